@@ -1,0 +1,565 @@
+"""The fl-edge wire protocol, imported by the agent and the aggregator alike.
+
+Every message is a COSE_Sign1 (RFC 9052, tag 18) signed with Ed25519 (alg EdDSA, -8), ``kid`` in the
+protected header. The payload is a CBOR map in deterministic encoding with a protocol version ``v``.
+
+Messages that carry tensors (Update, ModelRelease) are a CBOR sequence (RFC 8742) of two items::
+
+    COSE_Sign1(payload = {... "tensors_sha256": h'...'})  ||  tensor section (a CBOR map)
+
+The signature covers only the small payload, which pins the SHA-256 of the exact tensor-section bytes. The
+receiver checks 64 bytes of signature, then hashes the tensor section (hashlib releases the GIL) and decodes
+it straight into numpy views of the received buffer. docs/protocol.md has the byte-level specification.
+
+Tensors are RFC 8746 typed arrays: ``40([dims, 85(h'..')])`` (float32, little-endian), ``40([dims,
+84(h'..')])`` (float16) and, for int8 quantisation, ``[40([dims, 72(h'..')]), scale]`` where the value is
+``int8 * scale``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import numpy as np
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from appliance import cbor_reader
+from appliance.cbor_reader import Limits, Tagged
+from appliance.errors import ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Limits",
+    "ModelRelease",
+    "ParamSpec",
+    "ProtocolError",
+    "Receipt",
+    "Task",
+    "Update",
+    "Verified",
+    "decode_model_release",
+    "decode_receipt",
+    "decode_task",
+    "decode_tensors",
+    "decode_update",
+    "encode_model_release",
+    "encode_receipt",
+    "encode_task",
+    "encode_tensors",
+    "encode_update",
+    "key_id",
+    "pinned",
+    "sign",
+    "verify",
+]
+
+PROTOCOL_VERSION = 1
+
+COSE_SIGN1_TAG = 18
+COSE_ALG = 1
+COSE_KID = 4
+COSE_ALG_EDDSA = -8
+TAG_MULTI_DIM = 40
+TAG_SINT8 = 72
+TAG_FLOAT16_LE = 84
+TAG_FLOAT32_LE = 85
+
+CONTENT_TYPE = "application/fl-edge+cbor-seq"
+
+ENCODINGS = ("float32", "float16", "int8")
+_DTYPE_TAG = {"float32": TAG_FLOAT32_LE, "float16": TAG_FLOAT16_LE}
+_TAG_DTYPE = {TAG_FLOAT32_LE: np.dtype("<f4"), TAG_FLOAT16_LE: np.dtype("<f2"), TAG_SINT8: np.dtype("i1")}
+
+_ENVELOPE_TAGS = frozenset({COSE_SIGN1_TAG})
+_TENSOR_TAGS = frozenset({TAG_MULTI_DIM, TAG_SINT8, TAG_FLOAT16_LE, TAG_FLOAT32_LE})
+# A COSE envelope and its small payload never need more than this, whatever the tensor limits are.
+_ENVELOPE_MAX_BYTES = 64 * 1024
+
+DEFAULT_LIMITS = Limits()
+
+
+# ---------------------------------------------------------------------------------------------- envelope
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A verified envelope: who signed it, its payload, and the bytes that followed it (the tensor section)."""
+
+    kid: str
+    payload: dict[str, Any]
+    rest: memoryview
+
+
+KeyLookup = Callable[[str], VerifyKey | None]
+
+
+def _protected_header(kid: str) -> bytes:
+    return cbor2.dumps({COSE_ALG: COSE_ALG_EDDSA, COSE_KID: kid.encode()}, canonical=True)
+
+
+def _sig_structure(protected: bytes | memoryview, payload: bytes | memoryview) -> bytes:
+    return cbor2.dumps(["Signature1", bytes(protected), b"", bytes(payload)], canonical=True)
+
+
+def key_id(key: VerifyKey) -> str:
+    """The id of a key's holder: first 16 bytes of SHA-256 of the raw public key, as 32 hex characters."""
+    return hashlib.sha256(bytes(key)).digest()[:16].hex()
+
+
+def pinned(key: VerifyKey) -> KeyLookup:
+    """A key lookup that knows exactly one signer: how devices accept only their pinned aggregator."""
+    kid = key_id(key)
+    return lambda candidate: key if candidate == kid else None
+
+
+def sign(payload: Mapping[str, Any], key: SigningKey, kid: str) -> bytes:
+    """COSE_Sign1 over ``payload`` (encoded deterministically), signed by ``key``, naming ``kid``."""
+    body = cbor2.dumps(dict(payload), canonical=True)
+    protected = _protected_header(kid)
+    signature = key.sign(_sig_structure(protected, body)).signature
+    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, body, signature]), canonical=True)
+
+
+def verify(message: bytes | memoryview, key_for_kid: KeyLookup, limits: Limits = DEFAULT_LIMITS) -> Verified:
+    """Check the COSE_Sign1 at the start of ``message`` and return its decoded payload.
+
+    ``key_for_kid`` returns the public key enrolled for a ``kid``, or None when it is unknown (refused with
+    ``unknown-key``). Anything after the envelope is returned untouched as ``rest``.
+    """
+    if len(message) > limits.max_bytes:
+        raise ProtocolError("too-large", f"{len(message)} bytes exceeds the limit of {limits.max_bytes}")
+    head = memoryview(message)[: _ENVELOPE_MAX_BYTES + 16]
+    envelope_limits = Limits(
+        max_bytes=_ENVELOPE_MAX_BYTES, max_depth=limits.max_depth, max_container_len=limits.max_container_len
+    )
+    reader = cbor_reader.Reader(head, envelope_limits, _ENVELOPE_TAGS)
+    item = reader.read_item()
+    end = reader.pos
+    if end > _ENVELOPE_MAX_BYTES:
+        raise ProtocolError("too-large", f"signed envelope of {end} bytes exceeds {_ENVELOPE_MAX_BYTES}")
+    if not (isinstance(item, Tagged) and item.tag == COSE_SIGN1_TAG):
+        raise ProtocolError("not-signed", "message is not a COSE_Sign1 (tag 18)")
+    parts = item.value
+    if not (isinstance(parts, list) and len(parts) == 4):
+        raise ProtocolError("malformed", "COSE_Sign1 must be an array of 4 items")
+    protected_raw, _unprotected, payload_raw, signature = parts
+    if not all(isinstance(p, memoryview) for p in (protected_raw, payload_raw, signature)):
+        raise ProtocolError("malformed", "COSE_Sign1 protected header, payload and signature must be bstr")
+    protected = cbor_reader.loads(protected_raw, envelope_limits)
+    if not isinstance(protected, dict) or protected.get(COSE_ALG) != COSE_ALG_EDDSA:
+        raise ProtocolError("bad-algorithm", "protected header must name alg EdDSA (-8)")
+    kid_raw = protected.get(COSE_KID)
+    if not isinstance(kid_raw, memoryview):
+        raise ProtocolError("malformed", "protected header has no kid")
+    try:
+        kid = str(kid_raw, "ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("malformed", "kid is not ASCII") from None
+    key = key_for_kid(kid)
+    if key is None:
+        raise ProtocolError("unknown-key", f"no enrolled key for kid {kid!r}")
+    if len(signature) != 64:
+        raise ProtocolError("bad-signature", "Ed25519 signatures are 64 bytes")
+    try:
+        key.verify(_sig_structure(protected_raw, payload_raw), bytes(signature))
+    except BadSignatureError:
+        raise ProtocolError("bad-signature", f"signature does not verify with the key of {kid!r}") from None
+    payload = cbor_reader.loads(payload_raw, envelope_limits)
+    if not isinstance(payload, dict):
+        raise ProtocolError("bad-payload", "payload must be a CBOR map")
+    version = payload.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported-version", f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    return Verified(kid=kid, payload=payload, rest=memoryview(message)[end:])
+
+
+# ----------------------------------------------------------------------------------------------- tensors
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One named parameter tensor of a model: what every update and release must match exactly."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], encoding: str = "float32") -> bytes:
+    """The tensor section: a CBOR map name -> RFC 8746 typed array, in deterministic key order."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+    section = {}
+    for name, array in tensors.items():
+        dims = list(array.shape)
+        if encoding == "int8":
+            values = np.asarray(array, dtype=np.float32)
+            peak = float(np.max(np.abs(values))) if values.size else 0.0
+            scale = peak / 127.0 if peak > 0 else 1.0
+            quantised = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+            typed = cbor2.CBORTag(TAG_SINT8, quantised.tobytes())
+            section[name] = [cbor2.CBORTag(TAG_MULTI_DIM, [dims, typed]), scale]
+        else:
+            data = np.ascontiguousarray(array, dtype=np.dtype(encoding).newbyteorder("<")).tobytes()
+            section[name] = cbor2.CBORTag(TAG_MULTI_DIM, [dims, cbor2.CBORTag(_DTYPE_TAG[encoding], data)])
+    return cbor2.dumps(section, canonical=True)
+
+
+def _typed_array(item: Any, name: str) -> tuple[np.ndarray, int]:
+    if not (isinstance(item, Tagged) and item.tag == TAG_MULTI_DIM):
+        raise ProtocolError("bad-tensor", f"tensor {name!r} is not a tag-40 multi-dimensional array")
+    value = item.value
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], list)):
+        raise ProtocolError("bad-tensor", f"tensor {name!r}: tag 40 must hold [dims, typed array]")
+    dims, typed = value
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ProtocolError("bad-tensor", f"tensor {name!r}: dimensions must be non-negative integers")
+    if not (isinstance(typed, Tagged) and typed.tag in _TAG_DTYPE and isinstance(typed.value, memoryview)):
+        raise ProtocolError("bad-tensor", f"tensor {name!r}: data must be a typed array (tag 72, 84 or 85)")
+    dtype = _TAG_DTYPE[typed.tag]
+    count = math.prod(dims)
+    if len(typed.value) != count * dtype.itemsize:
+        raise ProtocolError(
+            "bad-tensor", f"tensor {name!r}: {len(typed.value)} bytes do not hold {dims} of {dtype.name}"
+        )
+    return np.frombuffer(typed.value, dtype=dtype).reshape(dims), typed.tag
+
+
+def decode_tensors(
+    section: bytes | memoryview,
+    specs: list[ParamSpec] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    dequantise: bool = True,
+) -> tuple[dict[str, np.ndarray], str]:
+    """Decode a tensor section into float32 arrays (views of ``section`` for float32), and its encoding.
+
+    With ``specs`` the names and shapes must match exactly (``wrong-tensors``, ``wrong-shape``); all values must
+    be finite (``not-finite``).
+    """
+    tensor_limits = Limits(
+        max_bytes=limits.max_bytes,
+        max_depth=6,
+        max_container_len=limits.max_container_len,
+        max_items=limits.max_items,
+    )
+    raw = cbor_reader.loads(section, tensor_limits, _TENSOR_TAGS)
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise ProtocolError("bad-tensor", "tensor section must be a map of name -> tensor")
+    if specs is not None:
+        expected = {s.name for s in specs}
+        if set(raw) != expected:
+            missing, extra = sorted(expected - set(raw)), sorted(set(raw) - expected)
+            raise ProtocolError("wrong-tensors", f"missing {missing}, unexpected {extra}")
+    out: dict[str, np.ndarray] = {}
+    encodings: set[str] = set()
+    total = 0
+    for name, item in raw.items():
+        if isinstance(item, list):
+            if len(item) != 2 or not isinstance(item[1], float):
+                raise ProtocolError("bad-tensor", f"tensor {name!r}: quantised form is [tensor, scale]")
+            array, tag = _typed_array(item[0], name)
+            scale = item[1]
+            if tag != TAG_SINT8 or not math.isfinite(scale) or scale <= 0:
+                raise ProtocolError("bad-tensor", f"tensor {name!r}: int8 data with a positive finite scale")
+            encodings.add("int8")
+            array = array.astype(np.float32) * np.float32(scale) if dequantise else array
+        else:
+            array, tag = _typed_array(item, name)
+            if tag == TAG_SINT8:
+                raise ProtocolError("bad-tensor", f"tensor {name!r}: int8 data needs a scale")
+            encodings.add("float32" if tag == TAG_FLOAT32_LE else "float16")
+            if tag == TAG_FLOAT16_LE and dequantise:
+                array = array.astype(np.float32)
+        total += array.size
+        if total > limits.max_tensor_elements:
+            raise ProtocolError("tensor-too-large", f"more than {limits.max_tensor_elements} elements")
+        out[name] = array
+    if specs is not None:
+        for spec in specs:
+            if out[spec.name].shape != spec.shape:
+                raise ProtocolError(
+                    "wrong-shape", f"tensor {spec.name!r} has shape {out[spec.name].shape}, expected {spec.shape}"
+                )
+    for name, array in out.items():
+        if not np.isfinite(array).all():
+            raise ProtocolError("not-finite", f"tensor {name!r} holds NaN or Inf")
+    if len(encodings) > 1:
+        raise ProtocolError("bad-tensor", f"mixed encodings {sorted(encodings)} in one message")
+    return out, (encodings.pop() if encodings else "float32")
+
+
+def tensors_digest(section: bytes | memoryview) -> bytes:
+    """SHA-256 of the exact tensor-section bytes: what the signed payload pins, and a model version's digest."""
+    return hashlib.sha256(section).digest()
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+def _field(payload: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = payload.get(name)
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise ProtocolError("bad-payload", f"field {name!r} missing or not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _type(payload: Mapping[str, Any], expected: str) -> None:
+    if payload.get("type") != expected:
+        raise ProtocolError("wrong-type", f"expected a {expected} message, got {payload.get('type')!r}")
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or len(value) > 32:
+        raise ProtocolError("bad-payload", "metrics must be a map of at most 32 entries")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int | float):
+            raise ProtocolError("bad-payload", "metrics map text names to numbers")
+        out[k] = float(v)
+    return out
+
+
+def _check_section(verified: Verified) -> memoryview:
+    pinned = _field(verified.payload, "tensors_sha256", memoryview)
+    section = verified.rest
+    if hashlib.sha256(section).digest() != bytes(pinned):
+        raise ProtocolError("digest-mismatch", "tensor section does not match the signed digest")
+    return section
+
+
+@dataclass(frozen=True)
+class Update:
+    """A device's contribution to one round: the parameter delta from ``base_digest``'s model."""
+
+    device_id: str
+    round_id: int
+    model_version: int
+    base_digest: bytes
+    num_samples: int
+    tensors: dict[str, np.ndarray]
+    metrics: dict[str, float] = field(default_factory=dict)
+    encoding: str = "float32"
+    nonce: bytes = field(default_factory=lambda: os.urandom(16))
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+
+def encode_update(update: Update, key: SigningKey) -> bytes:
+    """The full upload body: signed metadata followed by the tensor section."""
+    section = encode_tensors(update.tensors, update.encoding)
+    payload = {
+        "v": PROTOCOL_VERSION,
+        "type": "update",
+        "device": update.device_id,
+        "round": update.round_id,
+        "model_version": update.model_version,
+        "base_digest": update.base_digest,
+        "num_samples": update.num_samples,
+        "metrics": update.metrics,
+        "encoding": update.encoding,
+        "nonce": update.nonce,
+        "created_at": update.created_at,
+        "tensors_sha256": tensors_digest(section),
+    }
+    return sign(payload, key, update.device_id) + section
+
+
+def decode_update(
+    body: bytes | memoryview,
+    key_for_kid: KeyLookup,
+    specs: list[ParamSpec] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Update:
+    """Verify and decode an upload body. The signer must be the device the update names."""
+    verified = verify(body, key_for_kid, limits)
+    p = verified.payload
+    _type(p, "update")
+    device = _field(p, "device", str)
+    if device != verified.kid:
+        raise ProtocolError("kid-mismatch", f"update names device {device!r} but is signed by {verified.kid!r}")
+    section = _check_section(verified)
+    num_samples = _field(p, "num_samples", int)
+    if num_samples <= 0:
+        raise ProtocolError("bad-payload", "num_samples must be positive")
+    nonce = bytes(_field(p, "nonce", memoryview))
+    if len(nonce) < 8:
+        raise ProtocolError("bad-payload", "nonce must be at least 8 bytes")
+    tensors, encoding = decode_tensors(section, specs, limits)
+    return Update(
+        device_id=device,
+        round_id=_field(p, "round", int),
+        model_version=_field(p, "model_version", int),
+        base_digest=bytes(_field(p, "base_digest", memoryview)),
+        num_samples=num_samples,
+        tensors=tensors,
+        metrics=_metrics(p.get("metrics", {})),
+        encoding=encoding,
+        nonce=nonce,
+        created_at=_field(p, "created_at", int),
+    )
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the aggregator asks devices to do in one round."""
+
+    round_id: int
+    model_version: int
+    model_digest: bytes
+    package_digest: bytes
+    deadline: int
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    prox_mu: float = 0.0
+    encoding: str = "float32"
+    clip_norm: float = 0.0
+    issued_at: int = field(default_factory=lambda: int(time.time()))
+
+
+def encode_task(task: Task, key: SigningKey) -> bytes:
+    payload = {
+        "v": PROTOCOL_VERSION,
+        "type": "task",
+        "round": task.round_id,
+        "model_version": task.model_version,
+        "model_digest": task.model_digest,
+        "package_digest": task.package_digest,
+        "deadline": task.deadline,
+        "epochs": task.epochs,
+        "batch_size": task.batch_size,
+        "learning_rate": float(task.learning_rate),
+        "prox_mu": float(task.prox_mu),
+        "encoding": task.encoding,
+        "clip_norm": float(task.clip_norm),
+        "issued_at": task.issued_at,
+    }
+    return sign(payload, key, key_id(key.verify_key))
+
+
+def decode_task(message: bytes | memoryview, aggregator_key: VerifyKey) -> Task:
+    """Verify a task against the pinned aggregator key; anything else signed is refused."""
+    verified = verify(message, pinned(aggregator_key))
+    p = verified.payload
+    _type(p, "task")
+    if len(verified.rest):
+        raise ProtocolError("trailing-bytes", "a task carries no tensor section")
+    encoding = _field(p, "encoding", str)
+    if encoding not in ENCODINGS:
+        raise ProtocolError("bad-payload", f"unknown encoding {encoding!r}")
+    return Task(
+        round_id=_field(p, "round", int),
+        model_version=_field(p, "model_version", int),
+        model_digest=bytes(_field(p, "model_digest", memoryview)),
+        package_digest=bytes(_field(p, "package_digest", memoryview)),
+        deadline=_field(p, "deadline", int),
+        epochs=_field(p, "epochs", int),
+        batch_size=_field(p, "batch_size", int),
+        learning_rate=_field(p, "learning_rate", float),
+        prox_mu=_field(p, "prox_mu", float),
+        encoding=encoding,
+        clip_norm=_field(p, "clip_norm", float),
+        issued_at=_field(p, "issued_at", int),
+    )
+
+
+@dataclass(frozen=True)
+class ModelRelease:
+    """A global model version: full parameters, signed by the aggregator. ``digest`` is the SHA-256 of the
+    tensor section and is what updates name as their ``base_digest``."""
+
+    version: int
+    package_digest: bytes
+    tensors: dict[str, np.ndarray]
+    digest: bytes = b""
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+
+def encode_model_release(release: ModelRelease, key: SigningKey) -> tuple[bytes, bytes]:
+    """Returns (message, digest of its parameters)."""
+    section = encode_tensors(release.tensors, "float32")
+    digest = tensors_digest(section)
+    payload = {
+        "v": PROTOCOL_VERSION,
+        "type": "model",
+        "version": release.version,
+        "package_digest": release.package_digest,
+        "created_at": release.created_at,
+        "tensors_sha256": digest,
+    }
+    return sign(payload, key, key_id(key.verify_key)) + section, digest
+
+
+def decode_model_release(
+    message: bytes | memoryview,
+    aggregator_key: VerifyKey,
+    specs: list[ParamSpec] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> ModelRelease:
+    """Verify a model release against the pinned aggregator key and decode its parameters."""
+    verified = verify(message, pinned(aggregator_key), limits)
+    p = verified.payload
+    _type(p, "model")
+    section = _check_section(verified)
+    tensors, encoding = decode_tensors(section, specs, limits)
+    if encoding != "float32":
+        raise ProtocolError("bad-tensor", "model releases carry float32 parameters")
+    return ModelRelease(
+        version=_field(p, "version", int),
+        package_digest=bytes(_field(p, "package_digest", memoryview)),
+        tensors=tensors,
+        digest=bytes(_field(p, "tensors_sha256", memoryview)),
+        created_at=_field(p, "created_at", int),
+    )
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The aggregator's acknowledgement: the update is on its disk and counts in ``round_id``."""
+
+    device_id: str
+    round_id: int
+    update_digest: bytes
+    accepted_at: int = field(default_factory=lambda: int(time.time()))
+
+
+def encode_receipt(receipt: Receipt, key: SigningKey) -> bytes:
+    payload = {
+        "v": PROTOCOL_VERSION,
+        "type": "receipt",
+        "device": receipt.device_id,
+        "round": receipt.round_id,
+        "update_digest": receipt.update_digest,
+        "accepted_at": receipt.accepted_at,
+    }
+    return sign(payload, key, key_id(key.verify_key))
+
+
+def decode_receipt(message: bytes | memoryview, aggregator_key: VerifyKey) -> Receipt:
+    verified = verify(message, pinned(aggregator_key))
+    p = verified.payload
+    _type(p, "receipt")
+    if len(verified.rest):
+        raise ProtocolError("trailing-bytes", "a receipt carries no tensor section")
+    return Receipt(
+        device_id=_field(p, "device", str),
+        round_id=_field(p, "round", int),
+        update_digest=bytes(_field(p, "update_digest", memoryview)),
+        accepted_at=_field(p, "accepted_at", int),
+    )
+
+
+def update_digest(body: bytes | memoryview) -> bytes:
+    """The idempotency key of an upload: SHA-256 of its whole body."""
+    return hashlib.sha256(body).digest()
