@@ -1,0 +1,126 @@
+"""The agent's side of the aggregator's HTTP API (docs/api.md).
+
+Everything the aggregator sends is verified against the pinned aggregator key before it is used: a task,
+a model release, the model package and every receipt. A response that fails verification is treated like
+a network error (retried later), never acted on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import aiohttp
+from nacl.signing import VerifyKey
+
+from appliance import wire
+from appliance.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+UPDATE_CONTENT_TYPE = wire.CONTENT_TYPE
+
+
+class AggregatorUnavailable(Exception):
+    """The aggregator could not be reached or answered with a server error: try again later."""
+
+
+class Rejection(Exception):
+    """The aggregator refused an update for good (4xx): resending the same bytes cannot succeed."""
+
+    def __init__(self, status: int, reason: str, detail: str):
+        super().__init__(f"{status} {reason}: {detail}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+class AggregatorClient:
+    """One long-lived HTTP session to the aggregator."""
+
+    def __init__(self, base_url: str, aggregator_key: VerifyKey, timeout_seconds: float = 120.0):
+        self.base_url = base_url.rstrip("/")
+        self.aggregator_key = aggregator_key
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, sock_connect=10)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AggregatorClient:
+        self._session = aiohttp.ClientSession(timeout=self._timeout, raise_for_status=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("AggregatorClient used outside 'async with'")
+        return self._session
+
+    async def _get(self, path: str, params: dict[str, str] | None = None, timeout: float | None = None) -> bytes | None:
+        kwargs = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+        try:
+            async with self.session.get(self.base_url + path, params=params, **kwargs) as response:
+                if response.status == 204:
+                    return None
+                body = await response.read()
+                if response.status != 200:
+                    raise AggregatorUnavailable(f"GET {path}: HTTP {response.status}: {body[:200]!r}")
+                return body
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AggregatorUnavailable(f"GET {path}: {exc!r}") from exc
+
+    async def next_task(self, after_round: int, wait_seconds: float) -> wire.Task | None:
+        """Long-poll for a round newer than ``after_round``; None when none opened within the wait."""
+        body = await self._get(
+            "/v1/task",
+            {"after": str(after_round), "wait": str(int(wait_seconds))},
+            timeout=wait_seconds + 30,
+        )
+        if body is None:
+            return None
+        return wire.decode_task(body, self.aggregator_key)
+
+    async def model_release(self, version: int, specs: list[wire.ParamSpec]) -> wire.ModelRelease:
+        body = await self._get(f"/v1/models/{version}")
+        if body is None:
+            raise AggregatorUnavailable(f"model version {version} is not published")
+        return wire.decode_model_release(body, self.aggregator_key, specs)
+
+    async def package_bytes(self, digest: bytes) -> bytes:
+        body = await self._get(f"/v1/packages/{digest.hex()}")
+        if body is None:
+            raise AggregatorUnavailable(f"package {digest.hex()} is not published")
+        return body
+
+    async def send_update(self, body: bytes) -> wire.Receipt:
+        """Upload one signed update; returns the verified receipt.
+
+        Raises :class:`Rejection` for a permanent refusal and :class:`AggregatorUnavailable` for anything
+        worth retrying (network, 5xx, 429, a receipt that does not verify).
+        """
+        try:
+            async with self.session.post(
+                self.base_url + "/v1/updates", data=body, headers={"Content-Type": UPDATE_CONTENT_TYPE}
+            ) as response:
+                answer = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AggregatorUnavailable(f"POST /v1/updates: {exc!r}") from exc
+        if status == 200:
+            try:
+                receipt = wire.decode_receipt(answer, self.aggregator_key)
+            except ProtocolError as exc:
+                raise AggregatorUnavailable(f"receipt does not verify: {exc}") from exc
+            if receipt.update_digest != wire.update_digest(body):
+                raise AggregatorUnavailable("receipt names another update")
+            return receipt
+        if 400 <= status < 500 and status not in (408, 429):
+            try:
+                problem = json.loads(answer)
+                reason, detail = str(problem.get("reason", "unknown")), str(problem.get("detail", ""))
+            except (ValueError, AttributeError):
+                reason, detail = "unknown", answer[:200].decode(errors="replace")
+            raise Rejection(status, reason, detail)
+        raise AggregatorUnavailable(f"POST /v1/updates: HTTP {status}")

@@ -1,0 +1,55 @@
+"""Agent configuration: defaults, the data-partition override, and errors that name the file and the key."""
+
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, load_config
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_values(tmp_path):
+    cfg = load_config(write(tmp_path / "agent.toml", f'[agent]\nstate_dir = "{tmp_path}"\n[data]\nsource = "synthetic"\n'))
+    assert cfg.data.source == "synthetic"
+    assert cfg.metrics.listen == "0.0.0.0:9101"
+    assert cfg.state_path == tmp_path
+
+
+def test_override_on_data_partition_wins_key_by_key(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    write(state / "agent.toml", '[aggregator]\nurl = "http://10.0.2.100:8080"\n')
+    base = write(tmp_path / "agent.toml", f'[agent]\nstate_dir = "{state}"\n[aggregator]\npoll_wait_seconds = 5\n')
+    cfg = load_config(base)
+    assert cfg.aggregator.url == "http://10.0.2.100:8080"
+    assert cfg.aggregator.poll_wait_seconds == 5.0
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[agentt]\n", "unknown section [agentt]"),
+        ("[agent]\nstate_dri = '/x'\n", "[agent] unknown key 'state_dri'"),
+        ("[data]\nsamples_per_round = 'many'\n", "[data] samples_per_round: expected int"),
+        ("[data]\nsource = 'webcam'\n", "[data] source: 'webcam' is not one of cameras, synthetic"),
+        ("[data]\nsamples_per_round = 0\n", "[data] samples_per_round: must be > 0"),
+        ("[aggregator]\nurl = 'ftp://x'\n", "[aggregator] url: 'ftp://x' is not an http(s) URL"),
+        ("[metrics]\nlisten = '9101'\n", "[metrics] listen: '9101' is not HOST:PORT"),
+        ("[metrics\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, text, needle):
+    path = write(tmp_path / "agent.toml", text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, override=False)
+    assert str(path) in str(exc.value)
+    assert needle in str(exc.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="agent.toml: cannot read"):
+        load_config(tmp_path / "agent.toml")
