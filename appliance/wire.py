@@ -82,6 +82,8 @@ _ENVELOPE_TAGS = frozenset({COSE_SIGN1_TAG})
 _TENSOR_TAGS = frozenset({TAG_MULTI_DIM, TAG_SINT8, TAG_FLOAT16_LE, TAG_FLOAT32_LE})
 # A COSE envelope and its small payload never need more than this, whatever the tensor limits are.
 _ENVELOPE_MAX_BYTES = 64 * 1024
+# Model parameters are at most 4-D (conv kernels); numpy itself stops at 32 (numpy 1.x) or 64 dimensions.
+MAX_TENSOR_DIMS = 8
 
 DEFAULT_LIMITS = Limits()
 
@@ -216,7 +218,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], encoding: str = "float32")
     return cbor2.dumps(section, canonical=True)
 
 
-def _typed_array(item: Any, name: str) -> tuple[np.ndarray, int]:
+def _typed_array(item: Any, name: str, limits: Limits) -> tuple[np.ndarray, int]:
     if not (isinstance(item, Tagged) and item.tag == TAG_MULTI_DIM):
         raise ProtocolError("bad-tensor", f"tensor {name!r} is not a tag-40 multi-dimensional array")
     value = item.value
@@ -225,6 +227,11 @@ def _typed_array(item: Any, name: str) -> tuple[np.ndarray, int]:
     dims, typed = value
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
         raise ProtocolError("bad-tensor", f"tensor {name!r}: dimensions must be non-negative integers")
+    if len(dims) > MAX_TENSOR_DIMS:
+        raise ProtocolError("bad-tensor", f"tensor {name!r}: {len(dims)} dimensions exceed {MAX_TENSOR_DIMS}")
+    # Checked per dimension too: [2**64, 0] holds no elements, yet no array can have that shape.
+    if any(d > limits.max_tensor_elements for d in dims) or math.prod(dims) > limits.max_tensor_elements:
+        raise ProtocolError("tensor-too-large", f"tensor {name!r}: dimensions {dims} exceed the element limit")
     if not (isinstance(typed, Tagged) and typed.tag in _TAG_DTYPE and isinstance(typed.value, memoryview)):
         raise ProtocolError("bad-tensor", f"tensor {name!r}: data must be a typed array (tag 72, 84 or 85)")
     dtype = _TAG_DTYPE[typed.tag]
@@ -269,14 +276,14 @@ def decode_tensors(
         if isinstance(item, list):
             if len(item) != 2 or not isinstance(item[1], float):
                 raise ProtocolError("bad-tensor", f"tensor {name!r}: quantised form is [tensor, scale]")
-            array, tag = _typed_array(item[0], name)
+            array, tag = _typed_array(item[0], name, limits)
             scale = item[1]
             if tag != TAG_SINT8 or not math.isfinite(scale) or scale <= 0:
                 raise ProtocolError("bad-tensor", f"tensor {name!r}: int8 data with a positive finite scale")
             encodings.add("int8")
             array = array.astype(np.float32) * np.float32(scale) if dequantise else array
         else:
-            array, tag = _typed_array(item, name)
+            array, tag = _typed_array(item, name, limits)
             if tag == TAG_SINT8:
                 raise ProtocolError("bad-tensor", f"tensor {name!r}: int8 data needs a scale")
             encodings.add("float32" if tag == TAG_FLOAT32_LE else "float16")

@@ -1,0 +1,136 @@
+"""The tensor section: RFC 8746 typed arrays in and out, and every way a hostile section is refused."""
+
+from __future__ import annotations
+
+import cbor2
+import numpy as np
+import pytest
+
+from appliance import wire
+from appliance.wire import Limits, ParamSpec, ProtocolError
+
+T = cbor2.CBORTag
+
+
+def section(items: dict) -> bytes:
+    return cbor2.dumps(items, canonical=True)
+
+
+def f32(dims: list[int], data: bytes) -> T:
+    return T(40, [dims, T(85, data)])
+
+
+def reason_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(ProtocolError) as info:
+        fn(*args, **kwargs)
+    return info.value.reason
+
+
+def test_float32_decodes_as_zero_copy_view_of_the_input():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    raw = wire.encode_tensors({"w": w})
+    buf = memoryview(raw)
+    out, encoding = wire.decode_tensors(buf)
+    assert encoding == "float32"
+    np.testing.assert_array_equal(out["w"], w)
+    assert np.shares_memory(out["w"], np.frombuffer(buf, dtype=np.uint8))
+    assert not out["w"].flags.writeable  # the received body is never modified in place
+
+
+def test_float16_and_int8_round_trip_within_their_precision():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((5, 7)).astype(np.float32)
+    out16, enc16 = wire.decode_tensors(wire.encode_tensors({"w": w}, "float16"))
+    assert enc16 == "float16" and out16["w"].dtype == np.float32
+    np.testing.assert_allclose(out16["w"], w, rtol=1e-3, atol=1e-3)
+    out8, enc8 = wire.decode_tensors(wire.encode_tensors({"w": w}, "int8"))
+    assert enc8 == "int8" and out8["w"].dtype == np.float32
+    step = np.abs(w).max() / 127
+    assert np.abs(out8["w"] - w).max() <= step / 2 + 1e-6
+    raw8, _ = wire.decode_tensors(wire.encode_tensors({"w": w}, "int8"), dequantise=False)
+    assert raw8["w"].dtype == np.int8 and np.abs(raw8["w"]).max() == 127
+
+
+def test_all_zero_and_empty_tensors_survive_int8():
+    out, _ = wire.decode_tensors(wire.encode_tensors({"z": np.zeros(4), "e": np.zeros((0, 3))}, "int8"))
+    assert out["z"].tolist() == [0, 0, 0, 0] and out["e"].shape == (0, 3)
+
+
+def test_unknown_encoding_is_refused_when_encoding():
+    with pytest.raises(ValueError, match="bfloat16"):
+        wire.encode_tensors({"w": np.zeros(2)}, "bfloat16")
+
+
+def test_specs_must_match_names_and_shapes_exactly():
+    raw = wire.encode_tensors({"a": np.zeros((2, 3)), "b": np.zeros(4)})
+    specs = [ParamSpec("a", (2, 3)), ParamSpec("b", (4,))]
+    assert set(wire.decode_tensors(raw, specs)[0]) == {"a", "b"}
+    assert reason_of(wire.decode_tensors, raw, [ParamSpec("a", (2, 3))]) == "wrong-tensors"
+    assert reason_of(wire.decode_tensors, raw, [*specs, ParamSpec("c", (1,))]) == "wrong-tensors"
+    assert reason_of(wire.decode_tensors, raw, [ParamSpec("a", (3, 2)), ParamSpec("b", (4,))]) == "wrong-shape"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("encoding", ["float32", "float16"])
+def test_non_finite_values_are_refused(value, encoding):
+    raw = wire.encode_tensors({"w": np.array([1.0, value])}, encoding)
+    assert reason_of(wire.decode_tensors, raw) == "not-finite"
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ({"w": 5}, "bad-tensor"),
+        ({"w": T(40, [[1], b"\0\0\0\0"])}, "bad-tensor"),  # untyped data
+        ({"w": T(40, [[1], T(85, b"\0\0\0")])}, "bad-tensor"),  # 3 bytes cannot hold one float32
+        ({"w": T(40, [[2], T(85, b"\0\0\0\0")])}, "bad-tensor"),  # dims say 2 elements, data holds 1
+        ({"w": T(40, [[-1], T(85, b"")])}, "bad-tensor"),
+        ({"w": T(40, [[True], T(85, b"\0\0\0\0")])}, "bad-tensor"),
+        ({"w": T(40, [1, T(85, b"\0\0\0\0")])}, "bad-tensor"),  # dims not an array
+        ({"w": T(40, [[1], T(72, b"\1")])}, "bad-tensor"),  # int8 without a scale
+        ({"w": [T(40, [[1], T(85, b"\0\0\0\0")]), 0.5]}, "bad-tensor"),  # a scale on float32
+        ({"w": [T(40, [[1], T(72, b"\1")]), 0.0]}, "bad-tensor"),
+        ({"w": [T(40, [[1], T(72, b"\1")]), -1.0]}, "bad-tensor"),
+        ({"w": [T(40, [[1], T(72, b"\1")]), float("nan")]}, "bad-tensor"),
+        ({"w": [T(40, [[1], T(72, b"\1")]), 1]}, "bad-tensor"),  # scale must be a float
+        ({"w": [T(40, [[1], T(72, b"\1")])]}, "bad-tensor"),
+        ({"a": f32([1], b"\0\0\0\0"), "b": T(40, [[1], T(84, b"\0\0")])}, "bad-tensor"),  # mixed encodings
+        ({1: f32([1], b"\0\0\0\0")}, "bad-tensor"),  # names are text
+        ({"w": T(40, [[1], T(86, b"\0" * 8)])}, "unknown-tag"),  # float64 is not a protocol type
+    ],
+)
+def test_malformed_tensors_are_refused_with_a_reason(bad, reason):
+    assert reason_of(wire.decode_tensors, section(bad)) == reason
+
+
+def test_section_must_be_a_map():
+    assert reason_of(wire.decode_tensors, cbor2.dumps([1, 2])) == "bad-tensor"
+
+
+@pytest.mark.parametrize(
+    "dims",
+    [
+        [2**64 - 1, 0],  # zero elements, but numpy cannot make the shape
+        [2**40, 2**40, 0],
+        [1] * 70,  # more dimensions than numpy supports
+        [1] * 40,
+    ],
+)
+def test_absurd_dimensions_are_a_protocol_error_not_a_crash(dims):
+    data = b"" if 0 in dims else b"\0\0\0\0"
+    assert reason_of(wire.decode_tensors, section({"w": f32(dims, data)})) in {"bad-tensor", "tensor-too-large"}
+
+
+def test_element_limit_counts_all_tensors():
+    raw = wire.encode_tensors({"a": np.zeros(60), "b": np.zeros(60)})
+    limits = Limits(max_tensor_elements=100)
+    assert reason_of(wire.decode_tensors, raw, limits=limits) == "tensor-too-large"
+    assert set(wire.decode_tensors(raw, limits=Limits(max_tensor_elements=120))[0]) == {"a", "b"}
+
+
+def test_tensors_digest_is_sha256_of_the_section():
+    import hashlib
+
+    raw = wire.encode_tensors({"w": np.ones(3)})
+    assert wire.tensors_digest(raw) == hashlib.sha256(raw).digest()
