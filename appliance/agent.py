@@ -1,0 +1,363 @@
+"""The fl-agent loop: wait for a round, train on local data within the budget, queue a signed update, deliver.
+
+Data goes one way: camera -> frame buffer -> trainer (child cgroup) -> update -> outbox -> aggregator.
+Three tasks run side by side on one event loop: the round loop, the outbox delivery loop and (with real
+cameras) the camera manager; the systemd watchdog is pinged from the same loop, so a wedged loop is
+restarted by systemd.
+
+Restart safety: the last round for which an update was queued is stored in ``<state>/agent-state.json``
+after the update is in the outbox, so a restart neither trains a round twice nor forgets an update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+
+from appliance import __version__, systemd, wire
+from appliance.budget import (
+    Budget,
+    PressureGate,
+    TrainerFailed,
+    TrainerKilled,
+    TrainerSandbox,
+    next_batch_size_after_oom,
+    read_budget,
+)
+from appliance.client import AggregatorClient, AggregatorUnavailable, Rejection
+from appliance.config import Config
+from appliance.errors import ProtocolError
+from appliance.framebuffer import FrameBuffer
+from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_create_device_key
+from appliance.metrics import AgentMetrics, Reading
+from appliance.modelpkg import ModelPackage, load_package
+from appliance.outbox import Backoff, Outbox, PermanentRejection
+from appliance.training_job import FRAMES_DIR, TrainJob, run_train_job
+
+log = logging.getLogger("fl_agent")
+
+STATE_FILE = "agent-state.json"
+MODELS_DIR = "models"
+
+
+def clip_update(delta: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """Scale ``delta`` so its global L2 norm is at most ``max_norm`` (0: no clipping). Returns (delta, norm)."""
+    norm = math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in delta.values()))
+    if max_norm > 0 and norm > max_norm:
+        scale = np.float32(max_norm / norm)
+        return {k: v * scale for k, v in delta.items()}, norm
+    return delta, norm
+
+
+class Agent:
+    def __init__(self, config: Config, *, budget: Budget | None = None):
+        self.config = config
+        self.state_dir = config.state_path
+        self.metrics = AgentMetrics()
+        self.identity: DeviceIdentity = load_or_create_device_key(self.state_dir)
+        self.aggregator_key = load_aggregator_key(self.state_dir)
+        self.budget = budget or read_budget()
+        self.outbox = Outbox(
+            self.state_dir / "outbox", max_messages=config.outbox.max_messages, max_bytes=config.outbox.max_bytes
+        )
+        memory_max = config.training.memory_max_bytes or (
+            self.budget.memory_max * 3 // 4 if self.budget.memory_max else None
+        )
+        self.sandbox = TrainerSandbox(self.budget, memory_max, start_method="forkserver")
+        self.pressure = PressureGate(
+            threshold=config.training.pressure_pause_avg10,
+            path=self.budget.base / "memory.pressure" if self.budget.base else None,
+        )
+        self.threads = min(config.training.max_threads or self.budget.threads, self.budget.threads)
+        self.last_round = self._load_state().get("last_round", 0)
+        self._package: ModelPackage | None = None
+        self._release: wire.ModelRelease | None = None
+        self._outbox_changed = asyncio.Event()
+        self.status = "starting"
+        self._register_module_metrics()
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def _load_state(self) -> dict:
+        path = self.state_dir / STATE_FILE
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            log.warning("%s is not valid JSON; starting from round 0", path)
+            return {}
+
+    def _save_state(self) -> None:
+        path = self.state_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump({"last_round": self.last_round}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+    def _register_module_metrics(self) -> None:
+        m = self.metrics
+        m.budget_cpus.set(self.budget.cpu_quota or 0)
+        m.budget_memory.set(self.budget.memory_max or 0)
+        m.budget_advisory.set(1 if self.budget.advisory else 0)
+        m.trainer_threads.set(self.threads)
+        counters = self.outbox.counters
+        m.modules.add(
+            Reading("fl_agent_outbox_updates", "Updates waiting in the outbox", "gauge", lambda: self.outbox.depth)
+        )
+        m.modules.add(
+            Reading("fl_agent_outbox_bytes", "Bytes waiting in the outbox", "gauge", lambda: self.outbox.pending_bytes)
+        )
+        m.modules.add(
+            Reading(
+                "fl_agent_updates_delivered",
+                "Updates the aggregator acknowledged",
+                "counter",
+                lambda: counters.delivered_total,
+            )
+        )
+        m.modules.add(
+            Reading(
+                "fl_agent_updates_rejected",
+                "Updates the aggregator refused, by reason",
+                "counter",
+                lambda: dict(counters.rejected_total),
+            )
+        )
+        m.modules.add(
+            Reading(
+                "fl_agent_updates_dropped",
+                "Updates dropped from a full outbox",
+                "counter",
+                lambda: counters.dropped_total,
+            )
+        )
+        m.modules.add(
+            Reading(
+                "fl_agent_delivery_failures",
+                "Failed delivery attempts, by reason",
+                "counter",
+                lambda: dict(counters.delivery_failures_total),
+            )
+        )
+
+    # -- model ----------------------------------------------------------------------------------------
+
+    async def _ensure_package(self, client: AggregatorClient, digest: bytes) -> ModelPackage:
+        if self._package is not None and self._package.digest == digest:
+            return self._package
+        path = self.state_dir / MODELS_DIR / f"{digest.hex()}.flpkg"
+        if not path.exists():
+            blob = await client.package_bytes(digest)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(blob)
+            tmp.replace(path)
+        try:
+            package = load_package(path, self.aggregator_key)
+        except Exception:
+            path.unlink(missing_ok=True)
+            raise
+        if package.digest != digest:
+            path.unlink(missing_ok=True)
+            raise ProtocolError("wrong-package", f"package digest {package.digest.hex()} is not {digest.hex()}")
+        self._package = package
+        return package
+
+    async def _ensure_release(self, client: AggregatorClient, task: wire.Task) -> wire.ModelRelease:
+        if self._release is not None and self._release.version == task.model_version:
+            return self._release
+        package = self._package
+        assert package is not None
+        release = await client.model_release(task.model_version, package.param_specs)
+        if release.digest != task.model_digest or release.package_digest != task.package_digest:
+            raise ProtocolError("wrong-model", f"release {release.version} does not match the task's digests")
+        self._release = release
+        self.metrics.model_version.set(release.version)
+        return release
+
+    # -- one round ------------------------------------------------------------------------------------
+
+    def _frames_available(self) -> int:
+        return len(FrameBuffer(self.state_dir / FRAMES_DIR))
+
+    async def _train(self, task: wire.Task, package: ModelPackage, release: wire.ModelRelease) -> wire.Update | None:
+        data = self.config.data
+        if data.source == "cameras" and self._frames_available() < task.batch_size:
+            self.metrics.rounds_skipped.labels("no-data").inc()
+            log.info("round %d: too few labelled frames yet; skipping", task.round_id)
+            return None
+        waited = await self.pressure.wait_async()
+        if waited:
+            self.metrics.pressure_pause.inc(waited)
+        batch_size = task.batch_size
+        loop = asyncio.get_running_loop()
+        while True:
+            job = TrainJob(
+                package_path=str(self.state_dir / MODELS_DIR / f"{package.digest.hex()}.flpkg"),
+                aggregator_key=bytes(self.aggregator_key),
+                params={k: np.array(v) for k, v in release.tensors.items()},
+                source=data.source,
+                state_dir=str(self.state_dir),
+                samples=data.samples_per_round,
+                synthetic_camera=data.synthetic_camera,
+                seed=data.seed * 1_000_003 + task.round_id,
+                epochs=task.epochs,
+                batch_size=batch_size,
+                learning_rate=task.learning_rate,
+                prox_mu=task.prox_mu,
+                threads=self.threads,
+            )
+            timeout = max(60.0, task.deadline - time.time() + 60)
+            try:
+                with self.metrics.training_seconds.time():
+                    run = functools.partial(self.sandbox.run, run_train_job, job, timeout=timeout)
+                    result = await loop.run_in_executor(None, run)
+                break
+            except TrainerKilled as exc:
+                self.metrics.trainer_kills.labels("oom" if exc.oom else "signal").inc()
+                smaller = next_batch_size_after_oom(batch_size) if exc.oom else None
+                if smaller is None:
+                    log.error("round %d: trainer killed (%s); giving up this round", task.round_id, exc)
+                    self.metrics.rounds_skipped.labels("trainer-killed").inc()
+                    return None
+                log.warning("round %d: trainer killed for memory; retrying with batch %d", task.round_id, smaller)
+                batch_size = smaller
+            except (TrainerFailed, TimeoutError) as exc:
+                log.error("round %d: training failed: %s", task.round_id, exc)
+                self.metrics.rounds_skipped.labels("trainer-failed").inc()
+                return None
+        delta, norm = clip_update(result.delta, task.clip_norm)
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics["update_norm"] = norm
+        self.metrics.samples.inc(result.num_samples * task.epochs)
+        if "loss_after" in metrics:
+            self.metrics.train_loss.set(metrics["loss_after"])
+        return wire.Update(
+            device_id=self.identity.device_id,
+            round_id=task.round_id,
+            model_version=task.model_version,
+            base_digest=task.model_digest,
+            num_samples=result.num_samples,
+            tensors=delta,
+            metrics=metrics,
+            encoding=task.encoding,
+        )
+
+    async def _round(self, client: AggregatorClient, task: wire.Task) -> None:
+        self.metrics.round.set(task.round_id)
+        if task.deadline < time.time():
+            self.metrics.rounds_skipped.labels("deadline-passed").inc()
+            self.last_round = task.round_id
+            return
+        try:
+            package = await self._ensure_package(client, task.package_digest)
+            release = await self._ensure_release(client, task)
+        except ProtocolError as exc:
+            self.metrics.models_refused.labels(exc.reason).inc()
+            log.error("round %d: refused the model from the aggregator: %s", task.round_id, exc)
+            raise AggregatorUnavailable(str(exc)) from exc
+        self.set_status(f"training round {task.round_id} on model v{task.model_version}")
+        update = await self._train(task, package, release)
+        if update is not None:
+            body = wire.encode_update(update, self.identity.signing_key)
+            self.outbox.put(body)
+            self.metrics.rounds.inc()
+            self.metrics.update_bytes.inc(len(body))
+            self._outbox_changed.set()
+            log.info(
+                "round %d: update queued (%d samples, %d bytes, loss %.4f -> %.4f)",
+                task.round_id,
+                update.num_samples,
+                len(body),
+                update.metrics.get("loss_before", math.nan),
+                update.metrics.get("loss_after", math.nan),
+            )
+        self.last_round = task.round_id
+        self._save_state()
+        self.set_status(f"waiting for round > {self.last_round}")
+
+    def set_status(self, text: str) -> None:
+        self.status = text
+        systemd.notify(f"STATUS={text}")
+
+    # -- loops ----------------------------------------------------------------------------------------
+
+    async def round_loop(self, client: AggregatorClient) -> None:
+        backoff = Backoff(base=1.0, cap=60.0)
+        failures = 0
+        while True:
+            try:
+                task = await client.next_task(self.last_round, self.config.aggregator.poll_wait_seconds)
+                failures = 0
+                if task is not None and task.round_id > self.last_round:
+                    await self._round(client, task)
+            except (AggregatorUnavailable, ProtocolError) as exc:
+                self.metrics.aggregator_errors.labels("task").inc()
+                delay = backoff.delay(failures)
+                failures += 1
+                log.warning("aggregator: %s; retrying in %.1f s", exc, delay)
+                self.set_status(f"aggregator unreachable; retry in {delay:.0f} s")
+                await asyncio.sleep(delay)
+
+    async def delivery_loop(self, client: AggregatorClient) -> None:
+        async def send(body: bytes) -> wire.Receipt:
+            try:
+                return await client.send_update(body)
+            except Rejection as exc:
+                log.error("update refused by the aggregator: %s", exc)
+                raise PermanentRejection(exc.reason, exc.detail) from exc
+
+        def on_receipt(key: str, receipt: wire.Receipt) -> None:
+            log.info("round %d: update %s acknowledged", receipt.round_id, key[:16])
+
+        while True:
+            self._outbox_changed.clear()
+            await self.outbox.deliver(send, backoff=Backoff(base=1.0, cap=120.0), on_receipt=on_receipt)
+            await self._outbox_changed.wait()
+
+    async def run(self, extra_tasks: list[Coroutine[Any, Any, None]] | None = None) -> None:
+        """Run until cancelled. Sends READY=1 once identity, outbox and metrics are up."""
+        if self.config.metrics.listen:
+            self.metrics.serve(self.config.metrics.listen)
+        log.info(
+            "fl-agent %s: device %s, aggregator %s, budget: %s",
+            __version__,
+            self.identity.device_id,
+            self.config.aggregator.url,
+            self.budget.reason,
+        )
+        async with AggregatorClient(
+            self.config.aggregator.url, self.aggregator_key, self.config.aggregator.request_timeout_seconds
+        ) as client:
+            systemd.notify("READY=1")
+            self.set_status(f"waiting for round > {self.last_round}")
+            tasks = [
+                asyncio.create_task(self.round_loop(client), name="rounds"),
+                asyncio.create_task(self.delivery_loop(client), name="delivery"),
+                asyncio.create_task(systemd.watchdog_loop(), name="watchdog"),
+                *[asyncio.create_task(t) for t in extra_tasks or []],
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # a loop that ended raised: let it end the agent (systemd restarts it)
+            finally:
+                systemd.notify("STOPPING=1")
+                for task in tasks:
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                self.sandbox.close()

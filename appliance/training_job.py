@@ -1,0 +1,70 @@
+"""One round's local training, as a picklable job the agent runs in the trainer's child cgroup.
+
+The child process reads the training data itself (from the frame buffer, or the synthetic source in the
+demo), so frames never pass through the agent process, and an out-of-memory kill takes the trainer, not the
+agent. Everything the job needs travels in :class:`TrainJob`; the result is a plain
+:class:`~appliance.trainer.TrainResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nacl.signing import VerifyKey
+
+from appliance.framebuffer import FrameBuffer
+from appliance.modelpkg import load_package
+from appliance.synthetic import SyntheticCamera
+from appliance.trainer import Trainer, TrainResult
+
+FRAMES_DIR = "frames"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    package_path: str
+    aggregator_key: bytes
+    params: dict[str, np.ndarray]
+    source: str  # "synthetic" or "cameras"
+    state_dir: str
+    samples: int
+    synthetic_camera: int
+    seed: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    prox_mu: float
+    threads: int
+
+
+class NotEnoughData(Exception):
+    """The frame buffer holds too few labelled frames to train this round."""
+
+
+def training_data(job: TrainJob) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) for this round: fresh frames from the synthetic camera, or the newest labelled real frames."""
+    if job.source == "synthetic":
+        return SyntheticCamera(job.synthetic_camera, seed=job.seed).sample(job.samples)
+    frames = FrameBuffer(Path(job.state_dir) / FRAMES_DIR)
+    if len(frames) < job.batch_size:
+        raise NotEnoughData(f"{len(frames)} labelled frames in the buffer, need at least {job.batch_size}")
+    return frames.load(limit=job.samples)
+
+
+def run_train_job(job: TrainJob) -> TrainResult:
+    """Entry point of the trainer child process."""
+    package = load_package(Path(job.package_path), VerifyKey(job.aggregator_key))
+    x, y = training_data(job)
+    trainer = Trainer(package, threads=job.threads)
+    return trainer.train(
+        job.params,
+        x,
+        y,
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        lr=job.learning_rate,
+        prox_mu=job.prox_mu,
+        seed=job.seed,
+    )
