@@ -84,6 +84,8 @@ _TENSOR_TAGS = frozenset({TAG_MULTI_DIM, TAG_SINT8, TAG_FLOAT16_LE, TAG_FLOAT32_
 _ENVELOPE_MAX_BYTES = 64 * 1024
 # Model parameters are at most 4-D (conv kernels); numpy itself stops at 32 (numpy 1.x) or 64 dimensions.
 MAX_TENSOR_DIMS = 8
+# int8 values are in [-128, 127]: a larger scale would overflow float32 when dequantised.
+_MAX_INT8_SCALE = float(np.finfo(np.float32).max) / 128
 
 DEFAULT_LIMITS = Limits()
 
@@ -278,20 +280,28 @@ def decode_tensors(
                 raise ProtocolError("bad-tensor", f"tensor {name!r}: quantised form is [tensor, scale]")
             array, tag = _typed_array(item[0], name, limits)
             scale = item[1]
-            if tag != TAG_SINT8 or not math.isfinite(scale) or scale <= 0:
-                raise ProtocolError("bad-tensor", f"tensor {name!r}: int8 data with a positive finite scale")
-            encodings.add("int8")
-            array = array.astype(np.float32) * np.float32(scale) if dequantise else array
+            if tag != TAG_SINT8 or not 0 < scale <= _MAX_INT8_SCALE:
+                raise ProtocolError(
+                    "bad-tensor", f"tensor {name!r}: int8 data with a scale in (0, {_MAX_INT8_SCALE:.4g}]"
+                )
         else:
             array, tag = _typed_array(item, name, limits)
             if tag == TAG_SINT8:
                 raise ProtocolError("bad-tensor", f"tensor {name!r}: int8 data needs a scale")
-            encodings.add("float32" if tag == TAG_FLOAT32_LE else "float16")
-            if tag == TAG_FLOAT16_LE and dequantise:
-                array = array.astype(np.float32)
+        # Counted before any conversion, so the limit bounds what dequantising allocates.
         total += array.size
         if total > limits.max_tensor_elements:
             raise ProtocolError("tensor-too-large", f"more than {limits.max_tensor_elements} elements")
+        if tag == TAG_SINT8:
+            encodings.add("int8")
+            if dequantise:
+                array = array.astype(np.float32) * np.float32(scale)
+        elif tag == TAG_FLOAT16_LE:
+            encodings.add("float16")
+            if dequantise:
+                array = array.astype(np.float32)
+        else:
+            encodings.add("float32")
         out[name] = array
     if specs is not None:
         for spec in specs:

@@ -134,3 +134,20 @@ def test_tensors_digest_is_sha256_of_the_section():
 
     raw = wire.encode_tensors({"w": np.ones(3)})
     assert wire.tensors_digest(raw) == hashlib.sha256(raw).digest()
+
+
+@pytest.mark.parametrize("scale", [1e300, 3.0e38, 1e37])
+def test_int8_scale_that_would_overflow_float32_is_refused_quietly(scale):
+    """A scale whose products overflow float32 is bad input, refused before numpy warns about overflow."""
+    import warnings
+
+    raw = section({"w": [T(40, [[2], T(72, b"\x7f\x81")]), scale]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reason_of(wire.decode_tensors, raw) == "bad-tensor"
+
+
+def test_largest_allowed_int8_scale_decodes_finite():
+    scale = float(np.finfo(np.float32).max) / 128
+    out, _ = wire.decode_tensors(section({"w": [T(40, [[2], T(72, b"\x7f\x80")]), scale]}))
+    assert np.isfinite(out["w"]).all()
