@@ -1,0 +1,269 @@
+"""`flctl provision`: a fleet's keys, per-board agent config and the aggregator's enrolment file.
+
+The fleet directory (formats in docs/provisioning.md):
+  fleet.json                      URL, aggregator public key and id, key-derivation parameters
+  aggregator.pub                  the pinned aggregator public key (hex), as boards receive it
+  aggregator.key.sealed           the aggregator's signing key, sealed with the fleet passphrase
+  boards/<name>/device.key.sealed the board's Ed25519 seed, sealed
+  boards/<name>/board.json        {"name", "device_id", "public_key"}
+  boards/<name>/agent.toml        the board's agent.toml override ([aggregator] url)
+  enroll.jsonl                    one {"device_id", "public_key", "name"} per line, for `fl-aggregator enroll`
+The aggregator's state directory (default FLEET/aggregator, `--aggregator-state`) receives the one plaintext
+key, `aggregator.key`: the aggregator needs it unattended, like a board its device key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from nacl.signing import SigningKey, VerifyKey
+
+from appliance import identity
+
+from .sealed import KdfParams, Sealer, SealError, read_passphrase
+
+FLEET_FORMAT = "flctl-fleet/1"
+AGGREGATOR_KEY_NAME = "aggregator.key"  # in the aggregator's state dir: `fl-aggregator serve --state DIR`
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class ProvisionError(Exception):
+    """Fleet material cannot be created or read; the message names the file or argument."""
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    device_id: str
+    public_key: str  # hex
+
+    def enrolment(self) -> dict[str, str]:
+        return {"device_id": self.device_id, "public_key": self.public_key, "name": self.name}
+
+
+def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def check_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ProvisionError(f"aggregator URL {url!r} must look like http://HOST:PORT or https://HOST")
+    if any(c in url for c in "\"\\\n"):
+        raise ProvisionError(f"aggregator URL {url!r} contains a quote, backslash or newline")
+    return url.rstrip("/")
+
+
+def agent_toml(url: str) -> str:
+    """The per-board override of /etc/fl-agent/agent.toml: merged key by key by appliance.config."""
+    return f'# Written by flctl provision; overrides /etc/fl-agent/agent.toml key by key.\n' \
+           f'[aggregator]\nurl = "{url}"\n'
+
+
+class Fleet:
+    """A fleet directory opened with its passphrase."""
+
+    def __init__(self, root: Path, sealer: Sealer) -> None:
+        self.root = Path(root)
+        self.sealer = sealer
+        meta_path = self.root / "fleet.json"
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise ProvisionError(f"{self.root} is not a fleet directory (no fleet.json); "
+                                 f"create it with `flctl provision --fleet {self.root} ...`") from None
+        except ValueError as exc:
+            raise ProvisionError(f"{meta_path}: not JSON ({exc})") from None
+        if self.meta.get("format") != FLEET_FORMAT:
+            raise ProvisionError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FLEET_FORMAT}")
+        self.kdf = KdfParams.from_json(self.meta["kdf"], str(meta_path))
+
+    # -- creation ------------------------------------------------------------------------------------
+    @classmethod
+    def create_or_open(cls, root: Path, sealer: Sealer, url: str | None,
+                       aggregator_state: Path | None) -> Fleet:
+        """Open the fleet, creating it (and the aggregator key, unless its state dir has one) if absent."""
+        root = Path(root)
+        if not (root / "fleet.json").exists():
+            if url is None:
+                raise ProvisionError(f"{root} is a new fleet: --aggregator-url is required")
+            root.mkdir(parents=True, exist_ok=True)
+            os.chmod(root, 0o700)
+            kdf = KdfParams.new()
+            state = aggregator_state or root / "aggregator"
+            existing = state / AGGREGATOR_KEY_NAME
+            # When the aggregator made its own key first, the fleet adopts it.
+            agg = SigningKey(identity.read_key_file(existing)) if existing.exists() else SigningKey.generate()
+            sealer.seal(bytes(agg), kdf, root / "aggregator.key.sealed")
+            meta = {"format": FLEET_FORMAT, "aggregator_url": check_url(url),
+                    "aggregator_public_key": bytes(agg.verify_key).hex(),
+                    "aggregator_id": identity.device_id_for(agg.verify_key), "kdf": kdf.to_json()}
+            _write_text(root / "fleet.json", json.dumps(meta, indent=1) + "\n")
+        fleet = cls(root, sealer)
+        fleet.aggregator_key()  # proves the passphrase before anything else is written
+        if url is not None and check_url(url) != fleet.url:
+            fleet.meta["aggregator_url"] = check_url(url)
+            _write_text(root / "fleet.json", json.dumps(fleet.meta, indent=1) + "\n")
+        return fleet
+
+    # -- reading -------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return str(self.meta["aggregator_url"])
+
+    @property
+    def aggregator_public_key(self) -> VerifyKey:
+        return VerifyKey(bytes.fromhex(self.meta["aggregator_public_key"]))
+
+    def aggregator_key(self) -> SigningKey:
+        key = SigningKey(self.sealer.open(self.root / "aggregator.key.sealed"))
+        if bytes(key.verify_key) != bytes(self.aggregator_public_key):
+            raise ProvisionError(f"{self.root}: aggregator.key.sealed does not match fleet.json's public key")
+        return key
+
+    def board_dir(self, name: str) -> Path:
+        return self.root / "boards" / name
+
+    def board(self, name: str) -> Board:
+        path = self.board_dir(name) / "board.json"
+        try:
+            obj = json.loads(path.read_text())
+        except FileNotFoundError:
+            known = ", ".join(self.board_names()) or "none"
+            raise ProvisionError(f"board {name!r} is not in fleet {self.root} (boards: {known}); "
+                                 f"add it with `flctl provision --fleet {self.root} --names {name}`") from None
+        return Board(obj["name"], obj["device_id"], obj["public_key"])
+
+    def board_names(self) -> list[str]:
+        base = self.root / "boards"
+        return sorted(p.name for p in base.iterdir() if (p / "board.json").exists()) if base.is_dir() else []
+
+    def device_key(self, name: str) -> SigningKey:
+        """The board's signing key, checked against its recorded public key."""
+        board = self.board(name)
+        key = SigningKey(self.sealer.open(self.board_dir(name) / "device.key.sealed"))
+        if bytes(key.verify_key).hex() != board.public_key:
+            raise ProvisionError(f"{self.board_dir(name)}: device.key.sealed does not match board.json")
+        return key
+
+    # -- writing -------------------------------------------------------------------------------------
+    def add_board(self, name: str) -> tuple[Board, bool]:
+        """Create the board's key and files unless it exists; return it and whether it is new."""
+        if not NAME_RE.match(name):
+            raise ProvisionError(f"board name {name!r}: use 1-63 of a-z 0-9 . _ - (starting with a letter "
+                                 f"or digit)")
+        d = self.board_dir(name)
+        if (d / "board.json").exists():
+            self.device_key(name)  # the sealed key must still open and match
+            new = False
+        else:
+            d.mkdir(parents=True, exist_ok=True)
+            key = SigningKey.generate()
+            self.sealer.seal(bytes(key), self.kdf, d / "device.key.sealed")
+            board = Board(name, identity.device_id_for(key.verify_key), bytes(key.verify_key).hex())
+            _write_text(d / "board.json", json.dumps(board.enrolment(), indent=1) + "\n")
+            new = True
+        _write_text(d / "agent.toml", agent_toml(self.url))
+        return self.board(name), new
+
+    def write_public_files(self) -> Path:
+        """aggregator.pub and enroll.jsonl (all boards, sorted by name)."""
+        _write_text(self.root / "aggregator.pub", bytes(self.aggregator_public_key).hex() + "\n")
+        lines = [json.dumps(self.board(n).enrolment(), sort_keys=True) + "\n" for n in self.board_names()]
+        path = self.root / "enroll.jsonl"
+        _write_text(path, "".join(lines))
+        return path
+
+    def export_aggregator_key(self, state_dir: Path) -> Path:
+        """Write the plaintext aggregator key into the aggregator's own state dir (0600)."""
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = state_dir / AGGREGATOR_KEY_NAME
+        key = self.aggregator_key()
+        if path.exists():
+            if identity.read_key_file(path) != bytes(key):
+                raise ProvisionError(f"{path} holds a different aggregator key than fleet {self.root}; "
+                                     f"move it away or use another --aggregator-state")
+            return path
+        identity.write_key_file(path, bytes(key), 0o600)
+        return path
+
+
+def board_names(boards: int | None, names: str | None) -> list[str]:
+    if names:
+        result = [n.strip() for n in names.split(",") if n.strip()]
+        if len(set(result)) != len(result):
+            raise ProvisionError(f"--names lists a board twice: {names}")
+        return result
+    if boards is not None:
+        if boards < 0 or boards > 100000:
+            raise ProvisionError(f"--boards {boards}: expected 0 to 100000")
+        return [f"board-{i:03d}" for i in range(1, boards + 1)]
+    return []
+
+
+def open_fleet(fleet_dir: str | Path, passphrase_file: str | None) -> Fleet:
+    """Open an existing fleet (for `flctl flash`)."""
+    root = Path(fleet_dir)
+    if not (root / "fleet.json").exists():
+        raise ProvisionError(f"{root} is not a fleet directory (no fleet.json)")
+    return Fleet(root, Sealer(read_passphrase(passphrase_file, confirm=False)))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        root = Path(args.fleet)
+        new_fleet = not (root / "fleet.json").exists()
+        names = board_names(args.boards, args.names)
+        sealer = Sealer(read_passphrase(args.passphrase_file, confirm=new_fleet))
+        state = Path(args.aggregator_state) if args.aggregator_state else root / "aggregator"
+        fleet = Fleet.create_or_open(root, sealer, args.aggregator_url, state)
+        added = 0
+        for name in names:
+            _board, new = fleet.add_board(name)
+            added += new
+        for name in fleet.board_names():  # the URL may have changed: every board's config follows it
+            _write_text(fleet.board_dir(name) / "agent.toml", agent_toml(fleet.url))
+        enroll = fleet.write_public_files()
+        key_path = fleet.export_aggregator_key(state)
+    except (ProvisionError, SealError, identity.IdentityError) as exc:
+        print(f"flctl provision: {exc}", file=sys.stderr)
+        return 1
+    total = len(fleet.board_names())
+    print(f"fleet {root}: {'created, ' if new_fleet else ''}{added} new board(s), {total} in all")
+    print(f"  aggregator id {fleet.meta['aggregator_id']}, url {fleet.url}")
+    print(f"  aggregator key: {key_path}  (fl-aggregator serve --state {state})")
+    print(f"  enrolment file: {enroll}  (fl-aggregator enroll --state {state} --from {enroll})")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    p = sub.add_parser("provision", help="create a fleet's keys, per-board config and enrolment file",
+                       description="Create or extend a fleet: the aggregator key (if absent), one sealed "
+                                   "device key and agent.toml per board, and enroll.jsonl for "
+                                   "`fl-aggregator enroll`. Re-running adds boards and keeps existing keys.")
+    p.add_argument("--fleet", required=True, metavar="DIR", help="fleet directory (created if absent)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--boards", type=int, metavar="N", help="ensure boards board-001..board-N exist")
+    group.add_argument("--names", metavar="A,B,...", help="ensure these boards exist")
+    p.add_argument("--aggregator-url", metavar="URL", help="the URL boards reach the aggregator at "
+                   "(required for a new fleet; changing it rewrites every board's agent.toml)")
+    p.add_argument("--aggregator-state", metavar="DIR", help="the aggregator's state dir that receives "
+                   "aggregator.key (default: FLEET/aggregator)")
+    p.add_argument("--passphrase-file", metavar="FILE", help="file holding the fleet passphrase "
+                   "(default: $FLCTL_PASSPHRASE, else asked)")
+    p.set_defaults(func=run)
+    return p
