@@ -1,0 +1,373 @@
+"""A durable queue of signed updates on the data partition, delivered at least once, deduplicated by digest.
+
+Each update is written to ``<state_dir>/outbox/`` *before* the first send: a temporary file is written and
+fsynced, renamed to ``<seq>-<key>.upd`` and the directory fsynced, so after :meth:`Outbox.put` returns the
+update survives a crash or a power cut. The key is the hex SHA-256 of the message. The aggregator answers an
+identical resend with the original receipt, so resending after a crash is safe: the outbox delivers at least
+once, the aggregator's dedup by digest makes it exactly once. The file is removed (and the directory fsynced)
+only after a receipt.
+
+The delivery loop retries transient errors with capped exponential backoff and full jitter, and moves an update
+the aggregator refused for good (:class:`PermanentRejection`) to ``outbox/rejected/``. The queue is bounded in
+messages and bytes: putting past the bound drops the oldest pending updates, counted and logged.
+
+One process owns an outbox directory (the agent); the methods are safe to call from one event loop and from
+other threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import re
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".upd"
+TMP_PREFIX = ".tmp-"
+_NAME = re.compile(r"^(\d{12})-([0-9a-f]{64})\.upd$")
+
+
+class OutboxError(Exception):
+    """An outbox operation was refused (message too large, bad key, unreadable directory)."""
+
+
+class PermanentRejection(Exception):
+    """Raised by a send callable when the aggregator refused the update for good (bad signature, wrong round,
+    a different update already accepted for the round...). ``reason`` is the aggregator's stable reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class TransientError(Exception):
+    """Optional for send callables: a retryable failure with a stable ``reason`` for metrics. Any other
+    exception except :class:`PermanentRejection` is retried too, counted under its class name."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def digest(message: bytes) -> str:
+    """The idempotency key of a message: lowercase hex SHA-256."""
+    return hashlib.sha256(message).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One pending update: its order, key (SHA-256 hex) and size."""
+
+    seq: int
+    key: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.seq:012d}-{self.key}{SUFFIX}"
+
+
+@dataclass
+class OutboxCounters:
+    """Totals since the agent started, for the metrics module (plain attributes, read them any time)."""
+
+    put_total: int = 0
+    delivered_total: int = 0
+    dropped_total: int = 0
+    dropped_bytes_total: int = 0
+    rejected_total: Counter[str] = field(default_factory=Counter)  # by the aggregator's reason
+    delivery_failures_total: Counter[str] = field(default_factory=Counter)  # transient, by reason
+    corrupt_total: int = 0
+    stale_temp_files_removed: int = 0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with full jitter: the n-th retry waits uniform(0, min(cap, base * 2**n))."""
+
+    base: float = 1.0
+    cap: float = 300.0
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.base <= 0 or self.cap < self.base or self.factor < 1:
+            raise ValueError(f"bad backoff: base={self.base} cap={self.cap} factor={self.factor}")
+
+    def ceiling(self, attempt: int) -> float:
+        """The upper bound of the wait before retry number ``attempt`` (0 for the first retry)."""
+        if attempt >= 64:  # avoid float overflow; the cap applies long before
+            return self.cap
+        return min(self.cap, self.base * self.factor**attempt)
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        return rng() * self.ceiling(attempt)
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What one :meth:`Outbox.deliver` call did, and why it returned."""
+
+    delivered: int
+    rejected: int
+    failures: int
+    stopped: str  # "empty", "max_failures" or "stop"
+
+
+class Outbox:
+    """The outbox directory ``<state_dir>/outbox``. Opening it removes temp files a crash left behind."""
+
+    def __init__(self, state_dir: Path | str, *, max_messages: int = 64, max_bytes: int = 256 * 1024 * 1024,
+                 max_rejected: int = 32):
+        if max_messages < 1 or max_bytes < 1:
+            raise ValueError(f"outbox bounds must be >= 1 (max_messages={max_messages}, max_bytes={max_bytes})")
+        self.directory = Path(state_dir) / "outbox"
+        self.rejected_directory = self.directory / "rejected"
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_rejected = max_rejected
+        self.counters = OutboxCounters()
+        self._lock = threading.RLock()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._entries: dict[str, Entry] = {}
+        self._next_seq = 0
+        self._scan()
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        removed = 0
+        for path in self.directory.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                path.unlink(missing_ok=True)  # a put that crashed before its rename: never acknowledged
+                removed += 1
+                continue
+            match = _NAME.match(path.name)
+            if match is None:
+                if path != self.rejected_directory:
+                    log.warning("outbox: ignoring unexpected file %s", path)
+                continue
+            entry = Entry(int(match[1]), match[2], path.stat().st_size)
+            self._entries[entry.key] = entry
+            self._next_seq = max(self._next_seq, entry.seq + 1)
+        if self.rejected_directory.is_dir():  # keep sequence numbers unique across rejected/ too
+            for path in self.rejected_directory.iterdir():
+                match = _NAME.match(path.name)
+                if match:
+                    self._next_seq = max(self._next_seq, int(match[1]) + 1)
+        if removed:
+            _fsync_dir(self.directory)
+            log.info("outbox: removed %d half-written file(s) left by a crash", removed)
+        self.counters.stale_temp_files_removed += removed
+
+    @property
+    def depth(self) -> int:
+        """Pending updates."""
+        return len(self._entries)
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(entry.size for entry in self._entries.values())
+
+    def pending(self) -> list[Entry]:
+        """Pending updates, oldest first."""
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda entry: entry.seq)
+
+    def read(self, entry: Entry) -> bytes:
+        return (self.directory / entry.name).read_bytes()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    # -- put / remove -----------------------------------------------------------------------------------
+
+    def put(self, message: bytes, key: str | None = None) -> str:
+        """Store ``message`` durably and return its key. Call it before the first send.
+
+        ``key`` may be given when the caller already hashed the message; it must be the message's SHA-256.
+        Putting a message that is already pending changes nothing. When the queue would exceed its bounds
+        the oldest pending updates are dropped (counted in ``counters.dropped_total`` and logged).
+        """
+        if not isinstance(message, bytes | bytearray | memoryview):
+            raise TypeError(f"outbox messages are bytes, got {type(message).__name__}")
+        message = bytes(message)
+        actual = digest(message)
+        if key is not None and key != actual:
+            raise OutboxError(f"key {key!r} is not the SHA-256 of the message ({actual})")
+        if len(message) > self.max_bytes:
+            raise OutboxError(f"message of {len(message)} bytes exceeds the outbox bound of {self.max_bytes}")
+        with self._lock:
+            if actual in self._entries:
+                return actual
+            self._make_room(len(message))
+            entry = Entry(self._next_seq, actual, len(message))
+            tmp = self.directory / f"{TMP_PREFIX}{actual}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(message)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.directory / entry.name)
+            _fsync_dir(self.directory)
+            self._entries[actual] = entry
+            self._next_seq += 1
+            self.counters.put_total += 1
+        return actual
+
+    def _make_room(self, incoming: int) -> None:
+        pending = sorted(self._entries.values(), key=lambda entry: entry.seq)
+        total = sum(entry.size for entry in pending)
+        count = len(pending)
+        dropped = []
+        while pending and (count + 1 > self.max_messages or total + incoming > self.max_bytes):
+            oldest = pending.pop(0)
+            (self.directory / oldest.name).unlink(missing_ok=True)
+            del self._entries[oldest.key]
+            dropped.append(oldest)
+            count -= 1
+            total -= oldest.size
+        if dropped:
+            _fsync_dir(self.directory)
+            self.counters.dropped_total += len(dropped)
+            self.counters.dropped_bytes_total += sum(entry.size for entry in dropped)
+            for entry in dropped:
+                log.warning("outbox full (%d messages / %d bytes max): dropped the oldest update %s (%d bytes)",
+                            self.max_messages, self.max_bytes, entry.key, entry.size)
+
+    def remove(self, key: str) -> bool:
+        """Forget a delivered update (after its receipt). Returns False when it was not pending."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return False
+            (self.directory / entry.name).unlink(missing_ok=True)
+            _fsync_dir(self.directory)
+            return True
+
+    def _reject(self, entry: Entry, reason: str, detail: str) -> None:
+        with self._lock:
+            if self._entries.pop(entry.key, None) is None:
+                return
+            self.rejected_directory.mkdir(exist_ok=True)
+            target = self.rejected_directory / entry.name
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.directory / entry.name, target)
+            note = self.rejected_directory / f"{entry.name}.reason"
+            note.write_text(f"{reason}\n{detail}\n")
+            _fsync_dir(self.rejected_directory)
+            _fsync_dir(self.directory)
+            self.counters.rejected_total[reason] += 1
+            self._trim_rejected()
+        log.error("outbox: update %s permanently rejected (%s%s): kept in %s", entry.key, reason,
+                  f": {detail}" if detail else "", self.rejected_directory)
+
+    def _trim_rejected(self) -> None:
+        kept = sorted(p for p in self.rejected_directory.iterdir() if _NAME.match(p.name))
+        for path in kept[: max(0, len(kept) - self.max_rejected)]:
+            path.unlink(missing_ok=True)
+            Path(f"{path}.reason").unlink(missing_ok=True)
+
+    def rejected(self) -> list[tuple[str, str]]:
+        """(key, reason) of the updates kept in ``rejected/``, oldest first."""
+        if not self.rejected_directory.is_dir():
+            return []
+        out = []
+        for path in sorted(self.rejected_directory.iterdir()):
+            match = _NAME.match(path.name)
+            if match:
+                note = Path(f"{path}.reason")
+                reason = note.read_text().split("\n", 1)[0] if note.exists() else "unknown"
+                out.append((match[2], reason))
+        return out
+
+    # -- delivery ---------------------------------------------------------------------------------------
+
+    async def deliver(
+        self,
+        send: Callable[[bytes], Awaitable[Any]],
+        *,
+        backoff: Backoff | None = None,
+        max_failures: int | None = None,
+        on_receipt: Callable[[str, Any], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        rng: Callable[[], float] = random.random,
+        stop: Callable[[], bool] | None = None,
+    ) -> DeliveryReport:
+        """Send pending updates oldest first until the outbox is empty.
+
+        ``send(message)`` returns the receipt (passed to ``on_receipt(key, receipt)``) after which the update is
+        removed. It raises :class:`PermanentRejection` for a refusal (the update moves to ``rejected/``); any
+        other exception is transient: the same update is retried after a backoff delay. ``max_failures``
+        consecutive transient failures end the call (the updates stay pending), as does ``stop()`` returning
+        True. Updates put while this runs are delivered in the same call.
+        """
+        backoff = backoff or Backoff()
+        sleep = sleep or asyncio.sleep
+        delivered = rejected = failures = consecutive = 0
+        while True:
+            if stop is not None and stop():
+                return DeliveryReport(delivered, rejected, failures, "stop")
+            pending = self.pending()
+            if not pending:
+                return DeliveryReport(delivered, rejected, failures, "empty")
+            entry = pending[0]
+            try:
+                message = self.read(entry)
+            except FileNotFoundError:  # dropped by a concurrent put
+                with self._lock:
+                    self._entries.pop(entry.key, None)
+                continue
+            if digest(message) != entry.key:
+                self.counters.corrupt_total += 1
+                self._reject(entry, "corrupt", "stored bytes do not match their SHA-256 name")
+                rejected += 1
+                continue
+            try:
+                receipt = await send(message)
+            except PermanentRejection as exc:
+                self._reject(entry, exc.reason, exc.detail)
+                rejected += 1
+                consecutive = 0
+                continue
+            except Exception as exc:
+                reason = exc.reason if isinstance(exc, TransientError) else type(exc).__name__
+                self.counters.delivery_failures_total[reason] += 1
+                failures += 1
+                consecutive += 1
+                if max_failures is not None and consecutive >= max_failures:
+                    log.warning("outbox: %d delivery failures in a row (last: %s), %d update(s) pending",
+                                consecutive, exc, self.depth)
+                    return DeliveryReport(delivered, rejected, failures, "max_failures")
+                wait = backoff.delay(consecutive - 1, rng)
+                log.info("outbox: delivery of %s failed (%s); retry in %.1f s", entry.key[:16], exc, wait)
+                await sleep(wait)
+                continue
+            consecutive = 0
+            self.remove(entry.key)  # False when a full outbox dropped it meanwhile: delivered all the same
+            self.counters.delivered_total += 1
+            delivered += 1
+            if on_receipt is not None:
+                on_receipt(entry.key, receipt)
