@@ -154,9 +154,13 @@ def verify(message: bytes | memoryview, key_for_kid: KeyLookup, limits: Limits =
     parts = item.value
     if not (isinstance(parts, list) and len(parts) == 4):
         raise ProtocolError("malformed", "COSE_Sign1 must be an array of 4 items")
-    protected_raw, _unprotected, payload_raw, signature = parts
+    protected_raw, unprotected, payload_raw, signature = parts
     if not all(isinstance(p, memoryview) for p in (protected_raw, payload_raw, signature)):
         raise ProtocolError("malformed", "COSE_Sign1 protected header, payload and signature must be bstr")
+    # Not covered by the signature, and its contents are ignored, but RFC 9052 makes it a map: insisting on
+    # that means no byte of a signed message can change without the message being refused.
+    if not isinstance(unprotected, dict):
+        raise ProtocolError("malformed", "COSE_Sign1 unprotected header must be a map")
     protected = cbor_reader.loads(protected_raw, envelope_limits)
     if not isinstance(protected, dict) or protected.get(COSE_ALG) != COSE_ALG_EDDSA:
         raise ProtocolError("bad-algorithm", "protected header must name alg EdDSA (-8)")
