@@ -92,3 +92,27 @@ def env_for_tests(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Passphrase from the environment and the quick argon2id level, as a CI job would set them."""
     monkeypatch.setenv("FLCTL_PASSPHRASE", PASSPHRASE)
     monkeypatch.setenv("FLCTL_KDF_LEVEL", "interactive")
+
+
+def data_volume(target: Path):  # type: ignore[no-untyped-def]
+    """The fl-data filesystem of a flashed disk or image (raises GptError when the table is invalid)."""
+    from flctl import gpt
+    from flctl.ext4image import Ext4Volume
+
+    size = target.stat().st_size if target.is_file() else None
+    with open(target, "rb") as f:
+        table = gpt.read_table(gpt.file_reader(f), size)
+    part = table.by_name("fl-data")
+    assert part is not None
+    return Ext4Volume(target, part.offset, part.size)
+
+
+def partition_bytes(disk: Path, label: str) -> bytes:
+    from flctl import gpt
+
+    with open(disk, "rb") as f:
+        table = gpt.read_table(gpt.file_reader(f))
+        part = table.by_name(label)
+        assert part is not None
+        f.seek(part.offset)
+        return f.read(part.size)

@@ -168,6 +168,8 @@ def inspect(path: str | os.PathLike[str]) -> Target:
     except FileNotFoundError:
         if str(p).startswith("/dev/"):
             raise UnsafeTarget(f"{p} does not exist (is the card or board plugged in?)") from None
+        if not p.parent.is_dir():
+            raise UnsafeTarget(f"cannot create image file {p}: directory {p.parent} does not exist") from None
         return Target(p, False, 0)
     if stat.S_ISREG(st.st_mode):
         return Target(p, False, st.st_size)

@@ -138,8 +138,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _bmaptool_error(stderr: str, image: Image) -> str:
-    lines = [_ANSI.sub("", ln) for ln in stderr.splitlines() if "ERROR" in ln]
-    detail = lines[-1].split("ERROR:", 1)[-1].strip() if lines else stderr.strip()[-300:]
+    text = _ANSI.sub("", stderr)
+    # the last "ERROR:" paragraph (the first ones carry the traceback)
+    detail = " ".join(text.rsplit("ERROR:", 1)[-1].split()) if "ERROR:" in text else text.strip()[-300:]
     bmap = image.bmap.path.name if image.bmap else "?"
     if "checksum mismatch" in detail:
         return (f"{image.path.name} does not match its block map {bmap} ({detail}): the image is corrupt or "
@@ -350,7 +351,7 @@ def flash_one(image: Image, target: blockdev.Target, board: BoardIdentity, repor
         report("done", 0, None)
     except (FlashError, ImageError, Ext4Error, gpt.GptError, identity.IdentityError, OSError) as exc:
         result.error = str(exc) if not isinstance(exc, OSError) else f"{target.path}: {exc.strerror or exc}"
-        if touched:
+        if touched and (target.is_block or target.path.exists()):
             try:
                 _invalidate(target, image.table)
                 result.error += "; the target was marked unbootable (partition table invalidated): flash it again"
@@ -404,7 +405,8 @@ def _confirm(targets: list[blockdev.Target], image: Image, console: Console) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=True, soft_wrap=True)
+    # Logs and CI output are not terminals: give the summary table room rather than eliding device ids.
+    console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
     try:
         names = _board_list(args)
         owner = _parse_owner(args.owner)
@@ -461,7 +463,7 @@ def _summary(results: list[FlashResult], console: Console) -> None:
         return
     table = Table(title="flctl flash --many")
     for col in ("target", "board", "device id", "method", "seconds", "result"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in results:
         table.add_row(r.target, r.board, r.device_id, r.method, f"{r.seconds:.1f}",
                       "ok" if r.ok else f"[red]FAILED[/]: {r.error}")

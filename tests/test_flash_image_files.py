@@ -1,0 +1,155 @@
+"""`flctl flash` onto image files: bmap and full copies, compressed inputs, identity on the data partition."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from flash_images import (
+    AGENT_GID,
+    AGENT_UID,
+    cli,
+    data_volume,
+    env_for_tests,
+    have_tools,
+    make_fleet,
+    make_image,
+    partition_bytes,
+)
+
+from appliance import identity
+
+pytestmark = pytest.mark.skipif(have_tools() is not None, reason=have_tools() or "")
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    env_for_tests(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    env_for_tests(mp)
+    try:
+        return make_fleet(tmp_path_factory.mktemp("fleet"))
+    finally:
+        mp.undo()
+
+
+def _board(fleet, name):
+    return json.loads((fleet / "boards" / name / "board.json").read_text())
+
+
+def assert_provisioned(target, source, fleet, board):
+    """What a booting board would see: a valid table, fl-root as built, its identity owned by fl-agent."""
+    subprocess.run(["sfdisk", "--verify", str(target)], check=True, capture_output=True)
+    assert partition_bytes(target, "fl-root") == partition_bytes(source, "fl-root")
+    vol = data_volume(target)
+    assert vol.label() == "fl-data"
+    key = vol.read("fl-agent/identity/device.key")
+    pub = vol.read("fl-agent/identity/aggregator.pub")
+    assert key is not None and len(key) == 65 and key.endswith(b"\n")
+    assert pub == (fleet / "aggregator.pub").read_bytes()
+    assert vol.read("fl-agent/agent.toml") == (fleet / "boards" / board / "agent.toml").read_bytes()
+    assert vol.stat("fl-agent/identity/device.key") == (0o100600, AGENT_UID, AGENT_GID)
+    assert vol.stat("fl-agent/identity") == (0o040700, AGENT_UID, AGENT_GID)
+    assert vol.stat("fl-agent") == (0o040700, AGENT_UID, AGENT_GID)
+    from nacl.signing import SigningKey
+    sk = SigningKey(bytes.fromhex(key.decode().strip()))
+    assert identity.device_id_for(sk.verify_key) == _board(fleet, board)["device_id"]
+    vol.fsck()
+
+
+def _flash(image, target, fleet, board, *extra):
+    return cli(["flash", str(image), str(target), "--board", board, "--fleet", str(fleet), "--yes", *extra])
+
+
+def test_bmap_flash_writes_image_and_identity(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img")
+    target = tmp_path / "board.img"
+    assert _flash(image, target, fleet, "cam-1") == 0
+    err = capsys.readouterr().err
+    assert "provisioned as board cam-1" in err and "by bmap" in err
+    assert_provisioned(target, image, fleet, "cam-1")
+
+
+def test_full_copy_without_bmap(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img", bmap=False)
+    target = tmp_path / "board.img"
+    assert _flash(image, target, fleet, "cam-2") == 0
+    assert "by full copy" in capsys.readouterr().err
+    assert_provisioned(target, image, fleet, "cam-2")
+
+
+@pytest.mark.parametrize("compress", ["gz", "xz", "zst"])
+@pytest.mark.parametrize("bmap", [True, False], ids=["bmap", "nobmap"])
+def test_compressed_images(tmp_path, fleet, compress, bmap):
+    raw = tmp_path / "ref.img"
+    image = make_image(tmp_path / "fl.img", compress=compress, bmap=bmap)
+    subprocess.run({"gz": ["gzip", "-dc"], "xz": ["xz", "-dc"], "zst": ["zstd", "-dcq"]}[compress] + [str(image)],
+                   stdout=raw.open("wb"), check=True)
+    target = tmp_path / "board.img"
+    assert _flash(image, target, fleet, "cam-3") == 0
+    assert_provisioned(target, raw, fleet, "cam-3")
+
+
+@pytest.mark.parametrize("data", ["ext4", "junk"])
+def test_data_partition_formatted_or_reused(tmp_path, fleet, data):
+    image = make_image(tmp_path / "fl.img", data=data)
+    target = tmp_path / "board.img"
+    assert _flash(image, target, fleet, "cam-1") == 0
+    assert_provisioned(target, image, fleet, "cam-1")
+
+
+def test_reflash_replaces_identity(tmp_path, fleet):
+    image = make_image(tmp_path / "fl.img")
+    target = tmp_path / "board.img"
+    assert _flash(image, target, fleet, "cam-1") == 0
+    assert _flash(image, target, fleet, "cam-2") == 0
+    assert_provisioned(target, image, fleet, "cam-2")
+
+
+def test_owner_override_when_image_lacks_the_user(tmp_path, fleet):
+    image = make_image(tmp_path / "fl.img", passwd=False)
+    target = tmp_path / "board.img"
+    assert _flash(image, target, fleet, "cam-1", "--owner", f"{AGENT_UID}:{AGENT_GID}") == 0
+    assert_provisioned(target, image, fleet, "cam-1")
+
+
+def test_many_targets_in_parallel_each_with_its_identity(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img")
+    targets = [tmp_path / f"t{i}.img" for i in range(3)]
+    rc = cli(["flash", "--many", str(image), *map(str, targets), "--boards", "cam-1,cam-2,cam-3",
+              "--fleet", str(fleet), "--yes"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    for t, board in zip(targets, ["cam-1", "cam-2", "cam-3"], strict=True):
+        assert_provisioned(t, image, fleet, board)
+        assert _board(fleet, board)["device_id"] in err
+    assert err.count("│ ok ") == 3
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 2 MiB tmpfs: writing an image there fails with 'No space left', like a failing card."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_many_reports_the_failed_target_and_exits_nonzero(tmp_path, fleet, capsys, full_disk):
+    image = make_image(tmp_path / "fl.img")
+    good = tmp_path / "good.img"
+    bad = full_disk / "bad.img"
+    rc = cli(["flash", "--many", str(image), str(good), str(bad), "--boards", "cam-1,cam-2",
+              "--fleet", str(fleet), "--yes"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.count("FAILED") == 1 and "No space left on device" in err
+    assert err.count("│ ok ") == 1
+    assert_provisioned(good, image, fleet, "cam-1")
