@@ -113,7 +113,8 @@ class Reader:
             result: dict[Any, Any] = {}
             for _ in range(arg):
                 key = self._item(depth + 1)
-                if not isinstance(key, int | str):
+                # bool is an int in Python: without the explicit check, key true would read as key 1.
+                if not isinstance(key, int | str) or isinstance(key, bool):
                     raise ProtocolError("malformed", "map keys must be integers or text strings")
                 if key in result:
                     raise ProtocolError("malformed", f"duplicate map key {key!r}")

@@ -184,7 +184,7 @@ def verify(message: bytes | memoryview, key_for_kid: KeyLookup, limits: Limits =
     if not isinstance(payload, dict):
         raise ProtocolError("bad-payload", "payload must be a CBOR map")
     version = payload.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # true == 1 in Python
         raise ProtocolError("unsupported-version", f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
     return Verified(kid=kid, payload=payload, rest=memoryview(message)[end:])
 
