@@ -145,7 +145,13 @@ def verify(message: bytes | memoryview, key_for_kid: KeyLookup, limits: Limits =
         max_bytes=_ENVELOPE_MAX_BYTES, max_depth=limits.max_depth, max_container_len=limits.max_container_len
     )
     reader = cbor_reader.Reader(head, envelope_limits, _ENVELOPE_TAGS)
-    item = reader.read_item()
+    try:
+        item = reader.read_item()
+    except ProtocolError as exc:
+        if exc.reason == "truncated" and len(head) < len(message):
+            # The envelope runs past the bytes we are willing to read for it: it is too big, not cut short.
+            raise ProtocolError("too-large", f"signed envelope exceeds {_ENVELOPE_MAX_BYTES} bytes") from None
+        raise
     end = reader.pos
     if end > _ENVELOPE_MAX_BYTES:
         raise ProtocolError("too-large", f"signed envelope of {end} bytes exceeds {_ENVELOPE_MAX_BYTES}")

@@ -103,3 +103,11 @@ def test_whole_message_size_limit():
     with pytest.raises(ProtocolError) as info:
         wire.verify(wire.sign({"v": 1}, KEY, KID) + b"\0" * 1000, LOOKUP, limits)
     assert info.value.reason == "too-large"
+
+
+@pytest.mark.parametrize("size", [70_000, 200_000])
+def test_envelope_larger_than_64_kib_is_too_large_not_truncated(size):
+    """The signed part is small by design; a big payload is refused by size, whatever follows it."""
+    message = wire.sign({"v": 1, "pad": b"\0" * size}, KEY, KID)
+    assert reason(message) == "too-large"
+    assert reason(message + b"\0" * 100) == "too-large"
