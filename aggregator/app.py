@@ -1,0 +1,321 @@
+"""The aggregator's HTTP API (docs/api.md): app factory, routes, and the middleware that turns every refusal
+into a ``application/problem+json`` 4xx with a stable ``reason`` — never a traceback.
+
+Handlers stay thin: they parse the request, call the round engine or the verification functions (on worker
+threads for anything that touches a whole update) and answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from nacl.signing import SigningKey
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.models import ModelStore, ServedPackage
+from aggregator.registry import Registry
+from aggregator.rounds import RoundEngine, RoundPolicy, TrainingPlan, Unavailable
+from aggregator.store import Store
+from aggregator.strategies import make_strategy
+from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES
+from aggregator.verify import decode_delta, read_header
+from appliance import wire
+from appliance.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+COSE_CONTENT_TYPE = "application/cose"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+MAX_WAIT_SECONDS = 60.0
+# Room for the signed envelope (at most 64 KiB) and the CBOR framing of the tensor section.
+ENVELOPE_ALLOWANCE = 256 * 1024
+
+# HTTP status per refusal reason; anything not listed is a 400.
+STATUS_FOR_REASON = {
+    "unknown-key": 403,
+    "revoked": 403,
+    "bad-signature": 403,
+    "kid-mismatch": 403,
+    "duplicate": 409,
+    "wrong-round": 409,
+    "wrong-model": 409,
+    "round-closed": 410,
+    "too-large": 413,
+    "body-too-large": 413,
+    "tensor-too-large": 413,
+    "unsupported-media-type": 415,
+    "wrong-tensors": 422,
+    "wrong-shape": 422,
+    "not-finite": 422,
+    "norm-too-large": 422,
+    "expired": 422,
+}
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Everything :func:`make_app` needs. ``key`` is the aggregator's Ed25519 signing key."""
+
+    state_dir: Path
+    package: ServedPackage
+    key: SigningKey
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
+    plan: TrainingPlan = field(default_factory=TrainingPlan)
+    max_body_bytes: int | None = None  # default: a float32 update of the model plus the envelope allowance
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    workers: int | None = None  # verification threads; default: number of CPUs
+
+
+@dataclass
+class Services:
+    """What the handlers use, built in the app's cleanup context."""
+
+    config: AggregatorConfig
+    metrics: AggregatorMetrics
+    store: Store
+    registry: Registry
+    models: ModelStore
+    engine: RoundEngine
+    executor: ThreadPoolExecutor
+    limits: wire.Limits
+    max_body: int
+
+
+SERVICES = web.AppKey("services", Services)
+CONFIG = web.AppKey("config", AggregatorConfig)
+METRICS = web.AppKey("metrics", AggregatorMetrics)
+
+
+class Problem(Exception):
+    """A refusal: HTTP ``status``, a stable machine-readable ``reason`` and a human ``detail``."""
+
+    def __init__(self, status: int, reason: str, detail: str = "", headers: dict[str, str] | None = None):
+        super().__init__(f"{status} {reason}: {detail}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def problem_response(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"type": f"urn:fl-edge:problem:{reason}", "title": reason, "status": status, "reason": reason,
+            "detail": detail}
+    return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+_HTTP_REASONS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large", 400: "bad-request"}
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Every refusal becomes problem+json and is counted; nothing ever answers with a traceback."""
+    metrics = request.app[METRICS]
+    is_upload = request.path == "/v1/updates"
+    try:
+        return await handler(request)
+    except Problem as exc:
+        status, reason, detail, headers = exc.status, exc.reason, exc.detail, exc.headers
+    except ProtocolError as exc:
+        status, reason, detail, headers = STATUS_FOR_REASON.get(exc.reason, 400), exc.reason, exc.detail, {}
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status, headers = exc.status, {}
+        reason = _HTTP_REASONS.get(exc.status, f"http-{exc.status}")
+        detail = exc.text or exc.reason
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return problem_response(500, "internal", "the aggregator failed on this request; see its log")
+    if status < 500:
+        counter = metrics.updates_rejected if is_upload else metrics.requests_rejected
+        counter.labels(reason).inc()
+    return problem_response(status, reason, detail, headers)
+
+
+# ------------------------------------------------------------------------------------------------ handlers
+
+
+async def get_task(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    wait = _number(request, "wait", 0.0)
+    after = int(_number(request, "after", 0))
+    task = await s.engine.wait_for_task(after, min(max(wait, 0.0), MAX_WAIT_SECONDS))
+    if task is None:
+        return web.Response(status=204)
+    return web.Response(body=task, content_type=COSE_CONTENT_TYPE)
+
+
+def _number(request: web.Request, name: str, default: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise Problem(400, "bad-parameter", f"query parameter {name!r} must be a number, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise Problem(400, "bad-parameter", f"query parameter {name!r} must be finite")
+    return value
+
+
+async def get_model(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    which = request.match_info["version"]
+    if which == "latest":
+        version = s.engine.version
+    else:
+        try:
+            version = int(which)
+        except ValueError:
+            detail = f"model version must be an integer or 'latest', got {which!r}"
+            raise Problem(400, "bad-parameter", detail) from None
+    if version < 0 or version > s.engine.version:
+        raise Problem(404, "unknown-version", f"model version {version} is not published (newest: {s.engine.version})")
+    data = await asyncio.get_running_loop().run_in_executor(s.executor, s.models.release_bytes, version)
+    if data is None:
+        raise Problem(404, "unknown-version", f"model version {version} is no longer stored")
+    return web.Response(body=data, content_type=wire.CONTENT_TYPE, headers={"X-Model-Version": str(version)})
+
+
+async def get_package(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    return web.Response(body=s.config.package.raw, content_type="application/octet-stream")
+
+
+async def get_package_by_digest(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    wanted = request.match_info["digest"].lower()
+    if wanted != s.models.package_digest.hex():
+        raise Problem(404, "unknown-package", f"no package with digest {wanted}")
+    return web.Response(body=s.config.package.raw, content_type="application/octet-stream")
+
+
+async def post_update(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    if request.content_type != wire.CONTENT_TYPE:
+        raise Problem(415, "unsupported-media-type", f"uploads are {wire.CONTENT_TYPE}, got {request.content_type!r}")
+    if request.content_length is not None and request.content_length > s.max_body:
+        raise Problem(413, "body-too-large", f"{request.content_length} bytes exceeds the limit of {s.max_body}")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise Problem(413, "body-too-large", f"body exceeds the limit of {s.max_body} bytes") from None
+    s.metrics.received_bytes.inc(len(body))
+    loop = asyncio.get_running_loop()
+    engine = s.engine
+    digest = await loop.run_in_executor(s.executor, wire.update_digest, body)
+
+    # An identical resend gets the original receipt, whatever happened since (idempotent delivery).
+    receipt = engine.known_receipt(digest)
+    if receipt is None and (waiter := engine.inflight(digest)) is not None:
+        receipt = await asyncio.shield(waiter)
+    if receipt is not None:
+        s.metrics.updates_duplicate_resend.inc()
+        return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
+
+    started = time.perf_counter()
+    header = await loop.run_in_executor(s.executor, read_header, body, s.registry.key_for, s.limits)
+    engine.admit(header, digest)
+    update, delta, norm = await loop.run_in_executor(
+        s.executor, decode_delta, body, s.registry.key_for, s.models.layout, s.limits
+    )
+    s.metrics.verify_seconds.observe(time.perf_counter() - started)
+    bound = s.config.policy.max_update_norm
+    if bound is not None and not norm <= bound:
+        raise ProtocolError("norm-too-large", f"update L2 norm {norm:.6g} exceeds the bound {bound:.6g}")
+    try:
+        receipt = await engine.commit(header, digest, delta, update.metrics)
+    except Unavailable as exc:
+        raise Problem(503, "spool-unavailable", str(exc), {"Retry-After": "30"}) from None
+    return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
+
+
+async def get_status(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    history = int(min(max(_number(request, "rounds", 20), 1), 1000))
+    status = await asyncio.get_running_loop().run_in_executor(s.executor, s.engine.status, history)
+    return web.json_response(status)
+
+
+async def get_health(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    r = s.engine.current
+    return web.json_response({"status": "ok", "model_version": s.engine.version, "round": r.round_id if r else None})
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[METRICS].registry)
+    response = web.Response(body=data)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+# ---------------------------------------------------------------------------------------------- factory
+
+
+def default_max_body(parameters: int) -> int:
+    return 4 * parameters + ENVELOPE_ALLOWANCE
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    store = Store(config.state_dir)
+    workers = config.workers or max(2, os.cpu_count() or 2)
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify")
+    try:
+        models = ModelStore(Path(config.state_dir) / "models", config.package, config.key)
+        registry = Registry(store)
+        max_body = config.max_body_bytes or default_max_body(models.layout.size)
+        limits = wire.Limits(max_bytes=max_body, max_tensor_elements=models.layout.size)
+        strategy = make_strategy(config.strategy, **config.strategy_options)
+        engine = RoundEngine(
+            store, registry, models, strategy, config.policy, config.plan, config.key, metrics, executor,
+            config.chunk_bytes,
+        )
+        await engine.start()
+    except BaseException:
+        store.close()
+        executor.shutdown(wait=False)
+        raise
+    app[SERVICES] = Services(config, metrics, store, registry, models, engine, executor, limits, max_body)
+    try:
+        yield
+    finally:
+        await engine.stop()
+        store.close()
+        executor.shutdown(wait=True)
+
+
+def make_app(config: AggregatorConfig) -> web.Application:
+    """The aggregator as an aiohttp application; state opens on startup and closes on cleanup."""
+    parameters = sum(spec.size for spec in config.package.info.param_specs)
+    max_body = config.max_body_bytes or default_max_body(parameters)
+    app = web.Application(middlewares=[problems], client_max_size=max_body)
+    app[CONFIG] = config
+    app[METRICS] = AggregatorMetrics()
+    app.cleanup_ctx.append(_services)
+    app.router.add_get("/v1/task", get_task)
+    app.router.add_get("/v1/models/{version}", get_model)
+    app.router.add_get("/v1/package", get_package)
+    app.router.add_get("/v1/packages/{digest}", get_package_by_digest)
+    app.router.add_post("/v1/updates", post_update)
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/healthz", get_health)
+    app.router.add_get("/metrics", get_metrics)
+    return app

@@ -1,0 +1,325 @@
+"""``fl-aggregator``: serve rounds, manage device enrolment, show status (docs/aggregator.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
+from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.store import Store, StoreError
+from aggregator.strategies import STRATEGIES
+from appliance import wire
+from appliance.identity import IdentityError, read_key_file, write_key_file
+
+KEY_FILE = "aggregator.key"
+PUB_FILE = "aggregator.pub"
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def load_or_create_key(state_dir: Path) -> SigningKey:
+    """The aggregator's Ed25519 key (``<state>/aggregator.key``, created 0600 if absent); also writes the
+    public key to ``<state>/aggregator.pub`` for devices to pin."""
+    path = state_dir / KEY_FILE
+    if not path.exists():
+        write_key_file(path, bytes(SigningKey.generate()), 0o600)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise CliError(f"{path}: the aggregator key is readable by others (mode {mode:o}); chmod 600 it")
+    try:
+        key = SigningKey(read_key_file(path))
+    except IdentityError as exc:
+        raise CliError(str(exc)) from None
+    pub = state_dir / PUB_FILE
+    raw_pub = bytes(key.verify_key)
+    try:
+        current = read_key_file(pub) if pub.exists() else None
+    except IdentityError:
+        current = None
+    if current != raw_pub:
+        write_key_file(pub, raw_pub, 0o644)
+    return key
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl-aggregator", description="fl-edge federated learning aggregator")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the aggregator's HTTP API and its rounds")
+    serve.add_argument("--state", type=Path, required=True, help="state directory (key, database, spool, models)")
+    serve.add_argument("--listen", type=_listen, default=("127.0.0.1", 8080), help="HOST:PORT (default 127.0.0.1:8080)")
+    model = serve.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, help="signed model package (built with flctl)")
+    model.add_argument(
+        "--synthetic-parameters", type=int, metavar="P",
+        help="serve a synthetic model of P float32 parameters instead (benchmarks and load tests)",
+    )
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables HTTPS)")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    serve.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg")
+    serve.add_argument("--server-lr", type=float, help="FedAvg server learning rate, FedAdam/FedYogi eta")
+    serve.add_argument("--trim", type=float, help="trimmed-mean: fraction cut from each end (default 0.2)")
+    serve.add_argument("--byzantine", type=_positive_int, help="krum: number of Byzantine updates tolerated")
+    serve.add_argument("--min-clients", type=int, default=2, help="quorum: fewer updates abandon the round")
+    serve.add_argument("--goal-clients", type=_positive_int, default=0,
+                       help="close the round early at this many updates (0: all enrolled devices)")
+    serve.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round collects updates")
+    serve.add_argument("--rounds", type=_positive_int, default=0,
+                       help="stop publishing after this many model versions (keeps serving); 0: no limit")
+    serve.add_argument("--max-update-norm", type=float,
+                       help="refuse deltas with a larger L2 norm (default: 1.1 x --clip-norm when set)")
+    serve.add_argument("--update-window", type=float, default=3600.0,
+                       help="refuse updates created more than this many seconds ago")
+    serve.add_argument("--epochs", type=int, default=1)
+    serve.add_argument("--batch-size", type=int, default=32)
+    serve.add_argument("--lr", type=float, default=0.05, help="device learning rate")
+    serve.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal term on the devices")
+    serve.add_argument("--encoding", choices=wire.ENCODINGS, default="float32", help="update tensor encoding")
+    serve.add_argument("--clip-norm", type=float, default=0.0, help="devices clip their delta to this L2 norm")
+    serve.add_argument("--workers", type=int, help="verification threads (default: CPU count)")
+
+    keygen = sub.add_parser("keygen", help="create the aggregator key if absent and print its public key (hex)")
+    keygen.add_argument("--state", type=Path, required=True)
+
+    enroll = sub.add_parser("enroll", help="allow devices to send updates")
+    enroll.add_argument("--state", type=Path, required=True)
+    enroll.add_argument("public_keys", nargs="*", metavar="PUBKEY_HEX", help="device Ed25519 public keys (hex)")
+    enroll.add_argument("--from", dest="from_file", type=Path,
+                        help="JSON lines {device_id, public_key, name} as written by `flctl provision`")
+    enroll.add_argument("--name", default="", help="name recorded with keys given on the command line")
+
+    revoke = sub.add_parser("revoke", help="refuse all further updates from a device")
+    revoke.add_argument("--state", type=Path, required=True)
+    revoke.add_argument("device_id")
+
+    status = sub.add_parser("status", help="rounds, model version and devices")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state", type=Path, help="read the state directory directly")
+    where.add_argument("--url", help="ask a running aggregator (GET /v1/status)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    return parser
+
+
+def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
+    options: dict[str, object] = {}
+    if args.server_lr is not None:
+        options["server_lr" if args.strategy == "fedavg" else "eta"] = args.server_lr
+    if args.trim is not None:
+        if args.strategy != "trimmed-mean":
+            raise CliError("--trim applies to --strategy trimmed-mean only")
+        options["beta"] = args.trim
+    if args.byzantine is not None:
+        if args.strategy != "krum":
+            raise CliError("--byzantine applies to --strategy krum only")
+        options["byzantine"] = args.byzantine
+    if args.server_lr is not None and args.strategy not in ("fedavg", "fedadam", "fedyogi"):
+        raise CliError("--server-lr applies to fedavg, fedadam and fedyogi only")
+    return options
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from aggregator.app import AggregatorConfig, make_app
+    from aggregator.models import PackageError, load_package_file
+    from aggregator.simulate import synthetic_package
+
+    args.state.mkdir(parents=True, exist_ok=True)
+    key = load_or_create_key(args.state)
+    if args.model is not None:
+        try:
+            package = load_package_file(args.model, key.verify_key)
+        except PackageError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        package = synthetic_package(args.synthetic_parameters)
+    bound = args.max_update_norm
+    if bound is None and args.clip_norm > 0:
+        bound = 1.1 * args.clip_norm
+    try:
+        policy = RoundPolicy(
+            min_clients=args.min_clients, goal_clients=args.goal_clients, round_timeout=args.round_timeout,
+            max_rounds=args.rounds, update_window=args.update_window, max_update_norm=bound,
+        )
+        plan = TrainingPlan(
+            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, prox_mu=args.prox_mu,
+            encoding=args.encoding, clip_norm=args.clip_norm,
+        )
+        config = AggregatorConfig(
+            state_dir=args.state, package=package, key=key, strategy=args.strategy,
+            strategy_options=_strategy_options(args), policy=policy, plan=plan, workers=args.workers,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    ssl_context = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise CliError("--tls-cert and --tls-key go together")
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(f"cannot load TLS certificate {args.tls_cert} / key {args.tls_key}: {exc}") from None
+    host, port = args.listen
+    print(
+        f"fl-aggregator {wire.key_id(key.verify_key)} serving {package.info.name} "
+        f"({sum(s.size for s in package.info.param_specs)} parameters) on "
+        f"{'https' if ssl_context else 'http'}://{host}:{port}",
+        flush=True,
+    )
+    web.run_app(make_app(config), host=host, port=port, ssl_context=ssl_context, print=None,
+                handle_signals=True, shutdown_timeout=5.0, access_log=None)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    args.state.mkdir(parents=True, exist_ok=True)
+    print(bytes(load_or_create_key(args.state).verify_key).hex())
+    return 0
+
+
+def _open_store(state: Path) -> Store:
+    if not (state / "aggregator.db").exists() and not (state / KEY_FILE).exists():
+        raise CliError(f"{state}: not an aggregator state directory (run `fl-aggregator keygen --state {state}`)")
+    try:
+        return Store(state)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    try:
+        enrolments = [enrolment_for_key(k, args.name) for k in args.public_keys]
+        if args.from_file:
+            enrolments += read_enrolment_file(args.from_file)
+    except EnrolmentError as exc:
+        raise CliError(str(exc)) from None
+    if not enrolments:
+        raise CliError("give device public keys (hex) or --from FILE")
+    store = _open_store(args.state)
+    try:
+        results = Registry(store).enroll(enrolments)
+    except EnrolmentError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
+    for enrolment, added in results:
+        print(f"{enrolment.device_id} {'enrolled' if added else 'already enrolled'} {enrolment.name}".rstrip())
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    store = _open_store(args.state)
+    try:
+        changed = Registry(store).revoke(args.device_id)
+    except EnrolmentError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
+    print(f"{args.device_id} {'revoked' if changed else 'was already revoked'}")
+    return 0
+
+
+def _status_from_state(state: Path) -> dict[str, object]:
+    store = _open_store(state)
+    try:
+        latest = store.latest_model()
+        open_row = store.open_round()
+        devices = store.devices()
+        return {
+            "model": {"version": latest[0] if latest else None, "digest": latest[1].hex() if latest else None},
+            "current_round": None if open_row is None else {
+                "round": open_row.round_id, "model_version": open_row.model_version, "deadline": open_row.deadline,
+                "goal": open_row.goal, "accepted": len(store.round_devices(open_row.round_id)),
+            },
+            "rounds": [
+                {"round": r.round_id, "model_version": r.model_version, "status": r.status,
+                 "participants": r.participants, "samples": r.samples, "metrics": r.metrics, "note": r.note}
+                for r in store.recent_rounds(20)
+            ],
+            "devices": {
+                "enrolled": sum(1 for d in devices if d.revoked_at is None),
+                "revoked": sum(1 for d in devices if d.revoked_at is not None),
+                "list": [{"device_id": d.device_id, "name": d.name, "revoked": d.revoked_at is not None}
+                         for d in devices],
+            },
+        }
+    finally:
+        store.close()
+
+
+def _status_from_url(url: str) -> dict[str, object]:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/v1/status", timeout=10) as response:
+            return json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise CliError(f"cannot read status from {url}: {exc}") from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _status_from_state(args.state) if args.state else _status_from_url(args.url)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    model = status["model"]
+    print(f"model version {model['version']}  digest {str(model['digest'])[:16]}...")
+    current = status.get("current_round")
+    if current:
+        left = current["deadline"] - time.time()
+        print(f"open round {current['round']} on version {current['model_version']}: "
+              f"{current['accepted']}/{current['goal']} updates, closes in {max(0, left):.0f} s")
+    else:
+        print("no open round")
+    devices = status["devices"]
+    print(f"devices: {devices['enrolled']} enrolled, {devices['revoked']} revoked")
+    for r in status["rounds"]:
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items())
+        print(f"  round {r['round']:>5}  v{r['model_version']:<4} {r['status']:<9} "
+              f"{r['participants']:>5} updates {r['samples']:>8} samples  {metrics} {r['note']}".rstrip())
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "keygen": cmd_keygen, "enroll": cmd_enroll, "revoke": cmd_revoke,
+            "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"fl-aggregator: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

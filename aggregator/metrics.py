@@ -1,0 +1,109 @@
+"""Prometheus collectors ``fl_aggregator_*``, one CollectorRegistry per app so several apps can share a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Reasons an upload can be refused; pre-declared so every series exists (at 0) from the first scrape.
+UPDATE_REJECT_REASONS = (
+    "not-signed",
+    "bad-signature",
+    "bad-algorithm",
+    "unknown-key",
+    "revoked",
+    "kid-mismatch",
+    "malformed",
+    "bad-payload",
+    "wrong-type",
+    "unsupported-version",
+    "too-large",
+    "too-deep",
+    "too-long",
+    "too-many-items",
+    "truncated",
+    "trailing-bytes",
+    "indefinite-length",
+    "unknown-tag",
+    "digest-mismatch",
+    "bad-tensor",
+    "tensor-too-large",
+    "wrong-tensors",
+    "wrong-shape",
+    "not-finite",
+    "norm-too-large",
+    "expired",
+    "round-closed",
+    "wrong-round",
+    "wrong-model",
+    "duplicate",
+    "unsupported-media-type",
+    "body-too-large",
+)
+
+_SIZE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_ROUND_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_PARTICIPANT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+
+
+class AggregatorMetrics:
+    """All collectors of one aggregator app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.updates_accepted = Counter(
+            "fl_aggregator_updates_accepted_total", "Updates verified, spooled to disk and acknowledged", registry=r
+        )
+        self.updates_rejected = Counter(
+            "fl_aggregator_updates_rejected_total", "Updates refused, by machine-readable reason", ["reason"],
+            registry=r,
+        )
+        for reason in UPDATE_REJECT_REASONS:
+            self.updates_rejected.labels(reason)
+        self.updates_duplicate_resend = Counter(
+            "fl_aggregator_updates_resent_total",
+            "Identical resends of an acknowledged update, answered with the original receipt",
+            registry=r,
+        )
+        self.requests_rejected = Counter(
+            "fl_aggregator_requests_rejected_total", "Other refused requests (not uploads), by reason", ["reason"],
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "fl_aggregator_received_bytes_total", "Bytes of update bodies received", registry=r
+        )
+        self.verify_seconds = Histogram(
+            "fl_aggregator_verify_seconds", "Time to verify and decode one update", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.spool_seconds = Histogram(
+            "fl_aggregator_spool_seconds", "Time from spool request to fsync and commit", buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.aggregate_seconds = Histogram(
+            "fl_aggregator_aggregate_seconds", "Time to aggregate a closed round and publish the new version",
+            buckets=_SIZE_BUCKETS, registry=r,
+        )
+        self.round_duration = Histogram(
+            "fl_aggregator_round_duration_seconds", "From a round's opening to its close", buckets=_ROUND_BUCKETS,
+            registry=r,
+        )
+        self.round_participants = Histogram(
+            "fl_aggregator_round_participants", "Accepted updates per closed round", buckets=_PARTICIPANT_BUCKETS,
+            registry=r,
+        )
+        self.rounds = Counter(
+            "fl_aggregator_rounds_total", "Rounds ended, by outcome (published, abandoned)", ["outcome"], registry=r
+        )
+        for outcome in ("published", "abandoned"):
+            self.rounds.labels(outcome)
+        self.current_round = Gauge("fl_aggregator_current_round", "Id of the open round (0: none)", registry=r)
+        self.model_version = Gauge("fl_aggregator_model_version", "Newest published model version", registry=r)
+        self.round_updates = Gauge(
+            "fl_aggregator_round_updates", "Updates accepted so far in the open round", registry=r
+        )
+        self.enrolled_devices = Gauge(
+            "fl_aggregator_enrolled_devices", "Devices enrolled and not revoked", registry=r
+        )
+        self.waiting_clients = Gauge(
+            "fl_aggregator_task_waiters", "Clients long-polling for a task", registry=r
+        )

@@ -1,0 +1,117 @@
+"""Enrolled devices: who may sign updates, and who no longer may.
+
+Lookups read SQLite on every call (a primary-key read, ~10 µs), so an ``fl-aggregator enroll`` or ``revoke``
+run from another process takes effect on the running server at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.exceptions import CryptoError
+from nacl.signing import VerifyKey
+
+from aggregator.store import Store, StoreError
+from appliance.errors import ProtocolError
+from appliance.wire import key_id
+
+
+class EnrolmentError(Exception):
+    """An enrolment request is invalid; the message names the device or line at fault."""
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    device_id: str
+    public_key: bytes
+    name: str = ""
+
+
+def parse_public_key(text: str) -> VerifyKey:
+    """A 64-hex-character Ed25519 public key."""
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raise EnrolmentError(f"public key {text!r} is not hex") from None
+    if len(raw) != 32:
+        raise EnrolmentError(f"public key {text!r} has {len(raw)} bytes, expected 32 (64 hex characters)")
+    try:
+        return VerifyKey(raw)
+    except CryptoError as exc:
+        raise EnrolmentError(f"public key {text!r} is not an Ed25519 key: {exc}") from None
+
+
+def enrolment_for_key(text: str, name: str = "") -> Enrolment:
+    key = parse_public_key(text)
+    return Enrolment(device_id=key_id(key), public_key=bytes(key), name=name)
+
+
+def read_enrolment_file(path: Path) -> list[Enrolment]:
+    """JSON lines ``{"device_id", "public_key", "name"}`` as written by ``flctl provision``.
+
+    The device id must be the one derived from the key: a mismatch means the file was edited or corrupted.
+    """
+    out = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise EnrolmentError(f"{path}: cannot read: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise EnrolmentError(f"{where}: not JSON: {exc}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("public_key"), str):
+            raise EnrolmentError(f"{where}: expected an object with a \"public_key\" hex string")
+        try:
+            enrolment = enrolment_for_key(record["public_key"], str(record.get("name", "")))
+        except EnrolmentError as exc:
+            raise EnrolmentError(f"{where}: {exc}") from None
+        claimed = record.get("device_id")
+        if claimed is not None and claimed != enrolment.device_id:
+            raise EnrolmentError(
+                f"{where}: device_id {claimed!r} does not match its public key (which gives {enrolment.device_id})"
+            )
+        out.append(enrolment)
+    return out
+
+
+class Registry:
+    """Device keys, backed by the store."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def enroll(self, enrolments: Iterable[Enrolment]) -> list[tuple[Enrolment, bool]]:
+        """Enrol each device; returns (enrolment, newly added). Stops at the first conflict."""
+        results = []
+        for e in enrolments:
+            try:
+                results.append((e, self.store.enroll(e.device_id, e.public_key, e.name)))
+            except StoreError as exc:
+                raise EnrolmentError(str(exc)) from None
+        return results
+
+    def revoke(self, device_id: str) -> bool:
+        try:
+            return self.store.revoke(device_id)
+        except StoreError as exc:
+            raise EnrolmentError(str(exc)) from None
+
+    def key_for(self, kid: str) -> VerifyKey | None:
+        """The key lookup given to ``wire.verify``: None for unknown ids; revoked ids raise ``revoked``."""
+        device = self.store.device(kid)
+        if device is None:
+            return None
+        if device.revoked_at is not None:
+            raise ProtocolError("revoked", f"device {kid} was revoked")
+        return VerifyKey(device.public_key)
+
+    def active_count(self) -> int:
+        return self.store.active_device_count()

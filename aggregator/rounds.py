@@ -1,0 +1,562 @@
+"""The round state machine: open -> collecting -> closing -> published (or abandoned and reopened).
+
+A round trains on one model version. It collects updates until the goal count or its deadline; then it
+closes. With a quorum (``min_clients`` updates) the strategy produces the next version, which is signed,
+written to disk and recorded in the same SQLite transaction that closes the round and opens the next one.
+Without a quorum the round is abandoned and a new round opens on the same version. Devices that never answer
+are normal: nobody waits for them past the deadline.
+
+Every accepted update is on disk (spool fsync + SQLite commit) before its receipt exists. On restart the open
+round is rebuilt from the spool, so each acknowledged update counts exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from nacl.signing import SigningKey
+
+from aggregator.metrics import AggregatorMetrics
+from aggregator.models import ModelStore
+from aggregator.registry import Registry
+from aggregator.store import DuplicateUpdate, RoundRow, SpoolJob, Store, UpdateRow
+from aggregator.strategies import AggregationError, Strategy, UpdateSet
+from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES
+from aggregator.verify import UpdateHeader
+from appliance import wire
+from appliance.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """When rounds open and close, and what an update must satisfy to count."""
+
+    min_clients: int = 2
+    goal_clients: int = 0  # 0: every enrolled, unrevoked device (at the time the round opens)
+    round_timeout: float = 600.0
+    max_rounds: int = 0  # 0: unlimited; otherwise stop publishing after this many versions (keep serving)
+    update_window: float = 3600.0  # an update's created_at may be at most this old...
+    clock_skew: float = 300.0  # ...and at most this far in the future
+    max_update_norm: float | None = None  # L2 bound on a delta; None: no bound
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ValueError("min-clients must be at least 1")
+        if self.goal_clients < 0:
+            raise ValueError("goal-clients must be 0 (all enrolled devices) or positive")
+        if self.round_timeout <= 0:
+            raise ValueError("round-timeout must be positive")
+        if self.max_update_norm is not None and self.max_update_norm <= 0:
+            raise ValueError("max-update-norm must be positive")
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What each task asks the devices to do (sent in the signed Task)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    prox_mu: float = 0.0
+    encoding: str = "float32"
+    clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.encoding not in wire.ENCODINGS:
+            raise ValueError(f"unknown encoding {self.encoding!r}; expected one of {', '.join(wire.ENCODINGS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch-size must be at least 1")
+        if self.learning_rate <= 0 or self.prox_mu < 0 or self.clip_norm < 0:
+            raise ValueError("lr must be positive, prox-mu and clip-norm non-negative")
+
+
+class Unavailable(Exception):
+    """The update could not be stored (disk error): the client should retry later (HTTP 503)."""
+
+
+@dataclass
+class OpenRound:
+    """The round currently collecting updates (in memory; its durable twin is the SQLite row)."""
+
+    round_id: int
+    model_version: int
+    base_digest: bytes
+    opened_at: float
+    deadline: float
+    goal: int
+    task: bytes
+    devices: dict[str, bytes] = field(default_factory=dict)  # device -> update digest (committed or in flight)
+    accepted: int = 0
+    samples: int = 0
+    pending: int = 0
+    closing: bool = False
+    full: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+def _weighted_metrics(rows: list[UpdateRow]) -> dict[str, float]:
+    """Sample-weighted mean of each training metric the devices reported."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for row in rows:
+        for name, value in row.metrics.items():
+            sums[name] = sums.get(name, 0.0) + value * row.num_samples
+            weights[name] = weights.get(name, 0.0) + row.num_samples
+    return {name: sums[name] / weights[name] for name in sorted(sums) if weights[name] > 0}
+
+
+def _save_state(path: Path, state: dict[str, np.ndarray]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **state)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RoundEngine:
+    """Owns the open round: admits, spools and accumulates updates; closes, aggregates and publishes."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        models: ModelStore,
+        strategy: Strategy,
+        policy: RoundPolicy,
+        plan: TrainingPlan,
+        key: SigningKey,
+        metrics: AggregatorMetrics,
+        executor: Executor,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        self.store = store
+        self.registry = registry
+        self.models = models
+        self.strategy = strategy
+        self.policy = policy
+        self.plan = plan
+        self.key = key
+        self.metrics = metrics
+        self.executor = executor
+        self.chunk_bytes = chunk_bytes
+        self.current: OpenRound | None = None
+        self.version = 0
+        self.params: np.ndarray | None = None
+        self._changed = asyncio.Condition()
+        self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
+        self._timer: asyncio.Task[None] | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _state_path(self, version: int) -> Path:
+        return self.models.directory / f"v{version:08d}.strategy.npz"
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Publish version 0 on first start; otherwise resume the open round from the spool."""
+        self.store.start_writer()
+        latest = self.store.latest_model()
+        if latest is None:
+            now = time.time()
+            params = self.models.initial_params()
+            digest = await self._run(self.models.write, 0, params, int(now))
+            self.store.add_model(0, digest, None, now)
+            latest = (0, digest)
+        self.version = latest[0]
+        if self.models.release_bytes(self.version) is None:
+            raise RuntimeError(f"model version {self.version} is recorded but {self.models.path(self.version)} is gone")
+        self.params = await self._run(self.models.params, self.version)
+        state_path = self._state_path(self.version)
+        if state_path.exists():
+            with np.load(state_path) as saved:
+                self.strategy.load_state({k: saved[k] for k in saved.files})
+        self.metrics.model_version.set(self.version)
+        self.metrics.enrolled_devices.set(self.registry.active_count())
+        row = self.store.open_round()
+        if row is not None:
+            await self._resume(row)
+        elif not self._finished():
+            await self._open(self.store.last_round_id() + 1, time.time(), persist=True)
+        self._timer = asyncio.create_task(self._clock(), name="round-clock")
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+            self._timer = None
+        if self.current is not None:
+            await self.current.idle.wait()
+
+    def _finished(self) -> bool:
+        return self.policy.max_rounds > 0 and self.version >= self.policy.max_rounds
+
+    def _goal(self) -> int:
+        goal = self.policy.goal_clients or self.registry.active_count()
+        return max(goal, self.policy.min_clients)
+
+    def _task(self, round_id: int, deadline: float, opened_at: float) -> bytes:
+        digest = self.store.model_digest(self.version)
+        assert digest is not None
+        task = wire.Task(
+            round_id=round_id,
+            model_version=self.version,
+            model_digest=digest,
+            package_digest=self.models.package_digest,
+            deadline=int(deadline),
+            epochs=self.plan.epochs,
+            batch_size=self.plan.batch_size,
+            learning_rate=self.plan.learning_rate,
+            prox_mu=self.plan.prox_mu,
+            encoding=self.plan.encoding,
+            clip_norm=self.plan.clip_norm,
+            issued_at=int(opened_at),
+        )
+        return wire.encode_task(task, self.key)
+
+    def _new_open_round(self, round_id: int, opened_at: float, deadline: float, goal: int) -> OpenRound:
+        digest = self.store.model_digest(self.version)
+        assert digest is not None
+        self.strategy.start_round(self.models.layout.size)
+        return OpenRound(
+            round_id=round_id,
+            model_version=self.version,
+            base_digest=digest,
+            opened_at=opened_at,
+            deadline=deadline,
+            goal=goal,
+            task=self._task(round_id, deadline, opened_at),
+        )
+
+    async def _open(self, round_id: int, now: float, persist: bool) -> None:
+        deadline = now + self.policy.round_timeout
+        goal = self._goal()
+        if persist:
+            self.store.insert_round(round_id, self.version, now, deadline, goal)
+        await self._install(self._new_open_round(round_id, now, deadline, goal))
+
+    async def _install(self, round_: OpenRound | None) -> None:
+        self.current = round_
+        self.metrics.current_round.set(round_.round_id if round_ else 0)
+        self.metrics.round_updates.set(round_.accepted if round_ else 0)
+        async with self._changed:
+            self._changed.notify_all()
+        if round_ is not None:
+            log.info("round %d open on model version %d (goal %d)", round_.round_id, self.version, round_.goal)
+
+    async def _resume(self, row: RoundRow) -> None:
+        """Rebuild the open round after a restart: every committed update, counted once."""
+        if row.model_version != self.version:
+            raise RuntimeError(
+                f"open round {row.round_id} trains version {row.model_version} but the newest is {self.version}"
+            )
+        self.store.recover_segment(row.round_id)
+        round_ = self._new_open_round(row.round_id, row.opened_at, row.deadline, row.goal)
+        rows = self.store.round_updates(row.round_id)
+        for update in rows:
+            round_.devices[update.device_id] = update.digest
+            round_.accepted += 1
+            round_.samples += update.num_samples
+        if rows and not self.strategy.needs_all_updates:
+            await self._run(self._replay, row.round_id, rows)
+        if round_.accepted >= round_.goal:
+            round_.full.set()
+        log.info("resumed round %d with %d acknowledged updates", row.round_id, len(rows))
+        await self._install(round_)
+
+    def _replay(self, round_id: int, rows: list[UpdateRow]) -> None:
+        for update in rows:
+            self.strategy.add(self.store.read_delta(round_id, update.offset, update.length), float(update.num_samples))
+
+    async def _clock(self) -> None:
+        """Close each round at its goal or deadline, forever."""
+        while True:
+            round_ = self.current
+            if round_ is None:
+                return
+            remaining = round_.deadline - time.time()
+            if remaining > 0 and not round_.full.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await round_.full.wait()
+            try:
+                await self.close_round()
+            except Exception:
+                log.exception("closing round %d failed; retrying in 5 s", round_.round_id)
+                round_.closing = False
+                await asyncio.sleep(5)
+
+    # ---------------------------------------------------------------------------------------------- tasks
+
+    async def wait_for_task(self, after: int, timeout: float) -> bytes | None:
+        """The signed task of the open round if its id is above ``after``; waits up to ``timeout`` for one."""
+
+        def ready() -> bool:
+            r = self.current
+            return r is not None and r.round_id > after and not r.closing
+
+        if not ready() and timeout > 0:
+            self.metrics.waiting_clients.inc()
+            try:
+                async with asyncio.timeout(timeout), self._changed:
+                    await self._changed.wait_for(ready)
+            except TimeoutError:
+                pass
+            finally:
+                self.metrics.waiting_clients.dec()
+        return self.current.task if ready() and self.current is not None else None
+
+    # -------------------------------------------------------------------------------------------- updates
+
+    def known_receipt(self, digest: bytes) -> bytes | None:
+        """The receipt of an already acknowledged update with exactly these bytes, if any."""
+        return self.store.receipt_for(digest)
+
+    def inflight(self, digest: bytes) -> asyncio.Future[bytes] | None:
+        return self._inflight.get(digest)
+
+    def admit(self, header: UpdateHeader, digest: bytes, now: float | None = None) -> OpenRound:
+        """Decide from the signed metadata alone whether this update can count in the open round."""
+        now = time.time() if now is None else now
+        if header.created_at < now - self.policy.update_window or header.created_at > now + self.policy.clock_skew:
+            raise ProtocolError(
+                "expired",
+                f"created_at {header.created_at} is outside the accepted window "
+                f"[{int(now - self.policy.update_window)}, {int(now + self.policy.clock_skew)}]",
+            )
+        round_ = self.current
+        if round_ is None or header.round_id != round_.round_id:
+            past = self.store.get_round(header.round_id)
+            if past is not None and past.status != "open":
+                raise ProtocolError("round-closed", f"round {header.round_id} is {past.status}; it takes no updates")
+            open_id = round_.round_id if round_ else None
+            raise ProtocolError("wrong-round", f"round {header.round_id} is not open (open round: {open_id})")
+        if round_.closing:
+            raise ProtocolError("round-closed", f"round {round_.round_id} is closing; it takes no more updates")
+        if header.model_version != round_.model_version or header.base_digest != round_.base_digest:
+            raise ProtocolError(
+                "wrong-model",
+                f"round {round_.round_id} trains model version {round_.model_version} "
+                f"({round_.base_digest.hex()[:16]}...), the update is based on version {header.model_version} "
+                f"({header.base_digest.hex()[:16]}...)",
+            )
+        if header.device_id in round_.devices and round_.devices[header.device_id] != digest:
+            raise ProtocolError(
+                "duplicate", f"device {header.device_id} already has a different update in round {round_.round_id}"
+            )
+        return round_
+
+    async def commit(self, header: UpdateHeader, digest: bytes, delta: np.ndarray, metrics: dict[str, float]) -> bytes:
+        """Spool the verified update durably, count it, and return its signed receipt.
+
+        Call :meth:`admit` right before (without awaiting in between): the round may have moved on.
+        """
+        round_ = self.admit(header, digest)
+        now = time.time()
+        receipt = wire.encode_receipt(
+            wire.Receipt(header.device_id, round_.round_id, update_digest=digest, accepted_at=int(now)), self.key
+        )
+        round_.devices[header.device_id] = digest
+        round_.pending += 1
+        round_.idle.clear()
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = waiter
+        job = SpoolJob(
+            digest=digest, device_id=header.device_id, round_id=round_.round_id, num_samples=header.num_samples,
+            metrics=metrics, delta=delta, receipt=receipt, accepted_at=now,
+        )
+        started = time.perf_counter()
+        try:
+            await self.store.spool(job)
+            self.metrics.spool_seconds.observe(time.perf_counter() - started)
+            if not self.strategy.needs_all_updates:
+                await self._run(self.strategy.add, delta, float(header.num_samples))
+        except BaseException as exc:
+            round_.devices.pop(header.device_id, None)
+            error: BaseException = exc
+            if isinstance(exc, DuplicateUpdate):
+                error = ProtocolError("duplicate", str(exc))
+            elif isinstance(exc, OSError):
+                error = Unavailable(f"the update could not be written to the spool: {exc}")
+            if not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # mark retrieved: nobody else may be waiting
+            raise error from exc
+        finally:
+            self._inflight.pop(digest, None)
+            round_.pending -= 1
+            if round_.pending == 0:
+                round_.idle.set()
+        round_.accepted += 1
+        round_.samples += header.num_samples
+        self.metrics.updates_accepted.inc()
+        self.metrics.round_updates.set(round_.accepted)
+        waiter.set_result(receipt)
+        if round_.accepted >= round_.goal:
+            round_.full.set()
+        return receipt
+
+    # -------------------------------------------------------------------------------------------- closing
+
+    async def close_round(self) -> None:
+        """Close the open round now: publish with a quorum, otherwise abandon; then open the next round."""
+        round_ = self.current
+        if round_ is None:
+            return
+        round_.closing = True
+        await round_.idle.wait()
+        rows = self.store.round_updates(round_.round_id)
+        now = time.time()
+        samples = sum(r.num_samples for r in rows)
+        summary = _weighted_metrics(rows)
+        next_id = round_.round_id + 1
+        if len(rows) >= self.policy.min_clients:
+            started = time.perf_counter()
+            try:
+                params, digest = await self._run(self._aggregate, round_, rows, int(now))
+            except AggregationError as exc:
+                log.warning("round %d abandoned: %s", round_.round_id, exc)
+                await self._abandon(round_, rows, samples, summary, now, str(exc))
+                return
+            version = round_.model_version + 1
+            self.version = version
+            self.params = params
+            opens = not self._finished()
+            deadline = now + self.policy.round_timeout
+            goal = self._goal()
+            self.store.finish_round(
+                round_.round_id, "published", now, len(rows), samples, summary,
+                new_model=(version, digest),
+                next_round=(next_id, version, now, deadline, goal) if opens else None,
+            )
+            self.metrics.aggregate_seconds.observe(time.perf_counter() - started)
+            self.metrics.rounds.labels("published").inc()
+            self.metrics.model_version.set(version)
+            log.info("round %d published model version %d from %d updates", round_.round_id, version, len(rows))
+            self._finish_metrics(round_, len(rows), now)
+            self.store.drop_segment(round_.round_id)
+            await self._install(self._new_open_round(next_id, now, deadline, goal) if opens else None)
+        else:
+            note = f"{len(rows)} updates, below the quorum of {self.policy.min_clients}"
+            log.info("round %d abandoned: %s", round_.round_id, note)
+            await self._abandon(round_, rows, samples, summary, now, note)
+
+    async def _abandon(
+        self, round_: OpenRound, rows: list[UpdateRow], samples: int, summary: dict[str, float], now: float, note: str
+    ) -> None:
+        deadline = now + self.policy.round_timeout
+        goal = self._goal()
+        next_id = round_.round_id + 1
+        self.store.finish_round(
+            round_.round_id, "abandoned", now, len(rows), samples, summary, note=note,
+            next_round=(next_id, self.version, now, deadline, goal),
+        )
+        self.metrics.rounds.labels("abandoned").inc()
+        self._finish_metrics(round_, len(rows), now)
+        self.store.drop_segment(round_.round_id)
+        await self._install(self._new_open_round(next_id, now, deadline, goal))
+
+    def _finish_metrics(self, round_: OpenRound, participants: int, now: float) -> None:
+        self.metrics.round_duration.observe(max(0.0, now - round_.opened_at))
+        self.metrics.round_participants.observe(participants)
+        self.metrics.enrolled_devices.set(self.registry.active_count())
+
+    def _aggregate(self, round_: OpenRound, rows: list[UpdateRow], created_at: int) -> tuple[np.ndarray, bytes]:
+        """Worker thread: run the strategy, write the signed new version and the strategy's state."""
+        assert self.params is not None
+        segment = self.store.segment_path(round_.round_id)
+        spool = np.memmap(segment, dtype="<f4", mode="r") if rows else np.empty(0, dtype="<f4")
+        deltas = [spool[r.offset // 4 : (r.offset + r.length) // 4] for r in rows]
+        updates = UpdateSet(deltas, np.array([r.num_samples for r in rows], dtype=np.float64), self.chunk_bytes)
+        delta = self.strategy.aggregate(updates)
+        params = self.strategy.apply(self.params, delta)
+        if not np.isfinite(params).all():
+            raise AggregationError("the aggregated model holds NaN or Inf; refusing to publish it")
+        version = round_.model_version + 1
+        digest = self.models.write(version, params, created_at)
+        state = self.strategy.state()
+        if state:
+            _save_state(self._state_path(version), state)
+        return params, digest
+
+    # --------------------------------------------------------------------------------------------- status
+
+    def status(self, history: int = 20) -> dict[str, Any]:
+        """What ``GET /v1/status`` reports."""
+        r = self.current
+        rounds = []
+        for row in self.store.recent_rounds(history):
+            rounds.append(
+                {
+                    "round": row.round_id,
+                    "model_version": row.model_version,
+                    "status": row.status,
+                    "opened_at": row.opened_at,
+                    "deadline": row.deadline,
+                    "closed_at": row.closed_at,
+                    "goal": row.goal,
+                    "participants": (r.accepted if r and r.round_id == row.round_id else row.participants),
+                    "samples": (r.samples if r and r.round_id == row.round_id else row.samples),
+                    "devices": self.store.round_devices(row.round_id),
+                    "metrics": row.metrics,
+                    "note": row.note,
+                }
+            )
+        devices = self.store.devices()
+        return {
+            "aggregator_id": wire.key_id(self.key.verify_key),
+            "model": {
+                "name": self.models.package.info.name,
+                "package_digest": self.models.package_digest.hex(),
+                "version": self.version,
+                "digest": (self.store.model_digest(self.version) or b"").hex(),
+                "parameters": self.models.layout.size,
+            },
+            "strategy": self.strategy.name,
+            "policy": {
+                "min_clients": self.policy.min_clients,
+                "goal_clients": self.policy.goal_clients,
+                "round_timeout": self.policy.round_timeout,
+                "max_rounds": self.policy.max_rounds,
+                "max_update_norm": self.policy.max_update_norm,
+            },
+            "current_round": None
+            if r is None
+            else {
+                "round": r.round_id,
+                "model_version": r.model_version,
+                "deadline": r.deadline,
+                "goal": r.goal,
+                "accepted": r.accepted,
+                "closing": r.closing,
+            },
+            "rounds": rounds,
+            "devices": {
+                "enrolled": sum(1 for d in devices if d.revoked_at is None),
+                "revoked": sum(1 for d in devices if d.revoked_at is not None),
+            },
+        }

@@ -1,0 +1,494 @@
+"""Durable state: SQLite (WAL) for devices, rounds, models and receipts, plus an append-only update spool.
+
+Each round has one spool segment, ``spool/round-<id>.seg``: every accepted update is appended there as its
+flat float32 delta (the model's :class:`~aggregator.models.Layout`). A dedicated writer thread takes all
+uploads waiting at that moment, appends them, ``fdatasync``\\ s each touched segment once, then records them in
+SQLite in one transaction (``synchronous=FULL``) — group commit, so many concurrent uploads share one fsync.
+Only after that commit does the caller get its receipt. On restart the segment is cut back to the end of the
+last committed record, so bytes written by a killed process that never got a receipt are forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id   TEXT PRIMARY KEY,
+    public_key  BLOB NOT NULL,
+    name        TEXT NOT NULL DEFAULT '',
+    enrolled_at REAL NOT NULL,
+    revoked_at  REAL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id      INTEGER PRIMARY KEY,
+    model_version INTEGER NOT NULL,
+    status        TEXT NOT NULL CHECK (status IN ('open', 'published', 'abandoned')),
+    opened_at     REAL NOT NULL,
+    deadline      REAL NOT NULL,
+    goal          INTEGER NOT NULL,
+    closed_at     REAL,
+    participants  INTEGER NOT NULL DEFAULT 0,
+    samples       INTEGER NOT NULL DEFAULT 0,
+    metrics       TEXT NOT NULL DEFAULT '{}',
+    note          TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS updates (
+    digest      BLOB PRIMARY KEY,
+    device_id   TEXT NOT NULL,
+    round_id    INTEGER NOT NULL,
+    num_samples INTEGER NOT NULL,
+    metrics     TEXT NOT NULL,
+    offset      INTEGER NOT NULL,
+    length      INTEGER NOT NULL,
+    receipt     BLOB NOT NULL,
+    accepted_at REAL NOT NULL,
+    UNIQUE (device_id, round_id)
+);
+CREATE INDEX IF NOT EXISTS updates_by_round ON updates (round_id);
+CREATE TABLE IF NOT EXISTS models (
+    version    INTEGER PRIMARY KEY,
+    digest     BLOB NOT NULL,
+    round_id   INTEGER,
+    created_at REAL NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The state directory cannot be used; the message says why."""
+
+
+class DuplicateUpdate(Exception):
+    """Another update of the same device for the same round was committed first."""
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    public_key: bytes
+    name: str
+    enrolled_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round_id: int
+    model_version: int
+    status: str
+    opened_at: float
+    deadline: float
+    goal: int
+    closed_at: float | None
+    participants: int
+    samples: int
+    metrics: dict[str, float]
+    note: str
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    digest: bytes
+    device_id: str
+    round_id: int
+    num_samples: int
+    metrics: dict[str, float]
+    offset: int
+    length: int
+    accepted_at: float
+
+
+@dataclass
+class SpoolJob:
+    """One accepted update waiting for the group commit."""
+
+    digest: bytes
+    device_id: str
+    round_id: int
+    num_samples: int
+    metrics: dict[str, float]
+    delta: np.ndarray
+    receipt: bytes
+    accepted_at: float
+    future: Future = field(default_factory=Future)
+    offset: int = -1
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """The aggregator's state directory: ``aggregator.db`` and ``spool/``."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.spool_dir = self.state_dir / "spool"
+            self.spool_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{state_dir}: cannot create the state directory: {exc.strerror}") from None
+        self.db_path = self.state_dir / "aggregator.db"
+        try:
+            self._conn = _connect(self.db_path)
+            self._conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.db_path}: cannot open the database: {exc}") from None
+        self._write_lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._queue: queue.Queue[SpoolJob | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._segments: dict[int, tuple[int, int]] = {}  # round -> (fd, size)
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.db_path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.stop_writer()
+        for fd, _size in self._segments.values():
+            os.close(fd)
+        self._segments.clear()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._conn.close()
+
+    # ------------------------------------------------------------------------------------------- devices
+
+    def enroll(self, device_id: str, public_key: bytes, name: str = "") -> bool:
+        """Add a device; False when it was already enrolled with this key (enrolment is idempotent)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT public_key, revoked_at FROM devices WHERE device_id=?", (device_id,)).fetchone()
+            if row is not None:
+                if row[1] is not None:
+                    raise StoreError(f"device {device_id} was revoked; a revoked key cannot be enrolled again")
+                if bytes(row[0]) != public_key:
+                    raise StoreError(f"device {device_id} is enrolled with another key")
+                return False
+            db.execute(
+                "INSERT INTO devices (device_id, public_key, name, enrolled_at) VALUES (?, ?, ?, ?)",
+                (device_id, public_key, name, time.time()),
+            )
+            return True
+
+    def revoke(self, device_id: str) -> bool:
+        """Revoke a device; False when it was already revoked. Unknown ids are an error."""
+        with self._transaction() as db:
+            row = db.execute("SELECT revoked_at FROM devices WHERE device_id=?", (device_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no enrolled device {device_id}")
+            if row[0] is not None:
+                return False
+            db.execute("UPDATE devices SET revoked_at=? WHERE device_id=?", (time.time(), device_id))
+            return True
+
+    def device(self, device_id: str) -> Device | None:
+        row = self._reader().execute(
+            "SELECT device_id, public_key, name, enrolled_at, revoked_at FROM devices WHERE device_id=?", (device_id,)
+        ).fetchone()
+        return Device(row[0], bytes(row[1]), row[2], row[3], row[4]) if row else None
+
+    def devices(self) -> list[Device]:
+        rows = self._reader().execute(
+            "SELECT device_id, public_key, name, enrolled_at, revoked_at FROM devices ORDER BY enrolled_at"
+        ).fetchall()
+        return [Device(r[0], bytes(r[1]), r[2], r[3], r[4]) for r in rows]
+
+    def active_device_count(self) -> int:
+        return self._reader().execute("SELECT count(*) FROM devices WHERE revoked_at IS NULL").fetchone()[0]
+
+    # -------------------------------------------------------------------------------------------- models
+
+    def add_model(self, version: int, digest: bytes, round_id: int | None, created_at: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO models (version, digest, round_id, created_at) VALUES (?, ?, ?, ?)",
+                (version, digest, round_id, created_at),
+            )
+
+    def latest_model(self) -> tuple[int, bytes] | None:
+        row = self._reader().execute("SELECT version, digest FROM models ORDER BY version DESC LIMIT 1").fetchone()
+        return (row[0], bytes(row[1])) if row else None
+
+    def model_digest(self, version: int) -> bytes | None:
+        row = self._reader().execute("SELECT digest FROM models WHERE version=?", (version,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    # -------------------------------------------------------------------------------------------- rounds
+
+    @staticmethod
+    def _round(row: tuple[Any, ...]) -> RoundRow:
+        return RoundRow(
+            round_id=row[0], model_version=row[1], status=row[2], opened_at=row[3], deadline=row[4], goal=row[5],
+            closed_at=row[6], participants=row[7], samples=row[8], metrics=json.loads(row[9]), note=row[10],
+        )
+
+    _ROUND_COLUMNS = (
+        "round_id, model_version, status, opened_at, deadline, goal, closed_at, participants, samples, metrics, note"
+    )
+
+    def open_round(self) -> RoundRow | None:
+        row = self._reader().execute(
+            f"SELECT {self._ROUND_COLUMNS} FROM rounds WHERE status='open' ORDER BY round_id DESC LIMIT 1"
+        ).fetchone()
+        return self._round(row) if row else None
+
+    def get_round(self, round_id: int) -> RoundRow | None:
+        row = self._reader().execute(
+            f"SELECT {self._ROUND_COLUMNS} FROM rounds WHERE round_id=?", (round_id,)
+        ).fetchone()
+        return self._round(row) if row else None
+
+    def recent_rounds(self, limit: int = 50) -> list[RoundRow]:
+        rows = self._reader().execute(
+            f"SELECT {self._ROUND_COLUMNS} FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [self._round(r) for r in rows]
+
+    def last_round_id(self) -> int:
+        row = self._reader().execute("SELECT max(round_id) FROM rounds").fetchone()
+        return row[0] or 0
+
+    def insert_round(self, round_id: int, model_version: int, opened_at: float, deadline: float, goal: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO rounds (round_id, model_version, status, opened_at, deadline, goal) "
+                "VALUES (?, ?, 'open', ?, ?, ?)",
+                (round_id, model_version, opened_at, deadline, goal),
+            )
+
+    def finish_round(
+        self,
+        round_id: int,
+        status: str,
+        closed_at: float,
+        participants: int,
+        samples: int,
+        metrics: dict[str, float],
+        note: str = "",
+        new_model: tuple[int, bytes] | None = None,
+        next_round: tuple[int, int, float, float, int] | None = None,
+    ) -> None:
+        """Close ``round_id`` and, in the same transaction, record the new model and open the next round."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE rounds SET status=?, closed_at=?, participants=?, samples=?, metrics=?, note=? "
+                "WHERE round_id=? AND status='open'",
+                (status, closed_at, participants, samples, json.dumps(metrics), note, round_id),
+            )
+            if new_model is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO models (version, digest, round_id, created_at) VALUES (?, ?, ?, ?)",
+                    (new_model[0], new_model[1], round_id, closed_at),
+                )
+            if next_round is not None:
+                db.execute(
+                    "INSERT INTO rounds (round_id, model_version, status, opened_at, deadline, goal) "
+                    "VALUES (?, ?, 'open', ?, ?, ?)",
+                    next_round,
+                )
+
+    # ------------------------------------------------------------------------------------------- updates
+
+    @staticmethod
+    def _update(row: tuple[Any, ...]) -> UpdateRow:
+        return UpdateRow(
+            digest=bytes(row[0]), device_id=row[1], round_id=row[2], num_samples=row[3],
+            metrics=json.loads(row[4]), offset=row[5], length=row[6], accepted_at=row[7],
+        )
+
+    def receipt_for(self, digest: bytes) -> bytes | None:
+        row = self._reader().execute("SELECT receipt FROM updates WHERE digest=?", (digest,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def round_updates(self, round_id: int) -> list[UpdateRow]:
+        rows = self._reader().execute(
+            "SELECT digest, device_id, round_id, num_samples, metrics, offset, length, accepted_at "
+            "FROM updates WHERE round_id=? ORDER BY offset",
+            (round_id,),
+        ).fetchall()
+        return [self._update(r) for r in rows]
+
+    def round_devices(self, round_id: int) -> list[str]:
+        rows = self._reader().execute(
+            "SELECT device_id FROM updates WHERE round_id=? ORDER BY accepted_at", (round_id,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    # --------------------------------------------------------------------------------------------- spool
+
+    def segment_path(self, round_id: int) -> Path:
+        return self.spool_dir / f"round-{round_id:08d}.seg"
+
+    def recover_segment(self, round_id: int) -> None:
+        """Cut the round's segment back to its last committed record (a killed writer may have left more)."""
+        path = self.segment_path(round_id)
+        row = self._reader().execute(
+            "SELECT max(offset + length) FROM updates WHERE round_id=?", (round_id,)
+        ).fetchone()
+        end = row[0] or 0
+        if path.exists() and path.stat().st_size != end:
+            os.truncate(path, end)
+
+    def drop_segment(self, round_id: int) -> None:
+        """Delete a closed round's spool segment (its receipts stay in SQLite for idempotent resends)."""
+        entry = self._segments.pop(round_id, None)
+        if entry is not None:
+            os.close(entry[0])
+        self.segment_path(round_id).unlink(missing_ok=True)
+
+    def start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
+            self._writer.start()
+
+    def stop_writer(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
+
+    async def spool(self, job: SpoolJob) -> int:
+        """Append ``job`` durably; returns its offset once it is fsynced and committed.
+
+        Raises :class:`DuplicateUpdate` when the device already has an update in the round.
+        """
+        self._queue.put(job)
+        return await asyncio.wrap_future(job.future)
+
+    def _segment(self, round_id: int) -> tuple[int, int]:
+        entry = self._segments.get(round_id)
+        if entry is None:
+            path = self.segment_path(round_id)
+            existed = path.exists()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            entry = (fd, os.fstat(fd).st_size)
+            self._segments[round_id] = entry
+            if not existed:
+                _fsync_dir(self.spool_dir)
+        return entry
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < 256:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list[SpoolJob]) -> None:
+        try:
+            touched: set[int] = set()
+            for job in batch:
+                fd, size = self._segment(job.round_id)
+                view = memoryview(np.ascontiguousarray(job.delta, dtype="<f4")).cast("B")
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+                job.offset = size
+                self._segments[job.round_id] = (fd, size + len(view))
+                touched.add(fd)
+            for fd in touched:
+                os.fdatasync(fd)
+        except OSError as exc:
+            # Forget what this batch appended: the next open cuts the segment back to committed records.
+            for round_id in {job.round_id for job in batch}:
+                entry = self._segments.pop(round_id, None)
+                if entry is not None:
+                    os.close(entry[0])
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        results: list[BaseException | None] = []
+        try:
+            with self._transaction() as db:
+                for job in batch:
+                    try:
+                        db.execute("SAVEPOINT one")
+                        db.execute(
+                            "INSERT INTO updates (digest, device_id, round_id, num_samples, metrics, offset, length, "
+                            "receipt, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (
+                                job.digest, job.device_id, job.round_id, job.num_samples, json.dumps(job.metrics),
+                                job.offset, job.delta.nbytes, job.receipt, job.accepted_at,
+                            ),
+                        )
+                        db.execute("RELEASE one")
+                        results.append(None)
+                    except sqlite3.IntegrityError:
+                        db.execute("ROLLBACK TO one")
+                        db.execute("RELEASE one")
+                        message = f"{job.device_id} already has an update in round {job.round_id}"
+                        results.append(DuplicateUpdate(message))
+        except sqlite3.Error as exc:
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        for job, error in zip(batch, results, strict=True):
+            if error is None:
+                job.future.set_result(job.offset)
+            else:
+                job.future.set_exception(error)
+
+    def read_delta(self, round_id: int, offset: int, length: int) -> np.ndarray:
+        """One spooled delta as a read-only memory map (no copy, pages come in as they are read)."""
+        return np.memmap(self.segment_path(round_id), dtype="<f4", mode="r", offset=offset, shape=(length // 4,))

@@ -1,0 +1,57 @@
+"""FedAvg (McMahan et al. 2017): the sample-weighted mean of the deltas, accumulated in place as they arrive."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from aggregator.strategies.base import AggregationError, Strategy
+from aggregator.strategies.chunks import UpdateSet
+
+
+class FedAvg(Strategy):
+    """Streaming weighted mean: one float64 accumulator of model size, whatever the number of clients."""
+
+    name = "fedavg"
+
+    def __init__(self, server_lr: float = 1.0):
+        self.server_lr = server_lr
+        self._lock = threading.Lock()
+        self._acc: np.ndarray | None = None
+        self._scratch: np.ndarray | None = None
+        self._total = 0.0
+        self._count = 0
+
+    def start_round(self, size: int) -> None:
+        super().start_round(size)
+        with self._lock:
+            self._acc = np.zeros(size, dtype=np.float64)
+            self._scratch = np.empty(size, dtype=np.float64)
+            self._total = 0.0
+            self._count = 0
+
+    def add(self, delta: np.ndarray, weight: float) -> None:
+        with self._lock:
+            if self._acc is None or self._scratch is None:
+                raise RuntimeError("start_round() was not called")
+            np.multiply(delta, weight, out=self._scratch)
+            self._acc += self._scratch
+            self._total += weight
+            self._count += 1
+
+    def mean_delta(self) -> np.ndarray:
+        """The weighted mean of the deltas added so far."""
+        with self._lock:
+            if self._acc is None or self._count == 0:
+                raise AggregationError("no updates were accepted in this round, so there is nothing to average")
+            if self._total <= 0:
+                raise AggregationError(
+                    "the total number of samples across the round's updates is zero, so a weighted mean is undefined"
+                )
+            return (self._acc / self._total).astype(np.float32)
+
+    def aggregate(self, updates: UpdateSet) -> np.ndarray:
+        if len(updates) != self._count:
+            raise AggregationError(f"{self._count} updates were accumulated but the round has {len(updates)}")
+        return (self.mean_delta() * np.float32(self.server_lr)).astype(np.float32)

@@ -1,0 +1,70 @@
+"""FedAdam and FedYogi (Reddi et al. 2021, "Adaptive Federated Optimization").
+
+The round's pseudo-gradient is the FedAvg mean delta (accumulated in place). The server keeps first and second
+moments across rounds and steps the global model::
+
+    m = b1*m + (1-b1)*d
+    FedAdam: v = b2*v + (1-b2)*d^2
+    FedYogi: v = v - (1-b2)*d^2*sign(v - d^2)
+    x = x + eta * m / (sqrt(v) + tau)
+
+``v`` starts at tau^2 as in the paper. The moments are saved with every model version, so a restart resumes
+the optimiser where it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aggregator.strategies.chunks import UpdateSet
+from aggregator.strategies.fedavg import FedAvg
+
+
+class FedOpt(FedAvg):
+    """Common part of the adaptive server optimisers."""
+
+    name = "fedopt"
+
+    def __init__(self, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        super().__init__()
+        self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
+        self.m: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+
+    def aggregate(self, updates: UpdateSet) -> np.ndarray:
+        mean = super().aggregate(updates).astype(np.float64)
+        if self.m is None or self.v is None or len(self.m) != len(mean):
+            self.m = np.zeros_like(mean)
+            self.v = np.full_like(mean, self.tau**2)
+        self.m = self.beta1 * self.m + (1 - self.beta1) * mean
+        self.v = self._second_moment(self.v, mean)
+        return (self.eta * self.m / (np.sqrt(self.v) + self.tau)).astype(np.float32)
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {} if self.m is None or self.v is None else {"m": self.m, "v": self.v}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if "m" in state and "v" in state:
+            self.m = np.asarray(state["m"], dtype=np.float64)
+            self.v = np.asarray(state["v"], dtype=np.float64)
+
+
+class FedAdam(FedOpt):
+    name = "fedadam"
+
+    def __init__(self, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        super().__init__(eta, beta1, beta2, tau)
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return self.beta2 * v + (1 - self.beta2) * d * d
+
+
+class FedYogi(FedOpt):
+    name = "fedyogi"
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        d2 = d * d
+        return v - (1 - self.beta2) * d2 * np.sign(v - d2)

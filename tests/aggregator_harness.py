@@ -1,0 +1,112 @@
+"""Helpers for the aggregator tests: an app on a real loopback socket (aiohttp's TestServer), enrolled simulated
+devices, and shortcuts for tasks, uploads and counters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from aiohttp.test_utils import TestClient, TestServer
+from nacl.signing import SigningKey
+
+from aggregator.app import METRICS, SERVICES, AggregatorConfig, make_app
+from aggregator.models import ServedPackage
+from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.simulate import SimulatedDevice, synthetic_package
+from appliance import wire
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@dataclass
+class Harness:
+    client: TestClient
+    key: SigningKey
+    package: ServedPackage
+    devices: list[SimulatedDevice]
+    state_dir: Path
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(7))
+
+    @property
+    def app(self):
+        return self.client.server.app
+
+    @property
+    def engine(self):
+        return self.app[SERVICES].engine
+
+    @property
+    def specs(self) -> list[wire.ParamSpec]:
+        return self.package.info.param_specs
+
+    async def task(self, after: int = 0, wait: float = 0) -> wire.Task | None:
+        response = await self.client.get("/v1/task", params={"after": str(after), "wait": str(wait)})
+        if response.status == 204:
+            return None
+        assert response.status == 200, await response.text()
+        assert response.content_type == "application/cose"
+        return wire.decode_task(await response.read(), self.key.verify_key)
+
+    def delta(self, scale: float = 0.01) -> dict[str, np.ndarray]:
+        return {s.name: (self.rng.standard_normal(s.shape) * scale).astype(np.float32) for s in self.specs}
+
+    async def upload(
+        self, body: bytes, content_type: str = wire.CONTENT_TYPE, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """POST an update; returns (status, decoded receipt or the problem JSON)."""
+        response = await self.client.post(
+            "/v1/updates", data=body, headers={"Content-Type": content_type, **(headers or {})}
+        )
+        raw = await response.read()
+        if response.status == 200:
+            return 200, raw
+        assert response.content_type == "application/problem+json", raw[:200]
+        return response.status, json.loads(raw)
+
+    def counter(self, name: str, **labels: str) -> float:
+        value = self.app[METRICS].registry.get_sample_value(name, labels or None)
+        return 0.0 if value is None else value
+
+    def rejected(self, reason: str) -> float:
+        return self.counter("fl_aggregator_updates_rejected_total", reason=reason)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    state_dir: Path,
+    devices: int = 3,
+    parameters: int = 50,
+    key: SigningKey | None = None,
+    enrolled: list[SimulatedDevice] | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Harness]:
+    """An aggregator on 127.0.0.1 with ``devices`` enrolled simulated devices."""
+    key = key or SigningKey.generate()
+    package = synthetic_package(parameters, tensors=2)
+    policy = overrides.pop("policy", RoundPolicy(min_clients=2, goal_clients=devices or 1, round_timeout=60))
+    config = AggregatorConfig(
+        state_dir=state_dir, package=package, key=key, policy=policy, plan=overrides.pop("plan", TrainingPlan()),
+        **overrides,
+    )
+    sims = enrolled if enrolled is not None else [SimulatedDevice() for _ in range(devices)]
+    app = make_app(config)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        registry = app[SERVICES].registry
+        from aggregator.registry import Enrolment
+
+        registry.enroll(Enrolment(d.device_id, bytes(d.key.verify_key)) for d in sims)
+        yield Harness(client=client, key=key, package=package, devices=sims, state_dir=state_dir)
+    finally:
+        await client.close()
