@@ -1,0 +1,28 @@
+"""`flctl`: the host-side tool. Model packages, the fleet demo, development images, the QEMU rig,
+flashing and provisioning; each subcommand group lives in its own module and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flctl import demo, flash, image, provision
+
+GROUPS = (demo, image, flash, provision)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flctl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
