@@ -48,6 +48,12 @@ def device_id_for(key: VerifyKey) -> str:
 
 def write_key_file(path: Path, raw: bytes, mode: int) -> None:
     """Write ``raw`` as hex atomically (temp file, fsync, rename, fsync dir) with ``mode`` from the start."""
+    _publish_key_file(path, raw, mode, exclusive=False)
+
+
+def _publish_key_file(path: Path, raw: bytes, mode: int, *, exclusive: bool) -> bool:
+    """Write a complete temp file, then move it into place. With ``exclusive`` an existing file wins (the
+    temp file is hard-linked, which fails if ``path`` exists) and False is returned; otherwise it is replaced."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -56,17 +62,23 @@ def write_key_file(path: Path, raw: bytes, mode: int) -> None:
         os.fsync(fd)
         os.close(fd)
         fd = -1
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        else:
+            os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+        return True
+    finally:
         if fd >= 0:
             os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        Path(tmp).unlink(missing_ok=True)  # gone already after a rename; the spare name after a link
 
 
 def read_key_file(path: Path) -> bytes:
@@ -115,9 +127,11 @@ def load_device_key(state_dir: Path) -> DeviceIdentity:
 
 
 def load_or_create_device_key(state_dir: Path) -> DeviceIdentity:
-    """Load the device key, creating it on first boot. Creation is atomic: a power cut leaves no half key."""
-    if not device_key_path(state_dir).exists():
-        write_device_key(state_dir, SigningKey.generate())
+    """Load the device key, creating it on first boot. Creation is atomic: a power cut leaves no half key,
+    and when two processes create it at once, the first to publish wins and both load that one."""
+    path = device_key_path(state_dir)
+    if not path.exists():
+        _publish_key_file(path, bytes(SigningKey.generate()), 0o600, exclusive=True)
     return load_device_key(state_dir)
 
 
