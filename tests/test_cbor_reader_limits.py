@@ -81,8 +81,21 @@ def test_trailing_bytes():
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x18", b"\x19\x01", b"\x1b" + b"\x00" * 7, b"\x43ab", b"\x63ab", b"\x82\x01", b"\xa1\x01",
-     b"\xf9\x00", b"\xfa\x00\x00", b"\xfb" + b"\x00" * 7, b"\xd8", b"\x5b" + b"\xff" * 8],
+    [
+        b"",
+        b"\x18",
+        b"\x19\x01",
+        b"\x1b" + b"\x00" * 7,
+        b"\x43ab",
+        b"\x63ab",
+        b"\x82\x01",
+        b"\xa1\x01",
+        b"\xf9\x00",
+        b"\xfa\x00\x00",
+        b"\xfb" + b"\x00" * 7,
+        b"\xd8",
+        b"\x5b" + b"\xff" * 8,
+    ],
 )
 def test_truncated(data):
     assert reason(data) == "truncated"
@@ -120,9 +133,38 @@ def test_byte_strings_are_views_of_the_input():
 
 @pytest.mark.parametrize(
     "value",
-    [0, 23, 24, 255, 256, 65535, 65536, 2**32, 2**64 - 1, -1, -24, -25, -(2**64), 0.5, -0.0, 1e300, 1.5e-5,
-     math.inf, -math.inf, True, False, None, "", "ü€😀", b"", b"\x00\xff", [], {}, [1, [2, [3]]],
-     {"a": 1, "b": [None, {"c": b"x"}], 3: -4}],
+    [
+        0,
+        23,
+        24,
+        255,
+        256,
+        65535,
+        65536,
+        2**32,
+        2**64 - 1,
+        -1,
+        -24,
+        -25,
+        -(2**64),
+        0.5,
+        -0.0,
+        1e300,
+        1.5e-5,
+        math.inf,
+        -math.inf,
+        True,
+        False,
+        None,
+        "",
+        "ü€😀",
+        b"",
+        b"\x00\xff",
+        [],
+        {},
+        [1, [2, [3]]],
+        {"a": 1, "b": [None, {"c": b"x"}], 3: -4},
+    ],
 )
 def test_agrees_with_cbor2_on_valid_values(value):
     for canonical in (False, True):

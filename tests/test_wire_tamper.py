@@ -97,8 +97,9 @@ def test_small_update_every_byte_every_value_is_refused():
 def test_small_aggregator_messages_every_byte_flip_is_refused(kind):
     if kind == "task":
         message = wire.encode_task(
-            wire.Task(round_id=1, model_version=1, model_digest=b"m" * 32, package_digest=b"p" * 32, deadline=9,
-                      issued_at=5),
+            wire.Task(
+                round_id=1, model_version=1, model_digest=b"m" * 32, package_digest=b"p" * 32, deadline=9, issued_at=5
+            ),
             AGGREGATOR,
         )
         decode = lambda m: wire.decode_task(m, AGGREGATOR.verify_key)  # noqa: E731
