@@ -1,0 +1,272 @@
+"""CameraManager in a real asyncio loop: udev events through a socket in the loop, capture tasks that
+start and stop with the camera, counters, and frames reaching the labelled buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cameras_fakes import FakeCamera, FakeContext, FakeMonitor, FakeUdevDevice, FakeV4L2IO, recorded
+from prometheus_client import CollectorRegistry, generate_latest
+
+from appliance.cameras import CameraCollector, CameraManager, CapturedFrame, CaptureSettings, FrameRecorder
+from appliance.framebuffer import FrameBuffer
+
+FAST = CaptureSettings(interval_s=0.01, frame_timeout_s=2.0, retry_min_s=0.05, retry_max_s=0.1)
+
+
+def vivid_at(tmp_path: Path) -> FakeUdevDevice:
+    # a node path that does not exist on the host, so "gone" really means gone
+    return recorded("vivid-video0").with_node(str(tmp_path / "video0"))
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def clock(io: FakeV4L2IO, period: float = 0.002) -> None:
+    while True:
+        io.tick()
+        await asyncio.sleep(period)
+
+
+def run(body, io: FakeV4L2IO, ticking: bool = True):
+    async def main():
+        ticker = asyncio.create_task(clock(io)) if ticking else None
+        try:
+            return await asyncio.wait_for(body(), 20)
+        finally:
+            if ticker:
+                ticker.cancel()
+    return asyncio.run(main())
+
+
+def test_present_camera_is_captured_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+    frames: list[CapturedFrame] = []
+    monitor = FakeMonitor()
+    manager = CameraManager(FAST, frames.append, context=FakeContext([dev]), monitor=monitor, io=io)
+
+    async def body() -> None:
+        await manager.start()
+        await until(lambda: len(frames) >= 3)
+        await manager.stop()
+
+    with caplog.at_level(logging.INFO, logger="appliance.cameras"):
+        run(body, io)
+    assert monitor.started and monitor.filters == ["video4linux"]
+    assert f"camera added: {dev.device_node} (vivid)" in caplog.text
+    assert frames[0].pixels.shape == (1, 32, 32) and frames[0].camera.name == "vivid"
+    assert manager.stats.frames_captured_total >= 3
+    assert io.opens >= 3  # one open per sample: the device is free between samples
+    assert io.open_count() == 0
+
+
+def test_hotplug_add_then_remove(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+    frames: list[CapturedFrame] = []
+    monitor = FakeMonitor()
+    manager = CameraManager(FAST, frames.append, context=FakeContext([]), monitor=monitor, io=io)
+
+    async def body() -> None:
+        await manager.start()
+        await asyncio.sleep(0.05)
+        assert manager.stats.cameras_present == 0
+        monitor.emit(dev.with_action("add"))
+        await until(lambda: len(frames) >= 2)
+        assert manager.stats.cameras_present == 1
+        monitor.emit(dev.with_action("remove"))
+        await until(lambda: manager.stats.cameras_present == 0)
+        await until(lambda: not manager._stopping)  # the capture task has finished
+        captured = manager.stats.frames_captured_total
+        await asyncio.sleep(0.1)
+        assert manager.stats.frames_captured_total == captured  # nothing captured after removal
+        await manager.stop()
+
+    with caplog.at_level(logging.INFO, logger="appliance.cameras"):
+        run(body, io)
+    assert f"camera removed: {dev.device_node} (vivid): removed" in caplog.text
+    assert manager.stats.cameras_added_total == 1 and manager.stats.cameras_removed_total == 1
+    assert io.open_count() == 0 and sum(manager.stats.capture_errors_total.values()) == 0
+
+
+def test_metadata_node_events_are_ignored() -> None:
+    io = FakeV4L2IO()
+    monitor = FakeMonitor()
+    manager = CameraManager(FAST, lambda f: None, context=FakeContext([]), monitor=monitor, io=io)
+
+    async def body() -> None:
+        await manager.start()
+        monitor.emit(recorded("uvc-metadata-video1").with_action("add"))
+        await asyncio.sleep(0.1)
+        await manager.stop()
+
+    run(body, io)
+    assert manager.stats.cameras_added_total == 0 and io.opens == 0
+
+
+def test_camera_unplugged_mid_frame_is_not_a_crash(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dev = vivid_at(tmp_path)
+    cam = FakeCamera(dev.device_node)
+    io = FakeV4L2IO(cam)
+    monitor = FakeMonitor()
+    settings = CaptureSettings(interval_s=0.01, frame_timeout_s=5.0, hold_open=True)
+    manager = CameraManager(settings, lambda f: None, context=FakeContext([dev]), monitor=monitor, io=io)
+
+    async def body() -> None:
+        await manager.start()
+        await until(lambda: cam.streamons == 1)  # streaming, waiting for a frame that never comes
+        await asyncio.sleep(0.05)
+        io.unplug(dev.device_node)
+        await until(lambda: manager.stats.capture_errors_total["disconnected"] == 1)
+        await until(lambda: io.open_count() == 0)  # the task closed the device itself
+        monitor.emit(dev.with_action("remove"))
+        await until(lambda: manager.stats.cameras_present == 0)
+        await manager.stop()
+
+    with caplog.at_level(logging.INFO, logger="appliance.cameras"):
+        run(body, io, ticking=False)
+    assert "went away during capture" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_removal_while_streaming_cancels_cleanly(tmp_path: Path) -> None:
+    dev = vivid_at(tmp_path)
+    cam = FakeCamera(dev.device_node)
+    io = FakeV4L2IO(cam)
+    monitor = FakeMonitor()
+    settings = CaptureSettings(interval_s=0.01, frame_timeout_s=5.0, hold_open=True)
+    manager = CameraManager(settings, lambda f: None, context=FakeContext([dev]), monitor=monitor, io=io)
+
+    async def body() -> None:
+        await manager.start()
+        await until(lambda: cam.streamons == 1)
+        monitor.emit(dev.with_action("remove"))  # the remove event arrives before any I/O error
+        await until(lambda: io.open_count() == 0)
+        await manager.stop()
+
+    run(body, io, ticking=False)
+    assert not cam.streaming and all(m.closed for m in io.maps)
+    assert sum(manager.stats.capture_errors_total.values()) == 0
+
+
+def test_udev_overflow_resynchronises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+    context = FakeContext([])
+    monitor = FakeMonitor()
+    manager = CameraManager(FAST, lambda f: None, context=context, monitor=monitor, io=io)
+
+    async def body() -> None:
+        await manager.start()
+        context.devices.append(dev)  # plugged in while its event was lost
+        monitor.fail_next_poll = OSError(errno.ENOBUFS, "No buffer space available")
+        monitor.emit(dev.with_action("add"))
+        await until(lambda: manager.stats.cameras_present == 1)
+        await manager.stop()
+
+    run(body, io)
+    assert manager.stats.capture_errors_total["udev"] == 1
+    assert "re-enumerating" in caplog.text
+
+
+def test_failing_frame_handler_is_counted_and_capture_goes_on(tmp_path: Path) -> None:
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+
+    def broken(frame: CapturedFrame) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    manager = CameraManager(FAST, broken, context=FakeContext([dev]), monitor=FakeMonitor(), io=io)
+
+    async def body() -> None:
+        await manager.start()
+        await until(lambda: manager.stats.capture_errors_total["handler"] >= 3)
+        await manager.stop()
+
+    run(body, io)
+    assert manager.stats.frames_captured_total >= 3
+
+
+def test_frames_queue_drops_the_oldest_when_nobody_reads(tmp_path: Path) -> None:
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+    manager = CameraManager(FAST, context=FakeContext([dev]), monitor=FakeMonitor(), io=io, queue_size=2)
+
+    async def body() -> None:
+        await manager.start()
+        await until(lambda: manager.stats.frames_captured_total >= 5)
+        await manager.stop()
+
+    run(body, io)
+    assert manager.frames.qsize() == 2
+
+
+def _traffic(width: int, height: int, vehicles: int) -> Callable[[int], bytes]:
+    """Frame sequence -> luma of a road with `vehicles` 16x16 blocks moving in separate lanes."""
+    rng = np.random.default_rng(0)
+    road = (80 + 40 * np.linspace(0, 1, width)[None, :] + rng.normal(0, 2, (height, width))).astype(np.float32)
+
+    def luma(seq: int) -> bytes:
+        frame = road + np.random.default_rng(seq).normal(0, 1, road.shape)
+        for lane in range(vehicles):
+            x = (10 + (5 + 2 * lane) * seq) % (width - 16)
+            top = 4 + lane * 30
+            frame[top:top + 16, x:x + 16] = 220
+        return np.clip(frame, 0, 255).astype(np.uint8).tobytes()
+
+    return luma
+
+
+def test_frames_are_labelled_and_kept_in_the_buffer(tmp_path: Path) -> None:
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node, width=128, height=96, luma=_traffic(128, 96, 2)))
+    buffer = FrameBuffer(tmp_path / "frames", max_frames=100)
+    recorder = FrameRecorder(buffer)
+    manager = CameraManager(FAST, recorder, context=FakeContext([dev]), monitor=FakeMonitor(), io=io)
+
+    async def body() -> None:
+        await manager.start()
+        await until(lambda: recorder.frames_labelled_total >= 10)
+        await manager.stop()
+
+    run(body, io)
+    assert recorder.frames_unlabelled_total >= recorder.label_settings.warmup_frames
+    x, y = buffer.load()
+    assert x.shape[1:] == (1, 32, 32) and len(y) == recorder.frames_labelled_total
+    assert (y == 2).mean() >= 0.9  # two vehicles in view
+    assert x.min() >= 0.0 and x.max() <= 1.0
+
+
+def test_prometheus_collector_exposes_the_counters(tmp_path: Path) -> None:
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+    recorder = FrameRecorder(FrameBuffer(tmp_path / "frames"))
+    manager = CameraManager(FAST, recorder, context=FakeContext([dev]), monitor=FakeMonitor(), io=io)
+    registry = CollectorRegistry()
+    registry.register(CameraCollector(manager, recorder))
+
+    async def body() -> bytes:
+        await manager.start()
+        await until(lambda: manager.stats.frames_captured_total >= 2)
+        text = generate_latest(registry)
+        await manager.stop()
+        return text
+
+    text = run(body, io).decode()
+    assert "fl_agent_cameras_present 1.0" in text
+    assert 'fl_agent_camera_capture_errors_total{reason="disconnected"} 0.0' in text
+    captured = [line for line in text.splitlines() if line.startswith("fl_agent_camera_frames_captured_total ")]
+    assert captured and float(captured[0].split()[1]) >= 2
+    assert 'fl_agent_camera_frames_labelled_total{outcome="unlabelled"}' in text
