@@ -638,6 +638,31 @@ def record_udev_properties(context: Any = None) -> list[dict[str, Any]]:
             for d in context.list_devices(subsystem=SUBSYSTEM)]
 
 
+# --- the agent's entry point -----------------------------------------------------------------------
+
+async def camera_task(config: Any, registry: Any = None) -> None:
+    """What `fl-agent run` adds to its loop when [data] source = "cameras": follow udev, capture, label,
+    keep frames in `<state_dir>/frames/` within the [cameras] limits. Runs until cancelled.
+
+    `config` is appliance.config.Config; `registry` a prometheus_client CollectorRegistry (or anything
+    with `.register`, e.g. AgentMetrics.registry) to expose the fl_agent_camera* metrics.
+    """
+    cams = config.cameras
+    buffer = FrameBuffer(Path(config.agent.state_dir) / "frames", max_frames=cams.buffer_max_frames,
+                         max_bytes=cams.buffer_max_bytes)
+    recorder = FrameRecorder(buffer)
+    manager = CameraManager(CaptureSettings(interval_s=cams.sample_interval_seconds), recorder)
+    if registry is not None:
+        registry.register(CameraCollector(manager, recorder))
+    await manager.start()
+    log.info("cameras: watching udev; %d present; frames kept in %s (at most %d frames, %d bytes)",
+             len(manager.cameras), buffer.root, buffer.max_frames, buffer.max_bytes)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await manager.stop()
+
+
 # --- command line (the QEMU rig and `fl-agent cameras`) ----------------------------------------------
 
 async def _watch(state_dir: Path, seconds: float, settings: CaptureSettings) -> CameraStats:

@@ -73,7 +73,10 @@ def decode_frame(blob: bytes, name: str = "frame") -> tuple[np.ndarray, int, int
 
 
 class FrameBuffer:
-    """Labelled frames in one directory, bounded by `max_frames` and `max_bytes` (oldest dropped first)."""
+    """Labelled frames in one directory, bounded by `max_frames` and `max_bytes` (oldest dropped first).
+
+    Opening only reads the directory: the limits are applied by the writer, on its first `append`.
+    """
 
     def __init__(self, root: Path | str, *, max_frames: int = 5000, max_bytes: int = 64 * 1024 * 1024,
                  frame_shape: tuple[int, int, int] = (1, 32, 32)) -> None:
@@ -88,19 +91,15 @@ class FrameBuffer:
         self.root.mkdir(parents=True, exist_ok=True)
         self._sizes: dict[str, int] = {}
         self._next_seq = 0
+        self._recovered = False
         self._scan()
-        self._enforce()
 
     def _scan(self) -> None:
         for entry in os.scandir(self.root):
-            if entry.name.startswith(".tmp-"):
-                # a write interrupted by a crash or power cut: never renamed, so never a frame
-                os.unlink(entry.path)
-                continue
             if not entry.name.endswith(SUFFIX) or not entry.is_file():
                 continue
             stem = entry.name[: -len(SUFFIX)]
-            if not stem.isdigit():
+            if not stem.isdigit():  # also skips ".tmp-..." files: a write in progress, or one cut short
                 continue
             self._sizes[entry.name] = entry.stat().st_size
             self._next_seq = max(self._next_seq, int(stem) + 1)
@@ -112,8 +111,24 @@ class FrameBuffer:
     def __len__(self) -> int:
         return len(self._sizes)
 
+    def _recover(self) -> None:
+        """Before the first write: remove temporary files of writes a crash or power cut interrupted
+        (never renamed, so never frames) and apply the limits. Only the writer (the agent) does this;
+        readers (the trainer, `len()`) open the same directory without changing it."""
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".tmp-"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+        self._enforce()
+        self._recovered = True
+
     def append(self, pixels: np.ndarray, label: int, timestamp_ns: int | None = None) -> Path:
-        """Store one labelled frame durably, then drop the oldest frames beyond the limits."""
+        """Store one labelled frame durably, then drop the oldest frames beyond the limits.
+
+        One writer per directory (the agent's FrameRecorder); any number of readers.
+        """
+        if not self._recovered:
+            self._recover()
         if tuple(pixels.shape) != self.frame_shape:
             raise ValueError(f"frame shape {tuple(pixels.shape)} does not match the buffer's {self.frame_shape}")
         blob = encode_frame(pixels, label, time.time_ns() if timestamp_ns is None else timestamp_ns)

@@ -51,17 +51,24 @@ def test_reopening_continues_the_sequence_and_clears_interrupted_writes(tmp_path
     first = buf.append(_frame(0.1), label=1)
     (tmp_path / ".tmp-000000000099.flf").write_bytes(b"half a frame")  # power cut mid-write
     again = FrameBuffer(tmp_path, max_frames=10)
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert len(again) == 1
     second = again.append(_frame(0.2), label=2)
+    assert not list(tmp_path.glob(".tmp-*"))
     assert second.name > first.name
     assert again.load()[1].tolist() == [1, 2]
 
 
-def test_reopening_with_a_smaller_limit_trims(tmp_path: Path) -> None:
+def test_a_reader_changes_nothing_and_the_writer_applies_new_limits(tmp_path: Path) -> None:
     buf = FrameBuffer(tmp_path, max_frames=10)
     for i in range(6):
         buf.append(_frame(0.1), label=i % 4)
-    assert len(FrameBuffer(tmp_path, max_frames=2)) == 2
+    (tmp_path / ".tmp-000000000006.flf").write_bytes(b"being written")  # the writer is mid-write
+    reader = FrameBuffer(tmp_path, max_frames=2)  # e.g. the trainer with other limits
+    assert len(reader) == 6 and reader.load()[1].tolist() == [0, 1, 2, 3, 0, 1]
+    assert (tmp_path / ".tmp-000000000006.flf").exists() and len(list(tmp_path.glob("[0-9]*.flf"))) == 6
+    writer = FrameBuffer(tmp_path, max_frames=2)
+    writer.append(_frame(0.2), label=3)
+    assert len(writer) == 2 and len(list(tmp_path.glob("[0-9]*.flf"))) == 2
 
 
 def test_corrupted_frame_is_dropped_not_trained_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

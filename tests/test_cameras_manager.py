@@ -270,3 +270,34 @@ def test_prometheus_collector_exposes_the_counters(tmp_path: Path) -> None:
     captured = [line for line in text.splitlines() if line.startswith("fl_agent_camera_frames_captured_total ")]
     assert captured and float(captured[0].split()[1]) >= 2
     assert 'fl_agent_camera_frames_labelled_total{outcome="unlabelled"}' in text
+
+
+def test_camera_task_runs_from_the_agent_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance import cameras
+    from appliance.config import AgentConfig, CamerasConfig, Config
+
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+    made: list[CameraManager] = []
+    real = cameras.CameraManager
+
+    def manager_with_fakes(settings, on_frame):
+        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
+        return made[0]
+
+    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    config = Config(agent=AgentConfig(state_dir=str(tmp_path)),
+                    cameras=CamerasConfig(sample_interval_seconds=0.01, buffer_max_frames=7))
+    registry = CollectorRegistry()
+
+    async def body() -> None:
+        task = asyncio.create_task(cameras.camera_task(config, registry))
+        await until(lambda: bool(made) and made[0].stats.frames_captured_total >= 20)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(body, io)
+    assert made[0].settings.interval_s == 0.01 and io.open_count() == 0
+    assert b"fl_agent_cameras_present" in generate_latest(registry)
+    assert 0 < len(list((tmp_path / "frames").glob("[0-9]*.flf"))) <= 7
