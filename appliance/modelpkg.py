@@ -1,0 +1,293 @@
+"""Model packages: what a device needs to train and run one model, content-addressed and signed.
+
+A package file is a COSE_Sign1 envelope (appliance.wire, signed by the aggregator key) followed by the
+*content*: one CBOR map in deterministic encoding (RFC 8949 section 4.2) holding the training and inference
+ONNX graphs, the ordered parameter specs, the initial parameters (a wire tensor section), the optimiser
+and preprocessing specs, and the task description. The signed payload pins the SHA-256 of the content
+bytes; that hash is the package's *digest*, its name everywhere (tasks, releases, the models/ directory).
+
+Loading checks, in order: the envelope's signature against the pinned aggregator key, the payload type and
+format, the content digest, that the content is in deterministic encoding (so equal packages have equal
+digests), the schema of every field, and the initial parameters against the specs. Any failure is a
+:class:`PackageError` naming the file and the problem. Nothing here imports torch or onnx: packages are made
+by ``flctl model export`` on a host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import numpy as np
+from nacl.signing import SigningKey, VerifyKey
+
+from appliance import wire
+from appliance.errors import ProtocolError
+from appliance.wire import ParamSpec
+
+FORMAT_VERSION = 1
+PAYLOAD_TYPE = "model-package"
+SUFFIX = ".flpkg"
+OPTIMIZERS = ("sgd", "momentum", "adamw")
+MAX_PACKAGE_BYTES = 256 * 1024 * 1024
+
+# Tensor names of the graphs' inputs and outputs (the convention flctl's exporter writes).
+DEFAULT_IO = {"input": "input", "labels": "labels", "loss": "loss", "logits": "logits", "grad_prefix": "grad:"}
+
+
+class PackageError(Exception):
+    """A model package was refused or could not be written. ``reason`` is stable (``bad-signature``,
+    ``digest-mismatch``, ``bad-content``...), the message is for the operator."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A verified model package. ``digest`` is the SHA-256 of its content (32 bytes)."""
+
+    name: str
+    param_specs: list[ParamSpec]
+    initial_params: dict[str, np.ndarray]
+    training_graph: bytes
+    inference_graph: bytes
+    optimizer: dict[str, Any]
+    preprocessing: dict[str, Any]
+    num_classes: int
+    task: str = ""
+    class_names: list[str] = field(default_factory=list)
+    io: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_IO))
+    format_version: int = FORMAT_VERSION
+    digest: bytes = b""
+
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        """Normalise inputs given in the package's ``input_range`` (frames scaled to [0, 1]) the way the
+        model was trained: (x - mean) / std, float32, C-contiguous. Checks the per-sample shape."""
+        shape = tuple(self.preprocessing["input_shape"])
+        arr = np.asarray(x)
+        if arr.shape[1:] != shape:
+            raise ValueError(f"{self.name}: inputs have per-sample shape {arr.shape[1:]}, the model needs {shape}")
+        mean = np.float32(self.preprocessing.get("mean", 0.0))
+        inv_std = np.float32(1.0 / self.preprocessing.get("std", 1.0))
+        out = np.subtract(arr, mean, dtype=np.float32)
+        out *= inv_std
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What ``flctl model inspect`` prints."""
+        return {
+            "name": self.name,
+            "digest": self.digest.hex(),
+            "format": self.format_version,
+            "task": self.task,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "parameters": sum(s.size for s in self.param_specs),
+            "param_specs": [{"name": s.name, "shape": list(s.shape), "dtype": "float32"} for s in self.param_specs],
+            "optimizer": dict(self.optimizer),
+            "preprocessing": dict(self.preprocessing),
+            "training_graph_bytes": len(self.training_graph),
+            "inference_graph_bytes": len(self.inference_graph),
+        }
+
+
+# ------------------------------------------------------------------------------------------- content
+
+
+def _content(pkg: ModelPackage) -> dict[str, Any]:
+    specs = pkg.param_specs
+    _check_params(pkg.name, specs, pkg.initial_params)
+    ordered = {s.name: np.ascontiguousarray(pkg.initial_params[s.name], dtype=np.float32) for s in specs}
+    return {
+        "format": FORMAT_VERSION,
+        "name": pkg.name,
+        "task": pkg.task,
+        "class_names": list(pkg.class_names),
+        "num_classes": pkg.num_classes,
+        "graphs": {"training": bytes(pkg.training_graph), "inference": bytes(pkg.inference_graph)},
+        "io": dict(pkg.io),
+        "params": [{"name": s.name, "shape": list(s.shape), "dtype": "float32"} for s in specs],
+        "initial_params": wire.encode_tensors(ordered, "float32"),
+        "optimizer": dict(pkg.optimizer),
+        "preprocessing": dict(pkg.preprocessing),
+    }
+
+
+def _check_params(name: str, specs: list[ParamSpec], params: Mapping[str, np.ndarray]) -> None:
+    if not specs:
+        raise PackageError("bad-content", f"{name}: a model needs at least one parameter")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise PackageError("bad-content", f"{name}: duplicate parameter names in {names}")
+    if set(params) != set(names):
+        missing, extra = sorted(set(names) - set(params)), sorted(set(params) - set(names))
+        raise PackageError("bad-content", f"{name}: initial parameters missing {missing}, unexpected {extra}")
+    for s in specs:
+        if tuple(params[s.name].shape) != tuple(s.shape):
+            raise PackageError(
+                "bad-content", f"{name}: parameter {s.name} has shape {params[s.name].shape}, spec says {s.shape}"
+            )
+
+
+def _check_optimizer(spec: Any) -> dict[str, Any]:
+    if not isinstance(spec, dict) or spec.get("name") not in OPTIMIZERS:
+        raise PackageError("bad-content", f"optimizer spec must name one of {OPTIMIZERS}, got {spec!r}")
+    for key, value in spec.items():
+        if key != "name" and (isinstance(value, bool) or not isinstance(value, int | float | list)):
+            raise PackageError("bad-content", f"optimizer field {key!r} must be a number")
+    return dict(spec)
+
+
+def _check_preprocessing(spec: Any) -> dict[str, Any]:
+    if not isinstance(spec, dict):
+        raise PackageError("bad-content", "preprocessing spec must be a map")
+    shape = spec.get("input_shape")
+    if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
+        raise PackageError("bad-content", f"preprocessing.input_shape must be a list of positive ints, got {shape!r}")
+    std = spec.get("std", 1.0)
+    if isinstance(std, bool) or not isinstance(std, int | float) or not std > 0:
+        raise PackageError("bad-content", f"preprocessing.std must be a positive number, got {std!r}")
+    return dict(spec)
+
+
+def content_digest(content_bytes: bytes) -> bytes:
+    return hashlib.sha256(content_bytes).digest()
+
+
+# ------------------------------------------------------------------------------------------ write / load
+
+
+def encode_package(pkg: ModelPackage, key: SigningKey) -> tuple[bytes, bytes]:
+    """(file bytes, digest): the signed envelope followed by the deterministic CBOR content."""
+    _check_optimizer(pkg.optimizer)
+    _check_preprocessing(pkg.preprocessing)
+    body = cbor2.dumps(_content(pkg), canonical=True)
+    digest = content_digest(body)
+    payload = {
+        "v": wire.PROTOCOL_VERSION,
+        "type": PAYLOAD_TYPE,
+        "format": FORMAT_VERSION,
+        "name": pkg.name,
+        "content_sha256": digest,
+        "content_bytes": len(body),
+    }
+    return wire.sign(payload, key, wire.key_id(key.verify_key)) + body, digest
+
+
+def write_package(path: Path | str, pkg: ModelPackage, key: SigningKey) -> bytes:
+    """Sign ``pkg`` with the aggregator ``key`` and write it atomically to ``path``; returns the digest."""
+    data, digest = encode_package(pkg, key)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return digest
+
+
+def decode_package(data: bytes | memoryview, aggregator_key: VerifyKey, origin: str = "package") -> ModelPackage:
+    """Verify and decode package bytes (see the module docstring for what is checked)."""
+    if len(data) > MAX_PACKAGE_BYTES:
+        raise PackageError("too-large", f"{origin}: {len(data)} bytes exceeds {MAX_PACKAGE_BYTES}")
+    try:
+        verified = wire.verify(data, wire.pinned(aggregator_key), wire.Limits(max_bytes=MAX_PACKAGE_BYTES))
+    except ProtocolError as exc:
+        hint = " (not signed by the pinned aggregator key)" if exc.reason in ("unknown-key", "bad-signature") else ""
+        raise PackageError(exc.reason, f"{origin}: refused: {exc}{hint}") from None
+    p = verified.payload
+    if p.get("type") != PAYLOAD_TYPE:
+        raise PackageError("wrong-type", f"{origin}: signed message is a {p.get('type')!r}, not a model package")
+    if p.get("format") != FORMAT_VERSION:
+        raise PackageError("unsupported-format", f"{origin}: package format {p.get('format')!r}, expected 1")
+    pinned = p.get("content_sha256")
+    body = bytes(verified.rest)
+    digest = content_digest(body)
+    if not isinstance(pinned, memoryview | bytes) or bytes(pinned) != digest:
+        raise PackageError("digest-mismatch", f"{origin}: content does not match the signed digest (tampered?)")
+    try:
+        content = cbor2.loads(body)
+    except Exception as exc:
+        raise PackageError("bad-content", f"{origin}: content is not CBOR: {exc}") from None
+    if cbor2.dumps(content, canonical=True) != body:
+        raise PackageError("bad-content", f"{origin}: content is not in deterministic CBOR encoding")
+    try:
+        return _from_content(content, digest)
+    except PackageError as exc:
+        raise PackageError(exc.reason, f"{origin}: {exc.detail}") from None
+
+
+def _get(content: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = content.get(key)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise PackageError("bad-content", f"field {key!r} missing or of the wrong type")
+    return value
+
+
+def _from_content(content: Any, digest: bytes) -> ModelPackage:
+    if not isinstance(content, dict):
+        raise PackageError("bad-content", "content must be a CBOR map")
+    if content.get("format") != FORMAT_VERSION:
+        raise PackageError("unsupported-format", f"content format {content.get('format')!r}, expected 1")
+    specs = []
+    for item in _get(content, "params", list):
+        if not isinstance(item, dict) or item.get("dtype") != "float32":
+            raise PackageError("bad-content", f"parameter spec {item!r}: only float32 parameters are supported")
+        shape = item.get("shape")
+        if not (isinstance(item.get("name"), str) and isinstance(shape, list)
+                and all(type(d) is int and d > 0 for d in shape)):
+            raise PackageError("bad-content", f"parameter spec {item!r} needs a name and a list of positive dims")
+        specs.append(ParamSpec(item["name"], tuple(shape)))
+    try:
+        tensors, _ = wire.decode_tensors(
+            _get(content, "initial_params", bytes), specs,
+            wire.Limits(max_bytes=MAX_PACKAGE_BYTES, max_tensor_elements=sum(math.prod(s.shape) for s in specs)),
+        )
+    except ProtocolError as exc:
+        raise PackageError("bad-content", f"initial parameters: {exc}") from None
+    _check_params(content.get("name", "?"), specs, tensors)
+    graphs = _get(content, "graphs", dict)
+    num_classes = _get(content, "num_classes", int)
+    if num_classes < 2:
+        raise PackageError("bad-content", f"num_classes must be >= 2, got {num_classes}")
+    io = _get(content, "io", dict)
+    if set(io) != set(DEFAULT_IO) or not all(isinstance(v, str) for v in io.values()):
+        raise PackageError("bad-content", f"io must map {sorted(DEFAULT_IO)} to tensor names")
+    return ModelPackage(
+        name=_get(content, "name", str),
+        param_specs=specs,
+        initial_params={s.name: np.array(tensors[s.name], dtype=np.float32) for s in specs},
+        training_graph=_get(graphs, "training", bytes),
+        inference_graph=_get(graphs, "inference", bytes),
+        optimizer=_check_optimizer(content.get("optimizer")),
+        preprocessing=_check_preprocessing(content.get("preprocessing")),
+        num_classes=num_classes,
+        task=_get(content, "task", str),
+        class_names=[str(c) for c in _get(content, "class_names", list)],
+        io=dict(io),
+        format_version=FORMAT_VERSION,
+        digest=digest,
+    )
+
+
+def load_package(path: Path | str, aggregator_key: VerifyKey) -> ModelPackage:
+    """Read and verify a package file; refuses unsigned, tampered or malformed packages (PackageError)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_PACKAGE_BYTES:
+            raise PackageError("too-large", f"{path}: {size} bytes exceeds {MAX_PACKAGE_BYTES}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PackageError("unreadable", f"{path}: cannot read model package: {exc.strerror}") from None
+    return decode_package(data, aggregator_key, origin=str(path))
