@@ -7,12 +7,16 @@ the root filesystem, `bmaptool create` for the block map.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from flctl import flash, provision
+from nacl.signing import SigningKey
+
+from appliance import identity
 
 AGENT_UID, AGENT_GID = 998, 997
 MiB = 1 << 20
@@ -116,3 +120,26 @@ def partition_bytes(disk: Path, label: str) -> bytes:
         assert part is not None
         f.seek(part.offset)
         return f.read(part.size)
+
+
+def board_record(fleet: Path, name: str) -> dict:
+    return json.loads((fleet / "boards" / name / "board.json").read_text())
+
+
+def assert_provisioned(target: Path, source: Path, fleet: Path, board: str) -> None:
+    """What a booting board would see: a valid table, fl-root as built, its identity owned by fl-agent."""
+    subprocess.run(["sfdisk", "--verify", str(target)], check=True, capture_output=True)
+    assert partition_bytes(target, "fl-root") == partition_bytes(source, "fl-root")
+    vol = data_volume(target)
+    assert vol.label() == "fl-data"
+    key = vol.read("fl-agent/identity/device.key")
+    pub = vol.read("fl-agent/identity/aggregator.pub")
+    assert key is not None and len(key) == 65 and key.endswith(b"\n")
+    assert pub == (fleet / "aggregator.pub").read_bytes()
+    assert vol.read("fl-agent/agent.toml") == (fleet / "boards" / board / "agent.toml").read_bytes()
+    assert vol.stat("fl-agent/identity/device.key") == (0o100600, AGENT_UID, AGENT_GID)
+    assert vol.stat("fl-agent/identity") == (0o040700, AGENT_UID, AGENT_GID)
+    assert vol.stat("fl-agent") == (0o040700, AGENT_UID, AGENT_GID)
+    sk = SigningKey(bytes.fromhex(key.decode().strip()))
+    assert identity.device_id_for(sk.verify_key) == board_record(fleet, board)["device_id"]
+    vol.fsck()

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
 from flash_images import (
     AGENT_GID,
     AGENT_UID,
+    assert_provisioned,
+    board_record,
     cli,
-    data_volume,
     env_for_tests,
     have_tools,
     make_fleet,
     make_image,
-    partition_bytes,
 )
-
-from appliance import identity
 
 pytestmark = pytest.mark.skipif(have_tools() is not None, reason=have_tools() or "")
 
@@ -36,30 +33,6 @@ def fleet(tmp_path_factory):
         return make_fleet(tmp_path_factory.mktemp("fleet"))
     finally:
         mp.undo()
-
-
-def _board(fleet, name):
-    return json.loads((fleet / "boards" / name / "board.json").read_text())
-
-
-def assert_provisioned(target, source, fleet, board):
-    """What a booting board would see: a valid table, fl-root as built, its identity owned by fl-agent."""
-    subprocess.run(["sfdisk", "--verify", str(target)], check=True, capture_output=True)
-    assert partition_bytes(target, "fl-root") == partition_bytes(source, "fl-root")
-    vol = data_volume(target)
-    assert vol.label() == "fl-data"
-    key = vol.read("fl-agent/identity/device.key")
-    pub = vol.read("fl-agent/identity/aggregator.pub")
-    assert key is not None and len(key) == 65 and key.endswith(b"\n")
-    assert pub == (fleet / "aggregator.pub").read_bytes()
-    assert vol.read("fl-agent/agent.toml") == (fleet / "boards" / board / "agent.toml").read_bytes()
-    assert vol.stat("fl-agent/identity/device.key") == (0o100600, AGENT_UID, AGENT_GID)
-    assert vol.stat("fl-agent/identity") == (0o040700, AGENT_UID, AGENT_GID)
-    assert vol.stat("fl-agent") == (0o040700, AGENT_UID, AGENT_GID)
-    from nacl.signing import SigningKey
-    sk = SigningKey(bytes.fromhex(key.decode().strip()))
-    assert identity.device_id_for(sk.verify_key) == _board(fleet, board)["device_id"]
-    vol.fsck()
 
 
 def _flash(image, target, fleet, board, *extra):
@@ -127,7 +100,7 @@ def test_many_targets_in_parallel_each_with_its_identity(tmp_path, fleet, capsys
     err = capsys.readouterr().err
     for t, board in zip(targets, ["cam-1", "cam-2", "cam-3"], strict=True):
         assert_provisioned(t, image, fleet, board)
-        assert _board(fleet, board)["device_id"] in err
+        assert board_record(fleet, board)["device_id"] in err
     assert err.count("│ ok ") == 3
 
 

@@ -145,7 +145,7 @@ def _bmaptool_error(stderr: str, image: Image) -> str:
     if "checksum mismatch" in detail:
         return (f"{image.path.name} does not match its block map {bmap} ({detail}): the image is corrupt or "
                 f"the bmap belongs to another image")
-    if "image size" in detail or "truncated" in detail.lower() or "unexpected EOF" in detail:
+    if any(m in detail for m in ("image size", "truncated", "unexpected EOF", "but should have")):
         return f"{image.path.name} is truncated or does not match its block map {bmap}: {detail}"
     return f"bmaptool copy failed: {detail}"
 
@@ -293,11 +293,15 @@ def write_identity(data: Ext4Volume, board: BoardIdentity, uid: int, gid: int) -
 
 
 # -- one target -----------------------------------------------------------------------------------------
-def _invalidate(target: blockdev.Target, table: gpt.PartitionTable) -> None:
+def _invalidate(target: blockdev.Target, table: gpt.PartitionTable) -> int:
+    """Overwrite the GPT header signatures; return how many headers the target is large enough to hold."""
     size = target.path.stat().st_size if not target.is_block else target.size
+    marked = 0
     for offset in gpt.header_offsets(table):
         if offset + 8 <= size:
             _write_at(target.path, offset, gpt.PENDING_SIGNATURE)
+            marked += 1
+    return marked
 
 
 def _restore(target: blockdev.Target, table: gpt.PartitionTable) -> None:
@@ -353,8 +357,10 @@ def flash_one(image: Image, target: blockdev.Target, board: BoardIdentity, repor
         result.error = str(exc) if not isinstance(exc, OSError) else f"{target.path}: {exc.strerror or exc}"
         if touched and (target.is_block or target.path.exists()):
             try:
-                _invalidate(target, image.table)
-                result.error += "; the target was marked unbootable (partition table invalidated): flash it again"
+                if _invalidate(target, image.table):
+                    result.error += "; the target was marked unbootable (partition table invalidated): flash it again"
+                else:
+                    result.error += "; nothing usable was written: flash it again"
             except OSError as exc2:
                 result.error += f"; could not mark the target unbootable either ({exc2.strerror})"
         report("failed", 0, None)
@@ -419,6 +425,9 @@ def run(args: argparse.Namespace) -> int:
             if t.path.exists() and t.path.resolve() == image.path.resolve():
                 raise FlashError(f"{t.path} is the image itself")
             blockdev.check_safe(t, force=args.force)
+            if t.is_block and t.size < image.disk_size:
+                raise FlashError(f"{t.path} ({blockdev.human_size(t.size)}) is smaller than the image "
+                                 f"({blockdev.human_size(image.disk_size)})")
         fleet = open_fleet(args.fleet, args.passphrase_file)
         boards = _identities(fleet, names)
         if not args.yes and not _confirm(targets, image, console):

@@ -70,8 +70,7 @@ def parse_bmap(path: Path) -> Bmap:
         text = (r.text or "").strip()
         first, _, last = text.partition("-")
         ranges.append(BmapRange(int(first), int(last or first), r.get("chksum", "")))
-    return Bmap(path, num("ImageSize"), num("BlockSize"), num("BlocksCount"), num("MappedBlocksCount"),
-                tuple(ranges))
+    return Bmap(path, num("ImageSize"), num("BlockSize"), num("BlocksCount"), num("MappedBlocksCount"), tuple(ranges))
 
 
 @dataclass(frozen=True)
@@ -119,17 +118,22 @@ def open_stream(path: Path, compression: str | None) -> Iterator[BinaryIO]:
         with lzma.open(path, "rb") as f:
             yield f  # type: ignore[misc]
     else:
-        proc = subprocess.Popen(["zstd", "-dcq", "--", str(path)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(["zstd", "-dcq", "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None
+        complete = False
         try:
             yield proc.stdout  # type: ignore[misc]
-            proc.stdout.read()  # drain so a truncated stream shows up in the exit status
+            # Read to the end: the exit status then tells whether the stream was whole. A reader that
+            # stopped early (the GPT check reads 1 MiB) does not want the rest decompressed.
+            complete = proc.stdout.read(1) == b""
         finally:
+            if not complete:
+                proc.kill()
             proc.stdout.close()
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            if proc.wait() != 0:
-                raise ImageError(f"{path}: zstd failed: {err or 'exit status ' + str(proc.returncode)}")
+            if proc.wait() != 0 and complete:
+                detail = err.rsplit(":", 1)[-1].strip() or f"exit status {proc.returncode}"
+                raise ImageError(f"{path.name} is truncated or damaged (zstd: {detail})")
 
 
 def _read_head(path: Path, compression: str | None) -> bytes:
@@ -140,8 +144,13 @@ def _read_head(path: Path, compression: str | None) -> bytes:
         raise ImageError(f"cannot read {path} as a {compression or 'raw'} image: {exc}") from None
 
 
-def open_image(path: str | Path, bmap: str | Path | None = None, use_bmap: bool = True,
-               root_label: str = "fl-root", data_label: str = "fl-data") -> Image:
+def open_image(
+    path: str | Path,
+    bmap: str | Path | None = None,
+    use_bmap: bool = True,
+    root_label: str = "fl-root",
+    data_label: str = "fl-data",
+) -> Image:
     """Check that `path` is a flashable fl-edge image: GPT with both labelled partitions, not truncated."""
     p = Path(path)
     if not p.is_file():
@@ -162,20 +171,29 @@ def open_image(path: str | Path, bmap: str | Path | None = None, use_bmap: bool 
         raise ImageError(f"{p}: {exc}") from None
     names = ", ".join(repr(q.name) for q in table.partitions) or "none"
     if root is None:
-        raise ImageError(f"{p} is not an fl-edge disk image: no partition labelled {root_label!r} "
-                         f"(partitions: {names})")
+        raise ImageError(
+            f"{p} is not an fl-edge disk image: no partition labelled {root_label!r} (partitions: {names})"
+        )
     if data is None:
-        raise ImageError(f"{p} has no data partition labelled {data_label!r} (partitions: {names}); "
-                         f"the board's identity has nowhere to go")
+        raise ImageError(
+            f"{p} has no data partition labelled {data_label!r} (partitions: {names}); "
+            f"the board's identity has nowhere to go"
+        )
     parsed = parse_bmap(bmap_path) if bmap_path else None
     if parsed is not None and plain_size is not None and plain_size != parsed.image_size:
-        raise ImageError(f"{p} is {plain_size} bytes but its bmap {bmap_path.name} says {parsed.image_size}: "  # type: ignore[union-attr]
-                         f"{'the image is truncated' if plain_size < parsed.image_size else 'wrong bmap'}")
+        raise ImageError(
+            f"{p} is {plain_size} bytes but its bmap {bmap_path.name} says {parsed.image_size}: "  # type: ignore[union-attr]
+            f"{'the image is truncated' if plain_size < parsed.image_size else 'wrong bmap'}"
+        )
     need = table.min_disk_size
     if plain_size is not None and plain_size < need:
-        raise ImageError(f"{p} is truncated: {plain_size} bytes, but its partition table needs {need} "
-                         f"(backup GPT header at byte {table.header.alternate_lba * table.sector_size})")
+        raise ImageError(
+            f"{p} is truncated: {plain_size} bytes, but its partition table needs {need} "
+            f"(backup GPT header at byte {table.header.alternate_lba * table.sector_size})"
+        )
     if parsed is not None and parsed.image_size < need:
-        raise ImageError(f"{p}: the bmap says the image is {parsed.image_size} bytes, but its partition table "
-                         f"needs {need}; the image or its bmap is wrong")
+        raise ImageError(
+            f"{p}: the bmap says the image is {parsed.image_size} bytes, but its partition table "
+            f"needs {need}; the image or its bmap is wrong"
+        )
     return Image(p, compression, parsed, table)

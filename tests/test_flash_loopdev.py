@@ -1,0 +1,118 @@
+"""`flctl flash` onto real block devices (loop devices), and refusals of devices and files in use."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from flash_images import assert_provisioned, cli, env_for_tests, have_tools, make_fleet, make_image
+
+pytestmark = pytest.mark.skipif(have_tools() is not None, reason=have_tools() or "")
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    env_for_tests(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    env_for_tests(mp)
+    try:
+        return make_fleet(tmp_path_factory.mktemp("fleet"))
+    finally:
+        mp.undo()
+
+
+@contextmanager
+def loop_device(backing: Path, *extra: str) -> Iterator[Path]:
+    proc = subprocess.run(["losetup", "-f", "--show", *extra, str(backing)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot create a loop device here: {proc.stderr.strip() or 'losetup failed'}")
+    dev = Path(proc.stdout.strip())
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", str(dev)], check=False)
+
+
+@contextmanager
+def mounted(dev: Path, where: Path) -> Iterator[Path]:
+    where.mkdir(exist_ok=True)
+    proc = subprocess.run(["mount", str(dev), str(where)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount here: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def _blank(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_flash_to_loop_device(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img")
+    backing = _blank(tmp_path / "card.bin", 64 << 20)  # a "card" larger than the image
+    with loop_device(backing) as dev:
+        rc = cli(["flash", str(image), str(dev), "--board", "cam-2", "--fleet", str(fleet), "--yes"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert rc == 0, err
+        assert f"{dev} provisioned as board cam-2" in err
+    assert_provisioned(backing, image, fleet, "cam-2")
+
+
+def test_flash_to_loop_device_without_bmap(tmp_path, fleet):
+    image = make_image(tmp_path / "fl.img", compress="zst", bmap=False)
+    raw = make_image(tmp_path / "ref.img", bmap=False)  # only for its size; fl-root content differs
+    backing = _blank(tmp_path / "card.bin", 64 << 20)
+    with loop_device(backing) as dev:
+        assert cli(["flash", str(image), str(dev), "--board", "cam-3", "--fleet", str(fleet), "--yes"]) == 0
+    subprocess.run(["zstd", "-dqf", str(image), "-o", str(raw)], check=True)
+    assert_provisioned(backing, raw, fleet, "cam-3")
+
+
+def test_too_small_device_is_refused(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img")
+    backing = _blank(tmp_path / "small.bin", 16 << 20)
+    with loop_device(backing) as dev:
+        rc = cli(["flash", str(image), str(dev), "--board", "cam-1", "--fleet", str(fleet), "--yes"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2
+    assert f"{dev} (16.0 MiB) is smaller than the image (48.0 MiB)" in err
+    assert backing.read_bytes() == b"\0" * (16 << 20)
+
+
+def test_mounted_device_is_refused(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img")
+    backing = _blank(tmp_path / "card.bin", 64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(backing)], check=True)
+    with loop_device(backing) as dev, mounted(dev, tmp_path / "mnt") as mnt:
+        (mnt / "photo.jpg").write_bytes(b"precious")
+        rc = cli(["flash", str(image), str(dev), "--board", "cam-1", "--fleet", str(fleet), "--yes", "--force"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert rc == 2
+        assert f"flctl flash: refused: {dev} is mounted at {mnt}; unmount it first" in err
+        assert (mnt / "photo.jpg").read_bytes() == b"precious"
+    assert b"EFI PART" not in backing.read_bytes()[:8192]
+
+
+def test_image_file_attached_to_a_mounted_loop_is_refused(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img")
+    target = make_image(tmp_path / "board.img", data="ext4", bmap=False)
+    before = target.read_bytes()[:2048 * 512 + (22 << 20)]  # table + fl-root (mounting alters fl-data)
+    data_offset = 2048 * 512 + 22 * (1 << 20)  # the fl-data partition of make_image's 48 MiB layout
+    with loop_device(target, "-o", str(data_offset), "--sizelimit", str(22 << 20)) as dev, \
+            mounted(dev, tmp_path / "mnt") as mnt:
+        rc = cli(["flash", str(image), str(target), "--board", "cam-1", "--fleet", str(fleet), "--yes"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert rc == 2
+        assert f"{target} is in use: attached to {dev} (mounted at {mnt}); detach it first" in err
+    assert target.read_bytes()[:len(before)] == before
