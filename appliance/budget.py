@@ -441,7 +441,12 @@ def read_budget(root: Path | None = None, proc_self: Path = PROC_SELF, cpus: int
 
 @dataclass(frozen=True)
 class Usage:
-    """What the agent's cgroup uses now (for metrics). Fields are None where the file is absent."""
+    """What the agent's cgroup uses now (for metrics). Fields are None where the file is absent.
+
+    ``trainer_oom_kills`` is the kernel's raw ``oom_kill`` count of the trainer cgroup: processes killed. With
+    ``memory.oom.group=1`` the kernel counts the chosen victim twice (once as victim, once as group member;
+    measured on Debian's 6.1), so count OOM events from :class:`TrainerKilled` (``TrainerSandbox.oom_kills``).
+    """
 
     memory_current: int | None
     cpu_usage_usec: int | None
@@ -604,12 +609,13 @@ class TrainerSandbox:
         self._ready = True
         log.info("trainer cgroup %s ready (memory.max=%s)", trainer, self.memory_max or "max")
 
-    def _oom_kills(self) -> int:
+    def _oom_events(self) -> tuple[int, int]:
+        """(oom_kill, oom_group_kill) of the trainer cgroup: processes killed, group kills."""
         trainer = self.trainer_cgroup
         if trainer is None:
-            return 0
+            return 0, 0
         events = Cgroup(trainer).memory_events()
-        return events.get("oom_kill", 0) + events.get("oom_group_kill", 0)
+        return events.get("oom_kill", 0), events.get("oom_group_kill", 0)
 
     def run(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in a child process in the trainer cgroup and return its result.
@@ -619,7 +625,7 @@ class TrainerSandbox:
         killing the child) when ``timeout`` seconds pass.
         """
         self._prepare()
-        before = self._oom_kills()
+        before = self._oom_events()
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(target=_child_main, args=(child_end,), name="fl-trainer", daemon=True)
         process.start()
@@ -650,12 +656,14 @@ class TrainerSandbox:
             raise TrainerFailed(f"training failed in the trainer process: {value}", child_traceback)
         return value
 
-    def _killed(self, exitcode: int | None, oom_before: int) -> TrainerKilled:
+    def _killed(self, exitcode: int | None, oom_before: tuple[int, int]) -> TrainerKilled:
         signal_number = -exitcode if exitcode is not None and exitcode < 0 else None
         if self.trainer_cgroup is not None:
-            delta = self._oom_kills() - oom_before
-            oom = delta > 0
-            evidence = f"{self.trainer_cgroup / 'memory.events'} oom_kill +{delta}"
+            kills, group_kills = (now - then for now, then in zip(self._oom_events(), oom_before, strict=True))
+            oom = kills > 0 or group_kills > 0
+            evidence = f"{self.trainer_cgroup / 'memory.events'} oom_kill +{kills}"
+            if group_kills:
+                evidence += f" oom_group_kill +{group_kills}"
         else:
             oom = signal_number == signal.SIGKILL
             evidence = ("SIGKILL with no cgroup to confirm (advisory budget): likely the kernel OOM killer"

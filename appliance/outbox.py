@@ -134,13 +134,14 @@ class DeliveryReport:
 
 
 class Outbox:
-    """The outbox directory ``<state_dir>/outbox``. Opening it removes temp files a crash left behind."""
+    """An outbox directory (the agent uses ``<state_dir>/outbox``). Opening it removes the temp files a crash
+    left behind."""
 
-    def __init__(self, state_dir: Path | str, *, max_messages: int = 64, max_bytes: int = 256 * 1024 * 1024,
+    def __init__(self, directory: Path | str, *, max_messages: int = 64, max_bytes: int = 256 * 1024 * 1024,
                  max_rejected: int = 32):
         if max_messages < 1 or max_bytes < 1:
             raise ValueError(f"outbox bounds must be >= 1 (max_messages={max_messages}, max_bytes={max_bytes})")
-        self.directory = Path(state_dir) / "outbox"
+        self.directory = Path(directory)
         self.rejected_directory = self.directory / "rejected"
         self.max_messages = max_messages
         self.max_bytes = max_bytes

@@ -73,8 +73,9 @@ def test_an_exception_in_the_training_callable_comes_back_with_its_traceback():
     assert "raise_value_error" in err.value.child_traceback
 
 
-def test_a_sigkilled_trainer_raises_trainer_killed_and_the_agent_goes_on():
-    sandbox = b.TrainerSandbox(ADVISORY, memory_max=None)
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_sigkilled_trainer_raises_trainer_killed_and_the_agent_goes_on(start_method):
+    sandbox = b.TrainerSandbox(ADVISORY, memory_max=None, start_method=start_method)
     with pytest.raises(b.TrainerKilled) as err:
         sandbox.run(kill_myself)
     assert err.value.signal_number == signal.SIGKILL

@@ -65,7 +65,7 @@ async def _send(port: int, message: bytes) -> bytes:
 async def _child(state_dir: Path, port: int) -> None:
     from appliance.outbox import Backoff, Outbox
 
-    outbox = Outbox(state_dir, max_messages=10_000, max_bytes=1 << 30)
+    outbox = Outbox(state_dir / "outbox", max_messages=10_000, max_bytes=1 << 30)
     with open(state_dir / "starts.log", "a") as log:
         log.write(f"{outbox.counters.stale_temp_files_removed} {outbox.depth}\n")
     progress = state_dir / "produced"

@@ -49,7 +49,7 @@ def test_put_stores_the_message_under_its_sha256_before_anything_is_sent(tmp_pat
     outbox = Outbox(tmp_path)
     key = outbox.put(b"signed update 1")
     assert key == hashlib.sha256(b"signed update 1").hexdigest() == digest(b"signed update 1")
-    files = list((tmp_path / "outbox").iterdir())
+    files = list(tmp_path.iterdir())
     assert [f.name for f in files] == [f"000000000000-{key}.upd"]
     assert files[0].read_bytes() == b"signed update 1"
     assert oct(files[0].stat().st_mode & 0o777) == "0o600"
@@ -84,9 +84,9 @@ def test_pending_is_in_creation_order_and_survives_a_restart(tmp_path):
 
 def test_half_written_temp_files_from_a_crash_are_removed_at_start(tmp_path):
     Outbox(tmp_path).put(b"kept")
-    (tmp_path / "outbox" / f".tmp-{'ab' * 32}").write_bytes(b"half an upd")
+    (tmp_path / f".tmp-{'ab' * 32}").write_bytes(b"half an upd")
     reopened = Outbox(tmp_path)
-    assert [p.name for p in (tmp_path / "outbox").iterdir() if p.name.startswith(".tmp")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
     assert reopened.counters.stale_temp_files_removed == 1
     assert reopened.depth == 1
 
@@ -106,7 +106,7 @@ def test_full_outbox_drops_the_oldest_by_count_counted_and_logged(tmp_path, capl
     assert caplog.text.count("outbox full (3 messages") == 2
     assert [e.key for e in outbox.pending()] == keys[2:]
     assert outbox.counters.dropped_total == 2 and outbox.counters.dropped_bytes_total == 16
-    assert len(list((tmp_path / "outbox").glob("*.upd"))) == 3
+    assert len(list(tmp_path.glob("*.upd"))) == 3
 
 
 def test_full_outbox_drops_the_oldest_by_bytes(tmp_path, caplog):
@@ -191,7 +191,7 @@ def test_a_permanent_rejection_moves_the_update_aside_and_delivery_goes_on(tmp_p
     assert (report.delivered, report.rejected) == (1, 1)
     assert outbox.counters.rejected_total == {"round-closed": 1}
     assert outbox.rejected() == [(bad, "round-closed")]
-    assert (tmp_path / "outbox" / "rejected" / f"000000000000-{bad}.upd").read_bytes() == b"update for a closed round"
+    assert (tmp_path / "rejected" / f"000000000000-{bad}.upd").read_bytes() == b"update for a closed round"
     reopened = Outbox(tmp_path)
     assert reopened.depth == 0 and good not in reopened
     reopened.put(b"next")
@@ -201,7 +201,7 @@ def test_a_permanent_rejection_moves_the_update_aside_and_delivery_goes_on(tmp_p
 def test_a_corrupted_stored_update_is_not_sent(tmp_path):
     outbox = Outbox(tmp_path)
     key = outbox.put(b"signed update")
-    path = next((tmp_path / "outbox").glob("*.upd"))
+    path = next(tmp_path.glob("*.upd"))
     path.write_bytes(b"signed updatE")  # bit rot on the data partition
     aggregator = Aggregator()
     report = run(outbox.deliver(aggregator.send))
@@ -214,7 +214,7 @@ def test_rejected_updates_are_bounded(tmp_path):
     keys = [outbox.put(f"u{i}".encode()) for i in range(4)]
     run(outbox.deliver(Aggregator([PermanentRejection("bad-signature")] * 4).send))
     assert [k for k, _ in outbox.rejected()] == keys[2:]
-    assert len(list((tmp_path / "outbox" / "rejected").iterdir())) == 4  # 2 updates + 2 reason notes
+    assert len(list((tmp_path / "rejected").iterdir())) == 4  # 2 updates + 2 reason notes
 
 
 def test_updates_put_while_delivering_go_out_in_the_same_call(tmp_path):
