@@ -221,25 +221,29 @@ async def post_update(request: web.Request) -> web.Response:
     digest = await loop.run_in_executor(s.executor, wire.update_digest, body)
 
     # An identical resend gets the original receipt, whatever happened since (idempotent delivery).
-    receipt = engine.known_receipt(digest)
-    if receipt is None and (waiter := engine.inflight(digest)) is not None:
-        receipt = await asyncio.shield(waiter)
+    receipt = await engine.known_receipt(digest)
     if receipt is not None:
         s.metrics.updates_duplicate_resend.inc()
         return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
 
     started = time.perf_counter()
-    header = await loop.run_in_executor(s.executor, read_header, body, s.registry.key_for, s.limits)
-    engine.admit(header, digest)
-    update, delta, norm = await loop.run_in_executor(
-        s.executor, decode_delta, body, s.registry.key_for, s.models.layout, s.limits
-    )
-    s.metrics.verify_seconds.observe(time.perf_counter() - started)
-    bound = s.config.policy.max_update_norm
-    if bound is not None and not norm <= bound:
-        raise ProtocolError("norm-too-large", f"update L2 norm {norm:.6g} exceeds the bound {bound:.6g}")
     try:
+        header = await loop.run_in_executor(s.executor, read_header, body, s.registry.key_for, s.limits)
+        engine.admit(header, digest)
+        update, delta, norm = await loop.run_in_executor(
+            s.executor, decode_delta, body, s.registry.key_for, s.models.layout, s.limits
+        )
+        s.metrics.verify_seconds.observe(time.perf_counter() - started)
+        bound = s.config.policy.max_update_norm
+        if bound is not None and not norm <= bound:
+            raise ProtocolError("norm-too-large", f"update L2 norm {norm:.6g} exceeds the bound {bound:.6g}")
         receipt = await engine.commit(header, digest, delta, update.metrics)
+    except ProtocolError:
+        # A copy of these exact bytes may have been acknowledged while this one was being checked.
+        receipt = await engine.known_receipt(digest)
+        if receipt is None:
+            raise
+        s.metrics.updates_duplicate_resend.inc()
     except Unavailable as exc:
         raise Problem(503, "spool-unavailable", str(exc), {"Retry-After": "30"}) from None
     return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)

@@ -189,7 +189,13 @@ class RoundEngine:
         self.version = latest[0]
         if self.models.release_bytes(self.version) is None:
             raise RuntimeError(f"model version {self.version} is recorded but {self.models.path(self.version)} is gone")
-        self.params = await self._run(self.models.params, self.version)
+        try:
+            self.params = await self._run(self.models.params, self.version)
+        except wire.ProtocolError as exc:
+            raise RuntimeError(
+                f"{self.models.path(self.version)} does not verify with this aggregator's key ({exc}): "
+                "was the state directory used with another key?"
+            ) from None
         state_path = self._state_path(self.version)
         if state_path.exists():
             with np.load(state_path) as saved:
@@ -332,12 +338,16 @@ class RoundEngine:
 
     # -------------------------------------------------------------------------------------------- updates
 
-    def known_receipt(self, digest: bytes) -> bytes | None:
-        """The receipt of an already acknowledged update with exactly these bytes, if any."""
-        return self.store.receipt_for(digest)
+    async def known_receipt(self, digest: bytes) -> bytes | None:
+        """The receipt of an update with exactly these bytes that is acknowledged (or being stored right now).
 
-    def inflight(self, digest: bytes) -> asyncio.Future[bytes] | None:
-        return self._inflight.get(digest)
+        This is what makes delivery idempotent: a resend gets the original receipt, whatever happened since.
+        """
+        waiter = self._inflight.get(digest)
+        if waiter is not None:
+            with contextlib.suppress(Exception):
+                return await asyncio.shield(waiter)
+        return self.store.receipt_for(digest)
 
     def admit(self, header: UpdateHeader, digest: bytes, now: float | None = None) -> OpenRound:
         """Decide from the signed metadata alone whether this update can count in the open round."""
@@ -375,6 +385,10 @@ class RoundEngine:
 
         Call :meth:`admit` right before (without awaiting in between): the round may have moved on.
         """
+        if digest in self._inflight or self.store.receipt_for(digest) is not None:
+            receipt = await self.known_receipt(digest)  # an identical upload overtook this one
+            if receipt is not None:
+                return receipt
         round_ = self.admit(header, digest)
         now = time.time()
         receipt = wire.encode_receipt(

@@ -20,9 +20,9 @@ class TrimmedMean(Strategy):
 
     def aggregate(self, updates: UpdateSet) -> np.ndarray:
         n = len(updates)
-        cut = int(self.beta * n)
-        if n - 2 * cut <= 0:
-            raise AggregationError(f"trimming {cut} from each end of {n} updates leaves nothing to average")
+        if n == 0:
+            raise AggregationError("no updates were accepted in this round, so there is nothing to average")
+        cut = int(self.beta * n)  # < n / 2 because beta < 0.5, so something is always left
         out = np.empty(updates.size, dtype=np.float32)
         for start, stop, matrix in updates.chunks():
             ordered = np.sort(matrix, axis=0)
