@@ -559,9 +559,24 @@ def _child_main(conn: multiprocessing.connection.Connection) -> None:
     conn.close()
 
 
+class CgroupSetupError(TrainerFailed):
+    """The trainer cgroup could not be set up or the trainer not placed in it (names the file and error).
+    Nothing is cached on failure: the next run tries again."""
+
+    def __init__(self, path: Path, value: str, error: OSError):
+        super().__init__(f"cannot write {value!r} to {path}: {error.strerror or error}", "")
+        self.path = path
+        self.errno = error.errno
+
+
 def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except ProcessLookupError:
+        raise
+    except OSError as exc:
+        raise CgroupSetupError(path, value, exc) from exc
 
 
 class TrainerSandbox:
@@ -621,8 +636,9 @@ class TrainerSandbox:
         """Run ``fn(*args, **kwargs)`` in a child process in the trainer cgroup and return its result.
 
         ``fn`` and its arguments must be picklable (a module-level function). Raises :class:`TrainerKilled`
-        when the child dies without a result, :class:`TrainerFailed` when ``fn`` raised, TimeoutError (after
-        killing the child) when ``timeout`` seconds pass.
+        when the child dies without a result, :class:`TrainerFailed` when ``fn`` raised (its subclass
+        :class:`CgroupSetupError` when the trainer cgroup could not be set up), TimeoutError (after killing the
+        child) when ``timeout`` seconds pass.
         """
         self._prepare()
         before = self._oom_events()
@@ -633,8 +649,10 @@ class TrainerSandbox:
         try:
             trainer = self.trainer_cgroup
             if trainer is not None:
-                _write(trainer / "cgroup.procs", str(process.pid))
-            parent_end.send((fn, args, kwargs))
+                with contextlib.suppress(ProcessLookupError):  # died at start: reported below
+                    _write(trainer / "cgroup.procs", str(process.pid))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                parent_end.send((fn, args, kwargs))
             ready = multiprocessing.connection.wait([parent_end, process.sentinel], timeout)
             if not ready:
                 process.kill()

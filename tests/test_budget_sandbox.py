@@ -152,6 +152,18 @@ def test_delegated_sigkill_without_oom_event_is_not_an_oom(tmp_path):
     assert err.value.signal_number == signal.SIGKILL and not err.value.oom and sandbox.oom_kills == 0
 
 
+def test_a_failed_cgroup_setup_names_the_file_and_is_retried_next_run(tmp_path):
+    budget = delegated_tree(tmp_path)
+    blocker = budget.base / "trainer" / "memory.max"
+    blocker.mkdir()  # writing it fails, as a read-only or foreign-owned file would
+    sandbox = b.TrainerSandbox(budget, memory_max=96 * MiB)
+    with pytest.raises(b.CgroupSetupError, match=rf"cannot write '{96 * MiB}' to {blocker}"):
+        sandbox.run(child_pid_and_sum, [1])
+    blocker.rmdir()
+    assert sandbox.run(child_pid_and_sum, [2])[1] == 2
+    assert blocker.read_text() == str(96 * MiB)
+
+
 def test_bad_trainer_memory_limit_is_refused():
     with pytest.raises(ValueError, match="memory_max must be positive"):
         b.TrainerSandbox(ADVISORY, memory_max=0)
