@@ -11,7 +11,6 @@ specs (:class:`Layout`), which is also the layout of every spooled update.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ from appliance.wire import ParamSpec
 
 
 class PackageInfo(Protocol):
-    """What the aggregator reads from a model package (satisfied by ``appliance.modelpkg.ModelPackage``)."""
+    """What the aggregator reads from a model package (``appliance.modelpkg.ModelPackage`` has it all)."""
 
     name: str
     digest: bytes
@@ -48,19 +47,18 @@ class PackageError(Exception):
 
 
 def load_package_file(path: Path, aggregator_key: VerifyKey) -> ServedPackage:
-    """Load and verify a signed model package with ``appliance.modelpkg``."""
-    try:
-        from appliance import modelpkg  # the model engineer's module; imported late so tests can run without it
-    except ImportError as exc:  # pragma: no cover - depends on the tree
-        raise PackageError(f"appliance.modelpkg is not available: {exc}") from None
+    """Read a signed model package once, verify it with ``appliance.modelpkg``, and keep the exact bytes that
+    were verified for serving (so the file changing on disk later cannot change what devices get)."""
+    from appliance import modelpkg
+
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise PackageError(f"{path}: cannot read model package: {exc.strerror}") from None
     try:
-        info = modelpkg.load_package(path, aggregator_key)
-    except Exception as exc:
-        raise PackageError(f"{path}: not a valid model package signed by this aggregator: {exc}") from None
+        info = modelpkg.decode_package(raw, aggregator_key, origin=str(path))
+    except modelpkg.PackageError as exc:
+        raise PackageError(f"{exc.detail} [{exc.reason}]") from None
     return ServedPackage(info=info, raw=raw)
 
 
@@ -171,6 +169,3 @@ class ModelStore:
         return self.layout.flatten(self.package.info.initial_params)
 
 
-def package_digest_hex(raw: bytes) -> str:
-    """SHA-256 of a package file (what a package without its own digest is addressed by)."""
-    return hashlib.sha256(raw).hexdigest()

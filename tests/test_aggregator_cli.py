@@ -1,0 +1,155 @@
+"""fl-aggregator keygen / enroll / revoke / status / serve as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nacl.signing import SigningKey, VerifyKey
+
+from aggregator.cli import main
+from aggregator.simulate import SimulatedDevice
+from appliance import modelpkg, wire
+from appliance.wire import ParamSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _package(key: SigningKey, path: Path) -> modelpkg.ModelPackage:
+    rng = np.random.default_rng(0)
+    pkg = modelpkg.ModelPackage(
+        name="tiny",
+        param_specs=[ParamSpec("fc.weight", (3, 4)), ParamSpec("fc.bias", (3,))],
+        initial_params={"fc.weight": rng.normal(size=(3, 4)).astype(np.float32), "fc.bias": np.zeros(3, np.float32)},
+        training_graph=b"training-graph-bytes",
+        inference_graph=b"inference-graph-bytes",
+        optimizer={"name": "sgd", "lr": 0.1},
+        preprocessing={"input_shape": [4]},
+        num_classes=3,
+    )
+    modelpkg.write_package(path, pkg, key)
+    return modelpkg.load_package(path, key.verify_key)
+
+
+def test_keygen_creates_a_private_key_once_and_publishes_the_public_key(tmp_path: Path, capsys) -> None:
+    assert main(["keygen", "--state", str(tmp_path)]) == 0
+    first = capsys.readouterr().out.strip()
+    assert main(["keygen", "--state", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == first
+    assert (tmp_path / "aggregator.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "aggregator.pub").read_text().strip() == first
+    assert bytes(SigningKey(bytes.fromhex((tmp_path / "aggregator.key").read_text().strip())).verify_key).hex() == first
+
+
+def test_enroll_revoke_and_status(tmp_path: Path, capsys) -> None:
+    main(["keygen", "--state", str(tmp_path)])
+    a, b, c = SimulatedDevice(), SimulatedDevice(), SimulatedDevice()
+    assert main(["enroll", "--state", str(tmp_path), a.public_key_hex, "--name", "door"]) == 0
+    fleet = tmp_path / "fleet.jsonl"
+    fleet.write_text(
+        json.dumps({"device_id": b.device_id, "public_key": b.public_key_hex, "name": "gate"}) + "\n\n"
+        + json.dumps({"device_id": c.device_id, "public_key": c.public_key_hex, "name": "yard"}) + "\n"
+    )
+    capsys.readouterr()
+    assert main(["enroll", "--state", str(tmp_path), "--from", str(fleet), a.public_key_hex]) == 0
+    out = capsys.readouterr().out
+    assert f"{a.device_id} already enrolled" in out and f"{b.device_id} enrolled gate" in out
+    assert main(["revoke", "--state", str(tmp_path), b.device_id]) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert main(["status", "--state", str(tmp_path), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["devices"]["enrolled"] == 2 and status["devices"]["revoked"] == 1
+    # a revoked key stays revoked
+    assert main(["enroll", "--state", str(tmp_path), b.public_key_hex]) == 2
+    assert "revoked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "line,complaint",
+    [
+        ('{"device_id": "00", "public_key": "%s"}', "does not match its public key"),
+        ('{"public_key": "abc"}', "not hex"),
+        ('{"public_key": "%s00"}', "33 bytes"),
+        ("not json", "not JSON"),
+    ],
+)
+def test_enroll_file_errors_name_the_line(tmp_path: Path, capsys, line: str, complaint: str) -> None:
+    main(["keygen", "--state", str(tmp_path)])
+    fleet = tmp_path / "fleet.jsonl"
+    fleet.write_text("\n" + (line % SimulatedDevice().public_key_hex if "%s" in line else line) + "\n")
+    capsys.readouterr()
+    assert main(["enroll", "--state", str(tmp_path), "--from", str(fleet)]) == 2
+    err = capsys.readouterr().err
+    assert f"{fleet}:2" in err and complaint in err
+    assert main(["status", "--state", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"]["enrolled"] == 0
+
+
+def test_revoke_unknown_device_and_status_of_nothing_are_clear_errors(tmp_path: Path, capsys) -> None:
+    assert main(["status", "--state", str(tmp_path / "none")]) == 2
+    assert "not an aggregator state directory" in capsys.readouterr().err
+    main(["keygen", "--state", str(tmp_path)])
+    assert main(["revoke", "--state", str(tmp_path), "ab" * 16]) == 2
+    assert "no enrolled device" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_publishes_a_signed_package_and_its_initial_model(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    main(["keygen", "--state", str(state)])
+    key = SigningKey(bytes.fromhex((state / "aggregator.key").read_text().strip()))
+    pkg = _package(key, tmp_path / "tiny.flpkg")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
+         "--model", str(tmp_path / "tiny.flpkg"), "--epochs", "3", "--encoding", "int8"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                time.sleep(0.1)
+        with urllib.request.urlopen(url + "/v1/package") as r:
+            assert r.read() == (tmp_path / "tiny.flpkg").read_bytes()
+        with urllib.request.urlopen(url + f"/v1/packages/{pkg.digest.hex()}") as r:
+            assert r.read() == (tmp_path / "tiny.flpkg").read_bytes()
+        pub = VerifyKey(bytes.fromhex((state / "aggregator.pub").read_text().strip()))
+        with urllib.request.urlopen(url + "/v1/task") as r:
+            task = wire.decode_task(r.read(), pub)
+        assert task.package_digest == pkg.digest and task.epochs == 3 and task.encoding == "int8"
+        with urllib.request.urlopen(url + "/v1/models/latest") as r:
+            release = wire.decode_model_release(r.read(), pub, pkg.param_specs)
+        assert release.version == 0 and release.digest == task.model_digest
+        np.testing.assert_array_equal(release.tensors["fc.weight"], pkg.initial_params["fc.weight"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_package_signed_by_another_key(tmp_path: Path) -> None:
+    _package(SigningKey.generate(), tmp_path / "foreign.flpkg")
+    done = subprocess.run(
+        [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(tmp_path / "state"), "--model",
+         str(tmp_path / "foreign.flpkg")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "foreign.flpkg" in done.stderr and "unknown-key" in done.stderr
+    assert "Traceback" not in done.stderr
