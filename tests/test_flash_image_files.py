@@ -11,6 +11,7 @@ from flash_images import (
     assert_provisioned,
     board_record,
     cli,
+    data_volume,
     env_for_tests,
     have_tools,
     make_fleet,
@@ -126,3 +127,31 @@ def test_many_reports_the_failed_target_and_exits_nonzero(tmp_path, fleet, capsy
     assert err.count("FAILED") == 1 and "No space left on device" in err
     assert err.count("│ ok ") == 1
     assert_provisioned(good, image, fleet, "cam-1")
+
+
+def test_board_config_edited_in_the_fleet_is_flashed(tmp_path, fleet):
+    image = make_image(tmp_path / "fl.img")
+    toml = fleet / "boards" / "cam-2" / "agent.toml"
+    original = toml.read_text()
+    try:
+        toml.write_text(original + "[data]\nsamples_per_round = 64\n")
+        target = tmp_path / "board.img"
+        assert _flash(image, target, fleet, "cam-2") == 0
+        assert data_volume(target).read("fl-agent/agent.toml") == toml.read_bytes()
+    finally:
+        toml.write_text(original)
+
+
+def test_board_config_the_agent_would_reject_is_refused(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img")
+    toml = fleet / "boards" / "cam-2" / "agent.toml"
+    original = toml.read_text()
+    try:
+        toml.write_text(original + "[data]\nsamples_per_rund = 64\n")
+        target = tmp_path / "board.img"
+        assert _flash(image, target, fleet, "cam-2") == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "board cam-2's agent.toml would stop the agent" in err and "samples_per_rund" in err
+        assert not target.exists()
+    finally:
+        toml.write_text(original)

@@ -148,3 +148,19 @@ def test_existing_aggregator_key_is_adopted(tmp_path):
                       str(state)) == 0
     assert (fleet / "aggregator.pub").read_text().strip() == bytes(own.verify_key).hex()
     assert not (fleet / "aggregator").exists()
+
+
+def test_url_change_keeps_per_board_settings(tmp_path):
+    fleet = tmp_path / "fleet"
+    assert _provision(fleet, "--names", "a", "--aggregator-url", "http://10.0.2.100:8080") == 0
+    toml = fleet / "boards" / "a" / "agent.toml"
+    toml.write_text(toml.read_text() + 'poll_wait_seconds = 5.0\n[data]\nsource = "synthetic"\n')
+    assert _provision(fleet, "--aggregator-url", "http://10.0.2.100:9090") == 0
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "agent.toml").write_bytes(toml.read_bytes())
+    base = tmp_path / "agent.toml"
+    base.write_text(f'[agent]\nstate_dir = "{state}"\n')
+    config = load_config(base)
+    assert (config.aggregator.url, config.aggregator.poll_wait_seconds, config.data.source) == (
+        "http://10.0.2.100:9090", 5.0, "synthetic")

@@ -40,6 +40,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from appliance import identity
+from appliance.config import ConfigError, load_config
 
 from . import blockdev, gpt
 from .ext4image import Ext4Error, Ext4Volume, passwd_entry
@@ -395,9 +396,21 @@ def _board_list(args: argparse.Namespace) -> list[str]:
     return [args.board]
 
 
+def _board_config(fleet: Fleet, name: str) -> str:
+    """The board's agent.toml from the fleet, checked with the agent's own strict loader."""
+    path = fleet.board_agent_toml(name)
+    if not path.exists():
+        return agent_toml(fleet.url)
+    try:
+        load_config(path, override=False)
+    except ConfigError as exc:
+        raise FlashError(f"board {name}'s agent.toml would stop the agent: {exc}") from None
+    return path.read_text()
+
+
 def _identities(fleet: Fleet, names: list[str]) -> list[BoardIdentity]:
     agg = fleet.aggregator_public_key
-    return [BoardIdentity(n, fleet.device_key(n), agg, agent_toml(fleet.url)) for n in names]
+    return [BoardIdentity(n, fleet.device_key(n), agg, _board_config(fleet, n)) for n in names]
 
 
 def _confirm(targets: list[blockdev.Target], image: Image, console: Console) -> bool:

@@ -71,7 +71,21 @@ def check_url(url: str) -> str:
 def agent_toml(url: str) -> str:
     """The per-board override of /etc/fl-agent/agent.toml: merged key by key by appliance.config."""
     return f'# Written by flctl provision; overrides /etc/fl-agent/agent.toml key by key.\n' \
+           f'# Add per-board settings below; `flctl provision --aggregator-url` only rewrites the url line.\n' \
            f'[aggregator]\nurl = "{url}"\n'
+
+
+_URL_LINE = re.compile(r'^(\[aggregator\][^\[]*?^url\s*=\s*)"[^"\n]*"', re.MULTILINE | re.DOTALL)
+
+
+def with_url(text: str, url: str) -> str:
+    """`text` (a board's agent.toml) with [aggregator] url set to `url`, other settings kept."""
+    new, count = _URL_LINE.subn(lambda m: f'{m.group(1)}"{url}"', text, count=1)
+    if count:
+        return new
+    if re.search(r"^\[aggregator\]", text, re.MULTILINE):
+        return re.sub(r"^\[aggregator\]\s*$", f'[aggregator]\nurl = "{url}"', text, count=1, flags=re.MULTILINE)
+    return f'[aggregator]\nurl = "{url}"\n' + text
 
 
 class Fleet:
@@ -176,9 +190,21 @@ class Fleet:
             self.sealer.seal(bytes(key), self.kdf, d / "device.key.sealed")
             board = Board(name, identity.device_id_for(key.verify_key), bytes(key.verify_key).hex())
             _write_text(d / "board.json", json.dumps(board.enrolment(), indent=1) + "\n")
+            _write_text(d / "agent.toml", agent_toml(self.url))
             new = True
-        _write_text(d / "agent.toml", agent_toml(self.url))
         return self.board(name), new
+
+    def board_agent_toml(self, name: str) -> Path:
+        return self.board_dir(name) / "agent.toml"
+
+    def follow_url(self) -> None:
+        """Point every board's agent.toml at the fleet URL, keeping the rest of each file."""
+        for name in self.board_names():
+            path = self.board_agent_toml(name)
+            text = path.read_text() if path.exists() else agent_toml(self.url)
+            updated = with_url(text, self.url)
+            if not path.exists() or updated != text:
+                _write_text(path, updated)
 
     def write_public_files(self) -> Path:
         """aggregator.pub and enroll.jsonl (all boards, sorted by name)."""
@@ -235,8 +261,7 @@ def run(args: argparse.Namespace) -> int:
         for name in names:
             _board, new = fleet.add_board(name)
             added += new
-        for name in fleet.board_names():  # the URL may have changed: every board's config follows it
-            _write_text(fleet.board_dir(name) / "agent.toml", agent_toml(fleet.url))
+        fleet.follow_url()  # the URL may have changed: every board's config follows it
         enroll = fleet.write_public_files()
         key_path = fleet.export_aggregator_key(state)
     except (ProvisionError, SealError, identity.IdentityError) as exc:
