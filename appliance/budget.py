@@ -429,7 +429,11 @@ def read_budget(root: Path | None = None, proc_self: Path = PROC_SELF, cpus: int
         return Budget(None, threads_for(None, cpus), None, None, False, True, where)
     cpu, mem_max, mem_high = effective_limits(where.cgroup, where.root)
     base = delegation_base(where.cgroup)
-    why_not = _not_delegated_reason(base)
+    if base == where.root:  # moving "our" processes would move every process of the hierarchy (or container)
+        why_not: str | None = (f"the agent runs in the root cgroup {base}: give it a cgroup of its own "
+                               "(a systemd unit with Delegate=yes)")
+    else:
+        why_not = _not_delegated_reason(base)
     delegated = why_not is None
     return Budget(
         cpu_quota=cpu, threads=threads_for(cpu, cpus), memory_max=mem_max, memory_high=mem_high,
@@ -555,7 +559,11 @@ def _child_main(conn: multiprocessing.connection.Connection) -> None:
     except BaseException as exc:  # the parent re-raises it as TrainerFailed
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     else:
-        conn.send(("ok", result, None))
+        try:
+            conn.send(("ok", result, None))
+        except Exception as exc:  # an unpicklable result
+            conn.send(("error", f"cannot send the result back: {type(exc).__name__}: {exc}",
+                       traceback.format_exc()))
     conn.close()
 
 

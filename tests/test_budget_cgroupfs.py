@@ -119,7 +119,7 @@ def test_no_cgroup_v2_means_an_advisory_budget_with_the_reason(tmp_path, cgroup_
 
 def test_hybrid_host_without_v2_memory_controller_is_advisory(tmp_path):
     """The layout of this development host: v2 mounted at /sys/fs/cgroup/unified with only hugetlb."""
-    _, proc = make_tree(tmp_path, cgroup="", controllers="hugetlb")
+    _, proc = make_tree(tmp_path, cgroup="user.slice", controllers="hugetlb")
     budget = b.read_budget(proc_self=proc, cpus=2)
     assert budget.advisory
     assert "memory controller is not available" in budget.reason and "hugetlb" in budget.reason
@@ -144,6 +144,14 @@ def _budget_as_nobody(proc: Path) -> tuple[bool, str]:
     os.waitpid(pid, 0)
     advisory, reason = json.loads(data)
     return advisory, reason
+
+
+def test_an_agent_in_the_root_cgroup_never_takes_it_over(tmp_path):
+    """Moving "its" processes out of the root cgroup would move every process of the machine (or container)."""
+    root, proc = make_tree(tmp_path, cgroup="")
+    budget = b.read_budget(proc_self=proc, cpus=2)
+    assert budget.advisory and budget.base is None
+    assert f"runs in the root cgroup {root}" in budget.reason
 
 
 def test_undelegated_cgroup_is_advisory_with_the_reason():

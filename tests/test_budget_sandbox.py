@@ -28,6 +28,10 @@ def raise_value_error() -> None:
     raise ValueError("learning rate must be positive")
 
 
+def return_unpicklable():
+    return lambda: None
+
+
 def kill_myself() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -71,6 +75,12 @@ def test_an_exception_in_the_training_callable_comes_back_with_its_traceback():
     with pytest.raises(b.TrainerFailed, match="ValueError: learning rate must be positive") as err:
         sandbox.run(raise_value_error)
     assert "raise_value_error" in err.value.child_traceback
+
+
+def test_an_unpicklable_result_is_a_training_failure_not_a_kill():
+    sandbox = b.TrainerSandbox(ADVISORY, memory_max=None)
+    with pytest.raises(b.TrainerFailed, match="cannot send the result back"):
+        sandbox.run(return_unpicklable)
 
 
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
