@@ -174,9 +174,11 @@ def test_a_failed_cgroup_setup_names_the_file_and_is_retried_next_run(tmp_path):
     assert blocker.read_text() == str(96 * MiB)
 
 
-def test_bad_trainer_memory_limit_is_refused():
+def test_bad_trainer_memory_limit_or_preload_is_refused():
     with pytest.raises(ValueError, match="memory_max must be positive"):
         b.TrainerSandbox(ADVISORY, memory_max=0)
+    with pytest.raises(ValueError, match="preload needs the forkserver start method, not 'spawn'"):
+        b.TrainerSandbox(ADVISORY, memory_max=None, preload=["json"])
 
 
 # -- a real cgroup v2 with the memory controller (the QEMU guest; not this hybrid host) ---------------------
