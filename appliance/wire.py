@@ -422,7 +422,12 @@ def decode_update(
     nonce = bytes(_field(p, "nonce", memoryview))
     if len(nonce) < 8:
         raise ProtocolError("bad-payload", "nonce must be at least 8 bytes")
+    declared = _field(p, "encoding", str)
+    if declared not in ENCODINGS:
+        raise ProtocolError("bad-payload", f"unknown encoding {declared!r}")
     tensors, encoding = decode_tensors(section, specs, limits)
+    if tensors and encoding != declared:
+        raise ProtocolError("bad-tensor", f"tensor section is {encoding} but the signed payload says {declared}")
     return Update(
         device_id=device,
         round_id=_field(p, "round", int),

@@ -221,3 +221,11 @@ def test_decoders_accept_memoryviews_of_a_larger_buffer():
     buffer = bytearray(b"junk" + body + b"junk")
     view = memoryview(buffer)[4 : 4 + len(body)]
     assert wire.decode_update(view, registry, SPECS).round_id == 12
+
+
+@pytest.mark.parametrize(("declared", "why"), [("float16", "says float16, carries float32"), ("bf16", "unknown")])
+def test_update_encoding_field_must_match_its_tensor_section(declared, why):
+    """The signed `encoding` names the tensor section's encoding; a body contradicting it is refused."""
+    payload = {**payload_of(wire.encode_update(make_update(), DEVICE)), "encoding": declared}
+    body = wire.sign(payload, DEVICE, DEVICE_ID) + wire.encode_tensors(params())
+    assert reason(wire.decode_update, body, registry) in {"bad-tensor", "bad-payload"}, why
