@@ -87,7 +87,12 @@ _CHOICES = {
     ("data", "source"): ("cameras", "synthetic"),
     ("agent", "log_level"): ("debug", "info", "warning", "error"),
 }
-_NON_NEGATIVE = {("training", "max_threads"), ("training", "memory_max_bytes"), ("data", "seed")}
+_NON_NEGATIVE = {
+    ("training", "max_threads"),
+    ("training", "memory_max_bytes"),
+    ("data", "seed"),
+    ("data", "synthetic_camera"),
+}
 
 
 def _check_value(path: Path, section: str, key: str, value: Any, default: Any) -> Any:

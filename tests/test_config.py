@@ -13,7 +13,12 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_defaults_and_values(tmp_path):
-    cfg = load_config(write(tmp_path / "agent.toml", f'[agent]\nstate_dir = "{tmp_path}"\n[data]\nsource = "synthetic"\n'))
+    cfg = load_config(
+        write(
+            tmp_path / "agent.toml",
+            f'[agent]\nstate_dir = "{tmp_path}"\n[data]\nsource = "synthetic"\nsynthetic_camera = 0\n',
+        )
+    )
     assert cfg.data.source == "synthetic"
     assert cfg.metrics.listen == "0.0.0.0:9101"
     assert cfg.state_path == tmp_path

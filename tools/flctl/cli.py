@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flctl import demo, flash, image, provision
+from flctl import demo, flash, image, model, provision
 
-GROUPS = (demo, image, flash, provision)
+GROUPS = (demo, model, image, flash, provision)
 
 
 def build_parser() -> argparse.ArgumentParser:
