@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 from nacl.signing import SigningKey
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,7 +30,7 @@ from aggregator.rounds import RoundEngine, RoundPolicy, TrainingPlan, Unavailabl
 from aggregator.store import Store
 from aggregator.strategies import make_strategy
 from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES
-from aggregator.verify import decode_delta, read_header
+from aggregator.verify import UpdateHeader, decode_delta, read_header
 from appliance import wire
 from appliance.errors import ProtocolError
 
@@ -216,37 +217,64 @@ async def post_update(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         raise Problem(413, "body-too-large", f"body exceeds the limit of {s.max_body} bytes") from None
     s.metrics.received_bytes.inc(len(body))
-    loop = asyncio.get_running_loop()
     engine = s.engine
-    digest = await loop.run_in_executor(s.executor, wire.update_digest, body)
-
-    # An identical resend gets the original receipt, whatever happened since (idempotent delivery).
-    receipt = await engine.known_receipt(digest)
-    if receipt is not None:
+    checked = await asyncio.get_running_loop().run_in_executor(s.executor, _check_upload, s, body)
+    if checked.receipt is None:
+        checked.receipt = await engine.known_receipt(checked.digest)  # an identical copy may be in flight
+    if checked.receipt is not None:
         s.metrics.updates_duplicate_resend.inc()
-        return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
-
-    started = time.perf_counter()
+        return web.Response(body=checked.receipt, content_type=COSE_CONTENT_TYPE)
     try:
-        header = await loop.run_in_executor(s.executor, read_header, body, s.registry.key_for, s.limits)
-        engine.admit(header, digest)
-        update, delta, norm = await loop.run_in_executor(
-            s.executor, decode_delta, body, s.registry.key_for, s.models.layout, s.limits
-        )
-        s.metrics.verify_seconds.observe(time.perf_counter() - started)
-        bound = s.config.policy.max_update_norm
-        if bound is not None and not norm <= bound:
-            raise ProtocolError("norm-too-large", f"update L2 norm {norm:.6g} exceeds the bound {bound:.6g}")
-        receipt = await engine.commit(header, digest, delta, update.metrics)
+        if checked.error is not None:
+            raise checked.error
+        s.metrics.verify_seconds.observe(checked.seconds)
+        if checked.header is None or checked.update is None or checked.delta is None:
+            raise RuntimeError("upload check returned neither an error nor an update")
+        receipt = await engine.commit(checked.header, checked.digest, checked.delta, checked.update.metrics)
     except ProtocolError:
         # A copy of these exact bytes may have been acknowledged while this one was being checked.
-        receipt = await engine.known_receipt(digest)
+        receipt = await engine.known_receipt(checked.digest)
         if receipt is None:
             raise
         s.metrics.updates_duplicate_resend.inc()
     except Unavailable as exc:
         raise Problem(503, "spool-unavailable", str(exc), {"Retry-After": "30"}) from None
     return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
+
+
+@dataclass
+class _Checked:
+    digest: bytes
+    receipt: bytes | None = None
+    error: ProtocolError | None = None
+    header: UpdateHeader | None = None
+    update: wire.Update | None = None
+    delta: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+def _check_upload(s: Services, body: bytes) -> _Checked:
+    """Worker thread: everything about one upload that touches all its bytes, in one hand-off.
+
+    The idempotency lookup comes first (a resend of an acknowledged update gets its original receipt), then
+    the signature, the round admission (re-checked on the event loop at commit), decoding and the norm bound.
+    """
+    started = time.perf_counter()
+    checked = _Checked(digest=wire.update_digest(body))
+    checked.receipt = s.store.receipt_for(checked.digest)
+    if checked.receipt is not None:
+        return checked
+    try:
+        checked.header = read_header(body, s.registry.key_for, s.limits)
+        s.engine.admit(checked.header, checked.digest)
+        checked.update, checked.delta, norm = decode_delta(body, s.registry.key_for, s.models.layout, s.limits)
+        bound = s.config.policy.max_update_norm
+        if bound is not None and not norm <= bound:
+            raise ProtocolError("norm-too-large", f"update L2 norm {norm:.6g} exceeds the bound {bound:.6g}")
+    except ProtocolError as exc:
+        checked.error = exc
+    checked.seconds = time.perf_counter() - started
+    return checked
 
 
 async def get_status(request: web.Request) -> web.Response:

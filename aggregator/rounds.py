@@ -399,16 +399,16 @@ class RoundEngine:
         round_.idle.clear()
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = waiter
+        weight = float(header.num_samples)
         job = SpoolJob(
             digest=digest, device_id=header.device_id, round_id=round_.round_id, num_samples=header.num_samples,
             metrics=metrics, delta=delta, receipt=receipt, accepted_at=now,
+            then=None if self.strategy.needs_all_updates else (lambda: self.strategy.add(delta, weight)),
         )
         started = time.perf_counter()
         try:
             await self.store.spool(job)
             self.metrics.spool_seconds.observe(time.perf_counter() - started)
-            if not self.strategy.needs_all_updates:
-                await self._run(self.strategy.add, delta, float(header.num_samples))
         except BaseException as exc:
             round_.devices.pop(header.device_id, None)
             error: BaseException = exc

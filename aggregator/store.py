@@ -17,7 +17,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -127,6 +127,9 @@ class SpoolJob:
     accepted_at: float
     future: Future = field(default_factory=Future)
     offset: int = -1
+    #: Called on the writer thread once the job is committed, before the caller hears of it (e.g. FedAvg's
+    #: in-place accumulation, so it costs no extra thread hand-off). An error here fails only this job.
+    then: Callable[[], None] | None = None
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -484,6 +487,11 @@ class Store:
                 job.future.set_exception(exc)
             return
         for job, error in zip(batch, results, strict=True):
+            if error is None and job.then is not None:
+                try:
+                    job.then()
+                except Exception as exc:  # committed but not counted: the caller must not acknowledge it
+                    error = exc
             if error is None:
                 job.future.set_result(job.offset)
             else:
