@@ -288,7 +288,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         root=fresh_output_dir(args.out), devices=args.devices, rounds=args.rounds, strategy=args.strategy,
         encoding=args.encoding, epochs=args.epochs, samples_per_round=args.samples, seed=args.seed,
     )  # fmt: skip
-    return run_demo(fleet, Console(), keep_running=args.keep_running)
+    console = Console()
+    if not console.is_terminal:  # a log file or CI: wide enough for the summary table
+        console = Console(width=130)
+    return run_demo(fleet, console, keep_running=args.keep_running)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -299,8 +302,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--strategy", default="fedavg", choices=["fedavg", "fedadam", "fedyogi", "median", "trimmed-mean", "krum"]
     )
     p.add_argument("--encoding", default="float32", choices=list(wire.ENCODINGS))
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--samples", type=int, default=384, help="training samples per device per round")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--samples", type=int, default=768, help="training samples per device per round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="state, logs, plot and summary")
     p.add_argument("--keep-running", action="store_true", help="leave the fleet up after the last round")

@@ -58,10 +58,10 @@ class Fleet:
     rounds: int = 10
     strategy: str = "fedavg"
     encoding: str = "float32"
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 0.05
-    samples_per_round: int = 384
+    samples_per_round: int = 768
     min_clients: int | None = None
     round_timeout: float = 120.0
     seed: int = 0
