@@ -55,12 +55,15 @@ STDLIB_PACKAGES = {
     "errno": "python3-core",
     "fcntl": "python3-fcntl",
     "functools": "python3-core",
+    "glob": "python3-shell",
+    "gzip": "python3-compression",
     "gc": "python3-core",
     "hashlib": "python3-crypt",
     "heapq": "python3-core",
     "hmac": "python3-netclient",
     "http": "python3-netclient",
     "importlib": "python3-core",
+    "inspect": "python3-core",
     "io": "python3-core",
     "itertools": "python3-core",
     "json": "python3-json",
@@ -75,6 +78,7 @@ STDLIB_PACKAGES = {
     "queue": "python3-threading",
     "random": "python3-math",
     "re": "python3-core",
+    "resource": "python3-resource",
     "secrets": "python3-netclient",
     "select": "python3-core",
     "selectors": "python3-core",
@@ -92,6 +96,7 @@ STDLIB_PACKAGES = {
     "textwrap": "python3-core",
     "threading": "python3-core",
     "time": "python3-core",
+    "timeit": "python3-misc",
     "tomllib": "python3-tomllib",
     "traceback": "python3-core",
     "types": "python3-core",
@@ -101,6 +106,7 @@ STDLIB_PACKAGES = {
     "uuid": "python3-netclient",
     "warnings": "python3-core",
     "weakref": "python3-core",
+    "wsgiref": "python3-misc",
     "zlib": "python3-core",
 }
 
@@ -207,9 +213,7 @@ def recipe_value(path: Path, var: str) -> str:
     for name, op, val in recipe_assignments(path):
         if name != var:
             continue
-        if op in ("=", ":="):
-            value = val
-        elif op in ("?=", "??=") and not value:
+        if op in ("=", ":=") or (op in ("?=", "??=") and not value):
             value = val
         elif op in ("+=", ".="):
             value = f"{value} {val}".strip()

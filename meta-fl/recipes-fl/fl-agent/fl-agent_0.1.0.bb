@@ -54,6 +54,9 @@ do_install:append() {
     install -m 0644 "${FL_OVERLAY}/usr/lib/systemd/system/var-lib-fl\x2dagent.mount" ${D}${systemd_system_unitdir}/
     install -m 0644 ${FL_OVERLAY}/usr/lib/systemd/system-preset/80-fl-agent.preset ${D}${systemd_unitdir}/system-preset/
 
+    install -d ${D}${nonarch_base_libdir}/udev/rules.d
+    install -m 0644 ${FL_OVERLAY}/usr/lib/udev/rules.d/70-fl-agent-cameras.rules ${D}${nonarch_base_libdir}/udev/rules.d/
+
     install -d ${D}${nonarch_libdir}/tmpfiles.d ${D}${nonarch_libdir}/sysusers.d
     install -m 0644 ${FL_OVERLAY}/usr/lib/tmpfiles.d/fl-agent.conf ${D}${nonarch_libdir}/tmpfiles.d/
     install -m 0644 ${FL_OVERLAY}/usr/lib/sysusers.d/fl-agent.conf ${D}${nonarch_libdir}/sysusers.d/
@@ -72,6 +75,7 @@ SYSTEMD_SERVICE:${PN} = "fl-agent.service data.mount var-lib-fl\x2dagent.mount"
 CONFFILES:${PN} = "${sysconfdir}/fl-agent/agent.toml"
 
 FILES:${PN} += "\
+    ${nonarch_base_libdir}/udev/rules.d \
     ${systemd_unitdir}/system-preset \
     ${nonarch_libdir}/tmpfiles.d \
     ${nonarch_libdir}/sysusers.d \
