@@ -1,0 +1,139 @@
+"""Model packages: signed, content-addressed round trip; unsigned, tampered and malformed packages refused."""
+
+from __future__ import annotations
+
+import cbor2
+import numpy as np
+import pytest
+from nacl.signing import SigningKey
+
+from appliance import modelpkg, wire
+from appliance.modelpkg import ModelPackage, PackageError, decode_package, encode_package, load_package, write_package
+from appliance.wire import ParamSpec
+
+KEY = SigningKey(bytes(range(32)))
+
+
+def _package(**over) -> ModelPackage:
+    rng = np.random.default_rng(0)
+    fields = dict(
+        name="tiny",
+        param_specs=[ParamSpec("fc.weight", (3, 4)), ParamSpec("fc.bias", (3,))],
+        initial_params={"fc.weight": rng.normal(size=(3, 4)).astype(np.float32), "fc.bias": np.zeros(3, np.float32)},
+        training_graph=b"training-graph-bytes",
+        inference_graph=b"inference-graph-bytes",
+        optimizer={"name": "adamw", "lr": 0.001, "betas": [0.9, 0.999], "weight_decay": 0.01},
+        preprocessing={"input_shape": [4], "mean": 0.5, "std": 0.25, "input_range": [0.0, 1.0]},
+        num_classes=3,
+        task="three classes",
+        class_names=["a", "b", "c"],
+    )
+    fields.update(over)
+    return ModelPackage(**fields)
+
+
+def test_round_trip_keeps_everything_and_names_the_content(tmp_path):
+    pkg = _package()
+    path = tmp_path / "tiny.flpkg"
+    digest = write_package(path, pkg, KEY)
+    loaded = load_package(path, KEY.verify_key)
+    assert loaded.digest == digest and len(digest) == 32
+    assert loaded.name == "tiny" and loaded.num_classes == 3 and loaded.class_names == ["a", "b", "c"]
+    assert loaded.param_specs == pkg.param_specs
+    assert list(loaded.initial_params) == ["fc.weight", "fc.bias"]  # spec order, not CBOR key order
+    for k, v in pkg.initial_params.items():
+        np.testing.assert_array_equal(loaded.initial_params[k], v)
+        assert loaded.initial_params[k].dtype == np.float32
+    assert loaded.training_graph == pkg.training_graph and loaded.inference_graph == pkg.inference_graph
+    assert loaded.optimizer == pkg.optimizer and loaded.preprocessing == pkg.preprocessing
+
+
+def test_digest_depends_on_content_only():
+    _, da = encode_package(_package(), KEY)
+    _, db = encode_package(_package(), SigningKey(bytes(32)))  # other signer, same content
+    assert da == db
+    _, dc = encode_package(_package(optimizer={"name": "sgd", "lr": 0.1}), KEY)
+    assert dc != da
+    params = _package().initial_params
+    params["fc.bias"] = params["fc.bias"] + 1e-6
+    _, dd = encode_package(_package(initial_params=params), KEY)
+    assert dd != da
+
+
+def test_wrong_key_is_refused():
+    data, _ = encode_package(_package(), KEY)
+    with pytest.raises(PackageError, match="not signed by the pinned aggregator key") as exc:
+        decode_package(data, SigningKey(bytes(32)).verify_key)
+    assert exc.value.reason == "unknown-key"
+
+
+def test_unsigned_package_is_refused():
+    pkg = _package()
+    body = cbor2.dumps(modelpkg._content(pkg), canonical=True)
+    with pytest.raises(PackageError) as exc:
+        decode_package(body, KEY.verify_key)
+    assert exc.value.reason == "not-signed"
+
+
+@pytest.mark.parametrize("where", ["content-start", "content-middle", "content-end"])
+def test_tampered_content_is_refused(where):
+    data, _ = encode_package(_package(), KEY)
+    envelope_len = len(data) - len(cbor2.dumps(modelpkg._content(_package()), canonical=True))
+    pos = {"content-start": envelope_len, "content-middle": (envelope_len + len(data)) // 2,
+           "content-end": len(data) - 1}[where]
+    bad = bytearray(data)
+    bad[pos] ^= 0x01
+    with pytest.raises(PackageError) as exc:
+        decode_package(bytes(bad), KEY.verify_key)
+    assert exc.value.reason == "digest-mismatch"
+
+
+def test_tampered_envelope_is_refused():
+    data, _ = encode_package(_package(), KEY)
+    envelope_len = len(data) - len(cbor2.dumps(modelpkg._content(_package()), canonical=True))
+    assert envelope_len > 100
+    for pos in range(envelope_len):  # every byte of the signed envelope
+        bad = bytearray(data)
+        bad[pos] ^= 0x40
+        with pytest.raises(PackageError):
+            decode_package(bytes(bad), KEY.verify_key)
+
+
+def test_other_signed_message_is_not_a_package():
+    msg = wire.sign({"v": 1, "type": "task"}, KEY, wire.key_id(KEY.verify_key))
+    with pytest.raises(PackageError, match="not a model package"):
+        decode_package(msg, KEY.verify_key)
+
+
+def test_signed_but_malformed_content_is_refused_naming_the_field():
+    content = modelpkg._content(_package())
+    content["preprocessing"] = {"input_shape": "4"}
+    body = cbor2.dumps(content, canonical=True)
+    payload = {"v": 1, "type": "model-package", "format": 1, "name": "tiny",
+               "content_sha256": modelpkg.content_digest(body), "content_bytes": len(body)}
+    data = wire.sign(payload, KEY, wire.key_id(KEY.verify_key)) + body
+    with pytest.raises(PackageError, match=r"preprocessing.input_shape") as exc:
+        decode_package(data, KEY.verify_key)
+    assert exc.value.reason == "bad-content"
+
+
+def test_writer_refuses_parameters_that_do_not_match_the_specs():
+    with pytest.raises(PackageError, match=r"fc.bias has shape \(4,\), spec says \(3,\)"):
+        encode_package(_package(initial_params={"fc.weight": np.zeros((3, 4), np.float32),
+                                                "fc.bias": np.zeros(4, np.float32)}), KEY)
+    with pytest.raises(PackageError, match="optimizer"):
+        encode_package(_package(optimizer={"name": "lbfgs"}), KEY)
+
+
+def test_missing_file_error_names_it(tmp_path):
+    with pytest.raises(PackageError, match=r"missing\.flpkg: cannot read"):
+        load_package(tmp_path / "missing.flpkg", KEY.verify_key)
+
+
+def test_preprocess_normalises_and_checks_shape():
+    pkg = _package()
+    out = pkg.preprocess(np.full((2, 4), 0.75, np.float32))
+    np.testing.assert_allclose(out, 1.0)
+    assert out.dtype == np.float32
+    with pytest.raises(ValueError, match=r"per-sample shape \(5,\)"):
+        pkg.preprocess(np.zeros((2, 5), np.float32))
