@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
+import budget_guest as guest
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
-BOOT_TIMEOUT = 300  # TCG on a busy 2-core machine
 
 pytestmark = pytest.mark.qemu
 
@@ -124,102 +119,14 @@ if __name__ == "__main__":
 '''
 
 
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (tools/host-packages.txt)")
-    return path
-
-
-def _kernel(cache: Path) -> Path:
-    """The uncompressed vmlinux of the Debian kernel the image ships (downloaded once, cached)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    from flctl import image_kernel
-
-    try:
-        package = image_kernel.resolve_kernel_package()
-    except image_kernel.KernelError as exc:
-        pytest.skip(f"no Debian kernel package available from apt: {exc}")
-    vmlinux = cache / f"{package.name}_{package.version}.vmlinux"
-    if not vmlinux.exists():
-        deb = image_kernel.download_deb(package, cache)
-        extracted = cache / "extract"
-        image_kernel.extract_deb(deb, extracted)
-        bzimage = next((extracted / "boot").glob("vmlinuz-*")).read_bytes()
-        vmlinux.write_bytes(image_kernel.extract_vmlinux(bzimage))
-        shutil.rmtree(extracted)
-    return vmlinux
-
-
-def _shared_libs(binary: Path) -> set[Path]:
-    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
-    return {Path(p) for p in re.findall(r"(/\S+\.so[\w.]*)", out)}
-
-
-def _initramfs(work: Path, python: Path) -> Path:
-    """busybox + the host's python3 (binary, shared libraries, pruned stdlib) + appliance/budget.py."""
-    root = work / "root"
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    stdlib = Path("/usr/lib") / version
-    for d in ("bin", "usr/bin", "proc", "sys", "dev", "tmp", "app/appliance"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(_need("busybox"), root / "bin" / "busybox")
-    shutil.copy2(python, root / "usr" / "bin" / "python3")
-    skip = {"test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data", "distutils", "site-packages",
-            "dist-packages", "__pycache__", "turtledemo", f"config-{sys.version_info.major}."
-            f"{sys.version_info.minor}-x86_64-linux-gnu"}
-    shutil.copytree(stdlib, root / "usr" / "lib" / version,
-                    ignore=lambda _d, names: [n for n in names if n in skip])
-    libs = _shared_libs(python)
-    for ext in (stdlib / "lib-dynload").glob("*.so"):
-        libs |= _shared_libs(ext)
-    for lib in libs:
-        target = root / lib.relative_to("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(lib.resolve(), target)
-    shutil.copy2(REPO / "appliance" / "budget.py", root / "app" / "appliance" / "budget.py")
-    (root / "app" / "appliance" / "__init__.py").write_text("")
-    (root / "app" / "guest.py").write_text(GUEST_SCRIPT)
-    (root / "init").write_text(GUEST_INIT)
-    (root / "init").chmod(0o755)
-    (root / "etc").mkdir(exist_ok=True)
-    (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\nagent:x:1000:1000::/tmp:/bin/sh\n")
-    initrd = work / "initrd.cpio"
-    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-    with open(initrd, "wb") as fh:
-        subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "--owner=0:0"], input="\n".join(names).encode(),
-                       cwd=root, stdout=fh, check=True)
-    return initrd
-
-
-def _cache() -> Path:
-    sys.path.insert(0, str(REPO / "tools"))
-    from flctl.image_cache import cache_root
-
-    path = cache_root() / "budget-guest"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _boot(qemu: str, vmlinux: Path, initrd: Path) -> str:
-    cmd = [qemu, "-machine", "q35", "-accel", "tcg", "-m", "768", "-smp", "2", "-nographic", "-no-reboot",
-           "-nic", "none", "-kernel", str(vmlinux), "-initrd", str(initrd),
-           "-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init"]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BOOT_TIMEOUT, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        pytest.fail(f"guest did not finish within {BOOT_TIMEOUT} s; console tail:\n{out[-3000:]}")
-    return done.stdout
-
-
 def test_trainer_oom_is_contained_by_a_real_delegated_cgroup_v2(tmp_path):
-    qemu = _need("qemu-system-x86_64")
-    _need("cpio")
-    python = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
-    if not python.exists():
-        pytest.skip(f"{python} (the system Python the guest reuses) is not installed")
-    console = _boot(qemu, _kernel(_cache()), _initramfs(tmp_path, python))
+    guest_kernel = guest.kernel()
+    initrd = guest.initramfs(tmp_path, GUEST_INIT, {
+        "/app/appliance/__init__.py": "",
+        "/app/appliance/budget.py": guest.REPO / "appliance" / "budget.py",
+        "/app/guest.py": GUEST_SCRIPT,
+    })
+    console = guest.boot(guest_kernel, initrd)
     lines = [line for line in console.splitlines() if line.startswith("FL-REPORT ")]
     print(lines[-1] if lines else "")
     assert lines, f"no report from the guest; console tail:\n{console[-3000:]}"

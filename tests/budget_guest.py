@@ -1,0 +1,142 @@
+"""A throw-away QEMU guest for kernel behaviour this host cannot show (cgroup v2 memory, power cuts).
+
+The guest is the Debian kernel the image ships, booted directly with an initramfs made of busybox, the host's
+Python 3 (binary, shared libraries, stdlib without tests/tk/idle) and the files a test adds. No disk image, no
+systemd: a test's init script does what it needs and powers off. Used by tests/test_budget_qemu.py and
+tests/test_outbox_powercut.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BOOT_TIMEOUT = 300  # TCG on a busy 2-core machine
+PY_VERSION = f"python{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (tools/host-packages.txt)")
+    return path
+
+
+def system_python() -> Path:
+    python = Path("/usr/bin") / PY_VERSION
+    if not python.exists():
+        pytest.skip(f"{python} (the system Python the guest reuses) is not installed")
+    return python
+
+
+def cache_dir() -> Path:
+    sys.path.insert(0, str(REPO / "tools"))
+    from flctl.image_cache import cache_root
+
+    path = cache_root() / "budget-guest"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    vmlinux: Path
+    modules: list[Path]  # .ko files in load order
+
+
+def kernel(modules: tuple[str, ...] = ()) -> GuestKernel:
+    """The Debian kernel the image ships (uncompressed, for PVH boot) and ``modules`` with their
+    dependencies, in load order. Downloaded once with apt and cached."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from flctl import image_kernel
+
+    cache = cache_dir()
+    try:
+        package = image_kernel.resolve_kernel_package()
+    except image_kernel.KernelError as exc:
+        pytest.skip(f"no Debian kernel package available from apt: {exc}")
+    stem = f"{package.name}_{package.version}"
+    vmlinux = cache / f"{stem}.vmlinux"
+    extracted = cache / f"{stem}.tree"
+    if not extracted.exists():
+        deb = image_kernel.download_deb(package, cache)
+        scratch = cache / f"{stem}.tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        image_kernel.extract_deb(deb, scratch)
+        kver = next((scratch / "lib" / "modules").iterdir()).name
+        subprocess.run(["depmod", "-b", str(scratch), kver], check=True)
+        scratch.rename(extracted)
+    if not vmlinux.exists():
+        bzimage = next((extracted / "boot").glob("vmlinuz-*")).read_bytes()
+        vmlinux.write_bytes(image_kernel.extract_vmlinux(bzimage))
+    kver = next((extracted / "lib" / "modules").iterdir()).name
+    order = image_kernel.module_load_order(extracted, kver, modules) if modules else []
+    return GuestKernel(vmlinux, [extracted / "lib" / "modules" / kver / rel for rel in order])
+
+
+def _shared_libs(binary: Path) -> set[Path]:
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
+    return {Path(p) for p in re.findall(r"(/\S+\.so[\w.]*)", out)}
+
+
+def initramfs(work: Path, init: str, files: dict[str, str | Path], modules: list[Path] = ()) -> Path:
+    """An initramfs with busybox, the system Python, ``files`` (guest path -> text, or a host file to copy),
+    ``modules`` as /lib/modules/NN-name.ko and ``init`` as /init. Returns the cpio archive."""
+    python = system_python()
+    root = work / "initramfs"
+    stdlib = Path("/usr/lib") / PY_VERSION
+    for d in ("bin", "usr/bin", "proc", "sys", "dev", "tmp", "etc", "lib/modules"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(need("busybox"), root / "bin" / "busybox")
+    shutil.copy2(python, root / "usr" / "bin" / "python3")
+    skip = {"test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data", "distutils", "site-packages",
+            "dist-packages", "__pycache__", "turtledemo", f"config-{PY_VERSION[6:]}-x86_64-linux-gnu"}
+    shutil.copytree(stdlib, root / "usr" / "lib" / PY_VERSION,
+                    ignore=lambda _d, names: [n for n in names if n in skip])
+    libs = _shared_libs(python)
+    for ext in (stdlib / "lib-dynload").glob("*.so"):
+        libs |= _shared_libs(ext)
+    for lib in libs:
+        target = root / lib.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lib.resolve(), target)
+    for i, module in enumerate(modules):
+        shutil.copy2(module, root / "lib" / "modules" / f"{i:02d}-{module.name}")
+    (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\nagent:x:1000:1000::/tmp:/bin/sh\n")
+    for guest_path, content in files.items():
+        target = root / guest_path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copy2(content, target)
+        else:
+            target.write_text(content)
+    (root / "init").write_text(init)
+    (root / "init").chmod(0o755)
+    archive = work / "initrd.cpio"
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    with open(archive, "wb") as fh:
+        subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "--owner=0:0"], input="\n".join(names).encode(),
+                       cwd=root, stdout=fh, check=True)
+    return archive
+
+
+def boot(guest_kernel: GuestKernel, initrd: Path, *, append: str = "", extra: list[str] = (),
+         memory_mb: int = 768) -> str:
+    """Boot the guest until it powers off; return the serial console output."""
+    qemu = need("qemu-system-x86_64")
+    cmd = [qemu, "-machine", "q35", "-accel", "tcg", "-m", str(memory_mb), "-smp", "2", "-nographic",
+           "-no-reboot", "-nic", "none", "-kernel", str(guest_kernel.vmlinux), "-initrd", str(initrd),
+           "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init {append}".strip(), *extra]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BOOT_TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        pytest.fail(f"guest did not finish within {BOOT_TIMEOUT} s; console tail:\n{out[-3000:]}")
+    return done.stdout
