@@ -212,10 +212,7 @@ async def post_update(request: web.Request) -> web.Response:
         raise Problem(415, "unsupported-media-type", f"uploads are {wire.CONTENT_TYPE}, got {request.content_type!r}")
     if request.content_length is not None and request.content_length > s.max_body:
         raise Problem(413, "body-too-large", f"{request.content_length} bytes exceeds the limit of {s.max_body}")
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise Problem(413, "body-too-large", f"body exceeds the limit of {s.max_body} bytes") from None
+    body = await _read_body(request, s.max_body)
     s.metrics.received_bytes.inc(len(body))
     engine = s.engine
     checked = await asyncio.get_running_loop().run_in_executor(s.executor, _check_upload, s, body)
@@ -242,6 +239,37 @@ async def post_update(request: web.Request) -> web.Response:
     return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
 
 
+async def _read_body(request: web.Request, limit: int) -> bytearray:
+    """The request body in one buffer, copied once from the socket's chunks.
+
+    (``request.read()`` grows a bytearray and then copies it into bytes: three copies of a 4 MB update on the
+    event loop.) With a Content-Length the buffer is allocated up front; without one (chunked) it grows.
+    """
+    expected = request.content_length
+    stream = request.content
+    stream.set_read_chunk_size(min(limit, 4 * 1024 * 1024))  # fewer pause/resume cycles for large bodies
+    if expected is None:
+        grown = bytearray()
+        while chunk := await stream.readany():
+            grown += chunk
+            if len(grown) > limit:
+                raise Problem(413, "body-too-large", f"body exceeds the limit of {limit} bytes")
+        return grown
+    buffer = bytearray(expected)
+    view = memoryview(buffer)
+    filled = 0
+    while filled < expected:
+        chunk = await stream.readany()
+        if not chunk:
+            raise Problem(400, "truncated", f"body ended after {filled} of {expected} bytes")
+        end = filled + len(chunk)
+        if end > expected:
+            raise Problem(400, "malformed", "body is longer than its Content-Length")
+        view[filled:end] = chunk
+        filled = end
+    return buffer
+
+
 @dataclass
 class _Checked:
     digest: bytes
@@ -253,7 +281,7 @@ class _Checked:
     seconds: float = 0.0
 
 
-def _check_upload(s: Services, body: bytes) -> _Checked:
+def _check_upload(s: Services, body: bytearray) -> _Checked:
     """Worker thread: everything about one upload that touches all its bytes, in one hand-off.
 
     The idempotency lookup comes first (a resend of an acknowledged update gets its original receipt), then
