@@ -18,7 +18,8 @@ def test_openapi_lists_exactly_the_served_routes(tmp_path: Path) -> None:
     spec = yaml.safe_load((DOCS / "openapi.yaml").read_text())
     assert spec["openapi"].startswith("3.")
     app = make_app(AggregatorConfig(state_dir=tmp_path, package=synthetic_package(10), key=SigningKey.generate()))
-    served = {(route.method.lower(), route.resource.canonical) for route in app.router.routes() if route.method != "HEAD"}
+    routes = [r for r in app.router.routes() if r.method != "HEAD"]
+    served = {(route.method.lower(), route.resource.canonical) for route in routes}
     documented = {(method, path) for path, item in spec["paths"].items() for method in item}
     assert served == documented
 
