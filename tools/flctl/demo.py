@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from appliance.modelpkg import load_package
-from appliance.trainer import Trainer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from appliance import wire
+from appliance.modelpkg import load_package
 from appliance.synthetic import evaluation_set
+from appliance.trainer import Trainer
 from flctl.fleet import Fleet
 from flctl.model import export_reference_package
 
@@ -243,7 +243,7 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
         (out / "summary.json").write_text(
             json.dumps({"baseline": baseline, "rounds": [r.__dict__ for r in rows]}, indent=1, default=float)
         )
-        improved = rows[-1].accuracy > baseline["accuracy"] + 0.05
+        improved = rows[-1].accuracy > baseline["accuracy"] and rows[-1].loss < baseline["loss"]
         console.print(
             f"plot: {out / 'demo.png'}\nsummary: {out / 'summary.json'}\nlogs: {fleet.logs}\n"
             f"state: {out}\nPrometheus config (file_sd): {prom}"

@@ -1,0 +1,39 @@
+"""End to end on loopback: the demo as a user runs it, shortened, and a fleet of real agent processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_shortened_demo_prints_the_table_writes_the_plot_and_exits_0(tmp_path):
+    out = tmp_path / "demo"
+    flctl = Path(sys.executable).parent / "flctl"
+    run = subprocess.run(
+        [str(flctl), "demo", "--devices", "2", "--rounds", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Summary" in run.stdout and "improved" in run.stdout
+    png = (out / "demo.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["model_version"] for r in summary["rounds"]] == [1, 2]
+    assert summary["rounds"][-1]["accuracy"] > summary["baseline"]["accuracy"]
+    assert all(r["participants"] == 2 for r in summary["rounds"])
+    assert (out / "prometheus" / "prometheus.yml").exists()
+
+
+def test_demo_refuses_to_overwrite_a_directory_that_is_not_its_own(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    flctl = Path(sys.executable).parent / "flctl"
+    run = subprocess.run([str(flctl), "demo", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "is not a demo directory" in run.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
