@@ -28,12 +28,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     _setup_logging(config.agent.log_level)
+    agent = Agent(config)
     extra = []
     if config.data.source == "cameras":
         from appliance.cameras import camera_task
 
-        extra.append(camera_task(config))
-    agent = Agent(config)
+        extra.append(camera_task(config, agent.metrics.registry))
     try:
         asyncio.run(agent.run(extra))
     except KeyboardInterrupt:
