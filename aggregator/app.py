@@ -23,6 +23,7 @@ from aiohttp import web
 from nacl.signing import SigningKey
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from aggregator import statuspage
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore, ServedPackage
 from aggregator.registry import Registry
@@ -312,6 +313,12 @@ async def get_status(request: web.Request) -> web.Response:
     return web.json_response(status)
 
 
+async def get_page(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    status = await asyncio.get_running_loop().run_in_executor(s.executor, s.engine.status, 20)
+    return web.Response(text=statuspage.render(status), content_type="text/html")
+
+
 async def get_health(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     r = s.engine.current
@@ -377,5 +384,6 @@ def make_app(config: AggregatorConfig) -> web.Application:
     app.router.add_post("/v1/updates", post_update)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/healthz", get_health)
+    app.router.add_get("/", get_page)
     app.router.add_get("/metrics", get_metrics)
     return app
