@@ -1,0 +1,151 @@
+"""The agent's round loop against an aggregator that can lie: only models signed by the pinned key and
+matching the task are ever trained on, and a good round ends with one signed update in the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp import web
+from nacl.signing import SigningKey
+
+from appliance import wire
+from appliance.agent import Agent, clip_update
+from appliance.budget import Budget
+from appliance.config import load_config
+from appliance.identity import load_or_create_device_key, write_aggregator_key
+from appliance.modelpkg import load_package
+from flctl.model import export_reference_package
+
+ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
+
+
+@pytest.fixture(scope="module")
+def signed_package(tmp_path_factory):
+    key = SigningKey.generate()
+    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
+    export_reference_package("cnn", path, key)
+    return key, path
+
+
+class FakeAggregator:
+    """Serves one task, the package and a model release that a test may forge or tamper with."""
+
+    def __init__(
+        self, key: SigningKey, package_path: Path, release_key: SigningKey | None = None, tamper: bool = False
+    ):
+        self.key = key
+        self.package_bytes = package_path.read_bytes()
+        self.package = load_package(package_path, key.verify_key)
+        release, digest = wire.encode_model_release(
+            wire.ModelRelease(0, self.package.digest, self.package.initial_params), release_key or key
+        )
+        if tamper:
+            release = bytearray(release)
+            release[-5] ^= 0x01
+        self.release, self.digest = bytes(release), digest
+        self.updates: list[bytes] = []
+        self.device_keys: dict = {}
+
+    def app(self) -> web.Application:
+        async def task(request: web.Request) -> web.Response:
+            if int(request.query.get("after", "0")) >= 1:
+                await asyncio.sleep(0.2)
+                return web.Response(status=204)
+            t = wire.Task(
+                1, 0, self.digest, self.package.digest, deadline=int(time.time()) + 300, epochs=1, batch_size=16
+            )
+            return web.Response(body=wire.encode_task(t, self.key), content_type="application/cose")
+
+        async def package(request: web.Request) -> web.Response:
+            return web.Response(body=self.package_bytes)
+
+        async def model(request: web.Request) -> web.Response:
+            return web.Response(body=self.release)
+
+        async def updates(request: web.Request) -> web.Response:
+            body = await request.read()
+            self.updates.append(body)
+            u = wire.decode_update(body, self.device_keys.get)
+            receipt = wire.Receipt(u.device_id, u.round_id, wire.update_digest(body))
+            return web.Response(body=wire.encode_receipt(receipt, self.key), content_type="application/cose")
+
+        app = web.Application()
+        app.router.add_get("/v1/task", task)
+        app.router.add_get("/v1/packages/{digest}", package)
+        app.router.add_get("/v1/models/{version}", model)
+        app.router.add_post("/v1/updates", updates)
+        return app
+
+
+async def run_agent_against(fake: FakeAggregator, tmp_path: Path, seconds: float) -> Agent:
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    state = tmp_path / "state"
+    identity = load_or_create_device_key(state)
+    fake.device_keys = {identity.device_id: identity.verify_key}
+    write_aggregator_key(state, fake.key.verify_key)
+    config_path = tmp_path / "agent.toml"
+    config_path.write_text(
+        f'[aggregator]\nurl = "http://127.0.0.1:{port}"\npoll_wait_seconds = 1.0\n'
+        f'[agent]\nstate_dir = "{state}"\n[metrics]\nlisten = ""\n'
+        '[data]\nsource = "synthetic"\nsamples_per_round = 64\n'
+    )
+    agent = Agent(load_config(config_path), budget=ADVISORY)
+    try:
+        await asyncio.wait_for(agent.run(), timeout=seconds)
+    except TimeoutError:
+        pass
+    finally:
+        await runner.cleanup()
+    return agent
+
+
+def sample(agent: Agent, name: str, labels: dict | None = None) -> float:
+    value = agent.metrics.registry.get_sample_value(name, labels or {})
+    return value or 0.0
+
+
+@pytest.mark.parametrize(
+    ("forged", "tampered", "reason"), [(True, False, "unknown-key"), (False, True, "digest-mismatch")]
+)
+async def test_agent_refuses_a_model_release_not_signed_by_its_pinned_key(
+    signed_package, tmp_path, forged, tampered, reason
+):
+    key, path = signed_package
+    fake = FakeAggregator(key, path, release_key=SigningKey.generate() if forged else None, tamper=tampered)
+    agent = await run_agent_against(fake, tmp_path, seconds=6)
+    assert sample(agent, "fl_agent_models_refused_total", {"reason": reason}) >= 1
+    assert sample(agent, "fl_agent_rounds_total") == 0
+    assert fake.updates == []
+    assert agent.outbox.depth == 0
+
+
+async def test_agent_trains_a_round_and_delivers_one_signed_update(signed_package, tmp_path):
+    key, path = signed_package
+    fake = FakeAggregator(key, path)
+    agent = await run_agent_against(fake, tmp_path, seconds=20)
+    assert sample(agent, "fl_agent_rounds_total") == 1
+    assert len(fake.updates) == 1
+    update = wire.decode_update(fake.updates[0], lambda kid: agent.identity.verify_key, fake.package.param_specs)
+    assert update.round_id == 1 and update.base_digest == fake.digest and update.num_samples == 64
+    assert update.metrics["loss_after"] < update.metrics["loss_before"]
+    assert agent.outbox.depth == 0  # the receipt removed it
+    assert sample(agent, "fl_agent_updates_delivered_total") == 1
+    assert agent.last_round == 1  # survives a restart: the round is not trained twice
+    assert (tmp_path / "state" / "agent-state.json").read_text() == '{"last_round": 1}'
+
+
+def test_clip_update_bounds_the_global_norm():
+    delta = {"a": np.full(4, 3.0, np.float32), "b": np.full(1, 4.0, np.float32)}
+    clipped, norm = clip_update(delta, 1.0)
+    assert norm == pytest.approx(np.sqrt(4 * 9 + 16))
+    assert np.sqrt(sum(float((v**2).sum()) for v in clipped.values())) == pytest.approx(1.0, rel=1e-5)
+    unclipped, _ = clip_update(delta, 0.0)
+    assert unclipped is delta
