@@ -210,24 +210,71 @@ class ParamSpec:
         return math.prod(self.shape)
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray], encoding: str = "float32") -> bytes:
-    """The tensor section: a CBOR map name -> RFC 8746 typed array, in deterministic key order."""
+_TAG_HEAD = {  # the two-byte heads of tags 40, 72, 84 and 85
+    TAG_MULTI_DIM: b"\xd8\x28",
+    TAG_SINT8: b"\xd8\x48",
+    TAG_FLOAT16_LE: b"\xd8\x54",
+    TAG_FLOAT32_LE: b"\xd8\x55",
+}
+
+
+def _head(major: int, argument: int) -> bytes:
+    """The shortest CBOR head of a major type with an argument (a length, here)."""
+    if argument < 24:
+        return bytes([major << 5 | argument])
+    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if argument < 1 << (8 * size):
+            return bytes([major << 5 | info]) + argument.to_bytes(size, "big")
+    raise ValueError(f"CBOR argument {argument} does not fit 64 bits")
+
+
+def _section_parts(tensors: Mapping[str, np.ndarray], encoding: str) -> list[bytes | np.ndarray]:
+    """The tensor section as a list of pieces whose concatenation is its canonical CBOR encoding.
+
+    The big pieces are the arrays themselves (as flat uint8 views), so the section can be hashed and joined
+    to the envelope with a single copy of the data. tests/test_wire_tensors.py checks the bytes against
+    cbor2's canonical encoding.
+    """
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
-    section = {}
+    entries = []
     for name, array in tensors.items():
-        dims = list(array.shape)
+        array = np.asarray(array)
+        dims = cbor2.dumps(list(array.shape), canonical=True)
         if encoding == "int8":
-            values = np.asarray(array, dtype=np.float32)
-            peak = float(np.max(np.abs(values))) if values.size else 0.0
+            values = np.asarray(array, dtype=np.float32).ravel()  # 1-D even for a scalar, so out= works
+            peak = max(float(values.max()), -float(values.min())) if values.size else 0.0
             scale = peak / 127.0 if peak > 0 else 1.0
-            quantised = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
-            typed = cbor2.CBORTag(TAG_SINT8, quantised.tobytes())
-            section[name] = [cbor2.CBORTag(TAG_MULTI_DIM, [dims, typed]), scale]
+            scaled = values / scale  # one temporary, rounded and clipped in place
+            np.rint(scaled, out=scaled)
+            np.clip(scaled, -127, 127, out=scaled)
+            data = scaled.astype(np.int8)
+            prefix = b"\x82" + _TAG_HEAD[TAG_MULTI_DIM] + b"\x82" + dims + _TAG_HEAD[TAG_SINT8]
+            suffix = cbor2.dumps(scale, canonical=True)
         else:
-            data = np.ascontiguousarray(array, dtype=np.dtype(encoding).newbyteorder("<")).tobytes()
-            section[name] = cbor2.CBORTag(TAG_MULTI_DIM, [dims, cbor2.CBORTag(_DTYPE_TAG[encoding], data)])
-    return cbor2.dumps(section, canonical=True)
+            data = np.ascontiguousarray(array, dtype=np.dtype(encoding).newbyteorder("<"))
+            prefix = _TAG_HEAD[TAG_MULTI_DIM] + b"\x82" + dims + _TAG_HEAD[_DTYPE_TAG[encoding]]
+            suffix = b""
+        flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        entries.append((cbor2.dumps(name, canonical=True), prefix + _head(2, flat.size), flat, suffix))
+    # Core deterministic order: by the encoded key's bytes (for text keys: shorter first, then bytewise).
+    entries.sort(key=lambda entry: entry[0])
+    parts: list[bytes | np.ndarray] = [_head(5, len(entries))]
+    for entry in entries:
+        parts.extend(entry)
+    return parts
+
+
+def _digest_parts(parts: list[bytes | np.ndarray]) -> bytes:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], encoding: str = "float32") -> bytes:
+    """The tensor section: a CBOR map name -> RFC 8746 typed array, in deterministic key order."""
+    return b"".join(_section_parts(tensors, encoding))
 
 
 def _typed_array(item: Any, name: str, limits: Limits) -> tuple[np.ndarray, int]:
@@ -384,7 +431,7 @@ class Update:
 
 def encode_update(update: Update, key: SigningKey) -> bytes:
     """The full upload body: signed metadata followed by the tensor section."""
-    section = encode_tensors(update.tensors, update.encoding)
+    parts = _section_parts(update.tensors, update.encoding)
     payload = {
         "v": PROTOCOL_VERSION,
         "type": "update",
@@ -397,9 +444,9 @@ def encode_update(update: Update, key: SigningKey) -> bytes:
         "encoding": update.encoding,
         "nonce": update.nonce,
         "created_at": update.created_at,
-        "tensors_sha256": tensors_digest(section),
+        "tensors_sha256": _digest_parts(parts),
     }
-    return sign(payload, key, update.device_id) + section
+    return b"".join([sign(payload, key, update.device_id), *parts])
 
 
 def decode_update(
@@ -520,8 +567,8 @@ class ModelRelease:
 
 def encode_model_release(release: ModelRelease, key: SigningKey) -> tuple[bytes, bytes]:
     """Returns (message, digest of its parameters)."""
-    section = encode_tensors(release.tensors, "float32")
-    digest = tensors_digest(section)
+    parts = _section_parts(release.tensors, "float32")
+    digest = _digest_parts(parts)
     payload = {
         "v": PROTOCOL_VERSION,
         "type": "model",
@@ -530,7 +577,7 @@ def encode_model_release(release: ModelRelease, key: SigningKey) -> tuple[bytes,
         "created_at": release.created_at,
         "tensors_sha256": digest,
     }
-    return sign(payload, key, key_id(key.verify_key)) + section, digest
+    return b"".join([sign(payload, key, key_id(key.verify_key)), *parts]), digest
 
 
 def decode_model_release(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import cbor2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance import wire
-from appliance.wire import Limits, ParamSpec, ProtocolError
+from appliance.wire import ENCODINGS, Limits, ParamSpec, ProtocolError
 
 T = cbor2.CBORTag
 
@@ -151,3 +153,51 @@ def test_largest_allowed_int8_scale_decodes_finite():
     scale = float(np.finfo(np.float32).max) / 128
     out, _ = wire.decode_tensors(section({"w": [T(40, [[2], T(72, b"\x7f\x80")]), scale]}))
     assert np.isfinite(out["w"]).all()
+
+
+def reference_section(tensors: dict, encoding: str) -> bytes:
+    """The tensor section as cbor2 encodes it in canonical mode: what encode_tensors must produce byte for byte."""
+    section = {}
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        dims = list(array.shape)
+        if encoding == "int8":
+            values = np.asarray(array, dtype=np.float32)
+            peak = float(np.max(np.abs(values))) if values.size else 0.0
+            scale = peak / 127.0 if peak > 0 else 1.0
+            q = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+            section[name] = [T(40, [dims, T(72, q.tobytes())]), scale]
+        else:
+            data = np.ascontiguousarray(array, dtype=np.dtype(encoding).newbyteorder("<")).tobytes()
+            section[name] = T(40, [dims, T(85 if encoding == "float32" else 84, data)])
+    return cbor2.dumps(section, canonical=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(min_size=0, max_size=40),
+        st.lists(st.integers(0, 5), max_size=4).flatmap(
+            lambda shape: st.builds(
+                lambda seed, scale: np.random.default_rng(seed).standard_normal(shape) * scale,
+                st.integers(0, 2**32 - 1),
+                st.sampled_from([0.0, 1e-3, 1.0, 300.0]),
+            )
+        ),
+        max_size=6,
+    ),
+    st.sampled_from(ENCODINGS),
+    st.sampled_from([np.float32, np.float64, np.float16]),
+)
+def test_encoding_is_canonical_cbor_byte_for_byte(tensors, encoding, dtype):
+    """Names of any length and script, scalars, empty and zero tensors, any input dtype: the section's bytes
+    are exactly cbor2's canonical encoding, so a section is a function of its content (section 3.1)."""
+    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    assert wire.encode_tensors(tensors, encoding) == reference_section(tensors, encoding)
+
+
+def test_non_contiguous_and_big_endian_inputs_encode_like_their_values():
+    w = np.arange(12, dtype=">f4").reshape(3, 4).T  # big-endian and transposed
+    assert wire.encode_tensors({"w": w}) == wire.encode_tensors({"w": np.ascontiguousarray(w, dtype="<f4")})
+    out, _ = wire.decode_tensors(wire.encode_tensors({"w": w}))
+    np.testing.assert_array_equal(out["w"], w)
