@@ -49,6 +49,7 @@ class FakeAggregator:
         self.release, self.digest = bytes(release), digest
         self.updates: list[bytes] = []
         self.device_keys: dict = {}
+        self.unavailable_posts = 0  # answer this many uploads with 503 first (aggregator down)
 
     def app(self) -> web.Application:
         async def task(request: web.Request) -> web.Response:
@@ -68,6 +69,9 @@ class FakeAggregator:
 
         async def updates(request: web.Request) -> web.Response:
             body = await request.read()
+            if self.unavailable_posts > 0:
+                self.unavailable_posts -= 1
+                return web.Response(status=503)
             self.updates.append(body)
             u = wire.decode_update(body, self.device_keys.get)
             receipt = wire.Receipt(u.device_id, u.round_id, wire.update_digest(body))
@@ -149,3 +153,15 @@ def test_clip_update_bounds_the_global_norm():
     assert np.sqrt(sum(float((v**2).sum()) for v in clipped.values())) == pytest.approx(1.0, rel=1e-5)
     unclipped, _ = clip_update(delta, 0.0)
     assert unclipped is delta
+
+
+async def test_an_update_waits_in_the_outbox_while_the_aggregator_is_down(signed_package, tmp_path):
+    key, path = signed_package
+    fake = FakeAggregator(key, path)
+    fake.unavailable_posts = 2
+    agent = await run_agent_against(fake, tmp_path, seconds=25)
+    assert fake.unavailable_posts == 0
+    assert len(fake.updates) == 1
+    assert sample(agent, "fl_agent_delivery_failures_total", {"reason": "AggregatorUnavailable"}) == 2
+    assert sample(agent, "fl_agent_updates_delivered_total") == 1
+    assert agent.outbox.depth == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,30 @@ def test_demo_refuses_to_overwrite_a_directory_that_is_not_its_own(tmp_path):
     assert run.returncode != 0
     assert "is not a demo directory" in run.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_three_agent_processes_complete_three_rounds_and_the_model_improves(tmp_path):
+    from flctl.demo import Evaluator
+    from flctl.fleet import Fleet
+    from flctl.model import export_reference_package
+
+    fleet = Fleet(root=tmp_path / "fleet", devices=3, rounds=3, round_timeout=120)
+    fleet.prepare(export_reference_package)
+    fleet.start()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            status = fleet.status()
+            if status["model"]["version"] >= 3:
+                break
+            assert all(d.process.poll() is None for d in fleet.members), f"an agent died; logs in {fleet.logs}"
+            time.sleep(1)
+        assert status["model"]["version"] == 3, f"model stuck at v{status['model']['version']}; logs {fleet.logs}"
+        published = [r for r in status["rounds"] if r["status"] == "published"]
+        assert len(published) == 3 and all(r["participants"] == 3 for r in published)
+        evaluator = Evaluator(fleet)
+        before, _ = evaluator.evaluate(0)
+        after, _ = evaluator.evaluate(3)
+        assert after["accuracy"] > before["accuracy"] + 0.05
+    finally:
+        fleet.stop()

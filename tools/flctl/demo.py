@@ -243,7 +243,7 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
         (out / "summary.json").write_text(
             json.dumps({"baseline": baseline, "rounds": [r.__dict__ for r in rows]}, indent=1, default=float)
         )
-        improved = rows[-1].accuracy > baseline["accuracy"] and rows[-1].loss < baseline["loss"]
+        improved = rows[-1].accuracy > baseline["accuracy"]
         console.print(
             f"plot: {out / 'demo.png'}\nsummary: {out / 'summary.json'}\nlogs: {fleet.logs}\n"
             f"state: {out}\nPrometheus config (file_sd): {prom}"
