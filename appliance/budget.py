@@ -457,21 +457,27 @@ class Usage:
     cpu_throttled_usec: int | None
     memory_pressure_some_avg10: float | None
     trainer_oom_kills: int | None
+    trainer_memory_peak: int | None  # memory.peak (kernel >= 5.19): the most any training run used
 
 
-def read_usage(base: Path) -> Usage:
-    """Usage of the delegated cgroup ``base`` (agent + trainer together) and the trainer's OOM kills."""
+def read_usage(base: Path | None) -> Usage:
+    """Usage of the delegated cgroup ``base`` (agent + trainer together) and of the trainer cgroup. All None
+    when ``base`` is None (an advisory budget has no cgroup to read)."""
+    if base is None:
+        return Usage(None, None, None, None, None, None)
     group = Cgroup(base)
     stat = group.cpu_stat()
     pressure = group.memory_pressure()
     trainer = Cgroup(base / TRAINER_LEAF)
-    events = trainer.memory_events() if trainer.path.is_dir() else {}
+    has_trainer = trainer.path.is_dir()
+    events = trainer.memory_events() if has_trainer else {}
     return Usage(
         memory_current=group.memory_current(),
         cpu_usage_usec=stat.get("usage_usec"),
         cpu_throttled_usec=stat.get("throttled_usec"),
         memory_pressure_some_avg10=None if pressure is None else pressure.some.avg10,
         trainer_oom_kills=events.get("oom_kill") if events else None,
+        trainer_memory_peak=trainer._limit("memory.peak") if has_trainer else None,
     )
 
 

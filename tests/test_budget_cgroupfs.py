@@ -229,11 +229,13 @@ def test_usage_reads_memory_cpu_pressure_and_trainer_oom_kills(tmp_path):
             "memory.pressure": "some avg10=12.50 avg60=3.00 avg300=0.50 total=123456\n"
                                "full avg10=1.00 avg60=0.00 avg300=0.00 total=100\n",
         },
-        f"{UNIT}/trainer": {"memory.events": "low 0\nhigh 0\nmax 14\noom 2\noom_kill 2\noom_group_kill 0\n"},
+        f"{UNIT}/trainer": {"memory.events": "low 0\nhigh 0\nmax 14\noom 2\noom_kill 2\noom_group_kill 0\n",
+                            "memory.peak": "67100672\n"},
     })
     usage = b.read_usage(root / UNIT)
     assert usage == b.Usage(memory_current=104857600, cpu_usage_usec=5000000, cpu_throttled_usec=250000,
-                            memory_pressure_some_avg10=12.5, trainer_oom_kills=2)
+                            memory_pressure_some_avg10=12.5, trainer_oom_kills=2, trainer_memory_peak=67100672)
+    assert b.read_usage(None) == b.Usage(None, None, None, None, None, None)
     pressure = b.Cgroup(root / UNIT).memory_pressure()
     assert pressure.full is not None and pressure.full.total_us == 100
 

@@ -77,7 +77,8 @@ def agent(report):
     report["trainer_events"] = (BASE / "trainer" / "memory.events").read_text()
     usage = b.read_usage(BASE)
     report["usage"] = dict(memory_current=usage.memory_current, cpu_usage_usec=usage.cpu_usage_usec,
-                           pressure=usage.memory_pressure_some_avg10, trainer_oom_kills=usage.trainer_oom_kills)
+                           pressure=usage.memory_pressure_some_avg10, trainer_oom_kills=usage.trainer_oom_kills,
+                           trainer_peak=usage.trainer_memory_peak)
 
 
 def main():
@@ -155,3 +156,4 @@ def test_trainer_oom_is_contained_by_a_real_delegated_cgroup_v2(tmp_path):
     usage = report["usage"]
     assert usage["trainer_oom_kills"] >= 2 and usage["memory_current"] > 0 and usage["cpu_usage_usec"] > 0
     assert usage["pressure"] is not None
+    assert 8 * MiB < usage["trainer_peak"] <= 64 * MiB  # the peak a run reached, within the trainer limit
