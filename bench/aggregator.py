@@ -1,47 +1,88 @@
 """Aggregator throughput and memory against Flower, on loopback.
 
-For each model size P and client count N: a real ``fl-aggregator serve`` process (synthetic model of P float32
-parameters, FedAvg, round goal N) receives N signed updates from N simulated devices over HTTP on 127.0.0.1,
-with ``--concurrency`` uploads in flight. Measured: updates/s from the first upload to the last receipt (every
-update verified, hashed, decoded, fsynced to the spool and accumulated), the time to close the round and
-publish the next model, and the server's peak RSS (VmHWM).
+For each model size P and client count N, a real ``fl-aggregator serve`` process (synthetic model of P float32
+parameters, FedAvg, round goal N) and N simulated devices on 127.0.0.1 (``--concurrency`` requests in flight):
 
-Flower on the same work, in the same run: its server-side FedAvg (``FedAvg.aggregate_fit``, in-place
-aggregation, the default) on N ``FitRes`` carrying the same-shaped updates in Flower's wire form
-(``ndarrays_to_parameters``), timed from the list of results to the aggregated parameters, with the peak RSS of
-that process. Flower runs in its own interpreter (``--flower-python``, default ``$FLWR_PYTHON`` or this one):
-flwr pins protobuf/grpc versions the project's venv should not be forced onto.
+* **round**: every device fetches the signed task and the full model release, then uploads its signed update;
+  timed from the first request until the next round's task is published (the model went out to N devices, N
+  updates came in, were verified, fsynced, aggregated, and the new version was signed and published).
+* **upload**: the next round, updates only (bodies prepared beforehand): updates/s from the first upload to the
+  last receipt. Also the server's CPU time per update, mean verify/spool latency, and peak RSS (VmHWM).
 
-What each ratio is: **ours end to end over HTTP (network, signature, two SHA-256 passes, decode, fsync,
-accumulate) versus Flower's server-side decode + FedAvg alone** (no network, no authentication, no disk).
-Flower's Deployment Engine (SuperLink + N SuperNodes) is not run here; see ``--help`` and docs/aggregator.md.
+Flower, in the same run (its own interpreter: ``--flower-python`` or ``$FLWR_PYTHON``; flwr pins protobuf/grpc
+versions the project's venv should not be forced onto):
+
+* **Deployment Engine** (N <= ``--max-supernodes``): a SuperLink and N SuperNodes on loopback running a Flower
+  App whose ClientApp returns the received model plus noise; the ServerApp runs FedAvg for a warm-up round, then
+  one timed round (``strategy.start``). Peak RSS is sampled over the SuperLink's process tree.
+* **server-side FedAvg** (every N): ``FedAvg.aggregate_fit`` (in-place aggregation, the default) on N
+  ``FitRes`` in Flower's wire form (``ndarrays_to_parameters``), from the list of results to the aggregate.
+
+Ratios printed: ``round`` = our round vs Flower's Deployment Engine round (the same work end to end);
+``server`` = our upload path over HTTP (network, signature, two SHA-256 passes, decode, fsync, accumulate) vs
+Flower's server-side decode + FedAvg alone (no network, no authentication, no disk: Flower's best case).
 
     python bench/aggregator.py                          # P = 100k, 1M; N = 10, 100, 1000
-    python bench/aggregator.py --params 100000 --clients 10,100 --json out.json
+    python bench/aggregator.py --params 100000 --clients 10 --flower-python /path/to/venv/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# ------------------------------------------------------------------------------------------------ Flower
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def flower_worker(parameters: int, clients: int, seed: int = 0) -> dict[str, float]:
+def _tree_rss(root: int) -> int:
+    """Resident bytes of a process and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+# ------------------------------------------------------------------------------------- Flower (its venv)
+
+
+def flower_worker(parameters: int, clients: int, seed: int = 0) -> dict[str, Any]:
     """Runs inside the Flower interpreter: server-side FedAvg over ``clients`` results of ``parameters``."""
     import resource
 
+    import flwr
     import numpy as np
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.server.strategy import FedAvg
@@ -49,50 +90,188 @@ def flower_worker(parameters: int, clients: int, seed: int = 0) -> dict[str, flo
     sizes = [parameters // 2, parameters - parameters // 2]  # the synthetic model's two tensors
     rng = np.random.default_rng(seed)
     pool = [[rng.normal(0, 0.01, s).astype(np.float32) for s in sizes] for _ in range(4)]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results = []
     for i in range(clients):
         wire_form = ndarrays_to_parameters(pool[i % len(pool)])
         # each client's bytes are its own object, as they are when they arrive from the network
         wire_form.tensors = [bytes(bytearray(t)) for t in wire_form.tensors]
         results.append((None, FitRes(Status(Code.OK, ""), wire_form, int(rng.integers(1, 100)), {})))
-    strategy = FedAvg()
     started = time.perf_counter()
-    aggregated, _ = strategy.aggregate_fit(1, results, [])
+    aggregated, _ = FedAvg().aggregate_fit(1, results, [])
     seconds = time.perf_counter() - started
     assert aggregated is not None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    import flwr
-
-    return {"seconds": seconds, "updates_per_s": clients / seconds, "peak_rss": peak, "rss_before": before,
-            "version": flwr.__version__}
+    return {"seconds": seconds, "updates_per_s": clients / seconds,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "version": flwr.__version__}
 
 
-def run_flower(python: str, parameters: int, clients: int) -> dict[str, float] | str:
-    """Flower's figures, or a sentence saying why they are missing."""
-    done = subprocess.run(
-        [python, __file__, "--flower-worker", str(parameters), str(clients)],
-        capture_output=True, text=True, timeout=3600,
+FLOWER_APP = {
+    "pyproject.toml": """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "flbench"
+version = "1.0.0"
+description = "fl-edge aggregator benchmark peer"
+license = "MIT"
+dependencies = ["flwr>=1.20", "numpy"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "flbench"
+
+[tool.flwr.app.components]
+serverapp = "flbench.server_app:app"
+clientapp = "flbench.client_app:app"
+
+[tool.flwr.app.config]
+params = 100000
+clients = 2
+""",
+    "flbench/__init__.py": "",
+    "flbench/server_app.py": """\
+import json
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    p, n = int(context.run_config["params"]), int(context.run_config["clients"])
+    arrays = ArrayRecord([np.zeros(p // 2, np.float32), np.zeros(p - p // 2, np.float32)])
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+    warm = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=1)  # every SuperNode up and connected
+    started = time.time()
+    strategy.start(grid=grid, initial_arrays=warm.arrays, num_rounds=1)
+    print("FLBENCH " + json.dumps({"seconds": time.time() - started, "clients": n}), flush=True)
+""",
+    "flbench/client_app.py": """\
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    rng = np.random.default_rng()
+    arrays = [a + rng.normal(0, 0.01, a.shape).astype(np.float32) for a in msg.content["arrays"].to_numpy_ndarrays()]
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 32})})
+    return Message(content=content, reply_to=msg)
+""",
+}
+
+
+def _flower_bin(python: str, name: str) -> str:
+    return str(Path(python).parent / name)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def run_flower_deployment(python: str, parameters: int, clients: int, workdir: Path) -> dict[str, Any] | str:
+    """One timed FedAvg round through Flower's SuperLink and ``clients`` SuperNodes on loopback."""
+    base = workdir / f"flower-{parameters}-{clients}"
+    for name, text in FLOWER_APP.items():
+        (base / "app" / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / "app" / name).write_text(text)
+    port = _free_port()
+    home = base / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
+    # the SuperLink and SuperNodes start flower-superexec and flwr-* helpers by name
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}"}
+    logs = [(base / f"{n}.log").open("wb") for n in ("superlink", *(f"supernode{i}" for i in range(clients)))]
+    procs: list[subprocess.Popen] = []
+
+    def spawn(cmd: list[str], log: Any) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    try:
+        superlink = spawn([_flower_bin(python, "flower-superlink"), "--insecure", "--database", str(base / "sl.db"),
+                           "--port", str(port)], logs[0])
+        _wait_listening(port, superlink)
+        for i in range(clients):
+            spawn([_flower_bin(python, "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                   "--port", str(_free_port())], logs[i + 1])
+        run = subprocess.Popen(
+            [_flower_bin(python, "flwr"), "run", str(base / "app"), "bench", "--stream",
+             "--run-config", f"params={parameters} clients={clients}"],
+            env=env, cwd=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        procs.append(run)
+        peak_server = peak_all = 0
+        deadline = time.monotonic() + 1800
+        while run.poll() is None and time.monotonic() < deadline:
+            peak_server = max(peak_server, _tree_rss(superlink.pid))
+            peak_all = max(peak_all, sum(_tree_rss(p.pid) for p in procs[:-1]))
+            time.sleep(0.25)
+        output = run.stdout.read().decode(errors="replace") if run.stdout else ""
+        for line in output.splitlines():
+            if line.startswith("FLBENCH "):
+                figures = json.loads(line[len("FLBENCH "):])
+                return {"seconds": figures["seconds"], "updates_per_s": clients / figures["seconds"],
+                        "peak_rss_superlink": peak_server, "peak_rss_all": peak_all}
+        (base / "flwr-run.log").write_text(output)
+        lines = [line for line in output.splitlines() if line.strip() and not set(line.strip()) <= set("─╭╮╰╯│ ")]
+        return f"Flower run gave no timing ({base / 'flwr-run.log'}): " + (lines or ["(no output)"])[-1][:300]
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(2)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for log in logs:
+            log.close()
+
+
+def run_flower_serverside(python: str, parameters: int, clients: int) -> dict[str, Any] | str:
+    done = subprocess.run([python, __file__, "--flower-worker", str(parameters), str(clients)],
+                          capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
-        return f"Flower run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+        return "Flower run failed: " + (done.stderr.strip().splitlines() or [str(done.returncode)])[-1]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def find_flower_python(requested: str | None) -> str | None:
-    for candidate in (requested, os.environ.get("FLWR_PYTHON"), sys.executable, "/work/flwr-venv/bin/python"):
-        if (candidate and shutil.which(candidate)) or (candidate and Path(candidate).exists()):
-            probe = subprocess.run([candidate, "-c", "import flwr"], capture_output=True)
-            if probe.returncode == 0:
-                return candidate
+    for candidate in (requested, os.environ.get("FLWR_PYTHON"), sys.executable):
+        probe = candidate and Path(candidate).exists() and subprocess.run([candidate, "-c", "import flwr"])
+        if probe and probe.returncode == 0:
+            return candidate
     return None
 
 
 # --------------------------------------------------------------------------------------------------- ours
 
 
-def _proc_status(pid: int) -> dict[str, int]:
-    out = {}
+def _proc_status(pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             if line.startswith(("VmHWM:", "VmRSS:")):
@@ -100,9 +279,23 @@ def _proc_status(pid: int) -> dict[str, int]:
                 out[name] = int(value.split()[0]) * 1024
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    out["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / ticks
+    out["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
+
+
+def _histogram_means(text: str) -> dict[str, float]:
+    """Mean of each histogram in a Prometheus text exposition (sum / count)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.endswith("_sum"):
+            sums[name[:-4]] = float(value)
+        elif name.endswith("_count"):
+            counts[name[:-6]] = float(value)
+    return {k: sums[k] / counts[k] for k in sums if counts.get(k)}
 
 
 async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Path) -> dict[str, float]:
@@ -129,13 +322,8 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
         wire.encode_tensors({s.name: rng.normal(0, 0.01, s.shape).astype(np.float32) for s in specs})
         for _ in range(4)
     ]
-    section_digests = [wire.tensors_digest(s) for s in sections]
-
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    digests = [wire.tensors_digest(s) for s in sections]
+    port = _free_port()
     log = (workdir / f"server-{parameters}-{clients}.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
@@ -144,9 +332,21 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
+
+    def body(i: int, task: wire.Task) -> bytes:
+        device = devices[i]
+        kid = wire.key_id(device.verify_key)
+        payload = {
+            "v": wire.PROTOCOL_VERSION, "type": "update", "device": kid, "round": task.round_id,
+            "model_version": task.model_version, "base_digest": task.model_digest, "num_samples": 1 + i % 97,
+            "metrics": {"loss": 1.0}, "encoding": "float32", "nonce": os.urandom(16), "created_at": int(time.time()),
+            "tensors_sha256": digests[i % len(sections)],
+        }
+        return wire.sign(payload, device, kid) + sections[i % len(sections)]
+
     try:
         connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as session:
             for _ in range(600):
                 try:
                     async with session.get(url + "/healthz") as r:
@@ -156,42 +356,49 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
                     pass
                 if proc.poll() is not None:
                     raise RuntimeError(f"aggregator exited; see {log.name}")
-                time.sleep(0.1)
-            async with session.get(url + "/v1/task") as r:
-                task = wire.decode_task(await r.read(), key.verify_key)
-            idle = _proc_status(proc.pid)
-            gate = __import__("asyncio").Semaphore(concurrency)
-            sent = 0
+                await asyncio.sleep(0.1)
+            gate = asyncio.Semaphore(concurrency)
 
-            async def upload(i: int) -> None:
-                nonlocal sent
-                device = devices[i]
-                kid = wire.key_id(device.verify_key)
-                payload = {
-                    "v": wire.PROTOCOL_VERSION, "type": "update", "device": kid, "round": task.round_id,
-                    "model_version": task.model_version, "base_digest": task.model_digest,
-                    "num_samples": 1 + i % 97, "metrics": {"loss": 1.0}, "encoding": "float32",
-                    "nonce": os.urandom(16), "created_at": int(time.time()),
-                    "tensors_sha256": section_digests[i % len(sections)],
-                }
+            async def post(data: bytes) -> None:
+                async with session.post(url + "/v1/updates", data=data,
+                                        headers={"Content-Type": wire.CONTENT_TYPE}) as r:
+                    answer = await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"upload refused: {r.status} {answer[:200]!r}")
+
+            async def next_task(after: int) -> wire.Task:
+                async with session.get(url + "/v1/task", params={"after": str(after), "wait": "60"}) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"no round after {after}")
+                    return wire.decode_task(await r.read(), key.verify_key)
+
+            # Round 1: the whole cycle per device (task, model, update) until the next version is out.
+            async def device_cycle(i: int) -> None:
                 async with gate:
-                    body = wire.sign(payload, device, kid) + sections[i % len(sections)]
-                    async with session.post(url + "/v1/updates", data=body,
-                                            headers={"Content-Type": wire.CONTENT_TYPE}) as r:
-                        answer = await r.read()
-                        if r.status != 200:
-                            raise RuntimeError(f"upload {i} refused: {r.status} {answer[:200]!r}")
-                        sent += 1
+                    async with session.get(url + "/v1/task") as r:
+                        task = wire.decode_task(await r.read(), key.verify_key)
+                    async with session.get(url + f"/v1/models/{task.model_version}") as r:
+                        await r.read()
+                    await post(body(i, task))
 
-            asyncio = __import__("asyncio")
+            idle = _proc_status(proc.pid)
+            started = time.perf_counter()
+            await asyncio.gather(*(device_cycle(i) for i in range(clients)))
+            second = await next_task(1)
+            round_seconds = time.perf_counter() - started
+
+            # Round 2: uploads only.
+            async def upload(i: int) -> None:
+                async with gate:
+                    await post(body(i, second))
+
+            before = _proc_status(proc.pid)
             started = time.perf_counter()
             await asyncio.gather(*(upload(i) for i in range(clients)))
             upload_seconds = time.perf_counter() - started
-            async with session.get(url + "/v1/task", params={"after": str(task.round_id), "wait": "60"}) as r:
-                if r.status != 200:
-                    raise RuntimeError("the round did not close after all updates arrived")
+            await next_task(second.round_id)
             close_seconds = time.perf_counter() - started - upload_seconds
-            busy = _proc_status(proc.pid)
+            after = _proc_status(proc.pid)
             async with session.get(url + "/metrics") as r:
                 scraped = _histogram_means(await r.text())
     finally:
@@ -200,36 +407,21 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
         log.close()
     shutil.rmtree(state, ignore_errors=True)
     return {
+        "round_seconds": round_seconds,
+        "round_updates_per_s": clients / round_seconds,
         "updates_per_s": clients / upload_seconds,
         "upload_seconds": upload_seconds,
         "close_seconds": close_seconds,
-        "peak_rss": busy["VmHWM"],
+        "peak_rss": after["VmHWM"],
         "idle_rss": idle["VmRSS"],
-        "server_cpu_ms_per_update": 1000 * (busy["cpu_seconds"] - idle["cpu_seconds"]) / clients,
+        "server_cpu_ms_per_update": 1000 * (after["cpu_seconds"] - before["cpu_seconds"]) / clients,
         "update_bytes": len(sections[0]),
         "verify_ms": 1000 * scraped.get("fl_aggregator_verify_seconds", 0.0),
         "spool_ms": 1000 * scraped.get("fl_aggregator_spool_seconds", 0.0),
     }
 
 
-def _histogram_means(text: str) -> dict[str, float]:
-    """Mean of each histogram in a Prometheus text exposition (sum / count)."""
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        name, value = line.rsplit(" ", 1)
-        if name.endswith("_sum"):
-            sums[name[:-4]] = float(value)
-        elif name.endswith("_count"):
-            counts[name[:-6]] = float(value)
-    return {k: sums[k] / counts[k] for k in sums if counts.get(k)}
-
-
 def run_ours(parameters: int, clients: int, concurrency: int, workdir: Path) -> dict[str, float]:
-    import asyncio
-
     sys.path.insert(0, str(ROOT))
     return asyncio.run(_run_ours(parameters, clients, concurrency, workdir))
 
@@ -248,11 +440,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="100000,1000000", help="model sizes P (comma-separated)")
     parser.add_argument("--clients", default="10,100,1000", help="client counts N (comma-separated)")
-    parser.add_argument("--concurrency", type=int, default=8, help="uploads in flight")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--flower-python", help="interpreter with flwr installed (default $FLWR_PYTHON or this one)")
     parser.add_argument("--no-flower", action="store_true", help="measure only the fl-edge aggregator")
+    parser.add_argument("--max-supernodes", type=int, default=10,
+                        help="run Flower's Deployment Engine only up to this N (~0.3-0.45 GB per SuperNode)")
     parser.add_argument("--flower-max-bytes", type=float, default=8e9,
-                        help="skip Flower runs whose results would hold more than this many bytes")
+                        help="skip Flower server-side runs whose results would hold more than this many bytes")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     flower_python = None if args.no_flower else find_flower_python(args.flower_python)
@@ -263,24 +457,40 @@ def main() -> int:
         for p in (int(x) for x in args.params.split(",")):
             for n in (int(x) for x in args.clients.split(",")):
                 ours = run_ours(p, n, args.concurrency, Path(tmp))
-                flower: dict[str, float] | str = "not run"
+                row: dict[str, Any] = {"parameters": p, "clients": n, "ours": ours}
+                print(f"P={p:>9,} N={n:>5}  ours: round {ours['round_seconds']:6.2f} s "
+                      f"({ours['round_updates_per_s']:6.1f} upd/s), upload {ours['updates_per_s']:6.1f} upd/s, "
+                      f"close {ours['close_seconds']:.2f} s, peak RSS {_mb(ours['peak_rss'])}, "
+                      f"server cpu {ours['server_cpu_ms_per_update']:.1f} ms/upd "
+                      f"(verify {ours['verify_ms']:.1f} ms, spool {ours['spool_ms']:.1f} ms mean latency)",
+                      flush=True)
                 if flower_python is not None:
-                    if 4 * p * n * 2 > args.flower_max_bytes:
-                        flower = f"skipped: holding {n} results needs ~{4 * p * n * 2 / 1e9:.0f} GB"
+                    if n <= args.max_supernodes:
+                        dep = run_flower_deployment(flower_python, p, n, Path(tmp))
+                        row["flower_deployment"] = dep
+                        if isinstance(dep, dict):
+                            print(f"{'':17}Flower Deployment Engine: round {dep['seconds']:6.2f} s "
+                                  f"({dep['updates_per_s']:6.2f} upd/s), peak RSS SuperLink "
+                                  f"{_mb(dep['peak_rss_superlink'])}, all {_mb(dep['peak_rss_all'])}  "
+                                  f"-> round ratio {ours['round_updates_per_s'] / dep['updates_per_s']:.1f}x "
+                                  "(ours full round vs Flower SuperLink+SuperNodes round)", flush=True)
+                        else:
+                            print(f"{'':17}Flower Deployment Engine: {dep}", flush=True)
                     else:
-                        flower = run_flower(flower_python, p, n)
-                rows.append({"parameters": p, "clients": n, "ours": ours, "flower": flower})
-                line = (f"P={p:>9,} N={n:>5}  ours {ours['updates_per_s']:7.1f} upd/s  peak RSS {_mb(ours['peak_rss'])}"
-                        f"  close {ours['close_seconds']:.2f} s  cpu {ours['server_cpu_ms_per_update']:.1f} ms/upd"
-                        f"  verify {ours['verify_ms']:.1f} ms  spool {ours['spool_ms']:.1f} ms")
-                if isinstance(flower, dict):
-                    ratio = ours["updates_per_s"] / flower["updates_per_s"]
-                    line += (f"  | Flower FedAvg {flower['updates_per_s']:7.1f} upd/s"
-                             f" peak RSS {_mb(flower['peak_rss'])}"
-                             f"  | ratio {ratio:.2f}x (ours end-to-end HTTP vs Flower server-side decode+FedAvg)")
-                else:
-                    line += f"  | Flower: {flower}"
-                print(line, flush=True)
+                        row["flower_deployment"] = f"not run: N > --max-supernodes {args.max_supernodes}"
+                    if 4 * p * n * 2 > args.flower_max_bytes:
+                        side: dict[str, Any] | str = f"skipped: holding {n} results needs ~{8 * p * n / 1e9:.0f} GB"
+                    else:
+                        side = run_flower_serverside(flower_python, p, n)
+                    row["flower_serverside"] = side
+                    if isinstance(side, dict):
+                        print(f"{'':17}Flower server-side FedAvg: {side['updates_per_s']:7.1f} upd/s, peak RSS "
+                              f"{_mb(side['peak_rss'])}  -> server ratio "
+                              f"{ours['updates_per_s'] / side['updates_per_s']:.2f}x (ours upload path over HTTP "
+                              "vs Flower decode+FedAvg in memory)", flush=True)
+                    else:
+                        print(f"{'':17}Flower server-side FedAvg: {side}", flush=True)
+                rows.append(row)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
