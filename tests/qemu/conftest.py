@@ -1,0 +1,272 @@
+"""Fixtures of the QEMU boot tests: the image (built on demand, cached), the host aggregator, booted appliances.
+
+A plain ``pytest`` builds what it needs: the session-scoped ``dev_image`` fixture runs ``flctl image build``
+(cached by the hash of its inputs in ``$FL_EDGE_CACHE`` or ``~/.cache/fl-edge``). Boots go through labgrid
+(QEMUDriver + ShellDriver) with an environment file written per appliance (tools/flctl/qemu_rig.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BOOT_TIMEOUT = 300  # a busy 2-core machine can double the 30-60 s a TCG boot takes
+
+
+def _missing_prerequisite() -> str | None:
+    if sys.platform != "linux":
+        return "the QEMU rig needs Linux"
+    if os.geteuid() != 0:
+        return "building the image needs root (mmdebstrap --mode=root, chroot, mount)"
+    for tool in ("qemu-system-x86_64", "mmdebstrap", "mkfs.ext4", "sgdisk", "bmaptool", "socat", "cpio"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (tools/host-packages.txt; `make test` installs it)"
+    try:
+        import labgrid  # noqa: F401
+    except ImportError:
+        return "labgrid is not installed (pip install labgrid; it is in the dev extra)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def dev_image():
+    """The development image, built (or taken from the cache) once per session."""
+    reason = _missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    from flctl.image import build_image
+
+    started = time.monotonic()
+    art = build_image()
+    took = time.monotonic() - started
+    print(
+        f"\n[qemu] image {art.directory} ({art.manifest['disk_bytes'] / 2**20:.0f} MiB disk, "
+        f"{art.manifest['disk_allocated_bytes'] / 2**20:.0f} MiB allocated); ready in {took:.1f} s "
+        f"({'cached' if art.manifest.get('from_cache') else 'built'})"
+    )
+    return art
+
+
+@pytest.fixture(scope="session")
+def machine(dev_image):
+    from flctl.qemu_rig import MachineConfig, choose_accelerator
+
+    accel = choose_accelerator(str(dev_image.vmlinux), str(dev_image.initrd))
+    print(f"\n[qemu] accelerator: {accel}")
+    return MachineConfig(accel=accel)
+
+
+@dataclass
+class HostAggregator:
+    """`fl-aggregator serve` on host loopback, as the appliances' guestfwd reaches it."""
+
+    state: Path
+    port: int
+    package: Path
+    log: Path
+    args: list[str]
+    process: subprocess.Popen | None = None
+    paused: bool = False
+    skip_reason: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def public_key_hex(self) -> str:
+        return (self.state / "aggregator.pub").read_text().strip()
+
+    def enroll(self, public_key_hex: str) -> None:
+        """`fl-aggregator enroll`: the device may send updates (works whether or not the server runs)."""
+        subprocess.run(
+            [_script("fl-aggregator"), "enroll", "--state", str(self.state), public_key_hex],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [_script("fl-aggregator"), "serve", "--state", str(self.state), "--listen", f"127.0.0.1:{self.port}",
+                 "--model", str(self.package), *self.args],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"fl-aggregator exited ({self.process.returncode}); log {self.log}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"fl-aggregator did not answer /healthz within 60 s; log {self.log}")
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.url + "/v1/status", timeout=10) as r:
+            return json.load(r)
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections (kernel backlog) but nothing answers: a delivery hangs."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        if self.paused:
+            self.resume()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _script(name: str) -> str:
+    path = Path(sys.executable).with_name(name)
+    if not path.exists():
+        raise RuntimeError(f"{name} is not installed in {path.parent} (pip install -e .)")
+    return str(path)
+
+
+def export_test_package(out: Path, key) -> str | None:
+    """The smallest reference model package, signed with the aggregator key; None, or why it cannot be made."""
+    try:
+        from flctl.model import export_reference_package
+    except ImportError as exc:
+        return f"flctl.model (model packaging) is not available: {exc}"
+    export_reference_package("mlp", out, key)
+    return None
+
+
+@pytest.fixture(scope="module")
+def host_aggregator(tmp_path_factory) -> Iterator[HostAggregator]:
+    """An aggregator with one-device rounds (quorum 1, goal 1) so the appliance alone closes each round.
+
+    Its key always exists (the agent pins it and will not start without it); the server itself runs only when
+    a model package can be made, else ``skip_reason`` says why and the round tests skip.
+    """
+    from nacl.signing import SigningKey
+
+    from appliance.identity import write_key_file
+    from flctl.qemu_rig import free_port
+
+    root = tmp_path_factory.mktemp("aggregator")
+    state = root / "state"
+    state.mkdir()
+    key = SigningKey.generate()
+    write_key_file(state / "aggregator.key", bytes(key), 0o600)
+    write_key_file(state / "aggregator.pub", bytes(key.verify_key), 0o644)
+    package = root / "model.flpkg"
+    agg = HostAggregator(
+        state=state,
+        port=free_port(),
+        package=package,
+        log=root / "aggregator.log",
+        args=["--min-clients", "1", "--goal-clients", "1", "--round-timeout", "1800", "--rounds", "3",
+              "--epochs", "1", "--batch-size", "16"],
+    )  # fmt: skip
+    agg.skip_reason = export_test_package(package, key)
+    if agg.skip_reason is None:
+        agg.start()
+    yield agg
+    agg.stop()
+
+
+@dataclass
+class BootedAppliance:
+    """A running guest under labgrid, with its shell and the host-side timings."""
+
+    appliance: object
+    target: object
+    qemu: object
+    shell: object
+    boot_seconds: float
+    notes: dict = field(default_factory=dict)
+
+    def run(self, cmd: str, timeout: float = 60) -> tuple[int, str]:
+        out, _, code = self.shell.run(cmd, timeout=timeout)
+        return code, "\n".join(out)
+
+    def check(self, cmd: str, timeout: float = 60) -> str:
+        code, out = self.run(cmd, timeout)
+        assert code == 0, f"`{cmd}` exited {code} in the guest:\n{out}"
+        return out
+
+    def wait_for(self, cmd: str, timeout: float, interval: float = 2.0) -> str:
+        """Run ``cmd`` in the guest until it succeeds (the console is read all the while)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code, out = self.run(cmd, timeout=max(30.0, interval * 2))
+            if code == 0:
+                return out
+            if time.monotonic() > deadline:
+                raise AssertionError(f"`{cmd}` still failing after {timeout:.0f} s:\n{out}")
+            time.sleep(interval)
+
+    def power_cut(self) -> None:
+        """Stop the emulator at once (QMP quit): the guest gets no shutdown, its page cache is lost."""
+        self.qemu.off()
+
+    def poweroff(self, timeout: float = 120) -> None:
+        """Clean shutdown; QEMU runs with -no-shutdown, so wait for status 'shutdown' and then quit it."""
+        self.shell.console.sendline("systemctl poweroff")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.shell.console.expect("reboot: Power down", timeout=5)
+                break
+            except Exception:
+                status = self.qemu.monitor_command("query-status")
+                if status.get("status") == "shutdown":
+                    break
+        self.qemu.off()
+
+
+def boot(dev_image, machine, appliance, workdir: Path) -> BootedAppliance:
+    """Start one appliance through labgrid and log in on its serial console."""
+    from labgrid import Environment
+
+    from flctl.qemu_rig import labgrid_env
+
+    env_file = labgrid_env(dev_image, [appliance], machine, workdir / f"{appliance.name}-env.yaml")
+    env = Environment(str(env_file))
+    target = env.get_target(appliance.name)
+    qemu = target.get_driver("QEMUDriver")
+    started = time.monotonic()
+    qemu.on()
+    shell = target.get_driver("ShellDriver")
+    booted = BootedAppliance(appliance, target, qemu, shell, time.monotonic() - started)
+    print(f"\n[qemu] {appliance.name}: shell after {booted.boot_seconds:.1f} s ({machine.accel})")
+    return booted
+
+
+@pytest.fixture(scope="session")
+def boot_appliance(dev_image, machine):
+    """``boot_appliance(appliance, workdir) -> BootedAppliance``: power on and log in through labgrid."""
+
+    def _boot(appliance, workdir: Path) -> BootedAppliance:
+        return boot(dev_image, machine, appliance, workdir)
+
+    return _boot

@@ -1,0 +1,193 @@
+"""Boot the development image in QEMU and check what a user of the appliance would notice.
+
+Boots cost 30-60 s each under TCG, so the checks share boots: the tests of this module run in order on one
+appliance (``fl0``) -- first boot: system invariants, the agent under systemd, security exposure, metrics,
+camera hotplug, a round with the host aggregator; then a power cut while an update is being delivered and a
+second boot that must find the data partition clean and deliver that update exactly once.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+AGENT = "fl-agent.service"
+DATA_FSCK = r"systemd-fsck@dev-disk-by\\x2dlabel-fl\\x2ddata.service"
+EXPOSURE_MAX = 2.5
+# Quick rounds for an emulated CPU: the override goes to the data partition, as provisioning would put it.
+SYNTHETIC_OVERRIDE = """[data]
+source = "synthetic"
+samples_per_round = 64
+[training]
+max_threads = 1
+[aggregator]
+url = "http://10.0.2.100:8080"
+poll_wait_seconds = 5.0
+"""
+
+
+@pytest.fixture(scope="module")
+def rig_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("rig")
+
+
+@pytest.fixture(scope="module")
+def fl0(dev_image, host_aggregator, rig_dir):
+    """Appliance fl0: a device key enrolled with the host aggregator, provisioned onto its data partition."""
+    from flctl.qemu_rig import Appliance, Identity, free_port, provision_data_partition
+
+    identity = Identity.generate()
+    host_aggregator.enroll(identity.public_key_hex)
+    appliance = Appliance("fl0", rig_dir, identity, metrics_port=free_port(), aggregator_port=host_aggregator.port)
+    provision_data_partition(dev_image, appliance.data_image, identity, host_aggregator.public_key_hex)
+    return appliance
+
+
+@pytest.fixture(scope="module")
+def first_boot(boot_appliance, fl0, rig_dir):
+    booted = boot_appliance(fl0, rig_dir)
+    yield booted
+    if booted.qemu.status:
+        booted.qemu.off()
+
+
+def unit_props(guest, unit: str, *props: str) -> dict[str, str]:
+    out = guest.check(f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        return r.read().decode()
+
+
+def metric(text: str, name: str) -> float | None:
+    m = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else None
+
+
+def wait_agent_active(guest, timeout: float = 300) -> dict[str, str]:
+    guest.wait_for(f"systemctl is-active --quiet {AGENT}", timeout=timeout, interval=3)
+    return unit_props(guest, AGENT, "ActiveState", "SubState", "MainPID", "NRestarts", "ActiveEnterTimestampMonotonic")
+
+
+# --- first boot ---------------------------------------------------------------------------------------------
+
+
+def test_system_running_without_failed_units_or_ordering_cycles(first_boot):
+    _, state = first_boot.run("systemctl is-system-running --wait", timeout=300)
+    failed = first_boot.check("systemctl --failed --no-legend --plain")
+    assert state.strip() == "running", f"system state {state.strip()!r}; failed units:\n{failed}"
+    assert failed.strip() == ""
+    cycles = first_boot.check("journalctl -b --no-pager -o cat | grep -ci 'ordering cycle' || true")
+    assert cycles.strip() == "0", "systemd found ordering cycles (journalctl -b | grep -i 'ordering cycle')"
+    assert first_boot.check("cat /proc/sys/kernel/tainted").strip() == "0"
+
+
+def test_root_is_read_only_and_data_partition_writable(first_boot):
+    code, out = first_boot.run("touch /fl-probe")
+    assert code != 0 and "Read-only file system" in out
+    assert "ro" in first_boot.check("findmnt -no OPTIONS /").split(",")
+    data = first_boot.check("findmnt -no SOURCE,FSTYPE,OPTIONS /data").split()
+    assert data[1] == "ext4" and "rw" in data[2].split(",")
+    assert first_boot.check(f"blkid -s LABEL -o value {data[0]}").strip() == "fl-data"
+    first_boot.check("echo ok > /data/probe && sync /data/probe && cat /data/probe && rm /data/probe")
+    # The agent's state dir is the data partition's fl-agent directory, bound into place.
+    assert first_boot.check("findmnt -no SOURCE /var/lib/fl-agent").strip().endswith("[/fl-agent]")
+    fsck = unit_props(first_boot, DATA_FSCK, "Result", "ActiveState")
+    assert fsck == {"Result": "success", "ActiveState": "active"}
+
+
+def test_agent_ready_as_its_own_user_in_its_cgroup_with_limits(first_boot, dev_image):
+    props = wait_agent_active(first_boot)
+    assert props["SubState"] == "running" and props["NRestarts"] == "0"
+    ready_s = int(props["ActiveEnterTimestampMonotonic"]) / 1e6
+    first_boot.notes["ready_s"] = ready_s
+    print(f"\n[qemu] fl-agent READY {ready_s:.1f} s after kernel start")
+    pid = props["MainPID"]
+    status = first_boot.check(f"cat /proc/{pid}/status")
+    uid = re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE).group(1)
+    groups = re.search(r"^Groups:\s*(.*)$", status, re.MULTILINE).group(1).split()
+    assert int(uid) == dev_image.manifest["fl_agent_uid"]
+    assert first_boot.check(f"ps -o user= -p {pid}").strip() == "fl-agent"
+    assert str(dev_image.manifest["video_gid"]) in groups
+    cgroup = first_boot.check(f"cat /proc/{pid}/cgroup").strip()
+    assert cgroup.startswith("0::/system.slice/fl-agent.service"), cgroup
+    cg = "/sys/fs/cgroup/system.slice/fl-agent.service"
+    assert first_boot.check(f"cat {cg}/cpu.max").strip() == "100000 100000"  # CPUQuota=100%
+    assert first_boot.check(f"cat {cg}/memory.max").strip() == str(512 * 2**20)
+    assert first_boot.check(f"cat {cg}/memory.high").strip() == str(400 * 2**20)
+    assert "default 50" in first_boot.check(f"cat {cg}/io.weight")
+    # Delegate=yes: the subtree belongs to fl-agent, so the agent can make the trainer's child cgroup even
+    # though ProtectControlGroups= makes the rest of /sys/fs/cgroup read-only for it.
+    assert first_boot.check(f"stat -c %U {cg}").strip() == "fl-agent"
+    probe = f"nsenter -t {pid} -m setpriv --reuid fl-agent --regid fl-agent --clear-groups"
+    first_boot.check(f"{probe} mkdir {cg}/rig-probe && {probe} rmdir {cg}/rig-probe")
+    code, _ = first_boot.run(f"{probe} mkdir /sys/fs/cgroup/system.slice/rig-probe")
+    assert code != 0, "the agent could write outside its own cgroup"
+
+
+def test_security_exposure_at_most_2_5(first_boot):
+    out = first_boot.check(f"systemd-analyze security --no-pager {AGENT}", timeout=120)
+    m = re.search(r"Overall exposure level for fl-agent\.service: ([0-9.]+)", out)
+    assert m, out[-2000:]
+    exposure = float(m.group(1))
+    print(f"\n[qemu] systemd-analyze security fl-agent.service: exposure {exposure}")
+    assert exposure <= EXPOSURE_MAX
+
+
+def test_host_scrapes_agent_metrics_through_hostfwd(first_boot, fl0):
+    wait_agent_active(first_boot)
+    text = scrape(fl0.metrics_port)
+    assert metric(text, "fl_agent_budget_advisory") == 0.0, "the agent should see its systemd budget"
+    assert metric(text, "fl_agent_budget_memory_bytes") == 512 * 2**20
+
+
+def test_camera_hotplug_with_vivid(first_boot, fl0):
+    wait_agent_active(first_boot)
+    before = scrape(fl0.metrics_port)
+    assert metric(before, "fl_agent_cameras_present") == 0.0
+    since = first_boot.check("date +%s").strip()
+    first_boot.check("modprobe vivid n_devs=1 node_types=0x1 num_inputs=1")
+    added = time.monotonic()
+    first_boot.wait_for(
+        f"journalctl -u {AGENT} --since @{since} -o cat --no-pager | grep -q 'camera added'", timeout=30, interval=1
+    )
+    print(f"\n[qemu] camera added logged {time.monotonic() - added:.1f} s after modprobe vivid")
+    deadline = time.monotonic() + 30
+    while metric(scrape(fl0.metrics_port), "fl_agent_cameras_present") != 1.0:
+        assert time.monotonic() < deadline, "fl_agent_cameras_present did not reach 1"
+        time.sleep(1)
+    first_boot.check("rmmod vivid")
+    first_boot.wait_for(
+        f"journalctl -u {AGENT} --since @{since} -o cat --no-pager | grep -q 'camera removed'", timeout=30, interval=1
+    )
+    after = scrape(fl0.metrics_port)
+    assert metric(after, "fl_agent_cameras_present") == 0.0
+    props = unit_props(first_boot, AGENT, "ActiveState", "NRestarts")
+    assert props == {"ActiveState": "active", "NRestarts": "0"}, "hotplug must not restart the agent"
+
+
+def test_round_with_host_aggregator_is_accepted(first_boot, fl0, host_aggregator):
+    if host_aggregator.process is None:
+        pytest.skip(host_aggregator.skip_reason)
+    first_boot.check(
+        f"printf '%s' '{SYNTHETIC_OVERRIDE}' > /tmp/agent.toml && "
+        "install -o fl-agent -g fl-agent -m 0644 /tmp/agent.toml /var/lib/fl-agent/agent.toml"
+    )
+    first_boot.check(f"systemctl restart {AGENT}", timeout=300)
+    deadline = time.monotonic() + 900
+    while True:
+        rounds = {r["round"]: r for r in host_aggregator.status()["rounds"]}
+        if fl0.identity.device_id in (rounds.get(1, {}).get("devices") or []):
+            break
+        assert time.monotonic() < deadline, f"round 1 not completed by fl0: {rounds}"
+        first_boot.run("true")  # keep reading the console
+        time.sleep(3)
+    assert rounds[1]["participants"] == 1

@@ -1,0 +1,387 @@
+"""``flctl image build``: the development image of the appliance, from Debian packages, without bitbake.
+
+Output (in ``--out``, default ``build/image``; the same files live in the cache):
+  fl-dev.img        GPT disk: fl-root (ext4, mounted read-only) + fl-data (ext4, /data)
+  fl-dev.img.bmap   block map for ``bmaptool copy`` (flctl flash)
+  vmlinux           uncompressed kernel for direct boot (QEMU -kernel, PVH)
+  initrd.img        busybox initramfs: loads virtio/ext4, mounts the root read-only, switches to systemd
+  manifest.json     versions, cache key, partition offsets, kernel command line, the fl-agent uid/gid
+
+Every step's inputs are hashed; a step whose inputs did not change is taken from the cache
+(``--cache``, ``$FL_EDGE_CACHE``, default ``~/.cache/fl-edge``). See docs/image.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from . import image_disk, image_kernel, image_rootfs
+from .image_cache import ArtifactStore, InputHash, cache_root
+
+# Bump when a change to the build changes its output in a way the hashed inputs do not capture.
+BUILD_FORMAT = "fl-dev-image/1"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+IMAGE_TOOLS = PROJECT_ROOT / "tools" / "image"
+DISK_NAME = "fl-dev.img"
+KERNEL_CMDLINE = "console=ttyS0,115200 root=LABEL=fl-root rootfstype=ext4 ro panic=-1 loglevel=4"
+# Sources that end up in the project wheel (and so in the image).
+WHEEL_SOURCES = ("appliance", "aggregator", "tools/flctl")
+KEEP_IMAGES = 3
+
+
+class ImageBuildError(RuntimeError):
+    """The image could not be built; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class ImageArtifacts:
+    """A built image, as recorded in its manifest.json."""
+
+    directory: Path
+    manifest: dict
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / DISK_NAME
+
+    @property
+    def bmap(self) -> Path:
+        return self.directory / (DISK_NAME + ".bmap")
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.directory / "vmlinux"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.img"
+
+    @property
+    def cmdline(self) -> str:
+        return str(self.manifest["cmdline"])
+
+    def partition(self, name: str) -> image_disk.PartitionExtent:
+        for p in self.manifest["partitions"]:
+            if p["name"] == name:
+                return image_disk.PartitionExtent(p["name"], int(p["offset"]), int(p["size"]))
+        raise KeyError(f"no partition {name!r} in {self.directory / 'manifest.json'}")
+
+    @classmethod
+    def load(cls, directory: Path) -> ImageArtifacts:
+        path = directory / "manifest.json"
+        if not path.exists():
+            raise ImageBuildError(f"{directory} holds no built image (no manifest.json); run `flctl image build`")
+        return cls(directory, json.loads(path.read_text()))
+
+
+class Steps:
+    """Progress display: a spinner while a step runs, then one line with its outcome and duration."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, title: str, cached: bool = False) -> Iterator[None]:
+        if cached:
+            self.console.print(f"[green]✓[/] {title} [dim](cached)[/]")
+            self.timings[title] = 0.0
+            yield
+            return
+        start = time.monotonic()
+        with self.console.status(f"{title}…"):
+            try:
+                yield
+            except BaseException:
+                self.console.print(f"[red]✗[/] {title} [dim]({time.monotonic() - start:.1f} s)[/]")
+                raise
+        took = time.monotonic() - start
+        self.timings[title] = took
+        self.console.print(f"[green]✓[/] {title} [dim]({took:.1f} s)[/]")
+
+
+def build_image(
+    cache: Path | None = None,
+    out: Path | None = None,
+    data_size: int = image_disk.DEFAULT_DATA_SIZE,
+    rebuild: bool = False,
+    console: Console | None = None,
+) -> ImageArtifacts:
+    """Build (or take from the cache) the development image; returns where it is."""
+    console = console or Console(stderr=True)
+    if os.geteuid() != 0:
+        raise ImageBuildError("flctl image build needs root (mmdebstrap --mode=root, chroot, mount); run it with sudo")
+    store = ArtifactStore(cache or cache_root())
+    steps = Steps(console)
+    started = time.monotonic()
+    with store.lock():
+        art = _build_locked(store, steps, data_size, rebuild)
+        manifest_path = art.directory / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        if not manifest.get("from_cache"):
+            manifest["build_seconds"] = round(time.monotonic() - started, 1)
+            manifest["step_seconds"] = {k: round(v, 1) for k, v in steps.timings.items()}
+            manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        art = ImageArtifacts.load(art.directory)
+    if out is not None:
+        _publish(art, out)
+        art = ImageArtifacts.load(out)
+    took = time.monotonic() - started
+    disk_mib = art.disk.stat().st_size / image_disk.MIB
+    console.print(
+        f"[bold]image[/] {art.directory}  disk {disk_mib:.0f} MiB "
+        f"(root {art.partition('fl-root').size // image_disk.MIB} MiB, "
+        f"data {art.partition('fl-data').size // image_disk.MIB} MiB), key {art.manifest['key']}, {took:.1f} s"
+    )
+    return art
+
+
+def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: bool) -> ImageArtifacts:
+    with steps.step("resolve Debian kernel and busybox packages"):
+        kernel_pkg = image_kernel.resolve_kernel_package()
+        busybox_pkg = image_kernel.resolve_package(image_kernel.BUSYBOX_PACKAGE)
+
+    base_key = (
+        InputHash("base")
+        .text("format", BUILD_FORMAT)
+        .text("suite", image_rootfs.SUITE)
+        .text("mirror", image_rootfs.MIRROR)
+        .text("packages", " ".join(image_rootfs.BASE_PACKAGES))
+        .text("dpkg", " ".join(image_rootfs.DPKG_EXCLUDES))
+    )
+    reqs = image_rootfs.agent_requirements(PROJECT_ROOT / "pyproject.toml")
+    wheels_key = InputHash("wheels").text("format", BUILD_FORMAT).text("requirements", "\n".join(reqs))
+    wheels_key.text("python", f"{sys.version_info.major}.{sys.version_info.minor}")
+    kernel_key = (
+        InputHash("kernel")
+        .text("format", BUILD_FORMAT)
+        .text("kernel", f"{kernel_pkg.name}={kernel_pkg.version}")
+        .text("busybox", f"{busybox_pkg.name}={busybox_pkg.version}")
+        .text("modules", " ".join(image_kernel.ROOTFS_MODULES) + "|" + " ".join(image_kernel.INITRAMFS_MODULES))
+        .file("init", IMAGE_TOOLS / "initramfs-init")
+        .file("code", Path(image_kernel.__file__))
+    )
+    image_key = (
+        InputHash("image")
+        .text("format", BUILD_FORMAT)
+        .child("base", base_key)
+        .child("wheels", wheels_key)
+        .child("kernel", kernel_key)
+        .file("pyproject", PROJECT_ROOT / "pyproject.toml")
+        .tree("overlay", PROJECT_ROOT / "rootfs-overlay")
+        .tree("dev-overlay", IMAGE_TOOLS / "dev-overlay")
+        .text("cmdline", KERNEL_CMDLINE)
+        .text("data-size", str(data_size))
+    )
+    for src in WHEEL_SOURCES:
+        image_key.tree(f"src:{src}", PROJECT_ROOT / src)
+    for module in (image_rootfs, image_disk, sys.modules[__name__]):
+        image_key.file(f"code:{module.__name__}", Path(module.__file__ or ""))
+
+    key = image_key.key()
+    if store.has("images", key) and not rebuild:
+        with steps.step(f"image {key}", cached=True):
+            pass
+        art = ImageArtifacts.load(store.path("images", key))
+        art.manifest["from_cache"] = True
+        return art
+
+    debs = store.root / "debs"
+    with steps.step(f"download {kernel_pkg.name} {kernel_pkg.version}", cached=(debs / kernel_pkg.filename).exists()):
+        kernel_deb = image_kernel.download_deb(kernel_pkg, debs)
+    with steps.step(f"download {busybox_pkg.name}", cached=(debs / busybox_pkg.filename).exists()):
+        busybox_deb = image_kernel.download_deb(busybox_pkg, debs)
+
+    with steps.step("kernel: vmlinux, modules, initramfs", cached=store.has("kernel", kernel_key.key())):
+        if not store.has("kernel", kernel_key.key()):
+            with store.building("kernel", kernel_key.key()) as out, _scratch(store) as work:
+                image_kernel.build_kernel(kernel_deb, busybox_deb, IMAGE_TOOLS / "initramfs-init", out, work)
+    kernel = image_kernel.load_kernel_build(store.path("kernel", kernel_key.key()))
+
+    base_cached = store.has("base", base_key.key()) and not rebuild
+    with steps.step(f"mmdebstrap {image_rootfs.SUITE} base system", cached=base_cached):
+        if not base_cached:
+            with store.building("base", base_key.key()) as out:
+                image_rootfs.build_base(out / "base.tar", out / "build.log")
+    base_tar = store.path("base", base_key.key()) / "base.tar"
+
+    wheels_cached = store.has("wheels", wheels_key.key())
+    with steps.step("download agent dependency wheels", cached=wheels_cached):
+        if not wheels_cached:
+            with store.building("wheels", wheels_key.key()) as out:
+                image_rootfs.download_dependency_wheels(reqs, out, out / "build.log", sys.executable)
+    dep_wheels = store.path("wheels", wheels_key.key())
+
+    with store.building("images", key) as out, _scratch(store) as work:
+        log = out / "build.log"
+        with steps.step("build the fl-edge wheel"):
+            wheels = work / "wheels"
+            shutil.copytree(dep_wheels, wheels, ignore=shutil.ignore_patterns("build.log", ".complete"))
+            project_wheel = _build_project_wheel(wheels, log)
+        root = work / "rootfs"
+        with steps.step("root file system: base + fl-agent venv + overlays + modules"):
+            ids = image_rootfs.assemble_rootfs(
+                base_tar,
+                wheels,
+                project_wheel,
+                kernel.modules_root,
+                [PROJECT_ROOT / "rootfs-overlay", IMAGE_TOOLS / "dev-overlay"],
+                root,
+                log,
+            )
+        with steps.step("file systems: fl-root (ext4, read-only) and fl-data"):
+            root_size = image_disk.root_fs_size(root)
+            image_disk.make_ext4(work / "root.ext4", root_size, image_disk.ROOT_LABEL, source=root, journal=False)
+            image_disk.make_data_fs(work / "data.ext4", data_size)
+            shutil.rmtree(root)
+        with steps.step("GPT disk image + bmap"):
+            extents = image_disk.assemble_gpt(
+                out / DISK_NAME,
+                [
+                    (image_disk.ROOT_LABEL, work / "root.ext4", image_disk.TYPE_ROOT_X86_64),
+                    (image_disk.DATA_LABEL, work / "data.ext4", image_disk.TYPE_LINUX_DATA),
+                ],
+            )
+            image_disk.make_bmap(out / DISK_NAME)
+            for name in ("vmlinux", "initrd.img"):
+                _link_or_copy(kernel.vmlinux.parent / name, out / name)
+        manifest = {
+            "key": key,
+            "format": BUILD_FORMAT,
+            "suite": image_rootfs.SUITE,
+            "kernel_package": f"{kernel_pkg.name}={kernel_pkg.version}",
+            "kernel_version": kernel.kver,
+            "busybox_package": f"{busybox_pkg.name}={busybox_pkg.version}",
+            "fl_edge_wheel": project_wheel.name,
+            "cmdline": KERNEL_CMDLINE,
+            "partitions": [e.as_dict() for e in extents],
+            "fl_agent_uid": ids.uid,
+            "fl_agent_gid": ids.gid,
+            "video_gid": ids.video_gid,
+            "disk_bytes": (out / DISK_NAME).stat().st_size,
+            "disk_allocated_bytes": (out / DISK_NAME).stat().st_blocks * 512,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    removed = _prune(store, keep=key)
+    if removed:
+        steps.console.print(f"[dim]pruned {len(removed)} old image(s) from the cache[/]")
+    return ImageArtifacts.load(store.path("images", key))
+
+
+def _build_project_wheel(dest: Path, log: Path) -> Path:
+    for old in dest.glob("fl_edge-*.whl"):
+        old.unlink()
+    return image_rootfs.build_project_wheel(PROJECT_ROOT, dest, log, sys.executable)
+
+
+@contextlib.contextmanager
+def _scratch(store: ArtifactStore) -> Iterator[Path]:
+    work = store.root / "work" / f"{os.getpid()}-{time.monotonic_ns()}"
+    work.mkdir(parents=True)
+    try:
+        yield work
+    finally:
+        # A chroot mount left behind by a failed step must not make rmtree walk into /proc or /dev.
+        for sub in ("rootfs/proc", "rootfs/dev"):
+            if os.path.ismount(work / sub):
+                os.system(f"umount -l '{work / sub}'")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _prune(store: ArtifactStore, keep: str) -> list[Path]:
+    base = store.root / "images"
+    entries = sorted(
+        (p for p in base.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    keep_names = {keep} | {p.name for p in entries[:KEEP_IMAGES]}
+    return store.prune("images", keep_names)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish(art: ImageArtifacts, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (DISK_NAME, DISK_NAME + ".bmap", "vmlinux", "initrd.img", "manifest.json"):
+        _link_or_copy(art.directory / name, out / name)
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``flctl image`` (with ``build``) on the flctl subcommand parser."""
+    image = sub.add_parser("image", help="build the development disk image of the appliance")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    build = image_sub.add_parser("build", help="build fl-dev.img (+ .bmap, vmlinux, initrd) from Debian packages")
+    build.add_argument(
+        "--out", type=Path, default=Path("build/image"), help="where to put the image (default: %(default)s)"
+    )
+    build.add_argument(
+        "--cache", type=Path, default=None, help="cache dir (default: $FL_EDGE_CACHE or ~/.cache/fl-edge)"
+    )
+    build.add_argument(
+        "--data-size",
+        type=_mib,
+        default=image_disk.DEFAULT_DATA_SIZE,
+        metavar="MIB",
+        help="size of the data partition in MiB (default: 256)",
+    )
+    build.add_argument("--rebuild", action="store_true", help="ignore cached images and base system")
+    build.set_defaults(func=_cmd_build)
+
+
+def _mib(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--data-size wants a whole number of MiB, got {text!r}") from None
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"--data-size {value} MiB is too small (at least 16)")
+    return value * image_disk.MIB
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    try:
+        art = build_image(
+            cache=args.cache, out=args.out, data_size=args.data_size, rebuild=args.rebuild, console=console
+        )
+    except (ImageBuildError, image_kernel.KernelError, image_rootfs.RootfsError, image_disk.DiskError) as exc:
+        console.print(f"[red]image build failed:[/] {exc}")
+        return 1
+    print(art.directory / DISK_NAME)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``image`` subcommands standalone: ``python -m flctl.image build``."""
+    parser = argparse.ArgumentParser(prog="flctl")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["image"]:
+        argv.insert(0, "image")
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The appliance kernel for direct boot: Debian's kernel package, trimmed for a fast boot under emulation.
+
+What the QEMU rig measured (docs/qemu.md): a Debian kernel with its stock 36 MB initrd and every module took
+~100 s to reach multi-user under TCG; the same kernel booted as an *uncompressed* vmlinux through PVH, with a
+small busybox initramfs and only the ~30 modules the appliance needs, takes 15-20 s. This module produces that:
+
+- ``vmlinux``: the ELF kernel extracted from the package's bzImage (QEMU ``-kernel`` boots it through PVH);
+- ``initrd.img``: busybox + the modules needed to reach the root disk + ``tools/image/initramfs-init``;
+- ``modules/``: the selected modules (and their dependencies) in ``lib/modules/<kver>`` layout for the rootfs.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+import subprocess
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+KERNEL_META_PACKAGE = "linux-image-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+
+# Loaded by the initramfs (in this order, dependencies first) to reach the root file system.
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "crc32c_intel", "ext4")
+# Shipped in the root file system and loaded by udev/systemd on demand.
+ROOTFS_MODULES = (
+    *INITRAMFS_MODULES,
+    "virtio_net",
+    "virtio_rng",
+    "virtio_console",
+    "autofs4",
+    "vivid",  # virtual V4L2 cameras: real udev hotplug events in the rig
+)
+
+ELF_MAGIC = b"\x7fELF"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+GZIP_MAGIC = b"\x1f\x8b\x08"
+
+
+class KernelError(RuntimeError):
+    """The kernel package or its contents are not what the image needs."""
+
+
+@dataclass(frozen=True)
+class DebPackage:
+    name: str
+    version: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
+
+
+def resolve_package(name: str) -> DebPackage:
+    """The candidate version of ``name`` in the host's apt sources (``apt-cache policy``)."""
+    out = _run(["apt-cache", "policy", name])
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Candidate:"):
+            version = line.split(":", 1)[1].strip()
+            if version and version != "(none)":
+                return DebPackage(name, version)
+    raise KernelError(f"apt has no candidate for {name!r}; run `apt-get update` (Debian bookworm sources needed)")
+
+
+def resolve_kernel_package() -> DebPackage:
+    """The versioned linux-image package the ``linux-image-amd64`` meta package points at."""
+    out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Depends:") and "linux-image-" in line:
+            return resolve_package(line.split(":", 1)[1].strip())
+    raise KernelError(f"could not find the kernel package {KERNEL_META_PACKAGE} depends on")
+
+
+def download_deb(pkg: DebPackage, dest: Path) -> Path:
+    """``apt-get download`` the exact version into ``dest`` (a cache dir) unless it is already there."""
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / pkg.filename
+    if target.exists():
+        return target
+    _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{pkg.name}={pkg.version}"], cwd=dest)
+    if not target.exists():
+        found = sorted(dest.glob(f"{pkg.name}_*.deb"))
+        raise KernelError(f"apt-get download did not produce {target.name} (found {[p.name for p in found]})")
+    return target
+
+
+def extract_deb(deb: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    _run(["dpkg-deb", "-x", str(deb), str(dest)])
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """Find the compressed payload in a bzImage and return the ELF kernel inside it.
+
+    The payload's offset is not recorded in a convenient place, so (like the kernel's scripts/extract-vmlinux)
+    try every occurrence of a known compression magic until one decompresses to an ELF file.
+    """
+    for magic, decompress in ((XZ_MAGIC, _unxz), (GZIP_MAGIC, _gunzip)):
+        start = bzimage.find(magic)
+        while start != -1:
+            try:
+                elf = decompress(bzimage[start:])
+            except (lzma.LZMAError, zlib.error):
+                elf = b""
+            if elf.startswith(ELF_MAGIC):
+                return elf
+            start = bzimage.find(magic, start + 1)
+    raise KernelError("no xz- or gzip-compressed ELF kernel found in the bzImage")
+
+
+def _unxz(data: bytes) -> bytes:
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data)
+
+
+def _gunzip(data: bytes) -> bytes:
+    # wbits 16+MAX: gzip framing; a decompressobj stops at the end of the member and ignores trailing bytes.
+    return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)
+
+
+def module_load_order(root: Path, kver: str, names: tuple[str, ...]) -> list[Path]:
+    """Module files (relative to ``lib/modules/<kver>``) needed for ``names``, dependencies first."""
+    out = _run(["modprobe", "-d", str(root), "-S", kver, "-a", "--show-depends", *names])
+    moddir = root / "lib" / "modules" / kver
+    order: list[Path] = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "insmod":
+            rel = Path(parts[1]).resolve().relative_to(moddir.resolve())
+            if rel not in order:
+                order.append(rel)
+        elif parts[:1] == ["builtin"]:
+            continue
+    missing = [n for n in names if not any(p.name.split(".")[0].replace("-", "_") == n for p in order)]
+    builtin = (moddir / "modules.builtin").read_text()
+    missing = [n for n in missing if f"/{n}.ko" not in builtin.replace("-", "_")]
+    if missing:
+        raise KernelError(f"kernel {kver} has no module(s) {', '.join(missing)}")
+    return order
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    kver: str
+    vmlinux: Path
+    initrd: Path
+    modules_root: Path  # contains lib/modules/<kver>/...
+
+
+def build_kernel(kernel_deb: Path, busybox_deb: Path, init_script: Path, out: Path, work: Path) -> KernelBuild:
+    """Produce vmlinux, initrd.img and the trimmed module tree in ``out`` (``work`` is scratch space)."""
+    pkg_root = work / "kernel-pkg"
+    extract_deb(kernel_deb, pkg_root)
+    kvers = sorted(p.name for p in (pkg_root / "lib" / "modules").iterdir())
+    if len(kvers) != 1:
+        raise KernelError(f"expected one kernel version in {kernel_deb.name}, found {kvers}")
+    kver = kvers[0]
+    bzimages = list((pkg_root / "boot").glob("vmlinuz-*"))
+    if len(bzimages) != 1:
+        raise KernelError(f"expected one vmlinuz in {kernel_deb.name}, found {bzimages}")
+    vmlinux = out / "vmlinux"
+    vmlinux.write_bytes(extract_vmlinux(bzimages[0].read_bytes()))
+    shutil.copy2(pkg_root / "boot" / f"config-{kver}", out / "config")
+
+    _run(["depmod", "-b", str(pkg_root), kver])
+    moddir = pkg_root / "lib" / "modules" / kver
+    # Rootfs module tree: the selected modules plus the index files depmod needs to rebuild the maps.
+    rootfs_order = module_load_order(pkg_root, kver, ROOTFS_MODULES)
+    mods_out = out / "modules" / "lib" / "modules" / kver
+    for rel in rootfs_order:
+        (mods_out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(moddir / rel, mods_out / rel)
+    for index in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if (moddir / index).exists():
+            shutil.copy2(moddir / index, mods_out / index)
+    _run(["depmod", "-b", str(out / "modules"), kver])
+
+    # Initramfs: busybox, boot modules in load order, the init script. Uncompressed cpio: smaller to
+    # decompress (nothing) than to read under emulation.
+    bb_root = work / "busybox-pkg"
+    extract_deb(busybox_deb, bb_root)
+    busybox = bb_root / "bin" / "busybox"
+    if not busybox.exists():
+        raise KernelError(f"{busybox_deb.name} has no bin/busybox")
+    initramfs = work / "initramfs"
+    for d in ("bin", "dev", "proc", "sys", "run", "newroot", "lib/modules"):
+        (initramfs / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, initramfs / "bin" / "busybox")
+    os.chmod(initramfs / "bin" / "busybox", 0o755)
+    os.symlink("busybox", initramfs / "bin" / "sh")
+    shutil.copy2(init_script, initramfs / "init")
+    os.chmod(initramfs / "init", 0o755)
+    boot_order = module_load_order(pkg_root, kver, INITRAMFS_MODULES)
+    lines = []
+    for i, rel in enumerate(boot_order):
+        name = f"{i:02d}-{rel.name}"
+        shutil.copy2(moddir / rel, initramfs / "lib" / "modules" / name)
+        lines.append(name)
+    (initramfs / "lib" / "modules" / "load-order").write_text("\n".join(lines) + "\n")
+    initrd = out / "initrd.img"
+    _cpio_newc(initramfs, initrd)
+    (out / "kver").write_text(kver + "\n")
+    return KernelBuild(kver=kver, vmlinux=vmlinux, initrd=initrd, modules_root=out / "modules")
+
+
+def load_kernel_build(out: Path) -> KernelBuild:
+    kver = (out / "kver").read_text().strip()
+    return KernelBuild(kver=kver, vmlinux=out / "vmlinux", initrd=out / "initrd.img", modules_root=out / "modules")
+
+
+def _cpio_newc(root: Path, dest: Path) -> None:
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    with open(dest, "wb") as fh:
+        subprocess.run(
+            ["cpio", "--quiet", "-o", "-H", "newc", "--owner=0:0", "--reproducible"],
+            input=("\n".join(names) + "\n").encode(),
+            cwd=root,
+            stdout=fh,
+            check=True,
+        )
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise KernelError(f"{cmd[0]} is not installed (see tools/host-packages.txt)") from exc
+    if proc.returncode != 0:
+        raise KernelError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return proc.stdout

@@ -1,0 +1,303 @@
+"""The development image's root file system: Debian bookworm (mmdebstrap) + fl-agent + rootfs-overlay.
+
+Three steps, each cached by its inputs (see image.py):
+- ``build_base``: mmdebstrap a minimal bookworm with systemd, udev, kmod and python3 into a tarball;
+- ``download_wheels``: the project's wheel and the wheels of the agent's dependencies, fetched on the host
+  (``pip download --only-binary=:all:``) so the install into the image is offline and reproducible;
+- ``assemble_rootfs``: unpack the base, install the agent into a venv at /opt/fl-agent, copy the shared
+  ``rootfs-overlay/`` and the development-only ``tools/image/dev-overlay/``, create the fl-agent user, enable
+  the units, add the kernel modules, and make the tree ready for a read-only ext4 root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+BASE_PACKAGES = (
+    "systemd-sysv",
+    "udev",
+    "kmod",
+    "dbus",
+    "e2fsprogs",  # e2fsck for the data partition's check before every mount
+    "iproute2",
+    "procps",
+    "python3",
+    "python3-venv",
+    "v4l-utils",  # v4l2-ctl: inspect cameras on the device
+)
+# Documentation, man pages and translations are dead weight on an appliance.
+DPKG_EXCLUDES = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/info/*",
+)
+VENV = "/opt/fl-agent"
+# Units enabled in the development image on top of the overlay's presets.
+DEV_UNITS_ENABLED = ("systemd-networkd.service",)
+DEV_UNITS_MASKED = (
+    "systemd-networkd-wait-online.service",
+    "getty@tty1.service",  # no display: the console is the serial line
+    # Maintenance that writes to the read-only root or needs what an appliance lacks (LVM, binfmt_misc).
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    # Modules this kernel does not ship (modules trimmed to what the appliance needs): each modprobe costs
+    # seconds under emulation for nothing.
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@fuse.service",
+    "modprobe@loop.service",
+    "modprobe@dm_mod.service",
+)
+
+
+class RootfsError(RuntimeError):
+    """A root file system step failed; the message names the step and the tail of its output."""
+
+
+@dataclass(frozen=True)
+class UserIds:
+    uid: int
+    gid: int
+    video_gid: int
+
+
+def agent_requirements(pyproject: Path) -> list[str]:
+    """The agent's runtime requirements: core dependencies + the ``agent`` extra of pyproject.toml."""
+    meta = tomllib.loads(pyproject.read_text())["project"]
+    extra = meta.get("optional-dependencies", {}).get("agent")
+    if extra is None:
+        raise RootfsError(f"{pyproject} has no [project.optional-dependencies] agent extra")
+    return sorted(set(meta.get("dependencies", [])) | set(extra))
+
+
+def build_base(tarball: Path, log: Path, packages: tuple[str, ...] = BASE_PACKAGES) -> None:
+    """mmdebstrap the base system into ``tarball`` (root is needed: --mode=root)."""
+    cmd = [
+        "mmdebstrap",
+        "--variant=apt",
+        "--mode=root",
+        "--format=tar",
+        # The mirror may serve a frozen snapshot whose Release file has expired.
+        '--aptopt=Acquire::Check-Valid-Until "false"',
+        f"--include={','.join(packages)}",
+        *[f"--dpkgopt={o}" for o in DPKG_EXCLUDES],
+        SUITE,
+        str(tarball),
+        MIRROR,
+    ]
+    run_logged(cmd, log, "mmdebstrap")
+
+
+def build_project_wheel(project: Path, dest: Path, log: Path, python: str) -> Path:
+    """Build the fl-edge wheel into ``dest`` from a copy of the project; returns the wheel.
+
+    The copy keeps setuptools' build/ and *.egg-info out of the work tree others edit. ``python`` is the
+    interpreter whose pip does the work (the project venv's).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    build_dir = dest.parent / "wheel-build"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    shutil.copytree(
+        project,
+        build_dir,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".cache", ".*_cache", "demo-out"
+        ),
+    )
+    try:
+        run_logged(
+            [python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(build_dir)],
+            log,
+            "pip wheel (fl-edge)",
+        )
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    wheels = sorted(dest.glob("fl_edge-*.whl"))
+    if len(wheels) != 1:
+        raise RootfsError(f"expected one fl_edge wheel in {dest}, found {[w.name for w in wheels]}")
+    return wheels[0]
+
+
+def download_dependency_wheels(requirements: list[str], dest: Path, log: Path, python: str) -> None:
+    """Download binary wheels of ``requirements`` and their dependencies into ``dest`` (on the host).
+
+    The guest runs the same CPython minor version on x86_64 as the host (Debian bookworm: 3.11), so no
+    cross-platform flags are needed; binary-only keeps compilers out of the build.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    run_logged(
+        [python, "-m", "pip", "download", "--only-binary=:all:", "-q", "-d", str(dest), *requirements],
+        log,
+        "pip download (agent dependencies)",
+    )
+
+
+def assemble_rootfs(
+    base_tar: Path,
+    wheels: Path,
+    project_wheel: Path,
+    modules_root: Path,
+    overlays: list[Path],
+    root: Path,
+    log: Path,
+) -> UserIds:
+    """Turn the base tarball into the finished root tree at ``root``; returns the fl-agent ids."""
+    root.mkdir(parents=True, exist_ok=True)
+    run_logged(["tar", "-xpf", str(base_tar), "-C", str(root), "--numeric-owner"], log, "unpack base")
+
+    _install_agent(root, wheels, project_wheel, log)
+    for overlay in overlays:
+        copy_overlay(overlay, root)
+    shutil.copytree(modules_root, root / "usr", dirs_exist_ok=True, symlinks=True)
+
+    run_logged(["systemd-sysusers", f"--root={root}"], log, "systemd-sysusers")
+    ids = read_user_ids(root)
+    _enable_units(root, log)
+    _prepare_read_only(root)
+    return ids
+
+
+def _install_agent(root: Path, wheels: Path, project_wheel: Path, log: Path) -> None:
+    staged = root / "tmp" / "wheels"
+    shutil.copytree(wheels, staged)
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        # A clean pip: no host config, index or find-links leaking into the image build.
+        "PIP_CONFIG_FILE": "/dev/null",
+        "PIP_NO_INDEX": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    with _chroot_mounts(root):
+        run_logged(["chroot", str(root), "python3", "-m", "venv", VENV], log, "venv", env=env)
+        run_logged(
+            [
+                "chroot",
+                str(root),
+                f"{VENV}/bin/pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--find-links=/tmp/wheels",
+                f"/tmp/wheels/{project_wheel.name}[agent]",
+            ],
+            log,
+            "pip install fl-edge[agent] into the image",
+            env=env,
+        )
+    shutil.rmtree(staged)
+    for script in ("fl-agent",):
+        link = root / "usr" / "bin" / script
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to(f"{VENV}/bin/{script}")
+
+
+class _chroot_mounts:
+    """/proc and /dev inside the chroot while pip runs (ensurepip and some wheels' metadata read them)."""
+
+    def __init__(self, root: Path) -> None:
+        self.points = [(root / "proc", ["-t", "proc", "proc"]), (root / "dev", ["--bind", "/dev"])]
+
+    def __enter__(self) -> None:
+        for point, args in self.points:
+            subprocess.run(["mount", *args, str(point)], check=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for point, _ in reversed(self.points):
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def copy_overlay(overlay: Path, root: Path) -> None:
+    """Copy an overlay tree onto the root, keeping modes and symlinks; files are owned by root."""
+    if not overlay.is_dir():
+        raise RootfsError(f"overlay {overlay} does not exist")
+    for src in sorted(overlay.rglob("*")):
+        rel = src.relative_to(overlay)
+        if "__pycache__" in rel.parts or src.name.endswith((".md", ".pyc")):
+            continue
+        dst = root / rel
+        if src.is_symlink():
+            if dst.exists() or dst.is_symlink():
+                dst.unlink()
+            dst.symlink_to(os.readlink(src))
+        elif src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            os.chown(dst, 0, 0)
+
+
+def read_user_ids(root: Path) -> UserIds:
+    users = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in (root / "etc/group").read_text().splitlines()}
+    if "fl-agent" not in users:
+        raise RootfsError("systemd-sysusers did not create the fl-agent user (rootfs-overlay sysusers.d)")
+    video = groups.get("video")
+    if video is None or "fl-agent" not in video[3].split(","):
+        raise RootfsError("fl-agent is not a member of the video group")
+    return UserIds(uid=int(users["fl-agent"][2]), gid=int(users["fl-agent"][3]), video_gid=int(video[2]))
+
+
+def _enable_units(root: Path, log: Path) -> None:
+    presets = sorted((root / "usr/lib/systemd/system-preset").glob("*fl-agent*.preset"))
+    units = []
+    for preset in presets:
+        for line in preset.read_text().splitlines():
+            words = line.split()
+            if len(words) == 2 and words[0] == "enable":
+                units.append(words[1])
+    run_logged(["systemctl", f"--root={root}", "enable", *units, *DEV_UNITS_ENABLED], log, "systemctl enable")
+    run_logged(["systemctl", f"--root={root}", "mask", *DEV_UNITS_MASKED], log, "systemctl mask")
+
+
+def _prepare_read_only(root: Path) -> None:
+    """What a read-only root needs: mount points, an empty machine-id, no caches."""
+    for d in ("data", "var/lib/fl-agent"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    # Empty: systemd generates a transient machine id at boot and does not try to write one.
+    (root / "etc/machine-id").write_text("")
+    dbus_id = root / "var/lib/dbus/machine-id"
+    if dbus_id.exists() and not dbus_id.is_symlink():
+        dbus_id.unlink()
+        dbus_id.symlink_to("/etc/machine-id")
+    for junk in ("var/lib/apt/lists", "var/cache/apt", "var/cache/debconf", "var/log"):
+        path = root / junk
+        if path.is_dir():
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                elif child.name != "lock":
+                    child.unlink()
+    (root / "etc/hostname").write_text("fl-dev\n")
+
+
+def run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd`` appending its output to ``log``; on failure raise with the output's tail."""
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        try:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
+        except FileNotFoundError as exc:
+            raise RootfsError(f"{what}: {cmd[0]} is not installed (see tools/host-packages.txt)") from exc
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise RootfsError(f"{what} failed (exit {proc.returncode}); log {log}:\n{tail}")

@@ -1,0 +1,167 @@
+"""``flctl qemu run|test``: boot appliances of the development image in QEMU.
+
+``flctl qemu run``   boots N appliances (default 1) that share the image's read-only root; each gets its own
+                     data partition with a fresh device key (enrolled with a local aggregator when
+                     ``--aggregator-state`` is given) and a metrics port forwarded to host loopback. Serial
+                     consoles go to log files (``--console`` puts appliance 0's on this terminal).
+``flctl qemu test``  runs the boot tests (pytest -m qemu tests/qemu) -- what CI runs.
+
+See docs/qemu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from . import qemu_rig
+from .image import ImageArtifacts, ImageBuildError, build_image
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_or_build(image_dir: Path | None, cache: Path | None, console: Console) -> ImageArtifacts:
+    if image_dir is not None:
+        return ImageArtifacts.load(image_dir)
+    return build_image(cache=cache, console=console)
+
+
+def _aggregator_pub(state: Path | None, pub: str | None) -> str | None:
+    if pub:
+        return pub.strip().lower()
+    if state is not None:
+        path = state / "aggregator.pub"
+        if not path.exists():
+            raise qemu_rig.RigError(f"{path} does not exist: run `fl-aggregator keygen --state {state}` first")
+        return path.read_text().strip()
+    return None
+
+
+def _enroll(state: Path, public_key_hex: str) -> None:
+    exe = Path(sys.executable).with_name("fl-aggregator")
+    proc = subprocess.run(
+        [str(exe), "enroll", "--state", str(state), public_key_hex], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise qemu_rig.RigError(f"fl-aggregator enroll failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    try:
+        art = _load_or_build(args.image, args.cache, console)
+        pub = _aggregator_pub(args.aggregator_state, args.aggregator_pub)
+        if pub is None:
+            console.print(
+                "[yellow]no aggregator key given (--aggregator-state/--aggregator-pub): "
+                "fl-agent will refuse to start without a pinned aggregator key[/]"
+            )
+        accel = qemu_rig.choose_accelerator(str(art.vmlinux), str(art.initrd))
+        machine = qemu_rig.MachineConfig(accel=accel, memory=args.memory, smp=args.smp)
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fl-qemu-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        appliances = []
+        for i in range(args.count):
+            identity = qemu_rig.Identity.generate()
+            a = qemu_rig.Appliance(
+                f"fl{i}", workdir, identity, metrics_port=qemu_rig.free_port(), aggregator_port=args.aggregator_port
+            )
+            qemu_rig.provision_data_partition(art, a.data_image, identity, pub)
+            if args.aggregator_state is not None:
+                _enroll(args.aggregator_state, identity.public_key_hex)
+            appliances.append(a)
+    except (qemu_rig.RigError, ImageBuildError, OSError) as exc:
+        console.print(f"[red]qemu run:[/] {exc}")
+        return 1
+
+    procs: list[subprocess.Popen] = []
+    try:
+        for i, a in enumerate(appliances):
+            cmd = qemu_rig.qemu_command(art, a, machine)
+            if args.console and i == 0:
+                cmd[cmd.index(f"file:{a.console_log}")] = "mon:stdio"
+                cmd[cmd.index("-monitor") : cmd.index("-monitor") + 2] = []
+            procs.append(subprocess.Popen(cmd, stdin=None if args.console and i == 0 else subprocess.DEVNULL))
+            console.print(
+                f"[bold]{a.name}[/] device {a.identity.device_id} ({accel}): metrics "
+                f"http://127.0.0.1:{a.metrics_port}/metrics, console {a.console_log}, data {a.data_image}"
+            )
+        console.print(f"[dim]work dir {workdir}; Ctrl-C stops the appliances[/]")
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.cache:
+        env["FL_EDGE_CACHE"] = str(args.cache)
+    cmd = [sys.executable, "-m", "pytest", "-m", "qemu", "-s", str(PROJECT_ROOT / "tests" / "qemu"), *args.pytest_args]
+    return subprocess.call(cmd, cwd=PROJECT_ROOT, env=env)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``flctl qemu`` (``run``, ``test``) on the flctl subcommand parser."""
+    qemu = sub.add_parser("qemu", help="boot the development image in QEMU (the appliance rig)")
+    qsub = qemu.add_subparsers(dest="qemu_command", required=True)
+
+    run = qsub.add_parser("run", help="boot N appliances sharing the read-only root image")
+    run.add_argument("-n", "--count", type=_positive, default=1, help="number of appliances (default 1)")
+    run.add_argument("--image", type=Path, help="a built image dir (default: build or take it from the cache)")
+    run.add_argument("--cache", type=Path, help="image cache dir (default: $FL_EDGE_CACHE or ~/.cache/fl-edge)")
+    run.add_argument("--workdir", type=Path, help="where data partitions and console logs go (default: a temp dir)")
+    run.add_argument("--aggregator-port", type=int, help="host loopback port of the aggregator (guest 10.0.2.100:8080)")
+    run.add_argument("--aggregator-state", type=Path, help="aggregator state dir: pin its key, enroll the devices")
+    run.add_argument("--aggregator-pub", help="aggregator public key (64 hex chars) if not from --aggregator-state")
+    run.add_argument("--memory", default="1024M", help="guest memory (default 1024M)")
+    run.add_argument("--smp", type=_positive, default=1, help="guest CPUs (default 1)")
+    run.add_argument("--console", action="store_true", help="attach appliance 0's serial console to this terminal")
+    run.set_defaults(func=cmd_run)
+
+    test = qsub.add_parser("test", help="run the QEMU boot tests (pytest -m qemu tests/qemu)")
+    test.add_argument("--cache", type=Path, help="image cache dir")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    test.set_defaults(func=cmd_test)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``qemu`` subcommands standalone: ``python -m flctl.qemu run``."""
+    parser = argparse.ArgumentParser(prog="flctl")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["qemu"]:
+        argv.insert(0, "qemu")
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

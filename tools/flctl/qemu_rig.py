@@ -1,0 +1,294 @@
+"""The QEMU rig: how one appliance of the development image is started.
+
+Each appliance gets
+- the shared root partition of ``fl-dev.img``, attached read-only straight from the disk image (QEMU's raw
+  driver exposes the partition by ``offset``/``size``), so any number of guests share one root;
+- its own data partition image (``LABEL=fl-data``), made fresh with its identity on it (device key, pinned
+  aggregator key, optional agent.toml override): the "provisioned appliance";
+- user-mode networking with ``restrict=on``: the guest reaches nothing but ``10.0.2.100:8080``, which a
+  ``guestfwd`` (the ``cmd:socat`` form: one host connection per guest connection) sends to the aggregator on
+  the host's loopback, and a ``hostfwd`` from host loopback to the guest's metrics port 9101.
+
+The same pieces feed labgrid's QEMUDriver (``labgrid_env``) for the boot tests and a plain ``qemu`` command
+line (``qemu_command``) for ``flctl qemu run``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nacl.signing
+
+from . import image_disk
+from .image import ImageArtifacts
+
+GUEST_AGGREGATOR = ("10.0.2.100", 8080)
+GUEST_METRICS_PORT = 9101
+QEMU_BIN = "qemu-system-x86_64"
+KVM_PROBE_SECONDS = 15
+ENV_ACCEL = "FL_QEMU_ACCEL"  # force "kvm" or "tcg"
+PROMPT = r"root@fl-dev:[^\s]*# "
+# The autologin line ("fl-dev login: root (automatic login)") must not count as a login prompt.
+LOGIN_PROMPT = r"fl-dev login: (?!root \(automatic)"
+
+
+class RigError(RuntimeError):
+    """The rig cannot start an appliance; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A device identity as laid out on the data partition (docs/CONTRACTS.md)."""
+
+    signing_key: nacl.signing.SigningKey
+
+    @property
+    def public_key_hex(self) -> str:
+        return bytes(self.signing_key.verify_key).hex()
+
+    @property
+    def device_id(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(bytes(self.signing_key.verify_key)).digest()[:16].hex()
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(nacl.signing.SigningKey.generate())
+
+
+@dataclass
+class Appliance:
+    """One guest: its name, files and forwarded ports."""
+
+    name: str
+    workdir: Path
+    identity: Identity
+    metrics_port: int
+    aggregator_port: int | None
+    data_image: Path = field(init=False)
+    console_log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data_image = self.workdir / f"{self.name}-data.ext4"
+        self.console_log = self.workdir / f"{self.name}-console.log"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def provision_data_partition(
+    art: ImageArtifacts,
+    dest: Path,
+    identity: Identity,
+    aggregator_pub_hex: str | None,
+    agent_toml: str | None = None,
+) -> None:
+    """Write a fresh data partition image for one appliance, its identity on it, owned by fl-agent."""
+    size = art.partition(image_disk.DATA_LABEL).size
+    uid, gid = int(art.manifest["fl_agent_uid"]), int(art.manifest["fl_agent_gid"])
+    with tempfile.TemporaryDirectory(prefix="fl-data-") as tmp:
+        state = Path(tmp) / "fl-agent"
+        ident = state / "identity"
+        ident.mkdir(parents=True)
+        (ident / "device.key").write_text(bytes(identity.signing_key).hex() + "\n")
+        os.chmod(ident / "device.key", 0o600)
+        if aggregator_pub_hex is not None:
+            if len(aggregator_pub_hex) != 64 or any(c not in "0123456789abcdef" for c in aggregator_pub_hex):
+                raise RigError(f"aggregator public key must be 64 lowercase hex chars, got {aggregator_pub_hex!r}")
+            (ident / "aggregator.pub").write_text(aggregator_pub_hex + "\n")
+            os.chmod(ident / "aggregator.pub", 0o644)
+        if agent_toml is not None:
+            (state / "agent.toml").write_text(agent_toml)
+            os.chmod(state / "agent.toml", 0o644)
+        os.chmod(state, 0o750)
+        os.chmod(ident, 0o700)
+        for path in [state, *state.rglob("*")]:
+            os.chown(path, uid, gid)
+        image_disk.make_data_fs(dest, size, source=Path(tmp))
+
+
+@functools.cache
+def choose_accelerator(vmlinux: str, initrd: str) -> str:
+    """ "kvm" when a tiny boot under KVM prints its marker within 15 s, else "tcg" (see docs/qemu.md).
+
+    /dev/kvm may open and still be useless (nested paging-only virtualisation booted nothing in 400 s on the
+    development machines), so its presence proves nothing: boot the initramfs with ``fl.probe=1``.
+    """
+    forced = os.environ.get(ENV_ACCEL)
+    if forced:
+        if forced not in ("kvm", "tcg"):
+            raise RigError(f"{ENV_ACCEL}={forced!r}: expected 'kvm' or 'tcg'")
+        return forced
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    cmd = [
+        qemu_binary(),
+        "-accel",
+        "kvm",
+        "-M",
+        "q35",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        vmlinux,
+        "-initrd",
+        initrd,
+        "-append",
+        "console=ttyS0 fl.probe=1 loglevel=1",
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=KVM_PROBE_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        return "tcg"
+    return "kvm" if b"FL-PROBE-OK" in proc.stdout else "tcg"
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU_BIN)
+    if path is None:
+        raise RigError(f"{QEMU_BIN} is not installed (apt-get install qemu-system-x86; tools/host-packages.txt)")
+    return path
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    accel: str
+    memory: str = "1024M"
+    smp: int = 1
+
+    @property
+    def cpu(self) -> str:
+        # TCG: "max" gives the guest SSE4/AVX2, which numpy's and onnxruntime's wheels expect.
+        return "host" if self.accel == "kvm" else "max"
+
+
+def drive_args(art: ImageArtifacts, appliance: Appliance) -> list[str]:
+    root = art.partition(image_disk.ROOT_LABEL)
+    return [
+        "-drive",
+        f"file={art.disk},format=raw,if=virtio,readonly=on,offset={root.offset},size={root.size}",
+        "-drive",
+        f"file={appliance.data_image},format=raw,if=virtio,discard=unmap",
+    ]
+
+
+def nic_arg(appliance: Appliance) -> str:
+    opts = ["user", "model=virtio-net-pci", "restrict=on"]
+    if appliance.aggregator_port is not None:
+        ip, port = GUEST_AGGREGATOR
+        # One socat per guest connection: the plain tcp: form connects only once, at QEMU start.
+        opts.append(f"guestfwd=tcp:{ip}:{port}-cmd:socat - TCP:127.0.0.1:{appliance.aggregator_port}")
+    opts.append(f"hostfwd=tcp:127.0.0.1:{appliance.metrics_port}-:{GUEST_METRICS_PORT}")
+    return ",".join(opts)
+
+
+def extra_args(art: ImageArtifacts, appliance: Appliance, machine: MachineConfig) -> list[str]:
+    """Everything except kernel, -append, machine/cpu/memory, NIC and serial (labgrid sets those)."""
+    return [
+        "-accel",
+        machine.accel,
+        "-smp",
+        str(machine.smp),
+        "-initrd",
+        str(art.initrd),
+        *drive_args(art, appliance),
+        "-device",
+        "virtio-rng-pci",
+        # Guest poweroff leaves QEMU paused (status "shutdown") so the rig can tell it from a crash.
+        "-no-shutdown",
+        "-no-reboot",
+    ]
+
+
+def qemu_command(art: ImageArtifacts, appliance: Appliance, machine: MachineConfig) -> list[str]:
+    """A complete command line for a guest whose serial console goes to a log file (never blocks)."""
+    return [
+        qemu_binary(),
+        "-M",
+        "q35",
+        "-cpu",
+        machine.cpu,
+        "-m",
+        machine.memory,
+        "-nographic",
+        "-kernel",
+        str(art.vmlinux),
+        "-append",
+        art.cmdline,
+        "-nic",
+        nic_arg(appliance),
+        *[a for a in extra_args(art, appliance, machine) if a != "-no-shutdown"],
+        "-serial",
+        f"file:{appliance.console_log}",
+        "-monitor",
+        "none",
+        "-display",
+        "none",
+    ]
+
+
+def labgrid_env(art: ImageArtifacts, appliances: list[Appliance], machine: MachineConfig, path: Path) -> Path:
+    """Write a labgrid environment (one target per appliance: QEMUDriver + ShellDriver) to ``path``."""
+    import yaml
+
+    targets = {}
+    for a in appliances:
+        targets[a.name] = {
+            "drivers": {
+                "QEMUDriver": {
+                    "qemu_bin": "qemu",
+                    "machine": "q35",
+                    "cpu": machine.cpu,
+                    "memory": machine.memory,
+                    "kernel": "kernel",
+                    "boot_args": art.cmdline,
+                    "extra_args": shlex.join(extra_args(art, a, machine)),
+                    "nic": nic_arg(a),
+                    "display": "none",
+                },
+                "ShellDriver": {
+                    "prompt": PROMPT,
+                    "login_prompt": LOGIN_PROMPT,
+                    "username": "root",
+                    "login_timeout": 300,
+                    "await_login_timeout": 5,
+                },
+            }
+        }
+    env = {
+        "targets": targets,
+        "tools": {"qemu": qemu_binary()},
+        "images": {"kernel": str(art.vmlinux)},
+    }
+    path.write_text(yaml.safe_dump(env, sort_keys=False))
+    return path
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RigError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s") from None
+            time.sleep(0.2)
