@@ -201,3 +201,27 @@ def test_non_contiguous_and_big_endian_inputs_encode_like_their_values():
     assert wire.encode_tensors({"w": w}) == wire.encode_tensors({"w": np.ascontiguousarray(w, dtype="<f4")})
     out, _ = wire.decode_tensors(wire.encode_tensors({"w": w}))
     np.testing.assert_array_equal(out["w"], w)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 6), max_size=3), min_size=1, max_size=4),
+    st.sampled_from(ENCODINGS),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1e-6, 1.0, 1000.0]),
+)
+def test_decode_inverts_encode(shapes, encoding, seed, magnitude):
+    rng = np.random.default_rng(seed)
+    tensors = {f"p{i}": (rng.standard_normal(s) * magnitude).astype(np.float32) for i, s in enumerate(shapes)}
+    specs = [ParamSpec(name, a.shape) for name, a in tensors.items()]
+    out, got_encoding = wire.decode_tensors(wire.encode_tensors(tensors, encoding), specs)
+    assert got_encoding == encoding
+    for name, array in tensors.items():
+        assert out[name].dtype == np.float32 and out[name].shape == array.shape
+        if encoding == "float32":
+            np.testing.assert_array_equal(out[name], array)
+        elif encoding == "float16":
+            np.testing.assert_array_equal(out[name], array.astype(np.float16).astype(np.float32))
+        elif array.size:
+            step = float(np.abs(array).max()) / 127
+            assert float(np.abs(out[name] - array).max()) <= step * 0.5001 + 1e-30
