@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from appliance.budget import (
     TrainerSandbox,
     next_batch_size_after_oom,
     read_budget,
+    read_usage,
 )
 from appliance.client import AggregatorClient, AggregatorUnavailable, Rejection
 from appliance.config import Config
@@ -150,6 +152,53 @@ class Agent:
                 "Failed delivery attempts, by reason",
                 "counter",
                 lambda: dict(counters.delivery_failures_total),
+            )
+        )
+
+        if self.budget.base is not None:
+            self._register_cgroup_metrics(self.budget.base)
+
+    def _register_cgroup_metrics(self, base: Path) -> None:
+        """Usage of the delegated cgroup, read at scrape time (only where a cgroup is delegated)."""
+        add = self.metrics.modules.add
+        add(
+            Reading(
+                "fl_agent_cgroup_memory_bytes",
+                "memory.current of the agent's cgroup (agent + trainer)",
+                "gauge",
+                lambda: read_usage(base).memory_current or 0,
+            )
+        )
+        add(
+            Reading(
+                "fl_agent_cgroup_cpu_seconds",
+                "CPU time used by the agent's cgroup",
+                "counter",
+                lambda: (read_usage(base).cpu_usage_usec or 0) / 1e6,
+            )
+        )
+        add(
+            Reading(
+                "fl_agent_cgroup_cpu_throttled_seconds",
+                "Time the agent's cgroup was throttled by cpu.max",
+                "counter",
+                lambda: (read_usage(base).cpu_throttled_usec or 0) / 1e6,
+            )
+        )
+        add(
+            Reading(
+                "fl_agent_memory_pressure_some_ratio",
+                "Memory PSI 'some' avg10 of the agent's cgroup (0-1)",
+                "gauge",
+                lambda: (read_usage(base).memory_pressure_some_avg10 or 0) / 100,
+            )
+        )
+        add(
+            Reading(
+                "fl_agent_trainer_memory_peak_bytes",
+                "memory.peak of the trainer cgroup",
+                "gauge",
+                lambda: read_usage(base).trainer_memory_peak or 0,
             )
         )
 
