@@ -69,18 +69,31 @@ class ModelPackage:
     format_version: int = FORMAT_VERSION
     digest: bytes = b""
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample input shape (without the batch dimension)."""
+        return tuple(self.preprocessing["input_shape"])
+
+    def check_inputs(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as a C-contiguous float32 array (no copy when it already is one), shape checked."""
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+        if arr.shape[1:] != self.input_shape:
+            raise ValueError(
+                f"{self.name}: inputs have per-sample shape {arr.shape[1:]}, the model needs {self.input_shape}"
+            )
+        return arr
+
+    def preprocess_into(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Normalise ``x`` into ``out`` (which may be ``x`` itself): (x - mean) / std."""
+        np.subtract(x, np.float32(self.preprocessing.get("mean", 0.0)), out=out)
+        out *= np.float32(1.0 / self.preprocessing.get("std", 1.0))
+        return out
+
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """Normalise inputs given in the package's ``input_range`` (frames scaled to [0, 1]) the way the
-        model was trained: (x - mean) / std, float32, C-contiguous. Checks the per-sample shape."""
-        shape = tuple(self.preprocessing["input_shape"])
-        arr = np.asarray(x)
-        if arr.shape[1:] != shape:
-            raise ValueError(f"{self.name}: inputs have per-sample shape {arr.shape[1:]}, the model needs {shape}")
-        mean = np.float32(self.preprocessing.get("mean", 0.0))
-        inv_std = np.float32(1.0 / self.preprocessing.get("std", 1.0))
-        out = np.subtract(arr, mean, dtype=np.float32)
-        out *= inv_std
-        return out
+        model was trained: (x - mean) / std, as a new float32 array. Checks the per-sample shape."""
+        arr = self.check_inputs(x)
+        return self.preprocess_into(arr, np.empty_like(arr))
 
     def summary(self) -> dict[str, Any]:
         """What ``flctl model inspect`` prints."""

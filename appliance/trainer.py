@@ -182,18 +182,21 @@ class Trainer:
             raise ValueError(f"labels must be a 1-D integer array, got {y.dtype} with shape {y.shape}")
         if y.min() < 0 or y.max() >= self.package.num_classes:
             raise ValueError(f"labels must be in 0..{self.package.num_classes - 1}, got {y.min()}..{y.max()}")
-        return self.package.preprocess(x), np.ascontiguousarray(y, dtype=np.int64)
+        # Normalised batch by batch into the step's buffer: no normalised copy of the whole data set.
+        return self.package.check_inputs(x), np.ascontiguousarray(y, dtype=np.int64)
 
     # -- evaluation ---------------------------------------------------------------------------------
 
     def _evaluate_prepared(
-        self, params: Mapping[str, np.ndarray], xp: np.ndarray, y: np.ndarray, batch_size: int = 512
+        self, params: Mapping[str, np.ndarray], xp: np.ndarray, y: np.ndarray, batch_size: int = 128
     ) -> dict[str, float]:
         sess = self.inference_session
         total_loss = 0.0
         correct = 0
+        buf = np.empty((min(batch_size, len(y)), *xp.shape[1:]), dtype=np.float32)
         for start in range(0, len(y), batch_size):
-            xb, yb = xp[start : start + batch_size], y[start : start + batch_size]
+            yb = y[start : start + batch_size]
+            xb = self.package.preprocess_into(xp[start : start + batch_size], buf[: len(yb)])
             (logits,) = sess.run([self._logits], {self._input: xb, **params})
             shifted = logits - logits.max(axis=1, keepdims=True)
             logsumexp = np.log(np.exp(shifted).sum(axis=1))
@@ -272,6 +275,7 @@ class Trainer:
         for name, gv in grad_values.items():
             binding.bind_ortvalue_output(self._grad_prefix + name, gv)
 
+        normalise = self.package.preprocess_into
         rng = np.random.default_rng(seed)
         loop_started = time.perf_counter()
         steps = 0
@@ -284,13 +288,12 @@ class Trainer:
                 idx = order[start : start + batch]
                 k = len(idx)
                 if k == batch:
-                    np.take(xp, idx, axis=0, out=xbuf)
-                    np.take(yp, idx, axis=0, out=ybuf)
-                    xv, yv = full
+                    xb, yb, (xv, yv) = xbuf, ybuf, full
                 else:
-                    np.take(xp, idx, axis=0, out=xtail)
-                    np.take(yp, idx, axis=0, out=ytail)
-                    xv, yv = part
+                    xb, yb, (xv, yv) = xtail, ytail, part
+                np.take(xp, idx, axis=0, out=xb)
+                np.take(yp, idx, axis=0, out=yb)
+                normalise(xb, xb)
                 binding.bind_ortvalue_input(self._input, xv)
                 binding.bind_ortvalue_input(self._labels, yv)
                 sess.run_with_iobinding(binding)

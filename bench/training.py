@@ -81,6 +81,7 @@ def worker(args: argparse.Namespace) -> dict:
         assert "torch" not in sys.modules
     else:
         import torch
+
         from flctl import refmodels
 
         torch.set_num_threads(args.threads)
@@ -210,10 +211,10 @@ def main() -> int:
         args.samples, args.epochs, args.repeats = 800, 2, 1
 
     sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
-    from flctl.model import build_reference_package
     from nacl.signing import SigningKey
 
     from appliance.modelpkg import write_package
+    from flctl.model import build_reference_package
 
     key = SigningKey.generate()
     pub = bytes(key.verify_key).hex()

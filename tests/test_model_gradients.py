@@ -8,9 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (a tools/dev dependency) is needed to check gradients")
 
-from flctl import model, refmodels  # noqa: E402
-
 from appliance.modelpkg import PackageError, load_package  # noqa: E402
+from flctl import model, refmodels  # noqa: E402
 
 
 def _params(spec: refmodels.ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:

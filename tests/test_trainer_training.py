@@ -7,9 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (a tools/dev dependency) builds the reference packages")
 
-from flctl import model, refmodels  # noqa: E402
-
 from appliance.trainer import Trainer  # noqa: E402
+from flctl import model, refmodels  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,7 @@ def build_reference_package(model: str, seed: int = 0) -> tuple[ModelPackage, Ch
     spec = refmodels.MODELS[model]
     torch.manual_seed(seed)
     module = refmodels.torch_module(spec)
+    refmodels.init_parameters(module, seed)
     params = {k: v.detach().numpy().astype(np.float32).copy() for k, v in module.named_parameters()}
     training, inference = refmodels.training_graph(spec), refmodels.inference_graph(spec)
     report = check_against_torch(spec, training, inference, params, seed=seed)

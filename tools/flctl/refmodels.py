@@ -207,6 +207,26 @@ class _Act:
     chw: tuple[int, ...]
 
 
+def init_parameters(module, seed: int) -> None:
+    """LeCun-normal weights (std 1/sqrt(fan_in)) and zero biases, from ``seed``.
+
+    torch's default init (uniform, a third of that variance) left the traffic CNN on a loss plateau for the
+    first 3-4 FedAvg rounds of the demo (held-out accuracy 0.25 after 2 rounds of 4 cameras x 400 frames at
+    lr 0.05); with this init it is 0.42 after the same 2 rounds. He init (twice the variance) diverged at lr
+    0.05.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(".weight"):
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+            else:
+                p.zero_()
+
+
 def _check_layers(spec: ModelSpec) -> None:
     for name, layer in spec.layers:
         if isinstance(layer, Conv2d) and (layer.kernel != layer.stride or layer.padding != 0):

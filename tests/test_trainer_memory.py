@@ -1,0 +1,57 @@
+"""The trainer's memory: the device budget is <= 100 MB peak RSS while training the reference CNN."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="torch (a tools/dev dependency) builds the reference package")
+
+from nacl.signing import SigningKey
+
+from appliance.modelpkg import write_package
+from flctl.model import build_reference_package
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from nacl.signing import VerifyKey
+    from appliance.modelpkg import load_package
+    from appliance.synthetic import SyntheticCamera
+    from appliance.trainer import Trainer
+
+    pkg = load_package(sys.argv[1], VerifyKey(bytes.fromhex(sys.argv[2])))
+    xs, ys = zip(*(SyntheticCamera(c, seed=1).sample(300) for c in range(8)))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    del xs, ys
+    result = Trainer(pkg, threads=1).train(pkg.initial_params, x, y, epochs=1, batch_size=32, lr=0.05)
+    assert result.metrics["loss_after"] < result.metrics["loss_before"]
+    assert "torch" not in sys.modules
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    print(int(status["VmHWM"].split()[0]) // 1024)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc/self/status for VmHWM")
+def test_training_the_reference_cnn_stays_under_100_mb(tmp_path):
+    key = SigningKey.generate()
+    pkg, _ = build_reference_package("cnn")
+    path = tmp_path / "cnn.flpkg"
+    write_package(path, pkg, key)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), bytes(key.verify_key).hex()],
+        env=env, capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak_mb = int(out.stdout.strip().splitlines()[-1])
+    assert peak_mb <= 100, f"peak RSS {peak_mb} MB while training on 2,400 frames"
