@@ -161,3 +161,19 @@ def test_concurrent_first_boots_agree_on_one_key(tmp_path, monkeypatch):
     on_disk = identity.load_device_key(tmp_path).device_id
     assert results == [on_disk, on_disk]
     assert [p.name for p in (tmp_path / "identity").iterdir()] == ["device.key"]
+
+
+def test_interrupted_first_boot_leaves_no_partial_key(tmp_path, monkeypatch):
+    """If creation dies before the key is published (power cut, full disk), there is no device.key at all,
+    never a truncated one, and the next boot creates a complete key."""
+
+    def cut(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "link", cut)
+    with pytest.raises(OSError, match="Input/output"):
+        identity.load_or_create_device_key(tmp_path)
+    assert list((tmp_path / "identity").iterdir()) == []
+    monkeypatch.undo()
+    created = identity.load_or_create_device_key(tmp_path)
+    assert identity.load_device_key(tmp_path).device_id == created.device_id
