@@ -331,9 +331,14 @@ class CaptureSession:
 def frame_views(gray: np.ndarray, settings: CaptureSettings) -> tuple[np.ndarray, np.ndarray]:
     """(h, w) uint8 luma -> (model input (1, H, W) float32 in [0, 1], labelling view float32 in [0, 1])."""
     _, h, w = settings.frame_shape
-    pixels = area_resize(gray, h, w) * np.float32(1 / 255)
-    view = area_resize(gray, *settings.label_size) * np.float32(1 / 255)
-    return np.clip(pixels, 0.0, 1.0)[None].astype(np.float32), np.clip(view, 0.0, 1.0)
+    vh, vw = settings.label_size
+    view = np.clip(area_resize(gray, vh, vw) * np.float32(1 / 255), 0.0, 1.0)
+    if vh % h == 0 and vw % w == 0:
+        # an area average of equal area averages is the area average: reuse the label view
+        pixels = view.reshape(h, vh // h, w, vw // w).mean(axis=(1, 3))
+    else:
+        pixels = np.clip(area_resize(gray, h, w) * np.float32(1 / 255), 0.0, 1.0)
+    return pixels[None].astype(np.float32), view.astype(np.float32)
 
 
 @dataclass(frozen=True)

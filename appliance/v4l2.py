@@ -477,23 +477,22 @@ def to_gray(data: bytes, fmt: PixFormat) -> np.ndarray:
     return convert(data, fmt)
 
 
-def _area_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix: each output cell averages the input cells it covers, by overlap length."""
+def _area_axis0(image: np.ndarray, n_out: int) -> np.ndarray:
+    """Exact area average along axis 0. Output row i covers input rows [i*r, (i+1)*r) with r = n_in/n_out;
+    each input row it touches is weighted by the length of the overlap. The loop runs over the at most
+    ceil(r)+1 rows one output row touches (vectorised over all output rows), so the cost is about one
+    pass over the image, with no n_out x n_in weight matrix."""
+    n_in = image.shape[0]
     edges = np.arange(n_out + 1, dtype=np.float64) * (n_in / n_out)
-    lo = np.arange(n_in, dtype=np.float64)
-    overlap = np.clip(np.minimum(edges[1:, None], lo[None, :] + 1) - np.maximum(edges[:-1, None], lo[None, :]),
-                      0.0, None)
-    return (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-_weights_cache: dict[tuple[int, int], np.ndarray] = {}
-
-
-def _weights(n_in: int, n_out: int) -> np.ndarray:
-    key = (n_in, n_out)
-    if key not in _weights_cache:
-        _weights_cache[key] = _area_weights(n_in, n_out)
-    return _weights_cache[key]
+    lo = np.floor(edges[:-1]).astype(np.intp)
+    span = int((np.ceil(edges[1:]) - lo).max())
+    out = np.zeros((n_out, *image.shape[1:]), dtype=np.float32)
+    for j in range(span):
+        rows = lo + j
+        weight = np.minimum(edges[1:], rows + 1) - np.maximum(edges[:-1], rows)
+        weight = np.clip(weight, 0.0, None).astype(np.float32)
+        out += weight[:, None] * image[np.minimum(rows, n_in - 1)]
+    return out / np.diff(edges).astype(np.float32)[:, None]
 
 
 def area_resize(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -506,4 +505,5 @@ def area_resize(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
         raise ValueError(f"area_resize needs a non-empty 2-D image, got shape {image.shape}")
     if out_h < 1 or out_w < 1:
         raise ValueError(f"output size must be positive, got {out_h}x{out_w}")
-    return _weights(image.shape[0], out_h) @ image.astype(np.float32) @ _weights(image.shape[1], out_w).T
+    rows = _area_axis0(image, out_h)
+    return _area_axis0(np.ascontiguousarray(rows.T), out_w).T.astype(np.float32)
