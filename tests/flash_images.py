@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
-from flctl import flash, provision
 from nacl.signing import SigningKey
 
 from appliance import identity
+from flctl import flash, provision
 
 AGENT_UID, AGENT_GID = 998, 997
 MiB = 1 << 20
@@ -30,13 +31,35 @@ def have_tools() -> str | None:
     return f"missing host tools: {', '.join(missing)} (tools/host-packages.txt)" if missing else None
 
 
+_BUILT: dict[tuple, Path] = {}
+
+
 def make_image(path: Path, *, size_mb: int = 48, data: str = "empty", partitions: tuple[str, ...] = (
         "fl-root", "fl-data"), passwd: bool = True, bmap: bool = True, compress: str | None = None) -> Path:
     """Write a GPT image; `data` is "empty" (zeros, like a Yocto wic), "ext4" (formatted) or "junk".
 
     Returns the path of the (possibly compressed) image; the bmap, when made, is IMAGE.bmap of the raw image.
+    Each distinct layout is built once per test session and copied (sparse) after that.
     """
+    key = (size_mb, data, partitions, passwd, bmap)
+    if key not in _BUILT:
+        cache = Path(tempfile.mkdtemp(prefix="flash-images-")) / "disk.img"
+        _build_image(cache, size_mb=size_mb, data=data, partitions=partitions, passwd=passwd, bmap=bmap)
+        _BUILT[key] = cache
     path.parent.mkdir(parents=True, exist_ok=True)
+    cached = _BUILT[key]
+    subprocess.run(["cp", "--sparse=always", str(cached), str(path)], check=True)
+    if bmap:
+        shutil.copyfile(f"{cached}.bmap", f"{path}.bmap")
+    if compress:
+        tool = {"gz": ["gzip", "-1", "-f"], "xz": ["xz", "-0", "-f", "-T1"], "zst": ["zstd", "-q", "-f", "--rm"]}
+        subprocess.run([*tool[compress], str(path)], check=True)
+        return path.with_name(path.name + "." + compress)
+    return path
+
+
+def _build_image(path: Path, *, size_mb: int, data: str, partitions: tuple[str, ...], passwd: bool,
+                 bmap: bool) -> None:
     with open(path, "wb") as f:
         f.truncate(size_mb * MiB)
     part_mb = (size_mb - 4) // 2
@@ -69,11 +92,6 @@ def make_image(path: Path, *, size_mb: int = 48, data: str = "empty", partitions
     shutil.rmtree(tree)
     if bmap:
         subprocess.run(["bmaptool", "-q", "create", "-o", f"{path}.bmap", str(path)], check=True)
-    if compress:
-        tool = {"gz": ["gzip", "-1", "-f"], "xz": ["xz", "-0", "-f", "-T1"], "zst": ["zstd", "-q", "-f", "--rm"]}
-        subprocess.run([*tool[compress], str(path)], check=True)
-        return path.with_name(path.name + "." + compress)
-    return path
 
 
 def cli(argv: list[str]) -> int:

@@ -1,0 +1,185 @@
+"""End to end: `flctl provision` + `flctl flash` of the development image, then the flashed disk boots in QEMU.
+
+The guest gets the flashed disk as its only drive (root=LABEL=fl-root and /data by label from the partitions
+`flctl flash` wrote), comes up with the provisioned identity, and its first update is accepted by an aggregator
+that imported the fleet's enrolment file with `fl-aggregator enroll --from`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+BOARD = "edge-q1"
+PASSPHRASE = "flash boot test passphrase"
+# Quick rounds on an emulated CPU: per-board settings edited in the fleet before flashing.
+BOARD_SETTINGS = """poll_wait_seconds = 5.0
+[data]
+source = "synthetic"
+samples_per_round = 64
+[training]
+max_threads = 1
+"""
+
+
+def _flctl(*argv: str) -> tuple[int, str]:
+    """flctl flash/provision through the subcommands' own parsers, capturing what the user would see."""
+    import argparse
+    import contextlib
+    import io
+
+    from flctl import flash, provision
+
+    parser = argparse.ArgumentParser(prog="flctl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    flash.add_parser(sub)
+    provision.add_parser(sub)
+    args = parser.parse_args(list(argv))
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = args.func(args)
+    return rc, out.getvalue() + err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def flashed(dev_image, host_aggregator, tmp_path_factory):
+    """The dev image flashed to a disk file with board BOARD's identity; the aggregator has enrolled it."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLCTL_PASSPHRASE", PASSPHRASE)
+    mp.setenv("FLCTL_KDF_LEVEL", "interactive")
+    work = tmp_path_factory.mktemp("flash-boot")
+    fleet = work / "fleet"
+    try:
+        rc, out = _flctl(
+            "provision",
+            "--fleet",
+            str(fleet),
+            "--names",
+            BOARD,
+            "--aggregator-url",
+            "http://10.0.2.100:8080",
+            "--aggregator-state",
+            str(host_aggregator.state),
+        )
+        assert rc == 0, out
+        # the fleet adopted the running aggregator's key: boards pin the key that signs the tasks
+        assert (fleet / "aggregator.pub").read_text().strip() == host_aggregator.public_key_hex
+        toml = fleet / "boards" / BOARD / "agent.toml"
+        toml.write_text(toml.read_text() + BOARD_SETTINGS)
+        enrolled = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("fl-aggregator")),
+                "enroll",
+                "--state",
+                str(host_aggregator.state),
+                "--from",
+                str(fleet / "enroll.jsonl"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert enrolled.returncode == 0, enrolled.stderr
+        disk = work / f"{BOARD}.img"
+        started = time.monotonic()
+        rc, out = _flctl("flash", str(dev_image.disk), str(disk), "--board", BOARD, "--fleet", str(fleet), "--yes")
+        assert rc == 0, out
+        print(f"\n[flash] {dev_image.disk.name} -> {disk.name} in {time.monotonic() - started:.1f} s")
+        from flctl.provision import open_fleet
+
+        key = open_fleet(fleet, None).device_key(BOARD)
+        yield disk, fleet, key
+    finally:
+        mp.undo()
+
+
+class Guest:
+    """A booted guest's shell (labgrid ShellDriver), with the console read while waiting."""
+
+    def __init__(self, qemu, shell) -> None:  # type: ignore[no-untyped-def]
+        self.qemu, self.shell = qemu, shell
+
+    def run(self, cmd: str, timeout: float = 60) -> tuple[int, str]:
+        out, _, code = self.shell.run(cmd, timeout=timeout)
+        return code, "\n".join(out)
+
+    def check(self, cmd: str, timeout: float = 60) -> str:
+        code, out = self.run(cmd, timeout)
+        assert code == 0, f"`{cmd}` exited {code} in the guest:\n{out}"
+        return out
+
+
+def _boot(dev_image, machine, appliance, workdir: Path) -> Guest:  # type: ignore[no-untyped-def]
+    """Start the appliance through labgrid (the rig's environment file) and log in on its console."""
+    from labgrid import Environment
+
+    from flctl.qemu_rig import labgrid_env
+
+    env = Environment(str(labgrid_env(dev_image, [appliance], machine, workdir / f"{appliance.name}-env.yaml")))
+    target = env.get_target(appliance.name)
+    qemu = target.get_driver("QEMUDriver")
+    started = time.monotonic()
+    qemu.on()
+    shell = target.get_driver("ShellDriver")
+    print(f"\n[qemu] {appliance.name}: shell after {time.monotonic() - started:.1f} s ({machine.accel})")
+    return Guest(qemu, shell)
+
+
+@pytest.fixture(scope="module")
+def flashed_boot(dev_image, machine, host_aggregator, flashed, tmp_path_factory):
+    from flctl import qemu_rig
+    from flctl.qemu_rig import Appliance, Identity, free_port
+
+    disk, _fleet, key = flashed
+    work = tmp_path_factory.mktemp("flash-boot-rig")
+    appliance = Appliance(BOARD, work, Identity(key), metrics_port=free_port(), aggregator_port=host_aggregator.port)
+    mp = pytest.MonkeyPatch()
+    # the flashed disk is the guest's only drive: its own fl-root and fl-data partitions, found by label
+    mp.setattr(qemu_rig, "drive_args", lambda art, a: ["-drive", f"file={disk},format=raw,if=virtio,discard=unmap"])
+    try:
+        booted = _boot(dev_image, machine, appliance, work)
+    finally:
+        mp.undo()
+    yield booted, appliance
+    if booted.qemu.status:
+        booted.qemu.off()
+
+
+def test_flashed_board_boots_with_its_provisioned_identity(flashed_boot, flashed):
+    guest, _appliance = flashed_boot
+    _disk, fleet, _key = flashed
+    assert guest.check("findmnt -n -o SOURCE /").strip() == "/dev/vda1"
+    assert guest.check("findmnt -n -o SOURCE /data").strip() == "/dev/vda2"
+    assert (
+        guest.check("cat /var/lib/fl-agent/identity/aggregator.pub").strip()
+        == (fleet / "aggregator.pub").read_text().strip()
+    )
+    assert guest.check("stat -c '%U %a' /var/lib/fl-agent/identity/device.key").strip() == "fl-agent 600"
+    assert "samples_per_round = 64" in guest.check("cat /var/lib/fl-agent/agent.toml")
+
+
+@pytest.mark.timeout(1200)
+def test_flashed_boards_first_update_is_accepted(flashed_boot, host_aggregator):
+    guest, appliance = flashed_boot
+    if host_aggregator.process is None:
+        pytest.skip(host_aggregator.skip_reason)
+    deadline = time.monotonic() + 900
+    shown = time.monotonic()
+    while True:
+        if time.monotonic() - shown > 120:  # progress in the log of a slow (emulated) run
+            shown = time.monotonic()
+            print("\n[qemu] " + guest.run("journalctl -b -u fl-agent --no-pager -n 5 -o cat", timeout=120)[1])
+        rounds = {r["round"]: r for r in host_aggregator.status()["rounds"]}
+        if appliance.identity.device_id in (rounds.get(1, {}).get("devices") or []):
+            break
+        if time.monotonic() > deadline:
+            _code, journal = guest.run("journalctl -b -u fl-agent --no-pager -n 60", timeout=120)
+            pytest.fail(f"round 1 not completed by the flashed board: {rounds}\nfl-agent journal:\n{journal}")
+        guest.run("true")  # keep reading the console
+        time.sleep(3)
+    assert rounds[1]["participants"] == 1
