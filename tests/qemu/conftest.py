@@ -115,8 +115,8 @@ class HostAggregator:
                 time.sleep(0.3)
         raise RuntimeError(f"fl-aggregator did not answer /healthz within 60 s; log {self.log}")
 
-    def status(self) -> dict:
-        with urllib.request.urlopen(self.url + "/v1/status", timeout=10) as r:
+    def status(self, rounds: int = 20) -> dict:
+        with urllib.request.urlopen(f"{self.url}/v1/status?rounds={rounds}", timeout=10) as r:
             return json.load(r)
 
     def pause(self) -> None:
@@ -151,12 +151,12 @@ def _script(name: str) -> str:
 
 
 def export_test_package(out: Path, key) -> str | None:
-    """The smallest reference model package, signed with the aggregator key; None, or why it cannot be made."""
+    """The reference traffic-camera model (what the synthetic source feeds), signed with the aggregator key; None, or why it cannot be made."""
     try:
         from flctl.model import export_reference_package
     except ImportError as exc:
         return f"flctl.model (model packaging) is not available: {exc}"
-    export_reference_package("mlp", out, key)
+    export_reference_package("cnn", out, key)
     return None
 
 

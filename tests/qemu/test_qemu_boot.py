@@ -14,7 +14,9 @@ import urllib.request
 
 import pytest
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+# Generous: the first test includes the image build and the first boot, the last one a second boot; a busy
+# 2-core machine can triple TCG times.
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 AGENT = "fl-agent.service"
 DATA_FSCK = r"systemd-fsck@dev-disk-by\\x2dlabel-fl\\x2ddata.service"
@@ -191,3 +193,62 @@ def test_round_with_host_aggregator_is_accepted(first_boot, fl0, host_aggregator
         first_boot.run("true")  # keep reading the console
         time.sleep(3)
     assert rounds[1]["participants"] == 1
+
+
+# --- power cut and second boot ------------------------------------------------------------------------------
+
+
+def outbox_files(guest) -> list[str]:
+    return [f for f in guest.check("ls -1 /var/lib/fl-agent/outbox").split() if f.endswith(".upd")]
+
+
+def test_power_cut_during_delivery_then_clean_data_and_update_delivered_once(
+    first_boot, boot_appliance, fl0, rig_dir, host_aggregator
+):
+    """Cut the power while round 2's update is being delivered; the next boot must deliver it exactly once."""
+    from flctl.image_disk import fsck_clean
+
+    if host_aggregator.process is None:
+        pytest.skip(host_aggregator.skip_reason)
+    device = fl0.identity.device_id
+    # Round 2 opened when round 1 closed. Once the agent has fetched its model and trains, stall the aggregator:
+    # the update then goes to the outbox (fsync'd) and its POST hangs (the kernel still accepts the connection).
+    first_boot.wait_for(
+        f"systemctl show -p StatusText --value {AGENT} | grep -q 'training round 2'", timeout=600, interval=1
+    )
+    host_aggregator.pause()
+    first_boot.wait_for("ls -1 /var/lib/fl-agent/outbox | grep -q '[.]upd$'", timeout=600, interval=2)
+    queued = outbox_files(first_boot)
+    assert len(queued) == 1, queued
+    time.sleep(3)  # the delivery is in flight
+    first_boot.power_cut()
+    host_aggregator.resume()
+
+    second = boot_appliance(fl0, rig_dir)
+    try:
+        second.run("systemctl is-system-running --wait", timeout=300)
+        fsck = unit_props(second, DATA_FSCK, "Result", "ActiveState")
+        assert fsck == {"Result": "success", "ActiveState": "active"}, "the data partition's check failed"
+        print("\n[qemu] fsck after the power cut: " + second.check(f"journalctl -b -u {DATA_FSCK} -o cat | tail -3"))
+        props = wait_agent_active(second)
+        print(f"\n[qemu] second boot: fl-agent READY {int(props['ActiveEnterTimestampMonotonic']) / 1e6:.1f} s")
+        second.wait_for("! ls -1 /var/lib/fl-agent/outbox | grep -q '[.]upd$'", timeout=600, interval=3)
+        deadline = time.monotonic() + 120
+        while True:
+            rounds = {r["round"]: r for r in host_aggregator.status(rounds=10)["rounds"]}
+            if device in (rounds.get(2, {}).get("devices") or []):
+                break
+            assert time.monotonic() < deadline, f"round 2 has no update from fl0: {rounds.get(2)}"
+            second.run("true")
+            time.sleep(2)
+        assert rounds[2]["devices"].count(device) == 1 and rounds[2]["participants"] == 1, rounds[2]
+        print(
+            "\n[qemu] agent after the cut: "
+            + second.check(f"journalctl -b -u {AGENT} -o cat | grep -E 'round 2|acknowledged|refused' | tail -5")
+        )
+        second.poweroff()
+    finally:
+        if second.qemu.status:
+            second.qemu.off()
+    clean, report = fsck_clean(fl0.data_image)
+    assert clean, f"e2fsck -fn on the data partition after a clean shutdown:\n{report}"

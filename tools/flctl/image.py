@@ -38,6 +38,7 @@ KERNEL_CMDLINE = "console=ttyS0,115200 root=LABEL=fl-root rootfstype=ext4 ro pan
 # Sources that end up in the project wheel (and so in the image).
 WHEEL_SOURCES = ("appliance", "aggregator", "tools/flctl")
 KEEP_IMAGES = 3
+KEEP_RECENT_SECONDS = 6 * 3600
 
 
 class ImageBuildError(RuntimeError):
@@ -305,7 +306,11 @@ def _prune(store: ArtifactStore, keep: str) -> list[Path]:
     entries = sorted(
         (p for p in base.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True
     )
-    keep_names = {keep} | {p.name for p in entries[:KEEP_IMAGES]}
+    # Another session (a parallel pytest, a running rig) may still be about to open a recent image.
+    recent = time.time() - KEEP_RECENT_SECONDS
+    keep_names = (
+        {keep} | {p.name for p in entries[:KEEP_IMAGES]} | {p.name for p in entries if p.stat().st_mtime > recent}
+    )
     return store.prune("images", keep_names)
 
 

@@ -1,0 +1,175 @@
+"""Host-side checks of the image build's parts (fast; the QEMU boot tests check the assembled image).
+
+- the hardened unit's exposure as systemd itself scores it;
+- the cache key follows every input (content, mode, new files) and nothing else;
+- vmlinux extraction from a bzImage-like blob;
+- the GPT disk: partitions named, placed and filled as the manifest says; a bmap that `bmaptool` accepts;
+- a provisioned data partition: identity files with the contract's modes, owned by the agent's uid.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from flctl import image_disk
+from flctl.image import ImageArtifacts
+from flctl.image_cache import InputHash
+from flctl.image_kernel import KernelError, extract_vmlinux
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERLAY = ROOT / "rootfs-overlay"
+MIB = image_disk.MIB
+
+
+def need(*tools: str) -> None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (tools/host-packages.txt)")
+
+
+def test_agent_unit_exposure_is_at_most_2_5():
+    need("systemd-analyze")
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", f"--root={OVERLAY}", "--no-pager", "fl-agent.service"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    m = re.search(r"Overall exposure level for fl-agent\.service: ([0-9.]+)", proc.stdout)
+    assert m, proc.stdout[-2000:] + proc.stderr
+    assert float(m.group(1)) <= 2.5
+
+
+def test_units_reference_each_other_consistently():
+    units = OVERLAY / "usr/lib/systemd/system"
+    service = (units / "fl-agent.service").read_text()
+    bind = units / "var-lib-fl\\x2dagent.mount"
+    assert bind.exists(), "the bind mount unit's name must be the escaped path of /var/lib/fl-agent"
+    assert "Where=/var/lib/fl-agent" in bind.read_text()
+    assert "What=/data/fl-agent" in bind.read_text()
+    data = (units / "data.mount").read_text()
+    assert "Where=/data" in data and "What=/dev/disk/by-label/fl-data" in data
+    assert "Requires=var-lib-fl\\x2dagent.mount" in service
+    assert "ReadWritePaths=/var/lib/fl-agent" in service
+    preset = (OVERLAY / "usr/lib/systemd/system-preset/80-fl-agent.preset").read_text().split()
+    assert {"data.mount", "var-lib-fl\\x2dagent.mount", "fl-agent.service"} <= set(preset)
+
+
+def test_cache_key_follows_content_mode_and_new_files(tmp_path):
+    tree = tmp_path / "overlay"
+    (tree / "etc").mkdir(parents=True)
+    unit = tree / "etc" / "a.conf"
+    unit.write_text("x=1\n")
+
+    def key() -> str:
+        return InputHash("t").tree("overlay", tree).key()
+
+    first = key()
+    assert key() == first
+    unit.write_text("x=2\n")
+    second = key()
+    assert second != first
+    os.chmod(unit, 0o600)
+    third = key()
+    assert third != second
+    (tree / "etc" / "b.conf").write_text("")
+    assert key() != third
+    (tree / "etc" / "__pycache__").mkdir()
+    (tree / "etc" / "__pycache__" / "junk.pyc").write_bytes(b"\0")
+    assert InputHash("t").tree("overlay", tree).key() == key()
+
+
+def test_names_frame_inputs():
+    assert InputHash("t").text("a", "bc").key() != InputHash("t").text("ab", "c").key()
+
+
+def test_vmlinux_is_found_behind_junk_and_false_magics():
+    elf = b"\x7fELF" + os.urandom(5000)
+    payload = lzma.compress(elf, format=lzma.FORMAT_XZ)
+    blob = b"MZ" + os.urandom(300) + b"\xfd7zXZ\x00garbage" + os.urandom(100) + payload + os.urandom(64)
+    assert extract_vmlinux(blob) == elf
+
+
+def test_vmlinux_extraction_refuses_a_blob_without_kernel():
+    with pytest.raises(KernelError, match="no xz- or gzip-compressed ELF kernel"):
+        extract_vmlinux(b"MZ" + lzma.compress(b"not an elf", format=lzma.FORMAT_XZ))
+
+
+def test_gpt_disk_has_named_partitions_with_their_file_systems(tmp_path):
+    need("mkfs.ext4", "sgdisk", "bmaptool", "dumpe2fs")
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "marker").write_text("root partition\n")
+    image_disk.make_ext4(tmp_path / "root.ext4", 8 * MIB, "fl-root", source=src, journal=False)
+    image_disk.make_data_fs(tmp_path / "data.ext4", 8 * MIB)
+    disk = tmp_path / "fl-dev.img"
+    extents = image_disk.assemble_gpt(
+        disk,
+        [
+            ("fl-root", tmp_path / "root.ext4", image_disk.TYPE_ROOT_X86_64),
+            ("fl-data", tmp_path / "data.ext4", image_disk.TYPE_LINUX_DATA),
+        ],
+    )
+    assert [(e.name, e.offset, e.size) for e in extents] == [("fl-root", MIB, 8 * MIB), ("fl-data", 9 * MIB, 8 * MIB)]
+    table = subprocess.run(["sgdisk", "-p", str(disk)], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"^\s+1\s+2048\s+18431\s.*fl-root$", table, re.MULTILINE), table
+    assert re.search(r"^\s+2\s+18432\s+34815\s.*fl-data$", table, re.MULTILINE), table
+    for ext in extents:
+        part = tmp_path / f"{ext.name}.part"
+        image_disk.extract_partition(disk, ext, part)
+        head = subprocess.run(["dumpe2fs", "-h", str(part)], capture_output=True, text=True, check=True).stdout
+        assert re.search(rf"^Filesystem volume name:\s+{ext.name}$", head, re.MULTILINE)
+    root_features = subprocess.run(
+        ["dumpe2fs", "-h", str(tmp_path / "fl-root.part")], capture_output=True, text=True, check=True
+    ).stdout
+    assert "has_journal" not in root_features, "the read-only root needs no journal"
+    bmap = image_disk.make_bmap(disk)
+    assert "<BlockMap>" in bmap.read_text()
+    assert disk.stat().st_blocks * 512 < disk.stat().st_size, "the disk image should stay sparse"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown of the identity files to the agent's uid needs root")
+def test_provisioned_data_partition_holds_identity_with_contract_modes(tmp_path):
+    need("mkfs.ext4", "debugfs")
+    from flctl.qemu_rig import Identity, provision_data_partition
+
+    manifest = {"partitions": [{"name": "fl-data", "offset": MIB, "size": 16 * MIB}], "fl_agent_uid": 990,
+                "fl_agent_gid": 990}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    art = ImageArtifacts.load(tmp_path)
+    identity = Identity.generate()
+    data = tmp_path / "data.ext4"
+    provision_data_partition(art, data, identity, "ab" * 32, agent_toml='[agent]\nlog_level = "debug"\n')
+
+    def stat(path: str) -> str:
+        return subprocess.run(["debugfs", "-R", f"stat {path}", str(data)], capture_output=True, text=True).stdout
+
+    def cat(path: str) -> str:
+        return subprocess.run(["debugfs", "-R", f"cat {path}", str(data)], capture_output=True, text=True).stdout
+
+    key = stat("/fl-agent/identity/device.key")
+    assert re.search(r"Mode:\s+0600", key) and re.search(r"User:\s+990\s+Group:\s+990", key), key
+    assert cat("/fl-agent/identity/device.key") == bytes(identity.signing_key).hex() + "\n"
+    assert cat("/fl-agent/identity/aggregator.pub") == "ab" * 32 + "\n"
+    assert re.search(r"Mode:\s+0700", stat("/fl-agent/identity"))
+    assert "log_level" in cat("/fl-agent/agent.toml")
+    label = subprocess.run(["dumpe2fs", "-h", str(data)], capture_output=True, text=True).stdout
+    assert re.search(r"^Filesystem volume name:\s+fl-data$", label, re.MULTILINE)
+
+
+def test_provisioning_refuses_a_malformed_aggregator_key(tmp_path):
+    from flctl.qemu_rig import Identity, RigError, provision_data_partition
+
+    manifest = {"partitions": [{"name": "fl-data", "offset": MIB, "size": 16 * MIB}], "fl_agent_uid": 0,
+                "fl_agent_gid": 0}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RigError, match="64 lowercase hex"):
+        provision_data_partition(ImageArtifacts.load(tmp_path), tmp_path / "d.ext4", Identity.generate(), "XYZ")
