@@ -401,6 +401,8 @@ def _metrics(value: Any) -> dict[str, float]:
     for k, v in value.items():
         if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int | float):
             raise ProtocolError("bad-payload", "metrics map text names to numbers")
+        if not math.isfinite(v):
+            raise ProtocolError("bad-payload", f"metric {k!r} is not finite")
         out[k] = float(v)
     return out
 

@@ -229,3 +229,13 @@ def test_update_encoding_field_must_match_its_tensor_section(declared, why):
     payload = {**payload_of(wire.encode_update(make_update(), DEVICE)), "encoding": declared}
     body = wire.sign(payload, DEVICE, DEVICE_ID) + wire.encode_tensors(params())
     assert reason(wire.decode_update, body, registry) in {"bad-tensor", "bad-payload"}, why
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_update_with_a_non_finite_metric_is_refused(bad):
+    key = SigningKey.generate()
+    kid = wire.key_id(key.verify_key)
+    update = wire.Update(kid, 1, 0, b"\0" * 32, 10, {"w": np.zeros(3, np.float32)}, metrics={"loss": bad})
+    with pytest.raises(ProtocolError) as exc:
+        wire.decode_update(wire.encode_update(update, key), lambda k: key.verify_key)
+    assert exc.value.reason == "bad-payload"
