@@ -79,6 +79,9 @@ class AggregatorConfig:
     max_body_bytes: int | None = None  # default: a float32 update of the model plus the envelope allowance
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     workers: int | None = None  # verification threads; default: number of CPUs
+    # Uploads whose bodies are read and checked at once; the others wait unread (TCP holds them back), so the
+    # server's memory does not grow with the number of clients sending at the same moment.
+    max_active_uploads: int = 16
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Services:
     executor: ThreadPoolExecutor
     limits: wire.Limits
     max_body: int
+    upload_slots: asyncio.Semaphore
 
 
 SERVICES = web.AppKey("services", Services)
@@ -213,6 +217,11 @@ async def post_update(request: web.Request) -> web.Response:
         raise Problem(415, "unsupported-media-type", f"uploads are {wire.CONTENT_TYPE}, got {request.content_type!r}")
     if request.content_length is not None and request.content_length > s.max_body:
         raise Problem(413, "body-too-large", f"{request.content_length} bytes exceeds the limit of {s.max_body}")
+    async with s.upload_slots:
+        return await _receive_update(request, s)
+
+
+async def _receive_update(request: web.Request, s: Services) -> web.Response:
     body = await _read_body(request, s.max_body)
     s.metrics.received_bytes.inc(len(body))
     engine = s.engine
@@ -360,7 +369,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         store.close()
         executor.shutdown(wait=False)
         raise
-    app[SERVICES] = Services(config, metrics, store, registry, models, engine, executor, limits, max_body)
+    app[SERVICES] = Services(
+        config, metrics, store, registry, models, engine, executor, limits, max_body,
+        asyncio.Semaphore(config.max_active_uploads),
+    )
     try:
         yield
     finally:

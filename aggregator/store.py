@@ -171,6 +171,10 @@ class Store:
         self._readers_lock = threading.Lock()
         self._queue: queue.Queue[SpoolJob | None] = queue.Queue()
         self._writer: threading.Thread | None = None
+        # Committed batches go to a second thread that runs each job's ``then`` and answers the callers, so the
+        # next batch's write and fsync overlap with this batch's accumulation.
+        self._done: queue.Queue[list[tuple[SpoolJob, BaseException | None]] | None] = queue.Queue()
+        self._finisher: threading.Thread | None = None
         self._segments: dict[int, tuple[int, int]] = {}  # round -> (fd, size)
 
     # ------------------------------------------------------------------------------------------ plumbing
@@ -392,6 +396,8 @@ class Store:
 
     def start_writer(self) -> None:
         if self._writer is None:
+            self._finisher = threading.Thread(target=self._finish_loop, name="spool-finisher", daemon=True)
+            self._finisher.start()
             self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
             self._writer.start()
 
@@ -400,6 +406,23 @@ class Store:
             self._queue.put(None)
             self._writer.join()
             self._writer = None
+        if self._finisher is not None:
+            self._done.put(None)
+            self._finisher.join()
+            self._finisher = None
+
+    def _finish_loop(self) -> None:
+        while (batch := self._done.get()) is not None:
+            for job, error in batch:
+                if error is None and job.then is not None:
+                    try:
+                        job.then()
+                    except Exception as exc:  # committed but not counted: the caller must not acknowledge it
+                        error = exc
+                if error is None:
+                    job.future.set_result(job.offset)
+                else:
+                    job.future.set_exception(error)
 
     async def spool(self, job: SpoolJob) -> int:
         """Append ``job`` durably; returns its offset once it is fsynced and committed.
@@ -486,16 +509,7 @@ class Store:
             for job in batch:
                 job.future.set_exception(exc)
             return
-        for job, error in zip(batch, results, strict=True):
-            if error is None and job.then is not None:
-                try:
-                    job.then()
-                except Exception as exc:  # committed but not counted: the caller must not acknowledge it
-                    error = exc
-            if error is None:
-                job.future.set_result(job.offset)
-            else:
-                job.future.set_exception(error)
+        self._done.put(list(zip(batch, results, strict=True)))
 
     def read_delta(self, round_id: int, offset: int, length: int) -> np.ndarray:
         """One spooled delta as a read-only memory map (no copy, pages come in as they are read)."""

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-from nacl.signing import VerifyKey
+from aggregator_harness import running
+from nacl.signing import SigningKey, VerifyKey
 
 from aggregator.simulate import SimulatedDevice
 from appliance import wire
@@ -167,5 +168,36 @@ def test_sigkill_mid_stream_loses_no_acknowledged_update(tmp_path: Path) -> None
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+    asyncio.run(go())
+
+
+def test_restart_cuts_bytes_no_receipt_was_given_for(tmp_path: Path) -> None:
+    """A writer killed between its append and its commit leaves bytes past the last record: they are dropped,
+    and updates appended after the restart land where the database says they are."""
+    key = SigningKey.generate()
+
+    async def go() -> None:
+        async with running(tmp_path, devices=3, key=key) as h:
+            devices = h.devices
+            task = await h.task()
+            deltas = [h.delta() for _ in devices]
+            assert (await h.upload(devices[0].update(task, deltas[0])))[0] == 200
+            segment = tmp_path / "spool" / f"round-{task.round_id:08d}.seg"
+            committed = segment.stat().st_size
+        with segment.open("ab") as fh:
+            fh.write(b"\xff" * 1000)  # a torn append that never got a receipt
+        async with running(tmp_path, key=key, enrolled=devices) as h:
+            assert segment.stat().st_size == committed
+            for device, delta in zip(devices[1:], deltas[1:], strict=True):
+                assert (await h.upload(device.update(task, delta)))[0] == 200
+            assert await h.task(after=task.round_id, wait=10) is not None
+            response = await h.client.get("/v1/models/0")
+            base = wire.decode_model_release(await response.read(), key.verify_key)
+            response = await h.client.get("/v1/models/1")
+            new = wire.decode_model_release(await response.read(), key.verify_key)
+            for name in base.tensors:
+                expected = base.tensors[name] + np.mean([d[name] for d in deltas], axis=0)
+                np.testing.assert_allclose(new.tensors[name], expected, rtol=1e-5, atol=1e-6)
 
     asyncio.run(go())
