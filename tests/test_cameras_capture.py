@@ -28,7 +28,7 @@ def run_with_clock(io: FakeV4L2IO, body: Callable[[], Awaitable[T]], period: flo
 
         ticker = asyncio.create_task(clock())
         try:
-            return await asyncio.wait_for(body(), 10)
+            return await asyncio.wait_for(body(), 60)
         finally:
             ticker.cancel()
 

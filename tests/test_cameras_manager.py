@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from appliance.cameras import CameraCollector, CameraManager, CapturedFrame, CaptureSettings, FrameRecorder
 from appliance.framebuffer import FrameBuffer
 
-FAST = CaptureSettings(interval_s=0.01, frame_timeout_s=2.0, retry_min_s=0.05, retry_max_s=0.1)
+FAST = CaptureSettings(interval_s=0.01, frame_timeout_s=10.0, retry_min_s=0.05, retry_max_s=0.1)
 
 
 def vivid_at(tmp_path: Path) -> FakeUdevDevice:
@@ -25,7 +25,7 @@ def vivid_at(tmp_path: Path) -> FakeUdevDevice:
     return recorded("vivid-video0").with_node(str(tmp_path / "video0"))
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
@@ -43,7 +43,7 @@ def run(body, io: FakeV4L2IO, ticking: bool = True):
     async def main():
         ticker = asyncio.create_task(clock(io)) if ticking else None
         try:
-            return await asyncio.wait_for(body(), 20)
+            return await asyncio.wait_for(body(), 120)
         finally:
             if ticker:
                 ticker.cancel()
