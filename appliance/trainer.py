@@ -177,7 +177,7 @@ class Trainer:
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
         if len(y) == 0:
-            raise ValueError("no training samples")
+            raise ValueError("no samples: x and y are empty")
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"labels must be a 1-D integer array, got {y.dtype} with shape {y.shape}")
         if y.min() < 0 or y.max() >= self.package.num_classes:

@@ -2,8 +2,10 @@
 
 Both sides train the same reference model from the same initial weights on the same data with the same
 optimiser (SGD, momentum 0.9), thread count and batch size, in the same run. Each measurement runs in its own
-subprocess so peak RSS (ru_maxrss) is that side's alone; our worker never imports torch, as on the device.
-The sides alternate for --repeats rounds and the medians are compared.
+subprocess so peak RSS (VmHWM) is that side's alone; our worker never imports torch, as on the device.
+The sides alternate for --repeats rounds and the medians are compared. Samples per CPU-second (process CPU
+time of all threads) are shown beside wall-clock samples/s: on a shared machine they are the steadier figure,
+and on a device they are what the cgroup's CPU quota buys.
 
 A second table: bytes of one update per wire encoding (float32/float16/int8) and the held-out accuracy an
 in-process FedAvg over synthetic cameras reaches after the same rounds with each encoding.
@@ -74,8 +76,10 @@ def worker(args: argparse.Namespace) -> dict:
         trainer = Trainer(pkg, threads=args.threads)
         opt = {"name": "momentum", "momentum": 0.9}
         trainer.train(pkg.initial_params, x[:warm], y[:warm], 1, args.batch, LR, optimizer=opt, measure=False)
+        cpu0 = time.process_time()
         result = trainer.train(pkg.initial_params, x, y, args.epochs, args.batch, LR, seed=1, optimizer=opt,
                                measure=False)
+        cpu = time.process_time() - cpu0
         sps = result.metrics["samples_per_second"]
         loss = result.metrics["train_loss"]
         assert "torch" not in sys.modules
@@ -109,12 +113,14 @@ def worker(args: argparse.Namespace) -> dict:
 
         epoch(warm, np.random.default_rng(0))
         rng = np.random.default_rng(1)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(args.epochs):
             loss = epoch(len(y), rng)
         sps = len(y) * args.epochs / (time.perf_counter() - t0)
+        cpu = time.process_time() - cpu0
     peak = _status_mb("VmHWM")
-    return {"samples_per_second": sps, "peak_rss_mb": peak, "rss_with_data_mb": rss_ready, "train_loss": loss}
+    return {"samples_per_second": sps, "samples_per_cpu_second": len(y) * args.epochs / cpu,
+            "peak_rss_mb": peak, "rss_with_data_mb": rss_ready, "train_loss": loss}
 
 
 def _run_worker(side: str, model: str, threads: int, batch: int, data: Path, epochs: int,
@@ -141,9 +147,11 @@ def throughput_table(configs: list[tuple[str, int, int]], data: dict[str, Path],
         row = {"model": model, "threads": threads, "batch": batch}
         for side, rs in runs.items():
             row[f"{side}_sps"] = statistics.median(r["samples_per_second"] for r in rs)
+            row[f"{side}_spc"] = statistics.median(r["samples_per_cpu_second"] for r in rs)
             row[f"{side}_rss"] = max(r["peak_rss_mb"] for r in rs)
             row[f"{side}_loss"] = statistics.median(r["train_loss"] for r in rs)
         row["speed_ratio"] = row["ours_sps"] / row["torch_sps"]
+        row["cpu_ratio"] = row["ours_spc"] / row["torch_spc"]
         row["rss_ratio"] = row["ours_rss"] / row["torch_rss"]
         rows.append(row)
     return rows
@@ -234,12 +242,14 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.1f}")
     rows = throughput_table(configs, data, args.epochs, args.repeats, packages, pub)
     head = (f"{'model':<6}{'thr':>4}{'batch':>6} | {'ours samp/s':>12}{'torch samp/s':>13}{'ratio':>7} | "
+            f"{'ours /CPU-s':>12}{'torch /CPU-s':>13}{'ratio':>7} | "
             f"{'ours RSS MB':>12}{'torch RSS MB':>13}{'ratio':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['model']:<6}{r['threads']:>4}{r['batch']:>6} | {r['ours_sps']:>12.0f}{r['torch_sps']:>13.0f}"
-              f"{r['speed_ratio']:>6.2f}x | {r['ours_rss']:>12.1f}{r['torch_rss']:>13.1f}{r['rss_ratio']:>6.2f}x")
+              f"{r['speed_ratio']:>6.2f}x | {r['ours_spc']:>12.0f}{r['torch_spc']:>13.0f}{r['cpu_ratio']:>6.2f}x"
+              f" | {r['ours_rss']:>12.1f}{r['torch_rss']:>13.1f}{r['rss_ratio']:>6.2f}x")
     cnn = [r for r in rows if r["model"] == "cnn"]
     print(f"targets: ours >= 1.0x torch samples/s: {'met' if all(r['speed_ratio'] >= 1 for r in cnn) else 'MISSED'};"
           f" ours peak RSS <= 100 MB (CNN): {'met' if all(r['ours_rss'] <= 100 for r in cnn) else 'MISSED'}")

@@ -82,6 +82,7 @@ def test_training_lowers_the_loss_and_learns_digits(mlp, digits):
     new = {k: mlp.initial_params[k] + result.delta[k] for k in result.delta}
     held_out = trainer.evaluate(new, x[1200:], y[1200:])
     assert held_out["accuracy"] > 0.85
+    assert np.mean(trainer.predict(new, x[1200:]) == y[1200:]) == pytest.approx(held_out["accuracy"])
     assert held_out["loss"] < trainer.evaluate(mlp.initial_params, x[1200:], y[1200:])["loss"]
 
 
