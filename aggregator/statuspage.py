@@ -6,6 +6,8 @@ import time
 from html import escape
 from typing import Any
 
+from aggregator import statuschart
+
 
 def _when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%H:%M:%S", time.localtime(ts))
@@ -40,6 +42,7 @@ td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}}code{{fo
 <code>{escape(model['digest'][:16])}</code> &middot; strategy <b>{escape(status['strategy'])}</b>
 &middot; devices {devices['enrolled']} enrolled, {devices['revoked']} revoked</p>
 <p>{escape(now)}</p>
+{statuschart.render(status["rounds"])}
 <table><tr><th>round</th><th>model</th><th>status</th><th>updates/goal</th><th>samples</th><th>metrics</th>
 <th>opened</th><th>closed</th><th>note</th></tr>
 {''.join(rows)}

@@ -33,10 +33,16 @@ class UpdateHeader:
     created_at: int
 
 
-def _int(payload: dict[str, Any], name: str) -> int:
+_MAX_ID = 2**63 - 1  # what SQLite's INTEGER holds
+_MAX_SAMPLES = 2**31 - 1
+
+
+def _int(payload: dict[str, Any], name: str, low: int = 0, high: int = _MAX_ID) -> int:
     value = payload.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError("bad-payload", f"field {name!r} missing or not an integer")
+    if not low <= value <= high:
+        raise ProtocolError("bad-payload", f"field {name!r} = {value} is outside [{low}, {high}]")
     return value
 
 
@@ -59,7 +65,7 @@ def read_header(body: bytes | memoryview, key_for_kid: wire.KeyLookup, limits: w
         round_id=_int(p, "round"),
         model_version=_int(p, "model_version"),
         base_digest=bytes(base),
-        num_samples=_int(p, "num_samples"),
+        num_samples=_int(p, "num_samples", 1, _MAX_SAMPLES),
         created_at=_int(p, "created_at"),
     )
 

@@ -5,6 +5,7 @@ Nothing a client sends may produce a 5xx or a traceback.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -304,3 +305,79 @@ def test_garbage_never_produces_a_server_error(tmp_path: Path, garbage: bytes, p
             assert h.rejected(problem["reason"]) == 1
 
     run(go())
+
+
+_ANY = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True), st.text(max_size=5),
+    st.binary(max_size=40), st.none(), st.booleans(), st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.floats(allow_nan=True, allow_infinity=True), max_size=3),
+)
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["round", "model_version", "base_digest", "num_samples", "metrics", "encoding",
+                              "nonce", "created_at", "device", "type", "v", "tensors_sha256"]),
+       value=_ANY)
+def test_signed_updates_with_odd_field_values_never_produce_a_server_error(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    """Validly signed by an enrolled device, with one payload field replaced by anything at all."""
+
+    async def go() -> None:
+        async with running(Path(tempfile.mkdtemp(dir=tmp_path)), devices=1) as h:
+            task = await h.task()
+            device = h.devices[0]
+            section = wire.encode_tensors(h.delta())
+            payload = {
+                "v": 1, "type": "update", "device": device.device_id, "round": task.round_id,
+                "model_version": task.model_version, "base_digest": task.model_digest, "num_samples": 8,
+                "metrics": {"loss": 0.5}, "encoding": "float32", "nonce": b"12345678",
+                "created_at": int(time.time()), "tensors_sha256": wire.tensors_digest(section), field: value,
+            }
+            status, answer = await h.upload(wire.sign(payload, device.key, device.device_id) + section)
+            assert status == 200 or 400 <= status < 500, answer
+            if status != 200:
+                assert h.rejected(answer["reason"]) == 1
+            status_page = await h.client.get("/v1/status")
+            assert status_page.status == 200
+            _strict_json(await status_page.text())
+
+    run(go())
+
+
+@pytest.mark.parametrize("field,value", [("round", 2**63), ("model_version", -1), ("num_samples", 0),
+                                         ("num_samples", 2**40)])
+def test_integers_out_of_range_are_bad_payload(tmp_path: Path, field: str, value: int) -> None:
+    async def check(h: Harness, task: wire.Task) -> None:
+        device = h.devices[0]
+        section = wire.encode_tensors(h.delta())
+        payload = {
+            "v": 1, "type": "update", "device": device.device_id, "round": task.round_id,
+            "model_version": task.model_version, "base_digest": task.model_digest, "num_samples": 8,
+            "metrics": {}, "encoding": "float32", "nonce": b"12345678", "created_at": int(time.time()),
+            "tensors_sha256": wire.tensors_digest(section), field: value,
+        }
+        await _refused(h, wire.sign(payload, device.key, device.device_id) + section, 400, "bad-payload")
+
+    _case(tmp_path, check)
+
+
+def test_non_finite_training_metrics_are_refused_and_status_stays_strict_json(tmp_path: Path) -> None:
+    async def check(h: Harness, task: wire.Task) -> None:
+        body = h.devices[0].update(task, h.delta(), metrics={"loss": float("inf"), "accuracy": 0.5})
+        await _refused(h, body, 400, "bad-payload")
+        for device, accuracy in zip(h.devices, (0.5, 1.0, 1.0), strict=True):
+            assert (await h.upload(device.update(task, h.delta(), metrics={"accuracy": accuracy})))[0] == 200
+        assert await h.task(after=task.round_id, wait=10) is not None
+        status = _strict_json(await (await h.client.get("/v1/status")).text())
+        done = next(r for r in status["rounds"] if r["round"] == task.round_id)
+        assert done["metrics"] == {"accuracy": pytest.approx((0.5 + 1.0 + 1.0) / 3)}
+
+    _case(tmp_path, check)
