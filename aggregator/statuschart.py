@@ -60,9 +60,11 @@ def chart(title: str, metric: str, points: Sequence[tuple[int, float]],
         lo, hi = lo - 0.5 * (abs(lo) or 1.0), hi + 0.5 * (abs(hi) or 1.0)
     first, last = rounds[0], rounds[-1]
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    pad = 12  # keeps the first and last points off the value labels and the frame
 
     def x(r: int) -> float:
-        return LEFT + (plot_w / 2 if last == first else (r - first) / (last - first) * plot_w)
+        span = plot_w - 2 * pad
+        return LEFT + pad + (span / 2 if last == first else (r - first) / (last - first) * span)
 
     def y(v: float) -> float:
         return TOP + (1 - (v - lo) / (hi - lo)) * plot_h
