@@ -194,8 +194,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"{'https' if ssl_context else 'http'}://{host}:{port}",
         flush=True,
     )
-    web.run_app(make_app(config), host=host, port=port, ssl_context=ssl_context, print=None,
-                handle_signals=True, shutdown_timeout=5.0, access_log=None)
+    try:
+        web.run_app(make_app(config), host=host, port=port, ssl_context=ssl_context, print=None,
+                    handle_signals=True, shutdown_timeout=5.0, access_log=None)
+    except (RuntimeError, StoreError, OSError) as exc:  # start-up refusals: bad state dir, port in use...
+        raise CliError(str(exc)) from None
     return 0
 
 

@@ -212,3 +212,23 @@ def test_serve_over_tls(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_state_dir_whose_models_another_key_signed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
+           "--synthetic-parameters", "100"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if (state / "models" / "v00000000.release").exists():
+                break
+            time.sleep(0.1)
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+    (state / "aggregator.key").unlink()  # a new key appears on the next start
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "another key" in done.stderr and "Traceback" not in done.stderr
