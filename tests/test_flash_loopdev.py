@@ -116,3 +116,19 @@ def test_image_file_attached_to_a_mounted_loop_is_refused(tmp_path, fleet, capsy
         assert rc == 2
         assert f"{target} is in use: attached to {dev} (mounted at {mnt}); detach it first" in err
     assert target.read_bytes()[:len(before)] == before
+
+
+def test_old_backup_table_at_the_card_end_cannot_resurrect_a_failed_board(tmp_path, fleet, capsys):
+    """A card that held a GPT keeps its backup header at its end; a failed flash must invalidate it too."""
+    old = make_image(tmp_path / "old.img", size_mb=64, bmap=False)  # the card's previous life: a full-size GPT
+    backing = tmp_path / "card.bin"
+    old.rename(backing)
+    image = make_image(tmp_path / "fl.img", passwd=False)  # fails at the identity step (no fl-agent user)
+    with loop_device(backing) as dev:
+        assert cli(["flash", str(image), str(dev), "--board", "cam-1", "--fleet", str(fleet), "--yes"]) == 1
+    assert "marked unbootable" in capsys.readouterr().err
+    with open(backing, "rb") as f:
+        f.seek((64 << 20) - 512)
+        assert f.read(8) != b"EFI PART"
+    dump = subprocess.run(["sfdisk", "--dump", str(backing)], capture_output=True, text=True)
+    assert "fl-data" not in dump.stdout, dump.stdout + dump.stderr

@@ -297,8 +297,17 @@ def write_identity(data: Ext4Volume, board: BoardIdentity, uid: int, gid: int) -
 def _invalidate(target: blockdev.Target, table: gpt.PartitionTable) -> int:
     """Overwrite the GPT header signatures; return how many headers the target is large enough to hold."""
     size = target.path.stat().st_size if not target.is_block else target.size
+    offsets = set(gpt.header_offsets(table))
+    if target.is_block:
+        # A card's previous content may have a backup header at the card's end, which firmware and
+        # partitioning tools would use to "repair" the table: it goes too (and is not restored).
+        end = size - table.sector_size
+        with open(target.path, "rb") as f:
+            f.seek(end)
+            if f.read(8) == gpt.SIGNATURE:
+                offsets.add(end)
     marked = 0
-    for offset in gpt.header_offsets(table):
+    for offset in sorted(offsets):
         if offset + 8 <= size:
             _write_at(target.path, offset, gpt.PENDING_SIGNATURE)
             marked += 1
