@@ -203,6 +203,7 @@ class RoundEngine:
         self.metrics.model_version.set(self.version)
         self.metrics.enrolled_devices.set(self.registry.active_count())
         row = self.store.open_round()
+        self.store.drop_stale_segments(keep=row.round_id if row else None)
         if row is not None:
             await self._resume(row)
         elif not self._finished():

@@ -394,6 +394,16 @@ class Store:
             os.close(entry[0])
         self.segment_path(round_id).unlink(missing_ok=True)
 
+    def drop_stale_segments(self, keep: int | None) -> list[Path]:
+        """Delete segments of rounds that are no longer open (left by a crash between a round's close and the
+        deletion of its segment); returns what was deleted."""
+        dropped = []
+        for path in self.spool_dir.glob("round-*.seg"):
+            if keep is None or path != self.segment_path(keep):
+                path.unlink(missing_ok=True)
+                dropped.append(path)
+        return dropped
+
     def start_writer(self) -> None:
         if self._writer is None:
             self._finisher = threading.Thread(target=self._finish_loop, name="spool-finisher", daemon=True)

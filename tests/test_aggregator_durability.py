@@ -187,8 +187,11 @@ def test_restart_cuts_bytes_no_receipt_was_given_for(tmp_path: Path) -> None:
             committed = segment.stat().st_size
         with segment.open("ab") as fh:
             fh.write(b"\xff" * 1000)  # a torn append that never got a receipt
+        stale = tmp_path / "spool" / "round-00000000.seg"  # a closed round's segment a crash left behind
+        stale.write_bytes(b"\0" * 64)
         async with running(tmp_path, key=key, enrolled=devices) as h:
             assert segment.stat().st_size == committed
+            assert not stale.exists()
             for device, delta in zip(devices[1:], deltas[1:], strict=True):
                 assert (await h.upload(device.update(task, delta)))[0] == 200
             assert await h.task(after=task.round_id, wait=10) is not None
