@@ -1,0 +1,616 @@
+"""Federated-learning quality: our FedAvg and FedAdam against Flower's FedAvg, on a non-IID split of digits.
+
+The data: scikit-learn's bundled digits (1,797 8x8 images, offline), a stratified held-out test set, and the
+rest split over ``--clients`` clients by a Dirichlet(``--alpha``) draw per class (alpha 0.3: most clients hold
+a few classes). Every round the same ``--per-round`` clients (a seeded draw) train the same MLP with the same
+hyper-parameters, in the same run, for every method:
+
+* **local training, both sides**: the reference package ``digits-mlp`` (``flctl.model.build_reference_package``);
+  its ONNX training graph run by ``appliance.trainer.Trainer`` with the package's optimiser (SGD, momentum
+  0.9), ``--epochs`` local epochs, batch ``--batch``, learning rate ``--lr``, the same seed per (client, round).
+  Only aggregation and the wire differ between methods.
+* **ours**: each round the aggregator signs a model release (``wire.encode_model_release``); each device
+  verifies and decodes it, trains, and encodes its delta as a signed update (``wire.encode_update``, float32,
+  float16 or int8); the aggregator verifies and decodes it (``aggregator.verify.decode_delta``, so quantisation
+  is real) and streams it into the strategy (``aggregator.strategies``: ``FedAvg`` or ``FedAdam``, ``add`` per
+  update, then ``aggregate`` and ``apply``). In process: no HTTP.
+* **Flower** (flwr, a bench-only dependency in its own interpreter: ``--flower-python`` or ``$FLWR_PYTHON``):
+  what runs is Flower's server-side code: ``flwr.server.strategy.FedAvg.aggregate_fit`` (its in-place
+  sample-weighted mean of the clients' parameters), its NumPy tensor serialisation
+  (``ndarrays_to_parameters`` / ``parameters_to_ndarrays``) and its protobuf serde for the messages. Not run:
+  Flower's client sampling, transport (gRPC), SuperLink/SuperNodes or simulation engine (Ray).
+
+Bytes on the wire, per round (one hop, payload only: no HTTP/gRPC framing):
+
+* ours: **up** = the sum of the signed update bodies (COSE_Sign1 envelope + tensor section) as POSTed;
+  **down** = the signed model release x participants.
+* Flower: **up** = each client's ``FitRes`` as the ``RecordDict`` the Deployment Engine carries
+  (``fitres_to_recorddict`` then ``serde.recorddict_to_proto(...).SerializeToString()``); **down** = the
+  ``FitIns`` the same way, x participants. Message metadata and the extra hops of the Deployment Engine
+  (SuperNode <-> ClientApp) are not counted.
+
+``--seeds`` repeats everything with other splits and training seeds: the spread across seeds is the noise
+against which "ours matches Flower" is judged.
+
+    .venv/bin/python bench/fl_quality.py --flower-python /path/to/flwr-venv/bin/python
+    .venv/bin/python bench/fl_quality.py --clients 4 --per-round 4 --rounds 2 --seeds 1   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = 0.90
+OUR_METHODS = {  # name -> (strategy, wire encoding)
+    "ours-fedavg-f32": ("fedavg", "float32"),
+    "ours-fedavg-f16": ("fedavg", "float16"),
+    "ours-fedavg-int8": ("fedavg", "int8"),
+    "ours-fedadam-f32": ("fedadam", "float32"),
+    "ours-fedadam-int8": ("fedadam", "int8"),
+}
+FLOWER = "flower-fedavg"
+DEFAULT_METHODS = [*OUR_METHODS, FLOWER]
+
+
+# ------------------------------------------------------------------------------------------------- framing
+# The Flower worker runs in another interpreter; the two sides exchange npz files, length-prefixed, over pipes.
+
+
+def send(stream: BinaryIO, arrays: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    data = buf.getvalue()
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def receive(stream: BinaryIO) -> dict[str, np.ndarray]:
+    head = stream.read(8)
+    if len(head) != 8:
+        raise EOFError("the other side closed the pipe")
+    (size,) = struct.unpack("<Q", head)
+    with np.load(io.BytesIO(stream.read(size)), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _arrays(msg: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
+    count = sum(1 for k in msg if k.startswith(prefix))
+    return [msg[f"{prefix}{j}"] for j in range(count)]
+
+
+# ------------------------------------------------------------------------------------- Flower (its venv)
+
+
+def flower_worker(stdin: BinaryIO, stdout: BinaryIO) -> None:
+    """Runs inside the Flower interpreter: holds the global parameters in Flower's form and aggregates."""
+    import flwr
+    from flwr.common import (
+        Code,
+        FitIns,
+        FitRes,
+        Status,
+        ndarrays_to_parameters,
+        parameters_to_ndarrays,
+        serde,
+    )
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+    from flwr.server.strategy import FedAvg
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # its advice on unused options would drown the table
+    init = receive(stdin)
+    parameters = ndarrays_to_parameters(_arrays(init, "p"))
+    strategy = FedAvg(fraction_fit=1.0, min_fit_clients=1, min_available_clients=1, initial_parameters=parameters)
+    parameters = strategy.initialize_parameters(client_manager=None)  # type: ignore[arg-type]
+    send(stdout, {"version": flwr.__version__})
+    server_round = 0
+    while True:
+        try:
+            msg = receive(stdin)
+        except EOFError:
+            return
+        op = str(msg["op"])
+        if op == "fit_ins":
+            server_round += 1
+            fit_ins = FitIns(parameters, {"server_round": server_round})
+            down = serde.recorddict_to_proto(compat.fitins_to_recorddict(fit_ins, keep_input=True))
+            send(stdout, {"fit_ins_bytes": len(down.SerializeToString()),
+                          **{f"p{j}": a for j, a in enumerate(parameters_to_ndarrays(parameters))}})
+        elif op == "fit_res":
+            results, up_bytes = [], []
+            for i in range(int(msg["clients"])):
+                fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(_arrays(msg, f"c{i}_")),
+                                 int(msg[f"n{i}"]), {})
+                wire_form = serde.recorddict_to_proto(compat.fitres_to_recorddict(fit_res, keep_input=True))
+                data = wire_form.SerializeToString()
+                up_bytes.append(len(data))
+                # the server works on what it received: parse the bytes back, as the SuperLink would
+                received = RecordDictProto()
+                received.ParseFromString(data)
+                results.append((None, compat.recorddict_to_fitres(serde.recorddict_from_proto(received),
+                                                                  keep_input=False)))
+            aggregated, _ = strategy.aggregate_fit(server_round, results, [])
+            if aggregated is None:
+                raise RuntimeError("Flower's FedAvg returned no parameters")
+            parameters = aggregated
+            send(stdout, {"up_bytes": np.array(up_bytes, dtype=np.int64),
+                          **{f"p{j}": a for j, a in enumerate(parameters_to_ndarrays(parameters))}})
+        else:
+            raise ValueError(f"unknown op {op!r}")
+
+
+class FlowerServer:
+    """The parent's handle on the Flower worker process."""
+
+    def __init__(self, python: str, initial: Sequence[np.ndarray]):
+        self.proc = subprocess.Popen([python, __file__, "--flower-worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        send(self.stdin, {f"p{j}": a for j, a in enumerate(initial)})
+        self.version = str(receive(self.stdout)["version"])
+
+    def fit_ins(self) -> tuple[list[np.ndarray], int]:
+        """The global parameters as Flower hands them to clients, and the FitIns bytes per client."""
+        send(self.stdin, {"op": "fit_ins"})
+        msg = receive(self.stdout)
+        return _arrays(msg, "p"), int(msg["fit_ins_bytes"])
+
+    def fit_res(self, results: Sequence[tuple[Sequence[np.ndarray], int]]) -> tuple[list[int], list[np.ndarray]]:
+        """Hand the clients' new parameters and sample counts to Flower's FedAvg: the bytes of each FitRes
+        and the aggregated parameters."""
+        arrays: dict[str, Any] = {"op": "fit_res", "clients": len(results)}
+        for i, (params, n) in enumerate(results):
+            arrays[f"n{i}"] = n
+            arrays.update({f"c{i}_{j}": a for j, a in enumerate(params)})
+        send(self.stdin, arrays)
+        msg = receive(self.stdout)
+        return [int(b) for b in msg["up_bytes"]], _arrays(msg, "p")
+
+    def close(self) -> None:
+        self.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def find_flower_python(requested: str | None) -> str | None:
+    """An interpreter that can import flwr: the one asked for, $FLWR_PYTHON, or this one."""
+    for candidate in (requested, os.environ.get("FLWR_PYTHON"), sys.executable):
+        if candidate and Path(candidate).exists():
+            probe = subprocess.run([candidate, "-c", "import flwr"], capture_output=True)
+            if probe.returncode == 0:
+                return candidate
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Federation:
+    """One seed's data: each client's sample indices, and the held-out set."""
+
+    x: np.ndarray
+    y: np.ndarray
+    clients: list[np.ndarray]
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def dirichlet_split(y: np.ndarray, clients: int, alpha: float, rng: np.random.Generator,
+                    min_size: int = 8) -> list[np.ndarray]:
+    """Per class, shares drawn from Dirichlet(alpha) over the clients (the usual label-skew split). Redrawn
+    until every client holds at least ``min_size`` samples, so every client can train."""
+    if clients < 1 or alpha <= 0:
+        raise ValueError(f"need clients >= 1 and alpha > 0, got {clients} and {alpha}")
+    if clients * min_size > len(y):
+        raise ValueError(f"{len(y)} samples cannot give {clients} clients {min_size} samples each")
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(clients)]
+        for label in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == label))
+            shares = rng.dirichlet(np.full(clients, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            for part, chunk in zip(parts, np.split(idx, cuts), strict=True):
+                part.extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.array(sorted(p), dtype=np.int64) for p in parts]
+    raise RuntimeError(f"no Dirichlet({alpha}) split gave every one of {clients} clients {min_size} samples")
+
+
+def make_federation(clients: int, alpha: float, seed: int, test_fraction: float = 0.2) -> Federation:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)  # the package's input range [0, 1]
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, stratify=y,
+                                                        random_state=seed)
+    parts = dirichlet_split(y_train, clients, alpha, np.random.default_rng(seed))
+    return Federation(x_train, y_train, parts, x_test, y_test)
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Settings:
+    clients: int
+    per_round: int
+    rounds: int
+    epochs: int
+    batch: int
+    lr: float
+    alpha: float
+    fedadam_eta: float
+    fedadam_tau: float
+
+
+@dataclass
+class Run:
+    """One method's curve for one seed."""
+
+    method: str
+    seed: int
+    accuracy: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    up_bytes: list[int] = field(default_factory=list)
+    down_bytes: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    final: np.ndarray | None = field(default=None, repr=False)  # the last global parameters, flat
+
+    def figures(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "final"}
+
+    def rounds_to(self, target: float) -> int | None:
+        return next((i + 1 for i, a in enumerate(self.accuracy) if a >= target), None)
+
+
+def participants(settings: Settings, seed: int, round_no: int) -> list[int]:
+    """The round's clients: the same seeded draw for every method."""
+    rng = np.random.default_rng([seed, round_no])
+    return sorted(rng.choice(settings.clients, size=settings.per_round, replace=False).tolist())
+
+
+def client_seed(seed: int, round_no: int, client: int) -> int:
+    return (seed * 1_000_003 + round_no) * 1_009 + client
+
+
+def run_ours(method: str, seed: int, fed: Federation, settings: Settings, package: Any, trainer: Any) -> Run:
+    """Devices and aggregator of fl-edge, in process, every message through appliance.wire."""
+    from nacl.signing import SigningKey
+
+    from aggregator.models import Layout
+    from aggregator.strategies import UpdateSet, make_strategy
+    from aggregator.verify import decode_delta
+    from appliance import wire
+    from appliance.identity import device_id_for
+
+    strategy_name, encoding = OUR_METHODS[method]
+    options = {"eta": settings.fedadam_eta, "tau": settings.fedadam_tau} if strategy_name == "fedadam" else {}
+    strategy = make_strategy(strategy_name, **options)
+    specs = [wire.ParamSpec(s.name, tuple(s.shape)) for s in package.param_specs]
+    layout = Layout(specs)
+    aggregator_key = SigningKey(bytes(range(32)))
+    device_keys = [SigningKey(hashlib.sha256(f"device {seed} {c}".encode()).digest()) for c in range(settings.clients)]
+    device_ids = [device_id_for(k.verify_key) for k in device_keys]
+    registry = {d: k.verify_key for d, k in zip(device_ids, device_keys, strict=True)}
+    limits = wire.Limits()
+    global_flat = layout.flatten(package.initial_params)
+    run = Run(method, seed)
+    started = time.perf_counter()
+    for round_no in range(1, settings.rounds + 1):
+        release, digest = wire.encode_model_release(
+            wire.ModelRelease(round_no - 1, package.digest, layout.unflatten(global_flat)), aggregator_key)
+        picked = participants(settings, seed, round_no)
+        strategy.start_round(layout.size)
+        deltas, weights, up = [], [], 0
+        for c in picked:
+            # device: verify the release against the pinned key, train, sign the delta
+            params = wire.decode_model_release(release, aggregator_key.verify_key, specs, limits).tensors
+            idx = fed.clients[c]
+            result = trainer.train(params, fed.x[idx], fed.y[idx], settings.epochs, settings.batch, settings.lr,
+                                   seed=client_seed(seed, round_no, c), measure=False)
+            body = wire.encode_update(wire.Update(device_ids[c], round_no, round_no - 1, digest, result.num_samples,
+                                                  result.delta, dict(result.metrics), encoding), device_keys[c])
+            up += len(body)
+            # aggregator: verify, decode (dequantise) against the layout, stream into the strategy
+            update, flat, _ = decode_delta(body, registry.get, layout, limits)
+            strategy.add(flat, float(update.num_samples))
+            deltas.append(flat)
+            weights.append(update.num_samples)
+        aggregated = strategy.aggregate(UpdateSet(deltas, np.array(weights)))
+        global_flat = strategy.apply(global_flat, aggregated)
+        scores = trainer.evaluate(layout.unflatten(global_flat), fed.x_test, fed.y_test)
+        run.accuracy.append(scores["accuracy"])
+        run.loss.append(scores["loss"])
+        run.up_bytes.append(up)
+        run.down_bytes.append(len(release) * len(picked))
+    run.seconds = time.perf_counter() - started
+    run.final = global_flat
+    return run
+
+
+def run_flower(python: str, seed: int, fed: Federation, settings: Settings, package: Any, trainer: Any) -> Run:
+    """Flower's FedAvg (in its own interpreter) aggregating clients trained by our Trainer."""
+    names = [s.name for s in package.param_specs]
+    server = FlowerServer(python, [package.initial_params[n] for n in names])
+    run = Run(FLOWER, seed)
+    started = time.perf_counter()
+    try:
+        for round_no in range(1, settings.rounds + 1):
+            arrays, fit_ins_bytes = server.fit_ins()
+            params = dict(zip(names, arrays, strict=True))
+            picked = participants(settings, seed, round_no)
+            results = []
+            for c in picked:
+                idx = fed.clients[c]
+                result = trainer.train(params, fed.x[idx], fed.y[idx], settings.epochs, settings.batch,
+                                       settings.lr, seed=client_seed(seed, round_no, c), measure=False)
+                results.append(([params[n] + result.delta[n] for n in names], result.num_samples))
+            up, arrays = server.fit_res(results)
+            scores = trainer.evaluate(dict(zip(names, arrays, strict=True)), fed.x_test, fed.y_test)
+            run.accuracy.append(scores["accuracy"])
+            run.loss.append(scores["loss"])
+            run.up_bytes.append(sum(up))
+            run.down_bytes.append(fit_ins_bytes * len(picked))
+    finally:
+        server.close()
+    run.seconds = time.perf_counter() - started
+    run.final = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float32)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def curves(runs: Sequence[Run], method: str) -> np.ndarray:
+    """Accuracy per round, one row per seed."""
+    return np.array([r.accuracy for r in runs if r.method == method])
+
+
+def summarise(runs: Sequence[Run], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        mine = [r for r in runs if r.method == m]
+        if not mine:
+            continue
+        reached = [r.rounds_to(TARGET) for r in mine]
+        to_target = [sum(r.up_bytes[:n]) for r, n in zip(mine, reached, strict=True) if n is not None]
+        out[m] = {
+            "final_accuracy": _mean([r.accuracy[-1] for r in mine]),
+            "final_accuracy_sd": statistics.pstdev([r.accuracy[-1] for r in mine]),
+            "final_loss": _mean([r.loss[-1] for r in mine]),
+            "best_accuracy": _mean([max(r.accuracy) for r in mine]),
+            "rounds_to_target": reached,
+            "rounds_to_target_mean": _mean([n for n in reached if n is not None]) if None not in reached else None,
+            "up_bytes_per_round": _mean([_mean(r.up_bytes) for r in mine]),
+            "down_bytes_per_round": _mean([_mean(r.down_bytes) for r in mine]),
+            "up_bytes_to_target": _mean(to_target) if len(to_target) == len(mine) else None,
+            "seconds": _mean([r.seconds for r in mine]),
+        }
+    return out
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def print_report(runs: Sequence[Run], methods: Sequence[str], settings: Settings, seeds: Sequence[int],
+                 flower_version: str | None) -> dict[str, Any]:
+    present = [m for m in methods if any(r.method == m for r in runs)]
+    print(f"\naccuracy on the held-out set per round (mean of {len(seeds)} seed(s)):")
+    print("round  " + "  ".join(f"{m:>17}" for m in present))
+    for i in range(settings.rounds):
+        row = [float(curves(runs, m)[:, i].mean()) for m in present]
+        print(f"{i + 1:>5}  " + "  ".join(f"{a:>17.4f}" for a in row))
+    summary = summarise(runs, present)
+    target = f"{TARGET:.0%}"
+    print(f"\n{'method':<18} {'final acc':>15} {'loss':>6} {'best':>7} {'rounds to ' + target:>15} {'up/round':>10} "
+          f"{'down/round':>11} {'up to ' + target:>11} {'seconds':>8}")
+    for m, s in summary.items():
+        reached = ",".join("-" if n is None else str(n) for n in s["rounds_to_target"])
+        print(f"{m:<18} {s['final_accuracy']:>8.4f}±{s['final_accuracy_sd']:.4f} {s['final_loss']:>6.3f} "
+              f"{s['best_accuracy']:>7.4f} "
+              f"{reached:>15} {_fmt_bytes(s['up_bytes_per_round']):>10} "
+              f"{_fmt_bytes(s['down_bytes_per_round']):>11} {_fmt_bytes(s['up_bytes_to_target']):>11} "
+              f"{s['seconds']:>8.1f}")
+    verdicts = compare(runs, summary)
+    for line in verdicts["lines"]:
+        print(line)
+    return {"settings": settings.__dict__, "seeds": list(seeds), "flower_version": flower_version,
+            "summary": summary, "comparison": {k: v for k, v in verdicts.items() if k != "lines"},
+            "runs": [r.figures() for r in runs]}
+
+
+def compare(runs: Sequence[Run], summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Our FedAvg against Flower's (gap vs seed-to-seed noise), and who beats Flower on rounds or bytes."""
+    out: dict[str, Any] = {"lines": ["\nagainst Flower's FedAvg:"]}
+    ours = curves(runs, "ours-fedavg-f32")
+    if FLOWER not in summary:
+        out["lines"].append("  (Flower not run)")
+        return out
+    flower = curves(runs, FLOWER)
+    if len(ours):
+        gap = float(np.abs(ours - flower).max())
+        noise = float(flower.std(axis=0).mean()) if len(flower) > 1 else None
+        pairs = [(a.final, b.final) for a in runs for b in runs if a.method == "ours-fedavg-f32"
+                 and b.method == FLOWER and a.seed == b.seed and a.final is not None and b.final is not None]
+        weight_gap = max(float(np.abs(a - b).max()) for a, b in pairs) if pairs else float("nan")
+        out.update(max_gap=gap, noise=noise, max_weight_gap=weight_gap)
+        noise_text = f"{noise:.4f}" if noise is not None else "n/a (one seed)"
+        out["lines"].append(
+            f"  ours-fedavg-f32 vs flower-fedavg, same seed: largest accuracy gap over all rounds {gap:.4f}; "
+            f"seed-to-seed noise (mean per-round s.d. of Flower's curve) {noise_text}"
+            + ("" if noise is None else f" -> {'within' if gap <= noise else 'OUTSIDE'} noise"))
+        out["lines"].append(f"  largest difference between the two final global models: {weight_gap:.3g} "
+                            "(float32 rounding of the two weighted means)")
+    base = summary[FLOWER]
+    for m, s in summary.items():
+        if m == FLOWER:
+            continue
+        bytes_ratio = base["up_bytes_per_round"] / s["up_bytes_per_round"]
+        rounds_b, rounds_m = base["rounds_to_target_mean"], s["rounds_to_target_mean"]
+        rounds = "-" if rounds_b is None or rounds_m is None else f"{rounds_b / rounds_m:.2f}x"
+        to_target = ("-" if base["up_bytes_to_target"] is None or s["up_bytes_to_target"] is None
+                     else f"{base['up_bytes_to_target'] / s['up_bytes_to_target']:.2f}x")
+        both_ratio = ((base["up_bytes_per_round"] + base["down_bytes_per_round"])
+                      / (s["up_bytes_per_round"] + s["down_bytes_per_round"]))
+        out[m] = {"up_bytes_ratio": bytes_ratio, "up_down_bytes_ratio": both_ratio, "rounds_ratio": rounds,
+                  "up_to_target_ratio": to_target}
+        out["lines"].append(f"  {m:<18} Flower/ours: up bytes per round {bytes_ratio:.2f}x (up+down "
+                            f"{both_ratio:.2f}x), rounds to {TARGET:.0%} {rounds}, "
+                            f"up bytes to {TARGET:.0%} {to_target}")
+    return out
+
+
+def plot(runs: Sequence[Run], methods: Sequence[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m in methods:
+        acc = curves(runs, m)
+        if not len(acc):
+            continue
+        loss = np.array([r.loss for r in runs if r.method == m])
+        x = np.arange(1, acc.shape[1] + 1)
+        style = {"linestyle": "--", "linewidth": 2.5, "color": "black"} if m == FLOWER else {"linewidth": 1.5}
+        line = acc_ax.plot(x, acc.mean(axis=0), label=m, **style)[0]
+        if len(acc) > 1:
+            acc_ax.fill_between(x, acc.min(axis=0), acc.max(axis=0), color=line.get_color(), alpha=0.12)
+        loss_ax.plot(x, loss.mean(axis=0), label=m, **style)
+    acc_ax.axhline(TARGET, color="grey", linewidth=0.8, linestyle=":")
+    acc_ax.set(xlabel="round", ylabel="held-out accuracy", title="accuracy (band: min-max over seeds)")
+    loss_ax.set(xlabel="round", ylabel="held-out cross-entropy", title="loss", yscale="log")
+    acc_ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--flower-worker"]:
+        flower_worker(sys.stdin.buffer, sys.stdout.buffer)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=20, help="clients in the federation")
+    ap.add_argument("--per-round", type=int, default=10, help="clients drawn each round")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the label split")
+    ap.add_argument("--epochs", type=int, default=2, help="local epochs per round")
+    ap.add_argument("--batch", type=int, default=16, help="local batch size")
+    ap.add_argument("--lr", type=float, default=0.05, help="local learning rate (SGD, momentum 0.9)")
+    ap.add_argument("--fedadam-eta", type=float, default=0.03,
+                    help="FedAdam server learning rate (chosen from 0.01/0.03/0.1 on seeds 10-12, not the seeds run)")
+    ap.add_argument("--fedadam-tau", type=float, default=1e-3, help="FedAdam adaptivity")
+    ap.add_argument("--seeds", type=int, default=3, help="repeat with this many splits/training seeds")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma-separated, from {', '.join(DEFAULT_METHODS)}")
+    ap.add_argument("--flower-python", help="interpreter with flwr (default $FLWR_PYTHON, then this one)")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "fl-quality",
+                    help="directory for the plot and the JSON figures")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(DEFAULT_METHODS))
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(DEFAULT_METHODS)}")
+    if not 1 <= args.per_round <= args.clients:
+        ap.error(f"--per-round must be between 1 and --clients ({args.clients}), got {args.per_round}")
+    if args.rounds < 1 or args.seeds < 1 or args.epochs < 1 or args.batch < 1:
+        ap.error("--rounds, --seeds, --epochs and --batch must be >= 1")
+    settings = Settings(args.clients, args.per_round, args.rounds, args.epochs, args.batch, args.lr, args.alpha,
+                        args.fedadam_eta, args.fedadam_tau)
+
+    flower_python = None
+    if FLOWER in methods:
+        flower_python = find_flower_python(args.flower_python)
+        if flower_python is None:
+            print("flwr not found (pip install flwr into a venv and pass --flower-python or set FLWR_PYTHON); "
+                  "running ours only")
+            methods.remove(FLOWER)
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+    from appliance.trainer import Trainer
+    from flctl.model import build_reference_package
+
+    package, _ = build_reference_package("mlp")
+    trainer = Trainer(package, threads=1)
+    seeds = list(range(args.seeds))
+    print(f"digits, Dirichlet(alpha={args.alpha}) over {args.clients} clients, {args.per_round} per round, "
+          f"{args.rounds} rounds, seeds {seeds}; model {package.name} "
+          f"({sum(s.size for s in package.param_specs):,} parameters), local: {args.epochs} epochs, batch "
+          f"{args.batch}, SGD lr {args.lr} momentum {package.optimizer.get('momentum', 0)}; FedAdam eta "
+          f"{args.fedadam_eta} tau {args.fedadam_tau}")
+    runs: list[Run] = []
+    flower_version = None
+    started = time.perf_counter()
+    for seed in seeds:
+        fed = make_federation(args.clients, args.alpha, seed)
+        sizes = [len(c) for c in fed.clients]
+        print(f"seed {seed}: client sizes {min(sizes)}..{max(sizes)} samples, "
+              f"classes per client (>=5 samples) "
+              f"{statistics.median(len(set(np.flatnonzero(np.bincount(fed.y[c]) >= 5))) for c in fed.clients)}"
+              f" median, held-out {len(fed.y_test)}", flush=True)
+        for m in methods:
+            if m == FLOWER:
+                assert flower_python is not None
+                run = run_flower(flower_python, seed, fed, settings, package, trainer)
+            else:
+                run = run_ours(m, seed, fed, settings, package, trainer)
+            runs.append(run)
+            print(f"  {m:<18} final accuracy {run.accuracy[-1]:.4f}, rounds to {TARGET:.0%} "
+                  f"{run.rounds_to(TARGET) or '-'}, {run.seconds:.1f} s", flush=True)
+        if flower_version is None and flower_python is not None:
+            flower_version = _flower_version(flower_python)
+    report = print_report(runs, methods, settings, seeds, flower_version)
+    args.out.mkdir(parents=True, exist_ok=True)
+    png, js = args.out / "fl_quality.png", args.out / "fl_quality.json"
+    title = (f"digits, Dirichlet({args.alpha}) over {args.clients} clients, {args.per_round}/round, "
+             f"{len(seeds)} seed(s)" + (f"; Flower {flower_version}" if flower_version else ""))
+    plot(runs, methods, png, title)
+    js.write_text(json.dumps(report, indent=1))
+    print(f"\nplot: {png}\nfigures: {js}\ntotal {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _flower_version(python: str) -> str:
+    done = subprocess.run([python, "-c", "import flwr; print(flwr.__version__)"], capture_output=True, text=True)
+    return done.stdout.strip() or "?"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
