@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,3 +134,71 @@ def test_old_backup_table_at_the_card_end_cannot_resurrect_a_failed_board(tmp_pa
         assert f.read(8) != b"EFI PART"
     dump = subprocess.run(["sfdisk", "--dump", str(backing)], capture_output=True, text=True)
     assert "fl-data" not in dump.stdout, dump.stdout + dump.stderr
+
+
+@contextmanager
+def partition_node(dev: Path, number: int, where: Path) -> Iterator[Path]:
+    """A device node for partition `number` of loop device `dev` (no udev here to make /dev/loopNpM)."""
+    import os
+    import stat
+
+    sysdir = Path("/sys/class/block") / f"{dev.name}p{number}"
+    if not sysdir.exists():  # partscan may be off: add the partitions explicitly (BLKPG)
+        subprocess.run(["partx", "-a", str(dev)], capture_output=True, check=False)
+    deadline = time.monotonic() + 5
+    while not (sysdir / "dev").exists():
+        if time.monotonic() > deadline:
+            pytest.skip(f"the kernel did not scan {dev}'s partitions (no {sysdir})")
+        time.sleep(0.1)
+    major, minor = (int(x) for x in (sysdir / "dev").read_text().split(":"))
+    node = where / f"{dev.name}p{number}"
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(major, minor))
+    try:
+        yield node
+    finally:
+        node.unlink()
+
+
+def test_partition_instead_of_disk_is_refused(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img")
+    card = make_image(tmp_path / "card.img", bmap=False)
+    with loop_device(card, "-P") as dev, partition_node(dev, 1, tmp_path) as part:
+        rc = cli(["flash", str(image), str(part), "--board", "cam-1", "--fleet", str(fleet), "--yes"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2
+    assert f"{part} is a partition of {dev}; give the whole disk ({dev})" in err
+
+
+def test_disk_with_a_mounted_partition_is_refused(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img")
+    card = make_image(tmp_path / "card.img", data="ext4", bmap=False)
+    with loop_device(card, "-P") as dev, partition_node(dev, 2, tmp_path) as part, \
+            mounted(part, tmp_path / "mnt") as mnt:
+        rc = cli(["flash", str(image), str(dev), "--board", "cam-1", "--fleet", str(fleet), "--yes"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert rc == 2
+        assert f"{dev} is mounted at {mnt}; unmount it first" in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("answer", "rc"), [("yes\n", 0), ("no\n", 2), ("\n", 2)])
+def test_confirmation_shows_model_and_size(tmp_path, fleet, capsys, monkeypatch, answer, rc):
+    image = make_image(tmp_path / "fl.img")
+    backing = _blank(tmp_path / "card.bin", 64 << 20)
+    monkeypatch.setattr("sys.stdin", _Terminal(answer))
+    with loop_device(backing) as dev:
+        assert cli(["flash", str(image), str(dev), "--board", "cam-1", "--fleet", str(fleet)]) == rc
+    captured = capsys.readouterr()
+    err = " ".join((captured.err + captured.out).split())
+    assert f"{dev}: loop device backed by {backing}, 64.0 MiB, NOT removable, loop" in err
+    assert "Everything on these targets will be lost." in err
+    if rc == 0:
+        assert_provisioned(backing, image, fleet, "cam-1")
+    else:
+        assert "not confirmed" in err
+        with open(backing, "rb") as f:
+            assert f.read(1 << 20) == b"\0" * (1 << 20)

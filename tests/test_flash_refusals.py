@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from flash_images import cli, env_for_tests, have_tools, make_fleet, make_image
+
 from flctl import blockdev, flash, gpt
 from flctl.imagesource import parse_bmap
 
@@ -174,16 +175,6 @@ def test_root_disk_is_refused_even_with_force(fleet, tmp_path, capsys, no_writes
         pytest.skip(f"{disk} has no device node here")
     err = refused(capsys, _flash(image, disk, fleet, "--force"))
     assert f"{disk} is the disk holding / (the running system); refusing to write it" in err
-
-
-def test_partition_instead_of_disk_is_refused(fleet, tmp_path, capsys, no_writes):
-    parts = [p for p in Path("/sys/class/block").iterdir() if (p / "partition").exists()
-             and (Path("/dev") / p.name).exists()]
-    if not parts:
-        pytest.skip("no partition device nodes on this machine")
-    image = make_image(tmp_path / "fl.img")
-    err = refused(capsys, _flash(image, Path("/dev") / parts[0].name, fleet, "--force"))
-    assert "is a partition of /dev/" in err and "give the whole disk" in err
 
 
 def test_not_removable_needs_force():
