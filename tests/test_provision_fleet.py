@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from flash_images import PASSPHRASE, cli, env_for_tests
-from flctl.provision import open_fleet
 from nacl.signing import SigningKey
 
 from aggregator.registry import read_enrolment_file
 from appliance import identity
 from appliance.config import load_config
+from flctl.provision import open_fleet
 
 
 @pytest.fixture(autouse=True)
