@@ -240,18 +240,25 @@ def choose_format(offered: list[FormatDesc]) -> FormatDesc:
 
 
 async def wait_readable(fd: int, timeout: float) -> None:
-    """Wait for `fd` to become readable in the running loop (epoll; no thread), or TimeoutError."""
+    """Wait for `fd` to become readable in the running loop (epoll; no thread), or TimeoutError.
+
+    A plain future with a timer, not asyncio.wait_for: on Python 3.11 wait_for can swallow a cancellation
+    that arrives just as the fd becomes ready, and a removed camera's task would then go on capturing.
+    """
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
+    ready: asyncio.Future[bool] = loop.create_future()
 
-    def on_ready() -> None:
+    def settle(value: bool) -> None:
         if not ready.done():
-            ready.set_result(None)
+            ready.set_result(value)
 
-    loop.add_reader(fd, on_ready)
+    loop.add_reader(fd, settle, True)
+    timer = loop.call_later(timeout, settle, False)
     try:
-        await asyncio.wait_for(ready, timeout)
+        if not await ready:
+            raise TimeoutError(f"fd {fd} not readable within {timeout} s")
     finally:
+        timer.cancel()
         loop.remove_reader(fd)
 
 
@@ -508,8 +515,9 @@ class CameraManager:
         backoff = settings.retry_min_s
         session: CaptureSession | None = None
         announced = False
+        me = asyncio.current_task()
         try:
-            while True:
+            while self._tasks.get(info.path) is me:  # a removed camera's task ends even if a cancel was lost
                 started = time.monotonic()
                 try:
                     if session is None:
