@@ -29,6 +29,7 @@ from metafl_recipes import LAYER, STDLIB_PACKAGES, THIRD_PARTY_RECIPES, agent_im
 LAYERS_DIR = os.environ.get("FL_YOCTO_LAYERS")
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(3600),  # a cold parse under load took 22 minutes here
     pytest.mark.skipif(not LAYERS_DIR, reason="FL_YOCTO_LAYERS is not set: no poky/meta-openembedded checkout "
                        "to run bitbake against (CI cannot fetch one)"),
 ]

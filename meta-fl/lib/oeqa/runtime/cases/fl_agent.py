@@ -62,7 +62,8 @@ class FlAgentTest(OERuntimeTestCase):
         if status != 0:
             self.run_ok(f"install -d -o fl-agent -g fl-agent -m 0700 {STATE_DIR}/identity")
             self.run_ok(f"echo {TEST_AGGREGATOR_PUB} > {pub} && chown fl-agent:fl-agent {pub}")
-            self.run_ok("systemctl restart fl-agent.service")
+            # Unprovisioned, the agent has been failing at start-up: clear the start limit, then start it.
+            self.run_ok("systemctl reset-failed fl-agent.service; systemctl restart fl-agent.service")
         # Type=notify: "active" means the agent said READY=1.
         deadline = time.time() + 300
         state = ""
