@@ -57,10 +57,11 @@ def fourcc(code: str) -> int:
 
 
 def fourcc_str(value: int) -> str:
-    """0x56595559 -> 'YUYV' (the big-endian flag bit 31 is dropped; unprintable bytes become '?')."""
+    """0x56595559 -> 'YUYV'; bit 31 (big-endian variant) gives a '-BE' suffix, as v4l2-ctl prints it."""
     chars = [(value >> (8 * i)) & 0xFF for i in range(4)]
     chars[3] &= 0x7F
-    return "".join(chr(c) if 32 <= c < 127 else "?" for c in chars).rstrip()
+    text = "".join(chr(c) if 32 <= c < 127 else "?" for c in chars).rstrip()
+    return f"{text}-BE" if value & (1 << 31) else text
 
 
 # --- structs -----------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def test_fourcc_round_trip() -> None:
     assert v4l2.fourcc("YUYV") == 0x56595559
     assert v4l2.fourcc("GREY") == 0x59455247
     assert v4l2.fourcc_str(0x47504A4D) == "MJPG"
+    assert v4l2.fourcc_str(v4l2.fourcc("Y16 ") | 1 << 31) == "Y16-BE"  # vivid offers both byte orders
     with pytest.raises(ValueError, match="4 ASCII"):
         v4l2.fourcc("YUV")
 
