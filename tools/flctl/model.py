@@ -210,7 +210,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"flctl model export: {exc}", file=sys.stderr)
         print("flctl model export: no package written", file=sys.stderr)
         return 1
-    digest = write_package(args.out, pkg, key)
+    try:
+        digest = write_package(args.out, pkg, key)
+    except OSError as exc:
+        print(f"flctl model export: {args.out}: cannot write: {exc.strerror}", file=sys.stderr)
+        return 1
     worst = max(report.max_grad_error.values())
     print(f"{args.out}: {pkg.name}, {sum(s.size for s in pkg.param_specs)} parameters, digest {digest.hex()}")
     print(f"checked against torch autograd at batch sizes {list(report.batch_sizes)}: "
