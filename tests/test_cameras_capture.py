@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -155,3 +156,38 @@ def test_unplug_while_waiting_for_a_frame_is_a_disconnect() -> None:
 ])
 def test_error_reasons(exc: BaseException, reason: str) -> None:
     assert error_reason(exc) == reason
+
+
+def test_a_cancel_that_races_frame_readiness_still_cancels() -> None:
+    # The camera is removed (task cancelled) in the same loop iteration as its fd turns readable. With
+    # asyncio.wait_for on Python 3.11 the cancel was swallowed and the capture task went on forever.
+    from appliance.cameras import wait_readable
+
+    async def body() -> str:
+        loop = asyncio.get_running_loop()
+        callbacks = {}
+        real_add = loop.add_reader
+
+        def spy(fd, cb, *args):
+            callbacks[fd] = (cb, args)
+            return real_add(fd, cb, *args)
+
+        loop.add_reader = spy  # type: ignore[method-assign]
+        r, w = os.pipe()
+        try:
+            task = asyncio.create_task(wait_readable(r, 5))
+            await asyncio.sleep(0.01)
+            cb, args = callbacks[r]
+            cb(*args)        # the fd became readable: the future is done...
+            task.cancel()    # ...and the removal's cancel arrives before the task runs again
+            try:
+                await task
+            except asyncio.CancelledError:
+                return "cancelled"
+            return "swallowed"
+        finally:
+            loop.add_reader = real_add  # type: ignore[method-assign]
+            os.close(r)
+            os.close(w)
+
+    assert asyncio.run(body()) == "cancelled"
