@@ -151,7 +151,9 @@ def _script(name: str) -> str:
 
 
 def export_test_package(out: Path, key) -> str | None:
-    """The reference traffic-camera model (what the synthetic source feeds), signed with the aggregator key; None, or why it cannot be made."""
+    """The reference traffic-camera model (what the synthetic source feeds), signed with the aggregator key.
+
+    Returns None, or why the package cannot be made."""
     try:
         from flctl.model import export_reference_package
     except ImportError as exc:
@@ -160,13 +162,7 @@ def export_test_package(out: Path, key) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def host_aggregator(tmp_path_factory) -> Iterator[HostAggregator]:
-    """An aggregator with one-device rounds (quorum 1, goal 1) so the appliance alone closes each round.
-
-    Its key always exists (the agent pins it and will not start without it); the server itself runs only when
-    a model package can be made, else ``skip_reason`` says why and the round tests skip.
-    """
+def _make_aggregator(tmp_path_factory) -> HostAggregator:
     from nacl.signing import SigningKey
 
     from appliance.identity import write_key_file
@@ -188,8 +184,31 @@ def host_aggregator(tmp_path_factory) -> Iterator[HostAggregator]:
               "--epochs", "1", "--batch-size", "16"],
     )  # fmt: skip
     agg.skip_reason = export_test_package(package, key)
+    return agg
+
+
+@pytest.fixture(scope="module")
+def host_aggregator(tmp_path_factory) -> Iterator[HostAggregator]:
+    """A running aggregator with one-device rounds (quorum 1, goal 1): the appliance alone closes each round.
+
+    Its key always exists (the agent pins it and will not start without it); without a model package the
+    server does not run and ``skip_reason`` says why.
+    """
+    agg = _make_aggregator(tmp_path_factory)
     if agg.skip_reason is None:
         agg.start()
+    yield agg
+    agg.stop()
+
+
+@pytest.fixture(scope="module")
+def idle_aggregator(tmp_path_factory) -> Iterator[HostAggregator]:
+    """Like ``host_aggregator`` but not started: the test calls ``start()`` when the appliance is set up to train.
+
+    An agent that is offered round 1 while it has no camera frames skips that round for good, so a test that
+    first checks the camera-configured agent must open round 1 only after switching it to its training data.
+    """
+    agg = _make_aggregator(tmp_path_factory)
     yield agg
     agg.stop()
 

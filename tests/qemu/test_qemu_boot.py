@@ -39,14 +39,14 @@ def rig_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fl0(dev_image, host_aggregator, rig_dir):
+def fl0(dev_image, idle_aggregator, rig_dir):
     """Appliance fl0: a device key enrolled with the host aggregator, provisioned onto its data partition."""
     from flctl.qemu_rig import Appliance, Identity, free_port, provision_data_partition
 
     identity = Identity.generate()
-    host_aggregator.enroll(identity.public_key_hex)
-    appliance = Appliance("fl0", rig_dir, identity, metrics_port=free_port(), aggregator_port=host_aggregator.port)
-    provision_data_partition(dev_image, appliance.data_image, identity, host_aggregator.public_key_hex)
+    idle_aggregator.enroll(identity.public_key_hex)
+    appliance = Appliance("fl0", rig_dir, identity, metrics_port=free_port(), aggregator_port=idle_aggregator.port)
+    provision_data_partition(dev_image, appliance.data_image, identity, idle_aggregator.public_key_hex)
     return appliance
 
 
@@ -176,17 +176,18 @@ def test_camera_hotplug_with_vivid(first_boot, fl0):
     assert props == {"ActiveState": "active", "NRestarts": "0"}, "hotplug must not restart the agent"
 
 
-def test_round_with_host_aggregator_is_accepted(first_boot, fl0, host_aggregator):
-    if host_aggregator.process is None:
-        pytest.skip(host_aggregator.skip_reason)
+def test_round_with_host_aggregator_is_accepted(first_boot, fl0, idle_aggregator):
+    if idle_aggregator.skip_reason:
+        pytest.skip(idle_aggregator.skip_reason)
     first_boot.check(
         f"printf '%s' '{SYNTHETIC_OVERRIDE}' > /tmp/agent.toml && "
         "install -o fl-agent -g fl-agent -m 0644 /tmp/agent.toml /var/lib/fl-agent/agent.toml"
     )
     first_boot.check(f"systemctl restart {AGENT}", timeout=300)
+    idle_aggregator.start()  # round 1 opens now (guestfwd connects per guest connection: late start is fine)
     deadline = time.monotonic() + 900
     while True:
-        rounds = {r["round"]: r for r in host_aggregator.status()["rounds"]}
+        rounds = {r["round"]: r for r in idle_aggregator.status()["rounds"]}
         if fl0.identity.device_id in (rounds.get(1, {}).get("devices") or []):
             break
         assert time.monotonic() < deadline, f"round 1 not completed by fl0: {rounds}"
@@ -203,26 +204,26 @@ def outbox_files(guest) -> list[str]:
 
 
 def test_power_cut_during_delivery_then_clean_data_and_update_delivered_once(
-    first_boot, boot_appliance, fl0, rig_dir, host_aggregator
+    first_boot, boot_appliance, fl0, rig_dir, idle_aggregator
 ):
     """Cut the power while round 2's update is being delivered; the next boot must deliver it exactly once."""
     from flctl.image_disk import fsck_clean
 
-    if host_aggregator.process is None:
-        pytest.skip(host_aggregator.skip_reason)
+    if idle_aggregator.process is None:
+        pytest.skip(idle_aggregator.skip_reason or "the round test did not start the aggregator")
     device = fl0.identity.device_id
     # Round 2 opened when round 1 closed. Once the agent has fetched its model and trains, stall the aggregator:
     # the update then goes to the outbox (fsync'd) and its POST hangs (the kernel still accepts the connection).
     first_boot.wait_for(
         f"systemctl show -p StatusText --value {AGENT} | grep -q 'training round 2'", timeout=600, interval=1
     )
-    host_aggregator.pause()
+    idle_aggregator.pause()
     first_boot.wait_for("ls -1 /var/lib/fl-agent/outbox | grep -q '[.]upd$'", timeout=600, interval=2)
     queued = outbox_files(first_boot)
     assert len(queued) == 1, queued
     time.sleep(3)  # the delivery is in flight
     first_boot.power_cut()
-    host_aggregator.resume()
+    idle_aggregator.resume()
 
     second = boot_appliance(fl0, rig_dir)
     try:
@@ -235,7 +236,7 @@ def test_power_cut_during_delivery_then_clean_data_and_update_delivered_once(
         second.wait_for("! ls -1 /var/lib/fl-agent/outbox | grep -q '[.]upd$'", timeout=600, interval=3)
         deadline = time.monotonic() + 120
         while True:
-            rounds = {r["round"]: r for r in host_aggregator.status(rounds=10)["rounds"]}
+            rounds = {r["round"]: r for r in idle_aggregator.status(rounds=10)["rounds"]}
             if device in (rounds.get(2, {}).get("devices") or []):
                 break
             assert time.monotonic() < deadline, f"round 2 has no update from fl0: {rounds.get(2)}"

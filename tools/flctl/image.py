@@ -224,19 +224,32 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
                 image_rootfs.download_dependency_wheels(reqs, out, out / "build.log", sys.executable)
     dep_wheels = store.path("wheels", wheels_key.key())
 
+    sysroot_key = (
+        InputHash("sysroot")
+        .text("format", BUILD_FORMAT)
+        .child("base", base_key)
+        .child("wheels", wheels_key)
+        .child("kernel", kernel_key)
+        .file("code", Path(image_rootfs.__file__))
+    )
+    sysroot_cached = store.has("sysroot", sysroot_key.key())
+    with steps.step("sysroot: base + dependency venv + kernel modules", cached=sysroot_cached):
+        if not sysroot_cached:
+            with store.building("sysroot", sysroot_key.key()) as out, _scratch(store) as work:
+                image_rootfs.build_sysroot(
+                    base_tar, dep_wheels, reqs, kernel.modules_root, out / "sysroot.tar", work, out / "build.log"
+                )
+    sysroot_tar = store.path("sysroot", sysroot_key.key()) / "sysroot.tar"
+
     with store.building("images", key) as out, _scratch(store) as work:
         log = out / "build.log"
         with steps.step("build the fl-edge wheel"):
-            wheels = work / "wheels"
-            shutil.copytree(dep_wheels, wheels, ignore=shutil.ignore_patterns("build.log", ".complete"))
-            project_wheel = _build_project_wheel(wheels, log)
+            project_wheel = image_rootfs.build_project_wheel(PROJECT_ROOT, work / "wheel", log, sys.executable)
         root = work / "rootfs"
-        with steps.step("root file system: base + fl-agent venv + overlays + modules"):
+        with steps.step("root file system: sysroot + fl-agent + overlays"):
             ids = image_rootfs.assemble_rootfs(
-                base_tar,
-                wheels,
+                sysroot_tar,
                 project_wheel,
-                kernel.modules_root,
                 [PROJECT_ROOT / "rootfs-overlay", IMAGE_TOOLS / "dev-overlay"],
                 root,
                 log,
@@ -275,16 +288,10 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    removed = _prune(store, keep=key)
+    removed = _prune(store, "images", keep=key) + _prune(store, "sysroot", keep=sysroot_key.key())
     if removed:
-        steps.console.print(f"[dim]pruned {len(removed)} old image(s) from the cache[/]")
+        steps.console.print(f"[dim]pruned {len(removed)} old cache entries[/]")
     return ImageArtifacts.load(store.path("images", key))
-
-
-def _build_project_wheel(dest: Path, log: Path) -> Path:
-    for old in dest.glob("fl_edge-*.whl"):
-        old.unlink()
-    return image_rootfs.build_project_wheel(PROJECT_ROOT, dest, log, sys.executable)
 
 
 @contextlib.contextmanager
@@ -295,14 +302,15 @@ def _scratch(store: ArtifactStore) -> Iterator[Path]:
         yield work
     finally:
         # A chroot mount left behind by a failed step must not make rmtree walk into /proc or /dev.
-        for sub in ("rootfs/proc", "rootfs/dev"):
+        for sub in ("rootfs/proc", "rootfs/dev", "sysroot/proc", "sysroot/dev"):
             if os.path.ismount(work / sub):
                 os.system(f"umount -l '{work / sub}'")
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _prune(store: ArtifactStore, keep: str) -> list[Path]:
-    base = store.root / "images"
+def _prune(store: ArtifactStore, kind: str, keep: str) -> list[Path]:
+    """Drop old entries of ``kind``: keep ``keep``, the newest few, and any made in the last hours."""
+    base = store.root / kind
     entries = sorted(
         (p for p in base.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True
     )
@@ -311,7 +319,7 @@ def _prune(store: ArtifactStore, keep: str) -> list[Path]:
     keep_names = (
         {keep} | {p.name for p in entries[:KEEP_IMAGES]} | {p.name for p in entries if p.stat().st_mtime > recent}
     )
-    return store.prune("images", keep_names)
+    return store.prune(kind, keep_names)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -1,12 +1,13 @@
 """The development image's root file system: Debian bookworm (mmdebstrap) + fl-agent + rootfs-overlay.
 
-Three steps, each cached by its inputs (see image.py):
+Steps, each cached by its inputs (see image.py):
 - ``build_base``: mmdebstrap a minimal bookworm with systemd, udev, kmod and python3 into a tarball;
-- ``download_wheels``: the project's wheel and the wheels of the agent's dependencies, fetched on the host
+- ``download_dependency_wheels``: the wheels of the agent's dependencies, fetched on the host
   (``pip download --only-binary=:all:``) so the install into the image is offline and reproducible;
-- ``assemble_rootfs``: unpack the base, install the agent into a venv at /opt/fl-agent, copy the shared
-  ``rootfs-overlay/`` and the development-only ``tools/image/dev-overlay/``, create the fl-agent user, enable
-  the units, add the kernel modules, and make the tree ready for a read-only ext4 root.
+- ``build_sysroot``: base + a venv at /opt/fl-agent with those dependencies + the kernel modules (tarball);
+- ``assemble_rootfs``: unpack the sysroot, install the project's wheel (``build_project_wheel``), copy the
+  shared ``rootfs-overlay/`` and the development-only ``tools/image/dev-overlay/``, create the fl-agent user,
+  enable the units, and make the tree ready for a read-only ext4 root.
 """
 
 from __future__ import annotations
@@ -147,24 +148,54 @@ def download_dependency_wheels(requirements: list[str], dest: Path, log: Path, p
     )
 
 
-def assemble_rootfs(
-    base_tar: Path,
-    wheels: Path,
-    project_wheel: Path,
-    modules_root: Path,
-    overlays: list[Path],
-    root: Path,
-    log: Path,
-) -> UserIds:
-    """Turn the base tarball into the finished root tree at ``root``; returns the fl-agent ids."""
-    root.mkdir(parents=True, exist_ok=True)
-    run_logged(["tar", "-xpf", str(base_tar), "-C", str(root), "--numeric-owner"], log, "unpack base")
+def build_sysroot(
+    base_tar: Path, wheels: Path, requirements: list[str], modules_root: Path, out_tar: Path, work: Path, log: Path
+) -> None:
+    """Base system + a venv at /opt/fl-agent holding the agent's dependencies + the kernel modules, as a tar.
 
-    _install_agent(root, wheels, project_wheel, log)
+    This is the slow, rarely-changing part of the root file system; it is cached on its own so a change to
+    the agent's code only reinstalls the project wheel (``assemble_rootfs``).
+    """
+    root = work / "sysroot"
+    root.mkdir(parents=True)
+    run_logged(["tar", "-xpf", str(base_tar), "-C", str(root), "--numeric-owner"], log, "unpack base")
+    staged = root / "tmp" / "wheels"
+    shutil.copytree(wheels, staged, ignore=shutil.ignore_patterns("build.log", ".complete"))
+    with _chroot_mounts(root):
+        _chroot_run(root, ["python3", "-m", "venv", VENV], log, "venv")
+        _chroot_run(
+            root,
+            [f"{VENV}/bin/pip", "install", "-q", "--no-index", "--find-links=/tmp/wheels", *requirements],
+            log,
+            "pip install the agent's dependencies into the image",
+        )
+    shutil.rmtree(staged)
+    shutil.copytree(modules_root, root / "usr", dirs_exist_ok=True, symlinks=True)
+    run_logged(["tar", "-cf", str(out_tar), "--numeric-owner", "--xattrs", "-C", str(root), "."], log, "pack sysroot")
+    shutil.rmtree(root)
+
+
+def assemble_rootfs(sysroot_tar: Path, project_wheel: Path, overlays: list[Path], root: Path, log: Path) -> UserIds:
+    """Unpack the sysroot, add fl-agent and the overlays; returns the fl-agent ids."""
+    root.mkdir(parents=True, exist_ok=True)
+    run_logged(["tar", "-xpf", str(sysroot_tar), "-C", str(root), "--numeric-owner", "--xattrs"], log, "unpack")
+    staged = root / "tmp" / project_wheel.name
+    shutil.copy2(project_wheel, staged)
+    with _chroot_mounts(root):
+        _chroot_run(
+            root,
+            [f"{VENV}/bin/pip", "install", "-q", "--no-index", "--no-deps", f"/tmp/{project_wheel.name}"],
+            log,
+            "pip install fl-edge into the image",
+        )
+    staged.unlink()
+    for script in ("fl-agent",):
+        link = root / "usr" / "bin" / script
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to(f"{VENV}/bin/{script}")
     for overlay in overlays:
         copy_overlay(overlay, root)
-    shutil.copytree(modules_root, root / "usr", dirs_exist_ok=True, symlinks=True)
-
     run_logged(["systemd-sysusers", f"--root={root}"], log, "systemd-sysusers")
     ids = read_user_ids(root)
     _enable_units(root, log)
@@ -172,41 +203,19 @@ def assemble_rootfs(
     return ids
 
 
-def _install_agent(root: Path, wheels: Path, project_wheel: Path, log: Path) -> None:
-    staged = root / "tmp" / "wheels"
-    shutil.copytree(wheels, staged)
-    env = {
-        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/root",
-        "LANG": "C.UTF-8",
-        # A clean pip: no host config, index or find-links leaking into the image build.
-        "PIP_CONFIG_FILE": "/dev/null",
-        "PIP_NO_INDEX": "1",
-        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-    }
-    with _chroot_mounts(root):
-        run_logged(["chroot", str(root), "python3", "-m", "venv", VENV], log, "venv", env=env)
-        run_logged(
-            [
-                "chroot",
-                str(root),
-                f"{VENV}/bin/pip",
-                "install",
-                "-q",
-                "--no-index",
-                "--find-links=/tmp/wheels",
-                f"/tmp/wheels/{project_wheel.name}[agent]",
-            ],
-            log,
-            "pip install fl-edge[agent] into the image",
-            env=env,
-        )
-    shutil.rmtree(staged)
-    for script in ("fl-agent",):
-        link = root / "usr" / "bin" / script
-        if link.exists() or link.is_symlink():
-            link.unlink()
-        link.symlink_to(f"{VENV}/bin/{script}")
+# A clean pip in the chroot: no host config, index or find-links leaking into the image build.
+_CHROOT_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "PIP_CONFIG_FILE": "/dev/null",
+    "PIP_NO_INDEX": "1",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+}
+
+
+def _chroot_run(root: Path, cmd: list[str], log: Path, what: str) -> None:
+    run_logged(["chroot", str(root), *cmd], log, what, env=_CHROOT_ENV)
 
 
 class _chroot_mounts:
