@@ -28,6 +28,9 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# pytest runs even when ruff finds something, so one run reports both; the exit code is pytest's if it
+# failed (5 included: .ci/run treats "no tests" as a failure), else ruff's.
 test: host-packages venv
-	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(VENV)/bin/ruff check . ; lint=$$? ; \
+	$(PY) -m pytest $(PYTEST_ARGS) ; rc=$$? ; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi ; exit $$lint

@@ -56,5 +56,5 @@ def test_bad_config_names_file_and_key(tmp_path, text, needle):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="agent.toml: cannot read"):
+    with pytest.raises(ConfigError, match=r"agent\.toml: cannot read"):
         load_config(tmp_path / "agent.toml")
