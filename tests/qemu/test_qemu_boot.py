@@ -194,6 +194,11 @@ def test_round_with_host_aggregator_is_accepted(first_boot, fl0, idle_aggregator
         first_boot.run("true")  # keep reading the console
         time.sleep(3)
     assert rounds[1]["participants"] == 1
+    # The training ran in the trainer's own child cgroup, under a tighter memory.max than the agent's: the
+    # delegation works under the hardened unit.
+    assert (metric(scrape(fl0.metrics_port), "fl_agent_trainer_memory_peak_bytes") or 0) > 0
+    trainer_max = first_boot.check("cat /sys/fs/cgroup/system.slice/fl-agent.service/trainer/memory.max").strip()
+    assert trainer_max.isdigit() and int(trainer_max) < 512 * 2**20, trainer_max
 
 
 # --- power cut and second boot ------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ class ImageArtifacts:
         path = directory / "manifest.json"
         if not path.exists():
             raise ImageBuildError(f"{directory} holds no built image (no manifest.json); run `flctl image build`")
-        return cls(directory, json.loads(path.read_text()))
+        return cls(directory.resolve(), json.loads(path.read_text()))
 
 
 class Steps:

@@ -4,6 +4,8 @@
                      data partition with a fresh device key (enrolled with a local aggregator when
                      ``--aggregator-state`` is given) and a metrics port forwarded to host loopback. Serial
                      consoles go to log files (``--console`` puts appliance 0's on this terminal).
+``flctl qemu env``   provisions appliances the same way and writes a labgrid environment for them
+                     (QEMUDriver + ShellDriver per appliance), for ``pytest --lg-env`` or labgrid-client.
 ``flctl qemu test``  runs the boot tests (pytest -m qemu tests/qemu) -- what CI runs.
 
 See docs/qemu.md.
@@ -53,33 +55,55 @@ def _enroll(state: Path, public_key_hex: str) -> None:
         raise qemu_rig.RigError(f"fl-aggregator enroll failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
+def _prepare(args: argparse.Namespace, console: Console):
+    """Image, accelerator and the provisioned appliances shared by ``run`` and ``env``."""
+    art = _load_or_build(args.image, args.cache, console)
+    pub = _aggregator_pub(args.aggregator_state, args.aggregator_pub)
+    if pub is None:
+        console.print(
+            "[yellow]no aggregator key given (--aggregator-state/--aggregator-pub): "
+            "fl-agent will refuse to start without a pinned aggregator key[/]"
+        )
+    accel = qemu_rig.choose_accelerator(str(art.vmlinux), str(art.initrd))
+    machine = qemu_rig.MachineConfig(accel=accel, memory=args.memory, smp=args.smp)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fl-qemu-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    appliances = []
+    for i in range(args.count):
+        identity = qemu_rig.Identity.generate()
+        a = qemu_rig.Appliance(
+            f"fl{i}", workdir, identity, metrics_port=qemu_rig.free_port(), aggregator_port=args.aggregator_port
+        )
+        qemu_rig.provision_data_partition(art, a.data_image, identity, pub)
+        if args.aggregator_state is not None:
+            _enroll(args.aggregator_state, identity.public_key_hex)
+        appliances.append(a)
+    return art, machine, workdir, appliances
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Provision appliances and write a labgrid environment for them (for ``pytest --lg-env``)."""
+    console = Console(stderr=True)
+    try:
+        art, machine, workdir, appliances = _prepare(args, console)
+        path = qemu_rig.labgrid_env(art, appliances, machine, args.output)
+    except (qemu_rig.RigError, ImageBuildError, OSError) as exc:
+        console.print(f"[red]qemu env:[/] {exc}")
+        return 1
+    for a in appliances:
+        console.print(f"[bold]{a.name}[/] device {a.identity.device_id}: metrics 127.0.0.1:{a.metrics_port}")
+    console.print(f"labgrid environment {path} (targets {', '.join(a.name for a in appliances)}; data in {workdir})")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
-        art = _load_or_build(args.image, args.cache, console)
-        pub = _aggregator_pub(args.aggregator_state, args.aggregator_pub)
-        if pub is None:
-            console.print(
-                "[yellow]no aggregator key given (--aggregator-state/--aggregator-pub): "
-                "fl-agent will refuse to start without a pinned aggregator key[/]"
-            )
-        accel = qemu_rig.choose_accelerator(str(art.vmlinux), str(art.initrd))
-        machine = qemu_rig.MachineConfig(accel=accel, memory=args.memory, smp=args.smp)
-        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fl-qemu-"))
-        workdir.mkdir(parents=True, exist_ok=True)
-        appliances = []
-        for i in range(args.count):
-            identity = qemu_rig.Identity.generate()
-            a = qemu_rig.Appliance(
-                f"fl{i}", workdir, identity, metrics_port=qemu_rig.free_port(), aggregator_port=args.aggregator_port
-            )
-            qemu_rig.provision_data_partition(art, a.data_image, identity, pub)
-            if args.aggregator_state is not None:
-                _enroll(args.aggregator_state, identity.public_key_hex)
-            appliances.append(a)
+        art, machine, workdir, appliances = _prepare(args, console)
     except (qemu_rig.RigError, ImageBuildError, OSError) as exc:
         console.print(f"[red]qemu run:[/] {exc}")
         return 1
+    accel = machine.accel
 
     procs: list[subprocess.Popen] = []
     try:
@@ -89,9 +113,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 cmd[cmd.index(f"file:{a.console_log}")] = "mon:stdio"
                 cmd[cmd.index("-monitor") : cmd.index("-monitor") + 2] = []
             procs.append(subprocess.Popen(cmd, stdin=None if args.console and i == 0 else subprocess.DEVNULL))
+            where = "this terminal (Ctrl-A X quits)" if args.console and i == 0 else str(a.console_log)
             console.print(
                 f"[bold]{a.name}[/] device {a.identity.device_id} ({accel}): metrics "
-                f"http://127.0.0.1:{a.metrics_port}/metrics, console {a.console_log}, data {a.data_image}"
+                f"http://127.0.0.1:{a.metrics_port}/metrics, console {where}, data {a.data_image}"
             )
         console.print(f"[dim]work dir {workdir}; Ctrl-C stops the appliances[/]")
         while all(p.poll() is None for p in procs):
@@ -105,8 +130,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for p in procs:
             try:
                 p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 p.kill()
+                p.wait()
     return 0
 
 
@@ -124,22 +150,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     qsub = qemu.add_subparsers(dest="qemu_command", required=True)
 
     run = qsub.add_parser("run", help="boot N appliances sharing the read-only root image")
-    run.add_argument("-n", "--count", type=_positive, default=1, help="number of appliances (default 1)")
-    run.add_argument("--image", type=Path, help="a built image dir (default: build or take it from the cache)")
-    run.add_argument("--cache", type=Path, help="image cache dir (default: $FL_EDGE_CACHE or ~/.cache/fl-edge)")
-    run.add_argument("--workdir", type=Path, help="where data partitions and console logs go (default: a temp dir)")
-    run.add_argument("--aggregator-port", type=int, help="host loopback port of the aggregator (guest 10.0.2.100:8080)")
-    run.add_argument("--aggregator-state", type=Path, help="aggregator state dir: pin its key, enroll the devices")
-    run.add_argument("--aggregator-pub", help="aggregator public key (64 hex chars) if not from --aggregator-state")
-    run.add_argument("--memory", default="1024M", help="guest memory (default 1024M)")
-    run.add_argument("--smp", type=_positive, default=1, help="guest CPUs (default 1)")
+    _appliance_args(run)
     run.add_argument("--console", action="store_true", help="attach appliance 0's serial console to this terminal")
     run.set_defaults(func=cmd_run)
+
+    env = qsub.add_parser("env", help="provision N appliances and write a labgrid environment (pytest --lg-env)")
+    _appliance_args(env)
+    env.add_argument("-o", "--output", type=Path, default=Path("fl-qemu-env.yaml"), help="environment file")
+    env.set_defaults(func=cmd_env)
 
     test = qsub.add_parser("test", help="run the QEMU boot tests (pytest -m qemu tests/qemu)")
     test.add_argument("--cache", type=Path, help="image cache dir")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
     test.set_defaults(func=cmd_test)
+
+
+def _appliance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--count", type=_positive, default=1, help="number of appliances (default 1)")
+    p.add_argument("--image", type=Path, help="a built image dir (default: build or take it from the cache)")
+    p.add_argument("--cache", type=Path, help="image cache dir (default: $FL_EDGE_CACHE or ~/.cache/fl-edge)")
+    p.add_argument("--workdir", type=Path, help="where data partitions and console logs go (default: a temp dir)")
+    p.add_argument("--aggregator-port", type=int, help="host loopback port of the aggregator (guest 10.0.2.100:8080)")
+    p.add_argument("--aggregator-state", type=Path, help="aggregator state dir: pin its key, enroll the devices")
+    p.add_argument("--aggregator-pub", help="aggregator public key (64 hex chars) if not from --aggregator-state")
+    p.add_argument("--memory", default="1024M", help="guest memory (default 1024M)")
+    p.add_argument("--smp", type=_positive, default=1, help="guest CPUs (default 1)")
 
 
 def _positive(text: str) -> int:
