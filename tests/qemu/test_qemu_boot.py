@@ -90,6 +90,8 @@ def test_system_running_without_failed_units_or_ordering_cycles(first_boot):
     cycles = first_boot.check("journalctl -b --no-pager -o cat | grep -ci 'ordering cycle' || true")
     assert cycles.strip() == "0", "systemd found ordering cycles (journalctl -b | grep -i 'ordering cycle')"
     assert first_boot.check("cat /proc/sys/kernel/tainted").strip() == "0"
+    print("\n[qemu] " + first_boot.check("systemd-analyze time --no-pager").strip())
+    print("[qemu] slowest units:\n" + first_boot.check("systemd-analyze blame --no-pager | head -5"))
 
 
 def test_root_is_read_only_and_data_partition_writable(first_boot):

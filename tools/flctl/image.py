@@ -128,9 +128,10 @@ def build_image(
     started = time.monotonic()
     with store.lock():
         art = _build_locked(store, steps, data_size, rebuild)
-        manifest_path = art.directory / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
-        if not manifest.get("from_cache"):
+        from_cache = bool(art.manifest.get("from_cache"))
+        if not from_cache:
+            manifest_path = art.directory / "manifest.json"
+            manifest = json.loads(manifest_path.read_text())
             manifest["build_seconds"] = round(time.monotonic() - started, 1)
             manifest["step_seconds"] = {k: round(v, 1) for k, v in steps.timings.items()}
             manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -138,6 +139,7 @@ def build_image(
     if out is not None:
         _publish(art, out)
         art = ImageArtifacts.load(out)
+    art.manifest["from_cache"] = from_cache  # in memory only: callers report whether this call built it
     took = time.monotonic() - started
     disk_mib = art.disk.stat().st_size / image_disk.MIB
     console.print(

@@ -54,19 +54,33 @@ class DebPackage:
 
 
 def resolve_package(name: str) -> DebPackage:
-    """The candidate version of ``name`` in the host's apt sources (``apt-cache policy``)."""
+    """The candidate version of ``name`` in the host's apt sources (``apt-cache policy``).
+
+    A fresh CI container often has no package lists at all: then ``apt-get update`` once and ask again.
+    """
+    for attempt in range(2):
+        version = _candidate(name)
+        if version:
+            return DebPackage(name, version)
+        if attempt == 0:
+            _run(["apt-get", "update", "-qq"])
+    raise KernelError(f"apt has no candidate for {name!r} even after apt-get update (Debian bookworm sources needed)")
+
+
+def _candidate(name: str) -> str | None:
     out = _run(["apt-cache", "policy", name])
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("Candidate:"):
             version = line.split(":", 1)[1].strip()
             if version and version != "(none)":
-                return DebPackage(name, version)
-    raise KernelError(f"apt has no candidate for {name!r}; run `apt-get update` (Debian bookworm sources needed)")
+                return version
+    return None
 
 
 def resolve_kernel_package() -> DebPackage:
     """The versioned linux-image package the ``linux-image-amd64`` meta package points at."""
+    resolve_package(KERNEL_META_PACKAGE)  # makes sure the package lists exist
     out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
     for line in out.splitlines():
         line = line.strip()
