@@ -7,12 +7,14 @@ A plain ``pytest`` builds what it needs: the session-scoped ``dev_image`` fixtur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -78,7 +80,6 @@ class HostAggregator:
     log: Path
     args: list[str]
     process: subprocess.Popen | None = None
-    paused: bool = False
     skip_reason: str | None = None
 
     @property
@@ -119,22 +120,9 @@ class HostAggregator:
         with urllib.request.urlopen(f"{self.url}/v1/status?rounds={rounds}", timeout=10) as r:
             return json.load(r)
 
-    def pause(self) -> None:
-        """SIGSTOP: the port still accepts connections (kernel backlog) but nothing answers: a delivery hangs."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-        self.paused = True
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-        self.paused = False
-
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        if self.paused:
-            self.resume()
         self.process.terminate()
         try:
             self.process.wait(timeout=15)
@@ -289,3 +277,111 @@ def boot_appliance(dev_image, machine):
         return boot(dev_image, machine, appliance, workdir)
 
     return _boot
+
+
+class UpdateGate:
+    """A TCP proxy in front of the host aggregator that lets the first ``allow`` update uploads through and
+    holds every later one: the request is read but never forwarded, the connection stays open, so the
+    appliance's delivery hangs exactly as it would on a network that stalls mid-upload. ``held`` is set
+    once an upload is being held. Everything else (task long-polls, models, packages) passes untouched.
+
+    HTTP/1.1 keep-alive carries several requests per connection, so requests are framed by their head
+    and Content-Length (the agent's client always sends one).
+    """
+
+    UPLOAD = b"POST /v1/updates"
+
+    def __init__(self, upstream_port: int, allow: int = 1) -> None:
+        self.upstream_port = upstream_port
+        self.allow = allow
+        self.uploads = 0
+        self.held = threading.Event()
+        self._lock = threading.Lock()
+        self._held_sockets: list[socket.socket] = []
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+        except OSError:
+            client.close()  # aggregator not running: like a refused connection
+            return
+        upstream.settimeout(None)
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                while len(rest) < length:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    rest += chunk
+                request, buf = head + b"\r\n\r\n" + rest[:length], rest[length:]
+                if head.startswith(self.UPLOAD):
+                    with self._lock:
+                        self.uploads += 1
+                        hold = self.uploads > self.allow
+                    if hold:
+                        self._held_sockets.append(client)
+                        self.held.set()
+                        return  # keep the client connection open, unanswered
+                upstream.sendall(request)
+        except OSError:
+            return
+        finally:
+            if client not in self._held_sockets:
+                client.close()
+                upstream.close()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def open(self) -> None:
+        """Let every upload through from now on and drop the held connections (their uploads are lost)."""
+        with self._lock:
+            self.allow = 10**9
+        for s in self._held_sockets:
+            s.close()
+        self._held_sockets.clear()
+
+    def close(self) -> None:
+        self._server.close()
+        self.open()
+
+
+@pytest.fixture(scope="module")
+def update_gate(idle_aggregator) -> Iterator[UpdateGate]:
+    """Between an appliance's guestfwd and ``idle_aggregator``: the first upload passes, later ones hang."""
+    gate = UpdateGate(idle_aggregator.port, allow=1)
+    yield gate
+    gate.close()

@@ -39,13 +39,13 @@ def rig_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fl0(dev_image, idle_aggregator, rig_dir):
+def fl0(dev_image, idle_aggregator, update_gate, rig_dir):
     """Appliance fl0: a device key enrolled with the host aggregator, provisioned onto its data partition."""
     from flctl.qemu_rig import Appliance, Identity, free_port, provision_data_partition
 
     identity = Identity.generate()
     idle_aggregator.enroll(identity.public_key_hex)
-    appliance = Appliance("fl0", rig_dir, identity, metrics_port=free_port(), aggregator_port=idle_aggregator.port)
+    appliance = Appliance("fl0", rig_dir, identity, metrics_port=free_port(), aggregator_port=update_gate.port)
     provision_data_partition(dev_image, appliance.data_image, identity, idle_aggregator.public_key_hex)
     return appliance
 
@@ -211,7 +211,7 @@ def outbox_files(guest) -> list[str]:
 
 
 def test_power_cut_during_delivery_then_clean_data_and_update_delivered_once(
-    first_boot, boot_appliance, fl0, rig_dir, idle_aggregator
+    first_boot, boot_appliance, fl0, rig_dir, idle_aggregator, update_gate
 ):
     """Cut the power while round 2's update is being delivered; the next boot must deliver it exactly once."""
     from flctl.image_disk import fsck_clean
@@ -219,18 +219,16 @@ def test_power_cut_during_delivery_then_clean_data_and_update_delivered_once(
     if idle_aggregator.process is None:
         pytest.skip(idle_aggregator.skip_reason or "the round test did not start the aggregator")
     device = fl0.identity.device_id
-    # Round 2 opened when round 1 closed. Once the agent has fetched its model and trains, stall the aggregator:
-    # the update then goes to the outbox (fsync'd) and its POST hangs (the kernel still accepts the connection).
-    first_boot.wait_for(
-        f"systemctl show -p StatusText --value {AGENT} | grep -q 'training round 2'", timeout=600, interval=1
-    )
-    idle_aggregator.pause()
-    first_boot.wait_for("ls -1 /var/lib/fl-agent/outbox | grep -q '[.]upd$'", timeout=600, interval=2)
+    # Round 2 opened when round 1 closed; the agent trains it, puts the signed update in its outbox (fsync'd)
+    # and uploads it. The gate holds that upload unanswered: the delivery is in flight.
+    deadline = time.monotonic() + 900
+    while not update_gate.held.wait(timeout=2):
+        assert time.monotonic() < deadline, "the agent never tried to deliver round 2's update"
+        first_boot.run("true")  # keep reading the console
     queued = outbox_files(first_boot)
     assert len(queued) == 1, queued
-    time.sleep(3)  # the delivery is in flight
     first_boot.power_cut()
-    idle_aggregator.resume()
+    update_gate.open()  # the held upload never reached the aggregator; later ones pass
 
     second = boot_appliance(fl0, rig_dir)
     try:
