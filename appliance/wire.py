@@ -407,6 +407,15 @@ def _metrics(value: Any) -> dict[str, float]:
     return out
 
 
+def _aggregator_payload(message: bytes | memoryview, aggregator_key: VerifyKey, kind: str) -> dict[str, Any]:
+    """The payload of a tensor-free message signed by the pinned aggregator key."""
+    verified = verify(message, pinned(aggregator_key))
+    _type(verified.payload, kind)
+    if len(verified.rest):
+        raise ProtocolError("trailing-bytes", f"a {kind} carries no tensor section")
+    return verified.payload
+
+
 def _check_section(verified: Verified) -> memoryview:
     pinned = _field(verified.payload, "tensors_sha256", memoryview)
     section = verified.rest
@@ -531,11 +540,7 @@ def encode_task(task: Task, key: SigningKey) -> bytes:
 
 def decode_task(message: bytes | memoryview, aggregator_key: VerifyKey) -> Task:
     """Verify a task against the pinned aggregator key; anything else signed is refused."""
-    verified = verify(message, pinned(aggregator_key))
-    p = verified.payload
-    _type(p, "task")
-    if len(verified.rest):
-        raise ProtocolError("trailing-bytes", "a task carries no tensor section")
+    p = _aggregator_payload(message, aggregator_key, "task")
     encoding = _field(p, "encoding", str)
     if encoding not in ENCODINGS:
         raise ProtocolError("bad-payload", f"unknown encoding {encoding!r}")
@@ -628,11 +633,7 @@ def encode_receipt(receipt: Receipt, key: SigningKey) -> bytes:
 
 
 def decode_receipt(message: bytes | memoryview, aggregator_key: VerifyKey) -> Receipt:
-    verified = verify(message, pinned(aggregator_key))
-    p = verified.payload
-    _type(p, "receipt")
-    if len(verified.rest):
-        raise ProtocolError("trailing-bytes", "a receipt carries no tensor section")
+    p = _aggregator_payload(message, aggregator_key, "receipt")
     return Receipt(
         device_id=_field(p, "device", str),
         round_id=_field(p, "round", int),
