@@ -150,7 +150,7 @@ def export_test_package(out: Path, key) -> str | None:
     return None
 
 
-def _make_aggregator(tmp_path_factory) -> HostAggregator:
+def _make_aggregator(tmp_path_factory, clients: int = 1) -> HostAggregator:
     from nacl.signing import SigningKey
 
     from appliance.identity import write_key_file
@@ -168,8 +168,8 @@ def _make_aggregator(tmp_path_factory) -> HostAggregator:
         port=free_port(),
         package=package,
         log=root / "aggregator.log",
-        args=["--min-clients", "1", "--goal-clients", "1", "--round-timeout", "1800", "--rounds", "3",
-              "--epochs", "1", "--batch-size", "16"],
+        args=["--min-clients", str(clients), "--goal-clients", str(clients), "--round-timeout", "1800",
+              "--rounds", "3", "--epochs", "1", "--batch-size", "16"],
     )  # fmt: skip
     agg.skip_reason = export_test_package(package, key)
     return agg
@@ -385,3 +385,13 @@ def update_gate(idle_aggregator) -> Iterator[UpdateGate]:
     gate = UpdateGate(idle_aggregator.port, allow=1)
     yield gate
     gate.close()
+
+
+@pytest.fixture(scope="module")
+def fleet_aggregator(tmp_path_factory) -> Iterator[HostAggregator]:
+    """A running aggregator whose rounds wait for two appliances (quorum 2, goal 2)."""
+    agg = _make_aggregator(tmp_path_factory, clients=2)
+    if agg.skip_reason is None:
+        agg.start()
+    yield agg
+    agg.stop()
