@@ -11,8 +11,6 @@ specs (:class:`Layout`), which is also the layout of every spooled update.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
 from appliance import wire
+from appliance.durable import atomic_write
 from appliance.wire import ParamSpec
 
 
@@ -89,24 +88,6 @@ class Layout:
         return {spec.name: flat[slice(*self.offsets[spec.name])].reshape(spec.shape) for spec in self.specs}
 
 
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ModelStore:
     """Published model versions on disk: ``models/v<version>.release`` holds the signed ModelRelease bytes."""
 
@@ -137,7 +118,7 @@ class ModelStore:
             created_at=created_at,
         )
         message, digest = wire.encode_model_release(release, self._key)
-        _atomic_write(self.path(version), message)
+        atomic_write(self.path(version), message)
         self._latest = None
         return digest
 

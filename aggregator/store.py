@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from appliance.durable import fsync_dir
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id   TEXT PRIMARY KEY,
@@ -139,13 +141,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Store:
@@ -451,7 +446,7 @@ class Store:
             entry = (fd, os.fstat(fd).st_size)
             self._segments[round_id] = entry
             if not existed:
-                _fsync_dir(self.spool_dir)
+                fsync_dir(self.spool_dir)
         return entry
 
     def _write_loop(self) -> None:

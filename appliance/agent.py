@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -38,6 +37,7 @@ from appliance.budget import (
 )
 from appliance.client import AggregatorClient, AggregatorUnavailable, Rejection
 from appliance.config import Config
+from appliance.durable import atomic_write
 from appliance.errors import ProtocolError
 from appliance.framebuffer import FrameBuffer
 from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_create_device_key
@@ -101,13 +101,7 @@ class Agent:
             return {}
 
     def _save_state(self) -> None:
-        path = self.state_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump({"last_round": self.last_round}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        atomic_write(self.state_dir / STATE_FILE, json.dumps({"last_round": self.last_round}).encode())
 
     def _register_module_metrics(self) -> None:
         m = self.metrics

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"FLF1"
@@ -145,17 +147,10 @@ class FrameBuffer:
         finally:
             os.close(fd)
         os.replace(tmp, final)
-        self._fsync_dir()
+        fsync_dir(self.root)
         self._sizes[name] = len(blob)
         self._enforce()
         return final
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _enforce(self) -> None:
         total = sum(self._sizes.values())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey, VerifyKey
 
+from appliance.durable import fsync_dir
 from appliance.wire import key_id
 
 IDENTITY_DIR = "identity"
@@ -69,11 +70,7 @@ def _publish_key_file(path: Path, raw: bytes, mode: int, *, exclusive: bool) -> 
                 return False
         else:
             os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
         return True
     finally:
         if fd >= 0:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
 from appliance import wire
+from appliance.durable import atomic_write
 from appliance.errors import ProtocolError
 from appliance.wire import ParamSpec
 
@@ -199,13 +199,7 @@ def encode_package(pkg: ModelPackage, key: SigningKey) -> tuple[bytes, bytes]:
 def write_package(path: Path | str, pkg: ModelPackage, key: SigningKey) -> bytes:
     """Sign ``pkg`` with the aggregator ``key`` and write it atomically to ``path``; returns the digest."""
     data, digest = encode_package(pkg, key)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data)
     return digest
 
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".upd"
@@ -65,13 +67,6 @@ def digest(message: bytes) -> str:
     """The idempotency key of a message: lowercase hex SHA-256."""
     return hashlib.sha256(message).hexdigest()
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -176,7 +171,7 @@ class Outbox:
                 if match:
                     self._next_seq = max(self._next_seq, int(match[1]) + 1)
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             log.info("outbox: removed %d half-written file(s) left by a crash", removed)
         self.counters.stale_temp_files_removed += removed
 
@@ -232,7 +227,7 @@ class Outbox:
             finally:
                 os.close(fd)
             os.rename(tmp, self.directory / entry.name)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self._entries[actual] = entry
             self._next_seq += 1
             self.counters.put_total += 1
@@ -251,7 +246,7 @@ class Outbox:
             count -= 1
             total -= oldest.size
         if dropped:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self.counters.dropped_total += len(dropped)
             self.counters.dropped_bytes_total += sum(entry.size for entry in dropped)
             for entry in dropped:
@@ -265,7 +260,7 @@ class Outbox:
             if entry is None:
                 return False
             (self.directory / entry.name).unlink(missing_ok=True)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             return True
 
     def _reject(self, entry: Entry, reason: str, detail: str) -> None:
@@ -278,8 +273,8 @@ class Outbox:
                 os.rename(self.directory / entry.name, target)
             note = self.rejected_directory / f"{entry.name}.reason"
             note.write_text(f"{reason}\n{detail}\n")
-            _fsync_dir(self.rejected_directory)
-            _fsync_dir(self.directory)
+            fsync_dir(self.rejected_directory)
+            fsync_dir(self.directory)
             self.counters.rejected_total[reason] += 1
             self._trim_rejected()
         log.error("outbox: update %s permanently rejected (%s%s): kept in %s", entry.key, reason,

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from nacl.signing import SigningKey, VerifyKey
 
 from appliance import identity
+from appliance.durable import atomic_write
 
 from .sealed import KdfParams, Sealer, SealError, read_passphrase
 
@@ -49,14 +50,7 @@ class Board:
 
 
 def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode(), mode)
 
 
 def check_url(url: str) -> str:

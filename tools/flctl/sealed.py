@@ -23,6 +23,8 @@ import nacl.pwhash
 import nacl.secret
 import nacl.utils
 
+from appliance.durable import atomic_write
+
 FORMAT = "flctl-sealed/1"
 KDF = "argon2id13"
 PASSPHRASE_ENV = "FLCTL_PASSPHRASE"
@@ -85,14 +87,7 @@ class Sealer:
         """Write `secret` sealed to `path` (mode 0600, written to a temp file then renamed)."""
         box = bytes(self._box(params).encrypt(secret))
         obj = {"format": FORMAT, **params.to_json(), "box": box.hex()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode(), 0o600)
 
     def open(self, path: Path) -> bytes:
         try:
