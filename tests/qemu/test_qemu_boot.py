@@ -128,6 +128,11 @@ def test_agent_ready_as_its_own_user_in_its_cgroup_with_limits(first_boot, dev_i
     assert first_boot.check(f"cat {cg}/memory.max").strip() == str(512 * 2**20)
     assert first_boot.check(f"cat {cg}/memory.high").strip() == str(400 * 2**20)
     assert "default 50" in first_boot.check(f"cat {cg}/io.weight")
+    # The defaults are overridable although / is read-only: a runtime drop-in changes the live limit.
+    first_boot.check("systemctl set-property --runtime fl-agent.service MemoryMax=640M")
+    assert first_boot.check(f"cat {cg}/memory.max").strip() == str(640 * 2**20)
+    first_boot.check("systemctl set-property --runtime fl-agent.service MemoryMax=512M")
+    assert first_boot.check(f"cat {cg}/memory.max").strip() == str(512 * 2**20)
     # Delegate=yes: the subtree belongs to fl-agent, so the agent can make the trainer's child cgroup even
     # though ProtectControlGroups= makes the rest of /sys/fs/cgroup read-only for it.
     assert first_boot.check(f"stat -c %U {cg}").strip() == "fl-agent"
