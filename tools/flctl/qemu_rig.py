@@ -15,7 +15,10 @@ line (``qemu_command``) for ``flctl qemu run``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -30,11 +33,13 @@ import nacl.signing
 
 from . import image_disk
 from .image import ImageArtifacts
+from .image_cache import cache_root
 
 GUEST_AGGREGATOR = ("10.0.2.100", 8080)
 GUEST_METRICS_PORT = 9101
 QEMU_BIN = "qemu-system-x86_64"
 KVM_PROBE_SECONDS = 15
+KVM_PROBE_MEMO_SECONDS = 24 * 3600
 ENV_ACCEL = "FL_QEMU_ACCEL"  # force "kvm" or "tcg"
 PROMPT = r"root@fl-dev:[^\s]*# "
 # The autologin line ("fl-dev login: root (automatic login)") must not count as a login prompt.
@@ -57,8 +62,6 @@ class Identity:
 
     @property
     def device_id(self) -> str:
-        import hashlib
-
         return hashlib.sha256(bytes(self.signing_key.verify_key)).digest()[:16].hex()
 
     @classmethod
@@ -125,7 +128,9 @@ def choose_accelerator(vmlinux: str, initrd: str) -> str:
     """ "kvm" when a tiny boot under KVM prints its marker within 15 s, else "tcg" (see docs/qemu.md).
 
     /dev/kvm may open and still be useless (nested paging-only virtualisation booted nothing in 400 s on the
-    development machines), so its presence proves nothing: boot the initramfs with ``fl.probe=1``.
+    development machines), so its presence proves nothing: boot the initramfs with ``fl.probe=1``. The answer
+    is remembered for a day per host kernel, QEMU and CPU (``<cache>/kvm-probe.json``), so a machine without
+    working KVM pays the 15 s once, not on every run.
     """
     forced = os.environ.get(ENV_ACCEL)
     if forced:
@@ -134,6 +139,31 @@ def choose_accelerator(vmlinux: str, initrd: str) -> str:
         return forced
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg"
+    memo = cache_root() / "kvm-probe.json"
+    host = _host_fingerprint()
+    try:
+        seen = json.loads(memo.read_text())
+        if seen.get("host") == host and time.time() - float(seen.get("at", 0)) < KVM_PROBE_MEMO_SECONDS:
+            return str(seen["accel"])
+    except (OSError, ValueError, KeyError):
+        pass
+    accel = _probe_kvm(vmlinux, initrd)
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"host": host, "accel": accel, "at": time.time()}))
+    return accel
+
+
+def _host_fingerprint() -> str:
+    qemu = subprocess.run([qemu_binary(), "-version"], capture_output=True, text=True, check=False).stdout
+    try:
+        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = ""
+    return hashlib.sha256(f"{os.uname().release}|{qemu.splitlines()[:1]}|{cpu}".encode()).hexdigest()[:16]
+
+
+def _probe_kvm(vmlinux: str, initrd: str) -> str:
     cmd = [
         qemu_binary(),
         "-accel",
