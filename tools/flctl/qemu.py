@@ -68,13 +68,14 @@ def _prepare(args: argparse.Namespace, console: Console):
     machine = qemu_rig.MachineConfig(accel=accel, memory=args.memory, smp=args.smp)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fl-qemu-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    override = args.agent_toml.read_text() if args.agent_toml else None
     appliances = []
     for i in range(args.count):
         identity = qemu_rig.Identity.generate()
         a = qemu_rig.Appliance(
             f"fl{i}", workdir, identity, metrics_port=qemu_rig.free_port(), aggregator_port=args.aggregator_port
         )
-        qemu_rig.provision_data_partition(art, a.data_image, identity, pub)
+        qemu_rig.provision_data_partition(art, a.data_image, identity, pub, agent_toml=override)
         if args.aggregator_state is not None:
             _enroll(args.aggregator_state, identity.public_key_hex)
         appliances.append(a)
@@ -173,6 +174,7 @@ def _appliance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregator-port", type=int, help="host loopback port of the aggregator (guest 10.0.2.100:8080)")
     p.add_argument("--aggregator-state", type=Path, help="aggregator state dir: pin its key, enroll the devices")
     p.add_argument("--aggregator-pub", help="aggregator public key (64 hex chars) if not from --aggregator-state")
+    p.add_argument("--agent-toml", type=Path, help="per-device agent.toml override put on each data partition")
     p.add_argument("--memory", default="1024M", help="guest memory (default 1024M)")
     p.add_argument("--smp", type=_positive, default=1, help="guest CPUs (default 1)")
 
