@@ -31,6 +31,7 @@ from aggregator.rounds import RoundEngine, RoundPolicy, TrainingPlan, Unavailabl
 from aggregator.store import Store
 from aggregator.strategies import make_strategy
 from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES
+from aggregator.upstream import UpstreamConfig, UpstreamLink, check_site_strategy
 from aggregator.verify import UpdateHeader, decode_delta, read_header
 from appliance import wire
 from appliance.errors import ProtocolError
@@ -82,6 +83,12 @@ class AggregatorConfig:
     # Uploads whose bodies are read and checked at once; the others wait unread (TCP holds them back), so the
     # server's memory does not grow with the number of clients sending at the same moment.
     max_active_uploads: int = 16
+    # Site mode (aggregator/upstream.py): follow this parent aggregator's rounds and forward partial sums to it.
+    upstream: UpstreamConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.upstream is not None:
+            check_site_strategy(self.strategy, self.strategy_options)
 
 
 @dataclass
@@ -364,7 +371,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             store, registry, models, strategy, config.policy, config.plan, config.key, metrics, executor,
             config.chunk_bytes,
         )
+        link = None
+        if config.upstream is not None:
+            link = UpstreamLink(config.upstream, engine, store, models, config.key, Path(config.state_dir))
         await engine.start()
+        if link is not None:
+            await link.start()
     except BaseException:
         store.close()
         executor.shutdown(wait=False)
@@ -376,6 +388,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if link is not None:
+            await link.stop()
         await engine.stop()
         store.close()
         executor.shutdown(wait=True)

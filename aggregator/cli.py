@@ -18,6 +18,7 @@ from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, rea
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.store import Store, StoreError
 from aggregator.strategies import STRATEGIES
+from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strategy, parse_upstream_key
 from appliance import wire
 from appliance.identity import IdentityError, read_key_file, write_key_file
 
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--encoding", choices=wire.ENCODINGS, default="float32", help="update tensor encoding")
     serve.add_argument("--clip-norm", type=float, default=0.0, help="devices clip their delta to this L2 norm")
     serve.add_argument("--workers", type=int, help="verification threads (default: CPU count)")
+    serve.add_argument("--upstream", metavar="URL",
+                       help="site mode: follow this parent aggregator's rounds and forward one partial sum per round")
+    serve.add_argument("--upstream-key", metavar="HEX_OR_FILE",
+                       help="the parent aggregator's public key (hex, or a file such as its aggregator.pub)")
 
     keygen = sub.add_parser("keygen", help="create the aggregator key if absent and print its public key (hex)")
     keygen.add_argument("--state", type=Path, required=True)
@@ -144,6 +149,21 @@ def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
+def _upstream(args: argparse.Namespace) -> UpstreamConfig | None:
+    """Site mode's parent, checked before anything starts: URL, pinned key, a strategy that composes."""
+    if args.upstream is None:
+        if args.upstream_key is not None:
+            raise CliError("--upstream-key goes with --upstream URL")
+        return None
+    if args.upstream_key is None:
+        raise CliError("--upstream needs --upstream-key (the parent aggregator's public key, hex or file)")
+    try:
+        check_site_strategy(args.strategy, _strategy_options(args))
+        return UpstreamConfig(url=args.upstream, key=parse_upstream_key(args.upstream_key))
+    except UpstreamError as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -151,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aggregator.models import PackageError, load_package_file
     from aggregator.simulate import synthetic_package
 
+    upstream = _upstream(args)
     args.state.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(args.state)
     if args.model is not None:
@@ -175,6 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = AggregatorConfig(
             state_dir=args.state, package=package, key=key, strategy=args.strategy,
             strategy_options=_strategy_options(args), policy=policy, plan=plan, workers=args.workers,
+            upstream=upstream,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +82,15 @@ class TrainingPlan:
             raise ValueError("epochs and batch-size must be at least 1")
         if self.learning_rate <= 0 or self.prox_mu < 0 or self.clip_norm < 0:
             raise ValueError("lr must be positive, prox-mu and clip-norm non-negative")
+
+
+# Site mode (aggregator/upstream.py): given the closed round, its sample-weighted mean delta, total samples and
+# weighted metrics, send them upstream; returns a note for the round's record, raises ForwardError if refused.
+Forwarder = Callable[["OpenRound", np.ndarray, int, dict[str, float]], Awaitable[str]]
+
+
+class ForwardError(Exception):
+    """The parent aggregator did not take a site's partial result; the site round is recorded as abandoned."""
 
 
 class Unavailable(Exception):
@@ -167,6 +176,8 @@ class RoundEngine:
         self._changed = asyncio.Condition()
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
         self._timer: asyncio.Task[None] | None = None
+        # Site mode: a closed round goes upstream instead of publishing, and rounds open only on the parent's tasks.
+        self.forward: Forwarder | None = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -206,7 +217,7 @@ class RoundEngine:
         self.store.drop_stale_segments(keep=row.round_id if row else None)
         if row is not None:
             await self._resume(row)
-        elif not self._finished():
+        elif not self._finished() and self.forward is None:
             await self._open(self.store.last_round_id() + 1, time.time(), persist=True)
         self._timer = asyncio.create_task(self._clock(), name="round-clock")
 
@@ -449,7 +460,9 @@ class RoundEngine:
         samples = sum(r.num_samples for r in rows)
         summary = _weighted_metrics(rows)
         next_id = round_.round_id + 1
-        if len(rows) >= self.policy.min_clients:
+        if len(rows) >= self.policy.min_clients and self.forward is not None:
+            await self._forward_round(round_, rows, samples, summary, now)
+        elif len(rows) >= self.policy.min_clients:
             started = time.perf_counter()
             try:
                 params, digest = await self._run(self._aggregate, round_, rows, int(now))
@@ -483,6 +496,13 @@ class RoundEngine:
     async def _abandon(
         self, round_: OpenRound, rows: list[UpdateRow], samples: int, summary: dict[str, float], now: float, note: str
     ) -> None:
+        if self.forward is not None:  # site mode: the next round opens on the parent's next task
+            self.store.finish_round(round_.round_id, "abandoned", now, len(rows), samples, summary, note=note)
+            self.metrics.rounds.labels("abandoned").inc()
+            self._finish_metrics(round_, len(rows), now)
+            self.store.drop_segment(round_.round_id)
+            await self._install(None)
+            return
         deadline = now + self.policy.round_timeout
         goal = self._goal()
         next_id = round_.round_id + 1
@@ -494,6 +514,63 @@ class RoundEngine:
         self._finish_metrics(round_, len(rows), now)
         self.store.drop_segment(round_.round_id)
         await self._install(self._new_open_round(next_id, now, deadline, goal))
+
+    async def _forward_round(
+        self, round_: OpenRound, rows: list[UpdateRow], samples: int, summary: dict[str, float], now: float
+    ) -> None:
+        """Site mode: send the round's weighted mean upstream as one update; the new version comes from the parent.
+
+        The round is recorded as ``published`` with a note naming the parent round (no new model version here).
+        """
+        assert self.forward is not None
+        try:
+            delta = await self._run(self._mean_delta, round_, rows)
+            note = await self.forward(round_, delta, samples, summary)
+        except (AggregationError, ForwardError) as exc:
+            log.warning("round %d abandoned: %s", round_.round_id, exc)
+            await self._abandon(round_, rows, samples, summary, time.time(), str(exc))
+            return
+        self.store.finish_round(round_.round_id, "published", now, len(rows), samples, summary, note=note)
+        self.metrics.rounds.labels("published").inc()
+        self._finish_metrics(round_, len(rows), now)
+        self.store.drop_segment(round_.round_id)
+        log.info("round %d: %s", round_.round_id, note)
+        await self._install(None)
+
+    def _mean_delta(self, round_: OpenRound, rows: list[UpdateRow]) -> np.ndarray:
+        segment = self.store.segment_path(round_.round_id)
+        spool = np.memmap(segment, dtype="<f4", mode="r")
+        deltas = [spool[r.offset // 4 : (r.offset + r.length) // 4] for r in rows]
+        updates = UpdateSet(deltas, np.array([r.num_samples for r in rows], dtype=np.float64), self.chunk_bytes)
+        delta = self.strategy.aggregate(updates)
+        if not np.isfinite(delta).all():
+            raise AggregationError("the site's mean delta holds NaN or Inf; refusing to forward it")
+        return delta
+
+    async def open_for_upstream(self, version: int, params: np.ndarray | None, deadline: float) -> int:
+        """Site mode: adopt the parent's model ``version`` (``params`` when it is new to this site, re-signed by
+        this site's key) and open a round on it that closes by ``deadline``. A round still open is closed first
+        (it forwards what it has, or is abandoned). Returns the new round's id."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.current is None or not self.current.closing)
+        if self.current is not None:
+            await self.close_round()
+        now = time.time()
+        if params is not None:
+            digest = await self._run(self.models.write, version, params, int(now))
+            self.store.add_model(version, digest, None, now)
+            self.params = params
+        elif self.version != version:
+            self.params = await self._run(self.models.params, version)
+        self.version = version
+        self.metrics.model_version.set(version)
+        round_id = self.store.last_round_id() + 1
+        goal = self._goal()
+        self.store.insert_round(round_id, version, now, deadline, goal)
+        await self._install(self._new_open_round(round_id, now, deadline, goal))
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.create_task(self._clock(), name="round-clock")
+        return round_id
 
     def _finish_metrics(self, round_: OpenRound, participants: int, now: float) -> None:
         self.metrics.round_duration.observe(max(0.0, now - round_.opened_at))

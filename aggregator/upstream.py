@@ -1,0 +1,244 @@
+"""Site mode: an aggregator that is itself a device of a parent aggregator (a tree, site -> city).
+
+Toward its parent, a site behaves exactly like a device with its own Ed25519 key (its aggregator key, enrolled
+at the parent like a device's): it long-polls the parent's ``/v1/task``, fetches the parent's model release
+(verified against the pinned ``--upstream-key``) and opens its own round on that model version for its own
+devices, re-signed with the site key (the release digest is the SHA-256 of the tensor section, so it is the
+same at the parent and the site). When the site's round closes with its quorum, it sends ONE signed update to
+the parent: the sample-weighted mean delta of its devices, the sum of their samples and the weighted mean of
+their metrics. The parent's FedAvg over site updates is then FedAvg over all the devices. A site without its
+quorum sends nothing, which the parent sees as one dropout. When the parent publishes the next version, the
+next parent task brings it down, and the site opens its next round on it.
+
+Robust rules (median, trimmed mean, Krum) and server optimisers (FedAdam/FedYogi) do not compose over
+partial sums, so a site must run plain FedAvg; the root of the tree may run any strategy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from nacl.signing import SigningKey, VerifyKey
+
+from aggregator.models import ModelStore
+from aggregator.rounds import ForwardError, OpenRound, RoundEngine
+from aggregator.store import Store
+from appliance import wire
+from appliance.client import AggregatorClient, AggregatorUnavailable, Rejection
+from appliance.durable import atomic_write
+from appliance.errors import ProtocolError
+from appliance.identity import IdentityError, read_key_file
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = "upstream"  # <state>/upstream/round-<site round>.task: the parent task each site round answers
+
+
+class UpstreamError(ValueError):
+    """Bad site-mode configuration; the message names the option and the problem."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Where the parent aggregator is and the key its tasks and releases must be signed with."""
+
+    url: str
+    key: VerifyKey
+    poll_seconds: float = 30.0  # long-poll wait per /v1/task request
+    retry_seconds: float = 2.0  # first back-off after a network error (doubles up to 30 s)
+
+    def __post_init__(self) -> None:
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise UpstreamError(f"--upstream must be an http:// or https:// URL, got {self.url!r}")
+
+
+def parse_upstream_key(text: str) -> VerifyKey:
+    """``--upstream-key``: 64 hex characters, or a file holding them (such as the parent's aggregator.pub)."""
+    candidate = text.strip()
+    if len(candidate) == 64:
+        try:
+            return VerifyKey(bytes.fromhex(candidate))
+        except ValueError:
+            pass
+    try:
+        return VerifyKey(read_key_file(Path(text)))
+    except IdentityError as exc:
+        raise UpstreamError(f"--upstream-key is neither 64 hex characters nor a readable key file: {exc}") from None
+
+
+def check_site_strategy(strategy: str, options: dict[str, object]) -> None:
+    """Refuse rules whose result is not a function of the per-site weighted means (only plain FedAvg is)."""
+    if strategy != "fedavg":
+        raise UpstreamError(
+            f"--upstream needs --strategy fedavg: a site forwards a partial weighted mean, and {strategy} does not "
+            "compose over partial sums (run robust rules and server optimisers at the root of the tree)"
+        )
+    if options.get("server_lr", 1.0) != 1.0:
+        raise UpstreamError("--server-lr does not apply with --upstream: the root of the tree applies it")
+
+
+@dataclass(frozen=True)
+class ParentRound:
+    """The parent task a site round answers, recorded in ``<state>/upstream/`` so it survives a restart."""
+
+    round_id: int
+    model_version: int
+    model_digest: bytes
+    deadline: int
+
+
+class UpstreamLink:
+    """The site's device side toward its parent: follows the parent's tasks and forwards closed rounds."""
+
+    def __init__(self, config: UpstreamConfig, engine: RoundEngine, store: Store, models: ModelStore,
+                 key: SigningKey, state_dir: Path):
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self.models = models
+        self.key = key
+        self.tasks_dir = Path(state_dir) / TASKS_DIR
+        self.tasks_dir.mkdir(exist_ok=True)
+        self._client: AggregatorClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        engine.forward = self.forward
+
+    @property
+    def device_id(self) -> str:
+        return wire.key_id(self.key.verify_key)
+
+    # ------------------------------------------------------------------------------------- parent tasks
+
+    def _task_path(self, site_round: int) -> Path:
+        return self.tasks_dir / f"round-{site_round:08d}.task"
+
+    def _parent_round(self, site_round: int) -> ParentRound | None:
+        """What the parent task answered by ``site_round`` asked for (None when not recorded)."""
+        try:
+            record = json.loads(self._task_path(site_round).read_text())
+            return ParentRound(int(record["round"]), int(record["model_version"]),
+                               bytes.fromhex(record["model_digest"]), int(record["deadline"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _resume_after(self) -> int:
+        """The parent round the open site round answers (after a restart), so it is not opened twice."""
+        row = self.store.open_round()
+        parent = self._parent_round(row.round_id) if row is not None else None
+        return parent.round_id if parent is not None else 0
+
+    async def start(self) -> None:
+        self._client = AggregatorClient(self.config.url, self.config.key,
+                                        timeout_seconds=self.config.poll_seconds + 60)
+        await self._client.__aenter__()
+        self._task = asyncio.create_task(self._follow(), name="upstream")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._client is not None:
+            await self._client.__aexit__(None, None, None)
+
+    async def _follow(self) -> None:
+        assert self._client is not None
+        after = self._resume_after()
+        backoff = self.config.retry_seconds
+        while True:
+            try:
+                task = await self._client.next_task(after, self.config.poll_seconds)
+                if task is not None:
+                    after = task.round_id
+                    await self._take(task)
+                backoff = self.config.retry_seconds
+            except (AggregatorUnavailable, ProtocolError) as exc:
+                log.warning("upstream %s: %s; retrying in %.0f s", self.config.url, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("following upstream round %d failed", after)
+                await asyncio.sleep(backoff)
+
+    async def _take(self, task: wire.Task) -> None:
+        """Open a site round answering the parent's ``task`` (adopting its model version when new here)."""
+        assert self._client is not None
+        if task.package_digest != self.models.package_digest:
+            log.error(
+                "upstream round %d trains package %s but this site serves %s: start the site with the same model "
+                "package (re-signed with the site key); not joining", task.round_id, task.package_digest.hex()[:16],
+                self.models.package_digest.hex()[:16],
+            )
+            return
+        margin = max(1.0, 0.1 * (task.deadline - time.time()))  # leave the forward time to reach the parent
+        deadline = min(time.time() + self.engine.policy.round_timeout, task.deadline - margin)
+        if deadline <= time.time():
+            log.warning("upstream round %d closes too soon to collect anything; skipping it", task.round_id)
+            return
+        params = None
+        if self.store.model_digest(task.model_version) != task.model_digest:
+            release = await self._client.model_release(task.model_version, self.models.layout.specs)
+            if release.digest != task.model_digest or release.version != task.model_version:
+                raise ProtocolError("wrong-model", f"upstream release {release.version} does not match its task")
+            if release.package_digest != self.models.package_digest:
+                raise ProtocolError("wrong-model", "upstream release names another model package")
+            params = self.models.layout.flatten(release.tensors)
+        site_round = await self.engine.open_for_upstream(task.model_version, params, deadline)
+        record = {"round": task.round_id, "model_version": task.model_version, "model_digest": task.model_digest.hex(),
+                  "deadline": task.deadline}
+        atomic_write(self._task_path(site_round), json.dumps(record).encode())
+        log.info("upstream round %d (model version %d): site round %d open until %.0f", task.round_id,
+                 task.model_version, site_round, deadline)
+
+    # ------------------------------------------------------------------------------------------ forwarding
+
+    async def forward(self, round_: OpenRound, delta: np.ndarray, samples: int, metrics: dict[str, float]) -> str:
+        """Send a closed site round upstream as one signed update; returns the note for the round's record."""
+        parent = self._parent_round(round_.round_id)
+        if parent is None:
+            raise ForwardError(f"site round {round_.round_id} answers no recorded upstream round; nothing forwarded")
+        if parent.model_version != round_.model_version:
+            raise ForwardError(f"site round {round_.round_id} trained version {round_.model_version}, upstream round "
+                               f"{parent.round_id} version {parent.model_version}")
+        body = wire.encode_update(
+            wire.Update(
+                device_id=self.device_id, round_id=parent.round_id, model_version=parent.model_version,
+                base_digest=parent.model_digest, num_samples=samples,
+                tensors=self.models.layout.unflatten(delta), metrics=metrics, encoding="float32",
+            ),
+            self.key,
+        )
+        assert self._client is not None
+        backoff = self.config.retry_seconds
+        while True:
+            try:
+                receipt = await self._client.send_update(body)
+                break
+            except Rejection as exc:
+                if exc.reason == "duplicate":  # forwarded before a restart: the parent already counts it
+                    return f"already forwarded to upstream round {parent.round_id}"
+                raise ForwardError(f"upstream refused the site's update for round {parent.round_id}: {exc}") from None
+            except AggregatorUnavailable as exc:
+                if time.time() + backoff >= parent.deadline:
+                    detail = f"upstream unreachable until round {parent.round_id}'s deadline: {exc}"
+                    raise ForwardError(detail) from None
+                log.warning("forwarding to upstream round %d: %s; retrying in %.0f s", parent.round_id, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+        with contextlib.suppress(OSError):
+            for old in self.tasks_dir.glob("round-*.task"):
+                if old.name < self._task_path(round_.round_id).name:
+                    old.unlink()
+        return (f"forwarded to upstream round {receipt.round_id}: {len(round_.devices)} updates, {samples} samples"
+                f" (receipt at {receipt.accepted_at})")

@@ -1,0 +1,294 @@
+"""Aggregator tree on loopback: a city aggregator and two site aggregators (site mode, aggregator/upstream.py),
+two simulated devices per site. The city's model must equal FedAvg over all the devices' updates; a site whose
+devices miss its quorum forwards nothing and the city goes on without it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nacl.signing import SigningKey
+
+from aggregator import cli
+from aggregator.rounds import RoundPolicy
+from aggregator.simulate import SimulatedDevice
+from aggregator.upstream import UpstreamConfig
+from appliance import modelpkg, wire
+from appliance.wire import ParamSpec
+from tests.aggregator_harness import Harness, run, running
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def tree(
+    tmp: Path, city_timeout: float = 60.0, site_timeout: float = 60.0
+) -> AsyncIterator[tuple[Harness, list[Harness]]]:
+    """A city with two enrolled sites; each site has two enrolled devices and follows the city."""
+    city_key = SigningKey.generate()
+    site_keys = [SigningKey.generate(), SigningKey.generate()]
+    async with running(
+        tmp / "city", key=city_key, enrolled=[SimulatedDevice(key=k) for k in site_keys],
+        policy=RoundPolicy(min_clients=1, goal_clients=2, round_timeout=city_timeout),
+    ) as city:
+        upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+        async with contextlib.AsyncExitStack() as stack:
+            sites = [
+                await stack.enter_async_context(running(
+                    tmp / f"site{i}", devices=2, key=key, upstream=upstream,
+                    policy=RoundPolicy(min_clients=2, goal_clients=2, round_timeout=site_timeout),
+                ))
+                for i, key in enumerate(site_keys)
+            ]
+            yield city, sites
+
+
+async def site_task(site: Harness, after: int) -> wire.Task:
+    """What a device of the site gets: a task signed by the site key (the devices pin the site, not the city)."""
+    task = await site.task(after=after, wait=30)
+    assert task is not None, "the site opened no round"
+    return task
+
+
+def flat_fedavg(base: np.ndarray, updates: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    total = sum(n for _, n in updates)
+    return base + sum(d.astype(np.float64) * n for d, n in updates) / total
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tree_two_rounds_equal_flat_fedavg(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with tree(tmp_path) as (city, sites):
+            layout = city.engine.models.layout
+            expected = city.engine.params.astype(np.float64)
+            after = [0, 0]
+            rng = np.random.default_rng(11)
+            for version in (1, 2):
+                flat: list[tuple[np.ndarray, int]] = []
+                for s, site in enumerate(sites):
+                    task = await site_task(site, after[s])
+                    after[s] = task.round_id
+                    assert task.model_version == version - 1
+                    assert task.model_digest == city.engine.store.model_digest(version - 1)
+                    for d, device in enumerate(site.devices):
+                        delta = {spec.name: rng.normal(0, 0.05, spec.shape).astype(np.float32) for spec in site.specs}
+                        samples = [17, 40, 5, 96][2 * s + d] * version
+                        status, _ = await site.upload(device.update(task, delta, num_samples=samples,
+                                                                    metrics={"loss": float(s + d)}))
+                        assert status == 200
+                        flat.append((layout.flatten(delta), samples))
+                await wait_until(lambda v=version: city.engine.version == v, what=f"city version {version}")
+                expected = flat_fedavg(expected, flat)
+                np.testing.assert_allclose(city.engine.params, expected, rtol=1e-5, atol=1e-7)
+                closed = city.engine.store.get_round(version)
+                assert closed.status == "published" and closed.participants == 2
+                assert closed.samples == sum(n for _, n in flat)  # the sites forwarded their devices' samples
+                assert sorted(city.engine.store.round_devices(version)) == sorted(
+                    wire.key_id(site.key.verify_key) for site in sites
+                )
+            # Each site re-publishes the city's version, signed by itself, with the same parameters and digest.
+            for site in sites:
+                await site_task(site, after[sites.index(site)])
+                response = await site.client.get("/v1/models/2")
+                release = wire.decode_model_release(await response.read(), site.key.verify_key, site.specs)
+                assert release.digest == city.engine.store.model_digest(2)
+                np.testing.assert_array_equal(layout.flatten(release.tensors), city.engine.params)
+                row = site.engine.store.recent_rounds(5)[1]
+                assert row.status == "published" and "forwarded to upstream round 2" in row.note
+
+    run(scenario())
+
+
+def test_site_without_quorum_is_a_dropout(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with tree(tmp_path, city_timeout=5.0) as (city, sites):
+            layout = city.engine.models.layout
+            base = city.engine.params.astype(np.float64)
+            rng = np.random.default_rng(5)
+            flat: list[tuple[np.ndarray, int]] = []
+            for s, site in enumerate(sites):
+                task = await site_task(site, 0)
+                for device in site.devices[: 2 if s == 0 else 1]:  # site 1: one update, below its quorum of 2
+                    delta = {spec.name: rng.normal(0, 0.05, spec.shape).astype(np.float32) for spec in site.specs}
+                    status, _ = await site.upload(device.update(task, delta, num_samples=30))
+                    assert status == 200
+                    if s == 0:
+                        flat.append((layout.flatten(delta), 30))
+            await wait_until(lambda: city.engine.version == 1, timeout=20, what="the city's deadline")
+            np.testing.assert_allclose(city.engine.params, flat_fedavg(base, flat), rtol=1e-5, atol=1e-7)
+            assert city.engine.store.round_devices(1) == [wire.key_id(sites[0].key.verify_key)]
+            dropped = sites[1].engine.store.get_round(1)
+            assert dropped.status == "abandoned" and "below the quorum" in dropped.note
+            # The site that dropped out follows the city's next round on the new version.
+            task = await site_task(sites[1], 1)
+            assert task.model_version == 1 and task.model_digest == city.engine.store.model_digest(1)
+            np.testing.assert_array_equal(sites[1].engine.params, city.engine.params)
+
+    run(scenario())
+
+
+def test_site_restart_keeps_its_round_and_forwards_once(tmp_path: Path) -> None:
+    """A site killed between its devices' updates resumes the same round, still answering the same city round."""
+
+    async def scenario() -> None:
+        city_key, site_key = SigningKey.generate(), SigningKey.generate()
+        devices = [SimulatedDevice(), SimulatedDevice()]
+        policy = RoundPolicy(min_clients=2, goal_clients=2, round_timeout=60)
+        async with running(tmp_path / "city", key=city_key, enrolled=[SimulatedDevice(key=site_key)],
+                           policy=RoundPolicy(min_clients=1, goal_clients=1, round_timeout=60)) as city:
+            layout = city.engine.models.layout
+            base = city.engine.params.astype(np.float64)
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            deltas = [{s.name: np.full(s.shape, 0.1 * (i + 1), np.float32) for s in city.specs} for i in range(2)]
+            async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                               policy=policy) as site:
+                task = await site_task(site, 0)
+                status, _ = await site.upload(devices[0].update(task, deltas[0], num_samples=10))
+                assert status == 200
+            async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                               policy=policy) as site:
+                assert (await site_task(site, 0)).round_id == task.round_id  # the same round, not a new one
+                status, _ = await site.upload(devices[1].update(task, deltas[1], num_samples=30))
+                assert status == 200
+                await wait_until(lambda: city.engine.version == 1, what="the city's version 1")
+                expected = flat_fedavg(base, [(layout.flatten(deltas[0]), 10), (layout.flatten(deltas[1]), 30)])
+                np.testing.assert_allclose(city.engine.params, expected, rtol=1e-5, atol=1e-7)
+                assert city.engine.store.get_round(1).samples == 40
+                assert site.engine.store.get_round(1).status == "published"
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("rule", ["median", "krum", "trimmed-mean", "fedadam"])
+def test_upstream_refuses_rules_that_do_not_compose(tmp_path: Path, rule: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    key = bytes(SigningKey.generate().verify_key).hex()
+    code = cli.main(["serve", "--state", str(tmp_path / "site"), "--synthetic-parameters", "10",
+                     "--upstream", "http://127.0.0.1:9", "--upstream-key", key, "--strategy", rule])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--upstream needs --strategy fedavg" in err and rule in err
+    assert not (tmp_path / "site").exists()  # refused before anything was created
+
+
+def test_upstream_key_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["serve", "--state", str(tmp_path / "site"), "--synthetic-parameters", "10",
+                     "--upstream", "http://127.0.0.1:9", "--upstream-key", str(tmp_path / "missing.pub")])
+    assert code == 2
+    assert "--upstream-key" in capsys.readouterr().err
+    code = cli.main(["serve", "--state", str(tmp_path / "site"), "--synthetic-parameters", "10",
+                     "--upstream", "http://127.0.0.1:9"])
+    assert code == 2
+    assert "--upstream needs --upstream-key" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(state: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
+         *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def _get(url: str, timeout: float = 40) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(300):
+        try:
+            _get(url + "/healthz", timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not come up")
+
+
+@pytest.mark.slow
+def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
+    """As a user runs it: keygen, a package signed by each aggregator, enrolment by CLI, --upstream-key FILE."""
+    city_state, site_state = tmp_path / "city", tmp_path / "site"
+    keys = {}
+    for state in (city_state, site_state):
+        assert cli.main(["keygen", "--state", str(state)]) == 0
+        keys[state] = SigningKey(bytes.fromhex((state / "aggregator.key").read_text().strip()))
+    rng = np.random.default_rng(0)
+    pkg = modelpkg.ModelPackage(
+        name="tiny", param_specs=[ParamSpec("fc.weight", (3, 4)), ParamSpec("fc.bias", (3,))],
+        initial_params={"fc.weight": rng.normal(size=(3, 4)).astype(np.float32), "fc.bias": np.zeros(3, np.float32)},
+        training_graph=b"t", inference_graph=b"i", optimizer={"name": "sgd", "lr": 0.1},
+        preprocessing={"input_shape": [4]}, num_classes=3,
+    )
+    for state in (city_state, site_state):  # the same package, signed by each aggregator: the same digest
+        modelpkg.write_package(state / "tiny.flpkg", pkg, keys[state])
+    devices = [SimulatedDevice(), SimulatedDevice()]
+    assert cli.main(["enroll", "--state", str(city_state), (site_state / "aggregator.pub").read_text().strip()]) == 0
+    assert cli.main(["enroll", "--state", str(site_state), *(d.public_key_hex for d in devices)]) == 0
+    city_port, site_port = _free_port(), _free_port()
+    city_url, site_url = f"http://127.0.0.1:{city_port}", f"http://127.0.0.1:{site_port}"
+    city = _serve(city_state, city_port, "--model", str(city_state / "tiny.flpkg"), "--min-clients", "1",
+                  "--goal-clients", "1")
+    site = _serve(site_state, site_port, "--model", str(site_state / "tiny.flpkg"), "--min-clients", "2",
+                  "--upstream", city_url, "--upstream-key", str(city_state / "aggregator.pub"))
+    try:
+        _wait_healthy(city_url, city)
+        _wait_healthy(site_url, site)
+        site_pub = keys[site_state].verify_key
+        task = wire.decode_task(_get(site_url + "/v1/task?wait=30"), site_pub)
+        city_v0 = wire.decode_model_release(_get(city_url + "/v1/models/0"), keys[city_state].verify_key)
+        assert task.model_digest == city_v0.digest and task.package_digest == city_v0.package_digest
+        flat = []
+        for device, samples in zip(devices, (12, 36), strict=True):
+            delta = {s.name: rng.normal(0, 0.1, s.shape).astype(np.float32) for s in pkg.param_specs}
+            request = urllib.request.Request(site_url + "/v1/updates", data=device.update(task, delta, samples),
+                                             headers={"Content-Type": wire.CONTENT_TYPE})
+            wire.decode_receipt(_get_request(request), site_pub)
+            flat.append((delta, samples))
+        for _ in range(300):
+            if json.loads(_get(city_url + "/v1/status"))["model"]["version"] == 1:
+                break
+            time.sleep(0.1)
+        city_v1 = wire.decode_model_release(_get(city_url + "/v1/models/1"), keys[city_state].verify_key)
+        for name in ("fc.weight", "fc.bias"):
+            expected = city_v0.tensors[name] + sum(d[name] * n for d, n in flat) / sum(n for _, n in flat)
+            np.testing.assert_allclose(city_v1.tensors[name], expected, rtol=1e-5, atol=1e-6)
+        next_task = wire.decode_task(_get(site_url + f"/v1/task?after={task.round_id}&wait=30"), site_pub)
+        assert next_task.model_version == 1 and next_task.model_digest == city_v1.digest
+        site_v1 = wire.decode_model_release(_get(site_url + "/v1/models/1"), site_pub)
+        np.testing.assert_array_equal(site_v1.tensors["fc.weight"], city_v1.tensors["fc.weight"])
+    finally:
+        for proc in (site, city):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _get_request(request: urllib.request.Request) -> bytes:
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read()
