@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flctl import demo, flash, image, model, provision
+from flctl import demo, flash, image, model, provision, qemu
 
-GROUPS = (demo, model, image, flash, provision)
+GROUPS = (demo, model, image, qemu, flash, provision)
 
 
 def build_parser() -> argparse.ArgumentParser:
