@@ -50,6 +50,7 @@ log = logging.getLogger("fl_agent")
 
 STATE_FILE = "agent-state.json"
 MODELS_DIR = "models"
+FRAME_POLL_SECONDS = 5.0
 
 
 def clip_update(delta: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float]:
@@ -236,11 +237,23 @@ class Agent:
     def _frames_available(self) -> int:
         return len(FrameBuffer(self.state_dir / FRAMES_DIR))
 
+    async def _wait_for_frames(self, task: wire.Task) -> bool:
+        """Wait, while the round is open, until the frame buffer holds a batch (a freshly booted camera
+        needs its labeller's warm-up first). Leaves a margin before the deadline to train and upload."""
+        margin = 60.0
+        while self._frames_available() < task.batch_size:
+            remaining = task.deadline - margin - time.time()
+            if remaining <= 0:
+                return False
+            self.set_status(f"round {task.round_id}: waiting for labelled frames")
+            await asyncio.sleep(min(FRAME_POLL_SECONDS, remaining))
+        return True
+
     async def _train(self, task: wire.Task, package: ModelPackage, release: wire.ModelRelease) -> wire.Update | None:
         data = self.config.data
-        if data.source == "cameras" and self._frames_available() < task.batch_size:
+        if data.source == "cameras" and not await self._wait_for_frames(task):
             self.metrics.rounds_skipped.labels("no-data").inc()
-            log.info("round %d: too few labelled frames yet; skipping", task.round_id)
+            log.info("round %d: too few labelled frames before its deadline; skipping", task.round_id)
             return None
         waited = await self.pressure.wait_async()
         if waited:

@@ -16,8 +16,10 @@ from appliance import wire
 from appliance.agent import Agent, clip_update
 from appliance.budget import Budget
 from appliance.config import load_config
+from appliance.framebuffer import FrameBuffer
 from appliance.identity import load_or_create_device_key, write_aggregator_key
 from appliance.modelpkg import load_package
+from appliance.synthetic import SyntheticCamera
 from flctl.model import export_reference_package
 
 ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
@@ -85,7 +87,9 @@ class FakeAggregator:
         return app
 
 
-async def run_agent_against(fake: FakeAggregator, tmp_path: Path, seconds: float) -> Agent:
+async def run_agent_against(
+    fake: FakeAggregator, tmp_path: Path, seconds: float, source: str = "synthetic", during=None
+) -> Agent:
     runner = web.AppRunner(fake.app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -99,11 +103,11 @@ async def run_agent_against(fake: FakeAggregator, tmp_path: Path, seconds: float
     config_path.write_text(
         f'[aggregator]\nurl = "http://127.0.0.1:{port}"\npoll_wait_seconds = 1.0\n'
         f'[agent]\nstate_dir = "{state}"\n[metrics]\nlisten = ""\n'
-        '[data]\nsource = "synthetic"\nsamples_per_round = 64\n'
+        f'[data]\nsource = "{source}"\nsamples_per_round = 64\n'
     )
     agent = Agent(load_config(config_path), budget=ADVISORY)
     try:
-        await asyncio.wait_for(agent.run(), timeout=seconds)
+        await asyncio.wait_for(agent.run([during(state)] if during else None), timeout=seconds)
     except TimeoutError:
         pass
     finally:
@@ -165,3 +169,24 @@ async def test_an_update_waits_in_the_outbox_while_the_aggregator_is_down(signed
     assert sample(agent, "fl_agent_delivery_failures_total", {"reason": "AggregatorUnavailable"}) == 2
     assert sample(agent, "fl_agent_updates_delivered_total") == 1
     assert agent.outbox.depth == 0
+
+
+async def test_a_camera_appliance_waits_for_labelled_frames_instead_of_skipping_the_round(
+    signed_package, tmp_path, monkeypatch
+):
+    """A freshly booted camera has no labelled frames yet: the round is trained once frames arrive, before
+    its deadline, rather than skipped for good."""
+    monkeypatch.setattr("appliance.agent.FRAME_POLL_SECONDS", 0.2)
+    key, path = signed_package
+
+    async def camera_fills_the_buffer(state: Path) -> None:
+        await asyncio.sleep(2)
+        frames = FrameBuffer(state / "frames")
+        x, y = SyntheticCamera(0).sample(64)
+        for pixels, label in zip(x, y, strict=True):
+            frames.append(pixels, int(label))
+
+    fake = FakeAggregator(key, path)
+    agent = await run_agent_against(fake, tmp_path, seconds=25, source="cameras", during=camera_fills_the_buffer)
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "no-data"}) == 0
+    assert len(fake.updates) == 1
