@@ -308,7 +308,7 @@ def _initramfs(work: Path, python: Path, moddir: Path, order: list[Path]) -> Pat
     if (numpy_dir.parent / "numpy.libs").exists():
         shutil.copytree(numpy_dir.parent / "numpy.libs", root / "app" / "numpy.libs")
     (root / "app" / "appliance" / "__init__.py").write_text("")
-    for name in ("v4l2.py", "cameras.py", "framebuffer.py", "labels.py"):
+    for name in ("v4l2.py", "cameras.py", "framebuffer.py", "labels.py", "durable.py"):
         shutil.copy2(REPO / "appliance" / name, root / "app" / "appliance" / name)
     lines = []
     for rel in order:

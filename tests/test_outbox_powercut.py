@@ -92,6 +92,7 @@ def test_outbox_survives_power_cuts(tmp_path):
     initrd = guest.initramfs(tmp_path, GUEST_INIT, {
         "/app/appliance/__init__.py": "",
         "/app/appliance/outbox.py": guest.REPO / "appliance" / "outbox.py",
+        "/app/appliance/durable.py": guest.REPO / "appliance" / "durable.py",
         "/app/guest.py": GUEST_SCRIPT,
     }, guest_kernel.modules)
     disk = tmp_path / "data.img"
