@@ -76,7 +76,11 @@ class Agent:
         memory_max = config.training.memory_max_bytes or (
             self.budget.memory_max * 3 // 4 if self.budget.memory_max else None
         )
-        self.sandbox = TrainerSandbox(self.budget, memory_max, start_method="forkserver")
+        # The fork server imports the trainer (numpy, onnxruntime) once; each round forks a ready child, which
+        # matters on a small CPU where those imports take seconds.
+        self.sandbox = TrainerSandbox(
+            self.budget, memory_max, start_method="forkserver", preload=["appliance.training_job"]
+        )
         self.pressure = PressureGate(
             threshold=config.training.pressure_pause_avg10,
             path=self.budget.base / "memory.pressure" if self.budget.base else None,
