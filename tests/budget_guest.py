@@ -81,6 +81,13 @@ def kernel(modules: tuple[str, ...] = ()) -> GuestKernel:
     return GuestKernel(vmlinux, [extracted / "lib" / "modules" / kver / rel for rel in order])
 
 
+def appliance_package() -> dict[str, Path]:
+    """Every module of the `appliance` package at /app/appliance in the guest. Copying the whole package
+    (a few hundred kB) rather than a hand-kept list means a new module a guest imports indirectly cannot
+    be forgotten (one was, and broke two guest tests)."""
+    return {f"/app/appliance/{p.name}": p for p in sorted((REPO / "appliance").glob("*.py"))}
+
+
 def _shared_libs(binary: Path) -> set[Path]:
     out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
     return {Path(p) for p in re.findall(r"(/\S+\.so[\w.]*)", out)}

@@ -122,11 +122,7 @@ if __name__ == "__main__":
 
 def test_trainer_oom_is_contained_by_a_real_delegated_cgroup_v2(tmp_path):
     guest_kernel = guest.kernel()
-    initrd = guest.initramfs(tmp_path, GUEST_INIT, {
-        "/app/appliance/__init__.py": "",
-        "/app/appliance/budget.py": guest.REPO / "appliance" / "budget.py",
-        "/app/guest.py": GUEST_SCRIPT,
-    })
+    initrd = guest.initramfs(tmp_path, GUEST_INIT, {**guest.appliance_package(), "/app/guest.py": GUEST_SCRIPT})
     console = guest.boot(guest_kernel, initrd)
     lines = [line for line in console.splitlines() if line.startswith("FL-REPORT ")]
     print(lines[-1] if lines else "")

@@ -307,9 +307,8 @@ def _initramfs(work: Path, python: Path, moddir: Path, order: list[Path]) -> Pat
     shutil.copytree(numpy_dir, root / "app" / "numpy", ignore=pyc)
     if (numpy_dir.parent / "numpy.libs").exists():
         shutil.copytree(numpy_dir.parent / "numpy.libs", root / "app" / "numpy.libs")
-    (root / "app" / "appliance" / "__init__.py").write_text("")
-    for name in ("v4l2.py", "cameras.py", "framebuffer.py", "labels.py", "durable.py"):
-        shutil.copy2(REPO / "appliance" / name, root / "app" / "appliance" / name)
+    for module in sorted((REPO / "appliance").glob("*.py")):  # the whole package: no hand-kept list
+        shutil.copy2(module, root / "app" / "appliance" / module.name)
     lines = []
     for rel in order:
         shutil.copy2(moddir / rel, root / "app" / "mods" / rel.name)

@@ -90,9 +90,7 @@ def _state(console: str) -> dict:
 def test_outbox_survives_power_cuts(tmp_path):
     guest_kernel = guest.kernel(("virtio_pci", "virtio_blk", "crc32c_generic", "ext4"))
     initrd = guest.initramfs(tmp_path, GUEST_INIT, {
-        "/app/appliance/__init__.py": "",
-        "/app/appliance/outbox.py": guest.REPO / "appliance" / "outbox.py",
-        "/app/appliance/durable.py": guest.REPO / "appliance" / "durable.py",
+        **guest.appliance_package(),
         "/app/guest.py": GUEST_SCRIPT,
     }, guest_kernel.modules)
     disk = tmp_path / "data.img"
