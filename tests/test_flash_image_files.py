@@ -12,28 +12,12 @@ from flash_images import (
     board_record,
     cli,
     data_volume,
-    env_for_tests,
     have_tools,
-    make_fleet,
     make_image,
 )
 
-pytestmark = pytest.mark.skipif(have_tools() is not None, reason=have_tools() or "")
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    env_for_tests(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    env_for_tests(mp)
-    try:
-        return make_fleet(tmp_path_factory.mktemp("fleet"))
-    finally:
-        mp.undo()
+pytestmark = [pytest.mark.skipif(have_tools() is not None, reason=have_tools() or ""),
+              pytest.mark.usefixtures("flctl_env")]
 
 
 def _flash(image, target, fleet, board, *extra):

@@ -10,24 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from flash_images import assert_provisioned, cli, env_for_tests, have_tools, make_fleet, make_image
+from flash_images import assert_provisioned, cli, have_tools, make_image
 
-pytestmark = pytest.mark.skipif(have_tools() is not None, reason=have_tools() or "")
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    env_for_tests(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    env_for_tests(mp)
-    try:
-        return make_fleet(tmp_path_factory.mktemp("fleet"))
-    finally:
-        mp.undo()
+pytestmark = [pytest.mark.skipif(have_tools() is not None, reason=have_tools() or ""),
+              pytest.mark.usefixtures("flctl_env")]
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from flash_images import PASSPHRASE, cli, env_for_tests
+from flash_images import PASSPHRASE, cli
 from nacl.signing import SigningKey
 
 from aggregator.registry import read_enrolment_file
@@ -15,10 +15,7 @@ from appliance import identity
 from appliance.config import load_config
 from flctl.provision import open_fleet
 
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    env_for_tests(monkeypatch)
+pytestmark = pytest.mark.usefixtures("flctl_env")
 
 
 def _provision(fleet: Path, *extra: str) -> int:
