@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import re
 
-import budget_guest as guest
 import pytest
+import qemu_guest as guest
 
 MiB = 1024 * 1024
 
@@ -124,10 +124,10 @@ def test_trainer_oom_is_contained_by_a_real_delegated_cgroup_v2(tmp_path):
     guest_kernel = guest.kernel()
     initrd = guest.initramfs(tmp_path, GUEST_INIT, {**guest.appliance_package(), "/app/guest.py": GUEST_SCRIPT})
     console = guest.boot(guest_kernel, initrd)
-    lines = [line for line in console.splitlines() if line.startswith("FL-REPORT ")]
+    lines = guest.marked(console, "FL-REPORT")
     print(lines[-1] if lines else "")
     assert lines, f"no report from the guest; console tail:\n{console[-3000:]}"
-    report = json.loads(lines[-1][len("FL-REPORT "):])
+    report = json.loads(lines[-1])
     assert "error" not in report, report.get("error")
     assert report["agent_exit_status"] == 0  # the agent survived its trainers' OOM kills
 

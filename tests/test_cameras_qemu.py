@@ -22,16 +22,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import qemu_guest as guest
 
-REPO = Path(__file__).resolve().parents[1]
-BOOT_TIMEOUT = 400  # TCG on a busy 2-core machine
 pytestmark = pytest.mark.qemu
 
 GUEST_INIT = """#!/bin/busybox sh
@@ -238,126 +233,24 @@ except BaseException:
 '''
 
 
-def _need(tool: str) -> str:
-    path = shutil.which(tool) or next((p for p in (f"/sbin/{tool}", f"/usr/sbin/{tool}") if Path(p).exists()), None)
-    if path is None:
-        pytest.skip(f"{tool} is not installed")
-    return path
-
-
-def _kernel(cache: Path) -> tuple[Path, Path, str, list[Path]]:
-    """(vmlinux, module tree root, kernel version, vivid's modules in load order), cached."""
-    sys.path.insert(0, str(REPO / "tools"))
-    from flctl import image_kernel
-
-    try:
-        package = image_kernel.resolve_kernel_package()
-    except image_kernel.KernelError as exc:
-        pytest.skip(f"no Debian kernel package available from apt: {exc}")
-    root = cache / package.version
-    vmlinux = root / "vmlinux"
-    if not vmlinux.exists():
-        for other in cache.parent.glob(f"*/{package.filename}"):  # another guest already downloaded it
-            shutil.copy2(other, cache / package.filename)
-            break
-        deb = image_kernel.download_deb(package, cache)
-        tmp = root.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        image_kernel.extract_deb(deb, tmp)
-        kver = next((tmp / "lib" / "modules").iterdir()).name
-        subprocess.run([_need("depmod"), "-b", str(tmp), kver], check=True, capture_output=True)
-        bzimage = next((tmp / "boot").glob("vmlinuz-*")).read_bytes()
-        (tmp / "vmlinux").write_bytes(image_kernel.extract_vmlinux(bzimage))
-        (tmp / "kver").write_text(kver)
-        shutil.rmtree(tmp / "usr", ignore_errors=True)
-        tmp.rename(root)
-    kver = (root / "kver").read_text()
-    sys.path.insert(0, str(REPO / "tools"))
-    order = image_kernel.module_load_order(root, kver, ("vivid",))
-    return vmlinux, root / "lib" / "modules" / kver, kver, order
-
-
-def _shared_libs(binary: Path) -> set[Path]:
-    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
-    return {Path(p) for p in re.findall(r"(/\S+\.so[\w.]*)", out)}
-
-
-def _initramfs(work: Path, python: Path, moddir: Path, order: list[Path]) -> Path:
-    import numpy
-
-    root = work / "root"
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    stdlib = Path("/usr/lib") / version
-    for d in ("bin", "usr/bin", "proc", "sys", "dev", "tmp", "app/appliance", "app/mods"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(_need("busybox"), root / "bin" / "busybox")
-    shutil.copy2(python, root / "usr" / "bin" / "python3")
-    skip = {"test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data", "distutils", "site-packages",
-            "dist-packages", "__pycache__", "turtledemo", f"config-{sys.version_info.major}."
-            f"{sys.version_info.minor}-x86_64-linux-gnu"}
-    shutil.copytree(stdlib, root / "usr" / "lib" / version, ignore=lambda _d, names: [n for n in names if n in skip])
-    libs = _shared_libs(python)
-    for ext in (stdlib / "lib-dynload").glob("*.so"):
-        libs |= _shared_libs(ext)
-    numpy_dir = Path(numpy.__file__).parent
-    for so in numpy_dir.rglob("*.so"):
-        libs |= {lib for lib in _shared_libs(so) if "numpy" not in str(lib)}
-    for lib in libs:
-        target = root / lib.relative_to("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(lib.resolve(), target)
-    pyc = shutil.ignore_patterns("__pycache__", "tests", "*.pyi")
-    shutil.copytree(numpy_dir, root / "app" / "numpy", ignore=pyc)
-    if (numpy_dir.parent / "numpy.libs").exists():
-        shutil.copytree(numpy_dir.parent / "numpy.libs", root / "app" / "numpy.libs")
-    for module in sorted((REPO / "appliance").glob("*.py")):  # the whole package: no hand-kept list
-        shutil.copy2(module, root / "app" / "appliance" / module.name)
-    lines = []
-    for rel in order:
-        shutil.copy2(moddir / rel, root / "app" / "mods" / rel.name)
-        lines.append(f"{rel.name.split('.')[0].replace('-', '_')} /app/mods/{rel.name}")
-    (root / "app" / "modules.txt").write_text("\n".join(lines) + "\n")
-    (root / "app" / "guest.py").write_text(GUEST_SCRIPT)
-    (root / "init").write_text(GUEST_INIT)
-    (root / "init").chmod(0o755)
-    initrd = work / "initrd.cpio"
-    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-    with open(initrd, "wb") as fh:
-        subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "--owner=0:0"], input="\n".join(names).encode(),
-                       cwd=root, stdout=fh, check=True)
-    return initrd
-
-
-def _boot(qemu: str, vmlinux: Path, initrd: Path) -> str:
-    # -cpu max: numpy 2 wheels need x86-64-v2 (SSE4.2, POPCNT); QEMU's default qemu64 CPU lacks them
-    cmd = [qemu, "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2", "-nographic",
-           "-no-reboot", "-nic", "none", "-kernel", str(vmlinux), "-initrd", str(initrd),
-           "-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init"]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BOOT_TIMEOUT, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        pytest.fail(f"guest did not finish within {BOOT_TIMEOUT} s; console tail:\n{out[-3000:]}")
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    qemu = _need("qemu-system-x86_64")
-    _need("cpio")
-    python = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
-    if not python.exists():
-        pytest.skip(f"{python} (the system Python the guest reuses) is not installed")
-    sys.path.insert(0, str(REPO / "tools"))
-    from flctl.image_cache import cache_root
+    import numpy
 
-    cache = cache_root() / "cameras-guest"
-    cache.mkdir(parents=True, exist_ok=True)
-    vmlinux, moddir, _kver, order = _kernel(cache)
-    console = _boot(qemu, vmlinux, _initramfs(tmp_path_factory.mktemp("guest"), python, moddir, order))
-    lines = [line for line in console.splitlines() if line.startswith("FL-REPORT ")]
+    guest.need("cpio")
+    kernel = guest.kernel(("vivid",))
+    numpy_dir = Path(numpy.__file__).parent
+    files: dict[str, str | Path] = {"/app/numpy": numpy_dir, **guest.appliance_package(), "/app/guest.py": GUEST_SCRIPT}
+    if (numpy_dir.parent / "numpy.libs").exists():
+        files["/app/numpy.libs"] = numpy_dir.parent / "numpy.libs"
+    names = [module.name.split(".")[0].replace("-", "_") for module in kernel.modules]
+    files["/app/modules.txt"] = "".join(f"{name} {path}\n" for name, path in
+                                        zip(names, guest.guest_module_paths(kernel.modules), strict=True))
+    initrd = guest.initramfs(tmp_path_factory.mktemp("guest"), GUEST_INIT, files, kernel.modules)
+    console = guest.boot(kernel, initrd, memory_mb=1024)
+    lines = guest.marked(console, "FL-REPORT")
     assert lines, f"no report from the guest; console tail:\n{console[-3000:]}"
-    data = json.loads(lines[-1][len("FL-REPORT "):])
+    data = json.loads(lines[-1])
     assert "error" not in data, data.get("error")
     print("guest report:", json.dumps(data, indent=1))
     data["console"] = console

@@ -2,8 +2,8 @@
 
 The guest is the Debian kernel the image ships, booted directly with an initramfs made of busybox, the host's
 Python 3 (binary, shared libraries, stdlib without tests/tk/idle) and the files a test adds. No disk image, no
-systemd: a test's init script does what it needs and powers off. Used by tests/test_budget_qemu.py and
-tests/test_outbox_powercut.py.
+systemd: a test's init script does what it needs and powers off. Used by tests/test_budget_qemu.py,
+tests/test_outbox_powercut.py and tests/test_cameras_qemu.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BOOT_TIMEOUT = 300  # TCG on a busy 2-core machine
+BOOT_TIMEOUT = 400  # TCG on a busy 2-core machine
 PY_VERSION = f"python{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -40,7 +40,7 @@ def cache_dir() -> Path:
     sys.path.insert(0, str(REPO / "tools"))
     from flctl.image_cache import cache_root
 
-    path = cache_root() / "budget-guest"
+    path = cache_root() / "qemu-guest"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -93,9 +93,15 @@ def _shared_libs(binary: Path) -> set[Path]:
     return {Path(p) for p in re.findall(r"(/\S+\.so[\w.]*)", out)}
 
 
+def guest_module_paths(modules: list[Path]) -> list[str]:
+    """Where `initramfs` puts ``modules`` in the guest, in load order."""
+    return [f"/lib/modules/{i:02d}-{module.name}" for i, module in enumerate(modules)]
+
+
 def initramfs(work: Path, init: str, files: dict[str, str | Path], modules: list[Path] = ()) -> Path:
-    """An initramfs with busybox, the system Python, ``files`` (guest path -> text, or a host file to copy),
-    ``modules`` as /lib/modules/NN-name.ko and ``init`` as /init. Returns the cpio archive."""
+    """An initramfs with busybox, the system Python, ``files`` (guest path -> text, or a host file or
+    directory to copy, with the shared libraries its extension modules need), ``modules`` at
+    `guest_module_paths` and ``init`` as /init. Returns the cpio archive."""
     python = system_python()
     root = work / "initramfs"
     stdlib = Path("/usr/lib") / PY_VERSION
@@ -110,17 +116,23 @@ def initramfs(work: Path, init: str, files: dict[str, str | Path], modules: list
     libs = _shared_libs(python)
     for ext in (stdlib / "lib-dynload").glob("*.so"):
         libs |= _shared_libs(ext)
+    for content in files.values():
+        if isinstance(content, Path) and content.is_dir():  # a package's own bundled libs travel with it
+            for ext in content.rglob("*.so"):
+                libs |= {lib for lib in _shared_libs(ext) if content.name not in str(lib)}
     for lib in libs:
         target = root / lib.relative_to("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(lib.resolve(), target)
-    for i, module in enumerate(modules):
-        shutil.copy2(module, root / "lib" / "modules" / f"{i:02d}-{module.name}")
+    for module, guest_path in zip(modules, guest_module_paths(modules), strict=True):
+        shutil.copy2(module, root / guest_path.lstrip("/"))
     (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\nagent:x:1000:1000::/tmp:/bin/sh\n")
     for guest_path, content in files.items():
         target = root / guest_path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, Path):
+        if isinstance(content, Path) and content.is_dir():
+            shutil.copytree(content, target, ignore=shutil.ignore_patterns("__pycache__", "tests", "*.pyi"))
+        elif isinstance(content, Path):
             shutil.copy2(content, target)
         else:
             target.write_text(content)
@@ -134,11 +146,18 @@ def initramfs(work: Path, init: str, files: dict[str, str | Path], modules: list
     return archive
 
 
+def marked(console: str, tag: str) -> list[str]:
+    """What the guest printed after ``tag`` + space, one item per line. The marker may follow other output on
+    its line: the firmware's "Booting from ROM.." ends without a newline, so the guest's first line does too."""
+    return [line.split(f"{tag} ", 1)[1] for line in console.splitlines() if f"{tag} " in line]
+
+
 def boot(guest_kernel: GuestKernel, initrd: Path, *, append: str = "", extra: list[str] = (),
          memory_mb: int = 768) -> str:
     """Boot the guest until it powers off; return the serial console output."""
     qemu = need("qemu-system-x86_64")
-    cmd = [qemu, "-machine", "q35", "-accel", "tcg", "-m", str(memory_mb), "-smp", "2", "-nographic",
+    # -cpu max: numpy 2 wheels need x86-64-v2 (SSE4.2, POPCNT); QEMU's default qemu64 CPU lacks them
+    cmd = [qemu, "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", str(memory_mb), "-smp", "2", "-nographic",
            "-no-reboot", "-nic", "none", "-kernel", str(guest_kernel.vmlinux), "-initrd", str(initrd),
            "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init {append}".strip(), *extra]
     try:
