@@ -43,13 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flctl.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tree_rss(root: int) -> int:
@@ -194,7 +190,7 @@ def run_flower_deployment(python: str, parameters: int, clients: int, workdir: P
     for name, text in FLOWER_APP.items():
         (base / "app" / name).parent.mkdir(parents=True, exist_ok=True)
         (base / "app" / name).write_text(text)
-    port = _free_port()
+    port = free_port()
     home = base / "home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -216,7 +212,7 @@ def run_flower_deployment(python: str, parameters: int, clients: int, workdir: P
         _wait_listening(port, superlink)
         for i in range(clients):
             spawn([_flower_bin(python, "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                   "--port", str(_free_port())], logs[i + 1])
+                   "--port", str(free_port())], logs[i + 1])
         run = subprocess.Popen(
             [_flower_bin(python, "flwr"), "run", str(base / "app"), "bench", "--stream",
              "--run-config", f"params={parameters} clients={clients}"],
@@ -323,7 +319,7 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
         for _ in range(4)
     ]
     digests = [wire.tensors_digest(s) for s in sections]
-    port = _free_port()
+    port = free_port()
     log = (workdir / f"server-{parameters}-{clients}.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",

@@ -73,9 +73,11 @@ def kernel(modules: tuple[str, ...] = ()) -> GuestKernel:
         kver = next((scratch / "lib" / "modules").iterdir()).name
         subprocess.run(["depmod", "-b", str(scratch), kver], check=True)
         scratch.rename(extracted)
-    if not vmlinux.exists():
+    if not vmlinux.exists():  # written aside and renamed: a run killed mid-write leaves no truncated kernel
         bzimage = next((extracted / "boot").glob("vmlinuz-*")).read_bytes()
-        vmlinux.write_bytes(image_kernel.extract_vmlinux(bzimage))
+        partial = vmlinux.with_suffix(".partial")
+        partial.write_bytes(image_kernel.extract_vmlinux(bzimage))
+        partial.replace(vmlinux)
     kver = next((extracted / "lib" / "modules").iterdir()).name
     order = image_kernel.module_load_order(extracted, kver, modules) if modules else []
     return GuestKernel(vmlinux, [extracted / "lib" / "modules" / kver / rel for rel in order])

@@ -4,6 +4,7 @@ matching the task are ever trained on, and a good round ends with one signed upd
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -88,8 +89,10 @@ class FakeAggregator:
 
 
 async def run_agent_against(
-    fake: FakeAggregator, tmp_path: Path, seconds: float, source: str = "synthetic", during=None
+    fake: FakeAggregator, tmp_path: Path, until, source: str = "synthetic", during=None, at_most: float = 300
 ) -> Agent:
+    """Run an agent against ``fake`` until ``until(agent)`` holds (polled), then stop it. ``at_most`` only
+    keeps a broken agent from hanging the run: a loaded CI machine must not turn slowness into a failure."""
     runner = web.AppRunner(fake.app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -106,11 +109,15 @@ async def run_agent_against(
         f'[data]\nsource = "{source}"\nsamples_per_round = 64\n'
     )
     agent = Agent(load_config(config_path), budget=ADVISORY)
+    running = asyncio.create_task(agent.run([during(state)] if during else None))
+    deadline = time.monotonic() + at_most
     try:
-        await asyncio.wait_for(agent.run([during(state)] if during else None), timeout=seconds)
-    except TimeoutError:
-        pass
+        while not until(agent) and not running.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
     finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
         await runner.cleanup()
     return agent
 
@@ -128,7 +135,9 @@ async def test_agent_refuses_a_model_release_not_signed_by_its_pinned_key(
 ):
     key, path = signed_package
     fake = FakeAggregator(key, path, release_key=SigningKey.generate() if forged else None, tamper=tampered)
-    agent = await run_agent_against(fake, tmp_path, seconds=6)
+    agent = await run_agent_against(
+        fake, tmp_path, until=lambda a: sample(a, "fl_agent_models_refused_total", {"reason": reason}) >= 1
+    )
     assert sample(agent, "fl_agent_models_refused_total", {"reason": reason}) >= 1
     assert sample(agent, "fl_agent_rounds_total") == 0
     assert fake.updates == []
@@ -138,7 +147,9 @@ async def test_agent_refuses_a_model_release_not_signed_by_its_pinned_key(
 async def test_agent_trains_a_round_and_delivers_one_signed_update(signed_package, tmp_path):
     key, path = signed_package
     fake = FakeAggregator(key, path)
-    agent = await run_agent_against(fake, tmp_path, seconds=20)
+    agent = await run_agent_against(
+        fake, tmp_path, until=lambda a: sample(a, "fl_agent_updates_delivered_total") >= 1 and a.outbox.depth == 0
+    )
     assert sample(agent, "fl_agent_rounds_total") == 1
     assert len(fake.updates) == 1
     update = wire.decode_update(fake.updates[0], lambda kid: agent.identity.verify_key, fake.package.param_specs)
@@ -163,7 +174,9 @@ async def test_an_update_waits_in_the_outbox_while_the_aggregator_is_down(signed
     key, path = signed_package
     fake = FakeAggregator(key, path)
     fake.unavailable_posts = 2
-    agent = await run_agent_against(fake, tmp_path, seconds=25)
+    agent = await run_agent_against(
+        fake, tmp_path, until=lambda a: sample(a, "fl_agent_updates_delivered_total") >= 1 and a.outbox.depth == 0
+    )
     assert fake.unavailable_posts == 0
     assert len(fake.updates) == 1
     assert sample(agent, "fl_agent_delivery_failures_total", {"reason": "AggregatorUnavailable"}) == 2
@@ -187,6 +200,8 @@ async def test_a_camera_appliance_waits_for_labelled_frames_instead_of_skipping_
             frames.append(pixels, int(label))
 
     fake = FakeAggregator(key, path)
-    agent = await run_agent_against(fake, tmp_path, seconds=25, source="cameras", during=camera_fills_the_buffer)
+    agent = await run_agent_against(
+        fake, tmp_path, until=lambda _a: len(fake.updates) >= 1, source="cameras", during=camera_fills_the_buffer
+    )
     assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "no-data"}) == 0
     assert len(fake.updates) == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from aggregator.cli import main
 from aggregator.simulate import SimulatedDevice
 from appliance import modelpkg, wire
 from appliance.wire import ParamSpec
+from flctl.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,18 +102,12 @@ def test_revoke_unknown_device_and_status_of_nothing_are_clear_errors(tmp_path: 
     assert "no enrolled device" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_publishes_a_signed_package_and_its_initial_model(tmp_path: Path) -> None:
     state = tmp_path / "state"
     main(["keygen", "--state", str(state)])
     key = SigningKey(bytes.fromhex((state / "aggregator.key").read_text().strip()))
     pkg = _package(key, tmp_path / "tiny.flpkg")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
          "--model", str(tmp_path / "tiny.flpkg"), "--epochs", "3", "--encoding", "int8"],
@@ -188,7 +182,7 @@ def test_serve_over_tls(tmp_path: Path) -> None:
 
     pytest.importorskip("cryptography", reason="cryptography makes the test certificate")
     cert, key = _self_signed(tmp_path)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(tmp_path / "state"), "--listen",
          f"127.0.0.1:{port}", "--synthetic-parameters", "100", "--tls-cert", str(cert), "--tls-key", str(key)],
@@ -216,7 +210,7 @@ def test_serve_over_tls(tmp_path: Path) -> None:
 
 def test_serve_refuses_a_state_dir_whose_models_another_key_signed(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
            "--synthetic-parameters", "100"]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,11 @@ from nacl.signing import SigningKey, VerifyKey
 
 from aggregator.simulate import SimulatedDevice
 from appliance import wire
+from flctl.ports import free_port
 
 DEVICES = 30
 PARAMETERS = 100_000
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -86,7 +80,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_update(tmp_path: Path) -> None
         )
     )
     assert _cli("enroll", "--state", str(state), "--from", str(enrol_file)).stdout.count("enrolled") == DEVICES
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     rng = np.random.default_rng(3)
 

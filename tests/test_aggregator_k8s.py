@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from nacl.signing import SigningKey
 from aggregator.cli import build_parser
 from appliance import modelpkg
 from appliance.wire import ParamSpec
+from flctl.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -110,12 +110,6 @@ def test_every_container_is_non_root_read_only_and_bounded() -> None:
     assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _local(text: str, paths: dict[str, Path]) -> str:
     """``text`` with each mount path replaced by its local directory (in one pass: /tmp is a mount too)."""
     pattern = "|".join(re.escape(m) for m in sorted(paths, key=len, reverse=True))
@@ -148,7 +142,7 @@ def test_the_pod_commands_start_an_aggregator_whose_probe_answers(tmp_path: Path
     installed = paths["/var/lib/fl-aggregator"] / "aggregator.key"
     assert stat.S_IMODE(installed.stat().st_mode) == 0o600
 
-    port = _free_port()
+    port = free_port()
     args = [_local(a, paths) for a in _rendered_args()]
     args[args.index("--listen") + 1] = f"127.0.0.1:{port}"  # loopback only in tests
     proc = subprocess.Popen([sys.executable, "-m", "aggregator.cli", *args], cwd=ROOT,

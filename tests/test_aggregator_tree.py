@@ -24,6 +24,7 @@ from aggregator.simulate import SimulatedDevice
 from aggregator.upstream import UpstreamConfig
 from appliance import modelpkg, wire
 from appliance.wire import ParamSpec
+from flctl.ports import free_port
 from tests.aggregator_harness import Harness, run, running
 
 
@@ -118,7 +119,9 @@ def test_tree_two_rounds_equal_flat_fedavg(tmp_path: Path) -> None:
 
 def test_site_without_quorum_is_a_dropout(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with tree(tmp_path, city_timeout=5.0) as (city, sites):
+        # the city's deadline must pass for the dropout, and the sites' rounds end shortly before it: long
+        # enough for both sites to open their rounds and take the uploads on a loaded machine
+        async with tree(tmp_path, city_timeout=12.0) as (city, sites):
             layout = city.engine.models.layout
             base = city.engine.params.astype(np.float64)
             rng = np.random.default_rng(5)
@@ -131,7 +134,7 @@ def test_site_without_quorum_is_a_dropout(tmp_path: Path) -> None:
                     assert status == 200
                     if s == 0:
                         flat.append((layout.flatten(delta), 30))
-            await wait_until(lambda: city.engine.version == 1, timeout=20, what="the city's deadline")
+            await wait_until(lambda: city.engine.version == 1, timeout=60, what="the city's deadline")
             np.testing.assert_allclose(city.engine.params, flat_fedavg(base, flat), rtol=1e-5, atol=1e-7)
             assert city.engine.store.round_devices(1) == [wire.key_id(sites[0].key.verify_key)]
             dropped = sites[1].engine.store.get_round(1)
@@ -199,14 +202,6 @@ def test_upstream_key_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--upstream needs --upstream-key" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(state: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
@@ -251,14 +246,17 @@ def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
     devices = [SimulatedDevice(), SimulatedDevice()]
     assert cli.main(["enroll", "--state", str(city_state), (site_state / "aggregator.pub").read_text().strip()]) == 0
     assert cli.main(["enroll", "--state", str(site_state), *(d.public_key_hex for d in devices)]) == 0
-    city_port, site_port = _free_port(), _free_port()
+    city_port, site_port = free_port(), free_port()
     city_url, site_url = f"http://127.0.0.1:{city_port}", f"http://127.0.0.1:{site_port}"
     city = _serve(city_state, city_port, "--model", str(city_state / "tiny.flpkg"), "--min-clients", "1",
                   "--goal-clients", "1")
-    site = _serve(site_state, site_port, "--model", str(site_state / "tiny.flpkg"), "--min-clients", "2",
-                  "--upstream", city_url, "--upstream-key", str(city_state / "aggregator.pub"))
+    site = None
     try:
+        # the site starts once the city answers: a site that finds no city backs off (up to 30 s), which could
+        # outlast the task long-poll below
         _wait_healthy(city_url, city)
+        site = _serve(site_state, site_port, "--model", str(site_state / "tiny.flpkg"), "--min-clients", "2",
+                      "--upstream", city_url, "--upstream-key", str(city_state / "aggregator.pub"))
         _wait_healthy(site_url, site)
         site_pub = keys[site_state].verify_key
         task = wire.decode_task(_get(site_url + "/v1/task?wait=30"), site_pub)
@@ -271,9 +269,8 @@ def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
                                              headers={"Content-Type": wire.CONTENT_TYPE})
             wire.decode_receipt(_get_request(request), site_pub)
             flat.append((delta, samples))
-        for _ in range(300):
-            if json.loads(_get(city_url + "/v1/status"))["model"]["version"] == 1:
-                break
+        deadline = time.monotonic() + 120
+        while json.loads(_get(city_url + "/v1/status"))["model"]["version"] != 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         city_v1 = wire.decode_model_release(_get(city_url + "/v1/models/1"), keys[city_state].verify_key)
         for name in ("fc.weight", "fc.bias"):
@@ -285,8 +282,9 @@ def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
         np.testing.assert_array_equal(site_v1.tensors["fc.weight"], city_v1.tensors["fc.weight"])
     finally:
         for proc in (site, city):
-            proc.terminate()
-            proc.wait(timeout=30)
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
 
 
 def _get_request(request: urllib.request.Request) -> bytes:

@@ -45,11 +45,11 @@ def test_three_agent_processes_complete_three_rounds_and_the_model_improves(tmp_
     from flctl.fleet import Fleet
     from flctl.model import export_reference_package
 
-    fleet = Fleet(root=tmp_path / "fleet", devices=3, rounds=3, round_timeout=120)
+    fleet = Fleet(root=tmp_path / "fleet", devices=3, rounds=3, round_timeout=300)
     fleet.prepare(export_reference_package)
     fleet.start()
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             status = fleet.status()
             if status["model"]["version"] >= 3:

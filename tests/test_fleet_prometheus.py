@@ -13,8 +13,9 @@ import urllib.request
 import pytest
 
 from flctl.demo import write_prometheus_config
-from flctl.fleet import Fleet, free_port
+from flctl.fleet import Fleet
 from flctl.model import export_reference_package
+from flctl.ports import free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -71,21 +72,24 @@ def test_prometheus_scrapes_the_fleet_and_promtool_accepts_every_endpoint(runnin
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        agents = aggregators = []
+        deadline = time.monotonic() + 120
+        agents = aggregators = up = []
         while time.monotonic() < deadline:
             try:
                 agents = query(base, "fl_agent_build_info")
                 aggregators = query(base, '{__name__=~"fl_aggregator_.*", job="fl-aggregator"}')
+                # a target is up once one scrape succeeded (one that overran its timeout while the agent was
+                # busy training is retried at the next interval)
+                up = query(base, "max_over_time(up[5m])")
             except OSError:
                 pass
-            if len(agents) == len(fleet.members) and aggregators:
+            if (len(agents) == len(fleet.members) and aggregators and len(up) == len(fleet.members) + 1
+                    and all(s["value"][1] == "1" for s in up)):
                 break
             time.sleep(1)
         assert len(agents) == len(fleet.members), f"agents seen by Prometheus: {agents}"
         assert {a["metric"]["job"] for a in agents} == {"fl-agent"}
         assert aggregators, "no fl_aggregator_* series in Prometheus"
-        up = query(base, "up")
         assert len(up) == len(fleet.members) + 1 and all(s["value"][1] == "1" for s in up), up
     finally:
         prom.terminate()

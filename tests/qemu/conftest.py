@@ -154,7 +154,7 @@ def _make_aggregator(tmp_path_factory, clients: int = 1) -> HostAggregator:
     from nacl.signing import SigningKey
 
     from appliance.identity import write_key_file
-    from flctl.qemu_rig import free_port
+    from flctl.ports import free_port
 
     root = tmp_path_factory.mktemp("aggregator")
     state = root / "state"
@@ -236,11 +236,12 @@ class BootedAppliance:
         """Stop the emulator at once (QMP quit): the guest gets no shutdown, its page cache is lost."""
         self.qemu.off()
 
-    def poweroff(self, timeout: float = 120) -> None:
-        """Clean shutdown; QEMU runs with -no-shutdown, so wait for status 'shutdown' and then quit it."""
+    def poweroff(self, timeout: float = 300) -> None:
+        """Clean shutdown; QEMU runs with -no-shutdown, so wait for status 'shutdown' and then quit it. A guest
+        that never gets there fails here, not later as a puzzling unclean filesystem."""
         self.shell.console.sendline("systemctl poweroff")
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             try:
                 self.shell.console.expect("reboot: Power down", timeout=5)
                 break
@@ -248,6 +249,9 @@ class BootedAppliance:
                 status = self.qemu.monitor_command("query-status")
                 if status.get("status") == "shutdown":
                     break
+                if time.monotonic() > deadline:
+                    self.qemu.off()
+                    raise AssertionError(f"the guest did not power off within {timeout:.0f} s") from None
         self.qemu.off()
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+# Generous: pytest collects tests/qemu/ first and this module first in it, so its first test's setup includes
+# the session's image build; a busy 2-core machine can triple TCG times.
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 BOARD = "edge-q1"
 PASSPHRASE = "flash boot test passphrase"
@@ -133,7 +135,8 @@ def _boot(dev_image, machine, appliance, workdir: Path) -> Guest:  # type: ignor
 @pytest.fixture(scope="module")
 def flashed_boot(dev_image, machine, host_aggregator, flashed, tmp_path_factory):
     from flctl import qemu_rig
-    from flctl.qemu_rig import Appliance, Identity, free_port
+    from flctl.ports import free_port
+    from flctl.qemu_rig import Appliance, Identity
 
     disk, _fleet, key = flashed
     work = tmp_path_factory.mktemp("flash-boot-rig")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,11 +21,7 @@ from nacl.signing import SigningKey
 
 from appliance.identity import load_or_create_device_key, read_key_file, write_aggregator_key, write_key_file
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from .ports import free_port
 
 
 def _script(name: str) -> str:

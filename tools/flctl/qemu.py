@@ -25,6 +25,7 @@ from rich.console import Console
 
 from . import qemu_rig
 from .image import ImageArtifacts, ImageBuildError, build_image
+from .ports import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +74,7 @@ def _prepare(args: argparse.Namespace, console: Console):
     for i in range(args.count):
         identity = qemu_rig.Identity.generate()
         a = qemu_rig.Appliance(
-            f"fl{i}", workdir, identity, metrics_port=qemu_rig.free_port(), aggregator_port=args.aggregator_port
+            f"fl{i}", workdir, identity, metrics_port=free_port(), aggregator_port=args.aggregator_port
         )
         qemu_rig.provision_data_partition(art, a.data_image, identity, pub, agent_toml=override)
         if args.aggregator_state is not None:

@@ -86,12 +86,6 @@ class Appliance:
         self.console_log = self.workdir / f"{self.name}-console.log"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def provision_data_partition(
     art: ImageArtifacts,
     dest: Path,
