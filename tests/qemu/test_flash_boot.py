@@ -100,40 +100,8 @@ def flashed(dev_image, host_aggregator, tmp_path_factory):
         mp.undo()
 
 
-class Guest:
-    """A booted guest's shell (labgrid ShellDriver), with the console read while waiting."""
-
-    def __init__(self, qemu, shell) -> None:  # type: ignore[no-untyped-def]
-        self.qemu, self.shell = qemu, shell
-
-    def run(self, cmd: str, timeout: float = 60) -> tuple[int, str]:
-        out, _, code = self.shell.run(cmd, timeout=timeout)
-        return code, "\n".join(out)
-
-    def check(self, cmd: str, timeout: float = 60) -> str:
-        code, out = self.run(cmd, timeout)
-        assert code == 0, f"`{cmd}` exited {code} in the guest:\n{out}"
-        return out
-
-
-def _boot(dev_image, machine, appliance, workdir: Path) -> Guest:  # type: ignore[no-untyped-def]
-    """Start the appliance through labgrid (the rig's environment file) and log in on its console."""
-    from labgrid import Environment
-
-    from flctl.qemu_rig import labgrid_env
-
-    env = Environment(str(labgrid_env(dev_image, [appliance], machine, workdir / f"{appliance.name}-env.yaml")))
-    target = env.get_target(appliance.name)
-    qemu = target.get_driver("QEMUDriver")
-    started = time.monotonic()
-    qemu.on()
-    shell = target.get_driver("ShellDriver")
-    print(f"\n[qemu] {appliance.name}: shell after {time.monotonic() - started:.1f} s ({machine.accel})")
-    return Guest(qemu, shell)
-
-
 @pytest.fixture(scope="module")
-def flashed_boot(dev_image, machine, host_aggregator, flashed, tmp_path_factory):
+def flashed_boot(boot_appliance, host_aggregator, flashed, tmp_path_factory):
     from flctl import qemu_rig
     from flctl.ports import free_port
     from flctl.qemu_rig import Appliance, Identity
@@ -145,7 +113,7 @@ def flashed_boot(dev_image, machine, host_aggregator, flashed, tmp_path_factory)
     # the flashed disk is the guest's only drive: its own fl-root and fl-data partitions, found by label
     mp.setattr(qemu_rig, "drive_args", lambda art, a: ["-drive", f"file={disk},format=raw,if=virtio,discard=unmap"])
     try:
-        booted = _boot(dev_image, machine, appliance, work)
+        booted = boot_appliance(appliance, work)
     finally:
         mp.undo()
     yield booted, appliance
