@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from flash_images import assert_provisioned, cli, have_tools, make_image
 
+from flctl import gpt
+from flctl.ext4image import Ext4Error, Ext4Volume
+
 pytestmark = [pytest.mark.skipif(have_tools() is not None, reason=have_tools() or ""),
               pytest.mark.usefixtures("flctl_env")]
 
@@ -188,3 +191,65 @@ def test_confirmation_shows_model_and_size(tmp_path, fleet, capsys, monkeypatch,
         assert "not confirmed" in err
         with open(backing, "rb") as f:
             assert f.read(1 << 20) == b"\0" * (1 << 20)
+
+
+def _table(disk: Path):  # type: ignore[no-untyped-def]
+    with open(disk, "rb") as f:
+        return gpt.read_table(gpt.file_reader(f), disk.stat().st_size)
+
+
+def _filesystem_bytes(disk: Path, part) -> int:  # type: ignore[no-untyped-def]
+    out = subprocess.run(["dumpe2fs", "-h", f"{disk}?offset={part.offset}"], capture_output=True, text=True,
+                         check=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return int(fields["Block count"]) * int(fields["Block size"])
+
+
+@pytest.mark.parametrize("data", ["empty", "ext4"])
+def test_fl_data_grows_to_fill_a_larger_card(tmp_path, fleet, capsys, data):
+    """A 48 MiB image on a 160 MiB card: the backup GPT moves to the card's end and fl-data (formatted by the
+    flash, or shipped formatted by the image and resized) fills the rest, identity intact."""
+    image = make_image(tmp_path / "fl.img", data=data)
+    card = 160 << 20
+    backing = _blank(tmp_path / "card.bin", card)
+    with loop_device(backing) as dev:
+        rc = cli(["flash", str(image), str(dev), "--board", "cam-1", "--fleet", str(fleet), "--yes"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert rc == 0, err
+    before, after = _table(image).by_name("fl-data"), _table(backing)
+    grown = after.by_name("fl-data")
+    assert after.header.alternate_lba == card // 512 - 1, "the backup GPT header belongs at the card's end"
+    assert grown.first_lba == before.first_lba and grown.size > card - (50 << 20), grown
+    assert f"fl-data {grown.size / 2**20:.1f} MiB (grown to fill the device)" in err
+    assert grown.size - 4096 < _filesystem_bytes(backing, grown) <= grown.size  # the filesystem fills it
+    assert_provisioned(backing, image, fleet, "cam-1")  # sfdisk --verify, fl-root as built, identity, fsck
+
+
+def test_no_grow_keeps_the_images_layout(tmp_path, fleet, capsys):
+    image = make_image(tmp_path / "fl.img", data="ext4")
+    backing = _blank(tmp_path / "card.bin", 160 << 20)
+    with loop_device(backing) as dev:
+        rc = cli(["flash", str(image), str(dev), "--board", "cam-2", "--fleet", str(fleet), "--yes", "--no-grow"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert rc == 0, err
+    assert _table(backing).by_name("fl-data") == _table(image).by_name("fl-data")
+    assert "grown" not in err
+    assert_provisioned(backing, image, fleet, "cam-2")
+
+
+def test_a_failed_grow_leaves_the_card_unbootable(tmp_path, fleet, capsys, monkeypatch):
+    def broken(self) -> None:  # type: ignore[no-untyped-def]
+        raise Ext4Error("resize2fs failed: simulated")
+
+    monkeypatch.setattr(Ext4Volume, "grow", broken)
+    image = make_image(tmp_path / "fl.img", data="ext4")
+    card = 160 << 20
+    backing = _blank(tmp_path / "card.bin", card)
+    with loop_device(backing) as dev:
+        rc = cli(["flash", str(image), str(dev), "--board", "cam-3", "--fleet", str(fleet), "--yes"])
+        err = " ".join(capsys.readouterr().err.split())
+    assert rc == 1
+    assert "resize2fs failed: simulated; the target was marked unbootable" in err
+    raw = backing.read_bytes()
+    # the table sfdisk already moved has no valid header left: neither the primary nor the one at the card's end
+    assert raw[512:520] != b"EFI PART" and raw[card - 512:card - 504] != b"EFI PART"

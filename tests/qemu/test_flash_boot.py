@@ -19,6 +19,7 @@ import pytest
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 BOARD = "edge-q1"
+CARD_EXTRA = 256 << 20
 PASSPHRASE = "flash boot test passphrase"
 # Quick rounds on an emulated CPU: per-board settings edited in the fleet before flashing.
 BOARD_SETTINGS = """poll_wait_seconds = 5.0
@@ -87,10 +88,22 @@ def flashed(dev_image, host_aggregator, tmp_path_factory):
             text=True,
         )
         assert enrolled.returncode == 0, enrolled.stderr
+        # the "card": a loop device 256 MiB larger than the image, so fl-data is grown as on a real card;
+        # QEMU then boots its backing file
         disk = work / f"{BOARD}.img"
+        with open(disk, "wb") as f:
+            f.truncate(dev_image.disk.stat().st_size + CARD_EXTRA)
+        loop = subprocess.run(["losetup", "-f", "--show", str(disk)], capture_output=True, text=True)
+        if loop.returncode != 0:
+            pytest.skip(f"cannot create a loop device here: {loop.stderr.strip()}")
         started = time.monotonic()
-        rc, out = _flctl("flash", str(dev_image.disk), str(disk), "--board", BOARD, "--fleet", str(fleet), "--yes")
+        try:
+            rc, out = _flctl("flash", str(dev_image.disk), loop.stdout.strip(), "--board", BOARD, "--fleet",
+                             str(fleet), "--yes")
+        finally:
+            subprocess.run(["losetup", "-d", loop.stdout.strip()], check=False)
         assert rc == 0, out
+        assert "(grown to fill the device)" in out, out
         print(f"\n[flash] {dev_image.disk.name} -> {disk.name} in {time.monotonic() - started:.1f} s")
         from flctl.provision import open_fleet
 
@@ -132,6 +145,25 @@ def test_flashed_board_boots_with_its_provisioned_identity(flashed_boot, flashed
     )
     assert guest.check("stat -c '%U %a' /var/lib/fl-agent/identity/device.key").strip() == "fl-agent 600"
     assert "samples_per_round = 64" in guest.check("cat /var/lib/fl-agent/agent.toml")
+
+
+def test_flashed_board_uses_the_whole_card(flashed_boot, dev_image):
+    """fl-data was grown at flash time: the kernel finds the backup GPT at the disk's end, the data partition
+    and its file system span the extra space, and the boot-time fsck passed."""
+    guest, _appliance = flashed_boot
+    from flctl import gpt
+
+    with open(dev_image.disk, "rb") as f:
+        shipped = gpt.read_table(gpt.file_reader(f), dev_image.disk.stat().st_size).by_name("fl-data")
+    assert "Alternate GPT" not in guest.check("dmesg")
+    partition = int(guest.check("blockdev --getsize64 /dev/vda2").strip())
+    filesystem = int(guest.check("df -B1 --output=size /data | tail -1").strip())
+    assert partition > shipped.size + CARD_EXTRA - (2 << 20), (partition, shipped.size)
+    assert filesystem > shipped.size + CARD_EXTRA // 2, (filesystem, shipped.size)
+    # ActiveState too: `systemctl show` of a unit that does not exist also says Result=success
+    unit = r"'systemd-fsck@dev-disk-by\x2dlabel-fl\x2ddata.service'"
+    fsck = guest.check(f"systemctl show -p Result -p ActiveState {unit}")
+    assert sorted(fsck.split()) == ["ActiveState=active", "Result=success"], fsck
 
 
 @pytest.mark.timeout(1200)

@@ -108,6 +108,12 @@ class Ext4Volume:
                      f"sif {dest} uid {uid}", f"sif {dest} gid {gid}"]
         self.debugfs(cmds, write=True)
 
+    def grow(self) -> None:
+        """Grow the (unmounted) filesystem to fill `size`: checked first, read-only, so resize2fs may skip the
+        "run e2fsck first" guard it applies to filesystems it has not seen checked."""
+        self.fsck()
+        _run(["resize2fs", "-f", self.spec, f"{self.size // 1024}K"])
+
     def fsck(self) -> None:
         """Check the filesystem read-only; raise with e2fsck's findings when it is not clean."""
         proc = subprocess.run(["e2fsck", "-fn", self.spec], capture_output=True, text=True, check=False)

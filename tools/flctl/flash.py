@@ -5,10 +5,13 @@ The order is chosen so that no board ever looks provisioned when it is not:
      system disk, not mounted, removable unless --force), then ask for confirmation;
   2. copy: `bmaptool copy` with the image's block map (sparse, checksummed), else a streamed full copy;
   3. read back and verify (the bmap's per-range SHA-256, or the hash of the whole stream);
-  4. invalidate both GPT headers (signature -> "FLPROV.."): from here on the disk has no partition table;
-  5. create the data filesystem if the image left it empty, write the identity into it with debugfs, read it
+  4. on a block device larger than the image (a 32 GB card, a 1 GB image), move the backup GPT header to the
+     device's end and grow fl-data, the last partition, to fill it (`sfdisk`; its filesystem with
+     `resize2fs`; `--no-grow` keeps the image's layout);
+  5. invalidate both GPT headers (signature -> "FLPROV.."): from here on the disk has no partition table;
+  6. create the data filesystem if the image left it empty, write the identity into it with debugfs, read it
      back, load it with appliance.identity and check the device id, fsck;
-  6. restore both GPT headers and re-read the table.
+  7. restore both GPT headers and re-read the table.
 Any failure leaves the headers invalidated (or invalidates them), so a half-provisioned board does not boot
 and `flctl flash` reports it as such. Identity files land on the data partition as
 fl-agent/identity/device.key (0600), fl-agent/identity/aggregator.pub and fl-agent/agent.toml, owned by the
@@ -53,6 +56,7 @@ DATA_LABEL = "fl-data"
 AGENT_USER = "fl-agent"
 STATE_DIR = "fl-agent"  # on the data partition; /var/lib/fl-agent is bound to /data/fl-agent
 CHUNK = 4 << 20
+GROW_MIN = 16 << 20  # less room than this beyond the image's layout is not worth a partition edit
 BLKRRPART = 0x125F
 
 Report = Callable[[str, int, int | None], None]  # (phase, bytes done so far in phase, phase total)
@@ -80,6 +84,8 @@ class FlashResult:
     board: str
     device_id: str
     method: str = ""
+    data_size: int = 0  # bytes of the fl-data partition as flashed (grown or as in the image)
+    grown: bool = False
     copy_seconds: float = 0.0
     seconds: float = 0.0
     error: str = ""
@@ -319,8 +325,40 @@ def _restore(target: blockdev.Target, table: gpt.PartitionTable) -> None:
         _write_at(target.path, offset, gpt.SIGNATURE)
 
 
+def _sfdisk(target: blockdev.Target, args: list[str], script: str | None = None) -> None:
+    # the kernel is told once, at the end (_reread_partitions), when the table is final
+    proc = subprocess.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", *args, str(target.path)],
+                          input=script, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise FlashError(f"sfdisk {' '.join(args)} on {target.path} failed: "
+                         f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+
+
+def grow_data_partition(target: blockdev.Target, table: gpt.PartitionTable) -> gpt.PartitionTable | None:
+    """Fill a device larger than the image: backup GPT header to the device's end, fl-data (which must be the
+    last partition) extended to the last usable sector, its filesystem (if any) grown to match. Returns the
+    new table, or None when there is nothing to grow (an image file, no room, fl-data not last)."""
+    data = table.by_name(DATA_LABEL)
+    if not target.is_block or data is None or target.size - table.min_disk_size < GROW_MIN:
+        return None
+    if max(table.partitions, key=lambda p: p.last_lba) != data:
+        return None
+    _sfdisk(target, ["--relocate", "gpt-bak-std"])
+    _sfdisk(target, ["-N", str(data.index)], ", +\n")
+    with open(target.path, "rb") as f:
+        _drop_cache(f.fileno())
+        grown = gpt.read_table(gpt.file_reader(f), target.size)
+    new_data = grown.by_name(DATA_LABEL)
+    if new_data is None or new_data.first_lba != data.first_lba or new_data.size <= data.size:
+        raise FlashError(f"growing {DATA_LABEL} on {target.path} did not give the expected partition: {new_data}")
+    volume = Ext4Volume(target.path, new_data.offset, new_data.size)
+    if volume.has_filesystem():
+        volume.grow()
+    return grown
+
+
 def flash_one(image: Image, target: blockdev.Target, board: BoardIdentity, report: Report,
-              owner: tuple[int, int] | None = None) -> FlashResult:
+              owner: tuple[int, int] | None = None, grow: bool = True) -> FlashResult:
     """Flash and provision one target; never raises: failures are in the result's `error`."""
     result = FlashResult(str(target.path), board.name, board.device_id)
     started = time.monotonic()
@@ -340,13 +378,19 @@ def flash_one(image: Image, target: blockdev.Target, board: BoardIdentity, repor
             length, digest = copy_full(image, target, report)
             result.copy_seconds = time.monotonic() - started
             verify_full(target, length, digest, report)
-        report("identity", 0, None)
         size = target.size if target.is_block else target.path.stat().st_size
         with open(target.path, "rb") as f:
             table = gpt.read_table(gpt.file_reader(f), size)
         root, data = table.by_name(ROOT_LABEL), table.by_name(DATA_LABEL)
         if root is None or data is None:
             raise FlashError(f"after copying, {target.path} has no {ROOT_LABEL}/{DATA_LABEL} partition")
+        if grow:
+            report("grow", 0, None)
+            grown = grow_data_partition(target, table)
+            if grown is not None:
+                table, data, result.grown = grown, grown.by_name(DATA_LABEL), True
+        result.data_size = data.size
+        report("identity", 0, None)
         _invalidate(target, table)
         uid, gid = agent_owner(Ext4Volume(target.path, root.offset, root.size), owner)
         volume = Ext4Volume(target.path, data.offset, data.size)
@@ -458,13 +502,13 @@ def run(args: argparse.Namespace) -> int:
     except (FlashError, ImageError, blockdev.UnsafeTarget, ProvisionError, SealError) as exc:
         console.print(f"flctl flash: [bold red]refused[/]: {exc}", highlight=False, markup=True)
         return 2
-    results = _flash_all(image, targets, boards, owner, console)
+    results = _flash_all(image, targets, boards, owner, console, grow=not args.no_grow)
     _summary(results, console)
     return 0 if all(r.ok for r in results) else 1
 
 
 def _flash_all(image: Image, targets: list[blockdev.Target], boards: list[BoardIdentity],
-               owner: tuple[int, int] | None, console: Console) -> list[FlashResult]:
+               owner: tuple[int, int] | None, console: Console, grow: bool = True) -> list[FlashResult]:
     columns = (TextColumn("{task.fields[board]:<12}"), TextColumn("{task.description:<9}"), BarColumn(),
                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -477,7 +521,7 @@ def _flash_all(image: Image, targets: list[blockdev.Target], boards: list[BoardI
                 else:
                     progress.update(task, description=phase, completed=done, total=total)
 
-            return flash_one(image, t, b, report, owner)
+            return flash_one(image, t, b, report, owner, grow)
 
         with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
             return list(pool.map(job, targets, boards))
@@ -487,16 +531,18 @@ def _summary(results: list[FlashResult], console: Console) -> None:
     if len(results) == 1:
         r = results[0]
         if r.ok:
+            data = f"{blockdev.human_size(r.data_size)}{' (grown to fill the device)' if r.grown else ''}"
             console.print(f"flctl flash: {r.target} provisioned as board {r.board} (device {r.device_id}) "
-                          f"by {r.method} in {r.seconds:.1f} s", highlight=False)
+                          f"by {r.method} in {r.seconds:.1f} s; {DATA_LABEL} {data}", highlight=False)
         else:
             console.print(f"flctl flash: [bold red]FAILED[/] {r.target}: {r.error}", highlight=False)
         return
     table = Table(title="flctl flash --many")
-    for col in ("target", "board", "device id", "method", "seconds", "result"):
+    for col in ("target", "board", "device id", "method", DATA_LABEL, "seconds", "result"):
         table.add_column(col, overflow="fold")
     for r in results:
-        table.add_row(r.target, r.board, r.device_id, r.method, f"{r.seconds:.1f}",
+        data = (blockdev.human_size(r.data_size) + (" (grown)" if r.grown else "")) if r.data_size else ""
+        table.add_row(r.target, r.board, r.device_id, r.method, data, f"{r.seconds:.1f}",
                       "ok" if r.ok else f"[red]FAILED[/]: {r.error}")
     console.print(table)
 
@@ -517,6 +563,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
                    "(never the system disk or a mounted one)")
     p.add_argument("--bmap", metavar="FILE", help="block map (default: IMAGE.bmap next to the image)")
     p.add_argument("--no-bmap", action="store_true", help="ignore any bmap: verified full copy")
+    p.add_argument("--no-grow", action="store_true", help="keep the image's partition layout on a larger "
+                   "device (default: fl-data grows to fill it)")
     p.add_argument("--owner", metavar="UID:GID", help="owner of the identity files (default: the image's "
                    "fl-agent user from /etc/passwd on fl-root)")
     p.add_argument("--passphrase-file", metavar="FILE", help="fleet passphrase file (default: "
