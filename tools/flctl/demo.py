@@ -28,6 +28,7 @@ from appliance.synthetic import evaluation_set
 from appliance.trainer import Trainer
 from flctl.fleet import Fleet
 from flctl.model import export_reference_package
+from flctl.prometheus import prometheus_command, write_scrape_config
 
 HELD_OUT_PER_CAMERA = 150
 
@@ -166,33 +167,11 @@ def plot(rows: list[RoundRow], baseline: dict[str, float], baseline_devices: lis
 
 def write_prometheus_config(fleet: Fleet, out_dir: Path) -> Path:
     """A Prometheus scrape config with file_sd targets for the aggregator and every appliance."""
-    targets = out_dir / "targets"
-    targets.mkdir(parents=True, exist_ok=True)
-    (targets / "aggregator.json").write_text(
-        json.dumps([{"targets": [f"127.0.0.1:{fleet.port}"], "labels": {"role": "aggregator"}}], indent=1)
+    return write_scrape_config(
+        out_dir,
+        {d.state_dir.name: f"127.0.0.1:{d.metrics_port}" for d in fleet.members},
+        aggregator=f"127.0.0.1:{fleet.port}",
     )
-    (targets / "appliances.json").write_text(
-        json.dumps(
-            [
-                {
-                    "targets": [f"127.0.0.1:{d.metrics_port}"],
-                    "labels": {"role": "appliance", "device": d.state_dir.name},
-                }
-                for d in fleet.members
-            ],
-            indent=1,
-        )
-    )
-    config = out_dir / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 5s\n"
-        "scrape_configs:\n"
-        "  - job_name: fl-aggregator\n    file_sd_configs:\n"
-        f"      - files: ['{targets / 'aggregator.json'}']\n"
-        "  - job_name: fl-agent\n    file_sd_configs:\n"
-        f"      - files: ['{targets / 'appliances.json'}']\n"
-    )
-    return config
 
 
 def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadline_s: float = 900) -> int:
@@ -246,7 +225,7 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
         improved = rows[-1].accuracy > baseline["accuracy"]
         console.print(
             f"plot: {out / 'demo.png'}\nsummary: {out / 'summary.json'}\nlogs: {fleet.logs}\n"
-            f"state: {out}\nPrometheus config (file_sd): {prom}"
+            f"state: {out}\nPrometheus config (file_sd): {prom}\n  run: {prometheus_command(prom)}"
         )
         console.print(f"aggregator: {fleet.url}/v1/status  {fleet.url}/metrics  {fleet.url}/")
         for d in fleet.members:

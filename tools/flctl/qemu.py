@@ -6,6 +6,7 @@
                      consoles go to log files (``--console`` puts appliance 0's on this terminal).
 ``flctl qemu env``   provisions appliances the same way and writes a labgrid environment for them
                      (QEMUDriver + ShellDriver per appliance), for ``pytest --lg-env`` or labgrid-client.
+                     Both write WORKDIR/prometheus/prometheus.yml (file_sd) to scrape them.
 ``flctl qemu test``  runs the boot tests (pytest -m qemu tests/qemu) -- what CI runs.
 
 See docs/qemu.md.
@@ -26,6 +27,7 @@ from rich.console import Console
 from . import qemu_rig
 from .image import ImageArtifacts, ImageBuildError, build_image
 from .ports import free_port
+from .prometheus import ScrapeConfigError, prometheus_command, write_scrape_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,6 +85,21 @@ def _prepare(args: argparse.Namespace, console: Console):
     return art, machine, workdir, appliances
 
 
+def write_prometheus_config(
+    workdir: Path, appliances: list[qemu_rig.Appliance], aggregator_port: int | None, console: Console
+) -> Path:
+    """Write ``workdir/prometheus/prometheus.yml`` scraping every appliance through its metrics hostfwd
+    (and the host aggregator when the rig was given its port), and tell the user how to start Prometheus."""
+    config = write_scrape_config(
+        workdir / "prometheus",
+        {a.name: f"127.0.0.1:{a.metrics_port}" for a in appliances},
+        aggregator=None if aggregator_port is None else f"127.0.0.1:{aggregator_port}",
+    )
+    console.print(f"Prometheus config (file_sd): {config}", markup=False, soft_wrap=True)
+    console.print(f"  run: {prometheus_command(config)}", markup=False, soft_wrap=True)
+    return config
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     """Provision appliances and write a labgrid environment for them (for ``pytest --lg-env``)."""
     console = Console(stderr=True)
@@ -95,6 +112,11 @@ def cmd_env(args: argparse.Namespace) -> int:
     for a in appliances:
         console.print(f"[bold]{a.name}[/] device {a.identity.device_id}: metrics 127.0.0.1:{a.metrics_port}")
     console.print(f"labgrid environment {path} (targets {', '.join(a.name for a in appliances)}; data in {workdir})")
+    try:
+        write_prometheus_config(workdir, appliances, args.aggregator_port, console)
+    except (ScrapeConfigError, OSError) as exc:
+        console.print(f"[red]qemu env:[/] Prometheus config: {exc}")
+        return 1
     return 0
 
 
@@ -102,7 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
         art, machine, workdir, appliances = _prepare(args, console)
-    except (qemu_rig.RigError, ImageBuildError, OSError) as exc:
+        write_prometheus_config(workdir, appliances, args.aggregator_port, console)
+    except (qemu_rig.RigError, ImageBuildError, ScrapeConfigError, OSError) as exc:
         console.print(f"[red]qemu run:[/] {exc}")
         return 1
     accel = machine.accel
@@ -172,7 +195,7 @@ def _appliance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", type=Path, help="a built image dir (default: build or take it from the cache)")
     p.add_argument("--cache", type=Path, help="image cache dir (default: $FL_EDGE_CACHE or ~/.cache/fl-edge)")
     p.add_argument("--workdir", type=Path, help="where data partitions and console logs go (default: a temp dir)")
-    p.add_argument("--aggregator-port", type=int, help="host loopback port of the aggregator (guest 10.0.2.100:8080)")
+    p.add_argument("--aggregator-port", type=_port, help="host loopback port of the aggregator (guest 10.0.2.100:8080)")
     p.add_argument("--aggregator-state", type=Path, help="aggregator state dir: pin its key, enroll the devices")
     p.add_argument("--aggregator-pub", help="aggregator public key (64 hex chars) if not from --aggregator-state")
     p.add_argument("--agent-toml", type=Path, help="per-device agent.toml override put on each data partition")
@@ -187,6 +210,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in 1-65535, got {value}")
     return value
 
 
