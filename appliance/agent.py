@@ -79,7 +79,7 @@ class Agent:
         # The fork server imports the trainer (numpy, onnxruntime) once; each round forks a ready child, which
         # matters on a small CPU where those imports take seconds.
         self.sandbox = TrainerSandbox(
-            self.budget, memory_max, start_method="forkserver", preload=["appliance.training_job"]
+            self.budget, memory_max, start_method="forkserver", preload=["appliance.training_job", "appliance.trainer"]
         )
         self.pressure = PressureGate(
             threshold=config.training.pressure_pause_avg10,
@@ -329,6 +329,7 @@ class Agent:
             self.metrics.models_refused.labels(exc.reason).inc()
             log.error("round %d: refused the model from the aggregator: %s", task.round_id, exc)
             raise AggregatorUnavailable(str(exc)) from exc
+        self.metrics.rounds_joined.inc()
         self.set_status(f"training round {task.round_id} on model v{task.model_version}")
         update = await self._train(task, package, release)
         if update is not None:
@@ -381,6 +382,7 @@ class Agent:
                 raise PermanentRejection(exc.reason, exc.detail) from exc
 
         def on_receipt(key: str, receipt: wire.Receipt) -> None:
+            self.metrics.rounds_completed.inc()
             log.info("round %d: update %s acknowledged", receipt.round_id, key[:16])
 
         while True:
@@ -400,7 +402,10 @@ class Agent:
             self.budget.reason,
         )
         async with AggregatorClient(
-            self.config.aggregator.url, self.aggregator_key, self.config.aggregator.request_timeout_seconds
+            self.config.aggregator.url,
+            self.aggregator_key,
+            self.config.aggregator.request_timeout_seconds,
+            ca_file=self.config.aggregator.ca_file,
         ) as client:
             systemd.notify("READY=1")
             self.set_status(f"waiting for round > {self.last_round}")

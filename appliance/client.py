@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 
 import aiohttp
 from nacl.signing import VerifyKey
@@ -35,17 +36,28 @@ class Rejection(Exception):
         self.detail = detail
 
 
-class AggregatorClient:
-    """One long-lived HTTP session to the aggregator."""
+def pinned_tls_context(ca_file: str) -> ssl.SSLContext:
+    """Certificate verification against ``ca_file`` alone (a CA, or the aggregator's own certificate: partial
+    chains are accepted so a pinned leaf is a trust anchor), with the host name checked as usual."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
-    def __init__(self, base_url: str, aggregator_key: VerifyKey, timeout_seconds: float = 120.0):
+
+class AggregatorClient:
+    """One long-lived HTTP session to the aggregator; over https with ``ca_file`` pinned when given."""
+
+    def __init__(self, base_url: str, aggregator_key: VerifyKey, timeout_seconds: float = 120.0,
+                 ca_file: str = ""):
         self.base_url = base_url.rstrip("/")
         self.aggregator_key = aggregator_key
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, sock_connect=10)
+        self._tls = pinned_tls_context(ca_file) if ca_file else None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AggregatorClient:
-        self._session = aiohttp.ClientSession(timeout=self._timeout, raise_for_status=False)
+        connector = aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None
+        self._session = aiohttp.ClientSession(timeout=self._timeout, raise_for_status=False, connector=connector)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

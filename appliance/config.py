@@ -8,6 +8,7 @@ months later, if ever.
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,7 +25,11 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class AggregatorConfig:
-    url: str = "http://127.0.0.1:8080"
+    url: str = "https://127.0.0.1:8080"
+    # PEM file with the CA that signed the aggregator's certificate, or that certificate itself: the only
+    # trust anchor for https (the system's CA store is not used). A relative path is relative to the file.
+    ca_file: str = ""
+    allow_plain_http: bool = False  # http:// URLs only with this set (loopback tests, the QEMU rig)
     poll_wait_seconds: float = 30.0
     request_timeout_seconds: float = 120.0
 
@@ -131,7 +136,32 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def _merge(config: Config, path: Path, data: dict[str, Any]) -> Config:
+def _check_aggregator(config: Config, origin: dict[str, Path], main: Path) -> None:
+    """Checks across keys (which may come from different files): the transport the URL asks for must be
+    configured. Each message names the file that set the key in question."""
+    agg = config.aggregator
+    url_file = origin.get("url", main)
+    if urlsplit(agg.url).scheme == "http":
+        if not agg.allow_plain_http:
+            raise ConfigError(f"{url_file}: [aggregator] url: {agg.url!r} is plain HTTP: updates and models would "
+                              "cross the network unencrypted; use https:// with ca_file, or set "
+                              "allow_plain_http = true (loopback tests, the QEMU rig)")
+        return
+    if not agg.ca_file:
+        raise ConfigError(f"{url_file}: [aggregator] url: {agg.url!r} is https but [aggregator] ca_file is not "
+                          "set: name the CA (or the aggregator's certificate) to pin")
+    where = f"{origin.get('ca_file', url_file)}: [aggregator] ca_file"
+    try:
+        ssl.create_default_context(cafile=agg.ca_file)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {agg.ca_file} does not exist") from None
+    except ssl.SSLError as exc:  # an OSError too: caught first
+        raise ConfigError(f"{where}: {agg.ca_file} holds no PEM certificate ({exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {agg.ca_file}: {exc.strerror}") from None
+
+
+def _merge(config: Config, path: Path, data: dict[str, Any], origin: dict[str, Path] | None = None) -> Config:
     sections = {f.name: getattr(config, f.name) for f in fields(Config)}
     for section, values in data.items():
         if section not in sections:
@@ -145,14 +175,23 @@ def _merge(config: Config, path: Path, data: dict[str, Any]) -> Config:
             if key not in known:
                 raise ConfigError(f"{path}: [{section}] unknown key {key!r}; known: {', '.join(known)}")
             updates[key] = _check_value(path, section, key, value, known[key])
+            if section == "aggregator" and origin is not None:
+                origin[key] = path
+        if section == "aggregator" and updates.get("ca_file"):
+            updates["ca_file"] = str(path.parent / updates["ca_file"])  # an absolute path stays as it is
         sections[section] = type(current)(**{**known, **updates})
     return Config(**sections)
 
 
-def load_config(path: Path = DEFAULT_CONFIG_PATH, *, override: bool = True) -> Config:
-    """Read ``path`` (which must exist), then ``<state_dir>/agent.toml`` on top when present."""
-    config = _merge(Config(), path, _read(path))
+def load_config(path: Path = DEFAULT_CONFIG_PATH, *, override: bool = True, transport: bool = True) -> Config:
+    """Read ``path`` (which must exist), then ``<state_dir>/agent.toml`` on top when present. ``transport``
+    False skips the checks across files (URL scheme against ca_file/allow_plain_http, the CA file itself):
+    for checking one file on a host where the device's other file and CA are not."""
+    origin: dict[str, Path] = {}
+    config = _merge(Config(), path, _read(path), origin)
     override_path = config.state_path / OVERRIDE_NAME
     if override and override_path.is_file() and override_path.resolve() != path.resolve():
-        config = _merge(config, override_path, _read(override_path))
+        config = _merge(config, override_path, _read(override_path), origin)
+    if transport:
+        _check_aggregator(config, origin, path)
     return config

@@ -60,7 +60,13 @@ class AgentMetrics:
         r = self.registry
         self.info = Info("fl_agent_build", "fl-agent version", registry=r)
         self.info.info({"version": __version__})
+        self.rounds_joined = Counter(
+            "fl_agent_rounds_joined", "Rounds taken part in: task received, signed model accepted", registry=r
+        )
         self.rounds = Counter("fl_agent_rounds", "Rounds this device trained and queued an update for", registry=r)
+        self.rounds_completed = Counter(
+            "fl_agent_rounds_completed", "Rounds whose update the aggregator acknowledged with a receipt", registry=r
+        )
         self.rounds_skipped = Counter(
             "fl_agent_rounds_skipped", "Rounds not trained, by reason", ["reason"], registry=r
         )

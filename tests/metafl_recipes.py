@@ -85,6 +85,7 @@ STDLIB_PACKAGES = {
     "shutil": "python3-core",
     "signal": "python3-core",
     "socket": "python3-io",
+    "ssl": "python3-io",
     "sqlite3": "python3-sqlite3",
     "stat": "python3-core",
     "socketserver": "python3-netserver",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from pathlib import Path
 
@@ -89,13 +90,14 @@ class FakeAggregator:
 
 
 async def run_agent_against(
-    fake: FakeAggregator, tmp_path: Path, until, source: str = "synthetic", during=None, at_most: float = 300
+    fake: FakeAggregator, tmp_path: Path, until, source: str = "synthetic", during=None, at_most: float = 300,
+    tls: tuple[ssl.SSLContext, Path] | None = None,
 ) -> Agent:
     """Run an agent against ``fake`` until ``until(agent)`` holds (polled), then stop it. ``at_most`` only
     keeps a broken agent from hanging the run: a loaded CI machine must not turn slowness into a failure."""
     runner = web.AppRunner(fake.app())
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls[0] if tls else None)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     state = tmp_path / "state"
@@ -103,8 +105,10 @@ async def run_agent_against(
     fake.device_keys = {identity.device_id: identity.verify_key}
     write_aggregator_key(state, fake.key.verify_key)
     config_path = tmp_path / "agent.toml"
+    transport = (f'url = "https://127.0.0.1:{port}"\nca_file = "{tls[1]}"\n' if tls else
+                 f'url = "http://127.0.0.1:{port}"\nallow_plain_http = true\n')
     config_path.write_text(
-        f'[aggregator]\nurl = "http://127.0.0.1:{port}"\npoll_wait_seconds = 1.0\n'
+        f"[aggregator]\n{transport}poll_wait_seconds = 1.0\n"
         f'[agent]\nstate_dir = "{state}"\n[metrics]\nlisten = ""\n'
         f'[data]\nsource = "{source}"\nsamples_per_round = 64\n'
     )
@@ -140,6 +144,7 @@ async def test_agent_refuses_a_model_release_not_signed_by_its_pinned_key(
     )
     assert sample(agent, "fl_agent_models_refused_total", {"reason": reason}) >= 1
     assert sample(agent, "fl_agent_rounds_total") == 0
+    assert sample(agent, "fl_agent_rounds_joined_total") == 0  # a refused model is no round taken part in
     assert fake.updates == []
     assert agent.outbox.depth == 0
 
@@ -157,6 +162,7 @@ async def test_agent_trains_a_round_and_delivers_one_signed_update(signed_packag
     assert update.metrics["loss_after"] < update.metrics["loss_before"]
     assert agent.outbox.depth == 0  # the receipt removed it
     assert sample(agent, "fl_agent_updates_delivered_total") == 1
+    assert sample(agent, "fl_agent_rounds_joined_total") == 1 and sample(agent, "fl_agent_rounds_completed_total") == 1
     assert agent.last_round == 1  # survives a restart: the round is not trained twice
     assert (tmp_path / "state" / "agent-state.json").read_text() == '{"last_round": 1}'
 
@@ -205,3 +211,85 @@ async def test_a_camera_appliance_waits_for_labelled_frames_instead_of_skipping_
     )
     assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "no-data"}) == 0
     assert len(fake.updates) == 1
+
+
+# --- HTTPS with a pinned trust anchor -------------------------------------------------------------------
+
+
+def _certificate(subject: str, issuer_key, issuer: str | None, tmp: Path, name: str, ca: bool):  # type: ignore[no-untyped-def]
+    """(key, PEM path) of a certificate for ``subject`` signed by ``issuer_key`` (itself when issuer is None)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer or subject)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    path = tmp / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path = tmp / f"{name}.key"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return key, path, key_path
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA, the aggregator's certificate for 127.0.0.1 signed by it, and an unrelated CA."""
+    pytest.importorskip("cryptography", reason="cryptography makes the test certificates")
+    ca_key, ca_pem, _ = _certificate("fl-edge test CA", None, None, tmp_path, "ca", ca=True)
+    _, leaf_pem, leaf_key = _certificate("127.0.0.1", ca_key, "fl-edge test CA", tmp_path, "aggregator", ca=False)
+    _, other_ca, _ = _certificate("someone else's CA", None, None, tmp_path, "other-ca", ca=True)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(leaf_pem, leaf_key)
+    return server, {"ca": ca_pem, "leaf": leaf_pem, "other": other_ca}
+
+
+@pytest.mark.parametrize("pinned", ["ca", "leaf"])
+async def test_agent_delivers_over_https_verified_against_the_pinned_ca_or_certificate(
+    signed_package, tmp_path, pki, pinned
+):
+    key, path = signed_package
+    server, pems = pki
+    fake = FakeAggregator(key, path)
+    agent = await run_agent_against(
+        fake, tmp_path, tls=(server, pems[pinned]),
+        until=lambda a: sample(a, "fl_agent_updates_delivered_total") >= 1 and a.outbox.depth == 0,
+    )
+    assert len(fake.updates) == 1
+    assert sample(agent, "fl_agent_aggregator_errors_total", {"operation": "task"}) == 0
+
+
+async def test_agent_refuses_an_aggregator_whose_certificate_the_pinned_ca_did_not_sign(
+    signed_package, tmp_path, pki, caplog
+):
+    """The system's CA store plays no part: a certificate from any other CA is a network failure, retried, and
+    nothing is sent."""
+    key, path = signed_package
+    server, pems = pki
+    fake = FakeAggregator(key, path)
+    agent = await run_agent_against(
+        fake, tmp_path, tls=(server, pems["other"]),
+        until=lambda a: sample(a, "fl_agent_aggregator_errors_total", {"operation": "task"}) >= 1,
+    )
+    assert sample(agent, "fl_agent_aggregator_errors_total", {"operation": "task"}) >= 1
+    assert fake.updates == [] and sample(agent, "fl_agent_rounds_total") == 0
+    assert "certificate verify failed" in caplog.text

@@ -16,7 +16,8 @@ def test_defaults_and_values(tmp_path):
     cfg = load_config(
         write(
             tmp_path / "agent.toml",
-            f'[agent]\nstate_dir = "{tmp_path}"\n[data]\nsource = "synthetic"\nsynthetic_camera = 0\n',
+            f'[agent]\nstate_dir = "{tmp_path}"\n[data]\nsource = "synthetic"\nsynthetic_camera = 0\n'
+            '[aggregator]\nurl = "http://127.0.0.1:8080"\nallow_plain_http = true\n',
         )
     )
     assert cfg.data.source == "synthetic"
@@ -27,7 +28,7 @@ def test_defaults_and_values(tmp_path):
 def test_override_on_data_partition_wins_key_by_key(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
-    write(state / "agent.toml", '[aggregator]\nurl = "http://10.0.2.100:8080"\n')
+    write(state / "agent.toml", '[aggregator]\nurl = "http://10.0.2.100:8080"\nallow_plain_http = true\n')
     base = write(tmp_path / "agent.toml", f'[agent]\nstate_dir = "{state}"\n[aggregator]\npoll_wait_seconds = 5\n')
     cfg = load_config(base)
     assert cfg.aggregator.url == "http://10.0.2.100:8080"
@@ -58,3 +59,34 @@ def test_bad_config_names_file_and_key(tmp_path, text, needle):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"agent\.toml: cannot read"):
         load_config(tmp_path / "agent.toml")
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "needle"),
+    [
+        ('url = "http://10.0.2.100:8080"\n', "is plain HTTP: updates and models would cross the network unencrypted"),
+        ('url = "https://agg.example"\n', "is https but [aggregator] ca_file is not set"),
+        ('url = "https://agg.example"\nca_file = "/nonexistent/ca.pem"\n', "/nonexistent/ca.pem does not exist"),
+        ('url = "https://agg.example"\nca_file = "junk.pem"\n', "junk.pem holds no PEM certificate"),
+    ],
+)
+def test_transport_must_be_configured_explicitly(tmp_path, aggregator, needle):
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    path = write(tmp_path / "agent.toml", f"[agent]\nstate_dir = \"{tmp_path}\"\n[aggregator]\n{aggregator}")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(path) in str(exc.value) and "[aggregator]" in str(exc.value)
+    assert needle in str(exc.value)
+
+
+def test_ca_file_is_relative_to_its_config_file_and_the_override_can_supply_it(tmp_path):
+    pytest.importorskip("cryptography", reason="cryptography makes the test certificate")
+    from test_aggregator_cli import _self_signed
+
+    state = tmp_path / "state"
+    state.mkdir()
+    cert, _key = _self_signed(state)
+    base = write(tmp_path / "agent.toml", f'[agent]\nstate_dir = "{state}"\n[aggregator]\nurl = "https://127.0.0.1"\n')
+    write(state / "agent.toml", f'[aggregator]\nca_file = "{cert.name}"\n')
+    cfg = load_config(base)
+    assert cfg.aggregator.ca_file == str(cert) and not cfg.aggregator.allow_plain_http

@@ -29,6 +29,7 @@ samples_per_round = 64
 max_threads = 1
 [aggregator]
 url = "http://10.0.2.100:8080"
+allow_plain_http = true
 poll_wait_seconds = 5.0
 """
 

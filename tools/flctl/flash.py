@@ -450,12 +450,13 @@ def _board_list(args: argparse.Namespace) -> list[str]:
 
 
 def _board_config(fleet: Fleet, name: str) -> str:
-    """The board's agent.toml from the fleet, checked with the agent's own strict loader."""
+    """The board's agent.toml from the fleet, checked with the agent's own strict loader (each key; the
+    transport is checked by the agent at start, against the image's config and CA file merged with this)."""
     path = fleet.board_agent_toml(name)
     if not path.exists():
         return agent_toml(fleet.url)
     try:
-        load_config(path, override=False)
+        load_config(path, override=False, transport=False)
     except ConfigError as exc:
         raise FlashError(f"board {name}'s agent.toml would stop the agent: {exc}") from None
     return path.read_text()

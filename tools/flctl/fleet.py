@@ -104,7 +104,7 @@ class Fleet:
             port = free_port()
             config = state / "agent.toml"
             config.write_text(
-                f'[aggregator]\nurl = "{self.url}"\npoll_wait_seconds = 20.0\n'
+                f'[aggregator]\nurl = "{self.url}"\nallow_plain_http = true  # loopback\npoll_wait_seconds = 20.0\n'
                 f'[agent]\nstate_dir = "{state}"\n'
                 f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
                 f'[data]\nsource = "synthetic"\nsynthetic_camera = {i}\n'

@@ -62,11 +62,20 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+_PLAIN_HTTP = "allow_plain_http = true  # the aggregator URL is http://: no TLS (test rigs only)"
+_PLAIN_HTTP_LINE = re.compile(r"^allow_plain_http\s*=.*\n?", re.MULTILINE)
+
+
+def _plain(url: str) -> bool:
+    return urlsplit(url).scheme == "http"
+
+
 def agent_toml(url: str) -> str:
-    """The per-board override of /etc/fl-agent/agent.toml: merged key by key by appliance.config."""
+    """The per-board override of /etc/fl-agent/agent.toml: merged key by key by appliance.config. An http://
+    URL comes with the explicit allow_plain_http the agent demands; https:// needs the image's ca_file."""
     return f'# Written by flctl provision; overrides /etc/fl-agent/agent.toml key by key.\n' \
            f'# Add per-board settings below; `flctl provision --aggregator-url` only rewrites the url line.\n' \
-           f'[aggregator]\nurl = "{url}"\n'
+           f'[aggregator]\nurl = "{url}"\n' + (f"{_PLAIN_HTTP}\n" if _plain(url) else "")
 
 
 _URL_LINE = re.compile(r'^(\[aggregator\][^\[]*?^url\s*=\s*)"[^"\n]*"', re.MULTILINE | re.DOTALL)
@@ -75,11 +84,16 @@ _URL_LINE = re.compile(r'^(\[aggregator\][^\[]*?^url\s*=\s*)"[^"\n]*"', re.MULTI
 def with_url(text: str, url: str) -> str:
     """`text` (a board's agent.toml) with [aggregator] url set to `url`, other settings kept."""
     new, count = _URL_LINE.subn(lambda m: f'{m.group(1)}"{url}"', text, count=1)
-    if count:
-        return new
-    if re.search(r"^\[aggregator\]", text, re.MULTILINE):
-        return re.sub(r"^\[aggregator\]\s*$", f'[aggregator]\nurl = "{url}"', text, count=1, flags=re.MULTILINE)
-    return f'[aggregator]\nurl = "{url}"\n' + text
+    if not count:
+        if re.search(r"^\[aggregator\]", text, re.MULTILINE):
+            new = re.sub(r"^\[aggregator\]\s*$", f'[aggregator]\nurl = "{url}"', text, count=1, flags=re.MULTILINE)
+        else:
+            new = f'[aggregator]\nurl = "{url}"\n' + text
+    new = _PLAIN_HTTP_LINE.sub("", new)  # it follows the scheme: http:// gets it back right after the url
+    if _plain(url):
+        new = re.sub(r'^(\[aggregator\][^\[]*?^url\s*=\s*"[^"\n]*"\n)', lambda m: f"{m.group(1)}{_PLAIN_HTTP}\n", new,
+                     count=1, flags=re.MULTILINE | re.DOTALL)
+    return new
 
 
 class Fleet:

@@ -86,6 +86,11 @@ class Appliance:
         self.console_log = self.workdir / f"{self.name}-console.log"
 
 
+# The rig's link to the host aggregator is QEMU's user network on this machine: plain HTTP, said explicitly
+# (the image's default config names the aggregator URL and nothing else).
+RIG_AGENT_TOML = "[aggregator]\nallow_plain_http = true\n"
+
+
 def provision_data_partition(
     art: ImageArtifacts,
     dest: Path,
@@ -107,9 +112,8 @@ def provision_data_partition(
                 raise RigError(f"aggregator public key must be 64 lowercase hex chars, got {aggregator_pub_hex!r}")
             (ident / "aggregator.pub").write_text(aggregator_pub_hex + "\n")
             os.chmod(ident / "aggregator.pub", 0o644)
-        if agent_toml is not None:
-            (state / "agent.toml").write_text(agent_toml)
-            os.chmod(state / "agent.toml", 0o644)
+        (state / "agent.toml").write_text(RIG_AGENT_TOML if agent_toml is None else agent_toml)
+        os.chmod(state / "agent.toml", 0o644)
         os.chmod(state, 0o750)
         os.chmod(ident, 0o700)
         for path in [state, *state.rglob("*")]:

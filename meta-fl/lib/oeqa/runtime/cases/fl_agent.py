@@ -62,6 +62,12 @@ class FlAgentTest(OERuntimeTestCase):
         if status != 0:
             self.run_ok(f"install -d -o fl-agent -g fl-agent -m 0700 {STATE_DIR}/identity")
             self.run_ok(f"echo {TEST_AGGREGATOR_PUB} > {pub} && chown fl-agent:fl-agent {pub}")
+            # The image's default URL is plain http (the QEMU rig's address), which the agent refuses unless a
+            # config allows it explicitly: the override does, as the rig's provisioning would.
+            override = f"{STATE_DIR}/agent.toml"
+            if self.target.run(f"test -s {override}")[0] != 0:
+                self.run_ok(f"printf '[aggregator]\\nallow_plain_http = true\\n' > {override} && "
+                            f"chown fl-agent:fl-agent {override}")
             # Unprovisioned, the agent has been failing at start-up: clear the start limit, then start it.
             self.run_ok("systemctl reset-failed fl-agent.service; systemctl restart fl-agent.service")
         # Type=notify: "active" means the agent said READY=1.
