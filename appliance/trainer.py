@@ -14,23 +14,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from appliance.modelpkg import ModelPackage
-
-
-@dataclass
-class TrainResult:
-    """What one round of local training produced. ``delta`` is new minus base parameters."""
-
-    delta: dict[str, np.ndarray]
-    num_samples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
+from appliance.training_result import TrainResult
 
 
 def _session(graph: bytes, threads: int, spin: bool) -> ort.InferenceSession:

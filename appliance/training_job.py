@@ -3,7 +3,10 @@
 The child process reads the training data itself (from the frame buffer, or the synthetic source in the
 demo), so frames never pass through the agent process, and an out-of-memory kill takes the trainer, not the
 agent. Everything the job needs travels in :class:`TrainJob`; the result is a plain
-:class:`~appliance.trainer.TrainResult`.
+:class:`~appliance.training_result.TrainResult`.
+
+onnxruntime is imported by the child only (the fork server preloads ``appliance.trainer``): the long-lived
+agent process never runs a model, and importing the runtime there would cost it ~45 MB of resident memory.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from nacl.signing import VerifyKey
 from appliance.framebuffer import FrameBuffer
 from appliance.modelpkg import load_package
 from appliance.synthetic import SyntheticCamera
-from appliance.trainer import Trainer, TrainResult
+from appliance.training_result import TrainResult
 
 FRAMES_DIR = "frames"
 
@@ -55,6 +58,8 @@ def training_data(job: TrainJob) -> tuple[np.ndarray, np.ndarray]:
 
 def run_train_job(job: TrainJob) -> TrainResult:
     """Entry point of the trainer child process."""
+    from appliance.trainer import Trainer
+
     package = load_package(Path(job.package_path), VerifyKey(job.aggregator_key))
     x, y = training_data(job)
     trainer = Trainer(package, threads=job.threads)

@@ -55,3 +55,36 @@ def test_training_the_reference_cnn_stays_under_100_mb(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     peak_mb = int(out.stdout.strip().splitlines()[-1])
     assert peak_mb <= 100, f"peak RSS {peak_mb} MB while training on 2,400 frames"
+
+
+def test_the_agent_process_receives_a_training_result_without_importing_onnxruntime(tmp_path):
+    """The result crosses back from the trainer child by pickle, and unpickling imports the class's module:
+    it once lived beside the trainer and pulled onnxruntime (~45 MB resident, bench/agent_memory.py) into
+    the long-lived agent process, which never runs a model."""
+    import pickle
+
+    from appliance.synthetic import SyntheticCamera
+    from appliance.trainer import Trainer
+
+    key = SigningKey.generate()
+    path = tmp_path / "cnn.flpkg"
+    write_package(path, build_reference_package("cnn")[0], key)
+    from appliance.modelpkg import load_package
+
+    pkg = load_package(path, key.verify_key)
+    x, y = SyntheticCamera(0, seed=1).sample(64)
+    result = Trainer(pkg, threads=1).train(pkg.initial_params, x, y, epochs=1, batch_size=32, lr=0.05)
+    payload = tmp_path / "result.pickle"
+    payload.write_bytes(pickle.dumps(result))
+    agent_side = textwrap.dedent(
+        """
+        import pickle, sys
+        import appliance.agent
+        result = pickle.loads(open(sys.argv[1], "rb").read())
+        assert result.num_samples == 64, result.num_samples
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "onnxruntime"))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", agent_side, str(payload)], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]", f"the agent process imported {out.strip()}"
