@@ -7,8 +7,7 @@ DESCRIPTION = "The device side of fl-edge. It trains ONNX models on frames \
                on the fl-data partition."
 SECTION = "console/network"
 LICENSE = "MIT"
-# nooelint: oelint.var.licenseremotefile - the repository has no licence file of its own yet; pyproject.toml declares MIT
-LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302"
+LIC_FILES_CHKSUM = "file://LICENSE;md5=f14c1d7e5be632324cba34cf5cadaa0d"
 
 # meta-fl lives inside the fl-edge repository, and this recipe builds the
 # checkout that contains it; the paths in SRC_URI are relative to the
@@ -20,6 +19,7 @@ FL_EDGE_SRCDIR := "${@os.path.normpath(os.path.join(d.getVar('THISDIR'), '..', '
 FILESEXTRAPATHS:prepend := "${FL_EDGE_SRCDIR}:"
 SRC_URI = "\
     file://pyproject.toml;subdir=fl-edge \
+    file://LICENSE;subdir=fl-edge \
     file://README.md;subdir=fl-edge \
     file://appliance;subdir=fl-edge \
     file://aggregator;subdir=fl-edge \
