@@ -198,7 +198,8 @@ def _appliance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregator-port", type=_port, help="host loopback port of the aggregator (guest 10.0.2.100:8080)")
     p.add_argument("--aggregator-state", type=Path, help="aggregator state dir: pin its key, enroll the devices")
     p.add_argument("--aggregator-pub", help="aggregator public key (64 hex chars) if not from --aggregator-state")
-    p.add_argument("--agent-toml", type=Path, help="per-device agent.toml override put on each data partition")
+    p.add_argument("--agent-toml", type=Path, help="per-device agent.toml override put on each data partition "
+                   "(replaces the rig's default one: include [aggregator] allow_plain_http = true)")
     p.add_argument("--memory", default="1024M", help="guest memory (default 1024M)")
     p.add_argument("--smp", type=_positive, default=1, help="guest CPUs (default 1)")
 
