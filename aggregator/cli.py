@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 from nacl.signing import SigningKey
 
@@ -20,6 +21,7 @@ from aggregator.store import Store, StoreError
 from aggregator.strategies import STRATEGIES
 from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strategy, parse_upstream_key
 from appliance import wire
+from appliance.client import pinned_tls_context
 from appliance.identity import IdentityError, read_key_file, write_key_file
 
 KEY_FILE = "aggregator.key"
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="site mode: follow this parent aggregator's rounds and forward one partial sum per round")
     serve.add_argument("--upstream-key", metavar="HEX_OR_FILE",
                        help="the parent aggregator's public key (hex, or a file such as its aggregator.pub)")
+    serve.add_argument("--upstream-ca", metavar="PEM", help="with an https:// --upstream: the CA that signed the "
+                       "parent's certificate, or that certificate, pinned (the system store is not used)")
 
     keygen = sub.add_parser("keygen", help="create the aggregator key if absent and print its public key (hex)")
     keygen.add_argument("--state", type=Path, required=True)
@@ -157,9 +161,22 @@ def _upstream(args: argparse.Namespace) -> UpstreamConfig | None:
         return None
     if args.upstream_key is None:
         raise CliError("--upstream needs --upstream-key (the parent aggregator's public key, hex or file)")
+    https = urlparse(args.upstream).scheme == "https"
+    if https and not args.upstream_ca:
+        raise CliError("--upstream https://... needs --upstream-ca (the CA or certificate to pin for the parent)")
+    if args.upstream_ca and not https:
+        raise CliError("--upstream-ca goes with an https:// --upstream URL")
+    if args.upstream_ca:
+        try:
+            pinned_tls_context(args.upstream_ca)
+        except ssl.SSLError as exc:  # an OSError too: caught first
+            raise CliError(f"--upstream-ca {args.upstream_ca}: no PEM certificate in it ({exc.reason})") from None
+        except OSError as exc:
+            raise CliError(f"--upstream-ca {args.upstream_ca}: {exc.strerror}") from None
     try:
         check_site_strategy(args.strategy, _strategy_options(args))
-        return UpstreamConfig(url=args.upstream, key=parse_upstream_key(args.upstream_key))
+        return UpstreamConfig(url=args.upstream, key=parse_upstream_key(args.upstream_key),
+                              ca_file=args.upstream_ca or "")
     except UpstreamError as exc:
         raise CliError(str(exc)) from None
 

@@ -52,6 +52,7 @@ class UpstreamConfig:
 
     url: str
     key: VerifyKey
+    ca_file: str = ""  # https: the PEM the parent's certificate is verified against (a CA, or the certificate)
     poll_seconds: float = 30.0  # long-poll wait per /v1/task request
     retry_seconds: float = 2.0  # first back-off after a network error (doubles up to 30 s)
 
@@ -138,7 +139,7 @@ class UpstreamLink:
 
     async def start(self) -> None:
         self._client = AggregatorClient(self.config.url, self.config.key,
-                                        timeout_seconds=self.config.poll_seconds + 60)
+                                        timeout_seconds=self.config.poll_seconds + 60, ca_file=self.config.ca_file)
         await self._client.__aenter__()
         self._task = asyncio.create_task(self._follow(), name="upstream")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -202,6 +203,19 @@ def test_upstream_key_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--upstream needs --upstream-key" in capsys.readouterr().err
 
 
+def test_an_https_upstream_needs_a_pinned_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = "11" * 32
+    base = ["serve", "--state", str(tmp_path / "site"), "--synthetic-parameters", "10", "--upstream-key", key]
+    assert cli.main([*base, "--upstream", "https://127.0.0.1:9"]) == 2
+    assert "--upstream https://... needs --upstream-ca" in capsys.readouterr().err
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    assert cli.main([*base, "--upstream", "https://127.0.0.1:9", "--upstream-ca", str(tmp_path / "junk.pem")]) == 2
+    assert "no PEM certificate in it" in capsys.readouterr().err
+    assert cli.main([*base, "--upstream", "http://127.0.0.1:9", "--upstream-ca", str(tmp_path / "junk.pem")]) == 2
+    assert "--upstream-ca goes with an https:// --upstream URL" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()  # refused before anything was created
+
+
 def _serve(state: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
@@ -210,8 +224,12 @@ def _serve(state: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     )
 
 
+_CITY_TLS: ssl.SSLContext | None = None  # the real-process test's city serves https with a test certificate
+
+
 def _get(url: str, timeout: float = 40) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    context = _CITY_TLS if url.startswith("https:") else None
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
         return response.read()
 
 
@@ -228,7 +246,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.slow
 def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
-    """As a user runs it: keygen, a package signed by each aggregator, enrolment by CLI, --upstream-key FILE."""
+    """As a user runs it: keygen, a package signed by each aggregator, enrolment by CLI, --upstream-key FILE,
+    the city on https (--tls-cert) and the site pinning its certificate (--upstream-ca)."""
+    global _CITY_TLS
+    pytest.importorskip("cryptography", reason="cryptography makes the city's test certificate")
+    from test_aggregator_cli import _self_signed
+
     city_state, site_state = tmp_path / "city", tmp_path / "site"
     keys = {}
     for state in (city_state, site_state):
@@ -247,16 +270,19 @@ def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
     assert cli.main(["enroll", "--state", str(city_state), (site_state / "aggregator.pub").read_text().strip()]) == 0
     assert cli.main(["enroll", "--state", str(site_state), *(d.public_key_hex for d in devices)]) == 0
     city_port, site_port = free_port(), free_port()
-    city_url, site_url = f"http://127.0.0.1:{city_port}", f"http://127.0.0.1:{site_port}"
+    city_url, site_url = f"https://127.0.0.1:{city_port}", f"http://127.0.0.1:{site_port}"
+    cert, tls_key = _self_signed(tmp_path)
+    _CITY_TLS = ssl.create_default_context(cafile=str(cert))
     city = _serve(city_state, city_port, "--model", str(city_state / "tiny.flpkg"), "--min-clients", "1",
-                  "--goal-clients", "1")
+                  "--goal-clients", "1", "--tls-cert", str(cert), "--tls-key", str(tls_key))
     site = None
     try:
         # the site starts once the city answers: a site that finds no city backs off (up to 30 s), which could
         # outlast the task long-poll below
         _wait_healthy(city_url, city)
         site = _serve(site_state, site_port, "--model", str(site_state / "tiny.flpkg"), "--min-clients", "2",
-                      "--upstream", city_url, "--upstream-key", str(city_state / "aggregator.pub"))
+                      "--upstream", city_url, "--upstream-key", str(city_state / "aggregator.pub"),
+                      "--upstream-ca", str(cert))
         _wait_healthy(site_url, site)
         site_pub = keys[site_state].verify_key
         task = wire.decode_task(_get(site_url + "/v1/task?wait=30"), site_pub)
