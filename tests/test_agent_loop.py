@@ -216,51 +216,18 @@ async def test_a_camera_appliance_waits_for_labelled_frames_instead_of_skipping_
 # --- HTTPS with a pinned trust anchor -------------------------------------------------------------------
 
 
-def _certificate(subject: str, issuer_key, issuer: str | None, tmp: Path, name: str, ca: bool):  # type: ignore[no-untyped-def]
-    """(key, PEM path) of a certificate for ``subject`` signed by ``issuer_key`` (itself when issuer is None)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer or subject)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    path = tmp / f"{name}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = tmp / f"{name}.key"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return key, path, key_path
-
-
 @pytest.fixture
 def pki(tmp_path):
     """A CA, the aggregator's certificate for 127.0.0.1 signed by it, and an unrelated CA."""
     pytest.importorskip("cryptography", reason="cryptography makes the test certificates")
-    ca_key, ca_pem, _ = _certificate("fl-edge test CA", None, None, tmp_path, "ca", ca=True)
-    _, leaf_pem, leaf_key = _certificate("127.0.0.1", ca_key, "fl-edge test CA", tmp_path, "aggregator", ca=False)
-    _, other_ca, _ = _certificate("someone else's CA", None, None, tmp_path, "other-ca", ca=True)
+    from tls_certs import certificate
+
+    ca = certificate(tmp_path, "ca", "fl-edge test CA", ca=True)
+    leaf = certificate(tmp_path, "aggregator", issuer=ca, issuer_name="fl-edge test CA")
+    other_ca = certificate(tmp_path, "other-ca", "someone else's CA", ca=True)
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(leaf_pem, leaf_key)
-    return server, {"ca": ca_pem, "leaf": leaf_pem, "other": other_ca}
+    server.load_cert_chain(leaf.cert, leaf.key_file)
+    return server, {"ca": ca.cert, "leaf": leaf.cert, "other": other_ca.cert}
 
 
 @pytest.mark.parametrize("pinned", ["ca", "leaf"])

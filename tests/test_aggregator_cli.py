@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nacl.signing import SigningKey, VerifyKey
+from tls_certs import self_signed
 
 from aggregator.cli import main
 from aggregator.simulate import SimulatedDevice
@@ -151,37 +152,11 @@ def test_serve_refuses_a_package_signed_by_another_key(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_serve_over_tls(tmp_path: Path) -> None:
     import ssl
 
     pytest.importorskip("cryptography", reason="cryptography makes the test certificate")
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(tmp_path / "state"), "--listen",

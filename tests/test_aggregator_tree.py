@@ -250,7 +250,7 @@ def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
     the city on https (--tls-cert) and the site pinning its certificate (--upstream-ca)."""
     global _CITY_TLS
     pytest.importorskip("cryptography", reason="cryptography makes the city's test certificate")
-    from test_aggregator_cli import _self_signed
+    from tls_certs import self_signed
 
     city_state, site_state = tmp_path / "city", tmp_path / "site"
     keys = {}
@@ -271,7 +271,7 @@ def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
     assert cli.main(["enroll", "--state", str(site_state), *(d.public_key_hex for d in devices)]) == 0
     city_port, site_port = free_port(), free_port()
     city_url, site_url = f"https://127.0.0.1:{city_port}", f"http://127.0.0.1:{site_port}"
-    cert, tls_key = _self_signed(tmp_path)
+    cert, tls_key = self_signed(tmp_path)
     _CITY_TLS = ssl.create_default_context(cafile=str(cert))
     city = _serve(city_state, city_port, "--model", str(city_state / "tiny.flpkg"), "--min-clients", "1",
                   "--goal-clients", "1", "--tls-cert", str(cert), "--tls-key", str(tls_key))

@@ -81,11 +81,11 @@ def test_transport_must_be_configured_explicitly(tmp_path, aggregator, needle):
 
 def test_ca_file_is_relative_to_its_config_file_and_the_override_can_supply_it(tmp_path):
     pytest.importorskip("cryptography", reason="cryptography makes the test certificate")
-    from test_aggregator_cli import _self_signed
+    from tls_certs import self_signed
 
     state = tmp_path / "state"
     state.mkdir()
-    cert, _key = _self_signed(state)
+    cert, _key = self_signed(state)
     base = write(tmp_path / "agent.toml", f'[agent]\nstate_dir = "{state}"\n[aggregator]\nurl = "https://127.0.0.1"\n')
     write(state / "agent.toml", f'[aggregator]\nca_file = "{cert.name}"\n')
     cfg = load_config(base)
