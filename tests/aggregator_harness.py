@@ -19,7 +19,24 @@ from aggregator.app import METRICS, SERVICES, AggregatorConfig, make_app
 from aggregator.models import ServedPackage
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.simulate import SimulatedDevice, synthetic_package
-from appliance import wire
+from appliance import modelpkg, wire
+
+
+def tiny_package() -> modelpkg.ModelPackage:
+    """A real (signable) model package with a 3x4 layer and placeholder graphs: for the aggregator, which
+    checks shapes and digests but never runs a graph."""
+    rng = np.random.default_rng(0)
+    return modelpkg.ModelPackage(
+        name="tiny",
+        param_specs=[wire.ParamSpec("fc.weight", (3, 4)), wire.ParamSpec("fc.bias", (3,))],
+        initial_params={"fc.weight": rng.normal(size=(3, 4)).astype(np.float32), "fc.bias": np.zeros(3, np.float32)},
+        training_graph=b"t",
+        inference_graph=b"i",
+        optimizer={"name": "sgd", "lr": 0.1},
+        preprocessing={"input_shape": [4]},
+        num_classes=3,
+    )
+
 
 T = TypeVar("T")
 

@@ -19,25 +19,14 @@ from tls_certs import self_signed
 from aggregator.cli import main
 from aggregator.simulate import SimulatedDevice
 from appliance import modelpkg, wire
-from appliance.wire import ParamSpec
 from flctl.ports import free_port
+from tests.aggregator_harness import tiny_package
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _package(key: SigningKey, path: Path) -> modelpkg.ModelPackage:
-    rng = np.random.default_rng(0)
-    pkg = modelpkg.ModelPackage(
-        name="tiny",
-        param_specs=[ParamSpec("fc.weight", (3, 4)), ParamSpec("fc.bias", (3,))],
-        initial_params={"fc.weight": rng.normal(size=(3, 4)).astype(np.float32), "fc.bias": np.zeros(3, np.float32)},
-        training_graph=b"training-graph-bytes",
-        inference_graph=b"inference-graph-bytes",
-        optimizer={"name": "sgd", "lr": 0.1},
-        preprocessing={"input_shape": [4]},
-        num_classes=3,
-    )
-    modelpkg.write_package(path, pkg, key)
+    modelpkg.write_package(path, tiny_package(), key)
     return modelpkg.load_package(path, key.verify_key)
 
 

@@ -15,15 +15,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
 from nacl.signing import SigningKey
 
 from aggregator.cli import build_parser
 from appliance import modelpkg
-from appliance.wire import ParamSpec
 from flctl.ports import free_port
+from tests.aggregator_harness import tiny_package
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -128,13 +127,7 @@ def test_the_pod_commands_start_an_aggregator_whose_probe_answers(tmp_path: Path
     key_file = paths["/etc/fl-aggregator/key"] / "aggregator.key"
     key_file.write_text(bytes(key).hex() + "\n")
     os.chmod(key_file, 0o440)  # the Secret's defaultMode
-    rng = np.random.default_rng(0)
-    pkg = modelpkg.ModelPackage(
-        name="tiny", param_specs=[ParamSpec("fc.weight", (3, 4)), ParamSpec("fc.bias", (3,))],
-        initial_params={"fc.weight": rng.normal(size=(3, 4)).astype(np.float32), "fc.bias": np.zeros(3, np.float32)},
-        training_graph=b"t", inference_graph=b"i", optimizer={"name": "sgd", "lr": 0.1},
-        preprocessing={"input_shape": [4]}, num_classes=3,
-    )
+    pkg = tiny_package()
     modelpkg.write_package(paths["/etc/fl-aggregator/model"] / "model.flpkg", pkg, key)
 
     init = pod["initContainers"][0]

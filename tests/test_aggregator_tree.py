@@ -24,9 +24,8 @@ from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
 from aggregator.upstream import UpstreamConfig
 from appliance import modelpkg, wire
-from appliance.wire import ParamSpec
 from flctl.ports import free_port
-from tests.aggregator_harness import Harness, run, running
+from tests.aggregator_harness import Harness, run, running, tiny_package
 
 
 async def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -258,12 +257,7 @@ def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
         assert cli.main(["keygen", "--state", str(state)]) == 0
         keys[state] = SigningKey(bytes.fromhex((state / "aggregator.key").read_text().strip()))
     rng = np.random.default_rng(0)
-    pkg = modelpkg.ModelPackage(
-        name="tiny", param_specs=[ParamSpec("fc.weight", (3, 4)), ParamSpec("fc.bias", (3,))],
-        initial_params={"fc.weight": rng.normal(size=(3, 4)).astype(np.float32), "fc.bias": np.zeros(3, np.float32)},
-        training_graph=b"t", inference_graph=b"i", optimizer={"name": "sgd", "lr": 0.1},
-        preprocessing={"input_shape": [4]}, num_classes=3,
-    )
+    pkg = tiny_package()
     for state in (city_state, site_state):  # the same package, signed by each aggregator: the same digest
         modelpkg.write_package(state / "tiny.flpkg", pkg, keys[state])
     devices = [SimulatedDevice(), SimulatedDevice()]
