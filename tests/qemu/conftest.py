@@ -201,6 +201,28 @@ def idle_aggregator(tmp_path_factory) -> Iterator[HostAggregator]:
     agg.stop()
 
 
+
+def _quick_rounds_toml(camera: int = 0) -> str:
+    """The agent.toml override the round tests put on a data partition, as provisioning would: synthetic
+    camera ``camera``, small rounds for an emulated CPU, and the rig's plain-HTTP aggregator URL."""
+    return f"""[data]
+source = "synthetic"
+synthetic_camera = {camera}
+samples_per_round = 64
+[training]
+max_threads = 1
+[aggregator]
+url = "http://10.0.2.100:8080"
+allow_plain_http = true
+poll_wait_seconds = 5.0
+"""
+
+
+@pytest.fixture(scope="session")
+def quick_rounds_toml():
+    """``quick_rounds_toml(camera=0) -> str``: the round tests' agent.toml override."""
+    return _quick_rounds_toml
+
 @dataclass
 class BootedAppliance:
     """A running guest under labgrid, with its shell and the host-side timings."""

@@ -21,17 +21,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(2400)]
 AGENT = "fl-agent.service"
 DATA_FSCK = r"systemd-fsck@dev-disk-by\\x2dlabel-fl\\x2ddata.service"
 EXPOSURE_MAX = 2.5
-# Quick rounds for an emulated CPU: the override goes to the data partition, as provisioning would put it.
-SYNTHETIC_OVERRIDE = """[data]
-source = "synthetic"
-samples_per_round = 64
-[training]
-max_threads = 1
-[aggregator]
-url = "http://10.0.2.100:8080"
-allow_plain_http = true
-poll_wait_seconds = 5.0
-"""
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +184,11 @@ def test_camera_hotplug_with_vivid(first_boot, fl0):
     assert props == {"ActiveState": "active", "NRestarts": "0"}, "hotplug must not restart the agent"
 
 
-def test_round_with_host_aggregator_is_accepted(first_boot, fl0, idle_aggregator):
+def test_round_with_host_aggregator_is_accepted(first_boot, fl0, idle_aggregator, quick_rounds_toml):
     if idle_aggregator.skip_reason:
         pytest.skip(idle_aggregator.skip_reason)
     first_boot.check(
-        f"printf '%s' '{SYNTHETIC_OVERRIDE}' > /tmp/agent.toml && "
+        f"printf '%s' '{quick_rounds_toml()}' > /tmp/agent.toml && "
         "install -o fl-agent -g fl-agent -m 0644 /tmp/agent.toml /var/lib/fl-agent/agent.toml"
     )
     first_boot.check(f"systemctl restart {AGENT}", timeout=300)

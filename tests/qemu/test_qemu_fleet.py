@@ -17,18 +17,6 @@ import pytest
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-# Each appliance trains on its own synthetic camera: per-device settings on its own data partition.
-OVERRIDE = """[data]
-source = "synthetic"
-synthetic_camera = {camera}
-samples_per_round = 64
-[training]
-max_threads = 1
-[aggregator]
-url = "http://10.0.2.100:8080"
-allow_plain_http = true
-poll_wait_seconds = 5.0
-"""
 
 
 def scrape(port: int) -> str | None:
@@ -39,7 +27,9 @@ def scrape(port: int) -> str | None:
         return None
 
 
-def test_two_appliances_share_the_root_and_complete_a_round(dev_image, machine, fleet_aggregator, tmp_path):
+def test_two_appliances_share_the_root_and_complete_a_round(
+    dev_image, machine, fleet_aggregator, tmp_path, quick_rounds_toml
+):
     from flctl.ports import free_port
     from flctl.qemu_rig import Appliance, Identity, provision_data_partition, qemu_command
 
@@ -51,7 +41,7 @@ def test_two_appliances_share_the_root_and_complete_a_round(dev_image, machine, 
         fleet_aggregator.enroll(identity.public_key_hex)
         a = Appliance(f"fleet{i}", tmp_path, identity, metrics_port=free_port(), aggregator_port=fleet_aggregator.port)
         provision_data_partition(
-            dev_image, a.data_image, identity, fleet_aggregator.public_key_hex, agent_toml=OVERRIDE.format(camera=i)
+            dev_image, a.data_image, identity, fleet_aggregator.public_key_hex, agent_toml=quick_rounds_toml(camera=i)
         )
         appliances.append(a)
 
