@@ -18,46 +18,18 @@ every 50 ms:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from proctree import descendants, pss_bytes, status_bytes
+
 from flctl.fleet import Fleet
 from flctl.model import export_reference_package
 
 MiB = 1024 * 1024
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], list(children.get(pid, []))
-    while stack:
-        p = stack.pop()
-        found.append(p)
-        stack.extend(children.get(p, []))
-    return found
-
-
-def _kib(path: str, field: str) -> int:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class TreeSampler(threading.Thread):
@@ -72,12 +44,12 @@ class TreeSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            kids = _descendants(self.pid)
+            kids = descendants(self.pid)
             self.max_processes = max(self.max_processes, 1 + len(kids))
-            self.agent_hwm = max(self.agent_hwm, _kib(f"/proc/{self.pid}/status", "VmHWM"))
+            self.agent_hwm = max(self.agent_hwm, status_bytes(self.pid, "VmHWM"))
             for k in kids:
-                self.child_hwm = max(self.child_hwm, _kib(f"/proc/{k}/status", "VmHWM"))
-            pss = sum(_kib(f"/proc/{p}/smaps_rollup", "Pss") for p in [self.pid, *kids])
+                self.child_hwm = max(self.child_hwm, status_bytes(k, "VmHWM"))
+            pss = sum(pss_bytes(p) for p in [self.pid, *kids])
             self.tree_pss = max(self.tree_pss, pss)
             time.sleep(self.interval)
 

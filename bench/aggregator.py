@@ -43,32 +43,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from proctree import descendants, status_bytes
+
 from flctl.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tree_rss(root: int) -> int:
-    """Resident bytes of a process and all its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid, ppid = int(entry), int(fields[1])
-        children.setdefault(ppid, []).append(pid)
-        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
+    """Resident bytes of a process and all its descendants."""
+    return sum(status_bytes(pid, "VmRSS") for pid in [root, *descendants(root)])
 
 
 # ------------------------------------------------------------------------------------- Flower (its venv)

@@ -1,0 +1,45 @@
+"""A process and its descendants, from /proc: what the benchmarks measure a server or an agent by."""
+
+from __future__ import annotations
+
+import os
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children, grandchildren...), from one pass over /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], list(children.get(pid, []))
+    while stack:
+        p = stack.pop()
+        found.append(p)
+        stack.extend(children.get(p, []))
+    return found
+
+
+def status_bytes(pid: int, field: str) -> int:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM...) in bytes; 0 when the process is gone."""
+    return _kib_field(f"/proc/{pid}/status", field)
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of ``pid`` (shared pages split between their sharers); 0 when gone."""
+    return _kib_field(f"/proc/{pid}/smaps_rollup", "Pss")
+
+
+def _kib_field(path: str, field: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
