@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import socket
 import ssl
 import sys
 import time
@@ -26,18 +29,46 @@ from appliance.identity import IdentityError, read_key_file, write_key_file
 
 KEY_FILE = "aggregator.key"
 PUB_FILE = "aggregator.pub"
+LISTEN_BACKLOG = 128  # aiohttp's default
 
 
 class CliError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
 
 
-def load_or_create_key(state_dir: Path) -> SigningKey:
-    """The aggregator's Ed25519 key (``<state>/aggregator.key``, created 0600 if absent); also writes the
-    public key to ``<state>/aggregator.pub`` for devices to pin."""
+def _check_state_path(state: Path) -> None:
+    """``--state`` must be a directory, or a path where one can be made: name the file in the way."""
+    for path in (state, *state.parents):
+        if os.path.lexists(path):
+            if not path.is_dir():
+                raise CliError(f"--state {state}: {path} is not a directory")
+            return
+
+
+def init_state(state_dir: Path) -> None:
+    """Create a state directory and its aggregator key (mode 0600) unless they exist: ``keygen``, ``serve --init``.
+
+    Only these create a key: a mistyped ``--state`` must not silently give the aggregator a new identity, which
+    every device pinned to the old one would refuse."""
+    _check_state_path(state_dir)
     path = state_dir / KEY_FILE
-    if not path.exists():
-        write_key_file(path, bytes(SigningKey.generate()), 0o600)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            write_key_file(path, bytes(SigningKey.generate()), 0o600)
+    except OSError as exc:
+        raise CliError(f"{state_dir}: cannot create the aggregator state: {exc.strerror}") from None
+
+
+def load_key(state_dir: Path) -> SigningKey:
+    """The aggregator's Ed25519 key (``<state>/aggregator.key``); also writes the public key to
+    ``<state>/aggregator.pub`` for devices to pin."""
+    _check_state_path(state_dir)
+    path = state_dir / KEY_FILE
+    if not os.path.exists(path):
+        where = f"holds no aggregator state (no {KEY_FILE})" if os.path.isdir(state_dir) else "does not exist"
+        raise CliError(f"{state_dir} {where}: create it with `fl-aggregator keygen --state {state_dir}` "
+                       "(or `serve --init`), or give the --state of an existing aggregator")
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise CliError(f"{path}: the aggregator key is readable by others (mode {mode:o}); chmod 600 it")
@@ -56,6 +87,33 @@ def load_or_create_key(state_dir: Path) -> SigningKey:
     return key
 
 
+def bind_listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``--listen``, bound before anything else starts, so that an address that does not
+    resolve or a port in use is the first and only thing the user hears. One socket per address ``host``
+    resolves to, as asyncio's ``create_server`` would make."""
+    where = f"--listen {host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CliError(f"{where}: cannot resolve {host!r}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise CliError(f"{where}: cannot listen: {reason}") from None
+    return sockets
+
+
 def _listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -63,10 +121,18 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _positive_int(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def _synthetic_parameters(text: str) -> int:
+    """A synthetic model has two tensors of at least one parameter each."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 parameters, got {text}")
     return value
 
 
@@ -76,12 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the aggregator's HTTP API and its rounds")
-    serve.add_argument("--state", type=Path, required=True, help="state directory (key, database, spool, models)")
+    serve.add_argument("--state", type=Path, required=True,
+                       help="state directory (key, database, spool, models), made by `keygen` or --init")
+    serve.add_argument("--init", action="store_true",
+                       help="create the state directory and the aggregator key if they do not exist yet")
     serve.add_argument("--listen", type=_listen, default=("127.0.0.1", 8080), help="HOST:PORT (default 127.0.0.1:8080)")
     model = serve.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", type=Path, help="signed model package (built with flctl)")
     model.add_argument(
-        "--synthetic-parameters", type=int, metavar="P",
+        "--synthetic-parameters", type=_synthetic_parameters, metavar="P",
         help="serve a synthetic model of P float32 parameters instead (benchmarks and load tests)",
     )
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables HTTPS)")
@@ -89,12 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg")
     serve.add_argument("--server-lr", type=float, help="FedAvg server learning rate, FedAdam/FedYogi eta")
     serve.add_argument("--trim", type=float, help="trimmed-mean: fraction cut from each end (default 0.2)")
-    serve.add_argument("--byzantine", type=_positive_int, help="krum: number of Byzantine updates tolerated")
+    serve.add_argument("--byzantine", type=_non_negative_int, help="krum: number of Byzantine updates tolerated")
     serve.add_argument("--min-clients", type=int, default=2, help="quorum: fewer updates abandon the round")
-    serve.add_argument("--goal-clients", type=_positive_int, default=0,
+    serve.add_argument("--goal-clients", type=_non_negative_int, default=0,
                        help="close the round early at this many updates (0: all enrolled devices)")
     serve.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round collects updates")
-    serve.add_argument("--rounds", type=_positive_int, default=0,
+    serve.add_argument("--rounds", type=_non_negative_int, default=0,
                        help="stop publishing after this many model versions (keeps serving); 0: no limit")
     serve.add_argument("--max-update-norm", type=float,
                        help="refuse deltas with a larger L2 norm (default: 1.1 x --clip-norm when set)")
@@ -114,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-ca", metavar="PEM", help="with an https:// --upstream: the CA that signed the "
                        "parent's certificate, or that certificate, pinned (the system store is not used)")
 
-    keygen = sub.add_parser("keygen", help="create the aggregator key if absent and print its public key (hex)")
+    keygen = sub.add_parser("keygen", help="create the state directory and aggregator key if absent; "
+                            "print its public key (hex)")
     keygen.add_argument("--state", type=Path, required=True)
 
     enroll = sub.add_parser("enroll", help="allow devices to send updates")
@@ -182,15 +252,27 @@ def _upstream(args: argparse.Namespace) -> UpstreamConfig | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    upstream = _upstream(args)
+    host, port = args.listen
+    sockets = bind_listen(host, port)
+    try:
+        return _serve_on(sockets, args, upstream)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: UpstreamConfig | None) -> int:
     from aiohttp import web
 
     from aggregator.app import AggregatorConfig, make_app
     from aggregator.models import PackageError, load_package_file
     from aggregator.simulate import synthetic_package
 
-    upstream = _upstream(args)
-    args.state.mkdir(parents=True, exist_ok=True)
-    key = load_or_create_key(args.state)
+    if args.init:
+        init_state(args.state)
+    key = load_key(args.state)
+    _open_store(args.state).close()  # a damaged database is refused here, before the banner
     if args.model is not None:
         try:
             package = load_package_file(args.model, key.verify_key)
@@ -234,20 +316,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        web.run_app(make_app(config), host=host, port=port, ssl_context=ssl_context, print=None,
+        web.run_app(make_app(config), sock=sockets, ssl_context=ssl_context, print=None,
                     handle_signals=True, shutdown_timeout=5.0, access_log=None)
-    except (RuntimeError, StoreError, OSError) as exc:  # start-up refusals: bad state dir, port in use...
+    except (RuntimeError, StoreError, OSError) as exc:  # start-up refusals: a model another key signed...
         raise CliError(str(exc)) from None
     return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    args.state.mkdir(parents=True, exist_ok=True)
-    print(bytes(load_or_create_key(args.state).verify_key).hex())
+    init_state(args.state)
+    print(bytes(load_key(args.state).verify_key).hex())
     return 0
 
 
 def _open_store(state: Path) -> Store:
+    _check_state_path(state)
     if not (state / "aggregator.db").exists() and not (state / KEY_FILE).exists():
         raise CliError(f"{state}: not an aggregator state directory (run `fl-aggregator keygen --state {state}`)")
     try:

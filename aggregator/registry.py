@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nacl.exceptions import CryptoError
+from nacl.bindings import crypto_core_ed25519_is_valid_point
 from nacl.signing import VerifyKey
 
 from aggregator.store import Store, StoreError
@@ -31,17 +31,21 @@ class Enrolment:
 
 
 def parse_public_key(text: str) -> VerifyKey:
-    """A 64-hex-character Ed25519 public key."""
+    """A 64-hex-character Ed25519 public key.
+
+    Any 32 bytes make a ``VerifyKey``, but only a canonical encoding of a point in the prime-order subgroup is a
+    key some device holds the secret of: libsodium's check refuses the rest (bytes off the curve, and the
+    small-order points such as all zeros, whose "signatures" prove nothing)."""
     try:
         raw = bytes.fromhex(text.strip())
     except ValueError:
         raise EnrolmentError(f"public key {text!r} is not hex") from None
     if len(raw) != 32:
         raise EnrolmentError(f"public key {text!r} has {len(raw)} bytes, expected 32 (64 hex characters)")
-    try:
-        return VerifyKey(raw)
-    except CryptoError as exc:
-        raise EnrolmentError(f"public key {text!r} is not an Ed25519 key: {exc}") from None
+    if not crypto_core_ed25519_is_valid_point(raw):
+        raise EnrolmentError(f"public key {text!r} is not an Ed25519 public key (not a point of the curve's "
+                             "prime-order subgroup)")
+    return VerifyKey(raw)
 
 
 def enrolment_for_key(text: str, name: str = "") -> Enrolment:
@@ -56,9 +60,14 @@ def read_enrolment_file(path: Path) -> list[Enrolment]:
     """
     out = []
     try:
-        lines = Path(path).read_text().splitlines()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise EnrolmentError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        lines = data.decode().splitlines()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise EnrolmentError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

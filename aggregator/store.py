@@ -155,6 +155,9 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{state_dir}: cannot create the state directory: {exc.strerror}") from None
         self.db_path = self.state_dir / "aggregator.db"
+        if self.db_path.is_file() and self.db_path.stat().st_size == 0:  # SQLite would take it for a new database
+            raise StoreError(f"{self.db_path} is empty (0 bytes), not an aggregator database: restore it from a "
+                             "backup, or delete it to start a new one with no history")
         try:
             self._conn = _connect(self.db_path)
             self._conn.executescript(SCHEMA)

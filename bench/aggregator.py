@@ -283,14 +283,14 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
     import numpy as np
     from nacl.signing import SigningKey
 
-    from aggregator.cli import load_or_create_key
+    from aggregator.cli import init_state, load_key
     from aggregator.simulate import synthetic_package
     from aggregator.store import Store
     from appliance import wire
 
     state = workdir / f"state-{parameters}-{clients}"
-    state.mkdir(parents=True)
-    key = load_or_create_key(state)
+    init_state(state)
+    key = load_key(state)
     devices = [SigningKey.generate() for _ in range(clients)]
     store = Store(state)
     for d in devices:

@@ -132,8 +132,8 @@ def test_serve_publishes_a_signed_package_and_its_initial_model(tmp_path: Path) 
 def test_serve_refuses_a_package_signed_by_another_key(tmp_path: Path) -> None:
     _package(SigningKey.generate(), tmp_path / "foreign.flpkg")
     done = subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(tmp_path / "state"), "--model",
-         str(tmp_path / "foreign.flpkg")],
+        [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(tmp_path / "state"), "--model",
+         str(tmp_path / "foreign.flpkg"), "--listen", f"127.0.0.1:{free_port()}"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2
@@ -148,7 +148,7 @@ def test_serve_over_tls(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(tmp_path / "state"), "--listen",
+        [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(tmp_path / "state"), "--listen",
          f"127.0.0.1:{port}", "--synthetic-parameters", "100", "--tls-cert", str(cert), "--tls-key", str(key)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
@@ -175,8 +175,8 @@ def test_serve_over_tls(tmp_path: Path) -> None:
 def test_serve_refuses_a_state_dir_whose_models_another_key_signed(tmp_path: Path) -> None:
     state = tmp_path / "state"
     port = free_port()
-    cmd = [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
-           "--synthetic-parameters", "100"]
+    cmd = [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(state), "--listen",
+           f"127.0.0.1:{port}", "--synthetic-parameters", "100"]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):
@@ -186,7 +186,130 @@ def test_serve_refuses_a_state_dir_whose_models_another_key_signed(tmp_path: Pat
     finally:
         first.terminate()
         first.wait(timeout=30)
-    (state / "aggregator.key").unlink()  # a new key appears on the next start
+    (state / "aggregator.key").unlink()  # --init makes a new key on the next start
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "another key" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------- bad input at the door
+
+
+def _serve_args(state: Path, *extra: str) -> list[str]:
+    return ["serve", "--state", str(state), "--listen", f"127.0.0.1:{free_port()}", "--synthetic-parameters", "10",
+            *extra]
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aggregator.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("command", ["keygen", "serve"])
+@pytest.mark.parametrize("under_the_file", [False, True])
+def test_a_state_path_that_is_a_file_is_refused_in_one_line(tmp_path: Path, capsys, command: str,
+                                                              under_the_file: bool) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("not a directory\n")
+    state = blocker / "sub" if under_the_file else blocker
+    args = _serve_args(state) if command == "serve" else ["keygen", "--state", str(state)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{blocker} is not a directory" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1"])
+def test_serve_refuses_a_synthetic_model_without_parameters(tmp_path: Path, capsys, value: str) -> None:
+    main(["keygen", "--state", str(tmp_path)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--state", str(tmp_path), "--synthetic-parameters", value])
+    assert exit_.value.code == 2
+    assert f"--synthetic-parameters: expected at least 2 parameters, got {value}" in capsys.readouterr().err
+
+
+def test_enroll_from_a_file_that_is_not_utf8_names_the_line(tmp_path: Path, capsys) -> None:
+    main(["keygen", "--state", str(tmp_path)])
+    fleet = tmp_path / "fleet.jsonl"
+    fleet.write_bytes(json.dumps({"public_key": SimulatedDevice().public_key_hex}).encode() + b"\n"
+                      + b'{"public_key": "\xff\xfe", "name": "caf\xe9"}\n')
+    capsys.readouterr()
+    assert main(["enroll", "--state", str(tmp_path), "--from", str(fleet)]) == 2
+    assert f"{fleet}:2: not UTF-8 text" in capsys.readouterr().err
+
+
+SMALL_ORDER_POINTS = [
+    "01" + "00" * 31,  # the neutral element
+    "ec" + "ff" * 30 + "7f",  # order 2
+    "00" * 32,  # order 4
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+]
+
+
+@pytest.mark.parametrize("key", ["ff" * 32, *SMALL_ORDER_POINTS])
+def test_enroll_refuses_bytes_that_are_not_an_ed25519_public_key(tmp_path: Path, capsys, key: str) -> None:
+    main(["keygen", "--state", str(tmp_path)])
+    capsys.readouterr()
+    assert main(["enroll", "--state", str(tmp_path), key]) == 2
+    assert f"public key {key!r} is not an Ed25519 public key" in capsys.readouterr().err
+    fleet = tmp_path / "fleet.jsonl"
+    fleet.write_text(json.dumps({"public_key": key}) + "\n")
+    assert main(["enroll", "--state", str(tmp_path), "--from", str(fleet)]) == 2
+    assert f"{fleet}:1: public key" in capsys.readouterr().err
+    assert main(["status", "--state", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"]["enrolled"] == 0
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_serve_does_not_create_a_state_unless_asked(tmp_path: Path, exists: bool) -> None:
+    state = tmp_path / "mistyped"
+    if exists:
+        state.mkdir()
+    done = _run_cli(*_serve_args(state))  # a process: before the fix, this served
+    assert done.returncode == 2
+    err = done.stderr
+    assert err.count("\n") == 1 and str(state) in err
+    assert f"fl-aggregator keygen --state {state}" in err and "--init" in err
+    assert not (state / "aggregator.key").exists() and not (state / "aggregator.db").exists()
+    assert state.exists() == exists
+
+
+@pytest.mark.parametrize("content,complaint", [(b"", "is empty"), (b"not a database\n" * 100, "not a database")])
+def test_a_damaged_database_is_refused_not_reinitialised(tmp_path: Path, capsys, content: bytes,
+                                                         complaint: str) -> None:
+    main(["keygen", "--state", str(tmp_path)])
+    db = tmp_path / "aggregator.db"
+    db.write_bytes(content)
+    capsys.readouterr()
+    assert main(["status", "--state", str(tmp_path)]) == 2
+    assert f"{db}" in capsys.readouterr().err
+    done = _run_cli(*_serve_args(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{db}" in done.stderr and complaint in done.stderr and "Traceback" not in done.stderr
+    assert "serving" not in done.stdout
+    assert db.read_bytes() == content
+
+
+def test_serve_names_an_address_it_cannot_resolve(tmp_path: Path) -> None:
+    main(["keygen", "--state", str(tmp_path)])
+    done = _run_cli("serve", "--state", str(tmp_path), "--listen", "256.1.1.1:8080", "--synthetic-parameters", "10")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--listen 256.1.1.1:8080" in done.stderr
+    assert "serving" not in done.stdout and not (tmp_path / "aggregator.db").exists()
+
+
+def test_serve_reports_a_port_in_use_before_anything_else(tmp_path: Path) -> None:
+    import socket
+
+    main(["keygen", "--state", str(tmp_path)])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _run_cli("serve", "--state", str(tmp_path), "--listen", f"127.0.0.1:{port}",
+                        "--synthetic-parameters", "10")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and f"--listen 127.0.0.1:{port}" in done.stderr
+    assert "in use" in done.stderr
+    assert "serving" not in done.stdout and "round 1" not in done.stderr
+    assert not (tmp_path / "aggregator.db").exists()  # the state was not opened

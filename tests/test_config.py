@@ -90,3 +90,23 @@ def test_ca_file_is_relative_to_its_config_file_and_the_override_can_supply_it(t
     write(state / "agent.toml", f'[aggregator]\nca_file = "{cert.name}"\n')
     cfg = load_config(base)
     assert cfg.aggregator.ca_file == str(cert) and not cfg.aggregator.allow_plain_http
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b'[agent]\nlog_level = "info"\n# caf\xe9\n')
+    with pytest.raises(ConfigError, match=r"agent\.toml: not UTF-8 text"):
+        load_config(path, override=False)
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_fl_agent_names_a_config_that_is_not_utf8(tmp_path, capsys, command):
+    from appliance.cli import main
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "agent.toml").write_bytes(b"[data]\nsource = \"synthetic\" # \xff\n")  # the data-partition override
+    base = write(tmp_path / "agent.toml", f'[agent]\nstate_dir = "{state}"\n')
+    assert main([command, "--config", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{state / 'agent.toml'}: not UTF-8 text" in err
