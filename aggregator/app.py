@@ -31,6 +31,16 @@ from aggregator.rounds import RoundEngine, RoundPolicy, TrainingPlan, Unavailabl
 from aggregator.store import Store
 from aggregator.strategies import make_strategy
 from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES
+from aggregator.uploads import (
+    BodyReader,
+    BodyTimeout,
+    ClientGone,
+    DeviceBusy,
+    Oversize,
+    ReadDeadline,
+    Truncated,
+    UploadSlots,
+)
 from aggregator.upstream import UpstreamConfig, UpstreamLink, check_site_strategy
 from aggregator.verify import UpdateHeader, decode_delta, read_header
 from appliance import wire
@@ -44,6 +54,12 @@ MAX_WAIT_SECONDS = 60.0
 # Room for the signed envelope (at most 64 KiB) and the CBOR framing of the tensor section.
 ENVELOPE_ALLOWANCE = 256 * 1024
 
+# How the HTTP server runs the app (``web.run_app`` in ``fl-aggregator serve``, and the tests' server):
+# - a client that goes away mid-body does not cancel its handler, which counts it (``client-gone``) and frees
+#   its upload slot itself;
+# - bodies are never decompressed by the server: a Content-Encoding is refused with 415 before a byte is read.
+SERVER_OPTIONS: dict[str, Any] = {"handler_cancellation": False, "auto_decompress": False}
+
 # HTTP status per refusal reason; anything not listed is a 400.
 STATUS_FOR_REASON = {
     "unknown-key": 403,
@@ -54,6 +70,8 @@ STATUS_FOR_REASON = {
     "wrong-round": 409,
     "wrong-model": 409,
     "round-closed": 410,
+    "body-timeout": 408,
+    "device-busy": 429,
     "too-large": 413,
     "body-too-large": 413,
     "tensor-too-large": 413,
@@ -63,6 +81,7 @@ STATUS_FOR_REASON = {
     "not-finite": 422,
     "norm-too-large": 422,
     "expired": 422,
+    "wrong-encoding": 422,
 }
 
 
@@ -80,9 +99,11 @@ class AggregatorConfig:
     max_body_bytes: int | None = None  # default: a float32 update of the model plus the envelope allowance
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     workers: int | None = None  # verification threads; default: number of CPUs
-    # Uploads whose bodies are read and checked at once; the others wait unread (TCP holds them back), so the
-    # server's memory does not grow with the number of clients sending at the same moment.
+    # Uploads whose bodies are read and checked at once, at most one per device; the others wait with only their
+    # signed envelope read (TCP holds the rest back), so memory does not grow with the clients sending at once.
     max_active_uploads: int = 16
+    # A body must arrive within floor + size / min_rate seconds, or its upload is dropped (408 body-timeout).
+    upload_deadline: ReadDeadline = field(default_factory=ReadDeadline)
     # Site mode (aggregator/upstream.py): follow this parent aggregator's rounds and forward partial sums to it.
     upstream: UpstreamConfig | None = None
 
@@ -104,7 +125,7 @@ class Services:
     executor: ThreadPoolExecutor
     limits: wire.Limits
     max_body: int
-    upload_slots: asyncio.Semaphore
+    uploads: UploadSlots
 
 
 SERVICES = web.AppKey("services", Services)
@@ -115,12 +136,15 @@ METRICS = web.AppKey("metrics", AggregatorMetrics)
 class Problem(Exception):
     """A refusal: HTTP ``status``, a stable machine-readable ``reason`` and a human ``detail``."""
 
-    def __init__(self, status: int, reason: str, detail: str = "", headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, reason: str, detail: str = "", headers: dict[str, str] | None = None, close: bool = False
+    ):
         super().__init__(f"{status} {reason}: {detail}")
         self.status = status
         self.reason = reason
         self.detail = detail
         self.headers = headers or {}
+        self.close = close  # the rest of the body will not be read: close the connection after answering
 
 
 def problem_response(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -137,10 +161,11 @@ async def problems(request: web.Request, handler: Callable[[web.Request], Awaita
     """Every refusal becomes problem+json and is counted; nothing ever answers with a traceback."""
     metrics = request.app[METRICS]
     is_upload = request.path == "/v1/updates"
+    close = False
     try:
         return await handler(request)
     except Problem as exc:
-        status, reason, detail, headers = exc.status, exc.reason, exc.detail, exc.headers
+        status, reason, detail, headers, close = exc.status, exc.reason, exc.detail, exc.headers, exc.close
     except ProtocolError as exc:
         status, reason, detail, headers = STATUS_FOR_REASON.get(exc.reason, 400), exc.reason, exc.detail, {}
     except web.HTTPException as exc:
@@ -157,7 +182,10 @@ async def problems(request: web.Request, handler: Callable[[web.Request], Awaita
     if status < 500:
         counter = metrics.updates_rejected if is_upload else metrics.requests_rejected
         counter.labels(reason).inc()
-    return problem_response(status, reason, detail, headers)
+    response = problem_response(status, reason, detail, headers)
+    if close:
+        response.force_close()
+    return response
 
 
 # ------------------------------------------------------------------------------------------------ handlers
@@ -166,8 +194,10 @@ async def problems(request: web.Request, handler: Callable[[web.Request], Awaita
 async def get_task(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     wait = _number(request, "wait", 0.0)
-    after = int(_number(request, "after", 0))
-    task = await s.engine.wait_for_task(after, min(max(wait, 0.0), MAX_WAIT_SECONDS))
+    after = _number(request, "after", 0)
+    if after < 0 or after != int(after):
+        raise Problem(400, "bad-parameter", f"query parameter 'after' must be an integer >= 0, got {after:g}")
+    task = await s.engine.wait_for_task(int(after), min(max(wait, 0.0), MAX_WAIT_SECONDS))
     if task is None:
         return web.Response(status=204)
     return web.Response(body=task, content_type=COSE_CONTENT_TYPE)
@@ -222,15 +252,42 @@ async def post_update(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     if request.content_type != wire.CONTENT_TYPE:
         raise Problem(415, "unsupported-media-type", f"uploads are {wire.CONTENT_TYPE}, got {request.content_type!r}")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        # Updates are already compact (int8/float16 encodings) and a compressed body could expand past every
+        # limit before it is checked, so the API takes them as sent.
+        detail = f"uploads are not compressed; Content-Encoding {encoding!r} is not accepted"
+        raise Problem(415, "unsupported-content-encoding", detail, close=True)
     if request.content_length is not None and request.content_length > s.max_body:
         raise Problem(413, "body-too-large", f"{request.content_length} bytes exceeds the limit of {s.max_body}")
-    async with s.upload_slots:
-        return await _receive_update(request, s)
+    reader = BodyReader(request.content, request.content_length, s.max_body, s.config.upload_deadline)
+    try:
+        head = await reader.read_prefix(wire.ENVELOPE_PREFIX_BYTES)
+        try:
+            signer = wire.verify(head, s.registry.signer_key, s.limits).kid  # who sent it, before any slot
+        except ProtocolError as exc:
+            raise Problem(STATUS_FOR_REASON.get(exc.reason, 400), exc.reason, exc.detail, close=True) from None
+        try:
+            async with s.uploads.slot(signer):
+                body = await reader.read_rest()
+                return await _receive_update(body, s)
+        except DeviceBusy as exc:
+            raise Problem(429, "device-busy", str(exc), {"Retry-After": "5"}, close=True) from None
+    except BodyTimeout as exc:
+        raise Problem(408, "body-timeout", str(exc), close=True) from None
+    except Oversize as exc:
+        raise Problem(413, "body-too-large", str(exc), close=True) from None
+    except Truncated as exc:
+        raise Problem(400, "truncated", str(exc), close=True) from None
+    except ClientGone as exc:
+        # Nobody is left to answer: one counted event (client-gone), logged at debug level only, no traceback.
+        log.debug("upload from %s dropped mid-body: %s", request.remote, exc)
+        raise Problem(400, "client-gone", f"the client closed the connection mid-body ({exc})", close=True) from None
+    finally:
+        s.metrics.received_bytes.inc(reader.received)
 
 
-async def _receive_update(request: web.Request, s: Services) -> web.Response:
-    body = await _read_body(request, s.max_body)
-    s.metrics.received_bytes.inc(len(body))
+async def _receive_update(body: bytearray, s: Services) -> web.Response:
     engine = s.engine
     checked = await asyncio.get_running_loop().run_in_executor(s.executor, _check_upload, s, body)
     if checked.receipt is None:
@@ -242,6 +299,7 @@ async def _receive_update(request: web.Request, s: Services) -> web.Response:
         if checked.error is not None:
             raise checked.error
         s.metrics.verify_seconds.observe(checked.seconds)
+        s.metrics.update_norm_ratio.observe(checked.norm_ratio)
         if checked.header is None or checked.update is None or checked.delta is None:
             raise RuntimeError("upload check returned neither an error nor an update")
         receipt = await engine.commit(checked.header, checked.digest, checked.delta, checked.update.metrics)
@@ -256,37 +314,6 @@ async def _receive_update(request: web.Request, s: Services) -> web.Response:
     return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytearray:
-    """The request body in one buffer, copied once from the socket's chunks.
-
-    (``request.read()`` grows a bytearray and then copies it into bytes: three copies of a 4 MB update on the
-    event loop.) With a Content-Length the buffer is allocated up front; without one (chunked) it grows.
-    """
-    expected = request.content_length
-    stream = request.content
-    stream.set_read_chunk_size(min(limit, 4 * 1024 * 1024))  # fewer pause/resume cycles for large bodies
-    if expected is None:
-        grown = bytearray()
-        while chunk := await stream.readany():
-            grown += chunk
-            if len(grown) > limit:
-                raise Problem(413, "body-too-large", f"body exceeds the limit of {limit} bytes")
-        return grown
-    buffer = bytearray(expected)
-    view = memoryview(buffer)
-    filled = 0
-    while filled < expected:
-        chunk = await stream.readany()
-        if not chunk:
-            raise Problem(400, "truncated", f"body ended after {filled} of {expected} bytes")
-        end = filled + len(chunk)
-        if end > expected:
-            raise Problem(400, "malformed", "body is longer than its Content-Length")
-        view[filled:end] = chunk
-        filled = end
-    return buffer
-
-
 @dataclass
 class _Checked:
     digest: bytes
@@ -295,6 +322,7 @@ class _Checked:
     header: UpdateHeader | None = None
     update: wire.Update | None = None
     delta: np.ndarray | None = None
+    norm_ratio: float = 0.0  # the delta's L2 norm over the round's bound
     seconds: float = 0.0
 
 
@@ -310,12 +338,16 @@ def _check_upload(s: Services, body: bytearray) -> _Checked:
     if checked.receipt is not None:
         return checked
     try:
-        checked.header = read_header(body, s.registry.key_for, s.limits)
-        s.engine.admit(checked.header, checked.digest)
+        checked.header = read_header(body, s.registry.key_for, s.limits, s.config.plan.encoding)
+        round_ = s.engine.admit(checked.header, checked.digest)
         checked.update, checked.delta, norm = decode_delta(body, s.registry.key_for, s.models.layout, s.limits)
-        bound = s.config.policy.max_update_norm
-        if bound is not None and not norm <= bound:
-            raise ProtocolError("norm-too-large", f"update L2 norm {norm:.6g} exceeds the bound {bound:.6g}")
+        bound = round_.norm_bound
+        if not norm <= bound:
+            raise ProtocolError(
+                "norm-too-large",
+                f"update L2 norm {norm:.6g} exceeds the round's bound {bound:.6g} ({round_.norm_bound_source})",
+            )
+        checked.norm_ratio = norm / bound
     except ProtocolError as exc:
         checked.error = exc
     checked.seconds = time.perf_counter() - started
@@ -336,9 +368,16 @@ async def get_page(request: web.Request) -> web.Response:
 
 
 async def get_health(request: web.Request) -> web.Response:
+    """Liveness plus load: ``saturated`` while every upload slot is taken (new uploads queue), still HTTP 200."""
     s = request.app[SERVICES]
     r = s.engine.current
-    return web.json_response({"status": "ok", "model_version": s.engine.version, "round": r.round_id if r else None})
+    uploads = s.uploads
+    return web.json_response({
+        "status": "saturated" if uploads.saturated else "ok",
+        "model_version": s.engine.version,
+        "round": r.round_id if r else None,
+        "uploads": {"active": uploads.active, "limit": uploads.limit, "waiting": uploads.waiting},
+    })
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -381,10 +420,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         store.close()
         executor.shutdown(wait=False)
         raise
-    app[SERVICES] = Services(
-        config, metrics, store, registry, models, engine, executor, limits, max_body,
-        asyncio.Semaphore(config.max_active_uploads),
-    )
+    uploads = UploadSlots(config.max_active_uploads)
+    metrics.uploads_active.set_function(lambda: uploads.active)
+    metrics.uploads_waiting.set_function(lambda: uploads.waiting)
+    app[SERVICES] = Services(config, metrics, store, registry, models, engine, executor, limits, max_body, uploads)
     try:
         yield
     finally:

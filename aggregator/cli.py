@@ -265,7 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: UpstreamConfig | None) -> int:
     from aiohttp import web
 
-    from aggregator.app import AggregatorConfig, make_app
+    from aggregator.app import SERVER_OPTIONS, AggregatorConfig, make_app
     from aggregator.models import PackageError, load_package_file
     from aggregator.simulate import synthetic_package
 
@@ -317,7 +317,7 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
     )
     try:
         web.run_app(make_app(config), sock=sockets, ssl_context=ssl_context, print=None,
-                    handle_signals=True, shutdown_timeout=5.0, access_log=None)
+                    handle_signals=True, shutdown_timeout=5.0, access_log=None, **SERVER_OPTIONS)
     except (RuntimeError, StoreError, OSError) as exc:  # start-up refusals: a model another key signed...
         raise CliError(str(exc)) from None
     return 0

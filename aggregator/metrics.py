@@ -32,16 +32,22 @@ UPDATE_REJECT_REASONS = (
     "not-finite",
     "norm-too-large",
     "expired",
+    "wrong-encoding",
     "round-closed",
     "wrong-round",
     "wrong-model",
     "duplicate",
     "unsupported-media-type",
+    "unsupported-content-encoding",
     "body-too-large",
+    "body-timeout",
+    "device-busy",
+    "client-gone",
 )
 
 _SIZE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROUND_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_RATIO_BUCKETS = (0.0001, 0.001, 0.01, 0.03, 0.1, 0.3, 0.5, 0.8, 0.9, 1.0)
 _PARTICIPANT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
 
@@ -106,4 +112,16 @@ class AggregatorMetrics:
         )
         self.waiting_clients = Gauge(
             "fl_aggregator_task_waiters", "Clients long-polling for a task", registry=r
+        )
+        self.uploads_active = Gauge(
+            "fl_aggregator_uploads_active", "Upload bodies being read or checked (each holds an upload slot)",
+            registry=r,
+        )
+        self.uploads_waiting = Gauge(
+            "fl_aggregator_uploads_waiting", "Signed uploads waiting for an upload slot (all slots are taken)",
+            registry=r,
+        )
+        self.update_norm_ratio = Histogram(
+            "fl_aggregator_update_norm_ratio", "Accepted updates' L2 norm as a fraction of the round's norm bound",
+            buckets=_RATIO_BUCKETS, registry=r,
         )

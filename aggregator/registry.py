@@ -122,5 +122,12 @@ class Registry:
             raise ProtocolError("revoked", f"device {kid} was revoked")
         return VerifyKey(device.public_key)
 
+    def signer_key(self, kid: str) -> VerifyKey | None:
+        """The key of an enrolled device, revoked or not: enough to know who is uploading. (Whether it may
+        upload is :meth:`key_for`'s answer, given later: a revoked device still gets the receipts of what was
+        acknowledged before its revocation.)"""
+        device = self.store.device(kid)
+        return None if device is None else VerifyKey(device.public_key)
+
     def active_count(self) -> int:
         return self.store.active_device_count()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -41,6 +42,30 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# No bound may exceed this: a delta inside it, times the largest sample count (2^31), and its square (FedAdam's
+# second moment, Krum's distances) stay far inside float32, so no accepted update can overflow any strategy.
+MAX_UPDATE_NORM = 1e15
+# Headroom of the clip-norm bound: a device's clipped float32 delta, quantised, may come out a little longer.
+CLIP_NORM_HEADROOM = 1.1
+
+
+def update_norm_bound(explicit: float | None, clip_norm: float, params: np.ndarray) -> tuple[float, str]:
+    """The L2 bound on one round's deltas, and where it comes from (shown in the status).
+
+    An operator's ``--max-update-norm`` wins; else 1.1 x the task's clip norm (honest devices clip to it);
+    else a bound from the model itself: max(||params||, sqrt(P)), so that one update can at most move the model
+    by its own size (or by an RMS of 1 per parameter for a model near zero). Honest deltas are orders of
+    magnitude smaller (``fl_aggregator_update_norm_ratio`` shows where they sit); a hostile one cannot void
+    the round.
+    """
+    if explicit is not None:
+        return explicit, "max-update-norm"
+    if clip_norm > 0:
+        return min(CLIP_NORM_HEADROOM * clip_norm, MAX_UPDATE_NORM), "clip-norm"
+    size = float(np.linalg.norm(params.astype(np.float64)))
+    return min(max(size, float(np.sqrt(params.size)), 1.0), MAX_UPDATE_NORM), "model"
+
+
 @dataclass(frozen=True)
 class RoundPolicy:
     """When rounds open and close, and what an update must satisfy to count."""
@@ -51,7 +76,8 @@ class RoundPolicy:
     max_rounds: int = 0  # 0: unlimited; otherwise stop publishing after this many versions (keep serving)
     update_window: float = 3600.0  # an update's created_at may be at most this old...
     clock_skew: float = 300.0  # ...and at most this far in the future
-    max_update_norm: float | None = None  # L2 bound on a delta; None: no bound
+    # L2 bound on a delta. None: derived per round (see :func:`update_norm_bound`); there is always a bound.
+    max_update_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -60,8 +86,8 @@ class RoundPolicy:
             raise ValueError("goal-clients must be 0 (all enrolled devices) or positive")
         if self.round_timeout <= 0:
             raise ValueError("round-timeout must be positive")
-        if self.max_update_norm is not None and self.max_update_norm <= 0:
-            raise ValueError("max-update-norm must be positive")
+        if self.max_update_norm is not None and not 0 < self.max_update_norm <= MAX_UPDATE_NORM:
+            raise ValueError(f"max-update-norm must be in (0, {MAX_UPDATE_NORM:g}]")
 
 
 @dataclass(frozen=True)
@@ -108,6 +134,8 @@ class OpenRound:
     deadline: float
     goal: int
     task: bytes
+    norm_bound: float
+    norm_bound_source: str
     devices: dict[str, bytes] = field(default_factory=dict)  # device -> update digest (committed or in flight)
     accepted: int = 0
     samples: int = 0
@@ -121,14 +149,21 @@ class OpenRound:
 
 
 def _weighted_metrics(rows: list[UpdateRow]) -> dict[str, float]:
-    """Sample-weighted mean of each training metric the devices reported."""
-    sums: dict[str, float] = {}
+    """Sample-weighted mean of each training metric the devices reported.
+
+    Each value is scaled by its share of the weight before summing, so every partial sum is a convex
+    combination: finite for any finite inputs (1e308 from one device and -1e308 from another cannot overflow
+    to Infinity or NaN, which JSON cannot carry).
+    """
     weights: dict[str, float] = {}
     for row in rows:
-        for name, value in row.metrics.items():
-            sums[name] = sums.get(name, 0.0) + value * row.num_samples
+        for name in row.metrics:
             weights[name] = weights.get(name, 0.0) + row.num_samples
-    return {name: sums[name] / weights[name] for name in sorted(sums) if weights[name] > 0}
+    terms: dict[str, list[float]] = {name: [] for name in weights}
+    for row in rows:
+        for name, value in row.metrics.items():
+            terms[name].append(value * (row.num_samples / weights[name]))
+    return {name: math.fsum(terms[name]) for name in sorted(terms) if weights[name] > 0}
 
 
 def _save_state(path: Path, state: dict[str, np.ndarray]) -> None:
@@ -260,6 +295,8 @@ class RoundEngine:
         digest = self.store.model_digest(self.version)
         assert digest is not None
         self.strategy.start_round(self.models.layout.size)
+        assert self.params is not None
+        bound, source = update_norm_bound(self.policy.max_update_norm, self.plan.clip_norm, self.params)
         return OpenRound(
             round_id=round_id,
             model_version=self.version,
@@ -268,6 +305,8 @@ class RoundEngine:
             deadline=deadline,
             goal=goal,
             task=self._task(round_id, deadline, opened_at),
+            norm_bound=bound,
+            norm_bound_source=source,
         )
 
     async def _open(self, round_id: int, now: float, persist: bool) -> None:
@@ -645,6 +684,8 @@ class RoundEngine:
                 "goal": r.goal,
                 "accepted": r.accepted,
                 "closing": r.closing,
+                "max_update_norm": r.norm_bound,
+                "max_update_norm_source": r.norm_bound_source,
             },
             "rounds": rounds,
             "devices": {

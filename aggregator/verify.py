@@ -1,7 +1,8 @@
 """Verification of one uploaded update, in two steps so a doomed upload costs little.
 
 1. :func:`read_header` checks the 64-byte signature over the small signed payload and reads its fields (who,
-   which round, which base model, when). The round engine decides from these alone whether the update can
+   which round, which base model, when, in which encoding). An encoding other than the one the task asked
+   for is refused here (``wrong-encoding``); the round engine decides from the rest whether the update can
    count at all (round open, right model, not a duplicate, not expired).
 2. :func:`decode_delta` hashes the tensor section against the signed digest and decodes it against the model's
    parameter specs (names, shapes, finite values), returning one flat float32 delta and its L2 norm.
@@ -46,8 +47,16 @@ def _int(payload: dict[str, Any], name: str, low: int = 0, high: int = _MAX_ID) 
     return value
 
 
-def read_header(body: bytes | memoryview, key_for_kid: wire.KeyLookup, limits: wire.Limits) -> UpdateHeader:
-    """Verify the envelope's signature and return the update's signed metadata."""
+def read_header(
+    body: bytes | memoryview, key_for_kid: wire.KeyLookup, limits: wire.Limits, task_encoding: str | None = None
+) -> UpdateHeader:
+    """Verify the envelope's signature and return the update's signed metadata.
+
+    ``task_encoding`` is the tensor encoding the round's task asks for: an operator who chose int8 to save
+    uplink gets int8 updates, not whatever a device prefers. The signed ``encoding`` is checked here, before
+    the tensors are hashed; :func:`decode_delta` then holds the tensor section to it (``bad-tensor``). None
+    skips that check, for a caller that only needs to know who signed the update.
+    """
     verified = wire.verify(body, key_for_kid, limits)
     p = verified.payload
     if p.get("type") != "update":
@@ -60,6 +69,13 @@ def read_header(body: bytes | memoryview, key_for_kid: wire.KeyLookup, limits: w
     base = p.get("base_digest")
     if not isinstance(base, memoryview):
         raise ProtocolError("bad-payload", "field 'base_digest' missing or not bytes")
+    encoding = p.get("encoding")
+    if encoding not in wire.ENCODINGS:
+        raise ProtocolError("bad-payload", f"field 'encoding' is {encoding!r}, not one of {', '.join(wire.ENCODINGS)}")
+    if task_encoding is not None and encoding != task_encoding:
+        raise ProtocolError(
+            "wrong-encoding", f"the update's tensors are {encoding} but the task asks for {task_encoding}"
+        )
     return UpdateHeader(
         device_id=device,
         round_id=_int(p, "round"),
@@ -76,5 +92,6 @@ def decode_delta(
     """The verified update, its delta as one flat float32 vector in the layout's order, and the delta's L2 norm."""
     update = wire.decode_update(body, key_for_kid, layout.specs, limits)
     flat = layout.flatten(update.tensors)
-    norm = float(np.linalg.norm(flat))
+    with np.errstate(over="ignore"):  # a float32 sum of squares past 3.4e38 is inf: over any bound, as it should be
+        norm = float(np.linalg.norm(flat))
     return update, flat, norm

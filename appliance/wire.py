@@ -82,6 +82,9 @@ _ENVELOPE_TAGS = frozenset({COSE_SIGN1_TAG})
 _TENSOR_TAGS = frozenset({TAG_MULTI_DIM, TAG_SINT8, TAG_FLOAT16_LE, TAG_FLOAT32_LE})
 # A COSE envelope and its small payload never need more than this, whatever the tensor limits are.
 _ENVELOPE_MAX_BYTES = 64 * 1024
+# The first bytes of a message that always hold its whole signed envelope, if it is valid at all: a receiver
+# may verify who sent an upload from this prefix before reading the rest.
+ENVELOPE_PREFIX_BYTES = _ENVELOPE_MAX_BYTES + 16
 # Model parameters are at most 4-D (conv kernels); numpy itself stops at 32 (numpy 1.x) or 64 dimensions.
 MAX_TENSOR_DIMS = 8
 # int8 values are in [-128, 127]: a larger scale would overflow float32 when dequantised.
@@ -140,7 +143,7 @@ def verify(message: bytes | memoryview, key_for_kid: KeyLookup, limits: Limits =
     """
     if len(message) > limits.max_bytes:
         raise ProtocolError("too-large", f"{len(message)} bytes exceeds the limit of {limits.max_bytes}")
-    head = memoryview(message)[: _ENVELOPE_MAX_BYTES + 16]
+    head = memoryview(message)[:ENVELOPE_PREFIX_BYTES]
     envelope_limits = Limits(
         max_bytes=_ENVELOPE_MAX_BYTES, max_depth=limits.max_depth, max_container_len=limits.max_container_len
     )
@@ -244,8 +247,10 @@ def _section_parts(tensors: Mapping[str, np.ndarray], encoding: str) -> list[byt
         if encoding == "int8":
             values = np.asarray(array, dtype=np.float32).ravel()  # 1-D even for a scalar, so out= works
             peak = max(float(values.max()), -float(values.min())) if values.size else 0.0
-            scale = peak / 127.0 if peak > 0 else 1.0
-            scaled = values / scale  # one temporary, rounded and clipped in place
+            scale = peak / 127.0  # sent as this float64; q is computed with it rounded to float32
+            if not np.float32(scale) > 0:  # all zero, or so small that max|x| / 127 is 0 in float32
+                scale = 1.0
+            scaled = values / np.float32(scale)  # one temporary, rounded (half to even) and clipped in place
             np.rint(scaled, out=scaled)
             np.clip(scaled, -127, 127, out=scaled)
             data = scaled.astype(np.int8)

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from nacl.signing import SigningKey
 
-from aggregator.app import METRICS, SERVICES, AggregatorConfig, make_app
+from aggregator.app import METRICS, SERVER_OPTIONS, SERVICES, AggregatorConfig, make_app
 from aggregator.models import ServedPackage
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.simulate import SimulatedDevice, synthetic_package
@@ -39,6 +40,15 @@ def tiny_package() -> modelpkg.ModelPackage:
 
 
 T = TypeVar("T")
+
+
+class ServedAsInProduction(TestServer):
+    """aiohttp's TestServer, but with the server options of ``fl-aggregator serve`` (its TestServer cancels
+    handlers when a client goes away, which production does not), so what a dropped client costs is tested as
+    it happens."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return web.AppRunner(self.app, **{**kwargs, **SERVER_OPTIONS})
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -117,7 +127,7 @@ async def running(
     )
     sims = enrolled if enrolled is not None else [SimulatedDevice() for _ in range(devices)]
     app = make_app(config)
-    client = TestClient(TestServer(app, host="127.0.0.1"))
+    client = TestClient(ServedAsInProduction(app, host="127.0.0.1"))
     await client.start_server()
     try:
         registry = app[SERVICES].registry

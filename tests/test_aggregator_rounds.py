@@ -11,7 +11,7 @@ import pytest
 from aggregator_harness import Harness, run, running
 from nacl.signing import SigningKey
 
-from aggregator.rounds import RoundPolicy
+from aggregator.rounds import RoundPolicy, TrainingPlan
 from appliance import wire
 
 
@@ -207,8 +207,9 @@ def test_rounds_limit_stops_publishing_but_keeps_serving(tmp_path: Path) -> None
 def test_quantised_updates_are_dequantised(tmp_path: Path, encoding: str) -> None:
     async def go() -> None:
         policy = RoundPolicy(min_clients=1, goal_clients=1, round_timeout=60)
-        async with running(tmp_path, devices=1, policy=policy) as h:
+        async with running(tmp_path, devices=1, policy=policy, plan=TrainingPlan(encoding=encoding)) as h:
             task = await h.task()
+            assert task.encoding == encoding
             base = _flat(h, (await _release(h, 0)).tensors)
             delta = h.delta(scale=0.1)
             assert (await h.upload(h.devices[0].update(task, delta, encoding=encoding)))[0] == 200
@@ -225,8 +226,13 @@ def test_concurrent_uploads_are_each_counted_once(tmp_path: Path) -> None:
         async with running(tmp_path, devices=40, parameters=20_000, policy=policy) as h:
             task = await h.task()
             bodies = [d.update(task, h.delta()) for d in h.devices]
-            # every body twice, all at once: 40 receipts, each body's two answers identical
+            # every body twice, all at once: a copy whose device is still being heard is told to retry (429),
+            # the retry gets the original receipt; 40 updates counted, each body's two answers identical
             answers = await asyncio.gather(*(h.upload(b) for b in bodies + bodies))
+            busy = [i for i, (status, _) in enumerate(answers) if status == 429]
+            assert all(answers[i][1]["reason"] == "device-busy" for i in busy)
+            for i in busy:
+                answers[i] = await h.upload((bodies + bodies)[i])
             assert all(status == 200 for status, _ in answers)
             assert [a[1] for a in answers[:40]] == [a[1] for a in answers[40:]]
             assert h.counter("fl_aggregator_updates_accepted_total") == 40

@@ -1,0 +1,174 @@
+"""How an upload's bytes come off the socket without letting a few slow or hostile clients block the rest.
+
+An upload is read in two steps (docs/api.md, "Uploads under load"):
+
+1. The signed envelope at the start of the body (at most ``wire.ENVELOPE_PREFIX_BYTES``) is read *without* an
+   upload slot and verified: a stranger, a revoked device or a socket that stalls after its headers costs a few
+   kilobytes and a deadline, and never holds a slot.
+2. The signer then takes one of the upload slots, which bound the memory of bodies being read at once, and the
+   rest of the body is read into one buffer. A device holds at most one slot: a second concurrent upload from
+   the same device is answered 429, so one enrolled device cannot take every slot either.
+
+Every read has a deadline relative to its size (a floor plus the bytes at a minimum rate), so a stalled body
+frees its slot; a client that goes away mid-body is counted, not logged with a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+from aiohttp import StreamReader
+
+
+class BodyTimeout(Exception):
+    """The client did not send the body within its deadline."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection before sending the whole body."""
+
+
+class Oversize(Exception):
+    """The body is longer than its Content-Length or than the limit."""
+
+
+class Truncated(Exception):
+    """The body ended before its Content-Length."""
+
+
+@dataclass(frozen=True)
+class ReadDeadline:
+    """The time a body of ``size`` bytes may take: ``floor`` seconds plus the bytes at ``min_rate`` bytes/s."""
+
+    floor: float = 30.0
+    min_rate: float = 16 * 1024
+
+    def __post_init__(self) -> None:
+        if self.floor <= 0 or self.min_rate <= 0:
+            raise ValueError("the upload timeout floor and minimum rate must be positive")
+
+    def seconds(self, size: int) -> float:
+        return self.floor + size / self.min_rate
+
+
+class BodyReader:
+    """Reads one request body in two parts (the envelope prefix, then the rest) into a single buffer.
+
+    With a Content-Length the full buffer is allocated only when the rest is read (after a slot is held), so
+    an unslotted reader holds at most the prefix. Without one (chunked) the buffer grows up to ``limit``.
+    """
+
+    def __init__(self, stream: StreamReader, content_length: int | None, limit: int, deadline: ReadDeadline):
+        self.stream = stream
+        self.expected = content_length
+        self.limit = limit
+        self.deadline = deadline
+        self.buffer = bytearray()
+        self.ended = False
+        self.received = 0  # bytes read off the socket so far
+
+    async def read_prefix(self, size: int) -> bytes:
+        """At least the first ``size`` bytes of the body (fewer only if the body is shorter)."""
+        want = size if self.expected is None else min(size, self.expected)
+        await self._timed(self._fill(want), want)
+        return bytes(self.buffer)
+
+    async def read_rest(self) -> bytearray:
+        """The whole body."""
+        if self.expected is None:
+            await self._timed(self._fill(self.limit + 1), self.limit)
+            if len(self.buffer) > self.limit:
+                raise Oversize(f"body exceeds the limit of {self.limit} bytes")
+            return self.buffer
+        whole = bytearray(self.expected)
+        whole[: len(self.buffer)] = self.buffer
+        prefix, self.buffer = len(self.buffer), whole
+        await self._timed(self._fill_exact(prefix), self.expected - prefix)
+        return self.buffer
+
+    async def _timed(self, reading: Awaitable[None], size: int) -> None:
+        try:
+            async with asyncio.timeout(self.deadline.seconds(size)):
+                await reading
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the body was not sent within {self.deadline.seconds(size):.0f} s "
+                f"({self.deadline.floor:.0f} s + {size} bytes at {self.deadline.min_rate:.0f} bytes/s)"
+            ) from None
+        except ConnectionError as exc:  # aiohttp's "Connection lost" mid-body
+            raise ClientGone(str(exc) or type(exc).__name__) from None
+
+    async def _fill(self, want: int) -> None:
+        """Append chunks to the growing buffer until it holds ``want`` bytes or the body ends."""
+        while len(self.buffer) < want and not self.ended:
+            chunk = await self.stream.readany()
+            if not chunk:
+                self.ended = True
+                break
+            self.buffer += chunk
+            self.received += len(chunk)
+            if self.expected is not None and len(self.buffer) > self.expected:
+                raise Oversize("body is longer than its Content-Length")
+        if self.ended and self.expected is not None and len(self.buffer) < self.expected:
+            raise Truncated(f"body ended after {len(self.buffer)} of {self.expected} bytes")
+
+    async def _fill_exact(self, filled: int) -> None:
+        """Copy the remaining chunks straight into the preallocated buffer (one copy of each byte)."""
+        assert self.expected is not None
+        view = memoryview(self.buffer)
+        while filled < self.expected:
+            chunk = await self.stream.readany()
+            if not chunk:
+                raise Truncated(f"body ended after {filled} of {self.expected} bytes")
+            end = filled + len(chunk)
+            if end > self.expected:
+                raise Oversize("body is longer than its Content-Length")
+            view[filled:end] = chunk
+            filled = end
+            self.received += len(chunk)
+
+
+class DeviceBusy(Exception):
+    """The device already has an upload being received."""
+
+
+class UploadSlots:
+    """At most ``limit`` bodies read at once, and at most one upload per device (reading or waiting)."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError("max_active_uploads must be at least 1")
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit)
+        self._devices: set[str] = set()
+        self.active = 0
+        self.waiting = 0
+
+    @property
+    def saturated(self) -> bool:
+        """Every slot is taken: a new upload would have to wait."""
+        return self.active >= self.limit
+
+    @contextlib.asynccontextmanager
+    async def slot(self, device_id: str) -> AsyncIterator[None]:
+        """Hold one slot for ``device_id``'s upload; :class:`DeviceBusy` if it already has one."""
+        if device_id in self._devices:
+            raise DeviceBusy(f"device {device_id} already has an upload in progress; retry once it is answered")
+        self._devices.add(device_id)
+        try:
+            self.waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self.waiting -= 1
+            self.active += 1
+            try:
+                yield
+            finally:
+                self.active -= 1
+                self._slots.release()
+        finally:
+            self._devices.discard(device_id)
