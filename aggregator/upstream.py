@@ -95,6 +95,7 @@ class ParentRound:
     model_version: int
     model_digest: bytes
     deadline: int
+    encoding: str = "float32"  # the tensor encoding the parent's task asks for (it refuses any other)
 
 
 class UpstreamLink:
@@ -127,7 +128,8 @@ class UpstreamLink:
         try:
             record = json.loads(self._task_path(site_round).read_text())
             return ParentRound(int(record["round"]), int(record["model_version"]),
-                               bytes.fromhex(record["model_digest"]), int(record["deadline"]))
+                               bytes.fromhex(record["model_digest"]), int(record["deadline"]),
+                               str(record.get("encoding", "float32")))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -197,7 +199,7 @@ class UpstreamLink:
             params = self.models.layout.flatten(release.tensors)
         site_round = await self.engine.open_for_upstream(task.model_version, params, deadline)
         record = {"round": task.round_id, "model_version": task.model_version, "model_digest": task.model_digest.hex(),
-                  "deadline": task.deadline}
+                  "deadline": task.deadline, "encoding": task.encoding}
         atomic_write(self._task_path(site_round), json.dumps(record).encode())
         log.info("upstream round %d (model version %d): site round %d open until %.0f", task.round_id,
                  task.model_version, site_round, deadline)
@@ -216,7 +218,7 @@ class UpstreamLink:
             wire.Update(
                 device_id=self.device_id, round_id=parent.round_id, model_version=parent.model_version,
                 base_digest=parent.model_digest, num_samples=samples,
-                tensors=self.models.layout.unflatten(delta), metrics=metrics, encoding="float32",
+                tensors=self.models.layout.unflatten(delta), metrics=metrics, encoding=parent.encoding,
             ),
             self.key,
         )

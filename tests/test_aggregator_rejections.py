@@ -17,7 +17,7 @@ from aggregator_harness import Harness, run, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.rounds import RoundPolicy
+from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.simulate import SimulatedDevice
 from appliance import wire
 
@@ -206,6 +206,19 @@ def test_non_finite_values_are_refused(tmp_path: Path, bad: float) -> None:
     _case(tmp_path, check)
 
 
+def test_update_in_another_encoding_than_the_task_asks_for_is_refused(tmp_path: Path) -> None:
+    """An operator who asks for int8 to save uplink gets int8: float32 and float16 updates are refused."""
+
+    async def check(h: Harness, task: wire.Task) -> None:
+        assert task.encoding == "int8"
+        for encoding in ("float32", "float16"):
+            problem = await _refused(h, h.devices[0].update(task, h.delta(), encoding=encoding), 422, "wrong-encoding")
+            assert f"tensors are {encoding} but the task asks for int8" in problem["detail"]
+        assert (await h.upload(h.devices[0].update(task, h.delta(), encoding="int8")))[0] == 200
+
+    _case(tmp_path, check, plan=TrainingPlan(encoding="int8"))
+
+
 def test_norm_above_the_bound_is_refused(tmp_path: Path) -> None:
     async def check(h: Harness, task: wire.Task) -> None:
         delta = {s.name: np.full(s.shape, 1.0, dtype=np.float32) for s in h.specs}  # norm sqrt(50) > 5
@@ -279,6 +292,8 @@ def test_other_bad_requests_get_problem_json(tmp_path: Path) -> None:
             ("/v1/models/x", 400, "bad-parameter"),
             ("/v1/packages/" + "00" * 32, 404, "unknown-package"),
             ("/v1/task?wait=soon", 400, "bad-parameter"),
+            ("/v1/task?after=-1", 400, "bad-parameter"),  # a round id: an integer >= 0 (0: any round)
+            ("/v1/task?after=1.5", 400, "bad-parameter"),
             ("/v1/nothing", 404, "not-found"),
         ]:
             response = await h.client.get(path)

@@ -20,7 +20,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from aggregator import cli
-from aggregator.rounds import RoundPolicy
+from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.simulate import SimulatedDevice
 from aggregator.upstream import UpstreamConfig
 from appliance import modelpkg, wire
@@ -38,7 +38,7 @@ async def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str
 
 @contextlib.asynccontextmanager
 async def tree(
-    tmp: Path, city_timeout: float = 60.0, site_timeout: float = 60.0
+    tmp: Path, city_timeout: float = 60.0, site_timeout: float = 60.0, city_plan: TrainingPlan | None = None
 ) -> AsyncIterator[tuple[Harness, list[Harness]]]:
     """A city with two enrolled sites; each site has two enrolled devices and follows the city."""
     city_key = SigningKey.generate()
@@ -46,6 +46,7 @@ async def tree(
     async with running(
         tmp / "city", key=city_key, enrolled=[SimulatedDevice(key=k) for k in site_keys],
         policy=RoundPolicy(min_clients=1, goal_clients=2, round_timeout=city_timeout),
+        plan=city_plan or TrainingPlan(),
     ) as city:
         upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
         async with contextlib.AsyncExitStack() as stack:
@@ -113,6 +114,31 @@ def test_tree_two_rounds_equal_flat_fedavg(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(layout.flatten(release.tensors), city.engine.params)
                 row = site.engine.store.recent_rounds(5)[1]
                 assert row.status == "published" and "forwarded to upstream round 2" in row.note
+
+    run(scenario())
+
+
+def test_sites_forward_in_the_encoding_the_city_asks_for(tmp_path: Path) -> None:
+    """The city refuses updates in another encoding than its task's (wrong-encoding), sites included: a site
+    forwards its partial mean int8-quantised when the city asks for int8, whatever its own devices use."""
+
+    async def scenario() -> None:
+        async with tree(tmp_path, city_plan=TrainingPlan(encoding="int8")) as (city, sites):
+            layout = city.engine.models.layout
+            base = city.engine.params.astype(np.float64)
+            rng = np.random.default_rng(3)
+            flat: list[tuple[np.ndarray, int]] = []
+            for site in sites:
+                task = await site_task(site, 0)
+                assert task.encoding == "float32"  # the site's own plan, for its own devices
+                for device in site.devices:
+                    delta = {spec.name: rng.normal(0, 0.05, spec.shape).astype(np.float32) for spec in site.specs}
+                    assert (await site.upload(device.update(task, delta, num_samples=20)))[0] == 200
+                    flat.append((layout.flatten(delta), 20))
+            await wait_until(lambda: city.engine.version == 1, what="city version 1")
+            assert city.engine.store.get_round(1).participants == 2
+            # int8 of a site mean with |x| <= ~0.2: each value within half a step (0.2 / 127 / 2) of float32
+            np.testing.assert_allclose(city.engine.params, flat_fedavg(base, flat), atol=1e-3)
 
     run(scenario())
 

@@ -1,4 +1,4 @@
-"""The worked example in docs/protocol.md is generated here, and checked so the document cannot rot.
+"""The worked examples in docs/protocol.md are generated here, and checked so the document cannot rot.
 
     .venv/bin/python tests/test_wire_example.py            # print the generated blocks
     .venv/bin/python tests/test_wire_example.py --write    # rewrite them in docs/protocol.md
@@ -13,6 +13,7 @@ import hashlib
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import cbor2
@@ -58,9 +59,18 @@ def example_body() -> bytes:
 # ------------------------------------------------------------------------------- diagnostic notation
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """A byte string that holds the CBOR item ``item``, shown as << item >> (RFC 8610 G.3)."""
+
+    item: object
+
+
 def diag(value, indent: int = 0, embedded: frozenset[int] = frozenset()) -> str:
     """RFC 8949 section 8 diagnostic notation; byte strings holding CBOR shown as <<...>> (RFC 8610 G.3)."""
     pad, inner = "  " * indent, "  " * (indent + 1)
+    if isinstance(value, Embedded):
+        return f"<< {diag(value.item, indent, embedded)} >>"
     if isinstance(value, cbor2.CBORTag):
         return f"{value.tag}({diag(value.value, indent, embedded)})"
     if isinstance(value, list | tuple):
@@ -128,6 +138,29 @@ def wrap_hex(data: bytes, width: int = 32) -> str:
     return "\n".join(data[i : i + width].hex() for i in range(0, len(data), width))
 
 
+INT8_EXAMPLE = np.array([0.5, -0.25, 0.1, 0.00984252, -0.005905512, 0.001968504], dtype=np.float32)
+
+
+def int8_example() -> str:
+    """Section 5's rounding rule, step by step, for INT8_EXAMPLE."""
+    section = wire.encode_tensors({"w": INT8_EXAMPLE}, "int8")
+    (q_array, scale), = _plain(cbor2.loads(section)).values()
+    q = np.frombuffer(q_array.value[1].value, dtype=np.int8)
+    received, _ = wire.decode_tensors(section)
+    s = np.float32(scale)
+    lines = [
+        f"m = max |x|            {float(np.abs(INT8_EXAMPLE).max())!r}",
+        f"scale = m / 127        {scale!r} (binary64; sent as {cbor2.dumps(scale, canonical=True).hex()})",
+        f"s = binary32(scale)    {float(s)!r}",
+        "",
+        f"{'x':<24}{'x ⊘ s':<24}{'q':>4}   binary32(q) × binary32(scale)",
+    ]
+    for x, qi, value in zip(INT8_EXAMPLE, q, received["w"], strict=True):
+        lines.append(f"{float(x)!r:<24}{float(x / s)!r:<24}{int(qi):>4}   {float(value)!r}")
+    lines += ["", "tensor section:", wrap_hex(section)]
+    return "\n".join(lines)
+
+
 def example_blocks() -> dict[str, str]:
     """Name -> the text of a fenced block in docs/protocol.md."""
     body = example_body()
@@ -157,10 +190,11 @@ def example_blocks() -> dict[str, str]:
                 wrap_hex(sig_structure),
             ]
         ),
+        "int8-example": int8_example(),
     }
 
 
-BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z-]+) -->\n```[a-z]*\n)(?P<text>.*?)(\n```)", re.S)
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z0-9-]+) -->\n```[a-z]*\n)(?P<text>.*?)(\n```)", re.S)
 
 
 def doc_blocks(text: str) -> dict[str, str]:
@@ -168,7 +202,8 @@ def doc_blocks(text: str) -> dict[str, str]:
 
 
 def rewrite(text: str, blocks: dict[str, str]) -> str:
-    return BLOCK.sub(lambda m: m[1] + blocks[m["name"]] + m[4], text)
+    """``text`` with the generated blocks named in ``blocks`` replaced (other generated blocks kept)."""
+    return BLOCK.sub(lambda m: m[1] + blocks.get(m["name"], m["text"]) + m[4], text)
 
 
 # -------------------------------------------------------------------------------------------- tests
