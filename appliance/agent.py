@@ -7,6 +7,10 @@ restarted by systemd.
 
 Restart safety: the last round for which an update was queued is stored in ``<state>/agent-state.json``
 after the update is in the outbox, so a restart neither trains a round twice nor forgets an update.
+
+Time: deadlines are judged and updates stamped in the aggregator's time as learnt from each signed task
+(:mod:`appliance.clock`), never by the device clock alone, which on a board without a real-time clock may be
+years off until time sync succeeds. When the two differ by more than a minute, the status and the log say so.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import functools
 import json
 import logging
 import math
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from appliance.budget import (
     read_usage,
 )
 from appliance.client import AggregatorClient, AggregatorUnavailable, Rejection
+from appliance.clock import AggregatorClock
 from appliance.config import Config
 from appliance.durable import atomic_write
 from appliance.errors import ProtocolError
@@ -51,6 +55,8 @@ log = logging.getLogger("fl_agent")
 STATE_FILE = "agent-state.json"
 MODELS_DIR = "models"
 FRAME_POLL_SECONDS = 5.0
+# The status and the log say the device clock is off when it differs from the aggregator's by more than this.
+CLOCK_OFF_SECONDS = 60.0
 
 
 def clip_update(delta: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float]:
@@ -63,8 +69,10 @@ def clip_update(delta: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str
 
 
 class Agent:
-    def __init__(self, config: Config, *, budget: Budget | None = None):
+    def __init__(self, config: Config, *, budget: Budget | None = None, clock: AggregatorClock | None = None):
         self.config = config
+        self.clock = clock or AggregatorClock()
+        self._clock_warned_offset: float | None = None
         self.state_dir = config.state_path
         self.metrics = AgentMetrics()
         self.identity: DeviceIdentity = load_or_create_device_key(self.state_dir)
@@ -114,6 +122,7 @@ class Agent:
         m.budget_memory.set(self.budget.memory_max or 0)
         m.budget_advisory.set(1 if self.budget.advisory else 0)
         m.trainer_threads.set(self.threads)
+        m.clock_offset.set_function(self.clock.offset)
         counters = self.outbox.counters
         m.modules.add(
             Reading("fl_agent_outbox_updates", "Updates waiting in the outbox", "gauge", lambda: self.outbox.depth)
@@ -246,7 +255,7 @@ class Agent:
         needs its labeller's warm-up first). Leaves a margin before the deadline to train and upload."""
         margin = 60.0
         while self._frames_available() < task.batch_size:
-            remaining = task.deadline - margin - time.time()
+            remaining = task.deadline - margin - self.clock.now()
             if remaining <= 0:
                 return False
             self.set_status(f"round {task.round_id}: waiting for labelled frames")
@@ -280,7 +289,7 @@ class Agent:
                 prox_mu=task.prox_mu,
                 threads=self.threads,
             )
-            timeout = max(60.0, task.deadline - time.time() + 60)
+            timeout = max(60.0, task.deadline - self.clock.now() + 60)
             try:
                 with self.metrics.training_seconds.time():
                     run = functools.partial(self.sandbox.run, run_train_job, job, timeout=timeout)
@@ -314,11 +323,12 @@ class Agent:
             tensors=delta,
             metrics=metrics,
             encoding=task.encoding,
+            created_at=int(self.clock.now()),
         )
 
     async def _round(self, client: AggregatorClient, task: wire.Task) -> None:
         self.metrics.round.set(task.round_id)
-        if task.deadline < time.time():
+        if task.deadline < self.clock.now():
             self.metrics.rounds_skipped.labels("deadline-passed").inc()
             self.last_round = task.round_id
             return
@@ -351,8 +361,33 @@ class Agent:
         self.set_status(f"waiting for round > {self.last_round}")
 
     def set_status(self, text: str) -> None:
-        self.status = text
-        systemd.notify(f"STATUS={text}")
+        note = self._clock_note()
+        self.status = f"{text}; {note}" if note else text
+        systemd.notify(f"STATUS={self.status}")
+
+    def _clock_note(self) -> str:
+        """How far the device clock is off the aggregator's, when it is off by more than CLOCK_OFF_SECONDS."""
+        offset = self.clock.offset()
+        if not abs(offset) > CLOCK_OFF_SECONDS:  # NaN (no task yet) included
+            return ""
+        days = f" ({abs(offset) / 86400:.1f} days)" if abs(offset) >= 86400 else ""
+        return f"device clock {abs(offset):.0f} s{days} {'behind' if offset > 0 else 'ahead of'} the aggregator's"
+
+    def _learn_time(self, task: wire.Task) -> None:
+        """Learn the aggregator's time from a verified task; log when the device clock turns out to be off."""
+        self.clock.observe(task.issued_at, task.deadline)
+        offset = self.clock.offset()
+        warned = self._clock_warned_offset
+        if abs(offset) > CLOCK_OFF_SECONDS:
+            if warned is None or abs(offset - warned) > CLOCK_OFF_SECONDS:
+                log.warning(
+                    "%s: deadlines are judged and updates stamped in the aggregator's time (is time sync working?)",
+                    self._clock_note(),
+                )
+                self._clock_warned_offset = offset
+        elif warned is not None:
+            log.info("device clock agrees with the aggregator's again")
+            self._clock_warned_offset = None
 
     # -- loops ----------------------------------------------------------------------------------------
 
@@ -363,8 +398,10 @@ class Agent:
             try:
                 task = await client.next_task(self.last_round, self.config.aggregator.poll_wait_seconds)
                 failures = 0
-                if task is not None and task.round_id > self.last_round:
-                    await self._round(client, task)
+                if task is not None:
+                    self._learn_time(task)
+                    if task.round_id > self.last_round:
+                        await self._round(client, task)
             except (AggregatorUnavailable, ProtocolError) as exc:
                 self.metrics.aggregator_errors.labels("task").inc()
                 delay = backoff.delay(failures)

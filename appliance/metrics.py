@@ -95,6 +95,12 @@ class AgentMetrics:
             "fl_agent_budget_advisory", "1 when budgets cannot be enforced (no delegated cgroup v2)", registry=r
         )
         self.trainer_threads = Gauge("fl_agent_trainer_threads", "Threads the trainer is allowed", registry=r)
+        self.clock_offset = Gauge(
+            "fl_agent_clock_offset_seconds",
+            "Aggregator time minus this device's clock, learnt from signed tasks (positive: the device is behind; "
+            "0 while the device clock agrees with the tasks; NaN before the first task)",
+            registry=r,
+        )
         self.pressure_pause = Counter(
             "fl_agent_pressure_pause_seconds", "Time training waited for memory pressure to fall", registry=r
         )

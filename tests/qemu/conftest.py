@@ -297,10 +297,11 @@ def boot(dev_image, machine, appliance, workdir: Path) -> BootedAppliance:
 
 @pytest.fixture(scope="session")
 def boot_appliance(dev_image, machine):
-    """``boot_appliance(appliance, workdir) -> BootedAppliance``: power on and log in through labgrid."""
+    """``boot_appliance(appliance, workdir, variant=None) -> BootedAppliance``: power on and log in through
+    labgrid, on the session's machine or a variant of it (e.g. ``dataclasses.replace(machine, rtc_base=...)``)."""
 
-    def _boot(appliance, workdir: Path) -> BootedAppliance:
-        return boot(dev_image, machine, appliance, workdir)
+    def _boot(appliance, workdir: Path, variant=None) -> BootedAppliance:
+        return boot(dev_image, variant or machine, appliance, workdir)
 
     return _boot
 

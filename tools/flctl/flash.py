@@ -15,7 +15,8 @@ The order is chosen so that no board ever looks provisioned when it is not:
 Any failure leaves the headers invalidated (or invalidates them), so a half-provisioned board does not boot
 and `flctl flash` reports it as such. Identity files land on the data partition as
 fl-agent/identity/device.key (0600), fl-agent/identity/aggregator.pub and fl-agent/agent.toml, owned by the
-image's fl-agent user (uid/gid read from /etc/passwd on fl-root).
+image's fl-agent user (uid/gid read from /etc/passwd on fl-root), and, when the fleet gives the board NTP
+servers, timesyncd.conf (owned by root: systemd-timesyncd reads it, the agent has no business writing it).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ ROOT_LABEL = "fl-root"
 DATA_LABEL = "fl-data"
 AGENT_USER = "fl-agent"
 STATE_DIR = "fl-agent"  # on the data partition; /var/lib/fl-agent is bound to /data/fl-agent
+TIMESYNCD_CONF = "timesyncd.conf"  # /data/timesyncd.conf: linked into /run/systemd/timesyncd.conf.d at boot
 CHUNK = 4 << 20
 GROW_MIN = 16 << 20  # less room than this beyond the image's layout is not worth a partition edit
 BLKRRPART = 0x125F
@@ -72,6 +74,7 @@ class BoardIdentity:
     signing_key: SigningKey
     aggregator_key: VerifyKey
     agent_toml: str
+    timesyncd_conf: str | None = None
 
     @property
     def device_id(self) -> str:
@@ -296,6 +299,11 @@ def write_identity(data: Ext4Volume, board: BoardIdentity, uid: int, gid: int) -
                              f"{loaded.device_id}, expected {board.device_id}")
         if bytes(identity.load_aggregator_key(back)) != bytes(board.aggregator_key):
             raise FlashError("the aggregator key read back from the data partition is not the fleet's")
+        if board.timesyncd_conf is not None:
+            (stage / TIMESYNCD_CONF).write_text(board.timesyncd_conf)
+            data.install([(stage / TIMESYNCD_CONF, TIMESYNCD_CONF, 0o644)], [], 0, 0)
+            if data.read(TIMESYNCD_CONF) != (stage / TIMESYNCD_CONF).read_bytes():
+                raise FlashError(f"read-back verification failed: {TIMESYNCD_CONF} on the data partition differs")
     data.fsck()
 
 
@@ -464,7 +472,14 @@ def _board_config(fleet: Fleet, name: str) -> str:
 
 def _identities(fleet: Fleet, names: list[str]) -> list[BoardIdentity]:
     agg = fleet.aggregator_public_key
-    return [BoardIdentity(n, fleet.device_key(n), agg, _board_config(fleet, n)) for n in names]
+    return [BoardIdentity(n, fleet.device_key(n), agg, _board_config(fleet, n), _board_timesync(fleet, n))
+            for n in names]
+
+
+def _board_timesync(fleet: Fleet, name: str) -> str | None:
+    """The board's timesyncd.conf from the fleet (its NTP servers), if provisioning gave it one."""
+    path = fleet.board_timesyncd_conf(name)
+    return path.read_text() if path.exists() else None
 
 
 def _confirm(targets: list[blockdev.Target], image: Image, console: Console) -> bool:

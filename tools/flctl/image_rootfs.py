@@ -26,6 +26,7 @@ BASE_PACKAGES = (
     "udev",
     "kmod",
     "dbus",
+    "systemd-timesyncd",  # SNTP client: boards without a real-time clock boot with a stale clock
     "e2fsprogs",  # e2fsck for the data partition's check before every mount
     "iproute2",
     "procps",

@@ -7,6 +7,7 @@ The fleet directory (formats in docs/provisioning.md):
   boards/<name>/device.key.sealed the board's Ed25519 seed, sealed
   boards/<name>/board.json        {"name", "device_id", "public_key"}
   boards/<name>/agent.toml        the board's agent.toml override ([aggregator] url)
+  boards/<name>/timesyncd.conf    the board's NTP servers (with --ntp-server), for systemd-timesyncd
   enroll.jsonl                    one {"device_id", "public_key", "name"} per line, for `fl-aggregator enroll`
 The aggregator's state directory (default FLEET/aggregator, `--aggregator-state`) receives the one plaintext
 key, `aggregator.key`: the aggregator needs it unattended, like a board its device key.
@@ -96,6 +97,31 @@ def with_url(text: str, url: str) -> str:
     return new
 
 
+_NTP_SERVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
+_NTP_LINE = re.compile(r"^NTP=.*$", re.MULTILINE)
+
+
+def check_ntp_server(host: str) -> str:
+    if not _NTP_SERVER.match(host):
+        raise ProvisionError(f"NTP server {host!r}: expected a host name or an IP address")
+    return host
+
+
+def timesyncd_conf(servers: list[str]) -> str:
+    """A board's systemd-timesyncd drop-in: `flctl flash` writes it to /data/timesyncd.conf, which the image
+    links into /run/systemd/timesyncd.conf.d (the root is read-only)."""
+    return "# Written by flctl provision: this board's NTP servers (systemd-timesyncd, timesyncd.conf(5)).\n" \
+           "# `flctl provision --ntp-server` only rewrites the NTP= line; other settings below it are kept.\n" \
+           f"[Time]\nNTP={' '.join(servers)}\n"
+
+
+def with_ntp_servers(text: str, servers: list[str]) -> str:
+    """`text` (a board's timesyncd.conf) with its NTP= line set to `servers`, other settings kept."""
+    line = f"NTP={' '.join(servers)}"
+    new, count = _NTP_LINE.subn(line, text, count=1)
+    return new if count else timesyncd_conf(servers) + text
+
+
 class Fleet:
     """A fleet directory opened with its passphrase."""
 
@@ -117,8 +143,9 @@ class Fleet:
     # -- creation ------------------------------------------------------------------------------------
     @classmethod
     def create_or_open(cls, root: Path, sealer: Sealer, url: str | None,
-                       aggregator_state: Path | None) -> Fleet:
-        """Open the fleet, creating it (and the aggregator key, unless its state dir has one) if absent."""
+                       aggregator_state: Path | None, ntp_servers: list[str] | None = None) -> Fleet:
+        """Open the fleet, creating it (and the aggregator key, unless its state dir has one) if absent.
+        ``ntp_servers``, when given, replace the fleet's NTP servers."""
         root = Path(root)
         if not (root / "fleet.json").exists():
             if url is None:
@@ -137,8 +164,14 @@ class Fleet:
             _write_text(root / "fleet.json", json.dumps(meta, indent=1) + "\n")
         fleet = cls(root, sealer)
         fleet.aggregator_key()  # proves the passphrase before anything else is written
+        changed = False
         if url is not None and check_url(url) != fleet.url:
             fleet.meta["aggregator_url"] = check_url(url)
+            changed = True
+        if ntp_servers is not None and [check_ntp_server(h) for h in ntp_servers] != fleet.ntp_servers:
+            fleet.meta["ntp_servers"] = list(ntp_servers)
+            changed = True
+        if changed:
             _write_text(root / "fleet.json", json.dumps(fleet.meta, indent=1) + "\n")
         return fleet
 
@@ -146,6 +179,11 @@ class Fleet:
     @property
     def url(self) -> str:
         return str(self.meta["aggregator_url"])
+
+    @property
+    def ntp_servers(self) -> list[str]:
+        """The NTP servers boards are given (none: timesyncd uses what DHCP announces, else its fallback)."""
+        return [str(h) for h in self.meta.get("ntp_servers", [])]
 
     @property
     def aggregator_public_key(self) -> VerifyKey:
@@ -199,11 +237,16 @@ class Fleet:
             board = Board(name, identity.device_id_for(key.verify_key), bytes(key.verify_key).hex())
             _write_text(d / "board.json", json.dumps(board.enrolment(), indent=1) + "\n")
             _write_text(d / "agent.toml", agent_toml(self.url))
+            if self.ntp_servers:
+                _write_text(d / "timesyncd.conf", timesyncd_conf(self.ntp_servers))
             new = True
         return self.board(name), new
 
     def board_agent_toml(self, name: str) -> Path:
         return self.board_dir(name) / "agent.toml"
+
+    def board_timesyncd_conf(self, name: str) -> Path:
+        return self.board_dir(name) / "timesyncd.conf"
 
     def follow_url(self) -> None:
         """Point every board's agent.toml at the fleet URL, keeping the rest of each file."""
@@ -212,6 +255,18 @@ class Fleet:
             text = path.read_text() if path.exists() else agent_toml(self.url)
             updated = with_url(text, self.url)
             if not path.exists() or updated != text:
+                _write_text(path, updated)
+
+    def follow_ntp_servers(self) -> None:
+        """Give every board the fleet's NTP servers (the NTP= line of its timesyncd.conf; the rest is kept)."""
+        servers = self.ntp_servers
+        if not servers:
+            return
+        for name in self.board_names():
+            path = self.board_timesyncd_conf(name)
+            text = path.read_text() if path.exists() else ""
+            updated = with_ntp_servers(text, servers)
+            if updated != text:
                 _write_text(path, updated)
 
     def write_public_files(self) -> Path:
@@ -262,14 +317,16 @@ def run(args: argparse.Namespace) -> int:
         root = Path(args.fleet)
         new_fleet = not (root / "fleet.json").exists()
         names = board_names(args.boards, args.names)
+        ntp_servers = [check_ntp_server(h) for h in args.ntp_server] if args.ntp_server else None
         sealer = Sealer(read_passphrase(args.passphrase_file, confirm=new_fleet))
         state = Path(args.aggregator_state) if args.aggregator_state else root / "aggregator"
-        fleet = Fleet.create_or_open(root, sealer, args.aggregator_url, state)
+        fleet = Fleet.create_or_open(root, sealer, args.aggregator_url, state, ntp_servers)
         added = 0
         for name in names:
             _board, new = fleet.add_board(name)
             added += new
         fleet.follow_url()  # the URL may have changed: every board's config follows it
+        fleet.follow_ntp_servers()
         enroll = fleet.write_public_files()
         key_path = fleet.export_aggregator_key(state)
     except (ProvisionError, SealError, identity.IdentityError) as exc:
@@ -278,6 +335,8 @@ def run(args: argparse.Namespace) -> int:
     total = len(fleet.board_names())
     print(f"fleet {root}: {'created, ' if new_fleet else ''}{added} new board(s), {total} in all")
     print(f"  aggregator id {fleet.meta['aggregator_id']}, url {fleet.url}")
+    ntp = " ".join(fleet.ntp_servers) or "none set (DHCP's, else timesyncd's fallback)"
+    print(f"  NTP servers: {ntp}")
     print(f"  aggregator key: {key_path}  (fl-aggregator serve --state {state})")
     print(f"  enrolment file: {enroll}  (fl-aggregator enroll --state {state} --from {enroll})")
     return 0
@@ -296,6 +355,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
                    "(required for a new fleet; changing it rewrites every board's agent.toml)")
     p.add_argument("--aggregator-state", metavar="DIR", help="the aggregator's state dir that receives "
                    "aggregator.key (default: FLEET/aggregator)")
+    p.add_argument("--ntp-server", action="append", metavar="HOST", help="an NTP server the boards can reach, "
+                   "e.g. the aggregator's host (repeat for more; replaces the fleet's list and every board's "
+                   "NTP= line). Boards without a real-time clock need one to set their clock")
     p.add_argument("--passphrase-file", metavar="FILE", help="file holding the fleet passphrase "
                    "(default: $FLCTL_PASSPHRASE, else asked)")
     p.set_defaults(func=run)

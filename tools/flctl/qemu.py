@@ -15,6 +15,7 @@ See docs/qemu.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def _prepare(args: argparse.Namespace, console: Console):
             "fl-agent will refuse to start without a pinned aggregator key[/]"
         )
     accel = qemu_rig.choose_accelerator(str(art.vmlinux), str(art.initrd))
-    machine = qemu_rig.MachineConfig(accel=accel, memory=args.memory, smp=args.smp)
+    machine = qemu_rig.MachineConfig(accel=accel, memory=args.memory, smp=args.smp, rtc_base=args.rtc_base)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fl-qemu-"))
     workdir.mkdir(parents=True, exist_ok=True)
     override = args.agent_toml.read_text() if args.agent_toml else None
@@ -202,6 +203,9 @@ def _appliance_args(p: argparse.ArgumentParser) -> None:
                    "(replaces the rig's default one: include [aggregator] allow_plain_http = true)")
     p.add_argument("--memory", default="1024M", help="guest memory (default 1024M)")
     p.add_argument("--smp", type=_positive, default=1, help="guest CPUs (default 1)")
+    p.add_argument("--rtc-base", type=_rtc_date, default="", metavar="DATE",
+                   help="start the guests' real-time clock at DATE (2020-01-01 or 2020-01-01T08:00:00), as on a "
+                        "board without a battery-backed clock (default: the host's time)")
 
 
 def _positive(text: str) -> int:
@@ -212,6 +216,15 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
     return value
+
+
+def _rtc_date(text: str) -> str:
+    """A date QEMU's -rtc base= takes, checked here so a typo is one line rather than a QEMU that exits."""
+    for layout in ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"):
+        with contextlib.suppress(ValueError):
+            time.strptime(text, layout)
+            return text
+    raise argparse.ArgumentTypeError(f"expected a date like 2020-01-01 or 2020-01-01T08:00:00, got {text!r}")
 
 
 def _port(text: str) -> int:

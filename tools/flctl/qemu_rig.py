@@ -200,6 +200,9 @@ class MachineConfig:
     accel: str
     memory: str = "1024M"
     smp: int = 1
+    # QEMU's -rtc base=: the date the guest's real-time clock starts at ("2020-01-01", "2020-01-01T08:00:00"),
+    # as on a board whose clock is wrong; "" keeps QEMU's default (the host's time, UTC).
+    rtc_base: str = ""
 
     @property
     def cpu(self) -> str:
@@ -239,6 +242,7 @@ def extra_args(art: ImageArtifacts, appliance: Appliance, machine: MachineConfig
         *drive_args(art, appliance),
         "-device",
         "virtio-rng-pci",
+        *(["-rtc", f"base={machine.rtc_base}"] if machine.rtc_base else []),
         # Guest poweroff leaves QEMU paused (status "shutdown") so the rig can tell it from a crash.
         "-no-shutdown",
         "-no-reboot",

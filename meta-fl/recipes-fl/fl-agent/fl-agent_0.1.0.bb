@@ -52,6 +52,9 @@ do_install:append() {
     install -m 0644 ${FL_OVERLAY}/usr/lib/systemd/system/fl-agent.service ${D}${systemd_system_unitdir}/
     install -m 0644 ${FL_OVERLAY}/usr/lib/systemd/system/data.mount ${D}${systemd_system_unitdir}/
     install -m 0644 "${FL_OVERLAY}/usr/lib/systemd/system/var-lib-fl\x2dagent.mount" ${D}${systemd_system_unitdir}/
+    install -m 0644 ${FL_OVERLAY}/usr/lib/systemd/system/var-lib-systemd-timesync.mount ${D}${systemd_system_unitdir}/
+    install -d ${D}${systemd_system_unitdir}/systemd-timesyncd.service.d
+    install -m 0644 ${FL_OVERLAY}/usr/lib/systemd/system/systemd-timesyncd.service.d/fl-data.conf ${D}${systemd_system_unitdir}/systemd-timesyncd.service.d/
     install -m 0644 ${FL_OVERLAY}/usr/lib/systemd/system-preset/80-fl-agent.preset ${D}${systemd_unitdir}/system-preset/
 
     install -d ${D}${nonarch_base_libdir}/udev/rules.d
@@ -59,18 +62,21 @@ do_install:append() {
 
     install -d ${D}${nonarch_libdir}/tmpfiles.d ${D}${nonarch_libdir}/sysusers.d
     install -m 0644 ${FL_OVERLAY}/usr/lib/tmpfiles.d/fl-agent.conf ${D}${nonarch_libdir}/tmpfiles.d/
+    install -m 0644 ${FL_OVERLAY}/usr/lib/tmpfiles.d/fl-timesync.conf ${D}${nonarch_libdir}/tmpfiles.d/
     install -m 0644 ${FL_OVERLAY}/usr/lib/sysusers.d/fl-agent.conf ${D}${nonarch_libdir}/sysusers.d/
 
     install -d ${D}${sysconfdir}/fl-agent
     install -m 0644 ${FL_OVERLAY}/etc/fl-agent/agent.toml ${D}${sysconfdir}/fl-agent/
 
     # Mount points on the read-only root: /data (data.mount) and the state
-    # directory that var-lib-fl\x2dagent.mount binds /data/fl-agent onto.
+    # directories that var-lib-fl\x2dagent.mount and
+    # var-lib-systemd-timesync.mount bind from /data onto.
     install -d -m 0755 ${D}/data
     install -d -m 0750 -o fl-agent -g fl-agent ${D}${localstatedir}/lib/fl-agent
+    install -d -m 0755 ${D}${localstatedir}/lib/systemd/timesync
 }
 
-SYSTEMD_SERVICE:${PN} = "fl-agent.service data.mount var-lib-fl\x2dagent.mount"
+SYSTEMD_SERVICE:${PN} = "fl-agent.service data.mount var-lib-fl\x2dagent.mount var-lib-systemd-timesync.mount"
 
 CONFFILES:${PN} = "${sysconfdir}/fl-agent/agent.toml"
 
@@ -80,6 +86,7 @@ FILES:${PN} += "\
     ${nonarch_libdir}/tmpfiles.d \
     ${nonarch_libdir}/sysusers.d \
     ${localstatedir}/lib/fl-agent \
+    ${localstatedir}/lib/systemd/timesync \
     /data \
 "
 
