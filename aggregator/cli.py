@@ -21,7 +21,7 @@ from nacl.signing import SigningKey
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.store import Store, StoreError
-from aggregator.strategies import STRATEGIES
+from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
 from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strategy, parse_upstream_key
 from appliance import wire
 from appliance.client import pinned_tls_context
@@ -155,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables HTTPS)")
     serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
-    serve.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg")
-    serve.add_argument("--server-lr", type=float, help="FedAvg server learning rate, FedAdam/FedYogi eta")
-    serve.add_argument("--trim", type=float, help="trimmed-mean: fraction cut from each end (default 0.2)")
-    serve.add_argument("--byzantine", type=_non_negative_int, help="krum: number of Byzantine updates tolerated")
+    serve.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg",
+                       help="; ".join(f"{name}: {cls.summary}" for name, cls in STRATEGIES.items()))
+    for flag, (kind, text) in option_flags().items():  # each rule declares its own options
+        serve.add_argument(flag, type=kind, dest=_option_dest(flag), help=text)
     serve.add_argument("--min-clients", type=int, default=2, help="quorum: fewer updates abandon the round")
     serve.add_argument("--goal-clients", type=_non_negative_int, default=0,
                        help="close the round early at this many updates (0: all enrolled devices)")
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rounds", type=_non_negative_int, default=0,
                        help="stop publishing after this many model versions (keeps serving); 0: no limit")
     serve.add_argument("--max-update-norm", type=float,
-                       help="refuse deltas with a larger L2 norm (default: 1.1 x --clip-norm when set)")
+                       help="refuse deltas with a larger L2 norm, at most 1e15 (default: 1.1 x --clip-norm when set, "
+                       "else max(||params||, sqrt(P)) of the round's model)")
     serve.add_argument("--update-window", type=float, default=3600.0,
                        help="refuse updates created more than this many seconds ago")
     serve.add_argument("--epochs", type=int, default=1)
@@ -206,20 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_dest(flag: str) -> str:
+    return "strategy_option_" + flag.lstrip("-").replace("-", "_")
+
+
 def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
-    options: dict[str, object] = {}
-    if args.server_lr is not None:
-        options["server_lr" if args.strategy == "fedavg" else "eta"] = args.server_lr
-    if args.trim is not None:
-        if args.strategy != "trimmed-mean":
-            raise CliError("--trim applies to --strategy trimmed-mean only")
-        options["beta"] = args.trim
-    if args.byzantine is not None:
-        if args.strategy != "krum":
-            raise CliError("--byzantine applies to --strategy krum only")
-        options["byzantine"] = args.byzantine
-    if args.server_lr is not None and args.strategy not in ("fedavg", "fedadam", "fedyogi"):
-        raise CliError("--server-lr applies to fedavg, fedadam and fedyogi only")
+    """The chosen rule's constructor options, checked by building the rule once (before any state is touched)."""
+    given = {flag: getattr(args, _option_dest(flag)) for flag in option_flags()}
+    try:
+        options = options_from_flags(args.strategy, given)
+        make_strategy(args.strategy, **options)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     return options
 
 
@@ -252,6 +251,7 @@ def _upstream(args: argparse.Namespace) -> UpstreamConfig | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _strategy_options(args)
     upstream = _upstream(args)
     host, port = args.listen
     sockets = bind_listen(host, port)
@@ -280,13 +280,10 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
             raise CliError(str(exc)) from None
     else:
         package = synthetic_package(args.synthetic_parameters)
-    bound = args.max_update_norm
-    if bound is None and args.clip_norm > 0:
-        bound = 1.1 * args.clip_norm
     try:
         policy = RoundPolicy(
             min_clients=args.min_clients, goal_clients=args.goal_clients, round_timeout=args.round_timeout,
-            max_rounds=args.rounds, update_window=args.update_window, max_update_norm=bound,
+            max_rounds=args.rounds, update_window=args.update_window, max_update_norm=args.max_update_norm,
         )
         plan = TrainingPlan(
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, prox_mu=args.prox_mu,

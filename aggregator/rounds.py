@@ -245,7 +245,7 @@ class RoundEngine:
         state_path = self._state_path(self.version)
         if state_path.exists():
             with np.load(state_path) as saved:
-                self.strategy.load_state({k: saved[k] for k in saved.files})
+                self.strategy.restore({k: saved[k] for k in saved.files})
         self.metrics.model_version.set(self.version)
         self.metrics.enrolled_devices.set(self.registry.active_count())
         row = self.store.open_round()
@@ -629,7 +629,7 @@ class RoundEngine:
             raise AggregationError("the aggregated model holds NaN or Inf; refusing to publish it")
         version = round_.model_version + 1
         digest = self.models.write(version, params, created_at)
-        state = self.strategy.state()
+        state = self.strategy.saved_state()
         if state:
             _save_state(self._state_path(version), state)
         return params, digest

@@ -100,7 +100,7 @@ def test_serve_publishes_a_signed_package_and_its_initial_model(tmp_path: Path) 
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
-         "--model", str(tmp_path / "tiny.flpkg"), "--epochs", "3", "--encoding", "int8"],
+         "--model", str(tmp_path / "tiny.flpkg"), "--epochs", "3", "--encoding", "int8", "--clip-norm", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -120,6 +120,10 @@ def test_serve_publishes_a_signed_package_and_its_initial_model(tmp_path: Path) 
         with urllib.request.urlopen(url + "/v1/task") as r:
             task = wire.decode_task(r.read(), pub)
         assert task.package_digest == pkg.digest and task.epochs == 3 and task.encoding == "int8"
+        assert task.clip_norm == 2.0
+        with urllib.request.urlopen(url + "/v1/status") as r:
+            current = json.load(r)["current_round"]
+        assert (current["max_update_norm"], current["max_update_norm_source"]) == (pytest.approx(2.2), "clip-norm")
         with urllib.request.urlopen(url + "/v1/models/latest") as r:
             release = wire.decode_model_release(r.read(), pub, pkg.param_specs)
         assert release.version == 0 and release.digest == task.model_digest

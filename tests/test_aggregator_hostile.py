@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from aggregator_harness import Harness, run, running
 
-from aggregator.rounds import MAX_UPDATE_NORM, RoundPolicy, update_norm_bound
+from aggregator.rounds import MAX_UPDATE_NORM, RoundPolicy, TrainingPlan, update_norm_bound
 from aggregator.strategies import STRATEGIES
 from aggregator.uploads import ReadDeadline
 from appliance import wire
@@ -251,5 +251,32 @@ def test_a_revoked_device_still_gets_the_receipt_of_an_acknowledged_update(tmp_p
             assert await h.upload(body) == (200, receipt)
             status, problem = await h.upload(device.update(task, h.delta()))
             assert (status, problem["reason"]) == (403, "revoked")
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("policy_bound", "clip_norm", "bound"),
+    [(1.0, 0.0, 1.0), (None, 1.0, 1.1)],
+    ids=["max-update-norm", "default-from-clip-norm"],
+)
+def test_the_norm_bound_holds_exactly_at_its_value(
+    tmp_path: Path, policy_bound: float | None, clip_norm: float, bound: float
+) -> None:
+    """Just under the bound is counted, just over is refused: a looser bound (or a lost default) fails here."""
+
+    async def go() -> None:
+        policy = RoundPolicy(min_clients=2, goal_clients=3, round_timeout=60, max_update_norm=policy_bound)
+        async with running(tmp_path, devices=3, policy=policy, plan=TrainingPlan(clip_norm=clip_norm)) as h:
+            task = await h.task()
+            direction = h.delta()
+            norm = math.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in direction.values()))
+
+            def scaled(target: float) -> dict[str, np.ndarray]:
+                return {name: (t * np.float32(target / norm)).astype(np.float32) for name, t in direction.items()}
+
+            status, problem = await h.upload(h.devices[0].update(task, scaled(bound * 1.02)))
+            assert (status, problem["reason"]) == (422, "norm-too-large"), problem
+            assert (await h.upload(h.devices[1].update(task, scaled(bound * 0.98))))[0] == 200
 
     run(go())

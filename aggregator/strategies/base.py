@@ -10,11 +10,22 @@ spool in column chunks through an :class:`~aggregator.strategies.chunks.UpdateSe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from aggregator.strategies.chunks import UpdateSet
+
+
+@dataclass(frozen=True)
+class StrategyOption:
+    """One tunable of a rule, as the command line offers it: ``--flag VALUE`` becomes ``parameter=VALUE``."""
+
+    flag: str  # e.g. "--server-lr"; several rules may share a flag (each maps it to its own parameter)
+    parameter: str  # the rule's constructor keyword
+    kind: type[int] | type[float]
+    help: str
 
 
 class AggregationError(Exception):
@@ -25,6 +36,10 @@ class Strategy(ABC):
     """Aggregates one round's deltas into the next global parameters."""
 
     name: ClassVar[str]
+    #: One line for ``--help`` and the docs' table of rules.
+    summary: ClassVar[str]
+    #: The options ``fl-aggregator serve`` offers for this rule (the CLI, the demo and the docs derive from these).
+    options: ClassVar[tuple[StrategyOption, ...]] = ()
     #: True when :meth:`aggregate` reads the spooled updates (robust rules); False for streaming rules.
     needs_all_updates: ClassVar[bool] = False
 
@@ -49,3 +64,15 @@ class Strategy(ABC):
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:  # noqa: B027 - stateless by default
         """Restore what :meth:`state` returned."""
+
+    def saved_state(self) -> dict[str, np.ndarray]:
+        """:meth:`state` with each key namespaced by the rule (``fedadam/m``), as it is written to disk."""
+        return {f"{self.name}/{key}": value for key, value in self.state().items()}
+
+    def restore(self, saved: dict[str, np.ndarray]) -> None:
+        """Load this rule's own entries of what :meth:`saved_state` wrote; another rule's are ignored, so
+        switching rules (fedadam -> fedyogi, say) starts fresh instead of inheriting foreign moments."""
+        prefix = f"{self.name}/"
+        own = {key[len(prefix) :]: value for key, value in saved.items() if key.startswith(prefix)}
+        if own:
+            self.load_state(own)

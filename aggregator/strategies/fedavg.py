@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from aggregator.strategies.base import AggregationError, Strategy
+from aggregator.strategies.base import AggregationError, Strategy, StrategyOption
 from aggregator.strategies.chunks import UpdateSet
 
 
@@ -15,8 +15,12 @@ class FedAvg(Strategy):
     clients."""
 
     name = "fedavg"
+    summary = "sample-weighted mean of the deltas (McMahan et al. 2017), accumulated as updates arrive"
+    options = (StrategyOption("--server-lr", "server_lr", float, "server learning rate on the mean delta (1.0)"),)
 
     def __init__(self, server_lr: float = 1.0):
+        if not server_lr > 0:
+            raise ValueError(f"the server learning rate must be positive, got {server_lr}")
         self.server_lr = server_lr
         self._lock = threading.Lock()
         self._acc: np.ndarray | None = None

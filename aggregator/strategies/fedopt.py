@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from aggregator.strategies.base import StrategyOption
 from aggregator.strategies.chunks import UpdateSet
 from aggregator.strategies.fedavg import FedAvg
 
@@ -24,9 +25,15 @@ class FedOpt(FedAvg):
     """Common part of the adaptive server optimisers."""
 
     name = "fedopt"
+    options = (
+        StrategyOption("--server-lr", "eta", float, "server step size eta (0.01)"),
+        StrategyOption("--tau", "tau", float, "adaptivity tau (0.001)"),
+    )
 
     def __init__(self, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
         super().__init__()
+        if not (eta > 0 and tau > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"{self.name} needs eta > 0, tau > 0 and betas in [0, 1); got eta={eta}, tau={tau}")
         self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
         self.m: np.ndarray | None = None
         self.v: np.ndarray | None = None
@@ -54,6 +61,7 @@ class FedOpt(FedAvg):
 
 class FedAdam(FedOpt):
     name = "fedadam"
+    summary = "FedAvg's mean as pseudo-gradient, server Adam step (Reddi et al. 2021); moments saved per version"
 
     def __init__(self, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
         super().__init__(eta, beta1, beta2, tau)
@@ -64,6 +72,7 @@ class FedAdam(FedOpt):
 
 class FedYogi(FedOpt):
     name = "fedyogi"
+    summary = "FedAvg's mean as pseudo-gradient, server Yogi step (Reddi et al. 2021); moments saved per version"
 
     def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         d2 = d * d

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from aggregator.strategies.base import AggregationError, Strategy
+from aggregator.strategies.base import AggregationError, Strategy, StrategyOption
 from aggregator.strategies.chunks import UpdateSet
 
 
 class MultiKrum(Strategy):
     name = "krum"
+    summary = "Multi-Krum (Blanchard et al. 2017): mean of the updates closest to their neighbours"
+    options = (
+        StrategyOption("--byzantine", "byzantine", int, "Byzantine updates tolerated, f (default (n-3)//2)"),
+        StrategyOption("--krum-keep", "keep", int, "updates averaged, m (default n - f)"),
+    )
     needs_all_updates = True
 
     def __init__(self, byzantine: int | None = None, keep: int | None = None):
         """``byzantine`` (f): updates assumed malicious, default the most Krum tolerates, (n - 3) // 2.
         ``keep`` (m): updates averaged, default n - f."""
+        if (byzantine is not None and byzantine < 0) or (keep is not None and keep < 1):
+            raise ValueError(f"krum needs byzantine >= 0 and keep >= 1, got byzantine={byzantine}, keep={keep}")
         self.byzantine = byzantine
         self.keep = keep
 

@@ -10,6 +10,7 @@ from aggregator.strategies.chunks import UpdateSet
 
 class Median(Strategy):
     name = "median"
+    summary = "coordinate-wise median (Yin et al. 2018), unweighted"
     needs_all_updates = True
 
     def aggregate(self, updates: UpdateSet) -> np.ndarray:

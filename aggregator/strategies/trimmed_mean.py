@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from aggregator.strategies.base import AggregationError, Strategy
+from aggregator.strategies.base import AggregationError, Strategy, StrategyOption
 from aggregator.strategies.chunks import UpdateSet
 
 
 class TrimmedMean(Strategy):
     name = "trimmed-mean"
+    summary = "coordinate-wise mean after cutting a fraction of each end (Yin et al. 2018), unweighted"
+    options = (StrategyOption("--trim", "beta", float, "fraction cut from each end, in [0, 0.5) (0.2)"),)
     needs_all_updates = True
 
     def __init__(self, beta: float = 0.2):

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from aggregator.strategies import STRATEGIES
 from appliance import wire
 from appliance.modelpkg import load_package
 from appliance.synthetic import evaluation_set
@@ -277,9 +278,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the local fleet demo (aggregator + simulated appliances on loopback)")
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument(
-        "--strategy", default="fedavg", choices=["fedavg", "fedadam", "fedyogi", "median", "trimmed-mean", "krum"]
-    )
+    p.add_argument("--strategy", default="fedavg", choices=sorted(STRATEGIES))
     p.add_argument("--encoding", default="float32", choices=list(wire.ENCODINGS))
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--samples", type=int, default=768, help="training samples per device per round")
