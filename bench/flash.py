@@ -26,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 
-from flctl import blockdev, flash  # noqa: E402
-from flctl.imagesource import open_image  # noqa: E402
+from flctl.flash import blockdev  # noqa: E402
+from flctl.flash import write as flash  # noqa: E402
+from flctl.flash.imagesource import open_image  # noqa: E402
 from flctl.provision import Fleet  # noqa: E402
 from flctl.sealed import Sealer  # noqa: E402
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from appliance import identity
-from flctl import flash, provision
+from flctl import provision
+from flctl.flash import write as flash
 
 AGENT_UID, AGENT_GID = 998, 997
 MiB = 1 << 20
@@ -118,8 +119,8 @@ def env_for_tests(monkeypatch) -> None:  # type: ignore[no-untyped-def]
 
 def data_volume(target: Path):  # type: ignore[no-untyped-def]
     """The fl-data filesystem of a flashed disk or image (raises GptError when the table is invalid)."""
-    from flctl import gpt
-    from flctl.ext4image import Ext4Volume
+    from flctl.flash import gpt
+    from flctl.flash.ext4image import Ext4Volume
 
     size = target.stat().st_size if target.is_file() else None
     with open(target, "rb") as f:
@@ -130,7 +131,7 @@ def data_volume(target: Path):  # type: ignore[no-untyped-def]
 
 
 def partition_bytes(disk: Path, label: str) -> bytes:
-    from flctl import gpt
+    from flctl.flash import gpt
 
     with open(disk, "rb") as f:
         table = gpt.read_table(gpt.file_reader(f))

@@ -38,7 +38,7 @@ def system_python() -> Path:
 
 def cache_dir() -> Path:
     sys.path.insert(0, str(REPO / "tools"))
-    from flctl.image_cache import cache_root
+    from flctl.image.cache import cache_root
 
     path = cache_root() / "qemu-guest"
     path.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def kernel(modules: tuple[str, ...] = ()) -> GuestKernel:
     """The Debian kernel the image ships (uncompressed, for PVH boot) and ``modules`` with their
     dependencies, in load order. Downloaded once with apt and cached."""
     sys.path.insert(0, str(REPO / "tools"))
-    from flctl import image_kernel
+    from flctl.image import kernel as image_kernel
 
     cache = cache_dir()
     try:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from flash_images import assert_provisioned, cli, have_tools, make_image
 
-from flctl import gpt
-from flctl.ext4image import Ext4Error, Ext4Volume
+from flctl.flash import gpt
+from flctl.flash.ext4image import Ext4Error, Ext4Volume
 
 pytestmark = [pytest.mark.skipif(have_tools() is not None, reason=have_tools() or ""),
               pytest.mark.usefixtures("flctl_env")]

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from flash_images import cli, have_tools, make_image
 
-from flctl import blockdev, flash, gpt
-from flctl.imagesource import parse_bmap
+from flctl.flash import blockdev, gpt
+from flctl.flash import write as flash
+from flctl.flash.imagesource import parse_bmap
 
 pytestmark = [pytest.mark.skipif(have_tools() is not None, reason=have_tools() or ""),
               pytest.mark.usefixtures("flctl_env")]

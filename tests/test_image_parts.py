@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from flctl import image_disk
-from flctl.image import ImageArtifacts
-from flctl.image_cache import InputHash
-from flctl.image_kernel import KernelError, extract_vmlinux
+from flctl.image import disk as image_disk
+from flctl.image.build import ImageArtifacts
+from flctl.image.cache import InputHash
+from flctl.image.kernel import KernelError, extract_vmlinux
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAY = ROOT / "rootfs-overlay"
@@ -141,7 +141,7 @@ def test_gpt_disk_has_named_partitions_with_their_file_systems(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown of the identity files to the agent's uid needs root")
 def test_provisioned_data_partition_holds_identity_with_contract_modes(tmp_path):
     need("mkfs.ext4", "debugfs")
-    from flctl.qemu_rig import Identity, provision_data_partition
+    from flctl.qemu.rig import Identity, provision_data_partition
 
     manifest = {"partitions": [{"name": "fl-data", "offset": MIB, "size": 16 * MIB}], "fl_agent_uid": 990,
                 "fl_agent_gid": 990}  # fmt: skip
@@ -168,7 +168,7 @@ def test_provisioned_data_partition_holds_identity_with_contract_modes(tmp_path)
 
 
 def test_provisioning_refuses_a_malformed_aggregator_key(tmp_path):
-    from flctl.qemu_rig import Identity, RigError, provision_data_partition
+    from flctl.qemu.rig import Identity, RigError, provision_data_partition
 
     manifest = {"partitions": [{"name": "fl-data", "offset": MIB, "size": 16 * MIB}], "fl_agent_uid": 0,
                 "fl_agent_gid": 0}  # fmt: skip

@@ -13,8 +13,9 @@ import subprocess
 import pytest
 from rich.console import Console
 
-from flctl import qemu, qemu_rig
 from flctl.prometheus import ScrapeConfigError
+from flctl.qemu import cli as qemu
+from flctl.qemu import rig as qemu_rig
 
 
 def appliances(workdir, ports):

@@ -2,7 +2,7 @@
 
 A plain ``pytest`` builds what it needs: the session-scoped ``dev_image`` fixture runs ``flctl image build``
 (cached by the hash of its inputs in ``$FL_EDGE_CACHE`` or ``~/.cache/fl-edge``). Boots go through labgrid
-(QEMUDriver + ShellDriver) with an environment file written per appliance (tools/flctl/qemu_rig.py).
+(QEMUDriver + ShellDriver) with an environment file written per appliance (tools/flctl/qemu/rig.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def dev_image():
     reason = _missing_prerequisite()
     if reason:
         pytest.skip(reason)
-    from flctl.image import build_image
+    from flctl.image.build import build_image
 
     started = time.monotonic()
     art = build_image()
@@ -63,7 +63,7 @@ def dev_image():
 
 @pytest.fixture(scope="session")
 def machine(dev_image):
-    from flctl.qemu_rig import MachineConfig, choose_accelerator
+    from flctl.qemu.rig import MachineConfig, choose_accelerator
 
     accel = choose_accelerator(str(dev_image.vmlinux), str(dev_image.initrd))
     print(f"\n[qemu] accelerator: {accel}")
@@ -281,7 +281,7 @@ def boot(dev_image, machine, appliance, workdir: Path) -> BootedAppliance:
     """Start one appliance through labgrid and log in on its serial console."""
     from labgrid import Environment
 
-    from flctl.qemu_rig import labgrid_env
+    from flctl.qemu.rig import labgrid_env
 
     env_file = labgrid_env(dev_image, [appliance], machine, workdir / f"{appliance.name}-env.yaml")
     env = Environment(str(env_file))

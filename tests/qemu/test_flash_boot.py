@@ -37,7 +37,8 @@ def _flctl(*argv: str) -> tuple[int, str]:
     import contextlib
     import io
 
-    from flctl import flash, provision
+    from flctl import provision
+    from flctl.flash import write as flash
 
     parser = argparse.ArgumentParser(prog="flctl")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,9 +120,9 @@ def flashed(dev_image, host_aggregator, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def flashed_boot(boot_appliance, host_aggregator, flashed, tmp_path_factory):
-    from flctl import qemu_rig
     from flctl.ports import free_port
-    from flctl.qemu_rig import Appliance, Identity
+    from flctl.qemu import rig as qemu_rig
+    from flctl.qemu.rig import Appliance, Identity
 
     disk, _fleet, key = flashed
     work = tmp_path_factory.mktemp("flash-boot-rig")
@@ -155,7 +156,7 @@ def test_flashed_board_uses_the_whole_card(flashed_boot, flashed, dev_image):
     """fl-data was grown at flash time: the kernel finds the backup GPT at the disk's end, the data partition
     and its file system span the extra space, and the boot-time fsck passed."""
     guest, _appliance = flashed_boot
-    from flctl import gpt
+    from flctl.flash import gpt
 
     if flashed[0].stat().st_size <= dev_image.disk.stat().st_size:
         pytest.skip("no loop device on this host: the board was flashed as an image file, which is not grown")

@@ -32,7 +32,7 @@ def rig_dir(tmp_path_factory):
 def fl0(dev_image, idle_aggregator, update_gate, rig_dir):
     """Appliance fl0: a device key enrolled with the host aggregator, provisioned onto its data partition."""
     from flctl.ports import free_port
-    from flctl.qemu_rig import Appliance, Identity, provision_data_partition
+    from flctl.qemu.rig import Appliance, Identity, provision_data_partition
 
     identity = Identity.generate()
     idle_aggregator.enroll(identity.public_key_hex)
@@ -220,7 +220,7 @@ def test_power_cut_during_delivery_then_clean_data_and_update_delivered_once(
     first_boot, boot_appliance, fl0, rig_dir, idle_aggregator, update_gate
 ):
     """Cut the power while round 2's update is being delivered; the next boot must deliver it exactly once."""
-    from flctl.image_disk import fsck_clean
+    from flctl.image.disk import fsck_clean
 
     if idle_aggregator.process is None:
         pytest.skip(idle_aggregator.skip_reason or "the round test did not start the aggregator")

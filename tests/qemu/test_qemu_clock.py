@@ -28,7 +28,7 @@ TIMESYNCD = "systemd-timesyncd.service"
 def late_board(dev_image, machine, host_aggregator, boot_appliance, tmp_path_factory, quick_rounds_toml):
     """Appliance clk0, enrolled with the running host aggregator, booted with its real-time clock in 2020."""
     from flctl.ports import free_port
-    from flctl.qemu_rig import Appliance, Identity, provision_data_partition
+    from flctl.qemu.rig import Appliance, Identity, provision_data_partition
 
     if host_aggregator.skip_reason:
         pytest.skip(host_aggregator.skip_reason)

@@ -31,7 +31,7 @@ def test_two_appliances_share_the_root_and_complete_a_round(
     dev_image, machine, fleet_aggregator, tmp_path, quick_rounds_toml
 ):
     from flctl.ports import free_port
-    from flctl.qemu_rig import Appliance, Identity, provision_data_partition, qemu_command
+    from flctl.qemu.rig import Appliance, Identity, provision_data_partition, qemu_command
 
     if fleet_aggregator.skip_reason:
         pytest.skip(fleet_aggregator.skip_reason)

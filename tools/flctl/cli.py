@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flctl import demo, flash, image, model, provision, qemu
+from flctl import demo, model, provision
+from flctl.flash import write as flash
+from flctl.image import cli as image
+from flctl.qemu import cli as qemu
 
 GROUPS = (demo, model, image, qemu, flash, provision)
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import qemu_rig
-from .image import ImageArtifacts, ImageBuildError, build_image
-from .ports import free_port
-from .prometheus import ScrapeConfigError, prometheus_command, write_scrape_config
+from ..image.build import ImageArtifacts, ImageBuildError, build_image
+from ..ports import free_port
+from ..prometheus import ScrapeConfigError, prometheus_command, write_scrape_config
+from . import rig
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 def _load_or_build(image_dir: Path | None, cache: Path | None, console: Console) -> ImageArtifacts:
@@ -45,7 +45,7 @@ def _aggregator_pub(state: Path | None, pub: str | None) -> str | None:
     if state is not None:
         path = state / "aggregator.pub"
         if not path.exists():
-            raise qemu_rig.RigError(f"{path} does not exist: run `fl-aggregator keygen --state {state}` first")
+            raise rig.RigError(f"{path} does not exist: run `fl-aggregator keygen --state {state}` first")
         return path.read_text().strip()
     return None
 
@@ -56,7 +56,7 @@ def _enroll(state: Path, public_key_hex: str) -> None:
         [str(exe), "enroll", "--state", str(state), public_key_hex], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
-        raise qemu_rig.RigError(f"fl-aggregator enroll failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise rig.RigError(f"fl-aggregator enroll failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
 def _prepare(args: argparse.Namespace, console: Console):
@@ -68,18 +68,18 @@ def _prepare(args: argparse.Namespace, console: Console):
             "[yellow]no aggregator key given (--aggregator-state/--aggregator-pub): "
             "fl-agent will refuse to start without a pinned aggregator key[/]"
         )
-    accel = qemu_rig.choose_accelerator(str(art.vmlinux), str(art.initrd))
-    machine = qemu_rig.MachineConfig(accel=accel, memory=args.memory, smp=args.smp, rtc_base=args.rtc_base)
+    accel = rig.choose_accelerator(str(art.vmlinux), str(art.initrd))
+    machine = rig.MachineConfig(accel=accel, memory=args.memory, smp=args.smp, rtc_base=args.rtc_base)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fl-qemu-"))
     workdir.mkdir(parents=True, exist_ok=True)
     override = args.agent_toml.read_text() if args.agent_toml else None
     appliances = []
     for i in range(args.count):
-        identity = qemu_rig.Identity.generate()
-        a = qemu_rig.Appliance(
+        identity = rig.Identity.generate()
+        a = rig.Appliance(
             f"fl{i}", workdir, identity, metrics_port=free_port(), aggregator_port=args.aggregator_port
         )
-        qemu_rig.provision_data_partition(art, a.data_image, identity, pub, agent_toml=override)
+        rig.provision_data_partition(art, a.data_image, identity, pub, agent_toml=override)
         if args.aggregator_state is not None:
             _enroll(args.aggregator_state, identity.public_key_hex)
         appliances.append(a)
@@ -87,7 +87,7 @@ def _prepare(args: argparse.Namespace, console: Console):
 
 
 def write_prometheus_config(
-    workdir: Path, appliances: list[qemu_rig.Appliance], aggregator_port: int | None, console: Console
+    workdir: Path, appliances: list[rig.Appliance], aggregator_port: int | None, console: Console
 ) -> Path:
     """Write ``workdir/prometheus/prometheus.yml`` scraping every appliance through its metrics hostfwd
     (and the host aggregator when the rig was given its port), and tell the user how to start Prometheus."""
@@ -106,8 +106,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
         art, machine, workdir, appliances = _prepare(args, console)
-        path = qemu_rig.labgrid_env(art, appliances, machine, args.output)
-    except (qemu_rig.RigError, ImageBuildError, OSError) as exc:
+        path = rig.labgrid_env(art, appliances, machine, args.output)
+    except (rig.RigError, ImageBuildError, OSError) as exc:
         console.print(f"[red]qemu env:[/] {exc}")
         return 1
     for a in appliances:
@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         art, machine, workdir, appliances = _prepare(args, console)
         write_prometheus_config(workdir, appliances, args.aggregator_port, console)
-    except (qemu_rig.RigError, ImageBuildError, ScrapeConfigError, OSError) as exc:
+    except (rig.RigError, ImageBuildError, ScrapeConfigError, OSError) as exc:
         console.print(f"[red]qemu run:[/] {exc}")
         return 1
     accel = machine.accel
@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     procs: list[subprocess.Popen] = []
     try:
         for i, a in enumerate(appliances):
-            cmd = qemu_rig.qemu_command(art, a, machine)
+            cmd = rig.qemu_command(art, a, machine)
             if args.console and i == 0:
                 cmd[cmd.index(f"file:{a.console_log}")] = "mon:stdio"
                 cmd[cmd.index("-monitor") : cmd.index("-monitor") + 2] = []
@@ -246,7 +246,3 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "qemu")
     args = parser.parse_args(argv)
     return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

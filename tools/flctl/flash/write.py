@@ -46,11 +46,11 @@ from rich.table import Table
 from appliance import identity
 from appliance.config import ConfigError, load_config
 
+from ..provision import Fleet, ProvisionError, agent_toml, open_fleet
+from ..sealed import SealError
 from . import blockdev, gpt
 from .ext4image import Ext4Error, Ext4Volume, passwd_entry
 from .imagesource import Image, ImageError, open_image, open_stream
-from .provision import Fleet, ProvisionError, agent_toml, open_fleet
-from .sealed import SealError
 
 ROOT_LABEL = "fl-root"
 DATA_LABEL = "fl-data"

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import nacl.signing
 
-from . import image_disk
-from .image import ImageArtifacts
-from .image_cache import cache_root
+from ..image import disk
+from ..image.build import ImageArtifacts
+from ..image.cache import cache_root
 
 GUEST_AGGREGATOR = ("10.0.2.100", 8080)
 GUEST_METRICS_PORT = 9101
@@ -99,7 +99,7 @@ def provision_data_partition(
     agent_toml: str | None = None,
 ) -> None:
     """Write a fresh data partition image for one appliance, its identity on it, owned by fl-agent."""
-    size = art.partition(image_disk.DATA_LABEL).size
+    size = art.partition(disk.DATA_LABEL).size
     uid, gid = int(art.manifest["fl_agent_uid"]), int(art.manifest["fl_agent_gid"])
     with tempfile.TemporaryDirectory(prefix="fl-data-") as tmp:
         state = Path(tmp) / "fl-agent"
@@ -118,7 +118,7 @@ def provision_data_partition(
         os.chmod(ident, 0o700)
         for path in [state, *state.rglob("*")]:
             os.chown(path, uid, gid)
-        image_disk.make_data_fs(dest, size, source=Path(tmp))
+        disk.make_data_fs(dest, size, source=Path(tmp))
 
 
 @functools.cache
@@ -211,7 +211,7 @@ class MachineConfig:
 
 
 def drive_args(art: ImageArtifacts, appliance: Appliance) -> list[str]:
-    root = art.partition(image_disk.ROOT_LABEL)
+    root = art.partition(disk.ROOT_LABEL)
     return [
         "-drive",
         f"file={art.disk},format=raw,if=virtio,readonly=on,offset={root.offset},size={root.size}",

@@ -1,6 +1,6 @@
 """The development image's root file system: Debian bookworm (mmdebstrap) + fl-agent + rootfs-overlay.
 
-Steps, each cached by its inputs (see image.py):
+Steps, each cached by its inputs (see build.py):
 - ``build_base``: mmdebstrap a minimal bookworm with systemd, udev, kmod and python3 into a tarball;
 - ``download_dependency_wheels``: the wheels of the agent's dependencies, fetched on the host
   (``pip download --only-binary=:all:``) so the install into the image is offline and reproducible;

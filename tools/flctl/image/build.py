@@ -13,7 +13,6 @@ Every step's inputs are hashed; a step whose inputs did not change is taken from
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -26,12 +25,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import image_disk, image_kernel, image_rootfs
-from .image_cache import ArtifactStore, InputHash, cache_root
+from . import disk, kernel, rootfs
+from .cache import ArtifactStore, InputHash, cache_root
 
 # Bump when a change to the build changes its output in a way the hashed inputs do not capture.
 BUILD_FORMAT = "fl-dev-image/1"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 IMAGE_TOOLS = PROJECT_ROOT / "tools" / "image"
 DISK_NAME = "fl-dev.img"
 KERNEL_CMDLINE = "console=ttyS0,115200 root=LABEL=fl-root rootfstype=ext4 ro panic=-1 loglevel=4"
@@ -72,10 +71,10 @@ class ImageArtifacts:
     def cmdline(self) -> str:
         return str(self.manifest["cmdline"])
 
-    def partition(self, name: str) -> image_disk.PartitionExtent:
+    def partition(self, name: str) -> disk.PartitionExtent:
         for p in self.manifest["partitions"]:
             if p["name"] == name:
-                return image_disk.PartitionExtent(p["name"], int(p["offset"]), int(p["size"]))
+                return disk.PartitionExtent(p["name"], int(p["offset"]), int(p["size"]))
         raise KeyError(f"no partition {name!r} in {self.directory / 'manifest.json'}")
 
     @classmethod
@@ -115,7 +114,7 @@ class Steps:
 def build_image(
     cache: Path | None = None,
     out: Path | None = None,
-    data_size: int = image_disk.DEFAULT_DATA_SIZE,
+    data_size: int = disk.DEFAULT_DATA_SIZE,
     rebuild: bool = False,
     console: Console | None = None,
 ) -> ImageArtifacts:
@@ -141,29 +140,29 @@ def build_image(
         art = ImageArtifacts.load(out)
     art.manifest["from_cache"] = from_cache  # in memory only: callers report whether this call built it
     took = time.monotonic() - started
-    disk_mib = art.disk.stat().st_size / image_disk.MIB
+    disk_mib = art.disk.stat().st_size / disk.MIB
     console.print(
         f"[bold]image[/] {art.directory}  disk {disk_mib:.0f} MiB "
-        f"(root {art.partition('fl-root').size // image_disk.MIB} MiB, "
-        f"data {art.partition('fl-data').size // image_disk.MIB} MiB), key {art.manifest['key']}, {took:.1f} s"
+        f"(root {art.partition('fl-root').size // disk.MIB} MiB, "
+        f"data {art.partition('fl-data').size // disk.MIB} MiB), key {art.manifest['key']}, {took:.1f} s"
     )
     return art
 
 
 def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: bool) -> ImageArtifacts:
     with steps.step("resolve Debian kernel and busybox packages"):
-        kernel_pkg = image_kernel.resolve_kernel_package()
-        busybox_pkg = image_kernel.resolve_package(image_kernel.BUSYBOX_PACKAGE)
+        kernel_pkg = kernel.resolve_kernel_package()
+        busybox_pkg = kernel.resolve_package(kernel.BUSYBOX_PACKAGE)
 
     base_key = (
         InputHash("base")
         .text("format", BUILD_FORMAT)
-        .text("suite", image_rootfs.SUITE)
-        .text("mirror", image_rootfs.MIRROR)
-        .text("packages", " ".join(image_rootfs.BASE_PACKAGES))
-        .text("dpkg", " ".join(image_rootfs.DPKG_EXCLUDES))
+        .text("suite", rootfs.SUITE)
+        .text("mirror", rootfs.MIRROR)
+        .text("packages", " ".join(rootfs.BASE_PACKAGES))
+        .text("dpkg", " ".join(rootfs.DPKG_EXCLUDES))
     )
-    reqs = image_rootfs.agent_requirements(PROJECT_ROOT / "pyproject.toml")
+    reqs = rootfs.agent_requirements(PROJECT_ROOT / "pyproject.toml")
     wheels_key = InputHash("wheels").text("format", BUILD_FORMAT).text("requirements", "\n".join(reqs))
     wheels_key.text("python", f"{sys.version_info.major}.{sys.version_info.minor}")
     kernel_key = (
@@ -171,9 +170,9 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
         .text("format", BUILD_FORMAT)
         .text("kernel", f"{kernel_pkg.name}={kernel_pkg.version}")
         .text("busybox", f"{busybox_pkg.name}={busybox_pkg.version}")
-        .text("modules", " ".join(image_kernel.ROOTFS_MODULES) + "|" + " ".join(image_kernel.INITRAMFS_MODULES))
+        .text("modules", " ".join(kernel.ROOTFS_MODULES) + "|" + " ".join(kernel.INITRAMFS_MODULES))
         .file("init", IMAGE_TOOLS / "initramfs-init")
-        .file("code", Path(image_kernel.__file__))
+        .file("code", Path(kernel.__file__))
     )
     image_key = (
         InputHash("image")
@@ -189,7 +188,7 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
     )
     for src in WHEEL_SOURCES:
         image_key.tree(f"src:{src}", PROJECT_ROOT / src)
-    for module in (image_rootfs, image_disk, sys.modules[__name__]):
+    for module in (rootfs, disk, sys.modules[__name__]):
         image_key.file(f"code:{module.__name__}", Path(module.__file__ or ""))
 
     key = image_key.key()
@@ -202,28 +201,28 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
 
     debs = store.root / "debs"
     with steps.step(f"download {kernel_pkg.name} {kernel_pkg.version}", cached=(debs / kernel_pkg.filename).exists()):
-        kernel_deb = image_kernel.download_deb(kernel_pkg, debs)
+        kernel_deb = kernel.download_deb(kernel_pkg, debs)
     with steps.step(f"download {busybox_pkg.name}", cached=(debs / busybox_pkg.filename).exists()):
-        busybox_deb = image_kernel.download_deb(busybox_pkg, debs)
+        busybox_deb = kernel.download_deb(busybox_pkg, debs)
 
     with steps.step("kernel: vmlinux, modules, initramfs", cached=store.has("kernel", kernel_key.key())):
         if not store.has("kernel", kernel_key.key()):
             with store.building("kernel", kernel_key.key()) as out, _scratch(store) as work:
-                image_kernel.build_kernel(kernel_deb, busybox_deb, IMAGE_TOOLS / "initramfs-init", out, work)
-    kernel = image_kernel.load_kernel_build(store.path("kernel", kernel_key.key()))
+                kernel.build_kernel(kernel_deb, busybox_deb, IMAGE_TOOLS / "initramfs-init", out, work)
+    built_kernel = kernel.load_kernel_build(store.path("kernel", kernel_key.key()))
 
     base_cached = store.has("base", base_key.key()) and not rebuild
-    with steps.step(f"mmdebstrap {image_rootfs.SUITE} base system", cached=base_cached):
+    with steps.step(f"mmdebstrap {rootfs.SUITE} base system", cached=base_cached):
         if not base_cached:
             with store.building("base", base_key.key()) as out:
-                image_rootfs.build_base(out / "base.tar", out / "build.log")
+                rootfs.build_base(out / "base.tar", out / "build.log")
     base_tar = store.path("base", base_key.key()) / "base.tar"
 
     wheels_cached = store.has("wheels", wheels_key.key())
     with steps.step("download agent dependency wheels", cached=wheels_cached):
         if not wheels_cached:
             with store.building("wheels", wheels_key.key()) as out:
-                image_rootfs.download_dependency_wheels(reqs, out, out / "build.log", sys.executable)
+                rootfs.download_dependency_wheels(reqs, out, out / "build.log", sys.executable)
     dep_wheels = store.path("wheels", wheels_key.key())
 
     sysroot_key = (
@@ -232,24 +231,24 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
         .child("base", base_key)
         .child("wheels", wheels_key)
         .child("kernel", kernel_key)
-        .file("code", Path(image_rootfs.__file__))
+        .file("code", Path(rootfs.__file__))
     )
     sysroot_cached = store.has("sysroot", sysroot_key.key())
     with steps.step("sysroot: base + dependency venv + kernel modules", cached=sysroot_cached):
         if not sysroot_cached:
             with store.building("sysroot", sysroot_key.key()) as out, _scratch(store) as work:
-                image_rootfs.build_sysroot(
-                    base_tar, dep_wheels, reqs, kernel.modules_root, out / "sysroot.tar", work, out / "build.log"
+                rootfs.build_sysroot(
+                    base_tar, dep_wheels, reqs, built_kernel.modules_root, out / "sysroot.tar", work, out / "build.log"
                 )
     sysroot_tar = store.path("sysroot", sysroot_key.key()) / "sysroot.tar"
 
     with store.building("images", key) as out, _scratch(store) as work:
         log = out / "build.log"
         with steps.step("build the fl-edge wheel"):
-            project_wheel = image_rootfs.build_project_wheel(PROJECT_ROOT, work / "wheel", log, sys.executable)
+            project_wheel = rootfs.build_project_wheel(PROJECT_ROOT, work / "wheel", log, sys.executable)
         root = work / "rootfs"
         with steps.step("root file system: sysroot + fl-agent + overlays"):
-            ids = image_rootfs.assemble_rootfs(
+            ids = rootfs.assemble_rootfs(
                 sysroot_tar,
                 project_wheel,
                 [PROJECT_ROOT / "rootfs-overlay", IMAGE_TOOLS / "dev-overlay"],
@@ -257,27 +256,27 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
                 log,
             )
         with steps.step("file systems: fl-root (ext4, read-only) and fl-data"):
-            root_size = image_disk.root_fs_size(root)
-            image_disk.make_ext4(work / "root.ext4", root_size, image_disk.ROOT_LABEL, source=root, journal=False)
-            image_disk.make_data_fs(work / "data.ext4", data_size)
+            root_size = disk.root_fs_size(root)
+            disk.make_ext4(work / "root.ext4", root_size, disk.ROOT_LABEL, source=root, journal=False)
+            disk.make_data_fs(work / "data.ext4", data_size)
             shutil.rmtree(root)
         with steps.step("GPT disk image + bmap"):
-            extents = image_disk.assemble_gpt(
+            extents = disk.assemble_gpt(
                 out / DISK_NAME,
                 [
-                    (image_disk.ROOT_LABEL, work / "root.ext4", image_disk.TYPE_ROOT_X86_64),
-                    (image_disk.DATA_LABEL, work / "data.ext4", image_disk.TYPE_LINUX_DATA),
+                    (disk.ROOT_LABEL, work / "root.ext4", disk.TYPE_ROOT_X86_64),
+                    (disk.DATA_LABEL, work / "data.ext4", disk.TYPE_LINUX_DATA),
                 ],
             )
-            image_disk.make_bmap(out / DISK_NAME)
+            disk.make_bmap(out / DISK_NAME)
             for name in ("vmlinux", "initrd.img"):
-                _link_or_copy(kernel.vmlinux.parent / name, out / name)
+                _link_or_copy(built_kernel.vmlinux.parent / name, out / name)
         manifest = {
             "key": key,
             "format": BUILD_FORMAT,
-            "suite": image_rootfs.SUITE,
+            "suite": rootfs.SUITE,
             "kernel_package": f"{kernel_pkg.name}={kernel_pkg.version}",
-            "kernel_version": kernel.kver,
+            "kernel_version": built_kernel.kver,
             "busybox_package": f"{busybox_pkg.name}={busybox_pkg.version}",
             "fl_edge_wheel": project_wheel.name,
             "cmdline": KERNEL_CMDLINE,
@@ -337,66 +336,3 @@ def _publish(art: ImageArtifacts, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in (DISK_NAME, DISK_NAME + ".bmap", "vmlinux", "initrd.img", "manifest.json"):
         _link_or_copy(art.directory / name, out / name)
-
-
-# --- command line ---------------------------------------------------------------------------------------
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``flctl image`` (with ``build``) on the flctl subcommand parser."""
-    image = sub.add_parser("image", help="build the development disk image of the appliance")
-    image_sub = image.add_subparsers(dest="image_command", required=True)
-    build = image_sub.add_parser("build", help="build fl-dev.img (+ .bmap, vmlinux, initrd) from Debian packages")
-    build.add_argument(
-        "--out", type=Path, default=Path("build/image"), help="where to put the image (default: %(default)s)"
-    )
-    build.add_argument(
-        "--cache", type=Path, default=None, help="cache dir (default: $FL_EDGE_CACHE or ~/.cache/fl-edge)"
-    )
-    build.add_argument(
-        "--data-size",
-        type=_mib,
-        default=image_disk.DEFAULT_DATA_SIZE,
-        metavar="MIB",
-        help="size of the data partition in MiB (default: 256)",
-    )
-    build.add_argument("--rebuild", action="store_true", help="ignore cached images and base system")
-    build.set_defaults(func=_cmd_build)
-
-
-def _mib(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--data-size wants a whole number of MiB, got {text!r}") from None
-    if value < 16:
-        raise argparse.ArgumentTypeError(f"--data-size {value} MiB is too small (at least 16)")
-    return value * image_disk.MIB
-
-
-def _cmd_build(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
-    try:
-        art = build_image(
-            cache=args.cache, out=args.out, data_size=args.data_size, rebuild=args.rebuild, console=console
-        )
-    except (ImageBuildError, image_kernel.KernelError, image_rootfs.RootfsError, image_disk.DiskError) as exc:
-        console.print(f"[red]image build failed:[/] {exc}")
-        return 1
-    print(art.directory / DISK_NAME)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``image`` subcommands standalone: ``python -m flctl.image build``."""
-    parser = argparse.ArgumentParser(prog="flctl")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["image"]:
-        argv.insert(0, "image")
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

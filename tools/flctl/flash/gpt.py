@@ -2,7 +2,7 @@
 
 `flctl flash` uses this to check an image before writing it (it must be GPT with `fl-root` and `fl-data`), to
 find the data partition on the target by its label, and to invalidate the partition table while a board's
-identity is being written (see flash.py: a board whose identity is incomplete must not look bootable).
+identity is being written (see write.py: a board whose identity is incomplete must not look bootable).
 """
 
 from __future__ import annotations
