@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from aggregator import statuspage
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore, ServedPackage
+from aggregator.privacy import DPConfig, PrivacyError, PrivacyLedger, check_private_strategy, make_private
 from aggregator.registry import Registry
 from aggregator.rounds import RoundEngine, RoundPolicy, TrainingPlan, Unavailable
 from aggregator.store import Store
@@ -106,10 +107,14 @@ class AggregatorConfig:
     upload_deadline: ReadDeadline = field(default_factory=ReadDeadline)
     # Site mode (aggregator/upstream.py): follow this parent aggregator's rounds and forward partial sums to it.
     upstream: UpstreamConfig | None = None
+    # Central differential privacy of the published models (aggregator/privacy.py); None: off.
+    privacy: DPConfig | None = None
 
     def __post_init__(self) -> None:
         if self.upstream is not None:
             check_site_strategy(self.strategy, self.strategy_options)
+        if self.privacy is not None:
+            check_private_strategy(self.strategy, self.plan.clip_norm, self.upstream is not None)
 
 
 @dataclass
@@ -406,9 +411,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         max_body = config.max_body_bytes or default_max_body(models.layout.size)
         limits = wire.Limits(max_bytes=max_body, max_tensor_elements=models.layout.size)
         strategy = make_strategy(config.strategy, **config.strategy_options)
+        ledger = None
+        if config.privacy is not None:
+            try:
+                config.privacy.check_population(registry.active_count())
+                ledger = PrivacyLedger(Path(config.state_dir), config.privacy)
+            except PrivacyError as exc:
+                raise RuntimeError(str(exc)) from None
+            make_private(strategy, config.plan.clip_norm, config.privacy)
         engine = RoundEngine(
             store, registry, models, strategy, config.policy, config.plan, config.key, metrics, executor,
-            config.chunk_bytes,
+            config.chunk_bytes, ledger,
         )
         link = None
         if config.upstream is not None:

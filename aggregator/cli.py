@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from nacl.signing import SigningKey
 
+from aggregator.privacy import DPConfig, PrivacyError, check_private_strategy
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.store import Store, StoreError
@@ -176,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal term on the devices")
     serve.add_argument("--encoding", choices=wire.ENCODINGS, default="float32", help="update tensor encoding")
     serve.add_argument("--clip-norm", type=float, default=0.0, help="devices clip their delta to this L2 norm")
+    serve.add_argument("--dp", choices=["central"], help="differential privacy of the published models: clip, "
+                       "weight every device 1 and add Gaussian noise to the sum (docs/privacy.md)")
+    serve.add_argument("--dp-noise-multiplier", type=float, metavar="Z",
+                       help="--dp: noise standard deviation as a multiple of --clip-norm")
+    serve.add_argument("--dp-delta", type=float, default=1e-5, metavar="D",
+                       help="--dp: the delta epsilon is reported at (default 1e-5; must be below 1/devices)")
+    serve.add_argument("--dp-epsilon-budget", type=float, metavar="E",
+                       help="--dp: open no round that would take epsilon past E (the last model stays published)")
     serve.add_argument("--workers", type=int, help="verification threads (default: CPU count)")
     serve.add_argument("--upstream", metavar="URL",
                        help="site mode: follow this parent aggregator's rounds and forward one partial sum per round")
@@ -250,8 +259,26 @@ def _upstream(args: argparse.Namespace) -> UpstreamConfig | None:
         raise CliError(str(exc)) from None
 
 
+def _privacy(args: argparse.Namespace) -> DPConfig | None:
+    """The --dp settings, checked against the rule, the clip norm and site mode before anything starts."""
+    dp_flags = (args.dp_noise_multiplier, args.dp_epsilon_budget)
+    if args.dp is None:
+        if any(flag is not None for flag in dp_flags):
+            raise CliError("--dp-noise-multiplier and --dp-epsilon-budget go with --dp central")
+        return None
+    if args.dp_noise_multiplier is None:
+        raise CliError("--dp central needs --dp-noise-multiplier Z (noise std = Z x --clip-norm)")
+    try:
+        config = DPConfig(args.dp_noise_multiplier, args.dp_delta, args.dp_epsilon_budget, args.dp)
+        check_private_strategy(args.strategy, args.clip_norm, args.upstream is not None)
+    except PrivacyError as exc:
+        raise CliError(str(exc)) from None
+    return config
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _strategy_options(args)
+    _privacy(args)
     upstream = _upstream(args)
     host, port = args.listen
     sockets = bind_listen(host, port)
@@ -292,7 +319,7 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
         config = AggregatorConfig(
             state_dir=args.state, package=package, key=key, strategy=args.strategy,
             strategy_options=_strategy_options(args), policy=policy, plan=plan, workers=args.workers,
-            upstream=upstream,
+            upstream=upstream, privacy=_privacy(args),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

@@ -113,6 +113,11 @@ class AggregatorMetrics:
         self.waiting_clients = Gauge(
             "fl_aggregator_task_waiters", "Clients long-polling for a task", registry=r
         )
+        self.dp_epsilon = Gauge(
+            "fl_aggregator_dp_epsilon",
+            "Differential privacy spent by the published models (epsilon at the configured delta; 0 without DP)",
+            registry=r,
+        )
         self.uploads_active = Gauge(
             "fl_aggregator_uploads_active", "Upload bodies being read or checked (each holds an upload slot)",
             registry=r,

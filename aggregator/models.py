@@ -106,16 +106,20 @@ class ModelStore:
     def path(self, version: int) -> Path:
         return self.directory / f"v{version:08d}.release"
 
-    def write(self, version: int, params: np.ndarray, created_at: int) -> bytes:
+    def write(
+        self, version: int, params: np.ndarray, created_at: int, privacy: dict[str, float | int] | None = None
+    ) -> bytes:
         """Sign and durably write version ``version``; returns its digest (SHA-256 of the tensor section).
 
-        Writing is idempotent: re-closing a round after a crash rewrites the same file.
+        Writing is idempotent: re-closing a round after a crash rewrites the same file. ``privacy`` is the
+        differential privacy spent up to this version (signed into the release), None without DP.
         """
         release = wire.ModelRelease(
             version=version,
             package_digest=self.package_digest,
             tensors=self.layout.unflatten(params),
             created_at=created_at,
+            privacy=privacy,
         )
         message, digest = wire.encode_model_release(release, self._key)
         atomic_write(self.path(version), message)

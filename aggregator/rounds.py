@@ -30,6 +30,7 @@ from nacl.signing import SigningKey
 
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore
+from aggregator.privacy import ACCOUNTING, PrivacyLedger
 from aggregator.registry import Registry
 from aggregator.store import DuplicateUpdate, RoundRow, SpoolJob, Store, UpdateRow
 from aggregator.strategies import AggregationError, Strategy, UpdateSet
@@ -194,6 +195,7 @@ class RoundEngine:
         metrics: AggregatorMetrics,
         executor: Executor,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        privacy: PrivacyLedger | None = None,
     ):
         self.store = store
         self.registry = registry
@@ -205,6 +207,7 @@ class RoundEngine:
         self.metrics = metrics
         self.executor = executor
         self.chunk_bytes = chunk_bytes
+        self.privacy = privacy  # central DP: the noised rounds' ledger and the budget (aggregator/privacy.py)
         self.current: OpenRound | None = None
         self.version = 0
         self.params: np.ndarray | None = None
@@ -248,6 +251,9 @@ class RoundEngine:
                 self.strategy.restore({k: saved[k] for k in saved.files})
         self.metrics.model_version.set(self.version)
         self.metrics.enrolled_devices.set(self.registry.active_count())
+        if self.privacy is not None:
+            self._check_privacy_history()
+            self.metrics.dp_epsilon.set(self.privacy.spent())
         row = self.store.open_round()
         self.store.drop_stale_segments(keep=row.round_id if row else None)
         if row is not None:
@@ -255,6 +261,17 @@ class RoundEngine:
         elif not self._finished() and self.forward is None:
             await self._open(self.store.last_round_id() + 1, time.time(), persist=True)
         self._timer = asyncio.create_task(self._clock(), name="round-clock")
+
+    def _check_privacy_history(self) -> None:
+        """A DP guarantee must cover every round since the initial model: refuse a state whose published
+        versions were (partly) trained without the ledger's noise."""
+        assert self.privacy is not None
+        noised = len(self.privacy.rounds)
+        if self.version != noised:
+            raise RuntimeError(
+                f"--dp: this state has published {self.version} versions but {noised} were trained with DP noise; "
+                "a guarantee must cover every round from the initial model: start a new --state"
+            )
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -266,7 +283,16 @@ class RoundEngine:
             await self.current.idle.wait()
 
     def _finished(self) -> bool:
-        return self.policy.max_rounds > 0 and self.version >= self.policy.max_rounds
+        if self.policy.max_rounds > 0 and self.version >= self.policy.max_rounds:
+            return True
+        if self.privacy is not None and not self.privacy.budget_allows_next_round():
+            log.warning(
+                "privacy budget: epsilon would reach %.4g after one more round, over the budget of %.4g; no more "
+                "rounds open (version %d stays published)",
+                self.privacy.after_next_round(), self.privacy.config.epsilon_budget, self.version,
+            )
+            return True
+        return False
 
     def _goal(self) -> int:
         goal = self.policy.goal_clients or self.registry.active_count()
@@ -523,6 +549,8 @@ class RoundEngine:
             self.metrics.aggregate_seconds.observe(time.perf_counter() - started)
             self.metrics.rounds.labels("published").inc()
             self.metrics.model_version.set(version)
+            if self.privacy is not None:
+                self.metrics.dp_epsilon.set(self.privacy.spent())
             log.info("round %d published model version %d from %d updates", round_.round_id, version, len(rows))
             self._finish_metrics(round_, len(rows), now)
             self.store.drop_segment(round_.round_id)
@@ -628,13 +656,31 @@ class RoundEngine:
         if not np.isfinite(params).all():
             raise AggregationError("the aggregated model holds NaN or Inf; refusing to publish it")
         version = round_.model_version + 1
-        digest = self.models.write(version, params, created_at)
+        privacy = None
+        if self.privacy is not None:  # counted before the version exists: a crash over-counts, never under-counts
+            self.privacy.record_round()
+            privacy = self.privacy.release_metadata()
+        digest = self.models.write(version, params, created_at, privacy)
         state = self.strategy.saved_state()
         if state:
             _save_state(self._state_path(version), state)
         return params, digest
 
     # --------------------------------------------------------------------------------------------- status
+
+    def _privacy_status(self) -> dict[str, Any]:
+        assert self.privacy is not None
+        config = self.privacy.config
+        return {
+            "mode": config.mode,
+            "noise_multiplier": config.noise_multiplier,
+            "delta": config.delta,
+            "epsilon": self.privacy.spent(),
+            "epsilon_budget": config.epsilon_budget,
+            "rounds": len(self.privacy.rounds),
+            "exhausted": not self.privacy.budget_allows_next_round(),
+            "accounting": ACCOUNTING,
+        }
 
     def status(self, history: int = 20) -> dict[str, Any]:
         """What ``GET /v1/status`` reports."""
@@ -668,6 +714,7 @@ class RoundEngine:
                 "parameters": self.models.layout.size,
             },
             "strategy": self.strategy.name,
+            "privacy": None if self.privacy is None else self._privacy_status(),
             "policy": {
                 "min_clients": self.policy.min_clients,
                 "goal_clients": self.policy.goal_clients,

@@ -575,6 +575,24 @@ class ModelRelease:
     tensors: dict[str, np.ndarray]
     digest: bytes = b""
     created_at: int = field(default_factory=lambda: int(time.time()))
+    # Central differential privacy spent up to and including this version (docs/privacy.md): epsilon, delta,
+    # noise_multiplier, rounds. None: the version was not trained with DP (the payload has no "dp" field).
+    privacy: dict[str, float | int] | None = None
+
+
+_DP_FIELDS = {"epsilon": float, "delta": float, "noise_multiplier": float, "rounds": int}
+
+
+def _privacy(value: Any) -> dict[str, float | int]:
+    if not isinstance(value, dict) or set(value) != set(_DP_FIELDS):
+        raise ProtocolError("bad-payload", f"'dp' must be a map of exactly {', '.join(_DP_FIELDS)}")
+    out: dict[str, float | int] = {}
+    for name, kind in _DP_FIELDS.items():
+        item = value[name]
+        if isinstance(item, bool) or not isinstance(item, kind) or not math.isfinite(item) or item < 0:
+            raise ProtocolError("bad-payload", f"'dp' field {name!r} must be a finite non-negative {kind.__name__}")
+        out[name] = item
+    return out
 
 
 def encode_model_release(release: ModelRelease, key: SigningKey) -> tuple[bytes, bytes]:
@@ -589,6 +607,8 @@ def encode_model_release(release: ModelRelease, key: SigningKey) -> tuple[bytes,
         "created_at": release.created_at,
         "tensors_sha256": digest,
     }
+    if release.privacy is not None:
+        payload["dp"] = _privacy(release.privacy)
     return b"".join([sign(payload, key, key_id(key.verify_key)), *parts]), digest
 
 
@@ -612,6 +632,7 @@ def decode_model_release(
         tensors=tensors,
         digest=bytes(_field(p, "tensors_sha256", memoryview)),
         created_at=_field(p, "created_at", int),
+        privacy=_privacy(p["dp"]) if "dp" in p else None,
     )
 
 

@@ -161,6 +161,24 @@ def int8_example() -> str:
     return "\n".join(lines)
 
 
+EXAMPLE_PRIVACY = {"epsilon": 2.75, "delta": 1e-05, "noise_multiplier": 1.5, "rounds": 4}
+
+
+def release_dp_example() -> str:
+    """Section 6.3's optional ``dp`` field: the payload of a ModelRelease trained with central DP."""
+    release = wire.ModelRelease(
+        version=4,
+        package_digest=hashlib.sha256(b"fl-edge example package").digest(),
+        tensors={"fc.bias": np.array([0.015625, -0.75], dtype=np.float32)},
+        created_at=1_764_288_000,
+        privacy=EXAMPLE_PRIVACY,
+    )
+    message, _ = wire.encode_model_release(release, example_key())
+    payload = cbor2.loads(cbor2.loads(message[: len(message) - len(wire.encode_tensors(release.tensors))]).value[2])
+    dp_bytes = cbor2.dumps(EXAMPLE_PRIVACY, canonical=True)
+    return "\n".join([f"payload {diag(dict(payload))}", "", "the dp map alone:", wrap_hex(dp_bytes)])
+
+
 def example_blocks() -> dict[str, str]:
     """Name -> the text of a fenced block in docs/protocol.md."""
     body = example_body()
@@ -191,10 +209,12 @@ def example_blocks() -> dict[str, str]:
             ]
         ),
         "int8-example": int8_example(),
+        "release-dp": release_dp_example(),
     }
 
 
-BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z0-9-]+) -->\n```[a-z]*\n)(?P<text>.*?)(\n```)", re.S)
+# A block's text never holds ``` itself, so a match cannot run on into the next block (an empty block included).
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z0-9-]+) -->\n```[a-z]*\n)(?P<text>(?:(?!```).)*?)\n?```", re.S)
 
 
 def doc_blocks(text: str) -> dict[str, str]:
@@ -203,7 +223,7 @@ def doc_blocks(text: str) -> dict[str, str]:
 
 def rewrite(text: str, blocks: dict[str, str]) -> str:
     """``text`` with the generated blocks named in ``blocks`` replaced (other generated blocks kept)."""
-    return BLOCK.sub(lambda m: m[1] + blocks.get(m["name"], m["text"]) + m[4], text)
+    return BLOCK.sub(lambda m: m[1] + blocks.get(m["name"], m["text"]) + "\n```", text)
 
 
 # -------------------------------------------------------------------------------------------- tests

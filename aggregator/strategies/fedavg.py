@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aggregator.strategies.base import AggregationError, Strategy, StrategyOption
 from aggregator.strategies.chunks import UpdateSet
+
+if TYPE_CHECKING:
+    from aggregator.privacy import GaussianSum
 
 
 class FedAvg(Strategy):
@@ -27,6 +31,11 @@ class FedAvg(Strategy):
         self._scratch: np.ndarray | None = None
         self._total = 0.0
         self._count = 0
+        self.privacy: GaussianSum | None = None
+
+    def make_private(self, privacy: GaussianSum) -> None:
+        """Central DP (aggregator/privacy.py): clip each delta, weight every device 1, add noise to the sum."""
+        self.privacy = privacy
 
     def start_round(self, size: int) -> None:
         super().start_round(size)
@@ -37,6 +46,8 @@ class FedAvg(Strategy):
             self._count = 0
 
     def add(self, delta: np.ndarray, weight: float) -> None:
+        if self.privacy is not None:  # one device moves the sum by at most the clip norm, whatever it claims
+            delta, weight = self.privacy.clip(delta), 1.0
         with self._lock:
             if self._acc is None or self._scratch is None:
                 raise RuntimeError("start_round() was not called")
@@ -55,6 +66,8 @@ class FedAvg(Strategy):
                 raise AggregationError(
                     "the total number of samples across the round's updates is zero, so a weighted mean is undefined"
                 )
+            if self.privacy is not None:
+                return ((self._acc + self.privacy.noise(self._acc.size)) / self._count).astype(np.float32)
             return (self._acc / self._total).astype(np.float32)
 
     def aggregate(self, updates: UpdateSet) -> np.ndarray:
