@@ -4,7 +4,9 @@
 - the cache key follows every input (content, mode, new files) and nothing else;
 - vmlinux extraction from a bzImage-like blob;
 - the GPT disk: partitions named, placed and filled as the manifest says; a bmap that `bmaptool` accepts;
-- a provisioned data partition: identity files with the contract's modes, owned by the agent's uid.
+- a provisioned data partition: identity files with the contract's modes, owned by the agent's uid;
+- the finished root tree: nothing of the build host (mmdebstrap's copies of its resolv.conf and hostname),
+  modes as Debian ships them whatever the checkout's umask.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flctl.image import disk as image_disk
 from flctl.image.build import ImageArtifacts
 from flctl.image.cache import InputHash
 from flctl.image.kernel import KernelError, extract_vmlinux
+from flctl.image.rootfs import copy_overlay, prepare_read_only
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAY = ROOT / "rootfs-overlay"
@@ -175,3 +178,56 @@ def test_provisioning_refuses_a_malformed_aggregator_key(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RigError, match="64 lowercase hex"):
         provision_data_partition(ImageArtifacts.load(tmp_path), tmp_path / "d.ext4", Identity.generate(), "XYZ")
+
+
+def mode(path: Path) -> str:
+    return oct(path.stat().st_mode & 0o7777)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the image's files are chowned to root")
+def test_root_tree_keeps_nothing_of_the_build_host_and_debian_modes(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/apt/apt.conf.d").mkdir(parents=True)
+    # As mmdebstrap leaves a tree: the build host's files, with the build host's modes (0755 on the machine
+    # that reported it), and the build's apt options.
+    (root / "etc/resolv.conf").write_text("nameserver 10.255.255.53\n")
+    (root / "etc/hostname").write_text("buildhost\n")
+    (root / "etc/apt/apt.conf.d/99mmdebstrap").write_text('Acquire::Check-Valid-Until "false";\n')
+    for name in ("resolv.conf", "hostname"):
+        os.chmod(root / "etc" / name, 0o755)
+    old_umask = os.umask(0o077)
+    try:
+        prepare_read_only(root)
+    finally:
+        os.umask(old_umask)
+
+    assert not (root / "etc/resolv.conf").exists() and not (root / "etc/resolv.conf").is_symlink()
+    assert not (root / "etc/apt/apt.conf.d/99mmdebstrap").exists()
+    assert (root / "etc/hostname").read_text() == "fl-dev\n"
+    assert mode(root / "etc/hostname") == "0o644"
+    assert mode(root / "data") == mode(root / "var/lib/fl-agent") == "0o755"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the image's files are chowned to root")
+def test_overlay_files_get_debian_modes_whatever_the_checkout_umask(tmp_path):
+    overlay = tmp_path / "overlay"
+    (overlay / "etc/fl-agent").mkdir(parents=True)
+    (overlay / "usr/bin").mkdir(parents=True)
+    (overlay / "etc/fl-agent/agent.toml").write_text("[agent]\n")
+    (overlay / "usr/bin/helper").write_text("#!/bin/sh\n")
+    # A checkout made under umask 077: owner-only files and directories.
+    os.chmod(overlay / "etc/fl-agent/agent.toml", 0o600)
+    os.chmod(overlay / "usr/bin/helper", 0o700)
+    for d in (overlay / "etc/fl-agent", overlay / "usr/bin"):
+        os.chmod(d, 0o700)
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
+    os.chmod(root / "usr/bin", 0o755)
+
+    copy_overlay(overlay, root)
+
+    assert mode(root / "etc/fl-agent") == "0o755"
+    assert mode(root / "etc/fl-agent/agent.toml") == "0o644"
+    assert mode(root / "usr/bin/helper") == "0o755"
+    assert mode(root / "usr/bin") == "0o755", "a directory the base system ships keeps its mode"

@@ -200,7 +200,7 @@ def assemble_rootfs(sysroot_tar: Path, project_wheel: Path, overlays: list[Path]
     run_logged(["systemd-sysusers", f"--root={root}"], log, "systemd-sysusers")
     ids = read_user_ids(root)
     _enable_units(root, log)
-    _prepare_read_only(root)
+    prepare_read_only(root)
     return ids
 
 
@@ -235,7 +235,11 @@ class _chroot_mounts:
 
 
 def copy_overlay(overlay: Path, root: Path) -> None:
-    """Copy an overlay tree onto the root, keeping modes and symlinks; files are owned by root."""
+    """Copy an overlay tree onto the root, keeping symlinks; files are owned by root.
+
+    Modes are Debian's, whatever the checkout's umask made them: files 0644 (0755 if executable), new
+    directories 0755. Directories the root already has keep theirs.
+    """
     if not overlay.is_dir():
         raise RootfsError(f"overlay {overlay} does not exist")
     for src in sorted(overlay.rglob("*")):
@@ -248,10 +252,12 @@ def copy_overlay(overlay: Path, root: Path) -> None:
                 dst.unlink()
             dst.symlink_to(os.readlink(src))
         elif src.is_dir():
-            dst.mkdir(parents=True, exist_ok=True)
+            if not dst.is_dir():
+                dst.mkdir()
+                os.chmod(dst, 0o755)
         else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+            shutil.copyfile(src, dst)
+            os.chmod(dst, 0o755 if src.stat().st_mode & 0o111 else 0o644)
             os.chown(dst, 0, 0)
 
 
@@ -278,10 +284,11 @@ def _enable_units(root: Path, log: Path) -> None:
     run_logged(["systemctl", f"--root={root}", "mask", *DEV_UNITS_MASKED], log, "systemctl mask")
 
 
-def _prepare_read_only(root: Path) -> None:
-    """What a read-only root needs: mount points, an empty machine-id, no caches."""
+def prepare_read_only(root: Path) -> None:
+    """What a read-only root needs: mount points, an empty machine-id, no caches, and nothing of the build host."""
     for d in ("data", "var/lib/fl-agent"):
         (root / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(root / d, 0o755)
     # Empty: systemd generates a transient machine id at boot and does not try to write one.
     (root / "etc/machine-id").write_text("")
     dbus_id = root / "var/lib/dbus/machine-id"
@@ -296,7 +303,32 @@ def _prepare_read_only(root: Path) -> None:
                     shutil.rmtree(child)
                 elif child.name != "lock":
                     child.unlink()
-    (root / "etc/hostname").write_text("fl-dev\n")
+    remove_build_only_files(root)
+    write_file(root / "etc/hostname", "fl-dev\n", 0o644)
+
+
+# What mmdebstrap leaves of the machine and the options that built the tree. It copies the build host's
+# resolv.conf and hostname, with that host's modes, for network access inside the chroot (mmdebstrap(1),
+# SOURCE_DATE_EPOCH): a nameserver of the build machine means nothing on a board. 99mmdebstrap holds the
+# build's --aptopt (Check-Valid-Until off, for a frozen mirror), which has no business on a device.
+BUILD_ONLY_FILES = ("etc/resolv.conf", "etc/hostname", "etc/apt/apt.conf.d/99mmdebstrap")
+
+
+def remove_build_only_files(root: Path) -> None:
+    """Drop what the build host and the build's options left in the tree (the image writes its own hostname)."""
+    for rel in BUILD_ONLY_FILES:
+        path = root / rel
+        if path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def write_file(path: Path, text: str, mode: int) -> None:
+    """Write a root-owned file with exactly ``mode`` (a rewrite would keep the mode of what was there)."""
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    path.write_text(text)
+    os.chmod(path, mode)
+    os.chown(path, 0, 0)
 
 
 def run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None = None) -> None:
