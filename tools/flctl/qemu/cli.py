@@ -59,6 +59,13 @@ def _enroll(state: Path, public_key_hex: str) -> None:
         raise rig.RigError(f"fl-aggregator enroll failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
+def machine_from_args(args: argparse.Namespace, accel: str) -> rig.MachineConfig:
+    """The guests' machine as ``run`` and ``env`` were asked for it."""
+    return rig.MachineConfig(
+        accel=accel, memory=args.memory, smp=args.smp, rtc_base=args.rtc_base or "", qemu_args=tuple(args.qemu_args)
+    )
+
+
 def _prepare(args: argparse.Namespace, console: Console):
     """Image, accelerator and the provisioned appliances shared by ``run`` and ``env``."""
     art = _load_or_build(args.image, args.cache, console)
@@ -69,7 +76,7 @@ def _prepare(args: argparse.Namespace, console: Console):
             "fl-agent will refuse to start without a pinned aggregator key[/]"
         )
     accel = rig.choose_accelerator(str(art.vmlinux), str(art.initrd))
-    machine = rig.MachineConfig(accel=accel, memory=args.memory, smp=args.smp, rtc_base=args.rtc_base)
+    machine = machine_from_args(args, accel)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fl-qemu-"))
     workdir.mkdir(parents=True, exist_ok=True)
     override = args.agent_toml.read_text() if args.agent_toml else None
@@ -203,9 +210,13 @@ def _appliance_args(p: argparse.ArgumentParser) -> None:
                    "(replaces the rig's default one: include [aggregator] allow_plain_http = true)")
     p.add_argument("--memory", default="1024M", help="guest memory (default 1024M)")
     p.add_argument("--smp", type=_positive, default=1, help="guest CPUs (default 1)")
-    p.add_argument("--rtc-base", type=_rtc_date, default="", metavar="DATE",
+    p.add_argument("--rtc-base", type=_rtc_date, metavar="DATE",
                    help="start the guests' real-time clock at DATE (2020-01-01 or 2020-01-01T08:00:00), as on a "
                         "board without a battery-backed clock (default: the host's time)")
+    p.add_argument("qemu_args", nargs="*", metavar="-- QEMU_ARG",
+                   help="QEMU options added to each guest's command line, after `--`; {name} in them becomes the "
+                        "appliance's name, and the guest's netdev is net0: "
+                        "-- -object filter-dump,id=dump,netdev=net0,file={name}.pcap")
 
 
 def _positive(text: str) -> int:

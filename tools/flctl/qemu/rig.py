@@ -7,7 +7,9 @@ Each appliance gets
   aggregator key, optional agent.toml override): the "provisioned appliance";
 - user-mode networking with ``restrict=on``: the guest reaches nothing but ``10.0.2.100:8080``, which a
   ``guestfwd`` (the ``cmd:socat`` form: one host connection per guest connection) sends to the aggregator on
-  the host's loopback, and a ``hostfwd`` from host loopback to the guest's metrics port 9101.
+  the host's loopback, and a ``hostfwd`` from host loopback to the guest's metrics port 9101. The netdev is
+  named ``net0`` so that added QEMU options can refer to it (``-object filter-dump,netdev=net0,...``);
+- any QEMU options the user adds (``MachineConfig.qemu_args``), last on the command line.
 
 The same pieces feed labgrid's QEMUDriver (``labgrid_env``) for the boot tests and a plain ``qemu`` command
 line (``qemu_command``) for ``flctl qemu run``.
@@ -37,6 +39,7 @@ from ..image.cache import cache_root
 
 GUEST_AGGREGATOR = ("10.0.2.100", 8080)
 GUEST_METRICS_PORT = 9101
+NETDEV_ID = "net0"
 QEMU_BIN = "qemu-system-x86_64"
 KVM_PROBE_SECONDS = 15
 KVM_PROBE_MEMO_SECONDS = 24 * 3600
@@ -203,6 +206,9 @@ class MachineConfig:
     # QEMU's -rtc base=: the date the guest's real-time clock starts at ("2020-01-01", "2020-01-01T08:00:00"),
     # as on a board whose clock is wrong; "" keeps QEMU's default (the host's time, UTC).
     rtc_base: str = ""
+    # QEMU options added to every guest's command line, after the rig's own; "{name}" in an option becomes
+    # the appliance's name, so that files named in it stay apart (file={name}.pcap).
+    qemu_args: tuple[str, ...] = ()
 
     @property
     def cpu(self) -> str:
@@ -220,18 +226,23 @@ def drive_args(art: ImageArtifacts, appliance: Appliance) -> list[str]:
     ]
 
 
-def nic_arg(appliance: Appliance) -> str:
-    opts = ["user", "model=virtio-net-pci", "restrict=on"]
+def netdev_args(appliance: Appliance) -> list[str]:
+    """The guest's one NIC (virtio) on a user-mode netdev with the id ``NETDEV_ID``.
+
+    ``-nic`` would give the netdev an anonymous id, and QEMU options that attach to a netdev (filter-dump,
+    filter-redirector) need its name. A ``-netdev`` also turns off QEMU's default NIC, as ``-nic`` does.
+    """
+    opts = ["user", f"id={NETDEV_ID}", "restrict=on"]
     if appliance.aggregator_port is not None:
         ip, port = GUEST_AGGREGATOR
         # One socat per guest connection: the plain tcp: form connects only once, at QEMU start.
         opts.append(f"guestfwd=tcp:{ip}:{port}-cmd:socat - TCP:127.0.0.1:{appliance.aggregator_port}")
     opts.append(f"hostfwd=tcp:127.0.0.1:{appliance.metrics_port}-:{GUEST_METRICS_PORT}")
-    return ",".join(opts)
+    return ["-netdev", ",".join(opts), "-device", f"virtio-net-pci,netdev={NETDEV_ID}"]
 
 
-def extra_args(art: ImageArtifacts, appliance: Appliance, machine: MachineConfig) -> list[str]:
-    """Everything except kernel, -append, machine/cpu/memory, NIC and serial (labgrid sets those)."""
+def guest_args(art: ImageArtifacts, appliance: Appliance, machine: MachineConfig) -> list[str]:
+    """Everything except kernel, -append, machine/cpu/memory, serial and monitor (labgrid sets those)."""
     return [
         "-accel",
         machine.accel,
@@ -240,12 +251,12 @@ def extra_args(art: ImageArtifacts, appliance: Appliance, machine: MachineConfig
         "-initrd",
         str(art.initrd),
         *drive_args(art, appliance),
+        *netdev_args(appliance),
         "-device",
         "virtio-rng-pci",
         *(["-rtc", f"base={machine.rtc_base}"] if machine.rtc_base else []),
-        # Guest poweroff leaves QEMU paused (status "shutdown") so the rig can tell it from a crash.
-        "-no-shutdown",
         "-no-reboot",
+        *[arg.replace("{name}", appliance.name) for arg in machine.qemu_args],
     ]
 
 
@@ -264,9 +275,7 @@ def qemu_command(art: ImageArtifacts, appliance: Appliance, machine: MachineConf
         str(art.vmlinux),
         "-append",
         art.cmdline,
-        "-nic",
-        nic_arg(appliance),
-        *[a for a in extra_args(art, appliance, machine) if a != "-no-shutdown"],
+        *guest_args(art, appliance, machine),
         "-serial",
         f"file:{appliance.console_log}",
         "-monitor",
@@ -291,8 +300,8 @@ def labgrid_env(art: ImageArtifacts, appliances: list[Appliance], machine: Machi
                     "memory": machine.memory,
                     "kernel": "kernel",
                     "boot_args": art.cmdline,
-                    "extra_args": shlex.join(extra_args(art, a, machine)),
-                    "nic": nic_arg(a),
+                    # Guest poweroff leaves QEMU paused (status "shutdown") so a test can tell it from a crash.
+                    "extra_args": shlex.join(["-no-shutdown", *guest_args(art, a, machine)]),
                     "display": "none",
                 },
                 "ShellDriver": {
