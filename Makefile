@@ -6,18 +6,36 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+# Every version the venv and the development image install (pip constraints), made by `make lock`.
+LOCK   := requirements/dev.lock
+# The lock's inputs besides pyproject.toml: torch 2.13.0, the CPU build on disk (see the file).
+LOCK_CONSTRAINTS := requirements/torch-cpu.txt
+LOCK_ARGS ?= --upgrade
+LOCK_TOOLS := .cache/pip-tools
+PIP    := pip==26.3
 
-.PHONY: demo test lint venv host-packages
+.PHONY: demo test lint venv host-packages lock
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch is a host-side (tools) dependency only; 2.13.0 is the CPU build available offline.
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q "$(PIP)"
+	# torch (a host-side tools dependency) comes from the lock too: 2.13.0+cpu, never the CUDA build.
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
 
 venv: $(VENV)/.installed
+
+$(LOCK_TOOLS)/bin/pip-compile:
+	$(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/pip install -q "$(PIP)" "pip-tools==7.7.0"
+
+# Re-resolve the lock for this Python (3.11) on this platform: the newest versions pyproject.toml allows.
+# `make lock LOCK_ARGS=` keeps the current pins and only resolves what pyproject.toml changed;
+# `make lock LOCK_ARGS="--upgrade-package onnxruntime"` moves one package.
+lock: $(LOCK_TOOLS)/bin/pip-compile
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile -q $(LOCK_ARGS) --extra dev --strip-extras \
+	    --unsafe-package fl-edge --no-emit-index-url --no-emit-find-links -c $(LOCK_CONSTRAINTS) \
+	    -o $(LOCK) pyproject.toml
 
 host-packages:
 	bash tools/install-host-packages.sh

@@ -32,6 +32,8 @@ from .cache import ArtifactStore, InputHash, cache_root
 BUILD_FORMAT = "fl-dev-image/1"
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 IMAGE_TOOLS = PROJECT_ROOT / "tools" / "image"
+# The versions `make venv` installs (made by `make lock`); the agent's dependency wheels are downloaded at them.
+LOCK_FILE = PROJECT_ROOT / "requirements" / "dev.lock"
 DISK_NAME = "fl-dev.img"
 KERNEL_CMDLINE = "console=ttyS0,115200 root=LABEL=fl-root rootfstype=ext4 ro panic=-1 loglevel=4"
 # Sources that end up in the project wheel (and so in the image).
@@ -163,7 +165,9 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
         .text("dpkg", " ".join(rootfs.DPKG_EXCLUDES))
     )
     reqs = rootfs.agent_requirements(PROJECT_ROOT / "pyproject.toml")
-    wheels_key = InputHash("wheels").text("format", BUILD_FORMAT).text("requirements", "\n".join(reqs))
+    wheels_key = (
+        InputHash("wheels").text("format", BUILD_FORMAT).text("requirements", "\n".join(reqs)).file("lock", LOCK_FILE)
+    )
     wheels_key.text("python", f"{sys.version_info.major}.{sys.version_info.minor}")
     kernel_key = (
         InputHash("kernel")
@@ -222,7 +226,7 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
     with steps.step("download agent dependency wheels", cached=wheels_cached):
         if not wheels_cached:
             with store.building("wheels", wheels_key.key()) as out:
-                rootfs.download_dependency_wheels(reqs, out, out / "build.log", sys.executable)
+                rootfs.download_dependency_wheels(reqs, LOCK_FILE, out, out / "build.log", sys.executable)
     dep_wheels = store.path("wheels", wheels_key.key())
 
     sysroot_key = (

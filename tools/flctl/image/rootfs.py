@@ -135,15 +135,18 @@ def build_project_wheel(project: Path, dest: Path, log: Path, python: str) -> Pa
     return wheels[0]
 
 
-def download_dependency_wheels(requirements: list[str], dest: Path, log: Path, python: str) -> None:
-    """Download binary wheels of ``requirements`` and their dependencies into ``dest`` (on the host).
+def download_dependency_wheels(requirements: list[str], constraints: Path, dest: Path, log: Path, python: str) -> None:
+    """Download binary wheels of ``requirements`` and their dependencies into ``dest`` (on the host), at the
+    versions pinned in ``constraints`` (the project's lock: the image runs what the tests ran).
 
     The guest runs the same CPython minor version on x86_64 as the host (Debian bookworm: 3.11), so no
-    cross-platform flags are needed; binary-only keeps compilers out of the build.
+    cross-platform flags are needed; binary-only keeps compilers out of the build. ``build_sysroot`` installs
+    from these wheels alone, so the pins carry into the image.
     """
     dest.mkdir(parents=True, exist_ok=True)
     run_logged(
-        [python, "-m", "pip", "download", "--only-binary=:all:", "-q", "-d", str(dest), *requirements],
+        [python, "-m", "pip", "download", "--only-binary=:all:", "-q", "-c", str(constraints), "-d", str(dest),
+         *requirements],
         log,
         "pip download (agent dependencies)",
     )
