@@ -29,14 +29,17 @@ CHILD = textwrap.dedent(
     from appliance.trainer import Trainer
 
     pkg = load_package(sys.argv[1], VerifyKey(bytes.fromhex(sys.argv[2])))
-    xs, ys = zip(*(SyntheticCamera(c, seed=1).sample(300) for c in range(8)))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    del xs, ys
+    # Filled in place, as the agent's one-camera sample is: a concatenation would hold the data twice and
+    # measure this harness rather than the trainer.
+    x = np.empty((2400, *pkg.input_shape), dtype=np.float32)
+    y = np.empty(2400, dtype=np.int64)
+    for c in range(8):
+        x[c * 300 : (c + 1) * 300], y[c * 300 : (c + 1) * 300] = SyntheticCamera(c, seed=1).sample(300)
     result = Trainer(pkg, threads=1).train(pkg.initial_params, x, y, epochs=1, batch_size=32, lr=0.05)
     assert result.metrics["loss_after"] < result.metrics["loss_before"]
     assert "torch" not in sys.modules
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    print(int(status["VmHWM"].split()[0]) // 1024)
+    print(*(int(status[k].split()[0]) // 1024 for k in ("RssAnon", "RssFile", "VmHWM")))
     """
 )
 
@@ -48,13 +51,20 @@ def test_training_the_reference_cnn_stays_under_100_mb(tmp_path):
     path = tmp_path / "cnn.flpkg"
     write_package(path, pkg, key)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # FL_TRAINER_PYTHON: measure with another interpreter, e.g. a venv with another onnxruntime release.
+    python = os.environ.get("FL_TRAINER_PYTHON", sys.executable)
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), bytes(key.verify_key).hex()],
+        [python, "-c", CHILD, str(path), bytes(key.verify_key).hex()],
         env=env, capture_output=True, text=True, check=False, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    peak_mb = int(out.stdout.strip().splitlines()[-1])
-    assert peak_mb <= 100, f"peak RSS {peak_mb} MB while training on 2,400 frames"
+    anon_mb, file_mb, peak_mb = map(int, out.stdout.strip().splitlines()[-1].split())
+    # File-backed pages (numpy's and onnxruntime's libraries) vary with the page cache by ~10 MB for the
+    # same files (docs/budgets.md), so the figure says which part grew.
+    figure = (f"peak RSS {peak_mb} MB while training on 2,400 frames (at the end: {anon_mb} MB anonymous, "
+              f"{file_mb} MB file-backed)")
+    print(figure)
+    assert peak_mb <= 100, figure
 
 
 def test_the_agent_process_receives_a_training_result_without_importing_onnxruntime(tmp_path):
