@@ -16,7 +16,8 @@ versions the project's venv should not be forced onto):
   App whose ClientApp returns the received model plus noise; the ServerApp runs FedAvg for a warm-up round, then
   one timed round (``strategy.start``). Peak RSS is sampled over the SuperLink's process tree.
 * **server-side FedAvg** (every N): ``FedAvg.aggregate_fit`` (in-place aggregation, the default) on N
-  ``FitRes`` in Flower's wire form (``ndarrays_to_parameters``), from the list of results to the aggregate.
+  ``FitRes`` in Flower's wire form (``ndarrays_to_parameters``), from the list of results to the aggregate
+  (bench/flower_fedavg.py, which needs nothing of this project: Flower's interpreter does not have it).
 
 Ratios printed: ``round`` = our round vs Flower's Deployment Engine round (the same work end to end);
 ``server`` = our upload path over HTTP (network, signature, two SHA-256 passes, decode, fsync, accumulate) vs
@@ -48,6 +49,7 @@ from proctree import descendants, status_bytes
 from flctl.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+FLOWER_FEDAVG = Path(__file__).resolve().with_name("flower_fedavg.py")
 
 
 def _tree_rss(root: int) -> int:
@@ -56,32 +58,6 @@ def _tree_rss(root: int) -> int:
 
 
 # ------------------------------------------------------------------------------------- Flower (its venv)
-
-
-def flower_worker(parameters: int, clients: int, seed: int = 0) -> dict[str, Any]:
-    """Runs inside the Flower interpreter: server-side FedAvg over ``clients`` results of ``parameters``."""
-    import resource
-
-    import flwr
-    import numpy as np
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.server.strategy import FedAvg
-
-    sizes = [parameters // 2, parameters - parameters // 2]  # the synthetic model's two tensors
-    rng = np.random.default_rng(seed)
-    pool = [[rng.normal(0, 0.01, s).astype(np.float32) for s in sizes] for _ in range(4)]
-    results = []
-    for i in range(clients):
-        wire_form = ndarrays_to_parameters(pool[i % len(pool)])
-        # each client's bytes are its own object, as they are when they arrive from the network
-        wire_form.tensors = [bytes(bytearray(t)) for t in wire_form.tensors]
-        results.append((None, FitRes(Status(Code.OK, ""), wire_form, int(rng.integers(1, 100)), {})))
-    started = time.perf_counter()
-    aggregated, _ = FedAvg().aggregate_fit(1, results, [])
-    seconds = time.perf_counter() - started
-    assert aggregated is not None
-    return {"seconds": seconds, "updates_per_s": clients / seconds,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "version": flwr.__version__}
 
 
 FLOWER_APP = {
@@ -232,7 +208,7 @@ def run_flower_deployment(python: str, parameters: int, clients: int, workdir: P
 
 
 def run_flower_serverside(python: str, parameters: int, clients: int) -> dict[str, Any] | str:
-    done = subprocess.run([python, __file__, "--flower-worker", str(parameters), str(clients)],
+    done = subprocess.run([python, str(FLOWER_FEDAVG), str(parameters), str(clients)],
                           capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         return "Flower run failed: " + (done.stderr.strip().splitlines() or [str(done.returncode)])[-1]
@@ -414,9 +390,6 @@ def _mb(n: float) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--flower-worker":
-        print(json.dumps(flower_worker(int(sys.argv[2]), int(sys.argv[3]))))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="100000,1000000", help="model sizes P (comma-separated)")
     parser.add_argument("--clients", default="10,100,1000", help="client counts N (comma-separated)")

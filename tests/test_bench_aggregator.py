@@ -1,0 +1,78 @@
+"""bench/aggregator.py's Flower side runs in Flower's interpreter, where this project is not installed.
+
+It once ran the benchmark module itself there, whose top-level `from flctl.ports import free_port` failed
+with "No module named 'flctl'" before Flower was ever called.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+FLOWER_SIDE = BENCH / "flower_fedavg.py"
+
+
+def _aggregator_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # as when it runs as a script: its sibling proctree.py
+    spec = importlib.util.spec_from_file_location("bench_aggregator", BENCH / "aggregator.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _python_without_this_project(tmp_path: Path) -> str:
+    """A venv like a Flower one, less Flower: numpy and the standard library, nothing of fl-edge."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    numpy_only = tmp_path / "numpy-only"
+    numpy_only.mkdir()
+    site = Path(np.__file__).resolve().parents[1]
+    for name in ("numpy", "numpy.libs"):
+        if (site / name).exists():
+            (numpy_only / name).symlink_to(site / name)
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "numpy-only.pth").write_text(f"{numpy_only}\n")
+    return python
+
+
+def test_the_flower_side_imports_only_the_standard_library_numpy_and_flwr():
+    allowed = set(sys.stdlib_module_names) | {"numpy", "flwr"}
+    imported = set()
+    for node in ast.walk(ast.parse(FLOWER_SIDE.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import in {FLOWER_SIDE.name}: line {node.lineno}"
+            imported.add((node.module or "").split(".")[0])
+    assert imported - allowed == set(), f"{FLOWER_SIDE.name} needs what Flower's interpreter lacks"
+
+
+def test_flowers_server_side_run_gets_as_far_as_flower_in_an_interpreter_without_this_project(
+    tmp_path, monkeypatch
+):
+    python = _python_without_this_project(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    probe = subprocess.run([python, "-c", "import numpy, importlib.util as u; print(u.find_spec('flctl'))"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert probe.stdout.strip() == "None", probe.stderr  # numpy yes, the project no
+    outcome = _aggregator_bench(monkeypatch).run_flower_serverside(python, 1000, 3)
+    assert outcome == "Flower run failed: ModuleNotFoundError: No module named 'flwr'"
+
+
+@pytest.mark.skipif(not os.environ.get("FLWR_PYTHON"), reason="set FLWR_PYTHON to a venv's python with flwr")
+def test_flowers_server_side_fedavg_runs_in_flowers_own_interpreter(monkeypatch):
+    outcome = _aggregator_bench(monkeypatch).run_flower_serverside(os.environ["FLWR_PYTHON"], 1000, 3)
+    assert isinstance(outcome, dict), outcome
+    assert outcome["updates_per_s"] > 0 and outcome["version"]
