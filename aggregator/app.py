@@ -165,7 +165,7 @@ _HTTP_REASONS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-lar
 async def problems(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     """Every refusal becomes problem+json and is counted; nothing ever answers with a traceback."""
     metrics = request.app[METRICS]
-    is_upload = request.path == "/v1/updates"
+    is_upload = request.method == "POST" and request.path == "/v1/updates"
     close = False
     try:
         return await handler(request)

@@ -4,46 +4,23 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# Reasons an upload can be refused; pre-declared so every series exists (at 0) from the first scrape.
-UPDATE_REJECT_REASONS = (
-    "not-signed",
-    "bad-signature",
-    "bad-algorithm",
-    "unknown-key",
-    "revoked",
-    "kid-mismatch",
-    "malformed",
-    "bad-payload",
-    "wrong-type",
-    "unsupported-version",
-    "too-large",
-    "too-deep",
-    "too-long",
-    "too-many-items",
-    "truncated",
-    "trailing-bytes",
-    "indefinite-length",
-    "unknown-tag",
-    "digest-mismatch",
-    "bad-tensor",
-    "tensor-too-large",
-    "wrong-tensors",
-    "wrong-shape",
-    "not-finite",
-    "norm-too-large",
-    "expired",
-    "wrong-encoding",
-    "round-closed",
-    "wrong-round",
-    "wrong-model",
-    "duplicate",
-    "unsupported-media-type",
-    "unsupported-content-encoding",
+from appliance.reasons import UPDATE_REFUSAL_REASONS
+
+# Every label value the code uses, declared so that each series exists (at 0) from the first scrape: a rate or an
+# alert on a reason works before its first event. tests/test_metrics_initialised.py holds the code to these.
+# Reasons an upload can be refused (docs/protocol.md section 9).
+UPDATE_REJECT_REASONS = UPDATE_REFUSAL_REASONS
+# Reasons any other request can be refused (docs/api.md); the problems middleware maps HTTP errors to the first four.
+REQUEST_REJECT_REASONS = (
+    "bad-request",
+    "not-found",
+    "method-not-allowed",
     "body-too-large",
-    "body-timeout",
-    "device-busy",
-    "client-gone",
+    "bad-parameter",
+    "unknown-version",
+    "unknown-package",
 )
+ROUND_OUTCOMES = ("published", "abandoned")
 
 _SIZE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROUND_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -75,6 +52,8 @@ class AggregatorMetrics:
             "fl_aggregator_requests_rejected_total", "Other refused requests (not uploads), by reason", ["reason"],
             registry=r,
         )
+        for reason in REQUEST_REJECT_REASONS:
+            self.requests_rejected.labels(reason)
         self.received_bytes = Counter(
             "fl_aggregator_received_bytes_total", "Bytes of update bodies received", registry=r
         )
@@ -100,8 +79,15 @@ class AggregatorMetrics:
         self.rounds = Counter(
             "fl_aggregator_rounds_total", "Rounds ended, by outcome (published, abandoned)", ["outcome"], registry=r
         )
-        for outcome in ("published", "abandoned"):
+        self.last_round_timestamp = Gauge(
+            "fl_aggregator_last_round_timestamp_seconds",
+            "When the last round of each outcome ended (Unix time; 0: none yet)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ROUND_OUTCOMES:
             self.rounds.labels(outcome)
+            self.last_round_timestamp.labels(outcome)
         self.current_round = Gauge("fl_aggregator_current_round", "Id of the open round (0: none)", registry=r)
         self.model_version = Gauge("fl_aggregator_model_version", "Newest published model version", registry=r)
         self.round_updates = Gauge(
@@ -130,3 +116,8 @@ class AggregatorMetrics:
             "fl_aggregator_update_norm_ratio", "Accepted updates' L2 norm as a fraction of the round's norm bound",
             buckets=_RATIO_BUCKETS, registry=r,
         )
+
+    def round_ended(self, outcome: str, at: float) -> None:
+        """Count a round that ended at ``at`` (Unix time) with ``outcome`` (published or abandoned)."""
+        self.rounds.labels(outcome).inc()
+        self.last_round_timestamp.labels(outcome).set(at)

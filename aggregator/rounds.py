@@ -251,6 +251,8 @@ class RoundEngine:
                 self.strategy.restore({k: saved[k] for k in saved.files})
         self.metrics.model_version.set(self.version)
         self.metrics.enrolled_devices.set(self.registry.active_count())
+        for outcome, ended_at in self.store.last_round_ends().items():
+            self.metrics.last_round_timestamp.labels(outcome).set(ended_at)
         if self.privacy is not None:
             self._check_privacy_history()
             self.metrics.dp_epsilon.set(self.privacy.spent())
@@ -547,7 +549,7 @@ class RoundEngine:
                 next_round=(next_id, version, now, deadline, goal) if opens else None,
             )
             self.metrics.aggregate_seconds.observe(time.perf_counter() - started)
-            self.metrics.rounds.labels("published").inc()
+            self.metrics.round_ended("published", now)
             self.metrics.model_version.set(version)
             if self.privacy is not None:
                 self.metrics.dp_epsilon.set(self.privacy.spent())
@@ -565,7 +567,7 @@ class RoundEngine:
     ) -> None:
         if self.forward is not None:  # site mode: the next round opens on the parent's next task
             self.store.finish_round(round_.round_id, "abandoned", now, len(rows), samples, summary, note=note)
-            self.metrics.rounds.labels("abandoned").inc()
+            self.metrics.round_ended("abandoned", now)
             self._finish_metrics(round_, len(rows), now)
             self.store.drop_segment(round_.round_id)
             await self._install(None)
@@ -577,7 +579,7 @@ class RoundEngine:
             round_.round_id, "abandoned", now, len(rows), samples, summary, note=note,
             next_round=(next_id, self.version, now, deadline, goal),
         )
-        self.metrics.rounds.labels("abandoned").inc()
+        self.metrics.round_ended("abandoned", now)
         self._finish_metrics(round_, len(rows), now)
         self.store.drop_segment(round_.round_id)
         await self._install(self._new_open_round(next_id, now, deadline, goal))
@@ -598,7 +600,7 @@ class RoundEngine:
             await self._abandon(round_, rows, samples, summary, time.time(), str(exc))
             return
         self.store.finish_round(round_.round_id, "published", now, len(rows), samples, summary, note=note)
-        self.metrics.rounds.labels("published").inc()
+        self.metrics.round_ended("published", now)
         self._finish_metrics(round_, len(rows), now)
         self.store.drop_segment(round_.round_id)
         log.info("round %d: %s", round_.round_id, note)

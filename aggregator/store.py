@@ -300,6 +300,13 @@ class Store:
         ).fetchall()
         return [self._round(r) for r in rows]
 
+    def last_round_ends(self) -> dict[str, float]:
+        """When the newest round of each outcome (published, abandoned) closed; an outcome never seen is absent."""
+        rows = self._reader().execute(
+            "SELECT status, max(closed_at) FROM rounds WHERE status != 'open' GROUP BY status"
+        ).fetchall()
+        return {status: closed_at for status, closed_at in rows}
+
     def last_round_id(self) -> int:
         row = self._reader().execute("SELECT max(round_id) FROM rounds").fetchone()
         return row[0] or 0

@@ -6,7 +6,8 @@ cameras) the camera manager; the systemd watchdog is pinged from the same loop, 
 restarted by systemd.
 
 Restart safety: the last round for which an update was queued is stored in ``<state>/agent-state.json``
-after the update is in the outbox, so a restart neither trains a round twice nor forgets an update.
+after the update is in the outbox, so a restart neither trains a round twice nor forgets an update. The same
+file keeps the time of the last receipt (``fl_agent_last_round_timestamp_seconds`` across restarts).
 
 Time: deadlines are judged and updates stamped in the aggregator's time as learnt from each signed task
 (:mod:`appliance.clock`), never by the device clock alone, which on a board without a real-time clock may be
@@ -46,7 +47,7 @@ from appliance.errors import ProtocolError
 from appliance.framebuffer import FrameBuffer
 from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_create_device_key
 from appliance.metrics import AgentMetrics, Reading
-from appliance.modelpkg import ModelPackage, load_package
+from appliance.modelpkg import ModelPackage, PackageError, load_package
 from appliance.outbox import Backoff, Outbox, PermanentRejection
 from appliance.training_job import FRAMES_DIR, TrainJob, run_train_job
 
@@ -94,7 +95,9 @@ class Agent:
             path=self.budget.base / "memory.pressure" if self.budget.base else None,
         )
         self.threads = min(config.training.max_threads or self.budget.threads, self.budget.threads)
-        self.last_round = self._load_state().get("last_round", 0)
+        state = self._load_state()
+        self.last_round = state.get("last_round", 0)
+        self.acknowledged_at = state.get("acknowledged_at", 0)  # the last receipt's time (aggregator clock); 0: none
         self._package: ModelPackage | None = None
         self._release: wire.ModelRelease | None = None
         self._outbox_changed = asyncio.Event()
@@ -114,7 +117,8 @@ class Agent:
             return {}
 
     def _save_state(self) -> None:
-        atomic_write(self.state_dir / STATE_FILE, json.dumps({"last_round": self.last_round}).encode())
+        state = {"last_round": self.last_round, "acknowledged_at": self.acknowledged_at}
+        atomic_write(self.state_dir / STATE_FILE, json.dumps(state).encode())
 
     def _register_module_metrics(self) -> None:
         m = self.metrics
@@ -122,6 +126,9 @@ class Agent:
         m.budget_memory.set(self.budget.memory_max or 0)
         m.budget_advisory.set(1 if self.budget.advisory else 0)
         m.trainer_threads.set(self.threads)
+        m.last_round_timestamp.set(self.acknowledged_at)
+        if self.config.data.source != "cameras":
+            m.report_no_cameras()
         m.clock_offset.set_function(self.clock.offset)
         counters = self.outbox.counters
         m.modules.add(
@@ -335,7 +342,7 @@ class Agent:
         try:
             package = await self._ensure_package(client, task.package_digest)
             release = await self._ensure_release(client, task)
-        except ProtocolError as exc:
+        except (ProtocolError, PackageError) as exc:
             self.metrics.models_refused.labels(exc.reason).inc()
             log.error("round %d: refused the model from the aggregator: %s", task.round_id, exc)
             raise AggregatorUnavailable(str(exc)) from exc
@@ -420,6 +427,9 @@ class Agent:
 
         def on_receipt(key: str, receipt: wire.Receipt) -> None:
             self.metrics.rounds_completed.inc()
+            self.acknowledged_at = receipt.accepted_at
+            self.metrics.last_round_timestamp.set(receipt.accepted_at)
+            self._save_state()
             log.info("round %d: update %s acknowledged", receipt.round_id, key[:16])
 
         while True:
@@ -430,7 +440,7 @@ class Agent:
     async def run(self, extra_tasks: list[Coroutine[Any, Any, None]] | None = None) -> None:
         """Run until cancelled. Sends READY=1 once identity, outbox and metrics are up."""
         if self.config.metrics.listen:
-            self.metrics.serve(self.config.metrics.listen)
+            self.metrics.serve(self.config.metrics.listen, self.config.metrics.web_config)
         log.info(
             "fl-agent %s: device %s, aggregator %s, budget: %s",
             __version__,

@@ -43,6 +43,9 @@ class AgentConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "0.0.0.0:9101"  # empty string disables the endpoint
+    # A Prometheus web configuration file (TLS, basic auth; see appliance/metrics_web.py); "": plain HTTP.
+    # A relative path is relative to the file that sets it.
+    web_config: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,15 +182,17 @@ def _merge(config: Config, path: Path, data: dict[str, Any], origin: dict[str, P
             updates[key] = _check_value(path, section, key, value, known[key])
             if section == "aggregator" and origin is not None:
                 origin[key] = path
-        if section == "aggregator" and updates.get("ca_file"):
-            updates["ca_file"] = str(path.parent / updates["ca_file"])  # an absolute path stays as it is
+        for key in ("ca_file", "web_config"):
+            if updates.get(key):
+                updates[key] = str(path.parent / updates[key])  # an absolute path stays as it is
         sections[section] = type(current)(**{**known, **updates})
     return Config(**sections)
 
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH, *, override: bool = True, transport: bool = True) -> Config:
     """Read ``path`` (which must exist), then ``<state_dir>/agent.toml`` on top when present. ``transport``
-    False skips the checks across files (URL scheme against ca_file/allow_plain_http, the CA file itself):
+    False skips the checks across files (URL scheme against ca_file/allow_plain_http, the CA file itself, the
+    metrics endpoint's web configuration file):
     for checking one file on a host where the device's other file and CA are not."""
     origin: dict[str, Path] = {}
     config = _merge(Config(), path, _read(path), origin)
@@ -196,4 +201,17 @@ def load_config(path: Path = DEFAULT_CONFIG_PATH, *, override: bool = True, tran
         config = _merge(config, override_path, _read(override_path), origin)
     if transport:
         _check_aggregator(config, origin, path)
+        _check_web_config(config)
     return config
+
+
+def _check_web_config(config: Config) -> None:
+    """The metrics endpoint's web configuration file must be usable (its certificates, keys and hashes)."""
+    if not config.metrics.web_config:
+        return
+    from appliance.metrics_web import WebConfigError, load_web_config
+
+    try:
+        load_web_config(Path(config.metrics.web_config))
+    except WebConfigError as exc:
+        raise ConfigError(f"[metrics] web_config: {exc}") from None

@@ -3,20 +3,49 @@
 Labels stay low-cardinality: never a device id (Prometheus knows the target), only bounded reasons. Counters
 that live in other modules (the outbox's, the cameras') are read at scrape time by a collector, so those
 modules stay free of Prometheus.
+
+Every label value the code uses is declared below and its series created at start, at 0: a counter's first
+event is then an increase that ``rate()`` and ``increase()`` see, and an alert on a reason works from the first
+scrape. tests/test_metrics_initialised.py holds the code to these tuples.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from appliance import __version__
+from appliance.config import ConfigError
+from appliance.metrics_web import MetricsServer, WebConfigError, load_web_config, start_metrics_server
+from appliance.reasons import DECODER_REASONS, PACKAGE_REASONS, UPDATE_REFUSAL_REASONS
 
 TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+# The label values of each labelled counter, by metric name.
+ROUND_SKIP_REASONS = ("deadline-passed", "no-data", "trainer-failed", "trainer-killed")
+TRAINER_KILL_CAUSES = ("oom", "signal")
+# A refused package or release: what the decoder and the package reader raise, and the agent's own checks
+# that the package and the release are the ones the task names.
+MODEL_REFUSAL_REASONS = (*DECODER_REASONS, *PACKAGE_REASONS, "wrong-package", "wrong-model")
+AGGREGATOR_OPERATIONS = ("task",)
+# The aggregator's reasons, the outbox's own ("corrupt": stored bytes that no longer match their digest) and
+# the client's for a refusal that names none ("unknown").
+UPDATE_REJECTION_REASONS = (*UPDATE_REFUSAL_REASONS, "corrupt", "unknown")
+# The outbox counts a failed send under the exception's class name; the agent's send raises only this one.
+DELIVERY_FAILURE_REASONS = ("AggregatorUnavailable",)
+LABEL_VALUES: dict[str, tuple[str, ...]] = {
+    "fl_agent_rounds_skipped": ROUND_SKIP_REASONS,
+    "fl_agent_trainer_killed": TRAINER_KILL_CAUSES,
+    "fl_agent_models_refused": MODEL_REFUSAL_REASONS,
+    "fl_agent_aggregator_errors": AGGREGATOR_OPERATIONS,
+    "fl_agent_updates_rejected": UPDATE_REJECTION_REASONS,
+    "fl_agent_delivery_failures": DELIVERY_FAILURE_REASONS,
+}
 
 
 @dataclass
@@ -45,7 +74,8 @@ class ModuleCollector(Collector):
             family_type = CounterMetricFamily if r.kind == "counter" else GaugeMetricFamily
             if isinstance(value, Mapping):
                 family = family_type(r.name, r.doc, labels=[r.label])
-                for label, v in sorted(value.items()):
+                known = dict.fromkeys(LABEL_VALUES.get(r.name, ()), 0)  # reported at 0 before their first count
+                for label, v in sorted({**known, **value}.items()):
                     family.add_metric([label], float(v))
             else:
                 family = family_type(r.name, r.doc, value=float(value))
@@ -69,6 +99,12 @@ class AgentMetrics:
         )
         self.rounds_skipped = Counter(
             "fl_agent_rounds_skipped", "Rounds not trained, by reason", ["reason"], registry=r
+        )
+        self.last_round_timestamp = Gauge(
+            "fl_agent_last_round_timestamp_seconds",
+            "When the aggregator acknowledged this device's last update (the receipt's time, in the aggregator's "
+            "clock; 0: never)",
+            registry=r,
         )
         self.training_seconds = Histogram(
             "fl_agent_training_seconds", "Wall time of one local training run", buckets=TRAIN_BUCKETS, registry=r
@@ -106,8 +142,28 @@ class AgentMetrics:
         )
         self.modules = ModuleCollector()
         r.register(self.modules)
+        for counter, values in (
+            (self.rounds_skipped, ROUND_SKIP_REASONS),
+            (self.trainer_kills, TRAINER_KILL_CAUSES),
+            (self.models_refused, MODEL_REFUSAL_REASONS),
+            (self.aggregator_errors, AGGREGATOR_OPERATIONS),
+        ):
+            for value in values:
+                counter.labels(value)  # the series exists, at 0, from the first scrape
 
-    def serve(self, listen: str) -> None:
-        """Expose /metrics on ``HOST:PORT`` in a daemon thread (prometheus-client's own server)."""
-        host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+    def report_no_cameras(self) -> None:
+        """Say there are no cameras (``fl_agent_cameras_present 0``) where no camera task exports the camera
+        metrics: a synthetic data source, a device running without cameras."""
+        self.modules.add(Reading("fl_agent_cameras_present", "Capture cameras currently present", "gauge", lambda: 0))
+
+    def serve(self, listen: str, web_config: str = "") -> MetricsServer:
+        """Expose /metrics on ``HOST:PORT`` in daemon threads; with ``web_config`` (a Prometheus web
+        configuration file) over TLS and/or behind basic auth. An unusable address or file is a ConfigError."""
+        try:
+            web = load_web_config(Path(web_config)) if web_config else None
+        except WebConfigError as exc:
+            raise ConfigError(f"[metrics] web_config: {exc}") from None
+        try:
+            return start_metrics_server(listen, self.registry, web)
+        except OSError as exc:
+            raise ConfigError(f"[metrics] listen: cannot listen on {listen}: {exc.strerror or exc}") from None

@@ -23,12 +23,14 @@ FL_AGENT_RECIPE = next(iter(sorted((LAYER / "recipes-fl" / "fl-agent").glob("fl-
 # meta-onnxruntime or meta-fl). The pinned layers were checked with `bitbake -g fl-image`.
 THIRD_PARTY_RECIPES = {
     "aiohttp": "python3-aiohttp",  # meta-python 3.9.5
+    "bcrypt": "python3-bcrypt",  # meta-python 4.1.2 (metrics basic auth; built with Rust)
     "cbor2": "python3-cbor2",  # meta-python 5.6.4
     "nacl": "python3-pynacl",  # meta-python 1.5.0
     "numpy": "python3-numpy",  # oe-core 1.26.4
     "onnxruntime": "onnxruntime",  # meta-onnxruntime 1.18.0 (inference build, Python bindings)
     "prometheus_client": "python3-prometheus-client",  # meta-fl 0.21.1
     "pyudev": "python3-pyudev",  # meta-python 0.24.1
+    "yaml": "python3-pyyaml",  # oe-core 6.0.1 (the metrics endpoint's web configuration file)
 }
 
 # Standard-library module -> the python3-* package that ships it on scarthgap, from oe-core's

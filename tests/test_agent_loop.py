@@ -164,7 +164,7 @@ async def test_agent_trains_a_round_and_delivers_one_signed_update(signed_packag
     assert sample(agent, "fl_agent_updates_delivered_total") == 1
     assert sample(agent, "fl_agent_rounds_joined_total") == 1 and sample(agent, "fl_agent_rounds_completed_total") == 1
     assert agent.last_round == 1  # survives a restart: the round is not trained twice
-    assert (tmp_path / "state" / "agent-state.json").read_text() == '{"last_round": 1}'
+    assert (tmp_path / "state" / "agent-state.json").read_text().startswith('{"last_round": 1, "acknowledged_at": ')
 
 
 def test_clip_update_bounds_the_global_norm():

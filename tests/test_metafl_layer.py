@@ -114,7 +114,7 @@ def test_import_map_knows_the_agent_dependencies_of_pyproject() -> None:
     """Every runtime requirement of the agent (core + [agent] extra) has a recipe in the map."""
     reqs = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["agent"]
     distributions = {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0].lower() for r in reqs}
-    import_names = {"pynacl": "nacl", "prometheus-client": "prometheus_client"}
+    import_names = {"pynacl": "nacl", "prometheus-client": "prometheus_client", "pyyaml": "yaml"}
     for dist in distributions:
         assert import_names.get(dist, dist) in THIRD_PARTY_RECIPES, f"{dist} has no recipe in THIRD_PARTY_RECIPES"
 

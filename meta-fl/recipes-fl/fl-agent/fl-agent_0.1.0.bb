@@ -97,6 +97,7 @@ RDEPENDS:${PN} = "\
     onnxruntime \
     python3-aiohttp \
     python3-asyncio \
+    python3-bcrypt \
     python3-cbor2 \
     python3-core \
     python3-crypt \
@@ -106,11 +107,15 @@ RDEPENDS:${PN} = "\
     python3-json \
     python3-logging \
     python3-math \
+    python3-misc \
     python3-mmap \
     python3-multiprocessing \
+    python3-netclient \
+    python3-netserver \
     python3-numpy \
     python3-prometheus-client \
     python3-pynacl \
     python3-pyudev \
+    python3-pyyaml \
     python3-tomllib \
 "
