@@ -1,0 +1,432 @@
+"""One secure-aggregation round, as a device plays it (:class:`DeviceRound`) and as the aggregator unmasks the
+sum (:func:`plan_unmask`, :func:`unmask_total`). Pure: messages, HTTP and storage are elsewhere
+(docs/protocol.md section 12 has the bytes).
+
+The phases, for a device i of a roster of n (Bonawitz et al. 2017; neighbours from :mod:`.graph`):
+
+1. **advertise**: i makes two key pairs for this round only: an X25519 pair to encrypt shares (crypto_box),
+   and a mask key r_i (a scalar) with public point R_i = r_i * G on Ed25519. It also draws a self-mask seed
+   b_i (a scalar). All three secrets live in memory only.
+2. **share**: from the roster, i splits b_i and r_i among its neighbours and itself (Feldman-verifiable Shamir,
+   threshold t, :mod:`.shamir`), publishes the commitments (the key commitment's constant term is R_i itself)
+   and encrypts each neighbour's two shares to it (crypto_box: X25519 + XSalsa20-Poly1305).
+3. **masked input**: i checks the shares routed to it; a neighbour whose shares fail is *rejected* (named in
+   i's masked input, and i does not mask with it). i sends
+   y_i = x_i + PRG(b_i) + sum over accepted neighbours j of (+PRG(s_ij) if i < j else -PRG(s_ij))  (mod 2^32),
+   s_ij the pairwise seed from r_i * R_j = r_j * R_i, x_i from :mod:`.quantise`.
+4. **unmask**: the aggregator names the survivors S (whose masked inputs count) and the dropped devices D
+   (that shared, and that some survivor masked with). Each survivor answers with its shares of b_u for u in
+   S, and for u in D its shares of r_u and its own pairwise seed with u; never both kinds for the same u:
+   :meth:`DeviceRound.answer` refuses a request (or a later request in the same round) that would give both.
+   The aggregator takes off the self masks of S (b_u from t shares) and the pairwise masks between S and D
+   (from the seeds, or from r_u rebuilt from t shares when a survivor went quiet); the masks among S cancel.
+   It never learns one survivor's x_i.
+
+Sending the pairwise seed as well as the share of r_u costs 32 bytes per dropped neighbour and means that
+a device which dropped out needs no holders at all as long as its partners answer, so one dropout never
+takes its neighbours' contributions with it. It reveals nothing r_u would not (r_u gives every seed of u).
+
+PRG is ChaCha20 (:mod:`.prg`) keyed with SHA-256 of a domain string, the round id and the secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+
+from appliance.protocol import graph, prg, shamir
+from appliance.protocol.quantise import check_room, quantise
+
+SELF_MASK_DOMAIN = b"fl-edge/secagg/v1/self-mask"
+PAIRWISE_MASK_DOMAIN = b"fl-edge/secagg/v1/pairwise-mask"
+KEY_BYTES = 32
+# round (8) || dealer (4) || recipient (4) || share of b (32) || share of r (32)
+SHARE_PLAINTEXT_BYTES = 8 + 4 + 4 + 2 * shamir.SCALAR_BYTES
+# crypto_box: a 24-byte nonce, then the 16-byte Poly1305 tag and the ciphertext
+SHARE_CIPHERTEXT_BYTES = Box.NONCE_SIZE + 16 + SHARE_PLAINTEXT_BYTES
+DEFAULT_THRESHOLD_FRACTION = 0.5
+
+
+class SecAggError(ValueError):
+    """A secure-aggregation step cannot go on; ``reason`` is stable and machine-readable."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def threshold_for(neighbours: int, fraction: float = DEFAULT_THRESHOLD_FRACTION) -> int:
+    """t for a device whose secrets go to its ``neighbours`` and itself: more than ``fraction`` of those
+    k + 1 holders (floor(fraction * (k + 1)) + 1), at least 2.
+
+    The fraction is at least 1/2, so t is a strict majority: no two disjoint sets of holders can each reach
+    t, which keeps the two kinds of shares of one device apart even if requests were split between holders.
+    A higher fraction takes more colluding holders to unmask a device and tolerates fewer dropouts."""
+    if not 0.5 <= fraction < 1:
+        raise ValueError(f"the threshold fraction must be in [0.5, 1), got {fraction}")
+    holders = neighbours + 1
+    return min(holders, max(2, math.floor(fraction * holders) + 1))
+
+
+def self_mask_seed(round_id: int, secret: int) -> bytes:
+    return hashlib.sha256(SELF_MASK_DOMAIN + round_id.to_bytes(8, "big") + shamir.scalar_bytes(secret)).digest()
+
+
+def pairwise_mask_seed(round_id: int, shared_point: bytes) -> bytes:
+    return hashlib.sha256(PAIRWISE_MASK_DOMAIN + round_id.to_bytes(8, "big") + shared_point).digest()
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The two public keys a device advertises for one round."""
+
+    cipher: bytes  # X25519 public key: shares are encrypted to it
+    mask: bytes  # R = r * G (Ed25519, compressed): pairwise masks come from r_i * R_j
+
+    def __post_init__(self) -> None:
+        if len(self.cipher) != KEY_BYTES or len(self.mask) != KEY_BYTES:
+            raise SecAggError("bad-key", f"public keys are {KEY_BYTES} bytes")
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """What the roster fixes for everyone: the devices in order, their keys, the graph and the arithmetic."""
+
+    round_id: int
+    keys: tuple[Keys, ...]
+    neighbours: int  # k as used (even, or n-1 for the complete graph)
+    threshold: int
+    levels: int
+    max_samples: int
+    clip_norm: float
+    graph_seed: bytes
+
+    def __post_init__(self) -> None:
+        n = len(self.keys)
+        if n < 2:
+            raise SecAggError("too-few-devices", "a secure round needs at least two devices")
+        if self.neighbours != graph.effective_neighbours(n, self.neighbours):
+            raise SecAggError("bad-roster", f"{self.neighbours} neighbours is not a valid degree for {n} devices")
+        if not 2 <= self.threshold <= self.neighbours + 1:
+            raise SecAggError("bad-roster", f"threshold {self.threshold} is outside [2, {self.neighbours + 1}]")
+        if not self.clip_norm > 0:
+            raise SecAggError("bad-roster", "the clip norm must be positive")
+        try:
+            check_room(n, self.levels, self.max_samples)
+        except ValueError as exc:
+            raise SecAggError("bad-roster", str(exc)) from None
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    @cached_property
+    def graph(self) -> list[list[int]]:
+        return graph.neighbours(self.size, self.neighbours, self.graph_seed)
+
+    def holders(self, dealer: int) -> list[int]:
+        """Who holds shares of ``dealer``'s secrets: its neighbours and itself (indices)."""
+        return sorted([*self.graph[dealer], dealer])
+
+
+def x_of(index: int) -> int:
+    """The Shamir x coordinate of roster index ``index``."""
+    return index + 1
+
+
+@dataclass(frozen=True)
+class Dealing:
+    """What a dealer sends in the share phase: commitments for everyone, and a ciphertext per neighbour."""
+
+    self_commitments: tuple[bytes, ...]
+    key_commitments: tuple[bytes, ...]
+    ciphertexts: dict[int, bytes]  # recipient index -> encrypted shares
+
+
+@dataclass(frozen=True)
+class RoutedShare:
+    """One dealer's shares for one recipient, as the aggregator forwards them."""
+
+    dealer: int
+    self_commitments: tuple[bytes, ...]
+    key_commitments: tuple[bytes, ...]
+    ciphertext: bytes
+
+
+def _share_plaintext(round_id: int, dealer: int, recipient: int, self_share: int, key_share: int) -> bytes:
+    return (
+        round_id.to_bytes(8, "big") + dealer.to_bytes(4, "big") + recipient.to_bytes(4, "big")
+        + shamir.scalar_bytes(self_share) + shamir.scalar_bytes(key_share)
+    )
+
+
+class DeviceRound:
+    """A device's secrets and steps for one round. Nothing here is ever written to disk."""
+
+    def __init__(self, round_id: int):
+        self.round_id = round_id
+        self._cipher = PrivateKey.generate()
+        self._mask_secret = shamir.random_scalar()
+        self._self_secret = shamir.random_scalar()
+        self.keys = Keys(cipher=bytes(self._cipher.public_key), mask=shamir.base_point_times(self._mask_secret))
+        self.setup: RoundSetup | None = None
+        self.index = -1
+        self._held: dict[int, tuple[int, int]] = {}  # dealer -> (share of b, share of r), own shares included
+        self._accepted: list[int] = []  # neighbours whose shares verified: the ones masked with
+        self._answered: dict[int, str] = {}  # dealer -> "self" or "key": the kind of share already given out
+
+    def deal(self, setup: RoundSetup, index: int) -> Dealing:
+        """Phase 2: split b and r among the neighbours and itself; encrypt each neighbour's shares to it."""
+        if setup.round_id != self.round_id or not 0 <= index < setup.size or setup.keys[index] != self.keys:
+            raise SecAggError("not-in-roster", "the roster does not hold this device's keys for this round")
+        self.setup, self.index = setup, index
+        holders = setup.holders(index)
+        xs = [x_of(h) for h in holders]
+        self_shares, self_commitments = shamir.share(self._self_secret, xs, setup.threshold)
+        key_shares, key_commitments = shamir.share(self._mask_secret, xs, setup.threshold)
+        self._held[index] = (self_shares[x_of(index)], key_shares[x_of(index)])
+        ciphertexts = {}
+        for h in setup.graph[index]:
+            box = Box(self._cipher, PublicKey(setup.keys[h].cipher))
+            plain = _share_plaintext(self.round_id, index, h, self_shares[x_of(h)], key_shares[x_of(h)])
+            ciphertexts[h] = bytes(box.encrypt(plain))
+        return Dealing(tuple(self_commitments), tuple(key_commitments), ciphertexts)
+
+    def receive(self, routed: Sequence[RoutedShare]) -> list[int]:
+        """Phase 3, first half: decrypt and check the shares routed to this device; returns the rejected dealers.
+
+        A dealer is accepted when its ciphertext opens with its advertised key, names this round, itself and
+        this device, and both shares match its commitments (whose key commitment must start with the mask key
+        it advertised). This device masks with exactly the accepted dealers."""
+        setup = self._setup()
+        mine = set(setup.graph[self.index])
+        candidates: dict[int, tuple[RoutedShare, int, int]] = {}
+        rejected: set[int] = set()
+        seen: set[int] = set()
+        for r in routed:
+            if r.dealer not in mine:
+                continue  # not a neighbour: nothing this device would mask with
+            if r.dealer in seen:
+                rejected.add(r.dealer)  # two dealings from one dealer: neither is trusted
+                continue
+            seen.add(r.dealer)
+            opened = self._open(setup, r)
+            if opened is None:
+                rejected.add(r.dealer)
+            else:
+                candidates[r.dealer] = (r, *opened)
+        for d in rejected:
+            candidates.pop(d, None)
+        x = x_of(self.index)
+        dealers = sorted(candidates)
+        self_ok = shamir.verify_sum([candidates[d][0].self_commitments for d in dealers], x,
+                                    [candidates[d][1] for d in dealers]) if dealers else True
+        key_ok = self_ok and (shamir.verify_sum([candidates[d][0].key_commitments for d in dealers], x,
+                                                [candidates[d][2] for d in dealers]) if dealers else True)
+        if not (self_ok and key_ok):
+            for d in dealers:
+                r, b_share, r_share = candidates[d]
+                if not (shamir.verify_share(r.self_commitments, x, b_share)
+                        and shamir.verify_share(r.key_commitments, x, r_share)):
+                    rejected.add(d)
+        for d in dealers:
+            if d not in rejected:
+                self._held[d] = candidates[d][1:]
+        self._accepted = [d for d in dealers if d not in rejected]
+        return sorted(rejected)
+
+    def _open(self, setup: RoundSetup, r: RoutedShare) -> tuple[int, int] | None:
+        t = setup.threshold
+        if len(r.self_commitments) != t or len(r.key_commitments) != t:
+            return None
+        if r.key_commitments[0] != setup.keys[r.dealer].mask:
+            return None
+        try:
+            plain = Box(self._cipher, PublicKey(setup.keys[r.dealer].cipher)).decrypt(r.ciphertext)
+        except (CryptoError, ValueError, TypeError):
+            return None
+        if len(plain) != SHARE_PLAINTEXT_BYTES:
+            return None
+        header = self.round_id.to_bytes(8, "big") + r.dealer.to_bytes(4, "big") + self.index.to_bytes(4, "big")
+        if plain[:16] != header:
+            return None
+        try:
+            return shamir.scalar_from_bytes(plain[16:48]), shamir.scalar_from_bytes(plain[48:80])
+        except ValueError:
+            return None
+
+    def mask(self, delta: np.ndarray, num_samples: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Phase 3, second half: the masked input (P + 1 uint32 words) of a clipped update."""
+        setup = self._setup()
+        words = quantise(
+            delta, num_samples, clip_norm=setup.clip_norm, levels=setup.levels, max_samples=setup.max_samples,
+            rng=rng or np.random.default_rng(),
+        )
+        prg.add_mask(words, self_mask_seed(self.round_id, self._self_secret), +1)
+        for j in self._accepted:
+            prg.add_mask(words, self._pair_seed(j), +1 if self.index < j else -1)
+        return words
+
+    def answer(self, survivors: Sequence[int], dropped: Sequence[int]) -> Answer:
+        """Phase 4: shares of b_u for survivors u, shares of r_u and the pairwise seed for dropped u.
+
+        Every device whose masked input arrived is asked, survivor or not (a device left out still holds its
+        neighbours' shares). Refused (:class:`SecAggError` ``unmask-refused``) when a device is named both
+        survivor and dropped, when fewer than t survive, or when a device was named the other way in an
+        earlier request of this round: each of those could let the aggregator unmask one device."""
+        setup = self._setup()
+        alive, gone = set(survivors), set(dropped)
+        if alive & gone:
+            raise SecAggError("unmask-refused", f"devices {sorted(alive & gone)} are named both survivor and dropped")
+        if len(alive) < setup.threshold:
+            raise SecAggError("unmask-refused", f"{len(alive)} survivors is fewer than the threshold {setup.threshold}")
+        wanted = {u: "self" for u in alive} | {u: "key" for u in gone}
+        conflicts = sorted(u for u, kind in self._answered.items() if wanted.get(u, kind) != kind)
+        if conflicts:
+            raise SecAggError("unmask-refused", f"devices {conflicts} were named the other way in an earlier request")
+        answer = Answer(
+            self_shares={u: self._held[u][0] for u in sorted(alive) if u in self._held},
+            key_shares={u: self._held[u][1] for u in sorted(gone) if u in self._held},
+            pair_seeds={u: self._pair_seed(u) for u in sorted(gone) if u in self._accepted},
+        )
+        self._answered.update({u: "self" for u in answer.self_shares} | {u: "key" for u in answer.key_shares})
+        return answer
+
+    def _pair_seed(self, other: int) -> bytes:
+        setup = self._setup()
+        return pairwise_mask_seed(self.round_id, shamir.point_times(self._mask_secret, setup.keys[other].mask))
+
+    def _setup(self) -> RoundSetup:
+        if self.setup is None:
+            raise SecAggError("wrong-phase", "the shares have not been dealt yet")
+        return self.setup
+
+
+# ------------------------------------------------------------------------------------------ aggregator side
+
+
+def masked_with(setup: RoundSetup, shared: set[int], rejections: Mapping[int, set[int]]) -> dict[int, set[int]]:
+    """For each device that sent a masked input: the dealers it masked with (its neighbours that shared, minus
+    the ones it rejected)."""
+    return {
+        v: {u for u in setup.graph[v] if u in shared and u not in rejected}
+        for v, rejected in rejections.items()
+    }
+
+
+@dataclass(frozen=True)
+class UnmaskPlan:
+    """Whose masked inputs count (survivors), whose masks with them must come off (dropped: devices that shared
+    and some survivor masked with), and whose inputs arrived but are left out (excluded)."""
+
+    survivors: list[int]
+    dropped: list[int]
+    excluded: list[int]
+
+
+def plan_unmask(setup: RoundSetup, shared: set[int], rejections: Mapping[int, set[int]]) -> UnmaskPlan:
+    """Decide, before asking for any share, which masked inputs can count.
+
+    ``shared``: devices whose dealings were routed; ``rejections``: for each device whose masked input arrived
+    (all of them in ``shared``: they are the ones asked to answer), the dealers it rejected. A dealer rejected
+    by anyone is left out: its own contribution drops, the round goes on. So is a device with fewer than t
+    holders among the devices asked (itself included): its self mask could not come off if it went quiet now.
+    """
+    partners = masked_with(setup, shared, rejections)
+    accused = {u for rejected in rejections.values() for u in rejected}
+
+    def holders(u: int) -> int:
+        return 1 + sum(1 for v in setup.graph[u] if v in partners and u in partners[v])
+
+    alive = {v for v in rejections if v in shared and v not in accused and holders(v) >= setup.threshold}
+    dropped = sorted(u for u in shared - alive if any(v in alive and u in partners[v] for v in setup.graph[u]))
+    excluded = sorted(v for v in rejections if v not in alive)
+    return UnmaskPlan(sorted(alive), dropped, excluded)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One survivor's unmask answer: shares of b_u for survivors u, shares of r_u for dropped u (both by
+    dealer index), and its own pairwise seed with each dropped device it masked with."""
+
+    self_shares: dict[int, int]
+    key_shares: dict[int, int]
+    pair_seeds: dict[int, bytes]
+
+
+@dataclass
+class UnmaskReport:
+    """What unmasking took: the holders whose shares did not fit the commitments (ignored), and the dropped
+    devices whose mask key had to be rebuilt from shares (a partner of theirs did not answer)."""
+
+    bad_holders: set[int] = field(default_factory=set)
+    rebuilt_keys: set[int] = field(default_factory=set)
+
+
+def _recover(
+    dealer: int, kind: str, commitments: Sequence[bytes], shares: dict[int, int], threshold: int, bad: set[int]
+) -> int:
+    """The dealer's secret from holder index -> share; shares that do not fit the commitments are left out."""
+    ordered = sorted(shares)
+    if len(ordered) >= threshold:
+        secret = shamir.reconstruct({x_of(h): shares[h] for h in ordered[:threshold]})
+        if shamir.commits_to(commitments, secret):
+            return secret
+    good = [h for h in ordered if shamir.verify_share(commitments, x_of(h), shares[h])]
+    bad.update(h for h in ordered if h not in good)
+    if len(good) < threshold:
+        raise SecAggError(
+            "too-few-shares", f"device {dealer}: {len(good)} valid shares of its {kind} secret, {threshold} needed"
+        )
+    return shamir.reconstruct({x_of(h): shares[h] for h in good[:threshold]})
+
+
+def unmask_total(
+    total: np.ndarray,
+    setup: RoundSetup,
+    plan: UnmaskPlan,
+    partners: Mapping[int, set[int]],
+    commitments: Mapping[int, tuple[Sequence[bytes], Sequence[bytes]]],
+    answers: Mapping[int, Answer],
+) -> UnmaskReport:
+    """Turn the sum of the survivors' masked inputs into the sum of their inputs, in place.
+
+    ``partners``: :func:`masked_with`; ``commitments``: dealer -> (self commitments, key commitments);
+    ``answers``: by survivor (the ones that answered). Each survivor's self mask comes off with b_u rebuilt
+    from t shares; each pairwise mask between a survivor v and a dropped u comes off with the seed v sent, or,
+    if v did not answer, with r_u rebuilt from t shares. The masks among survivors cancel by themselves.
+    Raises ``too-few-shares`` (nothing is returned that is not the exact sum).
+    """
+    t = setup.threshold
+    report = UnmaskReport()
+    pending: list[tuple[int, bytes]] = []
+    for u in plan.survivors:
+        shares = {h: a.self_shares[u] for h, a in answers.items() if u in a.self_shares}
+        secret = _recover(u, "self-mask", commitments[u][0], shares, t, report.bad_holders)
+        pending.append((-1, self_mask_seed(setup.round_id, secret)))
+    alive = set(plan.survivors)
+    for u in plan.dropped:
+        key: int | None = None
+        for v in setup.graph[u]:
+            if v not in alive or u not in partners[v]:
+                continue
+            seed = answers[v].pair_seeds.get(u) if v in answers else None
+            if seed is None:
+                if key is None:
+                    shares = {h: a.key_shares[u] for h, a in answers.items() if u in a.key_shares}
+                    key = _recover(u, "mask-key", commitments[u][1], shares, t, report.bad_holders)
+                    report.rebuilt_keys.add(u)
+                seed = pairwise_mask_seed(setup.round_id, shamir.point_times(key, setup.keys[v].mask))
+            # v added +PRG if v < u, else -PRG: take it off again
+            pending.append((-1 if v < u else +1, seed))
+    for sign, seed in pending:  # every secret is known before the first mask comes off: no half-unmasked sum
+        prg.add_mask(total, seed, sign)
+    return report
