@@ -231,3 +231,25 @@ def test_overlay_files_get_debian_modes_whatever_the_checkout_umask(tmp_path):
     assert mode(root / "etc/fl-agent/agent.toml") == "0o644"
     assert mode(root / "usr/bin/helper") == "0o755"
     assert mode(root / "usr/bin") == "0o755", "a directory the base system ships keeps its mode"
+
+
+def test_the_unit_delegates_exactly_the_controllers_the_agent_passes_to_the_trainer(tmp_path):
+    # Delegate= once listed io, which the agent never enabled for its children: the guest showed
+    # `cpu memory pids` in the unit's cgroup.subtree_control, and the unit claimed an I/O split it did not make.
+    from appliance import budget as b
+
+    unit = (OVERLAY / "usr/lib/systemd/system/fl-agent.service").read_text()
+    delegated = set(re.search(r"^Delegate=(.*)$", unit, re.MULTILINE).group(1).split())
+    base = tmp_path / "fl-agent.service"
+    (base / "trainer").mkdir(parents=True)
+    (base / "cgroup.controllers").write_text("cpu io memory pids\n")  # what systemd makes available (guest)
+    (base / "cgroup.subtree_control").write_text("\n")
+    (base / "cgroup.procs").write_text("")
+    sandbox = b.TrainerSandbox(
+        b.Budget(cpu_quota=1.0, threads=1, memory_max=None, memory_high=None, delegated=True, advisory=False,
+                 reason="test", base=base),
+        memory_max=None,
+    )  # fmt: skip
+    sandbox._prepare()
+    enabled = {c.lstrip("+") for c in (base / "cgroup.subtree_control").read_text().split()}
+    assert delegated == enabled
