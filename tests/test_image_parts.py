@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import lzma
 import os
@@ -231,6 +232,67 @@ def test_overlay_files_get_debian_modes_whatever_the_checkout_umask(tmp_path):
     assert mode(root / "etc/fl-agent/agent.toml") == "0o644"
     assert mode(root / "usr/bin/helper") == "0o755"
     assert mode(root / "usr/bin") == "0o755", "a directory the base system ships keeps its mode"
+
+
+def fake_image(directory: Path, key: str) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text(json.dumps({"key": key, "partitions": []}))
+    return directory
+
+
+def test_image_build_leaves_the_image_at_one_place_under_the_cache_that_qemu_run_takes(tmp_path, monkeypatch):
+    from flctl.image.build import default_image_dir, link_latest_image
+    from flctl.image.cli import add_parser
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FL_EDGE_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert parser.parse_args(["image", "build"]).out is None, "no default relative to the current directory"
+    assert default_image_dir() == tmp_path / "cache" / "image"
+
+    cache = tmp_path / "cache"
+    old = fake_image(cache / "images" / "aaaa", "aaaa")
+    new = fake_image(cache / "images" / "bbbb", "bbbb")
+    link_latest_image(cache, old)
+    link_latest_image(cache, new)
+    art = ImageArtifacts.load(default_image_dir())
+    assert art.directory == new and art.manifest["key"] == "bbbb"
+    assert os.readlink(cache / "image") == "images/bbbb", "relative: the cache directory may move"
+
+
+def test_pruning_keeps_the_image_the_cache_link_points_at(tmp_path):
+    from flctl.image.build import _prune, link_latest_image
+    from flctl.image.cache import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    entries = [fake_image(tmp_path / "images" / f"k{i}", f"k{i}") for i in range(6)]
+    for i, entry in enumerate(entries):
+        os.utime(entry, (1_000_000 + i, 1_000_000 + i))  # old, k5 the newest
+    link_latest_image(tmp_path, entries[0])
+    _prune(store, "images", keep="k5")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["k0", "k3", "k4", "k5"]
+
+
+def test_cache_root_follows_fl_edge_cache_then_xdg_cache_home(tmp_path, monkeypatch):
+    from flctl.image.cache import cache_root
+
+    monkeypatch.delenv("FL_EDGE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "fl-edge"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # invalid by the spec: ignored
+    assert cache_root() == Path.home() / ".cache" / "fl-edge"
+    monkeypatch.setenv("FL_EDGE_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+
+
+def test_qemu_run_refuses_an_image_dir_without_an_image_in_one_line(tmp_path, capsys):
+    from flctl.qemu import cli
+
+    assert cli.main(["run", "--image", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qemu run: ") and err.count("\n") == 1, err
+    assert f"{tmp_path} holds no built image" in err
 
 
 def test_the_unit_delegates_exactly_the_controllers_the_agent_passes_to_the_trainer(tmp_path):

@@ -7,8 +7,11 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
 import shutil
 import subprocess
+import time
+import urllib.request
 
 import pytest
 from rich.console import Console
@@ -54,7 +57,8 @@ def test_rig_config_scrapes_every_appliance_and_the_aggregator(tmp_path):
     text = config.read_text()
     assert "job_name: fl-aggregator" in text and "job_name: fl-agent" in text
     # The user is told where the config is and gets a command line to paste, unbroken by wrapping.
-    assert f"prometheus --config.file={config}\n" in out.getvalue()
+    run = re.search(r"^  run: (prometheus .*)$", out.getvalue(), re.MULTILINE)
+    assert run and f"--config.file={config} " in run.group(1)
     promtool_check(config)
 
 
@@ -101,3 +105,31 @@ def test_qemu_run_refuses_an_aggregator_port_out_of_range(capsys):
         qemu.main(["run", "--aggregator-port", "70000"])
     assert exit_.value.code == 2
     assert "expected a TCP port in 1-65535, got 70000" in capsys.readouterr().err
+
+
+def test_the_printed_command_keeps_prometheus_data_beside_the_config_and_on_loopback(tmp_path):
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is missing: Debian's prometheus package is not installed")
+    out = io.StringIO()
+    config = qemu.write_prometheus_config(tmp_path / "rig", appliances(tmp_path, [40106]), 8080, Console(file=out))
+    command = shlex.split(re.search(r"^  run: (prometheus .*)$", out.getvalue(), re.MULTILINE).group(1))
+    listen = next(a.split("=", 1)[1] for a in command if a.startswith("--web.listen-address="))
+    assert listen.startswith("127.0.0.1:"), "the UI and API (with its admin endpoints) stay on loopback"
+    elsewhere = tmp_path / "started-here"
+    elsewhere.mkdir()
+    prom = subprocess.Popen(command, cwd=elsewhere, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready, give_up = False, time.monotonic() + 120
+        while not ready:
+            assert prom.poll() is None, f"prometheus exited ({prom.returncode}): {command}"
+            assert time.monotonic() < give_up, f"prometheus never became ready on {listen}"
+            try:
+                with urllib.request.urlopen(f"http://{listen}/-/ready", timeout=2) as r:
+                    ready = r.status == 200
+            except OSError:
+                time.sleep(0.2)
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+    assert (config.parent / "data").is_dir(), "the time series belong beside the config"
+    assert not (elsewhere / "data").exists(), "Prometheus wrote ./data where it was started"

@@ -29,6 +29,7 @@ from appliance.synthetic import evaluation_set
 from appliance.trainer import Trainer
 from flctl.fleet import Fleet
 from flctl.model import export_reference_package
+from flctl.ports import free_port
 from flctl.prometheus import prometheus_command, write_scrape_config
 
 HELD_OUT_PER_CAMERA = 150
@@ -226,8 +227,11 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
         improved = rows[-1].accuracy > baseline["accuracy"]
         console.print(
             f"plot: {out / 'demo.png'}\nsummary: {out / 'summary.json'}\nlogs: {fleet.logs}\n"
-            f"state: {out}\nPrometheus config (file_sd): {prom}\n  run: {prometheus_command(prom)}"
+            f"state: {out}\nPrometheus config (file_sd): {prom}",
+            markup=False,
         )
+        # One line, whatever the width: it is meant to be pasted.
+        console.print(f"  run: {prometheus_command(prom, free_port())}", markup=False, soft_wrap=True)
         console.print(f"aggregator: {fleet.url}/v1/status  {fleet.url}/metrics  {fleet.url}/")
         for d in fleet.members:
             console.print(f"  {d.state_dir.name}: {d.metrics_url}")

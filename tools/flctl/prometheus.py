@@ -79,6 +79,15 @@ def write_scrape_config(out_dir: Path, appliances: Mapping[str, str], aggregator
     return config
 
 
-def prometheus_command(config: Path) -> str:
-    """The command line that starts Prometheus on this config (printed for the user)."""
-    return "prometheus " + shlex.quote(f"--config.file={config}")
+def prometheus_command(config: Path, port: int) -> str:
+    """The command line that starts Prometheus on this config (printed for the user), complete: its time
+    series go to ``data/`` beside the config (not ``./data`` wherever it is started) and its web UI and API
+    listen on ``127.0.0.1:port`` only (Prometheus' default is every address, port 9090)."""
+    return shlex.join(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={config.parent / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+    )

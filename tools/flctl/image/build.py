@@ -1,6 +1,6 @@
 """``flctl image build``: the development image of the appliance, from Debian packages, without bitbake.
 
-Output (in ``--out``, default ``build/image``; the same files live in the cache):
+Output (in the cache, where ``<cache>/image`` links to the image last built or taken from it; or in ``--out``):
   fl-dev.img        GPT disk: fl-root (ext4, mounted read-only) + fl-data (ext4, /data)
   fl-dev.img.bmap   block map for ``bmaptool copy`` (flctl flash)
   vmlinux           uncompressed kernel for direct boot (QEMU -kernel, PVH)
@@ -39,6 +39,9 @@ KERNEL_CMDLINE = "console=ttyS0,115200 root=LABEL=fl-root rootfstype=ext4 ro pan
 # Sources that end up in the project wheel (and so in the image).
 WHEEL_SOURCES = ("appliance", "aggregator", "tools/flctl")
 KEEP_IMAGES = 3
+# <cache>/image: a link to the image the last build made or took from the cache; `flctl image build` prints
+# it, `flctl qemu run --image` and `flctl flash` can be given it.
+LATEST_LINK = "image"
 KEEP_RECENT_SECONDS = 6 * 3600
 
 
@@ -137,6 +140,8 @@ def build_image(
             manifest["step_seconds"] = {k: round(v, 1) for k, v in steps.timings.items()}
             manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
         art = ImageArtifacts.load(art.directory)
+        if out is None:
+            link_latest_image(store.root, art.directory)
     if out is not None:
         _publish(art, out)
         art = ImageArtifacts.load(out)
@@ -313,8 +318,24 @@ def _scratch(store: ArtifactStore) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def default_image_dir(cache: Path | None = None) -> Path:
+    """``<cache>/image``: where ``flctl image build`` leaves the image unless given ``--out``."""
+    return (cache or cache_root()) / LATEST_LINK
+
+
+def link_latest_image(root: Path, directory: Path) -> None:
+    """Point ``<root>/image`` at the image ``directory`` in the cache, atomically (a reader sees the old image
+    or the new one, never a mix); the link is relative, so a cache directory that moves keeps it."""
+    link = root / LATEST_LINK
+    tmp = root / f".{LATEST_LINK}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(directory.relative_to(root))
+    os.replace(tmp, link)
+
+
 def _prune(store: ArtifactStore, kind: str, keep: str) -> list[Path]:
-    """Drop old entries of ``kind``: keep ``keep``, the newest few, and any made in the last hours."""
+    """Drop old entries of ``kind``: keep ``keep``, the newest few, any made in the last hours, and the one
+    ``<cache>/image`` links to."""
     base = store.root / kind
     entries = sorted(
         (p for p in base.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True
@@ -324,6 +345,9 @@ def _prune(store: ArtifactStore, kind: str, keep: str) -> list[Path]:
     keep_names = (
         {keep} | {p.name for p in entries[:KEEP_IMAGES]} | {p.name for p in entries if p.stat().st_mtime > recent}
     )
+    latest = store.root / LATEST_LINK
+    if latest.is_symlink():
+        keep_names.add(Path(os.readlink(latest)).name)
     return store.prune(kind, keep_names)
 
 

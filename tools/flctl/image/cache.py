@@ -20,12 +20,16 @@ ENV_CACHE = "FL_EDGE_CACHE"
 
 
 def cache_root(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The cache directory: ``explicit``, else ``$FL_EDGE_CACHE``, else ``~/.cache/fl-edge``."""
+    """The cache directory: ``explicit``, else ``$FL_EDGE_CACHE``, else ``$XDG_CACHE_HOME/fl-edge``, else
+    ``~/.cache/fl-edge`` (under sudo: root's, as sudo resets the environment)."""
     if explicit:
         return Path(explicit).expanduser().resolve()
     env = os.environ.get(ENV_CACHE)
     if env:
         return Path(env).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative value is invalid and ignored
+        return Path(xdg) / "fl-edge"
     return Path.home() / ".cache" / "fl-edge"
 
 

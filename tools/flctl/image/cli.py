@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import disk, kernel, rootfs
-from .build import DISK_NAME, ImageBuildError, build_image
+from .build import DISK_NAME, ImageBuildError, build_image, default_image_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,10 +18,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", help="build fl-dev.img (+ .bmap, vmlinux, initrd) from Debian packages")
     build.add_argument(
-        "--out", type=Path, default=Path("build/image"), help="where to put the image (default: %(default)s)"
+        "--out",
+        type=Path,
+        help="also put the image's files in this directory (default: only <cache>/image, a link to the cache)",
     )
     build.add_argument(
-        "--cache", type=Path, default=None, help="cache dir (default: $FL_EDGE_CACHE or ~/.cache/fl-edge)"
+        "--cache",
+        type=Path,
+        default=None,
+        help="cache dir (default: $FL_EDGE_CACHE, else $XDG_CACHE_HOME/fl-edge, else ~/.cache/fl-edge)",
     )
     build.add_argument(
         "--data-size",
@@ -45,15 +50,15 @@ def _mib(text: str) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
     try:
-        art = build_image(
+        build_image(
             cache=args.cache, out=args.out, data_size=args.data_size, rebuild=args.rebuild, console=console
         )
     except (ImageBuildError, kernel.KernelError, rootfs.RootfsError, disk.DiskError) as exc:
         console.print(f"[red]image build failed:[/] {exc}")
         return 1
-    print(art.directory / DISK_NAME)
+    print((args.out or default_image_dir(args.cache)) / DISK_NAME)
     return 0
 
 

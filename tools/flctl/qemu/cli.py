@@ -104,13 +104,13 @@ def write_prometheus_config(
         aggregator=None if aggregator_port is None else f"127.0.0.1:{aggregator_port}",
     )
     console.print(f"Prometheus config (file_sd): {config}", markup=False, soft_wrap=True)
-    console.print(f"  run: {prometheus_command(config)}", markup=False, soft_wrap=True)
+    console.print(f"  run: {prometheus_command(config, free_port())}", markup=False, soft_wrap=True)
     return config
 
 
 def cmd_env(args: argparse.Namespace) -> int:
     """Provision appliances and write a labgrid environment for them (for ``pytest --lg-env``)."""
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
     try:
         art, machine, workdir, appliances = _prepare(args, console)
         path = rig.labgrid_env(art, appliances, machine, args.output)
@@ -129,7 +129,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
     try:
         art, machine, workdir, appliances = _prepare(args, console)
         write_prometheus_config(workdir, appliances, args.aggregator_port, console)
@@ -200,8 +200,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _appliance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--count", type=_positive, default=1, help="number of appliances (default 1)")
-    p.add_argument("--image", type=Path, help="a built image dir (default: build or take it from the cache)")
-    p.add_argument("--cache", type=Path, help="image cache dir (default: $FL_EDGE_CACHE or ~/.cache/fl-edge)")
+    p.add_argument("--image", type=Path, metavar="DIR",
+                   help="the image in DIR, as `flctl image build` left it (<cache>/image) or wrote it (--out DIR) "
+                        "(default: build the image, or take it from the cache when nothing changed)")
+    p.add_argument("--cache", type=Path, help="image cache dir (default: $FL_EDGE_CACHE, else "
+                   "$XDG_CACHE_HOME/fl-edge, else ~/.cache/fl-edge)")
     p.add_argument("--workdir", type=Path, help="where data partitions and console logs go (default: a temp dir)")
     p.add_argument("--aggregator-port", type=_port, help="host loopback port of the aggregator (guest 10.0.2.100:8080)")
     p.add_argument("--aggregator-state", type=Path, help="aggregator state dir: pin its key, enroll the devices")
