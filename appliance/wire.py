@@ -521,6 +521,8 @@ class Task:
     encoding: str = "float32"
     clip_norm: float = 0.0
     issued_at: int = field(default_factory=lambda: int(time.time()))
+    # The round is a secure-aggregation round (docs/protocol.md section 12); sent only when true.
+    secure_aggregation: bool = False
 
 
 def encode_task(task: Task, key: SigningKey) -> bytes:
@@ -540,6 +542,8 @@ def encode_task(task: Task, key: SigningKey) -> bytes:
         "clip_norm": float(task.clip_norm),
         "issued_at": task.issued_at,
     }
+    if task.secure_aggregation:
+        payload["secagg"] = True
     return sign(payload, key, key_id(key.verify_key))
 
 
@@ -549,6 +553,9 @@ def decode_task(message: bytes | memoryview, aggregator_key: VerifyKey) -> Task:
     encoding = _field(p, "encoding", str)
     if encoding not in ENCODINGS:
         raise ProtocolError("bad-payload", f"unknown encoding {encoding!r}")
+    secure = p.get("secagg", False)
+    if not isinstance(secure, bool):
+        raise ProtocolError("bad-payload", "field 'secagg' is not a boolean")
     return Task(
         round_id=_field(p, "round", int),
         model_version=_field(p, "model_version", int),
@@ -562,6 +569,7 @@ def decode_task(message: bytes | memoryview, aggregator_key: VerifyKey) -> Task:
         encoding=encoding,
         clip_norm=_field(p, "clip_norm", float),
         issued_at=_field(p, "issued_at", int),
+        secure_aggregation=secure,
     )
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -169,13 +170,17 @@ def _share_plaintext(round_id: int, dealer: int, recipient: int, self_share: int
 
 
 class DeviceRound:
-    """A device's secrets and steps for one round. Nothing here is ever written to disk."""
+    """A device's secrets and steps for one round. Nothing here is ever written to disk.
 
-    def __init__(self, round_id: int):
+    ``entropy`` is where every random byte comes from (keys, secrets, polynomial coefficients, nonces):
+    os.urandom, or a fixed stream for the documentation's worked example."""
+
+    def __init__(self, round_id: int, entropy: shamir.Entropy = os.urandom):
         self.round_id = round_id
-        self._cipher = PrivateKey.generate()
-        self._mask_secret = shamir.random_scalar()
-        self._self_secret = shamir.random_scalar()
+        self._entropy = entropy
+        self._cipher = PrivateKey(entropy(KEY_BYTES))
+        self._mask_secret = shamir.random_scalar(entropy)
+        self._self_secret = shamir.random_scalar(entropy)
         self.keys = Keys(cipher=bytes(self._cipher.public_key), mask=shamir.base_point_times(self._mask_secret))
         self.setup: RoundSetup | None = None
         self.index = -1
@@ -190,14 +195,14 @@ class DeviceRound:
         self.setup, self.index = setup, index
         holders = setup.holders(index)
         xs = [x_of(h) for h in holders]
-        self_shares, self_commitments = shamir.share(self._self_secret, xs, setup.threshold)
-        key_shares, key_commitments = shamir.share(self._mask_secret, xs, setup.threshold)
+        self_shares, self_commitments = shamir.share(self._self_secret, xs, setup.threshold, self._entropy)
+        key_shares, key_commitments = shamir.share(self._mask_secret, xs, setup.threshold, self._entropy)
         self._held[index] = (self_shares[x_of(index)], key_shares[x_of(index)])
         ciphertexts = {}
         for h in setup.graph[index]:
             box = Box(self._cipher, PublicKey(setup.keys[h].cipher))
             plain = _share_plaintext(self.round_id, index, h, self_shares[x_of(h)], key_shares[x_of(h)])
-            ciphertexts[h] = bytes(box.encrypt(plain))
+            ciphertexts[h] = bytes(box.encrypt(plain, self._entropy(Box.NONCE_SIZE)))
         return Dealing(tuple(self_commitments), tuple(key_commitments), ciphertexts)
 
     def receive(self, routed: Sequence[RoutedShare]) -> list[int]:

@@ -17,8 +17,8 @@ all instead of t-1 per dealer) and looks at dealers one by one only when the sum
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 
 from nacl.bindings import (
     crypto_core_ed25519_add,
@@ -36,10 +36,13 @@ class InvalidPoint(ValueError):
     """A commitment is not a point of the prime-order group (or an operation on it gave the identity)."""
 
 
-def random_scalar() -> int:
-    """A uniformly random non-zero element of Z_L."""
+Entropy = Callable[[int], bytes]
+
+
+def random_scalar(entropy: Entropy = os.urandom) -> int:
+    """A random non-zero element of Z_L: 64 random bytes reduced mod L (the bias is below 2^-259)."""
     while True:
-        value = secrets.randbelow(L)
+        value = int.from_bytes(entropy(64), "little") % L
         if value:
             return value
 
@@ -89,10 +92,13 @@ def _evaluate(coefficients: Sequence[int], x: int) -> int:
     return value
 
 
-def share(secret: int, holders: Sequence[int], threshold: int) -> tuple[dict[int, int], list[bytes]]:
+def share(
+    secret: int, holders: Sequence[int], threshold: int, entropy: Entropy = os.urandom
+) -> tuple[dict[int, int], list[bytes]]:
     """Split ``secret`` among ``holders`` (their x coordinates) so that any ``threshold`` of them recover it.
 
-    Returns the shares (x -> f(x)) and the commitments [a_0 * G, ..., a_{t-1} * G].
+    Returns the shares (x -> f(x)) and the commitments [a_0 * G, ..., a_{t-1} * G]. ``entropy`` draws the
+    coefficients (os.urandom; the documentation's worked example passes a fixed stream).
     """
     if not 1 <= threshold <= len(holders):
         raise ValueError(f"threshold {threshold} must be between 1 and the {len(holders)} holders")
@@ -100,7 +106,7 @@ def share(secret: int, holders: Sequence[int], threshold: int) -> tuple[dict[int
         raise ValueError("holders must be distinct integers in [1, 2^32)")
     if not 0 < secret < L:
         raise ValueError("the secret must be a non-zero scalar")
-    coefficients = [secret] + [random_scalar() for _ in range(threshold - 1)]
+    coefficients = [secret] + [random_scalar(entropy) for _ in range(threshold - 1)]
     commitments = [base_point_times(a) for a in coefficients]
     return {x: _evaluate(coefficients, x) for x in holders}, commitments
 

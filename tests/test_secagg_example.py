@@ -1,0 +1,244 @@
+"""The worked example of docs/protocol.md section 12 (secure aggregation) is generated here and checked, so the
+document cannot rot.
+
+    .venv/bin/python tests/test_secagg_example.py            # print the generated blocks
+    .venv/bin/python tests/test_secagg_example.py --write    # rewrite them in docs/protocol.md
+
+Every random byte of the example comes from fixed streams (keys, secrets, polynomial coefficients, nonces, the
+stochastic rounding), and Ed25519 signatures are deterministic, so the bytes are the same on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+from pathlib import Path
+
+import cbor2
+import numpy as np
+from nacl.signing import SigningKey
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from appliance import wire  # noqa: E402
+from appliance.protocol import messages as m  # noqa: E402
+from appliance.protocol import shamir  # noqa: E402
+from appliance.protocol.quantise import dequantise, levels_for, quantise  # noqa: E402
+from appliance.protocol.secagg import (  # noqa: E402
+    DeviceRound,
+    RoutedShare,
+    masked_with,
+    pairwise_mask_seed,
+    plan_unmask,
+    self_mask_seed,
+    threshold_for,
+    unmask_total,
+)
+from tests.test_wire_example import DOC, _plain, diag, doc_blocks, rewrite, wrap_hex  # noqa: E402
+
+ROUND = 7
+DEADLINE = 1_764_288_600
+NAMES = ("A", "B", "C")
+UPDATES = {
+    "A": (np.array([0.5, -0.25, 0.125], dtype=np.float32), 128),
+    "B": (np.array([-0.125, 0.0625, 0.5], dtype=np.float32), 64),
+    "C": (np.array([0.25, 0.25, -0.5], dtype=np.float32), 32),
+}
+
+
+def _stream(label: str):
+    """A fixed byte stream: SHA-256(label || counter) blocks, handed out in order."""
+    state = {"buffer": b"", "counter": 0}
+
+    def take(n: int) -> bytes:
+        while len(state["buffer"]) < n:
+            block = hashlib.sha256(f"{label}/{state['counter']}".encode()).digest()
+            state["buffer"] += block
+            state["counter"] += 1
+        out, state["buffer"] = state["buffer"][:n], state["buffer"][n:]
+        return out
+
+    return take
+
+
+def signing_key(name: str) -> SigningKey:
+    return SigningKey(hashlib.sha256(f"fl-edge secagg example device {name}".encode()).digest())
+
+
+AGGREGATOR_KEY = SigningKey(hashlib.sha256(b"fl-edge secagg example aggregator").digest())
+
+
+class Example:
+    """Three devices; C drops out after the share phase, A and B are summed."""
+
+    def __init__(self) -> None:
+        self.keys = {n: signing_key(n) for n in NAMES}
+        self.ids = {n: wire.key_id(k.verify_key) for n, k in self.keys.items()}
+        self.rounds = {n: DeviceRound(ROUND, _stream(f"fl-edge secagg example entropy {n}")) for n in NAMES}
+        self.advertise = {
+            n: m.encode_advertise(m.Advertise(ROUND, self.ids[n], self.rounds[n].keys), self.keys[n]) for n in NAMES
+        }
+        order = sorted(NAMES, key=lambda n: self.ids[n])
+        self.index = {n: order.index(n) for n in NAMES}
+        self.name_at = dict(enumerate(order))
+        self.roster = m.Roster(ROUND, tuple(self.ids[n] for n in order), tuple(self.rounds[n].keys for n in order),
+                               neighbours=2, threshold=threshold_for(2), levels=levels_for(3), max_samples=1000,
+                               clip_norm=1.0, deadline=DEADLINE - 500)
+        self.roster_body = m.encode_roster(self.roster, AGGREGATOR_KEY)
+        self.setup = m.decode_roster(self.roster_body, AGGREGATOR_KEY.verify_key).setup()
+        self.dealings = {n: self.rounds[n].deal(self.setup, self.index[n]) for n in NAMES}
+        self.shares_body = {n: m.encode_shares(m.Shares(ROUND, self.ids[n], self.dealings[n]), self.keys[n])
+                            for n in NAMES}
+        survivors = ("A", "B")
+        self.routed = {}
+        for n in survivors:
+            i = self.index[n]
+            shares = tuple(
+                RoutedShare(self.index[d], self.dealings[d].self_commitments, self.dealings[d].key_commitments,
+                            self.dealings[d].ciphertexts[i])
+                for d in sorted(NAMES, key=lambda d: self.index[d]) if d != n
+            )
+            self.routed[n] = m.encode_routed(m.Routed(ROUND, self.ids[n], i, shares, DEADLINE - 300), AGGREGATOR_KEY)
+        self.rejected = {}
+        self.masked = {}
+        self.masked_body = {}
+        for n in survivors:
+            routed = m.decode_routed(self.routed[n], AGGREGATOR_KEY.verify_key)
+            self.rejected[n] = self.rounds[n].receive(routed.shares)
+            delta, samples = UPDATES[n]
+            self.masked[n] = self.rounds[n].mask(delta, samples, np.random.default_rng(0))
+            self.masked_body[n] = m.encode_masked(
+                m.MaskedInput(ROUND, self.ids[n], self.masked[n], tuple(self.rejected[n])), self.keys[n])
+        rejections = {self.index[n]: set(self.rejected[n]) for n in survivors}
+        self.plan = plan_unmask(self.setup, set(range(3)), rejections)
+        self.request = m.UnmaskRequest(ROUND, tuple(self.plan.survivors), tuple(self.plan.dropped), DEADLINE)
+        self.request_body = m.encode_unmask_request(self.request, AGGREGATOR_KEY)
+        self.answers = {n: self.rounds[n].answer(self.plan.survivors, self.plan.dropped) for n in survivors}
+        self.unmask_body = {n: m.encode_unmask(m.Unmask(ROUND, self.ids[n], self.answers[n]), self.keys[n])
+                            for n in survivors}
+        self.total = sum((self.masked[n] for n in survivors), np.zeros(4, dtype=np.uint32))
+        self.unmasked = self.total.copy()
+        commitments = {self.index[n]: (d.self_commitments, d.key_commitments) for n, d in self.dealings.items()}
+        unmask_total(self.unmasked, self.setup, self.plan, masked_with(self.setup, set(range(3)), rejections),
+                     commitments, {self.index[n]: a for n, a in self.answers.items()})
+
+
+def split(body: bytes) -> tuple[bytes, bytes]:
+    """(envelope, section) of a message."""
+    stream = io.BytesIO(body)
+    cbor2.CBORDecoder(stream).decode()
+    return body[: stream.tell()], body[stream.tell():]
+
+
+def message_diag(body: bytes, section_note: str = "") -> str:
+    envelope, section = split(body)
+    protected, _, payload, signature = cbor2.loads(envelope).value
+    lines = [
+        "/ COSE_Sign1 /",
+        "18([",
+        f"  / protected / << {diag(cbor2.loads(protected), 1)} >>,",
+        "  / unprotected / {},",
+        f"  / payload / << {diag(_plain(cbor2.loads(payload)), 1)} >>,",
+        f"  / signature / {diag(signature)}",
+        "])",
+    ]
+    if section:
+        lines += [f"/ section, {len(section)} bytes{section_note} /", diag(_plain(cbor2.loads(section)))]
+    return "\n".join(lines)
+
+
+def words(array: np.ndarray) -> str:
+    return "[" + ", ".join(str(int(w)) for w in array) + "]"
+
+
+def example_blocks() -> dict[str, str]:
+    ex = Example()
+    setup = ex.setup
+    delta, samples = UPDATES["A"]
+    step = setup.clip_norm / setup.levels
+    plain_a = quantise(delta, samples, clip_norm=1.0, levels=setup.levels, max_samples=1000,
+                       rng=np.random.default_rng(0))  # the draws mask() made
+    scale = min(samples, 1000) / 1000 * setup.levels / setup.clip_norm
+    weighted, weight = dequantise(ex.unmasked, clip_norm=1.0, levels=setup.levels, max_samples=1000)
+    shared = shamir.point_times(ex.rounds["A"]._mask_secret, setup.keys[ex.index["B"]].mask)
+    return {
+        "secagg-example-devices": "\n".join(
+            [f"aggregator id           {wire.key_id(AGGREGATOR_KEY.verify_key)}"]
+            + [f"device {n}: id {ex.ids[n]}  roster index {ex.index[n]}  x = {ex.index[n] + 1}" for n in NAMES]
+            + [f"graph: {setup.neighbours} neighbours each (the complete graph), threshold t = {setup.threshold}",
+               f"levels B = floor((2^31 - 1) / 3) = {setup.levels}, max_samples W = 1000, clip_norm C = 1.0"]
+        ),
+        "secagg-advertise": message_diag(ex.advertise["A"]) + "\n\nhex:\n" + wrap_hex(ex.advertise["A"]),
+        "secagg-roster": message_diag(ex.roster_body)
+        + f"\n\ngraph seed = SHA-256(section) = {setup.graph_seed.hex()}",
+        "secagg-shares": message_diag(ex.shares_body["A"]),
+        "secagg-routed": message_diag(ex.routed["A"]),
+        "secagg-masked": "\n".join([
+            f"device A: delta {[float(x) for x in delta]}, {samples} samples, ||delta|| <= C",
+            f"w = min({samples}, W) = {min(samples, 1000)}; scale = (w / W) * (B / C) = {scale!r}",
+            f"x = delta * scale = {[float(v) for v in delta.astype(np.float64) * scale]}",
+            f"words before masking (stochastic rounding, two's complement; last word w) = {words(plain_a)}",
+            f"self-mask seed  = {self_mask_seed(ROUND, ex.rounds['A']._self_secret).hex()}",
+            f"pairwise seed A-B = SHA-256(domain || round || r_A * R_B) = {pairwise_mask_seed(ROUND, shared).hex()}",
+            f"masked words (sent) = {words(ex.masked['A'])}",
+            "",
+            message_diag(ex.masked_body["A"], ": a uint32 typed array, RFC 8746 tag 70"),
+        ]),
+        "secagg-unmask-request": message_diag(ex.request_body),
+        "secagg-unmask": message_diag(ex.unmask_body["A"]),
+        "secagg-sum": "\n".join([
+            f"sum of A's and B's masked words          {words(ex.total)}",
+            f"after taking the masks off               {words(ex.unmasked)}",
+            f"read as int32, last word as the weight   {[int(v) for v in ex.unmasked[:-1].view(np.int32)]}, "
+            f"{int(ex.unmasked[-1])}",
+            f"sum of w_i * delta_i = W * C / B * q      {[round(float(v), 6) for v in weighted]}",
+            f"sum of w_i                               {weight}",
+            f"weighted mean delta                      {[round(float(v), 6) for v in weighted / weight]}",
+            f"step (C / B, per unit of weight W)       {step!r}",
+        ]),
+    }
+
+
+# -------------------------------------------------------------------------------------------- tests
+
+
+def test_the_example_round_unmasks_to_the_plain_sum():
+    ex = Example()
+    assert ex.plan.survivors == sorted(ex.index[n] for n in ("A", "B"))
+    assert ex.plan.dropped == [ex.index["C"]]
+    weighted, weight = dequantise(ex.unmasked, clip_norm=1.0, levels=ex.setup.levels, max_samples=1000)
+    assert weight == 128 + 64
+    reference = 128 * UPDATES["A"][0].astype(np.float64) + 64 * UPDATES["B"][0].astype(np.float64)
+    assert np.allclose(weighted, reference, atol=2 * 1000 / ex.setup.levels)
+
+
+def test_the_example_is_deterministic():
+    assert example_blocks() == example_blocks()
+
+
+def test_doc_shows_the_current_example():
+    """If this fails after a deliberate protocol change, run: python tests/test_secagg_example.py --write"""
+    shown = doc_blocks(DOC.read_text())
+    for name, text in example_blocks().items():
+        assert name in shown, f"docs/protocol.md lacks the generated block {name!r}"
+        assert shown[name] == text, f"docs/protocol.md block {name!r} is stale"
+
+
+def test_doc_hex_is_a_valid_advertisement():
+    hex_text = doc_blocks(DOC.read_text())["secagg-advertise"].split("hex:\n", 1)[1]
+    body = bytes.fromhex(hex_text.replace("\n", ""))
+    key = signing_key("A")
+    decoded = m.decode_advertise(body, {wire.key_id(key.verify_key): key.verify_key}.get)
+    assert decoded.round_id == ROUND
+
+
+if __name__ == "__main__":
+    blocks = example_blocks()
+    if "--write" in sys.argv:
+        DOC.write_text(rewrite(DOC.read_text(), blocks))
+        print(f"updated {DOC}")
+    else:
+        for name, text in blocks.items():
+            print(f"<!-- generated: {name} -->\n```\n{text}\n```\n")

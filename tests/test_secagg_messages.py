@@ -1,0 +1,174 @@
+"""The secure-aggregation messages on the wire: each one round-trips, and each kind of bad input is refused with
+its reason before anything big is decoded (bad signature, wrong type or phase, wrong signer, wrong length,
+a section that does not match its digest or breaks the limits)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import cbor2
+import numpy as np
+import pytest
+from nacl.signing import SigningKey
+
+from appliance import wire
+from appliance.errors import ProtocolError
+from appliance.protocol import messages as m
+from appliance.protocol.quantise import levels_for
+from appliance.protocol.secagg import Answer, DeviceRound, RoutedShare
+
+DEVICE_KEY = SigningKey(bytes(range(32)))
+DEVICE = wire.key_id(DEVICE_KEY.verify_key)
+AGGREGATOR_KEY = SigningKey(bytes(range(32, 64)))
+AGGREGATOR = AGGREGATOR_KEY.verify_key
+
+
+def lookup(kid: str):
+    return DEVICE_KEY.verify_key if kid == DEVICE else None
+
+
+def _roster(n: int = 4) -> tuple[m.Roster, list[DeviceRound]]:
+    devices = [DeviceRound(9) for _ in range(n)]
+    ids = tuple(sorted(f"{i:032x}" for i in range(n)))
+    return m.Roster(9, ids, tuple(d.keys for d in devices), n - 1, 3, levels_for(n), 1000, 1.5, 1_800_000_000), \
+        devices
+
+
+def _resign(body: bytes, key: SigningKey, kid: str, change: dict) -> bytes:
+    """The same message with payload fields changed and signed again (so only the change is wrong)."""
+    tag = cbor2.loads(body)
+    envelope_end = len(cbor2.dumps(tag, canonical=True))
+    payload = dict(cbor2.loads(tag.value[2]))
+    payload.update(change)
+    return wire.sign(payload, key, kid) + body[envelope_end:]
+
+
+def test_advertise_round_trips_and_names_its_signer():
+    keys = DeviceRound(9).keys
+    body = m.encode_advertise(m.Advertise(9, DEVICE, keys), DEVICE_KEY)
+    assert m.decode_advertise(body, lookup) == m.Advertise(9, DEVICE, keys)
+    other = SigningKey(bytes(range(1, 33)))
+    forged = m.encode_advertise(m.Advertise(9, DEVICE, keys), other)  # says DEVICE, signed by someone else
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_advertise(forged, lookup)
+    assert refused.value.reason == "bad-signature"
+
+
+def test_roster_round_trips_and_its_digest_seeds_the_graph():
+    roster, _ = _roster(5)
+    body = m.encode_roster(roster, AGGREGATOR_KEY)
+    decoded = m.decode_roster(body, AGGREGATOR)
+    assert decoded == roster
+    assert decoded.setup().graph_seed == hashlib.sha256(roster.section()).digest()
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_roster(body, SigningKey(bytes(32)).verify_key)
+    assert refused.value.reason == "unknown-key"
+
+
+def test_a_roster_whose_arithmetic_could_overflow_is_refused():
+    roster, _ = _roster(5)
+    greedy = m.Roster(**{**roster.__dict__, "levels": levels_for(4)})
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_roster(m.encode_roster(greedy, AGGREGATOR_KEY), AGGREGATOR)
+    assert refused.value.reason == "bad-roster"
+
+
+def test_shares_routed_unmask_round_trip():
+    roster, devices = _roster(4)
+    setup = roster.setup()
+    dealing = devices[1].deal(setup, 1)
+    shares = m.Shares(9, DEVICE, dealing)
+    assert m.decode_shares(m.encode_shares(shares, DEVICE_KEY), lookup) == shares
+    routed = m.Routed(9, DEVICE, 0, (RoutedShare(1, dealing.self_commitments, dealing.key_commitments,
+                                                 dealing.ciphertexts[0]),), 1_800_000_100)
+    assert m.decode_routed(m.encode_routed(routed, AGGREGATOR_KEY), AGGREGATOR) == routed
+    request = m.UnmaskRequest(9, (0, 1, 3), (2,), 1_800_000_200)
+    assert m.decode_unmask_request(m.encode_unmask_request(request, AGGREGATOR_KEY), AGGREGATOR) == request
+    unmask = m.Unmask(9, DEVICE, Answer({0: 5, 3: 7}, {2: 11}, {2: b"s" * 32}))
+    assert m.decode_unmask(m.encode_unmask(unmask, DEVICE_KEY), lookup) == unmask
+
+
+def test_masked_input_round_trips_without_copying_its_words():
+    words = np.arange(1001, dtype=np.uint32) * np.uint32(4_000_037)
+    body = m.encode_masked(m.MaskedInput(9, DEVICE, words, (2, 5)), DEVICE_KEY)
+    decoded = m.decode_masked(body, lookup, words=1001)
+    assert np.array_equal(decoded.words, words) and decoded.rejected == (2, 5)
+    assert len(body) < 4 * 1001 + 400  # 4 bytes a parameter, plus a small envelope
+
+
+def test_a_masked_input_of_the_wrong_length_is_refused_from_its_payload():
+    body = m.encode_masked(m.MaskedInput(9, DEVICE, np.zeros(10, dtype=np.uint32), ()), DEVICE_KEY)
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_masked(body, lookup, words=11)
+    assert refused.value.reason == "wrong-length"
+    lying = _resign(body, DEVICE_KEY, DEVICE, {"words": 11})  # claims 11 words, carries 10
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_masked(lying, lookup, words=11)
+    assert refused.value.reason == "wrong-length"
+
+
+def test_a_message_in_the_wrong_phase_is_refused():
+    body = m.encode_masked(m.MaskedInput(9, DEVICE, np.zeros(4, dtype=np.uint32), ()), DEVICE_KEY)
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_masked(_resign(body, DEVICE_KEY, DEVICE, {"phase": "share"}), lookup)
+    assert refused.value.reason == "wrong-phase"
+
+
+def test_a_message_of_another_type_is_refused():
+    body = m.encode_advertise(m.Advertise(9, DEVICE, DeviceRound(9).keys), DEVICE_KEY)
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_shares(body, lookup)
+    assert refused.value.reason == "wrong-type"
+
+
+def test_a_message_signed_by_one_device_for_another_is_refused():
+    stranger = SigningKey(bytes(range(64, 96)))
+    body = m.encode_unmask(m.Unmask(9, DEVICE, Answer({}, {}, {})), stranger)  # kid DEVICE, stranger's key
+    body = _resign(body, stranger, wire.key_id(stranger.verify_key), {})
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_unmask(body, lambda kid: stranger.verify_key)
+    assert refused.value.reason == "kid-mismatch"
+
+
+def test_a_section_that_does_not_match_its_digest_is_refused():
+    body = bytearray(m.encode_unmask(m.Unmask(9, DEVICE, Answer({0: 5}, {}, {})), DEVICE_KEY))
+    body[-1] ^= 1
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_unmask(bytes(body), lookup)
+    assert refused.value.reason == "digest-mismatch"
+
+
+def test_a_tampered_signature_is_refused():
+    body = bytearray(m.encode_advertise(m.Advertise(9, DEVICE, DeviceRound(9).keys), DEVICE_KEY))
+    body[-5] ^= 1  # inside the signature, the last item of the envelope
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_advertise(bytes(body), lookup)
+    assert refused.value.reason == "bad-signature"
+
+
+def test_shares_with_a_ciphertext_of_the_wrong_length_are_refused():
+    roster, devices = _roster(4)
+    dealing = devices[0].deal(roster.setup(), 0)
+    dealing.ciphertexts[1] = dealing.ciphertexts[1][:-1]
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_shares(m.encode_shares(m.Shares(9, DEVICE, dealing), DEVICE_KEY), lookup)
+    assert refused.value.reason == "wrong-length"
+
+
+def test_section_limits_apply_before_decoding():
+    answer = Answer({u: 1 for u in range(50)}, {}, {})
+    body = m.encode_unmask(m.Unmask(9, DEVICE, answer), DEVICE_KEY)
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_unmask(body, lookup, wire.Limits(max_container_len=16))
+    assert refused.value.reason == "too-long"
+
+
+def test_the_task_says_when_a_round_is_secure():
+    task = wire.Task(round_id=1, model_version=0, model_digest=b"d" * 32, package_digest=b"p" * 32,
+                     deadline=100, clip_norm=1.0, issued_at=50, secure_aggregation=True)
+    assert wire.decode_task(wire.encode_task(task, AGGREGATOR_KEY), AGGREGATOR).secure_aggregation
+    plain = wire.Task(round_id=1, model_version=0, model_digest=b"d" * 32, package_digest=b"p" * 32, deadline=100,
+                      issued_at=50)
+    body = wire.encode_task(plain, AGGREGATOR_KEY)
+    assert b"secagg" not in body  # plain tasks are byte-for-byte what they were
+    assert not wire.decode_task(body, AGGREGATOR).secure_aggregation
