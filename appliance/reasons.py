@@ -57,5 +57,18 @@ AGGREGATOR_UPLOAD_REASONS: tuple[str, ...] = (
     "client-gone",
 )
 
+# What secure aggregation adds (appliance/protocol/messages.py and the aggregator's secure rounds; docs/protocol.md
+# section 12.7).
+SECAGG_REASONS: tuple[str, ...] = (
+    "wrong-phase",
+    "bad-section",
+    "wrong-length",
+    "bad-roster",
+    "not-in-roster",
+    "bad-key",
+    "bad-shares",
+    "not-secure",
+)
+
 # Every reason the aggregator can refuse an upload with.
-UPDATE_REFUSAL_REASONS: tuple[str, ...] = DECODER_REASONS + AGGREGATOR_UPLOAD_REASONS
+UPDATE_REFUSAL_REASONS: tuple[str, ...] = DECODER_REASONS + AGGREGATOR_UPLOAD_REASONS + SECAGG_REASONS

@@ -31,7 +31,7 @@ from appliance.client import AggregatorUnavailable
 from appliance.config import load_config
 from appliance.identity import write_aggregator_key
 from appliance.metrics import LABEL_VALUES, MODEL_REFUSAL_REASONS, AgentMetrics
-from appliance.reasons import DECODER_REASONS
+from appliance.reasons import DECODER_REASONS, SECAGG_REASONS
 
 REPO = Path(__file__).resolve().parent.parent
 ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
@@ -166,9 +166,13 @@ def test_every_label_value_the_agent_counts_is_declared():
 def test_every_model_refusal_reason_is_declared():
     """models_refused counts the reason of a ProtocolError or PackageError raised while fetching and checking a
     package or release: whatever the agent's modules raise."""
-    raised = _raised_reasons(sorted((REPO / "appliance").rglob("*.py")), {"ProtocolError", "PackageError"})
+    # appliance/protocol/ is secure aggregation's: its messages are no model, and its reasons are SECAGG_REASONS.
+    agent_side = [p for p in sorted((REPO / "appliance").rglob("*.py")) if "protocol" not in p.parts]
+    raised = _raised_reasons(agent_side, {"ProtocolError", "PackageError"})
     undeclared = {r: where for r, where in raised.items() if r not in MODEL_REFUSAL_REASONS}
     assert not undeclared, f"reasons raised but not in MODEL_REFUSAL_REASONS: {undeclared}"
+    secagg = _raised_reasons(sorted((REPO / "appliance" / "protocol").rglob("*.py")), {"ProtocolError"})
+    assert set(secagg) <= set(DECODER_REASONS + SECAGG_REASONS), set(secagg) - set(DECODER_REASONS + SECAGG_REASONS)
     decoder = _raised_reasons([REPO / "appliance" / "wire.py", REPO / "appliance" / "cbor_reader.py"],
                               {"ProtocolError"})
     assert set(decoder) <= set(DECODER_REASONS), set(decoder) - set(DECODER_REASONS)
