@@ -29,8 +29,9 @@ from aggregator.models import ModelStore, ServedPackage
 from aggregator.privacy import DPConfig, PrivacyError, PrivacyLedger, check_private_strategy, make_private
 from aggregator.registry import Registry
 from aggregator.rounds import RoundEngine, RoundPolicy, TrainingPlan, Unavailable
+from aggregator.secagg_round import SecAggConfig, SecAggMetrics, SecureRounds, check_secure_strategy
 from aggregator.store import Store
-from aggregator.strategies import make_strategy
+from aggregator.strategies import STRATEGIES, make_strategy
 from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES
 from aggregator.uploads import (
     BodyReader,
@@ -83,6 +84,12 @@ STATUS_FOR_REASON = {
     "norm-too-large": 422,
     "expired": 422,
     "wrong-encoding": 422,
+    # secure aggregation (docs/protocol.md section 12.7)
+    "wrong-phase": 409,
+    "not-secure": 409,
+    "not-in-roster": 403,
+    "wrong-length": 422,
+    "bad-shares": 422,
 }
 
 
@@ -109,12 +116,16 @@ class AggregatorConfig:
     upstream: UpstreamConfig | None = None
     # Central differential privacy of the published models (aggregator/privacy.py); None: off.
     privacy: DPConfig | None = None
+    # Secure aggregation (aggregator/secagg_round.py): every round is secure; None: off.
+    secure_aggregation: SecAggConfig | None = None
 
     def __post_init__(self) -> None:
         if self.upstream is not None:
             check_site_strategy(self.strategy, self.strategy_options)
         if self.privacy is not None:
             check_private_strategy(self.strategy, self.plan.clip_norm, self.upstream is not None)
+        if self.secure_aggregation is not None:
+            check_secure_strategy(STRATEGIES[self.strategy], self.plan.clip_norm, self.privacy is not None)
 
 
 @dataclass
@@ -165,7 +176,7 @@ _HTTP_REASONS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-lar
 async def problems(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     """Every refusal becomes problem+json and is counted; nothing ever answers with a traceback."""
     metrics = request.app[METRICS]
-    is_upload = request.method == "POST" and request.path == "/v1/updates"
+    is_upload = request.method == "POST" and (request.path == "/v1/updates" or request.path.startswith("/v1/secagg/"))
     close = False
     try:
         return await handler(request)
@@ -269,12 +280,15 @@ async def post_update(request: web.Request) -> web.Response:
     try:
         head = await reader.read_prefix(wire.ENVELOPE_PREFIX_BYTES)
         try:
-            signer = wire.verify(head, s.registry.signer_key, s.limits).kid  # who sent it, before any slot
+            verified = wire.verify(head, s.registry.signer_key, s.limits)  # who sent it, before any slot
+            signer = verified.kid
         except ProtocolError as exc:
             raise Problem(STATUS_FOR_REASON.get(exc.reason, 400), exc.reason, exc.detail, close=True) from None
         try:
             async with s.uploads.slot(signer):
                 body = await reader.read_rest()
+                if verified.payload.get("type") == "secagg-masked":  # a masked input, durable like an update
+                    return await _receive_masked(body, s, signer, verified.payload)
                 return await _receive_update(body, s)
         except DeviceBusy as exc:
             raise Problem(429, "device-busy", str(exc), {"Retry-After": "5"}, close=True) from None
@@ -359,6 +373,74 @@ def _check_upload(s: Services, body: bytearray) -> _Checked:
     return checked
 
 
+async def _receive_masked(body: bytearray, s: Services, signer: str, payload: dict[str, Any]) -> web.Response:
+    digest = wire.update_digest(body)
+    receipt = s.store.receipt_for(digest) or await s.engine.known_receipt(digest)
+    if receipt is None:
+        try:
+            receipt = await _secure(s).masked(body, digest, signer, payload)
+        except OSError as exc:
+            raise Problem(503, "spool-unavailable", f"the masked input could not be stored: {exc}",
+                          {"Retry-After": "30"}) from None
+    else:
+        s.metrics.updates_duplicate_resend.inc()
+    return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
+
+
+# -------------------------------------------------------------------------------------- secure aggregation
+
+SECAGG_MAX_BODY = 16 * 1024 * 1024  # a share bundle or an unmask answer of 4,096 devices is under 1 MiB
+
+
+def _secure(s: Services) -> SecureRounds:
+    if s.engine.secure is None:
+        raise ProtocolError("not-secure", "this aggregator runs no secure aggregation (serve --secure-aggregation)")
+    return s.engine.secure
+
+
+def post_secagg(phase: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler of ``POST /v1/secagg/{phase}``: one signed device message, small, answered with JSON."""
+
+    async def handler(request: web.Request) -> web.Response:
+        s = request.app[SERVICES]
+        if request.content_type != wire.CONTENT_TYPE:
+            raise ProtocolError("unsupported-media-type", f"messages are {wire.CONTENT_TYPE}")
+        if request.content_length is not None and request.content_length > SECAGG_MAX_BODY:
+            raise ProtocolError("body-too-large", f"{request.content_length} bytes exceeds {SECAGG_MAX_BODY}")
+        secure = _secure(s)
+        receive = {"advertise": secure.advertise, "shares": secure.shares, "unmask": secure.unmask}[phase]
+        return web.json_response(await receive(await request.read()))
+
+    return handler
+
+
+def _round_id(request: web.Request) -> int:
+    raw = request.match_info["round"]
+    if not raw.isdigit():
+        raise Problem(400, "bad-parameter", f"the round must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def _published(body: bytes | None) -> web.Response:
+    return web.Response(status=204) if body is None else web.Response(body=body, content_type=wire.CONTENT_TYPE)
+
+
+async def get_secagg_roster(request: web.Request) -> web.Response:
+    wait = min(max(_number(request, "wait", 0.0), 0.0), MAX_WAIT_SECONDS)
+    return _published(await _secure(request.app[SERVICES]).roster(_round_id(request), wait))
+
+
+async def get_secagg_shares(request: web.Request) -> web.Response:
+    wait = min(max(_number(request, "wait", 0.0), 0.0), MAX_WAIT_SECONDS)
+    secure = _secure(request.app[SERVICES])
+    return _published(await secure.routed(_round_id(request), request.match_info["device"], wait))
+
+
+async def get_secagg_unmask(request: web.Request) -> web.Response:
+    wait = min(max(_number(request, "wait", 0.0), 0.0), MAX_WAIT_SECONDS)
+    return _published(await _secure(request.app[SERVICES]).unmask_request(_round_id(request), wait))
+
+
 async def get_status(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     history = int(min(max(_number(request, "rounds", 20), 1), 1000))
@@ -405,6 +487,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     store = Store(config.state_dir)
     workers = config.workers or max(2, os.cpu_count() or 2)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify")
+    secure: SecureRounds | None = None
     try:
         models = ModelStore(Path(config.state_dir) / "models", config.package, config.key)
         registry = Registry(store)
@@ -423,6 +506,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             store, registry, models, strategy, config.policy, config.plan, config.key, metrics, executor,
             config.chunk_bytes, ledger,
         )
+        if config.secure_aggregation is not None:
+            secure = SecureRounds(config.secure_aggregation, engine, store, registry, config.key,
+                                  SecAggMetrics(metrics.registry), limits)
+            engine.secure = secure
         link = None
         if config.upstream is not None:
             link = UpstreamLink(config.upstream, engine, store, models, config.key, Path(config.state_dir))
@@ -430,6 +517,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         if link is not None:
             await link.start()
     except BaseException:
+        if secure is not None:
+            secure.close()
         store.close()
         executor.shutdown(wait=False)
         raise
@@ -443,6 +532,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         if link is not None:
             await link.stop()
         await engine.stop()
+        if secure is not None:
+            await secure.stop()
+            secure.close()
         store.close()
         executor.shutdown(wait=True)
 
@@ -464,4 +556,9 @@ def make_app(config: AggregatorConfig) -> web.Application:
     app.router.add_get("/healthz", get_health)
     app.router.add_get("/", get_page)
     app.router.add_get("/metrics", get_metrics)
+    for phase in ("advertise", "shares", "unmask"):
+        app.router.add_post(f"/v1/secagg/{phase}", post_secagg(phase))
+    app.router.add_get("/v1/secagg/{round}/roster", get_secagg_roster)
+    app.router.add_get("/v1/secagg/{round}/shares/{device}", get_secagg_shares)
+    app.router.add_get("/v1/secagg/{round}/unmask", get_secagg_unmask)
     return app

@@ -21,6 +21,7 @@ from nacl.signing import SigningKey
 from aggregator.privacy import DPConfig, PrivacyError, check_private_strategy
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
 from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy
 from aggregator.store import Store, StoreError
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
 from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strategy, parse_upstream_key
@@ -185,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--dp: the delta epsilon is reported at (default 1e-5; must be below 1/devices)")
     serve.add_argument("--dp-epsilon-budget", type=float, metavar="E",
                        help="--dp: open no round that would take epsilon past E (the last model stays published)")
+    serve.add_argument("--secure-aggregation", action="store_true",
+                       help="every round is a secure-aggregation round: the aggregator learns only the sum of the "
+                       "survivors' updates (docs/aggregator.md); needs --clip-norm and fedavg, fedadam or fedyogi")
+    serve.add_argument("--secagg-threshold", type=float, metavar="FRACTION",
+                       help="--secure-aggregation: shares needed to rebuild a device's secret, as more than this "
+                       "fraction of its k+1 holders (default 0.5: a strict majority)")
+    serve.add_argument("--secagg-neighbours", type=int, metavar="K",
+                       help="--secure-aggregation: devices each one masks with (default 2 ceil(log2 n), SecAgg+; "
+                       "0: every device, the original protocol)")
+    serve.add_argument("--secagg-phase-timeout", type=float, metavar="SECONDS",
+                       help="--secure-aggregation: how long the advertise, share and unmask phases wait (default 30)")
     serve.add_argument("--workers", type=int, help="verification threads (default: CPU count)")
     serve.add_argument("--upstream", metavar="URL",
                        help="site mode: follow this parent aggregator's rounds and forward one partial sum per round")
@@ -276,9 +288,27 @@ def _privacy(args: argparse.Namespace) -> DPConfig | None:
     return config
 
 
+def _secure_aggregation(args: argparse.Namespace) -> SecAggConfig | None:
+    """The --secure-aggregation settings, checked against the rule, the clip norm and --dp before anything starts."""
+    given = {"threshold": args.secagg_threshold, "neighbours": args.secagg_neighbours,
+             "phase_timeout": args.secagg_phase_timeout}
+    if not args.secure_aggregation:
+        if any(value is not None for value in given.values()):
+            raise CliError("--secagg-threshold, --secagg-neighbours and --secagg-phase-timeout go with "
+                           "--secure-aggregation")
+        return None
+    try:
+        config = SecAggConfig(**{k: v for k, v in given.items() if v is not None})
+        check_secure_strategy(STRATEGIES[args.strategy], args.clip_norm, args.dp is not None)
+    except SecAggConfigError as exc:
+        raise CliError(str(exc)) from None
+    return config
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _strategy_options(args)
     _privacy(args)
+    _secure_aggregation(args)
     upstream = _upstream(args)
     host, port = args.listen
     sockets = bind_listen(host, port)
@@ -319,7 +349,7 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
         config = AggregatorConfig(
             state_dir=args.state, package=package, key=key, strategy=args.strategy,
             strategy_options=_strategy_options(args), policy=policy, plan=plan, workers=args.workers,
-            upstream=upstream, privacy=_privacy(args),
+            upstream=upstream, privacy=_privacy(args), secure_aggregation=_secure_aggregation(args),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

@@ -19,6 +19,11 @@ REQUEST_REJECT_REASONS = (
     "bad-parameter",
     "unknown-version",
     "unknown-package",
+    # what the secure-aggregation routes that publish (GET /v1/secagg/...) refuse with
+    "not-secure",
+    "wrong-round",
+    "round-closed",
+    "not-in-roster",
 )
 ROUND_OUTCOMES = ("published", "abandoned")
 

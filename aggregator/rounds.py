@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from nacl.signing import SigningKey
@@ -33,11 +33,14 @@ from aggregator.models import ModelStore
 from aggregator.privacy import ACCOUNTING, PrivacyLedger
 from aggregator.registry import Registry
 from aggregator.store import DuplicateUpdate, RoundRow, SpoolJob, Store, UpdateRow
-from aggregator.strategies import AggregationError, Strategy, UpdateSet
-from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES
+from aggregator.strategies import AggregationError, Strategy
+from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES, UpdateSet
 from aggregator.verify import UpdateHeader
 from appliance import wire
 from appliance.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from aggregator.secagg_round import SecureRounds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -216,6 +219,8 @@ class RoundEngine:
         self._timer: asyncio.Task[None] | None = None
         # Site mode: a closed round goes upstream instead of publishing, and rounds open only on the parent's tasks.
         self.forward: Forwarder | None = None
+        # Secure aggregation (aggregator/secagg_round.py): every round is secure; only the survivors' sum is seen.
+        self.secure: SecureRounds | None = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -316,6 +321,7 @@ class RoundEngine:
             encoding=self.plan.encoding,
             clip_norm=self.plan.clip_norm,
             issued_at=int(opened_at),
+            secure_aggregation=self.secure is not None,
         )
         return wire.encode_task(task, self.key)
 
@@ -346,6 +352,8 @@ class RoundEngine:
 
     async def _install(self, round_: OpenRound | None) -> None:
         self.current = round_
+        if round_ is not None and self.secure is not None:  # its phases start before anyone sees the task
+            await self.secure.opened(round_)
         self.metrics.current_round.set(round_.round_id if round_ else 0)
         self.metrics.round_updates.set(round_.accepted if round_ else 0)
         async with self._changed:
@@ -366,7 +374,7 @@ class RoundEngine:
             round_.devices[update.device_id] = update.digest
             round_.accepted += 1
             round_.samples += update.num_samples
-        if rows and not self.strategy.needs_all_updates:
+        if rows and not self.strategy.needs_all_updates and self.secure is None:  # masked inputs are no deltas
             await self._run(self._replay, row.round_id, rows)
         if round_.accepted >= round_.goal:
             round_.full.set()
@@ -430,6 +438,9 @@ class RoundEngine:
 
     def admit(self, header: UpdateHeader, digest: bytes, now: float | None = None) -> OpenRound:
         """Decide from the signed metadata alone whether this update can count in the open round."""
+        if self.secure is not None:
+            raise ProtocolError("not-secure", "this aggregator's rounds are secure: devices send masked inputs "
+                                "(docs/protocol.md section 12), not updates")
         now = time.time() if now is None else now
         if header.created_at < now - self.policy.update_window or header.created_at > now + self.policy.clock_skew:
             raise ProtocolError(
@@ -522,20 +533,36 @@ class RoundEngine:
             return
         round_.closing = True
         await round_.idle.wait()
+        if self.secure is not None:  # secure aggregation: all there is to aggregate is the survivors' weighted mean
+            outcome = await self.secure.finish(round_)
+            if outcome.mean is not None:
+                self.strategy.add(outcome.mean, float(outcome.weight))
+            await self._conclude(round_, outcome.participants, outcome.weight, {}, outcome.updates(), outcome.note)
+            return
         rows = self.store.round_updates(round_.round_id)
-        now = time.time()
         samples = sum(r.num_samples for r in rows)
-        summary = _weighted_metrics(rows)
+        await self._conclude(round_, len(rows), samples, _weighted_metrics(rows), self._spooled(round_, rows))
+
+    async def _conclude(
+        self, round_: OpenRound, participants: int, samples: int, summary: dict[str, float],
+        updates: UpdateSet | None, note: str = "",
+    ) -> None:
+        """Publish (or forward) a closed round with a quorum, otherwise abandon it; then open the next round.
+        ``updates`` None: there is nothing to aggregate, ``note`` says why."""
+        now = time.time()
         next_id = round_.round_id + 1
-        if len(rows) >= self.policy.min_clients and self.forward is not None:
-            await self._forward_round(round_, rows, samples, summary, now)
-        elif len(rows) >= self.policy.min_clients:
+        if updates is None:
+            log.info("round %d abandoned: %s", round_.round_id, note)
+            await self._abandon(round_, participants, samples, summary, now, note)
+        elif participants >= self.policy.min_clients and self.forward is not None:
+            await self._forward_round(round_, updates, participants, samples, summary, now)
+        elif participants >= self.policy.min_clients:
             started = time.perf_counter()
             try:
-                params, digest = await self._run(self._aggregate, round_, rows, int(now))
+                params, digest = await self._run(self._aggregate, round_, updates, int(now))
             except AggregationError as exc:
                 log.warning("round %d abandoned: %s", round_.round_id, exc)
-                await self._abandon(round_, rows, samples, summary, now, str(exc))
+                await self._abandon(round_, participants, samples, summary, now, str(exc))
                 return
             version = round_.model_version + 1
             self.version = version
@@ -544,7 +571,7 @@ class RoundEngine:
             deadline = now + self.policy.round_timeout
             goal = self._goal()
             self.store.finish_round(
-                round_.round_id, "published", now, len(rows), samples, summary,
+                round_.round_id, "published", now, participants, samples, summary, note=note,
                 new_model=(version, digest),
                 next_round=(next_id, version, now, deadline, goal) if opens else None,
             )
@@ -553,22 +580,22 @@ class RoundEngine:
             self.metrics.model_version.set(version)
             if self.privacy is not None:
                 self.metrics.dp_epsilon.set(self.privacy.spent())
-            log.info("round %d published model version %d from %d updates", round_.round_id, version, len(rows))
-            self._finish_metrics(round_, len(rows), now)
+            log.info("round %d published model version %d from %d updates", round_.round_id, version, participants)
+            self._finish_metrics(round_, participants, now)
             self.store.drop_segment(round_.round_id)
             await self._install(self._new_open_round(next_id, now, deadline, goal) if opens else None)
         else:
-            note = f"{len(rows)} updates, below the quorum of {self.policy.min_clients}"
+            note = f"{participants} updates, below the quorum of {self.policy.min_clients}"
             log.info("round %d abandoned: %s", round_.round_id, note)
-            await self._abandon(round_, rows, samples, summary, now, note)
+            await self._abandon(round_, participants, samples, summary, now, note)
 
     async def _abandon(
-        self, round_: OpenRound, rows: list[UpdateRow], samples: int, summary: dict[str, float], now: float, note: str
+        self, round_: OpenRound, participants: int, samples: int, summary: dict[str, float], now: float, note: str
     ) -> None:
         if self.forward is not None:  # site mode: the next round opens on the parent's next task
-            self.store.finish_round(round_.round_id, "abandoned", now, len(rows), samples, summary, note=note)
+            self.store.finish_round(round_.round_id, "abandoned", now, participants, samples, summary, note=note)
             self.metrics.round_ended("abandoned", now)
-            self._finish_metrics(round_, len(rows), now)
+            self._finish_metrics(round_, participants, now)
             self.store.drop_segment(round_.round_id)
             await self._install(None)
             return
@@ -576,16 +603,17 @@ class RoundEngine:
         goal = self._goal()
         next_id = round_.round_id + 1
         self.store.finish_round(
-            round_.round_id, "abandoned", now, len(rows), samples, summary, note=note,
+            round_.round_id, "abandoned", now, participants, samples, summary, note=note,
             next_round=(next_id, self.version, now, deadline, goal),
         )
         self.metrics.round_ended("abandoned", now)
-        self._finish_metrics(round_, len(rows), now)
+        self._finish_metrics(round_, participants, now)
         self.store.drop_segment(round_.round_id)
         await self._install(self._new_open_round(next_id, now, deadline, goal))
 
     async def _forward_round(
-        self, round_: OpenRound, rows: list[UpdateRow], samples: int, summary: dict[str, float], now: float
+        self, round_: OpenRound, updates: UpdateSet, participants: int, samples: int, summary: dict[str, float],
+        now: float,
     ) -> None:
         """Site mode: send the round's weighted mean upstream as one update; the new version comes from the parent.
 
@@ -593,24 +621,27 @@ class RoundEngine:
         """
         assert self.forward is not None
         try:
-            delta = await self._run(self._mean_delta, round_, rows)
+            delta = await self._run(self._mean_delta, updates)
             note = await self.forward(round_, delta, samples, summary)
         except (AggregationError, ForwardError) as exc:
             log.warning("round %d abandoned: %s", round_.round_id, exc)
-            await self._abandon(round_, rows, samples, summary, time.time(), str(exc))
+            await self._abandon(round_, participants, samples, summary, time.time(), str(exc))
             return
-        self.store.finish_round(round_.round_id, "published", now, len(rows), samples, summary, note=note)
+        self.store.finish_round(round_.round_id, "published", now, participants, samples, summary, note=note)
         self.metrics.round_ended("published", now)
-        self._finish_metrics(round_, len(rows), now)
+        self._finish_metrics(round_, participants, now)
         self.store.drop_segment(round_.round_id)
         log.info("round %d: %s", round_.round_id, note)
         await self._install(None)
 
-    def _mean_delta(self, round_: OpenRound, rows: list[UpdateRow]) -> np.ndarray:
+    def _spooled(self, round_: OpenRound, rows: list[UpdateRow]) -> UpdateSet:
+        """The round's updates as views of its memory-mapped spool segment (read by the rule on a worker thread)."""
         segment = self.store.segment_path(round_.round_id)
-        spool = np.memmap(segment, dtype="<f4", mode="r")
+        spool = np.memmap(segment, dtype="<f4", mode="r") if rows else np.empty(0, dtype="<f4")
         deltas = [spool[r.offset // 4 : (r.offset + r.length) // 4] for r in rows]
-        updates = UpdateSet(deltas, np.array([r.num_samples for r in rows], dtype=np.float64), self.chunk_bytes)
+        return UpdateSet(deltas, np.array([r.num_samples for r in rows], dtype=np.float64), self.chunk_bytes)
+
+    def _mean_delta(self, updates: UpdateSet) -> np.ndarray:
         delta = self.strategy.aggregate(updates)
         if not np.isfinite(delta).all():
             raise AggregationError("the site's mean delta holds NaN or Inf; refusing to forward it")
@@ -646,13 +677,9 @@ class RoundEngine:
         self.metrics.round_participants.observe(participants)
         self.metrics.enrolled_devices.set(self.registry.active_count())
 
-    def _aggregate(self, round_: OpenRound, rows: list[UpdateRow], created_at: int) -> tuple[np.ndarray, bytes]:
+    def _aggregate(self, round_: OpenRound, updates: UpdateSet, created_at: int) -> tuple[np.ndarray, bytes]:
         """Worker thread: run the strategy, write the signed new version and the strategy's state."""
         assert self.params is not None
-        segment = self.store.segment_path(round_.round_id)
-        spool = np.memmap(segment, dtype="<f4", mode="r") if rows else np.empty(0, dtype="<f4")
-        deltas = [spool[r.offset // 4 : (r.offset + r.length) // 4] for r in rows]
-        updates = UpdateSet(deltas, np.array([r.num_samples for r in rows], dtype=np.float64), self.chunk_bytes)
         delta = self.strategy.aggregate(updates)
         params = self.strategy.apply(self.params, delta)
         if not np.isfinite(params).all():
@@ -703,6 +730,7 @@ class RoundEngine:
                     "devices": self.store.round_devices(row.round_id),
                     "metrics": row.metrics,
                     "note": row.note,
+                    "secure": None if self.secure is None else self.secure.round_status(row.round_id),
                 }
             )
         devices = self.store.devices()
@@ -717,6 +745,7 @@ class RoundEngine:
             },
             "strategy": self.strategy.name,
             "privacy": None if self.privacy is None else self._privacy_status(),
+            "secure_aggregation": None if self.secure is None else self.secure.describe(),
             "policy": {
                 "min_clients": self.policy.min_clients,
                 "goal_clients": self.policy.goal_clients,

@@ -13,6 +13,16 @@ def _when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%H:%M:%S", time.localtime(ts))
 
 
+def _secure(r: dict[str, Any]) -> str:
+    """What the page says of a secure round: how many devices the sum covers, or the phase it is in."""
+    secure = r.get("secure")
+    if not secure:
+        return ""
+    if secure["phase"] == "done":
+        return f"secure: sum of {secure['sum_devices']} devices"
+    return f"secure, {secure['phase']} phase"
+
+
 def render(status: dict[str, Any]) -> str:
     """The page for a ``RoundEngine.status()`` dict. Everything interpolated is escaped."""
     model = status["model"]
@@ -27,7 +37,8 @@ def render(status: dict[str, Any]) -> str:
     for r in status["rounds"]:
         metrics = ", ".join(f"{escape(k)} {v:.4g}" for k, v in r["metrics"].items())
         rows.append(
-            f"<tr><td>{r['round']}</td><td>v{r['model_version']}</td><td>{escape(r['status'])}</td>"
+            f"<tr><td>{r['round']}</td><td>v{r['model_version']}</td><td>{escape(r['status'])}"
+            f"{'<br>' + escape(_secure(r)) if r.get('secure') else ''}</td>"
             f"<td>{r['participants']}/{r['goal']}</td><td>{r['samples']}</td><td>{metrics}</td>"
             f"<td>{_when(r['opened_at'])}</td><td>{_when(r['closed_at'])}</td><td>{escape(r['note'])}</td></tr>"
         )

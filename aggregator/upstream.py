@@ -12,6 +12,10 @@ next parent task brings it down, and the site opens its next round on it.
 
 Robust rules (median, trimmed mean, Krum) and server optimisers (FedAdam/FedYogi) do not compose over
 partial sums, so a site must run plain FedAvg; the root of the tree may run any strategy.
+
+With ``--secure-aggregation`` a site runs secure rounds among its own devices (aggregator/secagg_round.py) and
+forwards only their sum: the site never sees one device's update, and the parent sees one update per site.
+A parent's secure round is not joined: a site is one sender of a plain sum, not a device with a mask key.
 """
 
 from __future__ import annotations
@@ -182,6 +186,12 @@ class UpstreamLink:
                 "upstream round %d trains package %s but this site serves %s: start the site with the same model "
                 "package (re-signed with the site key); not joining", task.round_id, task.package_digest.hex()[:16],
                 self.models.package_digest.hex()[:16],
+            )
+            return
+        if task.secure_aggregation:
+            log.error(
+                "upstream round %d is a secure-aggregation round, which a site cannot join (it forwards one plain "
+                "sum of its devices); run secure aggregation on the sites and plain FedAvg at the root", task.round_id,
             )
             return
         margin = max(1.0, 0.1 * (task.deadline - time.time()))  # leave the forward time to reach the parent

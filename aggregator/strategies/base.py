@@ -42,6 +42,10 @@ class Strategy(ABC):
     options: ClassVar[tuple[StrategyOption, ...]] = ()
     #: True when :meth:`aggregate` reads the spooled updates (robust rules); False for streaming rules.
     needs_all_updates: ClassVar[bool] = False
+    #: True when the rule's result depends on the updates only through their weighted sum, so it runs on what
+    #: secure aggregation gives the aggregator (aggregator/secagg_round.py); rules that rank or select individual
+    #: updates are refused with ``--secure-aggregation``.
+    sum_based: ClassVar[bool] = False
 
     def start_round(self, size: int) -> None:
         """Forget the previous round's accumulators; ``size`` is the number of model parameters."""

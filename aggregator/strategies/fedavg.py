@@ -20,6 +20,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     summary = "sample-weighted mean of the deltas (McMahan et al. 2017), accumulated as updates arrive"
+    sum_based = True  # FedAdam and FedYogi too: their pseudo-gradient is this mean
     options = (StrategyOption("--server-lr", "server_lr", float, "server learning rate on the mean delta (1.0)"),)
 
     def __init__(self, server_lr: float = 1.0):

@@ -367,6 +367,11 @@ def _masked_parts(words: np.ndarray) -> list[bytes | np.ndarray]:
     return [b"\xd8\x46" + _bstr_head(data.size), data]
 
 
+def masked_section_bytes(words: int) -> int:
+    """The size of a masked input's section: the tag, the byte string's head and 4 bytes a word."""
+    return 2 + len(_bstr_head(4 * words)) + 4 * words
+
+
 def encode_masked(message: MaskedInput, key: SigningKey) -> bytes:
     parts = _masked_parts(message.words)
     digest = hashlib.sha256()

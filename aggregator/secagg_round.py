@@ -1,0 +1,758 @@
+"""Secure-aggregation rounds on the aggregator (docs/aggregator.md "Secure aggregation", docs/protocol.md 12).
+
+A secure round is an ordinary round of the engine (one task, one deadline, closed at its goal or deadline,
+published or abandoned) whose updates arrive masked. This module runs its phases around it::
+
+    round opens -> advertise (until every device of the goal advertised, or the phase timeout) -> roster
+      -> share (until every device of the roster shared, or the phase timeout) -> routed shares
+      -> masked inputs through POST /v1/updates (until all arrived, or the round's deadline)
+      -> close: plan and unmask request -> unmask (until all asked answered, or the phase timeout)
+      -> the weighted mean of the survivors' updates, which the engine's rule (FedAvg, FedAdam, FedYogi)
+         turns into the next version exactly as it would the plain updates' mean
+
+What is stored: public keys, commitments, ciphertexts, masked inputs (uniform in Z_2^32), survivor lists and
+shares that never reach t of both kinds for one device. The only plaintext made from updates is the unmasked
+sum; it lives in memory until the engine publishes the model made from it, and nothing logs it.
+
+Durability and restarts: every device message is stored before it is acknowledged (SQLite, the engine's
+database); masked inputs go through the engine's spool like updates, whose receipts make the agents' outbox
+delivery exactly-once. The roster and the unmask request are stored before anyone can read them, so after a
+kill -9 the round goes on with the very same messages and the sum is recomputed from what is stored. A round
+that cannot finish (too few devices or shares, its deadline gone during a phase) is abandoned with the reason
+in its record, the status and the metrics; it is never published from a sum that is not exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, TypeVar
+
+import numpy as np
+from nacl.bindings import crypto_core_ed25519_is_valid_point, crypto_scalarmult
+from nacl.exceptions import RuntimeError as NaclRuntimeError
+from nacl.signing import SigningKey
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from aggregator.registry import Registry
+from aggregator.store import DuplicateUpdate, SpoolJob, Store
+from aggregator.strategies.chunks import UpdateSet
+from appliance import wire
+from appliance.errors import ProtocolError
+from appliance.protocol import graph
+from appliance.protocol import messages as m
+from appliance.protocol.quantise import dequantise, levels_for
+from appliance.protocol.secagg import (
+    DEFAULT_THRESHOLD_FRACTION,
+    Answer,
+    Dealing,
+    Keys,
+    RoundSetup,
+    RoutedShare,
+    SecAggError,
+    UnmaskPlan,
+    masked_with,
+    plan_unmask,
+    threshold_for,
+    unmask_total,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEVICE_PHASES = ("advertise", "share", "masked", "unmask")
+ABANDON_REASONS = ("too-few-advertised", "too-few-shared", "too-few-survivors", "too-few-shares", "deadline")
+DIRECTIONS = ("received", "sent")
+# A low-order X25519 key would make every shared secret with it zero: checked by one multiplication.
+_PROBE_SCALAR = bytes([5] * 32)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS secagg_rounds (
+    round_id       INTEGER PRIMARY KEY,
+    phase          TEXT NOT NULL,
+    phase_started  REAL NOT NULL,
+    phase_deadline REAL NOT NULL,
+    roster         BLOB,
+    request        BLOB,
+    outcome        TEXT NOT NULL DEFAULT '',
+    survivors      INTEGER NOT NULL DEFAULT 0,
+    dropouts       TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS secagg_messages (
+    round_id  INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    phase     TEXT NOT NULL,
+    body      BLOB NOT NULL,
+    PRIMARY KEY (round_id, device_id, phase)
+);
+"""
+
+
+class SecAggConfigError(ValueError):
+    """Secure-aggregation settings that cannot work; the message names the option."""
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """``fl-aggregator serve --secure-aggregation [--secagg-threshold F] [--secagg-neighbours K] ...``."""
+
+    threshold: float = DEFAULT_THRESHOLD_FRACTION  # t = floor(F * (k + 1)) + 1 of a device's k + 1 holders
+    neighbours: int | None = None  # k; None: 2 ceil(log2 n) (SecAgg+); 0: every device (the complete graph)
+    phase_timeout: float = 30.0  # advertise, share and unmask each; masked inputs are due at the round's deadline
+    max_samples: int = 4096  # W: one device's weight is min(its samples, W)
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.threshold < 1:
+            raise SecAggConfigError(f"--secagg-threshold must be in [0.5, 1), got {self.threshold}")
+        if self.neighbours is not None and self.neighbours < 0:
+            raise SecAggConfigError(f"--secagg-neighbours must be 0 (all) or positive, got {self.neighbours}")
+        if not self.phase_timeout > 0:
+            raise SecAggConfigError(f"--secagg-phase-timeout must be positive, got {self.phase_timeout}")
+        if not 1 <= self.max_samples <= 2**20:
+            raise SecAggConfigError(f"the weight cap must be in [1, 2^20], got {self.max_samples}")
+
+    def degree(self, n: int) -> int:
+        return n - 1 if self.neighbours == 0 else graph.effective_neighbours(n, self.neighbours)
+
+
+def check_secure_strategy(strategy_cls: type, clip_norm: float, private: bool) -> None:
+    """Refuse, at start-up, what secure aggregation cannot run, with the reason."""
+    if not getattr(strategy_cls, "sum_based", False):
+        raise SecAggConfigError(
+            f"--secure-aggregation needs a rule that only uses the sum of the updates (fedavg, fedadam, fedyogi): "
+            f"{strategy_cls.name} looks at individual updates, which secure aggregation hides from the aggregator"
+        )
+    if not clip_norm > 0:
+        raise SecAggConfigError("--secure-aggregation needs --clip-norm > 0: the quantisation range comes from it")
+    if private:
+        raise SecAggConfigError(
+            "--dp central cannot be combined with --secure-aggregation: the aggregator clips each update before it "
+            "adds noise, and under secure aggregation it never sees one"
+        )
+
+
+class SecAggMetrics:
+    """``fl_aggregator_secagg_*``, registered in the app's registry; every series exists from the first scrape."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.phase_seconds = Histogram(
+            "fl_aggregator_secagg_phase_seconds", "Duration of each phase of secure rounds", ["phase"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r,
+        )
+        self.dropouts = Counter(
+            "fl_aggregator_secagg_dropouts_total",
+            "Devices that took part in a secure round's previous phase and not in this one (share, masked, unmask)",
+            ["phase"], registry=r,
+        )
+        self.bytes = Counter(
+            "fl_aggregator_secagg_bytes_total", "Bytes of secure-aggregation messages, by phase and direction",
+            ["phase", "direction"], registry=r,
+        )
+        self.excluded = Counter(
+            "fl_aggregator_secagg_excluded_total",
+            "Masked inputs left out of a sum: their device was named for bad shares, or had too few holders left",
+            registry=r,
+        )
+        self.abandoned = Counter(
+            "fl_aggregator_secagg_abandoned_total", "Secure rounds abandoned, by reason", ["reason"], registry=r,
+        )
+        self.sum_devices = Histogram(
+            "fl_aggregator_secagg_sum_devices", "Devices each published secure sum covers",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=r,
+        )
+        for phase in DEVICE_PHASES:
+            self.phase_seconds.labels(phase)
+            if phase != "advertise":
+                self.dropouts.labels(phase)
+            for direction in DIRECTIONS:
+                self.bytes.labels(phase, direction)
+        for reason in ABANDON_REASONS:
+            self.abandoned.labels(reason)
+
+
+@dataclass(frozen=True)
+class SecureOutcome:
+    """What a secure round's close gives the engine: the survivors' weighted mean and total weight, or why not."""
+
+    participants: int  # devices whose updates the sum covers (or that sent masked inputs, when abandoned)
+    weight: int  # the sum of their weights, min(samples, W) each
+    mean: np.ndarray | None  # float32; None: abandoned
+    note: str
+
+    def updates(self) -> UpdateSet | None:
+        """The sum as the rule sees it: one update, weighted by the total weight (FedAvg of it is itself)."""
+        return None if self.mean is None else UpdateSet([self.mean], np.array([float(self.weight)]))
+
+
+class _Abandon(Exception):
+    def __init__(self, reason: str, note: str):
+        super().__init__(note)
+        self.reason = reason
+        self.note = note
+
+
+@dataclass
+class SecureRound:
+    """The open secure round's state (its durable twin is in ``secagg_rounds`` / ``secagg_messages``)."""
+
+    round_id: int
+    deadline: float  # masked inputs are due then: the round's deadline
+    goal: int
+    phase: str = "advertise"
+    phase_started: float = 0.0
+    phase_deadline: float = 0.0
+    outcome: str = ""  # set when the round cannot finish: the reason
+    advertised: dict[str, tuple[bytes, Keys]] = field(default_factory=dict)  # device -> (body, keys)
+    roster: m.Roster | None = None
+    roster_body: bytes = b""
+    dealings: dict[int, tuple[bytes, Dealing]] = field(default_factory=dict)  # index -> (body, dealing)
+    routed: dict[int, bytes] = field(default_factory=dict)  # index -> signed routed message (cache)
+    masked: dict[int, tuple[bytes, set[int]]] = field(default_factory=dict)  # index -> (envelope, rejected)
+    in_flight: dict[int, tuple[bytes, asyncio.Future[bytes]]] = field(default_factory=dict)  # index -> (digest, ..)
+    total: np.ndarray | None = None  # the sum of the committed masked inputs, uint32
+    plan: UnmaskPlan | None = None
+    request_body: bytes = b""
+    answers: dict[int, tuple[bytes, Answer]] = field(default_factory=dict)
+    dropouts: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @cached_property
+    def setup(self) -> RoundSetup:
+        assert self.roster is not None
+        return self.roster.setup()
+
+    @property
+    def shared(self) -> set[int]:
+        return set(self.dealings)
+
+
+class SecureRounds:
+    """Runs the phases of the engine's open secure round and answers the secure-aggregation routes."""
+
+    def __init__(self, config: SecAggConfig, engine: Any, store: Store, registry: Registry, key: SigningKey,
+                 metrics: SecAggMetrics, limits: wire.Limits):
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self.registry = registry
+        self.key = key
+        self.metrics = metrics
+        self.limits = limits
+        self.words = engine.models.layout.size + 1
+        self.current: SecureRound | None = None
+        self._changed = asyncio.Condition()
+        self._driver: asyncio.Task[None] | None = None
+        self._db = sqlite3.connect(store.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._db_lock = threading.Lock()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.engine.executor, fn, *args)
+
+    # ------------------------------------------------------------------------------------------ storage
+
+    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, values in statements:
+                    self._db.execute(sql, values)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _save_phase(self, sr: SecureRound, **blobs: bytes) -> None:
+        sets = ", ".join(f"{name}=?" for name in blobs)
+        self._write([(
+            f"UPDATE secagg_rounds SET phase=?, phase_started=?, phase_deadline=?, outcome=?, dropouts=?"
+            f"{', ' + sets if sets else ''} WHERE round_id=?",
+            (sr.phase, sr.phase_started, sr.phase_deadline, sr.outcome, json.dumps(sr.dropouts), *blobs.values(),
+             sr.round_id),
+        )])
+
+    def _save_message(self, round_id: int, device_id: str, phase: str, body: bytes) -> None:
+        self._write([("INSERT OR IGNORE INTO secagg_messages (round_id, device_id, phase, body) VALUES (?, ?, ?, ?)",
+                      (round_id, device_id, phase, body))])
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+
+    async def opened(self, round_: Any) -> None:
+        """The engine installed ``round_`` (new, or resumed after a restart): start or resume its phases."""
+        await self.stop()
+        row = self._db.execute(
+            "SELECT phase, phase_started, phase_deadline, roster, request, outcome, dropouts FROM secagg_rounds "
+            "WHERE round_id=?", (round_.round_id,)
+        ).fetchone()
+        sr = SecureRound(round_.round_id, round_.deadline, round_.goal)
+        now = time.time()
+        if row is None:
+            sr.phase_started, sr.phase_deadline = now, min(now + self.config.phase_timeout, round_.deadline)
+            self._write([("INSERT INTO secagg_rounds (round_id, phase, phase_started, phase_deadline) "
+                          "VALUES (?, ?, ?, ?)", (sr.round_id, sr.phase, sr.phase_started, sr.phase_deadline))])
+        else:
+            await self._run(self._restore, sr, row, round_)
+            log.info("secure round %d resumed in phase %s", sr.round_id, sr.phase)
+        self.current = sr
+        if sr.outcome or sr.phase == "unmask" or (sr.phase == "masked" and len(sr.masked) == len(sr.shared) > 0):
+            round_.full.set()  # nothing more to wait for before the close: the engine closes it now
+        self._driver = asyncio.create_task(self._drive(sr, round_), name=f"secagg-{sr.round_id}")
+        await self._notify()
+
+    def _restore(self, sr: SecureRound, row: tuple[Any, ...], round_: Any) -> None:
+        """Worker thread: the round's state from the database and the spool, after a restart."""
+        phase, started, deadline, roster, request, outcome, dropouts = row
+        sr.phase, sr.phase_started, sr.phase_deadline, sr.outcome = phase, started, deadline, outcome
+        sr.dropouts = json.loads(dropouts)
+        messages = self._db.execute(
+            "SELECT device_id, phase, body FROM secagg_messages WHERE round_id=?", (sr.round_id,)
+        ).fetchall()
+        lookup = self.registry.signer_key
+        for device_id, kind, body in messages:
+            body = bytes(body)
+            if kind == "advertise":
+                sr.advertised[device_id] = (body, m.decode_advertise(body, lookup).keys)
+        if roster is not None:
+            sr.roster, sr.roster_body = m.decode_roster(bytes(roster), self.key.verify_key, self.limits), bytes(roster)
+        committed = {row.device_id: row for row in self.store.round_updates(sr.round_id)}
+        sr.total = np.zeros(self.words, dtype=np.uint32)
+        for device_id, kind, body in messages:
+            body = bytes(body)
+            if kind == "share":
+                sr.dealings[sr.roster.index_of(device_id)] = (body, m.decode_shares(body, lookup, self.limits).dealing)
+            elif kind == "masked" and device_id in committed:  # stored but never acknowledged: not received
+                index = sr.roster.index_of(device_id)
+                sr.masked[index] = (body, set(wire.verify(body, lookup, self.limits).payload["rejected"]))
+                update = committed[device_id]
+                np.add(sr.total, self.store.read_delta(sr.round_id, update.offset, update.length).view("<u4"),
+                       out=sr.total)
+            elif kind == "unmask":
+                sr.answers[sr.roster.index_of(device_id)] = (body, m.decode_unmask(body, lookup, self.limits).answer)
+        round_.accepted = len(sr.masked)
+        if request is not None:
+            sr.request_body = bytes(request)
+            decoded = m.decode_unmask_request(sr.request_body, self.key.verify_key, self.limits)
+            excluded = sorted(set(sr.masked) - set(decoded.survivors))
+            sr.plan = UnmaskPlan(list(decoded.survivors), list(decoded.dropped), excluded)
+
+    async def stop(self) -> None:
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._driver
+            self._driver = None
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _drive(self, sr: SecureRound, round_: Any) -> None:
+        """Advance the advertise and share phases at their deadlines (or as soon as everyone has acted)."""
+        while sr.phase in ("advertise", "share") and not sr.outcome:
+            remaining = sr.phase_deadline - time.time()
+            if remaining > 0 and not self._phase_complete(sr):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining), self._changed:
+                        await self._changed.wait_for(lambda: self._phase_complete(sr))
+            try:
+                if sr.phase == "advertise":
+                    await self._publish_roster(sr)
+                else:
+                    await self._publish_routing(sr, round_)
+            except _Abandon as exc:
+                self._fail(sr, exc)
+                round_.full.set()  # the engine closes the round now, with the reason
+            await self._notify()
+
+    def _phase_complete(self, sr: SecureRound) -> bool:
+        if sr.phase == "advertise":
+            return len(sr.advertised) >= sr.goal
+        if sr.phase == "share":
+            return sr.roster is not None and len(sr.dealings) == sr.setup.size
+        return False
+
+    def _fail(self, sr: SecureRound, exc: _Abandon) -> None:
+        sr.outcome = exc.note
+        self._save_phase(sr)
+        self.metrics.abandoned.labels(exc.reason).inc()
+        log.warning("secure round %d cannot finish: %s", sr.round_id, exc.note)
+
+    def _end_phase(self, sr: SecureRound, next_phase: str, deadline: float, dropped: int, **blobs: bytes) -> None:
+        now = time.time()
+        self.metrics.phase_seconds.labels(sr.phase).observe(max(0.0, now - sr.phase_started))
+        if sr.phase != "advertise":  # those who acted in the phase before and not in this one
+            sr.dropouts[sr.phase] = dropped
+            self.metrics.dropouts.labels(sr.phase).inc(dropped)
+        sr.phase, sr.phase_started, sr.phase_deadline = next_phase, now, deadline
+        self._save_phase(sr, **blobs)
+
+    def _minimum(self) -> int:
+        return max(2, self.engine.policy.min_clients)
+
+    async def _publish_roster(self, sr: SecureRound) -> None:
+        n = len(sr.advertised)
+        if n < self._minimum():
+            raise _Abandon("too-few-advertised", f"{n} devices advertised keys, below the minimum of {self._minimum()}")
+        ids = tuple(sorted(sr.advertised))
+        k = self.config.degree(n)
+        roster = m.Roster(
+            sr.round_id, ids, tuple(sr.advertised[d][1] for d in ids), k, threshold_for(k, self.config.threshold),
+            levels_for(n), self.config.max_samples, float(self.engine.plan.clip_norm),
+            deadline=int(min(time.time() + self.config.phase_timeout, sr.deadline)),
+        )
+        body = m.encode_roster(roster, self.key)
+        self._end_phase(sr, "share", float(roster.deadline), 0, roster=body)
+        sr.roster, sr.roster_body = roster, body
+        log.info("secure round %d: roster of %d devices, %d neighbours each, threshold %d", sr.round_id, n, k,
+                 roster.threshold)
+
+    async def _publish_routing(self, sr: SecureRound, round_: Any) -> None:
+        shared = len(sr.dealings)
+        if shared < self._minimum():
+            raise _Abandon("too-few-shared", f"{shared} devices sent their shares, below the minimum of "
+                           f"{self._minimum()}")
+        self._end_phase(sr, "masked", sr.deadline, sr.setup.size - shared)
+
+    # -------------------------------------------------------------------------------------- admission
+
+    def _open_round(self, round_id: int, phase: str) -> SecureRound:
+        """The current secure round if it is ``round_id`` and in ``phase``; else the reason why not."""
+        sr = self.current
+        engine_round = self.engine.current
+        if sr is None or engine_round is None or round_id != sr.round_id or engine_round.round_id != round_id:
+            past = self.store.get_round(round_id)
+            if past is not None and past.status != "open":
+                raise ProtocolError("round-closed", f"round {round_id} is {past.status}")
+            raise ProtocolError("wrong-round", f"round {round_id} is not open")
+        if sr.outcome:
+            raise ProtocolError("round-closed", f"round {round_id} cannot finish: {sr.outcome}")
+        if sr.phase != phase:
+            raise ProtocolError("wrong-phase", f"round {round_id} is in phase {sr.phase!r}, not {phase!r}")
+        return sr
+
+    def _count(self, phase: str, direction: str, size: int) -> None:
+        self.metrics.bytes.labels(phase, direction).inc(size)
+
+    @staticmethod
+    def _same_or_duplicate(previous: bytes | None, body: bytes, what: str) -> bool:
+        """True when ``body`` repeats what was accepted (answered again, idempotent); a different one is refused."""
+        if previous is None:
+            return False
+        if previous == body:
+            return True
+        raise ProtocolError("duplicate", f"this device already sent a different {what} in this round")
+
+    async def advertise(self, body: bytes) -> dict[str, Any]:
+        message = m.decode_advertise(body, self.registry.key_for)
+        sr = self._open_round(message.round_id, "advertise")
+        self._count("advertise", "received", len(body))
+        previous = sr.advertised.get(message.device_id)
+        if not self._same_or_duplicate(previous[0] if previous else None, body, "advertisement"):
+            _check_keys(message.keys)
+            await self._run(self._save_message, sr.round_id, message.device_id, "advertise", body)
+            sr.advertised[message.device_id] = (body, message.keys)
+            await self._notify()
+        return {"round": sr.round_id, "phase": "advertise", "accepted": message.device_id}
+
+    async def shares(self, body: bytes) -> dict[str, Any]:
+        message = await self._run(m.decode_shares, body, self.registry.key_for, self.limits)
+        sr = self._open_round(message.round_id, "share")
+        self._count("share", "received", len(body))
+        index = sr.roster.index_of(message.device_id) if sr.roster else -1
+        previous = sr.dealings.get(index)
+        if not self._same_or_duplicate(previous[0] if previous else None, body, "set of shares"):
+            _check_dealing(sr, index, message.dealing)
+            await self._run(self._save_message, sr.round_id, message.device_id, "share", body)
+            sr.dealings[index] = (body, message.dealing)
+            await self._notify()
+        return {"round": sr.round_id, "phase": "share", "accepted": message.device_id}
+
+    async def masked(self, body: bytearray, digest: bytes, signer: str, payload: dict[str, Any]) -> bytes:
+        """A masked input, arrived through POST /v1/updates with its envelope verified (``payload``): spooled
+        durably, then its signed receipt."""
+        round_id = payload.get("round")
+        if isinstance(round_id, bool) or not isinstance(round_id, int):
+            raise ProtocolError("bad-payload", "field 'round' missing or not an integer")
+        sr = self._open_round(round_id, "masked")
+        index = sr.roster.index_of(signer) if sr.roster else -1
+        if index not in sr.dealings:
+            raise ProtocolError("not-in-roster", f"device {signer} sent no shares in round {sr.round_id}: "
+                                "nobody masked with it, so its input could never be unmasked")
+        if index in sr.in_flight:
+            first, waiter = sr.in_flight[index]
+            if first == digest:
+                return await asyncio.shield(waiter)
+            raise ProtocolError("duplicate", f"device {signer} is already sending another masked input")
+        if index in sr.masked:
+            raise ProtocolError("duplicate", f"device {signer} already sent a masked input in round {sr.round_id}")
+        message = await self._run(m.decode_masked, body, self.registry.key_for, self.words, self.limits)
+        sr = self._open_round(message.round_id, "masked")  # the phase may have ended while it was decoded
+        partners = set(sr.setup.graph[index]) & sr.shared
+        if not set(message.rejected) <= partners:
+            raise ProtocolError("bad-payload", "'rejected' names devices that were no neighbour of this one")
+        self._count("masked", "received", len(body))
+        receipt = wire.encode_receipt(wire.Receipt(signer, sr.round_id, update_digest=digest,
+                                                   accepted_at=int(time.time())), self.key)
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        sr.in_flight[index] = (digest, waiter)
+        envelope = bytes(body[: len(body) - m.masked_section_bytes(self.words)])  # it holds the rejections
+        words = message.words
+
+        def accumulate() -> None:
+            with sr.lock:
+                assert sr.total is not None
+                np.add(sr.total, words, out=sr.total)
+
+        try:
+            await self._run(self._save_message, sr.round_id, signer, "masked", envelope)
+            if sr.total is None:
+                sr.total = np.zeros(self.words, dtype=np.uint32)
+            job = SpoolJob(digest=digest, device_id=signer, round_id=sr.round_id, num_samples=0, metrics={},
+                           delta=words.view("<f4"), receipt=receipt, accepted_at=time.time(), then=accumulate)
+            await self.store.spool(job)  # the bits of the words, as they are: a float32 view, not a conversion
+        except BaseException as exc:
+            error: BaseException = exc
+            if isinstance(exc, DuplicateUpdate):
+                error = ProtocolError("duplicate", str(exc))
+            if not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()
+            raise error from exc
+        finally:
+            sr.in_flight.pop(index, None)
+        sr.masked[index] = (envelope, set(message.rejected))
+        waiter.set_result(receipt)
+        round_ = self.engine.current
+        round_.devices[signer] = digest
+        round_.accepted = len(sr.masked)
+        self.engine.metrics.round_updates.set(round_.accepted)
+        self.engine.metrics.updates_accepted.inc()
+        if len(sr.masked) == len(sr.dealings):
+            round_.full.set()
+        return receipt
+
+    async def unmask(self, body: bytes) -> dict[str, Any]:
+        message = await self._run(m.decode_unmask, body, self.registry.key_for, self.limits)
+        sr = self._open_round(message.round_id, "unmask")
+        self._count("unmask", "received", len(body))
+        index = sr.roster.index_of(message.device_id) if sr.roster else -1
+        if index not in sr.masked:
+            raise ProtocolError("not-in-roster", f"device {message.device_id} was not asked to unmask: its masked "
+                                "input did not arrive")
+        previous = sr.answers.get(index)
+        if not self._same_or_duplicate(previous[0] if previous else None, body, "unmask answer"):
+            _check_answer(sr, index, message.answer)
+            await self._run(self._save_message, sr.round_id, message.device_id, "unmask", body)
+            sr.answers[index] = (body, message.answer)
+            await self._notify()
+        return {"round": sr.round_id, "phase": "unmask", "accepted": message.device_id}
+
+    # ------------------------------------------------------------------------------------- publications
+
+    async def _wait(self, round_id: int, ready: Callable[[SecureRound], bool], timeout: float) -> SecureRound:
+        def check() -> bool:
+            sr = self.current
+            return sr is None or sr.round_id != round_id or bool(sr.outcome) or ready(sr)
+
+        if not check() and timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout), self._changed:
+                    await self._changed.wait_for(check)
+        sr = self.current
+        if sr is None or sr.round_id != round_id:
+            past = self.store.get_round(round_id)
+            if past is not None and past.status != "open":
+                raise ProtocolError("round-closed", f"round {round_id} is {past.status}")
+            raise ProtocolError("wrong-round", f"round {round_id} is not open")
+        if sr.outcome:
+            raise ProtocolError("round-closed", f"round {round_id} cannot finish: {sr.outcome}")
+        return sr
+
+    async def roster(self, round_id: int, wait: float) -> bytes | None:
+        sr = await self._wait(round_id, lambda s: s.roster is not None, wait)
+        if sr.roster is None:
+            return None
+        self._count("share", "sent", len(sr.roster_body))
+        return sr.roster_body
+
+    async def routed(self, round_id: int, device_id: str, wait: float) -> bytes | None:
+        sr = await self._wait(round_id, lambda s: s.phase not in ("advertise", "share"), wait)
+        if sr.phase in ("advertise", "share"):
+            return None
+        assert sr.roster is not None
+        index = sr.roster.index_of(device_id)
+        if index not in sr.dealings:
+            raise ProtocolError("not-in-roster", f"device {device_id} sent no shares in round {round_id}")
+        body = sr.routed.get(index)
+        if body is None:
+            shares = tuple(
+                RoutedShare(u, sr.dealings[u][1].self_commitments, sr.dealings[u][1].key_commitments,
+                            sr.dealings[u][1].ciphertexts[index])
+                for u in sorted(set(sr.setup.graph[index]) & sr.shared)
+            )
+            routed = m.Routed(sr.round_id, device_id, index, shares, int(sr.deadline))
+            body = await self._run(m.encode_routed, routed, self.key)
+            sr.routed[index] = body
+        self._count("masked", "sent", len(body))
+        return body
+
+    async def unmask_request(self, round_id: int, wait: float) -> bytes | None:
+        sr = await self._wait(round_id, lambda s: bool(s.request_body), wait)
+        if not sr.request_body:
+            return None
+        self._count("unmask", "sent", len(sr.request_body))
+        return sr.request_body
+
+    # ------------------------------------------------------------------------------------------- closing
+
+    async def finish(self, round_: Any) -> SecureOutcome:
+        """Close the secure round: ask for the shares, unmask the sum, and hand back the weighted mean."""
+        sr = self.current
+        await self.stop()
+        if sr is None or sr.round_id != round_.round_id:
+            return SecureOutcome(0, 0, None, "the secure round's state is gone")
+        try:
+            if sr.outcome:
+                raise _Abandon("", sr.outcome)
+            if sr.phase in ("advertise", "share"):
+                raise _Abandon("deadline", f"the round's deadline passed in the {sr.phase} phase")
+            if sr.phase == "masked":
+                await self._ask(sr)
+            await self._collect_answers(sr)
+            mean, weight = await self._run(self._unmasked_mean, sr)
+        except _Abandon as exc:
+            if exc.reason:
+                self._fail(sr, exc)
+            await self._notify()
+            return SecureOutcome(len(sr.masked), 0, None, f"secure aggregation: {exc.note}")
+        assert sr.plan is not None
+        covers = len(sr.plan.survivors)
+        self._end_phase(sr, "done", time.time(), len(sr.masked) - len(sr.answers))
+        self._write([("UPDATE secagg_rounds SET survivors=? WHERE round_id=?", (covers, sr.round_id))])
+        self.metrics.sum_devices.observe(covers)
+        await self._notify()
+        note = f"secure aggregation: the sum of {covers} devices"
+        if sr.plan.excluded:
+            note += f" ({len(sr.plan.excluded)} masked inputs left out)"
+        return SecureOutcome(covers, weight, mean, note)
+
+    async def _ask(self, sr: SecureRound) -> None:
+        rejections = {v: rejected for v, (_, rejected) in sr.masked.items()}
+        plan = plan_unmask(sr.setup, sr.shared, rejections)
+        if len(plan.survivors) < self._minimum():
+            raise _Abandon("too-few-survivors", f"{len(plan.survivors)} masked inputs can count, below the minimum of "
+                           f"{self._minimum()}")
+        request = m.UnmaskRequest(sr.round_id, tuple(plan.survivors), tuple(plan.dropped),
+                                  int(time.time() + self.config.phase_timeout))
+        body = m.encode_unmask_request(request, self.key)
+        self._end_phase(sr, "unmask", float(request.deadline), len(sr.dealings) - len(sr.masked), request=body)
+        sr.plan, sr.request_body = plan, body
+        self.metrics.excluded.inc(len(plan.excluded))
+        await self._notify()
+        log.info("secure round %d: unmasking %d survivors (%d dropped, %d left out)", sr.round_id,
+                 len(plan.survivors), len(plan.dropped), len(plan.excluded))
+
+    async def _collect_answers(self, sr: SecureRound) -> None:
+        if sr.phase_deadline < time.time():  # resumed after the deadline: give the devices one more timeout
+            sr.phase_deadline = time.time() + self.config.phase_timeout
+        remaining = sr.phase_deadline - time.time()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining), self._changed:
+                    await self._changed.wait_for(lambda: len(sr.answers) == len(sr.masked))
+
+    def _unmasked_mean(self, sr: SecureRound) -> tuple[np.ndarray, int]:
+        """Worker thread: the survivors' weighted mean delta and total weight, or _Abandon."""
+        assert sr.plan is not None and sr.total is not None
+        total = sr.total.copy()
+        for v in sr.plan.excluded:  # their inputs were added as they arrived: take them out again
+            np.subtract(total, self._spooled(sr, v), out=total)
+        rejections = {v: rejected for v, (_, rejected) in sr.masked.items()}
+        partners = masked_with(sr.setup, sr.shared, rejections)
+        commitments = {u: (d.self_commitments, d.key_commitments) for u, (_, d) in sr.dealings.items()}
+        answers = {v: a for v, (_, a) in sr.answers.items()}
+        try:
+            report = unmask_total(total, sr.setup, sr.plan, partners, commitments, answers)
+        except SecAggError as exc:
+            raise _Abandon("too-few-shares", exc.detail) from None
+        if report.bad_holders:
+            log.warning("secure round %d: %d devices answered with shares that do not fit their commitments",
+                        sr.round_id, len(report.bad_holders))
+        weighted, weight = dequantise(total, clip_norm=sr.setup.clip_norm, levels=sr.setup.levels,
+                                      max_samples=sr.setup.max_samples)
+        if weight < len(sr.plan.survivors):
+            raise _Abandon("too-few-shares", f"the unmasked weights sum to {weight}, fewer than the survivors")
+        return (weighted / weight).astype(np.float32), weight
+
+    def _spooled(self, sr: SecureRound, index: int) -> np.ndarray:
+        assert sr.roster is not None
+        device_id = sr.roster.device_ids[index]
+        update = next(u for u in self.store.round_updates(sr.round_id) if u.device_id == device_id)
+        return np.array(self.store.read_delta(sr.round_id, update.offset, update.length).view("<u4"))
+
+    # -------------------------------------------------------------------------------------------- status
+
+    def describe(self) -> dict[str, Any]:
+        """The settings, for the status: what every secure round of this aggregator runs with."""
+        return {
+            "threshold": self.config.threshold,
+            "neighbours": "2 ceil(log2 n)" if self.config.neighbours is None else self.config.neighbours or "all",
+            "phase_timeout": self.config.phase_timeout,
+            "max_samples": self.config.max_samples,
+        }
+
+    def round_status(self, round_id: int) -> dict[str, Any] | None:
+        """What the status shows of a secure round: its phase, how many devices the sum covers, the dropouts."""
+        row = self._db.execute(
+            "SELECT phase, outcome, survivors, dropouts FROM secagg_rounds WHERE round_id=?", (round_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return {"phase": row[0], "outcome": row[1], "sum_devices": row[2], "dropouts": json.loads(row[3])}
+
+
+def _check_keys(keys: Keys) -> None:
+    if not crypto_core_ed25519_is_valid_point(keys.mask):
+        raise ProtocolError("bad-key", "the mask key is not a point of the prime-order Ed25519 group")
+    try:
+        crypto_scalarmult(_PROBE_SCALAR, keys.cipher)
+    except NaclRuntimeError:
+        raise ProtocolError("bad-key", "the cipher key is an X25519 point of small order") from None
+
+
+def _check_dealing(sr: SecureRound, index: int, dealing: Dealing) -> None:
+    setup = sr.setup
+    if index < 0:
+        raise ProtocolError("not-in-roster", "this device is not in the round's roster")
+    if sorted(dealing.ciphertexts) != setup.graph[index]:
+        raise ProtocolError("bad-shares", "shares must go to exactly this device's neighbours in the roster's graph")
+    if len(dealing.self_commitments) != setup.threshold or len(dealing.key_commitments) != setup.threshold:
+        raise ProtocolError("bad-shares", f"each secret needs {setup.threshold} commitments")
+    if dealing.key_commitments[0] != setup.keys[index].mask:
+        raise ProtocolError("bad-shares", "the key commitments must start with the advertised mask key")
+
+
+def _check_answer(sr: SecureRound, index: int, answer: Answer) -> None:
+    """An answer holds only what this device holds, of the kind the request asked: never both kinds for one."""
+    assert sr.plan is not None
+    held = {*sr.setup.graph[index], index}
+    survivors, dropped = set(sr.plan.survivors), set(sr.plan.dropped)
+    if not set(answer.self_shares) <= held & survivors:
+        raise ProtocolError("bad-shares", "self-mask shares only of survivors whose shares this device holds")
+    neighbours = set(sr.setup.graph[index])
+    if not set(answer.key_shares) <= held & dropped or not set(answer.pair_seeds) <= neighbours & dropped:
+        raise ProtocolError("bad-shares", "key shares and seeds only of dropped devices this device was given")
