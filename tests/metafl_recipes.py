@@ -1,8 +1,10 @@
-"""Read meta-fl's recipes and the agent's imports without bitbake: what the meta-fl tests share.
+"""Read meta-fl's recipes, kas files and the agent's imports without bitbake: what the meta-fl tests share.
 
 The recipe reader understands the subset of bitbake syntax meta-fl uses (`VAR = "..."`, `+=`, `?=`, `:=`,
-backslash continuations, `VAR:override`); it is not a general parser. The bitbake test
-(tests/test_metafl_bitbake.py) checks the same facts with a real parse when a poky checkout is at hand.
+backslash continuations, `VAR:override`); it is not a general parser. `image_boot` evaluates, per kas file,
+which wks fl-image gets and which EFI loader that asks for, from the recipe and a table of machine facts.
+The bitbake test (tests/test_metafl_bitbake.py) checks the same facts with a real parse when a poky checkout
+is at hand.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import ast
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,9 +193,14 @@ def _logical_lines(text: str) -> Iterator[str]:
 
 def recipe_assignments(path: Path) -> list[tuple[str, str, str]]:
     """(variable, operator, value) for every top-level assignment, in file order."""
+    return conf_assignments(path.read_text())
+
+
+def conf_assignments(text: str) -> list[tuple[str, str, str]]:
+    """(variable, operator, value) for every top-level assignment of recipe or .conf text, in order."""
     out: list[tuple[str, str, str]] = []
     in_function = False
-    for line in _logical_lines(path.read_text()):
+    for line in _logical_lines(text):
         stripped = line.strip()
         if in_function:
             if stripped == "}":
@@ -248,3 +255,189 @@ def meta_fl_recipe_files() -> list[Path]:
 def meta_fl_recipe_names() -> set[str]:
     """PN of every recipe meta-fl carries (file name up to the first `_`)."""
     return {p.name.split("_")[0].removesuffix(".bb") for p in LAYER.rglob("*.bb")}
+
+
+# What the pinned layers set for each machine that decides fl-image's disk layout and boot loader, read from
+# their machine configurations (poky meta/ and meta-yocto-bsp/, meta-raspberrypi) and from oe-core's
+# image_types_wic.bbclass. tests/test_metafl_bitbake.py checks these facts against `bitbake -e fl-image`.
+@dataclass(frozen=True)
+class Machine:
+    efi: bool  # "efi" in the machine's own MACHINE_FEATURES
+    overrides: frozenset[str]  # MACHINEOVERRIDES besides the machine's name (SOC_FAMILY and the like)
+    efi_provider: str = ""  # EFI_PROVIDER ?= in the machine configuration (for a systemd distro)
+    wic_loaders: str = ""  # WKS_FILE_DEPENDS_BOOTLOADERS of image_types_wic for the machine's architecture
+
+
+MACHINES = {
+    "qemux86-64": Machine(efi=False, overrides=frozenset({"qemuall"}),
+                          wic_loaders="syslinux grub-efi systemd-boot os-release"),
+    "qemuarm64": Machine(efi=False, overrides=frozenset({"qemuall", "aarch64"})),
+    # genericarm64.conf: EFI_PROVIDER is systemd-boot when DISTRO_FEATURES has systemd, grub-efi otherwise.
+    "genericarm64": Machine(efi=True, overrides=frozenset({"aarch64", "armv8a"}), efi_provider="systemd-boot"),
+    "raspberrypi4-64": Machine(efi=False, overrides=frozenset({"rpi", "raspberrypi4", "aarch64"})),
+}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """One way of building fl-image: a machine and the local.conf a kas file (or a user) gives it."""
+    name: str
+    machine: str
+    distro: str
+    repos: dict[str, dict] = field(default_factory=dict)  # kas `repos`: name -> url, commit, layers
+    local_conf: str = ""  # kas `local_conf_header` entries, joined
+
+
+KAS_DIR = LAYER / "kas"
+KAS_COMMON = KAS_DIR / "fl-image-common.yml"
+
+
+def _kas_merged(path: Path) -> dict:
+    """A kas file with its includes merged in, as kas does: includes first, the including file wins."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    merged: dict = {"repos": {}, "local_conf_header": {}}
+    for include in (data.get("header") or {}).get("includes", []):
+        inner = _kas_merged(REPO / include)
+        merged["repos"].update(inner["repos"])
+        merged["local_conf_header"].update(inner["local_conf_header"])
+        merged.update({k: v for k, v in inner.items() if k not in ("repos", "local_conf_header")})
+    merged["repos"].update(data.get("repos") or {})
+    merged["local_conf_header"].update(data.get("local_conf_header") or {})
+    merged.update({k: v for k, v in data.items() if k not in ("repos", "local_conf_header", "header")})
+    return merged
+
+
+def kas_build_config(path: Path) -> BuildConfig:
+    kas = _kas_merged(path)
+    return BuildConfig(name=path.stem, machine=kas.get("machine", ""), distro=kas.get("distro", "poky"),
+                       repos=kas["repos"], local_conf="\n".join(kas["local_conf_header"].values()))
+
+
+def build_configs() -> list[BuildConfig]:
+    """Every kas machine file, and qemuarm64 with only the common settings: a machine without EFI, as a
+    user adding the layer to a plain poky build gets (the case that once asked for a loader it never built)."""
+    configs = [kas_build_config(p) for p in sorted(KAS_DIR.glob("fl-image-*.yml")) if p != KAS_COMMON]
+    configs.append(replace(kas_build_config(KAS_COMMON), name="qemuarm64-common-settings", machine="qemuarm64"))
+    return configs
+
+
+def _bb_contains(variable: str, checkvalues: str, truevalue: str, falsevalue: str, d: _Datastore) -> str:
+    return truevalue if set(checkvalues.split()) <= set((d.getVar(variable) or "").split()) else falsevalue
+
+
+class _Datastore:
+    """The `d` and `bb` inline python (`${@...}`) sees, over already-resolved variables."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+
+    def getVar(self, name: str, expand: bool = True) -> str | None:
+        value = self.values.get(name)
+        return expand_value(value, self.values) if value is not None and expand else value
+
+
+class _Bb:
+    class utils:
+        contains = staticmethod(_bb_contains)
+
+
+def expand_value(value: str, values: dict[str, str]) -> str:
+    """Expand `${VAR}` from `values` (unknown names stay as written), then evaluate `${@...}` inline python."""
+    for _ in range(20):
+        expanded = re.sub(r"\$\{([A-Za-z0-9_\-]+)\}", lambda m: values.get(m.group(1), m.group(0)), value)
+        if expanded == value:
+            break
+        value = expanded
+    return re.sub(r"\$\{@(.+?)\}",
+                  lambda m: str(eval(m.group(1), {"bb": _Bb, "d": _Datastore(values)})), value)
+
+
+def resolve_assignments(assignments: list[tuple[str, str, str]], overrides: set[str]) -> dict[str, str]:
+    """Variable values after bitbake's operators and overrides, for the subset meta-fl uses: `=`, `?=`, `??=`,
+    `+=`, `:append`, `:remove` and `VAR:<override>` (which wins over the plain value when it is active)."""
+    plain: dict[str, str] = {}
+    weak: dict[str, str] = {}
+    chosen: dict[str, str] = {}
+    appends: dict[str, list[tuple[str, str]]] = {}
+    for name, op, value in assignments:
+        base, *suffix = name.split(":")
+        if any(s not in overrides and s not in ("append", "prepend", "remove") for s in suffix):
+            continue
+        if suffix and suffix[0] in ("append", "prepend", "remove"):
+            appends.setdefault(base, []).append((suffix[0], value))
+        elif suffix:
+            chosen[base] = value
+        elif op in ("=", ":="):
+            plain[base] = value
+        elif op == "?=":
+            plain.setdefault(base, value)
+        elif op == "??=":
+            weak[base] = value
+        elif op in ("+=", ".="):
+            plain[base] = f"{plain.get(base, '')} {value}".strip()
+        elif op in ("=+", "=."):
+            plain[base] = f"{value} {plain.get(base, '')}".strip()
+    values = {**weak, **plain, **chosen}
+    for base, operations in appends.items():
+        for kind, value in operations:
+            current = values.get(base, "")
+            # The reader keeps no leading space, so every value is taken as a whitespace-separated list.
+            if kind == "append":
+                values[base] = f"{current} {value}".strip()
+            elif kind == "prepend":
+                values[base] = f"{value} {current}".strip()
+            else:
+                values[base] = " ".join(w for w in current.split() if w not in value.split())
+    return values
+
+
+IMAGE_RECIPE = LAYER / "recipes-core" / "images" / "fl-image.bb"
+IMAGE_INC = LAYER / "recipes-core" / "images" / "fl-image.inc"
+
+
+@dataclass(frozen=True)
+class ImageBoot:
+    efi: bool  # "efi" in MACHINE_FEATURES, after local.conf
+    wks_file: str  # WKS_FILE, as bitbake resolves it for fl-image on this machine
+    loaders: list[str]  # the EFI loaders (`loader=`) the expanded wks asks wic to install
+    graph: set[str]  # recipes and packages the image depends on that decide its boot path
+
+
+def image_boot(config: BuildConfig) -> ImageBoot:
+    """What fl-image's disk asks for on `config`, and what the image pulls into its dependency graph.
+
+    The graph is what fl-image's own variables name (WKS_FILE_DEPENDS, DEPENDS, EXTRA_IMAGEDEPENDS,
+    IMAGE_INSTALL) plus the two rules of oe-core that bring boot loaders in: image_types_wic's
+    WKS_FILE_DEPENDS default (the x86 loaders) and packagegroup-core-boot, which RDEPENDS on ${EFI_PROVIDER}
+    and the kernel when MACHINE_FEATURES has "efi"."""
+    if config.machine not in MACHINES:
+        raise KeyError(f"{config.name}: machine {config.machine} is not in MACHINES; add what its configuration "
+                       "at the pinned commit sets (MACHINE_FEATURES efi, MACHINEOVERRIDES, EFI_PROVIDER)")
+    machine = MACHINES[config.machine]
+    overrides = {config.machine, *machine.overrides, "pn-fl-image"}
+    # Parse order: local.conf, the machine configuration, then the recipe with its classes' weak defaults.
+    global_conf = [*conf_assignments(config.local_conf), ("MACHINE_FEATURES", "=", "efi" if machine.efi else "")]
+    if machine.efi_provider:
+        global_conf.append(("EFI_PROVIDER", "?=", machine.efi_provider))
+    image = [("WKS_FILE_DEPENDS", "??=", machine.wic_loaders), *recipe_assignments(IMAGE_INC),
+             *recipe_assignments(IMAGE_RECIPE)]
+    values = resolve_assignments(global_conf + image, overrides)
+    values["MACHINE"] = config.machine
+
+    def words(var: str, among: dict[str, str] = values) -> set[str]:
+        return set(expand_value(among.get(var, ""), among).split())
+
+    efi = "efi" in words("MACHINE_FEATURES")
+    graph = words("WKS_FILE_DEPENDS") | words("DEPENDS") | words("EXTRA_IMAGEDEPENDS") | words("IMAGE_INSTALL")
+    if "packagegroup-core-boot" in graph and efi:
+        # Its own EFI_PROVIDER: the configuration's, or the packagegroup's default, never the image recipe's.
+        packagegroup = resolve_assignments([*global_conf, ("EFI_PROVIDER", "??=", "grub-efi")], overrides)
+        graph |= words("EFI_PROVIDER", packagegroup) | {"kernel"}
+    wks_file = expand_value(values["WKS_FILE"], values)
+    parts = [expand_value(line, values) for line in (LAYER / "wic" / wks_file).read_text().splitlines()
+             if line.startswith("part ")]
+    loaders = [m.group(1) for line in parts if "bootimg-efi" in line for m in [re.search(r"loader=([\w-]+)", line)]
+               if m]
+    return ImageBoot(efi=efi, wks_file=wks_file, loaders=loaders, graph=graph)

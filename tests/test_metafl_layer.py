@@ -21,7 +21,9 @@ from metafl_recipes import (
     STDLIB_PACKAGES,
     THIRD_PARTY_RECIPES,
     agent_imports,
+    build_configs,
     function_body,
+    image_boot,
     layer_conf,
     meta_fl_recipe_files,
     meta_fl_recipe_names,
@@ -218,6 +220,24 @@ def test_wks_layout_is_what_flctl_flash_expects(wks: str) -> None:
     for var in re.findall(r"\$\{(\w+)\}", path.read_text()):
         if var.startswith("FL_"):
             assert re.search(rf"^{var} \?=", (IMAGES / "fl-image.inc").read_text(), re.M), f"{var} is never set"
+
+
+def test_every_build_configuration_depends_on_the_loader_its_wks_asks_for() -> None:
+    """For each kas file (and qemuarm64 with the common settings): an EFI machine gets a disk with an EFI
+    loader, a machine without EFI gets none, and the loader is in fl-image's dependency graph, because
+    do_image_wic copies it from the deploy directory and fails at the build's last step when it is not there.
+    Machine facts come from metafl_recipes.MACHINES, which tests/test_metafl_bitbake.py checks with bitbake."""
+    pytest.importorskip("yaml", reason="PyYAML is not installed")
+    problems = []
+    for config in build_configs():
+        boot = image_boot(config)
+        if boot.efi != bool(boot.loaders):
+            problems.append(f"{config.name} ({config.machine}, efi={boot.efi}): {boot.wks_file} asks for "
+                            f"EFI loaders {boot.loaders}")
+        problems += [f"{config.name} ({config.machine}): {boot.wks_file} asks for loader={loader}, which "
+                     "fl-image does not depend on: do_image_wic would fail"
+                     for loader in boot.loaders if loader not in boot.graph]
+    assert not problems, "\n".join(problems)
 
 
 def test_production_image_is_read_only_and_has_no_debug_features() -> None:
