@@ -49,6 +49,7 @@ from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_crea
 from appliance.metrics import AgentMetrics, Reading
 from appliance.modelpkg import ModelPackage, PackageError, load_package
 from appliance.outbox import Backoff, Outbox, PermanentRejection
+from appliance.secagg_client import SecureRound, Transport, flat_update, take_part
 from appliance.training_job import FRAMES_DIR, TrainJob, run_train_job
 
 log = logging.getLogger("fl_agent")
@@ -348,6 +349,9 @@ class Agent:
             raise AggregatorUnavailable(str(exc)) from exc
         self.metrics.rounds_joined.inc()
         self.set_status(f"training round {task.round_id} on model v{task.model_version}")
+        if task.secure_aggregation:
+            await self._secure_round(client, task, package, release)
+            return
         update = await self._train(task, package, release)
         if update is not None:
             body = wire.encode_update(update, self.identity.signing_key)
@@ -365,6 +369,27 @@ class Agent:
             )
         self.last_round = task.round_id
         self._save_state()
+        self.set_status(f"waiting for round > {self.last_round}")
+
+    async def _secure_round(
+        self, client: AggregatorClient, task: wire.Task, package: ModelPackage, release: wire.ModelRelease
+    ) -> None:
+        """A secure-aggregation round (appliance/secagg_client.py). Its secrets live in memory only, so the round
+        is marked as taken before it starts: an agent that restarts mid-round has dropped out of it."""
+        self.last_round = task.round_id
+        self._save_state()
+
+        async def queue(body: bytes) -> None:  # the masked input goes out like an update: durably, via the outbox
+            self.outbox.put(body)
+            self.metrics.rounds.inc()
+            self.metrics.update_bytes.inc(len(body))
+            self._outbox_changed.set()
+
+        secure = SecureRound(Transport(client.base_url, client.session, self.aggregator_key), task,
+                             self.identity.device_id, self.identity.signing_key, now=self.clock.now)
+        outcome = await take_part(secure, flat_update(self._train(task, package, release), package.param_specs),
+                                  queue)
+        log.info("round %d: secure aggregation: %s", task.round_id, outcome)
         self.set_status(f"waiting for round > {self.last_round}")
 
     def set_status(self, text: str) -> None:

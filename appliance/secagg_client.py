@@ -217,6 +217,15 @@ class SecureRound:
 Update = tuple[np.ndarray, int]  # (clipped delta, flat, in the model's parameter order; number of samples)
 
 
+async def flat_update(training: Awaitable[wire.Update | None], specs: list[wire.ParamSpec]) -> Update | None:
+    """The trained (and clipped) update as :func:`take_part` wants it: one flat vector in the model's order."""
+    update = await training
+    if update is None:
+        return None
+    flat = np.concatenate([np.asarray(update.tensors[s.name], dtype=np.float32).ravel() for s in specs])
+    return flat, update.num_samples
+
+
 async def take_part(
     secure: SecureRound, train: Awaitable[Update | None], deliver: Callable[[bytes], Awaitable[None]]
 ) -> str:

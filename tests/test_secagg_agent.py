@@ -1,0 +1,110 @@
+"""Real agents in a secure round: they take part because the task says so, deliver their masked inputs through
+the outbox like updates, and the aggregator publishes the next version from their sum; an agent that restarts
+mid-round has dropped out of that round (its secrets were in memory only) and the round goes on without it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from agent_harness import ADVISORY, agent_config, run_agent, sample
+from aggregator_harness import ServedAsInProduction
+from aiohttp.test_utils import TestClient
+from nacl.signing import SigningKey
+
+from aggregator.app import SERVICES, AggregatorConfig, make_app
+from aggregator.models import load_package_file
+from aggregator.registry import Enrolment
+from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.secagg_round import SecAggConfig
+from appliance.agent import Agent
+from appliance.config import load_config
+from appliance.identity import load_or_create_device_key, write_aggregator_key
+from flctl.model import export_reference_package
+
+
+@pytest.fixture(scope="module")
+def signed_package(tmp_path_factory):
+    key = SigningKey.generate()
+    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
+    export_reference_package("cnn", path, key)  # the synthetic cameras' frames are what it takes
+    return key, path
+
+
+@contextlib.asynccontextmanager
+async def secure_aggregator(tmp_path: Path, key: SigningKey, package: Path, devices: int,
+                            min_clients: int) -> AsyncIterator[TestClient]:
+    config = AggregatorConfig(
+        tmp_path / "aggregator", load_package_file(package, key.verify_key), key,
+        policy=RoundPolicy(min_clients=min_clients, goal_clients=devices, round_timeout=240),
+        plan=TrainingPlan(batch_size=16, clip_norm=1.0), secure_aggregation=SecAggConfig(phase_timeout=20),
+    )
+    client = TestClient(ServedAsInProduction(make_app(config), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def make_agent(tmp_path: Path, name: str, url: str, key: SigningKey, client: TestClient) -> Agent:
+    state = tmp_path / name
+    identity = load_or_create_device_key(state)
+    write_aggregator_key(state, key.verify_key)
+    client.server.app[SERVICES].registry.enroll([Enrolment(identity.device_id, bytes(identity.verify_key))])
+    return Agent(load_config(agent_config(tmp_path / f"{name}.toml", url, state)), budget=ADVISORY)
+
+
+async def test_agents_take_part_in_a_secure_round_and_the_model_moves(signed_package, tmp_path):
+    key, package = signed_package
+    async with secure_aggregator(tmp_path, key, package, devices=3, min_clients=3) as client:
+        url = str(client.server.make_url("")).rstrip("/")
+        agents = [make_agent(tmp_path, f"agent{i}", url, key, client) for i in range(3)]
+        engine = client.server.app[SERVICES].engine
+        try:
+            await asyncio.gather(*(run_agent(a, lambda a: engine.version >= 1 and a.outbox.depth == 0)
+                                   for a in agents))
+        finally:
+            for a in agents:
+                a.sandbox.close()
+        assert engine.version == 1
+        record = engine.store.get_round(1)
+        assert record.status == "published" and "the sum of 3 devices" in record.note
+        for a in agents:
+            assert sample(a, "fl_agent_updates_delivered_total") == 1  # the masked input, acknowledged
+            assert a.outbox.depth == 0 and a.last_round >= 1
+
+
+async def test_an_agent_restarting_mid_round_has_dropped_out_of_it(signed_package, tmp_path):
+    key, package = signed_package
+    async with secure_aggregator(tmp_path, key, package, devices=3, min_clients=2) as client:
+        url = str(client.server.make_url("")).rstrip("/")
+        agents = [make_agent(tmp_path, f"agent{i}", url, key, client) for i in range(3)]
+        engine = client.server.app[SERVICES].engine
+        secure = engine.secure
+        quitter = agents[0]
+
+        def advertised(a: Agent) -> bool:
+            return secure.current is not None and quitter.identity.device_id in secure.current.advertised
+
+        try:
+            # the quitter joins round 1 (its keys are in the aggregator's hands), then its process ends
+            await run_agent(quitter, advertised)
+            assert quitter.last_round == 1  # marked as taken before it started: a restart will not rejoin
+            quitter.sandbox.close()
+            restarted = make_agent(tmp_path, "agent0", url, key, client)
+            agents[0] = restarted
+            await asyncio.gather(*(run_agent(a, lambda a: engine.version >= 1 and a.outbox.depth == 0)
+                                   for a in agents[1:]),
+                                 run_agent(restarted, lambda a: engine.version >= 1))
+        finally:
+            for a in agents:
+                a.sandbox.close()
+        assert engine.version == 1
+        record = engine.store.get_round(1)
+        assert record.status == "published" and "the sum of 2 devices" in record.note
+        assert sample(restarted, "fl_agent_updates_delivered_total") == 0  # nothing of round 1 from it
+        assert restarted.last_round >= 1
