@@ -5,6 +5,7 @@ test adds `-object filter-dump,id=dump,netdev=net0,file=...` this way."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import shutil
@@ -12,7 +13,6 @@ import shutil
 import pytest
 import yaml
 
-from flctl.cli import build_parser
 from flctl.image.build import ImageArtifacts
 from flctl.qemu import cli, rig
 
@@ -36,7 +36,9 @@ def appliance(tmp_path, name="fl0"):
 
 
 def machine_for(*argv: str) -> rig.MachineConfig:
-    return cli.machine_from_args(build_parser().parse_args(["qemu", "run", *argv]), "tcg")
+    parser = argparse.ArgumentParser(prog="flctl")
+    cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    return cli.machine_from_args(parser.parse_args(["qemu", "run", *argv]), "tcg")
 
 
 def value_after(cmd: list[str], flag: str) -> list[str]:

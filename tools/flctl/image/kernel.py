@@ -32,6 +32,10 @@ ROOTFS_MODULES = (
     "virtio_console",
     "autofs4",
     "vivid",  # virtual V4L2 cameras: real udev hotplug events in the rig
+    # The ACPI power button as an input device (evdev), which systemd-logind answers with a clean poweroff: a
+    # board's power button, and the rig's QMP system_powerdown (flctl qemu run's Ctrl-C and SIGTERM).
+    "button",
+    "evdev",
 )
 
 ELF_MAGIC = b"\x7fELF"

@@ -1,9 +1,10 @@
 """``flctl qemu run|test``: boot appliances of the development image in QEMU.
 
 ``flctl qemu run``   boots N appliances (default 1) that share the image's read-only root; each gets its own
-                     data partition with a fresh device key (enrolled with a local aggregator when
-                     ``--aggregator-state`` is given) and a metrics port forwarded to host loopback. Serial
-                     consoles go to log files (``--console`` puts appliance 0's on this terminal).
+                     data partition with its device key (kept in the work dir; enrolled with a local aggregator
+                     when ``--aggregator-state`` is given) and a metrics port forwarded to host loopback. Serial
+                     consoles go to log files (``--console`` puts appliance 0's on this terminal too).
+                     Ctrl-C, SIGTERM or SIGHUP powers them off (guests.py).
 ``flctl qemu env``   provisions appliances the same way and writes a labgrid environment for them
                      (QEMUDriver + ShellDriver per appliance), for ``pytest --lg-env`` or labgrid-client.
                      Both write WORKDIR/prometheus/prometheus.yml (file_sd) to scrape them.
@@ -17,18 +18,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+from appliance.identity import IdentityError
+
 from ..image.build import ImageArtifacts, ImageBuildError, build_image
 from ..ports import free_port
 from ..prometheus import ScrapeConfigError, prometheus_command, write_scrape_config
-from . import rig
+from ..shutdown import StopRequested, stop_on_signals
+from . import guests, rig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
@@ -82,7 +88,7 @@ def _prepare(args: argparse.Namespace, console: Console):
     override = args.agent_toml.read_text() if args.agent_toml else None
     appliances = []
     for i in range(args.count):
-        identity = rig.Identity.generate()
+        identity = rig.Identity.load_or_generate(workdir / f"fl{i}-device.key")
         a = rig.Appliance(
             f"fl{i}", workdir, identity, metrics_port=free_port(), aggregator_port=args.aggregator_port
         )
@@ -114,7 +120,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     try:
         art, machine, workdir, appliances = _prepare(args, console)
         path = rig.labgrid_env(art, appliances, machine, args.output)
-    except (rig.RigError, ImageBuildError, OSError) as exc:
+    except (rig.RigError, ImageBuildError, IdentityError, OSError) as exc:
         console.print(f"[red]qemu env:[/] {exc}")
         return 1
     for a in appliances:
@@ -129,44 +135,67 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Boot the appliances and keep them running until one stops, Ctrl-C, SIGTERM or SIGHUP; then power them
+    off (guests.stop_guests). 0 when every guest powered off cleanly."""
     console = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
+    with stop_on_signals():
+        try:
+            return _run(args, console)
+        except KeyboardInterrupt:  # before any guest was started (while building, provisioning)
+            console.print("qemu run: stopped (Ctrl-C)")
+            return 130
+        except StopRequested as exc:
+            console.print(f"qemu run: stopped by {exc}")
+            return exc.exit_code
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
     try:
         art, machine, workdir, appliances = _prepare(args, console)
         write_prometheus_config(workdir, appliances, args.aggregator_port, console)
-    except (rig.RigError, ImageBuildError, ScrapeConfigError, OSError) as exc:
+    except (rig.RigError, ImageBuildError, ScrapeConfigError, IdentityError, OSError) as exc:
         console.print(f"[red]qemu run:[/] {exc}")
         return 1
-    accel = machine.accel
-
-    procs: list[subprocess.Popen] = []
+    sockets = Path(tempfile.mkdtemp(prefix="fl-qmp-"))  # short: a unix socket path holds 107 bytes at most
+    terminal = _terminal_state() if args.console else None
+    running: list[guests.Guest] = []
     try:
         for i, a in enumerate(appliances):
-            cmd = rig.qemu_command(art, a, machine)
-            if args.console and i == 0:
-                cmd[cmd.index(f"file:{a.console_log}")] = "mon:stdio"
-                cmd[cmd.index("-monitor") : cmd.index("-monitor") + 2] = []
-            procs.append(subprocess.Popen(cmd, stdin=None if args.console and i == 0 else subprocess.DEVNULL))
-            where = "this terminal (Ctrl-A X quits)" if args.console and i == 0 else str(a.console_log)
+            on_terminal = args.console and i == 0
+            running.append(guests.start_guest(art, a, machine, sockets / f"{a.name}.qmp", on_terminal))
+            where = "this terminal and " if on_terminal else ""
             console.print(
-                f"[bold]{a.name}[/] device {a.identity.device_id} ({accel}): metrics "
-                f"http://127.0.0.1:{a.metrics_port}/metrics, console {where}, data {a.data_image}"
+                f"[bold]{a.name}[/] device {a.identity.device_id} ({machine.accel}): metrics "
+                f"http://127.0.0.1:{a.metrics_port}/metrics, console {where}{a.console_log}, data {a.data_image}"
             )
-        console.print(f"[dim]work dir {workdir}; Ctrl-C stops the appliances[/]")
-        while all(p.poll() is None for p in procs):
+        console.print(f"[dim]work dir {workdir}; Ctrl-C powers the appliances off[/]")
+        while all(g.running for g in running):
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, StopRequested) as exc:
+        console.print(f"qemu run: stopping ({'Ctrl-C' if isinstance(exc, KeyboardInterrupt) else exc})")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                p.kill()
-                p.wait()
-    return 0
+        try:
+            outcome = guests.stop_guests(running, args.shutdown_timeout, report=console.print)
+        finally:
+            _restore_terminal(terminal)
+            shutil.rmtree(sockets, ignore_errors=True)
+    for name, what in outcome.items():
+        console.print(f"{name}: {what}")
+    return 0 if all(what == guests.POWERED_OFF for what in outcome.values()) else 1
+
+
+def _terminal_state() -> list | None:
+    """The terminal's settings, to put back if a QEMU holding the console is killed before it restores them."""
+    try:
+        return termios.tcgetattr(sys.stdin.fileno())
+    except (termios.error, OSError, ValueError):
+        return None
+
+
+def _restore_terminal(state: list | None) -> None:
+    if state is not None:
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, state)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -184,7 +213,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     run = qsub.add_parser("run", help="boot N appliances sharing the read-only root image")
     _appliance_args(run)
-    run.add_argument("--console", action="store_true", help="attach appliance 0's serial console to this terminal")
+    run.add_argument("--console", action="store_true", help="attach appliance 0's serial console to this terminal "
+                     "(it is written to its log file too); Ctrl-C powers the appliances off")
+    run.add_argument("--shutdown-timeout", type=_seconds, default=guests.POWEROFF_TIMEOUT, metavar="SECONDS",
+                     help="how long a guest may take to power off before it is stopped (default %(default).0f)")
     run.set_defaults(func=cmd_run)
 
     env = qsub.add_parser("env", help="provision N appliances and write a labgrid environment (pytest --lg-env)")
@@ -229,6 +261,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 

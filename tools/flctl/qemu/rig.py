@@ -33,6 +33,8 @@ from pathlib import Path
 
 import nacl.signing
 
+from appliance.identity import read_key_file, write_key_file
+
 from ..image import disk
 from ..image.build import ImageArtifacts
 from ..image.cache import cache_root
@@ -70,6 +72,16 @@ class Identity:
     @classmethod
     def generate(cls) -> Identity:
         return cls(nacl.signing.SigningKey.generate())
+
+    @classmethod
+    def load_or_generate(cls, path: Path) -> Identity:
+        """The key kept at ``path`` (hex, 0600), made there on first use: a rig work dir used again keeps
+        its devices, so the aggregator's enrolment does not grow by a device per run."""
+        if path.exists():
+            return cls(nacl.signing.SigningKey(read_key_file(path)))
+        identity = cls.generate()
+        write_key_file(path, bytes(identity.signing_key), 0o600)
+        return identity
 
 
 @dataclass
@@ -260,8 +272,25 @@ def guest_args(art: ImageArtifacts, appliance: Appliance, machine: MachineConfig
     ]
 
 
-def qemu_command(art: ImageArtifacts, appliance: Appliance, machine: MachineConfig) -> list[str]:
-    """A complete command line for a guest whose serial console goes to a log file (never blocks)."""
+def qemu_command(
+    art: ImageArtifacts,
+    appliance: Appliance,
+    machine: MachineConfig,
+    qmp_socket: Path | None = None,
+    console_on_stdio: bool = False,
+) -> list[str]:
+    """A complete command line for one guest. QEMU exits when the guest powers off (no -no-shutdown).
+
+    The serial console goes to the appliance's log file, which never blocks the guest; with
+    ``console_on_stdio`` it is also on QEMU's stdin/stdout (no monitor multiplexed in, so Ctrl-A is the
+    guest's, and the terminal's Ctrl-C is a signal for whoever runs QEMU, not a key that kills it).
+    ``qmp_socket``: a QMP server socket through which the rig asks the guest to power off.
+    """
+    if console_on_stdio:
+        chardev = f"stdio,id=console,signal=on,logfile={appliance.console_log}"
+        serial = ["-chardev", chardev, "-serial", "chardev:console"]
+    else:
+        serial = ["-serial", f"file:{appliance.console_log}"]
     return [
         qemu_binary(),
         "-M",
@@ -270,16 +299,15 @@ def qemu_command(art: ImageArtifacts, appliance: Appliance, machine: MachineConf
         machine.cpu,
         "-m",
         machine.memory,
-        "-nographic",
         "-kernel",
         str(art.vmlinux),
         "-append",
         art.cmdline,
         *guest_args(art, appliance, machine),
-        "-serial",
-        f"file:{appliance.console_log}",
+        *serial,
         "-monitor",
         "none",
+        *(["-qmp", f"unix:{qmp_socket},server=on,wait=off"] if qmp_socket is not None else []),
         "-display",
         "none",
     ]
