@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +39,57 @@ def test_demo_refuses_to_overwrite_a_directory_that_is_not_its_own(tmp_path):
     assert run.returncode != 0
     assert "is not a demo directory" in run.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def fleet_processes(pid: int) -> dict[int, str]:
+    """The demo's children that are fleet members (pid -> cmdline), read from /proc."""
+    found = {}
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in (children.read_text().split() if children.exists() else []):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+        if "fl-agent" in cmdline or "fl-aggregator" in cmdline:
+            found[int(child)] = cmdline
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_demo_stopped_by_sigterm_stops_its_aggregator_and_agents(tmp_path):
+    flctl = Path(sys.executable).parent / "flctl"
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        demo = subprocess.Popen(
+            [str(flctl), "demo", "--devices", "2", "--rounds", "1000", "--epochs", "1", "--samples", "64",
+             "--out", str(tmp_path / "demo")],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        fleet: dict[int, str] = {}
+        deadline = time.monotonic() + 300
+        while len(fleet) < 3:  # the aggregator and two agents
+            assert demo.poll() is None, f"the demo exited ({demo.returncode}):\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"fleet not started: {fleet}\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+            fleet = fleet_processes(demo.pid)
+        demo.send_signal(signal.SIGTERM)
+        code = demo.wait(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    said = log.read_text()
+    assert code == 128 + signal.SIGTERM, said[-3000:]
+    assert "stopped by SIGTERM; the fleet is stopped" in said
+    left = {pid: cmd for pid, cmd in fleet.items() if running(pid)}
+    assert not left, f"left running after the demo: {left}"
 
 
 def test_three_agent_processes_complete_three_rounds_and_the_model_improves(tmp_path):

@@ -31,6 +31,7 @@ from flctl.fleet import Fleet
 from flctl.model import export_reference_package
 from flctl.ports import free_port
 from flctl.prometheus import prometheus_command, write_scrape_config
+from flctl.shutdown import StopRequested, stop_on_signals
 
 HELD_OUT_PER_CAMERA = 150
 
@@ -183,8 +184,8 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
     baseline, baseline_devices = None, None
     rows: list[RoundRow] = []
     started = time.monotonic()
-    fleet.start()
     try:
+        fleet.start()  # inside: an aggregator that started before a failure (or a signal) is stopped too
         baseline, baseline_devices = evaluator.evaluate(0)
         seen_version = 0
         bytes_before = 0.0
@@ -241,11 +242,11 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
             f"in {time.monotonic() - started:.0f} s"
         )
         if keep_running:
-            console.print("--keep-running: the fleet stays up; Ctrl-C stops it")
+            console.print("--keep-running: the fleet stays up; Ctrl-C (or SIGTERM) stops it")
             try:
                 while True:
                     time.sleep(3600)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, StopRequested):
                 pass
         return 0 if improved else 1
     finally:
@@ -275,7 +276,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:  # a log file or CI: wide enough for the summary table
         console = Console(width=130)
-    return run_demo(fleet, console, keep_running=args.keep_running)
+    # However the demo ends (Ctrl-C, SIGTERM from `timeout`/systemd/a CI runner, SIGHUP), run_demo's finally
+    # stops the aggregator and the agents; each also gets SIGTERM from the kernel if flctl dies outright.
+    with stop_on_signals():
+        try:
+            return run_demo(fleet, console, keep_running=args.keep_running)
+        except KeyboardInterrupt:
+            console.print("flctl demo: stopped (Ctrl-C); the fleet is stopped")
+            return 130
+        except StopRequested as exc:
+            console.print(f"flctl demo: stopped by {exc}; the fleet is stopped")
+            return exc.exit_code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -288,5 +299,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=768, help="training samples per device per round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="state, logs, plot and summary")
-    p.add_argument("--keep-running", action="store_true", help="leave the fleet up after the last round")
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave the fleet up after the last round, until Ctrl-C or SIGTERM")
     p.set_defaults(func=cmd_demo)

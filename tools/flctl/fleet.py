@@ -22,6 +22,7 @@ from nacl.signing import SigningKey
 from appliance.identity import load_or_create_device_key, read_key_file, write_aggregator_key, write_key_file
 
 from .ports import free_port
+from .shutdown import dies_with_parent
 
 
 def _script(name: str) -> str:
@@ -179,6 +180,8 @@ def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
     log = log_path.open("ab")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(
+            dies_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     finally:
         log.close()
