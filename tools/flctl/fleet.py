@@ -177,6 +177,8 @@ class Fleet:
 
 
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    """Start a fleet process in its own session (a terminal's Ctrl-C reaches only flctl, which stops the fleet
+    in order); the kernel sends it SIGTERM if the process that started it dies without doing so."""
     log = log_path.open("ab")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
