@@ -39,6 +39,13 @@ MAX_PACKAGE_BYTES = 256 * 1024 * 1024
 
 # Tensor names of the graphs' inputs and outputs (the convention flctl's exporter writes).
 DEFAULT_IO = {"input": "input", "labels": "labels", "loss": "loss", "logits": "logits", "grad_prefix": "grad:"}
+# Labels when a package does not say: one class index per sample (every package before the field existed).
+DEFAULT_LABELS = {"dtype": "int64", "shape": []}
+LABEL_DTYPES = ("int64", "float32")
+# Where running statistics (batch norm) live: in ``params`` (sent with updates, averaged weighted by samples
+# like the weights), or on the device only (FedBN).
+BUFFER_POLICIES = ("aggregate", "local")
+BUFFER_PREFIX = "new:"
 
 
 class PackageError(Exception):
@@ -68,6 +75,29 @@ class ModelPackage:
     io: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_IO))
     format_version: int = FORMAT_VERSION
     digest: bytes = b""
+    labels: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    # Running statistics the training graph updates (it outputs ``BUFFER_PREFIX + name`` for each): under the
+    # "aggregate" policy they are among ``param_specs``; under "local" they are ``local_buffers`` (initial values).
+    buffer_names: list[str] = field(default_factory=list)
+    buffer_policy: str = "aggregate"
+    local_buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    evaluation_graph: bytes = b""  # (input, labels, parameters) -> (loss, logits) in eval mode; optional
+
+    @property
+    def trainable_names(self) -> list[str]:
+        """The parameters the optimiser updates: every parameter except running statistics."""
+        stats = set(self.buffer_names)
+        return [s.name for s in self.param_specs if s.name not in stats]
+
+    @property
+    def class_labels(self) -> bool:
+        """True when labels are class indices 0..num_classes-1 (accuracy is meaningful)."""
+        return self.labels["dtype"] == "int64"
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """Per-sample label shape: () for one class per sample, (H, W) for per-pixel classes, ..."""
+        return tuple(self.labels["shape"])
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -110,6 +140,9 @@ class ModelPackage:
             "preprocessing": dict(self.preprocessing),
             "training_graph_bytes": len(self.training_graph),
             "inference_graph_bytes": len(self.inference_graph),
+            "evaluation_graph_bytes": len(self.evaluation_graph),
+            "labels": dict(self.labels),
+            "buffers": {"policy": self.buffer_policy, "names": list(self.buffer_names)},
         }
 
 
@@ -120,7 +153,7 @@ def _content(pkg: ModelPackage) -> dict[str, Any]:
     specs = pkg.param_specs
     _check_params(pkg.name, specs, pkg.initial_params)
     ordered = {s.name: np.ascontiguousarray(pkg.initial_params[s.name], dtype=np.float32) for s in specs}
-    return {
+    content: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "name": pkg.name,
         "task": pkg.task,
@@ -133,9 +166,56 @@ def _content(pkg: ModelPackage) -> dict[str, Any]:
         "optimizer": dict(pkg.optimizer),
         "preprocessing": dict(pkg.preprocessing),
     }
+    # The optional fields are written only when they differ from their defaults, so a package that does not
+    # use them has the same bytes (and digest) as before they existed.
+    if pkg.evaluation_graph:
+        content["graphs"]["evaluation"] = bytes(pkg.evaluation_graph)
+    labels = _check_labels(pkg.labels)
+    if labels != DEFAULT_LABELS:
+        content["labels"] = labels
+    if pkg.buffer_names:
+        content["buffers"] = _buffers_content(pkg)
+    return content
 
 
-def _check_params(name: str, specs: list[ParamSpec], params: Mapping[str, np.ndarray]) -> None:
+def _buffers_content(pkg: ModelPackage) -> dict[str, Any]:
+    buffers: dict[str, Any] = {"policy": pkg.buffer_policy, "names": list(pkg.buffer_names),
+                               "output_prefix": BUFFER_PREFIX}
+    if pkg.buffer_policy == "local":
+        specs = [ParamSpec(n, tuple(pkg.local_buffers[n].shape)) for n in pkg.buffer_names]
+        _check_params(pkg.name, specs, pkg.local_buffers, what="local buffers")
+        buffers["specs"] = [{"name": s.name, "shape": list(s.shape), "dtype": "float32"} for s in specs]
+        buffers["initial"] = wire.encode_tensors(
+            {s.name: np.ascontiguousarray(pkg.local_buffers[s.name], dtype=np.float32) for s in specs}, "float32")
+    _check_buffers(pkg.buffer_policy, pkg.buffer_names, [s.name for s in pkg.param_specs], pkg.local_buffers)
+    return buffers
+
+
+def _check_labels(spec: Any) -> dict[str, Any]:
+    if not isinstance(spec, dict) or spec.get("dtype") not in LABEL_DTYPES:
+        raise PackageError("bad-content", f"labels.dtype must be one of {LABEL_DTYPES}, got {spec!r}")
+    shape = spec.get("shape")
+    if set(spec) != {"dtype", "shape"} or not (
+        isinstance(shape, list | tuple) and all(type(d) is int and d > 0 for d in shape)
+    ):
+        raise PackageError("bad-content", f"labels must be {{dtype, shape: [positive ints]}}, got {spec!r}")
+    return {"dtype": spec["dtype"], "shape": list(shape)}
+
+
+def _check_buffers(policy: Any, names: Any, params: list[str], local: Mapping[str, Any]) -> None:
+    if policy not in BUFFER_POLICIES:
+        raise PackageError("bad-content", f"buffers.policy must be one of {BUFFER_POLICIES}, got {policy!r}")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        raise PackageError("bad-content", f"buffers.names must be a list of unique names, got {names!r}")
+    if policy == "aggregate" and not set(names) <= set(params):
+        raise PackageError("bad-content", f"aggregated buffers {sorted(set(names) - set(params))} are not in params")
+    if policy == "local" and (set(names) & set(params) or set(names) != set(local)):
+        raise PackageError("bad-content", "local buffers must be outside params, each with an initial value")
+
+
+def _check_params(name: str, specs: list[ParamSpec], params: Mapping[str, np.ndarray],
+                  what: str = "initial parameters") -> None:
     if not specs:
         raise PackageError("bad-content", f"{name}: a model needs at least one parameter")
     names = [s.name for s in specs]
@@ -143,7 +223,7 @@ def _check_params(name: str, specs: list[ParamSpec], params: Mapping[str, np.nda
         raise PackageError("bad-content", f"{name}: duplicate parameter names in {names}")
     if set(params) != set(names):
         missing, extra = sorted(set(names) - set(params)), sorted(set(params) - set(names))
-        raise PackageError("bad-content", f"{name}: initial parameters missing {missing}, unexpected {extra}")
+        raise PackageError("bad-content", f"{name}: {what} missing {missing}, unexpected {extra}")
     for s in specs:
         if tuple(params[s.name].shape) != tuple(s.shape):
             raise PackageError(
@@ -264,12 +344,18 @@ def _from_content(content: Any, digest: bytes) -> ModelPackage:
         raise PackageError("bad-content", f"initial parameters: {exc}") from None
     _check_params(content.get("name", "?"), specs, tensors)
     graphs = _get(content, "graphs", dict)
+    labels = _check_labels(content.get("labels", DEFAULT_LABELS))
     num_classes = _get(content, "num_classes", int)
-    if num_classes < 2:
-        raise PackageError("bad-content", f"num_classes must be >= 2, got {num_classes}")
+    least = 2 if labels["dtype"] == "int64" else 1
+    if num_classes < least:
+        raise PackageError("bad-content", f"num_classes must be >= {least}, got {num_classes}")
     io = _get(content, "io", dict)
     if set(io) != set(DEFAULT_IO) or not all(isinstance(v, str) for v in io.values()):
         raise PackageError("bad-content", f"io must map {sorted(DEFAULT_IO)} to tensor names")
+    evaluation = graphs.get("evaluation", b"")
+    if not isinstance(evaluation, bytes):
+        raise PackageError("bad-content", "field 'evaluation' missing or of the wrong type")
+    policy, buffer_names, local = _buffers_from_content(content.get("buffers"), [s.name for s in specs])
     return ModelPackage(
         name=_get(content, "name", str),
         param_specs=specs,
@@ -284,7 +370,41 @@ def _from_content(content: Any, digest: bytes) -> ModelPackage:
         io=dict(io),
         format_version=FORMAT_VERSION,
         digest=digest,
+        labels=labels,
+        buffer_names=buffer_names,
+        buffer_policy=policy,
+        local_buffers=local,
+        evaluation_graph=evaluation,
     )
+
+
+def _buffers_from_content(buffers: Any, params: list[str]) -> tuple[str, list[str], dict[str, np.ndarray]]:
+    """(policy, names, local initial values) of the optional ``buffers`` field."""
+    if buffers is None:
+        return "aggregate", [], {}
+    if not isinstance(buffers, dict) or buffers.get("output_prefix") != BUFFER_PREFIX:
+        raise PackageError("bad-content", f"buffers must be a map with output_prefix {BUFFER_PREFIX!r}")
+    policy, names = buffers.get("policy"), buffers.get("names")
+    local: dict[str, np.ndarray] = {}
+    if policy == "local":
+        specs = []
+        for item in buffers.get("specs") or []:
+            if not (isinstance(item, dict) and item.get("dtype") == "float32" and isinstance(item.get("name"), str)
+                    and isinstance(item.get("shape"), list) and all(type(d) is int and d > 0 for d in item["shape"])):
+                raise PackageError("bad-content", f"buffer spec {item!r} needs a name, positive dims and float32")
+            specs.append(ParamSpec(item["name"], tuple(item["shape"])))
+        try:
+            tensors, _ = wire.decode_tensors(
+                _get(buffers, "initial", bytes), specs,
+                wire.Limits(max_bytes=MAX_PACKAGE_BYTES, max_tensor_elements=sum(math.prod(s.shape) for s in specs)),
+            )
+        except ProtocolError as exc:
+            raise PackageError("bad-content", f"local buffers: {exc}") from None
+        local = {s.name: np.array(tensors[s.name], dtype=np.float32) for s in specs}
+        if names != [s.name for s in specs]:
+            raise PackageError("bad-content", "buffers.names must list the local buffer specs in order")
+    _check_buffers(policy, names, params, local)
+    return policy, list(names), local
 
 
 def load_package(path: Path | str, aggregator_key: VerifyKey) -> ModelPackage:

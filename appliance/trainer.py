@@ -6,6 +6,11 @@ momentum, AdamW, plus the FedProx proximal term) updates the parameters in numpy
 buffers: parameters, gradients and the batch are numpy arrays that onnxruntime reads and writes in place
 through an IOBinding, so a step allocates nothing in Python beyond onnxruntime's own arena.
 
+Running statistics (batch norm) are graph inputs too; the training graph outputs their new values, which are
+copied over the old ones after each step, untouched by the optimiser. Under the package's "aggregate" policy
+they are parameters (they travel in the update and the aggregator averages them by sample count); under
+"local" they stay on the device, in :attr:`Trainer.local_buffers` (FedBN).
+
 Works with onnxruntime >= 1.18 and numpy >= 1.26 (only long-standing APIs are used).
 """
 
@@ -19,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from appliance.modelpkg import ModelPackage
+from appliance.modelpkg import BUFFER_PREFIX, ModelPackage
 from appliance.training_result import TrainResult
 
 
@@ -131,9 +136,13 @@ class Trainer:
         self.spin = spin
         self._train_sess: ort.InferenceSession | None = None
         self._infer_sess: ort.InferenceSession | None = None
+        self._eval_sess: ort.InferenceSession | None = None
         io = package.io
         self._input, self._labels = io["input"], io["labels"]
         self._loss, self._logits, self._grad_prefix = io["loss"], io["logits"], io["grad_prefix"]
+        self._label_dtype = np.int64 if package.class_labels else np.float32
+        #: Running statistics kept on this device (the "local" buffer policy); updated by :meth:`train`.
+        self.local_buffers = {k: v.astype(np.float32, copy=True) for k, v in package.local_buffers.items()}
 
     @property
     def training_session(self) -> ort.InferenceSession:
@@ -146,6 +155,13 @@ class Trainer:
         if self._infer_sess is None:
             self._infer_sess = _session(self.package.inference_graph, self.threads, self.spin)
         return self._infer_sess
+
+    @property
+    def evaluation_session(self) -> ort.InferenceSession:
+        """(input, labels, parameters) -> (loss, logits) in eval mode; only packages that carry the graph."""
+        if self._eval_sess is None:
+            self._eval_sess = _session(self.package.evaluation_graph, self.threads, self.spin)
+        return self._eval_sess
 
     # -- checks -------------------------------------------------------------------------------------
 
@@ -172,43 +188,69 @@ class Trainer:
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
         if len(y) == 0:
             raise ValueError("no samples: x and y are empty")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"labels must be a 1-D integer array, got {y.dtype} with shape {y.shape}")
-        if y.min() < 0 or y.max() >= self.package.num_classes:
-            raise ValueError(f"labels must be in 0..{self.package.num_classes - 1}, got {y.min()}..{y.max()}")
+        shape = self.package.label_shape
+        if self.package.class_labels:
+            if y.shape[1:] != shape or not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"labels must be an integer array shaped (N, {', '.join(map(str, shape))}), got "
+                                 f"{y.dtype} with shape {y.shape}" if shape else
+                                 f"labels must be a 1-D integer array, got {y.dtype} with shape {y.shape}")
+            if y.min() < 0 or y.max() >= self.package.num_classes:
+                raise ValueError(f"labels must be in 0..{self.package.num_classes - 1}, got {y.min()}..{y.max()}")
+        else:
+            if y.shape[1:] != shape or not np.issubdtype(y.dtype, np.number):
+                raise ValueError(f"labels must be numbers shaped (N, {', '.join(map(str, shape))}), got {y.dtype} "
+                                 f"with shape {y.shape}")
+            if not np.isfinite(y).all():
+                raise ValueError("labels hold NaN or Inf")
         # Normalised batch by batch into the step's buffer: no normalised copy of the whole data set.
-        return self.package.check_inputs(x), np.ascontiguousarray(y, dtype=np.int64)
+        return self.package.check_inputs(x), np.ascontiguousarray(y, dtype=self._label_dtype)
 
     # -- evaluation ---------------------------------------------------------------------------------
 
     def _evaluate_prepared(
         self, params: Mapping[str, np.ndarray], xp: np.ndarray, y: np.ndarray, batch_size: int = 128
     ) -> dict[str, float]:
-        sess = self.inference_session
+        """Mean loss (and accuracy, for class labels) in eval mode: with the package's evaluation graph when
+        it has one (any loss), else softmax cross-entropy computed here from the inference graph's logits."""
+        graph_loss = bool(self.package.evaluation_graph)
+        sess = self.evaluation_session if graph_loss else self.inference_session
+        feeds = {**params, **self.local_buffers}
         total_loss = 0.0
         correct = 0
         buf = np.empty((min(batch_size, len(y)), *xp.shape[1:]), dtype=np.float32)
         for start in range(0, len(y), batch_size):
             yb = y[start : start + batch_size]
             xb = self.package.preprocess_into(xp[start : start + batch_size], buf[: len(yb)])
-            (logits,) = sess.run([self._logits], {self._input: xb, **params})
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            logsumexp = np.log(np.exp(shifted).sum(axis=1))
-            total_loss += float((logsumexp - shifted[np.arange(len(yb)), yb]).sum())
-            correct += int((logits.argmax(axis=1) == yb).sum())
-        return {"loss": total_loss / len(y), "accuracy": correct / len(y)}
+            if graph_loss:
+                loss, logits = sess.run([self._loss, self._logits], {self._input: xb, self._labels: yb, **feeds})
+                total_loss += float(loss) * len(yb)
+            else:
+                (logits,) = sess.run([self._logits], {self._input: xb, **feeds})
+                shifted = logits - logits.max(axis=1, keepdims=True)
+                logsumexp = np.log(np.exp(shifted).sum(axis=1))
+                total_loss += float((logsumexp - shifted[np.arange(len(yb)), yb]).sum())
+            if self.package.class_labels:
+                correct += int((logits.argmax(axis=1) == yb).sum())
+        metrics = {"loss": total_loss / len(y)}
+        if self.package.class_labels:
+            metrics["accuracy"] = correct / y.size  # per sample, or per pixel for per-pixel classes
+        return metrics
 
     def evaluate(self, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Mean cross-entropy loss and accuracy of ``params`` on (x, y), with the inference graph."""
+        """Mean loss of ``params`` on (x, y) in eval mode, and accuracy when labels are class indices."""
         xp, yp = self._data(x, y)
         return self._evaluate_prepared(self._params(params), xp, yp)
 
-    def predict(self, params: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-        """Class index per input."""
+    def outputs(self, params: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        """The model's raw outputs (logits, heatmaps...) for inputs ``x`` in ``input_range``."""
         p = self._params(params)
         xp = self.package.preprocess(x)
-        (logits,) = self.inference_session.run([self._logits], {self._input: xp, **p})
-        return logits.argmax(axis=1)
+        (logits,) = self.inference_session.run([self._logits], {self._input: xp, **p, **self.local_buffers})
+        return logits
+
+    def predict(self, params: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        """Class index per input (per pixel for per-pixel classes)."""
+        return self.outputs(params, x).argmax(axis=1)
 
     # -- training -----------------------------------------------------------------------------------
 
@@ -248,20 +290,26 @@ class Trainer:
         # largest batch it has run and keeps that memory, so a bigger evaluation batch raises the peak.
         if measure:
             before = self._evaluate_prepared(base, xp, yp, batch)
-            metrics["loss_before"], metrics["accuracy_before"] = before["loss"], before["accuracy"]
+            metrics.update({f"{k}_before": v for k, v in before.items()})
 
         sess = self.training_session
         binding = sess.io_binding()
-        for name, w in work.items():  # onnxruntime reads the weights in place: the optimiser updates them
+        # Running statistics: the aggregated ones are among the parameters, the local ones this trainer's own.
+        stats = {k: work[k] for k in self.package.buffer_names if k in work} or self.local_buffers
+        for name, w in {**work, **stats}.items():  # onnxruntime reads them in place: the optimiser updates them
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(w))
-        grads = {k: np.empty_like(v) for k, v in work.items()}
+        trained = {k: work[k] for k in self.package.trainable_names}
+        grads = {k: np.empty_like(v) for k, v in trained.items()}
         grad_values = {k: ort.OrtValue.ortvalue_from_numpy(g) for k, g in grads.items()}
+        new_stats = {k: np.empty_like(v) for k, v in stats.items()}
+        for name, value in new_stats.items():
+            binding.bind_ortvalue_output(BUFFER_PREFIX + name, ort.OrtValue.ortvalue_from_numpy(value))
         loss = np.zeros((), dtype=np.float32)
         loss_value = ort.OrtValue.ortvalue_from_numpy(loss)
-        opt = Optimizer(optimizer if optimizer is not None else self.package.optimizer, work)
+        opt = Optimizer(optimizer if optimizer is not None else self.package.optimizer, trained)
 
         xbuf = np.empty((batch, *xp.shape[1:]), dtype=np.float32)
-        ybuf = np.empty(batch, dtype=np.int64)
+        ybuf = np.empty((batch, *yp.shape[1:]), dtype=yp.dtype)
         full = (ort.OrtValue.ortvalue_from_numpy(xbuf), ort.OrtValue.ortvalue_from_numpy(ybuf))
         tail = n % batch
         xtail, ytail = xbuf[:tail], ybuf[:tail]
@@ -276,7 +324,7 @@ class Trainer:
         loop_started = time.perf_counter()
         steps = 0
         epoch_loss = 0.0
-        global_params = base if prox_mu > 0 else None
+        global_params = {k: base[k] for k in trained} if prox_mu > 0 else None
         for _ in range(epochs):
             order = rng.permutation(n)
             epoch_loss = 0.0
@@ -299,14 +347,16 @@ class Trainer:
                         f"{self.package.name}: loss became {step_loss} at step {steps + 1}; lower the learning rate"
                     )
                 epoch_loss += step_loss * k
-                opt.step(work, grads, lr, prox_mu, global_params)
+                opt.step(trained, grads, lr, prox_mu, global_params)
+                for name, value in new_stats.items():
+                    np.copyto(stats[name], value)
                 steps += 1
         train_seconds = time.perf_counter() - loop_started
         metrics["train_loss"] = epoch_loss / n
         metrics["steps"] = float(steps)
         if measure:
             after = self._evaluate_prepared(work, xp, yp, batch)
-            metrics["loss_after"], metrics["accuracy_after"] = after["loss"], after["accuracy"]
+            metrics.update({f"{k}_after": v for k, v in after.items()})
         delta = {k: work[k] - base[k] for k in work}
         seconds = time.perf_counter() - started
         metrics["samples_per_second"] = n * epochs / train_seconds if train_seconds > 0 else 0.0

@@ -137,3 +137,55 @@ def test_preprocess_normalises_and_checks_shape():
     assert out.dtype == np.float32
     with pytest.raises(ValueError, match=r"per-sample shape \(5,\)"):
         pkg.preprocess(np.zeros((2, 5), np.float32))
+
+
+def test_optional_fields_round_trip_and_are_absent_by_default(tmp_path):
+    plain = modelpkg._content(_package())
+    assert "labels" not in plain and "buffers" not in plain and "evaluation" not in plain["graphs"]
+    stats = {"bn.running_mean": np.arange(3, dtype=np.float32)}
+    pkg = _package(labels={"dtype": "float32", "shape": [3, 2, 2]}, buffer_names=["bn.running_mean"],
+                   buffer_policy="local", local_buffers=stats, evaluation_graph=b"evaluation-graph-bytes",
+                   num_classes=1)
+    path = tmp_path / "local.flpkg"
+    write_package(path, pkg, KEY)
+    loaded = load_package(path, KEY.verify_key)
+    assert loaded.labels == {"dtype": "float32", "shape": [3, 2, 2]} and not loaded.class_labels
+    assert loaded.label_shape == (3, 2, 2) and loaded.num_classes == 1
+    assert loaded.buffer_policy == "local" and loaded.buffer_names == ["bn.running_mean"]
+    np.testing.assert_array_equal(loaded.local_buffers["bn.running_mean"], stats["bn.running_mean"])
+    assert loaded.evaluation_graph == b"evaluation-graph-bytes"
+    assert loaded.trainable_names == ["fc.weight", "fc.bias"]
+
+
+def test_aggregated_buffers_are_parameters_the_optimiser_leaves_alone():
+    rng = np.random.default_rng(1)
+    params = {**_package().initial_params, "bn.running_var": rng.random(3).astype(np.float32)}
+    pkg = _package(param_specs=[*_package().param_specs, ParamSpec("bn.running_var", (3,))], initial_params=params,
+                   buffer_names=["bn.running_var"])
+    data, _ = encode_package(pkg, KEY)
+    loaded = decode_package(data, KEY.verify_key)
+    assert [s.name for s in loaded.param_specs] == ["fc.weight", "fc.bias", "bn.running_var"]
+    assert loaded.trainable_names == ["fc.weight", "fc.bias"] and loaded.buffer_policy == "aggregate"
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"buffer_names": ["bn.running_mean"]}, r"aggregated buffers \['bn.running_mean'\] are not in params"),
+    ({"buffer_names": ["fc.bias"], "buffer_policy": "local", "local_buffers": {"fc.bias": np.zeros(3, np.float32)}},
+     "local buffers must be outside params"),
+    ({"buffer_names": ["x"], "buffer_policy": "fedbn"}, "buffers.policy must be one of"),
+    ({"labels": {"dtype": "float64", "shape": []}}, "labels.dtype must be one of"),
+    ({"labels": {"dtype": "int64", "shape": [0]}}, "labels must be"),
+])
+def test_bad_optional_fields_are_refused(over, match):
+    with pytest.raises(PackageError, match=match):
+        encode_package(_package(**over), KEY)
+
+
+def test_a_single_class_needs_target_labels():
+    content = modelpkg._content(_package())
+    content["num_classes"] = 1
+    body = cbor2.dumps(content, canonical=True)
+    payload = {"v": 1, "type": "model-package", "format": 1, "name": "tiny",
+               "content_sha256": modelpkg.content_digest(body), "content_bytes": len(body)}
+    with pytest.raises(PackageError, match="num_classes must be >= 2"):
+        decode_package(wire.sign(payload, KEY, wire.key_id(KEY.verify_key)) + body, KEY.verify_key)
