@@ -8,9 +8,9 @@
 - Capture: each sample opens the node, negotiates a raw format, streams until a fresh frame arrives,
   and closes it again (unless `hold_open`), so between samples the camera is free: other programs can use
   it and its driver module can be unloaded. ENODEV/EIO mid-frame is a camera that went away, not a crash.
-- Frames: grayscale, area-downscaled to the model's (1, 32, 32) in [0, 1]; a second, larger view feeds
-  the motion labeller. `FrameRecorder` labels them per camera and keeps the labelled ones in the
-  bounded `FrameBuffer`. Frames never leave the device.
+- Frames: grayscale, area-downscaled to the model's (1, 32, 32) and kept as captured, uint8 0..255; a
+  second, larger view (float32 in [0, 1]) feeds the motion labeller. `FrameRecorder` labels them per
+  camera and keeps the labelled ones in the bounded `FrameBuffer`. Frames never leave the device.
 """
 
 from __future__ import annotations
@@ -336,23 +336,26 @@ class CaptureSession:
 
 
 def frame_views(gray: np.ndarray, settings: CaptureSettings) -> tuple[np.ndarray, np.ndarray]:
-    """(h, w) uint8 luma -> (model input (1, H, W) float32 in [0, 1], labelling view float32 in [0, 1])."""
+    """(h, w) uint8 luma -> (model-sized frame (1, H, W) uint8 0..255 as stored, labelling view float32 in
+    [0, 1]). The stored frame keeps the camera's 8 bits: a quarter of float32's bytes on the flash."""
     _, h, w = settings.frame_shape
     vh, vw = settings.label_size
-    view = np.clip(area_resize(gray, vh, vw) * np.float32(1 / 255), 0.0, 1.0)
+    luma = area_resize(gray, vh, vw)
     if vh % h == 0 and vw % w == 0:
         # an area average of equal area averages is the area average: reuse the label view
-        pixels = view.reshape(h, vh // h, w, vw // w).mean(axis=(1, 3))
+        small = luma.reshape(h, vh // h, w, vw // w).mean(axis=(1, 3))
     else:
-        pixels = np.clip(area_resize(gray, h, w) * np.float32(1 / 255), 0.0, 1.0)
-    return pixels[None].astype(np.float32), view.astype(np.float32)
+        small = area_resize(gray, h, w)
+    pixels = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    view = np.clip(luma * np.float32(1 / 255), 0.0, 1.0).astype(np.float32)
+    return pixels[None], view
 
 
 @dataclass(frozen=True)
 class CapturedFrame:
     camera: CameraInfo
     timestamp_ns: int
-    pixels: np.ndarray      # (1, 32, 32) float32 in [0, 1]: the model's input
+    pixels: np.ndarray      # (1, 32, 32) uint8 0..255: the model's input as stored
     label_view: np.ndarray  # (64, 64) float32 in [0, 1]: what the labeller looks at
 
 
@@ -584,7 +587,7 @@ class FrameRecorder:
         return self._labellers[camera_path]
 
     def record(self, frame: CapturedFrame) -> int | None:
-        """Label and store one frame (blocking file I/O); returns the label or None."""
+        """Label and store one frame (blocking file I/O when a batch is written); returns the label or None."""
         label = self.labeller(frame.camera.path).update(frame.label_view)
         if label is None:
             self.frames_unlabelled_total += 1
@@ -595,8 +598,13 @@ class FrameRecorder:
         return label
 
     async def __call__(self, frame: CapturedFrame) -> None:
-        async with self._lock:  # one writer at a time; the fsyncs run off the loop
+        async with self._lock:  # one writer at a time; file writes run off the loop
             await asyncio.to_thread(self.record, frame)
+
+    async def flush(self) -> None:
+        """Write the frames the buffer holds in memory (when capture stops)."""
+        async with self._lock:
+            await asyncio.to_thread(self.buffer.flush)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -663,6 +671,7 @@ async def camera_task(config: Any, registry: Any = None) -> None:
     cams = config.cameras
     buffer = FrameBuffer(Path(config.agent.state_dir) / "frames", max_frames=cams.buffer_max_frames,
                          max_bytes=cams.buffer_max_bytes)
+    await asyncio.to_thread(buffer.recover)
     recorder = FrameRecorder(buffer)
     manager = CameraManager(CaptureSettings(interval_s=cams.sample_interval_seconds), recorder)
     if registry is not None:
@@ -674,6 +683,7 @@ async def camera_task(config: Any, registry: Any = None) -> None:
         await asyncio.Event().wait()
     finally:
         await manager.stop()
+        await recorder.flush()
 
 
 # --- command line (the QEMU rig and `fl-agent cameras`) ----------------------------------------------
@@ -696,6 +706,7 @@ async def _watch(state_dir: Path, seconds: float, settings: CaptureSettings) -> 
                 last = now
     finally:
         await manager.stop()
+        await recorder.flush()
     return manager.stats
 
 

@@ -1,7 +1,8 @@
 """Synthetic traffic-camera frames for the fleet demo and the tests.
 
 Task (shared with the real-camera labeller): the number of *moving* vehicles in view, clipped to the
-classes 0, 1, 2, 3+. Frames are 32x32 grayscale float32 in [0, 1], shape (1, 32, 32).
+classes 0, 1, 2, 3+. Frames are 32x32 grayscale float32 in [0, 1], shape (1, 32, 32), as the trainer takes
+them; `capture` gives them as a camera hands them to the frame buffer, uint8 0..255.
 
 Each camera looks at one road from its own viewpoint and has its own conditions, so data is non-IID across
 cameras in the ways real deployments differ:
@@ -144,6 +145,12 @@ class SyntheticCamera:
             frame += rng.normal(0.0, s.noise, frame.shape).astype(np.float32)
             np.clip(frame, 0.0, 1.0, out=x[i, 0])
         return x, y
+
+    def capture(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` frames as a camera hands them to the frame buffer: x uint8 (n, 1, 32, 32) in 0..255 (8-bit
+        luma, what `appliance.framebuffer` stores), y int64 (n,) in 0..3."""
+        x, y = self.sample(n)
+        return np.rint(x * 255).astype(np.uint8), y
 
     def _place(
         self, count: int, lanes: list[float], rng: np.random.Generator

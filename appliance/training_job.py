@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from nacl.signing import VerifyKey
 
-from appliance.framebuffer import FrameBuffer
+from appliance.framebuffer import FrameBuffer, to_model_input
 from appliance.modelpkg import load_package
 from appliance.synthetic import SyntheticCamera
 from appliance.training_result import TrainResult
@@ -47,13 +47,18 @@ class NotEnoughData(Exception):
 
 
 def training_data(job: TrainJob) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) for this round: fresh frames from the synthetic camera, or the newest labelled real frames."""
+    """(x, y) for this round: fresh frames from the synthetic camera, or the newest labelled real frames.
+
+    x is float32 in [0, 1]. The buffer stores frames as captured (uint8); they become float32 here, in the
+    trainer's process, so the flash holds a quarter of the bytes and the uint8 copy is freed on return.
+    """
     if job.source == "synthetic":
         return SyntheticCamera(job.synthetic_camera, seed=job.seed).sample(job.samples)
     frames = FrameBuffer(Path(job.state_dir) / FRAMES_DIR)
     if len(frames) < job.batch_size:
         raise NotEnoughData(f"{len(frames)} labelled frames in the buffer, need at least {job.batch_size}")
-    return frames.load(limit=job.samples)
+    stored, y = frames.load(limit=job.samples)
+    return to_model_input(stored), y
 
 
 def run_train_job(job: TrainJob) -> TrainResult:

@@ -201,9 +201,10 @@ async def test_a_camera_appliance_waits_for_labelled_frames_instead_of_skipping_
     async def camera_fills_the_buffer(state: Path) -> None:
         await asyncio.sleep(2)
         frames = FrameBuffer(state / "frames")
-        x, y = SyntheticCamera(0).sample(64)
+        x, y = SyntheticCamera(0).capture(64)
         for pixels, label in zip(x, y, strict=True):
             frames.append(pixels, int(label))
+        frames.flush()
 
     fake = FakeAggregator(key, path)
     agent = await run_agent_against(

@@ -81,8 +81,8 @@ def test_frame_views_are_model_input_and_label_view() -> None:
     gray = np.full((48, 64), 51, np.uint8)
     gray[:24] = 255
     pixels, view = frame_views(gray, CaptureSettings())
-    assert pixels.shape == (1, 32, 32) and pixels.dtype == np.float32
-    assert pixels.min() == pytest.approx(0.2) and pixels.max() == pytest.approx(1.0)
+    assert pixels.shape == (1, 32, 32) and pixels.dtype == np.uint8
+    assert pixels.min() == 51 and pixels.max() == 255
     assert view.shape == (64, 64) and view.min() >= 0.0 and view.max() <= 1.0
 
 

@@ -240,13 +240,14 @@ def test_frames_are_labelled_and_kept_in_the_buffer(tmp_path: Path) -> None:
         await manager.start()
         await until(lambda: recorder.frames_labelled_total >= 10)
         await manager.stop()
+        await recorder.flush()  # frames wait in memory for a batch; camera_task flushes when it stops
 
     run(body, io)
     assert recorder.frames_unlabelled_total >= recorder.label_settings.warmup_frames
     x, y = buffer.load()
     assert x.shape[1:] == (1, 32, 32) and len(y) == recorder.frames_labelled_total
     assert (y == 2).mean() >= 0.9  # two vehicles in view
-    assert x.min() >= 0.0 and x.max() <= 1.0
+    assert x.dtype == np.uint8 and x.max() >= 200  # stored as captured: 8-bit luma, the vehicles at 220
 
 
 def test_prometheus_collector_exposes_the_counters(tmp_path: Path) -> None:
@@ -300,4 +301,48 @@ def test_camera_task_runs_from_the_agent_config(tmp_path: Path, monkeypatch: pyt
     run(body, io)
     assert made[0].settings.interval_s == 0.01 and io.open_count() == 0
     assert b"fl_agent_cameras_present" in generate_latest(registry)
-    assert 0 < len(list((tmp_path / "frames").glob("[0-9]*.flf"))) <= 7
+    assert 0 < len(FrameBuffer(tmp_path / "frames")) <= 7  # the last batch was written when the task stopped
+
+
+def test_camera_task_drops_an_old_buffer_and_writes_its_last_batch_when_it_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After an upgrade the agent starts on a /data holding format-1 frames: they go, with a log line, before
+    the first capture; frames waiting in memory for a batch are written when the task is stopped."""
+    from appliance import cameras
+    from appliance.config import AgentConfig, CamerasConfig, Config
+
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    (frames_dir / "000000000000.flf").write_bytes(b"FLF1" + bytes(4116))  # a float32 frame of the old format
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+    made: list[CameraManager] = []
+    real = cameras.CameraManager
+
+    def manager_with_fakes(settings, on_frame):
+        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
+        return made[0]
+
+    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    config = Config(agent=AgentConfig(state_dir=str(tmp_path)), cameras=CamerasConfig(sample_interval_seconds=0.01))
+    registry = CollectorRegistry()
+
+    def labelled() -> float:
+        text = generate_latest(registry).decode()
+        line = next(x for x in text.splitlines() if x.startswith('fl_agent_camera_frames_labelled_total{outcome="lab'))
+        return float(line.split()[-1])
+
+    async def body() -> None:
+        task = asyncio.create_task(cameras.camera_task(config, registry))
+        await until(lambda: bool(made) and labelled() >= 3)
+        assert not list(frames_dir.glob("[0-9]*.flf"))
+        assert len(FrameBuffer(frames_dir)) == 0  # fewer than a batch: still in memory
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.INFO, logger="appliance.framebuffer"):
+        run(body, io)
+    assert "dropped 1 frames of format 1" in caplog.text
+    assert len(FrameBuffer(frames_dir)) == labelled() >= 3
