@@ -46,6 +46,8 @@ LABEL_DTYPES = ("int64", "float32")
 # like the weights), or on the device only (FedBN).
 BUFFER_POLICIES = ("aggregate", "local")
 BUFFER_PREFIX = "new:"
+# A detector's output layout (appliance.detection): centre heatmaps per class, box size and centre offset.
+DETECTION_KINDS = ("centre-heatmap",)
 
 
 class PackageError(Exception):
@@ -82,6 +84,8 @@ class ModelPackage:
     buffer_policy: str = "aggregate"
     local_buffers: dict[str, np.ndarray] = field(default_factory=dict)
     evaluation_graph: bytes = b""  # (input, labels, parameters) -> (loss, logits) in eval mode; optional
+    # A detector says how its outputs and labels are laid out: {kind, stride, classes}; empty for other models.
+    detection: dict[str, Any] = field(default_factory=dict)
 
     @property
     def trainable_names(self) -> list[str]:
@@ -143,6 +147,7 @@ class ModelPackage:
             "evaluation_graph_bytes": len(self.evaluation_graph),
             "labels": dict(self.labels),
             "buffers": {"policy": self.buffer_policy, "names": list(self.buffer_names)},
+            **({"detection": dict(self.detection)} if self.detection else {}),
         }
 
 
@@ -175,6 +180,8 @@ def _content(pkg: ModelPackage) -> dict[str, Any]:
         content["labels"] = labels
     if pkg.buffer_names:
         content["buffers"] = _buffers_content(pkg)
+    if pkg.detection:
+        content["detection"] = _check_detection(pkg.detection)
     return content
 
 
@@ -200,6 +207,15 @@ def _check_labels(spec: Any) -> dict[str, Any]:
     ):
         raise PackageError("bad-content", f"labels must be {{dtype, shape: [positive ints]}}, got {spec!r}")
     return {"dtype": spec["dtype"], "shape": list(shape)}
+
+
+def _check_detection(spec: Any) -> dict[str, Any]:
+    if not (isinstance(spec, dict) and set(spec) == {"kind", "stride", "classes"}
+            and spec["kind"] in DETECTION_KINDS
+            and all(type(spec[k]) is int and spec[k] > 0 for k in ("stride", "classes"))):
+        raise PackageError("bad-content", f"detection must be {{kind: one of {DETECTION_KINDS}, stride: positive "
+                           f"int, classes: positive int}}, got {spec!r}")
+    return {"kind": spec["kind"], "stride": spec["stride"], "classes": spec["classes"]}
 
 
 def _check_buffers(policy: Any, names: Any, params: list[str], local: Mapping[str, Any]) -> None:
@@ -375,6 +391,7 @@ def _from_content(content: Any, digest: bytes) -> ModelPackage:
         buffer_policy=policy,
         local_buffers=local,
         evaluation_graph=evaluation,
+        detection=_check_detection(content["detection"]) if "detection" in content else {},
     )
 
 

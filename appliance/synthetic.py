@@ -116,11 +116,19 @@ class SyntheticCamera:
 
     def sample(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` frames and labels: x float32 (n, 1, 32, 32) in [0, 1], y int64 (n,) in 0..3."""
+        x, y, _ = self.sample_with_boxes(n)
+        return x, y
+
+    def sample_with_boxes(self, n: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """``n`` frames, their count labels, and each frame's true vehicle boxes: a float32 (k, 4) array of
+        (x0, y0, x1, y1) in pixels (pixel i spans [i, i+1)), the axis-aligned box of each vehicle's body on the
+        road. Parked cars are background, not boxes. The same stream as `sample`: same frames, same labels."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         s, rng = self.style, self._rng
         x = np.empty((n, 1, SIZE, SIZE), dtype=np.float32)
         y = np.empty(n, dtype=np.int64)
+        boxes = []
         lanes = self._lane_centres()
         lane_dash = _soft_band(self._v, 0.4)  # centre line (the lane divider when there are two lanes)
         for i in range(n):
@@ -140,11 +148,26 @@ class SyntheticCamera:
                 else:
                     frame += contrast * s.gain * body
             y[i] = min(len(placed), NUM_CLASSES - 1)
+            boxes.append(self._boxes(placed))
             # per-frame lighting jitter and sensor noise
             frame = frame * rng.uniform(0.92, 1.08) + rng.uniform(-0.04, 0.04)
             frame += rng.normal(0.0, s.noise, frame.shape).astype(np.float32)
             np.clip(frame, 0.0, 1.0, out=x[i, 0])
-        return x, y
+        return x, y, boxes
+
+    def _boxes(self, placed: list[tuple[float, float, float, float, float]]) -> np.ndarray:
+        """Image-axis boxes (x0, y0, x1, y1) of vehicle bodies given in road coordinates (u0, v0, length, width):
+        the body is a rectangle rotated by the road's angle; its edges are where the soft band is one half."""
+        s = self.style
+        cos, sin = abs(np.cos(s.angle)), abs(np.sin(s.angle))
+        out = np.empty((len(placed), 4), dtype=np.float32)
+        for k, (u0, v0, length, width, _) in enumerate(placed):
+            cx = SIZE / 2 + u0 * np.cos(s.angle) - (v0 + s.offset) * np.sin(s.angle)
+            cy = SIZE / 2 + u0 * np.sin(s.angle) + (v0 + s.offset) * np.cos(s.angle)
+            hx = cos * length / 2 + sin * width / 2
+            hy = sin * length / 2 + cos * width / 2
+            out[k] = (cx - hx, cy - hy, cx + hx, cy + hy)
+        return np.clip(out, 0.0, SIZE)
 
     def capture(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` frames as a camera hands them to the frame buffer: x uint8 (n, 1, 32, 32) in 0..255 (8-bit

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from appliance.modelpkg import BUFFER_POLICIES, ModelPackage
@@ -27,6 +27,7 @@ class PackageOptions:
     optimizer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
     mean: float = 0.0
     std: float = 1.0
+    detection: dict[str, Any] = field(default_factory=dict)  # a detector's output layout (appliance.detection)
 
 
 def make_model(factory_ref: str, seed: int) -> Any:
@@ -57,6 +58,8 @@ def build_torch_package(model: Any, loss: Loss, input_shape: Sequence[int], opti
     from flctl.model.torch_export import export_graphs
 
     _check_options(options)
+    if not options.detection and getattr(model, "detection", None):  # a detector declares its output layout
+        options = replace(options, detection=dict(model.detection))
     shape = tuple(int(d) for d in input_shape)
     graphs = export_graphs(model, loss, shape, trainable)
     report = check_export(model, loss, graphs, shape)
@@ -77,6 +80,11 @@ def package_from_graphs(graphs: Any, loss: Loss, input_shape: tuple[int, ...],
     the parameters ("aggregate") or beside them ("local")."""
     _check_options(options)
     classes = graphs.num_classes
+    if options.detection:  # outputs: a heatmap per class, then box size (2) and centre offset (2)
+        classes = graphs.num_classes - 4
+        if classes != options.detection.get("classes"):
+            raise ExportError(f"the detector declares {options.detection.get('classes')} class(es) but outputs "
+                              f"{graphs.num_classes} channels (a heatmap per class, size, offset)")
     names = options.class_names or [str(i) for i in range(classes)]
     if len(names) != classes:
         raise ExportError(f"{len(names)} class names for {classes} output channels")
@@ -106,4 +114,5 @@ def package_from_graphs(graphs: Any, loss: Loss, input_shape: tuple[int, ...],
         buffer_names=list(graphs.buffers),
         buffer_policy=options.buffer_policy,
         local_buffers={} if aggregate else dict(graphs.buffers),
+        detection=dict(options.detection),
     )

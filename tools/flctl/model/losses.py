@@ -16,12 +16,14 @@ focal          float32 in [0, 1], the output's shape        mean sigmoid focal l
 
 A loss of your own may say what its labels are with attributes on the function (all optional):
 ``label_dtype`` (``"float32"``, the default, or ``"int64"``), ``label_shape`` (a per-sample shape, or a function
-of the output's per-sample shape; default: the output's shape) and ``sample_labels(n, generator)`` (a tensor of
-``n`` plausible labels for the gradient check; default: uniform in [0, 1), or class indices for int64).
+of the output's per-sample shape; default: the output's shape) and ``sample_labels(n, generator)`` or
+``sample_labels(n, generator, shape)`` (a tensor of ``n`` plausible labels of per-sample ``shape`` for the
+gradient check; default: uniform in [0, 1), or class indices for int64).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +61,8 @@ class Loss:
         import torch
 
         if self.sampler is not None:
-            labels = self.sampler(n, generator)
+            takes_shape = len(inspect.signature(self.sampler).parameters) >= 3
+            labels = self.sampler(n, generator, spec.shape) if takes_shape else self.sampler(n, generator)
             want = (n, *spec.shape)
             if tuple(labels.shape) != want or str(labels.dtype).removeprefix("torch.") != spec.dtype:
                 raise ExportError(f"loss {self.name}: sample_labels gave {tuple(labels.shape)} {labels.dtype}, "
