@@ -113,8 +113,12 @@ def test_rounds_complete_and_the_metrics_and_status_show_the_offset(late_board, 
     assert offset is not None and offset == pytest.approx(behind, abs=120)
     # Without any NTP answer timesyncd still saves the time to its clock file on fl-data every minute: the board's
     # next boot starts from there, not from systemd's build date.
-    saved_age = float(late_board.check("echo $(( $(date +%s) - $(stat -c %Y /data/timesync/clock) ))"))
-    assert saved_age <= 120, f"the clock file was last written {saved_age:.0f} s ago"
+    # (Waits for the next save rather than bounding the last one's age: a loaded TCG guest runs its timers late.)
+    first = late_board.check("stat -c %Y /data/timesync/clock").strip()
+    saved = time.monotonic() + 600
+    while late_board.check("stat -c %Y /data/timesync/clock").strip() == first:
+        assert time.monotonic() < saved, "timesyncd did not write its clock file on /data again within 10 minutes"
+        time.sleep(5)
     status = late_board.check(f"systemctl show -p StatusText --value {AGENT}")
     assert "behind the aggregator's" in status, status
     warned = late_board.check(f"journalctl -u {AGENT} -o cat --no-pager | grep -c \"behind the aggregator's\"")
