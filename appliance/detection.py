@@ -184,6 +184,32 @@ def decode(spec: DetectionSpec, outputs: np.ndarray, top_k: int = TOP_K,
     return result
 
 
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of every box in ``a`` (k, 4) with every box in ``b`` (m, 4): (k, m)."""
+    a = np.asarray(a, np.float32).reshape(-1, 4)[:, None]
+    b = np.asarray(b, np.float32).reshape(-1, 4)[None]
+    w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = w * h
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    union = area_a + area_b - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0).astype(np.float32)
+
+
+def match_by_iou(found: np.ndarray, true: np.ndarray) -> list[tuple[int, int, float]]:
+    """Greedy one-to-one matching, highest IoU first: (found index, true index, IoU) for every pair that
+    overlaps at all."""
+    iou = box_iou(found, true)
+    pairs = []
+    while iou.size and iou.max() > 0:
+        i, j = np.unravel_index(int(np.argmax(iou)), iou.shape)
+        pairs.append((int(i), int(j), float(iou[i, j])))
+        iou[i, :] = 0
+        iou[:, j] = 0
+    return pairs
+
+
 @dataclass(frozen=True)
 class DetectionQuality:
     """What a device can measure cheaply: centre precision, recall and F1, and the vehicle count's error."""
@@ -200,17 +226,17 @@ class DetectionQuality:
                 f"{prefix}centre_f1": self.f1, f"{prefix}count_mae": self.count_mae}
 
 
-def centre_matches(detections: Detections, boxes: np.ndarray, radius: float = CENTRE_RADIUS_PX) -> int:
-    """True positives of one frame: detections, best first, each taking the nearest unmatched true centre
+def centre_hits(found: np.ndarray, true: np.ndarray, radius: float = CENTRE_RADIUS_PX) -> int:
+    """True positives of one frame: ``found`` boxes, best first, each taking the nearest unmatched true centre
     within ``radius`` pixels (classes ignored: the demo has one)."""
-    true = np.asarray(boxes, np.float32).reshape(-1, 4)
-    if not len(true) or not len(detections.scores):
+    true = np.asarray(true, np.float32).reshape(-1, 4)
+    found = np.asarray(found, np.float32).reshape(-1, 4)
+    if not len(true) or not len(found):
         return 0
     true_c = (true[:, :2] + true[:, 2:]) / 2
-    pred_c = (detections.boxes[:, :2] + detections.boxes[:, 2:]) / 2
     free = np.ones(len(true), bool)
     hits = 0
-    for p in pred_c:
+    for p in (found[:, :2] + found[:, 2:]) / 2:
         d = np.hypot(*(true_c - p).T)
         d[~free] = np.inf
         j = int(np.argmin(d))
@@ -230,7 +256,7 @@ def quality(detections: Sequence[Detections], boxes: Sequence[np.ndarray],
     for det, true in zip(detections, boxes, strict=True):
         kept = det.above(threshold)
         k = len(np.asarray(true).reshape(-1, 4))
-        tp += centre_matches(kept, true, radius)
+        tp += centre_hits(kept.boxes, true, radius)
         n_pred += len(kept.scores)
         n_true += k
         count_err += abs(len(kept.scores) - k)

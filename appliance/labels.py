@@ -1,10 +1,11 @@
-"""Pseudo-labels for a fixed traffic camera, with no human: how many things are moving in view.
+"""Pseudo-labels for a fixed traffic camera, with no human: how many things are moving in view, and where.
 
 Per camera, a background model (temporal median of the warm-up frames, then a running average) is
 subtracted from each frame; pixels that differ by more than a threshold are foreground; a 3x3 opening and
 closing clean the mask; connected components (8-connected) smaller than a minimum area are dropped; the
 count of the rest, clipped at `max_count`, is the label (the reference task's classes 0, 1, 2, 3 = "3 or
-more"). numpy only: scipy is not on the device.
+more"). For the detector, the same components' bounding boxes are the pseudo-boxes (`update_boxes`).
+numpy only: scipy is not on the device.
 
 What this measures is "blobs that differ from the learnt background", which on a fixed road camera is
 mostly vehicles; docs/cameras.md lists what else it counts and when it abstains.
@@ -64,6 +65,13 @@ class MotionLabeller:
 
     def update(self, frame: np.ndarray) -> int | None:
         """One grayscale frame (2-D, values in [0, 1]) -> label 0..max_count, or None (no label)."""
+        boxes = self.update_boxes(frame)
+        return None if boxes is None else min(len(boxes), self.settings.max_count)
+
+    def update_boxes(self, frame: np.ndarray) -> np.ndarray | None:
+        """One grayscale frame (2-D, values in [0, 1]) -> the bounding boxes of its moving blobs, float32 (k, 4)
+        of (x0, y0, x1, y1) in the frame's pixels (ends exclusive), or None (no label). The detector's
+        pseudo-boxes on a real camera; docs/models.md says how far they are from true boxes."""
         if frame.ndim != 2:
             raise ValueError(f"MotionLabeller takes a 2-D grayscale frame, got shape {frame.shape}")
         frame = frame.astype(np.float32, copy=False)
@@ -88,8 +96,8 @@ class MotionLabeller:
         rate = np.where(raw, np.float32(s.foreground_rate), np.float32(s.learning_rate))
         self._background += rate * (frame - self._background)
         mask = open3(close3(raw))  # fill holes inside a vehicle first, then drop specks
-        count = sum(1 for area in component_areas(mask) if area >= s.min_area)
-        return min(count, s.max_count)
+        boxes = [blob.box for blob in blobs(mask) if blob.area >= s.min_area]
+        return np.array(boxes, dtype=np.float32).reshape(-1, 4)
 
 
 def _neighbourhood(mask: np.ndarray, pad_value: bool, reduce: np.ufunc) -> np.ndarray:
@@ -122,14 +130,27 @@ def close3(mask: np.ndarray) -> np.ndarray:
     return erode3(dilate3(mask))
 
 
+@dataclass(frozen=True)
+class Blob:
+    """One 8-connected component: its pixel count and bounding box (x0, y0, x1, y1), ends exclusive."""
+
+    area: int
+    box: tuple[int, int, int, int]
+
+
 def component_areas(mask: np.ndarray) -> list[int]:
-    """Pixel counts of the 8-connected components of a 2-D boolean mask.
+    """Pixel counts of the 8-connected components of a 2-D boolean mask."""
+    return [blob.area for blob in blobs(mask)]
+
+
+def blobs(mask: np.ndarray) -> list[Blob]:
+    """The 8-connected components of a 2-D boolean mask, with their areas and bounding boxes.
 
     Run-length labelling: each row's runs of True are found with numpy, runs touching a run of the row
     above (diagonals included) are merged with union-find. The Python work is per run, not per pixel.
     """
     if mask.ndim != 2:
-        raise ValueError(f"component_areas takes a 2-D mask, got shape {mask.shape}")
+        raise ValueError(f"blobs takes a 2-D mask, got shape {mask.shape}")
     h, w = mask.shape
     padded = np.zeros((h, w + 2), dtype=np.int8)
     padded[:, 1:-1] = mask.astype(bool)
@@ -171,8 +192,15 @@ def component_areas(mask: np.ndarray) -> list[int]:
                     q += 1
         prev_lo, prev_hi = i, j
         i = j
-    areas: dict[int, int] = {}
+    found: dict[int, list[int]] = {}  # root -> [area, x0, y0, x1, y1]
     for k in range(n):
         root = find(k)
-        areas[root] = areas.get(root, 0) + ends[k] - starts[k]
-    return list(areas.values())
+        run = ends[k] - starts[k]
+        if root not in found:
+            found[root] = [run, starts[k], rows[k], ends[k], rows[k] + 1]
+            continue
+        blob = found[root]
+        blob[0] += run
+        blob[1], blob[2] = min(blob[1], starts[k]), min(blob[2], rows[k])
+        blob[3], blob[4] = max(blob[3], ends[k]), max(blob[4], rows[k] + 1)
+    return [Blob(area, (x0, y0, x1, y1)) for area, x0, y0, x1, y1 in found.values()]

@@ -23,6 +23,7 @@ from appliance.detection import DetectionSpec, encode_targets  # noqa: E402
 from appliance.identity import write_key_file  # noqa: E402
 from appliance.modelpkg import load_package, write_package  # noqa: E402
 from appliance.synthetic import SyntheticCamera  # noqa: E402
+from appliance.training_job import TrainJob, run_train_job  # noqa: E402
 from flctl.cli import main as flctl  # noqa: E402
 from flctl.model import build  # noqa: E402
 from flctl.model.build import PackageOptions, package_from_graphs  # noqa: E402
@@ -108,3 +109,22 @@ def test_detector_trains_on_the_device_without_torch(detector, tmp_path):
     losses = result["losses"]
     assert losses[-1] < 0.6 * losses[0], losses
     assert set(result["updated"]) == set(pkg.initial_params)
+
+
+def _job(path: Path, pkg, source: str, tmp_path: Path) -> TrainJob:
+    return TrainJob(package_path=str(path), aggregator_key=bytes(KEY.verify_key), params=dict(pkg.initial_params),
+                    source=source, state_dir=str(tmp_path), samples=192, synthetic_camera=3, seed=5, epochs=2,
+                    batch_size=32, learning_rate=0.01, prox_mu=0.0, threads=1)  # fmt: skip
+
+
+def test_a_round_of_the_training_job_builds_targets_from_boxes_and_reports_detection_quality(detector, tmp_path):
+    pkg = _package(detector)
+    path = tmp_path / "detector.flpkg"
+    write_package(path, pkg, KEY)
+    result = run_train_job(_job(path, pkg, "synthetic", tmp_path))
+    m = result.metrics
+    assert result.num_samples == 192 and m["loss_after"] < m["loss_before"]
+    assert {"centre_precision", "centre_recall", "centre_f1", "count_mae"} <= set(m)
+    assert m["centre_f1"] > 0.5  # two epochs on one camera's frames already find most vehicles there
+    with pytest.raises(ValueError, match="trains on boxes; the frame buffer stores one count per frame"):
+        run_train_job(_job(path, pkg, "cameras", tmp_path))
