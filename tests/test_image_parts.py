@@ -315,3 +315,25 @@ def test_the_unit_delegates_exactly_the_controllers_the_agent_passes_to_the_trai
     sandbox._prepare()
     enabled = {c.lstrip("+") for c in (base / "cgroup.subtree_control").read_text().split()}
     assert delegated == enabled
+
+
+# The kernel module that creates each device class a unit may allow by name (DeviceAllow=char-CLASS).
+DEVICE_CLASS_MODULES = {"video4linux": "videodev"}
+
+
+def test_every_device_class_the_agent_may_open_exists_when_it_starts() -> None:
+    """systemd resolves DeviceAllow=char-CLASS against /proc/devices when the unit starts; a class whose driver is
+    not loaded yet allows nothing, so a camera plugged in later could not be opened (EPERM) until a restart. Each
+    such class's module is loaded at boot (modules-load.d), before fl-agent starts."""
+    overlay = Path(__file__).resolve().parent.parent / "rootfs-overlay"
+    unit = (overlay / "usr/lib/systemd/system/fl-agent.service").read_text()
+    classes = re.findall(r"^DeviceAllow=char-([\w-]+)", unit, flags=re.M)
+    assert classes, "fl-agent.service allows no device class by name"
+    loaded = {
+        line.strip()
+        for conf in (overlay / "usr/lib/modules-load.d").glob("*.conf")
+        for line in conf.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+    for device_class in classes:
+        assert DEVICE_CLASS_MODULES[device_class] in loaded, f"char-{device_class}'s module is not loaded at boot"

@@ -60,6 +60,9 @@ do_install:append() {
     install -d ${D}${nonarch_base_libdir}/udev/rules.d
     install -m 0644 ${FL_OVERLAY}/usr/lib/udev/rules.d/70-fl-agent-cameras.rules ${D}${nonarch_base_libdir}/udev/rules.d/
 
+    install -d ${D}${nonarch_libdir}/modules-load.d
+    install -m 0644 ${FL_OVERLAY}/usr/lib/modules-load.d/fl-agent.conf ${D}${nonarch_libdir}/modules-load.d/
+
     install -d ${D}${nonarch_libdir}/tmpfiles.d ${D}${nonarch_libdir}/sysusers.d
     install -m 0644 ${FL_OVERLAY}/usr/lib/tmpfiles.d/fl-agent.conf ${D}${nonarch_libdir}/tmpfiles.d/
     install -m 0644 ${FL_OVERLAY}/usr/lib/tmpfiles.d/fl-timesync.conf ${D}${nonarch_libdir}/tmpfiles.d/
@@ -83,6 +86,7 @@ CONFFILES:${PN} = "${sysconfdir}/fl-agent/agent.toml"
 FILES:${PN} += "\
     ${nonarch_base_libdir}/udev/rules.d \
     ${systemd_unitdir}/system-preset \
+    ${nonarch_libdir}/modules-load.d \
     ${nonarch_libdir}/tmpfiles.d \
     ${nonarch_libdir}/sysusers.d \
     ${localstatedir}/lib/fl-agent \
@@ -119,3 +123,7 @@ RDEPENDS:${PN} = "\
     python3-pyyaml \
     python3-tomllib \
 "
+
+# modules-load.d/fl-agent.conf loads videodev at boot (a soft dependency: on a
+# kernel with V4L2 built in there is no module package).
+RRECOMMENDS:${PN} = "kernel-module-videodev"
