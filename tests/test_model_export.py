@@ -117,3 +117,36 @@ def test_mobilenet_v2_trains_on_the_device_without_torch(mobilenet, tmp_path):
     assert losses[-1] < 0.9 * losses[0], losses
     assert set(result["updated"]) == set(pkg.initial_params)  # weights and running statistics moved
     assert 0.0 <= result["evaluation"]["accuracy"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = examples.unet()
+    loss = resolve_loss("cross-entropy")
+    return model, loss, export_graphs(model, loss, SHAPE)
+
+
+def test_unet_graphs_match_torch_autograd(unet):
+    model, loss, graphs = unet
+    report = check_export(model, loss, graphs, SHAPE, seed=1)
+    assert list(report.max_grad_error) == [n for n, _ in model.named_parameters()]
+    assert max(report.max_grad_error.values()) < 1e-2
+    assert graphs.labels.dtype == "int64" and graphs.labels.shape == (32, 32)  # a class per pixel
+    assert graphs.output_shape == (2, 32, 32)
+    ops = {n.op_type for n in _graph(graphs.training).graph.node}
+    assert {"MaxPool", "ConvTranspose", "Concat", "Conv"} <= ops
+
+
+def test_unet_trains_on_the_device_without_torch(unet, tmp_path):
+    _, loss, graphs = unet
+    options = PackageOptions(name="unet", mean=0.4, std=0.25, class_names=["background", "bright"])
+    pkg = package_from_graphs(graphs, loss, SHAPE, options)
+    path = tmp_path / "unet.flpkg"
+    write_package(path, pkg, KEY)
+    x, _ = SyntheticCamera(1, seed=2).sample(128)
+    y = (x[:, 0] > 0.5).astype(np.int64)  # per-pixel classes: bright (vehicles, lights) or not
+    result = train_on_device(path, x, y, tmp_path, epochs=3)
+    assert not result["torch_imported"]
+    assert result["losses"][-1] < 0.7 * result["losses"][0], result["losses"]
+    assert result["evaluation"]["accuracy"] > 0.8  # per pixel

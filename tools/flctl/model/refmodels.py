@@ -9,7 +9,7 @@
 
 Why explicit formulas rather than an exporter: the stock onnxruntime has no training ops, the torch exporters
 do not export autograd, and one export path is known to scale gradients by the batch size. Nothing here is
-trusted on its own: ``flctl.model.check_gradients`` compares every graph against torch autograd before a
+trusted on its own: ``flctl.model.check`` compares every graph against torch autograd before a
 package is written.
 
 The CNN uses *patch* convolutions (kernel == stride, no padding) and no max-pooling, on purpose: a patch

@@ -24,11 +24,14 @@ result: flctl.model.check compares all three graphs with torch autograd before a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import functools
 import io
+import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +48,6 @@ from flctl.model.losses import LabelSpec, Loss
 
 OPSET = 18  # the lowest opset torch.onnx's exporter writes; onnxruntime 1.18 runs up to 21
 IR_VERSION = 9  # the IR version of opset 18; onnxruntime 1.18 reads up to 10
-TRACE_BATCH = 4  # example batch size of the traces (the batch dimension stays symbolic)
 _WRAPPED = "model."  # the attribute the traced wrapper holds the model under, stripped from names
 
 
@@ -122,6 +124,20 @@ class _WithLoss(nn.Module):
         return self.loss(out, labels), out
 
 
+def _trace_batch(model: nn.Module, shapes: list[tuple[int, ...]]) -> int:
+    """The example batch size of the traces: a size no dimension of a parameter, buffer, input or label has.
+
+    make_fx gives equal input dimensions one symbol ("duck sizing"); a batch of 8 beside an 8-channel weight
+    would be specialised to 8 by the first op that fixes the channel count.
+    """
+    taken = {d for shape in shapes for d in shape}
+    taken |= {d for t in (*model.parameters(), *model.buffers()) for d in t.shape}
+    batch = 3
+    while batch in taken:
+        batch += 1
+    return batch
+
+
 def _example_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     probe = set_mode(copy.deepcopy(model), False)
     try:
@@ -153,12 +169,26 @@ def _op_name(target: Any) -> str:
     return target.name().split("::")[-1] if isinstance(target, torch._ops.OpOverload) else str(target)
 
 
-def _onnx_registry():
+@functools.cache
+def _onnx_registry() -> Any:
     # torch.onnx's registry of torchlib lowerings: private API, used only to name an unsupported op before
     # torch.onnx would fail on it with a long report.
     from torch.onnx._internal.exporter._registration import ONNXRegistry
 
-    return ONNXRegistry.from_torchlib(OPSET)
+    with _quiet_registry():
+        return ONNXRegistry.from_torchlib(OPSET)
+
+
+@contextlib.contextmanager
+def _quiet_registry() -> Iterator[None]:
+    """Without the registry's warnings about torchvision ops (not installed, not needed)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_ops(gm: torch.fx.GraphModule, forward_nodes: list[torch.fx.Node], registry: Any) -> None:
@@ -292,7 +322,7 @@ def _lower(fn: Callable[..., Any], x: torch.Tensor, y: torch.Tensor, tensors: li
     io_names = [DEFAULT_IO["input"], DEFAULT_IO["labels"], *tensor_names]
     log = io.StringIO()
     try:
-        with warnings.catch_warnings(), redirect_stdout(log), redirect_stderr(log):
+        with warnings.catch_warnings(), redirect_stdout(log), redirect_stderr(log), _quiet_registry():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 _Function(fn), (x, y, list(tensors)), dynamo=True, opset_version=OPSET, input_names=io_names,
@@ -305,6 +335,7 @@ def _lower(fn: Callable[..., Any], x: torch.Tensor, y: torch.Tensor, tensors: li
         raise ExportError(f"torch.onnx cannot lower the graph: {detail.strip()}") from None
     model = program.model_proto
     graph = model.graph
+    _name_batch_dimension(graph, x.shape[0])
     got = [o.name for o in graph.output]
     if got != outputs:
         raise ExportError(f"torch.onnx renamed the graph outputs: expected {outputs[:4]}..., got {got[:4]}...")
@@ -319,6 +350,20 @@ def _lower(fn: Callable[..., Any], x: torch.Tensor, y: torch.Tensor, tensors: li
     model.producer_name, model.producer_version = "flctl", "2"
     onnx.checker.check_model(model, full_check=False)
     return model
+
+
+def _name_batch_dimension(graph: onnx.GraphProto, traced: int) -> None:
+    """Call the symbolic batch dimension ``N`` everywhere; refuse a graph whose batch size got fixed."""
+    first = graph.input[0].type.tensor_type.shape.dim[0]
+    if not first.dim_param:
+        raise ExportError(f"the graph's batch size is fixed at {first.dim_value or traced}: some code of the model "
+                          "or the loss uses the batch size as a constant (view or reshape with a literal batch; "
+                          "write -1 or x.shape[0])")
+    symbol = first.dim_param
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "N"
 
 
 def _strip_metadata(model: onnx.ModelProto) -> None:
@@ -392,12 +437,13 @@ def export_graphs(model: nn.Module, loss: Loss, input_shape: Sequence[int],
     trained = select_trainable(model, trainable)
     prepared = _prepared(model)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((TRACE_BATCH, *input_shape), generator=gen)
-    out = _example_output(prepared, x)
+    out = _example_output(prepared, torch.randn((2, *input_shape), generator=gen))
     output_shape = tuple(out.shape[1:])
     labels = loss.label_spec(output_shape)
     classes = output_shape[0]
-    y = loss.sample_labels(labels, classes, TRACE_BATCH, gen)
+    batch = _trace_batch(prepared, [tuple(input_shape), output_shape, labels.shape])
+    x = torch.randn((batch, *input_shape), generator=gen)
+    y = loss.sample_labels(labels, classes, batch, gen)
 
     registry = _onnx_registry()
     names = list(trained)
