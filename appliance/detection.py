@@ -22,7 +22,7 @@ Boxes are float32 ``(k, 4)`` arrays of (x0, y0, x1, y1) in input pixels, pixel i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +208,16 @@ def match_by_iou(found: np.ndarray, true: np.ndarray) -> list[tuple[int, int, fl
         iou[i, :] = 0
         iou[:, j] = 0
     return pairs
+
+
+def detect(trainer: Any, params: Mapping[str, np.ndarray], x: np.ndarray, batch_size: int = 128) -> list[Detections]:
+    """Decoded detections on frames ``x`` (in the package's input range) of a detector package's
+    ``appliance.trainer.Trainer`` with ``params``, batch by batch (the inference arena stays at that size)."""
+    spec = DetectionSpec.from_package(trainer.package)
+    found: list[Detections] = []
+    for start in range(0, len(x), batch_size):
+        found += decode(spec, trainer.outputs(params, x[start:start + batch_size]))
+    return found
 
 
 @dataclass(frozen=True)

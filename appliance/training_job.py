@@ -17,19 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from nacl.signing import VerifyKey
 
-from appliance.detection import DetectionSpec, decode, encode_targets, quality
+from appliance.detection import DetectionSpec, detect, encode_targets, quality
 from appliance.framebuffer import FrameBuffer, to_model_input
 from appliance.modelpkg import ModelPackage, load_package
 from appliance.synthetic import SyntheticCamera
 from appliance.training_result import TrainResult
-
-if TYPE_CHECKING:
-    from appliance.trainer import Trainer
 
 FRAMES_DIR = "frames"
 
@@ -85,17 +81,6 @@ def detection_data(job: TrainJob, package: ModelPackage) -> tuple[np.ndarray, np
     return x, encode_targets(spec, boxes), boxes
 
 
-def detection_metrics(trainer: Trainer, params: dict[str, np.ndarray], x: np.ndarray, boxes: list[np.ndarray],
-                      batch_size: int) -> dict[str, float]:
-    """Centre precision, recall, F1 and the count's mean absolute error of ``params`` on (x, boxes), decoded
-    batch by batch (the inference arena stays at a training batch's size)."""
-    spec = DetectionSpec.from_package(trainer.package)
-    found = []
-    for start in range(0, len(x), batch_size):
-        found += decode(spec, trainer.outputs(params, x[start:start + batch_size]))
-    return quality(found, boxes).as_metrics()
-
-
 def run_train_job(job: TrainJob) -> TrainResult:
     """Entry point of the trainer child process."""
     from appliance.trainer import Trainer
@@ -119,5 +104,5 @@ def run_train_job(job: TrainJob) -> TrainResult:
     )
     if boxes is not None:
         trained = {k: np.asarray(v, np.float32) + result.delta[k] for k, v in job.params.items()}
-        result.metrics.update(detection_metrics(trainer, trained, x, boxes, job.batch_size))
+        result.metrics.update(quality(detect(trainer, trained, x, job.batch_size), boxes).as_metrics())
     return result
