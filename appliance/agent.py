@@ -39,7 +39,7 @@ from appliance.budget import (
     read_budget,
     read_usage,
 )
-from appliance.client import AggregatorClient, AggregatorUnavailable, Rejection
+from appliance.client import AggregatorClient, AggregatorUnavailable, ReceiptRefused, Rejection
 from appliance.clock import AggregatorClock
 from appliance.config import Config
 from appliance.durable import atomic_write
@@ -449,6 +449,10 @@ class Agent:
             except Rejection as exc:
                 log.error("update refused by the aggregator: %s", exc)
                 raise PermanentRejection(exc.reason, exc.detail) from exc
+            except ReceiptRefused as exc:  # no proof that the update was stored: keep it, send it again
+                self.metrics.receipts_refused.labels("wrong-update" if exc.names_another_update else "unverified").inc()
+                log.error("aggregator: %s; the update stays in the outbox", exc)
+                raise AggregatorUnavailable(str(exc)) from exc  # a failed delivery like any other, for the outbox
 
         def on_receipt(key: str, receipt: wire.Receipt) -> None:
             self.metrics.rounds_completed.inc()

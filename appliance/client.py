@@ -26,6 +26,16 @@ class AggregatorUnavailable(Exception):
     """The aggregator could not be reached or answered with a server error: try again later."""
 
 
+class ReceiptRefused(AggregatorUnavailable):
+    """The aggregator answered an upload with a receipt that does not prove this update was stored: one that
+    does not verify against the pinned key, or (``names_another_update``) a verified one for another update.
+    The update is not delivered."""
+
+    def __init__(self, detail: str, *, names_another_update: bool = False):
+        super().__init__(f"receipt refused: {detail}")
+        self.names_another_update = names_another_update
+
+
 class Rejection(Exception):
     """The aggregator refused an update for good (4xx): resending the same bytes cannot succeed."""
 
@@ -110,7 +120,8 @@ class AggregatorClient:
         """Upload one signed update; returns the verified receipt.
 
         Raises :class:`Rejection` for a permanent refusal and :class:`AggregatorUnavailable` for anything
-        worth retrying (network, 5xx, 429, a receipt that does not verify).
+        worth retrying: network, 5xx, 429, and (its subclass :class:`ReceiptRefused`) a receipt that does not
+        verify or names another update.
         """
         try:
             async with self.session.post(
@@ -124,9 +135,10 @@ class AggregatorClient:
             try:
                 receipt = wire.decode_receipt(answer, self.aggregator_key)
             except ProtocolError as exc:
-                raise AggregatorUnavailable(f"receipt does not verify: {exc}") from exc
+                raise ReceiptRefused(f"it does not verify ({exc})") from exc
             if receipt.update_digest != wire.update_digest(body):
-                raise AggregatorUnavailable("receipt names another update")
+                named = receipt.update_digest.hex()[:16]
+                raise ReceiptRefused(f"it names update {named}..., not this one", names_another_update=True)
             return receipt
         if 400 <= status < 500 and status not in (408, 429):
             try:

@@ -38,6 +38,8 @@ AGGREGATOR_OPERATIONS = ("task",)
 UPDATE_REJECTION_REASONS = (*UPDATE_REFUSAL_REASONS, "corrupt", "unknown")
 # The outbox counts a failed send under the exception's class name; the agent's send raises only this one.
 DELIVERY_FAILURE_REASONS = ("AggregatorUnavailable",)
+# A receipt that does not verify against the pinned key, or a verified one that names another update.
+RECEIPT_REFUSAL_REASONS = ("unverified", "wrong-update")
 LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "fl_agent_rounds_skipped": ROUND_SKIP_REASONS,
     "fl_agent_trainer_killed": TRAINER_KILL_CAUSES,
@@ -45,6 +47,7 @@ LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "fl_agent_aggregator_errors": AGGREGATOR_OPERATIONS,
     "fl_agent_updates_rejected": UPDATE_REJECTION_REASONS,
     "fl_agent_delivery_failures": DELIVERY_FAILURE_REASONS,
+    "fl_agent_receipts_refused": RECEIPT_REFUSAL_REASONS,
 }
 
 
@@ -118,6 +121,13 @@ class AgentMetrics:
         self.models_refused = Counter(
             "fl_agent_models_refused", "Model releases or packages refused, by reason", ["reason"], registry=r
         )
+        self.receipts_refused = Counter(
+            "fl_agent_receipts_refused",
+            "Receipts refused (not verified by the pinned key, or naming another update), by reason; "
+            "the update stays in the outbox",
+            ["reason"],
+            registry=r,
+        )
         self.aggregator_errors = Counter(
             "fl_agent_aggregator_errors", "Failed exchanges with the aggregator", ["operation"], registry=r
         )
@@ -146,6 +156,7 @@ class AgentMetrics:
             (self.rounds_skipped, ROUND_SKIP_REASONS),
             (self.trainer_kills, TRAINER_KILL_CAUSES),
             (self.models_refused, MODEL_REFUSAL_REASONS),
+            (self.receipts_refused, RECEIPT_REFUSAL_REASONS),
             (self.aggregator_errors, AGGREGATOR_OPERATIONS),
         ):
             for value in values:

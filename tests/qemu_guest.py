@@ -8,6 +8,7 @@ tests/test_outbox_powercut.py and tests/test_cameras_qemu.py.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -84,10 +85,43 @@ def kernel(modules: tuple[str, ...] = ()) -> GuestKernel:
 
 
 def appliance_package() -> dict[str, Path]:
-    """Every module of the `appliance` package at /app/appliance in the guest. Copying the whole package
-    (a few hundred kB) rather than a hand-kept list means a new module a guest imports indirectly cannot
-    be forgotten (one was, and broke two guest tests)."""
-    return {f"/app/appliance/{p.name}": p for p in sorted((REPO / "appliance").glob("*.py"))}
+    """Every module of the `appliance` package, subpackages included, at /app/appliance in the guest. Copying
+    the whole package (a few hundred kB) rather than a hand-kept list means a new module a guest imports
+    indirectly cannot be forgotten (one was, and broke two guest tests; then a subpackage was)."""
+    package = REPO / "appliance"
+    return {f"/app/appliance/{p.relative_to(package)}": p for p in sorted(package.rglob("*.py"))}
+
+
+_FIND_PACKAGES = r"""
+import importlib, importlib.metadata, json, sys
+from pathlib import Path
+before = set(sys.modules)
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+site = [Path(p) for p in sys.path if p.endswith("site-packages")]
+loaded = {Path(m.__file__).resolve() for n, m in list(sys.modules.items())
+          if n not in before and getattr(m, "__file__", None)}
+tops = {path.relative_to(s.resolve()).parts[0] for path in loaded for s in site if path.is_relative_to(s.resolve())}
+names = {top.split(".")[0] for top in tops}
+owners = importlib.metadata.packages_distributions()
+entries = set(tops)
+for dist in {d for name in names for d in owners.get(name, [])} - {"fl-edge"}:
+    for file in importlib.metadata.distribution(dist).files or []:
+        top = file.parts[0]
+        if top != ".." and not top.endswith(".dist-info") and top != "__pycache__":
+            entries.add(top)  # a wheel's bundled libraries (numpy.libs) and its other top-level modules
+print(json.dumps({top: str(s / top) for top in sorted(entries) for s in site if (s / top).exists()}))
+"""
+
+
+def python_packages(*modules: str) -> dict[str, Path]:
+    """What importing ``modules`` loads from the venv's site-packages, whole distributions with the libraries
+    their wheels bundle, at /app/<name> in the guest (put /app on sys.path). The guest's system Python has the
+    venv's version, so the compiled extensions load. Found by a fresh interpreter, so this process's own
+    imports do not count."""
+    found = subprocess.run([sys.executable, "-c", _FIND_PACKAGES, *modules], capture_output=True, text=True,
+                           check=True).stdout
+    return {f"/app/{top}": Path(path) for top, path in json.loads(found).items()}
 
 
 def _shared_libs(binary: Path) -> set[Path]:

@@ -4,27 +4,19 @@ matching the task are ever trained on, and a good round ends with one signed upd
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from aiohttp import web
+from agent_harness import FakeAggregator, run_agent_against, sample
 from nacl.signing import SigningKey
 
 from appliance import wire
-from appliance.agent import Agent, clip_update
-from appliance.budget import Budget
-from appliance.config import load_config
+from appliance.agent import clip_update
 from appliance.framebuffer import FrameBuffer
-from appliance.identity import load_or_create_device_key, write_aggregator_key
-from appliance.modelpkg import load_package
 from appliance.synthetic import SyntheticCamera
 from flctl.model import export_reference_package
-
-ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
 
 
 @pytest.fixture(scope="module")
@@ -33,102 +25,6 @@ def signed_package(tmp_path_factory):
     path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
     export_reference_package("cnn", path, key)
     return key, path
-
-
-class FakeAggregator:
-    """Serves one task, the package and a model release that a test may forge or tamper with."""
-
-    def __init__(
-        self, key: SigningKey, package_path: Path, release_key: SigningKey | None = None, tamper: bool = False
-    ):
-        self.key = key
-        self.package_bytes = package_path.read_bytes()
-        self.package = load_package(package_path, key.verify_key)
-        release, digest = wire.encode_model_release(
-            wire.ModelRelease(0, self.package.digest, self.package.initial_params), release_key or key
-        )
-        if tamper:
-            release = bytearray(release)
-            release[-5] ^= 0x01
-        self.release, self.digest = bytes(release), digest
-        self.updates: list[bytes] = []
-        self.device_keys: dict = {}
-        self.unavailable_posts = 0  # answer this many uploads with 503 first (aggregator down)
-
-    def app(self) -> web.Application:
-        async def task(request: web.Request) -> web.Response:
-            if int(request.query.get("after", "0")) >= 1:
-                await asyncio.sleep(0.2)
-                return web.Response(status=204)
-            t = wire.Task(
-                1, 0, self.digest, self.package.digest, deadline=int(time.time()) + 300, epochs=1, batch_size=16
-            )
-            return web.Response(body=wire.encode_task(t, self.key), content_type="application/cose")
-
-        async def package(request: web.Request) -> web.Response:
-            return web.Response(body=self.package_bytes)
-
-        async def model(request: web.Request) -> web.Response:
-            return web.Response(body=self.release)
-
-        async def updates(request: web.Request) -> web.Response:
-            body = await request.read()
-            if self.unavailable_posts > 0:
-                self.unavailable_posts -= 1
-                return web.Response(status=503)
-            self.updates.append(body)
-            u = wire.decode_update(body, self.device_keys.get)
-            receipt = wire.Receipt(u.device_id, u.round_id, wire.update_digest(body))
-            return web.Response(body=wire.encode_receipt(receipt, self.key), content_type="application/cose")
-
-        app = web.Application()
-        app.router.add_get("/v1/task", task)
-        app.router.add_get("/v1/packages/{digest}", package)
-        app.router.add_get("/v1/models/{version}", model)
-        app.router.add_post("/v1/updates", updates)
-        return app
-
-
-async def run_agent_against(
-    fake: FakeAggregator, tmp_path: Path, until, source: str = "synthetic", during=None, at_most: float = 300,
-    tls: tuple[ssl.SSLContext, Path] | None = None,
-) -> Agent:
-    """Run an agent against ``fake`` until ``until(agent)`` holds (polled), then stop it. ``at_most`` only
-    keeps a broken agent from hanging the run: a loaded CI machine must not turn slowness into a failure."""
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls[0] if tls else None)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    state = tmp_path / "state"
-    identity = load_or_create_device_key(state)
-    fake.device_keys = {identity.device_id: identity.verify_key}
-    write_aggregator_key(state, fake.key.verify_key)
-    config_path = tmp_path / "agent.toml"
-    transport = (f'url = "https://127.0.0.1:{port}"\nca_file = "{tls[1]}"\n' if tls else
-                 f'url = "http://127.0.0.1:{port}"\nallow_plain_http = true\n')
-    config_path.write_text(
-        f"[aggregator]\n{transport}poll_wait_seconds = 1.0\n"
-        f'[agent]\nstate_dir = "{state}"\n[metrics]\nlisten = ""\n'
-        f'[data]\nsource = "{source}"\nsamples_per_round = 64\n'
-    )
-    agent = Agent(load_config(config_path), budget=ADVISORY)
-    running = asyncio.create_task(agent.run([during(state)] if during else None))
-    deadline = time.monotonic() + at_most
-    try:
-        while not until(agent) and not running.done() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-    finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        await runner.cleanup()
-    return agent
-
-
-def sample(agent: Agent, name: str, labels: dict | None = None) -> float:
-    value = agent.metrics.registry.get_sample_value(name, labels or {})
-    return value or 0.0
 
 
 @pytest.mark.parametrize(

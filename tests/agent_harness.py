@@ -1,0 +1,183 @@
+"""Helpers for the agent tests: a fake aggregator that can lie, and a real agent loop run against an aggregator
+on loopback until a condition holds.
+
+The fake serves one task, the package, a model release and receipts; a test makes it forge or tamper with the
+release, serve a release that does not match the task, or answer uploads with receipts that prove nothing
+(unsigned, signed by another key, a broken signature, naming another update).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import numpy as np
+from aiohttp import web
+from nacl.signing import SigningKey, VerifyKey
+
+from appliance import wire
+from appliance.agent import Agent
+from appliance.budget import Budget
+from appliance.config import load_config
+from appliance.identity import load_or_create_device_key, write_aggregator_key
+from appliance.modelpkg import load_package
+
+ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
+TASK_BATCH_SIZE = 16
+SAMPLES_PER_ROUND = 64
+#: How the fake answers an upload it stored (``FakeAggregator.receipts``; a test may change it mid-run).
+RECEIPTS = ("genuine", "unsigned", "wrong-key", "bad-signature", "wrong-update")
+
+
+class FakeAggregator:
+    """Serves task 1 (on model version 0), the package, a model release and receipts.
+
+    ``release_key`` signs the release with another key; ``tamper`` flips a byte of its tensors; ``release_params``
+    serves a genuinely signed release of other parameters than the task names; ``release_package_digest`` one
+    that names another package. ``receipts`` is one of :data:`RECEIPTS`.
+    """
+
+    def __init__(
+        self, key: SigningKey, package_path: Path, release_key: SigningKey | None = None, tamper: bool = False,
+        release_params: dict[str, np.ndarray] | None = None, release_package_digest: bytes | None = None,
+        receipts: str = "genuine",
+    ):
+        self.key = key
+        self.package_bytes = package_path.read_bytes()
+        self.package = load_package(package_path, key.verify_key)
+        _, self.digest = wire.encode_model_release(  # what the task names
+            wire.ModelRelease(0, self.package.digest, self.package.initial_params), key
+        )
+        release, _ = wire.encode_model_release(
+            wire.ModelRelease(
+                0, release_package_digest or self.package.digest, release_params or self.package.initial_params
+            ),
+            release_key or key,
+        )
+        if tamper:
+            release = bytearray(release)
+            release[-5] ^= 0x01
+        self.release = bytes(release)
+        self.receipts = receipts
+        self.updates: list[bytes] = []
+        self.device_keys: dict[str, VerifyKey] = {}
+        self.unavailable_posts = 0  # answer this many uploads with 503 first (aggregator down)
+
+    def receipt(self, body: bytes, update: wire.Update) -> bytes:
+        genuine = wire.Receipt(update.device_id, update.round_id, wire.update_digest(body))
+        if self.receipts == "genuine":
+            return wire.encode_receipt(genuine, self.key)
+        if self.receipts == "unsigned":  # the receipt's payload, without the COSE_Sign1 around it
+            return cbor2.dumps({"v": wire.PROTOCOL_VERSION, "type": "receipt", "device": genuine.device_id,
+                                "round": genuine.round_id, "update_digest": genuine.update_digest,
+                                "accepted_at": genuine.accepted_at}, canonical=True)
+        if self.receipts == "wrong-key":
+            return wire.encode_receipt(genuine, SigningKey.generate())
+        if self.receipts == "bad-signature":
+            signed = bytearray(wire.encode_receipt(genuine, self.key))
+            signed[-1] ^= 0x01  # the last byte of the signature
+            return bytes(signed)
+        if self.receipts == "wrong-update":
+            other = wire.Receipt(update.device_id, update.round_id, hashlib.sha256(b"another update").digest())
+            return wire.encode_receipt(other, self.key)
+        raise ValueError(f"unknown receipt mode {self.receipts!r}; expected one of {RECEIPTS}")
+
+    def app(self) -> web.Application:
+        async def task(request: web.Request) -> web.Response:
+            if int(request.query.get("after", "0")) >= 1:
+                await asyncio.sleep(0.2)
+                return web.Response(status=204)
+            t = wire.Task(
+                1, 0, self.digest, self.package.digest, deadline=int(time.time()) + 300, epochs=1,
+                batch_size=TASK_BATCH_SIZE,
+            )
+            return web.Response(body=wire.encode_task(t, self.key), content_type="application/cose")
+
+        async def package(request: web.Request) -> web.Response:
+            return web.Response(body=self.package_bytes)
+
+        async def model(request: web.Request) -> web.Response:
+            return web.Response(body=self.release)
+
+        async def updates(request: web.Request) -> web.Response:
+            body = await request.read()
+            if self.unavailable_posts > 0:
+                self.unavailable_posts -= 1
+                return web.Response(status=503)
+            self.updates.append(body)
+            update = wire.decode_update(body, self.device_keys.get)
+            return web.Response(body=self.receipt(body, update), content_type="application/cose")
+
+        app = web.Application()
+        app.router.add_get("/v1/task", task)
+        app.router.add_get("/v1/packages/{digest}", package)
+        app.router.add_get("/v1/models/{version}", model)
+        app.router.add_post("/v1/updates", updates)
+        return app
+
+
+def agent_config(path: Path, url: str, state: Path, source: str = "synthetic", ca_file: Path | None = None) -> Path:
+    """An agent.toml for a loopback aggregator at ``url`` (short long-polls, no metrics listener)."""
+    transport = f'url = "{url}"\nca_file = "{ca_file}"\n' if ca_file else f'url = "{url}"\nallow_plain_http = true\n'
+    path.write_text(
+        f"[aggregator]\n{transport}poll_wait_seconds = 1.0\n"
+        f'[agent]\nstate_dir = "{state}"\n[metrics]\nlisten = ""\n'
+        f'[data]\nsource = "{source}"\nsamples_per_round = {SAMPLES_PER_ROUND}\n'
+    )
+    return path
+
+
+async def run_agent(
+    agent: Agent, until: Callable[[Agent], bool], during: Coroutine[Any, Any, None] | None = None,
+    at_most: float = 300,
+) -> Agent:
+    """Run ``agent`` until ``until(agent)`` holds (polled), then stop it. ``at_most`` only keeps a broken agent
+    from hanging the run: a loaded CI machine must not turn slowness into a failure."""
+    running = asyncio.create_task(agent.run([during] if during else None))
+    deadline = time.monotonic() + at_most
+    try:
+        while not until(agent) and not running.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    return agent
+
+
+async def run_agent_against(
+    fake: FakeAggregator, tmp_path: Path, until: Callable[[Agent], bool], source: str = "synthetic",
+    during: Callable[[Path], Coroutine[Any, Any, None]] | None = None, at_most: float = 300,
+    tls: tuple[ssl.SSLContext, Path] | None = None,
+) -> Agent:
+    """Serve ``fake`` on loopback and run an agent (state in ``tmp_path/state``) against it; ``during(state)``
+    runs beside the agent's loops."""
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls[0] if tls else None)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    state = tmp_path / "state"
+    identity = load_or_create_device_key(state)
+    fake.device_keys = {identity.device_id: identity.verify_key}
+    write_aggregator_key(state, fake.key.verify_key)
+    scheme = "https" if tls else "http"
+    config = agent_config(tmp_path / "agent.toml", f"{scheme}://127.0.0.1:{port}", state, source,
+                          tls[1] if tls else None)
+    try:
+        agent = Agent(load_config(config), budget=ADVISORY)
+        return await run_agent(agent, until, during(state) if during else None, at_most)
+    finally:
+        await runner.cleanup()
+
+
+def sample(agent: Agent, name: str, labels: dict[str, str] | None = None) -> float:
+    value = agent.metrics.registry.get_sample_value(name, labels or {})
+    return value or 0.0

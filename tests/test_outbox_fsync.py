@@ -1,0 +1,68 @@
+"""What the outbox acknowledges is on disk: the file and directory syncs, recorded on the host.
+
+The QEMU power-cut test (tests/test_outbox_powercut.py) is the proof, but it is slow and marked ``qemu``;
+SIGKILL (tests/test_outbox_crash.py) keeps the page cache and cannot tell. Here the calls are recorded in
+order: ``put`` must fsync the update's bytes before the rename that publishes them, and fsync the directory
+after it, all before it returns; ``remove`` must fsync the directory after the unlink before it returns (or the
+delivered update comes back after a power cut and is sent again).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from appliance.outbox import Outbox
+
+
+def _path_of(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(call, path) in the order they happen: fsync, rename, unlink, and the test's own 'returned' marks."""
+    log: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_unlink = os.fsync, os.rename, os.unlink
+
+    def fsync(fd: int) -> None:
+        log.append(("fsync", _path_of(fd)))
+        real_fsync(fd)
+
+    def rename(src, dst, *args, **kwargs) -> None:
+        real_rename(src, dst, *args, **kwargs)
+        log.append(("rename", str(dst)))
+
+    def unlink(path, *args, **kwargs) -> None:
+        real_unlink(path, *args, **kwargs)
+        log.append(("unlink", str(path)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "unlink", unlink)  # Path.unlink calls os.unlink
+    return log
+
+
+def test_put_syncs_the_file_before_its_rename_and_the_directory_after(tmp_path: Path, calls) -> None:
+    outbox = Outbox(tmp_path / "outbox")
+    directory = str(outbox.directory)
+    calls.clear()
+    key = outbox.put(b"signed update " * 100)
+    calls.append(("returned", key))
+    final = str(outbox.directory / outbox.pending()[0].name)
+    temp_file = next(path for call, path in calls if call == "fsync" and path != directory)
+    assert Path(temp_file).parent == outbox.directory and temp_file != final
+    assert calls == [("fsync", temp_file), ("rename", final), ("fsync", directory), ("returned", key)]
+
+
+def test_remove_syncs_the_directory_after_the_unlink(tmp_path: Path, calls) -> None:
+    outbox = Outbox(tmp_path / "outbox")
+    key = outbox.put(b"delivered update")
+    path = str(outbox.directory / outbox.pending()[0].name)
+    calls.clear()
+    assert outbox.remove(key)
+    calls.append(("returned", key))
+    assert calls == [("unlink", path), ("fsync", str(outbox.directory)), ("returned", key)]
+
