@@ -191,6 +191,10 @@ def _quiet_registry() -> Iterator[None]:
         logger.setLevel(level)
 
 
+# Ops torch.export inserts to assert shapes and dtypes while tracing; torch.onnx drops them.
+_CHECKS_ONLY = ("_assert", "sym_constrain_range")
+
+
 def _check_ops(gm: torch.fx.GraphModule, forward_nodes: list[torch.fx.Node], registry: Any) -> None:
     """Refuse random ops and ops without an ONNX lowering, naming the op and the modules that use it."""
     from torch._decomp import decomposition_table
@@ -204,7 +208,7 @@ def _check_ops(gm: torch.fx.GraphModule, forward_nodes: list[torch.fx.Node], reg
             raise UnsupportedOpError(f"aten.{name}", [_module_path(node)], "random ops are not exported (a graph "
                                      "checked against torch must be deterministic); nn.Dropout modules are "
                                      "exported switched off")
-        if registry.is_registered(op) or op in decomposition_table:
+        if registry.is_registered(op) or op in decomposition_table or name.startswith(_CHECKS_ONLY):
             continue
         if "nn_module_stack" in node.meta:
             modules = [_module_path(node)]
