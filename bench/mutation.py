@@ -12,8 +12,8 @@ killed (timeouts included: the mutant hung the tests) over all mutants. ``--list
 (``mutmut show NAME`` in the kept directory shows its diff). Tests marked ``slow`` or ``qemu`` are left out: the
 QEMU power-cut tests defend the fsyncs that the fast tests only see as calls.
 
-Minutes on 2 shared cores: outbox.py about 10, wire.py about 40; the others longer (agent.py and trainer.py
-tests start trainer processes).
+Minutes on 2 shared cores: outbox.py about 7, wire.py about 55; the others longer (their tests run servers,
+agents and trainer processes). Figures and how to run each: docs/CONTRACTS.md.
 """
 
 from __future__ import annotations
