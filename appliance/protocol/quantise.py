@@ -60,18 +60,18 @@ def quantise(
         raise ValueError("secure aggregation needs a positive clip norm: the quantisation range comes from it")
     if num_samples < 1:
         raise ValueError("an update has at least one sample")
-    x = np.asarray(delta, dtype=np.float64).ravel()
-    norm = float(np.linalg.norm(x))
+    scaled = np.array(delta, dtype=np.float64).ravel()  # a copy: worked on in place from here
+    norm = float(np.sqrt(np.dot(scaled, scaled)))
     weight = min(num_samples, max_samples)
     scale = (weight / max_samples) * (levels / clip_norm)
     if norm > clip_norm:  # clipped here too, so that no coordinate can leave [-B, B]
         scale *= clip_norm / norm
-    scaled = x * scale
-    scaled += rng.random(x.size)
+    scaled *= scale
+    scaled += rng.random(scaled.size)
     np.floor(scaled, out=scaled)
     np.clip(scaled, -levels, levels, out=scaled)
-    words = np.empty(x.size + 1, dtype="<u4")
-    words[:-1] = scaled.astype(np.int64).astype(np.uint32)  # two's complement: -q becomes 2^32 - q
+    words = np.empty(scaled.size + 1, dtype="<u4")
+    words[:-1] = scaled.astype(np.int32).view(np.uint32)  # |q| <= B < 2^31; two's complement: -q is 2^32 - q
     words[-1] = weight
     return words
 

@@ -96,7 +96,7 @@ def _progress_table(fleet: Fleet, status: dict, rows: list[RoundRow], started: f
             str(row.round_id),
             f"v{row.model_version}",
             f"{row.participants}/{fleet.devices}",
-            f"{row.train_loss:.3f}",
+            _loss_text(row.train_loss),
             f"{row.accuracy:.1%}",
             "",
         )
@@ -133,7 +133,7 @@ def _summary(rows: list[RoundRow], baseline: dict[str, float]) -> Table:
             str(r.participants),
             f"{r.accuracy:.1%}",
             f"{r.loss:.3f}",
-            f"{r.train_loss:.3f}",
+            _loss_text(r.train_loss),
             f"{r.received_bytes / 1e6:.2f} MB",
             f"{r.seconds:.1f}",
         )
@@ -220,6 +220,8 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
                 time.sleep(0.5)
         out = fleet.root
         console.print(_summary(rows, baseline))
+        if fleet.secure_aggregation:
+            console.print(_secure_line(fleet.status()), markup=False, soft_wrap=True)
         plot(rows, baseline, baseline_devices, out / "demo.png")
         prom = write_prometheus_config(fleet, out / "prometheus")
         (out / "summary.json").write_text(
@@ -253,6 +255,20 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
         fleet.stop()
 
 
+def _loss_text(loss: float) -> str:
+    """A mean train loss, or - when none was reported (in a secure round each device keeps its own to itself)."""
+    return "-" if loss != loss else f"{loss:.3f}"
+
+
+def _secure_line(status: dict) -> str:
+    """What the aggregator saw of the devices' updates in a secure demo: only sums, and over how many devices."""
+    covered = [(r["round"], r["secure"]["sum_devices"]) for r in sorted(status["rounds"], key=lambda r: r["round"])
+               if r.get("status") == "published" and r.get("secure")]
+    sums = ", ".join(f"round {round_id}: {n}" for round_id, n in covered)
+    return (f"secure aggregation: the aggregator saw only masked inputs and, per round, the sum of the devices' "
+            f"updates, never one device's update (devices in each sum: {sums})")
+
+
 DEMO_MARKER = ".fl-edge-demo"
 
 
@@ -272,6 +288,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fleet = Fleet(
         root=fresh_output_dir(args.out), devices=args.devices, rounds=args.rounds, strategy=args.strategy,
         encoding=args.encoding, epochs=args.epochs, samples_per_round=args.samples, seed=args.seed,
+        secure_aggregation=args.secure_aggregation,
     )  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a log file or CI: wide enough for the summary table
@@ -298,6 +315,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--samples", type=int, default=768, help="training samples per device per round")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="secure aggregation: the aggregator learns only the sum of the devices' updates "
+                   "(docs/aggregator.md); fedavg, fedadam or fedyogi, not with --dp-noise-multiplier")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="state, logs, plot and summary")
     p.add_argument("--keep-running", action="store_true",
                    help="leave the fleet up after the last round, until Ctrl-C or SIGTERM")
