@@ -28,9 +28,9 @@ SHAPE = (3, 16, 16)
 KEY_HEX = "44" * 32
 KEY = SigningKey(bytes.fromhex(KEY_HEX))
 
-# A module with the layers docs/models.md lists and the examples do not use. tests/test_model_export.py covers
-# depthwise convolutions, batch norm, ReLU6, adaptive pooling, dropout (MobileNetV2) and max-pooling, bilinear
-# upsampling, transposed convolution, concat and group norm (U-Net).
+# A module with the layers docs/models.md lists and the examples do not use (bicubic upsampling too).
+# tests/test_model_export.py covers depthwise convolutions, batch norm, ReLU6, adaptive pooling and dropout
+# (MobileNetV2), max-pooling, bilinear upsampling, transposed convolution, concat and group norm (U-Net).
 COVERAGE_NET = textwrap.dedent('''
     import torch
     from torch import nn
@@ -45,6 +45,7 @@ COVERAGE_NET = textwrap.dedent('''
             self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
             self.gn = nn.GroupNorm(2, 8)
             self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.smooth_up = nn.Upsample(scale_factor=2, mode="bicubic", align_corners=False)
             self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
             self.ln = nn.LayerNorm([8, 8, 8])
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.ReLU(), nn.Dropout(0.5),
@@ -53,7 +54,7 @@ COVERAGE_NET = textwrap.dedent('''
         def forward(self, x):
             x = nn.functional.silu(self.bn(self.stem(x)))
             y = nn.functional.hardswish(self.gn(self.grouped(self.pool(x))))
-            z = self.down(self.up(y) + x)
+            z = self.down(self.up(y) + self.smooth_up(y) + x)
             z = z * torch.sigmoid(z)
             return self.head(self.ln(z))
 
