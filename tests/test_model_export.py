@@ -150,3 +150,25 @@ def test_unet_trains_on_the_device_without_torch(unet, tmp_path):
     assert not result["torch_imported"]
     assert result["losses"][-1] < 0.7 * result["losses"][0], result["losses"]
     assert result["evaluation"]["accuracy"] > 0.8  # per pixel
+
+
+def test_export_cli_writes_nothing_when_a_gradient_disagrees(mobilenet, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from flctl.model import add_parser, torch_export
+
+    _, _, graphs = mobilenet
+    name = "4.block.2.weight"
+    bad = type(graphs)(**{**graphs.__dict__, "training": _scale_output(graphs.training, f"grad:{name}", 1.01)})
+    monkeypatch.setattr(torch_export, "export_graphs", lambda *args, **kwargs: bad)
+    key = tmp_path / "aggregator.key"
+    key.write_text("55" * 32 + "\n")
+    out = tmp_path / "mobilenet.flpkg"
+    parser = argparse.ArgumentParser(prog="flctl")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["model", "export", "--torch", "flctl.model.examples:mobilenet_v2", "--input-shape",
+                              "1,32,32", "--out", str(out), "--key", str(key)])
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert f"gradient of {name} differs from torch autograd" in err and "no package written" in err
+    assert not out.exists()

@@ -248,3 +248,39 @@ def test_export_cli_names_the_unsupported_op_and_writes_nothing(models, tmp_path
     err = capsys.readouterr().err
     assert "unsupported op aten.cummax" in err and "1 (CumMax)" in err and "no package written" in err
     assert "Traceback" not in err and not out.exists()
+
+
+class _DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)  # a branch on the data: not one graph
+
+
+def test_control_flow_on_the_data_is_refused_in_one_line():
+    from flctl.model.errors import ExportError
+
+    with pytest.raises(ExportError, match=r"torch\.export cannot trace the model with its loss") as exc:
+        export_graphs(_DataDependent(), resolve_loss("cross-entropy"), (4,))
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--torch", "no_such_module:make"], "cannot import no_such_module"),
+    (["--torch", "test_models:no_such_factory"], "test_models has no no_such_factory"),
+    (["--torch", "test_models"], "expected PACKAGE.MODULE:NAME"),
+    (["--torch", "test_models:coverage", "--loss", "hinge"], "unknown loss 'hinge'"),
+    (["--torch", "test_models:coverage", "--trainable", "neck"], "--trainable 'neck' matches no parameter"),
+])
+def test_export_cli_refuses_bad_references_in_one_line(models, tmp_path, monkeypatch, capsys, argv, message):
+    _, where = models
+    monkeypatch.chdir(where)
+    key = tmp_path / "aggregator.key"
+    key.write_text(KEY_HEX + "\n")
+    out = tmp_path / "x.flpkg"
+    assert _run("export", *argv, "--input-shape", "3,16,16", "--out", str(out), "--key", str(key)) == 1
+    err = capsys.readouterr().err
+    assert message in err and "no package written" in err and "Traceback" not in err
+    assert not out.exists()
