@@ -1,4 +1,5 @@
-"""Federated-learning quality: our FedAvg and FedAdam against Flower's FedAvg, on a non-IID split of digits.
+"""Federated-learning quality: our FedAvg and FedAdam against Flower's FedAvg, on a non-IID split of digits;
+with ``--dp``, our central differential privacy against Flower's, at the same noise.
 
 The data: scikit-learn's bundled digits (1,797 8x8 images, offline), a stratified held-out test set, and the
 rest split over ``--clients`` clients by a Dirichlet(``--alpha``) draw per class (alpha 0.3: most clients hold
@@ -32,8 +33,24 @@ Bytes on the wire, per round (one hop, payload only: no HTTP/gRPC framing):
 ``--seeds`` repeats everything with other splits and training seeds: the spread across seeds is the noise
 against which "ours matches Flower" is judged.
 
+``--dp`` measures differential privacy instead (docs/fl-quality.md, "Differential privacy"): 300 clients of 4-5
+images each (each client's class mix drawn from Dirichlet(alpha): split per class, 1,437 images cannot give
+hundreds of clients data), 150 drawn per round, 20 rounds. For noise multipliers chosen so that the run spends
+epsilon 1, 3 and 8 (delta 1e-5), the same participants, local training and clip norm on both sides:
+
+* **ours**: the path above with FedAvg made private by ``aggregator.privacy.make_private`` (server-side clip,
+  weight 1 per device, Gaussian noise of std z*S on the sum), the devices clipping as the agent does; epsilon
+  from ``aggregator.privacy.epsilon``, as the aggregator reports it: no amplification by sampling, since the
+  real aggregator lets any device that asks join. Beside it, for information only, what dp-accounting gives if
+  each round were a Poisson sample at the bench's rate: not what fl-edge claims.
+* **Flower**: ``DifferentialPrivacyServerSideFixedClipping`` around its ``FedAvg`` (clip each update to S, the
+  sample-weighted mean, noise of std z*S/n on it), with ``configure_fit`` and ``aggregate_fit`` run for real on
+  the round's drawn clients. It reports no epsilon.
+* a reference: ours without DP or clipping.
+
     .venv/bin/python bench/fl_quality.py --flower-python /path/to/flwr-venv/bin/python
     .venv/bin/python bench/fl_quality.py --clients 4 --per-round 4 --rounds 2 --seeds 1   # a smoke run
+    .venv/bin/python bench/fl_quality.py --dp --flower-python /path/to/flwr-venv/bin/python
 """
 
 from __future__ import annotations
@@ -43,6 +60,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import statistics
 import struct
@@ -112,12 +130,17 @@ def flower_worker(stdin: BinaryIO, stdout: BinaryIO) -> None:
     )
     from flwr.compat.common import recorddict_compat as compat
     from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
-    from flwr.server.strategy import FedAvg
+    from flwr.server.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
     logging.getLogger("flwr").setLevel(logging.ERROR)  # its advice on unused options would drown the table
     init = receive(stdin)
     parameters = ndarrays_to_parameters(_arrays(init, "p"))
-    strategy = FedAvg(fraction_fit=1.0, min_fit_clients=1, min_available_clients=1, initial_parameters=parameters)
+    strategy: Strategy = FedAvg(fraction_fit=1.0, min_fit_clients=1, min_available_clients=1,
+                                initial_parameters=parameters)
+    sampled = int(init["dp_sampled"]) if "dp_sampled" in init else 0
+    if sampled:  # --dp: Flower's central DP, server-side clipping, around its FedAvg
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy, float(init["dp_noise_multiplier"]), float(init["dp_clip_norm"]), sampled)
     parameters = strategy.initialize_parameters(client_manager=None)  # type: ignore[arg-type]
     send(stdout, {"version": flwr.__version__})
     server_round = 0
@@ -129,7 +152,11 @@ def flower_worker(stdin: BinaryIO, stdout: BinaryIO) -> None:
         op = str(msg["op"])
         if op == "fit_ins":
             server_round += 1
-            fit_ins = FitIns(parameters, {"server_round": server_round})
+            if sampled:  # the wrapper keeps the round's parameters in configure_fit, to clip the updates against
+                pairs = strategy.configure_fit(server_round, parameters, SampledClients(sampled))  # type: ignore[arg-type]
+                fit_ins = pairs[0][1]
+            else:
+                fit_ins = FitIns(parameters, {"server_round": server_round})
             down = serde.recorddict_to_proto(compat.fitins_to_recorddict(fit_ins, keep_input=True))
             send(stdout, {"fit_ins_bytes": len(down.SerializeToString()),
                           **{f"p{j}": a for j, a in enumerate(parameters_to_ndarrays(parameters))}})
@@ -156,15 +183,44 @@ def flower_worker(stdin: BinaryIO, stdout: BinaryIO) -> None:
             raise ValueError(f"unknown op {op!r}")
 
 
+class SampledClients:
+    """What Flower's ``configure_fit`` asks of a ClientManager, for a round whose clients the bench has already
+    drawn (the same draw for every method): that many clients, available and sampled."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def num_available(self) -> int:
+        return self.count
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None) -> list[None]:
+        return [None] * num_clients
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """One setting of the --dp comparison, the same for ours and Flower's: Gaussian noise of standard deviation
+    ``noise_multiplier * clip_norm`` on the sum of the deltas, each clipped to ``clip_norm``."""
+
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+
+
 class FlowerServer:
     """The parent's handle on the Flower worker process."""
 
-    def __init__(self, python: str, initial: Sequence[np.ndarray]):
+    def __init__(self, python: str, initial: Sequence[np.ndarray], privacy: Privacy | None = None,
+                 sampled_clients: int = 0):
         self.proc = subprocess.Popen([python, __file__, "--flower-worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
-        send(self.stdin, {f"p{j}": a for j, a in enumerate(initial)})
+        init: dict[str, Any] = {f"p{j}": a for j, a in enumerate(initial)}
+        if privacy is not None:
+            init.update(dp_noise_multiplier=privacy.noise_multiplier, dp_clip_norm=privacy.clip_norm,
+                        dp_sampled=sampled_clients)
+        send(self.stdin, init)
         self.version = str(receive(self.stdout)["version"])
 
     def fit_ins(self) -> tuple[list[np.ndarray], int]:
@@ -234,7 +290,35 @@ def dirichlet_split(y: np.ndarray, clients: int, alpha: float, rng: np.random.Ge
     raise RuntimeError(f"no Dirichlet({alpha}) split gave every one of {clients} clients {min_size} samples")
 
 
-def make_federation(clients: int, alpha: float, seed: int, test_fraction: float = 0.2) -> Federation:
+def client_mix_split(y: np.ndarray, clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Clients of equal size (within one sample), each with its own class mix drawn from Dirichlet(alpha) and
+    filled from it without replacement (Hsu et al. 2019, "Measuring the effects of non-identical data
+    distribution for federated visual classification"). The same label skew per client as
+    :func:`dirichlet_split`, for federations too large for it: split per class, 1,437 images cannot give each of
+    300 clients a sample."""
+    if clients < 1 or alpha <= 0:
+        raise ValueError(f"need clients >= 1 and alpha > 0, got {clients} and {alpha}")
+    if clients > len(y):
+        raise ValueError(f"{len(y)} samples cannot give {clients} clients one sample each")
+    classes = np.unique(y)
+    pools = [rng.permutation(np.flatnonzero(y == label)).tolist() for label in classes]
+    sizes = np.full(clients, len(y) // clients)
+    sizes[: len(y) % clients] += 1
+    parts = []
+    for size in sizes:
+        mix = rng.dirichlet(np.full(len(classes), alpha))
+        mine = []
+        for _ in range(size):
+            left = np.array([len(pool) > 0 for pool in pools], dtype=np.float64)
+            weights = mix * left
+            weights = weights / weights.sum() if weights.sum() > 0 else left / left.sum()  # its classes ran out
+            mine.append(pools[rng.choice(len(classes), p=weights)].pop())
+        parts.append(np.array(sorted(mine), dtype=np.int64))
+    return parts
+
+
+def make_federation(clients: int, alpha: float, seed: int, test_fraction: float = 0.2,
+                    client_mix: bool = False) -> Federation:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -243,7 +327,8 @@ def make_federation(clients: int, alpha: float, seed: int, test_fraction: float 
     y = digits.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, stratify=y,
                                                         random_state=seed)
-    parts = dirichlet_split(y_train, clients, alpha, np.random.default_rng(seed))
+    split = client_mix_split if client_mix else dirichlet_split
+    parts = split(y_train, clients, alpha, np.random.default_rng(seed))
     return Federation(x_train, y_train, parts, x_test, y_test)
 
 
@@ -293,19 +378,28 @@ def client_seed(seed: int, round_no: int, client: int) -> int:
     return (seed * 1_000_003 + round_no) * 1_009 + client
 
 
-def run_ours(method: str, seed: int, fed: Federation, settings: Settings, package: Any, trainer: Any) -> Run:
-    """Devices and aggregator of fl-edge, in process, every message through appliance.wire."""
+def run_ours(method: str, seed: int, fed: Federation, settings: Settings, package: Any, trainer: Any,
+             privacy: Privacy | None = None) -> Run:
+    """Devices and aggregator of fl-edge, in process, every message through appliance.wire. With ``privacy``:
+    FedAvg made private as ``fl-aggregator serve --dp central`` makes it (aggregator.privacy.make_private), the
+    devices clipping their deltas as the agent does."""
     from nacl.signing import SigningKey
 
     from aggregator.models import Layout
+    from aggregator.privacy import DPConfig, make_private
     from aggregator.strategies import UpdateSet, make_strategy
     from aggregator.verify import decode_delta
     from appliance import wire
+    from appliance.agent import clip_update
     from appliance.identity import device_id_for
 
-    strategy_name, encoding = OUR_METHODS[method]
+    strategy_name, encoding = OUR_METHODS[method] if privacy is None else ("fedavg", "float32")
     options = {"eta": settings.fedadam_eta, "tau": settings.fedadam_tau} if strategy_name == "fedadam" else {}
     strategy = make_strategy(strategy_name, **options)
+    clip_norm = 0.0
+    if privacy is not None:
+        make_private(strategy, privacy.clip_norm, DPConfig(privacy.noise_multiplier, privacy.delta))
+        clip_norm = privacy.clip_norm
     specs = [wire.ParamSpec(s.name, tuple(s.shape)) for s in package.param_specs]
     layout = Layout(specs)
     aggregator_key = SigningKey(bytes(range(32)))
@@ -328,8 +422,9 @@ def run_ours(method: str, seed: int, fed: Federation, settings: Settings, packag
             idx = fed.clients[c]
             result = trainer.train(params, fed.x[idx], fed.y[idx], settings.epochs, settings.batch, settings.lr,
                                    seed=client_seed(seed, round_no, c), measure=False)
+            delta, _ = clip_update(result.delta, clip_norm)  # the agent's own clipping (0: none)
             body = wire.encode_update(wire.Update(device_ids[c], round_no, round_no - 1, digest, result.num_samples,
-                                                  result.delta, dict(result.metrics), encoding), device_keys[c])
+                                                  delta, dict(result.metrics), encoding), device_keys[c])
             up += len(body)
             # aggregator: verify, decode (dequantise) against the layout, stream into the strategy
             update, flat, _ = decode_delta(body, registry.get, layout, limits)
@@ -348,11 +443,13 @@ def run_ours(method: str, seed: int, fed: Federation, settings: Settings, packag
     return run
 
 
-def run_flower(python: str, seed: int, fed: Federation, settings: Settings, package: Any, trainer: Any) -> Run:
-    """Flower's FedAvg (in its own interpreter) aggregating clients trained by our Trainer."""
+def run_flower(python: str, seed: int, fed: Federation, settings: Settings, package: Any, trainer: Any,
+               privacy: Privacy | None = None, method: str = FLOWER) -> Run:
+    """Flower's FedAvg (in its own interpreter) aggregating clients trained by our Trainer; with ``privacy``,
+    wrapped in its ``DifferentialPrivacyServerSideFixedClipping`` (the clients send unclipped weights)."""
     names = [s.name for s in package.param_specs]
-    server = FlowerServer(python, [package.initial_params[n] for n in names])
-    run = Run(FLOWER, seed)
+    server = FlowerServer(python, [package.initial_params[n] for n in names], privacy, settings.per_round)
+    run = Run(method, seed)
     started = time.perf_counter()
     try:
         for round_no in range(1, settings.rounds + 1):
@@ -518,6 +615,190 @@ def plot(runs: Sequence[Run], methods: Sequence[str], path: Path, title: str) ->
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------ differential privacy
+# --dp: DP-FedAvg as the aggregator runs it, against Flower's DifferentialPrivacyServerSideFixedClipping around
+# its FedAvg, at the same clip norm, noise multiplier and participants, on the same split.
+
+DP_TARGETS = "1,3,8"
+DP_REFERENCE = "ours-fedavg-f32"  # no DP, no clipping: what the privacy costs
+DP_DEFAULTS = {"clients": 300, "per_round": 150, "rounds": 20, "epochs": 5, "seeds": 3}
+QUALITY_DEFAULTS = {"clients": 20, "per_round": 10, "rounds": 40, "epochs": 2, "seeds": 3}
+
+
+def ours_dp(z: float) -> str:
+    return f"ours z={z:g}"
+
+
+def flower_dp(z: float) -> str:
+    return f"flower z={z:g}"
+
+
+def noise_multiplier_for(target: float, rounds: int, delta: float) -> float:
+    """The noise multiplier, rounded up to 0.01, whose epsilon after ``rounds`` noised rounds is at most
+    ``target``, as the aggregator accounts it (``aggregator.privacy.epsilon``: no sampling amplification)."""
+    from aggregator.privacy import epsilon
+
+    low, high = 0.01, 1000.0
+    if epsilon([high] * rounds, delta) > target:
+        raise ValueError(f"no noise multiplier up to {high:g} gives epsilon {target:g} over {rounds} rounds")
+    while high - low > 0.002:
+        mid = (low + high) / 2
+        if epsilon([mid] * rounds, delta) <= target:
+            high = mid
+        else:
+            low = mid
+    return math.ceil(high * 100) / 100
+
+
+def poisson_epsilon(noise_multiplier: float, rounds: int, rate: float, delta: float) -> float:
+    """For information only, NOT what fl-edge claims: the epsilon dp-accounting's RDP accountant gives if every
+    round were a Poisson sample of the clients at ``rate`` (amplification by sampling). The aggregator lets any
+    device that asks join a round, so it accounts without amplification (``aggregator.privacy.epsilon``)."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    # It warns for each fractional RDP order whose series does not converge and leaves that order out; the
+    # epsilon of the remaining orders is still a valid bound.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
+                       rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+@dataclass
+class DPSetting:
+    """One noise level of the --dp comparison, with what each side can say about its privacy."""
+
+    target: float | None  # the epsilon the noise multiplier was chosen for (None: given with --dp-noise-multipliers)
+    privacy: Privacy
+    epsilon: list[float]  # ours, after each round: aggregator.privacy.epsilon, as /v1/status and releases say
+    epsilon_if_poisson: float  # information only: with amplification at the bench's participation rate
+
+
+def dp_settings(noise_multipliers: Sequence[float], targets: Sequence[float | None], clip_norm: float,
+                delta: float, settings: Settings) -> list[DPSetting]:
+    from aggregator.privacy import epsilon
+
+    rate = settings.per_round / settings.clients
+    out = []
+    for z, target in zip(noise_multipliers, targets, strict=True):
+        spent = [epsilon([z] * r, delta) for r in range(1, settings.rounds + 1)]
+        out.append(DPSetting(target, Privacy(z, clip_norm, delta), spent,
+                             poisson_epsilon(z, settings.rounds, rate, delta)))
+    return out
+
+
+def _last(values: Sequence[float], count: int = 5) -> float:
+    return statistics.fmean(values[-count:])
+
+
+def print_dp_report(runs: Sequence[Run], dps: Sequence[DPSetting], settings: Settings, seeds: Sequence[int],
+                    flower_version: str | None) -> dict[str, Any]:
+    zs = [d.privacy.noise_multiplier for d in dps]
+    columns = [DP_REFERENCE] + [m for z in zs for m in (ours_dp(z), flower_dp(z))]
+    present = [m for m in columns if any(r.method == m for r in runs)]
+    print(f"\naccuracy on the held-out set per round (mean of {len(seeds)} seed(s)); {DP_REFERENCE} is without DP:")
+    print("round  " + "  ".join(f"{m:>16}" for m in present) + "  " +
+          "  ".join(f"{'eps z=' + format(z, 'g'):>12}" for z in zs))
+    for i in range(settings.rounds):
+        accuracy = [float(curves(runs, m)[:, i].mean()) for m in present]
+        print(f"{i + 1:>5}  " + "  ".join(f"{a:>16.4f}" for a in accuracy) + "  "
+              + "  ".join(f"{d.epsilon[i]:>12.3f}" for d in dps))
+    reference = curves(runs, DP_REFERENCE)
+    print(f"\nclip norm {dps[0].privacy.clip_norm:g}, delta {dps[0].privacy.delta:g}, {settings.per_round} of "
+          f"{settings.clients} clients per round (rate {settings.per_round / settings.clients:.3g}); without DP: "
+          f"final accuracy {reference[:, -1].mean():.4f}")
+    print(f"{'target':>6} {'z':>6} {'noise/coord':>11} {'ours final':>15} {'Flower final':>15} {'gap':>7} "
+          f"{'gap last 5':>10} {'ours epsilon':>12} {'if Poisson*':>11} {'Flower epsilon':>14}")
+    rows = []
+    for d in dps:
+        z = d.privacy.noise_multiplier
+        ours, flower = curves(runs, ours_dp(z)), curves(runs, flower_dp(z))
+        row: dict[str, Any] = {
+            "target_epsilon": d.target, "noise_multiplier": z,
+            "noise_std_on_mean": z * d.privacy.clip_norm / settings.per_round,
+            "ours_final_accuracy": float(ours[:, -1].mean()), "ours_final_accuracy_sd": float(ours[:, -1].std()),
+            "ours_last5_accuracy": float(np.mean([_last(a) for a in ours])),
+            "epsilon": d.epsilon[-1], "epsilon_per_round": d.epsilon, "epsilon_if_poisson": d.epsilon_if_poisson,
+        }
+        if len(flower):
+            row.update(flower_final_accuracy=float(flower[:, -1].mean()),
+                       flower_final_accuracy_sd=float(flower[:, -1].std()),
+                       flower_last5_accuracy=float(np.mean([_last(a) for a in flower])))
+            row["gap"] = row["ours_final_accuracy"] - row["flower_final_accuracy"]
+            row["gap_last5"] = row["ours_last5_accuracy"] - row["flower_last5_accuracy"]
+            # same split, participants and local training per seed: only the noise draws differ, so the paired
+            # differences' standard error says how far the gap could be from zero by the noise alone
+            paired = ours[:, -1] - flower[:, -1]
+            row["gap_se"] = float(paired.std(ddof=1) / math.sqrt(len(paired))) if len(paired) > 1 else None
+        rows.append(row)
+        flower_text = (f"{row['flower_final_accuracy']:>8.4f}±{row['flower_final_accuracy_sd']:.4f}" if len(flower)
+                       else f"{'-':>15}")
+        gaps = f"{row['gap']:>+7.4f} {row['gap_last5']:>+10.4f}" if len(flower) else f"{'-':>7} {'-':>10}"
+        print(f"{'-' if d.target is None else format(d.target, 'g'):>6} {z:>6g} {row['noise_std_on_mean']:>11.3g} "
+              f"{row['ours_final_accuracy']:>8.4f}±{row['ours_final_accuracy_sd']:.4f} {flower_text} {gaps} "
+              f"{d.epsilon[-1]:>12.3f} {d.epsilon_if_poisson:>11.3f} {'none' if len(flower) else '-':>14}")
+    print("  ours epsilon: what the aggregator reports (/v1/status, fl_aggregator_dp_epsilon, each signed release):\n"
+          "  dp-accounting RDP, one Gaussian mechanism per round, NO sampling amplification (any device may join).\n"
+          "  * if Poisson: for information only, NOT claimed: dp-accounting with Poisson sampling at the bench's "
+          "participation rate.\n  Flower's wrapper adds the noise and reports no epsilon.")
+    lines = []
+    for row in rows:
+        if "gap" not in row:
+            continue
+        within = abs(row["gap"]) <= 0.01
+        se = row["gap_se"]
+        noise = ("" if se is None else f"; standard error of the paired gap {se:.4f}: the gap is "
+                 f"{'within' if abs(row['gap']) <= 2 * se else 'OUTSIDE'} 2 s.e. of the noise")
+        lines.append(f"  z={row['noise_multiplier']:g}: ours - Flower = {row['gap']:+.4f} final "
+                     f"({row['gap_last5']:+.4f} over the last 5 rounds): {'within' if within else 'NOT within'} "
+                     f"1 point{noise}")
+    print("\nagainst Flower's DifferentialPrivacyServerSideFixedClipping(FedAvg), same noise:")
+    print("\n".join(lines) if lines else "  (Flower not run)")
+    return {"settings": settings.__dict__, "seeds": list(seeds), "flower_version": flower_version,
+            "clip_norm": dps[0].privacy.clip_norm, "delta": dps[0].privacy.delta,
+            "reference_final_accuracy": float(reference[:, -1].mean()), "dp": rows,
+            "runs": [r.figures() for r in runs]}
+
+
+def plot_dp(runs: Sequence[Run], dps: Sequence[DPSetting], path: Path, title: str) -> None:
+    """Accuracy per round at each noise level (ours solid, Flower dashed), and ours against the epsilon spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (round_ax, eps_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    reference = curves(runs, DP_REFERENCE)
+    x = np.arange(1, reference.shape[1] + 1)
+    round_ax.plot(x, reference.mean(axis=0), color="black", linestyle=":", label="ours, no DP")
+    for i, d in enumerate(dps):
+        z, color = d.privacy.noise_multiplier, f"C{i}"
+        ours, flower = curves(runs, ours_dp(z)), curves(runs, flower_dp(z))
+        round_ax.plot(x, ours.mean(axis=0), color=color, label=f"ours z={z:g} (eps {d.epsilon[-1]:.2g})")
+        eps_ax.plot(d.epsilon, ours.mean(axis=0), color=color, marker=".", label=f"ours z={z:g}")
+        if len(flower):
+            round_ax.plot(x, flower.mean(axis=0), color=color, linestyle="--", label=f"Flower z={z:g}")
+            eps_ax.plot([d.epsilon[-1]], [flower[:, -1].mean()], color=color, marker="x", markersize=9,
+                        linestyle="none", label=f"Flower z={z:g}, final (reports no epsilon)")
+    round_ax.set(xlabel="round", ylabel="held-out accuracy", ylim=(0, 1), title="accuracy per round")
+    eps_ax.set(xlabel=f"epsilon spent at delta {dps[0].privacy.delta:g} (no sampling amplification)",
+               ylabel="held-out accuracy", xscale="log", ylim=(0, 1),
+               title="accuracy against the epsilon the aggregator reports")
+    spent = [e for d in dps for e in d.epsilon]
+    ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 3, 5, 8, 10, 20, 50, 100) if min(spent) <= t <= max(spent) * 1.1]
+    eps_ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    eps_ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    round_ax.legend(fontsize=7, loc="best")
+    eps_ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -527,23 +808,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         flower_worker(sys.stdin.buffer, sys.stdout.buffer)
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=20, help="clients in the federation")
-    ap.add_argument("--per-round", type=int, default=10, help="clients drawn each round")
-    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--clients", type=int, help="clients in the federation (20; --dp: 300)")
+    ap.add_argument("--per-round", type=int, help="clients drawn each round (10; --dp: 150)")
+    ap.add_argument("--rounds", type=int, help="rounds (40; --dp: 20)")
     ap.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the label split")
-    ap.add_argument("--epochs", type=int, default=2, help="local epochs per round")
+    ap.add_argument("--epochs", type=int, help="local epochs per round (2; --dp: 5)")
     ap.add_argument("--batch", type=int, default=16, help="local batch size")
     ap.add_argument("--lr", type=float, default=0.05, help="local learning rate (SGD, momentum 0.9)")
     ap.add_argument("--fedadam-eta", type=float, default=0.03,
                     help="FedAdam server learning rate (chosen from 0.01/0.03/0.1 on seeds 10-12, not the seeds run)")
     ap.add_argument("--fedadam-tau", type=float, default=1e-3, help="FedAdam adaptivity")
-    ap.add_argument("--seeds", type=int, default=3, help="repeat with this many splits/training seeds")
+    ap.add_argument("--seeds", type=int, help="repeat with this many splits/training seeds (3)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help=f"comma-separated, from {', '.join(DEFAULT_METHODS)}")
+                    help=f"comma-separated, from {', '.join(DEFAULT_METHODS)} (not with --dp)")
+    ap.add_argument("--dp", action="store_true",
+                    help="differential privacy: ours (fl-aggregator's --dp central) against Flower's "
+                    "DifferentialPrivacyServerSideFixedClipping at the same noise")
+    ap.add_argument("--clip-norm", type=float, default=0.5,
+                    help="--dp: L2 clip norm of each delta (0.5: chosen from 0.5/1/2 on seed 10, not a seed run)")
+    ap.add_argument("--dp-epsilons", default=DP_TARGETS,
+                    help="--dp: the epsilons over the run that choose the noise multipliers (default 1,3,8)")
+    ap.add_argument("--dp-noise-multipliers", help="--dp: these noise multipliers instead of --dp-epsilons")
+    ap.add_argument("--dp-delta", type=float, default=1e-5, help="--dp: the delta epsilon is given at")
     ap.add_argument("--flower-python", help="interpreter with flwr (default $FLWR_PYTHON, then this one)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "fl-quality",
                     help="directory for the plot and the JSON figures")
     args = ap.parse_args(argv)
+    for name, default in (DP_DEFAULTS if args.dp else QUALITY_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(DEFAULT_METHODS))
     if unknown:
@@ -554,6 +847,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--rounds, --seeds, --epochs and --batch must be >= 1")
     settings = Settings(args.clients, args.per_round, args.rounds, args.epochs, args.batch, args.lr, args.alpha,
                         args.fedadam_eta, args.fedadam_tau)
+    sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+    dps: list[DPSetting] = []
+    if args.dp:
+        dps = _dp_settings_from(ap, args, settings)
+        methods = [DP_REFERENCE, FLOWER]
 
     flower_python = None
     if FLOWER in methods:
@@ -563,48 +861,86 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "running ours only")
             methods.remove(FLOWER)
 
-    sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+    # what runs for each seed: (method, None) or, with --dp, ours without DP then each noise level on both sides
+    jobs: list[tuple[str, Privacy | None]] = [(m, None) for m in methods]
+    if args.dp:
+        jobs = [(DP_REFERENCE, None)] + [(m, d.privacy) for d in dps for m in ("ours", FLOWER)
+                                         if m != FLOWER or flower_python is not None]
+
     from appliance.trainer import Trainer
     from flctl.model import build_reference_package
 
     package, _ = build_reference_package("mlp")
     trainer = Trainer(package, threads=1)
     seeds = list(range(args.seeds))
-    print(f"digits, Dirichlet(alpha={args.alpha}) over {args.clients} clients, {args.per_round} per round, "
+    split = "each client's class mix" if args.dp else "per class"
+    print(f"digits, Dirichlet(alpha={args.alpha}, {split}) over {args.clients} clients, {args.per_round} per round, "
           f"{args.rounds} rounds, seeds {seeds}; model {package.name} "
           f"({sum(s.size for s in package.param_specs):,} parameters), local: {args.epochs} epochs, batch "
-          f"{args.batch}, SGD lr {args.lr} momentum {package.optimizer.get('momentum', 0)}; FedAdam eta "
-          f"{args.fedadam_eta} tau {args.fedadam_tau}")
+          f"{args.batch}, SGD lr {args.lr} momentum {package.optimizer.get('momentum', 0)}"
+          + (f"; FedAdam eta {args.fedadam_eta} tau {args.fedadam_tau}" if not args.dp else
+             f"; DP clip norm {args.clip_norm:g}, noise multipliers "
+             f"{', '.join(format(d.privacy.noise_multiplier, 'g') for d in dps)}, delta {args.dp_delta:g}"))
     runs: list[Run] = []
     flower_version = None
     started = time.perf_counter()
     for seed in seeds:
-        fed = make_federation(args.clients, args.alpha, seed)
+        fed = make_federation(args.clients, args.alpha, seed, client_mix=args.dp)
         sizes = [len(c) for c in fed.clients]
         print(f"seed {seed}: client sizes {min(sizes)}..{max(sizes)} samples, "
-              f"classes per client (>=5 samples) "
-              f"{statistics.median(len(set(np.flatnonzero(np.bincount(fed.y[c]) >= 5))) for c in fed.clients)}"
-              f" median, held-out {len(fed.y_test)}", flush=True)
-        for m in methods:
+              f"classes per client {statistics.median(len(np.unique(fed.y[c])) for c in fed.clients)} median, "
+              f"held-out {len(fed.y_test)}", flush=True)
+        for m, privacy in jobs:
             if m == FLOWER:
                 assert flower_python is not None
-                run = run_flower(flower_python, seed, fed, settings, package, trainer)
-            else:
+                name = FLOWER if privacy is None else flower_dp(privacy.noise_multiplier)
+                run = run_flower(flower_python, seed, fed, settings, package, trainer, privacy, name)
+            elif privacy is None:
                 run = run_ours(m, seed, fed, settings, package, trainer)
+            else:
+                run = run_ours(ours_dp(privacy.noise_multiplier), seed, fed, settings, package, trainer, privacy)
             runs.append(run)
-            print(f"  {m:<18} final accuracy {run.accuracy[-1]:.4f}, rounds to {TARGET:.0%} "
+            print(f"  {run.method:<18} final accuracy {run.accuracy[-1]:.4f}, rounds to {TARGET:.0%} "
                   f"{run.rounds_to(TARGET) or '-'}, {run.seconds:.1f} s", flush=True)
         if flower_version is None and flower_python is not None:
             flower_version = _flower_version(flower_python)
-    report = print_report(runs, methods, settings, seeds, flower_version)
     args.out.mkdir(parents=True, exist_ok=True)
-    png, js = args.out / "fl_quality.png", args.out / "fl_quality.json"
-    title = (f"digits, Dirichlet({args.alpha}) over {args.clients} clients, {args.per_round}/round, "
-             f"{len(seeds)} seed(s)" + (f"; Flower {flower_version}" if flower_version else ""))
-    plot(runs, methods, png, title)
+    flower_text = f"; Flower {flower_version}" if flower_version else ""
+    if args.dp:
+        report = print_dp_report(runs, dps, settings, seeds, flower_version)
+        png, js = args.out / "fl_quality_dp.png", args.out / "fl_quality_dp.json"
+        plot_dp(runs, dps, png, f"digits, DP-FedAvg: {args.clients} clients, {args.per_round}/round, clip "
+                f"{args.clip_norm:g}, delta {args.dp_delta:g}, {len(seeds)} seed(s){flower_text}")
+    else:
+        report = print_report(runs, methods, settings, seeds, flower_version)
+        png, js = args.out / "fl_quality.png", args.out / "fl_quality.json"
+        plot(runs, methods, png, f"digits, Dirichlet({args.alpha}) over {args.clients} clients, "
+             f"{args.per_round}/round, {len(seeds)} seed(s){flower_text}")
     js.write_text(json.dumps(report, indent=1))
     print(f"\nplot: {png}\nfigures: {js}\ntotal {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _dp_settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings) -> list[DPSetting]:
+    """The noise levels to compare: from --dp-noise-multipliers, or solved from --dp-epsilons."""
+    from aggregator.privacy import DPConfig, PrivacyError
+
+    if not args.clip_norm > 0:
+        ap.error(f"--clip-norm must be positive, got {args.clip_norm}")
+    try:
+        if args.dp_noise_multipliers:
+            zs = [float(z) for z in args.dp_noise_multipliers.split(",")]
+            targets: list[float | None] = [None] * len(zs)
+        else:
+            targets = [float(e) for e in args.dp_epsilons.split(",")]
+            if not all(e > 0 for e in targets):
+                ap.error(f"--dp-epsilons must be positive, got {args.dp_epsilons}")
+            zs = [noise_multiplier_for(e, settings.rounds, args.dp_delta) for e in targets]  # type: ignore[arg-type]
+        for z in zs:
+            DPConfig(z, args.dp_delta).check_population(settings.clients)
+    except (ValueError, PrivacyError) as exc:
+        ap.error(str(exc))
+    return dp_settings(zs, targets, args.clip_norm, args.dp_delta, settings)
 
 
 def _flower_version(python: str) -> str:

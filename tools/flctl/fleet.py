@@ -67,6 +67,9 @@ class Fleet:
     round_timeout: float = 120.0
     seed: int = 0
     secure_aggregation: bool = False  # `serve --secure-aggregation`: the aggregator sees only sums
+    clip_norm: float = 0.0  # devices (and, with DP, the aggregator) clip each delta to this L2 norm; 0: off
+    dp_noise_multiplier: float | None = None  # set: `--dp central` with this noise multiplier (docs/privacy.md)
+    dp_epsilon_budget: float | None = None
     port: int = 0
     members: list[Device] = field(default_factory=list)
     aggregator: subprocess.Popen | None = None
@@ -147,6 +150,12 @@ class Fleet:
             "--lr", str(self.learning_rate),
             "--encoding", self.encoding,
         ]  # fmt: skip
+        if self.clip_norm:
+            cmd += ["--clip-norm", str(self.clip_norm)]
+        if self.dp_noise_multiplier is not None:
+            cmd += ["--dp", "central", "--dp-noise-multiplier", str(self.dp_noise_multiplier)]
+            if self.dp_epsilon_budget is not None:
+                cmd += ["--dp-epsilon-budget", str(self.dp_epsilon_budget)]
         if self.secure_aggregation:  # it needs a clip norm: the quantisation range comes from it
             cmd += ["--secure-aggregation", *([] if "--clip-norm" in cmd else ["--clip-norm", str(SECAGG_CLIP_NORM)])]
         self.aggregator = _spawn(cmd, self.logs / "aggregator.log")
@@ -168,7 +177,8 @@ class Fleet:
         raise RuntimeError(f"the aggregator did not answer /healthz within {timeout} s: see {self.logs}")
 
     def status(self) -> dict:
-        with urllib.request.urlopen(self.url + "/v1/status", timeout=5) as r:
+        # generous: on a loaded machine (a demo's agents training on every core) the answer can take seconds
+        with urllib.request.urlopen(self.url + "/v1/status", timeout=30) as r:
             return json.load(r)
 
     def stop(self) -> None:
