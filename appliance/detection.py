@@ -210,13 +210,15 @@ def match_by_iou(found: np.ndarray, true: np.ndarray) -> list[tuple[int, int, fl
     return pairs
 
 
-def detect(trainer: Any, params: Mapping[str, np.ndarray], x: np.ndarray, batch_size: int = 128) -> list[Detections]:
-    """Decoded detections on frames ``x`` (in the package's input range) of a detector package's
-    ``appliance.trainer.Trainer`` with ``params``, batch by batch (the inference arena stays at that size)."""
+def detect(trainer: Any, params: Mapping[str, np.ndarray], x: np.ndarray, batch_size: int = 128,
+           threshold: float = 0.0) -> list[Detections]:
+    """Decoded detections (scoring at least ``threshold``) on frames ``x`` (in the package's input range) of a
+    detector package's ``appliance.trainer.Trainer`` with ``params``, batch by batch (the inference arena stays
+    at that size)."""
     spec = DetectionSpec.from_package(trainer.package)
     found: list[Detections] = []
     for start in range(0, len(x), batch_size):
-        found += decode(spec, trainer.outputs(params, x[start:start + batch_size]))
+        found += decode(spec, trainer.outputs(params, x[start:start + batch_size]), threshold=threshold)
     return found
 
 

@@ -207,15 +207,24 @@ def evaluation_set(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A held-out set of ``n`` frames mixing the styles of ``cameras``, balanced by camera, drawn from a
     separate sample stream (training seeds index a different stream family, so frames never coincide)."""
+    x, y, _ = evaluation_set_with_boxes(n, cameras, sample_seed)
+    return x, y
+
+
+def evaluation_set_with_boxes(
+    n: int, cameras: range | list[int] = range(8), sample_seed: int = 12345
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """`evaluation_set` with each frame's true vehicle boxes (the same frames and labels)."""
     cams = list(cameras)
     if not cams:
         raise ValueError("evaluation_set needs at least one camera")
-    xs, ys = [], []
+    xs, ys, boxes = [], [], []
     per = [n // len(cams) + (1 if i < n % len(cams) else 0) for i in range(len(cams))]
     for cam_index, k in zip(cams, per, strict=True):
         cam = SyntheticCamera(cam_index)
         cam._rng = np.random.default_rng([cam_index, sample_seed, 7])
-        x, y = cam.sample(k)
+        x, y, b = cam.sample_with_boxes(k)
         xs.append(x)
         ys.append(y)
-    return np.concatenate(xs), np.concatenate(ys)
+        boxes += b
+    return np.concatenate(xs), np.concatenate(ys), boxes
