@@ -46,6 +46,20 @@ class Rejection(Exception):
         self.detail = detail
 
 
+def is_refusal(status: int) -> bool:
+    """A 4xx that says the message will never be taken (408 and 429 only say: not now, retry)."""
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+def problem_reason(answer: bytes) -> tuple[str, str]:
+    """(reason, detail) of an aggregator's problem+json answer; ("unknown", the start of it) if it is not one."""
+    try:
+        problem = json.loads(answer)
+        return str(problem.get("reason", "unknown")), str(problem.get("detail", ""))
+    except (ValueError, AttributeError):
+        return "unknown", answer[:200].decode(errors="replace")
+
+
 def pinned_tls_context(ca_file: str) -> ssl.SSLContext:
     """Certificate verification against ``ca_file`` alone (a CA, or the aggregator's own certificate: partial
     chains are accepted so a pinned leaf is a trust anchor), with the host name checked as usual."""
@@ -140,11 +154,6 @@ class AggregatorClient:
                 named = receipt.update_digest.hex()[:16]
                 raise ReceiptRefused(f"it names update {named}..., not this one", names_another_update=True)
             return receipt
-        if 400 <= status < 500 and status not in (408, 429):
-            try:
-                problem = json.loads(answer)
-                reason, detail = str(problem.get("reason", "unknown")), str(problem.get("detail", ""))
-            except (ValueError, AttributeError):
-                reason, detail = "unknown", answer[:200].decode(errors="replace")
-            raise Rejection(status, reason, detail)
+        if is_refusal(status):
+            raise Rejection(status, *problem_reason(answer))
         raise AggregatorUnavailable(f"POST /v1/updates: HTTP {status}")

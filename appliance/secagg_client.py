@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
 from appliance import wire
+from appliance.client import is_refusal, problem_reason
 from appliance.errors import ProtocolError
 from appliance.protocol import messages as m
 from appliance.protocol.secagg import DeviceRound, SecAggError
@@ -91,13 +91,8 @@ class Transport:
 
 
 def _raise_for(status: int, answer: bytes, what: str) -> None:
-    if 400 <= status < 500 and status not in (408, 429):
-        try:
-            problem = json.loads(answer)
-            reason, detail = str(problem.get("reason", "unknown")), str(problem.get("detail", ""))
-        except (ValueError, AttributeError):
-            reason, detail = "unknown", answer[:200].decode(errors="replace")
-        raise _Refused(status, reason, detail)
+    if is_refusal(status):
+        raise _Refused(status, *problem_reason(answer))
     raise ConnectionError(f"{what}: HTTP {status}")
 
 
