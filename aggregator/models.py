@@ -7,10 +7,18 @@ v+1 is what the round that trained on version v produced.
 
 Parameters travel inside the aggregator as one flat float32 vector in the order of the package's parameter
 specs (:class:`Layout`), which is also the layout of every spooled update.
+
+With a compressed downlink (``serve --downlink float16|int8|sparse``, appliance/protocol/downlink.py) each
+version is published rounded to one step from the version before, and that step is kept beside the release
+(``v<version>.step``) for the last :data:`KEEP_STEPS` versions, so a device that holds one of them fetches the
+steps instead of the full model.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +29,16 @@ from nacl.signing import SigningKey, VerifyKey
 
 from appliance import wire
 from appliance.durable import atomic_write
+from appliance.protocol import downlink
 from appliance.wire import ParamSpec
+
+log = logging.getLogger(__name__)
+
+# Steps kept: a device at most this many versions behind gets a delta (when it is smaller than the full model).
+KEEP_STEPS = 16
+# Signed delta messages kept in memory, most recently asked first: most devices ask for the same one or two.
+CACHED_DELTAS = 8
+_DIGEST = 32
 
 
 class PackageInfo(Protocol):
@@ -89,15 +106,24 @@ class Layout:
 
 
 class ModelStore:
-    """Published model versions on disk: ``models/v<version>.release`` holds the signed ModelRelease bytes."""
+    """Published model versions on disk: ``models/v<version>.release`` holds the signed ModelRelease bytes and,
+    with a compressed downlink, ``models/v<version>.step`` the step from the version before (SHA-256 of that
+    version's parameters, then of this one's, then the step section)."""
 
-    def __init__(self, directory: Path, package: ServedPackage, key: SigningKey):
+    def __init__(self, directory: Path, package: ServedPackage, key: SigningKey, downlink_encoding: str = "full"):
+        if downlink_encoding not in downlink.DOWNLINK_ENCODINGS:
+            raise ValueError(f"unknown downlink {downlink_encoding!r}; expected one of "
+                             f"{', '.join(downlink.DOWNLINK_ENCODINGS)}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.package = package
         self.layout = Layout(package.info.param_specs)
+        self.downlink = downlink_encoding
         self._key = key
         self._latest: tuple[int, bytes] | None = None
+        self._published: tuple[int, np.ndarray, bytes] | None = None  # the last version written: params, digest
+        self._deltas: OrderedDict[tuple[int, bytes, int], bytes] = OrderedDict()
+        self._deltas_lock = threading.Lock()  # delta_bytes runs on several worker threads
 
     @property
     def package_digest(self) -> bytes:
@@ -106,6 +132,9 @@ class ModelStore:
     def path(self, version: int) -> Path:
         return self.directory / f"v{version:08d}.release"
 
+    def step_path(self, version: int) -> Path:
+        return self.directory / f"v{version:08d}.step"
+
     def write(
         self, version: int, params: np.ndarray, created_at: int, privacy: dict[str, float | int] | None = None
     ) -> bytes:
@@ -113,18 +142,98 @@ class ModelStore:
 
         Writing is idempotent: re-closing a round after a crash rewrites the same file. ``privacy`` is the
         differential privacy spent up to this version (signed into the release), None without DP.
+
+        With a compressed downlink the version published is ``params`` rounded to one step from version - 1
+        (when that version is here); ``params`` itself is left as it is, and the round engine keeps training
+        from it, so the rounding of this step is carried into the next one instead of being lost.
         """
+        published, step = params, None
+        base = self._base(version - 1) if self.downlink != "full" and version > 0 else None
+        if base is not None:
+            base_params, base_digest = base
+            try:
+                step, tensors = downlink.publish_step(
+                    self.layout.unflatten(base_params), self.layout.unflatten(params), self.layout.specs,
+                    self.downlink,
+                )
+                published = self.layout.flatten(tensors)
+            except downlink.StepUnrepresentable as exc:
+                log.warning("model version %d is published in full only (no %s step): %s", version, self.downlink,
+                            exc)
+                step = None
         release = wire.ModelRelease(
             version=version,
             package_digest=self.package_digest,
-            tensors=self.layout.unflatten(params),
+            tensors=self.layout.unflatten(published),
             created_at=created_at,
             privacy=privacy,
         )
         message, digest = wire.encode_model_release(release, self._key)
+        if step is not None:
+            atomic_write(self.step_path(version), base_digest + digest + step)
+        else:
+            self.step_path(version).unlink(missing_ok=True)
         atomic_write(self.path(version), message)
+        self._drop_old_steps(version)
         self._latest = None
+        self._published = (version, published, digest)
+        with self._deltas_lock:
+            self._deltas.clear()
         return digest
+
+    def _base(self, version: int) -> tuple[np.ndarray, bytes] | None:
+        """(parameters, digest) of a published ``version``, or None when it is not here."""
+        if self._published is not None and self._published[0] == version:
+            return self._published[1], self._published[2]
+        data = self.release_bytes(version)
+        if data is None:
+            return None
+        release = self._decode(data)
+        return self.layout.flatten(release.tensors), release.digest
+
+    def _drop_old_steps(self, newest: int) -> None:
+        for path in self.directory.glob("v*.step"):
+            if path.stem[1:].isdigit() and int(path.stem[1:]) <= newest - KEEP_STEPS:
+                path.unlink(missing_ok=True)
+
+    def delta_bytes(self, base_version: int, base_digest: bytes, version: int) -> bytes | None:
+        """A signed model-delta from ``base_version`` (whose digest the device says is ``base_digest``) to
+        ``version``, or None when the steps are not all here, do not start from that digest, or together are
+        not smaller than the full release: then the device gets the full model."""
+        if not 1 <= version - base_version <= KEEP_STEPS:
+            return None
+        key = (base_version, base_digest, version)
+        with self._deltas_lock:
+            if key in self._deltas:
+                self._deltas.move_to_end(key)
+                return self._deltas[key]
+        release = self.release_bytes(version)
+        if release is None:
+            return None
+        steps, digest = [], base_digest
+        for step_version in range(base_version + 1, version + 1):
+            try:
+                data = self.step_path(step_version).read_bytes()
+            except FileNotFoundError:
+                return None
+            if data[:_DIGEST] != digest:
+                return None
+            digest = data[_DIGEST : 2 * _DIGEST]
+            steps.append(data[2 * _DIGEST :])
+        payload = wire.verify(release, wire.pinned(self._key.verify_key)).payload
+        if bytes(payload["tensors_sha256"]) != digest or sum(map(len, steps)) >= len(release):
+            return None
+        message = downlink.encode_model_delta(
+            version=version, base_version=base_version, base_digest=base_digest, model_digest=digest,
+            package_digest=self.package_digest, created_at=payload["created_at"], steps=steps, key=self._key,
+        )
+        if len(message) >= len(release):
+            return None
+        with self._deltas_lock:
+            self._deltas[key] = message
+            while len(self._deltas) > CACHED_DELTAS:
+                self._deltas.popitem(last=False)
+        return message
 
     def release_bytes(self, version: int) -> bytes | None:
         """The signed release message of ``version``, or None when it was never written."""
@@ -142,13 +251,11 @@ class ModelStore:
         data = self.release_bytes(version)
         if data is None:
             raise FileNotFoundError(self.path(version))
-        release = wire.decode_model_release(
-            data,
-            self._key.verify_key,
-            self.layout.specs,
-            wire.Limits(max_bytes=len(data) + 1, max_tensor_elements=self.layout.size),
-        )
-        return self.layout.flatten(release.tensors)
+        return self.layout.flatten(self._decode(data).tensors)
+
+    def _decode(self, data: bytes) -> wire.ModelRelease:
+        limits = wire.Limits(max_bytes=len(data) + 1, max_tensor_elements=self.layout.size)
+        return wire.decode_model_release(data, self._key.verify_key, self.layout.specs, limits)
 
     def initial_params(self) -> np.ndarray:
         return self.layout.flatten(self.package.info.initial_params)

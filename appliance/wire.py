@@ -57,7 +57,9 @@ __all__ = [
     "encode_update",
     "key_id",
     "pinned",
+    "quantise_int8",
     "sign",
+    "typed_array",
     "verify",
 ]
 
@@ -245,15 +247,7 @@ def _section_parts(tensors: Mapping[str, np.ndarray], encoding: str) -> list[byt
         array = np.asarray(array)
         dims = cbor2.dumps(list(array.shape), canonical=True)
         if encoding == "int8":
-            values = np.asarray(array, dtype=np.float32).ravel()  # 1-D even for a scalar, so out= works
-            peak = max(float(values.max()), -float(values.min())) if values.size else 0.0
-            scale = peak / 127.0  # sent as this float64; q is computed with it rounded to float32
-            if not np.float32(scale) > 0:  # all zero, or so small that max|x| / 127 is 0 in float32
-                scale = 1.0
-            scaled = values / np.float32(scale)  # one temporary, rounded (half to even) and clipped in place
-            np.rint(scaled, out=scaled)
-            np.clip(scaled, -127, 127, out=scaled)
-            data = scaled.astype(np.int8)
+            data, scale = quantise_int8(array)
             prefix = b"\x82" + _TAG_HEAD[TAG_MULTI_DIM] + b"\x82" + dims + _TAG_HEAD[TAG_SINT8]
             suffix = cbor2.dumps(scale, canonical=True)
         else:
@@ -270,6 +264,19 @@ def _section_parts(tensors: Mapping[str, np.ndarray], encoding: str) -> list[byt
     return parts
 
 
+def quantise_int8(array: np.ndarray) -> tuple[np.ndarray, float]:
+    """The int8 rule of docs/protocol.md section 5: (q as a flat int8 array, the binary64 scale to send)."""
+    values = np.asarray(array, dtype=np.float32).ravel()  # 1-D even for a scalar, so out= works
+    peak = max(float(values.max()), -float(values.min())) if values.size else 0.0
+    scale = peak / 127.0  # sent as this float64; q is computed with it rounded to float32
+    if not np.float32(scale) > 0:  # all zero, or so small that max|x| / 127 is 0 in float32
+        scale = 1.0
+    scaled = values / np.float32(scale)  # one temporary, rounded (half to even) and clipped in place
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, -127, 127, out=scaled)
+    return scaled.astype(np.int8), scale
+
+
 def _digest_parts(parts: list[bytes | np.ndarray]) -> bytes:
     digest = hashlib.sha256()
     for part in parts:
@@ -282,7 +289,8 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], encoding: str = "float32")
     return b"".join(_section_parts(tensors, encoding))
 
 
-def _typed_array(item: Any, name: str, limits: Limits) -> tuple[np.ndarray, int]:
+def typed_array(item: Any, name: str, limits: Limits) -> tuple[np.ndarray, int]:
+    """A decoded ``40([dims, typed array])`` as a numpy view of its bytes, and its element tag (72, 84, 85)."""
     if not (isinstance(item, Tagged) and item.tag == TAG_MULTI_DIM):
         raise ProtocolError("bad-tensor", f"tensor {name!r} is not a tag-40 multi-dimensional array")
     value = item.value
@@ -340,14 +348,14 @@ def decode_tensors(
         if isinstance(item, list):
             if len(item) != 2 or not isinstance(item[1], float):
                 raise ProtocolError("bad-tensor", f"tensor {name!r}: quantised form is [tensor, scale]")
-            array, tag = _typed_array(item[0], name, limits)
+            array, tag = typed_array(item[0], name, limits)
             scale = item[1]
             if tag != TAG_SINT8 or not 0 < scale <= _MAX_INT8_SCALE:
                 raise ProtocolError(
                     "bad-tensor", f"tensor {name!r}: int8 data with a scale in (0, {_MAX_INT8_SCALE:.4g}]"
                 )
         else:
-            array, tag = _typed_array(item, name, limits)
+            array, tag = typed_array(item, name, limits)
             if tag == TAG_SINT8:
                 raise ProtocolError("bad-tensor", f"tensor {name!r}: int8 data needs a scale")
         # Counted before any conversion, so the limit bounds what dequantising allocates.
