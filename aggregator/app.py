@@ -72,6 +72,7 @@ STATUS_FOR_REASON = {
     "wrong-round": 409,
     "wrong-model": 409,
     "round-closed": 410,
+    "too-stale": 410,
     "body-timeout": 408,
     "device-busy": 429,
     "too-large": 413,

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from nacl.signing import SigningKey
 
+from aggregator.buffered import STALENESS_WEIGHTINGS, BufferConfigError, BufferPolicy, check_buffered_strategy
 from aggregator.privacy import DPConfig, PrivacyError, check_private_strategy
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
 from aggregator.rounds import RoundPolicy, TrainingPlan
@@ -161,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="; ".join(f"{name}: {cls.summary}" for name, cls in STRATEGIES.items()))
     for flag, (kind, text) in option_flags().items():  # each rule declares its own options
         serve.add_argument(flag, type=kind, dest=_option_dest(flag), help=text)
+    serve.add_argument("--mode", choices=("sync", "async"), default="sync",
+                       help="sync: rounds wait for their goal or deadline; async: buffered asynchronous aggregation "
+                       "(FedBuff), a new version every --buffer K updates, stale updates weighted down")
+    serve.add_argument("--buffer", type=int, metavar="K", help="--mode async: publish a new version every K updates")
+    serve.add_argument("--max-staleness", type=int, metavar="S",
+                       help="--mode async: refuse updates based on a model more than S versions old (default 10)")
+    serve.add_argument("--staleness-weight", choices=STALENESS_WEIGHTINGS,
+                       help="--mode async: scale a stale update's delta by 1 (constant) or (1 + staleness)^-0.5 "
+                       "(polynomial, the default)")
     serve.add_argument("--min-clients", type=int, default=2, help="quorum: fewer updates abandon the round")
     serve.add_argument("--goal-clients", type=_non_negative_int, default=0,
                        help="close the round early at this many updates (0: all enrolled devices)")
@@ -305,8 +315,29 @@ def _secure_aggregation(args: argparse.Namespace) -> SecAggConfig | None:
     return config
 
 
+def _buffer(args: argparse.Namespace) -> BufferPolicy | None:
+    """The --mode async settings, checked against the rule, secure aggregation and --dp before anything starts."""
+    given = {"size": args.buffer, "max_staleness": args.max_staleness, "weighting": args.staleness_weight}
+    if args.mode == "sync":
+        if any(value is not None for value in given.values()):
+            raise CliError("--buffer, --max-staleness and --staleness-weight go with --mode async")
+        return None
+    if args.buffer is None:
+        raise CliError("--mode async needs --buffer K (a new model version every K updates)")
+    if args.goal_clients:
+        raise CliError("--goal-clients goes with --mode sync (in async mode a version is published every --buffer K "
+                       "updates)")
+    try:
+        policy = BufferPolicy(**{k: v for k, v in given.items() if v is not None})
+        check_buffered_strategy(args.strategy, args.secure_aggregation, args.dp is not None)
+    except BufferConfigError as exc:
+        raise CliError(str(exc)) from None
+    return policy
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _strategy_options(args)
+    _buffer(args)
     _privacy(args)
     _secure_aggregation(args)
     upstream = _upstream(args)
@@ -341,6 +372,7 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
         policy = RoundPolicy(
             min_clients=args.min_clients, goal_clients=args.goal_clients, round_timeout=args.round_timeout,
             max_rounds=args.rounds, update_window=args.update_window, max_update_norm=args.max_update_norm,
+            buffer=_buffer(args),
         )
         plan = TrainingPlan(
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, prox_mu=args.prox_mu,

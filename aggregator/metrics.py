@@ -31,6 +31,7 @@ _SIZE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 _ROUND_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _RATIO_BUCKETS = (0.0001, 0.001, 0.01, 0.03, 0.1, 0.3, 0.5, 0.8, 0.9, 1.0)
 _PARTICIPANT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+_STALENESS_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
 
 
 class AggregatorMetrics:
@@ -120,6 +121,15 @@ class AggregatorMetrics:
         self.update_norm_ratio = Histogram(
             "fl_aggregator_update_norm_ratio", "Accepted updates' L2 norm as a fraction of the round's norm bound",
             buckets=_RATIO_BUCKETS, registry=r,
+        )
+        self.update_staleness = Histogram(
+            "fl_aggregator_update_staleness",
+            "Async mode: versions published between an accepted update's base model and the buffer it counts in",
+            buckets=_STALENESS_BUCKETS, registry=r,
+        )
+        self.versions_per_hour = Gauge(
+            "fl_aggregator_versions_per_hour", "Model versions published in the last hour (async mode; 0 otherwise)",
+            registry=r,
         )
 
     def round_ended(self, outcome: str, at: float) -> None:

@@ -8,6 +8,10 @@ are normal: nobody waits for them past the deadline.
 
 Every accepted update is on disk (spool fsync + SQLite commit) before its receipt exists. On restart the open
 round is rebuilt from the spool, so each acknowledged update counts exactly once.
+
+Async mode (``RoundPolicy.buffer``, aggregator/buffered.py) runs the same machine with a round as a FedBuff
+buffer: its goal is K, and it also takes updates trained on older versions (up to the staleness bound), their
+deltas scaled by the staleness weight before they are spooled.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from nacl.signing import SigningKey
 
+from aggregator.buffered import AsyncActivity, BufferPolicy
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore
 from aggregator.privacy import ACCOUNTING, PrivacyLedger
@@ -82,6 +87,8 @@ class RoundPolicy:
     clock_skew: float = 300.0  # ...and at most this far in the future
     # L2 bound on a delta. None: derived per round (see :func:`update_norm_bound`); there is always a bound.
     max_update_norm: float | None = None
+    # Async mode (FedBuff): a round is a buffer of this policy's K updates; None: synchronous rounds.
+    buffer: BufferPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -92,6 +99,9 @@ class RoundPolicy:
             raise ValueError("round-timeout must be positive")
         if self.max_update_norm is not None and not 0 < self.max_update_norm <= MAX_UPDATE_NORM:
             raise ValueError(f"max-update-norm must be in (0, {MAX_UPDATE_NORM:g}]")
+        if self.buffer is not None and self.min_clients > self.buffer.size:
+            raise ValueError(f"--min-clients ({self.min_clients}) must not exceed --buffer ({self.buffer.size}): "
+                             "a buffer publishes at K updates")
 
 
 @dataclass(frozen=True)
@@ -221,6 +231,8 @@ class RoundEngine:
         self.forward: Forwarder | None = None
         # Secure aggregation (aggregator/secagg_round.py): every round is secure; only the survivors' sum is seen.
         self.secure: SecureRounds | None = None
+        # Async mode: staleness of the accepted updates and the publication times (status page, metrics).
+        self.activity = AsyncActivity() if policy.buffer is not None else None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -232,6 +244,8 @@ class RoundEngine:
 
     async def start(self) -> None:
         """Publish version 0 on first start; otherwise resume the open round from the spool."""
+        if self.policy.buffer is not None and (self.secure is not None or self.privacy is not None):
+            raise RuntimeError("--mode async cannot be combined with --secure-aggregation or --dp")
         self.store.start_writer()
         latest = self.store.latest_model()
         if latest is None:
@@ -261,6 +275,8 @@ class RoundEngine:
         if self.privacy is not None:
             self._check_privacy_history()
             self.metrics.dp_epsilon.set(self.privacy.spent())
+        if self.activity is not None:
+            self._start_activity(self.activity)
         row = self.store.open_round()
         self.store.drop_stale_segments(keep=row.round_id if row else None)
         if row is not None:
@@ -301,7 +317,18 @@ class RoundEngine:
             return True
         return False
 
+    def _start_activity(self, activity: AsyncActivity) -> None:
+        """Async mode: count the versions of the last hour from the round history; export versions per hour."""
+        since = time.time() - activity.WINDOW
+        ends = [r.closed_at for r in self.store.recent_rounds(1000) if r.status == "published" and r.closed_at]
+        for closed_at in sorted(ends):
+            if closed_at >= since:
+                activity.published(closed_at)
+        self.metrics.versions_per_hour.set_function(activity.versions_per_hour)
+
     def _goal(self) -> int:
+        if self.policy.buffer is not None:
+            return self.policy.buffer.size
         goal = self.policy.goal_clients or self.registry.active_count()
         return max(goal, self.policy.min_clients)
 
@@ -396,12 +423,25 @@ class RoundEngine:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await round_.full.wait()
+            below_quorum = not round_.full.is_set() and round_.accepted < self.policy.min_clients
+            if self.policy.buffer is not None and below_quorum:
+                self._extend(round_)  # an async buffer is never abandoned: its acknowledged updates wait for more
+                continue
             try:
                 await self.close_round()
             except Exception:
                 log.exception("closing round %d failed; retrying in 5 s", round_.round_id)
                 round_.closing = False
                 await asyncio.sleep(5)
+
+    def _extend(self, round_: OpenRound) -> None:
+        """Async mode: give a buffer below --min-clients at its deadline another --round-timeout, with a task
+        re-signed for the new deadline (devices skip a task whose deadline has passed)."""
+        now = time.time()
+        round_.deadline = now + self.policy.round_timeout
+        round_.task = self._task(round_.round_id, round_.deadline, now)
+        log.info("buffer %d holds %d updates, below --min-clients %d: collecting until %s", round_.round_id,
+                 round_.accepted, self.policy.min_clients, time.strftime("%H:%M:%S", time.localtime(round_.deadline)))
 
     # ---------------------------------------------------------------------------------------------- tasks
 
@@ -449,6 +489,8 @@ class RoundEngine:
                 f"[{int(now - self.policy.update_window)}, {int(now + self.policy.clock_skew)}]",
             )
         round_ = self.current
+        if self.policy.buffer is not None and round_ is not None:
+            return self._admit_buffered(header, digest, round_, self.policy.buffer)
         if round_ is None or header.round_id != round_.round_id:
             past = self.store.get_round(header.round_id)
             if past is not None and past.status != "open":
@@ -470,6 +512,35 @@ class RoundEngine:
             )
         return round_
 
+    def _admit_buffered(
+        self, header: UpdateHeader, digest: bytes, round_: OpenRound, buffer: BufferPolicy
+    ) -> OpenRound:
+        """Async mode: an update counts in the open buffer if it was trained on a version this aggregator
+        published for the round it names, at most ``max_staleness`` versions ago. A closing buffer is not a
+        refusal here: :meth:`commit` waits for the next one."""
+        if header.round_id != round_.round_id:
+            trained = self.store.get_round(header.round_id) if header.round_id < round_.round_id else None
+            if trained is None:
+                raise ProtocolError("wrong-round", f"round {header.round_id} was never open "
+                                    f"(open buffer: {round_.round_id})")
+            if header.model_version != trained.model_version:
+                raise ProtocolError("wrong-model", f"round {header.round_id} trained model version "
+                                    f"{trained.model_version}, the update is based on version {header.model_version}")
+        staleness = round_.model_version - header.model_version
+        buffer.check(staleness, header.model_version, round_.model_version)
+        base = round_.base_digest if staleness == 0 else self.store.model_digest(header.model_version)
+        if header.base_digest != base:
+            raise ProtocolError(
+                "wrong-model",
+                f"the update's base digest {header.base_digest.hex()[:16]}... is not model version "
+                f"{header.model_version}'s ({(base or b'').hex()[:16]}...)",
+            )
+        if header.device_id in round_.devices and round_.devices[header.device_id] != digest:
+            raise ProtocolError(
+                "duplicate", f"device {header.device_id} already has a different update in buffer {round_.round_id}"
+            )
+        return round_
+
     async def commit(self, header: UpdateHeader, digest: bytes, delta: np.ndarray, metrics: dict[str, float]) -> bytes:
         """Spool the verified update durably, count it, and return its signed receipt.
 
@@ -479,10 +550,16 @@ class RoundEngine:
             receipt = await self.known_receipt(digest)  # an identical upload overtook this one
             if receipt is not None:
                 return receipt
+        if self.policy.buffer is not None:
+            await self._buffer_room(self.policy.buffer)
         round_ = self.admit(header, digest)
         now = time.time()
+        staleness = round_.model_version - header.model_version
+        if self.policy.buffer is not None:
+            delta = self._staleness_scaled(delta, self.policy.buffer.weight(staleness))
+        # The receipt names the round the device trained for (in async mode, the buffer may be a later one).
         receipt = wire.encode_receipt(
-            wire.Receipt(header.device_id, round_.round_id, update_digest=digest, accepted_at=int(now)), self.key
+            wire.Receipt(header.device_id, header.round_id, update_digest=digest, accepted_at=int(now)), self.key
         )
         round_.devices[header.device_id] = digest
         round_.pending += 1
@@ -515,14 +592,42 @@ class RoundEngine:
             round_.pending -= 1
             if round_.pending == 0:
                 round_.idle.set()
+            if self.policy.buffer is not None:  # a failed update frees its place in the buffer
+                async with self._changed:
+                    self._changed.notify_all()
         round_.accepted += 1
         round_.samples += header.num_samples
         self.metrics.updates_accepted.inc()
+        if self.activity is not None:
+            self.activity.accepted(staleness)
+            self.metrics.update_staleness.observe(staleness)
         self.metrics.round_updates.set(round_.accepted)
         waiter.set_result(receipt)
         if round_.accepted >= round_.goal:
             round_.full.set()
         return receipt
+
+    async def _buffer_room(self, buffer: BufferPolicy) -> None:
+        """Async mode: wait until the open buffer has room (exactly K updates make a version). An update that
+        arrives while a buffer is full or closing goes into the next one rather than being refused."""
+
+        def room() -> bool:
+            r = self.current
+            return r is None or (not r.closing and r.accepted + r.pending < buffer.size)
+
+        if not room():
+            async with self._changed:
+                await self._changed.wait_for(room)
+
+    @staticmethod
+    def _staleness_scaled(delta: np.ndarray, weight: float) -> np.ndarray:
+        """The delta times its staleness weight, as spooled and accumulated (float32, like every spooled delta)."""
+        if weight == 1.0:
+            return delta
+        if delta.flags.writeable and delta.dtype == np.float32:
+            delta *= np.float32(weight)
+            return delta
+        return (delta * np.float32(weight)).astype(np.float32)
 
     # -------------------------------------------------------------------------------------------- closing
 
@@ -580,6 +685,8 @@ class RoundEngine:
             self.metrics.model_version.set(version)
             if self.privacy is not None:
                 self.metrics.dp_epsilon.set(self.privacy.spent())
+            if self.activity is not None:
+                self.activity.published(now)
             log.info("round %d published model version %d from %d updates", round_.round_id, version, participants)
             self._finish_metrics(round_, participants, now)
             self.store.drop_segment(round_.round_id)
@@ -746,6 +853,8 @@ class RoundEngine:
             "strategy": self.strategy.name,
             "privacy": None if self.privacy is None else self._privacy_status(),
             "secure_aggregation": None if self.secure is None else self.secure.describe(),
+            "async": None if self.policy.buffer is None or self.activity is None
+            else {**self.policy.buffer.describe(), **self.activity.describe()},
             "policy": {
                 "min_clients": self.policy.min_clients,
                 "goal_clients": self.policy.goal_clients,

@@ -23,6 +23,29 @@ def _secure(r: dict[str, Any]) -> str:
     return f"secure, {secure['phase']} phase"
 
 
+def _async(status: dict[str, Any]) -> str:
+    """Async mode (FedBuff): the buffer's settings, versions per hour and the staleness of accepted updates as a
+    row of bars (one per staleness, height by count)."""
+    mode = status.get("async")
+    if not mode:
+        return ""
+    weighting = ("constant" if mode["weighting"] == "constant"
+                 else f"polynomial (1 + s)^-{mode['exponent']:g}")
+    counts = {int(s): n for s, n in mode["staleness"].items()}
+    peak = max(counts.values(), default=0)
+    bars = "".join(
+        f'<td style="vertical-align:bottom;text-align:center"><div title="{n}" style="background:#4a7;width:1.6em;'
+        f'height:{max(1, round(60 * n / peak))}px;margin:auto"></div>{s}<br><small>{n}</small></td>'
+        for s, n in sorted(counts.items())
+    )
+    chart = (f'<table><tr><th style="vertical-align:bottom">staleness<br><small>updates</small></th>{bars}</tr></table>'
+             if counts else "<p>no update accepted since start</p>")
+    return (f"<p>async (FedBuff): a version every <b>{mode['buffer']}</b> updates, at most {mode['max_staleness']} "
+            f"versions stale, weighting {escape(weighting)} &middot; versions in the last hour: "
+            f"<b>{mode['versions_per_hour']}</b></p>\n"
+            f"<p>staleness of accepted updates (versions behind, since start):</p>\n{chart}\n")
+
+
 def render(status: dict[str, Any]) -> str:
     """The page for a ``RoundEngine.status()`` dict. Everything interpolated is escaped."""
     model = status["model"]
@@ -53,7 +76,7 @@ td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}}code{{fo
 <code>{escape(model['digest'][:16])}</code> &middot; strategy <b>{escape(status['strategy'])}</b>
 &middot; devices {devices['enrolled']} enrolled, {devices['revoked']} revoked</p>
 <p>{escape(now)}</p>
-{statuschart.render(status["rounds"])}
+{_async(status)}{statuschart.render(status["rounds"])}
 <table><tr><th>round</th><th>model</th><th>status</th><th>updates/goal</th><th>samples</th><th>metrics</th>
 <th>opened</th><th>closed</th><th>note</th></tr>
 {''.join(rows)}

@@ -45,6 +45,7 @@ AGGREGATOR_UPLOAD_REASONS: tuple[str, ...] = (
     "wrong-encoding",
     "expired",
     "round-closed",
+    "too-stale",
     "wrong-round",
     "wrong-model",
     "duplicate",
