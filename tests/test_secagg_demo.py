@@ -1,10 +1,15 @@
-"""`flctl demo --secure-aggregation` as a user runs it: the aggregator sees only sums, and the model trains as well
-as with plain FedAvg on the same seed.
+"""`flctl demo --secure-aggregation` as a user runs it: the aggregator sees only sums, and the model trains as well as
+with plain FedAvg on the same seed.
 
 "As well as" is held where it is a property of the protocol: the first round, trained from the same model on the
-same frames, gives the same held-out accuracy (the sum is FedAvg's up to quantisation). Later rounds amplify any
-perturbation, quantisation's included (plain FedAvg with float16 updates ends 3 points away from float32 at round
-10 on this seed), so there the secure run is held to plain's within a few points and to improving.
+same frames, gives the same held-out accuracy (the sum is FedAvg's up to quantisation). From round 2 on the demo is
+chaotic: a perturbation below 10^-6 a parameter (secure aggregation's stochastic rounding, drawn from the devices'
+own entropy), or float16 updates' rounding, moves round 2's accuracy by up to 7 points and round 10's by up to 10
+(seed 0: plain 70.2 %; seven secure runs 60.3-77.1 %). A single run's last round is therefore not a measure of the
+protocol; the mean of the last three rounds is steadier (plain 67.4 %, secure runs 66.1-72.1 %), and the secure run
+is held to improving on round 1 by a wide margin and to ending no more than 8 points below plain. That the published
+model is FedAvg of the masked updates is asserted in tests/test_secagg_aggregator.py; the comparison averaged over
+seeds and runs is bench/secagg_quality.py's.
 """
 
 from __future__ import annotations
@@ -38,4 +43,6 @@ def test_the_secure_demo_trains_as_well_as_plain_fedavg_and_the_aggregator_saw_o
     assert "the aggregator saw only masked inputs" in text
     assert "devices in each sum: round 1: 8," in text
     assert abs(secure[0] - plain[0]) <= 0.005
-    assert abs(secure[-1] - plain[-1]) <= 0.05 and secure[-1] > secure[0]
+    last_three = sum(secure[-3:]) / 3
+    assert last_three >= secure[0] + 0.15, secure
+    assert last_three >= sum(plain[-3:]) / 3 - 0.08, (secure, plain)
