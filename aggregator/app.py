@@ -47,6 +47,7 @@ from aggregator.upstream import UpstreamConfig, UpstreamLink, check_site_strateg
 from aggregator.verify import UpdateHeader, decode_delta, read_header
 from appliance import wire
 from appliance.errors import ProtocolError
+from appliance.protocol.downlink import DOWNLINK_ENCODINGS
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,18 @@ class AggregatorConfig:
     privacy: DPConfig | None = None
     # Secure aggregation (aggregator/secagg_round.py): every round is secure; None: off.
     secure_aggregation: SecAggConfig | None = None
+    # How versions are published for devices that hold an earlier one (appliance/protocol/downlink.py): "full"
+    # (exact parameters, full models only), or rounded to a float16, int8 or sparse step that is served as a delta.
+    downlink: str = "full"
 
     def __post_init__(self) -> None:
+        if self.downlink not in DOWNLINK_ENCODINGS:
+            raise ValueError(f"unknown downlink {self.downlink!r}; expected one of {', '.join(DOWNLINK_ENCODINGS)}")
         if self.upstream is not None:
             check_site_strategy(self.strategy, self.strategy_options)
+            if self.downlink != "full":
+                raise ValueError("--downlink is for the root aggregator: a site republishes its parent's versions "
+                                 "bit for bit, so its devices get full models")
         if self.privacy is not None:
             check_private_strategy(self.strategy, self.plan.clip_norm, self.upstream is not None)
         if self.secure_aggregation is not None:
@@ -233,9 +242,25 @@ def _number(request: web.Request, name: str, default: float) -> float:
     return value
 
 
+def _base_query(request: web.Request) -> tuple[int, bytes] | None:
+    """The (version, digest) a device names with ``?base=V&base_digest=HEX``: the model it holds."""
+    base, digest = request.query.get("base"), request.query.get("base_digest")
+    if base is None and digest is None:
+        return None
+    if base is None or digest is None:
+        raise Problem(400, "bad-parameter", "query parameters 'base' and 'base_digest' go together")
+    if not (base.isascii() and base.isdigit() and len(base) <= 18):
+        raise Problem(400, "bad-parameter", f"query parameter 'base' must be a version number, got {base[:40]!r}")
+    if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest.lower())):
+        raise Problem(400, "bad-parameter", "query parameter 'base_digest' must be 64 hexadecimal characters "
+                                            "(the SHA-256 of the base model's tensor section)")
+    return int(base), bytes.fromhex(digest)
+
+
 async def get_model(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     which = request.match_info["version"]
+    base = _base_query(request)
     if which == "latest":
         version = s.engine.version
     else:
@@ -246,7 +271,15 @@ async def get_model(request: web.Request) -> web.Response:
             raise Problem(400, "bad-parameter", detail) from None
     if version < 0 or version > s.engine.version:
         raise Problem(404, "unknown-version", f"model version {version} is not published (newest: {s.engine.version})")
-    data = await asyncio.get_running_loop().run_in_executor(s.executor, s.models.release_bytes, version)
+    loop = asyncio.get_running_loop()
+    if base is not None:
+        if base[0] >= version:
+            raise Problem(400, "bad-parameter", f"base version {base[0]} is not older than version {version}")
+        delta = await loop.run_in_executor(s.executor, s.models.delta_bytes, base[0], base[1], version)
+        if delta is not None:
+            headers = {"X-Model-Version": str(version), "X-Model-Base": str(base[0])}
+            return web.Response(body=delta, content_type=wire.CONTENT_TYPE, headers=headers)
+    data = await loop.run_in_executor(s.executor, s.models.release_bytes, version)
     if data is None:
         raise Problem(404, "unknown-version", f"model version {version} is no longer stored")
     return web.Response(body=data, content_type=wire.CONTENT_TYPE, headers={"X-Model-Version": str(version)})
@@ -490,7 +523,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify")
     secure: SecureRounds | None = None
     try:
-        models = ModelStore(Path(config.state_dir) / "models", config.package, config.key)
+        models = ModelStore(Path(config.state_dir) / "models", config.package, config.key, config.downlink)
         registry = Registry(store)
         max_body = config.max_body_bytes or default_max_body(models.layout.size)
         limits = wire.Limits(max_bytes=max_body, max_tensor_elements=models.layout.size)

@@ -29,6 +29,7 @@ from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strate
 from appliance import wire
 from appliance.client import pinned_tls_context
 from appliance.identity import IdentityError, read_key_file, write_key_file
+from appliance.protocol.downlink import DOWNLINK_ENCODINGS
 
 KEY_FILE = "aggregator.key"
 PUB_FILE = "aggregator.pub"
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lr", type=float, default=0.05, help="device learning rate")
     serve.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal term on the devices")
     serve.add_argument("--encoding", choices=wire.ENCODINGS, default="float32", help="update tensor encoding")
+    serve.add_argument("--downlink", choices=DOWNLINK_ENCODINGS, default="full",
+                       help="publish each version rounded to a float16, int8 or sparse step, so a device that "
+                       "holds one of the last 16 versions fetches steps, not the model (default full: exact)")
     serve.add_argument("--clip-norm", type=float, default=0.0, help="devices clip their delta to this L2 norm")
     serve.add_argument("--dp", choices=["central"], help="differential privacy of the published models: clip, "
                        "weight every device 1 and add Gaussian noise to the sum (docs/privacy.md)")
@@ -382,6 +386,7 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
             state_dir=args.state, package=package, key=key, strategy=args.strategy,
             strategy_options=_strategy_options(args), policy=policy, plan=plan, workers=args.workers,
             upstream=upstream, privacy=_privacy(args), secure_aggregation=_secure_aggregation(args),
+            downlink=args.downlink,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

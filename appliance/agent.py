@@ -246,7 +246,10 @@ class Agent:
             return self._release
         package = self._package
         assert package is not None
-        release = await client.model_release(task.model_version, package.param_specs)
+        # The release held is the base a delta may start from (docs/protocol.md 6.5): the steps are applied and
+        # the result checked against the signed digest before it replaces the release held.
+        base = self._release if self._release is not None and self._release.package_digest == package.digest else None
+        release = await client.model_release(task.model_version, package.param_specs, base)
         if release.digest != task.model_digest or release.package_digest != task.package_digest:
             raise ProtocolError("wrong-model", f"release {release.version} does not match the task's digests")
         self._release = release

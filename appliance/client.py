@@ -16,6 +16,7 @@ from nacl.signing import VerifyKey
 
 from appliance import wire
 from appliance.errors import ProtocolError
+from appliance.protocol import downlink
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,19 @@ class AggregatorClient:
             return None
         return wire.decode_task(body, self.aggregator_key)
 
-    async def model_release(self, version: int, specs: list[wire.ParamSpec]) -> wire.ModelRelease:
-        body = await self._get(f"/v1/models/{version}")
+    async def model_release(
+        self, version: int, specs: list[wire.ParamSpec], base: wire.ModelRelease | None = None
+    ) -> wire.ModelRelease:
+        """Model ``version``, verified against the pinned key. With ``base`` (an earlier release this device
+        holds) the aggregator may answer with the steps from it (docs/protocol.md 6.5), which are applied here and
+        refused unless the result has the digest the aggregator signed."""
+        query = None
+        if base is not None and base.version < version:
+            query = {"base": str(base.version), "base_digest": base.digest.hex()}
+        body = await self._get(f"/v1/models/{version}", query)
         if body is None:
             raise AggregatorUnavailable(f"model version {version} is not published")
-        return wire.decode_model_release(body, self.aggregator_key, specs)
+        return downlink.decode_model_answer(body, self.aggregator_key, specs, base if query else None)
 
     async def package_bytes(self, digest: bytes) -> bytes:
         body = await self._get(f"/v1/packages/{digest.hex()}")

@@ -179,10 +179,10 @@ def test_a_delta_from_another_base_is_refused(tmp_path: Path) -> None:
     store, _ = publish(tmp_path, "int8", versions=2)
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_model_answer(delta_message(store, 1, 2), KEY.verify_key, store.layout.specs, held(store, 0))
-    assert caught.value.reason == "wrong-base"
+    assert caught.value.reason == "wrong-model"
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_model_answer(delta_message(store, 1, 2), KEY.verify_key, store.layout.specs, None)
-    assert caught.value.reason == "wrong-base"
+    assert caught.value.reason == "wrong-type"
 
 
 def test_a_delta_signed_by_another_key_is_refused(tmp_path: Path) -> None:

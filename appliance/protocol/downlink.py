@@ -308,10 +308,10 @@ def apply_delta(
 ) -> wire.ModelRelease:
     """The release ``delta`` leads to from ``base``, refused unless its SHA-256 is the signed ``model_digest``."""
     if base.version != delta.base_version or base.digest != delta.base_digest:
-        raise ProtocolError("wrong-base", f"the delta starts from version {delta.base_version}, this device holds "
-                                          f"version {base.version} (or another model of that number)")
+        raise ProtocolError("wrong-model", f"the delta starts from version {delta.base_version}, this device holds "
+                                           f"version {base.version} (or another model of that number)")
     if base.package_digest != delta.package_digest:
-        raise ProtocolError("wrong-base", "the delta belongs to another model package")
+        raise ProtocolError("wrong-model", "the delta belongs to another model package")
     params: Mapping[str, np.ndarray] = base.tensors
     for step in delta.steps:
         params = apply_step(params, step_changes(step, specs, limits))
@@ -334,5 +334,5 @@ def decode_model_answer(
     if verified.payload.get("type") != MESSAGE_TYPE:
         return wire.decode_model_release(message, aggregator_key, list(specs), limits)
     if base is None:
-        raise ProtocolError("wrong-base", "a model delta answered a request that named no base")
+        raise ProtocolError("wrong-type", "a model delta answered a request that named no base")
     return apply_delta(base, delta_from_payload(verified, limits), specs, limits)

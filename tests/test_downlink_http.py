@@ -1,0 +1,194 @@
+"""The compressed downlink over HTTP: ``fl-aggregator serve --downlink`` answers ``GET /v1/models/{v}?base=B&
+base_digest=D`` with the steps from B, the agent's client rebuilds the very model the aggregator published,
+a device too far behind (or naming a model it was never sent) gets the full model, a tampered delta is refused
+by the agent, which keeps the model it had, and a hostile query is a 400 with a reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from nacl.signing import SigningKey
+
+from aggregator import models
+from aggregator.app import SERVICES, AggregatorConfig
+from aggregator.upstream import UpstreamConfig
+from appliance import wire
+from appliance.agent import Agent
+from appliance.client import AggregatorClient
+from appliance.config import load_config
+from appliance.identity import load_or_create_device_key, write_aggregator_key
+from tests.agent_harness import ADVISORY, agent_config
+from tests.aggregator_harness import Harness, run, running
+
+PARAMETERS = 4000
+
+
+async def publish_rounds(h: Harness, rounds: int) -> None:
+    """``rounds`` rounds, each closed by both devices' updates: versions 1..rounds."""
+    for _ in range(rounds):
+        task = await h.task(after=h.engine.store.last_round_id() - 1)
+        assert task is not None
+        for device in h.devices:
+            assert (await h.upload(device.update(task, h.delta(0.05))))[0] == 200
+        await h.task(after=task.round_id, wait=10)
+
+
+def published(h: Harness, version: int) -> wire.ModelRelease:
+    """The aggregator's own copy of ``version``: what it signed and what its tasks name."""
+    data = h.app[SERVICES].models.release_bytes(version)
+    assert data is not None
+    return wire.decode_model_release(data, h.key.verify_key, h.specs)
+
+
+async def fetch(h: Harness, version: int, base: wire.ModelRelease | None) -> tuple[wire.ModelRelease, int, bool]:
+    """(the release the agent's client ends up with, bytes on the wire, whether they were a delta)."""
+    query = {"base": str(base.version), "base_digest": base.digest.hex()} if base else None
+    response = await h.client.get(f"/v1/models/{version}", params=query)
+    assert response.status == 200, await response.text()
+    body = await response.read()
+    async with AggregatorClient(str(h.client.make_url("")), h.key.verify_key) as client:
+        release = await client.model_release(version, h.specs, base)
+    return release, len(body), "X-Model-Base" in response.headers
+
+
+def assert_same_bits(a: wire.ModelRelease, b: wire.ModelRelease) -> None:
+    assert a.digest == b.digest and a.version == b.version
+    for name in b.tensors:
+        assert a.tensors[name].tobytes() == b.tensors[name].tobytes(), name
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8", "sparse"])
+def test_the_agent_rebuilds_the_published_model_from_the_steps(tmp_path: Path, encoding: str) -> None:
+    async def go() -> None:
+        async with running(tmp_path, devices=2, parameters=PARAMETERS, downlink=encoding) as h:
+            v0, full_bytes, _ = await fetch(h, 0, None)
+            await publish_rounds(h, 3)
+            v1, down, is_delta = await fetch(h, 1, v0)  # one version behind
+            assert is_delta and down < full_bytes / {"float16": 1.9, "int8": 3.5, "sparse": 10}[encoding]
+            assert_same_bits(v1, published(h, 1))
+            task = await h.task(after=2)
+            assert task is not None and task.model_version == 3
+            v3, _, is_delta = await fetch(h, 3, v1)  # two behind: float16's two steps outweigh the model
+            assert is_delta == (encoding != "float16")
+            assert_same_bits(v3, published(h, 3))
+            assert v3.digest == task.model_digest
+
+    run(go())
+
+
+def test_a_device_too_far_behind_or_holding_another_model_gets_the_full_model(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(models, "KEEP_STEPS", 2)
+
+    async def go() -> None:
+        async with running(tmp_path, devices=2, parameters=PARAMETERS, downlink="int8") as h:
+            v0, full_bytes, _ = await fetch(h, 0, None)
+            await publish_rounds(h, 3)
+            v3, down, is_delta = await fetch(h, 3, v0)  # three behind, two steps kept
+            assert not is_delta and down == full_bytes
+            assert_same_bits(v3, published(h, 3))
+            stranger = wire.ModelRelease(2, v0.package_digest, v0.tensors, digest=bytes(32))
+            _, _, is_delta = await fetch(h, 3, stranger)
+            assert not is_delta
+
+    run(go())
+
+
+def test_without_downlink_a_base_changes_nothing(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with running(tmp_path, devices=2, parameters=PARAMETERS) as h:
+            v0, full_bytes, _ = await fetch(h, 0, None)
+            await publish_rounds(h, 1)
+            v1, down, is_delta = await fetch(h, 1, v0)
+            assert not is_delta and down == full_bytes
+            assert_same_bits(v1, published(h, 1))
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("query", "detail"),
+    [
+        ({"base": "0"}, "go together"),
+        ({"base_digest": "00" * 32}, "go together"),
+        ({"base": "-1", "base_digest": "00" * 32}, "version number"),
+        ({"base": "1e3", "base_digest": "00" * 32}, "version number"),
+        ({"base": "9" * 40, "base_digest": "00" * 32}, "version number"),
+        ({"base": "0", "base_digest": "zz" * 32}, "64 hexadecimal"),
+        ({"base": "0", "base_digest": "00" * 31}, "64 hexadecimal"),
+        ({"base": "1", "base_digest": "00" * 32}, "not older"),
+    ],
+)
+def test_a_hostile_query_is_a_400_with_a_reason(tmp_path: Path, query: dict[str, str], detail: str) -> None:
+    async def go() -> None:
+        async with running(tmp_path, devices=2, parameters=PARAMETERS, downlink="int8") as h:
+            await publish_rounds(h, 1)
+            response = await h.client.get("/v1/models/1", params=query)
+            assert response.status == 400
+            assert response.content_type == "application/problem+json"
+            problem = await response.json()
+            assert problem["reason"] == "bad-parameter" and detail in problem["detail"]
+
+    run(go())
+
+
+def test_a_tampered_delta_is_refused_and_the_agent_keeps_its_model(tmp_path: Path) -> None:
+    """A relay between agent and aggregator flips one byte of every delta: the agent refuses it (the signed
+    digest), counts it, and still holds version 0; the genuine delta then takes it to version 1."""
+
+    async def go() -> None:
+        async with running(tmp_path / "agg", devices=2, parameters=PARAMETERS, downlink="int8") as h:
+            tamper = True
+
+            async def relay(request: web.Request) -> web.Response:
+                upstream = await h.client.get(request.path, params=request.query)
+                body = bytearray(await upstream.read())
+                if tamper and "X-Model-Base" in upstream.headers:
+                    body[-2] ^= 0x01
+                return web.Response(status=upstream.status, body=bytes(body))
+
+            app = web.Application()
+            app.router.add_get("/v1/models/{version}", relay)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]
+            state = tmp_path / "state"
+            load_or_create_device_key(state)
+            write_aggregator_key(state, h.key.verify_key)
+            config = agent_config(tmp_path / "agent.toml", f"http://127.0.0.1:{port}", state)
+            agent = Agent(load_config(config), budget=ADVISORY)
+            agent._package = h.package.info
+            try:
+                async with AggregatorClient(f"http://127.0.0.1:{port}", h.key.verify_key) as client:
+                    first = await h.task()
+                    assert first is not None
+                    held = await agent._ensure_release(client, first)
+                    await publish_rounds(h, 1)
+                    task = await h.task(after=first.round_id)
+                    assert task is not None and task.model_version == 1
+                    with pytest.raises(wire.ProtocolError) as caught:
+                        await agent._ensure_release(client, task)
+                    assert caught.value.reason == "digest-mismatch"
+                    assert agent._release is held and agent._release.version == 0
+                    tamper = False
+                    release = await agent._ensure_release(client, task)
+                    assert release.version == 1 and release.digest == task.model_digest
+                    assert_same_bits(release, published(h, 1))
+            finally:
+                agent.sandbox.close()
+                await runner.cleanup()
+
+    run(go())
+
+
+def test_a_site_refuses_a_compressed_downlink(tmp_path: Path) -> None:
+    from aggregator.simulate import synthetic_package
+
+    key = SigningKey.generate()
+    upstream = UpstreamConfig(url="http://127.0.0.1:1", key=SigningKey.generate().verify_key)
+    with pytest.raises(ValueError, match="root aggregator"):
+        AggregatorConfig(state_dir=tmp_path, package=synthetic_package(10), key=key, upstream=upstream,
+                         downlink="int8")
