@@ -1,4 +1,5 @@
-"""Central differential privacy for the published models (DP-FedAvg, McMahan et al. 2018, device-level).
+"""Differential privacy for the published models (DP-FedAvg, McMahan et al. 2018, device-level), central or
+distributed.
 
 What the aggregator does in a ``--dp central`` round (docs/privacy.md):
 
@@ -13,6 +14,13 @@ Participation is *not* sampled: any enrolled device that asks may join a round, 
 sampling, and the accountant composes one Gaussian mechanism of noise multiplier z per published round. Who
 took part (and how many) is public (the status lists it); what DP bounds is what any one device's data can
 change in the published models.
+
+``--dp distributed`` (with ``--secure-aggregation``) moves step 2 to the devices: each adds discrete Gaussian
+noise to its quantised update (Kairouz et al. 2021, "The Distributed Discrete Gaussian Mechanism";
+appliance/protocol/discrete_gaussian.py), so the unmasked sum is already noised and nobody sees it without the
+noise. The noise the sum holds depends on how many devices survived, which the aggregator knows before it asks
+for the unmask: :func:`distributed_noise` gives the round's effective noise multiplier and the DDGauss slack,
+and the ledger records those (aggregator/secagg_round.py).
 
 The ledger of noised rounds is written to disk *before* the version they produced is published, so a crash in
 between over-counts the privacy spent, never under-counts it.
@@ -34,6 +42,7 @@ from appliance.durable import atomic_write
 
 ACCOUNTING = "rdp; every device that asks may join (no sampling amplification)"
 LEDGER_FILE = "privacy.json"
+MODES = ("central", "distributed")
 
 
 class PrivacyError(ValueError):
@@ -50,8 +59,8 @@ class DPConfig:
     mode: str = "central"
 
     def __post_init__(self) -> None:
-        if self.mode != "central":
-            raise PrivacyError(f"--dp {self.mode!r}: only 'central' is available")
+        if self.mode not in MODES:
+            raise PrivacyError(f"--dp {self.mode!r}: choose one of {', '.join(MODES)}")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
             raise PrivacyError(f"--dp-noise-multiplier must be positive, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
@@ -69,9 +78,42 @@ class DPConfig:
             )
 
 
-def epsilon(noise_multipliers: list[float], delta: float) -> float:
+def check_mode(config: DPConfig, secure_aggregation: bool) -> None:
+    """Distributed DP needs secure aggregation (the devices' noise is only worth anything summed, and without
+    masks each device's noised update would be seen alone); central DP cannot run under it (the aggregator
+    clips each update before it adds noise, and under secure aggregation it never sees one)."""
+    if config.mode == "distributed" and not secure_aggregation:
+        raise PrivacyError("--dp distributed needs --secure-aggregation: each device adds only its share of the noise, "
+                           "which protects it only inside the masked sum")
+
+
+@dataclass(frozen=True)
+class RoundNoise:
+    """The noise one distributed-DP round's sum actually holds."""
+
+    noise_multiplier: float  # sqrt(survivors) * sigma / sensitivity
+    rdp_slack: float  # tau * d of Kairouz et al. 2021: added to the RDP of every order (and so to epsilon)
+
+
+def distributed_noise(noise_sigma: float, survivors: int, sensitivity: float, dimension: int) -> RoundNoise:
+    """What the sum of ``survivors`` devices' discrete Gaussian noise N_Z(0, sigma^2) is worth, for a sensitivity
+    (one device's largest L2 norm, quantised) ``sensitivity`` over ``dimension`` coordinates.
+
+    Kairouz et al. 2021 (Proposition 14 with Theorem 1): the sum of n independent N_Z(0, sigma^2) is
+    (alpha, alpha Delta^2 / (2 n sigma^2) + tau d)-RDP for every order alpha, with
+    tau = 10 sum_{k=1}^{n-1} exp(-2 pi^2 sigma^2 k / (k + 1)). The first term is the RDP of the Gaussian
+    mechanism of noise multiplier sqrt(n) sigma / Delta, which dp-accounting composes; tau d is returned as the
+    slack the ledger adds to epsilon. (With sigma in the millions of quantisation steps, tau underflows to 0.)
+    """
+    tau = 10 * sum(math.exp(-2 * math.pi**2 * noise_sigma**2 * k / (k + 1)) for k in range(1, survivors))
+    return RoundNoise(math.sqrt(survivors) * noise_sigma / sensitivity, tau * dimension)
+
+
+def epsilon(noise_multipliers: list[float], delta: float, rdp_slack: float = 0.0) -> float:
     """The epsilon at ``delta`` after one Gaussian mechanism per entry (sensitivity 1, noise std z), composed by
-    dp-accounting's RDP accountant. Zero rounds spend nothing."""
+    dp-accounting's RDP accountant, plus ``rdp_slack``: a constant added to the composed RDP at every order
+    raises dp-accounting's RDP-to-DP conversion (a minimum over orders of RDP plus terms of the order alone) by
+    exactly that constant. Zero rounds spend nothing."""
     if not noise_multipliers:
         return 0.0
     import dp_accounting  # the aggregator's only user of it; keeps `import aggregator` light
@@ -80,7 +122,7 @@ def epsilon(noise_multipliers: list[float], delta: float) -> float:
     accountant = rdp.RdpAccountant()
     for z, count in _runs(noise_multipliers):
         accountant.compose(dp_accounting.GaussianDpEvent(z), count)
-    return float(accountant.get_epsilon(delta))
+    return float(accountant.get_epsilon(delta)) + rdp_slack
 
 
 def _runs(values: list[float]) -> list[tuple[float, int]]:
@@ -94,15 +136,18 @@ def _runs(values: list[float]) -> list[tuple[float, int]]:
 
 
 class PrivacyLedger:
-    """The noise multiplier of every noised round that produced a published version, on disk."""
+    """The noise multiplier of every noised round that produced a published version, on disk (with the DDGauss
+    slack of distributed rounds)."""
 
     def __init__(self, state_dir: Path, config: DPConfig):
         self.path = Path(state_dir) / LEDGER_FILE
         self.config = config
         self.rounds: list[float] = []
+        self.rdp_slack = 0.0
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             self.rounds = [float(z) for z in saved["noise_multipliers"]]
+            self.rdp_slack = float(saved.get("rdp_slack", 0.0))
             if float(saved["delta"]) != config.delta:
                 raise PrivacyError(
                     f"{self.path} accounts with delta {saved['delta']}, not --dp-delta {config.delta}: "
@@ -110,30 +155,41 @@ class PrivacyLedger:
                 )
 
     def spent(self) -> float:
-        return epsilon(self.rounds, self.config.delta)
+        return epsilon(self.rounds, self.config.delta, self.rdp_slack)
 
-    def after_next_round(self) -> float:
-        return epsilon([*self.rounds, self.config.noise_multiplier], self.config.delta)
+    def after_next_round(self, noise: RoundNoise | None = None) -> float:
+        """Epsilon after one more round with ``noise`` (None: the configured noise multiplier, no slack)."""
+        z, slack = (self.config.noise_multiplier, 0.0) if noise is None else (noise.noise_multiplier, noise.rdp_slack)
+        return epsilon([*self.rounds, z], self.config.delta, self.rdp_slack + slack)
 
-    def budget_allows_next_round(self) -> bool:
+    def budget_allows_next_round(self, noise: RoundNoise | None = None) -> bool:
         budget = self.config.epsilon_budget
-        return budget is None or self.after_next_round() <= budget
+        return budget is None or self.after_next_round(noise) <= budget
 
-    def record_round(self) -> float:
-        """Count one more noised round (durably, before its version is published); returns epsilon after it."""
-        rounds = [*self.rounds, self.config.noise_multiplier]
-        atomic_write(self.path, json.dumps({"delta": self.config.delta, "noise_multipliers": rounds}).encode())
-        self.rounds = rounds
+    def record_round(self, noise: RoundNoise | None = None) -> float:
+        """Count one more noised round (durably, before its version is published); returns epsilon after it.
+        ``noise``: what a distributed round's sum held; None: the configured noise multiplier (central)."""
+        z, slack = (self.config.noise_multiplier, 0.0) if noise is None else (noise.noise_multiplier, noise.rdp_slack)
+        rounds = [*self.rounds, z]
+        saved: dict[str, object] = {"delta": self.config.delta, "noise_multipliers": rounds}
+        if self.rdp_slack + slack:
+            saved["rdp_slack"] = self.rdp_slack + slack
+        atomic_write(self.path, json.dumps(saved).encode())
+        self.rounds, self.rdp_slack = rounds, self.rdp_slack + slack
         return self.spent()
 
-    def release_metadata(self) -> dict[str, float | int]:
-        """What each signed ModelRelease carries about the privacy spent up to and including it."""
-        return {
+    def release_metadata(self) -> dict[str, float | int | str]:
+        """What each signed ModelRelease carries about the privacy spent up to and including it; the noise
+        multiplier is that of the round that made it (distributed: the noise its survivors' sum held)."""
+        metadata: dict[str, float | int | str] = {
             "epsilon": self.spent(),
             "delta": self.config.delta,
-            "noise_multiplier": self.config.noise_multiplier,
+            "noise_multiplier": self.rounds[-1] if self.rounds else self.config.noise_multiplier,
             "rounds": len(self.rounds),
         }
+        if self.config.mode == "distributed":
+            metadata["mode"] = "distributed"
+        return metadata
 
 
 class GaussianSum:

@@ -35,7 +35,7 @@ from nacl.signing import SigningKey
 from aggregator.buffered import AsyncActivity, BufferPolicy
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore
-from aggregator.privacy import ACCOUNTING, PrivacyLedger
+from aggregator.privacy import ACCOUNTING, PrivacyLedger, RoundNoise
 from aggregator.registry import Registry
 from aggregator.store import DuplicateUpdate, RoundRow, SpoolJob, Store, UpdateRow
 from aggregator.strategies import AggregationError, Strategy
@@ -155,6 +155,7 @@ class OpenRound:
     samples: int = 0
     pending: int = 0
     closing: bool = False
+    noise: RoundNoise | None = None  # distributed DP: the noise the survivors' sum held (secagg_round.py)
     full: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -640,6 +641,7 @@ class RoundEngine:
         await round_.idle.wait()
         if self.secure is not None:  # secure aggregation: all there is to aggregate is the survivors' weighted mean
             outcome = await self.secure.finish(round_)
+            round_.noise = outcome.noise
             if outcome.mean is not None:
                 self.strategy.add(outcome.mean, float(outcome.weight))
             await self._conclude(round_, outcome.participants, outcome.weight, {}, outcome.updates(), outcome.note)
@@ -794,7 +796,7 @@ class RoundEngine:
         version = round_.model_version + 1
         privacy = None
         if self.privacy is not None:  # counted before the version exists: a crash over-counts, never under-counts
-            self.privacy.record_round()
+            self.privacy.record_round(round_.noise)
             privacy = self.privacy.release_metadata()
         digest = self.models.write(version, params, created_at, privacy)
         state = self.strategy.saved_state()

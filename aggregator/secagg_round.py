@@ -10,6 +10,12 @@ published or abandoned) whose updates arrive masked. This module runs its phases
       -> the weighted mean of the survivors' updates, which the engine's rule (FedAvg, FedAdam, FedYogi)
          turns into the next version exactly as it would the plain updates' mean
 
+With ``--dp distributed`` the roster also fixes the discrete Gaussian noise each device adds to its quantised
+words (``noise_sigma``, calibrated so that the whole roster's noise has noise multiplier z) and weights every
+device 1 (W = 1). Before asking for the unmask the aggregator knows how many devices the sum will cover, so it
+knows the noise the sum holds (fewer survivors, less noise): the round is accounted with that
+(aggregator/privacy.py), and abandoned unmasked if that would take epsilon past the budget.
+
 What is stored: public keys, commitments, ciphertexts, masked inputs (uniform in Z_2^32), survivor lists and
 shares that never reach t of both kinds for one device. The only plaintext made from updates is the unmasked
 sum; it lives in memory until the engine publishes the model made from it, and nothing logs it.
@@ -42,6 +48,7 @@ from nacl.exceptions import RuntimeError as NaclRuntimeError
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from aggregator.privacy import RoundNoise, distributed_noise
 from aggregator.registry import Registry
 from aggregator.store import DuplicateUpdate, SpoolJob, Store
 from aggregator.strategies.chunks import UpdateSet
@@ -49,7 +56,7 @@ from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol import graph
 from appliance.protocol import messages as m
-from appliance.protocol.quantise import dequantise, levels_for
+from appliance.protocol.quantise import dequantise, levels_for, private_levels, sensitivity
 from appliance.protocol.secagg import (
     DEFAULT_THRESHOLD_FRACTION,
     Answer,
@@ -69,7 +76,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEVICE_PHASES = ("advertise", "share", "masked", "unmask")
-ABANDON_REASONS = ("too-few-advertised", "too-few-shared", "too-few-survivors", "too-few-shares", "deadline")
+ABANDON_REASONS = ("too-few-advertised", "too-few-shared", "too-few-survivors", "too-few-shares", "deadline",
+                   "privacy-budget")
 DIRECTIONS = ("received", "sent")
 # A low-order X25519 key would make every shared secret with it zero: checked by one multiplication.
 _PROBE_SCALAR = bytes([5] * 32)
@@ -123,7 +131,7 @@ class SecAggConfig:
         return n - 1 if self.neighbours == 0 else graph.effective_neighbours(n, self.neighbours)
 
 
-def check_secure_strategy(strategy_cls: type, clip_norm: float, private: bool) -> None:
+def check_secure_strategy(strategy_cls: type, clip_norm: float, central_dp: bool) -> None:
     """Refuse, at start-up, what secure aggregation cannot run, with the reason."""
     if not getattr(strategy_cls, "sum_based", False):
         raise SecAggConfigError(
@@ -132,10 +140,10 @@ def check_secure_strategy(strategy_cls: type, clip_norm: float, private: bool) -
         )
     if not clip_norm > 0:
         raise SecAggConfigError("--secure-aggregation needs --clip-norm > 0: the quantisation range comes from it")
-    if private:
+    if central_dp:
         raise SecAggConfigError(
             "--dp central cannot be combined with --secure-aggregation: the aggregator clips each update before it "
-            "adds noise, and under secure aggregation it never sees one"
+            "adds noise, and under secure aggregation it never sees one (--dp distributed: the devices add it)"
         )
 
 
@@ -187,6 +195,7 @@ class SecureOutcome:
     weight: int  # the sum of their weights, min(samples, W) each
     mean: np.ndarray | None  # float32; None: abandoned
     note: str
+    noise: RoundNoise | None = None  # distributed DP: the noise the survivors' sum holds
 
     def updates(self) -> UpdateSet | None:
         """The sum as the rule sees it: one update, weighted by the total weight (FedAvg of it is itself)."""
@@ -409,10 +418,14 @@ class SecureRounds:
             raise _Abandon("too-few-advertised", f"{n} devices advertised keys, below the minimum of {self._minimum()}")
         ids = tuple(sorted(sr.advertised))
         k = self.config.degree(n)
+        levels, max_samples, sigma = levels_for(n), self.config.max_samples, 0.0
+        z = self._distributed_dp()
+        if z is not None:  # device-level DP: every device weighs 1, and the room holds the noise
+            (levels, sigma), max_samples = private_levels(n, z, self.words - 1), 1
         roster = m.Roster(
             sr.round_id, ids, tuple(sr.advertised[d][1] for d in ids), k, threshold_for(k, self.config.threshold),
-            levels_for(n), self.config.max_samples, float(self.engine.plan.clip_norm),
-            deadline=int(min(time.time() + self.config.phase_timeout, sr.deadline)),
+            levels, max_samples, float(self.engine.plan.clip_norm),
+            deadline=int(min(time.time() + self.config.phase_timeout, sr.deadline)), noise_sigma=sigma,
         )
         body = m.encode_roster(roster, self.key)
         self._end_phase(sr, "share", float(roster.deadline), 0, roster=body)
@@ -648,7 +661,22 @@ class SecureRounds:
         note = f"secure aggregation: the sum of {covers} devices"
         if sr.plan.excluded:
             note += f" ({len(sr.plan.excluded)} masked inputs left out)"
-        return SecureOutcome(covers, weight, mean, note)
+        noise = self._noise(sr, covers)
+        if noise is not None:
+            note += f", noised by the devices (noise multiplier {noise.noise_multiplier:.4g})"
+        return SecureOutcome(covers, weight, mean, note, noise)
+
+    def _distributed_dp(self) -> float | None:
+        """z of ``--dp distributed``, or None."""
+        ledger = self.engine.privacy
+        return ledger.config.noise_multiplier if ledger is not None and ledger.config.mode == "distributed" else None
+
+    def _noise(self, sr: SecureRound, survivors: int) -> RoundNoise | None:
+        """The noise the sum of ``survivors`` devices' inputs holds (distributed DP), or None without."""
+        if not sr.setup.noise_sigma:
+            return None
+        dimension = self.words - 1
+        return distributed_noise(sr.setup.noise_sigma, survivors, sensitivity(sr.setup.levels, dimension), dimension)
 
     async def _ask(self, sr: SecureRound) -> None:
         rejections = {v: rejected for v, (_, rejected) in sr.masked.items()}
@@ -656,6 +684,13 @@ class SecureRounds:
         if len(plan.survivors) < self._minimum():
             raise _Abandon("too-few-survivors", f"{len(plan.survivors)} masked inputs can count, below the minimum of "
                            f"{self._minimum()}")
+        noise = self._noise(sr, len(plan.survivors))
+        ledger = self.engine.privacy
+        if noise is not None and not ledger.budget_allows_next_round(noise):
+            raise _Abandon("privacy-budget", f"the sum of {len(plan.survivors)} devices holds noise multiplier "
+                           f"{noise.noise_multiplier:.4g}, which would take epsilon to "
+                           f"{ledger.after_next_round(noise):.4g}, past the budget of "
+                           f"{ledger.config.epsilon_budget:g}; it is never unmasked")
         request = m.UnmaskRequest(sr.round_id, tuple(plan.survivors), tuple(plan.dropped),
                                   int(time.time() + self.config.phase_timeout))
         body = m.encode_unmask_request(request, self.key)

@@ -591,18 +591,24 @@ class ModelRelease:
     tensors: dict[str, np.ndarray]
     digest: bytes = b""
     created_at: int = field(default_factory=lambda: int(time.time()))
-    # Central differential privacy spent up to and including this version (docs/privacy.md): epsilon, delta,
-    # noise_multiplier, rounds. None: the version was not trained with DP (the payload has no "dp" field).
-    privacy: dict[str, float | int] | None = None
+    # Differential privacy spent up to and including this version (docs/privacy.md): epsilon, delta,
+    # noise_multiplier, rounds, and "mode": "distributed" for distributed DP (absent: central). None: the version
+    # was not trained with DP (the payload has no "dp" field).
+    privacy: dict[str, float | int | str] | None = None
 
 
 _DP_FIELDS = {"epsilon": float, "delta": float, "noise_multiplier": float, "rounds": int}
+_DP_MODES = ("distributed",)  # central DP, the first mode, has no "mode" entry
 
 
-def _privacy(value: Any) -> dict[str, float | int]:
-    if not isinstance(value, dict) or set(value) != set(_DP_FIELDS):
-        raise ProtocolError("bad-payload", f"'dp' must be a map of exactly {', '.join(_DP_FIELDS)}")
-    out: dict[str, float | int] = {}
+def _privacy(value: Any) -> dict[str, float | int | str]:
+    if not isinstance(value, dict) or not set(_DP_FIELDS) <= set(value) <= {*_DP_FIELDS, "mode"}:
+        raise ProtocolError("bad-payload", f"'dp' must be a map of exactly {', '.join(_DP_FIELDS)} (and 'mode')")
+    out: dict[str, float | int | str] = {}
+    if "mode" in value:
+        if value["mode"] not in _DP_MODES:
+            raise ProtocolError("bad-payload", "'dp' field 'mode' must be \"distributed\" when present")
+        out["mode"] = value["mode"]
     for name, kind in _DP_FIELDS.items():
         item = value[name]
         if isinstance(item, bool) or not isinstance(item, kind) or not math.isfinite(item) or item < 0:

@@ -221,6 +221,7 @@ class Roster:
     max_samples: int
     clip_norm: float
     deadline: int  # the share phase ends then (aggregator time, Unix seconds)
+    noise_sigma: float = 0.0  # distributed DP: the discrete Gaussian each device adds; 0: none (field omitted)
 
     def section(self) -> bytes:
         return _canonical({"devices": [[d, k.cipher, k.mask] for d, k in zip(self.device_ids, self.keys,
@@ -229,7 +230,8 @@ class Roster:
     def setup(self) -> RoundSetup:
         """The round's arithmetic; the graph seed is the SHA-256 of the roster section."""
         return RoundSetup(self.round_id, self.keys, self.neighbours, self.threshold, self.levels, self.max_samples,
-                          self.clip_norm, graph_seed=hashlib.sha256(self.section()).digest())
+                          self.clip_norm, graph_seed=hashlib.sha256(self.section()).digest(),
+                          noise_sigma=self.noise_sigma)
 
     def index_of(self, device_id: str) -> int:
         try:
@@ -243,6 +245,8 @@ def encode_roster(roster: Roster, key: SigningKey) -> bytes:
     payload = {"type": "secagg-roster", "phase": "share", "round": roster.round_id, "neighbours": roster.neighbours,
                "threshold": roster.threshold, "levels": roster.levels, "max_samples": roster.max_samples,
                "clip_norm": float(roster.clip_norm), "deadline": roster.deadline}
+    if roster.noise_sigma:
+        payload["noise_sigma"] = float(roster.noise_sigma)
     return _seal(payload, roster.section(), key, wire.key_id(key.verify_key))
 
 
@@ -265,8 +269,11 @@ def decode_roster(message: bytes | memoryview, aggregator_key: VerifyKey,
     clip = p.get("clip_norm")
     if not isinstance(clip, float) or not math.isfinite(clip):
         raise ProtocolError("bad-payload", "field 'clip_norm' missing or not a finite float")
+    sigma = p.get("noise_sigma", 0.0)
+    if "noise_sigma" in p and not (isinstance(sigma, float) and math.isfinite(sigma) and sigma > 0):
+        raise ProtocolError("bad-payload", "field 'noise_sigma' must be a finite float > 0 when present")
     roster = Roster(p["round"], tuple(ids), tuple(keys), _uint(p, "neighbours"), _uint(p, "threshold"),
-                    _uint(p, "levels"), _uint(p, "max_samples"), clip, _uint(p, "deadline", _MAX_ID))
+                    _uint(p, "levels"), _uint(p, "max_samples"), clip, _uint(p, "deadline", _MAX_ID), sigma)
     try:
         roster.setup()
     except ValueError as exc:

@@ -21,14 +21,32 @@ the round is set up). The aggregator learns only
 so the sample-weighted mean (FedAvg) is their quotient. Stochastic rounding (round up with probability equal
 to the fractional part) is unbiased, so the quantisation error averages out over devices and rounds instead of
 accumulating; one device's error per coordinate is below C / B.
+
+With distributed differential privacy (docs/privacy.md) each device then adds discrete Gaussian noise
+N_Z(0, sigma^2) (:mod:`.discrete_gaussian`) to each of its words 0..P-1, and every weight is 1 (W = 1). The room
+must then hold the noise too. The discrete Gaussian is sigma^2-subgaussian (Canonne, Kamath and Steinke 2020),
+so the noise summed over n devices exceeds T in magnitude with probability at most 2 exp(-T^2 / (2 n sigma^2));
+over at most 2^32 coordinates (no update has more words) the sum wraps anywhere with probability at most
+2^-40 when T = sigma * sqrt(2 n * ln(2^73)) (:func:`noise_tail`). :func:`check_room` asks N * B + T <= 2^31 - 1.
+
+One device's quantised vector has L2 norm at most B + sqrt(P) (the clipped, scaled delta has norm at most B,
+and stochastic rounding moves each of the P coordinates by less than 1): that is the sensitivity
+(:func:`sensitivity`) the noise is calibrated to. :func:`private_levels` picks the largest B for which N devices'
+noise of noise multiplier z still fits: sigma = z (B + sqrt(P)) / sqrt(N), so T = z (B + sqrt(P)) sqrt(2 ln 2^73)
+whatever N, and B = floor((2^31 - 1 - z sqrt(P) c) / (N + z c)) with c = sqrt(2 ln 2^73), about 10.06.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 MODULUS_BITS = 32
 MAX_SUM = 2**31 - 1
+# The probability that the noise makes a sum wrap is at most 2^-WRAP_BITS, for updates of up to 2^32 words.
+WRAP_BITS = 40
+_TAIL_LOG = (1 + MODULUS_BITS + WRAP_BITS) * math.log(2)  # ln(2 * 2^32 / 2^-40)
 
 
 def levels_for(devices: int) -> int:
@@ -38,10 +56,37 @@ def levels_for(devices: int) -> int:
     return MAX_SUM // devices
 
 
-def check_room(devices: int, levels: int, max_samples: int) -> None:
-    """Refuse parameters under which a sum of ``devices`` inputs could overflow the modulus."""
-    if levels < 1 or devices * levels > MAX_SUM:
-        raise ValueError(f"{devices} inputs of up to {levels} in magnitude can overflow 2^31 - 1")
+def noise_tail(devices: int, noise_sigma: float) -> float:
+    """T: the noise of ``devices`` devices (N_Z(0, sigma^2) each) summed exceeds T in magnitude in any coordinate
+    with probability at most 2^-40 (see the module docstring)."""
+    return noise_sigma * math.sqrt(2 * devices * _TAIL_LOG)
+
+
+def sensitivity(levels: int, dimension: int) -> float:
+    """The largest L2 norm of one device's quantised vector of ``dimension`` coordinates: B + sqrt(P)."""
+    return levels + math.sqrt(dimension)
+
+
+def private_levels(devices: int, noise_multiplier: float, dimension: int) -> tuple[int, float]:
+    """(B, sigma) for distributed DP: each of ``devices`` devices adds N_Z(0, sigma^2), sigma =
+    z * (B + sqrt(P)) / sqrt(devices), and B is the largest level that leaves room for the sum's noise."""
+    c = math.sqrt(2 * _TAIL_LOG)
+    levels = math.floor((MAX_SUM - noise_multiplier * math.sqrt(dimension) * c) / (devices + noise_multiplier * c))
+    while levels >= 1:
+        sigma = noise_multiplier * sensitivity(levels, dimension) / math.sqrt(devices)
+        if devices * levels + noise_tail(devices, sigma) <= MAX_SUM:  # float rounding: check, step down if need be
+            return levels, sigma
+        levels -= 1
+    raise ValueError(f"noise multiplier {noise_multiplier} over {devices} devices and {dimension} parameters leaves "
+                     "no room in 2^31 - 1 for the update")
+
+
+def check_room(devices: int, levels: int, max_samples: int, noise_sigma: float = 0.0) -> None:
+    """Refuse parameters under which a sum of ``devices`` inputs could overflow the modulus (with noise of
+    ``noise_sigma`` per device: except with probability 2^-40)."""
+    if levels < 1 or devices * levels + noise_tail(devices, noise_sigma) > MAX_SUM:
+        noise = f" and noise of sigma {noise_sigma:g} each" if noise_sigma else ""
+        raise ValueError(f"{devices} inputs of up to {levels} in magnitude{noise} can overflow 2^31 - 1")
     if max_samples < 1 or devices * max_samples >= 2**MODULUS_BITS:
         raise ValueError(f"{devices} weights of up to {max_samples} can overflow 2^32")
 

@@ -42,7 +42,7 @@ import numpy as np
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
-from appliance.protocol import graph, prg, shamir
+from appliance.protocol import discrete_gaussian, graph, prg, shamir
 from appliance.protocol.quantise import check_room, quantise
 
 SELF_MASK_DOMAIN = b"fl-edge/secagg/v1/self-mask"
@@ -109,6 +109,7 @@ class RoundSetup:
     max_samples: int
     clip_norm: float
     graph_seed: bytes
+    noise_sigma: float = 0.0  # distributed DP: each device adds N_Z(0, sigma^2) to its words; 0: no noise
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -120,8 +121,10 @@ class RoundSetup:
             raise SecAggError("bad-roster", f"threshold {self.threshold} is outside [2, {self.neighbours + 1}]")
         if not self.clip_norm > 0:
             raise SecAggError("bad-roster", "the clip norm must be positive")
+        if not (math.isfinite(self.noise_sigma) and self.noise_sigma >= 0):
+            raise SecAggError("bad-roster", f"the noise sigma must be finite and >= 0, got {self.noise_sigma}")
         try:
-            check_room(n, self.levels, self.max_samples)
+            check_room(n, self.levels, self.max_samples, self.noise_sigma)
         except ValueError as exc:
             raise SecAggError("bad-roster", str(exc)) from None
 
@@ -269,12 +272,16 @@ class DeviceRound:
             return None
 
     def mask(self, delta: np.ndarray, num_samples: int, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Phase 3, second half: the masked input (P + 1 uint32 words) of a clipped update."""
+        """Phase 3, second half: the masked input (P + 1 uint32 words) of a clipped update; with distributed DP
+        (the roster's noise sigma), its share of the noise added to the quantised words before the masks."""
         setup = self._setup()
         words = quantise(
             delta, num_samples, clip_norm=setup.clip_norm, levels=setup.levels, max_samples=setup.max_samples,
             rng=rng or np.random.default_rng(),
         )
+        if setup.noise_sigma > 0:  # a fresh key from the device's own entropy: the aggregator cannot know the noise
+            noise = discrete_gaussian.sample(setup.noise_sigma, words.size - 1, self._entropy(prg.SEED_BYTES))
+            np.add(words[:-1], (noise % 2**32).astype(np.uint32), out=words[:-1])
         prg.add_mask(words, self_mask_seed(self.round_id, self._self_secret), +1)
         for j in self._accepted:
             prg.add_mask(words, self._pair_seed(j), +1 if self.index < j else -1)
