@@ -26,7 +26,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from aggregator import statuspage
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore, ServedPackage
-from aggregator.privacy import DPConfig, PrivacyError, PrivacyLedger, check_private_strategy, make_private
+from aggregator.privacy import (
+    DPConfig,
+    PrivacyError,
+    PrivacyLedger,
+    check_mode,
+    check_private_strategy,
+    make_private,
+)
 from aggregator.registry import Registry
 from aggregator.rounds import RoundEngine, RoundPolicy, TrainingPlan, Unavailable
 from aggregator.secagg_round import SecAggConfig, SecAggMetrics, SecureRounds, check_secure_strategy
@@ -134,8 +141,10 @@ class AggregatorConfig:
                                  "bit for bit, so its devices get full models")
         if self.privacy is not None:
             check_private_strategy(self.strategy, self.plan.clip_norm, self.upstream is not None)
+            check_mode(self.privacy, self.secure_aggregation is not None)
         if self.secure_aggregation is not None:
-            check_secure_strategy(STRATEGIES[self.strategy], self.plan.clip_norm, self.privacy is not None)
+            central_dp = self.privacy is not None and self.privacy.mode == "central"
+            check_secure_strategy(STRATEGIES[self.strategy], self.plan.clip_norm, central_dp)
 
 
 @dataclass
@@ -535,7 +544,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 ledger = PrivacyLedger(Path(config.state_dir), config.privacy)
             except PrivacyError as exc:
                 raise RuntimeError(str(exc)) from None
-            make_private(strategy, config.plan.clip_norm, config.privacy)
+            if config.privacy.mode == "central":  # distributed: the devices add the noise (secagg_round.py)
+                make_private(strategy, config.plan.clip_norm, config.privacy)
         engine = RoundEngine(
             store, registry, models, strategy, config.policy, config.plan, config.key, metrics, executor,
             config.chunk_bytes, ledger,

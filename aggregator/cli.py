@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from nacl.signing import SigningKey
 
 from aggregator.buffered import STALENESS_WEIGHTINGS, BufferConfigError, BufferPolicy, check_buffered_strategy
-from aggregator.privacy import DPConfig, PrivacyError, check_private_strategy
+from aggregator.privacy import MODES, DPConfig, PrivacyError, check_mode, check_private_strategy
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy
@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="publish each version rounded to a float16, int8 or sparse step, so a device that "
                        "holds one of the last 16 versions fetches steps, not the model (default full: exact)")
     serve.add_argument("--clip-norm", type=float, default=0.0, help="devices clip their delta to this L2 norm")
-    serve.add_argument("--dp", choices=["central"], help="differential privacy of the published models: clip, "
-                       "weight every device 1 and add Gaussian noise to the sum (docs/privacy.md)")
+    serve.add_argument("--dp", choices=MODES, help="differential privacy of the published models: clip, weight every "
+                       "device 1 and add Gaussian noise to the sum (central), or let each device add its share of "
+                       "discrete Gaussian noise inside secure aggregation (distributed) (docs/privacy.md)")
     serve.add_argument("--dp-noise-multiplier", type=float, metavar="Z",
                        help="--dp: noise standard deviation as a multiple of --clip-norm")
     serve.add_argument("--dp-delta", type=float, default=1e-5, metavar="D",
@@ -290,13 +291,14 @@ def _privacy(args: argparse.Namespace) -> DPConfig | None:
     dp_flags = (args.dp_noise_multiplier, args.dp_epsilon_budget)
     if args.dp is None:
         if any(flag is not None for flag in dp_flags):
-            raise CliError("--dp-noise-multiplier and --dp-epsilon-budget go with --dp central")
+            raise CliError("--dp-noise-multiplier and --dp-epsilon-budget go with --dp central or --dp distributed")
         return None
     if args.dp_noise_multiplier is None:
-        raise CliError("--dp central needs --dp-noise-multiplier Z (noise std = Z x --clip-norm)")
+        raise CliError(f"--dp {args.dp} needs --dp-noise-multiplier Z (noise std = Z x --clip-norm)")
     try:
         config = DPConfig(args.dp_noise_multiplier, args.dp_delta, args.dp_epsilon_budget, args.dp)
         check_private_strategy(args.strategy, args.clip_norm, args.upstream is not None)
+        check_mode(config, args.secure_aggregation)
     except PrivacyError as exc:
         raise CliError(str(exc)) from None
     return config
@@ -313,7 +315,7 @@ def _secure_aggregation(args: argparse.Namespace) -> SecAggConfig | None:
         return None
     try:
         config = SecAggConfig(**{k: v for k, v in given.items() if v is not None})
-        check_secure_strategy(STRATEGIES[args.strategy], args.clip_norm, args.dp is not None)
+        check_secure_strategy(STRATEGIES[args.strategy], args.clip_norm, args.dp == "central")
     except SecAggConfigError as exc:
         raise CliError(str(exc)) from None
     return config
