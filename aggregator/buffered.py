@@ -20,6 +20,8 @@ import collections
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from appliance.errors import ProtocolError
 
 STALENESS_WEIGHTINGS = ("constant", "polynomial")
@@ -60,6 +62,17 @@ class BufferPolicy:
         if self.weighting == "constant":
             return 1.0
         return float((1.0 + staleness) ** -self.exponent)
+
+    def scaled(self, delta: np.ndarray, staleness: int) -> np.ndarray:
+        """The delta times w(staleness), as it is spooled and accumulated (float32, like every spooled delta; in
+        place when the array allows it)."""
+        weight = self.weight(staleness)
+        if weight == 1.0:
+            return delta
+        if delta.flags.writeable and delta.dtype == np.float32:
+            delta *= np.float32(weight)
+            return delta
+        return (delta * np.float32(weight)).astype(np.float32)
 
     def check(self, staleness: int, base_version: int, current_version: int) -> None:
         """Refuse an update whose base is more than ``max_staleness`` versions old (410 ``too-stale``)."""

@@ -425,8 +425,10 @@ class RoundEngine:
                     async with asyncio.timeout(remaining):
                         await round_.full.wait()
             below_quorum = not round_.full.is_set() and round_.accepted < self.policy.min_clients
-            if self.policy.buffer is not None and below_quorum:
-                self._extend(round_)  # an async buffer is never abandoned: its acknowledged updates wait for more
+            if self.policy.buffer is not None and below_quorum and self.forward is None:
+                # An async buffer is never abandoned: its acknowledged updates wait for more. (A site's is, as in
+                # sync mode, so that it follows its parent's newer versions.)
+                self._extend(round_)
                 continue
             try:
                 await self.close_round()
@@ -557,7 +559,7 @@ class RoundEngine:
         now = time.time()
         staleness = round_.model_version - header.model_version
         if self.policy.buffer is not None:
-            delta = self._staleness_scaled(delta, self.policy.buffer.weight(staleness))
+            delta = self.policy.buffer.scaled(delta, staleness)
         # The receipt names the round the device trained for (in async mode, the buffer may be a later one).
         receipt = wire.encode_receipt(
             wire.Receipt(header.device_id, header.round_id, update_digest=digest, accepted_at=int(now)), self.key
@@ -619,16 +621,6 @@ class RoundEngine:
         if not room():
             async with self._changed:
                 await self._changed.wait_for(room)
-
-    @staticmethod
-    def _staleness_scaled(delta: np.ndarray, weight: float) -> np.ndarray:
-        """The delta times its staleness weight, as spooled and accumulated (float32, like every spooled delta)."""
-        if weight == 1.0:
-            return delta
-        if delta.flags.writeable and delta.dtype == np.float32:
-            delta *= np.float32(weight)
-            return delta
-        return (delta * np.float32(weight)).astype(np.float32)
 
     # -------------------------------------------------------------------------------------------- closing
 
@@ -759,8 +751,11 @@ class RoundEngine:
     async def open_for_upstream(self, version: int, params: np.ndarray | None, deadline: float) -> int:
         """Site mode: adopt the parent's model ``version`` (``params`` when it is new to this site, re-signed by
         this site's key) and open a round on it that closes by ``deadline``. A round still open is closed first
-        (it forwards what it has, or is abandoned). Returns the new round's id."""
+        (it forwards what it has, or is abandoned); in async mode it is left to fill its buffer (or reach its
+        deadline) and forward, and the next round opens after. Returns the new round's id."""
         async with self._changed:
+            if self.policy.buffer is not None:
+                await self._changed.wait_for(lambda: self.current is None)
             await self._changed.wait_for(lambda: self.current is None or not self.current.closing)
         if self.current is not None:
             await self.close_round()

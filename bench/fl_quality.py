@@ -51,6 +51,12 @@ epsilon 1, 3 and 8 (delta 1e-5), the same participants, local training and clip 
     .venv/bin/python bench/fl_quality.py --flower-python /path/to/flwr-venv/bin/python
     .venv/bin/python bench/fl_quality.py --clients 4 --per-round 4 --rounds 2 --seeds 1   # a smoke run
     .venv/bin/python bench/fl_quality.py --dp --flower-python /path/to/flwr-venv/bin/python
+
+``--stragglers`` measures simulated wall-clock time to 90 % with slow devices instead: synchronous FedAvg (ours
+and Flower's) against buffered asynchronous aggregation (FedBuff, ``fl-aggregator serve --mode async``);
+bench/fl_stragglers.py says how (docs/fl-quality.md, "Stragglers").
+
+    .venv/bin/python bench/fl_quality.py --stragglers --flower-python /path/to/flwr-venv/bin/python
 """
 
 from __future__ import annotations
@@ -830,6 +836,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="--dp: the epsilons over the run that choose the noise multipliers (default 1,3,8)")
     ap.add_argument("--dp-noise-multipliers", help="--dp: these noise multipliers instead of --dp-epsilons")
     ap.add_argument("--dp-delta", type=float, default=1e-5, help="--dp: the delta epsilon is given at")
+    ap.add_argument("--stragglers", action="store_true",
+                    help="stragglers: simulated time to 90 %% for sync FedAvg (ours, Flower's) and async FedBuff "
+                    "(ours), device speeds log-normal with a slow fraction (bench/fl_stragglers.py)")
+    ap.add_argument("--buffer", type=int, default=5, help="--stragglers: async buffer K (5)")
+    ap.add_argument("--max-staleness", type=int, default=20, help="--stragglers: async staleness bound (20)")
+    ap.add_argument("--staleness-weight", choices=("constant", "polynomial"), default="polynomial",
+                    help="--stragglers: async staleness weighting (polynomial: (1 + s)^-0.5)")
+    ap.add_argument("--server-lr", type=float, default=1.0, help="--stragglers: async FedAvg server learning rate")
+    ap.add_argument("--speed-sigma", type=float, default=0.5,
+                    help="--stragglers: sigma of the log-normal device speeds (median 1)")
+    ap.add_argument("--slow-fraction", type=float, default=0.3, help="--stragglers: fraction of slowed clients")
+    ap.add_argument("--slowdown", type=float, default=10.0, help="--stragglers: how much slower they are")
     ap.add_argument("--flower-python", help="interpreter with flwr (default $FLWR_PYTHON, then this one)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "fl-quality",
                     help="directory for the plot and the JSON figures")
@@ -848,6 +866,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(args.clients, args.per_round, args.rounds, args.epochs, args.batch, args.lr, args.alpha,
                         args.fedadam_eta, args.fedadam_tau)
     sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+    if args.stragglers:
+        return _stragglers(ap, args, settings)
     dps: list[DPSetting] = []
     if args.dp:
         dps = _dp_settings_from(ap, args, settings)
@@ -941,6 +961,44 @@ def _dp_settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace, set
     except (ValueError, PrivacyError) as exc:
         ap.error(str(exc))
     return dp_settings(zs, targets, args.clip_norm, args.dp_delta, settings)
+
+
+def _stragglers(ap: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings) -> int:
+    """--stragglers: sync FedAvg (ours, Flower's) against async FedBuff (ours) in simulated wall-clock time."""
+    from fl_stragglers import SpeedModel, plot_stragglers, run_stragglers, straggler_report
+
+    from aggregator.buffered import BufferConfigError, BufferPolicy
+    from appliance.trainer import Trainer
+    from flctl.model import build_reference_package
+
+    if not 0 <= args.slow_fraction <= 1 or args.slowdown < 1 or args.speed_sigma < 0:
+        ap.error("--slow-fraction must be in [0, 1], --slowdown >= 1, --speed-sigma >= 0")
+    try:
+        buffer = BufferPolicy(args.buffer, args.max_staleness, args.staleness_weight)
+    except BufferConfigError as exc:
+        ap.error(str(exc))
+    speeds = SpeedModel(args.speed_sigma, args.slow_fraction, args.slowdown)
+    flower_python = find_flower_python(args.flower_python)
+    if flower_python is None:
+        print("flwr not found (pass --flower-python or set FLWR_PYTHON); running ours only")
+    package, _ = build_reference_package("mlp")
+    trainer = Trainer(package, threads=1)
+    seeds = list(range(args.seeds))
+    print(f"stragglers: digits, Dirichlet(alpha={args.alpha}) over {args.clients} clients, {args.per_round} "
+          f"training at a time, {args.rounds * args.per_round} local trainings per method, seeds {seeds}; local: "
+          f"{args.epochs} epochs, batch {args.batch}, SGD lr {args.lr}")
+    started = time.perf_counter()
+    runs = run_stragglers(lambda seed: make_federation(args.clients, args.alpha, seed), seeds, settings, package,
+                          trainer, speeds, buffer, args.server_lr, flower_python)
+    report = straggler_report(runs, seeds, settings, speeds, buffer, args.server_lr)
+    report["flower_version"] = _flower_version(flower_python) if flower_python else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    png, js = args.out / "fl_stragglers.png", args.out / "fl_stragglers.json"
+    plot_stragglers(runs, png, f"digits, Dirichlet({args.alpha}), {args.clients} clients, "
+                    f"{args.slow_fraction:.0%} {args.slowdown:g}x slower, buffer K={args.buffer}")
+    js.write_text(json.dumps(report, indent=1))
+    print(f"\nplot: {png}\nfigures: {js}\ntotal {time.perf_counter() - started:.0f} s")
+    return 0
 
 
 def _flower_version(python: str) -> str:
