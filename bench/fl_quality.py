@@ -52,6 +52,12 @@ epsilon 1, 3 and 8 (delta 1e-5), the same participants, local training and clip 
     .venv/bin/python bench/fl_quality.py --clients 4 --per-round 4 --rounds 2 --seeds 1   # a smoke run
     .venv/bin/python bench/fl_quality.py --dp --flower-python /path/to/flwr-venv/bin/python
 
+``--downlink`` measures the compressed downlink instead: bytes per device per round (up + down) and final
+accuracy for float32 updates with full float32 models against int8 updates with full, float16, int8 and sparse
+model deltas (``fl-aggregator serve --downlink``); bench/fl_downlink.py says how.
+
+    .venv/bin/python bench/fl_quality.py --downlink
+
 ``--stragglers`` measures simulated wall-clock time to 90 % with slow devices instead: synchronous FedAvg (ours
 and Flower's) against buffered asynchronous aggregation (FedBuff, ``fl-aggregator serve --mode async``);
 bench/fl_stragglers.py says how (docs/fl-quality.md, "Stragglers").
@@ -836,6 +842,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="--dp: the epsilons over the run that choose the noise multipliers (default 1,3,8)")
     ap.add_argument("--dp-noise-multipliers", help="--dp: these noise multipliers instead of --dp-epsilons")
     ap.add_argument("--dp-delta", type=float, default=1e-5, help="--dp: the delta epsilon is given at")
+    ap.add_argument("--downlink", action="store_true",
+                    help="compressed downlink: bytes per device per round and final accuracy, float32 updates and "
+                    "models against int8 updates with full/float16/int8/sparse model deltas (bench/fl_downlink.py)")
     ap.add_argument("--stragglers", action="store_true",
                     help="stragglers: simulated time to 90 %% for sync FedAvg (ours, Flower's) and async FedBuff "
                     "(ours), device speeds log-normal with a slow fraction (bench/fl_stragglers.py)")
@@ -866,6 +875,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(args.clients, args.per_round, args.rounds, args.epochs, args.batch, args.lr, args.alpha,
                         args.fedadam_eta, args.fedadam_tau)
     sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+    if args.downlink:
+        return _downlink(args, settings)
     if args.stragglers:
         return _stragglers(ap, args, settings)
     dps: list[DPSetting] = []
@@ -998,6 +1009,31 @@ def _stragglers(ap: argparse.ArgumentParser, args: argparse.Namespace, settings:
                     f"{args.slow_fraction:.0%} {args.slowdown:g}x slower, buffer K={args.buffer}")
     js.write_text(json.dumps(report, indent=1))
     print(f"\nplot: {png}\nfigures: {js}\ntotal {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _downlink(args: argparse.Namespace, settings: Settings) -> int:
+    """--downlink: bytes per device per round (up + down) and final accuracy of each downlink encoding."""
+    from fl_downlink import DOWNLINK_METHODS, downlink_report, run_all
+
+    from appliance.trainer import Trainer
+    from flctl.model import build_reference_package
+
+    package, _ = build_reference_package("mlp")
+    trainer = Trainer(package, threads=1)
+    seeds = list(range(args.seeds))
+    print(f"downlink: digits, Dirichlet(alpha={args.alpha}) over {args.clients} clients, {args.per_round} per round, "
+          f"{args.rounds} rounds, seeds {seeds}; model {package.name} "
+          f"({sum(s.size for s in package.param_specs):,} parameters), FedAvg; local: {args.epochs} epochs, batch "
+          f"{args.batch}, SGD lr {args.lr}")
+    started = time.perf_counter()
+    runs = run_all(lambda seed: make_federation(args.clients, args.alpha, seed), seeds, settings, package, trainer,
+                   list(DOWNLINK_METHODS))
+    report = downlink_report(runs, settings, seeds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    js = args.out / "fl_downlink.json"
+    js.write_text(json.dumps(report, indent=1))
+    print(f"\nfigures: {js}\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 
 
