@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from aggregator.privacy import DPConfig, PrivacyError, check_private_strategy
+from aggregator.privacy import MODES, DPConfig, PrivacyError, check_mode, check_private_strategy
 from aggregator.strategies import STRATEGIES
 from appliance import wire
 from appliance.detection import DetectionSpec, encode_targets
@@ -405,7 +405,7 @@ def _privacy_line(privacy: dict, fleet: Fleet) -> str:
     """The guarantee of the last model, and what the noise costs a fleet this small."""
     noise_on_mean = privacy["noise_multiplier"] * fleet.clip_norm / fleet.devices
     return (
-        f"differential privacy (central, per device): epsilon {privacy['epsilon']:.3g} at delta "
+        f"differential privacy ({privacy['mode']}, per device): epsilon {privacy['epsilon']:.3g} at delta "
         f"{privacy['delta']:g} after {privacy['rounds']} noised round(s), noise multiplier "
         f"{privacy['noise_multiplier']:g}, clip norm {fleet.clip_norm:g}; noise std on the mean "
         f"{noise_on_mean:.3g} per parameter with {fleet.devices} devices (accounting: {privacy['accounting']})"
@@ -448,13 +448,15 @@ def privacy_settings(args: argparse.Namespace) -> tuple[float, float | None, flo
     if args.clip_norm is not None and not args.clip_norm > 0:
         raise SystemExit(f"flctl demo: --clip-norm must be positive, got {args.clip_norm}")
     if z is None:
-        if budget is not None:
-            raise SystemExit("flctl demo: --dp-epsilon-budget goes with --dp-noise-multiplier")
+        for flag, value in (("--dp-epsilon-budget", budget), ("--dp-mode", args.dp_mode)):
+            if value is not None:
+                raise SystemExit(f"flctl demo: {flag} goes with --dp-noise-multiplier")
         return args.clip_norm or 0.0, None, None  # 0: devices do not clip
     clip_norm = DP_CLIP_NORM if args.clip_norm is None else args.clip_norm
     try:
-        DPConfig(z, epsilon_budget=budget)
+        config = DPConfig(z, epsilon_budget=budget, mode=args.dp_mode or "central")
         check_private_strategy(args.strategy, clip_norm, site=False)
+        check_mode(config, args.secure_aggregation)
     except PrivacyError as exc:
         raise SystemExit(f"flctl demo: {exc}") from None
     return clip_norm, z, budget
@@ -470,6 +472,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         samples_per_round=training["samples"] if args.samples is None else args.samples,
         secure_aggregation=args.secure_aggregation,
         clip_norm=clip_norm, dp_noise_multiplier=noise_multiplier, dp_epsilon_budget=budget,
+        dp_mode=args.dp_mode or "central",
     )  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a log file or CI: wide enough for the summary table
@@ -502,7 +505,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--secure-aggregation", action="store_true",
                    help="secure aggregation: the aggregator learns only the sum of the devices' updates "
-                   "(docs/aggregator.md); fedavg, fedadam or fedyogi, not with --dp-noise-multiplier")
+                   "(docs/aggregator.md); fedavg, fedadam or fedyogi; with DP, only --dp-mode distributed")
     p.add_argument(
         "--clip-norm",
         type=float,
@@ -521,6 +524,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         metavar="E",
         help="with --dp-noise-multiplier: the aggregator opens no round that would take epsilon past E",
+    )
+    p.add_argument(
+        "--dp-mode",
+        choices=MODES,
+        help="with --dp-noise-multiplier: central (the aggregator adds the noise, the default) or distributed "
+        "(each device adds its share of discrete Gaussian noise; needs --secure-aggregation)",
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="state, logs, plot and summary")
     p.add_argument("--keep-running", action="store_true",

@@ -68,7 +68,8 @@ class Fleet:
     seed: int = 0
     secure_aggregation: bool = False  # `serve --secure-aggregation`: the aggregator sees only sums
     clip_norm: float = 0.0  # devices (and, with DP, the aggregator) clip each delta to this L2 norm; 0: off
-    dp_noise_multiplier: float | None = None  # set: `--dp central` with this noise multiplier (docs/privacy.md)
+    dp_noise_multiplier: float | None = None  # set: `--dp MODE` with this noise multiplier (docs/privacy.md)
+    dp_mode: str = "central"  # or "distributed": the devices add the noise, inside secure aggregation
     dp_epsilon_budget: float | None = None
     port: int = 0
     members: list[Device] = field(default_factory=list)
@@ -153,7 +154,7 @@ class Fleet:
         if self.clip_norm:
             cmd += ["--clip-norm", str(self.clip_norm)]
         if self.dp_noise_multiplier is not None:
-            cmd += ["--dp", "central", "--dp-noise-multiplier", str(self.dp_noise_multiplier)]
+            cmd += ["--dp", self.dp_mode, "--dp-noise-multiplier", str(self.dp_noise_multiplier)]
             if self.dp_epsilon_budget is not None:
                 cmd += ["--dp-epsilon-budget", str(self.dp_epsilon_budget)]
         if self.secure_aggregation:  # it needs a clip norm: the quantisation range comes from it
