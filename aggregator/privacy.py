@@ -40,7 +40,11 @@ from aggregator.strategies import STRATEGIES, Strategy
 from aggregator.strategies.fedavg import FedAvg
 from appliance.durable import atomic_write
 
-ACCOUNTING = "rdp; every device that asks may join (no sampling amplification)"
+ACCOUNTING = {
+    "central": "rdp; every device that asks may join (no sampling amplification)",
+    "distributed": "rdp of the devices' discrete Gaussian noise actually summed (Kairouz et al. 2021, tau slack "
+    "added); every device that asks may join (no sampling amplification)",
+}
 LEDGER_FILE = "privacy.json"
 MODES = ("central", "distributed")
 

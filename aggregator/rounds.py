@@ -812,7 +812,7 @@ class RoundEngine:
             "epsilon_budget": config.epsilon_budget,
             "rounds": len(self.privacy.rounds),
             "exhausted": not self.privacy.budget_allows_next_round(),
-            "accounting": ACCOUNTING,
+            "accounting": ACCOUNTING[config.mode],
         }
 
     def status(self, history: int = 20) -> dict[str, Any]:

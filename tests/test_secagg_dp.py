@@ -153,6 +153,7 @@ def test_a_distributed_dp_round_publishes_the_mean_plus_the_devices_noise(tmp_pa
             status = await _status(h)
             expected = _independent_epsilon(multipliers, delta)
             assert status["privacy"]["mode"] == "distributed"
+            assert "discrete Gaussian noise actually summed" in status["privacy"]["accounting"]
             assert status["privacy"]["epsilon"] == pytest.approx(expected, rel=1e-9)
             response = await h.client.get("/v1/models/2")
             release = wire.decode_model_release(await response.read(), h.key.verify_key, h.specs)
