@@ -258,14 +258,16 @@ class Agent:
 
     # -- one round ------------------------------------------------------------------------------------
 
-    def _frames_available(self) -> int:
-        return len(FrameBuffer(self.state_dir / FRAMES_DIR))
+    def _frames_available(self, detector: bool) -> int:
+        """Frames the package can train on: a detector only those stored with pseudo-boxes."""
+        frames = FrameBuffer(self.state_dir / FRAMES_DIR)
+        return frames.frames_with_boxes() if detector else len(frames)
 
-    async def _wait_for_frames(self, task: wire.Task) -> bool:
+    async def _wait_for_frames(self, task: wire.Task, detector: bool) -> bool:
         """Wait, while the round is open, until the frame buffer holds a batch (a freshly booted camera
         needs its labeller's warm-up first). Leaves a margin before the deadline to train and upload."""
         margin = 60.0
-        while self._frames_available() < task.batch_size:
+        while self._frames_available(detector) < task.batch_size:
             remaining = task.deadline - margin - self.clock.now()
             if remaining <= 0:
                 return False
@@ -275,7 +277,7 @@ class Agent:
 
     async def _train(self, task: wire.Task, package: ModelPackage, release: wire.ModelRelease) -> wire.Update | None:
         data = self.config.data
-        if data.source == "cameras" and not await self._wait_for_frames(task):
+        if data.source == "cameras" and not await self._wait_for_frames(task, bool(package.detection)):
             self.metrics.rounds_skipped.labels("no-data").inc()
             log.info("round %d: too few labelled frames before its deadline; skipping", task.round_id)
             return None

@@ -10,7 +10,8 @@
   it and its driver module can be unloaded. ENODEV/EIO mid-frame is a camera that went away, not a crash.
 - Frames: grayscale, area-downscaled to the model's (1, 32, 32) and kept as captured, uint8 0..255; a
   second, larger view (float32 in [0, 1]) feeds the motion labeller. `FrameRecorder` labels them per
-  camera and keeps the labelled ones in the bounded `FrameBuffer`. Frames never leave the device.
+  camera and keeps the labelled ones in the bounded `FrameBuffer`, each with its count (the counting
+  classifier's label) and its pseudo-boxes (the detector's). Frames never leave the device.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from appliance.framebuffer import FrameBuffer
+from appliance.framebuffer import BOX_SLOTS, FrameBuffer
 from appliance.labels import MotionLabeller, MotionLabelSettings
 from appliance.v4l2 import (
     GRAY_CONVERTERS,
@@ -565,10 +566,22 @@ class CameraManager:
 
 # --- labels + buffer -------------------------------------------------------------------------------
 
+def frame_boxes(view_boxes: np.ndarray, view_shape: tuple[int, int], frame_shape: tuple[int, ...]) -> np.ndarray:
+    """The labeller's boxes on its view -> boxes in the stored frame's pixels, at most BOX_SLOTS of them
+    (the largest by area, in the labeller's order; the smaller blobs of a frame with more are mostly noise)."""
+    scale = np.array([frame_shape[-1] / view_shape[1], frame_shape[-2] / view_shape[0]] * 2, np.float32)
+    boxes = np.asarray(view_boxes, np.float32).reshape(-1, 4) * scale
+    if len(boxes) > BOX_SLOTS:
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        boxes = boxes[np.sort(np.argsort(-area, kind="stable")[:BOX_SLOTS])]
+    return boxes
+
+
 class FrameRecorder:
     """The frame handler the agent gives CameraManager: labels each camera's frames in order and
-    keeps the labelled ones in the buffer. Frames without an honest label (warm-up, scene change)
-    are counted and dropped."""
+    keeps the labelled ones in the buffer, with the count (clipped, as the classifier's label) and the
+    pseudo-boxes (for a detector) of their moving blobs. Frames without an honest label (warm-up, scene
+    change) are counted and dropped."""
 
     def __init__(self, buffer: FrameBuffer, label_settings: MotionLabelSettings | None = None) -> None:
         self.buffer = buffer
@@ -588,11 +601,13 @@ class FrameRecorder:
 
     def record(self, frame: CapturedFrame) -> int | None:
         """Label and store one frame (blocking file I/O when a batch is written); returns the label or None."""
-        label = self.labeller(frame.camera.path).update(frame.label_view)
-        if label is None:
+        view_boxes = self.labeller(frame.camera.path).update_boxes(frame.label_view)
+        if view_boxes is None:
             self.frames_unlabelled_total += 1
             return None
-        self.buffer.append(frame.pixels, label, frame.timestamp_ns)
+        label = min(len(view_boxes), self.label_settings.max_count)
+        boxes = frame_boxes(view_boxes, frame.label_view.shape, frame.pixels.shape)
+        self.buffer.append(frame.pixels, label, frame.timestamp_ns, boxes)
         self.frames_labelled_total += 1
         self.labels_total[label] += 1
         return label

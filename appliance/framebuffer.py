@@ -16,17 +16,26 @@ Retention keeps the newest frames within a count and a byte limit by deleting wh
 first; a segment holds at most an eighth of either limit. Frames never leave the device: nothing here
 talks to the network, and the trainer reads (x, y) from this directory.
 
-Format 2: segment files `<sequence:012d>.fls` (the sequence grows, so name order is age order), each a
-run of frame records of one shape. A record, little-endian, is a 24-byte header then the pixels:
-    magic  4s  b"FLF2"
-    label  u8  class index
-    rsv    u8  0
+Two record kinds share the directory, each segment holding one kind of one shape:
+
+- **counts** (format 2, magic b"FLF2"): a frame and its count label, for the counting classifier;
+- **boxes** (format 3, magic b"FLF3"): the same plus the frame's pseudo-boxes (the motion labeller's blobs),
+  for a detector. The camera recorder writes these; the count is still in each record, so a counting
+  classifier trains on either kind, while a detector trains on box records only (`load_boxes`).
+
+Segment files are `<sequence:012d>.fls` (the sequence grows, so name order is age order), each a run of
+records of one size. A record, little-endian, is a 24-byte header, the pixels, then (format 3) the boxes:
+    magic  4s  b"FLF2" or b"FLF3"
+    label  u8  class index (the count, clipped)
+    boxes  u8  format 2: 0; format 3: how many of the BOX_SLOTS box slots are used
     c,h,w  3 x u16  frame shape
     ts_ns  u64  capture time, ns since the epoch
-    crc32  u32  zlib.crc32 of header bytes 4..20 (label to ts_ns), continued over the pixels
+    crc32  u32  zlib.crc32 of header bytes 4..20 (label to ts_ns), continued over the pixels and box slots
     pixels c*h*w uint8, row-major
-Format 1 (one fsynced `<sequence:012d>.flf` file per frame, float32 pixels) is not read: the writer
-deletes such files in `recover()` and logs how many it dropped.
+    slots  format 3 only: BOX_SLOTS x 4 x u16, (x0, y0, x1, y1) in 1/16 frame pixels, unused slots 0
+Format 2 segments written before boxes were stored stay readable (for counts); a version that knows only
+format 2 skips format-3 records as unreadable. Format 1 (one fsynced `<sequence:012d>.flf` file per frame,
+float32 pixels) is not read: the writer deletes such files in `recover()` and logs how many it dropped.
 """
 
 from __future__ import annotations
@@ -46,10 +55,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
-MAGIC = b"FLF2"
+FORMAT = 3
+MAGIC = b"FLF2"  # counts only
+BOXES_MAGIC = b"FLF3"  # counts and pseudo-boxes
 FORMAT_1_MAGIC = b"FLF1"
 HEADER = struct.Struct("<4sBB3HQI")
+BOX_SLOTS = 8  # boxes kept per frame (the largest): more blobs than this in a 32x32 frame are mostly noise
+BOX_UNITS = 16  # box coordinates are stored in 1/16 pixel (the labeller's view is 2x the frame: exact)
+BOX = struct.Struct("<4H")
 SUFFIX = ".fls"
 FORMAT_1_SUFFIX = ".flf"
 TMP_PREFIX = ".tmp-"
@@ -59,6 +72,10 @@ BATCH_SECONDS = 60.0
 
 class FrameFileError(ValueError):
     """A frame record that cannot be read back (wrong magic, truncated, checksum mismatch)."""
+
+
+class CountsOnlyBuffer(ValueError):
+    """A detector asked for pseudo-boxes, and the buffer holds frames with counts only."""
 
 
 @dataclass(frozen=True)
@@ -72,41 +89,85 @@ class _Segment:
     frames: int  # whole records in the file
     bytes: int
     shape: tuple[int, int, int] | None  # of its first record; None when that record is unreadable
+    boxes: bool = False  # format 3 records (with pseudo-boxes)
 
 
-def record_size(shape: tuple[int, ...]) -> int:
-    """Bytes of one stored frame of ``shape`` (c, h, w): header and uint8 pixels."""
-    return HEADER.size + math.prod(shape)
+@dataclass(frozen=True)
+class FrameRecord:
+    """One stored frame: pixels (c, h, w) uint8, its count label, capture time, and its pseudo-boxes (float32
+    (k, 4) of (x0, y0, x1, y1) in frame pixels) or None for a counts-only record."""
+
+    pixels: np.ndarray
+    label: int
+    timestamp_ns: int
+    boxes: np.ndarray | None
 
 
-def encode_frame(pixels: np.ndarray, label: int, timestamp_ns: int) -> bytes:
-    """One frame record (format 2) for uint8 ``pixels`` of shape (c, h, w)."""
+def record_size(shape: tuple[int, ...], boxes: bool = False) -> int:
+    """Bytes of one stored frame of ``shape`` (c, h, w): header, uint8 pixels and (format 3) the box slots."""
+    return HEADER.size + math.prod(shape) + (BOX_SLOTS * BOX.size if boxes else 0)
+
+
+def _box_slots(boxes: np.ndarray, height: int, width: int) -> bytes:
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"boxes are (k, 4) of (x0, y0, x1, y1), got shape {b.shape}")
+    if len(b) > BOX_SLOTS:
+        raise ValueError(f"{len(b)} boxes for one frame; at most {BOX_SLOTS} are stored (keep the largest)")
+    limit = np.array([width, height, width, height])
+    if (not np.isfinite(b).all() or (b < 0).any() or (b > limit).any()
+            or (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any()):
+        raise ValueError(f"boxes must lie in the {width}x{height} frame with x0 <= x1 and y0 <= y1, got {b.tolist()}")
+    if max(width, height) * BOX_UNITS > 0xFFFF:
+        raise ValueError(f"a {width}x{height} frame is too large for box coordinates in 1/{BOX_UNITS} pixel")
+    slots = np.zeros((BOX_SLOTS, 4), "<u2")
+    slots[:len(b)] = np.rint(b * BOX_UNITS)
+    return slots.tobytes()
+
+
+def encode_frame(pixels: np.ndarray, label: int, timestamp_ns: int, boxes: np.ndarray | None = None) -> bytes:
+    """One frame record for uint8 ``pixels`` of shape (c, h, w): format 2 (count only) when ``boxes`` is None,
+    format 3 with the pseudo-boxes (k, 4) in frame pixels otherwise."""
     if pixels.ndim != 3:
         raise ValueError(f"a frame is (channels, height, width), got shape {pixels.shape}")
     if pixels.dtype != np.uint8:
         raise ValueError(f"frames are stored as captured, uint8 0..255; got {pixels.dtype} pixels")
     if not 0 <= label <= 255:
         raise ValueError(f"label must be a class index 0..255, got {label}")
-    data = np.ascontiguousarray(pixels).tobytes()
     c, h, w = pixels.shape
-    fields = HEADER.pack(MAGIC, label, 0, c, h, w, timestamp_ns, 0)[4:20]
-    return HEADER.pack(MAGIC, label, 0, c, h, w, timestamp_ns, zlib.crc32(data, zlib.crc32(fields))) + data
+    data = np.ascontiguousarray(pixels).tobytes()
+    magic, used = MAGIC, 0
+    if boxes is not None:
+        data += _box_slots(boxes, h, w)
+        magic, used = BOXES_MAGIC, len(boxes)
+    fields = HEADER.pack(magic, label, used, c, h, w, timestamp_ns, 0)[4:20]
+    return HEADER.pack(magic, label, used, c, h, w, timestamp_ns, zlib.crc32(data, zlib.crc32(fields))) + data
 
 
-def decode_frame(blob: bytes, name: str = "frame") -> tuple[np.ndarray, int, int]:
-    """One record -> (pixels (c, h, w) uint8, label, timestamp_ns); FrameFileError names what is wrong."""
+def decode_frame(blob: bytes, name: str = "frame") -> FrameRecord:
+    """One record (format 2 or 3) -> FrameRecord; FrameFileError names what is wrong."""
     if len(blob) < HEADER.size:
         raise FrameFileError(f"{name}: {len(blob)} bytes, shorter than the {HEADER.size}-byte header")
-    magic, label, _, c, h, w, ts, crc = HEADER.unpack_from(blob)
-    if magic != MAGIC:
+    magic, label, used, c, h, w, ts, crc = HEADER.unpack_from(blob)
+    if magic not in (MAGIC, BOXES_MAGIC):
         old = " (format 1, float32: no longer read)" if magic == FORMAT_1_MAGIC else ""
-        raise FrameFileError(f"{name}: bad magic {magic!r}{old}, expected {MAGIC!r}")
+        raise FrameFileError(f"{name}: bad magic {magic!r}{old}, expected {MAGIC!r} or {BOXES_MAGIC!r}")
+    has_boxes = magic == BOXES_MAGIC
     data = memoryview(blob)[HEADER.size:]
-    if len(data) != c * h * w:
-        raise FrameFileError(f"{name}: {len(data)} pixel bytes, shape {c}x{h}x{w} needs {c * h * w}")
+    want = record_size((c, h, w), has_boxes) - HEADER.size
+    if len(data) != want:
+        raise FrameFileError(f"{name}: {len(data)} pixel bytes{' and box slots' if has_boxes else ''}, shape "
+                             f"{c}x{h}x{w} needs {want}")
+    if has_boxes and used > BOX_SLOTS:
+        raise FrameFileError(f"{name}: {used} boxes, more than the {BOX_SLOTS} slots")
     if zlib.crc32(data, zlib.crc32(blob[4:20])) != crc:
         raise FrameFileError(f"{name}: checksum mismatch")
-    return np.frombuffer(data, dtype=np.uint8).reshape(c, h, w), label, ts
+    pixels = np.frombuffer(data[:c * h * w], dtype=np.uint8).reshape(c, h, w)
+    boxes = None
+    if has_boxes:
+        slots = np.frombuffer(data[c * h * w:], dtype="<u2").reshape(BOX_SLOTS, 4)
+        boxes = slots[:used].astype(np.float32) / np.float32(BOX_UNITS)
+    return FrameRecord(pixels, label, ts, boxes)
 
 
 def to_model_input(frames: np.ndarray) -> np.ndarray:
@@ -118,16 +179,17 @@ def to_model_input(frames: np.ndarray) -> np.ndarray:
     return out
 
 
-def _first_shape(path: Path) -> tuple[int, int, int] | None:
+def _first_header(path: Path) -> tuple[tuple[int, int, int], bool] | None:
+    """(shape, has boxes) of a segment's first record, or None when it is unreadable."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(HEADER.size)
     except FileNotFoundError:
         return None
-    if len(head) < HEADER.size or head[:4] != MAGIC:
+    if len(head) < HEADER.size or head[:4] not in (MAGIC, BOXES_MAGIC):
         return None
     c, h, w = HEADER.unpack(head)[3:6]
-    return c, h, w
+    return (c, h, w), head[:4] == BOXES_MAGIC
 
 
 class FrameBuffer:
@@ -151,9 +213,9 @@ class FrameBuffer:
         self.frame_shape = tuple(frame_shape)
         self.max_frames = max_frames
         self.max_bytes = max_bytes
-        self.record_bytes = record_size(self.frame_shape)
+        largest = record_size(self.frame_shape, boxes=True)
         # A segment is at most 1/8 of either limit, so deleting whole segments keeps 7/8 of the buffer.
-        self.batch_frames = max(1, min(batch_frames, max_frames // 8, max_bytes // (8 * self.record_bytes)))
+        self.batch_frames = max(1, min(batch_frames, max_frames // 8, max_bytes // (8 * largest)))
         self.batch_seconds = batch_seconds
         self.root.mkdir(parents=True, exist_ok=True)
         self._segments: dict[str, _Segment] = {}
@@ -175,12 +237,15 @@ class FrameBuffer:
                     size = entry.stat().st_size
                 except FileNotFoundError:  # the writer dropped it meanwhile
                     continue
-                shape = _first_shape(Path(entry.path))
-                found[entry.name] = _Segment(size // record_size(shape or self.frame_shape), size, shape)
+                head = _first_header(Path(entry.path))
+                shape, boxes = head if head else (None, False)
+                found[entry.name] = _Segment(size // record_size(shape or self.frame_shape, boxes), size, shape, boxes)
         self._segments = dict(sorted(found.items()))
 
-    def _readable(self) -> list[str]:
-        return [name for name, seg in self._segments.items() if seg.shape in (self.frame_shape, None)]
+    def _readable(self, boxes: bool | None = None) -> list[str]:
+        """Segments of this buffer's shape: all of them, or only those with (True) or without (False) boxes."""
+        return [name for name, seg in self._segments.items()
+                if seg.shape in (self.frame_shape, None) and (boxes is None or seg.boxes == boxes)]
 
     def stats(self) -> FrameBufferStats:
         """Frames of this buffer's shape and bytes of all segments, as written to the directory."""
@@ -188,6 +253,10 @@ class FrameBuffer:
 
     def __len__(self) -> int:
         return sum(self._segments[name].frames for name in self._readable())
+
+    def frames_with_boxes(self) -> int:
+        """Frames stored with their pseudo-boxes (format 3): what a detector can train on."""
+        return sum(self._segments[name].frames for name in self._readable(boxes=True))
 
     # -- the writer ---------------------------------------------------------------------------------
 
@@ -210,13 +279,18 @@ class FrameBuffer:
         self._enforce()
         self._recovered = True
 
-    def append(self, pixels: np.ndarray, label: int, timestamp_ns: int | None = None) -> None:
-        """Queue one labelled frame (uint8, as captured); the batch is written when it is full or old."""
+    def append(self, pixels: np.ndarray, label: int, timestamp_ns: int | None = None,
+               boxes: np.ndarray | None = None) -> None:
+        """Queue one labelled frame (uint8, as captured) with its pseudo-boxes in frame pixels (None: a count
+        only); the batch is written when it is full or old. A segment holds one record kind, so a frame of the
+        other kind first writes the waiting batch."""
         if tuple(pixels.shape) != self.frame_shape:
             raise ValueError(f"frame shape {tuple(pixels.shape)} does not match the buffer's {self.frame_shape}")
-        blob = encode_frame(pixels, label, time.time_ns() if timestamp_ns is None else timestamp_ns)
+        blob = encode_frame(pixels, label, time.time_ns() if timestamp_ns is None else timestamp_ns, boxes)
         if len(blob) > self.max_bytes:
             raise ValueError(f"one frame ({len(blob)} bytes) exceeds the buffer's byte limit {self.max_bytes}")
+        if self._pending and len(self._pending[0]) != len(blob):
+            self.flush()
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(blob)
@@ -250,7 +324,8 @@ class FrameBuffer:
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
-        self._segments[name] = _Segment(frames, len(data), self.frame_shape)
+        boxes = data[:4] == BOXES_MAGIC
+        self._segments[name] = _Segment(frames, len(data), self.frame_shape, boxes)
         self._enforce()
         return final
 
@@ -267,47 +342,65 @@ class FrameBuffer:
 
     # -- readers ------------------------------------------------------------------------------------
 
-    def _records(self, name: str) -> Iterator[tuple[np.ndarray, int]]:
-        """(pixels, label) of every sound record of one segment; damaged ones are logged and skipped."""
+    def _records(self, name: str) -> Iterator[FrameRecord]:
+        """Every sound record of one segment; damaged ones are logged and skipped."""
         try:
             blob = (self.root / name).read_bytes()
         except FileNotFoundError:  # the writer dropped it since this buffer was opened
             return
-        size = self.record_bytes
+        size = record_size(self.frame_shape, self._segments[name].boxes)
         whole, torn = divmod(len(blob), size)
         for i in range(whole):
             try:
-                pixels, label, _ = decode_frame(blob[i * size:(i + 1) * size], f"{name} frame {i}")
+                yield decode_frame(blob[i * size:(i + 1) * size], f"{name} frame {i}")
             except FrameFileError as exc:
                 log.warning("skipping an unreadable frame: %s", exc)
-                continue
-            yield pixels, label
         if torn:
             log.warning("skipping a torn frame: %s ends with %d bytes of a %d-byte record", name, torn, size)
 
-    def load(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The newest `limit` frames (all when None) as x (n, c, h, w) uint8 and y (n,) int64."""
-        names = self._readable()
-        if limit is not None:
-            if limit <= 0:
-                names = []
-            else:  # the newest segments that hold `limit` frames
-                held = 0
-                for start in range(len(names) - 1, -1, -1):
-                    held += self._segments[names[start]].frames
-                    if held >= limit:
-                        names = names[start:]
-                        break
+    def _newest(self, names: list[str], limit: int | None) -> list[str]:
+        """The newest of ``names`` that hold ``limit`` frames (all when None)."""
+        if limit is None:
+            return names
+        held = 0
+        for start in range(len(names) - 1, -1, -1):
+            held += self._segments[names[start]].frames
+            if held >= limit:
+                return names[start:]
+        return names if limit > 0 else []
+
+    def _load(self, names: list[str], limit: int | None) -> tuple[np.ndarray, np.ndarray, list[FrameRecord]]:
+        names = self._newest(names, limit) if limit is None or limit > 0 else []
         capacity = sum(self._segments[name].frames for name in names)
         x = np.empty((capacity, *self.frame_shape), np.uint8)
         y = np.empty(capacity, np.int64)
-        n = 0
+        records = []
         for name in names:
-            for pixels, label in self._records(name):  # segments never grow: at most `frames` records
-                x[n], y[n] = pixels, label
-                n += 1
+            for record in self._records(name):  # segments never grow: at most `frames` records
+                x[len(records)], y[len(records)] = record.pixels, record.label
+                records.append(record)
+        n = len(records)
         first = 0 if limit is None else max(0, n - limit)
-        return x[first:n], y[first:n]
+        return x[first:n], y[first:n], records[first:n]
+
+    def load(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The newest `limit` frames (all when None), with or without boxes, as x (n, c, h, w) uint8 and
+        y (n,) int64 count labels."""
+        x, y, _ = self._load(self._readable(), limit)
+        return x, y
+
+    def load_boxes(self, limit: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The newest `limit` frames stored with pseudo-boxes (all when None): x (n, c, h, w) uint8 and, per
+        frame, its boxes float32 (k, 4) in frame pixels. CountsOnlyBuffer when the buffer holds frames but
+        none with boxes (written by a version that stored counts only, or by a counts-only writer)."""
+        names = self._readable(boxes=True)
+        if not names and len(self):
+            raise CountsOnlyBuffer(
+                f"the frame buffer {self.root} holds {len(self)} frames with counts only and none with "
+                "pseudo-boxes; a detector trains on boxes (frame format 3, which the camera recorder writes): "
+                "they accumulate as the cameras record")
+        x, _, records = self._load(names, limit)
+        return x, [r.boxes for r in records]
 
     def sample(self, batch_size: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A random batch (without replacement; fewer when the buffer holds fewer) as (x, y)."""
@@ -321,13 +414,13 @@ class FrameBuffer:
     def label_counts(self) -> dict[int, int]:
         """How many stored frames carry each label (headers only: checksums are not verified)."""
         counts: dict[int, int] = {}
-        size = self.record_bytes
         for name in self._readable():
+            size = record_size(self.frame_shape, self._segments[name].boxes)
             try:
                 blob = (self.root / name).read_bytes()
             except FileNotFoundError:
                 continue
             for start in range(0, len(blob) - size + 1, size):
-                if blob[start:start + 4] == MAGIC:
+                if blob[start:start + 4] in (MAGIC, BOXES_MAGIC):
                     counts[blob[start + 4]] = counts.get(blob[start + 4], 0) + 1
         return counts

@@ -6,8 +6,10 @@ agent. Everything the job needs travels in :class:`TrainJob`; the result is a pl
 :class:`~appliance.training_result.TrainResult`.
 
 A detector package (one with a ``detection`` field) trains on heatmap targets built here from boxes
-(appliance.detection.encode_targets), and its result carries the detection quality the device can measure
-cheaply: centre F1 and the vehicle count's error, on the round's frames after training.
+(appliance.detection.encode_targets): the synthetic cameras' true boxes, or on real cameras the pseudo-boxes
+the frame buffer stores with each frame. Its result carries the detection quality the device can measure
+cheaply: centre F1 and the vehicle count's error, on the round's frames after training (against the
+pseudo-boxes on real cameras).
 
 onnxruntime is imported by the child only (the fork server preloads ``appliance.trainer``): the long-lived
 agent process never runs a model, and importing the runtime there would cost it ~45 MB of resident memory.
@@ -69,16 +71,23 @@ def training_data(job: TrainJob) -> tuple[np.ndarray, np.ndarray]:
 def detection_data(job: TrainJob, package: ModelPackage) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(x, targets, boxes) for a detector: frames, the training labels built from their boxes, the boxes.
 
-    Boxes come from the synthetic camera's truth. The frame buffer keeps one count per frame, not the motion
-    labeller's pseudo-boxes (appliance.labels.MotionLabeller.update_boxes), so a detector cannot train on real
-    cameras' frames yet: refused with the reason.
+    Boxes come from the synthetic camera's truth, or from the frame buffer: the motion labeller's pseudo-boxes
+    (appliance.labels.MotionLabeller.update_boxes), stored with each frame. They carry no class, so a detector
+    of more than one class cannot train on them: refused with the reason, as is a buffer of counts only
+    (framebuffer.CountsOnlyBuffer).
     """
     spec = DetectionSpec.from_package(package)
-    if job.source != "synthetic":
-        raise ValueError(f"{package.name} is a detector and trains on boxes; the frame buffer stores one count per "
-                         "frame, not boxes, so it trains with [data] source = \"synthetic\" only")
-    x, _, boxes = SyntheticCamera(job.synthetic_camera, seed=job.seed).sample_with_boxes(job.samples)
-    return x, encode_targets(spec, boxes), boxes
+    if job.source == "synthetic":
+        x, _, boxes = SyntheticCamera(job.synthetic_camera, seed=job.seed).sample_with_boxes(job.samples)
+        return x, encode_targets(spec, boxes), boxes
+    if spec.classes != 1:
+        raise ValueError(f"{package.name} detects {spec.classes} classes; the cameras' pseudo-boxes are moving "
+                         "blobs with no class, so it trains with [data] source = \"synthetic\" only")
+    frames = FrameBuffer(Path(job.state_dir) / FRAMES_DIR)
+    stored, boxes = frames.load_boxes(limit=job.samples)
+    if len(stored) < job.batch_size:
+        raise NotEnoughData(f"{len(stored)} frames with pseudo-boxes in the buffer, need at least {job.batch_size}")
+    return to_model_input(stored), encode_targets(spec, boxes), boxes
 
 
 def run_train_job(job: TrainJob) -> TrainResult:

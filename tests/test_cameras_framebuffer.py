@@ -183,8 +183,10 @@ def test_a_corrupted_frame_is_skipped_not_trained_on(
 
 def test_decode_names_the_problem() -> None:
     blob = encode_frame(_frame(128), 2, 7)
-    pixels, label, ts = decode_frame(blob)
+    record = decode_frame(blob)
+    pixels, label, ts = record.pixels, record.label, record.timestamp_ns
     assert label == 2 and ts == 7 and pixels.shape == (1, 32, 32) and pixels.dtype == np.uint8
+    assert record.boxes is None  # format 2: a count only
     with pytest.raises(FrameFileError, match="bad magic"):
         decode_frame(b"XXXX" + blob[4:], "f")
     with pytest.raises(FrameFileError, match="pixel bytes"):
