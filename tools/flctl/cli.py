@@ -7,11 +7,12 @@ import argparse
 import sys
 
 from flctl import demo, model, provision
+from flctl.container import cli as container
 from flctl.flash import write as flash
 from flctl.image import cli as image
 from flctl.qemu import cli as qemu
 
-GROUPS = (demo, model, image, qemu, flash, provision)
+GROUPS = (demo, model, image, qemu, flash, provision, container)
 
 
 def build_parser() -> argparse.ArgumentParser:

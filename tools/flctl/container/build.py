@@ -1,0 +1,170 @@
+"""``flctl container build``: the fl-aggregator and fl-agent images, per architecture, and a manifest list each.
+
+For every architecture: the base image (base.py), then each service's dependency tree (cached) and its own
+layer (payload.py) in a build context, and ``podman build`` of a Containerfile that only copies them and sets
+the image's configuration. No instruction runs inside the image, so arm64 builds without emulation once its
+base exists (only mmdebstrap runs arm64 maintainer scripts, through qemu-user-static).
+
+The per-architecture images are ``localhost/fl-edge/<name>:<version>-<arch>``; the manifest list
+``localhost/fl-edge/<name>:<version>`` names them all, and ``podman run --arch`` picks one of it. Images use
+the Docker v2s2 format: the OCI image configuration has no HEALTHCHECK field and podman drops it there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from flctl.image.cache import ArtifactStore, cache_root
+from flctl.image.rootfs import build_project_wheel
+
+from . import payload
+from .base import base_image, base_tarball
+from .payload import PROJECT_ROOT, SERVICES, Service
+from .platforms import Platform, ensure_emulation
+from .podman import ContainerError, image_exists, image_inspect, podman
+
+REPOSITORY = "localhost/fl-edge"
+HEALTHCHECK = "--interval=30s --timeout=5s --start-period=120s --retries=3"
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    service: str
+    platform: str
+    ref: str
+    size_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    version: str
+    licence: str
+    source: str
+    revision: str
+
+
+def project_info(root: Path = PROJECT_ROOT) -> ProjectInfo:
+    """The OCI labels' facts: version and licence from pyproject.toml, source and revision from git."""
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    licence = meta.get("license", {})
+    licence = licence.get("text", "") if isinstance(licence, dict) else str(licence)
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    source = git("remote", "get-url", "origin") or meta.get("urls", {}).get("Source", "") or root.as_uri()
+    return ProjectInfo(meta["version"], licence, source, git("rev-parse", "HEAD"))
+
+
+def image_ref(service: Service | str, version: str, platform: Platform | None = None) -> str:
+    name = service if isinstance(service, str) else service.name
+    return f"{REPOSITORY}/{name}:{version}" + (f"-{platform.name}" if platform else "")
+
+
+def containerfile(service: Service, base: str, info: ProjectInfo) -> str:
+    labels = {
+        "org.opencontainers.image.title": service.name,
+        "org.opencontainers.image.description": service.description,
+        "org.opencontainers.image.version": info.version,
+        "org.opencontainers.image.licenses": info.licence,
+        "org.opencontainers.image.source": info.source,
+        "org.opencontainers.image.revision": info.revision,
+    }
+    uid = service.uid
+    label_lines = " \\\n      ".join(f'{k}="{v}"' for k, v in labels.items())
+    cmd = ", ".join(f'"{part}"' for part in service.command)
+    return f"""FROM {base}
+COPY deps/ /
+COPY app/ /
+COPY --chown={uid}:{uid} state/ {service.state_dir}/
+ENV PATH={payload.VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 FL_HEALTH_URL={service.health_url}
+USER {uid}:{uid}
+WORKDIR {service.state_dir}
+VOLUME {service.state_dir}
+EXPOSE {service.port}
+LABEL {label_lines}
+HEALTHCHECK {HEALTHCHECK} CMD ["fl-healthcheck"]
+CMD [{cmd}]
+"""
+
+
+def build_images(platforms: list[Platform], services: list[Service] | None = None, cache: Path | None = None,
+                 progress=print) -> list[BuiltImage]:
+    """Build every service for every platform, then the manifest lists; returns each image with its size."""
+    if os.geteuid() != 0:
+        raise ContainerError("flctl container build needs root (mmdebstrap --mode=root, podman's storage)")
+    services = services or list(SERVICES.values())
+    # A store of its own: its lock does not wait for a disk image build sharing the cache.
+    store = ArtifactStore((cache or cache_root()) / "containers")
+    info = project_info()
+    built: list[BuiltImage] = []
+    with store.lock(), _scratch(store) as work:
+        log = store.root / "build.log"  # kept after the build: errors point into it
+        log.write_text("")
+        started = time.monotonic()
+        wheel = build_project_wheel(PROJECT_ROOT, work / "wheel", log, sys.executable)
+        progress(f"fl-edge wheel {wheel.name} ({time.monotonic() - started:.1f} s)")
+        for platform in platforms:
+            ensure_emulation(platform)
+            started = time.monotonic()
+            base, cached = base_image(store, platform, log, cache)
+            took = " (cached)" if cached else f" ({time.monotonic() - started:.1f} s)"
+            progress(f"{platform.name} base {base}{took}")
+            for service in services:
+                started = time.monotonic()
+                ref = image_ref(service, info.version, platform)
+                context = work / f"{service.name}-{platform.name}"
+                context.mkdir()
+                payload.link_tree(payload.dependencies(store, service, platform, log), context / "deps")
+                payload.application(wheel, service, platform, base_tarball(store, platform), context / "app", log)
+                (context / "state").mkdir(mode=0o700)
+                (context / "Containerfile").write_text(containerfile(service, base, info))
+                podman("build", "--format=docker", "--pull=never", "--layers", f"--platform=linux/{platform.name}",
+                       "-t", ref, "-f", str(context / "Containerfile"), str(context),
+                       what=f"podman build {ref}", cache=cache, log=log)  # fmt: skip
+                size = int(image_inspect(ref, cache)["Size"])
+                image = BuiltImage(service.name, platform.name, ref, size, round(time.monotonic() - started, 1))
+                built.append(image)
+                progress(f"{ref}: {size / 1e6:.0f} MB ({image.seconds} s)")
+                shutil.rmtree(context)
+        for service in services:
+            manifest_list(service, info.version, platforms, cache, log)
+            progress(f"{image_ref(service, info.version)}: manifest list of {', '.join(p.name for p in platforms)}")
+    return built
+
+
+def manifest_list(service: Service, version: str, platforms: list[Platform], cache: Path | None, log: Path) -> str:
+    """``localhost/fl-edge/<name>:<version>`` as a manifest list of the per-architecture images (made anew)."""
+    ref = image_ref(service, version)
+    if image_exists(ref, cache):
+        podman("manifest", "rm", ref, what=f"podman manifest rm {ref}", cache=cache, log=log, check=False)
+        if image_exists(ref, cache):
+            podman("rmi", ref, what=f"podman rmi {ref}", cache=cache, log=log)
+    podman("manifest", "create", ref, what=f"podman manifest create {ref}", cache=cache, log=log)
+    for platform in platforms:
+        podman("manifest", "add", f"--arch={platform.name}", "--os=linux", ref,
+               f"containers-storage:{image_ref(service, version, platform)}",
+               what=f"podman manifest add {platform.name}", cache=cache, log=log)  # fmt: skip
+    return ref
+
+
+@contextlib.contextmanager
+def _scratch(store: ArtifactStore) -> Iterator[Path]:
+    work = store.root / "work" / f"container-{os.getpid()}-{time.monotonic_ns()}"
+    work.mkdir(parents=True)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
