@@ -8,6 +8,7 @@ threads for anything that touches a whole update) and answer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from nacl.signing import SigningKey
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aggregator import statuspage
+from aggregator.fleet import FILTERS, FLUSH_SECONDS, MAX_PER_PAGE, SORT_KEYS, Enrolled, Fleet, ReportRefused
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore, ServedPackage
 from aggregator.privacy import (
@@ -55,6 +57,7 @@ from aggregator.verify import UpdateHeader, decode_delta, read_header
 from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol.downlink import DOWNLINK_ENCODINGS
+from appliance.protocol.heartbeat import MAX_HEARTBEAT_BYTES, decode_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,10 @@ STATUS_FOR_REASON = {
     "not-in-roster": 403,
     "wrong-length": 422,
     "bad-shares": 422,
+    # heartbeats (docs/protocol.md section 13)
+    "length-required": 411,
+    "stale-report": 409,
+    "too-frequent": 429,
 }
 
 
@@ -161,6 +168,7 @@ class Services:
     limits: wire.Limits
     max_body: int
     uploads: UploadSlots
+    fleet: Fleet
 
 
 SERVICES = web.AppKey("services", Services)
@@ -484,17 +492,71 @@ async def get_secagg_unmask(request: web.Request) -> web.Response:
     return _published(await _secure(request.app[SERVICES]).unmask_request(_round_id(request), wait))
 
 
+async def post_heartbeat(request: web.Request) -> web.Response:
+    """A device's fleet report (docs/protocol.md section 13): small, signed, checked, kept as its latest."""
+    s = request.app[SERVICES]
+    if request.content_type != COSE_CONTENT_TYPE:
+        detail = f"heartbeats are {COSE_CONTENT_TYPE}, got {request.content_type!r}"
+        raise Problem(415, "unsupported-media-type", detail)
+    if request.content_length is None:
+        raise Problem(411, "length-required", f"a heartbeat needs a Content-Length (at most {MAX_HEARTBEAT_BYTES})",
+                      close=True)
+    if request.content_length > MAX_HEARTBEAT_BYTES:
+        raise Problem(413, "body-too-large", f"{request.content_length} bytes exceeds the heartbeat limit of "
+                                             f"{MAX_HEARTBEAT_BYTES}", close=True)
+    report = decode_heartbeat(await request.read(), s.registry.key_for)
+    try:
+        s.fleet.accept(report, time.time())
+    except ReportRefused as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        raise Problem(exc.status, exc.reason, exc.detail, headers) from None
+    s.metrics.fleet_reports.inc()
+    return web.Response(status=204)
+
+
+def _fleet_query(request: web.Request) -> dict[str, Any]:
+    """``page``, ``per_page``, ``sort`` and ``state`` of a device listing, checked."""
+    page, per_page = _number(request, "page", 1), _number(request, "per_page", 50)
+    if page < 1 or page != int(page):
+        raise Problem(400, "bad-parameter", f"query parameter 'page' must be an integer >= 1, got {page:g}")
+    if not 1 <= per_page <= MAX_PER_PAGE or per_page != int(per_page):
+        raise Problem(400, "bad-parameter", f"query parameter 'per_page' must be an integer in [1, {MAX_PER_PAGE}], "
+                                            f"got {per_page:g}")
+    sort, state = request.query.get("sort", "last_seen"), request.query.get("state", "all")
+    if sort.lstrip("-") not in SORT_KEYS or sort.startswith("--"):
+        raise Problem(400, "bad-parameter", f"query parameter 'sort' must be one of {', '.join(SORT_KEYS)} "
+                                            f"(with a leading '-' for descending), got {sort[:40]!r}")
+    if state not in FILTERS:
+        raise Problem(400, "bad-parameter", f"query parameter 'state' must be one of {', '.join(FILTERS)}, "
+                                            f"got {state[:40]!r}")
+    return {"page": int(page), "per_page": int(per_page), "sort": sort, "state": state}
+
+
+async def _fleet_listing(s: Services, query: dict[str, Any]) -> dict[str, Any]:
+    listing = functools.partial(s.fleet.listing, s.engine.version, time.time(), **query)
+    return await asyncio.get_running_loop().run_in_executor(s.executor, listing)
+
+
+async def get_fleet(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    return web.json_response(await _fleet_listing(s, _fleet_query(request)))
+
+
 async def get_status(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     history = int(min(max(_number(request, "rounds", 20), 1), 1000))
-    status = await asyncio.get_running_loop().run_in_executor(s.executor, s.engine.status, history)
+    loop = asyncio.get_running_loop()
+    status = await loop.run_in_executor(s.executor, s.engine.status, history)
+    status["fleet"] = await loop.run_in_executor(s.executor, s.fleet.counts, s.engine.version, time.time())
     return web.json_response(status)
 
 
 async def get_page(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
+    query = _fleet_query(request)
     status = await asyncio.get_running_loop().run_in_executor(s.executor, s.engine.status, 20)
-    return web.Response(text=statuspage.render(status), content_type="text/html")
+    fleet = await _fleet_listing(s, query)
+    return web.Response(text=statuspage.render(status, fleet), content_type="text/html")
 
 
 async def get_health(request: web.Request) -> web.Response:
@@ -511,7 +573,13 @@ async def get_health(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    data = generate_latest(request.app[METRICS].registry)
+    metrics = request.app[METRICS]
+    s = request.app.get(SERVICES)
+    if s is not None:
+        counts = await asyncio.get_running_loop().run_in_executor(s.executor, s.fleet.counts, s.engine.version,
+                                                                  time.time())
+        metrics.set_fleet(counts)
+    data = generate_latest(metrics.registry)
     response = web.Response(body=data)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
@@ -531,7 +599,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     workers = config.workers or max(2, os.cpu_count() or 2)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify")
     secure: SecureRounds | None = None
+    fleet: Fleet | None = None
     try:
+        fleet = Fleet(store.db_path, lambda: [Enrolled(d.device_id, d.name) for d in store.devices()
+                                              if d.revoked_at is None])
         models = ModelStore(Path(config.state_dir) / "models", config.package, config.key, config.downlink)
         registry = Registry(store)
         max_body = config.max_body_bytes or default_max_body(models.layout.size)
@@ -563,16 +634,24 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         if secure is not None:
             secure.close()
+        if fleet is not None:
+            fleet.close()
         store.close()
         executor.shutdown(wait=False)
         raise
     uploads = UploadSlots(config.max_active_uploads)
     metrics.uploads_active.set_function(lambda: uploads.active)
     metrics.uploads_waiting.set_function(lambda: uploads.waiting)
-    app[SERVICES] = Services(config, metrics, store, registry, models, engine, executor, limits, max_body, uploads)
+    app[SERVICES] = Services(config, metrics, store, registry, models, engine, executor, limits, max_body, uploads,
+                             fleet)
+    flusher = asyncio.create_task(_flush_fleet(fleet, executor), name="fleet-flush")
     try:
         yield
     finally:
+        flusher.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(executor, fleet.write, fleet.take_dirty())
+        fleet.close()
         if link is not None:
             await link.stop()
         await engine.stop()
@@ -581,6 +660,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             secure.close()
         store.close()
         executor.shutdown(wait=True)
+
+
+async def _flush_fleet(fleet: Fleet, executor: ThreadPoolExecutor) -> None:
+    """Write the fleet's new reports every FLUSH_SECONDS, in one transaction each time (aggregator/fleet.py)."""
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        rows = fleet.take_dirty()
+        if rows:
+            try:
+                await asyncio.get_running_loop().run_in_executor(executor, fleet.write, rows)
+            except Exception:
+                log.exception("could not write %d device reports; they stay in memory until the next", len(rows))
+                fleet.mark_dirty(row[0] for row in rows)
 
 
 def make_app(config: AggregatorConfig) -> web.Application:
@@ -597,6 +689,8 @@ def make_app(config: AggregatorConfig) -> web.Application:
     app.router.add_get("/v1/packages/{digest}", get_package_by_digest)
     app.router.add_post("/v1/updates", post_update)
     app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/status/devices", get_fleet)
+    app.router.add_post("/v1/heartbeat", post_heartbeat)
     app.router.add_get("/healthz", get_health)
     app.router.add_get("/", get_page)
     app.router.add_get("/metrics", get_metrics)

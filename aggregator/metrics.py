@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from appliance.reasons import UPDATE_REFUSAL_REASONS
+from aggregator.fleet import STATES as FLEET_STATES
+from appliance.reasons import DECODER_REASONS, UPDATE_REFUSAL_REASONS
 
 # Every label value the code uses, declared so that each series exists (at 0) from the first scrape: a rate or an
 # alert on a reason works before its first event. tests/test_metrics_initialised.py holds the code to these.
@@ -24,6 +25,15 @@ REQUEST_REJECT_REASONS = (
     "wrong-round",
     "round-closed",
     "not-in-roster",
+    # what POST /v1/heartbeat refuses with (docs/protocol.md section 13), besides the decoder's reasons below
+    "unsupported-media-type",
+    "length-required",
+    "revoked",
+    "expired",
+    "stale-report",
+    "too-frequent",
+    *(r for r in DECODER_REASONS if r not in ("digest-mismatch", "bad-tensor", "tensor-too-large", "wrong-tensors",
+                                              "wrong-shape", "not-finite")),
 )
 ROUND_OUTCOMES = ("published", "abandoned")
 
@@ -127,10 +137,26 @@ class AggregatorMetrics:
             "Async mode: versions published between an accepted update's base model and the buffer it counts in",
             buckets=_STALENESS_BUCKETS, registry=r,
         )
+        self.fleet_devices = Gauge(
+            "fl_aggregator_fleet_devices",
+            "Enrolled devices by state: active (a heartbeat within the last hour) or silent; behind (a model more than "
+            "2 versions old) and throttled (by cpu.max, memory.max or an OOM retry) count active devices",
+            ["state"], registry=r,
+        )
+        for state in FLEET_STATES:
+            self.fleet_devices.labels(state)
+        self.fleet_reports = Counter(
+            "fl_aggregator_fleet_reports_total", "Device heartbeats accepted (POST /v1/heartbeat)", registry=r
+        )
         self.versions_per_hour = Gauge(
             "fl_aggregator_versions_per_hour", "Model versions published in the last hour (async mode; 0 otherwise)",
             registry=r,
         )
+
+    def set_fleet(self, counts: dict[str, int]) -> None:
+        """The fleet gauges from :meth:`aggregator.fleet.Fleet.counts` (set at each scrape)."""
+        for state in FLEET_STATES:
+            self.fleet_devices.labels(state).set(counts[state])
 
     def round_ended(self, outcome: str, at: float) -> None:
         """Count a round that ended at ``at`` (Unix time) with ``outcome`` (published or abandoned)."""

@@ -1,10 +1,16 @@
-"""``GET /``: a small HTML status page for people (the same facts as ``GET /v1/status``), refreshed every 5 s."""
+"""``GET /``: a small HTML status page for people (the same facts as ``GET /v1/status``), refreshed every 5 s.
+
+The device table is one page of ``GET /v1/status/devices`` (aggregator/fleet.py), sorted and paged by the server
+through plain links (``?sort=&state=&page=&per_page=``, kept by the refresh), so a fleet of any size sends the
+browser one page of rows and no script.
+"""
 
 from __future__ import annotations
 
 import time
 from html import escape
 from typing import Any
+from urllib.parse import urlencode
 
 from aggregator import statuschart
 
@@ -46,8 +52,87 @@ def _async(status: dict[str, Any]) -> str:
             f"<p>staleness of accepted updates (versions behind, since start):</p>\n{chart}\n")
 
 
-def render(status: dict[str, Any]) -> str:
-    """The page for a ``RoundEngine.status()`` dict. Everything interpolated is escaped."""
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+_COLUMNS = (  # header, sort key (None: not sortable)
+    ("device", "device"), ("health", "health"), ("last seen", "last_seen"), ("last round", "last_round"),
+    ("model", "model_version"), ("agent", "agent_version"), ("cameras", None), ("memory MiB (limit)", None),
+    ("CPU throttled", None), ("OOM retries", None), ("outbox", "outbox"),
+)  # fmt: skip
+_HEALTH_COLOUR = {"ok": "#4a7", "silent": "#999", "behind": "#d80", "throttled": "#c33", "behind, throttled": "#c33"}
+
+
+def _link(fleet: dict[str, Any], **change: Any) -> str:
+    query = {k: fleet[k] for k in ("state", "sort", "page", "per_page")} | change
+    return escape("?" + urlencode(query), quote=True)
+
+
+def _device_row(d: dict[str, Any], now: float) -> str:
+    name = f" {escape(d['name'])}" if d["name"] else ""
+    colour = _HEALTH_COLOUR[d["health"]]
+    if d["last_seen"] is None:
+        return (f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td><td style="color:{colour}">never seen</td>'
+                + "<td>-</td>" * 9 + "</tr>")
+    behind = d["versions_behind"]
+    model = "-" if d["model_version"] is None else f"v{d['model_version']}" + (f" (-{behind})" if behind else "")
+    limit = f" ({_mib(d['memory_max'])})" if d["memory_max"] else ""
+    return (
+        f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td>'
+        f'<td style="color:{colour}">{escape(d["health"])}</td><td>{_ago(max(0.0, now - d["last_seen"]))}</td>'
+        f"<td>{d['last_round']}</td><td>{model}</td><td>{escape(d['agent_version'])}</td><td>{d['cameras']}</td>"
+        f"<td>{_mib(d['memory'])}{limit}</td><td>{d['cpu_throttled'] / 10:.1f} %</td><td>{d['oom_retries']}</td>"
+        f"<td>{d['outbox']}</td></tr>"
+    )
+
+
+def _fleet(fleet: dict[str, Any] | None) -> str:
+    """Devices by state (links that filter the table) and one page of the device table."""
+    if fleet is None:
+        return ""
+    counts = fleet["counts"]
+    states = " &middot; ".join(
+        f'<a href="{_link(fleet, state=state, page=1)}">{"<b>" if fleet["state"] == state else ""}{state} '
+        f'{counts[state] if state != "all" else counts["enrolled"]}{"</b>" if fleet["state"] == state else ""}</a>'
+        for state in ("all", "active", "silent", "behind", "throttled")
+    )
+    heads = []
+    for title, key in _COLUMNS:
+        if key is None:
+            heads.append(f"<th>{title}</th>")
+            continue
+        current = fleet["sort"].lstrip("-") == key
+        descending = fleet["sort"].startswith("-")
+        arrow = (" &#9660;" if descending else " &#9650;") if current else ""
+        flip = key if current and descending else f"-{key}" if current else key
+        heads.append(f'<th><a href="{_link(fleet, sort=flip, page=1)}">{title}</a>{arrow}</th>')
+    rows = "".join(_device_row(d, fleet["now"]) for d in fleet["devices"])
+    page, pages = fleet["page"], fleet["pages"]
+    pager = " ".join(filter(None, [
+        f'<a href="{_link(fleet, page=1)}">&laquo; first</a>' if page > 1 else "",
+        f'<a href="{_link(fleet, page=page - 1)}">&lsaquo; previous</a>' if page > 1 else "",
+        f"page {page} of {pages} ({fleet['total']} devices)",
+        f'<a href="{_link(fleet, page=page + 1)}">next &rsaquo;</a>' if page < pages else "",
+        f'<a href="{_link(fleet, page=pages)}">last &raquo;</a>' if page < pages else "",
+    ]))  # fmt: skip
+    return (f'<h2 id="devices">Devices</h2>\n<p>{states}</p>\n'
+            f'<table class="devices"><tr>{"".join(heads)}</tr>\n{rows}</table>\n<p>{pager}</p>\n')
+
+
+def render(status: dict[str, Any], fleet: dict[str, Any] | None = None) -> str:
+    """The page for a ``RoundEngine.status()`` dict and one page of ``Fleet.listing()``. Everything interpolated
+    is escaped."""
     model = status["model"]
     current = status["current_round"]
     if current:
@@ -81,5 +166,6 @@ td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}}code{{fo
 <th>opened</th><th>closed</th><th>note</th></tr>
 {''.join(rows)}
 </table>
-<p><a href="/v1/status">/v1/status</a> &middot; <a href="/metrics">/metrics</a></p></body></html>
+{_fleet(fleet)}<p><a href="/v1/status">/v1/status</a> &middot; <a href="/v1/status/devices">/v1/status/devices</a>
+&middot; <a href="/metrics">/metrics</a></p></body></html>
 """

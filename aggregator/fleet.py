@@ -1,0 +1,259 @@
+"""The fleet view: each device's latest Heartbeat (docs/protocol.md section 13), its state, and a paged listing.
+
+States, judged when asked (``now``, the newest model version):
+
+- **silent**: no heartbeat for more than :data:`SILENT_AFTER_SECONDS` (or none ever); else **active**;
+- an active device is also **behind** when it holds a model more than :data:`BEHIND_VERSIONS` versions older than
+  the newest (a device that holds none counts as holding version 0), and **throttled** when the budget bites: cpu.max
+  throttled it for at least :data:`THROTTLED_CPU_PERMILLE` thousandths of the time, its memory use is at least
+  :data:`THROTTLED_MEMORY_SHARE` of its limit, or its last training was killed for memory and retried smaller.
+
+Bounded: one entry per device whose enrolled key signed a heartbeat (so at most the enrolled devices), of fixed
+fields with bounded values (the decoder's ranges); a new report overwrites the device's entry. A device may report
+once per :data:`MIN_REPORT_INTERVAL_SECONDS` (else ``too-frequent``, 429); a report must be fresh (``sent_at`` in
+the aggregator's window, else ``expired``) and newer than the one held (else ``stale-report``), so a captured report
+cannot be replayed to make a dead device look alive.
+
+Durable without an fsync per report: reports are taken in memory and written every :data:`FLUSH_SECONDS` in one
+transaction to ``device_reports`` in ``aggregator.db`` over a connection of its own with ``synchronous=NORMAL``
+(WAL): a kill -9 loses at most the last interval's reports, a power cut at most what was committed since the last
+WAL sync; either way each device's next heartbeat restores its entry. Nothing else waits for these writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.protocol.heartbeat import Heartbeat
+
+SILENT_AFTER_SECONDS = 3600.0
+BEHIND_VERSIONS = 2
+THROTTLED_CPU_PERMILLE = 200
+THROTTLED_MEMORY_SHARE = 0.9
+MIN_REPORT_INTERVAL_SECONDS = 30.0
+REPORT_MAX_AGE_SECONDS = 3600.0  # sent_at at most this old by the aggregator's clock ...
+REPORT_MAX_AHEAD_SECONDS = 300.0  # ... and at most this far ahead of it
+FLUSH_SECONDS = 10.0
+ROSTER_SECONDS = 5.0  # how long a read of the enrolled devices serves listings and metrics
+
+STATES = ("active", "silent", "behind", "throttled")  # the metric's label values; a listing's filters add "all"
+FILTERS = ("all", *STATES)
+SORT_KEYS = ("device", "name", "last_seen", "last_round", "model_version", "agent_version", "outbox", "health")
+MAX_PER_PAGE = 500
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS device_reports (
+    device_id TEXT PRIMARY KEY,
+    last_seen REAL NOT NULL,
+    report    TEXT NOT NULL
+);
+"""
+
+
+class ReportRefused(Exception):
+    """A heartbeat that verified but is not taken: HTTP ``status``, a stable ``reason``, a ``detail`` for people."""
+
+    def __init__(self, status: int, reason: str, detail: str, retry_after: int | None = None):
+        super().__init__(f"{status} {reason}: {detail}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The latest report of one device and when it arrived (aggregator clock)."""
+
+    report: Heartbeat
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    device_id: str
+    name: str
+
+
+def is_behind(report: Heartbeat, newest: int) -> bool:
+    return newest - (report.model_version or 0) > BEHIND_VERSIONS
+
+
+def is_throttled(report: Heartbeat) -> bool:
+    memory_bites = report.memory_max > 0 and report.memory >= THROTTLED_MEMORY_SHARE * report.memory_max
+    return report.cpu_throttled >= THROTTLED_CPU_PERMILLE or memory_bites or report.oom_retries > 0
+
+
+class Fleet:
+    """The latest heartbeat per device, in memory and in ``device_reports`` of ``db_path``.
+
+    ``enrolled`` lists the enrolled, unrevoked devices (read at most every :data:`ROSTER_SECONDS`); listings and
+    counts cover exactly those, so a device that never reported is listed as silent.
+    """
+
+    def __init__(self, db_path: Path, enrolled: Callable[[], list[Enrolled]]):
+        self._enrolled = enrolled
+        self._conn = sqlite3.connect(db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(SCHEMA)
+        self._entries: dict[str, Entry] = {}
+        self._dirty: set[str] = set()
+        self._write_lock = threading.Lock()
+        self._roster: tuple[float, list[Enrolled]] = (-math.inf, [])
+        for device, last_seen, report in self._conn.execute("SELECT device_id, last_seen, report FROM device_reports"):
+            self._entries[device] = Entry(Heartbeat(**json.loads(report)), last_seen)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, device_id: str) -> Entry | None:
+        return self._entries.get(device_id)
+
+    # ------------------------------------------------------------------------------------------ reports
+
+    def accept(self, report: Heartbeat, now: float) -> None:
+        """Take a verified report as the device's latest, or refuse it (:class:`ReportRefused`)."""
+        if report.sent_at < now - REPORT_MAX_AGE_SECONDS or report.sent_at > now + REPORT_MAX_AHEAD_SECONDS:
+            raise ReportRefused(422, "expired", f"sent_at {report.sent_at} is outside the window "
+                                                f"[-{REPORT_MAX_AGE_SECONDS:.0f} s, +{REPORT_MAX_AHEAD_SECONDS:.0f} s] "
+                                                f"around the aggregator's time {now:.0f}")
+        held = self._entries.get(report.device_id)
+        if held is not None:
+            if report.sent_at <= held.report.sent_at:
+                raise ReportRefused(409, "stale-report", f"sent_at {report.sent_at} is not after that of the "
+                                                         f"report held ({held.report.sent_at})")
+            wait = held.last_seen + MIN_REPORT_INTERVAL_SECONDS - now
+            if wait > 0:
+                raise ReportRefused(429, "too-frequent", f"one heartbeat per {MIN_REPORT_INTERVAL_SECONDS:.0f} s per "
+                                                         f"device; the last arrived {now - held.last_seen:.0f} s ago",
+                                    retry_after=math.ceil(wait))
+        self._entries[report.device_id] = Entry(report, now)
+        self._dirty.add(report.device_id)
+
+    def take_dirty(self) -> list[tuple[str, float, str]]:
+        """The rows to write (event loop): each device reported since the last call, once, as its latest."""
+        rows = [(d, e.last_seen, json.dumps(asdict(e.report), separators=(",", ":")))
+                for d in self._dirty if (e := self._entries.get(d)) is not None]
+        self._dirty.clear()
+        return rows
+
+    def mark_dirty(self, devices: Iterable[str]) -> None:
+        """Write these devices' entries again at the next flush (after a write failed)."""
+        self._dirty.update(devices)
+
+    def write(self, rows: Iterable[tuple[str, float, str]]) -> None:
+        """Write rows from :meth:`take_dirty` in one transaction (worker thread; no fsync with WAL + NORMAL)."""
+        with self._write_lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO device_reports (device_id, last_seen, report) VALUES (?, ?, ?)", rows
+                )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._conn.close()
+
+    # ------------------------------------------------------------------------------------------ views
+
+    def roster(self, now: float) -> list[Enrolled]:
+        at, devices = self._roster
+        if now - at > ROSTER_SECONDS or now < at:
+            devices = self._enrolled()
+            self._roster = (now, devices)
+        return devices
+
+    def counts(self, newest: int, now: float) -> dict[str, int]:
+        """Enrolled devices by state: ``active + silent == enrolled``; behind and throttled are active ones."""
+        counts = dict.fromkeys(STATES, 0)
+        devices = self.roster(now)
+        for device in devices:
+            e = self._entries.get(device.device_id)
+            if e is None or now - e.last_seen > SILENT_AFTER_SECONDS:
+                continue
+            counts["active"] += 1
+            counts["behind"] += is_behind(e.report, newest)
+            counts["throttled"] += is_throttled(e.report)
+        counts["silent"] = len(devices) - counts["active"]
+        return {"enrolled": len(devices), **counts}
+
+    def listing(self, newest: int, now: float, *, state: str = "all", sort: str = "last_seen", page: int = 1,
+                per_page: int = 50) -> dict[str, Any]:
+        """One page of the enrolled devices in ``state``, ordered by ``sort`` (a key of :data:`SORT_KEYS`,
+        descending with a leading ``-``)."""
+        descending = sort.startswith("-")
+        key = sort.lstrip("-")
+        if state not in FILTERS or key not in SORT_KEYS or page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
+            raise ValueError(f"state {state!r}, sort {sort!r}, page {page}, per_page {per_page}")
+        rows = [_row(d, self._entries.get(d.device_id), newest, now) for d in self.roster(now)]
+        if state != "all":
+            rows = [r for r in rows if r["state"] == state or r.get(state) is True]
+        rows.sort(key=_SORTS[key], reverse=descending)
+        start = (page - 1) * per_page
+        return {
+            "now": now, "model_version": newest, "counts": self.counts(newest, now),
+            "thresholds": {"silent_seconds": SILENT_AFTER_SECONDS, "behind_versions": BEHIND_VERSIONS,
+                           "throttled_cpu_permille": THROTTLED_CPU_PERMILLE,
+                           "throttled_memory_share": THROTTLED_MEMORY_SHARE},
+            "state": state, "sort": sort, "page": page, "per_page": per_page, "total": len(rows),
+            "pages": max(1, math.ceil(len(rows) / per_page)), "devices": rows[start:start + per_page],
+        }  # fmt: skip
+
+
+_HEALTH_RANK = {"ok": 0, "throttled": 1, "behind": 2, "behind, throttled": 3, "silent": 4}
+
+
+def _row(device: Enrolled, entry: Entry | None, newest: int, now: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"device": device.device_id, "name": device.name}
+    if entry is None:
+        row.update(state="silent", behind=False, throttled=False, health="silent", last_seen=None,
+                   versions_behind=None, **dict.fromkeys(_REPORT_FIELDS))
+        return row
+    r = entry.report
+    silent = now - entry.last_seen > SILENT_AFTER_SECONDS
+    behind, throttled = not silent and is_behind(r, newest), not silent and is_throttled(r)
+    health = "silent" if silent else ", ".join(n for n, on in (("behind", behind), ("throttled", throttled)) if on)
+    row.update(
+        state="silent" if silent else "active", behind=behind, throttled=throttled, health=health or "ok",
+        last_seen=entry.last_seen,
+        versions_behind=None if r.model_version is None else newest - r.model_version,
+        **{name: getattr(r, field) for name, field in _REPORT_FIELDS.items()},
+    )
+    return row
+
+
+# listing field -> Heartbeat attribute
+_REPORT_FIELDS = {
+    "agent_version": "agent_version", "model_version": "model_version", "last_round": "last_round",
+    "cameras": "cameras", "memory": "memory", "memory_max": "memory_max", "cpu_max": "cpu_max",
+    "cpu_throttled": "cpu_throttled", "oom_retries": "oom_retries", "outbox": "outbox",
+    "outbox_bytes": "outbox_bytes", "sent_at": "sent_at",
+}  # fmt: skip
+
+
+def _by(field: str) -> Callable[[dict[str, Any]], tuple]:
+    """Sort key on a field whose value may be None (a device that never reported): those come first."""
+    return lambda row: (row[field] is not None, row[field] if row[field] is not None else 0, row["device"])
+
+
+_SORTS: dict[str, Callable[[dict[str, Any]], tuple]] = {
+    "device": lambda row: (row["device"],),
+    "name": lambda row: (row["name"], row["device"]),
+    "last_seen": _by("last_seen"),
+    "last_round": _by("last_round"),
+    "model_version": _by("model_version"),
+    "agent_version": lambda row: (row["agent_version"] or "", row["device"]),
+    "outbox": _by("outbox"),
+    "health": lambda row: (_HEALTH_RANK[row["health"]], row["device"]),
+}
