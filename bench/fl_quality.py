@@ -849,7 +849,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="stragglers: simulated time to 90 %% for sync FedAvg (ours, Flower's) and async FedBuff "
                     "(ours), device speeds log-normal with a slow fraction (bench/fl_stragglers.py)")
     ap.add_argument("--buffer", type=int, default=5, help="--stragglers: async buffer K (5)")
-    ap.add_argument("--max-staleness", type=int, default=20, help="--stragglers: async staleness bound (20)")
+    ap.add_argument("--max-staleness", type=int, default=10,
+                    help="--stragglers: async staleness bound (10, as fl-aggregator serve)")
     ap.add_argument("--staleness-weight", choices=("constant", "polynomial"), default="polynomial",
                     help="--stragglers: async staleness weighting (polynomial: (1 + s)^-0.5)")
     ap.add_argument("--server-lr", type=float, default=1.0, help="--stragglers: async FedAvg server learning rate")

@@ -81,16 +81,27 @@ class TimedRun:
     trainings: int = 0
     refused: int = 0  # async: updates past --max-staleness
     staleness: list[int] = field(default_factory=list)  # async: of every update folded in
+    slow_trainings: int = 0  # local trainings done by the slowed clients
     seconds: float = 0.0  # real time the run took
 
     def time_to(self, target: float) -> float | None:
         return next((t for t, a in zip(self.times, self.accuracy, strict=True) if a >= target), None)
 
+    def time_held(self, target: float) -> float | None:
+        """From when on every later version stays at or above ``target`` (async curves oscillate)."""
+        held = None
+        for t, a in zip(reversed(self.times), reversed(self.accuracy), strict=True):
+            if a < target:
+                break
+            held = t
+        return held
+
     def versions_to(self, target: float) -> int | None:
         return next((i + 1 for i, a in enumerate(self.accuracy) if a >= target), None)
 
 
-def sync_timed(run: Run, fed: Federation, settings: Settings, speed: np.ndarray) -> TimedRun:
+def sync_timed(run: Run, fed: Federation, settings: Settings, speed: np.ndarray,
+               slow: Sequence[int] = ()) -> TimedRun:
     """A synchronous run's curve against time: each round lasts as long as its slowest sampled client."""
     timed = TimedRun(run.method, run.seed, accuracy=list(run.accuracy), seconds=run.seconds)
     now = 0.0
@@ -99,11 +110,12 @@ def sync_timed(run: Run, fed: Federation, settings: Settings, speed: np.ndarray)
         now += max(training_seconds(speed, fed, c, settings.epochs) for c in picked)
         timed.times.append(now)
         timed.trainings += len(picked)
+        timed.slow_trainings += sum(1 for c in picked if c in slow)
     return timed
 
 
 def run_async(seed: int, fed: Federation, settings: Settings, package: Any, trainer: Any, speed: np.ndarray,
-              buffer: Any, server_lr: float = 1.0) -> TimedRun:
+              buffer: Any, server_lr: float = 1.0, slow: Sequence[int] = ()) -> TimedRun:
     """FedBuff as ``fl-aggregator serve --mode async`` runs it, with ``settings.per_round`` clients training at
     once, every message through appliance.wire, until as many local trainings as the synchronous run's."""
     from nacl.signing import SigningKey
@@ -156,6 +168,7 @@ def run_async(seed: int, fed: Federation, settings: Settings, package: Any, trai
         body = wire.encode_update(wire.Update(device_ids[client], base + 1, base, digest, result.num_samples,
                                               result.delta, dict(result.metrics), "float32"), device_keys[client])
         run.trainings += 1
+        run.slow_trainings += client in slow
         staleness = version - base
         if staleness > buffer.max_staleness:
             run.refused += 1
@@ -195,14 +208,16 @@ def run_stragglers(fed_for_seed: Any, seeds: Sequence[int], settings: Settings, 
         work = [training_seconds(speed, fed, c, settings.epochs) for c in range(settings.clients)]
         print(f"seed {seed}: local training {min(work):.1f}..{max(work):.1f} s "
               f"(median {statistics.median(work):.1f} s); slow clients {', '.join(map(str, slow))}", flush=True)
-        mine = [sync_timed(run_ours(SYNC, seed, fed, settings, package, trainer), fed, settings, speed)]
+        slow_set = set(slow.tolist())
+        mine = [sync_timed(run_ours(SYNC, seed, fed, settings, package, trainer), fed, settings, speed, slow_set)]
         if flower_python is not None:
             mine.append(sync_timed(run_flower(flower_python, seed, fed, settings, package, trainer), fed, settings,
-                                   speed))
-        mine.append(run_async(seed, fed, settings, package, trainer, speed, buffer, server_lr))
+                                   speed, slow_set))
+        mine.append(run_async(seed, fed, settings, package, trainer, speed, buffer, server_lr, slow_set))
         for run in mine:
             reached = run.time_to(TARGET)
-            print(f"  {run.method:<16} {run.trainings} trainings, {len(run.times)} versions over {run.times[-1]:.0f} s "
+            print(f"  {run.method:<16} {run.trainings} trainings ({run.slow_trainings} by slow clients), "
+                  f"{len(run.times)} versions over {run.times[-1]:.0f} s "
                   f"simulated; {TARGET:.0%} at {'-' if reached is None else f'{reached:.0f} s'} "
                   f"(version {run.versions_to(TARGET) or '-'}), final accuracy {run.accuracy[-1]:.4f}"
                   + (f"; refused as too stale {run.refused}, staleness median "
@@ -225,7 +240,8 @@ def straggler_report(runs: Sequence[TimedRun], seeds: Sequence[int], settings: S
           f"{speeds.slowdown:g}x slower; {settings.per_round} clients at a time; async buffer K={buffer.size}, "
           f"max staleness {buffer.max_staleness}, {buffer.weighting} weighting, server lr {server_lr:g}")
     print(f"{'method':<16} {'time to ' + format(TARGET, '.0%') + ' per seed (s)':>30} {'mean':>8} "
-          f"{'versions to ' + format(TARGET, '.0%'):>16} {'final acc':>16} {'sim. time, all':>15}")
+          f"{'versions to ' + format(TARGET, '.0%'):>16} {'stays above from':>17} {'final acc':>16} "
+          f"{'sim. time, all':>15} {'by slow':>8}")
     for m in methods:
         mine = [r for r in runs if r.method == m]
         reached = [r.time_to(TARGET) for r in mine]
@@ -234,18 +250,22 @@ def straggler_report(runs: Sequence[TimedRun], seeds: Sequence[int], settings: S
             "time_to_target": reached,
             "time_to_target_mean": _mean([t for t in reached if t is not None]) if None not in reached else None,
             "versions_to_target": [r.versions_to(TARGET) for r in mine],
+            "time_held_above_target": [r.time_held(TARGET) for r in mine],
             "final_accuracy": statistics.fmean(finals),
             "final_accuracy_sd": statistics.pstdev(finals),
             "simulated_seconds": statistics.fmean([r.times[-1] for r in mine]),
             "trainings": mine[0].trainings,
+            "slow_client_share": statistics.fmean([r.slow_trainings / r.trainings for r in mine]),
             "refused": sum(r.refused for r in mine),
         }
         s = summary[m]
         per_seed = ", ".join("-" if t is None else f"{t:.0f}" for t in reached)
         mean = "-" if s["time_to_target_mean"] is None else f"{s['time_to_target_mean']:.0f}"
         versions = ", ".join("-" if v is None else str(v) for v in s["versions_to_target"])
-        print(f"{m:<16} {per_seed:>30} {mean:>8} {versions:>16} "
-              f"{s['final_accuracy']:>9.4f}±{s['final_accuracy_sd']:.4f} {s['simulated_seconds']:>14.0f}s")
+        held = ", ".join("-" if t is None else f"{t:.0f}" for t in s["time_held_above_target"])
+        print(f"{m:<16} {per_seed:>30} {mean:>8} {versions:>16} {held:>17} "
+              f"{s['final_accuracy']:>9.4f}±{s['final_accuracy_sd']:.4f} {s['simulated_seconds']:>14.0f}s "
+              f"{s['slow_client_share']:>8.0%}")
     lines = []
     if ASYNC in summary:
         fast = summary[ASYNC]
@@ -256,11 +276,16 @@ def straggler_report(runs: Sequence[TimedRun], seeds: Sequence[int], settings: S
             pairs = [(a.time_to(TARGET), b.time_to(TARGET)) for a in runs for b in runs
                      if a.method == m and b.method == ASYNC and a.seed == b.seed]
             ratios = [a / b for a, b in pairs if a is not None and b is not None]
+            held = [(a.time_held(TARGET), b.time_held(TARGET)) for a in runs for b in runs
+                    if a.method == m and b.method == ASYNC and a.seed == b.seed]
+            held_ratios = [a / b for a, b in held if a is not None and b is not None]
             gap = fast["final_accuracy"] - slow["final_accuracy"]
             slow["speedup_of_async"] = ratios
+            slow["speedup_of_async_held"] = held_ratios
             slow["final_accuracy_gap_async_minus_this"] = gap
             lines.append(f"  {m} / async time to {TARGET:.0%}: " + ", ".join(f"{r:.2f}x" for r in ratios)
                          + (f" (mean {statistics.fmean(ratios):.2f}x)" if ratios else "")
+                         + "; staying above it: " + ", ".join(f"{r:.2f}x" for r in held_ratios)
                          + f"; final accuracy async - {m}: {gap * 100:+.2f} points at equal trainings")
     print("\n".join(lines))
     return {"scenario": "stragglers", "settings": settings.__dict__, "seeds": list(seeds),

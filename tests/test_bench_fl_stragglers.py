@@ -17,7 +17,7 @@ BENCH = ROOT / "bench" / "fl_quality.py"
 
 @pytest.fixture(scope="module")
 def stragglers():
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))  # after the project: bench/aggregator.py must not shadow the package
     try:
         import fl_stragglers
 
@@ -55,6 +55,12 @@ def test_a_sync_round_lasts_as_long_as_its_slowest_sampled_client(stragglers) ->
     assert timed.time_to(0.9) == pytest.approx(lasts[0] + lasts[1]) and timed.trainings == 6
 
 
+def test_time_held_is_when_the_curve_last_comes_up_to_the_target(stragglers) -> None:
+    run = stragglers.TimedRun("ours-fedbuff", 0, times=[1.0, 2.0, 3.0, 4.0], accuracy=[0.95, 0.8, 0.91, 0.92])
+    assert run.time_to(0.9) == 1.0 and run.time_held(0.9) == 3.0
+    assert stragglers.TimedRun("x", 0, times=[1.0, 2.0], accuracy=[0.95, 0.8]).time_held(0.9) is None
+
+
 @pytest.mark.slow
 def test_tiny_straggler_run_prints_the_table_and_writes_the_figures(tmp_path: Path) -> None:
     cmd = [sys.executable, str(BENCH), "--stragglers", "--clients", "6", "--per-round", "3", "--rounds", "3",
@@ -65,7 +71,7 @@ def test_tiny_straggler_run_prints_the_table_and_writes_the_figures(tmp_path: Pa
     figures = json.loads((tmp_path / "fl_stragglers.json").read_text())
     summary = figures["summary"]
     assert summary["ours-fedbuff"]["trainings"] == summary["ours-fedavg-f32"]["trainings"] == 9
-    assert figures["buffer"] == {"buffer": 2, "max_staleness": 20, "weighting": "polynomial", "exponent": 0.5}
+    assert figures["buffer"] == {"buffer": 2, "max_staleness": 10, "weighting": "polynomial", "exponent": 0.5}
     sync, fedbuff = (next(r for r in figures["runs"] if r["method"] == m) for m in ("ours-fedavg-f32", "ours-fedbuff"))
     assert len(sync["accuracy"]) == 3 and len(fedbuff["accuracy"]) == 4  # 9 trainings, a version every 2
     assert fedbuff["times"] == sorted(fedbuff["times"]) and fedbuff["times"][-1] < sync["times"][-1]
