@@ -443,7 +443,12 @@ class Store:
         """Append ``job`` durably; returns its offset once it is fsynced and committed.
 
         Raises :class:`DuplicateUpdate` when the device already has an update in the round.
+
+        Once queued, the job is written and committed whether or not anyone still waits for it: its future is
+        marked running, so a cancelled caller (a handler whose client went away) cannot cancel it, and the
+        threads that complete it never meet a future they may not complete.
         """
+        job.future.set_running_or_notify_cancel()
         self._queue.put(job)
         return await asyncio.wrap_future(job.future)
 
