@@ -44,11 +44,13 @@ from appliance.clock import AggregatorClock
 from appliance.config import Config
 from appliance.durable import atomic_write
 from appliance.errors import ProtocolError
+from appliance.fleet_report import ThrottleMeter, build_heartbeat, next_delay
 from appliance.framebuffer import FrameBuffer
 from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_create_device_key
 from appliance.metrics import AgentMetrics, Reading
 from appliance.modelpkg import ModelPackage, PackageError, load_package
 from appliance.outbox import Backoff, Outbox, PermanentRejection
+from appliance.protocol.heartbeat import Heartbeat, encode_heartbeat
 from appliance.secagg_client import SecureRound, Transport, flat_update, take_part
 from appliance.training_job import FRAMES_DIR, TrainJob, run_train_job
 
@@ -102,6 +104,8 @@ class Agent:
         self._package: ModelPackage | None = None
         self._release: wire.ModelRelease | None = None
         self._outbox_changed = asyncio.Event()
+        self.oom_retries = 0  # how many times the last training run was killed for memory and retried smaller
+        self._throttle = ThrottleMeter()
         self.status = "starting"
         self._register_module_metrics()
 
@@ -286,6 +290,7 @@ class Agent:
             self.metrics.pressure_pause.inc(waited)
         batch_size = task.batch_size
         loop = asyncio.get_running_loop()
+        self.oom_retries = 0
         while True:
             job = TrainJob(
                 package_path=str(self.state_dir / MODELS_DIR / f"{package.digest.hex()}.flpkg"),
@@ -317,6 +322,7 @@ class Agent:
                     return None
                 log.warning("round %d: trainer killed for memory; retrying with batch %d", task.round_id, smaller)
                 batch_size = smaller
+                self.oom_retries += 1
             except (TrainerFailed, TimeoutError) as exc:
                 log.error("round %d: training failed: %s", task.round_id, exc)
                 self.metrics.rounds_skipped.labels("trainer-failed").inc()
@@ -447,6 +453,28 @@ class Agent:
                 self.set_status(f"aggregator unreachable; retry in {delay:.0f} s")
                 await asyncio.sleep(delay)
 
+    def heartbeat(self) -> Heartbeat:
+        """The device's state for the aggregator's fleet view (appliance/fleet_report.py)."""
+        usage = read_usage(self.budget.base)
+        cameras = self.metrics.registry.get_sample_value("fl_agent_cameras_present") or 0
+        return build_heartbeat(
+            device_id=self.identity.device_id, agent_version=__version__,
+            model_version=self._release.version if self._release is not None else None, last_round=self.last_round,
+            cameras=int(cameras), budget=self.budget, usage=usage,
+            cpu_throttled=self._throttle.permille(usage.cpu_throttled_usec), oom_retries=self.oom_retries,
+            outbox=self.outbox.depth, outbox_bytes=self.outbox.pending_bytes, sent_at=self.clock.now(),
+        )
+
+    async def heartbeat_loop(self, client: AggregatorClient) -> None:
+        """Report to the fleet view at start and every few minutes; a refused or lost report is only logged (the
+        next one says the same, newer)."""
+        while True:
+            try:
+                await client.send_heartbeat(encode_heartbeat(self.heartbeat(), self.identity.signing_key))
+            except (AggregatorUnavailable, Rejection) as exc:
+                log.warning("heartbeat not taken: %s", exc)
+            await asyncio.sleep(next_delay())
+
     async def delivery_loop(self, client: AggregatorClient) -> None:
         async def send(body: bytes) -> wire.Receipt:
             try:
@@ -493,6 +521,7 @@ class Agent:
             tasks = [
                 asyncio.create_task(self.round_loop(client), name="rounds"),
                 asyncio.create_task(self.delivery_loop(client), name="delivery"),
+                asyncio.create_task(self.heartbeat_loop(client), name="heartbeat"),
                 asyncio.create_task(systemd.watchdog_loop(), name="watchdog"),
                 *[asyncio.create_task(t) for t in extra_tasks or []],
             ]

@@ -139,6 +139,23 @@ class AggregatorClient:
             raise AggregatorUnavailable(f"package {digest.hex()} is not published")
         return body
 
+    async def send_heartbeat(self, body: bytes) -> None:
+        """Post a signed Heartbeat (docs/protocol.md section 13). Raises :class:`Rejection` for any 4xx (429
+        included: the next heartbeat goes out on schedule anyway) and :class:`AggregatorUnavailable` otherwise."""
+        try:
+            async with self.session.post(
+                self.base_url + "/v1/heartbeat", data=body, headers={"Content-Type": "application/cose"}
+            ) as response:
+                answer = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AggregatorUnavailable(f"POST /v1/heartbeat: {exc!r}") from exc
+        if status == 204:
+            return
+        if 400 <= status < 500:
+            raise Rejection(status, *problem_reason(answer))
+        raise AggregatorUnavailable(f"POST /v1/heartbeat: HTTP {status}")
+
     async def send_update(self, body: bytes) -> wire.Receipt:
         """Upload one signed update; returns the verified receipt.
 

@@ -29,7 +29,7 @@ MAX_AGENT_VERSION_CHARS = 32
 _MAX_ID = 2**63 - 1
 _MAX_BYTES = 2**48  # 256 TiB: more memory or outbox than any device has
 # field -> largest value; each an unsigned integer
-_RANGES: dict[str, int] = {
+FIELD_RANGES: dict[str, int] = {
     "last_round": _MAX_ID,
     "cameras": 64,
     "memory": _MAX_BYTES,
@@ -41,7 +41,7 @@ _RANGES: dict[str, int] = {
     "outbox_bytes": _MAX_BYTES,
     "sent_at": 2**40,
 }
-_REQUIRED = frozenset({"v", "type", "device", "agent", *_RANGES})
+_REQUIRED = frozenset({"v", "type", "device", "agent", *FIELD_RANGES})
 _OPTIONAL = frozenset({"model_version"})
 
 
@@ -117,7 +117,7 @@ def decode_heartbeat(message: bytes | memoryview, key_for_kid: wire.KeyLookup) -
             and all(" " < c <= "~" for c in agent)):
         raise ProtocolError("bad-payload", f"field 'agent' must be 1 to {MAX_AGENT_VERSION_CHARS} printable ASCII "
                                            "characters without spaces")
-    values = {name: _uint(p, name, high) for name, high in _RANGES.items()}
+    values = {name: _uint(p, name, high) for name, high in FIELD_RANGES.items()}
     return Heartbeat(
         device_id=device,
         agent_version=agent,
