@@ -116,14 +116,16 @@ class AsyncActivity:
         self.staleness[staleness] += 1
 
     def published(self, at: float) -> None:
+        """Count a version published at ``at`` (called on the event loop, in time order), forgetting those that
+        have left the window."""
         self._published.append(at)
+        while self._published[0] < at - self.WINDOW:
+            self._published.popleft()
 
     def versions_per_hour(self, now: float | None = None) -> int:
-        """Versions published in the last hour."""
+        """Versions published in the last hour. Only reads: the status is built on worker threads."""
         now = time.time() if now is None else now
-        while self._published and self._published[0] < now - self.WINDOW:
-            self._published.popleft()
-        return sum(1 for at in self._published if at <= now)
+        return sum(1 for at in tuple(self._published) if now - self.WINDOW <= at <= now)
 
     def describe(self) -> dict[str, object]:
         return {"staleness": {str(s): n for s, n in sorted(self.staleness.items())},

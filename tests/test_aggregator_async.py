@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from aggregator_harness import Harness, running
 
-from aggregator.buffered import BufferPolicy
+from aggregator.buffered import AsyncActivity, BufferPolicy
 from aggregator.cli import main
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
@@ -192,3 +192,13 @@ def test_a_device_has_one_update_per_buffer(tmp_path: Path) -> None:
             assert (status, problem["reason"]) == (409, "duplicate")
 
     asyncio.run(go())
+
+
+def test_versions_per_hour_counts_the_last_hour_only() -> None:
+    activity = AsyncActivity()
+    activity.published(100.0)
+    activity.published(3000.0)
+    assert activity.versions_per_hour(now=3000.0) == 2
+    assert activity.versions_per_hour(now=3701.0) == 1
+    activity.published(7000.0)
+    assert activity.versions_per_hour(now=7000.0) == 1
