@@ -77,7 +77,7 @@ T = TypeVar("T")
 
 DEVICE_PHASES = ("advertise", "share", "masked", "unmask")
 ABANDON_REASONS = ("too-few-advertised", "too-few-shared", "too-few-survivors", "too-few-shares", "deadline",
-                   "privacy-budget")
+                   "privacy-budget", "unnoised")
 DIRECTIONS = ("received", "sent")
 # A low-order X25519 key would make every shared secret with it zero: checked by one multiplication.
 _PROBE_SCALAR = bytes([5] * 32)
@@ -645,6 +645,8 @@ class SecureRounds:
                 raise _Abandon("deadline", f"the round's deadline passed in the {sr.phase} phase")
             if sr.phase == "masked":
                 await self._ask(sr)
+            assert sr.plan is not None
+            noise = self._noise(sr, len(sr.plan.survivors))
             await self._collect_answers(sr)
             mean, weight = await self._run(self._unmasked_mean, sr)
         except _Abandon as exc:
@@ -652,7 +654,6 @@ class SecureRounds:
                 self._fail(sr, exc)
             await self._notify()
             return SecureOutcome(len(sr.masked), 0, None, f"secure aggregation: {exc.note}")
-        assert sr.plan is not None
         covers = len(sr.plan.survivors)
         self._end_phase(sr, "done", time.time(), len(sr.masked) - len(sr.answers))
         self._write([("UPDATE secagg_rounds SET survivors=? WHERE round_id=?", (covers, sr.round_id))])
@@ -661,7 +662,6 @@ class SecureRounds:
         note = f"secure aggregation: the sum of {covers} devices"
         if sr.plan.excluded:
             note += f" ({len(sr.plan.excluded)} masked inputs left out)"
-        noise = self._noise(sr, covers)
         if noise is not None:
             note += f", noised by the devices (noise multiplier {noise.noise_multiplier:.4g})"
         return SecureOutcome(covers, weight, mean, note, noise)
@@ -672,8 +672,12 @@ class SecureRounds:
         return ledger.config.noise_multiplier if ledger is not None and ledger.config.mode == "distributed" else None
 
     def _noise(self, sr: SecureRound, survivors: int) -> RoundNoise | None:
-        """The noise the sum of ``survivors`` devices' inputs holds (distributed DP), or None without."""
+        """The noise the sum of ``survivors`` devices' inputs holds (distributed DP), or None without; _Abandon
+        when distributed DP is on and the roster asked for no noise (a round opened before a restart with --dp)."""
         if not sr.setup.noise_sigma:
+            if self._distributed_dp() is not None:
+                raise _Abandon("unnoised", "the round's roster asked the devices for no noise, and --dp distributed "
+                               "publishes only noised sums")
             return None
         dimension = self.words - 1
         return distributed_noise(sr.setup.noise_sigma, survivors, sensitivity(sr.setup.levels, dimension), dimension)

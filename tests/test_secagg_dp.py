@@ -16,11 +16,12 @@ from aggregator_harness import Harness, run
 from dp_accounting import rdp
 from nacl.signing import SigningKey
 from scipy import stats
-from secagg_harness import CLIP, flat_delta, secure_rounds, secure_running, until_masked
+from secagg_harness import CLIP, flat_delta, secure_rounds, secure_running, transport, until_masked
 
 from aggregator import cli
 from aggregator.privacy import DPConfig
 from aggregator.rounds import RoundPolicy
+from aggregator.simulate import SimulatedDevice
 from appliance import wire
 from appliance.protocol import discrete_gaussian
 from appliance.protocol import messages as m
@@ -196,3 +197,31 @@ def test_distributed_dp_without_secure_aggregation_is_refused_in_one_line(tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--dp distributed needs --secure-aggregation" in err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_round_opened_without_noise_is_not_published_after_a_restart_with_distributed_dp(tmp_path: Path) -> None:
+    """The roster of the open round asked for no noise; the aggregator comes back with --dp distributed (the
+    state has published nothing yet, so the start-up check lets it): that sum is never published as private."""
+    key, sims = SigningKey.generate(), [SimulatedDevice() for _ in range(3)]
+    policy = RoundPolicy(min_clients=2, goal_clients=3, round_timeout=20)
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=3, phase_timeout=5, policy=policy, key=key, enrolled=sims) as h:
+            task = await h.task(wait=30)
+            rounds = secure_rounds(h, task)
+            await until_masked(rounds)
+            assert rounds[0].roster.noise_sigma == 0
+        privacy = DPConfig(1.0, 1e-5, mode="distributed")
+        async with secure_running(tmp_path, devices=3, phase_timeout=5, policy=policy, key=key, enrolled=sims,
+                                  privacy=privacy) as h:
+            for r in rounds:
+                r.transport = transport(h)
+                assert (await h.upload(r.masked_input(flat_delta(h), 10)))[0] == 200
+            await asyncio.gather(*(r.unmask() for r in rounds), return_exceptions=True)
+            assert await h.task(after=task.round_id, wait=30) is not None
+            record = (await _status(h))["rounds"][-1]
+            assert record["status"] == "abandoned" and "no noise" in record["note"], record
+            assert h.engine.version == 0 and (await _status(h))["privacy"]["epsilon"] == 0
+            assert h.counter("fl_aggregator_secagg_abandoned_total", reason="unnoised") == 1
+
+    run(go())
