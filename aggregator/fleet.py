@@ -27,7 +27,7 @@ import math
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,7 @@ class Fleet:
     def __init__(self, db_path: Path, enrolled: Callable[[], list[Enrolled]]):
         self._enrolled = enrolled
         self._conn = sqlite3.connect(db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")  # as the store's (it is the same file in the aggregator)
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
         self._entries: dict[str, Entry] = {}
@@ -137,10 +138,9 @@ class Fleet:
         self._entries[report.device_id] = Entry(report, now)
         self._dirty.add(report.device_id)
 
-    def take_dirty(self) -> list[tuple[str, float, str]]:
-        """The rows to write (event loop): each device reported since the last call, once, as its latest."""
-        rows = [(d, e.last_seen, json.dumps(asdict(e.report), separators=(",", ":")))
-                for d in self._dirty if (e := self._entries.get(d)) is not None]
+    def take_dirty(self) -> list[tuple[str, Entry]]:
+        """The entries to write (event loop, cheap): each device that reported since the last call, once."""
+        rows = [(d, e) for d in self._dirty if (e := self._entries.get(d)) is not None]
         self._dirty.clear()
         return rows
 
@@ -148,13 +148,14 @@ class Fleet:
         """Write these devices' entries again at the next flush (after a write failed)."""
         self._dirty.update(devices)
 
-    def write(self, rows: Iterable[tuple[str, float, str]]) -> None:
-        """Write rows from :meth:`take_dirty` in one transaction (worker thread; no fsync with WAL + NORMAL)."""
+    def write(self, rows: Iterable[tuple[str, Entry]]) -> None:
+        """Write entries from :meth:`take_dirty` in one transaction (worker thread; no fsync with WAL + NORMAL)."""
+        encoded = [(device, e.last_seen, _report_json(e.report)) for device, e in rows]
         with self._write_lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany(
-                    "INSERT OR REPLACE INTO device_reports (device_id, last_seen, report) VALUES (?, ?, ?)", rows
+                    "INSERT OR REPLACE INTO device_reports (device_id, last_seen, report) VALUES (?, ?, ?)", encoded
                 )
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -191,69 +192,86 @@ class Fleet:
     def listing(self, newest: int, now: float, *, state: str = "all", sort: str = "last_seen", page: int = 1,
                 per_page: int = 50) -> dict[str, Any]:
         """One page of the enrolled devices in ``state``, ordered by ``sort`` (a key of :data:`SORT_KEYS`,
-        descending with a leading ``-``)."""
+        descending with a leading ``-``). Filtering and sorting work on the entries; only the page's rows are
+        built."""
         descending = sort.startswith("-")
         key = sort.lstrip("-")
         if state not in FILTERS or key not in SORT_KEYS or page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
             raise ValueError(f"state {state!r}, sort {sort!r}, page {page}, per_page {per_page}")
-        rows = [_row(d, self._entries.get(d.device_id), newest, now) for d in self.roster(now)]
-        if state != "all":
-            rows = [r for r in rows if r["state"] == state or r.get(state) is True]
-        rows.sort(key=_SORTS[key], reverse=descending)
+        items = [_Item(d, e, _health(e, newest, now)) for d in self.roster(now)
+                 for e in (self._entries.get(d.device_id),)]
+        if state == "active":
+            items = [i for i in items if i.health != "silent"]
+        elif state != "all":
+            items = [i for i in items if state in i.health]
+        items.sort(key=_SORTS[key], reverse=descending)
         start = (page - 1) * per_page
         return {
             "now": now, "model_version": newest, "counts": self.counts(newest, now),
             "thresholds": {"silent_seconds": SILENT_AFTER_SECONDS, "behind_versions": BEHIND_VERSIONS,
                            "throttled_cpu_permille": THROTTLED_CPU_PERMILLE,
                            "throttled_memory_share": THROTTLED_MEMORY_SHARE},
-            "state": state, "sort": sort, "page": page, "per_page": per_page, "total": len(rows),
-            "pages": max(1, math.ceil(len(rows) / per_page)), "devices": rows[start:start + per_page],
+            "state": state, "sort": sort, "page": page, "per_page": per_page, "total": len(items),
+            "pages": max(1, math.ceil(len(items) / per_page)),
+            "devices": [_row(i, newest) for i in items[start:start + per_page]],
         }  # fmt: skip
+
+
+REPORT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "device_id")  # what a listing row shows
+
+
+def _report_json(report: Heartbeat) -> str:
+    return json.dumps({name: getattr(report, name) for name in ("device_id", *REPORT_FIELDS)}, separators=(",", ":"))
+
+
+def _health(entry: Entry | None, newest: int, now: float) -> str:
+    """``ok``, ``silent``, ``behind``, ``throttled`` or ``behind, throttled``."""
+    if entry is None or now - entry.last_seen > SILENT_AFTER_SECONDS:
+        return "silent"
+    flags = [n for n, on in (("behind", is_behind(entry.report, newest)), ("throttled", is_throttled(entry.report)))
+             if on]
+    return ", ".join(flags) or "ok"
+
+
+@dataclass(frozen=True)
+class _Item:
+    device: Enrolled
+    entry: Entry | None
+    health: str
+
+
+def _row(item: _Item, newest: int) -> dict[str, Any]:
+    e, health = item.entry, item.health
+    row: dict[str, Any] = {"device": item.device.device_id, "name": item.device.name,
+                           "state": "silent" if health == "silent" else "active",
+                           "behind": "behind" in health, "throttled": "throttled" in health, "health": health}
+    if e is None:
+        return row | {"last_seen": None, "versions_behind": None, **dict.fromkeys(REPORT_FIELDS)}
+    held = e.report.model_version
+    return row | {"last_seen": e.last_seen, "versions_behind": None if held is None else newest - held,
+                  **{name: getattr(e.report, name) for name in REPORT_FIELDS}}
 
 
 _HEALTH_RANK = {"ok": 0, "throttled": 1, "behind": 2, "behind, throttled": 3, "silent": 4}
 
 
-def _row(device: Enrolled, entry: Entry | None, newest: int, now: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"device": device.device_id, "name": device.name}
-    if entry is None:
-        row.update(state="silent", behind=False, throttled=False, health="silent", last_seen=None,
-                   versions_behind=None, **dict.fromkeys(_REPORT_FIELDS))
-        return row
-    r = entry.report
-    silent = now - entry.last_seen > SILENT_AFTER_SECONDS
-    behind, throttled = not silent and is_behind(r, newest), not silent and is_throttled(r)
-    health = "silent" if silent else ", ".join(n for n, on in (("behind", behind), ("throttled", throttled)) if on)
-    row.update(
-        state="silent" if silent else "active", behind=behind, throttled=throttled, health=health or "ok",
-        last_seen=entry.last_seen,
-        versions_behind=None if r.model_version is None else newest - r.model_version,
-        **{name: getattr(r, field) for name, field in _REPORT_FIELDS.items()},
-    )
-    return row
+def _by(field: str) -> Callable[[_Item], tuple]:
+    """Sort key on a report field; devices that never reported (or hold no model) come first."""
+
+    def key(item: _Item) -> tuple:
+        value = None if item.entry is None else getattr(item.entry.report, field)
+        return (value is not None, value if value is not None else 0, item.device.device_id)
+
+    return key
 
 
-# listing field -> Heartbeat attribute
-_REPORT_FIELDS = {
-    "agent_version": "agent_version", "model_version": "model_version", "last_round": "last_round",
-    "cameras": "cameras", "memory": "memory", "memory_max": "memory_max", "cpu_max": "cpu_max",
-    "cpu_throttled": "cpu_throttled", "oom_retries": "oom_retries", "outbox": "outbox",
-    "outbox_bytes": "outbox_bytes", "sent_at": "sent_at",
-}  # fmt: skip
-
-
-def _by(field: str) -> Callable[[dict[str, Any]], tuple]:
-    """Sort key on a field whose value may be None (a device that never reported): those come first."""
-    return lambda row: (row[field] is not None, row[field] if row[field] is not None else 0, row["device"])
-
-
-_SORTS: dict[str, Callable[[dict[str, Any]], tuple]] = {
-    "device": lambda row: (row["device"],),
-    "name": lambda row: (row["name"], row["device"]),
-    "last_seen": _by("last_seen"),
+_SORTS: dict[str, Callable[[_Item], tuple]] = {
+    "device": lambda i: (i.device.device_id,),
+    "name": lambda i: (i.device.name, i.device.device_id),
+    "last_seen": lambda i: (i.entry is not None, i.entry.last_seen if i.entry else 0.0, i.device.device_id),
     "last_round": _by("last_round"),
     "model_version": _by("model_version"),
-    "agent_version": lambda row: (row["agent_version"] or "", row["device"]),
+    "agent_version": lambda i: (i.entry.report.agent_version if i.entry else "", i.device.device_id),
     "outbox": _by("outbox"),
-    "health": lambda row: (_HEALTH_RANK[row["health"]], row["device"]),
+    "health": lambda i: (_HEALTH_RANK[i.health], i.device.device_id),
 }
