@@ -85,8 +85,8 @@ def _device_row(d: dict[str, Any], now: float) -> str:
     if d["last_seen"] is None:
         return (f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td><td style="color:{colour}">never seen</td>'
                 + "<td>-</td>" * 9 + "</tr>")
-    behind = d["versions_behind"]
-    model = "-" if d["model_version"] is None else f"v{d['model_version']}" + (f" (-{behind})" if behind else "")
+    behind = d["versions_behind"] or 0  # negative only if the aggregator's state was reset under the fleet
+    model = "-" if d["model_version"] is None else f"v{d['model_version']}" + (f" (-{behind})" if behind > 0 else "")
     limit = f" ({_mib(d['memory_max'])})" if d["memory_max"] else ""
     return (
         f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td>'

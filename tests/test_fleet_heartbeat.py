@@ -13,6 +13,7 @@ import pytest
 from aggregator_harness import Harness, run, running
 from nacl.signing import SigningKey
 
+from aggregator import statuspage
 from aggregator.app import SERVICES
 from aggregator.fleet import MIN_REPORT_INTERVAL_SECONDS, SILENT_AFTER_SECONDS, Enrolled, Fleet, ReportRefused
 from aggregator.simulate import SimulatedDevice
@@ -255,3 +256,17 @@ def test_reports_survive_a_restart_of_the_aggregator(tmp_path: Path) -> None:
     run(first())
     listing = run(second())
     assert listing["devices"][0]["last_round"] == 9 and listing["counts"]["active"] == 1
+
+
+def test_the_table_says_how_far_behind_a_device_is_and_nothing_for_one_ahead(tmp_path: Path) -> None:
+    """A device holding a version newer than the aggregator's newest (its state was reset) showed "v5 (--3)"."""
+    behind, ahead = SimulatedDevice(), SimulatedDevice()
+    fleet = Fleet(tmp_path / "db", lambda: [Enrolled(behind.device_id, "a"), Enrolled(ahead.device_id, "b")])
+    now = 1_800_000_000.0
+    fleet.accept(report(behind, model_version=1, sent_at=int(now)), now)
+    fleet.accept(report(ahead, model_version=5, sent_at=int(now)), now)
+    listing = fleet.listing(2, now, sort="name")
+    html = statuspage.render({"model": {"name": "m", "parameters": 1, "version": 2, "digest": "00"},
+                              "current_round": None, "rounds": [], "devices": {"enrolled": 2, "revoked": 0},
+                              "aggregator_id": "ab", "strategy": "fedavg"}, listing)  # fmt: skip
+    assert "<td>v1 (-1)</td>" in html and "<td>v5</td>" in html and "--" not in html
