@@ -131,9 +131,11 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
                 payload.application(wheel, service, platform, base_tarball(store, platform), context / "app", log)
                 (context / "state").mkdir(mode=0o700)
                 (context / "Containerfile").write_text(containerfile(service, base, info))
-                podman("build", "--format=docker", "--pull=never", "--layers", f"--platform=linux/{platform.name}",
-                       "-t", ref, "-f", str(context / "Containerfile"), str(context),
-                       what=f"podman build {ref}", cache=cache, log=log)  # fmt: skip
+                # No layer cache: buildah 1.28 reused a cached COPY layer whose source files had changed (an
+                # entry script fixed in the build context stayed old in the image). The copies take seconds.
+                podman("build", "--format=docker", "--pull=never", "--layers=false",
+                       f"--platform=linux/{platform.name}", "-t", ref, "-f", str(context / "Containerfile"),
+                       str(context), what=f"podman build {ref}", cache=cache, log=log)  # fmt: skip
                 size = int(image_inspect(ref, cache)["Size"])
                 image = BuiltImage(service.name, platform.name, ref, size, round(time.monotonic() - started, 1))
                 built.append(image)

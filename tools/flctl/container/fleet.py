@@ -10,8 +10,8 @@ DaemonSet), converted for one host by the step below and written to ``<fleet>/ku
 - the restart policy is OnFailure (under Always podman restarts finished init containers forever);
 - ``$(VAR)`` in args is expanded from the ConfigMap, as the kubelet does; HTTP probes become the images'
   ``fl-healthcheck`` (podman runs an httpGet probe with curl, which the images do not have);
-- what needs a cluster goes: node selectors and affinity, the camera resource, /run/udev, emptyDir /tmp (a
-  read-only container gets a tmpfs /tmp from podman); agents train on synthetic frames of camera i;
+- what needs a cluster or a camera goes: node selectors and affinity, the camera resource, /run/udev; agents
+  train on synthetic frames of camera i;
 - agents talk to the city directly (no site in between) and pin its key; its port is published on 127.0.0.1,
   the agents' are not (podman 4.3 publishes every containerPort on the host, where the agents' would clash).
 
@@ -192,7 +192,8 @@ def city_pod(fleet: Fleet, settings: FleetSettings) -> dict[str, Any]:
     """The city StatefulSet's pod template as a Pod for podman (see the module docstring)."""
     sts = _load(K8S_BASE / "city" / "statefulset.yaml")
     args = dict(_load(K8S_BASE / "city" / "configmap.yaml")["data"])
-    args.update({"min-clients": str(settings.devices), "goal-clients": str(settings.devices),
+    # Goal: every agent; quorum: all but one, so one slow camera does not abandon the round.
+    args.update({"min-clients": str(max(1, settings.devices - 1)), "goal-clients": str(settings.devices),
                  "round-timeout": str(settings.round_timeout), "epochs": str(settings.epochs)})  # fmt: skip
     template = sts["spec"]["template"]
     spec = copy.deepcopy(template["spec"])
@@ -245,7 +246,7 @@ def _convert(spec: dict[str, Any], fleet: Fleet, config: dict[str, str], renames
         elif "hostPath" in volume and volume["hostPath"]["path"] in renames:
             pod = renames[volume["hostPath"]["path"]]
             volume = {"name": volume["name"], "persistentVolumeClaim": {"claimName": fleet.volume(pod)}}
-        elif "emptyDir" in volume or "hostPath" in volume:
+        elif "hostPath" in volume:  # /run/udev: the fleet's agents train on synthetic frames
             dropped.add(volume["name"])
             continue
         volumes.append(volume)

@@ -151,7 +151,10 @@ def _console_script(site: Path, service: Service) -> str:
     if target is None:
         raise ContainerError(f"the fl-edge wheel declares no console script {service.name!r}")
     module, _, function = target.partition(":")
-    return f"#!{VENV}/bin/python3\nimport sys\n\nfrom {module} import {function}\n\nsys.exit({function}())\n"
+    # The guard matters: the agent's trainer runs in a multiprocessing fork server, which imports the main
+    # script again, and must not start a second agent.
+    return (f"#!{VENV}/bin/python3\nimport sys\n\nfrom {module} import {function}\n\n"
+            f"if __name__ == \"__main__\":\n    sys.exit({function}())\n")
 
 
 def _accounts(base_tar: Path, service: Service) -> tuple[str, str]:
