@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from nacl.signing import SigningKey
 
+from aggregator.adaptive_clip import AdaptiveClip, AdaptiveClipError
 from aggregator.buffered import STALENESS_WEIGHTINGS, BufferConfigError, BufferPolicy, check_buffered_strategy
 from aggregator.privacy import MODES, DPConfig, PrivacyError, check_mode, check_private_strategy
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
@@ -201,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--dp: the delta epsilon is reported at (default 1e-5; must be below 1/devices)")
     serve.add_argument("--dp-epsilon-budget", type=float, metavar="E",
                        help="--dp: open no round that would take epsilon past E (the last model stays published)")
+    serve.add_argument("--dp-adaptive-clip", type=float, metavar="GAMMA",
+                       help="--dp central: the clip norm follows the GAMMA quantile of the devices' update norms, "
+                       "starting at --clip-norm (adaptive clipping, Andrew et al. 2021; docs/privacy.md)")
+    serve.add_argument("--dp-clip-learning-rate", type=float, metavar="ETA",
+                       help="--dp-adaptive-clip: each round C <- C exp(-ETA (fraction within C - GAMMA)) (default 0.2)")
+    serve.add_argument("--dp-clip-count-stddev", type=float, metavar="SIGMA_B",
+                       help="--dp-adaptive-clip: noise std on the count of devices within C (default 5 x Z: 1 %% of "
+                       "the privacy; must exceed Z / 2)")
     serve.add_argument("--secure-aggregation", action="store_true",
                        help="every round is a secure-aggregation round: the aggregator learns only the sum of the "
                        "survivors' updates (docs/aggregator.md); needs --clip-norm and fedavg, fedadam or fedyogi")
@@ -289,17 +298,27 @@ def _upstream(args: argparse.Namespace) -> UpstreamConfig | None:
 def _privacy(args: argparse.Namespace) -> DPConfig | None:
     """The --dp settings, checked against the rule, the clip norm and site mode before anything starts."""
     dp_flags = (args.dp_noise_multiplier, args.dp_epsilon_budget)
+    adaptive_flags = (args.dp_clip_learning_rate, args.dp_clip_count_stddev)
     if args.dp is None:
+        if args.dp_adaptive_clip is not None:
+            raise CliError("--dp-adaptive-clip goes with --dp central")
         if any(flag is not None for flag in dp_flags):
             raise CliError("--dp-noise-multiplier and --dp-epsilon-budget go with --dp central or --dp distributed")
+    if args.dp_adaptive_clip is None and any(flag is not None for flag in adaptive_flags):
+        raise CliError("--dp-clip-learning-rate and --dp-clip-count-stddev go with --dp-adaptive-clip GAMMA")
+    if args.dp is None:
         return None
     if args.dp_noise_multiplier is None:
         raise CliError(f"--dp {args.dp} needs --dp-noise-multiplier Z (noise std = Z x --clip-norm)")
     try:
-        config = DPConfig(args.dp_noise_multiplier, args.dp_delta, args.dp_epsilon_budget, args.dp)
+        adaptive = None
+        if args.dp_adaptive_clip is not None:
+            given = {"learning_rate": args.dp_clip_learning_rate, "count_stddev": args.dp_clip_count_stddev}
+            adaptive = AdaptiveClip(args.dp_adaptive_clip, **{k: v for k, v in given.items() if v is not None})
+        config = DPConfig(args.dp_noise_multiplier, args.dp_delta, args.dp_epsilon_budget, args.dp, adaptive)
         check_private_strategy(args.strategy, args.clip_norm, args.upstream is not None)
         check_mode(config, args.secure_aggregation)
-    except PrivacyError as exc:
+    except (PrivacyError, AdaptiveClipError) as exc:
         raise CliError(str(exc)) from None
     return config
 

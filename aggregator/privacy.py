@@ -22,6 +22,11 @@ noise. The noise the sum holds depends on how many devices survived, which the a
 for the unmask: :func:`distributed_noise` gives the round's effective noise multiplier and the DDGauss slack,
 and the ledger records those (aggregator/secagg_round.py).
 
+With ``--dp-adaptive-clip`` (central only, aggregator/adaptive_clip.py) the clip norm follows a quantile of
+the devices' update norms: each round adds a second Gaussian mechanism (the noised count of devices within the
+clip norm), the model's sum gets the larger noise multiplier z_delta that leaves the pair worth z, and the ledger
+keeps the clip norm with the rounds.
+
 The ledger of noised rounds is written to disk *before* the version they produced is published, so a crash in
 between over-counts the privacy spent, never under-counts it.
 """
@@ -36,6 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.adaptive_clip import (
+    AdaptiveClip,
+    AdaptiveClipError,
+    ClipStep,
+    count_noise_multiplier,
+    model_noise_multiplier,
+    next_clip_norm,
+)
 from aggregator.strategies import STRATEGIES, Strategy
 from aggregator.strategies.fedavg import FedAvg
 from appliance.durable import atomic_write
@@ -55,12 +68,14 @@ class PrivacyError(ValueError):
 
 @dataclass(frozen=True)
 class DPConfig:
-    """``fl-aggregator serve --dp central --dp-noise-multiplier Z --dp-delta D [--dp-epsilon-budget E]``."""
+    """``fl-aggregator serve --dp central --dp-noise-multiplier Z --dp-delta D [--dp-epsilon-budget E]
+    [--dp-adaptive-clip GAMMA ...]``."""
 
     noise_multiplier: float
     delta: float = 1e-5
     epsilon_budget: float | None = None
     mode: str = "central"
+    adaptive: AdaptiveClip | None = None  # the clip norm follows a quantile of the update norms (central only)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -71,6 +86,31 @@ class DPConfig:
             raise PrivacyError(f"--dp-delta must be in (0, 1), got {self.delta}")
         if self.epsilon_budget is not None and not self.epsilon_budget > 0:
             raise PrivacyError(f"--dp-epsilon-budget must be positive, got {self.epsilon_budget}")
+        if self.adaptive is not None:
+            if self.mode != "central":
+                raise PrivacyError(
+                    f"--dp-adaptive-clip needs --dp central, not {self.mode}: under secure aggregation nobody sees a "
+                    "device's norm, and the count of devices within the clip norm would need its own secure sum"
+                )
+            try:
+                self.model_noise_multiplier  # noqa: B018 - refuses a count noise that leaves the model none
+            except AdaptiveClipError as exc:
+                raise PrivacyError(str(exc)) from None
+
+    @property
+    def count_noise_multiplier(self) -> float | None:
+        """Adaptive clipping: the noise multiplier of each round's count of devices within the clip norm."""
+        if self.adaptive is None:
+            return None
+        return count_noise_multiplier(self.adaptive.count_stddev_for(self.noise_multiplier))
+
+    @property
+    def model_noise_multiplier(self) -> float:
+        """The noise multiplier of the model's sum: z, or with adaptive clipping z_delta, so that the sum and the
+        count together are worth z (Andrew et al. 2021, Theorem 1)."""
+        if self.adaptive is None:
+            return self.noise_multiplier
+        return model_noise_multiplier(self.noise_multiplier, self.adaptive.count_stddev_for(self.noise_multiplier))
 
     def check_population(self, devices: int) -> None:
         """delta must be well below 1/N, or 'with probability delta, one device's data is published' is no
@@ -141,17 +181,24 @@ def _runs(values: list[float]) -> list[tuple[float, int]]:
 
 class PrivacyLedger:
     """The noise multiplier of every noised round that produced a published version, on disk (with the DDGauss
-    slack of distributed rounds)."""
+    slack of distributed rounds); with adaptive clipping, the noise multiplier of each round's count too, the clip
+    norm of each adaptive round and the clip norm of the next one."""
 
     def __init__(self, state_dir: Path, config: DPConfig):
         self.path = Path(state_dir) / LEDGER_FILE
         self.config = config
         self.rounds: list[float] = []
         self.rdp_slack = 0.0
+        self.counts: list[float] = []  # the noise multipliers of the adaptive rounds' counts
+        self.clip_norm: float | None = None  # where adaptive clipping has moved the clip norm (None: not yet)
+        self.clip_history: list[dict[str, float]] = []  # per adaptive round: version, clip norm, noised fraction
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             self.rounds = [float(z) for z in saved["noise_multipliers"]]
             self.rdp_slack = float(saved.get("rdp_slack", 0.0))
+            self.counts = [float(z) for z in saved.get("clip_count_noise_multipliers", [])]
+            self.clip_norm = None if saved.get("clip_norm") is None else float(saved["clip_norm"])
+            self.clip_history = list(saved.get("clip_history", []))
             if float(saved["delta"]) != config.delta:
                 raise PrivacyError(
                     f"{self.path} accounts with delta {saved['delta']}, not --dp-delta {config.delta}: "
@@ -159,27 +206,62 @@ class PrivacyLedger:
                 )
 
     def spent(self) -> float:
-        return epsilon(self.rounds, self.config.delta, self.rdp_slack)
+        """Every round's Gaussian mechanisms (the model's sum, and the count of an adaptive round) composed by
+        dp-accounting: composition is order-free, so the counts are composed after the sums."""
+        return epsilon([*self.rounds, *self.counts], self.config.delta, self.rdp_slack)
+
+    def round_clip_norm(self, configured: float) -> float:
+        """The clip norm of the round that opens: with adaptive clipping, where the estimate has moved it (a
+        restart continues from there); else, or before the first adaptive round, ``configured`` (--clip-norm)."""
+        if self.config.adaptive is not None and self.clip_norm is not None:
+            return self.clip_norm
+        return configured
+
+    def adapt_clip(self, clip_norm: float, unclipped_norms: list[float]) -> ClipStep | None:
+        """Adaptive clipping: the noised count of ``unclipped_norms`` within ``clip_norm`` and the next clip norm
+        (None without adaptive clipping). Recorded by :meth:`record_round` with the round it belongs to."""
+        adaptive = self.config.adaptive
+        if adaptive is None:
+            return None
+        return next_clip_norm(clip_norm, unclipped_norms, adaptive.target_quantile, adaptive.learning_rate,
+                              adaptive.count_stddev_for(self.config.noise_multiplier))
+
+    def _next_round(self, noise: RoundNoise | None, counted: bool) -> tuple[list[float], list[float], float]:
+        """The ledger's lists after one more round: its sum's noise (``noise``, or the configured central one),
+        and its count's noise multiplier when ``counted`` (adaptive clipping)."""
+        z, slack = (self.config.model_noise_multiplier, 0.0) if noise is None else (
+            noise.noise_multiplier, noise.rdp_slack)
+        count = self.config.count_noise_multiplier
+        counts = [*self.counts, count] if counted and count is not None else self.counts
+        return [*self.rounds, z], counts, self.rdp_slack + slack
 
     def after_next_round(self, noise: RoundNoise | None = None) -> float:
-        """Epsilon after one more round with ``noise`` (None: the configured noise multiplier, no slack)."""
-        z, slack = (self.config.noise_multiplier, 0.0) if noise is None else (noise.noise_multiplier, noise.rdp_slack)
-        return epsilon([*self.rounds, z], self.config.delta, self.rdp_slack + slack)
+        """Epsilon after one more round with ``noise`` (None: the configured noise multiplier, no slack; with
+        adaptive clipping, its count too)."""
+        rounds, counts, slack = self._next_round(noise, counted=True)
+        return epsilon([*rounds, *counts], self.config.delta, slack)
 
     def budget_allows_next_round(self, noise: RoundNoise | None = None) -> bool:
         budget = self.config.epsilon_budget
         return budget is None or self.after_next_round(noise) <= budget
 
-    def record_round(self, noise: RoundNoise | None = None) -> float:
+    def record_round(self, noise: RoundNoise | None = None, clip: ClipStep | None = None) -> float:
         """Count one more noised round (durably, before its version is published); returns epsilon after it.
-        ``noise``: what a distributed round's sum held; None: the configured noise multiplier (central)."""
-        z, slack = (self.config.noise_multiplier, 0.0) if noise is None else (noise.noise_multiplier, noise.rdp_slack)
-        rounds = [*self.rounds, z]
+        ``noise``: what a distributed round's sum held; None: the configured noise multiplier (central).
+        ``clip``: an adaptive round's count and next clip norm (:meth:`adapt_clip`), kept with it."""
+        rounds, counts, slack = self._next_round(noise, counted=clip is not None)
+        clip_norm, history = self.clip_norm, self.clip_history
+        if clip is not None:
+            clip_norm = clip.next_clip_norm
+            history = [*history, {"version": len(rounds), "clip_norm": clip.clip_norm, "within": clip.within}]
         saved: dict[str, object] = {"delta": self.config.delta, "noise_multipliers": rounds}
-        if self.rdp_slack + slack:
-            saved["rdp_slack"] = self.rdp_slack + slack
+        if slack:
+            saved["rdp_slack"] = slack
+        if counts or clip_norm is not None:
+            saved.update(clip_count_noise_multipliers=counts, clip_norm=clip_norm, clip_history=history)
         atomic_write(self.path, json.dumps(saved).encode())
-        self.rounds, self.rdp_slack = rounds, self.rdp_slack + slack
+        self.rounds, self.counts, self.rdp_slack = rounds, counts, slack
+        self.clip_norm, self.clip_history = clip_norm, history
         return self.spent()
 
     def release_metadata(self) -> dict[str, float | int | str]:
@@ -241,6 +323,14 @@ def check_private_strategy(strategy: str, clip_norm: float, site: bool) -> None:
 
 
 def make_private(strategy: Strategy, clip_norm: float, config: DPConfig) -> None:
-    """Turn a FedAvg-family rule into DP-FedAvg (clip, weight 1, Gaussian noise on the sum)."""
+    """Turn a FedAvg-family rule into DP-FedAvg (clip, weight 1, Gaussian noise on the sum); with adaptive
+    clipping the sum's noise multiplier is z_delta, and :func:`clip_round` sets each round's clip norm."""
     assert isinstance(strategy, FedAvg), "check_private_strategy() refuses other rules"
-    strategy.make_private(GaussianSum(clip_norm, config.noise_multiplier))
+    strategy.make_private(GaussianSum(clip_norm, config.model_noise_multiplier))
+
+
+def clip_round(strategy: Strategy, clip_norm: float) -> None:
+    """Adaptive clipping: the private rule clips this round's deltas to ``clip_norm`` and calibrates the sum's
+    noise to it (the task asks the devices for the same norm)."""
+    assert isinstance(strategy, FedAvg) and strategy.privacy is not None, "make_private() first"
+    strategy.privacy.clip_norm = clip_norm

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from nacl.signing import SigningKey
 
+from aggregator.adaptive_clip import unclipped_norm
 from aggregator.buffered import AsyncActivity, BufferPolicy
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore
-from aggregator.privacy import ACCOUNTING, PrivacyLedger, RoundNoise
+from aggregator.privacy import ACCOUNTING, PrivacyLedger, RoundNoise, clip_round
 from aggregator.registry import Registry
 from aggregator.store import DuplicateUpdate, RoundRow, SpoolJob, Store, UpdateRow
 from aggregator.strategies import AggregationError, Strategy
@@ -150,12 +151,14 @@ class OpenRound:
     task: bytes
     norm_bound: float
     norm_bound_source: str
+    clip_norm: float  # what the task asks the devices to clip to (with adaptive clipping, this round's C)
     devices: dict[str, bytes] = field(default_factory=dict)  # device -> update digest (committed or in flight)
     accepted: int = 0
     samples: int = 0
     pending: int = 0
     closing: bool = False
     noise: RoundNoise | None = None  # distributed DP: the noise the survivors' sum held (secagg_round.py)
+    unclipped_norms: list[float] | None = None  # adaptive clipping: the devices' norms before they clipped
     full: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -333,7 +336,11 @@ class RoundEngine:
         goal = self.policy.goal_clients or self.registry.active_count()
         return max(goal, self.policy.min_clients)
 
-    def _task(self, round_id: int, deadline: float, opened_at: float) -> bytes:
+    def _clip_norm(self) -> float:
+        """The clip norm of the next round's task: --clip-norm, or where adaptive clipping has moved it."""
+        return self.plan.clip_norm if self.privacy is None else self.privacy.round_clip_norm(self.plan.clip_norm)
+
+    def _task(self, round_id: int, deadline: float, opened_at: float, clip_norm: float) -> bytes:
         digest = self.store.model_digest(self.version)
         assert digest is not None
         task = wire.Task(
@@ -347,7 +354,7 @@ class RoundEngine:
             learning_rate=self.plan.learning_rate,
             prox_mu=self.plan.prox_mu,
             encoding=self.plan.encoding,
-            clip_norm=self.plan.clip_norm,
+            clip_norm=clip_norm,
             issued_at=int(opened_at),
             secure_aggregation=self.secure is not None,
         )
@@ -358,7 +365,10 @@ class RoundEngine:
         assert digest is not None
         self.strategy.start_round(self.models.layout.size)
         assert self.params is not None
-        bound, source = update_norm_bound(self.policy.max_update_norm, self.plan.clip_norm, self.params)
+        clip_norm = self._clip_norm()
+        if self.privacy is not None and self.privacy.config.adaptive is not None:
+            clip_round(self.strategy, clip_norm)  # the server clips to, and calibrates the noise to, this round's C
+        bound, source = update_norm_bound(self.policy.max_update_norm, clip_norm, self.params)
         return OpenRound(
             round_id=round_id,
             model_version=self.version,
@@ -366,9 +376,10 @@ class RoundEngine:
             opened_at=opened_at,
             deadline=deadline,
             goal=goal,
-            task=self._task(round_id, deadline, opened_at),
+            task=self._task(round_id, deadline, opened_at, clip_norm),
             norm_bound=bound,
             norm_bound_source=source,
+            clip_norm=clip_norm,
         )
 
     async def _open(self, round_id: int, now: float, persist: bool) -> None:
@@ -442,7 +453,7 @@ class RoundEngine:
         re-signed for the new deadline (devices skip a task whose deadline has passed)."""
         now = time.time()
         round_.deadline = now + self.policy.round_timeout
-        round_.task = self._task(round_.round_id, round_.deadline, now)
+        round_.task = self._task(round_.round_id, round_.deadline, now, round_.clip_norm)
         log.info("buffer %d holds %d updates, below --min-clients %d: collecting until %s", round_.round_id,
                  round_.accepted, self.policy.min_clients, time.strftime("%H:%M:%S", time.localtime(round_.deadline)))
 
@@ -639,6 +650,8 @@ class RoundEngine:
             await self._conclude(round_, outcome.participants, outcome.weight, {}, outcome.updates(), outcome.note)
             return
         rows = self.store.round_updates(round_.round_id)
+        if self.privacy is not None and self.privacy.config.adaptive is not None:
+            round_.unclipped_norms = await self._run(self._unclipped_norms, round_, rows)
         samples = sum(r.num_samples for r in rows)
         await self._conclude(round_, len(rows), samples, _weighted_metrics(rows), self._spooled(round_, rows))
 
@@ -742,6 +755,16 @@ class RoundEngine:
         deltas = [spool[r.offset // 4 : (r.offset + r.length) // 4] for r in rows]
         return UpdateSet(deltas, np.array([r.num_samples for r in rows], dtype=np.float64), self.chunk_bytes)
 
+    def _unclipped_norms(self, round_: OpenRound, rows: list[UpdateRow]) -> list[float]:
+        """Adaptive clipping (worker thread): each device's norm before it clipped, from its signed metrics; the
+        spooled delta is read only for a device that reported none (aggregator/adaptive_clip.py)."""
+        def received(row: UpdateRow) -> float:
+            delta = self.store.read_delta(round_.round_id, row.offset, row.length)
+            return float(np.linalg.norm(delta.astype(np.float64)))
+
+        return [unclipped_norm(row.metrics.get("update_norm"), lambda row=row: received(row), round_.clip_norm)
+                for row in rows]
+
     def _mean_delta(self, updates: UpdateSet) -> np.ndarray:
         delta = self.strategy.aggregate(updates)
         if not np.isfinite(delta).all():
@@ -791,7 +814,9 @@ class RoundEngine:
         version = round_.model_version + 1
         privacy = None
         if self.privacy is not None:  # counted before the version exists: a crash over-counts, never under-counts
-            self.privacy.record_round(round_.noise)
+            clip = None if round_.unclipped_norms is None else self.privacy.adapt_clip(round_.clip_norm,
+                                                                                        round_.unclipped_norms)
+            self.privacy.record_round(round_.noise, clip)
             privacy = self.privacy.release_metadata()
         digest = self.models.write(version, params, created_at, privacy)
         state = self.strategy.saved_state()
@@ -804,7 +829,7 @@ class RoundEngine:
     def _privacy_status(self) -> dict[str, Any]:
         assert self.privacy is not None
         config = self.privacy.config
-        return {
+        status: dict[str, Any] = {
             "mode": config.mode,
             "noise_multiplier": config.noise_multiplier,
             "delta": config.delta,
@@ -813,7 +838,20 @@ class RoundEngine:
             "rounds": len(self.privacy.rounds),
             "exhausted": not self.privacy.budget_allows_next_round(),
             "accounting": ACCOUNTING[config.mode],
+            "adaptive_clip": None,
         }
+        if config.adaptive is not None:
+            status["accounting"] += ("; adaptive clipping: each round also composes the noised count of devices "
+                                     "within the clip norm (Andrew et al. 2021)")
+            status["adaptive_clip"] = {
+                "target_quantile": config.adaptive.target_quantile,
+                "learning_rate": config.adaptive.learning_rate,
+                "count_stddev": config.adaptive.count_stddev_for(config.noise_multiplier),
+                "model_noise_multiplier": config.model_noise_multiplier,
+                "clip_norm": self._clip_norm(),
+                "history": self.privacy.clip_history[-100:],
+            }
+        return status
 
     def status(self, history: int = 20) -> dict[str, Any]:
         """What ``GET /v1/status`` reports."""
@@ -870,6 +908,7 @@ class RoundEngine:
                 "closing": r.closing,
                 "max_update_norm": r.norm_bound,
                 "max_update_norm_source": r.norm_bound_source,
+                "clip_norm": r.clip_norm,
             },
             "rounds": rounds,
             "devices": {
