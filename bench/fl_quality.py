@@ -80,7 +80,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -217,6 +217,7 @@ class Privacy:
     noise_multiplier: float
     clip_norm: float
     delta: float
+    adaptive_quantile: float | None = None  # ours only: adaptive clipping from clip_norm (--dp-adaptive-clip)
 
 
 class FlowerServer:
@@ -372,6 +373,7 @@ class Run:
     down_bytes: list[int] = field(default_factory=list)
     seconds: float = 0.0
     final: np.ndarray | None = field(default=None, repr=False)  # the last global parameters, flat
+    clip_norms: list[float] = field(default_factory=list)  # adaptive clipping: the clip norm of each round
 
     def figures(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "final"}
@@ -394,11 +396,13 @@ def run_ours(method: str, seed: int, fed: Federation, settings: Settings, packag
              privacy: Privacy | None = None) -> Run:
     """Devices and aggregator of fl-edge, in process, every message through appliance.wire. With ``privacy``:
     FedAvg made private as ``fl-aggregator serve --dp central`` makes it (aggregator.privacy.make_private), the
-    devices clipping their deltas as the agent does."""
+    devices clipping their deltas as the agent does; with its ``adaptive_quantile``, the clip norm moves each
+    round as ``--dp-adaptive-clip`` moves it (aggregator/adaptive_clip.py)."""
     from nacl.signing import SigningKey
 
+    from aggregator.adaptive_clip import AdaptiveClip, next_clip_norm
     from aggregator.models import Layout
-    from aggregator.privacy import DPConfig, make_private
+    from aggregator.privacy import DPConfig, clip_round, make_private
     from aggregator.strategies import UpdateSet, make_strategy
     from aggregator.verify import decode_delta
     from appliance import wire
@@ -409,8 +413,11 @@ def run_ours(method: str, seed: int, fed: Federation, settings: Settings, packag
     options = {"eta": settings.fedadam_eta, "tau": settings.fedadam_tau} if strategy_name == "fedadam" else {}
     strategy = make_strategy(strategy_name, **options)
     clip_norm = 0.0
+    adaptive = None
     if privacy is not None:
-        make_private(strategy, privacy.clip_norm, DPConfig(privacy.noise_multiplier, privacy.delta))
+        if privacy.adaptive_quantile is not None:
+            adaptive = AdaptiveClip(privacy.adaptive_quantile)
+        make_private(strategy, privacy.clip_norm, DPConfig(privacy.noise_multiplier, privacy.delta, adaptive=adaptive))
         clip_norm = privacy.clip_norm
     specs = [wire.ParamSpec(s.name, tuple(s.shape)) for s in package.param_specs]
     layout = Layout(specs)
@@ -427,14 +434,18 @@ def run_ours(method: str, seed: int, fed: Federation, settings: Settings, packag
             wire.ModelRelease(round_no - 1, package.digest, layout.unflatten(global_flat)), aggregator_key)
         picked = participants(settings, seed, round_no)
         strategy.start_round(layout.size)
-        deltas, weights, up = [], [], 0
+        if adaptive is not None:
+            clip_round(strategy, clip_norm)
+            run.clip_norms.append(clip_norm)
+        deltas, weights, up, norms = [], [], 0, []
         for c in picked:
             # device: verify the release against the pinned key, train, sign the delta
             params = wire.decode_model_release(release, aggregator_key.verify_key, specs, limits).tensors
             idx = fed.clients[c]
             result = trainer.train(params, fed.x[idx], fed.y[idx], settings.epochs, settings.batch, settings.lr,
                                    seed=client_seed(seed, round_no, c), measure=False)
-            delta, _ = clip_update(result.delta, clip_norm)  # the agent's own clipping (0: none)
+            delta, norm = clip_update(result.delta, clip_norm)  # the agent's own clipping (0: none)
+            norms.append(norm)
             body = wire.encode_update(wire.Update(device_ids[c], round_no, round_no - 1, digest, result.num_samples,
                                                   delta, dict(result.metrics), encoding), device_keys[c])
             up += len(body)
@@ -445,6 +456,9 @@ def run_ours(method: str, seed: int, fed: Federation, settings: Settings, packag
             weights.append(update.num_samples)
         aggregated = strategy.aggregate(UpdateSet(deltas, np.array(weights)))
         global_flat = strategy.apply(global_flat, aggregated)
+        if adaptive is not None and privacy is not None:
+            clip_norm = next_clip_norm(clip_norm, norms, adaptive.target_quantile, adaptive.learning_rate,
+                                       adaptive.count_stddev_for(privacy.noise_multiplier)).next_clip_norm
         scores = trainer.evaluate(layout.unflatten(global_flat), fed.x_test, fed.y_test)
         run.accuracy.append(scores["accuracy"])
         run.loss.append(scores["loss"])
@@ -637,8 +651,8 @@ DP_DEFAULTS = {"clients": 300, "per_round": 150, "rounds": 20, "epochs": 5, "see
 QUALITY_DEFAULTS = {"clients": 20, "per_round": 10, "rounds": 40, "epochs": 2, "seeds": 3}
 
 
-def ours_dp(z: float) -> str:
-    return f"ours z={z:g}"
+def ours_dp(z: float, adaptive: bool = False) -> str:
+    return f"ours z={z:g}" + (" adaptive" if adaptive else "")
 
 
 def flower_dp(z: float) -> str:
@@ -706,9 +720,9 @@ def _last(values: Sequence[float], count: int = 5) -> float:
 
 
 def print_dp_report(runs: Sequence[Run], dps: Sequence[DPSetting], settings: Settings, seeds: Sequence[int],
-                    flower_version: str | None) -> dict[str, Any]:
+                    flower_version: str | None, adaptive_quantile: float | None = None) -> dict[str, Any]:
     zs = [d.privacy.noise_multiplier for d in dps]
-    columns = [DP_REFERENCE] + [m for z in zs for m in (ours_dp(z), flower_dp(z))]
+    columns = [DP_REFERENCE] + [m for z in zs for m in (ours_dp(z), flower_dp(z), ours_dp(z, adaptive=True))]
     present = [m for m in columns if any(r.method == m for r in runs)]
     print(f"\naccuracy on the held-out set per round (mean of {len(seeds)} seed(s)); {DP_REFERENCE} is without DP:")
     print("round  " + "  ".join(f"{m:>16}" for m in present) + "  " +
@@ -768,10 +782,51 @@ def print_dp_report(runs: Sequence[Run], dps: Sequence[DPSetting], settings: Set
                      f"1 point{noise}")
     print("\nagainst Flower's DifferentialPrivacyServerSideFixedClipping(FedAvg), same noise:")
     print("\n".join(lines) if lines else "  (Flower not run)")
+    if adaptive_quantile is not None:
+        _adaptive_report(runs, dps, rows, adaptive_quantile)
     return {"settings": settings.__dict__, "seeds": list(seeds), "flower_version": flower_version,
             "clip_norm": dps[0].privacy.clip_norm, "delta": dps[0].privacy.delta,
             "reference_final_accuracy": float(reference[:, -1].mean()), "dp": rows,
             "runs": [r.figures() for r in runs]}
+
+
+def _adaptive_report(runs: Sequence[Run], dps: Sequence[DPSetting], rows: list[dict[str, Any]],
+                     quantile: float) -> None:
+    """--dp-adaptive-clip: ours with the clip norm following a quantile against ours at the fixed clip norm, at
+    the same noise multiplier z and so the same epsilon (the ledger composes both of a round's mechanisms in
+    dp-accounting; they are worth one of multiplier z)."""
+    from aggregator.adaptive_clip import AdaptiveClip
+    from aggregator.privacy import DPConfig, epsilon
+
+    printed = False
+    for d, row in zip(dps, rows, strict=True):
+        z = d.privacy.noise_multiplier
+        adaptive_runs = [r for r in runs if r.method == ours_dp(z, adaptive=True)]
+        if not adaptive_runs:
+            continue
+        if not printed:
+            print(f"\nadaptive clipping (quantile {quantile:g}, from clip norm "
+                  f"{d.privacy.clip_norm:g}) against the fixed clip norm, same z and epsilon:")
+            printed = True
+        adaptive, fixed = curves(runs, ours_dp(z, adaptive=True)), curves(runs, ours_dp(z))
+        config = DPConfig(z, d.privacy.delta, adaptive=AdaptiveClip(quantile))
+        assert config.count_noise_multiplier is not None
+        rounds = len(d.epsilon)
+        spent = epsilon([config.model_noise_multiplier] * rounds + [config.count_noise_multiplier] * rounds,
+                        d.privacy.delta)
+        final_clips = [r.clip_norms[-1] for r in adaptive_runs]
+        paired = adaptive[:, -1] - fixed[:, -1]
+        se = float(paired.std(ddof=1) / math.sqrt(len(paired))) if len(paired) > 1 else None
+        row.update(adaptive_final_accuracy=float(adaptive[:, -1].mean()),
+                   adaptive_final_accuracy_sd=float(adaptive[:, -1].std()),
+                   adaptive_gap=float(paired.mean()), adaptive_gap_se=se, adaptive_epsilon=spent,
+                   adaptive_model_noise_multiplier=config.model_noise_multiplier,
+                   adaptive_clip_norms=[r.clip_norms for r in adaptive_runs])
+        print(f"  z={z:g}: adaptive {row['adaptive_final_accuracy']:.4f}±{row['adaptive_final_accuracy_sd']:.4f}, "
+              f"fixed {row['ours_final_accuracy']:.4f}: {row['adaptive_gap']:+.4f}"
+              + ("" if se is None else f" (s.e. {se:.4f})")
+              + f"; clip norm after the last round {min(final_clips):.3g}..{max(final_clips):.3g}; sum noised at "
+              f"z_delta {config.model_noise_multiplier:.4g}; epsilon {spent:.3f} (fixed: {d.epsilon[-1]:.3f})")
 
 
 def plot_dp(runs: Sequence[Run], dps: Sequence[DPSetting], path: Path, title: str) -> None:
@@ -842,6 +897,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="--dp: the epsilons over the run that choose the noise multipliers (default 1,3,8)")
     ap.add_argument("--dp-noise-multipliers", help="--dp: these noise multipliers instead of --dp-epsilons")
     ap.add_argument("--dp-delta", type=float, default=1e-5, help="--dp: the delta epsilon is given at")
+    ap.add_argument("--dp-adaptive-clip", type=float, metavar="GAMMA",
+                    help="--dp: also run ours with adaptive clipping to the GAMMA quantile, from --clip-norm, at "
+                    "each noise level (the same epsilon)")
     ap.add_argument("--downlink", action="store_true",
                     help="compressed downlink: bytes per device per round and final accuracy, float32 updates and "
                     "models against int8 updates with full/float16/int8/sparse model deltas (bench/fl_downlink.py)")
@@ -898,6 +956,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dp:
         jobs = [(DP_REFERENCE, None)] + [(m, d.privacy) for d in dps for m in ("ours", FLOWER)
                                          if m != FLOWER or flower_python is not None]
+        if args.dp_adaptive_clip is not None:  # the same noise levels, the clip norm moving from --clip-norm
+            jobs += [("ours", replace(d.privacy, adaptive_quantile=args.dp_adaptive_clip)) for d in dps]
 
     from appliance.trainer import Trainer
     from flctl.model import build_reference_package
@@ -930,7 +990,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif privacy is None:
                 run = run_ours(m, seed, fed, settings, package, trainer)
             else:
-                run = run_ours(ours_dp(privacy.noise_multiplier), seed, fed, settings, package, trainer, privacy)
+                name = ours_dp(privacy.noise_multiplier, privacy.adaptive_quantile is not None)
+                run = run_ours(name, seed, fed, settings, package, trainer, privacy)
             runs.append(run)
             print(f"  {run.method:<18} final accuracy {run.accuracy[-1]:.4f}, rounds to {TARGET:.0%} "
                   f"{run.rounds_to(TARGET) or '-'}, {run.seconds:.1f} s", flush=True)
@@ -939,7 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     flower_text = f"; Flower {flower_version}" if flower_version else ""
     if args.dp:
-        report = print_dp_report(runs, dps, settings, seeds, flower_version)
+        report = print_dp_report(runs, dps, settings, seeds, flower_version, args.dp_adaptive_clip)
         png, js = args.out / "fl_quality_dp.png", args.out / "fl_quality_dp.json"
         plot_dp(runs, dps, png, f"digits, DP-FedAvg: {args.clients} clients, {args.per_round}/round, clip "
                 f"{args.clip_norm:g}, delta {args.dp_delta:g}, {len(seeds)} seed(s){flower_text}")
@@ -955,6 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dp_settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings) -> list[DPSetting]:
     """The noise levels to compare: from --dp-noise-multipliers, or solved from --dp-epsilons."""
+    from aggregator.adaptive_clip import AdaptiveClip
     from aggregator.privacy import DPConfig, PrivacyError
 
     if not args.clip_norm > 0:
@@ -970,6 +1032,8 @@ def _dp_settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace, set
             zs = [noise_multiplier_for(e, settings.rounds, args.dp_delta) for e in targets]  # type: ignore[arg-type]
         for z in zs:
             DPConfig(z, args.dp_delta).check_population(settings.clients)
+            if args.dp_adaptive_clip is not None:
+                DPConfig(z, args.dp_delta, adaptive=AdaptiveClip(args.dp_adaptive_clip))
     except (ValueError, PrivacyError) as exc:
         ap.error(str(exc))
     return dp_settings(zs, targets, args.clip_norm, args.dp_delta, settings)
