@@ -99,13 +99,13 @@ def test_manifest_validates_strictly(manifest: Path, version: str) -> None:
     _validate(manifest, version)
 
 
-def _render(tmp_path: Path) -> Path:
+def _render(tmp_path: Path, overlay: Path = OVERLAY) -> Path:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with kustomize) is not installed: the overlay is not rendered")
-    done = subprocess.run([kubectl, "kustomize", str(OVERLAY)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    out = tmp_path / "two-zones.yaml"
+    out = tmp_path / "rendered.yaml"
     out.write_text(done.stdout)
     return out
 
@@ -113,6 +113,23 @@ def _render(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_the_two_zone_overlay_renders_to_valid_manifests(tmp_path: Path, version: str) -> None:
     _validate(_render(tmp_path), version)
+
+
+def test_the_hostpath_camera_fallback_renders_to_valid_manifests(tmp_path: Path) -> None:
+    """components/cameras-hostpath on top of the overlay: the camera as a device file, no plugin resource."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(OVERLAY, overlay)],
+        "components": [os.path.relpath(K8S / "components" / "cameras-hostpath", overlay)],
+    }))
+    rendered = _render(tmp_path, overlay)
+    _validate(rendered, KUBERNETES_VERSIONS[-1])
+    agent = _docs([rendered])["DaemonSet/fl-agent-zone-a"]["spec"]["template"]["spec"]
+    assert "squat.ai/video" not in agent["containers"][0]["resources"]["limits"]
+    device = next(v for v in agent["volumes"] if v["name"] == "video0")
+    assert device["hostPath"] == {"path": "/dev/video0", "type": "CharDevice"}
 
 
 def test_the_overlay_keeps_each_zone_to_its_own_site(tmp_path: Path) -> None:
