@@ -4,7 +4,11 @@ two Gaussian mechanisms of every round, and bad settings are refused at start-up
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import dp_accounting
@@ -189,3 +193,66 @@ def test_dp_config_refuses_a_count_that_takes_all_the_privacy() -> None:
     with pytest.raises(PrivacyError, match=r"must exceed 0\.5"):
         DPConfig(1.0, adaptive=AdaptiveClip(0.5, count_stddev=0.5))
     assert DPConfig(1.0, adaptive=AdaptiveClip(0.5)).model_noise_multiplier == pytest.approx(1 / math.sqrt(0.99))
+
+
+def _demo_args(*options: str):
+    import argparse
+
+    from flctl.demo import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return parser.parse_args(["demo", *options])
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        (["--dp-adaptive-clip", "0.5"], "--dp-adaptive-clip goes with --dp-noise-multiplier"),
+        (["--dp-noise-multiplier", "1", "--dp-clip-learning-rate", "0.1"], "goes with --dp-adaptive-clip"),
+        (["--dp-noise-multiplier", "1", "--dp-adaptive-clip", "2"], "must be a quantile in (0, 1)"),
+        (["--dp-noise-multiplier", "1", "--dp-adaptive-clip", "0.5", "--dp-mode", "distributed",
+          "--secure-aggregation"], "needs --dp central"),
+    ],
+)
+def test_the_demo_refuses_bad_adaptive_clip_settings(options: list[str], reason: str) -> None:
+    from flctl.demo import privacy_settings
+
+    with pytest.raises(SystemExit, match=re.escape(reason)):
+        privacy_settings(_demo_args(*options))
+
+
+def test_the_demo_reads_adaptive_clipping_settings_and_each_rounds_clip_norm() -> None:
+    from flctl.demo import _round_clip_norms, privacy_settings
+
+    clip, z, _, adaptive = privacy_settings(_demo_args("--dp-noise-multiplier", "0.1", "--dp-adaptive-clip", "0.3"))
+    assert (clip, z, adaptive) == (4.0, 0.1, AdaptiveClip(0.3))
+    status = {"privacy": {"adaptive_clip": {"history": [{"version": 1, "clip_norm": 4.0, "within": 0.2},
+                                                         {"version": 2, "clip_norm": 4.4, "within": 0.5}]}}}
+    assert _round_clip_norms(status) == {1: 4.0, 2: 4.4}
+    assert _round_clip_norms({"privacy": None}) == {}
+
+
+@pytest.mark.slow
+def test_the_demo_shows_the_clip_norm_of_every_round(tmp_path: Path) -> None:
+    """`flctl demo --dp-noise-multiplier Z --dp-adaptive-clip 0.5` (2 devices, 2 rounds, about 40 s): the
+    summary has a clip-norm column, the first round clips to the demo's clip norm and the second to where the
+    first moved it; the epsilon is dp-accounting's for both mechanisms of each round."""
+    z, delta = 0.005, 1e-5  # little noise, so two devices still learn
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "flctl"), "demo", "--devices", "2", "--rounds", "2",
+         "--dp-noise-multiplier", str(z), "--dp-adaptive-clip", "0.5", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    history = summary["privacy"]["adaptive_clip"]["history"]
+    assert [r["clip_norm"] for r in summary["rounds"]] == [entry["clip_norm"] for entry in history]
+    assert history[0]["clip_norm"] == 4.0
+    assert history[1]["clip_norm"] == pytest.approx(4.0 * math.exp(-0.2 * (history[0]["within"] - 0.5)))
+    assert summary["privacy"]["epsilon"] == pytest.approx(
+        _composed_epsilon(model_noise_multiplier(z, 5 * z), 10 * z, 2, delta), rel=1e-9)
+    table = done.stdout.split("Summary", 1)[1]
+    assert "clip norm" in table.splitlines()[2]
+    assert f"{history[1]['clip_norm']:.3g}" in table

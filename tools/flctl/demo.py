@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from aggregator.adaptive_clip import AdaptiveClip, AdaptiveClipError
 from aggregator.privacy import MODES, DPConfig, PrivacyError, check_mode, check_private_strategy
 from aggregator.strategies import STRATEGIES
 from appliance import wire
@@ -68,6 +69,7 @@ class RoundRow:
     per_device_accuracy: list[float] = field(default_factory=list)  # the headline per camera
     scores: dict[str, float] = field(default_factory=dict)  # every held-out figure (the detector's: mAP, F1, count)
     epsilon: float | None = None  # the privacy spent up to this version, from its signed release (DP only)
+    clip_norm: float | None = None  # adaptive clipping: the clip norm of the round that made this version
 
 
 class Evaluator:
@@ -141,11 +143,14 @@ def _progress_table(fleet: Fleet, status: dict, rows: list[RoundRow], started: f
     current = status.get("current_round") or {}
     private = fleet.dp_noise_multiplier is not None
     title = f"fl-edge fleet demo: {fleet.devices} appliances, {fleet.strategy}, {fleet.encoding}"
+    adaptive = fleet.dp_adaptive_clip is not None
     if private:
         title += f", DP z={fleet.dp_noise_multiplier:g} S={fleet.clip_norm:g}"
+    if fleet.dp_adaptive_clip is not None:
+        title += f" (adaptive: quantile {fleet.dp_adaptive_clip.target_quantile:g})"
     table = Table(title=title)
     for column in ("round", "model", "reporting", "train loss", *(title for _, title, _ in columns),
-                   *(["epsilon"] if private else []), "elapsed"):  # fmt: skip
+                   *(["epsilon"] if private else []), *(["clip norm"] if adaptive else []), "elapsed"):  # fmt: skip
         table.add_column(column, justify="right")
     for row in rows[-6:]:
         table.add_row(
@@ -155,6 +160,7 @@ def _progress_table(fleet: Fleet, status: dict, rows: list[RoundRow], started: f
             _loss_text(row.train_loss),
             *(fmt.format(row.scores[key]) for key, _, fmt in columns),
             *([_epsilon_text(row.epsilon)] if private else []),
+            *([_clip_text(row.clip_norm)] if adaptive else []),
             "",
         )
     if current:
@@ -165,6 +171,7 @@ def _progress_table(fleet: Fleet, status: dict, rows: list[RoundRow], started: f
             "…",
             *("…" for _ in columns),
             *(["…"] if private else []),
+            *([_clip_text(current.get("clip_norm"))] if adaptive else []),
             f"{time.monotonic() - started:.0f} s",
         )
     return table
@@ -174,8 +181,18 @@ def _epsilon_text(epsilon: float | None) -> str:
     return "-" if epsilon is None else f"{epsilon:.3g}"
 
 
+def _clip_text(clip_norm: float | None) -> str:
+    return "-" if clip_norm is None else f"{clip_norm:.3g}"
+
+
+def _round_clip_norms(status: dict) -> dict[int, float]:
+    """Adaptive clipping: the clip norm each published version was trained with, from the status."""
+    adaptive = (status.get("privacy") or {}).get("adaptive_clip") or {}
+    return {int(entry["version"]): float(entry["clip_norm"]) for entry in adaptive.get("history", [])}
+
+
 def _summary(rows: list[RoundRow], baseline: dict[str, float], private: bool = False,
-             columns: tuple[tuple[str, str, str], ...] = Evaluator.columns) -> Table:
+             columns: tuple[tuple[str, str, str], ...] = Evaluator.columns, adaptive: bool = False) -> Table:
     table = Table(title="Summary (the global model on held-out frames of all cameras)")
     for column in (
         "round",
@@ -184,13 +201,15 @@ def _summary(rows: list[RoundRow], baseline: dict[str, float], private: bool = F
         *(title for _, title, _ in columns),
         "held-out loss",
         *(["epsilon"] if private else []),
+        *(["clip norm"] if adaptive else []),
         "train loss",
         "bytes received",
         "round s",
     ):
         table.add_column(column, justify="right")
     table.add_row("start", "v0", "-", *(fmt.format(baseline[key]) for key, _, fmt in columns),
-                  f"{baseline['loss']:.3f}", *(["0"] if private else []), "-", "-", "-")  # fmt: skip
+                  f"{baseline['loss']:.3f}", *(["0"] if private else []), *(["-"] if adaptive else []),
+                  "-", "-", "-")  # fmt: skip
     for r in rows:
         table.add_row(
             str(r.round_id),
@@ -199,6 +218,7 @@ def _summary(rows: list[RoundRow], baseline: dict[str, float], private: bool = F
             *(fmt.format(r.scores[key]) for key, _, fmt in columns),
             f"{r.loss:.3f}",
             *([_epsilon_text(r.epsilon)] if private else []),
+            *([_clip_text(r.clip_norm)] if adaptive else []),
             _loss_text(r.train_loss),
             f"{r.received_bytes / 1e6:.2f} MB",
             f"{r.seconds:.1f}",
@@ -309,6 +329,7 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
                         accuracy=overall[evaluator.headline], loss=overall["loss"], per_device_accuracy=per_device,
                         scores=overall,
                         epsilon=None if release.privacy is None else float(release.privacy["epsilon"]),
+                        clip_norm=_round_clip_norms(status).get(version),
                     ))  # fmt: skip
                     bytes_before, round_started, seen_version = received, now, version
                 live.update(_progress_table(fleet, status, rows, started, evaluator.columns))
@@ -321,7 +342,8 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
             console.print(stalled_note, style="red", markup=False)
             return 1
         privacy = fleet.status().get("privacy")
-        console.print(_summary(rows, baseline, private=privacy is not None, columns=evaluator.columns))
+        console.print(_summary(rows, baseline, private=privacy is not None, columns=evaluator.columns,
+                               adaptive=fleet.dp_adaptive_clip is not None))
         if budget_note:
             console.print(budget_note, markup=False, soft_wrap=True)
         if stalled_note:
@@ -403,11 +425,19 @@ def _budget_exhausted(status: dict, seen_version: int) -> str | None:
 
 def _privacy_line(privacy: dict, fleet: Fleet) -> str:
     """The guarantee of the last model, and what the noise costs a fleet this small."""
-    noise_on_mean = privacy["noise_multiplier"] * fleet.clip_norm / fleet.devices
+    adaptive = privacy.get("adaptive_clip")
+    if adaptive is None:
+        noise_on_mean = privacy["noise_multiplier"] * fleet.clip_norm / fleet.devices
+        clip = f"clip norm {fleet.clip_norm:g}"
+    else:  # the sum's noise is z_delta times the clip norm the estimate has reached
+        noise_on_mean = adaptive["model_noise_multiplier"] * adaptive["clip_norm"] / fleet.devices
+        clip = (f"adaptive clip norm {fleet.clip_norm:g} -> {adaptive['clip_norm']:.3g} (quantile "
+                f"{adaptive['target_quantile']:g}; the model's sum noised at z_delta "
+                f"{adaptive['model_noise_multiplier']:.3g})")
     return (
         f"differential privacy ({privacy['mode']}, per device): epsilon {privacy['epsilon']:.3g} at delta "
         f"{privacy['delta']:g} after {privacy['rounds']} noised round(s), noise multiplier "
-        f"{privacy['noise_multiplier']:g}, clip norm {fleet.clip_norm:g}; noise std on the mean "
+        f"{privacy['noise_multiplier']:g}, {clip}; noise std on the mean "
         f"{noise_on_mean:.3g} per parameter with {fleet.devices} devices (accounting: {privacy['accounting']})"
     )
 
@@ -441,29 +471,45 @@ def fresh_output_dir(out: Path) -> Path:
     return out
 
 
-def privacy_settings(args: argparse.Namespace) -> tuple[float, float | None, float | None]:
-    """(clip norm, noise multiplier, epsilon budget) from the options, checked as `fl-aggregator serve` checks
-    them, so a bad value is one line here rather than an aggregator that exits during start-up."""
+def privacy_settings(
+    args: argparse.Namespace,
+) -> tuple[float, float | None, float | None, AdaptiveClip | None]:
+    """(clip norm, noise multiplier, epsilon budget, adaptive clipping) from the options, checked as
+    `fl-aggregator serve` checks them, so a bad value is one line here rather than an aggregator that exits
+    during start-up."""
     z, budget = args.dp_noise_multiplier, args.dp_epsilon_budget
     if args.clip_norm is not None and not args.clip_norm > 0:
         raise SystemExit(f"flctl demo: --clip-norm must be positive, got {args.clip_norm}")
+    adaptive_flags = (("--dp-clip-learning-rate", args.dp_clip_learning_rate),
+                      ("--dp-clip-count-stddev", args.dp_clip_count_stddev))
+    for flag, value in adaptive_flags if args.dp_adaptive_clip is None else ():
+        if value is not None:
+            raise SystemExit(f"flctl demo: {flag} goes with --dp-adaptive-clip")
     if z is None:
-        for flag, value in (("--dp-epsilon-budget", budget), ("--dp-mode", args.dp_mode)):
+        for flag, value in (("--dp-epsilon-budget", budget), ("--dp-mode", args.dp_mode),
+                            ("--dp-adaptive-clip", args.dp_adaptive_clip)):
             if value is not None:
                 raise SystemExit(f"flctl demo: {flag} goes with --dp-noise-multiplier")
-        return args.clip_norm or 0.0, None, None  # 0: devices do not clip
+        return args.clip_norm or 0.0, None, None, None  # 0: devices do not clip
     clip_norm = DP_CLIP_NORM if args.clip_norm is None else args.clip_norm
     try:
-        config = DPConfig(z, epsilon_budget=budget, mode=args.dp_mode or "central")
+        adaptive = None
+        if args.dp_adaptive_clip is not None:
+            given = {"learning_rate": args.dp_clip_learning_rate, "count_stddev": args.dp_clip_count_stddev}
+            adaptive = AdaptiveClip(args.dp_adaptive_clip, **{k: v for k, v in given.items() if v is not None})
+        config = DPConfig(z, epsilon_budget=budget, mode=args.dp_mode or "central", adaptive=adaptive)
         check_private_strategy(args.strategy, clip_norm, site=False)
         check_mode(config, args.secure_aggregation)
-    except PrivacyError as exc:
+    except (PrivacyError, AdaptiveClipError) as exc:
         raise SystemExit(f"flctl demo: {exc}") from None
-    return clip_norm, z, budget
+    if adaptive is not None and args.secure_aggregation:
+        raise SystemExit("flctl demo: --dp-adaptive-clip is central DP's: under secure aggregation nobody sees a "
+                         "device's norm")
+    return clip_norm, z, budget, adaptive
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    clip_norm, noise_multiplier, budget = privacy_settings(args)
+    clip_norm, noise_multiplier, budget, adaptive = privacy_settings(args)
     training = TRAINING_DEFAULTS[args.model]
     fleet = Fleet(
         root=fresh_output_dir(args.out), model=args.model, devices=args.devices, rounds=args.rounds,
@@ -472,7 +518,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         samples_per_round=training["samples"] if args.samples is None else args.samples,
         secure_aggregation=args.secure_aggregation,
         clip_norm=clip_norm, dp_noise_multiplier=noise_multiplier, dp_epsilon_budget=budget,
-        dp_mode=args.dp_mode or "central",
+        dp_mode=args.dp_mode or "central", dp_adaptive_clip=adaptive,
     )  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a log file or CI: wide enough for the summary table
@@ -531,6 +577,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --dp-noise-multiplier: central (the aggregator adds the noise, the default) or distributed "
         "(each device adds its share of discrete Gaussian noise; needs --secure-aggregation)",
     )
+    p.add_argument(
+        "--dp-adaptive-clip",
+        type=float,
+        metavar="GAMMA",
+        help="with --dp-noise-multiplier (central): the clip norm follows the GAMMA quantile of the cameras' update "
+        "norms, starting at the clip norm; its value per round is a column of the tables (docs/privacy.md)",
+    )
+    p.add_argument("--dp-clip-learning-rate", type=float, metavar="ETA",
+                   help="with --dp-adaptive-clip: the geometric step of the clip norm (default 0.2)")
+    p.add_argument("--dp-clip-count-stddev", type=float, metavar="SIGMA_B",
+                   help="with --dp-adaptive-clip: noise std on the count of cameras within the clip norm "
+                   "(default 5 x Z)")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="state, logs, plot and summary")
     p.add_argument("--keep-running", action="store_true",
                    help="leave the fleet up after the last round, until Ctrl-C or SIGTERM")

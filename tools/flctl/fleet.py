@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
+from aggregator.adaptive_clip import AdaptiveClip
 from appliance.identity import load_or_create_device_key, read_key_file, write_aggregator_key, write_key_file
 
 from .ports import free_port
@@ -71,6 +72,7 @@ class Fleet:
     dp_noise_multiplier: float | None = None  # set: `--dp MODE` with this noise multiplier (docs/privacy.md)
     dp_mode: str = "central"  # or "distributed": the devices add the noise, inside secure aggregation
     dp_epsilon_budget: float | None = None
+    dp_adaptive_clip: AdaptiveClip | None = None  # central DP: the clip norm follows this quantile of the norms
     port: int = 0
     members: list[Device] = field(default_factory=list)
     aggregator: subprocess.Popen | None = None
@@ -157,6 +159,12 @@ class Fleet:
             cmd += ["--dp", self.dp_mode, "--dp-noise-multiplier", str(self.dp_noise_multiplier)]
             if self.dp_epsilon_budget is not None:
                 cmd += ["--dp-epsilon-budget", str(self.dp_epsilon_budget)]
+            if self.dp_adaptive_clip is not None:
+                adaptive = self.dp_adaptive_clip
+                cmd += ["--dp-adaptive-clip", str(adaptive.target_quantile),
+                        "--dp-clip-learning-rate", str(adaptive.learning_rate)]
+                if adaptive.count_stddev is not None:
+                    cmd += ["--dp-clip-count-stddev", str(adaptive.count_stddev)]
         if self.secure_aggregation:  # it needs a clip norm: the quantisation range comes from it
             cmd += ["--secure-aggregation", *([] if "--clip-norm" in cmd else ["--clip-norm", str(SECAGG_CLIP_NORM)])]
         self.aggregator = _spawn(cmd, self.logs / "aggregator.log")
