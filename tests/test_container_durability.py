@@ -141,4 +141,4 @@ def test_podman_kill_mid_stream_loses_no_acknowledged_update(tmp_path: Path) -> 
     try:
         asyncio.run(go())
     finally:
-        podman("rm", "-f", "-t", "5", name, check=False)
+        podman("rm", "-f", "-v", "-t", "5", name, check=False)

@@ -100,7 +100,7 @@ def test_the_aggregator_serves_healthz_and_an_agent_starts_against_it(tmp_path: 
         assert podman("healthcheck", "run", aggregator).returncode == 0
         assert podman("inspect", "--format", "{{.State.Running}}", agent).stdout.strip() == "true"
     finally:
-        podman("rm", "-f", "-t", "5", aggregator, agent, check=False)
+        podman("rm", "-f", "-v", "-t", "5", aggregator, agent, check=False)
         podman("network", "rm", "-f", network, check=False)
 
 
