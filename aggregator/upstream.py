@@ -138,10 +138,12 @@ class UpstreamLink:
             return None
 
     def _resume_after(self) -> int:
-        """The parent round the open site round answers (after a restart), so it is not opened twice."""
-        row = self.store.open_round()
-        parent = self._parent_round(row.round_id) if row is not None else None
-        return parent.round_id if parent is not None else 0
+        """The last parent round a site round answered (after a restart), so that no parent round is answered
+        twice: a parent round still open after the site forwarded to it would otherwise get a second site round,
+        whose forward the parent refuses as a duplicate, and that round's acknowledged updates would be lost."""
+        answered = (self._parent_round(int(path.stem.removeprefix("round-")))
+                    for path in self.tasks_dir.glob("round-*.task"))
+        return max((parent.round_id for parent in answered if parent is not None), default=0)
 
     async def start(self) -> None:
         self._client = AggregatorClient(self.config.url, self.config.key,

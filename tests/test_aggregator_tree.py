@@ -205,6 +205,35 @@ def test_site_restart_keeps_its_round_and_forwards_once(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_site_restarted_after_forwarding_does_not_answer_the_same_city_round_again(tmp_path: Path) -> None:
+    """The city round a site forwarded to is still open (the city waits for another site). A restarted site must
+    wait for the city's next round: a second site round for the same city round would be refused upstream as a
+    duplicate, and its devices' acknowledged updates lost."""
+
+    async def scenario() -> None:
+        city_key, site_key = SigningKey.generate(), SigningKey.generate()
+        devices = [SimulatedDevice()]
+        policy = RoundPolicy(min_clients=1, goal_clients=1, round_timeout=60)
+        other_site = SimulatedDevice()
+        async with running(tmp_path / "city", key=city_key, enrolled=[SimulatedDevice(key=site_key), other_site],
+                           policy=RoundPolicy(min_clients=1, goal_clients=2, round_timeout=120)) as city:
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            delta = {s.name: np.full(s.shape, 0.1, np.float32) for s in city.specs}
+            async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                               policy=policy) as site:
+                task = await site_task(site, 0)
+                assert (await site.upload(devices[0].update(task, delta, num_samples=10)))[0] == 200
+                await wait_until(lambda: city.engine.store.round_devices(1) == [wire.key_id(site_key.verify_key)],
+                                 what="the site's forward")
+            async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                               policy=policy) as site:
+                assert await site.task(after=task.round_id, wait=4) is None  # no new round for city round 1
+                assert site.engine.store.open_round() is None
+                assert city.engine.store.get_round(1).status == "open"
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("rule", ["median", "krum", "trimmed-mean", "fedadam"])
 def test_upstream_refuses_rules_that_do_not_compose(tmp_path: Path, rule: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
