@@ -1,8 +1,10 @@
 """Fixtures of the QEMU boot tests: the image (built on demand, cached), the host aggregator, booted appliances.
 
 A plain ``pytest`` builds what it needs: the session-scoped ``dev_image`` fixture runs ``flctl image build``
-(cached by the hash of its inputs in ``$FL_EDGE_CACHE`` or ``~/.cache/fl-edge``). Boots go through labgrid
-(QEMUDriver + ShellDriver) with an environment file written per appliance (tools/flctl/qemu/rig.py).
+(cached by the hash of its inputs in ``$FL_EDGE_CACHE`` or ``~/.cache/fl-edge``) for the host's architecture,
+or for ``$FL_QEMU_ARCH`` (``flctl qemu test --arch arm64``); ``image_for("arm64")`` gives a named one. Boots
+go through labgrid (QEMUDriver + ShellDriver) with an environment file written per appliance
+(tools/flctl/qemu/rig.py).
 """
 
 from __future__ import annotations
@@ -27,14 +29,26 @@ ROOT = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 300  # a busy 2-core machine can double the 30-60 s a TCG boot takes
 
 
-def _missing_prerequisite() -> str | None:
+ENV_ARCH = "FL_QEMU_ARCH"  # flctl qemu test --arch
+
+
+def _missing_prerequisite(arch_name: str) -> str | None:
     if sys.platform != "linux":
         return "the QEMU rig needs Linux"
     if os.geteuid() != 0:
         return "building the image needs root (mmdebstrap --mode=root, chroot, mount)"
-    for tool in ("qemu-system-x86_64", "mmdebstrap", "mkfs.ext4", "sgdisk", "bmaptool", "socat", "cpio"):
+    from flctl.image.arch import ArchitectureError, architecture, check_can_emulate
+    from flctl.qemu.rig import QEMU_TARGETS
+
+    arch = architecture(arch_name)
+    qemu = QEMU_TARGETS[arch.name].binary
+    for tool in (qemu, "mmdebstrap", "mkfs.ext4", "sgdisk", "bmaptool", "socat", "cpio"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (tools/host-packages.txt; `make test` installs it)"
+    try:
+        check_can_emulate(arch)
+    except ArchitectureError as exc:
+        return str(exc)
     try:
         import labgrid  # noqa: F401
     except ImportError:
@@ -42,32 +56,89 @@ def _missing_prerequisite() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def dev_image():
-    """The development image, built (or taken from the cache) once per session."""
-    reason = _missing_prerequisite()
+def build_test_image(arch_name: str):
+    """The development image of ``arch_name``, built or taken from the cache; skips when the host lacks a tool."""
+    reason = _missing_prerequisite(arch_name)
     if reason:
         pytest.skip(reason)
     from flctl.image.build import build_image
 
     started = time.monotonic()
-    art = build_image()
+    art = build_image(arch=arch_name)
     took = time.monotonic() - started
     print(
-        f"\n[qemu] image {art.directory} ({art.manifest['disk_bytes'] / 2**20:.0f} MiB disk, "
+        f"\n[qemu] {art.arch.name} image {art.directory} ({art.manifest['disk_bytes'] / 2**20:.0f} MiB disk, "
         f"{art.manifest['disk_allocated_bytes'] / 2**20:.0f} MiB allocated); ready in {took:.1f} s "
         f"({'cached' if art.manifest.get('from_cache') else 'built'})"
     )
     return art
 
 
+def machine_for(art):
+    from flctl.qemu.rig import MachineConfig, accelerator_for
+
+    accel = accelerator_for(art)
+    print(f"\n[qemu] {art.arch.name} accelerator: {accel}")
+    return MachineConfig(accel=accel)
+
+
+@pytest.fixture(scope="session")
+def dev_image():
+    """The development image (the host's architecture, or $FL_QEMU_ARCH), built or cached, once per session."""
+    from flctl.image.arch import host_architecture
+
+    return build_test_image(os.environ.get(ENV_ARCH) or host_architecture().name)
+
+
 @pytest.fixture(scope="session")
 def machine(dev_image):
-    from flctl.qemu.rig import MachineConfig, choose_accelerator
+    return machine_for(dev_image)
 
-    accel = choose_accelerator(str(dev_image.vmlinux), str(dev_image.initrd))
-    print(f"\n[qemu] accelerator: {accel}")
-    return MachineConfig(accel=accel)
+
+@pytest.fixture(scope="session")
+def image_for():
+    """``image_for(arch) -> ImageArtifacts``: the development image of ``arch`` (amd64, arm64; a foreign one is
+    built through qemu-user-static), built or cached once per session."""
+    images = {}
+
+    def _image(arch_name: str):
+        if arch_name not in images:
+            images[arch_name] = build_test_image(arch_name)
+        return images[arch_name]
+
+    return _image
+
+
+@pytest.fixture(scope="session")
+def boot_image():
+    """``boot_image(art, appliance, workdir) -> BootedAppliance``: boot an appliance of ``art`` on the machine
+    for its architecture (qemu-system-aarch64 for an arm64 image)."""
+    machines = {}
+
+    def _boot(art, appliance, workdir: Path) -> BootedAppliance:
+        if art.arch.name not in machines:
+            machines[art.arch.name] = machine_for(art)
+        return boot(art, machines[art.arch.name], appliance, workdir)
+
+    return _boot
+
+
+@pytest.fixture(scope="module")
+def start_aggregator(tmp_path_factory):
+    """``start_aggregator() -> HostAggregator``: a running one-device-round aggregator of its own (as
+    ``host_aggregator``), stopped with the module; for a module that needs one per parameter."""
+    started = []
+
+    def _start() -> HostAggregator:
+        agg = _make_aggregator(tmp_path_factory)
+        if agg.skip_reason is None:
+            agg.start()
+        started.append(agg)
+        return agg
+
+    yield _start
+    for agg in started:
+        agg.stop()
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """``flctl image build``: the development image of the appliance, from Debian packages, without bitbake.
 
-Output (in the cache, where ``<cache>/image`` links to the image last built or taken from it; or in ``--out``):
+Output (in the cache, where ``<cache>/image`` links to the image of the host's architecture last built or
+taken from it, ``<cache>/image-arm64`` to the arm64 one (``--arch arm64``); or in ``--out``):
   fl-dev.img        GPT disk: fl-root (ext4, mounted read-only) + fl-data (ext4, /data)
   fl-dev.img.bmap   block map for ``bmaptool copy`` (flctl flash)
-  vmlinux           uncompressed kernel for direct boot (QEMU -kernel, PVH)
+  vmlinux | Image   uncompressed kernel for direct boot (QEMU -kernel: PVH on x86_64, the arm64 Image)
   initrd.img        busybox initramfs: loads virtio/ext4, mounts the root read-only, switches to systemd
   manifest.json     versions, cache key, partition offsets, kernel command line, the fl-agent uid/gid
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import disk, kernel, rootfs
+from .arch import Architecture, architecture, host_architecture, is_foreign
 from .cache import ArtifactStore, InputHash, cache_root
 
 # Bump when a change to the build changes its output in a way the hashed inputs do not capture.
@@ -35,12 +37,11 @@ IMAGE_TOOLS = PROJECT_ROOT / "tools" / "image"
 # The versions `make venv` installs (made by `make lock`); the agent's dependency wheels are downloaded at them.
 LOCK_FILE = PROJECT_ROOT / "requirements" / "dev.lock"
 DISK_NAME = "fl-dev.img"
-KERNEL_CMDLINE = "console=ttyS0,115200 root=LABEL=fl-root rootfstype=ext4 ro panic=-1 loglevel=4"
 # Sources that end up in the project wheel (and so in the image).
 WHEEL_SOURCES = ("appliance", "aggregator", "tools/flctl")
 KEEP_IMAGES = 3
-# <cache>/image: a link to the image the last build made or took from the cache; `flctl image build` prints
-# it, `flctl qemu run --image` and `flctl flash` can be given it.
+# <cache>/image: a link to the image the last build made or took from the cache (<cache>/image-<arch> for a
+# foreign architecture); `flctl image build` prints it, `flctl qemu run --image` and `flctl flash` can be given it.
 LATEST_LINK = "image"
 KEEP_RECENT_SECONDS = 6 * 3600
 
@@ -65,8 +66,19 @@ class ImageArtifacts:
         return self.directory / (DISK_NAME + ".bmap")
 
     @property
+    def arch(self) -> Architecture:
+        """The image's architecture (images built before arm64 existed are amd64)."""
+        return architecture(str(self.manifest.get("arch", "amd64")))
+
+    @property
+    def kernel(self) -> Path:
+        """The kernel QEMU boots directly: ``vmlinux`` on x86_64, ``Image`` on arm64."""
+        return self.directory / self.arch.kernel_file
+
+    @property
     def vmlinux(self) -> Path:
-        return self.directory / "vmlinux"
+        """The x86_64 name of ``kernel``, kept for callers written before arm64."""
+        return self.kernel
 
     @property
     def initrd(self) -> Path:
@@ -122,16 +134,19 @@ def build_image(
     data_size: int = disk.DEFAULT_DATA_SIZE,
     rebuild: bool = False,
     console: Console | None = None,
+    arch: str | None = None,
 ) -> ImageArtifacts:
-    """Build (or take from the cache) the development image; returns where it is."""
+    """Build (or take from the cache) the development image for ``arch`` (Debian's name: amd64, arm64; default
+    the host's); returns where it is."""
     console = console or Console(stderr=True)
+    target = architecture(arch) if arch else host_architecture()
     if os.geteuid() != 0:
         raise ImageBuildError("flctl image build needs root (mmdebstrap --mode=root, chroot, mount); run it with sudo")
     store = ArtifactStore(cache or cache_root())
     steps = Steps(console)
     started = time.monotonic()
     with store.lock():
-        art = _build_locked(store, steps, data_size, rebuild)
+        art = _build_locked(store, steps, data_size, rebuild, target)
         from_cache = bool(art.manifest.get("from_cache"))
         if not from_cache:
             manifest_path = art.directory / "manifest.json"
@@ -141,7 +156,7 @@ def build_image(
             manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
         art = ImageArtifacts.load(art.directory)
         if out is None:
-            link_latest_image(store.root, art.directory)
+            link_latest_image(store.root, art.directory, latest_link_name(target))
     if out is not None:
         _publish(art, out)
         art = ImageArtifacts.load(out)
@@ -149,21 +164,25 @@ def build_image(
     took = time.monotonic() - started
     disk_mib = art.disk.stat().st_size / disk.MIB
     console.print(
-        f"[bold]image[/] {art.directory}  disk {disk_mib:.0f} MiB "
+        f"[bold]image[/] {target.name} {art.directory}  disk {disk_mib:.0f} MiB "
         f"(root {art.partition('fl-root').size // disk.MIB} MiB, "
         f"data {art.partition('fl-data').size // disk.MIB} MiB), key {art.manifest['key']}, {took:.1f} s"
     )
     return art
 
 
-def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: bool) -> ImageArtifacts:
-    with steps.step("resolve Debian kernel and busybox packages"):
-        kernel_pkg = kernel.resolve_kernel_package()
-        busybox_pkg = kernel.resolve_package(kernel.BUSYBOX_PACKAGE)
+def _build_locked(
+    store: ArtifactStore, steps: Steps, data_size: int, rebuild: bool, arch: Architecture
+) -> ImageArtifacts:
+    apt = kernel.apt_for(arch, store.root)
+    with steps.step(f"resolve Debian {arch.name} kernel and busybox packages"):
+        kernel_pkg = kernel.resolve_kernel_package(arch, apt)
+        busybox_pkg = kernel.resolve_package(kernel.BUSYBOX_PACKAGE, apt)
 
     base_key = (
         InputHash("base")
         .text("format", BUILD_FORMAT)
+        .text("arch", arch.name)
         .text("suite", rootfs.SUITE)
         .text("mirror", rootfs.MIRROR)
         .text("packages", " ".join(rootfs.BASE_PACKAGES))
@@ -173,13 +192,16 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
     wheels_key = (
         InputHash("wheels").text("format", BUILD_FORMAT).text("requirements", "\n".join(reqs)).file("lock", LOCK_FILE)
     )
-    wheels_key.text("python", f"{sys.version_info.major}.{sys.version_info.minor}")
+    wheels_key.text("python", f"{sys.version_info.major}.{sys.version_info.minor}").text("arch", arch.name)
+    if is_foreign(arch):
+        wheels_key.text("platforms", " ".join(arch.wheel_platforms))
     kernel_key = (
         InputHash("kernel")
         .text("format", BUILD_FORMAT)
+        .text("arch", arch.name)
         .text("kernel", f"{kernel_pkg.name}={kernel_pkg.version}")
         .text("busybox", f"{busybox_pkg.name}={busybox_pkg.version}")
-        .text("modules", " ".join(kernel.ROOTFS_MODULES) + "|" + " ".join(kernel.INITRAMFS_MODULES))
+        .text("modules", " ".join(arch.rootfs_modules) + "|" + " ".join(arch.initramfs_modules))
         .file("init", IMAGE_TOOLS / "initramfs-init")
         .file("code", Path(kernel.__file__))
     )
@@ -192,12 +214,12 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
         .file("pyproject", PROJECT_ROOT / "pyproject.toml")
         .tree("overlay", PROJECT_ROOT / "rootfs-overlay")
         .tree("dev-overlay", IMAGE_TOOLS / "dev-overlay")
-        .text("cmdline", KERNEL_CMDLINE)
+        .text("cmdline", arch.kernel_cmdline)
         .text("data-size", str(data_size))
     )
     for src in WHEEL_SOURCES:
         image_key.tree(f"src:{src}", PROJECT_ROOT / src)
-    for module in (rootfs, disk, sys.modules[__name__]):
+    for module in (rootfs, disk, sys.modules[__name__], sys.modules[Architecture.__module__]):
         image_key.file(f"code:{module.__name__}", Path(module.__file__ or ""))
 
     key = image_key.key()
@@ -210,33 +232,36 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
 
     debs = store.root / "debs"
     with steps.step(f"download {kernel_pkg.name} {kernel_pkg.version}", cached=(debs / kernel_pkg.filename).exists()):
-        kernel_deb = kernel.download_deb(kernel_pkg, debs)
+        kernel_deb = kernel.download_deb(kernel_pkg, debs, apt)
     with steps.step(f"download {busybox_pkg.name}", cached=(debs / busybox_pkg.filename).exists()):
-        busybox_deb = kernel.download_deb(busybox_pkg, debs)
+        busybox_deb = kernel.download_deb(busybox_pkg, debs, apt)
 
-    with steps.step("kernel: vmlinux, modules, initramfs", cached=store.has("kernel", kernel_key.key())):
-        if not store.has("kernel", kernel_key.key()):
+    kernel_cached = store.has("kernel", kernel_key.key())
+    with steps.step(f"kernel: {arch.kernel_file}, modules, initramfs", cached=kernel_cached):
+        if not kernel_cached:
             with store.building("kernel", kernel_key.key()) as out, _scratch(store) as work:
-                kernel.build_kernel(kernel_deb, busybox_deb, IMAGE_TOOLS / "initramfs-init", out, work)
-    built_kernel = kernel.load_kernel_build(store.path("kernel", kernel_key.key()))
+                kernel.build_kernel(kernel_deb, busybox_deb, IMAGE_TOOLS / "initramfs-init", out, work, arch)
+    built_kernel = kernel.load_kernel_build(store.path("kernel", kernel_key.key()), arch)
 
     base_cached = store.has("base", base_key.key()) and not rebuild
-    with steps.step(f"mmdebstrap {rootfs.SUITE} base system", cached=base_cached):
+    emulated = " (emulated: qemu-user-static)" if is_foreign(arch) else ""
+    with steps.step(f"mmdebstrap {rootfs.SUITE} {arch.name} base system{emulated}", cached=base_cached):
         if not base_cached:
             with store.building("base", base_key.key()) as out:
-                rootfs.build_base(out / "base.tar", out / "build.log")
+                rootfs.build_base(out / "base.tar", out / "build.log", arch=arch)
     base_tar = store.path("base", base_key.key()) / "base.tar"
 
     wheels_cached = store.has("wheels", wheels_key.key())
-    with steps.step("download agent dependency wheels", cached=wheels_cached):
+    with steps.step(f"download agent dependency wheels ({arch.machine})", cached=wheels_cached):
         if not wheels_cached:
             with store.building("wheels", wheels_key.key()) as out:
-                rootfs.download_dependency_wheels(reqs, LOCK_FILE, out, out / "build.log", sys.executable)
+                rootfs.download_dependency_wheels(reqs, LOCK_FILE, out, out / "build.log", sys.executable, arch)
     dep_wheels = store.path("wheels", wheels_key.key())
 
     sysroot_key = (
         InputHash("sysroot")
         .text("format", BUILD_FORMAT)
+        .text("arch", arch.name)
         .child("base", base_key)
         .child("wheels", wheels_key)
         .child("kernel", kernel_key)
@@ -273,22 +298,24 @@ def _build_locked(store: ArtifactStore, steps: Steps, data_size: int, rebuild: b
             extents = disk.assemble_gpt(
                 out / DISK_NAME,
                 [
-                    (disk.ROOT_LABEL, work / "root.ext4", disk.TYPE_ROOT_X86_64),
+                    (disk.ROOT_LABEL, work / "root.ext4", arch.gpt_root_type),
                     (disk.DATA_LABEL, work / "data.ext4", disk.TYPE_LINUX_DATA),
                 ],
             )
             disk.make_bmap(out / DISK_NAME)
-            for name in ("vmlinux", "initrd.img"):
-                _link_or_copy(built_kernel.vmlinux.parent / name, out / name)
+            for name in (arch.kernel_file, "initrd.img"):
+                _link_or_copy(built_kernel.kernel.parent / name, out / name)
         manifest = {
             "key": key,
             "format": BUILD_FORMAT,
+            "arch": arch.name,
+            "machine": arch.machine,
             "suite": rootfs.SUITE,
             "kernel_package": f"{kernel_pkg.name}={kernel_pkg.version}",
             "kernel_version": built_kernel.kver,
             "busybox_package": f"{busybox_pkg.name}={busybox_pkg.version}",
             "fl_edge_wheel": project_wheel.name,
-            "cmdline": KERNEL_CMDLINE,
+            "cmdline": arch.kernel_cmdline,
             "partitions": [e.as_dict() for e in extents],
             "fl_agent_uid": ids.uid,
             "fl_agent_gid": ids.gid,
@@ -318,16 +345,23 @@ def _scratch(store: ArtifactStore) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def default_image_dir(cache: Path | None = None) -> Path:
-    """``<cache>/image``: where ``flctl image build`` leaves the image unless given ``--out``."""
-    return (cache or cache_root()) / LATEST_LINK
+def latest_link_name(arch: Architecture) -> str:
+    """``image`` for the host's architecture, ``image-<arch>`` for a foreign one."""
+    return f"{LATEST_LINK}-{arch.name}" if is_foreign(arch) else LATEST_LINK
 
 
-def link_latest_image(root: Path, directory: Path) -> None:
-    """Point ``<root>/image`` at the image ``directory`` in the cache, atomically (a reader sees the old image
+def default_image_dir(cache: Path | None = None, arch: str | None = None) -> Path:
+    """``<cache>/image`` (``<cache>/image-arm64`` for ``arch`` arm64 on an x86_64 host): where ``flctl image
+    build`` leaves the image unless given ``--out``."""
+    target = architecture(arch) if arch else host_architecture()
+    return (cache or cache_root()) / latest_link_name(target)
+
+
+def link_latest_image(root: Path, directory: Path, name: str = LATEST_LINK) -> None:
+    """Point ``<root>/<name>`` at the image ``directory`` in the cache, atomically (a reader sees the old image
     or the new one, never a mix); the link is relative, so a cache directory that moves keeps it."""
-    link = root / LATEST_LINK
-    tmp = root / f".{LATEST_LINK}.{os.getpid()}"
+    link = root / name
+    tmp = root / f".{name}.{os.getpid()}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(directory.relative_to(root))
     os.replace(tmp, link)
@@ -335,7 +369,7 @@ def link_latest_image(root: Path, directory: Path) -> None:
 
 def _prune(store: ArtifactStore, kind: str, keep: str) -> list[Path]:
     """Drop old entries of ``kind``: keep ``keep``, the newest few, any made in the last hours, and the one
-    ``<cache>/image`` links to."""
+    ``<cache>/image`` links to (and ``<cache>/image-<arch>``: each architecture keeps its latest image)."""
     base = store.root / kind
     entries = sorted(
         (p for p in base.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True
@@ -345,9 +379,9 @@ def _prune(store: ArtifactStore, kind: str, keep: str) -> list[Path]:
     keep_names = (
         {keep} | {p.name for p in entries[:KEEP_IMAGES]} | {p.name for p in entries if p.stat().st_mtime > recent}
     )
-    latest = store.root / LATEST_LINK
-    if latest.is_symlink():
-        keep_names.add(Path(os.readlink(latest)).name)
+    for latest in store.root.glob(f"{LATEST_LINK}*"):
+        if latest.is_symlink():
+            keep_names.add(Path(os.readlink(latest)).name)
     return store.prune(kind, keep_names)
 
 
@@ -362,5 +396,5 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _publish(art: ImageArtifacts, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name in (DISK_NAME, DISK_NAME + ".bmap", "vmlinux", "initrd.img", "manifest.json"):
+    for name in (DISK_NAME, DISK_NAME + ".bmap", art.arch.kernel_file, "initrd.img", "manifest.json"):
         _link_or_copy(art.directory / name, out / name)

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import disk, kernel, rootfs
+from .arch import ARCHITECTURES, ArchitectureError, architecture
 from .build import DISK_NAME, ImageBuildError, build_image, default_image_dir
 
 
@@ -35,8 +36,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="MIB",
         help="size of the data partition in MiB (default: 256)",
     )
+    build.add_argument(
+        "--arch",
+        type=arch_name,
+        default=None,
+        help=f"target architecture: {', '.join(ARCHITECTURES)} (default: this machine's); a foreign one is built "
+        "through qemu-user-static",
+    )
     build.add_argument("--rebuild", action="store_true", help="ignore cached images and base system")
     build.set_defaults(func=_cmd_build)
+
+
+def arch_name(text: str) -> str:
+    """``--arch``: Debian's name of a known architecture (uname's x86_64/aarch64 are accepted too)."""
+    try:
+        return architecture(text).name
+    except ArchitectureError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _mib(text: str) -> int:
@@ -53,12 +69,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
     console = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
     try:
         build_image(
-            cache=args.cache, out=args.out, data_size=args.data_size, rebuild=args.rebuild, console=console
+            cache=args.cache,
+            out=args.out,
+            data_size=args.data_size,
+            rebuild=args.rebuild,
+            console=console,
+            arch=args.arch,
         )
-    except (ImageBuildError, kernel.KernelError, rootfs.RootfsError, disk.DiskError) as exc:
+    except (ImageBuildError, kernel.KernelError, rootfs.RootfsError, disk.DiskError, ArchitectureError) as exc:
         console.print(f"[red]image build failed:[/] {exc}")
         return 1
-    print((args.out or default_image_dir(args.cache)) / DISK_NAME)
+    print((args.out or default_image_dir(args.cache, args.arch)) / DISK_NAME)
     return 0
 
 

@@ -4,7 +4,8 @@ What the QEMU rig measured (docs/qemu.md): a Debian kernel with its stock 36 MB 
 ~100 s to reach multi-user under TCG; the same kernel booted as an *uncompressed* vmlinux through PVH, with a
 small busybox initramfs and only the ~30 modules the appliance needs, takes 15-20 s. This module produces that:
 
-- ``vmlinux``: the ELF kernel extracted from the package's bzImage (QEMU ``-kernel`` boots it through PVH);
+- the kernel QEMU's ``-kernel`` boots: on x86_64 ``vmlinux``, the ELF kernel extracted from the package's
+  bzImage (booted through PVH); on arm64 ``Image``, which Debian's package ships uncompressed;
 - ``initrd.img``: busybox + the modules needed to reach the root disk + ``tools/image/initramfs-init``;
 - ``modules/``: the selected modules (and their dependencies) in ``lib/modules/<kver>`` layout for the rootfs.
 """
@@ -15,32 +16,26 @@ import lzma
 import os
 import shutil
 import subprocess
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-KERNEL_META_PACKAGE = "linux-image-amd64"
-BUSYBOX_PACKAGE = "busybox-static"
+from .arch import AMD64, Architecture, is_foreign
 
-# Loaded by the initramfs (in this order, dependencies first) to reach the root file system.
-INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "crc32c_intel", "ext4")
-# Shipped in the root file system and loaded by udev/systemd on demand.
-ROOTFS_MODULES = (
-    *INITRAMFS_MODULES,
-    "virtio_net",
-    "virtio_rng",
-    "virtio_console",
-    "autofs4",
-    "vivid",  # virtual V4L2 cameras: real udev hotplug events in the rig
-    # The ACPI power button as an input device (evdev), which systemd-logind answers with a clean poweroff: a
-    # board's power button, and the rig's QMP system_powerdown (flctl qemu run's Ctrl-C and SIGTERM).
-    "button",
-    "evdev",
+BUSYBOX_PACKAGE = "busybox-static"
+# The host's Debian: where a foreign architecture's packages come from too (same suites, same kernel version).
+DEBIAN_SOURCES = (
+    ("http://deb.debian.org/debian", "bookworm bookworm-updates"),
+    ("http://deb.debian.org/debian-security", "bookworm-security"),
 )
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+APT_LISTS_MAX_AGE = 24 * 3600
 
 ELF_MAGIC = b"\x7fELF"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 GZIP_MAGIC = b"\x1f\x8b\x08"
+ARM64_IMAGE_MAGIC = b"ARM\x64"  # at offset 56 of an arm64 Image (Documentation/arch/arm64/booting.rst)
 
 
 class KernelError(RuntimeError):
@@ -51,28 +46,86 @@ class KernelError(RuntimeError):
 class DebPackage:
     name: str
     version: str
+    arch: str = "amd64"
 
     @property
     def filename(self) -> str:
-        return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
+        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
 
 
-def resolve_package(name: str) -> DebPackage:
-    """The candidate version of ``name`` in the host's apt sources (``apt-cache policy``).
+@dataclass(frozen=True)
+class Apt:
+    """apt for one architecture's packages: the host's own apt, or (``state`` set) a private apt state for a
+    foreign architecture, so that the host's dpkg never learns of arm64 (no ``dpkg --add-architecture``)."""
+
+    arch: str = "amd64"
+    state: Path | None = None
+
+    def options(self) -> list[str]:
+        if self.state is None:
+            return []
+        return [
+            "-o", f"Dir::Etc::SourceList={self.state / 'sources.list'}",
+            "-o", "Dir::Etc::SourceParts=-",
+            "-o", f"Dir::State={self.state}",
+            "-o", f"Dir::Cache={self.state / 'cache'}",
+            "-o", f"Dir::State::status={self.state / 'status'}",
+            "-o", f"APT::Architecture={self.arch}",
+            "-o", f"APT::Architectures={self.arch}",
+            "-o", "Acquire::Check-Valid-Until=false",  # a frozen snapshot mirror's Release may have expired
+        ]  # fmt: skip
+
+    def prepare(self) -> None:
+        """Create the private state (sources, empty dpkg status) the first time."""
+        if self.state is None:
+            return
+        for d in ("lists/partial", "cache/archives/partial"):
+            (self.state / d).mkdir(parents=True, exist_ok=True)
+        lines = [f"deb [signed-by={DEBIAN_KEYRING}] {url} {suite} main"
+                 for url, suites in DEBIAN_SOURCES for suite in suites.split()]  # fmt: skip
+        (self.state / "sources.list").write_text("\n".join(lines) + "\n")
+        (self.state / "status").touch()
+
+    def stale(self) -> bool:
+        """A private state's package lists are a day old (the host's are refreshed by whoever runs the host): a
+        kernel version the mirror has since replaced would no longer download."""
+        if self.state is None:
+            return False
+        lists = [p for p in (self.state / "lists").glob("*_Packages*")]
+        return not lists or min(p.stat().st_mtime for p in lists) < time.time() - APT_LISTS_MAX_AGE
+
+
+def apt_for(arch: Architecture, cache: Path) -> Apt:
+    """The host's apt for the host's architecture, else a private one under ``cache``."""
+    if is_foreign(arch):
+        return Apt(arch.name, cache / "apt" / arch.name)
+    return Apt(arch.name)
+
+
+HOST_APT = Apt()
+
+
+def resolve_package(name: str, apt: Apt = HOST_APT) -> DebPackage:
+    """The candidate version of ``name`` in ``apt``'s sources (``apt-cache policy``).
 
     A fresh CI container often has no package lists at all: then ``apt-get update`` once and ask again.
     """
+    apt.prepare()
+    if apt.stale():
+        _run(["apt-get", *apt.options(), "update", "-qq"])
     for attempt in range(2):
-        version = _candidate(name)
+        version = _candidate(name, apt)
         if version:
-            return DebPackage(name, version)
+            return DebPackage(name, version, apt.arch)
         if attempt == 0:
-            _run(["apt-get", "update", "-qq"])
-    raise KernelError(f"apt has no candidate for {name!r} even after apt-get update (Debian bookworm sources needed)")
+            _run(["apt-get", *apt.options(), "update", "-qq"])
+    raise KernelError(
+        f"apt has no {apt.arch} candidate for {name!r} even after apt-get update (Debian bookworm sources needed)"
+    )
 
 
-def _candidate(name: str) -> str | None:
-    out = _run(["apt-cache", "policy", name])
+def _candidate(name: str, apt: Apt) -> str | None:
+    out = _run(["apt-cache", *apt.options(), "policy", name])
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("Candidate:"):
@@ -82,24 +135,26 @@ def _candidate(name: str) -> str | None:
     return None
 
 
-def resolve_kernel_package() -> DebPackage:
-    """The versioned linux-image package the ``linux-image-amd64`` meta package points at."""
-    resolve_package(KERNEL_META_PACKAGE)  # makes sure the package lists exist
-    out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+def resolve_kernel_package(arch: Architecture = AMD64, apt: Apt = HOST_APT) -> DebPackage:
+    """The versioned linux-image package the architecture's meta package (``linux-image-amd64``) points at."""
+    meta = arch.kernel_meta_package
+    resolve_package(meta, apt)  # makes sure the package lists exist
+    out = _run(["apt-cache", *apt.options(), "depends", meta])
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("Depends:") and "linux-image-" in line:
-            return resolve_package(line.split(":", 1)[1].strip())
-    raise KernelError(f"could not find the kernel package {KERNEL_META_PACKAGE} depends on")
+            return resolve_package(line.split(":", 1)[1].strip(), apt)
+    raise KernelError(f"could not find the kernel package {meta} depends on")
 
 
-def download_deb(pkg: DebPackage, dest: Path) -> Path:
+def download_deb(pkg: DebPackage, dest: Path, apt: Apt = HOST_APT) -> Path:
     """``apt-get download`` the exact version into ``dest`` (a cache dir) unless it is already there."""
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / pkg.filename
     if target.exists():
         return target
-    _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{pkg.name}={pkg.version}"], cwd=dest)
+    _run(["apt-get", *apt.options(), "download", "-q", "-o", "APT::Sandbox::User=root",
+          f"{pkg.name}:{pkg.arch}={pkg.version}"], cwd=dest)  # fmt: skip
     if not target.exists():
         found = sorted(dest.glob(f"{pkg.name}_*.deb"))
         raise KernelError(f"apt-get download did not produce {target.name} (found {[p.name for p in found]})")
@@ -163,30 +218,44 @@ def module_load_order(root: Path, kver: str, names: tuple[str, ...]) -> list[Pat
 @dataclass(frozen=True)
 class KernelBuild:
     kver: str
-    vmlinux: Path
+    kernel: Path  # what QEMU's -kernel boots (Architecture.kernel_file)
     initrd: Path
     modules_root: Path  # contains lib/modules/<kver>/...
 
 
-def build_kernel(kernel_deb: Path, busybox_deb: Path, init_script: Path, out: Path, work: Path) -> KernelBuild:
-    """Produce vmlinux, initrd.img and the trimmed module tree in ``out`` (``work`` is scratch space)."""
+def bootable_kernel(packaged: bytes, arch: Architecture) -> bytes:
+    """The kernel QEMU boots directly, from the package's /boot/vmlinuz: the ELF inside an x86 bzImage (PVH
+    boot); an arm64 Image as it is (gunzipped if a package ever ships it compressed)."""
+    if arch.kernel_file == "vmlinux":
+        return extract_vmlinux(packaged)
+    if packaged.startswith(GZIP_MAGIC):
+        packaged = _gunzip(packaged)
+    if packaged[56:60] != ARM64_IMAGE_MAGIC:
+        raise KernelError(f"the {arch.name} kernel package's vmlinuz is not an arm64 Image (no ARM\\x64 magic)")
+    return packaged
+
+
+def build_kernel(
+    kernel_deb: Path, busybox_deb: Path, init_script: Path, out: Path, work: Path, arch: Architecture = AMD64
+) -> KernelBuild:
+    """Produce the bootable kernel, initrd.img and the trimmed module tree in ``out`` (``work`` is scratch)."""
     pkg_root = work / "kernel-pkg"
     extract_deb(kernel_deb, pkg_root)
     kvers = sorted(p.name for p in (pkg_root / "lib" / "modules").iterdir())
     if len(kvers) != 1:
         raise KernelError(f"expected one kernel version in {kernel_deb.name}, found {kvers}")
     kver = kvers[0]
-    bzimages = list((pkg_root / "boot").glob("vmlinuz-*"))
-    if len(bzimages) != 1:
-        raise KernelError(f"expected one vmlinuz in {kernel_deb.name}, found {bzimages}")
-    vmlinux = out / "vmlinux"
-    vmlinux.write_bytes(extract_vmlinux(bzimages[0].read_bytes()))
+    packaged = list((pkg_root / "boot").glob("vmlinuz-*"))
+    if len(packaged) != 1:
+        raise KernelError(f"expected one vmlinuz in {kernel_deb.name}, found {packaged}")
+    kernel = out / arch.kernel_file
+    kernel.write_bytes(bootable_kernel(packaged[0].read_bytes(), arch))
     shutil.copy2(pkg_root / "boot" / f"config-{kver}", out / "config")
 
     _run(["depmod", "-b", str(pkg_root), kver])
     moddir = pkg_root / "lib" / "modules" / kver
     # Rootfs module tree: the selected modules plus the index files depmod needs to rebuild the maps.
-    rootfs_order = module_load_order(pkg_root, kver, ROOTFS_MODULES)
+    rootfs_order = module_load_order(pkg_root, kver, arch.rootfs_modules)
     mods_out = out / "modules" / "lib" / "modules" / kver
     for rel in rootfs_order:
         (mods_out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +280,7 @@ def build_kernel(kernel_deb: Path, busybox_deb: Path, init_script: Path, out: Pa
     os.symlink("busybox", initramfs / "bin" / "sh")
     shutil.copy2(init_script, initramfs / "init")
     os.chmod(initramfs / "init", 0o755)
-    boot_order = module_load_order(pkg_root, kver, INITRAMFS_MODULES)
+    boot_order = module_load_order(pkg_root, kver, arch.initramfs_modules)
     lines = []
     for i, rel in enumerate(boot_order):
         name = f"{i:02d}-{rel.name}"
@@ -221,12 +290,12 @@ def build_kernel(kernel_deb: Path, busybox_deb: Path, init_script: Path, out: Pa
     initrd = out / "initrd.img"
     _cpio_newc(initramfs, initrd)
     (out / "kver").write_text(kver + "\n")
-    return KernelBuild(kver=kver, vmlinux=vmlinux, initrd=initrd, modules_root=out / "modules")
+    return KernelBuild(kver=kver, kernel=kernel, initrd=initrd, modules_root=out / "modules")
 
 
-def load_kernel_build(out: Path) -> KernelBuild:
+def load_kernel_build(out: Path, arch: Architecture = AMD64) -> KernelBuild:
     kver = (out / "kver").read_text().strip()
-    return KernelBuild(kver=kver, vmlinux=out / "vmlinux", initrd=out / "initrd.img", modules_root=out / "modules")
+    return KernelBuild(kver, kernel=out / arch.kernel_file, initrd=out / "initrd.img", modules_root=out / "modules")
 
 
 def _cpio_newc(root: Path, dest: Path) -> None:

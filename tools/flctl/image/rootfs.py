@@ -19,6 +19,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .arch import AMD64, GUEST_PYTHON, Architecture, check_can_emulate, is_foreign
+
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = (
@@ -87,13 +89,18 @@ def agent_requirements(pyproject: Path) -> list[str]:
     return sorted(set(meta.get("dependencies", [])) | set(extra))
 
 
-def build_base(tarball: Path, log: Path, packages: tuple[str, ...] = BASE_PACKAGES) -> None:
-    """mmdebstrap the base system into ``tarball`` (root is needed: --mode=root)."""
+def build_base(
+    tarball: Path, log: Path, packages: tuple[str, ...] = BASE_PACKAGES, arch: Architecture = AMD64
+) -> None:
+    """mmdebstrap the base system of ``arch`` into ``tarball`` (root is needed: --mode=root). A foreign
+    architecture's maintainer scripts run through qemu-user-static (binfmt_misc)."""
+    check_can_emulate(arch)
     cmd = [
         "mmdebstrap",
         "--variant=apt",
         "--mode=root",
         "--format=tar",
+        f"--architectures={arch.name}",
         # The mirror may serve a frozen snapshot whose Release file has expired.
         '--aptopt=Acquire::Check-Valid-Until "false"',
         f"--include={','.join(packages)}",
@@ -135,18 +142,26 @@ def build_project_wheel(project: Path, dest: Path, log: Path, python: str) -> Pa
     return wheels[0]
 
 
-def download_dependency_wheels(requirements: list[str], constraints: Path, dest: Path, log: Path, python: str) -> None:
+def download_dependency_wheels(
+    requirements: list[str], constraints: Path, dest: Path, log: Path, python: str, arch: Architecture = AMD64
+) -> None:
     """Download binary wheels of ``requirements`` and their dependencies into ``dest`` (on the host), at the
     versions pinned in ``constraints`` (the project's lock: the image runs what the tests ran).
 
-    The guest runs the same CPython minor version on x86_64 as the host (Debian bookworm: 3.11), so no
-    cross-platform flags are needed; binary-only keeps compilers out of the build. ``build_sysroot`` installs
-    from these wheels alone, so the pins carry into the image.
+    On its own architecture the guest runs the host's CPython minor version (Debian bookworm: 3.11), so no
+    cross-platform flags are needed. For a foreign architecture pip is told the target: its manylinux
+    platforms and bookworm's CPython, so the wheels are aarch64 ones. Binary-only keeps compilers out of the
+    build. ``build_sysroot`` installs from these wheels alone, so the pins carry into the image.
     """
     dest.mkdir(parents=True, exist_ok=True)
+    target: list[str] = []
+    if is_foreign(arch):
+        abi = f"cp{GUEST_PYTHON.replace('.', '')}"
+        target = [*(f"--platform={p}" for p in arch.wheel_platforms), f"--python-version={GUEST_PYTHON}",
+                  "--implementation=cp", f"--abi={abi}", "--abi=abi3", "--abi=none"]  # fmt: skip
     run_logged(
-        [python, "-m", "pip", "download", "--only-binary=:all:", "-q", "-c", str(constraints), "-d", str(dest),
-         *requirements],
+        [python, "-m", "pip", "download", "--only-binary=:all:", "-q", *target, "-c", str(constraints),
+         "-d", str(dest), *requirements],
         log,
         "pip download (agent dependencies)",
     )

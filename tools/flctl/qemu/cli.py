@@ -10,6 +10,8 @@
                      Both write WORKDIR/prometheus/prometheus.yml (file_sd) to scrape them.
 ``flctl qemu test``  runs the boot tests (pytest -m qemu tests/qemu) -- what CI runs.
 
+``--arch arm64`` does each of these with the arm64 image (qemu-system-aarch64, machine virt, TCG).
+
 See docs/qemu.md.
 """
 
@@ -30,19 +32,26 @@ from rich.console import Console
 
 from appliance.identity import IdentityError
 
+from ..image.arch import ARCHITECTURES, ArchitectureError
 from ..image.build import ImageArtifacts, ImageBuildError, build_image
+from ..image.cli import arch_name
 from ..ports import free_port
 from ..prometheus import ScrapeConfigError, prometheus_command, write_scrape_config
 from ..shutdown import StopRequested, stop_on_signals
 from . import guests, rig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
+# The architecture whose image the boot tests take (tests/qemu/conftest.py's dev_image): `flctl qemu test --arch`.
+ENV_TEST_ARCH = "FL_QEMU_ARCH"
 
 
-def _load_or_build(image_dir: Path | None, cache: Path | None, console: Console) -> ImageArtifacts:
+def _load_or_build(image_dir: Path | None, cache: Path | None, console: Console, arch: str | None) -> ImageArtifacts:
     if image_dir is not None:
-        return ImageArtifacts.load(image_dir)
-    return build_image(cache=cache, console=console)
+        art = ImageArtifacts.load(image_dir)
+        if arch is not None and art.arch.name != arch:
+            raise rig.RigError(f"--arch {arch}, but the image in {image_dir} is an {art.arch.name} image")
+        return art
+    return build_image(cache=cache, console=console, arch=arch)
 
 
 def _aggregator_pub(state: Path | None, pub: str | None) -> str | None:
@@ -74,14 +83,14 @@ def machine_from_args(args: argparse.Namespace, accel: str) -> rig.MachineConfig
 
 def _prepare(args: argparse.Namespace, console: Console):
     """Image, accelerator and the provisioned appliances shared by ``run`` and ``env``."""
-    art = _load_or_build(args.image, args.cache, console)
+    art = _load_or_build(args.image, args.cache, console, args.arch)
     pub = _aggregator_pub(args.aggregator_state, args.aggregator_pub)
     if pub is None:
         console.print(
             "[yellow]no aggregator key given (--aggregator-state/--aggregator-pub): "
             "fl-agent will refuse to start without a pinned aggregator key[/]"
         )
-    accel = rig.choose_accelerator(str(art.vmlinux), str(art.initrd))
+    accel = rig.accelerator_for(art)
     machine = machine_from_args(args, accel)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fl-qemu-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +129,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     try:
         art, machine, workdir, appliances = _prepare(args, console)
         path = rig.labgrid_env(art, appliances, machine, args.output)
-    except (rig.RigError, ImageBuildError, IdentityError, OSError) as exc:
+    except (rig.RigError, ImageBuildError, ArchitectureError, IdentityError, OSError) as exc:
         console.print(f"[red]qemu env:[/] {exc}")
         return 1
     for a in appliances:
@@ -153,7 +162,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     try:
         art, machine, workdir, appliances = _prepare(args, console)
         write_prometheus_config(workdir, appliances, args.aggregator_port, console)
-    except (rig.RigError, ImageBuildError, ScrapeConfigError, IdentityError, OSError) as exc:
+    except (rig.RigError, ImageBuildError, ArchitectureError, ScrapeConfigError, IdentityError, OSError) as exc:
         console.print(f"[red]qemu run:[/] {exc}")
         return 1
     sockets = Path(tempfile.mkdtemp(prefix="fl-qmp-"))  # short: a unix socket path holds 107 bytes at most
@@ -202,6 +211,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.cache:
         env["FL_EDGE_CACHE"] = str(args.cache)
+    if args.arch:
+        env[ENV_TEST_ARCH] = args.arch
     cmd = [sys.executable, "-m", "pytest", "-m", "qemu", "-s", str(PROJECT_ROOT / "tests" / "qemu"), *args.pytest_args]
     return subprocess.call(cmd, cwd=PROJECT_ROOT, env=env)
 
@@ -226,6 +237,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     test = qsub.add_parser("test", help="run the QEMU boot tests (pytest -m qemu tests/qemu)")
     test.add_argument("--cache", type=Path, help="image cache dir")
+    test.add_argument("--arch", type=arch_name, help=f"boot the {'/'.join(ARCHITECTURES)} image (default: this "
+                      "machine's); tests/qemu/test_arm64_boot.py boots the arm64 one whatever this says")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
     test.set_defaults(func=cmd_test)
 
@@ -237,6 +250,8 @@ def _appliance_args(p: argparse.ArgumentParser) -> None:
                         "(default: build the image, or take it from the cache when nothing changed)")
     p.add_argument("--cache", type=Path, help="image cache dir (default: $FL_EDGE_CACHE, else "
                    "$XDG_CACHE_HOME/fl-edge, else ~/.cache/fl-edge)")
+    p.add_argument("--arch", type=arch_name, help=f"the image's architecture: {', '.join(ARCHITECTURES)} (default: "
+                   "this machine's, or the --image's); arm64 runs in qemu-system-aarch64 (machine virt, TCG)")
     p.add_argument("--workdir", type=Path, help="where data partitions and console logs go (default: a temp dir)")
     p.add_argument("--aggregator-port", type=_port, help="host loopback port of the aggregator (guest 10.0.2.100:8080)")
     p.add_argument("--aggregator-state", type=Path, help="aggregator state dir: pin its key, enroll the devices")

@@ -11,6 +11,9 @@ Each appliance gets
   named ``net0`` so that added QEMU options can refer to it (``-object filter-dump,netdev=net0,...``);
 - any QEMU options the user adds (``MachineConfig.qemu_args``), last on the command line.
 
+The image's architecture picks the emulator (``QEMU_TARGETS``): qemu-system-x86_64 with machine q35, or
+qemu-system-aarch64 with machine virt; the rest (drives, network, labgrid drivers) is the same.
+
 The same pieces feed labgrid's QEMUDriver (``labgrid_env``) for the boot tests and a plain ``qemu`` command
 line (``qemu_command``) for ``flctl qemu run``.
 """
@@ -36,13 +39,13 @@ import nacl.signing
 from appliance.identity import read_key_file, write_key_file
 
 from ..image import disk
+from ..image.arch import host_architecture, is_foreign
 from ..image.build import ImageArtifacts
 from ..image.cache import cache_root
 
 GUEST_AGGREGATOR = ("10.0.2.100", 8080)
 GUEST_METRICS_PORT = 9101
 NETDEV_ID = "net0"
-QEMU_BIN = "qemu-system-x86_64"
 KVM_PROBE_SECONDS = 15
 KVM_PROBE_MEMO_SECONDS = 24 * 3600
 ENV_ACCEL = "FL_QEMU_ACCEL"  # force "kvm" or "tcg"
@@ -53,6 +56,31 @@ LOGIN_PROMPT = r"fl-dev login: (?!root \(automatic)"
 
 class RigError(RuntimeError):
     """The rig cannot start an appliance; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class QemuTarget:
+    """How QEMU runs the image of one architecture."""
+
+    binary: str
+    package: str  # the Debian package that has ``binary``
+    machine: str
+    tcg_cpu: str  # the CPU model under TCG (under KVM: "host")
+    console: str  # the serial console's device in the guest
+
+
+QEMU_TARGETS = {
+    # TCG: "max" gives the guest SSE4/AVX2, which numpy's and onnxruntime's wheels expect.
+    "amd64": QemuTarget("qemu-system-x86_64", "qemu-system-x86", "q35", "max", "ttyS0"),
+    # cortex-a72 (ARMv8.0, as a Raspberry Pi 4): measured faster to boot and to run Python than "max", whose
+    # pointer authentication QEMU emulates at a high cost (docs/qemu.md).
+    "arm64": QemuTarget("qemu-system-aarch64", "qemu-system-arm", "virt", "cortex-a72", "ttyAMA0"),
+}
+
+
+def qemu_target(art: ImageArtifacts) -> QemuTarget:
+    """The emulator for ``art``'s architecture."""
+    return QEMU_TARGETS[art.arch.name]
 
 
 @dataclass(frozen=True)
@@ -136,9 +164,19 @@ def provision_data_partition(
         disk.make_data_fs(dest, size, source=Path(tmp))
 
 
+def accelerator_for(art: ImageArtifacts) -> str:
+    """The accelerator for ``art``: "tcg" for another architecture than the host's, else ``choose_accelerator``."""
+    if is_foreign(art.arch):
+        if os.environ.get(ENV_ACCEL) == "kvm":
+            raise RigError(f"{ENV_ACCEL}=kvm: an {art.arch.name} image cannot run under KVM on this host")
+        return "tcg"
+    return choose_accelerator(str(art.kernel), str(art.initrd))
+
+
 @functools.cache
 def choose_accelerator(vmlinux: str, initrd: str) -> str:
-    """ "kvm" when a tiny boot under KVM prints its marker within 15 s, else "tcg" (see docs/qemu.md).
+    """ "kvm" when a tiny boot of the host architecture's image under KVM prints its marker within 15 s, else
+    "tcg" (see docs/qemu.md).
 
     /dev/kvm may open and still be useless (nested paging-only virtualisation booted nothing in 400 s on the
     development machines), so its presence proves nothing: boot the initramfs with ``fl.probe=1``. The answer
@@ -177,12 +215,13 @@ def _host_fingerprint() -> str:
 
 
 def _probe_kvm(vmlinux: str, initrd: str) -> str:
+    host = host_target()
     cmd = [
-        qemu_binary(),
+        qemu_binary(host),
         "-accel",
         "kvm",
         "-M",
-        "q35",
+        host.machine,
         "-cpu",
         "host",
         "-m",
@@ -194,7 +233,7 @@ def _probe_kvm(vmlinux: str, initrd: str) -> str:
         "-initrd",
         initrd,
         "-append",
-        "console=ttyS0 fl.probe=1 loglevel=1",
+        f"console={host.console} fl.probe=1 loglevel=1",
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=KVM_PROBE_SECONDS, check=False)
@@ -203,10 +242,16 @@ def _probe_kvm(vmlinux: str, initrd: str) -> str:
     return "kvm" if b"FL-PROBE-OK" in proc.stdout else "tcg"
 
 
-def qemu_binary() -> str:
-    path = shutil.which(QEMU_BIN)
+def host_target() -> QemuTarget:
+    return QEMU_TARGETS[host_architecture().name]
+
+
+def qemu_binary(target: QemuTarget | None = None) -> str:
+    """The emulator's path (default: the host architecture's); one line naming the package when it is missing."""
+    target = target or host_target()
+    path = shutil.which(target.binary)
     if path is None:
-        raise RigError(f"{QEMU_BIN} is not installed (apt-get install qemu-system-x86; tools/host-packages.txt)")
+        raise RigError(f"{target.binary} is not installed (apt-get install {target.package}; tools/host-packages.txt)")
     return path
 
 
@@ -222,10 +267,8 @@ class MachineConfig:
     # the appliance's name, so that files named in it stay apart (file={name}.pcap).
     qemu_args: tuple[str, ...] = ()
 
-    @property
-    def cpu(self) -> str:
-        # TCG: "max" gives the guest SSE4/AVX2, which numpy's and onnxruntime's wheels expect.
-        return "host" if self.accel == "kvm" else "max"
+    def cpu(self, target: QemuTarget) -> str:
+        return "host" if self.accel == "kvm" else target.tcg_cpu
 
 
 def drive_args(art: ImageArtifacts, appliance: Appliance) -> list[str]:
@@ -291,16 +334,17 @@ def qemu_command(
         serial = ["-chardev", chardev, "-serial", "chardev:console"]
     else:
         serial = ["-serial", f"file:{appliance.console_log}"]
+    target = qemu_target(art)
     return [
-        qemu_binary(),
+        qemu_binary(target),
         "-M",
-        "q35",
+        target.machine,
         "-cpu",
-        machine.cpu,
+        machine.cpu(target),
         "-m",
         machine.memory,
         "-kernel",
-        str(art.vmlinux),
+        str(art.kernel),
         "-append",
         art.cmdline,
         *guest_args(art, appliance, machine),
@@ -317,14 +361,15 @@ def labgrid_env(art: ImageArtifacts, appliances: list[Appliance], machine: Machi
     """Write a labgrid environment (one target per appliance: QEMUDriver + ShellDriver) to ``path``."""
     import yaml
 
+    target = qemu_target(art)
     targets = {}
     for a in appliances:
         targets[a.name] = {
             "drivers": {
                 "QEMUDriver": {
                     "qemu_bin": "qemu",
-                    "machine": "q35",
-                    "cpu": machine.cpu,
+                    "machine": target.machine,
+                    "cpu": machine.cpu(target),
                     "memory": machine.memory,
                     "kernel": "kernel",
                     "boot_args": art.cmdline,
@@ -343,8 +388,8 @@ def labgrid_env(art: ImageArtifacts, appliances: list[Appliance], machine: Machi
         }
     env = {
         "targets": targets,
-        "tools": {"qemu": qemu_binary()},
-        "images": {"kernel": str(art.vmlinux)},
+        "tools": {"qemu": qemu_binary(target)},
+        "images": {"kernel": str(art.kernel)},
     }
     path.write_text(yaml.safe_dump(env, sort_keys=False))
     return path
