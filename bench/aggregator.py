@@ -8,6 +8,12 @@ parameters, FedAvg, round goal N) and N simulated devices on 127.0.0.1 (``--conc
   updates came in, were verified, fsynced, aggregated, and the new version was signed and published).
 * **upload**: the next round, updates only (bodies prepared beforehand): updates/s from the first upload to the
   last receipt. Also the server's CPU time per update, mean verify/spool latency, and peak RSS (VmHWM).
+* **bound**: in the same run, on one core of this process, what an update cannot cost less than: one SHA-256
+  pass over the body, one float32 add of P values and one copy of the body (medians of repeated runs, taken
+  before and after the upload round so they see the machine as the server did). Printed with the server's CPU
+  per update and their ratio. The wire format hashes the tensor bytes twice (the signed digest of the tensor
+  section, and the receipt's digest of the whole body), so the ratio is also given against that floor (two
+  SHA-256 passes + add + copy).
 
 Flower, in the same run (its own interpreter: ``--flower-python`` or ``$FLWR_PYTHON``; flwr pins protobuf/grpc
 versions the project's venv should not be forced onto):
@@ -25,6 +31,7 @@ Flower's server-side decode + FedAvg alone (no network, no authentication, no di
 
     python bench/aggregator.py                          # P = 100k, 1M; N = 10, 100, 1000
     python bench/aggregator.py --params 100000 --clients 10 --flower-python /path/to/venv/bin/python
+    python bench/aggregator.py --params 1000000 --clients 100 --no-flower --encoding int8
 """
 
 from __future__ import annotations
@@ -254,7 +261,45 @@ def _histogram_means(text: str) -> dict[str, float]:
     return {k: sums[k] / counts[k] for k in sums if counts.get(k)}
 
 
-async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Path) -> dict[str, float]:
+def _median_cpu_ms(work: Any, repeats: int) -> float:
+    """Median thread CPU time of ``work()`` in ms (thread CPU: what it costs one core, whatever else runs)."""
+    work()
+    times = []
+    for _ in range(repeats):
+        started = time.thread_time()
+        work()
+        times.append(time.thread_time() - started)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+def measure_bound(body: bytes, parameters: int, repeats: int = 15) -> dict[str, float]:
+    """What one update of ``body`` (``parameters`` values) cannot cost less than, on one core: one SHA-256 pass
+    over the body, one float32 add of the parameters, one memory copy of the body (ms each, medians)."""
+    import hashlib
+
+    import numpy as np
+
+    source = np.frombuffer(body, dtype=np.uint8)
+    copy = np.empty_like(source)
+    total = np.zeros(parameters, dtype=np.float32)
+    values = np.random.default_rng(0).normal(0, 0.01, parameters).astype(np.float32)
+    return {
+        "sha256_ms": _median_cpu_ms(lambda: hashlib.sha256(body).digest(), repeats),
+        "add_ms": _median_cpu_ms(lambda: np.add(total, values, out=total), repeats),
+        "copy_ms": _median_cpu_ms(lambda: np.copyto(copy, source), repeats),
+    }
+
+
+def _bound_of(samples: list[dict[str, float]]) -> dict[str, float]:
+    steps = {name: sorted(s[name] for s in samples)[len(samples) // 2] for name in samples[0]}
+    bound = steps["sha256_ms"] + steps["add_ms"] + steps["copy_ms"]
+    return {**steps, "bound_ms": bound, "wire_floor_ms": bound + steps["sha256_ms"]}
+
+
+async def _run_ours(
+    parameters: int, clients: int, concurrency: int, workdir: Path, encoding: str = "float32"
+) -> dict[str, float]:
     import aiohttp
     import numpy as np
     from nacl.signing import SigningKey
@@ -275,7 +320,7 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
     specs = synthetic_package(parameters).info.param_specs
     rng = np.random.default_rng(1)
     sections = [
-        wire.encode_tensors({s.name: rng.normal(0, 0.01, s.shape).astype(np.float32) for s in specs})
+        wire.encode_tensors({s.name: rng.normal(0, 0.01, s.shape).astype(np.float32) for s in specs}, encoding)
         for _ in range(4)
     ]
     digests = [wire.tensors_digest(s) for s in sections]
@@ -284,7 +329,7 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
     proc = subprocess.Popen(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
          "--synthetic-parameters", str(parameters), "--min-clients", str(clients), "--goal-clients", str(clients),
-         "--round-timeout", "3600"],
+         "--round-timeout", "3600", "--encoding", encoding],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -295,7 +340,7 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
         payload = {
             "v": wire.PROTOCOL_VERSION, "type": "update", "device": kid, "round": task.round_id,
             "model_version": task.model_version, "base_digest": task.model_digest, "num_samples": 1 + i % 97,
-            "metrics": {"loss": 1.0}, "encoding": "float32", "nonce": os.urandom(16), "created_at": int(time.time()),
+            "metrics": {"loss": 1.0}, "encoding": encoding, "nonce": os.urandom(16), "created_at": int(time.time()),
             "tensors_sha256": digests[i % len(sections)],
         }
         return wire.sign(payload, device, kid) + sections[i % len(sections)]
@@ -348,13 +393,17 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
                 async with gate:
                     await post(body(i, second))
 
+            sample = body(0, second)
+            bounds = [measure_bound(sample, parameters)]
             before = _proc_status(proc.pid)
             started = time.perf_counter()
             await asyncio.gather(*(upload(i) for i in range(clients)))
             upload_seconds = time.perf_counter() - started
+            received = _proc_status(proc.pid)
             await next_task(second.round_id)
             close_seconds = time.perf_counter() - started - upload_seconds
             after = _proc_status(proc.pid)
+            bounds.append(measure_bound(sample, parameters))
             async with session.get(url + "/metrics") as r:
                 scraped = _histogram_means(await r.text())
     finally:
@@ -371,15 +420,30 @@ async def _run_ours(parameters: int, clients: int, concurrency: int, workdir: Pa
         "peak_rss": after["VmHWM"],
         "idle_rss": idle["VmRSS"],
         "server_cpu_ms_per_update": 1000 * (after["cpu_seconds"] - before["cpu_seconds"]) / clients,
-        "update_bytes": len(sections[0]),
+        "ingest_cpu_ms_per_update": 1000 * (received["cpu_seconds"] - before["cpu_seconds"]) / clients,
+        **_bound_of(bounds),
+        "encoding": encoding,
+        "update_bytes": len(sample),
         "verify_ms": 1000 * scraped.get("fl_aggregator_verify_seconds", 0.0),
         "spool_ms": 1000 * scraped.get("fl_aggregator_spool_seconds", 0.0),
     }
 
 
-def run_ours(parameters: int, clients: int, concurrency: int, workdir: Path) -> dict[str, float]:
+def run_ours(
+    parameters: int, clients: int, concurrency: int, workdir: Path, encoding: str = "float32"
+) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
-    return asyncio.run(_run_ours(parameters, clients, concurrency, workdir))
+    return asyncio.run(_run_ours(parameters, clients, concurrency, workdir, encoding))
+
+
+def bound_line(ours: dict[str, Any]) -> str:
+    """The server's CPU per update next to the bound measured in the same run, and their ratios."""
+    cpu, bound, floor = ours["server_cpu_ms_per_update"], ours["bound_ms"], ours["wire_floor_ms"]
+    return (f"bound {bound:.2f} ms/upd (one core: SHA-256 {ours['sha256_ms']:.2f} + float32 add "
+            f"{ours['add_ms']:.2f} + copy {ours['copy_ms']:.2f} of the {ours['update_bytes'] / 1e6:.2f} MB "
+            f"{ours['encoding']} update); server cpu {cpu:.2f} ms/upd ({ours['ingest_cpu_ms_per_update']:.2f} "
+            f"receiving, the rest closing the round) = {cpu / bound:.2f}x the bound, {cpu / floor:.2f}x the "
+            f"wire format's floor of {floor:.2f} ms (its two SHA-256 passes)")
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -394,6 +458,8 @@ def main() -> int:
     parser.add_argument("--params", default="100000,1000000", help="model sizes P (comma-separated)")
     parser.add_argument("--clients", default="10,100,1000", help="client counts N (comma-separated)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--encoding", choices=("float32", "float16", "int8"), default="float32",
+                        help="tensor encoding of the updates (the server's task asks for it)")
     parser.add_argument("--flower-python", help="interpreter with flwr installed (default $FLWR_PYTHON or this one)")
     parser.add_argument("--no-flower", action="store_true", help="measure only the fl-edge aggregator")
     parser.add_argument("--max-supernodes", type=int, default=10,
@@ -409,7 +475,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fl-bench-", dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
         for p in (int(x) for x in args.params.split(",")):
             for n in (int(x) for x in args.clients.split(",")):
-                ours = run_ours(p, n, args.concurrency, Path(tmp))
+                ours = run_ours(p, n, args.concurrency, Path(tmp), args.encoding)
                 row: dict[str, Any] = {"parameters": p, "clients": n, "ours": ours}
                 print(f"P={p:>9,} N={n:>5}  ours: round {ours['round_seconds']:6.2f} s "
                       f"({ours['round_updates_per_s']:6.1f} upd/s), upload {ours['updates_per_s']:6.1f} upd/s, "
@@ -417,6 +483,7 @@ def main() -> int:
                       f"server cpu {ours['server_cpu_ms_per_update']:.1f} ms/upd "
                       f"(verify {ours['verify_ms']:.1f} ms, spool {ours['spool_ms']:.1f} ms mean latency)",
                       flush=True)
+                print(f"{'':17}{bound_line(ours)}", flush=True)
                 if flower_python is not None:
                     if n <= args.max_supernodes:
                         dep = run_flower_deployment(flower_python, p, n, Path(tmp))

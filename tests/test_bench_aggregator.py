@@ -76,3 +76,13 @@ def test_flowers_server_side_fedavg_runs_in_flowers_own_interpreter(monkeypatch)
     outcome = _aggregator_bench(monkeypatch).run_flower_serverside(os.environ["FLWR_PYTHON"], 1000, 3)
     assert isinstance(outcome, dict), outcome
     assert outcome["updates_per_s"] > 0 and outcome["version"]
+
+
+def test_the_bound_is_measured_and_printed_next_to_the_servers_cpu(monkeypatch):
+    bench = _aggregator_bench(monkeypatch)
+    steps = bench.measure_bound(bytes(64 * 1024), 16 * 1024, repeats=3)
+    assert set(steps) == {"sha256_ms", "add_ms", "copy_ms"} and all(v >= 0 for v in steps.values())
+    ours = {"server_cpu_ms_per_update": 9.0, "ingest_cpu_ms_per_update": 8.5, "update_bytes": 4_000_300,
+            "encoding": "float32", **bench._bound_of([{"sha256_ms": 2.5, "add_ms": 0.2, "copy_ms": 0.3}])}
+    line = bench.bound_line(ours)
+    assert "bound 3.00 ms/upd" in line and "= 3.00x the bound" in line and "1.64x the wire format's floor" in line
