@@ -1,7 +1,11 @@
 """On-device training throughput and memory: our trainer (onnxruntime + numpy) against PyTorch.
 
-Both sides train the same reference model from the same initial weights on the same data with the same
-optimiser (SGD, momentum 0.9), thread count and batch size, in the same run. Each measurement runs in its own
+Both sides train the same model from the same initial weights on the same data with the same optimiser (SGD,
+momentum 0.9), thread count and batch size, in the same run. The models: the two hand-written reference graphs
+(cnn, mlp) and two exported by the general path (`flctl model export --torch`): the vehicle detector
+(flctl.model.detector:centre_net with its CenterNet loss, targets built from the synthetic cameras' boxes) and
+the MobileNetV2-style classifier (flctl.model.examples:mobilenet_v2, cross-entropy on the cameras' counts).
+PyTorch trains the same torch module eagerly. Each measurement runs in its own
 subprocess so peak RSS (VmHWM) is that side's alone; our worker never imports torch, as on the device.
 The sides alternate for --repeats rounds and the medians are compared. Samples per CPU-second (process CPU
 time of all threads) are shown beside wall-clock samples/s: on a shared machine they are the steadier figure,
@@ -12,6 +16,8 @@ in-process FedAvg over synthetic cameras reaches after the same rounds with each
 
     .venv/bin/python bench/training.py                 # all tables
     .venv/bin/python bench/training.py --quick         # fewer samples and repeats
+    .venv/bin/python bench/training.py --models detector,mbv2 --no-encodings   # the exported models only
+    .venv/bin/python bench/training.py --profile detector   # where onnxruntime's time goes, per op type
 """
 
 from __future__ import annotations
@@ -24,12 +30,33 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 LR = 0.05
+REFERENCE = ("cnn", "mlp")  # hand-written graphs (flctl.model.refmodels)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A model exported by the general path: its factory and loss, as `flctl model export --torch` names them."""
+
+    factory: str
+    loss: str
+    input_shape: tuple[int, ...]
+    lr: float
+    target: float  # ours / torch samples per second the issue asks for
+
+
+EXPORTED = {
+    "detector": Exported("flctl.model.detector:centre_net", "flctl.model.detector:centre_net_loss", (1, 32, 32),
+                         0.01, 1.0),
+    "mbv2": Exported("flctl.model.examples:mobilenet_v2", "cross-entropy", (1, 32, 32), LR, 0.7),
+}
+MODELS = (*REFERENCE, *EXPORTED)
 
 
 def _status_mb(field: str) -> float:
@@ -42,10 +69,22 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
-def make_data(model: str, samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic camera frames (CNN) or sklearn digits tiled to ``samples`` (MLP). Made once by the parent
-    and handed to both sides as a .npz, so neither side's RSS includes the data generator's imports."""
-    if model == "cnn":
+def make_data(model: str, samples: int, package: object = None) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic camera frames (count labels; the detector's heatmap targets from their boxes) or sklearn digits
+    tiled to ``samples`` (MLP). Made once by the parent and handed to both sides as a .npz, so neither side's RSS
+    includes the data generator's imports."""
+    if model == "detector":
+        from appliance.detection import DetectionSpec, encode_targets
+        from appliance.synthetic import SyntheticCamera
+
+        per = -(-samples // 8)
+        frames, boxes = [], []
+        for c in range(8):
+            x, _, b = SyntheticCamera(c, seed=42).sample_with_boxes(per)
+            frames.append(x)
+            boxes += b
+        return np.concatenate(frames)[:samples], encode_targets(DetectionSpec.from_package(package), boxes[:samples])
+    if model in ("cnn", "mbv2"):
         from appliance.synthetic import SyntheticCamera
 
         per = -(-samples // 8)
@@ -70,14 +109,15 @@ def worker(args: argparse.Namespace) -> dict:
         x, y = data["x"], data["y"]
     rss_ready = _status_mb("VmRSS")
     warm = min(len(y), args.batch * 20)
+    lr = EXPORTED[args.model].lr if args.model in EXPORTED else LR
     if args.side == "ours":
         from appliance.trainer import Trainer
 
         trainer = Trainer(pkg, threads=args.threads)
         opt = {"name": "momentum", "momentum": 0.9}
-        trainer.train(pkg.initial_params, x[:warm], y[:warm], 1, args.batch, LR, optimizer=opt, measure=False)
+        trainer.train(pkg.initial_params, x[:warm], y[:warm], 1, args.batch, lr, optimizer=opt, measure=False)
         cpu0 = time.process_time()
-        result = trainer.train(pkg.initial_params, x, y, args.epochs, args.batch, LR, seed=1, optimizer=opt,
+        result = trainer.train(pkg.initial_params, x, y, args.epochs, args.batch, lr, seed=1, optimizer=opt,
                                measure=False)
         cpu = time.process_time() - cpu0
         sps = result.metrics["samples_per_second"]
@@ -86,18 +126,16 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         import torch
 
-        from flctl import refmodels
-
         torch.set_num_threads(args.threads)
         torch.set_num_interop_threads(1)
-        spec = refmodels.MODELS[args.model]
-        model = refmodels.torch_module(spec)
+        model, loss_fn = _torch_model(args.model)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(torch.from_numpy(pkg.initial_params[name]))
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if name in pkg.initial_params:
+                    t.copy_(torch.from_numpy(pkg.initial_params[name]))
         xt = torch.from_numpy(pkg.preprocess(x))
         yt = torch.from_numpy(y)
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
         def epoch(n_samples: int, rng: np.random.Generator) -> float:
             order = torch.from_numpy(rng.permutation(n_samples))
@@ -105,7 +143,7 @@ def worker(args: argparse.Namespace) -> dict:
             for start in range(0, n_samples, args.batch):
                 idx = order[start : start + args.batch]
                 opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+                loss = loss_fn(model(xt[idx]), yt[idx])
                 loss.backward()
                 opt.step()
                 total += float(loss) * len(idx)
@@ -121,6 +159,21 @@ def worker(args: argparse.Namespace) -> dict:
     peak = _status_mb("VmHWM")
     return {"samples_per_second": sps, "samples_per_cpu_second": len(y) * args.epochs / cpu,
             "peak_rss_mb": peak, "rss_with_data_mb": rss_ready, "train_loss": loss}
+
+
+def _torch_model(model: str) -> tuple[object, object]:
+    """The torch module and loss function the PyTorch side trains (train mode, the package's own module)."""
+    import torch
+
+    if model in EXPORTED:
+        from flctl.model.build import make_model
+        from flctl.model.losses import resolve_loss
+
+        spec = EXPORTED[model]
+        return make_model(spec.factory, seed=0).train(), resolve_loss(spec.loss).fn
+    from flctl import refmodels
+
+    return refmodels.torch_module(refmodels.MODELS[model]), torch.nn.functional.cross_entropy
 
 
 def _run_worker(side: str, model: str, threads: int, batch: int, data: Path, epochs: int,
@@ -194,6 +247,86 @@ def encoding_table(package: Path, pub: str, rounds: int, cameras: int, samples: 
     return rows
 
 
+def build_package(model: str) -> object:
+    """The model's package: a reference model's hand-written graphs, or an export by the general path (torch
+    traced in this parent process only; the workers load the written package)."""
+    if model in REFERENCE:
+        from flctl.model import build_reference_package
+
+        return build_reference_package(model)[0]
+    from flctl.model.build import PackageOptions, build_torch_package, make_model
+    from flctl.model.losses import resolve_loss
+
+    spec = EXPORTED[model]
+    options = PackageOptions(name=model, mean=0.4, std=0.25)
+    pkg, _, _ = build_torch_package(make_model(spec.factory, seed=0), resolve_loss(spec.loss), spec.input_shape,
+                                    options)
+    return pkg
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The issue's targets, met or missed, per measured row."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    lines = []
+    cnn = [r for r in rows if r["model"] == "cnn"]
+    if cnn:
+        lines.append(f"targets: cnn >= 1.0x torch samples/s: {verdict(all(r['speed_ratio'] >= 1 for r in cnn))}; "
+                     f"cnn peak RSS <= 100 MB: {verdict(all(r['ours_rss'] <= 100 for r in cnn))}")
+    for r in rows:
+        if r["model"] not in EXPORTED:
+            continue
+        want = EXPORTED[r["model"]].target
+        text = (f"target: {r['model']} ({r['threads']} thr) >= {want:.1f}x torch samples/s: "
+                f"{r['speed_ratio']:.2f}x {verdict(r['speed_ratio'] >= want)}")
+        if r["model"] == "detector":
+            text += f"; peak RSS <= 0.5x torch's: {r['rss_ratio']:.2f}x {verdict(r['rss_ratio'] <= 0.5)}"
+        lines.append(text)
+    return lines
+
+
+def profile_table(pkg: object, x: np.ndarray, y: np.ndarray, batch: int, threads: int, top: int = 12) -> str:
+    """Run the package's training graph under onnxruntime's profiler for every full batch of ``x`` and sum the
+    kernels' time per op type (and per node for the largest ones): where a step's time goes."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="bench-profile-")) / "ort")
+    sess = ort.InferenceSession(pkg.training_graph, so, providers=["CPUExecutionProvider"])
+    tensors = {**pkg.initial_params, **getattr(pkg, "local_buffers", {})}
+    feeds = {i.name: tensors[i.name] for i in sess.get_inputs() if i.name in tensors}
+    xp = pkg.preprocess(x)
+    steps = len(x) // batch
+    for s in range(steps):
+        feeds.update(input=xp[s * batch:(s + 1) * batch], labels=y[s * batch:(s + 1) * batch])
+        sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    by_node: dict[str, float] = {}
+    for ev in events:
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        op = ev["args"].get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + ev["dur"]
+        node = f"{op} {ev['name'][:-len('_kernel_time')]}"
+        by_node[node] = by_node.get(node, 0.0) + ev["dur"]
+    total = sum(by_op.values())
+    lines = [f"{pkg.name}: onnxruntime kernel time per training step (batch {batch}, {threads} thread, "
+             f"{steps} steps): {total / steps / 1000:.2f} ms",
+             f"{'op type':<28}{'ms/step':>9}{'share':>8}"]
+    for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{op:<28}{us / steps / 1000:>9.3f}{us / total:>7.0%}")
+    lines.append("largest nodes:")
+    for node, us in sorted(by_node.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {node[:70]:<70}{us / steps / 1000:>9.3f}{us / total:>7.0%}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
@@ -206,7 +339,11 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=2400, help="training samples per measurement")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per measurement")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per side (median reported)")
-    ap.add_argument("--max-threads", type=int, default=2, help="thread counts 1..N are measured for the CNN")
+    ap.add_argument("--max-threads", type=int, default=2,
+                    help="thread counts 1..N are measured for every model but the MLP")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--profile", choices=list(EXPORTED),
+                    help="instead of the tables: onnxruntime's time per op type in the model's training graph")
     ap.add_argument("--quick", action="store_true", help="fewer samples and repeats")
     ap.add_argument("--no-encodings", action="store_true", help="skip the update-encoding table")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON")
@@ -217,42 +354,50 @@ def main() -> int:
         return 0
     if args.quick:
         args.samples, args.epochs, args.repeats = 800, 2, 1
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
 
     sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
     from nacl.signing import SigningKey
 
     from appliance.modelpkg import write_package
-    from flctl.model import build_reference_package
 
     key = SigningKey.generate()
     pub = bytes(key.verify_key).hex()
     tmp = Path(tempfile.mkdtemp(prefix="bench-training-"))
+    if args.profile:
+        pkg = build_package(args.profile)
+        x, y = make_data(args.profile, args.batch * 40, pkg)
+        print(profile_table(pkg, x, y, args.batch, threads=1))
+        return 0
     packages, data = {}, {}
-    for model in ("cnn", "mlp"):
-        pkg, _ = build_reference_package(model)
+    for model in dict.fromkeys([*models, *(() if args.no_encodings else ("cnn",))]):
+        pkg = build_package(model)
         packages[model] = tmp / f"{model}.flpkg"
         write_package(packages[model], pkg, key)
-        x, y = make_data(model, args.samples)
+        x, y = make_data(model, args.samples, pkg)
         data[model] = tmp / f"{model}-data.npz"
         np.savez(data[model], x=x, y=y)
 
-    configs = [("cnn", t, args.batch) for t in range(1, args.max_threads + 1)] + [("mlp", 1, args.batch)]
+    configs = [(m, t, args.batch) for m in models for t in (range(1, 2) if m == "mlp" else
+                                                            range(1, args.max_threads + 1))]
     print(f"training throughput: {args.samples} samples x {args.epochs} epochs, SGD momentum, "
           f"median of {args.repeats} alternating runs per side, cpus={os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     rows = throughput_table(configs, data, args.epochs, args.repeats, packages, pub)
-    head = (f"{'model':<6}{'thr':>4}{'batch':>6} | {'ours samp/s':>12}{'torch samp/s':>13}{'ratio':>7} | "
+    head = (f"{'model':<9}{'thr':>4}{'batch':>6} | {'ours samp/s':>12}{'torch samp/s':>13}{'ratio':>7} | "
             f"{'ours /CPU-s':>12}{'torch /CPU-s':>13}{'ratio':>7} | "
             f"{'ours RSS MB':>12}{'torch RSS MB':>13}{'ratio':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:<6}{r['threads']:>4}{r['batch']:>6} | {r['ours_sps']:>12.0f}{r['torch_sps']:>13.0f}"
+        print(f"{r['model']:<9}{r['threads']:>4}{r['batch']:>6} | {r['ours_sps']:>12.0f}{r['torch_sps']:>13.0f}"
               f"{r['speed_ratio']:>6.2f}x | {r['ours_spc']:>12.0f}{r['torch_spc']:>13.0f}{r['cpu_ratio']:>6.2f}x"
               f" | {r['ours_rss']:>12.1f}{r['torch_rss']:>13.1f}{r['rss_ratio']:>6.2f}x")
-    cnn = [r for r in rows if r["model"] == "cnn"]
-    print(f"targets: ours >= 1.0x torch samples/s: {'met' if all(r['speed_ratio'] >= 1 for r in cnn) else 'MISSED'};"
-          f" ours peak RSS <= 100 MB (CNN): {'met' if all(r['ours_rss'] <= 100 for r in cnn) else 'MISSED'}")
+    for line in target_lines(rows):
+        print(line)
 
     enc_rows = []
     if not args.no_encodings:

@@ -18,6 +18,7 @@ CONV_CASES = [
       for k, s, p, d, g, h in itertools.product((1, 3), (1, 3), (0, 2), (1, 2), (1, 4), (9,))],
     (3, 1, 1, 1, 6, 6, 6, False, 0, 8),  # depthwise 3x3 with padding (MobileNet)
     (3, 2, 1, 1, 6, 6, 12, False, 0, 9),  # depthwise with a channel multiplier, odd size
+    (3, 1, 2, 2, 1, 4, 6, True, 0, 6),  # transposed, stride 1: the weight gradient by shifted slices and MatMul
     (2, 2, 0, 1, 1, 4, 3, True, 0, 5),  # U-Net's transposed 2x2 stride 2
     (3, 2, 1, 1, 1, 4, 3, True, 1, 5),  # transposed with output padding
     (3, 2, 1, 2, 2, 4, 6, True, 1, 6),  # transposed, grouped, dilated
