@@ -26,6 +26,7 @@ BUILDROOT_PACKAGES = {
     "aiohttp": "python-aiohttp",
     "bcrypt": "python-bcrypt",
     "cbor2": "python-cbor2",
+    "cryptography": "python-cryptography",
     "nacl": "python-pynacl",
     "numpy": "python-numpy",
     "onnxruntime": "onnxruntime",

@@ -27,6 +27,7 @@ THIRD_PARTY_RECIPES = {
     "aiohttp": "python3-aiohttp",  # meta-python 3.9.5
     "bcrypt": "python3-bcrypt",  # meta-python 4.1.2 (metrics basic auth; built with Rust)
     "cbor2": "python3-cbor2",  # meta-python 5.6.4
+    "cryptography": "python3-cryptography",  # oe-core 42.0.5 (ChaCha20 of the secure-aggregation masks)
     "nacl": "python3-pynacl",  # meta-python 1.5.0
     "numpy": "python3-numpy",  # oe-core 1.26.4
     "onnxruntime": "onnxruntime",  # meta-onnxruntime 1.18.0 (inference build, Python bindings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
 
 from appliance.protocol import graph, prg, shamir
 from appliance.protocol.quantise import MAX_SUM, check_room, dequantise, levels_for, quantise
@@ -23,18 +24,27 @@ def test_mask_words_are_the_rfc8439_keystream():
     assert prg.keystream_words(bytes(32), 16).tobytes() == RFC8439_A1_TV2
 
 
-def test_libsodium_stream_and_aead_fallback_give_the_same_words():
-    seed = bytes(range(32))
-    assert prg._STREAM_XOR_IC is not None, "pynacl's libsodium should export crypto_stream_chacha20_ietf_xor_ic"
-    assert np.array_equal(prg._words_by_stream(seed, 100_003), prg._words_by_aead(seed, 100_003))
-
-
 def test_mask_words_match_an_independent_chacha20():
-    ciphers = pytest.importorskip("cryptography.hazmat.primitives.ciphers")
+    # libsodium's ChaCha20-Poly1305 (RFC 8439 section 2.8) encrypts with the keystream from block counter 1:
+    # its ciphertext of zeros, without the 16-byte tag, is the mask.
     seed = bytes(range(100, 132))
-    counter_and_nonce = (1).to_bytes(4, "little") + bytes(12)  # OpenSSL takes the counter in the 16-byte IV
-    encryptor = ciphers.Cipher(ciphers.algorithms.ChaCha20(seed, counter_and_nonce), mode=None).encryptor()
-    assert prg.keystream_words(seed, 5000).tobytes() == encryptor.update(bytes(20_000))
+    sealed = crypto_aead_chacha20poly1305_ietf_encrypt(bytes(20_000), None, bytes(12), seed)
+    assert prg.keystream_words(seed, 5000).tobytes() == sealed[:20_000]
+
+
+def test_masks_added_chunk_by_chunk_are_the_whole_keystreams():
+    size = 2 * prg.CHUNK_WORDS + 1001  # two whole chunks and a short one
+    start = np.arange(size, dtype=np.uint32) * np.uint32(2654435761)
+    seeds = [bytes([i]) * 32 for i in range(3)]
+    acc = start.copy()
+    prg.add_masks(acc, [(seeds[0], +1), (seeds[1], -1), (seeds[2], +1)])
+    words = [prg.keystream_words(seed, size) for seed in seeds]
+    assert np.array_equal(acc, start + words[0] - words[1] + words[2])
+
+
+def test_masks_go_only_on_a_uint32_vector():
+    with pytest.raises(ValueError, match="uint32"):
+        prg.add_masks(np.zeros(4, dtype=np.int64), [(bytes(32), +1)])
 
 
 def test_add_mask_then_subtract_gives_back_the_input():
@@ -130,6 +140,19 @@ def test_stochastic_rounding_is_unbiased():
     step = 1.0 / levels * 10  # max_samples * C / B, per unit of weight
     assert abs(weighted.mean() / 10 - float(delta[0])) < 5 * step / np.sqrt(delta.size)
     assert np.all(np.abs(weighted / 10 - delta) <= step / 10 + 1e-12)
+
+
+def test_quantising_chunk_by_chunk_draws_what_one_pass_would():
+    """The rounding uses the generator's uniforms in order, whatever the chunking: the words are those of
+    floor(d * s + u) over the whole vector with u = rng.random(P), clipped to [-B, B]."""
+    delta = np.random.default_rng(3).normal(0, 0.05, 2 * 16384 + 7).astype(np.float32)  # norm about 9: clipped
+    levels = levels_for(10)
+    words = quantise(delta, 30, clip_norm=1.0, levels=levels, max_samples=40, rng=np.random.default_rng(4))
+    exact = delta.astype(np.float64)
+    scale = (30 / 40) * levels / 1.0 * (1.0 / float(np.sqrt(np.dot(exact, exact))))
+    expected = np.clip(np.floor(exact * scale + np.random.default_rng(4).random(delta.size)), -levels, levels)
+    assert np.array_equal(words[:-1].view(np.int32), expected.astype(np.int32))
+    assert words[-1] == 30
 
 
 def test_the_weight_is_capped_and_scales_the_update():

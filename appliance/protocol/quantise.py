@@ -43,6 +43,7 @@ import math
 import numpy as np
 
 MODULUS_BITS = 32
+_CHUNK = 16384  # coordinates quantised per step
 MAX_SUM = 2**31 - 1
 # The probability that the noise makes a sum wrap is at most 2^-WRAP_BITS, for updates of up to 2^32 words.
 WRAP_BITS = 40
@@ -111,12 +112,20 @@ def quantise(
     scale = (weight / max_samples) * (levels / clip_norm)
     if norm > clip_norm:  # clipped here too, so that no coordinate can leave [-B, B]
         scale *= clip_norm / norm
-    scaled *= scale
-    scaled += rng.random(scaled.size)
-    np.floor(scaled, out=scaled)
-    np.clip(scaled, -levels, levels, out=scaled)
     words = np.empty(scaled.size + 1, dtype="<u4")
-    words[:-1] = scaled.astype(np.int32).view(np.uint32)  # |q| <= B < 2^31; two's complement: -q is 2^32 - q
+    signed = words[:-1].view("<i4")  # |q| <= B < 2^31; two's complement: -q is 2^32 - q
+    # A chunk at a time, so the uniforms and the chunk stay in the CPU cache and no other large array is made;
+    # the generator's draws are the same as one rng.random(P), so the result does not depend on the chunk size.
+    uniforms = np.empty(max(1, min(_CHUNK, scaled.size)))
+    for start in range(0, scaled.size, uniforms.size):
+        part = scaled[start : start + uniforms.size]
+        draws = uniforms[: part.size]
+        rng.random(out=draws)
+        part *= scale
+        part += draws
+        np.floor(part, out=part)
+        np.clip(part, -levels, levels, out=part)
+        signed[start : start + part.size] = part  # integral already: the cast is exact
     words[-1] = weight
     return words
 

@@ -282,9 +282,9 @@ class DeviceRound:
         if setup.noise_sigma > 0:  # a fresh key from the device's own entropy: the aggregator cannot know the noise
             noise = discrete_gaussian.sample(setup.noise_sigma, words.size - 1, self._entropy(prg.SEED_BYTES))
             np.add(words[:-1], (noise % 2**32).astype(np.uint32), out=words[:-1])
-        prg.add_mask(words, self_mask_seed(self.round_id, self._self_secret), +1)
-        for j in self._accepted:
-            prg.add_mask(words, self._pair_seed(j), +1 if self.index < j else -1)
+        masks = [(self_mask_seed(self.round_id, self._self_secret), +1)]
+        masks += [(self._pair_seed(j), +1 if self.index < j else -1) for j in self._accepted]
+        prg.add_masks(words, masks)
         return words
 
     def answer(self, survivors: Sequence[int], dropped: Sequence[int]) -> Answer:
@@ -419,11 +419,11 @@ def unmask_total(
     """
     t = setup.threshold
     report = UnmaskReport()
-    pending: list[tuple[int, bytes]] = []
+    pending: list[tuple[bytes, int]] = []  # (seed, sign)
     for u in plan.survivors:
         shares = {h: a.self_shares[u] for h, a in answers.items() if u in a.self_shares}
         secret = _recover(u, "self-mask", commitments[u][0], shares, t, report.bad_holders)
-        pending.append((-1, self_mask_seed(setup.round_id, secret)))
+        pending.append((self_mask_seed(setup.round_id, secret), -1))
     alive = set(plan.survivors)
     for u in plan.dropped:
         key: int | None = None
@@ -438,7 +438,6 @@ def unmask_total(
                     report.rebuilt_keys.add(u)
                 seed = pairwise_mask_seed(setup.round_id, shamir.point_times(key, setup.keys[v].mask))
             # v added +PRG if v < u, else -PRG: take it off again
-            pending.append((-1 if v < u else +1, seed))
-    for sign, seed in pending:  # every secret is known before the first mask comes off: no half-unmasked sum
-        prg.add_mask(total, seed, sign)
+            pending.append((seed, -1 if v < u else +1))
+    prg.add_masks(total, pending)  # every secret is known before the first mask comes off: no half-unmasked sum
     return report

@@ -105,6 +105,7 @@ RDEPENDS:${PN} = "\
     python3-cbor2 \
     python3-core \
     python3-crypt \
+    python3-cryptography \
     python3-ctypes \
     python3-fcntl \
     python3-io \
