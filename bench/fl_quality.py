@@ -46,7 +46,10 @@ epsilon 1, 3 and 8 (delta 1e-5), the same participants, local training and clip 
 * **Flower**: ``DifferentialPrivacyServerSideFixedClipping`` around its ``FedAvg`` (clip each update to S, the
   sample-weighted mean, noise of std z*S/n on it), with ``configure_fit`` and ``aggregate_fit`` run for real on
   the round's drawn clients. It reports no epsilon.
-* a reference: ours without DP or clipping.
+* a reference: ours without DP or clipping;
+* with ``--dp-adaptive-clip GAMMA``, also ours with adaptive clipping (``serve --dp-adaptive-clip``, starting at
+  the clip norm) at each noise multiplier, so at the same epsilon, against ours at the fixed clip norm
+  (docs/privacy.md, "Adaptive clipping").
 
     .venv/bin/python bench/fl_quality.py --flower-python /path/to/flwr-venv/bin/python
     .venv/bin/python bench/fl_quality.py --clients 4 --per-round 4 --rounds 2 --seeds 1   # a smoke run
