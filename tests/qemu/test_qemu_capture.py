@@ -49,6 +49,7 @@ from scapy.layers.l2 import ARP
 from appliance import wire
 from appliance.framebuffer import FrameBuffer, to_model_input
 from appliance.modelpkg import load_package
+from appliance.protocol.heartbeat import decode_heartbeat
 from flctl.ports import free_port
 from flctl.qemu.rig import GUEST_AGGREGATOR, NETDEV_ID, Appliance, Identity, provision_data_partition
 
@@ -288,14 +289,18 @@ def test_every_request_to_the_aggregator_is_documented_and_its_body_signed_by_th
     assert sent, "no TCP connection from the appliance to the aggregator in the capture"
     counts: dict[str, int] = {}
     updates = []
+    signed_by_device = wire.pinned(device.signing_key.verify_key)
     for stream in sent:
         for request in split_http_requests(stream.data):
             op = documented_operation(request, operations)
-            if request.body:  # documented bodies are signed protocol messages; the agent sends updates
-                assert op.template == "/v1/updates", f"a body on {op.method} {op.template}: no decoder here"
-                update = wire.decode_update(request.body, wire.pinned(device.signing_key.verify_key), specs)
-                assert update.device_id == device.device_id
-                updates.append(update)
+            if request.body:  # documented bodies are signed protocol messages: updates and heartbeats
+                if op.template == "/v1/heartbeat":
+                    assert decode_heartbeat(request.body, signed_by_device).device_id == device.device_id
+                else:
+                    assert op.template == "/v1/updates", f"a body on {op.method} {op.template}: no decoder here"
+                    update = wire.decode_update(request.body, signed_by_device, specs)
+                    assert update.device_id == device.device_id
+                    updates.append(update)
             counts[f"{op.method} {op.template}"] = counts.get(f"{op.method} {op.template}", 0) + 1
     print(f"\n[qemu] {len(sent)} connections to the aggregator; requests: {counts}")
     print(f"[qemu] updates: {[(u.round_id, u.num_samples, u.encoding) for u in updates]}")
