@@ -132,3 +132,37 @@ def test_a_damaged_state_is_refused_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     lines = [line for line in done.stderr.splitlines() if "healthcheck" not in line]
     assert len(lines) == 1 and lines[0].startswith("fl-aggregator: ") and "aggregator.db" in lines[0], lines
+
+
+def test_an_agent_without_cameras_says_so_once_and_stays_up(tmp_path: Path) -> None:
+    """A DaemonSet pod on a node without cameras (no /dev/video* mapped, no /run/udev): the log says `0 present`
+    in one line, the agent keeps running and answers its health check, `fl_agent_cameras_present` is 0."""
+    name = f"fl-nocam-{uuid.uuid4().hex[:8]}"
+    agent_state = tmp_path / "agent"
+    write_aggregator_key(agent_state, SigningKey.generate().verify_key)
+    _chown(agent_state, AGENT_SERVICE.uid)
+    config = tmp_path / "agent.toml"
+    config.write_text('[aggregator]\nurl = "http://127.0.0.1:9"\nallow_plain_http = true\n'
+                      '[agent]\nstate_dir = "/var/lib/fl-agent"\n[data]\nsource = "cameras"\n')
+    os.chmod(config, 0o644)
+    try:
+        podman("run", "-d", "--read-only", "--name", name, "-v", f"{agent_state}:/var/lib/fl-agent",
+               "-v", f"{config}:/etc/fl-agent/agent.toml:ro", AGENT)  # fmt: skip
+        for _ in range(120):
+            log = podman("logs", name, check=False).stderr
+            if "cameras: watching udev" in log and podman("healthcheck", "run", name, check=False).returncode == 0:
+                break
+            assert podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true", log
+            subprocess.run(["sleep", "1"], check=True)
+        else:
+            raise AssertionError("the agent never reported its cameras or became healthy:\n" + log)
+        camera_lines = [line for line in log.splitlines() if "cameras:" in line]
+        assert len(camera_lines) == 1 and "cameras: watching udev; 0 present" in camera_lines[0], camera_lines
+        assert "Traceback" not in log
+        metrics = podman("exec", name, "python3", "-c", "import urllib.request; print(urllib.request.urlopen("
+                         "'http://127.0.0.1:9101/metrics').read().decode())").stdout
+        assert "fl_agent_cameras_present 0.0" in metrics.splitlines()
+        state = podman("inspect", "--format", "{{.State.Running}} {{.RestartCount}}", name).stdout.split()
+        assert state == ["true", "0"], state
+    finally:
+        podman("rm", "-f", "-v", "-t", "5", name, check=False)
