@@ -17,8 +17,11 @@ from nacl.signing import SigningKey
 
 from appliance import modelpkg
 from appliance.identity import write_aggregator_key
+from flctl.container.fleet import require_image
 from flctl.container.payload import AGENT as AGENT_SERVICE
 from flctl.container.payload import AGGREGATOR as AGGREGATOR_SERVICE
+from flctl.container.platforms import PLATFORMS, host_platform
+from flctl.container.podman import ContainerError
 from flctl.ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("images")]
@@ -166,3 +169,22 @@ def test_an_agent_without_cameras_says_so_once_and_stays_up(tmp_path: Path) -> N
         assert state == ["true", "0"], state
     finally:
         podman("rm", "-f", "-v", "-t", "5", name, check=False)
+
+
+def test_fleet_up_refuses_images_built_only_for_another_architecture_in_one_line() -> None:
+    """`flctl container build --arch arm64` alone on amd64 leaves a manifest list without this machine's image:
+    `fleet up` names the architectures it holds and the build that fixes it (podman would try a registry)."""
+    foreign = next(p for p in PLATFORMS.values() if p.foreign)
+    ref = f"localhost/fl-edge/fl-test-{uuid.uuid4().hex[:8]}:{VERSION}"
+    podman("manifest", "create", ref)
+    try:
+        podman("manifest", "add", f"--arch={foreign.name}", "--os=linux", ref,
+               f"containers-storage:{AGENT}-{foreign.name}")
+        with pytest.raises(ContainerError) as refused:
+            require_image(ref)
+        assert str(refused.value) == (f"image {ref} is built for {foreign.name}, not for this machine's "
+                                      f"{host_platform().name}: run `flctl container build --arch "
+                                      f"{host_platform().name},{foreign.name}`")
+        require_image(AGENT)  # the session's manifest list holds both
+    finally:
+        podman("manifest", "rm", ref, check=False)

@@ -41,6 +41,7 @@ from appliance.identity import read_key_file, write_key_file
 
 from .build import image_ref, project_info
 from .payload import AGENT, AGGREGATOR, PROJECT_ROOT
+from .platforms import host_platform
 from .podman import ContainerError, podman, run_tool
 
 K8S_BASE = PROJECT_ROOT / "deploy" / "k8s" / "base"
@@ -312,8 +313,7 @@ def up(fleet: Fleet, settings: FleetSettings | None = None, progress=print) -> d
     settings = settings or FleetSettings()
     version = project_info().version
     for ref in (image_ref(AGGREGATOR, version), image_ref(AGENT, version)):
-        if podman("image", "exists", ref, what="podman image exists", cache=fleet.cache, check=False).returncode:
-            raise ContainerError(f"image {ref} is not built: run `flctl container build` first")
+        require_image(ref, fleet.cache)
     prepare(fleet, settings)
     paths = write_manifests(fleet, settings)
     if podman("network", "exists", NETWORK, what="podman network exists", cache=fleet.cache, check=False).returncode:
@@ -336,6 +336,20 @@ def up(fleet: Fleet, settings: FleetSettings | None = None, progress=print) -> d
         _play(fleet, path)
     progress(f"started {len(paths) - 1} agent(s)")
     return {"devices": {name: d["device_id"] for name, d in devices.items()}, "enrolled": enrolled}
+
+
+def require_image(ref: str, cache: Path | None = None) -> None:
+    """Refuse, in one line, an image that is not built or whose manifest list lacks this machine's architecture
+    (`flctl container build --arch arm64` alone on amd64): podman would otherwise look for it in a registry."""
+    if not podman("image", "exists", ref, what="podman image exists", cache=cache, check=False).returncode:
+        return
+    if podman("manifest", "exists", ref, what="podman manifest exists", cache=cache, check=False).returncode:
+        raise ContainerError(f"image {ref} is not built: run `flctl container build` first")
+    listed = json.loads(podman("manifest", "inspect", ref, what=f"podman manifest inspect {ref}", cache=cache).stdout)
+    built = sorted({entry["platform"]["architecture"] for entry in listed.get("manifests", [])})
+    host = host_platform().name
+    raise ContainerError(f"image {ref} is built for {', '.join(built) or 'no architecture'}, not for this machine's "
+                         f"{host}: run `flctl container build --arch {','.join([host, *built])}`")
 
 
 def _play(fleet: Fleet, path: Path) -> None:
