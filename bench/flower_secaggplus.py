@@ -4,16 +4,21 @@ own interpreter (a venv with ``pip install 'flwr[simulation]'``), so it needs no
 Flower's simulation engine (Ray) runs N ClientApps on ``--actors`` actors; each client returns a fixed random
 update of P float32 parameters; the ServerApp runs FedAvg under SecAgg+ (Flower's legacy API, the only one it
 exists for) for one warm-up round and ``--rounds`` timed ones. Prints one JSON line: the timed rounds' wall
-times (the fit workflow, from the first message to the aggregate).
+times (the fit workflow, from the first message to the aggregate) and their CPU times: user + system time of
+the whole process tree (this ServerApp, Ray's GCS, raylet and workers, the actors running the ClientApps), read
+from /proc before and after each round. ``--cpus 1`` pins the tree to one CPU (Ray's processes inherit the
+affinity) and gives Ray one CPU, so one actor runs every client: its wall time is then a one-core round.
 
-    python bench/flower_secaggplus.py --clients 100 --params 1000000 --shares 15 --threshold 8
+    python bench/flower_secaggplus.py --clients 100 --params 1000000 --shares 15 --threshold 8 --cpus 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
@@ -25,6 +30,34 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.simulation import run_simulation
 
 
+def tree_cpu_seconds(root: int) -> dict[str, float]:
+    """User + system CPU seconds of ``root`` and all its living descendants (and of the children they reaped), by
+    part: ``serverapp`` (``root``), ``actors`` (Ray's workers, named ``ray::...``: the ClientApps) and ``ray`` (the
+    rest: GCS, raylet, dashboard, log monitor)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parent_of, cpu, name = {}, {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        parent_of[int(entry.name)] = int(fields[1])
+        name[int(entry.name)] = stat[stat.index("(") + 1 : stat.rindex(")")]
+        cpu[int(entry.name)] = sum(int(f) for f in fields[11:15]) / ticks  # utime, stime, cutime, cstime
+    parts = {"serverapp": 0.0, "actors": 0.0, "ray": 0.0}
+    for pid in cpu:
+        p = pid
+        while p not in (0, 1, root) and p in parent_of:
+            p = parent_of[p]
+        if p == root:
+            part = "serverapp" if pid == root else "actors" if name[pid].startswith("ray::") else "ray"
+            parts[part] += cpu[pid]
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, required=True)
@@ -33,7 +66,11 @@ def main() -> None:
     parser.add_argument("--threshold", type=int, required=True, help="reconstruction_threshold")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray (and, if fewer than this machine's, the "
+                        "ones the process tree is pinned to)")
     args = parser.parse_args()
+    if args.cpus < len(os.sched_getaffinity(0)):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
     update = np.random.default_rng(0).normal(0, 0.01, args.params).astype(np.float32)
 
     class Client(NumPyClient):
@@ -43,12 +80,15 @@ def main() -> None:
     client_app = ClientApp(client_fn=lambda context: Client().to_client(), mods=[secaggplus_mod])
     server_app = ServerApp()
     seconds: list[float] = []
+    cpu_seconds: list[dict[str, float]] = []
     secagg = SecAggPlusWorkflow(num_shares=args.shares, reconstruction_threshold=args.threshold)
 
     def timed_fit(grid, context):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), tree_cpu_seconds(os.getpid())
         secagg(grid, context)
         seconds.append(time.perf_counter() - started)
+        cpu_ended = tree_cpu_seconds(os.getpid())
+        cpu_seconds.append({part: round(cpu_ended[part] - cpu_started[part], 2) for part in cpu_ended})
 
     @server_app.main()
     def run(grid, context: Context) -> None:
@@ -58,8 +98,10 @@ def main() -> None:
         DefaultWorkflow(fit_workflow=timed_fit)(grid, legacy)
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=args.clients,
-                   backend_config={"client_resources": {"num_cpus": 2 / args.actors}, "init_args": {"num_cpus": 2}})
-    print(json.dumps({"clients": args.clients, "params": args.params, "round_seconds": seconds[1:]}), flush=True)
+                   backend_config={"client_resources": {"num_cpus": args.cpus / args.actors},
+                                   "init_args": {"num_cpus": args.cpus}})
+    print(json.dumps({"clients": args.clients, "params": args.params, "actors": args.actors, "cpus": args.cpus,
+                      "round_seconds": seconds[1:], "round_cpu_seconds": cpu_seconds[1:]}), flush=True)
 
 
 if __name__ == "__main__":

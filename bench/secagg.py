@@ -14,26 +14,27 @@ appliance.wire's signed float32 Update for the plain one. Printed per configurat
 * **aggregator CPU**: verifying and decoding every message, summing the masked inputs, planning the unmask,
   rebuilding the secrets and removing the masks (secure); verifying, decoding and accumulating every update
   (plain).
-* **round**: the whole round on one core, every device's work and the aggregator's one after the other (their
-  process time summed, which is the wall time on an idle core; this machine is shared, so wall clocks say more
-  about the neighbours than about the code). Flower's simulation engine, whose SecAgg+ rounds
-  docs/aggregator.md compares with, ran its clients on two actors, so the comparison is conservative for us.
+* **round**: the whole round on one core, every device's work and the aggregator's one after the other: their
+  process time summed (CPU), and the wall time of the same steps. The process pins itself to one CPU first, so
+  both are one core's; on this shared machine the wall clock also counts the neighbours' load.
 
 **Flower** (``--flower-python``, or ``$FLWR_PYTHON``: a venv with ``pip install 'flwr[simulation]'``; its
 protobuf, grpc and Ray pins are not forced on the project's venv): bench/flower_secaggplus.py runs Flower's
 SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``) on the same N and P in its simulation engine, with the same
-number of shares (k + 1) and threshold; printed is its round's wall time (best of two timed rounds after a warm
-up) and ours over it. Without dropouts only (its simulated clients do not vanish mid-protocol), and only up to
-``--flower-max-clients`` (100 by default: its simulation held 1.1-2.9 GB at N <= 100 here, growing with N). Its
-time is wall time on this shared machine (two actors), ours is process time, so under load the ratio flatters
-us: docs/aggregator.md also compares with Flower's rounds measured on a quieter machine.
+number of shares (k + 1) and threshold, with one actor and its whole process tree pinned to the same CPU as this
+process. Printed are its round's CPU time (user + system of the process tree: ServerApp, Ray, the actor; in
+brackets the ServerApp's and the actor's only, without Ray's own services, whose share grows with the wall time) and
+wall time (the best of two timed rounds after a warm-up round), and Flower's over ours for each: CPU over CPU,
+wall over wall, one core each. Without dropouts only (its simulated clients do not vanish mid-protocol), and
+only up to ``--flower-max-clients`` (100 by default: its simulation held 1.1-2.9 GB at N <= 100 here, growing
+with N).
 
 Dropouts: that fraction of the devices vanishes after the share phase (it could not train in time): their
 masks with the survivors must come off, which is what secure aggregation is for. The plain round just gets
 fewer updates. N = 1000 uses the SecAgg+ graph (as every N does by default: k = 2 ceil(log2 N)).
 
     python bench/secagg.py                                   # N = 10, 100, 1000; P = 100k, 1M; 0 and 30 %
-    python bench/secagg.py --devices 100 --params 1000000 --dropout 0.3
+    python bench/secagg.py --devices 100 --params 1000000 --dropout 0 0.3 --flower-python /tmp/flwr-venv/bin/python
 """
 
 from __future__ import annotations
@@ -90,21 +91,24 @@ class Device:
 
 
 class Clock:
-    """Process time charged to a device or to the aggregator."""
+    """Process time charged to a device or to the aggregator, and the wall time of all of it."""
 
     def __init__(self) -> None:
         self.aggregator = 0.0
+        self.wall = 0.0
 
     def device(self, d: Device, fn, *args, **kwargs):
-        started = time.process_time()
+        started, wall_started = time.process_time(), time.perf_counter()
         out = fn(*args, **kwargs)
         d.cpu += time.process_time() - started
+        self.wall += time.perf_counter() - wall_started
         return out
 
     def server(self, fn, *args, **kwargs):
-        started = time.process_time()
+        started, wall_started = time.process_time(), time.perf_counter()
         out = fn(*args, **kwargs)
         self.aggregator += time.process_time() - started
+        self.wall += time.perf_counter() - wall_started
         return out
 
 
@@ -120,6 +124,7 @@ class Result:
     received: float
     aggregator_cpu: float
     round_seconds: float
+    round_wall: float  # the same work's wall time, on the one CPU this process is pinned to
     survivors: int
     exact: bool = True  # the unmasked sum is exactly the sum of the survivors' quantised inputs
 
@@ -212,7 +217,7 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
         sent=float(np.mean([d.sent for d in finished])),
         received=float(np.mean([d.received for d in finished])),
         aggregator_cpu=clock.aggregator, round_seconds=clock.aggregator + sum(d.cpu for d in devices),
-        survivors=len(plan.survivors),
+        round_wall=clock.wall, survivors=len(plan.survivors),
         exact=bool(np.array_equal(total, expected)),
     )
 
@@ -245,28 +250,49 @@ def plain_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
     return Result(
         device_cpu=float(np.mean([d.cpu for d in finished])), sent=float(np.mean([d.sent for d in finished])),
         received=float(np.mean([d.received for d in finished])), aggregator_cpu=clock.aggregator,
-        round_seconds=clock.aggregator + sum(d.cpu for d in devices), survivors=len(finished),
+        round_seconds=clock.aggregator + sum(d.cpu for d in devices), round_wall=clock.wall,
+        survivors=len(finished),
     )
 
 
 FLOWER_SCRIPT = Path(__file__).resolve().with_name("flower_secaggplus.py")
 
 
-def flower_round(python: str, n: int, parameters: int) -> str:
-    """Flower's SecAgg+ round time on the same N and P, or why it was not run."""
+@dataclass
+class Flower:
+    """Flower's SecAgg+ round on the same N and P (best of its timed rounds), or why there is none."""
+
+    cpu: float = 0.0  # user + system seconds of its whole process tree (ServerApp, Ray, the actor)
+    compute_cpu: float = 0.0  # of that, the ServerApp's and the actor's (without Ray's own services)
+    wall: float = 0.0  # with one actor and the tree pinned to one CPU
+    failure: str = ""
+
+
+def flower_round(python: str, n: int, parameters: int) -> Flower:
     k = graph.effective_neighbours(n, None)
     command = [python, str(FLOWER_SCRIPT), "--clients", str(n), "--params", str(parameters),
-               "--shares", str(k + 1), "--threshold", str(threshold_for(k))]
+               "--shares", str(k + 1), "--threshold", str(threshold_for(k)), "--actors", "1", "--cpus", "1"]
     with tempfile.TemporaryDirectory() as scratch:  # Ray writes its session files under the working directory
         try:
             run = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=scratch,
                                  env={**os.environ, "RAY_DEDUP_LOGS": "0"})
         except subprocess.TimeoutExpired:
-            return "Flower: no result within an hour"
+            return Flower(failure="no result within an hour")
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not lines:
-        return f"Flower failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:] or run.stdout[-200:]}"
-    return f"{min(json.loads(lines[-1])['round_seconds']):.2f}"
+        return Flower(failure=f"failed ({run.returncode}): "
+                      f"{run.stderr.strip().splitlines()[-1:] or run.stdout[-200:]}")
+    result = json.loads(lines[-1])
+    cpu = min(result["round_cpu_seconds"], key=lambda parts: sum(parts.values()))
+    return Flower(cpu=sum(cpu.values()), compute_cpu=cpu["serverapp"] + cpu["actors"],
+                  wall=min(result["round_seconds"]))
+
+
+def pin_to_one_cpu() -> int:
+    """Run this process (and so every device and the aggregator it plays) on one CPU; returns which."""
+    cpu = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    return cpu
 
 
 def main() -> int:
@@ -280,23 +306,28 @@ def main() -> int:
                         "$FLWR_PYTHON; without it, Flower is not run)")
     parser.add_argument("--flower-max-clients", type=int, default=100)
     args = parser.parse_args()
-    header = (f"{'N':>5} {'P':>9} {'drop':>5} {'k':>3} {'t':>3} | {'device CPU s':>21} | {'device sent':>25} | "
-              f"{'received':>10} | {'aggregator CPU s':>22} | {'round s (1 core)':>19} | {'Flower SecAgg+ s':>17} | "
-              "sum of")
-    print(header)
+    cpu = pin_to_one_cpu()
+    print(f"pinned to CPU {cpu}; Flower (one actor) runs pinned to it too")
+    print(f"{'N':>5} {'P':>9} {'drop':>5} {'k':>3} {'t':>3} | {'device CPU s':>21} | {'device sent':>25} | "
+          f"{'received':>10} | {'aggregator CPU s':>21} | {'round CPU s':>17} | {'round':>6} | "
+          f"{'Flower SecAgg+ round':>27} | {'Flower / ours':>20} | sum of")
     print(f"{'':>29} | {'secure / plain':>21} | {'secure / plain (ratio)':>25} | {'secure':>10} | "
-          f"{'secure / plain':>22} | {'secure / plain':>19} | {'(2 actors), ratio':>17} |")
+          f"{'secure / plain':>21} | {'secure / plain':>17} | {'wall s':>6} | {'CPU s (compute) / wall s':>27} | "
+          f"{'CPU (compute) / wall':>20} |")
     for n in args.devices:
         for p in args.params:
             for drop in args.dropout:
                 secure = secure_round(n, p, drop, args.seed)
                 plain = plain_round(n, p, drop, args.seed)
                 k = graph.effective_neighbours(n, None)
-                flower = "-"
+                flower, ratio = "-", "-"
                 if args.flower_python and drop == 0 and n <= args.flower_max_clients:
-                    flower = flower_round(args.flower_python, n, p)
-                    if flower[0].isdigit():
-                        flower += f", {float(flower) / secure.round_seconds:.1f}x"
+                    run = flower_round(args.flower_python, n, p)
+                    flower = run.failure or f"{run.cpu:.2f} ({run.compute_cpu:.2f}) / {run.wall:.2f}"
+                    if not run.failure:
+                        ours = secure.round_seconds
+                        ratio = (f"{run.cpu / ours:.1f}x ({run.compute_cpu / ours:.1f}x) / "
+                                 f"{run.wall / secure.round_wall:.1f}x")
                 elif drop == 0 and args.flower_python:
                     flower = f"not run (N > {args.flower_max_clients})"
                 print(
@@ -305,7 +336,8 @@ def main() -> int:
                     f"{secure.sent / 1e6:>8.3f} / {plain.sent / 1e6:>6.3f} MB ({secure.sent / plain.sent:.3f}x) | "
                     f"{secure.received / 1e3:>7.1f} kB | "
                     f"{secure.aggregator_cpu:>9.2f} / {plain.aggregator_cpu:>9.2f} | "
-                    f"{secure.round_seconds:>8.2f} / {plain.round_seconds:>8.2f} | {flower:>17} | "
+                    f"{secure.round_seconds:>7.2f} / {plain.round_seconds:>7.2f} | {secure.round_wall:>6.2f} | "
+                    f"{flower:>27} | {ratio:>20} | "
                     f"{secure.survivors} devices{'' if secure.exact else ' NOT EXACT'}",
                     flush=True,
                 )
