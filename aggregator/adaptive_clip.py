@@ -110,5 +110,6 @@ def next_clip_norm(
     rng = rng or np.random.default_rng(secrets.randbits(128))
     within = sum(1 for norm in unclipped_norms if norm <= clip_norm)
     fraction = (within + float(rng.normal(0.0, count_stddev))) / m
-    moved = clip_norm * math.exp(-learning_rate * (fraction - target_quantile))
+    # the exponent is clamped: a large rate times a noisy fraction would overflow exp() and stall closing
+    moved = clip_norm * math.exp(min(max(-learning_rate * (fraction - target_quantile), -50.0), 50.0))
     return ClipStep(clip_norm, fraction, min(max(moved, MIN_CLIP_NORM), MAX_CLIP_NORM))

@@ -653,7 +653,11 @@ class RoundEngine:
         if self.privacy is not None and self.privacy.config.adaptive is not None:
             round_.unclipped_norms = await self._run(self._unclipped_norms, round_, rows)
         samples = sum(r.num_samples for r in rows)
-        await self._conclude(round_, len(rows), samples, _weighted_metrics(rows), self._spooled(round_, rows))
+        # Under DP only the published model is noised: the devices' own metrics (their pre-clip update_norm
+        # above all, which adaptive clipping counts with noise) would be published in the clear beside the
+        # round's device list, so a private round records none.
+        summary = {} if self.privacy is not None else _weighted_metrics(rows)
+        await self._conclude(round_, len(rows), samples, summary, self._spooled(round_, rows))
 
     async def _conclude(
         self, round_: OpenRound, participants: int, samples: int, summary: dict[str, float],

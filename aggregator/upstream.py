@@ -141,8 +141,8 @@ class UpstreamLink:
         """The last parent round a site round answered (after a restart), so that no parent round is answered
         twice: a parent round still open after the site forwarded to it would otherwise get a second site round,
         whose forward the parent refuses as a duplicate, and that round's acknowledged updates would be lost."""
-        answered = (self._parent_round(int(path.stem.removeprefix("round-")))
-                    for path in self.tasks_dir.glob("round-*.task"))
+        answered = (self._parent_round(int(path.stem[len("round-"):]))
+                    for path in self.tasks_dir.glob("round-*.task") if path.stem[len("round-"):].isdigit())
         return max((parent.round_id for parent in answered if parent is not None), default=0)
 
     async def start(self) -> None:

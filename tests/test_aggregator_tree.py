@@ -22,7 +22,7 @@ from nacl.signing import SigningKey
 from aggregator import cli
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.simulate import SimulatedDevice
-from aggregator.upstream import UpstreamConfig
+from aggregator.upstream import TASKS_DIR, UpstreamConfig
 from appliance import modelpkg, wire
 from flctl.ports import free_port
 from tests.aggregator_harness import Harness, run, running, tiny_package
@@ -225,11 +225,18 @@ def test_a_site_restarted_after_forwarding_does_not_answer_the_same_city_round_a
                 assert (await site.upload(devices[0].update(task, delta, num_samples=10)))[0] == 200
                 await wait_until(lambda: city.engine.store.round_devices(1) == [wire.key_id(site_key.verify_key)],
                                  what="the site's forward")
+            (tmp_path / "site" / TASKS_DIR / "round-x.task").write_text("left by hand")  # ignored, not fatal
             async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
                                policy=policy) as site:
                 assert await site.task(after=task.round_id, wait=4) is None  # no new round for city round 1
                 assert site.engine.store.open_round() is None
                 assert city.engine.store.get_round(1).status == "open"
+                # the other site's update closes city round 1; the restarted site follows the city's round 2
+                city_task = await city.task(after=0, wait=10)
+                assert city_task is not None and city_task.round_id == 1
+                assert (await city.upload(other_site.update(city_task, delta, num_samples=10)))[0] == 200
+                following = await site_task(site, task.round_id)
+                assert following.model_version == 1 and following.model_digest == city.engine.store.model_digest(1)
 
     run(scenario())
 

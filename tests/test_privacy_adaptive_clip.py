@@ -20,6 +20,8 @@ from scipy import stats
 
 from aggregator import cli
 from aggregator.adaptive_clip import (
+    MAX_CLIP_NORM,
+    MIN_CLIP_NORM,
     AdaptiveClip,
     model_noise_multiplier,
     next_clip_norm,
@@ -74,6 +76,15 @@ def test_the_fraction_within_the_clip_norm_carries_noise_of_the_configured_std()
     statistic = float(np.sum(((fractions - 1) * m) ** 2)) / sigma_b**2
     p_value = 2 * min(stats.chi2.cdf(statistic, draws), stats.chi2.sf(statistic, draws))
     assert p_value > 1e-4
+
+
+def test_a_huge_rate_and_count_noise_bound_the_step_instead_of_overflowing() -> None:
+    """exp(-eta (b - gamma)) overflowed for eta |b| past ~709 (z = 1000, sigma_b = 5 z, two devices): the round
+    could not close, retried every 5 s. The step is clamped; the clip norm stays within its bounds."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        step = next_clip_norm(1.0, [0.5, 3.0], 0.5, 1e6, 5000.0, rng)
+        assert MIN_CLIP_NORM <= step.next_clip_norm <= MAX_CLIP_NORM
 
 
 def test_the_norm_before_clipping_is_the_reported_one_or_counts_as_clipped() -> None:
@@ -143,6 +154,8 @@ def test_tasks_and_the_norm_bound_follow_the_clip_norm_and_a_restart_keeps_it(tm
             assert clip == pytest.approx(entry["clip_norm"] * math.exp(-eta * (entry["within"] - gamma)), rel=1e-12)
         assert moved["clip_norm"] == following.clip_norm != clips[0]
         assert status["current_round"]["clip_norm"] == following.clip_norm
+        # the devices' pre-clip norms (counted with noise) are not published in the clear as round metrics
+        assert [r["metrics"] for r in status["rounds"] if r["status"] == "published"] == [{}, {}, {}]
         assert status["current_round"]["max_update_norm"] == pytest.approx(CLIP_NORM_HEADROOM * following.clip_norm)
         assert status["privacy"]["epsilon"] == pytest.approx(
             _composed_epsilon(model_noise_multiplier(z, sigma_b), 2 * sigma_b, 3, delta), rel=1e-9)
