@@ -169,6 +169,9 @@ class Services:
     max_body: int
     uploads: UploadSlots
     fleet: Fleet
+    # Status, page and fleet views (no key needed; a listing sorts every device) run on a thread of their own, so
+    # that no amount of status traffic can take the threads that verify uploads.
+    views: ThreadPoolExecutor
 
 
 SERVICES = web.AppKey("services", Services)
@@ -537,7 +540,7 @@ def _fleet_query(request: web.Request) -> dict[str, Any]:
 
 async def _fleet_listing(s: Services, query: dict[str, Any]) -> dict[str, Any]:
     listing = functools.partial(s.fleet.listing, s.engine.version, time.time(), **query)
-    return await asyncio.get_running_loop().run_in_executor(s.executor, listing)
+    return await asyncio.get_running_loop().run_in_executor(s.views, listing)
 
 
 async def get_fleet(request: web.Request) -> web.Response:
@@ -549,15 +552,15 @@ async def get_status(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     history = int(min(max(_number(request, "rounds", 20), 1), 1000))
     loop = asyncio.get_running_loop()
-    status = await loop.run_in_executor(s.executor, s.engine.status, history)
-    status["fleet"] = await loop.run_in_executor(s.executor, s.fleet.counts, s.engine.version, time.time())
+    status = await loop.run_in_executor(s.views, s.engine.status, history)
+    status["fleet"] = await loop.run_in_executor(s.views, s.fleet.counts, s.engine.version, time.time())
     return web.json_response(status)
 
 
 async def get_page(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     query = _fleet_query(request)
-    status = await asyncio.get_running_loop().run_in_executor(s.executor, s.engine.status, 20)
+    status = await asyncio.get_running_loop().run_in_executor(s.views, s.engine.status, 20)
     fleet = await _fleet_listing(s, query)
     return web.Response(text=statuspage.render(status, fleet), content_type="text/html")
 
@@ -579,7 +582,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     s = request.app.get(SERVICES)
     if s is not None:
-        counts = await asyncio.get_running_loop().run_in_executor(s.executor, s.fleet.counts, s.engine.version,
+        counts = await asyncio.get_running_loop().run_in_executor(s.views, s.fleet.counts, s.engine.version,
                                                                   time.time())
         metrics.set_fleet(counts)
     data = generate_latest(metrics.registry)
@@ -645,8 +648,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     uploads = UploadSlots(config.max_active_uploads)
     metrics.uploads_active.set_function(lambda: uploads.active)
     metrics.uploads_waiting.set_function(lambda: uploads.waiting)
+    views = ThreadPoolExecutor(max_workers=1, thread_name_prefix="views")
     app[SERVICES] = Services(config, metrics, store, registry, models, engine, executor, limits, max_body, uploads,
-                             fleet)
+                             fleet, views)
     flusher = asyncio.create_task(_flush_fleet(fleet, executor), name="fleet-flush")
     try:
         yield
@@ -661,6 +665,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         if secure is not None:
             await secure.stop()
             secure.close()
+        views.shutdown(wait=True)
         store.close()
         executor.shutdown(wait=True)
 

@@ -4,6 +4,8 @@ GET /v1/status/devices, GET /v1/status, the status page and the metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -270,3 +272,35 @@ def test_the_table_says_how_far_behind_a_device_is_and_nothing_for_one_ahead(tmp
                               "current_round": None, "rounds": [], "devices": {"enrolled": 2, "revoked": 0},
                               "aggregator_id": "ab", "strategy": "fedavg"}, listing)  # fmt: skip
     assert "<td>v1 (-1)</td>" in html and "<td>v5</td>" in html and "--" not in html
+
+
+def test_stuck_status_views_do_not_take_the_threads_that_verify_uploads(tmp_path: Path) -> None:
+    """Device listings need no key and sort every device (~0.2 s at 10,000): a few clients asking for them kept
+    every verification thread busy, and uploads waited. Views now have a thread of their own: with listings
+    stuck, an upload is still verified and acknowledged."""
+
+    async def scenario() -> None:
+        async with running(tmp_path, devices=2, workers=2) as h:
+            fleet = h.app[SERVICES].fleet
+            release = threading.Event()
+            listing = fleet.listing
+
+            def stuck_listing(*args, **kwargs):
+                release.wait(60)
+                return listing(*args, **kwargs)
+
+            fleet.listing = stuck_listing
+            views = [asyncio.create_task(h.client.get("/v1/status/devices")) for _ in range(6)]
+            try:
+                await asyncio.sleep(0.5)
+                task = await h.task(wait=10)
+                assert task is not None
+                status, _ = await asyncio.wait_for(h.upload(h.devices[0].update(task, h.delta())), timeout=45)
+                assert status == 200
+            finally:
+                release.set()
+                for response in await asyncio.gather(*views):
+                    assert response.status == 200
+                    response.release()
+
+    run(scenario())
