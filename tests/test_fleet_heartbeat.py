@@ -233,6 +233,13 @@ def test_hostile_heartbeats_get_a_clear_4xx(tmp_path: Path) -> None:
             for message, content_type, status, reason in cases:
                 got, problem, _ = await _send(h, message, content_type)
                 assert (got, problem.get("reason")) == (status, reason), problem
+
+            async def chunked():  # no Content-Length: the size cannot be checked before reading
+                yield body
+
+            response = await h.client.post("/v1/heartbeat", data=chunked(),
+                                           headers={"Content-Type": "application/cose"})
+            assert (response.status, (await response.json()).get("reason")) == (411, "length-required")
             assert h.app[SERVICES].fleet.entry(device.device_id) is None
             listing = await (await h.client.get("/v1/status/devices")).json()
             assert listing["counts"]["active"] == 0
