@@ -510,7 +510,13 @@ async def post_heartbeat(request: web.Request) -> web.Response:
     if request.content_length > MAX_HEARTBEAT_BYTES:
         raise Problem(413, "body-too-large", f"{request.content_length} bytes exceeds the heartbeat limit of "
                                              f"{MAX_HEARTBEAT_BYTES}", close=True)
-    report = decode_heartbeat(await request.read(), s.registry.key_for)
+    seconds = s.config.upload_deadline.seconds(request.content_length)  # as an upload's body: 408 past it
+    try:
+        body = await asyncio.wait_for(request.read(), seconds)
+    except TimeoutError:
+        raise Problem(408, "body-timeout", f"the heartbeat's {request.content_length} bytes did not arrive within "
+                                           f"{seconds:.0f} s", close=True) from None
+    report = decode_heartbeat(body, s.registry.key_for)
     try:
         s.fleet.accept(report, time.time())
     except ReportRefused as exc:

@@ -28,6 +28,7 @@ REQUEST_REJECT_REASONS = (
     # what POST /v1/heartbeat refuses with (docs/protocol.md section 13), besides the decoder's reasons below
     "unsupported-media-type",
     "length-required",
+    "body-timeout",
     "revoked",
     "expired",
     "stale-report",

@@ -19,6 +19,7 @@ from aggregator import statuspage
 from aggregator.app import SERVICES
 from aggregator.fleet import MIN_REPORT_INTERVAL_SECONDS, SILENT_AFTER_SECONDS, Enrolled, Fleet, ReportRefused
 from aggregator.simulate import SimulatedDevice
+from aggregator.uploads import ReadDeadline
 from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol.heartbeat import MAX_HEARTBEAT_BYTES, Heartbeat, decode_heartbeat, encode_heartbeat
@@ -311,3 +312,27 @@ def test_stuck_status_views_do_not_take_the_threads_that_verify_uploads(tmp_path
                     response.release()
 
     run(scenario())
+
+
+def test_a_stalled_heartbeat_body_times_out_like_an_upload(tmp_path: Path) -> None:
+    """A client that announces a heartbeat and sends part of it held its connection and handler for ever; now
+    the body has an upload's deadline (408 body-timeout, connection closed), and the device is heard next time."""
+
+    async def go() -> None:
+        async with running(tmp_path, devices=1, upload_deadline=ReadDeadline(floor=2.0, min_rate=1e9)) as h:
+            (device,) = h.devices
+            body = encode_heartbeat(report(device), device.key)
+            server = h.client.server
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(f"POST /v1/heartbeat HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: application/cose\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])  # fmt: skip
+            await writer.drain()
+            try:
+                answer = await asyncio.wait_for(reader.read(), 30)  # the server answers and closes
+            finally:
+                writer.close()
+            assert b" 408 " in answer.split(b"\r\n", 1)[0] and b"body-timeout" in answer
+            assert h.app[SERVICES].fleet.entry(device.device_id) is None
+            assert (await _send(h, body))[0] == 204
+
+    run(go())
