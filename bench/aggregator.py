@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proctree import descendants, status_bytes
+from proctree import descendants, process_status, status_bytes
 
 from flctl.ports import free_port
 
@@ -233,19 +233,6 @@ def find_flower_python(requested: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------------- ours
 
 
-def _proc_status(pid: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                name, value = line.split(":")
-                out[name] = int(value.split()[0]) * 1024
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    out["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
 def _histogram_means(text: str) -> dict[str, float]:
     """Mean of each histogram in a Prometheus text exposition (sum / count)."""
     sums: dict[str, float] = {}
@@ -382,7 +369,7 @@ async def _run_ours(
                         await r.read()
                     await post(body(i, task))
 
-            idle = _proc_status(proc.pid)
+            idle = process_status(proc.pid)
             started = time.perf_counter()
             await asyncio.gather(*(device_cycle(i) for i in range(clients)))
             second = await next_task(1)
@@ -395,14 +382,14 @@ async def _run_ours(
 
             sample = body(0, second)
             bounds = [measure_bound(sample, parameters)]
-            before = _proc_status(proc.pid)
+            before = process_status(proc.pid)
             started = time.perf_counter()
             await asyncio.gather(*(upload(i) for i in range(clients)))
             upload_seconds = time.perf_counter() - started
-            received = _proc_status(proc.pid)
+            received = process_status(proc.pid)
             await next_task(second.round_id)
             close_seconds = time.perf_counter() - started - upload_seconds
-            after = _proc_status(proc.pid)
+            after = process_status(proc.pid)
             bounds.append(measure_bound(sample, parameters))
             async with session.get(url + "/metrics") as r:
                 scraped = _histogram_means(await r.text())

@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 from nacl.signing import SigningKey
-from proctree import status_bytes
+from proctree import cpu_seconds, status_bytes
 
 from flctl.ports import free_port
 
@@ -39,12 +39,6 @@ from aggregator.cli import init_state, load_key  # noqa: E402
 from aggregator.simulate import synthetic_package  # noqa: E402
 from aggregator.store import Store  # noqa: E402
 from appliance import wire  # noqa: E402
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run_window(devices: int, parameters: int, buffer: int, concurrency: int, workdir: Path) -> dict[str, float]:

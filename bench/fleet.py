@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -28,10 +27,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "bench"))  # its sibling proctree.py (after ROOT: bench/aggregator.py is no package)
 
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
+from proctree import process_status  # noqa: E402
 
 from aggregator.cli import init_state, load_key  # noqa: E402
 from aggregator.fleet import Enrolled, Fleet  # noqa: E402
@@ -39,30 +40,10 @@ from aggregator.simulate import synthetic_package  # noqa: E402
 from aggregator.store import Store  # noqa: E402
 from appliance import wire  # noqa: E402
 from appliance.protocol.heartbeat import Heartbeat, encode_heartbeat  # noqa: E402
+from flctl.ports import free_port  # noqa: E402
 
 VERSIONS = 4  # published before the heartbeats, so that devices can be behind
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _proc(pid: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                name, value = line.split(":")
-                out[name] = int(value.split()[0]) * 1024
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    out["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def enrol(state: Path, keys: list[SigningKey]) -> None:
@@ -144,7 +125,7 @@ async def measure(devices: int, workdir: Path, concurrency: int = 32, browser: b
     init_state(state)
     keys = [SigningKey(np.random.default_rng(i).bytes(32)) for i in range(devices)]
     enrol(state, keys)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (workdir / "server.log").open("wb")
     proc = subprocess.Popen(
@@ -170,7 +151,7 @@ async def measure(devices: int, workdir: Path, concurrency: int = 32, browser: b
             reporting = [i for i in range(devices) if i % 10 != 9]  # a tenth never report
             bodies = [encode_heartbeat(heartbeat(i, keys[i], now), keys[i]) for i in reporting]
             result["heartbeat_bytes"] = sum(map(len, bodies)) / len(bodies)
-            before = _proc(proc.pid)
+            before = process_status(proc.pid)
             gate = asyncio.Semaphore(concurrency)
             statuses: dict[int, int] = {}
 
@@ -182,7 +163,7 @@ async def measure(devices: int, workdir: Path, concurrency: int = 32, browser: b
             started = time.perf_counter()
             await asyncio.gather(*(send(b) for b in bodies))
             seconds = time.perf_counter() - started
-            after = _proc(proc.pid)
+            after = process_status(proc.pid)
             result.update(
                 statuses=statuses, ingest_seconds=seconds, ingest_per_s=len(bodies) / seconds,
                 server_cpu_ms_per_report=1000 * (after["cpu_seconds"] - before["cpu_seconds"]) / len(bodies),
@@ -203,7 +184,7 @@ async def measure(devices: int, workdir: Path, concurrency: int = 32, browser: b
                 page, baseline = f"{url}/?sort=-health", f"{url}/healthz"
                 result["chromium_seconds"], result["chromium_dom"] = chromium_seconds(page, baseline)
                 result["chromium_500_seconds"], _ = chromium_seconds(page + "&per_page=500", baseline)
-        result["rss_end"] = _proc(proc.pid)["VmRSS"]
+        result["rss_end"] = process_status(proc.pid)["VmRSS"]
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -29,6 +29,18 @@ def status_bytes(pid: int, field: str) -> int:
     return _kib_field(f"/proc/{pid}/status", field)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (its own threads, not its children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_status(pid: int) -> dict[str, float]:
+    """``VmHWM`` and ``VmRSS`` in bytes and ``cpu_seconds`` of ``pid``: what the benchmarks sample a server by."""
+    return {"VmHWM": status_bytes(pid, "VmHWM"), "VmRSS": status_bytes(pid, "VmRSS"), "cpu_seconds": cpu_seconds(pid)}
+
+
 def pss_bytes(pid: int) -> int:
     """Proportional set size of ``pid`` (shared pages split between their sharers); 0 when gone."""
     return _kib_field(f"/proc/{pid}/smaps_rollup", "Pss")
