@@ -21,7 +21,15 @@ sys.path.insert(0, str(ROOT))
 
 from appliance import wire  # noqa: E402
 from appliance.protocol import downlink  # noqa: E402
-from tests.test_wire_example import DOC, _plain, diag, doc_blocks, rewrite, wrap_hex  # noqa: E402
+from tests.test_wire_example import (  # noqa: E402
+    DOC,
+    _plain,
+    assert_doc_shows,
+    diag,
+    doc_blocks,
+    wrap_hex,
+    write_or_print,
+)
 
 AGGREGATOR_SEED = hashlib.sha256(b"fl-edge protocol example aggregator").digest()
 PACKAGE_DIGEST = hashlib.sha256(b"fl-edge example package").digest()
@@ -146,10 +154,7 @@ def test_the_documented_rule_rebuilds_the_example() -> None:
 
 def test_doc_shows_the_current_example() -> None:
     """If this fails after a deliberate protocol change, run: python tests/test_downlink_example.py --write"""
-    shown = doc_blocks(DOC.read_text())
-    for name, text in example_blocks().items():
-        assert name in shown, f"docs/protocol.md lacks the generated block {name!r}"
-        assert shown[name] == text, f"docs/protocol.md block {name!r} is stale"
+    assert_doc_shows(DOC, example_blocks())
 
 
 def test_doc_hex_is_a_valid_delta() -> None:
@@ -160,10 +165,4 @@ def test_doc_hex_is_a_valid_delta() -> None:
 
 
 if __name__ == "__main__":
-    blocks = example_blocks()
-    if "--write" in sys.argv:
-        DOC.write_text(rewrite(DOC.read_text(), blocks))
-        print(f"updated {DOC}")
-    else:
-        for name, text in blocks.items():
-            print(f"<!-- generated: {name} -->\n```\n{text}\n```\n")
+    write_or_print(DOC, example_blocks())

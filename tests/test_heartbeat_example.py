@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from appliance import wire  # noqa: E402
 from appliance.protocol.heartbeat import Heartbeat, decode_heartbeat, encode_heartbeat  # noqa: E402
-from tests.test_wire_example import DOC, diag, doc_blocks, rewrite, wrap_hex  # noqa: E402
+from tests.test_wire_example import DOC, assert_doc_shows, diag, doc_blocks, wrap_hex, write_or_print  # noqa: E402
 
 DEVICE_SEED = hashlib.sha256(b"fl-edge protocol example device").digest()
 
@@ -64,10 +64,7 @@ def test_the_example_decodes_to_what_was_sent() -> None:
 
 def test_doc_shows_the_current_example() -> None:
     """If this fails after a deliberate protocol change, run: python tests/test_heartbeat_example.py --write"""
-    shown = doc_blocks(DOC.read_text())
-    for name, text in example_blocks().items():
-        assert name in shown, f"docs/protocol.md lacks the generated block {name!r}"
-        assert shown[name] == text, f"docs/protocol.md block {name!r} is stale"
+    assert_doc_shows(DOC, example_blocks())
 
 
 def test_doc_hex_is_a_valid_heartbeat() -> None:
@@ -78,10 +75,4 @@ def test_doc_hex_is_a_valid_heartbeat() -> None:
 
 
 if __name__ == "__main__":
-    blocks = example_blocks()
-    if "--write" in sys.argv:
-        DOC.write_text(rewrite(DOC.read_text(), blocks))
-        print(f"updated {DOC}")
-    else:
-        for name, text in blocks.items():
-            print(f"<!-- generated: {name} -->\n```\n{text}\n```\n")
+    write_or_print(DOC, example_blocks())

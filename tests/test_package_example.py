@@ -22,7 +22,15 @@ from nacl.signing import SigningKey
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from test_wire_example import Embedded, _plain, diag, doc_blocks, rewrite, wrap_hex  # noqa: E402
+from test_wire_example import (  # noqa: E402
+    Embedded,
+    _plain,
+    assert_doc_shows,
+    diag,
+    doc_blocks,
+    wrap_hex,
+    write_or_print,
+)
 
 from appliance import modelpkg, wire  # noqa: E402
 
@@ -123,10 +131,7 @@ def test_example_is_deterministic() -> None:
 
 def test_doc_shows_the_current_example() -> None:
     """If this fails after a deliberate format change, run: python tests/test_package_example.py --write"""
-    shown = doc_blocks(DOC.read_text())
-    for name, text in example_blocks().items():
-        assert name in shown, f"docs/package.md lacks the generated block {name!r}"
-        assert shown[name] == text, f"docs/package.md block {name!r} is stale"
+    assert_doc_shows(DOC, example_blocks())
 
 
 def test_doc_hex_is_a_package_a_device_loads() -> None:
@@ -171,10 +176,4 @@ def test_a_content_not_in_deterministic_encoding_is_refused() -> None:
 
 
 if __name__ == "__main__":
-    blocks = example_blocks()
-    if "--write" in sys.argv:
-        DOC.write_text(rewrite(DOC.read_text(), blocks))
-        print(f"updated {DOC}")
-    else:
-        for name, text in blocks.items():
-            print(f"<!-- generated: {name} -->\n```\n{text}\n```\n")
+    write_or_print(DOC, example_blocks())

@@ -22,7 +22,7 @@ from appliance.protocol import discrete_gaussian  # noqa: E402
 from appliance.protocol import messages as m  # noqa: E402
 from appliance.protocol.quantise import noise_tail, private_levels, sensitivity  # noqa: E402
 from tests.test_secagg_example import AGGREGATOR_KEY, Example  # noqa: E402
-from tests.test_wire_example import DOC, diag, doc_blocks, example_key, rewrite, wrap_hex  # noqa: E402
+from tests.test_wire_example import DOC, assert_doc_shows, diag, example_key, wrap_hex, write_or_print  # noqa: E402
 
 NOISE_MULTIPLIER = 1.0
 NOISE_KEY = hashlib.sha256(b"fl-edge dp example noise key").digest()
@@ -94,17 +94,8 @@ def test_the_example_is_deterministic() -> None:
 
 def test_doc_shows_the_current_example() -> None:
     """If this fails after a deliberate change, run: python tests/test_secagg_dp_example.py --write"""
-    shown = doc_blocks(DOC.read_text())
-    for name, text in example_blocks().items():
-        assert name in shown, f"docs/protocol.md lacks the generated block {name!r}"
-        assert shown[name] == text, f"docs/protocol.md block {name!r} is stale"
+    assert_doc_shows(DOC, example_blocks())
 
 
 if __name__ == "__main__":
-    blocks = example_blocks()
-    if "--write" in sys.argv:
-        DOC.write_text(rewrite(DOC.read_text(), blocks))
-        print(f"updated {DOC}")
-    else:
-        for name, text in blocks.items():
-            print(f"<!-- generated: {name} -->\n```\n{text}\n```\n")
+    write_or_print(DOC, example_blocks())

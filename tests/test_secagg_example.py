@@ -36,7 +36,15 @@ from appliance.protocol.secagg import (  # noqa: E402
     threshold_for,
     unmask_total,
 )
-from tests.test_wire_example import DOC, _plain, diag, doc_blocks, rewrite, wrap_hex  # noqa: E402
+from tests.test_wire_example import (  # noqa: E402
+    DOC,
+    _plain,
+    assert_doc_shows,
+    diag,
+    doc_blocks,
+    wrap_hex,
+    write_or_print,
+)
 
 ROUND = 7
 DEADLINE = 1_764_288_600
@@ -220,10 +228,7 @@ def test_the_example_is_deterministic():
 
 def test_doc_shows_the_current_example():
     """If this fails after a deliberate protocol change, run: python tests/test_secagg_example.py --write"""
-    shown = doc_blocks(DOC.read_text())
-    for name, text in example_blocks().items():
-        assert name in shown, f"docs/protocol.md lacks the generated block {name!r}"
-        assert shown[name] == text, f"docs/protocol.md block {name!r} is stale"
+    assert_doc_shows(DOC, example_blocks())
 
 
 def test_doc_hex_is_a_valid_advertisement():
@@ -235,10 +240,4 @@ def test_doc_hex_is_a_valid_advertisement():
 
 
 if __name__ == "__main__":
-    blocks = example_blocks()
-    if "--write" in sys.argv:
-        DOC.write_text(rewrite(DOC.read_text(), blocks))
-        print(f"updated {DOC}")
-    else:
-        for name, text in blocks.items():
-            print(f"<!-- generated: {name} -->\n```\n{text}\n```\n")
+    write_or_print(DOC, example_blocks())

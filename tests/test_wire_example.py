@@ -226,6 +226,24 @@ def rewrite(text: str, blocks: dict[str, str]) -> str:
     return BLOCK.sub(lambda m: m[1] + blocks.get(m["name"], m["text"]) + "\n```", text)
 
 
+def assert_doc_shows(doc: Path, blocks: dict[str, str]) -> None:
+    """Every block of an example is in ``doc``, as generated now."""
+    shown, where = doc_blocks(doc.read_text()), doc.relative_to(ROOT)
+    for name, text in blocks.items():
+        assert name in shown, f"{where} lacks the generated block {name!r}"
+        assert shown[name] == text, f"{where} block {name!r} is stale"
+
+
+def write_or_print(doc: Path, blocks: dict[str, str]) -> None:
+    """An example module run as a script: ``--write`` puts its blocks into ``doc``, else prints them."""
+    if "--write" in sys.argv:
+        doc.write_text(rewrite(doc.read_text(), blocks))
+        print(f"updated {doc}")
+    else:
+        for name, text in blocks.items():
+            print(f"<!-- generated: {name} -->\n```\n{text}\n```\n")
+
+
 # -------------------------------------------------------------------------------------------- tests
 
 
@@ -241,10 +259,7 @@ def test_example_is_deterministic():
 
 def test_doc_shows_the_current_example():
     """If this fails after a deliberate protocol change, run: python tests/test_wire_example.py --write"""
-    shown = doc_blocks(DOC.read_text())
-    for name, text in example_blocks().items():
-        assert name in shown, f"docs/protocol.md lacks the generated block {name!r}"
-        assert shown[name] == text, f"docs/protocol.md block {name!r} is stale"
+    assert_doc_shows(DOC, example_blocks())
 
 
 def test_doc_hex_decodes_to_the_example():
@@ -256,13 +271,7 @@ def test_doc_hex_decodes_to_the_example():
 
 
 if __name__ == "__main__":
-    blocks = example_blocks()
-    if "--write" in sys.argv:
-        DOC.write_text(rewrite(DOC.read_text(), blocks))
-        print(f"updated {DOC}")
-    else:
-        for name, text in blocks.items():
-            print(f"<!-- generated: {name} -->\n```\n{text}\n```\n")
+    write_or_print(DOC, example_blocks())
 
 
 def test_following_the_documented_steps_reproduces_the_example():
