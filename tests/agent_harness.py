@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,13 @@ import numpy as np
 from aiohttp import web
 from nacl.signing import SigningKey, VerifyKey
 
+from aggregator.app import SERVICES
+from aggregator.registry import Enrolment
 from appliance import wire
 from appliance.agent import Agent
 from appliance.budget import Budget
 from appliance.config import load_config
-from appliance.identity import load_or_create_device_key, write_aggregator_key
+from appliance.identity import DeviceIdentity, load_or_create_device_key, write_aggregator_key
 from appliance.modelpkg import load_package
 
 ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
@@ -174,6 +176,28 @@ async def run_agent_against(
     try:
         agent = Agent(load_config(config), budget=ADVISORY)
         return await run_agent(agent, until, during(state) if during else None, at_most)
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def beside_real_aggregator(
+    app: web.Application, key: SigningKey, tmp_path: Path
+) -> AsyncIterator[tuple[str, Path, DeviceIdentity]]:
+    """``app`` (a real aggregator, ``make_app``, signing with ``key``) served on loopback until the block ends,
+    and an agent enrolled with it (state in ``tmp_path/agent``): yields the aggregator's URL, the agent.toml and
+    the agent's identity."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        state = tmp_path / "agent"
+        identity = load_or_create_device_key(state)
+        write_aggregator_key(state, key.verify_key)
+        app[SERVICES].registry.enroll([Enrolment(identity.device_id, bytes(identity.verify_key))])
+        yield url, agent_config(tmp_path / "agent.toml", url, state), identity
     finally:
         await runner.cleanup()
 

@@ -4,19 +4,17 @@ names, its update fills the buffer, the aggregator publishes version 1, and the 
 from __future__ import annotations
 
 import numpy as np
-from agent_harness import ADVISORY, agent_config, run_agent, sample
-from aiohttp import ClientSession, web
+from agent_harness import ADVISORY, beside_real_aggregator, run_agent, sample
+from aiohttp import ClientSession
 from test_agent_real_aggregator import signed_package  # noqa: F401 (a fixture)
 
 from aggregator.app import SERVICES, AggregatorConfig, make_app
 from aggregator.buffered import BufferPolicy
 from aggregator.models import load_package_file
-from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from appliance import wire
 from appliance.agent import Agent
 from appliance.config import load_config
-from appliance.identity import load_or_create_device_key, write_aggregator_key
 
 
 async def test_an_unchanged_agent_takes_part_in_async_mode(signed_package, tmp_path):  # noqa: F811
@@ -27,27 +25,15 @@ async def test_an_unchanged_agent_takes_part_in_async_mode(signed_package, tmp_p
         policy=RoundPolicy(min_clients=1, round_timeout=600, buffer=BufferPolicy(size=1)),
         plan=TrainingPlan(epochs=1, batch_size=16),
     ))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        state = tmp_path / "agent"
-        identity = load_or_create_device_key(state)
-        write_aggregator_key(state, key.verify_key)
-        app[SERVICES].registry.enroll([Enrolment(identity.device_id, bytes(identity.verify_key))])
-        config = agent_config(tmp_path / "agent.toml", f"http://127.0.0.1:{port}", state)
+    async with beside_real_aggregator(app, key, tmp_path) as (url, config, _):
         agent = await run_agent(
             Agent(load_config(config), budget=ADVISORY),
             until=lambda a: sample(a, "fl_agent_model_version") >= 1 or a.outbox.counters.rejected_total.total() > 0
             or sample(a, "fl_agent_updates_delivered_total") >= 2,
         )
         status = app[SERVICES].engine.status()
-        async with ClientSession() as session, session.get(f"http://127.0.0.1:{port}/v1/models/1") as response:
+        async with ClientSession() as session, session.get(f"{url}/v1/models/1") as response:
             published = wire.decode_model_release(await response.read(), key.verify_key, package.info.param_specs)
-    finally:
-        await runner.cleanup()
     assert agent.outbox.counters.rejected_total.total() == 0
     assert sample(agent, "fl_agent_updates_delivered_total") == 1
     assert status["async"]["staleness"] == {"0": 1} and status["rounds"][-1]["status"] == "published"

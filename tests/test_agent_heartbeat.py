@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 import trainer_faults
-from agent_harness import ADVISORY, TASK_BATCH_SIZE, FakeAggregator, agent_config, run_agent, run_agent_against, sample
-from aiohttp import web
+from agent_harness import (
+    ADVISORY,
+    TASK_BATCH_SIZE,
+    FakeAggregator,
+    beside_real_aggregator,
+    run_agent,
+    run_agent_against,
+    sample,
+)
 from nacl.signing import SigningKey
 
 from aggregator.app import SERVICES, AggregatorConfig, make_app
-from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import synthetic_package
 from appliance import __version__
@@ -21,7 +27,6 @@ from appliance.agent import Agent
 from appliance.budget import Budget, Usage
 from appliance.config import load_config
 from appliance.fleet_report import HEARTBEAT_SECONDS, ThrottleMeter, build_heartbeat, next_delay
-from appliance.identity import load_or_create_device_key, write_aggregator_key
 from flctl.model import export_reference_package
 
 
@@ -29,24 +34,12 @@ async def test_a_starting_agent_appears_in_the_fleet_view(tmp_path: Path) -> Non
     key = SigningKey.generate()
     app = make_app(AggregatorConfig(state_dir=tmp_path / "aggregator", package=synthetic_package(10), key=key,
                                     policy=RoundPolicy(min_clients=5, goal_clients=5, round_timeout=600)))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        state = tmp_path / "agent"
-        identity = load_or_create_device_key(state)
-        write_aggregator_key(state, key.verify_key)
-        app[SERVICES].registry.enroll([Enrolment(identity.device_id, bytes(identity.verify_key))])
+    async with beside_real_aggregator(app, key, tmp_path) as (_, config, identity):
         fleet = app[SERVICES].fleet
-        config = agent_config(tmp_path / "agent.toml", f"http://127.0.0.1:{port}", state)
         await run_agent(Agent(load_config(config), budget=ADVISORY),
                         until=lambda a: fleet.entry(a.identity.device_id) is not None, at_most=120)
         entry = fleet.entry(identity.device_id)
         counts = fleet.counts(0, entry.last_seen if entry else 0)
-    finally:
-        await runner.cleanup()
     assert entry is not None, "no heartbeat arrived"
     report = entry.report
     assert report.agent_version == __version__ and report.outbox == 0 and report.last_round == 0

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from agent_harness import ADVISORY, agent_config, run_agent, sample
-from aiohttp import ClientSession, web
+from agent_harness import ADVISORY, beside_real_aggregator, run_agent, sample
+from aiohttp import ClientSession
 from nacl.signing import SigningKey
 
 from aggregator.app import SERVICES, AggregatorConfig, make_app
 from aggregator.models import load_package_file
-from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from appliance import wire
 from appliance.agent import Agent
 from appliance.config import load_config
-from appliance.identity import load_or_create_device_key, write_aggregator_key
 from flctl.model import export_reference_package
 
 
@@ -42,27 +40,15 @@ async def test_agent_delivers_a_round_and_loads_the_version_the_aggregator_publi
         policy=RoundPolicy(min_clients=1, goal_clients=1, round_timeout=600),
         plan=TrainingPlan(epochs=1, batch_size=16),
     ))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        state = tmp_path / "agent"
-        identity = load_or_create_device_key(state)
-        write_aggregator_key(state, key.verify_key)
-        app[SERVICES].registry.enroll([Enrolment(identity.device_id, bytes(identity.verify_key))])
-        config = agent_config(tmp_path / "agent.toml", f"http://127.0.0.1:{port}", state)
+    async with beside_real_aggregator(app, key, tmp_path) as (url, config, _):
         agent = await run_agent(
             Agent(load_config(config), budget=ADVISORY),
             until=lambda a: sample(a, "fl_agent_model_version") >= 1 or a.outbox.counters.rejected_total.total() > 0
             or sample(a, "fl_agent_updates_delivered_total") >= 2,  # went on past round 2 without loading v1
         )
         first = app[SERVICES].store.get_round(1)
-        async with ClientSession() as session, session.get(f"http://127.0.0.1:{port}/v1/models/1") as response:
+        async with ClientSession() as session, session.get(f"{url}/v1/models/1") as response:
             published = wire.decode_model_release(await response.read(), key.verify_key, package.info.param_specs)
-    finally:
-        await runner.cleanup()
     assert agent.outbox.counters.rejected_total.total() == 0
     assert first is not None and first.status == "published" and first.participants == 1
     assert sample(agent, "fl_agent_updates_delivered_total") == 1
