@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 from nacl.signing import VerifyKey
-from test_aggregator_durability import _cli, _post, _wait_healthy
+from test_aggregator_durability import _cli, _post, _wait_healthy, upload_until_killed
 
 from aggregator.simulate import SimulatedDevice
 from appliance import wire
@@ -94,21 +94,8 @@ def test_sigkill_mid_buffer_loses_no_acknowledged_update_and_keeps_its_staleness
                 deltas = [delta() for _ in range(K)]
                 bodies = [d.update(t, x, num_samples=n)
                           for d, t, x, n in zip(second, tasks, deltas, samples, strict=True)]
-                receipts: dict[int, bytes] = {}
-                gate = asyncio.Semaphore(6)
-
-                async def upload(i: int) -> None:
-                    async with gate:
-                        try:
-                            code, answer = await _post(session, url, bodies[i])
-                        except (TimeoutError, aiohttp.ClientError):
-                            return  # the server died under this request: no receipt
-                        if code == 200:
-                            receipts[i] = answer
-                            if len(receipts) == 6:
-                                os.kill(proc.pid, signal.SIGKILL)
-
-                await asyncio.gather(*(upload(i) for i in range(K)))
+                receipts = await upload_until_killed(session, url, bodies, in_flight=6, kill_after=6,
+                                                     kill=lambda: os.kill(proc.pid, signal.SIGKILL))
                 proc.wait(timeout=30)
                 assert proc.returncode == -signal.SIGKILL
                 assert 6 <= len(receipts) < K

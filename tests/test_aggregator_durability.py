@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -67,6 +68,35 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[
         return r.status, await r.read()
 
 
+async def upload_until_killed(
+    session: aiohttp.ClientSession, url: str, bodies: list[bytes], *, in_flight: int, kill_after: int,
+    kill: Callable[[], object],
+) -> dict[int, bytes]:
+    """A stream of uploads, at most ``in_flight`` at a time; ``kill()`` the aggregator once ``kill_after``
+    receipts are back (uploads not yet sent are then not sent). The receipts, by index in ``bodies``."""
+    receipts: dict[int, bytes] = {}
+    gate = asyncio.Semaphore(in_flight)
+    killed = False
+
+    async def upload(i: int) -> None:
+        nonlocal killed
+        async with gate:
+            if killed:
+                return
+            try:
+                status, answer = await _post(session, url, bodies[i])
+            except (TimeoutError, aiohttp.ClientError):
+                return  # the aggregator died under this request: no receipt, so it may or may not count
+            if status == 200:
+                receipts[i] = answer
+                if len(receipts) == kill_after and not killed:
+                    killed = True
+                    kill()
+
+    await asyncio.gather(*(upload(i) for i in range(len(bodies))))
+    return receipts
+
+
 def test_sigkill_mid_stream_loses_no_acknowledged_update(tmp_path: Path) -> None:
     state = tmp_path / "state"
     log = tmp_path / "aggregator.log"
@@ -102,21 +132,8 @@ def test_sigkill_mid_stream_loses_no_acknowledged_update(tmp_path: Path) -> None
                     bodies.append(device.update(task, delta, num_samples=n))
 
                 # A stream of uploads, at most 6 in flight; SIGKILL once 12 receipts are back.
-                receipts: dict[int, bytes] = {}
-                gate = asyncio.Semaphore(6)
-
-                async def upload(i: int) -> None:
-                    async with gate:
-                        try:
-                            status, answer = await _post(session, url, bodies[i])
-                        except (TimeoutError, aiohttp.ClientError):
-                            return  # the server died under this request: no receipt, so it may or may not count
-                        if status == 200:
-                            receipts[i] = answer
-                            if len(receipts) == 12:
-                                os.kill(proc.pid, signal.SIGKILL)
-
-                await asyncio.gather(*(upload(i) for i in range(DEVICES)))
+                receipts = await upload_until_killed(session, url, bodies, in_flight=6, kill_after=12,
+                                                     kill=lambda: os.kill(proc.pid, signal.SIGKILL))
                 proc.wait(timeout=30)
                 assert proc.returncode == -signal.SIGKILL
                 assert 12 <= len(receipts) < DEVICES

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from container_harness import AGGREGATOR, images, podman  # noqa: F401 (fixture)
 from nacl.signing import VerifyKey
+from test_aggregator_durability import _post, upload_until_killed
 
 from aggregator.simulate import SimulatedDevice
 from appliance import wire
@@ -43,11 +44,6 @@ async def _wait_healthy(session: aiohttp.ClientSession, url: str, name: str) -> 
             pass
         await asyncio.sleep(0.2)
     raise AssertionError("the aggregator container did not become healthy:\n" + podman("logs", name).stderr)
-
-
-async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
-    async with session.post(url + "/v1/updates", data=body, headers={"Content-Type": wire.CONTENT_TYPE}) as r:
-        return r.status, await r.read()
 
 
 def test_podman_kill_mid_stream_loses_no_acknowledged_update(tmp_path: Path) -> None:
@@ -87,25 +83,8 @@ def test_podman_kill_mid_stream_loses_no_acknowledged_update(tmp_path: Path) -> 
                 bodies.append(device.update(task, delta, num_samples=n))
 
             # A stream of uploads, at most 4 in flight; the container is killed once 8 receipts are back.
-            receipts: dict[int, bytes] = {}
-            gate = asyncio.Semaphore(4)
-            killed = asyncio.Event()
-
-            async def upload(i: int) -> None:
-                async with gate:
-                    if killed.is_set():
-                        return
-                    try:
-                        status, answer = await _post(session, url, bodies[i])
-                    except (TimeoutError, aiohttp.ClientError):
-                        return  # the container died under this request: no receipt, it may or may not count
-                    if status == 200:
-                        receipts[i] = answer
-                        if len(receipts) == 8 and not killed.is_set():
-                            killed.set()
-                            podman("kill", "--signal", "KILL", name)
-
-            await asyncio.gather(*(upload(i) for i in range(DEVICES)))
+            receipts = await upload_until_killed(session, url, bodies, in_flight=4, kill_after=8,
+                                                 kill=lambda: podman("kill", "--signal", "KILL", name))
             assert podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "137"
             assert 8 <= len(receipts) < DEVICES
 
