@@ -108,6 +108,14 @@ class AggregatorClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AggregatorUnavailable(f"GET {path}: {exc!r}") from exc
 
+    async def _post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        """POST ``body``; the HTTP status and the answer, whatever the status (the caller reads it)."""
+        try:
+            async with self.session.post(self.base_url + path, data=body, headers={"Content-Type": content_type}) as r:
+                return r.status, await r.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AggregatorUnavailable(f"POST {path}: {exc!r}") from exc
+
     async def next_task(self, after_round: int, wait_seconds: float) -> wire.Task | None:
         """Long-poll for a round newer than ``after_round``; None when none opened within the wait."""
         body = await self._get(
@@ -142,14 +150,7 @@ class AggregatorClient:
     async def send_heartbeat(self, body: bytes) -> None:
         """Post a signed Heartbeat (docs/protocol.md section 13). Raises :class:`Rejection` for any 4xx (429
         included: the next heartbeat goes out on schedule anyway) and :class:`AggregatorUnavailable` otherwise."""
-        try:
-            async with self.session.post(
-                self.base_url + "/v1/heartbeat", data=body, headers={"Content-Type": "application/cose"}
-            ) as response:
-                answer = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AggregatorUnavailable(f"POST /v1/heartbeat: {exc!r}") from exc
+        status, answer = await self._post("/v1/heartbeat", body, "application/cose")
         if status == 204:
             return
         if 400 <= status < 500:
@@ -163,14 +164,7 @@ class AggregatorClient:
         worth retrying: network, 5xx, 429, and (its subclass :class:`ReceiptRefused`) a receipt that does not
         verify or names another update.
         """
-        try:
-            async with self.session.post(
-                self.base_url + "/v1/updates", data=body, headers={"Content-Type": UPDATE_CONTENT_TYPE}
-            ) as response:
-                answer = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AggregatorUnavailable(f"POST /v1/updates: {exc!r}") from exc
+        status, answer = await self._post("/v1/updates", body, UPDATE_CONTENT_TYPE)
         if status == 200:
             try:
                 receipt = wire.decode_receipt(answer, self.aggregator_key)
