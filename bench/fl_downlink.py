@@ -19,7 +19,6 @@ Bytes are the message bodies (no HTTP framing). Accuracy is the published model'
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fl_quality import Run, Settings, client_seed, participants
+from fl_quality import Run, Settings, client_seed, participants, signed_fleet
 
 # name -> (update encoding, downlink); the first is today's wire: float32 updates, full float32 models.
 DOWNLINK_METHODS = {
@@ -45,20 +44,16 @@ TARGET_LOSS_POINTS = 1.0
 
 def run_downlink(method: str, seed: int, fed: Any, settings: Settings, package: Any, trainer: Any) -> Run:
     """One method and seed; ``run.down_bytes`` per round is what its participants fetched."""
-    from nacl.signing import SigningKey
 
     from aggregator.models import ModelStore, ServedPackage
     from aggregator.strategies import UpdateSet, make_strategy
     from aggregator.verify import decode_delta
     from appliance import wire
-    from appliance.identity import device_id_for
     from appliance.protocol import downlink
 
     update_encoding, downlink_encoding = DOWNLINK_METHODS[method]
-    key = SigningKey(bytes(range(32)))
-    device_keys = [SigningKey(hashlib.sha256(f"device {seed} {c}".encode()).digest()) for c in range(settings.clients)]
-    device_ids = [device_id_for(k.verify_key) for k in device_keys]
-    registry = {d: k.verify_key for d, k in zip(device_ids, device_keys, strict=True)}
+    fleet = signed_fleet(settings.clients, seed)
+    key, device_keys, device_ids, registry = fleet.aggregator_key, fleet.device_keys, fleet.device_ids, fleet.registry
     limits = wire.Limits()
     strategy = make_strategy("fedavg")
     run = Run(method, seed)

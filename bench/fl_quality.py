@@ -395,13 +395,34 @@ def client_seed(seed: int, round_no: int, client: int) -> int:
     return (seed * 1_000_003 + round_no) * 1_009 + client
 
 
+@dataclass(frozen=True)
+class SignedFleet:
+    """The keys of one simulated run, derived from its seed so that every method signs alike: the aggregator's,
+    one per client, and the device id -> verify key lookup the aggregator's decoder takes."""
+
+    aggregator_key: Any  # nacl SigningKey (imported lazily: Flower's interpreter loads this module too)
+    device_keys: list[Any]
+    device_ids: list[str]
+    registry: dict[str, Any]
+
+
+def signed_fleet(clients: int, seed: int) -> SignedFleet:
+    from nacl.signing import SigningKey
+
+    from appliance.identity import device_id_for
+
+    device_keys = [SigningKey(hashlib.sha256(f"device {seed} {c}".encode()).digest()) for c in range(clients)]
+    device_ids = [device_id_for(k.verify_key) for k in device_keys]
+    registry = {d: k.verify_key for d, k in zip(device_ids, device_keys, strict=True)}
+    return SignedFleet(SigningKey(bytes(range(32))), device_keys, device_ids, registry)
+
+
 def run_ours(method: str, seed: int, fed: Federation, settings: Settings, package: Any, trainer: Any,
              privacy: Privacy | None = None) -> Run:
     """Devices and aggregator of fl-edge, in process, every message through appliance.wire. With ``privacy``:
     FedAvg made private as ``fl-aggregator serve --dp central`` makes it (aggregator.privacy.make_private), the
     devices clipping their deltas as the agent does; with its ``adaptive_quantile``, the clip norm moves each
     round as ``--dp-adaptive-clip`` moves it (aggregator/adaptive_clip.py)."""
-    from nacl.signing import SigningKey
 
     from aggregator.adaptive_clip import AdaptiveClip, next_clip_norm
     from aggregator.models import Layout
@@ -410,7 +431,6 @@ def run_ours(method: str, seed: int, fed: Federation, settings: Settings, packag
     from aggregator.verify import decode_delta
     from appliance import wire
     from appliance.agent import clip_update
-    from appliance.identity import device_id_for
 
     strategy_name, encoding = OUR_METHODS[method] if privacy is None else ("fedavg", "float32")
     options = {"eta": settings.fedadam_eta, "tau": settings.fedadam_tau} if strategy_name == "fedadam" else {}
@@ -424,10 +444,9 @@ def run_ours(method: str, seed: int, fed: Federation, settings: Settings, packag
         clip_norm = privacy.clip_norm
     specs = [wire.ParamSpec(s.name, tuple(s.shape)) for s in package.param_specs]
     layout = Layout(specs)
-    aggregator_key = SigningKey(bytes(range(32)))
-    device_keys = [SigningKey(hashlib.sha256(f"device {seed} {c}".encode()).digest()) for c in range(settings.clients)]
-    device_ids = [device_id_for(k.verify_key) for k in device_keys]
-    registry = {d: k.verify_key for d, k in zip(device_ids, device_keys, strict=True)}
+    fleet = signed_fleet(settings.clients, seed)
+    aggregator_key, device_keys, device_ids, registry = (fleet.aggregator_key, fleet.device_keys, fleet.device_ids,
+                                                         fleet.registry)
     limits = wire.Limits()
     global_flat = layout.flatten(package.initial_params)
     run = Run(method, seed)

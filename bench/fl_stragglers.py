@@ -23,7 +23,6 @@ simulated seconds to 90 %, the final accuracy, and the ratio sync / async.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import statistics
 import time
@@ -42,6 +41,7 @@ from fl_quality import (
     participants,
     run_flower,
     run_ours,
+    signed_fleet,
 )
 
 SYNC = "ours-fedavg-f32"
@@ -118,20 +118,17 @@ def run_async(seed: int, fed: Federation, settings: Settings, package: Any, trai
               buffer: Any, server_lr: float = 1.0, slow: Sequence[int] = ()) -> TimedRun:
     """FedBuff as ``fl-aggregator serve --mode async`` runs it, with ``settings.per_round`` clients training at
     once, every message through appliance.wire, until as many local trainings as the synchronous run's."""
-    from nacl.signing import SigningKey
 
     from aggregator.models import Layout
     from aggregator.strategies import UpdateSet, make_strategy
     from aggregator.verify import decode_delta
     from appliance import wire
-    from appliance.identity import device_id_for
 
     specs = [wire.ParamSpec(s.name, tuple(s.shape)) for s in package.param_specs]
     layout = Layout(specs)
-    aggregator_key = SigningKey(bytes(range(32)))
-    device_keys = [SigningKey(hashlib.sha256(f"device {seed} {c}".encode()).digest()) for c in range(settings.clients)]
-    device_ids = [device_id_for(k.verify_key) for k in device_keys]
-    registry = {d: k.verify_key for d, k in zip(device_ids, device_keys, strict=True)}
+    fleet = signed_fleet(settings.clients, seed)
+    aggregator_key, device_keys, device_ids, registry = (fleet.aggregator_key, fleet.device_keys, fleet.device_ids,
+                                                         fleet.registry)
     limits = wire.Limits()
     strategy = make_strategy("fedavg", server_lr=server_lr)
     strategy.start_round(layout.size)
