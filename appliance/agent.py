@@ -466,12 +466,14 @@ class Agent:
         )
 
     async def heartbeat_loop(self, client: AggregatorClient) -> None:
-        """Report to the fleet view at start and every few minutes; a refused or lost report is only logged (the
-        next one says the same, newer)."""
+        """Report to the fleet view at start and every few minutes; a refused or lost report is logged and counted
+        (``fl_agent_aggregator_errors_total{operation="heartbeat"}``), never retried: the next one says the same,
+        newer."""
         while True:
             try:
                 await client.send_heartbeat(encode_heartbeat(self.heartbeat(), self.identity.signing_key))
             except (AggregatorUnavailable, Rejection) as exc:
+                self.metrics.aggregator_errors.labels("heartbeat").inc()
                 log.warning("heartbeat not taken: %s", exc)
             await asyncio.sleep(next_delay())
 

@@ -32,7 +32,7 @@ TRAINER_KILL_CAUSES = ("oom", "signal")
 # A refused package or release: what the decoder and the package reader raise, and the agent's own checks
 # that the package and the release are the ones the task names.
 MODEL_REFUSAL_REASONS = (*DECODER_REASONS, *PACKAGE_REASONS, "wrong-package", "wrong-model")
-AGGREGATOR_OPERATIONS = ("task",)
+AGGREGATOR_OPERATIONS = ("task", "heartbeat")
 # The aggregator's reasons, the outbox's own ("corrupt": stored bytes that no longer match their digest) and
 # the client's for a refusal that names none ("unknown").
 UPDATE_REJECTION_REASONS = (*UPDATE_REFUSAL_REASONS, "corrupt", "unknown")

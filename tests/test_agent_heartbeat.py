@@ -69,6 +69,18 @@ async def test_a_training_run_killed_for_memory_shows_in_the_next_heartbeat(sign
     assert report.oom_retries == 1 and report.last_round == 1 and report.model_version == 0
 
 
+async def test_a_heartbeat_the_aggregator_does_not_take_is_counted_and_training_goes_on(signed_package, tmp_path):
+    key, path = signed_package
+    fake = FakeAggregator(key, path)  # serves no /v1/heartbeat: every report is refused (404)
+    agent = await run_agent_against(
+        fake, tmp_path, until=lambda a: sample(a, "fl_agent_updates_delivered_total") >= 1
+        and sample(a, "fl_agent_aggregator_errors_total", {"operation": "heartbeat"}) >= 1, at_most=60,
+    )
+    assert sample(agent, "fl_agent_aggregator_errors_total", {"operation": "heartbeat"}) == 1  # one per 5 min
+    assert sample(agent, "fl_agent_aggregator_errors_total", {"operation": "task"}) == 0
+    assert len(fake.updates) == 1
+
+
 def test_build_heartbeat_keeps_every_field_in_the_range_the_aggregator_takes() -> None:
     budget = Budget(cpu_quota=1.5, threads=2, memory_max=3 << 50, memory_high=None, delegated=True, advisory=False,
                     reason="test")
