@@ -338,11 +338,17 @@ async def post_update(request: web.Request) -> web.Response:
             signer = verified.kid
         except ProtocolError as exc:
             raise Problem(STATUS_FOR_REASON.get(exc.reason, 400), exc.reason, exc.detail, close=True) from None
+        # An identical resend is known by its envelope alone (its signed digest pins the rest): it gets the original
+        # receipt without a slot, and aiohttp drains the rest of the body unread.
+        receipt = await s.engine.known_receipt(verified.digest)
+        if receipt is not None:
+            s.metrics.updates_duplicate_resend.inc()
+            return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
         try:
             async with s.uploads.slot(signer):
                 body = await reader.read_rest()
                 if verified.payload.get("type") == "secagg-masked":  # a masked input, durable like an update
-                    return await _receive_masked(body, s, signer, verified.payload)
+                    return await _receive_masked(body, s, signer, verified.payload, verified.digest)
                 return await _receive_update(body, s, envelope_in(body, head, verified))
         except DeviceBusy as exc:
             raise Problem(429, "device-busy", str(exc), {"Retry-After": "5"}, close=True) from None
@@ -407,7 +413,7 @@ def _check_upload(s: Services, body: memoryview, envelope: wire.Verified) -> _Ch
     (re-checked on the event loop at commit), decoding and the norm bound.
     """
     started = time.perf_counter()
-    checked = _Checked(digest=wire.update_digest(body))
+    checked = _Checked(digest=envelope.digest)
     checked.receipt = s.store.receipt_for(checked.digest)
     if checked.receipt is not None:
         return checked
@@ -430,8 +436,9 @@ def _check_upload(s: Services, body: memoryview, envelope: wire.Verified) -> _Ch
     return checked
 
 
-async def _receive_masked(body: memoryview, s: Services, signer: str, payload: dict[str, Any]) -> web.Response:
-    digest = wire.update_digest(body)
+async def _receive_masked(
+    body: memoryview, s: Services, signer: str, payload: dict[str, Any], digest: bytes
+) -> web.Response:
     receipt = s.store.receipt_for(digest) or await s.engine.known_receipt(digest)
     if receipt is None:
         try:

@@ -118,4 +118,4 @@ def envelope_in(body: memoryview, head: bytes, verified: wire.Verified) -> wire.
     end = len(head) - len(verified.rest)
     if memoryview(body)[:end] != memoryview(head)[:end]:
         raise ValueError("the body does not begin with the envelope that was verified")
-    return wire.Verified(verified.kid, verified.payload, memoryview(body)[end:])
+    return wire.Verified(verified.kid, verified.payload, memoryview(body)[end:], verified.digest)

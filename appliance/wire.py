@@ -106,6 +106,9 @@ class Verified:
     kid: str
     payload: dict[str, Any]
     rest: memoryview
+    #: SHA-256 of the envelope's bytes (the whole COSE_Sign1 item): how a Receipt names an update
+    #: (:func:`update_digest`), known once the signature is checked, without a pass over the tensor section.
+    digest: bytes
 
 
 KeyLookup = Callable[[str], VerifyKey | None]
@@ -147,9 +150,7 @@ def verify(message: bytes | memoryview, key_for_kid: KeyLookup, limits: Limits =
     if len(message) > limits.max_bytes:
         raise ProtocolError("too-large", f"{len(message)} bytes exceeds the limit of {limits.max_bytes}")
     head = memoryview(message)[:ENVELOPE_PREFIX_BYTES]
-    envelope_limits = Limits(
-        max_bytes=_ENVELOPE_MAX_BYTES, max_depth=limits.max_depth, max_container_len=limits.max_container_len
-    )
+    envelope_limits = _envelope_limits(limits)
     reader = cbor_reader.Reader(head, envelope_limits, _ENVELOPE_TAGS)
     try:
         item = reader.read_item()
@@ -198,7 +199,12 @@ def verify(message: bytes | memoryview, key_for_kid: KeyLookup, limits: Limits =
     version = payload.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # true == 1 in Python
         raise ProtocolError("unsupported-version", f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    return Verified(kid=kid, payload=payload, rest=memoryview(message)[end:])
+    digest = hashlib.sha256(head[:end]).digest()
+    return Verified(kid=kid, payload=payload, rest=memoryview(message)[end:], digest=digest)
+
+
+def _envelope_limits(limits: Limits) -> Limits:
+    return Limits(max_bytes=_ENVELOPE_MAX_BYTES, max_depth=limits.max_depth, max_container_len=limits.max_container_len)
 
 
 # ----------------------------------------------------------------------------------------------- tensors
@@ -708,7 +714,7 @@ class Receipt:
 
     device_id: str
     round_id: int
-    update_digest: bytes
+    update_digest: bytes  # the update's name: :func:`update_digest`, the SHA-256 of its signed envelope
     accepted_at: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -734,6 +740,16 @@ def decode_receipt(message: bytes | memoryview, aggregator_key: VerifyKey) -> Re
     )
 
 
-def update_digest(body: bytes | memoryview) -> bytes:
-    """The idempotency key of an upload: SHA-256 of its whole body."""
-    return hashlib.sha256(body).digest()
+def update_digest(message: bytes | memoryview) -> bytes:
+    """How a Receipt names an update (or a masked input), and the aggregator's idempotency key: the SHA-256 of
+    its signed envelope, the message's first CBOR item (docs/protocol.md section 8).
+
+    The envelope's signed payload pins the SHA-256 of the exact bytes that follow it (``tensors_sha256``), so
+    once a receiver has checked those bytes against it, the envelope's digest names the whole message; the
+    tensor bytes are hashed once, not twice. The envelope is found, not verified: a device names its own
+    messages with this; the aggregator takes :attr:`Verified.digest` from the envelope it verified.
+    """
+    head = memoryview(message)[:ENVELOPE_PREFIX_BYTES]
+    reader = cbor_reader.Reader(head, _envelope_limits(DEFAULT_LIMITS), _ENVELOPE_TAGS)
+    reader.read_item()
+    return hashlib.sha256(head[: reader.pos]).digest()

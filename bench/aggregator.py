@@ -11,9 +11,7 @@ parameters, FedAvg, round goal N) and N simulated devices on 127.0.0.1 (``--conc
 * **bound**: in the same run, on one core of this process, what an update cannot cost less than: one SHA-256
   pass over the body, one float32 add of P values and one copy of the body (medians of repeated runs, taken
   before and after the upload round so they see the machine as the server did). Printed with the server's CPU
-  per update and their ratio. The wire format hashes the tensor bytes twice (the signed digest of the tensor
-  section, and the receipt's digest of the whole body), so the ratio is also given against that floor (two
-  SHA-256 passes + add + copy).
+  per update and their ratio.
 
 Flower, in the same run (its own interpreter: ``--flower-python`` or ``$FLWR_PYTHON``; flwr pins protobuf/grpc
 versions the project's venv should not be forced onto):
@@ -26,7 +24,7 @@ versions the project's venv should not be forced onto):
   (bench/flower_fedavg.py, which needs nothing of this project: Flower's interpreter does not have it).
 
 Ratios printed: ``round`` = our round vs Flower's Deployment Engine round (the same work end to end);
-``server`` = our upload path over HTTP (network, signature, two SHA-256 passes, decode, fsync, accumulate) vs
+``server`` = our upload path over HTTP (network, signature, one SHA-256 pass, decode, fsync, accumulate) vs
 Flower's server-side decode + FedAvg alone (no network, no authentication, no disk: Flower's best case).
 
     python bench/aggregator.py                          # P = 100k, 1M; N = 10, 100, 1000
@@ -281,7 +279,7 @@ def measure_bound(body: bytes, parameters: int, repeats: int = 15) -> dict[str, 
 def _bound_of(samples: list[dict[str, float]]) -> dict[str, float]:
     steps = {name: sorted(s[name] for s in samples)[len(samples) // 2] for name in samples[0]}
     bound = steps["sha256_ms"] + steps["add_ms"] + steps["copy_ms"]
-    return {**steps, "bound_ms": bound, "wire_floor_ms": bound + steps["sha256_ms"]}
+    return {**steps, "bound_ms": bound}
 
 
 async def _run_ours(
@@ -425,12 +423,11 @@ def run_ours(
 
 def bound_line(ours: dict[str, Any]) -> str:
     """The server's CPU per update next to the bound measured in the same run, and their ratios."""
-    cpu, bound, floor = ours["server_cpu_ms_per_update"], ours["bound_ms"], ours["wire_floor_ms"]
+    cpu, bound = ours["server_cpu_ms_per_update"], ours["bound_ms"]
     return (f"bound {bound:.2f} ms/upd (one core: SHA-256 {ours['sha256_ms']:.2f} + float32 add "
             f"{ours['add_ms']:.2f} + copy {ours['copy_ms']:.2f} of the {ours['update_bytes'] / 1e6:.2f} MB "
             f"{ours['encoding']} update); server cpu {cpu:.2f} ms/upd ({ours['ingest_cpu_ms_per_update']:.2f} "
-            f"receiving, the rest closing the round) = {cpu / bound:.2f}x the bound, {cpu / floor:.2f}x the "
-            f"wire format's floor of {floor:.2f} ms (its two SHA-256 passes)")
+            f"receiving, the rest closing the round) = {cpu / bound:.2f}x the bound")
 
 
 # --------------------------------------------------------------------------------------------------- main

@@ -35,7 +35,7 @@ ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
 TASK_BATCH_SIZE = 16
 SAMPLES_PER_ROUND = 64
 #: How the fake answers an upload it stored (``FakeAggregator.receipts``; a test may change it mid-run).
-RECEIPTS = ("genuine", "unsigned", "wrong-key", "bad-signature", "wrong-update")
+RECEIPTS = ("genuine", "unsigned", "wrong-key", "bad-signature", "wrong-update", "whole-body")
 
 
 class FakeAggregator:
@@ -88,6 +88,9 @@ class FakeAggregator:
             return bytes(signed)
         if self.receipts == "wrong-update":
             other = wire.Receipt(update.device_id, update.round_id, hashlib.sha256(b"another update").digest())
+            return wire.encode_receipt(other, self.key)
+        if self.receipts == "whole-body":  # the SHA-256 of the whole body: not the update's name, its envelope's
+            other = wire.Receipt(update.device_id, update.round_id, hashlib.sha256(body).digest())
             return wire.encode_receipt(other, self.key)
         raise ValueError(f"unknown receipt mode {self.receipts!r}; expected one of {RECEIPTS}")
 

@@ -40,6 +40,7 @@ def delivered(agent: Agent) -> float:
         ("wrong-key", "unverified"),
         ("bad-signature", "unverified"),
         ("wrong-update", "wrong-update"),
+        ("whole-body", "wrong-update"),
     ],
 )
 async def test_a_receipt_that_proves_nothing_is_refused_and_the_update_kept_until_a_genuine_one(

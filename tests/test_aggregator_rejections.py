@@ -104,6 +104,27 @@ def test_identical_resend_gets_the_original_receipt(tmp_path: Path) -> None:
     _case(tmp_path, check)
 
 
+def test_a_resend_is_known_by_its_signed_envelope_and_answered_without_its_tensors(tmp_path: Path) -> None:
+    """The receipt names the envelope, whose signed tensors_sha256 pins the rest: once acknowledged, the same
+    envelope gets the original receipt whatever follows it (the rest is drained, never hashed or decoded)."""
+
+    async def check(h: Harness, task: wire.Task) -> None:
+        body = h.devices[0].update(task, h.delta())
+        status, first = await h.upload(body)
+        assert status == 200
+        assert wire.decode_receipt(first, h.key.verify_key).update_digest == wire.update_digest(body)
+        tampered = bytearray(body)
+        tampered[-3] ^= 0x01  # digest-mismatch for an envelope not yet acknowledged
+        envelope = len(body) - len(wire.verify(body, lambda kid: h.devices[0].key.verify_key).rest)
+        for resend in (bytes(tampered), body[: envelope + 5]):
+            assert await h.upload(resend) == (200, first)
+        assert await h.upload(body) == (200, first)  # the connection the drained resends used still serves
+        assert h.counter("fl_aggregator_updates_resent_total") == 3
+        assert h.counter("fl_aggregator_updates_accepted_total") == 1 and h.engine.current.accepted == 1
+
+    _case(tmp_path, check)
+
+
 def test_other_update_for_the_same_round_is_a_duplicate(tmp_path: Path) -> None:
     async def check(h: Harness, task: wire.Task) -> None:
         device = h.devices[0]

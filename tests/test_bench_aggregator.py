@@ -85,4 +85,4 @@ def test_the_bound_is_measured_and_printed_next_to_the_servers_cpu(monkeypatch):
     ours = {"server_cpu_ms_per_update": 9.0, "ingest_cpu_ms_per_update": 8.5, "update_bytes": 4_000_300,
             "encoding": "float32", **bench._bound_of([{"sha256_ms": 2.5, "add_ms": 0.2, "copy_ms": 0.3}])}
     line = bench.bound_line(ours)
-    assert "bound 3.00 ms/upd" in line and "= 3.00x the bound" in line and "1.64x the wire format's floor" in line
+    assert "bound 3.00 ms/upd" in line and line.endswith("= 3.00x the bound")

@@ -203,7 +203,7 @@ def example_blocks() -> dict[str, str]:
                 f"tensor section (item 2) bytes {len(envelope)}..{len(body) - 1} ({len(section)} bytes)",
                 f"protected header        {bytes(protected).hex()}",
                 f"tensors_sha256          {hashlib.sha256(section).hexdigest()}",
-                f"update digest           {hashlib.sha256(body).hexdigest()}",
+                f"update digest           {hashlib.sha256(envelope).hexdigest()} (SHA-256 of the envelope)",
                 "Sig_structure (the bytes signed):",
                 wrap_hex(sig_structure),
             ]

@@ -212,8 +212,20 @@ def test_receipt_round_trip_names_the_update_digest():
     receipt = wire.Receipt(DEVICE_ID, 12, wire.update_digest(body), accepted_at=1_764_300_001)
     message = wire.encode_receipt(receipt, AGGREGATOR)
     assert wire.decode_receipt(message, AGGREGATOR.verify_key) == receipt
-    assert receipt.update_digest == hashlib.sha256(body).digest()
     assert reason(wire.decode_receipt, message + b"\0", AGGREGATOR.verify_key) == "trailing-bytes"
+
+
+def test_an_update_is_named_by_the_digest_of_its_signed_envelope():
+    """The receipt's digest covers the envelope only (whose signed tensors_sha256 pins the rest), so the
+    aggregator hashes the tensor bytes once; the verifier's digest and the sender's are the same bytes."""
+    update = make_update()
+    body = wire.encode_update(update, DEVICE)
+    envelope = body[: len(body) - len(wire.encode_tensors(update.tensors))]
+    assert wire.update_digest(body) == hashlib.sha256(envelope).digest() != hashlib.sha256(body).digest()
+    assert wire.verify(body, registry).digest == wire.update_digest(body)
+    # another update of the same device, round and tensors (a new nonce) has another name
+    assert wire.update_digest(wire.encode_update(make_update(nonce=b"\xcd" * 16), DEVICE)) != wire.update_digest(body)
+    assert reason(wire.update_digest, body[:40]) == "truncated"
 
 
 def test_decoders_accept_memoryviews_of_a_larger_buffer():
