@@ -27,17 +27,22 @@ the devices' update norms: each round adds a second Gaussian mechanism (the nois
 clip norm), the model's sum gets the larger noise multiplier z_delta that leaves the pair worth z, and the ledger
 keeps the clip norm with the rounds.
 
-The ledger of noised rounds is written to disk *before* the version they produced is published, so a crash in
-between over-counts the privacy spent, never under-counts it.
+A noised round is counted in the ledger *before* its version is published, together with the noised model it
+produced (:class:`PendingRelease`, one fsynced file): a crash in between leaves a round that is counted and
+whose model is on disk, and the restart publishes exactly that model. Its noise is never drawn again (a second
+draw would spend the round's privacy twice while the ledger counts it once), and the round's acknowledged updates
+are in the model published.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +56,7 @@ from aggregator.adaptive_clip import (
 )
 from aggregator.strategies import STRATEGIES, Strategy
 from aggregator.strategies.fedavg import FedAvg
-from appliance.durable import atomic_write
+from appliance.durable import atomic_write, fsync_dir
 
 ACCOUNTING = {
     "central": "rdp; every device that asks may join (no sampling amplification)",
@@ -59,6 +64,7 @@ ACCOUNTING = {
     "added); every device that asks may join (no sampling amplification)",
 }
 LEDGER_FILE = "privacy.json"
+PENDING_FILE = "privacy-pending.npz"  # a counted round whose version is not yet published (see PendingRelease)
 MODES = ("central", "distributed")
 
 
@@ -179,31 +185,80 @@ def _runs(values: list[float]) -> list[tuple[float, int]]:
     return runs
 
 
+@dataclass(frozen=True)
+class PendingRelease:
+    """What a noised round produced, kept with its ledger entry until its version is published: the restart
+    after a crash in between publishes exactly this (aggregator/rounds.py), with the round record it closes."""
+
+    round_id: int
+    version: int
+    closed_at: float
+    participants: int
+    samples: int
+    note: str
+    params: np.ndarray  # the new model, noise included
+    strategy_state: dict[str, np.ndarray]  # the server optimiser's state after the round (FedAdam's moments)
+
+    def encode(self, ledger: dict[str, Any]) -> bytes:
+        """One .npz holding this release and the ledger that counts its round."""
+        record = {"round_id": self.round_id, "version": self.version, "closed_at": self.closed_at,
+                  "participants": self.participants, "samples": self.samples, "note": self.note}
+        arrays = {f"state.{name}": value for name, value in self.strategy_state.items()}
+        out = io.BytesIO()
+        np.savez(out, params=self.params, ledger=_json_array(ledger), release=_json_array(record), **arrays)
+        return out.getvalue()
+
+    @staticmethod
+    def decode(data: bytes) -> tuple[PendingRelease, dict[str, Any]]:
+        """The release and the ledger of :meth:`encode`."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+            record = json.loads(saved["release"].tobytes())
+            state = {name.removeprefix("state."): saved[name] for name in saved.files if name.startswith("state.")}
+            release = PendingRelease(params=saved["params"], strategy_state=state, **record)
+            return release, json.loads(saved["ledger"].tobytes())
+
+
+def _json_array(value: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+
+
 class PrivacyLedger:
     """The noise multiplier of every noised round that produced a published version, on disk (with the DDGauss
     slack of distributed rounds); with adaptive clipping, the noise multiplier of each round's count too, the clip
-    norm of each adaptive round and the clip norm of the next one."""
+    norm of each adaptive round and the clip norm of the next one.
+
+    ``pending``: the last counted round's model while its version is not yet published (after a crash, until the
+    restart publishes it)."""
 
     def __init__(self, state_dir: Path, config: DPConfig):
         self.path = Path(state_dir) / LEDGER_FILE
+        self.pending_path = Path(state_dir) / PENDING_FILE
         self.config = config
         self.rounds: list[float] = []
         self.rdp_slack = 0.0
         self.counts: list[float] = []  # the noise multipliers of the adaptive rounds' counts
         self.clip_norm: float | None = None  # where adaptive clipping has moved the clip norm (None: not yet)
         self.clip_history: list[dict[str, float]] = []  # per adaptive round: version, clip norm, noised fraction
+        self.pending: PendingRelease | None = None
         if self.path.exists():
-            saved = json.loads(self.path.read_text())
-            self.rounds = [float(z) for z in saved["noise_multipliers"]]
-            self.rdp_slack = float(saved.get("rdp_slack", 0.0))
-            self.counts = [float(z) for z in saved.get("clip_count_noise_multipliers", [])]
-            self.clip_norm = None if saved.get("clip_norm") is None else float(saved["clip_norm"])
-            self.clip_history = list(saved.get("clip_history", []))
-            if float(saved["delta"]) != config.delta:
-                raise PrivacyError(
-                    f"{self.path} accounts with delta {saved['delta']}, not --dp-delta {config.delta}: "
-                    "a guarantee's delta cannot change mid-way"
-                )
+            self._load(json.loads(self.path.read_text()), self.path)
+        if self.pending_path.exists():
+            self.pending, saved = PendingRelease.decode(self.pending_path.read_bytes())
+            if len(saved["noise_multipliers"]) > len(self.rounds):  # the crash came before the ledger's own file
+                self._load(saved, self.pending_path)
+                atomic_write(self.path, json.dumps(saved).encode())
+
+    def _load(self, saved: dict[str, Any], source: Path) -> None:
+        if float(saved["delta"]) != self.config.delta:
+            raise PrivacyError(
+                f"{source} accounts with delta {saved['delta']}, not --dp-delta {self.config.delta}: "
+                "a guarantee's delta cannot change mid-way"
+            )
+        self.rounds = [float(z) for z in saved["noise_multipliers"]]
+        self.rdp_slack = float(saved.get("rdp_slack", 0.0))
+        self.counts = [float(z) for z in saved.get("clip_count_noise_multipliers", [])]
+        self.clip_norm = None if saved.get("clip_norm") is None else float(saved["clip_norm"])
+        self.clip_history = list(saved.get("clip_history", []))
 
     def spent(self) -> float:
         """Every round's Gaussian mechanisms (the model's sum, and the count of an adaptive round) composed by
@@ -245,10 +300,14 @@ class PrivacyLedger:
         budget = self.config.epsilon_budget
         return budget is None or self.after_next_round(noise) <= budget
 
-    def record_round(self, noise: RoundNoise | None = None, clip: ClipStep | None = None) -> float:
+    def record_round(
+        self, noise: RoundNoise | None = None, clip: ClipStep | None = None, release: PendingRelease | None = None
+    ) -> float:
         """Count one more noised round (durably, before its version is published); returns epsilon after it.
         ``noise``: what a distributed round's sum held; None: the configured noise multiplier (central).
-        ``clip``: an adaptive round's count and next clip norm (:meth:`adapt_clip`), kept with it."""
+        ``clip``: an adaptive round's count and next clip norm (:meth:`adapt_clip`), kept with it.
+        ``release``: the round's noised model, written in the same file as its count (``pending`` until
+        :meth:`published`), so that a crash before its version is published never loses or re-draws it."""
         rounds, counts, slack = self._next_round(noise, counted=clip is not None)
         clip_norm, history = self.clip_norm, self.clip_history
         if clip is not None:
@@ -259,10 +318,20 @@ class PrivacyLedger:
             saved["rdp_slack"] = slack
         if counts or clip_norm is not None:
             saved.update(clip_count_noise_multipliers=counts, clip_norm=clip_norm, clip_history=history)
+        if release is not None:  # the commit point: the round is counted once this file is in place
+            atomic_write(self.pending_path, release.encode(saved), mode=0o600)
         atomic_write(self.path, json.dumps(saved).encode())
         self.rounds, self.counts, self.rdp_slack = rounds, counts, slack
         self.clip_norm, self.clip_history = clip_norm, history
+        self.pending = release
         return self.spent()
+
+    def published(self) -> None:
+        """The pending round's version is published (recorded in the database): forget its model."""
+        if self.pending_path.exists():
+            self.pending_path.unlink()
+            fsync_dir(self.pending_path.parent)
+        self.pending = None
 
     def release_metadata(self) -> dict[str, float | int | str]:
         """What each signed ModelRelease carries about the privacy spent up to and including it; the noise

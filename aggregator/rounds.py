@@ -36,7 +36,7 @@ from aggregator.adaptive_clip import unclipped_norm
 from aggregator.buffered import AsyncActivity, BufferPolicy
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore
-from aggregator.privacy import ACCOUNTING, PrivacyLedger, RoundNoise, clip_round
+from aggregator.privacy import ACCOUNTING, PendingRelease, PrivacyLedger, RoundNoise, clip_round
 from aggregator.registry import Registry
 from aggregator.store import DuplicateUpdate, RoundRow, SpoolJob, Store, UpdateRow
 from aggregator.strategies import AggregationError, Strategy
@@ -272,6 +272,8 @@ class RoundEngine:
         if state_path.exists():
             with np.load(state_path) as saved:
                 self.strategy.restore({k: saved[k] for k in saved.files})
+        if self.privacy is not None and self.privacy.pending is not None:
+            await self._publish_counted(self.privacy.pending)
         self.metrics.model_version.set(self.version)
         self.metrics.enrolled_devices.set(self.registry.active_count())
         for outcome, ended_at in self.store.last_round_ends().items():
@@ -288,6 +290,38 @@ class RoundEngine:
         elif not self._finished() and self.forward is None:
             await self._open(self.store.last_round_id() + 1, time.time(), persist=True)
         self._timer = asyncio.create_task(self._clock(), name="round-clock")
+
+    async def _publish_counted(self, release: PendingRelease) -> None:
+        """Restart after a crash between counting a noised round in the privacy ledger and recording its version:
+        publish exactly the model that was counted, with its round's record, and open the next round. Its noise is
+        never drawn again (that would spend the round's privacy twice while the ledger counts it once)."""
+        assert self.privacy is not None
+        row = self.store.get_round(release.round_id)
+        if release.version <= self.version:  # the crash came after the version was recorded
+            self.privacy.published()
+            return
+        if release.version != self.version + 1 or row is None or row.status != "open":
+            raise RuntimeError(
+                f"{self.privacy.pending_path} holds version {release.version} of round {release.round_id}, which "
+                f"does not follow this state (newest version {self.version}, round {release.round_id} "
+                f"{'missing' if row is None else row.status}): was the state directory restored from a backup?"
+            )
+        digest = await self._run(self._write_version, release.version, release.params, release.strategy_state,
+                                 int(release.closed_at))
+        self.version, self.params = release.version, release.params
+        if release.strategy_state:
+            self.strategy.restore(release.strategy_state)
+        now = time.time()
+        opens = not self._finished()
+        self.store.finish_round(  # a private round records no device metrics (close_round)
+            release.round_id, "published", release.closed_at, release.participants, release.samples, {},
+            note=release.note, new_model=(release.version, digest),
+            next_round=(release.round_id + 1, self.version, now, now + self.policy.round_timeout, self._goal())
+            if opens else None,
+        )
+        self.privacy.published()
+        log.warning("round %d: published model version %d, counted in the privacy ledger before the aggregator "
+                    "stopped (the same model: its noise is not drawn again)", release.round_id, release.version)
 
     def _check_privacy_history(self) -> None:
         """A DP guarantee must cover every round since the initial model: refuse a state whose published
@@ -675,7 +709,7 @@ class RoundEngine:
         elif participants >= self.policy.min_clients:
             started = time.perf_counter()
             try:
-                params, digest = await self._run(self._aggregate, round_, updates, int(now))
+                params, digest = await self._run(self._aggregate, round_, updates, now, participants, samples, note)
             except AggregationError as exc:
                 log.warning("round %d abandoned: %s", round_.round_id, exc)
                 await self._abandon(round_, participants, samples, summary, now, str(exc))
@@ -695,6 +729,7 @@ class RoundEngine:
             self.metrics.round_ended("published", now)
             self.metrics.model_version.set(version)
             if self.privacy is not None:
+                self.privacy.published()
                 self.metrics.dp_epsilon.set(self.privacy.spent())
             if self.activity is not None:
                 self.activity.published(now)
@@ -808,25 +843,37 @@ class RoundEngine:
         self.metrics.round_participants.observe(participants)
         self.metrics.enrolled_devices.set(self.registry.active_count())
 
-    def _aggregate(self, round_: OpenRound, updates: UpdateSet, created_at: int) -> tuple[np.ndarray, bytes]:
-        """Worker thread: run the strategy, write the signed new version and the strategy's state."""
+    def _aggregate(
+        self, round_: OpenRound, updates: UpdateSet, closed_at: float, participants: int, samples: int, note: str
+    ) -> tuple[np.ndarray, bytes]:
+        """Worker thread: run the strategy, count a noised round in the privacy ledger (with its model, before the
+        version exists), write the signed new version and the strategy's state."""
         assert self.params is not None
+        pending = None if self.privacy is None else self.privacy.pending
+        if pending is not None and pending.round_id == round_.round_id:
+            # a retried close: this round is counted already, and its counted model is the one to publish
+            return pending.params, self._write_version(pending.version, pending.params, pending.strategy_state,
+                                                       int(pending.closed_at))
         delta = self.strategy.aggregate(updates)
         params = self.strategy.apply(self.params, delta)
         if not np.isfinite(params).all():
             raise AggregationError("the aggregated model holds NaN or Inf; refusing to publish it")
         version = round_.model_version + 1
-        privacy = None
-        if self.privacy is not None:  # counted before the version exists: a crash over-counts, never under-counts
+        state = self.strategy.saved_state()
+        if self.privacy is not None:
             clip = None if round_.unclipped_norms is None else self.privacy.adapt_clip(round_.clip_norm,
                                                                                         round_.unclipped_norms)
-            self.privacy.record_round(round_.noise, clip)
-            privacy = self.privacy.release_metadata()
+            release = PendingRelease(round_.round_id, version, closed_at, participants, samples, note, params, state)
+            self.privacy.record_round(round_.noise, clip, release)
+        return params, self._write_version(version, params, state, int(closed_at))
+
+    def _write_version(self, version: int, params: np.ndarray, state: dict[str, np.ndarray], created_at: int) -> bytes:
+        """Worker thread: sign and write ``version`` (with the privacy spent up to it) and the strategy's state."""
+        privacy = None if self.privacy is None else self.privacy.release_metadata()
         digest = self.models.write(version, params, created_at, privacy)
-        state = self.strategy.saved_state()
         if state:
             _save_state(self._state_path(version), state)
-        return params, digest
+        return digest
 
     # --------------------------------------------------------------------------------------------- status
 
