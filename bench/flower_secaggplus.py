@@ -6,8 +6,9 @@ update of P float32 parameters; the ServerApp runs FedAvg under SecAgg+ (Flower'
 exists for) for one warm-up round and ``--rounds`` timed ones. Prints one JSON line: the timed rounds' wall
 times (the fit workflow, from the first message to the aggregate) and their CPU times: user + system time of
 the whole process tree (this ServerApp, Ray's GCS, raylet and workers, the actors running the ClientApps), read
-from /proc before and after each round. ``--cpus 1`` pins the tree to one CPU (Ray's processes inherit the
-affinity) and gives Ray one CPU, so one actor runs every client: its wall time is then a one-core round.
+from /proc before and after each round. ``--cpus 1`` pins the tree to one CPU (every thread of this process, then
+Ray's processes inherit the affinity) and gives Ray one CPU, so one actor runs every client: its wall time is then
+a one-core round.
 
     python bench/flower_secaggplus.py --clients 100 --params 1000000 --shares 15 --threshold 8 --cpus 1
 """
@@ -28,6 +29,7 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.simulation import run_simulation
+from proctree import pin_threads  # bench/proctree.py, beside this script: nothing else of the project
 
 
 def tree_cpu_seconds(root: int) -> dict[str, float]:
@@ -70,7 +72,7 @@ def main() -> None:
                         "ones the process tree is pinned to)")
     args = parser.parse_args()
     if args.cpus < len(os.sched_getaffinity(0)):
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
+        pin_threads(set(sorted(os.sched_getaffinity(0))[: args.cpus]))
     update = np.random.default_rng(0).normal(0, 0.01, args.params).astype(np.float32)
 
     class Client(NumPyClient):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -22,6 +23,16 @@ def descendants(pid: int) -> list[int]:
         found.append(p)
         stack.extend(children.get(p, []))
     return found
+
+
+def pin_threads(cpus: set[int]) -> None:
+    """Run every thread of this process on ``cpus`` from now on; threads and processes it starts later inherit it.
+
+    os.sched_setaffinity(0, ...) moves the calling thread only: threads started before (OpenBLAS's, at numpy's
+    import) would go on running, and spinning, on the other CPUs."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def status_bytes(pid: int, field: str) -> int:

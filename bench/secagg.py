@@ -55,6 +55,8 @@ from nacl.signing import SigningKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from proctree import pin_threads
+
 from appliance import wire
 from appliance.protocol import graph
 from appliance.protocol import messages as m
@@ -289,9 +291,10 @@ def flower_round(python: str, n: int, parameters: int) -> Flower:
 
 
 def pin_to_one_cpu() -> int:
-    """Run this process (and so every device and the aggregator it plays) on one CPU; returns which."""
+    """Run this process, every thread of it (and so every device and the aggregator it plays), on one CPU;
+    returns which."""
     cpu = min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpu})
+    pin_threads({cpu})
     return cpu
 
 

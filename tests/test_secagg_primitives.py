@@ -3,6 +3,11 @@ graph and the quantisation into Z_{2^32}."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
@@ -10,6 +15,7 @@ from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
 from appliance.protocol import graph, prg, shamir
 from appliance.protocol.quantise import MAX_SUM, check_room, dequantise, levels_for, quantise
 
+ROOT = Path(__file__).resolve().parent.parent
 # RFC 8439 appendix A.1, test vector 2: key and nonce all zero, block counter 1.
 RFC8439_A1_TV2 = bytes.fromhex(
     "9f07e7be5551387a98ba977c732d080dcb0f29a048e3656912c6533e32ee7aed"
@@ -194,3 +200,35 @@ def test_room_is_checked():
         check_room(100, levels_for(99), 1000)
     with pytest.raises(ValueError, match="overflow"):
         check_room(2**20, 1, 2**12)
+
+
+QUANTISE_AND_COUNT_OTHER_THREADS = """
+import os, time
+import numpy as np
+from appliance.protocol.quantise import quantise
+
+def other_threads_ticks():
+    ticks = 0
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != os.getpid():
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks
+
+delta = np.random.default_rng(0).normal(0, 1e-4, 2_000_000).astype(np.float32)
+before = other_threads_ticks()
+for seed in range(3):
+    quantise(delta, 10, clip_norm=1.0, levels=1000, max_samples=10, rng=np.random.default_rng(seed))
+time.sleep(0.2)
+print(other_threads_ticks() - before)
+"""
+
+
+def test_quantising_keeps_to_one_core():
+    """A device's quantiser runs on the thread that calls it: no BLAS helper threads that compute part of a norm
+    and then spin on the other cores (they doubled a device's CPU time for the round at P = 1M)."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", QUANTISE_AND_COUNT_OTHER_THREADS], env=env, capture_output=True,
+                         text=True, check=True, timeout=120)
+    assert int(run.stdout) == 0, f"other threads used {run.stdout.strip()} clock ticks"
