@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from appliance.durable import fsync_dir
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -422,16 +425,25 @@ class Store:
     def segment_path(self, round_id: int) -> Path:
         return self.spool_dir / f"round-{round_id:08d}.seg"
 
-    def recover_segment(self, round_id: int) -> None:
-        """Cut the round's segment back to its last committed record and that record's padding (a killed writer
-        may have left more)."""
+    def recover_segment(self, round_id: int) -> int:
+        """Cut the round's segment back to its last committed record and that record's padding (a writer killed,
+        or a power cut, mid-append leaves more: bytes of a record nobody got a receipt for); returns how many
+        bytes were cut. Committed records were fdatasynced before their receipts, so none of them is torn."""
         path = self.segment_path(round_id)
         row = self._reader().execute(
             "SELECT max(offset + length) FROM updates WHERE round_id=?", (round_id,)
         ).fetchone()
         end = _padded(row[0] or 0)
-        if path.exists() and path.stat().st_size != end:
+        size = path.stat().st_size if path.exists() else end
+        if size < end:
+            log.error("round %d: %s holds %d bytes but its acknowledged updates reach byte %d: the disk lost "
+                      "data it reported written; the missing bytes read as zeros", round_id, path, size, end)
+        elif size > end:
+            log.warning("round %d: cut %d bytes past the last acknowledged update from %s (an append that got no "
+                        "receipt: its device sends it again)", round_id, size - end, path)
+        if size != end:
             os.truncate(path, end)
+        return max(size - end, 0)
 
     def drop_segment(self, round_id: int) -> None:
         """Delete a closed round's spool segment (its receipts stay in SQLite for idempotent resends)."""
