@@ -27,8 +27,8 @@ from aggregator.adaptive_clip import (
     next_clip_norm,
     unclipped_norm,
 )
-from aggregator.privacy import DPConfig, PrivacyError, PrivacyLedger
-from aggregator.rounds import CLIP_NORM_HEADROOM, RoundPolicy, TrainingPlan
+from aggregator.privacy import DPConfig, GaussianSum, PrivacyError, PrivacyLedger
+from aggregator.rounds import CLIP_NORM_HEADROOM, MAX_UPDATE_NORM, RoundPolicy, TrainingPlan
 from appliance import wire
 from appliance.agent import clip_update
 
@@ -85,6 +85,20 @@ def test_a_huge_rate_and_count_noise_bound_the_step_instead_of_overflowing() -> 
     for _ in range(20):
         step = next_clip_norm(1.0, [0.5, 3.0], 0.5, 1e6, 5000.0, rng)
         assert MIN_CLIP_NORM <= step.next_clip_norm <= MAX_CLIP_NORM
+
+
+@pytest.mark.parametrize(("norm", "end"), [(1e300, MAX_CLIP_NORM), (0.0, MIN_CLIP_NORM)])
+def test_rounds_that_keep_pushing_the_clip_norm_leave_it_at_its_bound(norm: float, end: float) -> None:
+    """Every device far above C (or at zero), round after round, with a fast rate: C is carried from round to round
+    as the aggregator does and stops at MAX_CLIP_NORM (MIN_CLIP_NORM). Unclamped, it ran up to 1e304 (down to 0)
+    within a dozen rounds: an update norm bound past what the strategies can sum, or noise calibrated to nothing."""
+    rng = np.random.default_rng(3)
+    clip = 1.0
+    for _ in range(30):
+        clip = next_clip_norm(clip, [norm] * 100, 0.5, 200.0, 0.01, rng).next_clip_norm
+    assert clip == end
+    assert CLIP_NORM_HEADROOM * clip <= MAX_UPDATE_NORM  # the round's update norm bound stays what it says
+    assert 0 < GaussianSum(clip, 1.0).noise_std < math.inf
 
 
 def test_the_norm_before_clipping_is_the_reported_one_or_counts_as_clipped() -> None:
