@@ -620,6 +620,15 @@ class RoundEngine:
             metrics=metrics, delta=delta, receipt=receipt, accepted_at=now,
             then=None if self.strategy.needs_all_updates else (lambda: self.strategy.add(delta, weight)),
         )
+        # Once queued, the update is stored and accumulated even if this handler is cancelled (Store.spool), so
+        # the round counts it even then: a shielded task finishes what follows.
+        return await asyncio.shield(self._store_and_count(round_, header, job, waiter, staleness))
+
+    async def _store_and_count(
+        self, round_: OpenRound, header: UpdateHeader, job: SpoolJob, waiter: asyncio.Future[bytes], staleness: int
+    ) -> bytes:
+        """Spool ``job``, then count it in ``round_`` and answer identical uploads waiting on ``waiter``."""
+        digest, receipt = job.digest, job.receipt
         started = time.perf_counter()
         try:
             await self.store.spool(job)
