@@ -80,10 +80,10 @@ def test_with_dp_off_fedavg_is_exactly_the_weighted_mean() -> None:
     rule.start_round(1000)
     for d, w in zip(deltas, weights, strict=True):
         rule.add(d, w)
-    acc = np.zeros(1000)
+    block = np.zeros(1000, np.float32)  # FedAvg sums up to BLOCK_UPDATES (16) products in float32, then in float64
     for d, w in zip(deltas, weights, strict=True):
-        acc += (d * np.float32(w)).astype(np.float32)
-    expected = (acc / sum(weights)).astype(np.float32)
+        block += d * np.float32(w)
+    expected = (block.astype(np.float64) / sum(weights)).astype(np.float32)
     got = rule.aggregate(UpdateSet(deltas, np.array(weights), 1 << 20))
     assert got.tobytes() == expected.tobytes()
 

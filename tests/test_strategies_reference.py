@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from aggregator.strategies import AggregationError, UpdateSet, make_strategy
+from aggregator.strategies.fedavg import BLOCK_UPDATES
 from aggregator.strategies.fedopt import FedAdam, FedYogi
 from aggregator.strategies.krum import MultiKrum
 
@@ -35,6 +36,21 @@ def test_fedavg_is_the_sample_weighted_mean() -> None:
     deltas, weights = _updates(13, 1000)
     expected = np.average(deltas.astype(np.float64), axis=0, weights=weights)
     np.testing.assert_allclose(_aggregate("fedavg", deltas, weights), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fedavg_in_float32_blocks_stays_within_its_error_bound() -> None:
+    """FedAvg sums blocks of updates in float32 (aggregator/strategies/fedavg.py, FedAvg.add): every coordinate of
+    the mean is within BLOCK_UPDATES * 2^-24 of the weighted mean of |delta| (plus the float32 result's own half
+    ulp), over many blocks, weights from 1 to 2^31 and deltas of mixed signs and scales."""
+    rng = np.random.default_rng(7)
+    n = 5 * BLOCK_UPDATES + 3  # whole blocks and a partial one
+    deltas = (rng.normal(0.0, 1.0, (n, 4000)) * rng.choice([1e-6, 1.0, 1e3], (n, 1))).astype(np.float32)
+    weights = rng.choice([1.0, 37.0, 2.0**31 - 1], n)
+    expected = np.average(deltas.astype(np.float64), axis=0, weights=weights)
+    got = _aggregate("fedavg", deltas, weights).astype(np.float64)
+    scale = np.average(np.abs(deltas.astype(np.float64)), axis=0, weights=weights)
+    bound = BLOCK_UPDATES * 2.0**-24 * scale + np.spacing(np.abs(expected).astype(np.float32)) / 2
+    assert np.all(np.abs(got - expected) <= bound)
 
 
 def test_fedavg_server_learning_rate_scales_the_step() -> None:
