@@ -3,12 +3,13 @@ own interpreter (a venv with ``pip install 'flwr[simulation]'``), so it needs no
 
 Flower's simulation engine (Ray) runs N ClientApps on ``--actors`` actors; each client returns a fixed random
 update of P float32 parameters; the ServerApp runs FedAvg under SecAgg+ (Flower's legacy API, the only one it
-exists for) for one warm-up round and ``--rounds`` timed ones. Prints one JSON line: the timed rounds' wall
-times (the fit workflow, from the first message to the aggregate) and their CPU times: user + system time of
-the whole process tree (this ServerApp, Ray's GCS, raylet and workers, the actors running the ClientApps), read
-from /proc before and after each round. ``--cpus 1`` pins the tree to one CPU (every thread of this process, then
-Ray's processes inherit the affinity) and gives Ray one CPU, so one actor runs every client: its wall time is then
-a one-core round.
+exists for) for one warm-up round and ``--rounds`` timed ones; with ``--plain``, FedAvg's rounds without SecAgg+,
+the same simulation otherwise (its message passing, the model sent to every client, the aggregation). Prints one
+JSON line: the timed rounds' wall times (the fit workflow, from the first message to the aggregate) and their CPU
+times: user + system time of the whole process tree (this ServerApp, Ray's GCS, raylet and workers, the actors
+running the ClientApps), read from /proc before and after each round. ``--cpus 1`` pins the tree to one CPU (every
+thread of this process, then Ray's processes inherit the affinity) and gives Ray one CPU, so one actor runs every
+client: its wall time is then a one-core round.
 
     python bench/flower_secaggplus.py --clients 100 --params 1000000 --shares 15 --threshold 8 --cpus 1
 """
@@ -28,6 +29,7 @@ from flwr.common import Context, ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.simulation import run_simulation
 from proctree import pin_threads  # bench/proctree.py, beside this script: nothing else of the project
 
@@ -68,6 +70,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=int, required=True, help="reconstruction_threshold")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--plain", action="store_true", help="the same rounds without SecAgg+: Flower's default fit "
+                        "workflow and no client mod (what Flower's round costs without secure aggregation)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray (and, if fewer than this machine's, the "
                         "ones the process tree is pinned to)")
     args = parser.parse_args()
@@ -79,15 +83,16 @@ def main() -> None:
         def fit(self, parameters, config):
             return [parameters[0] + update], 1, {}
 
-    client_app = ClientApp(client_fn=lambda context: Client().to_client(), mods=[secaggplus_mod])
+    client_app = ClientApp(client_fn=lambda context: Client().to_client(), mods=[] if args.plain else [secaggplus_mod])
     server_app = ServerApp()
     seconds: list[float] = []
     cpu_seconds: list[dict[str, float]] = []
-    secagg = SecAggPlusWorkflow(num_shares=args.shares, reconstruction_threshold=args.threshold)
+    fit = default_fit_workflow if args.plain else SecAggPlusWorkflow(num_shares=args.shares,
+                                                                     reconstruction_threshold=args.threshold)
 
     def timed_fit(grid, context):
         started, cpu_started = time.perf_counter(), tree_cpu_seconds(os.getpid())
-        secagg(grid, context)
+        fit(grid, context)
         seconds.append(time.perf_counter() - started)
         cpu_ended = tree_cpu_seconds(os.getpid())
         cpu_seconds.append({part: round(cpu_ended[part] - cpu_started[part], 2) for part in cpu_ended})
@@ -103,6 +108,7 @@ def main() -> None:
                    backend_config={"client_resources": {"num_cpus": args.cpus / args.actors},
                                    "init_args": {"num_cpus": args.cpus}})
     print(json.dumps({"clients": args.clients, "params": args.params, "actors": args.actors, "cpus": args.cpus,
+                      "plain": args.plain,
                       "round_seconds": seconds[1:], "round_cpu_seconds": cpu_seconds[1:]}), flush=True)
 
 

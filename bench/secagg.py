@@ -14,20 +14,29 @@ appliance.wire's signed float32 Update for the plain one. Printed per configurat
 * **aggregator CPU**: verifying and decoding every message, summing the masked inputs, planning the unmask,
   rebuilding the secrets and removing the masks (secure); verifying, decoding and accumulating every update
   (plain).
-* **round**: the whole round on one core, every device's work and the aggregator's one after the other: their
-  process time summed (CPU), and the wall time of the same steps. The process pins itself to one CPU first, so
-  both are one core's; on this shared machine the wall clock also counts the neighbours' load.
+* **delivery CPU**: carrying every message over HTTP on 127.0.0.1 (aiohttp at both ends, client and server in
+  this process, the aggregator's own body reader), and every device's download and check of the model release
+  (4 MB at P = 1M, the same in both protocols). Device and aggregator CPU above leave it out.
+* **round**: the whole round on one core, every device's work, the aggregator's and delivery's one after the
+  other: their process time summed (CPU), and the wall time of the same steps. The process pins itself, every
+  thread of it, to one CPU first, so both are one core's; on this shared machine the wall clock also counts the
+  neighbours' load. (Before every thread was pinned, OpenBLAS's helper thread, started at numpy's import, spun
+  on the other core after each norm the quantiser took with np.dot and doubled our CPU figure; the quantiser
+  no longer calls BLAS.)
 
 **Flower** (``--flower-python``, or ``$FLWR_PYTHON``: a venv with ``pip install 'flwr[simulation]'``; its
 protobuf, grpc and Ray pins are not forced on the project's venv): bench/flower_secaggplus.py runs Flower's
 SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``) on the same N and P in its simulation engine, with the same
 number of shares (k + 1) and threshold, with one actor and its whole process tree pinned to the same CPU as this
-process. Printed are its round's CPU time (user + system of the process tree: ServerApp, Ray, the actor; in
-brackets the ServerApp's and the actor's only, without Ray's own services, whose share grows with the wall time) and
-wall time (the best of two timed rounds after a warm-up round), and Flower's over ours for each: CPU over CPU,
-wall over wall, one core each. Without dropouts only (its simulated clients do not vanish mid-protocol), and
-only up to ``--flower-max-clients`` (100 by default: its simulation held 1.1-2.9 GB at N <= 100 here, growing
-with N).
+process, and then the same simulation without SecAgg+ (``--plain``). Its round's CPU time is user + system time
+of the process tree (ServerApp, Ray, the actor; "compute": the ServerApp's and the actor's only, without Ray's
+own services, whose share grows with the wall time), its wall time the best of two timed rounds after a warm-up.
+Flower's round includes carrying its messages (ServerApp, in-memory state, Ray object store, the actor) and
+sending the model to every client, so Flower / ours is printed for our whole round (delivery included: like for
+like), for our protocol's work alone (flatters ours: Flower's message passing stays in its figure), and for what
+secure aggregation adds to each side's plain round. Without dropouts only (its simulated clients do not vanish
+mid-protocol), and only up to ``--flower-max-clients`` (100 by default: its simulation held 1.1-2.9 GB at
+N <= 100 here, growing with N).
 
 Dropouts: that fraction of the devices vanishes after the share phase (it could not train in time): their
 masks with the survivors must come off, which is what secure aggregation is for. The plain round just gets
@@ -40,6 +49,7 @@ fewer updates. N = 1000 uses the SecAgg+ graph (as every N does by default: k = 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import os
@@ -51,12 +61,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from aiohttp import ClientSession, web
 from nacl.signing import SigningKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proctree import pin_threads
 
+from aggregator.uploads import BodyReader, ReadDeadline
 from appliance import wire
 from appliance.protocol import graph
 from appliance.protocol import messages as m
@@ -93,10 +105,11 @@ class Device:
 
 
 class Clock:
-    """Process time charged to a device or to the aggregator, and the wall time of all of it."""
+    """Process time charged to a device, to the aggregator or to delivery, and the wall time of all of it."""
 
     def __init__(self) -> None:
         self.aggregator = 0.0
+        self.delivery = 0.0
         self.wall = 0.0
 
     def device(self, d: Device, fn, *args, **kwargs):
@@ -113,10 +126,83 @@ class Clock:
         self.wall += time.perf_counter() - wall_started
         return out
 
+    def deliver(self, fn, *args, **kwargs):
+        started, wall_started = time.process_time(), time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.delivery += time.process_time() - started
+        self.wall += time.perf_counter() - wall_started
+        return out
+
+
+class Loopback:
+    """Carries message bodies over HTTP on 127.0.0.1 with aiohttp, the stack the agent and the aggregator use,
+    client and server on one event loop in this process: what moving the bytes costs both ends. Flower's round
+    pays for its own message passing (ServerApp, its in-memory state, the Ray actor), so ours does too."""
+
+    ANSWER = bytes(200)  # about a Receipt: what the aggregator answers an upload with
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._body = b""
+        app = web.Application(client_max_size=2**31)
+        app.router.add_post("/up", self._up)
+        app.router.add_get("/down", self._down)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        port = self._runner.addresses[0][1]
+        self._url = f"http://127.0.0.1:{port}"
+        self._session = self._loop.run_until_complete(self._open())
+
+    async def _open(self) -> ClientSession:
+        return ClientSession()
+
+    async def _up(self, request: web.Request) -> web.Response:
+        # as the aggregator's upload handler reads a body: into one buffer of the announced length
+        await BodyReader(request.content, request.content_length, 2**31, ReadDeadline()).read_rest()
+        return web.Response(body=self.ANSWER)
+
+    async def _down(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._body)
+
+    async def _post(self, body: bytes) -> bytes:
+        async with self._session.post(self._url + "/up", data=body) as response:
+            return await response.read()
+
+    async def _get(self) -> bytes:
+        async with self._session.get(self._url + "/down") as response:
+            return await response.read()
+
+    def up(self, body: bytes) -> bytes:
+        """A device's POST of ``body``; returns the body the aggregator received."""
+        self._loop.run_until_complete(self._post(body))
+        return body
+
+    def down(self, body: bytes) -> bytes:
+        """A device's GET of ``body`` from the aggregator; returns the bytes it received."""
+        self._body = body
+        return self._loop.run_until_complete(self._get())
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._session.close())
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+
 
 def _update(rng: np.random.Generator, parameters: int) -> tuple[np.ndarray, int]:
     delta = rng.normal(0, 0.3 / np.sqrt(parameters), parameters).astype(np.float32)  # norm about 0.3 < CLIP
     return delta, int(rng.integers(100, 1000))
+
+
+def _model_release(parameters: int, aggregator_key: SigningKey) -> bytes:
+    """The signed model release every device fetches before it trains (the same in both protocols)."""
+    release = wire.ModelRelease(1, bytes(32), {"w": np.zeros(parameters, dtype=np.float32)}, created_at=1)
+    return wire.encode_model_release(release, aggregator_key)[0]
+
+
+def _download_model(carry: Loopback, body: bytes, aggregator_key) -> wire.ModelRelease:
+    return wire.decode_model_release(carry.down(body), aggregator_key)
 
 
 @dataclass
@@ -125,7 +211,8 @@ class Result:
     sent: float
     received: float
     aggregator_cpu: float
-    round_seconds: float
+    delivery: float  # HTTP on loopback for every message, and each device's download and check of the model
+    round_seconds: float  # every device's CPU + the aggregator's + delivery's
     round_wall: float  # the same work's wall time, on the one CPU this process is pinned to
     survivors: int
     exact: bool = True  # the unmasked sum is exactly the sum of the survivors' quantised inputs
@@ -138,6 +225,8 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
     devices = [Device(SigningKey(hashlib.sha256(f"bench device {i}".encode()).digest())) for i in range(n)]
     keys = {d.device_id: d.key.verify_key for d in devices}
     gone = set(rng.permutation(n)[: round(dropout * n)].tolist())
+    carry = Loopback()
+    model = clock.deliver(_model_release, parameters, aggregator_key)
 
     # advertise
     advertised = {}
@@ -145,6 +234,7 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
         d.device = clock.device(d, DeviceRound, ROUND)
         body = clock.device(d, m.encode_advertise, m.Advertise(ROUND, d.device_id, d.device.keys), d.key)
         d.sent += len(body)
+        body = clock.deliver(carry.up, body)
         message = clock.server(m.decode_advertise, body, keys.get)
         advertised[message.device_id] = message.keys
     ids = tuple(sorted(advertised))
@@ -157,11 +247,13 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
     dealings = {}
     for d in devices:
         d.received += len(roster_body)
-        d.roster = clock.device(d, m.decode_roster, roster_body, aggregator_key.verify_key)
+        received = clock.deliver(carry.down, roster_body)
+        d.roster = clock.device(d, m.decode_roster, received, aggregator_key.verify_key)
         d.index = d.roster.index_of(d.device_id)
         dealing = clock.device(d, d.device.deal, d.roster.setup(), d.index)
         body = clock.device(d, m.encode_shares, m.Shares(ROUND, d.device_id, dealing), d.key)
         d.sent += len(body)
+        body = clock.deliver(carry.up, body)
         dealings[d.index] = clock.server(m.decode_shares, body, keys.get).dealing
     setup = roster.setup()
 
@@ -178,14 +270,17 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
         routed_body = clock.server(m.encode_routed, m.Routed(ROUND, d.device_id, d.index, shares, DEADLINE),
                                    aggregator_key)
         d.received += len(routed_body)
-        routed = clock.device(d, m.decode_routed, routed_body, aggregator_key.verify_key)
+        received = clock.deliver(carry.down, routed_body)
+        routed = clock.device(d, m.decode_routed, received, aggregator_key.verify_key)
         d.rejected = clock.device(d, d.device.receive, routed.shares)
         if d.index in gone:
             continue
+        clock.deliver(_download_model, carry, model, aggregator_key.verify_key)
         delta, samples = _update(rng, parameters)
         words = clock.device(d, d.device.mask, delta, samples, np.random.default_rng(d.index))
         body = clock.device(d, m.encode_masked, m.MaskedInput(ROUND, d.device_id, words, tuple(d.rejected)), d.key)
         d.sent += len(body)
+        body = clock.deliver(carry.up, body)
         message = clock.server(m.decode_masked, body, keys.get, parameters + 1)
         rejections[d.index] = set(message.rejected)
         if d.index in counted:
@@ -204,21 +299,25 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
     for v in rejections:
         d = by_index[v]
         d.received += len(request_body)
-        request = clock.device(d, m.decode_unmask_request, request_body, aggregator_key.verify_key)
+        received = clock.deliver(carry.down, request_body)
+        request = clock.device(d, m.decode_unmask_request, received, aggregator_key.verify_key)
         answer = clock.device(d, d.device.answer, request.survivors, request.dropped)
         body = clock.device(d, m.encode_unmask, m.Unmask(ROUND, d.device_id, answer), d.key)
         d.sent += len(body)
+        body = clock.deliver(carry.up, body)
         answers[v] = clock.server(m.decode_unmask, body, keys.get).answer
     commitments = {u: (x.self_commitments, x.key_commitments) for u, x in dealings.items()}
     partners = clock.server(masked_with, setup, set(dealings), rejections)
     clock.server(unmask_total, total, setup, plan, partners, commitments, answers)
     clock.server(dequantise, total, clip_norm=CLIP, levels=setup.levels, max_samples=MAX_SAMPLES)
+    carry.close()
     finished = [d for d in devices if d.index not in gone]
     return Result(
         device_cpu=float(np.mean([d.cpu for d in finished])),
         sent=float(np.mean([d.sent for d in finished])),
         received=float(np.mean([d.received for d in finished])),
-        aggregator_cpu=clock.aggregator, round_seconds=clock.aggregator + sum(d.cpu for d in devices),
+        aggregator_cpu=clock.aggregator, delivery=clock.delivery,
+        round_seconds=clock.aggregator + clock.delivery + sum(d.cpu for d in devices),
         round_wall=clock.wall, survivors=len(plan.survivors),
         exact=bool(np.array_equal(total, expected)),
     )
@@ -232,15 +331,19 @@ def plain_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
     keys = {d.device_id: d.key.verify_key for d in devices}
     gone = set(rng.permutation(n)[: round(dropout * n)].tolist())
     specs = [wire.ParamSpec("w", (parameters,))]
+    carry = Loopback()
+    model = clock.deliver(_model_release, parameters, aggregator_key)
     acc, total = np.zeros(parameters, dtype=np.float64), 0
     for i, d in enumerate(devices):
         if i in gone:
             continue
+        clock.deliver(_download_model, carry, model, aggregator_key.verify_key)
         delta, samples = _update(rng, parameters)
         update = wire.Update(d.device_id, ROUND, 0, bytes(32), samples, {"w": delta}, nonce=bytes(16),
                              created_at=1)
         body = clock.device(d, wire.encode_update, update, d.key)
         d.sent += len(body)
+        body = clock.deliver(carry.up, body)
         received = clock.server(wire.decode_update, body, keys.get, specs)
         clock.server(lambda u=received: np.add(acc, u.tensors["w"] * np.float32(u.num_samples), out=acc))
         total += samples
@@ -248,12 +351,13 @@ def plain_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
                                aggregator_key)
         d.received += len(receipt)
     clock.server(lambda: acc / total)
+    carry.close()
     finished = [d for i, d in enumerate(devices) if i not in gone]
     return Result(
         device_cpu=float(np.mean([d.cpu for d in finished])), sent=float(np.mean([d.sent for d in finished])),
         received=float(np.mean([d.received for d in finished])), aggregator_cpu=clock.aggregator,
-        round_seconds=clock.aggregator + sum(d.cpu for d in devices), round_wall=clock.wall,
-        survivors=len(finished),
+        delivery=clock.delivery, round_seconds=clock.aggregator + clock.delivery + sum(d.cpu for d in devices),
+        round_wall=clock.wall, survivors=len(finished),
     )
 
 
@@ -262,7 +366,7 @@ FLOWER_SCRIPT = Path(__file__).resolve().with_name("flower_secaggplus.py")
 
 @dataclass
 class Flower:
-    """Flower's SecAgg+ round on the same N and P (best of its timed rounds), or why there is none."""
+    """Flower's round on the same N and P (best of its timed rounds), or why there is none."""
 
     cpu: float = 0.0  # user + system seconds of its whole process tree (ServerApp, Ray, the actor)
     compute_cpu: float = 0.0  # of that, the ServerApp's and the actor's (without Ray's own services)
@@ -270,10 +374,12 @@ class Flower:
     failure: str = ""
 
 
-def flower_round(python: str, n: int, parameters: int) -> Flower:
+def flower_round(python: str, n: int, parameters: int, plain: bool = False) -> Flower:
+    """Flower's SecAgg+ round (``plain``: its FedAvg round without SecAgg+) in Flower's own venv."""
     k = graph.effective_neighbours(n, None)
     command = [python, str(FLOWER_SCRIPT), "--clients", str(n), "--params", str(parameters),
-               "--shares", str(k + 1), "--threshold", str(threshold_for(k)), "--actors", "1", "--cpus", "1"]
+               "--shares", str(k + 1), "--threshold", str(threshold_for(k)), "--actors", "1", "--cpus", "1",
+               *(["--plain"] if plain else [])]
     with tempfile.TemporaryDirectory() as scratch:  # Ray writes its session files under the working directory
         try:
             run = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=scratch,
@@ -288,6 +394,38 @@ def flower_round(python: str, n: int, parameters: int) -> Flower:
     cpu = min(result["round_cpu_seconds"], key=lambda parts: sum(parts.values()))
     return Flower(cpu=sum(cpu.values()), compute_cpu=cpu["serverapp"] + cpu["actors"],
                   wall=min(result["round_seconds"]))
+
+
+def flower_comparison(secure: Result, plain: Result, flower: Flower, flower_plain: Flower) -> list[str]:
+    """Flower against ours, one core each, three ways: the whole round (ours with its delivery: HTTP on loopback
+    and the model download, as Flower's round carries its messages and sends the model to every client); the
+    protocol's work alone (ours without delivery: Flower's message passing cannot be taken out of its figure, so
+    this one flatters ours); and what secure aggregation adds to each side's plain round."""
+    if flower.failure:
+        return [f"  Flower SecAgg+: {flower.failure}"]
+    protocol = secure.round_seconds - secure.delivery
+    lines = [
+        f"  Flower SecAgg+ round: {flower.cpu:.2f} CPU s (ServerApp + actor {flower.compute_cpu:.2f}) / "
+        f"{flower.wall:.2f} wall s",
+        f"  ours, secure round:   {secure.round_seconds:.2f} CPU s / {secure.round_wall:.2f} wall s = protocol "
+        f"{protocol:.2f} (devices {protocol - secure.aggregator_cpu:.2f}, aggregator {secure.aggregator_cpu:.2f}) "
+        f"+ delivery {secure.delivery:.2f}",
+        f"  Flower / ours, whole round:      {flower.cpu / secure.round_seconds:.1f}x CPU "
+        f"({flower.compute_cpu / secure.round_seconds:.1f}x) / {flower.wall / secure.round_wall:.1f}x wall",
+        f"  Flower / ours, protocol's work:  {flower.cpu / protocol:.1f}x CPU ({flower.compute_cpu / protocol:.1f}x) "
+        "(our delivery left out, Flower's message passing not)",
+    ]
+    if flower_plain.failure:
+        lines.append(f"  Flower without SecAgg+: {flower_plain.failure}")
+    else:
+        added, ours_added = flower.cpu - flower_plain.cpu, secure.round_seconds - plain.round_seconds
+        lines += [
+            f"  Flower without SecAgg+: {flower_plain.cpu:.2f} CPU s ({flower_plain.compute_cpu:.2f}) / "
+            f"{flower_plain.wall:.2f} wall s; ours plain: {plain.round_seconds:.2f} CPU s",
+            f"  what secure aggregation adds: Flower {added:.2f} CPU s, ours {ours_added:.2f}: "
+            f"{added / ours_added:.1f}x",
+        ]
+    return lines
 
 
 def pin_to_one_cpu() -> int:
@@ -312,38 +450,35 @@ def main() -> int:
     cpu = pin_to_one_cpu()
     print(f"pinned to CPU {cpu}; Flower (one actor) runs pinned to it too")
     print(f"{'N':>5} {'P':>9} {'drop':>5} {'k':>3} {'t':>3} | {'device CPU s':>21} | {'device sent':>25} | "
-          f"{'received':>10} | {'aggregator CPU s':>21} | {'round CPU s':>17} | {'round':>6} | "
-          f"{'Flower SecAgg+ round':>27} | {'Flower / ours':>20} | sum of")
+          f"{'received':>10} | {'aggregator CPU s':>21} | {'delivery CPU s':>15} | {'round CPU s':>17} | "
+          f"{'round':>6} | sum of")
     print(f"{'':>29} | {'secure / plain':>21} | {'secure / plain (ratio)':>25} | {'secure':>10} | "
-          f"{'secure / plain':>21} | {'secure / plain':>17} | {'wall s':>6} | {'CPU s (compute) / wall s':>27} | "
-          f"{'CPU (compute) / wall':>20} |")
+          f"{'secure / plain':>21} | {'secure / plain':>15} | {'secure / plain':>17} | {'wall s':>6} |")
     for n in args.devices:
         for p in args.params:
             for drop in args.dropout:
                 secure = secure_round(n, p, drop, args.seed)
                 plain = plain_round(n, p, drop, args.seed)
                 k = graph.effective_neighbours(n, None)
-                flower, ratio = "-", "-"
-                if args.flower_python and drop == 0 and n <= args.flower_max_clients:
-                    run = flower_round(args.flower_python, n, p)
-                    flower = run.failure or f"{run.cpu:.2f} ({run.compute_cpu:.2f}) / {run.wall:.2f}"
-                    if not run.failure:
-                        ours = secure.round_seconds
-                        ratio = (f"{run.cpu / ours:.1f}x ({run.compute_cpu / ours:.1f}x) / "
-                                 f"{run.wall / secure.round_wall:.1f}x")
-                elif drop == 0 and args.flower_python:
-                    flower = f"not run (N > {args.flower_max_clients})"
                 print(
                     f"{n:>5} {p:>9} {drop:>5.0%} {k:>3} {threshold_for(k):>3} | "
                     f"{secure.device_cpu:>9.3f} / {plain.device_cpu:>9.4f} | "
                     f"{secure.sent / 1e6:>8.3f} / {plain.sent / 1e6:>6.3f} MB ({secure.sent / plain.sent:.3f}x) | "
                     f"{secure.received / 1e3:>7.1f} kB | "
                     f"{secure.aggregator_cpu:>9.2f} / {plain.aggregator_cpu:>9.2f} | "
+                    f"{secure.delivery:>6.2f} / {plain.delivery:>6.2f} | "
                     f"{secure.round_seconds:>7.2f} / {plain.round_seconds:>7.2f} | {secure.round_wall:>6.2f} | "
-                    f"{flower:>27} | {ratio:>20} | "
                     f"{secure.survivors} devices{'' if secure.exact else ' NOT EXACT'}",
                     flush=True,
                 )
+                if not args.flower_python or drop != 0:
+                    continue
+                if n > args.flower_max_clients:
+                    print(f"  Flower: not run (N > {args.flower_max_clients})")
+                    continue
+                flower = flower_round(args.flower_python, n, p)
+                flower_plain = flower_round(args.flower_python, n, p, plain=True)
+                print("\n".join(flower_comparison(secure, plain, flower, flower_plain)), flush=True)
     return 0
 
 

@@ -190,6 +190,7 @@ class DeviceRound:
         self._held: dict[int, tuple[int, int]] = {}  # dealer -> (share of b, share of r), own shares included
         self._accepted: list[int] = []  # neighbours whose shares verified: the ones masked with
         self._answered: dict[int, str] = {}  # dealer -> "self" or "key": the kind of share already given out
+        self._boxes: dict[int, Box] = {}  # neighbour -> crypto_box with it: one X25519 per neighbour, not two
 
     def deal(self, setup: RoundSetup, index: int) -> Dealing:
         """Phase 2: split b and r among the neighbours and itself; encrypt each neighbour's shares to it."""
@@ -203,7 +204,7 @@ class DeviceRound:
         self._held[index] = (self_shares[x_of(index)], key_shares[x_of(index)])
         ciphertexts = {}
         for h in setup.graph[index]:
-            box = Box(self._cipher, PublicKey(setup.keys[h].cipher))
+            box = self._box(setup, h)
             plain = _share_plaintext(self.round_id, index, h, self_shares[x_of(h)], key_shares[x_of(h)])
             ciphertexts[h] = bytes(box.encrypt(plain, self._entropy(Box.NONCE_SIZE)))
         return Dealing(tuple(self_commitments), tuple(key_commitments), ciphertexts)
@@ -258,7 +259,7 @@ class DeviceRound:
         if r.key_commitments[0] != setup.keys[r.dealer].mask:
             return None
         try:
-            plain = Box(self._cipher, PublicKey(setup.keys[r.dealer].cipher)).decrypt(r.ciphertext)
+            plain = self._box(setup, r.dealer).decrypt(r.ciphertext)
         except (CryptoError, ValueError, TypeError):
             return None
         if len(plain) != SHARE_PLAINTEXT_BYTES:
@@ -270,6 +271,11 @@ class DeviceRound:
             return shamir.scalar_from_bytes(plain[16:48]), shamir.scalar_from_bytes(plain[48:80])
         except ValueError:
             return None
+
+    def _box(self, setup: RoundSetup, other: int) -> Box:
+        if other not in self._boxes:
+            self._boxes[other] = Box(self._cipher, PublicKey(setup.keys[other].cipher))
+        return self._boxes[other]
 
     def mask(self, delta: np.ndarray, num_samples: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """Phase 3, second half: the masked input (P + 1 uint32 words) of a clipped update; with distributed DP
