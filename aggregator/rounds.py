@@ -72,7 +72,10 @@ def update_norm_bound(explicit: float | None, clip_norm: float, params: np.ndarr
         return explicit, "max-update-norm"
     if clip_norm > 0:
         return min(CLIP_NORM_HEADROOM * clip_norm, MAX_UPDATE_NORM), "clip-norm"
-    size = float(np.linalg.norm(params.astype(np.float64)))
+    # einsum, not np.linalg.norm: OpenBLAS splits a long float64 dot product over its helper threads, which then
+    # spin ~0.1 s before they sleep (measured: 111 ms of CPU for 1M parameters, against 0.8 ms for einsum).
+    wide = params.astype(np.float64).ravel()
+    size = math.sqrt(float(np.einsum("i,i->", wide, wide)))
     return min(max(size, float(np.sqrt(params.size)), 1.0), MAX_UPDATE_NORM), "model"
 
 

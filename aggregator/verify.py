@@ -16,6 +16,7 @@ and numpy release the GIL.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,10 +107,13 @@ def delta_of(verified: wire.Verified, layout: Layout, limits: wire.Limits) -> tu
     """The update of a verified envelope, its delta as one flat float32 vector in the layout's order, and the
     delta's L2 norm."""
     flat = spool_vector(layout.size)
-    update = wire.update_from(verified, layout.specs, limits, into=flat)
+    update = wire.update_from(verified, layout.specs, limits, into=flat, finite=False)
+    # One pass for the norm and the finiteness check: a NaN or an infinity makes the sum of squares NaN or inf.
     with np.errstate(over="ignore"):  # a float32 sum of squares past 3.4e38 is inf: over any bound, as it should be
-        norm = float(np.linalg.norm(flat))
-    return update, flat, norm
+        squares = float(np.dot(flat, flat))
+    if not math.isfinite(squares):
+        wire.check_finite(update.tensors)  # not-finite, naming the tensor; else finite values overflowed the sum
+    return update, flat, math.sqrt(squares)
 
 
 def envelope_in(body: memoryview, head: bytes, verified: wire.Verified) -> wire.Verified:

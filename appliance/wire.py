@@ -45,6 +45,7 @@ __all__ = [
     "Task",
     "Update",
     "Verified",
+    "check_finite",
     "decode_model_release",
     "decode_receipt",
     "decode_task",
@@ -329,6 +330,7 @@ def decode_tensors(
     *,
     dequantise: bool = True,
     into: np.ndarray | None = None,
+    finite: bool = True,
 ) -> tuple[dict[str, np.ndarray], str]:
     """Decode a tensor section into float32 arrays (views of ``section`` for float32), and its encoding.
 
@@ -336,6 +338,9 @@ def decode_tensors(
     be finite (``not-finite``). With ``into`` too (a contiguous float32 vector of the specs' total size), each
     tensor is written straight into its slice of it, in specs order and dequantised on the way, and the arrays
     returned are views of it: one pass over the data instead of a conversion and then a copy.
+
+    ``finite=False`` leaves the finiteness check to a caller that reads every value anyway (the aggregator's
+    norm of the delta is NaN or infinite when a value is; it then calls :func:`check_finite`): one pass less.
     """
     tensor_limits = Limits(
         max_bytes=limits.max_bytes,
@@ -393,12 +398,13 @@ def decode_tensors(
             out[spec.name] = target
         # int8 times a scale checked above is always finite; float16 and float32 data may hold NaN or Inf. One
         # pass over the whole vector; the tensor is named only when there is one to name.
-        if encodings != {"int8"} and not np.isfinite(into).all():
-            _check_finite(out)
+        if finite and encodings != {"int8"} and not np.isfinite(into).all():
+            check_finite(out)
     else:
         if dequantise:
             out = {name: _dequantise(array, scales.get(name)) for name, array in out.items()}
-        _check_finite(out)
+        if finite:
+            check_finite(out)
     if len(encodings) > 1:
         raise ProtocolError("bad-tensor", f"mixed encodings {sorted(encodings)} in one message")
     return out, (encodings.pop() if encodings else "float32")
@@ -415,7 +421,8 @@ def _dequantise(array: np.ndarray, scale: float | None, out: np.ndarray | None =
     return out
 
 
-def _check_finite(tensors: Mapping[str, np.ndarray]) -> None:
+def check_finite(tensors: Mapping[str, np.ndarray]) -> None:
+    """``not-finite`` naming the first tensor that holds a NaN or an infinity."""
     for name, array in tensors.items():
         if not np.isfinite(array).all():
             raise ProtocolError("not-finite", f"tensor {name!r} holds NaN or Inf")
@@ -528,9 +535,11 @@ def update_from(
     limits: Limits = DEFAULT_LIMITS,
     *,
     into: np.ndarray | None = None,
+    finite: bool = True,
 ) -> Update:
     """:func:`decode_update` of an envelope already verified by :func:`verify` (its signature is not checked
-    again): the payload's fields, then the tensor section against the signed digest, then the tensors."""
+    again): the payload's fields, then the tensor section against the signed digest, then the tensors
+    (``into`` and ``finite``: see :func:`decode_tensors`)."""
     p = verified.payload
     _type(p, "update")
     device = _field(p, "device", str)
@@ -546,7 +555,7 @@ def update_from(
     declared = _field(p, "encoding", str)
     if declared not in ENCODINGS:
         raise ProtocolError("bad-payload", f"unknown encoding {declared!r}")
-    tensors, encoding = decode_tensors(section, specs, limits, into=into)
+    tensors, encoding = decode_tensors(section, specs, limits, into=into, finite=finite)
     if tensors and encoding != declared:
         raise ProtocolError("bad-tensor", f"tensor section is {encoding} but the signed payload says {declared}")
     return Update(

@@ -57,6 +57,12 @@ def test_a_non_finite_value_is_refused_naming_its_tensor(encoding: str) -> None:
     with pytest.raises(ProtocolError) as refused:
         wire.decode_tensors(section, SPECS, into=np.empty(SIZE, dtype=np.float32))
     assert refused.value.reason == "not-finite" and "'conv'" in refused.value.detail
+    # finite=False leaves the check to the caller (the aggregator's norm), who names the tensor the same way
+    views, _ = wire.decode_tensors(section, SPECS, into=np.empty(SIZE, dtype=np.float32), finite=False)
+    assert not np.isfinite(views["conv"][1, 0, 1])
+    with pytest.raises(ProtocolError) as refused:
+        wire.check_finite(views)
+    assert refused.value.reason == "not-finite" and "'conv'" in refused.value.detail
 
 
 def test_a_section_that_does_not_match_the_specs_is_refused_before_anything_is_written() -> None:
