@@ -94,6 +94,7 @@ STATUS_FOR_REASON = {
     "wrong-shape": 422,
     "not-finite": 422,
     "norm-too-large": 422,
+    "too-many-samples": 422,
     "expired": 422,
     "wrong-encoding": 422,
     # secure aggregation (docs/protocol.md section 12.7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -22,7 +23,7 @@ from aggregator.adaptive_clip import AdaptiveClip, AdaptiveClipError
 from aggregator.buffered import STALENESS_WEIGHTINGS, BufferConfigError, BufferPolicy, check_buffered_strategy
 from aggregator.privacy import MODES, DPConfig, PrivacyError, check_mode, check_private_strategy
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
-from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.rounds import DEFAULT_MAX_SAMPLES, MAX_SAMPLES_LIMIT, RoundPolicy, TrainingPlan
 from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy
 from aggregator.store import Store, StoreError
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
@@ -133,6 +134,18 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _max_samples(text: str) -> int:
+    """``--max-samples``: a whole number of samples that a signed update can carry (1 to 2^31 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_SAMPLES_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a whole number of samples from 1 to {MAX_SAMPLES_LIMIT}, "
+                                         f"got {text!r}")
+    return value
+
+
 def _synthetic_parameters(text: str) -> int:
     """A synthetic model has two tensors of at least one parameter each."""
     value = int(text)
@@ -182,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-update-norm", type=float,
                        help="refuse deltas with a larger L2 norm, at most 1e15 (default: 1.1 x --clip-norm when set, "
                        "else max(||params||, sqrt(P)) of the round's model)")
+    serve.add_argument("--max-samples", type=_max_samples, default=DEFAULT_MAX_SAMPLES, metavar="N",
+                       help="refuse (422 too-many-samples) an update that claims more than N samples, its weight in "
+                       f"the average (default {DEFAULT_MAX_SAMPLES}: an agent's default frame buffer; raise it for "
+                       "devices that train on more). A site enrolled with `enroll --site` forwards its devices' sum "
+                       "and is exempt. With --secure-aggregation the count is masked and cannot be checked: N is the "
+                       "roster's weight cap instead (devices weigh min(samples, N), at most 2^20), which a device "
+                       "that does not follow the protocol can exceed")
     serve.add_argument("--update-window", type=float, default=3600.0,
                        help="refuse updates created more than this many seconds ago")
     serve.add_argument("--epochs", type=int, default=1)
@@ -239,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--from", dest="from_file", type=Path,
                         help="JSON lines {device_id, public_key, name} as written by `flctl provision`")
     enroll.add_argument("--name", default="", help="name recorded with keys given on the command line")
+    enroll.add_argument("--site", action="store_true",
+                        help="the keys are site aggregators (serve --upstream) of this one: their updates carry the "
+                        "sum of their devices' samples, so serve --max-samples does not apply to them")
 
     revoke = sub.add_parser("revoke", help="refuse all further updates from a device")
     revoke.add_argument("--state", type=Path, required=True)
@@ -333,7 +356,11 @@ def _secure_aggregation(args: argparse.Namespace) -> SecAggConfig | None:
                            "--secure-aggregation")
         return None
     try:
-        config = SecAggConfig(**{k: v for k, v in given.items() if v is not None})
+        SecAggConfig(max_samples=args.max_samples)
+    except SecAggConfigError as exc:
+        raise CliError(f"--max-samples {args.max_samples} with --secure-aggregation: {exc}") from None
+    try:
+        config = SecAggConfig(max_samples=args.max_samples, **{k: v for k, v in given.items() if v is not None})
         check_secure_strategy(STRATEGIES[args.strategy], args.clip_norm, args.dp == "central")
     except SecAggConfigError as exc:
         raise CliError(str(exc)) from None
@@ -397,6 +424,7 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
         policy = RoundPolicy(
             min_clients=args.min_clients, goal_clients=args.goal_clients, round_timeout=args.round_timeout,
             max_rounds=args.rounds, update_window=args.update_window, max_update_norm=args.max_update_norm,
+            max_samples=args.max_samples,
             buffer=_buffer(args),
         )
         plan = TrainingPlan(
@@ -453,9 +481,9 @@ def _open_store(state: Path) -> Store:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     try:
-        enrolments = [enrolment_for_key(k, args.name) for k in args.public_keys]
+        enrolments = [enrolment_for_key(k, args.name, args.site) for k in args.public_keys]
         if args.from_file:
-            enrolments += read_enrolment_file(args.from_file)
+            enrolments += [dataclasses.replace(e, site=args.site) for e in read_enrolment_file(args.from_file)]
     except EnrolmentError as exc:
         raise CliError(str(exc)) from None
     if not enrolments:
@@ -468,7 +496,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     finally:
         store.close()
     for enrolment, added in results:
-        print(f"{enrolment.device_id} {'enrolled' if added else 'already enrolled'} {enrolment.name}".rstrip())
+        what = ("enrolled" if added else "already enrolled") + (" as a site" if enrolment.site else "")
+        print(f"{enrolment.device_id} {what} {enrolment.name}".rstrip())
     return 0
 
 

@@ -28,6 +28,7 @@ class Enrolment:
     device_id: str
     public_key: bytes
     name: str = ""
+    site: bool = False  # a site aggregator (its updates carry its devices' summed samples)
 
 
 def parse_public_key(text: str) -> VerifyKey:
@@ -48,9 +49,9 @@ def parse_public_key(text: str) -> VerifyKey:
     return VerifyKey(raw)
 
 
-def enrolment_for_key(text: str, name: str = "") -> Enrolment:
+def enrolment_for_key(text: str, name: str = "", site: bool = False) -> Enrolment:
     key = parse_public_key(text)
-    return Enrolment(device_id=key_id(key), public_key=bytes(key), name=name)
+    return Enrolment(device_id=key_id(key), public_key=bytes(key), name=name, site=site)
 
 
 def read_enrolment_file(path: Path) -> list[Enrolment]:
@@ -102,7 +103,7 @@ class Registry:
         results = []
         for e in enrolments:
             try:
-                results.append((e, self.store.enroll(e.device_id, e.public_key, e.name)))
+                results.append((e, self.store.enroll(e.device_id, e.public_key, e.name, e.site)))
             except StoreError as exc:
                 raise EnrolmentError(str(exc)) from None
         return results
@@ -128,6 +129,10 @@ class Registry:
         acknowledged before its revocation.)"""
         device = self.store.device(kid)
         return None if device is None else VerifyKey(device.public_key)
+
+    def is_site(self, kid: str) -> bool:
+        """Whether ``kid`` was enrolled as a site aggregator (``fl-aggregator enroll --site``)."""
+        return self.store.is_site(kid)
 
     def active_count(self) -> int:
         return self.store.active_device_count()

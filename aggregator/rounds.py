@@ -57,6 +57,13 @@ T = TypeVar("T")
 MAX_UPDATE_NORM = 1e15
 # Headroom of the clip-norm bound: a device's clipped float32 delta, quantised, may come out a little longer.
 CLIP_NORM_HEADROOM = 1.1
+# The largest sample count one update may carry weight for (``--max-samples``). An agent trains on the newest
+# ``samples_per_round`` frames of its buffer (512 by default), which holds at most ``buffer_max_frames`` (4096 by
+# default), and signs that count once, whatever the epochs: an honest agent with the default buffer never
+# claims more than 4096. Secure rounds use the same number as the weight cap W of their roster.
+DEFAULT_MAX_SAMPLES = 4096
+# What an update's signed num_samples can hold at all (aggregator/verify.py refuses more as bad-payload).
+MAX_SAMPLES_LIMIT = 2**31 - 1
 
 
 def update_norm_bound(explicit: float | None, clip_norm: float, params: np.ndarray) -> tuple[float, str]:
@@ -91,6 +98,9 @@ class RoundPolicy:
     clock_skew: float = 300.0  # ...and at most this far in the future
     # L2 bound on a delta. None: derived per round (see :func:`update_norm_bound`); there is always a bound.
     max_update_norm: float | None = None
+    # The largest num_samples one device's update may claim (its weight in every sum-based rule); more: refused.
+    # An update signed by an enrolled site (``enroll --site``) carries its devices' sum and is not held to it.
+    max_samples: int = DEFAULT_MAX_SAMPLES
     # Async mode (FedBuff): a round is a buffer of this policy's K updates; None: synchronous rounds.
     buffer: BufferPolicy | None = None
 
@@ -103,6 +113,8 @@ class RoundPolicy:
             raise ValueError("round-timeout must be positive")
         if self.max_update_norm is not None and not 0 < self.max_update_norm <= MAX_UPDATE_NORM:
             raise ValueError(f"max-update-norm must be in (0, {MAX_UPDATE_NORM:g}]")
+        if not 1 <= self.max_samples <= MAX_SAMPLES_LIMIT:
+            raise ValueError(f"max-samples must be in [1, {MAX_SAMPLES_LIMIT}], got {self.max_samples}")
         if self.buffer is not None and self.min_clients > self.buffer.size:
             raise ValueError(f"--min-clients ({self.min_clients}) must not exceed --buffer ({self.buffer.size}): "
                              "a buffer publishes at K updates")
@@ -539,6 +551,7 @@ class RoundEngine:
                 f"created_at {header.created_at} is outside the accepted window "
                 f"[{int(now - self.policy.update_window)}, {int(now + self.policy.clock_skew)}]",
             )
+        self._check_samples(header)
         round_ = self.current
         if self.policy.buffer is not None and round_ is not None:
             return self._admit_buffered(header, digest, round_, self.policy.buffer)
@@ -562,6 +575,19 @@ class RoundEngine:
                 "duplicate", f"device {header.device_id} already has a different update in round {round_.round_id}"
             )
         return round_
+
+    def _check_samples(self, header: UpdateHeader) -> None:
+        """Refuse a device's claim of more samples than ``--max-samples``: the count is its weight in the sum, and a
+        signature proves who sent it, not that it is true. A site's forward (``enroll --site``) sums its devices'
+        counts, each held to the site's own bound, and is not held to this per-device one."""
+        bound = self.policy.max_samples
+        if header.num_samples > bound and not self.registry.is_site(header.device_id):
+            raise ProtocolError(
+                "too-many-samples",
+                f"the update claims {header.num_samples} samples; one update counts for at most {bound} here "
+                "(--max-samples): raise it for devices that train on more frames, or enrol a site aggregator with "
+                "`fl-aggregator enroll --site`",
+            )
 
     def _admit_buffered(
         self, header: UpdateHeader, digest: bytes, round_: OpenRound, buffer: BufferPolicy
@@ -959,6 +985,7 @@ class RoundEngine:
                 "round_timeout": self.policy.round_timeout,
                 "max_rounds": self.policy.max_rounds,
                 "max_update_norm": self.policy.max_update_norm,
+                "max_samples": self.policy.max_samples,
             },
             "current_round": None
             if r is None
@@ -971,6 +998,7 @@ class RoundEngine:
                 "closing": r.closing,
                 "max_update_norm": r.norm_bound,
                 "max_update_norm_source": r.norm_bound_source,
+                "max_samples": self.policy.max_samples,
                 "clip_norm": r.clip_norm,
             },
             "rounds": rounds,

@@ -138,7 +138,9 @@ def render(status: dict[str, Any], fleet: dict[str, Any] | None = None) -> str:
     if current:
         left = max(0.0, current["deadline"] - time.time())
         now = (f"round {current['round']} on model v{current['model_version']}: {current['accepted']} of "
-               f"{current['goal']} updates, closes in {left:.0f} s" + (" (closing)" if current["closing"] else ""))
+               f"{current['goal']} updates, closes in {left:.0f} s" + (" (closing)" if current["closing"] else "")
+               + f"; an update counts with L2 norm at most {current['max_update_norm']:.4g} "
+               f"({current['max_update_norm_source']}) and at most {current['max_samples']} samples (max-samples)")
     else:
         now = "no round open"
     rows = []

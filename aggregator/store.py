@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS devices (
     enrolled_at REAL NOT NULL,
     revoked_at  REAL
 );
+-- Enrolled keys that are site aggregators (enroll --site): their update carries the sum of their devices'
+-- samples, so the per-device --max-samples does not apply to it.
+CREATE TABLE IF NOT EXISTS sites (
+    device_id TEXT PRIMARY KEY REFERENCES devices (device_id)
+);
 CREATE TABLE IF NOT EXISTS rounds (
     round_id      INTEGER PRIMARY KEY,
     model_version INTEGER NOT NULL,
@@ -253,8 +258,9 @@ class Store:
 
     # ------------------------------------------------------------------------------------------- devices
 
-    def enroll(self, device_id: str, public_key: bytes, name: str = "") -> bool:
-        """Add a device; False when it was already enrolled with this key (enrolment is idempotent)."""
+    def enroll(self, device_id: str, public_key: bytes, name: str = "", site: bool = False) -> bool:
+        """Add a device (``site``: a site aggregator); False when it was already enrolled with this key, as a site
+        if ``site`` (enrolment is idempotent; enrolling a device again with ``site`` makes it one)."""
         with self._transaction() as db:
             row = db.execute("SELECT public_key, revoked_at FROM devices WHERE device_id=?", (device_id,)).fetchone()
             if row is not None:
@@ -262,12 +268,17 @@ class Store:
                     raise StoreError(f"device {device_id} was revoked; a revoked key cannot be enrolled again")
                 if bytes(row[0]) != public_key:
                     raise StoreError(f"device {device_id} is enrolled with another key")
-                return False
-            db.execute(
-                "INSERT INTO devices (device_id, public_key, name, enrolled_at) VALUES (?, ?, ?, ?)",
-                (device_id, public_key, name, time.time()),
-            )
-            return True
+            else:
+                db.execute(
+                    "INSERT INTO devices (device_id, public_key, name, enrolled_at) VALUES (?, ?, ?, ?)",
+                    (device_id, public_key, name, time.time()),
+                )
+            marked = site and db.execute("INSERT OR IGNORE INTO sites (device_id) VALUES (?)", (device_id,)).rowcount
+            return row is None or bool(marked)
+
+    def is_site(self, device_id: str) -> bool:
+        """Whether ``device_id`` was enrolled as a site aggregator."""
+        return self._reader().execute("SELECT 1 FROM sites WHERE device_id=?", (device_id,)).fetchone() is not None
 
     def revoke(self, device_id: str) -> bool:
         """Revoke a device; False when it was already revoked. Unknown ids are an error."""

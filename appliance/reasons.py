@@ -50,6 +50,7 @@ AGGREGATOR_UPLOAD_REASONS: tuple[str, ...] = (
     "wrong-model",
     "duplicate",
     "norm-too-large",
+    "too-many-samples",
     "body-too-large",
     "unsupported-media-type",
     "unsupported-content-encoding",

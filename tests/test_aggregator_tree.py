@@ -20,7 +20,9 @@ import pytest
 from nacl.signing import SigningKey
 
 from aggregator import cli
-from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.app import SERVICES
+from aggregator.registry import Enrolment
+from aggregator.rounds import DEFAULT_MAX_SAMPLES, RoundPolicy, TrainingPlan
 from aggregator.simulate import SimulatedDevice
 from aggregator.upstream import TASKS_DIR, UpstreamConfig
 from appliance import modelpkg, wire
@@ -38,22 +40,27 @@ async def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str
 
 @contextlib.asynccontextmanager
 async def tree(
-    tmp: Path, city_timeout: float = 60.0, site_timeout: float = 60.0, city_plan: TrainingPlan | None = None
+    tmp: Path, city_timeout: float = 60.0, site_timeout: float = 60.0, city_plan: TrainingPlan | None = None,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
 ) -> AsyncIterator[tuple[Harness, list[Harness]]]:
-    """A city with two enrolled sites; each site has two enrolled devices and follows the city."""
+    """A city with two sites enrolled as sites (``enroll --site``); each site has two enrolled devices and follows
+    the city. City and sites hold devices to ``max_samples``."""
     city_key = SigningKey.generate()
     site_keys = [SigningKey.generate(), SigningKey.generate()]
     async with running(
-        tmp / "city", key=city_key, enrolled=[SimulatedDevice(key=k) for k in site_keys],
-        policy=RoundPolicy(min_clients=1, goal_clients=2, round_timeout=city_timeout),
+        tmp / "city", key=city_key, enrolled=[],
+        policy=RoundPolicy(min_clients=1, goal_clients=2, round_timeout=city_timeout, max_samples=max_samples),
         plan=city_plan or TrainingPlan(),
     ) as city:
+        city.app[SERVICES].registry.enroll(Enrolment(wire.key_id(k.verify_key), bytes(k.verify_key), site=True)
+                                           for k in site_keys)
         upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
         async with contextlib.AsyncExitStack() as stack:
             sites = [
                 await stack.enter_async_context(running(
                     tmp / f"site{i}", devices=2, key=key, upstream=upstream,
-                    policy=RoundPolicy(min_clients=2, goal_clients=2, round_timeout=site_timeout),
+                    policy=RoundPolicy(min_clients=2, goal_clients=2, round_timeout=site_timeout,
+                                       max_samples=max_samples),
                 ))
                 for i, key in enumerate(site_keys)
             ]
@@ -114,6 +121,36 @@ def test_tree_two_rounds_equal_flat_fedavg(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(layout.flatten(release.tensors), city.engine.params)
                 row = site.engine.store.recent_rounds(5)[1]
                 assert row.status == "published" and "forwarded to upstream round 2" in row.note
+
+    run(scenario())
+
+
+def test_max_samples_holds_each_device_at_its_site_and_not_the_sites_sums_at_the_city(tmp_path: Path) -> None:
+    """``--max-samples 100`` on the city and the sites: a site refuses its device's claim of 101 samples, and the
+    city takes each site's forward of 150 and 170 samples (the sums of its devices', from keys enrolled with
+    ``enroll --site``), so its model is still FedAvg over the four devices."""
+
+    async def scenario() -> None:
+        async with tree(tmp_path, max_samples=100) as (city, sites):
+            layout = city.engine.models.layout
+            base = city.engine.params.astype(np.float64)
+            rng = np.random.default_rng(5)
+            flat: list[tuple[np.ndarray, int]] = []
+            for site, samples in zip(sites, [(60, 90), (80, 90)], strict=True):
+                task = await site_task(site, 0)
+                delta = {spec.name: rng.normal(0, 0.05, spec.shape).astype(np.float32) for spec in site.specs}
+                status, problem = await site.upload(site.devices[0].update(task, delta, num_samples=101))
+                assert (status, problem["reason"]) == (422, "too-many-samples")
+                for device, n in zip(site.devices, samples, strict=True):
+                    delta = {spec.name: rng.normal(0, 0.05, spec.shape).astype(np.float32) for spec in site.specs}
+                    status, answer = await site.upload(device.update(task, delta, num_samples=n))
+                    assert status == 200, answer
+                    flat.append((layout.flatten(delta), n))
+            await wait_until(lambda: city.engine.version == 1, what="city version 1")
+            np.testing.assert_allclose(city.engine.params, flat_fedavg(base, flat), rtol=1e-5, atol=1e-7)
+            closed = city.engine.store.get_round(1)
+            assert closed.status == "published" and (closed.participants, closed.samples) == (2, 320)
+            assert city.rejected("too-many-samples") == 0
 
     run(scenario())
 
@@ -323,7 +360,8 @@ def test_tree_of_real_processes_with_a_real_package(tmp_path: Path) -> None:
     for state in (city_state, site_state):  # the same package, signed by each aggregator: the same digest
         modelpkg.write_package(state / "tiny.flpkg", pkg, keys[state])
     devices = [SimulatedDevice(), SimulatedDevice()]
-    assert cli.main(["enroll", "--state", str(city_state), (site_state / "aggregator.pub").read_text().strip()]) == 0
+    assert cli.main(["enroll", "--state", str(city_state), "--site",
+                     (site_state / "aggregator.pub").read_text().strip()]) == 0
     assert cli.main(["enroll", "--state", str(site_state), *(d.public_key_hex for d in devices)]) == 0
     city_port, site_port = free_port(), free_port()
     city_url, site_url = f"https://127.0.0.1:{city_port}", f"http://127.0.0.1:{site_port}"
