@@ -21,6 +21,7 @@ from aggregator.simulate import SimulatedDevice
 from aggregator.store import Store
 from appliance import wire
 from appliance.config import CamerasConfig, DataConfig
+from flctl.fleet import Fleet
 
 HOSTILE = 2**31 - 1  # the most a signed update can claim (aggregator/verify.py)
 
@@ -164,3 +165,11 @@ def test_secure_aggregation_takes_the_bound_as_its_weight_cap_up_to_2_20(tmp_pat
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--max-samples {2**20 + 1} with --secure-aggregation" in err
+
+
+@pytest.mark.parametrize("samples", [768, DEFAULT_MAX_SAMPLES, 6000])
+def test_the_fleet_demo_serves_a_bound_its_own_agents_fit(tmp_path: Path, samples: int) -> None:
+    """``flctl demo --samples N`` trains each agent on N synthetic samples: its aggregator must take them."""
+    command = Fleet(root=tmp_path, samples_per_round=samples, port=8080).serve_command()
+    args = cli.build_parser().parse_args(command[1:])
+    assert args.max_samples == max(samples, DEFAULT_MAX_SAMPLES)

@@ -20,6 +20,7 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from aggregator.adaptive_clip import AdaptiveClip
+from aggregator.rounds import DEFAULT_MAX_SAMPLES
 from appliance.identity import load_or_create_device_key, read_key_file, write_aggregator_key, write_key_file
 
 from .ports import free_port
@@ -137,6 +138,13 @@ class Fleet:
         )
 
     def start(self) -> None:
+        self.aggregator = _spawn(self.serve_command(), self.logs / "aggregator.log")
+        self.wait_healthy()
+        for device in self.members:
+            device.process = _spawn([_script("fl-agent"), "run", "--config", str(device.config_path)], device.log_path)
+
+    def serve_command(self) -> list[str]:
+        """The ``fl-aggregator serve`` command line of this fleet's aggregator."""
         min_clients = self.min_clients or max(1, (self.devices * 3 + 3) // 4)
         cmd = [
             _script("fl-aggregator"), "serve",
@@ -155,6 +163,8 @@ class Fleet:
         ]  # fmt: skip
         if self.clip_norm:
             cmd += ["--clip-norm", str(self.clip_norm)]
+        if self.samples_per_round > DEFAULT_MAX_SAMPLES:  # each device signs its samples_per_round synthetic samples
+            cmd += ["--max-samples", str(self.samples_per_round)]
         if self.dp_noise_multiplier is not None:
             cmd += ["--dp", self.dp_mode, "--dp-noise-multiplier", str(self.dp_noise_multiplier)]
             if self.dp_epsilon_budget is not None:
@@ -167,10 +177,7 @@ class Fleet:
                     cmd += ["--dp-clip-count-stddev", str(adaptive.count_stddev)]
         if self.secure_aggregation:  # it needs a clip norm: the quantisation range comes from it
             cmd += ["--secure-aggregation", *([] if "--clip-norm" in cmd else ["--clip-norm", str(SECAGG_CLIP_NORM)])]
-        self.aggregator = _spawn(cmd, self.logs / "aggregator.log")
-        self.wait_healthy()
-        for device in self.members:
-            device.process = _spawn([_script("fl-agent"), "run", "--config", str(device.config_path)], device.log_path)
+        return cmd
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
