@@ -1,7 +1,8 @@
 """An async tree on loopback: a city in async mode (a version per site forward, K=1) and two async sites (K=2),
 two devices each. Each site forwards its buffer as one partial update; staleness is weighted at the site (a
 device's update based on an older site version) and again at the city (a site's forward based on an older city
-version), and the city's versions must be what a numpy reference computes."""
+version), and the city's versions must be what a numpy reference computes. City and sites run --max-samples 30:
+the sites' forwards carry 40 and 32 samples, which the city takes from keys enrolled as sites."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import numpy as np
 from nacl.signing import SigningKey
 from test_aggregator_tree import site_task, wait_until
 
+from aggregator.app import SERVICES
 from aggregator.buffered import BufferPolicy
+from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
 from aggregator.upstream import UpstreamConfig
 from tests.aggregator_harness import Harness, run, running
 
 W1 = 2 ** -0.5  # the polynomial weight of staleness 1
+MAX_SAMPLES = 30  # the most one device below claims; sites forward sums above it
 
 
 @contextlib.asynccontextmanager
@@ -27,15 +31,18 @@ async def async_tree(tmp: Path) -> AsyncIterator[tuple[Harness, list[Harness]]]:
     city_key = SigningKey.generate()
     site_keys = [SigningKey.generate(), SigningKey.generate()]
     async with running(
-        tmp / "city", key=city_key, enrolled=[SimulatedDevice(key=k) for k in site_keys],
-        policy=RoundPolicy(min_clients=1, round_timeout=60, buffer=BufferPolicy(size=1)),
+        tmp / "city", key=city_key, enrolled=[],
+        policy=RoundPolicy(min_clients=1, round_timeout=60, buffer=BufferPolicy(size=1), max_samples=MAX_SAMPLES),
     ) as city:
+        city.app[SERVICES].registry.enroll(Enrolment(SimulatedDevice(key=k).device_id, bytes(k.verify_key), site=True)
+                                           for k in site_keys)
         upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
         async with contextlib.AsyncExitStack() as stack:
             sites = [
                 await stack.enter_async_context(running(
                     tmp / f"site{i}", devices=2, key=key, upstream=upstream,
-                    policy=RoundPolicy(min_clients=1, round_timeout=60, buffer=BufferPolicy(size=2)),
+                    policy=RoundPolicy(min_clients=1, round_timeout=60, buffer=BufferPolicy(size=2),
+                                       max_samples=MAX_SAMPLES),
                 ))
                 for i, key in enumerate(site_keys)
             ]
