@@ -331,7 +331,9 @@ async def post_update(request: web.Request) -> web.Response:
         raise Problem(415, "unsupported-content-encoding", detail, close=True)
     if request.content_length is not None and request.content_length > s.max_body:
         raise Problem(413, "body-too-large", f"{request.content_length} bytes exceeds the limit of {s.max_body}")
-    reader = BodyReader(request.content, request.content_length, s.max_body, s.config.upload_deadline)
+    reader = BodyReader(
+        request.content, request.content_length, s.max_body, s.config.upload_deadline, s.uploads.buffers
+    )
     try:
         head = await reader.read_prefix(wire.ENVELOPE_PREFIX_BYTES)
         try:
@@ -350,7 +352,9 @@ async def post_update(request: web.Request) -> web.Response:
                 body = await reader.read_rest()
                 if verified.payload.get("type") == "secagg-masked":  # a masked input, durable like an update
                     return await _receive_masked(body, s, signer, verified.payload, verified.digest)
-                return await _receive_update(body, s, envelope_in(body, head, verified))
+                answer = await _receive_update(body, s, envelope_in(body, head, verified))
+            reader.recycle()  # answered: its worker thread is done with the body
+            return answer
         except DeviceBusy as exc:
             raise Problem(429, "device-busy", str(exc), {"Retry-After": "5"}, close=True) from None
     except BodyTimeout as exc:
@@ -383,6 +387,7 @@ async def _receive_update(body: memoryview, s: Services, envelope: wire.Verified
         if checked.header is None or checked.update is None or checked.delta is None:
             raise RuntimeError("upload check returned neither an error nor an update")
         receipt = await engine.commit(checked.header, checked.digest, checked.delta, checked.update.metrics)
+        s.uploads.buffers.give(checked.delta)  # spooled and accumulated: the buffer can hold the next delta
     except ProtocolError:
         # A copy of these exact bytes may have been acknowledged while this one was being checked.
         receipt = await engine.known_receipt(checked.digest)
@@ -423,7 +428,7 @@ def _check_upload(s: Services, body: memoryview, envelope: wire.Verified) -> _Ch
             raise ProtocolError("unknown-key", f"no enrolled key for kid {envelope.kid!r}")
         checked.header = header_of(envelope, s.config.plan.encoding)
         round_ = s.engine.admit(checked.header, checked.digest)
-        checked.update, checked.delta, norm = delta_of(envelope, s.models.layout, s.limits)
+        checked.update, checked.delta, norm = delta_of(envelope, s.models.layout, s.limits, s.uploads.buffers)
         bound = round_.norm_bound
         if not norm <= bound:
             raise ProtocolError(

@@ -24,6 +24,7 @@ import numpy as np
 
 from aggregator.models import Layout
 from aggregator.store import spool_vector
+from aggregator.uploads import Buffers
 from appliance import wire
 from appliance.errors import ProtocolError
 
@@ -103,10 +104,12 @@ def decode_delta(
     return delta_of(wire.verify(body, key_for_kid, limits), layout, limits)
 
 
-def delta_of(verified: wire.Verified, layout: Layout, limits: wire.Limits) -> tuple[wire.Update, np.ndarray, float]:
+def delta_of(
+    verified: wire.Verified, layout: Layout, limits: wire.Limits, buffers: Buffers | None = None
+) -> tuple[wire.Update, np.ndarray, float]:
     """The update of a verified envelope, its delta as one flat float32 vector in the layout's order, and the
-    delta's L2 norm."""
-    flat = spool_vector(layout.size)
+    delta's L2 norm. The vector comes from ``buffers`` when given (the caller gives it back once it is spooled)."""
+    flat = spool_vector(layout.size) if buffers is None else buffers.take(4 * layout.size).view(np.float32)
     update = wire.update_from(verified, layout.specs, limits, into=flat, finite=False)
     # One pass for the norm and the finiteness check: a NaN or an infinity makes the sum of squares NaN or inf.
     with np.errstate(over="ignore"):  # a float32 sum of squares past 3.4e38 is inf: over any bound, as it should be
