@@ -15,7 +15,7 @@ appliance.wire's signed float32 Update for the plain one. Printed per configurat
   rebuilding the secrets and removing the masks (secure); verifying, decoding and accumulating every update
   (plain).
 * **delivery CPU**: carrying every message over HTTP on 127.0.0.1 (aiohttp at both ends, client and server in
-  this process, the aggregator's own body reader), and every device's download and check of the model release
+  this process, bodies read as the aggregator reads them), and every device's download and check of the model release
   (4 MB at P = 1M, the same in both protocols). Device and aggregator CPU above leave it out.
 * **round**: the whole round on one core, every device's work, the aggregator's and delivery's one after the
   other: their process time summed (CPU), and the wall time of the same steps. The process pins itself, every
@@ -68,7 +68,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proctree import pin_threads
 
-from aggregator.uploads import BodyReader, ReadDeadline
 from appliance import wire
 from appliance.protocol import graph
 from appliance.protocol import messages as m
@@ -136,7 +135,9 @@ class Clock:
 
 class Loopback:
     """Carries message bodies over HTTP on 127.0.0.1 with aiohttp, the stack the agent and the aggregator use,
-    client and server on one event loop in this process: what moving the bytes costs both ends. Flower's round
+    client and server on one event loop in this process: what moving the bytes costs both ends (the agent's
+    requests, as appliance/client.py makes them; the server reads as the aggregator does, answers a Receipt's
+    worth of bytes and does nothing else). Flower's round
     pays for its own message passing (ServerApp, its in-memory state, the Ray actor), so ours does too."""
 
     ANSWER = bytes(200)  # about a Receipt: what the aggregator answers an upload with
@@ -144,6 +145,7 @@ class Loopback:
     def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._body = b""
+        self._upload = np.empty(0, dtype=np.uint8)
         app = web.Application(client_max_size=2**31)
         app.router.add_post("/up", self._up)
         app.router.add_get("/down", self._down)
@@ -159,8 +161,20 @@ class Loopback:
         return ClientSession()
 
     async def _up(self, request: web.Request) -> web.Response:
-        # as the aggregator's upload handler reads a body: into one buffer of the announced length
-        await BodyReader(request.content, request.content_length, 2**31, ReadDeadline()).read_rest()
+        # as the aggregator reads an upload (aggregator/uploads.py): each chunk as it comes off the socket,
+        # copied once into a buffer of the announced length that is kept for the next upload
+        size = request.content_length or 0
+        if self._upload.size < size:
+            self._upload = np.empty(size, dtype=np.uint8)
+        filled = 0
+        while True:
+            chunk, _ = await request.content.readchunk()
+            if not chunk:
+                break
+            self._upload[filled : filled + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            filled += len(chunk)
+        if filled != size:
+            raise web.HTTPBadRequest(text=f"{filled} of {size} bytes")
         return web.Response(body=self.ANSWER)
 
     async def _down(self, request: web.Request) -> web.Response:
@@ -168,11 +182,15 @@ class Loopback:
 
     async def _post(self, body: bytes) -> bytes:
         async with self._session.post(self._url + "/up", data=body) as response:
-            return await response.read()
+            answer = await response.read()
+            response.raise_for_status()
+            return answer
 
     async def _get(self) -> bytes:
         async with self._session.get(self._url + "/down") as response:
-            return await response.read()
+            body = await response.read()
+            response.raise_for_status()
+            return body
 
     def up(self, body: bytes) -> bytes:
         """A device's POST of ``body``; returns the body the aggregator received."""
