@@ -54,6 +54,7 @@ from aggregator.adaptive_clip import (
     model_noise_multiplier,
     next_clip_norm,
 )
+from aggregator.norms import l2_norm
 from aggregator.strategies import STRATEGIES, Strategy
 from aggregator.strategies.fedavg import FedAvg
 from appliance.durable import atomic_write, fsync_dir
@@ -365,7 +366,7 @@ class GaussianSum:
         return self.noise_multiplier * self.clip_norm
 
     def clip(self, delta: np.ndarray) -> np.ndarray:
-        norm = float(np.linalg.norm(delta.astype(np.float64)))
+        norm = l2_norm(delta)
         if norm <= self.clip_norm:
             return delta
         return (delta * np.float32(self.clip_norm / norm)).astype(np.float32)
