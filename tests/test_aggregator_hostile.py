@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from aggregator_harness import Harness, run, running
 
-from aggregator.rounds import MAX_UPDATE_NORM, RoundPolicy, TrainingPlan, update_norm_bound
+from aggregator.rounds import MAX_SAMPLES_LIMIT, MAX_UPDATE_NORM, RoundPolicy, TrainingPlan, update_norm_bound
 from aggregator.strategies import STRATEGIES
 from aggregator.uploads import ReadDeadline
 from appliance import wire
@@ -62,10 +62,12 @@ def test_a_huge_update_is_refused_and_the_honest_round_publishes(tmp_path: Path,
 
 @pytest.mark.parametrize("rule", sorted(STRATEGIES))  # not "strategy": labgrid owns that fixture name
 def test_updates_at_the_largest_bound_with_the_largest_weight_cannot_overflow(tmp_path: Path, rule: str) -> None:
-    """An operator's bound is capped so that no accepted update can overflow any rule's arithmetic."""
+    """An operator's bounds are capped so that no accepted update can overflow any rule's arithmetic: the largest
+    norm bound with the largest sample count an operator can allow."""
 
     async def go() -> None:
-        policy = RoundPolicy(min_clients=3, goal_clients=5, round_timeout=60, max_update_norm=MAX_UPDATE_NORM)
+        policy = RoundPolicy(min_clients=3, goal_clients=5, round_timeout=60, max_update_norm=MAX_UPDATE_NORM,
+                             max_samples=MAX_SAMPLES_LIMIT)
         options = STRATEGY_OPTIONS.get(rule, {})
         async with running(tmp_path, devices=5, policy=policy, strategy=rule, strategy_options=options) as h:
             task = await h.task()
@@ -74,7 +76,7 @@ def test_updates_at_the_largest_bound_with_the_largest_weight_cannot_overflow(tm
                         for s in h.specs}
             for sign, device in zip((1, 1, -1, 1, 1), h.devices, strict=True):
                 tensors = {name: sign * value for name, value in at_bound.items()}
-                answer = await h.upload(device.update(task, tensors, num_samples=2**31 - 1))
+                answer = await h.upload(device.update(task, tensors, num_samples=MAX_SAMPLES_LIMIT))
                 assert answer[0] == 200, answer
             done = await _published(h, task.round_id)
             assert done["status"] == "published", done["note"]
