@@ -25,7 +25,9 @@ database); masked inputs go through the engine's spool like updates, whose recei
 delivery exactly-once. The roster and the unmask request are stored before anyone can read them, so after a
 kill -9 the round goes on with the very same messages and the sum is recomputed from what is stored. A round
 that cannot finish (too few devices or shares, its deadline gone during a phase) is abandoned with the reason
-in its record, the status and the metrics; it is never published from a sum that is not exact.
+in its record, the status and the metrics; it is never published from a sum that is not exact, nor from one
+outside the bounds every honest round keeps (aggregator/secagg_bounds.py: a device that does not follow the
+protocol can write any words into its input).
 """
 
 from __future__ import annotations
@@ -50,13 +52,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from aggregator.privacy import RoundNoise, distributed_noise
 from aggregator.registry import Registry
+from aggregator.secagg_bounds import SumOutOfBounds, bounded_mean
 from aggregator.store import DuplicateUpdate, SpoolJob, Store
 from aggregator.strategies.chunks import UpdateSet
 from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol import graph
 from appliance.protocol import messages as m
-from appliance.protocol.quantise import dequantise, levels_for, private_levels, sensitivity
+from appliance.protocol.quantise import levels_for, private_levels, sensitivity
 from appliance.protocol.secagg import (
     DEFAULT_THRESHOLD_FRACTION,
     Answer,
@@ -77,7 +80,7 @@ T = TypeVar("T")
 
 DEVICE_PHASES = ("advertise", "share", "masked", "unmask")
 ABANDON_REASONS = ("too-few-advertised", "too-few-shared", "too-few-survivors", "too-few-shares", "deadline",
-                   "privacy-budget", "unnoised")
+                   "privacy-budget", "unnoised", "sum-out-of-bounds")
 DIRECTIONS = ("received", "sent")
 # A low-order X25519 key would make every shared secret with it zero: checked by one multiplication.
 _PROBE_SCALAR = bytes([5] * 32)
@@ -715,7 +718,8 @@ class SecureRounds:
                     await self._changed.wait_for(lambda: len(sr.answers) == len(sr.masked))
 
     def _unmasked_mean(self, sr: SecureRound) -> tuple[np.ndarray, int]:
-        """Worker thread: the survivors' weighted mean delta and total weight, or _Abandon."""
+        """Worker thread: the survivors' weighted mean delta and total weight, or _Abandon (too few shares, or a
+        sum out of the honest bounds)."""
         assert sr.plan is not None and sr.total is not None
         total = sr.total.copy()
         for v in sr.plan.excluded:  # their inputs were added as they arrived: take them out again
@@ -731,11 +735,14 @@ class SecureRounds:
         if report.bad_holders:
             log.warning("secure round %d: %d devices answered with shares that do not fit their commitments",
                         sr.round_id, len(report.bad_holders))
-        weighted, weight = dequantise(total, clip_norm=sr.setup.clip_norm, levels=sr.setup.levels,
-                                      max_samples=sr.setup.max_samples)
-        if weight < len(sr.plan.survivors):
-            raise _Abandon("too-few-shares", f"the unmasked weights sum to {weight}, fewer than the survivors")
-        return (weighted / weight).astype(np.float32), weight
+        setup = sr.setup
+        try:  # a device that does not follow the protocol can put any words into the sum: never publish them
+            mean, weight = bounded_mean(total, survivors=len(sr.plan.survivors), levels=setup.levels,
+                                        max_samples=setup.max_samples, clip_norm=setup.clip_norm,
+                                        noise_sigma=setup.noise_sigma)
+        except SumOutOfBounds as exc:
+            raise _Abandon("sum-out-of-bounds", f"{exc}: a device did not follow the protocol") from None
+        return mean.astype(np.float32), weight
 
     def _spooled(self, sr: SecureRound, index: int) -> np.ndarray:
         assert sr.roster is not None
