@@ -22,6 +22,7 @@ from nacl.signing import SigningKey
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from aggregator.secagg_bounds import bounded_mean, mean_norm_bound  # noqa: E402
 from appliance import wire  # noqa: E402
 from appliance.protocol import messages as m  # noqa: E402
 from appliance.protocol import shamir  # noqa: E402
@@ -205,8 +206,24 @@ def example_blocks() -> dict[str, str]:
             f"sum of w_i                               {weight}",
             f"weighted mean delta                      {[round(float(v), 6) for v in weighted / weight]}",
             f"step (C / B, per unit of weight W)       {step!r}",
+            *bound_checks(ex),
         ]),
     }
+
+
+def bound_checks(ex: Example) -> list[str]:
+    """The aggregator's checks of the unmasked sum (section 12.6), with the example's numbers."""
+    setup, survivors = ex.setup, len(ex.plan.survivors)
+    mean, weight = bounded_mean(ex.unmasked, survivors=survivors, levels=setup.levels,
+                                max_samples=setup.max_samples, clip_norm=setup.clip_norm)  # raises if one fails
+    q = ex.unmasked[:-1].view(np.int32).astype(np.int64)
+    bound = mean_norm_bound(survivors=survivors, weight=weight, dimension=q.size, levels=setup.levels,
+                            max_samples=setup.max_samples, clip_norm=setup.clip_norm)
+    return [
+        f"{'check 1: S <= sum of w_i <= S * W':<41}{survivors} <= {weight} <= {survivors * setup.max_samples}",
+        f"{'check 2: max |q_j| <= S * B':<41}{int(np.abs(q).max())} <= {survivors * setup.levels}",
+        f"{'check 3: ||mean delta|| <= bound':<41}{float(np.linalg.norm(mean)):.6f} <= {bound:.10f}",
+    ]
 
 
 # -------------------------------------------------------------------------------------------- tests
