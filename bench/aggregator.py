@@ -246,6 +246,14 @@ def _histogram_means(text: str) -> dict[str, float]:
     return {k: sums[k] / counts[k] for k in sums if counts.get(k)}
 
 
+def _event_loop_cpu(pid: int) -> float:
+    """CPU seconds of ``pid``'s main thread: the server's event loop (HTTP, handlers), apart from its worker
+    threads (hashing, decoding, spool writes, accumulation)."""
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _median_cpu_ms(work: Any, repeats: int) -> float:
     """Median thread CPU time of ``work()`` in ms (thread CPU: what it costs one core, whatever else runs)."""
     work()
@@ -381,10 +389,12 @@ async def _run_ours(
             sample = body(0, second)
             bounds = [measure_bound(sample, parameters)]
             before = process_status(proc.pid)
+            loop_before = _event_loop_cpu(proc.pid)
             started = time.perf_counter()
             await asyncio.gather(*(upload(i) for i in range(clients)))
             upload_seconds = time.perf_counter() - started
             received = process_status(proc.pid)
+            loop_received = _event_loop_cpu(proc.pid)
             await next_task(second.round_id)
             close_seconds = time.perf_counter() - started - upload_seconds
             after = process_status(proc.pid)
@@ -406,6 +416,7 @@ async def _run_ours(
         "idle_rss": idle["VmRSS"],
         "server_cpu_ms_per_update": 1000 * (after["cpu_seconds"] - before["cpu_seconds"]) / clients,
         "ingest_cpu_ms_per_update": 1000 * (received["cpu_seconds"] - before["cpu_seconds"]) / clients,
+        "event_loop_cpu_ms_per_update": 1000 * (loop_received - loop_before) / clients,
         **_bound_of(bounds),
         "encoding": encoding,
         "update_bytes": len(sample),
@@ -427,7 +438,8 @@ def bound_line(ours: dict[str, Any]) -> str:
     return (f"bound {bound:.2f} ms/upd (one core: SHA-256 {ours['sha256_ms']:.2f} + float32 add "
             f"{ours['add_ms']:.2f} + copy {ours['copy_ms']:.2f} of the {ours['update_bytes'] / 1e6:.2f} MB "
             f"{ours['encoding']} update); server cpu {cpu:.2f} ms/upd ({ours['ingest_cpu_ms_per_update']:.2f} "
-            f"receiving, the rest closing the round) = {cpu / bound:.2f}x the bound")
+            f"receiving, of which {ours['event_loop_cpu_ms_per_update']:.2f} on the event loop; the rest closing "
+            f"the round) = {cpu / bound:.2f}x the bound")
 
 
 # --------------------------------------------------------------------------------------------------- main

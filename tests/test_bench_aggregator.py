@@ -11,6 +11,8 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +84,25 @@ def test_the_bound_is_measured_and_printed_next_to_the_servers_cpu(monkeypatch):
     bench = _aggregator_bench(monkeypatch)
     steps = bench.measure_bound(bytes(64 * 1024), 16 * 1024, repeats=3)
     assert set(steps) == {"sha256_ms", "add_ms", "copy_ms"} and all(v >= 0 for v in steps.values())
-    ours = {"server_cpu_ms_per_update": 9.0, "ingest_cpu_ms_per_update": 8.5, "update_bytes": 4_000_300,
-            "encoding": "float32", **bench._bound_of([{"sha256_ms": 2.5, "add_ms": 0.2, "copy_ms": 0.3}])}
+    ours = {"server_cpu_ms_per_update": 9.0, "ingest_cpu_ms_per_update": 8.5, "event_loop_cpu_ms_per_update": 2.9,
+            "update_bytes": 4_000_300, "encoding": "float32",
+            **bench._bound_of([{"sha256_ms": 2.5, "add_ms": 0.2, "copy_ms": 0.3}])}
     line = bench.bound_line(ours)
     assert "bound 3.00 ms/upd" in line and line.endswith("= 3.00x the bound")
+    assert "8.50 receiving, of which 2.90 on the event loop" in line
+
+
+def test_the_event_loops_share_is_the_main_threads_cpu_alone(monkeypatch):
+    bench = _aggregator_bench(monkeypatch)
+    from proctree import cpu_seconds  # bench/, on the path once the benchmark is loaded
+
+    def spin() -> None:  # CPU on another thread: counted for the process, not for its main thread
+        until = time.thread_time() + 0.3
+        while time.thread_time() < until:
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join()
+    main, whole = bench._event_loop_cpu(os.getpid()), cpu_seconds(os.getpid())
+    assert 0 <= main <= whole - 0.25
