@@ -84,6 +84,16 @@ class Harness:
         assert response.content_type == "application/cose"
         return wire.decode_task(await response.read(), self.key.verify_key)
 
+    def flat(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        """Named tensors (an update's or a release's) as one float64 vector in the package's layout order."""
+        return np.concatenate([np.asarray(tensors[s.name], dtype=np.float64).reshape(-1) for s in self.specs])
+
+    async def model(self, version: int) -> np.ndarray:
+        """The published model ``version`` as :meth:`flat` lays it out, its release's signature checked."""
+        response = await self.client.get(f"/v1/models/{version}")
+        assert response.status == 200
+        return self.flat(wire.decode_model_release(await response.read(), self.key.verify_key).tensors)
+
     def delta(self, scale: float = 0.01) -> dict[str, np.ndarray]:
         return {s.name: (self.rng.standard_normal(s.shape) * scale).astype(np.float32) for s in self.specs}
 

@@ -24,16 +24,6 @@ def _policy(**buffer: object) -> RoundPolicy:
     return RoundPolicy(min_clients=1, round_timeout=600, buffer=BufferPolicy(size=K, **buffer))
 
 
-def _flat(tensors: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([tensors[k].ravel() for k in sorted(tensors)]).astype(np.float64)
-
-
-async def _model(h: Harness, version: int) -> np.ndarray:
-    response = await h.client.get(f"/v1/models/{version}")
-    assert response.status == 200
-    return _flat(wire.decode_model_release(await response.read(), h.key.verify_key).tensors)
-
-
 async def _accepted(h: Harness, body: bytes) -> None:
     status, answer = await h.upload(body)
     assert status == 200, answer
@@ -45,7 +35,7 @@ def test_versions_come_every_k_updates_with_stale_deltas_weighted_as_the_numpy_r
             d = h.devices
             task0 = await h.task()
             assert task0 is not None and task0.model_version == 0
-            v0 = await _model(h, 0)
+            v0 = await h.model(0)
             first = [(h.delta(), n) for n in (10, 20, 30)]
             for device, (delta, n) in zip(d[:2], first, strict=False):
                 await _accepted(h, device.update(task0, delta, num_samples=n))
@@ -53,9 +43,9 @@ def test_versions_come_every_k_updates_with_stale_deltas_weighted_as_the_numpy_r
             await _accepted(h, d[2].update(task0, first[2][0], num_samples=first[2][1]))
             task1 = await h.task(after=task0.round_id, wait=10)
             assert task1 is not None and task1.model_version == 1
-            v1 = await _model(h, 1)
+            v1 = await h.model(1)
             ns = np.array([n for _, n in first], dtype=np.float64)
-            expected_v1 = v0 + (ns[:, None] * np.array([_flat(t) for t, _ in first])).sum(0) / ns.sum()
+            expected_v1 = v0 + (ns[:, None] * np.array([h.flat(t) for t, _ in first])).sum(0) / ns.sum()
             np.testing.assert_allclose(v1, expected_v1, rtol=1e-5, atol=1e-7)
 
             # Buffer 2 on v1: two updates trained on v0 (staleness 1) and one on v1 (staleness 0).
@@ -74,12 +64,12 @@ def test_versions_come_every_k_updates_with_stale_deltas_weighted_as_the_numpy_r
             def reference(start: np.ndarray, rows: list, version: int) -> np.ndarray:
                 n = np.array([r[3] for r in rows], dtype=np.float64)
                 w = np.array([(1.0 + version - r[1].model_version) ** -0.5 for r in rows])
-                deltas = np.array([_flat(r[2]) for r in rows])
+                deltas = np.array([h.flat(r[2]) for r in rows])
                 return start + (n[:, None] * w[:, None] * deltas).sum(0) / n.sum()
 
-            v2 = await _model(h, 2)
+            v2 = await h.model(2)
             np.testing.assert_allclose(v2, reference(v1, second, 1), rtol=1e-5, atol=1e-7)
-            np.testing.assert_allclose(await _model(h, 3), reference(v2, third, 2), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(await h.model(3), reference(v2, third, 2), rtol=1e-5, atol=1e-7)
 
             status = await (await h.client.get("/v1/status")).json()
             assert status["async"]["buffer"] == K and status["async"]["weighting"] == "polynomial"
@@ -101,12 +91,12 @@ def test_constant_weighting_folds_stale_updates_in_at_full_weight(tmp_path: Path
             for device in h.devices[:K]:
                 await _accepted(h, device.update(task0, h.delta()))
             task1 = await h.task(after=task0.round_id, wait=10)
-            v1 = await _model(h, 1)
+            v1 = await h.model(1)
             deltas = [h.delta() for _ in range(K)]
             for device, delta in zip(h.devices[K:], deltas, strict=True):
                 await _accepted(h, device.update(task0, delta))  # all staleness 1
             assert await h.task(after=task1.round_id, wait=10) is not None
-            np.testing.assert_allclose(await _model(h, 2), v1 + np.mean([_flat(x) for x in deltas], axis=0),
+            np.testing.assert_allclose(await h.model(2), v1 + np.mean([h.flat(x) for x in deltas], axis=0),
                                        rtol=1e-5, atol=1e-7)
 
     asyncio.run(go())

@@ -19,21 +19,10 @@ from aggregator.registry import Enrolment
 from aggregator.rounds import DEFAULT_MAX_SAMPLES, RoundPolicy
 from aggregator.simulate import SimulatedDevice
 from aggregator.store import Store
-from appliance import wire
 from appliance.config import CamerasConfig, DataConfig
 from flctl.fleet import Fleet
 
 HOSTILE = 2**31 - 1  # the most a signed update can claim (aggregator/verify.py)
-
-
-def _flat(tensors: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([tensors[k].ravel() for k in sorted(tensors)]).astype(np.float64)
-
-
-async def _model(h: Harness, version: int) -> np.ndarray:
-    response = await h.client.get(f"/v1/models/{version}")
-    assert response.status == 200
-    return _flat(wire.decode_model_release(await response.read(), h.key.verify_key).tensors)
 
 
 async def _refused_for_samples(h: Harness, body: bytes) -> dict:
@@ -57,7 +46,7 @@ def test_a_device_claiming_2_31_minus_1_samples_is_refused_and_the_model_is_the_
             hostile, *honest = h.devices
             task = await h.task()
             assert task is not None
-            v0 = await _model(h, 0)
+            v0 = await h.model(0)
             # Signed, enrolled, within the norm bound, for the open round: only its sample count is wrong.
             problem = await _refused_for_samples(h, hostile.update(task, h.delta(scale=0.5), num_samples=HOSTILE))
             assert f"claims {HOSTILE} samples" in problem["detail"]
@@ -69,8 +58,8 @@ def test_a_device_claiming_2_31_minus_1_samples_is_refused_and_the_model_is_the_
             next_task = await h.task(after=task.round_id, wait=10)
             assert next_task is not None and next_task.model_version == 1
             ns = np.array([n for _, n in sent], dtype=np.float64)
-            expected = v0 + (ns[:, None] * np.array([_flat(d) for d, _ in sent])).sum(0) / ns.sum()
-            np.testing.assert_allclose(await _model(h, 1), expected, rtol=1e-5, atol=1e-7)
+            expected = v0 + (ns[:, None] * np.array([h.flat(d) for d, _ in sent])).sum(0) / ns.sum()
+            np.testing.assert_allclose(await h.model(1), expected, rtol=1e-5, atol=1e-7)
             closed = h.engine.store.get_round(task.round_id)
             assert closed.status == "published" and (closed.participants, closed.samples) == (2, 400)
             assert hostile.device_id not in h.engine.store.round_devices(task.round_id)

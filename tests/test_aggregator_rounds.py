@@ -22,10 +22,6 @@ async def _release(h: Harness, which: str | int) -> wire.ModelRelease:
     return wire.decode_model_release(await response.read(), h.key.verify_key, h.specs)
 
 
-def _flat(h: Harness, tensors: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(tensors[s.name], dtype=np.float64).reshape(-1) for s in h.specs])
-
-
 def test_round_publishes_the_weighted_mean_at_the_goal(tmp_path: Path) -> None:
     async def go() -> None:
         async with running(tmp_path, devices=3) as h:
@@ -35,7 +31,7 @@ def test_round_publishes_the_weighted_mean_at_the_goal(tmp_path: Path) -> None:
             deltas, samples = [], [10, 30, 60]
             for device, n, loss in zip(h.devices, samples, (1.0, 2.0, 3.0), strict=True):
                 delta = h.delta()
-                deltas.append(_flat(h, delta))
+                deltas.append(h.flat(delta))
                 status, receipt = await h.upload(device.update(task, delta, num_samples=n, metrics={"loss": loss}))
                 assert status == 200
                 decoded = wire.decode_receipt(receipt, h.key.verify_key)
@@ -44,8 +40,8 @@ def test_round_publishes_the_weighted_mean_at_the_goal(tmp_path: Path) -> None:
             assert following is not None and following.model_version == 1
             release = await _release(h, "latest")
             assert release.version == 1 and release.digest == following.model_digest
-            expected = _flat(h, base.tensors) + np.average(deltas, axis=0, weights=samples)
-            np.testing.assert_allclose(_flat(h, release.tensors), expected, rtol=1e-5, atol=1e-6)
+            expected = h.flat(base.tensors) + np.average(deltas, axis=0, weights=samples)
+            np.testing.assert_allclose(h.flat(release.tensors), expected, rtol=1e-5, atol=1e-6)
 
             status = await (await h.client.get("/v1/status")).json()
             done = next(r for r in status["rounds"] if r["round"] == task.round_id)
@@ -115,11 +111,11 @@ def test_restart_resumes_the_open_round_with_each_update_once(tmp_path: Path) ->
         async with running(tmp_path, devices=3, key=key) as h:
             devices = h.devices
             task = await h.task()
-            base = _flat(h, (await _release(h, 0)).tensors)
+            base = h.flat((await _release(h, 0)).tensors)
             bodies, deltas = [], []
             for device in devices:
                 delta = h.delta()
-                deltas.append(_flat(h, delta))
+                deltas.append(h.flat(delta))
                 bodies.append(device.update(task, delta, num_samples=5))
             receipts = [(await h.upload(b))[1] for b in bodies[:2]]
         async with running(tmp_path, key=key, enrolled=devices) as h:
@@ -129,7 +125,7 @@ def test_restart_resumes_the_open_round_with_each_update_once(tmp_path: Path) ->
             following = await h.task(after=task.round_id, wait=10)
             assert following is not None
             release = await _release(h, 1)
-            np.testing.assert_allclose(_flat(h, release.tensors), base + np.mean(deltas, axis=0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(h.flat(release.tensors), base + np.mean(deltas, axis=0), rtol=1e-5, atol=1e-6)
 
     run(go())
 
@@ -141,14 +137,14 @@ def test_robust_strategies_aggregate_from_the_spool(tmp_path: Path, rule: str) -
         policy = RoundPolicy(min_clients=5, goal_clients=5, round_timeout=60)
         async with running(tmp_path, devices=5, policy=policy, strategy=rule, chunk_bytes=256) as h:
             task = await h.task()
-            base = _flat(h, (await _release(h, 0)).tensors)
+            base = h.flat((await _release(h, 0)).tensors)
             deltas = []
             for device in h.devices:
                 delta = h.delta()
-                deltas.append(_flat(h, delta))
+                deltas.append(h.flat(delta))
                 assert (await h.upload(device.update(task, delta)))[0] == 200
             assert await h.task(after=task.round_id, wait=10) is not None
-            got = _flat(h, (await _release(h, 1)).tensors) - base
+            got = h.flat((await _release(h, 1)).tensors) - base
             stacked = np.array(deltas)
             if rule == "median":
                 np.testing.assert_allclose(got, np.median(stacked, axis=0), atol=1e-6)
@@ -210,12 +206,12 @@ def test_quantised_updates_are_dequantised(tmp_path: Path, encoding: str) -> Non
         async with running(tmp_path, devices=1, policy=policy, plan=TrainingPlan(encoding=encoding)) as h:
             task = await h.task()
             assert task.encoding == encoding
-            base = _flat(h, (await _release(h, 0)).tensors)
+            base = h.flat((await _release(h, 0)).tensors)
             delta = h.delta(scale=0.1)
             assert (await h.upload(h.devices[0].update(task, delta, encoding=encoding)))[0] == 200
             assert await h.task(after=task.round_id, wait=10) is not None
-            got = _flat(h, (await _release(h, 1)).tensors) - base
-            np.testing.assert_allclose(got, _flat(h, delta), atol=0.1 / 127 * 4)
+            got = h.flat((await _release(h, 1)).tensors) - base
+            np.testing.assert_allclose(got, h.flat(delta), atol=0.1 / 127 * 4)
 
     run(go())
 
