@@ -295,7 +295,7 @@ class Agent:
             job = TrainJob(
                 package_path=str(self.state_dir / MODELS_DIR / f"{package.digest.hex()}.flpkg"),
                 aggregator_key=bytes(self.aggregator_key),
-                params={k: np.array(v) for k, v in release.tensors.items()},
+                params=release.tensors,  # read-only views, pickled to the trainer, which trains on its own copy
                 source=data.source,
                 state_dir=str(self.state_dir),
                 samples=data.samples_per_round,

@@ -12,15 +12,20 @@ import logging
 import ssl
 
 import aiohttp
+import numpy as np
 from nacl.signing import VerifyKey
 
 from appliance import wire
 from appliance.errors import ProtocolError
+from appliance.modelpkg import MAX_PACKAGE_BYTES
 from appliance.protocol import downlink
 
 log = logging.getLogger(__name__)
 
 UPDATE_CONTENT_TYPE = wire.CONTENT_TYPE
+# What aiohttp may buffer from the socket before it stops reading (twice this): its default of 64 KiB splits a
+# model release (4 MB at 1M parameters) into many small chunks, each a turn of the event loop.
+READ_BUFFER_BYTES = 1 << 20
 
 
 class AggregatorUnavailable(Exception):
@@ -61,6 +66,40 @@ def problem_reason(answer: bytes) -> tuple[str, str]:
         return "unknown", answer[:200].decode(errors="replace")
 
 
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> memoryview:
+    """The whole body of ``response``, read-only, refused (``too-large``) before a byte of it is read when it
+    announces more than ``limit`` bytes, and as soon as more than ``limit`` arrive when it announces no length.
+
+    With a Content-Length, each chunk is copied once, as it comes off the socket, into one buffer of that length:
+    a download holds the body once, where ``response.read()`` holds its chunks in a list and then joins them into
+    fresh memory (twice the body at its peak: 8 MB for a model of 1M parameters; bench/model_download.py). The
+    decoders return numpy views of this buffer, read-only as views of a ``bytes`` would be. Fewer bytes than
+    announced raise aiohttp's ClientPayloadError (a network error).
+    """
+    size = response.content_length
+    if size is not None and size > limit:
+        raise ProtocolError("too-large", f"the answer announces {size} bytes; the limit is {limit}")
+    if size is None:
+        chunks, received = [], 0
+        async for chunk in response.content.iter_any():
+            received += len(chunk)
+            if received > limit:
+                raise ProtocolError("too-large", f"the answer runs past the limit of {limit} bytes")
+            chunks.append(chunk)
+        return memoryview(b"".join(chunks))
+    body = np.empty(size, dtype=np.uint8)  # not zeroed: every byte is written below, or the answer is refused
+    filled = 0
+    while chunk := (await response.content.readchunk())[0]:
+        end = filled + len(chunk)
+        if end > size:
+            raise aiohttp.ClientPayloadError(f"the answer runs past its Content-Length of {size} bytes")
+        body[filled:end] = np.frombuffer(chunk, dtype=np.uint8)
+        filled = end
+    if filled != size:
+        raise aiohttp.ClientPayloadError(f"the answer ended after {filled} of its {size} bytes")
+    return memoryview(body).toreadonly()
+
+
 def pinned_tls_context(ca_file: str) -> ssl.SSLContext:
     """Certificate verification against ``ca_file`` alone (a CA, or the aggregator's own certificate: partial
     chains are accepted so a pinned leaf is a trust anchor), with the host name checked as usual."""
@@ -82,7 +121,8 @@ class AggregatorClient:
 
     async def __aenter__(self) -> AggregatorClient:
         connector = aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None
-        self._session = aiohttp.ClientSession(timeout=self._timeout, raise_for_status=False, connector=connector)
+        self._session = aiohttp.ClientSession(timeout=self._timeout, raise_for_status=False, connector=connector,
+                                              read_bufsize=READ_BUFFER_BYTES)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -95,16 +135,23 @@ class AggregatorClient:
             raise RuntimeError("AggregatorClient used outside 'async with'")
         return self._session
 
-    async def _get(self, path: str, params: dict[str, str] | None = None, timeout: float | None = None) -> bytes | None:
+    async def _get(
+        self,
+        path: str,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+        limit: int = wire.DEFAULT_LIMITS.max_bytes,
+    ) -> memoryview | None:
+        """The body of a 200 answer (at most ``limit`` bytes, see :func:`read_body`); None for 204."""
         kwargs = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
         try:
             async with self.session.get(self.base_url + path, params=params, **kwargs) as response:
                 if response.status == 204:
                     return None
-                body = await response.read()
                 if response.status != 200:
-                    raise AggregatorUnavailable(f"GET {path}: HTTP {response.status}: {body[:200]!r}")
-                return body
+                    answer = await response.content.read(200)
+                    raise AggregatorUnavailable(f"GET {path}: HTTP {response.status}: {answer!r}")
+                return await read_body(response, limit)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AggregatorUnavailable(f"GET {path}: {exc!r}") from exc
 
@@ -141,8 +188,8 @@ class AggregatorClient:
             raise AggregatorUnavailable(f"model version {version} is not published")
         return downlink.decode_model_answer(body, self.aggregator_key, specs, base if query else None)
 
-    async def package_bytes(self, digest: bytes) -> bytes:
-        body = await self._get(f"/v1/packages/{digest.hex()}")
+    async def package_bytes(self, digest: bytes) -> memoryview:
+        body = await self._get(f"/v1/packages/{digest.hex()}", limit=MAX_PACKAGE_BYTES)
         if body is None:
             raise AggregatorUnavailable(f"package {digest.hex()} is not published")
         return body

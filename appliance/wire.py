@@ -59,6 +59,7 @@ __all__ = [
     "key_id",
     "pinned",
     "quantise_int8",
+    "release_from",
     "sign",
     "typed_array",
     "update_from",
@@ -433,6 +434,12 @@ def tensors_digest(section: bytes | memoryview) -> bytes:
     return hashlib.sha256(section).digest()
 
 
+def parameters_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """:func:`tensors_digest` of ``tensors``' float32 section, hashed piece by piece from the arrays: the
+    section is never joined into one buffer (a model's worth of memory and a copy less)."""
+    return _digest_parts(_section_parts(tensors, "float32"))
+
+
 # ---------------------------------------------------------------------------------------------- messages
 
 
@@ -700,7 +707,15 @@ def decode_model_release(
     limits: Limits = DEFAULT_LIMITS,
 ) -> ModelRelease:
     """Verify a model release against the pinned aggregator key and decode its parameters."""
-    verified = verify(message, pinned(aggregator_key), limits)
+    return release_from(verify(message, pinned(aggregator_key), limits), specs, limits)
+
+
+def release_from(
+    verified: Verified, specs: list[ParamSpec] | None = None, limits: Limits = DEFAULT_LIMITS
+) -> ModelRelease:
+    """:func:`decode_model_release` of an envelope already verified against the pinned aggregator key by
+    :func:`verify` (how a device reads ``GET /v1/models`` answers, which may be a release or a model-delta): the
+    tensor section against the signed digest, then the parameters, numpy views of the message's buffer."""
     p = verified.payload
     _type(p, "model")
     section = _check_section(verified)

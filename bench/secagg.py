@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from proctree import pin_threads
 
 from appliance import wire
+from appliance.client import READ_BUFFER_BYTES, read_body
 from appliance.protocol import graph
 from appliance.protocol import messages as m
 from appliance.protocol.quantise import dequantise, levels_for, quantise
@@ -158,7 +159,7 @@ class Loopback:
         self._session = self._loop.run_until_complete(self._open())
 
     async def _open(self) -> ClientSession:
-        return ClientSession()
+        return ClientSession(read_bufsize=READ_BUFFER_BYTES)
 
     async def _up(self, request: web.Request) -> web.Response:
         # as the aggregator reads an upload (aggregator/uploads.py): each chunk as it comes off the socket,
@@ -186,18 +187,17 @@ class Loopback:
             response.raise_for_status()
             return answer
 
-    async def _get(self) -> bytes:
+    async def _get(self) -> memoryview:
         async with self._session.get(self._url + "/down") as response:
-            body = await response.read()
             response.raise_for_status()
-            return body
+            return await read_body(response, wire.DEFAULT_LIMITS.max_bytes)
 
     def up(self, body: bytes) -> bytes:
         """A device's POST of ``body``; returns the body the aggregator received."""
         self._loop.run_until_complete(self._post(body))
         return body
 
-    def down(self, body: bytes) -> bytes:
+    def down(self, body: bytes) -> memoryview:
         """A device's GET of ``body`` from the aggregator; returns the bytes it received."""
         self._body = body
         return self._loop.run_until_complete(self._get())

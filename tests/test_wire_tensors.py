@@ -138,6 +138,11 @@ def test_tensors_digest_is_sha256_of_the_section():
     assert wire.tensors_digest(raw) == hashlib.sha256(raw).digest()
 
 
+def test_parameters_digest_is_the_digest_of_the_float32_section_without_joining_it():
+    tensors = {"b": np.arange(3, dtype=np.float32), "a.weight": np.ones((2, 3), dtype=np.float64)}
+    assert wire.parameters_digest(tensors) == wire.tensors_digest(wire.encode_tensors(tensors, "float32"))
+
+
 @pytest.mark.parametrize("scale", [1e300, 3.0e38, 1e37])
 def test_int8_scale_that_would_overflow_float32_is_refused_quietly(scale):
     """A scale whose products overflow float32 is bad input, refused before numpy warns about overflow."""

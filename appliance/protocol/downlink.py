@@ -315,7 +315,7 @@ def apply_delta(
     params: Mapping[str, np.ndarray] = base.tensors
     for step in delta.steps:
         params = apply_step(params, step_changes(step, specs, limits))
-    digest = wire.tensors_digest(wire.encode_tensors(params, "float32"))
+    digest = wire.parameters_digest(params)
     if digest != delta.model_digest:
         raise ProtocolError("digest-mismatch", "the model rebuilt from the delta does not have the signed digest")
     return wire.ModelRelease(delta.version, delta.package_digest, params, digest, delta.created_at)
@@ -332,7 +332,7 @@ def decode_model_answer(
     model-delta applied to ``base`` (the release the request named)."""
     verified = wire.verify(message, wire.pinned(aggregator_key), limits)
     if verified.payload.get("type") != MESSAGE_TYPE:
-        return wire.decode_model_release(message, aggregator_key, list(specs), limits)
+        return wire.release_from(verified, list(specs), limits)
     if base is None:
         raise ProtocolError("wrong-type", "a model delta answered a request that named no base")
     return apply_delta(base, delta_from_payload(verified, limits), specs, limits)
