@@ -68,7 +68,8 @@ def problem_reason(answer: bytes) -> tuple[str, str]:
 
 async def read_body(response: aiohttp.ClientResponse, limit: int) -> memoryview:
     """The whole body of ``response``, read-only, refused (``too-large``) before a byte of it is read when it
-    announces more than ``limit`` bytes, and as soon as more than ``limit`` arrive when it announces no length.
+    announces more than ``limit`` bytes, and as soon as more than ``limit`` arrive when it announces no length
+    (or a compressed one).
 
     With a Content-Length, each chunk is copied once, as it comes off the socket, into one buffer of that length:
     a download holds the body once, where ``response.read()`` holds its chunks in a list and then joins them into
@@ -76,7 +77,8 @@ async def read_body(response: aiohttp.ClientResponse, limit: int) -> memoryview:
     decoders return numpy views of this buffer, read-only as views of a ``bytes`` would be. Fewer bytes than
     announced raise aiohttp's ClientPayloadError (a network error).
     """
-    size = response.content_length
+    # A compressed body's Content-Length counts the compressed bytes; aiohttp hands on the decompressed ones.
+    size = None if response.headers.get("Content-Encoding", "identity") != "identity" else response.content_length
     if size is not None and size > limit:
         raise ProtocolError("too-large", f"the answer announces {size} bytes; the limit is {limit}")
     if size is None:

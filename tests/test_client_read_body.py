@@ -6,6 +6,7 @@ ends before its announced length is a network error (retried later), never a sho
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -141,5 +142,23 @@ def test_an_answer_cut_short_of_its_length_is_a_network_error_not_a_short_body()
         async with raw_server(respond) as url, AggregatorClient(url, KEY.verify_key) as client:
             with pytest.raises(AggregatorUnavailable):
                 await client.model_release(3, [wire.ParamSpec("w", (5000,))])
+
+    run(go())
+
+
+def test_a_compressed_answer_is_read_whole_past_its_compressed_length() -> None:
+    """Content-Length counts the compressed bytes (a proxy may compress); aiohttp hands on the decompressed ones."""
+    tensors = {"w": np.zeros(50_000, dtype=np.float32)}
+    message, digest = wire.encode_model_release(wire.ModelRelease(3, bytes(32), tensors), KEY)
+    packed = gzip.compress(message)
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(head(**{"Content-Encoding": "gzip", "Content-Length": len(packed)}) + packed)
+        await writer.drain()
+
+    async def go() -> None:
+        async with raw_server(respond) as url, AggregatorClient(url, KEY.verify_key) as client:
+            release = await client.model_release(3, [wire.ParamSpec("w", (50_000,))])
+        assert release.digest == digest
 
     run(go())
