@@ -72,8 +72,9 @@ async def read_body(response: aiohttp.ClientResponse, limit: int) -> memoryview:
     (or a compressed one).
 
     With a Content-Length, each chunk is copied once, as it comes off the socket, into one buffer of that length:
-    a download holds the body once, where ``response.read()`` holds its chunks in a list and then joins them into
-    fresh memory (twice the body at its peak: 8 MB for a model of 1M parameters; bench/model_download.py). The
+    a download holds the body once, plus at most what aiohttp buffers before it stops reading the socket (twice
+    ``READ_BUFFER_BYTES``), where ``response.read()`` holds its chunks in a list and then joins them into fresh
+    memory (twice the body at its peak: 8.0 MB for a model of 1M parameters, 4.8 MB here; bench/model_download.py). The
     decoders return numpy views of this buffer, read-only as views of a ``bytes`` would be. Fewer bytes than
     announced raise aiohttp's ClientPayloadError (a network error).
     """

@@ -147,6 +147,9 @@ def main() -> int:
     parser.add_argument("--downloads", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if min(args.params, args.downloads, args.repeats) < 1:
+        print("bench/model_download.py: --params, --downloads and --repeats must be positive", file=sys.stderr)
+        return 2
     spawn = multiprocessing.get_context("spawn")
     port_in, port_out = spawn.Pipe(duplex=False)
     server = spawn.Process(target=_serve, args=(args.params, port_out), daemon=True)
