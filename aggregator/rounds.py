@@ -246,6 +246,10 @@ class RoundEngine:
         self._timer: asyncio.Task[None] | None = None
         # Site mode: a closed round goes upstream instead of publishing, and rounds open only on the parent's tasks.
         self.forward: Forwarder | None = None
+        # Async site under an async parent (aggregator/upstream.py reads the parent's mode): the next buffer opens
+        # right after a forward, on the same version, instead of waiting for the parent's next version.
+        self.reopen_after_forward = False
+        self._adopting = 0  # open_for_upstream calls waiting to move the site to its parent's newer version
         # Secure aggregation (aggregator/secagg_round.py): every round is secure; only the survivors' sum is seen.
         self.secure: SecureRounds | None = None
         # Async mode: staleness of the accepted updates and the publication times (status page, metrics).
@@ -437,6 +441,8 @@ class RoundEngine:
         await self._install(self._new_open_round(round_id, now, deadline, goal))
 
     async def _install(self, round_: OpenRound | None) -> None:
+        if self.current is not None and self.current is not round_:
+            self.current.full.set()  # wakes the clock if it still waits on the round closed outside it
         self.current = round_
         if round_ is not None and self.secure is not None:  # its phases start before anyone sees the task
             await self.secure.opened(round_)
@@ -482,10 +488,14 @@ class RoundEngine:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await round_.full.wait()
+            if self.current is not round_:  # closed outside the clock (a site adopting its parent's version)
+                continue
             below_quorum = not round_.full.is_set() and round_.accepted < self.policy.min_clients
-            if self.policy.buffer is not None and below_quorum and self.forward is None:
+            if self.policy.buffer is not None and below_quorum and (self.forward is None or (
+                    round_.accepted == 0 and self.reopen_after_forward)):
                 # An async buffer is never abandoned: its acknowledged updates wait for more. (A site's is, as in
-                # sync mode, so that it follows its parent's newer versions.)
+                # sync mode, so that it follows its parent's newer versions; under an async parent an empty one
+                # waits for its devices, and open_for_upstream closes it when the parent's next version comes.)
                 self._extend(round_)
                 continue
             try:
@@ -816,12 +826,17 @@ class RoundEngine:
             log.warning("round %d abandoned: %s", round_.round_id, exc)
             await self._abandon(round_, participants, samples, summary, time.time(), str(exc))
             return
-        self.store.finish_round(round_.round_id, "published", now, participants, samples, summary, note=note)
+        # Async: the next buffer opens now, in the same transaction, on the version the devices train on (unless the
+        # parent's newer version is waiting to be adopted): no window in which the site refuses their updates.
+        reopens = self.policy.buffer is not None and self.reopen_after_forward and not self._adopting
+        next_id, deadline, goal = round_.round_id + 1, time.time() + self.policy.round_timeout, self._goal()
+        self.store.finish_round(round_.round_id, "published", now, participants, samples, summary, note=note,
+                                next_round=(next_id, self.version, now, deadline, goal) if reopens else None)
         self.metrics.round_ended("published", now)
         self._finish_metrics(round_, participants, now)
         self.store.drop_segment(round_.round_id)
         log.info("round %d: %s", round_.round_id, note)
-        await self._install(None)
+        await self._install(self._new_open_round(next_id, now, deadline, goal) if reopens else None)
 
     def _spooled(self, round_: OpenRound, rows: list[UpdateRow]) -> UpdateSet:
         """The round's updates as views of its memory-mapped spool segment (read by the rule on a worker thread)."""
@@ -849,13 +864,23 @@ class RoundEngine:
     async def open_for_upstream(self, version: int, params: np.ndarray | None, deadline: float) -> int:
         """Site mode: adopt the parent's model ``version`` (``params`` when it is new to this site, re-signed by
         this site's key) and open a round on it that closes by ``deadline``. A round still open is closed first
-        (it forwards what it has, or is abandoned); in async mode it is left to fill its buffer (or reach its
-        deadline) and forward, and the next round opens after. Returns the new round's id."""
+        (it forwards what it has, or is abandoned); in async mode a buffer holding updates is left to fill (or reach
+        its deadline) and forward, and the next round opens after; an empty one is closed at once. Returns the new
+        round's id."""
         async with self._changed:
             if self.policy.buffer is not None:
-                await self._changed.wait_for(lambda: self.current is None)
+                self._adopting += 1
+                try:
+                    await self._changed.wait_for(lambda: self.current is None or (
+                        not self.current.closing and self.current.accepted + self.current.pending == 0))
+                finally:
+                    self._adopting -= 1
             await self._changed.wait_for(lambda: self.current is None or not self.current.closing)
-        if self.current is not None:
+        empty = self.current
+        if empty is not None and self.policy.buffer is not None and empty.accepted + empty.pending == 0:
+            empty.closing = True
+            await self._abandon(empty, 0, 0, {}, time.time(), f"no updates when upstream version {version} came")
+        elif self.current is not None:
             await self.close_round()
         now = time.time()
         if params is not None:

@@ -10,6 +10,15 @@ their metrics. The parent's FedAvg over site updates is then FedAvg over all the
 quorum sends nothing, which the parent sees as one dropout. When the parent publishes the next version, the
 next parent task brings it down, and the site opens its next round on it.
 
+An async site (``--mode async``) under an async parent does not wait for that: right after a forward it opens its
+next buffer on the same version, so its devices' updates keep counting (their staleness is measured against the
+versions the parent publishes, as for any async update). That buffer answers the same parent round, and its
+forward counts in the parent's next buffer at the site's staleness there. The parent counts one update per site
+per buffer and refuses a second one as ``duplicate``: the site then waits for the parent's next task and sends the
+same bytes again. Every forward is written to ``<state>/upstream/round-<site round>.forward`` before it is sent, so
+a site killed after sending and before recording resends the identical update, which the parent answers with the
+original receipt: a forward counts once.
+
 Robust rules (median, trimmed mean, Krum) and server optimisers (FedAdam/FedYogi) do not compose over
 partial sums, so a site must run plain FedAvg; the root of the tree may run any strategy.
 
@@ -29,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import aiohttp
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
@@ -116,6 +126,8 @@ class UpstreamLink:
         self.tasks_dir.mkdir(exist_ok=True)
         self._client: AggregatorClient | None = None
         self._task: asyncio.Task[None] | None = None
+        self._newest_parent = self._resume_after()  # the newest parent round whose task this site has seen
+        self._parent_moved = asyncio.Condition()
         engine.forward = self.forward
 
     @property
@@ -127,8 +139,21 @@ class UpstreamLink:
     def _task_path(self, site_round: int) -> Path:
         return self.tasks_dir / f"round-{site_round:08d}.task"
 
+    def _forward_path(self, site_round: int) -> Path:
+        return self.tasks_dir / f"round-{site_round:08d}.forward"
+
+    def _answered(self, site_round: int) -> tuple[int, ParentRound] | None:
+        """The parent task ``site_round`` answers, and the site round it was recorded for: its own, or (an async
+        buffer opened right after a forward, on the same version) the newest one recorded before it."""
+        recorded = sorted((int(path.stem[len("round-"):]) for path in self.tasks_dir.glob("round-*.task")
+                           if path.stem[len("round-"):].isdigit()), reverse=True)
+        for owner in recorded:
+            if owner <= site_round and (parent := self._parent_round(owner)) is not None:
+                return owner, parent
+        return None
+
     def _parent_round(self, site_round: int) -> ParentRound | None:
-        """What the parent task answered by ``site_round`` asked for (None when not recorded)."""
+        """What the parent task recorded for ``site_round`` asked for (None when not recorded)."""
         try:
             record = json.loads(self._task_path(site_round).read_text())
             return ParentRound(int(record["round"]), int(record["model_version"]),
@@ -162,12 +187,17 @@ class UpstreamLink:
     async def _follow(self) -> None:
         assert self._client is not None
         after = self._resume_after()
+        if self.engine.policy.buffer is not None:  # a site restarted between a forward and the parent's next task
+            self.engine.reopen_after_forward = await self._parent_is_async()
         backoff = self.config.retry_seconds
         while True:
             try:
                 task = await self._client.next_task(after, self.config.poll_seconds)
                 if task is not None:
                     after = task.round_id
+                    async with self._parent_moved:
+                        self._newest_parent = max(self._newest_parent, after)
+                        self._parent_moved.notify_all()
                     await self._take(task)
                 backoff = self.config.retry_seconds
             except (AggregatorUnavailable, ProtocolError) as exc:
@@ -201,6 +231,8 @@ class UpstreamLink:
         if deadline <= time.time():
             log.warning("upstream round %d closes too soon to collect anything; skipping it", task.round_id)
             return
+        if self.engine.policy.buffer is not None:
+            self.engine.reopen_after_forward = await self._parent_is_async()
         params = None
         if self.store.model_digest(task.model_version) != task.model_digest:
             release = await self._client.model_release(task.model_version, self.models.layout.specs)
@@ -218,42 +250,76 @@ class UpstreamLink:
 
     # ------------------------------------------------------------------------------------------ forwarding
 
+    async def _parent_is_async(self) -> bool:
+        """Whether the parent runs async buffers (its ``GET /v1/status``): only such a parent takes an update based
+        on a version older than its round's, which a buffer opened right after a forward sends. Unknown: False."""
+        assert self._client is not None
+        try:
+            async with self._client.session.get(self._client.base_url + "/v1/status", params={"rounds": "1"}) as r:
+                return r.status == 200 and (await r.json()).get("async") is not None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("upstream %s: status not read (%s); opening the next buffer on its next version",
+                        self.config.url, exc)
+            return False
+
+    def _forward_body(self, site_round: int, update: wire.Update) -> bytes:
+        """The signed update for ``site_round``: the one written before an earlier attempt, else a new one, written
+        (fsync) before it is sent so that a resend after a crash is byte-identical."""
+        path = self._forward_path(site_round)
+        with contextlib.suppress(FileNotFoundError):
+            return path.read_bytes()
+        body = wire.encode_update(update, self.key)
+        atomic_write(path, body)
+        return body
+
     async def forward(self, round_: OpenRound, delta: np.ndarray, samples: int, metrics: dict[str, float]) -> str:
         """Send a closed site round upstream as one signed update; returns the note for the round's record."""
-        parent = self._parent_round(round_.round_id)
-        if parent is None:
+        answered = self._answered(round_.round_id)
+        if answered is None:
             raise ForwardError(f"site round {round_.round_id} answers no recorded upstream round; nothing forwarded")
+        owner, parent = answered
         if parent.model_version != round_.model_version:
             raise ForwardError(f"site round {round_.round_id} trained version {round_.model_version}, upstream round "
                                f"{parent.round_id} version {parent.model_version}")
-        body = wire.encode_update(
-            wire.Update(
-                device_id=self.device_id, round_id=parent.round_id, model_version=parent.model_version,
-                base_digest=parent.model_digest, num_samples=samples,
-                tensors=self.models.layout.unflatten(delta), metrics=metrics, encoding=parent.encoding,
-            ),
-            self.key,
+        update = wire.Update(
+            device_id=self.device_id, round_id=parent.round_id, model_version=parent.model_version,
+            base_digest=parent.model_digest, num_samples=samples,
+            tensors=self.models.layout.unflatten(delta), metrics=metrics, encoding=parent.encoding,
         )
+        body = self._forward_body(round_.round_id, update)
         assert self._client is not None
         backoff = self.config.retry_seconds
+        give_up = max(parent.deadline, round_.deadline)  # a buffer opened after a forward outlives its parent round
         while True:
+            seen = self._newest_parent
             try:
                 receipt = await self._client.send_update(body)
                 break
             except Rejection as exc:
-                if exc.reason == "duplicate":  # forwarded before a restart: the parent already counts it
-                    return f"already forwarded to upstream round {parent.round_id}"
+                if exc.reason == "duplicate" and self.engine.policy.buffer is None:
+                    return f"already forwarded to upstream round {parent.round_id}"  # signed anew by an older site
+                if exc.reason == "duplicate":  # the parent's buffer already holds this site's previous forward
+                    log.info("upstream buffer holds site round %d's predecessor; forwarding after the next upstream "
+                             "task", round_.round_id)
+                    async with self._parent_moved:
+                        await self._parent_moved.wait_for(lambda seen=seen: self._newest_parent > seen)
+                    continue
+                if exc.reason == "expired":  # never counted (a counted copy gets its receipt): sign it anew
+                    self._forward_path(round_.round_id).unlink()
+                    body = self._forward_body(round_.round_id, update)
+                    continue
                 raise ForwardError(f"upstream refused the site's update for round {parent.round_id}: {exc}") from None
             except AggregatorUnavailable as exc:
-                if time.time() + backoff >= parent.deadline:
+                if time.time() + backoff >= give_up:
                     detail = f"upstream unreachable until round {parent.round_id}'s deadline: {exc}"
                     raise ForwardError(detail) from None
                 log.warning("forwarding to upstream round %d: %s; retrying in %.0f s", parent.round_id, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
         with contextlib.suppress(OSError):
-            for old in self.tasks_dir.glob("round-*.task"):
-                if old.name < self._task_path(round_.round_id).name:
+            for old in self.tasks_dir.glob("round-*"):
+                if (old.suffix == ".task" and old.name < self._task_path(owner).name) or (
+                        old.suffix == ".forward" and old.name < self._forward_path(round_.round_id).name):
                     old.unlink()
         return (f"forwarded to upstream round {receipt.round_id}: {len(round_.devices)} updates, {samples} samples"
                 f" (receipt at {receipt.accepted_at})")

@@ -1,8 +1,9 @@
 """An async tree on loopback: a city in async mode (a version per site forward, K=1) and two async sites (K=2),
 two devices each. Each site forwards its buffer as one partial update; staleness is weighted at the site (a
-device's update based on an older site version) and again at the city (a site's forward based on an older city
-version), and the city's versions must be what a numpy reference computes. City and sites run --max-samples 30:
-the sites' forwards carry 40 and 32 samples, which the city takes from keys enrolled as sites."""
+device's update based on an older site version; at the city, test_aggregator_async_tree_window.py), and the city's
+versions must be what a numpy reference computes. A site whose buffer is empty when the city publishes moves to
+the new version. City and sites run --max-samples 30: the sites' forwards carry 40 and 32 samples, which the city
+takes from keys enrolled as sites."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from aggregator.upstream import UpstreamConfig
 from tests.aggregator_harness import Harness, run, running
 
 W1 = 2 ** -0.5  # the polynomial weight of staleness 1
+W2 = 3 ** -0.5  # ...and of staleness 2
 MAX_SAMPLES = 30  # the most one device below claims; sites forward sums above it
 
 
@@ -75,7 +77,9 @@ def test_async_sites_forward_their_buffers_and_staleness_is_weighted_at_both_lev
             v1 = v0 + mean_a1
             np.testing.assert_allclose(city.engine.params, v1, rtol=1e-5, atol=1e-7)
 
-            # Site B's buffer, trained on v0, reaches the city at v1: staleness 1 there.
+            # Site B's buffer was empty when the city published v1, so B moved to v1: its devices' updates, trained
+            # on v0, are stale by 1 at the site, and its forward is based on v1.
+            await wait_until(lambda: b.engine.version == 1, what="site B on the city's version 1")
             b1 = [(delta(b), 20), (delta(b), 5)]
             for device, (tensors, n) in zip(b.devices, b1, strict=True):
                 await upload(b, device, b_task0, tensors, n)
@@ -83,18 +87,20 @@ def test_async_sites_forward_their_buffers_and_staleness_is_weighted_at_both_lev
             v2 = v1 + W1 * sum(layout.flatten(t).astype(np.float64) * n for t, n in b1) / 25
             np.testing.assert_allclose(city.engine.params, v2, rtol=1e-5, atol=1e-7)
 
-            # Site A's next buffer (on v1): one device trained on v1, the other still on v0 (staleness 1 at the
-            # site); the forward, based on v1, reaches the city at v2 (staleness 1 there).
-            a_task1 = await site_task(a, a_task0.round_id)
-            assert a_task1.model_version == 1
+            # Site A's next buffer, empty until now, follows the city's newest version (v2): one device trained on
+            # v2, the other still on v0 (staleness 2 at the site); the forward, based on v2, reaches the city at v2.
+            await wait_until(lambda: a.engine.version == 2, what="site A on the city's version 2")
+            a_task2 = await site_task(a, a_task0.round_id)
+            assert a_task2.model_version == 2
             fresh, stale = (delta(a), 8), (delta(a), 24)
-            await upload(a, a.devices[0], a_task1, *fresh)
+            await upload(a, a.devices[0], a_task2, *fresh)
             await upload(a, a.devices[1], a_task0, *stale)
             await wait_until(lambda: city.engine.version == 3, what="city version 3")
             site_mean = (layout.flatten(fresh[0]).astype(np.float64) * 8
-                         + W1 * layout.flatten(stale[0]).astype(np.float64) * 24) / 32
-            np.testing.assert_allclose(city.engine.params, v2 + W1 * site_mean, rtol=1e-5, atol=1e-7)
-            assert city.engine.activity is not None and dict(city.engine.activity.staleness) == {0: 1, 1: 2}
-            assert a.engine.activity is not None and dict(a.engine.activity.staleness) == {0: 3, 1: 1}
+                         + W2 * layout.flatten(stale[0]).astype(np.float64) * 24) / 32
+            np.testing.assert_allclose(city.engine.params, v2 + site_mean, rtol=1e-5, atol=1e-7)
+            assert city.engine.activity is not None and dict(city.engine.activity.staleness) == {0: 3}
+            assert a.engine.activity is not None and dict(a.engine.activity.staleness) == {0: 3, 2: 1}
+            assert b.engine.activity is not None and dict(b.engine.activity.staleness) == {1: 2}
 
     run(scenario())

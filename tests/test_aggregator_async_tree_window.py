@@ -1,0 +1,184 @@
+"""An async site keeps taking its devices' updates between its forward and the city's next version.
+
+The city (async, --buffer 2) waits for both sites before it publishes, so after site A forwards its first buffer
+there is a window in which the city has no new version. Site A opens its next buffer at once, on the version its
+devices trained on; when that buffer fills it is forwarded as soon as the city has moved past the buffer that
+holds A's first forward (the city counts one update per site per buffer), and it counts there at its staleness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+from nacl.signing import SigningKey
+from test_aggregator_tree import site_task, wait_until
+
+from aggregator.app import SERVICES
+from aggregator.buffered import BufferPolicy
+from aggregator.registry import Enrolment
+from aggregator.rounds import RoundPolicy
+from aggregator.upstream import UpstreamConfig
+from appliance import wire
+from tests.aggregator_harness import Harness, run, running
+
+W1 = 2 ** -0.5  # the polynomial weight of staleness 1
+SITE_POLICY = RoundPolicy(min_clients=1, round_timeout=60, buffer=BufferPolicy(size=2))
+
+
+@contextlib.asynccontextmanager
+async def city_of_two_sites(tmp: Path) -> AsyncIterator[tuple[Harness, UpstreamConfig, list[SigningKey]]]:
+    city_key = SigningKey.generate()
+    site_keys = [SigningKey.generate(), SigningKey.generate()]
+    async with running(tmp / "city", key=city_key, enrolled=[],
+                       policy=RoundPolicy(min_clients=1, round_timeout=60, buffer=BufferPolicy(size=2))) as city:
+        city.app[SERVICES].registry.enroll(Enrolment(wire.key_id(k.verify_key), bytes(k.verify_key), site=True)
+                                           for k in site_keys)
+        upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+        yield city, upstream, site_keys
+
+
+def _delta(site: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in site.specs}
+
+
+async def _fill(site: Harness, task: wire.Task, updates: list[tuple[dict[str, np.ndarray], int]]) -> None:
+    for device, (tensors, n) in zip(site.devices, updates, strict=True):
+        status, answer = await site.upload(device.update(task, tensors, num_samples=n))
+        assert status == 200, answer
+
+
+def _mean(site: Harness, updates: list[tuple[dict[str, np.ndarray], int]]) -> np.ndarray:
+    flat = site.engine.models.layout.flatten
+    return sum(flat(t).astype(np.float64) * n for t, n in updates) / sum(n for _, n in updates)
+
+
+def test_a_site_takes_updates_between_its_forward_and_the_citys_next_version(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        rng = np.random.default_rng(8)
+        async with city_of_two_sites(tmp_path) as (city, upstream, (key_a, key_b)), \
+                running(tmp_path / "a", devices=2, key=key_a, upstream=upstream, policy=SITE_POLICY) as a, \
+                running(tmp_path / "b", devices=2, key=key_b, upstream=upstream, policy=SITE_POLICY) as b:
+            v0 = city.engine.params.astype(np.float64)
+            a_task, b_task = await site_task(a, 0), await site_task(b, 0)
+            a1 = [(_delta(a, rng), 10), (_delta(a, rng), 30)]
+            await _fill(a, a_task, a1)
+            await wait_until(lambda: city.engine.store.round_devices(1) == [wire.key_id(key_a.verify_key)],
+                             what="site A's forward")
+            assert city.engine.version == 0  # the city waits for site B
+
+            # The window: site A has an open buffer on version 0 (no closed round in its status) and takes updates.
+            current = a.engine.status()["current_round"]
+            assert current is not None and current["model_version"] == 0 and not current["closing"]
+            carry_task = await site_task(a, a_task.round_id)
+            assert carry_task.model_version == 0
+            a2 = [(_delta(a, rng), 20), (_delta(a, rng), 4)]
+            await _fill(a, carry_task, a2)
+
+            # Site B's forward makes the city's version 1; then A's second buffer reaches the city at staleness 1.
+            b1 = [(_delta(b, rng), 5), (_delta(b, rng), 15)]
+            await _fill(b, b_task, b1)
+            await wait_until(lambda: city.engine.version == 1, what="city version 1")
+            v1 = v0 + (40 * _mean(a, a1) + 20 * _mean(b, b1)) / 60
+            np.testing.assert_allclose(city.engine.params, v1, rtol=1e-5, atol=1e-7)
+            await wait_until(lambda: city.engine.store.round_devices(2) == [wire.key_id(key_a.verify_key)],
+                             what="site A's second forward")
+            b_next = await site_task(b, b_task.round_id)
+            assert b_next.model_version == 1
+            b2 = [(_delta(b, rng), 6), (_delta(b, rng), 6)]
+            await _fill(b, b_next, b2)
+            await wait_until(lambda: city.engine.version == 2, what="city version 2")
+            v2 = v1 + (24 * W1 * _mean(a, a2) + 12 * _mean(b, b2)) / 36
+            np.testing.assert_allclose(city.engine.params, v2, rtol=1e-5, atol=1e-7)
+            assert city.engine.store.get_round(1).participants == city.engine.store.get_round(2).participants == 2
+            # ...and site A follows the city's version 2.
+            await wait_until(lambda: a.engine.version == 2, what="site A on version 2")
+            following = await site_task(a, carry_task.round_id)
+            while following.model_version < 2:
+                following = await site_task(a, following.round_id)
+
+    run(scenario())
+
+
+def test_a_site_restarted_in_the_window_keeps_its_new_buffer_and_forwards_it_once(tmp_path: Path) -> None:
+    """Stopped with one acknowledged update in the buffer it opened after its forward, site A resumes that buffer
+    (and still follows only the city's next round); its forward counts once, in the city's next buffer."""
+
+    async def scenario() -> None:
+        rng = np.random.default_rng(9)
+        async with city_of_two_sites(tmp_path) as (city, upstream, (key_a, key_b)), \
+                running(tmp_path / "b", devices=2, key=key_b, upstream=upstream, policy=SITE_POLICY) as b:
+            site_a = wire.key_id(key_a.verify_key)
+            async with running(tmp_path / "a", devices=2, key=key_a, upstream=upstream, policy=SITE_POLICY) as a:
+                devices = a.devices
+                a_task = await site_task(a, 0)
+                a1 = [(_delta(a, rng), 10), (_delta(a, rng), 30)]
+                await _fill(a, a_task, a1)
+                await wait_until(lambda: city.engine.store.round_devices(1) == [site_a], what="site A's forward")
+                carry_task = await site_task(a, a_task.round_id)
+                first = (_delta(a, rng), 12)
+                status, answer = await a.upload(devices[0].update(carry_task, first[0], num_samples=first[1]))
+                assert status == 200, answer
+            async with running(tmp_path / "a", key=key_a, enrolled=devices, upstream=upstream,
+                               policy=SITE_POLICY) as a:
+                assert (await site_task(a, a_task.round_id)).round_id == carry_task.round_id
+                second = (_delta(a, rng), 36)
+                status, answer = await a.upload(devices[1].update(carry_task, second[0], num_samples=second[1]))
+                assert status == 200, answer
+                b_task = await site_task(b, 0)
+                await _fill(b, b_task, [(_delta(b, rng), 5), (_delta(b, rng), 15)])
+                await wait_until(lambda: city.engine.version == 1, what="city version 1")
+                await wait_until(lambda: city.engine.store.round_devices(2) == [site_a], what="A's second forward")
+                row = city.engine.store.round_updates(2)[0]
+                assert row.num_samples == 48
+                np.testing.assert_allclose(city.engine.store.read_delta(2, row.offset, row.length),
+                                           W1 * _mean(a, [first, second]), rtol=1e-5, atol=1e-7)
+                assert sorted(city.engine.store.round_devices(1)) == sorted([site_a, wire.key_id(key_b.verify_key)])
+
+    run(scenario())
+
+
+class _DiedAfterSending(Exception):
+    """Stands for a site killed after its forward reached the city and before it recorded the round."""
+
+
+def test_a_site_killed_after_sending_its_forward_resends_the_same_update(tmp_path: Path) -> None:
+    """The city (--buffer 1) publishes from site A's forward and opens its next buffer; site A dies before it
+    records that forward. Restarted, it forwards the round again: the identical signed update, which the city
+    answers with the original receipt, so the city's next buffer does not count it a second time."""
+
+    async def scenario() -> None:
+        rng = np.random.default_rng(10)
+        city_key, key_a = SigningKey.generate(), SigningKey.generate()
+        async with running(tmp_path / "city", key=city_key, enrolled=[],
+                           policy=RoundPolicy(min_clients=1, round_timeout=60, buffer=BufferPolicy(size=1))) as city:
+            city.app[SERVICES].registry.enroll([Enrolment(wire.key_id(key_a.verify_key), bytes(key_a.verify_key),
+                                                          site=True)])
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            async with running(tmp_path / "a", devices=2, key=key_a, upstream=upstream, policy=SITE_POLICY) as a:
+                devices = a.devices
+                sent = a.engine.forward
+                assert sent is not None
+
+                async def send_then_die(*args: object) -> str:
+                    await sent(*args)  # type: ignore[arg-type]
+                    raise _DiedAfterSending
+
+                a.engine.forward = send_then_die
+                a_task = await site_task(a, 0)
+                a1 = [(_delta(a, rng), 10), (_delta(a, rng), 30)]
+                await _fill(a, a_task, a1)
+                await wait_until(lambda: city.engine.version == 1, what="city version 1")
+                assert a.engine.store.get_round(a_task.round_id).status == "open"  # not recorded as forwarded
+            async with running(tmp_path / "a", key=key_a, enrolled=devices, upstream=upstream,
+                               policy=SITE_POLICY) as a:
+                await wait_until(lambda: a.engine.store.get_round(a_task.round_id).status == "published",
+                                 what="site A's round recorded")
+                assert "forwarded to upstream round 1" in a.engine.store.get_round(a_task.round_id).note
+                await wait_until(lambda: a.engine.version == 1, what="site A on version 1")
+                assert city.engine.version == 1 and city.engine.store.round_devices(2) == []
+                assert city.rejected("duplicate") == 0
+
+    run(scenario())
