@@ -4,24 +4,36 @@ The city (async, --buffer 2) waits for both sites before it publishes, so after 
 there is a window in which the city has no new version. Site A opens its next buffer at once, on the version its
 devices trained on; when that buffer fills it is forwarded as soon as the city has moved past the buffer that
 holds A's first forward (the city counts one update per site per buffer), and it counts there at its staleness.
+A site stopped, or SIGKILLed as a real process, in that window loses no acknowledged update and forwards nothing
+twice, including when it dies after sending a forward and before recording it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 from nacl.signing import SigningKey
-from test_aggregator_tree import site_task, wait_until
+from test_aggregator_durability import _cli, _post, _wait_healthy
+from test_aggregator_tree import ROOT, site_task, wait_until
 
 from aggregator.app import SERVICES
 from aggregator.buffered import BufferPolicy
 from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy
+from aggregator.simulate import SimulatedDevice
 from aggregator.upstream import UpstreamConfig
 from appliance import wire
+from flctl.ports import free_port
 from tests.aggregator_harness import Harness, run, running
 
 W1 = 2 ** -0.5  # the polynomial weight of staleness 1
@@ -180,5 +192,97 @@ def test_a_site_killed_after_sending_its_forward_resends_the_same_update(tmp_pat
                 await wait_until(lambda: a.engine.version == 1, what="site A on version 1")
                 assert city.engine.version == 1 and city.engine.store.round_devices(2) == []
                 assert city.rejected("duplicate") == 0
+
+    run(scenario())
+
+
+def test_a_site_process_killed_in_the_window_loses_nothing_and_forwards_once(tmp_path: Path) -> None:
+    """A real `serve --mode async --upstream` site, SIGKILLed after its forward with one acknowledged update in
+    the buffer it opened then: restarted, it holds that update, takes the next, and its forward counts once, in
+    the city's next buffer, at its staleness there."""
+    site_state = tmp_path / "site"
+    _cli("keygen", "--state", str(site_state))
+    site_key = SigningKey(bytes.fromhex((site_state / "aggregator.key").read_text().strip()))
+    devices = [SimulatedDevice(), SimulatedDevice()]
+    (tmp_path / "fleet.jsonl").write_text("".join(
+        json.dumps({"device_id": d.device_id, "public_key": d.public_key_hex}) + "\n" for d in devices))
+    _cli("enroll", "--state", str(site_state), "--from", str(tmp_path / "fleet.jsonl"))
+    other_site = SimulatedDevice()
+    port = free_port()
+    site_url = f"http://127.0.0.1:{port}"
+    rng = np.random.default_rng(12)
+
+    async def scenario() -> None:
+        async with running(tmp_path / "city", key=(city_key := SigningKey.generate()), enrolled=[],
+                           policy=RoundPolicy(min_clients=1, round_timeout=60, buffer=BufferPolicy(size=2))) as city:
+            city.app[SERVICES].registry.enroll(
+                Enrolment(d.device_id, bytes(d.key.verify_key), site=True)
+                for d in (SimulatedDevice(key=site_key), other_site))
+            site_a = wire.key_id(site_key.verify_key)
+
+            def serve() -> subprocess.Popen[bytes]:
+                log = (tmp_path / "site.log").open("ab")
+                return subprocess.Popen(
+                    [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(site_state), "--listen",
+                     f"127.0.0.1:{port}", "--synthetic-parameters", "50", "--mode", "async", "--buffer", "2",
+                     "--min-clients", "1", "--upstream", str(city.client.make_url("")),
+                     "--upstream-key", bytes(city_key.verify_key).hex()],
+                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                )
+
+            async def task_after(session: aiohttp.ClientSession, after: int) -> wire.Task:
+                async with session.get(site_url + "/v1/task", params={"after": str(after), "wait": "30"}) as r:
+                    assert r.status == 200
+                    return wire.decode_task(await r.read(), site_key.verify_key)
+
+            async def upload(session: aiohttp.ClientSession, device: SimulatedDevice, task: wire.Task,
+                             update: tuple[dict[str, np.ndarray], int]) -> None:
+                code, answer = await _post(session, site_url, device.update(task, update[0], num_samples=update[1]))
+                assert code == 200, answer
+
+            site = serve()
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                    await _wait_healthy(session, site_url, site)
+                    task = await task_after(session, 0)
+                    for device, n in zip(devices, (10, 30), strict=True):
+                        await upload(session, device, task, (_delta(city, rng), n))
+                    await wait_until(lambda: city.engine.store.round_devices(1) == [site_a], what="the forward")
+                    carry_task = await task_after(session, task.round_id)
+                    assert carry_task.model_version == 0
+                    first = (_delta(city, rng), 12)
+                    await upload(session, devices[0], carry_task, first)
+                os.kill(site.pid, signal.SIGKILL)
+                await asyncio.get_running_loop().run_in_executor(None, site.wait)
+                site = serve()
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                    await _wait_healthy(session, site_url, site)
+                    async with session.get(site_url + "/v1/status") as r:
+                        current = (await r.json())["current_round"]
+                    assert (current["round"], current["accepted"]) == (carry_task.round_id, 1)
+                    second = (_delta(city, rng), 36)
+                    await upload(session, devices[1], carry_task, second)
+                city_task = await city.task(after=0)
+                assert city_task is not None and city_task.round_id == 1
+                code, answer = await city.upload(other_site.update(city_task, _delta(city, rng), num_samples=20))
+                assert code == 200, answer
+                await wait_until(lambda: city.engine.store.round_devices(2) == [site_a], what="the second forward")
+                row = city.engine.store.round_updates(2)[0]
+                assert row.num_samples == 48
+                np.testing.assert_allclose(city.engine.store.read_delta(2, row.offset, row.length),
+                                           W1 * _mean(city, [first, second]), rtol=1e-5, atol=1e-7)
+                assert sorted(city.engine.store.round_devices(1)) == sorted([site_a, other_site.device_id])
+                # The city's next version answers the killed site's long-poll, which the city would otherwise hold
+                # open for its full wait when it shuts down.
+                site.kill()
+                await asyncio.get_running_loop().run_in_executor(None, site.wait)
+                city_task = await city.task(after=city_task.round_id)
+                assert city_task is not None
+                code, answer = await city.upload(other_site.update(city_task, _delta(city, rng), num_samples=20))
+                assert code == 200, answer
+            finally:
+                if site.poll() is None:
+                    site.kill()
+                    site.wait()
 
     run(scenario())
