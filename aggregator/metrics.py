@@ -36,7 +36,8 @@ REQUEST_REJECT_REASONS = (
     *(r for r in DECODER_REASONS if r not in ("digest-mismatch", "bad-tensor", "tensor-too-large", "wrong-tensors",
                                               "wrong-shape", "not-finite")),
 )
-ROUND_OUTCOMES = ("published", "abandoned")
+# superseded: an async site's buffer still empty when its parent's next version came (nothing lost, not abandoned).
+ROUND_OUTCOMES = ("published", "abandoned", "superseded")
 
 _SIZE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROUND_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -94,7 +95,8 @@ class AggregatorMetrics:
             registry=r,
         )
         self.rounds = Counter(
-            "fl_aggregator_rounds_total", "Rounds ended, by outcome (published, abandoned)", ["outcome"], registry=r
+            "fl_aggregator_rounds_total", "Rounds ended, by outcome (published, abandoned, superseded)", ["outcome"],
+            registry=r,
         )
         self.last_round_timestamp = Gauge(
             "fl_aggregator_last_round_timestamp_seconds",
@@ -160,6 +162,6 @@ class AggregatorMetrics:
             self.fleet_devices.labels(state).set(counts[state])
 
     def round_ended(self, outcome: str, at: float) -> None:
-        """Count a round that ended at ``at`` (Unix time) with ``outcome`` (published or abandoned)."""
+        """Count a round that ended at ``at`` (Unix time) with ``outcome`` (one of ROUND_OUTCOMES)."""
         self.rounds.labels(outcome).inc()
         self.last_round_timestamp.labels(outcome).set(at)

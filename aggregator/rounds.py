@@ -495,7 +495,7 @@ class RoundEngine:
                     round_.accepted == 0 and self.reopen_after_forward)):
                 # An async buffer is never abandoned: its acknowledged updates wait for more. (A site's is, as in
                 # sync mode, so that it follows its parent's newer versions; under an async parent an empty one
-                # waits for its devices, and open_for_upstream closes it when the parent's next version comes.)
+                # waits for its devices, and open_for_upstream supersedes it when the parent's next version comes.)
                 self._extend(round_)
                 continue
             try:
@@ -810,6 +810,16 @@ class RoundEngine:
         self.store.drop_segment(round_.round_id)
         await self._install(self._new_open_round(next_id, now, deadline, goal))
 
+    async def _supersede(self, round_: OpenRound, version: int) -> None:
+        """Async site: a buffer still empty when the parent's next version comes moves to it. Recorded and counted
+        as ``superseded``, not ``abandoned``: an idle site sees one per parent version, and nothing was lost."""
+        now = time.time()
+        self.store.finish_round(round_.round_id, "superseded", now, 0, 0, {},
+                                note=f"no updates when upstream version {version} came")
+        self.metrics.round_ended("superseded", now)
+        self.store.drop_segment(round_.round_id)
+        await self._install(None)
+
     async def _forward_round(
         self, round_: OpenRound, updates: UpdateSet, participants: int, samples: int, summary: dict[str, float],
         now: float,
@@ -865,8 +875,8 @@ class RoundEngine:
         """Site mode: adopt the parent's model ``version`` (``params`` when it is new to this site, re-signed by
         this site's key) and open a round on it that closes by ``deadline``. A round still open is closed first
         (it forwards what it has, or is abandoned); in async mode a buffer holding updates is left to fill (or reach
-        its deadline) and forward, and the next round opens after; an empty one is closed at once. Returns the new
-        round's id."""
+        its deadline) and forward, and the next round opens after; an empty one is superseded at once. Returns the
+        new round's id."""
         async with self._changed:
             if self.policy.buffer is not None:
                 self._adopting += 1
@@ -879,7 +889,7 @@ class RoundEngine:
         empty = self.current
         if empty is not None and self.policy.buffer is not None and empty.accepted + empty.pending == 0:
             empty.closing = True
-            await self._abandon(empty, 0, 0, {}, time.time(), f"no updates when upstream version {version} came")
+            await self._supersede(empty, version)
         elif self.current is not None:
             await self.close_round()
         now = time.time()

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS sites (
 CREATE TABLE IF NOT EXISTS rounds (
     round_id      INTEGER PRIMARY KEY,
     model_version INTEGER NOT NULL,
-    status        TEXT NOT NULL CHECK (status IN ('open', 'published', 'abandoned')),
+    status        TEXT NOT NULL CHECK (status IN ('open', 'published', 'abandoned', 'superseded')),
     opened_at     REAL NOT NULL,
     deadline      REAL NOT NULL,
     goal          INTEGER NOT NULL,
@@ -178,6 +178,26 @@ class SpoolJob:
     then: Callable[[], None] | None = None
 
 
+def _allow_superseded_rounds(conn: sqlite3.Connection) -> None:
+    """A state directory written before rounds could be ``superseded`` has the old CHECK on ``rounds.status``;
+    SQLite cannot alter a CHECK, so the table is rebuilt (same columns, same rows) in one transaction."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='rounds'").fetchone()
+    if "'superseded'" in row[0]:
+        return
+    create = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS rounds"):]
+    create = create[:create.index(");") + 2].replace("IF NOT EXISTS rounds", "rounds_new")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(create)
+        conn.execute("INSERT INTO rounds_new SELECT * FROM rounds")
+        conn.execute("DROP TABLE rounds")
+        conn.execute("ALTER TABLE rounds_new RENAME TO rounds")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -205,6 +225,7 @@ class Store:
         try:
             self._conn = _connect(self.db_path)
             self._conn.executescript(SCHEMA)
+            _allow_superseded_rounds(self._conn)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.db_path}: cannot open the database: {exc}") from None
         self._write_lock = threading.RLock()

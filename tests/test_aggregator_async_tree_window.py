@@ -286,3 +286,26 @@ def test_a_site_process_killed_in_the_window_loses_nothing_and_forwards_once(tmp
                     site.wait()
 
     run(scenario())
+
+
+def test_an_idle_site_buffer_is_superseded_by_the_citys_next_version_not_abandoned(tmp_path: Path) -> None:
+    """An operator alerting on abandoned rounds must not be paged once per city version by a site with no updates."""
+    async def scenario() -> None:
+        rng = np.random.default_rng(9)
+        async with city_of_two_sites(tmp_path) as (city, upstream, (key_a, key_b)), \
+                running(tmp_path / "a", devices=2, key=key_a, upstream=upstream, policy=SITE_POLICY) as a, \
+                running(tmp_path / "b", devices=2, key=key_b, upstream=upstream, policy=SITE_POLICY) as b:
+            await _fill(a, await site_task(a, 0), [(_delta(a, rng), 10), (_delta(a, rng), 30)])
+            await _fill(b, await site_task(b, 0), [(_delta(b, rng), 5), (_delta(b, rng), 15)])
+            await wait_until(lambda: city.engine.version == 1, what="city version 1")
+            # Each site's next buffer opened empty after its forward; the city's version 1 moves it on.
+            await wait_until(lambda: a.engine.version == 1, what="site A on version 1")
+            rounds = {r["round"]: r for r in a.engine.status()["rounds"]}
+            assert [r["status"] for r in rounds.values()].count("abandoned") == 0, rounds
+            superseded = [r for r in rounds.values() if r["status"] == "superseded"]
+            assert [r["note"] for r in superseded] == ["no updates when upstream version 1 came"], rounds
+            samples = a.engine.metrics.registry.get_sample_value
+            assert samples("fl_aggregator_rounds_total", {"outcome": "abandoned"}) == 0
+            assert samples("fl_aggregator_rounds_total", {"outcome": "superseded"}) == 1
+
+    run(scenario())
