@@ -519,6 +519,7 @@ def _status_from_state(state: Path) -> dict[str, object]:
         latest = store.latest_model()
         open_row = store.open_round()
         devices = store.devices()
+        sites = store.site_ids()
         return {
             "model": {"version": latest[0] if latest else None, "digest": latest[1].hex() if latest else None},
             "current_round": None if open_row is None else {
@@ -533,8 +534,9 @@ def _status_from_state(state: Path) -> dict[str, object]:
             "devices": {
                 "enrolled": sum(1 for d in devices if d.revoked_at is None),
                 "revoked": sum(1 for d in devices if d.revoked_at is not None),
-                "list": [{"device_id": d.device_id, "name": d.name, "revoked": d.revoked_at is not None}
-                         for d in devices],
+                "sites": sum(1 for d in devices if d.revoked_at is None and d.device_id in sites),
+                "list": [{"device_id": d.device_id, "name": d.name, "revoked": d.revoked_at is not None,
+                          "site": d.device_id in sites} for d in devices],
             },
         }
     finally:
@@ -564,7 +566,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("no open round")
     devices = status["devices"]
-    print(f"devices: {devices['enrolled']} enrolled, {devices['revoked']} revoked")
+    count = devices.get("sites", 0)
+    sites = f" ({count} site{'s' if count != 1 else ''})" if count else ""
+    print(f"devices: {devices['enrolled']} enrolled{sites}, {devices['revoked']} revoked")
+    for d in devices.get("list", []):  # --state only (GET /v1/status gives counts); the sites are few, devices many
+        if d["site"]:
+            print(f"  site {d['device_id']}  {d['name']}{'  revoked' if d['revoked'] else ''}".rstrip())
     for r in status["rounds"]:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items())
         print(f"  round {r['round']:>5}  v{r['model_version']:<4} {r['status']:<9} "

@@ -318,6 +318,10 @@ class Store:
         ).fetchone()
         return Device(row[0], bytes(row[1]), row[2], row[3], row[4]) if row else None
 
+    def site_ids(self) -> set[str]:
+        """The enrolled keys marked as site aggregators (``enroll --site``)."""
+        return {r[0] for r in self._reader().execute("SELECT device_id FROM sites").fetchall()}
+
     def devices(self) -> list[Device]:
         rows = self._reader().execute(
             "SELECT device_id, public_key, name, enrolled_at, revoked_at FROM devices ORDER BY enrolled_at"

@@ -63,6 +63,22 @@ def test_enroll_revoke_and_status(tmp_path: Path, capsys) -> None:
     assert "revoked" in capsys.readouterr().err
 
 
+def test_status_shows_which_keys_are_enrolled_as_sites(tmp_path: Path, capsys) -> None:
+    main(["keygen", "--state", str(tmp_path)])
+    device, site = SimulatedDevice(), SimulatedDevice()
+    assert main(["enroll", "--state", str(tmp_path), device.public_key_hex, "--name", "door"]) == 0
+    assert main(["enroll", "--state", str(tmp_path), "--site", site.public_key_hex, "--name", "site-a"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--state", str(tmp_path), "--json"]) == 0
+    devices = json.loads(capsys.readouterr().out)["devices"]
+    assert devices["enrolled"] == 2 and devices["sites"] == 1
+    assert {d["device_id"]: d["site"] for d in devices["list"]} == {device.device_id: False, site.device_id: True}
+    assert main(["status", "--state", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "devices: 2 enrolled (1 site), 0 revoked" in out
+    assert f"site {site.device_id}  site-a" in out and device.device_id not in out
+
+
 @pytest.mark.parametrize(
     "line,complaint",
     [
