@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -290,6 +290,7 @@ class UpstreamLink:
         assert self._client is not None
         backoff = self.config.retry_seconds
         give_up = max(parent.deadline, round_.deadline)  # a buffer opened after a forward outlives its parent round
+        resigned = False
         while True:
             seen = self._newest_parent
             try:
@@ -304,11 +305,17 @@ class UpstreamLink:
                     async with self._parent_moved:
                         await self._parent_moved.wait_for(lambda seen=seen: self._newest_parent > seen)
                     continue
-                if exc.reason == "expired":  # never counted (a counted copy gets its receipt): sign it anew
+                if exc.reason == "expired" and not resigned:  # never counted (a counted copy gets its receipt)
+                    # Sign it anew, created now: the refused copy may have been written before a long outage.
+                    resigned = True
+                    update = replace(update, created_at=int(time.time()))
                     self._forward_path(round_.round_id).unlink()
                     body = self._forward_body(round_.round_id, update)
                     continue
-                raise ForwardError(f"upstream refused the site's update for round {parent.round_id}: {exc}") from None
+                hint = " (even signed just now: check the site's and the parent's clocks)" if resigned and (
+                    exc.reason == "expired") else ""
+                raise ForwardError(
+                    f"upstream refused the site's update for round {parent.round_id}: {exc}{hint}") from None
             except AggregatorUnavailable as exc:
                 if time.time() + backoff >= give_up:
                     detail = f"upstream unreachable until round {parent.round_id}'s deadline: {exc}"
