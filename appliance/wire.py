@@ -143,6 +143,12 @@ def sign(payload: Mapping[str, Any], key: SigningKey, kid: str) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, body, signature]), canonical=True)
 
 
+def _bstr_size(length: int) -> int:
+    """Bytes a byte string of ``length`` bytes takes in deterministic CBOR: its shortest head, then the bytes."""
+    head = 1 if length < 24 else 2 if length < 0x100 else 3 if length < 0x10000 else 5 if length < 2**32 else 9
+    return head + length
+
+
 def verify(message: bytes | memoryview, key_for_kid: KeyLookup, limits: Limits = DEFAULT_LIMITS) -> Verified:
     """Check the COSE_Sign1 at the start of ``message`` and return its decoded payload.
 
@@ -172,10 +178,15 @@ def verify(message: bytes | memoryview, key_for_kid: KeyLookup, limits: Limits =
     protected_raw, unprotected, payload_raw, signature = parts
     if not all(isinstance(p, memoryview) for p in (protected_raw, payload_raw, signature)):
         raise ProtocolError("malformed", "COSE_Sign1 protected header, payload and signature must be bstr")
-    # Not covered by the signature, and its contents are ignored, but RFC 9052 makes it a map: insisting on
-    # that means no byte of a signed message can change without the message being refused.
     if not isinstance(unprotected, dict):
         raise ProtocolError("malformed", "COSE_Sign1 unprotected header must be a map")
+    # The unprotected header and the CBOR heads around the three byte strings are not signed. Unless they are
+    # exactly the deterministic encoding, one signed update could be re-wrapped into other bytes with another
+    # envelope digest, the digest that names an update for idempotency and receipts (docs/protocol.md section 8).
+    # Every part has one shortest encoding, so the envelope is deterministic iff it is no longer than their sum.
+    if unprotected or end != 2 + 1 + sum(_bstr_size(len(p)) for p in (protected_raw, payload_raw, signature)):
+        raise ProtocolError("malformed", "COSE_Sign1 envelope not in deterministic encoding (shortest heads, "
+                            "empty unprotected header)")
     protected = cbor_reader.loads(protected_raw, envelope_limits)
     if not isinstance(protected, dict) or protected.get(COSE_ALG) != COSE_ALG_EDDSA:
         raise ProtocolError("bad-algorithm", "protected header must name alg EdDSA (-8)")

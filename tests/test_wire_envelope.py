@@ -91,9 +91,11 @@ def test_not_a_cose_sign1():
     assert reason(b"") == "truncated"
 
 
-def test_unprotected_header_contents_are_ignored_but_it_must_be_a_map():
+def test_the_unprotected_header_must_be_an_empty_map():
+    """It is not signed: contents there would give one signed message other bytes (docs/protocol.md section 4)."""
     payload = cbor2.dumps({"v": 1})
-    assert wire.verify(hand_signed({1: -8, 4: KID.encode()}, payload, unprotected={99: "note"}), LOOKUP).kid == KID
+    assert wire.verify(hand_signed({1: -8, 4: KID.encode()}, payload), LOOKUP).kid == KID
+    assert reason(hand_signed({1: -8, 4: KID.encode()}, payload, unprotected={99: "note"})) == "malformed"
     assert reason(hand_signed({1: -8, 4: KID.encode()}, payload, unprotected=[])) == "malformed"
 
 

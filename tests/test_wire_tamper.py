@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import random
 
+import cbor2
 import numpy as np
 import pytest
 from nacl.signing import SigningKey
@@ -122,6 +124,34 @@ def test_unprotected_header_must_be_a_map():
         tampered = bytearray(body)
         tampered[pos] = value
         assert refused(lambda m: wire.decode_update(m, lookup), bytes(tampered)) == "malformed"
+
+
+def _rewrapped(body: bytes) -> dict[str, bytes]:
+    """The same signed update in other bytes: only what the signature does not cover is changed."""
+    decoder = cbor2.CBORDecoder(io.BytesIO(body))
+    protected, _, payload, signature = decoder.decode().value
+    rest = body[decoder.fp.tell():]
+    heads = body[: body.index(protected)]  # d2 84 and the protected header's bstr head
+    return {
+        "unprotected header with contents": cbor2.dumps(
+            cbor2.CBORTag(18, [protected, {7: b"anything"}, payload, signature])) + rest,
+        "array length in a longer head": b"\xd2\x98\x04" + body[2:],
+        "tag in a longer head": b"\xd8\x12" + body[1:],
+        "protected header length in a longer head": heads[:2] + b"\x59\x00" + bytes([len(protected)])
+        + body[4:],
+    }
+
+
+def test_a_signed_update_has_one_encoding_so_one_envelope_digest():
+    """The envelope's digest names an update (receipts, idempotency: docs/protocol.md section 8). Re-wrapping a
+    captured update in other bytes would give it another digest, so it could be counted again (in a later async
+    buffer) or front-run its device's own copy: every re-wrapping is refused."""
+    body = small_update()
+    assert wire.decode_update(body, lookup).device_id == DEVICE_ID
+    forms = _rewrapped(body)
+    for name, tampered in forms.items():
+        assert tampered != body
+        assert refused(lambda m: wire.decode_update(m, lookup), tampered) == "malformed", name
 
 
 def test_large_update_sampled_flips_are_refused():
