@@ -37,7 +37,7 @@ from aggregator.privacy import (
     make_private,
 )
 from aggregator.registry import Registry
-from aggregator.rounds import RoundEngine, RoundPolicy, TrainingPlan, Unavailable
+from aggregator.rounds import BufferFull, RoundEngine, RoundPolicy, TrainingPlan, Unavailable
 from aggregator.secagg_round import SecAggConfig, SecAggMetrics, SecureRounds, check_secure_strategy
 from aggregator.store import Store
 from aggregator.strategies import STRATEGIES, make_strategy
@@ -396,6 +396,8 @@ async def _receive_update(body: memoryview, s: Services, envelope: wire.Verified
         s.metrics.updates_duplicate_resend.inc()
     except Unavailable as exc:
         raise Problem(503, "spool-unavailable", str(exc), {"Retry-After": "30"}) from None
+    except BufferFull as exc:
+        raise Problem(503, "buffer-full", str(exc), {"Retry-After": "30"}) from None
     return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
 
 
@@ -403,7 +405,7 @@ async def _receive_update(body: memoryview, s: Services, envelope: wire.Verified
 class _Checked:
     digest: bytes
     receipt: bytes | None = None
-    error: ProtocolError | None = None
+    error: ProtocolError | BufferFull | None = None
     header: UpdateHeader | None = None
     update: wire.Update | None = None
     delta: np.ndarray | None = None
@@ -436,7 +438,7 @@ def _check_upload(s: Services, body: memoryview, envelope: wire.Verified) -> _Ch
                 f"update L2 norm {norm:.6g} exceeds the round's bound {bound:.6g} ({round_.norm_bound_source})",
             )
         checked.norm_ratio = norm / bound
-    except ProtocolError as exc:
+    except (ProtocolError, BufferFull) as exc:
         checked.error = exc
     checked.seconds = time.perf_counter() - started
     return checked

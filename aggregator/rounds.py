@@ -151,6 +151,17 @@ class Unavailable(Exception):
     """The update could not be stored (disk error): the client should retry later (HTTP 503)."""
 
 
+# Async mode: how long an upload waits for room in a full or closing buffer before it is told to come back. A
+# city's buffer closes in seconds; an async site's can stay full until its parent publishes (other sites
+# offline), and a waiting upload holds its upload slot.
+BUFFER_ROOM_SECONDS = 30.0
+
+
+class BufferFull(Exception):
+    """Async mode: no buffer can take the update now (full for :data:`BUFFER_ROOM_SECONDS`, or a site between
+    two of its parent's versions); the client retries later (HTTP 503)."""
+
+
 @dataclass
 class OpenRound:
     """The round currently collecting updates (in memory; its durable twin is the SQLite row)."""
@@ -250,6 +261,7 @@ class RoundEngine:
         # right after a forward, on the same version, instead of waiting for the parent's next version.
         self.reopen_after_forward = False
         self._adopting = 0  # open_for_upstream calls waiting to move the site to its parent's newer version
+        self._opening = False  # open_for_upstream between retiring the old round and installing the new one
         # Secure aggregation (aggregator/secagg_round.py): every round is secure; only the survivors' sum is seen.
         self.secure: SecureRounds | None = None
         # Async mode: staleness of the accepted updates and the publication times (status page, metrics).
@@ -563,6 +575,8 @@ class RoundEngine:
         round_ = self.current
         if self.policy.buffer is not None and round_ is not None:
             return self._admit_buffered(header, digest, round_, self.policy.buffer)
+        if self.policy.buffer is not None and self._opening:  # no round for a moment: not a refusal
+            raise BufferFull("the site is moving to its parent's new version; its next buffer opens in a moment")
         if round_ is None or header.round_id != round_.round_id:
             past = self.store.get_round(header.round_id)
             if past is not None and past.status != "open":
@@ -707,11 +721,17 @@ class RoundEngine:
 
         def room() -> bool:
             r = self.current
-            return r is None or (not r.closing and r.accepted + r.pending < buffer.size)
+            if r is None:  # a site moving to its parent's new version has a round again in a moment
+                return not self._opening
+            return not r.closing and r.accepted + r.pending < buffer.size
 
         if not room():
             async with self._changed:
-                await self._changed.wait_for(room)
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(room), BUFFER_ROOM_SECONDS)
+                except TimeoutError:
+                    raise BufferFull(f"the open buffer has had no room for {BUFFER_ROOM_SECONDS:.0f} s "
+                                     "(a site waits for its parent's next version)") from None
 
     # -------------------------------------------------------------------------------------------- closing
 
@@ -886,6 +906,15 @@ class RoundEngine:
                 finally:
                     self._adopting -= 1
             await self._changed.wait_for(lambda: self.current is None or not self.current.closing)
+        self._opening = True  # async: uploads wait for the new round instead of finding none (410)
+        try:
+            return await self._open_on(version, params, deadline)
+        finally:
+            self._opening = False
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _open_on(self, version: int, params: np.ndarray | None, deadline: float) -> int:
         empty = self.current
         if empty is not None and self.policy.buffer is not None and empty.accepted + empty.pending == 0:
             empty.closing = True

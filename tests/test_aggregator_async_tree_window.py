@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -307,5 +308,68 @@ def test_an_idle_site_buffer_is_superseded_by_the_citys_next_version_not_abandon
             samples = a.engine.metrics.registry.get_sample_value
             assert samples("fl_aggregator_rounds_total", {"outcome": "abandoned"}) == 0
             assert samples("fl_aggregator_rounds_total", {"outcome": "superseded"}) == 1
+
+    run(scenario())
+
+
+def test_uploads_to_a_site_whose_parent_does_not_move_are_told_to_come_back(tmp_path: Path, monkeypatch) -> None:
+    """Site B never comes, so the city keeps A's first forward in its buffer and publishes nothing. A's next
+    buffer fills and cannot be forwarded yet; a further upload waits at most BUFFER_ROOM_SECONDS for room, then
+    gets 503 buffer-full (the agent keeps the update and retries), instead of holding its upload slot until the
+    city moves."""
+    monkeypatch.setattr("aggregator.rounds.BUFFER_ROOM_SECONDS", 1.0)
+
+    async def scenario() -> None:
+        rng = np.random.default_rng(9)
+        async with city_of_two_sites(tmp_path) as (city, upstream, (key_a, _)), \
+                running(tmp_path / "a", devices=3, key=key_a, upstream=upstream, policy=SITE_POLICY) as a:
+            task = await site_task(a, 0)
+            for device in a.devices[:2]:
+                assert (await a.upload(device.update(task, _delta(a, rng), num_samples=10)))[0] == 200
+            await wait_until(lambda: city.engine.store.round_devices(1) == [wire.key_id(key_a.verify_key)],
+                             what="A's first forward in the city's buffer")
+            for device in a.devices[:2]:  # A's next buffer, full: its forward waits for the city's next version
+                assert (await a.upload(device.update(task, _delta(a, rng), num_samples=10)))[0] == 200
+            status, problem = await a.upload(a.devices[2].update(task, _delta(a, rng), num_samples=10))
+            assert (status, problem["reason"]) == (503, "buffer-full"), problem
+            assert city.engine.version == 0
+
+    run(scenario())
+
+
+def test_an_upload_while_the_site_moves_to_the_citys_new_version_is_retried_not_refused(tmp_path: Path) -> None:
+    """When the city publishes, site A's empty buffer is superseded and A writes the new model before its next
+    buffer opens. An upload in that moment is told to come back (503 buffer-full: the agent keeps it and
+    retries) and counts when it does; it was refused 410 round-closed (the agent sets such an update aside)."""
+
+    async def scenario() -> None:
+        rng = np.random.default_rng(10)
+        async with city_of_two_sites(tmp_path) as (city, upstream, (key_a, key_b)), \
+                running(tmp_path / "a", devices=3, key=key_a, upstream=upstream, policy=SITE_POLICY) as a, \
+                running(tmp_path / "b", devices=2, key=key_b, upstream=upstream, policy=SITE_POLICY) as b:
+            a_task, b_task = await site_task(a, 0), await site_task(b, 0)
+            for device in a.devices[:2]:  # A's first buffer: forwarded, then A's next buffer is open and empty
+                assert (await a.upload(device.update(a_task, _delta(a, rng), num_samples=10)))[0] == 200
+            await wait_until(lambda: city.engine.store.round_devices(1) == [wire.key_id(key_a.verify_key)],
+                             what="A's forward in the city's buffer")
+            in_write, release = threading.Event(), threading.Event()
+            write = a.engine.models.write
+
+            def slow_write(*args, **kwargs):
+                in_write.set()
+                release.wait(30)
+                return write(*args, **kwargs)
+
+            a.engine.models.write = slow_write
+            await _fill(b, b_task, [(_delta(b, rng), 10), (_delta(b, rng), 10)])  # the city publishes version 1
+            await wait_until(in_write.is_set, what="site A writing the city's version 1")
+            late = a.devices[2].update(a_task, _delta(a, rng), num_samples=7)
+            status, problem = await a.upload(late)
+            assert (status, problem["reason"]) == (503, "buffer-full"), problem
+            release.set()
+            await wait_until(lambda: a.engine.current is not None, what="site A's next buffer")
+            status, answer = await a.upload(late)  # the agent's retry: the same bytes
+            assert status == 200, answer if status == 200 else answer["detail"]
+            assert a.engine.current is not None and a.engine.current.model_version == 1
 
     run(scenario())
