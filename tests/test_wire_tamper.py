@@ -131,13 +131,12 @@ def _rewrapped(body: bytes) -> dict[str, bytes]:
     decoder = cbor2.CBORDecoder(io.BytesIO(body))
     protected, _, payload, signature = decoder.decode().value
     rest = body[decoder.fp.tell():]
-    heads = body[: body.index(protected)]  # d2 84 and the protected header's bstr head
     return {
         "unprotected header with contents": cbor2.dumps(
             cbor2.CBORTag(18, [protected, {7: b"anything"}, payload, signature])) + rest,
         "array length in a longer head": b"\xd2\x98\x04" + body[2:],
         "tag in a longer head": b"\xd8\x12" + body[1:],
-        "protected header length in a longer head": heads[:2] + b"\x59\x00" + bytes([len(protected)])
+        "protected header length in a longer head": body[:2] + b"\x59\x00" + bytes([len(protected)])
         + body[4:],
     }
 
