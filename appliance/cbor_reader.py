@@ -79,46 +79,52 @@ class Reader:
         return value
 
     def _item(self, depth: int) -> Any:
+        # The hot path of every message we read: the checks are those of _need and _argument, inlined.
         if depth > self.limits.max_depth:
             raise ProtocolError("too-deep", f"nesting deeper than {self.limits.max_depth}")
         self.items += 1
         if self.items > self.limits.max_items:
             raise ProtocolError("too-many-items", f"more than {self.limits.max_items} items")
-        self._need(1)
-        initial = self.buf[self.pos]
-        self.pos += 1
+        buf, pos = self.buf, self.pos
+        if pos >= len(buf):
+            raise ProtocolError("truncated", f"message ends inside an item at byte {pos}")
+        initial = buf[pos]
+        self.pos = pos + 1
         major, info = initial >> 5, initial & 0x1F
         if major == 7:
             return self._simple(info)
-        arg = self._argument(info)
+        arg = info if info < 24 else self._argument(info)
         if major == 0:
             return arg
         if major == 1:
             return -1 - arg
         if major in (2, 3):
-            self._need(arg)
-            chunk = self.buf[self.pos : self.pos + arg]
-            self.pos += arg
+            start = self.pos
+            end = start + arg
+            if end > len(buf):
+                raise ProtocolError("truncated", f"message ends inside an item at byte {start}")
+            self.pos = end
             if major == 2:
-                return chunk
+                return buf[start:end]
             try:
-                return str(chunk, "utf-8")
+                return str(buf[start:end], "utf-8")
             except UnicodeDecodeError as exc:
                 raise ProtocolError("malformed", f"text string is not UTF-8: {exc.reason}") from None
         if major in (4, 5):
             if arg > self.limits.max_container_len:
                 raise ProtocolError("too-long", f"container of {arg} entries exceeds {self.limits.max_container_len}")
+            inner = depth + 1
             if major == 4:
-                return [self._item(depth + 1) for _ in range(arg)]
+                return [self._item(inner) for _ in range(arg)]
             result: dict[Any, Any] = {}
             for _ in range(arg):
-                key = self._item(depth + 1)
+                key = self._item(inner)
                 # bool is an int in Python: without the explicit check, key true would read as key 1.
                 if not isinstance(key, int | str) or isinstance(key, bool):
                     raise ProtocolError("malformed", "map keys must be integers or text strings")
                 if key in result:
                     raise ProtocolError("malformed", f"duplicate map key {key!r}")
-                result[key] = self._item(depth + 1)
+                result[key] = self._item(inner)
             return result
         # major 6: tag
         if arg not in self.allowed_tags:
