@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from aggregator.fleet import STATES as FLEET_STATES
+from aggregator.store import SPOOL_LOSS_CAUSES
 from appliance.reasons import DECODER_REASONS, UPDATE_REFUSAL_REASONS
 
 # Every label value the code uses, declared so that each series exists (at 0) from the first scrape: a rate or an
@@ -77,6 +78,20 @@ class AggregatorMetrics:
         )
         self.verify_seconds = Histogram(
             "fl_aggregator_verify_seconds", "Time to verify and decode one update", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.spool_lost_updates = Counter(
+            "fl_aggregator_spool_lost_updates_total",
+            "Acknowledged updates taken out of their round at a restart because their spooled records were not on "
+            "disk (the disk lost data it had reported written), by cause",
+            ["cause"], registry=r,
+        )
+        for cause in SPOOL_LOSS_CAUSES:
+            self.spool_lost_updates.labels(cause)
+        self.spool_cut_bytes = Counter(
+            "fl_aggregator_spool_cut_bytes_total",
+            "Bytes cut from the end of a resuming round's spool segment: appends that got no receipt, and what was "
+            "left of lost records",
+            registry=r,
         )
         self.spool_seconds = Histogram(
             "fl_aggregator_spool_seconds", "Time from spool request to fsync and commit", buckets=_SIZE_BUCKETS,

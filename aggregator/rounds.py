@@ -471,7 +471,10 @@ class RoundEngine:
             raise RuntimeError(
                 f"open round {row.round_id} trains version {row.model_version} but the newest is {self.version}"
             )
-        self.store.recover_segment(row.round_id)
+        recovery = self.store.recover_segment(row.round_id)  # lost records: their updates are out of the round
+        self.metrics.spool_cut_bytes.inc(recovery.cut_bytes)
+        if recovery.lost:
+            self.metrics.spool_lost_updates.labels(recovery.cause).inc(len(recovery.lost))
         round_ = self._new_open_round(row.round_id, row.opened_at, row.deadline, row.goal)
         rows = self.store.round_updates(row.round_id)
         for update in rows:
@@ -482,7 +485,8 @@ class RoundEngine:
             await self._run(self._replay, row.round_id, rows)
         if round_.accepted >= round_.goal:
             round_.full.set()
-        log.info("resumed round %d with %d acknowledged updates", row.round_id, len(rows))
+        log.info("resumed round %d with %d acknowledged updates (%d lost from the spool)", row.round_id, len(rows),
+                 len(recovery.lost))
         await self._install(round_)
 
     def _replay(self, round_id: int, rows: list[UpdateRow]) -> None:
@@ -1021,6 +1025,7 @@ class RoundEngine:
                     "participants": (r.accepted if r and r.round_id == row.round_id else row.participants),
                     "samples": (r.samples if r and r.round_id == row.round_id else row.samples),
                     "devices": self.store.round_devices(row.round_id),
+                    "lost_devices": self.store.round_lost_devices(row.round_id),
                     "metrics": row.metrics,
                     "note": row.note,
                     "secure": None if self.secure is None else self.secure.round_status(row.round_id),

@@ -5,7 +5,9 @@ flat float32 delta (the model's :class:`~aggregator.models.Layout`). A dedicated
 uploads waiting at that moment, appends them, ``fdatasync``\\ s each touched segment once, then records them in
 SQLite in one transaction (``synchronous=FULL``) — group commit, so many concurrent uploads share one fsync.
 Only after that commit does the caller get its receipt. On restart the segment is cut back to the end of the
-last committed record, so bytes written by a killed process that never got a receipt are forgotten.
+last committed record, so bytes written by a killed process that never got a receipt are forgotten; a committed
+record that is not wholly there (a disk that lost data it had reported written) takes its update out of the
+round rather than being read as zeros (:meth:`Store.recover_segment`).
 
 Records start at multiples of :data:`SPOOL_ALIGNMENT` and are padded with zeros to the next one, so they are
 written with direct I/O (``O_DIRECT``): the disk reads them from the delta's own memory, and the CPU does not
@@ -77,6 +79,18 @@ CREATE TABLE IF NOT EXISTS updates (
     UNIQUE (device_id, round_id)
 );
 CREATE INDEX IF NOT EXISTS updates_by_round ON updates (round_id);
+-- Acknowledged updates whose spool records were not wholly on disk when their round resumed (the disk lost data it
+-- had reported written): moved here out of ``updates``, so they are not aggregated and their receipts are withdrawn.
+CREATE TABLE IF NOT EXISTS lost_updates (
+    digest      BLOB NOT NULL,
+    device_id   TEXT NOT NULL,
+    round_id    INTEGER NOT NULL,
+    num_samples INTEGER NOT NULL,
+    accepted_at REAL NOT NULL,
+    lost_at     REAL NOT NULL,
+    cause       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS lost_updates_by_round ON lost_updates (round_id);
 CREATE TABLE IF NOT EXISTS models (
     version    INTEGER PRIMARY KEY,
     digest     BLOB NOT NULL,
@@ -157,6 +171,22 @@ class UpdateRow:
     offset: int
     length: int
     accepted_at: float
+
+
+@dataclass(frozen=True)
+class SpoolRecovery:
+    """What :meth:`Store.recover_segment` found in a resuming round's segment and did about it."""
+
+    #: Bytes cut from the segment's end: an append that got no receipt, or what was left of a lost record.
+    cut_bytes: int
+    #: Acknowledged updates whose records were not wholly on disk, taken out of the round.
+    lost: list[UpdateRow]
+    #: Why they were lost: ``segment-short`` or ``segment-missing`` (one of :data:`SPOOL_LOSS_CAUSES`); '' if none.
+    cause: str
+
+
+#: Why acknowledged updates can be missing from the spool at a restart (the label of the lost-updates counter).
+SPOOL_LOSS_CAUSES = ("segment-short", "segment-missing")
 
 
 @dataclass
@@ -461,25 +491,54 @@ class Store:
     def segment_path(self, round_id: int) -> Path:
         return self.spool_dir / f"round-{round_id:08d}.seg"
 
-    def recover_segment(self, round_id: int) -> int:
-        """Cut the round's segment back to its last committed record and that record's padding (a writer killed,
-        or a power cut, mid-append leaves more: bytes of a record nobody got a receipt for); returns how many
-        bytes were cut. Committed records were fdatasynced before their receipts, so none of them is torn."""
+    def recover_segment(self, round_id: int) -> SpoolRecovery:
+        """Make the round's segment hold exactly its acknowledged records before the round resumes.
+
+        What follows the last acknowledged record and its padding is cut: a writer killed, or a power cut,
+        mid-append leaves bytes of a record nobody got a receipt for (its device sends it again). Acknowledged
+        records were fdatasynced before their receipts, so each should be whole; one that is not (the segment is
+        shorter than its records, or gone: the disk lost data it had reported written) is never read as zeros:
+        its update is taken out of the round (its row moves to ``lost_updates``, which withdraws its receipt) and
+        the round's devices that lost theirs are named in one error line.
+        """
         path = self.segment_path(round_id)
-        row = self._reader().execute(
-            "SELECT max(offset + length) FROM updates WHERE round_id=?", (round_id,)
-        ).fetchone()
-        end = _padded(row[0] or 0)
-        size = path.stat().st_size if path.exists() else end
-        if size < end:
-            log.error("round %d: %s holds %d bytes but its acknowledged updates reach byte %d: the disk lost "
-                      "data it reported written; the missing bytes read as zeros", round_id, path, size, end)
-        elif size > end:
+        rows = self.round_updates(round_id)
+        size = path.stat().st_size if path.exists() else None
+        cause = "segment-missing" if size is None else "segment-short"
+        kept = [] if size is None else [r for r in rows if r.offset + r.length <= size]
+        lost = [r for r in rows if size is None or r.offset + r.length > size]
+        end = _padded(max((r.offset + r.length for r in kept), default=0))
+        cut = 0 if size is None else max(size - end, 0)
+        if lost:
+            where = (f"{path} is missing (deleted, or lost by the disk)" if size is None else
+                     f"{path} holds {size} bytes but their records reach byte {max(r.offset + r.length for r in lost)}")
+            log.error("round %d: %d acknowledged updates taken out of the round, their spooled records are not on "
+                      "disk (devices %s): %s; the disk lost data it had reported written, and their devices, holding "
+                      "receipts, will not send them again; the round goes on with its other %d updates",
+                      round_id, len(lost), ", ".join(sorted(r.device_id for r in lost)), where, len(kept))
+        elif cut:
             log.warning("round %d: cut %d bytes past the last acknowledged update from %s (an append that got no "
-                        "receipt: its device sends it again)", round_id, size - end, path)
-        if size != end:
-            os.truncate(path, end)
-        return max(size - end, 0)
+                        "receipt: its device sends it again)", round_id, cut, path)
+        if size is not None and size != end:
+            os.truncate(path, end)  # past ``size``: only the last kept record's zero padding
+        if lost:
+            now = time.time()
+            with self._transaction() as db:
+                for row in lost:
+                    db.execute(
+                        "INSERT INTO lost_updates (digest, device_id, round_id, num_samples, accepted_at, lost_at, "
+                        "cause) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (row.digest, row.device_id, row.round_id, row.num_samples, row.accepted_at, now, cause),
+                    )
+                    db.execute("DELETE FROM updates WHERE digest=?", (row.digest,))
+        return SpoolRecovery(cut_bytes=cut, lost=lost, cause=cause if lost else "")
+
+    def round_lost_devices(self, round_id: int) -> list[str]:
+        """Devices whose acknowledged update in the round was lost from the spool (see :meth:`recover_segment`)."""
+        rows = self._reader().execute(
+            "SELECT device_id FROM lost_updates WHERE round_id=? ORDER BY accepted_at", (round_id,)
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def drop_segment(self, round_id: int) -> None:
         """Delete a closed round's spool segment (its receipts stay in SQLite for idempotent resends)."""

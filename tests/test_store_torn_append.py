@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.store import SPOOL_ALIGNMENT, SpoolJob, Store
+from aggregator.store import SPOOL_ALIGNMENT, SpoolJob, SpoolRecovery, Store
 
 
 def _job(index: int, delta: np.ndarray) -> SpoolJob:
@@ -77,7 +77,7 @@ def test_a_power_cut_mid_append_loses_only_the_record_without_a_receipt(
 
     store = Store(tmp_path)
     with caplog.at_level(logging.WARNING, logger="aggregator.store"):
-        assert store.recover_segment(1) == len(tail)
+        assert store.recover_segment(1).cut_bytes == len(tail)
     assert f"round 1: cut {len(tail)} bytes" in caplog.text
     store.start_writer()
     try:
@@ -92,7 +92,7 @@ def test_a_power_cut_mid_append_loses_only_the_record_without_a_receipt(
     store = Store(tmp_path)  # a clean restart cuts nothing and says nothing
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="aggregator.store"):
-        assert store.recover_segment(1) == 0
+        assert store.recover_segment(1) == SpoolRecovery(cut_bytes=0, lost=[], cause="")
     assert caplog.text == ""
     _assert_round_holds(store, deltas)
     store.close()
@@ -135,6 +135,6 @@ def test_after_an_append_that_failed_half_way_the_next_record_is_read_back_exact
     finally:
         store.close()
     store = Store(tmp_path)
-    assert store.recover_segment(1) == 0
+    assert store.recover_segment(1) == SpoolRecovery(cut_bytes=0, lost=[], cause="")
     _assert_round_holds(store, [deltas[0], deltas[2]])
     store.close()
