@@ -22,8 +22,9 @@ import pytest
 from aggregator_harness import Harness, run, running
 from nacl.signing import SigningKey
 
+from aggregator.app import METRICS
 from aggregator.rounds import RoundPolicy
-from aggregator.store import Store
+from aggregator.store import SPOOL_LOSS_CAUSES, Store
 from appliance import wire
 
 LOST = "fl_aggregator_spool_lost_updates_total"
@@ -65,8 +66,9 @@ def test_a_segment_cut_short_on_disk_resumes_with_the_intact_updates_only(
             deltas = [h.delta() for _ in devices]
             for device, delta, n in list(zip(devices, deltas, samples, strict=True))[:4]:
                 assert (await h.upload(device.update(task, delta, num_samples=n)))[0] == 200
-            assert h.counter(LOST, cause="segment-short") == 0  # declared at 0 from the first scrape
-            assert h.counter(CUT) == 0
+            registry = h.app[METRICS].registry  # declared at 0 from the first scrape
+            assert [registry.get_sample_value(LOST, {"cause": c}) for c in SPOOL_LOSS_CAUSES] == [0.0, 0.0]
+            assert registry.get_sample_value(CUT) == 0.0
 
         # The disk comes back without the last 2 acknowledged records but 100 bytes of the first of them.
         records = _records(tmp_path, task.round_id)
