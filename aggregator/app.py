@@ -619,6 +619,12 @@ def default_max_body(parameters: int) -> int:
     return 4 * parameters + ENVELOPE_ALLOWANCE
 
 
+def _fleet_roster(store: Store) -> list[Enrolled]:
+    """The fleet view's enrolled, unrevoked keys, the site aggregators' marked (``enroll --site``)."""
+    sites = store.site_ids()
+    return [Enrolled(d.device_id, d.name, d.device_id in sites) for d in store.devices() if d.revoked_at is None]
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
@@ -628,8 +634,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     secure: SecureRounds | None = None
     fleet: Fleet | None = None
     try:
-        fleet = Fleet(store.db_path, lambda: [Enrolled(d.device_id, d.name) for d in store.devices()
-                                              if d.revoked_at is None])
+        fleet = Fleet(store.db_path, lambda: _fleet_roster(store))
         models = ModelStore(Path(config.state_dir) / "models", config.package, config.key, config.downlink)
         registry = Registry(store)
         max_body = config.max_body_bytes or default_max_body(models.layout.size)

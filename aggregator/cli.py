@@ -528,7 +528,8 @@ def _status_from_state(state: Path) -> dict[str, object]:
             },
             "rounds": [
                 {"round": r.round_id, "model_version": r.model_version, "status": r.status,
-                 "participants": r.participants, "samples": r.samples, "metrics": r.metrics, "note": r.note}
+                 "participants": r.participants, "samples": r.samples, "metrics": r.metrics, "note": r.note,
+                 "lost_devices": store.round_lost_devices(r.round_id)}
                 for r in store.recent_rounds(20)
             ],
             "devices": {
@@ -574,8 +575,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  site {d['device_id']}  {d['name']}{'  revoked' if d['revoked'] else ''}".rstrip())
     for r in status["rounds"]:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items())
-        print(f"  round {r['round']:>5}  v{r['model_version']:<4} {r['status']:<9} "
+        print(f"  round {r['round']:>5}  v{r['model_version']:<4} {r['status']:<10} "
               f"{r['participants']:>5} updates {r['samples']:>8} samples  {metrics} {r['note']}".rstrip())
+        lost = r.get("lost_devices", [])  # an aggregator older than the lost-updates table does not list them
+        if lost:
+            print(f"{'':21}{len(lost)} update{'s' if len(lost) != 1 else ''} lost on disk: {', '.join(lost)}")
     return 0
 
 

@@ -80,6 +80,7 @@ class Entry:
 class Enrolled:
     device_id: str
     name: str
+    site: bool = False  # a site aggregator's key (``fl-aggregator enroll --site``), not a device's
 
 
 def is_behind(report: Heartbeat, newest: int) -> bool:
@@ -242,7 +243,7 @@ class _Item:
 
 def _row(item: _Item, newest: int) -> dict[str, Any]:
     e, health = item.entry, item.health
-    row: dict[str, Any] = {"device": item.device.device_id, "name": item.device.name,
+    row: dict[str, Any] = {"device": item.device.device_id, "name": item.device.name, "site": item.device.site,
                            "state": "silent" if health == "silent" else "active",
                            "behind": "behind" in health, "throttled": "throttled" in health, "health": health}
     if e is None:

@@ -14,6 +14,22 @@ from urllib.parse import urlencode
 
 from aggregator import statuschart
 
+#: Each round ``status`` of ``GET /v1/status``: its colour on the page and what it means (the legend under the
+#: rounds; docs/api.md and the ``Round`` schema of docs/openapi.yaml list the same statuses).
+ROUND_STATUSES: dict[str, tuple[str, str]] = {
+    "open": ("#1f6fb4", "collecting updates"),
+    "published": ("#4a7", "a new model version (a site: its devices' sum forwarded to its city)"),
+    "abandoned": ("#c33", "ended without a new version: too few updates or a failed check, the reason in its note"),
+    "superseded": ("#999", "an async site's buffer still empty when its city's next version came; nothing lost"),
+}
+#: How many of a round's lost devices the page names (a round can lose every update at once: a missing segment).
+LOST_NAMED = 10
+#: The page's colours for round statuses, lost updates and site rows.
+_STYLE = "".join(f".status-{status}{{color:{colour};font-weight:bold}}"
+                 for status, (colour, _) in ROUND_STATUSES.items()) + (
+    ".legend{font-size:12px;color:#555}.lost{color:#c33}"
+    ".site{font-size:11px;border:1px solid #1f6fb4;color:#1f6fb4;border-radius:3px;padding:0 .3em}")
+
 
 def _when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%H:%M:%S", time.localtime(ts))
@@ -27,6 +43,24 @@ def _secure(r: dict[str, Any]) -> str:
     if secure["phase"] == "done":
         return f"secure: sum of {secure['sum_devices']} devices"
     return f"secure, {secure['phase']} phase"
+
+
+def _lost(r: dict[str, Any]) -> str:
+    """The round's acknowledged updates that the disk lost (taken out of the round at a restart), or nothing."""
+    lost = r["lost_devices"]
+    if not lost:
+        return ""
+    names = ", ".join(f'<code title="{escape(d, quote=True)}">{escape(d[:12])}</code>' for d in lost[:LOST_NAMED])
+    more = f" and {len(lost) - LOST_NAMED} more" if len(lost) > LOST_NAMED else ""
+    return (f'<br><small class="lost" title="acknowledged, then lost from the spool by the disk; not in the round">'
+            f"{len(lost)} update{'s' if len(lost) != 1 else ''} lost on disk: {names}{more}</small>")
+
+
+def _legend() -> str:
+    return '<p class="legend">' + " &middot; ".join(
+        f'<span class="status-{status}">{status}</span>: {escape(meaning)}'
+        for status, (_, meaning) in ROUND_STATUSES.items()
+    ) + "</p>"
 
 
 def _async(status: dict[str, Any]) -> str:
@@ -71,6 +105,8 @@ _COLUMNS = (  # header, sort key (None: not sortable)
     ("model", "model_version"), ("agent", "agent_version"), ("cameras", None), ("memory MiB (limit)", None),
     ("CPU throttled", None), ("OOM retries", None), ("outbox", "outbox"),
 )  # fmt: skip
+_SITE_MARK = (' <span class="site" title="a site aggregator (enroll --site): its updates carry its devices\' sum">'
+              "site</span>")
 _HEALTH_COLOUR = {"ok": "#4a7", "silent": "#999", "behind": "#d80", "throttled": "#c33", "behind, throttled": "#c33"}
 
 
@@ -81,6 +117,8 @@ def _link(fleet: dict[str, Any], **change: Any) -> str:
 
 def _device_row(d: dict[str, Any], now: float) -> str:
     name = f" {escape(d['name'])}" if d["name"] else ""
+    if d["site"]:
+        name += _SITE_MARK
     colour = _HEALTH_COLOUR[d["health"]]
     if d["last_seen"] is None:
         return (f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td><td style="color:{colour}">never seen</td>'
@@ -147,9 +185,10 @@ def render(status: dict[str, Any], fleet: dict[str, Any] | None = None) -> str:
     for r in status["rounds"]:
         metrics = ", ".join(f"{escape(k)} {v:.4g}" for k, v in r["metrics"].items())
         rows.append(
-            f"<tr><td>{r['round']}</td><td>v{r['model_version']}</td><td>{escape(r['status'])}"
+            f"<tr><td>{r['round']}</td><td>v{r['model_version']}</td>"
+            f"<td class=\"status-{escape(r['status'])}\">{escape(r['status'])}"
             f"{'<br>' + escape(_secure(r)) if r.get('secure') else ''}</td>"
-            f"<td>{r['participants']}/{r['goal']}</td><td>{r['samples']}</td><td>{metrics}</td>"
+            f"<td>{r['participants']}/{r['goal']}{_lost(r)}</td><td>{r['samples']}</td><td>{metrics}</td>"
             f"<td>{_when(r['opened_at'])}</td><td>{_when(r['closed_at'])}</td><td>{escape(r['note'])}</td></tr>"
         )
     devices = status["devices"]
@@ -157,7 +196,8 @@ def render(status: dict[str, Any], fleet: dict[str, Any] | None = None) -> str:
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
 <title>fl-aggregator {escape(status['aggregator_id'][:8])}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}}code{{font-size:12px}}</style></head>
+td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}}code{{font-size:12px}}
+{_STYLE}</style></head>
 <body><h1>fl-aggregator</h1>
 <p>model <b>{escape(model['name'])}</b> ({model['parameters']:,} parameters), version <b>v{model['version']}</b>
 <code>{escape(model['digest'][:16])}</code> &middot; strategy <b>{escape(status['strategy'])}</b>
@@ -168,6 +208,7 @@ td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}}code{{fo
 <th>opened</th><th>closed</th><th>note</th></tr>
 {''.join(rows)}
 </table>
+{_legend()}
 {_fleet(fleet)}<p><a href="/v1/status">/v1/status</a> &middot; <a href="/v1/status/devices">/v1/status/devices</a>
 &middot; <a href="/metrics">/metrics</a></p></body></html>
 """

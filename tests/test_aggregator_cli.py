@@ -18,6 +18,7 @@ from tls_certs import self_signed
 
 from aggregator.cli import main
 from aggregator.simulate import SimulatedDevice
+from aggregator.store import Store
 from appliance import modelpkg, wire
 from flctl.ports import free_port
 from tests.aggregator_harness import tiny_package
@@ -77,6 +78,23 @@ def test_status_shows_which_keys_are_enrolled_as_sites(tmp_path: Path, capsys) -
     out = capsys.readouterr().out
     assert "devices: 2 enrolled (1 site), 0 revoked" in out
     assert f"site {site.device_id}  site-a" in out and device.device_id not in out
+
+
+def test_status_lines_up_every_round_status_superseded_included(tmp_path: Path, capsys) -> None:
+    """``superseded`` (10 letters, an async site's empty buffer) pushed its round's counts one column right."""
+    main(["keygen", "--state", str(tmp_path)])
+    store = Store(tmp_path)
+    try:
+        for round_id, status in enumerate(("published", "abandoned", "superseded"), start=1):
+            store.insert_round(round_id, 0, 0.0, 60.0, 2)
+            store.finish_round(round_id, status, 30.0, 2 if status == "published" else 0, 10, {})
+    finally:
+        store.close()
+    capsys.readouterr()
+    assert main(["status", "--state", str(tmp_path)]) == 0
+    rounds = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  round ")]
+    assert [line.split()[3] for line in rounds] == ["superseded", "abandoned", "published"]
+    assert len({line.index(" updates ") for line in rounds}) == 1, rounds
 
 
 @pytest.mark.parametrize(
