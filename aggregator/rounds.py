@@ -1032,6 +1032,7 @@ class RoundEngine:
                 }
             )
         devices = self.store.devices()
+        sites = self.store.site_ids()
         return {
             "aggregator_id": wire.key_id(self.key.verify_key),
             "model": {
@@ -1072,5 +1073,6 @@ class RoundEngine:
             "devices": {
                 "enrolled": sum(1 for d in devices if d.revoked_at is None),
                 "revoked": sum(1 for d in devices if d.revoked_at is not None),
+                "sites": sum(1 for d in devices if d.revoked_at is None and d.device_id in sites),
             },
         }

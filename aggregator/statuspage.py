@@ -56,6 +56,10 @@ def _lost(r: dict[str, Any]) -> str:
             f"{len(lost)} update{'s' if len(lost) != 1 else ''} lost on disk: {names}{more}</small>")
 
 
+def _sites(count: int) -> str:
+    return f" ({count} site{'s' if count != 1 else ''})" if count else ""
+
+
 def _legend() -> str:
     return '<p class="legend">' + " &middot; ".join(
         f'<span class="status-{status}">{status}</span>: {escape(meaning)}'
@@ -201,7 +205,7 @@ td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}}code{{fo
 <body><h1>fl-aggregator</h1>
 <p>model <b>{escape(model['name'])}</b> ({model['parameters']:,} parameters), version <b>v{model['version']}</b>
 <code>{escape(model['digest'][:16])}</code> &middot; strategy <b>{escape(status['strategy'])}</b>
-&middot; devices {devices['enrolled']} enrolled, {devices['revoked']} revoked</p>
+&middot; devices {devices['enrolled']} enrolled{_sites(devices['sites'])}, {devices['revoked']} revoked</p>
 <p>{escape(now)}</p>
 {_async(status)}{statuschart.render(status["rounds"])}
 <table><tr><th>round</th><th>model</th><th>status</th><th>updates/goal</th><th>samples</th><th>metrics</th>

@@ -277,7 +277,7 @@ def test_the_table_says_how_far_behind_a_device_is_and_nothing_for_one_ahead(tmp
     fleet.accept(report(ahead, model_version=5, sent_at=int(now)), now)
     listing = fleet.listing(2, now, sort="name")
     html = statuspage.render({"model": {"name": "m", "parameters": 1, "version": 2, "digest": "00"},
-                              "current_round": None, "rounds": [], "devices": {"enrolled": 2, "revoked": 0},
+                              "current_round": None, "rounds": [], "devices": {"enrolled": 2, "revoked": 0, "sites": 0},
                               "aggregator_id": "ab", "strategy": "fedavg"}, listing)  # fmt: skip
     assert "<td>v1 (-1)</td>" in html and "<td>v5</td>" in html and "--" not in html
 

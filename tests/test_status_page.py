@@ -178,15 +178,10 @@ def test_updates_the_disk_lost_are_named_by_the_page_the_json_and_status_state(t
     assert [line for line in lines if "lost on disk" in line] == [lines[at + 1]]
 
 
-def _page(rounds: list[dict], devices: list[dict] | None = None) -> str:
-    status = {"model": {"name": "m", "parameters": 1, "version": 2, "digest": "00"}, "current_round": None,
-              "rounds": rounds, "devices": {"enrolled": 2, "revoked": 0}, "aggregator_id": "ab", "strategy": "fedavg"}
-    fleet = None if devices is None else {
-        "now": 0.0, "counts": {"enrolled": len(devices), "active": 0, "silent": len(devices), "behind": 0,
-                               "throttled": 0},
-        "state": "all", "sort": "device", "page": 1, "per_page": 50, "pages": 1, "total": len(devices),
-        "devices": devices}  # fmt: skip
-    return statuspage.render(status, fleet)
+def _page(rounds: list[dict]) -> str:
+    return statuspage.render({"model": {"name": "m", "parameters": 1, "version": 2, "digest": "00"},
+                              "current_round": None, "rounds": rounds, "devices": {"enrolled": 2, "revoked": 0,
+                              "sites": 0}, "aggregator_id": "ab", "strategy": "fedavg"})  # fmt: skip
 
 
 def test_each_round_status_has_its_style_and_the_legend_and_docs_list_every_status() -> None:
@@ -220,19 +215,25 @@ def test_a_round_that_lost_many_updates_names_the_first_ten_and_counts_the_rest(
     assert all(f'title="{d}"' in row for d in lost[:10]) and lost[10] not in row and lost[11] not in row
 
 
-def test_a_site_is_marked_in_the_device_listing_and_on_the_page(tmp_path: Path) -> None:
+def test_a_site_is_marked_in_the_device_listing_and_on_the_page(tmp_path: Path, capsys) -> None:
     """A key enrolled with ``enroll --site`` (a site aggregator in a site -> city tree) is marked in
-    GET /v1/status/devices (``"site": true``) and by a ``site`` label in its row of the page's device table."""
+    GET /v1/status/devices (``"site": true``) and by a ``site`` label in its row of the page's device table, and
+    counted in GET /v1/status, in the page's header and by ``fl-aggregator status --url`` as ``--state`` counts it."""
     site = SimulatedDevice()
 
-    async def go() -> tuple[dict, str]:
+    async def go() -> tuple[dict, dict, str]:
         async with running(tmp_path, devices=2) as h:
             site_key = Enrolment(site.device_id, bytes(site.key.verify_key), "site-a", site=True)
             h.app[SERVICES].registry.enroll([site_key])
             listing = await (await h.client.get("/v1/status/devices", params={"sort": "device"})).json()
-            return listing, await (await h.client.get("/", params={"sort": "device"})).text()
+            status = await (await h.client.get("/v1/status")).json()
+            html = await (await h.client.get("/", params={"sort": "device"})).text()
+            assert await asyncio.to_thread(cli, ["status", "--url", str(h.client.make_url("/"))]) == 0
+            return listing, status, html
 
-    listing, html = run(go())
+    listing, status, html = run(go())
+    assert "devices: 3 enrolled (1 site), 0 revoked" in capsys.readouterr().out  # status --url
+    assert status["devices"]["sites"] == 1 and "devices 3 enrolled (1 site), 0 revoked" in html
     assert listing["counts"]["enrolled"] == 3
     assert {d["device"]: d["site"] for d in listing["devices"]} == {
         **{d["device"]: False for d in listing["devices"] if d["device"] != site.device_id}, site.device_id: True}
