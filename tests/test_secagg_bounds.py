@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,19 +19,27 @@ from aggregator.secagg_bounds import SumOutOfBounds, bounded_mean, mean_norm_bou
 from aggregator.secagg_round import ABANDON_REASONS
 from appliance.protocol import discrete_gaussian
 from appliance.protocol import messages as m
+from appliance.protocol import quantise as quantise_module
 from appliance.protocol.quantise import levels_for, private_levels, quantise
 from tests.secagg_sim import MAX_SAMPLES, play
 
 W = 4096
 
 
-class _RoundingUp:
-    """A generator whose uniforms are all just below 1: stochastic rounding then rounds every coordinate up, the
-    largest rounding error an honest device can have (a legitimate, if unlucky, draw)."""
+class _ZeroDraws:
+    """Rounding words that are all 0 (a keystream that leaves the zeros it encrypts as they are): stochastic
+    rounding then rounds every coordinate with a fractional part up, the largest rounding error an honest device
+    can have (a legitimate, if unlucky, draw)."""
 
-    def random(self, out: np.ndarray) -> np.ndarray:
-        out.fill(1 - 2**-53)
-        return out
+    def update_into(self, data: bytes, buffer: memoryview) -> int:
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _quantise_rounding_up(delta: np.ndarray, samples: int, *, levels: int, max_samples: int) -> np.ndarray:
+    with mock.patch.object(quantise_module, "rounding_draws", lambda rng: _ZeroDraws()):
+        return quantise(delta, samples, clip_norm=CLIP, levels=levels, max_samples=max_samples,
+                        rng=np.random.default_rng(0))
 
 
 def _sum(inputs: list[np.ndarray]) -> np.ndarray:
@@ -44,7 +53,7 @@ def _worst_case_inputs(devices: int, survivors: int, parameters: int, samples: i
     """``survivors`` honest inputs of a roster of ``devices``: each update exactly at the clip norm, all in the
     same direction, every coordinate rounded up."""
     delta = np.full(parameters, CLIP / math.sqrt(parameters), dtype=np.float32)
-    return [quantise(delta, samples, clip_norm=CLIP, levels=levels, max_samples=W, rng=_RoundingUp())
+    return [_quantise_rounding_up(delta, samples, levels=levels, max_samples=W)
             for _ in range(survivors)]
 
 
@@ -95,7 +104,7 @@ def test_the_norm_allowance_catches_the_reviewers_384x_attack_and_a_much_smaller
     honest worst case (the same devices, rounding up, no hostile weight) is at least C and passes."""
     levels = levels_for(4)
     honest = _worst_case_inputs(4, 3, 50, 512, levels)
-    zero = quantise(np.zeros(50, np.float32), 1, clip_norm=CLIP, levels=levels, max_samples=W, rng=_RoundingUp())
+    zero = _quantise_rounding_up(np.zeros(50, np.float32), 1, levels=levels, max_samples=W)
     others = int(_sum(honest)[-1])
     assert others == 3 * 512
     for weight_to in (4, math.floor(others / 1.15)):  # 384x; 1.15x, the weight still in [S, S W]
@@ -113,7 +122,7 @@ def test_weights_beyond_the_cap_are_refused() -> None:
     """A weight word pushing the total past S x W would shrink every honest device's step to nothing."""
     levels = levels_for(4)
     honest = _worst_case_inputs(4, 3, 50, 512, levels)
-    zero = quantise(np.zeros(50, np.float32), 1, clip_norm=CLIP, levels=levels, max_samples=W, rng=_RoundingUp())
+    zero = _quantise_rounding_up(np.zeros(50, np.float32), 1, levels=levels, max_samples=W)
     total = _sum([*honest, _hostile(zero, {-1: 4 * W + 1 - 3 * 512 - 1})])
     with pytest.raises(SumOutOfBounds, match=r"outside \[4, 16384\]"):
         bounded_mean(total, survivors=4, levels=levels, max_samples=W, clip_norm=CLIP)
@@ -126,8 +135,8 @@ def test_a_coordinate_beyond_what_the_survivors_can_reach_is_refused() -> None:
     levels = levels_for(4)
     delta = np.zeros(50, np.float32)
     delta[0] = CLIP
-    honest = [quantise(delta, W, clip_norm=CLIP, levels=levels, max_samples=W, rng=_RoundingUp()) for _ in range(2)]
-    zero = quantise(np.zeros(50, np.float32), W, clip_norm=CLIP, levels=levels, max_samples=W, rng=_RoundingUp())
+    honest = [_quantise_rounding_up(delta, W, levels=levels, max_samples=W) for _ in range(2)]
+    zero = _quantise_rounding_up(np.zeros(50, np.float32), W, levels=levels, max_samples=W)
     total = _sum([*honest, _hostile(zero, {0: round(1.05 * levels)})])
     weighted_norm = abs(int(total[:1].view("<i4")[0])) * CLIP / (3 * levels)
     assert CLIP < weighted_norm < 1.1 * CLIP
@@ -149,7 +158,7 @@ def test_honest_noised_rounds_pass_and_a_shifted_weight_does_not(devices: int, s
     delta = np.full(parameters, CLIP / math.sqrt(parameters), dtype=np.float32)
     inputs = []
     for i in range(survivors):
-        words = quantise(delta, 1, clip_norm=CLIP, levels=levels, max_samples=1, rng=_RoundingUp())
+        words = _quantise_rounding_up(delta, 1, levels=levels, max_samples=1)
         noise = discrete_gaussian.sample(sigma, parameters, bytes([i]) * 32)
         np.add(words[:-1], (noise % 2**32).astype(np.uint32), out=words[:-1])
         inputs.append(words)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
 
 from appliance.protocol import graph, prg, shamir
@@ -149,16 +150,49 @@ def test_stochastic_rounding_is_unbiased():
 
 
 def test_quantising_chunk_by_chunk_draws_what_one_pass_would():
-    """The rounding uses the generator's uniforms in order, whatever the chunking: the words are those of
-    floor(d * s + u) over the whole vector with u = rng.random(P), clipped to [-B, B]."""
-    delta = np.random.default_rng(3).normal(0, 0.05, 2 * 16384 + 7).astype(np.float32)  # norm about 9: clipped
+    """The rounding words u are one AES-128-CTR keystream under a key of 16 bytes from the generator, read in
+    order whatever the chunking: the words are floor(x) + [u < 2^32 (x - floor(x))] over the whole vector, x the
+    update clipped to C (1 - 2^-30) and scaled."""
+    delta = np.random.default_rng(3).normal(0, 0.05, 2 * 32768 + 7).astype(np.float32)  # norm about 9: clipped
     levels = levels_for(10)
     words = quantise(delta, 30, clip_norm=1.0, levels=levels, max_samples=40, rng=np.random.default_rng(4))
     exact = delta.astype(np.float64)
-    scale = (30 / 40) * levels / 1.0 * (1.0 / float(np.sqrt(np.dot(exact, exact))))
-    expected = np.clip(np.floor(exact * scale + np.random.default_rng(4).random(delta.size)), -levels, levels)
+    x = exact * ((30 / 40) * levels / 1.0 * (1.0 * (1 - 2**-30) / float(np.sqrt(np.dot(exact, exact)))))
+    key = np.random.default_rng(4).bytes(16)
+    keystream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(4 * delta.size))
+    u = np.frombuffer(keystream, dtype="<u4")
+    expected = np.floor(x) + (u < (x - np.floor(x)) * 2**32)
     assert np.array_equal(words[:-1].view(np.int32), expected.astype(np.int32))
     assert words[-1] == 30
+
+
+def test_rounding_is_reproducible_from_the_generator_and_changes_with_it():
+    delta = np.random.default_rng(5).normal(0, 1e-3, 1000).astype(np.float32)
+    levels = levels_for(100)
+
+    def words(seed: int) -> np.ndarray:
+        return quantise(delta, 10, clip_norm=1.0, levels=levels, max_samples=10, rng=np.random.default_rng(seed))
+
+    assert np.array_equal(words(1), words(1))
+    assert not np.array_equal(words(1), words(2))
+
+
+def test_a_coordinate_at_the_clip_norm_stays_within_the_levels():
+    """A one-hot update at exactly C (and far beyond it) scales to just under B: rounding, however it falls,
+    gives at most B in magnitude, never B + 1."""
+    levels = levels_for(3)
+    for value in (1.0, -1.0, 1e30, -1e30):
+        for seed in range(20):
+            q = quantise(np.array([value, 0.0], dtype=np.float32), 7, clip_norm=1.0, levels=levels, max_samples=7,
+                         rng=np.random.default_rng(seed))[:-1].view(np.int32)
+            assert abs(int(q[0])) in (levels - 1, levels) and q[1] == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_an_update_with_a_nan_or_an_infinity_is_refused(bad: float):
+    with pytest.raises(ValueError, match="NaN or an infinity"):
+        quantise(np.array([0.1, bad], dtype=np.float32), 1, clip_norm=1.0, levels=100, max_samples=1,
+                 rng=np.random.default_rng(0))
 
 
 def test_the_weight_is_capped_and_scales_the_update():

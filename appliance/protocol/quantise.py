@@ -7,8 +7,8 @@ float32 update costs, so masking adds no bytes to the upload.
 What a device with n samples and clipped delta d (||d|| <= C, the task's clip norm) sends, before masks, is
 P + 1 words:
 
-- words 0..P-1: stochastic rounding of (w / W) * d_j * (B / C), w = min(n, W): each is in [-B, B], written in
-  two's complement;
+- words 0..P-1: stochastic rounding of x_j = (w / W) * d_j * (B / C), w = min(n, W): each is in [-B, B],
+  written in two's complement;
 - word P: w.
 
 W (``max_samples``) caps one device's weight; B (``levels``) is floor((2^31 - 1) / N) for a roster of N
@@ -21,6 +21,21 @@ the round is set up). The aggregator learns only
 so the sample-weighted mean (FedAvg) is their quotient. Stochastic rounding (round up with probability equal
 to the fractional part) is unbiased, so the quantisation error averages out over devices and rounds instead of
 accumulating; one device's error per coordinate is below C / B.
+
+How the rounding is drawn (the device's own business: nobody can check it). With f_j = x_j - floor(x_j), exact
+in float64, and u_j a uniform 32-bit word, q_j = floor(x_j) + [u_j < 2^32 f_j]: 2^32 f_j is exact too, so x_j
+rounds up with probability ceil(2^32 f_j) / 2^32, which is f_j to 2^-32 (exactly f_j once |x_j| >= 2^20, where
+f_j has no bits below 2^-32). A float64 sum floor(x_j + u) would not be: above 2^20 it rounds the sum itself,
+and up to 2^-22 of a level goes astray in favour of rounding up. The words u_j are the AES-128-CTR keystream
+(counter block 0 first) under a 16-byte key drawn from the caller's generator (``rng.bytes(16)``), so a seeded
+generator gives the same words every time, and a chunk's draws do not depend on the chunk size. AES-CTR, not the
+generator's own floats: with AES instructions it writes 4 bytes a coordinate in a fifth of the time numpy takes
+for a float64 uniform (0.5 ms against 2.8 ms for a million coordinates here); on a core without them ChaCha20
+would be the faster choice, and nothing outside this module would change.
+
+An update longer than C is clipped to C (1 - 2^-30) rather than C: float64 rounding in the norm (relative error
+below 2^-40 here), the scale and the products then cannot carry any |x_j| up to B, so q_j stays in [-B, B]
+without a clamp over every coordinate, and the clipped norm is still below C.
 
 With distributed differential privacy (docs/privacy.md) each device then adds discrete Gaussian noise
 N_Z(0, sigma^2) (:mod:`.discrete_gaussian`) to each of its words 0..P-1, and every weight is 1 (W = 1). The room
@@ -41,9 +56,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 MODULUS_BITS = 32
-_CHUNK = 16384  # coordinates quantised per step
+_CHUNK = 32768  # coordinates quantised per step: its float64, int32 and draw buffers (0.8 MB) stay in the L2 cache
+_CLIP_MARGIN = 1 - 2**-30  # an update is clipped to C * _CLIP_MARGIN (see the module docstring)
+_ROUNDING_KEY_BYTES = 16  # AES-128
+_FRACTION_SCALE = 2.0**MODULUS_BITS
 MAX_SUM = 2**31 - 1
 # The probability that the noise makes a sum wrap is at most 2^-WRAP_BITS, for updates of up to 2^32 words.
 WRAP_BITS = 40
@@ -101,35 +120,50 @@ def quantise(
     max_samples: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """The P + 1 words of one device's weighted, clipped update (see the module docstring), as uint32."""
+    """The P + 1 words of one device's weighted, clipped update (see the module docstring), as uint32.
+
+    ``rng`` supplies the key of the rounding draws: the same seed gives the same words."""
     if not clip_norm > 0:
         raise ValueError("secure aggregation needs a positive clip norm: the quantisation range comes from it")
     if num_samples < 1:
         raise ValueError("an update has at least one sample")
     flat = np.asarray(delta).ravel()  # a view of the caller's update: read, never copied whole
-    chunk = np.empty(max(1, min(_CHUNK, flat.size)))  # float64: the work buffer that stays in the CPU cache
-    norm = math.sqrt(sum(_sum_of_squares(chunk, flat[start : start + chunk.size])
-                         for start in range(0, flat.size, chunk.size)))
+    size = max(1, min(_CHUNK, flat.size))
+    scaled = np.empty(size)  # float64: the work buffer that stays in the CPU cache
+    norm = math.sqrt(sum(_sum_of_squares(scaled, flat[start : start + size]) for start in range(0, flat.size, size)))
+    if not math.isfinite(norm):
+        raise ValueError("the update holds a NaN or an infinity")
     weight = min(num_samples, max_samples)
     scale = (weight / max_samples) * (levels / clip_norm)
-    if norm > clip_norm:  # clipped here too, so that no coordinate can leave [-B, B]
-        scale *= clip_norm / norm
+    if norm > clip_norm * _CLIP_MARGIN:
+        scale *= clip_norm * _CLIP_MARGIN / norm
     words = np.empty(flat.size + 1, dtype="<u4")
     signed = words[:-1].view("<i4")  # |q| <= B < 2^31; two's complement: -q is 2^32 - q
-    # A chunk at a time, so the uniforms and the chunk stay in the CPU cache and no other large array is made;
-    # the generator's draws are the same as one rng.random(P), so the result does not depend on the chunk size.
-    uniforms = np.empty_like(chunk)
-    for start in range(0, flat.size, chunk.size):
-        source = flat[start : start + chunk.size]
-        part, draws = chunk[: source.size], uniforms[: source.size]
-        rng.random(out=draws)
-        np.multiply(source, scale, out=part, dtype=np.float64)  # in float64 whatever the update's dtype
-        part += draws
-        np.floor(part, out=part)
-        np.clip(part, -levels, levels, out=part)
-        signed[start : start + part.size] = part  # integral already: the cast is exact
+    whole, draws, round_up = np.empty(size), np.empty(size, dtype="<u4"), np.empty(size, dtype=bool)
+    keystream = rounding_draws(rng)
+    zeros = bytes(4 * size)
+    # A chunk at a time, so that every buffer stays in the CPU cache and no other large array is made.
+    for start in range(0, flat.size, size):
+        source = flat[start : start + size]
+        x, floor_x, u, up = scaled[: source.size], whole[: source.size], draws[: source.size], round_up[: source.size]
+        keystream.update_into(zeros[: 4 * source.size], memoryview(u).cast("B"))
+        np.copyto(x, source)  # float64 whatever the update's dtype
+        x *= scale
+        np.floor(x, out=floor_x)
+        x -= floor_x  # f = x - floor(x): exact, in [0, 1)
+        x *= _FRACTION_SCALE  # 2^32 f: exact
+        np.greater(x, u, out=up)
+        out = signed[start : start + source.size]
+        np.copyto(out, floor_x, casting="unsafe")  # integral and in [-B, B - 1]: the cast is exact
+        np.add(out, up, out=out)
     words[-1] = weight
     return words
+
+
+def rounding_draws(rng: np.random.Generator) -> CipherContext:
+    """The source of the rounding words u_j: an AES-128-CTR keystream (encrypt zeros to read it) under a key from
+    ``rng``, counter block 0 first."""
+    return Cipher(algorithms.AES(rng.bytes(_ROUNDING_KEY_BYTES)), modes.CTR(bytes(16))).encryptor()
 
 
 def _sum_of_squares(buffer: np.ndarray, values: np.ndarray) -> float:
