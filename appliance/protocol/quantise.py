@@ -33,8 +33,8 @@ generator's own floats: with AES instructions it writes 4 bytes a coordinate in 
 for a float64 uniform (0.5 ms against 2.8 ms for a million coordinates here); on a core without them ChaCha20
 would be the faster choice, and nothing outside this module would change.
 
-An update longer than C is clipped to C (1 - 2^-30) rather than C: float64 rounding in the norm (relative error
-below 2^-40 here), the scale and the products then cannot carry any |x_j| up to B, so q_j stays in [-B, B]
+An update longer than C is clipped to C (1 - 2^-30) rather than C: float64 rounding in the norm (a relative error
+below 2^-39 here), the scale and the products then cannot carry any |x_j| up to B, so q_j stays in [-B, B]
 without a clamp over every coordinate, and the clipped norm is still below C.
 
 With distributed differential privacy (docs/privacy.md) each device then adds discrete Gaussian noise
@@ -63,6 +63,7 @@ _CHUNK = 32768  # coordinates quantised per step: its float64, int32 and draw bu
 _CLIP_MARGIN = 1 - 2**-30  # an update is clipped to C * _CLIP_MARGIN (see the module docstring)
 _ROUNDING_KEY_BYTES = 16  # AES-128
 _FRACTION_SCALE = 2.0**MODULUS_BITS
+_DOT_ELEMENTS = 8192  # the longest dot product taken at once (see _sum_of_squares)
 MAX_SUM = 2**31 - 1
 # The probability that the noise makes a sum wrap is at most 2^-WRAP_BITS, for updates of up to 2^32 words.
 WRAP_BITS = 40
@@ -167,13 +168,14 @@ def rounding_draws(rng: np.random.Generator) -> CipherContext:
 
 
 def _sum_of_squares(buffer: np.ndarray, values: np.ndarray) -> float:
-    """sum(values ** 2) in float64, through ``buffer``. Not np.dot on the whole update: OpenBLAS splits a long dot
-    product across threads, and its idle threads then spin on the other cores (measured here: twice the
-    device's CPU time for the round's work, on a 2-core machine)."""
+    """sum(values ** 2) in float64, through ``buffer``, as dot products of at most 8192 elements. OpenBLAS splits
+    a dot product of more than 10,000 elements across threads, and its idle threads then spin on the other cores
+    (measured here: twice the device's CPU time for the round's work, on a 2-core machine); shorter ones run on
+    the calling thread (tests/test_secagg_primitives.py checks that no other thread does any work)."""
     part = buffer[: values.size]
     np.copyto(part, values)
-    np.multiply(part, part, out=part)
-    return float(part.sum())
+    pieces = (part[start : start + _DOT_ELEMENTS] for start in range(0, part.size, _DOT_ELEMENTS))
+    return sum(float(np.dot(piece, piece)) for piece in pieces)
 
 
 def dequantise(
