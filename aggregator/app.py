@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiohttp import web
-from nacl.signing import SigningKey
+from aiohttp import hdrs, web
+from nacl.signing import SigningKey, VerifyKey
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aggregator import statuspage
-from aggregator.fleet import FILTERS, FLUSH_SECONDS, MAX_PER_PAGE, SORT_KEYS, Enrolled, Fleet, ReportRefused
+from aggregator.fleet import FILTERS, FLUSH_SECONDS, MAX_PER_PAGE, SORT_KEYS, Enrolled, Fleet, Forward, ReportRefused
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore, ServedPackage
 from aggregator.privacy import (
@@ -42,6 +42,7 @@ from aggregator.secagg_round import SecAggConfig, SecAggMetrics, SecureRounds, c
 from aggregator.store import Store
 from aggregator.strategies import STRATEGIES, make_strategy
 from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES
+from aggregator.threadnames import name_this_thread
 from aggregator.uploads import (
     BodyReader,
     BodyTimeout,
@@ -176,6 +177,8 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+# The body reader of an upload, for :func:`_close_after_socket_read`.
+UPLOAD_BODY = web.RequestKey("upload_body", BodyReader)
 CONFIG = web.AppKey("config", AggregatorConfig)
 METRICS = web.AppKey("metrics", AggregatorMetrics)
 
@@ -332,8 +335,10 @@ async def post_update(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > s.max_body:
         raise Problem(413, "body-too-large", f"{request.content_length} bytes exceeds the limit of {s.max_body}")
     reader = BodyReader(
-        request.content, request.content_length, s.max_body, s.config.upload_deadline, s.uploads.buffers
+        request.content, request.content_length, s.max_body, s.config.upload_deadline, s.uploads.buffers,
+        request.transport,
     )
+    request[UPLOAD_BODY] = reader
     try:
         head = await reader.read_prefix(wire.ENVELOPE_PREFIX_BYTES)
         try:
@@ -612,6 +617,15 @@ async def get_metrics(request: web.Request) -> web.Response:
     return response
 
 
+async def _close_after_socket_read(request: web.Request, response: web.StreamResponse) -> None:
+    """An upload whose body was read straight off the socket (aggregator/uploads.py) is answered with
+    ``Connection: close``: aiohttp's parser did not see that body end, so it cannot read a next request."""
+    reader = request.get(UPLOAD_BODY)
+    if reader is not None and reader.took_socket:
+        response.force_close()
+        response.headers[hdrs.CONNECTION] = "close"  # this hook runs after aiohttp has set the response's headers
+
+
 # ---------------------------------------------------------------------------------------------- factory
 
 
@@ -625,16 +639,29 @@ def _fleet_roster(store: Store) -> list[Enrolled]:
     return [Enrolled(d.device_id, d.name, d.device_id in sites) for d in store.devices() if d.revoked_at is None]
 
 
+def _site_forwards(store: Store, key: VerifyKey) -> dict[str, Forward]:
+    """Each site's newest accepted forward: its receipt (signed with ``key``, this aggregator's) names the round the
+    site answered, and that round's model version is the forward's base (in async mode the buffer it counts in may
+    be a later one)."""
+    forwards = {}
+    for site, (accepted_at, receipt) in store.site_last_updates().items():
+        answered = wire.decode_receipt(receipt, key).round_id
+        row = store.get_round(answered)
+        forwards[site] = Forward(accepted_at, answered, None if row is None else row.model_version)
+    return forwards
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
     store = Store(config.state_dir)
     workers = config.workers or max(2, os.cpu_count() or 2)
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify")
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify", initializer=name_this_thread)
     secure: SecureRounds | None = None
     fleet: Fleet | None = None
     try:
-        fleet = Fleet(store.db_path, lambda: _fleet_roster(store))
+        fleet = Fleet(store.db_path, lambda: _fleet_roster(store),
+                      lambda: _site_forwards(store, config.key.verify_key), config.policy.round_timeout)
         models = ModelStore(Path(config.state_dir) / "models", config.package, config.key, config.downlink)
         registry = Registry(store)
         max_body = config.max_body_bytes or default_max_body(models.layout.size)
@@ -674,7 +701,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     uploads = UploadSlots(config.max_active_uploads)
     metrics.uploads_active.set_function(lambda: uploads.active)
     metrics.uploads_waiting.set_function(lambda: uploads.waiting)
-    views = ThreadPoolExecutor(max_workers=1, thread_name_prefix="views")
+    views = ThreadPoolExecutor(max_workers=1, thread_name_prefix="views", initializer=name_this_thread)
     app[SERVICES] = Services(config, metrics, store, registry, models, engine, executor, limits, max_body, uploads,
                              fleet, views)
     flusher = asyncio.create_task(_flush_fleet(fleet, executor), name="fleet-flush")
@@ -717,6 +744,7 @@ def make_app(config: AggregatorConfig) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = AggregatorMetrics()
     app.cleanup_ctx.append(_services)
+    app.on_response_prepare.append(_close_after_socket_read)
     app.router.add_get("/v1/task", get_task)
     app.router.add_get("/v1/models/{version}", get_model)
     app.router.add_get("/v1/package", get_package)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.threadnames import name_this_thread
 from appliance.durable import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -352,6 +353,15 @@ class Store:
         """The enrolled keys marked as site aggregators (``enroll --site``)."""
         return {r[0] for r in self._reader().execute("SELECT device_id FROM sites").fetchall()}
 
+    def site_last_updates(self) -> dict[str, tuple[float, bytes]]:
+        """Each site aggregator's newest accepted update (its last forward): when it was accepted and its receipt,
+        which names the round the site answered. Sites that never forwarded are absent."""
+        rows = self._reader().execute(
+            "SELECT u.device_id, u.accepted_at, u.receipt FROM sites s JOIN updates u ON u.device_id = s.device_id "
+            "AND u.round_id = (SELECT max(round_id) FROM updates WHERE device_id = s.device_id)"
+        ).fetchall()
+        return {r[0]: (r[1], bytes(r[2])) for r in rows}
+
     def devices(self) -> list[Device]:
         rows = self._reader().execute(
             "SELECT device_id, public_key, name, enrolled_at, revoked_at FROM devices ORDER BY enrolled_at"
@@ -575,6 +585,7 @@ class Store:
             self._finisher = None
 
     def _finish_loop(self) -> None:
+        name_this_thread()
         while (batch := self._done.get()) is not None:
             for job, error in batch:
                 if error is None and job.then is not None:
@@ -661,6 +672,7 @@ class Store:
         return offset
 
     def _write_loop(self) -> None:
+        name_this_thread()
         while True:
             job = self._queue.get()
             if job is None:

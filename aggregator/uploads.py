@@ -12,10 +12,19 @@ An upload is read in two steps (docs/api.md, "Uploads under load"):
 Every read has a deadline relative to its size (a floor plus the bytes at a minimum rate), so a stalled body
 frees its slot; a client that goes away mid-body is counted, not logged with a traceback.
 
-Each byte is copied once on its way from aiohttp into the body: pieces are taken one at a time as they came
-off the socket (``readchunk``; ``readany`` joins whatever is buffered, one more copy), into a buffer that is
-not zeroed first (a zero-filled 4 MB bytearray costs about as much as the copy itself) and is reused
-(:class:`Buffers`): fresh memory is zeroed by the kernel when it is first touched, which costs as much again.
+Once the slot is held, the rest of a body of known length comes off the socket straight into its buffer: the
+connection's transport is lent to a :class:`_BodyReceiver` (an ``asyncio.BufferedProtocol``), so the kernel
+copies each byte once, into place, in pieces as large as the socket holds. Through aiohttp each byte is copied
+three times (the kernel into a bytes object, its HTTP parser into a slice of that, the slice into the body), with
+Python work per piece (measured, 4 MB uploads, four interleaved pairs: 2.5-2.9 ms of event loop CPU per upload
+against 2.8-3.4 ms through aiohttp). aiohttp still parses the request line and headers and writes the answer; as
+its parser did not see the body end, that connection is closed after the answer (``Connection: close``): a
+device sends one update per round, so a new connection per upload costs little. A TLS connection, or a chunked
+body, is read through aiohttp: pieces as they came off the socket (``readchunk``), copied into the body's buffer.
+
+Body buffers are not zeroed first (a zero-filled 4 MB bytearray costs about as much as the copy itself) and are
+reused (:class:`Buffers`): fresh memory is zeroed by the kernel when it is first touched, which costs as much
+again.
 """
 
 from __future__ import annotations
@@ -113,18 +122,68 @@ class Buffers:
                 self._free.append(raw)
 
 
+class _BodyReceiver(asyncio.BufferedProtocol):
+    """The protocol a connection's transport is lent to while the rest of a body is read: the kernel writes each
+    piece straight into ``view`` (never past its end, so not one byte of a next request is taken), and the
+    reading stops once it is full. Whatever concerns the connection (its loss, write flow control) still goes to
+    ``http``, the aiohttp protocol that owns it."""
+
+    def __init__(self, transport: asyncio.Transport, http: asyncio.BaseProtocol, view: memoryview, filled: int):
+        self.transport = transport
+        self.http = http
+        self.view = view
+        self.filled = filled
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view[self.filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.filled += nbytes
+        if self.filled == len(self.view):
+            self.transport.pause_reading()
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def eof_received(self) -> None:
+        """The client shut its side mid-body: the transport closes, :meth:`connection_lost` says so."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ClientGone(str(exc) if exc else "Connection lost"))
+        self.http.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.http.resume_writing()
+
+
 class BodyReader:
     """Reads one request body in two parts (the envelope prefix, then the rest).
 
     With a Content-Length the body's buffer is allocated only when the rest is read (after a slot is held), so
     an unslotted reader holds at most the prefix (in ``buffer``). Without one (chunked) ``buffer`` grows up to
     ``limit`` and is the body.
+
+    Given the connection's ``transport`` (plain TCP), the rest of a body of known length is read from the socket
+    straight into its buffer (:class:`_BodyReceiver`); :attr:`took_socket` then says that aiohttp's parser did not
+    see the body's end, so the connection must close after the answer.
     """
 
     def __init__(
-        self, stream: StreamReader, content_length: int | None, limit: int, deadline: ReadDeadline, buffers: Buffers
+        self,
+        stream: StreamReader,
+        content_length: int | None,
+        limit: int,
+        deadline: ReadDeadline,
+        buffers: Buffers,
+        transport: asyncio.BaseTransport | None = None,
     ):
         self.stream = stream
+        self.transport = transport
+        self.took_socket = False
         self.expected = content_length
         self.limit = limit
         self.deadline = deadline
@@ -152,7 +211,11 @@ class BodyReader:
         prefix = len(self.buffer)
         whole[:prefix] = self.buffer
         self.buffer = bytearray()
-        await self._timed(self._fill_exact(whole, prefix), self.expected - prefix)
+        filled = self._take_buffered(whole, prefix)
+        if filled < self.expected and self._socket_lendable():
+            await self._timed(self._receive(whole, filled), self.expected - prefix)
+        else:
+            await self._timed(self._fill_exact(whole, filled), self.expected - prefix)
         return whole
 
     def recycle(self) -> None:
@@ -194,6 +257,46 @@ class BodyReader:
                 raise Oversize("body is longer than its Content-Length")
         if self.ended and self.expected is not None and len(self.buffer) < self.expected:
             raise Truncated(f"body ended after {len(self.buffer)} of {self.expected} bytes")
+
+    def _take_buffered(self, view: memoryview, filled: int) -> int:
+        """Copy what aiohttp holds of the body already into ``view`` (no waiting); returns the bytes now in it."""
+        assert self.expected is not None
+        try:
+            while filled < self.expected and (piece := self.stream.read_nowait(self.expected - filled)):
+                view[filled : filled + len(piece)] = piece
+                filled += len(piece)
+                self.received += len(piece)
+        except ConnectionError as exc:
+            raise ClientGone(str(exc) or type(exc).__name__) from None
+        return filled
+
+    def _socket_lendable(self) -> bool:
+        """The connection is plain TCP whose transport can be lent to a :class:`_BodyReceiver`."""
+        transport = self.transport
+        return (
+            isinstance(transport, asyncio.Transport)
+            and not transport.is_closing()
+            and transport.get_extra_info("sslcontext") is None
+            and transport.get_extra_info("socket") is not None
+        )
+
+    async def _receive(self, view: memoryview, filled: int) -> None:
+        """Read the rest of the body from the socket straight into ``view`` (:class:`_BodyReceiver`), then give the
+        transport back to aiohttp with reading paused and its view of the body ended."""
+        transport = self.transport
+        assert isinstance(transport, asyncio.Transport)
+        http = transport.get_protocol()
+        receiver = _BodyReceiver(transport, http, view, filled)
+        self.took_socket = True
+        transport.set_protocol(receiver)
+        try:
+            transport.resume_reading()  # aiohttp may have paused it while its own buffer was full
+            await receiver.done
+        finally:
+            self.received += receiver.filled - filled
+            transport.pause_reading()
+            transport.set_protocol(http)
+            self.stream.feed_eof()  # aiohttp then does not wait for the body's end before it closes the connection
 
     async def _fill_exact(self, view: memoryview, filled: int) -> None:
         """Copy the remaining chunks straight into the preallocated ``view`` (one copy of each byte)."""

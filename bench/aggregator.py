@@ -246,12 +246,32 @@ def _histogram_means(text: str) -> dict[str, float]:
     return {k: sums[k] / counts[k] for k in sums if counts.get(k)}
 
 
-def _event_loop_cpu(pid: int) -> float:
-    """CPU seconds of ``pid``'s main thread: the server's event loop (HTTP, handlers), apart from its worker
-    threads (hashing, decoding, spool writes, accumulation)."""
-    with open(f"/proc/{pid}/task/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+#: The server's threads by what they do with an upload, by their kernel names (aggregator/threadnames.py); the
+#: main thread is the event loop.
+THREAD_STAGES = {
+    "verify": "workers",  # the tensors' SHA-256, decoding into the delta, its norm
+    "spool-writer": "spool",  # the spool write, fdatasync, the SQLite commit
+    "spool-finisher": "accumulate",  # the strategy's add (FedAvg: multiply-add into its float32 block)
+}
+
+
+def _stage_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of ``pid``'s threads summed by stage: ``event_loop`` (HTTP, the envelope's signature, the
+    commit and the receipt's signature), then :data:`THREAD_STAGES`, then ``other``."""
+    stages = dict.fromkeys(["event_loop", *THREAD_STAGES.values(), "other"], 0.0)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        stage = "event_loop" if tid == str(pid) else next(
+            (v for k, v in THREAD_STAGES.items() if name.startswith(k)), "other"
+        )
+        stages[stage] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stages
 
 
 def _median_cpu_ms(work: Any, repeats: int) -> float:
@@ -389,12 +409,12 @@ async def _run_ours(
             sample = body(0, second)
             bounds = [measure_bound(sample, parameters)]
             before = process_status(proc.pid)
-            loop_before = _event_loop_cpu(proc.pid)
+            stages_before = _stage_cpu(proc.pid)
             started = time.perf_counter()
             await asyncio.gather(*(upload(i) for i in range(clients)))
             upload_seconds = time.perf_counter() - started
             received = process_status(proc.pid)
-            loop_received = _event_loop_cpu(proc.pid)
+            stages_received = _stage_cpu(proc.pid)
             await next_task(second.round_id)
             close_seconds = time.perf_counter() - started - upload_seconds
             after = process_status(proc.pid)
@@ -416,7 +436,8 @@ async def _run_ours(
         "idle_rss": idle["VmRSS"],
         "server_cpu_ms_per_update": 1000 * (after["cpu_seconds"] - before["cpu_seconds"]) / clients,
         "ingest_cpu_ms_per_update": 1000 * (received["cpu_seconds"] - before["cpu_seconds"]) / clients,
-        "event_loop_cpu_ms_per_update": 1000 * (loop_received - loop_before) / clients,
+        **{f"{stage}_cpu_ms_per_update": 1000 * (stages_received[stage] - stages_before[stage]) / clients
+           for stage in stages_before},
         **_bound_of(bounds),
         "encoding": encoding,
         "update_bytes": len(sample),
@@ -435,11 +456,21 @@ def run_ours(
 def bound_line(ours: dict[str, Any]) -> str:
     """The server's CPU per update next to the bound measured in the same run, and their ratios."""
     cpu, bound = ours["server_cpu_ms_per_update"], ours["bound_ms"]
+    stages = ", ".join(f"{ours[f'{stage}_cpu_ms_per_update']:.2f} {label}" for stage, label in STAGE_LABELS.items())
     return (f"bound {bound:.2f} ms/upd (one core: SHA-256 {ours['sha256_ms']:.2f} + float32 add "
             f"{ours['add_ms']:.2f} + copy {ours['copy_ms']:.2f} of the {ours['update_bytes'] / 1e6:.2f} MB "
             f"{ours['encoding']} update); server cpu {cpu:.2f} ms/upd ({ours['ingest_cpu_ms_per_update']:.2f} "
-            f"receiving, of which {ours['event_loop_cpu_ms_per_update']:.2f} on the event loop; the rest closing "
-            f"the round) = {cpu / bound:.2f}x the bound")
+            f"receiving: {stages}; the rest closing the round) = {cpu / bound:.2f}x the bound")
+
+
+#: How :func:`bound_line` names each stage of the receiving CPU (:func:`_stage_cpu`).
+STAGE_LABELS = {
+    "event_loop": "event loop",
+    "workers": "hash+decode+norm",
+    "spool": "spool write+fdatasync+commit",
+    "accumulate": "accumulate",
+    "other": "other",
+}
 
 
 # --------------------------------------------------------------------------------------------------- main

@@ -1,0 +1,125 @@
+"""The rest of an upload's body is read straight off the socket once its slot is held (aggregator/uploads.py,
+_BodyReceiver): the bytes spooled are exactly the bytes sent, however they are split on the wire; the answer
+closes the connection (aiohttp's parser never saw the body end); and a client that stalls or goes away there is
+answered or counted as before, its slot freed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aggregator_harness import Harness, run, running
+
+from aggregator.uploads import ReadDeadline
+from appliance import wire
+
+PARAMETERS = 200_000  # an 800 kB body: far past what aiohttp buffers before the slot is taken
+PREFIX = 2 * wire.ENVELOPE_PREFIX_BYTES
+
+
+async def _open_upload(h: Harness, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send an upload's headers and its first bytes, then wait until the server holds its slot (reading the rest)."""
+    server = h.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    head = (
+        f"POST /v1/updates HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: {wire.CONTENT_TYPE}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writer.write(head + body[:PREFIX])
+    await writer.drain()
+    for _ in range(250):
+        if (await (await h.client.get("/healthz")).json())["uploads"]["active"] == 1:
+            return reader, writer
+        await asyncio.sleep(0.02)
+    raise AssertionError("the upload never took its slot")
+
+
+def _headers(answer: bytes) -> tuple[str, dict[str, str]]:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+    return head[0], {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])}
+
+
+def test_a_body_sent_in_pieces_after_its_slot_is_taken_is_spooled_exactly_and_its_connection_closed(
+    tmp_path: Path,
+) -> None:
+    async def go() -> None:
+        async with running(tmp_path, devices=2, parameters=PARAMETERS) as h:
+            task = await h.task()
+            delta = h.delta()
+            body = h.devices[0].update(task, delta)
+            reader, writer = await _open_upload(h, body)
+            try:
+                rest = body[PREFIX:]
+                for start in range(0, len(rest), 100_003):  # pieces that end mid-float, with pauses between
+                    writer.write(rest[start : start + 100_003])
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                answer = await asyncio.wait_for(reader.read(), 30)  # read to the end: the server closes
+            finally:
+                writer.close()
+            status, headers = _headers(answer)
+            assert " 200 " in status and headers["connection"] == "close"
+            receipt = wire.decode_receipt(answer.split(b"\r\n\r\n", 1)[1], h.key.verify_key)
+            assert receipt.update_digest == wire.update_digest(body)
+            row = h.engine.store.round_updates(task.round_id)[0]
+            spooled = h.engine.store.read_delta(task.round_id, row.offset, row.length)
+            assert spooled.tobytes() == h.flat(delta).astype(np.float32).tobytes()
+            assert (await h.upload(h.devices[1].update(task, h.delta())))[0] == 200  # the next device is served
+
+    run(go())
+
+
+def test_a_body_that_stalls_after_its_slot_is_taken_times_out_and_frees_the_slot(tmp_path: Path) -> None:
+    async def go() -> None:
+        deadline = ReadDeadline(floor=2.0, min_rate=1e9)
+        async with running(tmp_path, devices=1, parameters=PARAMETERS, upload_deadline=deadline,
+                           max_active_uploads=1) as h:
+            task = await h.task()
+            body = h.devices[0].update(task, h.delta())
+            reader, writer = await _open_upload(h, body)
+            try:
+                writer.write(body[PREFIX : len(body) // 2])  # lands in the body's buffer, then nothing more
+                await writer.drain()
+                answer = await asyncio.wait_for(reader.read(), 30)
+            finally:
+                writer.close()
+            status, headers = _headers(answer)
+            assert " 408 " in status and headers["connection"] == "close" and b"body-timeout" in answer
+            assert (await (await h.client.get("/healthz")).json())["uploads"]["active"] == 0
+            assert (await h.upload(body))[0] == 200  # the device's retry goes through
+
+    run(go())
+
+
+def test_a_client_gone_after_its_slot_is_taken_is_counted_not_logged_and_frees_the_slot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def go() -> None:
+        async with running(tmp_path, devices=1, parameters=PARAMETERS, max_active_uploads=1) as h:
+            task = await h.task()
+            body = h.devices[0].update(task, h.delta())
+            for ending in ("reset", "fin"):
+                _, writer = await _open_upload(h, body)
+                writer.write(body[PREFIX : len(body) // 2])
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                if ending == "reset":
+                    writer.transport.abort()  # as a crashed client leaves
+                else:
+                    writer.close()
+                for _ in range(250):
+                    health = await (await h.client.get("/healthz")).json()
+                    if health["uploads"]["active"] == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                assert health["uploads"]["active"] == 0
+            assert h.rejected("client-gone") == 2
+            assert (await h.upload(body))[0] == 200
+
+    with caplog.at_level(logging.INFO):
+        run(go())
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert noisy == [], [r.getMessage() for r in noisy]
