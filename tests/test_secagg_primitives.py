@@ -190,7 +190,7 @@ def test_a_coordinate_at_the_clip_norm_stays_within_the_levels():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_an_update_with_a_nan_or_an_infinity_is_refused(bad: float):
-    with pytest.raises(ValueError, match="NaN or an infinity"):
+    with pytest.raises(ValueError, match="no finite norm"):
         quantise(np.array([0.1, bad], dtype=np.float32), 1, clip_norm=1.0, levels=100, max_samples=1,
                  rng=np.random.default_rng(0))
 

@@ -133,7 +133,7 @@ def quantise(
     scaled = np.empty(size)  # float64: the work buffer that stays in the CPU cache
     norm = math.sqrt(sum(_sum_of_squares(scaled, flat[start : start + size]) for start in range(0, flat.size, size)))
     if not math.isfinite(norm):
-        raise ValueError("the update holds a NaN or an infinity")
+        raise ValueError("the update has no finite norm: it holds a NaN or an infinity, or overflows float64")
     weight = min(num_samples, max_samples)
     scale = (weight / max_samples) * (levels / clip_norm)
     if norm > clip_norm * _CLIP_MARGIN:
