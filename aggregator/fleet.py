@@ -8,6 +8,13 @@ States, judged when asked (``now``, the newest model version):
   throttled it for at least :data:`THROTTLED_CPU_PERMILLE` thousandths of the time, its memory use is at least
   :data:`THROTTLED_MEMORY_SHARE` of its limit, or its last training was killed for memory and retried smaller.
 
+A site aggregator's key (``fl-aggregator enroll --site``, a site of a site -> city tree) sends no heartbeat: it is
+alive when it forwards its devices' partial sum, once per round of this aggregator. So a site is judged by its newest
+accepted forward (a :class:`Forward`, read from the store's accepted updates), never by heartbeats, and has states of
+its own: **site_active** with a forward within :attr:`Fleet.site_silent_after` seconds, else **site_silent** (health
+``never forwarded`` when it has none). Sites are left out of the device states, so an alert on silent devices
+means silent cameras.
+
 Bounded: one entry per device whose enrolled key signed a heartbeat (so at most the enrolled devices), of fixed
 fields with bounded values (the decoder's ranges); a new report overwrites the device's entry. A device may report
 once per :data:`MIN_REPORT_INTERVAL_SECONDS` (else ``too-frequent``, 429); a report must be fresh (``sent_at`` in
@@ -43,7 +50,11 @@ REPORT_MAX_AHEAD_SECONDS = 300.0  # ... and at most this far ahead of it
 FLUSH_SECONDS = 10.0
 ROSTER_SECONDS = 5.0  # how long a read of the enrolled devices serves listings and metrics
 
-STATES = ("active", "silent", "behind", "throttled")  # the metric's label values; a listing's filters add "all"
+SITE_SILENT_ROUNDS = 2  # a site is site_silent after this many round timeouts without a forward (at least an hour)
+
+DEVICE_STATES = ("active", "silent", "behind", "throttled")
+SITE_STATES = ("site_active", "site_silent")
+STATES = (*DEVICE_STATES, *SITE_STATES)  # the metric's label values; a listing's filters add "all"
 FILTERS = ("all", *STATES)
 SORT_KEYS = ("device", "name", "last_seen", "last_round", "model_version", "agent_version", "outbox", "health")
 MAX_PER_PAGE = 500
@@ -83,6 +94,15 @@ class Enrolled:
     site: bool = False  # a site aggregator's key (``fl-aggregator enroll --site``), not a device's
 
 
+@dataclass(frozen=True)
+class Forward:
+    """A site's newest accepted forward (an update signed by its key) at this aggregator."""
+
+    accepted_at: float  # aggregator clock
+    round_id: int  # the round it answered (named in its receipt)
+    model_version: int | None  # the version it was based on: that round's (None if the round is not recorded)
+
+
 def is_behind(report: Heartbeat, newest: int) -> bool:
     return newest - (report.model_version or 0) > BEHIND_VERSIONS
 
@@ -96,11 +116,16 @@ class Fleet:
     """The latest heartbeat per device, in memory and in ``device_reports`` of ``db_path``.
 
     ``enrolled`` lists the enrolled, unrevoked devices (read at most every :data:`ROSTER_SECONDS`); listings and
-    counts cover exactly those, so a device that never reported is listed as silent.
+    counts cover exactly those, so a device that never reported is listed as silent. ``forwards`` gives each site's
+    newest accepted forward by key (read at each listing and count while the roster holds a site, so a forward shows
+    at once); ``round_timeout`` is this aggregator's, which sets how long a site may go without forwarding.
     """
 
-    def __init__(self, db_path: Path, enrolled: Callable[[], list[Enrolled]]):
+    def __init__(self, db_path: Path, enrolled: Callable[[], list[Enrolled]],
+                 forwards: Callable[[], dict[str, Forward]] = dict, round_timeout: float = 0.0):
         self._enrolled = enrolled
+        self._forwards = forwards
+        self.site_silent_after = max(SILENT_AFTER_SECONDS, SITE_SILENT_ROUNDS * round_timeout)
         self._conn = sqlite3.connect(db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")  # as the store's (it is the same file in the aggregator)
         self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -176,19 +201,31 @@ class Fleet:
             self._roster = (now, devices)
         return devices
 
+    def site_forwards(self, roster: list[Enrolled]) -> dict[str, Forward]:
+        """The newest forward of each site that forwarded (no read when ``roster`` holds no site)."""
+        return self._forwards() if any(d.site for d in roster) else {}
+
     def counts(self, newest: int, now: float) -> dict[str, int]:
-        """Enrolled devices by state: ``active + silent == enrolled``; behind and throttled are active ones."""
+        """Enrolled keys by state: ``active + silent + site_active + site_silent == enrolled``; behind and throttled
+        are active devices."""
         counts = dict.fromkeys(STATES, 0)
-        devices = self.roster(now)
-        for device in devices:
+        roster = self.roster(now)
+        forwards = self.site_forwards(roster)
+        for device in roster:
+            if device.site:
+                counts[self._site_state(forwards.get(device.device_id), now)] += 1
+                continue
             e = self._entries.get(device.device_id)
             if e is None or now - e.last_seen > SILENT_AFTER_SECONDS:
+                counts["silent"] += 1
                 continue
             counts["active"] += 1
             counts["behind"] += is_behind(e.report, newest)
             counts["throttled"] += is_throttled(e.report)
-        counts["silent"] = len(devices) - counts["active"]
-        return {"enrolled": len(devices), **counts}
+        return {"enrolled": len(roster), **counts}
+
+    def _site_state(self, forward: Forward | None, now: float) -> str:
+        return "site_silent" if forward is None or now - forward.accepted_at > self.site_silent_after else "site_active"
 
     def listing(self, newest: int, now: float, *, state: str = "all", sort: str = "last_seen", page: int = 1,
                 per_page: int = 50) -> dict[str, Any]:
@@ -199,23 +236,35 @@ class Fleet:
         key = sort.lstrip("-")
         if state not in FILTERS or key not in SORT_KEYS or page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
             raise ValueError(f"state {state!r}, sort {sort!r}, page {page}, per_page {per_page}")
-        items = [_Item(d, e, _health(e, newest, now)) for d in self.roster(now)
-                 for e in (self._entries.get(d.device_id),)]
-        if state == "active":
-            items = [i for i in items if i.health != "silent"]
+        roster = self.roster(now)
+        forwards = self.site_forwards(roster)
+        items = [self._item(d, forwards, newest, now) for d in roster]
+        if state in ("active", "silent", *SITE_STATES):
+            items = [i for i in items if i.state == state]
         elif state != "all":
-            items = [i for i in items if state in i.health]
+            items = [i for i in items if state in i.health and not i.device.site]
         items.sort(key=_SORTS[key], reverse=descending)
         start = (page - 1) * per_page
         return {
             "now": now, "model_version": newest, "counts": self.counts(newest, now),
             "thresholds": {"silent_seconds": SILENT_AFTER_SECONDS, "behind_versions": BEHIND_VERSIONS,
                            "throttled_cpu_permille": THROTTLED_CPU_PERMILLE,
-                           "throttled_memory_share": THROTTLED_MEMORY_SHARE},
+                           "throttled_memory_share": THROTTLED_MEMORY_SHARE,
+                           "site_silent_seconds": self.site_silent_after},
             "state": state, "sort": sort, "page": page, "per_page": per_page, "total": len(items),
             "pages": max(1, math.ceil(len(items) / per_page)),
             "devices": [_row(i, newest) for i in items[start:start + per_page]],
         }  # fmt: skip
+
+    def _item(self, device: Enrolled, forwards: dict[str, Forward], newest: int, now: float) -> _Item:
+        if device.site:
+            forward = forwards.get(device.device_id)
+            state = self._site_state(forward, now)
+            health = "never forwarded" if forward is None else "ok" if state == "site_active" else "silent"
+            return _Item(device, None, forward, health, state)
+        entry = self._entries.get(device.device_id)
+        health = _health(entry, newest, now)
+        return _Item(device, entry, None, health, "silent" if health == "silent" else "active")
 
 
 REPORT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "device_id")  # what a listing row shows
@@ -237,15 +286,21 @@ def _health(entry: Entry | None, newest: int, now: float) -> str:
 @dataclass(frozen=True)
 class _Item:
     device: Enrolled
-    entry: Entry | None
+    entry: Entry | None  # a device's latest heartbeat
+    forward: Forward | None  # a site's newest forward
     health: str
+    state: str  # active or silent for a device, site_active or site_silent for a site
 
 
 def _row(item: _Item, newest: int) -> dict[str, Any]:
-    e, health = item.entry, item.health
+    e, f, health = item.entry, item.forward, item.health
     row: dict[str, Any] = {"device": item.device.device_id, "name": item.device.name, "site": item.device.site,
-                           "state": "silent" if health == "silent" else "active",
-                           "behind": "behind" in health, "throttled": "throttled" in health, "health": health}
+                           "state": item.state, "behind": "behind" in health, "throttled": "throttled" in health,
+                           "health": health}
+    if f is not None:  # a site: what its forward says; it reports nothing else
+        return row | dict.fromkeys(REPORT_FIELDS) | {
+            "last_seen": f.accepted_at, "last_round": f.round_id, "model_version": f.model_version,
+            "versions_behind": None if f.model_version is None else newest - f.model_version}
     if e is None:
         return row | {"last_seen": None, "versions_behind": None, **dict.fromkeys(REPORT_FIELDS)}
     held = e.report.model_version
@@ -253,14 +308,27 @@ def _row(item: _Item, newest: int) -> dict[str, Any]:
                   **{name: getattr(e.report, name) for name in REPORT_FIELDS}}
 
 
-_HEALTH_RANK = {"ok": 0, "throttled": 1, "behind": 2, "behind, throttled": 3, "silent": 4}
+_HEALTH_RANK = {"ok": 0, "throttled": 1, "behind": 2, "behind, throttled": 3, "silent": 4, "never forwarded": 4}
+
+
+def _value(item: _Item, field: str) -> Any:
+    """A device's report field; for a site, what its forward says (``last_round``, ``model_version``) or None."""
+    if item.forward is not None:
+        return {"last_round": item.forward.round_id, "model_version": item.forward.model_version}.get(field)
+    return None if item.entry is None else getattr(item.entry.report, field)
+
+
+def _last_seen(item: _Item) -> float | None:
+    if item.forward is not None:
+        return item.forward.accepted_at
+    return None if item.entry is None else item.entry.last_seen
 
 
 def _by(field: str) -> Callable[[_Item], tuple]:
     """Sort key on a report field; devices that never reported (or hold no model) come first."""
 
     def key(item: _Item) -> tuple:
-        value = None if item.entry is None else getattr(item.entry.report, field)
+        value = _value(item, field)
         return (value is not None, value if value is not None else 0, item.device.device_id)
 
     return key
@@ -269,10 +337,10 @@ def _by(field: str) -> Callable[[_Item], tuple]:
 _SORTS: dict[str, Callable[[_Item], tuple]] = {
     "device": lambda i: (i.device.device_id,),
     "name": lambda i: (i.device.name, i.device.device_id),
-    "last_seen": lambda i: (i.entry is not None, i.entry.last_seen if i.entry else 0.0, i.device.device_id),
+    "last_seen": lambda i: (_last_seen(i) is not None, _last_seen(i) or 0.0, i.device.device_id),
     "last_round": _by("last_round"),
     "model_version": _by("model_version"),
-    "agent_version": lambda i: (i.entry.report.agent_version if i.entry else "", i.device.device_id),
+    "agent_version": lambda i: (_value(i, "agent_version") or "", i.device.device_id),
     "outbox": _by("outbox"),
     "health": lambda i: (_HEALTH_RANK[i.health], i.device.device_id),
 }

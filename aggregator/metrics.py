@@ -157,8 +157,10 @@ class AggregatorMetrics:
         )
         self.fleet_devices = Gauge(
             "fl_aggregator_fleet_devices",
-            "Enrolled devices by state: active (a heartbeat within the last hour) or silent; behind (a model more than "
-            "2 versions old) and throttled (by cpu.max, memory.max or an OOM retry) count active devices",
+            "Enrolled keys by state: devices active (a heartbeat within the last hour) or silent, behind (a model more "
+            "than 2 versions old) and throttled (by cpu.max, memory.max or an OOM retry) counting active devices; site "
+            "aggregators (enroll --site) site_active (a forward within the last hour, or two round timeouts if longer) "
+            "or site_silent",
             ["state"], registry=r,
         )
         for state in FLEET_STATES:

@@ -111,7 +111,8 @@ _COLUMNS = (  # header, sort key (None: not sortable)
 )  # fmt: skip
 _SITE_MARK = (' <span class="site" title="a site aggregator (enroll --site): its updates carry its devices\' sum">'
               "site</span>")
-_HEALTH_COLOUR = {"ok": "#4a7", "silent": "#999", "behind": "#d80", "throttled": "#c33", "behind, throttled": "#c33"}
+_HEALTH_COLOUR = {"ok": "#4a7", "silent": "#999", "behind": "#d80", "throttled": "#c33", "behind, throttled": "#c33",
+                  "never forwarded": "#999"}
 
 
 def _link(fleet: dict[str, Any], **change: Any) -> str:
@@ -125,10 +126,15 @@ def _device_row(d: dict[str, Any], now: float) -> str:
         name += _SITE_MARK
     colour = _HEALTH_COLOUR[d["health"]]
     if d["last_seen"] is None:
-        return (f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td><td style="color:{colour}">never seen</td>'
+        never = "never forwarded" if d["site"] else "never seen"
+        return (f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td><td style="color:{colour}">{never}</td>'
                 + "<td>-</td>" * 9 + "</tr>")
     behind = d["versions_behind"] or 0  # negative only if the aggregator's state was reset under the fleet
     model = "-" if d["model_version"] is None else f"v{d['model_version']}" + (f" (-{behind})" if behind > 0 else "")
+    if d["site"]:  # last seen: its last forward; round and model: what that forward answered and was based on
+        return (f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td>'
+                f'<td style="color:{colour}">{escape(d["health"])}</td><td>{_ago(max(0.0, now - d["last_seen"]))}</td>'
+                f"<td>{d['last_round']}</td><td>{model}</td>" + "<td>-</td>" * 6 + "</tr>")
     limit = f" ({_mib(d['memory_max'])})" if d["memory_max"] else ""
     return (
         f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td>'
@@ -148,6 +154,7 @@ def _fleet(fleet: dict[str, Any] | None) -> str:
         f'<a href="{_link(fleet, state=state, page=1)}">{"<b>" if fleet["state"] == state else ""}{state} '
         f'{counts[state] if state != "all" else counts["enrolled"]}{"</b>" if fleet["state"] == state else ""}</a>'
         for state in ("all", "active", "silent", "behind", "throttled")
+        + (("site_active", "site_silent") if counts["site_active"] + counts["site_silent"] else ())
     )
     heads = []
     for title, key in _COLUMNS:

@@ -105,7 +105,8 @@ def test_states_silent_behind_throttled_are_judged_from_the_latest_report(tmp_pa
     old = now - SILENT_AFTER_SECONDS - 1
     fleet.accept(report(silent, model_version=0, cpu_throttled=900, sent_at=int(old)), old)
     counts = fleet.counts(10, now)
-    assert counts == {"enrolled": 7, "active": 5, "silent": 2, "behind": 1, "throttled": 3}
+    assert counts == {"enrolled": 7, "active": 5, "silent": 2, "behind": 1, "throttled": 3, "site_active": 0,
+                      "site_silent": 0}
     health = {d["device"]: d["health"] for d in fleet.listing(10, now, per_page=10)["devices"]}
     assert health == {ok.device_id: "ok", behind.device_id: "behind", cpu.device_id: "throttled",
                       memory.device_id: "throttled", oom.device_id: "throttled", silent.device_id: "silent",
@@ -196,7 +197,8 @@ def test_heartbeats_over_http_feed_the_listing_status_page_and_metrics(tmp_path:
             assert (status, problem["reason"]) == (429, "too-frequent") and int(headers["Retry-After"]) > 0
 
             listing = await (await h.client.get("/v1/status/devices", params={"sort": "-health"})).json()
-            assert listing["counts"] == {"enrolled": 3, "active": 2, "silent": 1, "behind": 0, "throttled": 1}
+            assert listing["counts"] == {"enrolled": 3, "active": 2, "silent": 1, "behind": 0, "throttled": 1,
+                                         "site_active": 0, "site_silent": 0}
             assert [d["health"] for d in listing["devices"]] == ["silent", "throttled", "ok"]
             row = next(d for d in listing["devices"] if d["device"] == first.device_id)
             assert row["agent_version"] == "0.4.0" and row["cameras"] == 2 and row["outbox"] == 1
