@@ -242,7 +242,7 @@ class Fleet:
         if state in ("active", "silent", *SITE_STATES):
             items = [i for i in items if i.state == state]
         elif state != "all":
-            items = [i for i in items if state in i.health and not i.device.site]
+            items = [i for i in items if state in i.health]  # behind, throttled: a site's health has neither
         items.sort(key=_SORTS[key], reverse=descending)
         start = (page - 1) * per_page
         return {
