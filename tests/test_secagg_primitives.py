@@ -188,6 +188,20 @@ def test_a_coordinate_at_the_clip_norm_stays_within_the_levels():
             assert abs(int(q[0])) in (levels - 1, levels) and q[1] == 0
 
 
+@pytest.mark.parametrize("ratio", [1 - 2**-12, 1 + 2**-12])
+def test_an_update_a_hair_from_the_clip_norm_is_clipped_only_if_over_it(ratio: float):
+    """The float32 shortcut that skips the float64 norm must not wave through an update just over the limit:
+    one at C (1 + 2^-12) comes back clipped to C, one at C (1 - 2^-12) comes back as it was."""
+    direction = np.random.default_rng(6).normal(size=5000)
+    delta = (direction * (ratio / np.linalg.norm(direction))).astype(np.float32)
+    exact = delta.astype(np.float64)
+    levels = levels_for(2)
+    words = quantise(delta, 1, clip_norm=1.0, levels=levels, max_samples=1, rng=np.random.default_rng(0))
+    weighted, _ = dequantise(words, clip_norm=1.0, levels=levels, max_samples=1)
+    expected = exact / max(1.0, float(np.linalg.norm(exact)) / (1 - 2**-30))
+    assert np.allclose(weighted, expected, rtol=0, atol=1.0 / levels)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_an_update_with_a_nan_or_an_infinity_is_refused(bad: float):
     with pytest.raises(ValueError, match="no finite norm"):
