@@ -12,15 +12,15 @@ An upload is read in two steps (docs/api.md, "Uploads under load"):
 Every read has a deadline relative to its size (a floor plus the bytes at a minimum rate), so a stalled body
 frees its slot; a client that goes away mid-body is counted, not logged with a traceback.
 
-Once the slot is held, the rest of a body of known length comes off the socket straight into its buffer: the
-connection's transport is lent to a :class:`_BodyReceiver` (an ``asyncio.BufferedProtocol``), so the kernel
-copies each byte once, into place, in pieces as large as the socket holds. Through aiohttp each byte is copied
-three times (the kernel into a bytes object, its HTTP parser into a slice of that, the slice into the body), with
-Python work per piece (measured, 4 MB uploads, four interleaved pairs: 2.5-2.9 ms of event loop CPU per upload
-against 2.8-3.4 ms through aiohttp). aiohttp still parses the request line and headers and writes the answer; as
-its parser did not see the body end, that connection is closed after the answer (``Connection: close``): a
-device sends one update per round, so a new connection per upload costs little. A TLS connection, or a chunked
-body, is read through aiohttp: pieces as they came off the socket (``readchunk``), copied into the body's buffer.
+Once the slot is held, the rest of a large body of known length (at least :data:`LEND_SOCKET_FROM_BYTES` still
+to read) comes off the socket straight into its buffer: the connection's transport is lent to a
+:class:`_BodyReceiver` (an ``asyncio.BufferedProtocol``), so the kernel copies each byte once, into place, in
+pieces as large as the socket holds. Through aiohttp each byte is copied three times (the kernel into a bytes
+object, its HTTP parser into a slice of that, the slice into the body), with Python work per piece. aiohttp still
+parses the request line and headers and writes the answer; as its parser did not see the body end, the answer
+closes the connection (``Connection: close``), and the client's next request opens a new one. A smaller body, a
+TLS connection or a chunked body is read through aiohttp: pieces as they came off the socket (``readchunk``),
+copied into the body's buffer.
 
 Body buffers are not zeroed first (a zero-filled 4 MB bytearray costs about as much as the copy itself) and are
 reused (:class:`Buffers`): fresh memory is zeroed by the kernel when it is first touched, which costs as much
@@ -73,6 +73,12 @@ class ReadDeadline:
 
 
 _BUFFER_GRAIN = 64 * 1024
+
+#: The least of a body still to read for which its connection's socket is lent to a :class:`_BodyReceiver`: the
+#: answer then closes the connection, and the client's next one costs the server its set-up. Measured with
+#: bench/upload_receive.py (event loop CPU per upload, lent socket against aiohttp, the new connection included):
+#: 1.9 against 3.5 ms for 4 MB bodies, 1.17 against 1.80 ms for 2 MB, even at 1 MB (0.74, 0.73) and 0.5 MB.
+LEND_SOCKET_FROM_BYTES = 1024 * 1024
 
 
 class Buffers:
@@ -212,7 +218,7 @@ class BodyReader:
         whole[:prefix] = self.buffer
         self.buffer = bytearray()
         filled = self._take_buffered(whole, prefix)
-        if filled < self.expected and self._socket_lendable():
+        if self.expected - filled >= LEND_SOCKET_FROM_BYTES and self._socket_lendable():
             await self._timed(self._receive(whole, filled), self.expected - prefix)
         else:
             await self._timed(self._fill_exact(whole, filled), self.expected - prefix)

@@ -16,7 +16,7 @@ from aggregator_harness import Harness, run, running
 from aggregator.uploads import ReadDeadline
 from appliance import wire
 
-PARAMETERS = 200_000  # an 800 kB body: far past what aiohttp buffers before the slot is taken
+PARAMETERS = 400_000  # a 1.6 MB body: past LEND_SOCKET_FROM_BYTES, and what aiohttp buffers before the slot
 PREFIX = 2 * wire.ENVELOPE_PREFIX_BYTES
 
 
@@ -123,3 +123,16 @@ def test_a_client_gone_after_its_slot_is_taken_is_counted_not_logged_and_frees_t
         run(go())
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert noisy == [], [r.getMessage() for r in noisy]
+
+
+def test_a_small_body_is_read_through_aiohttp_and_its_connection_kept(tmp_path: Path) -> None:
+    """Below LEND_SOCKET_FROM_BYTES a new connection would cost about what the copies it saves do."""
+
+    async def go() -> None:
+        async with running(tmp_path, devices=1, parameters=50_000) as h:
+            task = await h.task()
+            response = await h.client.post("/v1/updates", data=h.devices[0].update(task, h.delta()),
+                                           headers={"Content-Type": wire.CONTENT_TYPE})
+            assert response.status == 200 and response.headers.get("Connection", "").lower() != "close"
+
+    run(go())
