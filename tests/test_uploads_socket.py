@@ -136,3 +136,51 @@ def test_a_small_body_is_read_through_aiohttp_and_its_connection_kept(tmp_path: 
             assert response.status == 200 and response.headers.get("Connection", "").lower() != "close"
 
     run(go())
+
+
+def test_a_large_body_over_tls_is_read_through_aiohttp_and_its_connection_kept(tmp_path: Path) -> None:
+    """A TLS connection's socket carries ciphertext: the body is read through aiohttp (which decrypts it)."""
+    pytest.importorskip("cryptography", reason="cryptography makes the test certificate")
+    import ssl
+
+    import aiohttp
+    from aggregator_harness import ServedAsInProduction
+    from aiohttp.test_utils import TestClient
+    from nacl.signing import SigningKey
+    from tls_certs import self_signed
+
+    from aggregator.app import SERVICES, AggregatorConfig, make_app
+    from aggregator.registry import Enrolment
+    from aggregator.rounds import RoundPolicy
+    from aggregator.simulate import SimulatedDevice, synthetic_package
+
+    cert, key_file = self_signed(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key_file)
+    trusted = ssl.create_default_context(cafile=str(cert))
+
+    async def go() -> None:
+        key, device = SigningKey.generate(), SimulatedDevice()
+        package = synthetic_package(PARAMETERS, tensors=2)
+        policy = RoundPolicy(min_clients=1, goal_clients=2, round_timeout=60)
+        app = make_app(AggregatorConfig(state_dir=tmp_path / "state", package=package, key=key, policy=policy))
+        server = ServedAsInProduction(app, host="127.0.0.1")
+        await server.start_server(ssl=served)
+        client = TestClient(server, connector=aiohttp.TCPConnector(ssl=trusted))
+        await client.start_server()
+        assert str(client.make_url("/")).startswith("https://")
+        try:
+            app[SERVICES].registry.enroll([Enrolment(device.device_id, bytes(device.key.verify_key))])
+            async with client.get("/v1/task") as r:
+                task = wire.decode_task(await r.read(), key.verify_key)
+            delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in package.info.param_specs}
+            body = device.update(task, delta)
+            assert len(body) > 1024 * 1024
+            async with client.post("/v1/updates", data=body, headers={"Content-Type": wire.CONTENT_TYPE}) as r:
+                assert r.status == 200 and r.headers.get("Connection", "").lower() != "close"
+                receipt = wire.decode_receipt(await r.read(), key.verify_key)
+            assert receipt.update_digest == wire.update_digest(body)
+        finally:
+            await client.close()
+
+    run(go())
