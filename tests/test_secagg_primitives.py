@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
 
 from appliance.protocol import graph, prg, shamir
@@ -150,7 +150,8 @@ def test_stochastic_rounding_is_unbiased():
 
 
 def test_quantising_chunk_by_chunk_draws_what_one_pass_would():
-    """The rounding words u are one AES-128-CTR keystream under a key of 16 bytes from the generator, read in
+    """The rounding words u are one ChaCha20 keystream (RFC 8439, counter 0, zero nonce) under a key of 32 bytes
+    from the generator, read in
     order whatever the chunking: the words are floor(x) + [u < 2^32 (x - floor(x))] over the whole vector, x the
     update clipped to C (1 - 2^-30) and scaled."""
     delta = np.random.default_rng(3).normal(0, 0.05, 2 * 32768 + 7).astype(np.float32)  # norm about 9: clipped
@@ -158,8 +159,8 @@ def test_quantising_chunk_by_chunk_draws_what_one_pass_would():
     words = quantise(delta, 30, clip_norm=1.0, levels=levels, max_samples=40, rng=np.random.default_rng(4))
     exact = delta.astype(np.float64)
     x = exact * ((30 / 40) * levels / 1.0 * (1.0 * (1 - 2**-30) / float(np.sqrt(np.dot(exact, exact)))))
-    key = np.random.default_rng(4).bytes(16)
-    keystream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(4 * delta.size))
+    key = np.random.default_rng(4).bytes(32)
+    keystream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(4 * delta.size))
     u = np.frombuffer(keystream, dtype="<u4")
     expected = np.floor(x) + (u < (x - np.floor(x)) * 2**32)
     assert np.array_equal(words[:-1].view(np.int32), expected.astype(np.int32))
