@@ -180,14 +180,15 @@ def _float32_norm_below(flat: np.ndarray, limit: float) -> bool:
     copy): each of at most n = 8192 products and sums errs by at most 2^-24 relatively, so a piece's sum of squares
     is within n 2^-24 / (1 - n 2^-24) < 2^-10 of the true one, whatever order the BLAS adds in, and a total below
     limit^2 (1 - 2^-10) certifies the norm. False for other dtypes, near the limit, and for NaN, infinity or
-    overflow: the float64 norm then decides."""
+    overflow (even when the squared limit is itself infinite): the float64 norm then decides."""
     squared_limit = limit * limit
     if flat.dtype != np.float32 or not squared_limit >= _FLOAT32_NORM_FLOOR:
         return False
     pieces = (flat[start : start + _DOT_ELEMENTS] for start in range(0, flat.size, _DOT_ELEMENTS))
     with np.errstate(over="ignore", invalid="ignore"):  # an infinite or NaN total just says "not certain"
         total = sum(float(np.dot(piece, piece)) for piece in pieces)
-    return total <= squared_limit * (1 - 2**-10)
+    # Finite first: past a clip norm of about 1.3e154 the squared limit is infinite, and inf <= inf.
+    return math.isfinite(total) and total <= squared_limit * (1 - 2**-10)
 
 
 def _sum_of_squares(buffer: np.ndarray, values: np.ndarray) -> float:
