@@ -80,7 +80,7 @@ T = TypeVar("T")
 
 DEVICE_PHASES = ("advertise", "share", "masked", "unmask")
 ABANDON_REASONS = ("too-few-advertised", "too-few-shared", "too-few-survivors", "too-few-shares", "deadline",
-                   "privacy-budget", "unnoised", "sum-out-of-bounds")
+                   "privacy-budget", "unnoised", "sum-out-of-bounds", "spool-lost")
 DIRECTIONS = ("received", "sent")
 # A low-order X25519 key would make every shared secret with it zero: checked by one multiplication.
 _PROBE_SCALAR = bytes([5] * 32)
@@ -360,6 +360,14 @@ class SecureRounds:
             decoded = m.decode_unmask_request(sr.request_body, self.key.verify_key, self.limits)
             excluded = sorted(set(sr.masked) - set(decoded.survivors))
             sr.plan = UnmaskPlan(list(decoded.survivors), list(decoded.dropped), excluded)
+            lost = [sr.roster.device_ids[v] for v in decoded.survivors if v not in sr.masked]
+            if lost and not sr.outcome:
+                # A survivor's masked input the spool lost (Store.recover_segment): the survivors' pairwise masks
+                # with it no longer cancel, and the request that named it a survivor may already have drawn shares
+                # of its self mask, so its key cannot be asked for now. Nothing exact can be unmasked.
+                self._fail(sr, _Abandon("spool-lost", f"the masked inputs of survivors {', '.join(sorted(lost))} "
+                                        "were lost from the spool (the disk lost data it had reported written), so "
+                                        "the others' sum cannot be unmasked"))
 
     async def stop(self) -> None:
         if self._driver is not None:
