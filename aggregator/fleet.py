@@ -208,9 +208,11 @@ class Fleet:
     def counts(self, newest: int, now: float) -> dict[str, int]:
         """Enrolled keys by state: ``active + silent + site_active + site_silent == enrolled``; behind and throttled
         are active devices."""
-        counts = dict.fromkeys(STATES, 0)
         roster = self.roster(now)
-        forwards = self.site_forwards(roster)
+        return self._counts(roster, self.site_forwards(roster), newest, now)
+
+    def _counts(self, roster: list[Enrolled], forwards: dict[str, Forward], newest: int, now: float) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
         for device in roster:
             if device.site:
                 counts[self._site_state(forwards.get(device.device_id), now)] += 1
@@ -246,7 +248,7 @@ class Fleet:
         items.sort(key=_SORTS[key], reverse=descending)
         start = (page - 1) * per_page
         return {
-            "now": now, "model_version": newest, "counts": self.counts(newest, now),
+            "now": now, "model_version": newest, "counts": self._counts(roster, forwards, newest, now),
             "thresholds": {"silent_seconds": SILENT_AFTER_SECONDS, "behind_versions": BEHIND_VERSIONS,
                            "throttled_cpu_permille": THROTTLED_CPU_PERMILLE,
                            "throttled_memory_share": THROTTLED_MEMORY_SHARE,
