@@ -642,10 +642,14 @@ def _fleet_roster(store: Store) -> list[Enrolled]:
 def _site_forwards(store: Store, key: VerifyKey) -> dict[str, Forward]:
     """Each site's newest accepted forward: its receipt (signed with ``key``, this aggregator's) names the round the
     site answered, and that round's model version is the forward's base (in async mode the buffer it counts in may
-    be a later one)."""
+    be a later one). A receipt that no longer verifies (this aggregator's key was changed since) falls back to the
+    round the forward was taken into: the fleet views, /v1/status and /metrics must not fail over it."""
     forwards = {}
-    for site, (accepted_at, receipt) in store.site_last_updates().items():
-        answered = wire.decode_receipt(receipt, key).round_id
+    for site, (accepted_at, taken_into, receipt) in store.site_last_updates().items():
+        try:
+            answered = wire.decode_receipt(receipt, key).round_id
+        except ProtocolError:
+            answered = taken_into
         row = store.get_round(answered)
         forwards[site] = Forward(accepted_at, answered, None if row is None else row.model_version)
     return forwards

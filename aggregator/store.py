@@ -353,14 +353,15 @@ class Store:
         """The enrolled keys marked as site aggregators (``enroll --site``)."""
         return {r[0] for r in self._reader().execute("SELECT device_id FROM sites").fetchall()}
 
-    def site_last_updates(self) -> dict[str, tuple[float, bytes]]:
-        """Each site aggregator's newest accepted update (its last forward): when it was accepted and its receipt,
-        which names the round the site answered. Sites that never forwarded are absent."""
+    def site_last_updates(self) -> dict[str, tuple[float, int, bytes]]:
+        """Each site aggregator's newest accepted update (its last forward): when it was accepted, the round it was
+        taken into and its receipt, which names the round the site answered. Sites that never forwarded are absent."""
         rows = self._reader().execute(
-            "SELECT u.device_id, u.accepted_at, u.receipt FROM sites s JOIN updates u ON u.device_id = s.device_id "
+            "SELECT u.device_id, u.accepted_at, u.round_id, u.receipt FROM sites s JOIN updates u "
+            "ON u.device_id = s.device_id "
             "AND u.round_id = (SELECT max(round_id) FROM updates WHERE device_id = s.device_id)"
         ).fetchall()
-        return {r[0]: (r[1], bytes(r[2])) for r in rows}
+        return {r[0]: (r[1], r[2], bytes(r[3])) for r in rows}
 
     def devices(self) -> list[Device]:
         rows = self._reader().execute(

@@ -153,3 +153,23 @@ def test_a_site_goes_silent_after_an_hour_or_two_round_timeouts_without_a_forwar
     assert patient.listing(8, now)["thresholds"]["site_silent_seconds"] == 4800.0
     by_health = [d["device"] for d in patient.listing(8, now, sort="-health")["devices"]]
     assert by_health[-1] == site.device_id  # ok sorts below silent and never forwarded
+
+
+def test_a_forward_whose_receipt_no_longer_verifies_falls_back_to_the_round_it_was_taken_into() -> None:
+    """After the city's key is changed, its old receipts fail their signature: the fleet views (and /metrics, which
+    count sites) must still answer, with the round the forward was taken into."""
+    from aggregator.app import _site_forwards
+
+    old_key, new_key = SigningKey.generate(), SigningKey.generate()
+    stamp = wire.Receipt(device_id="site-a", round_id=3, update_digest=bytes(32), accepted_at=1)
+    receipt = wire.encode_receipt(stamp, old_key)
+
+    class Rounds:
+        def site_last_updates(self) -> dict[str, tuple[float, int, bytes]]:
+            return {"site-a": (100.0, 4, receipt)}
+
+        def get_round(self, round_id: int):
+            return type("Row", (), {"model_version": round_id - 1})()
+
+    assert _site_forwards(Rounds(), old_key.verify_key) == {"site-a": Forward(100.0, 3, 2)}
+    assert _site_forwards(Rounds(), new_key.verify_key) == {"site-a": Forward(100.0, 4, 3)}
