@@ -59,7 +59,7 @@ from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol import graph
 from appliance.protocol import messages as m
-from appliance.protocol.quantise import levels_for, private_levels, sensitivity
+from appliance.protocol.quantise import MIN_CLIP_NORM, levels_for, private_levels, sensitivity
 from appliance.protocol.secagg import (
     DEFAULT_THRESHOLD_FRACTION,
     Answer,
@@ -141,8 +141,9 @@ def check_secure_strategy(strategy_cls: type, clip_norm: float, central_dp: bool
             f"--secure-aggregation needs a rule that only uses the sum of the updates (fedavg, fedadam, fedyogi): "
             f"{strategy_cls.name} looks at individual updates, which secure aggregation hides from the aggregator"
         )
-    if not clip_norm > 0:
-        raise SecAggConfigError("--secure-aggregation needs --clip-norm > 0: the quantisation range comes from it")
+    if not clip_norm >= MIN_CLIP_NORM:
+        raise SecAggConfigError(f"--secure-aggregation needs --clip-norm >= {MIN_CLIP_NORM:g}: the quantisation range "
+                                "comes from it")
     if central_dp:
         raise SecAggConfigError(
             "--dp central cannot be combined with --secure-aggregation: the aggregator clips each update before it "

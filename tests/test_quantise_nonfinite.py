@@ -22,3 +22,22 @@ def test_a_finite_float32_update_under_a_huge_clip_norm_stays_within_the_levels(
     delta = np.array([3.0e38, -3.0e38, 1.0], dtype=np.float32)
     words = quantise(delta, 5, clip_norm=1e200, levels=1000, max_samples=10, rng=np.random.default_rng(0))
     assert np.all(np.abs(words[:-1].view("<i4").astype(np.int64)) <= 1000)
+
+
+def test_a_clip_norm_too_small_to_quantise_safely_is_refused_by_the_quantiser_the_roster_and_the_cli() -> None:
+    """Under a clip norm of 1e-200 an update of 1e-160s has a sum of squares that underflows to 0: it would escape
+    clipping and be scaled by B / C far past B. Such a clip norm is refused where it is set and where it arrives."""
+    from aggregator.secagg_round import SecAggConfigError, check_secure_strategy
+    from aggregator.strategies import STRATEGIES
+    from appliance.protocol.secagg import DeviceRound, RoundSetup, SecAggError
+
+    delta = np.full(3, 1e-160)
+    with pytest.raises(ValueError, match="clip norm of at least 1e-30"):
+        quantise(delta, 5, clip_norm=1e-200, levels=1000, max_samples=10, rng=np.random.default_rng(0))
+    keys = tuple(DeviceRound(1).keys for _ in range(3))
+    with pytest.raises(SecAggError, match="clip norm must be at least 1e-30"):
+        RoundSetup(1, keys, 2, 2, 1000, 10, 1e-200, bytes(32))
+    with pytest.raises(SecAggConfigError, match="--clip-norm >= 1e-30"):
+        check_secure_strategy(STRATEGIES["fedavg"], 1e-200, False)
+    words = quantise(delta, 5, clip_norm=1e-30, levels=1000, max_samples=10, rng=np.random.default_rng(0))
+    assert np.all(np.abs(words[:-1].view("<i4").astype(np.int64)) <= 1000)

@@ -70,6 +70,9 @@ _FRACTION_SCALE = 2.0**MODULUS_BITS
 _DOT_ELEMENTS = 8192  # the longest dot product taken at once (see _sum_of_squares)
 _FLOAT32_NORM_FLOOR = 2.0**-60  # below this limit^2, float32 underflow could matter: take the float64 norm
 MAX_SUM = 2**31 - 1
+# The smallest clip norm: below it a float64 update small enough to fit could have a sum of squares that underflows
+# to 0 (every |d_j| < 1e-154), escape clipping, and be scaled by B / C past B.
+MIN_CLIP_NORM = 1e-30
 # The probability that the noise makes a sum wrap is at most 2^-WRAP_BITS, for updates of up to 2^32 words.
 WRAP_BITS = 40
 _TAIL_LOG = (1 + MODULUS_BITS + WRAP_BITS) * math.log(2)  # ln(2 * 2^32 / 2^-40)
@@ -129,8 +132,9 @@ def quantise(
     """The P + 1 words of one device's weighted, clipped update (see the module docstring), as uint32.
 
     ``rng`` supplies the key of the rounding draws: the same seed gives the same words."""
-    if not clip_norm > 0:
-        raise ValueError("secure aggregation needs a positive clip norm: the quantisation range comes from it")
+    if not clip_norm >= MIN_CLIP_NORM:
+        raise ValueError(f"secure aggregation needs a clip norm of at least {MIN_CLIP_NORM:g}: the quantisation "
+                         "range comes from it")
     if num_samples < 1:
         raise ValueError("an update has at least one sample")
     flat = np.asarray(delta).ravel()  # a view of the caller's update: read, never copied whole

@@ -43,7 +43,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from appliance.protocol import discrete_gaussian, graph, prg, shamir
-from appliance.protocol.quantise import check_room, quantise
+from appliance.protocol.quantise import MIN_CLIP_NORM, check_room, quantise
 
 SELF_MASK_DOMAIN = b"fl-edge/secagg/v1/self-mask"
 PAIRWISE_MASK_DOMAIN = b"fl-edge/secagg/v1/pairwise-mask"
@@ -119,8 +119,8 @@ class RoundSetup:
             raise SecAggError("bad-roster", f"{self.neighbours} neighbours is not a valid degree for {n} devices")
         if not 2 <= self.threshold <= self.neighbours + 1:
             raise SecAggError("bad-roster", f"threshold {self.threshold} is outside [2, {self.neighbours + 1}]")
-        if not self.clip_norm > 0:
-            raise SecAggError("bad-roster", "the clip norm must be positive")
+        if not self.clip_norm >= MIN_CLIP_NORM:
+            raise SecAggError("bad-roster", f"the clip norm must be at least {MIN_CLIP_NORM:g}, got {self.clip_norm:g}")
         if not (math.isfinite(self.noise_sigma) and self.noise_sigma >= 0):
             raise SecAggError("bad-roster", f"the noise sigma must be finite and >= 0, got {self.noise_sigma}")
         try:
