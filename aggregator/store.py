@@ -545,9 +545,13 @@ class Store:
         return SpoolRecovery(cut_bytes=cut, lost=lost, cause=cause if lost else "")
 
     def round_lost_devices(self, round_id: int) -> list[str]:
-        """Devices whose acknowledged update in the round was lost from the spool (see :meth:`recover_segment`)."""
+        """Devices whose acknowledged update in the round was lost from the spool (see :meth:`recover_segment`) and
+        that have not sent one again since (a device that never saw its receipt still holds its update)."""
         rows = self._reader().execute(
-            "SELECT device_id FROM lost_updates WHERE round_id=? ORDER BY accepted_at", (round_id,)
+            "SELECT device_id FROM lost_updates l WHERE round_id=? AND NOT EXISTS "
+            "(SELECT 1 FROM updates u WHERE u.round_id = l.round_id AND u.device_id = l.device_id) "
+            "ORDER BY accepted_at",
+            (round_id,),
         ).fetchall()
         return [r[0] for r in rows]
 
