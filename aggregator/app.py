@@ -36,6 +36,7 @@ from aggregator.privacy import (
     check_private_strategy,
     make_private,
 )
+from aggregator.record_checks import RecordCheck
 from aggregator.registry import Registry
 from aggregator.rounds import BufferFull, RoundEngine, RoundPolicy, TrainingPlan, Unavailable
 from aggregator.secagg_round import SecAggConfig, SecAggMetrics, SecureRounds, check_secure_strategy
@@ -391,7 +392,8 @@ async def _receive_update(body: memoryview, s: Services, envelope: wire.Verified
         s.metrics.update_norm_ratio.observe(checked.norm_ratio)
         if checked.header is None or checked.update is None or checked.delta is None:
             raise RuntimeError("upload check returned neither an error nor an update")
-        receipt = await engine.commit(checked.header, checked.digest, checked.delta, checked.update.metrics)
+        receipt = await engine.commit(checked.header, checked.digest, checked.delta, checked.update.metrics,
+                                      checked.check)
         s.uploads.buffers.give(checked.delta)  # spooled and accumulated: the buffer can hold the next delta
     except ProtocolError:
         # A copy of these exact bytes may have been acknowledged while this one was being checked.
@@ -414,6 +416,7 @@ class _Checked:
     header: UpdateHeader | None = None
     update: wire.Update | None = None
     delta: np.ndarray | None = None
+    check: RecordCheck | None = None  # what the delta's spool record must match at a resume
     norm_ratio: float = 0.0  # the delta's L2 norm over the round's bound
     seconds: float = 0.0
 
@@ -443,6 +446,7 @@ def _check_upload(s: Services, body: memoryview, envelope: wire.Verified) -> _Ch
                 f"update L2 norm {norm:.6g} exceeds the round's bound {bound:.6g} ({round_.norm_bound_source})",
             )
         checked.norm_ratio = norm / bound
+        checked.check = s.engine.tensor_section.check(envelope, checked.update.encoding)  # signed digest, or None
     except (ProtocolError, BufferFull) as exc:
         checked.error = exc
     checked.seconds = time.perf_counter() - started

@@ -38,6 +38,7 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore
 from aggregator.norms import l2_norm
 from aggregator.privacy import ACCOUNTING, PendingRelease, PrivacyLedger, RoundNoise, clip_round
+from aggregator.record_checks import RecordCheck, TensorSection
 from aggregator.registry import Registry
 from aggregator.store import DuplicateUpdate, RoundRow, SpoolJob, Store, UpdateRow
 from aggregator.strategies import AggregationError, Strategy
@@ -249,6 +250,8 @@ class RoundEngine:
         self.executor = executor
         self.chunk_bytes = chunk_bytes
         self.privacy = privacy  # central DP: the noised rounds' ledger and the budget (aggregator/privacy.py)
+        # The model's tensor section, rebuilt from a spooled record: how most records are checked at a resume.
+        self.tensor_section = TensorSection(models.layout.specs)
         self.current: OpenRound | None = None
         self.version = 0
         self.params: np.ndarray | None = None
@@ -471,10 +474,13 @@ class RoundEngine:
             raise RuntimeError(
                 f"open round {row.round_id} trains version {row.model_version} but the newest is {self.version}"
             )
-        recovery = self.store.recover_segment(row.round_id)  # lost records: their updates are out of the round
+        # Records lost or changed on disk: their updates are out of the round.
+        recovery = await self._run(self.store.recover_segment, row.round_id, self.tensor_section)
         self.metrics.spool_cut_bytes.inc(recovery.cut_bytes)
         if recovery.lost:
             self.metrics.spool_lost_updates.labels(recovery.cause).inc(len(recovery.lost))
+        if recovery.corrupt:
+            self.metrics.spool_lost_updates.labels("record-corrupt").inc(len(recovery.corrupt))
         round_ = self._new_open_round(row.round_id, row.opened_at, row.deadline, row.goal)
         rows = self.store.round_updates(row.round_id)
         for update in rows:
@@ -486,7 +492,7 @@ class RoundEngine:
         if round_.accepted >= round_.goal:
             round_.full.set()
         log.info("resumed round %d with %d acknowledged updates (%d lost from the spool)", row.round_id, len(rows),
-                 len(recovery.lost))
+                 len(recovery.lost) + len(recovery.corrupt))
         await self._install(round_)
 
     def _replay(self, round_id: int, rows: list[UpdateRow]) -> None:
@@ -644,10 +650,14 @@ class RoundEngine:
             )
         return round_
 
-    async def commit(self, header: UpdateHeader, digest: bytes, delta: np.ndarray, metrics: dict[str, float]) -> bytes:
+    async def commit(
+        self, header: UpdateHeader, digest: bytes, delta: np.ndarray, metrics: dict[str, float],
+        check: RecordCheck | None = None,
+    ) -> bytes:
         """Spool the verified update durably, count it, and return its signed receipt.
 
-        Call :meth:`admit` right before (without awaiting in between): the round may have moved on.
+        Call :meth:`admit` right before (without awaiting in between): the round may have moved on. ``check`` is
+        what the delta's spool record must match at a resume (aggregator/record_checks.py); None: a CRC-32.
         """
         if digest in self._inflight or self.store.receipt_for(digest) is not None:
             receipt = await self.known_receipt(digest)  # an identical upload overtook this one
@@ -658,8 +668,9 @@ class RoundEngine:
         round_ = self.admit(header, digest)
         now = time.time()
         staleness = round_.model_version - header.model_version
-        if self.policy.buffer is not None:
+        if self.policy.buffer is not None and self.policy.buffer.weight(staleness) != 1.0:
             delta = self.policy.buffer.scaled(delta, staleness)
+            check = None  # the spooled bytes are the scaled delta, which no signed digest covers
         # The receipt names the round the device trained for (in async mode, the buffer may be a later one).
         receipt = wire.encode_receipt(
             wire.Receipt(header.device_id, header.round_id, update_digest=digest, accepted_at=int(now)), self.key
@@ -673,7 +684,7 @@ class RoundEngine:
         job = SpoolJob(
             digest=digest, device_id=header.device_id, round_id=round_.round_id, num_samples=header.num_samples,
             metrics=metrics, delta=delta, receipt=receipt, accepted_at=now,
-            then=None if self.strategy.needs_all_updates else (lambda: self.strategy.add(delta, weight)),
+            then=None if self.strategy.needs_all_updates else (lambda: self.strategy.add(delta, weight)), check=check,
         )
         # Once queued, the update is stored and accumulated even if this handler is cancelled (Store.spool), so
         # the round counts it even then: a shielded task finishes what follows.

@@ -51,6 +51,7 @@ from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from aggregator.privacy import RoundNoise, distributed_noise
+from aggregator.record_checks import masked_check
 from aggregator.registry import Registry
 from aggregator.secagg_bounds import SumOutOfBounds, bounded_mean
 from aggregator.store import DuplicateUpdate, SpoolJob, Store
@@ -367,8 +368,8 @@ class SecureRounds:
                 # with it no longer cancel, and the request that named it a survivor may already have drawn shares
                 # of its self mask, so its key cannot be asked for now. Nothing exact can be unmasked.
                 self._fail(sr, _Abandon("spool-lost", f"the masked inputs of survivors {', '.join(sorted(lost))} "
-                                        "were lost from the spool (the disk lost data it had reported written), so "
-                                        "the others' sum cannot be unmasked"))
+                                        "were lost from the spool (the disk lost or changed data it had reported "
+                                        "written), so the others' sum cannot be unmasked"))
 
     async def stop(self) -> None:
         if self._driver is not None:
@@ -546,8 +547,10 @@ class SecureRounds:
             await self._run(self._save_message, sr.round_id, signer, "masked", envelope)
             if sr.total is None:
                 sr.total = np.zeros(self.words, dtype=np.uint32)
+            check = masked_check(body, envelope, digest, payload, words.nbytes)  # its signed section digest
             job = SpoolJob(digest=digest, device_id=signer, round_id=sr.round_id, num_samples=0, metrics={},
-                           delta=words.view("<f4"), receipt=receipt, accepted_at=time.time(), then=accumulate)
+                           delta=words.view("<f4"), receipt=receipt, accepted_at=time.time(), then=accumulate,
+                           check=check)
             await self.store.spool(job)  # the bits of the words, as they are: a float32 view, not a conversion
         except BaseException as exc:
             error: BaseException = exc

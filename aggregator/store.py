@@ -7,7 +7,8 @@ SQLite in one transaction (``synchronous=FULL``) — group commit, so many concu
 Only after that commit does the caller get its receipt. On restart the segment is cut back to the end of the
 last committed record, so bytes written by a killed process that never got a receipt are forgotten; a committed
 record that is not wholly there (a disk that lost data it had reported written) takes its update out of the
-round rather than being read as zeros (:meth:`Store.recover_segment`).
+round rather than being read as zeros (:meth:`Store.recover_segment`), and so is one whose bytes on disk no longer
+match the check its row carries (a signed digest its record rebuilds, or a CRC-32: :mod:`aggregator.record_checks`).
 
 Records start at multiples of :data:`SPOOL_ALIGNMENT` and are padded with zeros to the next one, so they are
 written with direct I/O (``O_DIRECT``): the disk reads them from the delta's own memory, and the CPU does not
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.record_checks import RecordCheck, TensorSection, crc32_check, record_intact
 from aggregator.threadnames import name_this_thread
 from appliance.durable import fsync_dir
 
@@ -77,11 +79,14 @@ CREATE TABLE IF NOT EXISTS updates (
     length      INTEGER NOT NULL,
     receipt     BLOB NOT NULL,
     accepted_at REAL NOT NULL,
+    check_kind  TEXT NOT NULL DEFAULT '',
+    check_value BLOB,
     UNIQUE (device_id, round_id)
 );
 CREATE INDEX IF NOT EXISTS updates_by_round ON updates (round_id);
--- Acknowledged updates whose spool records were not wholly on disk when their round resumed (the disk lost data it
--- had reported written): moved here out of ``updates``, so they are not aggregated and their receipts are withdrawn.
+-- Acknowledged updates whose spool records were not wholly on disk when their round resumed, or failed their check
+-- (the disk lost or changed data it had reported written): moved here out of ``updates``, so they are not aggregated
+-- and their receipts are withdrawn.
 CREATE TABLE IF NOT EXISTS lost_updates (
     digest      BLOB NOT NULL,
     device_id   TEXT NOT NULL,
@@ -119,6 +124,11 @@ def spool_vector(size: int) -> np.ndarray:
 
 def _padded(size: int) -> int:
     return -(-size // SPOOL_ALIGNMENT) * SPOOL_ALIGNMENT
+
+
+def _record_bytes(delta: np.ndarray) -> np.ndarray:
+    """The bytes of a delta's spool record (no copy of a contiguous float32 vector)."""
+    return np.ascontiguousarray(delta, dtype="<f4").reshape(-1).view(np.uint8)
 
 
 @dataclass
@@ -172,6 +182,8 @@ class UpdateRow:
     offset: int
     length: int
     accepted_at: float
+    #: What the record must match at resume; None in a row written before records had checks.
+    check: RecordCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -184,10 +196,12 @@ class SpoolRecovery:
     lost: list[UpdateRow]
     #: Why they were lost: ``segment-short`` or ``segment-missing`` (one of :data:`SPOOL_LOSS_CAUSES`); '' if none.
     cause: str
+    #: Acknowledged updates whose records were whole but failed their check (cause ``record-corrupt``), taken out too.
+    corrupt: list[UpdateRow] = field(default_factory=list)
 
 
 #: Why acknowledged updates can be missing from the spool at a restart (the label of the lost-updates counter).
-SPOOL_LOSS_CAUSES = ("segment-short", "segment-missing")
+SPOOL_LOSS_CAUSES = ("segment-short", "segment-missing", "record-corrupt")
 
 
 @dataclass
@@ -207,6 +221,8 @@ class SpoolJob:
     #: Called on the writer thread once the job is committed, before the caller hears of it (e.g. FedAvg's
     #: in-place accumulation, so it costs no extra thread hand-off). An error here fails only this job.
     then: Callable[[], None] | None = None
+    #: What the record must match at resume: a signed digest its bytes rebuild; None, and the writer takes a CRC-32.
+    check: RecordCheck | None = None
 
 
 def _allow_superseded_rounds(conn: sqlite3.Connection) -> None:
@@ -227,6 +243,15 @@ def _allow_superseded_rounds(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _add_record_checks(conn: sqlite3.Connection) -> None:
+    """A state directory written before spooled records had checks lacks ``updates.check_kind``/``check_value``:
+    the columns are added, and its rows keep no check (their records are resumed unchecked, as they were)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(updates)")}
+    if "check_kind" not in columns:
+        conn.execute("ALTER TABLE updates ADD COLUMN check_kind TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE updates ADD COLUMN check_value BLOB")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -257,6 +282,7 @@ class Store:
             self._conn = _connect(self.db_path)
             self._conn.executescript(SCHEMA)
             _allow_superseded_rounds(self._conn)
+            _add_record_checks(self._conn)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.db_path}: cannot open the database: {exc}") from None
         self._write_lock = threading.RLock()
@@ -477,6 +503,7 @@ class Store:
         return UpdateRow(
             digest=bytes(row[0]), device_id=row[1], round_id=row[2], num_samples=row[3],
             metrics=json.loads(row[4]), offset=row[5], length=row[6], accepted_at=row[7],
+            check=RecordCheck(row[8], bytes(row[9])) if row[8] else None,
         )
 
     def receipt_for(self, digest: bytes) -> bytes | None:
@@ -485,8 +512,8 @@ class Store:
 
     def round_updates(self, round_id: int) -> list[UpdateRow]:
         rows = self._reader().execute(
-            "SELECT digest, device_id, round_id, num_samples, metrics, offset, length, accepted_at "
-            "FROM updates WHERE round_id=? ORDER BY offset",
+            "SELECT digest, device_id, round_id, num_samples, metrics, offset, length, accepted_at, check_kind, "
+            "check_value FROM updates WHERE round_id=? ORDER BY offset",
             (round_id,),
         ).fetchall()
         return [self._update(r) for r in rows]
@@ -502,23 +529,28 @@ class Store:
     def segment_path(self, round_id: int) -> Path:
         return self.spool_dir / f"round-{round_id:08d}.seg"
 
-    def recover_segment(self, round_id: int) -> SpoolRecovery:
-        """Make the round's segment hold exactly its acknowledged records before the round resumes.
+    def recover_segment(self, round_id: int, tensors: TensorSection | None = None) -> SpoolRecovery:
+        """Make the round's segment hold exactly its acknowledged records, each as it was written, before the round
+        resumes.
 
         What follows the last acknowledged record and its padding is cut: a writer killed, or a power cut,
         mid-append leaves bytes of a record nobody got a receipt for (its device sends it again). Acknowledged
-        records were fdatasynced before their receipts, so each should be whole; one that is not (the segment is
-        shorter than its records, or gone: the disk lost data it had reported written) is never read as zeros:
-        its update is taken out of the round (its row moves to ``lost_updates``, which withdraws its receipt) and
-        the round's devices that lost theirs are named in one error line.
+        records were fdatasynced before their receipts, so each should be whole and unchanged; one that is not
+        (the segment is shorter than its records, or gone; or a whole record no longer matches the check in its
+        row: the disk lost or changed data it had reported written) is never read as zeros or as other bytes: its
+        update is taken out of the round (its row moves to ``lost_updates``, which withdraws its receipt) and the
+        round's devices that lost theirs are named in one error line per cause. ``tensors`` is the model's tensor
+        section, which the checks of updates against their signed digests rebuild from their records.
         """
         path = self.segment_path(round_id)
         rows = self.round_updates(round_id)
         size = path.stat().st_size if path.exists() else None
         cause = "segment-missing" if size is None else "segment-short"
-        kept = [] if size is None else [r for r in rows if r.offset + r.length <= size]
+        whole = [] if size is None else [r for r in rows if r.offset + r.length <= size]
         lost = [r for r in rows if size is None or r.offset + r.length > size]
-        end = _padded(max((r.offset + r.length for r in kept), default=0))
+        corrupt = self._failing_checks(path, whole, tensors)
+        kept = len(whole) - len(corrupt)
+        end = _padded(max((r.offset + r.length for r in whole), default=0))
         cut = 0 if size is None else max(size - end, 0)
         if lost:
             where = (f"{path} is missing (deleted, or lost by the disk)" if size is None else
@@ -526,23 +558,40 @@ class Store:
             log.error("round %d: %d acknowledged updates taken out of the round, their spooled records are not on "
                       "disk (devices %s): %s; the disk lost data it had reported written, and their devices, holding "
                       "receipts, will not send them again; the round goes on with its other %d updates",
-                      round_id, len(lost), ", ".join(sorted(r.device_id for r in lost)), where, len(kept))
+                      round_id, len(lost), ", ".join(sorted(r.device_id for r in lost)), where, kept)
         elif cut:
             log.warning("round %d: cut %d bytes past the last acknowledged update from %s (an append that got no "
                         "receipt: its device sends it again)", round_id, cut, path)
+        if corrupt:
+            ranges = ", ".join(f"{r.offset}-{r.offset + r.length - 1}" for r in corrupt)
+            log.error("round %d: %d acknowledged updates taken out of the round, their spooled records fail their "
+                      "check (devices %s): bytes %s of %s are not the bytes written there; the disk changed data it "
+                      "had reported written, and their devices, holding receipts, will not send them again; the round "
+                      "goes on with its other %d updates",
+                      round_id, len(corrupt), ", ".join(sorted(r.device_id for r in corrupt)), ranges, path, kept)
         if size is not None and size != end:
             os.truncate(path, end)  # past ``size``: only the last kept record's zero padding
-        if lost:
+        if lost or corrupt:
             now = time.time()
             with self._transaction() as db:
-                for row in lost:
+                for row, why in [(r, cause) for r in lost] + [(r, "record-corrupt") for r in corrupt]:
                     db.execute(
                         "INSERT INTO lost_updates (digest, device_id, round_id, num_samples, accepted_at, lost_at, "
                         "cause) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (row.digest, row.device_id, row.round_id, row.num_samples, row.accepted_at, now, cause),
+                        (row.digest, row.device_id, row.round_id, row.num_samples, row.accepted_at, now, why),
                     )
                     db.execute("DELETE FROM updates WHERE digest=?", (row.digest,))
-        return SpoolRecovery(cut_bytes=cut, lost=lost, cause=cause if lost else "")
+        return SpoolRecovery(cut_bytes=cut, lost=lost, cause=cause if lost else "", corrupt=corrupt)
+
+    @staticmethod
+    def _failing_checks(path: Path, rows: list[UpdateRow], tensors: TensorSection | None) -> list[UpdateRow]:
+        """The rows among ``rows`` (records wholly in the segment at ``path``) whose records fail their checks."""
+        checked = [r for r in rows if r.check is not None]
+        if not checked or path.stat().st_size == 0:  # no record to check, or only empty ones (nothing to map)
+            return []
+        spool = np.memmap(path, dtype=np.uint8, mode="r")
+        return [r for r in checked if r.check is not None and
+                not record_intact(r.check, spool[r.offset : r.offset + r.length], tensors)]
 
     def round_lost_devices(self, round_id: int) -> list[str]:
         """Devices whose acknowledged update in the round was lost from the spool (see :meth:`recover_segment`) and
@@ -647,7 +696,7 @@ class Store:
     def _append(self, round_id: int, delta: np.ndarray) -> int:
         """Append one record (the delta's bytes, zero-padded to the alignment); returns its offset."""
         segment = self._segment(round_id)
-        data = np.ascontiguousarray(delta, dtype="<f4").reshape(-1).view(np.uint8)
+        data = _record_bytes(delta)
         if segment.direct and data.ctypes.data % SPOOL_ALIGNMENT:
             if self._staging.size < data.size:
                 self._staging = spool_vector(_padded(data.size) // 4).view(np.uint8)
@@ -697,6 +746,8 @@ class Store:
     def _commit_batch(self, batch: list[SpoolJob]) -> None:
         try:
             for job in batch:
+                if job.check is None:  # bytes no signed digest covers: their CRC-32, as they are written
+                    job.check = crc32_check(_record_bytes(job.delta))
                 job.offset = self._append(job.round_id, job.delta)
             for round_id in {job.round_id for job in batch}:
                 os.fdatasync(self._segments[round_id].fd)
@@ -718,10 +769,11 @@ class Store:
                         db.execute("SAVEPOINT one")
                         db.execute(
                             "INSERT INTO updates (digest, device_id, round_id, num_samples, metrics, offset, length, "
-                            "receipt, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "receipt, accepted_at, check_kind, check_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (
                                 job.digest, job.device_id, job.round_id, job.num_samples, json.dumps(job.metrics),
-                                job.offset, job.delta.nbytes, job.receipt, job.accepted_at,
+                                job.offset, job.delta.nbytes, job.receipt, job.accepted_at, job.check.kind,
+                                job.check.value,
                             ),
                         )
                         db.execute("RELEASE one")

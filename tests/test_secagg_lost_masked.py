@@ -1,5 +1,6 @@
 """A masked input acknowledged and counted as a survivor in the stored unmask request, whose spooled record the disk
-then lost (aggregator/store.py recover_segment): after the restart the sum of the other inputs cannot be unmasked
+then lost or changed (aggregator/store.py recover_segment; a changed record fails the SHA-256 its device signed over
+its words): after the restart the sum of the other inputs cannot be unmasked
 (the survivors' pairwise masks with it do not cancel, and asking for its key shares now would hand out both of its
 secrets), so the round is abandoned saying so; it is neither published nor blamed on a device."""
 
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 from test_secagg_restart import Aggregator, _deltas
 
 from appliance import wire
@@ -21,10 +24,27 @@ def _last_record(state: Path, round_id: int) -> tuple[str, int]:
         device, offset = db.execute(
             "SELECT device_id, offset FROM updates WHERE round_id=? ORDER BY offset DESC LIMIT 1", (round_id,)
         ).fetchone()
+        assert {kind for (kind,) in db.execute("SELECT check_kind FROM updates")} == {"masked-sha256"}
     return device, offset
 
 
-def test_a_survivors_masked_input_lost_from_the_spool_abandons_the_round_with_the_reason(tmp_path: Path) -> None:
+def _cut_short(segment: Path, offset: int) -> None:
+    with segment.open("r+b") as fh:
+        fh.truncate(offset + 100)
+
+
+def _one_byte_changed(segment: Path, offset: int) -> None:
+    with segment.open("r+b") as fh:
+        fh.seek(offset + 101)
+        byte = fh.read(1)[0]
+        fh.seek(offset + 101)
+        fh.write(bytes([byte ^ 0x01]))
+
+
+@pytest.mark.parametrize(("damage", "cause"), [(_cut_short, "segment-short"), (_one_byte_changed, "record-corrupt")])
+def test_a_survivors_masked_input_lost_from_the_spool_abandons_the_round_with_the_reason(
+    tmp_path: Path, damage: Callable[[Path, int], None], cause: str
+) -> None:
     agg = Aggregator(tmp_path, round_timeout=120)
     deltas, samples = _deltas(3), [20, 40, 60]
 
@@ -46,9 +66,7 @@ def test_a_survivors_masked_input_lost_from_the_spool_abandons_the_round_with_th
             await rounds[0].unmask()  # the unmask request (every input a survivor) is stored and answered once
             agg.kill()
             lost, offset = _last_record(agg.state, task.round_id)  # the disk loses the last acknowledged record
-            segment = agg.state / "spool" / f"round-{task.round_id:08d}.seg"
-            with segment.open("r+b") as fh:
-                fh.truncate(offset + 100)
+            damage(agg.state / "spool" / f"round-{task.round_id:08d}.seg", offset)
             agg.start()
             await agg.healthy(session)
             await asyncio.gather(*(r.unmask() for r in rounds[1:]), return_exceptions=True)
@@ -61,6 +79,7 @@ def test_a_survivors_masked_input_lost_from_the_spool_abandons_the_round_with_th
             assert (await agg.get(session, "/v1/models/1"))[0] == 404
             metrics = (await agg.get(session, "/metrics"))[1].decode()
             assert 'fl_aggregator_secagg_abandoned_total{reason="spool-lost"} 1.0' in metrics
+            assert f'fl_aggregator_spool_lost_updates_total{{cause="{cause}"}} 1.0' in metrics
             assert 'fl_aggregator_secagg_abandoned_total{reason="sum-out-of-bounds"} 0.0' in metrics
 
     try:

@@ -23,7 +23,8 @@ from aggregator_harness import Harness, run, running
 from nacl.signing import SigningKey
 
 from aggregator.app import METRICS
-from aggregator.rounds import RoundPolicy
+from aggregator.buffered import BufferPolicy
+from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.store import SPOOL_LOSS_CAUSES, Store
 from appliance import wire
 
@@ -67,7 +68,7 @@ def test_a_segment_cut_short_on_disk_resumes_with_the_intact_updates_only(
             for device, delta, n in list(zip(devices, deltas, samples, strict=True))[:4]:
                 assert (await h.upload(device.update(task, delta, num_samples=n)))[0] == 200
             registry = h.app[METRICS].registry  # declared at 0 from the first scrape
-            assert [registry.get_sample_value(LOST, {"cause": c}) for c in SPOOL_LOSS_CAUSES] == [0.0, 0.0]
+            assert [registry.get_sample_value(LOST, {"cause": c}) for c in SPOOL_LOSS_CAUSES] == [0.0] * 3
             assert registry.get_sample_value(CUT) == 0.0
 
         # The disk comes back without the last 2 acknowledged records but 100 bytes of the first of them.
@@ -203,5 +204,150 @@ def test_a_segment_that_lost_only_the_padding_after_its_last_record_keeps_every_
             assert (await _status_of(h, task.round_id))["lost_devices"] == []
             assert (await h.upload(devices[2].update(task, h.delta())))[0] == 200
         assert [r[1] % 4096 for r in _records(tmp_path, task.round_id)] == [0, 0, 0]
+
+    run(go())
+
+
+def _spooled(state: Path, round_id: int) -> dict[str, tuple[np.ndarray, str]]:
+    """Each device's spooled delta in the round (a copy) and the kind of check its record carries."""
+    store = Store(state)
+    try:
+        return {u.device_id: (np.array(store.read_delta(round_id, u.offset, u.length)), u.check.kind)
+                for u in store.round_updates(round_id)}
+    finally:
+        store.close()
+
+
+def _flip(segment: Path, at: int) -> None:
+    """The disk hands back one byte of the segment with its bits inverted, and the segment keeps its size."""
+    with segment.open("r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([byte ^ 0xFF]))
+
+
+@pytest.mark.parametrize("encoding", ["float32", "float16", "int8"])
+def test_a_record_changed_on_disk_is_taken_out_and_the_round_goes_on_with_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, encoding: str
+) -> None:
+    """The record rebuilds the tensor section whose SHA-256 the device signed (float16 and int8 records hold the
+    dequantised float32 delta: they are rounded back, and must widen to the record's exact bits)."""
+    key = SigningKey.generate()
+    policy = RoundPolicy(min_clients=2, goal_clients=5, round_timeout=600)
+    plan = TrainingPlan(encoding=encoding)
+    samples = [5, 10, 20, 40]
+
+    async def go() -> None:
+        async with running(tmp_path, devices=4, key=key, policy=policy, plan=plan) as h:
+            devices = h.devices
+            task = await h.task()
+            base = await _model(h, 0)
+            for device, n in zip(devices, samples, strict=True):
+                body = device.update(task, h.delta(), num_samples=n, encoding=encoding)
+                assert (await h.upload(body))[0] == 200
+
+        spooled = _spooled(tmp_path, task.round_id)
+        assert {kind for _, kind in spooled.values()} == {f"{encoding}-sha256"}
+        records = _records(tmp_path, task.round_id)
+        changed, offset, length = records[1]
+        segment = tmp_path / "spool" / f"round-{task.round_id:08d}.seg"
+        _flip(segment, offset + length // 2 + 1)  # inside one float of the second record
+
+        with caplog.at_level(logging.ERROR):
+            async with running(tmp_path, key=key, enrolled=devices, policy=policy, plan=plan) as h:
+                errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+                assert len(errors) == 1, errors
+                assert f"round {task.round_id}:" in errors[0] and changed in errors[0] and str(segment) in errors[0]
+                assert "fail their check" in errors[0]
+                assert h.counter(LOST, cause="record-corrupt") == 1
+                assert h.counter(LOST, cause="segment-short") == h.counter(LOST, cause="segment-missing") == 0
+                open_round = await _status_of(h, task.round_id)
+                assert open_round["participants"] == 3 and open_round["lost_devices"] == [changed]
+
+                await h.engine.close_round()
+                kept = [i for i, d in enumerate(devices) if d.device_id != changed]
+                expected = base + np.average([spooled[devices[i].device_id][0] for i in kept], axis=0,
+                                             weights=[samples[i] for i in kept])
+                np.testing.assert_allclose(await _model(h, 1), expected, rtol=1e-5, atol=1e-7)
+                closed = await _status_of(h, task.round_id)
+                assert closed["status"] == "published" and closed["participants"] == 3
+                assert closed["samples"] == sum(samples[i] for i in kept) and closed["lost_devices"] == [changed]
+
+    run(go())
+
+
+def test_bytes_changed_in_a_records_padding_or_in_the_cut_tail_change_nothing(tmp_path: Path) -> None:
+    """Only a record's own bytes are checked: its zero padding and the unacknowledged tail are no update's data, so
+    a segment damaged there (and an undamaged one) resumes with every acknowledged update."""
+    key = SigningKey.generate()
+    policy = RoundPolicy(min_clients=2, goal_clients=4, round_timeout=600)
+    samples = [5, 10, 20]
+
+    async def go() -> None:
+        async with running(tmp_path, devices=3, key=key, policy=policy) as h:
+            devices = h.devices
+            task = await h.task()
+            base = await _model(h, 0)
+            deltas = [h.delta() for _ in devices]
+            for device, delta, n in zip(devices, deltas, samples, strict=True):
+                assert (await h.upload(device.update(task, delta, num_samples=n)))[0] == 200
+
+        records = _records(tmp_path, task.round_id)
+        segment = tmp_path / "spool" / f"round-{task.round_id:08d}.seg"
+        assert all(length % 4096 for _, _, length in records)  # each record is followed by its padding
+        _flip(segment, records[0][1] + records[0][2])  # the first byte of the first record's padding
+        _flip(segment, records[2][1] - 1)  # the last byte of the second record's padding
+        with segment.open("ab") as fh:  # an append that got no receipt: cut at the restart, never read
+            fh.write(b"\x01" * 1000)
+
+        async with running(tmp_path, key=key, enrolled=devices, policy=policy) as h:
+            assert h.engine.current.accepted == 3
+            assert sum(h.counter(LOST, cause=c) for c in SPOOL_LOSS_CAUSES) == 0
+            assert h.counter(CUT) == 1000
+            await h.engine.close_round()
+            expected = base + np.average([h.flat(d) for d in deltas], axis=0, weights=samples)
+            np.testing.assert_allclose(await _model(h, 1), expected, rtol=1e-5, atol=1e-7)
+            closed = await _status_of(h, task.round_id)
+            assert closed["participants"] == 3 and closed["lost_devices"] == []
+
+    run(go())
+
+
+def test_an_async_buffers_stale_update_changed_on_disk_is_taken_out(tmp_path: Path) -> None:
+    """Async mode spools a stale update scaled by its staleness weight, bytes no signature covers: its record is
+    checked by the CRC-32 the spool writer took, an up-to-date one's by its signed digest."""
+    key = SigningKey.generate()
+    policy = RoundPolicy(min_clients=1, round_timeout=600, buffer=BufferPolicy(size=3))
+    samples = {3: 7, 4: 11}
+
+    async def go() -> None:
+        async with running(tmp_path, devices=6, key=key, policy=policy) as h:
+            devices = h.devices
+            task0 = await h.task()
+            for device in devices[:3]:
+                assert (await h.upload(device.update(task0, h.delta())))[0] == 200
+            task1 = await h.task(after=task0.round_id, wait=10)
+            v1 = await _model(h, 1)
+            fresh = h.delta()
+            assert (await h.upload(devices[3].update(task0, h.delta(), num_samples=samples[3])))[0] == 200
+            assert (await h.upload(devices[4].update(task1, fresh, num_samples=samples[4])))[0] == 200
+
+        spooled = _spooled(tmp_path, task1.round_id)
+        stale = devices[3].device_id
+        assert spooled[stale][1] == "crc32" and spooled[devices[4].device_id][1] == "float32-sha256"
+        _, offset, length = next(r for r in _records(tmp_path, task1.round_id) if r[0] == stale)
+        _flip(tmp_path / "spool" / f"round-{task1.round_id:08d}.seg", offset + length // 3)
+
+        async with running(tmp_path, key=key, enrolled=devices, policy=policy) as h:
+            assert h.counter(LOST, cause="record-corrupt") == 1 and h.engine.current.accepted == 1
+            assert (await _status_of(h, task1.round_id))["lost_devices"] == [stale]
+            others = [(devices[5], h.delta(), 13), (devices[0], h.delta(), 3)]
+            for device, delta, n in others:
+                assert (await h.upload(device.update(task1, delta, num_samples=n)))[0] == 200
+            assert (await h.task(after=task1.round_id, wait=10)).model_version == 2
+            held = [(fresh, samples[4])] + [(delta, n) for _, delta, n in others]  # all trained on version 1
+            expected = v1 + np.average([h.flat(d) for d, _ in held], axis=0, weights=[n for _, n in held])
+            np.testing.assert_allclose(await _model(h, 2), expected, rtol=1e-5, atol=1e-7)
 
     run(go())

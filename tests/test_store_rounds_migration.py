@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
-from aggregator.store import SCHEMA, Store
+import numpy as np
+
+from aggregator.store import SCHEMA, SpoolJob, SpoolRecovery, Store
 
 
 def test_an_old_state_directory_keeps_its_rounds_and_can_record_a_superseded_one(tmp_path: Path) -> None:
@@ -21,5 +24,33 @@ def test_an_old_state_directory_keeps_its_rounds_and_can_record_a_superseded_one
         store.insert_round(2, 0, 3.0, 4.0, 2)
         store.finish_round(2, "superseded", 4.0, 0, 0, {}, note="no updates when upstream version 1 came")
         assert [r.status for r in store.recent_rounds()] == ["superseded", "abandoned"]
+    finally:
+        store.close()
+
+
+def test_an_old_state_directorys_updates_resume_unchecked_and_new_ones_get_a_check(tmp_path: Path) -> None:
+    """Rows written before spooled records had checks have none to compare with: their round resumes with them as
+    before (a changed record there goes unnoticed, as it did), and updates spooled from then on carry a check."""
+    old = sqlite3.connect(tmp_path / "aggregator.db")
+    schema = SCHEMA.replace("    check_kind  TEXT NOT NULL DEFAULT '',\n    check_value BLOB,\n", "")
+    assert "check_kind" not in schema
+    old.executescript(schema)
+    old.execute("INSERT INTO rounds (round_id, model_version, status, opened_at, deadline, goal) "
+                "VALUES (1, 0, 'open', 1.0, 2.0, 2)")
+    old.execute("INSERT INTO updates (digest, device_id, round_id, num_samples, metrics, offset, length, receipt, "
+                "accepted_at) VALUES (?, 'old', 1, 3, '{}', 0, 400, x'00', 1.0)", (b"\x01" * 32,))
+    old.commit()
+    old.close()
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "round-00000001.seg").write_bytes(np.full(100, 0.5, np.float32).tobytes() + bytes(3696))
+    store = Store(tmp_path)
+    try:
+        assert store.recover_segment(1) == SpoolRecovery(cut_bytes=0, lost=[], cause="")
+        assert [(u.device_id, u.check) for u in store.round_updates(1)] == [("old", None)]
+        store.start_writer()
+        job = SpoolJob(digest=b"\x02" * 32, device_id="new", round_id=1, num_samples=1, metrics={},
+                       delta=np.full(100, 0.25, np.float32), receipt=b"r", accepted_at=2.0)
+        asyncio.run(store.spool(job))
+        assert [u.check.kind if u.check else None for u in store.round_updates(1)] == [None, "crc32"]
     finally:
         store.close()
