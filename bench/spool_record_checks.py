@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--tensors", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
+    if min(args.params, args.tensors, args.repeats) < 1 or args.tensors > args.params:
+        sys.exit("bench/spool_record_checks.py: --params, --tensors and --repeats must be positive, and --tensors at "
+                 "most --params")
 
     sizes = [args.params // args.tensors] * args.tensors
     sizes[-1] += args.params - sum(sizes)
