@@ -253,6 +253,9 @@ def _check_optimizer(spec: Any) -> dict[str, Any]:
     for key, value in spec.items():
         if key != "name" and (isinstance(value, bool) or not isinstance(value, int | float | list)):
             raise PackageError("bad-content", f"optimizer field {key!r} must be a number")
+    clip = spec.get("max_grad_norm")
+    if clip is not None and not (isinstance(clip, int | float) and math.isfinite(clip) and clip > 0):
+        raise PackageError("bad-content", f"optimizer field 'max_grad_norm' must be a positive number, got {clip!r}")
     return dict(spec)
 
 

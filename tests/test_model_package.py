@@ -175,6 +175,8 @@ def test_aggregated_buffers_are_parameters_the_optimiser_leaves_alone():
     ({"buffer_names": ["x"], "buffer_policy": "fedbn"}, "buffers.policy must be one of"),
     ({"labels": {"dtype": "float64", "shape": []}}, "labels.dtype must be one of"),
     ({"labels": {"dtype": "int64", "shape": [0]}}, "labels must be"),
+    ({"optimizer": {"name": "sgd", "lr": 0.05, "max_grad_norm": 0}}, "'max_grad_norm' must be a positive number"),
+    ({"optimizer": {"name": "sgd", "lr": 0.05, "max_grad_norm": float("inf")}}, "'max_grad_norm' must be a positive"),
 ])
 def test_bad_optional_fields_are_refused(over, match):
     with pytest.raises(PackageError, match=match):

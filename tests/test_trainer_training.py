@@ -45,6 +45,8 @@ def _torch_steps(pkg, params, x, y, steps, lr, opt_spec, prox_mu=0.0):
         if prox_mu:
             loss = loss + prox_mu / 2 * sum(((p - base[n]) ** 2).sum() for n, p in m.named_parameters())
         loss.backward()
+        if "max_grad_norm" in opt_spec:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), opt_spec["max_grad_norm"])
         opt.step()
     return {n: (p.detach() - base[n]).numpy() for n, p in m.named_parameters()}
 
@@ -57,6 +59,8 @@ def _torch_steps(pkg, params, x, y, steps, lr, opt_spec, prox_mu=0.0):
         ({"name": "momentum", "momentum": 0.9}, 0.5),
         ({"name": "adamw", "weight_decay": 0.01}, 0.0),
         ({"name": "adamw", "weight_decay": 0.0}, 0.1),
+        ({"name": "sgd", "momentum": 0.9, "weight_decay": 1e-3, "max_grad_norm": 0.1}, 0.5),
+        ({"name": "adamw", "weight_decay": 0.01, "max_grad_norm": 0.1}, 0.0),
     ],
 )
 def test_updates_match_torch_optim(mlp, digits, opt_spec, prox_mu):
@@ -69,6 +73,23 @@ def test_updates_match_torch_optim(mlp, digits, opt_spec, prox_mu):
     for name, d in expected.items():
         np.testing.assert_allclose(result.delta[name], d, rtol=2e-3, atol=2e-6, err_msg=name)
     assert result.metrics["steps"] == steps
+
+
+def test_gradient_clipping_bounds_every_step(mlp, digits):
+    """With max_grad_norm, plain SGD moves the parameters by at most lr * max_grad_norm a step, however steep
+    the batch; without it the same steps go further."""
+    x, y = digits[0][:64], digits[1][:64]
+    steps, lr, clip = 4, 0.05, 0.01
+
+    def moved(spec):
+        delta = Trainer(mlp).train(mlp.initial_params, x, y, epochs=steps, batch_size=64, lr=lr, optimizer=spec).delta
+        return float(np.sqrt(sum(np.vdot(d, d) for d in delta.values())))
+
+    assert moved({"name": "sgd", "max_grad_norm": clip}) <= steps * lr * clip * (1 + 1e-4)
+    assert moved({"name": "sgd"}) > 10 * steps * lr * clip
+    with pytest.raises(ValueError, match="max_grad_norm must be a positive number"):
+        Trainer(mlp).train(mlp.initial_params, x, y, epochs=1, batch_size=64, lr=lr,
+                           optimizer={"name": "sgd", "max_grad_norm": 0})
 
 
 def test_training_lowers_the_loss_and_learns_digits(mlp, digits):

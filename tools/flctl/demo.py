@@ -48,8 +48,9 @@ TRAINING_DEFAULTS = {
     "detector": {"epochs": 1, "samples": 256, "learning_rate": 0.01},
 }
 # With --dp-noise-multiplier and no --clip-norm: the median L2 norm of a camera's first-round delta with the demo's
-# defaults (4.1; 3.4 to 7.1 over the 8 cameras). Smaller bounds cut the noise but clip most updates: with 2,
-# clipping alone took the demo's final accuracy from 70 % to 57 %, with 4 to 65 % (docs/privacy.md).
+# defaults (4.2; 2.4 to 6.0 over the 8 cameras, with the reference CNN's gradient clipping; 4.1 before it).
+# Smaller bounds cut the noise but clip most updates: with 2, clipping alone took the demo's final accuracy from
+# 70 % to 57 %, with 4 to 65 % (docs/privacy.md; measured before gradient clipping).
 DP_CLIP_NORM = 4.0
 # The demo stops when this many rounds in a row end without a new model (devices failing, or training diverging).
 STALLED_ROUNDS = 2

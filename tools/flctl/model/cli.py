@@ -67,7 +67,8 @@ def _build_torch(args: argparse.Namespace) -> tuple[ModelPackage, CheckReport, l
         task=args.task or "",
         class_names=_names(args.classes) if args.classes else [],
         buffer_policy=args.bn_stats,
-        optimizer={"name": args.optimizer, "lr": args.lr, **({"momentum": 0.9} if args.optimizer == "sgd" else {})},
+        optimizer={"name": args.optimizer, "lr": args.lr, **({"momentum": 0.9} if args.optimizer == "sgd" else {}),
+                   **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm is not None else {})},
         mean=args.mean,
         std=args.std,
     )
@@ -181,6 +182,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
     e.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="on-device optimiser (sgd: with momentum 0.9; default sgd)")
     e.add_argument("--lr", type=float, default=0.05, help="learning rate tools use (default 0.05)")
+    e.add_argument("--max-grad-norm", type=float, metavar="NORM",
+                   help="clip each training step's gradient to this L2 norm on the device (default: no clipping)")
     e.add_argument("--mean", type=float, default=0.0, help="input normalisation: (x - mean) / std (default 0)")
     e.add_argument("--std", type=float, default=1.0, help="input normalisation std (default 1)")
     e.add_argument("--out", required=True, type=Path, metavar="FILE", help="package file to write (.flpkg)")
