@@ -14,7 +14,10 @@ and started again on the same state directory.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ from nacl.signing import SigningKey
 from aggregator.app import METRICS
 from aggregator.buffered import BufferPolicy
 from aggregator.rounds import RoundPolicy, TrainingPlan
-from aggregator.store import SPOOL_LOSS_CAUSES, Store
+from aggregator.store import SPOOL_LOSS_CAUSES, SpoolJob, Store
 from appliance import wire
 
 LOST = "fl_aggregator_spool_lost_updates_total"
@@ -351,3 +354,47 @@ def test_an_async_buffers_stale_update_changed_on_disk_is_taken_out(tmp_path: Pa
             np.testing.assert_allclose(await _model(h, 2), expected, rtol=1e-5, atol=1e-7)
 
     run(go())
+
+
+# Resumes the round in a fresh process and prints how much its peak RSS grew while the records were checked.
+_RESUME_PEAK = """
+import sys
+from pathlib import Path
+from aggregator.store import Store
+
+def peak_kib() -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+store = Store(Path(sys.argv[1]))
+before = peak_kib()
+recovery = store.recover_segment(1)
+print(len(recovery.corrupt), peak_kib() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc/self/status for VmHWM")
+def test_checking_a_rounds_records_at_resume_maps_one_record_at_a_time(tmp_path: Path) -> None:
+    """The check reads every record of the round: mapping the whole segment for it kept every page read resident
+    until the last record was checked, so a resume's peak RSS grew with the round (4 GB for 1,000 updates of 4 MB)
+    where the replay that follows maps one record at a time."""
+    records, values = 24, 262_144  # 24 records of 1 MiB
+    store = Store(tmp_path)
+    try:
+        store.start_writer()
+
+        async def spool() -> None:
+            for i in range(records):
+                await store.spool(SpoolJob(
+                    digest=bytes([i]) * 32, device_id=f"d{i}", round_id=1, num_samples=1, metrics={},
+                    delta=np.full(values, i, np.float32), receipt=b"r", accepted_at=1.0,
+                ))
+
+        asyncio.run(spool())
+    finally:
+        store.close()
+    run_ = subprocess.run([sys.executable, "-c", _RESUME_PEAK, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert run_.returncode == 0, run_.stderr[-2000:]
+    corrupt, grown_kib = map(int, run_.stdout.split())
+    assert corrupt == 0
+    assert grown_kib < 8 * 1024, f"peak RSS grew by {grown_kib // 1024} MiB checking a {records} MiB segment"
