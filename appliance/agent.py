@@ -7,7 +7,9 @@ restarted by systemd.
 
 Restart safety: the last round for which an update was queued is stored in ``<state>/agent-state.json``
 after the update is in the outbox, so a restart neither trains a round twice nor forgets an update. The same
-file keeps the time of the last receipt (``fl_agent_last_round_timestamp_seconds`` across restarts).
+file keeps the time of the last receipt (``fl_agent_last_round_timestamp_seconds`` across restarts). The model
+version held is stored as the aggregator signed it (``<state>/model-release.cose``, appliance/held_release.py)
+and verified at start, so a restart asks for the next version as a delta from it.
 
 Time: deadlines are judged and updates stamped in the aggregator's time as learnt from each signed task
 (:mod:`appliance.clock`), never by the device clock alone, which on a board without a real-time clock may be
@@ -46,6 +48,7 @@ from appliance.durable import atomic_write
 from appliance.errors import ProtocolError
 from appliance.fleet_report import ThrottleMeter, build_heartbeat, next_delay
 from appliance.framebuffer import FrameBuffer
+from appliance.held_release import load_release, store_release
 from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_create_device_key
 from appliance.metrics import AgentMetrics, Reading
 from appliance.modelpkg import ModelPackage, PackageError, load_package
@@ -101,8 +104,13 @@ class Agent:
         state = self._load_state()
         self.last_round = state.get("last_round", 0)
         self.acknowledged_at = state.get("acknowledged_at", 0)  # the last receipt's time (aggregator clock); 0: none
-        self._package: ModelPackage | None = None
-        self._release: wire.ModelRelease | None = None
+        # The release stored at the last change of version (appliance/held_release.py): a restart fetches the next
+        # one as the steps from it, and the heartbeat names it from the start.
+        held = load_release(self.state_dir, self.aggregator_key, self.state_dir / MODELS_DIR)
+        self._package: ModelPackage | None = held.package if held else None
+        self._release: wire.ModelRelease | None = held.release if held else None
+        if held:
+            self.metrics.model_version.set(held.release.version)
         self._outbox_changed = asyncio.Event()
         self.oom_retries = 0  # how many times the last training run was killed for memory and retried smaller
         self._throttle = ThrottleMeter()
@@ -253,11 +261,12 @@ class Agent:
         # The release held is the base a delta may start from (docs/protocol.md 6.5): the steps are applied and
         # the result checked against the signed digest before it replaces the release held.
         base = self._release if self._release is not None and self._release.package_digest == package.digest else None
-        release = await client.model_release(task.model_version, package.param_specs, base)
+        release, answer = await client.model_answer(task.model_version, package.param_specs, base)
         if release.digest != task.model_digest or release.package_digest != task.package_digest:
             raise ProtocolError("wrong-model", f"release {release.version} does not match the task's digests")
         self._release = release
         self.metrics.model_version.set(release.version)
+        store_release(self.state_dir, answer, release, self.aggregator_key)
         return release
 
     # -- one round ------------------------------------------------------------------------------------

@@ -183,13 +183,20 @@ class AggregatorClient:
         """Model ``version``, verified against the pinned key. With ``base`` (an earlier release this device
         holds) the aggregator may answer with the steps from it (docs/protocol.md 6.5), which are applied here and
         refused unless the result has the digest the aggregator signed."""
+        return (await self.model_answer(version, specs, base))[0]
+
+    async def model_answer(
+        self, version: int, specs: list[wire.ParamSpec], base: wire.ModelRelease | None = None
+    ) -> tuple[wire.ModelRelease, memoryview]:
+        """:meth:`model_release`, and the signed answer it came in (a ModelRelease or a ModelDelta), which the
+        agent stores (appliance/held_release.py)."""
         query = None
         if base is not None and base.version < version:
             query = {"base": str(base.version), "base_digest": base.digest.hex()}
         body = await self._get(f"/v1/models/{version}", query)
         if body is None:
             raise AggregatorUnavailable(f"model version {version} is not published")
-        return downlink.decode_model_answer(body, self.aggregator_key, specs, base if query else None)
+        return downlink.decode_model_answer(body, self.aggregator_key, specs, base if query else None), body
 
     async def package_bytes(self, digest: bytes) -> memoryview:
         body = await self._get(f"/v1/packages/{digest.hex()}", limit=MAX_PACKAGE_BYTES)

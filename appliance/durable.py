@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -20,15 +22,19 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path | str, data: bytes | memoryview, mode: int = 0o644) -> None:
+def atomic_write(path: Path | str, data: bytes | memoryview | Sequence[Any], mode: int = 0o644) -> None:
     """Replace ``path`` with ``data``: a temp file in the same directory (``mode`` from its creation, so a
-    secret is never briefly readable), fsync, rename over ``path``, fsync the directory."""
+    secret is never briefly readable), fsync, rename over ``path``, fsync the directory. ``data`` may be a
+    sequence of buffers (bytes, memoryviews, numpy arrays), written one after the other: a large file is never
+    joined into one buffer in memory."""
     path = Path(path)
+    parts = [data] if isinstance(data, bytes | memoryview) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for part in parts:
+                fh.write(part)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

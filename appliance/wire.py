@@ -297,6 +297,12 @@ def quantise_int8(array: np.ndarray) -> tuple[np.ndarray, float]:
     return scaled.astype(np.int8), scale
 
 
+def parameters_section_parts(tensors: Mapping[str, np.ndarray]) -> list[bytes | np.ndarray]:
+    """:func:`encode_tensors` of ``tensors`` in float32, as pieces whose big ones are the arrays' own bytes: how a
+    model is written to a file without joining it into a second buffer."""
+    return _section_parts(tensors, "float32")
+
+
 def _digest_parts(parts: list[bytes | np.ndarray]) -> bytes:
     digest = hashlib.sha256()
     for part in parts:

@@ -1,0 +1,307 @@
+"""The agent keeps the model release it holds on flash (appliance/held_release.py): after a restart it names that
+version in its heartbeat and fetches the next one as a delta from it (``serve --downlink int8``), rebuilt bit for
+bit; a stored file that is cut short, corrupted, signed by another key or for a package the device does not hold
+is ignored with one log line and removed, and the next model comes in full; the file is written once per version.
+
+A relay between the agents and a real aggregator records every model answer (how many bytes, whether a delta).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from nacl.signing import SigningKey
+
+from aggregator.app import SERVICES, AggregatorConfig, make_app
+from aggregator.models import ServedPackage, load_package_file
+from aggregator.registry import Enrolment
+from aggregator.rounds import RoundPolicy
+from aggregator.simulate import SimulatedDevice
+from appliance import modelpkg, wire
+from appliance.agent import Agent
+from appliance.client import AggregatorClient
+from appliance.config import load_config
+from appliance.held_release import RELEASE_FILE
+from appliance.identity import load_or_create_device_key, write_aggregator_key
+from tests.agent_harness import ADVISORY, agent_config
+from tests.aggregator_harness import Harness, ServedAsInProduction, run
+
+PARAMETERS = 4000
+
+
+async def publish_rounds(h: Harness, rounds: int) -> None:
+    """``rounds`` rounds, each closed by both simulated devices' updates."""
+    for _ in range(rounds):
+        task = await h.task(after=h.engine.store.last_round_id() - 1)
+        assert task is not None
+        for device in h.devices:
+            assert (await h.upload(device.update(task, h.delta(0.05))))[0] == 200
+        await h.task(after=task.round_id, wait=10)
+
+
+def assert_published(h: Harness, release: wire.ModelRelease) -> None:
+    """``release`` holds the very bits the aggregator signed for its version."""
+    data = h.app[SERVICES].models.release_bytes(release.version)
+    assert data is not None
+    expected = wire.decode_model_release(data, h.key.verify_key, h.specs)
+    assert release.digest == expected.digest
+    for name in expected.tensors:
+        assert release.tensors[name].tobytes() == expected.tensors[name].tobytes(), name
+
+
+def signed_package(path: Path, key: SigningKey) -> ServedPackage:
+    """A package the agent can load (graphs are never run here: no round is trained)."""
+    specs = [wire.ParamSpec("layer0.weight", (200, 10)), wire.ParamSpec("layer1.bias", (PARAMETERS - 2000,))]
+    rng = np.random.default_rng(3)
+    package = modelpkg.ModelPackage(
+        name="held-release-test", param_specs=specs,
+        initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
+        training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
+        preprocessing={"input_shape": [10]}, num_classes=2,
+    )
+    modelpkg.write_package(path, package, key)
+    return load_package_file(path, key.verify_key)
+
+
+@dataclass
+class Answer:
+    path: str
+    size: int
+    delta: bool
+
+
+@dataclass
+class Fleet:
+    """A real aggregator (``--downlink int8``), the relay in front of it and one device's state directory."""
+
+    h: Harness
+    url: str
+    state: Path
+    config: Path
+    answers: list[Answer] = field(default_factory=list)
+
+    @property
+    def stored(self) -> Path:
+        return self.state / RELEASE_FILE
+
+    def model_answers(self) -> list[Answer]:
+        return [a for a in self.answers if a.path.startswith("/v1/models/")]
+
+    @contextlib.asynccontextmanager
+    async def agent(self) -> AsyncIterator[tuple[Agent, AggregatorClient]]:
+        """An agent started on the device's state (as after a boot) and its client through the relay."""
+        agent = Agent(load_config(self.config), budget=ADVISORY)
+        try:
+            async with AggregatorClient(self.url, self.h.key.verify_key) as client:
+                yield agent, client
+        finally:
+            agent.sandbox.close()
+
+    async def take(self, agent: Agent, client: AggregatorClient, task: wire.Task) -> wire.ModelRelease:
+        """What the agent's round does first: the task's package, then its model release."""
+        await agent._ensure_package(client, task.package_digest)
+        return await agent._ensure_release(client, task)
+
+
+@contextlib.asynccontextmanager
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    key = SigningKey.generate()
+    package = signed_package(tmp_path / "held.flpkg", key)
+    app = make_app(AggregatorConfig(
+        state_dir=tmp_path / "aggregator", package=package, key=key,
+        policy=RoundPolicy(min_clients=2, goal_clients=2, round_timeout=60), downlink="int8",
+    ))
+    client = TestClient(ServedAsInProduction(app, host="127.0.0.1"))
+    await client.start_server()
+    devices = [SimulatedDevice() for _ in range(2)]
+    app[SERVICES].registry.enroll(Enrolment(d.device_id, bytes(d.key.verify_key)) for d in devices)
+    h = Harness(client=client, key=key, package=package, devices=devices, state_dir=tmp_path / "aggregator")
+    answers: list[Answer] = []
+
+    async def relay(request: web.Request) -> web.Response:
+        upstream = await client.get(request.path, params=request.query)
+        body = await upstream.read()
+        answers.append(Answer(request.path, len(body), "X-Model-Base" in upstream.headers))
+        return web.Response(status=upstream.status, body=body)
+
+    relay_app = web.Application()
+    relay_app.router.add_get("/v1/models/{version}", relay)
+    relay_app.router.add_get("/v1/packages/{digest}", relay)
+    runner = web.AppRunner(relay_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    state = tmp_path / "state"
+    load_or_create_device_key(state)
+    write_aggregator_key(state, key.verify_key)
+    try:
+        yield Fleet(h, url, state, agent_config(tmp_path / "agent.toml", url, state), answers)
+    finally:
+        await runner.cleanup()
+        await client.close()
+
+
+def ignored_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "stored model release" in r.getMessage()]
+
+
+def test_a_restarted_agent_fetches_the_next_version_as_a_delta_and_rebuilds_it_bit_for_bit(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with fleet(tmp_path) as f:
+            first = await f.h.task()
+            assert first is not None and first.model_version == 0
+            async with f.agent() as (agent, client):
+                await f.take(agent, client, first)
+            full = f.model_answers()[-1]
+            assert not full.delta
+            await publish_rounds(f.h, 1)
+            task = await f.h.task(after=first.round_id)
+            assert task is not None and task.model_version == 1
+
+            async with f.agent() as (agent, client):  # a reboot
+                assert agent.heartbeat().model_version == 0  # before any round: the version held on flash
+                release = await f.take(agent, client, task)
+            answer = f.model_answers()[-1]
+            assert answer.path == "/v1/models/1" and answer.delta
+            assert answer.size * 3 < full.size
+            assert_published(f.h, release)
+
+            # The rebuilt version is stored in a form that verifies by itself: the next boot holds it, bit for bit.
+            async with f.agent() as (agent, client):
+                assert agent.heartbeat().model_version == 1
+                assert agent._release is not None and agent._release.version == 1
+                assert_published(f.h, agent._release)
+            print(f"model bytes after a restart: {full.size} in full, {answer.size} as an int8 delta")
+
+    run(go())
+
+
+def test_the_stored_release_is_written_once_per_version(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with fleet(tmp_path) as f:
+            first = await f.h.task()
+            assert first is not None
+            async with f.agent() as (agent, client):
+                await f.take(agent, client, first)
+                written = f.stored.stat()
+                await f.take(agent, client, first)  # the same version again: nothing fetched, nothing written
+            async with f.agent() as (agent, client):  # a reboot on the same version
+                await f.take(agent, client, first)
+            assert len(f.model_answers()) == 1
+            again = f.stored.stat()
+            assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+
+            await publish_rounds(f.h, 1)
+            task = await f.h.task(after=first.round_id)
+            assert task is not None
+            async with f.agent() as (agent, client):
+                await f.take(agent, client, task)
+            assert f.stored.stat().st_ino != written.st_ino  # a new version replaces the file
+            assert [p.name for p in f.state.iterdir() if p.name.startswith(f".{RELEASE_FILE}")] == []
+
+    run(go())
+
+
+def flip_a_byte(f: Fleet) -> None:
+    data = bytearray(f.stored.read_bytes())
+    data[-3] ^= 0x01  # in the last tensor's values
+    f.stored.write_bytes(bytes(data))
+
+
+def cut_in_the_tensors(f: Fleet) -> None:
+    data = f.stored.read_bytes()
+    f.stored.write_bytes(data[: len(data) // 2])
+
+
+def cut_in_the_signature(f: Fleet) -> None:
+    f.stored.write_bytes(f.stored.read_bytes()[:100])
+
+
+def another_package(f: Fleet) -> None:
+    """A release genuinely signed by the pinned key, for a package this device does not hold."""
+    release = wire.ModelRelease(0, bytes(range(32)), dict(f.h.package.info.initial_params))
+    f.stored.write_bytes(wire.encode_model_release(release, f.h.key)[0])
+
+
+def another_key(f: Fleet) -> None:
+    release = wire.ModelRelease(0, f.h.package.info.digest, dict(f.h.package.info.initial_params))
+    f.stored.write_bytes(wire.encode_model_release(release, SigningKey.generate())[0])
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(flip_a_byte, "digest-mismatch"), (cut_in_the_tensors, "digest-mismatch"), (cut_in_the_signature, "truncated"),
+     (another_package, "wrong-model"), (another_key, "unknown-key")],
+)
+def test_a_damaged_or_foreign_stored_release_is_ignored_and_the_model_comes_in_full(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage, reason: str
+) -> None:
+    async def go() -> None:
+        async with fleet(tmp_path) as f:
+            first = await f.h.task()
+            assert first is not None
+            async with f.agent() as (agent, client):
+                await f.take(agent, client, first)
+            await publish_rounds(f.h, 1)
+            task = await f.h.task(after=first.round_id)
+            assert task is not None
+            damage(f)
+
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="fl_agent"):
+                async with f.agent() as (agent, client):
+                    assert agent._release is None and agent.heartbeat().model_version is None
+                    assert not f.stored.exists()  # removed
+                    lines = ignored_lines(caplog)
+                    release = await f.take(agent, client, task)
+            assert len(lines) == 1 and f"({reason}:" in lines[0], lines
+            answer = f.model_answers()[-1]
+            assert answer.path == "/v1/models/1" and not answer.delta  # downloaded in full, as on a first boot
+            assert_published(f.h, release)
+            async with f.agent() as (agent, _):  # and stored again, whole
+                assert agent._release is not None and agent._release.version == 1
+
+    run(go())
+
+
+def test_a_damaged_rebuilt_release_is_ignored_too(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A release rebuilt from a delta is stored as the delta's signed envelope and the rebuilt tensors, checked
+    against the signed ``model_digest`` at start: one changed bit, and the next model comes in full."""
+
+    async def go() -> None:
+        async with fleet(tmp_path) as f:
+            first = await f.h.task()
+            assert first is not None
+            async with f.agent() as (agent, client):
+                await f.take(agent, client, first)
+            await publish_rounds(f.h, 1)
+            second = await f.h.task(after=first.round_id)
+            assert second is not None and second.model_version == 1
+            async with f.agent() as (agent, client):
+                await f.take(agent, client, second)
+            assert f.model_answers()[-1].delta
+            flip_a_byte(f)
+            await publish_rounds(f.h, 1)
+            third = await f.h.task(after=second.round_id)
+            assert third is not None and third.model_version == 2
+
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="fl_agent"):
+                async with f.agent() as (agent, client):
+                    assert agent._release is None
+                    release = await f.take(agent, client, third)
+            lines = ignored_lines(caplog)
+            assert len(lines) == 1 and "(digest-mismatch:" in lines[0], lines
+            assert not f.model_answers()[-1].delta
+            assert_published(f.h, release)
+
+    run(go())
