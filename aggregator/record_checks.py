@@ -14,7 +14,8 @@ rebuilt from the record and the model's parameter specs and hashed again.
   a float16 one is its values widened, and an int8 one each value times its tensor's scale, both rounded back to
   the values they came from and checked to widen or multiply to the record's exact bits (so no changed bit can
   round away). The int8 scales, a few bytes, are kept beside the digest. Whether a section is the deterministic one
-  is a comparison of its few CBOR heads on arrival.
+  is a comparison of its few CBOR heads on arrival. (An int8 scale so small that it is 0 in float32, which the
+  reader accepts, dequantises every value to zero: that record cannot give its data back and gets a CRC-32.)
 * ``masked-sha256``: a secure round's masked input, whose record is the words of its section (``section_sha256``).
 * ``crc32``: every other record, whose bytes no signed digest covers (an async buffer spools a stale update scaled
   by its staleness weight; a section in a valid but not deterministic encoding): CRC-32 of the record, computed by
@@ -24,6 +25,7 @@ rebuilt from the record and the model's parameter specs and hashed again.
 from __future__ import annotations
 
 import hashlib
+import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ _TAG_MULTI_DIM = b"\xd8\x28\x82"  # tag 40 over [dims, typed array]
 _TYPED = {"float32": (b"\xd8\x55", 4), "float16": (b"\xd8\x54", 2), "int8": (b"\xd8\x48", 1)}  # tags 85, 84, 72
 _TAG_UINT32_LE = b"\xd8\x46"  # tag 70: a masked input's words
 _FLOAT_BYTES = {0xF9: 3, 0xFA: 5, 0xFB: 9}  # a CBOR half, single or double float, head included
+_FLOAT32_ROUNDS_TO_ZERO = 2.0**-150  # half float32's smallest subnormal: a double this small is 0 in float32
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class TensorSection:
                 width = _FLOAT_BYTES.get(section[position]) if position < len(section) else None
                 if width is None:
                     return None
+                if width == 9 and abs(struct.unpack_from(">d", section, position + 1)[0]) <= _FLOAT32_ROUNDS_TO_ZERO:
+                    return None  # a scale of 0 in float32 dequantises to zeros: the int8 data cannot be rebuilt
                 scales += bytes(section[position : position + width])
                 position += width
         if position != len(section):

@@ -9,6 +9,9 @@ in a valid encoding that is not the deterministic one (the reader accepts it) ge
 
 from __future__ import annotations
 
+import hashlib
+import time
+
 import cbor2
 import numpy as np
 import pytest
@@ -60,6 +63,32 @@ def test_a_record_rebuilds_its_signed_tensor_section_and_no_changed_bit_does(enc
             changed = record.copy()
             changed[at] ^= bit
             assert not record_intact(check, changed, section), (at, bit)
+
+
+def test_an_int8_update_whose_scale_is_zero_in_float32_passes_its_check() -> None:
+    """The reader takes any scale above 0, and dequantises in float32: a scale below float32's smallest subnormal
+    (here 1e-50) makes every value 0 or -0, whose int8 data the record cannot give back. Such a record was checked
+    against its signed digest and so always failed, taking a sound update out of its round at a resume; it gets a
+    CRC-32 instead."""
+    key = SigningKey.generate()
+    specs = [wire.ParamSpec("w", (4,))]
+    data = cbor2.CBORTag(40, [[4], cbor2.CBORTag(72, np.array([1, -1, 0, 127], np.int8).tobytes())])
+    section = cbor2.dumps({"w": [data, 1e-50]}, canonical=True)
+    payload = {"v": wire.PROTOCOL_VERSION, "type": "update", "device": "d", "round": 1, "model_version": 0,
+               "base_digest": b"\0" * 32, "num_samples": 1, "metrics": {}, "encoding": "int8", "nonce": b"n" * 8,
+               "created_at": int(time.time()), "tensors_sha256": hashlib.sha256(section).digest()}
+    verified = wire.verify(wire.sign(payload, key, "d") + section, lambda kid: key.verify_key)
+    _, delta, _ = delta_of(verified, Layout(specs), wire.DEFAULT_LIMITS)  # accepted: a delta of zeros
+    assert np.array_equal(delta, np.zeros(4, np.float32))
+    record = delta.view(np.uint8)
+    check = TensorSection(specs).check(verified, "int8") or crc32_check(record)  # None: the spool writer's CRC-32
+    assert record_intact(check, record, TensorSection(specs))
+    tiny = section.replace(cbor2.dumps(1e-50), cbor2.dumps(1.5e-45))  # float32's smallest subnormal: invertible
+    payload["tensors_sha256"] = hashlib.sha256(tiny).digest()
+    verified = wire.verify(wire.sign(payload, key, "d") + tiny, lambda kid: key.verify_key)
+    _, delta, _ = delta_of(verified, Layout(specs), wire.DEFAULT_LIMITS)
+    check = TensorSection(specs).check(verified, "int8")
+    assert check is not None and record_intact(check, delta.view(np.uint8), TensorSection(specs))
 
 
 def test_a_section_in_another_valid_encoding_gets_no_signed_check() -> None:
