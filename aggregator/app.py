@@ -282,6 +282,13 @@ def _base_query(request: web.Request) -> tuple[int, bytes] | None:
     return int(base), bytes.fromhex(digest)
 
 
+def _count_model_download(request: web.Request, answer: str, body: bytes | None = None) -> None:
+    """Count a GET of a model by its answer (aggregator/metrics.py MODEL_DOWNLOAD_ANSWERS) and the bytes of the
+    body sent (None: a 404, no model). A HEAD sends no body and is no download."""
+    if request.method == "GET":
+        request.app[SERVICES].metrics.model_download(answer, body)
+
+
 async def get_model(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     which = request.match_info["version"]
@@ -295,18 +302,24 @@ async def get_model(request: web.Request) -> web.Response:
             detail = f"model version must be an integer or 'latest', got {which!r}"
             raise Problem(400, "bad-parameter", detail) from None
     if version < 0 or version > s.engine.version:
+        _count_model_download(request, "not_found")
         raise Problem(404, "unknown-version", f"model version {version} is not published (newest: {s.engine.version})")
     loop = asyncio.get_running_loop()
+    answer = "full"
     if base is not None:
         if base[0] >= version:
             raise Problem(400, "bad-parameter", f"base version {base[0]} is not older than version {version}")
-        delta = await loop.run_in_executor(s.executor, s.models.delta_bytes, base[0], base[1], version)
+        delta, no_delta = await loop.run_in_executor(s.executor, s.models.delta, base[0], base[1], version)
         if delta is not None:
+            _count_model_download(request, "delta", delta)
             headers = {"X-Model-Version": str(version), "X-Model-Base": str(base[0])}
             return web.Response(body=delta, content_type=wire.CONTENT_TYPE, headers=headers)
+        answer = f"full_{no_delta}"
     data = await loop.run_in_executor(s.executor, s.models.release_bytes, version)
     if data is None:
+        _count_model_download(request, "not_found")
         raise Problem(404, "unknown-version", f"model version {version} is no longer stored")
+    _count_model_download(request, answer, data)
     return web.Response(body=data, content_type=wire.CONTENT_TYPE, headers={"X-Model-Version": str(version)})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from aggregator.fleet import STATES as FLEET_STATES
+from aggregator.models import NO_DELTA_REASONS
 from aggregator.store import SPOOL_LOSS_CAUSES
 from appliance.reasons import DECODER_REASONS, UPDATE_REFUSAL_REASONS
 
@@ -37,6 +38,10 @@ REQUEST_REJECT_REASONS = (
     *(r for r in DECODER_REASONS if r not in ("digest-mismatch", "bad-tensor", "tensor-too-large", "wrong-tensors",
                                               "wrong-shape", "not-finite")),
 )
+# How GET /v1/models/{version} was answered: the full model to a device that named no base, a delta, the full model
+# to one that named a base (why no delta: aggregator/models.py NO_DELTA_REASONS), or 404 (no model sent).
+MODEL_SENT_ANSWERS = ("full", "delta", *(f"full_{reason}" for reason in NO_DELTA_REASONS))
+MODEL_DOWNLOAD_ANSWERS = (*MODEL_SENT_ANSWERS, "not_found")
 # superseded: an async site's buffer still empty when its parent's next version came (nothing lost, not abandoned).
 ROUND_OUTCOMES = ("published", "abandoned", "superseded")
 
@@ -76,6 +81,20 @@ class AggregatorMetrics:
         self.received_bytes = Counter(
             "fl_aggregator_received_bytes_total", "Bytes of update bodies received", registry=r
         )
+        self.model_downloads = Counter(
+            "fl_aggregator_model_downloads_total",
+            "Model fetches (GET /v1/models/{version}), by answer: full (no base named), delta, full_<why no delta> "
+            "(a base named), not_found",
+            ["answer"], registry=r,
+        )
+        self.model_download_bytes = Counter(
+            "fl_aggregator_model_download_bytes_total", "Bytes of model bodies sent (releases and deltas), by answer",
+            ["answer"], registry=r,
+        )
+        for answer in MODEL_DOWNLOAD_ANSWERS:
+            self.model_downloads.labels(answer)
+        for answer in MODEL_SENT_ANSWERS:
+            self.model_download_bytes.labels(answer)
         self.verify_seconds = Histogram(
             "fl_aggregator_verify_seconds", "Time to verify and decode one update", buckets=_SIZE_BUCKETS, registry=r
         )
@@ -172,6 +191,13 @@ class AggregatorMetrics:
             "fl_aggregator_versions_per_hour", "Model versions published in the last hour (async mode; 0 otherwise)",
             registry=r,
         )
+
+    def model_download(self, answer: str, body: bytes | None) -> None:
+        """Count an answer to GET /v1/models/{version} (one of MODEL_DOWNLOAD_ANSWERS) and the bytes of the model
+        it sent (None: not_found, nothing sent)."""
+        self.model_downloads.labels(answer).inc()
+        if body is not None:
+            self.model_download_bytes.labels(answer).inc(len(body))
 
     def set_fleet(self, counts: dict[str, int]) -> None:
         """The fleet gauges from :meth:`aggregator.fleet.Fleet.counts` (set at each scrape)."""

@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 KEEP_STEPS = 16
 # Signed delta messages kept in memory, most recently asked first: most devices ask for the same one or two.
 CACHED_DELTAS = 8
+# Why a device that names the model it holds gets the full model instead of a delta (ModelStore.delta), counted in
+# fl_aggregator_model_downloads_total{answer="full_<reason>"}: the aggregator publishes full models only
+# (serve --downlink full); the base is more than KEEP_STEPS versions behind; the device's base digest is not the one
+# the first step starts from; the steps kept do not lead from the base to the version (one was published in full
+# only, or before the compressed downlink was turned on); the steps together are not smaller than the model.
+NO_DELTA_REASONS = ("downlink_off", "base_too_old", "base_unknown", "steps_missing", "delta_not_smaller")
 _DIGEST = 32
 
 
@@ -200,40 +206,53 @@ class ModelStore:
         """A signed model-delta from ``base_version`` (whose digest the device says is ``base_digest``) to
         ``version``, or None when the steps are not all here, do not start from that digest, or together are
         not smaller than the full release: then the device gets the full model."""
+        return self.delta(base_version, base_digest, version)[0]
+
+    def delta(self, base_version: int, base_digest: bytes, version: int) -> tuple[bytes | None, str]:
+        """(the signed model-delta of :meth:`delta_bytes`, "") or (None, why there is none: one of
+        NO_DELTA_REASONS). Without the release of ``version`` there is no delta either (``steps_missing``); the
+        caller finds that release missing too."""
         if not 1 <= version - base_version <= KEEP_STEPS:
-            return None
+            return self._no_delta("base_too_old")
         key = (base_version, base_digest, version)
         with self._deltas_lock:
             if key in self._deltas:
                 self._deltas.move_to_end(key)
-                return self._deltas[key]
+                return self._deltas[key], ""
         release = self.release_bytes(version)
         if release is None:
-            return None
+            return self._no_delta("steps_missing")
         steps, digest = [], base_digest
         for step_version in range(base_version + 1, version + 1):
             try:
                 data = self.step_path(step_version).read_bytes()
             except FileNotFoundError:
-                return None
+                return self._no_delta("steps_missing")
             if data[:_DIGEST] != digest:
-                return None
+                return self._no_delta("base_unknown" if step_version == base_version + 1 else "steps_missing")
             digest = data[_DIGEST : 2 * _DIGEST]
             steps.append(data[2 * _DIGEST :])
         payload = wire.verify(release, wire.pinned(self._key.verify_key)).payload
-        if bytes(payload["tensors_sha256"]) != digest or sum(map(len, steps)) >= len(release):
-            return None
+        if bytes(payload["tensors_sha256"]) != digest:
+            return self._no_delta("steps_missing")
+        if sum(map(len, steps)) >= len(release):
+            return self._no_delta("delta_not_smaller")
         message = downlink.encode_model_delta(
             version=version, base_version=base_version, base_digest=base_digest, model_digest=digest,
             package_digest=self.package_digest, created_at=payload["created_at"], steps=steps, key=self._key,
         )
         if len(message) >= len(release):
-            return None
+            return self._no_delta("delta_not_smaller")
         with self._deltas_lock:
             self._deltas[key] = message
             while len(self._deltas) > CACHED_DELTAS:
                 self._deltas.popitem(last=False)
-        return message
+        return message, ""
+
+    def _no_delta(self, reason: str) -> tuple[None, str]:
+        """Publishing full models only (steps left from an earlier compressed run may still serve a delta) is the
+        reason whatever else is missing."""
+        return None, "downlink_off" if self.downlink == "full" else reason
 
     def release_bytes(self, version: int) -> bytes | None:
         """The signed release message of ``version``, or None when it was never written."""

@@ -64,9 +64,10 @@ def test_a_device_rebuilds_each_published_version_bit_for_bit(tmp_path: Path, en
     specs = store.layout.specs
     for base, version in [(0, 1), (4, 5), (3, 5), (0, 3), (1, 6), (0, 6)]:  # k = 1, 2, 3, 5, 6
         holding = held(store, base)
-        message = store.delta_bytes(base, holding.digest, version)
+        message, no_delta = store.delta(base, holding.digest, version)
         if version - base > DELTA_REACH[encoding]:
-            assert message is None  # the steps would outweigh the full model: the device gets that
+            # the steps would outweigh the full model: the device gets that
+            assert (message, no_delta) == (None, "delta_not_smaller")
             continue
         assert message is not None
         full = store.release_bytes(version)
@@ -110,20 +111,21 @@ def test_a_base_older_than_the_kept_steps_gets_the_full_model(tmp_path: Path, mo
     monkeypatch.setattr(models, "KEEP_STEPS", 3)
     store, _ = publish(tmp_path, "int8", versions=6)
     assert sorted(p.name for p in tmp_path.glob("*.step")) == ["v00000004.step", "v00000005.step", "v00000006.step"]
-    assert store.delta_bytes(2, held(store, 2).digest, 6) is None  # 4 steps: more than are kept
+    assert store.delta(2, held(store, 2).digest, 6) == (None, "base_too_old")  # 4 steps: more than are kept
     assert store.delta_bytes(3, held(store, 3).digest, 6) is not None
 
 
 def test_a_base_the_aggregator_did_not_publish_gets_the_full_model(tmp_path: Path) -> None:
     store, _ = publish(tmp_path, "int8", versions=2)
-    assert store.delta_bytes(1, hashlib.sha256(b"another model").digest(), 2) is None
+    assert store.delta(1, hashlib.sha256(b"another model").digest(), 2) == (None, "base_unknown")
 
 
 def test_full_downlink_publishes_the_exact_parameters_and_no_steps(tmp_path: Path) -> None:
     store, targets = publish(tmp_path, "full", versions=2)
     assert store.params(2).tobytes() == targets[2].tobytes()
     assert not list(tmp_path.glob("*.step"))
-    assert store.delta_bytes(1, held(store, 1).digest, 2) is None
+    assert store.delta(1, held(store, 1).digest, 2) == (None, "downlink_off")
+    assert store.delta(1, hashlib.sha256(b"another model").digest(), 2) == (None, "downlink_off")
 
 
 def test_a_change_float16_cannot_hold_is_published_in_full(tmp_path: Path) -> None:
@@ -132,7 +134,7 @@ def test_a_change_float16_cannot_hold_is_published_in_full(tmp_path: Path) -> No
     store.write(2, huge, 1_764_288_010)
     assert store.params(2).tobytes() == huge.tobytes()  # exact: no step was possible
     assert not store.step_path(2).exists()
-    assert store.delta_bytes(1, held(store, 1).digest, 2) is None
+    assert store.delta(1, held(store, 1).digest, 2) == (None, "steps_missing")
 
 
 # ------------------------------------------------------------------------------------------ refusals

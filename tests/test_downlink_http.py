@@ -1,18 +1,20 @@
 """The compressed downlink over HTTP: ``fl-aggregator serve --downlink`` answers ``GET /v1/models/{v}?base=B&
 base_digest=D`` with the steps from B, the agent's client rebuilds the very model the aggregator published,
 a device too far behind (or naming a model it was never sent) gets the full model, a tampered delta is refused
-by the agent, which keeps the model it had, and a hostile query is a 400 with a reason."""
+by the agent, which keeps the model it had, a hostile query is a 400 with a reason, and each answer is counted
+in /metrics with the bytes sent."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from nacl.signing import SigningKey
 
 from aggregator import models
 from aggregator.app import SERVICES, AggregatorConfig
+from aggregator.metrics import MODEL_DOWNLOAD_ANSWERS
 from aggregator.upstream import UpstreamConfig
 from appliance import wire
 from appliance.agent import Agent
@@ -51,6 +53,24 @@ async def fetch(h: Harness, version: int, base: wire.ModelRelease | None) -> tup
     async with AggregatorClient(str(h.client.make_url("")), h.key.verify_key) as client:
         release = await client.model_release(version, h.specs, base)
     return release, len(body), "X-Model-Base" in response.headers
+
+
+def downloads(h: Harness) -> dict[str, tuple[float, float]]:
+    """answer -> (fl_aggregator_model_downloads_total, fl_aggregator_model_download_bytes_total)."""
+    return {answer: (h.counter("fl_aggregator_model_downloads_total", answer=answer),
+                     h.counter("fl_aggregator_model_download_bytes_total", answer=answer))
+            for answer in MODEL_DOWNLOAD_ANSWERS}
+
+
+async def counted_get(h: Harness, version: int, query: dict[str, str] | None = None,
+                      method: str = "GET") -> tuple[ClientResponse, bytes, dict[str, tuple[float, float]]]:
+    """(the response, its body, the download counters it moved: answer -> (requests, bytes))."""
+    before = downloads(h)
+    response = await h.client.request(method, f"/v1/models/{version}", params=query)
+    body = await response.read()
+    after = downloads(h)
+    moved = {a: (after[a][0] - before[a][0], after[a][1] - before[a][1]) for a in after if after[a] != before[a]}
+    return response, body, moved
 
 
 def assert_same_bits(a: wire.ModelRelease, b: wire.ModelRelease) -> None:
@@ -103,6 +123,35 @@ def test_without_downlink_a_base_changes_nothing(tmp_path: Path) -> None:
             v1, down, is_delta = await fetch(h, 1, v0)
             assert not is_delta and down == full_bytes
             assert_same_bits(v1, published(h, 1))
+            _, body, moved = await counted_get(h, 1, {"base": "0", "base_digest": v0.digest.hex()})
+            assert moved == {"full_downlink_off": (1, len(body))}
+
+    run(go())
+
+
+def test_each_model_fetch_is_counted_by_answer_with_the_bytes_sent(tmp_path: Path, monkeypatch) -> None:
+    """What the downlink costs and how often devices get a delta, read off /metrics: each GET moves its answer's
+    counter by one and its bytes by the body the device received; a HEAD sends no model and counts nothing."""
+    monkeypatch.setattr(models, "KEEP_STEPS", 2)
+
+    async def go() -> None:
+        async with running(tmp_path, devices=2, parameters=PARAMETERS, downlink="int8") as h:
+            await publish_rounds(h, 3)
+            v0, v2 = published(h, 0), published(h, 2)
+            for version, query, answer in [
+                (0, None, "full"),
+                (3, {"base": "2", "base_digest": v2.digest.hex()}, "delta"),
+                (3, {"base": "0", "base_digest": v0.digest.hex()}, "full_base_too_old"),  # 3 behind, 2 steps kept
+                (3, {"base": "2", "base_digest": "ab" * 32}, "full_base_unknown"),
+            ]:
+                response, body, moved = await counted_get(h, version, query)
+                assert response.status == 200 and body
+                assert ("X-Model-Base" in response.headers) == (answer == "delta")
+                assert moved == {answer: (1, len(body))}, answer
+            response, _, moved = await counted_get(h, 9)
+            assert response.status == 404 and moved == {"not_found": (1, 0)}
+            response, _, moved = await counted_get(h, 0, method="HEAD")
+            assert response.status == 200 and moved == {}
 
     run(go())
 

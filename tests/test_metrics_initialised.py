@@ -22,7 +22,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.app import _HTTP_REASONS, AggregatorConfig, make_app
-from aggregator.metrics import REQUEST_REJECT_REASONS, ROUND_OUTCOMES, UPDATE_REJECT_REASONS
+from aggregator.metrics import (
+    MODEL_DOWNLOAD_ANSWERS,
+    MODEL_SENT_ANSWERS,
+    REQUEST_REJECT_REASONS,
+    ROUND_OUTCOMES,
+    UPDATE_REJECT_REASONS,
+)
 from aggregator.simulate import synthetic_package
 from appliance import wire
 from appliance.agent import Agent
@@ -225,6 +231,8 @@ async def test_a_fresh_aggregator_has_every_labelled_series_at_zero(tmp_path):
         ("fl_aggregator_requests_rejected", "reason", REQUEST_REJECT_REASONS),
         ("fl_aggregator_rounds", "outcome", ROUND_OUTCOMES),
         ("fl_aggregator_last_round_timestamp_seconds", "outcome", ROUND_OUTCOMES),
+        ("fl_aggregator_model_downloads", "answer", MODEL_DOWNLOAD_ANSWERS),
+        ("fl_aggregator_model_download_bytes", "answer", MODEL_SENT_ANSWERS),
     ]:
         missing = [v for v in values if families[name].get(((label, v),)) != 0.0]
         assert not missing, f"{name}: no series at 0 for {missing}"
