@@ -247,11 +247,21 @@ def _allow_superseded_rounds(conn: sqlite3.Connection) -> None:
 
 def _add_record_checks(conn: sqlite3.Connection) -> None:
     """A state directory written before spooled records had checks lacks ``updates.check_kind``/``check_value``:
-    the columns are added, and its rows keep no check (their records are resumed unchecked, as they were)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(updates)")}
-    if "check_kind" not in columns:
-        conn.execute("ALTER TABLE updates ADD COLUMN check_kind TEXT NOT NULL DEFAULT ''")
-        conn.execute("ALTER TABLE updates ADD COLUMN check_value BLOB")
+    the columns are added, in one transaction and each only if missing, and its rows keep no check (their records
+    are resumed unchecked, as they were)."""
+    added = {"check_kind": "TEXT NOT NULL DEFAULT ''", "check_value": "BLOB"}
+    if added.keys() <= {row[1] for row in conn.execute("PRAGMA table_info(updates)")}:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(updates)")}  # another process may have added
+        for name, declaration in added.items():
+            if name not in columns:
+                conn.execute(f"ALTER TABLE updates ADD COLUMN {name} {declaration}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -54,3 +54,25 @@ def test_an_old_state_directorys_updates_resume_unchecked_and_new_ones_get_a_che
         assert [u.check.kind if u.check else None for u in store.round_updates(1)] == [None, "crc32"]
     finally:
         store.close()
+
+
+def test_an_upgrade_stopped_between_adding_the_check_columns_opens_the_next_time(tmp_path: Path) -> None:
+    """The two columns used to be added by two statements, each committed on its own: an aggregator stopped between
+    them (a power cut at its first start after the upgrade) left ``check_kind`` without ``check_value``, and every
+    later start skipped the migration and then failed to read its open round's updates."""
+    old = sqlite3.connect(tmp_path / "aggregator.db")
+    old.executescript(SCHEMA.replace("    check_value BLOB,\n", ""))
+    old.execute("INSERT INTO rounds (round_id, model_version, status, opened_at, deadline, goal) "
+                "VALUES (1, 0, 'open', 1.0, 2.0, 2)")
+    old.execute("INSERT INTO updates (digest, device_id, round_id, num_samples, metrics, offset, length, receipt, "
+                "accepted_at) VALUES (?, 'old', 1, 3, '{}', 0, 400, x'00', 1.0)", (b"\x01" * 32,))
+    old.commit()
+    old.close()
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "round-00000001.seg").write_bytes(np.full(100, 0.5, np.float32).tobytes() + bytes(3696))
+    store = Store(tmp_path)
+    try:
+        assert store.recover_segment(1) == SpoolRecovery(cut_bytes=0, lost=[], cause="")
+        assert [(u.device_id, u.check) for u in store.round_updates(1)] == [("old", None)]
+    finally:
+        store.close()
