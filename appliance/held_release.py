@@ -101,7 +101,8 @@ def load_release(state_dir: Path, aggregator_key: VerifyKey, models_dir: Path) -
     one log line saying why, and the file removed) when there is none that verifies."""
     path = state_dir / RELEASE_FILE
     for stale in state_dir.glob(f".{RELEASE_FILE}.*"):  # a write a power cut interrupted
-        stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            stale.unlink()
     if not path.exists():
         log.info("no model release stored in %s: the first model is downloaded in full", path)
         return None

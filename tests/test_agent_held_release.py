@@ -194,7 +194,10 @@ def test_the_stored_release_is_written_once_per_version(tmp_path: Path) -> None:
                 await f.take(agent, client, first)
                 written = f.stored.stat()
                 await f.take(agent, client, first)  # the same version again: nothing fetched, nothing written
+            interrupted = f.state / f".{RELEASE_FILE}.power-cut"  # what a power cut during a write leaves
+            interrupted.write_bytes(b"half a model")
             async with f.agent() as (agent, client):  # a reboot on the same version
+                assert not interrupted.exists()
                 await f.take(agent, client, first)
             assert len(f.model_answers()) == 1
             again = f.stored.stat()
