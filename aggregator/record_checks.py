@@ -131,7 +131,8 @@ class TensorSection:
                 continue
             scale = b""
             if encoding == "float16":
-                data = part.astype("<f2")
+                with np.errstate(over="ignore"):  # past float16's range: inf, no match below
+                    data = part.astype("<f2")
                 widened = data.astype(np.float32)
             else:
                 width = _FLOAT_BYTES.get(scales[0], 0) if scales else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 
 import cbor2
 import numpy as np
@@ -63,6 +64,23 @@ def test_a_record_rebuilds_its_signed_tensor_section_and_no_changed_bit_does(enc
             changed = record.copy()
             changed[at] ^= bit
             assert not record_intact(check, changed, section), (at, bit)
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8"])
+def test_a_record_changed_to_a_value_out_of_its_encodings_range_fails_without_a_warning(encoding: str) -> None:
+    """A changed exponent byte can make a float16 record's value larger than float16 holds: it is a changed record
+    like any other, reported in the resume's one error line, not also with numpy's "overflow encountered in cast"
+    RuntimeWarning on the aggregator's stderr."""
+    specs = _specs()
+    section = TensorSection(specs)
+    verified, record = _received(specs, encoding)
+    check = section.check(verified, encoding)
+    assert check is not None
+    changed = record.copy()
+    changed[2:4] = [0x7F, 0x7E]  # the first value becomes 8.5e37, finite in float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not record_intact(check, changed, section)
 
 
 def test_an_int8_update_whose_scale_is_zero_in_float32_passes_its_check() -> None:
