@@ -254,8 +254,13 @@ class Agent:
         return package
 
     async def _ensure_release(self, client: AggregatorClient, task: wire.Task) -> wire.ModelRelease:
-        if self._release is not None and self._release.version == task.model_version:
-            return self._release
+        # The digests decide, not the version number: a stored release may be a version of that number from before
+        # the aggregator's store was reset, or of another package.
+        held = self._release
+        if held is not None and (held.version, held.digest, held.package_digest) == (
+            task.model_version, task.model_digest, task.package_digest
+        ):
+            return held
         package = self._package
         assert package is not None
         # The release held is the base a delta may start from (docs/protocol.md 6.5): the steps are applied and

@@ -81,6 +81,11 @@ def _as_release_payload(verified: wire.Verified) -> wire.Verified:
 
 
 def _read(path: Path, aggregator_key: VerifyKey, models_dir: Path) -> HeldRelease:
+    # Bounded before it is read: a file grown past any model answer would otherwise be read whole at every start.
+    size = path.stat().st_size
+    if size > wire.DEFAULT_LIMITS.max_bytes:
+        raise wire.ProtocolError("too-large", f"{size} bytes exceeds the {wire.DEFAULT_LIMITS.max_bytes} a model "
+                                              "answer may have")
     data = path.read_bytes()
     verified = _as_release_payload(wire.verify(data, wire.pinned(aggregator_key)))
     package_digest = verified.payload.get("package_digest")

@@ -29,7 +29,7 @@ from appliance import modelpkg, wire
 from appliance.agent import Agent
 from appliance.client import AggregatorClient
 from appliance.config import load_config
-from appliance.held_release import RELEASE_FILE
+from appliance.held_release import RELEASE_FILE, load_release
 from appliance.identity import load_or_create_device_key, write_aggregator_key
 from tests.agent_harness import ADVISORY, agent_config
 from tests.aggregator_harness import Harness, ServedAsInProduction, run
@@ -306,5 +306,75 @@ def test_a_damaged_rebuilt_release_is_ignored_too(tmp_path: Path, caplog: pytest
             assert len(lines) == 1 and "(digest-mismatch:" in lines[0], lines
             assert not f.model_answers()[-1].delta
             assert_published(f.h, release)
+
+    run(go())
+
+
+def test_a_held_release_of_the_tasks_version_number_but_another_model_is_not_trained_on(tmp_path: Path) -> None:
+    """The stored release is a genuinely signed version 1, but not the version 1 the aggregator publishes now
+    (its store was reset and it trained on): the task's digest decides, not the version number, so the agent
+    fetches the version the task names instead of training on the one it holds."""
+
+    async def go() -> None:
+        async with fleet(tmp_path) as f:
+            first = await f.h.task()
+            assert first is not None
+            async with f.agent() as (agent, client):
+                await f.take(agent, client, first)
+            earlier_life = {name: value + np.float32(0.5) for name, value in f.h.package.info.initial_params.items()}
+            f.stored.write_bytes(wire.encode_model_release(
+                wire.ModelRelease(1, f.h.package.info.digest, earlier_life), f.h.key)[0])
+            await publish_rounds(f.h, 1)
+            task = await f.h.task(after=first.round_id)
+            assert task is not None and task.model_version == 1
+
+            async with f.agent() as (agent, client):
+                assert agent._release is not None and agent._release.version == 1  # it verifies: signed, held
+                release = await f.take(agent, client, task)
+            assert release.digest == task.model_digest
+            assert_published(f.h, release)
+            assert f.model_answers()[-1].path == "/v1/models/1"
+
+    run(go())
+
+
+def test_a_stored_file_larger_than_any_model_answer_is_ignored_without_being_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file grown past what the client accepts for a model answer (a corrupted file system) is refused from its
+    size: read whole, it could take the agent's memory at every start, and systemd would restart it into the same."""
+    key = SigningKey.generate()
+    state = tmp_path / "state"
+    state.mkdir()
+    with (state / RELEASE_FILE).open("wb") as fh:
+        fh.truncate(wire.DEFAULT_LIMITS.max_bytes + 1)  # sparse: takes no room
+    reads: list[Path] = []
+    read_bytes = Path.read_bytes
+
+    def recording_read_bytes(path: Path) -> bytes:
+        reads.append(path)
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", recording_read_bytes)
+    with caplog.at_level(logging.INFO, logger="fl_agent"):
+        assert load_release(state, key.verify_key, state / "models") is None
+    lines = ignored_lines(caplog)
+    assert len(lines) == 1 and "(too-large:" in lines[0], lines
+    assert reads == [] and not (state / RELEASE_FILE).exists()
+
+
+def test_a_leftover_temp_entry_that_cannot_be_removed_does_not_stop_the_agent(tmp_path: Path) -> None:
+    """What a power cut left beside the stored release is removed at start; one that cannot be (here a directory
+    of that name) is left, and the agent still starts holding its version."""
+
+    async def go() -> None:
+        async with fleet(tmp_path) as f:
+            first = await f.h.task()
+            assert first is not None
+            async with f.agent() as (agent, client):
+                await f.take(agent, client, first)
+            (f.state / f".{RELEASE_FILE}.stuck").mkdir()
+            async with f.agent() as (agent, _):
+                assert agent._release is not None and agent._release.version == 0
 
     run(go())
