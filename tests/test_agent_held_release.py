@@ -240,10 +240,19 @@ def another_key(f: Fleet) -> None:
     f.stored.write_bytes(wire.encode_model_release(release, SigningKey.generate())[0])
 
 
+def another_signed_type(f: Fleet) -> None:
+    """A message the pinned key signed with every field of a release and the tensors it pins, but of another type
+    (how a receipt or a task would be replayed as a release): the signed type must say it is a model."""
+    section = wire.encode_tensors(f.h.package.info.initial_params)
+    payload = {"v": wire.PROTOCOL_VERSION, "type": "receipt", "version": 0, "package_digest": f.h.package.info.digest,
+               "created_at": 0, "tensors_sha256": wire.tensors_digest(section)}
+    f.stored.write_bytes(wire.sign(payload, f.h.key, wire.key_id(f.h.key.verify_key)) + section)
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [(flip_a_byte, "digest-mismatch"), (cut_in_the_tensors, "digest-mismatch"), (cut_in_the_signature, "truncated"),
-     (another_package, "wrong-model"), (another_key, "unknown-key")],
+     (another_package, "wrong-model"), (another_key, "unknown-key"), (another_signed_type, "wrong-type")],
 )
 def test_a_damaged_or_foreign_stored_release_is_ignored_and_the_model_comes_in_full(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage, reason: str
