@@ -28,6 +28,7 @@ from nacl.signing import SigningKey
 from aggregator.app import METRICS
 from aggregator.buffered import BufferPolicy
 from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.simulate import SimulatedDevice
 from aggregator.store import SPOOL_LOSS_CAUSES, SpoolJob, Store
 from appliance import wire
 
@@ -55,6 +56,44 @@ def _records(state: Path, round_id: int) -> list[tuple[str, int, int]]:
         store.close()
 
 
+def _segment(state: Path, round_id: int) -> Path:
+    return state / "spool" / f"round-{round_id:08d}.seg"
+
+
+def _truncate(segment: Path, size: int) -> None:
+    """The disk hands the segment back ``size`` bytes long."""
+    with segment.open("r+b") as fh:
+        fh.truncate(size)
+
+
+def _the_one_error(caplog: pytest.LogCaptureFixture) -> str:
+    """The resume names every update it took out of a round in one error line, and logs no other."""
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+async def _assert_published(h: Harness, base: np.ndarray, deltas: list[np.ndarray], samples: list[int]) -> None:
+    """Model 1 is ``base`` plus the mean of exactly these (flat) deltas, weighted by their samples."""
+    expected = base + np.average(deltas, axis=0, weights=samples)
+    np.testing.assert_allclose(await _model(h, 1), expected, rtol=1e-5, atol=1e-7)
+
+
+async def _cut_after_two(
+    state: Path, key: SigningKey, policy: RoundPolicy, short_by: int
+) -> tuple[list[SimulatedDevice], wire.Task, list[tuple[str, int, int]]]:
+    """Two of three enrolled devices upload to the open round and the aggregator stops; the disk comes back with
+    the segment ending ``short_by`` bytes before the end of the second record. Returns the devices, the round's
+    task and its records as they were acknowledged."""
+    async with running(state, devices=3, key=key, policy=policy) as h:
+        task = await h.task()
+        for device in h.devices[:2]:
+            assert (await h.upload(device.update(task, h.delta())))[0] == 200
+    records = _records(state, task.round_id)
+    _truncate(_segment(state, task.round_id), records[1][1] + records[1][2] - short_by)
+    return h.devices, task, records
+
+
 def test_a_segment_cut_short_on_disk_resumes_with_the_intact_updates_only(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -77,18 +116,14 @@ def test_a_segment_cut_short_on_disk_resumes_with_the_intact_updates_only(
         # The disk comes back without the last 2 acknowledged records but 100 bytes of the first of them.
         records = _records(tmp_path, task.round_id)
         assert [r[0] for r in records] == [d.device_id for d in devices[:4]]
-        segment = tmp_path / "spool" / f"round-{task.round_id:08d}.seg"
-        size = records[2][1] + 100
-        with segment.open("r+b") as fh:
-            fh.truncate(size)
+        _truncate(_segment(tmp_path, task.round_id), records[2][1] + 100)
         lost = sorted(d.device_id for d in devices[2:4])
 
         with caplog.at_level(logging.ERROR):
             async with running(tmp_path, key=key, enrolled=devices, policy=policy) as h:
-                errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-                assert len(errors) == 1, errors
-                assert f"round {task.round_id}:" in errors[0] and all(d in errors[0] for d in lost)
-                assert "shorter" in errors[0] or "holds" in errors[0]
+                error = _the_one_error(caplog)
+                assert f"round {task.round_id}:" in error and all(d in error for d in lost)
+                assert "shorter" in error or "holds" in error
                 assert h.counter(LOST, cause="segment-short") == 2
                 assert h.counter(LOST, cause="segment-missing") == 0
                 assert h.counter(CUT) == 100  # what was left of the first lost record
@@ -100,9 +135,7 @@ def test_a_segment_cut_short_on_disk_resumes_with_the_intact_updates_only(
                 assert (await h.upload(devices[4].update(task, deltas[4], num_samples=samples[4])))[0] == 200
                 await h.engine.close_round()
                 kept = [0, 1, 4]
-                expected = base + np.average([h.flat(deltas[i]) for i in kept], axis=0,
-                                             weights=[samples[i] for i in kept])
-                np.testing.assert_allclose(await _model(h, 1), expected, rtol=1e-5, atol=1e-7)
+                await _assert_published(h, base, [h.flat(deltas[i]) for i in kept], [samples[i] for i in kept])
                 closed = await _status_of(h, task.round_id)
                 assert closed["status"] == "published" and closed["participants"] == 3
                 assert closed["samples"] == sum(samples[i] for i in kept)
@@ -129,15 +162,14 @@ def test_a_missing_segment_resumes_without_its_updates_and_an_identical_resend_c
             for body in bodies[:3]:
                 assert (await h.upload(body))[0] == 200
 
-        (tmp_path / "spool" / f"round-{task.round_id:08d}.seg").unlink()
+        _segment(tmp_path, task.round_id).unlink()
         lost = sorted(d.device_id for d in devices[:3])
 
         with caplog.at_level(logging.ERROR):
             async with running(tmp_path, key=key, enrolled=devices, policy=policy) as h:
-                errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-                assert len(errors) == 1, errors
-                assert f"round {task.round_id}:" in errors[0] and "missing" in errors[0]
-                assert all(d in errors[0] for d in lost)
+                error = _the_one_error(caplog)
+                assert f"round {task.round_id}:" in error and "missing" in error
+                assert all(d in error for d in lost)
                 assert h.counter(LOST, cause="segment-missing") == 3
                 assert h.engine.current.accepted == 0
                 assert sorted((await _status_of(h, task.round_id))["lost_devices"]) == lost
@@ -151,9 +183,7 @@ def test_a_missing_segment_resumes_without_its_updates_and_an_identical_resend_c
                 assert (await h.upload(bodies[3]))[0] == 200
                 await h.engine.close_round()
                 kept = [0, 3]
-                expected = base + np.average([h.flat(deltas[i]) for i in kept], axis=0,
-                                             weights=[samples[i] for i in kept])
-                np.testing.assert_allclose(await _model(h, 1), expected, rtol=1e-5, atol=1e-7)
+                await _assert_published(h, base, [h.flat(deltas[i]) for i in kept], [samples[i] for i in kept])
                 closed = await _status_of(h, task.round_id)
                 assert closed["status"] == "published" and closed["participants"] == 2
                 # the device that sent its update again counts, and is not listed as lost any more
@@ -168,14 +198,7 @@ def test_a_round_left_below_its_quorum_by_the_loss_is_abandoned(tmp_path: Path) 
     policy = RoundPolicy(min_clients=2, goal_clients=3, round_timeout=600)
 
     async def go() -> None:
-        async with running(tmp_path, devices=3, key=key, policy=policy) as h:
-            devices = h.devices
-            task = await h.task()
-            for device in devices[:2]:
-                assert (await h.upload(device.update(task, h.delta())))[0] == 200
-        records = _records(tmp_path, task.round_id)
-        with (tmp_path / "spool" / f"round-{task.round_id:08d}.seg").open("r+b") as fh:
-            fh.truncate(records[1][1] + records[1][2] - 4)  # the second record lacks its last float
+        devices, task, records = await _cut_after_two(tmp_path, key, policy, 4)  # the second lacks its last float
         async with running(tmp_path, key=key, enrolled=devices, policy=policy) as h:
             assert h.engine.current.accepted == 1
             await h.engine.close_round()
@@ -194,14 +217,7 @@ def test_a_segment_that_lost_only_the_padding_after_its_last_record_keeps_every_
     key = SigningKey.generate()
 
     async def go() -> None:
-        async with running(tmp_path, devices=3, key=key, policy=policy) as h:
-            devices = h.devices
-            task = await h.task()
-            for device in devices[:2]:
-                assert (await h.upload(device.update(task, h.delta())))[0] == 200
-        records = _records(tmp_path, task.round_id)
-        with (tmp_path / "spool" / f"round-{task.round_id:08d}.seg").open("r+b") as fh:
-            fh.truncate(records[1][1] + records[1][2])
+        devices, task, _ = await _cut_after_two(tmp_path, key, policy, 0)
         async with running(tmp_path, key=key, enrolled=devices, policy=policy) as h:
             assert h.engine.current.accepted == 2 and h.counter(LOST, cause="segment-short") == 0
             assert (await _status_of(h, task.round_id))["lost_devices"] == []
@@ -254,15 +270,14 @@ def test_a_record_changed_on_disk_is_taken_out_and_the_round_goes_on_with_the_ot
         assert {kind for _, kind in spooled.values()} == {f"{encoding}-sha256"}
         records = _records(tmp_path, task.round_id)
         changed, offset, length = records[1]
-        segment = tmp_path / "spool" / f"round-{task.round_id:08d}.seg"
+        segment = _segment(tmp_path, task.round_id)
         _flip(segment, offset + length // 2 + 1)  # inside one float of the second record
 
         with caplog.at_level(logging.ERROR):
             async with running(tmp_path, key=key, enrolled=devices, policy=policy, plan=plan) as h:
-                errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-                assert len(errors) == 1, errors
-                assert f"round {task.round_id}:" in errors[0] and changed in errors[0] and str(segment) in errors[0]
-                assert "fail their check" in errors[0]
+                error = _the_one_error(caplog)
+                assert f"round {task.round_id}:" in error and changed in error and str(segment) in error
+                assert "fail their check" in error
                 assert h.counter(LOST, cause="record-corrupt") == 1
                 assert h.counter(LOST, cause="segment-short") == h.counter(LOST, cause="segment-missing") == 0
                 open_round = await _status_of(h, task.round_id)
@@ -270,9 +285,8 @@ def test_a_record_changed_on_disk_is_taken_out_and_the_round_goes_on_with_the_ot
 
                 await h.engine.close_round()
                 kept = [i for i, d in enumerate(devices) if d.device_id != changed]
-                expected = base + np.average([spooled[devices[i].device_id][0] for i in kept], axis=0,
-                                             weights=[samples[i] for i in kept])
-                np.testing.assert_allclose(await _model(h, 1), expected, rtol=1e-5, atol=1e-7)
+                await _assert_published(h, base, [spooled[devices[i].device_id][0] for i in kept],
+                                        [samples[i] for i in kept])
                 closed = await _status_of(h, task.round_id)
                 assert closed["status"] == "published" and closed["participants"] == 3
                 assert closed["samples"] == sum(samples[i] for i in kept) and closed["lost_devices"] == [changed]
@@ -297,7 +311,7 @@ def test_bytes_changed_in_a_records_padding_or_in_the_cut_tail_change_nothing(tm
                 assert (await h.upload(device.update(task, delta, num_samples=n)))[0] == 200
 
         records = _records(tmp_path, task.round_id)
-        segment = tmp_path / "spool" / f"round-{task.round_id:08d}.seg"
+        segment = _segment(tmp_path, task.round_id)
         assert all(length % 4096 for _, _, length in records)  # each record is followed by its padding
         _flip(segment, records[0][1] + records[0][2])  # the first byte of the first record's padding
         _flip(segment, records[2][1] - 1)  # the last byte of the second record's padding
@@ -309,8 +323,7 @@ def test_bytes_changed_in_a_records_padding_or_in_the_cut_tail_change_nothing(tm
             assert sum(h.counter(LOST, cause=c) for c in SPOOL_LOSS_CAUSES) == 0
             assert h.counter(CUT) == 1000
             await h.engine.close_round()
-            expected = base + np.average([h.flat(d) for d in deltas], axis=0, weights=samples)
-            np.testing.assert_allclose(await _model(h, 1), expected, rtol=1e-5, atol=1e-7)
+            await _assert_published(h, base, [h.flat(d) for d in deltas], samples)
             closed = await _status_of(h, task.round_id)
             assert closed["participants"] == 3 and closed["lost_devices"] == []
 
@@ -340,7 +353,7 @@ def test_an_async_buffers_stale_update_changed_on_disk_is_taken_out(tmp_path: Pa
         stale = devices[3].device_id
         assert spooled[stale][1] == "crc32" and spooled[devices[4].device_id][1] == "float32-sha256"
         _, offset, length = next(r for r in _records(tmp_path, task1.round_id) if r[0] == stale)
-        _flip(tmp_path / "spool" / f"round-{task1.round_id:08d}.seg", offset + length // 3)
+        _flip(_segment(tmp_path, task1.round_id), offset + length // 3)
 
         async with running(tmp_path, key=key, enrolled=devices, policy=policy) as h:
             assert h.counter(LOST, cause="record-corrupt") == 1 and h.engine.current.accepted == 1
