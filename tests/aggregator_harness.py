@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from nacl.signing import SigningKey
@@ -53,6 +55,16 @@ class ServedAsInProduction(TestServer):
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
+
+
+def run_quietly(coro: Coroutine[Any, Any, T], caplog: pytest.LogCaptureFixture) -> T:
+    """:func:`run`, then assert that nothing was logged at WARNING or above and no record carried a traceback
+    (records are captured from INFO up, so an exception logged at INFO counts too)."""
+    with caplog.at_level(logging.INFO):
+        result = run(coro)
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert noisy == [], [r.getMessage() for r in noisy]
+    return result
 
 
 @dataclass
