@@ -43,12 +43,14 @@ def flat_delta(h: Harness, scale: float = 0.01) -> np.ndarray:
     return np.concatenate([v.ravel() for v in h.delta(scale).values()]).astype(np.float32)
 
 
-async def until_masked(rounds: list[SecureRound]) -> None:
-    """Every device through advertise, roster, share and the check of its routed shares."""
-    await asyncio.gather(*(r.advertise() for r in rounds))
-    await asyncio.gather(*(r.join() for r in rounds))
-    await asyncio.gather(*(r.share() for r in rounds))
-    await asyncio.gather(*(r.receive() for r in rounds))
+PHASES = ("advertise", "join", "share", "receive")
+
+
+async def until_masked(rounds: list[SecureRound], stop_after: str = "receive") -> None:
+    """Every device through advertise, roster (join), share and the check of its routed shares (receive), one phase
+    at a time; ``stop_after`` names the last phase to play, so a test can act on the aggregator between two."""
+    for phase in PHASES[: PHASES.index(stop_after) + 1]:
+        await asyncio.gather(*(getattr(r, phase)() for r in rounds))
 
 
 def expected_mean(deltas: list[np.ndarray], samples: list[int]) -> np.ndarray:

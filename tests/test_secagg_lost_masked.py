@@ -13,10 +13,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from secagg_harness import until_masked
 from test_secagg_restart import Aggregator, _deltas
 
 from appliance import wire
-from appliance.secagg_client import SecureRound, Transport
 
 
 def _last_record(state: Path, round_id: int) -> tuple[str, int]:
@@ -49,16 +49,9 @@ def test_a_survivors_masked_input_lost_from_the_spool_abandons_the_round_with_th
     deltas, samples = _deltas(3), [20, 40, 60]
 
     async def go() -> None:
-        agg.start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
-            await agg.healthy(session)
-            task = wire.decode_task((await agg.get(session, "/v1/task"))[1], agg.key)
-            link = Transport(agg.url, session, agg.key)
-            rounds = [SecureRound(link, task, d.device_id, d.key) for d in agg.devices]
-            await asyncio.gather(*(r.advertise() for r in rounds))
-            await asyncio.gather(*(r.join() for r in rounds))
-            await asyncio.gather(*(r.share() for r in rounds))
-            await asyncio.gather(*(r.receive() for r in rounds))
+            task, rounds = await agg.first_round(session)
+            await until_masked(rounds)
             for r, d, n in zip(rounds, deltas, samples, strict=True):
                 async with session.post(agg.url + "/v1/updates", data=r.masked_input(d, n),
                                         headers={"Content-Type": wire.CONTENT_TYPE}) as response:

@@ -17,6 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 from nacl.signing import VerifyKey
+from secagg_harness import until_masked
 
 from aggregator.simulate import SimulatedDevice, synthetic_package
 from appliance import wire
@@ -87,6 +88,14 @@ class Aggregator:
     async def status(self, session: aiohttp.ClientSession) -> dict:
         return json.loads((await self.get(session, "/v1/status"))[1])
 
+    async def first_round(self, session: aiohttp.ClientSession) -> tuple[wire.Task, list[SecureRound]]:
+        """Starts the aggregator and returns its first (secure) task with each enrolled device's client for it."""
+        self.start()
+        await self.healthy(session)
+        task = wire.decode_task((await self.get(session, "/v1/task"))[1], self.key)
+        link = Transport(self.url, session, self.key)
+        return task, [SecureRound(link, task, d.device_id, d.key) for d in self.devices]
+
 
 def _deltas(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -110,14 +119,9 @@ def test_a_round_killed_between_phases_resumes_and_publishes_the_exact_mean(tmp_
     deltas, samples = _deltas(1), [20, 40, 60]
 
     async def go() -> None:
-        agg.start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
-            await agg.healthy(session)
-            task = wire.decode_task((await agg.get(session, "/v1/task"))[1], agg.key)
-            link = Transport(agg.url, session, agg.key)
-            rounds = [SecureRound(link, task, d.device_id, d.key) for d in agg.devices]
-            await asyncio.gather(*(r.advertise() for r in rounds))
-            await asyncio.gather(*(r.join() for r in rounds))
+            task, rounds = await agg.first_round(session)
+            await until_masked(rounds, stop_after="join")
             roster = (await agg.get(session, f"/v1/secagg/{task.round_id}/roster"))[1]
             if killed_in == "share":
                 agg.kill()
@@ -169,14 +173,9 @@ def test_a_round_whose_deadline_passed_while_the_aggregator_was_down_is_abandone
     agg = Aggregator(tmp_path, round_timeout=6)
 
     async def go() -> None:
-        agg.start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
-            await agg.healthy(session)
-            task = wire.decode_task((await agg.get(session, "/v1/task"))[1], agg.key)
-            link = Transport(agg.url, session, agg.key)
-            rounds = [SecureRound(link, task, d.device_id, d.key) for d in agg.devices]
-            await asyncio.gather(*(r.advertise() for r in rounds))
-            await asyncio.gather(*(r.join() for r in rounds))
+            task, rounds = await agg.first_round(session)
+            await until_masked(rounds, stop_after="join")
             await rounds[0].share()
             agg.kill()
             while time.time() <= task.deadline:  # down past the round's deadline
