@@ -63,16 +63,6 @@ def crc32_check(record: Any) -> RecordCheck:
     return RecordCheck(CRC32, zlib.crc32(record).to_bytes(4, "big"))
 
 
-def _head(major: int, argument: int) -> bytes:
-    """The shortest CBOR head of a major type with an argument (a length, here)."""
-    if argument < 24:
-        return bytes([major << 5 | argument])
-    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if argument < 1 << (8 * size):
-            return bytes([major << 5 | info]) + argument.to_bytes(size, "big")
-    raise ValueError(f"CBOR argument {argument} does not fit 64 bits")
-
-
 class TensorSection:
     """A model's tensor section in deterministic encoding (docs/protocol.md section 5), known but for its data: a
     map in the encoded names' order, each name then ``40([dims, typed array])`` (int8: ``[that, scale]``). The
@@ -90,9 +80,11 @@ class TensorSection:
         for encoding, (tag, itemsize) in _TYPED.items():
             pieces = []
             for index, (key, spec) in enumerate(keyed):
-                head = (_head(5, len(keyed)) if index == 0 else b"") + key + (b"\x82" if encoding == "int8" else b"")
+                head = wire.cbor_head(5, len(keyed)) if index == 0 else b""
+                head += key + (b"\x82" if encoding == "int8" else b"")
                 head += _TAG_MULTI_DIM + cbor2.dumps(list(spec.shape), canonical=True) + tag
-                pieces.append((head + _head(2, itemsize * spec.size), starts[spec.name], starts[spec.name] + spec.size))
+                start = starts[spec.name]
+                pieces.append((head + wire.cbor_head(2, itemsize * spec.size), start, start + spec.size))
             self.pieces[encoding] = pieces
 
     def check(self, verified: wire.Verified, encoding: str) -> RecordCheck | None:
@@ -156,7 +148,7 @@ def masked_check(
     """The check of a masked input's record (``size`` bytes of words): its signed ``section_sha256`` if ``body``
     is exactly its signed ``envelope`` (the one whose SHA-256 is ``digest``) followed by ``70(words)`` in
     deterministic encoding, else None (the spool takes a CRC)."""
-    head = _TAG_UINT32_LE + _head(2, size)
+    head = _TAG_UINT32_LE + wire.cbor_head(2, size)
     section = memoryview(body)[len(envelope) :]
     if len(section) != len(head) + size or section[: len(head)] != head:
         return None
@@ -171,7 +163,7 @@ def record_intact(check: RecordCheck, record: np.ndarray, tensors: TensorSection
     if check.kind == CRC32:
         return crc32_check(record) == check
     if check.kind == MASKED_SHA256:
-        sha = hashlib.sha256(_TAG_UINT32_LE + _head(2, len(record)))
+        sha = hashlib.sha256(_TAG_UINT32_LE + wire.cbor_head(2, len(record)))
         sha.update(record)
         return sha.digest() == check.value
     if check.kind in SIGNED_TENSORS.values():

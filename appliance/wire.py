@@ -243,7 +243,7 @@ _TAG_HEAD = {  # the two-byte heads of tags 40, 72, 84 and 85
 }
 
 
-def _head(major: int, argument: int) -> bytes:
+def cbor_head(major: int, argument: int) -> bytes:
     """The shortest CBOR head of a major type with an argument (a length, here)."""
     if argument < 24:
         return bytes([major << 5 | argument])
@@ -275,10 +275,10 @@ def _section_parts(tensors: Mapping[str, np.ndarray], encoding: str) -> list[byt
             prefix = _TAG_HEAD[TAG_MULTI_DIM] + b"\x82" + dims + _TAG_HEAD[_DTYPE_TAG[encoding]]
             suffix = b""
         flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        entries.append((cbor2.dumps(name, canonical=True), prefix + _head(2, flat.size), flat, suffix))
+        entries.append((cbor2.dumps(name, canonical=True), prefix + cbor_head(2, flat.size), flat, suffix))
     # Core deterministic order: by the encoded key's bytes (for text keys: shorter first, then bytewise).
     entries.sort(key=lambda entry: entry[0])
-    parts: list[bytes | np.ndarray] = [_head(5, len(entries))]
+    parts: list[bytes | np.ndarray] = [cbor_head(5, len(entries))]
     for entry in entries:
         parts.extend(entry)
     return parts
