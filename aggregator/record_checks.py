@@ -40,6 +40,9 @@ MASKED_SHA256 = "masked-sha256"
 CRC32 = "crc32"
 #: The check kind of an update's record, by the encoding of its tensor section.
 SIGNED_TENSORS = {"float32": "float32-sha256", "float16": "float16-sha256", "int8": "int8-sha256"}
+#: Every check kind this version can verify. A row may carry another one (written by a newer aggregator, or damaged):
+#: :meth:`Store.recover_segment <aggregator.store.Store.recover_segment>` then refuses to resume its round.
+CHECK_KINDS = frozenset({MASKED_SHA256, CRC32, *SIGNED_TENSORS.values()})
 
 _DIGEST_BYTES = 32
 _TAG_MULTI_DIM = b"\xd8\x28\x82"  # tag 40 over [dims, typed array]

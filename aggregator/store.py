@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.record_checks import RecordCheck, TensorSection, crc32_check, record_intact
+from aggregator.record_checks import CHECK_KINDS, RecordCheck, TensorSection, crc32_check, record_intact
 from aggregator.threadnames import name_this_thread
 from appliance.durable import fsync_dir
 
@@ -243,6 +243,20 @@ def _allow_superseded_rounds(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _unknown_checks(round_id: int, rows: list[UpdateRow]) -> str:
+    """Why a round with records of unknown check kinds does not resume, in one line.
+
+    Such a row comes from a newer aggregator (started on this state directory, then downgraded) or is damaged. Its
+    record is most likely intact; taking its update out of the round would withdraw a receipt whose device has
+    deleted the update, for good, and the newer version could no longer count it. So nothing is changed and the
+    operator chooses: the version that wrote the rows, or resuming those records unchecked (docs/aggregator.md)."""
+    named = ", ".join(f"device {r.device_id} check kind {r.check.kind!r}" for r in rows if r.check is not None)
+    return (f"round {round_id}: {len(rows)} acknowledged updates have spooled records whose check this fl-aggregator "
+            f"does not know ({named}; it knows {', '.join(sorted(CHECK_KINDS))}): the database was written by a "
+            "newer fl-aggregator, or these rows are damaged; nothing was changed, start the version that wrote "
+            "them, or see \"Records of an unknown check kind\" in docs/aggregator.md")
 
 
 def _add_record_checks(conn: sqlite3.Connection) -> None:
@@ -551,9 +565,15 @@ class Store:
         update is taken out of the round (its row moves to ``lost_updates``, which withdraws its receipt) and the
         round's devices that lost theirs are named in one error line per cause. ``tensors`` is the model's tensor
         section, which the checks of updates against their signed digests rebuild from their records.
+
+        A row whose check is of a kind this version does not know raises :class:`StoreError` before anything is
+        changed (see :func:`_unknown_checks`).
         """
         path = self.segment_path(round_id)
         rows = self.round_updates(round_id)
+        unknown = [r for r in rows if r.check is not None and r.check.kind not in CHECK_KINDS]
+        if unknown:
+            raise StoreError(_unknown_checks(round_id, unknown))
         size = path.stat().st_size if path.exists() else None
         cause = "segment-missing" if size is None else "segment-short"
         whole = [] if size is None else [r for r in rows if r.offset + r.length <= size]

@@ -15,9 +15,14 @@ and started again on the same state directory.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sqlite3
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +32,12 @@ from nacl.signing import SigningKey
 
 from aggregator.app import METRICS
 from aggregator.buffered import BufferPolicy
+from aggregator.record_checks import RecordCheck
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.simulate import SimulatedDevice
-from aggregator.store import SPOOL_LOSS_CAUSES, SpoolJob, Store
+from aggregator.store import SPOOL_LOSS_CAUSES, SpoolJob, Store, StoreError
 from appliance import wire
+from flctl.ports import free_port
 
 LOST = "fl_aggregator_spool_lost_updates_total"
 CUT = "fl_aggregator_spool_cut_bytes_total"
@@ -411,3 +418,106 @@ def test_checking_a_rounds_records_at_resume_maps_one_record_at_a_time(tmp_path:
     corrupt, grown_kib = map(int, run_.stdout.split())
     assert corrupt == 0
     assert grown_kib < 8 * 1024, f"peak RSS grew by {grown_kib // 1024} MiB checking a {records} MiB segment"
+
+
+# ------------------------------------------------------------------------------- a check kind this version lacks
+
+NEWER_KIND = "float64-sha512"  # what a newer aggregator might write; no version knows it today
+
+
+def _set_check_kind(state: Path, device_id: str, kind: str) -> str:
+    """Give the device's spooled update row another check kind (as a newer aggregator, or damage, would); returns
+    the kind it had."""
+    db = sqlite3.connect(state / "aggregator.db")
+    try:
+        (before,) = db.execute("SELECT check_kind FROM updates WHERE device_id=?", (device_id,)).fetchone()
+        with db:
+            db.execute("UPDATE updates SET check_kind=? WHERE device_id=?", (kind, device_id))
+        return before
+    finally:
+        db.close()
+
+
+def _lost_rows(state: Path) -> int:
+    db = sqlite3.connect(state / "aggregator.db")
+    try:
+        return db.execute("SELECT count(*) FROM lost_updates").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_a_record_of_an_unknown_check_kind_stops_the_resume_and_changes_nothing(tmp_path: Path) -> None:
+    """A row whose check kind this version does not know (a newer aggregator wrote it and was downgraded, or the row
+    is damaged) ended the start in a ValueError traceback. Its record is most likely intact, and taking its update
+    out of the round would withdraw the receipt of a device that has deleted it, for good; so the start is refused
+    naming the round, the device and the kind, nothing is changed, and a version that knows the kind (here: the
+    kind put back) resumes every update."""
+    key = SigningKey.generate()
+    policy = RoundPolicy(min_clients=2, goal_clients=5, round_timeout=600)
+
+    async def go() -> None:
+        async with running(tmp_path, devices=3, key=key, policy=policy) as h:
+            devices = h.devices
+            task = await h.task()
+            for device in devices:
+                assert (await h.upload(device.update(task, h.delta())))[0] == 200
+        records = _records(tmp_path, task.round_id)
+        segment = _segment(tmp_path, task.round_id)
+        size = segment.stat().st_size
+        newer = devices[1].device_id
+        kind = _set_check_kind(tmp_path, newer, NEWER_KIND)
+
+        with pytest.raises(StoreError) as refused:
+            async with running(tmp_path, key=key, enrolled=devices, policy=policy):
+                pass
+        message = str(refused.value)
+        assert message.startswith(f"round {task.round_id}: ") and "\n" not in message
+        assert f"device {newer} check kind '{NEWER_KIND}'" in message
+        assert segment.stat().st_size == size and _records(tmp_path, task.round_id) == records
+        assert _lost_rows(tmp_path) == 0
+
+        _set_check_kind(tmp_path, newer, kind)
+        async with running(tmp_path, key=key, enrolled=devices, policy=policy) as h:
+            assert h.engine.current.accepted == 3
+            assert h.counter(LOST, cause="record-corrupt") == 0
+            assert (await _status_of(h, task.round_id))["lost_devices"] == []
+
+    run(go())
+
+
+def test_serve_refuses_an_unknown_check_kind_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    port = free_port()
+    cmd = [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(state), "--listen",
+           f"127.0.0.1:{port}", "--synthetic-parameters", "10"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=2) as r:
+                    round_id = json.load(r)["current_round"]["round"]
+                break
+            except (urllib.error.URLError, ConnectionError, TypeError):  # not listening yet, or no round yet
+                assert first.poll() is None
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the first start never opened a round")
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+    store = Store(state)
+    try:
+        store.start_writer()
+        asyncio.run(store.spool(SpoolJob(
+            digest=b"\x01" * 32, device_id="d1", round_id=round_id, num_samples=1, metrics={},
+            delta=np.zeros(10, np.float32), receipt=b"r", accepted_at=time.time(),
+            check=RecordCheck(NEWER_KIND, b"\x00" * 64),
+        )))
+    finally:
+        store.close()
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fl-aggregator: round {round_id}: ") and f"device d1 check kind '{NEWER_KIND}'" in last
