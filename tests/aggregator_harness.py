@@ -130,6 +130,17 @@ class Harness:
         return self.counter("fl_aggregator_updates_rejected_total", reason=reason)
 
 
+async def publish_rounds(h: Harness, rounds: int) -> None:
+    """``rounds`` rounds, each closed by every enrolled device's update: the next ``rounds`` model versions (the
+    policy's goal must be all of ``h.devices``)."""
+    for _ in range(rounds):
+        task = await h.task(after=h.engine.store.last_round_id() - 1)
+        assert task is not None
+        for device in h.devices:
+            assert (await h.upload(device.update(task, h.delta(0.05))))[0] == 200
+        await h.task(after=task.round_id, wait=10)
+
+
 @contextlib.asynccontextmanager
 async def running(
     state_dir: Path,

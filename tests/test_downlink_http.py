@@ -22,19 +22,9 @@ from appliance.client import AggregatorClient
 from appliance.config import load_config
 from appliance.identity import load_or_create_device_key, write_aggregator_key
 from tests.agent_harness import ADVISORY, agent_config
-from tests.aggregator_harness import Harness, run, running
+from tests.aggregator_harness import Harness, publish_rounds, run, running
 
 PARAMETERS = 4000
-
-
-async def publish_rounds(h: Harness, rounds: int) -> None:
-    """``rounds`` rounds, each closed by both devices' updates: versions 1..rounds."""
-    for _ in range(rounds):
-        task = await h.task(after=h.engine.store.last_round_id() - 1)
-        assert task is not None
-        for device in h.devices:
-            assert (await h.upload(device.update(task, h.delta(0.05))))[0] == 200
-        await h.task(after=task.round_id, wait=10)
 
 
 def published(h: Harness, version: int) -> wire.ModelRelease:
