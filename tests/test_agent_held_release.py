@@ -100,6 +100,26 @@ class Fleet:
         await agent._ensure_package(client, task.package_digest)
         return await agent._ensure_release(client, task)
 
+    async def hold_first(self) -> wire.Task:
+        """The aggregator's first task (version 0), taken by an agent that then stops: the device holds version 0."""
+        first = await self.h.task()
+        assert first is not None and first.model_version == 0
+        async with self.agent() as (agent, client):
+            await self.take(agent, client, first)
+        return first
+
+    async def publish_next(self, after: wire.Task) -> wire.Task:
+        """One more round closed by the simulated devices; returns the task for the version it published."""
+        await publish_rounds(self.h, 1)
+        task = await self.h.task(after=after.round_id)
+        assert task is not None and task.model_version == after.model_version + 1
+        return task
+
+    async def hold_first_then_next(self) -> tuple[wire.Task, wire.Task]:
+        """:meth:`hold_first`, then :meth:`publish_next`: the device holds version 0 and the aggregator asks for 1."""
+        first = await self.hold_first()
+        return first, await self.publish_next(first)
+
 
 @contextlib.asynccontextmanager
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
@@ -147,15 +167,9 @@ def ignored_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_a_restarted_agent_fetches_the_next_version_as_a_delta_and_rebuilds_it_bit_for_bit(tmp_path: Path) -> None:
     async def go() -> None:
         async with fleet(tmp_path) as f:
-            first = await f.h.task()
-            assert first is not None and first.model_version == 0
-            async with f.agent() as (agent, client):
-                await f.take(agent, client, first)
-            full = f.model_answers()[-1]
+            _, task = await f.hold_first_then_next()
+            full = f.model_answers()[-1]  # publishing does not go through the relay: still version 0's answer
             assert not full.delta
-            await publish_rounds(f.h, 1)
-            task = await f.h.task(after=first.round_id)
-            assert task is not None and task.model_version == 1
 
             async with f.agent() as (agent, client):  # a reboot
                 assert agent.heartbeat().model_version == 0  # before any round: the version held on flash
@@ -193,9 +207,7 @@ def test_the_stored_release_is_written_once_per_version(tmp_path: Path) -> None:
             again = f.stored.stat()
             assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
 
-            await publish_rounds(f.h, 1)
-            task = await f.h.task(after=first.round_id)
-            assert task is not None
+            task = await f.publish_next(first)
             async with f.agent() as (agent, client):
                 await f.take(agent, client, task)
             assert f.stored.stat().st_ino != written.st_ino  # a new version replaces the file
@@ -249,13 +261,7 @@ def test_a_damaged_or_foreign_stored_release_is_ignored_and_the_model_comes_in_f
 ) -> None:
     async def go() -> None:
         async with fleet(tmp_path) as f:
-            first = await f.h.task()
-            assert first is not None
-            async with f.agent() as (agent, client):
-                await f.take(agent, client, first)
-            await publish_rounds(f.h, 1)
-            task = await f.h.task(after=first.round_id)
-            assert task is not None
+            _, task = await f.hold_first_then_next()
             damage(f)
 
             caplog.clear()
@@ -281,20 +287,12 @@ def test_a_damaged_rebuilt_release_is_ignored_too(tmp_path: Path, caplog: pytest
 
     async def go() -> None:
         async with fleet(tmp_path) as f:
-            first = await f.h.task()
-            assert first is not None
-            async with f.agent() as (agent, client):
-                await f.take(agent, client, first)
-            await publish_rounds(f.h, 1)
-            second = await f.h.task(after=first.round_id)
-            assert second is not None and second.model_version == 1
+            _, second = await f.hold_first_then_next()
             async with f.agent() as (agent, client):
                 await f.take(agent, client, second)
             assert f.model_answers()[-1].delta
             flip_a_byte(f)
-            await publish_rounds(f.h, 1)
-            third = await f.h.task(after=second.round_id)
-            assert third is not None and third.model_version == 2
+            third = await f.publish_next(second)
 
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="fl_agent"):
@@ -316,16 +314,11 @@ def test_a_held_release_of_the_tasks_version_number_but_another_model_is_not_tra
 
     async def go() -> None:
         async with fleet(tmp_path) as f:
-            first = await f.h.task()
-            assert first is not None
-            async with f.agent() as (agent, client):
-                await f.take(agent, client, first)
+            first = await f.hold_first()
             earlier_life = {name: value + np.float32(0.5) for name, value in f.h.package.info.initial_params.items()}
             f.stored.write_bytes(wire.encode_model_release(
                 wire.ModelRelease(1, f.h.package.info.digest, earlier_life), f.h.key)[0])
-            await publish_rounds(f.h, 1)
-            task = await f.h.task(after=first.round_id)
-            assert task is not None and task.model_version == 1
+            task = await f.publish_next(first)
 
             async with f.agent() as (agent, client):
                 assert agent._release is not None and agent._release.version == 1  # it verifies: signed, held
@@ -368,10 +361,7 @@ def test_a_leftover_temp_entry_that_cannot_be_removed_does_not_stop_the_agent(tm
 
     async def go() -> None:
         async with fleet(tmp_path) as f:
-            first = await f.h.task()
-            assert first is not None
-            async with f.agent() as (agent, client):
-                await f.take(agent, client, first)
+            await f.hold_first()
             (f.state / f".{RELEASE_FILE}.stuck").mkdir()
             async with f.agent() as (agent, _):
                 assert agent._release is not None and agent._release.version == 0
