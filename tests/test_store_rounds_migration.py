@@ -28,12 +28,10 @@ def test_an_old_state_directory_keeps_its_rounds_and_can_record_a_superseded_one
         store.close()
 
 
-def test_an_old_state_directorys_updates_resume_unchecked_and_new_ones_get_a_check(tmp_path: Path) -> None:
-    """Rows written before spooled records had checks have none to compare with: their round resumes with them as
-    before (a changed record there goes unnoticed, as it did), and updates spooled from then on carry a check."""
-    old = sqlite3.connect(tmp_path / "aggregator.db")
-    schema = SCHEMA.replace("    check_kind  TEXT NOT NULL DEFAULT '',\n    check_value BLOB,\n", "")
-    assert "check_kind" not in schema
+def _old_state_with_one_open_update(state: Path, schema: str) -> None:
+    """A state directory an older aggregator left, its database made by ``schema``: round 1 open with one
+    acknowledged update (device ``old``, 100 floats of 0.5) spooled at the start of its segment."""
+    old = sqlite3.connect(state / "aggregator.db")
     old.executescript(schema)
     old.execute("INSERT INTO rounds (round_id, model_version, status, opened_at, deadline, goal) "
                 "VALUES (1, 0, 'open', 1.0, 2.0, 2)")
@@ -41,8 +39,16 @@ def test_an_old_state_directorys_updates_resume_unchecked_and_new_ones_get_a_che
                 "accepted_at) VALUES (?, 'old', 1, 3, '{}', 0, 400, x'00', 1.0)", (b"\x01" * 32,))
     old.commit()
     old.close()
-    (tmp_path / "spool").mkdir()
-    (tmp_path / "spool" / "round-00000001.seg").write_bytes(np.full(100, 0.5, np.float32).tobytes() + bytes(3696))
+    (state / "spool").mkdir()
+    (state / "spool" / "round-00000001.seg").write_bytes(np.full(100, 0.5, np.float32).tobytes() + bytes(3696))
+
+
+def test_an_old_state_directorys_updates_resume_unchecked_and_new_ones_get_a_check(tmp_path: Path) -> None:
+    """Rows written before spooled records had checks have none to compare with: their round resumes with them as
+    before (a changed record there goes unnoticed, as it did), and updates spooled from then on carry a check."""
+    schema = SCHEMA.replace("    check_kind  TEXT NOT NULL DEFAULT '',\n    check_value BLOB,\n", "")
+    assert "check_kind" not in schema
+    _old_state_with_one_open_update(tmp_path, schema)
     store = Store(tmp_path)
     try:
         assert store.recover_segment(1) == SpoolRecovery(cut_bytes=0, lost=[], cause="")
@@ -60,16 +66,7 @@ def test_an_upgrade_stopped_between_adding_the_check_columns_opens_the_next_time
     """The two columns used to be added by two statements, each committed on its own: an aggregator stopped between
     them (a power cut at its first start after the upgrade) left ``check_kind`` without ``check_value``, and every
     later start skipped the migration and then failed to read its open round's updates."""
-    old = sqlite3.connect(tmp_path / "aggregator.db")
-    old.executescript(SCHEMA.replace("    check_value BLOB,\n", ""))
-    old.execute("INSERT INTO rounds (round_id, model_version, status, opened_at, deadline, goal) "
-                "VALUES (1, 0, 'open', 1.0, 2.0, 2)")
-    old.execute("INSERT INTO updates (digest, device_id, round_id, num_samples, metrics, offset, length, receipt, "
-                "accepted_at) VALUES (?, 'old', 1, 3, '{}', 0, 400, x'00', 1.0)", (b"\x01" * 32,))
-    old.commit()
-    old.close()
-    (tmp_path / "spool").mkdir()
-    (tmp_path / "spool" / "round-00000001.seg").write_bytes(np.full(100, 0.5, np.float32).tobytes() + bytes(3696))
+    _old_state_with_one_open_update(tmp_path, SCHEMA.replace("    check_value BLOB,\n", ""))
     store = Store(tmp_path)
     try:
         assert store.recover_segment(1) == SpoolRecovery(cut_bytes=0, lost=[], cause="")
