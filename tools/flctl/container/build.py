@@ -30,7 +30,7 @@ from . import payload
 from .base import base_image, base_tarball
 from .payload import PROJECT_ROOT, SERVICES, Service
 from .platforms import Platform, ensure_emulation
-from .podman import ContainerError, image_exists, image_inspect, podman
+from .podman import ContainerError, image_exists, image_id, image_inspect, podman
 
 REPOSITORY = "localhost/fl-edge"
 HEALTHCHECK = "--interval=30s --timeout=5s --start-period=120s --retries=3"
@@ -131,12 +131,16 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
                 payload.application(wheel, service, platform, base_tarball(store, platform), context / "app", log)
                 (context / "state").mkdir(mode=0o700)
                 (context / "Containerfile").write_text(containerfile(service, base, info))
+                replaced = image_id(ref, cache)
                 # No layer cache: buildah 1.28 reused a cached COPY layer whose source files had changed (an
                 # entry script fixed in the build context stayed old in the image). The copies take seconds.
                 podman("build", "--format=docker", "--pull=never", "--layers=false",
                        f"--platform=linux/{platform.name}", "-t", ref, "-f", str(context / "Containerfile"),
                        str(context), what=f"podman build {ref}", cache=cache, log=log)  # fmt: skip
-                size = int(image_inspect(ref, cache)["Size"])
+                inspected = image_inspect(ref, cache)
+                size = int(inspected["Size"])
+                if replaced and replaced != inspected["Id"]:
+                    remove_replaced(replaced, ref, cache, log, progress)
                 image = BuiltImage(service.name, platform.name, ref, size, round(time.monotonic() - started, 1))
                 built.append(image)
                 progress(f"{ref}: {size / 1e6:.0f} MB ({image.seconds} s)")
@@ -147,13 +151,25 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
     return built
 
 
+def remove_replaced(image: str, ref: str, cache: Path | None, log: Path, progress) -> None:
+    """Remove the image ``ref`` named before this build. Left alone, every rebuild leaves its predecessor
+    untagged in podman's storage (about 350 MB per image and architecture) until the disk fills. An image
+    a container still uses, or that another name still tags, stays; podman's refusal goes to the build log."""
+    done = podman("rmi", image, what=f"podman rmi {image}", cache=cache, log=log, check=False)
+    if done.returncode == 0:
+        progress(f"{ref}: removed the image it replaces ({image[:12]})")
+    else:
+        progress(f"{ref}: kept the image it replaces ({image[:12]}): in use or tagged elsewhere, see {log}")
+
+
 def manifest_list(service: Service, version: str, platforms: list[Platform], cache: Path | None, log: Path) -> str:
     """``localhost/fl-edge/<name>:<version>`` as a manifest list of the per-architecture images (made anew)."""
     ref = image_ref(service, version)
+    # Unconditionally: ``image exists`` resolves a list to its instance for this machine, and says no once the
+    # rebuild removed that instance (remove_replaced), while the list still holds the name.
+    podman("manifest", "rm", ref, what=f"podman manifest rm {ref}", cache=cache, log=log, check=False)
     if image_exists(ref, cache):
-        podman("manifest", "rm", ref, what=f"podman manifest rm {ref}", cache=cache, log=log, check=False)
-        if image_exists(ref, cache):
-            podman("rmi", ref, what=f"podman rmi {ref}", cache=cache, log=log)
+        podman("rmi", ref, what=f"podman rmi {ref}", cache=cache, log=log)
     podman("manifest", "create", ref, what=f"podman manifest create {ref}", cache=cache, log=log)
     for platform in platforms:
         podman("manifest", "add", f"--arch={platform.name}", "--os=linux", ref,

@@ -82,6 +82,15 @@ def image_exists(ref: str, cache: Path | None = None) -> bool:
     return podman("image", "exists", ref, what="podman image exists", cache=cache, check=False).returncode == 0
 
 
+def image_id(ref: str, cache: Path | None = None) -> str | None:
+    """The ID of the image ``ref`` names, or None when there is none."""
+    done = podman("image", "inspect", "--format={{.Id}}", ref, what=f"podman image inspect {ref}", cache=cache,
+                  check=False)
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
 def image_inspect(ref: str, cache: Path | None = None) -> dict:
     out = podman("image", "inspect", ref, what=f"podman image inspect {ref}", cache=cache).stdout
     return json.loads(out)[0]
