@@ -1,0 +1,43 @@
+"""The disk space a full test session needs, checked before the first test: a full disk otherwise shows up as
+hundreds of unrelated setup errors (every tmp_path, spool and image write fails) a third of the way in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+#: What one session writes at its peak, with margin: about 2 GB of disk images in session fixtures, 1.4 GB of
+#: container images, a new image cache entry (0.5 GB) and the largest test's spool. FL_TEST_NEEDED_BYTES
+#: overrides it (a run of a few test files needs far less).
+NEEDED_BYTES = int(os.environ.get("FL_TEST_NEEDED_BYTES") or 6 * 1024**3)
+
+
+def session_paths() -> list[Path]:
+    """Where the session writes: the temporary directory, the fl-edge build cache and podman's storage."""
+    cache = Path(os.environ.get("FL_EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "fl-edge")
+    return [Path(tempfile.gettempdir()), cache, Path("/var/lib/containers")]
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def shortfall(paths: Iterable[Path], needed: int = NEEDED_BYTES,
+              free: Callable[[Path], int] = free_bytes) -> str | None:
+    """One line naming the file systems among ``paths`` (the nearest existing directory of each) whose free
+    space is below ``needed``, or None. Paths on one file system count once."""
+    seen: dict[int, Path] = {}
+    for path in paths:
+        while not path.exists():
+            path = path.parent
+        seen.setdefault(path.stat().st_dev, path)
+    short = [(path, available) for path, available in ((p, free(p)) for p in seen.values()) if available < needed]
+    if not short:
+        return None
+    where = ", ".join(f"{available / 1024**3:.1f} GB free at {path}" for path, available in short)
+    return (f"not enough disk for the tests: {where}; a session needs about {needed / 1024**3:.0f} GB "
+            "(free some: `podman image prune`, old /tmp/pytest-of-*)")

@@ -1,0 +1,39 @@
+"""The session refuses to start, in one line, on a disk too full to run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from disk_space import shortfall
+
+GB = 1024**3
+
+
+def free_of(available: int):
+    return lambda path: available
+
+
+def test_a_full_disk_is_named_with_its_free_space(tmp_path: Path) -> None:
+    line = shortfall([tmp_path / "not-made-yet"], needed=6 * GB, free=free_of(int(1.7 * GB)))
+    assert line is not None and line.startswith(f"not enough disk for the tests: 1.7 GB free at {tmp_path}; ")
+    assert "\n" not in line
+
+
+def test_enough_space_passes_and_one_file_system_is_named_once(tmp_path: Path) -> None:
+    assert shortfall([tmp_path], needed=6 * GB, free=free_of(7 * GB)) is None
+    line = shortfall([tmp_path, tmp_path / "a", tmp_path / "b"], needed=6 * GB, free=free_of(GB))
+    assert line is not None and line.count("GB free at") == 1
+
+
+def test_pytest_stops_before_the_first_test_when_the_disk_is_short(tmp_path: Path) -> None:
+    """Through the real conftest hook: a temporary directory on a disk with less than a session needs."""
+    env = {**os.environ, "FL_TEST_NEEDED_BYTES": str(1 << 62)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_disk_space.py",
+                           "-k", "full_disk"], cwd=Path(__file__).parent.parent, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "not enough disk for the tests:" in done.stdout + done.stderr
+    assert " passed" not in done.stdout
