@@ -86,6 +86,21 @@ async def _assert_published(h: Harness, base: np.ndarray, deltas: list[np.ndarra
     np.testing.assert_allclose(await _model(h, 1), expected, rtol=1e-5, atol=1e-7)
 
 
+async def _upload_first(
+    h: Harness, samples: list[int], count: int, encoding: str = "float32"
+) -> tuple[wire.Task, np.ndarray, list[dict[str, np.ndarray]], list[bytes]]:
+    """The open round's task, model 0, and for each enrolled device a delta and its signed update (``samples[i]``
+    samples, in ``encoding``); the first ``count`` updates are uploaded and acknowledged. Returns all four."""
+    task = await h.task()
+    base = await _model(h, 0)
+    deltas = [h.delta() for _ in h.devices]
+    bodies = [d.update(task, delta, num_samples=n, encoding=encoding)
+              for d, delta, n in zip(h.devices, deltas, samples, strict=True)]
+    for body in bodies[:count]:
+        assert (await h.upload(body))[0] == 200
+    return task, base, deltas, bodies
+
+
 async def _cut_after_two(
     state: Path, key: SigningKey, policy: RoundPolicy, short_by: int
 ) -> tuple[list[SimulatedDevice], wire.Task, list[tuple[str, int, int]]]:
@@ -111,11 +126,7 @@ def test_a_segment_cut_short_on_disk_resumes_with_the_intact_updates_only(
     async def go() -> None:
         async with running(tmp_path, devices=5, key=key, policy=policy) as h:
             devices = h.devices
-            task = await h.task()
-            base = await _model(h, 0)
-            deltas = [h.delta() for _ in devices]
-            for device, delta, n in list(zip(devices, deltas, samples, strict=True))[:4]:
-                assert (await h.upload(device.update(task, delta, num_samples=n)))[0] == 200
+            task, base, deltas, _ = await _upload_first(h, samples, 4)
             registry = h.app[METRICS].registry  # declared at 0 from the first scrape
             assert [registry.get_sample_value(LOST, {"cause": c}) for c in SPOOL_LOSS_CAUSES] == [0.0] * 3
             assert registry.get_sample_value(CUT) == 0.0
@@ -161,13 +172,7 @@ def test_a_missing_segment_resumes_without_its_updates_and_an_identical_resend_c
     async def go() -> None:
         async with running(tmp_path, devices=4, key=key, policy=policy) as h:
             devices = h.devices
-            task = await h.task()
-            base = await _model(h, 0)
-            deltas = [h.delta() for _ in devices]
-            bodies = [d.update(task, delta, num_samples=n) for d, delta, n in zip(devices, deltas, samples,
-                                                                                   strict=True)]
-            for body in bodies[:3]:
-                assert (await h.upload(body))[0] == 200
+            task, base, deltas, bodies = await _upload_first(h, samples, 3)
 
         _segment(tmp_path, task.round_id).unlink()
         lost = sorted(d.device_id for d in devices[:3])
@@ -267,11 +272,7 @@ def test_a_record_changed_on_disk_is_taken_out_and_the_round_goes_on_with_the_ot
     async def go() -> None:
         async with running(tmp_path, devices=4, key=key, policy=policy, plan=plan) as h:
             devices = h.devices
-            task = await h.task()
-            base = await _model(h, 0)
-            for device, n in zip(devices, samples, strict=True):
-                body = device.update(task, h.delta(), num_samples=n, encoding=encoding)
-                assert (await h.upload(body))[0] == 200
+            task, base, _, _ = await _upload_first(h, samples, 4, encoding)
 
         spooled = _spooled(tmp_path, task.round_id)
         assert {kind for _, kind in spooled.values()} == {f"{encoding}-sha256"}
@@ -311,11 +312,7 @@ def test_bytes_changed_in_a_records_padding_or_in_the_cut_tail_change_nothing(tm
     async def go() -> None:
         async with running(tmp_path, devices=3, key=key, policy=policy) as h:
             devices = h.devices
-            task = await h.task()
-            base = await _model(h, 0)
-            deltas = [h.delta() for _ in devices]
-            for device, delta, n in zip(devices, deltas, samples, strict=True):
-                assert (await h.upload(device.update(task, delta, num_samples=n)))[0] == 200
+            task, base, deltas, _ = await _upload_first(h, samples, 3)
 
         records = _records(tmp_path, task.round_id)
         segment = _segment(tmp_path, task.round_id)
