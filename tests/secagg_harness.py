@@ -1,21 +1,33 @@
 """Secure rounds on a real aggregator on loopback, played by simulated devices with the agent's own client
-(appliance/secagg_client.py), one phase at a time so a test can stop any device after any phase."""
+(appliance/secagg_client.py), one phase at a time so a test can stop any device after any phase: in process
+(:func:`secure_running`), or as a real ``fl-aggregator serve --secure-aggregation`` process that a test can kill -9
+and start again on the same state between two phases (:class:`AggregatorProcess`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 from aggregator_harness import Harness, running
+from nacl.signing import VerifyKey
 
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.secagg_round import SecAggConfig
+from aggregator.simulate import SimulatedDevice
 from appliance import wire
 from appliance.secagg_client import SecureRound, Transport
+from flctl.ports import free_port
 
 CLIP = 1.0
 
@@ -56,3 +68,81 @@ async def until_masked(rounds: list[SecureRound], stop_after: str = "receive") -
 def expected_mean(deltas: list[np.ndarray], samples: list[int]) -> np.ndarray:
     weights = np.array(samples, dtype=np.float64)
     return (sum(w * d.astype(np.float64) for w, d in zip(weights, deltas, strict=True)) / weights.sum())
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PROCESS_PARAMETERS = 100  # the synthetic model an AggregatorProcess serves
+PROCESS_DEVICES = 3  # the devices enrolled in an AggregatorProcess, all of them its goal
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aggregator.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=True)
+
+
+class AggregatorProcess:
+    """A real aggregator process on loopback, and a way to SIGKILL and restart it on the same state."""
+
+    def __init__(self, tmp_path: Path, round_timeout: float):
+        self.state = tmp_path / "state"
+        self.log = tmp_path / "aggregator.log"
+        self.key = VerifyKey(bytes.fromhex(_cli("keygen", "--state", str(self.state)).stdout.strip()))
+        self.devices = [SimulatedDevice() for _ in range(PROCESS_DEVICES)]
+        _cli("enroll", "--state", str(self.state), *(d.public_key_hex for d in self.devices))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.round_timeout = round_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(self.state), "--listen",
+             f"127.0.0.1:{self.port}", "--synthetic-parameters", str(PROCESS_PARAMETERS), "--min-clients", "2",
+             "--goal-clients", str(PROCESS_DEVICES), "--round-timeout", str(self.round_timeout), "--clip-norm", "1",
+             "--secure-aggregation", "--secagg-phase-timeout", "20"],
+            cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    async def healthy(self, session: aiohttp.ClientSession) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-2000:]
+            try:
+                async with session.get(self.url + "/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise AssertionError("the aggregator did not come up")
+
+    async def get(self, session: aiohttp.ClientSession, path: str, **params: str) -> tuple[int, bytes]:
+        async with session.get(self.url + path, params=params) as response:
+            return response.status, await response.read()
+
+    async def status(self, session: aiohttp.ClientSession) -> dict:
+        return json.loads((await self.get(session, "/v1/status"))[1])
+
+    async def first_round(self, session: aiohttp.ClientSession) -> tuple[wire.Task, list[SecureRound]]:
+        """Starts the aggregator and returns its first (secure) task with each enrolled device's client for it."""
+        self.start()
+        await self.healthy(session)
+        task = wire.decode_task((await self.get(session, "/v1/task"))[1], self.key)
+        link = Transport(self.url, session, self.key)
+        return task, [SecureRound(link, task, d.device_id, d.key) for d in self.devices]
+
+
+def process_deltas(seed: int) -> list[np.ndarray]:
+    """One flat float32 delta for each device of an :class:`AggregatorProcess`, drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0, 0.01, PROCESS_PARAMETERS).astype(np.float32) for _ in range(PROCESS_DEVICES)]

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from secagg_harness import until_masked
-from test_secagg_restart import Aggregator, _deltas
+from secagg_harness import AggregatorProcess, process_deltas, until_masked
 
 from appliance import wire
 
@@ -45,8 +44,8 @@ def _one_byte_changed(segment: Path, offset: int) -> None:
 def test_a_survivors_masked_input_lost_from_the_spool_abandons_the_round_with_the_reason(
     tmp_path: Path, damage: Callable[[Path, int], None], cause: str
 ) -> None:
-    agg = Aggregator(tmp_path, round_timeout=120)
-    deltas, samples = _deltas(3), [20, 40, 60]
+    agg = AggregatorProcess(tmp_path, round_timeout=120)
+    deltas, samples = process_deltas(3), [20, 40, 60]
 
     async def go() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:

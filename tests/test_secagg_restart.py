@@ -5,104 +5,28 @@ when it can no longer finish, is abandoned with the reason. It never publishes a
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
-from nacl.signing import VerifyKey
-from secagg_harness import until_masked
+from secagg_harness import (
+    PROCESS_DEVICES,
+    PROCESS_PARAMETERS,
+    AggregatorProcess,
+    expected_mean,
+    process_deltas,
+    until_masked,
+)
 
-from aggregator.simulate import SimulatedDevice, synthetic_package
+from aggregator.simulate import synthetic_package
 from appliance import wire
-from appliance.secagg_client import SecureRound, Transport
-from flctl.ports import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-PARAMETERS = 100
-DEVICES = 3
-SPECS = synthetic_package(PARAMETERS).info.param_specs
+SPECS = synthetic_package(PROCESS_PARAMETERS).info.param_specs
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aggregator.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, check=True)
-
-
-class Aggregator:
-    """A real aggregator process on loopback, and a way to SIGKILL and restart it on the same state."""
-
-    def __init__(self, tmp_path: Path, round_timeout: float):
-        self.state = tmp_path / "state"
-        self.log = tmp_path / "aggregator.log"
-        self.key = VerifyKey(bytes.fromhex(_cli("keygen", "--state", str(self.state)).stdout.strip()))
-        self.devices = [SimulatedDevice() for _ in range(DEVICES)]
-        _cli("enroll", "--state", str(self.state), *(d.public_key_hex for d in self.devices))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.round_timeout = round_timeout
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(self.state), "--listen",
-             f"127.0.0.1:{self.port}", "--synthetic-parameters", str(PARAMETERS), "--min-clients", "2",
-             "--goal-clients", str(DEVICES), "--round-timeout", str(self.round_timeout), "--clip-norm", "1",
-             "--secure-aggregation", "--secagg-phase-timeout", "20"],
-            cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-        )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    async def healthy(self, session: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-2000:]
-            try:
-                async with session.get(self.url + "/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise AssertionError("the aggregator did not come up")
-
-    async def get(self, session: aiohttp.ClientSession, path: str, **params: str) -> tuple[int, bytes]:
-        async with session.get(self.url + path, params=params) as response:
-            return response.status, await response.read()
-
-    async def status(self, session: aiohttp.ClientSession) -> dict:
-        return json.loads((await self.get(session, "/v1/status"))[1])
-
-    async def first_round(self, session: aiohttp.ClientSession) -> tuple[wire.Task, list[SecureRound]]:
-        """Starts the aggregator and returns its first (secure) task with each enrolled device's client for it."""
-        self.start()
-        await self.healthy(session)
-        task = wire.decode_task((await self.get(session, "/v1/task"))[1], self.key)
-        link = Transport(self.url, session, self.key)
-        return task, [SecureRound(link, task, d.device_id, d.key) for d in self.devices]
-
-
-def _deltas(seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.normal(0, 0.01, PARAMETERS).astype(np.float32) for _ in range(DEVICES)]
-
-
-async def _published(agg: Aggregator, session: aiohttp.ClientSession, task: wire.Task) -> np.ndarray:
+async def _published(agg: AggregatorProcess, session: aiohttp.ClientSession, task: wire.Task) -> np.ndarray:
     code, body = await agg.get(session, "/v1/task", after=str(task.round_id), wait="60")
     assert code == 200, "no round opened after the secure round"
     assert wire.decode_task(body, agg.key).model_version == 1, (await agg.status(session))["rounds"]
@@ -115,8 +39,8 @@ async def _published(agg: Aggregator, session: aiohttp.ClientSession, task: wire
 
 @pytest.mark.parametrize("killed_in", ["share", "masked", "unmask"])
 def test_a_round_killed_between_phases_resumes_and_publishes_the_exact_mean(tmp_path: Path, killed_in: str) -> None:
-    agg = Aggregator(tmp_path, round_timeout=120)
-    deltas, samples = _deltas(1), [20, 40, 60]
+    agg = AggregatorProcess(tmp_path, round_timeout=120)
+    deltas, samples = process_deltas(1), [20, 40, 60]
 
     async def go() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
@@ -155,11 +79,9 @@ def test_a_round_killed_between_phases_resumes_and_publishes_the_exact_mean(tmp_
                 await rounds[0].unmask()  # answering the same request again changes nothing
             await asyncio.gather(*(r.unmask() for r in rounds[1:]))
             published = await _published(agg, session, task)
-            weights = np.array(samples, dtype=np.float64)
-            expected = sum(w * d.astype(np.float64) for w, d in zip(weights, deltas, strict=True)) / weights.sum()
-            np.testing.assert_allclose(published, expected, atol=1e-5)
+            np.testing.assert_allclose(published, expected_mean(deltas, samples), atol=1e-5)
             record = next(r for r in (await agg.status(session))["rounds"] if r["round"] == task.round_id)
-            assert record["status"] == "published" and record["secure"]["sum_devices"] == DEVICES
+            assert record["status"] == "published" and record["secure"]["sum_devices"] == PROCESS_DEVICES
 
     try:
         asyncio.run(go())
@@ -170,7 +92,7 @@ def test_a_round_killed_between_phases_resumes_and_publishes_the_exact_mean(tmp_
 def test_a_round_whose_deadline_passed_while_the_aggregator_was_down_is_abandoned_with_the_reason(
     tmp_path: Path,
 ) -> None:
-    agg = Aggregator(tmp_path, round_timeout=6)
+    agg = AggregatorProcess(tmp_path, round_timeout=6)
 
     async def go() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
