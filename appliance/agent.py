@@ -3,7 +3,9 @@
 Data goes one way: camera -> frame buffer -> trainer (child cgroup) -> update -> outbox -> aggregator.
 Three tasks run side by side on one event loop: the round loop, the outbox delivery loop and (with real
 cameras) the camera manager; the systemd watchdog is pinged from the same loop, so a wedged loop is
-restarted by systemd.
+restarted by systemd. So the writes that fsync something as large as a model (the package, the release held, an
+update queued in the outbox) and the round's state run in worker threads: on an SD card one fsync can take seconds,
+which on the loop would stall the heartbeat, delivery and the watchdog (and systemd would kill the agent).
 
 Restart safety: the last round for which an update was queued is stored in ``<state>/agent-state.json``
 after the update is in the outbox, so a restart neither trains a round twice nor forgets an update. The same
@@ -24,6 +26,7 @@ import functools
 import json
 import logging
 import math
+import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,7 @@ from appliance.framebuffer import FrameBuffer
 from appliance.held_release import load_release, store_release
 from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_create_device_key
 from appliance.metrics import AgentMetrics, Reading
-from appliance.modelpkg import ModelPackage, PackageError, load_package
+from appliance.modelpkg import ModelPackage, PackageError, decode_package, load_package
 from appliance.outbox import Backoff, Outbox, PermanentRejection
 from appliance.protocol.heartbeat import Heartbeat, encode_heartbeat
 from appliance.secagg_client import SecureRound, Transport, flat_update, take_part
@@ -101,6 +104,7 @@ class Agent:
             path=self.budget.base / "memory.pressure" if self.budget.base else None,
         )
         self.threads = min(config.training.max_threads or self.budget.threads, self.budget.threads)
+        self._state_lock = threading.Lock()  # see _save_state
         state = self._load_state()
         self.last_round = state.get("last_round", 0)
         self.acknowledged_at = state.get("acknowledged_at", 0)  # the last receipt's time (aggregator clock); 0: none
@@ -130,8 +134,12 @@ class Agent:
             return {}
 
     def _save_state(self) -> None:
-        state = {"last_round": self.last_round, "acknowledged_at": self.acknowledged_at}
-        atomic_write(self.state_dir / STATE_FILE, json.dumps(state).encode())
+        """Write the state as it is now. Called from the loop (a receipt) and from a worker thread (a round taken):
+        one at a time, each taking its values once it holds the lock, so an older ``last_round`` never replaces a
+        newer one on disk."""
+        with self._state_lock:
+            state = {"last_round": self.last_round, "acknowledged_at": self.acknowledged_at}
+            atomic_write(self.state_dir / STATE_FILE, json.dumps(state).encode())
 
     def _register_module_metrics(self) -> None:
         m = self.metrics
@@ -236,21 +244,41 @@ class Agent:
         if self._package is not None and self._package.digest == digest:
             return self._package
         path = self.state_dir / MODELS_DIR / f"{digest.hex()}.flpkg"
-        if not path.exists():
+        package = await asyncio.to_thread(self._stored_package, path, digest)
+        if package is None:
             blob = await client.package_bytes(digest)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(blob)
-            tmp.replace(path)
+            package = await asyncio.to_thread(self._store_package, path, digest, blob)
+        self._package = package
+        return package
+
+    def _stored_package(self, path: Path, digest: bytes) -> ModelPackage | None:
+        """The package kept at ``path``; None when there is none, or when the file does not verify as ``digest``
+        (damaged on flash): then it is removed with one log line and downloaded again, not counted as a refusal."""
+        if not path.exists():
+            return None
         try:
             package = load_package(path, self.aggregator_key)
-        except Exception:
-            path.unlink(missing_ok=True)
-            raise
+        except PackageError as exc:
+            problem = f"{exc.reason}: {exc.detail}"
+        else:
+            if package.digest == digest:
+                return package
+            problem = f"it holds package {package.digest.hex()}"
+        log.warning("stored model package %s ignored and removed (%s); downloading it again", path, problem)
+        path.unlink(missing_ok=True)
+        return None
+
+    def _store_package(self, path: Path, digest: bytes, blob: bytes | memoryview) -> ModelPackage:
+        """Verify a downloaded package, then keep it at ``path`` durably (fsynced before its rename, the directory
+        after it): a power cut leaves the whole package or none, never a short file under its final name. What an
+        interrupted write left beside it is removed first: the download after a power cut is of that package."""
+        package = decode_package(blob, self.aggregator_key, origin=f"package {digest.hex()} from the aggregator")
         if package.digest != digest:
-            path.unlink(missing_ok=True)
             raise ProtocolError("wrong-package", f"package digest {package.digest.hex()} is not {digest.hex()}")
-        self._package = package
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for interrupted in path.parent.glob(".*.flpkg.*"):
+            interrupted.unlink(missing_ok=True)
+        atomic_write(path, blob)
         return package
 
     async def _ensure_release(self, client: AggregatorClient, task: wire.Task) -> wire.ModelRelease:
@@ -271,7 +299,7 @@ class Agent:
             raise ProtocolError("wrong-model", f"release {release.version} does not match the task's digests")
         self._release = release
         self.metrics.model_version.set(release.version)
-        store_release(self.state_dir, answer, release, self.aggregator_key)
+        await asyncio.to_thread(store_release, self.state_dir, answer, release, self.aggregator_key)
         return release
 
     # -- one round ------------------------------------------------------------------------------------
@@ -378,9 +406,11 @@ class Agent:
             await self._secure_round(client, task, package, release)
             return
         update = await self._train(task, package, release)
-        if update is not None:
+        if update is None:
+            await asyncio.to_thread(self._record_round, task.round_id, None)
+        else:
             body = wire.encode_update(update, self.identity.signing_key)
-            self.outbox.put(body)
+            await asyncio.to_thread(self._record_round, task.round_id, body)
             self.metrics.rounds.inc()
             self.metrics.update_bytes.inc(len(body))
             self._outbox_changed.set()
@@ -392,20 +422,26 @@ class Agent:
                 update.metrics.get("loss_before", math.nan),
                 update.metrics.get("loss_after", math.nan),
             )
-        self.last_round = task.round_id
-        self._save_state()
         self.set_status(f"waiting for round > {self.last_round}")
+
+    def _record_round(self, round_id: int, update: bytes | None) -> None:
+        """Queue the round's update (when it has one), then save the round as taken, in that order: a restart
+        neither forgets the update nor trains the round twice. Runs in a worker thread (see the module docstring),
+        which finishes both even when the agent is stopped meanwhile."""
+        if update is not None:
+            self.outbox.put(update)
+        self.last_round = round_id
+        self._save_state()
 
     async def _secure_round(
         self, client: AggregatorClient, task: wire.Task, package: ModelPackage, release: wire.ModelRelease
     ) -> None:
         """A secure-aggregation round (appliance/secagg_client.py). Its secrets live in memory only, so the round
         is marked as taken before it starts: an agent that restarts mid-round has dropped out of it."""
-        self.last_round = task.round_id
-        self._save_state()
+        await asyncio.to_thread(self._record_round, task.round_id, None)
 
         async def queue(body: bytes) -> None:  # the masked input goes out like an update: durably, via the outbox
-            self.outbox.put(body)
+            await asyncio.to_thread(self.outbox.put, body)
             self.metrics.rounds.inc()
             self.metrics.update_bytes.inc(len(body))
             self._outbox_changed.set()

@@ -1,0 +1,271 @@
+"""The agent's durable writes: off its event loop, and whole after a power cut.
+
+The round loop, delivery, the heartbeat and the systemd watchdog share one event loop; on an SD card one fsync can
+take seconds, so the writes of a model's size (the package, the release held, an update into the outbox) and the
+round's state must not run on it. Each write is replaced here by one that waits until a coroutine on the loop has
+run while the write was under way (bounded, so a write back on the loop fails the test instead of hanging it).
+
+A downloaded package is fsynced before the rename that gives it its final name (the calls are recorded, as in
+tests/test_outbox_fsync.py), and a package file damaged on flash is removed and downloaded again at the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from agent_harness import ADVISORY, FakeAggregator, agent_config
+from aiohttp import web
+from nacl.signing import SigningKey
+
+from appliance import held_release, modelpkg, wire
+from appliance.agent import MODELS_DIR, Agent
+from appliance.client import AggregatorClient
+from appliance.config import load_config
+from appliance.held_release import RELEASE_FILE
+from appliance.identity import load_or_create_device_key, write_aggregator_key
+
+# How long a write waits for the loop. Only a write that blocks the loop waits this long (and then fails the test).
+LOOP_WAIT_SECONDS = 30.0
+
+
+class LoopWitness:
+    """Wraps a blocking write: each call waits until :meth:`answer`, a coroutine on the event loop, has run while the
+    write was under way, records whether it did, then writes."""
+
+    def __init__(self, write: Callable[..., Any]):
+        self.write = write
+        self.started = threading.Event()
+        self.loop_ran = threading.Event()
+        self.seen: list[bool] = []  # one entry per call: did the loop run while it was under way?
+        self.on_loop: Callable[[], None] = lambda: None  # what the loop does meanwhile (a test may check state)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.started.set()
+        self.seen.append(self.loop_ran.wait(LOOP_WAIT_SECONDS))
+        return self.write(*args, **kwargs)
+
+    async def answer(self) -> None:
+        while not self.started.is_set():
+            await asyncio.sleep(0.01)
+        self.on_loop()
+        self.loop_ran.set()
+
+
+@dataclass
+class Device:
+    """An agent started on its state directory, its client to a fake aggregator on loopback, and the task it serves."""
+
+    agent: Agent
+    client: AggregatorClient
+    fake: FakeAggregator
+    task: wire.Task
+    config: Path
+    downloads: list[bytes] = field(default_factory=list)  # package digests fetched
+
+    @property
+    def package_path(self) -> Path:
+        return self.agent.state_dir / MODELS_DIR / f"{self.task.package_digest.hex()}.flpkg"
+
+    async def take(self) -> wire.ModelRelease:
+        """What a round does first: the task's package, then its model release."""
+        await self.agent._ensure_package(self.client, self.task.package_digest)
+        return await self.agent._ensure_release(self.client, self.task)
+
+    def restart(self) -> None:
+        """A new agent on the same state directory, as after a reboot."""
+        self.agent.sandbox.close()
+        self.agent = Agent(load_config(self.config), budget=ADVISORY)
+
+
+def small_package(path: Path, key: SigningKey) -> Path:
+    specs = [wire.ParamSpec("layer0.weight", (20, 10)), wire.ParamSpec("layer0.bias", (10,))]
+    rng = np.random.default_rng(7)
+    package = modelpkg.ModelPackage(
+        name="durable-writes-test", param_specs=specs,
+        initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
+        training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
+        preprocessing={"input_shape": [10]}, num_classes=2,
+    )
+    modelpkg.write_package(path, package, key)
+    return path
+
+
+@pytest.fixture
+async def device(tmp_path: Path) -> AsyncIterator[Device]:
+    key = SigningKey.generate()
+    fake = FakeAggregator(key, small_package(tmp_path / "small.flpkg", key))
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    state = tmp_path / "state"
+    load_or_create_device_key(state)
+    write_aggregator_key(state, key.verify_key)
+    config = agent_config(tmp_path / "agent.toml", url, state)
+    task = wire.Task(1, 0, fake.digest, fake.package.digest, deadline=int(time.time()) + 600)
+    try:
+        async with AggregatorClient(url, key.verify_key) as client:
+            d = Device(Agent(load_config(config), budget=ADVISORY), client, fake, task, config)
+            package_bytes = client.package_bytes
+
+            async def counted(digest: bytes) -> memoryview:
+                d.downloads.append(digest)
+                return await package_bytes(digest)
+
+            client.package_bytes = counted  # type: ignore[method-assign]
+            try:
+                yield d
+            finally:
+                d.agent.sandbox.close()
+    finally:
+        await runner.cleanup()
+
+
+async def witnessed(witness: LoopWitness, work: Any) -> Any:
+    """Run ``work`` (a coroutine) with ``witness`` answering from the loop."""
+    answer = asyncio.create_task(witness.answer())
+    try:
+        return await work
+    finally:
+        answer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await answer
+
+
+# -- off the loop ---------------------------------------------------------------------------------------------------
+
+
+async def test_the_model_release_is_stored_while_the_loop_runs_on(device: Device, monkeypatch) -> None:
+    await device.agent._ensure_package(device.client, device.task.package_digest)
+    witness = LoopWitness(held_release.atomic_write)
+    monkeypatch.setattr(held_release, "atomic_write", witness)
+    release = await witnessed(witness, device.agent._ensure_release(device.client, device.task))
+    assert witness.seen == [True]
+    assert release.digest == device.task.model_digest
+    device.restart()  # and it was stored: the next start holds it
+    assert device.agent._release is not None and device.agent._release.digest == device.task.model_digest
+
+
+async def test_the_package_is_stored_while_the_loop_runs_on(device: Device, monkeypatch) -> None:
+    from appliance import agent as agent_module
+
+    witness = LoopWitness(agent_module.atomic_write)
+    monkeypatch.setattr(agent_module, "atomic_write", witness)
+    package = await witnessed(witness, device.agent._ensure_package(device.client, device.task.package_digest))
+    assert witness.seen == [True]
+    assert package.digest == device.task.package_digest
+    assert modelpkg.load_package(device.package_path, device.fake.key.verify_key).digest == package.digest
+
+
+async def test_an_update_is_queued_while_the_loop_runs_on_and_before_its_round_is_saved(
+    device: Device, monkeypatch
+) -> None:
+    """The update goes into the outbox in a worker thread; a receipt saving the state meanwhile (on the loop) must not
+    save the round as taken before its update is durable: a restart would then forget it."""
+    agent = device.agent
+    await device.take()
+
+    async def trained(task: wire.Task, package: modelpkg.ModelPackage, release: wire.ModelRelease) -> wire.Update:
+        delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in package.param_specs}
+        return wire.Update(agent.identity.device_id, task.round_id, task.model_version, task.model_digest, 64, delta)
+
+    monkeypatch.setattr(agent, "_train", trained)
+    witness = LoopWitness(agent.outbox.put)
+    state_meanwhile: list[dict] = []
+
+    def a_receipt_saves_the_state() -> None:
+        agent._save_state()
+        state_meanwhile.append(agent._load_state())
+
+    witness.on_loop = a_receipt_saves_the_state
+    monkeypatch.setattr(agent.outbox, "put", witness)
+    await witnessed(witness, agent._round(device.client, device.task))
+    assert witness.seen == [True]
+    assert [s["last_round"] for s in state_meanwhile] == [0]
+    assert agent.outbox.depth == 1 and agent._load_state()["last_round"] == 1 and agent.last_round == 1
+
+
+# -- the package on flash -------------------------------------------------------------------------------------------
+
+
+async def test_a_downloaded_package_is_fsynced_before_its_rename_and_the_directory_after(
+    device: Device, monkeypatch
+) -> None:
+    """Without the fsync before the rename, a power cut can leave a renamed but empty or short package file."""
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real_replace(src, dst, *args, **kwargs)
+        calls.append(("replace", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    await device.agent._ensure_package(device.client, device.task.package_digest)
+    models = str(device.package_path.parent)
+    on_package = [c for c in calls if c[1].startswith(models)]
+    assert len(on_package) == 3, calls
+    (first, temp_file), second, third = on_package
+    assert first == "fsync" and Path(temp_file).parent == device.package_path.parent
+    assert temp_file != str(device.package_path)
+    assert second == ("replace", str(device.package_path)) and third == ("fsync", models)
+
+
+def empty(path: Path) -> None:
+    """What a power cut can leave after a rename whose data never reached the card."""
+    path.write_bytes(b"")
+
+
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [empty, cut_short, flip_a_byte])
+async def test_a_package_damaged_on_flash_is_removed_and_downloaded_again(
+    device: Device, caplog: pytest.LogCaptureFixture, damage: Callable[[Path], None]
+) -> None:
+    await device.take()
+    assert len(device.downloads) == 1
+    damage(device.package_path)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fl_agent"):
+        device.restart()  # starts: the release held names a package that no longer verifies, and is dropped
+        assert device.agent._release is None
+        release = await device.take()  # the round after: the package comes again, and the model with it
+    assert len(device.downloads) == 2
+    assert release.digest == device.task.model_digest
+    lines = [r.getMessage() for r in caplog.records if "stored model package" in r.getMessage()]
+    assert len(lines) == 1 and "downloading it again" in lines[0], lines
+    assert modelpkg.load_package(device.package_path, device.fake.key.verify_key).digest == device.task.package_digest
+    assert (device.agent.state_dir / RELEASE_FILE).exists()
+
+
+async def test_what_an_interrupted_package_write_left_is_removed_by_the_next_download(device: Device) -> None:
+    models = device.package_path.parent
+    models.mkdir(parents=True)
+    interrupted = models / f".{device.package_path.name}.power-cut"
+    interrupted.write_bytes(b"half a package")
+    await device.agent._ensure_package(device.client, device.task.package_digest)
+    assert sorted(p.name for p in models.iterdir()) == [device.package_path.name]
