@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import re
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -182,7 +183,9 @@ class Outbox:
 
     @property
     def pending_bytes(self) -> int:
-        return sum(entry.size for entry in self._entries.values())
+        # A snapshot of the entries, taken at once: a put or a drop in another thread would change the dict while
+        # a sum iterated over it ("dictionary changed size during iteration", which ended the heartbeat loop).
+        return sum(entry.size for entry in list(self._entries.values()))
 
     def pending(self) -> list[Entry]:
         """Pending updates, oldest first."""
@@ -212,13 +215,20 @@ class Outbox:
             raise OutboxError(f"key {key!r} is not the SHA-256 of the message ({actual})")
         if len(message) > self.max_bytes:
             raise OutboxError(f"message of {len(message)} bytes exceeds the outbox bound of {self.max_bytes}")
-        with self._lock:
-            if actual in self._entries:
-                return actual
-            self._make_room(len(message))
-            entry = Entry(self._next_seq, actual, len(message))
-            tmp = self.directory / f"{TMP_PREFIX}{actual}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if actual not in self._entries:
+            self._publish(message, actual)
+        # Also when the message was pending already: the put that published it may not have synced the directory
+        # yet, and this one returns the same promise.
+        fsync_dir(self.directory)
+        return actual
+
+    def _publish(self, message: bytes, key: str) -> None:
+        """Write ``message`` to a temp file of its own and fsync it, then (under the lock) make room and rename it
+        to its entry's name, unless a put of the same message got there first. The bytes are written outside the
+        lock: an fsync on an SD card can take seconds, and the delivery loop takes the same lock on the event loop
+        (pending, remove) while a put runs in a worker thread. The caller fsyncs the directory."""
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{key[:16]}-", dir=self.directory)
+        try:
             try:
                 view = memoryview(message)
                 while view:
@@ -226,12 +236,19 @@ class Outbox:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.directory / entry.name)
-            fsync_dir(self.directory)
-            self._entries[actual] = entry
-            self._next_seq += 1
-            self.counters.put_total += 1
-        return actual
+            with self._lock:  # dedup, the bounds and the sequence number are decided here, one put at a time
+                if key in self._entries:
+                    os.unlink(tmp)
+                    return
+                self._make_room(len(message))
+                entry = Entry(self._next_seq, key, len(message))
+                os.rename(tmp, self.directory / entry.name)
+                self._entries[key] = entry
+                self._next_seq += 1
+                self.counters.put_total += 1
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _make_room(self, incoming: int) -> None:
         pending = sorted(self._entries.values(), key=lambda entry: entry.seq)
@@ -245,8 +262,7 @@ class Outbox:
             dropped.append(oldest)
             count -= 1
             total -= oldest.size
-        if dropped:
-            fsync_dir(self.directory)
+        if dropped:  # put fsyncs the directory after its rename, for these unlinks too
             self.counters.dropped_total += len(dropped)
             self.counters.dropped_bytes_total += sum(entry.size for entry in dropped)
             for entry in dropped:
