@@ -245,16 +245,23 @@ def _allow_superseded_rounds(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-def _unknown_checks(round_id: int, rows: list[UpdateRow]) -> str:
-    """Why a round with records of unknown check kinds does not resume, in one line.
+def _unverifiable(check: RecordCheck | None) -> bool:
+    """Whether this version cannot verify a record against ``check``: its kind is unknown, or its value is missing
+    (no kind has an empty value; a row read with a NULL or non-BLOB value gets ``b""``, see :meth:`Store._update`)."""
+    return check is not None and (check.kind not in CHECK_KINDS or not check.value)
+
+
+def _unverifiable_checks(round_id: int, rows: list[UpdateRow]) -> str:
+    """Why a round with records whose checks this version cannot verify does not resume, in one line.
 
     Such a row comes from a newer aggregator (started on this state directory, then downgraded) or is damaged. Its
     record is most likely intact; taking its update out of the round would withdraw a receipt whose device has
     deleted the update, for good, and the newer version could no longer count it. So nothing is changed and the
     operator chooses: the version that wrote the rows, or resuming those records unchecked (docs/aggregator.md)."""
-    named = ", ".join(f"device {r.device_id} check kind {r.check.kind!r}" for r in rows if r.check is not None)
+    named = ", ".join(f"device {r.device_id} check kind {r.check.kind!r}" + ("" if r.check.value else
+                      " without its value") for r in rows if r.check is not None)
     return (f"round {round_id}: {len(rows)} acknowledged updates have spooled records whose check this fl-aggregator "
-            f"does not know ({named}; it knows {', '.join(sorted(CHECK_KINDS))}): the database was written by a "
+            f"cannot verify ({named}; it knows {', '.join(sorted(CHECK_KINDS))}): the database was written by a "
             "newer fl-aggregator, or these rows are damaged; nothing was changed, start the version that wrote "
             "them, or see \"Records of an unknown check kind\" in docs/aggregator.md")
 
@@ -527,7 +534,7 @@ class Store:
         return UpdateRow(
             digest=bytes(row[0]), device_id=row[1], round_id=row[2], num_samples=row[3],
             metrics=json.loads(row[4]), offset=row[5], length=row[6], accepted_at=row[7],
-            check=RecordCheck(row[8], bytes(row[9])) if row[8] else None,
+            check=RecordCheck(row[8], row[9] if isinstance(row[9], bytes) else b"") if row[8] else None,
         )
 
     def receipt_for(self, digest: bytes) -> bytes | None:
@@ -566,14 +573,14 @@ class Store:
         round's devices that lost theirs are named in one error line per cause. ``tensors`` is the model's tensor
         section, which the checks of updates against their signed digests rebuild from their records.
 
-        A row whose check is of a kind this version does not know raises :class:`StoreError` before anything is
-        changed (see :func:`_unknown_checks`).
+        A row whose check this version cannot verify (a kind it does not know, or no value) raises
+        :class:`StoreError` before anything is changed (see :func:`_unverifiable_checks`).
         """
         path = self.segment_path(round_id)
         rows = self.round_updates(round_id)
-        unknown = [r for r in rows if r.check is not None and r.check.kind not in CHECK_KINDS]
-        if unknown:
-            raise StoreError(_unknown_checks(round_id, unknown))
+        unverifiable = [r for r in rows if _unverifiable(r.check)]
+        if unverifiable:
+            raise StoreError(_unverifiable_checks(round_id, unverifiable))
         size = path.stat().st_size if path.exists() else None
         cause = "segment-missing" if size is None else "segment-short"
         whole = [] if size is None else [r for r in rows if r.offset + r.length <= size]

@@ -518,3 +518,55 @@ def test_serve_refuses_an_unknown_check_kind_in_one_line_without_a_traceback(tmp
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"fl-aggregator: round {round_id}: ") and f"device d1 check kind '{NEWER_KIND}'" in last
+
+
+def _spool_two(state: Path) -> list[tuple[str, int, int]]:
+    """Round 1 of a bare store spools the updates of devices d1 and d2 (CRC-32 checks); returns their records."""
+    store = Store(state)
+    try:
+        store.start_writer()
+        for device_id in ("d1", "d2"):
+            asyncio.run(store.spool(SpoolJob(
+                digest=device_id.encode().ljust(32, b"\0"), device_id=device_id, round_id=1, num_samples=1, metrics={},
+                delta=np.arange(10, dtype=np.float32), receipt=b"r", accepted_at=time.time(),
+            )))
+    finally:
+        store.close()
+    return _records(state, 1)
+
+
+@pytest.mark.parametrize(("kind", "value"), [(NEWER_KIND, b"\x00" * 64), (NEWER_KIND, None), ("crc32", None)],
+                         ids=["unknown-kind", "unknown-kind-no-value", "known-kind-no-value"])
+def test_a_check_this_version_cannot_verify_is_refused_before_anything_is_cut_or_moved(
+    tmp_path: Path, kind: str, value: bytes | None
+) -> None:
+    """A row whose check this version cannot verify (a kind it does not know, or a kind without its value: damage,
+    or a hand edit that cleared the value and left the kind) stops the resume in one line naming the device, before
+    the segment's unacknowledged tail is cut or another device's changed record is taken out of the round. A
+    missing value ended the start in a TypeError traceback, even for a kind the refusal was there for."""
+    records = _spool_two(tmp_path)
+    segment = _segment(tmp_path, 1)
+    with segment.open("r+b") as fh:  # d1's record changed on disk, and an append that got no receipt
+        fh.seek(records[0][1])
+        fh.write(b"\xff" * 4)
+        fh.seek(0, 2)
+        fh.write(b"\x01" * 100)
+    on_disk = segment.read_bytes()
+    db = sqlite3.connect(tmp_path / "aggregator.db")
+    try:
+        with db:
+            db.execute("UPDATE updates SET check_kind=?, check_value=? WHERE device_id='d2'", (kind, value))
+    finally:
+        db.close()
+
+    store = Store(tmp_path)
+    try:
+        with pytest.raises(StoreError) as refused:
+            store.recover_segment(1)
+    finally:
+        store.close()
+    message = str(refused.value)
+    assert message.startswith("round 1: ") and "\n" not in message
+    assert f"device d2 check kind {kind!r}" + ("" if value else " without its value") in message
+    assert "d1" not in message
+    assert segment.read_bytes() == on_disk and _lost_rows(tmp_path) == 0
