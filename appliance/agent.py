@@ -27,9 +27,9 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -62,6 +62,8 @@ from appliance.training_job import FRAMES_DIR, TrainJob, run_train_job
 
 log = logging.getLogger("fl_agent")
 
+T = TypeVar("T")
+
 STATE_FILE = "agent-state.json"
 MODELS_DIR = "models"
 FRAME_POLL_SECONDS = 5.0
@@ -76,6 +78,25 @@ def clip_update(delta: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str
         scale = np.float32(max_norm / norm)
         return {k: v * scale for k, v in delta.items()}, norm
     return delta, norm
+
+
+async def finished_in_thread(func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` run in a worker thread, as :func:`asyncio.to_thread`, but waited for to its end even when the
+    caller is cancelled meanwhile (the cancellation is raised after it). A thread cannot be stopped: without the
+    wait, a round cancelled because the agent stops would go on writing the outbox and the state after
+    :meth:`Agent.run` had returned, behind the back of whatever stopped it (a test reading the state, the next
+    agent started on the same state directory)."""
+    work = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({work})
+        failure = work.exception()
+        if failure is not None:
+            log.error("stopping: %s failed: %s", getattr(func, "__name__", func), failure)
+        raise
 
 
 class Agent:
@@ -244,10 +265,10 @@ class Agent:
         if self._package is not None and self._package.digest == digest:
             return self._package
         path = self.state_dir / MODELS_DIR / f"{digest.hex()}.flpkg"
-        package = await asyncio.to_thread(self._stored_package, path, digest)
+        package = await finished_in_thread(self._stored_package, path, digest)
         if package is None:
             blob = await client.package_bytes(digest)
-            package = await asyncio.to_thread(self._store_package, path, digest, blob)
+            package = await finished_in_thread(self._store_package, path, digest, blob)
         self._package = package
         return package
 
@@ -299,7 +320,7 @@ class Agent:
             raise ProtocolError("wrong-model", f"release {release.version} does not match the task's digests")
         self._release = release
         self.metrics.model_version.set(release.version)
-        await asyncio.to_thread(store_release, self.state_dir, answer, release, self.aggregator_key)
+        await finished_in_thread(store_release, self.state_dir, answer, release, self.aggregator_key)
         return release
 
     # -- one round ------------------------------------------------------------------------------------
@@ -407,10 +428,10 @@ class Agent:
             return
         update = await self._train(task, package, release)
         if update is None:
-            await asyncio.to_thread(self._record_round, task.round_id, None)
+            await finished_in_thread(self._record_round, task.round_id, None)
         else:
             body = wire.encode_update(update, self.identity.signing_key)
-            await asyncio.to_thread(self._record_round, task.round_id, body)
+            await finished_in_thread(self._record_round, task.round_id, body)
             self.metrics.rounds.inc()
             self.metrics.update_bytes.inc(len(body))
             self._outbox_changed.set()
@@ -426,8 +447,9 @@ class Agent:
 
     def _record_round(self, round_id: int, update: bytes | None) -> None:
         """Queue the round's update (when it has one), then save the round as taken, in that order: a restart
-        neither forgets the update nor trains the round twice. Runs in a worker thread (see the module docstring),
-        which finishes both even when the agent is stopped meanwhile."""
+        neither forgets the update nor trains the round twice. Runs in a worker thread (see the module docstring)
+        that finishes both even when the agent is stopped meanwhile, and the round waits for it
+        (:func:`finished_in_thread`)."""
         if update is not None:
             self.outbox.put(update)
         self.last_round = round_id
@@ -438,10 +460,10 @@ class Agent:
     ) -> None:
         """A secure-aggregation round (appliance/secagg_client.py). Its secrets live in memory only, so the round
         is marked as taken before it starts: an agent that restarts mid-round has dropped out of it."""
-        await asyncio.to_thread(self._record_round, task.round_id, None)
+        await finished_in_thread(self._record_round, task.round_id, None)
 
         async def queue(body: bytes) -> None:  # the masked input goes out like an update: durably, via the outbox
-            await asyncio.to_thread(self.outbox.put, body)
+            await finished_in_thread(self.outbox.put, body)
             self.metrics.rounds.inc()
             self.metrics.update_bytes.inc(len(body))
             self._outbox_changed.set()

@@ -144,6 +144,16 @@ async def witnessed(witness: LoopWitness, work: Any) -> Any:
             await answer
 
 
+def trained_by(agent: Agent) -> Callable[..., Any]:
+    """A stand-in for the agent's training: an update of the task's shapes at once, without a trainer process."""
+
+    async def trained(task: wire.Task, package: modelpkg.ModelPackage, release: wire.ModelRelease) -> wire.Update:
+        delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in package.param_specs}
+        return wire.Update(agent.identity.device_id, task.round_id, task.model_version, task.model_digest, 64, delta)
+
+    return trained
+
+
 # -- off the loop ---------------------------------------------------------------------------------------------------
 
 
@@ -176,12 +186,7 @@ async def test_an_update_is_queued_while_the_loop_runs_on_and_before_its_round_i
     save the round as taken before its update is durable: a restart would then forget it."""
     agent = device.agent
     await device.take()
-
-    async def trained(task: wire.Task, package: modelpkg.ModelPackage, release: wire.ModelRelease) -> wire.Update:
-        delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in package.param_specs}
-        return wire.Update(agent.identity.device_id, task.round_id, task.model_version, task.model_digest, 64, delta)
-
-    monkeypatch.setattr(agent, "_train", trained)
+    monkeypatch.setattr(agent, "_train", trained_by(agent))
     witness = LoopWitness(agent.outbox.put)
     state_meanwhile: list[dict] = []
 
@@ -195,6 +200,44 @@ async def test_an_update_is_queued_while_the_loop_runs_on_and_before_its_round_i
     assert witness.seen == [True]
     assert [s["last_round"] for s in state_meanwhile] == [0]
     assert agent.outbox.depth == 1 and agent._load_state()["last_round"] == 1 and agent.last_round == 1
+
+
+async def test_a_round_stopped_while_its_update_is_written_ends_after_the_write(device: Device, monkeypatch) -> None:
+    """The agent is stopped (its tasks cancelled) while a round's update goes into the outbox in a worker thread. A
+    thread cannot be stopped, so the round must end only after the update is queued and the round saved: whoever
+    stopped the agent (a test, the next agent on the same state) then finds the state final, and nothing is
+    written after."""
+    agent = device.agent
+    await device.take()
+    monkeypatch.setattr(agent, "_train", trained_by(agent))
+    writing, stopping, saved = threading.Event(), threading.Event(), threading.Event()
+    put, save = agent.outbox.put, agent._save_state
+    round_ended_before_saved: list[bool] = []
+
+    def put_when_stopping(body: bytes) -> str:
+        writing.set()
+        stopping.wait(LOOP_WAIT_SECONDS)
+        return put(body)
+
+    def saved_when(round_task: asyncio.Task) -> Callable[[], None]:
+        def save_and_look() -> None:
+            save()
+            round_ended_before_saved.append(round_task.done())
+            saved.set()
+
+        return save_and_look
+
+    monkeypatch.setattr(agent.outbox, "put", put_when_stopping)
+    round_task = asyncio.create_task(agent._round(device.client, device.task))
+    monkeypatch.setattr(agent, "_save_state", saved_when(round_task))
+    assert await asyncio.to_thread(writing.wait, LOOP_WAIT_SECONDS)
+    round_task.cancel()  # as Agent.run does when it is stopped
+    asyncio.get_running_loop().call_soon(stopping.set)  # the write goes on once the cancellation has been delivered
+    with pytest.raises(asyncio.CancelledError):
+        await round_task
+    assert saved.wait(LOOP_WAIT_SECONDS)
+    assert round_ended_before_saved == [False], "the round ended while its thread was still writing"
+    assert agent.outbox.depth == 1 and agent._load_state()["last_round"] == 1
 
 
 # -- the package on flash -------------------------------------------------------------------------------------------
