@@ -240,6 +240,58 @@ async def test_a_round_stopped_while_its_update_is_written_ends_after_the_write(
     assert agent.outbox.depth == 1 and agent._load_state()["last_round"] == 1
 
 
+class WatchedLock:
+    """A lock that says (``contended``) when a thread had to wait for it."""
+
+    def __init__(self, lock: threading.Lock, contended: threading.Event):
+        self.lock, self.contended = lock, contended
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            self.contended.set()
+            self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+async def test_a_receipt_saved_while_a_round_is_saved_never_puts_the_older_round_back(
+    device: Device, monkeypatch
+) -> None:
+    """A receipt saves the state on the loop while a round's save runs in a worker thread. The receipt's save took
+    the state as it was before the round (last_round 0) and is writing it when the round's save comes: whatever
+    the order, the file must end with the round saved, or a restart trains the round again."""
+    from appliance import agent as agent_module
+
+    agent = device.agent
+    receipt_writing, round_came = threading.Event(), threading.Event()
+    agent._state_lock = WatchedLock(agent._state_lock, round_came)  # the round's save waits for the receipt's
+    writes = 0
+    atomic_write = agent_module.atomic_write
+
+    def write(path: Path, data: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 1:  # the receipt's: held until the round's save has come (and waited, or written)
+            receipt_writing.set()
+            round_came.wait(LOOP_WAIT_SECONDS)
+        atomic_write(path, data, *args, **kwargs)
+        if writes > 1:
+            round_came.set()
+
+    def receipt() -> None:
+        agent.acknowledged_at = 1_700_000_000
+        agent._save_state()
+
+    monkeypatch.setattr(agent_module, "atomic_write", write)
+    receipt_thread = threading.Thread(target=receipt)
+    receipt_thread.start()
+    assert await asyncio.to_thread(receipt_writing.wait, LOOP_WAIT_SECONDS)
+    await asyncio.to_thread(agent._record_round, 1, None)
+    receipt_thread.join()
+    assert agent._load_state() == {"last_round": 1, "acknowledged_at": 1_700_000_000}
+
+
 # -- the package on flash -------------------------------------------------------------------------------------------
 
 
