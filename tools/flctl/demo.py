@@ -50,7 +50,7 @@ TRAINING_DEFAULTS = {
 # With --dp-noise-multiplier and no --clip-norm: the median L2 norm of a camera's first-round delta with the demo's
 # defaults (4.2; 2.4 to 6.0 over the 8 cameras, with the reference CNN's gradient clipping; 4.1 before it).
 # Smaller bounds cut the noise but clip most updates: with 2, clipping alone took the demo's final accuracy from
-# 70 % to 57 %, with 4 to 65 % (docs/privacy.md; measured before gradient clipping).
+# 75 % to 51 %, with 4 to 70 % (one run each; docs/privacy.md).
 DP_CLIP_NORM = 4.0
 # The demo stops when this many rounds in a row end without a new model (devices failing, or training diverging).
 STALLED_ROUNDS = 2
