@@ -7,6 +7,11 @@ restarted by systemd. So the writes that fsync something as large as a model (th
 update queued in the outbox) and the round's state run in worker threads: on an SD card one fsync can take seconds,
 which on the loop would stall the heartbeat, delivery and the watchdog (and systemd would kill the agent).
 
+A full or read-only data partition (appliance/storage_errors.py) does not end the agent: a round that cannot store
+its package or its update is given up with one log line and ``fl_agent_rounds_skipped_total{reason}``, a state file
+or an outbox removal that cannot be written is logged and counted (``fl_agent_storage_errors_total``), and the next
+round tries again; the heartbeat goes on meanwhile.
+
 Restart safety: the last round for which an update was queued is stored in ``<state>/agent-state.json``
 after the update is in the outbox, so a restart neither trains a round twice nor forgets an update. The same
 file keeps the time of the last receipt (``fl_agent_last_round_timestamp_seconds`` across restarts). The model
@@ -58,6 +63,7 @@ from appliance.modelpkg import ModelPackage, PackageError, decode_package, load_
 from appliance.outbox import Backoff, Outbox, PermanentRejection
 from appliance.protocol.heartbeat import Heartbeat, encode_heartbeat
 from appliance.secagg_client import SecureRound, Transport, flat_update, take_part
+from appliance.storage_errors import StorageFailure, storage_reason, storing
 from appliance.training_job import FRAMES_DIR, TrainJob, run_train_job
 
 log = logging.getLogger("fl_agent")
@@ -161,6 +167,20 @@ class Agent:
         with self._state_lock:
             state = {"last_round": self.last_round, "acknowledged_at": self.acknowledged_at}
             atomic_write(self.state_dir / STATE_FILE, json.dumps(state).encode())
+
+    def _saved_state(self) -> StorageFailure | None:
+        """:meth:`_save_state`; a write the data partition refuses is returned, not raised: the values stay in
+        memory and the next save (a round, a receipt) writes them."""
+        try:
+            with storing("the agent's state", self.state_dir):
+                self._save_state()
+        except StorageFailure as failure:
+            return failure
+        return None
+
+    def _note_unsaved(self, failure: StorageFailure, event: str) -> None:
+        self.metrics.count_storage_failure(failure.reason, round_given_up=False)
+        log.error("%s, but %s; it is saved with the next round or receipt", event, failure)
 
     def _register_module_metrics(self) -> None:
         m = self.metrics
@@ -268,7 +288,8 @@ class Agent:
         package = await finished_in_thread(self._stored_package, path, digest)
         if package is None:
             blob = await client.package_bytes(digest)
-            package = await finished_in_thread(self._store_package, path, digest, blob)
+            with storing("the model package", path.parent):
+                package = await finished_in_thread(self._store_package, path, digest, blob)
         self._package = package
         return package
 
@@ -409,6 +430,17 @@ class Agent:
         )
 
     async def _round(self, client: AggregatorClient, task: wire.Task) -> None:
+        """Take part in the round of ``task``. A round that cannot store what it needs is given up: one log line,
+        counted, and the agent waits for the next round (which tries again)."""
+        try:
+            await self._take_part(client, task)
+        except StorageFailure as failure:
+            self.last_round = max(self.last_round, task.round_id)
+            self.metrics.count_storage_failure(failure.reason, round_given_up=True)
+            log.error("round %d: %s; skipping the round", task.round_id, failure)
+            self.set_status(f"round {task.round_id} skipped: {failure}; waiting for round > {self.last_round}")
+
+    async def _take_part(self, client: AggregatorClient, task: wire.Task) -> None:
         self.metrics.round.set(task.round_id)
         if task.deadline < self.clock.now():
             self.metrics.rounds_skipped.labels("deadline-passed").inc()
@@ -428,10 +460,14 @@ class Agent:
             return
         update = await self._train(task, package, release)
         if update is None:
-            await finished_in_thread(self._record_round, task.round_id, None)
+            unsaved = await finished_in_thread(self._record_round, task.round_id, None)
+            if unsaved is not None:
+                self._note_unsaved(unsaved, f"round {task.round_id}: skipped")
         else:
             body = wire.encode_update(update, self.identity.signing_key)
-            await finished_in_thread(self._record_round, task.round_id, body)
+            unsaved = await finished_in_thread(self._record_round, task.round_id, body)
+            if unsaved is not None:  # the update is queued all the same; a restart before the next save retrains
+                self._note_unsaved(unsaved, f"round {task.round_id}: update queued")
             self.metrics.rounds.inc()
             self.metrics.update_bytes.inc(len(body))
             self._outbox_changed.set()
@@ -445,25 +481,32 @@ class Agent:
             )
         self.set_status(f"waiting for round > {self.last_round}")
 
-    def _record_round(self, round_id: int, update: bytes | None) -> None:
+    def _record_round(self, round_id: int, update: bytes | None) -> StorageFailure | None:
         """Queue the round's update (when it has one), then save the round as taken, in that order: a restart
         neither forgets the update nor trains the round twice. Runs in a worker thread (see the module docstring)
         that finishes both even when the agent is stopped meanwhile, and the round waits for it
-        (:func:`finished_in_thread`)."""
+        (:func:`finished_in_thread`). An update the outbox cannot store raises :class:`StorageFailure` (nothing
+        of it is left, the round is not recorded); a state that cannot be saved is returned (the round is taken
+        in memory)."""
         if update is not None:
-            self.outbox.put(update)
+            with storing("the update", self.outbox.directory):
+                self.outbox.put(update)
         self.last_round = round_id
-        self._save_state()
+        return self._saved_state()
 
     async def _secure_round(
         self, client: AggregatorClient, task: wire.Task, package: ModelPackage, release: wire.ModelRelease
     ) -> None:
         """A secure-aggregation round (appliance/secagg_client.py). Its secrets live in memory only, so the round
-        is marked as taken before it starts: an agent that restarts mid-round has dropped out of it."""
-        await finished_in_thread(self._record_round, task.round_id, None)
+        is marked as taken before it starts: an agent that restarts mid-round has dropped out of it. So a round that
+        cannot be saved as taken is not started."""
+        unsaved = await finished_in_thread(self._record_round, task.round_id, None)
+        if unsaved is not None:
+            raise unsaved
 
         async def queue(body: bytes) -> None:  # the masked input goes out like an update: durably, via the outbox
-            await finished_in_thread(self.outbox.put, body)
+            with storing("the masked input", self.outbox.directory):
+                await finished_in_thread(self.outbox.put, body)
             self.metrics.rounds.inc()
             self.metrics.update_bytes.inc(len(body))
             self._outbox_changed.set()
@@ -561,16 +604,36 @@ class Agent:
                 log.error("aggregator: %s; the update stays in the outbox", exc)
                 raise AggregatorUnavailable(str(exc)) from exc  # a failed delivery like any other, for the outbox
 
-        def on_receipt(key: str, receipt: wire.Receipt) -> None:
+        async def on_receipt(key: str, receipt: wire.Receipt) -> None:
             self.metrics.rounds_completed.inc()
             self.acknowledged_at = receipt.accepted_at
             self.metrics.last_round_timestamp.set(receipt.accepted_at)
-            self._save_state()
             log.info("round %d: update %s acknowledged", receipt.round_id, key[:16])
+            unsaved = await finished_in_thread(self._saved_state)  # off the loop, as every durable write
+            if unsaved is not None:
+                self._note_unsaved(unsaved, f"round {receipt.round_id}: receipt taken")
 
+        backoff = Backoff(base=1.0, cap=120.0)
+        refused = 0  # storage errors in a row
         while True:
             self._outbox_changed.clear()
-            await self.outbox.deliver(send, backoff=Backoff(base=1.0, cap=120.0), on_receipt=on_receipt)
+            try:
+                await self.outbox.deliver(send, backoff=backoff, on_receipt=on_receipt, in_thread=finished_in_thread)
+            except OSError as exc:  # the outbox's own writes (a removal, a rejected update moved aside)
+                reason = storage_reason(exc)
+                if reason is None:
+                    raise
+                self.metrics.count_storage_failure(reason, round_given_up=False)
+                delay = backoff.delay(refused)
+                refused += 1
+                log.error(
+                    "outbox %s: %s; delivery goes on in %.0f s (an acknowledged update left on disk is sent again "
+                    "after a restart, and the aggregator answers it with its receipt)",
+                    self.outbox.directory, exc.strerror or exc, delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            refused = 0
             await self._outbox_changed.wait()
 
     async def run(self, extra_tasks: list[Coroutine[Any, Any, None]] | None = None) -> None:

@@ -23,11 +23,13 @@ from appliance import __version__
 from appliance.config import ConfigError
 from appliance.metrics_web import MetricsServer, WebConfigError, load_web_config, start_metrics_server
 from appliance.reasons import DECODER_REASONS, PACKAGE_REASONS, UPDATE_REFUSAL_REASONS
+from appliance.storage_errors import STORAGE_REASONS
 
 TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 # The label values of each labelled counter, by metric name.
-ROUND_SKIP_REASONS = ("deadline-passed", "no-data", "trainer-failed", "trainer-killed")
+# A round given up because the data partition refused what it had to store counts under the storage reason.
+ROUND_SKIP_REASONS = ("deadline-passed", "no-data", "trainer-failed", "trainer-killed", *STORAGE_REASONS)
 TRAINER_KILL_CAUSES = ("oom", "signal")
 # A refused package or release: what the decoder and the package reader raise, and the agent's own checks
 # that the package and the release are the ones the task names.
@@ -48,6 +50,7 @@ LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "fl_agent_updates_rejected": UPDATE_REJECTION_REASONS,
     "fl_agent_delivery_failures": DELIVERY_FAILURE_REASONS,
     "fl_agent_receipts_refused": RECEIPT_REFUSAL_REASONS,
+    "fl_agent_storage_errors": STORAGE_REASONS,
 }
 
 
@@ -131,6 +134,12 @@ class AgentMetrics:
         self.aggregator_errors = Counter(
             "fl_agent_aggregator_errors", "Failed exchanges with the aggregator", ["operation"], registry=r
         )
+        self.storage_errors = Counter(
+            "fl_agent_storage_errors",
+            "Writes the data partition refused (full, read-only, failing), by reason; the agent went on",
+            ["reason"],
+            registry=r,
+        )
         self.round = Gauge("fl_agent_round", "Round id of the last task received", registry=r)
         self.model_version = Gauge("fl_agent_model_version", "Global model version in use", registry=r)
         self.budget_cpus = Gauge("fl_agent_budget_cpus", "CPU quota of the agent's cgroup (0: none)", registry=r)
@@ -158,9 +167,17 @@ class AgentMetrics:
             (self.models_refused, MODEL_REFUSAL_REASONS),
             (self.receipts_refused, RECEIPT_REFUSAL_REASONS),
             (self.aggregator_errors, AGGREGATOR_OPERATIONS),
+            (self.storage_errors, STORAGE_REASONS),
         ):
             for value in values:
                 counter.labels(value)  # the series exists, at 0, from the first scrape
+
+    def count_storage_failure(self, reason: str, *, round_given_up: bool) -> None:
+        """A write the data partition refused (``reason``: one of STORAGE_REASONS); when the round was given up
+        for it, also a round skipped for that reason."""
+        self.storage_errors.labels(reason).inc()
+        if round_given_up:
+            self.rounds_skipped.labels(reason).inc()
 
     def report_no_cameras(self) -> None:
         """Say there are no cameras (``fl_agent_cameras_present 0``) where no camera task exports the camera

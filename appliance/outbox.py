@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import random
@@ -215,18 +216,24 @@ class Outbox:
             raise OutboxError(f"key {key!r} is not the SHA-256 of the message ({actual})")
         if len(message) > self.max_bytes:
             raise OutboxError(f"message of {len(message)} bytes exceeds the outbox bound of {self.max_bytes}")
-        if actual not in self._entries:
-            self._publish(message, actual)
+        published = actual not in self._entries and self._publish(message, actual)
         # Also when the message was pending already: the put that published it may not have synced the directory
         # yet, and this one returns the same promise.
-        fsync_dir(self.directory)
+        try:
+            fsync_dir(self.directory)
+        except OSError:  # a put that raises leaves nothing behind: its update would be sent, not known as queued
+            if published:
+                with contextlib.suppress(OSError):  # not pending any more; a file left is found again at start
+                    self.remove(actual)
+            raise
         return actual
 
-    def _publish(self, message: bytes, key: str) -> None:
+    def _publish(self, message: bytes, key: str) -> bool:
         """Write ``message`` to a temp file of its own and fsync it, then (under the lock) make room and rename it
-        to its entry's name, unless a put of the same message got there first. The bytes are written outside the
-        lock: an fsync on an SD card can take seconds, and the delivery loop takes the same lock on the event loop
-        (pending, remove) while a put runs in a worker thread. The caller fsyncs the directory."""
+        to its entry's name, unless a put of the same message got there first (then False). The bytes are written
+        outside the lock: an fsync on an SD card can take seconds, and the delivery loop takes the same lock on the
+        event loop (pending) while a put runs in a worker thread. The caller fsyncs the directory. A write that
+        fails (a full or read-only partition) removes its temp file and raises."""
         fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{key[:16]}-", dir=self.directory)
         try:
             try:
@@ -239,7 +246,7 @@ class Outbox:
             with self._lock:  # dedup, the bounds and the sequence number are decided here, one put at a time
                 if key in self._entries:
                     os.unlink(tmp)
-                    return
+                    return False
                 self._make_room(len(message))
                 entry = Entry(self._next_seq, key, len(message))
                 os.rename(tmp, self.directory / entry.name)
@@ -249,6 +256,7 @@ class Outbox:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return True
 
     def _make_room(self, incoming: int) -> None:
         pending = sorted(self._entries.values(), key=lambda entry: entry.seq)
@@ -323,18 +331,24 @@ class Outbox:
         *,
         backoff: Backoff | None = None,
         max_failures: int | None = None,
-        on_receipt: Callable[[str, Any], None] | None = None,
+        on_receipt: Callable[[str, Any], Awaitable[None] | None] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         rng: Callable[[], float] = random.random,
         stop: Callable[[], bool] | None = None,
+        in_thread: Callable[..., Awaitable[Any]] = asyncio.to_thread,
     ) -> DeliveryReport:
         """Send pending updates oldest first until the outbox is empty.
 
-        ``send(message)`` returns the receipt (passed to ``on_receipt(key, receipt)``) after which the update is
-        removed. It raises :class:`PermanentRejection` for a refusal (the update moves to ``rejected/``); any
-        other exception is transient: the same update is retried after a backoff delay. ``max_failures``
-        consecutive transient failures end the call (the updates stay pending), as does ``stop()`` returning
-        True. Updates put while this runs are delivered in the same call.
+        ``send(message)`` returns the receipt, passed to ``on_receipt(key, receipt)`` (a function or a coroutine
+        function, awaited), after which the update is removed. It raises :class:`PermanentRejection` for a refusal
+        (the update moves to ``rejected/``); any other exception is transient: the same update is retried after a
+        backoff delay. ``max_failures`` consecutive transient failures end the call (the updates stay pending), as
+        does ``stop()`` returning True. Updates put while this runs are delivered in the same call.
+
+        The removal (an unlink and a directory fsync, seconds on an SD card) runs in ``in_thread(func, *args)``,
+        off the event loop. When it fails (say the partition went read-only) the OSError is raised: the update is
+        no longer pending here, its file may remain, and a restart sends it again, which the aggregator answers
+        with the same receipt.
         """
         backoff = backoff or Backoff()
         sleep = sleep or asyncio.sleep
@@ -378,8 +392,12 @@ class Outbox:
                 await sleep(wait)
                 continue
             consecutive = 0
-            self.remove(entry.key)  # False when a full outbox dropped it meanwhile: delivered all the same
-            self.counters.delivered_total += 1
-            delivered += 1
             if on_receipt is not None:
-                on_receipt(entry.key, receipt)
+                noted = on_receipt(entry.key, receipt)
+                if inspect.isawaitable(noted):
+                    await noted
+            try:  # False when a full outbox dropped it meanwhile: delivered all the same
+                await in_thread(self.remove, entry.key)
+            finally:  # counted with its removal, or when the removal failed: acknowledged all the same
+                self.counters.delivered_total += 1
+            delivered += 1

@@ -1,0 +1,260 @@
+"""A full or read-only data partition does not end the agent.
+
+An SD card's data partition fills up in the field. A write refused there (ENOSPC, EDQUOT, EROFS, EIO) used to
+escape the round loop and end the agent, and systemd restarted it into the same refusal: a crash loop without
+heartbeats, so the fleet view could not even show the device. Here the partition refuses writes into one
+directory for a while (the fsync of a file there raises, as a full ext4 with delayed allocation does): the round
+that needed the write is given up with one log line and counted, nothing half-written is left, the heartbeat goes
+on, and once there is room again the next round trains and is delivered. Any other OSError still ends the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from agent_harness import FakeAggregator, run_agent_against, sample
+from aiohttp import web
+from nacl.signing import SigningKey
+
+from appliance import agent as agent_module
+from appliance import modelpkg, wire
+from appliance.agent import MODELS_DIR, Agent
+from appliance.metrics import LABEL_VALUES
+from appliance.storage_errors import STORAGE_ERRNO_REASONS
+
+# Only a write that blocks the loop waits this long (and then fails the test).
+LOOP_WAIT_SECONDS = 30.0
+
+
+class RoundsAggregator(FakeAggregator):
+    """The fake aggregator serving round ``after + 1`` up to ``rounds``, and taking heartbeats (counted)."""
+
+    def __init__(self, key: SigningKey, package_path: Path, rounds: int):
+        super().__init__(key, package_path)
+        self.rounds = rounds
+        self.heartbeats = 0
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def rounds_and_heartbeats(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+            if request.path == "/v1/heartbeat":
+                self.heartbeats += 1
+                return web.Response(status=204)
+            after = int(request.query.get("after", "0"))
+            if request.path == "/v1/task" and after < self.rounds:
+                task = wire.Task(after + 1, 0, self.digest, self.package.digest, deadline=int(time.time()) + 300)
+                return web.Response(body=wire.encode_task(task, self.key), content_type="application/cose")
+            return await handler(request)
+
+        app.middlewares.append(rounds_and_heartbeats)
+        return app
+
+
+class FullDirectory:
+    """While ``full``, the fsync of any file in ``directory`` (not of a directory) fails with ``error``: the write
+    did not fit."""
+
+    def __init__(self, directory: Path, error: int = errno.ENOSPC):
+        self.directory = str(directory)
+        self.error = error
+        self.full = True
+        self.refused = 0
+        self.fsync = os.fsync
+
+    def __call__(self, fd: int) -> None:
+        in_directory = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")) == self.directory
+        if self.full and in_directory and stat.S_ISREG(os.fstat(fd).st_mode):
+            self.refused += 1
+            raise OSError(self.error, os.strerror(self.error))
+        self.fsync(fd)
+
+
+def small_package(path: Path, key: SigningKey) -> Path:
+    specs = [wire.ParamSpec("layer0.weight", (20, 10)), wire.ParamSpec("layer0.bias", (10,))]
+    rng = np.random.default_rng(7)
+    package = modelpkg.ModelPackage(
+        name="disk-full-test", param_specs=specs,
+        initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
+        training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
+        preprocessing={"input_shape": [10]}, num_classes=2,
+    )
+    modelpkg.write_package(path, package, key)
+    return path
+
+
+async def trained(self: Agent, task: wire.Task, package: modelpkg.ModelPackage,
+                  release: wire.ModelRelease) -> wire.Update:
+    """A stand-in for the agent's training: an update of the task's shapes at once, without a trainer process."""
+    delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in package.param_specs}
+    return wire.Update(self.identity.device_id, task.round_id, task.model_version, task.model_digest, 64, delta)
+
+
+def skipped_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_every_storage_reason_is_a_declared_label_value() -> None:
+    reasons = set(STORAGE_ERRNO_REASONS.values())
+    assert reasons <= set(LABEL_VALUES["fl_agent_storage_errors"])
+    assert reasons <= set(LABEL_VALUES["fl_agent_rounds_skipped"])
+
+
+@pytest.mark.parametrize(
+    ("where", "what", "error", "reason"),
+    [
+        ("outbox", "the update", errno.ENOSPC, "disk-full"),
+        (MODELS_DIR, "the model package", errno.ENOSPC, "disk-full"),
+        ("outbox", "the update", errno.EROFS, "read-only"),
+    ],
+)
+async def test_a_round_that_cannot_store_what_it_needs_is_skipped_and_the_next_one_is_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    where: str, what: str, error: int, reason: str,
+) -> None:
+    key = SigningKey.generate()
+    fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
+    directory = tmp_path / "state" / where
+    disk = FullDirectory(directory, error)
+    monkeypatch.setattr(os, "fsync", disk)
+    monkeypatch.setattr(Agent, "_train", trained)
+    monkeypatch.setattr(agent_module, "next_delay", lambda: 0.1)  # heartbeats every 0.1 s instead of 5 min
+    heartbeats_at_skip: list[int] = []
+    files_at_skip: list[list[str]] = []
+
+    def until(agent: Agent) -> bool:
+        if disk.full and sample(agent, "fl_agent_rounds_skipped_total", {"reason": reason}) >= 1:
+            if not heartbeats_at_skip:
+                heartbeats_at_skip.append(fake.heartbeats)
+                files_at_skip.append(sorted(p.name for p in directory.iterdir() if p.is_file()))
+            elif fake.heartbeats >= heartbeats_at_skip[0] + 2:
+                disk.full = False  # room again, and the next round opens: it goes through
+                fake.rounds = 2
+        return sample(agent, "fl_agent_rounds_completed_total") >= 1
+
+    with caplog.at_level(logging.INFO, logger="fl_agent"):
+        agent = await run_agent_against(fake, tmp_path, until, at_most=120)
+
+    assert disk.refused >= 1 and heartbeats_at_skip, "the partition never refused a write"
+    assert files_at_skip == [[]], f"left in {directory} after the refusal: {files_at_skip}"
+    lines = skipped_lines(caplog)
+    assert lines == [f"round 1: cannot store {what} in {directory}: {os.strerror(error)}; skipping the round"]
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": reason}) == 1
+    assert sample(agent, "fl_agent_storage_errors_total", {"reason": reason}) == 1
+    assert fake.heartbeats >= heartbeats_at_skip[0] + 2, "the heartbeat stopped"
+    # Room again: round 2 trained, queued and delivered; its update names round 2.
+    assert sample(agent, "fl_agent_rounds_completed_total") == 1 and agent.outbox.depth == 0
+    assert [wire.decode_update(body, fake.device_keys.get).round_id for body in fake.updates] == [2]
+    assert agent._load_state()["last_round"] == 2
+
+
+async def test_an_error_that_is_not_about_storage_still_ends_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A permission refused is a fault of the image, not of the card filling up: the agent ends (systemd says so)."""
+    key = SigningKey.generate()
+    fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
+    monkeypatch.setattr(os, "fsync", FullDirectory(tmp_path / "state" / "outbox", errno.EACCES))
+    monkeypatch.setattr(Agent, "_train", trained)
+    with pytest.raises(PermissionError):
+        await run_agent_against(fake, tmp_path, lambda agent: False, at_most=120)
+
+
+async def test_a_receipt_that_cannot_be_saved_is_logged_and_the_update_still_leaves_the_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receipt's time cannot be written to the state file: the receipt is counted all the same, said in one
+    line, and the update removed from the outbox (the aggregator has it); the state is saved with the next round."""
+    key = SigningKey.generate()
+    fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
+    monkeypatch.setattr(Agent, "_train", trained)
+    disk = FullDirectory(tmp_path / "state")
+    disk.full = False
+    save_state = Agent._save_state
+
+    def full_after_the_round(agent: Agent) -> None:  # the round's own save goes through; the receipt's does not
+        save_state(agent)
+        disk.full = True
+
+    monkeypatch.setattr(os, "fsync", disk)
+    monkeypatch.setattr(Agent, "_save_state", full_after_the_round)
+    with caplog.at_level(logging.INFO, logger="fl_agent"):
+        agent = await run_agent_against(
+            fake, tmp_path,
+            lambda a: sample(a, "fl_agent_storage_errors_total", {"reason": "disk-full"}) >= 1 and a.outbox.depth == 0,
+            at_most=120,
+        )
+    assert skipped_lines(caplog) == [
+        f"round 1: receipt taken, but cannot store the agent's state in {tmp_path / 'state'}: "
+        f"{os.strerror(errno.ENOSPC)}; it is saved with the next round or receipt"
+    ]
+    assert sample(agent, "fl_agent_rounds_completed_total") == 1 and agent.outbox.depth == 0
+    assert not list((tmp_path / "state" / "outbox").glob(".tmp-*"))
+    assert [p.name for p in (tmp_path / "state").iterdir() if p.name.startswith(".agent-state")] == []
+    assert agent._load_state()["acknowledged_at"] == 0  # not on disk; in memory and in the metric
+    assert agent.acknowledged_at > 0
+
+
+async def test_a_receipt_is_saved_and_its_update_removed_while_the_loop_runs_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receipt's state save and the outbox's removal (each an fsync, seconds on an SD card) run in worker
+    threads: each waits here until a coroutine on the loop has run meanwhile."""
+    key = SigningKey.generate()
+    fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
+    monkeypatch.setattr(Agent, "_train", trained)
+    loop_ran: list[bool] = []
+    delivering = threading.Event()
+
+    def witnessed(write: Callable[..., Any]) -> Callable[..., Any]:
+        def wait_for_the_loop(*args: Any) -> Any:
+            ran = threading.Event()
+            asyncio.run_coroutine_threadsafe(_set(ran), loop)
+            loop_ran.append(ran.wait(LOOP_WAIT_SECONDS))
+            return write(*args)
+
+        return wait_for_the_loop
+
+    async def _set(event: threading.Event) -> None:
+        event.set()
+
+    loop = asyncio.get_running_loop()
+    save_state, remove = Agent._save_state, agent_module.Outbox.remove
+
+    def saved_state(agent: Agent) -> None:
+        if not delivering.is_set():  # the round's own save: not watched here
+            return save_state(agent)
+        return witnessed(save_state)(agent)
+
+    def removed(outbox: Any, key: str) -> bool:
+        return witnessed(remove)(outbox, key)
+
+    monkeypatch.setattr(Agent, "_save_state", saved_state)
+    monkeypatch.setattr(agent_module.Outbox, "remove", removed)
+    # The saves watched are those after the update was sent: the receipt's.
+    send_update = agent_module.AggregatorClient.send_update
+
+    async def sending(client: Any, body: bytes) -> wire.Receipt:
+        receipt = await send_update(client, body)
+        delivering.set()
+        return receipt
+
+    monkeypatch.setattr(agent_module.AggregatorClient, "send_update", sending)
+    agent = await run_agent_against(
+        fake, tmp_path, lambda a: a.outbox.depth == 0 and sample(a, "fl_agent_rounds_completed_total") >= 1
+        and len(loop_ran) >= 2, at_most=120,
+    )
+    assert loop_ran == [True, True], "a receipt's write ran on the event loop"
+    assert agent._load_state()["acknowledged_at"] > 0
