@@ -135,6 +135,8 @@ class Agent:
         state = self._load_state()
         self.last_round = state.get("last_round", 0)
         self.acknowledged_at = state.get("acknowledged_at", 0)  # the last receipt's time (aggregator clock); 0: none
+        # Updates found in the outbox at start: one may have been acknowledged already (see delivery_loop).
+        self._queued_before_start = frozenset(entry.key for entry in self.outbox.pending())
         # The release stored at the last change of version (appliance/held_release.py): a restart fetches the next
         # one as the steps from it, and the heartbeat names it from the start.
         held = load_release(self.state_dir, self.aggregator_key, self.state_dir / MODELS_DIR)
@@ -285,7 +287,8 @@ class Agent:
         if self._package is not None and self._package.digest == digest:
             return self._package
         path = self.state_dir / MODELS_DIR / f"{digest.hex()}.flpkg"
-        package = await finished_in_thread(self._stored_package, path, digest)
+        with storing("the model package", path.parent):  # a damaged copy is removed: a write, on a card gone read-only
+            package = await finished_in_thread(self._stored_package, path, digest)
         if package is None:
             blob = await client.package_bytes(digest)
             with storing("the model package", path.parent):
@@ -605,6 +608,15 @@ class Agent:
                 raise AggregatorUnavailable(str(exc)) from exc  # a failed delivery like any other, for the outbox
 
         async def on_receipt(key: str, receipt: wire.Receipt) -> None:
+            if key in self._queued_before_start and receipt.accepted_at <= self.acknowledged_at:
+                # Queued before this start, and no newer than the receipt saved: acknowledged before a restart but
+                # left in the outbox (the agent stopped between the receipt and the removal, or the removal failed),
+                # sent again and answered with its original receipt. It was counted then (the outbox delivers oldest
+                # first, one at a time, so its receipt came no later than the one saved), and the time of the last
+                # round must not go back.
+                log.info("round %d: update %s acknowledged before, sent again after a restart; removed now",
+                         receipt.round_id, key[:16])
+                return
             self.metrics.rounds_completed.inc()
             self.acknowledged_at = receipt.accepted_at
             self.metrics.last_round_timestamp.set(receipt.accepted_at)

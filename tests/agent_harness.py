@@ -24,7 +24,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from aggregator.app import SERVICES
 from aggregator.registry import Enrolment
-from appliance import wire
+from appliance import modelpkg, wire
 from appliance.agent import Agent
 from appliance.budget import Budget
 from appliance.config import load_config
@@ -126,6 +126,21 @@ class FakeAggregator:
         app.router.add_get("/v1/models/{version}", model)
         app.router.add_post("/v1/updates", updates)
         return app
+
+
+def small_package(path: Path, key: SigningKey) -> Path:
+    """A signed model package of two small tensors at ``path``, for tests whose training is stubbed out (its graphs
+    are placeholders, never run)."""
+    specs = [wire.ParamSpec("layer0.weight", (20, 10)), wire.ParamSpec("layer0.bias", (10,))]
+    rng = np.random.default_rng(7)
+    package = modelpkg.ModelPackage(
+        name="small-test-package", param_specs=specs,
+        initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
+        training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
+        preprocessing={"input_shape": [10]}, num_classes=2,
+    )
+    modelpkg.write_package(path, package, key)
+    return path
 
 
 def agent_config(path: Path, url: str, state: Path, source: str = "synthetic", ca_file: Path | None = None) -> Path:

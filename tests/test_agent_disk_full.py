@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import stat
@@ -23,14 +24,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from agent_harness import FakeAggregator, run_agent_against, sample
+from agent_harness import FakeAggregator, run_agent_against, sample, small_package
 from aiohttp import web
 from nacl.signing import SigningKey
 
 from appliance import agent as agent_module
 from appliance import modelpkg, wire
-from appliance.agent import MODELS_DIR, Agent
+from appliance.agent import MODELS_DIR, STATE_FILE, Agent
+from appliance.identity import load_or_create_device_key
 from appliance.metrics import LABEL_VALUES
+from appliance.outbox import Outbox
 from appliance.storage_errors import STORAGE_ERRNO_REASONS
 
 # Only a write that blocks the loop waits this long (and then fails the test).
@@ -82,19 +85,6 @@ class FullDirectory:
         self.fsync(fd)
 
 
-def small_package(path: Path, key: SigningKey) -> Path:
-    specs = [wire.ParamSpec("layer0.weight", (20, 10)), wire.ParamSpec("layer0.bias", (10,))]
-    rng = np.random.default_rng(7)
-    package = modelpkg.ModelPackage(
-        name="disk-full-test", param_specs=specs,
-        initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
-        training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
-        preprocessing={"input_shape": [10]}, num_classes=2,
-    )
-    modelpkg.write_package(path, package, key)
-    return path
-
-
 async def trained(self: Agent, task: wire.Task, package: modelpkg.ModelPackage,
                   release: wire.ModelRelease) -> wire.Update:
     """A stand-in for the agent's training: an update of the task's shapes at once, without a trainer process."""
@@ -142,7 +132,8 @@ async def test_a_round_that_cannot_store_what_it_needs_is_skipped_and_the_next_o
             elif fake.heartbeats >= heartbeats_at_skip[0] + 2:
                 disk.full = False  # room again, and the next round opens: it goes through
                 fake.rounds = 2
-        return sample(agent, "fl_agent_rounds_completed_total") >= 1
+        # Its receipt is counted before its removal from the outbox: wait for both.
+        return sample(agent, "fl_agent_rounds_completed_total") >= 1 and agent.outbox.depth == 0
 
     with caplog.at_level(logging.INFO, logger="fl_agent"):
         agent = await run_agent_against(fake, tmp_path, until, at_most=120)
@@ -258,3 +249,80 @@ async def test_a_receipt_is_saved_and_its_update_removed_while_the_loop_runs_on(
     )
     assert loop_ran == [True, True], "a receipt's write ran on the event loop"
     assert agent._load_state()["acknowledged_at"] > 0
+
+
+class OriginalReceipts(RoundsAggregator):
+    """Answers every upload with the receipt it gave when it first took it, at ``accepted_at`` (as the real
+    aggregator answers a resend: aggregator/app.py, ``known_receipt``)."""
+
+    def __init__(self, key: SigningKey, package_path: Path, accepted_at: int):
+        super().__init__(key, package_path, rounds=1)
+        self.accepted_at = accepted_at
+
+    def receipt(self, body: bytes, update: wire.Update) -> bytes:
+        original = wire.Receipt(update.device_id, update.round_id, wire.update_digest(body), self.accepted_at)
+        return wire.encode_receipt(original, self.key)
+
+
+@pytest.mark.parametrize(
+    "saved_after",
+    [0, 540],
+    ids=["stopped-between-the-receipt-and-the-removal", "removal-failed-and-a-later-round-saved"],
+)
+async def test_an_update_acknowledged_before_a_restart_and_sent_again_is_not_counted_again(
+    tmp_path: Path, saved_after: int,
+) -> None:
+    """Round 1's update was acknowledged and its receipt saved, but its file stayed in the outbox: the agent was
+    stopped between the receipt and the removal (both run in worker threads now), or the removal failed and a later
+    round's receipt was saved ``saved_after`` seconds later. After a restart round 1's update is sent again and
+    answered with its original receipt: it is not counted again, and the time of the last acknowledged round does not
+    go back (on disk and in the metric: an alert on the time since the last round must not see the device go back in
+    time)."""
+    key = SigningKey.generate()
+    first_accepted = int(time.time()) - 600
+    saved = first_accepted + saved_after
+    fake = OriginalReceipts(key, small_package(tmp_path / "small.flpkg", key), accepted_at=first_accepted)
+    state = tmp_path / "state"
+    identity = load_or_create_device_key(state)
+    delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in fake.package.param_specs}
+    update = wire.Update(identity.device_id, 1, 0, fake.digest, 64, delta, created_at=first_accepted - 5)
+    Outbox(state / "outbox").put(wire.encode_update(update, identity.signing_key))  # the file left behind
+    (state / STATE_FILE).write_text(json.dumps({"last_round": 2, "acknowledged_at": saved}))
+
+    agent = await run_agent_against(
+        fake, tmp_path, lambda a: a.outbox.depth == 0 and len(fake.updates) == 1, at_most=120
+    )
+    assert len(fake.updates) == 1 and agent.outbox.depth == 0  # sent again and answered
+    assert sample(agent, "fl_agent_rounds_completed_total") == 0  # counted before the restart
+    assert sample(agent, "fl_agent_last_round_timestamp_seconds") == saved
+    assert agent._load_state()["acknowledged_at"] == saved
+
+
+async def test_a_damaged_package_on_a_read_only_partition_skips_the_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A card that hits errors is remounted read-only, and the package kept on it may be the damaged file: it cannot
+    be removed to be downloaded again. The round is given up as for any write refused; the agent goes on."""
+    key = SigningKey.generate()
+    fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
+    models = tmp_path / "state" / MODELS_DIR
+    models.mkdir(parents=True)
+    (models / f"{fake.package.digest.hex()}.flpkg").write_bytes(b"damaged on flash")
+    unlink = Path.unlink
+
+    def read_only_models(path: Path, missing_ok: bool = False) -> None:
+        if path.parent == models:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only_models)
+    monkeypatch.setattr(Agent, "_train", trained)
+    with caplog.at_level(logging.INFO, logger="fl_agent"):
+        agent = await run_agent_against(
+            fake, tmp_path, lambda a: sample(a, "fl_agent_rounds_skipped_total", {"reason": "read-only"}) >= 1,
+            at_most=120,
+        )
+    assert skipped_lines(caplog) == [
+        f"round 1: cannot store the model package in {models}: {os.strerror(errno.EROFS)}; skipping the round"
+    ]
+    assert sample(agent, "fl_agent_storage_errors_total", {"reason": "read-only"}) == 1

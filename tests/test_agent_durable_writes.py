@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from agent_harness import ADVISORY, FakeAggregator, agent_config
+from agent_harness import ADVISORY, FakeAggregator, agent_config, small_package
 from aiohttp import web
 from nacl.signing import SigningKey
 
@@ -86,19 +86,6 @@ class Device:
         """A new agent on the same state directory, as after a reboot."""
         self.agent.sandbox.close()
         self.agent = Agent(load_config(self.config), budget=ADVISORY)
-
-
-def small_package(path: Path, key: SigningKey) -> Path:
-    specs = [wire.ParamSpec("layer0.weight", (20, 10)), wire.ParamSpec("layer0.bias", (10,))]
-    rng = np.random.default_rng(7)
-    package = modelpkg.ModelPackage(
-        name="durable-writes-test", param_specs=specs,
-        initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
-        training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
-        preprocessing={"input_shape": [10]}, num_classes=2,
-    )
-    modelpkg.write_package(path, package, key)
-    return path
 
 
 @pytest.fixture
