@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,31 @@ def test_detector_trains_on_the_device_without_torch(detector, tmp_path):
     assert losses[-1] < 0.75 * losses[0], losses
     assert set(result["updated"]) == set(pkg.initial_params)
 
+
+def test_the_reference_detector_clips_each_step_so_a_steep_round_still_lowers_its_loss(detector):
+    """At the package's own lr 0.05, a round on camera 2's frames unclipped takes steps of gradient norm in the
+    hundreds and ends with a higher loss than it began (3.4 -> 7.0; FedAvg of such rounds left every heatmap dead,
+    docs/models.md "Gradient clipping"). The demo's package clips each step to 20, and the same round lowers it."""
+    from appliance.trainer import Trainer
+    from flctl import demo_detector
+
+    model, loss, graphs = detector
+    pkg = package_from_graphs(graphs, loss, SHAPE,
+                              replace(demo_detector.detector_options(), detection=dict(model.detection)))
+    assert pkg.optimizer == {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "max_grad_norm": 20.0}
+    x, _, boxes = SyntheticCamera(2, seed=1).sample_with_boxes(256)
+    y = encode_targets(DetectionSpec.from_package(pkg), boxes)
+    trainer = Trainer(pkg)
+
+    def round_losses(optimizer):
+        m = trainer.train(pkg.initial_params, x, y, epochs=1, batch_size=32, lr=0.05, seed=102,
+                          optimizer=optimizer).metrics
+        return m["loss_before"], m["loss_after"]
+
+    before, clipped = round_losses(pkg.optimizer)
+    assert clipped < before
+    unclipped_optimizer = {k: v for k, v in pkg.optimizer.items() if k != "max_grad_norm"}
+    assert round_losses(unclipped_optimizer)[1] > 1.5 * before
 
 def _job(path: Path, pkg, source: str, tmp_path: Path) -> TrainJob:
     return TrainJob(package_path=str(path), aggregator_key=bytes(KEY.verify_key), params=dict(pkg.initial_params),

@@ -22,8 +22,8 @@ the number of objects, plus 0.1 x L1 on sizes and 1 x L1 on offsets at the centr
 
 Export: ``flctl model export --torch flctl.model.detector:centre_net --input-shape 1,32,32
 --loss flctl.model.detector:centre_net_loss --name traffic-detector --classes vehicle --mean 0.4 --std 0.25
---out detector.flpkg --key aggregator.key``. The model's ``detection`` attribute goes into the package, so the
-device knows to build heatmap targets from boxes and to decode peaks.
+--max-grad-norm 20 --out detector.flpkg --key aggregator.key``. The model's ``detection`` attribute goes into the
+package, so the device knows to build heatmap targets from boxes and to decode peaks.
 """
 
 from __future__ import annotations
