@@ -326,3 +326,73 @@ async def test_a_damaged_package_on_a_read_only_partition_skips_the_round(
         f"round 1: cannot store the model package in {models}: {os.strerror(errno.EROFS)}; skipping the round"
     ]
     assert sample(agent, "fl_agent_storage_errors_total", {"reason": "read-only"}) == 1
+
+
+async def test_a_removal_refused_after_a_receipt_is_logged_and_counted_and_the_agent_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The card went read-only between the receipt and the removal of the update's file: the receipt counts, the
+    refusal is said in one line and counted, and the agent goes on (the file left is sent again after a restart)."""
+    key = SigningKey.generate()
+    fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
+    outbox = tmp_path / "state" / "outbox"
+    unlink = Path.unlink
+
+    def read_only_outbox(path: Path, missing_ok: bool = False) -> None:
+        if path.parent == outbox and path.suffix == ".upd":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only_outbox)
+    monkeypatch.setattr(Agent, "_train", trained)
+    monkeypatch.setattr(agent_module, "next_delay", lambda: 0.1)
+    heartbeats_at_refusal: list[int] = []
+
+    def until(agent: Agent) -> bool:
+        if sample(agent, "fl_agent_storage_errors_total", {"reason": "read-only"}) >= 1 and not heartbeats_at_refusal:
+            heartbeats_at_refusal.append(fake.heartbeats)
+        return bool(heartbeats_at_refusal) and fake.heartbeats >= heartbeats_at_refusal[0] + 2
+
+    with caplog.at_level(logging.INFO, logger="fl_agent"):
+        agent = await run_agent_against(fake, tmp_path, until, at_most=120)
+
+    lines = skipped_lines(caplog)
+    assert len(lines) == 1 and lines[0].startswith(f"outbox {outbox}: {os.strerror(errno.EROFS)}; delivery goes on")
+    assert sample(agent, "fl_agent_storage_errors_total", {"reason": "read-only"}) == 1
+    assert sample(agent, "fl_agent_rounds_completed_total") == 1 and agent.outbox.depth == 0
+    assert [p.suffix for p in outbox.iterdir() if p.is_file()] == [".upd"]  # sent again after a restart
+
+
+async def test_a_state_that_cannot_be_saved_after_a_round_keeps_the_round_and_its_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The update is in the outbox but ``agent-state.json`` cannot be written (nor after the receipt): each is said in
+    one line and counted, the round is not given up (its update is delivered) and not trained again."""
+    key = SigningKey.generate()
+    fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
+    state = tmp_path / "state"
+
+    class FullStateFile(FullDirectory):  # only the state file's writes: the device key is written at start
+        def __call__(self, fd: int) -> None:
+            if STATE_FILE in os.readlink(f"/proc/self/fd/{fd}"):
+                super().__call__(fd)
+            else:
+                self.fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", FullStateFile(state))
+    monkeypatch.setattr(Agent, "_train", trained)
+    with caplog.at_level(logging.INFO, logger="fl_agent"):
+        agent = await run_agent_against(
+            fake, tmp_path,
+            lambda a: sample(a, "fl_agent_storage_errors_total", {"reason": "disk-full"}) >= 2 and a.outbox.depth == 0,
+            at_most=120,
+        )
+    refused = f"cannot store the agent's state in {state}: {os.strerror(errno.ENOSPC)}"
+    assert skipped_lines(caplog) == [
+        f"round 1: update queued, but {refused}; it is saved with the next round or receipt",
+        f"round 1: receipt taken, but {refused}; it is saved with the next round or receipt",
+    ]
+    assert sample(agent, "fl_agent_storage_errors_total", {"reason": "disk-full"}) == 2
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "disk-full"}) == 0
+    assert len(fake.updates) == 1 and sample(agent, "fl_agent_rounds_completed_total") == 1
+    assert agent.last_round == 1 and agent._load_state() == {}  # taken in memory; nothing on disk
