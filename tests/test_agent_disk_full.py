@@ -108,6 +108,7 @@ def test_every_storage_reason_is_a_declared_label_value() -> None:
         ("outbox", "the update", errno.ENOSPC, "disk-full"),
         (MODELS_DIR, "the model package", errno.ENOSPC, "disk-full"),
         ("outbox", "the update", errno.EROFS, "read-only"),
+        (MODELS_DIR, "the model package", errno.EIO, "io-error"),
     ],
 )
 async def test_a_round_that_cannot_store_what_it_needs_is_skipped_and_the_next_one_is_delivered(
