@@ -164,41 +164,6 @@ async def test_an_error_that_is_not_about_storage_still_ends_the_agent(
         await run_agent_against(fake, tmp_path, lambda agent: False, at_most=120)
 
 
-async def test_a_receipt_that_cannot_be_saved_is_logged_and_the_update_still_leaves_the_outbox(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The receipt's time cannot be written to the state file: the receipt is counted all the same, said in one
-    line, and the update removed from the outbox (the aggregator has it); the state is saved with the next round."""
-    key = SigningKey.generate()
-    fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
-    monkeypatch.setattr(Agent, "_train", trained)
-    disk = FullDirectory(tmp_path / "state")
-    disk.full = False
-    save_state = Agent._save_state
-
-    def full_after_the_round(agent: Agent) -> None:  # the round's own save goes through; the receipt's does not
-        save_state(agent)
-        disk.full = True
-
-    monkeypatch.setattr(os, "fsync", disk)
-    monkeypatch.setattr(Agent, "_save_state", full_after_the_round)
-    with caplog.at_level(logging.INFO, logger="fl_agent"):
-        agent = await run_agent_against(
-            fake, tmp_path,
-            lambda a: sample(a, "fl_agent_storage_errors_total", {"reason": "disk-full"}) >= 1 and a.outbox.depth == 0,
-            at_most=120,
-        )
-    assert skipped_lines(caplog) == [
-        f"round 1: receipt taken, but cannot store the agent's state in {tmp_path / 'state'}: "
-        f"{os.strerror(errno.ENOSPC)}; it is saved with the next round or receipt"
-    ]
-    assert sample(agent, "fl_agent_rounds_completed_total") == 1 and agent.outbox.depth == 0
-    assert not list((tmp_path / "state" / "outbox").glob(".tmp-*"))
-    assert [p.name for p in (tmp_path / "state").iterdir() if p.name.startswith(".agent-state")] == []
-    assert agent._load_state()["acknowledged_at"] == 0  # not on disk; in memory and in the metric
-    assert agent.acknowledged_at > 0
-
-
 async def test_a_receipt_is_saved_and_its_update_removed_while_the_loop_runs_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -367,8 +332,9 @@ async def test_a_removal_refused_after_a_receipt_is_logged_and_counted_and_the_a
 async def test_a_state_that_cannot_be_saved_after_a_round_keeps_the_round_and_its_update(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The update is in the outbox but ``agent-state.json`` cannot be written (nor after the receipt): each is said in
-    one line and counted, the round is not given up (its update is delivered) and not trained again."""
+    """The update is in the outbox but ``agent-state.json`` cannot be written, nor after the receipt: each is said in
+    one line and counted, the round is not given up (its update is delivered and leaves the outbox) and not trained
+    again, the receipt counts, and no temp file is left."""
     key = SigningKey.generate()
     fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
     state = tmp_path / "state"
@@ -396,4 +362,6 @@ async def test_a_state_that_cannot_be_saved_after_a_round_keeps_the_round_and_it
     assert sample(agent, "fl_agent_storage_errors_total", {"reason": "disk-full"}) == 2
     assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "disk-full"}) == 0
     assert len(fake.updates) == 1 and sample(agent, "fl_agent_rounds_completed_total") == 1
-    assert agent.last_round == 1 and agent._load_state() == {}  # taken in memory; nothing on disk
+    assert agent.last_round == 1 and agent.acknowledged_at > 0 and agent._load_state() == {}  # in memory only
+    assert [p.name for p in state.iterdir() if p.name.startswith(".agent-state")] == []
+    assert not list((state / "outbox").glob(".tmp-*"))
