@@ -154,12 +154,17 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
 def remove_replaced(image: str, ref: str, cache: Path | None, log: Path, progress) -> None:
     """Remove the image ``ref`` named before this build. Left alone, every rebuild leaves its predecessor
     untagged in podman's storage (about 350 MB per image and architecture) until the disk fills. An image
-    a container still uses, or that another name still tags, stays; podman's refusal goes to the build log."""
+    another name still tags stays (``podman rmi`` by ID deletes an image with one name left, that name with
+    it), and so does one a container still uses (podman refuses; its reason goes to the build log)."""
+    names = image_inspect(image, cache).get("RepoTags") or []
+    if names:
+        progress(f"{ref}: kept the image it replaces ({image[:12]}): still tagged {', '.join(names)}")
+        return
     done = podman("rmi", image, what=f"podman rmi {image}", cache=cache, log=log, check=False)
     if done.returncode == 0:
         progress(f"{ref}: removed the image it replaces ({image[:12]})")
     else:
-        progress(f"{ref}: kept the image it replaces ({image[:12]}): in use or tagged elsewhere, see {log}")
+        progress(f"{ref}: kept the image it replaces ({image[:12]}): podman refused (in use?), see {log}")
 
 
 def manifest_list(service: Service, version: str, platforms: list[Platform], cache: Path | None, log: Path) -> str:
