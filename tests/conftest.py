@@ -6,14 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from disk_space import session_paths, shortfall
+from disk_space import needed_bytes, session_paths, shortfall
 from flash_images import env_for_tests, make_fleet
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
-    problem = shortfall(session_paths())
+    try:
+        problem = shortfall(session_paths(), needed_bytes())
+    except ValueError as bad:
+        problem = str(bad)
     if problem:
         pytest.exit(problem, returncode=4)
 

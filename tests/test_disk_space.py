@@ -37,3 +37,19 @@ def test_pytest_stops_before_the_first_test_when_the_disk_is_short(tmp_path: Pat
     assert done.returncode == 4, done.stdout + done.stderr
     assert "not enough disk for the tests:" in done.stdout + done.stderr
     assert " passed" not in done.stdout
+
+
+def _pytest_with(needed: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FL_TEST_NEEDED_BYTES": needed}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args,
+                           "tests/test_disk_space.py", "-k", "full_disk"], cwd=Path(__file__).parent.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_bad_needed_bytes_value_stops_the_session_in_one_line() -> None:
+    done = _pytest_with("2G")
+    output = done.stdout + done.stderr
+    assert done.returncode == 4, output
+    assert "FL_TEST_NEEDED_BYTES='2G' is not a whole number of bytes" in output
+    assert "Traceback" not in output and "ImportError" not in output
+    assert _pytest_with("2G", "--collect-only").returncode == 0
