@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from flctl.image.cache import cache_root
+
 #: What one session writes at its peak, with margin: about 2 GB of disk images in session fixtures, 1.4 GB of
 #: container images, a new image cache entry (0.5 GB) and the largest test's spool. FL_TEST_NEEDED_BYTES
 #: overrides it (a run of a few test files needs far less).
@@ -28,9 +30,7 @@ def needed_bytes(environ: Mapping[str, str] = os.environ) -> int:
 
 def session_paths() -> list[Path]:
     """Where the session writes: the temporary directory, the fl-edge build cache and podman's storage."""
-    cache = Path(os.environ.get("FL_EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                 / "fl-edge")
-    return [Path(tempfile.gettempdir()), cache, Path("/var/lib/containers")]
+    return [Path(tempfile.gettempdir()), cache_root(), Path("/var/lib/containers")]
 
 
 def free_bytes(path: Path) -> int:

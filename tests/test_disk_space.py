@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from disk_space import shortfall
+import pytest
+from disk_space import session_paths, shortfall
 
 GB = 1024**3
 
@@ -53,3 +54,10 @@ def test_a_bad_needed_bytes_value_stops_the_session_in_one_line() -> None:
     assert "FL_TEST_NEEDED_BYTES='2G' is not a whole number of bytes" in output
     assert "Traceback" not in output and "ImportError" not in output
     assert _pytest_with("2G", "--collect-only").returncode == 0
+
+
+def test_the_cache_checked_is_the_one_flctl_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FL_EDGE_CACHE=~/... is expanded by flctl; the check looked at a directory literally named '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FL_EDGE_CACHE", "~/big-disk/cache")
+    assert tmp_path / "big-disk" / "cache" in session_paths()
