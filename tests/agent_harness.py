@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +128,17 @@ class FakeAggregator:
         return app
 
 
-def small_package(path: Path, key: SigningKey) -> Path:
-    """A signed model package of two small tensors at ``path``, for tests whose training is stubbed out (its graphs
-    are placeholders, never run)."""
-    specs = [wire.ParamSpec("layer0.weight", (20, 10)), wire.ParamSpec("layer0.bias", (10,))]
-    rng = np.random.default_rng(7)
+SMALL_SPECS = (wire.ParamSpec("layer0.weight", (20, 10)), wire.ParamSpec("layer0.bias", (10,)))
+
+
+def small_package(path: Path, key: SigningKey, specs: Sequence[wire.ParamSpec] = SMALL_SPECS, seed: int = 7,
+                  name: str = "small-test-package") -> Path:
+    """A signed model package of the tensors ``specs`` (drawn from ``seed``) at ``path``, for tests whose training
+    is stubbed out (its graphs are placeholders, never run)."""
+    specs = list(specs)
+    rng = np.random.default_rng(seed)
     package = modelpkg.ModelPackage(
-        name="small-test-package", param_specs=specs,
+        name=name, param_specs=specs,
         initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
         training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
         preprocessing={"input_shape": [10]}, num_classes=2,
@@ -179,23 +183,33 @@ async def run_agent_against(
 ) -> Agent:
     """Serve ``fake`` on loopback and run an agent (state in ``tmp_path/state``) against it; ``during(state)``
     runs beside the agent's loops."""
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls[0] if tls else None)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    state = tmp_path / "state"
-    identity = load_or_create_device_key(state)
-    fake.device_keys = {identity.device_id: identity.verify_key}
-    write_aggregator_key(state, fake.key.verify_key)
-    scheme = "https" if tls else "http"
-    config = agent_config(tmp_path / "agent.toml", f"{scheme}://127.0.0.1:{port}", state, source,
-                          tls[1] if tls else None)
-    try:
+    async with on_loopback(fake.app(), tls[0] if tls else None) as url:
+        state = tmp_path / "state"
+        identity = enrolled_state(state, fake.key.verify_key)
+        fake.device_keys = {identity.device_id: identity.verify_key}
+        config = agent_config(tmp_path / "agent.toml", url, state, source, tls[1] if tls else None)
         agent = Agent(load_config(config), budget=ADVISORY)
         return await run_agent(agent, until, during(state) if during else None, at_most)
+
+
+@contextlib.asynccontextmanager
+async def on_loopback(app: web.Application, tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    """``app`` served on 127.0.0.1 at a free port until the block ends; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+    await site.start()
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     finally:
         await runner.cleanup()
+
+
+def enrolled_state(state: Path, aggregator_key: VerifyKey) -> DeviceIdentity:
+    """An agent's state directory holding its device key and the aggregator's key it pins."""
+    identity = load_or_create_device_key(state)
+    write_aggregator_key(state, aggregator_key)
+    return identity
 
 
 @contextlib.asynccontextmanager
@@ -205,19 +219,11 @@ async def beside_real_aggregator(
     """``app`` (a real aggregator, ``make_app``, signing with ``key``) served on loopback until the block ends,
     and an agent enrolled with it (state in ``tmp_path/agent``): yields the aggregator's URL, the agent.toml and
     the agent's identity."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    async with on_loopback(app) as url:
         state = tmp_path / "agent"
-        identity = load_or_create_device_key(state)
-        write_aggregator_key(state, key.verify_key)
+        identity = enrolled_state(state, key.verify_key)
         app[SERVICES].registry.enroll([Enrolment(identity.device_id, bytes(identity.verify_key))])
         yield url, agent_config(tmp_path / "agent.toml", url, state), identity
-    finally:
-        await runner.cleanup()
 
 
 def sample(agent: Agent, name: str, labels: dict[str, str] | None = None) -> float:

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from agent_harness import ADVISORY, FakeAggregator, agent_config, small_package
-from aiohttp import web
+from agent_harness import ADVISORY, FakeAggregator, agent_config, enrolled_state, on_loopback, small_package
 from nacl.signing import SigningKey
 
 from appliance import held_release, modelpkg, wire
@@ -33,7 +32,6 @@ from appliance.agent import MODELS_DIR, Agent
 from appliance.client import AggregatorClient
 from appliance.config import load_config
 from appliance.held_release import RELEASE_FILE
-from appliance.identity import load_or_create_device_key, write_aggregator_key
 
 # How long a write waits for the loop. Only a write that blocks the loop waits this long (and then fails the test).
 LOOP_WAIT_SECONDS = 30.0
@@ -92,32 +90,23 @@ class Device:
 async def device(tmp_path: Path) -> AsyncIterator[Device]:
     key = SigningKey.generate()
     fake = FakeAggregator(key, small_package(tmp_path / "small.flpkg", key))
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     state = tmp_path / "state"
-    load_or_create_device_key(state)
-    write_aggregator_key(state, key.verify_key)
-    config = agent_config(tmp_path / "agent.toml", url, state)
+    enrolled_state(state, key.verify_key)
     task = wire.Task(1, 0, fake.digest, fake.package.digest, deadline=int(time.time()) + 600)
-    try:
-        async with AggregatorClient(url, key.verify_key) as client:
-            d = Device(Agent(load_config(config), budget=ADVISORY), client, fake, task, config)
-            package_bytes = client.package_bytes
+    async with on_loopback(fake.app()) as url, AggregatorClient(url, key.verify_key) as client:
+        config = agent_config(tmp_path / "agent.toml", url, state)
+        d = Device(Agent(load_config(config), budget=ADVISORY), client, fake, task, config)
+        package_bytes = client.package_bytes
 
-            async def counted(digest: bytes) -> memoryview:
-                d.downloads.append(digest)
-                return await package_bytes(digest)
+        async def counted(digest: bytes) -> memoryview:
+            d.downloads.append(digest)
+            return await package_bytes(digest)
 
-            client.package_bytes = counted  # type: ignore[method-assign]
-            try:
-                yield d
-            finally:
-                d.agent.sandbox.close()
-    finally:
-        await runner.cleanup()
+        client.package_bytes = counted  # type: ignore[method-assign]
+        try:
+            yield d
+        finally:
+            d.agent.sandbox.close()
 
 
 async def witnessed(witness: LoopWitness, work: Any) -> Any:

@@ -25,13 +25,12 @@ from aggregator.models import ServedPackage, load_package_file
 from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
-from appliance import modelpkg, wire
+from appliance import wire
 from appliance.agent import Agent
 from appliance.client import AggregatorClient
 from appliance.config import load_config
 from appliance.held_release import RELEASE_FILE, load_release
-from appliance.identity import load_or_create_device_key, write_aggregator_key
-from tests.agent_harness import ADVISORY, agent_config
+from tests.agent_harness import ADVISORY, agent_config, enrolled_state, on_loopback, small_package
 from tests.aggregator_harness import Harness, ServedAsInProduction, publish_rounds, run
 
 PARAMETERS = 4000
@@ -50,15 +49,7 @@ def assert_published(h: Harness, release: wire.ModelRelease) -> None:
 def signed_package(path: Path, key: SigningKey) -> ServedPackage:
     """A package the agent can load (graphs are never run here: no round is trained)."""
     specs = [wire.ParamSpec("layer0.weight", (200, 10)), wire.ParamSpec("layer1.bias", (PARAMETERS - 2000,))]
-    rng = np.random.default_rng(3)
-    package = modelpkg.ModelPackage(
-        name="held-release-test", param_specs=specs,
-        initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
-        training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
-        preprocessing={"input_shape": [10]}, num_classes=2,
-    )
-    modelpkg.write_package(path, package, key)
-    return load_package_file(path, key.verify_key)
+    return load_package_file(small_package(path, key, specs, seed=3, name="held-release-test"), key.verify_key)
 
 
 @dataclass
@@ -145,18 +136,12 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     relay_app = web.Application()
     relay_app.router.add_get("/v1/models/{version}", relay)
     relay_app.router.add_get("/v1/packages/{digest}", relay)
-    runner = web.AppRunner(relay_app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     state = tmp_path / "state"
-    load_or_create_device_key(state)
-    write_aggregator_key(state, key.verify_key)
+    enrolled_state(state, key.verify_key)
     try:
-        yield Fleet(h, url, state, agent_config(tmp_path / "agent.toml", url, state), answers)
+        async with on_loopback(relay_app) as url:
+            yield Fleet(h, url, state, agent_config(tmp_path / "agent.toml", url, state), answers)
     finally:
-        await runner.cleanup()
         await client.close()
 
 

@@ -20,8 +20,7 @@ from appliance import wire
 from appliance.agent import Agent
 from appliance.client import AggregatorClient
 from appliance.config import load_config
-from appliance.identity import load_or_create_device_key, write_aggregator_key
-from tests.agent_harness import ADVISORY, agent_config
+from tests.agent_harness import ADVISORY, agent_config, enrolled_state, on_loopback
 from tests.aggregator_harness import Harness, publish_rounds, run, running
 
 PARAMETERS = 4000
@@ -189,36 +188,29 @@ def test_a_tampered_delta_is_refused_and_the_agent_keeps_its_model(tmp_path: Pat
 
             app = web.Application()
             app.router.add_get("/v1/models/{version}", relay)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]
             state = tmp_path / "state"
-            load_or_create_device_key(state)
-            write_aggregator_key(state, h.key.verify_key)
-            config = agent_config(tmp_path / "agent.toml", f"http://127.0.0.1:{port}", state)
-            agent = Agent(load_config(config), budget=ADVISORY)
-            agent._package = h.package.info
-            try:
-                async with AggregatorClient(f"http://127.0.0.1:{port}", h.key.verify_key) as client:
-                    first = await h.task()
-                    assert first is not None
-                    held = await agent._ensure_release(client, first)
-                    await publish_rounds(h, 1)
-                    task = await h.task(after=first.round_id)
-                    assert task is not None and task.model_version == 1
-                    with pytest.raises(wire.ProtocolError) as caught:
-                        await agent._ensure_release(client, task)
-                    assert caught.value.reason == "digest-mismatch"
-                    assert agent._release is held and agent._release.version == 0
-                    tamper = False
-                    release = await agent._ensure_release(client, task)
-                    assert release.version == 1 and release.digest == task.model_digest
-                    assert_same_bits(release, published(h, 1))
-            finally:
-                agent.sandbox.close()
-                await runner.cleanup()
+            enrolled_state(state, h.key.verify_key)
+            async with on_loopback(app) as url:
+                agent = Agent(load_config(agent_config(tmp_path / "agent.toml", url, state)), budget=ADVISORY)
+                agent._package = h.package.info
+                try:
+                    async with AggregatorClient(url, h.key.verify_key) as client:
+                        first = await h.task()
+                        assert first is not None
+                        held = await agent._ensure_release(client, first)
+                        await publish_rounds(h, 1)
+                        task = await h.task(after=first.round_id)
+                        assert task is not None and task.model_version == 1
+                        with pytest.raises(wire.ProtocolError) as caught:
+                            await agent._ensure_release(client, task)
+                        assert caught.value.reason == "digest-mismatch"
+                        assert agent._release is held and agent._release.version == 0
+                        tamper = False
+                        release = await agent._ensure_release(client, task)
+                        assert release.version == 1 and release.digest == task.model_digest
+                        assert_same_bits(release, published(h, 1))
+                finally:
+                    agent.sandbox.close()
 
     run(go())
 
