@@ -245,10 +245,8 @@ async def problems(request: web.Request, handler: Callable[[web.Request], Awaita
 async def get_task(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     wait = _number(request, "wait", 0.0)
-    after = _number(request, "after", 0)
-    if after < 0 or after != int(after):
-        raise Problem(400, "bad-parameter", f"query parameter 'after' must be an integer >= 0, got {after:g}")
-    task = await s.engine.wait_for_task(int(after), min(max(wait, 0.0), MAX_WAIT_SECONDS))
+    after = _integer(request, "after", 0, low=0)
+    task = await s.engine.wait_for_task(after, min(max(wait, 0.0), MAX_WAIT_SECONDS))
     if task is None:
         return web.Response(status=204)
     return web.Response(body=task, content_type=COSE_CONTENT_TYPE)
@@ -265,6 +263,15 @@ def _number(request: web.Request, name: str, default: float) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise Problem(400, "bad-parameter", f"query parameter {name!r} must be finite")
     return value
+
+
+def _integer(request: web.Request, name: str, default: int, low: int, high: int | None = None) -> int:
+    """Query parameter ``name`` as an integer of at least ``low`` (and at most ``high``), else 400 naming both."""
+    value = _number(request, name, default)
+    if value < low or (high is not None and value > high) or value != int(value):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise Problem(400, "bad-parameter", f"query parameter '{name}' must be an integer {bound}, got {value:.15g}")
+    return int(value)
 
 
 _BASE_FORM = ("?base=B&base_digest=D: B the version the device holds, in decimal digits (at most 18), D its digest, "
@@ -573,12 +580,7 @@ async def post_heartbeat(request: web.Request) -> web.Response:
 
 def _fleet_query(request: web.Request) -> dict[str, Any]:
     """``page``, ``per_page``, ``sort`` and ``state`` of a device listing, checked."""
-    page, per_page = _number(request, "page", 1), _number(request, "per_page", 50)
-    if page < 1 or page != int(page):
-        raise Problem(400, "bad-parameter", f"query parameter 'page' must be an integer >= 1, got {page:g}")
-    if not 1 <= per_page <= MAX_PER_PAGE or per_page != int(per_page):
-        raise Problem(400, "bad-parameter", f"query parameter 'per_page' must be an integer in [1, {MAX_PER_PAGE}], "
-                                            f"got {per_page:g}")
+    page, per_page = _integer(request, "page", 1, low=1), _integer(request, "per_page", 50, low=1, high=MAX_PER_PAGE)
     sort, state = request.query.get("sort", "last_seen"), request.query.get("state", "all")
     if sort.lstrip("-") not in SORT_KEYS or sort.startswith("--"):
         raise Problem(400, "bad-parameter", f"query parameter 'sort' must be one of {', '.join(SORT_KEYS)} "
@@ -586,7 +588,7 @@ def _fleet_query(request: web.Request) -> dict[str, Any]:
     if state not in FILTERS:
         raise Problem(400, "bad-parameter", f"query parameter 'state' must be one of {', '.join(FILTERS)}, "
                                             f"got {state[:40]!r}")
-    return {"page": int(page), "per_page": int(per_page), "sort": sort, "state": state}
+    return {"page": page, "per_page": per_page, "sort": sort, "state": state}
 
 
 async def _fleet_listing(s: Services, query: dict[str, Any]) -> dict[str, Any]:
@@ -607,11 +609,7 @@ MAX_STATUS_ROUNDS = 100
 
 async def get_status(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
-    asked = _number(request, "rounds", 20)
-    if not 1 <= asked <= MAX_STATUS_ROUNDS or asked != int(asked):
-        raise Problem(400, "bad-parameter", f"query parameter 'rounds' must be an integer in [1, {MAX_STATUS_ROUNDS}], "
-                                            f"got {asked:.15g}")
-    history = int(asked)
+    history = _integer(request, "rounds", 20, low=1, high=MAX_STATUS_ROUNDS)
     loop = asyncio.get_running_loop()
     status = await loop.run_in_executor(s.views, s.engine.status, history)
     status["fleet"] = await loop.run_in_executor(s.views, s.fleet.counts, s.engine.version, time.time())
