@@ -8,9 +8,10 @@ update queued in the outbox) and the round's state run in worker threads: on an 
 which on the loop would stall the heartbeat, delivery and the watchdog (and systemd would kill the agent).
 
 A full or read-only data partition (appliance/storage_errors.py) does not end the agent: a round that cannot store
-its package or its update is given up with one log line and ``fl_agent_rounds_skipped_total{reason}``, a state file
-or an outbox removal that cannot be written is logged and counted (``fl_agent_storage_errors_total``), and the next
-round tries again; the heartbeat goes on meanwhile.
+its package or its update is given up with one log line and ``fl_agent_rounds_skipped_total{reason}``, a state file,
+a model release or an outbox removal that cannot be written is logged and counted (``fl_agent_storage_errors_total``)
+while the agent goes on (with the state and the release in memory), and the next round tries again; the heartbeat
+goes on meanwhile.
 
 Restart safety: the last round for which an update was queued is stored in ``<state>/agent-state.json``
 after the update is in the outbox, so a restart neither trains a round twice nor forgets an update. The same
@@ -344,7 +345,9 @@ class Agent:
             raise ProtocolError("wrong-model", f"release {release.version} does not match the task's digests")
         self._release = release
         self.metrics.model_version.set(release.version)
-        await finished_in_thread(store_release, self.state_dir, answer, release, self.aggregator_key)
+        refused = await finished_in_thread(store_release, self.state_dir, answer, release, self.aggregator_key)
+        if refused is not None:  # logged; the round goes on with the release in memory
+            self.metrics.count_storage_failure(refused, round_given_up=False)
         return release
 
     # -- one round ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from appliance import wire
 from appliance.durable import atomic_write
 from appliance.modelpkg import ModelPackage, load_package
 from appliance.protocol.downlink import MESSAGE_TYPE as DELTA_TYPE
+from appliance.storage_errors import storage_reason
 
 log = logging.getLogger("fl_agent")
 
@@ -59,13 +60,18 @@ def signed_form(answer: bytes | memoryview, release: wire.ModelRelease, aggregat
 
 
 def store_release(state_dir: Path, answer: bytes | memoryview, release: wire.ModelRelease,
-                  aggregator_key: VerifyKey) -> None:
+                  aggregator_key: VerifyKey) -> str | None:
     """Replace the stored release with ``release`` (see :func:`signed_form`). A failed write is logged, not raised:
-    the agent goes on with the release in memory, and an older stored one still verifies as a base."""
+    the agent goes on with the release in memory, and an older stored one still verifies as a base. Returns the
+    storage reason (appliance/storage_errors.py) when the data partition refused the write, for the agent to count;
+    None when it was stored, or failed otherwise."""
     try:
         atomic_write(state_dir / RELEASE_FILE, signed_form(answer, release, aggregator_key))
     except OSError as exc:
-        log.warning("model version %d not stored in %s: %s", release.version, state_dir / RELEASE_FILE, exc)
+        log.warning("model version %d not stored in %s: %s; going on with it in memory", release.version,
+                    state_dir / RELEASE_FILE, exc.strerror or exc)
+        return storage_reason(exc)
+    return None
 
 
 def _as_release_payload(verified: wire.Verified) -> wire.Verified:

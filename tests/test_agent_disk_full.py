@@ -15,7 +15,6 @@ import errno
 import json
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -27,10 +26,12 @@ import pytest
 from agent_harness import FakeAggregator, run_agent_against, sample, small_package
 from aiohttp import web
 from nacl.signing import SigningKey
+from storage_faults import FullDirectory, error_lines, trained
 
 from appliance import agent as agent_module
-from appliance import modelpkg, wire
+from appliance import wire
 from appliance.agent import MODELS_DIR, STATE_FILE, Agent
+from appliance.held_release import RELEASE_FILE
 from appliance.identity import load_or_create_device_key
 from appliance.metrics import LABEL_VALUES
 from appliance.outbox import Outbox
@@ -64,36 +65,6 @@ class RoundsAggregator(FakeAggregator):
 
         app.middlewares.append(rounds_and_heartbeats)
         return app
-
-
-class FullDirectory:
-    """While ``full``, the fsync of any file in ``directory`` (not of a directory) fails with ``error``: the write
-    did not fit."""
-
-    def __init__(self, directory: Path, error: int = errno.ENOSPC):
-        self.directory = str(directory)
-        self.error = error
-        self.full = True
-        self.refused = 0
-        self.fsync = os.fsync
-
-    def __call__(self, fd: int) -> None:
-        in_directory = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")) == self.directory
-        if self.full and in_directory and stat.S_ISREG(os.fstat(fd).st_mode):
-            self.refused += 1
-            raise OSError(self.error, os.strerror(self.error))
-        self.fsync(fd)
-
-
-async def trained(self: Agent, task: wire.Task, package: modelpkg.ModelPackage,
-                  release: wire.ModelRelease) -> wire.Update:
-    """A stand-in for the agent's training: an update of the task's shapes at once, without a trainer process."""
-    delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in package.param_specs}
-    return wire.Update(self.identity.device_id, task.round_id, task.model_version, task.model_digest, 64, delta)
-
-
-def skipped_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_every_storage_reason_is_a_declared_label_value() -> None:
@@ -141,7 +112,7 @@ async def test_a_round_that_cannot_store_what_it_needs_is_skipped_and_the_next_o
 
     assert disk.refused >= 1 and heartbeats_at_skip, "the partition never refused a write"
     assert files_at_skip == [[]], f"left in {directory} after the refusal: {files_at_skip}"
-    lines = skipped_lines(caplog)
+    lines = error_lines(caplog)
     assert lines == [f"round 1: cannot store {what} in {directory}: {os.strerror(error)}; skipping the round"]
     assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": reason}) == 1
     assert sample(agent, "fl_agent_storage_errors_total", {"reason": reason}) == 1
@@ -288,7 +259,7 @@ async def test_a_damaged_package_on_a_read_only_partition_skips_the_round(
             fake, tmp_path, lambda a: sample(a, "fl_agent_rounds_skipped_total", {"reason": "read-only"}) >= 1,
             at_most=120,
         )
-    assert skipped_lines(caplog) == [
+    assert error_lines(caplog) == [
         f"round 1: cannot store the model package in {models}: {os.strerror(errno.EROFS)}; skipping the round"
     ]
     assert sample(agent, "fl_agent_storage_errors_total", {"reason": "read-only"}) == 1
@@ -322,7 +293,7 @@ async def test_a_removal_refused_after_a_receipt_is_logged_and_counted_and_the_a
     with caplog.at_level(logging.INFO, logger="fl_agent"):
         agent = await run_agent_against(fake, tmp_path, until, at_most=120)
 
-    lines = skipped_lines(caplog)
+    lines = error_lines(caplog)
     assert len(lines) == 1 and lines[0].startswith(f"outbox {outbox}: {os.strerror(errno.EROFS)}; delivery goes on")
     assert sample(agent, "fl_agent_storage_errors_total", {"reason": "read-only"}) == 1
     assert sample(agent, "fl_agent_rounds_completed_total") == 1 and agent.outbox.depth == 0
@@ -339,14 +310,8 @@ async def test_a_state_that_cannot_be_saved_after_a_round_keeps_the_round_and_it
     fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
     state = tmp_path / "state"
 
-    class FullStateFile(FullDirectory):  # only the state file's writes: the device key is written at start
-        def __call__(self, fd: int) -> None:
-            if STATE_FILE in os.readlink(f"/proc/self/fd/{fd}"):
-                super().__call__(fd)
-            else:
-                self.fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", FullStateFile(state))
+    # Only the state file's writes: the device key is written at start.
+    monkeypatch.setattr(os, "fsync", FullDirectory(state, matches=lambda path: STATE_FILE in path))
     monkeypatch.setattr(Agent, "_train", trained)
     with caplog.at_level(logging.INFO, logger="fl_agent"):
         agent = await run_agent_against(
@@ -355,7 +320,7 @@ async def test_a_state_that_cannot_be_saved_after_a_round_keeps_the_round_and_it
             at_most=120,
         )
     refused = f"cannot store the agent's state in {state}: {os.strerror(errno.ENOSPC)}"
-    assert skipped_lines(caplog) == [
+    assert error_lines(caplog) == [
         f"round 1: update queued, but {refused}; it is saved with the next round or receipt",
         f"round 1: receipt taken, but {refused}; it is saved with the next round or receipt",
     ]
@@ -365,3 +330,31 @@ async def test_a_state_that_cannot_be_saved_after_a_round_keeps_the_round_and_it
     assert agent.last_round == 1 and agent.acknowledged_at > 0 and agent._load_state() == {}  # in memory only
     assert [p.name for p in state.iterdir() if p.name.startswith(".agent-state")] == []
     assert not list((state / "outbox").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(("error", "reason"), [(errno.ENOSPC, "disk-full"), (errno.EROFS, "read-only")])
+async def test_a_model_release_that_cannot_be_stored_is_counted_and_the_round_goes_on_with_it_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: int, reason: str,
+) -> None:
+    """``model-release.cose`` cannot be written: one warning, counted in ``fl_agent_storage_errors_total`` (an alert
+    on it sees the partition refusing writes), and the round trains on the release held in memory and is
+    delivered; no temp file is left."""
+    key = SigningKey.generate()
+    fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
+    state = tmp_path / "state"
+    monkeypatch.setattr(os, "fsync", FullDirectory(state, error, matches=lambda path: RELEASE_FILE in path))
+    monkeypatch.setattr(Agent, "_train", trained)
+    with caplog.at_level(logging.INFO, logger="fl_agent"):
+        agent = await run_agent_against(
+            fake, tmp_path, lambda a: sample(a, "fl_agent_rounds_completed_total") >= 1 and a.outbox.depth == 0,
+            at_most=120,
+        )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"model version 0 not stored in {state / RELEASE_FILE}: {os.strerror(error)}; going on with "
+                        "it in memory"]
+    assert error_lines(caplog) == []
+    assert sample(agent, "fl_agent_storage_errors_total", {"reason": reason}) == 1
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": reason}) == 0
+    assert [wire.decode_update(body, fake.device_keys.get).round_id for body in fake.updates] == [1]
+    assert agent.heartbeat().model_version == 0  # held in memory
+    assert sorted(p.name for p in state.iterdir() if RELEASE_FILE in p.name) == []
