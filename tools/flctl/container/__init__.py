@@ -6,6 +6,7 @@ podman.py     running podman with this project's containers.conf (runtime, ulimi
 base.py       the base image: a minimal bookworm with python3 from mmdebstrap, imported into podman
 payload.py    what goes on top: the fl-edge wheel and its dependencies as a venv, users, entry scripts
 build.py      the images, their labels and health checks, per architecture, and the manifest lists
+prune.py      removing what a build replaced (older images of a name, older bases) and counting the bytes freed
 fleet.py      an aggregator and N agents from deploy/podman/ under `podman kube play`
 cli.py        the command line
 """

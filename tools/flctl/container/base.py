@@ -3,18 +3,21 @@
 ``--variant=essential`` (no apt: nothing installs packages at run time) plus CPython, libudev (pyudev finds
 cameras through it) and libstdc++ (onnxruntime). No registry is involved: the root file system is built
 from the Debian mirror and imported with ``podman import``. The tarball is cached by its inputs in the
-fl-edge cache; the imported image is named after the same key, so a second build finds both.
+fl-edge cache; the imported image is named after the same key, so a second build finds both, and a base of
+another key for the same architecture is an older one (remove_older_bases).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from flctl.image.cache import ArtifactStore, InputHash
 from flctl.image.rootfs import DPKG_EXCLUDES, MIRROR, SUITE
 
 from .platforms import Platform, ensure_emulation
-from .podman import image_exists, podman, run_tool
+from .podman import image_exists, image_id, podman, run_tool
+from .prune import Removals, remove_image
 
 BASE_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "libudev1", "libstdc++6")
 BASE_REPOSITORY = "localhost/fl-edge/base"
@@ -69,3 +72,21 @@ def base_image(store: ArtifactStore, target: Platform, log: Path, cache: Path | 
 def base_tarball(store: ArtifactStore, target: Platform) -> Path:
     """The cached root file system tarball of ``target``'s base (the passwd and group files come from it)."""
     return store.path("container-base", base_key(target).key()) / "base.tar"
+
+
+def remove_older_bases(current: str, target: Platform, store: ArtifactStore, removals: Removals, log: Path,
+                       progress, cache: Path | None = None) -> None:
+    """Remove ``target``'s base images other than ``current`` (``localhost/fl-edge/base:<key>-<arch>``, the names
+    base_image gives), each with its cached tarball, when nothing else needs the image (prune.remove_image).
+    Run after the services are rebuilt on ``current``, so the images they replaced no longer hold the old base."""
+    ours = re.compile(rf"{re.escape(BASE_REPOSITORY)}:([0-9a-f]{{20}})-{re.escape(target.name)}")
+    listed = podman("images", f"--filter=reference={BASE_REPOSITORY}", "--format={{.Repository}}:{{.Tag}}",
+                    what="podman images", cache=cache).stdout.split()
+    for ref in listed:
+        named = ours.fullmatch(ref)
+        image = image_id(ref, cache) if named and ref != current else None
+        if named and image and remove_image(image, ref, current, f"the older base {ref}", removals, cache, log,
+                                            progress):
+            tarball = store.path("container-base", named.group(1))
+            if tarball.is_dir():
+                removals.remove_tree(tarball, f"{current}: removed the older base's tarball", progress)

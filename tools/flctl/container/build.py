@@ -27,10 +27,11 @@ from flctl.image.cache import ArtifactStore, cache_root
 from flctl.image.rootfs import build_project_wheel
 
 from . import payload
-from .base import base_image, base_tarball
+from .base import base_image, base_tarball, remove_older_bases
 from .payload import PROJECT_ROOT, SERVICES, Service
 from .platforms import Platform, ensure_emulation
 from .podman import ContainerError, image_exists, image_id, image_inspect, podman
+from .prune import Removals, remove_image
 
 REPOSITORY = "localhost/fl-edge"
 HEALTHCHECK = "--interval=30s --timeout=5s --start-period=120s --retries=3"
@@ -102,7 +103,10 @@ CMD [{cmd}]
 
 def build_images(platforms: list[Platform], services: list[Service] | None = None, cache: Path | None = None,
                  progress=print) -> list[BuiltImage]:
-    """Build every service for every platform, then the manifest lists; returns each image with its size."""
+    """Build every service for every platform, then the manifest lists; returns each image with its size.
+
+    What the build makes obsolete goes (prune.py): the image each rebuilt name pointed to before, and the base
+    images of other keys for each platform; the last progress line says how many bytes that freed."""
     if os.geteuid() != 0:
         raise ContainerError("flctl container build needs root (mmdebstrap --mode=root, podman's storage)")
     services = services or list(SERVICES.values())
@@ -110,6 +114,7 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
     store = ArtifactStore((cache or cache_root()) / "containers")
     info = project_info()
     built: list[BuiltImage] = []
+    removals = Removals()
     with store.lock(), _scratch(store) as work:
         log = store.root / "build.log"  # kept after the build: errors point into it
         log.write_text("")
@@ -140,38 +145,25 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
                 inspected = image_inspect(ref, cache)
                 size = int(inspected["Size"])
                 if replaced and replaced != inspected["Id"]:
-                    remove_replaced(replaced, ref, cache, log, progress)
+                    # Left alone, every rebuild would leave its predecessor untagged in podman's storage.
+                    remove_image(replaced, None, ref, "the image it replaces", removals, cache, log, progress)
                 image = BuiltImage(service.name, platform.name, ref, size, round(time.monotonic() - started, 1))
                 built.append(image)
                 progress(f"{ref}: {size / 1e6:.0f} MB ({image.seconds} s)")
                 shutil.rmtree(context)
+            remove_older_bases(base, platform, store, removals, log, progress, cache)
         for service in services:
             manifest_list(service, info.version, platforms, cache, log)
             progress(f"{image_ref(service, info.version)}: manifest list of {', '.join(p.name for p in platforms)}")
+    progress(removals.summary())
     return built
-
-
-def remove_replaced(image: str, ref: str, cache: Path | None, log: Path, progress) -> None:
-    """Remove the image ``ref`` named before this build. Left alone, every rebuild leaves its predecessor
-    untagged in podman's storage (about 350 MB per image and architecture) until the disk fills. An image
-    another name still tags stays (``podman rmi`` by ID deletes an image with one name left, that name with
-    it), and so does one a container still uses (podman refuses; its reason goes to the build log)."""
-    names = image_inspect(image, cache).get("RepoTags") or []
-    if names:
-        progress(f"{ref}: kept the image it replaces ({image[:12]}): still tagged {', '.join(names)}")
-        return
-    done = podman("rmi", image, what=f"podman rmi {image}", cache=cache, log=log, check=False)
-    if done.returncode == 0:
-        progress(f"{ref}: removed the image it replaces ({image[:12]})")
-    else:
-        progress(f"{ref}: kept the image it replaces ({image[:12]}): podman refused (in use?), see {log}")
 
 
 def manifest_list(service: Service, version: str, platforms: list[Platform], cache: Path | None, log: Path) -> str:
     """``localhost/fl-edge/<name>:<version>`` as a manifest list of the per-architecture images (made anew)."""
     ref = image_ref(service, version)
     # Unconditionally: ``image exists`` resolves a list to its instance for this machine, and says no once the
-    # rebuild removed that instance (remove_replaced), while the list still holds the name.
+    # rebuild removed that instance (prune.remove_image), while the list still holds the name.
     podman("manifest", "rm", ref, what=f"podman manifest rm {ref}", cache=cache, log=log, check=False)
     if image_exists(ref, cache):
         podman("rmi", ref, what=f"podman rmi {ref}", cache=cache, log=log)

@@ -1,0 +1,83 @@
+"""Removing the podman images a container build leaves behind, and counting what that frees.
+
+Two kinds: the image a rebuilt name pointed to before (about 350 MB per service and architecture), and the
+base images of older keys (about 140 MB each: a change to the base's Debian package set gives it a new key,
+and so a new name). Left alone, both pile up in podman's storage until the disk fills.
+
+Only an image flctl named and nothing else needs goes. One still tagged under another name stays (``podman rmi
+ID`` deletes an image with one name left, that name with it), and so does one other images are built on (its
+layers stay with them, so removing it would free nothing) and one a container uses (podman refuses).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .podman import podman
+
+
+@dataclass
+class Removals:
+    """What a build removed (from podman's storage and the cache), for its closing line."""
+
+    images: list[str] = field(default_factory=list)
+    trees: list[Path] = field(default_factory=list)
+    freed_bytes: int = 0
+
+    def remove_tree(self, tree: Path, said: str, progress) -> None:
+        """Remove a cache directory that belonged to a removed image (a base's tarball)."""
+        size = sum(f.lstat().st_blocks * 512 for f in tree.rglob("*"))
+        shutil.rmtree(tree)
+        self.trees.append(tree)
+        self.freed_bytes += size
+        progress(f"{said} {tree} ({size / 1e6:.0f} MB)")
+
+    def summary(self) -> str:
+        """One line: how many images and cached trees went, and the bytes that freed."""
+        if not self.images and not self.trees:
+            return "removed nothing: no replaced image and no older base"
+        trees = f" and {len(self.trees)} cached tarball(s)" if self.trees else ""
+        return f"removed {len(self.images)} image(s){trees}: {self.freed_bytes / 1e6:.0f} MB freed"
+
+
+def remove_image(image: str, name: str | None, subject: str, what: str, removals: Removals, cache: Path | None,
+                 log: Path, progress) -> bool:
+    """Remove ``image`` (an ID) unless something else needs it; ``name`` is the one tag flctl gave it that may
+    go with it (None: it has none left). Says what happened as ``<subject>: removed|kept <what> (ID...)``;
+    returns whether it went."""
+    images = {i["Id"]: i for i in _all_images(cache)}
+    found = images.get(image.removeprefix("sha256:"))
+    if found is None:
+        return False
+    short = found["Id"][:12]
+    others = [tag for tag in found.get("RepoTags") or [] if tag != name]
+    if others:
+        progress(f"{subject}: kept {what} ({short}): still tagged {', '.join(others)}")
+        return False
+    children = [i for i in images.values() if i.get("Parent") == found["Id"]]
+    if children:
+        names = ", ".join((c.get("RepoTags") or [c["Id"][:12]])[0] for c in children)
+        progress(f"{subject}: kept {what} ({short}): images are built on it ({names})")
+        return False
+    parent = images.get(found.get("Parent") or "")
+    freed = int(found["Size"]) - (int(parent["Size"]) if parent else 0)  # its own layers; the parent's stay
+    done = podman("rmi", found["Id"], what=f"podman rmi {short}", cache=cache, log=log, check=False)
+    if done.returncode != 0:
+        progress(f"{subject}: kept {what} ({short}): podman refused (in use?), see {log}")
+        return False
+    removals.images.append(found["Id"])
+    removals.freed_bytes += freed
+    progress(f"{subject}: removed {what} ({short}, {freed / 1e6:.0f} MB)")
+    return True
+
+
+def _all_images(cache: Path | None) -> list[dict]:
+    """Every image in podman's storage as ``podman image inspect`` describes it (ID, tags, parent, size)."""
+    listed = podman("images", "--all", "--quiet", "--no-trunc", what="podman images", cache=cache).stdout.split()
+    ids = list(dict.fromkeys(listed))  # an image with two names is listed twice
+    if not ids:
+        return []
+    return json.loads(podman("image", "inspect", *ids, what="podman image inspect", cache=cache).stdout)
