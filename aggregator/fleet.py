@@ -29,6 +29,7 @@ WAL sync; either way each device's next heartbeat restores its entry. Nothing el
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import sqlite3
@@ -58,6 +59,7 @@ STATES = (*DEVICE_STATES, *SITE_STATES)  # the metric's label values; a listing'
 FILTERS = ("all", *STATES)
 SORT_KEYS = ("device", "name", "last_seen", "last_round", "model_version", "agent_version", "outbox", "health")
 MAX_PER_PAGE = 500
+HEAP_SHARE = 1 / 16  # a listing selects its page with a heap up to this share of the devices (sorted_page)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS device_reports (
@@ -232,8 +234,8 @@ class Fleet:
     def listing(self, newest: int, now: float, *, state: str = "all", sort: str = "last_seen", page: int = 1,
                 per_page: int = 50) -> dict[str, Any]:
         """One page of the enrolled devices in ``state``, ordered by ``sort`` (a key of :data:`SORT_KEYS`,
-        descending with a leading ``-``). Filtering and sorting work on the entries; only the page's rows are
-        built."""
+        descending with a leading ``-``). Filtering works on the entries, and only the page is put in order
+        (:func:`sorted_page`) and built into rows."""
         descending = sort.startswith("-")
         key = sort.lstrip("-")
         if state not in FILTERS or key not in SORT_KEYS or page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
@@ -245,8 +247,8 @@ class Fleet:
             items = [i for i in items if i.state == state]
         elif state != "all":
             items = [i for i in items if state in i.health]  # behind, throttled: a site's health has neither
-        items.sort(key=_SORTS[key], reverse=descending)
         start = (page - 1) * per_page
+        shown = sorted_page(items, _SORTS[key], descending, start, per_page)
         return {
             "now": now, "model_version": newest, "counts": self._counts(roster, forwards, newest, now),
             "thresholds": {"silent_seconds": SILENT_AFTER_SECONDS, "behind_versions": BEHIND_VERSIONS,
@@ -255,7 +257,7 @@ class Fleet:
                            "site_silent_seconds": self.site_silent_after},
             "state": state, "sort": sort, "page": page, "per_page": per_page, "total": len(items),
             "pages": max(1, math.ceil(len(items) / per_page)),
-            "devices": [_row(i, newest) for i in items[start:start + per_page]],
+            "devices": [_row(i, newest) for i in shown],
         }  # fmt: skip
 
     def _item(self, device: Enrolled, forwards: dict[str, Forward], newest: int, now: float) -> _Item:
@@ -267,6 +269,30 @@ class Fleet:
         entry = self._entries.get(device.device_id)
         health = _health(entry, newest, now)
         return _Item(device, entry, None, health, "silent" if health == "silent" else "active")
+
+
+def sorted_page(items: list[_Item], key: Callable[[_Item], tuple], descending: bool, start: int,
+                count: int) -> list[_Item]:
+    """``sorted(items, key=key, reverse=descending)[start:start + count]`` without sorting every item.
+
+    A listing shows one page of thousands of devices, mostly the first (the status page) or the last. A heap
+    selects the ``start + count`` first, or for a page in the back half the ``len(items) - start`` last: those are
+    the first of the opposite order over the reversed list (a stable sort's reverse=True is the reversal of the
+    sort of the reversed list), turned around. heapq keeps sort's order, ties included. A heap that would hold
+    more than :data:`HEAP_SHARE` of the items costs more than the sort (both measured at 10,000 devices), so a
+    page in the middle is sorted.
+    """
+    end = min(start + count, len(items))
+    if start >= end:
+        return []
+    front = end <= len(items) - start
+    if (end if front else len(items) - start) > HEAP_SHARE * len(items):
+        return sorted(items, key=key, reverse=descending)[start:end]
+    if front:
+        first = heapq.nlargest if descending else heapq.nsmallest
+        return first(end, items, key=key)[start:]
+    last = heapq.nsmallest if descending else heapq.nlargest
+    return last(len(items) - start, reversed(items), key=key)[::-1][: end - start]
 
 
 REPORT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "device_id")  # what a listing row shows
