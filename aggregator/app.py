@@ -21,11 +21,21 @@ from typing import Any
 
 import numpy as np
 from aiohttp import hdrs, web
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aggregator import statuspage
-from aggregator.fleet import FILTERS, FLUSH_SECONDS, MAX_PER_PAGE, SORT_KEYS, Enrolled, Fleet, Forward, ReportRefused
+from aggregator.fleet import (
+    FILTERS,
+    FLUSH_SECONDS,
+    MAX_PER_PAGE,
+    SORT_KEYS,
+    Enrolled,
+    Fleet,
+    Forward,
+    ReceiptRounds,
+    ReportRefused,
+)
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore, ServedPackage
 from aggregator.privacy import (
@@ -172,7 +182,7 @@ class Services:
     max_body: int
     uploads: UploadSlots
     fleet: Fleet
-    # Status, page and fleet views (no key needed; a listing sorts every device) run on a thread of their own, so
+    # Status, page and fleet views (no key needed; a listing judges every device) run on a thread of their own, so
     # that no amount of status traffic can take the threads that verify uploads.
     views: ThreadPoolExecutor
 
@@ -672,16 +682,16 @@ def _fleet_roster(store: Store) -> list[Enrolled]:
     return [Enrolled(d.device_id, d.name, d.device_id in sites) for d in store.devices() if d.revoked_at is None]
 
 
-def _site_forwards(store: Store, key: VerifyKey) -> dict[str, Forward]:
-    """Each site's newest accepted forward: its receipt (signed with ``key``, this aggregator's) names the round the
-    site answered, and that round's model version is the forward's base (in async mode the buffer it counts in may
-    be a later one). A receipt that no longer verifies (this aggregator's key was changed since) falls back to the
-    round the forward was taken into: the fleet views, /v1/status and /metrics must not fail over it."""
+def _site_forwards(store: Store, receipts: ReceiptRounds) -> dict[str, Forward]:
+    """Each site's newest accepted forward: its receipt (this aggregator's, checked once per receipt by
+    ``receipts``) names the round the site answered, and that round's model version is the forward's base (in async
+    mode the buffer it counts in may be a later one). A receipt that no longer verifies (this aggregator's key was
+    changed since) falls back to the round the forward was taken into: the fleet views, /v1/status and /metrics must
+    not fail over it."""
     forwards = {}
     for site, (accepted_at, taken_into, receipt) in store.site_last_updates().items():
-        try:
-            answered = wire.decode_receipt(receipt, key).round_id
-        except ProtocolError:
+        answered = receipts.answered(site, receipt)
+        if answered is None:
             answered = taken_into
         row = store.get_round(answered)
         forwards[site] = Forward(accepted_at, answered, None if row is None else row.model_version)
@@ -698,7 +708,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     fleet: Fleet | None = None
     try:
         fleet = Fleet(store.db_path, lambda: _fleet_roster(store),
-                      lambda: _site_forwards(store, config.key.verify_key), config.policy.round_timeout)
+                      functools.partial(_site_forwards, store, ReceiptRounds(config.key.verify_key)),
+                      config.policy.round_timeout)
         models = ModelStore(Path(config.state_dir) / "models", config.package, config.key, config.downlink)
         registry = Registry(store)
         max_body = config.max_body_bytes or default_max_body(models.layout.size)

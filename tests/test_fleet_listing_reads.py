@@ -1,5 +1,5 @@
-"""A fleet listing reads the sites' forwards once (each read verifies every site's newest receipt: about 0.1 ms a
-site), and its counts and its rows come from that one read, so they agree even when a forward lands meanwhile."""
+"""A fleet listing reads the sites' forwards once (a database read per listing), and its counts and its rows come
+from that one read, so they agree even when a forward lands meanwhile."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from test_aggregator_async_tree_window import SITE_POLICY, _delta, _fill, city_o
 from test_aggregator_tree import site_task, wait_until
 
 from aggregator.app import SERVICES
-from aggregator.fleet import SILENT_AFTER_SECONDS, Enrolled, Fleet, Forward
+from aggregator.fleet import SILENT_AFTER_SECONDS, Enrolled, Fleet, Forward, ReceiptRounds
 from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
@@ -171,5 +171,5 @@ def test_a_forward_whose_receipt_no_longer_verifies_falls_back_to_the_round_it_w
         def get_round(self, round_id: int):
             return type("Row", (), {"model_version": round_id - 1})()
 
-    assert _site_forwards(Rounds(), old_key.verify_key) == {"site-a": Forward(100.0, 3, 2)}
-    assert _site_forwards(Rounds(), new_key.verify_key) == {"site-a": Forward(100.0, 4, 3)}
+    assert _site_forwards(Rounds(), ReceiptRounds(old_key.verify_key)) == {"site-a": Forward(100.0, 3, 2)}
+    assert _site_forwards(Rounds(), ReceiptRounds(new_key.verify_key)) == {"site-a": Forward(100.0, 4, 3)}
