@@ -9,6 +9,9 @@ published. The fleet demo and the QEMU fleet test show the same at scale; this o
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import numpy as np
 import pytest
 from agent_harness import ADVISORY, beside_real_aggregator, run_agent, sample
@@ -32,6 +35,21 @@ def signed_package(tmp_path_factory):
     return key, path
 
 
+Train = Callable[..., Awaitable[wire.Update | None]]
+
+
+def _round_one_only(train: Train) -> Train:
+    """The agent's trainer, held before it trains round 2 (after the agent loaded round 2's model): the test stops
+    the agent once it holds version 1, and a slow poll on a loaded machine must not let it deliver round 2 first."""
+
+    async def trained(task: wire.Task, *args: object) -> wire.Update | None:
+        if task.round_id >= 2:
+            await asyncio.Event().wait()
+        return await train(task, *args)
+
+    return trained
+
+
 async def test_agent_delivers_a_round_and_loads_the_version_the_aggregator_publishes(signed_package, tmp_path):
     key, package_path = signed_package
     package = load_package_file(package_path, key.verify_key)
@@ -41,11 +59,10 @@ async def test_agent_delivers_a_round_and_loads_the_version_the_aggregator_publi
         plan=TrainingPlan(epochs=1, batch_size=16),
     ))
     async with beside_real_aggregator(app, key, tmp_path) as (url, config, _):
-        agent = await run_agent(
-            Agent(load_config(config), budget=ADVISORY),
-            until=lambda a: sample(a, "fl_agent_model_version") >= 1 or a.outbox.counters.rejected_total.total() > 0
-            or sample(a, "fl_agent_updates_delivered_total") >= 2,  # went on past round 2 without loading v1
-        )
+        agent = Agent(load_config(config), budget=ADVISORY)
+        agent._train = _round_one_only(agent._train)
+        await run_agent(agent, until=lambda a: sample(a, "fl_agent_model_version") >= 1
+                        or a.outbox.counters.rejected_total.total() > 0)
         first = app[SERVICES].store.get_round(1)
         async with ClientSession() as session, session.get(f"{url}/v1/models/1") as response:
             published = wire.decode_model_release(await response.read(), key.verify_key, package.info.param_specs)
