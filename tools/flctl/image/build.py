@@ -28,7 +28,7 @@ from rich.console import Console
 
 from . import disk, kernel, rootfs
 from .arch import Architecture, architecture, host_architecture, is_foreign
-from .cache import ArtifactStore, InputHash, cache_root
+from .cache import ArtifactStore, InputHash, Pruned, cache_root, hold, keep_bytes_from_env
 
 # Bump when a change to the build changes its output in a way the hashed inputs do not capture.
 BUILD_FORMAT = "fl-dev-image/1"
@@ -39,11 +39,12 @@ LOCK_FILE = PROJECT_ROOT / "requirements" / "dev.lock"
 DISK_NAME = "fl-dev.img"
 # Sources that end up in the project wheel (and so in the image).
 WHEEL_SOURCES = ("appliance", "aggregator", "tools/flctl")
+# Old images and sysroots are pruned after a build to the newest KEEP_IMAGES, then as many older ones as fit in
+# $FL_EDGE_CACHE_KEEP_BYTES (cache.DEFAULT_KEEP_BYTES, 2 GiB), then those a running process holds.
 KEEP_IMAGES = 3
 # <cache>/image: a link to the image the last build made or took from the cache (<cache>/image-<arch> for a
 # foreign architecture); `flctl image build` prints it, `flctl qemu run --image` and `flctl flash` can be given it.
 LATEST_LINK = "image"
-KEEP_RECENT_SECONDS = 6 * 3600
 
 
 class ImageBuildError(RuntimeError):
@@ -96,6 +97,9 @@ class ImageArtifacts:
 
     @classmethod
     def load(cls, directory: Path) -> ImageArtifacts:
+        """The image in ``directory``; one in the cache is held (cache.hold) for as long as this process runs, so a
+        build elsewhere does not prune it from under a QEMU run or a test session."""
+        hold(directory.resolve())
         path = directory / "manifest.json"
         if not path.exists():
             raise ImageBuildError(f"{directory} holds no built image (no manifest.json); run `flctl image build`")
@@ -140,13 +144,17 @@ def build_image(
     the host's); returns where it is."""
     console = console or Console(stderr=True)
     target = architecture(arch) if arch else host_architecture()
+    try:
+        keep_bytes = keep_bytes_from_env()
+    except ValueError as exc:
+        raise ImageBuildError(str(exc)) from None
     if os.geteuid() != 0:
         raise ImageBuildError("flctl image build needs root (mmdebstrap --mode=root, chroot, mount); run it with sudo")
     store = ArtifactStore(cache or cache_root())
     steps = Steps(console)
     started = time.monotonic()
     with store.lock():
-        art = _build_locked(store, steps, data_size, rebuild, target)
+        art = _build_locked(store, steps, data_size, rebuild, target, keep_bytes)
         from_cache = bool(art.manifest.get("from_cache"))
         if not from_cache:
             manifest_path = art.directory / "manifest.json"
@@ -172,7 +180,7 @@ def build_image(
 
 
 def _build_locked(
-    store: ArtifactStore, steps: Steps, data_size: int, rebuild: bool, arch: Architecture
+    store: ArtifactStore, steps: Steps, data_size: int, rebuild: bool, arch: Architecture, keep_bytes: int
 ) -> ImageArtifacts:
     apt = kernel.apt_for(arch, store.root)
     with steps.step(f"resolve Debian {arch.name} kernel and busybox packages"):
@@ -325,9 +333,8 @@ def _build_locked(
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    removed = _prune(store, "images", keep=key) + _prune(store, "sysroot", keep=sysroot_key.key())
-    if removed:
-        steps.console.print(f"[dim]pruned {len(removed)} old cache entries[/]")
+    for kind, current in (("images", key), ("sysroot", sysroot_key.key())):
+        steps.console.print(f"[dim]{prune_summary(kind, _prune(store, kind, current, keep_bytes))}[/]")
     return ImageArtifacts.load(store.path("images", key))
 
 
@@ -367,22 +374,21 @@ def link_latest_image(root: Path, directory: Path, name: str = LATEST_LINK) -> N
     os.replace(tmp, link)
 
 
-def _prune(store: ArtifactStore, kind: str, keep: str) -> list[Path]:
-    """Drop old entries of ``kind``: keep ``keep``, the newest few, any made in the last hours, and the one
-    ``<cache>/image`` links to (and ``<cache>/image-<arch>``: each architecture keeps its latest image)."""
-    base = store.root / kind
-    entries = sorted(
-        (p for p in base.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True
-    )
-    # Another session (a parallel pytest, a running rig) may still be about to open a recent image.
-    recent = time.time() - KEEP_RECENT_SECONDS
-    keep_names = (
-        {keep} | {p.name for p in entries[:KEEP_IMAGES]} | {p.name for p in entries if p.stat().st_mtime > recent}
-    )
+def _prune(store: ArtifactStore, kind: str, keep: str, keep_bytes: int) -> Pruned:
+    """Drop old entries of ``kind`` (ArtifactStore.prune: the newest few, a byte budget, those in use), keeping
+    ``keep`` and the images ``<cache>/image`` and ``<cache>/image-<arch>`` link to (each architecture's latest)."""
+    keep_names = {keep}
     for latest in store.root.glob(f"{LATEST_LINK}*"):
         if latest.is_symlink():
             keep_names.add(Path(os.readlink(latest)).name)
-    return store.prune(kind, keep_names)
+    return store.prune(kind, keep_names, KEEP_IMAGES, keep_bytes)
+
+
+def prune_summary(kind: str, pruned: Pruned) -> str:
+    """One line: what pruning ``kind`` freed and what the cache keeps of it."""
+    held = f" ({len(pruned.kept_in_use)} over the budget: in use)" if pruned.kept_in_use else ""
+    return (f"cache {kind}: removed {len(pruned.removed)}, {pruned.freed_bytes / 1e6:.0f} MB freed; "
+            f"kept {pruned.kept}, {pruned.kept_bytes / 1e6:.0f} MB{held}")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

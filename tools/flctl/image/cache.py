@@ -3,6 +3,10 @@
 Every artifact (base root file system, wheels, kernel + initramfs, finished disk image) is stored under
 ``<cache>/<kind>/<key>/`` where ``key`` is a hash of everything that went into it. A build whose inputs did not
 change finds its directory and skips the work; a CI job that keeps the cache directory between runs reuses it.
+
+Old entries are pruned to the newest few and a byte budget (``ArtifactStore.prune``). An entry a process is
+using (a QEMU run, a test session booting the image again and again) is held: a shared flock on its
+``.complete`` marker for as long as the process lives (``hold``), which pruning, from any process, never breaks.
 """
 
 from __future__ import annotations
@@ -14,9 +18,18 @@ import os
 import shutil
 import stat
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 ENV_CACHE = "FL_EDGE_CACHE"
+# The bytes of old entries of one kind (images, sysroots) that pruning keeps beyond the newest few: a number of
+# bytes, with K, M, G or T (powers of 1024) after it if you like; 0 keeps only the newest few.
+ENV_KEEP_BYTES = "FL_EDGE_CACHE_KEEP_BYTES"
+DEFAULT_KEEP_BYTES = 2 * 2**30
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+COMPLETE = ".complete"
+_held: dict[tuple[Path, int], BinaryIO] = {}  # (entry, inode of its marker) -> the open, locked marker
 
 
 def cache_root(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -105,7 +118,7 @@ class ArtifactStore:
         return self.root / kind / key
 
     def has(self, kind: str, key: str) -> bool:
-        return (self.path(kind, key) / ".complete").exists()
+        return (self.path(kind, key) / COMPLETE).exists()
 
     @contextlib.contextmanager
     def building(self, kind: str, key: str) -> Iterator[Path]:
@@ -116,23 +129,41 @@ class ArtifactStore:
         tmp.mkdir(parents=True)
         try:
             yield tmp
-            (tmp / ".complete").write_text("")
+            (tmp / COMPLETE).write_text("")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def prune(self, kind: str, keep: set[str]) -> list[Path]:
-        """Remove entries of ``kind`` not in ``keep`` (old images pile up otherwise); returns what went."""
-        removed = []
+    def prune(self, kind: str, keep: set[str], newest: int, keep_bytes: int) -> Pruned:
+        """Remove old entries of ``kind`` (they pile up otherwise: about 0.5 GB an image). Kept: those named in
+        ``keep``, the ``newest`` newest (by modification time), then older ones newest first while all kept
+        entries together take at most ``keep_bytes``; and, whatever their age or size, those in use (``hold``)."""
+        pruned = Pruned()
         base = self.root / kind
         if not base.is_dir():
-            return removed
-        for entry in base.iterdir():
-            if entry.name not in keep and not entry.name.startswith("."):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-        return removed
+            return pruned
+        entries = sorted((p for p in base.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime,
+                         reverse=True)  # fmt: skip
+        sizes = {entry: entry_bytes(entry) for entry in entries}
+        kept = {entry for i, entry in enumerate(entries) if entry.name in keep or i < newest}
+        total = sum(sizes[entry] for entry in kept)
+        for entry in entries:
+            if entry in kept:
+                continue
+            if total + sizes[entry] <= keep_bytes:
+                kept.add(entry)
+                total += sizes[entry]
+            elif _remove_unless_held(entry):
+                pruned.removed.append(entry)
+                pruned.freed_bytes += sizes[entry]
+            else:
+                kept.add(entry)
+                total += sizes[entry]
+                pruned.kept_in_use.append(entry)
+        pruned.kept_bytes = total
+        pruned.kept = len(kept)
+        return pruned
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -144,3 +175,72 @@ class ArtifactStore:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass
+class Pruned:
+    """What ``ArtifactStore.prune`` removed and kept of one kind."""
+
+    removed: list[Path] = field(default_factory=list)
+    freed_bytes: int = 0
+    kept: int = 0
+    kept_bytes: int = 0
+    kept_in_use: list[Path] = field(default_factory=list)  # over the budget, but held by a running process
+
+
+def keep_bytes_from_env() -> int:
+    """``$FL_EDGE_CACHE_KEEP_BYTES`` (e.g. ``2G``, ``500M``, ``0``), else DEFAULT_KEEP_BYTES; ValueError with one line
+    naming the variable when it is not a size."""
+    text = os.environ.get(ENV_KEEP_BYTES, "").strip()
+    if not text:
+        return DEFAULT_KEEP_BYTES
+    number, unit = text.rstrip("KMGTkmgt"), text[len(text.rstrip("KMGTkmgt")):].upper()
+    if not number.isdigit() or unit not in _UNITS:
+        raise ValueError(f"{ENV_KEEP_BYTES}={text!r} is not a size: a number of bytes, e.g. 2000000000, 500M or 2G")
+    return int(number) * _UNITS[unit]
+
+
+def entry_bytes(entry: Path) -> int:
+    """The disk space removing ``entry`` frees: the blocks its files take (sparse disk images count what they
+    hold), leaving out files hard-linked from elsewhere (an image's kernel and initramfs, linked from the kernel
+    entry; a disk image also published with ``--out``)."""
+    total = 0
+    for path in entry.rglob("*"):
+        st = path.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            total += st.st_blocks * 512
+    return total
+
+
+def hold(entry: Path) -> None:
+    """Mark the cache entry ``entry`` in use for as long as this process runs (nothing when it is not a finished
+    entry). The lock goes with the process however it ends. An entry being pruned at this moment is gone when this
+    returns."""
+    marker = entry / COMPLETE
+    try:
+        held = (entry, marker.stat().st_ino)  # a rebuilt entry (--rebuild) has a new marker to hold
+    except FileNotFoundError:
+        return
+    if held in _held:
+        return
+    fh = open(marker, "rb")  # noqa: SIM115 (held open on purpose, until the process exits)
+    fcntl.flock(fh, fcntl.LOCK_SH)  # waits while a prune holds it exclusively
+    if not marker.exists():  # that prune removed it
+        fh.close()
+        return
+    _held[held] = fh
+
+
+def _remove_unless_held(entry: Path) -> bool:
+    """Remove ``entry`` unless a process holds it (this one included); whether it went."""
+    marker = entry / COMPLETE
+    if not marker.exists():
+        shutil.rmtree(entry, ignore_errors=True)
+        return True
+    with open(marker, "rb") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(entry, ignore_errors=True)  # under the lock: a hold waits, then finds the entry gone
+    return True
