@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from appliance import __version__
 from appliance.config import ConfigError
 from appliance.metrics_web import MetricsServer, WebConfigError, load_web_config, start_metrics_server
+from appliance.outbox import UNREADABLE
 from appliance.reasons import DECODER_REASONS, PACKAGE_REASONS, UPDATE_REFUSAL_REASONS
 from appliance.storage_errors import STORAGE_REASONS
 
@@ -35,9 +36,10 @@ TRAINER_KILL_CAUSES = ("oom", "signal")
 # that the package and the release are the ones the task names.
 MODEL_REFUSAL_REASONS = (*DECODER_REASONS, *PACKAGE_REASONS, "wrong-package", "wrong-model")
 AGGREGATOR_OPERATIONS = ("task", "heartbeat")
-# The aggregator's reasons, the outbox's own ("corrupt": stored bytes that no longer match their digest) and
-# the client's for a refusal that names none ("unknown").
-UPDATE_REJECTION_REASONS = (*UPDATE_REFUSAL_REASONS, "corrupt", "unknown")
+# The aggregator's reasons, the outbox's own ("corrupt": stored bytes that no longer match their digest;
+# UNREADABLE: a file the card failed to read READ_ATTEMPTS times in a row, set aside) and the client's for a
+# refusal that names none ("unknown").
+UPDATE_REJECTION_REASONS = (*UPDATE_REFUSAL_REASONS, "corrupt", UNREADABLE, "unknown")
 # The outbox counts a failed send under the exception's class name; the agent's send raises only this one.
 DELIVERY_FAILURE_REASONS = ("AggregatorUnavailable",)
 # A receipt that does not verify against the pinned key, or a verified one that names another update.

@@ -2,14 +2,18 @@
 
 Each update is written to ``<state_dir>/outbox/`` *before* the first send: a temporary file is written and
 fsynced, renamed to ``<seq>-<key>.upd`` and the directory fsynced, so after :meth:`Outbox.put` returns the
-update survives a crash or a power cut. The key is the hex SHA-256 of the message. The aggregator answers an
-identical resend with the original receipt, so resending after a crash is safe: the outbox delivers at least
-once, the aggregator's dedup by digest makes it exactly once. The file is removed (and the directory fsynced)
-only after a receipt.
+update survives a crash or a power cut. Delivery sees an update only once all three steps succeeded, and a put
+that fails at any step is withdrawn and has changed nothing. The key is the hex SHA-256 of the message. The
+aggregator answers an identical resend with the original receipt, so resending after a crash is safe: the outbox
+delivers at least once, the aggregator's dedup by digest makes it exactly once. The file is removed (and the
+directory fsynced) only after a receipt.
 
 The delivery loop retries transient errors with capped exponential backoff and full jitter, and moves an update
-the aggregator refused for good (:class:`PermanentRejection`) to ``outbox/rejected/``. The queue is bounded in
-messages and bytes: putting past the bound drops the oldest pending updates, counted and logged.
+the aggregator refused for good (:class:`PermanentRejection`) to ``outbox/rejected/``. An update whose file the
+card fails to read (EIO) does not hold up the ones behind it; after READ_ATTEMPTS failed reads in a row it is set
+aside (to ``rejected/``, or in memory when the card refuses that too), counted as rejected ``unreadable``. The
+queue is bounded in messages and bytes: a put past the bound drops the oldest pending updates once the new one is
+durable, counted and logged.
 
 One process owns an outbox directory (the agent); the methods are safe to call from one event loop and from
 other threads.
@@ -34,12 +38,19 @@ from pathlib import Path
 from typing import Any
 
 from appliance.durable import fsync_dir
+from appliance.storage_errors import storage_reason
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".upd"
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^(\d{12})-([0-9a-f]{64})\.upd$")
+# Reads in a row of one update that fail (EIO) before it is set aside as unreadable. The kernel has retried each
+# read already (the block layer and the MMC driver retry a failed read and reset the card), so a read that still
+# fails is almost always a bad block that stays bad. Three give a card that recovers after a reset its chance while
+# keeping the time lost small: each failed read can take the card's timeouts, seconds.
+READ_ATTEMPTS = 3
+UNREADABLE = "unreadable"  # the reason of an update set aside because it could not be read
 
 
 class OutboxError(Exception):
@@ -85,6 +96,15 @@ class Entry:
 
 
 @dataclass
+class _Staged:
+    """A put between its rename and its directory fsync: on disk under its final name, not pending yet. Another put
+    of the same message waits for ``settled`` (set once it is pending or withdrawn)."""
+
+    entry: Entry
+    settled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
 class OutboxCounters:
     """Totals since the agent started, for the metrics module (plain attributes, read them any time)."""
 
@@ -92,7 +112,7 @@ class OutboxCounters:
     delivered_total: int = 0
     dropped_total: int = 0
     dropped_bytes_total: int = 0
-    rejected_total: Counter[str] = field(default_factory=Counter)  # by the aggregator's reason
+    rejected_total: Counter[str] = field(default_factory=Counter)  # by the aggregator's reason, or UNREADABLE
     delivery_failures_total: Counter[str] = field(default_factory=Counter)  # transient, by reason
     corrupt_total: int = 0
     stale_temp_files_removed: int = 0
@@ -146,7 +166,9 @@ class Outbox:
         self.counters = OutboxCounters()
         self._lock = threading.RLock()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Entry] = {}  # pending: durable, visible to delivery
+        self._staged: dict[str, _Staged] = {}  # renamed, directory not synced yet: not pending
+        self._read_failures: dict[str, int] = {}  # key -> failed reads in a row (delivery only)
         self._next_seq = 0
         self._scan()
 
@@ -205,8 +227,11 @@ class Outbox:
         """Store ``message`` durably and return its key. Call it before the first send.
 
         ``key`` may be given when the caller already hashed the message; it must be the message's SHA-256.
-        Putting a message that is already pending changes nothing. When the queue would exceed its bounds
-        the oldest pending updates are dropped (counted in ``counters.dropped_total`` and logged).
+        Putting a message that is already pending changes nothing. The update becomes pending (visible to
+        :meth:`pending` and :meth:`deliver`) only once it is durable: its file written and fsynced, renamed, the
+        directory fsynced. Only then, when the queue would exceed its bounds, are the oldest pending updates dropped
+        (counted in ``counters.dropped_total`` and logged). A put that raises has changed nothing: its files are
+        removed and no update was dropped.
         """
         if not isinstance(message, bytes | bytearray | memoryview):
             raise TypeError(f"outbox messages are bytes, got {type(message).__name__}")
@@ -216,24 +241,16 @@ class Outbox:
             raise OutboxError(f"key {key!r} is not the SHA-256 of the message ({actual})")
         if len(message) > self.max_bytes:
             raise OutboxError(f"message of {len(message)} bytes exceeds the outbox bound of {self.max_bytes}")
-        published = actual not in self._entries and self._publish(message, actual)
-        # Also when the message was pending already: the put that published it may not have synced the directory
-        # yet, and this one returns the same promise.
-        try:
-            fsync_dir(self.directory)
-        except OSError:  # a put that raises leaves nothing behind: its update would be sent, not known as queued
-            if published:
-                with contextlib.suppress(OSError):  # not pending any more; a file left is found again at start
-                    self.remove(actual)
-            raise
+        if actual not in self._entries:
+            self._publish(message, actual)
         return actual
 
-    def _publish(self, message: bytes, key: str) -> bool:
-        """Write ``message`` to a temp file of its own and fsync it, then (under the lock) make room and rename it
-        to its entry's name, unless a put of the same message got there first (then False). The bytes are written
+    def _publish(self, message: bytes, key: str) -> None:
+        """Write ``message`` to a temp file of its own and fsync it, rename it to its entry's name (:meth:`_stage`),
+        fsync the directory, and only then make it pending (:meth:`_commit`). The bytes and the directory are synced
         outside the lock: an fsync on an SD card can take seconds, and the delivery loop takes the same lock on the
-        event loop (pending) while a put runs in a worker thread. The caller fsyncs the directory. A write that
-        fails (a full or read-only partition) removes its temp file and raises."""
+        event loop (pending) while a put runs in a worker thread. A step that fails (a full, read-only or failing
+        partition) removes what the put wrote and raises; nothing was pending, so nothing was sent."""
         fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{key[:16]}-", dir=self.directory)
         try:
             try:
@@ -243,39 +260,89 @@ class Outbox:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            with self._lock:  # dedup, the bounds and the sequence number are decided here, one put at a time
-                if key in self._entries:
-                    os.unlink(tmp)
-                    return False
-                self._make_room(len(message))
-                entry = Entry(self._next_seq, key, len(message))
-                os.rename(tmp, self.directory / entry.name)
-                self._entries[key] = entry
-                self._next_seq += 1
-                self.counters.put_total += 1
+            staged = self._stage(tmp, key, len(message))
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # left by a partition gone read-only: removed at the next start
+                os.unlink(tmp)
             raise
-        return True
+        if staged is None:  # the same message is pending (durably) already: this copy is not needed
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return
+        try:
+            fsync_dir(self.directory)
+        except BaseException:
+            self._withdraw(staged)
+            raise
+        self._commit(staged)
 
-    def _make_room(self, incoming: int) -> None:
-        pending = sorted(self._entries.values(), key=lambda entry: entry.seq)
-        total = sum(entry.size for entry in pending)
-        count = len(pending)
+    def _stage(self, tmp: str, key: str, size: int) -> _Staged | None:
+        """Rename the synced temp file to a new entry's name, not pending yet. None when the message is pending
+        already. While another put of the same message is between its rename and its commit, wait for it: it either
+        committed (None) or was withdrawn (then this put stages its own copy)."""
+        while True:
+            with self._lock:  # dedup and the sequence number are decided here, one put at a time
+                if key in self._entries:
+                    return None
+                other = self._staged.get(key)
+                if other is None:
+                    entry = Entry(self._next_seq, key, size)
+                    os.rename(tmp, self.directory / entry.name)
+                    self._next_seq += 1
+                    staged = self._staged[key] = _Staged(entry)
+                    return staged
+            other.settled.wait()
+
+    def _withdraw(self, staged: _Staged) -> None:
+        """Undo a staged put whose directory fsync failed. The unlink may not be durable either (or may fail on a
+        card gone read-only): a file left is found again at the next start (docs/outbox.md says what follows)."""
+        with self._lock:
+            del self._staged[staged.entry.key]
+        with contextlib.suppress(OSError):
+            os.unlink(self.directory / staged.entry.name)
+        staged.settled.set()  # a put of the same message waiting for this one now stages its own copy
+
+    def _commit(self, staged: _Staged) -> None:
+        """Make a durable staged put pending, dropping the oldest pending updates when the queue exceeds its bounds."""
+        with self._lock:
+            entry = staged.entry
+            del self._staged[entry.key]
+            kept = self._make_room(entry)
+            if kept:
+                self._entries[entry.key] = entry
+            self.counters.put_total += 1
+        staged.settled.set()
+
+    def _make_room(self, incoming: Entry) -> bool:
+        """Drop the oldest updates, ``incoming`` (durable already) counted among them, until the queue is within its
+        bounds; returns whether ``incoming`` was kept (it is the oldest only when a newer put committed first). The
+        unlinks are made durable by the next directory fsync (a put or a removal); a power cut before it brings a
+        dropped update back, to be delivered or dropped again. A drop whose unlink fails keeps that update and the
+        rest: the queue stays over its bounds until a later put succeeds in dropping it."""
+        queue = sorted([*self._entries.values(), incoming], key=lambda entry: entry.seq)
+        total = sum(entry.size for entry in queue)
+        count = len(queue)
         dropped = []
-        while pending and (count + 1 > self.max_messages or total + incoming > self.max_bytes):
-            oldest = pending.pop(0)
-            (self.directory / oldest.name).unlink(missing_ok=True)
-            del self._entries[oldest.key]
+        for oldest in queue:
+            if count <= self.max_messages and total <= self.max_bytes:
+                break
+            try:
+                (self.directory / oldest.name).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("outbox full (%d messages / %d bytes max), but the oldest update %s cannot be dropped "
+                            "(%s): kept", self.max_messages, self.max_bytes, oldest.key, exc.strerror or exc)
+                break
+            self._entries.pop(oldest.key, None)
+            self._read_failures.pop(oldest.key, None)
             dropped.append(oldest)
             count -= 1
             total -= oldest.size
-        if dropped:  # put fsyncs the directory after its rename, for these unlinks too
-            self.counters.dropped_total += len(dropped)
-            self.counters.dropped_bytes_total += sum(entry.size for entry in dropped)
-            for entry in dropped:
-                log.warning("outbox full (%d messages / %d bytes max): dropped the oldest update %s (%d bytes)",
-                            self.max_messages, self.max_bytes, entry.key, entry.size)
+        self.counters.dropped_total += len(dropped)
+        self.counters.dropped_bytes_total += sum(entry.size for entry in dropped)
+        for entry in dropped:
+            log.warning("outbox full (%d messages / %d bytes max): dropped the oldest update %s (%d bytes)",
+                        self.max_messages, self.max_bytes, entry.key, entry.size)
+        return incoming not in dropped
 
     def remove(self, key: str) -> bool:
         """Forget a delivered update (after its receipt). Returns False when it was not pending."""
@@ -325,6 +392,62 @@ class Outbox:
 
     # -- delivery ---------------------------------------------------------------------------------------
 
+    def _first_readable(self, pending: list[Entry]) -> tuple[Entry | None, bytes, int]:
+        """The oldest of ``pending`` that can be read, with its bytes, and how many were set aside on the way. A read
+        the card fails (EIO) skips that update for now, so one bad file does not hold up the updates behind it, and
+        sets it aside after READ_ATTEMPTS failures in a row. Any other OSError (a permission) is raised."""
+        set_aside = 0
+        for entry in pending:
+            try:
+                message = self.read(entry)
+            except FileNotFoundError:  # dropped by a concurrent put
+                with self._lock:
+                    self._entries.pop(entry.key, None)
+                continue
+            except OSError as exc:
+                if storage_reason(exc) is None:
+                    raise
+                set_aside += self._read_failed(entry, exc)
+                continue
+            self._read_failures.pop(entry.key, None)
+            return entry, message, set_aside
+        return None, b"", set_aside
+
+    def _read_failed(self, entry: Entry, error: OSError) -> bool:
+        """Count a failed read of ``entry``; the READ_ATTEMPTS-th in a row sets it aside (True)."""
+        failures = self._read_failures[entry.key] = self._read_failures.get(entry.key, 0) + 1
+        if failures < READ_ATTEMPTS:
+            log.warning("outbox: cannot read %s (%s), attempt %d of %d; the updates behind it go first",
+                        self.directory / entry.name, error.strerror or error, failures, READ_ATTEMPTS)
+            return False
+        del self._read_failures[entry.key]
+        return self._set_aside(entry, error)
+
+    def _set_aside(self, entry: Entry, error: OSError) -> bool:
+        """Take an unreadable update out of the queue, counted as rejected (UNREADABLE), and move its file to
+        ``rejected/``. On a failing card the move itself may fail (EIO, EROFS): the update then stays set aside in
+        memory only, and its file, still in the outbox, is tried again after a restart. One log line either way."""
+        with self._lock:
+            if self._entries.pop(entry.key, None) is None:  # removed or dropped meanwhile
+                return False
+            self.counters.rejected_total[UNREADABLE] += 1
+        source = self.directory / entry.name
+        cause = f"{READ_ATTEMPTS} reads in a row failed: {error.strerror or error}"
+        try:
+            self.rejected_directory.mkdir(exist_ok=True)
+            os.rename(source, self.rejected_directory / entry.name)
+        except OSError as exc:
+            log.error("outbox: update %s is unreadable (%s); set aside until the agent restarts (it cannot be moved "
+                      "to %s: %s)", source, cause, self.rejected_directory, exc.strerror or exc)
+            return True
+        log.error("outbox: update %s is unreadable (%s); moved to %s", source, cause, self.rejected_directory)
+        with contextlib.suppress(OSError):  # the note and the syncs are for inspection; a failing card may refuse them
+            (self.rejected_directory / f"{entry.name}.reason").write_text(f"{UNREADABLE}\n{cause}\n")
+            fsync_dir(self.rejected_directory)
+            fsync_dir(self.directory)
+            self._trim_rejected()
+        return True
+
     async def deliver(
         self,
         send: Callable[[bytes], Awaitable[Any]],
@@ -345,6 +468,10 @@ class Outbox:
         backoff delay. ``max_failures`` consecutive transient failures end the call (the updates stay pending), as
         does ``stop()`` returning True. Updates put while this runs are delivered in the same call.
 
+        An update whose read fails with a storage error (EIO) is passed over for the next one; the READ_ATTEMPTS-th
+        failed read in a row sets it aside (:meth:`_set_aside`). When every pending update failed its read, the next
+        try waits a backoff delay.
+
         The removal (an unlink and a directory fsync, seconds on an SD card) runs in ``in_thread(func, *args)``,
         off the event loop. When it fails (say the partition went read-only) the OSError is raised: the update is
         no longer pending here, its file may remain, and a restart sends it again, which the aggregator answers
@@ -352,20 +479,21 @@ class Outbox:
         """
         backoff = backoff or Backoff()
         sleep = sleep or asyncio.sleep
-        delivered = rejected = failures = consecutive = 0
+        delivered = rejected = failures = consecutive = unreadable_passes = 0
         while True:
             if stop is not None and stop():
                 return DeliveryReport(delivered, rejected, failures, "stop")
             pending = self.pending()
             if not pending:
                 return DeliveryReport(delivered, rejected, failures, "empty")
-            entry = pending[0]
-            try:
-                message = self.read(entry)
-            except FileNotFoundError:  # dropped by a concurrent put
-                with self._lock:
-                    self._entries.pop(entry.key, None)
+            entry, message, set_aside = self._first_readable(pending)
+            rejected += set_aside
+            if entry is None:  # every pending update failed its read: give the card a moment before the next try
+                if self.depth:
+                    await sleep(backoff.delay(unreadable_passes, rng))
+                    unreadable_passes += 1
                 continue
+            unreadable_passes = 0
             if digest(message) != entry.key:
                 self.counters.corrupt_total += 1
                 self._reject(entry, "corrupt", "stored bytes do not match their SHA-256 name")
