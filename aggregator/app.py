@@ -623,6 +623,7 @@ async def get_status(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     status = await loop.run_in_executor(s.views, s.engine.status, history)
     status["fleet"] = await loop.run_in_executor(s.views, s.fleet.counts, s.engine.version, time.time())
+    status["downlink"] = s.metrics.downlink(s.config.downlink)
     return web.json_response(status)
 
 
@@ -630,6 +631,7 @@ async def get_page(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     query = _fleet_query(request)
     status = await asyncio.get_running_loop().run_in_executor(s.views, s.engine.status, 20)
+    status["downlink"] = s.metrics.downlink(s.config.downlink)
     fleet = await _fleet_listing(s, query)
     return web.Response(text=statuspage.render(status, fleet), content_type="text/html")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from aggregator.fleet import STATES as FLEET_STATES
@@ -199,6 +201,17 @@ class AggregatorMetrics:
         if body is not None:
             self.model_download_bytes.labels(answer).inc(len(body))
 
+    def downlink(self, encoding: str) -> dict[str, Any]:
+        """The downlink since start, from the model download counters (``downlink`` of GET /v1/status): downloads
+        and body bytes of the full models sent (answers ``full`` and ``full_*``), of the deltas (the steps of
+        ``encoding``, the aggregator's --downlink) and by answer."""
+        downloads, sent = _by_answer(self.model_downloads), _by_answer(self.model_download_bytes)
+        answers = {a: {"downloads": downloads.get(a, 0), "bytes": sent.get(a, 0)} for a in MODEL_DOWNLOAD_ANSWERS}
+        full = [answers[a] for a in MODEL_SENT_ANSWERS if a != "delta"]
+        return {"encoding": encoding,
+                "full": {"downloads": sum(f["downloads"] for f in full), "bytes": sum(f["bytes"] for f in full)},
+                "delta": answers["delta"], "answers": answers}
+
     def set_fleet(self, counts: dict[str, int]) -> None:
         """The fleet gauges from :meth:`aggregator.fleet.Fleet.counts` (set at each scrape)."""
         for state in FLEET_STATES:
@@ -208,3 +221,9 @@ class AggregatorMetrics:
         """Count a round that ended at ``at`` (Unix time) with ``outcome`` (one of ROUND_OUTCOMES)."""
         self.rounds.labels(outcome).inc()
         self.last_round_timestamp.labels(outcome).set(at)
+
+
+def _by_answer(counter: Counter) -> dict[str, int]:
+    """A counter's values by its ``answer`` label (its ``_total`` samples)."""
+    return {sample.labels["answer"]: int(sample.value) for family in counter.collect() for sample in family.samples
+            if sample.name.endswith("_total")}

@@ -90,6 +90,31 @@ def _async(status: dict[str, Any]) -> str:
             f"<p>staleness of accepted updates (versions behind, since start):</p>\n{chart}\n")
 
 
+def _size(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
+def _downlink(status: dict[str, Any]) -> str:
+    """The models sent since start: full models and deltas (downloads and bytes), and of the fetches that named a
+    base (a device holding an earlier version), the share that got a delta."""
+    downlink = status.get("downlink")
+    if not downlink:
+        return ""
+    full, delta, encoding = downlink["full"], downlink["delta"], downlink["encoding"]
+    steps = f" ({escape(encoding)} steps)" if encoding != "full" else ""
+    line = (f"<p>downlink since start (--downlink {escape(encoding)}): <b>{full['downloads']}</b> full model"
+            f"{'s' if full['downloads'] != 1 else ''}, {_size(full['bytes'])} &middot; <b>{delta['downloads']}</b> "
+            f"delta{'s' if delta['downloads'] != 1 else ''}{steps}, {_size(delta['bytes'])}")
+    named_base = delta["downloads"] + sum(n["downloads"] for a, n in downlink["answers"].items()
+                                          if a.startswith("full_"))
+    if named_base:
+        line += (f" &middot; {100 * delta['downloads'] / named_base:.0f} % of the {named_base} fetches that named a "
+                 "base got a delta")
+    return line + "</p>\n"
+
+
 def _ago(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s ago"
@@ -214,7 +239,7 @@ td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}}code{{fo
 <code>{escape(model['digest'][:16])}</code> &middot; strategy <b>{escape(status['strategy'])}</b>
 &middot; devices {devices['enrolled']} enrolled{_sites(devices['sites'])}, {devices['revoked']} revoked</p>
 <p>{escape(now)}</p>
-{_async(status)}{statuschart.render(status["rounds"])}
+{_downlink(status)}{_async(status)}{statuschart.render(status["rounds"])}
 <table><tr><th>round</th><th>model</th><th>status</th><th>updates/goal</th><th>samples</th><th>metrics</th>
 <th>opened</th><th>closed</th><th>note</th></tr>
 {''.join(rows)}
