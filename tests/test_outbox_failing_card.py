@@ -13,6 +13,8 @@ import asyncio
 import errno
 import logging
 import os
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ import pytest
 
 from appliance import outbox as outbox_module
 from appliance.outbox import READ_ATTEMPTS, UNREADABLE, Backoff, Entry, Outbox
+
+WAIT_SECONDS = 10.0  # only reached when a put never waits for the other (and then the test fails)
 
 
 def failure(code: int, path: Any = None) -> OSError:
@@ -196,3 +200,48 @@ def test_a_put_that_fails_leaves_a_full_outbox_as_it_was(
     assert [entry.key for entry in Outbox(tmp_path).pending()] == older
     newest = outbox.put(b"update of round 3")  # the card recovered: the oldest goes now, as the bound says
     assert [entry.key for entry in outbox.pending()] == [older[1], newest] and outbox.counters.dropped_total == 1
+
+
+class WatchedEvent(threading.Event):
+    """A put's ``settled`` event that says when another put starts waiting on it."""
+
+    waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        WatchedEvent.waiting.set()
+        return super().wait(timeout)
+
+
+@dataclass
+class WatchedStaged(outbox_module._Staged):
+    settled: threading.Event = field(default_factory=WatchedEvent)
+
+
+def test_a_put_of_the_same_message_stores_its_own_copy_when_the_first_is_withdrawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two puts of one message: the first's directory fsync fails while the second waits for it. The second must
+    not return on the strength of the withdrawn copy: it stores its own, which stays pending."""
+    outbox = Outbox(tmp_path)
+    message = b"update of round 1"
+    real_fsync_dir = outbox_module.fsync_dir
+    second: list[threading.Thread] = []
+    keys: list[str] = []
+    WatchedEvent.waiting.clear()
+
+    def second_put_waits_then_the_sync_fails(path: Any) -> None:
+        if second:
+            return real_fsync_dir(path)
+        second.append(threading.Thread(target=lambda: keys.append(outbox.put(message))))
+        second[0].start()
+        assert WatchedEvent.waiting.wait(WAIT_SECONDS), "the second put did not wait for the first"
+        raise failure(errno.EIO)
+
+    monkeypatch.setattr(outbox_module, "_Staged", WatchedStaged)
+    monkeypatch.setattr(outbox_module, "fsync_dir", second_put_waits_then_the_sync_fails)
+    with pytest.raises(OSError):
+        outbox.put(message)
+    second[0].join()
+    assert len(keys) == 1 and [entry.key for entry in outbox.pending()] == keys
+    assert files(tmp_path) == [outbox.pending()[0].name] and outbox.read(outbox.pending()[0]) == message
+    assert [entry.key for entry in Outbox(tmp_path).pending()] == keys
