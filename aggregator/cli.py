@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from nacl.signing import SigningKey
@@ -520,6 +521,7 @@ def _status_from_state(state: Path) -> dict[str, object]:
         open_row = store.open_round()
         devices = store.devices()
         sites = store.site_ids()
+        forwards = store.site_last_updates()  # site -> (accepted at, round taken into, receipt)
         return {
             "model": {"version": latest[0] if latest else None, "digest": latest[1].hex() if latest else None},
             "current_round": None if open_row is None else {
@@ -537,11 +539,25 @@ def _status_from_state(state: Path) -> dict[str, object]:
                 "revoked": sum(1 for d in devices if d.revoked_at is not None),
                 "sites": sum(1 for d in devices if d.revoked_at is None and d.device_id in sites),
                 "list": [{"device_id": d.device_id, "name": d.name, "revoked": d.revoked_at is not None,
-                          "site": d.device_id in sites} for d in devices],
+                          "site": d.device_id in sites, **_last_forward(forwards.get(d.device_id))}
+                         for d in devices],
             },
         }
     finally:
         store.close()
+
+
+def _last_forward(forward: tuple[float, int, bytes] | None) -> dict[str, float | int | None]:
+    """A site's newest accepted forward: when (Unix time) and the round it was taken into; None for a key that
+    never forwarded (every device, and a site that has not yet)."""
+    return {"last_forward": forward[0] if forward else None, "last_forward_round": forward[1] if forward else None}
+
+
+def _forward_text(entry: dict[str, Any]) -> str:
+    if entry.get("last_forward") is None:
+        return "never forwarded"
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(entry["last_forward"]))
+    return f"last forward {when}, into round {entry['last_forward_round']}"
 
 
 def _status_from_url(url: str) -> dict[str, object]:
@@ -572,7 +588,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"devices: {devices['enrolled']} enrolled{sites}, {devices['revoked']} revoked")
     for d in devices.get("list", []):  # --state only (GET /v1/status gives counts); the sites are few, devices many
         if d["site"]:
-            print(f"  site {d['device_id']}  {d['name']}{'  revoked' if d['revoked'] else ''}".rstrip())
+            name = f"{d['name']}  " if d["name"] else ""
+            print(f"  site {d['device_id']}  {name}{_forward_text(d)}{'  revoked' if d['revoked'] else ''}")
     for r in status["rounds"]:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items())
         print(f"  round {r['round']:>5}  v{r['model_version']:<4} {r['status']:<10} "

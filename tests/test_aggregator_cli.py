@@ -16,12 +16,15 @@ import pytest
 from nacl.signing import SigningKey, VerifyKey
 from tls_certs import self_signed
 
+from aggregator.app import SERVICES
 from aggregator.cli import main
+from aggregator.registry import Enrolment
+from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
 from aggregator.store import Store
 from appliance import modelpkg, wire
 from flctl.ports import free_port
-from tests.aggregator_harness import tiny_package
+from tests.aggregator_harness import run, running, tiny_package
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +81,40 @@ def test_status_shows_which_keys_are_enrolled_as_sites(tmp_path: Path, capsys) -
     out = capsys.readouterr().out
     assert "devices: 2 enrolled (1 site), 0 revoked" in out
     assert f"site {site.device_id}  site-a" in out and device.device_id not in out
+
+
+def test_status_of_a_state_gives_each_sites_last_forward(tmp_path: Path, capsys) -> None:
+    """``status --state`` lists each site with the time and round of its newest accepted forward, or says it never
+    forwarded; ``--json`` gives them as ``last_forward`` (Unix time) and ``last_forward_round``."""
+    forwarding, silent = SimulatedDevice(), SimulatedDevice()
+
+    async def forward() -> None:
+        async with running(tmp_path, devices=1, policy=RoundPolicy(min_clients=1, goal_clients=3,
+                                                                   round_timeout=60)) as h:
+            h.app[SERVICES].registry.enroll([
+                Enrolment(forwarding.device_id, bytes(forwarding.key.verify_key), "north", site=True),
+                Enrolment(silent.device_id, bytes(silent.key.verify_key), "south", site=True)])
+            task = await h.task()
+            assert task is not None
+            assert (await h.upload(forwarding.update(task, h.delta(), num_samples=10)))[0] == 200
+
+    run(forward())
+    store = Store(tmp_path)
+    try:
+        (accepted,) = store.round_updates(1)
+    finally:
+        store.close()
+    capsys.readouterr()
+    assert main(["status", "--state", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(accepted.accepted_at))
+    assert f"  site {forwarding.device_id}  north  last forward {when}, into round 1\n" in out
+    assert f"  site {silent.device_id}  south  never forwarded\n" in out
+    assert main(["status", "--state", str(tmp_path), "--json"]) == 0
+    listed = {d["device_id"]: d for d in json.loads(capsys.readouterr().out)["devices"]["list"]}
+    assert (listed[forwarding.device_id]["last_forward"], listed[forwarding.device_id]["last_forward_round"]) == (
+        accepted.accepted_at, 1)
+    assert listed[silent.device_id]["last_forward"] is None and listed[silent.device_id]["last_forward_round"] is None
 
 
 def test_status_lines_up_every_round_status_superseded_included(tmp_path: Path, capsys) -> None:
