@@ -1,7 +1,8 @@
 """Secure rounds on a real aggregator on loopback, played by simulated devices with the agent's own client
 (appliance/secagg_client.py), one phase at a time so a test can stop any device after any phase: in process
 (:func:`secure_running`), or as a real ``fl-aggregator serve --secure-aggregation`` process that a test can kill -9
-and start again on the same state between two phases (:class:`AggregatorProcess`)."""
+and start again on the same state between two phases (:class:`AggregatorProcess`). And real agents enrolled with a
+secure aggregator serving a package (:func:`secure_aggregator`, :func:`make_agent`)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,21 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from aggregator_harness import Harness, running
-from nacl.signing import VerifyKey
+from agent_harness import ADVISORY, agent_config
+from aggregator_harness import Harness, ServedAsInProduction, running
+from aiohttp.test_utils import TestClient
+from nacl.signing import SigningKey, VerifyKey
 
+from aggregator.app import SERVICES, AggregatorConfig, make_app
+from aggregator.models import load_package_file
+from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.secagg_round import SecAggConfig
 from aggregator.simulate import SimulatedDevice
 from appliance import wire
+from appliance.agent import Agent
+from appliance.config import load_config
+from appliance.identity import load_or_create_device_key, write_aggregator_key
 from appliance.secagg_client import SecureRound, Transport
 from flctl.ports import free_port
 
@@ -146,3 +155,30 @@ def process_deltas(seed: int) -> list[np.ndarray]:
     """One flat float32 delta for each device of an :class:`AggregatorProcess`, drawn from ``seed``."""
     rng = np.random.default_rng(seed)
     return [rng.normal(0, 0.01, PROCESS_PARAMETERS).astype(np.float32) for _ in range(PROCESS_DEVICES)]
+
+
+@contextlib.asynccontextmanager
+async def secure_aggregator(tmp_path: Path, key: SigningKey, package: Path, devices: int,
+                            min_clients: int) -> AsyncIterator[TestClient]:
+    """A real aggregator on loopback whose rounds are secure, serving ``package`` (signed by ``key``), with
+    ``devices`` as its goal; yields its test client (enrol agents with :func:`make_agent`)."""
+    config = AggregatorConfig(
+        tmp_path / "aggregator", load_package_file(package, key.verify_key), key,
+        policy=RoundPolicy(min_clients=min_clients, goal_clients=devices, round_timeout=240),
+        plan=TrainingPlan(batch_size=16, clip_norm=1.0), secure_aggregation=SecAggConfig(phase_timeout=20),
+    )
+    client = TestClient(ServedAsInProduction(make_app(config), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def make_agent(tmp_path: Path, name: str, url: str, key: SigningKey, client: TestClient) -> Agent:
+    """An agent (state in ``tmp_path/name``) enrolled with the aggregator of ``client`` at ``url``."""
+    state = tmp_path / name
+    identity = load_or_create_device_key(state)
+    write_aggregator_key(state, key.verify_key)
+    client.server.app[SERVICES].registry.enroll([Enrolment(identity.device_id, bytes(identity.verify_key))])
+    return Agent(load_config(agent_config(tmp_path / f"{name}.toml", url, state)), budget=ADVISORY)

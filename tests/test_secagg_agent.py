@@ -5,24 +5,14 @@ mid-round has dropped out of that round (its secrets were in memory only) and th
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-from agent_harness import ADVISORY, agent_config, run_agent, sample
-from aggregator_harness import ServedAsInProduction
-from aiohttp.test_utils import TestClient
+from agent_harness import run_agent, sample
 from nacl.signing import SigningKey
+from secagg_harness import make_agent, secure_aggregator
 
-from aggregator.app import SERVICES, AggregatorConfig, make_app
-from aggregator.models import load_package_file
-from aggregator.registry import Enrolment
-from aggregator.rounds import RoundPolicy, TrainingPlan
-from aggregator.secagg_round import SecAggConfig
+from aggregator.app import SERVICES
 from appliance.agent import Agent
-from appliance.config import load_config
-from appliance.identity import load_or_create_device_key, write_aggregator_key
 from flctl.model import export_reference_package
 
 
@@ -32,30 +22,6 @@ def signed_package(tmp_path_factory):
     path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
     export_reference_package("cnn", path, key)  # the synthetic cameras' frames are what it takes
     return key, path
-
-
-@contextlib.asynccontextmanager
-async def secure_aggregator(tmp_path: Path, key: SigningKey, package: Path, devices: int,
-                            min_clients: int) -> AsyncIterator[TestClient]:
-    config = AggregatorConfig(
-        tmp_path / "aggregator", load_package_file(package, key.verify_key), key,
-        policy=RoundPolicy(min_clients=min_clients, goal_clients=devices, round_timeout=240),
-        plan=TrainingPlan(batch_size=16, clip_norm=1.0), secure_aggregation=SecAggConfig(phase_timeout=20),
-    )
-    client = TestClient(ServedAsInProduction(make_app(config), host="127.0.0.1"))
-    await client.start_server()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-def make_agent(tmp_path: Path, name: str, url: str, key: SigningKey, client: TestClient) -> Agent:
-    state = tmp_path / name
-    identity = load_or_create_device_key(state)
-    write_aggregator_key(state, key.verify_key)
-    client.server.app[SERVICES].registry.enroll([Enrolment(identity.device_id, bytes(identity.verify_key))])
-    return Agent(load_config(agent_config(tmp_path / f"{name}.toml", url, state)), budget=ADVISORY)
 
 
 async def test_agents_take_part_in_a_secure_round_and_the_model_moves(signed_package, tmp_path):
