@@ -86,6 +86,44 @@ def test_flctl_export_writes_a_detector_package(detector, tmp_path, monkeypatch,
     assert spec.grid == (16, 16) and spec.label_channels == 6
 
 
+def _documented_detector_exports() -> dict[str, list[str]]:
+    """docs/models.md's `flctl model export` commands of the detector, as a shell splits them, by their --out."""
+    import shlex
+
+    text = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
+    commands = {}
+    for block in text.split("```")[1::2]:
+        for command in block.replace("\\\n", " ").splitlines():
+            if command.startswith("flctl model export --torch flctl.model.detector:centre_net"):
+                argv = shlex.split(command, comments=True)[1:]
+                commands[argv[argv.index("--out") + 1]] = argv
+    return commands
+
+
+def test_the_documented_detector_export_writes_the_package_the_demo_trains(detector, tmp_path, monkeypatch, capsys):
+    """A user who copies docs/models.md's detector export gets `flctl demo --model detector`'s package: its name,
+    task, class, normalisation, clipped optimiser and detection layout (the trace is the module's, as above)."""
+    from flctl import demo_detector
+
+    model, loss, graphs = detector
+    monkeypatch.setattr("flctl.model.torch_export.export_graphs", lambda *a, **k: graphs)
+    monkeypatch.setattr(build, "check_export", lambda *a, **k: check_export(model, loss, graphs, SHAPE, (2,)))
+    write_key_file(tmp_path / "aggregator.key", bytes(KEY), 0o600)
+    monkeypatch.chdir(tmp_path)
+    exports = _documented_detector_exports()
+    clipped, unclipped = exports["detector.flpkg"], exports["noclip.flpkg"]
+    without_clip = [a for a in clipped if a not in ("--max-grad-norm", "20")]
+    assert unclipped == [("noclip.flpkg" if a == "detector.flpkg" else a) for a in without_clip], \
+        "docs/models.md's unclipped detector export is not the clipped one without --max-grad-norm"
+    assert flctl(clipped) == 0, capsys.readouterr().err
+    pkg = load_package(tmp_path / "detector.flpkg", KEY.verify_key)
+    demo = package_from_graphs(graphs, loss, SHAPE,
+                               replace(demo_detector.detector_options(), detection=dict(model.detection)))
+    for field in ("name", "task", "class_names", "preprocessing", "detection"):
+        assert getattr(pkg, field) == getattr(demo, field), field
+    assert {"weight_decay": 0.0, **pkg.optimizer} == demo.optimizer  # no weight_decay: SGD's default, 0
+
+
 def test_detector_trains_on_the_device_without_torch(detector, tmp_path):
     pkg = _package(detector)
     path = tmp_path / "detector.flpkg"
