@@ -48,7 +48,7 @@ def remove_image(image: str, name: str | None, subject: str, what: str, removals
     """Remove ``image`` (an ID) unless something else needs it; ``name`` is the one tag flctl gave it that may
     go with it (None: it has none left). Says what happened as ``<subject>: removed|kept <what> (ID...)``;
     returns whether it went."""
-    images = {i["Id"]: i for i in _all_images(cache)}
+    images = _all_images(cache)
     found = images.get(image.removeprefix("sha256:"))
     if found is None:
         return False
@@ -57,13 +57,16 @@ def remove_image(image: str, name: str | None, subject: str, what: str, removals
     if others:
         progress(f"{subject}: kept {what} ({short}): still tagged {', '.join(others)}")
         return False
-    children = [i for i in images.values() if i.get("Parent") == found["Id"]]
+    layers = _layers(found)
+    rest = [i for i in images.values() if i["Id"] != found["Id"]]
+    # By layers, not by podman's Parent: that is empty for an image built FROM an imported base (Docker format).
+    children = [i for i in rest if len(_layers(i)) > len(layers) and _layers(i)[: len(layers)] == layers]
     if children:
         names = ", ".join((c.get("RepoTags") or [c["Id"][:12]])[0] for c in children)
         progress(f"{subject}: kept {what} ({short}): images are built on it ({names})")
         return False
-    parent = images.get(found.get("Parent") or "")
-    freed = int(found["Size"]) - (int(parent["Size"]) if parent else 0)  # its own layers; the parent's stay
+    below = [int(i["Size"]) for i in rest if layers[: len(_layers(i))] == _layers(i)]
+    freed = int(found["Size"]) - max(below, default=0)  # its own layers; those of the image below it stay
     done = podman("rmi", found["Id"], what=f"podman rmi {short}", cache=cache, log=log, check=False)
     if done.returncode != 0:
         progress(f"{subject}: kept {what} ({short}): podman refused (in use?), see {log}")
@@ -74,10 +77,20 @@ def remove_image(image: str, name: str | None, subject: str, what: str, removals
     return True
 
 
-def _all_images(cache: Path | None) -> list[dict]:
-    """Every image in podman's storage as ``podman image inspect`` describes it (ID, tags, parent, size)."""
+def _all_images(cache: Path | None) -> dict[str, dict]:
+    """Every image in podman's storage by ID, as ``podman image inspect`` describes it (tags, layers, size).
+
+    One at a time: a manifest list whose instance for this machine is gone cannot be inspected (it is no image
+    with layers of its own), and podman fails the whole call for it."""
     listed = podman("images", "--all", "--quiet", "--no-trunc", what="podman images", cache=cache).stdout.split()
-    ids = list(dict.fromkeys(listed))  # an image with two names is listed twice
-    if not ids:
-        return []
-    return json.loads(podman("image", "inspect", *ids, what="podman image inspect", cache=cache).stdout)
+    images = {}
+    for image in dict.fromkeys(listed):  # an image with two names is listed twice
+        done = podman("image", "inspect", image, what="podman image inspect", cache=cache, check=False)
+        if done.returncode == 0:
+            inspected = json.loads(done.stdout)[0]
+            images[inspected["Id"]] = inspected
+    return images
+
+
+def _layers(image: dict) -> list[str]:
+    return list((image.get("RootFS") or {}).get("Layers") or [])
