@@ -314,6 +314,19 @@ class Agent:
         path.unlink(missing_ok=True)
         return None
 
+    async def _check_package_after_failure(self, package: ModelPackage) -> None:
+        """The trainer reads the package from flash each round: a file damaged after the agent loaded it fails every
+        round from then on. After a failed training its file is checked again; a damaged one is removed (one log line,
+        :meth:`_stored_package`) and forgotten, so the next round downloads it again instead of failing too."""
+        path = self.state_dir / MODELS_DIR / f"{package.digest.hex()}.flpkg"
+        try:
+            intact = await finished_in_thread(self._stored_package, path, package.digest)
+        except OSError as exc:  # unreadable, or not removable: the next round's check names it and counts it
+            log.warning("the stored model package %s could not be checked after the failed training: %s", path, exc)
+            intact = None
+        if intact is None and self._package is package:
+            self._package = None
+
     def _store_package(self, path: Path, digest: bytes, blob: bytes | memoryview) -> ModelPackage:
         """Verify a downloaded package, then keep it at ``path`` durably (fsynced before its rename, the directory
         after it): a power cut leaves the whole package or none, never a short file under its final name. What an
@@ -416,6 +429,7 @@ class Agent:
             except (TrainerFailed, TimeoutError) as exc:
                 log.error("round %d: training failed: %s", task.round_id, exc)
                 self.metrics.rounds_skipped.labels("trainer-failed").inc()
+                await self._check_package_after_failure(package)
                 return None
         delta, norm = clip_update(result.delta, task.clip_norm)
         metrics = {k: float(v) for k, v in result.metrics.items()}

@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from agent_harness import ADVISORY, FakeAggregator, agent_config, enrolled_state, on_loopback, small_package
+from agent_harness import (
+    ADVISORY,
+    FakeAggregator,
+    agent_config,
+    enrolled_state,
+    on_loopback,
+    sample,
+    small_package,
+)
 from nacl.signing import SigningKey
 
 from appliance import held_release, modelpkg, wire
@@ -331,6 +339,24 @@ async def test_a_package_damaged_on_flash_is_removed_and_downloaded_again(
     assert len(lines) == 1 and "downloading it again" in lines[0], lines
     assert modelpkg.load_package(device.package_path, device.fake.key.verify_key).digest == device.task.package_digest
     assert (device.agent.state_dir / RELEASE_FILE).exists()
+
+
+async def test_a_package_damaged_while_the_agent_runs_fails_one_round_and_is_downloaded_again(
+    device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trainer reads the package from flash each round. Damaged after the agent loaded it, it failed every round
+    until a restart; now the failed round checks the file, removes it, and the next round downloads it again."""
+    agent = device.agent
+    package, release = await agent._ensure_package(device.client, device.task.package_digest), await device.take()
+    flip_a_byte(device.package_path)
+    with caplog.at_level(logging.INFO, logger="fl_agent"):
+        assert await agent._train(device.task, package, release) is None  # the trainer refuses the damaged file
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) == 1
+    assert not device.package_path.exists()
+    assert any("stored model package" in r.getMessage() for r in caplog.records)
+    again = await agent._ensure_package(device.client, device.task.package_digest)
+    assert len(device.downloads) == 2 and again.digest == package.digest
+    assert modelpkg.load_package(device.package_path, device.fake.key.verify_key).digest == package.digest
 
 
 async def test_what_an_interrupted_package_write_left_is_removed_by_the_next_download(device: Device) -> None:
