@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import inspect
 import json
 import logging
@@ -36,6 +37,7 @@ import numpy as np
 
 from appliance.framebuffer import BOX_SLOTS, FrameBuffer
 from appliance.labels import MotionLabeller, MotionLabelSettings
+from appliance.storage_errors import storage_reason
 from appliance.v4l2 import (
     GRAY_CONVERTERS,
     KERNEL_IO,
@@ -581,16 +583,27 @@ class FrameRecorder:
     """The frame handler the agent gives CameraManager: labels each camera's frames in order and
     keeps the labelled ones in the buffer, with the count (clipped, as the classifier's label) and the
     pseudo-boxes (for a detector) of their moving blobs. Frames without an honest label (warm-up, scene
-    change) are counted and dropped."""
+    change) are counted and dropped.
 
-    def __init__(self, buffer: FrameBuffer, label_settings: MotionLabelSettings | None = None) -> None:
+    A write the data partition refuses (full, read-only, failing: appliance/storage_errors.py) drops the frames it
+    held and capture goes on: the frames are for training, and a card that has no room now may have some later.
+    It is counted (``on_storage_error(reason)``: the agent's ``fl_agent_storage_errors_total``) and logged once
+    when the refusals start and once when a write succeeds again, not at every write: a full card would otherwise
+    fill the journal, which often lives on the same card. Any other error of a write is a fault of the code or the
+    image and still raises.
+    """
+
+    def __init__(self, buffer: FrameBuffer, label_settings: MotionLabelSettings | None = None,
+                 on_storage_error: Callable[[str], None] | None = None) -> None:
         self.buffer = buffer
         self.label_settings = label_settings or MotionLabelSettings()
+        self.on_storage_error = on_storage_error
         self._labellers: dict[str, MotionLabeller] = {}
         self._lock = asyncio.Lock()
         self.frames_labelled_total = 0
         self.frames_unlabelled_total = 0
         self.labels_total: collections.Counter[int] = collections.Counter()
+        self._dropped_since_refused: int | None = None  # None while the buffer's writes go through
 
     def labeller(self, camera_path: str) -> MotionLabeller:
         """Per device node. Another camera taking over the node looks like a scene change to the
@@ -607,19 +620,48 @@ class FrameRecorder:
             return None
         label = min(len(view_boxes), self.label_settings.max_count)
         boxes = frame_boxes(view_boxes, frame.label_view.shape, frame.pixels.shape)
-        self.buffer.append(frame.pixels, label, frame.timestamp_ns, boxes)
+        self.write(functools.partial(self.buffer.append, frame.pixels, label, frame.timestamp_ns, boxes),
+                   frames=self.buffer.waiting + 1)
         self.frames_labelled_total += 1
         self.labels_total[label] += 1
         return label
+
+    def write(self, attempt: Callable[[], Path | None], frames: int) -> None:
+        """Run one of the buffer's writes (``attempt`` returns the segment it wrote, or None), which holds
+        ``frames`` frames; a refusal of the data partition is counted and logged as the class docstring says."""
+        try:
+            written = attempt()
+        except OSError as exc:
+            reason = storage_reason(exc)
+            if reason is None:
+                raise
+            if self.on_storage_error is not None:
+                self.on_storage_error(reason)
+            if self._dropped_since_refused is None:
+                self._dropped_since_refused = 0
+                log.error("frame buffer %s: cannot write frames (%s: %s); dropping them and capturing on until the "
+                          "data partition takes writes again", self.buffer.root, reason, exc.strerror or exc)
+            self._dropped_since_refused += frames
+            return
+        if written is not None and self._dropped_since_refused is not None:
+            log.info("frame buffer %s: writing frames again; %d frames were dropped meanwhile", self.buffer.root,
+                     self._dropped_since_refused)
+            self._dropped_since_refused = None
 
     async def __call__(self, frame: CapturedFrame) -> None:
         async with self._lock:  # one writer at a time; file writes run off the loop
             await asyncio.to_thread(self.record, frame)
 
+    async def recover(self) -> None:
+        """Make the buffer's directory the recorder's (:meth:`FrameBuffer.recover`) before the first capture; on a
+        partition that refuses it, the first write tries again."""
+        async with self._lock:
+            await asyncio.to_thread(self.write, self.buffer.recover, 0)
+
     async def flush(self) -> None:
         """Write the frames the buffer holds in memory (when capture stops)."""
         async with self._lock:
-            await asyncio.to_thread(self.buffer.flush)
+            await asyncio.to_thread(self.write, self.buffer.flush, self.buffer.waiting)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -676,18 +718,20 @@ def record_udev_properties(context: Any = None) -> list[dict[str, Any]]:
 
 # --- the agent's entry point -----------------------------------------------------------------------
 
-async def camera_task(config: Any, registry: Any = None) -> None:
+async def camera_task(config: Any, registry: Any = None,
+                      on_storage_error: Callable[[str], None] | None = None) -> None:
     """What `fl-agent run` adds to its loop when [data] source = "cameras": follow udev, capture, label,
     keep frames in `<state_dir>/frames/` within the [cameras] limits. Runs until cancelled.
 
     `config` is appliance.config.Config; `registry` a prometheus_client CollectorRegistry (or anything
-    with `.register`, e.g. AgentMetrics.registry) to expose the fl_agent_camera* metrics.
+    with `.register`, e.g. AgentMetrics.registry) to expose the fl_agent_camera* metrics;
+    `on_storage_error(reason)` is told of each frame write the data partition refused (see FrameRecorder).
     """
     cams = config.cameras
     buffer = FrameBuffer(Path(config.agent.state_dir) / "frames", max_frames=cams.buffer_max_frames,
                          max_bytes=cams.buffer_max_bytes)
-    await asyncio.to_thread(buffer.recover)
-    recorder = FrameRecorder(buffer)
+    recorder = FrameRecorder(buffer, on_storage_error=on_storage_error)
+    await recorder.recover()
     manager = CameraManager(CaptureSettings(interval_s=cams.sample_interval_seconds), recorder)
     if registry is not None:
         registry.register(CameraCollector(manager, recorder))

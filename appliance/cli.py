@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -33,7 +34,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.data.source == "cameras":
         from appliance.cameras import camera_task
 
-        extra.append(camera_task(config, agent.metrics.registry))
+        count = functools.partial(agent.metrics.count_storage_failure, round_given_up=False)
+        extra.append(camera_task(config, agent.metrics.registry, on_storage_error=count))
     try:
         asyncio.run(agent.run(extra))
     except KeyboardInterrupt:

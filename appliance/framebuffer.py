@@ -279,23 +279,29 @@ class FrameBuffer:
         self._enforce()
         self._recovered = True
 
+    @property
+    def waiting(self) -> int:
+        """Frames queued in memory, not yet written: what a failed write drops."""
+        return len(self._pending)
+
     def append(self, pixels: np.ndarray, label: int, timestamp_ns: int | None = None,
-               boxes: np.ndarray | None = None) -> None:
+               boxes: np.ndarray | None = None) -> Path | None:
         """Queue one labelled frame (uint8, as captured) with its pseudo-boxes in frame pixels (None: a count
         only); the batch is written when it is full or old. A segment holds one record kind, so a frame of the
-        other kind first writes the waiting batch."""
+        other kind first writes the waiting batch. Returns the last segment this call wrote (None: the frame waits in
+        memory); a write that fails (see :meth:`flush`) raises, and drops the frames waiting and this one."""
         if tuple(pixels.shape) != self.frame_shape:
             raise ValueError(f"frame shape {tuple(pixels.shape)} does not match the buffer's {self.frame_shape}")
         blob = encode_frame(pixels, label, time.time_ns() if timestamp_ns is None else timestamp_ns, boxes)
         if len(blob) > self.max_bytes:
             raise ValueError(f"one frame ({len(blob)} bytes) exceeds the buffer's byte limit {self.max_bytes}")
-        if self._pending and len(self._pending[0]) != len(blob):
-            self.flush()
+        written = self.flush() if self._pending and len(self._pending[0]) != len(blob) else None
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(blob)
         if len(self._pending) >= self.batch_frames or time.monotonic() - self._pending_since >= self.batch_seconds:
-            self.flush()
+            return self.flush()
+        return written
 
     def flush(self) -> Path | None:
         """Write the waiting frames as one segment (no fsync), then drop the oldest segments beyond the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from cameras_fakes import FakeCamera, FakeContext, FakeMonitor, FakeUdevDevice, FakeV4L2IO, recorded
 from prometheus_client import CollectorRegistry, generate_latest
+from storage_faults import FullDirectoryWrites
 
 from appliance.cameras import CameraCollector, CameraManager, CapturedFrame, CaptureSettings, FrameRecorder
 from appliance.framebuffer import FrameBuffer
@@ -346,3 +348,97 @@ def test_camera_task_drops_an_old_buffer_and_writes_its_last_batch_when_it_stops
         run(body, io)
     assert "dropped 1 frames of format 1" in caplog.text
     assert len(FrameBuffer(frames_dir)) == labelled() >= 3
+
+
+@pytest.mark.parametrize(("error", "reason"), [(errno.ENOSPC, "disk-full"), (errno.EIO, "io-error")])
+def test_frame_writes_the_partition_refuses_are_dropped_counted_and_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: int, reason: str
+) -> None:
+    """The data partition refuses the frame buffer's writes for a while (one write per frame here): each refusal is
+    counted (for fl_agent_storage_errors_total) and drops its frame, capture goes on, and the log says it once when
+    the refusals start and once when frames are written again: no traceback, no handler error."""
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node, width=128, height=96, luma=_traffic(128, 96, 2)))
+    frames_dir = tmp_path / "frames"
+    buffer = FrameBuffer(frames_dir, batch_frames=1)
+    disk = FullDirectoryWrites(frames_dir, error)
+    monkeypatch.setattr(os, "write", disk)
+    counted: list[str] = []
+    recorder = FrameRecorder(buffer, on_storage_error=counted.append)
+    manager = CameraManager(FAST, recorder, context=FakeContext([dev]), monitor=FakeMonitor(), io=io)
+    refused: list[int] = []
+
+    async def body() -> None:
+        await manager.start()
+        await until(lambda: len(counted) >= 3)
+        refused.append(len(counted))
+        disk.full = False
+        await until(lambda: len(buffer) >= 3)
+        await manager.stop()
+
+    with caplog.at_level(logging.INFO, logger="appliance.cameras"):
+        run(body, io)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"frame buffer {frames_dir}")]
+    dropped = len(counted)  # one frame a write
+    assert lines == [
+        f"frame buffer {frames_dir}: cannot write frames ({reason}: {os.strerror(error)}); dropping them and "
+        "capturing on until the data partition takes writes again",
+        f"frame buffer {frames_dir}: writing frames again; {dropped} frames were dropped meanwhile",
+    ]
+    assert not [r for r in caplog.records if r.exc_info]
+    assert manager.stats.capture_errors_total["handler"] == 0
+    assert counted == [reason] * disk.refused and disk.refused >= refused[0]
+    assert recorder.frames_labelled_total == dropped + len(buffer)  # labelled: either dropped or stored
+    assert not list(frames_dir.glob(".tmp-*"))
+
+
+def test_camera_task_captures_on_a_read_only_partition_and_counts_its_refused_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A card remounted read-only after errors, holding a write a power cut interrupted: the buffer can neither
+    remove it nor write a frame. The camera task starts and captures all the same; its refused writes reach the
+    agent's counter (``on_storage_error``) and the log says so once."""
+    from appliance import cameras
+    from appliance.config import AgentConfig, CamerasConfig, Config
+
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    (frames_dir / ".tmp-000000000000.fls").write_bytes(b"FLF3")  # cut short by a power cut
+    monkeypatch.setattr(os, "write", FullDirectoryWrites(frames_dir, errno.EROFS))
+    unlink = os.unlink
+
+    def read_only_unlink(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> None:
+        if os.path.dirname(os.fspath(path)) == str(frames_dir):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", read_only_unlink)
+    dev = vivid_at(tmp_path)
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+    made: list[CameraManager] = []
+    real = cameras.CameraManager
+
+    def manager_with_fakes(settings, on_frame):
+        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
+        return made[0]
+
+    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    config = Config(agent=AgentConfig(state_dir=str(tmp_path)),
+                    cameras=CamerasConfig(sample_interval_seconds=0.01, buffer_max_frames=7))
+    counted: list[str] = []
+
+    async def body() -> None:
+        task = asyncio.create_task(cameras.camera_task(config, CollectorRegistry(), on_storage_error=counted.append))
+        await until(lambda: len(counted) >= 3 or task.done())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.INFO, logger="appliance.cameras"):
+        run(body, io)
+    assert len(counted) >= 3 and set(counted) == {"read-only"}
+    assert made[0].stats.capture_errors_total["handler"] == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"frame buffer {frames_dir}: cannot write frames (read-only: {os.strerror(errno.EROFS)}); "
+                      "dropping them and capturing on until the data partition takes writes again"]
+    assert len(FrameBuffer(frames_dir)) == 0
