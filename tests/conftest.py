@@ -14,7 +14,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
     try:
-        problem = shortfall(session_paths(), needed_bytes())
+        problem = shortfall(session_paths(session.config.option.basetemp), needed_bytes())
     except ValueError as bad:
         problem = str(bad)
     if problem:

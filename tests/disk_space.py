@@ -28,9 +28,11 @@ def needed_bytes(environ: Mapping[str, str] = os.environ) -> int:
     return int(text)
 
 
-def session_paths() -> list[Path]:
-    """Where the session writes: the temporary directory, the fl-edge build cache and podman's storage."""
-    return [Path(tempfile.gettempdir()), cache_root(), Path("/var/lib/containers")]
+def session_paths(basetemp: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Where the session writes: its temporary directory (pytest's ``--basetemp`` when given, else the system's),
+    the fl-edge build cache and podman's storage."""
+    temporary = Path(basetemp) if basetemp else Path(tempfile.gettempdir())
+    return [temporary, cache_root(), Path("/var/lib/containers")]
 
 
 def free_bytes(path: Path) -> int:

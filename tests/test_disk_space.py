@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,11 @@ def test_the_cache_checked_is_the_one_flctl_writes(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("FL_EDGE_CACHE", "~/big-disk/cache")
     assert tmp_path / "big-disk" / "cache" in session_paths()
+
+
+def test_the_temporary_directory_checked_is_the_sessions_basetemp(tmp_path: Path) -> None:
+    """``--basetemp`` moves every tmp_path, so that is the file system the session fills, not the system's /tmp."""
+    done = _pytest_with(str(1 << 62), f"--basetemp={tmp_path / 'base'}")
+    assert done.returncode == 4, done.stdout + done.stderr
+    named = re.findall(r"GB free at ([^,;]+)", done.stdout + done.stderr)
+    assert str(tmp_path) in named, named
