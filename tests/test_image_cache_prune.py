@@ -64,6 +64,16 @@ def test_old_images_go_beyond_the_newest_three_and_the_byte_budget(tmp_path: Pat
                                                f"kept 5, {5 * each / 1e6:.0f} MB")
 
 
+def test_no_image_older_than_one_the_budget_removed_is_kept(tmp_path: Path) -> None:
+    """The budget keeps the newest of the older images: a small old image does not outstay a bigger newer one."""
+    entries = cached_images(tmp_path, 6)
+    (entries[2] / "fl-dev.img").write_bytes(os.urandom(2 * ENTRY_BYTES))
+    each = allocated(entries[0] / "fl-dev.img") + allocated(entries[0] / "manifest.json")
+    pruned = _prune(ArtifactStore(tmp_path), "images", keep="k5", keep_bytes=4 * each)  # k5-k3, then room for 1
+    assert left(tmp_path) == ["k3", "k4", "k5"]
+    assert [p.name for p in pruned.removed] == ["k2", "k1", "k0"]
+
+
 def test_an_image_a_running_process_holds_is_kept_over_the_budget(tmp_path: Path) -> None:
     """A QEMU run or a test session loads its image (ImageArtifacts.load holds it until the process exits), and
     keeps booting it; a build in another process pruned it from under them when it was over six hours old."""
@@ -110,3 +120,56 @@ def test_a_budget_that_is_not_a_size_stops_the_build_in_one_line(monkeypatch: py
     err = capsys.readouterr().err
     assert err == (f"image build failed: {ENV_KEEP_BYTES}='2 GB' is not a size: a number of bytes, e.g. "
                    "2000000000, 500M or 2G\n")
+
+
+def prune_elsewhere(root: Path, keep: str) -> list[str]:
+    """Prune as a build in another process does (keep_bytes 0); the names it removed."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from pathlib import Path; from flctl.image.build import _prune; "
+         "from flctl.image.cache import ArtifactStore; "
+         f"print(*[p.name for p in _prune(ArtifactStore(Path({str(root)!r})), 'images', {keep!r}, 0).removed])"],
+        capture_output=True, text=True, check=True)  # fmt: skip
+    return done.stdout.split()
+
+
+def test_an_image_loaded_through_the_latest_link_is_the_one_held_when_a_build_moves_the_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flctl qemu run --image <cache>/image` while a build elsewhere points the link at its new image: the run
+    boots what it held. Before, load held the old target, then read the new one, which nothing held."""
+    from flctl.image import build
+
+    entries = cached_images(tmp_path, 6)
+    link_latest_image(tmp_path, entries[0])
+    real_hold = build.hold
+
+    def hold_then_a_build_relinks(entry: Path) -> None:
+        real_hold(entry)
+        link_latest_image(tmp_path, entries[1])
+
+    monkeypatch.setattr(build, "hold", hold_then_a_build_relinks)
+    art = ImageArtifacts.load(tmp_path / "image")
+    link_latest_image(tmp_path, entries[2])  # and a later build moves it on while the run goes on
+    removed = prune_elsewhere(tmp_path, keep="k5")
+    assert art.directory not in [tmp_path / "images" / name for name in removed]
+    assert (art.directory / "manifest.json").exists()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_loading_an_image_again_and_again_holds_one_descriptor(tmp_path: Path) -> None:
+    """A test session loads its image for every boot; a rebuild (--rebuild) replaces the entry's marker."""
+    store = ArtifactStore(tmp_path)
+    entry = cached_images(tmp_path, 5)[0]
+    ImageArtifacts.load(entry)
+    before = open_descriptors()
+    for _ in range(20):
+        ImageArtifacts.load(entry)
+        with store.building("images", "k0") as out:  # the same key built again: a new marker
+            (out / "manifest.json").write_text(json.dumps({"key": "k0", "partitions": []}))
+        ImageArtifacts.load(entry)
+    assert open_descriptors() == before
+    os.utime(entry, (1, 1))  # the oldest again, beyond the newest three
+    assert prune_elsewhere(tmp_path, keep="k4") == ["k1"]  # the rebuilt k0 is still held

@@ -99,11 +99,12 @@ class ImageArtifacts:
     def load(cls, directory: Path) -> ImageArtifacts:
         """The image in ``directory``; one in the cache is held (cache.hold) for as long as this process runs, so a
         build elsewhere does not prune it from under a QEMU run or a test session."""
-        hold(directory.resolve())
-        path = directory / "manifest.json"
+        resolved = directory.resolve()  # once: a build elsewhere may point <cache>/image at another image meanwhile
+        hold(resolved)
+        path = resolved / "manifest.json"
         if not path.exists():
             raise ImageBuildError(f"{directory} holds no built image (no manifest.json); run `flctl image build`")
-        return cls(directory.resolve(), json.loads(path.read_text()))
+        return cls(resolved, json.loads(path.read_text()))
 
 
 class Steps:

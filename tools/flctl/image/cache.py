@@ -148,10 +148,12 @@ class ArtifactStore:
         sizes = {entry: entry_bytes(entry) for entry in entries}
         kept = {entry for i, entry in enumerate(entries) if entry.name in keep or i < newest}
         total = sum(sizes[entry] for entry in kept)
+        within = True  # until the first older entry that does not fit: none older than one removed stays
         for entry in entries:
             if entry in kept:
                 continue
-            if total + sizes[entry] <= keep_bytes:
+            within = within and total + sizes[entry] <= keep_bytes
+            if within:
                 kept.add(entry)
                 total += sizes[entry]
             elif _remove_unless_held(entry):
@@ -215,19 +217,26 @@ def entry_bytes(entry: Path) -> int:
 def hold(entry: Path) -> None:
     """Mark the cache entry ``entry`` in use for as long as this process runs (nothing when it is not a finished
     entry). The lock goes with the process however it ends. An entry being pruned at this moment is gone when this
-    returns."""
+    returns. One descriptor per entry: holding a rebuilt entry (--rebuild: a new marker) lets go of its old marker."""
     marker = entry / COMPLETE
     try:
-        held = (entry, marker.stat().st_ino)  # a rebuilt entry (--rebuild) has a new marker to hold
+        fh = open(marker, "rb")  # noqa: SIM115 (held open on purpose, until the process exits)
     except FileNotFoundError:
         return
+    held = (entry, os.fstat(fh.fileno()).st_ino)
     if held in _held:
-        return
-    fh = open(marker, "rb")  # noqa: SIM115 (held open on purpose, until the process exits)
-    fcntl.flock(fh, fcntl.LOCK_SH)  # waits while a prune holds it exclusively
-    if not marker.exists():  # that prune removed it
         fh.close()
         return
+    fcntl.flock(fh, fcntl.LOCK_SH)  # waits while a prune holds it exclusively
+    try:
+        current = marker.stat().st_ino == held[1]
+    except FileNotFoundError:  # that prune removed it
+        current = False
+    if not current:
+        fh.close()
+        return
+    for older in [h for h in _held if h[0] == entry]:
+        _held.pop(older).close()
     _held[held] = fh
 
 
