@@ -30,6 +30,7 @@ from aggregator.store import Store, StoreError
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
 from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strategy, parse_upstream_key
 from appliance import wire
+from appliance.broken_pipe import quiet_on_broken_pipe
 from appliance.client import pinned_tls_context
 from appliance.identity import IdentityError, read_key_file, write_key_file
 from appliance.protocol.downlink import DOWNLINK_ENCODINGS
@@ -556,7 +557,10 @@ def _last_forward(forward: tuple[float, int, bytes] | None) -> dict[str, float |
 def _forward_text(entry: dict[str, Any]) -> str:
     if entry.get("last_forward") is None:
         return "never forwarded"
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(entry["last_forward"]))
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(entry["last_forward"]))
+    except (OverflowError, OSError, ValueError):  # past the calendar: a damaged record, said as it is
+        when = f"at an unreadable time ({entry['last_forward']!r})"
     return f"last forward {when}, into round {entry['last_forward_round']}"
 
 
@@ -605,6 +609,10 @@ COMMANDS = {"serve": cmd_serve, "keygen": cmd_keygen, "enroll": cmd_enroll, "rev
 
 
 def main(argv: list[str] | None = None) -> int:
+    return quiet_on_broken_pipe(lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from appliance.broken_pipe import quiet_on_broken_pipe
 from appliance.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from appliance.identity import IdentityError, load_or_create_device_key
 
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return quiet_on_broken_pipe(lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

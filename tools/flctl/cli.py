@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from appliance.broken_pipe import quiet_on_broken_pipe
 from flctl import demo, model, provision
 from flctl.container import cli as container
 from flctl.flash import write as flash
@@ -24,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    def run() -> int:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+
+    return quiet_on_broken_pipe(run)
 
 
 if __name__ == "__main__":
