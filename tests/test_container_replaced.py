@@ -4,6 +4,7 @@ the user tagged them under another name too, when images are built on them or a 
 
 from __future__ import annotations
 
+import os
 import tarfile
 from io import BytesIO
 from pathlib import Path
@@ -11,11 +12,13 @@ from pathlib import Path
 import pytest
 from container_harness import can_run_podman
 
+from flctl import cli
+from flctl.container import base, prune
 from flctl.container.base import remove_older_bases
 from flctl.container.platforms import platform_named
 from flctl.container.podman import image_id, image_inspect, podman
-from flctl.container.prune import Removals, remove_image
-from flctl.image.cache import ArtifactStore
+from flctl.container.prune import Removals, prune_dependency_trees, remove_image
+from flctl.image.cache import COMPLETE, ENV_KEEP_BYTES, ArtifactStore
 
 pytestmark = pytest.mark.skipif(can_run_podman() is not None, reason=str(can_run_podman()))
 
@@ -72,7 +75,7 @@ def test_a_rebuild_keeps_the_image_it_replaces_when_the_user_tagged_it_too(cache
     assert not remove_image(old, None, REF, REPLACED, removals, cache, cache / "build.log", said.append)
     assert image_id("localhost/mine:stable", cache) == old
     assert said == [f"{REF}: kept the image it replaces ({old[:12]}): still tagged localhost/mine:stable"]
-    assert removals.summary() == "removed nothing: no replaced image and no older base"
+    assert removals.summary() == "removed nothing: no replaced image, older base or dependency tree"
 
 
 def remove_older_amd64_bases(cache: Path) -> tuple[list[str], Removals]:
@@ -137,3 +140,70 @@ def test_an_older_base_an_image_is_built_on_is_kept_as_removing_it_frees_nothing
     said, _ = remove_older_amd64_bases(cache)
     assert image_id(OLD_BASE, cache) == old
     assert said == [f"{NEW_BASE}: kept the older base {OLD_BASE} ({old[:12]}): images are built on it ({REF})"]
+
+
+@pytest.fixture
+def failing_image_list(monkeypatch: pytest.MonkeyPatch):
+    """podman fails to list the images (its storage in trouble: an image removed while listed, a lock)."""
+
+    def podman_with_a_failing_list(*args: str, **kwargs):
+        if args[0] == "images":
+            args = (*args, "--filter=nosuch=x")  # a real podman failure: exit 125, a reason on stderr
+        return podman(*args, **kwargs)
+
+    monkeypatch.setattr(base, "podman", podman_with_a_failing_list)
+    monkeypatch.setattr(prune, "podman", podman_with_a_failing_list)
+
+
+def test_a_podman_that_cannot_list_the_images_costs_the_build_nothing(cache: Path, failing_image_list) -> None:
+    """The images are built by then: a failure to look for what they replaced is said, and the build goes on.
+    Before, the ContainerError of `podman images` failed the whole build after it had built everything."""
+    old = tiny_image(cache, OLD_BASE, b"old base")
+    replaced = tiny_image(cache, REF, b"old")
+    tiny_image(cache, REF, b"new build")
+    said, removals = remove_older_amd64_bases(cache)
+    assert not remove_image(replaced, None, REF, REPLACED, removals, cache, cache / "build.log", said.append)
+    assert image_id(old, cache) == old and image_id(replaced, cache) == replaced
+    failed = f"podman images failed (exit 125), see {cache / 'build.log'}"
+    assert said == [f"{NEW_BASE}: kept the older bases: {failed}",
+                    f"{REF}: kept the image it replaces ({replaced[:12]}): {failed}"]
+    assert 'unsupported image filter "nosuch"' in (cache / "build.log").read_text()
+    assert removals.summary() == "removed nothing: no replaced image, older base or dependency tree"
+
+
+def dependency_trees(store: ArtifactStore, count: int) -> list[Path]:
+    """``count`` cached dependency trees of 64 KiB each, d0 the oldest."""
+    trees = []
+    for i in range(count):
+        tree = store.path("container-deps", f"d{i}")
+        (tree / "tree").mkdir(parents=True)
+        (tree / "tree" / "wheel.so").write_bytes(os.urandom(64 * 1024))
+        (tree / COMPLETE).write_text("")
+        os.utime(tree, (1_000_000 + i, 1_000_000 + i))
+        trees.append(tree)
+    return trees
+
+
+def test_older_dependency_trees_go_beyond_those_the_build_used_the_newest_three_and_the_budget(tmp_path: Path):
+    """<cache>/containers/container-deps grew by two trees (about 190 MB each) an architecture at every change
+    of the lock file, and was never pruned (1.5 GB in 8 trees here)."""
+    store = ArtifactStore(tmp_path / "containers")
+    trees = dependency_trees(store, 8)
+    each = sum(f.stat().st_blocks * 512 for f in trees[0].rglob("*") if f.is_file())
+    said: list[str] = []
+    removals = Removals()
+    # d1 and d0: the trees this build used (cached long ago); d7-d5 the newest; the budget has room for one more.
+    pruned = prune_dependency_trees(store, {"d0", "d1"}, 6 * each, removals, said.append)
+    assert sorted(p.name for p in (tmp_path / "containers" / "container-deps").iterdir()) == [
+        "d0", "d1", "d4", "d5", "d6", "d7"]
+    assert [p.name for p in pruned.removed] == ["d3", "d2"] and pruned.freed_bytes == 2 * each
+    assert said == [f"cache container-deps: removed 2, {2 * each / 1e6:.0f} MB freed; kept 6, {6 * each / 1e6:.0f} MB"]
+    assert removals.summary() == f"removed 2 dependency tree(s): {2 * each / 1e6:.0f} MB freed"
+
+
+def test_a_budget_that_is_not_a_size_stops_the_container_build_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                           capsys) -> None:
+    monkeypatch.setenv(ENV_KEEP_BYTES, "lots")
+    assert cli.main(["container", "build"]) == 1
+    assert capsys.readouterr().err == (f"flctl container build: {ENV_KEEP_BYTES}='lots' is not a size: a number of "
+                                       "bytes, e.g. 2000000000, 500M or 2G\n")

@@ -16,8 +16,8 @@ from flctl.image.cache import ArtifactStore, InputHash
 from flctl.image.rootfs import DPKG_EXCLUDES, MIRROR, SUITE
 
 from .platforms import Platform, ensure_emulation
-from .podman import image_exists, image_id, podman, run_tool
-from .prune import Removals, remove_image
+from .podman import ContainerError, image_exists, image_id, podman, run_tool
+from .prune import Removals, failed, remove_image
 
 BASE_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "libudev1", "libstdc++6")
 BASE_REPOSITORY = "localhost/fl-edge/base"
@@ -80,8 +80,12 @@ def remove_older_bases(current: str, target: Platform, store: ArtifactStore, rem
     base_image gives), each with its cached tarball, when nothing else needs the image (prune.remove_image).
     Run after the services are rebuilt on ``current``, so the images they replaced no longer hold the old base."""
     ours = re.compile(rf"{re.escape(BASE_REPOSITORY)}:([0-9a-f]{{20}})-{re.escape(target.name)}")
-    listed = podman("images", f"--filter=reference={BASE_REPOSITORY}", "--format={{.Repository}}:{{.Tag}}",
-                    what="podman images", cache=cache).stdout.split()
+    try:
+        listed = podman("images", f"--filter=reference={BASE_REPOSITORY}", "--format={{.Repository}}:{{.Tag}}",
+                        what="podman images", cache=cache).stdout.split()
+    except ContainerError as exc:
+        progress(f"{current}: kept the older bases: {failed(exc, log)}")
+        return
     for ref in listed:
         named = ours.fullmatch(ref)
         image = image_id(ref, cache) if named and ref != current else None

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flctl.image.cache import ArtifactStore, cache_root
+from flctl.image.cache import ArtifactStore, cache_root, keep_bytes_from_env
 from flctl.image.rootfs import build_project_wheel
 
 from . import payload
@@ -31,7 +31,7 @@ from .base import base_image, base_tarball, remove_older_bases
 from .payload import PROJECT_ROOT, SERVICES, Service
 from .platforms import Platform, ensure_emulation
 from .podman import ContainerError, image_exists, image_id, image_inspect, podman
-from .prune import Removals, remove_image
+from .prune import Removals, prune_dependency_trees, remove_image
 
 REPOSITORY = "localhost/fl-edge"
 HEALTHCHECK = "--interval=30s --timeout=5s --start-period=120s --retries=3"
@@ -106,7 +106,12 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
     """Build every service for every platform, then the manifest lists; returns each image with its size.
 
     What the build makes obsolete goes (prune.py): the image each rebuilt name pointed to before, and the base
-    images of other keys for each platform; the last progress line says how many bytes that freed."""
+    images of other keys for each platform, and the cached dependency trees of older lock files beyond the newest few
+    and $FL_EDGE_CACHE_KEEP_BYTES; the last progress line says how many bytes that freed."""
+    try:
+        keep_bytes = keep_bytes_from_env()
+    except ValueError as exc:
+        raise ContainerError(str(exc)) from None
     if os.geteuid() != 0:
         raise ContainerError("flctl container build needs root (mmdebstrap --mode=root, podman's storage)")
     services = services or list(SERVICES.values())
@@ -115,6 +120,7 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
     info = project_info()
     built: list[BuiltImage] = []
     removals = Removals()
+    used_dependencies: set[str] = set()
     with store.lock(), _scratch(store) as work:
         log = store.root / "build.log"  # kept after the build: errors point into it
         log.write_text("")
@@ -132,7 +138,9 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
                 ref = image_ref(service, info.version, platform)
                 context = work / f"{service.name}-{platform.name}"
                 context.mkdir()
-                payload.link_tree(payload.dependencies(store, service, platform, log), context / "deps")
+                dependencies = payload.dependencies(store, service, platform, log)
+                used_dependencies.add(dependencies.parent.name)
+                payload.link_tree(dependencies, context / "deps")
                 payload.application(wheel, service, platform, base_tarball(store, platform), context / "app", log)
                 (context / "state").mkdir(mode=0o700)
                 (context / "Containerfile").write_text(containerfile(service, base, info))
@@ -152,6 +160,7 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
                 progress(f"{ref}: {size / 1e6:.0f} MB ({image.seconds} s)")
                 shutil.rmtree(context)
             remove_older_bases(base, platform, store, removals, log, progress, cache)
+        prune_dependency_trees(store, used_dependencies, keep_bytes, removals, progress)
         for service in services:
             manifest_list(service, info.version, platforms, cache, log)
             progress(f"{image_ref(service, info.version)}: manifest list of {', '.join(p.name for p in platforms)}")

@@ -2,11 +2,14 @@
 
 Two kinds: the image a rebuilt name pointed to before (about 350 MB per service and architecture), and the
 base images of older keys (about 140 MB each: a change to the base's Debian package set gives it a new key,
-and so a new name). Left alone, both pile up in podman's storage until the disk fills.
+and so a new name). Left alone, both pile up in podman's storage until the disk fills. In the cache, the
+dependency trees of older lock files go as the disk images do (ArtifactStore.prune: the newest few and a byte
+budget; about 190 MB each).
 
 Only an image flctl named and nothing else needs goes. One still tagged under another name stays (``podman rmi
 ID`` deletes an image with one name left, that name with it), and so does one other images are built on (its
-layers stay with them, so removing it would free nothing) and one a container uses (podman refuses).
+layers stay with them, so removing it would free nothing) and one a container uses (podman refuses). A podman
+that fails to list or remove images costs the build nothing: what it could not look at stays.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .podman import podman
+from flctl.image.cache import ArtifactStore, Pruned, prune_summary
+
+from .podman import ContainerError, podman
+
+DEPENDENCIES = "container-deps"
+# Dependency trees kept whatever their size besides those the build used, as images/ keeps its newest images.
+KEEP_DEPENDENCY_TREES = 3
 
 
 @dataclass
@@ -24,7 +33,8 @@ class Removals:
     """What a build removed (from podman's storage and the cache), for its closing line."""
 
     images: list[str] = field(default_factory=list)
-    trees: list[Path] = field(default_factory=list)
+    trees: list[Path] = field(default_factory=list)  # base tarballs
+    dependency_trees: list[Path] = field(default_factory=list)
     freed_bytes: int = 0
 
     def remove_tree(self, tree: Path, said: str, progress) -> None:
@@ -37,10 +47,25 @@ class Removals:
 
     def summary(self) -> str:
         """One line: how many images and cached trees went, and the bytes that freed."""
-        if not self.images and not self.trees:
-            return "removed nothing: no replaced image and no older base"
-        trees = f" and {len(self.trees)} cached tarball(s)" if self.trees else ""
-        return f"removed {len(self.images)} image(s){trees}: {self.freed_bytes / 1e6:.0f} MB freed"
+        counts = ((self.images, "image(s)"), (self.trees, "cached tarball(s)"),
+                  (self.dependency_trees, "dependency tree(s)"))  # fmt: skip
+        parts = [f"{len(items)} {noun}" for items, noun in counts if items]
+        if not parts:
+            return "removed nothing: no replaced image, older base or dependency tree"
+        removed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+        return f"removed {removed}: {self.freed_bytes / 1e6:.0f} MB freed"
+
+
+def prune_dependency_trees(store: ArtifactStore, used: set[str], keep_bytes: int, removals: Removals,
+                           progress) -> Pruned:
+    """Remove the cached dependency trees (``<store>/container-deps/<key>``) the build did not use (``used``:
+    their keys), beyond the newest few and ``keep_bytes``, as ``flctl image build`` prunes its images. A tree
+    only a build reads (under the store's lock): the trees it used are kept, and none is in use otherwise."""
+    pruned = store.prune(DEPENDENCIES, used, KEEP_DEPENDENCY_TREES, keep_bytes)
+    removals.dependency_trees.extend(pruned.removed)
+    removals.freed_bytes += pruned.freed_bytes
+    progress(prune_summary(DEPENDENCIES, pruned))
+    return pruned
 
 
 def remove_image(image: str, name: str | None, subject: str, what: str, removals: Removals, cache: Path | None,
@@ -48,7 +73,11 @@ def remove_image(image: str, name: str | None, subject: str, what: str, removals
     """Remove ``image`` (an ID) unless something else needs it; ``name`` is the one tag flctl gave it that may
     go with it (None: it has none left). Says what happened as ``<subject>: removed|kept <what> (ID...)``;
     returns whether it went."""
-    images = _all_images(cache)
+    try:
+        images = _all_images(cache)
+    except ContainerError as exc:
+        progress(f"{subject}: kept {what} ({image.removeprefix('sha256:')[:12]}): {failed(exc, log)}")
+        return False
     found = images.get(image.removeprefix("sha256:"))
     if found is None:
         return False
@@ -90,6 +119,13 @@ def _all_images(cache: Path | None) -> dict[str, dict]:
             inspected = json.loads(done.stdout)[0]
             images[inspected["Id"]] = inspected
     return images
+
+
+def failed(exc: ContainerError, log: Path) -> str:
+    """Say that podman failed (in the progress line's words), its output going to ``log``."""
+    with open(log, "a") as fh:
+        fh.write(f"\n{exc}\n")
+    return f"{str(exc).splitlines()[0].removesuffix(':')}, see {log}"
 
 
 def _layers(image: dict) -> list[str]:

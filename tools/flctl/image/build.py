@@ -28,7 +28,7 @@ from rich.console import Console
 
 from . import disk, kernel, rootfs
 from .arch import Architecture, architecture, host_architecture, is_foreign
-from .cache import ArtifactStore, InputHash, Pruned, cache_root, hold, keep_bytes_from_env
+from .cache import ArtifactStore, InputHash, Pruned, cache_root, hold, keep_bytes_from_env, prune_summary
 
 # Bump when a change to the build changes its output in a way the hashed inputs do not capture.
 BUILD_FORMAT = "fl-dev-image/1"
@@ -383,13 +383,6 @@ def _prune(store: ArtifactStore, kind: str, keep: str, keep_bytes: int) -> Prune
         if latest.is_symlink():
             keep_names.add(Path(os.readlink(latest)).name)
     return store.prune(kind, keep_names, KEEP_IMAGES, keep_bytes)
-
-
-def prune_summary(kind: str, pruned: Pruned) -> str:
-    """One line: what pruning ``kind`` freed and what the cache keeps of it."""
-    held = f" ({len(pruned.kept_in_use)} over the budget: in use)" if pruned.kept_in_use else ""
-    return (f"cache {kind}: removed {len(pruned.removed)}, {pruned.freed_bytes / 1e6:.0f} MB freed; "
-            f"kept {pruned.kept}, {pruned.kept_bytes / 1e6:.0f} MB{held}")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

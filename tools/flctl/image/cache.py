@@ -190,6 +190,13 @@ class Pruned:
     kept_in_use: list[Path] = field(default_factory=list)  # over the budget, but held by a running process
 
 
+def prune_summary(kind: str, pruned: Pruned) -> str:
+    """One line: what pruning ``kind`` freed and what the cache keeps of it."""
+    held = f" ({len(pruned.kept_in_use)} over the budget: in use)" if pruned.kept_in_use else ""
+    return (f"cache {kind}: removed {len(pruned.removed)}, {pruned.freed_bytes / 1e6:.0f} MB freed; "
+            f"kept {pruned.kept}, {pruned.kept_bytes / 1e6:.0f} MB{held}")
+
+
 def keep_bytes_from_env() -> int:
     """``$FL_EDGE_CACHE_KEEP_BYTES`` (e.g. ``2G``, ``500M``, ``0``), else DEFAULT_KEEP_BYTES; ValueError with one line
     naming the variable when it is not a size."""
