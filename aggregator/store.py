@@ -412,9 +412,11 @@ class Store:
 
     def site_last_updates(self) -> dict[str, tuple[float, int, bytes]]:
         """Each site aggregator's newest accepted update (its last forward): when it was accepted, the round it was
-        taken into and its receipt, which names the round the site answered. Sites that never forwarded are absent."""
+        taken into and its receipt, which names the round the site answered. Sites that never forwarded are absent.
+        Read as those types whatever a damaged row holds (a receipt stored as text is bytes that do not verify)."""
         rows = self._reader().execute(
-            "SELECT u.device_id, u.accepted_at, u.round_id, u.receipt FROM sites s JOIN updates u "
+            "SELECT u.device_id, CAST(u.accepted_at AS REAL), CAST(u.round_id AS INTEGER), CAST(u.receipt AS BLOB) "
+            "FROM sites s JOIN updates u "
             "ON u.device_id = s.device_id "
             "AND u.round_id = (SELECT max(round_id) FROM updates WHERE device_id = s.device_id)"
         ).fetchall()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -115,6 +116,31 @@ def test_status_of_a_state_gives_each_sites_last_forward(tmp_path: Path, capsys)
     assert (listed[forwarding.device_id]["last_forward"], listed[forwarding.device_id]["last_forward_round"]) == (
         accepted.accepted_at, 1)
     assert listed[silent.device_id]["last_forward"] is None and listed[silent.device_id]["last_forward_round"] is None
+
+
+@pytest.mark.parametrize(("accepted_at", "receipt", "said"), [
+    (1e20, b"\xa0", "last forward at an unreadable time (1e+20), into round 3"),
+    (1_800_000_000.0, "a receipt stored as text", "last forward 2027-01-15 08:00:00 UTC, into round 3"),
+])
+def test_status_of_a_state_says_a_damaged_forward_record_in_the_sites_line(
+    tmp_path: Path, capsys, accepted_at: float, receipt: bytes | str, said: str
+) -> None:
+    """A site's newest forward damaged in aggregator.db (a time past the calendar, a receipt stored as text): the
+    site's line says what the record holds, and ``--json`` still answers, where both were a traceback."""
+    main(["keygen", "--state", str(tmp_path)])
+    site = SimulatedDevice()
+    assert main(["enroll", "--state", str(tmp_path), "--site", site.public_key_hex, "--name", "north"]) == 0
+    with sqlite3.connect(tmp_path / "aggregator.db") as db:
+        db.execute("INSERT INTO updates (digest, device_id, round_id, num_samples, metrics, offset, length, receipt, "
+                   "accepted_at) VALUES (?, ?, 3, 10, '{}', 0, 0, ?, ?)", (bytes(32), site.device_id, receipt,
+                                                                          accepted_at))
+    db.close()
+    capsys.readouterr()
+    assert main(["status", "--state", str(tmp_path)]) == 0
+    assert f"  site {site.device_id}  north  {said}\n" in capsys.readouterr().out
+    assert main(["status", "--state", str(tmp_path), "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)["devices"]["list"]
+    assert (listed["last_forward"], listed["last_forward_round"]) == (accepted_at, 3)
 
 
 def test_status_lines_up_every_round_status_superseded_included(tmp_path: Path, capsys) -> None:
