@@ -48,6 +48,8 @@ def test_the_status_and_the_page_count_the_full_models_and_deltas_sent(tmp_path:
             assert response.status == 200
             status = await response.json()
             assert [e.message for e in status_validator().iter_errors(status)] == []
+            without = {name: value for name, value in status.items() if name != "downlink"}
+            assert not status_validator().is_valid(without)  # the schema promises it in every status
             downlink = status["downlink"]
             assert downlink["encoding"] == "int8"
             assert downlink["full"] == {"downloads": 2, "bytes": len(first) + len(unknown)}
