@@ -12,8 +12,10 @@ What the aggregator does in a ``--dp central`` round (docs/privacy.md):
 
 Participation is *not* sampled: any enrolled device that asks may join a round, so there is no amplification by
 sampling, and the accountant composes one Gaussian mechanism of noise multiplier z per published round. Who
-took part (and how many) is public (the status lists it); what DP bounds is what any one device's data can
-change in the published models.
+took part (and how many) is public (the status lists it), so neighbouring runs differ in one device's clipped
+update, present or replaced by zero (zero-out adjacency): that moves a round's sum by at most S. A swap of one
+device's data for other data moves it by up to 2 S, which the same noise covers only at the epsilon of z / 2
+(docs/privacy.md says so and gives both).
 
 ``--dp distributed`` (with ``--secure-aggregation``) moves step 2 to the devices: each adds discrete Gaussian
 noise to its quantised update (Kairouz et al. 2021, "The Distributed Discrete Gaussian Mechanism";
@@ -60,9 +62,11 @@ from aggregator.strategies.fedavg import FedAvg
 from appliance.durable import atomic_write, fsync_dir
 
 ACCOUNTING = {
-    "central": "rdp; every device that asks may join (no sampling amplification)",
+    "central": "rdp; zero-out adjacency (one device's clipped update present or zero); every device that asks may "
+    "join (no sampling amplification)",
     "distributed": "rdp of the devices' discrete Gaussian noise actually summed (Kairouz et al. 2021, tau slack "
-    "added); every device that asks may join (no sampling amplification)",
+    "added); zero-out adjacency (one device's clipped update present or zero); every device that asks may join "
+    "(no sampling amplification)",
 }
 LEDGER_FILE = "privacy.json"
 PENDING_FILE = "privacy-pending.npz"  # a counted round whose version is not yet published (see PendingRelease)
@@ -229,7 +233,12 @@ class PrivacyLedger:
     norm of each adaptive round and the clip norm of the next one.
 
     ``pending``: the last counted round's model while its version is not yet published (after a crash, until the
-    restart publishes it)."""
+    restart publishes it).
+
+    ``unpublished``: distributed rounds whose noised sum the aggregator unmasked and then did not publish (a sum
+    outside the bounds of honest rounds, aggregator/secagg_bounds.py). Under distributed DP the aggregator is
+    the party the noise protects against, and it has seen that sum: such a round spends privacy like a published
+    one, so it counts in epsilon and the budget, though it made no version."""
 
     def __init__(self, state_dir: Path, config: DPConfig):
         self.path = Path(state_dir) / LEDGER_FILE
@@ -241,6 +250,7 @@ class PrivacyLedger:
         self.clip_norm: float | None = None  # where adaptive clipping has moved the clip norm (None: not yet)
         self.clip_history: list[dict[str, float]] = []  # per adaptive round: version, clip norm, noised fraction
         self.pending: PendingRelease | None = None
+        self.unpublished: list[float] = []
         if self.path.exists():
             self._load(json.loads(self.path.read_text()), self.path)
         if self.pending_path.exists():
@@ -260,11 +270,13 @@ class PrivacyLedger:
         self.counts = [float(z) for z in saved.get("clip_count_noise_multipliers", [])]
         self.clip_norm = None if saved.get("clip_norm") is None else float(saved["clip_norm"])
         self.clip_history = list(saved.get("clip_history", []))
+        self.unpublished = [float(z) for z in saved.get("unpublished_noise_multipliers", [])]
 
     def spent(self) -> float:
-        """Every round's Gaussian mechanisms (the model's sum, and the count of an adaptive round) composed by
-        dp-accounting: composition is order-free, so the counts are composed after the sums."""
-        return epsilon([*self.rounds, *self.counts], self.config.delta, self.rdp_slack)
+        """Every round's Gaussian mechanisms (the model's sum, the count of an adaptive round, the sums unmasked
+        but not published) composed by dp-accounting: composition is order-free, so the counts are composed after
+        the sums."""
+        return epsilon([*self.rounds, *self.unpublished, *self.counts], self.config.delta, self.rdp_slack)
 
     def round_clip_norm(self, configured: float) -> float:
         """The clip norm of the round that opens: with adaptive clipping, where the estimate has moved it (a
@@ -295,7 +307,7 @@ class PrivacyLedger:
         """Epsilon after one more round with ``noise`` (None: the configured noise multiplier, no slack; with
         adaptive clipping, its count too)."""
         rounds, counts, slack = self._next_round(noise, counted=True)
-        return epsilon([*rounds, *counts], self.config.delta, slack)
+        return epsilon([*rounds, *self.unpublished, *counts], self.config.delta, slack)
 
     def budget_allows_next_round(self, noise: RoundNoise | None = None) -> bool:
         budget = self.config.epsilon_budget
@@ -314,9 +326,7 @@ class PrivacyLedger:
         if clip is not None:
             clip_norm = clip.next_clip_norm
             history = [*history, {"version": len(rounds), "clip_norm": clip.clip_norm, "within": clip.within}]
-        saved: dict[str, object] = {"delta": self.config.delta, "noise_multipliers": rounds}
-        if slack:
-            saved["rdp_slack"] = slack
+        saved = self._saved(rounds, slack)
         if counts or clip_norm is not None:
             saved.update(clip_count_noise_multipliers=counts, clip_norm=clip_norm, clip_history=history)
         if release is not None:  # the commit point: the round is counted once this file is in place
@@ -326,6 +336,26 @@ class PrivacyLedger:
         self.clip_norm, self.clip_history = clip_norm, history
         self.pending = release
         return self.spent()
+
+    def record_unpublished(self, noise: RoundNoise) -> float:
+        """Count a distributed round whose noised sum was unmasked but is not published (durably); returns epsilon
+        after it."""
+        assert self.config.adaptive is None, "adaptive clipping is central only: no clip fields to keep here"
+        unpublished, slack = [*self.unpublished, noise.noise_multiplier], self.rdp_slack + noise.rdp_slack
+        saved = self._saved(self.rounds, slack, unpublished)
+        atomic_write(self.path, json.dumps(saved).encode())
+        self.unpublished, self.rdp_slack = unpublished, slack
+        return self.spent()
+
+    def _saved(self, rounds: list[float], slack: float, unpublished: list[float] | None = None) -> dict[str, Any]:
+        """The ledger file's fields for the sums' noise (the adaptive clipping fields are added by the caller)."""
+        unpublished = self.unpublished if unpublished is None else unpublished
+        saved: dict[str, Any] = {"delta": self.config.delta, "noise_multipliers": rounds}
+        if slack:
+            saved["rdp_slack"] = slack
+        if unpublished:
+            saved["unpublished_noise_multipliers"] = unpublished
+        return saved
 
     def published(self) -> None:
         """The pending round's version is published (recorded in the database): forget its model."""

@@ -14,7 +14,9 @@ With ``--dp distributed`` the roster also fixes the discrete Gaussian noise each
 words (``noise_sigma``, calibrated so that the whole roster's noise has noise multiplier z) and weights every
 device 1 (W = 1). Before asking for the unmask the aggregator knows how many devices the sum will cover, so it
 knows the noise the sum holds (fewer survivors, less noise): the round is accounted with that
-(aggregator/privacy.py), and abandoned unmasked if that would take epsilon past the budget.
+(aggregator/privacy.py), and abandoned unmasked if that would take epsilon past the budget. A sum that is
+unmasked and then not published (outside the bounds of honest rounds) is counted all the same: the aggregator
+has seen it, and the devices' noise is what protects them from the aggregator.
 
 What is stored: public keys, commitments, ciphertexts, masked inputs (uniform in Z_2^32), survivor lists and
 shares that never reach t of both kinds for one device. The only plaintext made from updates is the unmasked
@@ -653,6 +655,7 @@ class SecureRounds:
         await self.stop()
         if sr is None or sr.round_id != round_.round_id:
             return SecureOutcome(0, 0, None, "the secure round's state is gone")
+        noise = None
         try:
             if sr.outcome:
                 raise _Abandon("", sr.outcome)
@@ -667,8 +670,11 @@ class SecureRounds:
         except _Abandon as exc:
             if exc.reason:
                 self._fail(sr, exc)
+            note = f"secure aggregation: {exc.note}"
+            if exc.reason == "sum-out-of-bounds" and noise is not None:
+                note += self._count_unpublished(noise)
             await self._notify()
-            return SecureOutcome(len(sr.masked), 0, None, f"secure aggregation: {exc.note}")
+            return SecureOutcome(len(sr.masked), 0, None, note)
         covers = len(sr.plan.survivors)
         self._end_phase(sr, "done", time.time(), len(sr.masked) - len(sr.answers))
         self._write([("UPDATE secagg_rounds SET survivors=? WHERE round_id=?", (covers, sr.round_id))])
@@ -680,6 +686,15 @@ class SecureRounds:
         if noise is not None:
             note += f", noised by the devices (noise multiplier {noise.noise_multiplier:.4g})"
         return SecureOutcome(covers, weight, mean, note, noise)
+
+    def _count_unpublished(self, noise: RoundNoise) -> str:
+        """Distributed DP: the aggregator has unmasked this noised sum, and the devices' noise is what protects them
+        from it, so the round is counted in the privacy ledger although nothing is published from it."""
+        ledger = self.engine.privacy
+        assert ledger is not None
+        spent = ledger.record_unpublished(noise)
+        self.engine.metrics.dp_epsilon.set(spent)
+        return f"; its noised sum was unmasked, so the round counts in epsilon (now {spent:.4g})"
 
     def _distributed_dp(self) -> float | None:
         """z of ``--dp distributed``, or None."""
