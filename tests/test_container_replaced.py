@@ -17,7 +17,7 @@ from flctl.container import base, prune
 from flctl.container.base import remove_older_bases
 from flctl.container.platforms import platform_named
 from flctl.container.podman import image_id, image_inspect, podman
-from flctl.container.prune import Removals, prune_dependency_trees, remove_image
+from flctl.container.prune import Removals, prune_dependency_trees, remove_image, remove_leftovers
 from flctl.image.cache import COMPLETE, ENV_KEEP_BYTES, ArtifactStore
 
 pytestmark = pytest.mark.skipif(can_run_podman() is not None, reason=str(can_run_podman()))
@@ -140,6 +140,42 @@ def test_an_older_base_an_image_is_built_on_is_kept_as_removing_it_frees_nothing
     said, _ = remove_older_amd64_bases(cache)
     assert image_id(OLD_BASE, cache) == old
     assert said == [f"{NEW_BASE}: kept the older base {OLD_BASE} ({old[:12]}): images are built on it ({REF})"]
+
+
+def service_image(cache: Path, ref: str, title: str, content: str) -> str:
+    """Build ``ref`` on the new base, labelled as build.containerfile labels a service's image; returns its ID."""
+    context = cache / f"context-{title}"
+    context.mkdir(exist_ok=True)
+    (context / "app").write_text(content)
+    (context / "Containerfile").write_text(f"FROM {NEW_BASE}\nLABEL org.opencontainers.image.title={title}\n"
+                                           "COPY app /app\n")
+    podman("build", "--pull=never", "--layers=false", "-t", ref, str(context), what="podman build", cache=cache)
+    found = image_id(ref, cache)
+    assert found
+    return found
+
+
+def test_an_image_kept_while_a_container_used_it_goes_with_a_later_build(cache: Path) -> None:
+    """A test session's container ran on the image a rebuild replaced: kept then, untagged, and before nothing
+    ever looked at it again (350 MB per image, until the disk filled). A later build removes it once it is free;
+    an untagged image that is no service's stays."""
+    tiny_image(cache, NEW_BASE, b"new base")
+    old = service_image(cache, REF, "fl-agent", "old")
+    podman("create", "--network=none", "--name=uses-the-old-agent", REF, "/app", what="podman create", cache=cache)
+    service_image(cache, REF, "fl-agent", "new build")
+    theirs = service_image(cache, "localhost/theirs:1", "theirs", "a user's")
+    podman("untag", theirs, what="podman untag", cache=cache)
+    said: list[str] = []
+    removals = Removals()
+    remove_leftovers(["fl-agent", "fl-aggregator"], removals, cache, cache / "build.log", said.append)
+    assert said == [f"fl-agent: kept an earlier build's leftover image ({old[:12]}): podman refused (in use?), "
+                    f"see {cache / 'build.log'}"]
+    podman("rm", "uses-the-old-agent", what="podman rm", cache=cache)
+    said.clear()
+    remove_leftovers(["fl-agent", "fl-aggregator"], removals, cache, cache / "build.log", said.append)
+    assert image_id(old, cache) is None and image_id(theirs, cache) == theirs and image_id(REF, cache)
+    assert said == [f"fl-agent: removed an earlier build's leftover image ({old[:12]}, 0 MB)"]
+    assert removals.images == [old]
 
 
 @pytest.fixture

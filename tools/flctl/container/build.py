@@ -31,7 +31,7 @@ from .base import base_image, base_tarball, remove_older_bases
 from .payload import PROJECT_ROOT, SERVICES, Service
 from .platforms import Platform, ensure_emulation
 from .podman import ContainerError, image_exists, image_id, image_inspect, podman
-from .prune import Removals, prune_dependency_trees, remove_image
+from .prune import Removals, prune_dependency_trees, remove_image, remove_leftovers
 
 REPOSITORY = "localhost/fl-edge"
 HEALTHCHECK = "--interval=30s --timeout=5s --start-period=120s --retries=3"
@@ -105,9 +105,10 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
                  progress=print) -> list[BuiltImage]:
     """Build every service for every platform, then the manifest lists; returns each image with its size.
 
-    What the build makes obsolete goes (prune.py): the image each rebuilt name pointed to before, and the base
-    images of other keys for each platform, and the cached dependency trees of older lock files beyond the newest few
-    and $FL_EDGE_CACHE_KEEP_BYTES; the last progress line says how many bytes that freed."""
+    What the build makes obsolete goes (prune.py): the image each rebuilt name pointed to before (and those earlier
+    builds had to keep while a container used them), the base images of other keys for each platform, and the
+    cached dependency trees of older lock files beyond the newest few and $FL_EDGE_CACHE_KEEP_BYTES; the last
+    progress line says how many bytes that freed."""
     try:
         keep_bytes = keep_bytes_from_env()
     except ValueError as exc:
@@ -127,6 +128,8 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
         started = time.monotonic()
         wheel = build_project_wheel(PROJECT_ROOT, work / "wheel", log, sys.executable)
         progress(f"fl-edge wheel {wheel.name} ({time.monotonic() - started:.1f} s)")
+        # First, so an older base such a leftover was built on can go below once the services are rebuilt.
+        remove_leftovers(list(SERVICES), removals, cache, log, progress)
         for platform in platforms:
             ensure_emulation(platform)
             started = time.monotonic()

@@ -24,6 +24,7 @@ from flctl.image.cache import ArtifactStore, Pruned, prune_summary
 from .podman import ContainerError, podman
 
 DEPENDENCIES = "container-deps"
+TITLE_LABEL = "org.opencontainers.image.title"  # each service image's name (build.containerfile)
 # Dependency trees kept whatever their size besides those the build used, as images/ keeps its newest images.
 KEEP_DEPENDENCY_TREES = 3
 
@@ -104,6 +105,22 @@ def remove_image(image: str, name: str | None, subject: str, what: str, removals
     removals.freed_bytes += freed
     progress(f"{subject}: removed {what} ({short}, {freed / 1e6:.0f} MB)")
     return True
+
+
+def remove_leftovers(services: list[str], removals: Removals, cache: Path | None, log: Path, progress) -> None:
+    """Remove untagged images of ``services`` (by their ``org.opencontainers.image.title`` label) that earlier
+    builds left: an image a rebuild replaced while a container still used it was kept then, and nothing names it
+    any more. One still in use or built on stays (remove_image), and so do untagged images of anything else."""
+    try:
+        images = _all_images(cache)
+    except ContainerError as exc:
+        progress(f"kept earlier builds' leftover images: {failed(exc, log)}")
+        return
+    for image in images.values():
+        title = (image.get("Labels") or {}).get(TITLE_LABEL)
+        if not image.get("RepoTags") and title in services:
+            remove_image(image["Id"], None, title, "an earlier build's leftover image", removals, cache, log,
+                         progress)
 
 
 def _all_images(cache: Path | None) -> dict[str, dict]:
