@@ -273,6 +273,7 @@ class Fleet:
         roster = self.roster(now)
         forwards = self.site_forwards(roster)
         items = [self._item(d, forwards, newest, now) for d in roster]
+        counts = _tally(items)
         if state in ("active", "silent", *SITE_STATES):
             items = [i for i in items if i.state == state]
         elif state != "all":
@@ -280,7 +281,7 @@ class Fleet:
         start = (page - 1) * per_page
         shown = sorted_page(items, _SORTS[key], descending, start, per_page)
         return {
-            "now": now, "model_version": newest, "counts": self._counts(roster, forwards, newest, now),
+            "now": now, "model_version": newest, "counts": counts,
             "thresholds": {"silent_seconds": SILENT_AFTER_SECONDS, "behind_versions": BEHIND_VERSIONS,
                            "throttled_cpu_permille": THROTTLED_CPU_PERMILLE,
                            "throttled_memory_share": THROTTLED_MEMORY_SHARE,
@@ -299,6 +300,18 @@ class Fleet:
         entry = self._entries.get(device.device_id)
         health = _health(entry, newest, now)
         return _Item(device, entry, None, health, "silent" if health == "silent" else "active")
+
+
+def _tally(items: list[_Item]) -> dict[str, int]:
+    """:meth:`Fleet.counts` from a listing's items, which hold each key's state and health already (judging every
+    device again cost a listing a tenth to a fifth of its time). Only an active device's health names behind or
+    throttled, as for the listing's filters."""
+    counts = dict.fromkeys(STATES, 0)
+    for item in items:
+        counts[item.state] += 1
+        counts["behind"] += "behind" in item.health
+        counts["throttled"] += "throttled" in item.health
+    return {"enrolled": len(items), **counts}
 
 
 def sorted_page(items: list[_Item], key: Callable[[_Item], tuple], descending: bool, start: int,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from aggregator.fleet import Enrolled, Fleet, Forward
+from test_fleet_listing_order import NEWEST, NOW, _fleet
+
+from aggregator.fleet import FILTERS, STATES, Enrolled, Fleet, Forward
 
 
 def test_a_listing_reads_the_forwards_once_and_its_counts_agree_with_its_rows(tmp_path: Path) -> None:
@@ -27,3 +29,16 @@ def test_a_listing_reads_the_forwards_once_and_its_counts_agree_with_its_rows(tm
     assert len(reads) == 1
     assert site["state"] == "site_silent" and site["health"] == "never forwarded"
     assert listing["counts"]["site_silent"] == 1 and listing["counts"]["site_active"] == 0
+
+
+def test_a_listings_counts_are_the_fleets_counts_whatever_its_filter(tmp_path: Path) -> None:
+    """A listing counts the items it judged for its rows; that equals :meth:`Fleet.counts`, which judges each key
+    itself, under every filter: a silent device holding an old model counts silent only, a site by its forward."""
+    fleet = _fleet(tmp_path)
+    try:
+        counts = fleet.counts(NEWEST, NOW)
+        assert all(counts[state] for state in STATES)  # every state is there to be miscounted
+        for state in FILTERS:
+            assert fleet.listing(NEWEST, NOW, state=state)["counts"] == counts, state
+    finally:
+        fleet.close()
