@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
+from agent_harness import small_package
 from nacl.signing import SigningKey
 
 torch = pytest.importorskip("torch", reason="torch (a tools/dev dependency) exports the models")
@@ -284,3 +285,16 @@ def test_export_cli_refuses_bad_references_in_one_line(models, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert message in err and "no package written" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_signed_package_whose_graph_is_not_onnx_is_named_in_one_line(command, tmp_path, capsys):
+    """The signature vouches for who made a package, not that its graphs are models: inspect and verify ended in a
+    protobuf or onnxruntime traceback."""
+    pub = tmp_path / "aggregator.pub"
+    pub.write_text(bytes(KEY.verify_key).hex() + "\n")
+    bad = small_package(tmp_path / "not-onnx.flpkg", KEY)  # its graphs are placeholder bytes
+    assert _run(command, str(bad), "--pub", str(pub)) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"flctl model {command}: " in error
+    assert "graph" in error and ("not an ONNX model" in error or "does not load in onnxruntime" in error)

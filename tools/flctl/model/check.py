@@ -185,7 +185,12 @@ def check_finite_differences(pkg: ModelPackage, batch_size: int = 16, seed: int 
     directions d over the trainable parameters, (L(w + e d) - L(w - e d)) / 2e must match <grad, d>. Returns
     the worst relative error; raises GradientCheckError past 5 % (float32 graphs; a batch-size scaling error is
     1600 %)."""
-    train = session(pkg.training_graph)
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
+
+    try:
+        train = session(pkg.training_graph)
+    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf) as exc:
+        raise GradientCheckError(f"the training graph does not load in onnxruntime: {exc}") from None
     io = pkg.io
     rng = np.random.default_rng(seed)
     x = rng.normal(0.0, 1.0, (batch_size, *pkg.input_shape)).astype(np.float32)

@@ -110,7 +110,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from flctl.model.inspect import describe, format_text
+    from flctl.model.inspect import GraphError, describe, format_text
 
     try:
         key = _verify_key(args)
@@ -119,10 +119,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   "the package", file=sys.stderr)
             return 2
         pkg = load_package(args.package, key)
+        description = describe(pkg)
     except (IdentityError, PackageError) as exc:
         print(f"flctl model inspect: {exc}", file=sys.stderr)
         return 1
-    description = describe(pkg)
+    except GraphError as exc:
+        print(f"flctl model inspect: {args.package}: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(description, indent=2) if args.json else format_text(description))
     return 0
 

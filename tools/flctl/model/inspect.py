@@ -9,11 +9,20 @@ from typing import Any
 from appliance.modelpkg import ModelPackage
 
 
-def graph_info(graph: bytes) -> dict[str, Any]:
+class GraphError(ValueError):
+    """A graph of a verified package that does not parse as ONNX (the signature vouches for who made it, not that
+    it is a model)."""
+
+
+def graph_info(graph: bytes, name: str = "the") -> dict[str, Any]:
     """Opset, IR version, node count, op counts (nested functions included) and baked constants of a graph."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    model = onnx.load_from_string(graph)
+    try:
+        model = onnx.load_from_string(graph)
+    except DecodeError as exc:
+        raise GraphError(f"its {name} graph ({len(graph)} bytes) is not an ONNX model: {exc}") from None
     ops: Counter[str] = Counter()
     for node in model.graph.node:
         ops[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
@@ -48,7 +57,7 @@ def describe(pkg: ModelPackage) -> dict[str, Any]:
     graphs = {"training": pkg.training_graph, "inference": pkg.inference_graph}
     if pkg.evaluation_graph:
         graphs["evaluation"] = pkg.evaluation_graph
-    summary["graphs"] = {name: graph_info(g) for name, g in graphs.items()}
+    summary["graphs"] = {name: graph_info(g, name) for name, g in graphs.items()}
     return summary
 
 
