@@ -156,7 +156,8 @@ class AggregatorMetrics:
         )
         self.dp_epsilon = Gauge(
             "fl_aggregator_dp_epsilon",
-            "Differential privacy spent by the published models (epsilon at the configured delta; 0 without DP)",
+            "Differential privacy spent (epsilon at the configured delta; 0 without DP): the published models, and "
+            "distributed-DP sums unmasked but not published",
             registry=r,
         )
         self.uploads_active = Gauge(
