@@ -70,6 +70,7 @@ from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol.downlink import DOWNLINK_ENCODINGS
 from appliance.protocol.heartbeat import MAX_HEARTBEAT_BYTES, decode_heartbeat
+from appliance.protocol.messages import MAX_ROUND_ID
 
 log = logging.getLogger(__name__)
 
@@ -534,9 +535,10 @@ def post_secagg(phase: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 
 
 def _round_id(request: web.Request) -> int:
+    """The ``{round}`` of a secure-aggregation path: decimal ASCII digits of a round id (at most 2^63 - 1)."""
     raw = request.match_info["round"]
-    if not raw.isdigit():
-        raise Problem(400, "bad-parameter", f"the round must be a non-negative integer, got {raw!r}")
+    if not (raw.isascii() and raw.isdigit() and int(raw) <= MAX_ROUND_ID):
+        raise Problem(400, "bad-parameter", f"the round must be an integer in [0, {MAX_ROUND_ID}], got {raw[:40]!r}")
     return int(raw)
 
 

@@ -512,10 +512,7 @@ class SecureRounds:
     async def masked(self, body: bytearray, digest: bytes, signer: str, payload: dict[str, Any]) -> bytes:
         """A masked input, arrived through POST /v1/updates with its envelope verified (``payload``): spooled
         durably, then its signed receipt."""
-        round_id = payload.get("round")
-        if isinstance(round_id, bool) or not isinstance(round_id, int):
-            raise ProtocolError("bad-payload", "field 'round' missing or not an integer")
-        sr = self._open_round(round_id, "masked")
+        sr = self._open_round(m.round_of(payload), "masked")
         index = sr.roster.index_of(signer) if sr.roster else -1
         if index not in sr.dealings:
             raise ProtocolError("not-in-roster", f"device {signer} sent no shares in round {sr.round_id}: "

@@ -55,6 +55,7 @@ TAG_UINT32_LE = 70
 _MASKED_TAGS = frozenset({TAG_UINT32_LE})
 _MAX_INDEX = 2**32 - 1
 _MAX_ID = 2**63 - 1
+MAX_ROUND_ID = _MAX_ID  # what SQLite's INTEGER holds, as for an Update's round
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -98,7 +99,7 @@ def open_message(
     if p.get("phase") != PHASE_OF[kind]:
         raise ProtocolError("wrong-phase", f"a {kind} message belongs to phase {PHASE_OF[kind]!r}, "
                                            f"not {p.get('phase')!r}")
-    _uint(p, "round", _MAX_ID)
+    round_of(p)
     if kind == "secagg-advertise":
         if len(verified.rest):
             raise ProtocolError("trailing-bytes", f"a {kind} carries no section")
@@ -107,6 +108,11 @@ def open_message(
     if hashlib.sha256(verified.rest).digest() != pinned:
         raise ProtocolError("digest-mismatch", "the section does not match the signed digest")
     return Opened(verified.kid, p, verified.rest)
+
+
+def round_of(payload: Mapping[str, Any]) -> int:
+    """The signed ``round`` of a message's payload: an integer in [0, MAX_ROUND_ID], else ``bad-payload``."""
+    return _uint(payload, "round", MAX_ROUND_ID)
 
 
 def _device(opened: Opened) -> str:

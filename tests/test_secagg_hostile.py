@@ -1,0 +1,374 @@
+"""A hostile enrolled device in a secure round (docs/protocol.md section 12, docs/api.md): its signatures verify,
+but what it signs is not sane. Each of its messages gets one clear 4xx problem naming what is wrong, counted in
+the metrics; the honest devices' round goes on and publishes their exact mean; nothing answers 500.
+
+What is already covered elsewhere and not repeated here: the decoders' own refusals (tests/test_secagg_messages.py),
+a forged signature, another round's or a short masked input, a late advertisement and a second masked input
+(tests/test_secagg_aggregator.py), shares off the dealer's polynomial and wrong unmask shares
+(tests/test_secagg_protocol.py, tests/test_secagg_aggregator.py), and words outside the honest bounds
+(tests/test_secagg_bounds.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import numpy as np
+import pytest
+from aggregator_harness import Harness, run
+from secagg_harness import expected_mean, flat_delta, secure_rounds, secure_running, until_masked
+
+from aggregator.rounds import RoundPolicy
+from appliance import wire
+from appliance.protocol import messages as m
+from appliance.protocol import shamir
+from appliance.protocol.secagg import Answer
+from appliance.secagg_client import SecureRound
+
+TOLERANCE = 1e-5  # as in tests/test_secagg_aggregator.py: the rounding of a few devices is far below it
+
+# Every X25519 public key of small order (the 7 values of libsodium's list, and each with the top bit set, which
+# X25519 ignores): the shared secret with any of them is zero, so shares sealed to it are sealed to nobody.
+LOW_ORDER_X25519 = [bytes.fromhex(h) for h in (
+    "00" * 32, "01" + "00" * 31,
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ec" + "ff" * 30 + "7f", "ed" + "ff" * 30 + "7f", "ee" + "ff" * 30 + "7f",
+    "00" * 31 + "80", "01" + "00" * 30 + "80",
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b880",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f11d7",
+    "ec" + "ff" * 31, "ed" + "ff" * 31, "ee" + "ff" * 31,
+)]  # fmt: skip
+# Ed25519 encodings that are not points of the prime-order group: the identity, points of order 2, 4 and 8, a
+# non-canonical encoding and bytes that are on no curve point at all.
+BAD_MASK_KEYS = [bytes.fromhex(h) for h in (
+    "01" + "00" * 31, "ec" + "ff" * 30 + "7f", "00" * 32, "00" * 31 + "80",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "ee" + "ff" * 30 + "7f", "02" + "00" * 31,
+)]  # fmt: skip
+ABOVE_SQLITE = (2**63, 2**64 - 1, -(2**64))  # CBOR integers no SQLite INTEGER (nor round id) holds
+
+
+def goal(devices: int) -> RoundPolicy:
+    """A round whose goal is ``devices`` of those enrolled: its advertise phase ends as soon as they advertised."""
+    return RoundPolicy(min_clients=2, goal_clients=devices, round_timeout=60)
+
+
+def signed(payload: dict[str, Any], key: Any, kid: str, section: Any = None) -> bytes:
+    """A message signed by ``key`` whatever it says (a signature proves who sent it, not that it is sane); with a
+    ``section`` (any CBOR value, or bytes as they are) after the envelope, pinned by its SHA-256."""
+    body = {"v": wire.PROTOCOL_VERSION, **payload}
+    if section is None:
+        return wire.sign(body, key, kid)
+    raw = section if isinstance(section, bytes) else cbor2.dumps(section, canonical=True)
+    return wire.sign(body | {"section_sha256": hashlib.sha256(raw).digest()}, key, kid) + raw
+
+
+async def post(h: Harness, phase: str, body: bytes) -> tuple[int, str]:
+    response = await h.client.post(f"/v1/secagg/{phase}", data=body, headers={"Content-Type": wire.CONTENT_TYPE})
+    assert response.content_type in ("application/json", "application/problem+json"), await response.text()
+    answer = await response.json()
+    return response.status, answer.get("reason", "accepted")
+
+
+async def refusals(h: Harness, phase: str, cases: dict[str, tuple[bytes, int, str]]) -> None:
+    """POST each hostile message; each must get exactly its (status, reason), counted as a refused upload."""
+    for name, (body, status, reason) in cases.items():
+        before = h.rejected(reason)
+        assert await post(h, phase, body) == (status, reason), name
+        assert h.rejected(reason) == before + 1, name
+
+
+async def publish(h: Harness, task: wire.Task, rounds: list[SecureRound], counted: list[SecureRound]) -> None:
+    """Every device of ``rounds`` sends its masked input and answers; the next version must be the exact mean of
+    the updates of ``counted`` (the devices whose inputs the sum may cover)."""
+    deltas = {r.device_id: flat_delta(h) for r in rounds}
+    samples = {r.device_id: 10 * (i + 1) for i, r in enumerate(rounds)}
+    for r in rounds:
+        assert (await h.upload(r.masked_input(deltas[r.device_id], samples[r.device_id])))[0] == 200
+    before = h.engine.params.astype(np.float64)
+    await asyncio.gather(*(r.unmask() for r in rounds))
+    assert await h.task(after=task.round_id, wait=30) is not None, "the next round did not open"
+    record = (await (await h.client.get("/v1/status")).json())["rounds"][-1]
+    assert record["status"] == "published", record["note"]
+    assert record["secure"]["sum_devices"] == len(counted)
+    want = expected_mean([deltas[r.device_id] for r in counted], [samples[r.device_id] for r in counted])
+    np.testing.assert_allclose(h.engine.params.astype(np.float64) - before, want, atol=TOLERANCE)
+
+
+# --------------------------------------------------------------------------------------------- advertise
+
+
+def test_hostile_advertisements_are_refused_and_the_device_can_still_take_part(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=4) as h:
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            hostile = h.devices[0]
+            keys = rounds[0].device.keys
+            good = {"type": "secagg-advertise", "phase": "advertise", "round": task.round_id,
+                    "device": hostile.device_id, "cipher_key": keys.cipher, "mask_key": keys.mask}
+
+            def advert(**change: Any) -> bytes:
+                return signed(good | change, hostile.key, hostile.device_id)
+
+            cases = {
+                **{f"round {v!r}": (advert(round=v), 400, "bad-payload")
+                   for v in ("1", 1.0, float("nan"), -1, True, None, {"r": 1}, [task.round_id])},
+                "round beyond the id range": (advert(round=2**64 - 1), 400, "bad-payload"),
+                "the next round": (advert(round=task.round_id + 1), 409, "wrong-round"),
+                "a round from the past": (advert(round=0), 409, "wrong-round"),
+                **{f"cipher key {v!r}": (advert(cipher_key=v), 400, "bad-payload")
+                   for v in (5, "k" * 32, keys.cipher[:31], keys.cipher + b"\0", [1] * 32, b"")},
+                "mask key of 64 bytes": (advert(mask_key=keys.mask * 2), 400, "bad-payload"),
+                **{f"low-order cipher key {k.hex()[:8]}..{k.hex()[-2:]}": (advert(cipher_key=k), 400, "bad-key")
+                   for k in LOW_ORDER_X25519},
+                **{f"mask key {k.hex()[:8]}..{k.hex()[-2:]}": (advert(mask_key=k), 400, "bad-key")
+                   for k in BAD_MASK_KEYS},
+                "another device's id": (advert(device=h.devices[1].device_id), 403, "kid-mismatch"),
+                "a device id that is not text": (advert(device=b"x" * 16), 400, "bad-payload"),
+                "another type": (advert(type="secagg-shares"), 400, "wrong-type"),
+                "another phase": (advert(phase="unmask"), 409, "wrong-phase"),
+                "a section after it": (advert() + cbor2.dumps({"x": 1}), 400, "trailing-bytes"),
+            }
+            await refusals(h, "advertise", cases)
+            stranger = m.encode_advertise(m.Advertise(task.round_id, "f" * 32, keys), hostile.key)
+            assert await post(h, "advertise", stranger) == (403, "unknown-key")
+            response = await h.client.post("/v1/secagg/advertise", data=advert(),
+                                           headers={"Content-Type": "text/plain"})
+            assert (response.status, (await response.json())["reason"]) == (415, "unsupported-media-type")
+
+            await until_masked(rounds)  # every hostile message was refused: the device still takes part
+            await publish(h, task, rounds, counted=rounds)
+
+    run(go())
+
+
+# ------------------------------------------------------------------------------------------------ shares
+
+
+def test_hostile_share_bundles_are_refused_and_cost_only_their_dealer(tmp_path: Path) -> None:
+    """Shares for itself, for devices not in the roster or outside the index range, out of order, of the wrong
+    size or count, keys that do not start with the advertised mask key, extra fields, deep nesting, another round,
+    a device that never advertised: each refused with its reason. Commitments that are not points pass the
+    aggregator's cheap checks, but every honest neighbour rejects that dealer: only its input is left out."""
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=5, policy=goal(4)) as h:
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            late, rounds = rounds[-1], rounds[:-1]  # never advertises, so it is not in the roster
+            await until_masked(rounds, stop_after="join")
+            hostile = rounds[0]
+            setup = hostile.roster.setup()
+            me, t = hostile.index, setup.threshold
+            mine = setup.graph[me]
+            dealing = hostile.device.deal(setup, me)
+            sealed = [[r, dealing.ciphertexts[r]] for r in mine]
+            ct = sealed[0][1]
+            self_c, key_c = b"".join(dealing.self_commitments), b"".join(dealing.key_commitments)
+
+            def bundle(shares: Any = None, payload: dict | None = None, **section: Any) -> bytes:
+                content = {"self_commitments": self_c, "key_commitments": key_c,
+                           "shares": sealed if shares is None else shares} | section
+                head = {"type": "secagg-shares", "phase": "share", "round": task.round_id,
+                        "device": hostile.device_id} | (payload or {})
+                return signed(head, hostile.key, hostile.device_id, content)
+
+            cases = {
+                "a share for itself": (bundle(sorted([*sealed, [me, ct]])), 422, "bad-shares"),
+                "a share for a device not in the roster": (bundle([*sealed, [len(rounds), ct]]), 422, "bad-shares"),
+                "a share for index 2^32 - 1": (bundle([*sealed, [2**32 - 1, ct]]), 422, "bad-shares"),
+                "a share for index 2^32": (bundle([*sealed, [2**32, ct]]), 400, "bad-payload"),
+                "a share for index -1": (bundle([[-1, ct], *sealed]), 400, "bad-payload"),
+                "a share for index 1.0": (bundle([[1.0, ct]]), 400, "bad-payload"),
+                "one neighbour twice": (bundle([sealed[0], sealed[0]]), 400, "bad-section"),
+                "out of order": (bundle(sealed[::-1]), 400, "bad-section"),
+                "a neighbour left out": (bundle(sealed[1:]), 422, "bad-shares"),
+                "no shares": (bundle([]), 422, "bad-shares"),
+                "a ciphertext of 119 bytes": (bundle([[r, c[:-1]] for r, c in sealed]), 422, "wrong-length"),
+                "a ciphertext that is an integer": (bundle([[r, 7] for r, _ in sealed]), 400, "bad-section"),
+                "shares as a map": (bundle({"1": ct}), 400, "bad-section"),
+                "commitments as an integer": (bundle(self_commitments=5), 422, "wrong-length"),
+                "commitments of 31 bytes": (bundle(self_commitments=self_c[:31]), 422, "wrong-length"),
+                "no commitments": (bundle(key_commitments=b""), 422, "wrong-length"),
+                "t + 1 commitments": (bundle(self_commitments=self_c + self_c[:32]), 422, "bad-shares"),
+                "t - 1 commitments": (bundle(key_commitments=key_c[32:]), 422, "bad-shares"),
+                "key commitments not from its mask key": (bundle(key_commitments=self_c), 422, "bad-shares"),
+                "an extra field": (bundle(extra=1), 400, "bad-section"),
+                "nested too deep": (bundle([[[[[[1]]]]]]), 400, "too-deep"),
+                "a section that is a list": (signed({"type": "secagg-shares", "phase": "share",
+                                                     "round": task.round_id, "device": hostile.device_id},
+                                                    hostile.key, hostile.device_id, [1, 2]), 400, "bad-section"),
+                "the next round": (bundle(payload={"round": task.round_id + 1}), 409, "wrong-round"),
+                "round beyond the id range": (bundle(payload={"round": 2**63}), 400, "bad-payload"),
+            }
+            await refusals(h, "shares", cases)
+            outsider = signed({"type": "secagg-shares", "phase": "share", "round": task.round_id,
+                               "device": late.device_id}, late.key, late.device_id,
+                              {"self_commitments": self_c, "key_commitments": key_c, "shares": sealed})
+            assert await post(h, "shares", outsider) == (403, "not-in-roster")
+
+            # Not points at all: the aggregator stores them, the neighbours reject the dealer, the round goes on.
+            assert await post(h, "shares", bundle(self_commitments=b"\xff" * 32 * t)) == (200, "accepted")
+            await asyncio.gather(*(r.share() for r in rounds[1:]))
+            rejected = await asyncio.gather(*(r.receive() for r in rounds))
+            assert all(found == [me] for r, found in zip(rounds, rejected, strict=True) if me in setup.graph[r.index])
+            await publish(h, task, rounds, counted=rounds[1:])
+            assert h.counter("fl_aggregator_secagg_excluded_total") == 1
+
+    run(go())
+
+
+# ------------------------------------------------------------------------------------------ masked input
+
+
+def test_hostile_masked_inputs_are_refused_and_the_round_goes_on(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=4, policy=goal(3)) as h:
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            late, rounds = rounds[-1], rounds[:-1]  # never advertises
+            await until_masked(rounds)
+            hostile = rounds[0]
+            words = h.engine.models.layout.size + 1
+            zero = np.zeros(words, dtype=np.uint32)
+            section = m.masked_section_bytes(words)
+            payload = {"type": "secagg-masked", "phase": "masked", "round": task.round_id,
+                       "device": hostile.device_id, "words": words, "rejected": []}
+            raw = m.encode_masked(m.MaskedInput(task.round_id, hostile.device_id, zero, ()), hostile.key)
+            words_bytes = raw[len(raw) - section:]
+
+            def masked(**change: Any) -> bytes:
+                return signed(payload | change, hostile.key, hostile.device_id, words_bytes)
+
+            setup = hostile.roster.setup()
+            outsiders = [v for v in range(setup.size) if v not in setup.graph[hostile.index]]
+            cases = {
+                **{f"round {v}": (masked(round=v), 400, "bad-payload") for v in ABOVE_SQLITE},
+                **{f"round {v!r}": (masked(round=v), 400, "bad-payload") for v in (1.5, "1", -3, None)},
+                "the next round": (masked(round=task.round_id + 1), 409, "wrong-round"),
+                "words as text": (masked(words="51"), 400, "bad-payload"),
+                "words 2^64 - 1": (masked(words=2**64 - 1), 400, "bad-payload"),
+                "fewer words than it declares": (signed(payload, hostile.key, hostile.device_id,
+                                                        cbor2.CBORTag(70, bytes(4 * words - 4))), 422,
+                                                 "wrong-length"),
+                "a section of floats": (signed(payload, hostile.key, hostile.device_id,
+                                               cbor2.CBORTag(85, bytes(4 * words))), 400, "unknown-tag"),
+                "rejecting itself": (masked(rejected=[hostile.index]), 400, "bad-payload"),
+                "rejecting index 99": (masked(rejected=[99]), 400, "bad-payload"),
+                "rejecting a non-neighbour": (masked(rejected=outsiders[:1] or [99]), 400, "bad-payload"),
+                "rejections out of order": (masked(rejected=[2, 1]), 400, "bad-section"),
+                "rejections as a map": (masked(rejected={"1": 1}), 400, "bad-section"),
+                "rejections as a number": (masked(rejected=1), 400, "bad-section"),
+            }
+            for name, (body, status, reason) in cases.items():
+                before = h.rejected(reason)
+                got, problem = await h.upload(body)
+                assert (got, problem["reason"]) == (status, reason), (name, problem)
+                assert h.rejected(reason) == before + 1, name
+            not_in_roster = m.encode_masked(m.MaskedInput(task.round_id, late.device_id, zero, ()), late.key)
+            got, problem = await h.upload(not_in_roster)
+            assert (got, problem["reason"]) == (403, "not-in-roster")
+            await publish(h, task, rounds, counted=rounds)
+
+    run(go())
+
+
+# ------------------------------------------------------------------------------------------------ unmask
+
+
+def test_hostile_unmask_answers_are_refused_and_the_round_goes_on(tmp_path: Path) -> None:
+    """Shares it was not asked for (a non-survivor's self share, a survivor's key share or seed, a device it does
+    not hold), scalars not below L, seeds of the wrong size, a section that is not the map, another round, and an
+    answer from a device whose masked input never arrived."""
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=4) as h:
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            await until_masked(rounds)
+            silent = rounds[-1]  # shared, then sent no masked input: not asked to answer
+            rounds = rounds[:-1]
+            hostile = rounds[0]
+            deltas = [flat_delta(h) for _ in rounds]
+            for r, delta in zip(rounds, deltas, strict=True):
+                assert (await h.upload(r.masked_input(delta, 10)))[0] == 200
+            h.engine.current.full.set()  # the round's deadline, now: the silent device's input will not come
+            body = await (await h.client.get(f"/v1/secagg/{task.round_id}/unmask", params={"wait": "30"})).read()
+            request = m.decode_unmask_request(body, h.key.verify_key)
+            survivor, other = request.survivors[0], request.survivors[1]
+            one = shamir.scalar_bytes(1)
+            head = {"type": "secagg-unmask", "phase": "unmask", "round": task.round_id, "device": hostile.device_id}
+
+            def answer(self_shares: Any = (), key_shares: Any = (), pair_seeds: Any = (), **change: Any) -> bytes:
+                section = {"self_shares": list(self_shares), "key_shares": list(key_shares),
+                           "pair_seeds": list(pair_seeds)}
+                return signed(head | change, hostile.key, hostile.device_id, section)
+
+            cases = {
+                "a self share of a dropped device": (answer([[silent.index, one]]), 422, "bad-shares"),
+                "a self share of index 99": (answer([[99, one]]), 422, "bad-shares"),
+                "a key share of a survivor": (answer(key_shares=[[other, one]]), 422, "bad-shares"),
+                "a seed with a survivor": (answer(pair_seeds=[[other, bytes(32)]]), 422, "bad-shares"),
+                "a seed of 31 bytes": (answer(pair_seeds=[[silent.index, bytes(31)]]), 422, "wrong-length"),
+                "a share not below L": (answer([[survivor, b"\xff" * 32]]), 400, "bad-section"),
+                "a share that is an integer": (answer([[survivor, 1]]), 400, "bad-section"),
+                "a share of 33 bytes": (answer([[survivor, one + b"\0"]]), 422, "wrong-length"),
+                "the same survivor twice": (answer([[survivor, one], [survivor, one]]), 400, "bad-section"),
+                "the next round": (answer(round=task.round_id + 1), 409, "wrong-round"),
+                "round beyond the id range": (answer(round=-(2**64)), 400, "bad-payload"),
+                "a section that is a list": (signed(head, hostile.key, hostile.device_id, [1]), 400, "bad-section"),
+            }
+            await refusals(h, "unmask", cases)
+            unasked = m.encode_unmask(m.Unmask(task.round_id, silent.device_id, Answer({}, {}, {})), silent.key)
+            assert await post(h, "unmask", unasked) == (403, "not-in-roster")
+
+            before = h.engine.params.astype(np.float64)
+            await asyncio.gather(*(r.unmask() for r in rounds))
+            assert await h.task(after=task.round_id, wait=30) is not None
+            record = (await (await h.client.get("/v1/status")).json())["rounds"][-1]
+            assert record["status"] == "published" and record["secure"]["sum_devices"] == 3, record["note"]
+            np.testing.assert_allclose(h.engine.params.astype(np.float64) - before,
+                                       expected_mean(deltas, [10] * 3), atol=TOLERANCE)
+
+    run(go())
+
+
+# ----------------------------------------------------------------------------------------- published GETs
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/secagg/9223372036854775808/roster",  # 2^63: no SQLite INTEGER holds it
+    "/v1/secagg/99999999999999999999999999/unmask",
+    "/v1/secagg/%C2%B2/roster",  # '²' is a digit to str.isdigit, not to int()
+    "/v1/secagg/%D9%A1/shares/x",  # '١', an Arabic-Indic one
+    "/v1/secagg/-1/roster",
+    "/v1/secagg/1.0/roster",
+])  # fmt: skip
+def test_a_round_that_is_no_round_id_is_a_400(tmp_path: Path, path: str) -> None:
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=2) as h:
+            response = await h.client.get(path)
+            assert response.status == 400, await response.text()
+            assert (await response.json())["reason"] == "bad-parameter"
+            assert h.counter("fl_aggregator_requests_rejected_total", reason="bad-parameter") == 1
+
+    run(go())
+
+
+def test_a_device_not_in_the_roster_has_no_routed_shares(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=3, policy=goal(2)) as h:
+            task = await h.task()
+            rounds = secure_rounds(h, task)[:2]
+            await until_masked(rounds, stop_after="share")
+            for device in (h.devices[2].device_id, "x" * 5000):
+                response = await h.client.get(f"/v1/secagg/{task.round_id}/shares/{device}", params={"wait": "30"})
+                assert response.status == 403 and (await response.json())["reason"] == "not-in-roster"
+
+    run(go())
