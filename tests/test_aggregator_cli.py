@@ -278,17 +278,20 @@ def test_serve_refuses_a_state_dir_whose_models_another_key_signed(tmp_path: Pat
     port = free_port()
     cmd = [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(state), "--listen",
            f"127.0.0.1:{port}", "--synthetic-parameters", "100"]
+    release = state / "models" / "v00000000.release"
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(300):
-            if (state / "models" / "v00000000.release").exists():
-                break
+        # Bounded only so a broken server cannot hang the run: on a loaded machine the first start can take long,
+        # and going on without its release would start the second server for good (a timeout, not a refusal).
+        deadline = time.monotonic() + 180
+        while not release.exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         first.terminate()
         first.wait(timeout=30)
+    assert release.exists(), f"the first server wrote no release (exit code {first.returncode})"
     (state / "aggregator.key").unlink()  # --init makes a new key on the next start
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2
     assert "another key" in done.stderr and "Traceback" not in done.stderr
 
