@@ -382,11 +382,28 @@ class Agent:
             await asyncio.sleep(min(FRAME_POLL_SECONDS, remaining))
         return True
 
+    async def _frames_ready(self, task: wire.Task, detector: bool) -> bool:
+        """Whether the frame buffer holds a batch before the round's deadline; when not, or when the card fails to
+        read the buffer (a failing card: the round is given up, not the agent), the round is skipped, counted and
+        logged."""
+        try:
+            if await self._wait_for_frames(task, detector):
+                return True
+        except OSError as exc:
+            reason = storage_reason(exc)
+            if reason is None:
+                raise
+            self.metrics.count_storage_failure(reason, round_given_up=True)
+            log.error("round %d: cannot read the frame buffer in %s: %s; skipping the round", task.round_id,
+                      self.state_dir / FRAMES_DIR, exc.strerror or exc)
+            return False
+        self.metrics.rounds_skipped.labels("no-data").inc()
+        log.info("round %d: too few labelled frames before its deadline; skipping", task.round_id)
+        return False
+
     async def _train(self, task: wire.Task, package: ModelPackage, release: wire.ModelRelease) -> wire.Update | None:
         data = self.config.data
-        if data.source == "cameras" and not await self._wait_for_frames(task, bool(package.detection)):
-            self.metrics.rounds_skipped.labels("no-data").inc()
-            log.info("round %d: too few labelled frames before its deadline; skipping", task.round_id)
+        if data.source == "cameras" and not await self._frames_ready(task, bool(package.detection)):
             return None
         waited = await self.pressure.wait_async()
         if waited:

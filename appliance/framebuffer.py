@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.storage_errors import storage_reason
+
 log = logging.getLogger(__name__)
 
 FORMAT = 3
@@ -180,11 +182,16 @@ def to_model_input(frames: np.ndarray) -> np.ndarray:
 
 
 def _first_header(path: Path) -> tuple[tuple[int, int, int], bool] | None:
-    """(shape, has boxes) of a segment's first record, or None when it is unreadable."""
+    """(shape, has boxes) of a segment's first record, or None when it is unreadable (damaged, or the card fails
+    to read it)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(HEADER.size)
     except FileNotFoundError:
+        return None
+    except OSError as exc:  # a card that fails to read it: its frames are skipped when read (FrameBuffer._records)
+        if storage_reason(exc) is None:
+            raise
         return None
     if len(head) < HEADER.size or head[:4] not in (MAGIC, BOXES_MAGIC):
         return None
@@ -306,16 +313,17 @@ class FrameBuffer:
     def flush(self) -> Path | None:
         """Write the waiting frames as one segment (no fsync), then drop the oldest segments beyond the
         limits. Returns the segment's path, or None when no frame was waiting. If the write fails (a full
-        disk) the batch is dropped with it, so a failing disk cannot grow the writer's memory."""
+        disk), or the recover step before the first write does (a leftover a read-only card will not let go), the
+        batch is dropped with it, so a failing disk cannot grow the writer's memory."""
         if not self._pending:
             return None
+        data = b"".join(self._pending)
+        frames = len(self._pending)
+        self._pending = []  # dropped if what follows fails, the recover step too
         if not self._recovered:
             self.recover()
         name = f"{self._next_seq:012d}{SUFFIX}"
         self._next_seq += 1
-        data = b"".join(self._pending)
-        frames = len(self._pending)
-        self._pending = []
         final = self.root / name
         tmp = self.root / f"{TMP_PREFIX}{name}"
         try:
@@ -343,16 +351,39 @@ class FrameBuffer:
             seg = self._segments.pop(oldest)
             frames -= seg.frames
             total -= seg.bytes
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(self.root / oldest)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                # A failing card that will not remove it: the batch just written stays written, and retention goes
+                # on with the next segment; this one is out of the writer's count (over the limit by at most one
+                # segment each) until the next start finds it and tries again.
+                if storage_reason(exc) is None:
+                    raise
+                log.warning("frame buffer %s: cannot remove %s (%s); it stays until the next start tries again",
+                            self.root, oldest, exc.strerror or exc)
 
     # -- readers ------------------------------------------------------------------------------------
 
-    def _records(self, name: str) -> Iterator[FrameRecord]:
-        """Every sound record of one segment; damaged ones are logged and skipped."""
+    def _read_segment(self, name: str) -> bytes | None:
+        """The bytes of one segment; None when the writer dropped it since this buffer was opened, or when the card
+        fails to read it (logged)."""
         try:
-            blob = (self.root / name).read_bytes()
-        except FileNotFoundError:  # the writer dropped it since this buffer was opened
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if storage_reason(exc) is None:
+                raise
+            log.warning("skipping an unreadable segment: %s: %s", name, exc.strerror or exc)
+            return None
+
+    def _records(self, name: str) -> Iterator[FrameRecord]:
+        """Every sound record of one segment; damaged ones are logged and skipped, and so is a segment the card fails
+        to read (EIO): a failing card costs those frames, not the round."""
+        blob = self._read_segment(name)
+        if blob is None:
             return
         size = record_size(self.frame_shape, self._segments[name].boxes)
         whole, torn = divmod(len(blob), size)
@@ -422,9 +453,8 @@ class FrameBuffer:
         counts: dict[int, int] = {}
         for name in self._readable():
             size = record_size(self.frame_shape, self._segments[name].boxes)
-            try:
-                blob = (self.root / name).read_bytes()
-            except FileNotFoundError:
+            blob = self._read_segment(name)
+            if blob is None:
                 continue
             for start in range(0, len(blob) - size + 1, size):
                 if blob[start:start + 4] in (MAGIC, BOXES_MAGIC):

@@ -65,6 +65,8 @@ def training_data(job: TrainJob) -> tuple[np.ndarray, np.ndarray]:
     if len(frames) < job.batch_size:
         raise NotEnoughData(f"{len(frames)} labelled frames in the buffer, need at least {job.batch_size}")
     stored, y = frames.load(limit=job.samples)
+    if len(y) < job.batch_size:  # segments a failing card could not read were skipped
+        raise NotEnoughData(f"{len(y)} readable labelled frames in the buffer, need at least {job.batch_size}")
     return to_model_input(stored), y
 
 
