@@ -345,31 +345,21 @@ class Outbox:
         return incoming not in dropped
 
     def remove(self, key: str) -> bool:
-        """Forget a delivered update (after its receipt). Returns False when it was not pending."""
+        """Forget a delivered update (after its receipt): unlink its file and fsync the directory. Returns False when
+        it was not pending. The directory is fsynced then too: a full outbox may have dropped the update while it was
+        being sent, and that drop's unlink is not durable yet; unsynced, the acknowledged update would come back
+        after a power cut."""
         with self._lock:
             entry = self._entries.pop(key, None)
-            if entry is None:
-                return False
-            (self.directory / entry.name).unlink(missing_ok=True)
+            if entry is not None:
+                (self.directory / entry.name).unlink(missing_ok=True)
             fsync_dir(self.directory)
-            return True
+            return entry is not None
 
-    def _reject(self, entry: Entry, reason: str, detail: str) -> None:
-        with self._lock:
-            if self._entries.pop(entry.key, None) is None:
-                return
-            self.rejected_directory.mkdir(exist_ok=True)
-            target = self.rejected_directory / entry.name
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self.directory / entry.name, target)
-            note = self.rejected_directory / f"{entry.name}.reason"
-            note.write_text(f"{reason}\n{detail}\n")
-            fsync_dir(self.rejected_directory)
-            fsync_dir(self.directory)
-            self.counters.rejected_total[reason] += 1
-            self._trim_rejected()
-        log.error("outbox: update %s permanently rejected (%s%s): kept in %s", entry.key, reason,
-                  f": {detail}" if detail else "", self.rejected_directory)
+    def _rejected(self, entry: Entry, reason: str, detail: str) -> bool:
+        """Set aside an update the aggregator refused for good, or whose bytes no longer match their name."""
+        return self._set_aside(entry, reason, detail, f"update {entry.key} permanently rejected ({reason}"
+                               f"{f': {detail}' if detail else ''})")
 
     def _trim_rejected(self) -> None:
         kept = sorted(p for p in self.rejected_directory.iterdir() if _NAME.match(p.name))
@@ -392,12 +382,14 @@ class Outbox:
 
     # -- delivery ---------------------------------------------------------------------------------------
 
-    def _first_readable(self, pending: list[Entry]) -> tuple[Entry | None, bytes, int]:
-        """The oldest of ``pending`` that can be read, with its bytes, and how many were set aside on the way. A read
+    def _first_readable(self) -> tuple[Entry | None, bytes, int]:
+        """The oldest pending update that can be read, with its bytes, and how many were set aside on the way. A read
         the card fails (EIO) skips that update for now, so one bad file does not hold up the updates behind it, and
-        sets it aside after READ_ATTEMPTS failures in a row. Any other OSError (a permission) is raised."""
+        sets it aside after READ_ATTEMPTS failures in a row. Any other OSError (a permission) is raised. Runs in a
+        worker thread (:meth:`deliver`): a read on a failing card can take seconds, and so can the lock, held by a
+        put's rename."""
         set_aside = 0
-        for entry in pending:
+        for entry in self.pending():
             try:
                 message = self.read(entry)
             except FileNotFoundError:  # dropped by a concurrent put
@@ -409,40 +401,44 @@ class Outbox:
                     raise
                 set_aside += self._read_failed(entry, exc)
                 continue
-            self._read_failures.pop(entry.key, None)
+            with self._lock:
+                self._read_failures.pop(entry.key, None)
             return entry, message, set_aside
         return None, b"", set_aside
 
     def _read_failed(self, entry: Entry, error: OSError) -> bool:
         """Count a failed read of ``entry``; the READ_ATTEMPTS-th in a row sets it aside (True)."""
-        failures = self._read_failures[entry.key] = self._read_failures.get(entry.key, 0) + 1
+        with self._lock:  # a put dropping this update forgets its count under the same lock
+            failures = self._read_failures[entry.key] = self._read_failures.get(entry.key, 0) + 1
         if failures < READ_ATTEMPTS:
             log.warning("outbox: cannot read %s (%s), attempt %d of %d; the updates behind it go first",
                         self.directory / entry.name, error.strerror or error, failures, READ_ATTEMPTS)
             return False
-        del self._read_failures[entry.key]
-        return self._set_aside(entry, error)
-
-    def _set_aside(self, entry: Entry, error: OSError) -> bool:
-        """Take an unreadable update out of the queue, counted as rejected (UNREADABLE), and move its file to
-        ``rejected/``. On a failing card the move itself may fail (EIO, EROFS): the update then stays set aside in
-        memory only, and its file, still in the outbox, is tried again after a restart. One log line either way."""
-        with self._lock:
-            if self._entries.pop(entry.key, None) is None:  # removed or dropped meanwhile
-                return False
-            self.counters.rejected_total[UNREADABLE] += 1
-        source = self.directory / entry.name
         cause = f"{READ_ATTEMPTS} reads in a row failed: {error.strerror or error}"
+        what = f"update {self.directory / entry.name} is unreadable ({cause})"
+        return self._set_aside(entry, UNREADABLE, cause, what)
+
+    def _set_aside(self, entry: Entry, reason: str, detail: str, what: str) -> bool:
+        """Take ``entry`` out of the queue for good, counted as rejected for ``reason``, and move its file to
+        ``rejected/`` with a note of ``reason`` and ``detail``; one ERROR line starting with ``what``. Returns False
+        when it was not pending any more (removed or dropped meanwhile). On a failing card the move itself may fail
+        (EIO, EROFS): the update then stays set aside in memory only, still counted, and its file, still in the
+        outbox, is tried again after a restart; this never raises. Runs in a worker thread (:meth:`deliver`)."""
+        with self._lock:
+            self._read_failures.pop(entry.key, None)
+            if self._entries.pop(entry.key, None) is None:
+                return False
+            self.counters.rejected_total[reason] += 1
         try:
             self.rejected_directory.mkdir(exist_ok=True)
-            os.rename(source, self.rejected_directory / entry.name)
+            os.rename(self.directory / entry.name, self.rejected_directory / entry.name)
         except OSError as exc:
-            log.error("outbox: update %s is unreadable (%s); set aside until the agent restarts (it cannot be moved "
-                      "to %s: %s)", source, cause, self.rejected_directory, exc.strerror or exc)
+            log.error("outbox: %s; set aside until the agent restarts (it cannot be moved to %s: %s)", what,
+                      self.rejected_directory, exc.strerror or exc)
             return True
-        log.error("outbox: update %s is unreadable (%s); moved to %s", source, cause, self.rejected_directory)
+        log.error("outbox: %s; moved to %s", what, self.rejected_directory)
         with contextlib.suppress(OSError):  # the note and the syncs are for inspection; a failing card may refuse them
-            (self.rejected_directory / f"{entry.name}.reason").write_text(f"{UNREADABLE}\n{cause}\n")
+            (self.rejected_directory / f"{entry.name}.reason").write_text(f"{reason}\n{detail}\n")
             fsync_dir(self.rejected_directory)
             fsync_dir(self.directory)
             self._trim_rejected()
@@ -470,12 +466,15 @@ class Outbox:
 
         An update whose read fails with a storage error (EIO) is passed over for the next one; the READ_ATTEMPTS-th
         failed read in a row sets it aside (:meth:`_set_aside`). When every pending update failed its read, the next
-        try waits a backoff delay.
+        try waits a backoff delay. An update set aside (refused, corrupt or unreadable) whose move to ``rejected/``
+        the card refuses stays set aside in memory, counted; that does not raise.
 
-        The removal (an unlink and a directory fsync, seconds on an SD card) runs in ``in_thread(func, *args)``,
-        off the event loop. When it fails (say the partition went read-only) the OSError is raised: the update is
-        no longer pending here, its file may remain, and a restart sends it again, which the aggregator answers
-        with the same receipt.
+        Every file operation runs in ``in_thread(func, *args)``, off the event loop: the read, the move to
+        ``rejected/`` and the removal (an unlink and a directory fsync), each of which can take seconds on a failing
+        SD card, and would stop the agent's heartbeats and watchdog meanwhile. The event loop never takes the
+        outbox's lock either. When the removal fails (say the partition went read-only) the OSError is raised: the
+        update is no longer pending here, its file may remain, and a restart sends it again, which the aggregator
+        answers with the same receipt.
         """
         backoff = backoff or Backoff()
         sleep = sleep or asyncio.sleep
@@ -483,10 +482,9 @@ class Outbox:
         while True:
             if stop is not None and stop():
                 return DeliveryReport(delivered, rejected, failures, "stop")
-            pending = self.pending()
-            if not pending:
+            if not self.depth:
                 return DeliveryReport(delivered, rejected, failures, "empty")
-            entry, message, set_aside = self._first_readable(pending)
+            entry, message, set_aside = await in_thread(self._first_readable)
             rejected += set_aside
             if entry is None:  # every pending update failed its read: give the card a moment before the next try
                 if self.depth:
@@ -496,14 +494,13 @@ class Outbox:
             unreadable_passes = 0
             if digest(message) != entry.key:
                 self.counters.corrupt_total += 1
-                self._reject(entry, "corrupt", "stored bytes do not match their SHA-256 name")
-                rejected += 1
+                rejected += await in_thread(self._rejected, entry, "corrupt",
+                                            "stored bytes do not match their SHA-256 name")
                 continue
             try:
                 receipt = await send(message)
             except PermanentRejection as exc:
-                self._reject(entry, exc.reason, exc.detail)
-                rejected += 1
+                rejected += await in_thread(self._rejected, entry, exc.reason, exc.detail)
                 consecutive = 0
                 continue
             except Exception as exc:

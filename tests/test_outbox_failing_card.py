@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from appliance import outbox as outbox_module
-from appliance.outbox import READ_ATTEMPTS, UNREADABLE, Backoff, Entry, Outbox
+from appliance.outbox import READ_ATTEMPTS, UNREADABLE, Backoff, Entry, Outbox, PermanentRejection
 
 WAIT_SECONDS = 10.0  # only reached when a put never waits for the other (and then the test fails)
 
@@ -245,3 +245,76 @@ def test_a_put_of_the_same_message_stores_its_own_copy_when_the_first_is_withdra
     assert len(keys) == 1 and [entry.key for entry in outbox.pending()] == keys
     assert files(tmp_path) == [outbox.pending()[0].name] and outbox.read(outbox.pending()[0]) == message
     assert [entry.key for entry in Outbox(tmp_path).pending()] == keys
+
+
+# -- off the event loop, and never raising for a move the card refuses -------------------------------------
+
+
+def test_a_read_the_card_takes_long_over_does_not_stop_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing card can take seconds over one read. The agent's heartbeats and watchdog run on the same event loop
+    as delivery, so the read must run in a worker thread: here it returns only once another task on the loop ran."""
+    outbox = Outbox(tmp_path)
+    outbox.put(b"update of round 1")
+    heartbeat_ran = threading.Event()
+    loop_ran_during_the_read: list[bool] = []
+    read = Outbox.read
+
+    def slow_read(outbox: Outbox, entry: Entry) -> bytes:
+        loop_ran_during_the_read.append(heartbeat_ran.wait(WAIT_SECONDS))
+        return read(outbox, entry)
+
+    async def heartbeat_while_delivering() -> None:
+        delivery = asyncio.create_task(outbox.deliver(aggregator.send, sleep=NoSleep()))
+        await asyncio.sleep(0)  # the delivery starts and reads
+        heartbeat_ran.set()
+        await delivery
+
+    monkeypatch.setattr(Outbox, "read", slow_read)
+    aggregator = Aggregator()
+    asyncio.run(heartbeat_while_delivering())
+    assert loop_ran_during_the_read == [True] and aggregator.received == [b"update of round 1"]
+
+
+class Refusing(Aggregator):
+    """Refuses the first update for good, takes the others."""
+
+    async def send(self, message: bytes) -> str:
+        if not self.received:
+            self.received.append(message)
+            raise PermanentRejection("round-closed", "round 1 closed")
+        return await super().send(message)
+
+
+@pytest.mark.parametrize("reason", ["round-closed", "corrupt"])
+def test_an_update_set_aside_on_a_read_only_card_is_counted_and_delivery_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, reason: str
+) -> None:
+    """An update the aggregator refused for good, or whose stored bytes no longer match their digest, cannot be moved
+    to rejected/ on a card gone read-only. It is set aside in memory, counted, in one ERROR line; delivery goes on
+    with the next update instead of raising, and a restart finds the file where it was."""
+    outbox = Outbox(tmp_path)
+    first = outbox.put(b"update of round 1")
+    outbox.put(b"update of round 2")
+    if reason == "corrupt":
+        (tmp_path / outbox.pending()[0].name).write_bytes(b"update of round 1, damaged")
+    aggregator = Aggregator() if reason == "corrupt" else Refusing()
+
+    def read_only(*args: Any, **kwargs: Any) -> None:
+        raise failure(errno.EROFS, args[0])
+
+    monkeypatch.setattr(outbox_module.os, "rename", read_only)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with caplog.at_level(logging.INFO, logger="appliance.outbox"):
+        report = asyncio.run(outbox.deliver(aggregator.send, max_failures=1, sleep=NoSleep()))
+    monkeypatch.undo()
+    assert aggregator.received[-1] == b"update of round 2" and report.stopped == "empty"
+    assert report.delivered == 1 and report.rejected == 1 and outbox.counters.rejected_total[reason] == 1
+    assert outbox.depth == 0 and outbox.rejected() == []
+    assert [message for message in errors(caplog) if "set aside until the agent restarts" in message] == [
+        f"outbox: update {first} permanently rejected ({reason}: "
+        f"{'stored bytes do not match their SHA-256 name' if reason == 'corrupt' else 'round 1 closed'}); set aside "
+        f"until the agent restarts (it cannot be moved to {tmp_path / 'rejected'}: {os.strerror(errno.EROFS)})"
+    ]
+    assert [entry.key for entry in Outbox(tmp_path).pending()] == [first]  # tried again after a restart

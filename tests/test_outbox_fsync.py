@@ -9,6 +9,7 @@ delivered update comes back after a power cut and is sent again).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -66,3 +67,31 @@ def test_remove_syncs_the_directory_after_the_unlink(tmp_path: Path, calls) -> N
     calls.append(("returned", key))
     assert calls == [("unlink", path), ("fsync", str(outbox.directory)), ("returned", key)]
 
+
+
+def test_an_update_a_full_outbox_dropped_while_it_was_sent_is_gone_durably_once_acknowledged(
+    tmp_path: Path, calls
+) -> None:
+    """A put drops the oldest update from a full outbox while that update is being sent; the drop's unlink is not
+    synced (the put has synced its own directory entry already). The aggregator acknowledges the update: its
+    removal finds it dropped, and must still sync the directory before it returns, or after a power cut the
+    acknowledged update would be back."""
+    outbox = Outbox(tmp_path / "outbox", max_messages=1)
+    sent = outbox.put(b"update of round 1")
+    path = str(outbox.directory / outbox.pending()[0].name)
+    acknowledged: list[str] = []
+
+    async def send(message: bytes) -> str:
+        outbox.put(b"update of round 2")  # drops round 1's update, on the way to the aggregator
+        return "receipt"
+
+    async def deliver_one() -> None:
+        await outbox.deliver(send, on_receipt=lambda key, receipt: acknowledged.append(key),
+                             stop=lambda: bool(acknowledged))
+
+    calls.clear()
+    asyncio.run(deliver_one())
+    calls.append(("returned", sent))
+    assert acknowledged == [sent] and outbox.counters.dropped_total == 1
+    after_the_drop = calls[calls.index(("unlink", path)) + 1 :]
+    assert after_the_drop[-2:] == [("fsync", str(outbox.directory)), ("returned", sent)]
