@@ -48,7 +48,15 @@ from aggregator.privacy import (
 )
 from aggregator.record_checks import RecordCheck
 from aggregator.registry import Registry
-from aggregator.rounds import BufferFull, RoundEngine, RoundPolicy, TrainingPlan, Unavailable
+from aggregator.rounds import (
+    ROUND_DEVICE_LISTS,
+    BufferFull,
+    RoundEngine,
+    RoundPolicy,
+    TrainingPlan,
+    Unavailable,
+    UnknownRound,
+)
 from aggregator.secagg_round import SecAggConfig, SecAggMetrics, SecureRounds, check_secure_strategy
 from aggregator.store import Store
 from aggregator.strategies import STRATEGIES, make_strategy
@@ -535,7 +543,8 @@ def post_secagg(phase: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 
 
 def _round_id(request: web.Request) -> int:
-    """The ``{round}`` of a secure-aggregation path: decimal ASCII digits of a round id (at most 2^63 - 1)."""
+    """The ``{round}`` of a path (secure aggregation, a round's devices): decimal ASCII digits of a round id (at most
+    2^63 - 1)."""
     raw = request.match_info["round"]
     if not (raw.isascii() and raw.isdigit() and int(raw) <= MAX_ROUND_ID):
         raise Problem(400, "bad-parameter", f"the round must be an integer in [0, {MAX_ROUND_ID}], got {raw[:40]!r}")
@@ -613,9 +622,8 @@ async def get_fleet(request: web.Request) -> web.Response:
     return web.json_response(await _fleet_listing(s, _fleet_query(request)))
 
 
-#: Most rounds ``GET /v1/status?rounds=N`` lists. Each lists its devices: with 10,000 devices in every round, the
-#: device lists of 100 rounds are 36 MB of JSON read in 1.2 s on the views thread (300: 108 MB, 5.3 s; the cap was
-#: 1,000, ~360 MB).
+#: Most rounds ``GET /v1/status?rounds=N`` lists. Each lists at most STATUS_ROUND_DEVICES of its devices (and of its
+#: lost ones), with their totals; ``GET /v1/status/rounds/{round}/devices`` pages through a round's whole list.
 MAX_STATUS_ROUNDS = 100
 
 
@@ -627,6 +635,24 @@ async def get_status(request: web.Request) -> web.Response:
     status["fleet"] = await loop.run_in_executor(s.views, s.fleet.counts, s.engine.version, time.time())
     status["downlink"] = s.metrics.downlink(s.config.downlink)
     return web.json_response(status)
+
+
+def get_round_devices(which: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler of ``GET /v1/status/rounds/{round}/{which}``: one page of the round's ``devices`` or
+    ``lost_devices`` (ids only; ``page`` and ``per_page`` as in the fleet listing), read on the views thread."""
+
+    async def handler(request: web.Request) -> web.Response:
+        s = request.app[SERVICES]
+        round_id = _round_id(request)
+        page = _integer(request, "page", 1, low=1)
+        per_page = _integer(request, "per_page", 50, low=1, high=MAX_PER_PAGE)
+        listing = functools.partial(s.engine.round_device_page, round_id, which, page, per_page)
+        try:
+            return web.json_response(await asyncio.get_running_loop().run_in_executor(s.views, listing))
+        except UnknownRound as exc:
+            raise Problem(404, "unknown-round", str(exc)) from None
+
+    return handler
 
 
 async def get_page(request: web.Request) -> web.Response:
@@ -804,6 +830,8 @@ def make_app(config: AggregatorConfig) -> web.Application:
     app.router.add_post("/v1/updates", post_update)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/status/devices", get_fleet)
+    for which in ROUND_DEVICE_LISTS:
+        app.router.add_get(f"/v1/status/rounds/{{round}}/{which}", get_round_devices(which))
     app.router.add_post("/v1/heartbeat", post_heartbeat)
     app.router.add_get("/healthz", get_health)
     app.router.add_get("/", get_page)

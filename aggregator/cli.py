@@ -24,7 +24,7 @@ from aggregator.adaptive_clip import AdaptiveClip, AdaptiveClipError
 from aggregator.buffered import STALENESS_WEIGHTINGS, BufferConfigError, BufferPolicy, check_buffered_strategy
 from aggregator.privacy import MODES, DPConfig, PrivacyError, check_mode, check_private_strategy
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
-from aggregator.rounds import DEFAULT_MAX_SAMPLES, MAX_SAMPLES_LIMIT, RoundPolicy, TrainingPlan
+from aggregator.rounds import DEFAULT_MAX_SAMPLES, MAX_SAMPLES_LIMIT, STATUS_ROUND_DEVICES, RoundPolicy, TrainingPlan
 from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy
 from aggregator.store import Store, StoreError
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
@@ -527,12 +527,13 @@ def _status_from_state(state: Path) -> dict[str, object]:
             "model": {"version": latest[0] if latest else None, "digest": latest[1].hex() if latest else None},
             "current_round": None if open_row is None else {
                 "round": open_row.round_id, "model_version": open_row.model_version, "deadline": open_row.deadline,
-                "goal": open_row.goal, "accepted": len(store.round_devices(open_row.round_id)),
+                "goal": open_row.goal, "accepted": store.count_round_devices(open_row.round_id),
             },
             "rounds": [
                 {"round": r.round_id, "model_version": r.model_version, "status": r.status,
                  "participants": r.participants, "samples": r.samples, "metrics": r.metrics, "note": r.note,
-                 "lost_devices": store.round_lost_devices(r.round_id)}
+                 "lost_devices": store.round_lost_devices(r.round_id, STATUS_ROUND_DEVICES),
+                 "lost_devices_total": store.count_round_lost_devices(r.round_id)}
                 for r in store.recent_rounds(20)
             ],
             "devices": {
@@ -598,10 +599,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items())
         print(f"  round {r['round']:>5}  v{r['model_version']:<4} {r['status']:<10} "
               f"{r['participants']:>5} updates {r['samples']:>8} samples  {metrics} {r['note']}".rstrip())
-        lost = r.get("lost_devices", [])  # an aggregator older than the lost-updates table does not list them
-        if lost:
-            print(f"{'':21}{len(lost)} update{'s' if len(lost) != 1 else ''} lost on disk: {', '.join(lost)}")
+        print(_lost_line(r), end="")
     return 0
+
+
+def _lost_line(r: dict[str, Any]) -> str:
+    """The line under a round that names its updates lost on disk, or nothing. /v1/status lists the first
+    STATUS_ROUND_DEVICES of them beside ``lost_devices_total``; an aggregator older than the lost-updates table lists
+    none, one older than the totals lists them all."""
+    lost = r.get("lost_devices", [])
+    total = r.get("lost_devices_total", len(lost))
+    if not total:
+        return ""
+    more = (f" and {total - len(lost)} more (GET /v1/status/rounds/{r['round']}/lost_devices)"
+            if total > len(lost) else "")
+    return f"{'':21}{total} update{'s' if total != 1 else ''} lost on disk: {', '.join(lost)}{more}\n"
 
 
 COMMANDS = {"serve": cmd_serve, "keygen": cmd_keygen, "enroll": cmd_enroll, "revoke": cmd_revoke,

@@ -24,6 +24,7 @@ REQUEST_REJECT_REASONS = (
     "bad-parameter",
     "unknown-version",
     "unknown-package",
+    "unknown-round",  # GET /v1/status/rounds/{round}/devices of a round never opened
     # what the secure-aggregation routes that publish (GET /v1/secagg/...) refuse with
     "not-secure",
     "wrong-round",

@@ -152,10 +152,23 @@ class Unavailable(Exception):
     """The update could not be stored (disk error): the client should retry later (HTTP 503)."""
 
 
+class UnknownRound(LookupError):
+    """A round this aggregator never opened (HTTP 404 ``unknown-round``); the message says which rounds it has."""
+
+
 # Async mode: how long an upload waits for room in a full or closing buffer before it is told to come back. A
 # city's buffer closes in seconds; an async site's can stay full until its parent publishes (other sites
 # offline), and a waiting upload holds its upload slot.
 BUFFER_ROOM_SECONDS = 30.0
+
+#: How many ids of each round's ``devices`` and ``lost_devices`` ``GET /v1/status`` lists (the first accepted),
+#: beside ``devices_total`` and ``lost_devices_total``; ``GET /v1/status/rounds/{round}/devices`` (and
+#: ``/lost_devices``) pages through the rest. 100 ids are 3.6 KB of JSON: a fleet of up to 100 devices (every
+#: demo, rig and test) still sees whole lists, and at 10,000 devices a round the default 20 rounds stay near
+#: 100 KB instead of 7 MB on every poll.
+STATUS_ROUND_DEVICES = 100
+#: The lists of a round's devices that ``GET /v1/status/rounds/{round}/{list}`` pages through.
+ROUND_DEVICE_LISTS = ("devices", "lost_devices")
 
 
 class BufferFull(Exception):
@@ -1019,6 +1032,34 @@ class RoundEngine:
             }
         return status
 
+    def _round_devices(self, round_id: int) -> dict[str, Any]:
+        """A round's first STATUS_ROUND_DEVICES counted and lost devices, and how many there are of each."""
+        devices = self.store.round_devices(round_id, STATUS_ROUND_DEVICES)
+        lost = self.store.round_lost_devices(round_id, STATUS_ROUND_DEVICES)
+        return {
+            "devices": devices,
+            "devices_total": len(devices) if len(devices) < STATUS_ROUND_DEVICES
+            else self.store.count_round_devices(round_id),
+            "lost_devices": lost,
+            "lost_devices_total": len(lost) if len(lost) < STATUS_ROUND_DEVICES
+            else self.store.count_round_lost_devices(round_id),
+        }
+
+    def round_device_page(self, round_id: int, which: str, page: int, per_page: int) -> dict[str, Any]:
+        """What ``GET /v1/status/rounds/{round}/{which}`` answers: one page of the round's ``devices`` or
+        ``lost_devices`` in the order /v1/status lists them (so its lists are the first ids of page 1); a page past
+        the last is empty. The page is read in SQL: a round of any size costs one page.
+
+        Raises :class:`UnknownRound` for a round this aggregator never opened."""
+        if self.store.get_round(round_id) is None:
+            raise UnknownRound(f"round {round_id} is not in this aggregator's history "
+                               f"(newest: {self.store.last_round_id()})")
+        count, read = {"devices": (self.store.count_round_devices, self.store.round_devices),
+                       "lost_devices": (self.store.count_round_lost_devices, self.store.round_lost_devices)}[which]
+        total, ids = count(round_id), read(round_id, per_page, (page - 1) * per_page)
+        return {"round": round_id, "page": page, "per_page": per_page, "total": total,
+                "pages": max(1, math.ceil(total / per_page)), which: ids}
+
     def status(self, history: int = 20) -> dict[str, Any]:
         """What ``GET /v1/status`` reports."""
         r = self.current
@@ -1035,8 +1076,7 @@ class RoundEngine:
                     "goal": row.goal,
                     "participants": (r.accepted if r and r.round_id == row.round_id else row.participants),
                     "samples": (r.samples if r and r.round_id == row.round_id else row.samples),
-                    "devices": self.store.round_devices(row.round_id),
-                    "lost_devices": self.store.round_lost_devices(row.round_id),
+                    **self._round_devices(row.round_id),
                     "metrics": row.metrics,
                     "note": row.note,
                     "secure": None if self.secure is None else self.secure.round_status(row.round_id),

@@ -46,14 +46,19 @@ def _secure(r: dict[str, Any]) -> str:
 
 
 def _lost(r: dict[str, Any]) -> str:
-    """The round's acknowledged updates that the disk lost (taken out of the round at a restart), or nothing."""
+    """The round's acknowledged updates that the disk lost (taken out of the round at a restart), or nothing.
+
+    /v1/status lists the first of them beside ``lost_devices_total``; the rest are a link to their paged list."""
     lost = r["lost_devices"]
-    if not lost:
+    total = r.get("lost_devices_total", len(lost))
+    if not total:
         return ""
     names = ", ".join(f'<code title="{escape(d, quote=True)}">{escape(d[:12])}</code>' for d in lost[:LOST_NAMED])
-    more = f" and {len(lost) - LOST_NAMED} more" if len(lost) > LOST_NAMED else ""
+    named = min(len(lost), LOST_NAMED)
+    more = (f' and <a href="/v1/status/rounds/{r["round"]}/lost_devices">{total - named} more</a>'
+            if total > named else "")
     return (f'<br><small class="lost" title="acknowledged, then lost from the spool by the disk; not in the round">'
-            f"{len(lost)} update{'s' if len(lost) != 1 else ''} lost on disk: {names}{more}</small>")
+            f"{total} update{'s' if total != 1 else ''} lost on disk: {names}{more}</small>")
 
 
 def _sites(count: int) -> str:

@@ -551,11 +551,17 @@ class Store:
         ).fetchall()
         return [self._update(r) for r in rows]
 
-    def round_devices(self, round_id: int) -> list[str]:
+    def round_devices(self, round_id: int, limit: int | None = None, offset: int = 0) -> list[str]:
+        """The devices whose updates count in the round, in the order they were accepted (ties by device id, so
+        pages of ``limit`` from ``offset`` are stable; an open round's new updates come last)."""
         rows = self._reader().execute(
-            "SELECT device_id FROM updates WHERE round_id=? ORDER BY accepted_at", (round_id,)
+            "SELECT device_id FROM updates WHERE round_id=? ORDER BY accepted_at, device_id LIMIT ? OFFSET ?",
+            (round_id, -1 if limit is None else limit, offset),
         ).fetchall()
         return [r[0] for r in rows]
+
+    def count_round_devices(self, round_id: int) -> int:
+        return self._reader().execute("SELECT count(*) FROM updates WHERE round_id=?", (round_id,)).fetchone()[0]
 
     # --------------------------------------------------------------------------------------------- spool
 
@@ -635,16 +641,28 @@ class Store:
 
         return [r for r in rows if r.check is not None and not intact(r, r.check)]
 
-    def round_lost_devices(self, round_id: int) -> list[str]:
+    _LOST_DEVICES = (
+        "FROM lost_updates l WHERE round_id=? AND NOT EXISTS "
+        "(SELECT 1 FROM updates u WHERE u.round_id = l.round_id AND u.device_id = l.device_id)"
+    )
+
+    def round_lost_devices(self, round_id: int, limit: int | None = None, offset: int = 0) -> list[str]:
         """Devices whose acknowledged update in the round was lost from the spool (see :meth:`recover_segment`) and
-        that have not sent one again since (a device that never saw its receipt still holds its update)."""
+        that have not sent one again since (a device that never saw its receipt still holds its update).
+
+        Each device once (one that lost updates at two restarts has two rows), in the order its first lost update
+        was accepted, ties by device id: pages of ``limit`` from ``offset`` are stable."""
         rows = self._reader().execute(
-            "SELECT device_id FROM lost_updates l WHERE round_id=? AND NOT EXISTS "
-            "(SELECT 1 FROM updates u WHERE u.round_id = l.round_id AND u.device_id = l.device_id) "
-            "ORDER BY accepted_at",
-            (round_id,),
+            f"SELECT device_id, min(accepted_at) AS first {self._LOST_DEVICES} GROUP BY device_id "
+            "ORDER BY first, device_id LIMIT ? OFFSET ?",
+            (round_id, -1 if limit is None else limit, offset),
         ).fetchall()
         return [r[0] for r in rows]
+
+    def count_round_lost_devices(self, round_id: int) -> int:
+        return self._reader().execute(
+            f"SELECT count(DISTINCT device_id) {self._LOST_DEVICES}", (round_id,)
+        ).fetchone()[0]
 
     def drop_segment(self, round_id: int) -> None:
         """Delete a closed round's spool segment (its receipts stay in SQLite for idempotent resends)."""

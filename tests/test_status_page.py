@@ -211,7 +211,8 @@ def test_a_round_that_lost_many_updates_names_the_first_ten_and_counts_the_rest(
     rounds = [{"round": 1, "model_version": 0, "status": "open", "opened_at": 0.0, "closed_at": None, "goal": 20,
                "participants": 0, "samples": 0, "metrics": {}, "note": "", "lost_devices": lost}]
     row = _round_row(_page(rounds), 1)
-    assert "12 updates lost on disk:" in row and " and 2 more</small></td>" in row
+    assert "12 updates lost on disk:" in row
+    assert ' and <a href="/v1/status/rounds/1/lost_devices">2 more</a></small></td>' in row
     assert all(f'title="{d}"' in row for d in lost[:10]) and lost[10] not in row and lost[11] not in row
 
 
