@@ -718,6 +718,36 @@ def record_udev_properties(context: Any = None) -> list[dict[str, Any]]:
 
 # --- the agent's entry point -----------------------------------------------------------------------
 
+BUFFER_RETRY_SECONDS = 60.0  # a frame buffer directory the card fails to list is tried again this often
+
+
+async def _open_frame_buffer(root: Path, cams: Any, on_storage_error: Callable[[str], None] | None) -> FrameBuffer:
+    """The frame buffer in ``root`` within the [cameras] limits ``cams``. Opening it lists the directory; while a
+    failing card refuses that, it is tried again every BUFFER_RETRY_SECONDS: each refusal is counted like a refused
+    write, the first is logged, and so is the success after them. Ending the camera task instead would end the
+    agent, which systemd restarts into the same error, with no heartbeat meanwhile."""
+    refused = False
+    while True:
+        try:
+            buffer = await asyncio.to_thread(FrameBuffer, root, max_frames=cams.buffer_max_frames,
+                                             max_bytes=cams.buffer_max_bytes)
+        except OSError as exc:
+            reason = storage_reason(exc)
+            if reason is None:
+                raise
+            if on_storage_error is not None:
+                on_storage_error(reason)
+            if not refused:
+                refused = True
+                log.error("frame buffer %s: cannot read it (%s: %s); no frames are kept until it can, tried again "
+                          "every %.0f s", root, reason, exc.strerror or exc, BUFFER_RETRY_SECONDS)
+            await asyncio.sleep(BUFFER_RETRY_SECONDS)
+            continue
+        if refused:
+            log.info("frame buffer %s: readable again; keeping frames", root)
+        return buffer
+
+
 async def camera_task(config: Any, registry: Any = None,
                       on_storage_error: Callable[[str], None] | None = None) -> None:
     """What `fl-agent run` adds to its loop when [data] source = "cameras": follow udev, capture, label,
@@ -725,11 +755,11 @@ async def camera_task(config: Any, registry: Any = None,
 
     `config` is appliance.config.Config; `registry` a prometheus_client CollectorRegistry (or anything
     with `.register`, e.g. AgentMetrics.registry) to expose the fl_agent_camera* metrics;
-    `on_storage_error(reason)` is told of each frame write the data partition refused (see FrameRecorder).
+    `on_storage_error(reason)` is told of each frame write the data partition refused (see FrameRecorder), and of
+    each try to open a buffer whose directory the card fails to list (see _open_frame_buffer).
     """
     cams = config.cameras
-    buffer = FrameBuffer(Path(config.agent.state_dir) / "frames", max_frames=cams.buffer_max_frames,
-                         max_bytes=cams.buffer_max_bytes)
+    buffer = await _open_frame_buffer(Path(config.agent.state_dir) / "frames", cams, on_storage_error)
     recorder = FrameRecorder(buffer, on_storage_error=on_storage_error)
     await recorder.recover()
     manager = CameraManager(CaptureSettings(interval_s=cams.sample_interval_seconds), recorder)

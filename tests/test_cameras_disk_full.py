@@ -281,3 +281,60 @@ def test_fl_agent_run_counts_refused_frame_writes_on_its_metrics_endpoint(
     assert disk.refused >= 3
     assert made[0].stats.capture_errors_total["handler"] == 0
     assert len(FrameBuffer(frames_dir)) == 0
+
+
+def test_camera_task_waits_for_a_frame_buffer_the_card_fails_to_list_and_then_captures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing card returns EIO listing the frame buffer's directory when the agent starts: the camera task (and
+    with it the agent, which systemd would restart into the same error) does not end; each try is counted, the
+    first is logged, and once the directory can be read capture starts."""
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    scandir = os.scandir
+    tries: list[int] = []
+
+    def failing_twice(path: str | os.PathLike[str] = ".") -> Iterator[os.DirEntry[str]]:
+        if os.fspath(path) == str(frames_dir) and len(tries) < 2:
+            tries.append(1)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", failing_twice)
+    monkeypatch.setattr(cameras, "BUFFER_RETRY_SECONDS", 0.01)
+    dev = recorded("vivid-video0").with_node(str(tmp_path / "video0"))
+    io = FakeV4L2IO(FakeCamera(dev.device_node))
+    made: list[cameras.CameraManager] = []
+    real = cameras.CameraManager
+
+    def manager_with_fakes(settings, on_frame):
+        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
+        return made[0]
+
+    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    from appliance.config import AgentConfig, CamerasConfig, Config
+
+    config = Config(agent=AgentConfig(state_dir=str(tmp_path)), cameras=CamerasConfig(sample_interval_seconds=0.01))
+    counted: list[str] = []
+
+    async def body() -> None:
+        task = asyncio.create_task(cameras.camera_task(config, on_storage_error=counted.append))
+        deadline = asyncio.get_running_loop().time() + 60  # only keeps a broken task from hanging the run
+        while not (made and made[0].stats.frames_captured_total >= 3) and not task.done():
+            assert asyncio.get_running_loop().time() < deadline, "capture never started"
+            io.tick()
+            await asyncio.sleep(0.002)
+        assert not task.done(), task.exception()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.INFO, logger="appliance.cameras"):
+        asyncio.run(body())
+    assert counted == ["io-error", "io-error"]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"frame buffer {frames_dir}")]
+    assert said == [
+        f"frame buffer {frames_dir}: cannot read it (io-error: {os.strerror(errno.EIO)}); no frames are kept until "
+        "it can, tried again every 0 s",
+        f"frame buffer {frames_dir}: readable again; keeping frames",
+    ]
