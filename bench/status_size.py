@@ -30,7 +30,7 @@ from aiohttp import web  # noqa: E402
 
 from aggregator.app import SERVER_OPTIONS, AggregatorConfig, make_app  # noqa: E402
 from aggregator.cli import init_state, load_key  # noqa: E402
-from aggregator.rounds import RoundPolicy  # noqa: E402
+from aggregator.rounds import STATUS_ROUND_DEVICES, RoundPolicy  # noqa: E402
 from aggregator.simulate import synthetic_package  # noqa: E402
 from aggregator.store import Store  # noqa: E402
 from flctl.ports import free_port  # noqa: E402
@@ -89,13 +89,20 @@ async def measure(devices: int, rounds: int, workdir: Path) -> dict[str, Any]:
         async with aiohttp.ClientSession() as session:
             await _timed_get(session, url + "/v1/status")  # warm the views thread's connection
             status_seconds, status = await _timed_get(session, url + "/v1/status")
+            listed_rounds = json.loads(status)["rounds"]
+            assert len(listed_rounds) == min(rounds, 20), "the status lists the default 20 rounds"
+            assert all(r["devices_total"] == devices and len(r["devices"]) == min(devices, STATUS_ROUND_DEVICES)
+                       for r in listed_rounds), "each round: the first ids of its full list, and their total"
             page_seconds, page = await _timed_get(session, f"{url}/v1/status/rounds/1/devices?per_page=500")
             pages = json.loads(page)["pages"]
             started = time.perf_counter()
             listed = 0
+            ids = set()
             for number in range(1, pages + 1):
-                listed += len((await _timed_get(session, f"{url}/v1/status/rounds/1/devices?per_page=500&"
-                                                         f"page={number}"))[1])
+                body = (await _timed_get(session, f"{url}/v1/status/rounds/1/devices?per_page=500&page={number}"))[1]
+                listed += len(body)
+                ids.update(json.loads(body)["devices"])
+            assert ids == {device_id(i) for i in range(devices)}, "the pages list every device of the round"
             round_seconds = time.perf_counter() - started
     finally:
         await runner.cleanup()
@@ -118,6 +125,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=20, help="rounds with N devices (the status lists 20)")
     args = parser.parse_args()
+    if args.devices < 1 or args.rounds < 1:
+        sys.exit("bench/status_size.py: --devices and --rounds must be positive")
     with tempfile.TemporaryDirectory(prefix="fl-status-size-") as workdir:
         print(report(asyncio.run(measure(args.devices, args.rounds, Path(workdir)))))
 
