@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from aggregator.cli import main as cli
 from aggregator.fleet import MAX_PER_PAGE
 from aggregator.rounds import STATUS_ROUND_DEVICES, RoundPolicy
 from aggregator.simulate import SimulatedDevice
+from aggregator.store import Store
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SPEC = yaml.safe_load((DOCS / "openapi.yaml").read_text())
@@ -164,3 +166,21 @@ def test_a_round_never_opened_is_404_unknown_round(tmp_path: Path) -> None:
             assert h.counter("fl_aggregator_requests_rejected_total", reason="unknown-round") == 2
 
     run(go())
+
+
+def test_a_device_that_lost_updates_at_two_restarts_is_listed_and_counted_once(tmp_path: Path) -> None:
+    """Its update lost at one restart, sent again and lost at the next: two rows of ``lost_updates``, one device
+    (it was listed twice, so a round's pages could not give every id exactly once)."""
+    store = Store(tmp_path)
+    try:
+        store.insert_round(1, 0, 0.0, 600.0, 3)
+        rows = [("a" * 32, 1.0), ("b" * 32, 2.0), ("a" * 32, 3.0), ("c" * 32, 2.0)]
+        with sqlite3.connect(store.db_path) as db:
+            db.executemany("INSERT INTO lost_updates (digest, device_id, round_id, num_samples, accepted_at, lost_at, "
+                           "cause) VALUES (?, ?, 1, 8, ?, 0, 'segment-missing')",
+                           [(bytes([i]) * 32, device, at) for i, (device, at) in enumerate(rows)])
+        assert store.round_lost_devices(1) == ["a" * 32, "b" * 32, "c" * 32]  # by first loss, ties by id
+        assert store.count_round_lost_devices(1) == 3
+        assert store.round_lost_devices(1, 2) + store.round_lost_devices(1, 2, 2) == store.round_lost_devices(1)
+    finally:
+        store.close()
