@@ -234,6 +234,9 @@ class SecureRound:
     routed: dict[int, bytes] = field(default_factory=dict)  # index -> signed routed message (cache)
     masked: dict[int, tuple[bytes, set[int]]] = field(default_factory=dict)  # index -> (envelope, rejected)
     in_flight: dict[int, tuple[bytes, asyncio.Future[bytes]]] = field(default_factory=dict)  # index -> (digest, ..)
+    # (phase, device) -> (body, done): device messages being written; the phase does not end before they are in
+    storing: dict[tuple[str, str], tuple[bytes, asyncio.Future[None]]] = field(default_factory=dict)
+    ending: bool = False  # the phase is over: its late messages are refused while the ones being stored land
     total: np.ndarray | None = None  # the sum of the committed masked inputs, uint32
     plan: UnmaskPlan | None = None
     request_body: bytes = b""
@@ -392,6 +395,7 @@ class SecureRounds:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining), self._changed:
                         await self._changed.wait_for(lambda: self._phase_complete(sr))
+            await self._drain(sr)
             try:
                 if sr.phase == "advertise":
                     await self._publish_roster(sr)
@@ -401,6 +405,14 @@ class SecureRounds:
                 self._fail(sr, exc)
                 round_.full.set()  # the engine closes the round now, with the reason
             await self._notify()
+
+    async def _drain(self, sr: SecureRound) -> None:
+        """End the intake of the phase: its late messages are refused from now on, and the ones admitted before
+        (being stored: acknowledged only once stored) are waited for, so that every acknowledged message counts."""
+        sr.ending = True
+        await asyncio.gather(*(waiter for _, waiter in list(sr.in_flight.values())), return_exceptions=True)
+        async with self._changed:
+            await self._changed.wait_for(lambda: not sr.storing)
 
     def _phase_complete(self, sr: SecureRound) -> bool:
         if sr.phase == "advertise":
@@ -421,7 +433,7 @@ class SecureRounds:
         if sr.phase != "advertise":  # those who acted in the phase before and not in this one
             sr.dropouts[sr.phase] = dropped
             self.metrics.dropouts.labels(sr.phase).inc(dropped)
-        sr.phase, sr.phase_started, sr.phase_deadline = next_phase, now, deadline
+        sr.phase, sr.phase_started, sr.phase_deadline, sr.ending = next_phase, now, deadline, False
         self._save_phase(sr, **blobs)
 
     def _minimum(self) -> int:
@@ -470,10 +482,39 @@ class SecureRounds:
             raise ProtocolError("round-closed", f"round {round_id} cannot finish: {sr.outcome}")
         if sr.phase != phase:
             raise ProtocolError("wrong-phase", f"round {round_id} is in phase {sr.phase!r}, not {phase!r}")
+        if sr.ending and phase == "masked":
+            raise ProtocolError("round-closed", f"round {round_id} is closing: masked inputs were due at its deadline")
+        if sr.ending:
+            raise ProtocolError("wrong-phase", f"the {phase} phase of round {round_id} has ended")
         return sr
 
     def _count(self, phase: str, direction: str, size: int) -> None:
         self.metrics.bytes.labels(phase, direction).inc(size)
+
+    async def _store(self, sr: SecureRound, device_id: str, phase: str, body: bytes, what: str,
+                     keep: Callable[[], None]) -> None:
+        """Store a device's message, then take it into the round (``keep``). One message of a device per phase
+        is stored at a time: the same bytes again wait for it, other bytes are a ``duplicate`` (so the message
+        stored is the one kept); and the phase does not end while one is being stored (:meth:`_drain`)."""
+        key = (phase, device_id)
+        if key in sr.storing:
+            first, stored = sr.storing[key]
+            if first != body:
+                raise ProtocolError("duplicate", f"this device is already sending a different {what} in this round")
+            return await asyncio.shield(stored)
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sr.storing[key] = (body, stored)
+        try:
+            await self._run(self._save_message, sr.round_id, device_id, phase, body)
+            keep()
+            stored.set_result(None)
+        except BaseException as exc:
+            stored.set_exception(exc)
+            stored.exception()  # nobody else may be waiting
+            raise
+        finally:
+            del sr.storing[key]
+            await self._notify()
 
     @staticmethod
     def _same_or_duplicate(previous: bytes | None, body: bytes, what: str) -> bool:
@@ -491,9 +532,8 @@ class SecureRounds:
         previous = sr.advertised.get(message.device_id)
         if not self._same_or_duplicate(previous[0] if previous else None, body, "advertisement"):
             _check_keys(message.keys)
-            await self._run(self._save_message, sr.round_id, message.device_id, "advertise", body)
-            sr.advertised[message.device_id] = (body, message.keys)
-            await self._notify()
+            await self._store(sr, message.device_id, "advertise", body, "advertisement",
+                              lambda: sr.advertised.__setitem__(message.device_id, (body, message.keys)))
         return {"round": sr.round_id, "phase": "advertise", "accepted": message.device_id}
 
     async def shares(self, body: bytes) -> dict[str, Any]:
@@ -504,9 +544,8 @@ class SecureRounds:
         previous = sr.dealings.get(index)
         if not self._same_or_duplicate(previous[0] if previous else None, body, "set of shares"):
             _check_dealing(sr, index, message.dealing)
-            await self._run(self._save_message, sr.round_id, message.device_id, "share", body)
-            sr.dealings[index] = (body, message.dealing)
-            await self._notify()
+            await self._store(sr, message.device_id, "share", body, "set of shares",
+                              lambda: sr.dealings.__setitem__(index, (body, message.dealing)))
         return {"round": sr.round_id, "phase": "share", "accepted": message.device_id}
 
     async def masked(self, body: bytearray, digest: bytes, signer: str, payload: dict[str, Any]) -> bytes:
@@ -583,9 +622,8 @@ class SecureRounds:
         previous = sr.answers.get(index)
         if not self._same_or_duplicate(previous[0] if previous else None, body, "unmask answer"):
             _check_answer(sr, index, message.answer)
-            await self._run(self._save_message, sr.round_id, message.device_id, "unmask", body)
-            sr.answers[index] = (body, message.answer)
-            await self._notify()
+            await self._store(sr, message.device_id, "unmask", body, "unmask answer",
+                              lambda: sr.answers.__setitem__(index, (body, message.answer)))
         return {"round": sr.round_id, "phase": "unmask", "accepted": message.device_id}
 
     # ------------------------------------------------------------------------------------- publications
@@ -659,10 +697,12 @@ class SecureRounds:
             if sr.phase in ("advertise", "share"):
                 raise _Abandon("deadline", f"the round's deadline passed in the {sr.phase} phase")
             if sr.phase == "masked":
+                await self._drain(sr)  # the masked inputs being stored at the deadline count
                 await self._ask(sr)
             assert sr.plan is not None
             noise = self._noise(sr, len(sr.plan.survivors))
             await self._collect_answers(sr)
+            await self._drain(sr)  # so do the answers being stored: then the answers stay as they are
             mean, weight = await self._run(self._unmasked_mean, sr)
         except _Abandon as exc:
             if exc.reason:

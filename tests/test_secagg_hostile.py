@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -370,5 +371,131 @@ def test_a_device_not_in_the_roster_has_no_routed_shares(tmp_path: Path) -> None
             for device in (h.devices[2].device_id, "x" * 5000):
                 response = await h.client.get(f"/v1/secagg/{task.round_id}/shares/{device}", params={"wait": "30"})
                 assert response.status == 403 and (await response.json())["reason"] == "not-in-roster"
+
+    run(go())
+
+
+# ------------------------------------------------------------------------------------- at a phase's end
+
+STEPS = ("advertise", "join", "share", "receive", "masked", "unmask")  # a device's steps in a round, in order
+
+
+async def _step(h: Harness, rounds: list[SecureRound], step: str, deltas: list[np.ndarray]) -> None:
+    """Every device of ``rounds`` takes ``step`` (``masked``: uploads its masked input of its delta)."""
+    if step == "masked":
+        for r, delta in zip(rounds, deltas, strict=True):
+            assert (await h.upload(r.masked_input(delta, 10)))[0] == 200
+    else:
+        await asyncio.gather(*(getattr(r, step)() for r in rounds))
+
+
+async def _steps(h: Harness, r: SecureRound, steps: tuple[str, ...], delta: np.ndarray) -> None:
+    for step in steps:
+        await _step(h, [r], step, [delta])
+
+
+async def _phase_over(sr: Any, phase: str) -> None:
+    """Until the aggregator has ended ``phase`` of the secure round ``sr``: it refuses the phase's late messages
+    while it waits for the ones it admitted (``ending``), or it has moved on without them."""
+    while sr.phase == phase and not getattr(sr, "ending", False) and not sr.outcome:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("phase", ["advertise", "share", "masked", "unmask"])
+def test_a_message_being_stored_when_its_phase_ends_counts_in_it(tmp_path: Path, phase: str) -> None:
+    """One device's message is acknowledged only once it is stored; here the store holds it until the phase's
+    deadline has come. It was admitted before the deadline, so it counts: an advertisement in the roster, a set
+    of shares routed to every neighbour (the others mask with it exactly as it masks with them), a masked input
+    among the survivors, an unmask answer among the answers. Left out, the advertiser would drop out after a 200,
+    the sum would hold masks that never cancel (the round abandoned), the answer would count as a dropout."""
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=3, phase_timeout=3) as h:
+            secure = h.engine.secure
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            deltas = [flat_delta(h) for _ in rounds]
+            slow = rounds[-1].device_id
+            held, release = threading.Event(), threading.Event()
+            save = secure._save_message
+
+            def held_save(round_id: int, device_id: str, kind: str, body: bytes) -> None:
+                if (device_id, kind) == (slow, phase):
+                    held.set()
+                    release.wait(60)
+                save(round_id, device_id, kind, body)
+
+            secure._save_message = held_save
+            sr = secure.current
+            at = STEPS.index(phase)
+            for step in STEPS[:at]:
+                await _step(h, rounds, step, deltas)
+            # The others go on to wait for what the phase's end publishes (the roster, their routed shares).
+            ahead = STEPS[at:at + 2] if phase in ("advertise", "share") else STEPS[at:]
+            others = [asyncio.ensure_future(_steps(h, r, ahead, d)) for r, d in zip(rounds[:-1], deltas, strict=False)]
+            held_one = asyncio.ensure_future(_step(h, rounds[-1:], phase, deltas[-1:]))
+            try:
+                await asyncio.to_thread(held.wait, 60)
+                if phase == "masked":
+                    h.engine.current.full.set()  # the round's deadline, now: masked inputs were due
+                await _phase_over(sr, phase)
+                if not getattr(sr, "ending", False):  # it moved on without the message it holds
+                    await asyncio.gather(*others)
+            finally:
+                release.set()
+            await held_one
+            await asyncio.gather(*others)
+            for step in ahead[1:]:
+                await _step(h, rounds[-1:], step, deltas[-1:])
+            for step in STEPS[at + len(ahead):]:
+                await _step(h, rounds, step, deltas)
+            assert await h.task(after=task.round_id, wait=30) is not None
+            record = (await (await h.client.get("/v1/status")).json())["rounds"][-1]
+            assert record["status"] == "published", record["note"]
+            assert record["secure"]["sum_devices"] == 3
+            assert record["secure"]["dropouts"]["unmask"] == 0
+
+    run(go())
+
+
+def test_a_second_different_message_while_the_first_is_being_stored_is_a_duplicate(tmp_path: Path) -> None:
+    """Two different sets of shares of one device at once: the one stored is the one the round keeps (and routes),
+    the other is refused as a duplicate, as it would be after the first was stored; the same bytes again wait for
+    the first and get its answer."""
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=3) as h:
+            secure = h.engine.secure
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            await until_masked(rounds, stop_after="join")
+            hostile = rounds[0]
+            setup = hostile.roster.setup()
+            other = m.encode_shares(m.Shares(task.round_id, hostile.device_id, hostile.device.deal(
+                setup, hostile.index)), hostile.key)
+            first = m.encode_shares(m.Shares(task.round_id, hostile.device_id, hostile.device.deal(
+                setup, hostile.index)), hostile.key)  # dealt last: the shares the device holds itself
+            held, release = threading.Event(), threading.Event()
+            save = secure._save_message
+
+            def held_save(round_id: int, device_id: str, kind: str, body: bytes) -> None:
+                if body == first:
+                    held.set()
+                    release.wait(60)
+                save(round_id, device_id, kind, body)
+
+            secure._save_message = held_save
+            sending = asyncio.ensure_future(post(h, "shares", first))
+            again = asyncio.ensure_future(post(h, "shares", first))
+            try:
+                await asyncio.to_thread(held.wait, 60)
+                assert await post(h, "shares", other) == (409, "duplicate")
+            finally:
+                release.set()
+            assert await sending == await again == (200, "accepted")
+            assert await post(h, "shares", other) == (409, "duplicate")
+            await asyncio.gather(*(r.share() for r in rounds[1:]))
+            assert await asyncio.gather(*(r.receive() for r in rounds)) == [[], [], []]
+            await publish(h, task, rounds, counted=rounds)
 
     run(go())
