@@ -34,6 +34,11 @@ produced (:class:`PendingRelease`, one fsynced file): a crash in between leaves 
 whose model is on disk, and the restart publishes exactly that model. Its noise is never drawn again (a second
 draw would spend the round's privacy twice while the ledger counts it once), and the round's acknowledged updates
 are in the model published.
+
+Under ``--dp distributed`` the ledger is also written *ahead* of the unmask: before the aggregator takes the masks
+off a round's sum, the ledger records that round and its noise (:class:`Unmasking`), and counts it from then on.
+The round's publication turns that entry into a published round, its abandonment into an unpublished one (the
+aggregator has seen the sum), each in one write, so a crash at any step can only over-count, never under-count.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import io
 import json
 import math
 import secrets
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,6 +233,64 @@ def _json_array(value: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
 
 
+@dataclass(frozen=True)
+class Unmasking:
+    """Distributed DP: the round whose noised sum the aggregator is about to unmask (or has unmasked) and the noise
+    it holds; counted in epsilon until the round's publication or abandonment settles it."""
+
+    round_id: int
+    noise: RoundNoise
+
+    def saved(self) -> dict[str, Any]:
+        return {"round": self.round_id, "noise_multiplier": self.noise.noise_multiplier,
+                "rdp_slack": self.noise.rdp_slack}
+
+
+class _Fields:
+    """Reads the ledger file's fields, refusing a damaged or hand-edited one in one line (PrivacyError)."""
+
+    def __init__(self, saved: Any, source: Path):
+        if not isinstance(saved, dict):
+            raise self._bad(source, "is not a JSON object")
+        self.saved, self.source = saved, source
+
+    @staticmethod
+    def _bad(source: Path, problem: str) -> PrivacyError:
+        return PrivacyError(f"{source} {problem}: the privacy ledger is damaged or was edited by hand; restore it "
+                            "from a backup (a guarantee cannot be rebuilt from a guess)")
+
+    def number(self, name: str, value: Any, positive: bool) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not (
+                value > 0 if positive else value >= 0):
+            raise self._bad(self.source, f"holds {name} {json.dumps(value)[:40]}, not a finite "
+                            f"{'positive' if positive else 'non-negative'} number")
+        return float(value)
+
+    def multipliers(self, name: str, required: bool = False) -> list[float]:
+        if name not in self.saved and not required:
+            return []
+        value = self.saved.get(name)
+        if not isinstance(value, list):
+            raise self._bad(self.source, f"holds {name} {json.dumps(value)[:40]}, not a list of noise multipliers")
+        return [self.number(f"an entry of {name}", z, positive=True) for z in value]
+
+    def optional(self, name: str) -> float | None:
+        """A positive number, or None."""
+        value = self.saved.get(name)
+        return None if value is None else self.number(name, value, positive=True)
+
+    def unmasking(self) -> Unmasking | None:
+        value = self.saved.get("unmasking")
+        if value is None:
+            return None
+        round_id = value.get("round") if isinstance(value, dict) else None
+        if isinstance(round_id, bool) or not isinstance(round_id, int) or round_id < 1:
+            raise self._bad(self.source, f"holds unmasking {json.dumps(value)[:60]}, not a round and its noise")
+        noise = RoundNoise(self.number("unmasking's noise_multiplier", value.get("noise_multiplier"), positive=True),
+                           self.number("unmasking's rdp_slack", value.get("rdp_slack"), positive=False))
+        return Unmasking(round_id, noise)
+
+
 class PrivacyLedger:
     """The noise multiplier of every noised round that produced a published version, on disk (with the DDGauss
     slack of distributed rounds); with adaptive clipping, the noise multiplier of each round's count too, the clip
@@ -238,7 +302,10 @@ class PrivacyLedger:
     ``unpublished``: distributed rounds whose noised sum the aggregator unmasked and then did not publish (a sum
     outside the bounds of honest rounds, aggregator/secagg_bounds.py). Under distributed DP the aggregator is
     the party the noise protects against, and it has seen that sum: such a round spends privacy like a published
-    one, so it counts in epsilon and the budget, though it made no version."""
+    one, so it counts in epsilon and the budget, though it made no version.
+
+    ``unmasking``: the distributed round whose sum is being unmasked, written before the unmask (write-ahead) and
+    counted until :meth:`record_round` or :meth:`unmask_abandoned` settles it."""
 
     def __init__(self, state_dir: Path, config: DPConfig):
         self.path = Path(state_dir) / LEDGER_FILE
@@ -251,32 +318,55 @@ class PrivacyLedger:
         self.clip_history: list[dict[str, float]] = []  # per adaptive round: version, clip norm, noised fraction
         self.pending: PendingRelease | None = None
         self.unpublished: list[float] = []
+        self.unmasking: Unmasking | None = None
         if self.path.exists():
-            self._load(json.loads(self.path.read_text()), self.path)
+            try:
+                saved = json.loads(self.path.read_bytes())
+            except ValueError as exc:  # not UTF-8, or not JSON
+                raise _Fields._bad(self.path, f"is not JSON ({exc})") from None
+            self._load(saved, self.path)
         if self.pending_path.exists():
-            self.pending, saved = PendingRelease.decode(self.pending_path.read_bytes())
-            if len(saved["noise_multipliers"]) > len(self.rounds):  # the crash came before the ledger's own file
+            try:
+                self.pending, saved = PendingRelease.decode(self.pending_path.read_bytes())
+            except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+                raise _Fields._bad(self.pending_path, f"cannot be read ({exc})") from None
+            fields = _Fields(saved, self.pending_path)
+            if len(fields.multipliers("noise_multipliers", required=True)) > len(self.rounds):
+                # the crash came before the ledger's own file
                 self._load(saved, self.pending_path)
                 atomic_write(self.path, json.dumps(saved).encode())
 
-    def _load(self, saved: dict[str, Any], source: Path) -> None:
-        if float(saved["delta"]) != self.config.delta:
+    def _load(self, saved: Any, source: Path) -> None:
+        fields = _Fields(saved, source)
+        delta = fields.number("delta", saved.get("delta"), positive=True)
+        if delta != self.config.delta:
             raise PrivacyError(
                 f"{source} accounts with delta {saved['delta']}, not --dp-delta {self.config.delta}: "
                 "a guarantee's delta cannot change mid-way"
             )
-        self.rounds = [float(z) for z in saved["noise_multipliers"]]
-        self.rdp_slack = float(saved.get("rdp_slack", 0.0))
-        self.counts = [float(z) for z in saved.get("clip_count_noise_multipliers", [])]
-        self.clip_norm = None if saved.get("clip_norm") is None else float(saved["clip_norm"])
-        self.clip_history = list(saved.get("clip_history", []))
-        self.unpublished = [float(z) for z in saved.get("unpublished_noise_multipliers", [])]
+        self.rounds = fields.multipliers("noise_multipliers", required=True)
+        self.rdp_slack = fields.number("rdp_slack", saved.get("rdp_slack", 0.0), positive=False)
+        self.counts = fields.multipliers("clip_count_noise_multipliers")
+        self.clip_norm = fields.optional("clip_norm")
+        history = saved.get("clip_history", [])
+        if not isinstance(history, list):
+            raise _Fields._bad(source, "holds a clip_history that is not a list")
+        self.clip_history = history
+        self.unpublished = fields.multipliers("unpublished_noise_multipliers")
+        self.unmasking = fields.unmasking()
 
     def spent(self) -> float:
         """Every round's Gaussian mechanisms (the model's sum, the count of an adaptive round, the sums unmasked
-        but not published) composed by dp-accounting: composition is order-free, so the counts are composed after
-        the sums."""
-        return epsilon([*self.rounds, *self.unpublished, *self.counts], self.config.delta, self.rdp_slack)
+        but not published, the sum being unmasked) composed by dp-accounting: composition is order-free, so the
+        counts are composed after the sums."""
+        return self._epsilon(self.rounds, self.counts, self.rdp_slack)
+
+    def _epsilon(self, rounds: list[float], counts: list[float], slack: float) -> float:
+        """Epsilon of ``rounds`` and ``counts`` with ``slack``, and of the unpublished sums and the one being
+        unmasked."""
+        unmasking = [] if self.unmasking is None else [self.unmasking.noise.noise_multiplier]
+        slack += 0.0 if self.unmasking is None else self.unmasking.noise.rdp_slack
+        return epsilon([*rounds, *self.unpublished, *unmasking, *counts], self.config.delta, slack)
 
     def round_clip_norm(self, configured: float) -> float:
         """The clip norm of the round that opens: with adaptive clipping, where the estimate has moved it (a
@@ -307,7 +397,7 @@ class PrivacyLedger:
         """Epsilon after one more round with ``noise`` (None: the configured noise multiplier, no slack; with
         adaptive clipping, its count too)."""
         rounds, counts, slack = self._next_round(noise, counted=True)
-        return epsilon([*rounds, *self.unpublished, *counts], self.config.delta, slack)
+        return self._epsilon(rounds, counts, slack)
 
     def budget_allows_next_round(self, noise: RoundNoise | None = None) -> bool:
         budget = self.config.epsilon_budget
@@ -320,42 +410,75 @@ class PrivacyLedger:
         ``noise``: what a distributed round's sum held; None: the configured noise multiplier (central).
         ``clip``: an adaptive round's count and next clip norm (:meth:`adapt_clip`), kept with it.
         ``release``: the round's noised model, written in the same file as its count (``pending`` until
-        :meth:`published`), so that a crash before its version is published never loses or re-draws it."""
+        :meth:`published`), so that a crash before its version is published never loses or re-draws it. The
+        round's :meth:`begin_unmask` entry becomes this count in the same write."""
         rounds, counts, slack = self._next_round(noise, counted=clip is not None)
         clip_norm, history = self.clip_norm, self.clip_history
         if clip is not None:
             clip_norm = clip.next_clip_norm
             history = [*history, {"version": len(rounds), "clip_norm": clip.clip_norm, "within": clip.within}]
-        saved = self._saved(rounds, slack)
-        if counts or clip_norm is not None:
-            saved.update(clip_count_noise_multipliers=counts, clip_norm=clip_norm, clip_history=history)
+        unmasking = self.unmasking
+        if unmasking is not None and release is not None and unmasking.round_id == release.round_id:
+            unmasking = None
+        changes = {"rounds": rounds, "counts": counts, "rdp_slack": slack, "clip_norm": clip_norm,
+                   "clip_history": history, "unmasking": unmasking}
+        saved = self._saved(**changes)
         if release is not None:  # the commit point: the round is counted once this file is in place
             atomic_write(self.pending_path, release.encode(saved), mode=0o600)
-        atomic_write(self.path, json.dumps(saved).encode())
-        self.rounds, self.counts, self.rdp_slack = rounds, counts, slack
-        self.clip_norm, self.clip_history = clip_norm, history
+        self._commit(saved, changes)
         self.pending = release
         return self.spent()
 
-    def record_unpublished(self, noise: RoundNoise) -> float:
-        """Count a distributed round whose noised sum was unmasked but is not published (durably); returns epsilon
-        after it."""
-        assert self.config.adaptive is None, "adaptive clipping is central only: no clip fields to keep here"
-        unpublished, slack = [*self.unpublished, noise.noise_multiplier], self.rdp_slack + noise.rdp_slack
-        saved = self._saved(self.rounds, slack, unpublished)
-        atomic_write(self.path, json.dumps(saved).encode())
-        self.unpublished, self.rdp_slack = unpublished, slack
+    def begin_unmask(self, round_id: int, noise: RoundNoise) -> bool:
+        """Distributed DP, before the aggregator unmasks round ``round_id``'s noised sum: count it (durably) from now
+        on. False when it is counted already (written before a restart): nothing is written again."""
+        if self.unmasking is not None and self.unmasking.round_id == round_id:
+            return False
+        assert self.unmasking is None, "the entry of the round before is settled before the next round opens"
+        changes = {"unmasking": Unmasking(round_id, noise)}
+        self._commit(self._saved(**changes), changes)
+        return True
+
+    def unmask_abandoned(self) -> float:
+        """The round being unmasked ends without a version: it stays counted, as a sum unmasked but not published
+        (durably); returns epsilon, unchanged."""
+        assert self.unmasking is not None
+        noise = self.unmasking.noise
+        changes = {"unpublished": [*self.unpublished, noise.noise_multiplier],
+                   "rdp_slack": self.rdp_slack + noise.rdp_slack, "unmasking": None}
+        self._commit(self._saved(**changes), changes)
         return self.spent()
 
-    def _saved(self, rounds: list[float], slack: float, unpublished: list[float] | None = None) -> dict[str, Any]:
-        """The ledger file's fields for the sums' noise (the adaptive clipping fields are added by the caller)."""
-        unpublished = self.unpublished if unpublished is None else unpublished
-        saved: dict[str, Any] = {"delta": self.config.delta, "noise_multipliers": rounds}
-        if slack:
-            saved["rdp_slack"] = slack
-        if unpublished:
-            saved["unpublished_noise_multipliers"] = unpublished
+    def unmask_failed(self) -> None:
+        """The unmask written ahead by this process failed before any mask came off (too few shares): the
+        aggregator saw nothing of the sum, so the round is not counted (durably)."""
+        changes = {"unmasking": None}
+        self._commit(self._saved(**changes), changes)
+
+    def _saved(self, **changes: Any) -> dict[str, Any]:
+        """The ledger file's fields: this ledger with ``changes`` (attribute name: new value). A field the previous
+        versions did not write is written only when it holds something, so a central ledger reads as it always did."""
+        state = {"rounds": self.rounds, "rdp_slack": self.rdp_slack, "counts": self.counts,
+                 "clip_norm": self.clip_norm, "clip_history": self.clip_history, "unpublished": self.unpublished,
+                 "unmasking": self.unmasking} | changes
+        saved: dict[str, Any] = {"delta": self.config.delta, "noise_multipliers": state["rounds"]}
+        if state["rdp_slack"]:
+            saved["rdp_slack"] = state["rdp_slack"]
+        if state["counts"] or state["clip_norm"] is not None:
+            saved.update(clip_count_noise_multipliers=state["counts"], clip_norm=state["clip_norm"],
+                         clip_history=state["clip_history"])
+        if state["unpublished"]:
+            saved["unpublished_noise_multipliers"] = state["unpublished"]
+        if state["unmasking"] is not None:
+            saved["unmasking"] = state["unmasking"].saved()
         return saved
+
+    def _commit(self, saved: dict[str, Any], changes: dict[str, Any]) -> None:
+        """Write ``saved`` (atomically, fsynced), then take ``changes`` in memory: a write that fails changes
+        nothing."""
+        atomic_write(self.path, json.dumps(saved).encode())
+        for name, value in changes.items():
+            setattr(self, name, value)
 
     def published(self) -> None:
         """The pending round's version is published (recorded in the database): forget its model."""

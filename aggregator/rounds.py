@@ -325,6 +325,7 @@ class RoundEngine:
             self.metrics.last_round_timestamp.labels(outcome).set(ended_at)
         if self.privacy is not None:
             self._check_privacy_history()
+            self._settle_stale_unmask()
             self.metrics.dp_epsilon.set(self.privacy.spent())
         if self.activity is not None:
             self._start_activity(self.activity)
@@ -367,6 +368,18 @@ class RoundEngine:
         self.privacy.published()
         log.warning("round %d: published model version %d, counted in the privacy ledger before the aggregator "
                     "stopped (the same model: its noise is not drawn again)", release.round_id, release.version)
+
+    def _settle_stale_unmask(self) -> None:
+        """Distributed DP, at start-up: a sum the ledger was told would be unmasked, in a round that is no longer
+        open, ended without a version (the crash came between the round's end and the ledger's settlement): it
+        stays counted, as a sum unmasked but not published."""
+        assert self.privacy is not None
+        unmasking = self.privacy.unmasking
+        row = self.store.open_round()
+        if unmasking is not None and (row is None or row.round_id != unmasking.round_id):
+            self.privacy.unmask_abandoned()
+            log.warning("round %d ended while its noised sum was being unmasked: it counts in epsilon (now %.4g)",
+                        unmasking.round_id, self.privacy.spent())
 
     def _check_privacy_history(self) -> None:
         """A DP guarantee must cover every round since the initial model: refuse a state whose published
@@ -849,14 +862,19 @@ class RoundEngine:
         deadline = now + self.policy.round_timeout
         goal = self._goal()
         next_id = round_.round_id + 1
+        opens = not self._finished()  # a distributed sum unmasked in this round may have spent the budget
         self.store.finish_round(
             round_.round_id, "abandoned", now, participants, samples, summary, note=note,
-            next_round=(next_id, self.version, now, deadline, goal),
+            next_round=(next_id, self.version, now, deadline, goal) if opens else None,
         )
+        unmasking = None if self.privacy is None else self.privacy.unmasking
+        if unmasking is not None and unmasking.round_id == round_.round_id:
+            # after the round's end is recorded: a crash in between leaves the entry to _settle_stale_unmask
+            self.metrics.dp_epsilon.set(await self._run(self.privacy.unmask_abandoned))
         self.metrics.round_ended("abandoned", now)
         self._finish_metrics(round_, participants, now)
         self.store.drop_segment(round_.round_id)
-        await self._install(self._new_open_round(next_id, now, deadline, goal))
+        await self._install(self._new_open_round(next_id, now, deadline, goal) if opens else None)
 
     async def _supersede(self, round_: OpenRound, version: int) -> None:
         """Async site: a buffer still empty when the parent's next version comes moves to it. Recorded and counted

@@ -16,7 +16,8 @@ device 1 (W = 1). Before asking for the unmask the aggregator knows how many dev
 knows the noise the sum holds (fewer survivors, less noise): the round is accounted with that
 (aggregator/privacy.py), and abandoned unmasked if that would take epsilon past the budget. A sum that is
 unmasked and then not published (outside the bounds of honest rounds) is counted all the same: the aggregator
-has seen it, and the devices' noise is what protects them from the aggregator.
+has seen it, and the devices' noise is what protects them from the aggregator. The ledger is told before the
+masks come off (write-ahead, aggregator/privacy.py), so a crash after the unmask never leaves the sum uncounted.
 
 What is stored: public keys, commitments, ciphertexts, masked inputs (uniform in Z_2^32), survivor lists and
 shares that never reach t of both kinds for one device. The only plaintext made from updates is the unmasked
@@ -690,7 +691,7 @@ class SecureRounds:
         await self.stop()
         if sr is None or sr.round_id != round_.round_id:
             return SecureOutcome(0, 0, None, "the secure round's state is gone")
-        noise = None
+        noise, written = None, False
         try:
             if sr.outcome:
                 raise _Abandon("", sr.outcome)
@@ -703,13 +704,22 @@ class SecureRounds:
             noise = self._noise(sr, len(sr.plan.survivors))
             await self._collect_answers(sr)
             await self._drain(sr)  # so do the answers being stored: then the answers stay as they are
+            if noise is not None:
+                written = await self._run(self._count_before_unmask, sr, noise)
             mean, weight = await self._run(self._unmasked_mean, sr)
         except _Abandon as exc:
             if exc.reason:
                 self._fail(sr, exc)
             note = f"secure aggregation: {exc.note}"
-            if exc.reason == "sum-out-of-bounds" and noise is not None:
-                note += self._count_unpublished(noise)
+            ledger = self.engine.privacy
+            if ledger is not None and ledger.unmasking is not None and ledger.unmasking.round_id == sr.round_id:
+                if written and exc.reason == "too-few-shares":  # unmask_total takes no mask off without them all
+                    await self._run(ledger.unmask_failed)
+                    self.engine.metrics.dp_epsilon.set(ledger.spent())
+                else:  # the engine settles it once the round's end is recorded (rounds.py)
+                    seen = written or exc.reason == "sum-out-of-bounds"
+                    how = "was unmasked" if seen else "may have been unmasked before the aggregator stopped"
+                    note += f"; its noised sum {how}, so the round counts in epsilon (now {ledger.spent():.4g})"
             await self._notify()
             return SecureOutcome(len(sr.masked), 0, None, note)
         covers = len(sr.plan.survivors)
@@ -724,14 +734,21 @@ class SecureRounds:
             note += f", noised by the devices (noise multiplier {noise.noise_multiplier:.4g})"
         return SecureOutcome(covers, weight, mean, note, noise)
 
-    def _count_unpublished(self, noise: RoundNoise) -> str:
-        """Distributed DP: the aggregator has unmasked this noised sum, and the devices' noise is what protects them
-        from it, so the round is counted in the privacy ledger although nothing is published from it."""
+    def _count_before_unmask(self, sr: SecureRound, noise: RoundNoise) -> bool:
+        """Worker thread, distributed DP: write in the privacy ledger that the aggregator is about to see this noised
+        sum, before any mask comes off (write-ahead), so that a crash at any later step over-counts at worst. The
+        devices' noise is what protects them from the aggregator: once it holds the sum, the round counts in
+        epsilon whether or not it is published. The budget is checked again here (a round resumed after a restart
+        was asked for its shares by the process before). False: counted already, before a restart."""
         ledger = self.engine.privacy
         assert ledger is not None
-        spent = ledger.record_unpublished(noise)
-        self.engine.metrics.dp_epsilon.set(spent)
-        return f"; its noised sum was unmasked, so the round counts in epsilon (now {spent:.4g})"
+        if ledger.unmasking is not None and ledger.unmasking.round_id == sr.round_id:
+            return False
+        assert sr.plan is not None
+        self._check_budget(len(sr.plan.survivors), noise)
+        ledger.begin_unmask(sr.round_id, noise)
+        self.engine.metrics.dp_epsilon.set(ledger.spent())
+        return True
 
     def _distributed_dp(self) -> float | None:
         """z of ``--dp distributed``, or None."""
@@ -756,12 +773,8 @@ class SecureRounds:
             raise _Abandon("too-few-survivors", f"{len(plan.survivors)} masked inputs can count, below the minimum of "
                            f"{self._minimum()}")
         noise = self._noise(sr, len(plan.survivors))
-        ledger = self.engine.privacy
-        if noise is not None and not ledger.budget_allows_next_round(noise):
-            raise _Abandon("privacy-budget", f"the sum of {len(plan.survivors)} devices holds noise multiplier "
-                           f"{noise.noise_multiplier:.4g}, which would take epsilon to "
-                           f"{ledger.after_next_round(noise):.4g}, past the budget of "
-                           f"{ledger.config.epsilon_budget:g}; it is never unmasked")
+        if noise is not None:
+            self._check_budget(len(plan.survivors), noise)
         request = m.UnmaskRequest(sr.round_id, tuple(plan.survivors), tuple(plan.dropped),
                                   int(time.time() + self.config.phase_timeout))
         body = m.encode_unmask_request(request, self.key)
@@ -771,6 +784,17 @@ class SecureRounds:
         await self._notify()
         log.info("secure round %d: unmasking %d survivors (%d dropped, %d left out)", sr.round_id,
                  len(plan.survivors), len(plan.dropped), len(plan.excluded))
+
+    def _check_budget(self, survivors: int, noise: RoundNoise) -> None:
+        """_Abandon (never unmasked) when the sum of ``survivors`` devices, holding ``noise``, would take epsilon past
+        the budget."""
+        ledger = self.engine.privacy
+        assert ledger is not None
+        if not ledger.budget_allows_next_round(noise):
+            raise _Abandon("privacy-budget", f"the sum of {survivors} devices holds noise multiplier "
+                           f"{noise.noise_multiplier:.4g}, which would take epsilon to "
+                           f"{ledger.after_next_round(noise):.4g}, past the budget of "
+                           f"{ledger.config.epsilon_budget:g}; it is never unmasked")
 
     async def _collect_answers(self, sr: SecureRound) -> None:
         if sr.phase_deadline < time.time():  # resumed after the deadline: give the devices one more timeout

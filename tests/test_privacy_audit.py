@@ -78,6 +78,41 @@ def test_a_noised_sum_unmasked_and_then_abandoned_counts_in_epsilon_and_after_a_
     run(go())
 
 
+def test_a_sum_unmasked_and_abandoned_that_spends_the_budget_stops_the_rounds(tmp_path: Path) -> None:
+    """The budget holds one round at z but not two: an out-of-bounds sum the aggregator unmasked spends it, so no
+    next round opens (its devices would train and share for a sum the budget forbids unmasking)."""
+    z, delta, n = 1.0, 1e-5, 4
+    budget = (_dp_accounting([z], delta) + _dp_accounting([z, z], delta)) / 2
+    privacy = DPConfig(z, delta, epsilon_budget=budget, mode="distributed")
+    policy = RoundPolicy(min_clients=2, goal_clients=n, round_timeout=20)
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=n, policy=policy, privacy=privacy) as h:
+            task = await h.task(wait=30)
+            rounds = secure_rounds(h, task)
+            await until_masked(rounds)
+            for r in rounds[:3]:
+                assert (await h.upload(r.masked_input(np.zeros(h.engine.models.layout.size, np.float32), 1)))[0] == 200
+            cheat = rounds[3]
+            words = cheat.device.mask(np.zeros(h.engine.models.layout.size, np.float32), 1).copy()
+            words[-1] += np.uint32(1)
+            device_key = next(d.key for d in h.devices if d.device_id == cheat.device_id)
+            body = m.encode_masked(m.MaskedInput(task.round_id, cheat.device_id, words, tuple(cheat.rejected)),
+                                   device_key)
+            assert (await h.upload(body))[0] == 200
+            await asyncio.gather(*(r.unmask() for r in rounds))
+            for _ in range(300):
+                status = await (await h.client.get("/v1/status")).json()
+                if status["rounds"][-1]["status"] != "open" or len(status["rounds"]) > 1:
+                    break
+                await asyncio.sleep(0.1)
+            assert [r["status"] for r in status["rounds"]] == ["abandoned"], status["rounds"]
+            assert status["privacy"]["exhausted"] and status["current_round"] is None
+            assert status["privacy"]["epsilon"] == pytest.approx(_dp_accounting([z], delta), rel=1e-9)
+
+    run(go())
+
+
 def _table(heading: str) -> list[list[str]]:
     """The rows of the first Markdown table after ``heading`` in docs/privacy.md, header row first."""
     text = DOC.read_text()
