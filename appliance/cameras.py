@@ -648,20 +648,31 @@ class FrameRecorder:
                      self._dropped_since_refused)
             self._dropped_since_refused = None
 
+    async def _writing(self, func: Callable[..., object], *args: Any) -> None:
+        """``func(*args)`` in a worker thread (file writes run off the loop), one at a time: the lock is held until
+        the thread ends, even when the caller is cancelled meanwhile (a capture stopped or unplugged), since a thread
+        cannot be stopped and the buffer has one writer."""
+        async with self._lock:
+            work = asyncio.ensure_future(asyncio.to_thread(func, *args))
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                while not work.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({work})
+                raise
+
     async def __call__(self, frame: CapturedFrame) -> None:
-        async with self._lock:  # one writer at a time; file writes run off the loop
-            await asyncio.to_thread(self.record, frame)
+        await self._writing(self.record, frame)
 
     async def recover(self) -> None:
         """Make the buffer's directory the recorder's (:meth:`FrameBuffer.recover`) before the first capture; on a
         partition that refuses it, the first write tries again."""
-        async with self._lock:
-            await asyncio.to_thread(self.write, self.buffer.recover, 0)
+        await self._writing(self.write, self.buffer.recover, 0)
 
     async def flush(self) -> None:
         """Write the frames the buffer holds in memory (when capture stops)."""
-        async with self._lock:
-            await asyncio.to_thread(self.write, self.buffer.flush, self.buffer.waiting)
+        await self._writing(lambda: self.write(self.buffer.flush, self.buffer.waiting))
 
 
 # --- metrics ---------------------------------------------------------------------------------------

@@ -338,3 +338,36 @@ def test_camera_task_waits_for_a_frame_buffer_the_card_fails_to_list_and_then_ca
         "it can, tried again every 0 s",
         f"frame buffer {frames_dir}: readable again; keeping frames",
     ]
+
+
+def test_a_frame_write_cancelled_by_stop_keeps_the_buffer_until_it_ends(tmp_path: Path) -> None:
+    """The agent stopping (or a camera unplugged) cancels a capture while its frame is being written on a slow card;
+    the write goes on in its thread, which cannot be stopped. The flush at stop must wait for it, or the two threads
+    share the buffer: here the frame would stay in memory, unwritten (on a card, two segments could also get one
+    name). Slowness is a gate the test opens, not a sleep."""
+    buffer = FrameBuffer(tmp_path / "frames")
+    recorder = FrameRecorder(buffer)
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow_card_record(frame: object) -> None:  # FrameRecorder.record, the card slow to take the frame
+        entered.set()
+        gate.wait()
+        buffer.append(_frame(7), 1)
+
+    recorder.record = slow_card_record  # type: ignore[method-assign]
+
+    async def body() -> None:
+        capture = asyncio.create_task(recorder(None))  # type: ignore[arg-type]
+        await asyncio.to_thread(entered.wait)
+        capture.cancel()
+        flushing = asyncio.create_task(recorder.flush())
+        # Until the flush is done, or waits for the recorder's lock (held, as it must be, by the write in flight).
+        while not flushing.done() and not getattr(recorder._lock, "_waiters", None):
+            await asyncio.sleep(0)
+        gate.set()
+        await flushing
+        with pytest.raises(asyncio.CancelledError):
+            await capture
+
+    asyncio.run(body())
+    assert FrameBuffer(tmp_path / "frames").load()[0][:, 0, 0, 0].tolist() == [7]
