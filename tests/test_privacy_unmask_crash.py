@@ -31,6 +31,8 @@ from aggregator.privacy import DPConfig
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
 
+pytestmark = pytest.mark.slow  # five child aggregators and their restarts: about 35 s
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 DEVICES, Z, DELTA = 4, 1.0, 1e-5
