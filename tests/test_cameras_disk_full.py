@@ -124,7 +124,7 @@ def unreadable_segment(monkeypatch: pytest.MonkeyPatch, segment: Path) -> None:
     real_open = open
 
     def failing_open(file, mode="r", *args, **kwargs):
-        if os.fspath(file) == str(segment):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(segment):
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(segment))
         return real_open(file, mode, *args, **kwargs)
 
