@@ -364,8 +364,9 @@ class PrivacyLedger:
     def _epsilon(self, rounds: list[float], counts: list[float], slack: float) -> float:
         """Epsilon of ``rounds`` and ``counts`` with ``slack``, and of the unpublished sums and the one being
         unmasked."""
-        unmasking = [] if self.unmasking is None else [self.unmasking.noise.noise_multiplier]
-        slack += 0.0 if self.unmasking is None else self.unmasking.noise.rdp_slack
+        entry = self.unmasking  # read once: a worker thread may settle it meanwhile
+        unmasking = [] if entry is None else [entry.noise.noise_multiplier]
+        slack += 0.0 if entry is None else entry.noise.rdp_slack
         return epsilon([*rounds, *self.unpublished, *unmasking, *counts], self.config.delta, slack)
 
     def round_clip_norm(self, configured: float) -> float:

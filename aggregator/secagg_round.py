@@ -704,7 +704,7 @@ class SecureRounds:
             noise = self._noise(sr, len(sr.plan.survivors))
             await self._collect_answers(sr)
             await self._drain(sr)  # so do the answers being stored: then the answers stay as they are
-            if noise is not None:
+            if noise is not None and self.engine.privacy is not None:  # (a round noised before a restart without --dp)
                 written = await self._run(self._count_before_unmask, sr, noise)
             mean, weight = await self._run(self._unmasked_mean, sr)
         except _Abandon as exc:
@@ -773,7 +773,7 @@ class SecureRounds:
             raise _Abandon("too-few-survivors", f"{len(plan.survivors)} masked inputs can count, below the minimum of "
                            f"{self._minimum()}")
         noise = self._noise(sr, len(plan.survivors))
-        if noise is not None:
+        if noise is not None and self.engine.privacy is not None:
             self._check_budget(len(plan.survivors), noise)
         request = m.UnmaskRequest(sr.round_id, tuple(plan.survivors), tuple(plan.dropped),
                                   int(time.time() + self.config.phase_timeout))

@@ -58,6 +58,12 @@ config = json.loads(sys.argv[4])
 def crash():
     os._exit({crashed})
 
+real_ask = secagg_round.SecureRounds._ask
+async def ask(self, sr):  # every masked input is in; the unmask request is not made yet
+    if crash_at == "asking":
+        crash()
+    await real_ask(self, sr)
+secagg_round.SecureRounds._ask = ask
 real_collect = secagg_round.SecureRounds._collect_answers
 async def collect_answers(self, sr):  # every device's unmask answer is in the database; the masks are still on
     await real_collect(self, sr)
@@ -197,5 +203,22 @@ def test_a_round_resumed_with_its_answers_is_not_unmasked_past_a_lower_budget(tm
         assert "past the budget" in first["note"] and "never unmasked" in first["note"], first["note"]
         assert status["privacy"]["epsilon"] == 0 and status["privacy"]["exhausted"]
         assert status["current_round"] is None
+
+    run(go())
+
+
+@pytest.mark.parametrize(("crash_at", "ends"), [("asking", "abandoned"), ("answered", "published")])
+def test_a_noised_round_resumed_without_dp_ends(tmp_path: Path, crash_at: str, ends: str) -> None:
+    """The operator restarts without --dp a state whose open round asked its devices for noise: there is no ledger
+    to count in, and the round still ends (published from its answers, or abandoned when the devices that held
+    its secrets are gone) instead of failing its close every 5 s."""
+    state, key, sims = _crashed(tmp_path, crash_at, "honest")
+
+    async def go() -> None:
+        async with secure_running(state, devices=DEVICES, policy=POLICY, key=key, enrolled=sims,
+                                  phase_timeout=1) as h:
+            assert await h.task(after=1, wait=30) is not None, "round 1 never ended"
+            status = await (await h.client.get("/v1/status")).json()
+        assert next(r for r in status["rounds"] if r["round"] == 1)["status"] == ends
 
     run(go())
