@@ -31,7 +31,7 @@ from aggregator.privacy import DPConfig
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
 
-pytestmark = pytest.mark.slow  # five child aggregators and their restarts: about 35 s
+pytestmark = pytest.mark.slow  # seven child aggregators and their restarts: about 45 s
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
