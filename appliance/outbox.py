@@ -175,10 +175,21 @@ class Outbox:
     # -- state ------------------------------------------------------------------------------------------
 
     def _scan(self) -> None:
+        """Find the pending updates and remove the temp files of puts a crash interrupted. On a failing card this
+        must not stop the agent from starting (systemd would restart it into the same refusal, without heartbeats):
+        a temp file the card refuses to remove (EROFS, EIO) is left for a later start, and an update whose size
+        cannot be read (EIO) is set aside until the agent restarts, counted as rejected ``unreadable``."""
         removed = 0
         for path in self.directory.iterdir():
             if path.name.startswith(TMP_PREFIX):
-                path.unlink(missing_ok=True)  # a put that crashed before its rename: never acknowledged
+                try:
+                    path.unlink(missing_ok=True)  # a put that crashed before its rename: never acknowledged
+                except OSError as exc:
+                    if storage_reason(exc) is None:
+                        raise
+                    log.warning("outbox: cannot remove the half-written file %s (%s); left for a later start",
+                                path, exc.strerror or exc)
+                    continue
                 removed += 1
                 continue
             match = _NAME.match(path.name)
@@ -186,17 +197,31 @@ class Outbox:
                 if path != self.rejected_directory:
                     log.warning("outbox: ignoring unexpected file %s", path)
                 continue
-            entry = Entry(int(match[1]), match[2], path.stat().st_size)
+            self._next_seq = max(self._next_seq, int(match[1]) + 1)
+            try:
+                size = path.stat().st_size
+            except OSError as exc:
+                if storage_reason(exc) is None:
+                    raise
+                self.counters.rejected_total[UNREADABLE] += 1
+                log.error("outbox: update %s is unreadable (%s); set aside until the agent restarts", path,
+                          exc.strerror or exc)
+                continue
+            entry = Entry(int(match[1]), match[2], size)
             self._entries[entry.key] = entry
-            self._next_seq = max(self._next_seq, entry.seq + 1)
         if self.rejected_directory.is_dir():  # keep sequence numbers unique across rejected/ too
             for path in self.rejected_directory.iterdir():
                 match = _NAME.match(path.name)
                 if match:
                     self._next_seq = max(self._next_seq, int(match[1]) + 1)
         if removed:
-            fsync_dir(self.directory)
             log.info("outbox: removed %d half-written file(s) left by a crash", removed)
+            try:
+                fsync_dir(self.directory)
+            except OSError as exc:  # a temp file back after a power cut is only removed again at the next start
+                if storage_reason(exc) is None:
+                    raise
+                log.warning("outbox: cannot sync %s after removing them (%s)", self.directory, exc.strerror or exc)
         self.counters.stale_temp_files_removed += removed
 
     @property

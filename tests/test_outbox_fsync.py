@@ -95,3 +95,12 @@ def test_an_update_a_full_outbox_dropped_while_it_was_sent_is_gone_durably_once_
     assert acknowledged == [sent] and outbox.counters.dropped_total == 1
     after_the_drop = calls[calls.index(("unlink", path)) + 1 :]
     assert after_the_drop[-2:] == [("fsync", str(outbox.directory)), ("returned", sent)]
+
+
+def test_putting_a_message_already_pending_writes_nothing(tmp_path: Path, calls) -> None:
+    """An SD card wears with every write: a put of a message already pending returns its key without writing a
+    second copy to compare."""
+    outbox = Outbox(tmp_path / "outbox")
+    key = outbox.put(b"signed update")
+    calls.clear()
+    assert outbox.put(b"signed update") == key and calls == []

@@ -130,3 +130,37 @@ def test_the_bytes_pending_can_be_read_while_a_put_in_another_thread_changes_the
     )
     assert outbox.pending_bytes == len(b"update of round 1")  # the queue as it was when it was read
     assert outbox.depth == 2 and outbox.pending_bytes == 2 * len(b"update of round 1")
+
+
+def test_two_puts_on_a_full_outbox_keep_the_newer_when_the_older_is_durable_last(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A put drops the oldest updates only once its own is durable. Two puts at once on an outbox bound to one
+    update: the older-numbered one syncs its directory last, and by then it is the oldest update itself, so it is
+    the one dropped (counted), never kept beside the newer one over the bound."""
+    outbox = Outbox(tmp_path / "outbox", max_messages=1)
+    older_syncing, newer_done = threading.Event(), threading.Event()
+    real_fsync_dir = outbox_module.fsync_dir
+    older_thread: list[threading.Thread] = []
+
+    def fsync_dir(path: Any) -> None:
+        if threading.current_thread() in older_thread:
+            older_syncing.set()
+            assert newer_done.wait(WAIT_SECONDS)
+        real_fsync_dir(path)
+
+    def put_the_older() -> str:
+        older_thread.append(threading.current_thread())
+        return outbox.put(b"update of round 1")
+
+    monkeypatch.setattr(outbox_module, "fsync_dir", fsync_dir)
+    thread, older = in_thread(put_the_older)
+    assert older_syncing.wait(WAIT_SECONDS)
+    newer = outbox.put(b"update of round 2")
+    newer_done.set()
+    thread.join()
+    assert older, "the older put failed (its error is printed above)"
+    assert [entry.key for entry in outbox.pending()] == [newer] and older[0] not in outbox
+    assert outbox.counters.dropped_total == 1 and outbox.counters.put_total == 2
+    assert files(outbox) == [outbox.pending()[0].name]
+    assert [entry.key for entry in Outbox(outbox.directory).pending()] == [newer]
