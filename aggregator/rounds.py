@@ -1051,22 +1051,25 @@ class RoundEngine:
         return status
 
     def _round_devices(self, round_id: int) -> dict[str, Any]:
-        """A round's first STATUS_ROUND_DEVICES counted and lost devices, and how many there are of each."""
-        devices = self.store.round_devices(round_id, STATUS_ROUND_DEVICES)
-        lost = self.store.round_lost_devices(round_id, STATUS_ROUND_DEVICES)
-        return {
-            "devices": devices,
-            "devices_total": len(devices) if len(devices) < STATUS_ROUND_DEVICES
-            else self.store.count_round_devices(round_id),
-            "lost_devices": lost,
-            "lost_devices_total": len(lost) if len(lost) < STATUS_ROUND_DEVICES
-            else self.store.count_round_lost_devices(round_id),
-        }
+        """A round's first STATUS_ROUND_DEVICES counted and lost devices, and how many there are of each (read in one
+        snapshot, so a total is never short of its list)."""
+        with self.store.snapshot():
+            devices = self.store.round_devices(round_id, STATUS_ROUND_DEVICES)
+            lost = self.store.round_lost_devices(round_id, STATUS_ROUND_DEVICES)
+            return {
+                "devices": devices,
+                "devices_total": len(devices) if len(devices) < STATUS_ROUND_DEVICES
+                else self.store.count_round_devices(round_id),
+                "lost_devices": lost,
+                "lost_devices_total": len(lost) if len(lost) < STATUS_ROUND_DEVICES
+                else self.store.count_round_lost_devices(round_id),
+            }
 
     def round_device_page(self, round_id: int, which: str, page: int, per_page: int) -> dict[str, Any]:
         """What ``GET /v1/status/rounds/{round}/{which}`` answers: one page of the round's ``devices`` or
         ``lost_devices`` in the order /v1/status lists them (so its lists are the first ids of page 1); a page past
-        the last is empty. The page is read in SQL: a round of any size costs one page.
+        the last is empty (and not read: its offset can be past SQLite's 64-bit integers). The page is read in SQL
+        with its total, in one snapshot: a round of any size costs one page, and the total counts the ids paged.
 
         Raises :class:`UnknownRound` for a round this aggregator never opened."""
         if self.store.get_round(round_id) is None:
@@ -1074,7 +1077,10 @@ class RoundEngine:
                                f"(newest: {self.store.last_round_id()})")
         count, read = {"devices": (self.store.count_round_devices, self.store.round_devices),
                        "lost_devices": (self.store.count_round_lost_devices, self.store.round_lost_devices)}[which]
-        total, ids = count(round_id), read(round_id, per_page, (page - 1) * per_page)
+        offset = (page - 1) * per_page
+        with self.store.snapshot():
+            total = count(round_id)
+            ids = read(round_id, per_page, offset) if offset < total else []
         return {"round": round_id, "page": page, "per_page": per_page, "total": total,
                 "pages": max(1, math.ceil(total / per_page)), which: ids}
 

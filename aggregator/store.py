@@ -344,6 +344,17 @@ class Store:
         return conn
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Inside, this thread's reads (every method here that reads) see one committed state of the database: a
+        count and the page read after it agree while the writer commits updates (one read transaction)."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
+
+    @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._write_lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -552,10 +563,15 @@ class Store:
         return [self._update(r) for r in rows]
 
     def round_devices(self, round_id: int, limit: int | None = None, offset: int = 0) -> list[str]:
-        """The devices whose updates count in the round, in the order they were accepted (ties by device id, so
-        pages of ``limit`` from ``offset`` are stable; an open round's new updates come last)."""
+        """The devices whose updates count in the round, in the order their updates were stored (acknowledged).
+
+        The order is the rows' rowid, which SQLite gives each new row above every row in the table, so an open
+        round's new updates always come last and pages of ``limit`` from ``offset`` never shift as they arrive.
+        ``accepted_at`` would not do: it is the wall clock, and a clock stepped back (NTP) sorts a new update
+        before ones already paged (one listed twice, another never). The round's index holds the rowid, so a page
+        is read in order without sorting the round."""
         rows = self._reader().execute(
-            "SELECT device_id FROM updates WHERE round_id=? ORDER BY accepted_at, device_id LIMIT ? OFFSET ?",
+            "SELECT device_id FROM updates WHERE round_id=? ORDER BY rowid LIMIT ? OFFSET ?",
             (round_id, -1 if limit is None else limit, offset),
         ).fetchall()
         return [r[0] for r in rows]
@@ -650,11 +666,12 @@ class Store:
         """Devices whose acknowledged update in the round was lost from the spool (see :meth:`recover_segment`) and
         that have not sent one again since (a device that never saw its receipt still holds its update).
 
-        Each device once (one that lost updates at two restarts has two rows), in the order its first lost update
-        was accepted, ties by device id: pages of ``limit`` from ``offset`` are stable."""
+        Each device once (one that lost updates at two restarts has two rows), in the order its first loss was
+        recorded (rowid, as :meth:`round_devices`): pages of ``limit`` from ``offset`` are stable, a later loss
+        comes last."""
         rows = self._reader().execute(
-            f"SELECT device_id, min(accepted_at) AS first {self._LOST_DEVICES} GROUP BY device_id "
-            "ORDER BY first, device_id LIMIT ? OFFSET ?",
+            f"SELECT device_id, min(rowid) AS first {self._LOST_DEVICES} GROUP BY device_id "
+            "ORDER BY first LIMIT ? OFFSET ?",
             (round_id, -1 if limit is None else limit, offset),
         ).fetchall()
         return [r[0] for r in rows]

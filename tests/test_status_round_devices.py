@@ -131,6 +131,7 @@ def test_a_bad_page_is_the_fleet_listings_one_line_400(tmp_path: Path, query: st
             for answer in answers:
                 assert answer.status == 400 and answer.content_type == PROBLEM_CONTENT_TYPE
                 problems.append(await answer.json())
+            assert [e.message for e in _validator("Problem").iter_errors(problems[0])] == []
             assert problems[0] == problems[1]  # the same problem as the fleet listing's, word for word
             assert problems[0]["reason"] == "bad-parameter" and "\n" not in problems[0]["detail"]
             assert query.split("=")[0] in problems[0]["detail"]
@@ -145,6 +146,7 @@ def test_a_round_that_is_no_round_id_is_400(tmp_path: Path, round_: str) -> None
             answer = await h.client.get(f"/v1/status/rounds/{round_}/devices")
             assert answer.status == 400 and answer.content_type == PROBLEM_CONTENT_TYPE
             problem = await answer.json()
+            assert [e.message for e in _validator("Problem").iter_errors(problem)] == []
             assert problem["reason"] == "bad-parameter"
             assert problem["detail"] == (f"the round must be an integer in [0, 9223372036854775807], "
                                          f"got {round_!r}")
@@ -157,13 +159,14 @@ def test_a_round_never_opened_is_404_unknown_round(tmp_path: Path) -> None:
         async with running(tmp_path, devices=1) as h:
             await h.task()  # round 1 is open
             assert (await _json(h, "/v1/status/rounds/1/devices"))["devices"] == []
-            for round_, path in ((2, "devices"), (7, "lost_devices?page=2")):
+            for round_, path in ((2, "devices"), (7, "lost_devices?page=2"), (0, "lost_devices")):
                 answer = await h.client.get(f"/v1/status/rounds/{round_}/{path}")
                 assert answer.status == 404 and answer.content_type == PROBLEM_CONTENT_TYPE
                 problem = await answer.json()
+                assert [e.message for e in _validator("Problem").iter_errors(problem)] == []
                 assert problem["reason"] == "unknown-round"
                 assert problem["detail"] == f"round {round_} is not in this aggregator's history (newest: 1)"
-            assert h.counter("fl_aggregator_requests_rejected_total", reason="unknown-round") == 2
+            assert h.counter("fl_aggregator_requests_rejected_total", reason="unknown-round") == 3
 
     run(go())
 
@@ -184,3 +187,79 @@ def test_a_device_that_lost_updates_at_two_restarts_is_listed_and_counted_once(t
         assert store.round_lost_devices(1, 2) + store.round_lost_devices(1, 2, 2) == store.round_lost_devices(1)
     finally:
         store.close()
+
+
+def _add_updates(store: Store, rows: list[tuple[str, float]]) -> None:
+    """Accepted update rows of round 1, committed in this order with these ``accepted_at`` (wall-clock) times."""
+    with sqlite3.connect(store.db_path) as db:
+        db.executemany("INSERT INTO updates (digest, device_id, round_id, num_samples, metrics, offset, length, "
+                       "receipt, accepted_at) VALUES (?, ?, 1, 8, '{}', 0, 0, x'', ?)",
+                       [(device.encode().ljust(32, b"-"), device, at) for device, at in rows])
+
+
+def test_an_open_rounds_pages_do_not_shift_when_the_clock_steps_back(tmp_path: Path) -> None:
+    """Updates keep arriving while a client pages through an open round. ``accepted_at`` is the wall clock: after
+    NTP steps it back, a new update's time is earlier than those already listed. Ordered by it, the new update went
+    to the front and shifted every page by one (page 2 repeated the last id of page 1, the new one was never
+    listed); ordered as stored, it comes last."""
+    store = Store(tmp_path)
+    try:
+        store.insert_round(1, 0, 0.0, 600.0, 10)
+        _add_updates(store, [("a", 1000.0), ("b", 1001.0), ("c", 1002.0)])
+        first = store.round_devices(1, 2)
+        _add_updates(store, [("d", 990.0)])  # the clock stepped back 12 s
+        second = store.round_devices(1, 2, 2)
+        assert first + second == ["a", "b", "c", "d"]
+        assert store.round_devices(1, STATUS_ROUND_DEVICES) == ["a", "b", "c", "d"]  # /v1/status: page 1's order
+    finally:
+        store.close()
+
+
+def test_a_page_and_its_total_are_read_in_one_snapshot(tmp_path: Path) -> None:
+    """An update committed between the count and the page read is in neither (else a page could hold ids beyond
+    the total it was answered with)."""
+    store = Store(tmp_path)
+    try:
+        store.insert_round(1, 0, 0.0, 600.0, 10)
+        _add_updates(store, [("a", 1.0)])
+        with store.snapshot():
+            total = store.count_round_devices(1)
+            _add_updates(store, [("b", 2.0)])  # the writer commits meanwhile
+            assert (total, store.round_devices(1)) == (1, ["a"])
+        assert store.round_devices(1) == ["a", "b"]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("which", ["devices", "lost_devices"])
+@pytest.mark.parametrize("page", ["10000000000000000000", "1e300", "18446744073709560"])
+def test_a_page_far_past_the_last_is_empty_not_an_internal_error(tmp_path: Path, which: str, page: str) -> None:
+    """Its offset, (page - 1) * per_page, is past SQLite's 64-bit integers: it was a 500 ``internal`` and a
+    traceback in the log."""
+    async def go() -> None:
+        async with running(tmp_path, devices=1) as h:
+            await h.task()  # round 1 is open
+            listing = await _json(h, f"/v1/status/rounds/1/{which}?page={page}&per_page={MAX_PER_PAGE}")
+            assert (listing["total"], listing["pages"], listing[which]) == (0, 1, [])
+            assert listing["page"] == int(float(page))
+            assert h.counter("fl_aggregator_requests_rejected_total", reason="internal") == 0
+
+    run(go())
+
+
+_PAGE = {"round": 1, "page": 1, "per_page": 50, "total": 1, "pages": 1}
+_ROUND = {"round": 1, "status": "open", "participants": 1, "devices": ["a"], "devices_total": 1, "lost_devices": [],
+          "lost_devices_total": 0}
+
+
+@pytest.mark.parametrize(("schema", "answer", "extra"), [
+    ("RoundDevices", {**_PAGE, "devices": ["a"]}, "lost_devices"),  # one list per endpoint
+    ("RoundLostDevices", {**_PAGE, "lost_devices": ["a"]}, "devices"),
+    ("RoundDevices", {**_PAGE, "devices": ["a"]}, "next"),
+    ("Round", _ROUND, "members"),
+])
+def test_the_schemas_hold_the_answers_to_their_fields(schema: str, answer: dict, extra: str) -> None:
+    """docs/openapi.yaml holds the new answers to exactly their fields (as Downlink is held), so a field renamed
+    or added on one side only fails the schema checks of the answers above."""
+    assert [e.message for e in _validator(schema).iter_errors(answer)] == []
+    assert [e.message for e in _validator(schema).iter_errors({**answer, extra: ["b"]})] != []
