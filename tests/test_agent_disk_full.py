@@ -135,11 +135,12 @@ async def test_an_error_that_is_not_about_storage_still_ends_the_agent(
         await run_agent_against(fake, tmp_path, lambda agent: False, at_most=120)
 
 
-async def test_a_receipt_is_saved_and_its_update_removed_while_the_loop_runs_on(
+async def test_an_update_is_read_its_receipt_saved_and_its_update_removed_while_the_loop_runs_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The receipt's state save and the outbox's removal (each an fsync, seconds on an SD card) run in worker
-    threads: each waits here until a coroutine on the loop has run meanwhile."""
+    """The delivery's read of the update (seconds on a failing SD card), the receipt's state save and the outbox's
+    removal (each an fsync) run in worker threads: each waits here until a coroutine on the loop has run meanwhile
+    (the heartbeats and the watchdog run there)."""
     key = SigningKey.generate()
     fake = RoundsAggregator(key, small_package(tmp_path / "small.flpkg", key), rounds=1)
     monkeypatch.setattr(Agent, "_train", trained)
@@ -159,7 +160,7 @@ async def test_a_receipt_is_saved_and_its_update_removed_while_the_loop_runs_on(
         event.set()
 
     loop = asyncio.get_running_loop()
-    save_state, remove = Agent._save_state, agent_module.Outbox.remove
+    save_state, remove, read = Agent._save_state, agent_module.Outbox.remove, agent_module.Outbox.read
 
     def saved_state(agent: Agent) -> None:
         if not delivering.is_set():  # the round's own save: not watched here
@@ -171,6 +172,7 @@ async def test_a_receipt_is_saved_and_its_update_removed_while_the_loop_runs_on(
 
     monkeypatch.setattr(Agent, "_save_state", saved_state)
     monkeypatch.setattr(agent_module.Outbox, "remove", removed)
+    monkeypatch.setattr(agent_module.Outbox, "read", witnessed(read))
     # The saves watched are those after the update was sent: the receipt's.
     send_update = agent_module.AggregatorClient.send_update
 
@@ -182,9 +184,9 @@ async def test_a_receipt_is_saved_and_its_update_removed_while_the_loop_runs_on(
     monkeypatch.setattr(agent_module.AggregatorClient, "send_update", sending)
     agent = await run_agent_against(
         fake, tmp_path, lambda a: a.outbox.depth == 0 and sample(a, "fl_agent_rounds_completed_total") >= 1
-        and len(loop_ran) >= 2, at_most=120,
+        and len(loop_ran) >= 3, at_most=120,
     )
-    assert loop_ran == [True, True], "a receipt's write ran on the event loop"
+    assert loop_ran == [True, True, True], "the update's read or a receipt's write ran on the event loop"
     assert agent._load_state()["acknowledged_at"] > 0
 
 
