@@ -273,8 +273,8 @@ class Outbox:
     def _publish(self, message: bytes, key: str) -> None:
         """Write ``message`` to a temp file of its own and fsync it, rename it to its entry's name (:meth:`_stage`),
         fsync the directory, and only then make it pending (:meth:`_commit`). The bytes and the directory are synced
-        outside the lock: an fsync on an SD card can take seconds, and the delivery loop takes the same lock on the
-        event loop (pending) while a put runs in a worker thread. A step that fails (a full, read-only or failing
+        outside the lock: an fsync on an SD card can take seconds, and the delivery's reads, moves and removals (in
+        worker threads of their own) take the same lock. A step that fails (a full, read-only or failing
         partition) removes what the put wrote and raises; nothing was pending, so nothing was sent."""
         fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{key[:16]}-", dir=self.directory)
         try:
