@@ -8,12 +8,12 @@ aggregator answers an identical resend with the original receipt, so resending a
 delivers at least once, the aggregator's dedup by digest makes it exactly once. The file is removed (and the
 directory fsynced) only after a receipt.
 
-The delivery loop retries transient errors with capped exponential backoff and full jitter, and moves an update
-the aggregator refused for good (:class:`PermanentRejection`) to ``outbox/rejected/``. An update whose file the
-card fails to read (EIO) does not hold up the ones behind it; after READ_ATTEMPTS failed reads in a row it is set
-aside (to ``rejected/``, or in memory when the card refuses that too), counted as rejected ``unreadable``. The
-queue is bounded in messages and bytes: a put past the bound drops the oldest pending updates once the new one is
-durable, counted and logged.
+The delivery loop retries transient errors with capped exponential backoff and full jitter, and moves an update the
+aggregator refused for good (:class:`PermanentRejection`) to ``outbox/rejected/``. An update whose file the card
+fails to read (EIO) does not hold up the ones behind it; after READ_ATTEMPTS failed reads in a row, over
+READ_FAILURE_SPAN_SECONDS at least, it is set aside (to ``rejected/``, or in memory when the card refuses that too),
+counted as rejected ``unreadable``. The queue is bounded in messages and bytes: a put past the bound drops the
+oldest pending updates once the new one is durable, counted and logged.
 
 One process owns an outbox directory (the agent); the methods are safe to call from one event loop and from
 other threads.
@@ -31,6 +31,7 @@ import random
 import re
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ _NAME = re.compile(r"^(\d{12})-([0-9a-f]{64})\.upd$")
 # fails is almost always a bad block that stays bad. Three give a card that recovers after a reset its chance while
 # keeping the time lost small: each failed read can take the card's timeouts, seconds.
 READ_ATTEMPTS = 3
+# ... and the time those failures must span, from the first of them. Without it a card that fails every read for a
+# moment (a controller reset, a brownout) failed all READ_ATTEMPTS reads of every pending update within a second or
+# two (the waits between tries are jittered from 1 s), and set aside updates that read fine a moment later.
+READ_FAILURE_SPAN_SECONDS = 60.0
 UNREADABLE = "unreadable"  # the reason of an update set aside because it could not be read
 
 
@@ -155,7 +160,7 @@ class Outbox:
     left behind."""
 
     def __init__(self, directory: Path | str, *, max_messages: int = 64, max_bytes: int = 256 * 1024 * 1024,
-                 max_rejected: int = 32):
+                 max_rejected: int = 32, clock: Callable[[], float] = time.monotonic):
         if max_messages < 1 or max_bytes < 1:
             raise ValueError(f"outbox bounds must be >= 1 (max_messages={max_messages}, max_bytes={max_bytes})")
         self.directory = Path(directory)
@@ -163,12 +168,13 @@ class Outbox:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.max_rejected = max_rejected
+        self._clock = clock  # times failed reads (READ_FAILURE_SPAN_SECONDS)
         self.counters = OutboxCounters()
         self._lock = threading.RLock()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._entries: dict[str, Entry] = {}  # pending: durable, visible to delivery
         self._staged: dict[str, _Staged] = {}  # renamed, directory not synced yet: not pending
-        self._read_failures: dict[str, int] = {}  # key -> failed reads in a row (delivery only)
+        self._read_failures: dict[str, tuple[int, float]] = {}  # key -> (failed reads in a row, clock at the first)
         self._next_seq = 0
         self._scan()
 
@@ -410,9 +416,9 @@ class Outbox:
     def _first_readable(self) -> tuple[Entry | None, bytes, int]:
         """The oldest pending update that can be read, with its bytes, and how many were set aside on the way. A read
         the card fails (EIO) skips that update for now, so one bad file does not hold up the updates behind it, and
-        sets it aside after READ_ATTEMPTS failures in a row. Any other OSError (a permission) is raised. Runs in a
-        worker thread (:meth:`deliver`): a read on a failing card can take seconds, and so can the lock, held by a
-        put's rename."""
+        sets it aside after READ_ATTEMPTS failures in a row over READ_FAILURE_SPAN_SECONDS. Any other OSError (a
+        permission) is raised. Runs in a worker thread (:meth:`deliver`): a read on a failing card can take seconds,
+        and so can the lock, held by a put's rename."""
         set_aside = 0
         for entry in self.pending():
             try:
@@ -432,14 +438,18 @@ class Outbox:
         return None, b"", set_aside
 
     def _read_failed(self, entry: Entry, error: OSError) -> bool:
-        """Count a failed read of ``entry``; the READ_ATTEMPTS-th in a row sets it aside (True)."""
+        """Count a failed read of ``entry``; it is set aside (True) once READ_ATTEMPTS reads in a row have failed over
+        READ_FAILURE_SPAN_SECONDS at least."""
+        now = self._clock()
         with self._lock:  # a put dropping this update forgets its count under the same lock
-            failures = self._read_failures[entry.key] = self._read_failures.get(entry.key, 0) + 1
-        if failures < READ_ATTEMPTS:
-            log.warning("outbox: cannot read %s (%s), attempt %d of %d; the updates behind it go first",
-                        self.directory / entry.name, error.strerror or error, failures, READ_ATTEMPTS)
+            failures, first = self._read_failures.get(entry.key, (0, now))
+            failures += 1
+            self._read_failures[entry.key] = (failures, first)
+        if failures < READ_ATTEMPTS or now - first < READ_FAILURE_SPAN_SECONDS:
+            log.warning("outbox: cannot read %s (%s), %d failed read(s) in a row; the updates behind it go first",
+                        self.directory / entry.name, error.strerror or error, failures)
             return False
-        cause = f"{READ_ATTEMPTS} reads in a row failed: {error.strerror or error}"
+        cause = f"{failures} reads in a row failed over {now - first:.0f} s: {error.strerror or error}"
         what = f"update {self.directory / entry.name} is unreadable ({cause})"
         return self._set_aside(entry, UNREADABLE, cause, what)
 

@@ -21,7 +21,17 @@ from typing import Any
 import pytest
 
 from appliance import outbox as outbox_module
-from appliance.outbox import READ_ATTEMPTS, SUFFIX, TMP_PREFIX, UNREADABLE, Backoff, Entry, Outbox, PermanentRejection
+from appliance.outbox import (
+    READ_ATTEMPTS,
+    READ_FAILURE_SPAN_SECONDS,
+    SUFFIX,
+    TMP_PREFIX,
+    UNREADABLE,
+    Backoff,
+    Entry,
+    Outbox,
+    PermanentRejection,
+)
 
 WAIT_SECONDS = 10.0  # only reached when a put never waits for the other (and then the test fails)
 
@@ -52,6 +62,21 @@ class NoSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.delays.append(seconds)
+
+
+class FakeTime:
+    """The outbox's clock and the delivery's sleep: a sleep moves the clock on, at once."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+        self.delays: list[float] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        self.time += seconds
 
 
 class UnreadableFiles:
@@ -87,7 +112,10 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_an_unreadable_update_does_not_hold_up_the_ones_behind_it_and_is_set_aside(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    outbox = Outbox(tmp_path)
+    """The two updates behind go first; the unreadable one is set aside once its reads have failed 3 times in a row
+    and over a minute (the tries wait growing backoff delays meanwhile)."""
+    time = FakeTime()
+    outbox = Outbox(tmp_path, clock=time.now)
     bad = outbox.put(b"update of round 1")
     behind = [b"update of round 2", b"update of round 3"]
     for message in behind:
@@ -96,31 +124,51 @@ def test_an_unreadable_update_does_not_hold_up_the_ones_behind_it_and_is_set_asi
     card = UnreadableFiles(monkeypatch, {bad})
     aggregator = Aggregator()
     with caplog.at_level(logging.INFO, logger="appliance.outbox"):
-        report = asyncio.run(outbox.deliver(aggregator.send, max_failures=1, sleep=NoSleep()))
+        report = asyncio.run(outbox.deliver(aggregator.send, max_failures=1, sleep=time.sleep, rng=lambda: 1.0))
     assert aggregator.received == behind
     assert report.delivered == 2 and report.rejected == 1 and report.stopped == "empty"
-    assert card.failed == {bad: READ_ATTEMPTS} and outbox.depth == 0
+    # rng 1.0: the waits are 1, 2, 4, ... 32 s, and the read after the one at 63 s sets it aside
+    assert time.delays == [Backoff().ceiling(n) for n in range(6)] and card.failed == {bad: 9}
+    assert outbox.depth == 0
     assert outbox.rejected() == [(bad, UNREADABLE)] and outbox.counters.rejected_total[UNREADABLE] == 1
     assert files(tmp_path) == [] and (tmp_path / "rejected" / bad_file.name).read_bytes() == b"update of round 1"
     assert errors(caplog) == [
-        f"outbox: update {bad_file} is unreadable ({READ_ATTEMPTS} reads in a row failed: "
+        f"outbox: update {bad_file} is unreadable (9 reads in a row failed over 63 s: "
         f"{os.strerror(errno.EIO)}); moved to {tmp_path / 'rejected'}"
     ]
+
+
+def test_a_card_that_fails_every_read_for_a_moment_sets_nothing_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A card that fails every read for a few seconds (a controller reset, a brownout) fails 3 reads in a row of
+    every pending update within a second or two: none of them is bad, and each is delivered once the card reads
+    again, none set aside."""
+    time = FakeTime()
+    outbox = Outbox(tmp_path, clock=time.now)
+    messages = [b"update of round 1", b"update of round 2"]
+    keys = {outbox.put(message) for message in messages}
+    card = UnreadableFiles(monkeypatch, keys, healed_after=READ_ATTEMPTS + 1)
+    aggregator = Aggregator()
+    report = asyncio.run(outbox.deliver(aggregator.send, sleep=time.sleep, rng=lambda: 0.25))
+    assert aggregator.received == messages and report.rejected == 0 and outbox.rejected() == []
+    assert card.failed == {key: READ_ATTEMPTS + 1 for key in keys} and time.now() < 10
 
 
 def test_a_read_that_fails_fewer_times_in_a_row_than_the_bound_delivers_the_update(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The only update pending fails its first reads: the next tries wait a backoff delay (no busy loop), and
-    once the card reads it, it is delivered like any other."""
-    outbox = Outbox(tmp_path)
+    """The only update pending fails its first reads, spread over more than a minute: the next tries wait a backoff
+    delay (no busy loop), and once the card reads it, it is delivered like any other (fewer than 3 in a row)."""
+    time = FakeTime()
+    outbox = Outbox(tmp_path, clock=time.now)
     key = outbox.put(b"update of round 1")
     card = UnreadableFiles(monkeypatch, {key}, healed_after=READ_ATTEMPTS - 1)
-    aggregator, sleep = Aggregator(), NoSleep()
-    report = asyncio.run(outbox.deliver(aggregator.send, sleep=sleep, rng=lambda: 1.0))
+    aggregator, backoff = Aggregator(), Backoff(base=READ_FAILURE_SPAN_SECONDS, cap=10 * READ_FAILURE_SPAN_SECONDS)
+    report = asyncio.run(outbox.deliver(aggregator.send, backoff=backoff, sleep=time.sleep, rng=lambda: 1.0))
     assert aggregator.received == [b"update of round 1"] and report.delivered == 1 and report.rejected == 0
     assert card.failed == {key: READ_ATTEMPTS - 1}
-    assert sleep.delays == [Backoff().ceiling(n) for n in range(READ_ATTEMPTS - 1)]  # rng 1.0: each ceiling
+    assert time.delays == [backoff.ceiling(n) for n in range(READ_ATTEMPTS - 1)]  # rng 1.0: each ceiling
     assert outbox.rejected() == [] and outbox.counters.rejected_total[UNREADABLE] == 0
 
 
@@ -129,22 +177,23 @@ def test_an_unreadable_update_the_card_refuses_to_move_is_set_aside_in_memory(
 ) -> None:
     """The card went read-only: the move to rejected/ fails, delivery goes on without raising, and a restart finds
     the file where it was (nothing is lost)."""
-    outbox = Outbox(tmp_path)
+    time = FakeTime()
+    outbox = Outbox(tmp_path, clock=time.now)
     bad = outbox.put(b"update of round 1")
     outbox.put(b"update of round 2")
     bad_file = tmp_path / outbox.pending()[0].name
-    UnreadableFiles(monkeypatch, {bad})
+    card = UnreadableFiles(monkeypatch, {bad})
 
     monkeypatch.setattr(outbox_module.os, "rename", read_only)
     monkeypatch.setattr(Path, "mkdir", read_only)
     aggregator = Aggregator()
     with caplog.at_level(logging.INFO, logger="appliance.outbox"):
-        report = asyncio.run(outbox.deliver(aggregator.send, max_failures=1, sleep=NoSleep()))
+        report = asyncio.run(outbox.deliver(aggregator.send, max_failures=1, sleep=time.sleep, rng=lambda: 1.0))
     monkeypatch.undo()
     assert aggregator.received == [b"update of round 2"] and report.stopped == "empty"
     assert outbox.depth == 0 and outbox.counters.rejected_total[UNREADABLE] == 1
     assert errors(caplog) == [
-        f"outbox: update {bad_file} is unreadable ({READ_ATTEMPTS} reads in a row failed: "
+        f"outbox: update {bad_file} is unreadable ({card.failed[bad]} reads in a row failed over 63 s: "
         f"{os.strerror(errno.EIO)}); set aside until the agent restarts (it cannot be moved to "
         f"{tmp_path / 'rejected'}: {os.strerror(errno.EROFS)})"
     ]
@@ -436,27 +485,28 @@ def test_an_update_put_again_gets_a_count_of_failed_reads_of_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gone: str
 ) -> None:
     """An update whose reads failed leaves the queue (dropped from a full outbox after two failed reads, or set aside
-    in memory after three on a card that refused to move it), and the same message is put again: its new copy gets
-    its own three reads before it is set aside, not what was left of the other copy's count."""
-    outbox = Outbox(tmp_path, max_messages=2)
+    in memory after failing over a minute on a card that refused to move it), and the same message is put again: its
+    new copy gets its own count of failed reads (and its own minute), not what was left of the other copy's."""
+    time = FakeTime()
+    outbox = Outbox(tmp_path, max_messages=2, clock=time.now)
     message = b"update of round 1"
     key = outbox.put(message)
-    failed_reads = READ_ATTEMPTS - 1 if gone == "dropped" else READ_ATTEMPTS
-    card = UnreadableFiles(monkeypatch, {key}, healed_after=failed_reads + 1)
-    sleep = NoSleep()
+    card = UnreadableFiles(monkeypatch, {key})
     if gone == "dropped":
-        asyncio.run(outbox.deliver(Aggregator().send, sleep=sleep, stop=lambda: len(sleep.delays) == failed_reads))
+        asyncio.run(outbox.deliver(Aggregator().send, sleep=time.sleep, stop=lambda: len(time.delays) == 2))
         outbox.put(b"update of round 2")
         outbox.put(b"update of round 3")  # drops round 1's update
     else:
         with monkeypatch.context() as card_gone_read_only:
             card_gone_read_only.setattr(outbox_module.os, "rename", read_only)
-            asyncio.run(outbox.deliver(Aggregator().send, sleep=sleep))
+            asyncio.run(outbox.deliver(Aggregator().send, sleep=time.sleep))
         outbox.put(b"update of round 3")
-    assert card.failed == {key: failed_reads} and key not in outbox
+    failed_reads = card.failed[key]
+    assert failed_reads >= (READ_ATTEMPTS - 1 if gone == "dropped" else READ_ATTEMPTS) and key not in outbox
+    card.healed_after = failed_reads + 1
     outbox.put(message)  # the card fails this copy's first read, then reads it
     aggregator = Aggregator()
-    report = asyncio.run(outbox.deliver(aggregator.send, sleep=NoSleep()))
+    report = asyncio.run(outbox.deliver(aggregator.send, sleep=time.sleep))
     assert card.failed == {key: failed_reads + 1} and report.rejected == 0
     assert aggregator.received == [b"update of round 3", message]
 
