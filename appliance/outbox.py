@@ -499,10 +499,10 @@ class Outbox:
         backoff delay. ``max_failures`` consecutive transient failures end the call (the updates stay pending), as
         does ``stop()`` returning True. Updates put while this runs are delivered in the same call.
 
-        An update whose read fails with a storage error (EIO) is passed over for the next one; the READ_ATTEMPTS-th
-        failed read in a row sets it aside (:meth:`_set_aside`). When every pending update failed its read, the next
-        try waits a backoff delay. An update set aside (refused, corrupt or unreadable) whose move to ``rejected/``
-        the card refuses stays set aside in memory, counted; that does not raise.
+        An update whose read fails with a storage error (EIO) is passed over for the next one; READ_ATTEMPTS failed
+        reads in a row over READ_FAILURE_SPAN_SECONDS set it aside (:meth:`_set_aside`). When every pending update
+        failed its read, the next try waits a backoff delay. An update set aside (refused, corrupt or unreadable)
+        whose move to ``rejected/`` the card refuses stays set aside in memory, counted; that does not raise.
 
         Every file operation runs in ``in_thread(func, *args)``, off the event loop: the read, the move to
         ``rejected/`` and the removal (an unlink and a directory fsync), each of which can take seconds on a failing
