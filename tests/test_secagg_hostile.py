@@ -258,6 +258,10 @@ def test_hostile_masked_inputs_are_refused_and_the_round_goes_on(tmp_path: Path)
                 "fewer words than it declares": (signed(payload, hostile.key, hostile.device_id,
                                                         cbor2.CBORTag(70, bytes(4 * words - 4))), 422,
                                                  "wrong-length"),
+                "words after a 9-byte head": (signed(payload, hostile.key, hostile.device_id, b"\xd8\x46\x5b"
+                                                     + (4 * words).to_bytes(8, "big") + bytes(4 * words)), 400,
+                                              "bad-section"),
+                "a byte after the words": (masked() + b"\0", 400, "digest-mismatch"),
                 "a section of floats": (signed(payload, hostile.key, hostile.device_id,
                                                cbor2.CBORTag(85, bytes(4 * words))), 400, "unknown-tag"),
                 "rejecting itself": (masked(rejected=[hostile.index]), 400, "bad-payload"),
@@ -397,7 +401,7 @@ async def _steps(h: Harness, r: SecureRound, steps: tuple[str, ...], delta: np.n
 async def _phase_over(sr: Any, phase: str) -> None:
     """Until the aggregator has ended ``phase`` of the secure round ``sr``: it refuses the phase's late messages
     while it waits for the ones it admitted (``ending``), or it has moved on without them."""
-    while sr.phase == phase and not getattr(sr, "ending", False) and not sr.outcome:
+    while sr.phase == phase and not sr.ending and not sr.outcome:
         await asyncio.sleep(0.01)
 
 
@@ -415,12 +419,12 @@ def test_a_message_being_stored_when_its_phase_ends_counts_in_it(tmp_path: Path,
             task = await h.task()
             rounds = secure_rounds(h, task)
             deltas = [flat_delta(h) for _ in rounds]
-            slow = rounds[-1].device_id
+            others, slow = rounds[:-1], rounds[-1]
             held, release = threading.Event(), threading.Event()
             save = secure._save_message
 
             def held_save(round_id: int, device_id: str, kind: str, body: bytes) -> None:
-                if (device_id, kind) == (slow, phase):
+                if (device_id, kind) == (slow.device_id, phase):
                     held.set()
                     release.wait(60)
                 save(round_id, device_id, kind, body)
@@ -430,24 +434,24 @@ def test_a_message_being_stored_when_its_phase_ends_counts_in_it(tmp_path: Path,
             at = STEPS.index(phase)
             for step in STEPS[:at]:
                 await _step(h, rounds, step, deltas)
-            # The others go on to wait for what the phase's end publishes (the roster, their routed shares).
-            ahead = STEPS[at:at + 2] if phase in ("advertise", "share") else STEPS[at:]
-            others = [asyncio.ensure_future(_steps(h, r, ahead, d)) for r, d in zip(rounds[:-1], deltas, strict=False)]
-            held_one = asyncio.ensure_future(_step(h, rounds[-1:], phase, deltas[-1:]))
+            await _step(h, others, phase, deltas[:-1])
+            held_one = asyncio.ensure_future(_step(h, [slow], phase, deltas[-1:]))
+            # The others go on to wait for what the phase's end publishes (roster, routed shares, unmask request).
+            then = STEPS[at + 1:at + 2]
+            waiting = [asyncio.ensure_future(_steps(h, r, then, d)) for r, d in zip(others, deltas, strict=False)]
             try:
                 await asyncio.to_thread(held.wait, 60)
                 if phase == "masked":
                     h.engine.current.full.set()  # the round's deadline, now: masked inputs were due
                 await _phase_over(sr, phase)
-                if not getattr(sr, "ending", False):  # it moved on without the message it holds
-                    await asyncio.gather(*others)
+                if not sr.ending:  # it moved on without the message it holds
+                    await asyncio.gather(*waiting)
             finally:
                 release.set()
             await held_one
-            await asyncio.gather(*others)
-            for step in ahead[1:]:
-                await _step(h, rounds[-1:], step, deltas[-1:])
-            for step in STEPS[at + len(ahead):]:
+            await asyncio.gather(*waiting)
+            await _steps(h, slow, then, deltas[-1])
+            for step in STEPS[at + 2:]:
                 await _step(h, rounds, step, deltas)
             assert await h.task(after=task.round_id, wait=30) is not None
             record = (await (await h.client.get("/v1/status")).json())["rounds"][-1]

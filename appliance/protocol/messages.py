@@ -411,6 +411,8 @@ def decode_masked(body: bytes | memoryview, key_for_kid: wire.KeyLookup, words: 
         raise ProtocolError("bad-section", "the section must be a uint32 typed array (tag 70)")
     if len(item.value) != 4 * declared:
         raise ProtocolError("wrong-length", f"{len(item.value)} bytes do not hold {declared} words")
+    if len(opened.section) != masked_section_bytes(declared):  # a longer head than the shortest
+        raise ProtocolError("bad-section", "the words must be in deterministic encoding (the shortest head)")
     return MaskedInput(p["round"], _device(opened), np.frombuffer(item.value, dtype="<u4"), rejected)
 
 
