@@ -110,6 +110,8 @@ def decode_heartbeat(message: bytes | memoryview, key_for_kid: wire.KeyLookup) -
         raise ProtocolError("bad-payload", f"heartbeat fields: missing {sorted(missing)}, unknown "
                                            f"{sorted(map(str, unknown))}")
     device = p["device"]
+    if not isinstance(device, str):
+        raise ProtocolError("bad-payload", "field 'device' must be text: the id of the device that signs it")
     if device != verified.kid:
         raise ProtocolError("kid-mismatch", f"the heartbeat names device {device!r} but is signed by {verified.kid!r}")
     agent = p["agent"]
