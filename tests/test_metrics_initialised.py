@@ -188,7 +188,12 @@ def test_every_model_refusal_reason_is_declared():
 
 
 def test_every_reason_the_outbox_gives_a_rejection_is_declared():
-    reasons = _raised_reasons([REPO / "appliance" / "outbox.py"], {"_reject"}, position=1)
+    outbox = [REPO / "appliance" / "outbox.py"]
+    reasons = _raised_reasons(outbox, {"_rejected", "_set_aside"}, position=1)
+    for path, call, _ in _calls(outbox, {"in_thread"}):  # in_thread(self._rejected, entry, reason, detail)
+        if len(call.args) > 2 and isinstance(call.args[0], ast.Attribute) and call.args[0].attr == "_rejected":
+            for value in _literal_values(call.args[2]) or []:
+                reasons.setdefault(value, []).append(f"{path.relative_to(REPO)}:{call.lineno}")
     assert reasons and set(reasons) <= set(LABEL_VALUES["fl_agent_updates_rejected"]), reasons
 
 
