@@ -784,6 +784,12 @@ class SecureRounds:
         await self._notify()
         log.info("secure round %d: unmasking %d survivors (%d dropped, %d left out)", sr.round_id,
                  len(plan.survivors), len(plan.dropped), len(plan.excluded))
+        assert sr.roster is not None
+        ids = sr.roster.device_ids
+        for v, rejected in sorted(rejections.items()):
+            if rejected:  # whoever is named is left out: the only trace of a device that names honest ones
+                log.warning("secure round %d: device %s rejected the shares of %s, whose inputs are left out of the "
+                            "sum", sr.round_id, ids[v], ", ".join(ids[u] for u in sorted(rejected)))
 
     def _check_budget(self, survivors: int, noise: RoundNoise) -> None:
         """_Abandon (never unmasked) when the sum of ``survivors`` devices, holding ``noise``, would take epsilon past

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -503,3 +504,32 @@ def test_a_second_different_message_while_the_first_is_being_stored_is_a_duplica
             await publish(h, task, rounds, counted=rounds)
 
     run(go())
+
+
+def test_a_device_naming_honest_neighbours_drops_them_and_the_log_says_who_named_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device may name any of its neighbours as dealers whose shares failed its checks. The aggregator cannot
+    tell that from the truth without seeing shares meant for that device only, and a dealer named by anyone is left
+    out of the sum (its masks with its accuser never cancel), so two honest devices lose their contribution to
+    this round (docs/aggregator.md, "What it does not protect against"). The round still publishes the exact mean
+    of the others, and the log names the accuser and the accused, so that an operator can revoke a device that
+    does it again."""
+
+    async def go() -> tuple[str, list[str]]:
+        async with secure_running(tmp_path, devices=6) as h:  # every device is every other's neighbour, t = 4
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            await until_masked(rounds)
+            hostile, honest = rounds[0], rounds[1:3]
+            accused = sorted(r.index for r in honest)
+            hostile.rejected = accused  # named in its masked input; it masks with the one it kept, as it says
+            hostile.device._accepted = [u for u in hostile.device._accepted if u not in accused]
+            await publish(h, task, rounds, counted=[hostile, *rounds[3:]])
+            assert h.counter("fl_aggregator_secagg_excluded_total") == 2
+            return hostile.device_id, [r.device_id for r in honest]
+
+    with caplog.at_level(logging.WARNING, logger="aggregator.secagg_round"):
+        accuser, named = run(go())
+    lines = [r.getMessage() for r in caplog.records if "rejected the shares of" in r.getMessage()]
+    assert len(lines) == 1 and accuser in lines[0] and all(d in lines[0] for d in named), caplog.text
