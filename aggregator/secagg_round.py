@@ -772,6 +772,9 @@ class SecureRounds:
         if len(plan.survivors) < self._minimum():
             raise _Abandon("too-few-survivors", f"{len(plan.survivors)} masked inputs can count, below the minimum of "
                            f"{self._minimum()}")
+        if len(plan.survivors) < sr.setup.threshold:  # every device must refuse such a request (protocol.md 12.6)
+            raise _Abandon("too-few-survivors", f"{len(plan.survivors)} masked inputs can count, below the threshold "
+                           f"of {sr.setup.threshold} shares the devices require of an unmask request")
         noise = self._noise(sr, len(plan.survivors))
         if noise is not None and self.engine.privacy is not None:
             self._check_budget(len(plan.survivors), noise)

@@ -533,3 +533,30 @@ def test_a_device_naming_honest_neighbours_drops_them_and_the_log_says_who_named
         accuser, named = run(go())
     lines = [r.getMessage() for r in caplog.records if "rejected the shares of" in r.getMessage()]
     assert len(lines) == 1 and accuser in lines[0] and all(d in lines[0] for d in named), caplog.text
+
+
+def test_fewer_survivors_than_the_threshold_abandon_the_round_without_asking(tmp_path: Path) -> None:
+    """In a round of four (t = 3), a device naming two neighbours leaves two survivors: every honest device must
+    refuse an unmask request with fewer than t survivors (docs/protocol.md 12.6), so the aggregator abandons the
+    round at once, saying why, instead of asking and waiting out the unmask phase for refusals."""
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=4) as h:
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            await until_masked(rounds)
+            hostile = rounds[0]
+            accused = sorted(r.index for r in rounds[1:3])
+            hostile.rejected = accused
+            hostile.device._accepted = [u for u in hostile.device._accepted if u not in accused]
+            for r in rounds:
+                assert (await h.upload(r.masked_input(flat_delta(h), 10)))[0] == 200
+            assert await h.task(after=task.round_id, wait=30) is not None
+            record = (await (await h.client.get("/v1/status")).json())["rounds"][-1]
+            assert record["status"] == "abandoned"
+            assert "2 masked inputs can count, below the threshold of 3" in record["note"], record["note"]
+            assert h.counter("fl_aggregator_secagg_abandoned_total", reason="too-few-survivors") == 1
+            response = await h.client.get(f"/v1/secagg/{task.round_id}/unmask")
+            assert (response.status, (await response.json())["reason"]) == (410, "round-closed")
+
+    run(go())
