@@ -143,6 +143,33 @@ def test_status_of_a_state_says_a_damaged_forward_record_in_the_sites_line(
     assert (listed["last_forward"], listed["last_forward_round"]) == (accepted_at, 3)
 
 
+@pytest.mark.parametrize("accepted_at", [float("inf"), float("-inf")])
+def test_status_json_of_a_state_with_a_forward_time_past_numbers_is_valid_json(
+    tmp_path: Path, capsys, accepted_at: float
+) -> None:
+    """A site's forward time of infinity in aggregator.db: ``status --json`` printed ``Infinity``, which a strict
+    JSON reader refuses; it now prints the value as the text ``"unreadable (inf)"``, as the text mode says "an
+    unreadable time (inf)"."""
+    main(["keygen", "--state", str(tmp_path)])
+    site = SimulatedDevice()
+    assert main(["enroll", "--state", str(tmp_path), "--site", site.public_key_hex, "--name", "north"]) == 0
+    with sqlite3.connect(tmp_path / "aggregator.db") as db:
+        db.execute("INSERT INTO updates (digest, device_id, round_id, num_samples, metrics, offset, length, receipt, "
+                   "accepted_at) VALUES (?, ?, 3, 10, '{}', 0, 0, ?, ?)", (bytes(32), site.device_id, b"\xa0",
+                                                                          accepted_at))
+    db.close()
+    capsys.readouterr()
+    assert main(["status", "--state", str(tmp_path)]) == 0
+    assert f"last forward at an unreadable time ({accepted_at!r}), into round 3\n" in capsys.readouterr().out
+    assert main(["status", "--state", str(tmp_path), "--json"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not JSON: {constant}")
+
+    (listed,) = json.loads(capsys.readouterr().out, parse_constant=refuse)["devices"]["list"]
+    assert (listed["last_forward"], listed["last_forward_round"]) == (f"unreadable ({accepted_at!r})", 3)
+
+
 def test_status_lines_up_every_round_status_superseded_included(tmp_path: Path, capsys) -> None:
     """``superseded`` (10 letters, an async site's empty buffer) pushed its round's counts one column right."""
     main(["keygen", "--state", str(tmp_path)])
