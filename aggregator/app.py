@@ -537,7 +537,14 @@ def post_secagg(phase: str) -> Callable[[web.Request], Awaitable[web.Response]]:
             raise ProtocolError("body-too-large", f"{request.content_length} bytes exceeds {SECAGG_MAX_BODY}")
         secure = _secure(s)
         receive = {"advertise": secure.advertise, "shares": secure.shares, "unmask": secure.unmask}[phase]
-        return web.json_response(await receive(await request.read()))
+        size = SECAGG_MAX_BODY if request.content_length is None else request.content_length
+        seconds = s.config.upload_deadline.seconds(size)  # as an upload's body: 408 past it
+        try:
+            body = await asyncio.wait_for(request.read(), seconds)
+        except TimeoutError:
+            raise Problem(408, "body-timeout", f"the message's body did not arrive within {seconds:.0f} s",
+                          close=True) from None
+        return web.json_response(await receive(body))
 
     return handler
 

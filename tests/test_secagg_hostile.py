@@ -24,6 +24,7 @@ from aggregator_harness import Harness, run
 from secagg_harness import expected_mean, flat_delta, secure_rounds, secure_running, until_masked
 
 from aggregator.rounds import RoundPolicy
+from aggregator.uploads import ReadDeadline
 from appliance import wire
 from appliance.protocol import messages as m
 from appliance.protocol import shamir
@@ -558,5 +559,34 @@ def test_fewer_survivors_than_the_threshold_abandon_the_round_without_asking(tmp
             assert h.counter("fl_aggregator_secagg_abandoned_total", reason="too-few-survivors") == 1
             response = await h.client.get(f"/v1/secagg/{task.round_id}/unmask")
             assert (response.status, (await response.json())["reason"]) == (410, "round-closed")
+
+    run(go())
+
+
+def test_a_stalled_message_body_times_out_like_an_upload(tmp_path: Path) -> None:
+    """A device that announces a secure-aggregation message and sends part of it held a connection and a handler
+    for as long as it liked; now the body has an upload's deadline (408 body-timeout, connection closed, counted),
+    and the device's message is taken when it sends it whole."""
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=2, upload_deadline=ReadDeadline(floor=1.0, min_rate=1e9)) as h:
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            device = rounds[0]
+            body = m.encode_advertise(m.Advertise(task.round_id, device.device_id, device.device.keys),
+                                      h.devices[0].key)
+            server = h.client.server
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(f"POST /v1/secagg/advertise HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: "
+                         f"{wire.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+            await writer.drain()
+            try:  # the answer comes at the deadline (the server then lingers a while before it closes)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            finally:
+                writer.close()
+            assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head
+            assert h.rejected("body-timeout") == 1
+            await until_masked(rounds)
+            await publish(h, task, rounds, counted=rounds)
 
     run(go())
