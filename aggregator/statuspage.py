@@ -95,10 +95,18 @@ def _async(status: dict[str, Any]) -> str:
             f"<p>staleness of accepted updates (versions behind, since start):</p>\n{chart}\n")
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count as the page and ``fl-aggregator status`` say it: B, KiB or MiB."""
     if n >= 2**20:
         return f"{n / 2**20:.1f} MiB"
     return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
+def fetches_naming_a_base(downlink: dict[str, Any]) -> int:
+    """The fetches of ``downlink`` (``GET /v1/status``) by devices that held an earlier version: the deltas and the
+    full models sent instead of one (answers ``full_<why no delta>``)."""
+    return downlink["delta"]["downloads"] + sum(n["downloads"] for answer, n in downlink["answers"].items()
+                                                if answer.startswith("full_"))
 
 
 def _downlink(status: dict[str, Any]) -> str:
@@ -110,10 +118,9 @@ def _downlink(status: dict[str, Any]) -> str:
     full, delta, encoding = downlink["full"], downlink["delta"], downlink["encoding"]
     steps = f" ({escape(encoding)} steps)" if encoding != "full" else ""
     line = (f"<p>downlink since start (--downlink {escape(encoding)}): <b>{full['downloads']}</b> full model"
-            f"{'s' if full['downloads'] != 1 else ''}, {_size(full['bytes'])} &middot; <b>{delta['downloads']}</b> "
-            f"delta{'s' if delta['downloads'] != 1 else ''}{steps}, {_size(delta['bytes'])}")
-    named_base = delta["downloads"] + sum(n["downloads"] for a, n in downlink["answers"].items()
-                                          if a.startswith("full_"))
+            f"{'s' if full['downloads'] != 1 else ''}, {size_text(full['bytes'])} &middot; <b>{delta['downloads']}</b> "
+            f"delta{'s' if delta['downloads'] != 1 else ''}{steps}, {size_text(delta['bytes'])}")
+    named_base = fetches_naming_a_base(downlink)
     if named_base:
         line += (f" &middot; {100 * delta['downloads'] / named_base:.0f} % of the {named_base} fetches that named a "
                  "base got a delta")

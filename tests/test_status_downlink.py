@@ -4,12 +4,15 @@ docs/openapi.yaml."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import yaml
 from jsonschema import Draft202012Validator
 
+from aggregator.cli import main as cli
 from aggregator.metrics import MODEL_DOWNLOAD_ANSWERS
+from aggregator.statuspage import size_text
 from appliance import wire
 from appliance.protocol.downlink import DOWNLINK_ENCODINGS
 from tests.aggregator_harness import Harness, publish_rounds, run, running
@@ -71,3 +74,28 @@ def test_the_schema_names_every_answer_and_encoding() -> None:
     assert downlink["properties"]["encoding"]["enum"] == list(DOWNLINK_ENCODINGS)
     assert list(downlink["properties"]["answers"]["properties"]) == list(MODEL_DOWNLOAD_ANSWERS)
     assert downlink["properties"]["answers"]["required"] == list(MODEL_DOWNLOAD_ANSWERS)
+
+
+def test_status_url_says_the_downlink_in_one_line_as_the_page_does(tmp_path: Path, capsys) -> None:
+    """``fl-aggregator status --url`` showed no downlink line while /v1/status and the page had its figures: it
+    says the full models and deltas sent, their bytes and the share of fetches that named a base that got a
+    delta, as the page does; ``--state`` (no running process, so no counters) says nothing of it."""
+
+    async def go() -> tuple[bytes, bytes, bytes]:
+        async with running(tmp_path, devices=2, parameters=4000, downlink="int8") as h:
+            first = await body_of(h, 0)
+            await publish_rounds(h, 2)
+            digest0 = wire.decode_model_release(first, h.key.verify_key, h.specs).digest.hex()
+            delta = await body_of(h, 1, {"base": "0", "base_digest": digest0})
+            unknown = await body_of(h, 2, {"base": "1", "base_digest": "00" * 32})
+            capsys.readouterr()
+            assert await asyncio.to_thread(cli, ["status", "--url", str(h.client.make_url("/"))]) == 0
+            return first, delta, unknown
+
+    first, delta, unknown = run(go())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("downlink")]
+    assert lines == [f"downlink since start (--downlink int8): 2 full models, {size_text(len(first) + len(unknown))}; "
+                     f"1 delta (int8 steps), {size_text(len(delta))}; 50 % of the 2 fetches that named a base got a "
+                     "delta"]
+    assert cli(["status", "--state", str(tmp_path)]) == 0
+    assert "downlink" not in capsys.readouterr().out
