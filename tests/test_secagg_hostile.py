@@ -281,6 +281,11 @@ def test_hostile_masked_inputs_are_refused_and_the_round_goes_on(tmp_path: Path)
             not_in_roster = m.encode_masked(m.MaskedInput(task.round_id, late.device_id, zero, ()), late.key)
             got, problem = await h.upload(not_in_roster)
             assert (got, problem["reason"]) == (403, "not-in-roster")
+            # Messages of the other phases, for this round: the share phase is over, the unmask one not yet open.
+            again = h.engine.secure.current.dealings[hostile.index][0]  # the very shares it sent
+            early = m.encode_unmask(m.Unmask(task.round_id, hostile.device_id, Answer({}, {}, {})), hostile.key)
+            await refusals(h, "shares", {"shares after the share phase": (again, 409, "wrong-phase")})
+            await refusals(h, "unmask", {"an answer before the request": (early, 409, "wrong-phase")})
             await publish(h, task, rounds, counted=rounds)
 
     run(go())
