@@ -150,6 +150,18 @@ def _max_samples(text: str) -> int:
     return value
 
 
+def _finite(text: str) -> float:
+    """A number option that reaches the rounds, the tasks and /v1/status: inf or nan would be a deadline no timer
+    can hold, a learning rate no device can train with, and a /v1/status that is not JSON."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _synthetic_parameters(text: str) -> int:
     """A synthetic model has two tensors of at least one parameter each."""
     value = int(text)
@@ -193,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--min-clients", type=int, default=2, help="quorum: fewer updates abandon the round")
     serve.add_argument("--goal-clients", type=_non_negative_int, default=0,
                        help="close the round early at this many updates (0: all enrolled devices)")
-    serve.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round collects updates")
+    serve.add_argument("--round-timeout", type=_finite, default=600.0, help="seconds a round collects updates")
     serve.add_argument("--rounds", type=_non_negative_int, default=0,
                        help="stop publishing after this many model versions (keeps serving); 0: no limit")
     serve.add_argument("--max-update-norm", type=float,
@@ -206,17 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "and is exempt. With --secure-aggregation the count is masked and cannot be checked: N is the "
                        "roster's weight cap instead (devices weigh min(samples, N), at most 2^20), which a device "
                        "that does not follow the protocol can exceed")
-    serve.add_argument("--update-window", type=float, default=3600.0,
+    serve.add_argument("--update-window", type=_finite, default=3600.0,
                        help="refuse updates created more than this many seconds ago")
     serve.add_argument("--epochs", type=int, default=1)
     serve.add_argument("--batch-size", type=int, default=32)
-    serve.add_argument("--lr", type=float, default=0.05, help="device learning rate")
-    serve.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal term on the devices")
+    serve.add_argument("--lr", type=_finite, default=0.05, help="device learning rate")
+    serve.add_argument("--prox-mu", type=_finite, default=0.0, help="FedProx proximal term on the devices")
     serve.add_argument("--encoding", choices=wire.ENCODINGS, default="float32", help="update tensor encoding")
     serve.add_argument("--downlink", choices=DOWNLINK_ENCODINGS, default="full",
                        help="publish each version rounded to a float16, int8 or sparse step, so a device that "
                        "holds one of the last 16 versions fetches steps, not the model (default full: exact)")
-    serve.add_argument("--clip-norm", type=float, default=0.0, help="devices clip their delta to this L2 norm")
+    serve.add_argument("--clip-norm", type=_finite, default=0.0, help="devices clip their delta to this L2 norm")
     serve.add_argument("--dp", choices=MODES, help="differential privacy of the published models: clip, weight every "
                        "device 1 and add Gaussian noise to the sum (central), or let each device add its share of "
                        "discrete Gaussian noise inside secure aggregation (distributed) (docs/privacy.md)")

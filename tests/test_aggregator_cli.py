@@ -18,7 +18,7 @@ from nacl.signing import SigningKey, VerifyKey
 from tls_certs import self_signed
 
 from aggregator.app import SERVICES
-from aggregator.cli import main
+from aggregator.cli import build_parser, main
 from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
@@ -357,6 +357,18 @@ def test_serve_refuses_a_synthetic_model_without_parameters(tmp_path: Path, caps
         main(["serve", "--state", str(tmp_path), "--synthetic-parameters", value])
     assert exit_.value.code == 2
     assert f"--synthetic-parameters: expected at least 2 parameters, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "Infinity", "ten"])
+@pytest.mark.parametrize("option", ["--round-timeout", "--update-window", "--lr", "--prox-mu", "--clip-norm"])
+def test_serve_refuses_a_number_past_the_finite_in_one_line(tmp_path: Path, capsys, option: str, value: str) -> None:
+    """``--round-timeout inf`` (or nan) was a traceback that left an open round with an infinite deadline in
+    aggregator.db, which every later start tripped over; ``--clip-norm nan`` put NaN into /v1/status, which is not
+    JSON. Each is refused by the parser, naming the option, before anything is written."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--state", str(tmp_path), "--synthetic-parameters", "10", option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: expected a finite number, got {value!r}" in capsys.readouterr().err
 
 
 def test_enroll_from_a_file_that_is_not_utf8_names_the_line(tmp_path: Path, capsys) -> None:
