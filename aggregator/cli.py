@@ -24,6 +24,7 @@ from nacl.signing import SigningKey
 from aggregator.adaptive_clip import AdaptiveClip, AdaptiveClipError
 from aggregator.buffered import STALENESS_WEIGHTINGS, BufferConfigError, BufferPolicy, check_buffered_strategy
 from aggregator.privacy import MODES, DPConfig, PrivacyError, check_mode, check_private_strategy
+from aggregator.privacy_restart import check_restart
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
 from aggregator.rounds import DEFAULT_MAX_SAMPLES, MAX_SAMPLES_LIMIT, STATUS_ROUND_DEVICES, RoundPolicy, TrainingPlan
 from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy
@@ -246,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dp-clip-count-stddev", type=float, metavar="SIGMA_B",
                        help="--dp-adaptive-clip: noise std on the count of devices within C (default 5 x Z: 1 %% of "
                        "the privacy; must exceed Z / 2)")
+    serve.add_argument("--dp-reset", action="store_true",
+                       help="without --dp, on a state served with --dp: stop differential privacy, retiring "
+                       "<state>/privacy.json to privacy-retired-<time>.json; the models published from then on carry "
+                       "no DP guarantee and --dp cannot resume on this state (docs/privacy.md)")
     serve.add_argument("--secure-aggregation", action="store_true",
                        help="every round is a secure-aggregation round: the aggregator learns only the sum of the "
                        "survivors' updates (docs/aggregator.md); needs --clip-norm and fedavg, fedadam or fedyogi")
@@ -429,6 +434,10 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
         init_state(args.state)
     key = load_key(args.state)
     _open_store(args.state).close()  # a damaged database is refused here, before the banner
+    try:
+        check_restart(args.state, _privacy(args), args.dp_reset)  # the DP the published models promise
+    except PrivacyError as exc:
+        raise CliError(str(exc)) from None
     if args.model is not None:
         try:
             package = load_package_file(args.model, key.verify_key)

@@ -279,6 +279,13 @@ class _Fields:
         value = self.saved.get(name)
         return None if value is None else self.number(name, value, positive=True)
 
+    def mode(self) -> str | None:
+        """The --dp mode the ledger was written under; None for a ledger written before it recorded its mode."""
+        value = self.saved.get("mode")
+        if value is not None and value not in MODES:
+            raise self._bad(self.source, f"holds mode {json.dumps(value)[:40]}, not one of {', '.join(MODES)}")
+        return value
+
     def unmasking(self) -> Unmasking | None:
         value = self.saved.get("unmasking")
         if value is None:
@@ -344,6 +351,10 @@ class PrivacyLedger:
                 f"{source} accounts with delta {saved['delta']}, not --dp-delta {self.config.delta}: "
                 "a guarantee's delta cannot change mid-way"
             )
+        mode = fields.mode()
+        if mode is not None and mode != self.config.mode:
+            raise PrivacyError(f"{source} counts rounds of --dp {mode}, not --dp {self.config.mode}: "
+                               "a guarantee's mode cannot change mid-way")
         self.rounds = fields.multipliers("noise_multipliers", required=True)
         self.rdp_slack = fields.number("rdp_slack", saved.get("rdp_slack", 0.0), positive=False)
         self.counts = fields.multipliers("clip_count_noise_multipliers")
@@ -458,11 +469,13 @@ class PrivacyLedger:
 
     def _saved(self, **changes: Any) -> dict[str, Any]:
         """The ledger file's fields: this ledger with ``changes`` (attribute name: new value). A field the previous
-        versions did not write is written only when it holds something, so a central ledger reads as it always did."""
+        versions did not write is written only when it holds something (``mode`` always: a restart compares it), so
+        a central ledger reads as it always did."""
         state = {"rounds": self.rounds, "rdp_slack": self.rdp_slack, "counts": self.counts,
                  "clip_norm": self.clip_norm, "clip_history": self.clip_history, "unpublished": self.unpublished,
                  "unmasking": self.unmasking} | changes
-        saved: dict[str, Any] = {"delta": self.config.delta, "noise_multipliers": state["rounds"]}
+        saved: dict[str, Any] = {"mode": self.config.mode, "delta": self.config.delta,
+                                 "noise_multipliers": state["rounds"]}
         if state["rdp_slack"]:
             saved["rdp_slack"] = state["rdp_slack"]
         if state["counts"] or state["clip_norm"] is not None:
@@ -500,6 +513,54 @@ class PrivacyLedger:
         if self.config.mode == "distributed":
             metadata["mode"] = "distributed"
         return metadata
+
+
+
+@dataclass(frozen=True)
+class RecordedDP:
+    """What a state's ledger says about the differential privacy its published models were trained under."""
+
+    source: Path  # privacy.json, or privacy-pending.npz when a crash came before the ledger's own file
+    mode: str | None  # None: written before the ledger recorded its mode
+    delta: float
+    rounds: int  # noised rounds counted: published, unmasked but not published, and one being unmasked
+    last_noise_multiplier: float | None
+
+    def flags(self) -> str:
+        """The recorded settings in the words of the flags that made them."""
+        return f"--dp {self.mode or '(mode not recorded)'} --dp-delta {self.delta:g}"
+
+    def describe(self) -> str:
+        """:meth:`flags` and what the ledger counted under them."""
+        last = "" if self.last_noise_multiplier is None else f", last noise multiplier {self.last_noise_multiplier:g}"
+        return f"{self.flags()} ({self.rounds} noised rounds counted{last})"
+
+
+def recorded_dp(state_dir: Path) -> RecordedDP | None:
+    """The DP settings ``state_dir``'s ledger counts rounds under, or None when it holds no ledger (no round of it
+    was ever noised). A damaged ledger is refused in one line (PrivacyError), as :class:`PrivacyLedger` does."""
+    path, pending_path = Path(state_dir) / LEDGER_FILE, Path(state_dir) / PENDING_FILE
+    candidates: list[tuple[Path, Any]] = []
+    if path.exists():
+        try:
+            candidates.append((path, json.loads(path.read_bytes())))
+        except ValueError as exc:
+            raise _Fields._bad(path, f"is not JSON ({exc})") from None
+    if pending_path.exists():
+        try:
+            candidates.append((pending_path, PendingRelease.decode(pending_path.read_bytes())[1]))
+        except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise _Fields._bad(pending_path, f"cannot be read ({exc})") from None
+    recorded: RecordedDP | None = None
+    for source, saved in candidates:  # the pending file's ledger is the newer one when it counts more rounds
+        fields = _Fields(saved, source)
+        rounds = fields.multipliers("noise_multipliers", required=True)
+        counted = len(rounds) + len(fields.multipliers("unpublished_noise_multipliers")) + (
+            fields.unmasking() is not None)
+        if recorded is None or counted > recorded.rounds:
+            recorded = RecordedDP(source, fields.mode(), fields.number("delta", saved.get("delta"), positive=True),
+                                  counted, rounds[-1] if rounds else None)
+    return recorded
 
 
 class GaussianSum:

@@ -36,10 +36,12 @@ def test_a_ledger_with_unpublished_sums_loads_and_counts_them(tmp_path: Path) ->
 
 
 def test_a_central_ledger_keeps_its_fields_when_a_round_is_counted(tmp_path: Path) -> None:
-    """A central ledger never holds the distributed fields: the file reads as every version wrote it."""
+    """A central ledger never holds the distributed fields: the file reads as every version wrote it, with the mode
+    a restart compares (tests/test_privacy_restart.py) beside them."""
     ledger = _ledger(tmp_path, {"delta": DELTA, "noise_multipliers": [1.0]}, mode="central")
     ledger.record_round()
-    assert json.loads((tmp_path / "privacy.json").read_text()) == {"delta": DELTA, "noise_multipliers": [1.0, 1.0]}
+    assert json.loads((tmp_path / "privacy.json").read_text()) == {
+        "mode": "central", "delta": DELTA, "noise_multipliers": [1.0, 1.0]}
     assert ledger.spent() == pytest.approx(epsilon([1.0, 1.0], DELTA), rel=1e-12)
 
 
@@ -72,6 +74,7 @@ def test_the_unmask_written_ahead_counts_until_it_is_settled_once(tmp_path: Path
     ({"delta": DELTA, "noise_multipliers": [], "unpublished_noise_multipliers": [0]}, "unpublished"),
     ({"delta": DELTA, "noise_multipliers": [], "unmasking": {"round": 1}}, "unmasking"),
     ({"delta": DELTA, "noise_multipliers": [], "unmasking": 3}, "unmasking"),
+    ({"mode": "local", "delta": DELTA, "noise_multipliers": []}, "mode"),
 ])
 def test_a_damaged_ledger_is_refused_in_one_line(tmp_path: Path, saved: Any, named: str) -> None:
     with pytest.raises(PrivacyError) as refused:
