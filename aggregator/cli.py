@@ -28,7 +28,7 @@ from aggregator.privacy_restart import check_restart
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
 from aggregator.rounds import DEFAULT_MAX_SAMPLES, MAX_SAMPLES_LIMIT, STATUS_ROUND_DEVICES, RoundPolicy, TrainingPlan
 from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy
-from aggregator.statuspage import fetches_naming_a_base, size_text
+from aggregator.statuspage import downlink_text
 from aggregator.store import Store, StoreError
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
 from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strategy, parse_upstream_key
@@ -611,7 +611,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("no open round")
     if status.get("downlink"):  # --url only: the counters of the running process
-        print(_downlink_line(status["downlink"]))
+        print(downlink_text(status["downlink"]))
     devices = status["devices"]
     count = devices.get("sites", 0)
     sites = f" ({count} site{'s' if count != 1 else ''})" if count else ""
@@ -626,21 +626,6 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{r['participants']:>5} updates {r['samples']:>8} samples  {metrics} {r['note']}".rstrip())
         print(_lost_line(r), end="")
     return 0
-
-
-def _downlink_line(downlink: dict[str, Any]) -> str:
-    """The status page's downlink line: the full models and deltas sent since the server started, and the share of
-    the fetches that named a base (a device holding an earlier version) that got a delta."""
-    full, delta, encoding = downlink["full"], downlink["delta"], downlink["encoding"]
-    steps = f" ({encoding} steps)" if encoding != "full" else ""
-    line = (f"downlink since start (--downlink {encoding}): {full['downloads']} full model"
-            f"{'s' if full['downloads'] != 1 else ''}, {size_text(full['bytes'])}; {delta['downloads']} "
-            f"delta{'s' if delta['downloads'] != 1 else ''}{steps}, {size_text(delta['bytes'])}")
-    named_base = fetches_naming_a_base(downlink)
-    if named_base:
-        line += (f"; {100 * delta['downloads'] / named_base:.0f} % of the {named_base} fetches that named a base "
-                 "got a delta")
-    return line
 
 
 def _json_numbers(value: Any) -> Any:

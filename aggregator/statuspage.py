@@ -8,6 +8,7 @@ browser one page of rows and no script.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
@@ -109,22 +110,31 @@ def fetches_naming_a_base(downlink: dict[str, Any]) -> int:
                                                 if answer.startswith("full_"))
 
 
+def downlink_text(downlink: dict[str, Any], *, number: Callable[[int], str] = str,
+                  text: Callable[[str], str] = str, separator: str = "; ") -> str:
+    """The models sent since start (``GET /v1/status``'s ``downlink``) in one line, as the page and ``fl-aggregator
+    status --url`` say it: full models and deltas (downloads and bytes), and of the fetches that named a base (a
+    device holding an earlier version), the share that got a delta. ``number`` and ``text`` mark up counts and
+    names (the page makes counts bold and escapes names)."""
+    full, delta, encoding = downlink["full"], downlink["delta"], downlink["encoding"]
+    steps = f" ({text(encoding)} steps)" if encoding != "full" else ""
+    parts = [
+        f"{number(full['downloads'])} full model{'s' if full['downloads'] != 1 else ''}, {size_text(full['bytes'])}",
+        f"{number(delta['downloads'])} delta{'s' if delta['downloads'] != 1 else ''}{steps}, "
+        f"{size_text(delta['bytes'])}",
+    ]
+    named_base = fetches_naming_a_base(downlink)
+    if named_base:
+        parts.append(f"{100 * delta['downloads'] / named_base:.0f} % of the {named_base} fetches that named a base "
+                     "got a delta")
+    return f"downlink since start (--downlink {text(encoding)}): " + separator.join(parts)
+
+
 def _downlink(status: dict[str, Any]) -> str:
-    """The models sent since start: full models and deltas (downloads and bytes), and of the fetches that named a
-    base (a device holding an earlier version), the share that got a delta."""
     downlink = status.get("downlink")
     if not downlink:
         return ""
-    full, delta, encoding = downlink["full"], downlink["delta"], downlink["encoding"]
-    steps = f" ({escape(encoding)} steps)" if encoding != "full" else ""
-    line = (f"<p>downlink since start (--downlink {escape(encoding)}): <b>{full['downloads']}</b> full model"
-            f"{'s' if full['downloads'] != 1 else ''}, {size_text(full['bytes'])} &middot; <b>{delta['downloads']}</b> "
-            f"delta{'s' if delta['downloads'] != 1 else ''}{steps}, {size_text(delta['bytes'])}")
-    named_base = fetches_naming_a_base(downlink)
-    if named_base:
-        line += (f" &middot; {100 * delta['downloads'] / named_base:.0f} % of the {named_base} fetches that named a "
-                 "base got a delta")
-    return line + "</p>\n"
+    return f"<p>{downlink_text(downlink, number=lambda n: f'<b>{n}</b>', text=escape, separator=' &middot; ')}</p>\n"
 
 
 def _ago(seconds: float) -> str:
