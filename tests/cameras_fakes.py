@@ -343,3 +343,23 @@ class FakeV4L2IO:
 
     def open_count(self) -> int:
         return len(self.handles)
+
+
+def managers_over_fakes(monkeypatch: Any, dev: FakeUdevDevice, io: FakeV4L2IO,
+                        on_made: Callable[[], None] | None = None) -> list[Any]:
+    """Make ``appliance.cameras.CameraManager`` build its managers over fakes: a udev context holding ``dev``, a
+    silent monitor and ``io``. Returns the list each manager made is added to; ``on_made()`` runs after each (in the
+    agent's event loop, where camera_task makes its manager)."""
+    from appliance import cameras
+
+    made: list[Any] = []
+    real = cameras.CameraManager
+
+    def manager_with_fakes(settings: Any, on_frame: Any) -> Any:
+        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
+        if on_made is not None:
+            on_made()
+        return made[0]
+
+    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    return made

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_harness import FakeAggregator, enrolled_state, run_agent_against, sample, small_package
-from cameras_fakes import FakeCamera, FakeContext, FakeMonitor, FakeV4L2IO, recorded
+from cameras_fakes import FakeCamera, FakeV4L2IO, managers_over_fakes, recorded
 from nacl.signing import SigningKey
 from storage_faults import FullDirectoryWrites, error_lines
 
@@ -225,21 +225,15 @@ def test_fl_agent_run_counts_refused_frame_writes_on_its_metrics_endpoint(
     monkeypatch.setattr(os, "write", disk)
     dev = recorded("vivid-video0").with_node(str(tmp_path / "video0"))
     io = FakeV4L2IO(FakeCamera(dev.device_node, width=128, height=96))
-    made: list[cameras.CameraManager] = []
     clocks: list[asyncio.Task[None]] = []
-    real = cameras.CameraManager
 
     async def frame_clock() -> None:  # the fake camera's frame period, in the agent's own loop
         while True:
             io.tick()
             await asyncio.sleep(0.002)
 
-    def manager_with_fakes(settings, on_frame):
-        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
-        clocks.append(asyncio.get_running_loop().create_task(frame_clock()))
-        return made[0]
-
-    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    made = managers_over_fakes(monkeypatch, dev, io,
+                               on_made=lambda: clocks.append(asyncio.get_running_loop().create_task(frame_clock())))
     port = free_port()
     config = tmp_path / "agent.toml"
     config.write_text(
@@ -304,14 +298,7 @@ def test_camera_task_waits_for_a_frame_buffer_the_card_fails_to_list_and_then_ca
     monkeypatch.setattr(cameras, "BUFFER_RETRY_SECONDS", 0.01)
     dev = recorded("vivid-video0").with_node(str(tmp_path / "video0"))
     io = FakeV4L2IO(FakeCamera(dev.device_node))
-    made: list[cameras.CameraManager] = []
-    real = cameras.CameraManager
-
-    def manager_with_fakes(settings, on_frame):
-        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
-        return made[0]
-
-    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    made = managers_over_fakes(monkeypatch, dev, io)
     from appliance.config import AgentConfig, CamerasConfig, Config
 
     config = Config(agent=AgentConfig(state_dir=str(tmp_path)), cameras=CamerasConfig(sample_interval_seconds=0.01))

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cameras_fakes import FakeCamera, FakeContext, FakeMonitor, FakeUdevDevice, FakeV4L2IO, recorded
+from cameras_fakes import (
+    FakeCamera,
+    FakeContext,
+    FakeMonitor,
+    FakeUdevDevice,
+    FakeV4L2IO,
+    managers_over_fakes,
+    recorded,
+)
 from prometheus_client import CollectorRegistry, generate_latest
 from storage_faults import FullDirectoryWrites
 
@@ -281,14 +289,7 @@ def test_camera_task_runs_from_the_agent_config(tmp_path: Path, monkeypatch: pyt
 
     dev = vivid_at(tmp_path)
     io = FakeV4L2IO(FakeCamera(dev.device_node))
-    made: list[CameraManager] = []
-    real = cameras.CameraManager
-
-    def manager_with_fakes(settings, on_frame):
-        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
-        return made[0]
-
-    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    made = managers_over_fakes(monkeypatch, dev, io)
     config = Config(agent=AgentConfig(state_dir=str(tmp_path)),
                     cameras=CamerasConfig(sample_interval_seconds=0.01, buffer_max_frames=7))
     registry = CollectorRegistry()
@@ -319,14 +320,7 @@ def test_camera_task_drops_an_old_buffer_and_writes_its_last_batch_when_it_stops
     (frames_dir / "000000000000.flf").write_bytes(b"FLF1" + bytes(4116))  # a float32 frame of the old format
     dev = vivid_at(tmp_path)
     io = FakeV4L2IO(FakeCamera(dev.device_node))
-    made: list[CameraManager] = []
-    real = cameras.CameraManager
-
-    def manager_with_fakes(settings, on_frame):
-        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
-        return made[0]
-
-    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    made = managers_over_fakes(monkeypatch, dev, io)
     config = Config(agent=AgentConfig(state_dir=str(tmp_path)), cameras=CamerasConfig(sample_interval_seconds=0.01))
     registry = CollectorRegistry()
 
@@ -416,14 +410,7 @@ def test_camera_task_captures_on_a_read_only_partition_and_counts_its_refused_wr
     monkeypatch.setattr(os, "unlink", read_only_unlink)
     dev = vivid_at(tmp_path)
     io = FakeV4L2IO(FakeCamera(dev.device_node))
-    made: list[CameraManager] = []
-    real = cameras.CameraManager
-
-    def manager_with_fakes(settings, on_frame):
-        made.append(real(settings, on_frame, context=FakeContext([dev]), monitor=FakeMonitor(), io=io))
-        return made[0]
-
-    monkeypatch.setattr(cameras, "CameraManager", manager_with_fakes)
+    made = managers_over_fakes(monkeypatch, dev, io)
     config = Config(agent=AgentConfig(state_dir=str(tmp_path)),
                     cameras=CamerasConfig(sample_interval_seconds=0.01, buffer_max_frames=7))
     counted: list[str] = []
