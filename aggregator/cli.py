@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg",
                        help="; ".join(f"{name}: {cls.summary}" for name, cls in STRATEGIES.items()))
     for flag, (kind, text) in option_flags().items():  # each rule declares its own options
-        serve.add_argument(flag, type=kind, dest=_option_dest(flag), help=text)
+        serve.add_argument(flag, type=_finite if kind is float else kind, dest=_option_dest(flag), help=text)
     serve.add_argument("--mode", choices=("sync", "async"), default="sync",
                        help="sync: rounds wait for their goal or deadline; async: buffered asynchronous aggregation "
                        "(FedBuff), a new version every --buffer K updates, stale updates weighted down")
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--round-timeout", type=_finite, default=600.0, help="seconds a round collects updates")
     serve.add_argument("--rounds", type=_non_negative_int, default=0,
                        help="stop publishing after this many model versions (keeps serving); 0: no limit")
-    serve.add_argument("--max-update-norm", type=float,
+    serve.add_argument("--max-update-norm", type=_finite,
                        help="refuse deltas with a larger L2 norm, at most 1e15 (default: 1.1 x --clip-norm when set, "
                        "else max(||params||, sqrt(P)) of the round's model)")
     serve.add_argument("--max-samples", type=_max_samples, default=DEFAULT_MAX_SAMPLES, metavar="N",
@@ -233,18 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dp", choices=MODES, help="differential privacy of the published models: clip, weight every "
                        "device 1 and add Gaussian noise to the sum (central), or let each device add its share of "
                        "discrete Gaussian noise inside secure aggregation (distributed) (docs/privacy.md)")
-    serve.add_argument("--dp-noise-multiplier", type=float, metavar="Z",
+    serve.add_argument("--dp-noise-multiplier", type=_finite, metavar="Z",
                        help="--dp: noise standard deviation as a multiple of --clip-norm")
-    serve.add_argument("--dp-delta", type=float, default=1e-5, metavar="D",
+    serve.add_argument("--dp-delta", type=_finite, default=1e-5, metavar="D",
                        help="--dp: the delta epsilon is reported at (default 1e-5; must be below 1/devices)")
-    serve.add_argument("--dp-epsilon-budget", type=float, metavar="E",
+    serve.add_argument("--dp-epsilon-budget", type=_finite, metavar="E",
                        help="--dp: open no round that would take epsilon past E (the last model stays published)")
-    serve.add_argument("--dp-adaptive-clip", type=float, metavar="GAMMA",
+    serve.add_argument("--dp-adaptive-clip", type=_finite, metavar="GAMMA",
                        help="--dp central: the clip norm follows the GAMMA quantile of the devices' update norms, "
                        "starting at --clip-norm (adaptive clipping, Andrew et al. 2021; docs/privacy.md)")
-    serve.add_argument("--dp-clip-learning-rate", type=float, metavar="ETA",
+    serve.add_argument("--dp-clip-learning-rate", type=_finite, metavar="ETA",
                        help="--dp-adaptive-clip: each round C <- C exp(-ETA (fraction within C - GAMMA)) (default 0.2)")
-    serve.add_argument("--dp-clip-count-stddev", type=float, metavar="SIGMA_B",
+    serve.add_argument("--dp-clip-count-stddev", type=_finite, metavar="SIGMA_B",
                        help="--dp-adaptive-clip: noise std on the count of devices within C (default 5 x Z: 1 %% of "
                        "the privacy; must exceed Z / 2)")
     serve.add_argument("--dp-reset", action="store_true",
@@ -254,15 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--secure-aggregation", action="store_true",
                        help="every round is a secure-aggregation round: the aggregator learns only the sum of the "
                        "survivors' updates (docs/aggregator.md); needs --clip-norm and fedavg, fedadam or fedyogi")
-    serve.add_argument("--secagg-threshold", type=float, metavar="FRACTION",
+    serve.add_argument("--secagg-threshold", type=_finite, metavar="FRACTION",
                        help="--secure-aggregation: shares needed to rebuild a device's secret, as more than this "
                        "fraction of its k+1 holders (default 0.5: a strict majority)")
     serve.add_argument("--secagg-neighbours", type=int, metavar="K",
                        help="--secure-aggregation: devices each one masks with (default 2 ceil(log2 n), SecAgg+; "
                        "0: every device, the original protocol)")
-    serve.add_argument("--secagg-phase-timeout", type=float, metavar="SECONDS",
+    serve.add_argument("--secagg-phase-timeout", type=_finite, metavar="SECONDS",
                        help="--secure-aggregation: how long the advertise, share and unmask phases wait (default 30)")
-    serve.add_argument("--workers", type=int, help="verification threads (default: CPU count)")
+    serve.add_argument("--workers", type=_non_negative_int,
+                       help="verification threads (default, or 0: CPU count)")
     serve.add_argument("--upstream", metavar="URL",
                        help="site mode: follow this parent aggregator's rounds and forward one partial sum per round")
     serve.add_argument("--upstream-key", metavar="HEX_OR_FILE",

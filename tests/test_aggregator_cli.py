@@ -371,6 +371,30 @@ def test_serve_refuses_a_number_past_the_finite_in_one_line(tmp_path: Path, caps
     assert f"argument {option}: expected a finite number, got {value!r}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["inf", "nan"])
+@pytest.mark.parametrize("option", [
+    "--dp-epsilon-budget", "--secagg-phase-timeout", "--server-lr", "--tau", "--dp-noise-multiplier", "--dp-delta",
+    "--dp-adaptive-clip", "--dp-clip-learning-rate", "--dp-clip-count-stddev", "--secagg-threshold",
+    "--max-update-norm", "--trim"])
+def test_serve_refuses_inf_and_nan_for_every_number_option(tmp_path: Path, capsys, option: str, value: str) -> None:
+    """``--dp-epsilon-budget inf`` and ``--secagg-phase-timeout inf`` were served, and /v1/status then printed
+    Infinity, which is not JSON; ``--server-lr inf`` (or ``--tau inf``) was served and every round's model was inf,
+    refused at each close. Every number option of serve is refused by the parser, naming it."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--state", str(tmp_path), "--synthetic-parameters", "10", option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: expected a finite number, got {value!r}" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_negative_worker_count_in_one_line(tmp_path: Path, capsys) -> None:
+    """``--workers -1`` was a ValueError traceback from the thread pool after the banner."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--state", str(tmp_path), "--synthetic-parameters", "10", "--workers",
+                                   "-1"])
+    assert exit_.value.code == 2
+    assert "argument --workers: expected a non-negative integer, got -1" in capsys.readouterr().err
+
+
 def test_enroll_from_a_file_that_is_not_utf8_names_the_line(tmp_path: Path, capsys) -> None:
     main(["keygen", "--state", str(tmp_path)])
     fleet = tmp_path / "fleet.jsonl"
