@@ -110,6 +110,8 @@ class RoundPolicy:
             raise ValueError("goal-clients must be 0 (all enrolled devices) or positive")
         if self.round_timeout <= 0:
             raise ValueError("round-timeout must be positive")
+        if self.update_window <= 0:  # a window of 0 or less refuses every update as too old
+            raise ValueError("update-window must be positive")
         if self.max_update_norm is not None and not 0 < self.max_update_norm <= MAX_UPDATE_NORM:
             raise ValueError(f"max-update-norm must be in (0, {MAX_UPDATE_NORM:g}]")
         if not 1 <= self.max_samples <= MAX_SAMPLES_LIMIT:

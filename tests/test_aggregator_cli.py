@@ -395,6 +395,18 @@ def test_serve_refuses_a_negative_worker_count_in_one_line(tmp_path: Path, capsy
     assert "argument --workers: expected a non-negative integer, got -1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_serve_refuses_an_update_window_that_refuses_every_update(tmp_path: Path, value: str) -> None:
+    """``--update-window -1`` (or 0) was served, and every update was then refused as created too long ago."""
+    done = subprocess.run(
+        [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(tmp_path / "state"),
+         "--synthetic-parameters", "10", "--listen", f"127.0.0.1:{free_port()}", "--update-window", value],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["fl-aggregator: update-window must be positive"], done.stderr
+
+
 def test_enroll_from_a_file_that_is_not_utf8_names_the_line(tmp_path: Path, capsys) -> None:
     main(["keygen", "--state", str(tmp_path)])
     fleet = tmp_path / "fleet.jsonl"
