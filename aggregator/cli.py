@@ -436,7 +436,7 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
     key = load_key(args.state)
     _open_store(args.state).close()  # a damaged database is refused here, before the banner
     try:
-        check_restart(args.state, _privacy(args), args.dp_reset)  # the DP the published models promise
+        check_restart(args.state, _privacy(args), args.dp_reset, key.verify_key)  # the DP the published models promise
     except PrivacyError as exc:
         raise CliError(str(exc)) from None
     if args.model is not None:

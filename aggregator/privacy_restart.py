@@ -13,20 +13,27 @@ serves without differential privacy; it says in the log what guarantee is lost.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
+from nacl.signing import VerifyKey
+
 from aggregator.privacy import LEDGER_FILE, PENDING_FILE, DPConfig, PrivacyError, RecordedDP, recorded_dp
+from appliance import wire
 from appliance.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
 
-def check_restart(state_dir: Path, config: DPConfig | None, reset: bool) -> None:
+def check_restart(state_dir: Path, config: DPConfig | None, reset: bool, key: VerifyKey) -> None:
     """Refuse (PrivacyError, one line) a start whose DP settings break the guarantee ``state_dir``'s ledger records;
-    with ``reset`` (and no ``config``), retire the ledger instead."""
+    with ``reset`` (and no ``config``), retire the ledger instead. ``key``: the aggregator's, which signed the
+    releases that name the mode of a ledger written before it recorded its own."""
     recorded = recorded_dp(state_dir)
+    if recorded is not None and recorded.mode is None:
+        recorded = dataclasses.replace(recorded, mode=released_mode(state_dir, key))
     given = "no --dp" if config is None else f"--dp {config.mode} --dp-delta {config.delta:g}"
     if reset:
         if config is not None:
@@ -52,6 +59,25 @@ def check_restart(state_dir: Path, config: DPConfig | None, reset: bool) -> None
         f"{recorded.source} records {recorded.describe()}, given {given}: {problem}, and the models published so "
         "far promise that guarantee for every round; restart with the recorded --dp and --dp-delta, start a new "
         "--state, or stop DP with --dp-reset (docs/privacy.md)")
+
+
+def released_mode(state_dir: Path, key: VerifyKey) -> str | None:
+    """The --dp mode the newest signed release in ``<state>/models`` states (its ``dp`` map names "distributed";
+    a central one names no mode), or None when it states no DP: how a ledger written before it recorded its mode
+    is held to the mode its releases promised, instead of taking whatever mode the restart gives."""
+    releases = sorted((Path(state_dir) / "models").glob("v*.release"))
+    if not releases:
+        return None
+    data = releases[-1].read_bytes()
+    try:
+        payload = wire.verify(data, wire.pinned(key), wire.Limits(max_bytes=len(data))).payload
+    except wire.ProtocolError as exc:
+        raise PrivacyError(f"{releases[-1]}: {exc}: the newest release cannot say the --dp mode of the ledger "
+                           "(written before ledgers recorded it)") from None
+    dp = payload.get("dp")
+    if not isinstance(dp, dict):
+        return None
+    return str(dp.get("mode", "central"))
 
 
 def retire(state_dir: Path, recorded: RecordedDP) -> Path:

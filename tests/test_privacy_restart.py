@@ -114,3 +114,15 @@ def test_dp_reset_stops_dp_retiring_the_ledger_and_logs_what_is_lost(dp_state: P
 
     line = _refused(dp_state, "--dp", "central", "--dp-noise-multiplier", "1")  # DP cannot resume on this state
     assert "published 1 versions but 0 were trained with DP noise" in line, line
+
+
+def test_a_ledger_written_before_it_recorded_its_mode_is_held_to_the_mode_its_releases_state(dp_state: Path) -> None:
+    """A ledger of the previous version has no mode: it was not compared, so --dp distributed served on a central
+    state (and its next write recorded "distributed"). The newest signed release states the mode instead."""
+    ledger = dp_state / "privacy.json"
+    saved = json.loads(ledger.read_text())
+    del saved["mode"]
+    ledger.write_text(json.dumps(saved))
+    line = _refused(dp_state, "--dp", "distributed", "--secure-aggregation", "--dp-noise-multiplier", "1")
+    assert "records --dp central --dp-delta 1e-05" in line and "mode would change" in line, line
+    assert "mode" not in json.loads(ledger.read_text())
