@@ -47,6 +47,8 @@ def check_restart(state_dir: Path, config: DPConfig | None, reset: bool, key: Ve
         return
     if recorded is None:
         return
+    if config is None and recorded.rounds == 0:
+        return  # nothing was noised (a first unmask that failed): no release promises anything yet
     if config is None:
         problem = "differential privacy would stop"
     elif recorded.mode is not None and recorded.mode != config.mode:

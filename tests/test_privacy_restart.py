@@ -126,3 +126,16 @@ def test_a_ledger_written_before_it_recorded_its_mode_is_held_to_the_mode_its_re
     line = _refused(dp_state, "--dp", "distributed", "--secure-aggregation", "--dp-noise-multiplier", "1")
     assert "records --dp central --dp-delta 1e-05" in line and "mode would change" in line, line
     assert "mode" not in json.loads(ledger.read_text())
+
+
+def test_a_ledger_that_counts_no_round_does_not_hold_a_restart_without_dp(tmp_path: Path) -> None:
+    """A distributed state whose first unmask failed (too few shares) keeps a ledger counting nothing: no release
+    promises a guarantee, yet a restart without --dp was refused, pointing to --dp-reset and its 'DP can never
+    resume', which is not so for a state that published nothing."""
+    state = tmp_path / "state"
+    subprocess.run([sys.executable, "-m", "aggregator.cli", "keygen", "--state", str(state)], cwd=ROOT, check=True,
+                   capture_output=True)
+    (state / "privacy.json").write_text(json.dumps({"mode": "distributed", "delta": 1e-5, "noise_multipliers": []}))
+    status, _ = _status_of_running(state)
+    assert status["privacy"] is None and status["model"]["version"] == 0
+    assert (state / "privacy.json").exists()
