@@ -435,10 +435,6 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
         init_state(args.state)
     key = load_key(args.state)
     _open_store(args.state).close()  # a damaged database is refused here, before the banner
-    try:
-        check_restart(args.state, _privacy(args), args.dp_reset, key.verify_key)  # the DP the published models promise
-    except PrivacyError as exc:
-        raise CliError(str(exc)) from None
     if args.model is not None:
         try:
             package = load_package_file(args.model, key.verify_key)
@@ -474,6 +470,10 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
             ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise CliError(f"cannot load TLS certificate {args.tls_cert} / key {args.tls_key}: {exc}") from None
+    try:  # the DP the published models promise; last, so that --dp-reset retires nothing for a start refused
+        check_restart(args.state, _privacy(args), args.dp_reset, key.verify_key)
+    except PrivacyError as exc:
+        raise CliError(str(exc)) from None
     host, port = args.listen
     print(
         f"fl-aggregator {wire.key_id(key.verify_key)} serving {package.info.name} "

@@ -139,3 +139,11 @@ def test_a_ledger_that_counts_no_round_does_not_hold_a_restart_without_dp(tmp_pa
     status, _ = _status_of_running(state)
     assert status["privacy"] is None and status["model"]["version"] == 0
     assert (state / "privacy.json").exists()
+
+
+def test_dp_reset_retires_nothing_when_the_start_is_refused_for_something_else(dp_state: Path) -> None:
+    """The ledger was retired first, then the start refused (here --tls-cert without --tls-key): the state had lost
+    its ledger for a server that never served, and --dp could no longer restart it."""
+    line = _refused(dp_state, "--dp-reset", "--tls-cert", str(dp_state / "cert.pem"))
+    assert "--tls-cert and --tls-key go together" in line, line
+    assert (dp_state / "privacy.json").exists() and not list(dp_state.glob("privacy-retired-*.json"))
