@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -15,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -39,6 +42,7 @@ from appliance.identity import IdentityError, read_key_file, write_key_file
 from appliance.protocol.downlink import DOWNLINK_ENCODINGS
 
 KEY_FILE = "aggregator.key"
+SERVE_LOCK_FILE = "serve.lock"  # held by the one serve process of a state (served_alone)
 PUB_FILE = "aggregator.pub"
 LISTEN_BACKLOG = 128  # aiohttp's default
 
@@ -470,23 +474,48 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
             ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise CliError(f"cannot load TLS certificate {args.tls_cert} / key {args.tls_key}: {exc}") from None
-    try:  # the DP the published models promise; last, so that --dp-reset retires nothing for a start refused
-        check_restart(args.state, _privacy(args), args.dp_reset, key.verify_key)
-    except PrivacyError as exc:
-        raise CliError(str(exc)) from None
-    host, port = args.listen
-    print(
-        f"fl-aggregator {wire.key_id(key.verify_key)} serving {package.info.name} "
-        f"({sum(s.size for s in package.info.param_specs)} parameters) on "
-        f"{'https' if ssl_context else 'http'}://{host}:{port}",
-        flush=True,
-    )
-    try:
-        web.run_app(make_app(config), sock=sockets, ssl_context=ssl_context, print=None,
-                    handle_signals=True, shutdown_timeout=5.0, access_log=None, **SERVER_OPTIONS)
-    except (RuntimeError, StoreError, OSError) as exc:  # start-up refusals: a model another key signed...
-        raise CliError(str(exc)) from None
+    with served_alone(args.state):
+        try:  # the DP the published models promise; last, so that --dp-reset retires nothing for a start refused
+            check_restart(args.state, _privacy(args), args.dp_reset, key.verify_key)
+        except PrivacyError as exc:
+            raise CliError(str(exc)) from None
+        host, port = args.listen
+        print(
+            f"fl-aggregator {wire.key_id(key.verify_key)} serving {package.info.name} "
+            f"({sum(s.size for s in package.info.param_specs)} parameters) on "
+            f"{'https' if ssl_context else 'http'}://{host}:{port}",
+            flush=True,
+        )
+        try:
+            web.run_app(make_app(config), sock=sockets, ssl_context=ssl_context, print=None,
+                        handle_signals=True, shutdown_timeout=5.0, access_log=None, **SERVER_OPTIONS)
+        except (RuntimeError, StoreError, OSError) as exc:  # start-up refusals: a model another key signed...
+            raise CliError(str(exc)) from None
     return 0
+
+
+@contextlib.contextmanager
+def served_alone(state_dir: Path) -> Iterator[None]:
+    """Hold ``<state>/serve.lock`` while serving: a second ``serve`` on the same state (another port, a unit started
+    twice, ``--dp-reset`` beside a running server) would write the same rounds, spool and privacy ledger as the
+    first. The lock goes with the process however it ends, kill -9 included."""
+    path = state_dir / SERVE_LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise CliError(f"{path}: cannot open the state's lock: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise CliError(f"{state_dir} is already served by another fl-aggregator serve (pid {holder}); stop it "
+                           "first: two servers on one state would both write its rounds, spool and ledger") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from nacl.signing import SigningKey, VerifyKey
 from tls_certs import self_signed
 
 from aggregator.app import SERVICES
-from aggregator.cli import build_parser, main
+from aggregator.cli import build_parser, main, served_alone
 from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
@@ -492,3 +493,23 @@ def test_serve_reports_a_port_in_use_before_anything_else(tmp_path: Path) -> Non
     assert "in use" in done.stderr
     assert "serving" not in done.stdout and "round 1" not in done.stderr
     assert not (tmp_path / "aggregator.db").exists()  # the state was not opened
+
+
+def test_a_second_serve_on_a_state_already_served_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Two servers on one state (a unit started twice, another port, --dp-reset beside a running server) would both
+    write its rounds, spool and privacy ledger. The second is refused, naming the first; once the first is gone (even
+    killed with -9, which runs no clean-up), the state serves again."""
+    state = tmp_path / "state"
+    first = subprocess.Popen([sys.executable, "-m", "aggregator.cli", "serve", "--init", *_serve_args(state)[1:]],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert first.stdout is not None and "serving" in first.stdout.readline()  # the banner: the state is held
+        second = _run_cli(*_serve_args(state))  # without the lock it serves (and times out)
+        err = second.stderr
+        assert second.returncode == 2 and err.count("\n") == 1, err
+        assert f"{state} is already served by another fl-aggregator serve (pid {first.pid})" in err
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    with served_alone(state):  # the killed server's lock went with it
+        assert (state / "serve.lock").read_text() == f"{os.getpid()}\n"
