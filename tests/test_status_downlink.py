@@ -32,6 +32,17 @@ async def body_of(h: Harness, version: int, query: dict[str, str] | None = None)
     return await response.read()
 
 
+async def full_delta_and_unknown_base(h: Harness) -> tuple[bytes, bytes, bytes]:
+    """The bodies of three fetches: version 0 in full (no base), after two rounds version 1 as an int8 delta from
+    version 0, and version 2 in full to a device naming a base the aggregator never published."""
+    first = await body_of(h, 0)
+    await publish_rounds(h, 2)
+    digest0 = wire.decode_model_release(first, h.key.verify_key, h.specs).digest.hex()
+    delta = await body_of(h, 1, {"base": "0", "base_digest": digest0})
+    unknown = await body_of(h, 2, {"base": "1", "base_digest": "00" * 32})
+    return first, delta, unknown
+
+
 def test_the_status_and_the_page_count_the_full_models_and_deltas_sent(tmp_path: Path) -> None:
     """Two full models (one to a device that named no base, one to a device naming a base the aggregator never
     published), one int8 delta and one 404: /v1/status gives those downloads and the bodies' bytes, and the page
@@ -39,11 +50,7 @@ def test_the_status_and_the_page_count_the_full_models_and_deltas_sent(tmp_path:
 
     async def go() -> None:
         async with running(tmp_path, devices=2, parameters=4000, downlink="int8") as h:
-            first = await body_of(h, 0)
-            await publish_rounds(h, 2)
-            digest0 = wire.decode_model_release(first, h.key.verify_key, h.specs).digest.hex()
-            delta = await body_of(h, 1, {"base": "0", "base_digest": digest0})
-            unknown = await body_of(h, 2, {"base": "1", "base_digest": "00" * 32})
+            first, delta, unknown = await full_delta_and_unknown_base(h)
             assert (await h.client.get("/v1/models/9")).status == 404
             assert (await h.client.head("/v1/models/0")).status == 200  # a HEAD sends no model: not counted
 
@@ -83,11 +90,7 @@ def test_status_url_says_the_downlink_in_one_line_as_the_page_does(tmp_path: Pat
 
     async def go() -> tuple[bytes, bytes, bytes]:
         async with running(tmp_path, devices=2, parameters=4000, downlink="int8") as h:
-            first = await body_of(h, 0)
-            await publish_rounds(h, 2)
-            digest0 = wire.decode_model_release(first, h.key.verify_key, h.specs).digest.hex()
-            delta = await body_of(h, 1, {"base": "0", "base_digest": digest0})
-            unknown = await body_of(h, 2, {"base": "1", "base_digest": "00" * 32})
+            first, delta, unknown = await full_delta_and_unknown_base(h)
             capsys.readouterr()
             assert await asyncio.to_thread(cli, ["status", "--url", str(h.client.make_url("/"))]) == 0
             return first, delta, unknown
