@@ -32,7 +32,7 @@ from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, rea
 from aggregator.rounds import DEFAULT_MAX_SAMPLES, MAX_SAMPLES_LIMIT, STATUS_ROUND_DEVICES, RoundPolicy, TrainingPlan
 from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy
 from aggregator.statuspage import downlink_text
-from aggregator.store import Store, StoreError
+from aggregator.store import RoundRow, Store, StoreError
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
 from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strategy, parse_upstream_key
 from appliance import wire
@@ -582,13 +582,7 @@ def _status_from_state(state: Path) -> dict[str, object]:
                 "round": open_row.round_id, "model_version": open_row.model_version, "deadline": open_row.deadline,
                 "goal": open_row.goal, "accepted": store.count_round_devices(open_row.round_id),
             },
-            "rounds": [
-                {"round": r.round_id, "model_version": r.model_version, "status": r.status,
-                 "participants": r.participants, "samples": r.samples, "metrics": r.metrics, "note": r.note,
-                 "lost_devices": store.round_lost_devices(r.round_id, STATUS_ROUND_DEVICES),
-                 "lost_devices_total": store.count_round_lost_devices(r.round_id)}
-                for r in store.recent_rounds(20)
-            ],
+            "rounds": [_round_from_state(store, r) for r in store.recent_rounds(20)],
             "devices": {
                 "enrolled": sum(1 for d in devices if d.revoked_at is None),
                 "revoked": sum(1 for d in devices if d.revoked_at is not None),
@@ -600,6 +594,15 @@ def _status_from_state(state: Path) -> dict[str, object]:
         }
     finally:
         store.close()
+
+
+def _round_from_state(store: Store, r: RoundRow) -> dict[str, Any]:
+    """A round as ``status --state`` shows it: its record and, as /v1/status does, its first lost devices and their
+    total (Store.round_device_lists)."""
+    lists = store.round_device_lists(r.round_id, STATUS_ROUND_DEVICES)
+    return {"round": r.round_id, "model_version": r.model_version, "status": r.status,
+            "participants": r.participants, "samples": r.samples, "metrics": r.metrics, "note": r.note,
+            "lost_devices": lists["lost_devices"], "lost_devices_total": lists["lost_devices_total"]}
 
 
 def _last_forward(forward: tuple[float, int, bytes] | None) -> dict[str, float | int | None]:

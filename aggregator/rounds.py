@@ -1052,21 +1052,6 @@ class RoundEngine:
             }
         return status
 
-    def _round_devices(self, round_id: int) -> dict[str, Any]:
-        """A round's first STATUS_ROUND_DEVICES counted and lost devices, and how many there are of each (read in one
-        snapshot, so a total is never short of its list)."""
-        with self.store.snapshot():
-            devices = self.store.round_devices(round_id, STATUS_ROUND_DEVICES)
-            lost = self.store.round_lost_devices(round_id, STATUS_ROUND_DEVICES)
-            return {
-                "devices": devices,
-                "devices_total": len(devices) if len(devices) < STATUS_ROUND_DEVICES
-                else self.store.count_round_devices(round_id),
-                "lost_devices": lost,
-                "lost_devices_total": len(lost) if len(lost) < STATUS_ROUND_DEVICES
-                else self.store.count_round_lost_devices(round_id),
-            }
-
     def round_device_page(self, round_id: int, which: str, page: int, per_page: int) -> dict[str, Any]:
         """What ``GET /v1/status/rounds/{round}/{which}`` answers: one page of the round's ``devices`` or
         ``lost_devices`` in the order /v1/status lists them (so its lists are the first ids of page 1); a page past
@@ -1102,7 +1087,7 @@ class RoundEngine:
                     "goal": row.goal,
                     "participants": (r.accepted if r and r.round_id == row.round_id else row.participants),
                     "samples": (r.samples if r and r.round_id == row.round_id else row.samples),
-                    **self._round_devices(row.round_id),
+                    **self.store.round_device_lists(row.round_id, STATUS_ROUND_DEVICES),
                     "metrics": row.metrics,
                     "note": row.note,
                     "secure": None if self.secure is None else self.secure.round_status(row.round_id),

@@ -579,6 +579,19 @@ class Store:
     def count_round_devices(self, round_id: int) -> int:
         return self._reader().execute("SELECT count(*) FROM updates WHERE round_id=?", (round_id,)).fetchone()[0]
 
+    def round_device_lists(self, round_id: int, limit: int) -> dict[str, Any]:
+        """A round's first ``limit`` counted and lost devices, and how many there are of each, read in one snapshot
+        (a total is never short of its list): what each round of /v1/status and ``status --state`` shows."""
+        with self.snapshot():
+            devices = self.round_devices(round_id, limit)
+            lost = self.round_lost_devices(round_id, limit)
+            return {
+                "devices": devices,
+                "devices_total": len(devices) if len(devices) < limit else self.count_round_devices(round_id),
+                "lost_devices": lost,
+                "lost_devices_total": len(lost) if len(lost) < limit else self.count_round_lost_devices(round_id),
+            }
+
     # --------------------------------------------------------------------------------------------- spool
 
     def segment_path(self, round_id: int) -> Path:
