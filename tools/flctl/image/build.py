@@ -26,9 +26,20 @@ from pathlib import Path
 
 from rich.console import Console
 
+from appliance.durable import atomic_write, fsync_dir
+
 from . import disk, kernel, rootfs
 from .arch import Architecture, architecture, host_architecture, is_foreign
-from .cache import ArtifactStore, InputHash, Pruned, cache_root, hold, keep_bytes_from_env, prune_summary
+from .cache import (
+    ArtifactStore,
+    InputHash,
+    Pruned,
+    cache_root,
+    fsync_file,
+    hold,
+    keep_bytes_from_env,
+    prune_summary,
+)
 
 # Bump when a change to the build changes its output in a way the hashed inputs do not capture.
 BUILD_FORMAT = "fl-dev-image/1"
@@ -37,6 +48,7 @@ IMAGE_TOOLS = PROJECT_ROOT / "tools" / "image"
 # The versions `make venv` installs (made by `make lock`); the agent's dependency wheels are downloaded at them.
 LOCK_FILE = PROJECT_ROOT / "requirements" / "dev.lock"
 DISK_NAME = "fl-dev.img"
+MANIFEST = "manifest.json"
 # Sources that end up in the project wheel (and so in the image).
 WHEEL_SOURCES = ("appliance", "aggregator", "tools/flctl")
 # Old images and sysroots are pruned after a build to the newest KEEP_IMAGES, then as many older ones as fit in
@@ -101,10 +113,18 @@ class ImageArtifacts:
         build elsewhere does not prune it from under a QEMU run or a test session."""
         resolved = directory.resolve()  # once: a build elsewhere may point <cache>/image at another image meanwhile
         hold(resolved)
-        path = resolved / "manifest.json"
+        path = resolved / MANIFEST
         if not path.exists():
-            raise ImageBuildError(f"{directory} holds no built image (no manifest.json); run `flctl image build`")
-        return cls(resolved, json.loads(path.read_text()))
+            raise ImageBuildError(f"{directory} holds no built image (no {MANIFEST}); run `flctl image build`")
+        try:
+            manifest = json.loads(path.read_bytes())
+        except ValueError as exc:  # empty, cut short, not UTF-8
+            raise ImageBuildError(f"{path} is damaged ({exc}); build the image again (`flctl image build "
+                                  "--rebuild`, with --out for an image outside the cache)") from None
+        if not isinstance(manifest, dict):
+            raise ImageBuildError(f"{path} is damaged (not a JSON object); build the image again "
+                                  "(`flctl image build --rebuild`, with --out for an image outside the cache)")
+        return cls(resolved, manifest)
 
 
 class Steps:
@@ -158,11 +178,10 @@ def build_image(
         art = _build_locked(store, steps, data_size, rebuild, target, keep_bytes)
         from_cache = bool(art.manifest.get("from_cache"))
         if not from_cache:
-            manifest_path = art.directory / "manifest.json"
-            manifest = json.loads(manifest_path.read_text())
+            manifest = dict(art.manifest)
             manifest["build_seconds"] = round(time.monotonic() - started, 1)
             manifest["step_seconds"] = {k: round(v, 1) for k, v in steps.timings.items()}
-            manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+            write_manifest(art.directory, manifest)
         art = ImageArtifacts.load(art.directory)
         if out is None:
             link_latest_image(store.root, art.directory, latest_link_name(target))
@@ -333,7 +352,7 @@ def _build_locked(
             "disk_allocated_bytes": (out / DISK_NAME).stat().st_blocks * 512,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(out, manifest)
     for kind, current in (("images", key), ("sysroot", sysroot_key.key())):
         steps.console.print(f"[dim]{prune_summary(kind, _prune(store, kind, current, keep_bytes))}[/]")
     return ImageArtifacts.load(store.path("images", key))
@@ -385,16 +404,35 @@ def _prune(store: ArtifactStore, kind: str, keep: str, keep_bytes: int) -> Prune
     return store.prune(kind, keep_names, KEEP_IMAGES, keep_bytes)
 
 
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Replace ``directory``'s manifest.json atomically (durable.atomic_write): a power cut leaves the old one or
+    the new one, never an empty or half-written file that no tool can read."""
+    atomic_write(directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
+    """Put ``src`` at ``dst`` whole: a hard link, else a copy fsynced, made under a temp name and renamed over
+    ``dst`` (the directory is fsynced by the caller)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+            fsync_file(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _publish(art: ImageArtifacts, out: Path) -> None:
+    """Put the image's files in ``out``, manifest.json last. The old manifest goes first (and that is made
+    durable), so an interrupted publish leaves a directory that says it holds no image, never an old manifest
+    beside a new disk whose partitions it no longer describes."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in (DISK_NAME, DISK_NAME + ".bmap", art.arch.kernel_file, "initrd.img", "manifest.json"):
+    (out / MANIFEST).unlink(missing_ok=True)
+    fsync_dir(out)
+    for name in (DISK_NAME, DISK_NAME + ".bmap", art.arch.kernel_file, "initrd.img", MANIFEST):
         _link_or_copy(art.directory / name, out / name)
+    fsync_dir(out)

@@ -4,6 +4,11 @@ Every artifact (base root file system, wheels, kernel + initramfs, finished disk
 ``<cache>/<kind>/<key>/`` where ``key`` is a hash of everything that went into it. A build whose inputs did not
 change finds its directory and skips the work; a CI job that keeps the cache directory between runs reuses it.
 
+An entry is on disk before it is complete: every file and directory in it is fsynced before its ``.complete``
+marker exists and it is renamed into place (then its kind's directory is fsynced). Without that, a power cut
+soon after a build could leave an entry whose marker and name survived while its files came back empty, which
+every later build would take as it is.
+
 Old entries are pruned to the newest few and a byte budget (``ArtifactStore.prune``). An entry a process is
 using (a QEMU run, a test session booting the image again and again) is held: a shared flock on its
 ``.complete`` marker for as long as the process lives (``hold``), which pruning, from any process, never breaks.
@@ -21,6 +26,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from appliance.durable import fsync_dir
 
 ENV_CACHE = "FL_EDGE_CACHE"
 # The bytes of old entries of one kind (images, sysroots) that pruning keeps beyond the newest few: a number of
@@ -108,8 +115,29 @@ def _walk(root: Path, skip: set[str]) -> Iterator[Path]:
                 yield base / f
 
 
+def sync_tree(root: Path) -> None:
+    """fsync every regular file under ``root``, then every directory (``root`` included), so that what the tree
+    holds is on disk before anything names it complete."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            path = Path(dirpath, name)
+            if stat.S_ISREG(path.lstat().st_mode):
+                fsync_file(path)
+        fsync_dir(dirpath)
+
+
+def fsync_file(path: Path) -> None:
+    """Make the bytes of the regular file ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ArtifactStore:
-    """``<root>/<kind>/<key>/`` directories, published atomically (build in a temp dir, then rename)."""
+    """``<root>/<kind>/<key>/`` directories, published atomically and durably (build in a temp dir, fsync it all,
+    then rename)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -122,7 +150,8 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def building(self, kind: str, key: str) -> Iterator[Path]:
-        """Yield an empty work dir; on success it becomes ``path(kind, key)``, on error it is removed."""
+        """Yield an empty work dir; on success it is synced to disk (:func:`sync_tree`) and becomes
+        ``path(kind, key)``, on error it is removed."""
         final = self.path(kind, key)
         tmp = final.with_name(f".{key}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -130,8 +159,10 @@ class ArtifactStore:
         try:
             yield tmp
             (tmp / COMPLETE).write_text("")
+            sync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            fsync_dir(final.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

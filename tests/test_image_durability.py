@@ -1,0 +1,151 @@
+"""The image cache and an image's manifest.json survive a power cut whole, and a damaged manifest is named.
+
+A build host loses power too, and a cache entry is trusted by its ``.complete`` marker from then on: an entry
+whose marker and name survived a cut while its files came back empty (delayed allocation writes the data long
+after the rename) would be taken as it is by every later build. So every file of an entry is fsynced before
+the rename that makes it complete; manifest.json, rewritten with the build's timings, is replaced atomically;
+``--out`` never leaves an old manifest beside a new disk; and a manifest that is empty or cut short is refused
+in one line naming it, not with a JSON traceback. The calls are recorded on the host, as in
+tests/test_outbox_fsync.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from flctl.image import build
+from flctl.image.build import DISK_NAME, MANIFEST, ImageArtifacts, ImageBuildError, write_manifest
+from flctl.image.cache import COMPLETE, ArtifactStore
+
+
+def _path_of(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(call, path) in the order they happen: fsync (of the file or directory it names) and rename/replace (of
+    the name it makes)."""
+    log: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd: int) -> None:
+        log.append(("fsync", _path_of(fd)))
+        real_fsync(fd)
+
+    def rename(src, dst, *args, **kwargs) -> None:
+        log.append(("rename", str(src)))
+        real_rename(src, dst, *args, **kwargs)
+        log.append(("renamed", str(dst)))
+
+    def replace(src, dst, *args, **kwargs) -> None:
+        log.append(("rename", str(src)))
+        real_replace(src, dst, *args, **kwargs)
+        log.append(("renamed", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)  # Path.rename calls os.rename
+    monkeypatch.setattr(os, "replace", replace)
+    return log
+
+
+def _image(directory: Path, name: str) -> Path:
+    """A small image directory whose every file says which image it belongs to."""
+    directory.mkdir(parents=True)
+    for file in (DISK_NAME, DISK_NAME + ".bmap", "vmlinux", "initrd.img"):
+        (directory / file).write_text(f"{name} {file}")
+    write_manifest(directory, {"key": name, "arch": "amd64", "cmdline": "root=LABEL=fl-root", "partitions": []})
+    return directory
+
+
+def test_a_cache_entry_is_on_disk_before_its_name_says_it_is_complete(tmp_path: Path, calls) -> None:
+    store = ArtifactStore(tmp_path / "cache")
+    with store.building("images", "k1") as out:
+        (out / DISK_NAME).write_bytes(b"disk" * 1000)
+        (out / "modules").mkdir()
+        (out / "modules" / "virtio.ko").write_bytes(b"module")
+        partial = out
+    final = store.path("images", "k1")
+    renamed = calls.index(("renamed", str(final)))
+    synced_before = {path for call, path in calls[:renamed] if call == "fsync"}
+    for name in (DISK_NAME, "modules/virtio.ko", COMPLETE, "modules", "."):
+        assert os.path.normpath(partial / name) in synced_before, f"{name} was not fsynced before the rename"
+    assert ("fsync", str(final.parent)) in calls[renamed:], "the new entry's name was not made durable"
+    assert store.has("images", "k1") and (final / "modules" / "virtio.ko").read_bytes() == b"module"
+
+
+def test_the_manifest_is_replaced_whole_fsynced_before_its_rename(tmp_path: Path, calls) -> None:
+    """build_image rewrites manifest.json with the build's timings after the entry exists: a cut in the middle of
+    an in-place write left an image directory no tool could read."""
+    image = _image(tmp_path / "image", "old")
+    calls.clear()
+    write_manifest(image, {"key": "new", "arch": "amd64", "cmdline": "", "partitions": [], "build_seconds": 1.0})
+    manifest = str(image / MANIFEST)
+    renamed = calls.index(("renamed", manifest))
+    temp = calls[renamed - 1][1]
+    assert Path(temp).parent == image and temp != manifest, "manifest.json was written in place"
+    assert ("fsync", temp) in calls[:renamed - 1], "the new manifest's bytes were not fsynced before the rename"
+    assert calls[renamed + 1:] == [("fsync", str(image))]
+    assert ImageArtifacts.load(image).manifest["key"] == "new"
+
+
+@pytest.mark.parametrize("damage", ["", '{"key": "k1", "arch": "am', "[]"], ids=["empty", "cut-short", "not-object"])
+def test_a_damaged_manifest_is_refused_in_one_line_naming_it(tmp_path: Path, damage: str) -> None:
+    image = _image(tmp_path / "image", "k1")
+    (image / MANIFEST).write_text(damage)
+    with pytest.raises(ImageBuildError) as refused:
+        ImageArtifacts.load(image)
+    message = str(refused.value)
+    assert str(image.resolve() / MANIFEST) in message and "damaged" in message and "--rebuild" in message
+    assert "\n" not in message
+
+
+def test_an_interrupted_out_never_leaves_the_old_manifest_beside_a_new_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--out DIR`` again, with another image, stopped half-way (here a copy that fails; a power cut alike): the
+    directory says it holds no image, rather than the old image's partition offsets for the new disk."""
+    out = tmp_path / "out"
+    build._publish(ImageArtifacts.load(_image(tmp_path / "cache" / "a", "a")), out)
+    new = ImageArtifacts.load(_image(tmp_path / "cache" / "b", "b"))
+    real = build._link_or_copy
+
+    def cut_before_initrd(src: Path, dst: Path) -> None:
+        if dst.name == "initrd.img":
+            raise OSError(errno.EIO, "the power went")
+        real(src, dst)
+
+    monkeypatch.setattr(build, "_link_or_copy", cut_before_initrd)
+    with pytest.raises(OSError):
+        build._publish(new, out)
+    assert (out / DISK_NAME).read_text() == f"b {DISK_NAME}"
+    with pytest.raises(ImageBuildError, match="holds no built image"):
+        ImageArtifacts.load(out)
+    monkeypatch.setattr(build, "_link_or_copy", real)
+    build._publish(new, out)
+    assert json.loads((out / MANIFEST).read_text())["key"] == "b"
+    assert ImageArtifacts.load(out).manifest["key"] == "b"
+
+
+def test_a_copy_to_out_is_fsynced_before_it_takes_its_name(tmp_path: Path, calls, monkeypatch) -> None:
+    """On another file system ``--out`` copies instead of linking; a copy is a new file's bytes like any other."""
+    image = ImageArtifacts.load(_image(tmp_path / "cache" / "a", "a"))
+
+    def cross_device(src, dst, *args, **kwargs) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "link", cross_device)
+    out = tmp_path / "out"
+    calls.clear()
+    build._publish(image, out)
+    for name in (DISK_NAME, "initrd.img", MANIFEST):
+        renamed = calls.index(("renamed", str(out / name)))
+        temp = calls[renamed - 1][1]
+        assert temp != str(out / name) and ("fsync", temp) in calls[:renamed - 1], f"{name} was not fsynced"
+    assert calls[-1] == ("fsync", str(out))
+    assert (out / DISK_NAME).read_text() == f"a {DISK_NAME}"
