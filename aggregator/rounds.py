@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import math
-import os
-import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from aggregator.strategies import AggregationError, Strategy
 from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES, UpdateSet
 from aggregator.verify import UpdateHeader
 from appliance import wire
+from appliance.durable import atomic_write
 from appliance.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -224,17 +226,25 @@ def _weighted_metrics(rows: list[UpdateRow]) -> dict[str, float]:
     return {name: math.fsum(terms[name]) for name in sorted(terms) if weights[name] > 0}
 
 
-def _save_state(path: Path, state: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def save_strategy_state(path: Path, state: dict[str, np.ndarray]) -> None:
+    """Write the strategy's state (FedAdam's moments...) beside its model version, atomically: the version's row
+    is committed next, and a state file whose rename was not yet durable would come back missing after a power
+    cut, its moments silently started again from zero."""
+    out = io.BytesIO()
+    np.savez(out, **state)
+    atomic_write(path, out.getbuffer())
+
+
+def load_strategy_state(path: Path) -> dict[str, np.ndarray]:
+    """The state :func:`save_strategy_state` wrote; RuntimeError naming ``path`` when it cannot be read whole."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **state)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with np.load(path, allow_pickle=False) as saved:
+            return {k: saved[k] for k in saved.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise RuntimeError(
+            f"{path} is damaged ({exc or type(exc).__name__}): restore it from a backup, or remove it to go on "
+            "with the strategy's state (FedAdam/FedYogi moments) started again from zero"
+        ) from None
 
 
 class RoundEngine:
@@ -317,8 +327,7 @@ class RoundEngine:
             ) from None
         state_path = self._state_path(self.version)
         if state_path.exists():
-            with np.load(state_path) as saved:
-                self.strategy.restore({k: saved[k] for k in saved.files})
+            self.strategy.restore(load_strategy_state(state_path))
         if self.privacy is not None and self.privacy.pending is not None:
             await self._publish_counted(self.privacy.pending)
         self.metrics.model_version.set(self.version)
@@ -1020,7 +1029,7 @@ class RoundEngine:
         privacy = None if self.privacy is None else self.privacy.release_metadata()
         digest = self.models.write(version, params, created_at, privacy)
         if state:
-            _save_state(self._state_path(version), state)
+            save_strategy_state(self._state_path(version), state)
         return digest
 
     # --------------------------------------------------------------------------------------------- status
