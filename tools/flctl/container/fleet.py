@@ -37,7 +37,9 @@ from typing import Any
 import yaml
 from nacl.signing import SigningKey
 
+from appliance.durable import atomic_write, fsync_dir
 from appliance.identity import read_key_file, write_key_file
+from flctl.image.cache import fsync_file
 
 from .build import image_ref, project_info
 from .payload import AGENT, AGGREGATOR, PROJECT_ROOT
@@ -81,7 +83,18 @@ class Fleet:
     def settings(self) -> FleetSettings:
         if not self.settings_file.exists():
             raise ContainerError(f"{self.root} holds no fleet: run `flctl container fleet up` first")
-        return FleetSettings(**json.loads(self.settings_file.read_text()))
+        try:
+            return FleetSettings(**json.loads(self.settings_file.read_bytes()))
+        except (ValueError, TypeError) as exc:  # empty, cut short, not an object of FleetSettings' fields
+            raise ContainerError(
+                f"{self.settings_file} is damaged ({exc}): remove it and run `flctl container fleet up` again with "
+                "the --devices and other options the fleet was made with (its key, certificate and volumes stay)"
+            ) from None
+
+    def save_settings(self, settings: FleetSettings) -> None:
+        """Write ``fleet.json`` atomically (temp file, fsync, rename, directory fsync): it is written once and read by
+        every later command, so a power cut must leave it whole or absent."""
+        atomic_write(self.settings_file, (json.dumps(asdict(settings), indent=2) + "\n").encode())
 
     def volume(self, pod: str) -> str:
         return f"fl-fleet-{pod}-state"
@@ -124,7 +137,7 @@ def prepare(fleet: Fleet, settings: FleetSettings) -> None:
     agents' configs. A second call changes nothing (so the city keeps its identity)."""
     fleet.root.mkdir(parents=True, exist_ok=True)
     if not fleet.settings_file.exists():
-        fleet.settings_file.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+        fleet.save_settings(settings)
     key_file = fleet.secret("fl-city-key") / "aggregator.key"
     if not key_file.exists():
         key_file.parent.mkdir(parents=True, exist_ok=True)
@@ -155,20 +168,27 @@ def _owned(path: Path, uid: int) -> None:
 
 
 def _certificate(fleet: Fleet) -> None:
-    """A self-signed certificate for the city (names fl-city, localhost, 127.0.0.1) that agents pin as CA."""
+    """A self-signed certificate for the city (names fl-city, localhost, 127.0.0.1) that agents pin as CA.
+
+    Made once, and a power cut must not leave half of it (the next ``up`` would keep it): openssl writes the key
+    and the certificate under temp names, each is fsynced and renamed into place, the certificate last, since its
+    name is what says the pair exists. The CA copy the agents pin is rewritten from it atomically on every call."""
     tls = fleet.secret("fl-city-tls")
-    if (tls / "tls.crt").exists():
-        return
-    tls.mkdir(parents=True, exist_ok=True)
-    run_tool(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-              "-days", "3650", "-subj", f"/CN={CITY}", "-keyout", str(tls / "tls.key"), "-out", str(tls / "tls.crt"),
-              "-addext", f"subjectAltName=DNS:{CITY},DNS:fl-aggregator,DNS:localhost,IP:127.0.0.1"],
-             what="openssl: the city's TLS certificate")  # fmt: skip
-    for name in ("tls.crt", "tls.key"):
-        _owned(tls / name, AGGREGATOR.uid)
+    if not (tls / "tls.crt").exists():
+        tls.mkdir(parents=True, exist_ok=True)
+        partial = {name: tls / f".{name}.partial" for name in ("tls.key", "tls.crt")}
+        run_tool(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                  "-days", "3650", "-subj", f"/CN={CITY}", "-keyout", str(partial["tls.key"]),
+                  "-out", str(partial["tls.crt"]),
+                  "-addext", f"subjectAltName=DNS:{CITY},DNS:fl-aggregator,DNS:localhost,IP:127.0.0.1"],
+                 what="openssl: the city's TLS certificate")  # fmt: skip
+        for name in ("tls.key", "tls.crt"):
+            _owned(partial[name], AGGREGATOR.uid)
+            fsync_file(partial[name])
+            os.replace(partial[name], tls / name)
+        fsync_dir(tls)
     fleet.ca_file.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tls / "tls.crt", fleet.ca_file)
-    os.chmod(fleet.ca_file, 0o644)
+    atomic_write(fleet.ca_file, (tls / "tls.crt").read_bytes(), 0o644)
 
 
 def _agent_toml(index: int, settings: FleetSettings) -> str:
