@@ -4,7 +4,8 @@ A build host loses power too, and a cache entry is trusted by its ``.complete`` 
 whose marker and name survived a cut while its files came back empty (delayed allocation writes the data long
 after the rename) would be taken as it is by every later build. So every file of an entry is fsynced before
 the rename that makes it complete; manifest.json, rewritten with the build's timings, is replaced atomically;
-``--out`` never leaves an old manifest beside a new disk; and a manifest that is empty or cut short is refused
+``--out`` never leaves an old manifest beside a new disk; a downloaded kernel or busybox .deb (kept in
+``<cache>/debs`` and taken as it is from then on) is fsynced; and a manifest that is empty or cut short is refused
 in one line naming it, not with a JSON traceback. The calls are recorded on the host, as in
 tests/test_outbox_fsync.py.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flctl.image import build
+from flctl.image import build, kernel
 from flctl.image.build import DISK_NAME, MANIFEST, ImageArtifacts, ImageBuildError, write_manifest
 from flctl.image.cache import COMPLETE, ArtifactStore
 
@@ -149,3 +150,21 @@ def test_a_copy_to_out_is_fsynced_before_it_takes_its_name(tmp_path: Path, calls
         assert temp != str(out / name) and ("fsync", temp) in calls[:renamed - 1], f"{name} was not fsynced"
     assert calls[-1] == ("fsync", str(out))
     assert (out / DISK_NAME).read_text() == f"a {DISK_NAME}"
+
+
+def test_a_downloaded_deb_is_on_disk_before_the_build_uses_it(
+    tmp_path: Path, calls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``<cache>/debs`` keeps each .deb once downloaded; apt-get download does not fsync, and an empty .deb after a
+    cut would be taken by every later build."""
+    package = kernel.DebPackage("linux-image-6.1.0-28-amd64", "6.1.119-1", "amd64")
+
+    def apt_get_download(cmd: list[str], cwd: Path | None = None, **kwargs) -> str:
+        (Path(cwd) / package.filename).write_bytes(b"!<arch>\n" + b"deb" * 1000)
+        return ""
+
+    monkeypatch.setattr(kernel, "_run", apt_get_download)
+    debs = tmp_path / "debs"
+    deb = kernel.download_deb(package, debs, kernel.Apt())
+    calls.append(("returned", str(deb)))
+    assert calls[-3:] == [("fsync", str(deb)), ("fsync", str(debs)), ("returned", str(deb))]

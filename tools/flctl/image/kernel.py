@@ -21,7 +21,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.durable import fsync_dir
+
 from .arch import AMD64, Architecture, is_foreign
+from .cache import fsync_file
 
 BUSYBOX_PACKAGE = "busybox-static"
 # The host's Debian: where a foreign architecture's packages come from too (same suites, same kernel version).
@@ -148,7 +151,10 @@ def resolve_kernel_package(arch: Architecture = AMD64, apt: Apt = HOST_APT) -> D
 
 
 def download_deb(pkg: DebPackage, dest: Path, apt: Apt = HOST_APT) -> Path:
-    """``apt-get download`` the exact version into ``dest`` (a cache dir) unless it is already there."""
+    """``apt-get download`` the exact version into ``dest`` (a cache dir) unless it is already there.
+
+    A file there is taken as it is from then on, so the download is fsynced (apt does not) before this returns:
+    a power cut soon after must not leave an empty .deb that every later build takes and dpkg-deb refuses."""
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / pkg.filename
     if target.exists():
@@ -158,6 +164,8 @@ def download_deb(pkg: DebPackage, dest: Path, apt: Apt = HOST_APT) -> Path:
     if not target.exists():
         found = sorted(dest.glob(f"{pkg.name}_*.deb"))
         raise KernelError(f"apt-get download did not produce {target.name} (found {[p.name for p in found]})")
+    fsync_file(target)
+    fsync_dir(dest)
     return target
 
 
