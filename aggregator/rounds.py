@@ -160,6 +160,9 @@ class UnknownRound(LookupError):
     """A round this aggregator never opened (HTTP 404 ``unknown-round``); the message says which rounds it has."""
 
 
+# How long the round clock waits before closing a round again after closing it failed (a disk error, say).
+CLOSE_RETRY_SECONDS = 5.0
+
 # Async mode: how long an upload waits for room in a full or closing buffer before it is told to come back. A
 # city's buffer closes in seconds; an async site's can stay full until its parent publishes (other sites
 # offline), and a waiting upload holds its upload slot.
@@ -560,9 +563,9 @@ class RoundEngine:
             try:
                 await self.close_round()
             except Exception:
-                log.exception("closing round %d failed; retrying in 5 s", round_.round_id)
+                log.exception("closing round %d failed; retrying in %.0f s", round_.round_id, CLOSE_RETRY_SECONDS)
                 round_.closing = False
-                await asyncio.sleep(5)
+                await asyncio.sleep(CLOSE_RETRY_SECONDS)
 
     def _extend(self, round_: OpenRound) -> None:
         """Async mode: give a buffer below --min-clients at its deadline another --round-timeout, with a task
@@ -826,23 +829,35 @@ class RoundEngine:
             await self._forward_round(round_, updates, participants, samples, summary, now)
         elif participants >= self.policy.min_clients:
             started = time.perf_counter()
+            optimiser = self.strategy.state()  # FedAdam/FedYogi moments before this round's step
             try:
                 params, digest = await self._run(self._aggregate, round_, updates, now, participants, samples, note)
             except AggregationError as exc:
+                self.strategy.load_state(optimiser)  # an abandoned round leaves no trace in the moments
                 log.warning("round %d abandoned: %s", round_.round_id, exc)
                 await self._abandon(round_, participants, samples, summary, now, str(exc))
                 return
+            except Exception:
+                self.strategy.load_state(optimiser)
+                raise
             version = round_.model_version + 1
-            self.version = version
-            self.params = params
-            opens = not self._finished()
-            deadline = now + self.policy.round_timeout
-            goal = self._goal()
-            self.store.finish_round(
-                round_.round_id, "published", now, participants, samples, summary, note=note,
-                new_model=(version, digest),
-                next_round=(next_id, version, now, deadline, goal) if opens else None,
-            )
+            previous = self.version, self.params
+            self.version, self.params = version, params
+            try:
+                opens = not self._finished()
+                deadline = now + self.policy.round_timeout
+                goal = self._goal()
+                self.store.finish_round(
+                    round_.round_id, "published", now, participants, samples, summary, note=note,
+                    new_model=(version, digest),
+                    next_round=(next_id, version, now, deadline, goal) if opens else None,
+                )
+            except Exception:
+                # Not recorded, so not published: GET /v1/models/{version} stays 404, and the retried close (_clock)
+                # takes the same updates from the same model and moments again instead of stepping twice.
+                self.version, self.params = previous
+                self.strategy.load_state(optimiser)
+                raise
             self.metrics.aggregate_seconds.observe(time.perf_counter() - started)
             self.metrics.round_ended("published", now)
             self.metrics.model_version.set(version)
@@ -1008,7 +1023,9 @@ class RoundEngine:
         assert self.params is not None
         pending = None if self.privacy is None else self.privacy.pending
         if pending is not None and pending.round_id == round_.round_id:
-            # a retried close: this round is counted already, and its counted model is the one to publish
+            # a retried close: this round is counted already, and its counted model (and optimiser) is the one to
+            # publish
+            self.strategy.restore(pending.strategy_state)
             return pending.params, self._write_version(pending.version, pending.params, pending.strategy_state,
                                                        int(pending.closed_at))
         delta = self.strategy.aggregate(updates)

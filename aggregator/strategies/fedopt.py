@@ -54,9 +54,12 @@ class FedOpt(FedAvg):
         return {} if self.m is None or self.v is None else {"m": self.m, "v": self.v}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """The moments :meth:`state` returned; none (before the first step) starts the optimiser afresh."""
         if "m" in state and "v" in state:
             self.m = np.asarray(state["m"], dtype=np.float64)
             self.v = np.asarray(state["v"], dtype=np.float64)
+        else:
+            self.m = self.v = None
 
 
 class FedAdam(FedOpt):
