@@ -136,6 +136,8 @@ class Fleet:
                                  f"create it with `flctl provision --fleet {self.root} ...`") from None
         except ValueError as exc:
             raise ProvisionError(f"{meta_path}: not JSON ({exc})") from None
+        if not isinstance(self.meta, dict):
+            raise ProvisionError(f"{meta_path}: not a JSON object")
         if self.meta.get("format") != FLEET_FORMAT:
             raise ProvisionError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FLEET_FORMAT}")
         self.kdf = KdfParams.from_json(self.meta["kdf"], str(meta_path))
@@ -206,6 +208,11 @@ class Fleet:
             known = ", ".join(self.board_names()) or "none"
             raise ProvisionError(f"board {name!r} is not in fleet {self.root} (boards: {known}); "
                                  f"add it with `flctl provision --fleet {self.root} --names {name}`") from None
+        except ValueError as exc:  # empty, cut short, not UTF-8
+            raise ProvisionError(f"{path}: not JSON ({exc})") from None
+        missing = [k for k in ("name", "device_id", "public_key") if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise ProvisionError(f"{path}: not a board record (no {', '.join(missing)})")
         return Board(obj["name"], obj["device_id"], obj["public_key"])
 
     def board_names(self) -> list[str]:
