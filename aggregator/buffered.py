@@ -30,6 +30,8 @@ POLYNOMIAL_EXPONENT = 0.5
 #: Rules that compose with staleness-scaled deltas: they aggregate a (weighted) sum. The robust rules rank
 #: individual updates, whose scale here depends on their staleness, and are refused in async mode.
 BUFFERED_STRATEGIES = ("fedavg", "fedadam", "fedyogi")
+#: The largest --buffer K: K is the goal of each buffer's round, which aggregator.db holds as a 64-bit integer.
+MAX_BUFFER = 2**63 - 1
 
 
 class BufferConfigError(ValueError):
@@ -48,6 +50,9 @@ class BufferPolicy:
     def __post_init__(self) -> None:
         if self.size < 1:
             raise BufferConfigError("--buffer K must be at least 1")
+        if self.size > MAX_BUFFER:
+            raise BufferConfigError(f"--buffer K must be at most {MAX_BUFFER} (a round's goal is a 64-bit integer), "
+                                    f"got {self.size}")
         if self.max_staleness < 0:
             raise BufferConfigError("--max-staleness must be 0 or more versions")
         if self.weighting not in STALENESS_WEIGHTINGS:

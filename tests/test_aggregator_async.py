@@ -136,6 +136,7 @@ def test_an_update_older_than_max_staleness_is_refused_with_a_reason(tmp_path: P
         (["--mode", "async"], "--mode async needs --buffer K"),
         (["--buffer", "5"], "--buffer, --max-staleness and --staleness-weight go with --mode async"),
         (["--mode", "async", "--buffer", "0"], "--buffer K must be at least 1"),
+        (["--mode", "async", "--buffer", str(2**63)], "--buffer K must be at most 9223372036854775807"),
         (["--mode", "async", "--buffer", "4", "--secure-aggregation", "--clip-norm", "1"],
          "cannot be combined with --secure-aggregation"),
         (["--mode", "async", "--buffer", "4", "--dp", "central", "--dp-noise-multiplier", "1", "--clip-norm", "1"],
