@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.durable import fsync_dir
+from appliance.durable import atomic_write, fsync_dir
 from appliance.storage_errors import storage_reason
 
 log = logging.getLogger(__name__)
@@ -407,7 +407,7 @@ class Outbox:
             match = _NAME.match(path.name)
             if match:
                 note = Path(f"{path}.reason")
-                reason = note.read_text().split("\n", 1)[0] if note.exists() else "unknown"
+                reason = (note.read_text(errors="replace").split("\n", 1)[0] if note.exists() else "") or "unknown"
                 out.append((match[2], reason))
         return out
 
@@ -472,10 +472,11 @@ class Outbox:
                       self.rejected_directory, exc.strerror or exc)
             return True
         log.error("outbox: %s; moved to %s", what, self.rejected_directory)
-        with contextlib.suppress(OSError):  # the note and the syncs are for inspection; a failing card may refuse them
-            (self.rejected_directory / f"{entry.name}.reason").write_text(f"{reason}\n{detail}\n")
+        with contextlib.suppress(OSError):  # the syncs and the note are for inspection; a failing card may refuse them
             fsync_dir(self.rejected_directory)
             fsync_dir(self.directory)
+            # whole or absent after a power cut (an update without its note reads as reason "unknown")
+            atomic_write(self.rejected_directory / f"{entry.name}.reason", f"{reason}\n{detail}\n".encode())
             self._trim_rejected()
         return True
 

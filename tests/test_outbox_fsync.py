@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.outbox import Outbox
+from appliance.outbox import Outbox, PermanentRejection
 
 
 def _path_of(fd: int) -> str:
@@ -104,3 +104,29 @@ def test_putting_a_message_already_pending_writes_nothing(tmp_path: Path, calls)
     key = outbox.put(b"signed update")
     calls.clear()
     assert outbox.put(b"signed update") == key and calls == []
+
+
+def test_a_refused_update_is_moved_aside_durably_with_its_note_whole(tmp_path: Path, calls) -> None:
+    """The move to ``rejected/`` is made durable in both directories, and the note saying why is fsynced under a
+    temp name before it takes its name: a power cut leaves the note whole or absent (reason "unknown"), never an
+    empty note that reads as no reason at all."""
+    outbox = Outbox(tmp_path / "outbox")
+    key = outbox.put(b"update for a closed round")
+    moved = str(outbox.rejected_directory / outbox.pending()[0].name)
+    note = f"{moved}.reason"
+
+    async def refuse(message: bytes) -> None:
+        raise PermanentRejection("round-closed", "round 7 closed at 12:00")
+
+    calls.clear()
+    asyncio.run(outbox.deliver(refuse))
+    rejected = str(outbox.rejected_directory)
+    after_move = calls[calls.index(("rename", moved)) + 1 :]
+    assert after_move[:2] == [("fsync", rejected), ("fsync", str(outbox.directory))]
+    note_syncs = [path for call, path in after_move if call == "fsync" and Path(path).name.startswith(
+        f".{Path(note).name}.")]
+    assert note_syncs, "the note's bytes were not fsynced under a temp name before taking its name"
+    assert after_move[-1] == ("fsync", rejected), "the note's name was not made durable"
+    assert outbox.rejected() == [(key, "round-closed")]
+    Path(note).write_text("")  # as a note left empty by a cut before this fix
+    assert outbox.rejected() == [(key, "unknown")]
