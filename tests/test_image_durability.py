@@ -80,6 +80,21 @@ def test_a_cache_entry_is_on_disk_before_its_name_says_it_is_complete(tmp_path: 
     assert store.has("images", "k1") and (final / "modules" / "virtio.ko").read_bytes() == b"module"
 
 
+def test_an_entry_a_power_cut_left_half_built_is_removed_by_the_next_build_of_it(tmp_path: Path) -> None:
+    """A build killed or cut off leaves ``.<key>.partial-<pid>`` (half a disk image, 0.5 GB); pruning skips such
+    names, and that key may never be built again (the agent's code changed): the next build of the kind removes
+    it (builds sharing a cache hold its lock, so no other build is under way)."""
+    store = ArtifactStore(tmp_path / "cache")
+    stale = store.path("images", "k1").with_name(".k1.partial-4242")
+    stale.mkdir(parents=True)
+    (stale / DISK_NAME).write_bytes(b"half a disk")
+    other = stale.with_name(".k2.partial-4242")
+    other.mkdir()
+    with store.building("images", "k1") as out:
+        (out / DISK_NAME).write_bytes(b"disk")
+    assert sorted(p.name for p in (tmp_path / "cache" / "images").iterdir()) == ["k1"]
+
+
 def test_the_manifest_is_replaced_whole_fsynced_before_its_rename(tmp_path: Path, calls) -> None:
     """build_image rewrites manifest.json with the build's timings after the entry exists: a cut in the middle of
     an in-place write left an image directory no tool could read."""

@@ -151,10 +151,14 @@ class ArtifactStore:
     @contextlib.contextmanager
     def building(self, kind: str, key: str) -> Iterator[Path]:
         """Yield an empty work dir; on success it is synced to disk (:func:`sync_tree`) and becomes
-        ``path(kind, key)``, on error it is removed."""
+        ``path(kind, key)``, on error it is removed. Callers hold :meth:`lock`, so a partial entry of ``kind``
+        found here was left by a build that was killed or lost power (of this key or an older one, which may never
+        be built again), and is removed: pruning never sees one."""
         final = self.path(kind, key)
         tmp = final.with_name(f".{key}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        if final.parent.is_dir():
+            for stale in final.parent.glob(".*.partial-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             yield tmp
