@@ -79,6 +79,12 @@ class BufferPolicy:
             return delta
         return (delta * np.float32(weight)).astype(np.float32)
 
+    def oldest_kept(self, newest: int) -> int:
+        """The oldest version whose release is kept once ``newest`` is published: the oldest an update may still be
+        based on. Older ones are deleted, so that the disk holds max_staleness + 1 models however fast versions
+        come (a version every K updates: a busy or hostile fleet publishes hundreds a minute)."""
+        return max(0, newest - self.max_staleness)
+
     def check(self, staleness: int, base_version: int, current_version: int) -> None:
         """Refuse an update whose base is more than ``max_staleness`` versions old (410 ``too-stale``)."""
         if staleness > self.max_staleness:

@@ -202,6 +202,21 @@ class ModelStore:
             if path.stem[1:].isdigit() and int(path.stem[1:]) <= newest - KEEP_STEPS:
                 path.unlink(missing_ok=True)
 
+    def drop_releases_before(self, oldest_kept: int) -> int:
+        """Delete the releases (and steps) of every version below ``oldest_kept``; returns how many releases went.
+        ``GET /v1/models/{v}`` answers such a version 404 ``unknown-version`` (no longer stored)."""
+        dropped = 0
+        for path in [*self.directory.glob("v*.release"), *self.directory.glob("v*.step")]:
+            if path.stem[1:].isdigit() and int(path.stem[1:]) < oldest_kept:
+                path.unlink(missing_ok=True)
+                dropped += path.suffix == ".release"
+        if self._latest is not None and self._latest[0] < oldest_kept:
+            self._latest = None
+        with self._deltas_lock:
+            for key in [key for key in self._deltas if key[2] < oldest_kept]:
+                del self._deltas[key]
+        return dropped
+
     def delta_bytes(self, base_version: int, base_digest: bytes, version: int) -> bytes | None:
         """A signed model-delta from ``base_version`` (whose digest the device says is ``base_digest``) to
         ``version``, or None when the steps are not all here, do not start from that digest, or together are

@@ -870,6 +870,8 @@ class RoundEngine:
             self._finish_metrics(round_, participants, now)
             self.store.drop_segment(round_.round_id)
             await self._install(self._new_open_round(next_id, now, deadline, goal) if opens else None)
+            if self.policy.buffer is not None:
+                await self._run(self._drop_old_versions, version)
         else:
             note = f"{participants} updates, below the quorum of {self.policy.min_clients}"
             log.info("round %d abandoned: %s", round_.round_id, note)
@@ -1009,6 +1011,21 @@ class RoundEngine:
         if self._timer is None or self._timer.done():
             self._timer = asyncio.create_task(self._clock(), name="round-clock")
         return round_id
+
+    def _drop_old_versions(self, newest: int) -> None:
+        """Async mode (worker thread), once ``newest`` is recorded: delete the releases no update may be based on
+        any more (BufferPolicy.oldest_kept) and the strategy states of the versions before ``newest`` (only the
+        newest one's is read, at a restart). A version every K updates would otherwise fill the disk with a model
+        (and FedAdam's two moments) per K updates. A failure here costs disk space only: it is logged."""
+        assert self.policy.buffer is not None
+        try:
+            self.models.drop_releases_before(self.policy.buffer.oldest_kept(newest))
+            for path in self.models.directory.glob("v*.strategy.npz"):
+                number = path.name[1:].split(".", 1)[0]
+                if number.isdigit() and int(number) < newest:
+                    path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("model version %d: older versions not deleted (%s)", newest, exc)
 
     def _finish_metrics(self, round_: OpenRound, participants: int, now: float) -> None:
         self.metrics.round_duration.observe(max(0.0, now - round_.opened_at))
