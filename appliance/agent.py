@@ -76,6 +76,8 @@ MODELS_DIR = "models"
 FRAME_POLL_SECONDS = 5.0
 # The status and the log say the device clock is off when it differs from the aggregator's by more than this.
 CLOCK_OFF_SECONDS = 60.0
+# The first heartbeat waits at most this long for the round loop's first answer, which teaches the aggregator's time.
+FIRST_REPORT_WAIT_SECONDS = 30.0
 
 
 def clip_update(delta: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float]:
@@ -146,6 +148,8 @@ class Agent:
         if held:
             self.metrics.model_version.set(held.release.version)
         self._outbox_changed = asyncio.Event()
+        self._open_round_asked = False  # the aggregator answered the question for its open round (_next_task)
+        self._first_poll_done = asyncio.Event()  # the round loop's first poll ended, answered or not
         self.oom_retries = 0  # how many times the last training run was killed for memory and retried smaller
         self._throttle = ThrottleMeter()
         self.status = "starting"
@@ -586,12 +590,29 @@ class Agent:
 
     # -- loops ----------------------------------------------------------------------------------------
 
+    async def _next_task(self, client: AggregatorClient) -> wire.Task | None:
+        """The task of the next round to take part in (a long-poll), or None.
+
+        Until the aggregator has answered once, the agent asks for the task of whatever round is open, whatever its
+        id, without waiting: a board that restarts after taking part in the open round would otherwise see no task
+        until the next round opens (an hour away, say, or never once the rounds are over), and until then stamp its
+        heartbeats by its own clock, which on a board without a real-time clock may be years off, and which the
+        fleet view refuses (``expired``): the device would show as silent all that time."""
+        try:
+            if not self._open_round_asked and not self.clock.known:
+                task = await client.next_task(0, 0)
+                self._open_round_asked = True
+                return task
+            return await client.next_task(self.last_round, self.config.aggregator.poll_wait_seconds)
+        finally:
+            self._first_poll_done.set()
+
     async def round_loop(self, client: AggregatorClient) -> None:
         backoff = Backoff(base=1.0, cap=60.0)
         failures = 0
         while True:
             try:
-                task = await client.next_task(self.last_round, self.config.aggregator.poll_wait_seconds)
+                task = await self._next_task(client)
                 failures = 0
                 if task is not None:
                     self._learn_time(task)
@@ -620,7 +641,10 @@ class Agent:
     async def heartbeat_loop(self, client: AggregatorClient) -> None:
         """Report to the fleet view at start and every few minutes; a refused or lost report is logged and counted
         (``fl_agent_aggregator_errors_total{operation="heartbeat"}``), never retried: the next one says the same,
-        newer."""
+        newer. The first waits (a moment) for the round loop's first answer, so that it is stamped in the
+        aggregator's time (:meth:`_next_task`)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_poll_done.wait(), FIRST_REPORT_WAIT_SECONDS)
         while True:
             try:
                 await client.send_heartbeat(encode_heartbeat(self.heartbeat(), self.identity.signing_key))

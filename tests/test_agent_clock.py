@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from agent_harness import beside_real_aggregator, run_agent
 from aiohttp.test_utils import TestServer
 from nacl.signing import SigningKey
 
@@ -22,6 +24,7 @@ from aggregator.app import METRICS, SERVICES, AggregatorConfig, make_app
 from aggregator.models import load_package_file
 from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.simulate import synthetic_package
 from appliance.agent import Agent
 from appliance.budget import Budget
 from appliance.clock import BOUND_MAX_AGE_SECONDS, DEADLINE_SLACK_SECONDS, AggregatorClock
@@ -246,3 +249,27 @@ async def test_an_agent_with_a_right_clock_reads_an_offset_of_zero(signed_packag
     assert outcome.devices == [outcome.agent.identity.device_id]
     assert sample(outcome.agent, "fl_agent_clock_offset_seconds") == 0.0
     assert "clock" not in outcome.agent.status
+
+
+# -- the first heartbeat of a board whose clock is off ---------------------------------------------------------
+
+
+async def test_an_agent_restarted_mid_round_with_a_clock_years_behind_is_seen_by_the_fleet_view(tmp_path):
+    """A board without a real-time clock reboots after taking part in the open round: no new task comes until the
+    next round (which may be an hour away, or never once the rounds are over), so the first heartbeat was stamped
+    by the device clock, refused as expired, and the device showed as silent all that time."""
+    key = SigningKey.generate()
+    app = make_app(AggregatorConfig(state_dir=tmp_path / "aggregator", package=synthetic_package(10), key=key,
+                                    policy=RoundPolicy(min_clients=5, goal_clients=5, round_timeout=3600)))
+    async with beside_real_aggregator(app, key, tmp_path) as (_, config_path, identity):
+        round_id = app[SERVICES].engine.current.round_id
+        (tmp_path / "agent" / "agent-state.json").write_text(json.dumps({"last_round": round_id}))
+        fleet = app[SERVICES].fleet
+        device_clock = AggregatorClock(wall=lambda: time.time() - 5 * YEAR)
+        agent = await run_agent(Agent(load_config(config_path), budget=ADVISORY, clock=device_clock),
+                                until=lambda a: fleet.entry(a.identity.device_id) is not None, at_most=60)
+    entry = fleet.entry(identity.device_id)
+    assert entry is not None, "the fleet view never took the restarted device's heartbeat"
+    assert abs(entry.report.sent_at - entry.last_seen) < 60, "the heartbeat must be stamped in the aggregator's time"
+    assert sample(agent, "fl_agent_aggregator_errors_total", operation="heartbeat") == 0
+    assert agent.last_round == round_id, "the round it took part in before the restart is not taken again"
