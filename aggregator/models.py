@@ -203,13 +203,14 @@ class ModelStore:
                 path.unlink(missing_ok=True)
 
     def drop_releases_before(self, oldest_kept: int) -> int:
-        """Delete the releases (and steps) of every version below ``oldest_kept``; returns how many releases went.
-        ``GET /v1/models/{v}`` answers such a version 404 ``unknown-version`` (no longer stored)."""
+        """Delete the release of every version below ``oldest_kept``; returns how many went. ``GET /v1/models/{v}``
+        answers such a version 404 ``unknown-version`` (no longer stored). Its step stays (the last KEEP_STEPS are
+        kept): a device that holds it still gets the steps from it to a version that is kept."""
         dropped = 0
-        for path in [*self.directory.glob("v*.release"), *self.directory.glob("v*.step")]:
+        for path in self.directory.glob("v*.release"):
             if path.stem[1:].isdigit() and int(path.stem[1:]) < oldest_kept:
                 path.unlink(missing_ok=True)
-                dropped += path.suffix == ".release"
+                dropped += 1
         if self._latest is not None and self._latest[0] < oldest_kept:
             self._latest = None
         with self._deltas_lock:

@@ -163,6 +163,11 @@ class UnknownRound(LookupError):
 # How long the round clock waits before closing a round again after closing it failed (a disk error, say).
 CLOSE_RETRY_SECONDS = 5.0
 
+# The round clock reads the wall clock again at least this often while it waits for a deadline, so that a clock
+# stepped forward (time sync at last) past a round's deadline closes the round within this, not at the end of the
+# wait it had measured on the monotonic clock before the step.
+WALL_CLOCK_CHECK_SECONDS = 30.0
+
 # Async mode: how long an upload waits for room in a full or closing buffer before it is told to come back. A
 # city's buffer closes in seconds; an async site's can stay full until its parent publishes (other sites
 # offline), and a waiting upload holds its upload slot.
@@ -206,9 +211,22 @@ class OpenRound:
     unclipped_norms: list[float] | None = None  # adaptive clipping: the devices' norms before they clipped
     full: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    closes_by: float = math.inf  # on the monotonic clock: the latest it closes, whatever the wall clock does
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    def last_until(self, deadline: float, length: float) -> None:
+        """Set the round's ``deadline`` (the aggregator's time, which its task states), and ``closes_by``: at most
+        ``length`` seconds from now on the monotonic clock. A clock stepped back, or one that is behind the deadline
+        read from disk at a restart (a board that booted at its image's build date, before time sync), must not
+        keep a round open for the years it is off."""
+        self.deadline = deadline
+        self.closes_by = time.monotonic() + max(0.0, min(deadline - time.time(), length))
+
+    def seconds_left(self) -> float:
+        """Until the round closes: its deadline by the aggregator's clock, or ``closes_by``, whichever comes first."""
+        return min(self.deadline - time.time(), self.closes_by - time.monotonic())
 
 
 def _weighted_metrics(rows: list[UpdateRow]) -> dict[str, float]:
@@ -475,7 +493,7 @@ class RoundEngine:
         if self.privacy is not None and self.privacy.config.adaptive is not None:
             clip_round(self.strategy, clip_norm)  # the server clips to, and calibrates the noise to, this round's C
         bound, source = update_norm_bound(self.policy.max_update_norm, clip_norm, self.params)
-        return OpenRound(
+        round_ = OpenRound(
             round_id=round_id,
             model_version=self.version,
             base_digest=digest,
@@ -487,6 +505,8 @@ class RoundEngine:
             norm_bound_source=source,
             clip_norm=clip_norm,
         )
+        round_.last_until(deadline, deadline - opened_at)
+        return round_
 
     async def _open(self, round_id: int, now: float, persist: bool) -> None:
         deadline = now + self.policy.round_timeout
@@ -540,16 +560,19 @@ class RoundEngine:
             self.strategy.add(self.store.read_delta(round_id, update.offset, update.length), float(update.num_samples))
 
     async def _clock(self) -> None:
-        """Close each round at its goal or deadline, forever."""
+        """Close each round at its goal or deadline, forever. The wait is cut into slices of at most
+        WALL_CLOCK_CHECK_SECONDS so that a wall clock stepped forward past the deadline closes the round then."""
         while True:
             round_ = self.current
             if round_ is None:
                 return
-            remaining = round_.deadline - time.time()
+            remaining = round_.seconds_left()
             if remaining > 0 and not round_.full.is_set():
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
+                    async with asyncio.timeout(min(remaining, WALL_CLOCK_CHECK_SECONDS)):
                         await round_.full.wait()
+                if self.current is round_ and not round_.full.is_set() and round_.seconds_left() > 0:
+                    continue
             if self.current is not round_:  # closed outside the clock (a site adopting its parent's version)
                 continue
             below_quorum = not round_.full.is_set() and round_.accepted < self.policy.min_clients
@@ -571,7 +594,7 @@ class RoundEngine:
         """Async mode: give a buffer below --min-clients at its deadline another --round-timeout, with a task
         re-signed for the new deadline (devices skip a task whose deadline has passed)."""
         now = time.time()
-        round_.deadline = now + self.policy.round_timeout
+        round_.last_until(now + self.policy.round_timeout, self.policy.round_timeout)
         round_.task = self._task(round_.round_id, round_.deadline, now, round_.clip_norm)
         log.info("buffer %d holds %d updates, below --min-clients %d: collecting until %s", round_.round_id,
                  round_.accepted, self.policy.min_clients, time.strftime("%H:%M:%S", time.localtime(round_.deadline)))

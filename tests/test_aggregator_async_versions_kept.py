@@ -66,3 +66,30 @@ def test_async_mode_keeps_the_versions_an_update_may_be_based_on_and_the_newest_
             await wait_until(lambda: stored(h, ".release") == newest, what="the releases kept after the restart")
 
     run(go())
+
+
+def test_a_device_on_a_version_no_longer_stored_still_gets_the_steps_from_it(tmp_path: Path) -> None:
+    """--downlink sparse: the steps of the last 16 versions stay when their releases go, so a device back from a few
+    versions offline downloads the steps from the version it holds, not the whole model."""
+
+    async def go() -> None:
+        async with running(tmp_path, devices=VERSIONS, parameters=4000, policy=POLICY, downlink="sparse") as h:
+            response = await h.client.get("/v1/models/0")
+            held = wire.decode_model_release(await response.read(), h.key.verify_key)
+            after = 0
+            for device in h.devices:
+                task = await h.task(after=after, wait=10)
+                assert task is not None
+                after = task.round_id
+                status, answer = await h.upload(device.update(task, h.delta()))
+                assert status == 200, answer
+            await wait_until(lambda: h.engine.version == VERSIONS and stored(h, ".release")[0] > 0,
+                             what=f"version {VERSIONS} published and version 0's release deleted")
+            assert (await h.client.get("/v1/models/0")).status == 404
+
+            response = await h.client.get(f"/v1/models/{VERSIONS}",
+                                          params={"base": "0", "base_digest": held.digest.hex()})
+            assert response.status == 200 and response.headers.get("X-Model-Base") == "0"
+            assert h.counter("fl_aggregator_model_downloads_total", answer="delta") == 1
+
+    run(go())
