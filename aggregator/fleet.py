@@ -21,6 +21,12 @@ once per :data:`MIN_REPORT_INTERVAL_SECONDS` (else ``too-frequent``, 429); a rep
 the aggregator's window, else ``expired``) and newer than the one held (else ``stale-report``), so a captured report
 cannot be replayed to make a dead device look alive.
 
+The aggregator's clock may be stepped back (corrected after running ahead, or set at last on a board that came up with
+a wrong one): an entry that arrived more than :data:`REPORT_MAX_AHEAD_SECONDS` after the clock's ``now`` says nothing
+of how long ago its device reported. Such an entry counts as silent, and neither blocks the device's next report as
+``stale-report`` nor rate-limits it with a Retry-After of the length of the step; the device's next heartbeat, in the
+aggregator's new time, replaces it.
+
 Durable without an fsync per report: reports are taken in memory and written every :data:`FLUSH_SECONDS` in one
 transaction to ``device_reports`` in ``aggregator.db`` over a connection of its own with ``synchronous=NORMAL``
 (WAL): a kill -9 loses at most the last interval's reports, a power cut at most what was committed since the last
@@ -135,6 +141,18 @@ class ReceiptRounds:
         return round_id
 
 
+def seen_after(seen: float, now: float) -> bool:
+    """Whether ``seen`` lies more than REPORT_MAX_AHEAD_SECONDS after ``now``: the aggregator's clock was stepped
+    back since (see the module docstring)."""
+    return seen > now + REPORT_MAX_AHEAD_SECONDS
+
+
+def is_silent(seen: float, now: float, after: float = SILENT_AFTER_SECONDS) -> bool:
+    """Last heard of at ``seen`` (aggregator clock): silent when that is more than ``after`` seconds before ``now``,
+    or unknowably long ago (:func:`seen_after`)."""
+    return now - seen > after or seen_after(seen, now)
+
+
 def is_behind(report: Heartbeat, newest: int) -> bool:
     return newest - (report.model_version or 0) > BEHIND_VERSIONS
 
@@ -184,7 +202,7 @@ class Fleet:
                                                 f"[-{REPORT_MAX_AGE_SECONDS:.0f} s, +{REPORT_MAX_AHEAD_SECONDS:.0f} s] "
                                                 f"around the aggregator's time {now:.0f}")
         held = self._entries.get(report.device_id)
-        if held is not None:
+        if held is not None and not seen_after(held.last_seen, now):
             if report.sent_at <= held.report.sent_at:
                 raise ReportRefused(409, "stale-report", f"sent_at {report.sent_at} is not after that of the "
                                                          f"report held ({held.report.sent_at})")
@@ -250,7 +268,7 @@ class Fleet:
                 counts[self._site_state(forwards.get(device.device_id), now)] += 1
                 continue
             e = self._entries.get(device.device_id)
-            if e is None or now - e.last_seen > SILENT_AFTER_SECONDS:
+            if e is None or is_silent(e.last_seen, now):
                 counts["silent"] += 1
                 continue
             counts["active"] += 1
@@ -259,7 +277,8 @@ class Fleet:
         return {"enrolled": len(roster), **counts}
 
     def _site_state(self, forward: Forward | None, now: float) -> str:
-        return "site_silent" if forward is None or now - forward.accepted_at > self.site_silent_after else "site_active"
+        silent = forward is None or is_silent(forward.accepted_at, now, self.site_silent_after)
+        return "site_silent" if silent else "site_active"
 
     def listing(self, newest: int, now: float, *, state: str = "all", sort: str = "last_seen", page: int = 1,
                 per_page: int = 50) -> dict[str, Any]:
@@ -347,7 +366,7 @@ def _report_json(report: Heartbeat) -> str:
 
 def _health(entry: Entry | None, newest: int, now: float) -> str:
     """``ok``, ``silent``, ``behind``, ``throttled`` or ``behind, throttled``."""
-    if entry is None or now - entry.last_seen > SILENT_AFTER_SECONDS:
+    if entry is None or is_silent(entry.last_seen, now):
         return "silent"
     flags = [n for n, on in (("behind", is_behind(entry.report, newest)), ("throttled", is_throttled(entry.report)))
              if on]

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from aggregator import statuschart
+from aggregator.fleet import REPORT_MAX_AHEAD_SECONDS
 
 #: Each round ``status`` of ``GET /v1/status``: its colour on the page and what it means (the legend under the
 #: rounds; docs/api.md and the ``Round`` schema of docs/openapi.yaml list the same statuses).
@@ -138,6 +139,9 @@ def _downlink(status: dict[str, Any]) -> str:
 
 
 def _ago(seconds: float) -> str:
+    if seconds < -REPORT_MAX_AHEAD_SECONDS:  # the aggregator's clock was stepped back since (aggregator/fleet.py)
+        return "later than the aggregator's clock"
+    seconds = max(0.0, seconds)
     if seconds < 120:
         return f"{seconds:.0f} s ago"
     if seconds < 7200:
@@ -180,12 +184,12 @@ def _device_row(d: dict[str, Any], now: float) -> str:
     model = "-" if d["model_version"] is None else f"v{d['model_version']}" + (f" (-{behind})" if behind > 0 else "")
     if d["site"]:  # last seen: its last forward; round and model: what that forward answered and was based on
         return (f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td>'
-                f'<td style="color:{colour}">{escape(d["health"])}</td><td>{_ago(max(0.0, now - d["last_seen"]))}</td>'
+                f'<td style="color:{colour}">{escape(d["health"])}</td><td>{_ago(now - d["last_seen"])}</td>'
                 f"<td>{d['last_round']}</td><td>{model}</td>" + "<td>-</td>" * 6 + "</tr>")
     limit = f" ({_mib(d['memory_max'])})" if d["memory_max"] else ""
     return (
         f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td>'
-        f'<td style="color:{colour}">{escape(d["health"])}</td><td>{_ago(max(0.0, now - d["last_seen"]))}</td>'
+        f'<td style="color:{colour}">{escape(d["health"])}</td><td>{_ago(now - d["last_seen"])}</td>'
         f"<td>{d['last_round']}</td><td>{model}</td><td>{escape(d['agent_version'])}</td><td>{d['cameras']}</td>"
         f"<td>{_mib(d['memory'])}{limit}</td><td>{d['cpu_throttled'] / 10:.1f} %</td><td>{d['oom_retries']}</td>"
         f"<td>{d['outbox']}</td></tr>"
