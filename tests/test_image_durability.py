@@ -167,19 +167,46 @@ def test_a_copy_to_out_is_fsynced_before_it_takes_its_name(tmp_path: Path, calls
     assert (out / DISK_NAME).read_text() == f"a {DISK_NAME}"
 
 
-def test_a_downloaded_deb_is_on_disk_before_the_build_uses_it(
+DEB = kernel.DebPackage("linux-image-6.1.0-28-amd64", "6.1.119-1", "amd64")
+WHOLE_DEB = b"!<arch>\n" + b"deb" * 1000
+
+
+def apt_get_download(cmd: list[str], cwd: Path | None = None, **kwargs) -> str:
+    """``apt-get download`` as apt does it: the .deb written straight to its name in the current directory."""
+    (Path(cwd) / DEB.filename).write_bytes(WHOLE_DEB)
+    return ""
+
+
+def test_a_downloaded_deb_is_on_disk_before_it_takes_its_name(
     tmp_path: Path, calls, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``<cache>/debs`` keeps each .deb once downloaded; apt-get download does not fsync, and an empty .deb after a
     cut would be taken by every later build."""
-    package = kernel.DebPackage("linux-image-6.1.0-28-amd64", "6.1.119-1", "amd64")
-
-    def apt_get_download(cmd: list[str], cwd: Path | None = None, **kwargs) -> str:
-        (Path(cwd) / package.filename).write_bytes(b"!<arch>\n" + b"deb" * 1000)
-        return ""
-
     monkeypatch.setattr(kernel, "_run", apt_get_download)
     debs = tmp_path / "debs"
-    deb = kernel.download_deb(package, debs, kernel.Apt())
-    calls.append(("returned", str(deb)))
-    assert calls[-3:] == [("fsync", str(deb)), ("fsync", str(debs)), ("returned", str(deb))]
+    deb = kernel.download_deb(DEB, debs, kernel.Apt())
+    renamed = calls.index(("renamed", str(deb)))
+    temp = calls[renamed - 1][1]
+    assert temp != str(deb) and ("fsync", temp) in calls[:renamed - 1], "the .deb was not fsynced before its name"
+    assert ("fsync", str(debs)) in calls[renamed:], "the .deb's name was not made durable"
+    assert deb.read_bytes() == WHOLE_DEB and sorted(p.name for p in debs.iterdir()) == [DEB.filename]
+
+
+def test_a_download_cut_short_is_never_taken_by_a_later_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """apt-get download writes the .deb under the name it keeps: a download that dies half-way (a network error, a
+    kill) left half a kernel package that every later build took as downloaded, and dpkg-deb refused."""
+    debs = tmp_path / "debs"
+
+    def dies_half_way(cmd: list[str], cwd: Path | None = None, **kwargs) -> str:
+        (Path(cwd) / DEB.filename).write_bytes(WHOLE_DEB[: len(WHOLE_DEB) // 2])
+        raise kernel.KernelError("apt-get download failed (100): Connection reset by peer")
+
+    monkeypatch.setattr(kernel, "_run", dies_half_way)
+    with pytest.raises(kernel.KernelError):
+        kernel.download_deb(DEB, debs, kernel.Apt())
+    killed = debs / f"{kernel.DOWNLOAD_PREFIX}4242"  # what a build killed with -9 mid-download leaves
+    killed.mkdir()
+    (killed / DEB.filename).write_bytes(WHOLE_DEB[:100])
+    monkeypatch.setattr(kernel, "_run", apt_get_download)
+    assert kernel.download_deb(DEB, debs, kernel.Apt()).read_bytes() == WHOLE_DEB
+    assert sorted(p.name for p in debs.iterdir()) == [DEB.filename]

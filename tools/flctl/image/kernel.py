@@ -34,6 +34,8 @@ DEBIAN_SOURCES = (
 )
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 APT_LISTS_MAX_AGE = 24 * 3600
+# download_deb's private directory under <cache>/debs: apt-get download writes there, never at a name builds take.
+DOWNLOAD_PREFIX = ".download-"
 
 ELF_MAGIC = b"\x7fELF"
 XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -153,19 +155,31 @@ def resolve_kernel_package(arch: Architecture = AMD64, apt: Apt = HOST_APT) -> D
 def download_deb(pkg: DebPackage, dest: Path, apt: Apt = HOST_APT) -> Path:
     """``apt-get download`` the exact version into ``dest`` (a cache dir) unless it is already there.
 
-    A file there is taken as it is from then on, so the download is fsynced (apt does not) before this returns:
-    a power cut soon after must not leave an empty .deb that every later build takes and dpkg-deb refuses."""
+    A .deb there is taken as it is from then on, so only a whole one, on disk, may take its name. apt-get download
+    writes straight to the name it keeps (a kill or a power cut mid-download leaves a truncated .deb) and never
+    fsyncs; so it downloads into ``dest/.download-<pid>``, and the file is fsynced, renamed into ``dest`` and the
+    rename made durable. Callers hold the cache's lock (build_image), so a download directory found here was left
+    by a build that was killed or lost power, and is removed."""
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / pkg.filename
     if target.exists():
         return target
-    _run(["apt-get", *apt.options(), "download", "-q", "-o", "APT::Sandbox::User=root",
-          f"{pkg.name}:{pkg.arch}={pkg.version}"], cwd=dest)  # fmt: skip
-    if not target.exists():
-        found = sorted(dest.glob(f"{pkg.name}_*.deb"))
-        raise KernelError(f"apt-get download did not produce {target.name} (found {[p.name for p in found]})")
-    fsync_file(target)
-    fsync_dir(dest)
+    for stale in dest.glob(f"{DOWNLOAD_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    work = dest / f"{DOWNLOAD_PREFIX}{os.getpid()}"
+    work.mkdir()
+    try:
+        _run(["apt-get", *apt.options(), "download", "-q", "-o", "APT::Sandbox::User=root",
+              f"{pkg.name}:{pkg.arch}={pkg.version}"], cwd=work)  # fmt: skip
+        downloaded = work / pkg.filename
+        if not downloaded.exists():
+            found = sorted(work.glob(f"{pkg.name}_*.deb"))
+            raise KernelError(f"apt-get download did not produce {target.name} (found {[p.name for p in found]})")
+        fsync_file(downloaded)
+        os.replace(downloaded, target)
+        fsync_dir(dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 
