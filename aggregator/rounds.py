@@ -1033,6 +1033,8 @@ class RoundEngine:
         await self._install(self._new_open_round(round_id, now, deadline, goal))
         if self._timer is None or self._timer.done():
             self._timer = asyncio.create_task(self._clock(), name="round-clock")
+        if self.policy.buffer is not None and params is not None:  # an async site adopting its parent's version
+            await self._run(self._drop_old_versions, version)
         return round_id
 
     def _drop_old_versions(self, newest: int) -> None:

@@ -10,9 +10,12 @@ from pathlib import Path
 from nacl.signing import SigningKey
 from test_aggregator_tree import wait_until
 
+from aggregator.app import SERVICES
 from aggregator.buffered import BufferPolicy
+from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
+from aggregator.upstream import UpstreamConfig
 from appliance import wire
 from tests.aggregator_harness import Harness, run, running
 
@@ -91,5 +94,31 @@ def test_a_device_on_a_version_no_longer_stored_still_gets_the_steps_from_it(tmp
                                           params={"base": "0", "base_digest": held.digest.hex()})
             assert response.status == 200 and response.headers.get("X-Model-Base") == "0"
             assert h.counter("fl_aggregator_model_downloads_total", answer="delta") == 1
+
+    run(go())
+
+
+def test_an_async_site_keeps_the_newest_of_the_versions_it_adopts(tmp_path: Path) -> None:
+    """An idle async site adopts each version its parent publishes: it keeps the newest --max-staleness + 1."""
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+
+    async def go() -> None:
+        async with running(tmp_path / "city", devices=VERSIONS, key=city_key, policy=POLICY) as city:
+            city.app[SERVICES].registry.enroll([Enrolment(SimulatedDevice(key=site_key).device_id,
+                                                          bytes(site_key.verify_key), site=True)])
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            async with running(tmp_path / "site", devices=1, key=site_key, upstream=upstream, policy=POLICY) as site:
+                after = 0
+                for version, device in enumerate(city.devices, start=1):
+                    task = await city.task(after=after, wait=10)
+                    assert task is not None
+                    after = task.round_id
+                    status, answer = await city.upload(device.update(task, city.delta()))
+                    assert status == 200, answer
+                    await wait_until(lambda version=version: site.engine.version == version,
+                                     what=f"the site on the city's version {version}")
+                oldest = VERSIONS - MAX_STALENESS
+                await wait_until(lambda: stored(site, ".release") == list(range(oldest, VERSIONS + 1)),
+                                 what=f"the site's releases before version {oldest} deleted")
 
     run(go())
