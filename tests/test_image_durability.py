@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -189,7 +190,7 @@ def test_a_downloaded_deb_is_on_disk_before_it_takes_its_name(
     temp = calls[renamed - 1][1]
     assert temp != str(deb) and ("fsync", temp) in calls[:renamed - 1], "the .deb was not fsynced before its name"
     assert ("fsync", str(debs)) in calls[renamed:], "the .deb's name was not made durable"
-    assert deb.read_bytes() == WHOLE_DEB and sorted(p.name for p in debs.iterdir()) == [DEB.filename]
+    assert deb.read_bytes() == WHOLE_DEB and debs_in(debs) == [DEB.filename]
 
 
 def test_a_download_cut_short_is_never_taken_by_a_later_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,4 +210,38 @@ def test_a_download_cut_short_is_never_taken_by_a_later_build(tmp_path: Path, mo
     (killed / DEB.filename).write_bytes(WHOLE_DEB[:100])
     monkeypatch.setattr(kernel, "_run", apt_get_download)
     assert kernel.download_deb(DEB, debs, kernel.Apt()).read_bytes() == WHOLE_DEB
-    assert sorted(p.name for p in debs.iterdir()) == [DEB.filename]
+    assert debs_in(debs) == [DEB.filename]
+
+
+def test_a_download_under_way_is_left_alone_by_another_process_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/qemu_guest.py downloads the kernel into ``<cache>/qemu-guest`` without the image cache's lock (two
+    test sessions at once, say): the second download waits for the first and takes its .deb, rather than removing
+    the first one's download directory as one a killed build left."""
+    debs = tmp_path / "debs"
+    second: dict[str, object] = {}
+
+    def download_in_another_thread() -> None:
+        try:
+            second["deb"] = kernel.download_deb(DEB, debs, kernel.Apt())
+        except Exception as exc:  # reported below
+            second["error"] = exc
+
+    other = threading.Thread(target=download_in_another_thread)
+
+    def first_download(cmd: list[str], cwd: Path | None = None, **kwargs) -> str:
+        monkeypatch.setattr(kernel, "_run", apt_get_download)  # what the other one would run, if it ran
+        other.start()
+        other.join(0.5)  # without the turns, it has removed this download's directory by now
+        return apt_get_download(cmd, cwd)
+
+    monkeypatch.setattr(kernel, "_run", first_download)
+    assert kernel.download_deb(DEB, debs, kernel.Apt()).read_bytes() == WHOLE_DEB
+    other.join()
+    assert "error" not in second and second["deb"] == debs / DEB.filename
+
+
+def debs_in(debs: Path) -> list[str]:
+    """The .debs and download directories in ``debs`` (not the lock file downloads take turns with)."""
+    return sorted(p.name for p in debs.iterdir() if p.name != ".download.lock")

@@ -12,6 +12,7 @@ small busybox initramfs and only the ~30 modules the appliance needs, takes 15-2
 
 from __future__ import annotations
 
+import fcntl
 import lzma
 import os
 import shutil
@@ -158,28 +159,33 @@ def download_deb(pkg: DebPackage, dest: Path, apt: Apt = HOST_APT) -> Path:
     A .deb there is taken as it is from then on, so only a whole one, on disk, may take its name. apt-get download
     writes straight to the name it keeps (a kill or a power cut mid-download leaves a truncated .deb) and never
     fsyncs; so it downloads into ``dest/.download-<pid>``, and the file is fsynced, renamed into ``dest`` and the
-    rename made durable. Callers hold the cache's lock (build_image), so a download directory found here was left
-    by a build that was killed or lost power, and is removed."""
+    rename made durable. Downloads into ``dest`` take turns (a flock on ``dest/.download.lock``: an image build and
+    a test session's guest kernel may share it), so a download directory found here was left by one that was
+    killed or lost power, and is removed."""
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / pkg.filename
     if target.exists():
         return target
-    for stale in dest.glob(f"{DOWNLOAD_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    work = dest / f"{DOWNLOAD_PREFIX}{os.getpid()}"
-    work.mkdir()
-    try:
-        _run(["apt-get", *apt.options(), "download", "-q", "-o", "APT::Sandbox::User=root",
-              f"{pkg.name}:{pkg.arch}={pkg.version}"], cwd=work)  # fmt: skip
-        downloaded = work / pkg.filename
-        if not downloaded.exists():
-            found = sorted(work.glob(f"{pkg.name}_*.deb"))
-            raise KernelError(f"apt-get download did not produce {target.name} (found {[p.name for p in found]})")
-        fsync_file(downloaded)
-        os.replace(downloaded, target)
-        fsync_dir(dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with open(dest / ".download.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():  # downloaded while this one waited
+            return target
+        for stale in dest.glob(f"{DOWNLOAD_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = dest / f"{DOWNLOAD_PREFIX}{os.getpid()}"
+        work.mkdir()
+        try:
+            _run(["apt-get", *apt.options(), "download", "-q", "-o", "APT::Sandbox::User=root",
+                  f"{pkg.name}:{pkg.arch}={pkg.version}"], cwd=work)  # fmt: skip
+            downloaded = work / pkg.filename
+            if not downloaded.exists():
+                found = sorted(work.glob(f"{pkg.name}_*.deb"))
+                raise KernelError(f"apt-get download did not produce {target.name} (found {[p.name for p in found]})")
+            fsync_file(downloaded)
+            os.replace(downloaded, target)
+            fsync_dir(dest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return target
 
 
