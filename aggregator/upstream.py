@@ -25,6 +25,12 @@ partial sums, so a site must run plain FedAvg; the root of the tree may run any 
 With ``--secure-aggregation`` a site runs secure rounds among its own devices (aggregator/secagg_round.py) and
 forwards only their sum: the site never sees one device's update, and the parent sees one update per site.
 A parent's secure round is not joined: a site is one sender of a plain sum, not a device with a mask key.
+
+Time: toward its parent a site is a device, so it judges the parent's deadlines and stamps its forwards in the
+parent's time as learnt from the parent's signed tasks (appliance/clock.py, as the agent does), never by its own clock
+alone, which on a board without a real-time clock may be years off until time sync succeeds. Its own rounds, and the
+tasks it signs for its devices, are in its own time: a site round lasts what is left of the parent's round (less a
+margin), counted from the site's clock.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from aggregator.rounds import ForwardError, OpenRound, RoundEngine
 from aggregator.store import Store
 from appliance import wire
 from appliance.client import AggregatorClient, AggregatorUnavailable, Rejection
+from appliance.clock import AggregatorClock
 from appliance.durable import atomic_write
 from appliance.errors import ProtocolError
 from appliance.identity import IdentityError, read_key_file
@@ -128,6 +135,7 @@ class UpstreamLink:
         self._task: asyncio.Task[None] | None = None
         self._newest_parent = self._resume_after()  # the newest parent round whose task this site has seen
         self._parent_moved = asyncio.Condition()
+        self.parent_clock = AggregatorClock(wall=time.time)  # the parent's time, learnt from its tasks
         engine.forward = self.forward
 
     @property
@@ -194,6 +202,7 @@ class UpstreamLink:
             try:
                 task = await self._client.next_task(after, self.config.poll_seconds)
                 if task is not None:
+                    self.parent_clock.observe(task.issued_at, task.deadline)
                     after = task.round_id
                     async with self._parent_moved:
                         self._newest_parent = max(self._newest_parent, after)
@@ -226,11 +235,13 @@ class UpstreamLink:
                 "sum of its devices); run secure aggregation on the sites and plain FedAvg at the root", task.round_id,
             )
             return
-        margin = max(1.0, 0.1 * (task.deadline - time.time()))  # leave the forward time to reach the parent
-        deadline = min(time.time() + self.engine.policy.round_timeout, task.deadline - margin)
-        if deadline <= time.time():
+        left = task.deadline - self.parent_clock.now()  # the parent round's time left, in the parent's time
+        margin = max(1.0, 0.1 * left)  # leave the forward time to reach the parent
+        seconds = min(self.engine.policy.round_timeout, left - margin)
+        if seconds <= 0:
             log.warning("upstream round %d closes too soon to collect anything; skipping it", task.round_id)
             return
+        deadline = time.time() + seconds  # the site round's, in the site's time (the tasks its devices get)
         if self.engine.policy.buffer is not None:
             self.engine.reopen_after_forward = await self._parent_is_async()
         params = None
@@ -285,11 +296,15 @@ class UpstreamLink:
             device_id=self.device_id, round_id=parent.round_id, model_version=parent.model_version,
             base_digest=parent.model_digest, num_samples=samples,
             tensors=self.models.layout.unflatten(delta), metrics=metrics, encoding=parent.encoding,
+            created_at=int(self.parent_clock.now()),
         )
         body = self._forward_body(round_.round_id, update)
         assert self._client is not None
         backoff = self.config.retry_seconds
-        give_up = max(parent.deadline, round_.deadline)  # a buffer opened after a forward outlives its parent round
+
+        def time_left() -> float:  # a buffer opened after a forward outlives its parent round
+            return max(parent.deadline - self.parent_clock.now(), round_.deadline - time.time())
+
         resigned = False
         while True:
             seen = self._newest_parent
@@ -308,7 +323,7 @@ class UpstreamLink:
                 if exc.reason == "expired" and not resigned:  # never counted (a counted copy gets its receipt)
                     # Sign it anew, created now: the refused copy may have been written before a long outage.
                     resigned = True
-                    update = replace(update, created_at=int(time.time()))
+                    update = replace(update, created_at=int(self.parent_clock.now()))
                     self._forward_path(round_.round_id).unlink()
                     body = self._forward_body(round_.round_id, update)
                     continue
@@ -317,7 +332,7 @@ class UpstreamLink:
                 raise ForwardError(
                     f"upstream refused the site's update for round {parent.round_id}: {exc}{hint}") from None
             except AggregatorUnavailable as exc:
-                if time.time() + backoff >= give_up:
+                if backoff >= time_left():
                     detail = f"upstream unreachable until round {parent.round_id}'s deadline: {exc}"
                     raise ForwardError(detail) from None
                 log.warning("forwarding to upstream round %d: %s; retrying in %.0f s", parent.round_id, exc, backoff)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from aggregator_harness import running
+from test_aggregator_tree import site_task, tree
 from test_fleet_heartbeat import report
 
 from aggregator import statuspage
@@ -120,3 +121,22 @@ async def test_a_clock_stepped_back_mid_round_does_not_keep_the_round_open(tmp_p
         clock.offset = -YEAR
         await wait_until(lambda: h.engine.version == 1)
         assert h.engine.version == 1, "the round waited for its deadline a year ahead of the corrected clock"
+
+
+# -- a site and its parent -----------------------------------------------------------------------------------
+
+
+async def test_a_site_whose_clock_runs_years_ahead_of_its_citys_still_answers_the_citys_rounds(tmp_path, monkeypatch):
+    """A site judged the city's deadline by its own clock: a year ahead (or five), every city round looked over
+    and was skipped ('closes too soon'); years behind, its forwards were stamped in the past and refused 'expired'.
+    It now works in the city's time as learnt from the city's tasks, as an agent does."""
+    monkeypatch.setattr("aggregator.upstream.time", ShiftedTime(5 * YEAR))  # the site's clock, toward its parent
+    async with tree(tmp_path) as (city, sites):
+        for site in sites:
+            task = await site_task(site, 0)
+            for device in site.devices:
+                assert (await site.upload(device.update(task, site.delta())))[0] == 200
+        await wait_until(lambda: city.engine.version == 1)
+        assert city.engine.version == 1
+        assert city.engine.store.get_round(1).participants == 2
+        assert city.rejected("expired") == 0
