@@ -15,6 +15,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -166,6 +169,74 @@ def test_a_copy_to_out_is_fsynced_before_it_takes_its_name(tmp_path: Path, calls
         assert temp != str(out / name) and ("fsync", temp) in calls[:renamed - 1], f"{name} was not fsynced"
     assert calls[-1] == ("fsync", str(out))
     assert (out / DISK_NAME).read_text() == f"a {DISK_NAME}"
+
+
+def test_the_new_manifest_takes_its_name_only_once_the_disk_s_name_is_durable(tmp_path: Path, calls) -> None:
+    """"The manifest last" holds after a power cut only if the names before it are on disk first: else the cut
+    could keep the new manifest and lose the new disk's rename, the old disk left under the new manifest."""
+    image = ImageArtifacts.load(_image(tmp_path / "cache" / "a", "a"))
+    out = tmp_path / "out"
+    calls.clear()
+    build._publish(image, out)
+    disk_renamed = calls.index(("renamed", str(out / DISK_NAME)))
+    manifest_renamed = calls.index(("renamed", str(out / MANIFEST)))
+    assert ("fsync", str(out)) in calls[disk_renamed:manifest_renamed], "the manifest's rename came first"
+
+
+KILLED_PUBLISH = """
+import errno, os, signal, sys
+from pathlib import Path
+from flctl.image import build
+from flctl.image.build import DISK_NAME, ImageArtifacts
+
+def cross_device(src, dst, *args, **kwargs):
+    raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+real_replace = os.replace
+
+def killed_at_the_disk(src, dst, *args, **kwargs):
+    if Path(dst).name == DISK_NAME:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst, *args, **kwargs)
+
+os.link, os.replace = cross_device, killed_at_the_disk
+build._publish(ImageArtifacts.load(Path(sys.argv[1])), Path(sys.argv[2]))
+"""
+
+
+def test_the_copy_a_killed_out_left_is_gone_after_the_next(tmp_path: Path) -> None:
+    """``--out`` on another file system copies the disk image (GBs) under a temp name; a publish killed with -9
+    before the rename cannot remove it, and the next publish must not leave it there for good."""
+    image = _image(tmp_path / "cache" / "a", "a")
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_PUBLISH, str(image), str(out)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p for p in out.iterdir() if p.name.startswith(".")], "the killed publish left no copy to clean up"
+    build._publish(ImageArtifacts.load(image), out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in image.iterdir())
+
+
+def test_out_inside_the_cache_is_refused_and_the_cached_image_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--out <cache>/image`` (where the image is already): publishing into the image's own directory removed its
+    manifest first, leaving a cached image every later build took and no tool could load; through the link to an
+    older image it would have rewritten that entry's files in place."""
+    cache = tmp_path / "cache"
+    image = _image(cache / "images" / "k1", "k1")
+    (image / COMPLETE).write_text("")
+    (cache / "image").symlink_to("images/k1")
+
+    def cached(store: ArtifactStore, *args, **kwargs) -> ImageArtifacts:
+        art = ImageArtifacts.load(store.path("images", "k1"))
+        art.manifest["from_cache"] = True
+        return art
+
+    monkeypatch.setattr(build, "_build_locked", cached)
+    with pytest.raises(ImageBuildError) as refused:
+        build.build_image(cache=cache, out=cache / "image", arch="amd64")
+    assert f"--out {cache / 'image'}" in str(refused.value) and "inside the image cache" in str(refused.value)
+    assert ImageArtifacts.load(cache / "image").manifest["key"] == "k1"
 
 
 DEB = kernel.DebPackage("linux-image-6.1.0-28-amd64", "6.1.119-1", "amd64")

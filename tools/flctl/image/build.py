@@ -169,9 +169,14 @@ def build_image(
         keep_bytes = keep_bytes_from_env()
     except ValueError as exc:
         raise ImageBuildError(str(exc)) from None
+    store = ArtifactStore(cache or cache_root())
+    if out is not None and out.resolve().is_relative_to(store.root.resolve()):
+        # Publishing there would replace a cache entry's files in place: through <cache>/image, the previous
+        # image's (its key then naming another image); into the image's own directory, its manifest removed first.
+        raise ImageBuildError(f"--out {out} is inside the image cache {store.root}: give a directory outside it, or "
+                              f"leave --out out to find the image at {default_image_dir(store.root, target.name)}")
     if os.geteuid() != 0:
         raise ImageBuildError("flctl image build needs root (mmdebstrap --mode=root, chroot, mount); run it with sudo")
-    store = ArtifactStore(cache or cache_root())
     steps = Steps(console)
     started = time.monotonic()
     with store.lock():
@@ -411,9 +416,10 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """Put ``src`` at ``dst`` whole: a hard link, else a copy fsynced, made under a temp name and renamed over
-    ``dst`` (the directory is fsynced by the caller)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+    """Put ``src`` at ``dst`` whole: a hard link, else a copy fsynced, made as ``.<name>.partial`` and renamed over
+    ``dst`` (the directory is fsynced by the caller). The temp name is the same in every process, so one that a
+    killed publish left (a whole disk image, when copied) is replaced by the next, never kept for good."""
+    tmp = dst.with_name(f".{dst.name}.partial")
     tmp.unlink(missing_ok=True)
     try:
         try:
@@ -429,10 +435,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def _publish(art: ImageArtifacts, out: Path) -> None:
     """Put the image's files in ``out``, manifest.json last. The old manifest goes first (and that is made
     durable), so an interrupted publish leaves a directory that says it holds no image, never an old manifest
-    beside a new disk whose partitions it no longer describes."""
+    beside a new disk whose partitions it no longer describes; and the other files' names are made durable before
+    the new manifest takes its name. ``out`` is outside the cache (build_image)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     fsync_dir(out)
-    for name in (DISK_NAME, DISK_NAME + ".bmap", art.arch.kernel_file, "initrd.img", MANIFEST):
+    for name in (DISK_NAME, DISK_NAME + ".bmap", art.arch.kernel_file, "initrd.img"):
         _link_or_copy(art.directory / name, out / name)
+    fsync_dir(out)
+    _link_or_copy(art.directory / MANIFEST, out / MANIFEST)
     fsync_dir(out)
