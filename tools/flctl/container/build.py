@@ -12,14 +12,12 @@ the Docker v2s2 format: the OCI image configuration has no HEALTHCHECK field and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +120,7 @@ def build_images(platforms: list[Platform], services: list[Service] | None = Non
     built: list[BuiltImage] = []
     removals = Removals()
     used_dependencies: set[str] = set()
-    with store.lock(), _scratch(store) as work:
+    with store.lock(), store.scratch("container-") as work:
         log = store.root / "build.log"  # kept after the build: errors point into it
         log.write_text("")
         started = time.monotonic()
@@ -185,13 +183,3 @@ def manifest_list(service: Service, version: str, platforms: list[Platform], cac
                f"containers-storage:{image_ref(service, version, platform)}",
                what=f"podman manifest add {platform.name}", cache=cache, log=log)  # fmt: skip
     return ref
-
-
-@contextlib.contextmanager
-def _scratch(store: ArtifactStore) -> Iterator[Path]:
-    work = store.root / "work" / f"container-{os.getpid()}-{time.monotonic_ns()}"
-    work.mkdir(parents=True)
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -272,7 +272,7 @@ def _build_locked(
     kernel_cached = store.has("kernel", kernel_key.key())
     with steps.step(f"kernel: {arch.kernel_file}, modules, initramfs", cached=kernel_cached):
         if not kernel_cached:
-            with store.building("kernel", kernel_key.key()) as out, _scratch(store) as work:
+            with store.building("kernel", kernel_key.key()) as out, store.scratch() as work:
                 kernel.build_kernel(kernel_deb, busybox_deb, IMAGE_TOOLS / "initramfs-init", out, work, arch)
     built_kernel = kernel.load_kernel_build(store.path("kernel", kernel_key.key()), arch)
 
@@ -303,13 +303,13 @@ def _build_locked(
     sysroot_cached = store.has("sysroot", sysroot_key.key())
     with steps.step("sysroot: base + dependency venv + kernel modules", cached=sysroot_cached):
         if not sysroot_cached:
-            with store.building("sysroot", sysroot_key.key()) as out, _scratch(store) as work:
+            with store.building("sysroot", sysroot_key.key()) as out, store.scratch() as work:
                 rootfs.build_sysroot(
                     base_tar, dep_wheels, reqs, built_kernel.modules_root, out / "sysroot.tar", work, out / "build.log"
                 )
     sysroot_tar = store.path("sysroot", sysroot_key.key()) / "sysroot.tar"
 
-    with store.building("images", key) as out, _scratch(store) as work:
+    with store.building("images", key) as out, store.scratch() as work:
         log = out / "build.log"
         with steps.step("build the fl-edge wheel"):
             project_wheel = rootfs.build_project_wheel(PROJECT_ROOT, work / "wheel", log, sys.executable)
@@ -361,20 +361,6 @@ def _build_locked(
     for kind, current in (("images", key), ("sysroot", sysroot_key.key())):
         steps.console.print(f"[dim]{prune_summary(kind, _prune(store, kind, current, keep_bytes))}[/]")
     return ImageArtifacts.load(store.path("images", key))
-
-
-@contextlib.contextmanager
-def _scratch(store: ArtifactStore) -> Iterator[Path]:
-    work = store.root / "work" / f"{os.getpid()}-{time.monotonic_ns()}"
-    work.mkdir(parents=True)
-    try:
-        yield work
-    finally:
-        # A chroot mount left behind by a failed step must not make rmtree walk into /proc or /dev.
-        for sub in ("rootfs/proc", "rootfs/dev", "sysroot/proc", "sysroot/dev"):
-            if os.path.ismount(work / sub):
-                os.system(f"umount -l '{work / sub}'")
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def latest_link_name(arch: Architecture) -> str:

@@ -20,8 +20,11 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import stat
+import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +206,22 @@ class ArtifactStore:
         return pruned
 
     @contextlib.contextmanager
+    def scratch(self, prefix: str = "") -> Iterator[Path]:
+        """Yield an empty work directory under ``<root>/work``, removed afterwards (:func:`remove_unmounted`).
+        Callers hold :meth:`lock`, so the work directories found here were left by builds that were killed or lost
+        power (a root file system and its ext4 images: GBs, that no later build would remove), and go first."""
+        base = self.root / "work"
+        if base.is_dir():
+            for left in base.iterdir():
+                remove_unmounted(left)
+        work = base / f"{prefix}{os.getpid()}-{time.monotonic_ns()}"
+        work.mkdir(parents=True)
+        try:
+            yield work
+        finally:
+            remove_unmounted(work)
+
+    @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Serialise builds sharing this cache (two pytest sessions, CI jobs on one runner)."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -254,6 +273,23 @@ def entry_bytes(entry: Path) -> int:
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
             total += st.st_blocks * 512
     return total
+
+
+def remove_unmounted(tree: Path) -> None:
+    """Remove ``tree`` once every mount under it is lazily unmounted, and leave it while one stays: a build killed
+    in its chroot left /proc and /dev mounted there, and rmtree would walk into the host's /dev."""
+    for point in sorted(_mounts_under(tree), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+    if not _mounts_under(tree):
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def _mounts_under(tree: Path) -> list[str]:
+    """The mount points at or below ``tree`` (from /proc/self/mountinfo, its octal escapes undone)."""
+    top = os.path.realpath(tree)
+    with open("/proc/self/mountinfo") as fh:
+        points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]) for line in fh]
+    return [p for p in points if p == top or p.startswith(top + "/")]
 
 
 def hold(entry: Path) -> None:
