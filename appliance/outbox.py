@@ -472,12 +472,14 @@ class Outbox:
                       self.rejected_directory, exc.strerror or exc)
             return True
         log.error("outbox: %s; moved to %s", what, self.rejected_directory)
-        with contextlib.suppress(OSError):  # the syncs and the note are for inspection; a failing card may refuse them
-            fsync_dir(self.rejected_directory)
-            fsync_dir(self.directory)
-            # whole or absent after a power cut (an update without its note reads as reason "unknown")
-            atomic_write(self.rejected_directory / f"{entry.name}.reason", f"{reason}\n{detail}\n".encode())
-            self._trim_rejected()
+        note = self.rejected_directory / f"{entry.name}.reason"
+        # For inspection, each tried whatever became of the one before (a failing card may refuse any of them): the
+        # move's syncs, the note (whole or absent after a power cut: an update without one reads as reason
+        # "unknown"), and the trim that keeps rejected/ to max_rejected.
+        for step in (lambda: fsync_dir(self.rejected_directory), lambda: fsync_dir(self.directory),
+                     lambda: atomic_write(note, f"{reason}\n{detail}\n".encode()), self._trim_rejected):
+            with contextlib.suppress(OSError):
+                step()
         return True
 
     async def deliver(

@@ -10,11 +10,13 @@ delivered update comes back after a power cut and is sent again).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
+from appliance import outbox as outbox_module
 from appliance.outbox import Outbox, PermanentRejection
 
 
@@ -130,3 +132,27 @@ def test_a_refused_update_is_moved_aside_durably_with_its_note_whole(tmp_path: P
     assert outbox.rejected() == [(key, "round-closed")]
     Path(note).write_text("")  # as a note left empty by a cut before this fix
     assert outbox.rejected() == [(key, "unknown")]
+
+
+def test_a_directory_sync_the_card_refuses_costs_neither_the_note_nor_the_trim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The syncs after a move to ``rejected/`` are for inspection, and a failing card may refuse one (EIO): the
+    note saying why, and the trim that keeps ``rejected/`` to ``max_rejected``, are still made, rather than each
+    refused update reading as reason "unknown" and ``rejected/`` growing for good."""
+    outbox = Outbox(tmp_path / "outbox", max_rejected=1)
+    real_fsync_dir = outbox_module.fsync_dir
+
+    def refused_for_the_outbox(path) -> None:
+        if Path(path) == outbox.directory:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync_dir(path)
+
+    async def refuse(message: bytes) -> None:
+        raise PermanentRejection("round-closed", "round 7 closed at 12:00")
+
+    outbox.put(b"update for round 6")
+    newest = outbox.put(b"update for round 7")
+    monkeypatch.setattr(outbox_module, "fsync_dir", refused_for_the_outbox)
+    asyncio.run(outbox.deliver(refuse))
+    assert outbox.rejected() == [(newest, "round-closed")]
