@@ -306,6 +306,8 @@ class RoundEngine:
         self._timer: asyncio.Task[None] | None = None
         # Site mode: a closed round goes upstream instead of publishing, and rounds open only on the parent's tasks.
         self.forward: Forwarder | None = None
+        # Site mode: whether a round's forward was written (aggregator/upstream.py), read when the round resumes.
+        self.forward_written: Callable[[int], bool] | None = None
         # Async site under an async parent (aggregator/upstream.py reads the parent's mode): the next buffer opens
         # right after a forward, on the same version, instead of waiting for the parent's next version.
         self.reopen_after_forward = False
@@ -550,6 +552,12 @@ class RoundEngine:
         if rows and not self.strategy.needs_all_updates and self.secure is None:  # masked inputs are no deltas
             await self._run(self._replay, row.round_id, rows)
         if round_.accepted >= round_.goal:
+            round_.full.set()
+        if self.forward_written is not None and self.forward_written(row.round_id):
+            # A site stopped while forwarding this round: the forward it wrote (which its parent may have counted
+            # already) is what the round sends, so the round takes no more updates, which that forward would lack,
+            # and closes now.
+            round_.closing = True
             round_.full.set()
         log.info("resumed round %d with %d acknowledged updates (%d lost from the spool)", row.round_id, len(rows),
                  len(recovery.lost) + len(recovery.corrupt))

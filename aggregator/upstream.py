@@ -137,6 +137,7 @@ class UpstreamLink:
         self._parent_moved = asyncio.Condition()
         self.parent_clock = AggregatorClock(wall=time.time)  # the parent's time, learnt from its tasks
         engine.forward = self.forward
+        engine.forward_written = lambda site_round: self._forward_path(site_round).exists()
 
     @property
     def device_id(self) -> str:
