@@ -655,7 +655,7 @@ class RoundEngine:
         self._check_samples(header)
         round_ = self.current
         if self.policy.buffer is not None and round_ is not None:
-            return self._admit_buffered(header, digest, round_, self.policy.buffer)
+            return self._check_forward_samples(header, self._admit_buffered(header, digest, round_, self.policy.buffer))
         if self.policy.buffer is not None and self._opening:  # no round for a moment: not a refusal
             raise BufferFull("the site is moving to its parent's new version; its next buffer opens in a moment")
         if round_ is None or header.round_id != round_.round_id:
@@ -676,6 +676,22 @@ class RoundEngine:
         if header.device_id in round_.devices and round_.devices[header.device_id] != digest:
             raise ProtocolError(
                 "duplicate", f"device {header.device_id} already has a different update in round {round_.round_id}"
+            )
+        return self._check_forward_samples(header, round_)
+
+    def _check_forward_samples(self, header: UpdateHeader, round_: OpenRound) -> OpenRound:
+        """Site mode: refuse an update that would take the round's samples past what its forward can carry (one
+        signed count of at most 2^31 - 1): the parent would refuse that forward and the round's acknowledged updates
+        would be lost. The updates being stored count at --max-samples each."""
+        if self.forward is None:
+            return round_
+        held = round_.samples + round_.pending * self.policy.max_samples
+        if held + header.num_samples > MAX_SAMPLES_LIMIT:
+            raise ProtocolError(
+                "too-many-samples",
+                f"the update claims {header.num_samples} samples and this site's round {round_.round_id} already "
+                f"holds {round_.samples}; the round's forward to its parent carries at most {MAX_SAMPLES_LIMIT} "
+                "samples in all",
             )
         return round_
 

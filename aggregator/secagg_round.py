@@ -48,8 +48,7 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
-from nacl.bindings import crypto_core_ed25519_is_valid_point, crypto_scalarmult
-from nacl.exceptions import RuntimeError as NaclRuntimeError
+from nacl.bindings import crypto_core_ed25519_is_valid_point
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -66,6 +65,7 @@ from appliance.protocol import messages as m
 from appliance.protocol.quantise import MIN_CLIP_NORM, levels_for, private_levels, sensitivity
 from appliance.protocol.secagg import (
     DEFAULT_THRESHOLD_FRACTION,
+    Accusation,
     Answer,
     Dealing,
     Keys,
@@ -73,6 +73,7 @@ from appliance.protocol.secagg import (
     RoutedShare,
     SecAggError,
     UnmaskPlan,
+    judge,
     masked_with,
     plan_unmask,
     threshold_for,
@@ -86,8 +87,8 @@ DEVICE_PHASES = ("advertise", "share", "masked", "unmask")
 ABANDON_REASONS = ("too-few-advertised", "too-few-shared", "too-few-survivors", "too-few-shares", "deadline",
                    "privacy-budget", "unnoised", "sum-out-of-bounds", "spool-lost")
 DIRECTIONS = ("received", "sent")
-# A low-order X25519 key would make every shared secret with it zero: checked by one multiplication.
-_PROBE_SCALAR = bytes([5] * 32)
+# Why a masked input that arrived is left out of the sum (docs/protocol.md 12.6).
+EXCLUDED_REASONS = ("false-accusation", "bad-shares", "too-few-holders")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS secagg_rounds (
@@ -175,8 +176,8 @@ class SecAggMetrics:
         )
         self.excluded = Counter(
             "fl_aggregator_secagg_excluded_total",
-            "Masked inputs left out of a sum: their device was named for bad shares, or had too few holders left",
-            registry=r,
+            "Masked inputs left out of a sum, by reason: their device accused an honest dealer, dealt bad shares, or "
+            "had too few holders left", ["reason"], registry=r,
         )
         self.abandoned = Counter(
             "fl_aggregator_secagg_abandoned_total", "Secure rounds abandoned, by reason", ["reason"], registry=r,
@@ -193,6 +194,8 @@ class SecAggMetrics:
                 self.bytes.labels(phase, direction)
         for reason in ABANDON_REASONS:
             self.abandoned.labels(reason)
+        for reason in EXCLUDED_REASONS:
+            self.excluded.labels(reason)
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,8 @@ class SecureRound:
     roster_body: bytes = b""
     dealings: dict[int, tuple[bytes, Dealing]] = field(default_factory=dict)  # index -> (body, dealing)
     routed: dict[int, bytes] = field(default_factory=dict)  # index -> signed routed message (cache)
-    masked: dict[int, tuple[bytes, set[int]]] = field(default_factory=dict)  # index -> (envelope, rejected)
+    # index -> (envelope, the accusations it carries)
+    masked: dict[int, tuple[bytes, tuple[Accusation, ...]]] = field(default_factory=dict)
     in_flight: dict[int, tuple[bytes, asyncio.Future[bytes]]] = field(default_factory=dict)  # index -> (digest, ..)
     # (phase, device) -> (body, done): device messages being written; the phase does not end before they are in
     storing: dict[tuple[str, str], tuple[bytes, asyncio.Future[None]]] = field(default_factory=dict)
@@ -356,7 +360,7 @@ class SecureRounds:
                 sr.dealings[sr.roster.index_of(device_id)] = (body, m.decode_shares(body, lookup, self.limits).dealing)
             elif kind == "masked" and device_id in committed:  # stored but never acknowledged: not received
                 index = sr.roster.index_of(device_id)
-                sr.masked[index] = (body, set(wire.verify(body, lookup, self.limits).payload["rejected"]))
+                sr.masked[index] = (body, m.accusations_of(wire.verify(body, lookup, self.limits).payload))
                 update = committed[device_id]
                 np.add(sr.total, self.store.read_delta(sr.round_id, update.offset, update.length).view("<u4"),
                        out=sr.total)
@@ -367,7 +371,8 @@ class SecureRounds:
             sr.request_body = bytes(request)
             decoded = m.decode_unmask_request(sr.request_body, self.key.verify_key, self.limits)
             excluded = sorted(set(sr.masked) - set(decoded.survivors))
-            sr.plan = UnmaskPlan(list(decoded.survivors), list(decoded.dropped), excluded)
+            verdicts = judge(sr.setup, _dealings(sr), {v: accused for v, (_, accused) in sr.masked.items()})
+            sr.plan = UnmaskPlan(list(decoded.survivors), list(decoded.dropped), excluded, verdicts)
             lost = [sr.roster.device_ids[v] for v in decoded.survivors if v not in sr.masked]
             if lost and not sr.outcome:
                 # A survivor's masked input the spool lost (Store.recover_segment): the survivors' pairwise masks
@@ -567,7 +572,7 @@ class SecureRounds:
         message = await self._run(m.decode_masked, body, self.registry.key_for, self.words, self.limits)
         sr = self._open_round(message.round_id, "masked")  # the phase may have ended while it was decoded
         partners = set(sr.setup.graph[index]) & sr.shared
-        if not set(message.rejected) <= partners:
+        if not {a.dealer for a in message.rejected} <= partners:
             raise ProtocolError("bad-payload", "'rejected' names devices that were no neighbour of this one")
         self._count("masked", "received", len(body))
         receipt = wire.encode_receipt(wire.Receipt(signer, sr.round_id, update_digest=digest,
@@ -601,7 +606,7 @@ class SecureRounds:
             raise error from exc
         finally:
             sr.in_flight.pop(index, None)
-        sr.masked[index] = (envelope, set(message.rejected))
+        sr.masked[index] = (envelope, message.rejected)
         waiter.set_result(receipt)
         round_ = self.engine.current
         round_.devices[signer] = digest
@@ -729,7 +734,7 @@ class SecureRounds:
         await self._notify()
         note = f"secure aggregation: the sum of {covers} devices"
         if sr.plan.excluded:
-            note += f" ({len(sr.plan.excluded)} masked inputs left out)"
+            note += f" ({len(sr.plan.excluded)} masked inputs left out{_why_left_out(sr)})"
         if noise is not None:
             note += f", noised by the devices (noise multiplier {noise.noise_multiplier:.4g})"
         return SecureOutcome(covers, weight, mean, note, noise)
@@ -767,8 +772,8 @@ class SecureRounds:
         return distributed_noise(sr.setup.noise_sigma, survivors, sensitivity(sr.setup.levels, dimension), dimension)
 
     async def _ask(self, sr: SecureRound) -> None:
-        rejections = {v: rejected for v, (_, rejected) in sr.masked.items()}
-        plan = plan_unmask(sr.setup, sr.shared, rejections)
+        rejections = {v: accused for v, (_, accused) in sr.masked.items()}
+        plan = plan_unmask(sr.setup, _dealings(sr), rejections)
         if len(plan.survivors) < self._minimum():
             raise _Abandon("too-few-survivors", f"{len(plan.survivors)} masked inputs can count, below the minimum of "
                            f"{self._minimum()}")
@@ -783,16 +788,21 @@ class SecureRounds:
         body = m.encode_unmask_request(request, self.key)
         self._end_phase(sr, "unmask", float(request.deadline), len(sr.dealings) - len(sr.masked), request=body)
         sr.plan, sr.request_body = plan, body
-        self.metrics.excluded.inc(len(plan.excluded))
+        for v in plan.excluded:
+            self.metrics.excluded.labels(plan.exclusion_reason(v)).inc()
         await self._notify()
         log.info("secure round %d: unmasking %d survivors (%d dropped, %d left out)", sr.round_id,
                  len(plan.survivors), len(plan.dropped), len(plan.excluded))
         assert sr.roster is not None
         ids = sr.roster.device_ids
-        for v, rejected in sorted(rejections.items()):
-            if rejected:  # whoever is named is left out: the only trace of a device that names honest ones
-                log.warning("secure round %d: device %s rejected the shares of %s, whose inputs are left out of the "
-                            "sum", sr.round_id, ids[v], ", ".join(ids[u] for u in sorted(rejected)))
+        for v, accused in sorted(rejections.items()):
+            for u in (a.dealer for a in accused):  # the trace an operator revokes a device by
+                if (v, u) not in plan.verdicts.held:
+                    log.warning("secure round %d: device %s accused device %s of bad shares, and its ciphertext holds "
+                                "good ones: the accuser's input is left out of the sum", sr.round_id, ids[v], ids[u])
+                else:
+                    log.warning("secure round %d: device %s dealt device %s shares that fail its checks: the dealer's "
+                                "input is left out of the sum", sr.round_id, ids[u], ids[v])
 
     def _check_budget(self, survivors: int, noise: RoundNoise) -> None:
         """_Abandon (never unmasked) when the sum of ``survivors`` devices, holding ``noise``, would take epsilon past
@@ -871,10 +881,25 @@ class SecureRounds:
 def _check_keys(keys: Keys) -> None:
     if not crypto_core_ed25519_is_valid_point(keys.mask):
         raise ProtocolError("bad-key", "the mask key is not a point of the prime-order Ed25519 group")
-    try:
-        crypto_scalarmult(_PROBE_SCALAR, keys.cipher)
-    except NaclRuntimeError:
-        raise ProtocolError("bad-key", "the cipher key is an X25519 point of small order") from None
+    if not crypto_core_ed25519_is_valid_point(keys.cipher):
+        raise ProtocolError("bad-key", "the cipher key is not a point of the prime-order Ed25519 group")
+
+
+def _dealings(sr: SecureRound) -> dict[int, Dealing]:
+    return {u: dealing for u, (_, dealing) in sr.dealings.items()}
+
+
+def _why_left_out(sr: SecureRound) -> str:
+    """The round note's account of the inputs left out for an accusation: ': false accusation by X; bad shares
+    from Y' (device ids), or nothing when every one of them had too few holders."""
+    assert sr.plan is not None and sr.roster is not None
+    ids = sr.roster.device_ids
+    parts = []
+    for reason, what in (("false-accusation", "false accusation by"), ("bad-shares", "bad shares from")):
+        who = [ids[v] for v in sr.plan.excluded if sr.plan.exclusion_reason(v) == reason]
+        if who:
+            parts.append(f"{what} {', '.join(who)}")
+    return f": {'; '.join(parts)}" if parts else ""
 
 
 def _check_dealing(sr: SecureRound, index: int, dealing: Dealing) -> None:

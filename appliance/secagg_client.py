@@ -185,13 +185,18 @@ class SecureRound:
         routed = self._verified(lambda: m.decode_routed(body, self.transport.aggregator_key), "routed shares")
         if (routed.round_id, routed.device_id, routed.index) != (self.round_id, self.device_id, self.index):
             raise SecAggDropped("bad-roster", "the routed shares are addressed to another device or round")
-        self.rejected = self.device.receive(routed.shares)
+        try:
+            self.rejected = self.device.receive(routed.shares)
+        except SecAggError as exc:
+            raise SecAggDropped(exc.reason, exc.detail) from None
         return self.rejected
 
     def masked_input(self, delta: np.ndarray, num_samples: int) -> bytes:
-        """The signed masked input of a clipped update (flat float32, in the model's parameter order)."""
+        """The signed masked input of a clipped update (flat float32, in the model's parameter order), with the
+        evidence against each rejected neighbour (the aggregator leaves out whichever of the two is lying)."""
         words = self.device.mask(delta, num_samples)
-        return m.encode_masked(m.MaskedInput(self.round_id, self.device_id, words, tuple(self.rejected)), self.key)
+        accusations = tuple(self.device.accusation(d) for d in self.rejected)
+        return m.encode_masked(m.MaskedInput(self.round_id, self.device_id, words, accusations), self.key)
 
     async def unmask(self) -> None:
         """Wait for the unmask request and answer it, unless it must be refused."""

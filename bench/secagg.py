@@ -1,7 +1,7 @@
 """Secure aggregation against the plain protocol, in the same run, on one core.
 
 For each number of devices N, model size P and dropout rate, one round of each protocol is played in this
-process with the project's real code: appliance/protocol (keys, Feldman-verified Shamir shares, crypto_box,
+process with the project's real code: appliance/protocol (keys, Feldman-verified Shamir shares, crypto_secretbox,
 ChaCha20 masks, quantisation) and the signed messages of docs/protocol.md section 12 for the secure round,
 appliance.wire's signed float32 Update for the plain one. Printed per configuration:
 
@@ -281,7 +281,7 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
     total = np.zeros(parameters + 1, dtype=np.uint32)
     rejections, expected = {}, np.zeros(parameters + 1, dtype=np.uint32)
     by_index = {d.index: d for d in devices}
-    counted = set(plan_unmask(setup, set(dealings), {v: set() for v in set(dealings) - gone}).survivors)
+    counted = set(plan_unmask(setup, dealings, {v: () for v in set(dealings) - gone}).survivors)
     for d in devices:
         shares = tuple(RoutedShare(u, dealings[u].self_commitments, dealings[u].key_commitments,
                                    dealings[u].ciphertexts[d.index]) for u in setup.graph[d.index])
@@ -296,11 +296,12 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
         clock.deliver(_download_model, carry, model, aggregator_key.verify_key)
         delta, samples = _update(rng, parameters)
         words = clock.device(d, d.device.mask, delta, samples, np.random.default_rng(d.index))
-        body = clock.device(d, m.encode_masked, m.MaskedInput(ROUND, d.device_id, words, tuple(d.rejected)), d.key)
+        accusations = clock.device(d, lambda d=d: tuple(d.device.accusation(u) for u in d.rejected))
+        body = clock.device(d, m.encode_masked, m.MaskedInput(ROUND, d.device_id, words, accusations), d.key)
         d.sent += len(body)
         body = clock.deliver(carry.up, body)
         message = clock.server(m.decode_masked, body, keys.get, parameters + 1)
-        rejections[d.index] = set(message.rejected)
+        rejections[d.index] = message.rejected
         if d.index in counted:
             clock.server(np.add, total, message.words, total)
             # not timed: the input before masking, from the same rounding draws, to check the sum is exact
@@ -308,7 +309,7 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
                                  rng=np.random.default_rng(d.index))
 
     # unmask
-    plan = clock.server(plan_unmask, setup, set(dealings), rejections)
+    plan = clock.server(plan_unmask, setup, dealings, rejections)
     assert set(plan.survivors) == counted
     request_body = clock.server(m.encode_unmask_request,
                                 m.UnmaskRequest(ROUND, tuple(plan.survivors), tuple(plan.dropped), DEADLINE),

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from nacl.public import Box, PublicKey
 
 from appliance.protocol import graph
 from appliance.protocol.quantise import levels_for, quantise
@@ -40,9 +39,10 @@ def make_setup(devices: list[DeviceRound], neighbours: int | None = None, fracti
 def _off_polynomial(setup: RoundSetup, devices: list[DeviceRound], dealer: int, recipient: int, sealed: bytes) -> bytes:
     """The dealer's ciphertext for ``recipient`` re-sealed with its share of b changed by one: it opens fine
     but no longer fits the dealer's commitments."""
-    plain = bytearray(Box(devices[recipient]._cipher, PublicKey(setup.keys[dealer].cipher)).decrypt(sealed))
+    box = devices[dealer]._channel(setup, recipient)[1]  # the channel's key is the same at both ends
+    plain = bytearray(box.decrypt(sealed))
     plain[16] = (plain[16] + 1) % 256
-    return bytes(Box(devices[dealer]._cipher, PublicKey(setup.keys[recipient].cipher)).encrypt(bytes(plain)))
+    return bytes(box.encrypt(bytes(plain)))
 
 
 def routed_to(setup: RoundSetup, dealings: dict[int, Dealing], recipient: int) -> list[RoutedShare]:
@@ -75,11 +75,14 @@ def play(
     garbled: dict[int, set[int]] | None = None,
     inconsistent: dict[int, set[int]] | None = None,
     lying_holders: set[int] = frozenset(),
+    false_accusations: dict[int, set[int]] | None = None,
 ) -> Outcome:
     """One round. ``drop_phase``: the last phase the dropped devices finish (advertise: they never deal;
     share: they never send a masked input; masked: they never answer the unmask request). ``garbled``:
     dealer -> recipients whose ciphertext from that dealer is corrupted in transit; ``inconsistent``: dealer ->
     recipients it gives a share off its polynomial (sealed properly). ``lying_holders`` answer with wrong shares.
+    ``false_accusations``: accuser -> honest dealers it rejects anyway (with genuine evidence, and without masking
+    with them, as its masked input then says).
     """
     rng = np.random.default_rng(seed)
     devices = [DeviceRound(ROUND) for _ in range(n)]
@@ -99,7 +102,10 @@ def play(
     for i in sorted(dealings):
         if drop_phase == "share" and i in gone:
             continue
-        rejections[i] = set(devices[i].receive(routed_to(setup, dealings, i)))
+        rejected = set(devices[i].receive(routed_to(setup, dealings, i)))
+        lies = (false_accusations or {}).get(i, set()) & set(setup.graph[i])
+        devices[i]._accepted = [u for u in devices[i]._accepted if u not in lies]
+        rejections[i] = tuple(devices[i].accusation(u) for u in sorted(rejected | lies))
         delta = rng.normal(0, 0.05, parameters).astype(np.float32)
         samples = int(rng.integers(1, 2 * MAX_SAMPLES))
         seed_i = seed * 1000 + i
@@ -107,7 +113,7 @@ def play(
                                     rng=np.random.default_rng(seed_i))
         outcome_masked[i] = devices[i].mask(delta, samples, np.random.default_rng(seed_i))
         deltas[i] = delta
-    plan = plan_unmask(setup, set(dealings), rejections)
+    plan = plan_unmask(setup, dealings, rejections)
     total = np.zeros(parameters + 1, dtype=np.uint32)
     expected = np.zeros(parameters + 1, dtype=np.uint32)
     for v in plan.survivors:

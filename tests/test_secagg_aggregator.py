@@ -161,7 +161,8 @@ def test_a_device_dealing_shares_off_its_polynomial_loses_only_its_own_contribut
             np.testing.assert_allclose(published, expected_mean(deltas[1:], [50] * 3), atol=TOLERANCE)
             record = (await (await h.client.get("/v1/status")).json())["rounds"][-1]
             assert record["secure"]["sum_devices"] == 3
-            assert h.counter("fl_aggregator_secagg_excluded_total") == 1
+            assert h.counter("fl_aggregator_secagg_excluded_total", reason="bad-shares") == 1
+            assert f"bad shares from {cheat.device_id}" in record["note"], record["note"]
 
     run(go())
 
@@ -258,7 +259,7 @@ def test_the_curious_aggregator_stores_nothing_of_one_device_in_the_clear(tmp_pa
                                  rng=np.random.default_rng(1))
                 words = r.device.mask(delta, 40, np.random.default_rng(1))  # the same rounding draws as plain
                 secrets += [delta.tobytes()[:64], plain.tobytes()[:64]]
-                body = m.encode_masked(m.MaskedInput(task.round_id, r.device_id, words, tuple(r.rejected)),
+                body = m.encode_masked(m.MaskedInput(task.round_id, r.device_id, words, ()),
                                        next(d.key for d in h.devices if d.device_id == r.device_id))
                 assert (await h.upload(body))[0] == 200
             stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())

@@ -192,7 +192,7 @@ async def _attacked_round(tmp_path: Path, hostile_words) -> None:
             assert (await h.upload(r.masked_input(delta, 512)))[0] == 200
         words = hostile_words(cheat.device.mask(np.zeros(h.engine.models.layout.size, np.float32), 1), 3 * 512)
         key = next(d.key for d in h.devices if d.device_id == cheat.device_id)
-        body = m.encode_masked(m.MaskedInput(task.round_id, cheat.device_id, words, tuple(cheat.rejected)), key)
+        body = m.encode_masked(m.MaskedInput(task.round_id, cheat.device_id, words, ()), key)
         assert (await h.upload(body))[0] == 200
         await asyncio.gather(*(r.unmask() for r in rounds))
         nxt = await h.task(after=task.round_id, wait=30)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cbor2
 import numpy as np
+from nacl.bindings import crypto_core_ed25519_sub
 from nacl.signing import SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,16 +25,20 @@ sys.path.insert(0, str(ROOT))
 
 from aggregator.secagg_bounds import bounded_mean, mean_norm_bound  # noqa: E402
 from appliance import wire  # noqa: E402
+from appliance.protocol import dleq, shamir  # noqa: E402
 from appliance.protocol import messages as m  # noqa: E402
-from appliance.protocol import shamir  # noqa: E402
 from appliance.protocol.quantise import dequantise, levels_for, quantise  # noqa: E402
 from appliance.protocol.secagg import (  # noqa: E402
+    Dealing,
     DeviceRound,
     RoutedShare,
+    accusation_holds,
     masked_with,
+    open_shares,
     pairwise_mask_seed,
     plan_unmask,
     self_mask_seed,
+    share_key,
     threshold_for,
     unmask_total,
 )
@@ -111,6 +116,7 @@ class Example:
             )
             self.routed[n] = m.encode_routed(m.Routed(ROUND, self.ids[n], i, shares, DEADLINE - 300), AGGREGATOR_KEY)
         self.rejected = {}
+        self.accusations = {}
         self.masked = {}
         self.masked_body = {}
         for n in survivors:
@@ -118,10 +124,11 @@ class Example:
             self.rejected[n] = self.rounds[n].receive(routed.shares)
             delta, samples = UPDATES[n]
             self.masked[n] = self.rounds[n].mask(delta, samples, np.random.default_rng(0))
+            self.accusations[n] = tuple(self.rounds[n].accusation(d) for d in self.rejected[n])
             self.masked_body[n] = m.encode_masked(
-                m.MaskedInput(ROUND, self.ids[n], self.masked[n], tuple(self.rejected[n])), self.keys[n])
-        rejections = {self.index[n]: set(self.rejected[n]) for n in survivors}
-        self.plan = plan_unmask(self.setup, set(range(3)), rejections)
+                m.MaskedInput(ROUND, self.ids[n], self.masked[n], self.accusations[n]), self.keys[n])
+        rejections = {self.index[n]: self.accusations[n] for n in survivors}
+        self.plan = plan_unmask(self.setup, {self.index[n]: d for n, d in self.dealings.items()}, rejections)
         self.request = m.UnmaskRequest(ROUND, tuple(self.plan.survivors), tuple(self.plan.dropped), DEADLINE)
         self.request_body = m.encode_unmask_request(self.request, AGGREGATOR_KEY)
         self.answers = {n: self.rounds[n].answer(self.plan.survivors, self.plan.dropped) for n in survivors}
@@ -195,6 +202,7 @@ def example_blocks() -> dict[str, str]:
             "",
             message_diag(ex.masked_body["A"], ": a uint32 typed array, RFC 8746 tag 70"),
         ]),
+        "secagg-accusation": accusation_block(ex),
         "secagg-unmask-request": message_diag(ex.request_body),
         "secagg-unmask": message_diag(ex.unmask_body["A"]),
         "secagg-sum": "\n".join([
@@ -209,6 +217,62 @@ def example_blocks() -> dict[str, str]:
             *bound_checks(ex),
         ]),
     }
+
+
+def accusation_block(ex: Example) -> str:
+    """Section 12.5/12.6's accusation: had C dealt A a share of b_C off its polynomial, A's evidence and the
+    aggregator's judgement of it, step by step (and the same evidence against honest B's ciphertext)."""
+    setup = ex.setup
+    a, c = ex.index["A"], ex.index["C"]
+    a_round, c_round = ex.rounds["A"], ex.rounds["C"]
+    honest = ex.dealings["C"]
+    plain = bytearray(a_round._channel(setup, c)[1].decrypt(honest.ciphertexts[a]))
+    plain[16] = (plain[16] + 1) % 256  # the first byte of the share of b_C, plus one
+    nonce = hashlib.sha256(b"fl-edge secagg example cheating nonce").digest()[:24]
+    cheating = Dealing(honest.self_commitments, honest.key_commitments,
+                       {**honest.ciphertexts, a: bytes(c_round._channel(setup, a)[1].encrypt(bytes(plain), nonce))})
+    routed = RoutedShare(c, cheating.self_commitments, cheating.key_commitments, cheating.ciphertexts[a])
+    evidence = a_round.accusation(c)
+    k_point, proof = evidence.channel_point, evidence.proof
+    cs, ss = int.from_bytes(proof[:32], "little"), int.from_bytes(proof[32:], "little")
+    a_key, c_key = setup.keys[a].cipher, setup.keys[c].cipher
+    t1 = crypto_core_ed25519_sub(shamir.base_point_times(ss), shamir.point_times(cs, a_key))
+    t2 = crypto_core_ed25519_sub(shamir.point_times(ss, c_key), shamir.point_times(cs, k_point))
+    key = share_key(ROUND, a, c, k_point)
+    opened = open_shares(setup, c, a, a_round._channel(setup, c)[1], routed.self_commitments,
+                         routed.key_commitments, routed.ciphertext)
+    assert opened is not None and accusation_holds(setup, a, evidence, cheating)
+    b = ex.index["B"]
+    against_b = a_round.accusation(b)
+    assert not accusation_holds(setup, a, against_b, ex.dealings["B"])
+    x = a + 1
+    return "\n".join([
+        f"C's ciphertext to A, resealed with the first byte of the share of b_C plus one (nonce {nonce.hex()}):",
+        wrap_hex(cheating.ciphertexts[a]),
+        "",
+        f"A: channel point K = a_A * A_C      {k_point.hex()}",
+        f"   share key = SHA-256(\"fl-edge/secagg/v1/share-key\" || round || {c} (C, the lower index) || {a} (A) || K)",
+        f"             = {key.hex()}",
+        f"   opens: round {ROUND}, dealer {c}, recipient {a}; share of b_C {shamir.scalar_bytes(opened[0]).hex()}",
+        f"   G * share != sum_j C_j * {x}^j (C's self commitments): A rejects C, does not mask with it, and its",
+        "   masked input carries [dealer, K, c || s]:",
+        "",
+        '"rejected": ' + diag([c, k_point, proof]).join(["[", "]"]),
+        "",
+        "aggregator, against C's signed dealing to A:",
+        f"   c = {shamir.scalar_bytes(cs).hex()}",
+        f"   s = {shamir.scalar_bytes(ss).hex()}",
+        f"   T1 = s * G - c * A_A            {t1.hex()}",
+        f"   T2 = s * A_C - c * K            {t2.hex()}",
+        f"   SHA-512(\"fl-edge/secagg/v1/dleq\" || round || {a} || {c} || G || A_A || A_C || K || T1 || T2) mod L",
+        f"     = {shamir.scalar_bytes(dleq.challenge(ROUND, a, c, a_key, c_key, k_point, t1, t2)).hex()} = c: "
+        "the proof holds",
+        "   the ciphertext opens under the key from K, and the share of b_C does not fit: the accusation holds,",
+        "   C's input is left out (bad-shares) and A's counts",
+        "",
+        "the same evidence made against B, whose ciphertext to A holds good shares: the proof holds, the shares",
+        "fit, so the accusation is false: A's input is left out (false-accusation) and B's counts",
+    ])
 
 
 def bound_checks(ex: Example) -> list[str]:

@@ -33,21 +33,9 @@ from appliance.secagg_client import SecureRound
 
 TOLERANCE = 1e-5  # as in tests/test_secagg_aggregator.py: the rounding of a few devices is far below it
 
-# Every X25519 public key of small order (the 7 values of libsodium's list, and each with the top bit set, which
-# X25519 ignores): the shared secret with any of them is zero, so shares sealed to it are sealed to nobody.
-LOW_ORDER_X25519 = [bytes.fromhex(h) for h in (
-    "00" * 32, "01" + "00" * 31,
-    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
-    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-    "ec" + "ff" * 30 + "7f", "ed" + "ff" * 30 + "7f", "ee" + "ff" * 30 + "7f",
-    "00" * 31 + "80", "01" + "00" * 30 + "80",
-    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b880",
-    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f11d7",
-    "ec" + "ff" * 31, "ed" + "ff" * 31, "ee" + "ff" * 31,
-)]  # fmt: skip
 # Ed25519 encodings that are not points of the prime-order group: the identity, points of order 2, 4 and 8, a
-# non-canonical encoding and bytes that are on no curve point at all.
-BAD_MASK_KEYS = [bytes.fromhex(h) for h in (
+# non-canonical encoding and bytes that are on no curve point at all. Neither key may be one.
+BAD_KEYS = [bytes.fromhex(h) for h in (
     "01" + "00" * 31, "ec" + "ff" * 30 + "7f", "00" * 32, "00" * 31 + "80",
     "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
     "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
@@ -128,10 +116,10 @@ def test_hostile_advertisements_are_refused_and_the_device_can_still_take_part(t
                 **{f"cipher key {v!r}": (advert(cipher_key=v), 400, "bad-payload")
                    for v in (5, "k" * 32, keys.cipher[:31], keys.cipher + b"\0", [1] * 32, b"")},
                 "mask key of 64 bytes": (advert(mask_key=keys.mask * 2), 400, "bad-payload"),
-                **{f"low-order cipher key {k.hex()[:8]}..{k.hex()[-2:]}": (advert(cipher_key=k), 400, "bad-key")
-                   for k in LOW_ORDER_X25519},
+                **{f"cipher key {k.hex()[:8]}..{k.hex()[-2:]}": (advert(cipher_key=k), 400, "bad-key")
+                   for k in BAD_KEYS},
                 **{f"mask key {k.hex()[:8]}..{k.hex()[-2:]}": (advert(mask_key=k), 400, "bad-key")
-                   for k in BAD_MASK_KEYS},
+                   for k in BAD_KEYS},
                 "another device's id": (advert(device=h.devices[1].device_id), 403, "kid-mismatch"),
                 "a device id that is not text": (advert(device=b"x" * 16), 400, "bad-payload"),
                 "another type": (advert(type="secagg-shares"), 400, "wrong-type"),
@@ -222,7 +210,7 @@ def test_hostile_share_bundles_are_refused_and_cost_only_their_dealer(tmp_path: 
             rejected = await asyncio.gather(*(r.receive() for r in rounds))
             assert all(found == [me] for r, found in zip(rounds, rejected, strict=True) if me in setup.graph[r.index])
             await publish(h, task, rounds, counted=rounds[1:])
-            assert h.counter("fl_aggregator_secagg_excluded_total") == 1
+            assert h.counter("fl_aggregator_secagg_excluded_total", reason="bad-shares") == 1
 
     run(go())
 
@@ -251,6 +239,9 @@ def test_hostile_masked_inputs_are_refused_and_the_round_goes_on(tmp_path: Path)
 
             setup = hostile.roster.setup()
             outsiders = [v for v in range(setup.size) if v not in setup.graph[hostile.index]]
+
+            def evidence(*dealers: int) -> list[list[Any]]:
+                return [[d, b"K" * 32, b"p" * 64] for d in dealers]
             cases = {
                 **{f"round {v}": (masked(round=v), 400, "bad-payload") for v in ABOVE_SQLITE},
                 **{f"round {v!r}": (masked(round=v), 400, "bad-payload") for v in (1.5, "1", -3, None)},
@@ -266,10 +257,12 @@ def test_hostile_masked_inputs_are_refused_and_the_round_goes_on(tmp_path: Path)
                 "a byte after the words": (masked() + b"\0", 400, "digest-mismatch"),
                 "a section of floats": (signed(payload, hostile.key, hostile.device_id,
                                                cbor2.CBORTag(85, bytes(4 * words))), 400, "unknown-tag"),
-                "rejecting itself": (masked(rejected=[hostile.index]), 400, "bad-payload"),
-                "rejecting index 99": (masked(rejected=[99]), 400, "bad-payload"),
-                "rejecting a non-neighbour": (masked(rejected=outsiders[:1] or [99]), 400, "bad-payload"),
-                "rejections out of order": (masked(rejected=[2, 1]), 400, "bad-section"),
+                "rejecting itself": (masked(rejected=evidence(hostile.index)), 400, "bad-payload"),
+                "rejecting index 99": (masked(rejected=evidence(99)), 400, "bad-payload"),
+                "rejecting a non-neighbour": (masked(rejected=evidence(*(outsiders[:1] or [99]))), 400,
+                                              "bad-payload"),
+                "rejections out of order": (masked(rejected=evidence(2, 1)), 400, "bad-section"),
+                "rejections without evidence": (masked(rejected=[1]), 400, "bad-section"),
                 "rejections as a map": (masked(rejected={"1": 1}), 400, "bad-section"),
                 "rejections as a number": (masked(rejected=1), 400, "bad-section"),
             }
@@ -512,49 +505,52 @@ def test_a_second_different_message_while_the_first_is_being_stored_is_a_duplica
     run(go())
 
 
-def test_a_device_naming_honest_neighbours_drops_them_and_the_log_says_who_named_them(
+def test_a_device_accusing_honest_neighbours_is_left_out_and_they_count(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A device may name any of its neighbours as dealers whose shares failed its checks. The aggregator cannot
-    tell that from the truth without seeing shares meant for that device only, and a dealer named by anyone is left
-    out of the sum (its masks with its accuser never cancel), so two honest devices lose their contribution to
-    this round (docs/aggregator.md, "What it does not protect against"). The round still publishes the exact mean
-    of the others, and the log names the accuser and the accused, so that an operator can revoke a device that
-    does it again."""
+    """A device names two honest neighbours as dealers whose shares failed its checks, with genuine evidence (the
+    channel points and valid proofs), and does not mask with them. Before, the aggregator could not tell that from
+    the truth and left both out of the sum; now it opens their ciphertexts to the accuser with the proven keys,
+    finds good shares, and leaves the accuser out instead: the round publishes the exact mean of everyone else, the
+    metric counts a false accusation, and the round's note and the log name the accuser."""
 
-    async def go() -> tuple[str, list[str]]:
+    async def go() -> tuple[str, list[str], str]:
         async with secure_running(tmp_path, devices=6) as h:  # every device is every other's neighbour, t = 4
             task = await h.task()
             rounds = secure_rounds(h, task)
             await until_masked(rounds)
             hostile, honest = rounds[0], rounds[1:3]
             accused = sorted(r.index for r in honest)
-            hostile.rejected = accused  # named in its masked input; it masks with the one it kept, as it says
+            hostile.rejected = accused  # its masked input carries evidence against them; it masks without them
             hostile.device._accepted = [u for u in hostile.device._accepted if u not in accused]
-            await publish(h, task, rounds, counted=[hostile, *rounds[3:]])
-            assert h.counter("fl_aggregator_secagg_excluded_total") == 2
-            return hostile.device_id, [r.device_id for r in honest]
+            await publish(h, task, rounds, counted=rounds[1:])
+            assert h.counter("fl_aggregator_secagg_excluded_total", reason="false-accusation") == 1
+            assert h.counter("fl_aggregator_secagg_excluded_total", reason="bad-shares") == 0
+            record = (await (await h.client.get("/v1/status")).json())["rounds"][-1]
+            return hostile.device_id, [r.device_id for r in honest], record["note"]
 
     with caplog.at_level(logging.WARNING, logger="aggregator.secagg_round"):
-        accuser, named = run(go())
-    lines = [r.getMessage() for r in caplog.records if "rejected the shares of" in r.getMessage()]
-    assert len(lines) == 1 and accuser in lines[0] and all(d in lines[0] for d in named), caplog.text
+        accuser, named, note = run(go())
+    assert f"1 masked inputs left out: false accusation by {accuser}" in note, note
+    lines = [r.getMessage() for r in caplog.records if "accused device" in r.getMessage()]
+    assert len(lines) == 2 and all(accuser in line for line in lines), caplog.text
+    assert all(any(d in line for line in lines) for d in named), caplog.text
 
 
 def test_fewer_survivors_than_the_threshold_abandon_the_round_without_asking(tmp_path: Path) -> None:
-    """In a round of four (t = 3), a device naming two neighbours leaves two survivors: every honest device must
-    refuse an unmask request with fewer than t survivors (docs/protocol.md 12.6), so the aggregator abandons the
-    round at once, saying why, instead of asking and waiting out the unmask phase for refusals."""
+    """In a round of four (t = 3), two devices each accuse a neighbour falsely: both are left out, which leaves two
+    survivors. Every honest device must refuse an unmask request with fewer than t survivors (docs/protocol.md
+    12.6), so the aggregator abandons the round at once, saying why, instead of asking and waiting out the unmask
+    phase for refusals."""
 
     async def go() -> None:
         async with secure_running(tmp_path, devices=4) as h:
             task = await h.task()
             rounds = secure_rounds(h, task)
             await until_masked(rounds)
-            hostile = rounds[0]
-            accused = sorted(r.index for r in rounds[1:3])
-            hostile.rejected = accused
-            hostile.device._accepted = [u for u in hostile.device._accepted if u not in accused]
+            for liar, victim in ((rounds[0], rounds[2]), (rounds[1], rounds[3])):
+                liar.rejected = [victim.index]
+                liar.device._accepted = [u for u in liar.device._accepted if u != victim.index]
             for r in rounds:
                 assert (await h.upload(r.masked_input(flat_delta(h), 10)))[0] == 200
             assert await h.task(after=task.round_id, wait=30) is not None

@@ -15,7 +15,7 @@ from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol import messages as m
 from appliance.protocol.quantise import levels_for
-from appliance.protocol.secagg import Answer, DeviceRound, RoutedShare
+from appliance.protocol.secagg import Accusation, Answer, DeviceRound, RoutedShare
 
 DEVICE_KEY = SigningKey(bytes(range(32)))
 DEVICE = wire.key_id(DEVICE_KEY.verify_key)
@@ -90,10 +90,11 @@ def test_shares_routed_unmask_round_trip():
 
 def test_masked_input_round_trips_without_copying_its_words():
     words = np.arange(1001, dtype=np.uint32) * np.uint32(4_000_037)
-    body = m.encode_masked(m.MaskedInput(9, DEVICE, words, (2, 5)), DEVICE_KEY)
+    evidence = (Accusation(2, b"K" * 32, b"p" * 64), Accusation(5, b"k" * 32, b"q" * 64))
+    body = m.encode_masked(m.MaskedInput(9, DEVICE, words, evidence), DEVICE_KEY)
     decoded = m.decode_masked(body, lookup, words=1001)
-    assert np.array_equal(decoded.words, words) and decoded.rejected == (2, 5)
-    assert len(body) < 4 * 1001 + 400  # 4 bytes a parameter, plus a small envelope
+    assert np.array_equal(decoded.words, words) and decoded.rejected == evidence
+    assert len(body) < 4 * 1001 + 400 + 2 * 102  # 4 bytes a parameter, a small envelope, 102 bytes an accusation
 
 
 def test_a_masked_input_of_the_wrong_length_is_refused_from_its_payload():
@@ -105,6 +106,24 @@ def test_a_masked_input_of_the_wrong_length_is_refused_from_its_payload():
     with pytest.raises(ProtocolError) as refused:
         m.decode_masked(lying, lookup, words=11)
     assert refused.value.reason == "wrong-length"
+
+
+@pytest.mark.parametrize(("rejected", "reason"), [
+    ([2, 5], "bad-section"),  # bare indices, as before evidence: an accusation nobody could check
+    ([[2, b"K" * 32]], "bad-section"),
+    ([[2, b"K" * 32, b"p" * 64, 0]], "bad-section"),
+    ([[2, b"K" * 31, b"p" * 64]], "wrong-length"),
+    ([[2, b"K" * 32, b"p" * 63]], "wrong-length"),
+    ([[5, b"K" * 32, b"p" * 64], [2, b"K" * 32, b"p" * 64]], "bad-section"),
+    ([[2, b"K" * 32, b"p" * 64], [2, b"K" * 32, b"p" * 64]], "bad-section"),
+    ([[-1, b"K" * 32, b"p" * 64]], "bad-payload"),
+    ({"2": 1}, "bad-section"),
+])
+def test_malformed_evidence_in_a_masked_input_is_refused(rejected, reason):
+    body = m.encode_masked(m.MaskedInput(9, DEVICE, np.zeros(4, dtype=np.uint32), ()), DEVICE_KEY)
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_masked(_resign(body, DEVICE_KEY, DEVICE, {"rejected": rejected}), lookup)
+    assert refused.value.reason == reason
 
 
 def test_a_message_in_the_wrong_phase_is_refused():

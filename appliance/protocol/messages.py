@@ -12,7 +12,8 @@ Device -> aggregator, signed by the device (``device`` must be the ``kid``):
 - ``secagg-advertise`` (phase ``advertise``): the round's two public keys;
 - ``secagg-shares`` (``share``): the commitments and one ciphertext per neighbour;
 - ``secagg-masked`` (``masked``): the masked input, P + 1 little-endian uint32 (RFC 8746 tag 70), and the
-  neighbours whose shares were rejected; sent through the outbox to ``POST /v1/updates`` like an Update;
+  evidence against each neighbour whose shares were rejected; sent through the outbox to ``POST /v1/updates``
+  like an Update;
 - ``secagg-unmask`` (``unmask``): shares and pairwise seeds for the unmask request.
 
 Aggregator -> devices, signed by the aggregator:
@@ -38,8 +39,16 @@ from nacl.signing import SigningKey, VerifyKey
 
 from appliance import cbor_reader, wire
 from appliance.errors import ProtocolError
-from appliance.protocol import shamir
-from appliance.protocol.secagg import SHARE_CIPHERTEXT_BYTES, Answer, Dealing, Keys, RoundSetup, RoutedShare
+from appliance.protocol import dleq, shamir
+from appliance.protocol.secagg import (
+    SHARE_CIPHERTEXT_BYTES,
+    Accusation,
+    Answer,
+    Dealing,
+    Keys,
+    RoundSetup,
+    RoutedShare,
+)
 
 PHASES = ("advertise", "share", "masked", "unmask")
 PHASE_OF = {
@@ -167,6 +176,27 @@ def _pairs(value: Any, name: str, width: int) -> list[tuple[int, bytes]]:
             raise ProtocolError("bad-section", f"{name!r} must be in increasing index order, once each")
         out.append((index, bytes(item[1])))
     return out
+
+
+def accusations_of(payload: Mapping[str, Any]) -> tuple[Accusation, ...]:
+    """The ``rejected`` field of a masked input's signed payload: ``[[dealer, K (bstr 32), c ‖ s (bstr 64)], ...]``
+    in strictly increasing dealer order (``bad-section``, or ``wrong-length`` for a point or proof of another size).
+    Whether K and the proof are right is for the aggregator to judge (secagg.judge), not for the decoder."""
+    value = payload.get("rejected")
+    if not isinstance(value, list):
+        raise ProtocolError("bad-section", "'rejected' must be an array of [dealer, channel point, proof]")
+    out: list[Accusation] = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 3 and all(isinstance(v, memoryview) for v in item[1:])):
+            raise ProtocolError("bad-section", "'rejected' holds [dealer, channel point, proof] entries")
+        dealer = _uint({"dealer": item[0]}, "dealer")
+        if len(item[1]) != shamir.POINT_BYTES or len(item[2]) != dleq.PROOF_BYTES:
+            raise ProtocolError("wrong-length", f"'rejected': the evidence against {dealer} is a "
+                                f"{shamir.POINT_BYTES}-byte point and a {dleq.PROOF_BYTES}-byte proof")
+        if out and dealer <= out[-1].dealer:
+            raise ProtocolError("bad-section", "'rejected' must be in increasing dealer order, once each")
+        out.append(Accusation(dealer, bytes(item[1]), bytes(item[2])))
+    return tuple(out)
 
 
 def _indices(value: Any, name: str) -> list[int]:
@@ -372,7 +402,7 @@ class MaskedInput:
     round_id: int
     device_id: str
     words: np.ndarray  # P + 1 uint32
-    rejected: tuple[int, ...]
+    rejected: tuple[Accusation, ...]  # the evidence against each rejected dealer, in increasing dealer order
 
 
 def _masked_parts(words: np.ndarray) -> list[bytes | np.ndarray]:
@@ -391,7 +421,8 @@ def encode_masked(message: MaskedInput, key: SigningKey) -> bytes:
     for part in parts:
         digest.update(part)
     payload = {"v": wire.PROTOCOL_VERSION, "type": "secagg-masked", "phase": "masked", "round": message.round_id,
-               "device": message.device_id, "words": int(message.words.size), "rejected": list(message.rejected),
+               "device": message.device_id, "words": int(message.words.size),
+               "rejected": [[a.dealer, a.channel_point, a.proof] for a in message.rejected],
                "section_sha256": digest.digest()}
     return b"".join([wire.sign(payload, key, message.device_id), *parts])
 
@@ -405,7 +436,7 @@ def decode_masked(body: bytes | memoryview, key_for_kid: wire.KeyLookup, words: 
     declared = _uint(p, "words", limits.max_tensor_elements + 1)
     if words is not None and declared != words:
         raise ProtocolError("wrong-length", f"the masked input has {declared} words, the round needs {words}")
-    rejected = tuple(_indices(p.get("rejected"), "rejected"))
+    rejected = accusations_of(p)
     item = _section(opened, limits, _MASKED_TAGS)
     if not (isinstance(item, cbor_reader.Tagged) and item.tag == TAG_UINT32_LE and isinstance(item.value, memoryview)):
         raise ProtocolError("bad-section", "the section must be a uint32 typed array (tag 70)")

@@ -4,17 +4,21 @@ sum (:func:`plan_unmask`, :func:`unmask_total`). Pure: messages, HTTP and storag
 
 The phases, for a device i of a roster of n (Bonawitz et al. 2017; neighbours from :mod:`.graph`):
 
-1. **advertise**: i makes two key pairs for this round only: an X25519 pair to encrypt shares (crypto_box),
-   and a mask key r_i (a scalar) with public point R_i = r_i * G on Ed25519. It also draws a self-mask seed
-   b_i (a scalar). All three secrets live in memory only.
+1. **advertise**: i makes two key pairs for this round only, both on Ed25519's prime-order group: a cipher key
+   A_i = a_i * G to seal shares with, and a mask key R_i = r_i * G. It also draws a self-mask seed b_i (a
+   scalar). All three secrets live in memory only.
 2. **share**: from the roster, i splits b_i and r_i among its neighbours and itself (Feldman-verifiable Shamir,
    threshold t, :mod:`.shamir`), publishes the commitments (the key commitment's constant term is R_i itself)
-   and encrypts each neighbour's two shares to it (crypto_box: X25519 + XSalsa20-Poly1305).
-3. **masked input**: i checks the shares routed to it; a neighbour whose shares fail is *rejected* (named in
-   i's masked input, and i does not mask with it). i sends
+   and seals each neighbour's two shares to it (crypto_secretbox, XSalsa20-Poly1305, under a key hashed from
+   the channel's Diffie-Hellman point K_ij = a_i * A_j = a_j * A_i).
+3. **masked input**: i checks the shares routed to it; a neighbour whose shares fail is *rejected*: i does not
+   mask with it, and its masked input carries an :class:`Accusation` (K_ij and a proof, :mod:`.dleq`, that it
+   is the channel's point) with which the aggregator opens the dealer's ciphertext itself. i sends
    y_i = x_i + PRG(b_i) + sum over accepted neighbours j of (+PRG(s_ij) if i < j else -PRG(s_ij))  (mod 2^32),
    s_ij the pairwise seed from r_i * R_j = r_j * R_i, x_i from :mod:`.quantise`.
-4. **unmask**: the aggregator names the survivors S (whose masked inputs count) and the dropped devices D
+4. **unmask**: the aggregator judges every accusation (:func:`judge`): the accuser is left out if the dealer's
+   ciphertext holds good shares, the dealer if not, so a false accusation costs its maker, never the accused.
+   It then names the survivors S (whose masked inputs count) and the dropped devices D
    (that shared, and that some survivor masked with). Each survivor answers with its shares of b_u for u in
    S, and for u in D its shares of r_u and its own pairwise seed with u; never both kinds for the same u:
    :meth:`DeviceRound.answer` refuses a request (or a later request in the same round) that would give both.
@@ -40,18 +44,19 @@ from functools import cached_property
 
 import numpy as np
 from nacl.exceptions import CryptoError
-from nacl.public import Box, PrivateKey, PublicKey
+from nacl.secret import SecretBox
 
-from appliance.protocol import discrete_gaussian, graph, prg, shamir
+from appliance.protocol import discrete_gaussian, dleq, graph, prg, shamir
 from appliance.protocol.quantise import MIN_CLIP_NORM, check_room, quantise
 
 SELF_MASK_DOMAIN = b"fl-edge/secagg/v1/self-mask"
 PAIRWISE_MASK_DOMAIN = b"fl-edge/secagg/v1/pairwise-mask"
+SHARE_KEY_DOMAIN = b"fl-edge/secagg/v1/share-key"
 KEY_BYTES = 32
 # round (8) || dealer (4) || recipient (4) || share of b (32) || share of r (32)
 SHARE_PLAINTEXT_BYTES = 8 + 4 + 4 + 2 * shamir.SCALAR_BYTES
-# crypto_box: a 24-byte nonce, then the 16-byte Poly1305 tag and the ciphertext
-SHARE_CIPHERTEXT_BYTES = Box.NONCE_SIZE + 16 + SHARE_PLAINTEXT_BYTES
+# crypto_secretbox: a 24-byte nonce, then the 16-byte Poly1305 tag and the ciphertext
+SHARE_CIPHERTEXT_BYTES = SecretBox.NONCE_SIZE + SecretBox.MACBYTES + SHARE_PLAINTEXT_BYTES
 DEFAULT_THRESHOLD_FRACTION = 0.5
 
 
@@ -85,11 +90,21 @@ def pairwise_mask_seed(round_id: int, shared_point: bytes) -> bytes:
     return hashlib.sha256(PAIRWISE_MASK_DOMAIN + round_id.to_bytes(8, "big") + shared_point).digest()
 
 
+def share_key(round_id: int, i: int, j: int, channel_point: bytes) -> bytes:
+    """The secretbox key of the share channel between devices i and j (either way round: the lower index first),
+    from its Diffie-Hellman point a_i * A_j = a_j * A_i."""
+    low, high = sorted((i, j))
+    return hashlib.sha256(
+        SHARE_KEY_DOMAIN + round_id.to_bytes(8, "big") + low.to_bytes(4, "big") + high.to_bytes(4, "big")
+        + channel_point
+    ).digest()
+
+
 @dataclass(frozen=True)
 class Keys:
     """The two public keys a device advertises for one round."""
 
-    cipher: bytes  # X25519 public key: shares are encrypted to it
+    cipher: bytes  # A = a * G (Ed25519, compressed): shares are sealed under keys from a_i * A_j
     mask: bytes  # R = r * G (Ed25519, compressed): pairwise masks come from r_i * R_j
 
     def __post_init__(self) -> None:
@@ -165,11 +180,63 @@ class RoutedShare:
     ciphertext: bytes
 
 
+@dataclass(frozen=True)
+class Accusation:
+    """A device's evidence against a dealer whose shares failed its checks (docs/protocol.md 12.5): the share
+    channel's Diffie-Hellman point K = a * D (a the accuser's cipher secret, D the dealer's cipher key) and a
+    :mod:`.dleq` proof that log_G(A) = log_D(K). With K the aggregator opens the dealer's signed ciphertext
+    itself; K opens nothing but that one channel (the dealer's shares to the accuser and the accuser's to the
+    dealer), so it shows the aggregator only what the dealer, or the accuser, already knows."""
+
+    dealer: int
+    channel_point: bytes  # K, 32 bytes
+    proof: bytes  # c || s, 64 bytes
+
+
 def _share_plaintext(round_id: int, dealer: int, recipient: int, self_share: int, key_share: int) -> bytes:
     return (
         round_id.to_bytes(8, "big") + dealer.to_bytes(4, "big") + recipient.to_bytes(4, "big")
         + shamir.scalar_bytes(self_share) + shamir.scalar_bytes(key_share)
     )
+
+
+def open_shares(
+    setup: RoundSetup, dealer: int, recipient: int, box: SecretBox, self_commitments: Sequence[bytes],
+    key_commitments: Sequence[bytes], ciphertext: bytes,
+) -> tuple[int, int] | None:
+    """The dealer's shares of b and r in ``ciphertext``, if it opens with ``box`` and its plaintext names this round,
+    the dealer and the recipient, and the commitments have t points each, the key commitments starting with the
+    dealer's mask key; else None. Whether the shares fit the commitments is :func:`shares_fit` (a device checks all
+    its dealers at once first)."""
+    t = setup.threshold
+    if len(self_commitments) != t or len(key_commitments) != t:
+        return None
+    if key_commitments[0] != setup.keys[dealer].mask:
+        return None
+    try:
+        plain = box.decrypt(ciphertext)
+    except (CryptoError, ValueError, TypeError):
+        return None
+    if len(plain) != SHARE_PLAINTEXT_BYTES:
+        return None
+    if plain[:16] != setup.round_id.to_bytes(8, "big") + dealer.to_bytes(4, "big") + recipient.to_bytes(4, "big"):
+        return None
+    try:
+        return shamir.scalar_from_bytes(plain[16:48]), shamir.scalar_from_bytes(plain[48:80])
+    except ValueError:
+        return None
+
+
+def shares_fit(self_commitments: Sequence[bytes], key_commitments: Sequence[bytes], recipient: int,
+               self_share: int, key_share: int) -> bool:
+    """Whether both shares are the recipient's points of the polynomials the commitments commit to (Feldman)."""
+    x = x_of(recipient)
+    return shamir.verify_share(self_commitments, x, self_share) and shamir.verify_share(key_commitments, x, key_share)
+
+
+def channel_box(setup: RoundSetup, i: int, j: int, channel_point: bytes) -> SecretBox:
+    """The sealing of the share channel between devices i and j, from its Diffie-Hellman point."""
+    return SecretBox(share_key(setup.round_id, i, j, channel_point))
 
 
 class DeviceRound:
@@ -181,16 +248,18 @@ class DeviceRound:
     def __init__(self, round_id: int, entropy: shamir.Entropy = os.urandom):
         self.round_id = round_id
         self._entropy = entropy
-        self._cipher = PrivateKey(entropy(KEY_BYTES))
+        self._cipher_secret = shamir.random_scalar(entropy)
         self._mask_secret = shamir.random_scalar(entropy)
         self._self_secret = shamir.random_scalar(entropy)
-        self.keys = Keys(cipher=bytes(self._cipher.public_key), mask=shamir.base_point_times(self._mask_secret))
+        self.keys = Keys(cipher=shamir.base_point_times(self._cipher_secret),
+                         mask=shamir.base_point_times(self._mask_secret))
         self.setup: RoundSetup | None = None
         self.index = -1
         self._held: dict[int, tuple[int, int]] = {}  # dealer -> (share of b, share of r), own shares included
         self._accepted: list[int] = []  # neighbours whose shares verified: the ones masked with
         self._answered: dict[int, str] = {}  # dealer -> "self" or "key": the kind of share already given out
-        self._boxes: dict[int, Box] = {}  # neighbour -> crypto_box with it: one X25519 per neighbour, not two
+        # neighbour -> (channel point a_i * A_j, its secretbox): one multiplication (0.1 ms) per neighbour, not two
+        self._channels: dict[int, tuple[bytes, SecretBox]] = {}
         self._pair_seeds: dict[int, bytes] = {}  # neighbour -> s_ij: one r_i * R_j (0.1 ms) per neighbour, not two
 
     def deal(self, setup: RoundSetup, index: int) -> Dealing:
@@ -205,17 +274,24 @@ class DeviceRound:
         self._held[index] = (self_shares[x_of(index)], key_shares[x_of(index)])
         ciphertexts = {}
         for h in setup.graph[index]:
-            box = self._box(setup, h)
+            box = self._channel(setup, h)[1]
             plain = _share_plaintext(self.round_id, index, h, self_shares[x_of(h)], key_shares[x_of(h)])
-            ciphertexts[h] = bytes(box.encrypt(plain, self._entropy(Box.NONCE_SIZE)))
+            ciphertexts[h] = bytes(box.encrypt(plain, self._entropy(SecretBox.NONCE_SIZE)))
         return Dealing(tuple(self_commitments), tuple(key_commitments), ciphertexts)
 
     def receive(self, routed: Sequence[RoutedShare]) -> list[int]:
-        """Phase 3, first half: decrypt and check the shares routed to this device; returns the rejected dealers.
+        """Phase 3, first half: decrypt and check the shares routed to this device; returns the rejected dealers,
+        whose :meth:`accusation` the masked input carries.
 
-        A dealer is accepted when its ciphertext opens with its advertised key, names this round, itself and
+        A dealer is accepted when its ciphertext opens with the channel's key, names this round, itself and
         this device, and both shares match its commitments (whose key commitment must start with the mask key
-        it advertised). This device masks with exactly the accepted dealers."""
+        it advertised). This device masks with exactly the accepted dealers.
+
+        With t or more dealers rejected, the device drops out of the round (:class:`SecAggError`
+        ``too-many-rejected``): each accusation opens one of its channels to the aggregator, and with it this
+        device's own shares of b and r sent down that channel, so t accusations would hand the aggregator t shares
+        of both its secrets, enough to unmask its input. t dealers that cheat together could already deny it (they
+        hold t of its shares and could withhold them at unmask), so this gives no single device a way to."""
         setup = self._setup()
         mine = set(setup.graph[self.index])
         candidates: dict[int, tuple[RoutedShare, int, int]] = {}
@@ -244,39 +320,42 @@ class DeviceRound:
         if not (self_ok and key_ok):
             for d in dealers:
                 r, b_share, r_share = candidates[d]
-                if not (shamir.verify_share(r.self_commitments, x, b_share)
-                        and shamir.verify_share(r.key_commitments, x, r_share)):
+                if not shares_fit(r.self_commitments, r.key_commitments, self.index, b_share, r_share):
                     rejected.add(d)
         for d in dealers:
             if d not in rejected:
                 self._held[d] = candidates[d][1:]
         self._accepted = [d for d in dealers if d not in rejected]
+        if len(rejected) >= setup.threshold:
+            raise SecAggError("too-many-rejected", f"{len(rejected)} dealers sent bad shares; accusing t = "
+                              f"{setup.threshold} of them would show the aggregator t shares of this device's "
+                              "secrets, so it leaves the round")
         return sorted(rejected)
 
     def _open(self, setup: RoundSetup, r: RoutedShare) -> tuple[int, int] | None:
-        t = setup.threshold
-        if len(r.self_commitments) != t or len(r.key_commitments) != t:
-            return None
-        if r.key_commitments[0] != setup.keys[r.dealer].mask:
-            return None
-        try:
-            plain = self._box(setup, r.dealer).decrypt(r.ciphertext)
-        except (CryptoError, ValueError, TypeError):
-            return None
-        if len(plain) != SHARE_PLAINTEXT_BYTES:
-            return None
-        header = self.round_id.to_bytes(8, "big") + r.dealer.to_bytes(4, "big") + self.index.to_bytes(4, "big")
-        if plain[:16] != header:
-            return None
-        try:
-            return shamir.scalar_from_bytes(plain[16:48]), shamir.scalar_from_bytes(plain[48:80])
-        except ValueError:
-            return None
+        box = self._channel(setup, r.dealer)[1]
+        return open_shares(setup, r.dealer, self.index, box, r.self_commitments, r.key_commitments, r.ciphertext)
 
-    def _box(self, setup: RoundSetup, other: int) -> Box:
-        if other not in self._boxes:
-            self._boxes[other] = Box(self._cipher, PublicKey(setup.keys[other].cipher))
-        return self._boxes[other]
+    def _channel(self, setup: RoundSetup, other: int) -> tuple[bytes, SecretBox]:
+        if other not in self._channels:
+            try:
+                point = shamir.point_times(self._cipher_secret, setup.keys[other].cipher)
+            except shamir.InvalidPoint:
+                raise SecAggError("bad-roster", f"device {other}'s cipher key is not a point of the prime-order "
+                                                "group") from None
+            self._channels[other] = (point, channel_box(setup, self.index, other, point))
+        return self._channels[other]
+
+    def accusation(self, dealer: int) -> Accusation:
+        """The evidence against neighbour ``dealer`` that the masked input carries when its shares were rejected:
+        the channel's point and a proof that it is this device's cipher secret times the dealer's cipher key."""
+        setup = self._setup()
+        if dealer not in setup.graph[self.index]:
+            raise SecAggError("not-a-neighbour", f"device {dealer} dealt nothing to this device")
+        point = self._channel(setup, dealer)[0]
+        proof = dleq.prove(self.round_id, self.index, dealer, self._cipher_secret, setup.keys[dealer].cipher,
+                           self._entropy)
+        return Accusation(dealer, point, proof)
 
     def mask(self, delta: np.ndarray, num_samples: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """Phase 3, second half: the masked input (P + 1 uint32 words) of a clipped update; with distributed DP
@@ -334,43 +413,101 @@ class DeviceRound:
 # ------------------------------------------------------------------------------------------ aggregator side
 
 
-def masked_with(setup: RoundSetup, shared: set[int], rejections: Mapping[int, set[int]]) -> dict[int, set[int]]:
+def masked_with(
+    setup: RoundSetup, shared: set[int], accusations: Mapping[int, Sequence[Accusation]]
+) -> dict[int, set[int]]:
     """For each device that sent a masked input: the dealers it masked with (its neighbours that shared, minus
-    the ones it rejected)."""
+    the ones it accused)."""
     return {
-        v: {u for u in setup.graph[v] if u in shared and u not in rejected}
-        for v, rejected in rejections.items()
+        v: {u for u in setup.graph[v] if u in shared} - {a.dealer for a in accused}
+        for v, accused in accusations.items()
     }
+
+
+def accusation_holds(setup: RoundSetup, accuser: int, accusation: Accusation, dealing: Dealing | None) -> bool:
+    """Whether the dealer's signed ``dealing`` bears out ``accuser``'s accusation: True when the proof shows the
+    channel point is the right one and the dealer's ciphertext to the accuser, opened with it, fails a check the
+    accuser must make (it does not open, names the wrong round or devices, holds a scalar >= L, or shares that do
+    not fit the commitments); False when the proof is not valid, or the shares are good: then the accuser lied."""
+    dealer = accusation.dealer
+    if dealing is None or dealer not in setup.graph[accuser] or accuser not in dealing.ciphertexts:
+        return False
+    a_point, d_point = setup.keys[accuser].cipher, setup.keys[dealer].cipher
+    if not dleq.verify(setup.round_id, accuser, dealer, a_point, d_point, accusation.channel_point, accusation.proof):
+        return False
+    box = channel_box(setup, accuser, dealer, accusation.channel_point)
+    opened = open_shares(setup, dealer, accuser, box, dealing.self_commitments, dealing.key_commitments,
+                         dealing.ciphertexts[accuser])
+    return opened is None or not shares_fit(dealing.self_commitments, dealing.key_commitments, accuser, *opened)
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """What the accusations of a round showed: which (accuser, dealer) accusations the dealings bore out, who
+    accused a dealer whose shares were good, and which dealers dealt shares that failed an accuser's checks."""
+
+    held: frozenset[tuple[int, int]] = frozenset()
+    false_accusers: frozenset[int] = frozenset()
+    cheating_dealers: frozenset[int] = frozenset()
+
+
+def judge(setup: RoundSetup, dealings: Mapping[int, Dealing],
+          accusations: Mapping[int, Sequence[Accusation]]) -> Verdicts:
+    """Every accusation judged against the accused dealer's signed dealing (:func:`accusation_holds`)."""
+    held: set[tuple[int, int]] = set()
+    liars: set[int] = set()
+    for accuser, accused in accusations.items():
+        for accusation in accused:
+            if accusation_holds(setup, accuser, accusation, dealings.get(accusation.dealer)):
+                held.add((accuser, accusation.dealer))
+            else:
+                liars.add(accuser)
+    return Verdicts(frozenset(held), frozenset(liars), frozenset(dealer for _, dealer in held))
 
 
 @dataclass(frozen=True)
 class UnmaskPlan:
     """Whose masked inputs count (survivors), whose masks with them must come off (dropped: devices that shared
-    and some survivor masked with), and whose inputs arrived but are left out (excluded)."""
+    and some survivor masked with), whose inputs arrived but are left out (excluded), and why: a false accusation
+    or bad shares (the rest had too few holders)."""
 
     survivors: list[int]
     dropped: list[int]
     excluded: list[int]
+    verdicts: Verdicts = Verdicts()
+
+    def exclusion_reason(self, v: int) -> str:
+        """Why excluded device ``v``'s input is left out: ``false-accusation``, ``bad-shares`` or
+        ``too-few-holders``."""
+        if v in self.verdicts.false_accusers:
+            return "false-accusation"
+        return "bad-shares" if v in self.verdicts.cheating_dealers else "too-few-holders"
 
 
-def plan_unmask(setup: RoundSetup, shared: set[int], rejections: Mapping[int, set[int]]) -> UnmaskPlan:
+def plan_unmask(
+    setup: RoundSetup, dealings: Mapping[int, Dealing], accusations: Mapping[int, Sequence[Accusation]]
+) -> UnmaskPlan:
     """Decide, before asking for any share, which masked inputs can count.
 
-    ``shared``: devices whose dealings were routed; ``rejections``: for each device whose masked input arrived
-    (all of them in ``shared``: they are the ones asked to answer), the dealers it rejected. A dealer rejected
-    by anyone is left out: its own contribution drops, the round goes on. So is a device with fewer than t
-    holders among the devices asked (itself included): its self mask could not come off if it went quiet now.
+    ``dealings``: the devices whose dealings were routed, with them; ``accusations``: for each device whose masked
+    input arrived (all of them dealt: they are the ones asked to answer), the accusations it made. Each one is
+    judged (:func:`judge`): a dealer whose shares to its accuser were bad is left out, and so is a device that
+    accused a dealer whose shares were good. Either way a device's inconsistency costs its own contribution, never
+    an honest one's, and the round goes on. So is a device with fewer than t holders among the devices asked
+    (itself included): its self mask could not come off if it went quiet now.
     """
-    partners = masked_with(setup, shared, rejections)
-    accused = {u for rejected in rejections.values() for u in rejected}
+    shared = set(dealings)
+    verdicts = judge(setup, dealings, accusations)
+    partners = masked_with(setup, shared, accusations)
+    out = verdicts.false_accusers | verdicts.cheating_dealers
 
     def holders(u: int) -> int:
         return 1 + sum(1 for v in setup.graph[u] if v in partners and u in partners[v])
 
-    alive = {v for v in rejections if v in shared and v not in accused and holders(v) >= setup.threshold}
+    alive = {v for v in accusations if v in shared and v not in out and holders(v) >= setup.threshold}
     dropped = sorted(u for u in shared - alive if any(v in alive and u in partners[v] for v in setup.graph[u]))
-    excluded = sorted(v for v in rejections if v not in alive)
-    return UnmaskPlan(sorted(alive), dropped, excluded)
+    excluded = sorted(v for v in accusations if v not in alive)
+    return UnmaskPlan(sorted(alive), dropped, excluded, verdicts)
 
 
 @dataclass(frozen=True)

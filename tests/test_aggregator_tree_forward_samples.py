@@ -1,0 +1,53 @@
+"""A site's forward carries its round's samples in one signed count of at most 2^31 - 1, and the city refuses more
+(bad-payload). A site whose devices may claim many samples (--max-samples up to 2^31 - 1) refuses the update that
+would take its round past that (422 too-many-samples, before it is acknowledged), so the round still forwards,
+instead of the city refusing the forward with every acknowledged update in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nacl.signing import SigningKey
+from test_aggregator_tree import site_task, wait_until
+
+from aggregator.app import SERVICES
+from aggregator.registry import Enrolment
+from aggregator.rounds import MAX_SAMPLES_LIMIT, RoundPolicy
+from aggregator.simulate import SimulatedDevice
+from aggregator.upstream import UpstreamConfig
+from appliance import wire
+from tests.aggregator_harness import run, running
+
+HALF = 2**30
+
+
+def test_a_site_refuses_the_update_its_forward_could_not_carry_and_forwards_the_rest(tmp_path: Path) -> None:
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+    devices = [SimulatedDevice() for _ in range(3)]
+    site_policy = RoundPolicy(min_clients=2, goal_clients=2, round_timeout=60, max_samples=MAX_SAMPLES_LIMIT)
+
+    async def scenario() -> None:
+        async with running(tmp_path / "city", key=city_key, enrolled=[],
+                           policy=RoundPolicy(min_clients=1, goal_clients=1, round_timeout=60)) as city:
+            city.app[SERVICES].registry.enroll([Enrolment(wire.key_id(site_key.verify_key),
+                                                          bytes(site_key.verify_key), site=True)])
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                               policy=site_policy) as site:
+                task = await site_task(site, 0)
+                status, answer = await site.upload(devices[0].update(task, site.delta(), num_samples=HALF))
+                assert status == 200, answer
+                before = site.rejected("too-many-samples")
+                status, answer = await site.upload(devices[1].update(task, site.delta(), num_samples=HALF))
+                assert status == 422, "the site took an update its round's forward cannot carry"
+                assert answer["reason"] == "too-many-samples" and str(MAX_SAMPLES_LIMIT) in answer["detail"]
+                assert site.rejected("too-many-samples") == before + 1
+                status, answer = await site.upload(devices[2].update(task, site.delta(), num_samples=1))
+                assert status == 200, answer
+
+                await wait_until(lambda: city.engine.version == 1, what="the city's version 1 from the forward")
+                assert city.engine.store.get_round(1).samples == HALF + 1
+                record = site.engine.store.get_round(1)
+                assert (record.status, record.participants, record.samples) == ("published", 2, HALF + 1)
+
+    run(scenario())
