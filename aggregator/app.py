@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import time
@@ -74,7 +73,7 @@ from aggregator.uploads import (
 )
 from aggregator.upstream import UpstreamConfig, UpstreamLink, check_site_strategy
 from aggregator.verify import UpdateHeader, delta_of, envelope_in, header_of
-from appliance import wire
+from appliance import strict_json, wire
 from appliance.errors import ProtocolError
 from appliance.protocol.downlink import DOWNLINK_ENCODINGS
 from appliance.protocol.heartbeat import MAX_HEARTBEAT_BYTES, decode_heartbeat
@@ -220,7 +219,8 @@ class Problem(Exception):
 def problem_response(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
     body = {"type": f"urn:fl-edge:problem:{reason}", "title": reason, "status": status, "reason": reason,
             "detail": detail}
-    return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+    return web.Response(status=status, text=strict_json.dumps(body), content_type=PROBLEM_CONTENT_TYPE,
+                        headers=headers)
 
 
 _HTTP_REASONS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large", 400: "bad-request"}
@@ -626,7 +626,7 @@ async def _fleet_listing(s: Services, query: dict[str, Any]) -> dict[str, Any]:
 
 async def get_fleet(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
-    return web.json_response(await _fleet_listing(s, _fleet_query(request)))
+    return web.json_response(await _fleet_listing(s, _fleet_query(request)), dumps=strict_json.dumps_as_found)
 
 
 #: Most rounds ``GET /v1/status?rounds=N`` lists. Each lists at most STATUS_ROUND_DEVICES of its devices (and of its
@@ -641,7 +641,7 @@ async def get_status(request: web.Request) -> web.Response:
     status = await loop.run_in_executor(s.views, s.engine.status, history)
     status["fleet"] = await loop.run_in_executor(s.views, s.fleet.counts, s.engine.version, time.time())
     status["downlink"] = s.metrics.downlink(s.config.downlink)
-    return web.json_response(status)
+    return web.json_response(status, dumps=strict_json.dumps_as_found)
 
 
 def get_round_devices(which: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -655,7 +655,8 @@ def get_round_devices(which: str) -> Callable[[web.Request], Awaitable[web.Respo
         per_page = _integer(request, "per_page", 50, low=1, high=MAX_PER_PAGE)
         listing = functools.partial(s.engine.round_device_page, round_id, which, page, per_page)
         try:
-            return web.json_response(await asyncio.get_running_loop().run_in_executor(s.views, listing))
+            return web.json_response(await asyncio.get_running_loop().run_in_executor(s.views, listing),
+                                     dumps=strict_json.dumps)
         except UnknownRound as exc:
             raise Problem(404, "unknown-round", str(exc)) from None
 
@@ -681,7 +682,7 @@ async def get_health(request: web.Request) -> web.Response:
         "model_version": s.engine.version,
         "round": r.round_id if r else None,
         "uploads": {"active": uploads.active, "limit": uploads.limit, "waiting": uploads.waiting},
-    })
+    }, dumps=strict_json.dumps)
 
 
 async def get_metrics(request: web.Request) -> web.Response:

@@ -35,7 +35,7 @@ from aggregator.statuspage import downlink_text
 from aggregator.store import RoundRow, Store, StoreError
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
 from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strategy, parse_upstream_key
-from appliance import wire
+from appliance import strict_json, wire
 from appliance.broken_pipe import quiet_on_broken_pipe
 from appliance.client import pinned_tls_context
 from appliance.identity import IdentityError, read_key_file, write_key_file
@@ -632,7 +632,7 @@ def _status_from_url(url: str) -> dict[str, object]:
 def cmd_status(args: argparse.Namespace) -> int:
     status = _status_from_state(args.state) if args.state else _status_from_url(args.url)
     if args.json:
-        print(json.dumps(_json_numbers(status), indent=2, allow_nan=False))
+        print(strict_json.dumps_as_found(status, indent=2))
         return 0
     model = status["model"]
     print(f"model version {model['version']}  digest {str(model['digest'])[:16]}...")
@@ -659,19 +659,6 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{r['participants']:>5} updates {r['samples']:>8} samples  {metrics} {r['note']}".rstrip())
         print(_lost_line(r), end="")
     return 0
-
-
-def _json_numbers(value: Any) -> Any:
-    """``value`` with each number JSON cannot hold (inf, -inf, nan: a damaged record in aggregator.db, or an older
-    server's answer) as the text ``"unreadable (inf)"``, as the text mode says "an unreadable time (inf)": a strict
-    JSON reader refuses the ``Infinity`` that ``json.dumps`` would print."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"unreadable ({value!r})"
-    if isinstance(value, dict):
-        return {key: _json_numbers(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_json_numbers(item) for item in value]
-    return value
 
 
 def _lost_line(r: dict[str, Any]) -> str:

@@ -13,7 +13,6 @@ predicted and true boxes.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 import urllib.request
@@ -28,7 +27,7 @@ from rich.table import Table
 from aggregator.adaptive_clip import AdaptiveClip, AdaptiveClipError
 from aggregator.privacy import MODES, DPConfig, PrivacyError, check_mode, check_private_strategy
 from aggregator.strategies import STRATEGIES
-from appliance import wire
+from appliance import strict_json, wire
 from appliance.detection import DetectionSpec, encode_targets
 from appliance.modelpkg import load_package
 from appliance.synthetic import evaluation_set
@@ -362,7 +361,7 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
             console.print(f"detections: {picture}", markup=False)
         prom = write_prometheus_config(fleet, out / "prometheus")
         figures = {"baseline": baseline, "privacy": privacy, "rounds": [r.__dict__ for r in rows]}
-        (out / "summary.json").write_text(json.dumps(figures, indent=1, default=float))
+        write_summary(out / "summary.json", figures)
         improved = rows[-1].accuracy > baseline[key]
         console.print(
             f"plot: {out / 'demo.png'}\nsummary: {out / 'summary.json'}\nlogs: {fleet.logs}\n"
@@ -389,6 +388,12 @@ def run_demo(fleet: Fleet, console: Console, keep_running: bool = False, deadlin
         return 0 if improved and not stalled_note else 1
     finally:
         fleet.stop()
+
+
+def write_summary(path: Path, figures: dict) -> None:
+    """summary.json: strict JSON, a train loss no device reported (a secure round's) or a diverged figure as the text
+    "NaN" (docs/api.md, "Numbers in JSON"), which jq reads where it refused NaN."""
+    path.write_text(strict_json.dumps_as_found(figures, indent=1, default=float))
 
 
 def _abandoned_in_a_row(status: dict) -> list[dict]:

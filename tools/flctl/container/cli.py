@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from appliance import strict_json
 from flctl.image.cache import cache_root
 
 from .build import build_images
@@ -90,7 +90,7 @@ def _cmd_fleet_up(args: argparse.Namespace) -> int:
     except ContainerError as exc:
         print(f"flctl container fleet up: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result))
+    print(strict_json.dumps(result))
     return 0
 
 
@@ -111,8 +111,8 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
     except ContainerError as exc:
         print(f"flctl container fleet status: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(report))
+    if args.json:  # the city's /v1/status as it answered: an older aggregator's may hold Infinity
+        print(strict_json.dumps_as_found(report))
         return 0
     print(table, end="")
     city = report.get("city")

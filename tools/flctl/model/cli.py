@@ -17,12 +17,12 @@ package is a reference model.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from nacl.signing import SigningKey, VerifyKey
 
+from appliance import strict_json
 from appliance.identity import IdentityError, read_key_file
 from appliance.modelpkg import BUFFER_POLICIES, ModelPackage, PackageError, load_package, write_package
 from flctl.model import refmodels
@@ -126,7 +126,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except GraphError as exc:
         print(f"flctl model inspect: {args.package}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(description, indent=2) if args.json else format_text(description))
+    print(strict_json.dumps_as_found(description, indent=2) if args.json else format_text(description))
     return 0
 
 
