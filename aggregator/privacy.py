@@ -65,6 +65,7 @@ from aggregator.adaptive_clip import (
 from aggregator.norms import l2_norm
 from aggregator.strategies import STRATEGIES, Strategy
 from aggregator.strategies.fedavg import FedAvg
+from appliance import strict_json
 from appliance.durable import atomic_write, fsync_dir
 
 ACCOUNTING = {
@@ -77,10 +78,18 @@ ACCOUNTING = {
 LEDGER_FILE = "privacy.json"
 PENDING_FILE = "privacy-pending.npz"  # a counted round whose version is not yet published (see PendingRelease)
 MODES = ("central", "distributed")
+#: The smallest --dp-noise-multiplier served. Below it one round alone spends an epsilon above half a million at
+#: delta 1e-5 (5.5e5 at 0.001, 5.5e11 at 1e-6, no finite one below about 1e-154): a guarantee that bounds nothing, and
+#: most often a delta typed into the wrong option. The smallest noise any run here uses is 0.005 (docs/privacy.md).
+MIN_NOISE_MULTIPLIER = 1e-3
 
 
 class PrivacyError(ValueError):
     """Differential-privacy settings that cannot give the guarantee they name; the message says why."""
+
+
+class NoFiniteEpsilon(PrivacyError):
+    """Noise so small that dp-accounting's epsilon is infinite: no round is counted, published or reported on it."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +110,11 @@ class DPConfig:
             raise PrivacyError(f"--dp-noise-multiplier must be positive, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
             raise PrivacyError(f"--dp-delta must be in (0, 1), got {self.delta}")
-        if self.epsilon_budget is not None and not self.epsilon_budget > 0:
-            raise PrivacyError(f"--dp-epsilon-budget must be positive, got {self.epsilon_budget}")
+        if self.noise_multiplier < MIN_NOISE_MULTIPLIER:
+            raise PrivacyError(self._below_the_floor())
+        if self.epsilon_budget is not None and not (math.isfinite(self.epsilon_budget) and self.epsilon_budget > 0):
+            raise PrivacyError(f"--dp-epsilon-budget must be positive and finite, got {self.epsilon_budget} (leave "
+                               "it out for no budget)")
         if self.adaptive is not None:
             if self.mode != "central":
                 raise PrivacyError(
@@ -113,6 +125,16 @@ class DPConfig:
                 self.model_noise_multiplier  # noqa: B018 - refuses a count noise that leaves the model none
             except AdaptiveClipError as exc:
                 raise PrivacyError(str(exc)) from None
+
+    def _below_the_floor(self) -> str:
+        """Why a noise multiplier under :data:`MIN_NOISE_MULTIPLIER` is refused, with what one round would spend."""
+        try:
+            spent = f"one round alone would spend epsilon {epsilon([self.noise_multiplier], self.delta):.2g}"
+        except NoFiniteEpsilon:
+            spent = "dp-accounting gives no finite epsilon for one round"
+        return (f"--dp-noise-multiplier {self.noise_multiplier:g} is below {MIN_NOISE_MULTIPLIER:g}: {spent} at "
+                f"--dp-delta {self.delta:g}, which bounds nothing (docs/privacy.md, \"Choosing the noise\"); to train "
+                "without noise, leave out --dp")
 
     @property
     def count_noise_multiplier(self) -> float | None:
@@ -174,16 +196,22 @@ def epsilon(noise_multipliers: list[float], delta: float, rdp_slack: float = 0.0
     """The epsilon at ``delta`` after one Gaussian mechanism per entry (sensitivity 1, noise std z), composed by
     dp-accounting's RDP accountant, plus ``rdp_slack``: a constant added to the composed RDP at every order
     raises dp-accounting's RDP-to-DP conversion (a minimum over orders of RDP plus terms of the order alone) by
-    exactly that constant. Zero rounds spend nothing."""
+    exactly that constant. Zero rounds spend nothing. NoFiniteEpsilon when the result is infinite (a noise multiplier
+    whose square underflows, say): an epsilon nobody can publish, sign or compare with a budget."""
     if not noise_multipliers:
         return 0.0
     import dp_accounting  # the aggregator's only user of it; keeps `import aggregator` light
     from dp_accounting import rdp
 
     accountant = rdp.RdpAccountant()
-    for z, count in _runs(noise_multipliers):
-        accountant.compose(dp_accounting.GaussianDpEvent(z), count)
-    return float(accountant.get_epsilon(delta)) + rdp_slack
+    with np.errstate(divide="ignore", over="ignore"):  # 1 / z^2 overflows for the smallest z: the check below says so
+        for z, count in _runs(noise_multipliers):
+            accountant.compose(dp_accounting.GaussianDpEvent(z), count)
+        spent = float(accountant.get_epsilon(delta)) + rdp_slack
+    if not math.isfinite(spent):
+        raise NoFiniteEpsilon(f"dp-accounting gives no finite epsilon at delta {delta:g} for {len(noise_multipliers)} "
+                              f"Gaussian mechanisms, the least noisy of noise multiplier {min(noise_multipliers):g}")
+    return spent
 
 
 def _runs(values: list[float]) -> list[tuple[float, int]]:
@@ -194,6 +222,16 @@ def _runs(values: list[float]) -> list[tuple[float, int]]:
         else:
             runs.append((value, 1))
     return runs
+
+
+def _epsilon_of(saved: dict[str, Any]) -> float:
+    """The epsilon a ledger file's fields (as :meth:`PrivacyLedger._saved` writes them) count: the published rounds,
+    the sums unmasked but not published, the one being unmasked and the adaptive rounds' counts."""
+    unmasking = saved.get("unmasking")
+    being_unmasked = [] if unmasking is None else [unmasking["noise_multiplier"]]
+    slack = saved.get("rdp_slack", 0.0) + (0.0 if unmasking is None else unmasking["rdp_slack"])
+    return epsilon([*saved["noise_multipliers"], *saved.get("unpublished_noise_multipliers", []), *being_unmasked,
+                    *saved.get("clip_count_noise_multipliers", [])], saved["delta"], slack)
 
 
 @dataclass(frozen=True)
@@ -230,7 +268,7 @@ class PendingRelease:
 
 
 def _json_array(value: dict[str, Any]) -> np.ndarray:
-    return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+    return np.frombuffer(strict_json.dumps(value).encode(), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -285,6 +323,22 @@ class _Fields:
         if value is not None and value not in MODES:
             raise self._bad(self.source, f"holds mode {json.dumps(value)[:40]}, not one of {', '.join(MODES)}")
         return value
+
+    def clip_history(self) -> list[dict[str, float]]:
+        """Adaptive clipping's history, shown in /v1/status as it is: a list of {version, clip_norm, within}."""
+        history = self.saved.get("clip_history", [])
+        if not isinstance(history, list):
+            raise self._bad(self.source, "holds a clip_history that is not a list")
+        for entry in history:
+            if not isinstance(entry, dict) or not isinstance(entry.get("version"), int):
+                raise self._bad(self.source, f"holds a clip_history entry {json.dumps(entry)[:60]}, not a version's "
+                                "clip norm and fraction within it")
+            self.number("a clip_history clip_norm", entry.get("clip_norm"), positive=True)
+            within = entry.get("within")
+            if isinstance(within, bool) or not isinstance(within, int | float) or not math.isfinite(within):
+                raise self._bad(self.source, f"holds a clip_history entry {json.dumps(entry)[:60]}, whose within "
+                                "is not a finite number")
+        return history
 
     def unmasking(self) -> Unmasking | None:
         value = self.saved.get("unmasking")
@@ -341,7 +395,7 @@ class PrivacyLedger:
             if len(fields.multipliers("noise_multipliers", required=True)) > len(self.rounds):
                 # the crash came before the ledger's own file
                 self._load(saved, self.pending_path)
-                atomic_write(self.path, json.dumps(saved).encode())
+                atomic_write(self.path, strict_json.dumps(saved).encode())
 
     def _load(self, saved: Any, source: Path) -> None:
         fields = _Fields(saved, source)
@@ -359,12 +413,14 @@ class PrivacyLedger:
         self.rdp_slack = fields.number("rdp_slack", saved.get("rdp_slack", 0.0), positive=False)
         self.counts = fields.multipliers("clip_count_noise_multipliers")
         self.clip_norm = fields.optional("clip_norm")
-        history = saved.get("clip_history", [])
-        if not isinstance(history, list):
-            raise _Fields._bad(source, "holds a clip_history that is not a list")
-        self.clip_history = history
+        self.clip_history = fields.clip_history()
         self.unpublished = fields.multipliers("unpublished_noise_multipliers")
         self.unmasking = fields.unmasking()
+        try:
+            self.spent()
+        except NoFiniteEpsilon as exc:
+            raise PrivacyError(f"{source} counts rounds whose noise bounds nothing ({exc}): no epsilon can be "
+                               "published for its models; serve a new --state") from None
 
     def spent(self) -> float:
         """Every round's Gaussian mechanisms (the model's sum, the count of an adaptive round, the sums unmasked
@@ -412,8 +468,19 @@ class PrivacyLedger:
         return self._epsilon(rounds, counts, slack)
 
     def budget_allows_next_round(self, noise: RoundNoise | None = None) -> bool:
+        return self.next_round_refusal(noise) is None
+
+    def next_round_refusal(self, noise: RoundNoise | None = None) -> str | None:
+        """Why one more round with ``noise`` may not be counted, or None when it may: it would take epsilon past
+        the budget, or its noise gives no finite epsilon."""
+        try:
+            after = self.after_next_round(noise)
+        except NoFiniteEpsilon as exc:
+            return f"{exc} after one more round"
         budget = self.config.epsilon_budget
-        return budget is None or self.after_next_round(noise) <= budget
+        if budget is not None and after > budget:
+            return f"epsilon would reach {after:.4g} after one more round, past the budget of {budget:g}"
+        return None
 
     def record_round(
         self, noise: RoundNoise | None = None, clip: ClipStep | None = None, release: PendingRelease | None = None
@@ -485,12 +552,17 @@ class PrivacyLedger:
             saved["unpublished_noise_multipliers"] = state["unpublished"]
         if state["unmasking"] is not None:
             saved["unmasking"] = state["unmasking"].saved()
+        try:
+            _epsilon_of(saved)
+        except NoFiniteEpsilon as exc:
+            raise NoFiniteEpsilon(f"{exc}: {self.path} stays as it was, a round without a finite epsilon is never "
+                                  "counted") from None
         return saved
 
     def _commit(self, saved: dict[str, Any], changes: dict[str, Any]) -> None:
         """Write ``saved`` (atomically, fsynced), then take ``changes`` in memory: a write that fails changes
         nothing."""
-        atomic_write(self.path, json.dumps(saved).encode())
+        atomic_write(self.path, strict_json.dumps(saved).encode())
         for name, value in changes.items():
             setattr(self, name, value)
 

@@ -438,12 +438,9 @@ class RoundEngine:
     def _finished(self) -> bool:
         if self.policy.max_rounds > 0 and self.version >= self.policy.max_rounds:
             return True
-        if self.privacy is not None and not self.privacy.budget_allows_next_round():
-            log.warning(
-                "privacy budget: epsilon would reach %.4g after one more round, over the budget of %.4g; no more "
-                "rounds open (version %d stays published)",
-                self.privacy.after_next_round(), self.privacy.config.epsilon_budget, self.version,
-            )
+        refusal = None if self.privacy is None else self.privacy.next_round_refusal()
+        if refusal is not None:
+            log.warning("privacy: %s; no more rounds open (version %d stays published)", refusal, self.version)
             return True
         return False
 

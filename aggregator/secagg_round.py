@@ -806,14 +806,13 @@ class SecureRounds:
 
     def _check_budget(self, survivors: int, noise: RoundNoise) -> None:
         """_Abandon (never unmasked) when the sum of ``survivors`` devices, holding ``noise``, would take epsilon past
-        the budget."""
+        the budget, or has no finite epsilon."""
         ledger = self.engine.privacy
         assert ledger is not None
-        if not ledger.budget_allows_next_round(noise):
+        refusal = ledger.next_round_refusal(noise)
+        if refusal is not None:
             raise _Abandon("privacy-budget", f"the sum of {survivors} devices holds noise multiplier "
-                           f"{noise.noise_multiplier:.4g}, which would take epsilon to "
-                           f"{ledger.after_next_round(noise):.4g}, past the budget of "
-                           f"{ledger.config.epsilon_budget:g}; it is never unmasked")
+                           f"{noise.noise_multiplier:.4g}: {refusal}; it is never unmasked")
 
     async def _collect_answers(self, sr: SecureRound) -> None:
         if sr.phase_deadline < time.time():  # resumed after the deadline: give the devices one more timeout
