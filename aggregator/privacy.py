@@ -134,7 +134,7 @@ class DPConfig:
             spent = "dp-accounting gives no finite epsilon for one round"
         return (f"--dp-noise-multiplier {self.noise_multiplier:g} is below {MIN_NOISE_MULTIPLIER:g}: {spent} at "
                 f"--dp-delta {self.delta:g}, which bounds nothing (docs/privacy.md, \"Choosing the noise\"); to train "
-                "without noise, leave out --dp")
+                "without noise, leave differential privacy off")
 
     @property
     def count_noise_multiplier(self) -> float | None:
