@@ -537,7 +537,8 @@ class PrivacyLedger:
     def _saved(self, **changes: Any) -> dict[str, Any]:
         """The ledger file's fields: this ledger with ``changes`` (attribute name: new value). A field the previous
         versions did not write is written only when it holds something (``mode`` always: a restart compares it), so
-        a central ledger reads as it always did."""
+        a central ledger reads as it always did. NoFiniteEpsilon when they would count a round without a finite
+        epsilon: every writer builds its file here, so none is ever written."""
         state = {"rounds": self.rounds, "rdp_slack": self.rdp_slack, "counts": self.counts,
                  "clip_norm": self.clip_norm, "clip_history": self.clip_history, "unpublished": self.unpublished,
                  "unmasking": self.unmasking} | changes
