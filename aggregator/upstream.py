@@ -284,6 +284,18 @@ class UpstreamLink:
         atomic_write(path, body)
         return body
 
+    async def _parent_now(self) -> float:
+        """The parent's time now. Until a parent task has taught it, the parent is asked for its open round's task
+        without waiting (``after=0``), as an agent does at start: a site restarted mid-round sees no parent task until
+        the parent's next round, which waits for this round's forward, and its own clock may be years off."""
+        if not self.parent_clock.known:
+            assert self._client is not None
+            with contextlib.suppress(AggregatorUnavailable, ProtocolError):
+                task = await self._client.next_task(0, 0)
+                if task is not None:
+                    self.parent_clock.observe(task.issued_at, task.deadline)
+        return self.parent_clock.now()
+
     async def forward(self, round_: OpenRound, delta: np.ndarray, samples: int, metrics: dict[str, float]) -> str:
         """Send a closed site round upstream as one signed update; returns the note for the round's record."""
         answered = self._answered(round_.round_id)
@@ -297,7 +309,7 @@ class UpstreamLink:
             device_id=self.device_id, round_id=parent.round_id, model_version=parent.model_version,
             base_digest=parent.model_digest, num_samples=samples,
             tensors=self.models.layout.unflatten(delta), metrics=metrics, encoding=parent.encoding,
-            created_at=int(self.parent_clock.now()),
+            created_at=int(await self._parent_now()),
         )
         body = self._forward_body(round_.round_id, update)
         assert self._client is not None
@@ -324,7 +336,7 @@ class UpstreamLink:
                 if exc.reason == "expired" and not resigned:  # never counted (a counted copy gets its receipt)
                     # Sign it anew, created now: the refused copy may have been written before a long outage.
                     resigned = True
-                    update = replace(update, created_at=int(self.parent_clock.now()))
+                    update = replace(update, created_at=int(await self._parent_now()))
                     self._forward_path(round_.round_id).unlink()
                     body = self._forward_body(round_.round_id, update)
                     continue

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from aggregator_harness import running
+from nacl.signing import SigningKey
 from test_aggregator_tree import site_task, tree
 from test_fleet_heartbeat import report
 
@@ -21,6 +22,7 @@ from aggregator import statuspage
 from aggregator.fleet import Enrolled, Fleet
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
+from aggregator.upstream import UpstreamConfig
 
 YEAR = 365 * 86400.0
 
@@ -140,3 +142,29 @@ async def test_a_site_whose_clock_runs_years_ahead_of_its_citys_still_answers_th
         assert city.engine.version == 1
         assert city.engine.store.get_round(1).participants == 2
         assert city.rejected("expired") == 0
+
+
+async def test_a_site_restarted_mid_round_with_its_clock_years_off_still_forwards_its_resumed_round(tmp_path,
+                                                                                                   monkeypatch):
+    """The site's half of an agent restarted mid-round: a site board reboots with its clock years off while its round
+    (answering the city's open round) is open. The city opens no new round until that one closes, so the site saw no
+    city task before its resumed round forwarded: the forward was stamped by the site's own clock, refused
+    'expired', signed anew by the same clock, refused again, and the round with its devices' updates abandoned."""
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+    devices = [SimulatedDevice(), SimulatedDevice()]
+    site_policy = RoundPolicy(min_clients=1, goal_clients=2, round_timeout=600)
+    async with running(tmp_path / "city", key=city_key, enrolled=[SimulatedDevice(key=site_key)],
+                       policy=RoundPolicy(min_clients=1, goal_clients=1, round_timeout=600)) as city:
+        upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+        async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                           policy=site_policy) as site:
+            task = await site_task(site, 0)
+            assert (await site.upload(devices[0].update(task, site.delta())))[0] == 200
+        monkeypatch.setattr("aggregator.upstream.time", ShiftedTime(5 * YEAR))  # the site's clock, toward its parent
+        async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                           policy=site_policy) as site:
+            assert (await site.upload(devices[1].update(task, site.delta())))[0] == 200
+            await wait_until(lambda: city.engine.version == 1 or site.engine.store.get_round(1).status != "open")
+            assert site.engine.store.get_round(1).status == "published", site.engine.store.get_round(1).note
+            assert city.engine.version == 1 and city.engine.store.get_round(1).samples > 0
+            assert city.rejected("expired") == 0
