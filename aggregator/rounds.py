@@ -592,8 +592,15 @@ class RoundEngine:
                 await self.close_round()
             except Exception:
                 log.exception("closing round %d failed; retrying in %.0f s", round_.round_id, CLOSE_RETRY_SECONDS)
-                round_.closing = False
+                # A round whose noised model the privacy ledger counted publishes exactly that model at the retry:
+                # it stays closed, since an update it took now would be acknowledged and left out of that model.
+                round_.closing = self._counted(round_)
                 await asyncio.sleep(CLOSE_RETRY_SECONDS)
+
+    def _counted(self, round_: OpenRound) -> bool:
+        """Under --dp: whether ``round_``'s noised model is counted in the privacy ledger and not yet published."""
+        pending = None if self.privacy is None else self.privacy.pending
+        return pending is not None and pending.round_id == round_.round_id
 
     def _extend(self, round_: OpenRound) -> None:
         """Async mode: give a buffer below --min-clients at its deadline another --round-timeout, with a task

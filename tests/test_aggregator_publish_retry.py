@@ -113,3 +113,46 @@ def test_a_private_publication_retried_after_a_failed_commit_keeps_the_moments_i
                 np.testing.assert_array_equal(h.engine.strategy.v, saved["fedadam/v"])
 
     run(go())
+
+
+def test_a_private_round_counted_before_its_commit_failed_takes_no_update_its_counted_model_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Central DP: once the ledger counted a round's noised model, the retried close publishes that model. An update
+    sent while the commit fails is refused (410 round-closed) rather than acknowledged, left out of the published
+    model and listed among the round's participants."""
+    disk_full = [True]
+    failed: list[int] = []
+    record = Store.finish_round
+
+    def finish_round(self: Store, round_id: int, *args: object, **kwargs: object) -> None:
+        if kwargs.get("new_model") is not None and disk_full[0]:
+            failed.append(round_id)
+            raise sqlite3.OperationalError("database or disk is full")
+        record(self, round_id, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "finish_round", finish_round)
+    monkeypatch.setattr(rounds, "CLOSE_RETRY_SECONDS", 3600.0)  # the clock waits; the test closes the round itself
+
+    async def go() -> None:
+        policy = RoundPolicy(min_clients=DEVICES, goal_clients=DEVICES, round_timeout=600)
+        async with running(tmp_path, devices=DEVICES + 1, policy=policy, plan=TrainingPlan(clip_norm=1.0),
+                           privacy=DPConfig(noise_multiplier=0.01, delta=1e-5)) as h:
+            task = await h.task()
+            assert task is not None
+            for device in h.devices[:DEVICES]:
+                status, answer = await h.upload(device.update(task, h.delta()))
+                assert status == 200, answer
+            await wait_until(lambda: any("closing round" in r.getMessage() for r in caplog.records),
+                             what="the round clock waiting to close the round again after its commit failed")
+            status, answer = await h.upload(h.devices[DEVICES].update(task, h.delta()))
+            assert status == 410, "an update was acknowledged into a round whose counted model lacks it"
+            assert answer["reason"] == "round-closed"
+
+            disk_full[0] = False
+            await h.engine.close_round()
+            assert h.engine.version == 1
+            closed = h.engine.store.get_round(task.round_id)
+            assert (closed.status, closed.participants) == ("published", DEVICES)
+
+    run(go())
