@@ -638,7 +638,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"model version {model['version']}  digest {str(model['digest'])[:16]}...")
     current = status.get("current_round")
     if current:
-        left = current["deadline"] - time.time()
+        left = strict_json.found_number(current["deadline"]) - time.time()
         print(f"open round {current['round']} on version {current['model_version']}: "
               f"{current['accepted']}/{current['goal']} updates, closes in {max(0, left):.0f} s")
     else:
@@ -654,7 +654,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             name = f"{d['name']}  " if d["name"] else ""
             print(f"  site {d['device_id']}  {name}{_forward_text(d)}{'  revoked' if d['revoked'] else ''}")
     for r in status["rounds"]:
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items())
+        metrics = " ".join(f"{k}={strict_json.found_number(v):.4g}" for k, v in r["metrics"].items())
         print(f"  round {r['round']:>5}  v{r['model_version']:<4} {r['status']:<10} "
               f"{r['participants']:>5} updates {r['samples']:>8} samples  {metrics} {r['note']}".rstrip())
         print(_lost_line(r), end="")

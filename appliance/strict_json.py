@@ -56,3 +56,10 @@ def finite_or_text(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite_or_text(item) for item in value]
     return value
+
+
+def found_number(value: Any) -> Any:
+    """A number field as :func:`dumps_as_found` wrote it, for a reader that formats or computes with it: the text
+    ``"Infinity"``, ``"-Infinity"`` or ``"NaN"`` as the float it stands for, anything else as it is (a reader of
+    such a document, like ``fl-aggregator status --url``, prints ``inf`` as it did before the text)."""
+    return float(value) if isinstance(value, str) and value in NON_FINITE_TEXT else value

@@ -140,3 +140,43 @@ def test_the_demos_summary_of_a_secure_round_without_train_loss_is_json(tmp_path
                                               "rounds": [row.__dict__]})
     (saved,) = strict((tmp_path / "summary.json").read_text())["rounds"]
     assert (saved["train_loss"], saved["accuracy"], saved["per_device_accuracy"]) == ("NaN", 0.5, [0.5, "NaN"])
+
+
+def test_fl_aggregator_status_text_of_a_damaged_database_read_over_http(tmp_path: Path, capsys) -> None:
+    """``fl-aggregator status --url`` (the text) of an aggregator whose aggregator.db holds a NaN metric: /v1/status
+    now answers it as the text "NaN", where the metric's {:.4g} failed with a traceback (ValueError); the line says
+    loss=nan, as it did when the answer held NaN."""
+    import asyncio
+
+    from aggregator import cli
+
+    async def go() -> int:
+        async with running(tmp_path, devices=2) as h:
+            assert await h.task(wait=10) is not None
+            _damage(tmp_path, SimulatedDevice())
+            return await asyncio.to_thread(cli.main, ["status", "--url", str(h.client.make_url("/"))])
+
+    code = run(go())
+    out = capsys.readouterr()
+    assert code == 0 and "Traceback" not in out.err, out.err
+    (line,) = [line for line in out.out.splitlines() if line.lstrip().startswith("round     1 ")]
+    assert "loss=nan" in line, line
+
+
+def test_fl_aggregator_status_text_of_an_open_round_whose_deadline_is_infinity(capsys, monkeypatch) -> None:
+    """A round resumed from a damaged record, whose deadline /v1/status now answers as the text "Infinity": the
+    text mode's "closes in" subtracted the time from it (TypeError)."""
+    from aggregator import cli
+
+    answer = {"model": {"version": 1, "digest": "ab"}, "rounds": [], "devices": {"enrolled": 0, "revoked": 0},
+              "current_round": {"round": 2, "model_version": 1, "deadline": "Infinity", "goal": 3, "accepted": 0}}
+    monkeypatch.setattr(cli, "_status_from_url", lambda url: answer)
+    assert cli.main(["status", "--url", "http://127.0.0.1:9"]) == 0
+    assert "open round 2 on version 1: 0/3 updates, closes in inf s" in capsys.readouterr().out
+
+
+def test_a_number_shown_as_text_reads_back_as_the_number() -> None:
+    for number in (math.inf, -math.inf, 1.5, 2):
+        assert strict_json.found_number(strict(strict_json.dumps_as_found(number))) == number
+    assert math.isnan(strict_json.found_number("NaN"))
+    assert strict_json.found_number("late") == "late"
