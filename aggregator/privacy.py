@@ -48,6 +48,7 @@ import json
 import math
 import secrets
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,13 +216,10 @@ def epsilon(noise_multipliers: list[float], delta: float, rdp_slack: float = 0.0
 
 
 def _runs(values: list[float]) -> list[tuple[float, int]]:
-    runs: list[tuple[float, int]] = []
-    for value in values:
-        if runs and runs[-1][0] == value:
-            runs[-1] = (value, runs[-1][1] + 1)
-        else:
-            runs.append((value, 1))
-    return runs
+    """Each distinct value with how often it occurs, in the order first seen. Composition is order-free, and each
+    compose costs the same whatever its count: a distributed run alternates between the few noise multipliers its
+    survivor counts give, and composing it one change of value at a time grew with the number of rounds."""
+    return list(Counter(values).items())
 
 
 def _epsilon_of(saved: dict[str, Any]) -> float:
