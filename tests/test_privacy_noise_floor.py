@@ -2,7 +2,7 @@
 (1e-300) or absurd (1e-6) started, counted a round in the ledger and then published an infinite epsilon in
 /v1/status (``Infinity``, which is not JSON) or died signing the release; a budget of inf passed the library's
 checks. Now such settings are refused at start-up in one line, and the ledger never counts a round it cannot give a
-finite epsilon for (docs/privacy.md, "The noise multiplier's floor")."""
+finite epsilon for (docs/privacy.md, "Choosing the noise", the floor)."""
 
 from __future__ import annotations
 
