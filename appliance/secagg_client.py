@@ -151,7 +151,8 @@ class SecureRound:
             raise SecAggDropped(exc.reason, f"the {what} does not verify: {exc.detail}") from None
 
     async def advertise(self) -> None:
-        body = m.encode_advertise(m.Advertise(self.round_id, self.device_id, self.device.keys), self.key)
+        body = m.encode_advertise(m.Advertise(self.round_id, self.device_id, self.device.keys,
+                                                      self.device.cipher_key_proof(self.device_id)), self.key)
         await self._send("advertise", body, self.task.deadline)
 
     async def join(self) -> m.Roster:

@@ -250,7 +250,8 @@ def secure_round(n: int, parameters: int, dropout: float, seed: int) -> Result:
     advertised = {}
     for d in devices:
         d.device = clock.device(d, DeviceRound, ROUND)
-        body = clock.device(d, m.encode_advertise, m.Advertise(ROUND, d.device_id, d.device.keys), d.key)
+        body = clock.device(d, m.encode_advertise, m.Advertise(ROUND, d.device_id, d.device.keys,
+                                                                   d.device.cipher_key_proof(d.device_id)), d.key)
         d.sent += len(body)
         body = clock.deliver(carry.up, body)
         message = clock.server(m.decode_advertise, body, keys.get)

@@ -110,7 +110,8 @@ def test_bad_input_is_refused_with_its_reason_and_the_round_goes_on(tmp_path: Pa
                                     h.devices[0].key)
             status, problem = await h.upload(short)
             assert (status, problem["reason"]) == (422, "wrong-length")
-            late_keys = m.encode_advertise(m.Advertise(task.round_id, first.device_id, first.device.keys),
+            late_keys = m.encode_advertise(m.Advertise(task.round_id, first.device_id, first.device.keys,
+                                                          first.device.cipher_key_proof(first.device_id)),
                                            h.devices[0].key)
             response = await h.client.post("/v1/secagg/advertise", data=late_keys,
                                            headers={"Content-Type": wire.CONTENT_TYPE})

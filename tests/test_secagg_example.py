@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from aggregator.secagg_bounds import bounded_mean, mean_norm_bound  # noqa: E402
 from appliance import wire  # noqa: E402
-from appliance.protocol import dleq, shamir  # noqa: E402
+from appliance.protocol import dleq, key_possession, shamir  # noqa: E402
 from appliance.protocol import messages as m  # noqa: E402
 from appliance.protocol.quantise import dequantise, levels_for, quantise  # noqa: E402
 from appliance.protocol.secagg import (  # noqa: E402
@@ -92,7 +92,9 @@ class Example:
         self.ids = {n: wire.key_id(k.verify_key) for n, k in self.keys.items()}
         self.rounds = {n: DeviceRound(ROUND, _stream(f"fl-edge secagg example entropy {n}")) for n in NAMES}
         self.advertise = {
-            n: m.encode_advertise(m.Advertise(ROUND, self.ids[n], self.rounds[n].keys), self.keys[n]) for n in NAMES
+            n: m.encode_advertise(m.Advertise(ROUND, self.ids[n], self.rounds[n].keys,
+                                              self.rounds[n].cipher_key_proof(self.ids[n])), self.keys[n])
+            for n in NAMES
         }
         order = sorted(NAMES, key=lambda n: self.ids[n])
         self.index = {n: order.index(n) for n in NAMES}
@@ -186,7 +188,8 @@ def example_blocks() -> dict[str, str]:
             + [f"graph: {setup.neighbours} neighbours each (the complete graph), threshold t = {setup.threshold}",
                f"levels B = floor((2^31 - 1) / 3) = {setup.levels}, max_samples W = 1000, clip_norm C = 1.0"]
         ),
-        "secagg-advertise": message_diag(ex.advertise["A"]) + "\n\nhex:\n" + wrap_hex(ex.advertise["A"]),
+        "secagg-advertise": message_diag(ex.advertise["A"]) + "\n\nhex:\n" + wrap_hex(ex.advertise["A"])
+        + "\n\n" + possession_block(ex),
         "secagg-roster": message_diag(ex.roster_body)
         + f"\n\ngraph seed = SHA-256(section) = {setup.graph_seed.hex()}",
         "secagg-shares": message_diag(ex.shares_body["A"]),
@@ -217,6 +220,25 @@ def example_blocks() -> dict[str, str]:
             *bound_checks(ex),
         ]),
     }
+
+
+def possession_block(ex: Example) -> str:
+    """The aggregator's check of A's cipher_proof (12.3), with the intermediate values a reimplementation needs."""
+    keys = ex.rounds["A"].keys
+    proof = bytes(cbor2.loads(cbor2.loads(ex.advertise["A"]).value[2])["cipher_proof"])
+    c, s = shamir.scalar_from_bytes(proof[:32]), shamir.scalar_from_bytes(proof[32:])
+    t = crypto_core_ed25519_sub(shamir.base_point_times(s), shamir.point_times(c, keys.cipher))
+    again = key_possession.challenge(ROUND, ex.ids["A"], keys.cipher, t)
+    assert key_possession.verify(ROUND, ex.ids["A"], keys.cipher, proof) and again == c
+    return "\n".join([
+        "aggregator, checking A's cipher_proof:",
+        f"   c = {proof[:32].hex()}",
+        f"   s = {proof[32:].hex()}",
+        f"   T = s * G - c * A_A            {t.hex()}",
+        '   SHA-512("fl-edge/secagg/v1/cipher-key" || round || '
+        f'{len(ex.ids["A"])} (2 bytes BE) || device id || G || A_A || T) mod L',
+        f"     = {shamir.scalar_bytes(again).hex()} = c: A knows its cipher secret",
+    ])
 
 
 def accusation_block(ex: Example) -> str:
@@ -313,7 +335,7 @@ def test_doc_shows_the_current_example():
 
 
 def test_doc_hex_is_a_valid_advertisement():
-    hex_text = doc_blocks(DOC.read_text())["secagg-advertise"].split("hex:\n", 1)[1]
+    hex_text = doc_blocks(DOC.read_text())["secagg-advertise"].split("hex:\n", 1)[1].split("\n\n", 1)[0]
     body = bytes.fromhex(hex_text.replace("\n", ""))
     key = signing_key("A")
     decoded = m.decode_advertise(body, {wire.key_id(key.verify_key): key.verify_key}.get)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from secagg_harness import expected_mean, flat_delta, secure_rounds, secure_runn
 from aggregator.rounds import RoundPolicy
 from aggregator.uploads import ReadDeadline
 from appliance import wire
+from appliance.protocol import key_possession, shamir
 from appliance.protocol import messages as m
-from appliance.protocol import shamir
 from appliance.protocol.secagg import Answer
 from appliance.secagg_client import SecureRound
 
@@ -102,17 +103,22 @@ def test_hostile_advertisements_are_refused_and_the_device_can_still_take_part(t
             hostile = h.devices[0]
             keys = rounds[0].device.keys
             good = {"type": "secagg-advertise", "phase": "advertise", "round": task.round_id,
-                    "device": hostile.device_id, "cipher_key": keys.cipher, "mask_key": keys.mask}
+                    "device": hostile.device_id, "cipher_key": keys.cipher, "mask_key": keys.mask,
+                    "cipher_proof": rounds[0].device.cipher_key_proof(hostile.device_id)}
 
             def advert(**change: Any) -> bytes:
                 return signed(good | change, hostile.key, hostile.device_id)
+
+            def proof_for(round_id: int) -> bytes:  # the cipher key's proof is bound to its round
+                return key_possession.prove(round_id, hostile.device_id, rounds[0].device._cipher_secret, os.urandom)
 
             cases = {
                 **{f"round {v!r}": (advert(round=v), 400, "bad-payload")
                    for v in ("1", 1.0, float("nan"), -1, True, None, {"r": 1}, [task.round_id])},
                 "round beyond the id range": (advert(round=2**64 - 1), 400, "bad-payload"),
-                "the next round": (advert(round=task.round_id + 1), 409, "wrong-round"),
-                "a round from the past": (advert(round=0), 409, "wrong-round"),
+                "the next round": (advert(round=task.round_id + 1, cipher_proof=proof_for(task.round_id + 1)), 409,
+                                   "wrong-round"),
+                "a round from the past": (advert(round=0, cipher_proof=proof_for(0)), 409, "wrong-round"),
                 **{f"cipher key {v!r}": (advert(cipher_key=v), 400, "bad-payload")
                    for v in (5, "k" * 32, keys.cipher[:31], keys.cipher + b"\0", [1] * 32, b"")},
                 "mask key of 64 bytes": (advert(mask_key=keys.mask * 2), 400, "bad-payload"),
@@ -127,7 +133,8 @@ def test_hostile_advertisements_are_refused_and_the_device_can_still_take_part(t
                 "a section after it": (advert() + cbor2.dumps({"x": 1}), 400, "trailing-bytes"),
             }
             await refusals(h, "advertise", cases)
-            stranger = m.encode_advertise(m.Advertise(task.round_id, "f" * 32, keys), hostile.key)
+            stranger = m.encode_advertise(m.Advertise(task.round_id, "f" * 32, keys, good["cipher_proof"]),
+                                          hostile.key)
             assert await post(h, "advertise", stranger) == (403, "unknown-key")
             response = await h.client.post("/v1/secagg/advertise", data=advert(),
                                            headers={"Content-Type": "text/plain"})
@@ -574,8 +581,8 @@ def test_a_stalled_message_body_times_out_like_an_upload(tmp_path: Path) -> None
             task = await h.task()
             rounds = secure_rounds(h, task)
             device = rounds[0]
-            body = m.encode_advertise(m.Advertise(task.round_id, device.device_id, device.device.keys),
-                                      h.devices[0].key)
+            body = m.encode_advertise(m.Advertise(task.round_id, device.device_id, device.device.keys,
+                                                  device.device.cipher_key_proof(device.device_id)), h.devices[0].key)
             server = h.client.server
             reader, writer = await asyncio.open_connection(server.host, server.port)
             writer.write(f"POST /v1/secagg/advertise HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: "

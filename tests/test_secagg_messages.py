@@ -34,6 +34,11 @@ def _roster(n: int = 4) -> tuple[m.Roster, list[DeviceRound]]:
         devices
 
 
+def _advertise() -> m.Advertise:
+    device = DeviceRound(9)
+    return m.Advertise(9, DEVICE, device.keys, device.cipher_key_proof(DEVICE))
+
+
 def _resign(body: bytes, key: SigningKey, kid: str, change: dict) -> bytes:
     """The same message with payload fields changed and signed again (so only the change is wrong)."""
     tag = cbor2.loads(body)
@@ -44,11 +49,12 @@ def _resign(body: bytes, key: SigningKey, kid: str, change: dict) -> bytes:
 
 
 def test_advertise_round_trips_and_names_its_signer():
-    keys = DeviceRound(9).keys
-    body = m.encode_advertise(m.Advertise(9, DEVICE, keys), DEVICE_KEY)
-    assert m.decode_advertise(body, lookup) == m.Advertise(9, DEVICE, keys)
+    device = DeviceRound(9)
+    advertise = m.Advertise(9, DEVICE, device.keys, device.cipher_key_proof(DEVICE))
+    body = m.encode_advertise(advertise, DEVICE_KEY)
+    assert m.decode_advertise(body, lookup) == advertise
     other = SigningKey(bytes(range(1, 33)))
-    forged = m.encode_advertise(m.Advertise(9, DEVICE, keys), other)  # says DEVICE, signed by someone else
+    forged = m.encode_advertise(advertise, other)  # says DEVICE, signed by someone else
     with pytest.raises(ProtocolError) as refused:
         m.decode_advertise(forged, lookup)
     assert refused.value.reason == "bad-signature"
@@ -134,7 +140,7 @@ def test_a_message_in_the_wrong_phase_is_refused():
 
 
 def test_a_message_of_another_type_is_refused():
-    body = m.encode_advertise(m.Advertise(9, DEVICE, DeviceRound(9).keys), DEVICE_KEY)
+    body = m.encode_advertise(_advertise(), DEVICE_KEY)
     with pytest.raises(ProtocolError) as refused:
         m.decode_shares(body, lookup)
     assert refused.value.reason == "wrong-type"
@@ -158,7 +164,7 @@ def test_a_section_that_does_not_match_its_digest_is_refused():
 
 
 def test_a_tampered_signature_is_refused():
-    body = bytearray(m.encode_advertise(m.Advertise(9, DEVICE, DeviceRound(9).keys), DEVICE_KEY))
+    body = bytearray(m.encode_advertise(_advertise(), DEVICE_KEY))
     body[-5] ^= 1  # inside the signature, the last item of the envelope
     with pytest.raises(ProtocolError) as refused:
         m.decode_advertise(bytes(body), lookup)

@@ -39,7 +39,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from appliance import cbor_reader, wire
 from appliance.errors import ProtocolError
-from appliance.protocol import dleq, shamir
+from appliance.protocol import dleq, key_possession, shamir
 from appliance.protocol.secagg import (
     SHARE_CIPHERTEXT_BYTES,
     Accusation,
@@ -227,18 +227,28 @@ class Advertise:
     round_id: int
     device_id: str
     keys: Keys
+    cipher_proof: bytes  # c || s: the sender knows log_G of keys.cipher (key_possession; DeviceRound.cipher_key_proof)
 
 
 def encode_advertise(message: Advertise, key: SigningKey) -> bytes:
     payload = {"type": "secagg-advertise", "phase": "advertise", "round": message.round_id,
-               "device": message.device_id, "cipher_key": message.keys.cipher, "mask_key": message.keys.mask}
+               "device": message.device_id, "cipher_key": message.keys.cipher, "mask_key": message.keys.mask,
+               "cipher_proof": message.cipher_proof}
     return _seal(payload, None, key, message.device_id)
 
 
 def decode_advertise(body: bytes | memoryview, key_for_kid: wire.KeyLookup) -> Advertise:
+    """The advertisement, ``bad-key`` unless its proof shows that the sender knows its cipher secret (so its key
+    cannot be tied to another device's, which an accusation against it would then open: key_possession)."""
     opened = open_message(body, key_for_kid, "secagg-advertise")
     p = opened.payload
-    return Advertise(p["round"], _device(opened), Keys(_bstr(p, "cipher_key", 32), _bstr(p, "mask_key", 32)))
+    device = _device(opened)
+    keys = Keys(_bstr(p, "cipher_key", 32), _bstr(p, "mask_key", 32))
+    proof = _bstr(p, "cipher_proof", key_possession.PROOF_BYTES)
+    if not key_possession.verify(p["round"], device, keys.cipher, proof):
+        raise ProtocolError("bad-key", "'cipher_proof' does not show that this device knows its cipher key's secret "
+                            "(or the cipher key is not a point of the prime-order Ed25519 group)")
+    return Advertise(p["round"], device, keys, proof)
 
 
 # ----------------------------------------------------------------------------------------------- roster

@@ -46,7 +46,7 @@ import numpy as np
 from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
 
-from appliance.protocol import discrete_gaussian, dleq, graph, prg, shamir
+from appliance.protocol import discrete_gaussian, dleq, graph, key_possession, prg, shamir
 from appliance.protocol.quantise import MIN_CLIP_NORM, check_room, quantise
 
 SELF_MASK_DOMAIN = b"fl-edge/secagg/v1/self-mask"
@@ -261,6 +261,11 @@ class DeviceRound:
         # neighbour -> (channel point a_i * A_j, its secretbox): one multiplication (0.1 ms) per neighbour, not two
         self._channels: dict[int, tuple[bytes, SecretBox]] = {}
         self._pair_seeds: dict[int, bytes] = {}  # neighbour -> s_ij: one r_i * R_j (0.1 ms) per neighbour, not two
+
+    def cipher_key_proof(self, device_id: str) -> bytes:
+        """Phase 1: the proof the advertisement carries that this device knows its cipher secret (12.3), so that
+        no device can advertise a key tied to this one's (:mod:`.key_possession`)."""
+        return key_possession.prove(self.round_id, device_id, self._cipher_secret, self._entropy)
 
     def deal(self, setup: RoundSetup, index: int) -> Dealing:
         """Phase 2: split b and r among the neighbours and itself; encrypt each neighbour's shares to it."""
