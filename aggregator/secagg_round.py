@@ -797,12 +797,16 @@ class SecureRounds:
         ids = sr.roster.device_ids
         for v, accused in sorted(rejections.items()):
             for u in (a.dealer for a in accused):  # the trace an operator revokes a device by
-                if (v, u) not in plan.verdicts.held:
+                if (v, u) in plan.verdicts.false:
                     log.warning("secure round %d: device %s accused device %s of bad shares, and its ciphertext holds "
                                 "good ones: the accuser's input is left out of the sum", sr.round_id, ids[v], ids[u])
-                else:
+                elif (v, u) in plan.verdicts.held:
                     log.warning("secure round %d: device %s dealt device %s shares that fail its checks: the dealer's "
                                 "input is left out of the sum", sr.round_id, ids[u], ids[v])
+                else:  # secagg.judge: one of the two was left out by another accusation, logged with it
+                    out = v if v in plan.verdicts.false_accusers | plan.verdicts.cheating_dealers else u
+                    log.warning("secure round %d: device %s accused device %s of bad shares too; not judged, as "
+                                "device %s is left out of the sum already", sr.round_id, ids[v], ids[u], ids[out])
 
     def _check_budget(self, survivors: int, noise: RoundNoise) -> None:
         """_Abandon (never unmasked) when the sum of ``survivors`` devices, holding ``noise``, would take epsilon past

@@ -448,26 +448,44 @@ def accusation_holds(setup: RoundSetup, accuser: int, accusation: Accusation, de
 
 @dataclass(frozen=True)
 class Verdicts:
-    """What the accusations of a round showed: which (accuser, dealer) accusations the dealings bore out, who
-    accused a dealer whose shares were good, and which dealers dealt shares that failed an accuser's checks."""
+    """What the accusations of a round showed: which (accuser, dealer) accusations the dealings bore out (``held``)
+    and which they did not (``false``), who accused a dealer whose shares were good, and which dealers dealt
+    shares that failed an accuser's checks. An accusation in neither set was not judged: its accuser or its dealer
+    was already left out (:func:`judge`)."""
 
     held: frozenset[tuple[int, int]] = frozenset()
     false_accusers: frozenset[int] = frozenset()
     cheating_dealers: frozenset[int] = frozenset()
+    false: frozenset[tuple[int, int]] = frozenset()
 
 
 def judge(setup: RoundSetup, dealings: Mapping[int, Dealing],
           accusations: Mapping[int, Sequence[Accusation]]) -> Verdicts:
-    """Every accusation judged against the accused dealer's signed dealing (:func:`accusation_holds`)."""
+    """The accusations judged against the accused dealers' signed dealings (:func:`accusation_holds`), in
+    increasing accuser, then dealer order, so that the verdicts never depend on the order the masked inputs
+    arrived in (the aggregator judges again after a restart, from its stored messages).
+
+    An accusation made by a device already left out, or against one, is not judged: either way that device's input
+    is left out, and the accuser did not mask with the dealer, which is all the sum needs. So each judgement leaves
+    one more device out, and never an honest one: the aggregator judges at most once per device that broke the
+    protocol, however many accusations name it or it makes. (Judging them all let one dealer that sends bad shares
+    to every neighbour cost k judgements, each a DLEQ check and up to two Feldman checks of t commitments: 999 x
+    0.11 s, at N = 1000 on the complete graph.)"""
     held: set[tuple[int, int]] = set()
-    liars: set[int] = set()
-    for accuser, accused in accusations.items():
-        for accusation in accused:
+    false: set[tuple[int, int]] = set()
+    out: set[int] = set()
+    for accuser in sorted(accusations):
+        for accusation in sorted(accusations[accuser], key=lambda a: a.dealer):
+            if accuser in out or accusation.dealer in out:
+                continue
+            pair = (accuser, accusation.dealer)
             if accusation_holds(setup, accuser, accusation, dealings.get(accusation.dealer)):
-                held.add((accuser, accusation.dealer))
+                held.add(pair)
+                out.add(accusation.dealer)
             else:
-                liars.add(accuser)
-    return Verdicts(frozenset(held), frozenset(liars), frozenset(dealer for _, dealer in held))
+                false.add(pair)
+                out.add(accuser)
+    return Verdicts(frozenset(held), frozenset(a for a, _ in false), frozenset(d for _, d in held), frozenset(false))
 
 
 @dataclass(frozen=True)
