@@ -212,6 +212,7 @@ class OpenRound:
     full: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     closes_by: float = math.inf  # on the monotonic clock: the latest it closes, whatever the wall clock does
+    close_under_way: asyncio.Event | None = None  # set when the close under way (close_round) ends
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -842,10 +843,29 @@ class RoundEngine:
     # -------------------------------------------------------------------------------------------- closing
 
     async def close_round(self) -> None:
-        """Close the open round now: publish with a quorum, otherwise abandon; then open the next round."""
+        """Close the open round now: publish with a quorum, otherwise abandon; then open the next round.
+
+        A close of the round already under way is waited for, not repeated: a site closes its round when its parent's
+        next task comes (open_for_upstream), and the round clock finds the round still open at its deadline while that
+        close's forward is on its way. A second close forwarded and recorded the round twice, and could drop the next
+        round the first one opened. If the close waited for fails, so does this one (the clock retries)."""
         round_ = self.current
         if round_ is None:
             return
+        under_way = round_.close_under_way
+        if under_way is not None:
+            await under_way.wait()
+            if self.current is round_:
+                raise RuntimeError(f"the close of round {round_.round_id} under way failed")
+            return
+        round_.close_under_way = ended = asyncio.Event()
+        try:
+            await self._close(round_)
+        finally:
+            round_.close_under_way = None
+            ended.set()
+
+    async def _close(self, round_: OpenRound) -> None:
         round_.closing = True
         await round_.idle.wait()
         if self.secure is not None:  # secure aggregation: all there is to aggregate is the survivors' weighted mean
