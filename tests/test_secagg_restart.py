@@ -115,3 +115,42 @@ def test_a_round_whose_deadline_passed_while_the_aggregator_was_down_is_abandone
         asyncio.run(go())
     finally:
         agg.stop()
+
+
+def test_an_accusation_is_judged_the_same_after_a_kill_in_the_unmask_phase(tmp_path: Path) -> None:
+    """Device 0 accuses device 1, whose shares were good, with genuine evidence. kill -9 once the unmask request is
+    out: the restarted aggregator judges again from its stored dealings and masked inputs, keeps the same request
+    (0 left out, 1 counted), publishes the mean of 1 and 2, and its note still names the false accuser."""
+    agg = AggregatorProcess(tmp_path, round_timeout=120)
+    deltas, samples = process_deltas(2), [20, 40, 60]
+
+    async def go() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+            task, rounds = await agg.first_round(session)
+            await until_masked(rounds, stop_after="join")
+            await asyncio.gather(*(r.share() for r in rounds))
+            await asyncio.gather(*(r.receive() for r in rounds))
+            liar, accused = rounds[0], rounds[1].index
+            liar.rejected = [accused]  # its masked input carries evidence against 1 and it masks without it
+            liar.device._accepted = [u for u in liar.device._accepted if u != accused]
+            for r, d, n in zip(rounds, deltas, samples, strict=True):
+                async with session.post(agg.url + "/v1/updates", data=r.masked_input(d, n),
+                                        headers={"Content-Type": wire.CONTENT_TYPE}) as response:
+                    assert response.status == 200, await response.text()
+            await rounds[1].unmask()
+            request = (await agg.get(session, f"/v1/secagg/{task.round_id}/unmask"))[1]
+            agg.kill()
+            agg.start()
+            await agg.healthy(session)
+            assert (await agg.get(session, f"/v1/secagg/{task.round_id}/unmask"))[1] == request
+            await asyncio.gather(rounds[0].unmask(), rounds[2].unmask())
+            published = await _published(agg, session, task)
+            np.testing.assert_allclose(published, expected_mean(deltas[1:], samples[1:]), atol=1e-5)
+            record = next(r for r in (await agg.status(session))["rounds"] if r["round"] == task.round_id)
+            assert record["secure"]["sum_devices"] == 2
+            assert f"false accusation by {liar.device_id}" in record["note"], record["note"]
+
+    try:
+        asyncio.run(go())
+    finally:
+        agg.stop()

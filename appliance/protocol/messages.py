@@ -9,7 +9,8 @@ share bundles grow with the number of devices; an envelope may not exceed 64 KiB
 
 Device -> aggregator, signed by the device (``device`` must be the ``kid``):
 
-- ``secagg-advertise`` (phase ``advertise``): the round's two public keys;
+- ``secagg-advertise`` (phase ``advertise``): the round's two public keys and the proof that the sender knows
+  its cipher secret (:mod:`.key_possession`);
 - ``secagg-shares`` (``share``): the commitments and one ciphertext per neighbour;
 - ``secagg-masked`` (``masked``): the masked input, P + 1 little-endian uint32 (RFC 8746 tag 70), and the
   evidence against each neighbour whose shares were rejected; sent through the outbox to ``POST /v1/updates``
