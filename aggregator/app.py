@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,7 @@ from aggregator.rounds import (
     Unavailable,
     UnknownRound,
 )
-from aggregator.secagg_round import SecAggConfig, SecAggMetrics, SecureRounds, check_secure_strategy
+from aggregator.secagg_round import SecAggConfig, SecAggMetrics, SecureRounds, StoreStalled, check_secure_strategy
 from aggregator.store import Store
 from aggregator.strategies import STRATEGIES, make_strategy
 from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES
@@ -398,6 +399,7 @@ async def post_update(request: web.Request) -> web.Response:
         # receipt without a slot, and aiohttp drains the rest of the body unread.
         receipt = await s.engine.known_receipt(verified.digest)
         if receipt is not None:
+            _refuse_if_stored_late(s, signer, verified.digest)
             s.metrics.updates_duplicate_resend.inc()
             return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
         try:
@@ -500,14 +502,24 @@ def _check_upload(s: Services, body: memoryview, envelope: wire.Verified) -> _Ch
     return checked
 
 
+def _refuse_if_stored_late(s: Services, signer: str, digest: bytes) -> None:
+    """A secure round's masked input stored after the masked phase ended (a stalled disk) has a receipt in its record
+    that was never given: a resend is told the round closed without it, not acknowledged now."""
+    if s.engine.secure is not None and s.engine.secure.stored_late(signer, digest):
+        raise ProtocolError("round-closed", "this masked input was stored after the masked phase ended, so the sum "
+                            "leaves it out: it was never acknowledged")
+
+
 async def _receive_masked(
     body: memoryview, s: Services, signer: str, payload: dict[str, Any], digest: bytes
 ) -> web.Response:
     receipt = s.store.receipt_for(digest) or await s.engine.known_receipt(digest)
+    if receipt is not None:
+        _refuse_if_stored_late(s, signer, digest)
     if receipt is None:
         try:
             receipt = await _secure(s).masked(body, digest, signer, payload)
-        except OSError as exc:
+        except (OSError, sqlite3.Error, StoreStalled) as exc:
             raise Problem(503, "spool-unavailable", f"the masked input could not be stored: {exc}",
                           {"Retry-After": "30"}) from None
     else:
@@ -544,7 +556,11 @@ def post_secagg(phase: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         except TimeoutError:
             raise Problem(408, "body-timeout", f"the message's body did not arrive within {seconds:.0f} s",
                           close=True) from None
-        return web.json_response(await receive(body))
+        try:
+            return web.json_response(await receive(body))
+        except (OSError, sqlite3.Error, StoreStalled) as exc:
+            raise Problem(503, "spool-unavailable", f"the {phase} message could not be stored: {exc}",
+                          {"Retry-After": "30"}) from None
 
     return handler
 

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--secure-aggregation: devices each one masks with (default 2 ceil(log2 n), SecAgg+; "
                        "0: every device, the original protocol)")
     serve.add_argument("--secagg-phase-timeout", type=_finite, metavar="SECONDS",
-                       help="--secure-aggregation: how long the advertise, share and unmask phases wait (default 30)")
+                       help="--secure-aggregation: how long the advertise, share and unmask phases wait, and each "
+                       "write of a round's records on a stalled disk (default 30)")
     serve.add_argument("--workers", type=_non_negative_int,
                        help="verification threads (default, or 0: CPU count)")
     serve.add_argument("--upstream", metavar="URL",
@@ -602,7 +603,8 @@ def _round_from_state(store: Store, r: RoundRow) -> dict[str, Any]:
     lists = store.round_device_lists(r.round_id, STATUS_ROUND_DEVICES)
     return {"round": r.round_id, "model_version": r.model_version, "status": r.status,
             "participants": r.participants, "samples": r.samples, "metrics": r.metrics, "note": r.note,
-            "lost_devices": lists["lost_devices"], "lost_devices_total": lists["lost_devices_total"]}
+            "lost_devices": lists["lost_devices"], "lost_devices_total": lists["lost_devices_total"],
+            "left_out_devices": lists["left_out_devices"], "left_out_devices_total": lists["left_out_devices_total"]}
 
 
 def _last_forward(forward: tuple[float, int, bytes] | None) -> dict[str, float | int | None]:
@@ -658,6 +660,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  round {r['round']:>5}  v{r['model_version']:<4} {r['status']:<10} "
               f"{r['participants']:>5} updates {r['samples']:>8} samples  {metrics} {r['note']}".rstrip())
         print(_lost_line(r), end="")
+        print(_left_out_line(r), end="")
     return 0
 
 
@@ -672,6 +675,21 @@ def _lost_line(r: dict[str, Any]) -> str:
     more = (f" and {total - len(lost)} more (GET /v1/status/rounds/{r['round']}/lost_devices)"
             if total > len(lost) else "")
     return f"{'':21}{total} update{'s' if total != 1 else ''} lost on disk: {', '.join(lost)}{more}\n"
+
+
+def _left_out_line(r: dict[str, Any]) -> str:
+    """The line under a secure round that names the masked inputs its sum leaves out (their devices are not among
+    the round's devices), or nothing; an aggregator older than these lists lists none."""
+    left_out = r.get("left_out_devices", [])
+    total = r.get("left_out_devices_total", len(left_out))
+    if not total:
+        return ""
+    reasons = (r.get("secure") or {}).get("left_out", {})
+    why = f" ({', '.join(f'{count} {reason}' for reason, count in reasons.items())})" if reasons else ""
+    more = (f" and {total - len(left_out)} more (GET /v1/status/rounds/{r['round']}/left_out_devices)"
+            if total > len(left_out) else "")
+    return (f"{'':21}{total} masked input{'s' if total != 1 else ''} left out of the sum{why}: "
+            f"{', '.join(left_out)}{more}\n")
 
 
 COMMANDS = {"serve": cmd_serve, "keygen": cmd_keygen, "enroll": cmd_enroll, "revoke": cmd_revoke,

@@ -180,7 +180,7 @@ BUFFER_ROOM_SECONDS = 30.0
 #: 100 KB instead of 7 MB on every poll.
 STATUS_ROUND_DEVICES = 100
 #: The lists of a round's devices that ``GET /v1/status/rounds/{round}/{list}`` pages through.
-ROUND_DEVICE_LISTS = ("devices", "lost_devices")
+ROUND_DEVICE_LISTS = ("devices", "lost_devices", "left_out_devices")
 
 
 class BufferFull(Exception):
@@ -1178,8 +1178,11 @@ class RoundEngine:
         if self.store.get_round(round_id) is None:
             raise UnknownRound(f"round {round_id} is not in this aggregator's history "
                                f"(newest: {self.store.last_round_id()})")
-        count, read = {"devices": (self.store.count_round_devices, self.store.round_devices),
-                       "lost_devices": (self.store.count_round_lost_devices, self.store.round_lost_devices)}[which]
+        count, read = {
+            "devices": (self.store.count_round_devices, self.store.round_devices),
+            "lost_devices": (self.store.count_round_lost_devices, self.store.round_lost_devices),
+            "left_out_devices": (self.store.count_round_left_out_devices, self.store.round_left_out_devices),
+        }[which]
         offset = (page - 1) * per_page
         with self.store.snapshot():
             total = count(round_id)

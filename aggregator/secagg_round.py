@@ -26,7 +26,10 @@ sum; it lives in memory until the engine publishes the model made from it, and n
 Durability and restarts: every device message is stored before it is acknowledged (SQLite, the engine's
 database); masked inputs go through the engine's spool like updates, whose receipts make the agents' outbox
 delivery exactly-once. The roster and the unmask request are stored before anyone can read them, so after a
-kill -9 the round goes on with the very same messages and the sum is recomputed from what is stored. A round
+kill -9 the round goes on with the very same messages and the sum is recomputed from what is stored. A disk
+that stops answering never holds a phase past its end by more than a phase timeout: the messages not stored by then
+do not count (nor after a restart: the share phase's end and the unmask request name what does), and a record of
+the round's own that is not written in that time abandons it (``store-unavailable``). A round
 that cannot finish (too few devices or shares, its deadline gone during a phase) is abandoned with the reason
 in its record, the status and the metrics; it is never published from a sum that is not exact, nor from one
 outside the bounds every honest round keeps (aggregator/secagg_bounds.py: a device that does not follow the
@@ -37,12 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
@@ -58,6 +63,7 @@ from aggregator.registry import Registry
 from aggregator.secagg_bounds import SumOutOfBounds, bounded_mean
 from aggregator.store import DuplicateUpdate, SpoolJob, Store
 from aggregator.strategies.chunks import UpdateSet
+from aggregator.threadnames import name_this_thread
 from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol import graph
@@ -85,7 +91,7 @@ T = TypeVar("T")
 
 DEVICE_PHASES = ("advertise", "share", "masked", "unmask")
 ABANDON_REASONS = ("too-few-advertised", "too-few-shared", "too-few-survivors", "too-few-shares", "deadline",
-                   "privacy-budget", "unnoised", "sum-out-of-bounds", "spool-lost")
+                   "privacy-budget", "unnoised", "sum-out-of-bounds", "spool-lost", "store-unavailable")
 DIRECTIONS = ("received", "sent")
 # Why a masked input that arrived is left out of the sum (docs/protocol.md 12.6).
 EXCLUDED_REASONS = ("false-accusation", "bad-shares", "too-few-holders")
@@ -100,7 +106,8 @@ CREATE TABLE IF NOT EXISTS secagg_rounds (
     request        BLOB,
     outcome        TEXT NOT NULL DEFAULT '',
     survivors      INTEGER NOT NULL DEFAULT 0,
-    dropouts       TEXT NOT NULL DEFAULT '{}'
+    dropouts       TEXT NOT NULL DEFAULT '{}',
+    shared         TEXT
 );
 CREATE TABLE IF NOT EXISTS secagg_messages (
     round_id  INTEGER NOT NULL,
@@ -114,6 +121,11 @@ CREATE TABLE IF NOT EXISTS secagg_messages (
 
 class SecAggConfigError(ValueError):
     """Secure-aggregation settings that cannot work; the message names the option."""
+
+
+class StoreStalled(Exception):
+    """A device message whose write had not returned when its phase ended: not counted, not acknowledged (HTTP 503
+    ``spool-unavailable``). Its write may still land later; the round's record says it does not count."""
 
 
 @dataclass(frozen=True)
@@ -239,7 +251,9 @@ class SecureRound:
     # index -> (envelope, the accusations it carries)
     masked: dict[int, tuple[bytes, tuple[Accusation, ...]]] = field(default_factory=dict)
     in_flight: dict[int, tuple[bytes, asyncio.Future[bytes]]] = field(default_factory=dict)  # index -> (digest, ..)
-    # (phase, device) -> (body, done): device messages being written; the phase does not end before they are in
+    summed: set[int] = field(default_factory=set)  # masked inputs added to ``total`` (stored: counted from then on)
+    cut: set[int] = field(default_factory=set)  # masked inputs still being stored when their phase ended: never count
+    # (phase, device) -> (body, done): device messages being written; the phase's end waits a while for them
     storing: dict[tuple[str, str], tuple[bytes, asyncio.Future[None]]] = field(default_factory=dict)
     ending: bool = False  # the phase is over: its late messages are refused while the ones being stored land
     total: np.ndarray | None = None  # the sum of the committed masked inputs, uint32
@@ -279,10 +293,52 @@ class SecureRounds:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        if "shared" not in {row[1] for row in self._db.execute("PRAGMA table_info(secagg_rounds)")}:
+            self._db.execute("ALTER TABLE secagg_rounds ADD COLUMN shared TEXT")  # a state from before the column
         self._db_lock = threading.Lock()
+        # Every write goes through one thread of its own, in order: a disk that stops answering holds that thread
+        # (and the writes queued behind it), never the verify pool, the event loop or the status reads.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-writer",
+                                          initializer=name_this_thread)
+        self._reads = sqlite3.connect(store.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._reads_lock = threading.Lock()
+        self._wakers: set[asyncio.Task[None]] = set()
+        self._unrecorded: dict[int, SecureRound] = {}  # abandoned rounds whose record has not landed yet
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.engine.executor, fn, *args)
+
+    @property
+    def store_timeout(self) -> float:
+        """How long the aggregator waits on its own disk: one phase timeout."""
+        return self.config.phase_timeout
+
+    async def _record(self, what: str, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Write ``statements`` of the round's own record (the roster, a phase's end, the unmask request): _Abandon
+        ``store-unavailable`` when the write fails, or has not returned within :attr:`store_timeout` (it goes on in
+        the writer thread and lands or fails on its own; the writes queued behind it wait for it)."""
+        write = asyncio.get_running_loop().run_in_executor(self._writer, self._write, statements)
+        try:
+            await asyncio.wait_for(asyncio.shield(write), self.store_timeout)
+        except TimeoutError:
+            write.add_done_callback(functools.partial(_log_late_write, what))
+            raise _Abandon("store-unavailable", f"the {what} was not stored within {self.store_timeout:g} s: the "
+                           "disk stopped answering") from None
+        except (OSError, sqlite3.Error) as exc:
+            raise _Abandon("store-unavailable", f"the {what} could not be stored: {exc}") from None
+
+    def _record_later(self, what: str, statements: list[tuple[str, tuple[Any, ...]]]) -> Future:
+        """Queue a write of the round's record without waiting for it (any thread): what the aggregator already
+        acts on, such as an abandonment, which a stalled disk must not hold up; it lands after the writes before it."""
+        write = self._writer.submit(self._write, statements)
+        write.add_done_callback(functools.partial(_log_failed_write, what))
+        return write
+
+    def _wake(self) -> None:
+        """:meth:`_notify` from a done callback, which cannot await it."""
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
 
     # ------------------------------------------------------------------------------------------ storage
 
@@ -297,37 +353,40 @@ class SecureRounds:
                 raise
             self._db.execute("COMMIT")
 
-    def _save_phase(self, sr: SecureRound, **blobs: bytes) -> None:
-        sets = ", ".join(f"{name}=?" for name in blobs)
-        self._write([(
-            f"UPDATE secagg_rounds SET phase=?, phase_started=?, phase_deadline=?, outcome=?, dropouts=?"
-            f"{', ' + sets if sets else ''} WHERE round_id=?",
-            (sr.phase, sr.phase_started, sr.phase_deadline, sr.outcome, json.dumps(sr.dropouts), *blobs.values(),
-             sr.round_id),
-        )])
+    @staticmethod
+    def _phase_row(sr: SecureRound, phase: str, started: float, deadline: float, dropouts: dict[str, int],
+                   **columns: Any) -> tuple[str, tuple[Any, ...]]:
+        sets = "".join(f", {name}=?" for name in columns)
+        return (f"UPDATE secagg_rounds SET phase=?, phase_started=?, phase_deadline=?, outcome=?, dropouts=?{sets} "
+                "WHERE round_id=?",
+                (phase, started, deadline, sr.outcome, json.dumps(dropouts), *columns.values(), sr.round_id))
 
     def _save_message(self, round_id: int, device_id: str, phase: str, body: bytes) -> None:
         self._write([("INSERT OR IGNORE INTO secagg_messages (round_id, device_id, phase, body) VALUES (?, ?, ?, ?)",
                       (round_id, device_id, phase, body))])
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True)
         self._db.close()
+        self._reads.close()
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
     async def opened(self, round_: Any) -> None:
         """The engine installed ``round_`` (new, or resumed after a restart): start or resume its phases."""
         await self.stop()
-        row = self._db.execute(
-            "SELECT phase, phase_started, phase_deadline, roster, request, outcome, dropouts FROM secagg_rounds "
-            "WHERE round_id=?", (round_.round_id,)
-        ).fetchone()
+        rows = await self._run(self._read, "SELECT phase, phase_started, phase_deadline, roster, request, outcome, "
+                               "dropouts, shared FROM secagg_rounds WHERE round_id=?", (round_.round_id,))
+        row = rows[0] if rows else None
         sr = SecureRound(round_.round_id, round_.deadline, round_.goal)
         now = time.time()
         if row is None:
             sr.phase_started, sr.phase_deadline = now, min(now + self.config.phase_timeout, round_.deadline)
-            self._write([("INSERT INTO secagg_rounds (round_id, phase, phase_started, phase_deadline) "
-                          "VALUES (?, ?, ?, ?)", (sr.round_id, sr.phase, sr.phase_started, sr.phase_deadline))])
+            # Not waited for: the writer thread stores every later message of the round after it, and the roster
+            # waits for it in turn, with the time the disk is given (_record).
+            self._record_later("round's record", [(
+                "INSERT INTO secagg_rounds (round_id, phase, phase_started, phase_deadline) VALUES (?, ?, ?, ?)",
+                (sr.round_id, sr.phase, sr.phase_started, sr.phase_deadline))])
         else:
             await self._run(self._restore, sr, row, round_)
             log.info("secure round %d resumed in phase %s", sr.round_id, sr.phase)
@@ -339,12 +398,10 @@ class SecureRounds:
 
     def _restore(self, sr: SecureRound, row: tuple[Any, ...], round_: Any) -> None:
         """Worker thread: the round's state from the database and the spool, after a restart."""
-        phase, started, deadline, roster, request, outcome, dropouts = row
+        phase, started, deadline, roster, request, outcome, dropouts, shared = row
         sr.phase, sr.phase_started, sr.phase_deadline, sr.outcome = phase, started, deadline, outcome
         sr.dropouts = json.loads(dropouts)
-        messages = self._db.execute(
-            "SELECT device_id, phase, body FROM secagg_messages WHERE round_id=?", (sr.round_id,)
-        ).fetchall()
+        messages = self._read("SELECT device_id, phase, body FROM secagg_messages WHERE round_id=?", (sr.round_id,))
         lookup = self.registry.signer_key
         for device_id, kind, body in messages:
             body = bytes(body)
@@ -366,6 +423,9 @@ class SecureRounds:
                        out=sr.total)
             elif kind == "unmask":
                 sr.answers[sr.roster.index_of(device_id)] = (body, m.decode_unmask(body, lookup, self.limits).answer)
+        if shared is not None:  # the share phase's end: a set of shares stored after it (a stalled write) never counts
+            routed = set(json.loads(shared))
+            sr.dealings = {u: dealing for u, dealing in sr.dealings.items() if u in routed}
         round_.accepted = len(sr.masked)
         if request is not None:
             sr.request_body = bytes(request)
@@ -414,11 +474,31 @@ class SecureRounds:
 
     async def _drain(self, sr: SecureRound) -> None:
         """End the intake of the phase: its late messages are refused from now on, and the ones admitted before
-        (being stored: acknowledged only once stored) are waited for, so that every acknowledged message counts."""
+        (being stored: acknowledged only once stored) are waited for, up to :attr:`store_timeout`. A message whose
+        write has not returned by then (a disk that stopped answering) is cut: it does not count, even if its write
+        lands later, and its device is not acknowledged (:class:`StoreStalled`, HTTP 503)."""
         sr.ending = True
+        pending = [waiter for _, waiter in sr.in_flight.values()] + [stored for _, stored in sr.storing.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.store_timeout)
+        phase = sr.phase
+        cut = StoreStalled(f"not stored before the {phase} phase ended (the disk did not answer within "
+                           f"{self.store_timeout:g} s of its end): it does not count in round {sr.round_id}")
+        with sr.lock:  # a masked input already added to the total is stored: it counts
+            late = [v for v, (_, waiter) in sr.in_flight.items() if not waiter.done() and v not in sr.summed]
+            sr.cut.update(late)
+        for v in late:
+            _fail_future(sr.in_flight.pop(v)[1], cut)
+        stalled = [key for key, (_, stored) in sr.storing.items() if not stored.done()]
+        for key in stalled:
+            _fail_future(sr.storing.pop(key)[1], cut)
+        if late or stalled:
+            ids = sr.roster.device_ids if sr.roster is not None else ()
+            who = sorted([device for _, device in stalled] + [ids[v] for v in late])
+            log.warning("secure round %d: the %s phase ended while the messages of %s were still being written (the "
+                        "disk did not answer within %g s): they do not count", sr.round_id, phase, ", ".join(who),
+                        self.store_timeout)
         await asyncio.gather(*(waiter for _, waiter in list(sr.in_flight.values())), return_exceptions=True)
-        async with self._changed:
-            await self._changed.wait_for(lambda: not sr.storing)
 
     def _phase_complete(self, sr: SecureRound) -> bool:
         if sr.phase == "advertise":
@@ -428,19 +508,30 @@ class SecureRounds:
         return False
 
     def _fail(self, sr: SecureRound, exc: _Abandon) -> None:
+        """Abandon the round now (any thread): its record follows, without holding anything up on a stalled disk."""
         sr.outcome = exc.note
-        self._save_phase(sr)
+        self._unrecorded[sr.round_id] = sr  # the status tells of it from memory until its record lands
+        self._record_later("abandonment", [self._phase_row(sr, sr.phase, sr.phase_started, sr.phase_deadline,
+                                                            sr.dropouts)]).add_done_callback(
+            lambda _: self._unrecorded.pop(sr.round_id, None))
         self.metrics.abandoned.labels(exc.reason).inc()
         log.warning("secure round %d cannot finish: %s", sr.round_id, exc.note)
 
-    def _end_phase(self, sr: SecureRound, next_phase: str, deadline: float, dropped: int, **blobs: bytes) -> None:
+    async def _end_phase(self, sr: SecureRound, next_phase: str, deadline: float, dropped: int, what: str,
+                         also: tuple[tuple[str, tuple[Any, ...]], ...] = (), **columns: Any) -> None:
+        """Record the move to ``next_phase`` (with ``columns``: the roster, the request...; and the statements
+        ``also``, in the same transaction), then make it; _Abandon when the record cannot be written in time
+        (:meth:`_record`)."""
         now = time.time()
-        self.metrics.phase_seconds.labels(sr.phase).observe(max(0.0, now - sr.phase_started))
+        dropouts = dict(sr.dropouts)
         if sr.phase != "advertise":  # those who acted in the phase before and not in this one
-            sr.dropouts[sr.phase] = dropped
+            dropouts[sr.phase] = dropped
+        await self._record(what, [self._phase_row(sr, next_phase, now, deadline, dropouts, **columns), *also])
+        self.metrics.phase_seconds.labels(sr.phase).observe(max(0.0, now - sr.phase_started))
+        if sr.phase != "advertise":
             self.metrics.dropouts.labels(sr.phase).inc(dropped)
+        sr.dropouts = dropouts
         sr.phase, sr.phase_started, sr.phase_deadline, sr.ending = next_phase, now, deadline, False
-        self._save_phase(sr, **blobs)
 
     def _minimum(self) -> int:
         return max(2, self.engine.policy.min_clients)
@@ -461,7 +552,7 @@ class SecureRounds:
             deadline=int(min(time.time() + self.config.phase_timeout, sr.deadline)), noise_sigma=sigma,
         )
         body = m.encode_roster(roster, self.key)
-        self._end_phase(sr, "share", float(roster.deadline), 0, roster=body)
+        await self._end_phase(sr, "share", float(roster.deadline), 0, "roster", roster=body)
         sr.roster, sr.roster_body = roster, body
         log.info("secure round %d: roster of %d devices, %d neighbours each, threshold %d", sr.round_id, n, k,
                  roster.threshold)
@@ -471,7 +562,8 @@ class SecureRounds:
         if shared < self._minimum():
             raise _Abandon("too-few-shared", f"{shared} devices sent their shares, below the minimum of "
                            f"{self._minimum()}")
-        self._end_phase(sr, "masked", sr.deadline, sr.setup.size - shared)
+        await self._end_phase(sr, "masked", sr.deadline, sr.setup.size - shared, "end of the share phase",
+                              shared=json.dumps(sorted(sr.dealings)))
 
     # -------------------------------------------------------------------------------------- admission
 
@@ -508,19 +600,29 @@ class SecureRounds:
             if first != body:
                 raise ProtocolError("duplicate", f"this device is already sending a different {what} in this round")
             return await asyncio.shield(stored)
-        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[None] = loop.create_future()
         sr.storing[key] = (body, stored)
-        try:
-            await self._run(self._save_message, sr.round_id, device_id, phase, body)
+        write = loop.run_in_executor(self._writer, self._save_message, sr.round_id, device_id, phase, body)
+        write.add_done_callback(functools.partial(self._message_landed, sr, key, stored, keep))
+        await asyncio.shield(stored)
+
+    def _message_landed(self, sr: SecureRound, key: tuple[str, str], stored: asyncio.Future[None],
+                        keep: Callable[[], None], write: asyncio.Future[None]) -> None:
+        """The write of a device message returned: take the message into the round, unless its phase's end cut it."""
+        error = _error_of(write)
+        if stored.done():  # cut (StoreStalled): the round went on without it, so it never counts
+            if error is None:
+                log.info("secure round %d: the %s message of device %s was stored after its phase ended; it does not "
+                         "count", sr.round_id, key[0], key[1])
+            return
+        del sr.storing[key]
+        if error is None:
             keep()
             stored.set_result(None)
-        except BaseException as exc:
-            stored.set_exception(exc)
-            stored.exception()  # nobody else may be waiting
-            raise
-        finally:
-            del sr.storing[key]
-            await self._notify()
+        else:
+            _fail_future(stored, error)
+        self._wake()
 
     @staticmethod
     def _same_or_duplicate(previous: bytes | None, body: bytes, what: str) -> bool:
@@ -581,41 +683,66 @@ class SecureRounds:
         sr.in_flight[index] = (digest, waiter)
         envelope = bytes(body[: len(body) - m.masked_section_bytes(self.words)])  # it holds the rejections
         words = message.words
+        if sr.total is None:
+            sr.total = np.zeros(self.words, dtype=np.uint32)
 
-        def accumulate() -> None:
-            with sr.lock:
+        def accumulate() -> None:  # the spool's finisher thread, once the input is stored
+            with sr.lock:  # against the phase's end (_drain), which cuts the inputs not summed by then
+                if index in sr.cut:
+                    raise StoreStalled("stored after the masked phase ended: it does not count")
                 assert sr.total is not None
                 np.add(sr.total, words, out=sr.total)
+                sr.summed.add(index)
 
-        try:
-            await self._run(self._save_message, sr.round_id, signer, "masked", envelope)
-            if sr.total is None:
-                sr.total = np.zeros(self.words, dtype=np.uint32)
-            check = masked_check(body, envelope, digest, payload, words.nbytes)  # its signed section digest
-            job = SpoolJob(digest=digest, device_id=signer, round_id=sr.round_id, num_samples=0, metrics={},
-                           delta=words.view("<f4"), receipt=receipt, accepted_at=time.time(), then=accumulate,
-                           check=check)
-            await self.store.spool(job)  # the bits of the words, as they are: a float32 view, not a conversion
-        except BaseException as exc:
-            error: BaseException = exc
-            if isinstance(exc, DuplicateUpdate):
-                error = ProtocolError("duplicate", str(exc))
-            if not waiter.done():
-                waiter.set_exception(error)
-                waiter.exception()
-            raise error from exc
-        finally:
-            sr.in_flight.pop(index, None)
-        sr.masked[index] = (envelope, message.rejected)
-        waiter.set_result(receipt)
+        check = masked_check(body, envelope, digest, payload, words.nbytes)  # its signed section digest
+        job = SpoolJob(digest=digest, device_id=signer, round_id=sr.round_id, num_samples=0, metrics={},
+                       delta=words.view("<f4"), receipt=receipt, accepted_at=time.time(), then=accumulate,
+                       check=check)  # the bits of the words, as they are: a float32 view, not a conversion
+        landing = asyncio.ensure_future(self._spool_masked(sr, index, envelope, job))
+        landing.add_done_callback(functools.partial(self._masked_landed, sr, index, job, envelope, message.rejected,
+                                                    waiter))
+        return await asyncio.shield(waiter)
+
+    async def _spool_masked(self, sr: SecureRound, index: int, envelope: bytes, job: SpoolJob) -> None:
+        """Store a masked input: its envelope (with its accusations) in the database, its words in the spool."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._save_message, sr.round_id,
+                                                         job.device_id, "masked", envelope)
+        if index in sr.cut:  # the phase ended while the envelope was written: the words are not spooled
+            raise StoreStalled("stored after the masked phase ended: it does not count")
+        await self.store.spool(job)
+
+    def _masked_landed(self, sr: SecureRound, index: int, job: SpoolJob, envelope: bytes, rejected: Any,
+                       waiter: asyncio.Future[bytes], landing: asyncio.Future[None]) -> None:
+        """A masked input's storing finished: count it and answer with its receipt, unless its phase's end cut it
+        (then its device was answered already, and the input is not in the sum)."""
+        error = _error_of(landing)
+        if waiter.done():
+            return
+        sr.in_flight.pop(index, None)
+        if error is not None:
+            _fail_future(waiter, ProtocolError("duplicate", str(error)) if isinstance(error, DuplicateUpdate)
+                         else error)
+            self._wake()
+            return
+        sr.masked[index] = (envelope, rejected)
+        waiter.set_result(job.receipt)
         round_ = self.engine.current
-        round_.devices[signer] = digest
+        round_.devices[job.device_id] = job.digest
         round_.accepted = len(sr.masked)
         self.engine.metrics.round_updates.set(round_.accepted)
         self.engine.metrics.updates_accepted.inc()
         if len(sr.masked) == len(sr.dealings):
             round_.full.set()
-        return receipt
+        self._wake()
+
+    def stored_late(self, device_id: str, digest: bytes) -> bool:
+        """Whether the masked input ``digest`` of ``device_id`` was stored after its masked phase ended (a stalled
+        disk): its record holds a receipt, which was never given and must not be given to a resend."""
+        sr = self.current
+        roster = () if sr is None or sr.roster is None else sr.roster.device_ids
+        if device_id in roster and roster.index(device_id) in sr.cut:
+            return True
+        return self.store.stored_late(digest)
 
     async def unmask(self, body: bytes) -> dict[str, Any]:
         message = await self._run(m.decode_unmask, body, self.registry.key_for, self.limits)
@@ -703,7 +830,7 @@ class SecureRounds:
             if sr.phase in ("advertise", "share"):
                 raise _Abandon("deadline", f"the round's deadline passed in the {sr.phase} phase")
             if sr.phase == "masked":
-                await self._drain(sr)  # the masked inputs being stored at the deadline count
+                await self._drain(sr)  # the masked inputs being stored at the deadline count, if stored in time
                 await self._ask(sr)
             assert sr.plan is not None
             noise = self._noise(sr, len(sr.plan.survivors))
@@ -712,6 +839,9 @@ class SecureRounds:
             if noise is not None and self.engine.privacy is not None:  # (a round noised before a restart without --dp)
                 written = await self._run(self._count_before_unmask, sr, noise)
             mean, weight = await self._run(self._unmasked_mean, sr)
+            covers = len(sr.plan.survivors)
+            await self._end_phase(sr, "done", time.time(), len(sr.masked) - len(sr.answers), "unmasked round's record",
+                                  survivors=covers)
         except _Abandon as exc:
             if exc.reason:
                 self._fail(sr, exc)
@@ -727,9 +857,6 @@ class SecureRounds:
                     note += f"; its noised sum {how}, so the round counts in epsilon (now {ledger.spent():.4g})"
             await self._notify()
             return SecureOutcome(len(sr.masked), 0, None, note)
-        covers = len(sr.plan.survivors)
-        self._end_phase(sr, "done", time.time(), len(sr.masked) - len(sr.answers))
-        self._write([("UPDATE secagg_rounds SET survivors=? WHERE round_id=?", (covers, sr.round_id))])
         self.metrics.sum_devices.observe(covers)
         await self._notify()
         note = f"secure aggregation: the sum of {covers} devices"
@@ -786,15 +913,18 @@ class SecureRounds:
         request = m.UnmaskRequest(sr.round_id, tuple(plan.survivors), tuple(plan.dropped),
                                   int(time.time() + self.config.phase_timeout))
         body = m.encode_unmask_request(request, self.key)
-        self._end_phase(sr, "unmask", float(request.deadline), len(sr.dealings) - len(sr.masked), request=body)
+        assert sr.roster is not None
+        ids = sr.roster.device_ids
+        left_out = tuple(("INSERT OR IGNORE INTO left_out_updates (round_id, device_id, reason) VALUES (?, ?, ?)",
+                          (sr.round_id, ids[v], reason)) for v, reason in _left_out(sr, plan).items())
+        await self._end_phase(sr, "unmask", float(request.deadline), len(sr.dealings) - len(sr.masked),
+                              "unmask request", also=left_out, request=body)
         sr.plan, sr.request_body = plan, body
         for v in plan.excluded:
             self.metrics.excluded.labels(plan.exclusion_reason(v)).inc()
         await self._notify()
         log.info("secure round %d: unmasking %d survivors (%d dropped, %d left out)", sr.round_id,
                  len(plan.survivors), len(plan.dropped), len(plan.excluded))
-        assert sr.roster is not None
-        ids = sr.roster.device_ids
         for v, accused in sorted(rejections.items()):
             for u in (a.dealer for a in accused):  # the trace an operator revokes a device by
                 if (v, u) in plan.verdicts.false:
@@ -872,13 +1002,60 @@ class SecureRounds:
         }
 
     def round_status(self, round_id: int) -> dict[str, Any] | None:
-        """What the status shows of a secure round: its phase, how many devices the sum covers, the dropouts."""
-        row = self._db.execute(
-            "SELECT phase, outcome, survivors, dropouts FROM secagg_rounds WHERE round_id=?", (round_id,)
-        ).fetchone()
-        if row is None:
+        """What the status shows of a secure round: its phase, how many devices the sum covers, the dropouts. The
+        open round's, and an abandoned one's whose record has not landed yet, come from memory: the status tells of
+        them (an abandonment above all) while their record waits on a stalled disk."""
+        sr = self.current
+        if sr is None or sr.round_id != round_id:
+            sr = self._unrecorded.get(round_id)
+        left_out = self.store.round_left_out_reasons(round_id)
+        if sr is not None:
+            covers = len(sr.plan.survivors) if sr.phase == "done" and sr.plan is not None else 0
+            return {"phase": sr.phase, "outcome": sr.outcome, "sum_devices": covers, "dropouts": dict(sr.dropouts),
+                    "left_out": left_out}
+        rows = self._read("SELECT phase, outcome, survivors, dropouts FROM secagg_rounds WHERE round_id=?",
+                          (round_id,))
+        if not rows:
             return None
-        return {"phase": row[0], "outcome": row[1], "sum_devices": row[2], "dropouts": json.loads(row[3])}
+        phase, outcome, survivors, dropouts = rows[0]
+        return {"phase": phase, "outcome": outcome, "sum_devices": survivors, "dropouts": json.loads(dropouts),
+                "left_out": left_out}
+
+    def _read(self, sql: str, values: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Rows of the database through a connection of their own: a write hanging on the writer's connection (a
+        stalled disk) holds that connection, not the reads (WAL)."""
+        with self._reads_lock:
+            return self._reads.execute(sql, values).fetchall()
+
+
+def _left_out(sr: SecureRound, plan: UnmaskPlan) -> dict[int, str]:
+    """Why each masked input that arrived and is not in the sum is left out: the plan's reason (EXCLUDED_REASONS),
+    or ``late``: stored after the masked phase ended (a stalled disk: its device got no receipt, and its record may
+    land later)."""
+    return {**{v: plan.exclusion_reason(v) for v in plan.excluded}, **{v: "late" for v in sr.cut}}
+
+
+def _error_of(future: asyncio.Future[Any]) -> BaseException | None:
+    """The exception a finished future holds (retrieved), or None."""
+    return asyncio.CancelledError() if future.cancelled() else future.exception()
+
+
+def _fail_future(future: asyncio.Future[Any], error: BaseException) -> None:
+    future.set_exception(error)
+    future.exception()  # retrieved: nobody else may be waiting
+
+
+def _log_late_write(what: str, write: asyncio.Future[None]) -> None:
+    error = _error_of(write)
+    if error is None:
+        log.info("secure round: the %s was stored after the round had given up waiting for it", what)
+    else:
+        log.warning("secure round: the %s could not be stored: %s", what, error)
+
+
+def _log_failed_write(what: str, write: Future) -> None:
+    if write.exception() is not None:
+        log.error("secure round: the %s could not be stored: %s", what, write.exception())
 
 
 def _check_keys(keys: Keys) -> None:

@@ -63,6 +63,29 @@ def _lost(r: dict[str, Any]) -> str:
             f"{total} update{'s' if total != 1 else ''} lost on disk: {names}{more}</small>")
 
 
+#: What the page says of each reason a secure round's masked input is left out of its sum (aggregator/secagg_round.py).
+LEFT_OUT_WHY = {"false-accusation": "accused an honest neighbour", "bad-shares": "dealt bad shares",
+                "too-few-holders": "too few holders left", "late": "stored after the masked phase ended"}
+
+
+def _left_out(r: dict[str, Any]) -> str:
+    """A secure round's masked inputs that arrived and are not in its sum, and why, or nothing: their devices are
+    not among the round's devices. /v1/status lists the first of them beside ``left_out_devices_total``."""
+    left_out = r.get("left_out_devices", [])
+    total = r.get("left_out_devices_total", len(left_out))
+    if not total:
+        return ""
+    names = ", ".join(f'<code title="{escape(d, quote=True)}">{escape(d[:12])}</code>' for d in left_out[:LOST_NAMED])
+    named = min(len(left_out), LOST_NAMED)
+    more = (f' and <a href="/v1/status/rounds/{r["round"]}/left_out_devices">{total - named} more</a>'
+            if total > named else "")
+    reasons = (r.get("secure") or {}).get("left_out", {})
+    why = "; ".join(f"{count} {escape(LEFT_OUT_WHY.get(reason, reason))}" for reason, count in reasons.items())
+    return (f'<br><small class="left-out" title="stored, but not in the secure sum">'
+            f"{total} masked input{'s' if total != 1 else ''} left out of the sum"
+            f"{f' ({why})' if why else ''}: {names}{more}</small>")
+
+
 def _sites(count: int) -> str:
     return f" ({count} site{'s' if count != 1 else ''})" if count else ""
 
@@ -250,7 +273,7 @@ def render(status: dict[str, Any], fleet: dict[str, Any] | None = None) -> str:
             f"<tr><td>{r['round']}</td><td>v{r['model_version']}</td>"
             f"<td class=\"status-{escape(r['status'])}\">{escape(r['status'])}"
             f"{'<br>' + escape(_secure(r)) if r.get('secure') else ''}</td>"
-            f"<td>{r['participants']}/{r['goal']}{_lost(r)}</td><td>{r['samples']}</td><td>{metrics}</td>"
+            f"<td>{r['participants']}/{r['goal']}{_lost(r)}{_left_out(r)}</td><td>{r['samples']}</td><td>{metrics}</td>"
             f"<td>{_when(r['opened_at'])}</td><td>{_when(r['closed_at'])}</td><td>{escape(r['note'])}</td></tr>"
         )
     devices = status["devices"]

@@ -97,6 +97,15 @@ CREATE TABLE IF NOT EXISTS lost_updates (
     cause       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS lost_updates_by_round ON lost_updates (round_id);
+-- Acknowledged masked inputs of a secure round that its sum does not include (aggregator/secagg_round.py: named for
+-- bad shares, too few holders left, or stored after the masked phase ended), with why: their updates rows stay (the
+-- receipt, the record a resumed round subtracts), but the round's devices are the others.
+CREATE TABLE IF NOT EXISTS left_out_updates (
+    round_id  INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    PRIMARY KEY (round_id, device_id)
+);
 CREATE TABLE IF NOT EXISTS models (
     version    INTEGER PRIMARY KEY,
     digest     BLOB NOT NULL,
@@ -223,6 +232,13 @@ class SpoolJob:
     then: Callable[[], None] | None = None
     #: What the record must match at resume: a signed digest its bytes rebuild; None, and the writer takes a CRC-32.
     check: RecordCheck | None = None
+
+
+@dataclass(frozen=True)
+class _DroppedSegment:
+    """A closed round's segment for the writer to close, in turn (:meth:`Store.drop_segment`)."""
+
+    round_id: int
 
 
 def _allow_superseded_rounds(conn: sqlite3.Connection) -> None:
@@ -571,25 +587,65 @@ class Store:
         before ones already paged (one listed twice, another never). The round's index holds the rowid, so a page
         is read in order without sorting the round."""
         rows = self._reader().execute(
-            "SELECT device_id FROM updates WHERE round_id=? ORDER BY rowid LIMIT ? OFFSET ?",
+            f"SELECT device_id FROM updates u WHERE round_id=? AND NOT {self._LEFT_OUT} "
+            "ORDER BY rowid LIMIT ? OFFSET ?",
             (round_id, -1 if limit is None else limit, offset),
         ).fetchall()
         return [r[0] for r in rows]
 
     def count_round_devices(self, round_id: int) -> int:
-        return self._reader().execute("SELECT count(*) FROM updates WHERE round_id=?", (round_id,)).fetchone()[0]
+        return self._reader().execute(
+            f"SELECT count(*) FROM updates u WHERE round_id=? AND NOT {self._LEFT_OUT}", (round_id,)
+        ).fetchone()[0]
+
+    _LEFT_OUT = ("EXISTS (SELECT 1 FROM left_out_updates l WHERE l.round_id = u.round_id "
+                 "AND l.device_id = u.device_id)")
+
+    def round_left_out_devices(self, round_id: int, limit: int | None = None, offset: int = 0) -> list[str]:
+        """Devices whose acknowledged masked input the round's secure sum leaves out (``left_out_updates``), in the
+        order their inputs were stored, as :meth:`round_devices`."""
+        rows = self._reader().execute(
+            f"SELECT device_id FROM updates u WHERE round_id=? AND {self._LEFT_OUT} "
+            "ORDER BY rowid LIMIT ? OFFSET ?",
+            (round_id, -1 if limit is None else limit, offset),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def count_round_left_out_devices(self, round_id: int) -> int:
+        return self._reader().execute(
+            f"SELECT count(*) FROM updates u WHERE round_id=? AND {self._LEFT_OUT}", (round_id,)
+        ).fetchone()[0]
+
+    def stored_late(self, digest: bytes) -> bool:
+        """Whether the masked input ``digest`` was left out of its secure round's sum as stored late."""
+        return self._reader().execute(
+            "SELECT 1 FROM updates u JOIN left_out_updates l ON l.round_id = u.round_id AND l.device_id = u.device_id "
+            "WHERE u.digest=? AND l.reason='late'", (digest,)
+        ).fetchone() is not None
+
+    def round_left_out_reasons(self, round_id: int) -> dict[str, int]:
+        """How many of the round's left-out masked inputs were left out for each reason."""
+        rows = self._reader().execute(
+            "SELECT reason, count(*) FROM left_out_updates l JOIN updates u ON u.round_id = l.round_id AND "
+            "u.device_id = l.device_id WHERE l.round_id=? GROUP BY reason ORDER BY reason", (round_id,)
+        ).fetchall()
+        return dict(rows)
 
     def round_device_lists(self, round_id: int, limit: int) -> dict[str, Any]:
-        """A round's first ``limit`` counted and lost devices, and how many there are of each, read in one snapshot
-        (a total is never short of its list): what each round of /v1/status and ``status --state`` shows."""
+        """A round's first ``limit`` counted, lost and left-out devices, and how many there are of each, read in one
+        snapshot (a total is never short of its list): what each round of /v1/status and ``status --state`` shows."""
         with self.snapshot():
             devices = self.round_devices(round_id, limit)
             lost = self.round_lost_devices(round_id, limit)
+            left_out = self.round_left_out_devices(round_id, limit)
             return {
                 "devices": devices,
                 "devices_total": len(devices) if len(devices) < limit else self.count_round_devices(round_id),
                 "lost_devices": lost,
                 "lost_devices_total": len(lost) if len(lost) < limit else self.count_round_lost_devices(round_id),
+                "left_out_devices": left_out,
+                "left_out_devices_total": (len(left_out) if len(left_out) < limit
+                                           else self.count_round_left_out_devices(round_id)),
             }
 
     # --------------------------------------------------------------------------------------------- spool
@@ -695,11 +751,21 @@ class Store:
         ).fetchone()[0]
 
     def drop_segment(self, round_id: int) -> None:
-        """Delete a closed round's spool segment (its receipts stay in SQLite for idempotent resends)."""
+        """Delete a closed round's spool segment (its receipts stay in SQLite for idempotent resends).
+
+        While the writer runs, it closes the segment's file after the jobs queued before: a secure round closes
+        without a masked input still being written on a stalled disk (secagg_round.py), and closing the descriptor
+        under that write would let the writer's next write go to whatever file reuses its number."""
+        self.segment_path(round_id).unlink(missing_ok=True)
+        if self._writer is None:
+            self._close_segment(round_id)
+        else:
+            self._queue.put(_DroppedSegment(round_id))
+
+    def _close_segment(self, round_id: int) -> None:
         segment = self._segments.pop(round_id, None)
         if segment is not None:
             os.close(segment.fd)
-        self.segment_path(round_id).unlink(missing_ok=True)
 
     def drop_stale_segments(self, keep: int | None) -> list[Path]:
         """Delete segments of rounds that are no longer open (left by a crash between a round's close and the
@@ -817,11 +883,15 @@ class Store:
 
     def _write_loop(self) -> None:
         name_this_thread()
+        waiting: SpoolJob | _DroppedSegment | None = None  # taken from the queue after a batch: next in line
         while True:
-            job = self._queue.get()
-            if job is None:
+            item, waiting = (self._queue.get() if waiting is None else waiting), None
+            if item is None:
                 return
-            batch = [job]
+            if isinstance(item, _DroppedSegment):
+                self._close_segment(item.round_id)
+                continue
+            batch = [item]
             while len(batch) < 256:
                 try:
                     more = self._queue.get_nowait()
@@ -829,6 +899,9 @@ class Store:
                     break
                 if more is None:
                     self._queue.put(None)
+                    break
+                if isinstance(more, _DroppedSegment):  # after this batch, which may write to it
+                    waiting = more
                     break
                 batch.append(more)
             self._commit_batch(batch)

@@ -231,7 +231,7 @@ def test_a_page_and_its_total_are_read_in_one_snapshot(tmp_path: Path) -> None:
         store.close()
 
 
-@pytest.mark.parametrize("which", ["devices", "lost_devices"])
+@pytest.mark.parametrize("which", ["devices", "lost_devices", "left_out_devices"])
 @pytest.mark.parametrize("page", ["10000000000000000000", "1e300", "18446744073709560"])
 def test_a_page_far_past_the_last_is_empty_not_an_internal_error(tmp_path: Path, which: str, page: str) -> None:
     """Its offset, (page - 1) * per_page, is past SQLite's 64-bit integers: it was a 500 ``internal`` and a
@@ -249,12 +249,13 @@ def test_a_page_far_past_the_last_is_empty_not_an_internal_error(tmp_path: Path,
 
 _PAGE = {"round": 1, "page": 1, "per_page": 50, "total": 1, "pages": 1}
 _ROUND = {"round": 1, "status": "open", "participants": 1, "devices": ["a"], "devices_total": 1, "lost_devices": [],
-          "lost_devices_total": 0}
+          "lost_devices_total": 0, "left_out_devices": [], "left_out_devices_total": 0}
 
 
 @pytest.mark.parametrize(("schema", "answer", "extra"), [
     ("RoundDevices", {**_PAGE, "devices": ["a"]}, "lost_devices"),  # one list per endpoint
     ("RoundLostDevices", {**_PAGE, "lost_devices": ["a"]}, "devices"),
+    ("RoundLeftOutDevices", {**_PAGE, "left_out_devices": ["a"]}, "devices"),
     ("RoundDevices", {**_PAGE, "devices": ["a"]}, "next"),
     ("Round", _ROUND, "members"),
 ])
