@@ -456,7 +456,7 @@ class SecureRounds:
     async def _drive(self, sr: SecureRound, round_: Any) -> None:
         """Advance the advertise and share phases at their deadlines (or as soon as everyone has acted)."""
         while sr.phase in ("advertise", "share") and not sr.outcome:
-            remaining = sr.phase_deadline - time.time()
+            remaining = self._phase_wait(sr)
             if remaining > 0 and not self._phase_complete(sr):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining), self._changed:
@@ -471,6 +471,12 @@ class SecureRounds:
                 self._fail(sr, exc)
                 round_.full.set()  # the engine closes the round now, with the reason
             await self._notify()
+
+    def _phase_wait(self, sr: SecureRound) -> float:
+        """How long to wait now for the phase's deadline: at most --secagg-phase-timeout, counted on the monotonic
+        clock (asyncio's) from when the wait starts. A wall clock behind the phase's deadline on disk (a restart
+        before time sync) or stepped back mid-phase then keeps the phase open one timeout, not the years it is off."""
+        return min(sr.phase_deadline - time.time(), self.config.phase_timeout)
 
     async def _drain(self, sr: SecureRound) -> None:
         """End the intake of the phase: its late messages are refused from now on, and the ones admitted before
@@ -951,7 +957,7 @@ class SecureRounds:
     async def _collect_answers(self, sr: SecureRound) -> None:
         if sr.phase_deadline < time.time():  # resumed after the deadline: give the devices one more timeout
             sr.phase_deadline = time.time() + self.config.phase_timeout
-        remaining = sr.phase_deadline - time.time()
+        remaining = self._phase_wait(sr)
         if remaining > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining), self._changed:

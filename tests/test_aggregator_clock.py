@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aggregator_harness import running
 from nacl.signing import SigningKey
+from secagg_harness import flat_delta, secure_rounds, secure_running, until_masked
 from test_aggregator_tree import site_task, tree
 from test_fleet_heartbeat import report
 
@@ -168,3 +169,49 @@ async def test_a_site_restarted_mid_round_with_its_clock_years_off_still_forward
             assert site.engine.store.get_round(1).status == "published", site.engine.store.get_round(1).note
             assert city.engine.version == 1 and city.engine.store.get_round(1).samples > 0
             assert city.rejected("expired") == 0
+
+
+# -- a secure round ------------------------------------------------------------------------------------------
+
+
+async def test_a_secure_round_resumed_in_its_advertise_phase_on_a_clock_years_behind_waits_one_phase_timeout(
+        tmp_path, monkeypatch):
+    """Restarted before time sync in the advertise phase: the phase's deadline on disk lay years ahead of the clock,
+    so no roster came until the round closed at the end of its length, abandoned ('the round's deadline passed in
+    the advertise phase'), though two devices had advertised. The phase now waits --secagg-phase-timeout at most."""
+    async with secure_running(tmp_path, devices=3, round_timeout=600, phase_timeout=60) as h:
+        task = await h.task()
+        rounds = secure_rounds(h, task)
+        await asyncio.gather(*(secure_round.advertise() for secure_round in rounds[:2]))
+    behind = ShiftedTime(-5 * YEAR)
+    monkeypatch.setattr("aggregator.secagg_round.time", behind)
+    monkeypatch.setattr("aggregator.rounds.time", behind)
+    async with secure_running(tmp_path, devices=3, round_timeout=600, phase_timeout=1, key=h.key,
+                              enrolled=h.devices) as h:
+        await wait_until(lambda: h.engine.secure.current.roster is not None)
+        assert h.engine.secure.current.roster is not None, "no roster: the phase waited for its deadline years ahead"
+        assert len(h.engine.secure.current.roster.device_ids) == 2
+
+
+async def test_a_secure_round_resumed_in_its_unmask_phase_on_a_clock_years_behind_waits_one_phase_timeout(
+        tmp_path, monkeypatch):
+    """Restarted before time sync in the unmask phase: that phase's deadline on disk lay years ahead of the clock,
+    and the aggregator waited for it (years) for answers that never came, the round neither published nor
+    abandoned and no round opening after it. It waits --secagg-phase-timeout, as after any restart in that phase."""
+    async with secure_running(tmp_path, devices=3, round_timeout=600, phase_timeout=60) as h:
+        task = await h.task()
+        rounds = secure_rounds(h, task)
+        await until_masked(rounds)
+        for secure_round in rounds:
+            assert (await h.upload(secure_round.masked_input(flat_delta(h), 10)))[0] == 200
+        await wait_until(lambda: h.engine.secure.current.phase == "unmask")
+        assert h.engine.secure.current.phase == "unmask"
+    behind = ShiftedTime(-5 * YEAR)
+    monkeypatch.setattr("aggregator.secagg_round.time", behind)
+    monkeypatch.setattr("aggregator.rounds.time", behind)
+    async with secure_running(tmp_path, devices=3, round_timeout=600, phase_timeout=1, key=h.key,
+                              enrolled=h.devices) as h:
+        await wait_until(lambda: h.engine.store.get_round(task.round_id).status != "open")
+        record = h.engine.store.get_round(task.round_id)
+        assert record.status == "abandoned", "the resumed unmask phase waited for its deadline years ahead"
+        assert "shares" in record.note, record.note
