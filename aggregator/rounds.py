@@ -206,6 +206,7 @@ class OpenRound:
     accepted: int = 0
     samples: int = 0
     pending: int = 0
+    pending_samples: int = 0  # what the updates being stored claim (``pending`` of them)
     closing: bool = False
     noise: RoundNoise | None = None  # distributed DP: the noise the survivors' sum held (secagg_round.py)
     unclipped_norms: list[float] | None = None  # adaptive clipping: the devices' norms before they clipped
@@ -687,10 +688,10 @@ class RoundEngine:
     def _check_forward_samples(self, header: UpdateHeader, round_: OpenRound) -> OpenRound:
         """Site mode: refuse an update that would take the round's samples past what its forward can carry (one
         signed count of at most 2^31 - 1): the parent would refuse that forward and the round's acknowledged updates
-        would be lost. The updates being stored count at --max-samples each."""
+        would be lost. The updates being stored count at the samples they claim."""
         if self.forward is None:
             return round_
-        held = round_.samples + round_.pending * self.policy.max_samples
+        held = round_.samples + round_.pending_samples
         if held + header.num_samples > MAX_SAMPLES_LIMIT:
             raise ProtocolError(
                 "too-many-samples",
@@ -769,6 +770,7 @@ class RoundEngine:
         )
         round_.devices[header.device_id] = digest
         round_.pending += 1
+        round_.pending_samples += header.num_samples
         round_.idle.clear()
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = waiter
@@ -793,6 +795,7 @@ class RoundEngine:
             self.metrics.spool_seconds.observe(time.perf_counter() - started)
         except BaseException as exc:
             round_.devices.pop(header.device_id, None)
+            round_.pending_samples -= header.num_samples
             error: BaseException = exc
             if isinstance(exc, DuplicateUpdate):
                 error = ProtocolError("duplicate", str(exc))
@@ -812,6 +815,7 @@ class RoundEngine:
                     self._changed.notify_all()
         round_.accepted += 1
         round_.samples += header.num_samples
+        round_.pending_samples -= header.num_samples  # here, not above: no await between it and the line before
         self.metrics.updates_accepted.inc()
         if self.activity is not None:
             self.activity.accepted(staleness)

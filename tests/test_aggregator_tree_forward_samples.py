@@ -5,8 +5,10 @@ instead of the city refusing the forward with every acknowledged update in it.""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
 from nacl.signing import SigningKey
 from test_aggregator_tree import site_task, wait_until
 
@@ -14,6 +16,7 @@ from aggregator.app import SERVICES
 from aggregator.registry import Enrolment
 from aggregator.rounds import MAX_SAMPLES_LIMIT, RoundPolicy
 from aggregator.simulate import SimulatedDevice
+from aggregator.store import SpoolJob, Store
 from aggregator.upstream import UpstreamConfig
 from appliance import wire
 from tests.aggregator_harness import run, running
@@ -49,5 +52,49 @@ def test_a_site_refuses_the_update_its_forward_could_not_carry_and_forwards_the_
                 assert city.engine.store.get_round(1).samples == HALF + 1
                 record = site.engine.store.get_round(1)
                 assert (record.status, record.participants, record.samples) == ("published", 2, HALF + 1)
+
+    run(scenario())
+
+
+def test_a_site_takes_updates_stored_at_the_same_time_when_their_samples_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --max-samples 2^31 - 1 on the site, an update still being stored counts at the samples it claims, not at
+    --max-samples: two devices of 10 samples each uploading at once are both acknowledged and forwarded."""
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+    devices = [SimulatedDevice() for _ in range(2)]
+    site_policy = RoundPolicy(min_clients=2, goal_clients=2, round_timeout=60, max_samples=MAX_SAMPLES_LIMIT)
+    spool = Store.spool
+    held: list[asyncio.Event] = []
+
+    async def first_held(self: Store, job: SpoolJob) -> int:
+        if job.device_id == devices[0].device_id:
+            await held[0].wait()
+        return await spool(self, job)
+
+    monkeypatch.setattr(Store, "spool", first_held)
+
+    async def scenario() -> None:
+        held.append(asyncio.Event())
+        async with running(tmp_path / "city", key=city_key, enrolled=[],
+                           policy=RoundPolicy(min_clients=1, goal_clients=1, round_timeout=60)) as city:
+            city.app[SERVICES].registry.enroll([Enrolment(wire.key_id(site_key.verify_key),
+                                                          bytes(site_key.verify_key), site=True)])
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                               policy=site_policy) as site:
+                task = await site_task(site, 0)
+                first = asyncio.create_task(site.upload(devices[0].update(task, site.delta(), num_samples=10)))
+                try:
+                    await wait_until(lambda: site.engine.current.pending == 1, what="the first update being stored")
+                    status, answer = await site.upload(devices[1].update(task, site.delta(), num_samples=10))
+                    assert status == 200, answer
+                finally:
+                    held[0].set()  # the site stops only once it has stored what it took
+                status, answer = await first
+                assert status == 200, answer
+
+                await wait_until(lambda: city.engine.version == 1, what="the city's version 1 from the forward")
+                assert city.engine.store.get_round(1).samples == 20
 
     run(scenario())
