@@ -356,10 +356,13 @@ class SecureRounds:
     @staticmethod
     def _phase_row(sr: SecureRound, phase: str, started: float, deadline: float, dropouts: dict[str, int],
                    **columns: Any) -> tuple[str, tuple[Any, ...]]:
-        sets = "".join(f", {name}=?" for name in columns)
-        return (f"UPDATE secagg_rounds SET phase=?, phase_started=?, phase_deadline=?, outcome=?, dropouts=?{sets} "
-                "WHERE round_id=?",
-                (phase, started, deadline, sr.outcome, json.dumps(dropouts), *columns.values(), sr.round_id))
+        """The round's row as of a phase's end: inserted when it is not there, since the round's first record is
+        not waited for (:meth:`opened`) and may have failed; an UPDATE would then change nothing and say nothing."""
+        names = ("round_id", "phase", "phase_started", "phase_deadline", "outcome", "dropouts", *columns)
+        updates = ", ".join(f"{name}=excluded.{name}" for name in names[1:])
+        return (f"INSERT INTO secagg_rounds ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+                f"ON CONFLICT (round_id) DO UPDATE SET {updates}",
+                (sr.round_id, phase, started, deadline, sr.outcome, json.dumps(dropouts), *columns.values()))
 
     def _save_message(self, round_id: int, device_id: str, phase: str, body: bytes) -> None:
         self._write([("INSERT OR IGNORE INTO secagg_messages (round_id, device_id, phase, body) VALUES (?, ?, ?, ?)",

@@ -22,6 +22,7 @@ import pytest
 from aggregator_harness import Harness, run
 from secagg_harness import expected_mean, flat_delta, secure_rounds, secure_running, transport, until_masked
 
+from aggregator.secagg_round import SecureRounds
 from appliance import wire
 from appliance.protocol import messages as m
 
@@ -204,8 +205,8 @@ def test_a_roster_whose_write_hangs_abandons_the_round_with_the_reason(
     async def go() -> None:
         async with secure_running(tmp_path, devices=3, round_timeout=30, phase_timeout=1) as h:
             secure = h.engine.secure
-            hold(secure, "_write", lambda statements: any("roster=?" in sql for sql, _ in statements), release,
-                 monkeypatch)
+            hold(secure, "_write", lambda statements: any("roster=excluded.roster" in sql for sql, _ in statements),
+                 release, monkeypatch)
             task = await h.task()
             rounds = secure_rounds(h, task)
             async with asyncio.timeout(GUARD_SECONDS):
@@ -225,3 +226,40 @@ def test_a_roster_whose_write_hangs_abandons_the_round_with_the_reason(
         run(go())
     finally:
         release.set()
+
+
+def test_a_round_whose_first_record_failed_keeps_its_roster_across_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The round's first record (written without waiting, so a stalled disk holds nothing up) fails once, an I/O
+    error say. The roster's record, which the devices wait for before reading it, must still leave the round on disk:
+    the devices act on that roster (their shares, masked inputs acknowledged after it), so a restart goes on with it."""
+    real_write = SecureRounds._write
+    failed: list[str] = []
+
+    def write(self: SecureRounds, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        if not failed and statements[0][0].startswith("INSERT INTO secagg_rounds"):
+            failed.append(statements[0][0])
+            raise sqlite3.OperationalError("disk I/O error")
+        real_write(self, statements)
+
+    monkeypatch.setattr(SecureRounds, "_write", write)
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=3, round_timeout=60, phase_timeout=1) as h:
+            key, enrolled = h.key, h.devices
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            await until_masked(rounds, stop_after="join")
+            roster = await h.client.get(f"/v1/secagg/{task.round_id}/roster")
+            assert roster.status == 200
+            served = await roster.read()
+        assert failed, "the round's first record was not written through SecureRounds._write"
+        async with secure_running(tmp_path, devices=3, round_timeout=60, phase_timeout=1, key=key,
+                                  enrolled=enrolled) as h:
+            again = await h.client.get(f"/v1/secagg/{task.round_id}/roster")
+            assert again.status == 200, await again.text()
+            assert await again.read() == served
+            assert (await round_record(h, task.round_id))["secure"]["phase"] == "share"
+
+    run(go())
+
