@@ -412,7 +412,11 @@ class SecureRounds:
                 sr.advertised[device_id] = (body, m.decode_advertise(body, lookup).keys)
         if roster is not None:
             sr.roster, sr.roster_body = m.decode_roster(bytes(roster), self.key.verify_key, self.limits), bytes(roster)
-        committed = {row.device_id: row for row in self.store.round_updates(sr.round_id)}
+        # A masked input stored after the masked phase ended (named with the unmask request) stays out, as before
+        # the restart: its device was never acknowledged, the request and its verdicts were made without it.
+        late = {device for (device,) in self._read("SELECT device_id FROM left_out_updates WHERE round_id=? AND "
+                                                   "reason='late'", (sr.round_id,))}
+        committed = {row.device_id: row for row in self.store.round_updates(sr.round_id) if row.device_id not in late}
         sr.total = np.zeros(self.words, dtype=np.uint32)
         for device_id, kind, body in messages:
             body = bytes(body)

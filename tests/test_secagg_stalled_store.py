@@ -263,3 +263,54 @@ def test_a_round_whose_first_record_failed_keeps_its_roster_across_a_restart(
 
     run(go())
 
+
+def test_a_late_masked_input_stays_out_of_a_round_resumed_in_the_unmask_phase(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The late masked input's record lands after the unmask request named the other two. The round resumed after a
+    restart holds what the round before it held: the late input is not taken in again, so it is not counted as a
+    device that dropped out of the unmask phase, and the two survivors' mean is published."""
+    release = threading.Event()
+    armed = threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if armed.is_set() and threading.current_thread().name.startswith("spool-writer"):
+            release.wait(GUARD_SECONDS)
+        real_fdatasync(fd)
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=3, round_timeout=8, phase_timeout=3) as h:
+            key, enrolled = h.key, h.devices
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            await until_masked(rounds)
+            deltas = [flat_delta(h) for _ in rounds]
+            for r, delta in zip(rounds[:2], deltas[:2], strict=True):
+                assert (await h.upload(r.masked_input(delta, 30)))[0] == 200
+            before = h.engine.params.copy()
+            monkeypatch.setattr(os, "fdatasync", fdatasync)
+            armed.set()
+            async with asyncio.timeout(GUARD_SECONDS):
+                late = rounds[2].masked_input(deltas[2], 30)
+                assert (await h.upload(late))[0] == 503
+                armed.clear()
+                release.set()
+                while h.engine.store.receipt_for(wire.update_digest(late)) is None:  # the late record, committed
+                    await asyncio.sleep(0.05)
+                await rounds[0].unmask()
+        async with secure_running(tmp_path, devices=3, round_timeout=8, phase_timeout=3, key=key,
+                                  enrolled=enrolled) as h:
+            rounds[1].transport = transport(h)
+            async with asyncio.timeout(GUARD_SECONDS):
+                await rounds[1].unmask()
+                published = await published_delta(h, task.round_id, before)
+            np.testing.assert_allclose(published, expected_mean(deltas[:2], [30, 30]), atol=TOLERANCE)
+            record = await round_record(h, task.round_id)
+            assert record["secure"]["sum_devices"] == 2 and record["participants"] == 2
+            assert record["secure"]["dropouts"].get("unmask", 0) == 0, record["secure"]
+            assert record["secure"]["left_out"] == {"late": 1}
+
+    try:
+        run(go())
+    finally:
+        release.set()
