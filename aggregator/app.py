@@ -661,8 +661,9 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 def get_round_devices(which: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The handler of ``GET /v1/status/rounds/{round}/{which}``: one page of the round's ``devices`` or
-    ``lost_devices`` (ids only; ``page`` and ``per_page`` as in the fleet listing), read on the views thread."""
+    """The handler of ``GET /v1/status/rounds/{round}/{which}``: one page of the round's ``devices``,
+    ``lost_devices`` or ``left_out_devices`` (ids only; ``page`` and ``per_page`` as in the fleet listing), read on
+    the views thread."""
 
     async def handler(request: web.Request) -> web.Response:
         s = request.app[SERVICES]
