@@ -136,6 +136,7 @@ class UpstreamLink:
         self._newest_parent = self._resume_after()  # the newest parent round whose task this site has seen
         self._parent_moved = asyncio.Condition()
         self.parent_clock = AggregatorClock(wall=time.time)  # the parent's time, learnt from its tasks
+        self._parent_mode_read = False  # whether engine.reopen_after_forward says the parent's mode yet
         engine.forward = self.forward
         engine.forward_written = lambda site_round: self._forward_path(site_round).exists()
 
@@ -197,7 +198,7 @@ class UpstreamLink:
         assert self._client is not None
         after = self._resume_after()
         if self.engine.policy.buffer is not None:  # a site restarted between a forward and the parent's next task
-            self.engine.reopen_after_forward = await self._parent_is_async()
+            await self._read_parent_mode()
         backoff = self.config.retry_seconds
         while True:
             try:
@@ -244,7 +245,7 @@ class UpstreamLink:
             return
         deadline = time.time() + seconds  # the site round's, in the site's time (the tasks its devices get)
         if self.engine.policy.buffer is not None:
-            self.engine.reopen_after_forward = await self._parent_is_async()
+            await self._read_parent_mode()
         params = None
         if self.store.model_digest(task.model_version) != task.model_digest:
             release = await self._client.model_release(task.model_version, self.models.layout.specs)
@@ -273,6 +274,11 @@ class UpstreamLink:
             log.warning("upstream %s: status not read (%s); opening the next buffer on its next version",
                         self.config.url, exc)
             return False
+
+    async def _read_parent_mode(self) -> None:
+        """Async site: whether its next buffer opens right after a forward (engine.reopen_after_forward)."""
+        self.engine.reopen_after_forward = await self._parent_is_async()
+        self._parent_mode_read = True
 
     def _forward_body(self, site_round: int, update: wire.Update) -> bytes:
         """The signed update for ``site_round``: the one written before an earlier attempt, else a new one, written
@@ -351,6 +357,10 @@ class UpstreamLink:
                 log.warning("forwarding to upstream round %d: %s; retrying in %.0f s", parent.round_id, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+        if self.engine.policy.buffer is not None and not self._parent_mode_read:
+            # A buffer resumed with its forward written (closing at once) forwards before _follow has read the
+            # parent's mode; the engine decides from it whether the next buffer opens now.
+            await self._read_parent_mode()
         with contextlib.suppress(OSError):
             for old in self.tasks_dir.glob("round-*"):
                 if (old.suffix == ".task" and old.name < self._task_path(owner).name) or (

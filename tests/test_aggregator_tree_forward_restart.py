@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nacl.signing import SigningKey
+from test_aggregator_async_tree_window import SITE_POLICY, city_of_two_sites
 from test_aggregator_tree import site_task, wait_until
 
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
-from aggregator.upstream import TASKS_DIR, UpstreamConfig
+from aggregator.upstream import TASKS_DIR, UpstreamConfig, UpstreamLink
+from appliance import wire
 from appliance.client import AggregatorClient
 from tests.aggregator_harness import run, running
 
@@ -60,5 +62,48 @@ def test_a_site_restarted_with_its_forward_written_takes_no_update_that_forward_
                 record = site.engine.store.get_round(1)
                 assert (record.status, record.participants, record.samples) == ("published", 2, sum(SAMPLES[:2]))
                 assert np.isfinite(city.engine.params).all()
+
+    run(scenario())
+
+
+def test_an_async_site_restarted_with_its_forward_written_opens_its_next_buffer_after_that_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under an async city, a site buffer resumed with its forward written closes and forwards at once, before the
+    site's upstream link has read the city's mode. Its next buffer still opens right after that forward, so a device's
+    update is taken, not refused 410 round-closed (which the agent does not retry) until the city's next version."""
+    forwarded = tmp_path / "a" / TASKS_DIR / "round-00000001.forward"
+
+    async def scenario() -> None:
+        async with city_of_two_sites(tmp_path) as (city, upstream, (key_a, _)):
+            with monkeypatch.context() as stalled:
+                async def never_sent(self: AggregatorClient, body: bytes) -> None:
+                    await asyncio.Event().wait()  # the site stops while sending
+
+                stalled.setattr(AggregatorClient, "send_update", never_sent)
+                async with running(tmp_path / "a", devices=3, key=key_a, upstream=upstream, policy=SITE_POLICY) as a:
+                    task = await site_task(a, 0)
+                    for device in a.devices[:2]:  # the buffer is full: its forward is written and sent
+                        status, answer = await a.upload(device.update(task, a.delta(), num_samples=10))
+                        assert status == 200, answer
+                    await wait_until(forwarded.exists, what="site A's forward written")
+
+            following = asyncio.Event()
+            follow = UpstreamLink._follow
+
+            async def late_follow(self: UpstreamLink) -> None:
+                await following.wait()
+                await follow(self)
+
+            monkeypatch.setattr(UpstreamLink, "_follow", late_follow)
+            try:
+                async with running(tmp_path / "a", devices=3, key=key_a, upstream=upstream, policy=SITE_POLICY) as a:
+                    await wait_until(lambda: a.engine.store.get_round(1).status == "published",
+                                     what="the resumed buffer forwarded")
+                    assert city.engine.store.round_devices(1) == [wire.key_id(key_a.verify_key)]
+                    status, answer = await a.upload(a.devices[2].update(task, a.delta(), num_samples=10))
+                    assert status == 200, answer
+            finally:
+                following.set()
 
     run(scenario())
