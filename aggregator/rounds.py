@@ -34,7 +34,7 @@ import numpy as np
 from nacl.signing import SigningKey
 
 from aggregator.adaptive_clip import unclipped_norm
-from aggregator.buffered import AsyncActivity, BufferPolicy
+from aggregator.buffered import MAX_BUFFER, AsyncActivity, BufferPolicy
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore
 from aggregator.norms import l2_norm
@@ -110,6 +110,9 @@ class RoundPolicy:
             raise ValueError("min-clients must be at least 1")
         if self.goal_clients < 0:
             raise ValueError("goal-clients must be 0 (all enrolled devices) or positive")
+        for name, count in (("min-clients", self.min_clients), ("goal-clients", self.goal_clients)):
+            if count > MAX_BUFFER:  # a round's goal, the larger of the two, is a 64-bit integer in aggregator.db
+                raise ValueError(f"{name} must be at most {MAX_BUFFER}, got {count}")
         if self.round_timeout <= 0:
             raise ValueError("round-timeout must be positive")
         if self.update_window <= 0:  # a window of 0 or less refuses every update as too old

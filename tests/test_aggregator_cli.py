@@ -514,3 +514,16 @@ def test_a_second_serve_on_a_state_already_served_is_refused_in_one_line(tmp_pat
         first.wait(timeout=30)
     with served_alone(state):  # the killed server's lock went with it
         assert (state / "serve.lock").read_text() == f"{os.getpid()}\n"
+
+
+@pytest.mark.parametrize("flag", ["--goal-clients", "--min-clients"])
+def test_serve_refuses_a_round_goal_past_what_the_database_holds_in_one_line(tmp_path: Path, flag: str) -> None:
+    """A round's goal (max(--goal-clients, --min-clients)) is a 64-bit integer in aggregator.db: 2^63 started the
+    server, which then died at its first round with an OverflowError traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(tmp_path / "state"),
+         "--synthetic-parameters", "10", "--listen", f"127.0.0.1:{free_port()}", flag, str(2**63)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and f"{flag[2:]} must be at most {2**63 - 1}" in done.stderr, done.stderr
