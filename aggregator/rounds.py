@@ -664,7 +664,10 @@ class RoundEngine:
         self._check_samples(header)
         round_ = self.current
         if self.policy.buffer is not None and round_ is not None:
-            return self._check_forward_samples(header, self._admit_buffered(header, digest, round_, self.policy.buffer))
+            admitted = self._admit_buffered(header, digest, round_, self.policy.buffer)
+            if not self._has_room(round_, self.policy.buffer):  # commit waits for the next buffer and checks there
+                return admitted
+            return self._check_forward_samples(header, admitted)
         if self.policy.buffer is not None and self._opening:  # no round for a moment: not a refusal
             raise BufferFull("the site is moving to its parent's new version; its next buffer opens in a moment")
         if round_ is None or header.round_id != round_.round_id:
@@ -829,6 +832,11 @@ class RoundEngine:
             round_.full.set()
         return receipt
 
+    @staticmethod
+    def _has_room(round_: OpenRound, buffer: BufferPolicy) -> bool:
+        """Async mode: whether the buffer ``round_`` takes another update now (exactly K make a version)."""
+        return not round_.closing and round_.accepted + round_.pending < buffer.size
+
     async def _buffer_room(self, buffer: BufferPolicy) -> None:
         """Async mode: wait until the open buffer has room (exactly K updates make a version). An update that
         arrives while a buffer is full or closing goes into the next one rather than being refused."""
@@ -837,7 +845,7 @@ class RoundEngine:
             r = self.current
             if r is None:  # a site moving to its parent's new version has a round again in a moment
                 return not self._opening
-            return not r.closing and r.accepted + r.pending < buffer.size
+            return self._has_room(r, buffer)
 
         if not room():
             async with self._changed:

@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pytest
 from nacl.signing import SigningKey
+from test_aggregator_async_tree_window import city_of_two_sites
 from test_aggregator_tree import site_task, wait_until
 
 from aggregator.app import SERVICES
+from aggregator.buffered import BufferPolicy
 from aggregator.registry import Enrolment
 from aggregator.rounds import MAX_SAMPLES_LIMIT, RoundPolicy
 from aggregator.simulate import SimulatedDevice
 from aggregator.store import SpoolJob, Store
 from aggregator.upstream import UpstreamConfig
 from appliance import wire
+from appliance.client import AggregatorClient
 from tests.aggregator_harness import run, running
 
 HALF = 2**30
@@ -96,5 +99,43 @@ def test_a_site_takes_updates_stored_at_the_same_time_when_their_samples_fit(
 
                 await wait_until(lambda: city.engine.version == 1, what="the city's version 1 from the forward")
                 assert city.engine.store.get_round(1).samples == 20
+
+    run(scenario())
+
+
+def test_an_async_site_checks_an_update_against_the_buffer_it_waits_for_not_the_full_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async site's buffer that is full (its two updates claim 2^31 - 1 samples in all) is being forwarded; an
+    update of 10 samples arriving then waits for the next buffer, as any update arriving at a full buffer does, and
+    counts there, instead of being refused 422 too-many-samples against the full buffer's samples."""
+    send = AggregatorClient.send_update
+    sending: list[asyncio.Event] = []
+
+    async def held_send(self: AggregatorClient, body: bytes) -> wire.Receipt:
+        await sending[0].wait()
+        return await send(self, body)
+
+    monkeypatch.setattr(AggregatorClient, "send_update", held_send)
+    policy = RoundPolicy(min_clients=1, round_timeout=60, buffer=BufferPolicy(size=2), max_samples=MAX_SAMPLES_LIMIT)
+
+    async def scenario() -> None:
+        sending.append(asyncio.Event())
+        async with city_of_two_sites(tmp_path) as (city, upstream, (key_a, _)), \
+                running(tmp_path / "a", devices=3, key=key_a, upstream=upstream, policy=policy) as a:
+            task = await site_task(a, 0)
+            for device, samples in zip(a.devices, (HALF, HALF - 1), strict=False):
+                status, answer = await a.upload(device.update(task, a.delta(), num_samples=samples))
+                assert status == 200, answer
+            late = asyncio.create_task(a.upload(a.devices[2].update(task, a.delta(), num_samples=10)))
+            try:
+                await wait_until(lambda: late.done() or bool(a.engine._changed._waiters),
+                                 what="the late update refused or waiting for the next buffer")
+            finally:
+                sending[0].set()
+            status, answer = await late
+            assert status == 200, answer
+            assert a.engine.current is not None and a.engine.current.samples == 10
+            assert city.engine.current is not None and city.engine.current.samples == MAX_SAMPLES_LIMIT
 
     run(scenario())
