@@ -207,7 +207,8 @@ class Problem(Exception):
     """A refusal: HTTP ``status``, a stable machine-readable ``reason`` and a human ``detail``."""
 
     def __init__(
-        self, status: int, reason: str, detail: str = "", headers: dict[str, str] | None = None, close: bool = False
+        self, status: int, reason: str, detail: str = "", headers: dict[str, str] | None = None, close: bool = False,
+        extensions: dict[str, Any] | None = None,
     ):
         super().__init__(f"{status} {reason}: {detail}")
         self.status = status
@@ -215,11 +216,13 @@ class Problem(Exception):
         self.detail = detail
         self.headers = headers or {}
         self.close = close  # the rest of the body will not be read: close the connection after answering
+        self.extensions = extensions or {}  # members of the problem+json beside the standard ones (RFC 9457)
 
 
-def problem_response(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+def problem_response(status: int, reason: str, detail: str, headers: dict[str, str] | None = None,
+                     extensions: dict[str, Any] | None = None) -> web.Response:
     body = {"type": f"urn:fl-edge:problem:{reason}", "title": reason, "status": status, "reason": reason,
-            "detail": detail}
+            "detail": detail, **(extensions or {})}
     return web.Response(status=status, text=strict_json.dumps(body), content_type=PROBLEM_CONTENT_TYPE,
                         headers=headers)
 
@@ -233,10 +236,12 @@ async def problems(request: web.Request, handler: Callable[[web.Request], Awaita
     metrics = request.app[METRICS]
     is_upload = request.method == "POST" and (request.path == "/v1/updates" or request.path.startswith("/v1/secagg/"))
     close = False
+    extensions: dict[str, Any] = {}
     try:
         return await handler(request)
     except Problem as exc:
         status, reason, detail, headers, close = exc.status, exc.reason, exc.detail, exc.headers, exc.close
+        extensions = exc.extensions
     except ProtocolError as exc:
         status, reason, detail, headers = STATUS_FOR_REASON.get(exc.reason, 400), exc.reason, exc.detail, {}
     except web.HTTPException as exc:
@@ -253,7 +258,7 @@ async def problems(request: web.Request, handler: Callable[[web.Request], Awaita
     if status < 500:
         counter = metrics.updates_rejected if is_upload else metrics.requests_rejected
         counter.labels(reason).inc()
-    response = problem_response(status, reason, detail, headers)
+    response = problem_response(status, reason, detail, headers, extensions)
     if close:
         response.force_close()
     return response
@@ -617,7 +622,8 @@ async def post_heartbeat(request: web.Request) -> web.Response:
         s.fleet.accept(report, time.time())
     except ReportRefused as exc:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        raise Problem(exc.status, exc.reason, exc.detail, headers) from None
+        extensions = {"held_sent_at": exc.held_sent_at} if exc.held_sent_at is not None else None
+        raise Problem(exc.status, exc.reason, exc.detail, headers, extensions=extensions) from None
     s.metrics.fleet_reports.inc()
     return web.Response(status=204)
 

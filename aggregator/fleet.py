@@ -19,7 +19,10 @@ Bounded: one entry per device whose enrolled key signed a heartbeat (so at most 
 fields with bounded values (the decoder's ranges); a new report overwrites the device's entry. A device may report
 once per :data:`MIN_REPORT_INTERVAL_SECONDS` (else ``too-frequent``, 429); a report must be fresh (``sent_at`` in
 the aggregator's window, else ``expired``) and newer than the one held (else ``stale-report``), so a captured report
-cannot be replayed to make a dead device look alive.
+cannot be replayed to make a dead device look alive. A ``stale-report`` refusal names the held report's ``sent_at``
+(``held_sent_at``): a board without a real-time clock restarted mid-round stamps in the aggregator's time as its last
+task taught it, behind by the round's age, so behind the report it sent before the restart; it stamps its next after
+that one (appliance/heartbeat_stamps.py). That tells the sender nothing a captured report does not say.
 
 The aggregator's clock may be stepped back (corrected after running ahead, or set at last on a board that came up with
 a wrong one): an entry that arrived more than :data:`REPORT_MAX_AHEAD_SECONDS` after the clock's ``now`` says nothing
@@ -81,14 +84,18 @@ CREATE TABLE IF NOT EXISTS device_reports (
 
 
 class ReportRefused(Exception):
-    """A heartbeat that verified but is not taken: HTTP ``status``, a stable ``reason``, a ``detail`` for people."""
+    """A heartbeat that verified but is not taken: HTTP ``status``, a stable ``reason``, a ``detail`` for people;
+    ``held_sent_at`` (``stale-report`` only) the ``sent_at`` of the report held, which the device stamps its next
+    after (a board without a real-time clock restarted mid-round cannot know it otherwise)."""
 
-    def __init__(self, status: int, reason: str, detail: str, retry_after: int | None = None):
+    def __init__(self, status: int, reason: str, detail: str, retry_after: int | None = None,
+                 held_sent_at: int | None = None):
         super().__init__(f"{status} {reason}: {detail}")
         self.status = status
         self.reason = reason
         self.detail = detail
         self.retry_after = retry_after
+        self.held_sent_at = held_sent_at
 
 
 @dataclass(frozen=True)
@@ -205,7 +212,8 @@ class Fleet:
         if held is not None and not seen_after(held.last_seen, now):
             if report.sent_at <= held.report.sent_at:
                 raise ReportRefused(409, "stale-report", f"sent_at {report.sent_at} is not after that of the "
-                                                         f"report held ({held.report.sent_at})")
+                                                         f"report held ({held.report.sent_at})",
+                                    held_sent_at=held.report.sent_at)
             wait = held.last_seen + MIN_REPORT_INTERVAL_SECONDS - now
             if wait > 0:
                 raise ReportRefused(429, "too-frequent", f"one heartbeat per {MIN_REPORT_INTERVAL_SECONDS:.0f} s per "

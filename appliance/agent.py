@@ -50,13 +50,14 @@ from appliance.budget import (
     read_budget,
     read_usage,
 )
-from appliance.client import AggregatorClient, AggregatorUnavailable, ReceiptRefused, Rejection
+from appliance.client import AggregatorClient, AggregatorUnavailable, ReceiptRefused, Rejection, StaleReport
 from appliance.clock import AggregatorClock
 from appliance.config import Config
 from appliance.durable import atomic_write
 from appliance.errors import ProtocolError
-from appliance.fleet_report import ThrottleMeter, build_heartbeat, next_delay
+from appliance.fleet_report import ThrottleMeter, build_heartbeat, next_delay, restamped
 from appliance.framebuffer import FrameBuffer
+from appliance.heartbeat_stamps import HeartbeatStamps
 from appliance.held_release import load_release, store_release
 from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_create_device_key
 from appliance.metrics import AgentMetrics, Reading
@@ -112,6 +113,7 @@ class Agent:
     def __init__(self, config: Config, *, budget: Budget | None = None, clock: AggregatorClock | None = None):
         self.config = config
         self.clock = clock or AggregatorClock()
+        self.heartbeat_stamps = HeartbeatStamps(self.clock)  # only orders heartbeats; never moves self.clock
         self._clock_warned_offset: float | None = None
         self.state_dir = config.state_path
         self.metrics = AgentMetrics()
@@ -635,7 +637,7 @@ class Agent:
             model_version=self._release.version if self._release is not None else None, last_round=self.last_round,
             cameras=int(cameras), budget=self.budget, usage=usage,
             cpu_throttled=self._throttle.permille(usage.cpu_throttled_usec), oom_retries=self.oom_retries,
-            outbox=self.outbox.depth, outbox_bytes=self.outbox.pending_bytes, sent_at=self.clock.now(),
+            outbox=self.outbox.depth, outbox_bytes=self.outbox.pending_bytes, sent_at=self.heartbeat_stamps.stamp(),
         )
 
     async def heartbeat_loop(self, client: AggregatorClient) -> None:
@@ -647,11 +649,27 @@ class Agent:
             await asyncio.wait_for(self._first_poll_done.wait(), FIRST_REPORT_WAIT_SECONDS)
         while True:
             try:
-                await client.send_heartbeat(encode_heartbeat(self.heartbeat(), self.identity.signing_key))
+                await self._report(client)
             except (AggregatorUnavailable, Rejection) as exc:
+                if isinstance(exc, Rejection) and exc.reason == "expired":  # outside the aggregator's window
+                    self.heartbeat_stamps.after_expired()
                 self.metrics.aggregator_errors.labels("heartbeat").inc()
                 log.warning("heartbeat not taken: %s", exc)
             await asyncio.sleep(next_delay())
+
+    async def _report(self, client: AggregatorClient) -> None:
+        """Send one heartbeat. Refused as not newer than the report the fleet view holds (a board restarted mid-round
+        after reporting in it: appliance/heartbeat_stamps.py), it goes once more, stamped after that report."""
+        heartbeat = self.heartbeat()
+        try:
+            await client.send_heartbeat(encode_heartbeat(heartbeat, self.identity.signing_key))
+        except StaleReport as exc:
+            if exc.held_sent_at is None or not self.heartbeat_stamps.after_stale(exc.held_sent_at):
+                raise
+            log.info("the fleet view holds a report of this device stamped %d, after this one (%d): heartbeats are "
+                     "stamped after it", exc.held_sent_at, heartbeat.sent_at)
+            again = restamped(heartbeat, self.heartbeat_stamps.stamp())
+            await client.send_heartbeat(encode_heartbeat(again, self.identity.signing_key))
 
     async def delivery_loop(self, client: AggregatorClient) -> None:
         async def send(body: bytes) -> wire.Receipt:

@@ -19,6 +19,7 @@ from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.modelpkg import MAX_PACKAGE_BYTES
 from appliance.protocol import downlink
+from appliance.protocol.heartbeat import FIELD_RANGES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,27 @@ class Rejection(Exception):
         self.status = status
         self.reason = reason
         self.detail = detail
+
+
+class StaleReport(Rejection):
+    """A heartbeat refused as not newer than the report the fleet view holds (409 ``stale-report``);
+    ``held_sent_at`` that report's ``sent_at`` when the answer names it (None otherwise)."""
+
+    def __init__(self, status: int, reason: str, detail: str, held_sent_at: int | None):
+        super().__init__(status, reason, detail)
+        self.held_sent_at = held_sent_at
+
+
+def held_sent_at(answer: bytes) -> int | None:
+    """The ``held_sent_at`` of a ``stale-report`` problem+json: an integer in a heartbeat's ``sent_at`` range, or
+    None when the answer has none (an older aggregator) or one of another type or range."""
+    try:
+        value = json.loads(answer).get("held_sent_at")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= FIELD_RANGES["sent_at"]:
+        return None
+    return value
 
 
 def is_refusal(status: int) -> bool:
@@ -206,12 +228,16 @@ class AggregatorClient:
 
     async def send_heartbeat(self, body: bytes) -> None:
         """Post a signed Heartbeat (docs/protocol.md section 13). Raises :class:`Rejection` for any 4xx (429
-        included: the next heartbeat goes out on schedule anyway) and :class:`AggregatorUnavailable` otherwise."""
+        included: the next heartbeat goes out on schedule anyway; its subclass :class:`StaleReport` for
+        ``stale-report``) and :class:`AggregatorUnavailable` otherwise."""
         status, answer = await self._post("/v1/heartbeat", body, "application/cose")
         if status == 204:
             return
         if 400 <= status < 500:
-            raise Rejection(status, *problem_reason(answer))
+            reason, detail = problem_reason(answer)
+            if reason == "stale-report":
+                raise StaleReport(status, reason, detail, held_sent_at(answer))
+            raise Rejection(status, reason, detail)
         raise AggregatorUnavailable(f"POST /v1/heartbeat: HTTP {status}")
 
     async def send_update(self, body: bytes) -> wire.Receipt:

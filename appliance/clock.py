@@ -81,6 +81,13 @@ class AggregatorClock:
         lower = self._lower.at_instant(mono)
         return wall if lower <= wall <= self._upper.at_instant(mono) else lower
 
+    def latest(self) -> float | None:
+        """The latest the aggregator's time can be now, by the deadlines of the tasks observed (plus the slack a round
+        takes to close); None before the first task. Bounds what the agent believes of unsigned answers."""
+        if self._upper is None:
+            return None
+        return self._upper.at_instant(self._monotonic())
+
     def now(self) -> float:
         """The aggregator's time now (Unix seconds): the device clock while it agrees with what the tasks said."""
         return self._estimate(self._wall())

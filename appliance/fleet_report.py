@@ -7,6 +7,7 @@ well inside the aggregator's one hour before a device counts as silent and well 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -64,3 +65,8 @@ def build_heartbeat(*, device_id: str, agent_version: str, model_version: int | 
         outbox_bytes=_clamp("outbox_bytes", outbox_bytes),
         sent_at=_clamp("sent_at", sent_at),
     )
+
+
+def restamped(heartbeat: Heartbeat, sent_at: float) -> Heartbeat:
+    """The same report, stamped ``sent_at`` (within its range) instead."""
+    return dataclasses.replace(heartbeat, sent_at=_clamp("sent_at", sent_at))
