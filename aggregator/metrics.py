@@ -135,6 +135,11 @@ class AggregatorMetrics:
             "fl_aggregator_rounds_total", "Rounds ended, by outcome (published, abandoned, superseded)", ["outcome"],
             registry=r,
         )
+        self.publication_failures = Counter(
+            "fl_aggregator_publication_failures_total",
+            "Failed attempts at the steps after a new version's commit (the version stands; retried every 5 s)",
+            registry=r,
+        )
         self.last_round_timestamp = Gauge(
             "fl_aggregator_last_round_timestamp_seconds",
             "When the last round of each outcome ended (Unix time; 0: none yet)",

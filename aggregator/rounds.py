@@ -191,6 +191,16 @@ class BufferFull(Exception):
     two of its parent's versions); the client retries later (HTTP 503)."""
 
 
+@dataclass(frozen=True)
+class Publication:
+    """A round whose new version is recorded (its commit succeeded): what the steps after that commit need. A
+    failure in those steps is retried from here, never by closing the round again, which would aggregate its updates
+    a second time onto the version already published."""
+
+    version: int
+    next_round: tuple[int, float, float, int] | None  # (round id, opened_at, deadline, goal), recorded with it
+
+
 @dataclass
 class OpenRound:
     """The round currently collecting updates (in memory; its durable twin is the SQLite row)."""
@@ -217,6 +227,7 @@ class OpenRound:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     closes_by: float = math.inf  # on the monotonic clock: the latest it closes, whatever the wall clock does
     close_under_way: asyncio.Event | None = None  # set when the close under way (close_round) ends
+    published: Publication | None = None  # recorded as published; the steps after its commit are not all done
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -596,10 +607,17 @@ class RoundEngine:
             try:
                 await self.close_round()
             except Exception:
-                log.exception("closing round %d failed; retrying in %.0f s", round_.round_id, CLOSE_RETRY_SECONDS)
-                # A round whose noised model the privacy ledger counted publishes exactly that model at the retry:
-                # it stays closed, since an update it took now would be acknowledged and left out of that model.
-                round_.closing = self._counted(round_)
+                if round_.published is not None:
+                    self.metrics.publication_failures.inc()
+                    log.exception("round %d: model version %d is published, but a step after its commit failed; "
+                                  "retrying the steps after the commit in %.0f s", round_.round_id,
+                                  round_.published.version, CLOSE_RETRY_SECONDS)
+                else:
+                    log.exception("closing round %d failed; retrying in %.0f s", round_.round_id, CLOSE_RETRY_SECONDS)
+                # A published round takes no more updates, and nor does a round whose noised model the privacy ledger
+                # counted: the retry publishes exactly that model, so an update it took now would be acknowledged
+                # and left out of it.
+                round_.closing = round_.published is not None or self._counted(round_)
                 await asyncio.sleep(CLOSE_RETRY_SECONDS)
 
     def _counted(self, round_: OpenRound) -> bool:
@@ -883,6 +901,9 @@ class RoundEngine:
     async def _close(self, round_: OpenRound) -> None:
         round_.closing = True
         await round_.idle.wait()
+        if round_.published is not None:  # recorded already: only the steps after its commit are left
+            await self._complete_publication(round_, round_.published)
+            return
         if self.secure is not None:  # secure aggregation: all there is to aggregate is the survivors' weighted mean
             outcome = await self.secure.finish(round_)
             round_.noise = outcome.noise
@@ -944,24 +965,33 @@ class RoundEngine:
                 self.version, self.params = previous
                 self.strategy.load_state(optimiser)
                 raise
+            # From here on the version is published, whatever fails: the round clock's retry only completes it.
+            round_.published = publication = Publication(version, (next_id, now, deadline, goal) if opens else None)
             self.metrics.aggregate_seconds.observe(time.perf_counter() - started)
             self.metrics.round_ended("published", now)
             self.metrics.model_version.set(version)
-            if self.privacy is not None:
-                self.privacy.published()
-                self.metrics.dp_epsilon.set(self.privacy.spent())
             if self.activity is not None:
                 self.activity.published(now)
             log.info("round %d published model version %d from %d updates", round_.round_id, version, participants)
             self._finish_metrics(round_, participants, now)
-            self.store.drop_segment(round_.round_id)
-            await self._install(self._new_open_round(next_id, now, deadline, goal) if opens else None)
-            if self.policy.buffer is not None:
-                await self._run(self._drop_old_versions, version)
+            await self._complete_publication(round_, publication)
         else:
             note = f"{participants} updates, below the quorum of {self.policy.min_clients}"
             log.info("round %d abandoned: %s", round_.round_id, note)
             await self._abandon(round_, participants, samples, summary, now, note)
+
+    async def _complete_publication(self, round_: OpenRound, publication: Publication) -> None:
+        """The steps after a publication's commit, each of which may be run again after a failure: forget the model
+        the privacy ledger counted, delete the round's spool segment, open the next round recorded with the version
+        (in async mode, then delete the releases no update may be based on any more)."""
+        if self.privacy is not None:
+            self.privacy.published()
+            self.metrics.dp_epsilon.set(self.privacy.spent())
+        self.store.drop_segment(round_.round_id)
+        following = publication.next_round
+        await self._install(None if following is None else self._new_open_round(*following))
+        if self.policy.buffer is not None:
+            await self._run(self._drop_old_versions, publication.version)
 
     async def _abandon(
         self, round_: OpenRound, participants: int, samples: int, summary: dict[str, float], now: float, note: str

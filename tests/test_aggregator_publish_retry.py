@@ -1,10 +1,12 @@
 """A publication whose SQLite commit fails (a full disk, say) is retried by the round clock. Until it is recorded
 the new version is not published: GET /v1/models/{v} is 404 and the status still names the old version. The retry
 steps the model once from the updates it holds: not from the version that failed to be recorded (which added the
-buffer's delta twice), and with FedAdam's moments as they were before the failed attempt (not moved twice)."""
+buffer's delta twice), and with FedAdam's moments as they were before the failed attempt (not moved twice). Once the
+commit succeeds, a failure after it is retried without closing the round again: the version recorded stands."""
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from pathlib import Path
 
@@ -12,12 +14,13 @@ import numpy as np
 import pytest
 from test_aggregator_tree import wait_until
 
-from aggregator import rounds
+from aggregator import privacy, rounds
 from aggregator.buffered import BufferPolicy
 from aggregator.privacy import DPConfig
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.store import Store
-from tests.aggregator_harness import run, running
+from appliance import wire
+from tests.aggregator_harness import Harness, run, running
 
 DEVICES = 2
 ETA, BETA1, BETA2, TAU = 0.01, 0.9, 0.99, 1e-3  # FedAdam's defaults (aggregator/strategies/fedopt.py)
@@ -154,5 +157,147 @@ def test_a_private_round_counted_before_its_commit_failed_takes_no_update_its_co
             assert h.engine.version == 1
             closed = h.engine.store.get_round(task.round_id)
             assert (closed.status, closed.participants) == ("published", DEVICES)
+
+    run(go())
+
+
+class FailingAfterCommit:
+    """Store.finish_round recording each committed version's digest, and Store.drop_segment (a step after the commit:
+    the closed round's spool segment is deleted) failing with EIO while ``failing``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.failing = True
+        self.failures = 0
+        self.committed: list[tuple[int, bytes]] = []
+        record, drop = Store.finish_round, Store.drop_segment
+
+        def finish_round(store: Store, round_id: int, *args: object, **kwargs: object) -> None:
+            record(store, round_id, *args, **kwargs)
+            if kwargs.get("new_model") is not None:
+                self.committed.append(kwargs["new_model"])  # type: ignore[arg-type]
+
+        def drop_segment(store: Store, round_id: int) -> None:
+            if self.failing:
+                self.failures += 1
+                raise OSError(errno.EIO, "Input/output error")
+            drop(store, round_id)
+
+        monkeypatch.setattr(Store, "finish_round", finish_round)
+        monkeypatch.setattr(Store, "drop_segment", drop_segment)
+        monkeypatch.setattr(rounds, "CLOSE_RETRY_SECONDS", 0.05)
+
+
+async def served_digest(h: Harness, version: int) -> bytes:
+    response = await h.client.get(f"/v1/models/{version}")
+    assert response.status == 200
+    return wire.decode_model_release(await response.read(), h.key.verify_key).digest
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_failure_after_the_commit_keeps_the_published_version_and_the_next_round_opens_once_it_clears(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """The commit of version 1 succeeds and a step after it fails (the closed round's segment cannot be deleted): the
+    retries complete the publication without closing the round again, so version 1 is recorded once, served with the
+    digest recorded and stepped once (a retry used to aggregate the same updates onto it and rewrite it), each
+    failure is counted, and the next round opens once the step succeeds (a retry used to fail on the next round's row
+    forever, and no round opened until a restart)."""
+    disk = FailingAfterCommit(monkeypatch)
+
+    async def go() -> None:
+        async with running(tmp_path, devices=DEVICES, policy=POLICIES[mode], strategy="fedadam") as h:
+            task = await h.task()
+            assert task is not None
+            v0 = await h.model(0)
+            deltas = [h.delta() for _ in h.devices]
+            for device, delta in zip(h.devices, deltas, strict=True):
+                status, answer = await h.upload(device.update(task, delta))
+                assert status == 200, answer
+            await wait_until(lambda: disk.failures >= 3, what="three failed attempts after version 1's commit")
+            assert h.counter("fl_aggregator_publication_failures_total") >= 3
+            assert h.engine.version == 1
+            assert await h.task() is None, "a task was handed out while the next round is not open"
+
+            disk.failing = False
+            task1 = await h.task(after=task.round_id, wait=10)
+            assert task1 is not None and (task1.round_id, task1.model_version) == (task.round_id + 1, 1)
+            assert [version for version, _ in disk.committed] == [1]
+            assert await served_digest(h, 1) == disk.committed[0][1] == task1.model_digest
+            mean = np.mean([h.flat(delta) for delta in deltas], axis=0)
+            np.testing.assert_allclose(await h.model(1), one_step("fedadam", v0, mean), rtol=1e-5, atol=1e-7)
+
+    run(go())
+
+
+def test_a_failure_after_the_last_rounds_commit_publishes_nothing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--rounds 1: there is no next round whose row would stop a retry, and a retry used to publish version 1 again,
+    stepped a second time from the first one. Now the version recorded first stays, and no round opens."""
+    disk = FailingAfterCommit(monkeypatch)
+
+    async def go() -> None:
+        policy = RoundPolicy(min_clients=DEVICES, goal_clients=DEVICES, round_timeout=600, max_rounds=1)
+        async with running(tmp_path, devices=DEVICES, policy=policy) as h:
+            task = await h.task()
+            assert task is not None
+            v0 = await h.model(0)
+            deltas = [h.delta() for _ in h.devices]
+            for device, delta in zip(h.devices, deltas, strict=True):
+                status, answer = await h.upload(device.update(task, delta))
+                assert status == 200, answer
+            await wait_until(lambda: disk.failures >= 3, what="three failed attempts after version 1's commit")
+            disk.failing = False
+            await wait_until(lambda: h.engine.current is None, what="the publication of the last version completed")
+
+            assert [version for version, _ in disk.committed] == [1]
+            assert await served_digest(h, 1) == disk.committed[0][1] == h.engine.store.model_digest(1)
+            mean = np.mean([h.flat(delta) for delta in deltas], axis=0)
+            np.testing.assert_allclose(await h.model(1), v0 + mean, rtol=1e-5, atol=1e-7)
+            assert h.counter("fl_aggregator_rounds_total", outcome="published") == 1
+            assert h.engine.store.last_round_id() == task.round_id
+
+    run(go())
+
+
+def test_a_private_publication_whose_ledger_cannot_be_settled_stands_and_counts_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Central DP: version 1 is recorded, then forgetting the counted model fails (the ledger directory's fsync: EIO).
+    The retry does not close the round again (which failed on the next round's row forever, and no round opened until
+    a restart): it settles the ledger, the next round opens on version 1, and the round is counted once in epsilon."""
+    failures: list[int] = []
+    committed: list[tuple[int, bytes]] = []
+    record, fsync = Store.finish_round, privacy.fsync_dir
+
+    def finish_round(store: Store, round_id: int, *args: object, **kwargs: object) -> None:
+        record(store, round_id, *args, **kwargs)
+        if kwargs.get("new_model") is not None:
+            committed.append(kwargs["new_model"])  # type: ignore[arg-type]
+
+    def fsync_dir(path: Path) -> None:
+        if not failures:
+            failures.append(1)
+            raise OSError(errno.EIO, "Input/output error")
+        fsync(path)
+
+    monkeypatch.setattr(Store, "finish_round", finish_round)
+    monkeypatch.setattr(privacy, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(rounds, "CLOSE_RETRY_SECONDS", 0.05)
+
+    async def go() -> None:
+        async with running(tmp_path, devices=DEVICES, policy=POLICIES["sync"], plan=TrainingPlan(clip_norm=1.0),
+                           privacy=DPConfig(noise_multiplier=0.01, delta=1e-5)) as h:
+            task = await h.task()
+            assert task is not None
+            for device in h.devices:
+                status, answer = await h.upload(device.update(task, h.delta()))
+                assert status == 200, answer
+            await wait_until(lambda: bool(failures), what="the failed attempt to settle the ledger")
+            task1 = await h.task(after=task.round_id, wait=10)
+            assert task1 is not None and (task1.round_id, task1.model_version) == (task.round_id + 1, 1)
+            assert [version for version, _ in committed] == [1]
+            assert await served_digest(h, 1) == committed[0][1]
+            assert len(h.engine.privacy.rounds) == 1 and h.engine.privacy.pending is None
 
     run(go())
