@@ -263,22 +263,29 @@ class UpstreamLink:
 
     # ------------------------------------------------------------------------------------------ forwarding
 
-    async def _parent_is_async(self) -> bool:
+    async def _parent_is_async(self) -> bool | None:
         """Whether the parent runs async buffers (its ``GET /v1/status``): only such a parent takes an update based
-        on a version older than its round's, which a buffer opened right after a forward sends. Unknown: False."""
+        on a version older than its round's, which a buffer opened right after a forward sends. None: not read."""
         assert self._client is not None
         try:
             async with self._client.session.get(self._client.base_url + "/v1/status", params={"rounds": "1"}) as r:
-                return r.status == 200 and (await r.json()).get("async") is not None
+                if r.status == 200:
+                    return (await r.json()).get("async") is not None
+                problem = f"HTTP {r.status}"
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("upstream %s: status not read (%s); opening the next buffer on its next version",
-                        self.config.url, exc)
-            return False
+            problem = str(exc)
+        log.warning("upstream %s: status not read (%s); reading it again before the next forward", self.config.url,
+                    problem)
+        return None
 
     async def _read_parent_mode(self) -> None:
-        """Async site: whether its next buffer opens right after a forward (engine.reopen_after_forward)."""
-        self.engine.reopen_after_forward = await self._parent_is_async()
-        self._parent_mode_read = True
+        """Async site: whether its next buffer opens right after a forward (engine.reopen_after_forward). A mode not
+        read (the parent unreachable, as when it restarts with the site) counts as sync until the forward, which
+        reads it again: taken as known, the site would open no buffer after that forward until the parent's next
+        version, refusing its devices' updates meanwhile (410 round-closed, which the agent does not retry)."""
+        is_async = await self._parent_is_async()
+        self.engine.reopen_after_forward = bool(is_async)
+        self._parent_mode_read = is_async is not None
 
     def _forward_body(self, site_round: int, update: wire.Update) -> bytes:
         """The signed update for ``site_round``: the one written before an earlier attempt, else a new one, written

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 from nacl.signing import SigningKey
@@ -105,5 +106,55 @@ def test_an_async_site_restarted_with_its_forward_written_opens_its_next_buffer_
                     assert status == 200, answer
             finally:
                 following.set()
+
+    run(scenario())
+
+
+def test_an_async_site_restarted_while_its_city_is_unreachable_still_opens_its_next_buffer_after_the_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site and its city restarted together (a power cut): the site's upstream link asks for the city's mode
+    before the city answers, and that read fails. The resumed buffer's forward, retried until the city is back,
+    still opens the next buffer after it: a mode that was not read is read again then, not taken as 'sync'."""
+    forwarded = tmp_path / "a" / TASKS_DIR / "round-00000001.forward"
+
+    async def scenario() -> None:
+        async with city_of_two_sites(tmp_path) as (city, upstream, (key_a, _)):
+            with monkeypatch.context() as stalled:
+                async def never_sent(self: AggregatorClient, body: bytes) -> None:
+                    await asyncio.Event().wait()  # the site stops while sending
+
+                stalled.setattr(AggregatorClient, "send_update", never_sent)
+                async with running(tmp_path / "a", devices=3, key=key_a, upstream=upstream, policy=SITE_POLICY) as a:
+                    task = await site_task(a, 0)
+                    for device in a.devices[:2]:  # the buffer is full: its forward is written and sent
+                        status, answer = await a.upload(device.update(task, a.delta(), num_samples=10))
+                        assert status == 200, answer
+                    await wait_until(forwarded.exists, what="site A's forward written")
+
+            status_failed = asyncio.Event()
+            get = aiohttp.ClientSession.get
+
+            def city_down_for_status(self: aiohttp.ClientSession, url: str, **kwargs: object) -> object:
+                if url.endswith("/v1/status") and not status_failed.is_set():
+                    status_failed.set()
+                    raise aiohttp.ClientConnectionError("the city is not up yet")
+                return get(self, url, **kwargs)
+
+            send = AggregatorClient.send_update
+
+            async def sent_once_the_city_is_up(self: AggregatorClient, body: bytes) -> wire.Receipt:
+                await status_failed.wait()
+                return await send(self, body)
+
+            monkeypatch.setattr(aiohttp.ClientSession, "get", city_down_for_status)
+            monkeypatch.setattr(AggregatorClient, "send_update", sent_once_the_city_is_up)
+            async with running(tmp_path / "a", devices=3, key=key_a, upstream=upstream, policy=SITE_POLICY) as a:
+                await wait_until(lambda: a.engine.store.get_round(1).status == "published",
+                                 what="the resumed buffer forwarded")
+                assert status_failed.is_set()
+                assert city.engine.store.round_devices(1) == [wire.key_id(key_a.verify_key)]
+                status, answer = await a.upload(a.devices[2].update(task, a.delta(), num_samples=10))
+                assert status == 200, answer
 
     run(scenario())
