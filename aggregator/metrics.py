@@ -137,7 +137,8 @@ class AggregatorMetrics:
         )
         self.publication_failures = Counter(
             "fl_aggregator_publication_failures_total",
-            "Failed attempts at the steps after a new version's commit (the version stands; retried every 5 s)",
+            "Failed attempts at the steps after the commit recording a round's end, with a new version or without "
+            "(the record stands; retried every 5 s)",
             registry=r,
         )
         self.last_round_timestamp = Gauge(

@@ -192,12 +192,14 @@ class BufferFull(Exception):
 
 
 @dataclass(frozen=True)
-class Publication:
-    """A round whose new version is recorded (its commit succeeded): what the steps after that commit need. A
-    failure in those steps is retried from here, never by closing the round again, which would aggregate its updates
-    a second time onto the version already published."""
+class RecordedEnd:
+    """A round whose end is recorded (its commit succeeded): what the steps after that commit need. A failure in
+    those steps is retried from here, never by closing the round again, which would aggregate its updates a second
+    time onto the version already published, or record an abandoned or forwarded round and the next round again
+    (that next round's row is there already: the retry failed on it forever)."""
 
-    version: int
+    outcome: str  # "published" (with a new version or, in site mode, forwarded) or "abandoned"
+    version: int | None  # the new version recorded with it; None: none here (abandoned, or forwarded upstream)
     next_round: tuple[int, float, float, int] | None  # (round id, opened_at, deadline, goal), recorded with it
 
 
@@ -227,7 +229,7 @@ class OpenRound:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     closes_by: float = math.inf  # on the monotonic clock: the latest it closes, whatever the wall clock does
     close_under_way: asyncio.Event | None = None  # set when the close under way (close_round) ends
-    published: Publication | None = None  # recorded as published; the steps after its commit are not all done
+    ended: RecordedEnd | None = None  # its end is recorded; the steps after that commit are not all done
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -607,17 +609,18 @@ class RoundEngine:
             try:
                 await self.close_round()
             except Exception:
-                if round_.published is not None:
+                ended = round_.ended
+                if ended is not None:
                     self.metrics.publication_failures.inc()
-                    log.exception("round %d: model version %d is published, but a step after its commit failed; "
-                                  "retrying the steps after the commit in %.0f s", round_.round_id,
-                                  round_.published.version, CLOSE_RETRY_SECONDS)
+                    what = ended.outcome if ended.version is None else f"published as model version {ended.version}"
+                    log.exception("round %d is recorded %s, but a step after its commit failed; retrying the steps "
+                                  "after the commit in %.0f s", round_.round_id, what, CLOSE_RETRY_SECONDS)
                 else:
                     log.exception("closing round %d failed; retrying in %.0f s", round_.round_id, CLOSE_RETRY_SECONDS)
-                # A published round takes no more updates, and nor does a round whose noised model the privacy ledger
-                # counted: the retry publishes exactly that model, so an update it took now would be acknowledged
-                # and left out of it.
-                round_.closing = round_.published is not None or self._counted(round_)
+                # A round whose end is recorded takes no more updates, and nor does a round whose noised model the
+                # privacy ledger counted: the retry publishes exactly that model, so an update it took now would be
+                # acknowledged and left out of it.
+                round_.closing = round_.ended is not None or self._counted(round_)
                 await asyncio.sleep(CLOSE_RETRY_SECONDS)
 
     def _counted(self, round_: OpenRound) -> bool:
@@ -901,8 +904,8 @@ class RoundEngine:
     async def _close(self, round_: OpenRound) -> None:
         round_.closing = True
         await round_.idle.wait()
-        if round_.published is not None:  # recorded already: only the steps after its commit are left
-            await self._complete_publication(round_, round_.published)
+        if round_.ended is not None:  # recorded already: only the steps after its commit are left
+            await self._complete_end(round_, round_.ended)
             return
         if self.secure is not None:  # secure aggregation: all there is to aggregate is the survivors' weighted mean
             outcome = await self.secure.finish(round_)
@@ -966,7 +969,7 @@ class RoundEngine:
                 self.strategy.load_state(optimiser)
                 raise
             # From here on the version is published, whatever fails: the round clock's retry only completes it.
-            round_.published = publication = Publication(version, (next_id, now, deadline, goal) if opens else None)
+            round_.ended = end = RecordedEnd("published", version, (next_id, now, deadline, goal) if opens else None)
             self.metrics.aggregate_seconds.observe(time.perf_counter() - started)
             self.metrics.round_ended("published", now)
             self.metrics.model_version.set(version)
@@ -974,51 +977,46 @@ class RoundEngine:
                 self.activity.published(now)
             log.info("round %d published model version %d from %d updates", round_.round_id, version, participants)
             self._finish_metrics(round_, participants, now)
-            await self._complete_publication(round_, publication)
+            await self._complete_end(round_, end)
         else:
             note = f"{participants} updates, below the quorum of {self.policy.min_clients}"
             log.info("round %d abandoned: %s", round_.round_id, note)
             await self._abandon(round_, participants, samples, summary, now, note)
 
-    async def _complete_publication(self, round_: OpenRound, publication: Publication) -> None:
-        """The steps after a publication's commit, each of which may be run again after a failure: forget the model
-        the privacy ledger counted, delete the round's spool segment, open the next round recorded with the version
-        (in async mode, then delete the releases no update may be based on any more)."""
+    async def _complete_end(self, round_: OpenRound, end: RecordedEnd) -> None:
+        """The steps after the commit recording a round's end, each of which may be run again after a failure: settle
+        the privacy ledger (forget the model it counted; for an abandoned round, count the sum it was unmasking),
+        delete the round's spool segment, open the next round recorded with the end (in async mode, after a new
+        version, then delete the releases no update may be based on any more)."""
         if self.privacy is not None:
-            self.privacy.published()
+            if end.version is not None:
+                self.privacy.published()
+            unmasking = self.privacy.unmasking
+            if end.outcome == "abandoned" and unmasking is not None and unmasking.round_id == round_.round_id:
+                # after the round's end is recorded: a crash in between leaves the entry to _settle_stale_unmask
+                await self._run(self.privacy.unmask_abandoned)
             self.metrics.dp_epsilon.set(self.privacy.spent())
         self.store.drop_segment(round_.round_id)
-        following = publication.next_round
+        following = end.next_round
         await self._install(None if following is None else self._new_open_round(*following))
-        if self.policy.buffer is not None:
-            await self._run(self._drop_old_versions, publication.version)
+        if self.policy.buffer is not None and end.version is not None:
+            await self._run(self._drop_old_versions, end.version)
 
     async def _abandon(
         self, round_: OpenRound, participants: int, samples: int, summary: dict[str, float], now: float, note: str
     ) -> None:
-        if self.forward is not None:  # site mode: the next round opens on the parent's next task
-            self.store.finish_round(round_.round_id, "abandoned", now, participants, samples, summary, note=note)
-            self.metrics.round_ended("abandoned", now)
-            self._finish_metrics(round_, participants, now)
-            self.store.drop_segment(round_.round_id)
-            await self._install(None)
-            return
-        deadline = now + self.policy.round_timeout
-        goal = self._goal()
-        next_id = round_.round_id + 1
-        opens = not self._finished()  # a distributed sum unmasked in this round may have spent the budget
+        # Site mode: the next round opens on the parent's next task. Otherwise a distributed sum unmasked in this
+        # round may have spent the budget.
+        opens = self.forward is None and not self._finished()
+        following = (round_.round_id + 1, now, now + self.policy.round_timeout, self._goal()) if opens else None
         self.store.finish_round(
             round_.round_id, "abandoned", now, participants, samples, summary, note=note,
-            next_round=(next_id, self.version, now, deadline, goal) if opens else None,
+            next_round=None if following is None else (following[0], self.version, *following[1:]),
         )
-        unmasking = None if self.privacy is None else self.privacy.unmasking
-        if unmasking is not None and unmasking.round_id == round_.round_id:
-            # after the round's end is recorded: a crash in between leaves the entry to _settle_stale_unmask
-            self.metrics.dp_epsilon.set(await self._run(self.privacy.unmask_abandoned))
+        round_.ended = end = RecordedEnd("abandoned", None, following)
         self.metrics.round_ended("abandoned", now)
         self._finish_metrics(round_, participants, now)
-        self.store.drop_segment(round_.round_id)
-        await self._install(self._new_open_round(next_id, now, deadline, goal) if opens else None)
+        await self._complete_end(round_, end)
 
     async def _supersede(self, round_: OpenRound, version: int) -> None:
         """Async site: a buffer still empty when the parent's next version comes moves to it. Recorded and counted
@@ -1052,11 +1050,11 @@ class RoundEngine:
         next_id, deadline, goal = round_.round_id + 1, time.time() + self.policy.round_timeout, self._goal()
         self.store.finish_round(round_.round_id, "published", now, participants, samples, summary, note=note,
                                 next_round=(next_id, self.version, now, deadline, goal) if reopens else None)
+        round_.ended = end = RecordedEnd("published", None, (next_id, now, deadline, goal) if reopens else None)
         self.metrics.round_ended("published", now)
         self._finish_metrics(round_, participants, now)
-        self.store.drop_segment(round_.round_id)
         log.info("round %d: %s", round_.round_id, note)
-        await self._install(self._new_open_round(next_id, now, deadline, goal) if reopens else None)
+        await self._complete_end(round_, end)
 
     def _spooled(self, round_: OpenRound, rows: list[UpdateRow]) -> UpdateSet:
         """The round's updates as views of its memory-mapped spool segment (read by the rule on a worker thread)."""

@@ -12,13 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_aggregator_tree import wait_until
+from nacl.signing import SigningKey
+from test_aggregator_tree import site_task, wait_until
 
 from aggregator import privacy, rounds
+from aggregator.app import SERVICES
 from aggregator.buffered import BufferPolicy
 from aggregator.privacy import DPConfig
+from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.simulate import SimulatedDevice
 from aggregator.store import Store
+from aggregator.upstream import UpstreamConfig
 from appliance import wire
 from tests.aggregator_harness import Harness, run, running
 
@@ -299,5 +304,69 @@ def test_a_private_publication_whose_ledger_cannot_be_settled_stands_and_counts_
             assert [version for version, _ in committed] == [1]
             assert await served_digest(h, 1) == committed[0][1]
             assert len(h.engine.privacy.rounds) == 1 and h.engine.privacy.pending is None
+
+    run(go())
+
+
+def test_an_abandoned_round_whose_next_round_cannot_open_is_not_recorded_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round below its quorum at its deadline is recorded abandoned together with the next round, then deleting its
+    spool segment fails (EIO). The retry completes the steps after that record: the next round opens once the step
+    succeeds (a retry used to record the abandoned round again and fail on the next round's row forever, so no round
+    opened until a restart), and the failures are counted."""
+    disk = FailingAfterCommit(monkeypatch)
+
+    async def go() -> None:
+        policy = RoundPolicy(min_clients=DEVICES, goal_clients=DEVICES, round_timeout=0.2)
+        async with running(tmp_path, devices=DEVICES, policy=policy) as h:
+            first = h.engine.current
+            assert first is not None
+            await wait_until(lambda: disk.failures >= 3, timeout=10,
+                             what="three failed attempts after the abandoned round's end")
+            assert h.counter("fl_aggregator_publication_failures_total") >= 2
+            assert await h.task() is None, "a task was handed out while the next round is not open"
+            disk.failing = False
+            await wait_until(lambda: h.engine.current is not None and h.engine.current.round_id > first.round_id,
+                             timeout=10, what="the round after the abandoned one")
+            assert h.engine.store.get_round(first.round_id).status == "abandoned"
+            assert h.engine.store.get_round(first.round_id + 1) is not None
+
+    run(go())
+
+
+def test_an_async_sites_forwarded_buffer_whose_next_buffer_cannot_open_is_forwarded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async site under an async city forwards its full buffer and records it together with its next buffer, then
+    deleting the buffer's spool segment fails (EIO). The retry completes the steps after that record: the next buffer
+    opens once the step succeeds, and the city holds the site's forward once (a retry used to forward and record the
+    buffer again and fail on the next buffer's row forever, so the site took no more updates until a restart)."""
+    disk = FailingAfterCommit(monkeypatch)
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+
+    async def go() -> None:
+        async with running(tmp_path / "city", key=city_key, enrolled=[],
+                           policy=RoundPolicy(min_clients=1, round_timeout=600, buffer=BufferPolicy(size=2))) as city:
+            city.app[SERVICES].registry.enroll([Enrolment(SimulatedDevice(key=site_key).device_id,
+                                                          bytes(site_key.verify_key), site=True)])
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            async with running(tmp_path / "site", devices=DEVICES, key=site_key, upstream=upstream,
+                               policy=RoundPolicy(min_clients=1, round_timeout=600,
+                                                  buffer=BufferPolicy(size=DEVICES))) as site:
+                task = await site_task(site, 0)
+                await wait_until(lambda: site.engine.reopen_after_forward, what="the site reading its parent's mode")
+                for device in site.devices:
+                    status, answer = await site.upload(device.update(task, site.delta()))
+                    assert status == 200, answer
+                await wait_until(lambda: disk.failures >= 3, timeout=10,
+                                 what="three failed attempts after the forwarded buffer's end")
+                assert site.counter("fl_aggregator_publication_failures_total") >= 2
+                disk.failing = False
+                following = await site_task(site, task.round_id)
+                assert following.round_id == task.round_id + 1
+                assert site.engine.store.get_round(task.round_id).status == "published"
+                assert city.engine.current is not None and city.engine.current.accepted == 1
+                assert city.engine.version == 0
 
     run(go())
