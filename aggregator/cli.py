@@ -39,6 +39,7 @@ from appliance import strict_json, wire
 from appliance.broken_pipe import quiet_on_broken_pipe
 from appliance.client import pinned_tls_context
 from appliance.identity import IdentityError, read_key_file, write_key_file
+from appliance.modelpkg import MAX_PACKAGE_BYTES
 from appliance.protocol.downlink import DOWNLINK_ENCODINGS
 
 KEY_FILE = "aggregator.key"
@@ -167,11 +168,19 @@ def _finite(text: str) -> float:
     return value
 
 
+# A synthetic model stands in for a model package, whose float32 parameters fit in MAX_PACKAGE_BYTES (no device
+# fetches a larger one); past it, 2^63 and up, building the model died with a numpy ValueError traceback.
+MAX_SYNTHETIC_PARAMETERS = MAX_PACKAGE_BYTES // 4
+
+
 def _synthetic_parameters(text: str) -> int:
-    """A synthetic model has two tensors of at least one parameter each."""
+    """A synthetic model has two tensors of at least one parameter each, and no more than a package holds."""
     value = int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"expected at least 2 parameters, got {text}")
+    if value > MAX_SYNTHETIC_PARAMETERS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SYNTHETIC_PARAMETERS} parameters (the float32 "
+                                         f"values a {MAX_PACKAGE_BYTES // 2**20} MiB model package holds), got {text}")
     return value
 
 

@@ -361,6 +361,19 @@ def test_serve_refuses_a_synthetic_model_without_parameters(tmp_path: Path, caps
     assert f"--synthetic-parameters: expected at least 2 parameters, got {value}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", [str(2**26 + 1), str(2**63), str(2**64)])
+def test_serve_refuses_a_synthetic_model_larger_than_a_package_in_one_line(tmp_path: Path, capsys, value: str) -> None:
+    """2^63 parameters and up died building the model with a numpy ValueError traceback; a model package holds at
+    most 2^26 float32 parameters (256 MiB), and a synthetic model stands in for one."""
+    main(["keygen", "--state", str(tmp_path)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--state", str(tmp_path), "--synthetic-parameters", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--synthetic-parameters: expected at most {2**26} parameters" in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("value", ["inf", "nan", "Infinity", "ten"])
 @pytest.mark.parametrize("option", ["--round-timeout", "--update-window", "--lr", "--prox-mu", "--clip-norm"])
 def test_serve_refuses_a_number_past_the_finite_in_one_line(tmp_path: Path, capsys, option: str, value: str) -> None:
