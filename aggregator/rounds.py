@@ -533,11 +533,15 @@ class RoundEngine:
         await self._install(self._new_open_round(round_id, now, deadline, goal))
 
     async def _install(self, round_: OpenRound | None) -> None:
+        if round_ is not None and self.secure is not None:
+            # Its phases start before it is current, so before anyone sees its task (a device that got it while they
+            # started had its advertisement refused). If they fail to start, the round before stays current: the
+            # clock's retry of the steps after that round's end installs this one again (a round made current
+            # without its phases refused every device until its deadline).
+            await self.secure.opened(round_)
         if self.current is not None and self.current is not round_:
             self.current.full.set()  # wakes the clock if it still waits on the round closed outside it
         self.current = round_
-        if round_ is not None and self.secure is not None:  # its phases start before anyone sees the task
-            await self.secure.opened(round_)
         self.metrics.current_round.set(round_.round_id if round_ else 0)
         self.metrics.round_updates.set(round_.accepted if round_ else 0)
         async with self._changed:
@@ -897,6 +901,10 @@ class RoundEngine:
         round_.close_under_way = ended = asyncio.Event()
         try:
             await self._close(round_)
+        except Exception:
+            if round_.ended is not None:  # a close outside the clock (a site's): it retries now, not at the deadline
+                round_.full.set()
+            raise
         finally:
             round_.close_under_way = None
             ended.set()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nacl.signing import SigningKey
+from secagg_harness import secure_rounds, secure_running
 from test_aggregator_tree import site_task, wait_until
 
 from aggregator import privacy, rounds
@@ -21,6 +22,7 @@ from aggregator.buffered import BufferPolicy
 from aggregator.privacy import DPConfig
 from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy, TrainingPlan
+from aggregator.secagg_round import SecureRounds
 from aggregator.simulate import SimulatedDevice
 from aggregator.store import Store
 from aggregator.upstream import UpstreamConfig
@@ -368,5 +370,41 @@ def test_an_async_sites_forwarded_buffer_whose_next_buffer_cannot_open_is_forwar
                 assert site.engine.store.get_round(task.round_id).status == "published"
                 assert city.engine.current is not None and city.engine.current.accepted == 1
                 assert city.engine.version == 0
+
+    run(go())
+
+
+def test_a_secure_round_whose_phases_fail_to_start_after_the_round_before_ended_is_started_by_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Secure aggregation: round 1 is closed outside the round clock (as a site closes its round when its parent's
+    next task comes) and ends abandoned (no masked input); round 2, recorded with it, is installed, but starting its
+    secure phases fails once. The clock retries at once and starts them: round 2's task is handed out with its phases
+    running. The engine used to point at round 2 before its phases started, so the retry never came: round 2's task
+    went out with no phases behind it, and every device's advertisement was refused until its deadline abandoned it;
+    and a close failing outside the clock was retried only at the round's deadline."""
+    failures: list[int] = []
+    start = SecureRounds.opened
+
+    async def opened(self: SecureRounds, round_: rounds.OpenRound) -> None:
+        if round_.round_id == 2 and not failures:
+            failures.append(round_.round_id)
+            raise OSError(errno.EIO, "Input/output error")
+        await start(self, round_)
+
+    monkeypatch.setattr(SecureRounds, "opened", opened)
+    monkeypatch.setattr(rounds, "CLOSE_RETRY_SECONDS", 0.05)
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=DEVICES, round_timeout=600) as h:
+            task = await h.task()
+            assert task is not None and task.round_id == 1
+            with pytest.raises(OSError, match="Input/output error"):
+                await h.engine.close_round()
+            task2 = await h.task(after=1, wait=10)
+            assert task2 is not None and task2.round_id == 2 and task2.secure_aggregation
+            for device in secure_rounds(h, task2):
+                await device.advertise()  # refused when round 2 has no phases running
+            assert h.engine.store.get_round(1).status == "abandoned"
 
     run(go())
