@@ -408,3 +408,32 @@ def test_a_secure_round_whose_phases_fail_to_start_after_the_round_before_ended_
             assert h.engine.store.get_round(1).status == "abandoned"
 
     run(go())
+
+
+def test_a_restart_while_the_steps_after_a_publication_are_retried_opens_the_next_round_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aggregator stops while it retries the steps after version 1's commit (the next round recorded with it, not
+    yet open). The restart resumes that next round (it does not open another, nor publish version 1 again) and
+    deletes the published round's segment."""
+    disk = FailingAfterCommit(monkeypatch)
+
+    async def go() -> None:
+        async with running(tmp_path, devices=DEVICES, policy=POLICIES["sync"]) as h:
+            task = await h.task()
+            assert task is not None
+            for device in h.devices:
+                status, answer = await h.upload(device.update(task, h.delta()))
+                assert status == 200, answer
+            await wait_until(lambda: disk.failures >= 2, what="failed attempts after version 1's commit")
+            segment = h.engine.store.segment_path(task.round_id)
+            assert segment.exists()
+        disk.failing = False
+        async with running(tmp_path, devices=0, enrolled=h.devices, key=h.key, policy=POLICIES["sync"]) as again:
+            task1 = await again.task(after=task.round_id, wait=10)
+            assert task1 is not None and (task1.round_id, task1.model_version) == (task.round_id + 1, 1)
+            assert again.engine.store.last_round_id() == task1.round_id
+            assert [version for version, _ in disk.committed] == [1]
+            assert not segment.exists()
+
+    run(go())
