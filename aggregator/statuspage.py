@@ -47,20 +47,27 @@ def _secure(r: dict[str, Any]) -> str:
     return f"secure, {secure['phase']} phase"
 
 
+def _named_devices(r: dict[str, Any], key: str) -> tuple[int, str]:
+    """A round's device list ``key`` of /v1/status (cut at 100 ids, its ``<key>_total`` beside it): the total, and
+    the first :data:`LOST_NAMED` ids as HTML followed by a link to the paged list for the rest."""
+    ids = r.get(key, [])
+    total = r.get(f"{key}_total", len(ids))
+    names = ", ".join(f'<code title="{escape(d, quote=True)}">{escape(d[:12])}</code>' for d in ids[:LOST_NAMED])
+    named = min(len(ids), LOST_NAMED)
+    if total > named:
+        names += f' and <a href="/v1/status/rounds/{r["round"]}/{key}">{total - named} more</a>'
+    return total, names
+
+
 def _lost(r: dict[str, Any]) -> str:
     """The round's acknowledged updates that the disk lost (taken out of the round at a restart), or nothing.
 
     /v1/status lists the first of them beside ``lost_devices_total``; the rest are a link to their paged list."""
-    lost = r["lost_devices"]
-    total = r.get("lost_devices_total", len(lost))
+    total, names = _named_devices(r, "lost_devices")
     if not total:
         return ""
-    names = ", ".join(f'<code title="{escape(d, quote=True)}">{escape(d[:12])}</code>' for d in lost[:LOST_NAMED])
-    named = min(len(lost), LOST_NAMED)
-    more = (f' and <a href="/v1/status/rounds/{r["round"]}/lost_devices">{total - named} more</a>'
-            if total > named else "")
     return (f'<br><small class="lost" title="acknowledged, then lost from the spool by the disk; not in the round">'
-            f"{total} update{'s' if total != 1 else ''} lost on disk: {names}{more}</small>")
+            f"{total} update{'s' if total != 1 else ''} lost on disk: {names}</small>")
 
 
 #: What the page says of each reason a secure round's masked input is left out of its sum (aggregator/secagg_round.py).
@@ -71,19 +78,14 @@ LEFT_OUT_WHY = {"false-accusation": "accused an honest neighbour", "bad-shares":
 def _left_out(r: dict[str, Any]) -> str:
     """A secure round's masked inputs that arrived and are not in its sum, and why, or nothing: their devices are
     not among the round's devices. /v1/status lists the first of them beside ``left_out_devices_total``."""
-    left_out = r.get("left_out_devices", [])
-    total = r.get("left_out_devices_total", len(left_out))
+    total, names = _named_devices(r, "left_out_devices")
     if not total:
         return ""
-    names = ", ".join(f'<code title="{escape(d, quote=True)}">{escape(d[:12])}</code>' for d in left_out[:LOST_NAMED])
-    named = min(len(left_out), LOST_NAMED)
-    more = (f' and <a href="/v1/status/rounds/{r["round"]}/left_out_devices">{total - named} more</a>'
-            if total > named else "")
     reasons = (r.get("secure") or {}).get("left_out", {})
     why = "; ".join(f"{count} {escape(LEFT_OUT_WHY.get(reason, reason))}" for reason, count in reasons.items())
     return (f'<br><small class="left-out" title="stored, but not in the secure sum">'
             f"{total} masked input{'s' if total != 1 else ''} left out of the sum"
-            f"{f' ({why})' if why else ''}: {names}{more}</small>")
+            f"{f' ({why})' if why else ''}: {names}</small>")
 
 
 def _sites(count: int) -> str:
