@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from typing import Any
+
+import numpy as np
 
 #: The text a non-finite number is written as (see :func:`finite_or_text`).
 NON_FINITE_TEXT = ("Infinity", "-Infinity", "NaN")
@@ -44,7 +45,7 @@ def dumps_as_found(value: Any, **options: Any) -> str:
 def finite_or_text(value: Any) -> Any:
     """``value`` (nested dicts, lists and tuples of JSON values, numpy scalars included) with each inf, -inf or nan
     replaced by the text ``"Infinity"``, ``"-Infinity"`` or ``"NaN"``, and numpy floats made Python floats."""
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+    if isinstance(value, float | np.floating):
         number = float(value)
         if math.isnan(number):
             return "NaN"
