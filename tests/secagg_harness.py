@@ -159,12 +159,14 @@ def process_deltas(seed: int) -> list[np.ndarray]:
 
 @contextlib.asynccontextmanager
 async def secure_aggregator(tmp_path: Path, key: SigningKey, package: Path, devices: int,
-                            min_clients: int) -> AsyncIterator[TestClient]:
+                            min_clients: int, max_rounds: int = 0) -> AsyncIterator[TestClient]:
     """A real aggregator on loopback whose rounds are secure, serving ``package`` (signed by ``key``), with
-    ``devices`` as its goal; yields its test client (enrol agents with :func:`make_agent`)."""
+    ``devices`` as its goal and at most ``max_rounds`` published versions (0: no limit); yields its test client
+    (enrol agents with :func:`make_agent`)."""
     config = AggregatorConfig(
         tmp_path / "aggregator", load_package_file(package, key.verify_key), key,
-        policy=RoundPolicy(min_clients=min_clients, goal_clients=devices, round_timeout=240),
+        policy=RoundPolicy(min_clients=min_clients, goal_clients=devices, round_timeout=240,
+                           max_rounds=max_rounds),
         plan=TrainingPlan(batch_size=16, clip_norm=1.0), secure_aggregation=SecAggConfig(phase_timeout=20),
     )
     client = TestClient(ServedAsInProduction(make_app(config), host="127.0.0.1"))
