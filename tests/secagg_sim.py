@@ -3,6 +3,8 @@ after a chosen phase, an aggregator that routes, plans and unmasks. Used by the 
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +54,24 @@ def routed_to(setup: RoundSetup, dealings: dict[int, Dealing], recipient: int) -
         if u in dealings
     ]
 
+
+# A point of order 8 (the torsion part Ed25519 has and the prime-order group has not).
+ORDER_8 = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
+
+
+def seeded_entropy(label: str):
+    """A reproducible entropy source for the protocol's ``entropy`` arguments: SHA-256 of ``label/0``, ``label/1``..."""
+    counter = itertools.count()
+    buffer = bytearray()
+
+    def take(n: int) -> bytes:
+        while len(buffer) < n:
+            buffer.extend(hashlib.sha256(f"{label}/{next(counter)}".encode()).digest())
+        out = bytes(buffer[:n])
+        del buffer[:n]
+        return out
+
+    return take
 
 @dataclass
 class Outcome:

@@ -5,9 +5,6 @@ count; a dealer whose shares were bad is left out and its accuser counts. Forged
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-
 import numpy as np
 import pytest
 from nacl.bindings import crypto_core_ed25519_add
@@ -23,25 +20,7 @@ from appliance.protocol.secagg import (
     plan_unmask,
     share_key,
 )
-from tests.secagg_sim import make_setup, play, routed_to
-
-# A point of order 8 (the torsion part Ed25519 has and the prime-order group has not).
-ORDER_8 = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
-
-
-def _stream(label: str):
-    counter = itertools.count()
-    buffer = bytearray()
-
-    def take(n: int) -> bytes:
-        while len(buffer) < n:
-            buffer.extend(hashlib.sha256(f"{label}/{next(counter)}".encode()).digest())
-        out = bytes(buffer[:n])
-        del buffer[:n]
-        return out
-
-    return take
-
+from tests.secagg_sim import ORDER_8, make_setup, play, routed_to, seeded_entropy
 
 # ------------------------------------------------------------------------------------------ the whole round
 
@@ -93,7 +72,7 @@ def test_a_dealer_whose_ciphertext_does_not_open_under_the_proven_key_is_left_ou
 
 
 def _dealt(n: int = 5, entropy_label: str = "accusations"):
-    devices = [DeviceRound(7, _stream(f"{entropy_label} {i}")) for i in range(n)]
+    devices = [DeviceRound(7, seeded_entropy(f"{entropy_label} {i}")) for i in range(n)]
     setup = make_setup(devices)
     dealings = {i: d.deal(setup, i) for i, d in enumerate(devices)}
     for i, d in enumerate(devices):
@@ -143,12 +122,12 @@ def test_forged_evidence_convicts_the_accuser(forgery):
     elif forgery == "the proof of an accusation against another dealer":
         k_point, proof = devices[me].accusation(other).channel_point, devices[me].accusation(other).proof
     elif forgery == "a proof made with another secret":
-        proof = dleq.prove(7, me, dealer, devices[3]._cipher_secret, setup.keys[dealer].cipher, _stream("w"))
+        proof = dleq.prove(7, me, dealer, devices[3]._cipher_secret, setup.keys[dealer].cipher, seeded_entropy("w"))
         k_point = shamir.point_times(devices[3]._cipher_secret, setup.keys[dealer].cipher)
     elif forgery == "a proof with one bit flipped":
         proof = proof[:40] + bytes([proof[40] ^ 1]) + proof[41:]
     elif forgery == "a proof for another round":
-        proof = dleq.prove(8, me, dealer, devices[me]._cipher_secret, setup.keys[dealer].cipher, _stream("w"))
+        proof = dleq.prove(8, me, dealer, devices[me]._cipher_secret, setup.keys[dealer].cipher, seeded_entropy("w"))
     forged = Accusation(dealer, k_point, proof)
     assert not accusation_holds(setup, me, forged, dealings[dealer])
     broken = bytearray(dealings[dealer].ciphertexts[me])
@@ -167,7 +146,7 @@ def test_an_accusation_of_a_device_that_is_no_neighbour_convicts_the_accuser():
     stranger = next(v for v in range(1, 8) if v not in setup.graph[0])
     made_up = Accusation(stranger, shamir.point_times(devices[0]._cipher_secret, setup.keys[stranger].cipher),
                          dleq.prove(7, 0, stranger, devices[0]._cipher_secret, setup.keys[stranger].cipher,
-                                    _stream("w")))
+                                    seeded_entropy("w")))
     assert not accusation_holds(setup, 0, made_up, dealings[stranger])
 
 
@@ -257,7 +236,7 @@ def test_a_device_accusing_every_neighbour_is_judged_once(monkeypatch):
 def test_the_judgement_does_not_depend_on_the_order_masked_inputs_arrived():
     """The aggregator judges again after a restart, from its stored messages, read in another order."""
     n = 9
-    devices = [DeviceRound(7, _stream(f"order {i}")) for i in range(n)]
+    devices = [DeviceRound(7, seeded_entropy(f"order {i}")) for i in range(n)]
     setup = make_setup(devices)
     dealings = {i: d.deal(setup, i) for i, d in enumerate(devices)}
     _garble(dealings, 2, 0)

@@ -5,30 +5,12 @@ other statement, and every malformed proof, refused."""
 from __future__ import annotations
 
 import hashlib
-import itertools
 
 import pytest
 from nacl.bindings import crypto_core_ed25519_add
 
 from appliance.protocol import dleq, shamir
-
-# A point of order 8 (the torsion part Ed25519 has and the prime-order group has not).
-ORDER_8 = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
-
-
-def _stream(label: str):
-    counter = itertools.count()
-    buffer = bytearray()
-
-    def take(n: int) -> bytes:
-        while len(buffer) < n:
-            buffer.extend(hashlib.sha256(f"{label}/{next(counter)}".encode()).digest())
-        out = bytes(buffer[:n])
-        del buffer[:n]
-        return out
-
-    return take
-
+from tests.secagg_sim import ORDER_8, seeded_entropy
 
 SECRET = int.from_bytes(hashlib.sha512(b"fl-edge dleq vector a").digest(), "little") % shamir.L
 DEALER_SECRET = int.from_bytes(hashlib.sha512(b"fl-edge dleq vector d").digest(), "little") % shamir.L
@@ -50,10 +32,10 @@ def _independent_challenge(round_id, accuser, dealer, t1, t2):
 
 
 def test_the_proof_vector_is_what_the_prover_makes_and_the_verifier_takes():
-    proof = dleq.prove(7, 2, 0, SECRET, D, _stream("fl-edge dleq vector w"))
+    proof = dleq.prove(7, 2, 0, SECRET, D, seeded_entropy("fl-edge dleq vector w"))
     assert proof == VECTOR_PROOF
     assert dleq.verify(7, 2, 0, A, D, K, VECTOR_PROOF)
-    w = shamir.random_scalar(_stream("fl-edge dleq vector w"))  # the prover's nonce, drawn the same way
+    w = shamir.random_scalar(seeded_entropy("fl-edge dleq vector w"))  # the prover's nonce, drawn the same way
     c = _independent_challenge(7, 2, 0, shamir.base_point_times(w), shamir.point_times(w, D))
     assert shamir.scalar_bytes(c) + shamir.scalar_bytes(w + c * SECRET) == VECTOR_PROOF
 
