@@ -38,6 +38,9 @@ AGENT_LEAF = "agent"
 TRAINER_LEAF = "trainer"
 PROC_SELF = Path("/proc/self")
 SYSTEM_MEMORY_PRESSURE = Path("/proc/pressure/memory")
+# multiprocessing.connection.wait waits at most what poll(2) takes (2^31 - 1 ms, about 24.8 days) and raises
+# OverflowError past it: the trainer's result is waited for in slices of this.
+WAIT_SLICE_SECONDS = 86400.0
 
 
 class CgroupFileError(ValueError):
@@ -675,7 +678,7 @@ class TrainerSandbox:
                     _write(trainer / "cgroup.procs", str(process.pid))
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 parent_end.send((fn, args, kwargs))
-            ready = multiprocessing.connection.wait([parent_end, process.sentinel], timeout)
+            ready = _wait([parent_end, process.sentinel], timeout)
             if not ready:
                 process.kill()
                 raise TimeoutError(f"trainer gave no result within {timeout} s and was killed")
@@ -719,6 +722,19 @@ class TrainerSandbox:
             with contextlib.suppress(OSError):
                 trainer.rmdir()
             self._ready = False
+
+
+def _wait(objects: list[Any], timeout: float | None) -> list[Any]:
+    """:func:`multiprocessing.connection.wait` for any ``timeout``: a round whose deadline is weeks away (the agent
+    gives the trainer until then) is waited for in slices, not refused with OverflowError."""
+    if timeout is None:
+        return multiprocessing.connection.wait(objects)
+    end = time.monotonic() + timeout
+    while True:
+        remaining = end - time.monotonic()
+        ready = multiprocessing.connection.wait(objects, max(0.0, min(remaining, WAIT_SLICE_SECONDS)))
+        if ready or remaining <= WAIT_SLICE_SECONDS:
+            return ready
 
 
 def run_in_trainer_cgroup(fn: Callable[..., Any], /, *args: Any, memory_max: int | None,

@@ -27,6 +27,12 @@ UPDATE_CONTENT_TYPE = wire.CONTENT_TYPE
 # What aiohttp may buffer from the socket before it stops reading (twice this): its default of 64 KiB splits a
 # model release (4 MB at 1M parameters) into many small chunks, each a turn of the event loop.
 READ_BUFFER_BYTES = 1 << 20
+# What the agent reads of an answer to a POST: a receipt or a problem+json is a few hundred bytes. An answer past this
+# (a hostile aggregator or a broken proxy may send gigabytes) is a failed request, retried later, not read into memory.
+MAX_ANSWER_BYTES = 64 * 1024
+# How much of a refusal's reason and detail the agent keeps (they go into its log and a rejected update's note).
+MAX_REASON_CHARS = 64
+MAX_DETAIL_CHARS = 500
 
 
 class AggregatorUnavailable(Exception):
@@ -62,13 +68,37 @@ class StaleReport(Rejection):
         self.held_sent_at = held_sent_at
 
 
+def _problem(answer: bytes) -> tuple[dict | None, str]:
+    """The JSON object of a problem+json answer, or (None, what is wrong with it). An aggregator or a proxy on the
+    path may answer anything: not UTF-8, not JSON, JSON nested past what the reader recurses into, an integer past
+    Python's 4,300 digits, a list or a number instead of an object. Each is a malformed answer, never an exception."""
+    try:
+        problem = json.loads(answer)
+    except RecursionError:
+        return None, "JSON nested too deeply to read"
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except ValueError as exc:  # JSONDecodeError, or an integer past the int-string conversion limit
+        return None, f"not JSON ({str(exc)[:80]})"
+    if not isinstance(problem, dict):
+        return None, f"JSON {type(problem).__name__}, not an object"
+    return problem, ""
+
+
+def _text(value: object, limit: int) -> str | None:
+    """``value`` as one log-safe line of at most ``limit`` characters (control characters shown as '?': a hostile
+    answer cannot forge log lines, nor the first line of a rejected update's note); None when it is not text."""
+    if not isinstance(value, str):
+        return None
+    line = "".join(c if c.isprintable() else "?" for c in value[:limit])
+    return line + "..." if len(value) > limit else line
+
+
 def held_sent_at(answer: bytes) -> int | None:
     """The ``held_sent_at`` of a ``stale-report`` problem+json: an integer in a heartbeat's ``sent_at`` range, or
-    None when the answer has none (an older aggregator) or one of another type or range."""
-    try:
-        value = json.loads(answer).get("held_sent_at")
-    except (ValueError, AttributeError):
-        return None
+    None when the answer has none (an older aggregator), one of another type or range, or is not a problem+json."""
+    problem, _ = _problem(answer)
+    value = None if problem is None else problem.get("held_sent_at")
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= FIELD_RANGES["sent_at"]:
         return None
     return value
@@ -80,12 +110,16 @@ def is_refusal(status: int) -> bool:
 
 
 def problem_reason(answer: bytes) -> tuple[str, str]:
-    """(reason, detail) of an aggregator's problem+json answer; ("unknown", the start of it) if it is not one."""
-    try:
-        problem = json.loads(answer)
-        return str(problem.get("reason", "unknown")), str(problem.get("detail", ""))
-    except (ValueError, AttributeError):
-        return "unknown", answer[:200].decode(errors="replace")
+    """(reason, detail) of an aggregator's problem+json answer, each one printable line (at most
+    :data:`MAX_REASON_CHARS` and :data:`MAX_DETAIL_CHARS`; "unknown" for a reason that is not text); ("unknown",
+    what is wrong with it and how it starts) when the answer is not a problem+json object."""
+    problem, malformed = _problem(answer)
+    if problem is None:
+        start = _text(bytes(answer[:MAX_REASON_CHARS]).decode(errors="replace"), MAX_REASON_CHARS)
+        return "unknown", f"malformed problem+json answer ({malformed}): {start}"
+    detail = _text(problem.get("detail", ""), MAX_DETAIL_CHARS)
+    return (_text(problem.get("reason"), MAX_REASON_CHARS) or "unknown",
+            "(its detail is not text)" if detail is None else detail)
 
 
 async def read_body(response: aiohttp.ClientResponse, limit: int) -> memoryview:
@@ -181,10 +215,15 @@ class AggregatorClient:
             raise AggregatorUnavailable(f"GET {path}: {exc!r}") from exc
 
     async def _post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        """POST ``body``; the HTTP status and the answer, whatever the status (the caller reads it)."""
+        """POST ``body``; the HTTP status and the answer, whatever the status (the caller reads it). An answer of more
+        than :data:`MAX_ANSWER_BYTES` is :class:`AggregatorUnavailable`: not read whole, and the message is kept."""
         try:
             async with self.session.post(self.base_url + path, data=body, headers={"Content-Type": content_type}) as r:
-                return r.status, await r.read()
+                try:
+                    answer = await read_body(r, MAX_ANSWER_BYTES)
+                except ProtocolError as exc:
+                    raise AggregatorUnavailable(f"POST {path}: HTTP {r.status}: {exc}") from exc
+                return r.status, bytes(answer)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AggregatorUnavailable(f"POST {path}: {exc!r}") from exc
 

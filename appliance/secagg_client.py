@@ -27,7 +27,7 @@ import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
 from appliance import wire
-from appliance.client import is_refusal, problem_reason
+from appliance.client import MAX_ANSWER_BYTES, is_refusal, problem_reason, read_body
 from appliance.errors import ProtocolError
 from appliance.protocol import messages as m
 from appliance.protocol.secagg import DeviceRound, SecAggError
@@ -67,8 +67,8 @@ class Transport:
         try:
             async with self.session.post(f"{self.base_url}/v1/secagg/{phase}", data=body,
                                          headers={"Content-Type": wire.CONTENT_TYPE}) as response:
-                answer, status = await response.read(), response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                answer, status = bytes(await read_body(response, MAX_ANSWER_BYTES)), response.status
+        except (aiohttp.ClientError, TimeoutError, ProtocolError) as exc:  # ProtocolError: an answer past the limit
             raise ConnectionError(f"POST /v1/secagg/{phase}: {exc!r}") from exc
         if status == 200:
             return
@@ -79,8 +79,8 @@ class Transport:
         try:
             async with self.session.get(f"{self.base_url}{path}", params={"wait": str(int(wait))},
                                         timeout=aiohttp.ClientTimeout(total=wait + 30)) as response:
-                answer, status = await response.read(), response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                answer, status = bytes(await read_body(response, wire.DEFAULT_LIMITS.max_bytes)), response.status
+        except (aiohttp.ClientError, TimeoutError, ProtocolError) as exc:  # ProtocolError: an answer past the limit
             raise ConnectionError(f"GET {path}: {exc!r}") from exc
         if status == 204:
             return None
@@ -195,8 +195,11 @@ class SecureRound:
     def masked_input(self, delta: np.ndarray, num_samples: int) -> bytes:
         """The signed masked input of a clipped update (flat float32, in the model's parameter order), with the
         evidence against each rejected neighbour (the aggregator leaves out whichever of the two is lying)."""
-        words = self.device.mask(delta, num_samples)
-        accusations = tuple(self.device.accusation(d) for d in self.rejected)
+        try:
+            words = self.device.mask(delta, num_samples)
+            accusations = tuple(self.device.accusation(d) for d in self.rejected)
+        except SecAggError as exc:  # a rejected neighbour's key the proof cannot be made with (bad-roster)
+            raise SecAggDropped(exc.reason, exc.detail) from None
         return m.encode_masked(m.MaskedInput(self.round_id, self.device_id, words, accusations), self.key)
 
     async def unmask(self) -> None:

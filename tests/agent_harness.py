@@ -71,6 +71,7 @@ class FakeAggregator:
         self.updates: list[bytes] = []
         self.device_keys: dict[str, VerifyKey] = {}
         self.unavailable_posts = 0  # answer this many uploads with 503 first (aggregator down)
+        self.round_seconds = 300  # how far ahead of its issue the task's deadline lies
 
     def receipt(self, body: bytes, update: wire.Update) -> bytes:
         genuine = wire.Receipt(update.device_id, update.round_id, wire.update_digest(body))
@@ -100,7 +101,7 @@ class FakeAggregator:
                 await asyncio.sleep(0.2)
                 return web.Response(status=204)
             t = wire.Task(
-                1, 0, self.digest, self.package.digest, deadline=int(time.time()) + 300, epochs=1,
+                1, 0, self.digest, self.package.digest, deadline=int(time.time()) + self.round_seconds, epochs=1,
                 batch_size=TASK_BATCH_SIZE,
             )
             return web.Response(body=wire.encode_task(t, self.key), content_type="application/cose")

@@ -112,6 +112,21 @@ def test_a_trainer_past_its_timeout_is_killed():
     assert time.monotonic() - started < 30
 
 
+def test_a_trainer_given_weeks_runs_and_returns_its_result():
+    """A round whose deadline is weeks away (``--round-timeout`` of a month, or a deadline a hostile aggregator put
+    centuries ahead): the trainer is given until then, and waiting that long is no OverflowError ending the agent."""
+    sandbox = b.TrainerSandbox(ADVISORY, memory_max=None)
+    for timeout in (30 * 86400.0, 2.0**40, float("inf")):
+        assert sandbox.run(child_pid_and_sum, [1, 2, 3], timeout=timeout)[1] == 6
+
+
+def test_a_long_timeout_waited_in_slices_still_kills_the_trainer_at_its_end(monkeypatch):
+    monkeypatch.setattr(b, "WAIT_SLICE_SECONDS", 0.3)
+    sandbox = b.TrainerSandbox(ADVISORY, memory_max=None)
+    with pytest.raises(TimeoutError, match=r"within 1\.0 s"):
+        sandbox.run(sleep_long, timeout=1.0)
+
+
 # -- delegated, on a fake cgroupfs tree ----------------------------------------------------------------------
 
 

@@ -1,0 +1,143 @@
+"""What an aggregator answers is checked before the agent believes it: a signature proves who sent it, not that it is
+sane, and an aggregator that was compromised, or a proxy on the path, can answer anything. A refusal nested deeper
+than the JSON reader goes, not UTF-8, a list or a number instead of an object, an integer of thousands of digits,
+or gigabytes: each is a malformed or failed answer named in one log line, and no loop of the agent ends on it.
+A round whose deadline is weeks away is trained for, not an OverflowError ending the agent."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from agent_harness import FakeAggregator, on_loopback, run_agent_against, sample
+from aiohttp import web
+from nacl.signing import SigningKey
+
+from appliance.client import (
+    MAX_ANSWER_BYTES,
+    MAX_DETAIL_CHARS,
+    AggregatorClient,
+    AggregatorUnavailable,
+    held_sent_at,
+    problem_reason,
+)
+from appliance.secagg_client import Transport
+from flctl.model import export_reference_package
+
+DEEP_LIST = b"[" * 10_000 + b"]" * 10_000  # 20 kB, within the bound on what is read
+DEEP_OBJECT = b'{"reason": ' * 5_000 + b"1" + b"}" * 5_000
+
+
+@pytest.fixture(scope="module")
+def signed_package(tmp_path_factory):
+    key = SigningKey.generate()
+    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
+    export_reference_package("cnn", path, key)
+    return key, path
+
+
+class RefusingHeartbeats(FakeAggregator):
+    """The fake aggregator, answering every heartbeat with ``status`` and ``body`` as problem+json."""
+
+    def __init__(self, key: SigningKey, package_path: Path, status: int, body: bytes):
+        super().__init__(key, package_path)
+        self.status, self.body = status, body
+
+    def app(self) -> web.Application:
+        async def heartbeat(request: web.Request) -> web.Response:
+            return web.Response(status=self.status, body=self.body, content_type="application/problem+json")
+
+        app = super().app()
+        app.router.add_post("/v1/heartbeat", heartbeat)
+        return app
+
+
+async def test_a_refusal_nested_past_the_json_reader_is_logged_and_the_agent_goes_on(signed_package, tmp_path, caplog):
+    key, path = signed_package
+    fake = RefusingHeartbeats(key, path, 409, DEEP_LIST)
+    with caplog.at_level(logging.WARNING, logger="fl_agent"):
+        agent = await run_agent_against(
+            fake, tmp_path, until=lambda a: sample(a, "fl_agent_updates_delivered_total") >= 1
+            and sample(a, "fl_agent_aggregator_errors_total", {"operation": "heartbeat"}) >= 1, at_most=60,
+        )
+    assert sample(agent, "fl_agent_aggregator_errors_total", {"operation": "heartbeat"}) == 1
+    assert len(fake.updates) == 1  # the round loop and the delivery went on
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("heartbeat not taken")]
+    assert line.startswith("heartbeat not taken: 409 unknown: malformed problem+json answer (JSON nested too deeply")
+
+
+async def test_a_round_whose_deadline_is_weeks_away_is_trained_for(signed_package, tmp_path):
+    key, path = signed_package
+    fake = FakeAggregator(key, path)
+    fake.round_seconds = 30 * 86400  # past the 24.8 days poll(2) can wait at once
+    agent = await run_agent_against(fake, tmp_path, until=lambda a: sample(a, "fl_agent_updates_delivered_total") >= 1,
+                                    at_most=120)
+    assert len(fake.updates) == 1 and agent.last_round == 1
+
+
+@pytest.mark.parametrize("answer, why", [
+    (DEEP_LIST, "JSON nested too deeply to read"),
+    (DEEP_OBJECT, "JSON nested too deeply to read"),
+    (b'{"reason": "\xff\xfe"}', "not UTF-8 text"),
+    (b'{"reason": 1' + b"0" * 5000 + b"}", "not JSON (Exceeds the limit (4300 digits)"),
+    (b"not json", "not JSON (Expecting value"),
+    (b'["stale-report"]', "JSON list, not an object"),
+    (b"409", "JSON int, not an object"),
+    (b'"stale-report"', "JSON str, not an object"),
+])
+def test_an_answer_that_is_not_a_problem_object_is_named_malformed(answer, why):
+    reason, detail = problem_reason(answer)
+    assert reason == "unknown"
+    assert detail.startswith(f"malformed problem+json answer ({why}") and detail.isprintable(), detail
+    assert len(detail) < 250
+    assert held_sent_at(answer) is None
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ({"reason": "stale-report", "detail": "older than the one held"}, ("stale-report", "older than the one held")),
+    ({"reason": ["stale-report"], "detail": "x"}, ("unknown", "x")),
+    ({"reason": "bad-payload", "detail": json.loads("[" * 900 + "]" * 900)},
+     ("bad-payload", "(its detail is not text)")),
+    ({"reason": "bad\npayload", "detail": "line one\nforged log line"}, ("bad?payload", "line one?forged log line")),
+    ({"reason": "r" * 1000}, ("r" * 64 + "...", "")),
+])
+def test_a_problems_reason_and_detail_are_one_printable_bounded_line_each(problem, expected):
+    assert problem_reason(json.dumps(problem).encode()) == expected
+
+
+def test_a_long_detail_is_cut_to_its_bound():
+    _, detail = problem_reason(json.dumps({"reason": "bad-payload", "detail": "d" * 100_000}).encode())
+    assert detail == "d" * MAX_DETAIL_CHARS + "..."
+
+
+def huge_answer(status: int, announced: bool) -> web.Application:
+    """Answers every POST with ``status`` and 4 MiB of spaces, with its length announced or streamed without one."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if announced:
+            return web.Response(status=status, body=b" " * (4 << 20))
+        response = web.StreamResponse(status=status)
+        await response.prepare(request)
+        for _ in range(64):
+            await response.write(b" " * (64 << 10))
+        return response
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    return app
+
+
+@pytest.mark.parametrize("announced", [True, False])
+@pytest.mark.parametrize("status", [200, 409])
+async def test_an_answer_to_a_post_past_the_limit_is_a_failed_request_not_read_whole(status, announced):
+    key = SigningKey.generate()
+    async with on_loopback(huge_answer(status, announced)) as url, AggregatorClient(url, key.verify_key) as client:
+        with pytest.raises(AggregatorUnavailable, match=f"limit is {MAX_ANSWER_BYTES}|limit of {MAX_ANSWER_BYTES}"):
+            await client.send_heartbeat(b"a heartbeat")
+        with pytest.raises(AggregatorUnavailable, match=f"limit is {MAX_ANSWER_BYTES}|limit of {MAX_ANSWER_BYTES}"):
+            await client.send_update(b"an update")  # kept in the outbox and sent again, as after a network error
+        transport = Transport(url, client.session, key.verify_key)
+        with pytest.raises(ConnectionError, match="too-large"):
+            await transport.post("keys", b"a secure round's message")
