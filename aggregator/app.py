@@ -72,9 +72,10 @@ from aggregator.uploads import (
     Truncated,
     UploadSlots,
 )
-from aggregator.upstream import UpstreamConfig, UpstreamLink, check_site_strategy
+from aggregator.upstream import TASKS_DIR, UpstreamConfig, UpstreamLink, check_site_strategy
 from aggregator.verify import UpdateHeader, delta_of, envelope_in, header_of
 from appliance import strict_json, wire
+from appliance.durable import sweep_interrupted_writes
 from appliance.errors import ProtocolError
 from appliance.protocol.downlink import DOWNLINK_ENCODINGS
 from appliance.protocol.heartbeat import MAX_HEARTBEAT_BYTES, decode_heartbeat
@@ -759,9 +760,20 @@ def _site_forwards(store: Store, receipts: ReceiptRounds) -> dict[str, Forward]:
     return forwards
 
 
+def _sweep_interrupted_writes(state_dir: Path) -> None:
+    """Remove what writes a kill or a power cut interrupted left in the state (a model version's temp file: a model's
+    size, one per crash). An ``fl-aggregator`` command writing into the state meanwhile keeps its own
+    (durable.sweep_interrupted_writes)."""
+    state = Path(state_dir)
+    swept = sweep_interrupted_writes(state, state / "models", state / TASKS_DIR)
+    if swept:
+        log.warning("%s: %s", state, swept.describe())
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
+    _sweep_interrupted_writes(config.state_dir)
     store = Store(config.state_dir)
     workers = config.workers or max(2, os.cpu_count() or 2)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify", initializer=name_this_thread)

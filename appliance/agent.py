@@ -53,7 +53,7 @@ from appliance.budget import (
 from appliance.client import AggregatorClient, AggregatorUnavailable, ReceiptRefused, Rejection, StaleReport
 from appliance.clock import AggregatorClock
 from appliance.config import Config
-from appliance.durable import atomic_write
+from appliance.durable import atomic_write, sweep_interrupted_writes
 from appliance.errors import ProtocolError
 from appliance.fleet_report import ThrottleMeter, build_heartbeat, next_delay, restamped
 from appliance.framebuffer import FrameBuffer
@@ -116,6 +116,11 @@ class Agent:
         self.heartbeat_stamps = HeartbeatStamps(self.clock)  # only orders heartbeats; never moves self.clock
         self._clock_warned_offset: float | None = None
         self.state_dir = config.state_path
+        # What writes cut short by a power cut left (the half of a model package): before anything reads these.
+        swept = sweep_interrupted_writes(self.state_dir, self.state_dir / MODELS_DIR,
+                                         self.state_dir / "outbox" / "rejected")
+        if swept:
+            log.warning("%s: %s", self.state_dir, swept.describe())
         self.metrics = AgentMetrics()
         self.identity: DeviceIdentity = load_or_create_device_key(self.state_dir)
         self.aggregator_key = load_aggregator_key(self.state_dir)
@@ -335,14 +340,12 @@ class Agent:
 
     def _store_package(self, path: Path, digest: bytes, blob: bytes | memoryview) -> ModelPackage:
         """Verify a downloaded package, then keep it at ``path`` durably (fsynced before its rename, the directory
-        after it): a power cut leaves the whole package or none, never a short file under its final name. What an
-        interrupted write left beside it is removed first: the download after a power cut is of that package."""
+        after it): a power cut leaves the whole package or none, never a short file under its final name (what the
+        write it cut short left is removed at the next start, Agent.__init__)."""
         package = decode_package(blob, self.aggregator_key, origin=f"package {digest.hex()} from the aggregator")
         if package.digest != digest:
             raise ProtocolError("wrong-package", f"package digest {package.digest.hex()} is not {digest.hex()}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        for interrupted in path.parent.glob(".*.flpkg.*"):
-            interrupted.unlink(missing_ok=True)
         atomic_write(path, blob)
         return package
 

@@ -111,9 +111,6 @@ def load_release(state_dir: Path, aggregator_key: VerifyKey, models_dir: Path) -
     """The stored release, verified against the pinned key and the package in ``models_dir`` it names; None (with
     one log line saying why, and the file removed) when there is none that verifies."""
     path = state_dir / RELEASE_FILE
-    for stale in state_dir.glob(f".{RELEASE_FILE}.*"):  # a write a power cut interrupted
-        with contextlib.suppress(OSError):
-            stale.unlink()
     if not path.exists():
         log.info("no model release stored in %s: the first model is downloaded in full", path)
         return None

@@ -33,6 +33,7 @@ from agent_harness import (
     sample,
     small_package,
 )
+from interrupted_writes import killed_write
 from nacl.signing import SigningKey
 
 from appliance import held_release, modelpkg, wire
@@ -359,10 +360,14 @@ async def test_a_package_damaged_while_the_agent_runs_fails_one_round_and_is_dow
     assert modelpkg.load_package(device.package_path, device.fake.key.verify_key).digest == package.digest
 
 
-async def test_what_an_interrupted_package_write_left_is_removed_by_the_next_download(device: Device) -> None:
+async def test_what_a_package_write_killed_midway_left_is_removed_by_the_next_start(device: Device) -> None:
+    """A package write cut short leaves its temp file (a model's size, on a small card); the next start removes it,
+    and nothing else in models/."""
     models = device.package_path.parent
     models.mkdir(parents=True)
-    interrupted = models / f".{device.package_path.name}.power-cut"
-    interrupted.write_bytes(b"half a package")
+    assert len(killed_write(device.package_path)) == 1
+    (models / ".kept-by-someone").write_bytes(b"not a temp file of the agent's")
+    device.restart()
+    assert sorted(p.name for p in models.iterdir()) == [".kept-by-someone"]
     await device.agent._ensure_package(device.client, device.task.package_digest)
-    assert sorted(p.name for p in models.iterdir()) == [device.package_path.name]
+    assert sorted(p.name for p in models.iterdir()) == [".kept-by-someone", device.package_path.name]

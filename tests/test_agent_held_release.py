@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from interrupted_writes import killed_write
 from nacl.signing import SigningKey
 
 from aggregator.app import SERVICES, AggregatorConfig, make_app
@@ -183,8 +184,7 @@ def test_the_stored_release_is_written_once_per_version(tmp_path: Path) -> None:
                 await f.take(agent, client, first)
                 written = f.stored.stat()
                 await f.take(agent, client, first)  # the same version again: nothing fetched, nothing written
-            interrupted = f.state / f".{RELEASE_FILE}.power-cut"  # what a power cut during a write leaves
-            interrupted.write_bytes(b"half a model")
+            (interrupted,) = killed_write(f.stored)  # what a power cut during a write leaves
             async with f.agent() as (agent, client):  # a reboot on the same version
                 assert not interrupted.exists()
                 await f.take(agent, client, first)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from flash_images import PASSPHRASE, cli
+from interrupted_writes import killed_write
 from nacl.signing import SigningKey
 
 from aggregator.registry import read_enrolment_file
@@ -161,3 +162,17 @@ def test_url_change_keeps_per_board_settings(tmp_path):
     config = load_config(base)
     assert (config.aggregator.url, config.aggregator.poll_wait_seconds, config.data.source) == (
         "http://10.0.2.100:9090", 5.0, "synthetic")
+
+
+def test_a_rerun_removes_what_a_killed_run_left_half_written(tmp_path, capsys):
+    """A run killed while it wrote a board's files leaves a temp file beside them; the next run removes it and says
+    so in one line, and keeps the board's files."""
+    fleet = tmp_path / "fleet"
+    assert _provision(fleet, "--names", "cam-1", "--aggregator-url", "http://10.0.2.100:8080") == 0
+    board = fleet / "boards" / "cam-1"
+    left = killed_write(board / "agent.toml") + killed_write(fleet / "fleet.json")
+    capsys.readouterr()
+    assert _provision(fleet, "--names", "cam-1") == 0
+    assert not any(path.exists() for path in left)
+    assert "removed 2 temp files" in capsys.readouterr().err
+    assert load_config(board / "agent.toml").aggregator.url == "http://10.0.2.100:8080"

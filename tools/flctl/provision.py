@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from nacl.signing import SigningKey, VerifyKey
 
 from appliance import identity
-from appliance.durable import atomic_write
+from appliance.durable import atomic_write, sweep_interrupted_writes
 
 from .sealed import KdfParams, Sealer, SealError, read_passphrase
 
@@ -328,6 +328,9 @@ def run(args: argparse.Namespace) -> int:
         sealer = Sealer(read_passphrase(args.passphrase_file, confirm=new_fleet))
         state = Path(args.aggregator_state) if args.aggregator_state else root / "aggregator"
         fleet = Fleet.create_or_open(root, sealer, args.aggregator_url, state, ntp_servers)
+        swept = sweep_interrupted_writes(root, *(fleet.board_dir(name) for name in fleet.board_names()))
+        if swept:  # a run killed while it wrote; a run under way beside this one keeps its own
+            print(f"flctl provision: {root}: {swept.describe()}", file=sys.stderr)
         added = 0
         for name in names:
             _board, new = fleet.add_board(name)

@@ -1,0 +1,88 @@
+"""What a write cut short leaves (durable.atomic_write's temp file, as big as a model) is removed by a sweep, and a
+temp file a live writer is filling is never removed, whichever process sweeps. The writers are real processes
+(tests/interrupted_writes.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from interrupted_writes import HALF, killed_write, live_write
+
+from appliance import durable
+from appliance.durable import TEMP_SUFFIX, atomic_write, sweep_interrupted_writes
+
+
+def test_a_write_killed_midway_leaves_its_temp_file_and_a_sweep_removes_it(tmp_path: Path) -> None:
+    target = tmp_path / "v00000003.release"
+    target.write_bytes(b"the version before")
+    (left,) = killed_write(target)
+    assert left.stat().st_size == HALF
+
+    swept = sweep_interrupted_writes(tmp_path)
+    assert (swept.removed, swept.freed_bytes, swept.not_removed) == (1, HALF, [])
+    assert "removed 1 temp file (1.0 MB)" in swept.describe()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    assert target.read_bytes() == b"the version before"
+    assert not sweep_interrupted_writes(tmp_path), "a second sweep found something again"
+
+
+def test_a_live_writers_temp_file_is_never_removed_and_its_write_completes(tmp_path: Path) -> None:
+    target = tmp_path / "model.flpkg"
+    with live_write(target) as writer:
+        (live,) = writer.temp_files()
+        assert not sweep_interrupted_writes(tmp_path)  # another process sweeping the directory, as at its start
+        assert live.exists()
+        writer.finish()
+    assert target.read_bytes() == b"x" * HALF + b"y" * HALF
+    assert writer.temp_files() == []
+
+
+def test_only_atomic_writes_temp_names_are_swept(tmp_path: Path) -> None:
+    kept = [".hidden", ".model.flpkg.abcd1234", f"model{TEMP_SUFFIX}", f".x.short{TEMP_SUFFIX}", "v1.release"]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"not a temp file of atomic_write")
+    (tmp_path / f".link.abcd1234{TEMP_SUFFIX}").symlink_to(tmp_path / "v1.release")
+    (tmp_path / f".dir.abcd1234{TEMP_SUFFIX}").mkdir()
+    (tmp_path / f".model.flpkg.k2_x9q0z{TEMP_SUFFIX}").write_bytes(b"left by a kill")
+
+    swept = sweep_interrupted_writes(tmp_path, tmp_path / "missing")
+    assert (swept.removed, swept.not_removed) == (1, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*kept, f".link.abcd1234{TEMP_SUFFIX}", f".dir.abcd1234{TEMP_SUFFIX}"])
+
+
+def test_a_sweep_between_a_temp_files_creation_and_its_lock_does_not_lose_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep may find a temp file before its writer has locked it, and remove it: the writer then makes another,
+    instead of renaming a file that is no longer there (which failed the write)."""
+    target = tmp_path / "agent-state.json"
+    lock, swept = durable.fcntl.flock, []
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == durable.fcntl.LOCK_EX and not swept:  # the writer's lock, the first time: a sweep first
+            swept.append(sweep_interrupted_writes(tmp_path).removed)
+        lock(fd, operation)
+
+    monkeypatch.setattr(durable.fcntl, "flock", flock)
+    atomic_write(target, b'{"last_round": 7}')
+    assert swept == [1]
+    assert target.read_bytes() == b'{"last_round": 7}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_a_temp_file_that_cannot_be_removed_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    left = tmp_path / f".agent-state.json.abcd1234{TEMP_SUFFIX}"
+    left.write_bytes(b"{")
+
+    def read_only(path: str, *args: object, **kwargs: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    swept = sweep_interrupted_writes(tmp_path)
+    assert swept.removed == 0 and swept.not_removed == [f"{left}: Read-only file system"]
+    assert "1 could not be removed" in swept.describe()
