@@ -13,6 +13,7 @@ tests/test_outbox_fsync.py.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from interrupted_writes import killed_write
+from rich.console import Console
 
 from flctl.image import build, kernel
 from flctl.image.build import DISK_NAME, MANIFEST, ImageArtifacts, ImageBuildError, write_manifest
@@ -237,6 +240,31 @@ def test_out_inside_the_cache_is_refused_and_the_cached_image_kept(
         build.build_image(cache=cache, out=cache / "image", arch="amd64")
     assert f"--out {cache / 'image'}" in str(refused.value) and "inside the image cache" in str(refused.value)
     assert ImageArtifacts.load(cache / "image").manifest["key"] == "k1"
+
+
+def test_a_manifest_rewrite_a_killed_build_left_is_removed_by_the_next_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_image rewrites a finished entry's manifest.json with its timings; a build killed there leaves the temp
+    file in the entry, which pruning by age may not reach for long. The next build removes it, in one line."""
+    cache = tmp_path / "cache"
+    image = _image(cache / "images" / "k1", "k1")
+    partitions = [{"name": name, "offset": 1 << 20, "size": 1 << 20} for name in ("fl-root", "fl-data")]
+    write_manifest(image, {"key": "k1", "arch": "amd64", "cmdline": "", "partitions": partitions})
+    (image / COMPLETE).write_text("")
+    (left,) = killed_write(image / MANIFEST)
+
+    def cached(store: ArtifactStore, *args, **kwargs) -> ImageArtifacts:
+        art = ImageArtifacts.load(store.path("images", "k1"))
+        art.manifest["from_cache"] = True
+        return art
+
+    monkeypatch.setattr(build, "_build_locked", cached)
+    said = io.StringIO()
+    build.build_image(cache=cache, out=tmp_path / "out", arch="amd64", console=Console(file=said, width=200))
+    assert not left.exists()
+    assert "cache images: removed 1 temp file" in said.getvalue()
+    assert ImageArtifacts.load(image).manifest["key"] == "k1"
 
 
 DEB = kernel.DebPackage("linux-image-6.1.0-28-amd64", "6.1.119-1", "amd64")

@@ -15,6 +15,7 @@ Every step's inputs are hashed; a step whose inputs did not change is taken from
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from appliance.durable import atomic_write, fsync_dir
+from appliance.durable import atomic_write, fsync_dir, sweep_interrupted_writes
 
 from . import disk, kernel, rootfs
 from .arch import Architecture, architecture, host_architecture, is_foreign
@@ -180,6 +181,7 @@ def build_image(
     steps = Steps(console)
     started = time.monotonic()
     with store.lock():
+        _sweep_manifest_writes(store, console)
         art = _build_locked(store, steps, data_size, rebuild, target, keep_bytes)
         from_cache = bool(art.manifest.get("from_cache"))
         if not from_cache:
@@ -191,8 +193,7 @@ def build_image(
         if out is None:
             link_latest_image(store.root, art.directory, latest_link_name(target))
     if out is not None:
-        _publish(art, out)
-        art = ImageArtifacts.load(out)
+        art = _publish(art, out, console)
     art.manifest["from_cache"] = from_cache  # in memory only: callers report whether this call built it
     took = time.monotonic() - started
     disk_mib = art.disk.stat().st_size / disk.MIB
@@ -363,6 +364,17 @@ def _build_locked(
     return ImageArtifacts.load(store.path("images", key))
 
 
+def _sweep_manifest_writes(store: ArtifactStore, console: Console) -> None:
+    """Remove the temp files of manifest rewrites (write_manifest, into finished entries) that a killed build left;
+    a build under way elsewhere waits for the cache's lock, held here, so none is live (and durable's sweep would
+    keep one that was)."""
+    images = store.root / "images"
+    entries = [entry for entry in images.iterdir() if entry.is_dir()] if images.is_dir() else []
+    swept = sweep_interrupted_writes(*entries)
+    if swept:
+        console.print(f"[dim]cache images: {swept.describe()}[/]")
+
+
 def latest_link_name(arch: Architecture) -> str:
     """``image`` for the host's architecture, ``image-<arch>`` for a foreign one."""
     return f"{LATEST_LINK}-{arch.name}" if is_foreign(arch) else LATEST_LINK
@@ -418,12 +430,38 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _publish(art: ImageArtifacts, out: Path) -> None:
+def _publish(art: ImageArtifacts, out: Path, console: Console | None = None) -> ImageArtifacts:
     """Put the image's files in ``out``, manifest.json last. The old manifest goes first (and that is made
     durable), so an interrupted publish leaves a directory that says it holds no image, never an old manifest
     beside a new disk whose partitions it no longer describes; and the other files' names are made durable before
-    the new manifest takes its name. ``out`` is outside the cache (build_image)."""
+    the new manifest takes its name. ``out`` is outside the cache (build_image). Publishes into one ``out`` take
+    turns (:func:`_publishing_alone`); returns the image published, read before another publish may replace it."""
     out.mkdir(parents=True, exist_ok=True)
+    with _publishing_alone(out, console or Console(stderr=True)):
+        _publish_files(art, out)
+        return ImageArtifacts.load(out)
+
+
+@contextlib.contextmanager
+def _publishing_alone(out: Path, console: Console) -> Iterator[None]:
+    """Hold an flock on the directory ``out`` (no lock file in it: it holds the image's files only). Two builds
+    publishing into one ``--out`` at once interleaved their files, the first one's manifest landing last over the
+    second one's disk; and builds with different caches do not share the cache's lock. A second one waits, saying
+    why, then publishes its image whole over the first one's. The lock goes with the process however it ends."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"[yellow]another flctl image build is publishing into {out}: waiting for it to finish, "
+                          "then this image replaces it there[/]")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _publish_files(art: ImageArtifacts, out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
     fsync_dir(out)
     for name in (DISK_NAME, DISK_NAME + ".bmap", art.arch.kernel_file, "initrd.img"):
