@@ -198,7 +198,7 @@ class RecordedEnd:
     time onto the version already published, or record an abandoned or forwarded round and the next round again
     (that next round's row is there already: the retry failed on it forever)."""
 
-    outcome: str  # "published" (with a new version or, in site mode, forwarded) or "abandoned"
+    outcome: str  # "published" (with a new version or, in site mode, forwarded), "abandoned" or "superseded"
     version: int | None  # the new version recorded with it; None: none here (abandoned, or forwarded upstream)
     next_round: tuple[int, float, float, int] | None  # (round id, opened_at, deadline, goal), recorded with it
 
@@ -614,8 +614,7 @@ class RoundEngine:
                 await self.close_round()
             except Exception:
                 ended = round_.ended
-                if ended is not None:
-                    self.metrics.publication_failures.inc()
+                if ended is not None:  # counted by close_round
                     what = ended.outcome if ended.version is None else f"published as model version {ended.version}"
                     log.exception("round %d is recorded %s, but a step after its commit failed; retrying the steps "
                                   "after the commit in %.0f s", round_.round_id, what, CLOSE_RETRY_SECONDS)
@@ -902,12 +901,19 @@ class RoundEngine:
         try:
             await self._close(round_)
         except Exception:
-            if round_.ended is not None:  # a close outside the clock (a site's): it retries now, not at the deadline
-                round_.full.set()
+            self._after_commit_failed(round_)
             raise
         finally:
             round_.close_under_way = None
             ended.set()
+
+    def _after_commit_failed(self, round_: OpenRound) -> None:
+        """A close or a supersede failed: if after the commit recording the round's end, the failure is counted and
+        the round clock retries the steps after it now (a close outside the clock, a site's, was retried only at the
+        round's deadline, and was not counted)."""
+        if round_.ended is not None:
+            self.metrics.publication_failures.inc()
+            round_.full.set()
 
     async def _close(self, round_: OpenRound) -> None:
         round_.closing = True
@@ -1028,13 +1034,19 @@ class RoundEngine:
 
     async def _supersede(self, round_: OpenRound, version: int) -> None:
         """Async site: a buffer still empty when the parent's next version comes moves to it. Recorded and counted
-        as ``superseded``, not ``abandoned``: an idle site sees one per parent version, and nothing was lost."""
+        as ``superseded``, not ``abandoned``: an idle site sees one per parent version, and nothing was lost. A step
+        after that record that fails is retried by the round clock from it (RecordedEnd), never by recording and
+        counting the round again."""
         now = time.time()
         self.store.finish_round(round_.round_id, "superseded", now, 0, 0, {},
                                 note=f"no updates when upstream version {version} came")
+        round_.ended = end = RecordedEnd("superseded", None, None)
         self.metrics.round_ended("superseded", now)
-        self.store.drop_segment(round_.round_id)
-        await self._install(None)
+        try:
+            await self._complete_end(round_, end)
+        except Exception:
+            self._after_commit_failed(round_)
+            raise
 
     async def _forward_round(
         self, round_: OpenRound, updates: UpdateSet, participants: int, samples: int, summary: dict[str, float],

@@ -201,11 +201,12 @@ class UpstreamLink:
             await self._read_parent_mode()
         backoff = self.config.retry_seconds
         while True:
+            taking = None  # the parent round taken before the task being taken now
             try:
                 task = await self._client.next_task(after, self.config.poll_seconds)
                 if task is not None:
                     self.parent_clock.observe(task.issued_at, task.deadline)
-                    after = task.round_id
+                    taking, after = after, task.round_id
                     async with self._parent_moved:
                         self._newest_parent = max(self._newest_parent, after)
                         self._parent_moved.notify_all()
@@ -219,6 +220,11 @@ class UpstreamLink:
                 raise
             except Exception:
                 log.exception("following upstream round %d failed", after)
+                if taking is not None:
+                    # A failure here (a disk error ending the site's round before): the task is taken again at the
+                    # next poll. Skipped, it left the site without a round on the parent's version until the parent's
+                    # next task, which an async parent, waiting for the site's updates, would never send.
+                    after = taking
                 await asyncio.sleep(backoff)
 
     async def _take(self, task: wire.Task) -> None:

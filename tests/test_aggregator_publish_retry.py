@@ -437,3 +437,61 @@ def test_a_restart_while_the_steps_after_a_publication_are_retried_opens_the_nex
             assert not segment.exists()
 
     run(go())
+
+
+def test_an_async_sites_superseded_buffer_whose_segment_cannot_be_deleted_is_counted_once_and_moves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async site forwards its full buffer, its next buffer opens empty, and the city publishes version 1: the
+    empty buffer is recorded superseded, then deleting its spool segment fails (EIO). The retry completes the steps
+    after that record without recording it again (it was counted superseded once per attempt), the failures are
+    counted in fl_aggregator_publication_failures_total (a failure outside the round clock was not), and once the
+    step succeeds the site opens its round on the city's version 1."""
+    superseded: set[int] = set()
+    disk = {"failing": True, "failures": 0}
+    record, drop = Store.finish_round, Store.drop_segment
+
+    def finish_round(store: Store, round_id: int, status: str, *args: object, **kwargs: object) -> None:
+        record(store, round_id, status, *args, **kwargs)
+        if status == "superseded":
+            superseded.add(round_id)
+
+    def drop_segment(store: Store, round_id: int) -> None:
+        if round_id in superseded and disk["failing"]:
+            disk["failures"] += 1
+            raise OSError(errno.EIO, "Input/output error")
+        drop(store, round_id)
+
+    monkeypatch.setattr(Store, "finish_round", finish_round)
+    monkeypatch.setattr(Store, "drop_segment", drop_segment)
+    monkeypatch.setattr(rounds, "CLOSE_RETRY_SECONDS", 0.05)
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+
+    async def go() -> None:
+        async with running(tmp_path / "city", key=city_key, enrolled=[],
+                           policy=RoundPolicy(min_clients=1, round_timeout=600, buffer=BufferPolicy(size=1))) as city:
+            city.app[SERVICES].registry.enroll([Enrolment(SimulatedDevice(key=site_key).device_id,
+                                                          bytes(site_key.verify_key), site=True)])
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            async with running(tmp_path / "site", devices=DEVICES, key=site_key, upstream=upstream,
+                               policy=RoundPolicy(min_clients=1, round_timeout=600,
+                                                  buffer=BufferPolicy(size=DEVICES))) as site:
+                task = await site_task(site, 0)
+                await wait_until(lambda: site.engine.reopen_after_forward, what="the site reading its parent's mode")
+                for device in site.devices:
+                    status, answer = await site.upload(device.update(task, site.delta()))
+                    assert status == 200, answer
+                await wait_until(lambda: city.engine.version == 1, what="the city's version 1")
+                await wait_until(lambda: site.counter("fl_aggregator_publication_failures_total") >= 3, timeout=10,
+                                 what="three failed attempts after the superseded buffer's end, counted")
+                disk["failing"] = False
+                await wait_until(lambda: site.engine.version == 1 and site.engine.current is not None,
+                                 what="the site's round on the city's version 1")
+                (empty,) = superseded
+                assert site.engine.store.get_round(empty).status == "superseded"
+                assert site.counter("fl_aggregator_rounds_total", outcome="superseded") == 1
+                assert site.counter("fl_aggregator_publication_failures_total") == disk["failures"]
+                following = await site_task(site, empty)
+                assert following.model_version == 1
+
+    run(go())
