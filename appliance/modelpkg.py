@@ -247,27 +247,70 @@ def _check_params(name: str, specs: list[ParamSpec], params: Mapping[str, np.nda
             )
 
 
+# float32's largest finite value: the device trains and normalises in float32.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The optimiser members the trainer reads (appliance/trainer.py, Optimizer), and lr (the rate tools use).
+_OPTIMIZER_MEMBERS = frozenset({"name", "lr", "momentum", "weight_decay", "eps", "max_grad_norm", "betas"})
+
+
+def _in_range(value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> bool:
+    """Whether ``value`` is a number (not a bool) in the range, finite in float32 (the device computes in it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= _FLOAT32_MAX:
+        return False  # NaN, infinities, and integers past float32 (or float64) included
+    return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+
+def _number(where: str, key: str, value: Any, low: float = -_FLOAT32_MAX, high: float = _FLOAT32_MAX, *,
+            low_open: bool = False, high_open: bool = False) -> None:
+    """PackageError naming ``where`` field ``key``, its range and ``value`` unless ``value`` is a finite number in
+    the range. A signed package is checked all the same: a signature proves who made it, not that a device can train
+    on it (one NaN or infinity poisons every step)."""
+    if not _in_range(value, low, high, low_open=low_open, high_open=high_open):
+        if (low, high) == (-_FLOAT32_MAX, _FLOAT32_MAX):
+            what = "a finite number"
+        elif high == _FLOAT32_MAX:
+            what = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise PackageError("bad-content", f"{where} field {key!r} must be {what}, got {value!r}")
+
+
 def _check_optimizer(spec: Any) -> dict[str, Any]:
+    """The optimiser spec (docs/package.md, "optimizer"): every member a finite number in the range the trainer
+    can use, members it does not know included."""
     if not isinstance(spec, dict) or spec.get("name") not in OPTIMIZERS:
         raise PackageError("bad-content", f"optimizer spec must name one of {OPTIMIZERS}, got {spec!r}")
-    for key, value in spec.items():
-        if key != "name" and (isinstance(value, bool) or not isinstance(value, int | float | list)):
-            raise PackageError("bad-content", f"optimizer field {key!r} must be a number")
-    clip = spec.get("max_grad_norm")
-    if clip is not None and not (isinstance(clip, int | float) and math.isfinite(clip) and clip > 0):
-        raise PackageError("bad-content", f"optimizer field 'max_grad_norm' must be a positive number, got {clip!r}")
+    _number("optimizer", "lr", spec.get("lr", 0.05), 0.0, low_open=True)
+    _number("optimizer", "momentum", spec.get("momentum", 0.0), 0.0, 1.0, high_open=True)
+    _number("optimizer", "weight_decay", spec.get("weight_decay", 0.0), 0.0)
+    _number("optimizer", "eps", spec.get("eps", 1e-8), 0.0, low_open=True)
+    if spec.get("max_grad_norm") is not None:
+        _number("optimizer", "max_grad_norm", spec["max_grad_norm"], 0.0, low_open=True)
+    betas = spec.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2
+            and all(_in_range(b, 0.0, 1.0, low_open=False, high_open=True) for b in betas)):
+        raise PackageError("bad-content", f"optimizer field 'betas' must be two numbers in [0, 1), got {betas!r}")
+    for key in sorted(spec.keys() - _OPTIMIZER_MEMBERS, key=str):
+        _number("optimizer", key, spec[key])  # a member this agent does not use: a finite number all the same
     return dict(spec)
 
 
 def _check_preprocessing(spec: Any) -> dict[str, Any]:
+    """The preprocessing spec (docs/package.md): the device feeds its graphs ``(x - mean) / std`` in float32, so
+    ``mean`` is finite, and ``std`` positive with an inverse finite in float32."""
     if not isinstance(spec, dict):
         raise PackageError("bad-content", "preprocessing spec must be a map")
     shape = spec.get("input_shape")
     if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
         raise PackageError("bad-content", f"preprocessing.input_shape must be a list of positive ints, got {shape!r}")
-    std = spec.get("std", 1.0)
-    if isinstance(std, bool) or not isinstance(std, int | float) or not std > 0:
-        raise PackageError("bad-content", f"preprocessing.std must be a positive number, got {std!r}")
+    _number("preprocessing", "mean", spec.get("mean", 0.0))
+    _number("preprocessing", "std", spec.get("std", 1.0), 1 / _FLOAT32_MAX)
+    bounds = spec.get("input_range", [0.0, 1.0])
+    if not (isinstance(bounds, list) and len(bounds) == 2
+            and all(_in_range(b, -_FLOAT32_MAX, _FLOAT32_MAX, low_open=False, high_open=False) for b in bounds)
+            and bounds[0] < bounds[1]):
+        raise PackageError("bad-content", f"preprocessing field 'input_range' must be two finite numbers [low, high] "
+                                          f"with low < high, got {bounds!r}")
     return dict(spec)
 
 
@@ -327,10 +370,29 @@ def decode_package(data: bytes | memoryview, aggregator_key: VerifyKey, origin: 
         raise PackageError("bad-content", f"{origin}: content is not CBOR: {exc}") from None
     if cbor2.dumps(content, canonical=True) != body:
         raise PackageError("bad-content", f"{origin}: content is not in deterministic CBOR encoding")
+    if _holds_bignum(content):
+        raise PackageError("bad-content", f"{origin}: content holds an integer past 64 bits (a CBOR bignum), which no "
+                                          "field of a package is")
     try:
         return _from_content(content, digest)
     except PackageError as exc:
         raise PackageError(exc.reason, f"{origin}: {exc.detail}") from None
+
+
+def _holds_bignum(content: Any) -> bool:
+    """Whether ``content`` holds an integer outside CBOR's 64-bit major types anywhere. One past Python's 4,300 digits
+    cannot even be shown in an error (ValueError from its repr, where a PackageError is due)."""
+    items = [content]
+    while items:  # iterative: the nesting is the sender's to choose
+        item = items.pop()
+        if isinstance(item, int) and not -(1 << 64) <= item < 1 << 64:
+            return True
+        if isinstance(item, dict):
+            items.extend(item)
+            items.extend(item.values())
+        elif isinstance(item, list):
+            items.extend(item)
+    return False
 
 
 def _get(content: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:

@@ -6,6 +6,7 @@ A round whose deadline is weeks away is trained for, not an OverflowError ending
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 from agent_harness import FakeAggregator, on_loopback, run_agent_against, sample
 from aiohttp import web
 from nacl.signing import SigningKey
+from test_model_package import signed_unchecked
 
+from appliance import wire
 from appliance.client import (
     MAX_ANSWER_BYTES,
     MAX_DETAIL_CHARS,
@@ -75,6 +78,31 @@ async def test_a_round_whose_deadline_is_weeks_away_is_trained_for(signed_packag
     agent = await run_agent_against(fake, tmp_path, until=lambda a: sample(a, "fl_agent_updates_delivered_total") >= 1,
                                     at_most=120)
     assert len(fake.updates) == 1 and agent.last_round == 1
+
+
+async def test_a_signed_package_with_a_nan_mean_is_refused_naming_it_before_any_training(signed_package, tmp_path,
+                                                                                       caplog):
+    """Signed by the pinned key, and NaN where the inputs' mean goes: every step would train on NaN. The device
+    refuses it (counted bad-content, the field named) and keeps asking; it never trains on it."""
+    key, path = signed_package
+    fake = FakeAggregator(key, path)
+    good = fake.package
+    fake.package_bytes = signed_unchecked(
+        dataclasses.replace(good, preprocessing={**good.preprocessing, "mean": float("nan")}), key)
+    digest = bytes(wire.verify(fake.package_bytes, wire.pinned(key.verify_key)).payload["content_sha256"])
+    fake.package = dataclasses.replace(good, digest=digest)  # the task and the release name the NaN package
+    fake.release, fake.digest = wire.encode_model_release(wire.ModelRelease(0, digest, good.initial_params), key)
+
+    def refused_or_trained(agent) -> bool:
+        return (sample(agent, "fl_agent_models_refused_total", {"reason": "bad-content"}) >= 1
+                or sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) >= 1)
+
+    with caplog.at_level(logging.ERROR, logger="fl_agent"):
+        agent = await run_agent_against(fake, tmp_path, until=refused_or_trained, at_most=60)
+    assert sample(agent, "fl_agent_models_refused_total", {"reason": "bad-content"}) >= 1
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) == 0
+    assert not (tmp_path / "state" / "models" / f"{digest.hex()}.flpkg").exists() and not fake.updates
+    assert any("preprocessing field 'mean' must be a finite number, got nan" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("answer, why", [

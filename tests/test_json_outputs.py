@@ -91,11 +91,15 @@ def test_fl_aggregator_status_json_of_an_older_servers_infinity_is_json(tmp_path
     assert strict(capsys.readouterr().out)["privacy"]["epsilon"] == "Infinity"
 
 
-def test_flctl_model_inspect_json_of_a_package_with_non_finite_fields_is_json(tmp_path: Path, capsys) -> None:
-    """A signed package whose optimizer and preprocessing hold inf and nan (the package reader checks neither):
-    ``inspect --json`` printed Infinity and NaN."""
+def test_flctl_model_inspect_of_a_package_with_non_finite_fields_names_the_first_and_prints_no_json(
+    tmp_path: Path, capsys
+) -> None:
+    """A signed package whose optimizer and preprocessing hold inf and nan: ``inspect --json`` printed Infinity and
+    NaN. Such a package is now refused as every device refuses it (appliance/modelpkg.py), the field named in one
+    line, and nothing that is not JSON reaches stdout."""
     pytest.importorskip("torch", reason="the reference package is built with torch")
-    from appliance.modelpkg import write_package
+    from test_model_package import signed_unchecked
+
     from flctl.cli import main
     from flctl.model.reference import build_reference_package
 
@@ -104,13 +108,14 @@ def test_flctl_model_inspect_json_of_a_package_with_non_finite_fields_is_json(tm
     odd = type(pkg)(**{**pkg.__dict__, "optimizer": {**pkg.optimizer, "lr": math.inf},
                        "preprocessing": {**pkg.preprocessing, "mean": math.nan}})
     path = tmp_path / "odd.flpkg"
-    write_package(path, odd, key)
+    path.write_bytes(signed_unchecked(odd, key))
     pub = tmp_path / "aggregator.pub"
     pub.write_text(bytes(key.verify_key).hex() + "\n")
     capsys.readouterr()
-    assert main(["model", "inspect", str(path), "--pub", str(pub), "--json"]) == 0
-    described = strict(capsys.readouterr().out)
-    assert (described["optimizer"]["lr"], described["preprocessing"]["mean"]) == ("Infinity", "NaN")
+    assert main(["model", "inspect", str(path), "--pub", str(pub), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert f"{path}: optimizer field 'lr' must be a finite number > 0, got inf" in err
 
 
 def test_flctl_container_fleet_status_json_of_a_city_that_answered_infinity_is_json(

@@ -287,6 +287,17 @@ def test_export_cli_refuses_bad_references_in_one_line(models, tmp_path, monkeyp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option", ["--lr", "--max-grad-norm", "--mean", "--std"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_export_cli_refuses_a_number_no_device_would_take_before_exporting(tmp_path, capsys, option, value):
+    out = tmp_path / "x.flpkg"
+    with pytest.raises(SystemExit) as exited:
+        _run("export", "--torch", "test_models:coverage", "--input-shape", "3,16,16", f"{option}={value}",
+             "--out", str(out), "--key", str(tmp_path / "aggregator.key"))
+    assert exited.value.code == 2 and not out.exists()
+    assert f"argument {option}: '{value}': expected a finite number" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["inspect", "verify"])
 def test_a_signed_package_whose_graph_is_not_onnx_is_named_in_one_line(command, tmp_path, capsys):
     """The signature vouches for who made a package, not that its graphs are models: inspect and verify ended in a

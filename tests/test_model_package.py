@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import cbor2
 import numpy as np
 import pytest
@@ -175,19 +177,94 @@ def test_aggregated_buffers_are_parameters_the_optimiser_leaves_alone():
     ({"buffer_names": ["x"], "buffer_policy": "fedbn"}, "buffers.policy must be one of"),
     ({"labels": {"dtype": "float64", "shape": []}}, "labels.dtype must be one of"),
     ({"labels": {"dtype": "int64", "shape": [0]}}, "labels must be"),
-    ({"optimizer": {"name": "sgd", "lr": 0.05, "max_grad_norm": 0}}, "'max_grad_norm' must be a positive number"),
-    ({"optimizer": {"name": "sgd", "lr": 0.05, "max_grad_norm": float("inf")}}, "'max_grad_norm' must be a positive"),
+    ({"optimizer": {"name": "sgd", "lr": 0.05, "max_grad_norm": 0}}, "'max_grad_norm' must be a finite number > 0"),
+    ({"optimizer": {"name": "sgd", "lr": 0.05, "max_grad_norm": float("inf")}},
+     "'max_grad_norm' must be a finite number > 0"),
 ])
 def test_bad_optional_fields_are_refused(over, match):
     with pytest.raises(PackageError, match=match):
         encode_package(_package(**over), KEY)
 
 
-def test_a_single_class_needs_target_labels():
-    content = modelpkg._content(_package())
-    content["num_classes"] = 1
+NAN, INF = float("nan"), float("inf")
+ADAMW = {"name": "adamw", "lr": 0.001, "betas": [0.9, 0.999], "weight_decay": 0.01}
+PREPROCESSING = {"input_shape": [4], "mean": 0.5, "std": 0.25, "input_range": [0.0, 1.0]}
+INSANE_NUMBERS = [
+    *[("optimizer", {**ADAMW, "lr": v}, "optimizer field 'lr' must be a finite number > 0")
+      for v in (NAN, INF, 0, -0.1)],
+    *[("optimizer", {**ADAMW, "momentum": v}, "optimizer field 'momentum' must be a number in [0, 1)")
+      for v in (NAN, 1.0, -0.5, [0.9])],
+    *[("optimizer", {**ADAMW, "weight_decay": v}, "optimizer field 'weight_decay' must be a finite number >= 0")
+      for v in (NAN, -INF, -0.01, -(2**63))],
+    *[("optimizer", {**ADAMW, "eps": v}, "optimizer field 'eps' must be a finite number > 0") for v in (NAN, 0.0)],
+    *[("optimizer", {**ADAMW, "betas": v}, "optimizer field 'betas' must be two numbers in [0, 1)")
+      for v in ([0.9], [NAN, 0.999], [0.9, 1.0], [0.9, INF], 0.9)],
+    ("optimizer", {**ADAMW, "dampening": NAN}, "optimizer field 'dampening' must be a finite number"),
+    *[("preprocessing", {**PREPROCESSING, "mean": v}, "preprocessing field 'mean' must be a finite number")
+      for v in (NAN, INF, -INF, 1e39, "0.5")],
+    *[("preprocessing", {**PREPROCESSING, "std": v}, "preprocessing field 'std' must be a finite number >= 2.9")
+      for v in (NAN, INF, 0.0, -1.0, 1e-40)],
+    *[("preprocessing", {**PREPROCESSING, "input_range": v}, "preprocessing field 'input_range' must be two finite")
+      for v in ([1.0, 0.0], [0.0, NAN], [0.0], [0.0, INF])],
+]
+
+
+def signed_content(content: dict, key: SigningKey = KEY) -> bytes:
+    """A package of ``content`` as it stands, signed by the aggregator ``key``: what an aggregator that does not check
+    (or a hostile one holding the key) would serve."""
     body = cbor2.dumps(content, canonical=True)
     payload = {"v": 1, "type": "model-package", "format": 1, "name": "tiny",
                "content_sha256": modelpkg.content_digest(body), "content_bytes": len(body)}
+    return wire.sign(payload, key, wire.key_id(key.verify_key)) + body
+
+
+def signed_unchecked(pkg: ModelPackage, key: SigningKey = KEY) -> bytes:
+    """``pkg`` signed without the checks encode_package makes (see :func:`signed_content`)."""
+    return signed_content(modelpkg._content(pkg), key)
+
+
+@pytest.mark.parametrize("field, spec, match", INSANE_NUMBERS)
+def test_a_package_whose_numbers_a_device_cannot_train_with_is_refused_naming_the_field(field, spec, match):
+    """NaN, infinities and numbers out of the trainer's range, in the optimiser or the preprocessing: refused when
+    the package is made, and refused by a device (bad-content, naming the field) when a signed one arrives all the
+    same, before it is kept or trained on."""
+    pkg = _package(**{field: spec})
+    with pytest.raises(PackageError, match=re.escape(match)):
+        encode_package(pkg, KEY)
+    with pytest.raises(PackageError, match=re.escape(f"package from the aggregator: {match}")) as refused:
+        decode_package(signed_unchecked(pkg), KEY.verify_key, origin="package from the aggregator")
+    assert refused.value.reason == "bad-content"
+
+
+def test_the_numbers_every_package_has_used_are_still_taken():
+    for optimizer in ({"name": "sgd"}, {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
+                                       "max_grad_norm": 5.0}, {"name": "momentum", "lr": 1}, ADAMW):
+        for preprocessing in ({"input_shape": [4]}, {**PREPROCESSING, "mean": -3, "std": 255}):
+            data, _ = encode_package(_package(optimizer=optimizer, preprocessing=preprocessing), KEY)
+            assert decode_package(data, KEY.verify_key).optimizer == optimizer
+
+
+def test_a_single_class_needs_target_labels():
+    content = modelpkg._content(_package())
+    content["num_classes"] = 1
     with pytest.raises(PackageError, match="num_classes must be >= 2"):
-        decode_package(wire.sign(payload, KEY, wire.key_id(KEY.verify_key)) + body, KEY.verify_key)
+        decode_package(signed_content(content), KEY.verify_key)
+
+
+@pytest.mark.parametrize("place", ["optimizer", "input_shape", "param_shape", "class_names"])
+def test_an_integer_of_thousands_of_digits_anywhere_is_refused_as_bad_content(place):
+    """A CBOR bignum past Python's 4,300-digit limit: the error naming the field raised ValueError from its repr (the
+    agent's round loop takes PackageError), or the package was taken with it as an input dimension."""
+    content = modelpkg._content(_package())
+    huge = 10**5000
+    if place == "optimizer":
+        content["optimizer"]["lr"] = huge
+    elif place == "input_shape":
+        content["preprocessing"]["input_shape"] = [huge]
+    elif place == "param_shape":
+        content["params"][0]["shape"] = [huge, 4]
+    else:
+        content["class_names"] = ["a", "b", [huge]]
+    with pytest.raises(PackageError, match="content holds an integer past 64 bits") as refused:
+        decode_package(signed_content(content), KEY.verify_key)
+    assert refused.value.reason == "bad-content"

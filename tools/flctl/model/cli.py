@@ -17,6 +17,7 @@ package is a reference model.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def _input_shape(text: str) -> tuple[int, ...]:
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be a positive integer")
     return shape
+
+
+def _finite(text: str) -> float:
+    """A number for the package's optimiser or preprocessing: NaN or infinity is refused here, before the export,
+    as every device would refuse the package (docs/package.md)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number (devices refuse a package with it)")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+    return value
 
 
 def _names(text: str) -> list[str]:
@@ -184,11 +204,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
     e.add_argument("--classes", metavar="NAMES", help="comma-separated names of the output channels / classes")
     e.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="on-device optimiser (sgd: with momentum 0.9; default sgd)")
-    e.add_argument("--lr", type=float, default=0.05, help="learning rate tools use (default 0.05)")
-    e.add_argument("--max-grad-norm", type=float, metavar="NORM",
+    e.add_argument("--lr", type=_positive, default=0.05, help="learning rate tools use (default 0.05)")
+    e.add_argument("--max-grad-norm", type=_positive, metavar="NORM",
                    help="clip each training step's gradient to this L2 norm on the device (default: no clipping)")
-    e.add_argument("--mean", type=float, default=0.0, help="input normalisation: (x - mean) / std (default 0)")
-    e.add_argument("--std", type=float, default=1.0, help="input normalisation std (default 1)")
+    e.add_argument("--mean", type=_finite, default=0.0, help="input normalisation: (x - mean) / std (default 0)")
+    e.add_argument("--std", type=_positive, default=1.0, help="input normalisation std (default 1)")
     e.add_argument("--out", required=True, type=Path, metavar="FILE", help="package file to write (.flpkg)")
     e.add_argument("--key", required=True, metavar="AGGREGATOR_KEY", help="aggregator key file (64 hex chars)")
     e.add_argument("--seed", type=int, default=0, help="seed of the initial parameters (default 0)")
