@@ -292,11 +292,21 @@ def _number(request: web.Request, name: str, default: float) -> float:
 
 
 def _integer(request: web.Request, name: str, default: int, low: int, high: int | None = None) -> int:
-    """Query parameter ``name`` as an integer of at least ``low`` (and at most ``high``), else 400 naming both."""
-    value = _number(request, name, default)
+    """Query parameter ``name`` as an integer of at least ``low`` (and at most ``high``), else 400 naming both.
+
+    Decimal digits are read as an integer, exactly: read as a float, a value past 2^53 was rounded to a neighbour (a
+    device's ``after=9007199254740993`` asked for the round after 9007199254740992, and was given its own again). A
+    number written otherwise (``2.0``, ``1e3``) is taken when it is integral."""
+    raw = request.query.get(name)
+    try:
+        value: int | float = default if raw is None else int(raw)
+    except ValueError:  # not digits, or past Python's 4,300 digits: read as a number, which must be integral
+        value = _number(request, name, default)
     if value < low or (high is not None and value > high) or value != int(value):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise Problem(400, "bad-parameter", f"query parameter '{name}' must be an integer {bound}, got {value:.15g}")
+        shown = f"{value:.15g}" if isinstance(value, float) else f"{value}"
+        shown = shown if len(shown) <= 40 else f"{shown[:20]}... ({len(shown)} digits)"
+        raise Problem(400, "bad-parameter", f"query parameter '{name}' must be an integer {bound}, got {shown}")
     return int(value)
 
 
@@ -575,7 +585,7 @@ def _round_id(request: web.Request) -> int:
     """The ``{round}`` of a path (secure aggregation, a round's devices): decimal ASCII digits of a round id (at most
     2^63 - 1)."""
     raw = request.match_info["round"]
-    if not (raw.isascii() and raw.isdigit() and int(raw) <= MAX_ROUND_ID):
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and int(raw) <= MAX_ROUND_ID):
         raise Problem(400, "bad-parameter", f"the round must be an integer in [0, {MAX_ROUND_ID}], got {raw[:40]!r}")
     return int(raw)
 

@@ -68,3 +68,27 @@ def test_status_lists_the_rounds_asked_for_up_to_the_cap(tmp_path: Path) -> None
                 assert [r["round"] for r in (await response.json())["rounds"]] == [1]
 
     run(go())
+
+
+@pytest.mark.parametrize("raw, expected", [("9007199254740993", 9007199254740993), (str(2**63 - 1), 2**63 - 1),
+                                           ("7", 7), ("7.0", 7), ("1e3", 1000)])
+def test_an_integer_query_parameter_is_read_exactly_past_2_to_the_53(raw: str, expected: int) -> None:
+    """``after`` (GET /v1/task) was read through a float: 2^53 + 1 became 2^53, and a device at that round was
+    served its own round again."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from aggregator.app import _integer
+
+    assert _integer(make_mocked_request("GET", f"/v1/task?after={raw}"), "after", 0, low=0) == expected
+
+
+def test_a_refused_integer_is_named_with_its_digits(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with running(tmp_path, devices=1) as h:
+            detail = await _refusal(h, "/v1/status?rounds=9007199254740993")
+            assert detail.endswith(", got 9007199254740993")
+            detail = await _refusal(h, f"/v1/status?rounds={'9' * 100}")
+            assert detail.endswith(f", got {'9' * 20}... (100 digits)")
+            assert await _refusal(h, f"/v1/status?rounds={'9' * 4400}") == "query parameter 'rounds' must be finite"
+
+    run(go())
