@@ -259,6 +259,8 @@ async def problems(request: web.Request, handler: Callable[[web.Request], Awaita
     if status < 500:
         counter = metrics.updates_rejected if is_upload else metrics.requests_rejected
         counter.labels(reason).inc()
+    elif status == 503 and is_upload:
+        metrics.updates_unavailable.labels(reason).inc()
     response = problem_response(status, reason, detail, headers, extensions)
     if close:
         response.force_close()
@@ -413,11 +415,19 @@ async def post_update(request: web.Request) -> web.Response:
             raise Problem(STATUS_FOR_REASON.get(exc.reason, 400), exc.reason, exc.detail, close=True) from None
         # An identical resend is known by its envelope alone (its signed digest pins the rest): it gets the original
         # receipt without a slot, and aiohttp drains the rest of the body unread.
-        receipt = await s.engine.known_receipt(verified.digest)
+        try:
+            receipt = await s.engine.known_receipt(verified.digest)
+        except Unavailable as exc:
+            raise Problem(503, "spool-unavailable", str(exc), {"Retry-After": "30"}, close=True) from None
         if receipt is not None:
             _refuse_if_stored_late(s, signer, verified.digest)
             s.metrics.updates_duplicate_resend.inc()
             return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
+        stall = s.engine.disk_stall()
+        if stall is not None and verified.payload.get("type") != "secagg-masked":
+            # Refused before its body is read: queued behind the hung write, it would only hold its memory and slot
+            # until answered the same. (A secure round's phases bound their own waits on the disk.)
+            raise Problem(503, "spool-unavailable", stall, {"Retry-After": "30"}, close=True)
         try:
             async with s.uploads.slot(signer):
                 body = await reader.read_rest()
@@ -445,12 +455,12 @@ async def post_update(request: web.Request) -> web.Response:
 async def _receive_update(body: memoryview, s: Services, envelope: wire.Verified) -> web.Response:
     engine = s.engine
     checked = await asyncio.get_running_loop().run_in_executor(s.executor, _check_upload, s, body, envelope)
-    if checked.receipt is None:
-        checked.receipt = await engine.known_receipt(checked.digest)  # an identical copy may be in flight
-    if checked.receipt is not None:
-        s.metrics.updates_duplicate_resend.inc()
-        return web.Response(body=checked.receipt, content_type=COSE_CONTENT_TYPE)
     try:
+        if checked.receipt is None:
+            checked.receipt = await engine.known_receipt(checked.digest)  # an identical copy may be in flight
+        if checked.receipt is not None:
+            s.metrics.updates_duplicate_resend.inc()
+            return web.Response(body=checked.receipt, content_type=COSE_CONTENT_TYPE)
         if checked.error is not None:
             raise checked.error
         s.metrics.verify_seconds.observe(checked.seconds)
@@ -460,11 +470,14 @@ async def _receive_update(body: memoryview, s: Services, envelope: wire.Verified
         receipt = await engine.commit(checked.header, checked.digest, checked.delta, checked.update.metrics,
                                       checked.check)
         s.uploads.buffers.give(checked.delta)  # spooled and accumulated: the buffer can hold the next delta
-    except ProtocolError:
+    except ProtocolError as refusal:
         # A copy of these exact bytes may have been acknowledged while this one was being checked.
-        receipt = await engine.known_receipt(checked.digest)
+        try:
+            receipt = await engine.known_receipt(checked.digest)
+        except Unavailable:  # that copy is still being written: the refusal stands
+            receipt = None
         if receipt is None:
-            raise
+            raise refusal from None
         s.metrics.updates_duplicate_resend.inc()
     except Unavailable as exc:
         raise Problem(503, "spool-unavailable", str(exc), {"Retry-After": "30"}) from None
@@ -495,10 +508,10 @@ def _check_upload(s: Services, body: memoryview, envelope: wire.Verified) -> _Ch
     """
     started = time.perf_counter()
     checked = _Checked(digest=envelope.digest)
-    checked.receipt = s.store.receipt_for(checked.digest)
-    if checked.receipt is not None:
-        return checked
     try:
+        checked.receipt = s.engine.stored_receipt(checked.digest)
+        if checked.receipt is not None:
+            return checked
         if s.registry.key_for(envelope.kid) is None:  # revoked raises
             raise ProtocolError("unknown-key", f"no enrolled key for kid {envelope.kid!r}")
         checked.header = header_of(envelope, s.config.plan.encoding)
@@ -835,7 +848,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     views = ThreadPoolExecutor(max_workers=1, thread_name_prefix="views", initializer=name_this_thread)
     app[SERVICES] = Services(config, metrics, store, registry, models, engine, executor, limits, max_body, uploads,
                              fleet, views)
-    flusher = asyncio.create_task(_flush_fleet(fleet, executor), name="fleet-flush")
+    metrics.disk_wait.set_function(store.writes.waited_seconds)
+    flusher = asyncio.create_task(_flush_fleet(fleet, executor, store), name="fleet-flush")
     try:
         yield
     finally:
@@ -854,14 +868,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         executor.shutdown(wait=True)
 
 
-async def _flush_fleet(fleet: Fleet, executor: ThreadPoolExecutor) -> None:
-    """Write the fleet's new reports every FLUSH_SECONDS, in one transaction each time (aggregator/fleet.py)."""
+async def _flush_fleet(fleet: Fleet, executor: ThreadPoolExecutor, store: Store) -> None:
+    """Write the fleet's new reports every FLUSH_SECONDS, in one transaction each time (aggregator/fleet.py), one
+    flush at a time (a disk that stops answering holds one verification thread, and shows in ``store.writes``)."""
+    def write(rows: list[tuple[str, Any]]) -> None:
+        with store.writes.writing("the fleet's device reports"):
+            fleet.write(rows)
+
     while True:
         await asyncio.sleep(FLUSH_SECONDS)
         rows = fleet.take_dirty()
         if rows:
             try:
-                await asyncio.get_running_loop().run_in_executor(executor, fleet.write, rows)
+                await asyncio.get_running_loop().run_in_executor(executor, write, rows)
             except Exception:
                 log.exception("could not write %d device reports; they stay in memory until the next", len(rows))
                 fleet.mark_dirty(row[0] for row in rows)

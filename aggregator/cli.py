@@ -29,7 +29,14 @@ from aggregator.buffered import STALENESS_WEIGHTINGS, BufferConfigError, BufferP
 from aggregator.privacy import MODES, DPConfig, PrivacyError, check_mode, check_private_strategy
 from aggregator.privacy_restart import check_restart
 from aggregator.registry import EnrolmentError, Registry, enrolment_for_key, read_enrolment_file
-from aggregator.rounds import DEFAULT_MAX_SAMPLES, MAX_SAMPLES_LIMIT, STATUS_ROUND_DEVICES, RoundPolicy, TrainingPlan
+from aggregator.rounds import (
+    DEFAULT_MAX_SAMPLES,
+    DEFAULT_STORE_TIMEOUT,
+    MAX_SAMPLES_LIMIT,
+    STATUS_ROUND_DEVICES,
+    RoundPolicy,
+    TrainingPlan,
+)
 from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy
 from aggregator.statuspage import downlink_text
 from aggregator.store import RoundRow, Store, StoreError
@@ -234,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "that does not follow the protocol can exceed")
     serve.add_argument("--update-window", type=_finite, default=3600.0,
                        help="refuse updates created more than this many seconds ago")
+    serve.add_argument("--store-timeout", type=_finite, default=DEFAULT_STORE_TIMEOUT, metavar="SECONDS",
+                       help="on a disk that stops answering: how long an upload waits for its write, and a round's "
+                       "close for the uploads still being written, before they count nowhere and are answered 503 "
+                       "(not acknowledged); past it new uploads are refused at once "
+                       f"(default {DEFAULT_STORE_TIMEOUT:g})")
     serve.add_argument("--epochs", type=int, default=1)
     serve.add_argument("--batch-size", type=int, default=32)
     serve.add_argument("--lr", type=_finite, default=0.05, help="device learning rate")
@@ -460,7 +472,7 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
         policy = RoundPolicy(
             min_clients=args.min_clients, goal_clients=args.goal_clients, round_timeout=args.round_timeout,
             max_rounds=args.rounds, update_window=args.update_window, max_update_norm=args.max_update_norm,
-            max_samples=args.max_samples,
+            max_samples=args.max_samples, store_timeout=args.store_timeout,
             buffer=_buffer(args),
         )
         plan = TrainingPlan(
@@ -687,8 +699,9 @@ def _lost_line(r: dict[str, Any]) -> str:
 
 
 def _left_out_line(r: dict[str, Any]) -> str:
-    """The line under a secure round that names the masked inputs its sum leaves out (their devices are not among
-    the round's devices), or nothing; an aggregator older than these lists lists none."""
+    """The line under a secure round that names the masked inputs its sum leaves out (under a plain round, the
+    updates stored after its close stopped waiting for them; their devices are not among the round's devices), or
+    nothing; an aggregator older than these lists lists none."""
     left_out = r.get("left_out_devices", [])
     total = r.get("left_out_devices_total", len(left_out))
     if not total:
@@ -697,8 +710,9 @@ def _left_out_line(r: dict[str, Any]) -> str:
     why = f" ({', '.join(f'{count} {reason}' for reason, count in reasons.items())})" if reasons else ""
     more = (f" and {total - len(left_out)} more (GET /v1/status/rounds/{r['round']}/left_out_devices)"
             if total > len(left_out) else "")
-    return (f"{'':21}{total} masked input{'s' if total != 1 else ''} left out of the sum{why}: "
-            f"{', '.join(left_out)}{more}\n")
+    plain = "secure" in r and r["secure"] is None  # /v1/status of a plain round (--state does not tell)
+    what = "update{} stored too late to count" if plain else "masked input{} left out of the sum"
+    return f"{'':21}{total} {what.format('s' if total != 1 else '')}{why}: {', '.join(left_out)}{more}\n"
 
 
 COMMANDS = {"serve": cmd_serve, "keygen": cmd_keygen, "enroll": cmd_enroll, "revoke": cmd_revoke,

@@ -15,6 +15,10 @@ from appliance.reasons import DECODER_REASONS, UPDATE_REFUSAL_REASONS
 # alert on a reason works before its first event. tests/test_metrics_initialised.py holds the code to these.
 # Reasons an upload can be refused (docs/protocol.md section 9).
 UPDATE_REJECT_REASONS = UPDATE_REFUSAL_REASONS
+# Why an upload was answered 503 (not acknowledged: the device keeps it and sends it again after Retry-After):
+# its write failed or the disk stopped answering (docs/aggregator.md "A disk that stops answering"), or async mode's
+# buffer had no room.
+UPDATE_UNAVAILABLE_REASONS = ("spool-unavailable", "buffer-full")
 # Reasons any other request can be refused (docs/api.md); the problems middleware maps HTTP errors to the first four.
 REQUEST_REJECT_REASONS = (
     "bad-request",
@@ -70,6 +74,20 @@ class AggregatorMetrics:
         )
         for reason in UPDATE_REJECT_REASONS:
             self.updates_rejected.labels(reason)
+        self.updates_unavailable = Counter(
+            "fl_aggregator_updates_unavailable_total",
+            "Uploads answered 503 and not acknowledged (the device sends them again later), by reason: "
+            "spool-unavailable (the disk failed the write or stopped answering), buffer-full",
+            ["reason"], registry=r,
+        )
+        for reason in UPDATE_UNAVAILABLE_REASONS:
+            self.updates_unavailable.labels(reason)
+        self.disk_wait = Gauge(
+            "fl_aggregator_disk_wait_seconds",
+            "How long the oldest write under way on the aggregator's disk has waited (0: none); past --store-timeout "
+            "uploads are refused (503 spool-unavailable) until the disk answers",
+            registry=r,
+        )
         self.updates_duplicate_resend = Counter(
             "fl_aggregator_updates_resent_total",
             "Identical resends of an acknowledged update, answered with the original receipt",

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import logging
 import math
+import sqlite3
+import threading
 import time
 import zipfile
 import zlib
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -44,6 +47,7 @@ from aggregator.registry import Registry
 from aggregator.store import DuplicateUpdate, RoundRow, SpoolJob, Store, UpdateRow
 from aggregator.strategies import AggregationError, Strategy
 from aggregator.strategies.chunks import DEFAULT_CHUNK_BYTES, UpdateSet
+from aggregator.threadnames import name_this_thread
 from aggregator.verify import UpdateHeader
 from appliance import wire
 from appliance.durable import atomic_write
@@ -68,6 +72,9 @@ CLIP_NORM_HEADROOM = 1.1
 DEFAULT_MAX_SAMPLES = 4096
 # What an update's signed num_samples can hold at all (aggregator/verify.py refuses more as bad-payload).
 MAX_SAMPLES_LIMIT = 2**31 - 1
+# ``--store-timeout``: an fsync of a few MB takes milliseconds to a second on the slowest SD card; a write that has not
+# returned in 30 s is a disk that stopped answering (the secure round's --secagg-phase-timeout has the same default).
+DEFAULT_STORE_TIMEOUT = 30.0
 
 
 def update_norm_bound(explicit: float | None, clip_norm: float, params: np.ndarray) -> tuple[float, str]:
@@ -104,6 +111,9 @@ class RoundPolicy:
     max_samples: int = DEFAULT_MAX_SAMPLES
     # Async mode (FedBuff): a round is a buffer of this policy's K updates; None: synchronous rounds.
     buffer: BufferPolicy | None = None
+    # How long an upload waits for its spool write, and a round's close for the uploads still being written, on a
+    # disk that stopped answering; past it they do not count and are not acknowledged (``--store-timeout``).
+    store_timeout: float = DEFAULT_STORE_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -115,6 +125,8 @@ class RoundPolicy:
                 raise ValueError(f"{name} must be at most {MAX_BUFFER}, got {count}")
         if self.round_timeout <= 0:
             raise ValueError("round-timeout must be positive")
+        if not 0 < self.store_timeout < math.inf:
+            raise ValueError(f"store-timeout must be a positive number of seconds, got {self.store_timeout}")
         if self.update_window <= 0:  # a window of 0 or less refuses every update as too old
             raise ValueError("update-window must be positive")
         if self.max_update_norm is not None and not 0 < self.max_update_norm <= MAX_UPDATE_NORM:
@@ -157,6 +169,11 @@ class ForwardError(Exception):
 
 class Unavailable(Exception):
     """The update could not be stored (disk error): the client should retry later (HTTP 503)."""
+
+
+class StoredLate(Exception):
+    """An update whose spool record landed after its round's close stopped waiting for it (a disk that stopped
+    answering): it does not count, and its device was never acknowledged."""
 
 
 class UnknownRound(LookupError):
@@ -230,6 +247,13 @@ class OpenRound:
     closes_by: float = math.inf  # on the monotonic clock: the latest it closes, whatever the wall clock does
     close_under_way: asyncio.Event | None = None  # set when the close under way (close_round) ends
     ended: RecordedEnd | None = None  # its end is recorded; the steps after that commit are not all done
+    # The updates being stored (digest -> device) until the spool's finisher thread takes them into the round; under
+    # ``lock`` with ``cut``: once the close stops waiting for them (--store-timeout), those still here never count,
+    # and ``late`` (device -> digest) names them in the round's record.
+    storing: dict[bytes, str] = field(default_factory=dict)
+    cut: bool = False
+    late: dict[str, bytes] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -245,6 +269,12 @@ class OpenRound:
     def seconds_left(self) -> float:
         """Until the round closes: its deadline by the aggregator's clock, or ``closes_by``, whichever comes first."""
         return min(self.deadline - time.time(), self.closes_by - time.monotonic())
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A done callback that retrieves a task's exception: one whose caller stopped waiting must not log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _weighted_metrics(rows: list[UpdateRow]) -> dict[str, float]:
@@ -335,9 +365,33 @@ class RoundEngine:
         self.secure: SecureRounds | None = None
         # Async mode: staleness of the accepted updates and the publication times (status page, metrics).
         self.activity = AsyncActivity() if policy.buffer is not None else None
+        # The engine's own records are written on this thread, in order (:meth:`_record`).
+        self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-records",
+                                           initializer=name_this_thread)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _record(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Write one of the engine's own records (a round's end, the next round, a model version, the privacy
+        ledger's settlement) on the records thread, in order. A disk that stops answering holds that thread and what
+        awaits the record (the close of a round), never the event loop: the status, task polls, model downloads and
+        metrics go on answering from what is committed, and uploads are refused (:meth:`disk_stall`). The record is
+        awaited however long the disk takes: it lands or fails, once, and the round goes on from there."""
+        def write() -> T:
+            with self.store.writes.writing(what):
+                return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self._records, write)
+
+    def disk_stall(self) -> str | None:
+        """Why uploads are refused now: the oldest write under way on the aggregator's disk has waited longer than
+        ``--store-timeout`` (an upload queued behind it would wait as long, holding its body); None otherwise."""
+        oldest = self.store.writes.oldest()
+        if oldest is None or oldest[0] <= self.policy.store_timeout:
+            return None
+        return (f"the aggregator's disk has not finished a write for {oldest[0]:.0f} s ({oldest[1]}; "
+                f"--store-timeout {self.policy.store_timeout:g} s): no update is taken until it answers")
 
     def _state_path(self, version: int) -> Path:
         return self.models.directory / f"v{version:08d}.strategy.npz"
@@ -353,8 +407,8 @@ class RoundEngine:
         if latest is None:
             now = time.time()
             params = self.models.initial_params()
-            digest = await self._run(self.models.write, 0, params, int(now))
-            self.store.add_model(0, digest, None, now)
+            digest = await self._record("model version 0", self.models.write, 0, params, int(now))
+            await self._record("model version 0's row", self.store.add_model, 0, digest, None, now)
             latest = (0, digest)
         self.version = latest[0]
         if self.models.release_bytes(self.version) is None:
@@ -385,7 +439,7 @@ class RoundEngine:
         self.store.drop_stale_segments(keep=row.round_id if row else None)
         if row is not None:
             await self._resume(row)
-        elif not self._finished() and self.forward is None:
+        elif not self._finished(self.version) and self.forward is None:
             await self._open(self.store.last_round_id() + 1, time.time(), persist=True)
         self._timer = asyncio.create_task(self._clock(), name="round-clock")
 
@@ -404,20 +458,21 @@ class RoundEngine:
                 f"does not follow this state (newest version {self.version}, round {release.round_id} "
                 f"{'missing' if row is None else row.status}): was the state directory restored from a backup?"
             )
-        digest = await self._run(self._write_version, release.version, release.params, release.strategy_state,
-                                 int(release.closed_at))
+        digest = await self._record(f"model version {release.version}", self._write_version, release.version,
+                                    release.params, release.strategy_state, int(release.closed_at))
         self.version, self.params = release.version, release.params
         if release.strategy_state:
             self.strategy.restore(release.strategy_state)
         now = time.time()
-        opens = not self._finished()
-        self.store.finish_round(  # a private round records no device metrics (close_round)
+        opens = not self._finished(self.version)
+        await self._record(f"the record of round {release.round_id}'s end", functools.partial(
+            self.store.finish_round,  # a private round records no device metrics (close_round)
             release.round_id, "published", release.closed_at, release.participants, release.samples, {},
             note=release.note, new_model=(release.version, digest),
             next_round=(release.round_id + 1, self.version, now, now + self.policy.round_timeout, self._goal())
             if opens else None,
-        )
-        self.privacy.published()
+        ))
+        await self._record("the privacy ledger's settlement", self.privacy.published)
         log.warning("round %d: published model version %d, counted in the privacy ledger before the aggregator "
                     "stopped (the same model: its noise is not drawn again)", release.round_id, release.version)
 
@@ -452,9 +507,11 @@ class RoundEngine:
             self._timer = None
         if self.current is not None:
             await self.current.idle.wait()
+        await asyncio.get_running_loop().run_in_executor(None, self._records.shutdown)  # a record under way lands
 
-    def _finished(self) -> bool:
-        if self.policy.max_rounds > 0 and self.version >= self.policy.max_rounds:
+    def _finished(self, version: int) -> bool:
+        """Whether no round opens after model ``version``: --rounds reached, or the privacy budget spent."""
+        if self.policy.max_rounds > 0 and version >= self.policy.max_rounds:
             return True
         refusal = None if self.privacy is None else self.privacy.next_round_refusal()
         if refusal is not None:
@@ -529,7 +586,8 @@ class RoundEngine:
         deadline = now + self.policy.round_timeout
         goal = self._goal()
         if persist:
-            self.store.insert_round(round_id, self.version, now, deadline, goal)
+            await self._record(f"round {round_id}'s row", self.store.insert_round, round_id, self.version, now,
+                               deadline, goal)
         await self._install(self._new_open_round(round_id, now, deadline, goal))
 
     async def _install(self, round_: OpenRound | None) -> None:
@@ -665,13 +723,36 @@ class RoundEngine:
     async def known_receipt(self, digest: bytes) -> bytes | None:
         """The receipt of an update with exactly these bytes that is acknowledged (or being stored right now).
 
-        This is what makes delivery idempotent: a resend gets the original receipt, whatever happened since.
+        This is what makes delivery idempotent: a resend gets the original receipt, whatever happened since. One
+        being stored is waited for up to --store-timeout (:class:`Unavailable` past it: the disk stopped answering).
         """
         waiter = self._inflight.get(digest)
         if waiter is not None:
-            with contextlib.suppress(Exception):
-                return await asyncio.shield(waiter)
-        return self.store.receipt_for(digest)
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiter), self.policy.store_timeout)
+            except TimeoutError:
+                raise Unavailable(f"an identical upload is still being written after {self.policy.store_timeout:g} "
+                                  "s: the disk stopped answering") from None
+            except Exception:  # it failed: whether a copy is stored is read below
+                pass
+        return self.stored_receipt(digest)
+
+    def stored_receipt(self, digest: bytes) -> bytes | None:
+        """The receipt in the stored record of an update with these bytes (any thread), or None. A record stored after
+        its round stopped waiting for it (:meth:`stored_late`) holds a receipt that was never given: refused
+        (``round-closed``), not given now."""
+        receipt = self.store.receipt_for(digest)
+        if receipt is not None and self.stored_late(digest):
+            raise ProtocolError("round-closed", "this update was stored after its round had stopped waiting for it "
+                                "(the aggregator's disk had stopped answering), so the round went on without it: it "
+                                "was never acknowledged and counts nowhere")
+        return receipt
+
+    def stored_late(self, digest: bytes) -> bool:
+        """Whether the update ``digest`` was cut from its round's close while it was being stored (any thread): in
+        memory until the round's end is recorded, in ``left_out_updates`` from then on."""
+        current = self.current
+        return (current is not None and digest in current.late.values()) or self.store.stored_late(digest)
 
     def admit(self, header: UpdateHeader, digest: bytes, now: float | None = None) -> OpenRound:
         """Decide from the signed metadata alone whether this update can count in the open round."""
@@ -782,13 +863,16 @@ class RoundEngine:
         Call :meth:`admit` right before (without awaiting in between): the round may have moved on. ``check`` is
         what the delta's spool record must match at a resume (aggregator/record_checks.py); None: a CRC-32.
         """
-        if digest in self._inflight or self.store.receipt_for(digest) is not None:
+        if digest in self._inflight or self.stored_receipt(digest) is not None:
             receipt = await self.known_receipt(digest)  # an identical upload overtook this one
             if receipt is not None:
                 return receipt
         if self.policy.buffer is not None:
             await self._buffer_room(self.policy.buffer)
         round_ = self.admit(header, digest)
+        stall = self.disk_stall()
+        if stall is not None:
+            raise Unavailable(stall)
         now = time.time()
         staleness = round_.model_version - header.model_version
         if self.policy.buffer is not None and self.policy.buffer.weight(staleness) != 1.0:
@@ -802,17 +886,39 @@ class RoundEngine:
         round_.pending += 1
         round_.pending_samples += header.num_samples
         round_.idle.clear()
+        with round_.lock:
+            round_.storing[digest] = header.device_id
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = waiter
         weight = float(header.num_samples)
         job = SpoolJob(
             digest=digest, device_id=header.device_id, round_id=round_.round_id, num_samples=header.num_samples,
             metrics=metrics, delta=delta, receipt=receipt, accepted_at=now,
-            then=None if self.strategy.needs_all_updates else (lambda: self.strategy.add(delta, weight)), check=check,
+            then=lambda: self._take(round_, digest, delta, weight), check=check,
         )
-        # Once queued, the update is stored and accumulated even if this handler is cancelled (Store.spool), so
-        # the round counts it even then: a shielded task finishes what follows.
-        return await asyncio.shield(self._store_and_count(round_, header, job, waiter, staleness))
+        # Once queued, the update is stored and counted even if this handler is cancelled or stops waiting
+        # (Store.spool), so the round counts it even then: a task of its own finishes what follows. The device is
+        # answered within --store-timeout: past it, 503 and no receipt (the update still counts if it lands while the
+        # round waits, and its resend then gets the receipt).
+        stored = asyncio.ensure_future(self._store_and_count(round_, header, job, waiter, staleness))
+        stored.add_done_callback(_retrieve)
+        try:
+            return await asyncio.wait_for(asyncio.shield(stored), self.policy.store_timeout)
+        except TimeoutError:
+            raise Unavailable(f"the update was not stored within {self.policy.store_timeout:g} s (--store-timeout): "
+                              "the aggregator's disk stopped answering; it is not acknowledged, send it again "
+                              "later") from None
+
+    def _take(self, round_: OpenRound, digest: bytes, delta: np.ndarray, weight: float) -> None:
+        """The spool's finisher thread, once an update is committed: take it into its round (a rule that sums as
+        updates arrive adds it now), unless the round's close stopped waiting for it (:meth:`_cut`)."""
+        with round_.lock:  # the close's cut waits for an addition under way: the rule reads the sum next
+            if round_.cut:
+                raise StoredLate(f"the update was stored after round {round_.round_id}'s close had stopped waiting for "
+                                 "it (the aggregator's disk stopped answering): it does not count")
+            if not self.strategy.needs_all_updates:
+                self.strategy.add(delta, weight)
+            round_.storing.pop(digest, None)
 
     async def _store_and_count(
         self, round_: OpenRound, header: UpdateHeader, job: SpoolJob, waiter: asyncio.Future[bytes], staleness: int
@@ -825,12 +931,16 @@ class RoundEngine:
             self.metrics.spool_seconds.observe(time.perf_counter() - started)
         except BaseException as exc:
             round_.devices.pop(header.device_id, None)
+            with round_.lock:
+                round_.storing.pop(digest, None)
             round_.pending_samples -= header.num_samples
             error: BaseException = exc
             if isinstance(exc, DuplicateUpdate):
                 error = ProtocolError("duplicate", str(exc))
-            elif isinstance(exc, OSError):
+            elif isinstance(exc, OSError | sqlite3.Error):
                 error = Unavailable(f"the update could not be written to the spool: {exc}")
+            elif isinstance(exc, StoredLate):
+                error = Unavailable(str(exc))
             if not waiter.done():
                 waiter.set_exception(error)
                 waiter.exception()  # mark retrieved: nobody else may be waiting
@@ -917,7 +1027,12 @@ class RoundEngine:
 
     async def _close(self, round_: OpenRound) -> None:
         round_.closing = True
-        await round_.idle.wait()
+        if not round_.idle.is_set():
+            try:
+                async with asyncio.timeout(self.policy.store_timeout):
+                    await round_.idle.wait()
+            except TimeoutError:
+                self._cut(round_)
         if round_.ended is not None:  # recorded already: only the steps after its commit are left
             await self._complete_end(round_, round_.ended)
             return
@@ -928,7 +1043,8 @@ class RoundEngine:
                 self.strategy.add(outcome.mean, float(outcome.weight))
             await self._conclude(round_, outcome.participants, outcome.weight, {}, outcome.updates(), outcome.note)
             return
-        rows = self.store.round_updates(round_.round_id)
+        late = set(round_.late.values())
+        rows = [r for r in self.store.round_updates(round_.round_id) if r.digest not in late]
         if self.privacy is not None and self.privacy.config.adaptive is not None:
             round_.unclipped_norms = await self._run(self._unclipped_norms, round_, rows)
         samples = sum(r.num_samples for r in rows)
@@ -937,6 +1053,18 @@ class RoundEngine:
         # round's device list, so a private round records none.
         summary = {} if self.privacy is not None else _weighted_metrics(rows)
         await self._conclude(round_, len(rows), samples, summary, self._spooled(round_, rows))
+
+    def _cut(self, round_: OpenRound) -> None:
+        """The close has waited --store-timeout for the updates still being stored (a disk that stopped answering):
+        the round goes on without them. Their devices were answered 503 by now (each upload waits at most as long),
+        so none was acknowledged; when their records land they count nowhere (:meth:`_take`), and the round's record
+        names them as left out, ``late``, so that a resend is not given their receipts (:meth:`stored_receipt`)."""
+        with round_.lock:
+            round_.cut = True
+            round_.late.update({device: digest for digest, device in round_.storing.items()})
+        log.warning("round %d: %d updates were not stored within %g s (--store-timeout: the disk stopped answering; "
+                    "devices %s): the round closes without them, and none of them was acknowledged", round_.round_id,
+                    len(round_.late), self.policy.store_timeout, ", ".join(sorted(round_.late)))
 
     async def _conclude(
         self, round_: OpenRound, participants: int, samples: int, summary: dict[str, float],
@@ -965,24 +1093,24 @@ class RoundEngine:
                 self.strategy.load_state(optimiser)
                 raise
             version = round_.model_version + 1
-            previous = self.version, self.params
-            self.version, self.params = version, params
+            opens = not self._finished(version)
+            deadline = now + self.policy.round_timeout
+            goal = self._goal()
             try:
-                opens = not self._finished()
-                deadline = now + self.policy.round_timeout
-                goal = self._goal()
-                self.store.finish_round(
-                    round_.round_id, "published", now, participants, samples, summary, note=note,
-                    new_model=(version, digest),
-                    next_round=(next_id, version, now, deadline, goal) if opens else None,
-                )
+                await self._record(f"the record of round {round_.round_id}'s end", functools.partial(
+                    self.store.finish_round, round_.round_id, "published", now, participants, samples, summary,
+                    note=note, new_model=(version, digest),
+                    next_round=(next_id, version, now, deadline, goal) if opens else None, late=list(round_.late),
+                ))
             except Exception:
                 # Not recorded, so not published: GET /v1/models/{version} stays 404, and the retried close (_clock)
                 # takes the same updates from the same model and moments again instead of stepping twice.
-                self.version, self.params = previous
                 self.strategy.load_state(optimiser)
                 raise
-            # From here on the version is published, whatever fails: the round clock's retry only completes it.
+            # From here on the version is published, whatever fails: the round clock's retry only completes it. Not
+            # before: while the record is being written (however long a stalled disk takes), the status, the tasks
+            # and GET /v1/models/latest go on serving the version before, which is the one committed.
+            self.version, self.params = version, params
             round_.ended = end = RecordedEnd("published", version, (next_id, now, deadline, goal) if opens else None)
             self.metrics.aggregate_seconds.observe(time.perf_counter() - started)
             self.metrics.round_ended("published", now)
@@ -1004,13 +1132,14 @@ class RoundEngine:
         version, then delete the releases no update may be based on any more)."""
         if self.privacy is not None:
             if end.version is not None:
-                self.privacy.published()
+                await self._record("the privacy ledger's settlement", self.privacy.published)
             unmasking = self.privacy.unmasking
             if end.outcome == "abandoned" and unmasking is not None and unmasking.round_id == round_.round_id:
                 # after the round's end is recorded: a crash in between leaves the entry to _settle_stale_unmask
-                await self._run(self.privacy.unmask_abandoned)
+                await self._record("the privacy ledger's settlement", self.privacy.unmask_abandoned)
             self.metrics.dp_epsilon.set(self.privacy.spent())
-        self.store.drop_segment(round_.round_id)
+        await self._record(f"the deletion of round {round_.round_id}'s spool", self.store.drop_segment,
+                           round_.round_id)
         following = end.next_round
         await self._install(None if following is None else self._new_open_round(*following))
         if self.policy.buffer is not None and end.version is not None:
@@ -1021,12 +1150,13 @@ class RoundEngine:
     ) -> None:
         # Site mode: the next round opens on the parent's next task. Otherwise a distributed sum unmasked in this
         # round may have spent the budget.
-        opens = self.forward is None and not self._finished()
+        opens = self.forward is None and not self._finished(self.version)
         following = (round_.round_id + 1, now, now + self.policy.round_timeout, self._goal()) if opens else None
-        self.store.finish_round(
-            round_.round_id, "abandoned", now, participants, samples, summary, note=note,
+        await self._record(f"the record of round {round_.round_id}'s end", functools.partial(
+            self.store.finish_round, round_.round_id, "abandoned", now, participants, samples, summary, note=note,
             next_round=None if following is None else (following[0], self.version, *following[1:]),
-        )
+            late=list(round_.late),
+        ))
         round_.ended = end = RecordedEnd("abandoned", None, following)
         self.metrics.round_ended("abandoned", now)
         self._finish_metrics(round_, participants, now)
@@ -1038,8 +1168,9 @@ class RoundEngine:
         after that record that fails is retried by the round clock from it (RecordedEnd), never by recording and
         counting the round again."""
         now = time.time()
-        self.store.finish_round(round_.round_id, "superseded", now, 0, 0, {},
-                                note=f"no updates when upstream version {version} came")
+        await self._record(f"the record of round {round_.round_id}'s end", functools.partial(
+            self.store.finish_round, round_.round_id, "superseded", now, 0, 0, {},
+            note=f"no updates when upstream version {version} came"))
         round_.ended = end = RecordedEnd("superseded", None, None)
         self.metrics.round_ended("superseded", now)
         try:
@@ -1068,8 +1199,9 @@ class RoundEngine:
         # parent's newer version is waiting to be adopted): no window in which the site refuses their updates.
         reopens = self.policy.buffer is not None and self.reopen_after_forward and not self._adopting
         next_id, deadline, goal = round_.round_id + 1, time.time() + self.policy.round_timeout, self._goal()
-        self.store.finish_round(round_.round_id, "published", now, participants, samples, summary, note=note,
-                                next_round=(next_id, self.version, now, deadline, goal) if reopens else None)
+        await self._record(f"the record of round {round_.round_id}'s end", functools.partial(
+            self.store.finish_round, round_.round_id, "published", now, participants, samples, summary, note=note,
+            next_round=(next_id, self.version, now, deadline, goal) if reopens else None, late=list(round_.late)))
         round_.ended = end = RecordedEnd("published", None, (next_id, now, deadline, goal) if reopens else None)
         self.metrics.round_ended("published", now)
         self._finish_metrics(round_, participants, now)
@@ -1131,8 +1263,8 @@ class RoundEngine:
             await self.close_round()
         now = time.time()
         if params is not None:
-            digest = await self._run(self.models.write, version, params, int(now))
-            self.store.add_model(version, digest, None, now)
+            digest = await self._record(f"model version {version}", self.models.write, version, params, int(now))
+            await self._record(f"model version {version}'s row", self.store.add_model, version, digest, None, now)
             self.params = params
         elif self.version != version:
             self.params = await self._run(self.models.params, version)
@@ -1140,7 +1272,7 @@ class RoundEngine:
         self.metrics.model_version.set(version)
         round_id = self.store.last_round_id() + 1
         goal = self._goal()
-        self.store.insert_round(round_id, version, now, deadline, goal)
+        await self._record(f"round {round_id}'s row", self.store.insert_round, round_id, version, now, deadline, goal)
         await self._install(self._new_open_round(round_id, now, deadline, goal))
         if self._timer is None or self._timer.done():
             self._timer = asyncio.create_task(self._clock(), name="round-clock")
@@ -1191,15 +1323,17 @@ class RoundEngine:
             clip = None if round_.unclipped_norms is None else self.privacy.adapt_clip(round_.clip_norm,
                                                                                         round_.unclipped_norms)
             release = PendingRelease(round_.round_id, version, closed_at, participants, samples, note, params, state)
-            self.privacy.record_round(round_.noise, clip, release)
+            with self.store.writes.writing(f"the privacy ledger's count of round {round_.round_id}"):
+                self.privacy.record_round(round_.noise, clip, release)
         return params, self._write_version(version, params, state, int(closed_at))
 
     def _write_version(self, version: int, params: np.ndarray, state: dict[str, np.ndarray], created_at: int) -> bytes:
         """Worker thread: sign and write ``version`` (with the privacy spent up to it) and the strategy's state."""
         privacy = None if self.privacy is None else self.privacy.release_metadata()
-        digest = self.models.write(version, params, created_at, privacy)
-        if state:
-            save_strategy_state(self._state_path(version), state)
+        with self.store.writes.writing(f"model version {version}"):
+            digest = self.models.write(version, params, created_at, privacy)
+            if state:
+                save_strategy_state(self._state_path(version), state)
         return digest
 
     # --------------------------------------------------------------------------------------------- status

@@ -76,12 +76,16 @@ LEFT_OUT_WHY = {"false-accusation": "accused an honest neighbour", "bad-shares":
 
 
 def _left_out(r: dict[str, Any]) -> str:
-    """A secure round's masked inputs that arrived and are not in its sum, and why, or nothing: their devices are
-    not among the round's devices. /v1/status lists the first of them beside ``left_out_devices_total``."""
+    """A secure round's masked inputs that arrived and are not in its sum, and why (a plain round's updates stored
+    after its close stopped waiting for them), or nothing: their devices are not among the round's devices.
+    /v1/status lists the first of them beside ``left_out_devices_total``."""
     total, names = _named_devices(r, "left_out_devices")
     if not total:
         return ""
-    reasons = (r.get("secure") or {}).get("left_out", {})
+    if r.get("secure") is None:  # a plain round's are updates its close stopped waiting for (a stalled disk)
+        return (f'<br><small class="left-out" title="stored after the round stopped waiting for them: never '
+                f"acknowledged\">{total} update{'s' if total != 1 else ''} stored too late to count: {names}</small>")
+    reasons = r["secure"].get("left_out", {})
     why = "; ".join(f"{count} {escape(LEFT_OUT_WHY.get(reason, reason))}" for reason, count in reasons.items())
     return (f'<br><small class="left-out" title="stored, but not in the secure sum">'
             f"{total} masked input{'s' if total != 1 else ''} left out of the sum"

@@ -28,7 +28,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.disk_writes import WritesUnderWay
 from aggregator.record_checks import CHECK_KINDS, RecordCheck, TensorSection, crc32_check, record_intact
 from aggregator.threadnames import name_this_thread
 from appliance.durable import fsync_dir
@@ -333,6 +334,9 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"{self.db_path}: cannot open the database: {exc}") from None
         self._write_lock = threading.RLock()
+        # The writes under way on this disk (the spool's, and those others run through :meth:`writing`), so that a
+        # disk that stopped answering is seen by everything that would otherwise queue behind it.
+        self.writes = WritesUnderWay()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -536,14 +540,21 @@ class Store:
         note: str = "",
         new_model: tuple[int, bytes] | None = None,
         next_round: tuple[int, int, float, float, int] | None = None,
+        late: Collection[str] = (),
     ) -> None:
-        """Close ``round_id`` and, in the same transaction, record the new model and open the next round."""
+        """Close ``round_id`` and, in the same transaction, record the new model and open the next round.
+
+        ``late``: devices whose updates were still being written when the round stopped waiting for them (a disk
+        that stopped answering): recorded as left out of the round (``left_out_updates``, reason ``late``), so that
+        their records, whenever they land, neither count nor give their receipts to a resend."""
         with self._transaction() as db:
             db.execute(
                 "UPDATE rounds SET status=?, closed_at=?, participants=?, samples=?, metrics=?, note=? "
                 "WHERE round_id=? AND status='open'",
                 (status, closed_at, participants, samples, json.dumps(metrics), note, round_id),
             )
+            db.executemany("INSERT OR IGNORE INTO left_out_updates (round_id, device_id, reason) VALUES (?, ?, 'late')",
+                           [(round_id, device) for device in late])
             if new_model is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO models (version, digest, round_id, created_at) VALUES (?, ?, ?, ?)",
@@ -904,7 +915,8 @@ class Store:
                     waiting = more
                     break
                 batch.append(more)
-            self._commit_batch(batch)
+            with self.writes.writing(f"the spool's write of {len(batch)} update{'s' if len(batch) != 1 else ''}"):
+                self._commit_batch(batch)
 
     def _commit_batch(self, batch: list[SpoolJob]) -> None:
         try:

@@ -28,6 +28,7 @@ from aggregator.metrics import (
     REQUEST_REJECT_REASONS,
     ROUND_OUTCOMES,
     UPDATE_REJECT_REASONS,
+    UPDATE_UNAVAILABLE_REASONS,
 )
 from aggregator.simulate import synthetic_package
 from appliance import wire
@@ -233,6 +234,7 @@ async def test_a_fresh_aggregator_has_every_labelled_series_at_zero(tmp_path):
     families = scrape(text)
     for name, label, values in [
         ("fl_aggregator_updates_rejected", "reason", UPDATE_REJECT_REASONS),
+        ("fl_aggregator_updates_unavailable", "reason", UPDATE_UNAVAILABLE_REASONS),
         ("fl_aggregator_requests_rejected", "reason", REQUEST_REJECT_REASONS),
         ("fl_aggregator_rounds", "outcome", ROUND_OUTCOMES),
         ("fl_aggregator_last_round_timestamp_seconds", "outcome", ROUND_OUTCOMES),
@@ -256,6 +258,8 @@ def test_every_reason_the_aggregator_refuses_with_is_declared():
         upload = function is not None and function.name == "post_update"
         declared = UPDATE_REJECT_REASONS if upload else REQUEST_REJECT_REASONS
         for reason in _literal_values(call.args[1]) or []:
+            if upload and status == 503 and reason not in UPDATE_UNAVAILABLE_REASONS:
+                problems.append(f"app.py:{call.lineno}: {reason} not in UPDATE_UNAVAILABLE_REASONS")
             if (status is None or status < 500) and reason not in declared:
                 problems.append(f"app.py:{call.lineno}: {reason} not in {'UPDATE' if upload else 'REQUEST'}"
                                 "_REJECT_REASONS")

@@ -1,0 +1,173 @@
+"""A plain (not secure) aggregator whose disk stops answering: an SD card or a network disk that hangs in a write or
+an fsync. The aggregator keeps answering (status, task polls, metrics, health) while the round engine's own record
+hangs; an upload is answered within --store-timeout, 503 spool-unavailable, never acknowledged unless it counts; a
+round's close waits at most --store-timeout for the uploads still being written and goes on without them; and once
+the disk answers, the round is recorded, published and followed by the next, exactly once.
+
+The disk is played by holding one kind of write on an event until the test lets it go. The probes that must be
+answered while a write is held run on a thread of their own with a plain HTTP client, so that a held event loop fails
+them (their own generous timeout) instead of stopping the test with it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aggregator_harness import Harness, run, running
+
+from aggregator.rounds import RoundPolicy
+from aggregator.store import Store
+from appliance import wire
+
+GUARD_SECONDS = 30.0  # reached only when the aggregator waits on the held write (and then the test fails)
+PROBE_TIMEOUT = 10.0  # what a probe gives one answer: far more than an answer from memory takes
+TOLERANCE = 1e-5
+
+
+def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    """A GET from a thread of the test's own, bounded by PROBE_TIMEOUT; (status, headers, body)."""
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def mean_delta(h: Harness, deltas: list[dict[str, np.ndarray]]) -> np.ndarray:
+    return np.mean([h.flat(d) for d in deltas], axis=0)
+
+
+def test_a_close_whose_commit_hangs_leaves_the_aggregator_answering_and_publishes_once_the_disk_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entered, release = threading.Event(), threading.Event()
+    commits: list[int] = []
+    record = Store.finish_round
+
+    def finish_round(self: Store, round_id: int, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("new_model") is not None:
+            commits.append(round_id)
+            entered.set()
+            release.wait(GUARD_SECONDS)  # bounded: held on the event loop, it would hold the test's guard too
+        record(self, round_id, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "finish_round", finish_round)
+    answers: dict[str, Any] = {}
+
+    def probe(base: str) -> None:
+        """While the commit is held: each probe answered, and nothing of the new version served."""
+        try:
+            entered.wait(GUARD_SECONDS)
+            status, _, body = get(f"{base}/v1/status")
+            answers["status"] = (status, json.loads(body))
+            answers["task"] = get(f"{base}/v1/task?after=1")[0]
+            answers["health"] = get(f"{base}/healthz")[0]
+            status, _, body = get(f"{base}/metrics")
+            answers["metrics"] = (status, b"fl_aggregator_model_version 0.0" in body)
+            answers["model 1"] = get(f"{base}/v1/models/1")[0]
+            status, headers, _ = get(f"{base}/v1/models/latest")
+            answers["latest"] = (status, headers.get("X-Model-Version"))
+        except Exception as exc:  # a probe that got no answer in time: the event loop was held
+            answers["failed"] = repr(exc)
+        finally:
+            release.set()
+
+    async def go() -> None:
+        async with running(tmp_path, devices=2) as h:
+            task = await h.task()
+            assert task is not None
+            v0 = await h.model(0)
+            prober = threading.Thread(target=probe, args=(str(h.client.make_url("")).rstrip("/"),))
+            prober.start()
+            deltas = [h.delta() for _ in h.devices]
+            async with asyncio.timeout(GUARD_SECONDS):
+                for device, delta in zip(h.devices, deltas, strict=True):
+                    assert (await h.upload(device.update(task, delta)))[0] == 200  # the second closes the round
+                following = await h.task(after=task.round_id, wait=GUARD_SECONDS)
+            await asyncio.to_thread(prober.join)
+            assert "failed" not in answers, f"the aggregator stopped answering while its commit hung: {answers}"
+            status, body = answers["status"]
+            assert status == 200 and body["model"]["version"] == 0 and body["current_round"]["closing"]
+            assert answers["task"] == 204  # the round is closing and the next is not recorded yet
+            assert answers["health"] == 200 and answers["metrics"] == (200, True)
+            assert answers["model 1"] == 404 and answers["latest"] == (200, "0")  # not served before its commit
+            assert following is not None and (following.round_id, following.model_version) == (2, 1)
+            np.testing.assert_allclose(await h.model(1), v0 + mean_delta(h, deltas), rtol=1e-5, atol=1e-6)
+            rounds = (await (await h.client.get("/v1/status")).json())["rounds"]
+            assert [(r["round"], r["status"], r["participants"]) for r in rounds] == [(2, "open", 0),
+                                                                                       (1, "published", 2)]
+            assert commits == [1]  # recorded once
+
+    try:
+        run(go())
+    finally:
+        release.set()
+
+
+def test_an_upload_whose_spool_write_hangs_is_refused_in_time_and_the_close_goes_on_without_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two updates are stored; the third's fdatasync hangs. Its device is answered 503 within --store-timeout (not
+    acknowledged); once fl_aggregator_disk_wait_seconds shows the write hanging for longer than that, a fourth
+    device's upload is refused at once, and both are counted; the round's close waits at most --store-timeout for the
+    hanging one, then publishes the mean of the two. When the write lands, the third update counts nowhere, its resend
+    is not acknowledged, and the status and the status page name it as stored too late."""
+    release, armed = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if armed.is_set() and threading.current_thread().name.startswith("spool-writer"):
+            release.wait(GUARD_SECONDS)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    policy = RoundPolicy(min_clients=2, goal_clients=4, round_timeout=600, store_timeout=1)
+
+    async def go() -> None:
+        async with running(tmp_path, devices=4, policy=policy) as h:
+            task = await h.task()
+            assert task is not None
+            v0 = await h.model(0)
+            deltas = [h.delta() for _ in h.devices]
+            updates = [d.update(task, delta) for d, delta in zip(h.devices, deltas, strict=True)]
+            for update in updates[:2]:
+                assert (await h.upload(update))[0] == 200
+            armed.set()
+            async with asyncio.timeout(GUARD_SECONDS):
+                status, problem = await h.upload(updates[2])  # its fdatasync hangs
+                assert (status, problem["reason"]) == (503, "spool-unavailable"), problem
+                assert "not stored within 1 s" in problem["detail"], problem
+                while h.counter("fl_aggregator_disk_wait_seconds") <= 1:  # the write has hung past --store-timeout
+                    await asyncio.sleep(0.05)
+                status, problem = await h.upload(updates[3])  # refused before it is read
+                assert (status, problem["reason"]) == (503, "spool-unavailable"), problem
+                assert "has not finished a write" in problem["detail"], problem
+                await h.engine.close_round()  # waits at most --store-timeout for the hanging update
+                following = await h.task(after=task.round_id)
+            assert following is not None and following.model_version == 1
+            np.testing.assert_allclose(await h.model(1), v0 + mean_delta(h, deltas[:2]), rtol=1e-5, atol=1e-6)
+            assert h.counter("fl_aggregator_updates_unavailable_total", reason="spool-unavailable") == 2
+            armed.clear()
+            release.set()  # the disk answers: the third update's record lands, after its round closed without it
+            async with asyncio.timeout(GUARD_SECONDS):
+                while h.engine.store.receipt_for(wire.update_digest(updates[2])) is None:
+                    await asyncio.sleep(0.05)
+                status, problem = await h.upload(updates[2])  # its record holds a receipt that was never given
+            assert (status, problem["reason"]) == (410, "round-closed"), problem
+            record = next(r for r in (await (await h.client.get("/v1/status")).json())["rounds"] if r["round"] == 1)
+            assert (record["status"], record["participants"]) == ("published", 2)
+            assert record["devices"] == [d.device_id for d in h.devices[:2]]
+            assert (record["left_out_devices"], record["left_out_devices_total"]) == ([h.devices[2].device_id], 1)
+            page = await (await h.client.get("/")).text()
+            assert "1 update stored too late to count" in page
+
+    try:
+        run(go())
+    finally:
+        release.set()
