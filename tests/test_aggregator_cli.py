@@ -375,7 +375,8 @@ def test_serve_refuses_a_synthetic_model_larger_than_a_package_in_one_line(tmp_p
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "Infinity", "ten"])
-@pytest.mark.parametrize("option", ["--round-timeout", "--update-window", "--lr", "--prox-mu", "--clip-norm"])
+@pytest.mark.parametrize("option", ["--round-timeout", "--update-window", "--lr", "--prox-mu", "--clip-norm",
+                                    "--store-timeout"])
 def test_serve_refuses_a_number_past_the_finite_in_one_line(tmp_path: Path, capsys, option: str, value: str) -> None:
     """``--round-timeout inf`` (or nan) was a traceback that left an open round with an infinite deadline in
     aggregator.db, which every later start tripped over; ``--clip-norm nan`` put NaN into /v1/status, which is not
@@ -420,6 +421,19 @@ def test_serve_refuses_an_update_window_that_refuses_every_update(tmp_path: Path
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["fl-aggregator: update-window must be positive"], done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_serve_refuses_a_store_timeout_that_is_not_positive_in_one_line(tmp_path: Path, value: str) -> None:
+    """``--store-timeout 0`` would answer every upload 503 before its write could return."""
+    done = subprocess.run(
+        [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(tmp_path / "state"),
+         "--synthetic-parameters", "10", "--listen", f"127.0.0.1:{free_port()}", "--store-timeout", value],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"fl-aggregator: store-timeout must be a positive number of seconds, got {float(value)}"], done.stderr
 
 
 def test_enroll_from_a_file_that_is_not_utf8_names_the_line(tmp_path: Path, capsys) -> None:
