@@ -638,8 +638,20 @@ def encode_task(task: Task, key: SigningKey) -> bytes:
     return sign(payload, key, key_id(key.verify_key))
 
 
+def _at_least(p: Mapping[str, Any], name: str, kind: type, low: float, *, above: bool = False) -> Any:
+    """Field ``name`` of kind ``kind``, finite and at least ``low`` (above it with ``above``): what an aggregator's
+    round plan allows. A signature proves who sent a task, not that a device can train on it: a NaN learning rate or
+    0 epochs would fail every round in the trainer, counted as a trainer failure."""
+    value = _field(p, name, kind)
+    if not (math.isfinite(value) and (value > low if above else value >= low)):
+        raise ProtocolError("bad-payload", f"field {name!r} must be a finite {kind.__name__} "
+                                           f"{'>' if above else '>='} {low:g}, got {value!r}")
+    return value
+
+
 def decode_task(message: bytes | memoryview, aggregator_key: VerifyKey) -> Task:
-    """Verify a task against the pinned aggregator key; anything else signed is refused."""
+    """Verify a task against the pinned aggregator key; anything else signed is refused, and so is a task no
+    device can train on (see :func:`_at_least`)."""
     p = _aggregator_payload(message, aggregator_key, "task")
     encoding = _field(p, "encoding", str)
     if encoding not in ENCODINGS:
@@ -653,12 +665,12 @@ def decode_task(message: bytes | memoryview, aggregator_key: VerifyKey) -> Task:
         model_digest=bytes(_field(p, "model_digest", memoryview)),
         package_digest=bytes(_field(p, "package_digest", memoryview)),
         deadline=_field(p, "deadline", int),
-        epochs=_field(p, "epochs", int),
-        batch_size=_field(p, "batch_size", int),
-        learning_rate=_field(p, "learning_rate", float),
-        prox_mu=_field(p, "prox_mu", float),
+        epochs=_at_least(p, "epochs", int, 1),
+        batch_size=_at_least(p, "batch_size", int, 1),
+        learning_rate=_at_least(p, "learning_rate", float, 0.0, above=True),
+        prox_mu=_at_least(p, "prox_mu", float, 0.0),
         encoding=encoding,
-        clip_norm=_field(p, "clip_norm", float),
+        clip_norm=_at_least(p, "clip_norm", float, 0.0),
         issued_at=_field(p, "issued_at", int),
         secure_aggregation=secure,
     )

@@ -178,6 +178,20 @@ def test_task_checks():
     assert reason(wire.decode_task, bad, AGGREGATOR.verify_key) == "bad-payload"
 
 
+@pytest.mark.parametrize("field, value", [
+    ("epochs", 0), ("epochs", -1), ("batch_size", 0),
+    ("learning_rate", float("nan")), ("learning_rate", float("inf")), ("learning_rate", 0.0), ("learning_rate", -0.1),
+    ("prox_mu", float("nan")), ("prox_mu", -1.0), ("clip_norm", float("inf")), ("clip_norm", -1.0),
+])
+def test_a_signed_task_no_device_can_train_on_is_refused_naming_the_field(field, value):
+    """What an aggregator's round plan refuses (RoundPlan), a device refuses too: signed or not, 0 epochs or a NaN
+    learning rate failed every round in the trainer (counted trainer-failed, the cause in its traceback)."""
+    message = wire.encode_task(make_task(**{field: value}), AGGREGATOR)
+    with pytest.raises(ProtocolError, match=f"field '{field}' must be a finite") as refused:
+        wire.decode_task(message, AGGREGATOR.verify_key)
+    assert refused.value.reason == "bad-payload"
+
+
 def test_model_release_round_trip_and_digest():
     release = wire.ModelRelease(version=4, package_digest=b"p" * 32, tensors=params(), created_at=1_764_300_000)
     message, digest = wire.encode_model_release(release, AGGREGATOR)
