@@ -41,7 +41,7 @@ def make_setup(devices: list[DeviceRound], neighbours: int | None = None, fracti
 def _off_polynomial(setup: RoundSetup, devices: list[DeviceRound], dealer: int, recipient: int, sealed: bytes) -> bytes:
     """The dealer's ciphertext for ``recipient`` re-sealed with its share of b changed by one: it opens fine
     but no longer fits the dealer's commitments."""
-    box = devices[dealer]._channel(setup, recipient)[1]  # the channel's key is the same at both ends
+    box = devices[dealer]._channel(recipient)[1]  # the channel's key is the same at both ends
     plain = bytearray(box.decrypt(sealed))
     plain[16] = (plain[16] + 1) % 256
     return bytes(box.encrypt(bytes(plain)))

@@ -10,7 +10,7 @@ import pytest
 from nacl.bindings import crypto_core_ed25519_add
 from nacl.secret import SecretBox
 
-from appliance.protocol import dleq, secagg, shamir
+from appliance.protocol import dleq, secagg, shamir, x25519
 from appliance.protocol.secagg import (
     Accusation,
     DeviceRound,
@@ -90,7 +90,7 @@ def test_genuine_evidence_against_an_honest_dealer_convicts_the_accuser():
 
 def test_a_ciphertext_sealed_under_another_key_convicts_the_dealer():
     devices, setup, dealings = _dealt()
-    plain = devices[0]._channel(setup, 1)[1].decrypt(dealings[1].ciphertexts[0])
+    plain = devices[0]._channel(1)[1].decrypt(dealings[1].ciphertexts[0])
     dealings[1].ciphertexts[0] = bytes(SecretBox(bytes(32)).encrypt(plain, bytes(24)))  # right size, wrong key
     assert devices[0].receive(routed_to(setup, dealings, 0)) == [1]
     assert accusation_holds(setup, 0, devices[0].accusation(1), dealings[1])
@@ -164,7 +164,7 @@ def _shares_revealed(setup, dealings, accuser: int, accusations) -> dict[int, in
     key r, from the ciphertexts the accuser dealt to the accused (holder x -> share)."""
     revealed = {}
     for a in accusations:
-        box = SecretBox(share_key(setup.round_id, accuser, a.dealer, a.channel_point))
+        box = SecretBox(share_key(setup.round_id, accuser, a.dealer, x25519.u_coordinate(a.channel_point)))
         plain = box.decrypt(dealings[accuser].ciphertexts[a.dealer])
         revealed[a.dealer + 1] = int.from_bytes(plain[48:80], "little")
     return revealed

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from aggregator.secagg_bounds import bounded_mean, mean_norm_bound  # noqa: E402
 from appliance import wire  # noqa: E402
-from appliance.protocol import dleq, key_possession, shamir  # noqa: E402
+from appliance.protocol import dleq, key_possession, shamir, x25519  # noqa: E402
 from appliance.protocol import messages as m  # noqa: E402
 from appliance.protocol.quantise import dequantise, levels_for, quantise  # noqa: E402
 from appliance.protocol.secagg import (  # noqa: E402
@@ -180,7 +180,6 @@ def example_blocks() -> dict[str, str]:
                        rng=np.random.default_rng(0))  # the draws mask() made
     scale = min(samples, 1000) / 1000 * setup.levels / setup.clip_norm
     weighted, weight = dequantise(ex.unmasked, clip_norm=1.0, levels=setup.levels, max_samples=1000)
-    shared = shamir.point_times(ex.rounds["A"]._mask_secret, setup.keys[ex.index["B"]].mask)
     return {
         "secagg-example-devices": "\n".join(
             [f"aggregator id           {wire.key_id(AGGREGATOR_KEY.verify_key)}"]
@@ -200,7 +199,7 @@ def example_blocks() -> dict[str, str]:
             f"x = delta * scale = {[float(v) for v in delta.astype(np.float64) * scale]}",
             f"words before masking (stochastic rounding, two's complement; last word w) = {words(plain_a)}",
             f"self-mask seed  = {self_mask_seed(ROUND, ex.rounds['A']._self_secret).hex()}",
-            f"pairwise seed A-B = SHA-256(domain || round || r_A * R_B) = {pairwise_mask_seed(ROUND, shared).hex()}",
+            *pairwise_seed_lines(ex),
             f"masked words (sent) = {words(ex.masked['A'])}",
             "",
             message_diag(ex.masked_body["A"], ": a uint32 typed array, RFC 8746 tag 70"),
@@ -220,6 +219,28 @@ def example_blocks() -> dict[str, str]:
             *bound_checks(ex),
         ]),
     }
+
+
+def pairwise_seed_lines(ex: Example) -> list[str]:
+    """A's pairwise seed with B (12.5), from A's clamped mask secret by X25519, as a device computes it; and the
+    same u from B's end with the Ed25519 group's multiplication, as the aggregator computes it from a rebuilt r."""
+    setup, a_round, b_round = ex.setup, ex.rounds["A"], ex.rounds["B"]
+    r_b_point = setup.keys[ex.index["B"]].mask
+    u_r_b = x25519.u_coordinate(r_b_point)
+    shared = x25519.shared_u(a_round._mask_x25519, u_r_b)
+    assert shared == x25519.u_coordinate(shamir.point_times(b_round._mask_secret, a_round.keys.mask))
+    assert a_round.keys.mask == shamir.base_point_times(x25519.group_scalar(a_round._mask_x25519))
+    return [
+        "pairwise seed A-B:",
+        f"   r_A, a clamped X25519 scalar       {a_round._mask_x25519.hex()}",
+        f"   r_A mod L                          {shamir.scalar_bytes(a_round._mask_secret).hex()}",
+        f"   R_A = G * (r_A mod L) (mask_key)   {a_round.keys.mask.hex()}",
+        f"   R_B (B's mask_key)                 {r_b_point.hex()}",
+        f"   u(R_B) = (1 + y) / (1 - y) mod p   {u_r_b.hex()}",
+        f"   X25519(r_A, u(R_B))                {shared.hex()}",
+        "     = u(R_A * (r_B mod L)), what B (and the aggregator, from a rebuilt r_B) gets",
+        f"   s_AB = SHA-256(domain || round || u)   {pairwise_mask_seed(ROUND, shared).hex()}",
+    ]
 
 
 def possession_block(ex: Example) -> str:
@@ -248,11 +269,11 @@ def accusation_block(ex: Example) -> str:
     a, c = ex.index["A"], ex.index["C"]
     a_round, c_round = ex.rounds["A"], ex.rounds["C"]
     honest = ex.dealings["C"]
-    plain = bytearray(a_round._channel(setup, c)[1].decrypt(honest.ciphertexts[a]))
+    plain = bytearray(a_round._channel(c)[1].decrypt(honest.ciphertexts[a]))
     plain[16] = (plain[16] + 1) % 256  # the first byte of the share of b_C, plus one
     nonce = hashlib.sha256(b"fl-edge secagg example cheating nonce").digest()[:24]
     cheating = Dealing(honest.self_commitments, honest.key_commitments,
-                       {**honest.ciphertexts, a: bytes(c_round._channel(setup, a)[1].encrypt(bytes(plain), nonce))})
+                       {**honest.ciphertexts, a: bytes(c_round._channel(a)[1].encrypt(bytes(plain), nonce))})
     routed = RoutedShare(c, cheating.self_commitments, cheating.key_commitments, cheating.ciphertexts[a])
     evidence = a_round.accusation(c)
     k_point, proof = evidence.channel_point, evidence.proof
@@ -260,8 +281,10 @@ def accusation_block(ex: Example) -> str:
     a_key, c_key = setup.keys[a].cipher, setup.keys[c].cipher
     t1 = crypto_core_ed25519_sub(shamir.base_point_times(ss), shamir.point_times(cs, a_key))
     t2 = crypto_core_ed25519_sub(shamir.point_times(ss, c_key), shamir.point_times(cs, k_point))
-    key = share_key(ROUND, a, c, k_point)
-    opened = open_shares(setup, c, a, a_round._channel(setup, c)[1], routed.self_commitments,
+    k_u = x25519.u_coordinate(k_point)
+    assert k_u == a_round._channel(c)[0] == c_round._channel(a)[0]  # what A and C got from X25519
+    key = share_key(ROUND, a, c, k_u)
+    opened = open_shares(setup, c, a, a_round._channel(c)[1], routed.self_commitments,
                          routed.key_commitments, routed.ciphertext)
     assert opened is not None and accusation_holds(setup, a, evidence, cheating)
     b = ex.index["B"]
@@ -272,8 +295,10 @@ def accusation_block(ex: Example) -> str:
         f"C's ciphertext to A, resealed with the first byte of the share of b_C plus one (nonce {nonce.hex()}):",
         wrap_hex(cheating.ciphertexts[a]),
         "",
-        f"A: channel point K = a_A * A_C      {k_point.hex()}",
-        f"   share key = SHA-256(\"fl-edge/secagg/v1/share-key\" || round || {c} (C, the lower index) || {a} (A) || K)",
+        f"A: channel point K = A_C * (a_A mod L)   {k_point.hex()}",
+        f"   u(K) = X25519(a_A, u(A_C))           {k_u.hex()}",
+        f"   share key = SHA-256(\"fl-edge/secagg/v1/share-key\" || round || {c} (C, the lower index) || {a} (A) "
+        "|| u(K))",
         f"             = {key.hex()}",
         f"   opens: round {ROUND}, dealer {c}, recipient {a}; share of b_C {shamir.scalar_bytes(opened[0]).hex()}",
         f"   G * share != sum_j C_j * {x}^j (C's self commitments): A rejects C, does not mask with it, and its",
@@ -289,7 +314,7 @@ def accusation_block(ex: Example) -> str:
         f"   SHA-512(\"fl-edge/secagg/v1/dleq\" || round || {a} || {c} || G || A_A || A_C || K || T1 || T2) mod L",
         f"     = {shamir.scalar_bytes(dleq.challenge(ROUND, a, c, a_key, c_key, k_point, t1, t2)).hex()} = c: "
         "the proof holds",
-        "   the ciphertext opens under the key from K, and the share of b_C does not fit: the accusation holds,",
+        "   the ciphertext opens under the key from u(K), and the share of b_C does not fit: the accusation holds,",
         "   C's input is left out (bad-shares) and A's counts",
         "",
         "the same evidence made against B, whose ciphertext to A holds good shares: the proof holds, the shares",

@@ -55,7 +55,7 @@ def test_t_minus_1_shares_of_the_self_mask_unmask_nothing_and_t_shares_would():
     victim = devices[0]
     pairwise = masked.copy()
     for j in victim._accepted:  # device 0 added +PRG(s_0j) for each j > 0; what is left is x + PRG(b)
-        prg.add_mask(pairwise, victim._pair_seed(j), -1)
+        prg.add_mask(pairwise, victim._pair_seeds[j], -1)
     holders = setup.holders(0)
     shares = {x_of(h): devices[h]._held[0][0] for h in holders}
     t = setup.threshold

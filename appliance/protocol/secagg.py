@@ -5,17 +5,18 @@ sum (:func:`plan_unmask`, :func:`unmask_total`). Pure: messages, HTTP and storag
 The phases, for a device i of a roster of n (Bonawitz et al. 2017; neighbours from :mod:`.graph`):
 
 1. **advertise**: i makes two key pairs for this round only, both on Ed25519's prime-order group: a cipher key
-   A_i = a_i * G to seal shares with, and a mask key R_i = r_i * G. It also draws a self-mask seed b_i (a
-   scalar). All three secrets live in memory only.
+   A_i = a_i * G to seal shares with, and a mask key R_i = r_i * G, a_i and r_i drawn as clamped X25519 scalars
+   (:mod:`.x25519`). It also draws a self-mask seed b_i (a scalar). All three secrets live in memory only.
 2. **share**: from the roster, i splits b_i and r_i among its neighbours and itself (Feldman-verifiable Shamir,
    threshold t, :mod:`.shamir`), publishes the commitments (the key commitment's constant term is R_i itself)
    and seals each neighbour's two shares to it (crypto_secretbox, XSalsa20-Poly1305, under a key hashed from
-   the channel's Diffie-Hellman point K_ij = a_i * A_j = a_j * A_i).
+   the u-coordinate of the channel's Diffie-Hellman point K_ij = a_i * A_j = a_j * A_i, which the device
+   computes with X25519).
 3. **masked input**: i checks the shares routed to it; a neighbour whose shares fail is *rejected*: i does not
    mask with it, and its masked input carries an :class:`Accusation` (K_ij and a proof, :mod:`.dleq`, that it
    is the channel's point) with which the aggregator opens the dealer's ciphertext itself. i sends
    y_i = x_i + PRG(b_i) + sum over accepted neighbours j of (+PRG(s_ij) if i < j else -PRG(s_ij))  (mod 2^32),
-   s_ij the pairwise seed from r_i * R_j = r_j * R_i, x_i from :mod:`.quantise`.
+   s_ij the pairwise seed from u(r_i * R_j) = u(r_j * R_i), x_i from :mod:`.quantise`.
 4. **unmask**: the aggregator judges every accusation (:func:`judge`): the accuser is left out if the dealer's
    ciphertext holds good shares, the dealer if not, so a false accusation costs its maker, never the accused.
    It then names the survivors S (whose masked inputs count) and the dropped devices D
@@ -46,7 +47,7 @@ import numpy as np
 from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
 
-from appliance.protocol import discrete_gaussian, dleq, graph, key_possession, prg, shamir
+from appliance.protocol import discrete_gaussian, dleq, graph, key_possession, prg, shamir, x25519
 from appliance.protocol.quantise import MIN_CLIP_NORM, check_room, quantise
 
 SELF_MASK_DOMAIN = b"fl-edge/secagg/v1/self-mask"
@@ -86,17 +87,19 @@ def self_mask_seed(round_id: int, secret: int) -> bytes:
     return hashlib.sha256(SELF_MASK_DOMAIN + round_id.to_bytes(8, "big") + shamir.scalar_bytes(secret)).digest()
 
 
-def pairwise_mask_seed(round_id: int, shared_point: bytes) -> bytes:
-    return hashlib.sha256(PAIRWISE_MASK_DOMAIN + round_id.to_bytes(8, "big") + shared_point).digest()
+def pairwise_mask_seed(round_id: int, shared_u: bytes) -> bytes:
+    """s_ij from the u-coordinate (32 bytes little-endian, :mod:`.x25519`) of r_i * R_j = r_j * R_i."""
+    return hashlib.sha256(PAIRWISE_MASK_DOMAIN + round_id.to_bytes(8, "big") + shared_u).digest()
 
 
-def share_key(round_id: int, i: int, j: int, channel_point: bytes) -> bytes:
+def share_key(round_id: int, i: int, j: int, channel_u: bytes) -> bytes:
     """The secretbox key of the share channel between devices i and j (either way round: the lower index first),
-    from its Diffie-Hellman point a_i * A_j = a_j * A_i."""
+    from the u-coordinate (32 bytes little-endian, :mod:`.x25519`) of its Diffie-Hellman point
+    a_i * A_j = a_j * A_i."""
     low, high = sorted((i, j))
     return hashlib.sha256(
         SHARE_KEY_DOMAIN + round_id.to_bytes(8, "big") + low.to_bytes(4, "big") + high.to_bytes(4, "big")
-        + channel_point
+        + channel_u
     ).digest()
 
 
@@ -104,8 +107,8 @@ def share_key(round_id: int, i: int, j: int, channel_point: bytes) -> bytes:
 class Keys:
     """The two public keys a device advertises for one round."""
 
-    cipher: bytes  # A = a * G (Ed25519, compressed): shares are sealed under keys from a_i * A_j
-    mask: bytes  # R = r * G (Ed25519, compressed): pairwise masks come from r_i * R_j
+    cipher: bytes  # A = a * G (Ed25519, compressed): shares are sealed under keys from u(a_i * A_j)
+    mask: bytes  # R = r * G (Ed25519, compressed): pairwise masks come from u(r_i * R_j)
 
     def __post_init__(self) -> None:
         if len(self.cipher) != KEY_BYTES or len(self.mask) != KEY_BYTES:
@@ -234,22 +237,29 @@ def shares_fit(self_commitments: Sequence[bytes], key_commitments: Sequence[byte
     return shamir.verify_share(self_commitments, x, self_share) and shamir.verify_share(key_commitments, x, key_share)
 
 
-def channel_box(setup: RoundSetup, i: int, j: int, channel_point: bytes) -> SecretBox:
-    """The sealing of the share channel between devices i and j, from its Diffie-Hellman point."""
-    return SecretBox(share_key(setup.round_id, i, j, channel_point))
+def channel_box(setup: RoundSetup, i: int, j: int, channel_u: bytes) -> SecretBox:
+    """The sealing of the share channel between devices i and j, from the u-coordinate of its Diffie-Hellman
+    point."""
+    return SecretBox(share_key(setup.round_id, i, j, channel_u))
 
 
 class DeviceRound:
     """A device's secrets and steps for one round. Nothing here is ever written to disk.
 
     ``entropy`` is where every random byte comes from (keys, secrets, polynomial coefficients, nonces):
-    os.urandom, or a fixed stream for the documentation's worked example."""
+    os.urandom, or a fixed stream for the documentation's worked example.
+
+    The cipher and mask secrets are clamped X25519 scalars, kept in both forms: the 32 bytes for the Diffie-Hellman
+    agreements with the neighbours (X25519, 32 us each against 90 us), and c mod L for everything on the Ed25519
+    group (the public keys, the Shamir sharing of r, the proofs); :mod:`.x25519` says why the two agree."""
 
     def __init__(self, round_id: int, entropy: shamir.Entropy = os.urandom):
         self.round_id = round_id
         self._entropy = entropy
-        self._cipher_secret = shamir.random_scalar(entropy)
-        self._mask_secret = shamir.random_scalar(entropy)
+        self._cipher_x25519 = x25519.clamped_scalar(entropy)
+        self._mask_x25519 = x25519.clamped_scalar(entropy)
+        self._cipher_secret = x25519.group_scalar(self._cipher_x25519)
+        self._mask_secret = x25519.group_scalar(self._mask_x25519)
         self._self_secret = shamir.random_scalar(entropy)
         self.keys = Keys(cipher=shamir.base_point_times(self._cipher_secret),
                          mask=shamir.base_point_times(self._mask_secret))
@@ -258,9 +268,10 @@ class DeviceRound:
         self._held: dict[int, tuple[int, int]] = {}  # dealer -> (share of b, share of r), own shares included
         self._accepted: list[int] = []  # neighbours whose shares verified: the ones masked with
         self._answered: dict[int, str] = {}  # dealer -> "self" or "key": the kind of share already given out
-        # neighbour -> (channel point a_i * A_j, its secretbox): one multiplication (0.1 ms) per neighbour, not two
+        # neighbour -> (u(a_i * A_j), its secretbox) and s_ij from u(r_i * R_j): both agreements with every
+        # neighbour, made once when dealing (:meth:`_agree`)
         self._channels: dict[int, tuple[bytes, SecretBox]] = {}
-        self._pair_seeds: dict[int, bytes] = {}  # neighbour -> s_ij: one r_i * R_j (0.1 ms) per neighbour, not two
+        self._pair_seeds: dict[int, bytes] = {}
 
     def cipher_key_proof(self, device_id: str) -> bytes:
         """Phase 1: the proof the advertisement carries that this device knows its cipher secret (12.3), so that
@@ -272,6 +283,7 @@ class DeviceRound:
         if setup.round_id != self.round_id or not 0 <= index < setup.size or setup.keys[index] != self.keys:
             raise SecAggError("not-in-roster", "the roster does not hold this device's keys for this round")
         self.setup, self.index = setup, index
+        self._agree(setup)
         holders = setup.holders(index)
         xs = [x_of(h) for h in holders]
         self_shares, self_commitments = shamir.share(self._self_secret, xs, setup.threshold, self._entropy)
@@ -279,7 +291,7 @@ class DeviceRound:
         self._held[index] = (self_shares[x_of(index)], key_shares[x_of(index)])
         ciphertexts = {}
         for h in setup.graph[index]:
-            box = self._channel(setup, h)[1]
+            box = self._channel(h)[1]
             plain = _share_plaintext(self.round_id, index, h, self_shares[x_of(h)], key_shares[x_of(h)])
             ciphertexts[h] = bytes(box.encrypt(plain, self._entropy(SecretBox.NONCE_SIZE)))
         return Dealing(tuple(self_commitments), tuple(key_commitments), ciphertexts)
@@ -338,28 +350,52 @@ class DeviceRound:
         return sorted(rejected)
 
     def _open(self, setup: RoundSetup, r: RoutedShare) -> tuple[int, int] | None:
-        box = self._channel(setup, r.dealer)[1]
+        box = self._channel(r.dealer)[1]
         return open_shares(setup, r.dealer, self.index, box, r.self_commitments, r.key_commitments, r.ciphertext)
 
-    def _channel(self, setup: RoundSetup, other: int) -> tuple[bytes, SecretBox]:
-        if other not in self._channels:
+    def _agree(self, setup: RoundSetup) -> None:
+        """Both Diffie-Hellman agreements with every neighbour j (X25519): the share channel's key from
+        u(a_i * A_j) and the pairwise seed from u(r_i * R_j). The aggregator checked that every key of the roster
+        is a point of the prime-order group; this device does not check it again (:mod:`.x25519` says why), but
+        refuses an encoding that has no u or gives no shared secret (``bad-roster``, naming the key's device)."""
+        neighbours = setup.graph[self.index]
+        k = len(neighbours)
+        try:
+            us = x25519.u_coordinates([setup.keys[j].cipher for j in neighbours]
+                                      + [setup.keys[j].mask for j in neighbours])
+        except x25519.InvalidKey as exc:
+            raise _bad_key(neighbours[exc.position % k], exc.position < k, exc) from None
+        for j, cipher_u, mask_u in zip(neighbours, us[:k], us[k:], strict=True):
             try:
-                point = shamir.point_times(self._cipher_secret, setup.keys[other].cipher)
-            except shamir.InvalidPoint:
-                raise SecAggError("bad-roster", f"device {other}'s cipher key is not a point of the prime-order "
-                                                "group") from None
-            self._channels[other] = (point, channel_box(setup, self.index, other, point))
+                channel_u = x25519.shared_u(self._cipher_x25519, cipher_u)
+            except x25519.InvalidKey as exc:
+                raise _bad_key(j, True, exc) from None
+            try:
+                pair_u = x25519.shared_u(self._mask_x25519, mask_u)
+            except x25519.InvalidKey as exc:
+                raise _bad_key(j, False, exc) from None
+            self._channels[j] = (channel_u, channel_box(setup, self.index, j, channel_u))
+            self._pair_seeds[j] = pairwise_mask_seed(self.round_id, pair_u)
+
+    def _channel(self, other: int) -> tuple[bytes, SecretBox]:
+        """The share channel with neighbour ``other``: u(a_i * A_other) and its secretbox."""
         return self._channels[other]
 
     def accusation(self, dealer: int) -> Accusation:
         """The evidence against neighbour ``dealer`` that the masked input carries when its shares were rejected:
-        the channel's point and a proof that it is this device's cipher secret times the dealer's cipher key."""
+        the channel's point K = a_i * A_dealer on the Ed25519 group (the proof needs the point, not its u, so this
+        rare path pays libsodium's Ed25519 multiplication) and a proof that it is this device's cipher secret times
+        the dealer's cipher key."""
         setup = self._setup()
         if dealer not in setup.graph[self.index]:
             raise SecAggError("not-a-neighbour", f"device {dealer} dealt nothing to this device")
-        point = self._channel(setup, dealer)[0]
-        proof = dleq.prove(self.round_id, self.index, dealer, self._cipher_secret, setup.keys[dealer].cipher,
-                           self._entropy)
+        d_point = setup.keys[dealer].cipher
+        try:
+            point = shamir.point_times(self._cipher_secret, d_point)
+        except shamir.InvalidPoint:
+            raise SecAggError("bad-roster", f"device {dealer}'s cipher key is not a point of the prime-order group: "
+                                            "this device cannot show the aggregator its channel with it") from None
+        proof = dleq.prove(self.round_id, self.index, dealer, self._cipher_secret, d_point, self._entropy)
         return Accusation(dealer, point, proof)
 
     def mask(self, delta: np.ndarray, num_samples: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -374,7 +410,7 @@ class DeviceRound:
             noise = discrete_gaussian.sample(setup.noise_sigma, words.size - 1, self._entropy(prg.SEED_BYTES))
             np.add(words[:-1], (noise % 2**32).astype(np.uint32), out=words[:-1])
         masks = [(self_mask_seed(self.round_id, self._self_secret), +1)]
-        masks += [(self._pair_seed(j), +1 if self.index < j else -1) for j in self._accepted]
+        masks += [(self._pair_seeds[j], +1 if self.index < j else -1) for j in self._accepted]
         prg.add_masks(words, masks)
         return words
 
@@ -398,21 +434,20 @@ class DeviceRound:
         answer = Answer(
             self_shares={u: self._held[u][0] for u in sorted(alive) if u in self._held},
             key_shares={u: self._held[u][1] for u in sorted(gone) if u in self._held},
-            pair_seeds={u: self._pair_seed(u) for u in sorted(gone) if u in self._accepted},
+            pair_seeds={u: self._pair_seeds[u] for u in sorted(gone) if u in self._accepted},
         )
         self._answered.update({u: "self" for u in answer.self_shares} | {u: "key" for u in answer.key_shares})
         return answer
-
-    def _pair_seed(self, other: int) -> bytes:
-        if other not in self._pair_seeds:
-            shared = shamir.point_times(self._mask_secret, self._setup().keys[other].mask)
-            self._pair_seeds[other] = pairwise_mask_seed(self.round_id, shared)
-        return self._pair_seeds[other]
 
     def _setup(self) -> RoundSetup:
         if self.setup is None:
             raise SecAggError("wrong-phase", "the shares have not been dealt yet")
         return self.setup
+
+
+def _bad_key(device: int, cipher: bool, exc: x25519.InvalidKey) -> SecAggError:
+    kind = "cipher" if cipher else "mask"
+    return SecAggError("bad-roster", f"device {device}'s {kind} key is not a point of the prime-order group: {exc}")
 
 
 # ------------------------------------------------------------------------------------------ aggregator side
@@ -440,7 +475,8 @@ def accusation_holds(setup: RoundSetup, accuser: int, accusation: Accusation, de
     a_point, d_point = setup.keys[accuser].cipher, setup.keys[dealer].cipher
     if not dleq.verify(setup.round_id, accuser, dealer, a_point, d_point, accusation.channel_point, accusation.proof):
         return False
-    box = channel_box(setup, accuser, dealer, accusation.channel_point)
+    # the proof verified: K is a point of the group, not the identity, so it has a u
+    box = channel_box(setup, accuser, dealer, x25519.u_coordinate(accusation.channel_point))
     opened = open_shares(setup, dealer, accuser, box, dealing.self_commitments, dealing.key_commitments,
                          dealing.ciphertexts[accuser])
     return opened is None or not shares_fit(dealing.self_commitments, dealing.key_commitments, accuser, *opened)
@@ -605,7 +641,8 @@ def unmask_total(
                     shares = {h: a.key_shares[u] for h, a in answers.items() if u in a.key_shares}
                     key = _recover(u, "mask-key", commitments[u][1], shares, t, report.bad_holders)
                     report.rebuilt_keys.add(u)
-                seed = pairwise_mask_seed(setup.round_id, shamir.point_times(key, setup.keys[v].mask))
+                seed = pairwise_mask_seed(setup.round_id,
+                                          x25519.u_coordinate(shamir.point_times(key, setup.keys[v].mask)))
             # v added +PRG if v < u, else -PRG: take it off again
             pending.append((seed, -1 if v < u else +1))
     prg.add_masks(total, pending)  # every secret is known before the first mask comes off: no half-unmasked sum
