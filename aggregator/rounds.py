@@ -1365,6 +1365,14 @@ class RoundEngine:
             }
         return status
 
+    def _disk_status(self) -> dict[str, Any]:
+        """The oldest write under way in the state directory (``disk`` of /v1/status): a disk that stopped answering
+        shows here, named, while everything else is answered from memory and what is committed."""
+        oldest = self.store.writes.oldest()
+        return {"stalled": oldest is not None and oldest[0] > self.policy.store_timeout,
+                "oldest_write": None if oldest is None else oldest[1],
+                "oldest_write_seconds": 0.0 if oldest is None else round(oldest[0], 3)}
+
     def round_device_page(self, round_id: int, which: str, page: int, per_page: int) -> dict[str, Any]:
         """What ``GET /v1/status/rounds/{round}/{which}`` answers: one page of the round's ``devices`` or
         ``lost_devices`` in the order /v1/status lists them (so its lists are the first ids of page 1); a page past
@@ -1432,7 +1440,9 @@ class RoundEngine:
                 "max_rounds": self.policy.max_rounds,
                 "max_update_norm": self.policy.max_update_norm,
                 "max_samples": self.policy.max_samples,
+                "store_timeout": self.policy.store_timeout,
             },
+            "disk": self._disk_status(),
             "current_round": None
             if r is None
             else {

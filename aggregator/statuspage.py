@@ -259,6 +259,15 @@ def _fleet(fleet: dict[str, Any] | None) -> str:
             f'<table class="devices"><tr>{"".join(heads)}</tr>\n{rows}</table>\n<p>{pager}</p>\n')
 
 
+def _disk(status: dict[str, Any]) -> str:
+    """A line while the disk has stopped answering (a write under way past --store-timeout), or nothing."""
+    disk = status.get("disk") or {}
+    if not disk.get("stalled"):
+        return ""
+    return (f'<p class="disk-stalled"><b>The disk has not answered for {disk["oldest_write_seconds"]:.0f} s</b> '
+            f"({escape(disk['oldest_write'] or '')}): uploads are refused until it does.</p>\n")
+
+
 def render(status: dict[str, Any], fleet: dict[str, Any] | None = None) -> str:
     """The page for a ``RoundEngine.status()`` dict and one page of ``Fleet.listing()``. Everything interpolated
     is escaped."""
@@ -294,7 +303,7 @@ td,th{{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}}code{{fo
 <code>{escape(model['digest'][:16])}</code> &middot; strategy <b>{escape(status['strategy'])}</b>
 &middot; devices {devices['enrolled']} enrolled{_sites(devices['sites'])}, {devices['revoked']} revoked</p>
 <p>{escape(now)}</p>
-{_downlink(status)}{_async(status)}{statuschart.render(status["rounds"])}
+{_disk(status)}{_downlink(status)}{_async(status)}{statuschart.render(status["rounds"])}
 <table><tr><th>round</th><th>model</th><th>status</th><th>updates/goal</th><th>samples</th><th>metrics</th>
 <th>opened</th><th>closed</th><th>note</th></tr>
 {''.join(rows)}

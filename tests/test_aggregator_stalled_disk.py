@@ -95,6 +95,7 @@ def test_a_close_whose_commit_hangs_leaves_the_aggregator_answering_and_publishe
             assert "failed" not in answers, f"the aggregator stopped answering while its commit hung: {answers}"
             status, body = answers["status"]
             assert status == 200 and body["model"]["version"] == 0 and body["current_round"]["closing"]
+            assert body["disk"]["oldest_write"] == "the record of round 1's end", body["disk"]
             assert answers["task"] == 204  # the round is closing and the next is not recorded yet
             assert answers["health"] == 200 and answers["metrics"] == (200, True)
             assert answers["model 1"] == 404 and answers["latest"] == (200, "0")  # not served before its commit
@@ -148,6 +149,9 @@ def test_an_upload_whose_spool_write_hangs_is_refused_in_time_and_the_close_goes
                 status, problem = await h.upload(updates[3])  # refused before it is read
                 assert (status, problem["reason"]) == (503, "spool-unavailable"), problem
                 assert "has not finished a write" in problem["detail"], problem
+                disk = (await (await h.client.get("/v1/status")).json())["disk"]
+                assert disk["stalled"] and disk["oldest_write"] == "the spool's write of 1 update", disk
+                assert "The disk has not answered for" in await (await h.client.get("/")).text()
                 await h.engine.close_round()  # waits at most --store-timeout for the hanging update
                 following = await h.task(after=task.round_id)
             assert following is not None and following.model_version == 1
