@@ -14,6 +14,7 @@ process takes another lock, or none).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -27,6 +28,8 @@ from typing import Any
 TEMP_SUFFIX = ".atomic-tmp"
 # tempfile.mkstemp's random part: 8 characters of [a-z0-9_].
 _TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+# What flock answers on a file system that keeps no locks, rather than a lock refused.
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP})
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -67,7 +70,14 @@ def _locked_temp(path: Path) -> tuple[int, str]:
     while True:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a sweep holds it to remove it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a sweep holds it to remove it
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                # A file system without locks (NFS without its lock daemon): a sweep cannot lock the file either, so
+                # keeps it (_sweep_one); the write goes on as it did before temp files were locked.
+                return fd, tmp
             if os.fstat(fd).st_nlink:
                 return fd, tmp
         except BaseException:
@@ -101,7 +111,8 @@ def sweep_interrupted_writes(*directories: Path | str) -> Swept:
     """Remove from ``directories`` the temp files of :func:`atomic_write` whose writer is gone (none holds its lock):
     what a kill or a power cut left. A live writer's, from any process, stays; each file is removed by one sweep
     only, however many run at once. Other files (even hidden ones), symbolic links and missing directories are left
-    alone; a removal refused is reported in ``not_removed``, never raised."""
+    alone; a removal refused is reported in ``not_removed``, never raised, and so is a temp file on a file system
+    that keeps no locks, which is kept: nothing there tells a dead writer's from a live one's."""
     swept = Swept()
     for directory in directories:
         try:
@@ -128,6 +139,9 @@ def _sweep_one(path: str, swept: Swept) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # its writer is alive
+            return
+        except OSError as exc:  # no locks here (ENOLCK, EOPNOTSUPP; on NFS, EBADF for a file open read-only)
+            swept.not_removed.append(f"{path}: not known to be left by a dead writer (its lock: {exc.strerror})")
             return
         try:  # still under that name: not renamed into place, nor removed by a sweep that let go of it meanwhile
             current = os.stat(path, follow_symlinks=False)

@@ -4,6 +4,7 @@ temp file a live writer is filling is never removed, whichever process sweeps. T
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -86,3 +87,38 @@ def test_a_temp_file_that_cannot_be_removed_is_reported_not_raised(
     swept = sweep_interrupted_writes(tmp_path)
     assert swept.removed == 0 and swept.not_removed == [f"{left}: Read-only file system"]
     assert "1 could not be removed" in swept.describe()
+
+
+def _no_locks(errno_: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock as a file system that keeps no locks answers it (NFS without its lock daemon: ENOLCK)."""
+    def flock(fd: int, operation: int) -> None:
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(durable.fcntl, "flock", flock)
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOLCK, errno.EOPNOTSUPP, errno.EBADF], ids=["ENOLCK", "EOPNOTSUPP", "EBADF"])
+def test_a_sweep_on_a_file_system_without_locks_keeps_the_temp_file_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int
+) -> None:
+    """A sweep that cannot lock a temp file cannot tell a dead writer's from a live one's: it keeps it and names it,
+    and the process starting (the agent, the aggregator, flctl provision) goes on. (EBADF: NFS refuses an exclusive
+    flock on a file opened read-only.)"""
+    (left,) = killed_write(tmp_path / "agent-state.json")
+    _no_locks(errno_, monkeypatch)
+    swept = sweep_interrupted_writes(tmp_path)
+    assert swept.removed == 0 and len(swept.not_removed) == 1 and str(left) in swept.not_removed[0]
+    assert left.exists()
+    assert "1 could not be removed" in swept.describe()
+
+
+def test_atomic_write_on_a_file_system_without_locks_still_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Locking the temp file only guards it from a sweep, which keeps what it cannot lock: a file system without
+    locks (flock: ENOLCK) still takes the write, as before temp files were locked."""
+    target = tmp_path / "fleet.json"
+    _no_locks(errno.ENOLCK, monkeypatch)
+    atomic_write(target, b'{"boards": []}')
+    assert target.read_bytes() == b'{"boards": []}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
