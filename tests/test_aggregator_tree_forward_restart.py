@@ -5,6 +5,7 @@ acknowledged and never forwarded. It is refused instead (410 round-closed), and 
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import aiohttp
@@ -156,5 +157,76 @@ def test_an_async_site_restarted_while_its_city_is_unreachable_still_opens_its_n
                 assert city.engine.store.round_devices(1) == [wire.key_id(key_a.verify_key)]
                 status, answer = await a.upload(a.devices[2].update(task, a.delta(), num_samples=10))
                 assert status == 200, answer
+
+    run(scenario())
+
+
+def test_a_site_restarted_after_its_forward_was_counted_resends_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The city counted the forward, and the site stopped before it recorded that: the resumed round sends the very
+    update it wrote, which the city answers with the original receipt. A forward signed anew (another nonce) would be
+    another update: refused as a duplicate by a synchronous city, counted a second time by an async one."""
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+    devices = [SimulatedDevice() for _ in SAMPLES[:2]]
+    site_policy = RoundPolicy(min_clients=1, goal_clients=3, round_timeout=60)
+    real_send = AggregatorClient.send_update
+    delivered: list[bytes] = []
+    on_disk: list[dict[str, bool]] = []  # when the forward was sent: whether each record was durable
+    records = tmp_path / "site" / TASKS_DIR
+    synced: list[str] = []  # the files and directories fsynced, in order, and the renames over a name
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs) -> None:
+        real_replace(src, dst, *args, **kwargs)
+        synced.append(f"rename to {dst}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    def durable(path: Path) -> bool:
+        """``path`` was renamed into place and its directory fsynced since."""
+        renamed = f"rename to {path}"
+        return renamed in synced and str(path.parent) in synced[synced.index(renamed) + 1 :]
+
+    async def scenario() -> None:
+        async with running(tmp_path / "city", key=city_key, enrolled=[SimulatedDevice(key=site_key)],
+                           policy=RoundPolicy(min_clients=1, goal_clients=1, round_timeout=60)) as city:
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            with monkeypatch.context() as stopped:
+                async def sent_then_stopped(self: AggregatorClient, body: bytes) -> None:
+                    # What a restart reads to resend the same forward to the same parent round is on disk first.
+                    on_disk.append({name: durable(records / name) for name in ("round-00000001.task",
+                                                                               "round-00000001.forward")})
+                    await real_send(self, body)
+                    delivered.append(body)
+                    await asyncio.Event().wait()  # the site stops before it records the forward
+
+                stopped.setattr(AggregatorClient, "send_update", sent_then_stopped)
+                async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                                   policy=site_policy) as site:
+                    task = await site_task(site, 0)
+                    for device, samples in zip(devices, SAMPLES, strict=False):
+                        status, answer = await site.upload(device.update(task, site.delta(), num_samples=samples))
+                        assert status == 200, answer
+                    closing = asyncio.create_task(site.engine.close_round())
+                    await wait_until(lambda: bool(delivered), what="the site's forward counted by the city")
+                    closing.cancel()
+                    await asyncio.gather(closing, return_exceptions=True)
+            assert on_disk == [{"round-00000001.task": True, "round-00000001.forward": True}]
+            assert city.engine.store.get_round(1).samples == sum(SAMPLES[:2])
+
+            async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
+                               policy=site_policy) as site:
+                await wait_until(lambda: site.engine.store.get_round(1).status == "published",
+                                 what="the resumed site round forwarded")
+                assert site.engine.store.get_round(1).note.startswith("forwarded to upstream round 1:"), \
+                    site.engine.store.get_round(1).note
+                assert city.rejected("duplicate") == 0
+                assert city.engine.store.get_round(1).samples == sum(SAMPLES[:2])
 
     run(scenario())

@@ -112,3 +112,14 @@ def test_envelope_larger_than_64_kib_is_too_large_not_truncated(size):
     message = wire.sign({"v": 1, "pad": b"\0" * size}, KEY, KID)
     assert reason(message) == "too-large"
     assert reason(message + b"\0" * 100) == "too-large"
+
+
+def test_an_envelope_a_few_bytes_over_64_kib_is_too_large_though_read_whole():
+    """The prefix read for an envelope is 16 bytes longer than the limit, so an envelope just over 64 KiB is read
+    whole, without running past the prefix: its size alone refuses it."""
+    big = 65_000
+    overhead = len(wire.sign({"v": 1, "pad": b"\0" * big}, KEY, KID)) - big
+    message = wire.sign({"v": 1, "pad": b"\0" * (64 * 1024 + 1 - overhead)}, KEY, KID)
+    assert 64 * 1024 < len(message) <= wire.ENVELOPE_PREFIX_BYTES
+    assert reason(message) == "too-large"
+    assert reason(message + b"\0" * 100) == "too-large"
