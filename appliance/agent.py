@@ -79,6 +79,10 @@ FRAME_POLL_SECONDS = 5.0
 CLOCK_OFF_SECONDS = 60.0
 # The first heartbeat waits at most this long for the round loop's first answer, which teaches the aggregator's time.
 FIRST_REPORT_WAIT_SECONDS = 30.0
+# Two polls for a task that bring no round to take start at least this far apart: an aggregator's long-poll waits, but
+# one that answers at once (a proxy answering 204, an aggregator serving a round the agent has taken) is not polled
+# in a tight loop.
+POLL_MIN_SECONDS = 1.0
 
 
 def clip_update(delta: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float]:
@@ -615,14 +619,18 @@ class Agent:
     async def round_loop(self, client: AggregatorClient) -> None:
         backoff = Backoff(base=1.0, cap=60.0)
         failures = 0
+        loop = asyncio.get_running_loop()
         while True:
             try:
+                polled_at = loop.time()
                 task = await self._next_task(client)
                 failures = 0
                 if task is not None:
                     self._learn_time(task)
                     if task.round_id > self.last_round:
                         await self._round(client, task)
+                        continue
+                await asyncio.sleep(polled_at + POLL_MIN_SECONDS - loop.time())  # no round to take
             except (AggregatorUnavailable, ProtocolError) as exc:
                 self.metrics.aggregator_errors.labels("task").inc()
                 delay = backoff.delay(failures)

@@ -72,6 +72,9 @@ class FakeAggregator:
         self.device_keys: dict[str, VerifyKey] = {}
         self.unavailable_posts = 0  # answer this many uploads with 503 first (aggregator down)
         self.round_seconds = 300  # how far ahead of its issue the task's deadline lies
+        self.poll_seconds = 0.2  # how long a poll for a round after 1 waits before its 204
+        self.ignores_after = False  # serve round 1's task to every poll, whatever its after= says
+        self.polls: list[float] = []  # when each poll for a task arrived (time.monotonic)
 
     def receipt(self, body: bytes, update: wire.Update) -> bytes:
         genuine = wire.Receipt(update.device_id, update.round_id, wire.update_digest(body))
@@ -97,8 +100,9 @@ class FakeAggregator:
 
     def app(self) -> web.Application:
         async def task(request: web.Request) -> web.Response:
-            if int(request.query.get("after", "0")) >= 1:
-                await asyncio.sleep(0.2)
+            self.polls.append(time.monotonic())
+            if int(request.query.get("after", "0")) >= 1 and not self.ignores_after:
+                await asyncio.sleep(self.poll_seconds)
                 return web.Response(status=204)
             t = wire.Task(
                 1, 0, self.digest, self.package.digest, deadline=int(time.time()) + self.round_seconds, epochs=1,

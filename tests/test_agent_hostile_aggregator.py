@@ -7,6 +7,7 @@ A round whose deadline is weeks away is trained for, not an OverflowError ending
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -169,3 +170,21 @@ async def test_an_answer_to_a_post_past_the_limit_is_a_failed_request_not_read_w
         transport = Transport(url, client.session, key.verify_key)
         with pytest.raises(ConnectionError, match="too-large"):
             await transport.post("keys", b"a secure round's message")
+
+
+
+@pytest.mark.parametrize("answer", ["204 at once", "the round taken, whatever after= says"])
+async def test_an_aggregator_answering_polls_at_once_is_not_polled_in_a_tight_loop(signed_package, tmp_path, answer):
+    """An aggregator's long-poll waits for the next round; a proxy that answers 204 at once, or an aggregator that
+    serves the round the agent has taken again, had the round loop poll as fast as the answers came (thousands a
+    second). Polls that bring no round to take start a second apart."""
+    key, path = signed_package
+    fake = FakeAggregator(key, path)
+    fake.poll_seconds = 0.0
+    fake.ignores_after = answer != "204 at once"
+    await run_agent_against(fake, tmp_path, at_most=60,
+                            until=lambda a: len(fake.polls) >= 6 and sample(a, "fl_agent_updates_delivered_total") >= 1)
+    assert len(fake.updates) == 1  # round 1 taken once
+    after_the_round = fake.polls[1:]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(after_the_round)]
+    assert len(gaps) >= 4 and min(gaps) >= 0.9, gaps
