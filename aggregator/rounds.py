@@ -365,19 +365,20 @@ class RoundEngine:
         self.secure: SecureRounds | None = None
         # Async mode: staleness of the accepted updates and the publication times (status page, metrics).
         self.activity = AsyncActivity() if policy.buffer is not None else None
-        # The engine's own records are written on this thread, in order (:meth:`_record`).
+        # The engine's own records are written on this thread, in order (:meth:`write_record`).
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-records",
                                            initializer=name_this_thread)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _record(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+    async def write_record(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """Write one of the engine's own records (a round's end, the next round, a model version, the privacy
-        ledger's settlement) on the records thread, in order. A disk that stops answering holds that thread and what
-        awaits the record (the close of a round), never the event loop: the status, task polls, model downloads and
-        metrics go on answering from what is committed, and uploads are refused (:meth:`disk_stall`). The record is
-        awaited however long the disk takes: it lands or fails, once, and the round goes on from there."""
+        ledger's settlement; a site's task and forward records, aggregator/upstream.py) on the records thread, in
+        order. A disk that stops answering holds that thread and what awaits the record (the close of a round), never
+        the event loop: the status, task polls, model downloads and metrics go on answering from what is committed,
+        and uploads are refused (:meth:`disk_stall`). The record is awaited however long the disk takes: it lands or
+        fails, once, and the round goes on from there."""
         def write() -> T:
             with self.store.writes.writing(what):
                 return fn(*args)
@@ -407,8 +408,8 @@ class RoundEngine:
         if latest is None:
             now = time.time()
             params = self.models.initial_params()
-            digest = await self._record("model version 0", self.models.write, 0, params, int(now))
-            await self._record("model version 0's row", self.store.add_model, 0, digest, None, now)
+            digest = await self.write_record("model version 0", self.models.write, 0, params, int(now))
+            await self.write_record("model version 0's row", self.store.add_model, 0, digest, None, now)
             latest = (0, digest)
         self.version = latest[0]
         if self.models.release_bytes(self.version) is None:
@@ -458,21 +459,21 @@ class RoundEngine:
                 f"does not follow this state (newest version {self.version}, round {release.round_id} "
                 f"{'missing' if row is None else row.status}): was the state directory restored from a backup?"
             )
-        digest = await self._record(f"model version {release.version}", self._write_version, release.version,
+        digest = await self.write_record(f"model version {release.version}", self._write_version, release.version,
                                     release.params, release.strategy_state, int(release.closed_at))
         self.version, self.params = release.version, release.params
         if release.strategy_state:
             self.strategy.restore(release.strategy_state)
         now = time.time()
         opens = not self._finished(self.version)
-        await self._record(f"the record of round {release.round_id}'s end", functools.partial(
+        await self.write_record(f"the record of round {release.round_id}'s end", functools.partial(
             self.store.finish_round,  # a private round records no device metrics (close_round)
             release.round_id, "published", release.closed_at, release.participants, release.samples, {},
             note=release.note, new_model=(release.version, digest),
             next_round=(release.round_id + 1, self.version, now, now + self.policy.round_timeout, self._goal())
             if opens else None,
         ))
-        await self._record("the privacy ledger's settlement", self.privacy.published)
+        await self.write_record("the privacy ledger's settlement", self.privacy.published)
         log.warning("round %d: published model version %d, counted in the privacy ledger before the aggregator "
                     "stopped (the same model: its noise is not drawn again)", release.round_id, release.version)
 
@@ -586,7 +587,7 @@ class RoundEngine:
         deadline = now + self.policy.round_timeout
         goal = self._goal()
         if persist:
-            await self._record(f"round {round_id}'s row", self.store.insert_round, round_id, self.version, now,
+            await self.write_record(f"round {round_id}'s row", self.store.insert_round, round_id, self.version, now,
                                deadline, goal)
         await self._install(self._new_open_round(round_id, now, deadline, goal))
 
@@ -1097,7 +1098,7 @@ class RoundEngine:
             deadline = now + self.policy.round_timeout
             goal = self._goal()
             try:
-                await self._record(f"the record of round {round_.round_id}'s end", functools.partial(
+                await self.write_record(f"the record of round {round_.round_id}'s end", functools.partial(
                     self.store.finish_round, round_.round_id, "published", now, participants, samples, summary,
                     note=note, new_model=(version, digest),
                     next_round=(next_id, version, now, deadline, goal) if opens else None, late=list(round_.late),
@@ -1132,13 +1133,13 @@ class RoundEngine:
         version, then delete the releases no update may be based on any more)."""
         if self.privacy is not None:
             if end.version is not None:
-                await self._record("the privacy ledger's settlement", self.privacy.published)
+                await self.write_record("the privacy ledger's settlement", self.privacy.published)
             unmasking = self.privacy.unmasking
             if end.outcome == "abandoned" and unmasking is not None and unmasking.round_id == round_.round_id:
                 # after the round's end is recorded: a crash in between leaves the entry to _settle_stale_unmask
-                await self._record("the privacy ledger's settlement", self.privacy.unmask_abandoned)
+                await self.write_record("the privacy ledger's settlement", self.privacy.unmask_abandoned)
             self.metrics.dp_epsilon.set(self.privacy.spent())
-        await self._record(f"the deletion of round {round_.round_id}'s spool", self.store.drop_segment,
+        await self.write_record(f"the deletion of round {round_.round_id}'s spool", self.store.drop_segment,
                            round_.round_id)
         following = end.next_round
         await self._install(None if following is None else self._new_open_round(*following))
@@ -1152,7 +1153,7 @@ class RoundEngine:
         # round may have spent the budget.
         opens = self.forward is None and not self._finished(self.version)
         following = (round_.round_id + 1, now, now + self.policy.round_timeout, self._goal()) if opens else None
-        await self._record(f"the record of round {round_.round_id}'s end", functools.partial(
+        await self.write_record(f"the record of round {round_.round_id}'s end", functools.partial(
             self.store.finish_round, round_.round_id, "abandoned", now, participants, samples, summary, note=note,
             next_round=None if following is None else (following[0], self.version, *following[1:]),
             late=list(round_.late),
@@ -1168,7 +1169,7 @@ class RoundEngine:
         after that record that fails is retried by the round clock from it (RecordedEnd), never by recording and
         counting the round again."""
         now = time.time()
-        await self._record(f"the record of round {round_.round_id}'s end", functools.partial(
+        await self.write_record(f"the record of round {round_.round_id}'s end", functools.partial(
             self.store.finish_round, round_.round_id, "superseded", now, 0, 0, {},
             note=f"no updates when upstream version {version} came"))
         round_.ended = end = RecordedEnd("superseded", None, None)
@@ -1199,7 +1200,7 @@ class RoundEngine:
         # parent's newer version is waiting to be adopted): no window in which the site refuses their updates.
         reopens = self.policy.buffer is not None and self.reopen_after_forward and not self._adopting
         next_id, deadline, goal = round_.round_id + 1, time.time() + self.policy.round_timeout, self._goal()
-        await self._record(f"the record of round {round_.round_id}'s end", functools.partial(
+        await self.write_record(f"the record of round {round_.round_id}'s end", functools.partial(
             self.store.finish_round, round_.round_id, "published", now, participants, samples, summary, note=note,
             next_round=(next_id, self.version, now, deadline, goal) if reopens else None, late=list(round_.late)))
         round_.ended = end = RecordedEnd("published", None, (next_id, now, deadline, goal) if reopens else None)
@@ -1263,8 +1264,8 @@ class RoundEngine:
             await self.close_round()
         now = time.time()
         if params is not None:
-            digest = await self._record(f"model version {version}", self.models.write, version, params, int(now))
-            await self._record(f"model version {version}'s row", self.store.add_model, version, digest, None, now)
+            digest = await self.write_record(f"model version {version}", self.models.write, version, params, int(now))
+            await self.write_record(f"model version {version}'s row", self.store.add_model, version, digest, None, now)
             self.params = params
         elif self.version != version:
             self.params = await self._run(self.models.params, version)
@@ -1272,7 +1273,8 @@ class RoundEngine:
         self.metrics.model_version.set(version)
         round_id = self.store.last_round_id() + 1
         goal = self._goal()
-        await self._record(f"round {round_id}'s row", self.store.insert_round, round_id, version, now, deadline, goal)
+        await self.write_record(f"round {round_id}'s row", self.store.insert_round, round_id, version, now, deadline,
+                                goal)
         await self._install(self._new_open_round(round_id, now, deadline, goal))
         if self._timer is None or self._timer.done():
             self._timer = asyncio.create_task(self._clock(), name="round-clock")

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import pytest
 from aggregator_harness import Harness, run, running
+from test_aggregator_tree import site_task, tree, wait_until
 
+from aggregator import upstream
 from aggregator.rounds import RoundPolicy
 from aggregator.store import Store
 from appliance import wire
@@ -170,6 +172,54 @@ def test_an_upload_whose_spool_write_hangs_is_refused_in_time_and_the_close_goes
             assert (record["left_out_devices"], record["left_out_devices_total"]) == ([h.devices[2].device_id], 1)
             page = await (await h.client.get("/")).text()
             assert "1 update stored too late to count" in page
+
+    try:
+        run(go())
+    finally:
+        release.set()
+
+
+def test_a_site_whose_forward_write_hangs_keeps_answering_and_forwards_once_the_disk_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site aggregator writes its forward (the signed update for its parent) before sending it; that write hangs.
+    The site's status and health answer meanwhile, and once the disk answers the forward goes and the city publishes
+    the mean of all four devices."""
+    entered, release = threading.Event(), threading.Event()
+    held = tmp_path / "site0"
+    real_write = upstream.atomic_write
+
+    def atomic_write(path: Path, data: bytes, *args: Any, **kwargs: Any) -> None:
+        if path.suffix == ".forward" and path.is_relative_to(held):
+            entered.set()
+            release.wait(GUARD_SECONDS)  # bounded: held on the event loop, it would hold the test's guard too
+        real_write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(upstream, "atomic_write", atomic_write)
+    answers: dict[str, Any] = {}
+
+    def probe(base: str) -> None:
+        try:
+            entered.wait(GUARD_SECONDS)
+            answers["status"] = get(f"{base}/v1/status")[0]
+            answers["health"] = get(f"{base}/healthz")[0]
+        except Exception as exc:  # no answer in time: the site's event loop was held
+            answers["failed"] = repr(exc)
+        finally:
+            release.set()
+
+    async def go() -> None:
+        async with tree(tmp_path) as (city, sites):
+            prober = threading.Thread(target=probe, args=(str(sites[0].client.make_url("")).rstrip("/"),))
+            prober.start()
+            async with asyncio.timeout(GUARD_SECONDS):
+                for site in sites:
+                    task = await site_task(site, 0)
+                    for device in site.devices:
+                        assert (await site.upload(device.update(task, site.delta())))[0] == 200
+                await wait_until(lambda: city.engine.version == 1, timeout=GUARD_SECONDS, what="city version 1")
+            await asyncio.to_thread(prober.join)
+            assert answers == {"status": 200, "health": 200}, f"the site stopped answering: {answers}"
+            assert city.engine.store.get_round(1).participants == 2  # both sites' forwards, each once
 
     try:
         run(go())
