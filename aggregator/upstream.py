@@ -263,8 +263,7 @@ class UpstreamLink:
         site_round = await self.engine.open_for_upstream(task.model_version, params, deadline)
         record = {"round": task.round_id, "model_version": task.model_version, "model_digest": task.model_digest.hex(),
                   "deadline": task.deadline, "encoding": task.encoding}
-        await self.engine.write_record(f"site round {site_round}'s upstream task", atomic_write,
-                                       self._task_path(site_round), json.dumps(record).encode())
+        atomic_write(self._task_path(site_round), json.dumps(record).encode())
         log.info("upstream round %d (model version %d): site round %d open until %.0f", task.round_id,
                  task.model_version, site_round, deadline)
 
@@ -294,15 +293,14 @@ class UpstreamLink:
         self.engine.reopen_after_forward = bool(is_async)
         self._parent_mode_read = is_async is not None
 
-    async def _forward_body(self, site_round: int, update: wire.Update) -> bytes:
+    def _forward_body(self, site_round: int, update: wire.Update) -> bytes:
         """The signed update for ``site_round``: the one written before an earlier attempt, else a new one, written
-        (fsync) before it is sent so that a resend after a crash is byte-identical. Written on the round engine's
-        records thread: a disk that stops answering holds the forward, not the site's event loop."""
+        (fsync) before it is sent so that a resend after a crash is byte-identical."""
         path = self._forward_path(site_round)
         with contextlib.suppress(FileNotFoundError):
             return path.read_bytes()
         body = wire.encode_update(update, self.key)
-        await self.engine.write_record(f"site round {site_round}'s forward", atomic_write, path, body)
+        atomic_write(path, body)
         return body
 
     async def _parent_now(self) -> float:
@@ -332,7 +330,7 @@ class UpstreamLink:
             tensors=self.models.layout.unflatten(delta), metrics=metrics, encoding=parent.encoding,
             created_at=int(await self._parent_now()),
         )
-        body = await self._forward_body(round_.round_id, update)
+        body = self._forward_body(round_.round_id, update)
         assert self._client is not None
         backoff = self.config.retry_seconds
 
@@ -359,7 +357,7 @@ class UpstreamLink:
                     resigned = True
                     update = replace(update, created_at=int(await self._parent_now()))
                     self._forward_path(round_.round_id).unlink()
-                    body = await self._forward_body(round_.round_id, update)
+                    body = self._forward_body(round_.round_id, update)
                     continue
                 hint = " (even signed just now: check the site's and the parent's clocks)" if resigned and (
                     exc.reason == "expired") else ""
