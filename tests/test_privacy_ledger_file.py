@@ -99,3 +99,17 @@ def test_serve_refuses_a_damaged_ledger_in_one_line(tmp_path: Path, saved: str) 
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "privacy.json" in lines[0], done.stderr
+
+
+@pytest.mark.parametrize(("config", "named"), [
+    (DPConfig(1.0, 1e-6, mode="distributed"), "delta"),
+    (DPConfig(1.0, DELTA, mode="central"), "--dp distributed"),
+])
+def test_a_ledger_is_not_taken_over_by_another_delta_or_mode(tmp_path: Path, config: DPConfig, named: str) -> None:
+    """The ledger itself refuses to go on counting under a delta or a mode that is not the one its rounds were
+    counted under, whoever opens it (serve compares the recorded settings first; the demo and tools do not)."""
+    (tmp_path / "privacy.json").write_text(json.dumps({"mode": "distributed", "delta": DELTA,
+                                                      "noise_multipliers": [1.0]}))
+    with pytest.raises(PrivacyError) as refused:
+        PrivacyLedger(tmp_path, config)
+    assert named in str(refused.value) and "cannot change mid-way" in str(refused.value)
