@@ -398,7 +398,14 @@ class Agent:
     async def _frames_ready(self, task: wire.Task, detector: bool) -> bool:
         """Whether the frame buffer holds a batch before the round's deadline; when not, or when the card fails to
         read the buffer (a failing card: the round is given up, not the agent), the round is skipped, counted and
-        logged."""
+        logged. A batch larger than the buffer can hold is not waited for (until a deadline that may be weeks away,
+        with no other round taken meanwhile): the round is skipped at once."""
+        most = self.config.cameras.buffer_max_frames
+        if task.batch_size > most:
+            self.metrics.rounds_skipped.labels("no-data").inc()
+            log.warning("round %d: the task asks for batches of %d frames, more than the frame buffer holds (%d, "
+                        "[cameras] buffer_max_frames); skipping", task.round_id, task.batch_size, most)
+            return False
         try:
             if await self._wait_for_frames(task, detector):
                 return True

@@ -37,6 +37,9 @@ from appliance.protocol.secagg import DeviceRound, SecAggError
 UNMASK_WAIT_SECONDS = 600.0
 POLL_SECONDS = 30.0
 RETRY_SECONDS = 2.0
+# Two polls for a message not published yet start at least this far apart: the aggregator's long-poll waits, but a
+# proxy that answers 204 at once is not asked again at once, until the deadline.
+POLL_MIN_SECONDS = 1.0
 
 
 class SecAggDropped(Exception):
@@ -133,6 +136,7 @@ class SecureRound:
             remaining = deadline - self.now()
             if remaining <= 0:
                 raise SecAggDropped("deadline", f"no {what} before the deadline")
+            asked_at = time.monotonic()
             try:
                 body = await self.transport.get(path, min(POLL_SECONDS, remaining))
             except _Refused as exc:
@@ -143,6 +147,7 @@ class SecureRound:
                 continue
             if body is not None:
                 return body
+            await asyncio.sleep(asked_at + POLL_MIN_SECONDS - time.monotonic())  # see POLL_MIN_SECONDS
 
     def _verified(self, decode: Callable[[], Any], what: str) -> Any:
         try:

@@ -72,6 +72,7 @@ class FakeAggregator:
         self.device_keys: dict[str, VerifyKey] = {}
         self.unavailable_posts = 0  # answer this many uploads with 503 first (aggregator down)
         self.round_seconds = 300  # how far ahead of its issue the task's deadline lies
+        self.batch_size = TASK_BATCH_SIZE  # the task's batch size
         self.poll_seconds = 0.2  # how long a poll for a round after 1 waits before its 204
         self.ignores_after = False  # serve round 1's task to every poll, whatever its after= says
         self.polls: list[float] = []  # when each poll for a task arrived (time.monotonic)
@@ -106,7 +107,7 @@ class FakeAggregator:
                 return web.Response(status=204)
             t = wire.Task(
                 1, 0, self.digest, self.package.digest, deadline=int(time.time()) + self.round_seconds, epochs=1,
-                batch_size=TASK_BATCH_SIZE,
+                batch_size=self.batch_size,
             )
             return web.Response(body=wire.encode_task(t, self.key), content_type="application/cose")
 

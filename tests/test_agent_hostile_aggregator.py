@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from appliance.client import (
     held_sent_at,
     problem_reason,
 )
-from appliance.secagg_client import Transport
+from appliance.secagg_client import SecAggDropped, SecureRound, Transport
 from flctl.model import export_reference_package
 
 DEEP_LIST = b"[" * 10_000 + b"]" * 10_000  # 20 kB, within the bound on what is read
@@ -104,6 +105,21 @@ async def test_a_signed_package_with_a_nan_mean_is_refused_naming_it_before_any_
     assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) == 0
     assert not (tmp_path / "state" / "models" / f"{digest.hex()}.flpkg").exists() and not fake.updates
     assert any("preprocessing field 'mean' must be a finite number, got nan" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_batch_larger_than_the_frame_buffer_holds_skips_the_round_at_once(signed_package, tmp_path, caplog):
+    """Cameras never fill a batch of more frames than the buffer keeps: the round loop waited until the deadline
+    (weeks, if the task says so), taking no other round meanwhile."""
+    key, path = signed_package
+    fake = FakeAggregator(key, path)
+    fake.batch_size, fake.round_seconds = 5000, 30 * 86400  # the buffer holds 4096 frames by default
+    with caplog.at_level(logging.WARNING, logger="fl_agent"):
+        agent = await run_agent_against(fake, tmp_path, source="cameras", at_most=60,
+                                        until=lambda a: sample(a, "fl_agent_rounds_skipped_total",
+                                                               {"reason": "no-data"}) >= 1)
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "no-data"}) == 1 and agent.last_round == 1
+    assert any("asks for batches of 5000 frames, more than the frame buffer holds (4096" in r.getMessage()
+               for r in caplog.records)
 
 
 @pytest.mark.parametrize("answer, why", [
@@ -188,3 +204,25 @@ async def test_an_aggregator_answering_polls_at_once_is_not_polled_in_a_tight_lo
     after_the_round = fake.polls[1:]
     gaps = [later - earlier for earlier, later in itertools.pairwise(after_the_round)]
     assert len(gaps) >= 4 and min(gaps) >= 0.9, gaps
+
+
+class NotPublishedAtOnce:
+    """A secure round's transport through a proxy that answers every poll 204 at once."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    async def get(self, path: str, wait: float) -> bytes | None:
+        self.polls += 1
+        return None
+
+
+async def test_a_secure_round_polled_with_204_at_once_waits_between_polls_until_its_deadline():
+    """A secure round's device polled as fast as the answers came, until the round's deadline: thousands of polls."""
+    key = SigningKey.generate()
+    task = wire.Task(1, 0, b"m" * 32, b"p" * 32, deadline=int(time.time()) + 600, secure_aggregation=True)
+    proxy = NotPublishedAtOnce()
+    secure = SecureRound(proxy, task, "device-1", key)
+    with pytest.raises(SecAggDropped, match="no roster before the deadline"):
+        await secure._fetch("/v1/secagg/1/roster", "roster", time.time() + 2.5)
+    assert 1 <= proxy.polls <= 4
