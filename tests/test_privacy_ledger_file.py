@@ -11,9 +11,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from aggregator.privacy import DPConfig, PrivacyError, PrivacyLedger, RoundNoise, epsilon
+from aggregator.privacy import (
+    PENDING_FILE,
+    DPConfig,
+    PendingRelease,
+    PrivacyError,
+    PrivacyLedger,
+    RoundNoise,
+    epsilon,
+    recorded_dp,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DELTA = 1e-5
@@ -75,6 +85,12 @@ def test_the_unmask_written_ahead_counts_until_it_is_settled_once(tmp_path: Path
     ({"delta": DELTA, "noise_multipliers": [], "unmasking": {"round": 1}}, "unmasking"),
     ({"delta": DELTA, "noise_multipliers": [], "unmasking": 3}, "unmasking"),
     ({"mode": "local", "delta": DELTA, "noise_multipliers": []}, "mode"),
+    ({"delta": DELTA, "noise_multipliers": [], "unmasking": {"round": 0, "noise_multiplier": 1.0, "rdp_slack": 0}},
+     "unmasking"),
+    ({"delta": DELTA, "noise_multipliers": [], "unmasking": {"round": True, "noise_multiplier": 1.0, "rdp_slack": 0}},
+     "unmasking"),
+    ('{"mode": "distributed", "delta": 1e-05, "noise_multipliers": [1.0], "clip_count_noise_multipliers": [10.0], '
+     '"clip_norm": 1.0, "clip_history": [{"version": 1, "clip_norm": 1.0, "within": NaN}]}', "clip_history"),
 ])
 def test_a_damaged_ledger_is_refused_in_one_line(tmp_path: Path, saved: Any, named: str) -> None:
     with pytest.raises(PrivacyError) as refused:
@@ -113,3 +129,25 @@ def test_a_ledger_is_not_taken_over_by_another_delta_or_mode(tmp_path: Path, con
     with pytest.raises(PrivacyError) as refused:
         PrivacyLedger(tmp_path, config)
     assert named in str(refused.value) and "cannot change mid-way" in str(refused.value)
+
+
+def test_the_recorded_settings_name_a_mode_no_version_wrote_in_one_line(tmp_path: Path) -> None:
+    """What a restart compares its flags with (aggregator/privacy_restart.py) refuses a hand-edited mode, rather than
+    reporting rounds counted under "--dp local"."""
+    (tmp_path / "privacy.json").write_text(json.dumps({"mode": "local", "delta": DELTA, "noise_multipliers": [1.0]}))
+    with pytest.raises(PrivacyError, match="mode") as refused:
+        recorded_dp(tmp_path)
+    assert "privacy.json" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_recorded_settings_count_the_pending_round_a_crash_left_before_the_ledger(tmp_path: Path) -> None:
+    """A crash between the pending model's write and the ledger's: the pending file counts one round more, and it is
+    what a restart holds its flags to."""
+    (tmp_path / "privacy.json").write_text(json.dumps({"mode": "central", "delta": DELTA, "noise_multipliers": [1.0]}))
+    newer = {"mode": "central", "delta": DELTA, "noise_multipliers": [1.0, 0.5]}
+    release = PendingRelease(round_id=2, version=2, closed_at=1.0, participants=3, samples=30, note="",
+                             params=np.zeros(4, dtype=np.float32), strategy_state={})
+    (tmp_path / PENDING_FILE).write_bytes(release.encode(newer))
+    recorded = recorded_dp(tmp_path)
+    assert recorded is not None
+    assert (recorded.source.name, recorded.rounds, recorded.last_noise_multiplier) == (PENDING_FILE, 2, 0.5)
