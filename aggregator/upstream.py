@@ -212,20 +212,23 @@ class UpstreamLink:
                         self._parent_moved.notify_all()
                     await self._take(task)
                 backoff = self.config.retry_seconds
+                continue
             except (AggregatorUnavailable, ProtocolError) as exc:
                 log.warning("upstream %s: %s; retrying in %.0f s", self.config.url, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("following upstream round %d failed", after)
-                if taking is not None:
-                    # A failure here (a disk error ending the site's round before): the task is taken again at the
-                    # next poll. Skipped, it left the site without a round on the parent's version until the parent's
-                    # next task, which an async parent, waiting for the site's updates, would never send.
-                    after = taking
-                await asyncio.sleep(backoff)
+                log.exception("following upstream round %d failed; retrying in %.0f s", after, backoff)
+            if taking is not None:
+                # Taking the task failed (its model's download cut short, a disk error ending the site's round
+                # before): it is taken again at the next poll. Skipped, it left the site without a round on the
+                # parent's version until the parent's next task, which an async parent, waiting for the site's
+                # updates, would never send.
+                after = taking
+            # Backing off however it failed: a task taken again after a failure that lasts (a full disk refusing the
+            # model) would otherwise download its model from the parent every retry_seconds.
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
 
     async def _take(self, task: wire.Task) -> None:
         """Open a site round answering the parent's ``task`` (adopting its model version when new here)."""
@@ -263,7 +266,8 @@ class UpstreamLink:
         site_round = await self.engine.open_for_upstream(task.model_version, params, deadline)
         record = {"round": task.round_id, "model_version": task.model_version, "model_digest": task.model_digest.hex(),
                   "deadline": task.deadline, "encoding": task.encoding}
-        atomic_write(self._task_path(site_round), json.dumps(record).encode())
+        await self.engine.write_record(f"site round {site_round}'s upstream task", atomic_write,
+                                       self._task_path(site_round), json.dumps(record).encode())
         log.info("upstream round %d (model version %d): site round %d open until %.0f", task.round_id,
                  task.model_version, site_round, deadline)
 
@@ -293,14 +297,15 @@ class UpstreamLink:
         self.engine.reopen_after_forward = bool(is_async)
         self._parent_mode_read = is_async is not None
 
-    def _forward_body(self, site_round: int, update: wire.Update) -> bytes:
+    async def _forward_body(self, site_round: int, update: wire.Update) -> bytes:
         """The signed update for ``site_round``: the one written before an earlier attempt, else a new one, written
-        (fsync) before it is sent so that a resend after a crash is byte-identical."""
+        (fsync) before it is sent so that a resend after a crash is byte-identical. Written on the round engine's
+        records thread: a disk that stops answering holds the forward, not the site's event loop."""
         path = self._forward_path(site_round)
         with contextlib.suppress(FileNotFoundError):
             return path.read_bytes()
         body = wire.encode_update(update, self.key)
-        atomic_write(path, body)
+        await self.engine.write_record(f"site round {site_round}'s forward", atomic_write, path, body)
         return body
 
     async def _parent_now(self) -> float:
@@ -330,7 +335,7 @@ class UpstreamLink:
             tensors=self.models.layout.unflatten(delta), metrics=metrics, encoding=parent.encoding,
             created_at=int(await self._parent_now()),
         )
-        body = self._forward_body(round_.round_id, update)
+        body = await self._forward_body(round_.round_id, update)
         assert self._client is not None
         backoff = self.config.retry_seconds
 
@@ -357,7 +362,7 @@ class UpstreamLink:
                     resigned = True
                     update = replace(update, created_at=int(await self._parent_now()))
                     self._forward_path(round_.round_id).unlink()
-                    body = self._forward_body(round_.round_id, update)
+                    body = await self._forward_body(round_.round_id, update)
                     continue
                 hint = " (even signed just now: check the site's and the parent's clocks)" if resigned and (
                     exc.reason == "expired") else ""
