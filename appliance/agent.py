@@ -369,6 +369,9 @@ class Agent:
         release, answer = await client.model_answer(task.model_version, package.param_specs, base)
         if release.digest != task.model_digest or release.package_digest != task.package_digest:
             raise ProtocolError("wrong-model", f"release {release.version} does not match the task's digests")
+        if release.version != task.model_version:  # the heartbeat reports the version held
+            raise ProtocolError("wrong-model", f"release {release.version} answers the task's version "
+                                               f"{task.model_version}")
         self._release = release
         self.metrics.model_version.set(release.version)
         refused = await finished_in_thread(store_release, self.state_dir, answer, release, self.aggregator_key)

@@ -638,6 +638,19 @@ def encode_task(task: Task, key: SigningKey) -> bytes:
     return sign(payload, key, key_id(key.verify_key))
 
 
+# The aggregator's round ids and model versions: what SQLite's INTEGER holds.
+_MAX_ID = 2**63 - 1
+
+
+def _id(p: Mapping[str, Any], name: str) -> int:
+    """Field ``name``, a round id or a model version: an integer in [0, 2^63 - 1]. One outside it (signed all the
+    same) named a model the device then reported in every heartbeat, which the fleet view refused."""
+    value = _field(p, name, int)
+    if not 0 <= value <= _MAX_ID:
+        raise ProtocolError("bad-payload", f"field {name!r} must be an integer in [0, 2^63 - 1], got {value}")
+    return value
+
+
 def _at_least(p: Mapping[str, Any], name: str, kind: type, low: float, *, above: bool = False) -> Any:
     """Field ``name`` of kind ``kind``, finite and at least ``low`` (above it with ``above``): what an aggregator's
     round plan allows. A signature proves who sent a task, not that a device can train on it: a NaN learning rate or
@@ -660,8 +673,8 @@ def decode_task(message: bytes | memoryview, aggregator_key: VerifyKey) -> Task:
     if not isinstance(secure, bool):
         raise ProtocolError("bad-payload", "field 'secagg' is not a boolean")
     return Task(
-        round_id=_field(p, "round", int),
-        model_version=_field(p, "model_version", int),
+        round_id=_id(p, "round"),
+        model_version=_id(p, "model_version"),
         model_digest=bytes(_field(p, "model_digest", memoryview)),
         package_digest=bytes(_field(p, "package_digest", memoryview)),
         deadline=_field(p, "deadline", int),

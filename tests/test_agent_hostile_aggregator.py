@@ -122,6 +122,21 @@ async def test_a_batch_larger_than_the_frame_buffer_holds_skips_the_round_at_onc
                for r in caplog.records)
 
 
+async def test_a_release_of_another_version_than_the_task_names_is_refused(signed_package, tmp_path):
+    """The task asks for version 0; the release answering it, signed, with the task's parameters, says version
+    2^64 - 1. It was taken, and every heartbeat then reported that version, which the fleet view refuses: the device
+    showed as silent while it trained."""
+    key, path = signed_package
+    fake = FakeAggregator(key, path)
+    fake.release, digest = wire.encode_model_release(
+        wire.ModelRelease(2**64 - 1, fake.package.digest, fake.package.initial_params), key)
+    assert digest == fake.digest  # the parameters the task names, under another version
+    agent = await run_agent_against(fake, tmp_path, at_most=60, until=lambda a: sample(
+        a, "fl_agent_models_refused_total", {"reason": "wrong-model"}) >= 1 or bool(fake.updates))
+    assert sample(agent, "fl_agent_models_refused_total", {"reason": "wrong-model"}) >= 1
+    assert not fake.updates and agent.heartbeat().model_version is None
+
+
 @pytest.mark.parametrize("answer, why", [
     (DEEP_LIST, "JSON nested too deeply to read"),
     (DEEP_OBJECT, "JSON nested too deeply to read"),

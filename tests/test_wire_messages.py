@@ -192,6 +192,15 @@ def test_a_signed_task_no_device_can_train_on_is_refused_naming_the_field(field,
     assert refused.value.reason == "bad-payload"
 
 
+@pytest.mark.parametrize("field, value", [("round_id", -1), ("round_id", 2**63), ("model_version", -1),
+                                          ("model_version", 2**64 - 1)])
+def test_a_signed_task_naming_a_round_or_version_no_aggregator_holds_is_refused(field, value):
+    message = wire.encode_task(make_task(**{field: value}), AGGREGATOR)
+    name = {"round_id": "round"}.get(field, field)
+    with pytest.raises(ProtocolError, match=rf"field '{name}' must be an integer in \[0, 2\^63 - 1\], got {value}"):
+        wire.decode_task(message, AGGREGATOR.verify_key)
+
+
 def test_model_release_round_trip_and_digest():
     release = wire.ModelRelease(version=4, package_digest=b"p" * 32, tensors=params(), created_at=1_764_300_000)
     message, digest = wire.encode_model_release(release, AGGREGATOR)
