@@ -143,6 +143,8 @@ def test_epsilon_is_the_accountants_and_the_budget_stops_rounds(tmp_path: Path) 
         (["--dp-noise-multiplier", "1", "--strategy", "median"], "--dp needs a rule built on the sum"),
         (["--dp-noise-multiplier", "1", "--clip-norm", "0"], "--dp needs --clip-norm > 0"),
         ([], "--dp central needs --dp-noise-multiplier"),
+        (["--dp-noise-multiplier", "1", "--upstream", "http://127.0.0.1:9", "--upstream-key", "ab" * 32],
+         "--dp runs at the root of a tree, not on a site"),
     ],
 )
 def test_bad_dp_settings_are_refused_at_start_up(tmp_path: Path, args: list[str], message: str) -> None:
