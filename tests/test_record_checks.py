@@ -147,3 +147,26 @@ def test_a_crc32_check_catches_one_changed_bit() -> None:
     assert check.kind == CRC32 and record_intact(check, record, None)
     record[17] ^= 0x80
     assert not record_intact(check, record, None)
+
+
+def test_a_masked_input_gets_its_signed_check_only_when_its_bytes_are_exactly_envelope_and_shortest_words() -> None:
+    """Else the spool takes a CRC: a signed check rebuilt from the words with the shortest head would not match a
+    section its device signed with a longer one, and a sound record would be taken for a damaged one at resume."""
+    key = SigningKey.generate()
+    words = np.arange(100, dtype=np.uint32)
+    body = m.encode_masked(m.MaskedInput(round_id=1, device_id="d", words=words, rejected=()), key)
+    verified = wire.verify(body, lambda kid: key.verify_key)
+    envelope = body[: len(body) - m.masked_section_bytes(words.size)]
+    data = words.astype("<u4").tobytes()
+    assert masked_check(memoryview(body), envelope, verified.digest, verified.payload, words.nbytes) is not None
+    longer_head = envelope + b"\xd8\x46\x5a" + len(data).to_bytes(4, "big") + data  # 400 needs two bytes, not four
+    assert masked_check(memoryview(longer_head), envelope, verified.digest, verified.payload, words.nbytes) is None
+    trailing = body + b"\x00"
+    assert masked_check(memoryview(trailing), envelope, verified.digest, verified.payload, words.nbytes) is None
+    other = hashlib.sha256(b"another envelope").digest()
+    assert masked_check(memoryview(body), envelope, other, verified.payload, words.nbytes) is None
+
+
+def test_a_check_of_a_kind_this_version_does_not_know_is_refused_not_passed() -> None:
+    with pytest.raises(ValueError, match="unknown spool record check"):
+        record_intact(RecordCheck("sha3-256", bytes(32)), np.zeros(8, dtype=np.uint8), None)
