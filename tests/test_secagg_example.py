@@ -225,11 +225,16 @@ def pairwise_seed_lines(ex: Example) -> list[str]:
     """A's pairwise seed with B (12.5), from A's clamped mask secret by X25519, as a device computes it; and the
     same u from B's end with the Ed25519 group's multiplication, as the aggregator computes it from a rebuilt r."""
     setup, a_round, b_round = ex.setup, ex.rounds["A"], ex.rounds["B"]
-    r_b_point = setup.keys[ex.index["B"]].mask
+    a, b = ex.index["A"], ex.index["B"]
+    low, high = sorted((a, b))
+    r_b_point = setup.keys[b].mask
     u_r_b = x25519.u_coordinate(r_b_point)
     shared = x25519.shared_u(a_round._mask_x25519, u_r_b)
     assert shared == x25519.u_coordinate(shamir.point_times(b_round._mask_secret, a_round.keys.mask))
     assert a_round.keys.mask == shamir.base_point_times(x25519.group_scalar(a_round._mask_x25519))
+    seed = pairwise_mask_seed(ROUND, a, b, shared)
+    assert seed == a_round._pair_seeds[b] == b_round._pair_seeds[a]  # what A masked with, and B
+    names = {a: "A", b: "B"}
     return [
         "pairwise seed A-B:",
         f"   r_A, a clamped X25519 scalar       {a_round._mask_x25519.hex()}",
@@ -239,7 +244,9 @@ def pairwise_seed_lines(ex: Example) -> list[str]:
         f"   u(R_B) = (1 + y) / (1 - y) mod p   {u_r_b.hex()}",
         f"   X25519(r_A, u(R_B))                {shared.hex()}",
         "     = u(R_A * (r_B mod L)), what B (and the aggregator, from a rebuilt r_B) gets",
-        f"   s_AB = SHA-256(domain || round || u)   {pairwise_mask_seed(ROUND, shared).hex()}",
+        f"   s_AB = SHA-256(\"fl-edge/secagg/v1/pairwise-mask\" || round || {low} ({names[low]}, the lower index) "
+        f"|| {high} ({names[high]}) || u)",
+        f"        = {seed.hex()}",
     ]
 
 

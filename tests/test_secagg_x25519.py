@@ -77,7 +77,8 @@ def test_a_devices_pairwise_seed_is_the_one_the_aggregator_makes_from_its_partne
     for i, device in enumerate(devices):
         for j in setup.graph[i]:
             rebuilt = devices[j]._mask_secret  # what Shamir shares and the aggregator rebuilds: r_j mod L
-            expected = pairwise_mask_seed(ROUND, x25519.u_coordinate(shamir.point_times(rebuilt, setup.keys[i].mask)))
+            expected = pairwise_mask_seed(ROUND, j, i,
+                                          x25519.u_coordinate(shamir.point_times(rebuilt, setup.keys[i].mask)))
             assert device._pair_seeds[j] == expected == devices[j]._pair_seeds[i]
 
 

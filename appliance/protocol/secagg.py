@@ -16,7 +16,7 @@ The phases, for a device i of a roster of n (Bonawitz et al. 2017; neighbours fr
    mask with it, and its masked input carries an :class:`Accusation` (K_ij and a proof, :mod:`.dleq`, that it
    is the channel's point) with which the aggregator opens the dealer's ciphertext itself. i sends
    y_i = x_i + PRG(b_i) + sum over accepted neighbours j of (+PRG(s_ij) if i < j else -PRG(s_ij))  (mod 2^32),
-   s_ij the pairwise seed from u(r_i * R_j) = u(r_j * R_i), x_i from :mod:`.quantise`.
+   s_ij the pairwise seed from i, j and u(r_i * R_j) = u(r_j * R_i), x_i from :mod:`.quantise`.
 4. **unmask**: the aggregator judges every accusation (:func:`judge`): the accuser is left out if the dealer's
    ciphertext holds good shares, the dealer if not, so a false accusation costs its maker, never the accused.
    It then names the survivors S (whose masked inputs count) and the dropped devices D
@@ -87,9 +87,19 @@ def self_mask_seed(round_id: int, secret: int) -> bytes:
     return hashlib.sha256(SELF_MASK_DOMAIN + round_id.to_bytes(8, "big") + shamir.scalar_bytes(secret)).digest()
 
 
-def pairwise_mask_seed(round_id: int, shared_u: bytes) -> bytes:
-    """s_ij from the u-coordinate (32 bytes little-endian, :mod:`.x25519`) of r_i * R_j = r_j * R_i."""
-    return hashlib.sha256(PAIRWISE_MASK_DOMAIN + round_id.to_bytes(8, "big") + shared_u).digest()
+def pairwise_mask_seed(round_id: int, i: int, j: int, shared_u: bytes) -> bytes:
+    """s_ij of devices i and j (either way round: the lower index first) from the u-coordinate (32 bytes
+    little-endian, :mod:`.x25519`) of r_i * R_j = r_j * R_i.
+
+    The indices keep a copied mask key from giving a copier's seeds with its neighbours the values of the copied
+    device's (u ignores the sign, so a negated copy too): the mask key carries no proof of possession, and a
+    copier's holders hand the aggregator their seeds with it once it drops out
+    (tests/test_secagg_copied_mask_key.py)."""
+    low, high = sorted((i, j))
+    return hashlib.sha256(
+        PAIRWISE_MASK_DOMAIN + round_id.to_bytes(8, "big") + low.to_bytes(4, "big") + high.to_bytes(4, "big")
+        + shared_u
+    ).digest()
 
 
 def share_key(round_id: int, i: int, j: int, channel_u: bytes) -> bytes:
@@ -375,7 +385,7 @@ class DeviceRound:
             except x25519.InvalidKey as exc:
                 raise _bad_key(j, False, exc) from None
             self._channels[j] = (channel_u, channel_box(setup, self.index, j, channel_u))
-            self._pair_seeds[j] = pairwise_mask_seed(self.round_id, pair_u)
+            self._pair_seeds[j] = pairwise_mask_seed(self.round_id, self.index, j, pair_u)
 
     def _channel(self, other: int) -> tuple[bytes, SecretBox]:
         """The share channel with neighbour ``other``: u(a_i * A_other) and its secretbox."""
@@ -641,7 +651,7 @@ def unmask_total(
                     shares = {h: a.key_shares[u] for h, a in answers.items() if u in a.key_shares}
                     key = _recover(u, "mask-key", commitments[u][1], shares, t, report.bad_holders)
                     report.rebuilt_keys.add(u)
-                seed = pairwise_mask_seed(setup.round_id,
+                seed = pairwise_mask_seed(setup.round_id, u, v,
                                           x25519.u_coordinate(shamir.point_times(key, setup.keys[v].mask)))
             # v added +PRG if v < u, else -PRG: take it off again
             pending.append((seed, -1 if v < u else +1))
