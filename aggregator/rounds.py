@@ -849,7 +849,11 @@ class RoundEngine:
                 f"the update's base digest {header.base_digest.hex()[:16]}... is not model version "
                 f"{header.model_version}'s ({(base or b'').hex()[:16]}...)",
             )
-        if header.device_id in round_.devices and round_.devices[header.device_id] != digest:
+        # A full or closing buffer passes the update on to the next (commit checks it again there): a device whose
+        # update is in it sends its next one for the next buffer, however long the close takes (its records are
+        # awaited, on a stalled disk for minutes), and must not be refused as a duplicate meanwhile.
+        if (self._has_room(round_, buffer) and header.device_id in round_.devices
+                and round_.devices[header.device_id] != digest):
             raise ProtocolError(
                 "duplicate", f"device {header.device_id} already has a different update in buffer {round_.round_id}"
             )

@@ -25,6 +25,8 @@ from aggregator_harness import Harness, run, running
 from test_aggregator_tree import site_task, tree, wait_until
 
 from aggregator import upstream
+from aggregator.app import SERVICES
+from aggregator.buffered import BufferPolicy
 from aggregator.rounds import RoundPolicy
 from aggregator.store import Store
 from appliance import wire
@@ -220,6 +222,46 @@ def test_a_site_whose_forward_write_hangs_keeps_answering_and_forwards_once_the_
             await asyncio.to_thread(prober.join)
             assert answers == {"status": 200, "health": 200}, f"the site stopped answering: {answers}"
             assert city.engine.store.get_round(1).participants == 2  # both sites' forwards, each once
+
+    try:
+        run(go())
+    finally:
+        release.set()
+
+
+def test_an_async_devices_next_update_waits_for_the_next_buffer_while_the_close_is_recorded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Async mode: while a full buffer's record hangs, a device whose update is in it sends its next one. That one is
+    for the next buffer: it waits for it and counts there, not refused as a duplicate of the one in the closing
+    buffer (409, which an agent drops)."""
+    entered, release = threading.Event(), threading.Event()
+    record = Store.finish_round
+
+    def finish_round(self: Store, round_id: int, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("new_model") is not None and round_id == 1:
+            entered.set()
+            release.wait(GUARD_SECONDS)
+        record(self, round_id, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "finish_round", finish_round)
+    policy = RoundPolicy(min_clients=1, round_timeout=600, buffer=BufferPolicy(size=2, weighting="constant"))
+
+    async def go() -> None:
+        async with running(tmp_path, devices=2, policy=policy) as h:
+            task = await h.task()
+            assert task is not None
+            async with asyncio.timeout(GUARD_SECONDS):
+                for device in h.devices:
+                    assert (await h.upload(device.update(task, h.delta())))[0] == 200  # the buffer is full
+                await asyncio.to_thread(entered.wait, GUARD_SECONDS)  # its record hangs
+                uploads = h.app[SERVICES].uploads
+                following = asyncio.ensure_future(h.upload(h.devices[0].update(task, h.delta())))
+                while not following.done() and uploads.active == 0:
+                    await asyncio.sleep(0.05)
+                release.set()  # the disk answers: version 1 is recorded and buffer 2 opens
+                status, answer = await following
+            assert status == 200, answer
+            assert (h.engine.version, h.engine.current.round_id, h.engine.current.accepted) == (1, 2, 1)
 
     try:
         run(go())
