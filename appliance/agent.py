@@ -79,6 +79,8 @@ FRAME_POLL_SECONDS = 5.0
 CLOCK_OFF_SECONDS = 60.0
 # The first heartbeat waits at most this long for the round loop's first answer, which teaches the aggregator's time.
 FIRST_REPORT_WAIT_SECONDS = 30.0
+# Packages refused for their content are remembered, by digest, up to this many (see Agent._ensure_package).
+REFUSED_PACKAGES_KEPT = 16
 # Two polls for a task that bring no round to take start at least this far apart: an aggregator's long-poll waits, but
 # one that answers at once (a proxy answering 204, an aggregator serving a round the agent has taken) is not polled
 # in a tight loop.
@@ -155,6 +157,7 @@ class Agent:
         # one as the steps from it, and the heartbeat names it from the start.
         held = load_release(self.state_dir, self.aggregator_key, self.state_dir / MODELS_DIR)
         self._package: ModelPackage | None = held.package if held else None
+        self._refused_packages: dict[bytes, PackageError] = {}  # digest -> why (see _ensure_package)
         self._release: wire.ModelRelease | None = held.release if held else None
         if held:
             self.metrics.model_version.set(held.release.version)
@@ -300,15 +303,28 @@ class Agent:
     # -- model ----------------------------------------------------------------------------------------
 
     async def _ensure_package(self, client: AggregatorClient, digest: bytes) -> ModelPackage:
+        """The package ``digest`` names: the one held, the one stored, or downloaded. A package refused for its
+        content (a NaN learning rate, say) is refused again without a download while tasks name it: its digest names
+        that content, and each retry of the round would otherwise download up to 256 MiB again."""
         if self._package is not None and self._package.digest == digest:
             return self._package
+        refused = self._refused_packages.get(digest)
+        if refused is not None:
+            raise PackageError(refused.reason, f"{refused.detail} (refused before, not downloaded again)")
         path = self.state_dir / MODELS_DIR / f"{digest.hex()}.flpkg"
         with storing("the model package", path.parent):  # a damaged copy is removed: a write, on a card gone read-only
             package = await finished_in_thread(self._stored_package, path, digest)
         if package is None:
             blob = await client.package_bytes(digest)
-            with storing("the model package", path.parent):
-                package = await finished_in_thread(self._store_package, path, digest, blob)
+            try:
+                with storing("the model package", path.parent):
+                    package = await finished_in_thread(self._store_package, path, digest, blob)
+            except PackageError as exc:
+                if exc.digest == digest:
+                    while len(self._refused_packages) >= REFUSED_PACKAGES_KEPT:
+                        del self._refused_packages[next(iter(self._refused_packages))]
+                    self._refused_packages[digest] = exc
+                raise
         self._package = package
         return package
 

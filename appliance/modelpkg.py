@@ -52,12 +52,14 @@ DETECTION_KINDS = ("centre-heatmap",)
 
 class PackageError(Exception):
     """A model package was refused or could not be written. ``reason`` is stable (``bad-signature``,
-    ``digest-mismatch``, ``bad-content``...), the message is for the operator."""
+    ``digest-mismatch``, ``bad-content``...), the message is for the operator. ``digest``: the content's digest when
+    the refusal is of content that matched its signed digest (so is refused again wherever it comes from), else b""."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, digest: bytes = b""):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.digest = digest
 
 
 @dataclass(frozen=True)
@@ -367,16 +369,16 @@ def decode_package(data: bytes | memoryview, aggregator_key: VerifyKey, origin: 
     try:
         content = cbor2.loads(body)
     except Exception as exc:
-        raise PackageError("bad-content", f"{origin}: content is not CBOR: {exc}") from None
+        raise PackageError("bad-content", f"{origin}: content is not CBOR: {exc}", digest) from None
     if cbor2.dumps(content, canonical=True) != body:
-        raise PackageError("bad-content", f"{origin}: content is not in deterministic CBOR encoding")
+        raise PackageError("bad-content", f"{origin}: content is not in deterministic CBOR encoding", digest)
     if _holds_bignum(content):
         raise PackageError("bad-content", f"{origin}: content holds an integer past 64 bits (a CBOR bignum), which no "
-                                          "field of a package is")
+                                          "field of a package is", digest)
     try:
         return _from_content(content, digest)
     except PackageError as exc:
-        raise PackageError(exc.reason, f"{origin}: {exc.detail}") from None
+        raise PackageError(exc.reason, f"{origin}: {exc.detail}", digest) from None
 
 
 def _holds_bignum(content: Any) -> bool:

@@ -76,6 +76,7 @@ class FakeAggregator:
         self.poll_seconds = 0.2  # how long a poll for a round after 1 waits before its 204
         self.ignores_after = False  # serve round 1's task to every poll, whatever its after= says
         self.polls: list[float] = []  # when each poll for a task arrived (time.monotonic)
+        self.package_downloads = 0
 
     def receipt(self, body: bytes, update: wire.Update) -> bytes:
         genuine = wire.Receipt(update.device_id, update.round_id, wire.update_digest(body))
@@ -112,6 +113,7 @@ class FakeAggregator:
             return web.Response(body=wire.encode_task(t, self.key), content_type="application/cose")
 
         async def package(request: web.Request) -> web.Response:
+            self.package_downloads += 1
             return web.Response(body=self.package_bytes)
 
         async def model(request: web.Request) -> web.Response:

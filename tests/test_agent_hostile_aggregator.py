@@ -96,15 +96,17 @@ async def test_a_signed_package_with_a_nan_mean_is_refused_naming_it_before_any_
     fake.release, fake.digest = wire.encode_model_release(wire.ModelRelease(0, digest, good.initial_params), key)
 
     def refused_or_trained(agent) -> bool:
-        return (sample(agent, "fl_agent_models_refused_total", {"reason": "bad-content"}) >= 1
+        return (sample(agent, "fl_agent_models_refused_total", {"reason": "bad-content"}) >= 3
                 or sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) >= 1)
 
     with caplog.at_level(logging.ERROR, logger="fl_agent"):
         agent = await run_agent_against(fake, tmp_path, until=refused_or_trained, at_most=60)
-    assert sample(agent, "fl_agent_models_refused_total", {"reason": "bad-content"}) >= 1
+    assert sample(agent, "fl_agent_models_refused_total", {"reason": "bad-content"}) >= 3
     assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) == 0
     assert not (tmp_path / "state" / "models" / f"{digest.hex()}.flpkg").exists() and not fake.updates
     assert any("preprocessing field 'mean' must be a finite number, got nan" in r.getMessage() for r in caplog.records)
+    # Each retry of the round refuses it again; its digest names that content, so it is not downloaded again.
+    assert fake.package_downloads == 1
 
 
 async def test_a_batch_larger_than_the_frame_buffer_holds_skips_the_round_at_once(signed_package, tmp_path, caplog):

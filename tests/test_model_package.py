@@ -234,6 +234,19 @@ def test_a_package_whose_numbers_a_device_cannot_train_with_is_refused_naming_th
     with pytest.raises(PackageError, match=re.escape(f"package from the aggregator: {match}")) as refused:
         decode_package(signed_unchecked(pkg), KEY.verify_key, origin="package from the aggregator")
     assert refused.value.reason == "bad-content"
+    assert refused.value.digest == modelpkg.content_digest(cbor2.dumps(modelpkg._content(pkg), canonical=True))
+
+
+def test_only_a_refusal_of_content_that_matched_its_signed_digest_names_that_digest():
+    """A device does not download again a package refused for its content (the digest names it); a refusal of the
+    envelope or of content that does not match the signed digest (a transfer gone wrong) names none."""
+    data = bytearray(signed_unchecked(_package(optimizer={"name": "sgd", "lr": float("nan")})))
+    with pytest.raises(PackageError) as other_key:
+        decode_package(bytes(data), SigningKey(bytes(32)).verify_key)
+    data[-1] ^= 1
+    with pytest.raises(PackageError) as damaged:
+        decode_package(bytes(data), KEY.verify_key)
+    assert (other_key.value.digest, damaged.value.reason, damaged.value.digest) == (b"", "digest-mismatch", b"")
 
 
 def test_the_numbers_every_package_has_used_are_still_taken():
