@@ -6,10 +6,14 @@ refused with a reason naming its device, never a traceback."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from nacl.bindings import crypto_core_ed25519_add, crypto_scalarmult_base
 
 from appliance import wire
@@ -167,3 +171,28 @@ def test_a_device_that_cannot_prove_its_channel_with_a_rejected_neighbour_leaves
     with pytest.raises(SecAggDropped) as dropped:
         secure.masked_input(np.zeros(4, dtype=np.float32), 1)
     assert dropped.value.reason == "bad-roster"
+
+
+# ------------------------------------------------------------------------- the worked example, as a stranger reads it
+
+
+def test_the_worked_examples_pairwise_seed_follows_from_its_printed_numbers_with_another_x25519():
+    """docs/protocol.md 12.9 prints r_A, R_B, u(R_B), X25519(r_A, u(R_B)) and s_AB. Recomputed from those numbers
+    alone, with the documented formulas and OpenSSL's X25519 (not libsodium's, which wrote them), they must agree:
+    what a second implementation reading 12.2 and 12.5 would get."""
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+
+    def printed(label: str) -> bytes:
+        return bytes.fromhex(re.search(re.escape(label) + r"\s+=?\s*([0-9a-f]{64})", doc).group(1))
+
+    r_a, r_b_point = printed("r_A, a clamped X25519 scalar"), printed("R_B (B's mask_key)")
+    y = int.from_bytes(r_b_point, "little") & (2**255 - 1)
+    u = ((1 + y) * pow(1 - y, -1, x25519.P) % x25519.P).to_bytes(32, "little")
+    assert u == printed("u(R_B) = (1 + y) / (1 - y) mod p")
+    shared = X25519PrivateKey.from_private_bytes(r_a).exchange(X25519PublicKey.from_public_bytes(u))
+    assert shared == printed("X25519(r_A, u(R_B))")
+    low_high = re.search(r"s_AB = SHA-256\(.*\|\| round \|\| (\d+) \(B, the lower index\) \|\| (\d+) \(A\)", doc)
+    low, high = int(low_high.group(1)), int(low_high.group(2))
+    seed = hashlib.sha256(b"fl-edge/secagg/v1/pairwise-mask" + ROUND.to_bytes(8, "big") + low.to_bytes(4, "big")
+                          + high.to_bytes(4, "big") + shared).digest()
+    assert seed == printed("|| u)\n")
