@@ -1171,18 +1171,24 @@ class RoundEngine:
         """Async site: a buffer still empty when the parent's next version comes moves to it. Recorded and counted
         as ``superseded``, not ``abandoned``: an idle site sees one per parent version, and nothing was lost. A step
         after that record that fails is retried by the round clock from it (RecordedEnd), never by recording and
-        counting the round again."""
-        now = time.time()
-        await self.write_record(f"the record of round {round_.round_id}'s end", functools.partial(
-            self.store.finish_round, round_.round_id, "superseded", now, 0, 0, {},
-            note=f"no updates when upstream version {version} came"))
-        round_.ended = end = RecordedEnd("superseded", None, None)
-        self.metrics.round_ended("superseded", now)
+        counting the round again. The round clock, finding the buffer at its deadline meanwhile (its record on a slow
+        disk), waits for this end as for a close under way (:meth:`close_round`): it closed the buffer again, recorded
+        and counted it abandoned too, and could drop the round opened on the parent's version."""
+        round_.close_under_way = under_way = asyncio.Event()
         try:
+            now = time.time()
+            await self.write_record(f"the record of round {round_.round_id}'s end", functools.partial(
+                self.store.finish_round, round_.round_id, "superseded", now, 0, 0, {},
+                note=f"no updates when upstream version {version} came"))
+            round_.ended = end = RecordedEnd("superseded", None, None)
+            self.metrics.round_ended("superseded", now)
             await self._complete_end(round_, end)
         except Exception:
             self._after_commit_failed(round_)
             raise
+        finally:
+            round_.close_under_way = None
+            under_way.set()
 
     async def _forward_round(
         self, round_: OpenRound, updates: UpdateSet, participants: int, samples: int, summary: dict[str, float],
