@@ -258,6 +258,24 @@ def test_body_too_large_is_refused_before_reading(tmp_path: Path) -> None:
     _case(tmp_path, check, max_body_bytes=4096)
 
 
+def test_a_chunked_body_past_the_limit_is_refused_as_too_large(tmp_path: Path) -> None:
+    """Without a Content-Length the limit is only known once the body runs past it: still 413, nothing counted. (The
+    body is longer than the envelope's prefix, which is read and verified first.)"""
+    async def check(h: Harness, task: wire.Task) -> None:
+        body = h.devices[0].update(task, h.delta()) + bytes(200_000)
+
+        async def pieces():
+            for start in range(0, len(body), 10_000):
+                yield body[start : start + 10_000]
+
+        response = await h.client.post("/v1/updates", data=pieces(), headers={"Content-Type": wire.CONTENT_TYPE})
+        problem = json.loads(await response.read())
+        assert (response.status, problem["reason"]) == (413, "body-too-large"), problem
+        assert h.rejected("body-too-large") == 1 and h.counter("fl_aggregator_updates_accepted_total") == 0
+
+    _case(tmp_path, check, max_body_bytes=100_000)
+
+
 def test_nesting_too_deep_is_refused(tmp_path: Path) -> None:
     async def check(h: Harness, task: wire.Task) -> None:
         nested: list = []

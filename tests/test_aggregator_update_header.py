@@ -45,6 +45,14 @@ def test_a_boolean_is_not_read_as_the_integer_it_equals(field: str) -> None:
     assert refused.value.reason == "bad-payload" and field in refused.value.detail
 
 
+def test_an_update_naming_another_device_than_its_signer_is_refused_before_its_round_is_judged() -> None:
+    """Read before the round's checks (one update per device, duplicates): an update signed by one device and naming
+    another is refused for that, never judged as the other device's."""
+    with pytest.raises(ProtocolError) as refused:
+        header_of(_verified(device="f" * 32), "float32")
+    assert refused.value.reason == "kid-mismatch"
+
+
 def test_an_envelope_is_not_moved_onto_a_body_it_does_not_begin() -> None:
     """The body read after the envelope was verified must begin with those very bytes: else its tensors would be
     checked against a signature that never covered what precedes them."""

@@ -31,6 +31,14 @@ def test_a_buffer_given_back_is_taken_again_and_never_shared() -> None:
     assert np.shares_memory(buffers.take(4_000_000), second)
 
 
+def test_a_kept_buffer_too_small_for_a_body_is_not_taken_for_it() -> None:
+    """A body gets a buffer of at least its size: a smaller one kept from an earlier upload would cut it short."""
+    buffers = Buffers(keep=2)
+    buffers.give(buffers.take(100_000))
+    body = buffers.take(150_000)
+    assert body.size == 150_000 and body.ctypes.data % SPOOL_ALIGNMENT == 0
+
+
 def test_only_buffers_it_handed_out_are_taken_back_and_at_most_keep_of_them() -> None:
     buffers = Buffers(keep=1)
     with pytest.raises(ValueError):
