@@ -144,7 +144,7 @@ def test_an_interrupted_out_never_leaves_the_old_manifest_beside_a_new_disk(
         real(src, dst)
 
     monkeypatch.setattr(build, "_link_or_copy", cut_before_initrd)
-    with pytest.raises(OSError):
+    with pytest.raises(ImageBuildError, match="the power went"):
         build._publish(new, out)
     assert (out / DISK_NAME).read_text() == f"b {DISK_NAME}"
     with pytest.raises(ImageBuildError, match="holds no built image"):

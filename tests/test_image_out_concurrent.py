@@ -5,6 +5,7 @@ describing the partitions of another image's disk, which `flctl flash` and `flct
 
 from __future__ import annotations
 
+import errno
 import io
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from test_image_durability import _image
 
 from flctl.image import build
-from flctl.image.build import DISK_NAME, MANIFEST, ImageArtifacts
+from flctl.image.build import DISK_NAME, MANIFEST, ImageArtifacts, ImageBuildError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +70,27 @@ def test_a_second_publish_into_the_same_out_waits_and_leaves_one_image_whole(tmp
         f"{MANIFEST} describes image {image.manifest['key']} beside {(out / DISK_NAME).read_text()!r}")
     assert image.manifest["key"] == "b"
     assert f"another flctl image build is publishing into {out}" in " ".join(said.getvalue().split())
+
+
+def test_an_out_that_refuses_the_files_says_so_and_the_next_publish_goes_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full (or read-only) --out fails the publish in one line naming it, not a traceback, and lets go of the
+    directory's lock: the next publish into it does not wait."""
+    image = _image(tmp_path / "cache" / "a", "a")
+    out = tmp_path / "out"
+    real = build._link_or_copy
+
+    def full(src: Path, dst: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(build, "_link_or_copy", full)
+    with pytest.raises(ImageBuildError) as refused:
+        build._publish(ImageArtifacts.load(image), out)
+    assert str(refused.value).startswith(f"--out {out}: No space left on device ({out / DISK_NAME})")
+    assert not (out / MANIFEST).exists()
+
+    monkeypatch.setattr(build, "_link_or_copy", real)
+    said = io.StringIO()
+    assert build._publish(ImageArtifacts.load(image), out, Console(file=said, width=200)).manifest["key"] == "a"
+    assert "waiting" not in said.getvalue()

@@ -435,11 +435,17 @@ def _publish(art: ImageArtifacts, out: Path, console: Console | None = None) -> 
     durable), so an interrupted publish leaves a directory that says it holds no image, never an old manifest
     beside a new disk whose partitions it no longer describes; and the other files' names are made durable before
     the new manifest takes its name. ``out`` is outside the cache (build_image). Publishes into one ``out`` take
-    turns (:func:`_publishing_alone`); returns the image published, read before another publish may replace it."""
-    out.mkdir(parents=True, exist_ok=True)
-    with _publishing_alone(out, console or Console(stderr=True)):
-        _publish_files(art, out)
-        return ImageArtifacts.load(out)
+    turns (:func:`_publishing_alone`); returns the image published, read before another publish may replace it.
+    A directory that refuses the files (read-only, full) is an ImageBuildError naming it, not a traceback."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _publishing_alone(out, console or Console(stderr=True)):
+            _publish_files(art, out)
+            return ImageArtifacts.load(out)
+    except OSError as exc:
+        raise ImageBuildError(
+            f"--out {out}: {exc.strerror} ({exc.filename or out}); {out} holds no image now (the build is in the "
+            f"cache, {art.directory}: run the build again once {out} can take it)") from None
 
 
 @contextlib.contextmanager
