@@ -197,3 +197,42 @@ def test_the_task_says_when_a_round_is_secure():
     body = wire.encode_task(plain, AGGREGATOR_KEY)
     assert b"secagg" not in body  # plain tasks are byte-for-byte what they were
     assert not wire.decode_task(body, AGGREGATOR).secure_aggregation
+
+
+def _sealed(payload: dict, section: bytes, key: SigningKey, kid: str) -> bytes:
+    """A message with any section, its digest signed: so that only the section's own form is wrong."""
+    return wire.sign({"v": 1, **payload, "section_sha256": hashlib.sha256(section).digest()}, key, kid) + section
+
+
+@pytest.mark.parametrize("order", [[1, 0, 2, 3], [0, 1, 1, 3]])
+def test_a_roster_out_of_id_order_or_naming_a_device_twice_is_refused(order: list[int]):
+    """The roster's order is every device's index, the same on all of them; a device listed twice would take two."""
+    roster, _ = _roster()
+    shuffled = m.Roster(roster.round_id, tuple(roster.device_ids[i] for i in order),
+                        tuple(roster.keys[i] for i in order), roster.neighbours, roster.threshold, roster.levels,
+                        roster.max_samples, roster.clip_norm, roster.deadline)
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_roster(m.encode_roster(shuffled, AGGREGATOR_KEY), AGGREGATOR)
+    assert refused.value.reason == "bad-section"
+
+
+def test_masked_words_in_a_longer_head_than_the_shortest_are_refused():
+    """One masked input has one encoding: another would be other bytes, so another digest, for the same words."""
+    words = np.arange(10, dtype=np.uint32)
+    data = words.astype("<u4").tobytes()
+    section = b"\xd8\x46\x59" + len(data).to_bytes(2, "big") + data  # a length of 40 takes one byte (0x58), not two
+    payload = {"type": "secagg-masked", "phase": "masked", "round": 9, "device": DEVICE, "words": 10, "rejected": []}
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_masked(_sealed(payload, section, DEVICE_KEY, DEVICE), lookup, words=10)
+    assert refused.value.reason == "bad-section"
+
+
+@pytest.mark.parametrize("indices", [[2, 1], [1, 1]])
+def test_unmask_shares_out_of_order_or_twice_for_one_device_are_refused(indices: list[int]):
+    """Two shares for one device would leave one of them to chance (the decoder keeps one)."""
+    section = cbor2.dumps({"self_shares": [[u, bytes(32)] for u in indices], "key_shares": [], "pair_seeds": []},
+                          canonical=True)
+    payload = {"type": "secagg-unmask", "phase": "unmask", "round": 9, "device": DEVICE}
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_unmask(_sealed(payload, section, DEVICE_KEY, DEVICE), lookup)
+    assert refused.value.reason == "bad-section"
