@@ -82,7 +82,11 @@ def test_a_site_takes_updates_between_its_forward_and_the_citys_next_version(tmp
                              what="site A's forward")
             assert city.engine.version == 0  # the city waits for site B
 
-            # The window: site A has an open buffer on version 0 (no closed round in its status) and takes updates.
+            # The window: site A has an open buffer on version 0 (no closed round in its status) and takes updates. (It
+            # opens once A has recorded its first buffer's end, on its records thread: a moment after the city's
+            # receipt.)
+            await wait_until(lambda: a.engine.current is not None and a.engine.current.round_id > a_task.round_id,
+                             what="site A's next buffer")
             current = a.engine.status()["current_round"]
             assert current is not None and current["model_version"] == 0 and not current["closing"]
             carry_task = await site_task(a, a_task.round_id)
