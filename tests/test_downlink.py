@@ -4,6 +4,7 @@ or many behind; a device too far behind gets no delta; anything altered in a del
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -185,6 +186,28 @@ def test_a_delta_from_another_base_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_model_answer(delta_message(store, 1, 2), KEY.verify_key, store.layout.specs, None)
     assert caught.value.reason == "wrong-type"
+
+
+@pytest.mark.parametrize("held_instead", [
+    {"digest": b"\x01" * 32},  # another model numbered as the delta's base (an aggregator started anew, say)
+    {"version": 7},  # the base's parameters under another number
+    {"package_digest": b"\x02" * 32},  # the same numbers for another model package
+])
+def test_a_delta_is_applied_only_to_the_very_base_it_names(tmp_path: Path, held_instead: dict) -> None:
+    """Refused before any step is applied, as the wrong base, rather than found out from the rebuilt digest."""
+    store, _ = publish(tmp_path, "int8", versions=2)
+    base = dataclasses.replace(held(store, 1), **held_instead)
+    with pytest.raises(ProtocolError) as caught:
+        downlink.decode_model_answer(delta_message(store, 1, 2), KEY.verify_key, store.layout.specs, base)
+    assert caught.value.reason == "wrong-model"
+
+
+def test_a_step_that_overflows_float32_on_its_base_is_refused() -> None:
+    """Each step is finite, yet base + step is not: the device refuses the model rather than train on infinities."""
+    base = {"w": np.full(3, 3e38, dtype=np.float32)}
+    with pytest.raises(ProtocolError) as caught:
+        downlink.apply_step(base, {"w": np.full(3, 3e38, dtype=np.float32)})
+    assert caught.value.reason == "not-finite"
 
 
 def test_a_delta_signed_by_another_key_is_refused(tmp_path: Path) -> None:
