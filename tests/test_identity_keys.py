@@ -177,3 +177,33 @@ def test_interrupted_first_boot_leaves_no_partial_key(tmp_path, monkeypatch):
     monkeypatch.undo()
     created = identity.load_or_create_device_key(tmp_path)
     assert identity.load_device_key(tmp_path).device_id == created.device_id
+
+
+@pytest.mark.parametrize("create", [
+    lambda state: identity.load_or_create_device_key(state),  # first boot: the key is linked into place
+    lambda state: identity.write_device_key(state, SigningKey(b"\x0c" * 32)),  # replaced
+], ids=["first-boot", "replaced"])
+def test_a_key_is_on_disk_under_its_name_before_it_is_used(tmp_path, monkeypatch, create):
+    """The key's bytes are synced before it takes its name, and the directory after: a power cut then loses neither
+    the key nor its name, and the device never comes back with another identity than the one it enrolled."""
+    calls = []
+    real_fsync, real_link, real_replace = os.fsync, os.link, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def named(real):
+        def call(src, dst, *args, **kwargs):
+            real(src, dst, *args, **kwargs)
+            calls.append(("named", str(dst)))
+        return call
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", named(real_link))
+    monkeypatch.setattr(os, "replace", named(real_replace))
+    create(tmp_path)
+    key = identity.device_key_path(tmp_path)
+    at = calls.index(("named", str(key)))
+    assert any(call == "fsync" and os.path.basename(path).startswith(".device.key.") for call, path in calls[:at])
+    assert ("fsync", str(key.parent)) in calls[at + 1 :], calls
