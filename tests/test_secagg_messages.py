@@ -236,3 +236,12 @@ def test_unmask_shares_out_of_order_or_twice_for_one_device_are_refused(indices:
     with pytest.raises(ProtocolError) as refused:
         m.decode_unmask(_sealed(payload, section, DEVICE_KEY, DEVICE), lookup)
     assert refused.value.reason == "bad-section"
+
+
+def test_a_masked_input_declaring_more_words_than_any_model_has_is_refused_from_its_payload():
+    """The declared length is bounded by the tensor limit (P + 1 words) before the section is hashed or read."""
+    body = m.encode_masked(m.MaskedInput(9, DEVICE, np.zeros(4, dtype=np.uint32), ()), DEVICE_KEY)
+    huge = _resign(body, DEVICE_KEY, DEVICE, {"words": wire.DEFAULT_LIMITS.max_tensor_elements + 2})
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_masked(huge, lookup)
+    assert refused.value.reason == "bad-payload" and "words" in refused.value.detail
