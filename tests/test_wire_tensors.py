@@ -100,6 +100,7 @@ def test_non_finite_values_are_refused(value, encoding):
         ({"a": f32([1], b"\0\0\0\0"), "b": T(40, [[1], T(84, b"\0\0")])}, "bad-tensor"),  # mixed encodings
         ({1: f32([1], b"\0\0\0\0")}, "bad-tensor"),  # names are text
         ({"w": T(40, [[1], T(86, b"\0" * 8)])}, "unknown-tag"),  # float64 is not a protocol type
+        ({"w": T(85, [[1], T(85, b"\0\0\0\0")])}, "bad-tensor"),  # [dims, data] under another tag than 40
     ],
 )
 def test_malformed_tensors_are_refused_with_a_reason(bad, reason):
