@@ -47,7 +47,8 @@ def test_a_forward_refused_as_expired_is_signed_anew_and_counts_once(tmp_path: P
             site_a = wire.key_id(key_a.verify_key)
             await wait_until(lambda: city.engine.store.round_devices(1) == [site_a], what="site A's forward")
             assert stale and _expired(city) == 1  # the first copy was refused, the re-signed one taken
-            assert "forwarded to upstream round 1" in a.engine.store.get_round(1).note
+            await wait_until(lambda: "forwarded to upstream round 1" in a.engine.store.get_round(1).note,
+                             what="site A's round recorded as forwarded")  # a moment after the city's receipt
             b1 = [(_delta(b, rng), 5), (_delta(b, rng), 15)]
             await _fill(b, await site_task(b, 0), b1)
             await wait_until(lambda: city.engine.version == 1, what="city version 1")
