@@ -101,6 +101,7 @@ def test_non_finite_values_are_refused(value, encoding):
         ({1: f32([1], b"\0\0\0\0")}, "bad-tensor"),  # names are text
         ({"w": T(40, [[1], T(86, b"\0" * 8)])}, "unknown-tag"),  # float64 is not a protocol type
         ({"w": T(85, [[1], T(85, b"\0\0\0\0")])}, "bad-tensor"),  # [dims, data] under another tag than 40
+        ({"w": T(40, [[-2, -2], T(85, b"\0" * 16)])}, "bad-tensor"),  # negative dims whose product fits the data
     ],
 )
 def test_malformed_tensors_are_refused_with_a_reason(bad, reason):
@@ -123,6 +124,12 @@ def test_section_must_be_a_map():
 def test_absurd_dimensions_are_a_protocol_error_not_a_crash(dims):
     data = b"" if 0 in dims else b"\0\0\0\0"
     assert reason_of(wire.decode_tensors, section({"w": f32(dims, data)})) in {"bad-tensor", "tensor-too-large"}
+
+
+def test_a_tensor_whose_dimensions_multiply_past_the_element_limit_is_too_large() -> None:
+    """Each dimension is within the limit, their product is not: refused by size, before its bytes are counted."""
+    assert reason_of(wire.decode_tensors, section({"w": f32([11, 10], b"\0" * 4)}),
+                     limits=Limits(max_tensor_elements=100)) == "tensor-too-large"
 
 
 def test_element_limit_counts_all_tensors():
