@@ -106,6 +106,9 @@ def payload_of(body: bytes) -> dict:
         ({"metrics": {"loss": "low"}}, "metric value is text"),
         ({"metrics": {f"m{i}": 1 for i in range(33)}}, "more than 32 metrics"),
         ({"created_at": 1.5}, "time as float"),
+        ({"encoding": "bf16"}, "an encoding no decoder knows"),
+        ({"metrics": {1: 0.5}}, "metric name is not text"),
+        ({"metrics": {"converged": True}}, "a bool is not a metric"),
     ],
 )
 def test_update_payload_fields_are_typed(change, why):
@@ -274,3 +277,26 @@ def test_update_with_a_non_finite_metric_is_refused(bad):
     with pytest.raises(ProtocolError) as exc:
         wire.decode_update(wire.encode_update(update, key), lambda k: key.verify_key)
     assert exc.value.reason == "bad-payload"
+
+
+def test_a_task_whose_secagg_field_is_not_a_boolean_is_refused():
+    """1 is not true: a device must not guess whether a round is a secure one."""
+    aggregator_id = wire.key_id(AGGREGATOR.verify_key)
+    payload = dict(wire.verify(wire.encode_task(make_task(), AGGREGATOR), wire.pinned(AGGREGATOR.verify_key)).payload)
+    payload = {k: bytes(v) if isinstance(v, memoryview) else v for k, v in payload.items()}
+    message = wire.sign({**payload, "secagg": 1}, AGGREGATOR, aggregator_id)
+    assert reason(wire.decode_task, message, AGGREGATOR.verify_key) == "bad-payload"
+
+
+@pytest.mark.parametrize("dp", [
+    {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0, "rounds": 1, "sampling": 0.1},  # a field no version sends
+    {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0, "rounds": 1, "mode": "local"},
+])
+def test_a_release_with_privacy_metadata_no_version_sends_is_refused(dp):
+    """What a release says of the privacy spent is shown to operators as it is: a field or mode nobody defined is
+    refused, not shown."""
+    section = wire.encode_tensors(params())
+    payload = {"v": 1, "type": "model", "version": 1, "package_digest": b"p", "created_at": 1,
+               "tensors_sha256": hashlib.sha256(section).digest(), "dp": dp}
+    message = wire.sign(payload, AGGREGATOR, wire.key_id(AGGREGATOR.verify_key)) + section
+    assert reason(wire.decode_model_release, message, AGGREGATOR.verify_key) == "bad-payload"
