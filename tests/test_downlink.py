@@ -237,6 +237,7 @@ def _sparse(mask: bytes, values: bytes, dims: list[int]) -> list:
         ("float32-dense", "unknown-tag"),
         ("int8-without-scale", "bad-tensor"),
         ("zero-scale", "bad-tensor"),
+        ("scale-past-float32", "bad-tensor"),  # 127 x scale overflows float32
     ],
 )
 def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> None:
@@ -253,6 +254,9 @@ def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> No
         "int8-without-scale": {"a": [[10], b"\x01\x00", cbor2.CBORTag(wire.TAG_SINT8, b"\x01")], "b": good_b},
         "zero-scale": {"a": _sparse(b"\x01\x00", b"\x01", [10]),
                        "b": [cbor2.CBORTag(wire.TAG_MULTI_DIM, [[3], cbor2.CBORTag(wire.TAG_SINT8, bytes(3))]), 0.0]},
+        "scale-past-float32": {"a": _sparse(b"\x01\x00", b"\x01", [10]),
+                               "b": [cbor2.CBORTag(wire.TAG_MULTI_DIM, [[3], cbor2.CBORTag(wire.TAG_SINT8,
+                                                                                         b"\x7f\x7f\x7f")]), 1e300]},
     }[case]
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_step(cbor2.dumps(forms, canonical=True), specs, wire.Limits())
