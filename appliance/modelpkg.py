@@ -368,6 +368,8 @@ def decode_package(data: bytes | memoryview, aggregator_key: VerifyKey, origin: 
         raise PackageError("digest-mismatch", f"{origin}: content does not match the signed digest (tampered?)")
     try:
         content = cbor2.loads(body)
+    except MemoryError:  # the device's, not the content's: a refusal naming the digest would never be downloaded again
+        raise
     except Exception as exc:
         raise PackageError("bad-content", f"{origin}: content is not CBOR: {exc}", digest) from None
     if cbor2.dumps(content, canonical=True) != body:

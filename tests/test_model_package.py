@@ -249,6 +249,22 @@ def test_only_a_refusal_of_content_that_matched_its_signed_digest_names_that_dig
     assert (other_key.value.digest, damaged.value.reason, damaged.value.digest) == (b"", "digest-mismatch", b"")
 
 
+def test_a_package_whose_reading_runs_out_of_memory_is_not_refused_for_its_content(monkeypatch):
+    """Memory short on the device while it reads a good package (cbor2's C decoder raises MemoryError) is the
+    device's trouble, not the content's: refused as bad-content naming the digest, the agent never downloaded it
+    again while tasks named it (appliance/agent.py, Agent._ensure_package), and skipped every round on it."""
+    data, digest = encode_package(_package(), KEY)
+
+    def out_of_memory(body):
+        raise MemoryError
+
+    monkeypatch.setattr(modelpkg.cbor2, "loads", out_of_memory)
+    with pytest.raises(MemoryError):
+        decode_package(data, KEY.verify_key)
+    monkeypatch.undo()
+    assert decode_package(data, KEY.verify_key).digest == digest  # taken once memory allows
+
+
 def test_the_numbers_every_package_has_used_are_still_taken():
     for optimizer in ({"name": "sgd"}, {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
                                        "max_grad_norm": 5.0}, {"name": "momentum", "lr": 1}, ADAMW):
