@@ -248,10 +248,10 @@ class OpenRound:
     close_under_way: asyncio.Event | None = None  # set when the close under way (close_round) ends
     ended: RecordedEnd | None = None  # its end is recorded; the steps after that commit are not all done
     # The updates being stored (digest -> device) until the spool's finisher thread takes them into the round; under
-    # ``lock`` with ``cut``: once the close stops waiting for them (--store-timeout), those still here never count,
-    # and ``late`` (device -> digest) names them in the round's record.
+    # ``lock``: once the close stops waiting for them (--store-timeout), those still here are ``late`` (device ->
+    # digest), never count, and are named in the round's record. Updates admitted after (a close that failed reopens
+    # the round until the clock retries it) count as usual.
     storing: dict[bytes, str] = field(default_factory=dict)
-    cut: bool = False
     late: dict[str, bytes] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -741,9 +741,17 @@ class RoundEngine:
     def stored_receipt(self, digest: bytes) -> bytes | None:
         """The receipt in the stored record of an update with these bytes (any thread), or None. A record stored after
         its round stopped waiting for it (:meth:`stored_late`) holds a receipt that was never given: refused
-        (``round-closed``), not given now."""
+        (``round-closed``), not given now. Nor is one committed but not yet taken into its round (:meth:`_take`): the
+        close may stop waiting for it right then; None, and the caller waits for the upload under way instead."""
         receipt = self.store.receipt_for(digest)
-        if receipt is not None and self.stored_late(digest):
+        if receipt is None:
+            return None
+        current = self.current
+        if current is not None:
+            with current.lock:  # with the cut: an update is storing, taken or late, never between
+                if digest in current.storing and digest not in current.late.values():
+                    return None
+        if self.stored_late(digest):
             raise ProtocolError("round-closed", "this update was stored after its round had stopped waiting for it "
                                 "(the aggregator's disk had stopped answering), so the round went on without it: it "
                                 "was never acknowledged and counts nowhere")
@@ -918,7 +926,7 @@ class RoundEngine:
         """The spool's finisher thread, once an update is committed: take it into its round (a rule that sums as
         updates arrive adds it now), unless the round's close stopped waiting for it (:meth:`_cut`)."""
         with round_.lock:  # the close's cut waits for an addition under way: the rule reads the sum next
-            if round_.cut:
+            if digest in round_.late.values():
                 raise StoredLate(f"the update was stored after round {round_.round_id}'s close had stopped waiting for "
                                  "it (the aggregator's disk stopped answering): it does not count")
             if not self.strategy.needs_all_updates:
@@ -1065,7 +1073,6 @@ class RoundEngine:
         so none was acknowledged; when their records land they count nowhere (:meth:`_take`), and the round's record
         names them as left out, ``late``, so that a resend is not given their receipts (:meth:`stored_receipt`)."""
         with round_.lock:
-            round_.cut = True
             round_.late.update({device: digest for digest, device in round_.storing.items()})
         log.warning("round %d: %d updates were not stored within %g s (--store-timeout: the disk stopped answering; "
                     "devices %s): the round closes without them, and none of them was acknowledged", round_.round_id,

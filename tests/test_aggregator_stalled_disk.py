@@ -24,7 +24,7 @@ import pytest
 from aggregator_harness import Harness, run, running
 from test_aggregator_tree import site_task, tree, wait_until
 
-from aggregator import upstream
+from aggregator import rounds, upstream
 from aggregator.app import SERVICES
 from aggregator.buffered import BufferPolicy
 from aggregator.rounds import RoundPolicy
@@ -262,6 +262,116 @@ def test_an_async_devices_next_update_waits_for_the_next_buffer_while_the_close_
                 status, answer = await following
             assert status == 200, answer
             assert (h.engine.version, h.engine.current.round_id, h.engine.current.accepted) == (1, 2, 1)
+
+    try:
+        run(go())
+    finally:
+        release.set()
+
+
+def test_a_resend_while_an_update_is_committed_but_not_yet_counted_gets_no_receipt_the_close_then_cuts(
+        tmp_path: Path) -> None:
+    """An update's spool record is committed a moment before it is taken into its round (the spool's finisher
+    thread). A resend checked against the stored records in that moment (the upload handler's check, on a
+    verification thread) must not be given the record's receipt: the close may stop waiting for the update right
+    then and leave it out as late, and the device would hold a receipt for an update that counts nowhere."""
+    policy = RoundPolicy(min_clients=1, goal_clients=4, round_timeout=600, store_timeout=1)
+
+    async def go() -> None:
+        async with running(tmp_path, devices=2, policy=policy) as h:
+            task = await h.task()
+            assert task is not None
+            assert (await h.upload(h.devices[0].update(task, h.delta())))[0] == 200
+            held = h.devices[1].update(task, h.delta())
+            digest = wire.update_digest(held)
+            entered, release = threading.Event(), threading.Event()
+            take = h.engine._take
+
+            def held_take(round_: Any, update: bytes, *args: Any) -> None:
+                if update == digest:  # its record is committed: it is about to be counted
+                    entered.set()
+                    release.wait(GUARD_SECONDS)
+                take(round_, update, *args)
+
+            h.engine._take = held_take  # type: ignore[method-assign]
+            try:
+                async with asyncio.timeout(GUARD_SECONDS):
+                    upload = asyncio.ensure_future(h.upload(held))
+                    await asyncio.to_thread(entered.wait, GUARD_SECONDS)
+                    assert h.engine.store.receipt_for(digest) is not None  # committed
+                    given = await asyncio.to_thread(h.engine.stored_receipt, digest)
+                    await h.engine.close_round()  # stops waiting for it after --store-timeout
+                    release.set()
+                    status, problem = await upload
+            finally:
+                release.set()
+            assert (status, problem["reason"]) == (503, "spool-unavailable"), problem
+            record = h.engine.store.get_round(task.round_id)
+            assert (record.status, record.participants) == ("published", 1)
+            assert given is None, "a resend was given the receipt of an update its round then left out as late"
+            status, problem = await h.upload(held)
+            assert (status, problem["reason"]) == (410, "round-closed"), problem
+
+    run(go())
+
+
+def test_a_round_whose_close_failed_after_the_cut_takes_new_updates_into_its_sum(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close stops waiting for an update whose fdatasync hangs, then fails to record the round's end (a disk
+    error): the round clock opens the round to updates again until it retries. A new update stored then is
+    acknowledged and counts in the model published, like any other (only the hanging one stays left out): it was
+    refused 503 although stored, its resend given a receipt, and it was listed in the round but not in the mean."""
+    release, armed, failed = threading.Event(), threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+    record = Store.finish_round
+
+    def fdatasync(fd: int) -> None:
+        if armed.is_set() and threading.current_thread().name.startswith("spool-writer"):
+            release.wait(GUARD_SECONDS)
+        real_fdatasync(fd)
+
+    def finish_round(self: Store, round_id: int, *args: Any, **kwargs: Any) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise OSError(5, "Input/output error")
+        record(self, round_id, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(Store, "finish_round", finish_round)
+    monkeypatch.setattr(rounds, "CLOSE_RETRY_SECONDS", 10 * GUARD_SECONDS)  # the test closes the round itself
+    policy = RoundPolicy(min_clients=1, goal_clients=4, round_timeout=600, store_timeout=1)
+
+    async def go() -> None:
+        async with running(tmp_path, devices=3, policy=policy) as h:
+            task = await h.task()
+            assert task is not None
+            v0 = await h.model(0)
+            deltas = [h.delta() for _ in h.devices]
+            updates = [d.update(task, delta) for d, delta in zip(h.devices, deltas, strict=True)]
+            async with asyncio.timeout(GUARD_SECONDS):
+                assert (await h.upload(updates[0]))[0] == 200
+                armed.set()
+                status, problem = await h.upload(updates[1])  # its fdatasync hangs
+                assert (status, problem["reason"]) == (503, "spool-unavailable"), problem
+                round_ = h.engine.current
+                round_.full.set()  # the round clock closes it: the cut, then the failed record of its end
+                await asyncio.to_thread(failed.wait, GUARD_SECONDS)
+                while round_.closing:  # the clock gave up this close, and takes updates until its retry
+                    await asyncio.sleep(0.05)
+                armed.clear()
+                release.set()  # the disk answers: the hanging update's record lands, late
+                late = wire.update_digest(updates[1])
+                while h.engine.store.receipt_for(late) is None or late in h.engine._inflight:
+                    await asyncio.sleep(0.05)
+                status, answer = await h.upload(updates[2])
+                assert status == 200, answer
+                await h.engine.close_round()
+            np.testing.assert_allclose(await h.model(1), v0 + mean_delta(h, [deltas[0], deltas[2]]),
+                                       rtol=1e-5, atol=1e-6)
+            record_ = h.engine.store.get_round(task.round_id)
+            assert (record_.status, record_.participants) == ("published", 2)
+            status, problem = await h.upload(updates[1])
+            assert (status, problem["reason"]) == (410, "round-closed"), problem
 
     try:
         run(go())
