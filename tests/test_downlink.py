@@ -239,6 +239,7 @@ def _sparse(mask: bytes, values: bytes, dims: list[int]) -> list:
         ("zero-scale", "bad-tensor"),
         ("scale-past-float32", "bad-tensor"),  # 127 x scale overflows float32
         ("sparse-values-not-a-pair", "bad-tensor"),
+        ("sparse-values-not-typed", "bad-tensor"),
     ],
 )
 def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> None:
@@ -260,6 +261,8 @@ def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> No
                                                                                          b"\x7f\x7f\x7f")]), 1e300]},
         "sparse-values-not-a-pair": {"a": [[10], b"\x01\x00", [cbor2.CBORTag(wire.TAG_SINT8, b"\x01"), 0.5, 0.5]],
                                      "b": good_b},
+        "sparse-values-not-typed": {"a": [[10], b"\x01\x00", [cbor2.CBORTag(wire.TAG_MULTI_DIM, [[1], b"\x01"]), 0.5]],
+                                    "b": good_b},
     }[case]
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_step(cbor2.dumps(forms, canonical=True), specs, wire.Limits())
