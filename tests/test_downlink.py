@@ -240,6 +240,7 @@ def _sparse(mask: bytes, values: bytes, dims: list[int]) -> list:
         ("scale-past-float32", "bad-tensor"),  # 127 x scale overflows float32
         ("sparse-values-not-a-pair", "bad-tensor"),
         ("sparse-values-not-typed", "bad-tensor"),
+        ("float16-values-of-odd-bytes", "bad-tensor"),
     ],
 )
 def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> None:
@@ -263,6 +264,8 @@ def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> No
                                      "b": good_b},
         "sparse-values-not-typed": {"a": [[10], b"\x01\x00", [cbor2.CBORTag(wire.TAG_MULTI_DIM, [[1], b"\x01"]), 0.5]],
                                     "b": good_b},
+        "float16-values-of-odd-bytes": {"a": [[10], b"\x01\x00", cbor2.CBORTag(wire.TAG_FLOAT16_LE, b"\0\0\0")],
+                                        "b": good_b},
     }[case]
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_step(cbor2.dumps(forms, canonical=True), specs, wire.Limits())
