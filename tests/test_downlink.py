@@ -241,6 +241,7 @@ def _sparse(mask: bytes, values: bytes, dims: list[int]) -> list:
         ("sparse-values-not-a-pair", "bad-tensor"),
         ("sparse-values-not-typed", "bad-tensor"),
         ("float16-values-of-odd-bytes", "bad-tensor"),
+        ("a-bit-past-the-end-beside-one-counted", "bad-tensor"),  # one value for the one bit within
     ],
 )
 def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> None:
@@ -266,6 +267,7 @@ def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> No
                                     "b": good_b},
         "float16-values-of-odd-bytes": {"a": [[10], b"\x01\x00", cbor2.CBORTag(wire.TAG_FLOAT16_LE, b"\0\0\0")],
                                         "b": good_b},
+        "a-bit-past-the-end-beside-one-counted": {"a": _sparse(b"\x01\x04", b"\x01", [10]), "b": good_b},
     }[case]
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_step(cbor2.dumps(forms, canonical=True), specs, wire.Limits())
