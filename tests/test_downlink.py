@@ -242,6 +242,8 @@ def _sparse(mask: bytes, values: bytes, dims: list[int]) -> list:
         ("sparse-values-not-typed", "bad-tensor"),
         ("float16-values-of-odd-bytes", "bad-tensor"),
         ("a-bit-past-the-end-beside-one-counted", "bad-tensor"),  # one value for the one bit within
+        ("dense-int8-not-a-pair", "bad-tensor"),
+        ("dense-of-other-dims", "wrong-shape"),  # one value that would broadcast over the tensor
     ],
 )
 def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> None:
@@ -268,6 +270,10 @@ def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> No
         "float16-values-of-odd-bytes": {"a": [[10], b"\x01\x00", cbor2.CBORTag(wire.TAG_FLOAT16_LE, b"\0\0\0")],
                                         "b": good_b},
         "a-bit-past-the-end-beside-one-counted": {"a": _sparse(b"\x01\x04", b"\x01", [10]), "b": good_b},
+        "dense-int8-not-a-pair": {"a": _sparse(b"\x01\x00", b"\x01", [10]), "b": [*good_b, 0.5, 0.5]},
+        "dense-of-other-dims": {"a": _sparse(b"\x01\x00", b"\x01", [10]),
+                                "b": [cbor2.CBORTag(wire.TAG_MULTI_DIM, [[1], cbor2.CBORTag(wire.TAG_SINT8, b"\x01")]),
+                                      0.5]},
     }[case]
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_step(cbor2.dumps(forms, canonical=True), specs, wire.Limits())
