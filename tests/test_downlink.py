@@ -244,6 +244,8 @@ def _sparse(mask: bytes, values: bytes, dims: list[int]) -> list:
         ("a-bit-past-the-end-beside-one-counted", "bad-tensor"),  # one value for the one bit within
         ("dense-int8-not-a-pair", "bad-tensor"),
         ("dense-of-other-dims", "wrong-shape"),  # one value that would broadcast over the tensor
+        ("dense-int8-without-scale", "bad-tensor"),
+        ("a-name-that-is-not-text", "bad-tensor"),
     ],
 )
 def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> None:
@@ -274,6 +276,8 @@ def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> No
         "dense-of-other-dims": {"a": _sparse(b"\x01\x00", b"\x01", [10]),
                                 "b": [cbor2.CBORTag(wire.TAG_MULTI_DIM, [[1], cbor2.CBORTag(wire.TAG_SINT8, b"\x01")]),
                                       0.5]},
+        "dense-int8-without-scale": {"a": _sparse(b"\x01\x00", b"\x01", [10]), "b": good_b[0]},
+        "a-name-that-is-not-text": {"a": _sparse(b"\x01\x00", b"\x01", [10]), "b": good_b, 1: good_b},
     }[case]
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_step(cbor2.dumps(forms, canonical=True), specs, wire.Limits())
