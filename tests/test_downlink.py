@@ -246,6 +246,7 @@ def _sparse(mask: bytes, values: bytes, dims: list[int]) -> list:
         ("dense-of-other-dims", "wrong-shape"),  # one value that would broadcast over the tensor
         ("dense-int8-without-scale", "bad-tensor"),
         ("a-name-that-is-not-text", "bad-tensor"),
+        ("an-extra-tensor", "wrong-tensors"),
     ],
 )
 def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> None:
@@ -278,10 +279,18 @@ def test_malformed_steps_are_refused_with_a_reason(case: str, reason: str) -> No
                                       0.5]},
         "dense-int8-without-scale": {"a": _sparse(b"\x01\x00", b"\x01", [10]), "b": good_b[0]},
         "a-name-that-is-not-text": {"a": _sparse(b"\x01\x00", b"\x01", [10]), "b": good_b, 1: good_b},
+        "an-extra-tensor": {"a": _sparse(b"\x01\x00", b"\x01", [10]), "b": good_b, "c": good_b},
     }[case]
     with pytest.raises(ProtocolError) as caught:
         downlink.decode_step(cbor2.dumps(forms, canonical=True), specs, wire.Limits())
     assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(("steps", "version"), [(0, 3), (2, 4), (downlink.MAX_STEPS + 1, 3 + downlink.MAX_STEPS + 1)])
+def test_an_aggregator_never_signs_a_delta_whose_steps_do_not_lead_to_its_version(steps: int, version: int) -> None:
+    with pytest.raises(ValueError, match="steps cannot lead from version 3"):
+        downlink.encode_model_delta(version=version, base_version=3, base_digest=bytes(32), model_digest=bytes(32),
+                                    package_digest=bytes(32), created_at=1, steps=[b"\xa0"] * steps, key=KEY)
 
 
 def test_a_payload_promising_other_steps_than_it_carries_is_refused(tmp_path: Path) -> None:
