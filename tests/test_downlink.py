@@ -306,12 +306,13 @@ def test_a_payload_promising_other_steps_than_it_carries_is_refused(tmp_path: Pa
     assert refusal(store, forged, 0) == "bad-tensor"
 
 
-@pytest.mark.parametrize("created_at", [-1, True])
-def test_a_delta_whose_signed_time_is_not_an_unsigned_integer_is_refused(tmp_path: Path, created_at) -> None:
+@pytest.mark.parametrize(("field", "value"), [("created_at", -1), ("created_at", True), ("base_digest", bytes(31)),
+                                            ("model_digest", b"short")])
+def test_a_delta_whose_signed_fields_are_not_of_their_kind_is_refused(tmp_path: Path, field: str, value) -> None:
     store, _ = publish(tmp_path, "int8", versions=1)
     step = store.step_path(1).read_bytes()[64:]
     message = resigned(store, 0, [step])
     section = message[len(message) - len(step) - 1 :]
     payload = cbor2.loads(cbor2.loads(message[: len(message) - len(section)]).value[2])
-    forged = wire.sign({**payload, "created_at": created_at}, KEY, wire.key_id(KEY.verify_key)) + section
+    forged = wire.sign({**payload, field: value}, KEY, wire.key_id(KEY.verify_key)) + section
     assert refusal(store, forged, 0) == "bad-payload"
