@@ -316,3 +316,15 @@ def test_a_delta_whose_signed_fields_are_not_of_their_kind_is_refused(tmp_path: 
     payload = cbor2.loads(cbor2.loads(message[: len(message) - len(section)]).value[2])
     forged = wire.sign({**payload, field: value}, KEY, wire.key_id(KEY.verify_key)) + section
     assert refusal(store, forged, 0) == "bad-payload"
+
+
+def test_a_delta_that_does_not_go_forward_is_refused(tmp_path: Path) -> None:
+    """From version 0 to version 0 in no steps: refused from the signed payload, whatever its section holds."""
+    store, _ = publish(tmp_path, "int8", versions=1)
+    step = store.step_path(1).read_bytes()[64:]
+    message = resigned(store, 0, [step])
+    payload = cbor2.loads(cbor2.loads(message[: len(message) - len(step) - 1]).value[2])
+    section = b"\x80"  # no steps
+    body = {**payload, "version": 0, "model_digest": held(store, 0).digest,
+            "section_sha256": hashlib.sha256(section).digest()}
+    assert refusal(store, wire.sign(body, KEY, wire.key_id(KEY.verify_key)) + section, 0) == "bad-payload"
