@@ -307,7 +307,7 @@ def test_a_payload_promising_other_steps_than_it_carries_is_refused(tmp_path: Pa
 
 
 @pytest.mark.parametrize(("field", "value"), [("created_at", -1), ("created_at", True), ("base_digest", bytes(31)),
-                                            ("model_digest", b"short")])
+                                            ("model_digest", b"short"), ("package_digest", "ab" * 32)])
 def test_a_delta_whose_signed_fields_are_not_of_their_kind_is_refused(tmp_path: Path, field: str, value) -> None:
     store, _ = publish(tmp_path, "int8", versions=1)
     step = store.step_path(1).read_bytes()[64:]
