@@ -53,6 +53,12 @@ def test_an_update_naming_another_device_than_its_signer_is_refused_before_its_r
     assert refused.value.reason == "kid-mismatch"
 
 
+def test_a_message_of_another_type_is_not_read_as_an_update() -> None:
+    with pytest.raises(ProtocolError) as refused:
+        header_of(_verified(type="secagg-masked"), "float32")
+    assert refused.value.reason == "wrong-type"
+
+
 def test_an_envelope_is_not_moved_onto_a_body_it_does_not_begin() -> None:
     """The body read after the envelope was verified must begin with those very bytes: else its tensors would be
     checked against a signature that never covered what precedes them."""

@@ -293,6 +293,7 @@ def test_a_task_whose_secagg_field_is_not_a_boolean_is_refused():
     {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0, "rounds": 1, "mode": "local"},
     {"epsilon": -1.0, "delta": 1e-5, "noise_multiplier": 1.0, "rounds": 1},  # no privacy is spent below zero
     {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0, "rounds": True},  # a bool is not a count
+    {"epsilon": float("inf"), "delta": 1e-5, "noise_multiplier": 1.0, "rounds": 1},  # a guarantee of nothing
 ])
 def test_a_release_with_privacy_metadata_no_version_sends_is_refused(dp):
     """What a release says of the privacy spent is shown to operators as it is: a field or mode nobody defined is
