@@ -218,7 +218,9 @@ def test_a_site_restarted_after_its_forward_was_counted_resends_the_same_bytes(
                     closing.cancel()
                     await asyncio.gather(closing, return_exceptions=True)
             assert on_disk == [{"round-00000001.task": True, "round-00000001.forward": True}]
-            assert city.engine.store.get_round(1).samples == sum(SAMPLES[:2])
+            # The city records its round's end on its records thread, a moment after its receipt.
+            await wait_until(lambda: city.engine.store.get_round(1).samples == sum(SAMPLES[:2]),
+                             what="the city's round recorded with the site's samples")
 
             async with running(tmp_path / "site", key=site_key, enrolled=devices, upstream=upstream,
                                policy=site_policy) as site:
