@@ -245,3 +245,17 @@ def test_a_masked_input_declaring_more_words_than_any_model_has_is_refused_from_
     with pytest.raises(ProtocolError) as refused:
         m.decode_masked(huge, lookup)
     assert refused.value.reason == "bad-payload" and "words" in refused.value.detail
+
+
+@pytest.mark.parametrize("change", [
+    {"clip_norm": float("nan")},  # the quantisation bound every device clips to
+    {"noise_sigma": float("inf")},  # distributed DP's noise
+    {"noise_sigma": -1.0},
+])
+def test_a_roster_whose_parameters_no_device_can_compute_with_is_refused(change: dict):
+    roster, _ = _roster()
+    body = m.encode_roster(roster, AGGREGATOR_KEY)
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_roster(_resign(body, AGGREGATOR_KEY, wire.key_id(AGGREGATOR), change), AGGREGATOR)
+    assert refused.value.reason == "bad-payload"
+
