@@ -73,6 +73,7 @@ log = logging.getLogger("fl_agent")
 T = TypeVar("T")
 
 STATE_FILE = "agent-state.json"
+_MAX_ROUND = 2**63 - 1  # round ids are CBOR unsigned integers below 2^63 (docs/protocol.md)
 MODELS_DIR = "models"
 FRAME_POLL_SECONDS = 5.0
 # The status and the log say the device clock is off when it differs from the aggregator's by more than this.
@@ -113,6 +114,37 @@ async def finished_in_thread(func: Callable[..., T], *args: Any) -> T:
         if failure is not None:
             log.error("stopping: %s failed: %s", getattr(func, "__name__", func), failure)
         raise
+
+
+def read_state(path: Path) -> dict[str, int | float]:
+    """The agent's saved state (``last_round``, ``acknowledged_at``), each field only when it is what
+    :meth:`Agent._save_state` writes: a damaged file (not JSON, not an object, a field of another type or out of
+    range) is named in a warning and its fields are left out, so the agent starts from round 0 rather than failing
+    at every start (systemd would restart it forever)."""
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        log.warning("%s is not valid JSON; starting from round 0", path)
+        return {}
+    if not isinstance(state, dict):
+        log.warning("%s holds a JSON %s, not an object; starting from round 0", path, type(state).__name__)
+        return {}
+    kept: dict[str, int | float] = {}
+    if "last_round" in state:
+        last_round = state["last_round"]
+        if type(last_round) is int and 0 <= last_round <= _MAX_ROUND:
+            kept["last_round"] = last_round
+        else:
+            log.warning("%s: last_round %.40r is not a round id; starting from round 0", path, last_round)
+    if "acknowledged_at" in state:
+        acknowledged_at = state["acknowledged_at"]
+        if type(acknowledged_at) in (int, float) and math.isfinite(acknowledged_at) and acknowledged_at >= 0:
+            kept["acknowledged_at"] = acknowledged_at
+        else:
+            log.warning("%s: acknowledged_at %.40r is not a time; the next receipt sets it", path, acknowledged_at)
+    return kept
 
 
 class Agent:
@@ -172,14 +204,7 @@ class Agent:
     # -- state ----------------------------------------------------------------------------------------
 
     def _load_state(self) -> dict:
-        path = self.state_dir / STATE_FILE
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError:
-            log.warning("%s is not valid JSON; starting from round 0", path)
-            return {}
+        return read_state(self.state_dir / STATE_FILE)
 
     def _save_state(self) -> None:
         """Write the state as it is now. Called from the loop (a receipt) and from a worker thread (a round taken):
