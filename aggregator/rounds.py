@@ -307,7 +307,8 @@ def save_strategy_state(path: Path, state: dict[str, np.ndarray]) -> None:
 def load_strategy_state(path: Path) -> dict[str, np.ndarray]:
     """The state :func:`save_strategy_state` wrote; RuntimeError naming ``path`` when it cannot be read whole."""
     try:
-        with np.load(path, allow_pickle=False) as saved:
+        # Opened here, not by np.load: numpy leaves its own file open when the archive it reads is cut short.
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as saved:
             return {k: saved[k] for k in saved.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise RuntimeError(

@@ -161,8 +161,8 @@ async def running(
     sims = enrolled if enrolled is not None else [SimulatedDevice() for _ in range(devices)]
     app = make_app(config)
     client = TestClient(ServedAsInProduction(app, host="127.0.0.1"))
-    await client.start_server()
     try:
+        await client.start_server()  # inside: an aggregator that refuses to start must not leak the client's session
         registry = app[SERVICES].registry
         from aggregator.registry import Enrolment
 

@@ -9,7 +9,9 @@ tests/test_aggregator_fsync.py.
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 from aggregator_harness import Harness, run, running
 from nacl.signing import SigningKey
 
-from aggregator.rounds import save_strategy_state
+from aggregator.rounds import load_strategy_state, save_strategy_state
 
 
 def test_the_state_is_fsynced_and_renamed_into_place_and_the_rename_made_durable(
@@ -72,3 +74,20 @@ async def one_round(h: Harness) -> None:
     for device in h.devices:
         assert (await h.upload(device.update(task, h.delta())))[0] == 200
     assert await h.task(after=task.round_id, wait=10) is not None
+
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut"])
+def test_a_damaged_state_is_read_with_its_file_closed(tmp_path: Path, damage: str) -> None:
+    """np.load, given a path, left its own file for the garbage collector to close when the archive was cut short
+    (ResourceWarning: unclosed file): the reader now opens and closes it itself."""
+    path = tmp_path / "v00000001.strategy.npz"
+    save_strategy_state(path, {"m": np.ones(1000, dtype=np.float32)})
+    data = path.read_bytes()
+    path.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="damaged"):
+            load_strategy_state(path)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
