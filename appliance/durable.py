@@ -50,8 +50,8 @@ def atomic_write(path: Path | str, data: bytes | memoryview | Sequence[Any], mod
     parts = [data] if isinstance(data, bytes | memoryview) else data
     fd, tmp = _locked_temp(path)
     try:
-        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:  # closing it lets go of the lock: only after the rename
+            os.fchmod(fd, mode)  # inside: a refused chmod closes the descriptor too
             for part in parts:
                 fh.write(part)
             fh.flush()

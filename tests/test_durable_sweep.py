@@ -122,3 +122,32 @@ def test_atomic_write_on_a_file_system_without_locks_still_writes(
     atomic_write(target, b'{"boards": []}')
     assert target.read_bytes() == b'{"boards": []}'
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_a_refused_chmod_leaves_neither_a_temp_file_nor_an_open_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that refuses chmod (vfat without the quiet option answers EPERM) fails the write in one
+    OSError; before, the temp file's descriptor (and with it its lock) stayed open for the life of the process."""
+    target = tmp_path / "agent-state.json"
+    target.write_bytes(b"old")
+
+    def refused(fd: int, mode: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    with pytest.raises(PermissionError):
+        atomic_write(target, b"new")
+    assert not [p for p in _open_files() if TEMP_SUFFIX in p]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent-state.json"] and target.read_bytes() == b"old"
+
+
+def _open_files() -> list[str]:
+    """What this process's descriptors point at (a removed file shows as "<path> (deleted)")."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the descriptor os.listdir itself used, closed by now
+            continue
+    return targets
