@@ -5,6 +5,7 @@ temp file a live writer is filling is never removed, whichever process sweeps. T
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -151,3 +152,26 @@ def _open_files() -> list[str]:
         except OSError:  # the descriptor os.listdir itself used, closed by now
             continue
     return targets
+
+
+def test_the_temp_file_is_still_locked_when_it_is_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock is what keeps a sweep off a live write: released before the rename, a sweep in that instant would
+    remove the file about to become the target, and the rename would fail."""
+    target = tmp_path / "model.bin"
+    locked_at_rename = []
+    real_replace = os.replace
+
+    def replace(src: str, dst: str) -> None:
+        probe = os.open(src, os.O_RDONLY)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked_at_rename.append(False)
+        except BlockingIOError:
+            locked_at_rename.append(True)
+        finally:
+            os.close(probe)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write(target, b"weights")
+    assert locked_at_rename == [True] and target.read_bytes() == b"weights"
