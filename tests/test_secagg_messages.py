@@ -259,3 +259,73 @@ def test_a_roster_whose_parameters_no_device_can_compute_with_is_refused(change:
         m.decode_roster(_resign(body, AGGREGATOR_KEY, wire.key_id(AGGREGATOR), change), AGGREGATOR)
     assert refused.value.reason == "bad-payload"
 
+
+
+def _payload_of(body: bytes) -> dict:
+    """The signed payload of an encoded message, without its ``v`` and ``section_sha256`` (which _sealed adds)."""
+    payload = dict(cbor2.loads(cbor2.loads(body).value[2]))
+    payload.pop("v")
+    payload.pop("section_sha256", None)
+    return payload
+
+
+@pytest.mark.parametrize("order", [[3, 1], [1, 1]])
+def test_an_unmask_request_with_survivors_out_of_order_or_named_twice_is_refused(order: list[int]):
+    """Each survivor answers once: a survivor named twice would be counted twice towards the threshold."""
+    section = cbor2.dumps({"survivors": order, "dropped": [2]}, canonical=True)
+    payload = {"type": "secagg-unmask-request", "phase": "unmask", "round": 9, "deadline": 1_800_000_200}
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_unmask_request(_sealed(payload, section, AGGREGATOR_KEY, wire.key_id(AGGREGATOR)), AGGREGATOR)
+    assert refused.value.reason == "bad-section" and "'survivors'" in refused.value.detail
+
+
+@pytest.mark.parametrize("length", [31, 33])
+def test_a_roster_entry_with_a_key_of_another_length_is_refused(length: int):
+    """Keys() itself refuses a key of another length (SecAggError), so the roster is built here on the wire: the
+    decoder must refuse it as a ProtocolError naming the entry's form, not let a SecAggError escape."""
+    roster, _ = _roster()
+    entries = [[d, k.cipher, k.mask] for d, k in zip(roster.device_ids, roster.keys, strict=True)]
+    entries[1][2] = bytes(length)
+    section = cbor2.dumps({"devices": entries}, canonical=True)
+    payload = _payload_of(m.encode_roster(roster, AGGREGATOR_KEY))
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_roster(_sealed(payload, section, AGGREGATOR_KEY, wire.key_id(AGGREGATOR)), AGGREGATOR)
+    assert refused.value.reason == "bad-section" and "32-byte key" in refused.value.detail
+
+
+def _routed_body() -> bytes:
+    roster, devices = _roster(4)
+    dealing = devices[1].deal(roster.setup(), 1)
+    share = RoutedShare(1, dealing.self_commitments, dealing.key_commitments, dealing.ciphertexts[0])
+    return m.encode_routed(m.Routed(9, DEVICE, 0, (share,), 1_800_000_100), AGGREGATOR_KEY)
+
+
+@pytest.mark.parametrize("device", [5, None, b"device"])
+def test_a_routed_message_whose_recipient_is_not_text_is_refused(device):
+    """The recipient is the device the dealings are for: a routed message naming no device is nobody's."""
+    body = _resign(_routed_body(), AGGREGATOR_KEY, wire.key_id(AGGREGATOR), {"device": device})
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_routed(body, AGGREGATOR)
+    assert refused.value.reason == "bad-payload" and "'device'" in refused.value.detail
+
+
+@pytest.mark.parametrize("dealers", [[2, 1], [1, 1]])
+def test_routed_dealings_out_of_dealer_order_or_twice_from_one_dealer_are_refused(dealers: list[int]):
+    """Two dealings from one dealer would leave the recipient to pick one of them: devices could disagree."""
+    point = bytes(32)
+    section = cbor2.dumps({"dealings": [[d, point, point, b"c" * 8] for d in dealers]}, canonical=True)
+    payload = _payload_of(_routed_body())
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_routed(_sealed(payload, section, AGGREGATOR_KEY, wire.key_id(AGGREGATOR)), AGGREGATOR)
+    assert refused.value.reason == "bad-section" and "dealer order" in refused.value.detail
+
+
+@pytest.mark.parametrize("section", [
+    cbor2.dumps(bytes(40)),  # the right bytes, untagged
+    cbor2.dumps(cbor2.CBORTag(70, "x" * 40)),  # tag 70 over text, not a byte string
+], ids=["untagged", "tagged-text"])
+def test_masked_words_that_are_not_a_uint32_typed_array_are_refused(section: bytes):
+    payload = {"type": "secagg-masked", "phase": "masked", "round": 9, "device": DEVICE, "words": 10, "rejected": []}
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_masked(_sealed(payload, section, DEVICE_KEY, DEVICE), lookup, words=10)
+    assert refused.value.reason == "bad-section" and "tag 70" in refused.value.detail
