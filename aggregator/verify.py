@@ -41,11 +41,10 @@ class UpdateHeader:
     created_at: int
 
 
-_MAX_ID = 2**63 - 1  # what SQLite's INTEGER holds
 _MAX_SAMPLES = 2**31 - 1
 
 
-def _int(payload: dict[str, Any], name: str, low: int = 0, high: int = _MAX_ID) -> int:
+def _int(payload: dict[str, Any], name: str, low: int = 0, high: int = wire.MAX_ID) -> int:
     value = payload.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError("bad-payload", f"field {name!r} missing or not an integer")

@@ -73,7 +73,6 @@ log = logging.getLogger("fl_agent")
 T = TypeVar("T")
 
 STATE_FILE = "agent-state.json"
-_MAX_ROUND = 2**63 - 1  # round ids are CBOR unsigned integers below 2^63 (docs/protocol.md)
 MODELS_DIR = "models"
 FRAME_POLL_SECONDS = 5.0
 # The status and the log say the device clock is off when it differs from the aggregator's by more than this.
@@ -134,7 +133,7 @@ def read_state(path: Path) -> dict[str, int | float]:
     kept: dict[str, int | float] = {}
     if "last_round" in state:
         last_round = state["last_round"]
-        if type(last_round) is int and 0 <= last_round <= _MAX_ROUND:
+        if type(last_round) is int and 0 <= last_round <= wire.MAX_ID:
             kept["last_round"] = last_round
         else:
             log.warning("%s: last_round %.40r is not a round id; starting from round 0", path, last_round)

@@ -638,15 +638,15 @@ def encode_task(task: Task, key: SigningKey) -> bytes:
     return sign(payload, key, key_id(key.verify_key))
 
 
-# The aggregator's round ids and model versions: what SQLite's INTEGER holds.
-_MAX_ID = 2**63 - 1
+# The aggregator's round ids and model versions (and other counters it stores): what SQLite's INTEGER holds.
+MAX_ID = 2**63 - 1
 
 
 def _id(p: Mapping[str, Any], name: str) -> int:
     """Field ``name``, a round id or a model version: an integer in [0, 2^63 - 1]. One outside it (signed all the
     same) named a model the device then reported in every heartbeat, which the fleet view refused."""
     value = _field(p, name, int)
-    if not 0 <= value <= _MAX_ID:
+    if not 0 <= value <= MAX_ID:
         raise ProtocolError("bad-payload", f"field {name!r} must be an integer in [0, 2^63 - 1], got {value}")
     return value
 

@@ -26,11 +26,10 @@ HEARTBEAT_TYPE = "heartbeat"
 MAX_HEARTBEAT_BYTES = 1024  # a real one is about 300 bytes
 HEARTBEAT_LIMITS = wire.Limits(max_bytes=MAX_HEARTBEAT_BYTES, max_depth=4, max_container_len=32, max_items=128)
 MAX_AGENT_VERSION_CHARS = 32
-_MAX_ID = 2**63 - 1
 _MAX_BYTES = 2**48  # 256 TiB: more memory or outbox than any device has
 # field -> largest value; each an unsigned integer
 FIELD_RANGES: dict[str, int] = {
-    "last_round": _MAX_ID,
+    "last_round": wire.MAX_ID,
     "cameras": 64,
     "memory": _MAX_BYTES,
     "memory_max": _MAX_BYTES,
@@ -123,6 +122,6 @@ def decode_heartbeat(message: bytes | memoryview, key_for_kid: wire.KeyLookup) -
     return Heartbeat(
         device_id=device,
         agent_version=agent,
-        model_version=_uint(p, "model_version", _MAX_ID) if "model_version" in p else None,
+        model_version=_uint(p, "model_version", wire.MAX_ID) if "model_version" in p else None,
         **values,
     )

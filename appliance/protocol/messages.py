@@ -64,8 +64,7 @@ PHASE_OF = {
 TAG_UINT32_LE = 70
 _MASKED_TAGS = frozenset({TAG_UINT32_LE})
 _MAX_INDEX = 2**32 - 1
-_MAX_ID = 2**63 - 1
-MAX_ROUND_ID = _MAX_ID  # what SQLite's INTEGER holds, as for an Update's round
+MAX_ROUND_ID = wire.MAX_ID  # what SQLite's INTEGER holds, as for an Update's round
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -320,7 +319,7 @@ def decode_roster(message: bytes | memoryview, aggregator_key: VerifyKey,
     if "noise_sigma" in p and not (isinstance(sigma, float) and math.isfinite(sigma) and sigma > 0):
         raise ProtocolError("bad-payload", "field 'noise_sigma' must be a finite float > 0 when present")
     roster = Roster(p["round"], tuple(ids), tuple(keys), _uint(p, "neighbours"), _uint(p, "threshold"),
-                    _uint(p, "levels"), _uint(p, "max_samples"), clip, _uint(p, "deadline", _MAX_ID), sigma)
+                    _uint(p, "levels"), _uint(p, "max_samples"), clip, _uint(p, "deadline", wire.MAX_ID), sigma)
     try:
         roster.setup()
     except ValueError as exc:
@@ -402,7 +401,7 @@ def decode_routed(message: bytes | memoryview, aggregator_key: VerifyKey,
             raise ProtocolError("bad-section", "dealings must be in increasing dealer order, once each")
         shares.append(RoutedShare(dealer, _points(entry[1], "self_commitments"),
                                   _points(entry[2], "key_commitments"), bytes(entry[3])))
-    return Routed(p["round"], device, _uint(p, "index"), tuple(shares), _uint(p, "deadline", _MAX_ID))
+    return Routed(p["round"], device, _uint(p, "index"), tuple(shares), _uint(p, "deadline", wire.MAX_ID))
 
 
 # ----------------------------------------------------------------------------------------------- masked
@@ -481,7 +480,7 @@ def decode_unmask_request(message: bytes | memoryview, aggregator_key: VerifyKey
     opened = open_message(message, wire.pinned(aggregator_key), "secagg-unmask-request", limits)
     section = _section_map(opened, limits, ("survivors", "dropped"))
     return UnmaskRequest(opened.payload["round"], tuple(_indices(section["survivors"], "survivors")),
-                         tuple(_indices(section["dropped"], "dropped")), _uint(opened.payload, "deadline", _MAX_ID))
+                         tuple(_indices(section["dropped"], "dropped")), _uint(opened.payload, "deadline", wire.MAX_ID))
 
 
 @dataclass(frozen=True)
