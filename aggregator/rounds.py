@@ -390,7 +390,7 @@ class RoundEngine:
         """Why uploads are refused now: the oldest write under way on the aggregator's disk has waited longer than
         ``--store-timeout`` (an upload queued behind it would wait as long, holding its body); None otherwise."""
         oldest = self.store.writes.oldest()
-        if oldest is None or oldest[0] <= self.policy.store_timeout:
+        if not self._stalled(oldest):
             return None
         return (f"the aggregator's disk has not finished a write for {oldest[0]:.0f} s ({oldest[1]}; "
                 f"--store-timeout {self.policy.store_timeout:g} s): no update is taken until it answers")
@@ -461,7 +461,7 @@ class RoundEngine:
                 f"{'missing' if row is None else row.status}): was the state directory restored from a backup?"
             )
         digest = await self.write_record(f"model version {release.version}", self._write_version, release.version,
-                                    release.params, release.strategy_state, int(release.closed_at))
+                                         release.params, release.strategy_state, int(release.closed_at))
         self.version, self.params = release.version, release.params
         if release.strategy_state:
             self.strategy.restore(release.strategy_state)
@@ -589,7 +589,7 @@ class RoundEngine:
         goal = self._goal()
         if persist:
             await self.write_record(f"round {round_id}'s row", self.store.insert_round, round_id, self.version, now,
-                               deadline, goal)
+                                    deadline, goal)
         await self._install(self._new_open_round(round_id, now, deadline, goal))
 
     async def _install(self, round_: OpenRound | None) -> None:
@@ -1152,7 +1152,7 @@ class RoundEngine:
                 await self.write_record("the privacy ledger's settlement", self.privacy.unmask_abandoned)
             self.metrics.dp_epsilon.set(self.privacy.spent())
         await self.write_record(f"the deletion of round {round_.round_id}'s spool", self.store.drop_segment,
-                           round_.round_id)
+                                round_.round_id)
         following = end.next_round
         await self._install(None if following is None else self._new_open_round(*following))
         if self.policy.buffer is not None and end.version is not None:
@@ -1385,11 +1385,15 @@ class RoundEngine:
             }
         return status
 
+    def _stalled(self, oldest: tuple[float, str] | None) -> bool:
+        """Whether the oldest write under way (``WritesUnderWay.oldest``) has waited past ``--store-timeout``."""
+        return oldest is not None and oldest[0] > self.policy.store_timeout
+
     def _disk_status(self) -> dict[str, Any]:
         """The oldest write under way in the state directory (``disk`` of /v1/status): a disk that stopped answering
         shows here, named, while everything else is answered from memory and what is committed."""
         oldest = self.store.writes.oldest()
-        return {"stalled": oldest is not None and oldest[0] > self.policy.store_timeout,
+        return {"stalled": self._stalled(oldest),
                 "oldest_write": None if oldest is None else oldest[1],
                 "oldest_write_seconds": 0.0 if oldest is None else round(oldest[0], 3)}
 
