@@ -280,6 +280,12 @@ async def get_task(request: web.Request) -> web.Response:
     return web.Response(body=task, content_type=COSE_CONTENT_TYPE)
 
 
+def _spool_unavailable(detail: str, close: bool = False) -> Problem:
+    """503 ``spool-unavailable``: what a device was sent could not be stored now (a disk error, or a disk that stopped
+    answering); nothing was acknowledged, and the device sends it again after Retry-After."""
+    return Problem(503, "spool-unavailable", detail, {"Retry-After": "30"}, close=close)
+
+
 def _number(request: web.Request, name: str, default: float) -> float:
     raw = request.query.get(name)
     if raw is None:
@@ -418,7 +424,7 @@ async def post_update(request: web.Request) -> web.Response:
         try:
             receipt = await s.engine.known_receipt(verified.digest)
         except Unavailable as exc:
-            raise Problem(503, "spool-unavailable", str(exc), {"Retry-After": "30"}, close=True) from None
+            raise _spool_unavailable(str(exc), close=True) from None
         if receipt is not None:
             _refuse_if_stored_late(s, signer, verified.digest)
             s.metrics.updates_duplicate_resend.inc()
@@ -427,7 +433,7 @@ async def post_update(request: web.Request) -> web.Response:
         if stall is not None and verified.payload.get("type") != "secagg-masked":
             # Refused before its body is read: queued behind the hung write, it would only hold its memory and slot
             # until answered the same. (A secure round's phases bound their own waits on the disk.)
-            raise Problem(503, "spool-unavailable", stall, {"Retry-After": "30"}, close=True)
+            raise _spool_unavailable(stall, close=True)
         try:
             async with s.uploads.slot(signer):
                 body = await reader.read_rest()
@@ -480,7 +486,7 @@ async def _receive_update(body: memoryview, s: Services, envelope: wire.Verified
             raise refusal from None
         s.metrics.updates_duplicate_resend.inc()
     except Unavailable as exc:
-        raise Problem(503, "spool-unavailable", str(exc), {"Retry-After": "30"}) from None
+        raise _spool_unavailable(str(exc)) from None
     except BufferFull as exc:
         raise Problem(503, "buffer-full", str(exc), {"Retry-After": "30"}) from None
     return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
@@ -549,8 +555,7 @@ async def _receive_masked(
         try:
             receipt = await _secure(s).masked(body, digest, signer, payload)
         except (OSError, sqlite3.Error, StoreStalled) as exc:
-            raise Problem(503, "spool-unavailable", f"the masked input could not be stored: {exc}",
-                          {"Retry-After": "30"}) from None
+            raise _spool_unavailable(f"the masked input could not be stored: {exc}") from None
     else:
         s.metrics.updates_duplicate_resend.inc()
     return web.Response(body=receipt, content_type=COSE_CONTENT_TYPE)
@@ -588,8 +593,7 @@ def post_secagg(phase: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         try:
             return web.json_response(await receive(body))
         except (OSError, sqlite3.Error, StoreStalled) as exc:
-            raise Problem(503, "spool-unavailable", f"the {phase} message could not be stored: {exc}",
-                          {"Retry-After": "30"}) from None
+            raise _spool_unavailable(f"the {phase} message could not be stored: {exc}") from None
 
     return handler
 
