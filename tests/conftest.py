@@ -36,3 +36,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield make_fleet(tmp_path_factory.mktemp("fleet"))
     finally:
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def signed_package(tmp_path_factory: pytest.TempPathFactory):
+    """(aggregator key, path) of the reference CNN's package signed with it, made once per module: the package the
+    agent tests serve (the synthetic cameras' frames are what it takes)."""
+    from nacl.signing import SigningKey
+
+    from flctl.model import export_reference_package  # here: not an import of every test session
+
+    key = SigningKey.generate()
+    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
+    export_reference_package("cnn", path, key)
+    return key, path

@@ -30,7 +30,6 @@ from appliance.budget import Budget
 from appliance.clock import BOUND_MAX_AGE_SECONDS, DEADLINE_SLACK_SECONDS, AggregatorClock
 from appliance.config import load_config
 from appliance.identity import load_or_create_device_key, write_aggregator_key
-from flctl.model import export_reference_package
 
 YEAR = 365 * 86400.0
 T = 1_800_000_000.0  # the aggregator's time in the unit tests (2027)
@@ -141,14 +140,6 @@ def test_the_deadline_bound_has_slack_for_the_moment_a_round_takes_to_close():
 # -- a real agent against a real aggregator on loopback ------------------------------------------------------
 
 ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
-
-
-@pytest.fixture(scope="module")
-def signed_package(tmp_path_factory):
-    key = SigningKey.generate()
-    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
-    export_reference_package("cnn", path, key)
-    return key, path
 
 
 @dataclass

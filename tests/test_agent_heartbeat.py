@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import pytest
 import trainer_faults
 from agent_harness import (
     ADVISORY,
@@ -27,7 +26,6 @@ from appliance.agent import Agent
 from appliance.budget import Budget, Usage
 from appliance.config import load_config
 from appliance.fleet_report import HEARTBEAT_SECONDS, ThrottleMeter, build_heartbeat, next_delay
-from flctl.model import export_reference_package
 
 
 async def test_a_starting_agent_appears_in_the_fleet_view(tmp_path: Path) -> None:
@@ -46,14 +44,6 @@ async def test_a_starting_agent_appears_in_the_fleet_view(tmp_path: Path) -> Non
     assert report.model_version is None  # no round opened (5 devices needed), so no model was fetched
     assert (report.memory_max, report.cpu_max, report.cameras, report.oom_retries) == (0, 0, 0, 0)  # advisory
     assert counts["active"] == 1 and counts["silent"] == 0
-
-
-@pytest.fixture(scope="module")
-def signed_package(tmp_path_factory):
-    key = SigningKey.generate()
-    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
-    export_reference_package("cnn", path, key)
-    return key, path
 
 
 async def test_a_training_run_killed_for_memory_shows_in_the_next_heartbeat(signed_package, tmp_path, monkeypatch):

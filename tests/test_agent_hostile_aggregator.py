@@ -29,18 +29,9 @@ from appliance.client import (
     problem_reason,
 )
 from appliance.secagg_client import SecAggDropped, SecureRound, Transport
-from flctl.model import export_reference_package
 
 DEEP_LIST = b"[" * 10_000 + b"]" * 10_000  # 20 kB, within the bound on what is read
 DEEP_OBJECT = b'{"reason": ' * 5_000 + b"1" + b"}" * 5_000
-
-
-@pytest.fixture(scope="module")
-def signed_package(tmp_path_factory):
-    key = SigningKey.generate()
-    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
-    export_reference_package("cnn", path, key)
-    return key, path
 
 
 class RefusingHeartbeats(FakeAggregator):
@@ -203,7 +194,6 @@ async def test_an_answer_to_a_post_past_the_limit_is_a_failed_request_not_read_w
         transport = Transport(url, client.session, key.verify_key)
         with pytest.raises(ConnectionError, match="too-large"):
             await transport.post("keys", b"a secure round's message")
-
 
 
 @pytest.mark.parametrize("answer", ["204 at once", "the round taken, whatever after= says"])

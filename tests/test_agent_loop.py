@@ -16,15 +16,6 @@ from appliance import wire
 from appliance.agent import clip_update
 from appliance.framebuffer import FrameBuffer
 from appliance.synthetic import SyntheticCamera
-from flctl.model import export_reference_package
-
-
-@pytest.fixture(scope="module")
-def signed_package(tmp_path_factory):
-    key = SigningKey.generate()
-    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
-    export_reference_package("cnn", path, key)
-    return key, path
 
 
 @pytest.mark.parametrize(

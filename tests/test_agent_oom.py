@@ -13,25 +13,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
 import trainer_faults
 from agent_harness import SAMPLES_PER_ROUND, TASK_BATCH_SIZE, FakeAggregator, run_agent_against, sample
-from nacl.signing import SigningKey
 
 from appliance import budget, wire
 from appliance.agent import Agent
-from flctl.model import export_reference_package
 
 HIGH_PRESSURE = "some avg10=90.00 avg60=60.00 avg300=20.00 total=9000000\n"  # PSI "some" avg10: 90 % stalled
 LOW_PRESSURE = "some avg10=0.00 avg60=0.00 avg300=0.00 total=9000000\n"
-
-
-@pytest.fixture(scope="module")
-def signed_package(tmp_path_factory):
-    key = SigningKey.generate()
-    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
-    export_reference_package("cnn", path, key)
-    return key, path
 
 
 def delivered(agent: Agent) -> float:

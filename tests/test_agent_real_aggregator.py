@@ -13,10 +13,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import numpy as np
-import pytest
 from agent_harness import ADVISORY, beside_real_aggregator, run_agent, sample
 from aiohttp import ClientSession
-from nacl.signing import SigningKey
 
 from aggregator.app import SERVICES, AggregatorConfig, make_app
 from aggregator.models import load_package_file
@@ -24,16 +22,6 @@ from aggregator.rounds import RoundPolicy, TrainingPlan
 from appliance import wire
 from appliance.agent import Agent
 from appliance.config import load_config
-from flctl.model import export_reference_package
-
-
-@pytest.fixture(scope="module")
-def signed_package(tmp_path_factory):
-    key = SigningKey.generate()
-    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
-    export_reference_package("cnn", path, key)
-    return key, path
-
 
 Train = Callable[..., Awaitable[wire.Update | None]]
 

@@ -11,18 +11,8 @@ from __future__ import annotations
 
 import pytest
 from agent_harness import FakeAggregator, run_agent_against, sample
-from nacl.signing import SigningKey
 
 from appliance.agent import Agent
-from flctl.model import export_reference_package
-
-
-@pytest.fixture(scope="module")
-def signed_package(tmp_path_factory):
-    key = SigningKey.generate()
-    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
-    export_reference_package("cnn", path, key)
-    return key, path
 
 
 def refused(agent: Agent, reason: str) -> float:

@@ -29,18 +29,9 @@ from appliance.budget import Budget
 from appliance.config import load_config
 from appliance.identity import load_or_create_device_key, write_aggregator_key
 from appliance.metrics import AgentMetrics
-from flctl.model import export_reference_package
 
 REPO = Path(__file__).resolve().parent.parent
 ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
-
-
-@pytest.fixture(scope="module")
-def signed_package(tmp_path_factory):
-    key = SigningKey.generate()
-    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
-    export_reference_package("cnn", path, key)
-    return key, path
 
 
 def aggregator_config(tmp_path: Path, key: SigningKey, package_path: Path) -> AggregatorConfig:

@@ -6,22 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from agent_harness import run_agent, sample
-from nacl.signing import SigningKey
 from secagg_harness import make_agent, secure_aggregator
 
 from aggregator.app import SERVICES
 from appliance.agent import Agent
-from flctl.model import export_reference_package
-
-
-@pytest.fixture(scope="module")
-def signed_package(tmp_path_factory):
-    key = SigningKey.generate()
-    path = tmp_path_factory.mktemp("pkg") / "cnn.flpkg"
-    export_reference_package("cnn", path, key)  # the synthetic cameras' frames are what it takes
-    return key, path
 
 
 async def test_agents_take_part_in_a_secure_round_and_the_model_moves(signed_package, tmp_path):
