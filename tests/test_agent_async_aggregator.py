@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 from agent_harness import ADVISORY, beside_real_aggregator, run_agent, sample
 from aiohttp import ClientSession
-from test_agent_real_aggregator import signed_package  # noqa: F401 (a fixture)
 
 from aggregator.app import SERVICES, AggregatorConfig, make_app
 from aggregator.buffered import BufferPolicy
@@ -17,7 +16,7 @@ from appliance.agent import Agent
 from appliance.config import load_config
 
 
-async def test_an_unchanged_agent_takes_part_in_async_mode(signed_package, tmp_path):  # noqa: F811
+async def test_an_unchanged_agent_takes_part_in_async_mode(signed_package, tmp_path):
     key, package_path = signed_package
     package = load_package_file(package_path, key.verify_key)
     app = make_app(AggregatorConfig(
