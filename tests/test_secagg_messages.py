@@ -320,6 +320,20 @@ def test_routed_dealings_out_of_dealer_order_or_twice_from_one_dealer_are_refuse
     assert refused.value.reason == "bad-section" and "dealer order" in refused.value.detail
 
 
+@pytest.mark.parametrize("dealing", [
+    [1, bytes(32), bytes(32)],  # no ciphertext
+    [1, bytes(32), bytes(32), b"c" * 8, b"more"],  # a fifth item
+    [1, bytes(32), bytes(32), 8],  # a ciphertext that is a number: bytes(8) would make it eight zero bytes
+    [1, bytes(32), bytes(32), "c" * 8],  # a ciphertext that is text
+], ids=["three-items", "five-items", "ciphertext-a-number", "ciphertext-text"])
+def test_a_routed_dealing_not_of_four_items_ending_in_a_byte_string_is_refused(dealing: list):
+    section = cbor2.dumps({"dealings": [dealing]}, canonical=True)
+    payload = _payload_of(_routed_body())
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_routed(_sealed(payload, section, AGGREGATOR_KEY, wire.key_id(AGGREGATOR)), AGGREGATOR)
+    assert refused.value.reason == "bad-section" and "a dealing is" in refused.value.detail
+
+
 @pytest.mark.parametrize("section", [
     cbor2.dumps(bytes(40)),  # the right bytes, untagged
     cbor2.dumps(cbor2.CBORTag(70, "x" * 40)),  # tag 70 over text, not a byte string
