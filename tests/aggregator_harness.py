@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,9 +20,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from nacl.signing import SigningKey
 
 from aggregator.app import METRICS, SERVER_OPTIONS, SERVICES, AggregatorConfig, make_app
+from aggregator.buffered import BufferPolicy
 from aggregator.models import ServedPackage
+from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.simulate import SimulatedDevice, synthetic_package
+from aggregator.upstream import UpstreamConfig
 from appliance import modelpkg, wire
 
 
@@ -164,9 +168,49 @@ async def running(
     try:
         await client.start_server()  # inside: an aggregator that refuses to start must not leak the client's session
         registry = app[SERVICES].registry
-        from aggregator.registry import Enrolment
-
         registry.enroll(Enrolment(d.device_id, bytes(d.key.verify_key)) for d in sims)
         yield Harness(client=client, key=key, package=package, devices=sims, state_dir=state_dir)
     finally:
         await client.close()
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def site_task(site: Harness, after: int) -> wire.Task:
+    """What a device of the site gets: a task signed by the site key (the devices pin the site, not the city)."""
+    task = await site.task(after=after, wait=30)
+    assert task is not None, "the site opened no round"
+    return task
+
+
+@contextlib.asynccontextmanager
+async def async_city_and_site(
+    tmp_path: Path, city_buffer: int, devices: int = 2, retry_seconds: float = 2.0,
+) -> AsyncIterator[tuple[Harness, Harness, wire.Task]]:
+    """An async city (``city_buffer`` updates a version) and an async site of ``devices`` devices (one buffer for all
+    of them) following it, enrolled there as a site; yields them and the site's first task, on which every device's
+    update has been uploaded: the site forwards them as one update (with ``city_buffer=1`` the city publishes its
+    version 1 from it). ``retry_seconds``: the site's first back-off toward the city."""
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+    async with running(tmp_path / "city", key=city_key, enrolled=[],
+                       policy=RoundPolicy(min_clients=1, round_timeout=600,
+                                          buffer=BufferPolicy(size=city_buffer))) as city:
+        city.app[SERVICES].registry.enroll([Enrolment(wire.key_id(site_key.verify_key), bytes(site_key.verify_key),
+                                                      site=True)])
+        upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2,
+                                  retry_seconds=retry_seconds)
+        async with running(tmp_path / "site", devices=devices, key=site_key, upstream=upstream,
+                           policy=RoundPolicy(min_clients=1, round_timeout=600,
+                                              buffer=BufferPolicy(size=devices))) as site:
+            task = await site_task(site, 0)
+            await wait_until(lambda: site.engine.reopen_after_forward, what="the site reading its parent's mode")
+            for device in site.devices:
+                status, answer = await site.upload(device.update(task, site.delta()))
+                assert status == 200, answer
+            yield city, site, task

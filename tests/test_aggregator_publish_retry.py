@@ -12,22 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nacl.signing import SigningKey
 from secagg_harness import secure_rounds, secure_running
-from test_aggregator_tree import site_task, wait_until
 
 from aggregator import privacy, rounds
-from aggregator.app import SERVICES
 from aggregator.buffered import BufferPolicy
 from aggregator.privacy import DPConfig
-from aggregator.registry import Enrolment
 from aggregator.rounds import RoundPolicy, TrainingPlan
 from aggregator.secagg_round import SecureRounds
-from aggregator.simulate import SimulatedDevice
 from aggregator.store import Store
-from aggregator.upstream import UpstreamConfig
 from appliance import wire
-from tests.aggregator_harness import Harness, run, running
+from tests.aggregator_harness import Harness, async_city_and_site, run, running, site_task, wait_until
 
 DEVICES = 2
 ETA, BETA1, BETA2, TAU = 0.01, 0.9, 0.99, 1e-3  # FedAdam's defaults (aggregator/strategies/fedopt.py)
@@ -345,31 +339,18 @@ def test_an_async_sites_forwarded_buffer_whose_next_buffer_cannot_open_is_forwar
     opens once the step succeeds, and the city holds the site's forward once (a retry used to forward and record the
     buffer again and fail on the next buffer's row forever, so the site took no more updates until a restart)."""
     disk = FailingAfterCommit(monkeypatch)
-    city_key, site_key = SigningKey.generate(), SigningKey.generate()
 
     async def go() -> None:
-        async with running(tmp_path / "city", key=city_key, enrolled=[],
-                           policy=RoundPolicy(min_clients=1, round_timeout=600, buffer=BufferPolicy(size=2))) as city:
-            city.app[SERVICES].registry.enroll([Enrolment(SimulatedDevice(key=site_key).device_id,
-                                                          bytes(site_key.verify_key), site=True)])
-            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
-            async with running(tmp_path / "site", devices=DEVICES, key=site_key, upstream=upstream,
-                               policy=RoundPolicy(min_clients=1, round_timeout=600,
-                                                  buffer=BufferPolicy(size=DEVICES))) as site:
-                task = await site_task(site, 0)
-                await wait_until(lambda: site.engine.reopen_after_forward, what="the site reading its parent's mode")
-                for device in site.devices:
-                    status, answer = await site.upload(device.update(task, site.delta()))
-                    assert status == 200, answer
-                await wait_until(lambda: disk.failures >= 3, timeout=10,
-                                 what="three failed attempts after the forwarded buffer's end")
-                assert site.counter("fl_aggregator_publication_failures_total") >= 2
-                disk.failing = False
-                following = await site_task(site, task.round_id)
-                assert following.round_id == task.round_id + 1
-                assert site.engine.store.get_round(task.round_id).status == "published"
-                assert city.engine.current is not None and city.engine.current.accepted == 1
-                assert city.engine.version == 0
+        async with async_city_and_site(tmp_path, city_buffer=2, devices=DEVICES) as (city, site, task):
+            await wait_until(lambda: disk.failures >= 3, timeout=10,
+                             what="three failed attempts after the forwarded buffer's end")
+            assert site.counter("fl_aggregator_publication_failures_total") >= 2
+            disk.failing = False
+            following = await site_task(site, task.round_id)
+            assert following.round_id == task.round_id + 1
+            assert site.engine.store.get_round(task.round_id).status == "published"
+            assert city.engine.current is not None and city.engine.current.accepted == 1
+            assert city.engine.version == 0
 
     run(go())
 
@@ -465,33 +446,20 @@ def test_an_async_sites_superseded_buffer_whose_segment_cannot_be_deleted_is_cou
     monkeypatch.setattr(Store, "finish_round", finish_round)
     monkeypatch.setattr(Store, "drop_segment", drop_segment)
     monkeypatch.setattr(rounds, "CLOSE_RETRY_SECONDS", 0.05)
-    city_key, site_key = SigningKey.generate(), SigningKey.generate()
 
     async def go() -> None:
-        async with running(tmp_path / "city", key=city_key, enrolled=[],
-                           policy=RoundPolicy(min_clients=1, round_timeout=600, buffer=BufferPolicy(size=1))) as city:
-            city.app[SERVICES].registry.enroll([Enrolment(SimulatedDevice(key=site_key).device_id,
-                                                          bytes(site_key.verify_key), site=True)])
-            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
-            async with running(tmp_path / "site", devices=DEVICES, key=site_key, upstream=upstream,
-                               policy=RoundPolicy(min_clients=1, round_timeout=600,
-                                                  buffer=BufferPolicy(size=DEVICES))) as site:
-                task = await site_task(site, 0)
-                await wait_until(lambda: site.engine.reopen_after_forward, what="the site reading its parent's mode")
-                for device in site.devices:
-                    status, answer = await site.upload(device.update(task, site.delta()))
-                    assert status == 200, answer
-                await wait_until(lambda: city.engine.version == 1, what="the city's version 1")
-                await wait_until(lambda: site.counter("fl_aggregator_publication_failures_total") >= 3, timeout=10,
-                                 what="three failed attempts after the superseded buffer's end, counted")
-                disk["failing"] = False
-                await wait_until(lambda: site.engine.version == 1 and site.engine.current is not None,
-                                 what="the site's round on the city's version 1")
-                (empty,) = superseded
-                assert site.engine.store.get_round(empty).status == "superseded"
-                assert site.counter("fl_aggregator_rounds_total", outcome="superseded") == 1
-                assert site.counter("fl_aggregator_publication_failures_total") == disk["failures"]
-                following = await site_task(site, empty)
-                assert following.model_version == 1
+        async with async_city_and_site(tmp_path, city_buffer=1, devices=DEVICES) as (city, site, _):
+            await wait_until(lambda: city.engine.version == 1, what="the city's version 1")
+            await wait_until(lambda: site.counter("fl_aggregator_publication_failures_total") >= 3, timeout=10,
+                             what="three failed attempts after the superseded buffer's end, counted")
+            disk["failing"] = False
+            await wait_until(lambda: site.engine.version == 1 and site.engine.current is not None,
+                             what="the site's round on the city's version 1")
+            (empty,) = superseded
+            assert site.engine.store.get_round(empty).status == "superseded"
+            assert site.counter("fl_aggregator_rounds_total", outcome="superseded") == 1
+            assert site.counter("fl_aggregator_publication_failures_total") == disk["failures"]
+            following = await site_task(site, empty)
+            assert following.model_version == 1
 
     run(go())

@@ -4,7 +4,6 @@ devices miss its quorum forwards nothing and the city goes on without it."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import ssl
@@ -12,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +26,7 @@ from aggregator.simulate import SimulatedDevice
 from aggregator.upstream import TASKS_DIR, UpstreamConfig
 from appliance import modelpkg, wire
 from flctl.ports import free_port
-from tests.aggregator_harness import Harness, run, running, tiny_package
-
-
-async def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+from tests.aggregator_harness import Harness, run, running, site_task, tiny_package, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -65,13 +56,6 @@ async def tree(
                 for i, key in enumerate(site_keys)
             ]
             yield city, sites
-
-
-async def site_task(site: Harness, after: int) -> wire.Task:
-    """What a device of the site gets: a task signed by the site key (the devices pin the site, not the city)."""
-    task = await site.task(after=after, wait=30)
-    assert task is not None, "the site opened no round"
-    return task
 
 
 def flat_fedavg(base: np.ndarray, updates: list[tuple[np.ndarray, int]]) -> np.ndarray:

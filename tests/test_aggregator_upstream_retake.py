@@ -13,18 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nacl.signing import SigningKey
-from test_aggregator_tree import site_task, wait_until
 
-from aggregator.app import SERVICES
-from aggregator.buffered import BufferPolicy
 from aggregator.models import ModelStore
-from aggregator.registry import Enrolment
-from aggregator.rounds import RoundPolicy
-from aggregator.simulate import SimulatedDevice
-from aggregator.upstream import UpstreamConfig
 from appliance.client import AggregatorClient, AggregatorUnavailable
-from tests.aggregator_harness import Harness, run, running
+from tests.aggregator_harness import Harness, async_city_and_site, run, wait_until
 
 DEVICES = 2
 RETRY_SECONDS = 0.05
@@ -34,23 +26,10 @@ RETRY_SECONDS = 0.05
 async def city_and_site(tmp_path: Path) -> AsyncIterator[tuple[Harness, Harness]]:
     """An async city (a version per update) and an async site following it, the site's devices' updates forwarded
     and the city's version 1 published from them."""
-    city_key, site_key = SigningKey.generate(), SigningKey.generate()
-    async with running(tmp_path / "city", key=city_key, enrolled=[],
-                       policy=RoundPolicy(min_clients=1, round_timeout=600, buffer=BufferPolicy(size=1))) as city:
-        city.app[SERVICES].registry.enroll([Enrolment(SimulatedDevice(key=site_key).device_id,
-                                                      bytes(site_key.verify_key), site=True)])
-        upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2,
-                                  retry_seconds=RETRY_SECONDS)
-        async with running(tmp_path / "site", devices=DEVICES, key=site_key, upstream=upstream,
-                           policy=RoundPolicy(min_clients=1, round_timeout=600,
-                                              buffer=BufferPolicy(size=DEVICES))) as site:
-            task = await site_task(site, 0)
-            await wait_until(lambda: site.engine.reopen_after_forward, what="the site reading its parent's mode")
-            for device in site.devices:
-                status, answer = await site.upload(device.update(task, site.delta()))
-                assert status == 200, answer
-            await wait_until(lambda: city.engine.version == 1, what="the city's version 1")
-            yield city, site
+    async with async_city_and_site(tmp_path, city_buffer=1, devices=DEVICES, retry_seconds=RETRY_SECONDS) as (
+            city, site, _):
+        await wait_until(lambda: city.engine.version == 1, what="the city's version 1")
+        yield city, site
 
 
 def failing(times: int, exc: Callable[[], Exception], real: Callable, only: Callable[..., bool] = lambda *a: True):
