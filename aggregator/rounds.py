@@ -156,6 +156,10 @@ class TrainingPlan:
             raise ValueError("epochs and batch-size must be at least 1")
         if self.learning_rate <= 0 or self.prox_mu < 0 or self.clip_norm < 0:
             raise ValueError("lr must be positive, prox-mu and clip-norm non-negative")
+        flags = {"epochs": "epochs", "batch_size": "batch-size", "learning_rate": "lr", "prox_mu": "prox-mu"}
+        for name, flag in flags.items():  # devices refuse a task past these (appliance/wire.py)
+            if not getattr(self, name) <= wire.TASK_BOUNDS[name]:
+                raise ValueError(f"{flag} must be at most {wire.TASK_BOUNDS[name]:g}, got {getattr(self, name)!r}")
 
 
 # Site mode (aggregator/upstream.py): given the closed round, its sample-weighted mean delta, total samples and

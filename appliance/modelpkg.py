@@ -48,6 +48,17 @@ BUFFER_POLICIES = ("aggregate", "local")
 BUFFER_PREFIX = "new:"
 # A detector's output layout (appliance.detection): centre heatmaps per class, box size and centre offset.
 DETECTION_KINDS = ("centre-heatmap",)
+# Bounds no real model reaches (docs/package.md, "Bounds"): a signed package past one would be kept and then fail
+# every round in the trainer (an input of 2^62 values cannot be allocated; a weight decay of 1e19 overflows float32 at
+# the second step), so it is refused where it is made (flctl model export) and where it is received.
+MAX_SAMPLE_VALUES = 2**28  # values in one sample's input, or in one sample's labels (1 GiB as float32)
+MAX_CLASSES = 2**24
+MAX_DETECTION_STRIDE = 4096
+MAX_LEARNING_RATE = wire.TASK_BOUNDS["learning_rate"]  # optimizer lr, as a Task's learning_rate
+MAX_WEIGHT_DECAY = 1000.0
+MAX_EPS = 1000.0
+# Normalisation: |mean| and the input_range ends at most this; std in [1 / MAX_NORMALISATION, MAX_NORMALISATION].
+MAX_NORMALISATION = 1e6
 
 
 class PackageError(Exception):
@@ -178,6 +189,7 @@ def _content(pkg: ModelPackage) -> dict[str, Any]:
     if pkg.evaluation_graph:
         content["graphs"]["evaluation"] = bytes(pkg.evaluation_graph)
     labels = _check_labels(pkg.labels)
+    _check_num_classes(pkg.num_classes, labels)
     if labels != DEFAULT_LABELS:
         content["labels"] = labels
     if pkg.buffer_names:
@@ -200,6 +212,13 @@ def _buffers_content(pkg: ModelPackage) -> dict[str, Any]:
     return buffers
 
 
+def _check_sample_values(field_name: str, shape: list | tuple) -> None:
+    """PackageError unless the per-sample ``shape`` holds at most MAX_SAMPLE_VALUES values."""
+    if math.prod(shape) > MAX_SAMPLE_VALUES:
+        raise PackageError("bad-content", f"{field_name} {list(shape)} holds {math.prod(shape)} values per sample, "
+                                          f"more than the {MAX_SAMPLE_VALUES} (2^28) a device trains on")
+
+
 def _check_labels(spec: Any) -> dict[str, Any]:
     if not isinstance(spec, dict) or spec.get("dtype") not in LABEL_DTYPES:
         raise PackageError("bad-content", f"labels.dtype must be one of {LABEL_DTYPES}, got {spec!r}")
@@ -208,7 +227,14 @@ def _check_labels(spec: Any) -> dict[str, Any]:
         isinstance(shape, list | tuple) and all(type(d) is int and d > 0 for d in shape)
     ):
         raise PackageError("bad-content", f"labels must be {{dtype, shape: [positive ints]}}, got {spec!r}")
+    _check_sample_values("labels.shape", shape)
     return {"dtype": spec["dtype"], "shape": list(shape)}
+
+
+def _check_num_classes(num_classes: int, labels: Mapping[str, Any]) -> None:
+    least = 2 if labels["dtype"] == "int64" else 1
+    if not least <= num_classes <= MAX_CLASSES:
+        raise PackageError("bad-content", f"num_classes must be in [{least}, {MAX_CLASSES}] (2^24), got {num_classes}")
 
 
 def _check_detection(spec: Any) -> dict[str, Any]:
@@ -217,6 +243,9 @@ def _check_detection(spec: Any) -> dict[str, Any]:
             and all(type(spec[k]) is int and spec[k] > 0 for k in ("stride", "classes"))):
         raise PackageError("bad-content", f"detection must be {{kind: one of {DETECTION_KINDS}, stride: positive "
                            f"int, classes: positive int}}, got {spec!r}")
+    for key, most in (("stride", MAX_DETECTION_STRIDE), ("classes", MAX_CLASSES)):
+        if spec[key] > most:
+            raise PackageError("bad-content", f"detection field {key!r} must be at most {most}, got {spec[key]}")
     return {"kind": spec["kind"], "stride": spec["stride"], "classes": spec["classes"]}
 
 
@@ -282,10 +311,10 @@ def _check_optimizer(spec: Any) -> dict[str, Any]:
     can use, members it does not know included."""
     if not isinstance(spec, dict) or spec.get("name") not in OPTIMIZERS:
         raise PackageError("bad-content", f"optimizer spec must name one of {OPTIMIZERS}, got {spec!r}")
-    _number("optimizer", "lr", spec.get("lr", 0.05), 0.0, low_open=True)
+    _number("optimizer", "lr", spec.get("lr", 0.05), 0.0, MAX_LEARNING_RATE, low_open=True)
     _number("optimizer", "momentum", spec.get("momentum", 0.0), 0.0, 1.0, high_open=True)
-    _number("optimizer", "weight_decay", spec.get("weight_decay", 0.0), 0.0)
-    _number("optimizer", "eps", spec.get("eps", 1e-8), 0.0, low_open=True)
+    _number("optimizer", "weight_decay", spec.get("weight_decay", 0.0), 0.0, MAX_WEIGHT_DECAY)
+    _number("optimizer", "eps", spec.get("eps", 1e-8), 0.0, MAX_EPS, low_open=True)
     if spec.get("max_grad_norm") is not None:
         _number("optimizer", "max_grad_norm", spec["max_grad_norm"], 0.0, low_open=True)
     betas = spec.get("betas", [0.9, 0.999])
@@ -299,20 +328,24 @@ def _check_optimizer(spec: Any) -> dict[str, Any]:
 
 def _check_preprocessing(spec: Any) -> dict[str, Any]:
     """The preprocessing spec (docs/package.md): the device feeds its graphs ``(x - mean) / std`` in float32, so
-    ``mean`` is finite, and ``std`` positive with an inverse finite in float32."""
+    ``mean`` and ``std`` are bounded (MAX_NORMALISATION): a std of 1e-38 or a mean of 1e38 makes every input
+    overflow float32 in the first layer."""
     if not isinstance(spec, dict):
         raise PackageError("bad-content", "preprocessing spec must be a map")
     shape = spec.get("input_shape")
     if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
         raise PackageError("bad-content", f"preprocessing.input_shape must be a list of positive ints, got {shape!r}")
-    _number("preprocessing", "mean", spec.get("mean", 0.0))
-    _number("preprocessing", "std", spec.get("std", 1.0), 1 / _FLOAT32_MAX)
+    _check_sample_values("preprocessing.input_shape", shape)
+    _number("preprocessing", "mean", spec.get("mean", 0.0), -MAX_NORMALISATION, MAX_NORMALISATION)
+    _number("preprocessing", "std", spec.get("std", 1.0), 1 / MAX_NORMALISATION, MAX_NORMALISATION)
     bounds = spec.get("input_range", [0.0, 1.0])
     if not (isinstance(bounds, list) and len(bounds) == 2
-            and all(_in_range(b, -_FLOAT32_MAX, _FLOAT32_MAX, low_open=False, high_open=False) for b in bounds)
+            and all(_in_range(b, -MAX_NORMALISATION, MAX_NORMALISATION, low_open=False, high_open=False)
+                    for b in bounds)
             and bounds[0] < bounds[1]):
-        raise PackageError("bad-content", f"preprocessing field 'input_range' must be two finite numbers [low, high] "
-                                          f"with low < high, got {bounds!r}")
+        raise PackageError("bad-content", f"preprocessing field 'input_range' must be two numbers [low, high] in "
+                                          f"[-{MAX_NORMALISATION:g}, {MAX_NORMALISATION:g}] with low < high, "
+                                          f"got {bounds!r}")
     return dict(spec)
 
 
@@ -431,9 +464,7 @@ def _from_content(content: Any, digest: bytes) -> ModelPackage:
     graphs = _get(content, "graphs", dict)
     labels = _check_labels(content.get("labels", DEFAULT_LABELS))
     num_classes = _get(content, "num_classes", int)
-    least = 2 if labels["dtype"] == "int64" else 1
-    if num_classes < least:
-        raise PackageError("bad-content", f"num_classes must be >= {least}, got {num_classes}")
+    _check_num_classes(num_classes, labels)
     io = _get(content, "io", dict)
     if set(io) != set(DEFAULT_IO) or not all(isinstance(v, str) for v in io.values()):
         raise PackageError("bad-content", f"io must map {sorted(DEFAULT_IO)} to tensor names")

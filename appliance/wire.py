@@ -651,14 +651,24 @@ def _id(p: Mapping[str, Any], name: str) -> int:
     return value
 
 
+# What a round's plan may ask of a device (docs/protocol.md, the Task): far past any real training, and short of what
+# fails every round in the trainer (2^40 epochs run into the deadline; a learning rate or FedProx mu of 1e300
+# overflows float32 at the first step). The aggregator's plan (aggregator/rounds.py) and the device's decoder both
+# hold a task to them.
+TASK_BOUNDS: dict[str, float] = {"epochs": 1000, "batch_size": 65536, "learning_rate": 1000.0, "prox_mu": 1000.0}
+
+
 def _at_least(p: Mapping[str, Any], name: str, kind: type, low: float, *, above: bool = False) -> Any:
-    """Field ``name`` of kind ``kind``, finite and at least ``low`` (above it with ``above``): what an aggregator's
-    round plan allows. A signature proves who sent a task, not that a device can train on it: a NaN learning rate or
-    0 epochs would fail every round in the trainer, counted as a trainer failure."""
+    """Field ``name`` of kind ``kind``, finite, at least ``low`` (above it with ``above``) and at most its
+    :data:`TASK_BOUNDS` entry: what an aggregator's round plan allows. A signature proves who sent a task, not that a
+    device can train on it: a NaN learning rate, 0 epochs or a batch of 2^40 would fail every round in the trainer,
+    counted as a trainer failure."""
     value = _field(p, name, kind)
-    if not (math.isfinite(value) and (value > low if above else value >= low)):
+    high = TASK_BOUNDS.get(name, math.inf)
+    if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+        most = f" and <= {high:g}" if high < math.inf else ""
         raise ProtocolError("bad-payload", f"field {name!r} must be a finite {kind.__name__} "
-                                           f"{'>' if above else '>='} {low:g}, got {value!r}")
+                                           f"{'>' if above else '>='} {low:g}{most}, got {value!r}")
     return value
 
 

@@ -95,7 +95,8 @@ async def test_a_signed_package_with_a_nan_mean_is_refused_naming_it_before_any_
     assert sample(agent, "fl_agent_models_refused_total", {"reason": "bad-content"}) >= 3
     assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) == 0
     assert not (tmp_path / "state" / "models" / f"{digest.hex()}.flpkg").exists() and not fake.updates
-    assert any("preprocessing field 'mean' must be a finite number, got nan" in r.getMessage() for r in caplog.records)
+    assert any("preprocessing field 'mean' must be a number in [-1e+06, 1e+06], got nan" in r.getMessage()
+               for r in caplog.records)
     # Each retry of the round refuses it again; its digest names that content, so it is not downloaded again.
     assert fake.package_downloads == 1
 

@@ -115,7 +115,7 @@ def test_flctl_model_inspect_of_a_package_with_non_finite_fields_names_the_first
     assert main(["model", "inspect", str(path), "--pub", str(pub), "--json"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
-    assert f"{path}: optimizer field 'lr' must be a finite number > 0, got inf" in err
+    assert f"{path}: optimizer field 'lr' must be a number in (0, 1000], got inf" in err
 
 
 def test_flctl_container_fleet_status_json_of_a_city_that_answered_infinity_is_json(

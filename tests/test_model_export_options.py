@@ -298,6 +298,22 @@ def test_export_cli_refuses_a_number_no_device_would_take_before_exporting(tmp_p
     assert f"argument {option}: '{value}': expected a finite number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "1e300", "expected a number in [0, 1000]"), ("--mean", "1e30", "expected a number in [-1e+06, 1e+06]"),
+    ("--std", "1e-30", "expected a number in [1e-06, 1e+06]"),
+    ("--input-shape", "3,65536,65536", "12884901888 values per sample, more than the 268435456 (2^28)"),
+])
+def test_export_cli_refuses_a_number_past_any_real_model_before_exporting(tmp_path, capsys, option, value, message):
+    """Finite and absurd: signed, such a package failed every round on every device (docs/package.md, "Bounds")."""
+    out = tmp_path / "x.flpkg"
+    shape = [] if option == "--input-shape" else ["--input-shape", "3,16,16"]
+    with pytest.raises(SystemExit) as exited:
+        _run("export", "--torch", "test_models:coverage", *shape, f"{option}={value}", "--out", str(out),
+             "--key", str(tmp_path / "aggregator.key"))
+    assert exited.value.code == 2 and not out.exists()
+    assert f"argument {option}: '{value}': {message}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["inspect", "verify"])
 def test_a_signed_package_whose_graph_is_not_onnx_is_named_in_one_line(command, tmp_path, capsys):
     """The signature vouches for who made a package, not that its graphs are models: inspect and verify ended in a

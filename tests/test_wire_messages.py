@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
 from nacl.signing import SigningKey
 
+from aggregator.rounds import TrainingPlan
 from appliance import wire
 from appliance.wire import ParamSpec, ProtocolError
 
@@ -193,6 +195,28 @@ def test_a_signed_task_no_device_can_train_on_is_refused_naming_the_field(field,
     with pytest.raises(ProtocolError, match=f"field '{field}' must be a finite") as refused:
         wire.decode_task(message, AGGREGATOR.verify_key)
     assert refused.value.reason == "bad-payload"
+
+
+@pytest.mark.parametrize("field, value, bound", [
+    ("epochs", 2**40, "1000"), ("epochs", 1001, "1000"), ("batch_size", 2**40, "65536"), ("batch_size", 65537, "65536"),
+    ("learning_rate", 1e300, "1000"), ("learning_rate", 1000.5, "1000"), ("prox_mu", 1e19, "1000"),
+])
+def test_a_signed_task_asking_past_any_real_training_is_refused_naming_the_field_and_its_bound(field, value, bound):
+    """Finite, and absurd: 2^40 epochs ran into the deadline, a learning rate of 1e300 or a FedProx mu of 1e19
+    overflowed float32 at the first steps; each round failed in the trainer, counted trainer-failed. The aggregator's
+    plan refuses them at start, and a device refuses a task that asks them all the same."""
+    message = wire.encode_task(make_task(**{field: value}), AGGREGATOR)
+    with pytest.raises(ProtocolError, match=re.escape(f"field '{field}' must be a finite")) as refused:
+        wire.decode_task(message, AGGREGATOR.verify_key)
+    assert refused.value.reason == "bad-payload" and f"<= {bound}, got {value!r}" in str(refused.value)
+    with pytest.raises(ValueError, match=f"must be at most {bound}, got"):
+        TrainingPlan(**{field: value})
+
+
+def test_a_task_at_the_bounds_is_taken():
+    task = make_task(epochs=1000, batch_size=65536, learning_rate=1000.0, prox_mu=1000.0)
+    assert wire.decode_task(wire.encode_task(task, AGGREGATOR), AGGREGATOR.verify_key) == task
+    TrainingPlan(epochs=1000, batch_size=65536, learning_rate=1000.0, prox_mu=1000.0)
 
 
 @pytest.mark.parametrize("field, value", [("round_id", -1), ("round_id", 2**63), ("model_version", -1),

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from nacl.signing import SigningKey, VerifyKey
 
-from appliance import strict_json
+from appliance import modelpkg, strict_json
 from appliance.identity import IdentityError, read_key_file
 from appliance.modelpkg import BUFFER_POLICIES, ModelPackage, PackageError, load_package, write_package
 from flctl.model import refmodels
@@ -47,6 +48,9 @@ def _input_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected C,H,W (or F) as positive integers") from None
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be a positive integer")
+    if math.prod(shape) > modelpkg.MAX_SAMPLE_VALUES:
+        raise argparse.ArgumentTypeError(f"{text!r}: {math.prod(shape)} values per sample, more than the "
+                                         f"{modelpkg.MAX_SAMPLE_VALUES} (2^28) devices train on")
     return shape
 
 
@@ -67,6 +71,18 @@ def _positive(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
     return value
+
+
+def _at_most(high: float, low: float = -math.inf) -> Callable[[str], float]:
+    """A finite number in [low, high] (positive when ``low`` is 0): the bounds a device holds a package to
+    (docs/package.md, "Bounds"), refused here before the export."""
+    def parse(text: str) -> float:
+        value = _finite(text) if low < 0 else _positive(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number in [{low:g}, {high:g}] (devices refuse a "
+                                             "package past it)")
+        return value
+    return parse
 
 
 def _names(text: str) -> list[str]:
@@ -204,11 +220,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
     e.add_argument("--classes", metavar="NAMES", help="comma-separated names of the output channels / classes")
     e.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="on-device optimiser (sgd: with momentum 0.9; default sgd)")
-    e.add_argument("--lr", type=_positive, default=0.05, help="learning rate tools use (default 0.05)")
+    e.add_argument("--lr", type=_at_most(modelpkg.MAX_LEARNING_RATE, 0.0), default=0.05,
+                   help="learning rate tools use (default 0.05)")
     e.add_argument("--max-grad-norm", type=_positive, metavar="NORM",
                    help="clip each training step's gradient to this L2 norm on the device (default: no clipping)")
-    e.add_argument("--mean", type=_finite, default=0.0, help="input normalisation: (x - mean) / std (default 0)")
-    e.add_argument("--std", type=_positive, default=1.0, help="input normalisation std (default 1)")
+    e.add_argument("--mean", type=_at_most(modelpkg.MAX_NORMALISATION, -modelpkg.MAX_NORMALISATION), default=0.0,
+                   help="input normalisation: (x - mean) / std (default 0)")
+    e.add_argument("--std", type=_at_most(modelpkg.MAX_NORMALISATION, 1 / modelpkg.MAX_NORMALISATION), default=1.0,
+                   help="input normalisation std (default 1)")
     e.add_argument("--out", required=True, type=Path, metavar="FILE", help="package file to write (.flpkg)")
     e.add_argument("--key", required=True, metavar="AGGREGATOR_KEY", help="aggregator key file (64 hex chars)")
     e.add_argument("--seed", type=int, default=0, help="seed of the initial parameters (default 0)")
