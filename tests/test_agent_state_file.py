@@ -48,11 +48,12 @@ def test_the_state_the_agent_writes_reads_back_whole(tmp_path: Path, caplog: pyt
     assert not caplog.records
 
 
-def test_an_agent_starts_from_round_0_on_a_state_that_is_not_an_object(tmp_path: Path) -> None:
+@pytest.mark.parametrize("saved", ["[]", "7", "null", '"7"', '[{"last_round": 9}]'])
+def test_an_agent_starts_from_round_0_on_a_state_that_is_not_an_object(tmp_path: Path, saved: str) -> None:
     """Before, ``Agent()`` raised AttributeError ('list' object has no attribute 'get') at every start."""
     state = tmp_path / "state"
     enrolled_state(state, SigningKey.generate().verify_key)
-    (state / STATE_FILE).write_text(json.dumps([{"last_round": 9}]))
+    (state / STATE_FILE).write_text(saved)
     config = agent_config(tmp_path / "agent.toml", "http://127.0.0.1:9", state)
     agent = Agent(load_config(config), budget=ADVISORY)
     assert (agent.last_round, agent.acknowledged_at) == (0, 0)
