@@ -313,11 +313,22 @@ class SecureRounds:
         """How long the aggregator waits on its own disk: one phase timeout."""
         return self.config.phase_timeout
 
-    async def _record(self, what: str, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _on_writer(self, what: str, fn: Callable[..., T], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the writer thread, after the writes queued before it, as a write under way on the
+        aggregator's disk named ``what`` (``Store.writes``): a secure round's write that hangs shows, by name, in
+        ``fl_aggregator_disk_wait_seconds``, /v1/status's ``disk``, /readyz and the log of a stop, as the plain
+        rounds' writes do."""
+        def write() -> T:
+            with self.store.writes.writing(what):
+                return fn(*args)
+
+        return self._writer.submit(write)
+
+    async def _record(self, round_id: int, what: str, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         """Write ``statements`` of the round's own record (the roster, a phase's end, the unmask request): _Abandon
         ``store-unavailable`` when the write fails, or has not returned within :attr:`store_timeout` (it goes on in
         the writer thread and lands or fails on its own; the writes queued behind it wait for it)."""
-        write = asyncio.get_running_loop().run_in_executor(self._writer, self._write, statements)
+        write = asyncio.wrap_future(self._on_writer(f"the {what} of secure round {round_id}", self._write, statements))
         try:
             await asyncio.wait_for(asyncio.shield(write), self.store_timeout)
         except TimeoutError:
@@ -327,10 +338,10 @@ class SecureRounds:
         except (OSError, sqlite3.Error) as exc:
             raise _Abandon("store-unavailable", f"the {what} could not be stored: {exc}") from None
 
-    def _record_later(self, what: str, statements: list[tuple[str, tuple[Any, ...]]]) -> Future:
+    def _record_later(self, round_id: int, what: str, statements: list[tuple[str, tuple[Any, ...]]]) -> Future:
         """Queue a write of the round's record without waiting for it (any thread): what the aggregator already
         acts on, such as an abandonment, which a stalled disk must not hold up; it lands after the writes before it."""
-        write = self._writer.submit(self._write, statements)
+        write = self._on_writer(f"the {what} of secure round {round_id}", self._write, statements)
         write.add_done_callback(functools.partial(_log_failed_write, what))
         return write
 
@@ -387,7 +398,7 @@ class SecureRounds:
             sr.phase_started, sr.phase_deadline = now, min(now + self.config.phase_timeout, round_.deadline)
             # Not waited for: the writer thread stores every later message of the round after it, and the roster
             # waits for it in turn, with the time the disk is given (_record).
-            self._record_later("round's record", [(
+            self._record_later(sr.round_id, "first record", [(
                 "INSERT INTO secagg_rounds (round_id, phase, phase_started, phase_deadline) VALUES (?, ?, ?, ?)",
                 (sr.round_id, sr.phase, sr.phase_started, sr.phase_deadline))])
         else:
@@ -524,8 +535,8 @@ class SecureRounds:
         """Abandon the round now (any thread): its record follows, without holding anything up on a stalled disk."""
         sr.outcome = exc.note
         self._unrecorded[sr.round_id] = sr  # the status tells of it from memory until its record lands
-        self._record_later("abandonment", [self._phase_row(sr, sr.phase, sr.phase_started, sr.phase_deadline,
-                                                            sr.dropouts)]).add_done_callback(
+        row = self._phase_row(sr, sr.phase, sr.phase_started, sr.phase_deadline, sr.dropouts)
+        self._record_later(sr.round_id, "abandonment", [row]).add_done_callback(
             lambda _: self._unrecorded.pop(sr.round_id, None))
         self.metrics.abandoned.labels(exc.reason).inc()
         log.warning("secure round %d cannot finish: %s", sr.round_id, exc.note)
@@ -539,7 +550,8 @@ class SecureRounds:
         dropouts = dict(sr.dropouts)
         if sr.phase != "advertise":  # those who acted in the phase before and not in this one
             dropouts[sr.phase] = dropped
-        await self._record(what, [self._phase_row(sr, next_phase, now, deadline, dropouts, **columns), *also])
+        row = self._phase_row(sr, next_phase, now, deadline, dropouts, **columns)
+        await self._record(sr.round_id, what, [row, *also])
         self.metrics.phase_seconds.labels(sr.phase).observe(max(0.0, now - sr.phase_started))
         if sr.phase != "advertise":
             self.metrics.dropouts.labels(sr.phase).inc(dropped)
@@ -616,7 +628,8 @@ class SecureRounds:
         loop = asyncio.get_running_loop()
         stored: asyncio.Future[None] = loop.create_future()
         sr.storing[key] = (body, stored)
-        write = loop.run_in_executor(self._writer, self._save_message, sr.round_id, device_id, phase, body)
+        write = asyncio.wrap_future(self._on_writer(_message_write(sr.round_id, device_id, phase), self._save_message,
+                                                    sr.round_id, device_id, phase, body))
         write.add_done_callback(functools.partial(self._message_landed, sr, key, stored, keep))
         await asyncio.shield(stored)
 
@@ -718,8 +731,8 @@ class SecureRounds:
 
     async def _spool_masked(self, sr: SecureRound, index: int, envelope: bytes, job: SpoolJob) -> None:
         """Store a masked input: its envelope (with its accusations) in the database, its words in the spool."""
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._save_message, sr.round_id,
-                                                         job.device_id, "masked", envelope)
+        await asyncio.wrap_future(self._on_writer(_message_write(sr.round_id, job.device_id, "masked"),
+                                                  self._save_message, sr.round_id, job.device_id, "masked", envelope))
         if index in sr.cut:  # the phase ended while the envelope was written: the words are not spooled
             raise StoreStalled("stored after the masked phase ended: it does not count")
         await self.store.spool(job)
@@ -1046,6 +1059,11 @@ def _left_out(sr: SecureRound, plan: UnmaskPlan) -> dict[int, str]:
     or ``late``: stored after the masked phase ended (a stalled disk: its device got no receipt, and its record may
     land later)."""
     return {**{v: plan.exclusion_reason(v) for v in plan.excluded}, **{v: "late" for v in sr.cut}}
+
+
+def _message_write(round_id: int, device_id: str, phase: str) -> str:
+    """How the write of a device's message is named among the writes under way (``Store.writes``)."""
+    return f"device {device_id}'s {phase} message in secure round {round_id}"
 
 
 def _error_of(future: asyncio.Future[Any]) -> BaseException | None:

@@ -22,6 +22,7 @@ import pytest
 from aggregator_harness import Harness, run
 from secagg_harness import expected_mean, flat_delta, secure_rounds, secure_running, transport, until_masked
 
+from aggregator.rounds import RoundPolicy
 from aggregator.secagg_round import SecureRounds
 from appliance import wire
 from appliance.protocol import messages as m
@@ -309,6 +310,52 @@ def test_a_late_masked_input_stays_out_of_a_round_resumed_in_the_unmask_phase(
             assert record["secure"]["sum_devices"] == 2 and record["participants"] == 2
             assert record["secure"]["dropouts"].get("unmask", 0) == 0, record["secure"]
             assert record["secure"]["left_out"] == {"late": 1}
+
+    try:
+        run(go())
+    finally:
+        release.set()
+
+
+def test_a_secure_rounds_write_that_hangs_shows_in_the_disk_wait_metric_and_the_status(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secure round's writes go through a writer thread of their own. One that hangs (a device's set of shares)
+    shows as a plain round's does: fl_aggregator_disk_wait_seconds grows, and /v1/status's disk names it and calls
+    the disk stalled past --store-timeout. Once the disk answers, the share is stored in its phase and counts."""
+    release = threading.Event()
+    policy = RoundPolicy(min_clients=2, goal_clients=3, round_timeout=120, store_timeout=1)
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=3, phase_timeout=60, policy=policy) as h:
+            task = await h.task()
+            rounds = secure_rounds(h, task)
+            stalled = rounds[2]
+            entered = threading.Event()
+
+            def stalls(_round: int, device: str, phase: str, _body: bytes) -> bool:
+                if phase == "share" and device == stalled.device_id:
+                    entered.set()
+                    return True
+                return False
+
+            hold(h.engine.secure, "_save_message", stalls, release, monkeypatch)
+            await until_masked(rounds, stop_after="join")
+            named = f"device {stalled.device_id}'s share message in secure round {task.round_id}"
+            async with asyncio.timeout(GUARD_SECONDS):
+                await asyncio.gather(*(r.share() for r in rounds[:2]))
+                sharing = asyncio.ensure_future(stalled.share())
+                await asyncio.to_thread(entered.wait, GUARD_SECONDS)  # its write hangs
+                disk = (await (await h.client.get("/v1/status")).json())["disk"]
+                assert disk["oldest_write"] == named, f"a hanging secure-round write is not among the disk's: {disk}"
+                assert h.counter("fl_aggregator_disk_wait_seconds") > 0
+                while h.counter("fl_aggregator_disk_wait_seconds") <= 1:  # past --store-timeout
+                    await asyncio.sleep(0.05)
+                disk = (await (await h.client.get("/v1/status")).json())["disk"]
+                release.set()
+                await sharing
+            assert disk["stalled"] and disk["oldest_write"] == named, disk
+            assert h.counter("fl_aggregator_disk_wait_seconds") == 0
+            assert len(h.engine.secure.current.dealings) == 3
 
     try:
         run(go())
