@@ -32,6 +32,7 @@ import functools
 import json
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -42,6 +43,7 @@ import numpy as np
 from appliance import __version__, systemd, wire
 from appliance.budget import (
     Budget,
+    CgroupSetupError,
     PressureGate,
     TrainerFailed,
     TrainerKilled,
@@ -65,7 +67,7 @@ from appliance.modelpkg import ModelPackage, PackageError, decode_package, load_
 from appliance.outbox import Backoff, Outbox, PermanentRejection
 from appliance.protocol.heartbeat import Heartbeat, encode_heartbeat
 from appliance.secagg_client import SecureRound, Transport, flat_update, take_part
-from appliance.storage_errors import StorageFailure, storage_reason, storing
+from appliance.storage_errors import STORAGE_ERRNO_REASONS, StorageFailure, storage_reason, storing
 from appliance.training_job import FRAMES_DIR, TrainJob, run_train_job
 
 log = logging.getLogger("fl_agent")
@@ -85,6 +87,20 @@ REFUSED_PACKAGES_KEPT = 16
 # one that answers at once (a proxy answering 204, an aggregator serving a round the agent has taken) is not polled
 # in a tight loop.
 POLL_MIN_SECONDS = 1.0
+
+
+def trainer_storage_failure(exc: BaseException, state_dir: Path) -> StorageFailure | None:
+    """A :class:`StorageFailure` when the trainer failed because the data partition refused it a read or a write (EIO
+    from a dying SD card, reading the model package or the frames), else None: the card's failure, not the model's,
+    counted under its storage reason rather than ``trainer-failed``. A trainer cgroup that could not be set up is not
+    storage, whatever its errno (ENOSPC there is the kernel's, not the card's)."""
+    if not isinstance(exc, TrainerFailed) or isinstance(exc, CgroupSetupError) or exc.child_errno is None:
+        return None
+    reason = STORAGE_ERRNO_REASONS.get(exc.child_errno)
+    if reason is None:
+        return None
+    error = OSError(exc.child_errno, f"{os.strerror(exc.child_errno)} ({exc})")
+    return StorageFailure("the model package and the frames", state_dir, error, reason, doing="train on")
 
 
 def clip_update(delta: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float]:
@@ -507,9 +523,12 @@ class Agent:
                 batch_size = smaller
                 self.oom_retries += 1
             except (TrainerFailed, TimeoutError) as exc:
+                await self._check_package_after_failure(package)
+                failure = trainer_storage_failure(exc, self.state_dir)
+                if failure is not None:  # the card, not the model: given up as any round the card refuses (_round)
+                    raise failure from exc
                 log.error("round %d: training failed: %s", task.round_id, exc)
                 self.metrics.rounds_skipped.labels("trainer-failed").inc()
-                await self._check_package_after_failure(package)
                 return None
         delta, norm = clip_update(result.delta, task.clip_norm)
         metrics = {k: float(v) for k, v in result.metrics.items()}

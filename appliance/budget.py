@@ -74,11 +74,26 @@ class TrainerKilled(RuntimeError):
 
 
 class TrainerFailed(RuntimeError):
-    """The training callable raised an exception in the child; the child's traceback is in ``child_traceback``."""
+    """The training callable raised an exception in the child; the child's traceback is in ``child_traceback``.
+    ``child_errno``: the errno of the OSError behind it (the exception itself, or the one it was raised from or while
+    handling), None when there is none: what tells a card failing a read (EIO) from a bug or a bad model."""
 
-    def __init__(self, message: str, child_traceback: str):
+    def __init__(self, message: str, child_traceback: str, child_errno: int | None = None):
         super().__init__(message)
         self.child_traceback = child_traceback
+        self.child_errno = child_errno
+
+
+def os_errno(exc: BaseException) -> int | None:
+    """The errno of the first OSError in ``exc``'s chain (``exc``, then what it was raised from or while handling)."""
+    seen: set[int] = set()
+    item: BaseException | None = exc
+    while item is not None and id(item) not in seen:
+        if isinstance(item, OSError) and item.errno is not None:
+            return item.errno
+        seen.add(id(item))
+        item = item.__cause__ or item.__context__
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -566,13 +581,13 @@ def _child_main(conn: multiprocessing.connection.Connection) -> None:
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:  # the parent re-raises it as TrainerFailed
-        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), os_errno(exc)))
     else:
         try:
-            conn.send(("ok", result, None))
+            conn.send(("ok", result, None, None))
         except Exception as exc:  # an unpicklable result
             conn.send(("error", f"cannot send the result back: {type(exc).__name__}: {exc}",
-                       traceback.format_exc()))
+                       traceback.format_exc(), None))
     conn.close()
 
 
@@ -694,9 +709,9 @@ class TrainerSandbox:
                 process.join()
         if message is None:
             raise self._killed(process.exitcode, before)
-        status, value, child_traceback = message
+        status, value, child_traceback, child_errno = message
         if status == "error":
-            raise TrainerFailed(f"training failed in the trainer process: {value}", child_traceback)
+            raise TrainerFailed(f"training failed in the trainer process: {value}", child_traceback, child_errno)
         return value
 
     def _killed(self, exitcode: int | None, oom_before: tuple[int, int]) -> TrainerKilled:

@@ -32,10 +32,11 @@ def storage_reason(exc: BaseException) -> str | None:
 
 
 class StorageFailure(Exception):
-    """``what`` could not be stored in the directory ``where``: the partition refused it (``reason``)."""
+    """``what`` could not be stored (or, ``doing``, read or trained on) in the directory ``where``: the partition
+    refused it (``reason``)."""
 
-    def __init__(self, what: str, where: Path, error: OSError, reason: str):
-        super().__init__(f"cannot store {what} in {where}: {error.strerror or error}")
+    def __init__(self, what: str, where: Path, error: OSError, reason: str, *, doing: str = "store"):
+        super().__init__(f"cannot {doing} {what} in {where}: {error.strerror or error}")
         self.what = what
         self.where = where
         self.error = error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -26,6 +27,13 @@ def child_pid_and_sum(values: list[int], scale: int = 1) -> tuple[int, int]:
 
 def raise_value_error() -> None:
     raise ValueError("learning rate must be positive")
+
+
+def fail_reading_from_a_dying_card() -> None:
+    try:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "/var/lib/fl-agent/models/x.flpkg")
+    except OSError:
+        raise ValueError("cannot read the model package: Input/output error") from None
 
 
 def return_unpicklable():
@@ -75,6 +83,16 @@ def test_an_exception_in_the_training_callable_comes_back_with_its_traceback():
     with pytest.raises(b.TrainerFailed, match="ValueError: learning rate must be positive") as err:
         sandbox.run(raise_value_error)
     assert "raise_value_error" in err.value.child_traceback
+    assert err.value.child_errno is None
+
+
+def test_the_errno_behind_a_training_failure_comes_back_with_it():
+    """An EIO reading from the card, even behind the error it was turned into (``raise ... from None``): what tells
+    the agent the card failed, not the model (tests/test_agent_trainer_storage.py)."""
+    sandbox = b.TrainerSandbox(ADVISORY, memory_max=None)
+    with pytest.raises(b.TrainerFailed, match="ValueError: cannot read the model package") as err:
+        sandbox.run(fail_reading_from_a_dying_card)
+    assert err.value.child_errno == errno.EIO
 
 
 def test_an_unpicklable_result_is_a_training_failure_not_a_kill():

@@ -1,5 +1,5 @@
-"""Trainer entry points for the agent's memory tests: they note each training run, and one is killed the way
-the kernel's OOM killer kills (SIGKILL) while its batch is large.
+"""Trainer entry points for the agent's memory and storage tests: they note each training run; one is killed the way
+the kernel's OOM killer kills (SIGKILL) while its batch is large, one reads from a card that fails once.
 
 They run in the trainer child, forked by the agent's fork server, which imports them by name: so they live in
 this small module (no test framework, no torch) rather than in a test file. Each run is noted as one line in
@@ -9,6 +9,7 @@ the lines is the order things happened in, across processes.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -45,4 +46,17 @@ def train_or_be_killed_for_memory(job: TrainJob) -> TrainResult:
     note(job.state_dir, f"train {job.batch_size}")
     if job.batch_size > FITS_IN_MEMORY:
         os.kill(os.getpid(), signal.SIGKILL)
+    return run_train_job(job)
+
+
+def train_on_a_card_failing_once(job: TrainJob) -> TrainResult:
+    """The first run reads its model package from a card that fails the read (EIO, as a dying SD card does), noted as
+    ``card failed``; later runs (the card answering again) are real."""
+    if "card failed" not in events(job.state_dir):
+        note(job.state_dir, "card failed")
+
+        def failing_read(path: Path) -> bytes:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+        Path.read_bytes = failing_read  # this trainer child only: each run is a new process
     return run_train_job(job)

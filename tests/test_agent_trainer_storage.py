@@ -1,0 +1,53 @@
+"""A trainer that fails because the card does (EIO reading its model package, as a dying SD card answers) is a storage
+failure, not a failed training: the round is counted under ``io-error`` in ``fl_agent_rounds_skipped_total`` and
+``fl_agent_storage_errors_total``, the log line and the status say the data partition, and nothing is left half-written
+in the outbox or the state. It was counted ``trainer-failed``, which points an operator at the model, never at the card.
+
+The trainer child really runs (tests/trainer_faults.py): its first run's read of the package fails with EIO; once the
+card answers again, a restarted agent takes the round and delivers its update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import trainer_faults
+from agent_harness import FakeAggregator, run_agent_against, sample
+
+from appliance.agent import STATE_FILE
+
+
+def storage_skips(agent) -> float:
+    return sample(agent, "fl_agent_rounds_skipped_total", {"reason": "io-error"})
+
+
+async def test_a_trainer_the_card_fails_with_eio_is_a_storage_failure_and_leaves_nothing_damaged(
+    signed_package, tmp_path, monkeypatch, caplog
+):
+    key, path = signed_package
+    monkeypatch.setattr("appliance.agent.run_train_job", trainer_faults.train_on_a_card_failing_once)
+    state = tmp_path / "state"
+    with caplog.at_level(logging.ERROR, logger="fl_agent"):
+        agent = await run_agent_against(
+            FakeAggregator(key, path), tmp_path, at_most=120,
+            until=lambda a: storage_skips(a) >= 1
+            or sample(a, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) >= 1,
+        )
+    assert trainer_faults.events(state) == ["card failed"]
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) == 0
+    assert storage_skips(agent) == 1 and sample(agent, "fl_agent_storage_errors_total", {"reason": "io-error"}) == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round 1:")]
+    assert line.startswith(f"round 1: cannot train on the model package and the frames in {state}: Input/output "
+                           "error (training failed in the trainer process: PackageError:"), line
+    assert "skipped: cannot train on the model package and the frames" in agent.status
+    # Nothing half-written: the outbox holds nothing, the state (if any) is whole, and the package is kept.
+    assert agent.outbox.depth == 0 and not list((state / "outbox").glob("*.tmp*"))
+    if (state / STATE_FILE).exists():
+        assert isinstance(json.loads((state / STATE_FILE).read_text()), dict)
+
+    # The card answers again: an agent started on the same state takes the round and delivers its update.
+    fake = FakeAggregator(key, path)
+    again = await run_agent_against(fake, tmp_path, at_most=120,
+                                    until=lambda a: sample(a, "fl_agent_updates_delivered_total") >= 1)
+    assert len(fake.updates) == 1 and again.last_round == 1 and again.outbox.depth == 0
