@@ -53,6 +53,24 @@ def test_an_update_naming_another_device_than_its_signer_is_refused_before_its_r
     assert refused.value.reason == "kid-mismatch"
 
 
+@pytest.mark.parametrize("device", [5, KID.encode(), None], ids=["a-number", "bytes", "null"])
+def test_a_device_that_is_not_text_is_refused_as_such(device: object) -> None:
+    """Refused for what it is (a field of the wrong kind), not as a device mismatch the signer did not make."""
+    with pytest.raises(ProtocolError) as refused:
+        header_of(_verified(device=device), "float32")
+    assert refused.value.reason == "bad-payload" and "'device'" in refused.value.detail
+
+
+@pytest.mark.parametrize("encoding", ["bf16", 8, None])
+def test_an_encoding_no_version_sends_is_refused_as_such_whatever_the_task_asks(encoding: object) -> None:
+    """Named as an encoding that does not exist, not as one other than the task's; and refused too when the caller
+    gives no task encoding (it only wants the signer)."""
+    for task_encoding in ("float32", None):
+        with pytest.raises(ProtocolError) as refused:
+            header_of(_verified(encoding=encoding), task_encoding)
+        assert refused.value.reason == "bad-payload" and "'encoding'" in refused.value.detail, task_encoding
+
+
 def test_a_message_of_another_type_is_not_read_as_an_update() -> None:
     with pytest.raises(ProtocolError) as refused:
         header_of(_verified(type="secagg-masked"), "float32")
