@@ -132,7 +132,7 @@ class TensorSection:
             else:
                 width = _FLOAT_BYTES.get(scales[0], 0) if scales else 0
                 scale, scales = scales[:width], scales[width:]
-                if not scale:
+                if not scale or len(scale) < width:  # a check value without (all of) its scales: damaged
                     return False
                 factor = np.float32(cbor2.loads(scale))  # as wire's decoder dequantises
                 with np.errstate(invalid="ignore", over="ignore", divide="ignore"):

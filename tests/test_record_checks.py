@@ -83,6 +83,19 @@ def test_a_record_changed_to_a_value_out_of_its_encodings_range_fails_without_a_
         assert not record_intact(check, changed, section)
 
 
+@pytest.mark.parametrize("kept", [32, 33, 36, -1], ids=["no-scale", "a-scales-head", "half-a-scale",
+                                                     "all-but-a-byte"])
+def test_an_int8_check_cut_short_in_its_scales_fails_and_does_not_raise(kept: int) -> None:
+    """A stored check whose value lost (some of) its scales cannot rebuild the section: the record is taken for a
+    changed one, as any other mismatch; it used to raise a CBOR decoding error out of the resume instead."""
+    specs = _specs()
+    section = TensorSection(specs)
+    verified, record = _received(specs, "int8")
+    check = section.check(verified, "int8")
+    assert check is not None and record_intact(check, record, section)
+    assert not record_intact(RecordCheck(check.kind, check.value[:kept]), record, section)
+
+
 def test_an_int8_update_whose_scale_is_zero_in_float32_passes_its_check() -> None:
     """The reader takes any scale above 0, and dequantises in float32: a scale below float32's smallest subnormal
     (here 1e-50) makes every value 0 or -0, whose int8 data the record cannot give back. Such a record was checked
