@@ -52,6 +52,17 @@ def test_only_buffers_it_handed_out_are_taken_back_and_at_most_keep_of_them() ->
     assert not any(np.shares_memory(t, two) for t in taken)
 
 
+def test_a_buffer_given_back_twice_is_kept_once_so_two_uploads_never_share_it() -> None:
+    """With room to keep both, a buffer given back twice (or a view of it, then the buffer) would otherwise be handed
+    to two uploads at once, each writing its body over the other's."""
+    buffers = Buffers(keep=2)
+    one = buffers.take(1000)
+    buffers.give(one)
+    buffers.give(one.view(np.float32))
+    first, second = buffers.take(1000), buffers.take(1000)
+    assert not np.shares_memory(first, second)
+
+
 def test_uploads_through_reused_buffers_are_accumulated_exactly_as_sent(tmp_path: Path) -> None:
     async def go() -> None:
         async with running(tmp_path, devices=6, parameters=50_000) as h:
