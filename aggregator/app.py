@@ -723,17 +723,34 @@ async def get_page(request: web.Request) -> web.Response:
     return web.Response(text=statuspage.render(status, fleet), content_type="text/html")
 
 
-async def get_health(request: web.Request) -> web.Response:
-    """Liveness plus load: ``saturated`` while every upload slot is taken (new uploads queue), still HTTP 200."""
-    s = request.app[SERVICES]
+def _health(s: Services) -> dict[str, Any]:
+    """What /healthz and /readyz answer: ``disk-stalled`` while the oldest write under way on the state directory has
+    waited past --store-timeout (uploads are refused), else ``saturated`` while every upload slot is taken (new
+    uploads queue), else ``ok``; with the load and the disk's oldest write."""
     r = s.engine.current
     uploads = s.uploads
-    return web.json_response({
-        "status": "saturated" if uploads.saturated else "ok",
+    disk = s.engine.disk_status()
+    return {
+        "status": "disk-stalled" if disk["stalled"] else "saturated" if uploads.saturated else "ok",
         "model_version": s.engine.version,
         "round": r.round_id if r else None,
         "uploads": {"active": uploads.active, "limit": uploads.limit, "waiting": uploads.waiting},
-    }, dumps=strict_json.dumps)
+        "disk": disk,
+    }
+
+
+async def get_health(request: web.Request) -> web.Response:
+    """Liveness: HTTP 200 whenever the event loop answers, a stalled disk included. A restart cannot make a disk answer
+    (the process stuck in its write may not even die, and the next one would hang on it at start-up), and it loses
+    nothing acknowledged either way; a liveness probe that killed the pod for it would only restart it in a loop."""
+    return web.json_response(_health(request.app[SERVICES]), dumps=strict_json.dumps)
+
+
+async def get_ready(request: web.Request) -> web.Response:
+    """Readiness: the body of /healthz, HTTP 503 while the disk is stalled (every upload would be refused 503
+    ``spool-unavailable``), so that a load balancer or a Kubernetes Service sends no uploads here until it answers."""
+    health = _health(request.app[SERVICES])
+    return web.json_response(health, status=503 if health["disk"]["stalled"] else 200, dumps=strict_json.dumps)
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -910,6 +927,7 @@ def make_app(config: AggregatorConfig) -> web.Application:
         app.router.add_get(f"/v1/status/rounds/{{round}}/{which}", get_round_devices(which))
     app.router.add_post("/v1/heartbeat", post_heartbeat)
     app.router.add_get("/healthz", get_health)
+    app.router.add_get("/readyz", get_ready)
     app.router.add_get("/", get_page)
     app.router.add_get("/metrics", get_metrics)
     for phase in ("advertise", "shares", "unmask"):

@@ -1393,9 +1393,9 @@ class RoundEngine:
         """Whether the oldest write under way (``WritesUnderWay.oldest``) has waited past ``--store-timeout``."""
         return oldest is not None and oldest[0] > self.policy.store_timeout
 
-    def _disk_status(self) -> dict[str, Any]:
-        """The oldest write under way in the state directory (``disk`` of /v1/status): a disk that stopped answering
-        shows here, named, while everything else is answered from memory and what is committed."""
+    def disk_status(self) -> dict[str, Any]:
+        """The oldest write under way in the state directory (``disk`` of /v1/status, /healthz and /readyz): a disk that
+        stopped answering shows here, named, while everything else is answered from memory and what is committed."""
         oldest = self.store.writes.oldest()
         return {"stalled": self._stalled(oldest),
                 "oldest_write": None if oldest is None else oldest[1],
@@ -1470,7 +1470,7 @@ class RoundEngine:
                 "max_samples": self.policy.max_samples,
                 "store_timeout": self.policy.store_timeout,
             },
-            "disk": self._disk_status(),
+            "disk": self.disk_status(),
             "current_round": None
             if r is None
             else {

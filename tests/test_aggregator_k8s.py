@@ -171,8 +171,9 @@ def test_args_parse_with_the_real_cli_and_match_the_volumes_and_ports(workload: 
     assert str(args.tls_cert.parent) == str(args.tls_key.parent) == mounts["tls"]
     port = next(p for p in container["ports"] if p["name"] == "https")["containerPort"]
     assert args.listen == ("0.0.0.0", port)
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "https", "scheme": "HTTPS"}
+    # Ready only while the disk answers (/readyz, 503 while it is stalled); live while the process answers (/healthz)
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "https", "scheme": "HTTPS"}
     name = workload.split("/")[1]
     for service in (f"Service/{name}", f"Service/{name}-headless"):
         spec = _docs()[service]["spec"]

@@ -155,6 +155,11 @@ def test_an_upload_whose_spool_write_hangs_is_refused_in_time_and_the_close_goes
                 assert "has not finished a write" in problem["detail"], problem
                 disk = (await (await h.client.get("/v1/status")).json())["disk"]
                 assert disk["stalled"] and disk["oldest_write"] == "the spool's write of 1 update", disk
+                for path, code in (("/healthz", 200), ("/readyz", 503)):  # alive (a restart would not make the
+                    probe = await h.client.get(path)  # disk answer), and not ready for uploads
+                    health = await probe.json()
+                    assert (probe.status, health["status"]) == (code, "disk-stalled"), (path, health)
+                    assert health["disk"]["oldest_write"] == "the spool's write of 1 update", (path, health)
                 assert "The disk has not answered for" in await (await h.client.get("/")).text()
                 await h.engine.close_round()  # waits at most --store-timeout for the hanging update
                 following = await h.task(after=task.round_id)
@@ -166,7 +171,10 @@ def test_an_upload_whose_spool_write_hangs_is_refused_in_time_and_the_close_goes
             async with asyncio.timeout(GUARD_SECONDS):
                 while h.engine.store.receipt_for(wire.update_digest(updates[2])) is None:
                     await asyncio.sleep(0.05)
+                while (ready := await h.client.get("/readyz")).status != 200:  # ready again once it answers
+                    await asyncio.sleep(0.05)
                 status, problem = await h.upload(updates[2])  # its record holds a receipt that was never given
+            assert (await ready.json())["status"] == "ok"
             assert (status, problem["reason"]) == (410, "round-closed"), problem
             record = next(r for r in (await (await h.client.get("/v1/status")).json())["rounds"] if r["round"] == 1)
             assert (record["status"], record["participants"]) == ("published", 2)
