@@ -196,6 +196,9 @@ def test_status_lines_up_every_round_status_superseded_included(tmp_path: Path, 
         ('{"public_key": "abc"}', "not hex"),
         ('{"public_key": "%s00"}', "33 bytes"),
         ("not json", "not JSON"),
+        ('["%s"]', 'expected an object with a "public_key" hex string'),
+        ('{"public_key": 5}', 'expected an object with a "public_key" hex string'),
+        ('{"name": "cam-1"}', 'expected an object with a "public_key" hex string'),
     ],
 )
 def test_enroll_file_errors_name_the_line(tmp_path: Path, capsys, line: str, complaint: str) -> None:
