@@ -33,10 +33,14 @@ from appliance.protocol import messages as m
 from appliance.protocol.secagg import DeviceRound, SecAggError
 
 # How long a device waits for the unmask request after the masked inputs were due (the aggregator asks as soon
-# as the masked phase ends; after a restart of the aggregator it asks again).
+# as the masked phase ends; after a restart of the aggregator it asks again), and retries its answer at the longest.
 UNMASK_WAIT_SECONDS = 600.0
 POLL_SECONDS = 30.0
 RETRY_SECONDS = 2.0
+# A message whose phase the aggregator's signed deadline says has ended (or ends in a moment) is still retried this long
+# when the aggregator cannot be reached: the device's estimate of the aggregator's time may be a little off, and a
+# refusal (the phase over) ends the retries at once anyway.
+RETRY_AT_LEAST_SECONDS = 30.0
 # Two polls for a message not published yet start at least this far apart: the aggregator's long-poll waits, but a
 # proxy that answers 204 at once is not asked again at once, until the deadline.
 POLL_MIN_SECONDS = 1.0
@@ -120,6 +124,12 @@ class SecureRound:
     def round_id(self) -> int:
         return self.task.round_id
 
+    def _retry_until(self, signed: float, latest: float) -> float:
+        """Until when to retry a message whose phase ends at the aggregator's ``signed`` deadline: then, but never past
+        ``latest`` (what the round's own deadline allows: a signed deadline years away kept the device retrying for
+        years), and for at least RETRY_AT_LEAST_SECONDS from now (one already past gave up after a single try)."""
+        return max(min(signed, latest), self.now() + RETRY_AT_LEAST_SECONDS)
+
     async def _send(self, phase: str, body: bytes, deadline: float) -> None:
         while True:
             try:
@@ -182,7 +192,7 @@ class SecureRound:
         except SecAggError as exc:
             raise SecAggDropped(exc.reason, exc.detail) from None
         body = m.encode_shares(m.Shares(self.round_id, self.device_id, dealing), self.key)
-        await self._send("shares", body, self.roster.deadline)
+        await self._send("shares", body, self._retry_until(self.roster.deadline, self.task.deadline))
 
     async def receive(self) -> list[int]:
         """Wait for the shares routed to this device and check them; returns the neighbours it rejected."""
@@ -220,7 +230,7 @@ class SecureRound:
         except SecAggError as exc:
             raise SecAggDropped(exc.reason, exc.detail) from None
         body = m.encode_unmask(m.Unmask(self.round_id, self.device_id, answer), self.key)
-        await self._send("unmask", body, max(request.deadline, self.now() + RETRY_SECONDS))
+        await self._send("unmask", body, self._retry_until(request.deadline, self.task.deadline + UNMASK_WAIT_SECONDS))
 
 
 Update = tuple[np.ndarray, int]  # (clipped delta, flat, in the model's parameter order; number of samples)
