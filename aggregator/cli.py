@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import socket
+import sqlite3
 import ssl
 import sys
 import time
@@ -37,7 +38,7 @@ from aggregator.rounds import (
     RoundPolicy,
     TrainingPlan,
 )
-from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy
+from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secure_strategy, recorded_round_status
 from aggregator.statuspage import downlink_text
 from aggregator.store import RoundRow, Store, StoreError
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
@@ -592,6 +593,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def _status_from_state(state: Path) -> dict[str, object]:
     store = _open_store(state)
+    secure = sqlite3.connect(store.db_path)  # the secure rounds' records (aggregator/secagg_round.py)
     try:
         latest = store.latest_model()
         open_row = store.open_round()
@@ -604,7 +606,7 @@ def _status_from_state(state: Path) -> dict[str, object]:
                 "round": open_row.round_id, "model_version": open_row.model_version, "deadline": open_row.deadline,
                 "goal": open_row.goal, "accepted": store.count_round_devices(open_row.round_id),
             },
-            "rounds": [_round_from_state(store, r) for r in store.recent_rounds(20)],
+            "rounds": [_round_from_state(store, secure, r) for r in store.recent_rounds(20)],
             "devices": {
                 "enrolled": sum(1 for d in devices if d.revoked_at is None),
                 "revoked": sum(1 for d in devices if d.revoked_at is not None),
@@ -615,17 +617,20 @@ def _status_from_state(state: Path) -> dict[str, object]:
             },
         }
     finally:
+        secure.close()
         store.close()
 
 
-def _round_from_state(store: Store, r: RoundRow) -> dict[str, Any]:
-    """A round as ``status --state`` shows it: its record and, as /v1/status does, its first lost devices and their
-    total (Store.round_device_lists)."""
+def _round_from_state(store: Store, secure: sqlite3.Connection, r: RoundRow) -> dict[str, Any]:
+    """A round as ``status --state`` shows it: its record and, as /v1/status does, its first lost and left-out
+    devices and their totals (Store.round_device_lists), and ``secure``: its secure round's record, or None for a
+    plain round (whose left-out devices are updates stored too late, not masked inputs)."""
     lists = store.round_device_lists(r.round_id, STATUS_ROUND_DEVICES)
     return {"round": r.round_id, "model_version": r.model_version, "status": r.status,
             "participants": r.participants, "samples": r.samples, "metrics": r.metrics, "note": r.note,
             "lost_devices": lists["lost_devices"], "lost_devices_total": lists["lost_devices_total"],
-            "left_out_devices": lists["left_out_devices"], "left_out_devices_total": lists["left_out_devices_total"]}
+            "left_out_devices": lists["left_out_devices"], "left_out_devices_total": lists["left_out_devices_total"],
+            "secure": recorded_round_status(secure, r.round_id, store.round_left_out_reasons(r.round_id))}
 
 
 def _last_forward(forward: tuple[float, int, bytes] | None) -> dict[str, float | int | None]:
@@ -710,7 +715,7 @@ def _left_out_line(r: dict[str, Any]) -> str:
     why = f" ({', '.join(f'{count} {reason}' for reason, count in reasons.items())})" if reasons else ""
     more = (f" and {total - len(left_out)} more (GET /v1/status/rounds/{r['round']}/left_out_devices)"
             if total > len(left_out) else "")
-    plain = "secure" in r and r["secure"] is None  # /v1/status of a plain round (--state does not tell)
+    plain = "secure" in r and r["secure"] is None  # (an aggregator older than ``secure`` does not tell)
     what = "update{} stored too late to count" if plain else "masked input{} left out of the sum"
     return f"{'':21}{total} {what.format('s' if total != 1 else '')}{why}: {', '.join(left_out)}{more}\n"
 

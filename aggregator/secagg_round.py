@@ -1039,19 +1039,29 @@ class SecureRounds:
             covers = len(sr.plan.survivors) if sr.phase == "done" and sr.plan is not None else 0
             return {"phase": sr.phase, "outcome": sr.outcome, "sum_devices": covers, "dropouts": dict(sr.dropouts),
                     "left_out": left_out}
-        rows = self._read("SELECT phase, outcome, survivors, dropouts FROM secagg_rounds WHERE round_id=?",
-                          (round_id,))
-        if not rows:
-            return None
-        phase, outcome, survivors, dropouts = rows[0]
-        return {"phase": phase, "outcome": outcome, "sum_devices": survivors, "dropouts": json.loads(dropouts),
-                "left_out": left_out}
+        with self._reads_lock:
+            return recorded_round_status(self._reads, round_id, left_out)
 
     def _read(self, sql: str, values: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Rows of the database through a connection of their own: a write hanging on the writer's connection (a
         stalled disk) holds that connection, not the reads (WAL)."""
         with self._reads_lock:
             return self._reads.execute(sql, values).fetchall()
+
+
+def recorded_round_status(db: sqlite3.Connection, round_id: int, left_out: dict[str, int]) -> dict[str, Any] | None:
+    """A secure round's status as its record in ``db`` holds it (``secure`` of a round in /v1/status and in
+    ``fl-aggregator status --state``), with ``left_out`` (``Store.round_left_out_reasons``); None for a round that was
+    not secure, as in a state where none ever was (it has no ``secagg_rounds``)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='secagg_rounds'").fetchone() is None:
+        return None
+    row = db.execute("SELECT phase, outcome, survivors, dropouts FROM secagg_rounds WHERE round_id=?",
+                     (round_id,)).fetchone()
+    if row is None:
+        return None
+    phase, outcome, survivors, dropouts = row
+    return {"phase": phase, "outcome": outcome, "sum_devices": survivors, "dropouts": json.loads(dropouts),
+            "left_out": left_out}
 
 
 def _left_out(sr: SecureRound, plan: UnmaskPlan) -> dict[int, str]:

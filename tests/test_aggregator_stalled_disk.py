@@ -24,7 +24,7 @@ import pytest
 from aggregator_harness import Harness, run, running
 from test_aggregator_tree import site_task, tree, wait_until
 
-from aggregator import rounds, upstream
+from aggregator import cli, rounds, upstream
 from aggregator.app import SERVICES
 from aggregator.buffered import BufferPolicy
 from aggregator.rounds import RoundPolicy
@@ -117,7 +117,7 @@ def test_a_close_whose_commit_hangs_leaves_the_aggregator_answering_and_publishe
 
 
 def test_an_upload_whose_spool_write_hangs_is_refused_in_time_and_the_close_goes_on_without_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Two updates are stored; the third's fdatasync hangs. Its device is answered 503 within --store-timeout (not
     acknowledged); once fl_aggregator_disk_wait_seconds shows the write hanging for longer than that, a fourth
     device's upload is refused at once, and both are counted; the round's close waits at most --store-timeout for the
@@ -134,7 +134,7 @@ def test_an_upload_whose_spool_write_hangs_is_refused_in_time_and_the_close_goes
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     policy = RoundPolicy(min_clients=2, goal_clients=4, round_timeout=600, store_timeout=1)
 
-    async def go() -> None:
+    async def go() -> str:
         async with running(tmp_path, devices=4, policy=policy) as h:
             task = await h.task()
             assert task is not None
@@ -182,11 +182,16 @@ def test_an_upload_whose_spool_write_hangs_is_refused_in_time_and_the_close_goes
             assert (record["left_out_devices"], record["left_out_devices_total"]) == ([h.devices[2].device_id], 1)
             page = await (await h.client.get("/")).text()
             assert "1 update stored too late to count" in page
+            return h.devices[2].device_id
 
     try:
-        run(go())
+        late = run(go())
     finally:
         release.set()
+    capsys.readouterr()
+    assert cli.main(["status", "--state", str(tmp_path)]) == 0  # read from the state: a plain round's updates
+    text = capsys.readouterr().out
+    assert f"1 update stored too late to count: {late}" in text and "masked input" not in text, text
 
 
 def test_a_site_whose_forward_write_hangs_keeps_answering_and_forwards_once_the_disk_answers(

@@ -19,7 +19,7 @@ from tests.secagg_sim import _off_polynomial
 
 def test_a_masked_input_left_out_of_the_sum_is_listed_as_left_out_not_among_the_devices(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    async def go() -> None:
+    async def go() -> str:
         async with secure_running(tmp_path, devices=4) as h:
             task = await h.task()
             rounds = secure_rounds(h, task)
@@ -64,5 +64,8 @@ def test_a_masked_input_left_out_of_the_sum_is_listed_as_left_out_not_among_the_
             assert await asyncio.to_thread(cli.main, ["status", "--url", url]) == 0
             text = capsys.readouterr().out
             assert f"1 masked input left out of the sum (1 bad-shares): {cheat.device_id}" in text
+            return cheat.device_id
 
-    run(go())
+    cheat = run(go())
+    assert cli.main(["status", "--state", str(tmp_path)]) == 0  # read from the state: the same line
+    assert f"1 masked input left out of the sum (1 bad-shares): {cheat}" in capsys.readouterr().out
