@@ -274,6 +274,30 @@ def test_upstream_refuses_rules_that_do_not_compose(tmp_path: Path, rule: str,
     assert not (tmp_path / "site").exists()  # refused before anything was created
 
 
+def test_upstream_refuses_a_server_learning_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A site's FedAvg with --server-lr would scale its devices' mean before the city averages it with other sites'
+    (the root applies it, once)."""
+    key = bytes(SigningKey.generate().verify_key).hex()
+    code = cli.main(["serve", "--state", str(tmp_path / "site"), "--synthetic-parameters", "10",
+                     "--upstream", "http://127.0.0.1:9", "--upstream-key", key, "--server-lr", "0.5"])
+    assert code == 2
+    assert "--server-lr does not apply with --upstream" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:9", "127.0.0.1:9", "http://", "city"])
+def test_an_upstream_that_is_not_an_http_url_is_refused_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """Refused naming the option, before anything is created: not a site that starts and fails every poll."""
+    key = bytes(SigningKey.generate().verify_key).hex()
+    code = cli.main(["serve", "--state", str(tmp_path / "site"), "--synthetic-parameters", "10",
+                     "--upstream", url, "--upstream-key", key])
+    assert code == 2
+    assert f"--upstream must be an http:// or https:// URL, got {url!r}" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()
+
+
 def test_upstream_key_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["serve", "--state", str(tmp_path / "site"), "--synthetic-parameters", "10",
                      "--upstream", "http://127.0.0.1:9", "--upstream-key", str(tmp_path / "missing.pub")])
