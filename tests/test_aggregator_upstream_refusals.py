@@ -1,6 +1,7 @@
 """What a site (aggregator/upstream.py) refuses from its parent, and why: a parent task for another model package, a
 parent release that is not the model its task names, a closed site round that answers no recorded parent task. Each
-refusal is logged or recorded with its reason, and the site trains on nothing but the parent's model."""
+refusal is logged or recorded with its reason, and the site trains on nothing but the parent's model. And a parent's
+secure round, which a site cannot join."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nacl.signing import SigningKey
+from secagg_harness import secure_running
 
 from aggregator.app import SERVICES
 from aggregator.registry import Enrolment
@@ -56,6 +58,33 @@ def test_a_parent_task_for_another_package_is_refused_naming_both_and_its_model_
                 (message,) = refusal()
                 city_package, site_package = city.package.info.digest.hex(), site.package.info.digest.hex()
                 assert f"package {city_package[:16]}" in message and f"serves {site_package[:16]}" in message
+                assert site.engine.current is None and await site.task(after=0) is None
+
+    with caplog.at_level(logging.INFO):
+        run(go())
+
+
+def test_a_parent_secure_round_is_not_joined_and_the_site_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site forwards one plain sum, not a masked input: in a secure round its forward would be refused (and its
+    devices' updates lost). It opens no round on such a task and logs what to run instead."""
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+
+    def refusal() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "which a site cannot join" in r.getMessage()]
+
+    async def go() -> None:
+        async with secure_running(tmp_path / "city", devices=0, key=city_key) as city:
+            city.app[SERVICES].registry.enroll([Enrolment(wire.key_id(site_key.verify_key),
+                                                          bytes(site_key.verify_key), site=True)])
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            async with running(tmp_path / "site", devices=DEVICES, key=site_key, upstream=upstream,
+                               policy=RoundPolicy(min_clients=1, goal_clients=DEVICES, round_timeout=600)) as site:
+                await wait_until(lambda: refusal() or site.engine.current is not None,
+                                 what="the site taking the city's task")
+                (message,) = refusal()
+                assert "secure-aggregation round" in message and "plain FedAvg at the root" in message
                 assert site.engine.current is None and await site.task(after=0) is None
 
     with caplog.at_level(logging.INFO):
