@@ -180,3 +180,22 @@ def test_a_large_body_over_tls_is_read_through_aiohttp_and_its_connection_kept(t
             await client.close()
 
     run(go())
+
+
+@pytest.mark.parametrize("options", [{"floor": 0}, {"floor": -1}, {"min_rate": 0}],
+                         ids=["no-floor", "negative-floor", "no-rate"])
+def test_a_read_deadline_that_gives_no_time_or_divides_by_zero_is_refused(options: dict) -> None:
+    """No option sets it (AggregatorConfig.upload_deadline): refused when built, not at the first upload (a
+    division by zero, or every body timed out at once)."""
+    with pytest.raises(ValueError, match="floor and minimum rate must be positive"):
+        ReadDeadline(**options)
+
+
+def test_an_aggregator_reading_no_upload_at_once_is_refused(tmp_path: Path) -> None:
+    """``max_active_uploads`` below 1 would hold every upload waiting for a slot that never frees: refused at start."""
+    async def go() -> None:
+        async with running(tmp_path, devices=1, max_active_uploads=0):
+            pass
+
+    with pytest.raises(ValueError, match="max_active_uploads must be at least 1"):
+        run(go())
