@@ -926,7 +926,10 @@ class SecureRounds:
 
     async def _ask(self, sr: SecureRound) -> None:
         rejections = {v: accused for v, (_, accused) in sr.masked.items()}
-        plan = plan_unmask(sr.setup, _dealings(sr), rejections)
+        # The accusations are judged on a worker thread (a DLEQ check and a dealer's shares opened and checked each:
+        # a round full of them took seconds, and held the status and every upload on the event loop). What they are
+        # judged on is fixed by now (the masked phase has ended: _drain), and the round's state changes only after.
+        plan = await self._run(plan_unmask, sr.setup, _dealings(sr), rejections)
         if len(plan.survivors) < self._minimum():
             raise _Abandon("too-few-survivors", f"{len(plan.survivors)} masked inputs can count, below the minimum of "
                            f"{self._minimum()}")
