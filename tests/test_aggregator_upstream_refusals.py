@@ -91,6 +91,33 @@ def test_a_parent_secure_round_is_not_joined_and_the_site_says_why(
         run(go())
 
 
+def test_a_parent_round_closing_too_soon_to_collect_anything_is_skipped_not_opened_past_its_deadline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The city's rounds last a second, less than the margin a site leaves its forward: the site opens no round (one
+    would be past its deadline as it opens, handing its devices tasks already over) and says why."""
+    city_key, site_key = SigningKey.generate(), SigningKey.generate()
+
+    def skipped() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "closes too soon to collect anything" in r.getMessage()]
+
+    async def go() -> None:
+        async with running(tmp_path / "city", key=city_key, enrolled=[],
+                           policy=RoundPolicy(min_clients=1, goal_clients=1, round_timeout=1)) as city:
+            city.app[SERVICES].registry.enroll([Enrolment(wire.key_id(site_key.verify_key),
+                                                          bytes(site_key.verify_key), site=True)])
+            upstream = UpstreamConfig(url=str(city.client.make_url("")), key=city_key.verify_key, poll_seconds=2)
+            async with running(tmp_path / "site", devices=DEVICES, key=site_key, upstream=upstream,
+                               policy=RoundPolicy(min_clients=1, goal_clients=DEVICES, round_timeout=600)) as site:
+                await wait_until(lambda: skipped() or site.engine.store.last_round_id() > 0,
+                                 what="the site taking the city's task")
+                assert skipped() and site.engine.store.last_round_id() == 0
+                assert site.engine.current is None and await site.task(after=0) is None
+
+    with caplog.at_level(logging.INFO):
+        run(go())
+
+
 @pytest.mark.parametrize("answer", ["the-model-before", "another-package"])
 def test_a_parent_release_that_is_not_the_model_its_task_names_is_refused_and_taken_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, answer: str
