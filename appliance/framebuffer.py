@@ -110,6 +110,13 @@ def record_size(shape: tuple[int, ...], boxes: bool = False) -> int:
     return HEADER.size + math.prod(shape) + (BOX_SLOTS * BOX.size if boxes else 0)
 
 
+def frames_held(max_frames: int, max_bytes: int, shape: tuple[int, ...], boxes: bool = False) -> int:
+    """How many frames of ``shape`` a buffer within ``max_frames`` and ``max_bytes`` holds at most: its frame limit,
+    or fewer when their bytes reach its byte limit first (a model with large inputs: 3x224x224 frames fill 64 MiB at
+    445)."""
+    return min(max_frames, max_bytes // record_size(shape, boxes))
+
+
 def _box_slots(boxes: np.ndarray, height: int, width: int) -> bytes:
     b = np.asarray(boxes, dtype=np.float64)
     if b.ndim != 2 or b.shape[1] != 4:

@@ -140,16 +140,16 @@ SMALL_SPECS = (wire.ParamSpec("layer0.weight", (20, 10)), wire.ParamSpec("layer0
 
 
 def small_package(path: Path, key: SigningKey, specs: Sequence[wire.ParamSpec] = SMALL_SPECS, seed: int = 7,
-                  name: str = "small-test-package") -> Path:
+                  name: str = "small-test-package", input_shape: Sequence[int] = (10,)) -> Path:
     """A signed model package of the tensors ``specs`` (drawn from ``seed``) at ``path``, for tests whose training
-    is stubbed out (its graphs are placeholders, never run)."""
+    is stubbed out (its graphs are placeholders, never run), taking samples of ``input_shape``."""
     specs = list(specs)
     rng = np.random.default_rng(seed)
     package = modelpkg.ModelPackage(
         name=name, param_specs=specs,
         initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
         training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
-        preprocessing={"input_shape": [10]}, num_classes=2,
+        preprocessing={"input_shape": list(input_shape)}, num_classes=2,
     )
     modelpkg.write_package(path, package, key)
     return path

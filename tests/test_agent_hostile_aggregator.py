@@ -13,8 +13,9 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from agent_harness import FakeAggregator, on_loopback, run_agent_against, sample
+from agent_harness import FakeAggregator, on_loopback, run_agent_against, sample, small_package
 from aiohttp import web
 from nacl.signing import SigningKey
 from test_model_package import signed_unchecked
@@ -28,6 +29,7 @@ from appliance.client import (
     held_sent_at,
     problem_reason,
 )
+from appliance.framebuffer import FrameBuffer
 from appliance.secagg_client import SecAggDropped, SecureRound, Transport
 
 DEEP_LIST = b"[" * 10_000 + b"]" * 10_000  # 20 kB, within the bound on what is read
@@ -114,6 +116,48 @@ async def test_a_batch_larger_than_the_frame_buffer_holds_skips_the_round_at_onc
     assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "no-data"}) == 1 and agent.last_round == 1
     assert any("asks for batches of 5000 frames, more than the frame buffer holds (4096" in r.getMessage()
                for r in caplog.records)
+
+
+async def test_a_batch_whose_bytes_the_frame_buffer_cannot_hold_skips_the_round_at_once(tmp_path, caplog):
+    """A model with large inputs: 32 frames of 3x1024x1024 pass the frame count (4096), but the buffer's 64 MiB hold
+    21 of them. The round loop waited until the deadline (weeks, here), taking no other round meanwhile."""
+    key = SigningKey.generate()
+    package = small_package(tmp_path / "large-inputs.flpkg", key, specs=[wire.ParamSpec("w", (4,))],
+                            input_shape=[3, 1024, 1024])
+    fake = FakeAggregator(key, package)
+    fake.batch_size, fake.round_seconds = 32, 30 * 86400
+    with caplog.at_level(logging.WARNING, logger="fl_agent"):
+        agent = await run_agent_against(fake, tmp_path, source="cameras", at_most=60,
+                                        until=lambda a: sample(a, "fl_agent_rounds_skipped_total",
+                                                               {"reason": "no-data"}) >= 1)
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "no-data"}) == 1 and agent.last_round == 1
+    assert any("asks for batches of 32 frames, more than the frame buffer holds (21 frames of 3145752 bytes: "
+               "[cameras] buffer_max_frames = 4096, buffer_max_bytes = 67108864)" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_a_batch_larger_than_a_round_trains_on_skips_the_round_instead_of_failing_it(signed_package, tmp_path,
+                                                                                         caplog):
+    """The trainer reads the newest ``samples_per_round`` frames (64 here): a batch of 100 never fit, and each round
+    failed in the trainer, counted trainer-failed, as "64 readable labelled frames in the buffer, need at least 100"
+    (which blames the card)."""
+    key, path = signed_package
+    buffer = FrameBuffer(tmp_path / "state" / "frames")
+    for i in range(200):
+        buffer.append(np.full((1, 32, 32), i % 256, np.uint8), i % 4)
+    buffer.flush()
+    fake = FakeAggregator(key, path)
+    fake.batch_size = 100
+    with caplog.at_level(logging.WARNING, logger="fl_agent"):
+        agent = await run_agent_against(fake, tmp_path, source="cameras", at_most=60,
+                                        until=lambda a: sample(a, "fl_agent_rounds_skipped_total",
+                                                               {"reason": "no-data"}) >= 1
+                                        or sample(a, "fl_agent_rounds_skipped_total",
+                                                  {"reason": "trainer-failed"}) >= 1)
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) == 0
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "no-data"}) == 1 and agent.last_round == 1
+    assert any("asks for batches of 100 frames, more than a round trains on ([data] samples_per_round = 64)"
+               in r.getMessage() for r in caplog.records)
 
 
 async def test_a_release_of_another_version_than_the_task_names_is_refused(signed_package, tmp_path):
