@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from aggregator_harness import Harness, running
 
-from aggregator.buffered import AsyncActivity, BufferPolicy
+from aggregator.buffered import AsyncActivity, BufferConfigError, BufferPolicy
 from aggregator.cli import main
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
@@ -155,6 +155,21 @@ def test_serve_refuses_async_settings_that_cannot_work_in_one_line(
     assert main(["serve", "--state", str(tmp_path), "--synthetic-parameters", "10", "--listen", listen, *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and complaint in err, err
+
+
+@pytest.mark.parametrize(("setting", "complaint"), [
+    ({"max_staleness": -1}, "--max-staleness must be 0 or more versions"),
+    ({"weighting": "linear"}, "--staleness-weight 'linear': expected one of"),
+    ({"exponent": 0.0}, "exponent must be positive"),
+    ({"exponent": -0.5}, "exponent must be positive"),
+    ({"exponent": float("nan")}, "exponent must be positive"),
+])
+def test_a_buffer_policy_that_cannot_work_is_refused_when_built(setting: dict, complaint: str) -> None:
+    """A negative --max-staleness would refuse every update. The command line offers only the named weightings and
+    the default exponent; a policy built otherwise (a deployment's own start-up code) is refused, not weighted as
+    polynomial, or its stale updates weighted up."""
+    with pytest.raises(BufferConfigError, match=complaint):
+        BufferPolicy(size=4, **setting)
 
 
 def test_an_update_arriving_while_its_buffer_closes_counts_in_the_next_one(tmp_path: Path) -> None:
