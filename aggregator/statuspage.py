@@ -187,7 +187,7 @@ def _mib(n: int | None) -> str:
 _COLUMNS = (  # header, sort key (None: not sortable)
     ("device", "device"), ("health", "health"), ("last seen", "last_seen"), ("last round", "last_round"),
     ("model", "model_version"), ("agent", "agent_version"), ("cameras", None), ("memory MiB (limit)", None),
-    ("CPU throttled", None), ("OOM retries", None), ("outbox", "outbox"),
+    ("CPU throttled", None), ("OOM retries", None), ("outbox", "outbox"), ("storage errors", None),
 )  # fmt: skip
 _SITE_MARK = (' <span class="site" title="a site aggregator (enroll --site): its updates carry its devices\' sum">'
               "site</span>")
@@ -208,20 +208,20 @@ def _device_row(d: dict[str, Any], now: float) -> str:
     if d["last_seen"] is None:
         never = "never forwarded" if d["site"] else "never seen"
         return (f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td><td style="color:{colour}">{never}</td>'
-                + "<td>-</td>" * 9 + "</tr>")
+                + "<td>-</td>" * 10 + "</tr>")
     behind = d["versions_behind"] or 0  # negative only if the aggregator's state was reset under the fleet
     model = "-" if d["model_version"] is None else f"v{d['model_version']}" + (f" (-{behind})" if behind > 0 else "")
     if d["site"]:  # last seen: its last forward; round and model: what that forward answered and was based on
         return (f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td>'
                 f'<td style="color:{colour}">{escape(d["health"])}</td><td>{_ago(now - d["last_seen"])}</td>'
-                f"<td>{d['last_round']}</td><td>{model}</td>" + "<td>-</td>" * 6 + "</tr>")
+                f"<td>{d['last_round']}</td><td>{model}</td>" + "<td>-</td>" * 7 + "</tr>")
     limit = f" ({_mib(d['memory_max'])})" if d["memory_max"] else ""
     return (
         f'<tr><td><code>{escape(d["device"][:12])}</code>{name}</td>'
         f'<td style="color:{colour}">{escape(d["health"])}</td><td>{_ago(now - d["last_seen"])}</td>'
         f"<td>{d['last_round']}</td><td>{model}</td><td>{escape(d['agent_version'])}</td><td>{d['cameras']}</td>"
         f"<td>{_mib(d['memory'])}{limit}</td><td>{d['cpu_throttled'] / 10:.1f} %</td><td>{d['oom_retries']}</td>"
-        f"<td>{d['outbox']}</td></tr>"
+        f"<td>{d['outbox']}</td><td>{d['storage_errors']}</td></tr>"
     )
 
 

@@ -735,6 +735,7 @@ class Agent:
             cameras=int(cameras), budget=self.budget, usage=usage,
             cpu_throttled=self._throttle.permille(usage.cpu_throttled_usec), oom_retries=self.oom_retries,
             outbox=self.outbox.depth, outbox_bytes=self.outbox.pending_bytes, sent_at=self.heartbeat_stamps.stamp(),
+            storage_errors=self.metrics.storage_errors_total(),
         )
 
     async def heartbeat_loop(self, client: AggregatorClient) -> None:

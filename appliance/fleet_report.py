@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from appliance.budget import Budget, Usage
-from appliance.protocol.heartbeat import FIELD_RANGES, MAX_AGENT_VERSION_CHARS, Heartbeat
+from appliance.protocol.heartbeat import FIELD_RANGES, MAX_AGENT_VERSION_CHARS, MAX_STORAGE_ERRORS, Heartbeat
 
 HEARTBEAT_SECONDS = 300.0
 
@@ -46,7 +46,7 @@ def _clamp(name: str, value: int | float) -> int:
 
 def build_heartbeat(*, device_id: str, agent_version: str, model_version: int | None, last_round: int, cameras: int,
                     budget: Budget, usage: Usage, cpu_throttled: int, oom_retries: int, outbox: int,
-                    outbox_bytes: int, sent_at: float) -> Heartbeat:
+                    outbox_bytes: int, sent_at: float, storage_errors: int = 0) -> Heartbeat:
     """A Heartbeat whose every field is in the range the aggregator accepts (a value past its range is reported as
     the range's end: a device with more than 64 cameras says 64)."""
     version = "".join(c for c in agent_version if " " < c <= "~")[:MAX_AGENT_VERSION_CHARS] or "unknown"
@@ -64,6 +64,7 @@ def build_heartbeat(*, device_id: str, agent_version: str, model_version: int | 
         outbox=_clamp("outbox", outbox),
         outbox_bytes=_clamp("outbox_bytes", outbox_bytes),
         sent_at=_clamp("sent_at", sent_at),
+        storage_errors=min(max(0, int(storage_errors)), MAX_STORAGE_ERRORS),
     )
 
 

@@ -181,6 +181,11 @@ class AgentMetrics:
         if round_given_up:
             self.rounds_skipped.labels(reason).inc()
 
+    def storage_errors_total(self) -> int:
+        """Writes and reads the data partition refused since the agent started, whatever the reason."""
+        return int(sum(self.registry.get_sample_value("fl_agent_storage_errors_total", {"reason": reason}) or 0
+                       for reason in STORAGE_REASONS))
+
     def report_no_cameras(self) -> None:
         """Say there are no cameras (``fl_agent_cameras_present 0``) where no camera task exports the camera
         metrics: a synthetic data source, a device running without cameras."""

@@ -1,7 +1,8 @@
 """A trainer that fails because the card does (EIO reading its model package, as a dying SD card answers) is a storage
 failure, not a failed training: the round is counted under ``io-error`` in ``fl_agent_rounds_skipped_total`` and
-``fl_agent_storage_errors_total``, the log line and the status say the data partition, and nothing is left half-written
-in the outbox or the state. It was counted ``trainer-failed``, which points an operator at the model, never at the card.
+``fl_agent_storage_errors_total``, the log line, the status and the heartbeat say the data partition, and nothing is
+left half-written in the outbox or the state. It was counted ``trainer-failed``, which points an operator at the
+model, never at the card.
 
 The trainer child really runs (tests/trainer_faults.py): its first run's read of the package fails with EIO; once the
 card answers again, a restarted agent takes the round and delivers its update.
@@ -41,6 +42,7 @@ async def test_a_trainer_the_card_fails_with_eio_is_a_storage_failure_and_leaves
     assert line.startswith(f"round 1: cannot train on the model package and the frames in {state}: Input/output "
                            "error (training failed in the trainer process: PackageError:"), line
     assert "skipped: cannot train on the model package and the frames" in agent.status
+    assert agent.heartbeat().storage_errors == 1  # the fleet view shows the card failing (docs/protocol.md 13)
     # Nothing half-written: the outbox holds nothing, the state (if any) is whole, and the package is kept.
     assert agent.outbox.depth == 0 and not list((state / "outbox").glob("*.tmp*"))
     if (state / STATE_FILE).exists():

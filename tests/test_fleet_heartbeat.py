@@ -56,6 +56,29 @@ def test_a_heartbeat_round_trips_and_is_small() -> None:
     assert decode_heartbeat(encode_heartbeat(no_model, device.key), lookup(device)).model_version is None
 
 
+def test_a_device_whose_data_partition_failed_says_how_often_and_the_fleet_view_shows_it(tmp_path: Path) -> None:
+    """A card filling up or dying showed only in the device's own metrics: the fleet view said nothing of it. Absent
+    from the message while there were none (a healthy device's heartbeat is what it was), the count otherwise."""
+    healthy, failing = SimulatedDevice(), SimulatedDevice()
+    assert b"storage_errors" not in encode_heartbeat(report(healthy), healthy.key)
+    sent = report(failing, storage_errors=3)
+    assert decode_heartbeat(encode_heartbeat(sent, failing.key), lookup(failing)).storage_errors == 3
+    fleet = Fleet(tmp_path / "db", lambda: [Enrolled(healthy.device_id, "a"), Enrolled(failing.device_id, "b")])
+    now = 1_800_000_000.0
+    fleet.accept(report(healthy, sent_at=int(now)), now)
+    fleet.accept(replace(sent, sent_at=int(now)), now)
+    rows = {d["device"]: d["storage_errors"] for d in fleet.listing(3, now, per_page=10)["devices"]}
+    assert rows == {healthy.device_id: 0, failing.device_id: 3}
+    fleet.write(fleet.take_dirty())
+    html = statuspage.render({"model": {"name": "m", "parameters": 1, "version": 3, "digest": "00"},
+                              "current_round": None, "rounds": [], "devices": {"enrolled": 2, "revoked": 0, "sites": 0},
+                              "aggregator_id": "ab", "strategy": "fedavg"}, fleet.listing(3, now, sort="name"))
+    assert "storage errors</th>" in html and "<td>1</td><td>3</td></tr>" in html  # the outbox, then the count
+    fleet.close()
+    again = Fleet(tmp_path / "db", lambda: [])  # kept across a restart
+    assert [again.entry(d.device_id).report.storage_errors for d in (failing, healthy)] == [3, 0]
+
+
 @pytest.mark.parametrize("change, reason", [
     ({"cameras": 65}, "bad-payload"),
     ({"cpu_throttled": 1001}, "bad-payload"),
@@ -65,6 +88,8 @@ def test_a_heartbeat_round_trips_and_is_small() -> None:
     ({"agent": "x" * 33}, "bad-payload"),
     ({"agent": "1.0\n<script>"}, "bad-payload"),
     ({"model_version": "3"}, "bad-payload"),
+    ({"storage_errors": 2**32 + 1}, "bad-payload"),
+    ({"storage_errors": -1}, "bad-payload"),
     ({"extra": 1}, "bad-payload"),
     ({"outbox_bytes": None}, "bad-payload"),  # missing
     ({"type": "update"}, "wrong-type"),

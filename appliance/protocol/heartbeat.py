@@ -4,7 +4,8 @@ A device sends one on its poll path (``POST /v1/heartbeat``) every few minutes, 
 that trains rarely (async mode) or not at all (no labelled frames, trainer killed) is still seen. It carries only
 what an operator needs to tell a healthy device from a silent, behind or throttled one: agent version, the model
 version held, the last round taken, cameras present, the budget (memory use and limit, CPU limit, the share of
-time throttled by cpu.max), the OOM retries the last training needed, and the outbox depth.
+time throttled by cpu.max), the OOM retries the last training needed, the outbox depth, and how often the data
+partition failed the agent (a card filling up or dying shows in the fleet view, not only in the device's metrics).
 
 A signature proves who sent it, not that it is sane: every field has a type and a range, the field set is exact,
 and the whole message is at most :data:`MAX_HEARTBEAT_BYTES`, checked before anything is decoded.
@@ -40,8 +41,9 @@ FIELD_RANGES: dict[str, int] = {
     "outbox_bytes": _MAX_BYTES,
     "sent_at": 2**40,
 }
+MAX_STORAGE_ERRORS = 2**32
 _REQUIRED = frozenset({"v", "type", "device", "agent", *FIELD_RANGES})
-_OPTIONAL = frozenset({"model_version"})
+_OPTIONAL = frozenset({"model_version", "storage_errors"})
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class Heartbeat:
     outbox: int
     outbox_bytes: int
     sent_at: int = field(default_factory=lambda: int(time.time()))
+    # Writes and reads the data partition refused (full, read-only, failing: appliance/storage_errors.py) since the
+    # agent started; 0, and absent from the message, while there were none.
+    storage_errors: int = 0
 
 
 def encode_heartbeat(heartbeat: Heartbeat, key: SigningKey) -> bytes:
@@ -84,6 +89,8 @@ def encode_heartbeat(heartbeat: Heartbeat, key: SigningKey) -> bytes:
     }
     if heartbeat.model_version is not None:
         payload["model_version"] = heartbeat.model_version
+    if heartbeat.storage_errors:
+        payload["storage_errors"] = heartbeat.storage_errors
     return wire.sign(payload, key, heartbeat.device_id)
 
 
@@ -124,4 +131,5 @@ def decode_heartbeat(message: bytes | memoryview, key_for_kid: wire.KeyLookup) -
         agent_version=agent,
         model_version=_uint(p, "model_version", wire.MAX_ID) if "model_version" in p else None,
         **values,
+        storage_errors=_uint(p, "storage_errors", MAX_STORAGE_ERRORS) if "storage_errors" in p else 0,
     )
