@@ -159,6 +159,26 @@ def test_bad_dp_settings_are_refused_at_start_up(tmp_path: Path, args: list[str]
     assert "Traceback" not in done.stderr and not state.exists()
 
 
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"mode": "local"}, "--dp 'local': choose one of central, distributed"),
+    ({"noise_multiplier": math.inf}, "--dp-noise-multiplier must be positive, got inf"),
+    ({"noise_multiplier": math.nan}, "--dp-noise-multiplier must be positive, got nan"),
+    ({"delta": 0.0}, "--dp-delta must be in (0, 1)"),
+    ({"delta": 1.0}, "--dp-delta must be in (0, 1)"),
+    ({"epsilon_budget": 0.0}, "--dp-epsilon-budget must be positive and finite"),
+    ({"epsilon_budget": -1.0}, "--dp-epsilon-budget must be positive and finite"),
+    ({"epsilon_budget": math.inf}, "--dp-epsilon-budget must be positive and finite"),
+    ({"epsilon_budget": math.nan}, "--dp-epsilon-budget must be positive and finite"),
+], ids=lambda value: str(value) if not isinstance(value, dict) else ",".join(f"{k}={v}" for k, v in value.items()))
+def test_dp_settings_no_guarantee_can_come_from_are_refused_when_built(settings: dict, named: str) -> None:
+    """What the command line's number parsing lets through (0, 1, a negative budget) and what only a configuration
+    built in code can hold (a mode no option offers, an infinite noise): refused naming the setting, never a run whose
+    epsilon means nothing (an infinite noise, a budget of nan that nothing exceeds)."""
+    with pytest.raises(PrivacyError) as refused:
+        DPConfig(**{"noise_multiplier": 1.0, **settings})
+    assert named in str(refused.value)
+
+
 def test_delta_must_be_below_one_over_the_fleet() -> None:
     config = DPConfig(noise_multiplier=1.0, delta=0.01)
     config.check_population(50)
