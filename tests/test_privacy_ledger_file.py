@@ -91,6 +91,12 @@ def test_the_unmask_written_ahead_counts_until_it_is_settled_once(tmp_path: Path
      "unmasking"),
     ('{"mode": "distributed", "delta": 1e-05, "noise_multipliers": [1.0], "clip_count_noise_multipliers": [10.0], '
      '"clip_norm": 1.0, "clip_history": [{"version": 1, "clip_norm": 1.0, "within": NaN}]}', "clip_history"),
+    ({"delta": DELTA, "noise_multipliers": [1.0, True]}, "noise_multipliers true"),  # not read as 1.0
+    ({"delta": DELTA, "noise_multipliers": 1.0}, "not a list of noise multipliers"),
+    ('{"mode": "distributed", "delta": 1e-05, "noise_multipliers": [1.0], "clip_count_noise_multipliers": [10.0], '
+     '"clip_norm": 1.0, "clip_history": [[1, 1.0, 0.5]]}', "clip_history"),
+    ('{"mode": "distributed", "delta": 1e-05, "noise_multipliers": [1.0], "clip_count_noise_multipliers": [10.0], '
+     '"clip_norm": 1.0, "clip_history": [{"version": "1", "clip_norm": 1.0, "within": 0.5}]}', "clip_history"),
 ])
 def test_a_damaged_ledger_is_refused_in_one_line(tmp_path: Path, saved: Any, named: str) -> None:
     with pytest.raises(PrivacyError) as refused:
