@@ -27,6 +27,7 @@ import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
 from appliance import wire
+from appliance.detection import DetectionSpec
 from appliance.durable import atomic_write
 from appliance.errors import ProtocolError
 from appliance.wire import ParamSpec
@@ -361,6 +362,7 @@ def encode_package(pkg: ModelPackage, key: SigningKey) -> tuple[bytes, bytes]:
     _check_optimizer(pkg.optimizer)
     _check_preprocessing(pkg.preprocessing)
     body = cbor2.dumps(_content(pkg), canonical=True)
+    _check_detector_layout(pkg)
     digest = content_digest(body)
     payload = {
         "v": wire.PROTOCOL_VERSION,
@@ -472,7 +474,7 @@ def _from_content(content: Any, digest: bytes) -> ModelPackage:
     if not isinstance(evaluation, bytes):
         raise PackageError("bad-content", "field 'evaluation' missing or of the wrong type")
     policy, buffer_names, local = _buffers_from_content(content.get("buffers"), [s.name for s in specs])
-    return ModelPackage(
+    package = ModelPackage(
         name=_get(content, "name", str),
         param_specs=specs,
         initial_params={s.name: np.array(tensors[s.name], dtype=np.float32) for s in specs},
@@ -493,6 +495,19 @@ def _from_content(content: Any, digest: bytes) -> ModelPackage:
         evaluation_graph=evaluation,
         detection=_check_detection(content["detection"]) if "detection" in content else {},
     )
+    _check_detector_layout(package)
+    return package
+
+
+def _check_detector_layout(pkg: ModelPackage) -> None:
+    """A detector's input, stride and labels must fit together (appliance.detection): H and W multiples of the
+    stride, float32 labels of [classes + 5, H / stride, W / stride]. Each field alone in range, a stride of 3 on a
+    32x32 input failed every round in the trainer."""
+    if pkg.detection:
+        try:
+            DetectionSpec.from_package(pkg)
+        except ValueError as exc:
+            raise PackageError("bad-content", f"detection: {exc}") from None
 
 
 def _buffers_from_content(buffers: Any, params: list[str]) -> tuple[str, list[str], dict[str, np.ndarray]]:

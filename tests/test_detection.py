@@ -3,10 +3,14 @@ vehicle count behave as a user reading the demo's figures expects. numpy only, n
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from nacl.signing import SigningKey
+from test_model_package import signed_content
 
+from appliance import modelpkg
 from appliance.detection import (
     Detections,
     DetectionSpec,
@@ -15,7 +19,7 @@ from appliance.detection import (
     peaks,
     quality,
 )
-from appliance.modelpkg import ModelPackage, PackageError, load_package, write_package
+from appliance.modelpkg import ModelPackage, PackageError, decode_package, encode_package, load_package, write_package
 from appliance.synthetic import SyntheticCamera
 from appliance.wire import ParamSpec
 
@@ -117,3 +121,21 @@ def test_the_package_keeps_its_detection_layout_and_refuses_an_unknown_one(tmp_p
     assert DetectionSpec.from_package(loaded) == SPEC
     with pytest.raises(PackageError, match="detection must be"):
         write_package(path, _detector_package({"kind": "anchors", "stride": 2, "classes": 1}), key)
+
+
+@pytest.mark.parametrize("detection, problem", [
+    ({"kind": "centre-heatmap", "stride": 3, "classes": 1}, "input (1, 32, 32) is not (c, H, W) with H, W multiples"),
+    ({"kind": "centre-heatmap", "stride": 4, "classes": 1}, "takes float32 labels shaped (6, 8, 8)"),
+    ({"kind": "centre-heatmap", "stride": 2, "classes": 2}, "takes float32 labels shaped (7, 16, 16)"),
+])
+def test_a_detector_whose_input_stride_and_labels_do_not_fit_is_refused_where_made_and_where_received(
+        detection, problem):
+    """Each field alone in range, together no layout: every round failed in the trainer (DetectionSpec.from_package),
+    counted trainer-failed. Now refused by flctl's writer and by a device's reader, naming the mismatch."""
+    key = SigningKey(bytes(range(32)))
+    pkg = _detector_package(detection)
+    with pytest.raises(PackageError, match=re.escape("detection: detector: ") + ".*" + re.escape(problem)):
+        encode_package(pkg, key)
+    with pytest.raises(PackageError, match=re.escape(problem)) as refused:
+        decode_package(signed_content(modelpkg._content(pkg), key), key.verify_key)
+    assert refused.value.reason == "bad-content" and refused.value.digest
