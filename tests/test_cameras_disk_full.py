@@ -32,6 +32,7 @@ from appliance import cameras, cli
 from appliance.cameras import FrameRecorder
 from appliance.framebuffer import FrameBuffer
 from appliance.training_job import NotEnoughData, TrainJob, training_data
+from flctl.ports import free_port
 
 
 def _frame(value: int) -> np.ndarray:
@@ -200,14 +201,6 @@ def scraped(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_fl_agent_run_counts_refused_frame_writes_on_its_metrics_endpoint(

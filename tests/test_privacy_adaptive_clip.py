@@ -31,6 +31,7 @@ from aggregator.privacy import DPConfig, GaussianSum, PrivacyError, PrivacyLedge
 from aggregator.rounds import CLIP_NORM_HEADROOM, MAX_UPDATE_NORM, RoundPolicy, TrainingPlan
 from appliance import wire
 from appliance.agent import clip_update
+from flctl.ports import free_port
 
 
 def _composed_epsilon(z_model: float, z_count: float, rounds: int, delta: float) -> float:
@@ -210,7 +211,7 @@ def test_bad_adaptive_clip_settings_are_refused_at_start_up(
 ) -> None:
     state = tmp_path / "state"
     code = cli.main(["serve", "--init", "--state", str(state), "--synthetic-parameters", "10", "--listen",
-                     "127.0.0.1:9", "--clip-norm", "1", "--dp-noise-multiplier", "1", *args])
+                     f"127.0.0.1:{free_port()}", "--clip-norm", "1", "--dp-noise-multiplier", "1", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not state.exists()

@@ -24,6 +24,7 @@ from aggregator.privacy import (
     epsilon,
     recorded_dp,
 )
+from flctl.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DELTA = 1e-5
@@ -114,7 +115,7 @@ def test_serve_refuses_a_damaged_ledger_in_one_line(tmp_path: Path, saved: str) 
     (state / "privacy.json").write_text(saved)
     done = subprocess.run(
         [sys.executable, "-m", "aggregator.cli", "serve", "--state", str(state), "--synthetic-parameters", "10",
-         "--listen", "127.0.0.1:9", "--clip-norm", "1", "--secure-aggregation", "--dp", "distributed",
+         "--listen", f"127.0.0.1:{free_port()}", "--clip-norm", "1", "--secure-aggregation", "--dp", "distributed",
          "--dp-noise-multiplier", "1"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from aggregator.privacy import MIN_NOISE_MULTIPLIER, DPConfig, PrivacyError, PrivacyLedger, RoundNoise, epsilon
+from flctl.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DELTA = 1e-5
@@ -22,7 +23,7 @@ DELTA = 1e-5
 def _serve(state: Path, *options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(state), "--synthetic-parameters",
-         "10", "--listen", "127.0.0.1:9", "--clip-norm", "1", *options],
+         "10", "--listen", f"127.0.0.1:{free_port()}", "--clip-norm", "1", *options],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
 

@@ -15,6 +15,7 @@ import yaml
 from aggregator import cli
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
 from flctl import cli as flctl_cli
+from flctl.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +81,7 @@ def test_a_bad_option_is_one_line_and_creates_no_state(tmp_path: Path, args: lis
     state = tmp_path / "state"
     run = subprocess.run(
         [sys.executable, "-m", "aggregator.cli", "serve", "--init", "--state", str(state),
-         "--synthetic-parameters", "10", "--listen", "127.0.0.1:9", *args],  # never bound: refused first
+         "--synthetic-parameters", "10", "--listen", f"127.0.0.1:{free_port()}", *args],  # refused before it is bound
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 2, run.stderr
