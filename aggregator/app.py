@@ -25,6 +25,7 @@ from nacl.signing import SigningKey
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aggregator import statuspage
+from aggregator.disk_writes import within
 from aggregator.fleet import (
     FILTERS,
     FLUSH_SECONDS,
@@ -202,6 +203,9 @@ SERVICES = web.AppKey("services", Services)
 UPLOAD_BODY = web.RequestKey("upload_body", BodyReader)
 CONFIG = web.AppKey("config", AggregatorConfig)
 METRICS = web.AppKey("metrics", AggregatorMetrics)
+# What a stop left behind: the writes that had not returned (a disk that stopped answering), whose threads may never
+# end (``fl-aggregator serve`` then exits without waiting for them).
+WRITES_LEFT_BEHIND = web.AppKey("writes_left_behind", list)
 
 
 class Problem(Exception):
@@ -857,7 +861,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await link.start()
     except BaseException:
         if secure is not None:
-            secure.close()
+            await secure.close(time.monotonic() + config.policy.store_timeout)
         if fleet is not None:
             fleet.close()
         store.close()
@@ -874,34 +878,54 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        flusher.cancel()
-        await asyncio.gather(flusher, return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(executor, fleet.write, fleet.take_dirty())
-        fleet.close()
-        if link is not None:
-            await link.stop()
-        await engine.stop()
-        if secure is not None:
-            await secure.stop()
-            secure.close()
-        views.shutdown(wait=True)
-        store.close()
-        executor.shutdown(wait=True)
+        await _stop(app, flusher, link)
+
+
+async def _stop(app: web.Application, flusher: asyncio.Task[None], link: UpstreamLink | None) -> None:
+    """Stop (SIGTERM): write the fleet's last reports, stop the rounds and close the state, waiting for the writes
+    under way at most --store-timeout in all. A write that has not returned by then (a disk that stopped answering)
+    is left behind, named in the log and in ``app[WRITES_LEFT_BEHIND]`` (``serve`` then exits without waiting for its
+    thread): nothing it holds was acknowledged, and the next start resumes from what is committed."""
+    s = app[SERVICES]
+    stop_by = time.monotonic() + s.config.policy.store_timeout
+    flusher.cancel()
+    await asyncio.gather(flusher, return_exceptions=True)
+    loop = asyncio.get_running_loop()
+    if await within(stop_by, loop.run_in_executor(s.executor, _write_reports, s.fleet, s.store, s.fleet.take_dirty())):
+        s.fleet.close()  # (else its connection is still writing)
+    if link is not None:
+        await link.stop()
+    await s.engine.stop(stop_by)
+    if s.engine.secure is not None:
+        await s.engine.secure.stop()
+        await s.engine.secure.close(stop_by)
+    s.views.shutdown(wait=True)
+    await asyncio.to_thread(s.store.close, max(0.0, stop_by - time.monotonic()))
+    left = s.store.writes.under_way()
+    s.executor.shutdown(wait=not left)
+    if left:
+        log.error("stopping with %d write%s to %s that did not return within --store-timeout (%g s; the disk stopped "
+                  "answering): %s. None of them was acknowledged; the next start resumes from what is committed",
+                  len(left), "s" if len(left) != 1 else "", s.config.state_dir, s.config.policy.store_timeout,
+                  "; ".join(f"{what} (waiting for {seconds:.0f} s)" for seconds, what in left))
+        app[WRITES_LEFT_BEHIND].extend(what for _, what in left)
+
+
+def _write_reports(fleet: Fleet, store: Store, rows: list[tuple[str, Any]]) -> None:
+    """Worker thread: write the fleet's reports ``rows``, as a write under way on the disk (``store.writes``)."""
+    with store.writes.writing("the fleet's device reports"):
+        fleet.write(rows)
 
 
 async def _flush_fleet(fleet: Fleet, executor: ThreadPoolExecutor, store: Store) -> None:
     """Write the fleet's new reports every FLUSH_SECONDS, in one transaction each time (aggregator/fleet.py), one
     flush at a time (a disk that stops answering holds one verification thread, and shows in ``store.writes``)."""
-    def write(rows: list[tuple[str, Any]]) -> None:
-        with store.writes.writing("the fleet's device reports"):
-            fleet.write(rows)
-
     while True:
         await asyncio.sleep(FLUSH_SECONDS)
         rows = fleet.take_dirty()
         if rows:
             try:
-                await asyncio.get_running_loop().run_in_executor(executor, write, rows)
+                await asyncio.get_running_loop().run_in_executor(executor, _write_reports, fleet, store, rows)
             except Exception:
                 log.exception("could not write %d device reports; they stay in memory until the next", len(rows))
                 fleet.mark_dirty(row[0] for row in rows)
@@ -914,6 +938,7 @@ def make_app(config: AggregatorConfig) -> web.Application:
     app = web.Application(middlewares=[problems], client_max_size=max_body)
     app[CONFIG] = config
     app[METRICS] = AggregatorMetrics()
+    app[WRITES_LEFT_BEHIND] = []
     app.cleanup_ctx.append(_services)
     app.on_response_prepare.append(_close_after_socket_read)
     app.router.add_get("/v1/task", get_task)

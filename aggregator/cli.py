@@ -54,6 +54,8 @@ KEY_FILE = "aggregator.key"
 SERVE_LOCK_FILE = "serve.lock"  # held by the one serve process of a state (served_alone)
 PUB_FILE = "aggregator.pub"
 LISTEN_BACKLOG = 128  # aiohttp's default
+# serve's exit status when its stop left writes behind on a disk that stopped answering (named in its log)
+EXIT_WRITES_LEFT_BEHIND = 3
 
 
 class CliError(Exception):
@@ -454,7 +456,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: UpstreamConfig | None) -> int:
     from aiohttp import web
 
-    from aggregator.app import SERVER_OPTIONS, AggregatorConfig, make_app
+    from aggregator.app import SERVER_OPTIONS, WRITES_LEFT_BEHIND, AggregatorConfig, make_app
     from aggregator.models import PackageError, load_package_file
     from aggregator.simulate import synthetic_package
 
@@ -509,12 +511,24 @@ def _serve_on(sockets: list[socket.socket], args: argparse.Namespace, upstream: 
             f"{'https' if ssl_context else 'http'}://{host}:{port}",
             flush=True,
         )
+        app = make_app(config)
         try:
-            web.run_app(make_app(config), sock=sockets, ssl_context=ssl_context, print=None,
+            web.run_app(app, sock=sockets, ssl_context=ssl_context, print=None,
                         handle_signals=True, shutdown_timeout=5.0, access_log=None, **SERVER_OPTIONS)
         except (RuntimeError, StoreError, OSError) as exc:  # start-up refusals: a model another key signed...
             raise CliError(str(exc)) from None
+        if app[WRITES_LEFT_BEHIND]:
+            _exit_leaving_writes()
     return 0
+
+
+def _exit_leaving_writes() -> None:
+    """Exit now, with status EXIT_WRITES_LEFT_BEHIND: the stop left writes on a disk that stopped answering (named in
+    the log), and the interpreter's exit would wait for their threads forever. Nothing they hold was acknowledged."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_WRITES_LEFT_BEHIND)
 
 
 @contextlib.contextmanager

@@ -10,11 +10,14 @@ arriving while the oldest write has waited longer than ``--store-timeout`` is re
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 
 class WritesUnderWay:
@@ -45,7 +48,40 @@ class WritesUnderWay:
             started, what = min(self._started.values())
         return time.monotonic() - started, what
 
+    def under_way(self) -> list[tuple[float, str]]:
+        """(seconds it has waited, what it is) of every write under way, the oldest first."""
+        now = time.monotonic()
+        with self._lock:
+            started = sorted(self._started.values())
+        return [(now - at, what) for at, what in started]
+
     def waited_seconds(self) -> float:
         """How long the oldest write under way has waited (0: none is): the metric's value."""
         oldest = self.oldest()
         return 0.0 if oldest is None else oldest[0]
+
+
+# A stop (SIGTERM) waits for the writes under way at most until a deadline: one that has not returned by then (a disk
+# that stopped answering) is left behind, named in the log. Nothing it holds was acknowledged (an update, a device
+# message, a model version exists for others once its write is committed, never before), so leaving it loses nothing
+# anyone was told is stored; the next start resumes from what is committed.
+
+
+async def within(deadline: float, awaitable: Awaitable[Any]) -> bool:
+    """Await ``awaitable`` until ``deadline`` (``time.monotonic``): True once it is done (its error, if any, raised),
+    False if it is not by then: it is cancelled, and work it started on a thread goes on there, landing or failing on
+    its own."""
+    try:
+        await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        return False
+    return True
+
+
+async def drained(executor: ThreadPoolExecutor, deadline: float) -> bool:
+    """Shut down the one-thread ``executor`` after the work queued on it, waiting for that work until ``deadline``:
+    True when it is all done; False when it is not (a write hanging there is left behind, with what was queued after
+    it)."""
+    done = await within(deadline, asyncio.wrap_future(executor.submit(lambda: None)))  # runs after all queued before
+    executor.shutdown(wait=False)
+    return done

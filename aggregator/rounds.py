@@ -38,6 +38,7 @@ from nacl.signing import SigningKey
 
 from aggregator.adaptive_clip import unclipped_norm
 from aggregator.buffered import MAX_BUFFER, AsyncActivity, BufferPolicy
+from aggregator.disk_writes import drained, within
 from aggregator.metrics import AggregatorMetrics
 from aggregator.models import ModelStore
 from aggregator.norms import l2_norm
@@ -505,15 +506,18 @@ class RoundEngine:
                 "a guarantee must cover every round from the initial model: start a new --state"
             )
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float) -> None:
+        """Stop the round clock, then wait until ``deadline`` (``time.monotonic``) for the open round's updates being
+        stored and the records under way to land; one that has not by then (a disk that stopped answering) is left
+        behind: nothing it holds was acknowledged (aggregator/disk_writes.py)."""
         if self._timer is not None:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
             self._timer = None
         if self.current is not None:
-            await self.current.idle.wait()
-        await asyncio.get_running_loop().run_in_executor(None, self._records.shutdown)  # a record under way lands
+            await within(deadline, self.current.idle.wait())
+        await drained(self._records, deadline)
 
     def _finished(self, version: int) -> bool:
         """Whether no round opens after model ``version``: --rounds reached, or the privacy budget spent."""

@@ -57,6 +57,7 @@ from nacl.bindings import crypto_core_ed25519_is_valid_point
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from aggregator.disk_writes import drained
 from aggregator.privacy import RoundNoise, distributed_noise
 from aggregator.record_checks import masked_check
 from aggregator.registry import Registry
@@ -379,9 +380,12 @@ class SecureRounds:
         self._write([("INSERT OR IGNORE INTO secagg_messages (round_id, device_id, phase, body) VALUES (?, ?, ?, ?)",
                       (round_id, device_id, phase, body))])
 
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
-        self._db.close()
+    async def close(self, deadline: float) -> None:
+        """Shut the writer down after the writes queued on it, waiting for them until ``deadline``
+        (``time.monotonic``). A write that has not returned by then (a disk that stopped answering) is left behind,
+        with the connection it writes through: nothing it holds was acknowledged (aggregator/disk_writes.py)."""
+        if await drained(self._writer, deadline):
+            self._db.close()
         self._reads.close()
 
     # ---------------------------------------------------------------------------------------- lifecycle

@@ -385,16 +385,23 @@ class Store:
                 raise
             self._conn.execute("COMMIT")
 
-    def close(self) -> None:
-        self.stop_writer()
-        for segment in self._segments.values():
-            os.close(segment.fd)
-        self._segments.clear()
+    def close(self, timeout: float | None = None) -> bool:
+        """Close the state, after the spool's writes under way: waiting for them ``timeout`` seconds at most (None:
+        until they land). False when one has not returned by then (a disk that stopped answering): it is left behind
+        with the segment files and the connection it writes through, and nothing it holds was acknowledged (its
+        update is answered only once committed)."""
+        stopped = self.stop_writer(timeout)
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+        if not stopped:
+            return False
+        for segment in self._segments.values():
+            os.close(segment.fd)
+        self._segments.clear()
         self._conn.close()
+        return True
 
     # ------------------------------------------------------------------------------------------- devices
 
@@ -795,15 +802,19 @@ class Store:
             self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
             self._writer.start()
 
-    def stop_writer(self) -> None:
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join()
-            self._writer = None
-        if self._finisher is not None:
-            self._done.put(None)
-            self._finisher.join()
-            self._finisher = None
+    def stop_writer(self, timeout: float | None = None) -> bool:
+        """Stop the spool's threads after the jobs queued, waiting ``timeout`` seconds at most (None: however long
+        they take); False when the writer has not finished by then (it goes on, and stops after its last job)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread, queue_ in ((self._writer, self._queue), (self._finisher, self._done)):
+            if thread is None:
+                continue
+            queue_.put(None)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
+        self._writer = self._finisher = None
+        return True
 
     def _finish_loop(self) -> None:
         name_this_thread()

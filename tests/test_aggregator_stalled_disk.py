@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import urllib.error
@@ -25,7 +26,7 @@ from aggregator_harness import Harness, run, running
 from test_aggregator_tree import site_task, tree, wait_until
 
 from aggregator import cli, rounds, upstream
-from aggregator.app import SERVICES
+from aggregator.app import SERVICES, WRITES_LEFT_BEHIND
 from aggregator.buffered import BufferPolicy
 from aggregator.rounds import RoundPolicy
 from aggregator.store import Store
@@ -388,5 +389,55 @@ def test_a_round_whose_close_failed_after_the_cut_takes_new_updates_into_its_sum
 
     try:
         run(go())
+    finally:
+        release.set()
+
+
+def test_a_stop_leaves_a_write_that_never_returns_behind_names_it_and_loses_nothing_acknowledged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM (the app's cleanup) while an upload's fdatasync never returns: the stop waits for it at most
+    --store-timeout, then leaves it behind and names it in the log (a stop used to wait for it for ever, and the
+    kubelet or systemd killed the process without a word of why). The update acknowledged before is in the state the
+    next start resumes: its resend gets its receipt."""
+    armed, release, returned = threading.Event(), threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if armed.is_set() and threading.current_thread().name.startswith("spool-writer"):
+            release.wait(2 * GUARD_SECONDS)  # the test lets it go only at its end
+            returned.set()
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    policy = RoundPolicy(min_clients=2, goal_clients=3, round_timeout=600, store_timeout=1)
+
+    async def stopped_while_a_write_hangs() -> tuple[Any, Any, wire.Task, bytes]:
+        async with running(tmp_path, devices=3, policy=policy) as h:
+            task = await h.task()
+            assert task is not None
+            acknowledged = h.devices[0].update(task, h.delta())
+            assert (await h.upload(acknowledged))[0] == 200
+            armed.set()
+            status, problem = await h.upload(h.devices[1].update(task, h.delta()))  # its fdatasync never returns
+            assert (status, problem["reason"]) == (503, "spool-unavailable"), problem
+            assert h.app[WRITES_LEFT_BEHIND] == []
+            return h.key, h.devices, task, acknowledged  # leaving the block stops the aggregator: the test
+
+    async def restarted(key: Any, devices: Any, task: wire.Task, acknowledged: bytes) -> None:
+        async with running(tmp_path, devices=3, policy=policy, key=key, enrolled=devices) as h:
+            current = h.engine.current
+            assert (current.round_id, current.accepted) == (task.round_id, 1)
+            assert list(current.devices) == [devices[0].device_id]
+            assert (await h.upload(acknowledged))[0] == 200  # its original receipt
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="aggregator.app"):
+            key, devices, task, acknowledged = run(stopped_while_a_write_hangs())
+        assert not returned.is_set(), "the stop waited for the write that never returns"
+        stops = [r.getMessage() for r in caplog.records if r.name == "aggregator.app"]
+        assert len(stops) == 1 and "stopping with 1 write to" in stops[0], stops
+        assert "the spool's write of 1 update (waiting for" in stops[0] and "None of them was acknowledged" in stops[0]
+        armed.clear()
+        run(restarted(key, devices, task, acknowledged))
     finally:
         release.set()
