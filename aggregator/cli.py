@@ -687,6 +687,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no open round")
     if status.get("downlink"):  # --url only: the counters of the running process
         print(downlink_text(status["downlink"]))
+    disk = status.get("disk") or {}  # --url only: the running process's oldest write under way
+    if disk.get("stalled"):
+        print(f"the disk has not answered for {strict_json.found_number(disk['oldest_write_seconds']):.0f} s "
+              f"({disk['oldest_write']}): uploads are refused until it does")
     devices = status["devices"]
     count = devices.get("sites", 0)
     sites = f" ({count} site{'s' if count != 1 else ''})" if count else ""

@@ -161,6 +161,10 @@ def test_an_upload_whose_spool_write_hangs_is_refused_in_time_and_the_close_goes
                     health = await probe.json()
                     assert (probe.status, health["status"]) == (code, "disk-stalled"), (path, health)
                     assert health["disk"]["oldest_write"] == "the spool's write of 1 update", (path, health)
+                capsys.readouterr()
+                url = str(h.client.make_url("")).rstrip("/")
+                assert await asyncio.to_thread(cli.main, ["status", "--url", url]) == 0
+                assert "(the spool's write of 1 update): uploads are refused" in capsys.readouterr().out
                 assert "The disk has not answered for" in await (await h.client.get("/")).text()
                 await h.engine.close_round()  # waits at most --store-timeout for the hanging update
                 following = await h.task(after=task.round_id)
