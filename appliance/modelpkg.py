@@ -232,10 +232,14 @@ def _check_labels(spec: Any) -> dict[str, Any]:
     return {"dtype": spec["dtype"], "shape": list(shape)}
 
 
-def _check_num_classes(num_classes: int, labels: Mapping[str, Any]) -> None:
+def _check_num_classes(num_classes: Any, labels: Mapping[str, Any]) -> None:
+    """An integer (not a bool, not 3.0: the decoder refuses them, so a package made with one reaches no device) in
+    the range the labels allow."""
     least = 2 if labels["dtype"] == "int64" else 1
-    if not least <= num_classes <= MAX_CLASSES:
-        raise PackageError("bad-content", f"num_classes must be in [{least}, {MAX_CLASSES}] (2^24), got {num_classes}")
+    if type(num_classes) is not int or not least <= num_classes <= MAX_CLASSES:
+        kind = "" if type(num_classes) is int else " (not an integer)"
+        raise PackageError("bad-content", f"num_classes must be in [{least}, {MAX_CLASSES}] (2^24), got "
+                                          f"{num_classes!r}{kind}")
 
 
 def _check_detection(spec: Any) -> dict[str, Any]:
@@ -465,7 +469,7 @@ def _from_content(content: Any, digest: bytes) -> ModelPackage:
     _check_params(content.get("name", "?"), specs, tensors)
     graphs = _get(content, "graphs", dict)
     labels = _check_labels(content.get("labels", DEFAULT_LABELS))
-    num_classes = _get(content, "num_classes", int)
+    num_classes = content.get("num_classes")
     _check_num_classes(num_classes, labels)
     io = _get(content, "io", dict)
     if set(io) != set(DEFAULT_IO) or not all(isinstance(v, str) for v in io.values()):

@@ -216,6 +216,9 @@ INSANE_NUMBERS = [
      "preprocessing.input_shape [3, 16384, 16384] holds 805306368 values per sample"),
     ("labels", {"dtype": "float32", "shape": [2**20, 2**20]}, "labels.shape [1048576, 1048576] holds"),
     ("num_classes", 2**40, "num_classes must be in [2, 16777216] (2^24), got 1099511627776"),
+    # Taken when made, refused by every device (CBOR true, 3.0): checked as the decoder reads it, at both ends.
+    ("num_classes", True, "num_classes must be in [2, 16777216] (2^24), got True (not an integer)"),
+    ("num_classes", 3.0, "num_classes must be in [2, 16777216] (2^24), got 3.0 (not an integer)"),
     ("detection", {"kind": "centre-heatmap", "stride": 2**40, "classes": 1},
      "detection field 'stride' must be at most 4096, got 1099511627776"),
     ("detection", {"kind": "centre-heatmap", "stride": 4, "classes": 2**30},
