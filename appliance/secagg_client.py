@@ -250,7 +250,9 @@ async def take_part(
 ) -> str:
     """The whole round: keys first (so this device is in the roster), training while the others share, the
     masked input handed to ``deliver`` (the outbox), then the unmask answer. Returns how it ended: ``"unmasked"``,
-    or the reason it dropped out (the training coroutine is cancelled if the round ends first)."""
+    or the reason it dropped out (the training coroutine is cancelled if the round ends first). A training that
+    failed before the round dropped raises its exception all the same (a card failing it is counted by the agent,
+    not lost with the round)."""
     training = asyncio.ensure_future(train)
     try:
         await secure.advertise()
@@ -264,6 +266,9 @@ async def take_part(
         await secure.unmask()
         return "unmasked"
     except SecAggDropped as exc:
+        failed = training.exception() if training.done() and not training.cancelled() else None
+        if failed is not None:
+            raise failed from exc
         return exc.reason
     finally:
         if not training.done():

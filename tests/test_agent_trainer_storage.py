@@ -10,13 +10,18 @@ card answers again, a restarted agent takes the round and delivers its update.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import logging
 
+import pytest
 import trainer_faults
 from agent_harness import FakeAggregator, run_agent_against, sample
 
 from appliance.agent import STATE_FILE
+from appliance.secagg_client import SecAggDropped, take_part
+from appliance.storage_errors import StorageFailure
 
 
 def storage_skips(agent) -> float:
@@ -53,3 +58,38 @@ async def test_a_trainer_the_card_fails_with_eio_is_a_storage_failure_and_leaves
     again = await run_agent_against(fake, tmp_path, at_most=120,
                                     until=lambda a: sample(a, "fl_agent_updates_delivered_total") >= 1)
     assert len(fake.updates) == 1 and again.last_round == 1 and again.outbox.depth == 0
+
+
+class _RoundThatDrops:
+    """The steps of a secure round (secagg_client.take_part) that drops out after the training has ended: the roster
+    comes, and then the aggregator abandons the round (too few devices shared)."""
+
+    def __init__(self, trained: asyncio.Event):
+        self.trained = trained
+
+    async def advertise(self) -> None:
+        await self.trained.wait()
+
+    async def join(self) -> None:
+        raise SecAggDropped("too-few-shared", "the round was abandoned")
+
+
+async def test_a_card_failing_the_training_of_a_secure_round_that_then_drops_is_not_lost(tmp_path):
+    """In a secure round the training runs while the keys and shares go round. When the round then dropped out, the
+    training's StorageFailure was never looked at: the round counted nowhere (trainer-failed counted it before
+    828d1ef) and asyncio logged 'Task exception was never retrieved'. It now comes out of take_part, so the agent's
+    round loop counts it io-error and says the card failed."""
+    trained = asyncio.Event()
+    failure = StorageFailure("the model package and the frames", tmp_path, OSError(errno.EIO, "Input/output error"),
+                             "io-error", doing="train on")
+
+    async def train():
+        trained.set()
+        raise failure
+
+    async def deliver(body: bytes) -> None:
+        raise AssertionError("nothing to deliver")
+
+    with pytest.raises(StorageFailure) as raised:
+        await take_part(_RoundThatDrops(trained), train(), deliver)
+    assert raised.value is failure
