@@ -21,7 +21,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from nacl.signing import SigningKey
 
@@ -42,7 +41,13 @@ from aggregator.secagg_round import SecAggConfig, SecAggConfigError, check_secur
 from aggregator.statuspage import downlink_text
 from aggregator.store import RoundRow, Store, StoreError
 from aggregator.strategies import STRATEGIES, make_strategy, option_flags, options_from_flags
-from aggregator.upstream import UpstreamConfig, UpstreamError, check_site_strategy, parse_upstream_key
+from aggregator.upstream import (
+    UpstreamConfig,
+    UpstreamError,
+    check_site_strategy,
+    check_upstream_url,
+    parse_upstream_key,
+)
 from appliance import strict_json, wire
 from appliance.broken_pipe import quiet_on_broken_pipe
 from appliance.client import pinned_tls_context
@@ -349,7 +354,10 @@ def _upstream(args: argparse.Namespace) -> UpstreamConfig | None:
         return None
     if args.upstream_key is None:
         raise CliError("--upstream needs --upstream-key (the parent aggregator's public key, hex or file)")
-    https = urlparse(args.upstream).scheme == "https"
+    try:
+        https = check_upstream_url(args.upstream) == "https"
+    except UpstreamError as exc:
+        raise CliError(str(exc)) from None
     if https and not args.upstream_ca:
         raise CliError("--upstream https://... needs --upstream-ca (the CA or certificate to pin for the parent)")
     if args.upstream_ca and not https:

@@ -42,7 +42,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -78,9 +78,34 @@ class UpstreamConfig:
     retry_seconds: float = 2.0  # first back-off after a network error (doubles up to 30 s)
 
     def __post_init__(self) -> None:
-        parsed = urlparse(self.url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise UpstreamError(f"--upstream must be an http:// or https:// URL, got {self.url!r}")
+        check_upstream_url(self.url)
+
+
+def check_upstream_url(url: str) -> str:
+    """``--upstream``'s scheme, ``http`` or ``https``; UpstreamError naming what is wrong with a URL the site could
+    not poll, which it would otherwise retry for ever. A path is kept (a parent behind a reverse proxy's prefix)."""
+    problem = _url_problem(url)
+    if problem:
+        raise UpstreamError(f"--upstream must be an http:// or https:// URL, got {url!r} ({problem})")
+    return urlsplit(url).scheme
+
+
+def _url_problem(url: str) -> str:
+    """Why ``url`` cannot be the parent's, or "" when it can."""
+    try:
+        parsed = urlsplit(url)
+        port = parsed.port  # out of range or not a number: ValueError
+    except ValueError as exc:  # and a bracket left open, as in http://[::1
+        return str(exc)
+    if parsed.scheme not in ("http", "https"):
+        return f"scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
+    if not parsed.hostname:
+        return "no host"
+    if port == 0:
+        return "port 0"
+    if "?" in url or "#" in url:  # the site appends /v1/task and the like to the URL: they would land in these
+        return "a query or fragment"
+    return ""
 
 
 def parse_upstream_key(text: str) -> VerifyKey:

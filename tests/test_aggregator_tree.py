@@ -285,17 +285,39 @@ def test_upstream_refuses_a_server_learning_rate(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "site").exists()
 
 
-@pytest.mark.parametrize("url", ["ftp://127.0.0.1:9", "127.0.0.1:9", "http://", "city"])
+@pytest.mark.parametrize(("url", "problem"), [
+    ("ftp://127.0.0.1:9", "scheme 'ftp'"),
+    ("127.0.0.1:9", "no scheme"),
+    ("http://", "no host"),
+    ("city", "no scheme"),
+    ("http://:8080", "no host"),  # a port and no host: the site started and failed every poll
+    ("https://user@", "no host"),
+    ("http://127.0.0.1:99999", "Port out of range"),
+    ("http://127.0.0.1:abc", "Port could not be cast"),
+    ("http://127.0.0.1:0", "port 0"),
+    ("http://[::1", "Invalid IPv6 URL"),  # a traceback, not a refusal
+    ("http://127.0.0.1:9/?site=a", "a query or fragment"),  # every request went to the parent's / with ?site=a/v1/...
+])
 def test_an_upstream_that_is_not_an_http_url_is_refused_at_start(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, problem: str
 ) -> None:
-    """Refused naming the option, before anything is created: not a site that starts and fails every poll."""
+    """Refused in one line naming the option and what is wrong, before anything is created: not a site that starts
+    and fails every poll."""
     key = bytes(SigningKey.generate().verify_key).hex()
     code = cli.main(["serve", "--state", str(tmp_path / "site"), "--synthetic-parameters", "10",
                      "--upstream", url, "--upstream-key", key])
     assert code == 2
-    assert f"--upstream must be an http:// or https:// URL, got {url!r}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--upstream must be an http:// or https:// URL, got {url!r} ({problem}" in err
+    assert err.count("\n") == 1, err
     assert not (tmp_path / "site").exists()
+
+
+@pytest.mark.parametrize("url", ["http://[::1]:8080", "http://[fe80::1%25eth0]:8080", "https://city.example/fl/",
+                                 "HTTP://CITY:8080", "http://city"])
+def test_an_upstream_url_of_any_http_form_is_taken(url: str) -> None:
+    """An IPv6 literal, a path prefix (a parent behind a reverse proxy), a scheme in capitals, the default port."""
+    assert UpstreamConfig(url=url, key=SigningKey.generate().verify_key).url == url
 
 
 def test_upstream_key_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
