@@ -58,7 +58,7 @@ from appliance.config import Config
 from appliance.durable import atomic_write, sweep_interrupted_writes
 from appliance.errors import ProtocolError
 from appliance.fleet_report import ThrottleMeter, build_heartbeat, next_delay, restamped
-from appliance.framebuffer import FrameBuffer, frames_held, record_size
+from appliance.framebuffer import CAMERA_FRAME_SHAPE, FrameBuffer, frames_held, record_size
 from appliance.heartbeat_stamps import HeartbeatStamps
 from appliance.held_release import load_release, store_release
 from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_create_device_key
@@ -454,16 +454,15 @@ class Agent:
             await asyncio.sleep(min(FRAME_POLL_SECONDS, remaining))
         return True
 
-    def _batch_out_of_reach(self, task: wire.Task, package: ModelPackage) -> str | None:
-        """Why the frame buffer can never give the task's batch to ``package``, or None: a batch of more frames than the
-        buffer holds, counted in bytes as well as frames (a model with large inputs fills the byte limit long before
-        the frame limit), or than a round trains on (the trainer reads the newest ``samples_per_round`` frames)."""
+    def _batch_out_of_reach(self, task: wire.Task) -> str | None:
+        """Why the frame buffer can never give the task's batch, or None: a batch of more frames than the buffer
+        holds, counted in bytes as well as frames (of what the camera recorder writes: 1x32x32 with box slots,
+        whatever the model), or than a round trains on (the trainer reads the newest ``samples_per_round`` frames)."""
         cams, batch = self.config.cameras, task.batch_size
-        detector = bool(package.detection)
-        held = frames_held(cams.buffer_max_frames, cams.buffer_max_bytes, package.input_shape, detector)
+        held = frames_held(cams.buffer_max_frames, cams.buffer_max_bytes)
         if batch > held:
             return (f"the task asks for batches of {batch} frames, more than the frame buffer holds ({held} frames of "
-                    f"{record_size(package.input_shape, detector)} bytes: [cameras] buffer_max_frames = "
+                    f"{record_size(CAMERA_FRAME_SHAPE, boxes=True)} bytes: [cameras] buffer_max_frames = "
                     f"{cams.buffer_max_frames}, buffer_max_bytes = {cams.buffer_max_bytes})")
         if batch > self.config.data.samples_per_round:
             return (f"the task asks for batches of {batch} frames, more than a round trains on ([data] "
@@ -476,7 +475,7 @@ class Agent:
         logged. A batch the buffer can never give (:meth:`_batch_out_of_reach`) is not waited for (until a deadline
         that may be weeks away, with no other round taken meanwhile), nor left to fail in the trainer: the round is
         skipped at once."""
-        out_of_reach = self._batch_out_of_reach(task, package)
+        out_of_reach = self._batch_out_of_reach(task)
         if out_of_reach is not None:
             self.metrics.rounds_skipped.labels("no-data").inc()
             log.warning("round %d: %s; skipping", task.round_id, out_of_reach)

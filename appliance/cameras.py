@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from appliance.framebuffer import BOX_SLOTS, FrameBuffer
+from appliance.framebuffer import BOX_SLOTS, CAMERA_FRAME_SHAPE, FrameBuffer
 from appliance.labels import MotionLabeller, MotionLabelSettings
 from appliance.storage_errors import storage_reason
 from appliance.v4l2 import (
@@ -176,7 +176,7 @@ def format_camera_table(cameras: Iterable[CameraInfo]) -> str:
 @dataclass(frozen=True)
 class CaptureSettings:
     interval_s: float = 1.0                        # one sample per camera per interval
-    frame_shape: tuple[int, int, int] = (1, 32, 32)  # the model's input (channels, height, width)
+    frame_shape: tuple[int, int, int] = CAMERA_FRAME_SHAPE  # the model's input (channels, height, width)
     label_size: tuple[int, int] = (64, 64)         # the view the motion labeller works on
     request_size: tuple[int, int] = (320, 240)     # asked of the driver, which picks the nearest it has
     settle_frames: int = 1                         # frames dropped after STREAMON (exposure, stale data)

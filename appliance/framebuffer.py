@@ -105,15 +105,20 @@ class FrameRecord:
     boxes: np.ndarray | None
 
 
+# The frames the camera recorder writes (appliance.cameras.CaptureSettings.frame_shape): the reference model's input.
+CAMERA_FRAME_SHAPE: tuple[int, int, int] = (1, 32, 32)
+
+
 def record_size(shape: tuple[int, ...], boxes: bool = False) -> int:
     """Bytes of one stored frame of ``shape`` (c, h, w): header, uint8 pixels and (format 3) the box slots."""
     return HEADER.size + math.prod(shape) + (BOX_SLOTS * BOX.size if boxes else 0)
 
 
-def frames_held(max_frames: int, max_bytes: int, shape: tuple[int, ...], boxes: bool = False) -> int:
+def frames_held(max_frames: int, max_bytes: int, shape: tuple[int, ...] = CAMERA_FRAME_SHAPE,
+                boxes: bool = True) -> int:
     """How many frames of ``shape`` a buffer within ``max_frames`` and ``max_bytes`` holds at most: its frame limit,
-    or fewer when their bytes reach its byte limit first (a model with large inputs: 3x224x224 frames fill 64 MiB at
-    445)."""
+    or fewer when their bytes reach its byte limit first. The defaults are what the camera recorder writes, whatever
+    the model: 1x32x32 frames with their box slots, 1,112 bytes each (64 MiB hold 60,349)."""
     return min(max_frames, max_bytes // record_size(shape, boxes))
 
 
@@ -215,7 +220,7 @@ class FrameBuffer:
     """
 
     def __init__(self, root: Path | str, *, max_frames: int = 5000, max_bytes: int = 64 * 1024 * 1024,
-                 frame_shape: tuple[int, int, int] = (1, 32, 32), batch_frames: int = BATCH_FRAMES,
+                 frame_shape: tuple[int, int, int] = CAMERA_FRAME_SHAPE, batch_frames: int = BATCH_FRAMES,
                  batch_seconds: float = BATCH_SECONDS) -> None:
         if max_frames < 1 or max_bytes < 1:
             raise ValueError(f"frame buffer limits must be positive, got {max_frames} frames, {max_bytes} bytes")

@@ -187,15 +187,16 @@ async def run_agent(
 async def run_agent_against(
     fake: FakeAggregator, tmp_path: Path, until: Callable[[Agent], bool], source: str = "synthetic",
     during: Callable[[Path], Coroutine[Any, Any, None]] | None = None, at_most: float = 300,
-    tls: tuple[ssl.SSLContext, Path] | None = None,
+    tls: tuple[ssl.SSLContext, Path] | None = None, extra_toml: str = "",
 ) -> Agent:
-    """Serve ``fake`` on loopback and run an agent (state in ``tmp_path/state``) against it; ``during(state)``
-    runs beside the agent's loops."""
+    """Serve ``fake`` on loopback and run an agent (state in ``tmp_path/state``, ``extra_toml`` appended to its
+    agent.toml) against it; ``during(state)`` runs beside the agent's loops."""
     async with on_loopback(fake.app(), tls[0] if tls else None) as url:
         state = tmp_path / "state"
         identity = enrolled_state(state, fake.key.verify_key)
         fake.device_keys = {identity.device_id: identity.verify_key}
         config = agent_config(tmp_path / "agent.toml", url, state, source, tls[1] if tls else None)
+        config.write_text(config.read_text() + extra_toml)
         agent = Agent(load_config(config), budget=ADVISORY)
         return await run_agent(agent, until, during(state) if during else None, at_most)
 

@@ -119,20 +119,23 @@ async def test_a_batch_larger_than_the_frame_buffer_holds_skips_the_round_at_onc
 
 
 async def test_a_batch_whose_bytes_the_frame_buffer_cannot_hold_skips_the_round_at_once(tmp_path, caplog):
-    """A model with large inputs: 32 frames of 3x1024x1024 pass the frame count (4096), but the buffer's 64 MiB hold
-    21 of them. The round loop waited until the deadline (weeks, here), taking no other round meanwhile."""
+    """The frame buffer holds what the camera recorder writes: 1x32x32 frames with their box slots, 1,112 bytes each
+    whatever the model (docs/cameras.md). 70,400 bytes hold 63 of them, so a batch of 64 is never there; counted in the
+    model's own record (no box slots for a counting model, 1,048 bytes: 67 frames) it was waited for until the
+    deadline (weeks, here), no other round taken meanwhile."""
     key = SigningKey.generate()
-    package = small_package(tmp_path / "large-inputs.flpkg", key, specs=[wire.ParamSpec("w", (4,))],
-                            input_shape=[3, 1024, 1024])
+    package = small_package(tmp_path / "counting.flpkg", key, specs=[wire.ParamSpec("w", (4,))],
+                            input_shape=[1, 32, 32])
     fake = FakeAggregator(key, package)
-    fake.batch_size, fake.round_seconds = 32, 30 * 86400
+    fake.batch_size, fake.round_seconds = 64, 30 * 86400
     with caplog.at_level(logging.WARNING, logger="fl_agent"):
         agent = await run_agent_against(fake, tmp_path, source="cameras", at_most=60,
+                                        extra_toml="[cameras]\nbuffer_max_bytes = 70400\n",
                                         until=lambda a: sample(a, "fl_agent_rounds_skipped_total",
                                                                {"reason": "no-data"}) >= 1)
     assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "no-data"}) == 1 and agent.last_round == 1
-    assert any("asks for batches of 32 frames, more than the frame buffer holds (21 frames of 3145752 bytes: "
-               "[cameras] buffer_max_frames = 4096, buffer_max_bytes = 67108864)" in r.getMessage()
+    assert any("asks for batches of 64 frames, more than the frame buffer holds (63 frames of 1112 bytes: "
+               "[cameras] buffer_max_frames = 4096, buffer_max_bytes = 70400)" in r.getMessage()
                for r in caplog.records)
 
 
