@@ -163,6 +163,8 @@ class AggregatorConfig:
     downlink: str = "full"
 
     def __post_init__(self) -> None:
+        if self.max_active_uploads < 1:  # a slot that never frees: every upload would wait for ever
+            raise ValueError(f"max_active_uploads must be at least 1, got {self.max_active_uploads}")
         if self.downlink not in DOWNLINK_ENCODINGS:
             raise ValueError(f"unknown downlink {self.downlink!r}; expected one of {', '.join(DOWNLINK_ENCODINGS)}")
         if self.upstream is not None:

@@ -191,11 +191,17 @@ def test_a_read_deadline_that_gives_no_time_or_divides_by_zero_is_refused(option
         ReadDeadline(**options)
 
 
-def test_an_aggregator_reading_no_upload_at_once_is_refused(tmp_path: Path) -> None:
-    """``max_active_uploads`` below 1 would hold every upload waiting for a slot that never frees: refused at start."""
+@pytest.mark.parametrize("limit", [0, -1])
+def test_an_aggregator_reading_no_upload_at_once_is_refused_before_anything_starts(tmp_path: Path, limit: int) -> None:
+    """``max_active_uploads`` below 1 would hold every upload waiting for a slot that never frees: refused when the
+    configuration is built, with nothing created. (Refused once the round engine had started, it left the engine's
+    round clock running, the spool's threads and the store open, and the state directory made.)"""
+    state = tmp_path / "state"
+
     async def go() -> None:
-        async with running(tmp_path, devices=1, max_active_uploads=0):
+        async with running(state, devices=1, max_active_uploads=limit):
             pass
 
     with pytest.raises(ValueError, match="max_active_uploads must be at least 1"):
         run(go())
+    assert not state.exists()
