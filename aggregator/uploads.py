@@ -65,8 +65,9 @@ class ReadDeadline:
     min_rate: float = 16 * 1024
 
     def __post_init__(self) -> None:
-        if self.floor <= 0 or self.min_rate <= 0:
-            raise ValueError("the upload timeout floor and minimum rate must be positive")
+        if not (self.floor > 0 and self.min_rate > 0):  # NaN too: a timer at NaN fires at once
+            raise ValueError(f"the upload timeout floor and minimum rate must be positive, got floor {self.floor} "
+                             f"and minimum rate {self.min_rate}")
 
     def seconds(self, size: int) -> float:
         return self.floor + size / self.min_rate

@@ -6,6 +6,7 @@ answered or counted as before, its slot freed."""
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 
 import numpy as np
@@ -182,11 +183,12 @@ def test_a_large_body_over_tls_is_read_through_aiohttp_and_its_connection_kept(t
     run(go())
 
 
-@pytest.mark.parametrize("options", [{"floor": 0}, {"floor": -1}, {"min_rate": 0}],
-                         ids=["no-floor", "negative-floor", "no-rate"])
+@pytest.mark.parametrize("options", [{"floor": 0}, {"floor": -1}, {"min_rate": 0}, {"floor": math.nan},
+                                     {"min_rate": math.nan}],
+                         ids=["no-floor", "negative-floor", "no-rate", "nan-floor", "nan-rate"])
 def test_a_read_deadline_that_gives_no_time_or_divides_by_zero_is_refused(options: dict) -> None:
     """No option sets it (AggregatorConfig.upload_deadline): refused when built, not at the first upload (a
-    division by zero, or every body timed out at once)."""
+    division by zero, or every body timed out at once: an asyncio timer at NaN fires at once)."""
     with pytest.raises(ValueError, match="floor and minimum rate must be positive"):
         ReadDeadline(**options)
 
