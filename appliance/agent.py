@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -67,7 +68,7 @@ from appliance.modelpkg import ModelPackage, PackageError, decode_package, load_
 from appliance.outbox import Backoff, Outbox, PermanentRejection
 from appliance.protocol.heartbeat import Heartbeat, encode_heartbeat
 from appliance.secagg_client import SecureRound, Transport, flat_update, take_part
-from appliance.storage_errors import STORAGE_ERRNO_REASONS, StorageFailure, storage_reason, storing
+from appliance.storage_errors import StorageFailure, storage_reason, storing
 from appliance.training_job import FRAMES_DIR, TrainJob, run_train_job
 
 log = logging.getLogger("fl_agent")
@@ -90,17 +91,15 @@ POLL_MIN_SECONDS = 1.0
 
 
 def trainer_storage_failure(exc: BaseException, state_dir: Path) -> StorageFailure | None:
-    """A :class:`StorageFailure` when the trainer failed because the data partition refused it a read or a write (EIO
-    from a dying SD card, reading the model package or the frames), else None: the card's failure, not the model's,
-    counted under its storage reason rather than ``trainer-failed``. A trainer cgroup that could not be set up is not
-    storage, whatever its errno (ENOSPC there is the kernel's, not the card's)."""
-    if not isinstance(exc, TrainerFailed) or isinstance(exc, CgroupSetupError) or exc.child_errno is None:
+    """A :class:`StorageFailure` when the trainer failed because the data partition failed it a read (EIO from a
+    dying SD card, reading the model package or the frames), else None: the card's failure, not the model's, counted
+    ``io-error`` rather than ``trainer-failed``. The trainer writes nothing there, so ENOSPC, EDQUOT or EROFS in it
+    come from elsewhere (a full tmpfs, a kernel limit) and stay ``trainer-failed``, as does a trainer cgroup that
+    could not be set up, whatever its errno."""
+    if not isinstance(exc, TrainerFailed) or isinstance(exc, CgroupSetupError) or exc.child_errno != errno.EIO:
         return None
-    reason = STORAGE_ERRNO_REASONS.get(exc.child_errno)
-    if reason is None:
-        return None
-    error = OSError(exc.child_errno, f"{os.strerror(exc.child_errno)} ({exc})")
-    return StorageFailure("the model package and the frames", state_dir, error, reason, doing="train on")
+    error = OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({exc})")
+    return StorageFailure("the model package and the frames", state_dir, error, "io-error", doing="train on")
 
 
 def clip_update(delta: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float]:

@@ -19,7 +19,8 @@ import pytest
 import trainer_faults
 from agent_harness import FakeAggregator, run_agent_against, sample
 
-from appliance.agent import STATE_FILE
+from appliance.agent import STATE_FILE, trainer_storage_failure
+from appliance.budget import TrainerFailed
 from appliance.secagg_client import SecAggDropped, take_part
 from appliance.storage_errors import StorageFailure
 
@@ -93,3 +94,14 @@ async def test_a_card_failing_the_training_of_a_secure_round_that_then_drops_is_
     with pytest.raises(StorageFailure) as raised:
         await take_part(_RoundThatDrops(trained), train(), deliver)
     assert raised.value is failure
+
+
+@pytest.mark.parametrize("child_errno", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_trainer_failing_on_a_write_is_not_blamed_on_the_card(tmp_path, child_errno):
+    """The trainer only reads the data partition (its package, the frames), and a read fails with EIO, never with
+    ENOSPC, EDQUOT or EROFS: those come from somewhere else (a full tmpfs, the kernel's own limits), so counting them
+    disk-full or read-only sent an operator to replace a healthy card. They stay trainer-failed; EIO is the card."""
+    failed = TrainerFailed("training failed in the trainer process: OSError", "", child_errno)
+    assert trainer_storage_failure(failed, tmp_path) is None
+    card = trainer_storage_failure(TrainerFailed("training failed", "", errno.EIO), tmp_path)
+    assert card is not None and card.reason == "io-error"
