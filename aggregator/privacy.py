@@ -107,7 +107,9 @@ class DPConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise PrivacyError(f"--dp {self.mode!r}: choose one of {', '.join(MODES)}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+        if not math.isfinite(self.noise_multiplier):  # flctl demo takes inf: "must be positive" named no problem
+            raise PrivacyError(f"--dp-noise-multiplier must be a finite number, got {self.noise_multiplier}")
+        if not self.noise_multiplier > 0:
             raise PrivacyError(f"--dp-noise-multiplier must be positive, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
             raise PrivacyError(f"--dp-delta must be in (0, 1), got {self.delta}")

@@ -57,6 +57,7 @@ def test_demo_with_dp_reports_epsilon_per_round_as_dp_accounting_and_stops_at_th
     [
         (["--dp-epsilon-budget", "3"], "--dp-epsilon-budget goes with --dp-noise-multiplier"),
         (["--dp-noise-multiplier", "-1"], "--dp-noise-multiplier must be positive, got -1.0"),
+        (["--dp-noise-multiplier", "inf"], "--dp-noise-multiplier must be a finite number, got inf"),  # inf is positive
         (["--dp-noise-multiplier", "1", "--dp-epsilon-budget", "0"], "--dp-epsilon-budget must be positive"),
         (["--dp-noise-multiplier", "1", "--strategy", "median"], "median selects or ranks individual updates"),
         (["--clip-norm", "-2"], "--clip-norm must be positive, got -2.0"),

@@ -161,8 +161,8 @@ def test_bad_dp_settings_are_refused_at_start_up(tmp_path: Path, args: list[str]
 
 @pytest.mark.parametrize(("settings", "named"), [
     ({"mode": "local"}, "--dp 'local': choose one of central, distributed"),
-    ({"noise_multiplier": math.inf}, "--dp-noise-multiplier must be positive, got inf"),
-    ({"noise_multiplier": math.nan}, "--dp-noise-multiplier must be positive, got nan"),
+    ({"noise_multiplier": math.inf}, "--dp-noise-multiplier must be a finite number, got inf"),
+    ({"noise_multiplier": math.nan}, "--dp-noise-multiplier must be a finite number, got nan"),
     ({"delta": 0.0}, "--dp-delta must be in (0, 1)"),
     ({"delta": 1.0}, "--dp-delta must be in (0, 1)"),
     ({"epsilon_budget": 0.0}, "--dp-epsilon-budget must be positive and finite"),
