@@ -119,8 +119,12 @@ def _check_value(path: Path, section: str, key: str, value: Any, default: Any) -
         elif value <= 0:
             raise ConfigError(f"{where}: must be > 0, got {value}")
     if (section, key) == ("aggregator", "url"):
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(value)
+            port = parts.port  # out of range or not a number: ValueError, as for an unclosed [ of an IPv6 address
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {value!r} is not a URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
             raise ConfigError(f"{where}: {value!r} is not an http(s) URL with a host")
     if (section, key) == ("metrics", "listen") and value:
         host, sep, port = value.rpartition(":")

@@ -44,6 +44,10 @@ def test_override_on_data_partition_wins_key_by_key(tmp_path):
         ("[data]\nsource = 'webcam'\n", "[data] source: 'webcam' is not one of cameras, synthetic"),
         ("[data]\nsamples_per_round = 0\n", "[data] samples_per_round: must be > 0"),
         ("[aggregator]\nurl = 'ftp://x'\n", "[aggregator] url: 'ftp://x' is not an http(s) URL"),
+        # a ValueError traceback at every start, not the key named
+        ("[aggregator]\nurl = 'http://[fd00::1'\n", "[aggregator] url: 'http://[fd00::1' is not a URL (Invalid IPv6"),
+        # the agent started and failed every round's task request
+        ("[aggregator]\nurl = 'http://agg:99999'\n", "[aggregator] url: 'http://agg:99999' is not a URL (Port out"),
         ("[metrics]\nlisten = '9101'\n", "[metrics] listen: '9101' is not HOST:PORT"),
         ("[metrics\n", "not valid TOML"),
     ],

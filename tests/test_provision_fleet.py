@@ -119,6 +119,8 @@ def test_tampered_sealed_key_is_detected(tmp_path, capsys):
     (["--names", "Bad Name", "--aggregator-url", "http://x:1"], "board name 'Bad Name'"),
     (["--names", "a,a", "--aggregator-url", "http://x:1"], "lists a board twice"),
     (["--names", "a", "--aggregator-url", "ftp://x"], "must look like http://HOST:PORT"),
+    (["--names", "a", "--aggregator-url", "http://[fd00::1"], "must look like http://HOST:PORT"),  # was a traceback
+    (["--names", "a", "--aggregator-url", "http://x:99999"], "must look like http://HOST:PORT"),  # was provisioned
 ])
 def test_bad_arguments_name_the_problem(tmp_path, capsys, args, message):
     assert _provision(tmp_path / "fleet", *args) == 1

@@ -55,9 +55,14 @@ def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def check_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ProvisionError(f"aggregator URL {url!r} must look like http://HOST:PORT or https://HOST")
+    wanted = f"aggregator URL {url!r} must look like http://HOST:PORT or https://HOST"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # out of range or not a number: ValueError, as for an unclosed [ of an IPv6 address
+    except ValueError as exc:
+        raise ProvisionError(f"{wanted} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise ProvisionError(wanted)
     if any(c in url for c in "\"\\\n"):
         raise ProvisionError(f"aggregator URL {url!r} contains a quote, backslash or newline")
     return url.rstrip("/")
