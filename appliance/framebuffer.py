@@ -242,6 +242,8 @@ class FrameBuffer:
         self._pending: list[bytes] = []
         self._pending_since = 0.0
         self._recovered = False
+        # The last read of a segment the card failed (EIO): a reader left short of frames names it as the cause.
+        self.read_error: OSError | None = None
         self._scan()
 
     def _scan(self) -> None:
@@ -389,6 +391,7 @@ class FrameBuffer:
             if storage_reason(exc) is None:
                 raise
             log.warning("skipping an unreadable segment: %s: %s", name, exc.strerror or exc)
+            self.read_error = exc
             return None
 
     def _records(self, name: str) -> Iterator[FrameRecord]:

@@ -65,8 +65,9 @@ def training_data(job: TrainJob) -> tuple[np.ndarray, np.ndarray]:
     if len(frames) < job.batch_size:
         raise NotEnoughData(f"{len(frames)} labelled frames in the buffer, need at least {job.batch_size}")
     stored, y = frames.load(limit=job.samples)
-    if len(y) < job.batch_size:  # segments a failing card could not read were skipped
-        raise NotEnoughData(f"{len(y)} readable labelled frames in the buffer, need at least {job.batch_size}")
+    if len(y) < job.batch_size:  # segments a failing card could not read were skipped: the card's failure, then
+        raise NotEnoughData(f"{len(y)} readable labelled frames in the buffer, need at least {job.batch_size}") \
+            from frames.read_error
     return to_model_input(stored), y
 
 
@@ -88,7 +89,8 @@ def detection_data(job: TrainJob, package: ModelPackage) -> tuple[np.ndarray, np
     frames = FrameBuffer(Path(job.state_dir) / FRAMES_DIR)
     stored, boxes = frames.load_boxes(limit=job.samples)
     if len(stored) < job.batch_size:
-        raise NotEnoughData(f"{len(stored)} frames with pseudo-boxes in the buffer, need at least {job.batch_size}")
+        raise NotEnoughData(f"{len(stored)} frames with pseudo-boxes in the buffer, need at least {job.batch_size}") \
+            from frames.read_error
     return to_model_input(stored), encode_targets(spec, boxes), boxes
 
 

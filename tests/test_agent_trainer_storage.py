@@ -15,12 +15,14 @@ import errno
 import json
 import logging
 
+import numpy as np
 import pytest
 import trainer_faults
 from agent_harness import FakeAggregator, run_agent_against, sample
 
 from appliance.agent import STATE_FILE, trainer_storage_failure
 from appliance.budget import TrainerFailed
+from appliance.framebuffer import FrameBuffer
 from appliance.secagg_client import SecAggDropped, take_part
 from appliance.storage_errors import StorageFailure
 
@@ -105,3 +107,27 @@ def test_a_trainer_failing_on_a_write_is_not_blamed_on_the_card(tmp_path, child_
     assert trainer_storage_failure(failed, tmp_path) is None
     card = trainer_storage_failure(TrainerFailed("training failed", "", errno.EIO), tmp_path)
     assert card is not None and card.reason == "io-error"
+
+
+async def test_a_trainer_the_card_fails_reading_the_frames_is_a_storage_failure(signed_package, tmp_path, monkeypatch,
+                                                                               caplog):
+    """The trainer skips a segment the card fails to read (a failing card costs those frames); when that leaves too
+    few for a batch, the round was counted trainer-failed ('0 readable labelled frames in the buffer'), pointing at the
+    model while the card was failing. It is the card's failure: io-error, named in the log."""
+    key, path = signed_package
+    monkeypatch.setattr("appliance.agent.run_train_job", trainer_faults.train_on_frames_the_card_fails)
+    buffer = FrameBuffer(tmp_path / "state" / "frames")
+    for i in range(64):
+        buffer.append(np.full((1, 32, 32), i, np.uint8), i % 4, boxes=np.zeros((0, 4), np.float32))
+    buffer.flush()
+    with caplog.at_level(logging.ERROR, logger="fl_agent"):
+        agent = await run_agent_against(
+            FakeAggregator(key, path), tmp_path, source="cameras", at_most=120,
+            until=lambda a: storage_skips(a) >= 1
+            or sample(a, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) >= 1,
+        )
+    assert trainer_faults.events(tmp_path / "state") == ["frames failed"]
+    assert sample(agent, "fl_agent_rounds_skipped_total", {"reason": "trainer-failed"}) == 0
+    assert storage_skips(agent) == 1 and sample(agent, "fl_agent_storage_errors_total", {"reason": "io-error"}) == 1
+    assert any(r.getMessage().startswith("round 1: cannot train on the model package and the frames") and
+               "0 readable labelled frames in the buffer" in r.getMessage() for r in caplog.records)

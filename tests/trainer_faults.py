@@ -60,3 +60,18 @@ def train_on_a_card_failing_once(job: TrainJob) -> TrainResult:
 
         Path.read_bytes = failing_read  # this trainer child only: each run is a new process
     return run_train_job(job)
+
+
+def train_on_frames_the_card_fails(job: TrainJob) -> TrainResult:
+    """Every read of a frame buffer segment fails (EIO, a dying SD card), noted as ``frames failed``; the package
+    reads as usual."""
+    note(job.state_dir, "frames failed")
+    read_bytes = Path.read_bytes
+
+    def failing_segment_read(path: Path) -> bytes:
+        if path.suffix == ".fls":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return read_bytes(path)
+
+    Path.read_bytes = failing_segment_read  # this trainer child only: each run is a new process
+    return run_train_job(job)
