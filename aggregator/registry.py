@@ -57,7 +57,9 @@ def enrolment_for_key(text: str, name: str = "", site: bool = False) -> Enrolmen
 def read_enrolment_file(path: Path) -> list[Enrolment]:
     """JSON lines ``{"device_id", "public_key", "name"}`` as written by ``flctl provision``.
 
-    The device id must be the one derived from the key: a mismatch means the file was edited or corrupted.
+    The device id must be the one derived from the key: a mismatch means the file was edited or corrupted. A
+    ``device_id`` or ``name`` that is missing or null is absent (the name is then empty); a name that is not a
+    string is refused, not enrolled as its text ("None", "42").
     """
     out = []
     try:
@@ -79,8 +81,11 @@ def read_enrolment_file(path: Path) -> list[Enrolment]:
             raise EnrolmentError(f"{where}: not JSON: {exc}") from None
         if not isinstance(record, dict) or not isinstance(record.get("public_key"), str):
             raise EnrolmentError(f"{where}: expected an object with a \"public_key\" hex string")
+        name = record.get("name")  # null, as a null device_id, is absent: the board enrolled without a name
+        if name is not None and not isinstance(name, str):
+            raise EnrolmentError(f"{where}: \"name\" must be a string (the board name) or null, got {name!r}")
         try:
-            enrolment = enrolment_for_key(record["public_key"], str(record.get("name", "")))
+            enrolment = enrolment_for_key(record["public_key"], name or "")
         except EnrolmentError as exc:
             raise EnrolmentError(f"{where}: {exc}") from None
         claimed = record.get("device_id")

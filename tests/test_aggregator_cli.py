@@ -20,7 +20,7 @@ from tls_certs import self_signed
 
 from aggregator.app import SERVICES
 from aggregator.cli import build_parser, main, served_alone
-from aggregator.registry import Enrolment
+from aggregator.registry import Enrolment, read_enrolment_file
 from aggregator.rounds import RoundPolicy
 from aggregator.simulate import SimulatedDevice
 from aggregator.store import Store
@@ -199,6 +199,8 @@ def test_status_lines_up_every_round_status_superseded_included(tmp_path: Path, 
         ('["%s"]', 'expected an object with a "public_key" hex string'),
         ('{"public_key": 5}', 'expected an object with a "public_key" hex string'),
         ('{"name": "cam-1"}', 'expected an object with a "public_key" hex string'),
+        ('{"public_key": "%s", "name": 42}', '"name" must be a string (the board name) or null, got 42'),
+        ('{"public_key": "%s", "name": ["cam-1"]}', "or null, got ['cam-1']"),
     ],
 )
 def test_enroll_file_errors_name_the_line(tmp_path: Path, capsys, line: str, complaint: str) -> None:
@@ -211,6 +213,19 @@ def test_enroll_file_errors_name_the_line(tmp_path: Path, capsys, line: str, com
     assert f"{fleet}:2" in err and complaint in err
     assert main(["status", "--state", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["devices"]["enrolled"] == 0
+
+
+def test_an_enrolment_line_whose_name_is_null_enrols_the_board_without_a_name(tmp_path: Path, capsys) -> None:
+    """A null name, as a null device_id, is absent (docs/provisioning.md): it was enrolled as the text "None"."""
+    main(["keygen", "--state", str(tmp_path)])
+    device = SimulatedDevice()
+    fleet = tmp_path / "fleet.jsonl"
+    fleet.write_text(json.dumps({"device_id": None, "public_key": device.public_key_hex, "name": None}) + "\n")
+    capsys.readouterr()
+    assert main(["enroll", "--state", str(tmp_path), "--from", str(fleet)]) == 0
+    assert "None" not in capsys.readouterr().out
+    (enrolment,) = read_enrolment_file(fleet)
+    assert enrolment.name == "" and enrolment.device_id == device.device_id
 
 
 def test_revoke_unknown_device_and_status_of_nothing_are_clear_errors(tmp_path: Path, capsys) -> None:
