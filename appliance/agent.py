@@ -66,6 +66,7 @@ from appliance.identity import DeviceIdentity, load_aggregator_key, load_or_crea
 from appliance.metrics import AgentMetrics, Reading
 from appliance.modelpkg import ModelPackage, PackageError, decode_package, load_package
 from appliance.outbox import Backoff, Outbox, PermanentRejection
+from appliance.package_fit import check_fits
 from appliance.protocol.heartbeat import Heartbeat, encode_heartbeat
 from appliance.secagg_client import SecureRound, Transport, flat_update, take_part
 from appliance.storage_errors import StorageFailure, storage_reason, storing
@@ -582,6 +583,7 @@ class Agent:
             return
         try:
             package = await self._ensure_package(client, task.package_digest)
+            check_fits(package, self.config.data.source)  # before the release: a package that cannot train here
             release = await self._ensure_release(client, task)
         except (ProtocolError, PackageError) as exc:
             self.metrics.models_refused.labels(exc.reason).inc()

@@ -23,6 +23,7 @@ from appliance import __version__
 from appliance.config import ConfigError
 from appliance.metrics_web import MetricsServer, WebConfigError, load_web_config, start_metrics_server
 from appliance.outbox import UNREADABLE
+from appliance.package_fit import UNFIT_REASON
 from appliance.reasons import DECODER_REASONS, PACKAGE_REASONS, UPDATE_REFUSAL_REASONS
 from appliance.storage_errors import STORAGE_REASONS
 
@@ -32,9 +33,9 @@ TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # A round given up because the data partition refused what it had to store counts under the storage reason.
 ROUND_SKIP_REASONS = ("deadline-passed", "no-data", "trainer-failed", "trainer-killed", *STORAGE_REASONS)
 TRAINER_KILL_CAUSES = ("oom", "signal")
-# A refused package or release: what the decoder and the package reader raise, and the agent's own checks
-# that the package and the release are the ones the task names.
-MODEL_REFUSAL_REASONS = (*DECODER_REASONS, *PACKAGE_REASONS, "wrong-package", "wrong-model")
+# A refused package or release: what the decoder and the package reader raise, the agent's own checks
+# that the package and the release are the ones the task names, and that the package fits the device's data.
+MODEL_REFUSAL_REASONS = (*DECODER_REASONS, *PACKAGE_REASONS, "wrong-package", "wrong-model", UNFIT_REASON)
 AGGREGATOR_OPERATIONS = ("task", "heartbeat")
 # The aggregator's reasons, the outbox's own ("corrupt": stored bytes that no longer match their digest;
 # UNREADABLE: a file the card failed to read READ_ATTEMPTS times in a row, set aside) and the client's for a

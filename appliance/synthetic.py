@@ -26,7 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SIZE = 32
+from appliance.framebuffer import CAMERA_FRAME_SHAPE
+
+# The frames drawn are the ones the cameras deliver (one grayscale channel); the drawing below is square.
+FRAME_SHAPE = CAMERA_FRAME_SHAPE
+SIZE = FRAME_SHAPE[-1]
 NUM_CLASSES = 4
 CLASS_NAMES = ("0 vehicles", "1 vehicle", "2 vehicles", "3 or more vehicles")
 _MAX_VEHICLES = 6
@@ -126,7 +130,7 @@ class SyntheticCamera:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         s, rng = self.style, self._rng
-        x = np.empty((n, 1, SIZE, SIZE), dtype=np.float32)
+        x = np.empty((n, *FRAME_SHAPE), dtype=np.float32)
         y = np.empty(n, dtype=np.int64)
         boxes = []
         lanes = self._lane_centres()

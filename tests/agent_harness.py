@@ -28,8 +28,10 @@ from appliance import modelpkg, wire
 from appliance.agent import Agent
 from appliance.budget import Budget
 from appliance.config import load_config
+from appliance.framebuffer import CAMERA_FRAME_SHAPE
 from appliance.identity import DeviceIdentity, load_or_create_device_key, write_aggregator_key
 from appliance.modelpkg import load_package
+from appliance.synthetic import NUM_CLASSES
 
 ADVISORY = Budget(None, 1, None, None, False, True, "test: no cgroup")
 TASK_BATCH_SIZE = 16
@@ -140,16 +142,18 @@ SMALL_SPECS = (wire.ParamSpec("layer0.weight", (20, 10)), wire.ParamSpec("layer0
 
 
 def small_package(path: Path, key: SigningKey, specs: Sequence[wire.ParamSpec] = SMALL_SPECS, seed: int = 7,
-                  name: str = "small-test-package", input_shape: Sequence[int] = (10,)) -> Path:
+                  name: str = "small-test-package", input_shape: Sequence[int] = CAMERA_FRAME_SHAPE,
+                  num_classes: int = NUM_CLASSES) -> Path:
     """A signed model package of the tensors ``specs`` (drawn from ``seed``) at ``path``, for tests whose training
-    is stubbed out (its graphs are placeholders, never run), taking samples of ``input_shape``."""
+    is stubbed out (its graphs are placeholders, never run), taking samples of ``input_shape`` (by default what the
+    device's sources deliver: a package that does not fit them is refused before training, appliance/package_fit.py)."""
     specs = list(specs)
     rng = np.random.default_rng(seed)
     package = modelpkg.ModelPackage(
         name=name, param_specs=specs,
         initial_params={s.name: rng.normal(0, 0.05, s.shape).astype(np.float32) for s in specs},
         training_graph=b"not run", inference_graph=b"not run", optimizer={"name": "sgd"},
-        preprocessing={"input_shape": list(input_shape)}, num_classes=2,
+        preprocessing={"input_shape": list(input_shape)}, num_classes=num_classes,
     )
     modelpkg.write_package(path, package, key)
     return path
