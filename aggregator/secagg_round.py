@@ -879,7 +879,7 @@ class SecureRounds:
             ledger = self.engine.privacy
             if ledger is not None and ledger.unmasking is not None and ledger.unmasking.round_id == sr.round_id:
                 if written and exc.reason == "too-few-shares":  # unmask_total takes no mask off without them all
-                    await self._run(ledger.unmask_failed)
+                    await self._run(self._uncount, sr.round_id)
                     self.engine.metrics.dp_epsilon.set(ledger.spent())
                 else:  # the engine settles it once the round's end is recorded (rounds.py)
                     seen = written or exc.reason == "sum-out-of-bounds"
@@ -908,9 +908,18 @@ class SecureRounds:
             return False
         assert sr.plan is not None
         self._check_budget(len(sr.plan.survivors), noise)
-        ledger.begin_unmask(sr.round_id, noise)
+        with self.store.writes.writing(f"the privacy ledger's count of secure round {sr.round_id}"):
+            ledger.begin_unmask(sr.round_id, noise)
         self.engine.metrics.dp_epsilon.set(ledger.spent())
         return True
+
+    def _uncount(self, round_id: int) -> None:
+        """Worker thread: take round ``round_id``'s count out of the privacy ledger again (no mask came off), as a
+        write under way on the disk."""
+        ledger = self.engine.privacy
+        assert ledger is not None
+        with self.store.writes.writing(f"the privacy ledger's settlement of secure round {round_id}"):
+            ledger.unmask_failed()
 
     def _distributed_dp(self) -> float | None:
         """z of ``--dp distributed``, or None."""

@@ -22,6 +22,8 @@ import pytest
 from aggregator_harness import Harness, run
 from secagg_harness import expected_mean, flat_delta, secure_rounds, secure_running, transport, until_masked
 
+from aggregator.app import WRITES_LEFT_BEHIND
+from aggregator.privacy import DPConfig, PrivacyLedger
 from aggregator.rounds import RoundPolicy
 from aggregator.secagg_round import SecureRounds
 from appliance import wire
@@ -356,6 +358,51 @@ def test_a_secure_rounds_write_that_hangs_shows_in_the_disk_wait_metric_and_the_
             assert disk["stalled"] and disk["oldest_write"] == named, disk
             assert named not in [what for _, what in h.engine.store.writes.under_way()]  # landed: no longer waited on
             assert len(h.engine.secure.current.dealings) == 3
+
+    try:
+        run(go())
+    finally:
+        release.set()
+
+
+def test_a_distributed_dp_ledger_write_that_hangs_shows_in_the_status_and_a_stop_leaves_it_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the masks come off, --dp distributed writes in the privacy ledger that the round counts (fsynced). That
+    write hanging shows as the others do: /v1/status's disk names it, and a stop waits for it at most
+    --store-timeout, then leaves it behind, named (it was on no list of writes under way: the stop joined its thread
+    for ever)."""
+    release = threading.Event()
+    entered = threading.Event()
+    real_begin = PrivacyLedger.begin_unmask
+
+    def begin_unmask(self: PrivacyLedger, *args: Any) -> bool:
+        entered.set()
+        release.wait(GUARD_SECONDS)
+        return real_begin(self, *args)
+
+    monkeypatch.setattr(PrivacyLedger, "begin_unmask", begin_unmask)
+    policy = RoundPolicy(min_clients=2, goal_clients=3, round_timeout=120, store_timeout=1)
+    privacy = DPConfig(1.0, 1e-5, mode="distributed")
+
+    async def go() -> None:
+        async with secure_running(tmp_path, devices=3, phase_timeout=60, policy=policy, privacy=privacy) as h:
+            app = h.app
+            try:
+                task = await h.task()
+                rounds = secure_rounds(h, task)
+                await until_masked(rounds)
+                for r in rounds:
+                    assert (await h.upload(r.masked_input(flat_delta(h, 0.001), 1)))[0] == 200
+                async with asyncio.timeout(GUARD_SECONDS):
+                    await asyncio.gather(*(r.unmask() for r in rounds))
+                    await asyncio.to_thread(entered.wait, GUARD_SECONDS)  # the ledger's write hangs
+                    named = f"the privacy ledger's count of secure round {task.round_id}"
+                    disk = (await (await h.client.get("/v1/status")).json())["disk"]
+                    assert disk["oldest_write"] == named, disk
+            except BaseException:
+                release.set()  # (else the stop would wait for it)
+                raise
+        assert app[WRITES_LEFT_BEHIND] == [named]
 
     try:
         run(go())
