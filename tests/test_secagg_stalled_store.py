@@ -30,7 +30,16 @@ from appliance import wire
 from appliance.protocol import messages as m
 
 GUARD_SECONDS = 60.0  # only reached when a phase end waits for the stalled write (and then the test fails)
+# The phase timeout of the tests whose share phase ends at its deadline with a share still being written: the
+# others' shares, dealt and posted after the roster, must be in before it, and so must the masked inputs after the
+# routing (at 1 s a loaded CI machine missed it: the stalled share came after the phase end, 409 wrong-phase). It is
+# also how long that phase end waits for the stalled write.
+SHARE_PHASE_SECONDS = 5
 TOLERANCE = 1e-5
+# The phase timeout of a test that restarts the aggregator in the share phase and reads the roster again: the restart
+# must come before the share phase's deadline, or the round resumes past it and is abandoned with no shares (at 1 s a
+# loaded CI machine's restart missed it: 410 round-closed).
+SHARE_PHASE_KEPT = 30
 
 
 def hold(obj: Any, name: str, stalls: Callable[..., bool], release: threading.Event,
@@ -73,7 +82,7 @@ def test_a_share_whose_write_hangs_past_the_phase_end_is_not_counted_and_the_oth
     release = threading.Event()
 
     async def go() -> None:
-        async with secure_running(tmp_path, devices=3, round_timeout=30, phase_timeout=1) as h:
+        async with secure_running(tmp_path, devices=3, round_timeout=30, phase_timeout=SHARE_PHASE_SECONDS) as h:
             task = await h.task()
             rounds = secure_rounds(h, task)
             stalled = rounds[2]
@@ -115,7 +124,7 @@ def test_a_share_that_lands_after_the_phase_end_does_not_count_after_a_restart_e
     release = threading.Event()
 
     async def go() -> None:
-        async with secure_running(tmp_path, devices=3, round_timeout=30, phase_timeout=1) as h:
+        async with secure_running(tmp_path, devices=3, round_timeout=30, phase_timeout=SHARE_PHASE_SECONDS) as h:
             key, enrolled = h.key, h.devices
             task = await h.task()
             rounds = secure_rounds(h, task)
@@ -136,7 +145,7 @@ def test_a_share_that_lands_after_the_phase_end_does_not_count_after_a_restart_e
         with sqlite3.connect(tmp_path / "aggregator.db") as db:  # the late share is stored all the same
             assert db.execute("SELECT count(*) FROM secagg_messages WHERE phase='share' AND device_id=?",
                               (stalled.device_id,)).fetchone() == (1,)
-        async with secure_running(tmp_path, devices=3, round_timeout=30, phase_timeout=1, key=key,
+        async with secure_running(tmp_path, devices=3, round_timeout=30, phase_timeout=SHARE_PHASE_SECONDS, key=key,
                                   enrolled=enrolled) as h:
             for r in rounds[:2]:
                 r.transport = transport(h)
@@ -248,7 +257,7 @@ def test_a_round_whose_first_record_failed_keeps_its_roster_across_a_restart(
     monkeypatch.setattr(SecureRounds, "_write", write)
 
     async def go() -> None:
-        async with secure_running(tmp_path, devices=3, round_timeout=60, phase_timeout=1) as h:
+        async with secure_running(tmp_path, devices=3, round_timeout=60, phase_timeout=SHARE_PHASE_KEPT) as h:
             key, enrolled = h.key, h.devices
             task = await h.task()
             rounds = secure_rounds(h, task)
@@ -257,7 +266,7 @@ def test_a_round_whose_first_record_failed_keeps_its_roster_across_a_restart(
             assert roster.status == 200
             served = await roster.read()
         assert failed, "the round's first record was not written through SecureRounds._write"
-        async with secure_running(tmp_path, devices=3, round_timeout=60, phase_timeout=1, key=key,
+        async with secure_running(tmp_path, devices=3, round_timeout=60, phase_timeout=SHARE_PHASE_KEPT, key=key,
                                   enrolled=enrolled) as h:
             again = await h.client.get(f"/v1/secagg/{task.round_id}/roster")
             assert again.status == 200, await again.text()
