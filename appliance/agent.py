@@ -91,6 +91,25 @@ REFUSED_PACKAGES_KEPT = 16
 POLL_MIN_SECONDS = 1.0
 
 
+class ModelRefused(Exception):
+    """The package or the release a task names was refused (a bad signature, a digest mismatch, values past the
+    bounds, a package unfit for the device...): the aggregator answered, and what it sent is at fault. Retried as a
+    failed poll is, but the status names the refusal, not the network."""
+
+
+def retry_status(exc: Exception, delay: float) -> str:
+    """The status while the round loop waits ``delay`` seconds after ``exc``: "aggregator unreachable" only for a
+    failed connection or answer (:class:`AggregatorUnavailable`); a model or a task the agent refused is named, so
+    that an operator looks at the model, not at the network."""
+    if isinstance(exc, ModelRefused):
+        what = f"refused the model from the aggregator: {exc}"
+    elif isinstance(exc, ProtocolError):
+        what = f"refused the task from the aggregator: {exc}"
+    else:
+        what = "aggregator unreachable"
+    return f"{what}; retry in {delay:.0f} s"
+
+
 def trainer_storage_failure(exc: BaseException, state_dir: Path) -> StorageFailure | None:
     """A :class:`StorageFailure` when the trainer failed because the data partition failed it a read (EIO from a
     dying SD card, reading the model package or the frames), else None: the card's failure, not the model's, counted
@@ -588,7 +607,7 @@ class Agent:
         except (ProtocolError, PackageError) as exc:
             self.metrics.models_refused.labels(exc.reason).inc()
             log.error("round %d: refused the model from the aggregator: %s", task.round_id, exc)
-            raise AggregatorUnavailable(str(exc)) from exc
+            raise ModelRefused(str(exc)) from exc
         self.metrics.rounds_joined.inc()
         self.set_status(f"training round {task.round_id} on model v{task.model_version}")
         if task.secure_aggregation:
@@ -710,19 +729,21 @@ class Agent:
             try:
                 polled_at = loop.time()
                 task = await self._next_task(client)
-                failures = 0
+                answered_after_failure, failures = failures > 0, 0
                 if task is not None:
                     self._learn_time(task)
                     if task.round_id > self.last_round:
                         await self._round(client, task)
                         continue
+                if answered_after_failure:  # no round to take: the status no longer names the last failure
+                    self.set_status(f"waiting for round > {self.last_round}")
                 await asyncio.sleep(polled_at + POLL_MIN_SECONDS - loop.time())  # no round to take
-            except (AggregatorUnavailable, ProtocolError) as exc:
+            except (AggregatorUnavailable, ProtocolError, ModelRefused) as exc:
                 self.metrics.aggregator_errors.labels("task").inc()
                 delay = backoff.delay(failures)
                 failures += 1
                 log.warning("aggregator: %s; retrying in %.1f s", exc, delay)
-                self.set_status(f"aggregator unreachable; retry in {delay:.0f} s")
+                self.set_status(retry_status(exc, delay))
                 await asyncio.sleep(delay)
 
     def heartbeat(self) -> Heartbeat:
