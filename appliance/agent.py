@@ -68,6 +68,7 @@ from appliance.modelpkg import ModelPackage, PackageError, decode_package, load_
 from appliance.outbox import Backoff, Outbox, PermanentRejection
 from appliance.package_fit import check_fits
 from appliance.protocol.heartbeat import Heartbeat, encode_heartbeat
+from appliance.refusal_backoff import RefusalBackoff
 from appliance.secagg_client import SecureRound, Transport, flat_update, take_part
 from appliance.storage_errors import StorageFailure, storage_reason, storing
 from appliance.training_job import FRAMES_DIR, TrainJob, run_train_job
@@ -224,6 +225,7 @@ class Agent:
         held = load_release(self.state_dir, self.aggregator_key, self.state_dir / MODELS_DIR)
         self._package: ModelPackage | None = held.package if held else None
         self._refused_packages: dict[bytes, PackageError] = {}  # digest -> why (see _ensure_package)
+        self.refusal_backoff = RefusalBackoff()  # how long a task whose model was refused is left (round_loop)
         self._release: wire.ModelRelease | None = held.release if held else None
         if held:
             self.metrics.model_version.set(held.release.version)
@@ -704,8 +706,9 @@ class Agent:
 
     # -- loops ----------------------------------------------------------------------------------------
 
-    async def _next_task(self, client: AggregatorClient) -> wire.Task | None:
-        """The task of the next round to take part in (a long-poll), or None.
+    async def _next_task(self, client: AggregatorClient, skip_through: int = 0) -> wire.Task | None:
+        """The task of the next round to take part in (a long-poll), or None; ``skip_through``: a round whose model
+        was refused, left while its backoff runs, so that only a newer round answers the long-poll at once.
 
         Until the aggregator has answered once, the agent asks for the task of whatever round is open, whatever its
         id, without waiting: a board that restarts after taking part in the open round would otherwise see no task
@@ -717,34 +720,56 @@ class Agent:
                 task = await client.next_task(0, 0)
                 self._open_round_asked = True
                 return task
-            return await client.next_task(self.last_round, self.config.aggregator.poll_wait_seconds)
+            after = max(self.last_round, skip_through)
+            return await client.next_task(after, self.config.aggregator.poll_wait_seconds)
         finally:
             self._first_poll_done.set()
 
     async def round_loop(self, client: AggregatorClient) -> None:
+        """Poll for tasks and take part in their rounds. A failed poll is retried after a backoff (at most a
+        minute). A task whose model was refused is left for a backoff of its own (:mod:`appliance.refusal_backoff`,
+        growing with each refusal of the same task, at most five minutes) while the polls go on: each retry
+        downloads the model again, but a newer task is taken at once."""
         backoff = Backoff(base=1.0, cap=60.0)
         failures = 0
         loop = asyncio.get_running_loop()
         while True:
             try:
                 polled_at = loop.time()
-                task = await self._next_task(client)
+                task = await self._next_task(client, self.refusal_backoff.skip_through())
                 answered_after_failure, failures = failures > 0, 0
                 if task is not None:
                     self._learn_time(task)
-                    if task.round_id > self.last_round:
-                        await self._round(client, task)
-                        continue
+                    if task.round_id > self.last_round and not self.refusal_backoff.holds(task):
+                        if await self._round_or_refusal(client, task):
+                            continue
+                        answered_after_failure = False  # the status names the refusal until its retry
                 if answered_after_failure:  # no round to take: the status no longer names the last failure
                     self.set_status(f"waiting for round > {self.last_round}")
                 await asyncio.sleep(polled_at + POLL_MIN_SECONDS - loop.time())  # no round to take
-            except (AggregatorUnavailable, ProtocolError, ModelRefused) as exc:
+            except (AggregatorUnavailable, ProtocolError) as exc:
                 self.metrics.aggregator_errors.labels("task").inc()
                 delay = backoff.delay(failures)
                 failures += 1
                 log.warning("aggregator: %s; retrying in %.1f s", exc, delay)
                 self.set_status(retry_status(exc, delay))
                 await asyncio.sleep(delay)
+
+    async def _round_or_refusal(self, client: AggregatorClient, task: wire.Task) -> bool:
+        """Take part in ``task``'s round: True when it was taken (the refusal backoff starts over), False when its
+        model was refused (counted, logged and named in the status with the wait before the task is taken up
+        again)."""
+        try:
+            await self._round(client, task)
+        except ModelRefused as exc:
+            self.metrics.aggregator_errors.labels("task").inc()
+            delay = self.refusal_backoff.refused(task)
+            log.warning("aggregator: %s; round %d taken up again in %.1f s unless a newer task comes", exc,
+                        task.round_id, delay)
+            self.set_status(retry_status(exc, delay))
+            return False
+        self.refusal_backoff.clear()
+        return True
 
     def heartbeat(self) -> Heartbeat:
         """The device's state for the aggregator's fleet view (appliance/fleet_report.py)."""

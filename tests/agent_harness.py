@@ -41,7 +41,8 @@ RECEIPTS = ("genuine", "unsigned", "wrong-key", "bad-signature", "wrong-update",
 
 
 class FakeAggregator:
-    """Serves task 1 (on model version 0), the package, a model release and receipts.
+    """Serves the task of round ``round_id`` (1 unless a test changes it; on model version 0), the package, a model
+    release and receipts.
 
     ``release_key`` signs the release with another key; ``tamper`` flips a byte of its tensors; ``release_params``
     serves a genuinely signed release of other parameters than the task names; ``release_package_digest`` one
@@ -75,10 +76,13 @@ class FakeAggregator:
         self.unavailable_posts = 0  # answer this many uploads with 503 first (aggregator down)
         self.round_seconds = 300  # how far ahead of its issue the task's deadline lies
         self.batch_size = TASK_BATCH_SIZE  # the task's batch size
-        self.poll_seconds = 0.2  # how long a poll for a round after 1 waits before its 204
+        self.poll_seconds = 0.2  # how long a poll for a round after round_id waits before its 204
         self.ignores_after = False  # serve round 1's task to every poll, whatever its after= says
         self.polls: list[float] = []  # when each poll for a task arrived (time.monotonic)
         self.package_downloads = 0
+        self.release_downloads = 0
+        self.round_id = 1  # the round whose task is served (a test may open another mid-run)
+        self.first_served: dict[int, int] = {}  # round -> the number of polls when its task was first served
 
     def receipt(self, body: bytes, update: wire.Update) -> bytes:
         genuine = wire.Receipt(update.device_id, update.round_id, wire.update_digest(body))
@@ -105,13 +109,14 @@ class FakeAggregator:
     def app(self) -> web.Application:
         async def task(request: web.Request) -> web.Response:
             self.polls.append(time.monotonic())
-            if int(request.query.get("after", "0")) >= 1 and not self.ignores_after:
+            if int(request.query.get("after", "0")) >= self.round_id and not self.ignores_after:
                 await asyncio.sleep(self.poll_seconds)
                 return web.Response(status=204)
             t = wire.Task(
-                1, 0, self.digest, self.package.digest, deadline=int(time.time()) + self.round_seconds, epochs=1,
-                batch_size=self.batch_size,
+                self.round_id, 0, self.digest, self.package.digest, deadline=int(time.time()) + self.round_seconds,
+                epochs=1, batch_size=self.batch_size,
             )
+            self.first_served.setdefault(self.round_id, len(self.polls))
             return web.Response(body=wire.encode_task(t, self.key), content_type="application/cose")
 
         async def package(request: web.Request) -> web.Response:
@@ -119,6 +124,7 @@ class FakeAggregator:
             return web.Response(body=self.package_bytes)
 
         async def model(request: web.Request) -> web.Response:
+            self.release_downloads += 1
             return web.Response(body=self.release)
 
         async def updates(request: web.Request) -> web.Response:
