@@ -736,8 +736,13 @@ class Agent:
         while True:
             try:
                 polled_at = loop.time()
-                task = await self._next_task(client, self.refusal_backoff.skip_through())
+                skip_through = self.refusal_backoff.skip_through()
+                task = await self._next_task(client, skip_through)
                 answered_after_failure, failures = failures > 0, 0
+                if task is None and not skip_through and self.refusal_backoff.pending:
+                    # No wait runs, yet no round is open: the refused round is over, and its status with it.
+                    self.refusal_backoff.clear()
+                    answered_after_failure = True
                 if task is not None:
                     self._learn_time(task)
                     if task.round_id > self.last_round and not self.refusal_backoff.holds(task):

@@ -60,6 +60,11 @@ class RefusalBackoff:
         """The round to poll after while a wait runs (the refused round: only a newer one answers at once), else 0."""
         return self._round_id if self._task is not None and self.now() < self._until else 0
 
+    @property
+    def pending(self) -> bool:
+        """Whether a refused task is remembered (until a round is taken, or the refused round is over)."""
+        return self._task is not None
+
     def clear(self) -> None:
-        """A round was taken: the next refusal starts from the first wait."""
+        """A round was taken, or the refused one is over: the next refusal starts from the first wait."""
         self._task, self._round_id, self._refusals, self._until = None, 0, 0, 0.0

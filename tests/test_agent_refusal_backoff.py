@@ -8,10 +8,12 @@ Time is a fake clock that moves 30 s with each poll for a task, so the counts do
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from agent_harness import ADVISORY, FakeAggregator, agent_config, enrolled_state, on_loopback, run_agent, sample
+from aiohttp import web
 
 from appliance import agent as agent_module
 from appliance.agent import Agent
@@ -30,9 +32,9 @@ def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent_module, "POLL_MIN_SECONDS", 0.02)
 
 
-async def _run(fake: FakeAggregator, tmp_path: Path, until) -> Agent:
+async def _run(fake: FakeAggregator, tmp_path: Path, until, app: web.Application | None = None) -> Agent:
     fake.poll_seconds = 0.02  # a poll for a round the fake does not serve: 204 at once
-    async with on_loopback(fake.app()) as url:
+    async with on_loopback(app or fake.app()) as url:
         state = tmp_path / "state"
         identity = enrolled_state(state, fake.key.verify_key)
         fake.device_keys = {identity.device_id: identity.verify_key}
@@ -71,3 +73,30 @@ async def test_a_newer_round_is_taken_at_once_while_a_refusal_backs_off(signed_p
     assert agent.last_round == 2 and len(fake.updates) == 1
     polls_to_take = fake.first_served[2] - opened_at[0]
     assert polls_to_take <= 1, f"round 2 asked for {polls_to_take} polls after it opened"
+
+
+async def test_a_refused_round_that_closes_leaves_the_status_waiting_for_the_next_round(signed_package, tmp_path,
+                                                                                         quick_polls):
+    """Once the refused round is over (the aggregator answers with no round open), the status no longer says a
+    retry of it is coming: it read "refused the model ...; retry in 1 s" until the next round opened, hours later."""
+    key, path = signed_package
+    fake = FakeAggregator(key, path, tamper=True)
+    closed_at: list[int] = []
+
+    @web.middleware
+    async def round_closes_after_the_refusal(request: web.Request, handler) -> web.StreamResponse:
+        if closed_at and request.path == "/v1/task":
+            fake.polls.append(time.monotonic())  # the fake clock moves with the polls
+            return web.Response(status=204)
+        return await handler(request)
+
+    def refused_then_closed(agent: Agent) -> bool:
+        if not closed_at and sample(agent, "fl_agent_models_refused_total", {"reason": "digest-mismatch"}) >= 1:
+            closed_at.append(len(fake.polls))
+        return bool(closed_at) and len(fake.polls) >= closed_at[0] + 4
+
+    app = fake.app()
+    app.middlewares.append(round_closes_after_the_refusal)
+    agent = await _run(fake, tmp_path, until=refused_then_closed, app=app)
+    assert closed_at and len(fake.polls) >= closed_at[0] + 4
+    assert agent.status == "waiting for round > 0", agent.status
