@@ -720,8 +720,10 @@ class Agent:
                 task = await client.next_task(0, 0)
                 self._open_round_asked = True
                 return task
-            after = max(self.last_round, skip_through)
-            return await client.next_task(after, self.config.aggregator.poll_wait_seconds)
+            after, wait = max(self.last_round, skip_through), self.config.aggregator.poll_wait_seconds
+            if after > self.last_round:  # the poll ends with the refusal's wait, to take its round up again then
+                wait = min(wait, math.ceil(self.refusal_backoff.wait_left()))
+            return await client.next_task(after, wait)
         finally:
             self._first_poll_done.set()
 

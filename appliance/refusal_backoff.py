@@ -60,6 +60,10 @@ class RefusalBackoff:
         """The round to poll after while a wait runs (the refused round: only a newer one answers at once), else 0."""
         return self._round_id if self._task is not None and self.now() < self._until else 0
 
+    def wait_left(self) -> float:
+        """The seconds before the task refused last may be taken up again (0 when no wait runs)."""
+        return max(0.0, self._until - self.now()) if self._task is not None else 0.0
+
     @property
     def pending(self) -> bool:
         """Whether a refused task is remembered (until a round is taken, or the refused round is over)."""

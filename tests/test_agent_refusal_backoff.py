@@ -8,6 +8,8 @@ Time is a fake clock that moves 30 s with each poll for a task, so the counts do
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from aiohttp import web
 from appliance import agent as agent_module
 from appliance.agent import Agent
 from appliance.config import load_config
+from appliance.outbox import Backoff
 from appliance.refusal_backoff import RefusalBackoff
 
 SECONDS_PER_POLL = 30.0
@@ -32,14 +35,18 @@ def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent_module, "POLL_MIN_SECONDS", 0.02)
 
 
-async def _run(fake: FakeAggregator, tmp_path: Path, until, app: web.Application | None = None) -> Agent:
+async def _run(fake: FakeAggregator, tmp_path: Path, until, app: web.Application | None = None,
+               backoff: RefusalBackoff | None = None, poll_wait: float | None = None) -> Agent:
     fake.poll_seconds = 0.02  # a poll for a round the fake does not serve: 204 at once
     async with on_loopback(app or fake.app()) as url:
         state = tmp_path / "state"
         identity = enrolled_state(state, fake.key.verify_key)
         fake.device_keys = {identity.device_id: identity.verify_key}
-        agent = Agent(load_config(agent_config(tmp_path / "agent.toml", url, state)), budget=ADVISORY)
-        agent.refusal_backoff = RefusalBackoff(now=lambda: SECONDS_PER_POLL * len(fake.polls))
+        config = agent_config(tmp_path / "agent.toml", url, state)
+        if poll_wait is not None:
+            config.write_text(config.read_text().replace("poll_wait_seconds = 1.0", f"poll_wait_seconds = {poll_wait}"))
+        agent = Agent(load_config(config), budget=ADVISORY)
+        agent.refusal_backoff = backoff or RefusalBackoff(now=lambda: SECONDS_PER_POLL * len(fake.polls))
         return await run_agent(agent, until, at_most=120)
 
 
@@ -100,3 +107,38 @@ async def test_a_refused_round_that_closes_leaves_the_status_waiting_for_the_nex
     agent = await _run(fake, tmp_path, until=refused_then_closed, app=app)
     assert closed_at and len(fake.polls) >= closed_at[0] + 4
     assert agent.status == "waiting for round > 0", agent.status
+
+
+async def test_a_refused_round_is_taken_up_again_when_its_wait_ends_not_when_the_long_poll_does(signed_package,
+                                                                                                 tmp_path):
+    """While a refusal's wait runs the agent long-polls for a newer round; that poll ends with the wait. It lasted the
+    whole poll wait (30 s by default, 10 minutes here) whatever the refusal's wait, so a release the aggregator
+    fixed meanwhile was taken that much later than the status's "retry in 2 s" said (here: never, in the test's
+    time)."""
+    key, path = signed_package
+    fake = FakeAggregator(key, path, tamper=True)
+    genuine = FakeAggregator(key, path).release
+    over = asyncio.Event()
+
+    @web.middleware
+    async def long_polls_as_asked(request: web.Request, handler) -> web.StreamResponse:
+        if request.path == "/v1/task" and int(request.query.get("after", "0")) >= fake.round_id:
+            fake.polls.append(time.monotonic())
+            with contextlib.suppress(TimeoutError):  # no newer round opens: 204 when the wait (or the test) ends
+                await asyncio.wait_for(over.wait(), float(request.query["wait"]))
+            return web.Response(status=204)
+        return await handler(request)
+
+    def refused_then_fixed(agent: Agent) -> bool:
+        if sample(agent, "fl_agent_models_refused_total", {"reason": "digest-mismatch"}) >= 1:
+            fake.release = genuine  # the aggregator publishes a sound release of the same round
+        if sample(agent, "fl_agent_updates_delivered_total") >= 1:
+            over.set()
+        return over.is_set()
+
+    app = fake.app()
+    app.middlewares.append(long_polls_as_asked)
+    # A first refusal's wait of 2 s: past the agent's 1 s between polls, so the next poll is made while it runs.
+    backoff = RefusalBackoff(Backoff(base=4.0, cap=300.0), rng=lambda: 0.0)
+    agent = await _run(fake, tmp_path, until=refused_then_fixed, app=app, backoff=backoff, poll_wait=600)
+    assert agent.last_round == 1 and len(fake.updates) == 1
