@@ -52,6 +52,7 @@ from aggregator.models import ModelStore
 from aggregator.rounds import ForwardError, OpenRound, RoundEngine
 from aggregator.store import Store
 from appliance import wire
+from appliance.base_url import base_url_problem
 from appliance.client import AggregatorClient, AggregatorUnavailable, Rejection
 from appliance.clock import AggregatorClock
 from appliance.durable import atomic_write
@@ -84,28 +85,10 @@ class UpstreamConfig:
 def check_upstream_url(url: str) -> str:
     """``--upstream``'s scheme, ``http`` or ``https``; UpstreamError naming what is wrong with a URL the site could
     not poll, which it would otherwise retry for ever. A path is kept (a parent behind a reverse proxy's prefix)."""
-    problem = _url_problem(url)
+    problem = base_url_problem(url)
     if problem:
         raise UpstreamError(f"--upstream must be an http:// or https:// URL, got {url!r} ({problem})")
     return urlsplit(url).scheme
-
-
-def _url_problem(url: str) -> str:
-    """Why ``url`` cannot be the parent's, or "" when it can."""
-    try:
-        parsed = urlsplit(url)
-        port = parsed.port  # out of range or not a number: ValueError
-    except ValueError as exc:  # and a bracket left open, as in http://[::1
-        return str(exc)
-    if parsed.scheme not in ("http", "https"):
-        return f"scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
-    if not parsed.hostname:
-        return "no host"
-    if port == 0:
-        return "port 0"
-    if "?" in url or "#" in url:  # the site appends /v1/task and the like to the URL: they would land in these
-        return "a query or fragment"
-    return ""
 
 
 def parse_upstream_key(text: str) -> VerifyKey:

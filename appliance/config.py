@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance.base_url import base_url_problem
+
 DEFAULT_CONFIG_PATH = Path("/etc/fl-agent/agent.toml")
 OVERRIDE_NAME = "agent.toml"
 
@@ -118,14 +120,8 @@ def _check_value(path: Path, section: str, key: str, value: Any, default: Any) -
                 raise ConfigError(f"{where}: must be >= 0, got {value}")
         elif value <= 0:
             raise ConfigError(f"{where}: must be > 0, got {value}")
-    if (section, key) == ("aggregator", "url"):
-        try:
-            parts = urlsplit(value)
-            port = parts.port  # out of range or not a number: ValueError, as for an unclosed [ of an IPv6 address
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {value!r} is not a URL ({exc})") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-            raise ConfigError(f"{where}: {value!r} is not an http(s) URL with a host")
+    if (section, key) == ("aggregator", "url") and (problem := base_url_problem(value)):
+        raise ConfigError(f"{where}: {value!r} is not an http(s) URL with a host ({problem})")
     if (section, key) == ("metrics", "listen") and value:
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -45,9 +45,13 @@ def test_override_on_data_partition_wins_key_by_key(tmp_path):
         ("[data]\nsamples_per_round = 0\n", "[data] samples_per_round: must be > 0"),
         ("[aggregator]\nurl = 'ftp://x'\n", "[aggregator] url: 'ftp://x' is not an http(s) URL"),
         # a ValueError traceback at every start, not the key named
-        ("[aggregator]\nurl = 'http://[fd00::1'\n", "[aggregator] url: 'http://[fd00::1' is not a URL (Invalid IPv6"),
+        ("[aggregator]\nurl = 'http://[fd00::1'\n",
+         "[aggregator] url: 'http://[fd00::1' is not an http(s) URL with a host (Invalid IPv6"),
         # the agent started and failed every round's task request
-        ("[aggregator]\nurl = 'http://agg:99999'\n", "[aggregator] url: 'http://agg:99999' is not a URL (Port out"),
+        ("[aggregator]\nurl = 'http://agg:99999'\n",
+         "[aggregator] url: 'http://agg:99999' is not an http(s) URL with a host (Port out"),
+        # every request's /v1/... path landed in the query: the agent failed every round
+        ("[aggregator]\nurl = 'http://agg:8080/?fleet=a'\n", "URL with a host (a query or fragment)"),
         ("[metrics]\nlisten = '9101'\n", "[metrics] listen: '9101' is not HOST:PORT"),
         ("[metrics\n", "not valid TOML"),
     ],

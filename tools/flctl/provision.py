@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from nacl.signing import SigningKey, VerifyKey
 
 from appliance import identity
+from appliance.base_url import base_url_problem
 from appliance.durable import atomic_write, sweep_interrupted_writes
 
 from .sealed import KdfParams, Sealer, SealError, read_passphrase
@@ -55,14 +56,9 @@ def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def check_url(url: str) -> str:
-    wanted = f"aggregator URL {url!r} must look like http://HOST:PORT or https://HOST"
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # out of range or not a number: ValueError, as for an unclosed [ of an IPv6 address
-    except ValueError as exc:
-        raise ProvisionError(f"{wanted} ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-        raise ProvisionError(wanted)
+    problem = base_url_problem(url)
+    if problem:
+        raise ProvisionError(f"aggregator URL {url!r} must look like http://HOST:PORT or https://HOST ({problem})")
     if any(c in url for c in "\"\\\n"):
         raise ProvisionError(f"aggregator URL {url!r} contains a quote, backslash or newline")
     return url.rstrip("/")
