@@ -50,6 +50,7 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
+from aggregator.stored_reports import read_reports
 from appliance import wire
 from appliance.errors import ProtocolError
 from appliance.protocol.heartbeat import Heartbeat
@@ -187,12 +188,11 @@ class Fleet:
         self._conn.execute("PRAGMA journal_mode=WAL")  # as the store's (it is the same file in the aggregator)
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
-        self._entries: dict[str, Entry] = {}
         self._dirty: set[str] = set()
         self._write_lock = threading.Lock()
         self._roster: tuple[float, list[Enrolled]] = (-math.inf, [])
-        for device, last_seen, report in self._conn.execute("SELECT device_id, last_seen, report FROM device_reports"):
-            self._entries[device] = Entry(Heartbeat(**json.loads(report)), last_seen)
+        stored = read_reports(self._conn.execute("SELECT device_id, last_seen, report FROM device_reports"))
+        self._entries: dict[str, Entry] = {device: Entry(*held) for device, held in stored.items()}
 
     def __len__(self) -> int:
         return len(self._entries)
