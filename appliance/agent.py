@@ -53,7 +53,14 @@ from appliance.budget import (
     read_budget,
     read_usage,
 )
-from appliance.client import AggregatorClient, AggregatorUnavailable, ReceiptRefused, Rejection, StaleReport
+from appliance.client import (
+    AggregatorClient,
+    AggregatorUnavailable,
+    NotPublished,
+    ReceiptRefused,
+    Rejection,
+    StaleReport,
+)
 from appliance.clock import AggregatorClock
 from appliance.config import Config
 from appliance.durable import atomic_write, sweep_interrupted_writes
@@ -98,14 +105,27 @@ class ModelRefused(Exception):
     failed poll is, but the status names the refusal, not the network."""
 
 
+class ModelDownloadFailed(Exception):
+    """The package or the release a task names could not be downloaded (a connection cut mid-way, a timeout, a 5xx,
+    a 404): a network or aggregator fault, not a refusal. Like a refusal it is retried with a backoff of the task's
+    own (:mod:`appliance.refusal_backoff`): each retry downloads the model again from its start."""
+
+    def __init__(self, cause: AggregatorUnavailable):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def retry_status(exc: Exception, delay: float) -> str:
     """The status while the round loop waits ``delay`` seconds after ``exc``: "aggregator unreachable" only for a
-    failed connection or answer (:class:`AggregatorUnavailable`); a model or a task the agent refused is named, so
-    that an operator looks at the model, not at the network."""
+    failed connection or answer (:class:`AggregatorUnavailable`); a model or a task the agent refused, or a model
+    version or package the aggregator has not published, is named, so that an operator looks at the model or the
+    aggregator's store, not at the network."""
     if isinstance(exc, ModelRefused):
         what = f"refused the model from the aggregator: {exc}"
     elif isinstance(exc, ProtocolError):
         what = f"refused the task from the aggregator: {exc}"
+    elif isinstance(exc, NotPublished):
+        what = f"the aggregator has no {exc.what}"
     else:
         what = "aggregator unreachable"
     return f"{what}; retry in {delay:.0f} s"
@@ -606,6 +626,9 @@ class Agent:
             package = await self._ensure_package(client, task.package_digest)
             check_fits(package, self.config.data.source)  # before the release: a package that cannot train here
             release = await self._ensure_release(client, task)
+        except AggregatorUnavailable as exc:
+            log.error("round %d: the model download failed: %s", task.round_id, exc)
+            raise ModelDownloadFailed(exc) from exc
         except (ProtocolError, PackageError) as exc:
             self.metrics.models_refused.labels(exc.reason).inc()
             log.error("round %d: refused the model from the aggregator: %s", task.round_id, exc)
@@ -729,9 +752,10 @@ class Agent:
 
     async def round_loop(self, client: AggregatorClient) -> None:
         """Poll for tasks and take part in their rounds. A failed poll is retried after a backoff (at most a
-        minute). A task whose model was refused is left for a backoff of its own (:mod:`appliance.refusal_backoff`,
-        growing with each refusal of the same task, at most five minutes) while the polls go on: each retry
-        downloads the model again, but a newer task is taken at once."""
+        minute). A task whose model was refused, or whose model download failed, is left for a backoff of its own
+        (:mod:`appliance.refusal_backoff`, growing with each failure of the same task, at most five minutes) while the
+        polls go on: each retry downloads the model again (the poll that brought the task has just reset the failed
+        polls' count), but a newer task is taken at once."""
         backoff = Backoff(base=1.0, cap=60.0)
         failures = 0
         loop = asyncio.get_running_loop()
@@ -764,16 +788,16 @@ class Agent:
 
     async def _round_or_refusal(self, client: AggregatorClient, task: wire.Task) -> bool:
         """Take part in ``task``'s round: True when it was taken (the refusal backoff starts over), False when its
-        model was refused (counted, logged and named in the status with the wait before the task is taken up
-        again)."""
+        model was refused or could not be downloaded (counted, logged and named in the status with the wait before
+        the task is taken up again)."""
         try:
             await self._round(client, task)
-        except ModelRefused as exc:
+        except (ModelRefused, ModelDownloadFailed) as exc:
             self.metrics.aggregator_errors.labels("task").inc()
             delay = self.refusal_backoff.refused(task)
             log.warning("aggregator: %s; round %d taken up again in %.1f s unless a newer task comes", exc,
                         task.round_id, delay)
-            self.set_status(retry_status(exc, delay))
+            self.set_status(retry_status(exc.cause if isinstance(exc, ModelDownloadFailed) else exc, delay))
             return False
         self.refusal_backoff.clear()
         return True

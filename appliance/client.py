@@ -39,6 +39,16 @@ class AggregatorUnavailable(Exception):
     """The aggregator could not be reached or answered with a server error: try again later."""
 
 
+class NotPublished(AggregatorUnavailable):
+    """The aggregator answered that it has no such model version or package (404, or 204 with no body). Retried as
+    a failed request is (a publication may be late, or being retried), but named: the aggregator answers, so the
+    network is not at fault."""
+
+    def __init__(self, what: str, answer: str = ""):
+        super().__init__(f"the aggregator has no {what}" + (f" ({answer})" if answer else ""))
+        self.what = what
+
+
 class ReceiptRefused(AggregatorUnavailable):
     """The aggregator answered an upload with a receipt that does not prove this update was stored: one that
     does not verify against the pinned key, or (``names_another_update``) a verified one for another update.
@@ -200,8 +210,10 @@ class AggregatorClient:
         params: dict[str, str] | None = None,
         timeout: float | None = None,
         limit: int = wire.DEFAULT_LIMITS.max_bytes,
+        missing: str | None = None,
     ) -> memoryview | None:
-        """The body of a 200 answer (at most ``limit`` bytes, see :func:`read_body`); None for 204."""
+        """The body of a 200 answer (at most ``limit`` bytes, see :func:`read_body`); None for 204. ``missing``
+        names what the path asks for ("model version 3"): a 404 for it is :class:`NotPublished`."""
         kwargs = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
         try:
             async with self.session.get(self.base_url + path, params=params, **kwargs) as response:
@@ -209,6 +221,8 @@ class AggregatorClient:
                     return None
                 if response.status != 200:
                     answer = await response.content.read(200)
+                    if response.status == 404 and missing is not None:
+                        raise NotPublished(missing, f"HTTP 404: {answer!r}")
                     raise AggregatorUnavailable(f"GET {path}: HTTP {response.status}: {answer!r}")
                 return await read_body(response, limit)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -254,15 +268,16 @@ class AggregatorClient:
         query = None
         if base is not None and base.version < version:
             query = {"base": str(base.version), "base_digest": base.digest.hex()}
-        body = await self._get(f"/v1/models/{version}", query)
+        body = await self._get(f"/v1/models/{version}", query, missing=f"model version {version}")
         if body is None:
-            raise AggregatorUnavailable(f"model version {version} is not published")
+            raise NotPublished(f"model version {version}")
         return downlink.decode_model_answer(body, self.aggregator_key, specs, base if query else None), body
 
     async def package_bytes(self, digest: bytes) -> memoryview:
-        body = await self._get(f"/v1/packages/{digest.hex()}", limit=MAX_PACKAGE_BYTES)
+        body = await self._get(f"/v1/packages/{digest.hex()}", limit=MAX_PACKAGE_BYTES,
+                               missing=f"package {digest.hex()}")
         if body is None:
-            raise AggregatorUnavailable(f"package {digest.hex()} is not published")
+            raise NotPublished(f"package {digest.hex()}")
         return body
 
     async def send_heartbeat(self, body: bytes) -> None:

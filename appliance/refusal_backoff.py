@@ -4,7 +4,8 @@ A refused model (a release whose digest does not match, a bad signature, a packa
 each retry: up to 64 MiB for a release, which on a cellular link is soon the device's whole data plan. So refusals
 of the same task back off, growing with each one up to a cap, while the round loop goes on long-polling for a newer
 round: a task that changes (a new round, a new model version) is taken at once, and a round taken starts the count
-again.
+again. A download of the model that fails (cut mid-way, a timeout, a 404) is backed off the same way, in the same
+count: its retry downloads the model again from its start.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ class FakeAggregator:
 
     ``release_key`` signs the release with another key; ``tamper`` flips a byte of its tensors; ``release_params``
     serves a genuinely signed release of other parameters than the task names; ``release_package_digest`` one
-    that names another package. ``receipts`` is one of :data:`RECEIPTS`.
+    that names another package. ``receipts`` is one of :data:`RECEIPTS`. ``cut_release`` (a test may change it
+    mid-run) ends each release download half-way: the connection closed after half the announced body.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class FakeAggregator:
         self.polls: list[float] = []  # when each poll for a task arrived (time.monotonic)
         self.package_downloads = 0
         self.release_downloads = 0
+        self.cut_release = False
         self.round_id = 1  # the round whose task is served (a test may open another mid-run)
         self.first_served: dict[int, int] = {}  # round -> the number of polls when its task was first served
 
@@ -125,7 +127,14 @@ class FakeAggregator:
 
         async def model(request: web.Request) -> web.Response:
             self.release_downloads += 1
-            return web.Response(body=self.release)
+            if not self.cut_release:
+                return web.Response(body=self.release)
+            cut = web.StreamResponse(headers={"Content-Length": str(len(self.release))})
+            await cut.prepare(request)
+            await cut.write(self.release[: len(self.release) // 2])
+            assert request.transport is not None
+            request.transport.close()  # a network fault: the link drops with half the body sent
+            return cut
 
         async def updates(request: web.Request) -> web.Response:
             body = await request.read()
