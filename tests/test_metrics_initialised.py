@@ -32,9 +32,8 @@ from aggregator.metrics import (
 )
 from aggregator.simulate import synthetic_package
 from appliance import wire
-from appliance.agent import Agent
+from appliance.agent import Agent, ModelRefused
 from appliance.budget import Budget
-from appliance.client import AggregatorUnavailable
 from appliance.config import load_config
 from appliance.identity import write_aggregator_key
 from appliance.metrics import LABEL_VALUES, MODEL_REFUSAL_REASONS, AgentMetrics
@@ -209,7 +208,7 @@ async def test_a_package_that_does_not_verify_is_counted_and_the_agent_goes_on(m
 
     task = wire.Task(round_id=1, model_version=0, model_digest=bytes(32), package_digest=bytes(32),
                      deadline=int(agent.clock.now()) + 600)
-    with pytest.raises(AggregatorUnavailable):  # what the round loop retries after a backoff
+    with pytest.raises(ModelRefused):  # what the round loop retries after a backoff of the task's own
         await agent._round(ServesGarbage(), task)
     refused = {s.labels["reason"]: s.value for s in agent.metrics.models_refused.collect()[0].samples
                if s.name.endswith("_total") and s.value}
